@@ -1,0 +1,1 @@
+//! mount_setattr(2) and friends. (rootfs helper fills this in.)

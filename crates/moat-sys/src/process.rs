@@ -1,0 +1,1 @@
+//! clone/fork with namespace flags, close_range, personality, ioprio, sched. 
