@@ -11,7 +11,8 @@ pub enum Forked {
     Child,
 }
 
-/// `clone(2)` used like `fork(2)`, with namespace flags (`CLONE_NEW*`): the
+/// `clone(2)` used like `fork(2)`, with namespace flags (`CLONE_NEW*`) and
+/// optionally `CLONE_PARENT` (the child becomes a sibling of the caller): the
 /// child starts in the new namespaces, owned by the new user namespace when
 /// `CLONE_NEWUSER` is among the flags, and is PID 1 of a new PID namespace
 /// with `CLONE_NEWPID`. Exit signal is SIGCHLD.
@@ -22,7 +23,8 @@ pub enum Forked {
 /// until it execs or exits), and the child must never return into code that
 /// assumes it is the original process (it should `_exit` or `exec`).
 pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
-    let allowed = libc::CLONE_NEWUSER
+    let allowed = libc::CLONE_PARENT
+        | libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNET
@@ -44,6 +46,31 @@ pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
         0 => Ok(Forked::Child),
         pid => i32::try_from(pid).map(Forked::Parent).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW)),
     }
+}
+
+/// Forks a child (with namespace flags and/or `CLONE_PARENT`) that runs `f`
+/// and `_exit`s with its return value (101 if it panics); returns the child's
+/// PID in the caller. `f` typically ends in `exec`.
+///
+/// moat's runtime process is single-threaded when it calls this; with glibc,
+/// `malloc` stays usable in the child regardless (glibc resets its locks).
+pub fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
+    // SAFETY: the child runs `f` and `_exit`s without unwinding into or
+    // returning to the caller's frames.
+    match unsafe { clone_fork(flags) }? {
+        Forked::Child => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            exit_now(code)
+        }
+        Forked::Parent(pid) => Ok(pid),
+    }
+}
+
+/// `_exit(2)`: ends the process at once, without atexit handlers or
+/// destructors (which belong to the process that forked us).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and never returns.
+    unsafe { libc::_exit(code) }
 }
 
 /// Runs `f` in a forked child with the given namespace flags and returns the
