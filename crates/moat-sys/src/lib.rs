@@ -4,5 +4,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bpf;
+pub mod fd;
 pub mod mount;
 pub mod process;
