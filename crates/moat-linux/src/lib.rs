@@ -8,3 +8,28 @@ pub mod rlimit;
 pub mod rootfs;
 pub mod seccomp;
 pub mod attrs;
+pub mod sync;
+pub mod ns;
+pub mod idmap;
+pub mod hooks;
+pub mod process;
+pub mod console;
+pub mod init;
+pub mod container;
+pub mod exec;
+pub mod time;
+
+/// An error and its causes as one line: "a: b: c".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !t.is_empty() && !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

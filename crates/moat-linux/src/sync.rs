@@ -5,6 +5,9 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use std::path::Path;
+
+use rustix::net::{accept_with, bind, connect, socket_with, AddressFamily as RxAf, SocketAddrUnix, SocketFlags as RxFlags, SocketType as RxType};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
@@ -57,6 +60,15 @@ pub struct Channel {
     fd: OwnedFd,
 }
 
+/// A seqpacket socket listening at `path`, reachable only by root (mode 0600).
+pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
+    let fd = socket_with(RxAf::UNIX, RxType::SEQPACKET, RxFlags::CLOEXEC, None)?;
+    bind(&fd, &SocketAddrUnix::new(path)?)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    rustix::net::listen(&fd, 4)?;
+    Ok(fd)
+}
+
 /// Creates a connected pair (both ends close-on-exec).
 pub fn pair() -> Result<(Channel, Channel), SyncError> {
     let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
@@ -103,6 +115,28 @@ impl Msg {
 }
 
 impl Channel {
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel { fd }
+    }
+
+    /// Connects to a `listen()`ing seqpacket socket at `path`.
+    pub fn connect(path: &Path) -> std::io::Result<Channel> {
+        let fd = socket_with(RxAf::UNIX, RxType::SEQPACKET, RxFlags::CLOEXEC, None)?;
+        connect(&fd, &SocketAddrUnix::new(path)?)?;
+        Ok(Channel { fd })
+    }
+
+    /// Accepts one connection on a listener made by [`listen`].
+    pub fn accept(listener: &OwnedFd) -> std::io::Result<Channel> {
+        loop {
+            match accept_with(listener, RxFlags::CLOEXEC) {
+                Ok(fd) => return Ok(Channel { fd }),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

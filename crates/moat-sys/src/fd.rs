@@ -13,3 +13,19 @@ pub fn own(fd: RawFd) -> OwnedFd {
     // creating the single OwnedFd for it cannot cause a double close.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
+
+/// Sets or clears `FD_CLOEXEC` on an fd number this process has open.
+pub fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only touch the descriptor flags of `fd`; an
+    // invalid fd yields EBADF, reported as an error.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let new = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, new) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

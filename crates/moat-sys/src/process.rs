@@ -142,3 +142,17 @@ mod tests {
         assert!(r.is_err());
     }
 }
+
+/// keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): gives the process a new,
+/// anonymous session keyring, so a container does not share the runtime's.
+pub fn join_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a NULL name is allowed and asks for an anonymous keyring; the
+    // call only changes this process's keyring.
+    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,692 @@
+//! The `container` tier's lifecycle: create, start, run, state, kill, delete,
+//! pause, resume, exec. Each public function is a checklist of named steps.
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use moat_core::state::{ContainerLock, ContainerStatus, State, StateDir, StateError};
+use moat_core::{SpecError, Tier};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
+
+use crate::cgroup::{CgroupError, CgroupManager};
+use crate::hooks::{self, HookError};
+use crate::init::{self, InitContext, StartSignal};
+use crate::ns::{self, NsPlan};
+use crate::sync::{self, Channel, FdKind, Msg, SyncError};
+use crate::{idmap, seccomp};
+
+pub const START_SOCKET: &str = "start.sock";
+pub const CONFIG_COPY: &str = "config.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cgroup")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error("namespaces")]
+    Ns(#[from] ns::NsError),
+    #[error("user namespace ID maps")]
+    IdMap(#[from] idmap::IdMapError),
+    #[error("seccomp listener")]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("isolation tier {0} is not available yet (only `container` is)")]
+    TierUnavailable(Tier),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("container {id} is {status}, {why}")]
+    WrongStatus { id: String, status: &'static str, why: &'static str },
+    #[error("cannot {step}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {step}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let step = step.into();
+    move |source| ContainerError::Io { step, source }
+}
+
+fn sys_err(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError {
+    let step = step.into();
+    move |source| ContainerError::Sys { step, source }
+}
+
+/// Options of `create` (and `run`), as runc names them.
+#[derive(Debug, Default, Clone)]
+pub struct CreateOpts {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+    pub preserve_fds: u32,
+    /// A tier chosen by flag or program name; config.json's annotation may also choose.
+    pub tier: Option<Tier>,
+}
+
+/// The runtime, bound to a state root.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub sd: StateDir,
+    pub systemd_cgroup: bool,
+}
+
+/// A created container, still connected to its init when created by `run`.
+pub struct Created {
+    pub pid: i32,
+    pub state: State,
+    chan: Channel,
+    _lock: ContainerLock,
+}
+
+fn rootless() -> bool {
+    !rustix::process::geteuid().is_root()
+}
+
+impl Runtime {
+    pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> Runtime {
+        Runtime { sd: StateDir::new(root), systemd_cgroup }
+    }
+
+    // ----- create -----
+
+    /// Creates the container. With `listen`, its init waits for `moat start`
+    /// on a socket in the state dir; without, for `Start` on the returned channel.
+    pub fn create(&self, opts: &CreateOpts, listen: bool) -> Result<Created, ContainerError> {
+        let lock = self.sd.create(&opts.id)?;
+        let mut cleanup = Cleanup { rt: self, id: &opts.id, pid: 0, cgroup: None, armed: true };
+        let r = self.create_steps(opts, listen, &lock, &mut cleanup);
+        match r {
+            Ok((pid, state, chan)) => {
+                cleanup.armed = false;
+                Ok(Created { pid, state, chan, _lock: lock })
+            }
+            Err(e) => {
+                drop(cleanup);
+                Err(e)
+            }
+        }
+    }
+
+    fn create_steps(
+        &self,
+        opts: &CreateOpts,
+        listen: bool,
+        lock: &ContainerLock,
+        cleanup: &mut Cleanup,
+    ) -> Result<(i32, State, Channel), ContainerError> {
+        let bundle = std::fs::canonicalize(&opts.bundle).map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
+        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
+        check_tier(&spec, opts.tier)?;
+        let linux = spec.linux().as_ref().ok_or_else(|| ContainerError::Invalid("config has no linux section".into()))?;
+        let plan = NsPlan::from_spec(linux.namespaces().as_deref().unwrap_or(&[]));
+        if !plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNS) && !plan.join.iter().any(|(t, _)| *t == LinuxNamespaceType::Mount) {
+            return Err(ContainerError::Invalid("config must request a mount namespace".into()));
+        }
+        let mut state = initial_state(opts, &spec, &bundle, &rootfs);
+        let cg = CgroupManager::new(linux.cgroups_path().as_deref(), &opts.id, self.systemd_cgroup, rootless())?;
+        state.cgroup = cg.to_saved();
+        self.sd.save(&state)?;
+        cg.create(linux.resources().as_ref())?;
+        cleanup.cgroup = Some(cg);
+        let cg = cleanup.cgroup.as_ref().expect("just set");
+        save_config_copy(lock.dir(), &bundle)?;
+
+        let join_files = ns::open_joins(&plan)?;
+        let (parent, child) = sync::pair()?;
+        let start = if listen {
+            StartSignal::Listener(sync::listen(&lock.dir().join(START_SOCKET)).map_err(io_err("listen on the start socket"))?)
+        } else {
+            StartSignal::Channel
+        };
+        let console_socket = connect_console(&spec, opts)?;
+        let hooks = spec.hooks().as_ref();
+        let has_runtime_hooks = hooks.is_some_and(|h| {
+            h.prestart().as_ref().is_some_and(|l| !l.is_empty()) || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
+        });
+        let cgroup_mounts = cg.mount_sources();
+        let ctx = InitContext {
+            id: &opts.id,
+            spec: &spec,
+            rootfs: &rootfs,
+            bundle: &bundle,
+            plan: &plan,
+            join_files: &join_files,
+            cgroup_mounts: &cgroup_mounts,
+            no_pivot: opts.no_pivot,
+            no_new_keyring: opts.no_new_keyring,
+            preserve_fds: opts.preserve_fds,
+            console_socket,
+            start,
+            has_runtime_hooks,
+        };
+        let fast = plan.clone_flags();
+        let first = match fast {
+            Some(flags) => moat_sys::process::fork_with(flags.bits(), || init::container_init(&ctx, &child)),
+            None => moat_sys::process::fork_with(0, || init::intermediate(&ctx, &child)),
+        }
+        .map_err(io_err("fork the container process"))?;
+        drop(ctx);
+        drop(child);
+        cleanup.pid = first;
+        cg.add_pid(first)?;
+        let pid = if fast.is_some() {
+            if plan.new_user() {
+                write_maps(first, &spec)?;
+            }
+            parent.send(&Msg::Go)?;
+            first
+        } else {
+            self.drive_intermediate(first, &parent, &spec)?
+        };
+        cleanup.pid = pid;
+        state.pid = pid;
+        state.pid_start_time = pid_start_time(pid).unwrap_or(0);
+        self.sd.save(&state)?;
+
+        loop {
+            match parent.recv()? {
+                Msg::RuntimeHooks => {
+                    let json = oci_state_json(&state, ContainerStatus::Creating);
+                    if let Some(h) = hooks {
+                        hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)?;
+                        hooks::run("createRuntime", h.create_runtime().as_deref().unwrap_or(&[]), &json)?;
+                    }
+                    parent.send(&Msg::Go)?;
+                }
+                Msg::Created => break,
+                Msg::Error(e) => return Err(SyncError::Child(e).into()),
+                got => return Err(SyncError::Unexpected { got, expected: "created" }.into()),
+            }
+        }
+        state.status = ContainerStatus::Created;
+        self.sd.save(&state)?;
+        if let Some(p) = &opts.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        Ok((pid, state, parent))
+    }
+
+    /// Slow path: the intermediate joins/creates namespaces and forks the init.
+    fn drive_intermediate(&self, first: i32, parent: &Channel, spec: &Spec) -> Result<i32, ContainerError> {
+        parent.send(&Msg::Go)?;
+        let pid = loop {
+            match parent.recv()? {
+                Msg::MapIds => {
+                    write_maps(first, spec)?;
+                    parent.send(&Msg::Go)?;
+                }
+                Msg::Pid(p) => break p,
+                Msg::Error(e) => return Err(SyncError::Child(e).into()),
+                got => return Err(SyncError::Unexpected { got, expected: "pid" }.into()),
+            }
+        };
+        let _ = waitpid(Pid::from_raw(first), None);
+        parent.send(&Msg::Go)?;
+        Ok(pid)
+    }
+
+    // ----- start -----
+
+    /// `moat start`: tell a created container's init to run its program.
+    pub fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let lock = self.sd.lock(id)?;
+        let mut st = self.sd.load(id)?;
+        let status = live_status(&st, lock.dir());
+        if status != ContainerStatus::Created {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot start it (only a created container can be started)" });
+        }
+        let sock = lock.dir().join(START_SOCKET);
+        let conn = Channel::connect(&sock).map_err(io_err("connect to the container's start socket"))?;
+        conn.send(&Msg::Start)?;
+        let r = self.await_exec(&conn, &st);
+        let _ = std::fs::remove_file(&sock);
+        r?;
+        st.status = ContainerStatus::Running;
+        self.sd.save(&st)?;
+        self.poststart(&st);
+        Ok(())
+    }
+
+    /// Waits until the init execs (EOF) or reports an error; forwards a
+    /// seccomp notify fd to the spec's listener on the way.
+    fn await_exec(&self, conn: &Channel, st: &State) -> Result<(), ContainerError> {
+        loop {
+            match conn.recv_with_fd() {
+                Err(SyncError::Eof) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => self.send_notify_fd(st, &fd)?,
+                Ok((Msg::Error(e), _)) => return Err(SyncError::Child(e).into()),
+                Ok((got, _)) => return Err(SyncError::Unexpected { got, expected: "exec" }.into()),
+            }
+        }
+    }
+
+    fn send_notify_fd(&self, st: &State, fd: &OwnedFd) -> Result<(), ContainerError> {
+        let spec = self.saved_config(&st.id)?;
+        let sec = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+        let Some(path) = sec.and_then(|s| s.listener_path().as_ref()) else {
+            return Err(ContainerError::Invalid("seccomp filter has notify rules but no listenerPath".into()));
+        };
+        let meta = sec.and_then(|s| s.listener_metadata().clone()).unwrap_or_default();
+        let oci = oci_state(st, ContainerStatus::Creating);
+        use std::os::fd::AsFd;
+        seccomp::send_to_listener(path, &meta, &oci, st.pid, fd.as_fd())?;
+        Ok(())
+    }
+
+    fn poststart(&self, st: &State) {
+        if st.poststart_hooks.is_empty() {
+            return;
+        }
+        let json = oci_state_json(st, ContainerStatus::Running);
+        if let Err(e) = hooks::run("poststart", &st.poststart_hooks, &json) {
+            tracing_warn(&format!("poststart hook failed: {}", crate::error_chain(&e)));
+        }
+    }
+
+    // ----- run -----
+
+    /// `moat run`: create, start, and (unless detached) wait, delete, and
+    /// return the exit status (128+N for a signal).
+    pub fn run(&self, opts: &CreateOpts, detach: bool) -> Result<i32, ContainerError> {
+        let created = self.create(opts, false)?;
+        let Created { pid, mut state, chan, _lock } = created;
+        let started = chan.send(&Msg::Start).map_err(ContainerError::from).and_then(|_| self.await_exec(&chan, &state));
+        if let Err(e) = started {
+            drop(_lock);
+            let _ = self.delete(&opts.id, true);
+            return Err(e);
+        }
+        state.status = ContainerStatus::Running;
+        self.sd.save(&state)?;
+        self.poststart(&state);
+        if detach {
+            return Ok(0);
+        }
+        drop(_lock);
+        let code = wait_forwarding_signals(pid);
+        self.delete(&opts.id, true)?;
+        Ok(code)
+    }
+
+    // ----- queries -----
+
+    pub fn load(&self, id: &str) -> Result<(State, ContainerStatus), ContainerError> {
+        let st = self.sd.load(id)?;
+        let status = live_status(&st, &self.sd.container_dir(id));
+        Ok((st, status))
+    }
+
+    /// runc's `state` JSON.
+    pub fn state_json(&self, id: &str) -> Result<serde_json::Value, ContainerError> {
+        let (st, status) = self.load(id)?;
+        Ok(runc_state(&st, status))
+    }
+
+    pub fn list(&self) -> Result<Vec<serde_json::Value>, ContainerError> {
+        let mut out = Vec::new();
+        for id in self.sd.list()? {
+            if let Ok((st, status)) = self.load(&id) {
+                out.push(runc_state(&st, status));
+            }
+        }
+        Ok(out)
+    }
+
+    fn cgroup_of(&self, st: &State) -> Result<CgroupManager, ContainerError> {
+        Ok(CgroupManager::from_saved(&st.cgroup)?)
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
+        let (st, _) = self.load(id)?;
+        Ok(self.cgroup_of(&st)?.pids()?)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<serde_json::Value, ContainerError> {
+        let (st, status) = self.load(id)?;
+        if status == ContainerStatus::Stopped {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "no stats" });
+        }
+        let stats = self.cgroup_of(&st)?.stats()?;
+        Ok(serde_json::to_value(stats).unwrap_or_default())
+    }
+
+    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), ContainerError> {
+        let _lock = self.sd.lock(id)?;
+        let (st, status) = self.load(id)?;
+        if status == ContainerStatus::Stopped {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot update it" });
+        }
+        self.cgroup_of(&st)?.update(resources)?;
+        Ok(())
+    }
+
+    // ----- signals, pause -----
+
+    pub fn kill(&self, id: &str, sig: Signal, all: bool) -> Result<(), ContainerError> {
+        let _lock = self.sd.lock(id)?;
+        let (st, status) = self.load(id)?;
+        if status == ContainerStatus::Stopped {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot signal it (container not running)" });
+        }
+        if all {
+            for p in self.cgroup_of(&st)?.pids()? {
+                let _ = kill(Pid::from_raw(p), sig);
+            }
+            return Ok(());
+        }
+        kill(Pid::from_raw(st.pid), sig).map_err(sys_err(format!("send {sig} to pid {}", st.pid)))
+    }
+
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let _lock = self.sd.lock(id)?;
+        let (mut st, status) = self.load(id)?;
+        if status != ContainerStatus::Running && status != ContainerStatus::Created {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot pause it" });
+        }
+        self.cgroup_of(&st)?.freeze()?;
+        st.status = ContainerStatus::Paused;
+        self.sd.save(&st)?;
+        Ok(())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let _lock = self.sd.lock(id)?;
+        let (mut st, status) = self.load(id)?;
+        if status != ContainerStatus::Paused {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot resume it (not paused)" });
+        }
+        self.cgroup_of(&st)?.thaw()?;
+        st.status = ContainerStatus::Running;
+        self.sd.save(&st)?;
+        Ok(())
+    }
+
+    // ----- delete -----
+
+    /// Deletes a stopped (or, with `force`, any) container: kills what is
+    /// left, removes its cgroup, runs poststop hooks, removes its state.
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), ContainerError> {
+        let lock = self.sd.lock(id)?;
+        let st = match self.sd.load(id) {
+            Ok(st) => st,
+            // A runtime killed before it saved any state left only the directory.
+            Err(StateError::NotFound(_)) | Err(StateError::Corrupt { .. }) if force => {
+                drop(lock);
+                return Ok(self.sd.remove(id)?);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let status = live_status(&st, lock.dir());
+        if matches!(status, ContainerStatus::Running | ContainerStatus::Paused) && !force {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot delete it (stop it first or use --force)" });
+        }
+        let cg = CgroupManager::from_saved(&st.cgroup).ok();
+        if status == ContainerStatus::Paused {
+            if let Some(cg) = &cg {
+                cg.thaw()?;
+            }
+        }
+        if status != ContainerStatus::Stopped && st.pid > 0 {
+            let _ = kill(Pid::from_raw(st.pid), Signal::SIGKILL);
+        }
+        if let Some(cg) = &cg {
+            cg.destroy()?;
+        }
+        if !st.poststop_hooks.is_empty() {
+            let json = oci_state_json(&st, ContainerStatus::Stopped);
+            if let Err(e) = hooks::run("poststop", &st.poststop_hooks, &json) {
+                tracing_warn(&format!("poststop hook failed: {}", crate::error_chain(&e)));
+            }
+        }
+        self.sd.remove(id)?;
+        drop(lock);
+        Ok(())
+    }
+
+    /// The config.json saved at create time.
+    pub fn saved_config(&self, id: &str) -> Result<Spec, ContainerError> {
+        Ok(moat_core::spec::parse_file(&self.sd.container_dir(id).join(CONFIG_COPY))?)
+    }
+
+    // ----- exec -----
+
+    /// `moat exec`: runs `process` in the running container `id`. Returns the
+    /// exit status, or 0 at once with `detach`.
+    pub fn exec(&self, id: &str, process: &Process, opts: &ExecOpts) -> Result<i32, ContainerError> {
+        let (st, status) = self.load(id)?;
+        if !matches!(status, ContainerStatus::Running | ContainerStatus::Created) {
+            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot exec in it" });
+        }
+        let spec = self.saved_config(id)?;
+        crate::exec::exec(&st, &spec, process, opts, &self.cgroup_of(&st)?)
+    }
+}
+
+pub use crate::exec::ExecOpts;
+
+/// Undoes a failed create: kill the process, remove the cgroup and state.
+struct Cleanup<'a> {
+    rt: &'a Runtime,
+    id: &'a str,
+    pid: i32,
+    cgroup: Option<CgroupManager>,
+    armed: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.pid > 0 {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(self.pid), None);
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.destroy();
+        }
+        let _ = self.rt.sd.remove(self.id);
+    }
+}
+
+fn check_tier(spec: &Spec, chosen: Option<Tier>) -> Result<(), ContainerError> {
+    let from_annotation = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(moat_core::tier::TIER_ANNOTATION))
+        .map(|v| v.parse::<Tier>().map_err(ContainerError::Invalid))
+        .transpose()?;
+    let tier = from_annotation.or(chosen).unwrap_or_default();
+    if !tier.is_available() {
+        return Err(ContainerError::TierUnavailable(tier));
+    }
+    Ok(())
+}
+
+fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -> State {
+    let hooks = spec.hooks().as_ref();
+    State {
+        oci_version: spec.version().clone(),
+        id: opts.id.clone(),
+        status: ContainerStatus::Creating,
+        pid: 0,
+        pid_start_time: 0,
+        bundle: bundle.to_owned(),
+        rootfs: rootfs.to_owned(),
+        created: crate::time::rfc3339_now(),
+        owner: String::new(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        tier: Tier::Container,
+        cgroup: serde_json::Value::Null,
+        poststop_hooks: hooks.and_then(|h| h.poststop().clone()).unwrap_or_default(),
+        poststart_hooks: hooks.and_then(|h| h.poststart().clone()).unwrap_or_default(),
+        own_pid_ns: true,
+        use_systemd_cgroup: false,
+    }
+}
+
+fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
+    std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map_err(io_err("save a copy of config.json"))?;
+    Ok(())
+}
+
+fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, ContainerError> {
+    let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    match (&opts.console_socket, terminal) {
+        (Some(path), true) => {
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(io_err(format!("connect to console socket {}", path.display())))?;
+            Ok(Some(OwnedFd::from(s)))
+        }
+        (None, true) => Err(ContainerError::Invalid("process.terminal is true but no --console-socket was given".into())),
+        (Some(_), false) => Err(ContainerError::Invalid("--console-socket given but process.terminal is false".into())),
+        (None, false) => Ok(None),
+    }
+}
+
+fn write_maps(pid: i32, spec: &Spec) -> Result<(), ContainerError> {
+    let linux = spec.linux().as_ref();
+    let uid = linux.and_then(|l| l.uid_mappings().as_deref()).unwrap_or(&[]);
+    let gid = linux.and_then(|l| l.gid_mappings().as_deref()).unwrap_or(&[]);
+    idmap::write_maps(pid, uid, gid)?;
+    Ok(())
+}
+
+pub fn write_pid_file(path: &Path, pid: i32) -> Result<(), ContainerError> {
+    let tmp = path.with_extension("moat-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(io_err(format!("write pid file {}", path.display())))
+}
+
+/// Field 22 of /proc/PID/stat, and whether the process is a zombie.
+fn proc_stat(pid: i32) -> Option<(u64, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    let state = f.next()?.chars().next()?;
+    let start = f.nth(18)?.parse().ok()?;
+    Some((start, state))
+}
+
+pub fn pid_start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(s, _)| s)
+}
+
+/// The status as it is now, not as last saved.
+pub fn live_status(st: &State, dir: &Path) -> ContainerStatus {
+    if st.status == ContainerStatus::Creating {
+        return ContainerStatus::Creating;
+    }
+    if st.pid <= 0 {
+        return ContainerStatus::Stopped;
+    }
+    match proc_stat(st.pid) {
+        Some((start, state)) if start == st.pid_start_time && state != 'Z' && state != 'X' => {}
+        _ => return ContainerStatus::Stopped,
+    }
+    if dir.join(START_SOCKET).exists() {
+        return ContainerStatus::Created;
+    }
+    if st.status == ContainerStatus::Paused {
+        return ContainerStatus::Paused;
+    }
+    ContainerStatus::Running
+}
+
+pub fn oci_state(st: &State, status: ContainerStatus) -> oci_spec::runtime::State {
+    let mut s = oci_spec::runtime::State::default();
+    s.set_version(st.oci_version.clone());
+    s.set_id(st.id.clone());
+    s.set_status(match status {
+        ContainerStatus::Creating => oci_spec::runtime::ContainerState::Creating,
+        ContainerStatus::Created => oci_spec::runtime::ContainerState::Created,
+        ContainerStatus::Running => oci_spec::runtime::ContainerState::Running,
+        ContainerStatus::Paused => oci_spec::runtime::ContainerState::Running,
+        ContainerStatus::Stopped => oci_spec::runtime::ContainerState::Stopped,
+    });
+    s.set_pid(if st.pid > 0 { Some(st.pid) } else { None });
+    s.set_bundle(st.bundle.clone());
+    s.set_annotations(Some(st.annotations.clone()));
+    s
+}
+
+fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
+    serde_json::to_vec(&oci_state(st, status)).unwrap_or_default()
+}
+
+/// runc's `state`/`list --format json` object.
+pub fn runc_state(st: &State, status: ContainerStatus) -> serde_json::Value {
+    let pid = if status == ContainerStatus::Stopped { 0 } else { st.pid };
+    let mut v = serde_json::json!({
+        "ociVersion": st.oci_version,
+        "id": st.id,
+        "pid": pid,
+        "status": status.as_str(),
+        "bundle": st.bundle,
+        "rootfs": st.rootfs,
+        "created": st.created,
+        "owner": st.owner,
+    });
+    if !st.annotations.is_empty() {
+        v["annotations"] = serde_json::to_value(&st.annotations).unwrap_or_default();
+    }
+    v
+}
+
+fn tracing_warn(msg: &str) {
+    eprintln!("moat: warning: {msg}");
+}
+
+/// Waits for `pid` (our child) while forwarding the usual terminating
+/// signals to it; returns its exit status, 128+N for a signal.
+pub fn wait_forwarding_signals(pid: i32) -> i32 {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    let forward = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
+    let mut set = SigSet::empty();
+    for s in forward {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    let mut old = SigSet::empty();
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    let target = Pid::from_raw(pid);
+    let code = loop {
+        match waitpid(target, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(_) => {}
+            Err(nix::Error::ECHILD) => break 255,
+            Err(_) => {}
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {}
+            Ok(s) => {
+                let _ = kill(target, s);
+            }
+            Err(_) => {}
+        }
+    };
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    code
+}
+

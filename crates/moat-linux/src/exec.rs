@@ -1,0 +1,154 @@
+//! `exec`: a new process in a running container's namespaces and cgroup,
+//! with the container's seccomp profile and the process's own identity.
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use moat_core::state::State;
+use nix::sched::CloneFlags;
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use oci_spec::runtime::{Process, Spec};
+
+use crate::cgroup::CgroupManager;
+use crate::container::{pid_start_time, wait_forwarding_signals, write_pid_file, ContainerError};
+use crate::ns;
+use crate::process::{self, Finalize};
+use crate::sync::{self, FdKind, Msg, SyncError};
+
+#[derive(Debug, Default, Clone)]
+pub struct ExecOpts {
+    pub detach: bool,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub preserve_fds: u32,
+}
+
+fn io_err(step: &str) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::Io { step: step.to_owned(), source }
+}
+
+/// Namespaces of `pid` that differ from ours, as setns flags.
+fn namespaces_to_join(pid: i32, spec: &Spec) -> CloneFlags {
+    let mut flags = CloneFlags::empty();
+    for n in spec.linux().as_ref().and_then(|l| l.namespaces().as_deref()).unwrap_or(&[]) {
+        let name = ns::name(n.typ());
+        let theirs = std::fs::metadata(format!("/proc/{pid}/ns/{name}"));
+        let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
+        match (theirs, ours) {
+            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => {}
+            _ => flags |= ns::flag(n.typ()),
+        }
+    }
+    flags
+}
+
+pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &CgroupManager) -> Result<i32, ContainerError> {
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(ContainerError::Invalid("exec needs a command".into()));
+    }
+    if !process.cwd().is_absolute() {
+        return Err(ContainerError::Invalid(format!("cwd {:?} must be absolute", process.cwd())));
+    }
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(st.pid).ok_or_else(|| ContainerError::Invalid("container has no process".into()))?,
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(|e| ContainerError::Io { step: format!("open pidfd of {}", st.pid), source: e.into() })?;
+    if pid_start_time(st.pid) != Some(st.pid_start_time) {
+        return Err(ContainerError::Invalid(format!("container {} is not running", st.id)));
+    }
+    let flags = namespaces_to_join(st.pid, spec);
+    let console = match (&opts.console_socket, process.terminal().unwrap_or(false)) {
+        (Some(p), true) => Some(OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(p).map_err(io_err("connect to the console socket"))?,
+        )),
+        (None, true) => return Err(ContainerError::Invalid("a terminal needs --console-socket".into())),
+        _ => None,
+    };
+    let (parent, child) = sync::pair()?;
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+    let in_user_ns = flags.contains(CloneFlags::CLONE_NEWUSER);
+    let grandchild = || -> i32 {
+        if let Some(c) = &console {
+            let r = nix::unistd::setsid()
+                .map_err(|e| e.to_string())
+                .and_then(|_| crate::console::setup_pty(c.as_fd()).map_err(|e| crate::error_chain(&e)));
+            if let Err(e) = r {
+                let _ = child.send(&Msg::Error(e));
+                return 1;
+            }
+        }
+        let fin = Finalize { process, seccomp, preserve_fds: opts.preserve_fds, notify_channel: Some(&child), in_user_ns };
+        let err = process::finalize_and_exec(&fin);
+        let _ = child.send(&Msg::Error(crate::error_chain(&err)));
+        1
+    };
+    let intermediate = || -> i32 {
+        let r = (|| -> Result<i32, String> {
+            child.expect(Msg::Go, "go").map_err(|e| crate::error_chain(&e))?;
+            nix::sched::setns(pidfd.as_fd(), flags).map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
+            moat_sys::process::fork_with(libc::CLONE_PARENT, grandchild).map_err(|e| format!("cannot fork: {e}"))
+        })();
+        match r {
+            Ok(pid) => {
+                let _ = child.send(&Msg::Pid(pid));
+                0
+            }
+            Err(e) => {
+                let _ = child.send(&Msg::Error(e));
+                1
+            }
+        }
+    };
+    let first = moat_sys::process::fork_with(0, intermediate).map_err(io_err("fork"))?;
+    drop(child);
+    drop(console);
+    let reap = |p: i32| {
+        let _ = waitpid(Pid::from_raw(p), None);
+    };
+    if let Err(e) = cg.add_pid(first) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(first), nix::sys::signal::Signal::SIGKILL);
+        reap(first);
+        return Err(e.into());
+    }
+    parent.send(&Msg::Go)?;
+    let pid = match parent.recv() {
+        Ok(Msg::Pid(p)) => p,
+        Ok(Msg::Error(e)) => {
+            reap(first);
+            return Err(SyncError::Child(e).into());
+        }
+        Ok(got) => return Err(SyncError::Unexpected { got, expected: "pid" }.into()),
+        Err(e) => {
+            reap(first);
+            return Err(e.into());
+        }
+    };
+    reap(first);
+    loop {
+        match parent.recv_with_fd() {
+            Err(SyncError::Eof) => break,
+            Err(e) => return Err(e.into()),
+            Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => {
+                if let Some(path) = seccomp.and_then(|s| s.listener_path().as_ref()) {
+                    let meta = seccomp.and_then(|s| s.listener_metadata().clone()).unwrap_or_default();
+                    let oci = crate::container::oci_state(st, moat_core::ContainerStatus::Running);
+                    crate::seccomp::send_to_listener(path, &meta, &oci, pid, fd.as_fd())?;
+                }
+            }
+            Ok((Msg::Error(e), _)) => {
+                reap(pid);
+                return Err(SyncError::Child(e).into());
+            }
+            Ok((got, _)) => return Err(SyncError::Unexpected { got, expected: "exec" }.into()),
+        }
+    }
+    if let Some(p) = &opts.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    if opts.detach {
+        return Ok(0);
+    }
+    Ok(wait_forwarding_signals(pid))
+}

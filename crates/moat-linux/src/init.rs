@@ -1,0 +1,259 @@
+//! The container's init process: everything between clone() and exec, as a
+//! checklist of named steps in the order the runtime-spec describes.
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+use nix::unistd::{Gid, Uid};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::ns::{self, NsPlan};
+use crate::process::{self, Finalize};
+use crate::rootfs::{self, RootfsConfig};
+use crate::sync::{Channel, Msg, SyncError};
+use crate::{console, hooks};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error("namespaces")]
+    Ns(#[from] ns::NsError),
+    #[error("rootfs")]
+    Rootfs(#[from] rootfs::RootfsError),
+    #[error(transparent)]
+    Hook(#[from] hooks::HookError),
+    #[error("terminal")]
+    Console(#[from] console::ConsoleError),
+    #[error("cannot {step}")]
+    Sys {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot wait for start")]
+    Accept(#[source] std::io::Error),
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+}
+
+fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> InitError {
+    move |source| InitError::Sys { step, source }
+}
+
+/// How the init learns that it may run the user's program.
+pub enum StartSignal {
+    /// `moat run`: the runtime sends `Start` on the setup channel.
+    Channel,
+    /// `moat create`: `moat start` connects to this socket in the state dir.
+    Listener(OwnedFd),
+}
+
+/// Everything the init needs, prepared by the runtime before the fork.
+pub struct InitContext<'a> {
+    pub id: &'a str,
+    pub spec: &'a Spec,
+    pub rootfs: &'a Path,
+    pub bundle: &'a Path,
+    pub plan: &'a NsPlan,
+    /// Opened before the fork, in the runtime's mount namespace.
+    pub join_files: &'a [(LinuxNamespaceType, std::fs::File)],
+    pub cgroup_mounts: &'a [(String, PathBuf)],
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+    pub preserve_fds: u32,
+    pub console_socket: Option<OwnedFd>,
+    pub start: StartSignal,
+    /// Whether the runtime must be told to run prestart/createRuntime hooks.
+    pub has_runtime_hooks: bool,
+}
+
+/// Entry point of the slow path's intermediate process: join and create the
+/// namespaces, fork the real init as our sibling, report its PID, exit.
+pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
+    match intermediate_steps(ctx, chan) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = chan.send(&Msg::Error(crate::error_chain(&e)));
+            1
+        }
+    }
+}
+
+fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError> {
+    chan.expect(Msg::Go, "go")?;
+    ns::join(ctx.join_files, ctx.plan, |t| t == LinuxNamespaceType::User)?;
+    if ctx.plan.new_user() {
+        ns::unshare_flags(CloneFlags::CLONE_NEWUSER)?;
+        chan.send(&Msg::MapIds)?;
+        chan.expect(Msg::Go, "go")?;
+    }
+    ns::join(ctx.join_files, ctx.plan, |t| t != LinuxNamespaceType::User)?;
+    let rest = ctx.plan.new
+        - CloneFlags::CLONE_NEWUSER
+        - CloneFlags::CLONE_NEWCGROUP
+        - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
+    ns::unshare_flags(rest)?;
+    let pid = moat_sys::process::fork_with(libc::CLONE_PARENT, || container_init(ctx, chan))
+        .map_err(|e| InitError::Sys { step: "fork the container process", source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)) })?;
+    chan.send(&Msg::Pid(pid))?;
+    Ok(())
+}
+
+/// Entry point of the container's init process. Returns an exit code only on failure.
+pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
+    let err = match init_steps(ctx, chan) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let _ = chan.send(&Msg::Error(crate::error_chain(&err)));
+    1
+}
+
+enum Never {}
+
+fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
+    chan.expect(Msg::Go, "go")?;
+    become_root_in_user_ns(ctx)?;
+    enter_late_namespaces(ctx)?;
+    join_session_keyring(ctx)?;
+    let rcfg = RootfsConfig {
+        spec: ctx.spec,
+        rootfs: ctx.rootfs,
+        bundle: ctx.bundle,
+        cgroup_mounts: ctx.cgroup_mounts,
+        no_pivot: ctx.no_pivot,
+        in_user_ns: ctx.plan.has_user(),
+    };
+    rootfs::prepare(&rcfg)?;
+    if ctx.has_runtime_hooks {
+        chan.send(&Msg::RuntimeHooks)?;
+        chan.expect(Msg::Go, "go")?;
+    }
+    run_container_hooks(ctx, chan, "createContainer")?;
+    rootfs::pivot(&rcfg)?;
+    rootfs::finish(&rcfg)?;
+    set_identity(ctx.spec)?;
+    apply_sysctls(ctx.spec)?;
+    nix::unistd::setsid().map_err(sys("create a session"))?;
+    if let Some(sock) = &ctx.console_socket {
+        console::setup_pty(sock.as_fd())?;
+    }
+    chan.send(&Msg::Created)?;
+    let reply = wait_for_start(ctx, chan)?;
+    let reply = reply.as_ref().unwrap_or(chan);
+    run_container_hooks(ctx, reply, "startContainer")?;
+    let linux = ctx.spec.linux().as_ref();
+    let process = ctx.spec.process().as_ref().expect("validated: process is present");
+    let fin = Finalize {
+        process,
+        seccomp: linux.and_then(|l| l.seccomp().as_ref()),
+        preserve_fds: ctx.preserve_fds,
+        notify_channel: Some(reply),
+        in_user_ns: ctx.plan.has_user(),
+    };
+    let err = process::finalize_and_exec(&fin);
+    // Report on the channel the starter listens to.
+    let _ = reply.send(&Msg::Error(crate::error_chain(&err)));
+    Err(err.into())
+}
+
+fn become_root_in_user_ns(ctx: &InitContext) -> Result<(), InitError> {
+    if !ctx.plan.has_user() {
+        return Ok(());
+    }
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(sys("become gid 0 in the user namespace (is 0 mapped?)"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(sys("become uid 0 in the user namespace (is 0 mapped?)"))?;
+    Ok(())
+}
+
+/// cgroup (after the cgroup move, so its root is the container's cgroup) and
+/// time (offsets must be set before any process enters).
+fn enter_late_namespaces(ctx: &InitContext) -> Result<(), InitError> {
+    if ctx.plan.new.contains(CloneFlags::CLONE_NEWCGROUP) {
+        ns::unshare_flags(CloneFlags::CLONE_NEWCGROUP)?;
+    }
+    if ctx.plan.new.contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)) {
+        let mut offsets = Vec::new();
+        if let Some(t) = ctx.spec.linux().as_ref().and_then(|l| l.time_offsets().as_ref()) {
+            for (clock, off) in t {
+                let clock = match clock.as_str() {
+                    "monotonic" | "boottime" => clock.clone(),
+                    other => other.trim_start_matches("CLOCK_").to_ascii_lowercase(),
+                };
+                offsets.push((clock, off.secs().unwrap_or(0), off.nanosecs().unwrap_or(0)));
+            }
+        }
+        ns::enter_new_time_ns(&offsets)?;
+    }
+    Ok(())
+}
+
+fn join_session_keyring(ctx: &InitContext) -> Result<(), InitError> {
+    if ctx.no_new_keyring {
+        return Ok(());
+    }
+    // In a user namespace the keyring syscalls may be filtered; runc ignores
+    // ENOSYS/EPERM there too, since the keyring is a convenience, not a boundary.
+    match moat_sys::process::join_session_keyring() {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)) => Ok(()),
+        Err(e) => Err(InitError::Sys { step: "join a new session keyring", source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)) }),
+    }
+}
+
+fn run_container_hooks(ctx: &InitContext, _chan: &Channel, stage: &'static str) -> Result<(), InitError> {
+    let Some(h) = ctx.spec.hooks().as_ref() else { return Ok(()) };
+    let list = match stage {
+        "createContainer" => h.create_container(),
+        _ => h.start_container(),
+    };
+    let Some(list) = list.as_deref().filter(|l| !l.is_empty()) else { return Ok(()) };
+    let state = serde_json::json!({
+        "ociVersion": ctx.spec.version(),
+        "id": ctx.id,
+        "status": if stage == "createContainer" { "creating" } else { "created" },
+        "pid": std::process::id(),
+        "bundle": ctx.bundle,
+    });
+    hooks::run(stage, list, state.to_string().as_bytes())?;
+    Ok(())
+}
+
+fn set_identity(spec: &Spec) -> Result<(), InitError> {
+    if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
+        nix::unistd::sethostname(h).map_err(sys("set hostname"))?;
+    }
+    if let Some(d) = spec.domainname().as_deref().filter(|h| !h.is_empty()) {
+        rustix::system::setdomainname(d.as_bytes()).map_err(|e| InitError::Sys { step: "set domainname", source: nix::Error::from_raw(e.raw_os_error()) })?;
+    }
+    Ok(())
+}
+
+fn apply_sysctls(spec: &Spec) -> Result<(), InitError> {
+    if let Some(s) = spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
+        for (k, v) in s {
+            rootfs::write_sysctl(k, v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Blocks until the runtime says start. Returns the connection to report on,
+/// when start came from `moat start`.
+fn wait_for_start(ctx: &InitContext, chan: &Channel) -> Result<Option<Channel>, InitError> {
+    match &ctx.start {
+        StartSignal::Channel => {
+            chan.expect(Msg::Start, "start")?;
+            Ok(None)
+        }
+        StartSignal::Listener(l) => loop {
+            let conn = Channel::accept(l).map_err(InitError::Accept)?;
+            match conn.recv() {
+                Ok(Msg::Start) => return Ok(Some(conn)),
+                _ => continue,
+            }
+        },
+    }
+}
+

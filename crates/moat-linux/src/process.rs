@@ -1,0 +1,211 @@
+//! The last steps before a container process runs its program, shared by the
+//! container's init and by `exec`: limits, identity, capabilities,
+//! no_new_privs, seccomp, descriptors, and the exec itself.
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid};
+use oci_spec::runtime::{LinuxSeccomp, Process};
+
+use crate::sync::{Channel, FdKind, Msg};
+use crate::{attrs, caps, rlimit, seccomp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("rlimits")]
+    Rlimit(#[from] rlimit::RlimitError),
+    #[error("process attributes")]
+    Attr(#[from] attrs::AttrError),
+    #[error("capabilities")]
+    Caps(#[from] caps::CapsError),
+    #[error("seccomp")]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("cannot {step}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot chdir to {path}")]
+    Cwd {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("executable {0:?} not found in $PATH")]
+    NotFound(String),
+    #[error("cannot exec {path}")]
+    Exec {
+        path: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("argument or environment contains a NUL byte")]
+    Nul,
+    #[error("cannot hand the seccomp notify fd to the runtime")]
+    NotifyFd(#[source] crate::sync::SyncError),
+    #[error("cannot set up file descriptors")]
+    Fds(#[source] std::io::Error),
+}
+
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ProcessError {
+    let step = step.into();
+    move |source| ProcessError::Sys { step, source }
+}
+
+/// What the final steps need beyond the OCI `process` object.
+pub struct Finalize<'a> {
+    pub process: &'a Process,
+    pub seccomp: Option<&'a LinuxSeccomp>,
+    /// Keep fds 3..3+preserve_fds open across exec.
+    pub preserve_fds: u32,
+    /// Where to send the seccomp notify fd, if the filter has notify rules.
+    pub notify_channel: Option<&'a Channel>,
+    pub in_user_ns: bool,
+}
+
+/// Applies everything and execs; returns only on failure.
+pub fn finalize_and_exec(f: &Finalize) -> ProcessError {
+    match finalize(f) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+enum Never {}
+
+fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
+    let p = f.process;
+    // Resolve the program and build argv/env before dropping privileges.
+    let args = p.args().as_deref().unwrap_or(&[]);
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let prog = args.first().ok_or_else(|| ProcessError::NotFound(String::new()))?;
+    let path = find_program(prog, &env, p.cwd())?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
+    let c_args = args.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>().map_err(|_| ProcessError::Nul)?;
+    let c_env = env.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>().map_err(|_| ProcessError::Nul)?;
+
+    if let Some(r) = p.rlimits() {
+        rlimit::apply(r)?;
+    }
+    if let Some(adj) = p.oom_score_adj() {
+        attrs::set_oom_score_adj(None, adj)?;
+    }
+    if let Some(s) = p.scheduler() {
+        attrs::set_scheduler(s)?;
+    }
+    if let Some(io) = p.io_priority() {
+        attrs::set_io_priority(io)?;
+    }
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    if nnp {
+        attrs::set_no_new_privs()?;
+    }
+    let filter = f.seccomp.map(seccomp::compile).transpose()?;
+    // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it
+    // while we still have it. With it, load as late as possible.
+    if !nnp {
+        load_filter(filter.as_ref(), f)?;
+    }
+    // No `capabilities` object means no capabilities (fail closed).
+    let none = no_caps();
+    let c = p.capabilities().as_ref().unwrap_or(&none);
+    caps::drop_bounding(c)?;
+    switch_user(p)?;
+    caps::apply_sets(c)?;
+    if let Some(u) = p.user().umask() {
+        rustix::process::umask(rustix::fs::Mode::from_bits_truncate(u));
+    }
+    nix::unistd::chdir(p.cwd()).map_err(|source| ProcessError::Cwd { path: p.cwd().clone(), source })?;
+    moat_sys::process::close_from(3 + f.preserve_fds, true).map_err(ProcessError::Fds)?;
+    clear_cloexec(f.preserve_fds)?;
+    if nnp {
+        load_filter(filter.as_ref(), f)?;
+    }
+    let e = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
+    Err(ProcessError::Exec { path: path.display().to_string(), source: e })
+}
+
+fn no_caps() -> oci_spec::runtime::LinuxCapabilities {
+    let empty = oci_spec::runtime::Capabilities::new();
+    let mut c = oci_spec::runtime::LinuxCapabilities::default();
+    c.set_bounding(Some(empty.clone()))
+        .set_effective(Some(empty.clone()))
+        .set_permitted(Some(empty.clone()))
+        .set_inheritable(Some(empty.clone()))
+        .set_ambient(Some(empty));
+    c
+}
+
+fn load_filter(filter: Option<&seccomp::Filter>, f: &Finalize) -> Result<(), ProcessError> {
+    let Some(filter) = filter else { return Ok(()) };
+    let fd: Option<OwnedFd> = filter.load()?;
+    if let (Some(fd), Some(ch)) = (fd, f.notify_channel) {
+        ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd.as_raw_fd())).map_err(ProcessError::NotifyFd)?;
+    }
+    Ok(())
+}
+
+fn clear_cloexec(n: u32) -> Result<(), ProcessError> {
+    for fd in 3..3 + n {
+        let fd = i32::try_from(fd).map_err(|_| ProcessError::Fds(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+        moat_sys::fd::set_cloexec(fd, false).map_err(ProcessError::Fds)?;
+    }
+    Ok(())
+}
+
+/// setgroups, setresgid, setresuid, keeping capabilities across the switch so
+/// `apply_sets` can set exactly the requested ones.
+fn switch_user(p: &Process) -> Result<(), ProcessError> {
+    let u = p.user();
+    nix::sys::prctl::set_keepcaps(true).map_err(sys("set keepcaps"))?;
+    let groups: Vec<Gid> = u.additional_gids().as_deref().unwrap_or(&[]).iter().map(|g| Gid::from_raw(*g)).collect();
+    // setgroups is denied in a user namespace whose gid_map an unprivileged
+    // runtime wrote; with no extra groups requested, that is fine.
+    match nix::unistd::setgroups(&groups) {
+        Ok(()) => {}
+        Err(nix::Error::EPERM) if groups.is_empty() => {}
+        Err(e) => return Err(sys("set additional groups")(e)),
+    }
+    let g = Gid::from_raw(u.gid());
+    nix::unistd::setresgid(g, g, g).map_err(sys(format!("set gid {}", u.gid())))?;
+    let uid = Uid::from_raw(u.uid());
+    nix::unistd::setresuid(uid, uid, uid).map_err(sys(format!("set uid {}", u.uid())))?;
+    nix::sys::prctl::set_keepcaps(false).map_err(sys("clear keepcaps"))?;
+    Ok(())
+}
+
+/// Finds `prog` like execvp, in the container's `$PATH` (relative to the
+/// current root, which is the container's by now).
+pub fn find_program(prog: &str, env: &[String], cwd: &Path) -> Result<PathBuf, ProcessError> {
+    if prog.contains('/') {
+        let p = Path::new(prog);
+        return Ok(if p.is_absolute() { p.to_owned() } else { cwd.join(p) });
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = Path::new(dir).join(prog);
+        if rustix::fs::access(&cand, rustix::fs::Access::EXEC_OK).is_ok() && cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    Err(ProcessError::NotFound(prog.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_programs_in_path() {
+        let env = vec!["PATH=/nonexistent:/bin".to_string()];
+        assert_eq!(find_program("sh", &env, Path::new("/")).unwrap(), PathBuf::from("/bin/sh"));
+        assert!(matches!(find_program("no-such-prog-xyz", &env, Path::new("/")), Err(ProcessError::NotFound(_))));
+        assert_eq!(find_program("./x", &env, Path::new("/w")).unwrap(), PathBuf::from("/w/./x"));
+    }
+}
