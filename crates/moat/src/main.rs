@@ -1,2 +1,49 @@
+//! The `moat` binary: the OCI runtime CLI (runc-compatible) and moat's own commands.
 #![forbid(unsafe_code)]
-fn main() {}
+
+mod cli;
+mod log;
+mod oci;
+mod specgen;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv0 = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print and exit 0; usage errors print one clear message.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let logger = log::Logger::new(cli.global.log.as_deref(), cli.global.log_format, cli.global.debug);
+    match oci::dispatch(cli, &argv0, &logger) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Err(e) => {
+            let msg = error_line(&e);
+            logger.error(&msg);
+            eprintln!("moat: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The whole error chain on one line.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for (i, c) in e.chain().enumerate() {
+        let t = c.to_string();
+        if t.is_empty() || s.ends_with(&t) {
+            continue;
+        }
+        if i > 0 {
+            s.push_str(": ");
+        }
+        s.push_str(&t);
+    }
+    s.replace('\n', " ")
+}

@@ -1,0 +1,387 @@
+//! The OCI runtime commands, dispatched to the container tier.
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use moat_core::Tier;
+use moat_linux::container::{CreateOpts, ExecOpts, Runtime};
+use nix::sys::signal::Signal;
+use oci_spec::runtime::{LinuxResources, Process};
+
+use crate::cli::{Cli, Cmd, CreateArgs, ExecArgs, UpdateArgs};
+use crate::log::Logger;
+
+fn create_opts(a: &CreateArgs, tier: Option<Tier>) -> CreateOpts {
+    CreateOpts {
+        id: a.id.clone(),
+        bundle: a.bundle.clone(),
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        no_pivot: a.no_pivot,
+        no_new_keyring: a.no_new_keyring,
+        preserve_fds: a.preserve_fds,
+        tier,
+    }
+}
+
+/// The tier from `--isolation`, else from the program name.
+fn chosen_tier(cli: &Cli, argv0: &str) -> Result<Option<Tier>> {
+    let t = match &cli.global.isolation {
+        Some(s) => Some(s.parse::<Tier>().map_err(anyhow::Error::msg)?),
+        None => Tier::from_argv0(argv0),
+    };
+    if let Some(t) = t {
+        if !t.is_available() {
+            bail!("isolation tier {t} is not available yet (only `container` is)");
+        }
+    }
+    Ok(t)
+}
+
+pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
+    let tier = chosen_tier(&cli, argv0)?;
+    if cli.global.systemd_cgroup && !Path::new("/run/systemd/system").is_dir() {
+        bail!("--systemd-cgroup: systemd is not running on this host");
+    }
+    let rt = Runtime::new(&cli.global.root, cli.global.systemd_cgroup);
+    log.debug(&format!("{:?}", cli.cmd));
+    match cli.cmd {
+        Cmd::Create(a) => {
+            rt.create(&create_opts(&a, tier), true)?;
+            Ok(0)
+        }
+        Cmd::Start { id } => {
+            rt.start(&id)?;
+            Ok(0)
+        }
+        Cmd::Run { create, detach, keep: _ } => Ok(rt.run(&create_opts(&create, tier), detach)?),
+        Cmd::State { id } => {
+            println!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
+            Ok(0)
+        }
+        Cmd::Kill { id, signal, all } => {
+            rt.kill(&id, parse_signal(&signal)?, all)?;
+            Ok(0)
+        }
+        Cmd::Delete { id, force } => {
+            match rt.delete(&id, force) {
+                Err(moat_linux::container::ContainerError::State(moat_core::StateError::NotFound(_))) if force => {}
+                r => r?,
+            }
+            Ok(0)
+        }
+        Cmd::Pause { id } => {
+            rt.pause(&id)?;
+            Ok(0)
+        }
+        Cmd::Resume { id } => {
+            rt.resume(&id)?;
+            Ok(0)
+        }
+        Cmd::List { format, quiet } => list(&rt, &format, quiet),
+        Cmd::Ps { id, format, ps_args } => ps(&rt, &id, &format, &ps_args),
+        Cmd::Exec(a) => exec(&rt, a),
+        Cmd::Update(a) => {
+            let res = update_resources(&a)?;
+            rt.update(&a.id, &res)?;
+            Ok(0)
+        }
+        Cmd::Events { id, stats, interval } => events(&rt, &id, stats, &interval),
+        Cmd::Features => {
+            println!("{}", serde_json::to_string_pretty(&crate::specgen::features())?);
+            Ok(0)
+        }
+        Cmd::Spec { bundle, rootless } => {
+            let path = bundle.join("config.json");
+            if path.exists() {
+                bail!("{} already exists; remove it first", path.display());
+            }
+            let spec = crate::specgen::default_spec(rootless);
+            std::fs::write(&path, serde_json::to_string_pretty(&spec)?).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(0)
+        }
+        Cmd::Checkpoint { .. } | Cmd::Restore { .. } => bail!("checkpoint/restore is not supported by moat"),
+    }
+}
+
+pub fn parse_signal(s: &str) -> Result<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| anyhow::anyhow!("unknown signal {s:?}"));
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    name.parse::<Signal>().map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
+}
+
+fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
+    let all = rt.list()?;
+    if quiet {
+        for c in &all {
+            println!("{}", c["id"].as_str().unwrap_or(""));
+        }
+        return Ok(0);
+    }
+    match format {
+        "json" => println!("{}", serde_json::to_string(&all)?),
+        "table" => {
+            println!("{:<12} {:<10} {:<10} {:<40} {:<30} {}", "ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER");
+            for c in &all {
+                println!(
+                    "{:<12} {:<10} {:<10} {:<40} {:<30} {}",
+                    c["id"].as_str().unwrap_or(""),
+                    c["pid"],
+                    c["status"].as_str().unwrap_or(""),
+                    c["bundle"].as_str().unwrap_or(""),
+                    c["created"].as_str().unwrap_or(""),
+                    c["owner"].as_str().unwrap_or("")
+                );
+            }
+        }
+        other => bail!("invalid format {other:?} (table or json)"),
+    }
+    Ok(0)
+}
+
+fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
+    let pids = rt.pids(id)?;
+    match format {
+        "json" => {
+            println!("{}", serde_json::to_string(&pids)?);
+            Ok(0)
+        }
+        "table" => {
+            let args: Vec<String> = if ps_args.is_empty() { vec!["-ef".into()] } else { ps_args.to_vec() };
+            let out = std::process::Command::new("ps").args(&args).output().context("cannot run ps")?;
+            if !out.status.success() {
+                bail!("ps {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut lines = text.lines();
+            let header = lines.next().unwrap_or("");
+            let col = header.split_whitespace().position(|h| h == "PID").context("ps output has no PID column")?;
+            println!("{header}");
+            for l in lines {
+                if let Some(p) = l.split_whitespace().nth(col).and_then(|p| p.parse::<i32>().ok()) {
+                    if pids.contains(&p) {
+                        println!("{l}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        other => bail!("invalid format {other:?} (table or json)"),
+    }
+}
+
+fn exec(rt: &Runtime, a: ExecArgs) -> Result<i32> {
+    let process = exec_process(rt, &a)?;
+    let opts = ExecOpts { detach: a.detach, pid_file: a.pid_file.clone(), console_socket: a.console_socket.clone(), preserve_fds: a.preserve_fds };
+    Ok(rt.exec(&a.id, &process, &opts)?)
+}
+
+/// The process to exec: `--process FILE`, or the container's own process
+/// with the command line and flags applied (as runc does).
+fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
+    if a.apparmor.is_some() || a.process_label.is_some() {
+        bail!("--apparmor/--process-label: AppArmor and SELinux are not enabled on this host");
+    }
+    if let Some(path) = &a.process {
+        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let p: Process = serde_json::from_slice(&data).with_context(|| format!("invalid process file {}", path.display()))?;
+        return Ok(p);
+    }
+    if a.command.is_empty() {
+        bail!("exec needs a command (or --process FILE)");
+    }
+    let spec = rt.saved_config(&a.id)?;
+    let mut p = spec.process().clone().context("container config has no process")?;
+    p.set_args(Some(a.command.clone()));
+    p.set_terminal(Some(a.tty));
+    let mut env = p.env().clone().unwrap_or_default();
+    for e in &a.env {
+        if !e.contains('=') {
+            bail!("--env {e:?} is not KEY=VALUE");
+        }
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    p.set_env(Some(env));
+    if let Some(c) = &a.cwd {
+        p.set_cwd(c.clone());
+    }
+    if let Some(u) = &a.user {
+        let (uid, gid) = match u.split_once(':') {
+            Some((u, g)) => (u.parse::<u32>().context("--user: UID must be numeric")?, Some(g.parse::<u32>().context("--user: GID must be numeric")?)),
+            None => (u.parse::<u32>().context("--user: UID must be numeric")?, None),
+        };
+        let mut user = p.user().clone();
+        user.set_uid(uid);
+        if let Some(g) = gid {
+            user.set_gid(g);
+        }
+        p.set_user(user);
+    }
+    if !a.additional_gids.is_empty() {
+        let mut user = p.user().clone();
+        user.set_additional_gids(Some(a.additional_gids.clone()));
+        p.set_user(user);
+    }
+    if !a.cap.is_empty() {
+        let mut caps = p.capabilities().clone().unwrap_or_default();
+        for c in &a.cap {
+            let cap: oci_spec::runtime::Capability = c.parse().map_err(|_| anyhow::anyhow!("unknown capability {c:?}"))?;
+            for set in [caps.bounding().clone(), caps.effective().clone(), caps.permitted().clone()] {
+                let _ = set;
+            }
+            let add = |s: &Option<oci_spec::runtime::Capabilities>| {
+                let mut s = s.clone().unwrap_or_default();
+                s.insert(cap);
+                Some(s)
+            };
+            let (b, e, pm) = (add(caps.bounding()), add(caps.effective()), add(caps.permitted()));
+            caps.set_bounding(b).set_effective(e).set_permitted(pm);
+        }
+        p.set_capabilities(Some(caps));
+    }
+    if a.no_new_privs {
+        p.set_no_new_privileges(Some(true));
+    }
+    Ok(p)
+}
+
+fn parse_bytes(s: &str) -> Result<i64> {
+    let t = s.trim();
+    if t == "-1" {
+        return Ok(-1);
+    }
+    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('b') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let n: i64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
+    n.checked_mul(mul).with_context(|| format!("size {s:?} overflows"))
+}
+
+fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
+    use oci_spec::runtime::{LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxPids};
+    let mut res: LinuxResources = match &a.r {
+        Some(p) => {
+            let mut data = Vec::new();
+            if p.as_os_str() == "-" {
+                std::io::stdin().read_to_end(&mut data).context("cannot read resources from stdin")?;
+            } else {
+                data = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            }
+            serde_json::from_slice(&data).context("invalid resources JSON")?
+        }
+        None => LinuxResources::default(),
+    };
+    if a.memory.is_some() || a.memory_swap.is_some() || a.memory_reservation.is_some() {
+        let mut m = res.memory().clone().unwrap_or_else(|| LinuxMemory::default());
+        if let Some(v) = &a.memory {
+            m.set_limit(Some(parse_bytes(v)?));
+        }
+        if let Some(v) = &a.memory_swap {
+            m.set_swap(Some(parse_bytes(v)?));
+        }
+        if let Some(v) = &a.memory_reservation {
+            m.set_reservation(Some(parse_bytes(v)?));
+        }
+        res.set_memory(Some(m));
+    }
+    if a.cpu_period.is_some() || a.cpu_quota.is_some() || a.cpu_share.is_some() || a.cpuset_cpus.is_some() || a.cpuset_mems.is_some() || a.cpu_rt_period.is_some() || a.cpu_rt_runtime.is_some() {
+        let mut c = res.cpu().clone().unwrap_or_else(|| LinuxCpu::default());
+        if a.cpu_period.is_some() {
+            c.set_period(a.cpu_period);
+        }
+        if a.cpu_quota.is_some() {
+            c.set_quota(a.cpu_quota);
+        }
+        if a.cpu_share.is_some() {
+            c.set_shares(a.cpu_share);
+        }
+        if a.cpu_rt_period.is_some() {
+            c.set_realtime_period(a.cpu_rt_period);
+        }
+        if a.cpu_rt_runtime.is_some() {
+            c.set_realtime_runtime(a.cpu_rt_runtime);
+        }
+        if a.cpuset_cpus.is_some() {
+            c.set_cpus(a.cpuset_cpus.clone());
+        }
+        if a.cpuset_mems.is_some() {
+            c.set_mems(a.cpuset_mems.clone());
+        }
+        res.set_cpu(Some(c));
+    }
+    if let Some(p) = a.pids_limit {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(p);
+        res.set_pids(Some(pids));
+    }
+    if let Some(w) = a.blkio_weight {
+        let mut b = res.block_io().clone().unwrap_or_else(|| LinuxBlockIo::default());
+        b.set_weight(Some(w));
+        res.set_block_io(Some(b));
+    }
+    if a.l3_cache_schema.is_some() || a.mem_bw_schema.is_some() {
+        bail!("Intel RDT is not supported on this host");
+    }
+    Ok(res)
+}
+
+fn parse_interval(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let (n, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| t.split_at(i)).unwrap_or((t, "s"));
+    let v: f64 = n.parse().with_context(|| format!("invalid interval {s:?}"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" | "" => v,
+        "m" => v * 60.0,
+        _ => bail!("invalid interval {s:?}"),
+    };
+    if secs <= 0.0 {
+        bail!("interval must be positive");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<i32> {
+    let interval = parse_interval(interval)?;
+    loop {
+        let data = rt.stats(id)?;
+        println!("{}", serde_json::json!({"type": "stats", "id": id, "data": data}));
+        if once {
+            return Ok(0);
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("KILL").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("sigterm").unwrap(), Signal::SIGTERM);
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn sizes_and_intervals() {
+        assert_eq!(parse_bytes("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("-1").unwrap(), -1);
+        assert!(parse_bytes("x").is_err());
+        assert_eq!(parse_interval("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_interval("100ms").unwrap(), Duration::from_millis(100));
+        assert!(parse_interval("0s").is_err());
+    }
+}
