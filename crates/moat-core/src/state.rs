@@ -139,6 +139,12 @@ impl ContainerLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The lock's fd number: a forked child must close it, or the lock (which
+    /// belongs to the open file, not the process) would live as long as it.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self._file)
+    }
 }
 
 impl StateDir {

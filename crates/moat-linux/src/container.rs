@@ -177,6 +177,7 @@ impl Runtime {
             console_socket,
             start,
             has_runtime_hooks,
+            lock_fd: lock.raw_fd(),
         };
         let fast = plan.clone_flags();
         let first = match fast {

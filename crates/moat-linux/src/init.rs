@@ -64,6 +64,8 @@ pub struct InitContext<'a> {
     pub preserve_fds: u32,
     pub console_socket: Option<OwnedFd>,
     pub start: StartSignal,
+    /// The state-dir lock of the runtime, to close first thing.
+    pub lock_fd: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
     pub has_runtime_hooks: bool,
 }
@@ -81,6 +83,7 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
 }
 
 fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError> {
+    release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
     ns::join(ctx.join_files, ctx.plan, |t| t == LinuxNamespaceType::User)?;
     if ctx.plan.new_user() {
@@ -113,6 +116,7 @@ pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
 enum Never {}
 
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
+    release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
     become_root_in_user_ns(ctx)?;
     enter_late_namespaces(ctx)?;
@@ -156,6 +160,11 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // Report on the channel the starter listens to.
     let _ = reply.send(&Msg::Error(crate::error_chain(&err)));
     Err(err.into())
+}
+
+fn release_runtime_lock(ctx: &InitContext) {
+    // EBADF (already closed by the intermediate's exit path) is harmless.
+    let _ = nix::unistd::close(ctx.lock_fd);
 }
 
 fn become_root_in_user_ns(ctx: &InitContext) -> Result<(), InitError> {

@@ -52,8 +52,9 @@ pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
 /// and `_exit`s with its return value (101 if it panics); returns the child's
 /// PID in the caller. `f` typically ends in `exec`.
 ///
-/// moat's runtime process is single-threaded when it calls this; with glibc,
-/// `malloc` stays usable in the child regardless (glibc resets its locks).
+/// A raw clone skips glibc's atfork handlers, so the caller must be
+/// single-threaded (moat's runtime process is) for `malloc` to be safe in the
+/// child; tests, which are multi-threaded, use [`run_in_child`] instead.
 pub fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
     // SAFETY: the child runs `f` and `_exit`s without unwinding into or
     // returning to the caller's frames.
@@ -73,41 +74,53 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Runs `f` in a forked child with the given namespace flags and returns the
-/// child's wait status code (`f`'s return value, or 128+signal). For tests and
-/// short helpers that need a real kernel effect in a throwaway process.
-///
-/// The child calls only `f` and `_exit`; with glibc, `malloc` is usable after
-/// `fork` even in a multi-threaded parent (glibc resets its locks in the child).
+/// Runs `f` in a forked child that first `unshare`s `ns_flags`, and returns
+/// the child's wait status code (`f`'s return value, or 128+signal). For
+/// tests and short helpers that need a real kernel effect in a throwaway
+/// process. Uses glibc's `fork()` (not a raw clone) so its atfork handlers
+/// make `malloc` safe in the child even when the caller is multi-threaded,
+/// as a test harness is. With `CLONE_NEWPID`, `f` runs in a grandchild that
+/// is PID 1 of the new namespace.
 pub fn run_in_child<F: FnOnce() -> i32>(ns_flags: libc::c_int, f: F) -> io::Result<i32> {
-    // SAFETY: the child runs `f` and then `_exit`s without unwinding or
-    // returning into the caller; see the function docs for the threading note.
-    match unsafe { clone_fork(ns_flags) }? {
-        Forked::Child => {
+    // SAFETY: fork(2) through glibc; the child only runs `f` (after unshare)
+    // and `_exit`s, never returning into the caller's frames.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // SAFETY: unshare only changes this (child) process's namespaces.
+            if ns_flags != 0 && unsafe { libc::unshare(ns_flags) } != 0 {
+                exit_now(126);
+            }
+            if ns_flags & libc::CLONE_NEWPID != 0 {
+                // The new PID namespace applies to our children: run `f` in one.
+                let code = run_in_child(0, f).unwrap_or(125);
+                exit_now(code);
+            }
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-            // SAFETY: _exit never returns and runs no atexit handlers, which
-            // belong to the parent.
-            unsafe { libc::_exit(code) }
+            exit_now(code)
         }
-        Forked::Parent(pid) => {
-            let mut status = 0;
-            loop {
-                // SAFETY: plain waitpid on our own child with a valid out-pointer.
-                let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-                if r == pid {
-                    break;
-                }
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::EINTR) {
-                    return Err(err);
-                }
-            }
-            if libc::WIFEXITED(status) {
-                Ok(libc::WEXITSTATUS(status))
-            } else {
-                Ok(128 + libc::WTERMSIG(status))
-            }
+        pid => wait_code(pid),
+    }
+}
+
+fn wait_code(pid: i32) -> io::Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: plain waitpid on our own child with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
         }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+    if libc::WIFEXITED(status) {
+        Ok(libc::WEXITSTATUS(status))
+    } else {
+        Ok(128 + libc::WTERMSIG(status))
     }
 }
 
