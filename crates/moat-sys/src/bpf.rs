@@ -40,7 +40,12 @@ pub struct BpfInsn {
 impl BpfInsn {
     /// Builds an instruction from its fields; registers are 0..=10.
     pub const fn new(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Self {
-        Self { code, regs: (dst & 0x0f) | ((src & 0x0f) << 4), off, imm }
+        Self {
+            code,
+            regs: (dst & 0x0f) | ((src & 0x0f) << 4),
+            off,
+            imm,
+        }
     }
 }
 
@@ -58,7 +63,11 @@ impl fmt::Display for LoadError {
         if self.log.is_empty() {
             write!(f, "BPF_PROG_LOAD failed")
         } else {
-            write!(f, "BPF_PROG_LOAD failed; verifier log: {}", self.log.trim_end())
+            write!(
+                f,
+                "BPF_PROG_LOAD failed; verifier log: {}",
+                self.log.trim_end()
+            )
         }
     }
 }
@@ -125,7 +134,8 @@ struct GetFdByIdAttr {
 /// call (reads of instructions/license, writes to log or id buffers of the
 /// sizes given alongside them).
 unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
-    let size = u32::try_from(std::mem::size_of::<T>()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let size = u32::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
     // SAFETY: `attr` is a live, exclusively borrowed attribute block of `size`
     // bytes; the caller guarantees that the pointers inside it are valid.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size) };
@@ -147,8 +157,10 @@ fn fd_from_ret(r: libc::c_long) -> io::Result<OwnedFd> {
 /// matters for GPL-only helpers, which a device filter does not call. On
 /// failure, retries once with the verifier log enabled so the error says why.
 pub fn prog_load_cgroup_device(insns: &[BpfInsn]) -> Result<OwnedFd, LoadError> {
-    let insn_cnt = u32::try_from(insns.len())
-        .map_err(|_| LoadError { error: io::Error::from_raw_os_error(libc::E2BIG), log: String::new() })?;
+    let insn_cnt = u32::try_from(insns.len()).map_err(|_| LoadError {
+        error: io::Error::from_raw_os_error(libc::E2BIG),
+        log: String::new(),
+    })?;
     let license = c"Apache-2.0";
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
@@ -160,7 +172,10 @@ pub fn prog_load_cgroup_device(insns: &[BpfInsn]) -> Result<OwnedFd, LoadError> 
     // SAFETY: `insns` (insn_cnt instructions) and `license` (NUL-terminated)
     // outlive the call; no log buffer is passed.
     match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-        Ok(r) => fd_from_ret(r).map_err(|error| LoadError { error, log: String::new() }),
+        Ok(r) => fd_from_ret(r).map_err(|error| LoadError {
+            error,
+            log: String::new(),
+        }),
         Err(_) => {
             let mut log = vec![0u8; 64 * 1024];
             attr.log_level = 1;
@@ -181,7 +196,12 @@ pub fn prog_load_cgroup_device(insns: &[BpfInsn]) -> Result<OwnedFd, LoadError> 
 
 /// `BPF_PROG_ATTACH` of `prog` to the cgroup directory `cgroup` as
 /// `attach_type` with `flags` (e.g. `BPF_F_ALLOW_MULTI`).
-pub fn prog_attach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u32, flags: u32) -> io::Result<()> {
+pub fn prog_attach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<()> {
     let mut attr = AttachAttr {
         target_fd: fd_u32(cgroup)?,
         attach_bpf_fd: fd_u32(prog)?,
@@ -194,7 +214,11 @@ pub fn prog_attach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u3
 }
 
 /// `BPF_PROG_DETACH` of `prog` from the cgroup directory `cgroup`.
-pub fn prog_detach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+pub fn prog_detach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
     let mut attr = AttachAttr {
         target_fd: fd_u32(cgroup)?,
         attach_bpf_fd: fd_u32(prog)?,
@@ -225,7 +249,10 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
 
 /// `BPF_PROG_GET_FD_BY_ID`: a descriptor for an already loaded program.
 pub fn prog_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetFdByIdAttr { prog_id: id, ..Default::default() };
+    let mut attr = GetFdByIdAttr {
+        prog_id: id,
+        ..Default::default()
+    };
     // SAFETY: the attribute block holds only integers.
     let r = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;
     fd_from_ret(r)
@@ -273,7 +300,10 @@ mod tests {
             eprintln!("skipping: BPF_PROG_LOAD needs root");
             return;
         }
-        let insns = [BpfInsn::new(0xb7, 0, 0, 0, 1), BpfInsn::new(0x95, 0, 0, 0, 0)];
+        let insns = [
+            BpfInsn::new(0xb7, 0, 0, 0, 1),
+            BpfInsn::new(0x95, 0, 0, 0, 0),
+        ];
         let fd = prog_load_cgroup_device(&insns).expect("load");
         assert!(fd.as_raw_fd() >= 0);
     }

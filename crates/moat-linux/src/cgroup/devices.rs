@@ -35,10 +35,12 @@ fn num(field: &str, v: Option<i64>) -> Result<Option<u32>, CgroupError> {
     match v {
         None => Ok(None),
         Some(n) if n < 0 => Ok(None), // -1 is the conventional wildcard
-        Some(n) => u32::try_from(n).map(Some).map_err(|_| CgroupError::InvalidValue {
-            setting: format!("devices.{field}"),
-            reason: format!("{n} is out of range"),
-        }),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| CgroupError::InvalidValue {
+                setting: format!("devices.{field}"),
+                reason: format!("{n} is out of range"),
+            }),
     }
 }
 
@@ -53,7 +55,11 @@ pub(crate) fn parse_rules(rules: &[LinuxDeviceCgroup]) -> Result<Vec<DevRule>, C
             LinuxDeviceType::P => continue,
         };
         let access_str = r.access().as_deref().unwrap_or("rwm");
-        let access_str = if access_str.is_empty() { "rwm" } else { access_str };
+        let access_str = if access_str.is_empty() {
+            "rwm"
+        } else {
+            access_str
+        };
         let mut access = 0;
         for c in access_str.chars() {
             access |= match c {
@@ -68,7 +74,13 @@ pub(crate) fn parse_rules(rules: &[LinuxDeviceCgroup]) -> Result<Vec<DevRule>, C
                 }
             };
         }
-        out.push(DevRule { allow: r.allow(), kind, major: num("major", r.major())?, minor: num("minor", r.minor())?, access });
+        out.push(DevRule {
+            allow: r.allow(),
+            kind,
+            major: num("major", r.major())?,
+            minor: num("minor", r.minor())?,
+            access,
+        });
     }
     Ok(out)
 }
@@ -88,13 +100,21 @@ pub(crate) fn v1_lines(rules: &[DevRule]) -> Vec<(bool, String)> {
     let mut out = Vec::new();
     for r in rules {
         match r.kind {
-            None if r.major.is_none() && r.minor.is_none() && r.access == ACC_ALL => out.push((r.allow, "a".into())),
+            None if r.major.is_none() && r.minor.is_none() && r.access == ACC_ALL => {
+                out.push((r.allow, "a".into()))
+            }
             None => {
                 for k in ['b', 'c'] {
-                    out.push((r.allow, format!("{k} {}:{} {}", n(r.major), n(r.minor), acc(r.access))));
+                    out.push((
+                        r.allow,
+                        format!("{k} {}:{} {}", n(r.major), n(r.minor), acc(r.access)),
+                    ));
                 }
             }
-            Some(k) => out.push((r.allow, format!("{k} {}:{} {}", n(r.major), n(r.minor), acc(r.access)))),
+            Some(k) => out.push((
+                r.allow,
+                format!("{k} {}:{} {}", n(r.major), n(r.minor), acc(r.access)),
+            )),
         }
     }
     out
@@ -147,12 +167,18 @@ fn rule_block(r: &DevRule) -> (Vec<BpfInsn>, bool) {
     if r.allow && r.access != ACC_ALL {
         // Requested access must be within the rule's: (r3 & acc) == r3.
         b.push((BpfInsn::new(ALU32_MOV_X, 1, 3, 0, 0), false));
-        b.push((BpfInsn::new(ALU32_AND_K, 1, 0, 0, i32::from(r.access)), false));
+        b.push((
+            BpfInsn::new(ALU32_AND_K, 1, 0, 0, i32::from(r.access)),
+            false,
+        ));
         b.push((BpfInsn::new(JMP32_JNE_X, 1, 3, 0, 0), true));
     } else if !r.allow {
         // Requested access shares a bit with the rule's: (r3 & acc) != 0.
         b.push((BpfInsn::new(ALU32_MOV_X, 1, 3, 0, 0), false));
-        b.push((BpfInsn::new(ALU32_AND_K, 1, 0, 0, i32::from(r.access)), false));
+        b.push((
+            BpfInsn::new(ALU32_AND_K, 1, 0, 0, i32::from(r.access)),
+            false,
+        ));
         b.push((BpfInsn::new(JMP32_JEQ_K, 1, 0, 0, 0), true));
     }
     if let Some(m) = r.major {
@@ -162,7 +188,10 @@ fn rule_block(r: &DevRule) -> (Vec<BpfInsn>, bool) {
         b.push((BpfInsn::new(JMP32_JNE_K, 5, 0, 0, m as i32), true));
     }
     let unconditional = !b.iter().any(|(_, j)| *j);
-    b.push((BpfInsn::new(ALU64_MOV_K, 0, 0, 0, i32::from(r.allow)), false));
+    b.push((
+        BpfInsn::new(ALU64_MOV_K, 0, 0, 0, i32::from(r.allow)),
+        false,
+    ));
     b.push((BpfInsn::new(EXIT, 0, 0, 0, 0), false));
     let len = b.len();
     let insns = b
@@ -186,7 +215,11 @@ pub(crate) mod tests {
     /// Runs a device program the way the kernel would for one request;
     /// supports exactly the instructions `bpf_program` emits.
     pub(crate) fn eval(p: &[BpfInsn], kind: char, major: u32, minor: u32, access: u8) -> bool {
-        let t: u32 = if kind == 'b' { DEV_BLOCK as u32 } else { DEV_CHAR as u32 };
+        let t: u32 = if kind == 'b' {
+            DEV_BLOCK as u32
+        } else {
+            DEV_CHAR as u32
+        };
         let ctx = [(u32::from(access) << 16) | t, major, minor];
         let mut r = [0u64; 11];
         let mut pc = 0usize;
@@ -254,8 +287,14 @@ pub(crate) mod tests {
 
     #[test]
     fn unconditional_last_rule_stops_generation() {
-        let p = bpf_program(&rules(r#"[{"allow":false,"type":"c","major":1},{"allow":true}]"#));
-        assert_eq!(p.len(), 6 + 2, "earlier rules are unreachable and must not be emitted");
+        let p = bpf_program(&rules(
+            r#"[{"allow":false,"type":"c","major":1},{"allow":true}]"#,
+        ));
+        assert_eq!(
+            p.len(),
+            6 + 2,
+            "earlier rules are unreachable and must not be emitted"
+        );
         assert!(eval(&p, 'c', 1, 1, R));
     }
 
@@ -267,14 +306,17 @@ pub(crate) mod tests {
 
     #[test]
     fn big_major_uses_32_bit_compare() {
-        let p = bpf_program(&rules(r#"[{"allow":true,"type":"c","major":4294967295,"minor":0}]"#));
+        let p = bpf_program(&rules(
+            r#"[{"allow":true,"type":"c","major":4294967295,"minor":0}]"#,
+        ));
         assert!(eval(&p, 'c', u32::MAX, 0, R));
         assert!(!eval(&p, 'c', 1, 0, R));
     }
 
     #[test]
     fn refuses_bad_access_and_skips_fifo() {
-        let bad: Vec<LinuxDeviceCgroup> = serde_json::from_str(r#"[{"allow":true,"access":"rx"}]"#).unwrap();
+        let bad: Vec<LinuxDeviceCgroup> =
+            serde_json::from_str(r#"[{"allow":true,"access":"rx"}]"#).unwrap();
         assert!(parse_rules(&bad).is_err());
         assert!(rules(r#"[{"allow":true,"type":"p"}]"#).is_empty());
     }

@@ -25,12 +25,27 @@ pub(crate) enum Layout {
     /// Only cgroup2 (or cgroup2 with no v1 controller hierarchies).
     Unified(CgroupMount),
     /// v1 hierarchies, plus the cgroup2 mount of a hybrid host.
-    Legacy { hierarchies: Vec<CgroupMount>, unified: Option<CgroupMount> },
+    Legacy {
+        hierarchies: Vec<CgroupMount>,
+        unified: Option<CgroupMount>,
+    },
 }
 
 const V1_CONTROLLERS: &[&str] = &[
-    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb", "net_cls", "net_prio",
-    "perf_event", "rdma", "misc",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "blkio",
+    "pids",
+    "hugetlb",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "rdma",
+    "misc",
 ];
 
 /// Undoes mountinfo's octal escapes (`\040` for space and so on).
@@ -39,8 +54,13 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             if let Ok(c) = u8::try_from(v) {
                 out.push(c);
                 i += 4;
@@ -58,7 +78,9 @@ fn unescape(s: &str) -> String {
 pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
     let mut out: Vec<CgroupMount> = Vec::new();
     for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         let pre: Vec<&str> = pre.split(' ').collect();
         let post: Vec<&str> = post.split(' ').collect();
         if pre.len() < 5 || post.len() < 3 {
@@ -82,8 +104,15 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
         if !v2 && controllers.is_empty() {
             continue;
         }
-        let m = CgroupMount { mount_point: PathBuf::from(unescape(pre[4])), root: unescape(pre[3]), controllers, v2 };
-        let dup = out.iter().any(|o| o.v2 == m.v2 && (o.v2 || o.controllers == m.controllers));
+        let m = CgroupMount {
+            mount_point: PathBuf::from(unescape(pre[4])),
+            root: unescape(pre[3]),
+            controllers,
+            v2,
+        };
+        let dup = out
+            .iter()
+            .any(|o| o.v2 == m.v2 && (o.v2 || o.controllers == m.controllers));
         if !dup {
             out.push(m);
         }
@@ -96,18 +125,27 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
 pub(crate) fn detect(mounts: Vec<CgroupMount>) -> Result<Layout, CgroupError> {
     let (v2, v1): (Vec<_>, Vec<_>) = mounts.into_iter().partition(|m| m.v2);
     let pick_v2 = |v2: Vec<CgroupMount>| {
-        let preferred = v2.iter().position(|m| m.mount_point == Path::new("/sys/fs/cgroup"));
+        let preferred = v2
+            .iter()
+            .position(|m| m.mount_point == Path::new("/sys/fs/cgroup"));
         let mut v2 = v2;
         match preferred {
             Some(i) => Some(v2.swap_remove(i)),
             None => v2.into_iter().next(),
         }
     };
-    let has_real_v1 = v1.iter().any(|m| m.controllers.iter().any(|c| !c.starts_with("name=")));
+    let has_real_v1 = v1
+        .iter()
+        .any(|m| m.controllers.iter().any(|c| !c.starts_with("name=")));
     if has_real_v1 {
-        return Ok(Layout::Legacy { hierarchies: v1, unified: pick_v2(v2) });
+        return Ok(Layout::Legacy {
+            hierarchies: v1,
+            unified: pick_v2(v2),
+        });
     }
-    pick_v2(v2).map(Layout::Unified).ok_or(CgroupError::NoCgroupMounts)
+    pick_v2(v2)
+        .map(Layout::Unified)
+        .ok_or(CgroupError::NoCgroupMounts)
 }
 
 /// /proc/self/cgroup: hierarchy controllers (sorted, comma-joined; "" for
@@ -116,8 +154,13 @@ pub(crate) fn parse_proc_cgroup(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
-        out.insert(controller_key(ctrls.split(',').filter(|c| !c.is_empty())), path.to_owned());
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        out.insert(
+            controller_key(ctrls.split(',').filter(|c| !c.is_empty())),
+            path.to_owned(),
+        );
     }
     out
 }
@@ -150,13 +193,18 @@ pub(crate) fn resolve(
         if !systemd_running {
             return Err(CgroupError::SystemdNotRunning);
         }
-        let raw = cgroups_path.map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|| format!(":moat:{id}"));
+        let raw = cgroups_path
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!(":moat:{id}"));
         return Ok(CgroupPath::Absolute(checked(systemd_path(&raw)?)?));
     }
     match cgroups_path {
         None => {
             if id.is_empty() || id.contains('/') {
-                return Err(CgroupError::InvalidPath { path: PathBuf::from(id), reason: "container id is not a name" });
+                return Err(CgroupError::InvalidPath {
+                    path: PathBuf::from(id),
+                    reason: "container id is not a name",
+                });
             }
             Ok(CgroupPath::Absolute(checked(PathBuf::from("/").join(id))?))
         }
@@ -168,7 +216,10 @@ pub(crate) fn resolve(
 /// Refuses "..", non-UTF-8, and a path naming the hierarchy root itself
 /// (whose processes `destroy` would kill).
 fn checked(p: PathBuf) -> Result<PathBuf, CgroupError> {
-    let bad = |reason| CgroupError::InvalidPath { path: p.clone(), reason };
+    let bad = |reason| CgroupError::InvalidPath {
+        path: p.clone(),
+        reason,
+    };
     if p.to_str().is_none() {
         return Err(bad("not UTF-8"));
     }
@@ -192,11 +243,17 @@ fn checked(p: PathBuf) -> Result<PathBuf, CgroupError> {
 pub(crate) fn systemd_path(raw: &str) -> Result<PathBuf, CgroupError> {
     let bad = || CgroupError::BadSystemdPath(raw.to_owned());
     let parts: Vec<&str> = raw.split(':').collect();
-    let [slice, prefix, name] = parts[..] else { return Err(bad()) };
+    let [slice, prefix, name] = parts[..] else {
+        return Err(bad());
+    };
     if name.is_empty() || [slice, prefix, name].iter().any(|s| s.contains('/')) {
         return Err(bad());
     }
-    let slice = if slice.is_empty() { "system.slice" } else { slice };
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
     let mut path = expand_slice(slice).ok_or_else(bad)?;
     if name.ends_with(".slice") {
         path.push(name);
@@ -231,12 +288,18 @@ fn expand_slice(slice: &str) -> Option<PathBuf> {
 /// Where the container's cgroup is in one hierarchy mounted at `mount` with
 /// root `mount_root`, given this process's own cgroup `own` in it.
 pub(crate) fn place(cg: &CgroupPath, mount: &Path, mount_root: &str, own: Option<&str>) -> PathBuf {
-    let strip = |p: &Path| p.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let strip = |p: &Path| {
+        p.strip_prefix("/")
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     match cg {
         CgroupPath::Absolute(p) => mount.join(strip(p)),
         CgroupPath::Relative(p) => {
             let own = own.unwrap_or("/");
-            let own_rel = Path::new(own).strip_prefix(mount_root).unwrap_or(Path::new(own));
+            let own_rel = Path::new(own)
+                .strip_prefix(mount_root)
+                .unwrap_or(Path::new(own));
             mount.join(strip(own_rel)).join(p)
         }
     }
@@ -266,9 +329,15 @@ mod tests {
         assert_eq!(m[3].controllers, ["name=systemd"]);
         assert!(m[4].v2);
         match detect(m).unwrap() {
-            Layout::Legacy { hierarchies, unified } => {
+            Layout::Legacy {
+                hierarchies,
+                unified,
+            } => {
                 assert_eq!(hierarchies.len(), 4);
-                assert_eq!(unified.unwrap().mount_point, Path::new("/sys/fs/cgroup/unified"));
+                assert_eq!(
+                    unified.unwrap().mount_point,
+                    Path::new("/sys/fs/cgroup/unified")
+                );
             }
             l => panic!("{l:?}"),
         }
@@ -283,8 +352,13 @@ mod tests {
     #[test]
     fn detects_unified() {
         let m = parse_mountinfo("30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
-        assert!(matches!(detect(m).unwrap(), Layout::Unified(u) if u.mount_point == Path::new("/sys/fs/cgroup")));
-        assert!(matches!(detect(Vec::new()), Err(CgroupError::NoCgroupMounts)));
+        assert!(
+            matches!(detect(m).unwrap(), Layout::Unified(u) if u.mount_point == Path::new("/sys/fs/cgroup"))
+        );
+        assert!(matches!(
+            detect(Vec::new()),
+            Err(CgroupError::NoCgroupMounts)
+        ));
     }
 
     #[test]
@@ -298,26 +372,41 @@ mod tests {
 
     #[test]
     fn default_path_is_slash_id() {
-        assert_eq!(resolve(None, "abc", false, false).unwrap(), CgroupPath::Absolute("/abc".into()));
+        assert_eq!(
+            resolve(None, "abc", false, false).unwrap(),
+            CgroupPath::Absolute("/abc".into())
+        );
         assert!(resolve(None, "a/b", false, false).is_err());
     }
 
     #[test]
     fn absolute_and_relative() {
         let a = resolve(Some(Path::new("/x/y")), "id", false, false).unwrap();
-        assert_eq!(place(&a, Path::new("/sys/fs/cgroup/memory"), "/", Some("/own")), Path::new("/sys/fs/cgroup/memory/x/y"));
+        assert_eq!(
+            place(&a, Path::new("/sys/fs/cgroup/memory"), "/", Some("/own")),
+            Path::new("/sys/fs/cgroup/memory/x/y")
+        );
         let r = resolve(Some(Path::new("x/y")), "id", false, false).unwrap();
         assert_eq!(r, CgroupPath::Relative("x/y".into()));
-        assert_eq!(place(&r, Path::new("/cg/memory"), "/", Some("/own/c")), Path::new("/cg/memory/own/c/x/y"));
+        assert_eq!(
+            place(&r, Path::new("/cg/memory"), "/", Some("/own/c")),
+            Path::new("/cg/memory/own/c/x/y")
+        );
         // A mount whose root is the process's own cgroup (as inside a container).
-        assert_eq!(place(&r, Path::new("/cg/memory"), "/own", Some("/own/c")), Path::new("/cg/memory/c/x/y"));
+        assert_eq!(
+            place(&r, Path::new("/cg/memory"), "/own", Some("/own/c")),
+            Path::new("/cg/memory/c/x/y")
+        );
     }
 
     #[test]
     fn refuses_dotdot_and_root() {
         for p in ["/a/../b", "../x", "a/..", "/", "/."] {
             assert!(
-                matches!(resolve(Some(Path::new(p)), "id", false, false), Err(CgroupError::InvalidPath { .. })),
+                matches!(
+                    resolve(Some(Path::new(p)), "id", false, false),
+                    Err(CgroupError::InvalidPath { .. })
+                ),
                 "{p}"
             );
         }
@@ -325,15 +414,33 @@ mod tests {
 
     #[test]
     fn systemd_paths() {
-        assert!(matches!(resolve(None, "id", true, false), Err(CgroupError::SystemdNotRunning)));
+        assert!(matches!(
+            resolve(None, "id", true, false),
+            Err(CgroupError::SystemdNotRunning)
+        ));
         assert_eq!(
             systemd_path("system.slice:docker:abc").unwrap(),
             Path::new("/system.slice/docker-abc.scope")
         );
-        assert_eq!(systemd_path("a-b.slice:p:n").unwrap(), Path::new("/a.slice/a-b.slice/p-n.scope"));
-        assert_eq!(systemd_path(":p:n").unwrap(), Path::new("/system.slice/p-n.scope"));
-        assert_eq!(systemd_path("-.slice::n.slice").unwrap(), Path::new("/n.slice"));
-        for bad in ["a:b", "x:p:n", "a.slice:p:", "a--b.slice:p:n", "a.slice:p:../n"] {
+        assert_eq!(
+            systemd_path("a-b.slice:p:n").unwrap(),
+            Path::new("/a.slice/a-b.slice/p-n.scope")
+        );
+        assert_eq!(
+            systemd_path(":p:n").unwrap(),
+            Path::new("/system.slice/p-n.scope")
+        );
+        assert_eq!(
+            systemd_path("-.slice::n.slice").unwrap(),
+            Path::new("/n.slice")
+        );
+        for bad in [
+            "a:b",
+            "x:p:n",
+            "a.slice:p:",
+            "a--b.slice:p:n",
+            "a.slice:p:../n",
+        ] {
             assert!(systemd_path(bad).is_err(), "{bad}");
         }
     }

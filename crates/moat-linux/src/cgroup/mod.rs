@@ -97,15 +97,23 @@ pub enum CgroupError {
     BadSystemdPath(String),
     #[error("invalid cgroupsPath {path}: {reason}")]
     InvalidPath { path: PathBuf, reason: &'static str },
-    #[error("cgroup controller {controller:?} is not available for {path}, but {file} was requested")]
-    ControllerMissing { controller: String, file: String, path: PathBuf },
+    #[error(
+        "cgroup controller {controller:?} is not available for {path}, but {file} was requested"
+    )]
+    ControllerMissing {
+        controller: String,
+        file: String,
+        path: PathBuf,
+    },
     #[error("invalid {setting}: {reason}")]
     InvalidValue { setting: String, reason: String },
     #[error("{setting} is not supported on cgroup v{version}")]
     Unsupported { setting: &'static str, version: u8 },
     #[error("unified resource key {key:?} {reason}")]
     BadUnifiedKey { key: String, reason: &'static str },
-    #[error("linux.resources.unified needs cgroup v2, but this host's controllers are on cgroup v1")]
+    #[error(
+        "linux.resources.unified needs cgroup v2, but this host's controllers are on cgroup v1"
+    )]
     UnifiedOnV1,
     #[error("no delegated cgroup at {path} (rootless); running without cgroup limits")]
     NoDelegation {
@@ -177,7 +185,12 @@ macro_rules! dispatch {
 impl CgroupManager {
     /// Detects the host layout and places the container's cgroup; see the
     /// module docs for `cgroups_path` forms. Touches nothing on disk.
-    pub fn new(cgroups_path: Option<&Path>, id: &str, systemd: bool, rootless: bool) -> Result<Self, CgroupError> {
+    pub fn new(
+        cgroups_path: Option<&Path>,
+        id: &str,
+        systemd: bool,
+        rootless: bool,
+    ) -> Result<Self, CgroupError> {
         Self::new_with(&HostPaths::default(), cgroups_path, id, systemd, rootless)
     }
 
@@ -193,10 +206,19 @@ impl CgroupManager {
         let mountinfo = read(&host.mountinfo)?;
         let own = layout::parse_proc_cgroup(&read(&host.proc_cgroup)?);
         match layout::detect(layout::parse_mountinfo(&mountinfo))? {
-            layout::Layout::Unified(m) => Ok(Self::V2(v2::Manager::place(&m, &cg, &own, rootless)?)),
-            layout::Layout::Legacy { hierarchies, unified } => {
-                Ok(Self::V1(v1::Manager::place(&hierarchies, unified.as_ref(), &cg, &own, rootless)?))
+            layout::Layout::Unified(m) => {
+                Ok(Self::V2(v2::Manager::place(&m, &cg, &own, rootless)?))
             }
+            layout::Layout::Legacy {
+                hierarchies,
+                unified,
+            } => Ok(Self::V1(v1::Manager::place(
+                &hierarchies,
+                unified.as_ref(),
+                &cg,
+                &own,
+                rootless,
+            )?)),
         }
     }
 
@@ -267,7 +289,10 @@ impl CgroupManager {
 // ---- file helpers shared by v1 and v2 ----
 
 pub(crate) fn read(path: &Path) -> Result<String, CgroupError> {
-    std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Contents, or None when the file does not exist.
@@ -275,7 +300,10 @@ pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, CgroupError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CgroupError::Read { path: path.into(), source }),
+        Err(source) => Err(CgroupError::Read {
+            path: path.into(),
+            source,
+        }),
     }
 }
 
@@ -283,8 +311,16 @@ pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, CgroupError> {
 /// parses each write separately.
 pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     use std::io::Write as _;
-    let err = |source| CgroupError::Write { path: path.into(), value: value.into(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(err)?;
+    let err = |source| CgroupError::Write {
+        path: path.into(),
+        value: value.into(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
     f.write_all(value.as_bytes()).map_err(err)
 }
 
@@ -310,7 +346,9 @@ pub(crate) fn procs_recursive(dir: &Path) -> Result<Vec<i32>, CgroupError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Some(text) = read_opt(&d.join("cgroup.procs"))? else { continue };
+        let Some(text) = read_opt(&d.join("cgroup.procs"))? else {
+            continue;
+        };
         out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         for sub in subdirs(&d)? {
             stack.push(sub);
@@ -325,11 +363,19 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(CgroupError::Read { path: dir.into(), source }),
+        Err(source) => {
+            return Err(CgroupError::Read {
+                path: dir.into(),
+                source,
+            })
+        }
     };
     let mut out = Vec::new();
     for e in rd {
-        let e = e.map_err(|source| CgroupError::Read { path: dir.into(), source })?;
+        let e = e.map_err(|source| CgroupError::Read {
+            path: dir.into(),
+            source,
+        })?;
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             out.push(e.path());
         }
@@ -340,7 +386,10 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
 /// SIGKILLs everything in `dirs` (recursively) until they are empty, for up
 /// to ~2 s. `after_signal` runs after each round (v1 thaws the freezer so
 /// frozen tasks can die).
-pub(crate) fn kill_all(dirs: &[&Path], after_signal: &dyn Fn() -> Result<(), CgroupError>) -> Result<(), CgroupError> {
+pub(crate) fn kill_all(
+    dirs: &[&Path],
+    after_signal: &dyn Fn() -> Result<(), CgroupError>,
+) -> Result<(), CgroupError> {
     use nix::sys::signal::{kill, Signal};
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
@@ -385,7 +434,12 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(source) => return Err(CgroupError::Rmdir { path: d.clone(), source }),
+                Err(source) => {
+                    return Err(CgroupError::Rmdir {
+                        path: d.clone(),
+                        source,
+                    })
+                }
             }
         }
     }
@@ -394,11 +448,16 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
 
 /// Whether a mkdir failure means "not delegated to us".
 pub(crate) fn is_permission(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+    )
 }
 
 /// Polls `done` for up to ~2 s.
-pub(crate) fn wait_until(mut done: impl FnMut() -> Result<bool, CgroupError>) -> Result<bool, CgroupError> {
+pub(crate) fn wait_until(
+    mut done: impl FnMut() -> Result<bool, CgroupError>,
+) -> Result<bool, CgroupError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut delay = Duration::from_millis(1);
     loop {
@@ -416,7 +475,10 @@ pub(crate) fn wait_until(mut done: impl FnMut() -> Result<bool, CgroupError>) ->
 /// Paths stored in state must round-trip through JSON strings.
 pub(crate) fn utf8(path: PathBuf) -> Result<PathBuf, CgroupError> {
     if path.to_str().is_none() {
-        return Err(CgroupError::InvalidPath { path, reason: "not UTF-8" });
+        return Err(CgroupError::InvalidPath {
+            path,
+            reason: "not UTF-8",
+        });
     }
     Ok(path)
 }

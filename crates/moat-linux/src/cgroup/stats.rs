@@ -149,7 +149,9 @@ pub(crate) fn flat_keyed(text: &str) -> BTreeMap<String, u64> {
 }
 
 fn keyed(dir: &Path, file: &str) -> Result<BTreeMap<String, u64>, CgroupError> {
-    Ok(read_opt(&dir.join(file))?.map(|t| flat_keyed(&t)).unwrap_or_default())
+    Ok(read_opt(&dir.join(file))?
+        .map(|t| flat_keyed(&t))
+        .unwrap_or_default())
 }
 
 fn list(dir: &Path, file: &str) -> Result<Vec<u64>, CgroupError> {
@@ -164,9 +166,18 @@ pub(crate) fn parse_blkio_v1(text: &str) -> Vec<BlkioEntry> {
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         let [dev, op, value] = f[..] else { continue };
-        let Some((maj, min)) = dev.split_once(':') else { continue };
-        let (Ok(major), Ok(minor), Ok(value)) = (maj.parse(), min.parse(), value.parse()) else { continue };
-        out.push(BlkioEntry { major, minor, op: op.to_owned(), value });
+        let Some((maj, min)) = dev.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor), Ok(value)) = (maj.parse(), min.parse(), value.parse()) else {
+            continue;
+        };
+        out.push(BlkioEntry {
+            major,
+            minor,
+            op: op.to_owned(),
+            value,
+        });
     }
     out
 }
@@ -176,10 +187,16 @@ pub(crate) fn parse_io_stat(text: &str) -> (Vec<BlkioEntry>, Vec<BlkioEntry>) {
     let (mut bytes, mut ios) = (Vec::new(), Vec::new());
     for l in text.lines() {
         let mut f = l.split_whitespace();
-        let Some((maj, min)) = f.next().and_then(|d| d.split_once(':')) else { continue };
-        let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else { continue };
+        let Some((maj, min)) = f.next().and_then(|d| d.split_once(':')) else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else {
+            continue;
+        };
         for kv in f {
-            let Some((k, v)) = kv.split_once('=') else { continue };
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
             let Ok(value) = v.parse() else { continue };
             let (list, op) = match k {
                 "rbytes" => (&mut bytes, "Read"),
@@ -188,7 +205,12 @@ pub(crate) fn parse_io_stat(text: &str) -> (Vec<BlkioEntry>, Vec<BlkioEntry>) {
                 "wios" => (&mut ios, "Write"),
                 _ => continue,
             };
-            list.push(BlkioEntry { major, minor, op: op.into(), value });
+            list.push(BlkioEntry {
+                major,
+                minor,
+                op: op.into(),
+                value,
+            });
         }
     }
     (bytes, ios)
@@ -197,10 +219,19 @@ pub(crate) fn parse_io_stat(text: &str) -> (Vec<BlkioEntry>, Vec<BlkioEntry>) {
 /// Hugepage sizes the cgroup has files for ("2MB", "1GB"), from file names
 /// `hugetlb.<size>.<suffix>`.
 fn hugetlb_sizes(dir: &Path, suffix: &str) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| Some(n.strip_prefix("hugetlb.")?.strip_suffix(suffix)?.strip_suffix('.')?.to_owned()))
+        .filter_map(|n| {
+            Some(
+                n.strip_prefix("hugetlb.")?
+                    .strip_suffix(suffix)?
+                    .strip_suffix('.')?
+                    .to_owned(),
+            )
+        })
         .filter(|s| !s.contains('.'))
         .collect();
     v.sort();
@@ -232,8 +263,16 @@ pub(crate) fn collect_v1(d: &V1Dirs<'_>) -> Result<Stats, CgroupError> {
         } else {
             // cpuacct.stat is in USER_HZ ticks, which Linux fixes at 100/s.
             let st = keyed(dir, "cpuacct.stat")?;
-            u.user = st.get("user").copied().unwrap_or(0).saturating_mul(10_000_000);
-            u.kernel = st.get("system").copied().unwrap_or(0).saturating_mul(10_000_000);
+            u.user = st
+                .get("user")
+                .copied()
+                .unwrap_or(0)
+                .saturating_mul(10_000_000);
+            u.kernel = st
+                .get("system")
+                .copied()
+                .unwrap_or(0)
+                .saturating_mul(10_000_000);
         }
     }
     if let Some(dir) = d.cpu {
@@ -275,10 +314,16 @@ pub(crate) fn collect_v1(d: &V1Dirs<'_>) -> Result<Stats, CgroupError> {
             }
             Ok(Vec::new())
         };
-        s.blkio.io_service_bytes_recursive =
-            pick(&["blkio.io_service_bytes_recursive", "blkio.bfq.io_service_bytes_recursive", "blkio.throttle.io_service_bytes_recursive"])?;
-        s.blkio.io_serviced_recursive =
-            pick(&["blkio.io_serviced_recursive", "blkio.bfq.io_serviced_recursive", "blkio.throttle.io_serviced_recursive"])?;
+        s.blkio.io_service_bytes_recursive = pick(&[
+            "blkio.io_service_bytes_recursive",
+            "blkio.bfq.io_service_bytes_recursive",
+            "blkio.throttle.io_service_bytes_recursive",
+        ])?;
+        s.blkio.io_serviced_recursive = pick(&[
+            "blkio.io_serviced_recursive",
+            "blkio.bfq.io_serviced_recursive",
+            "blkio.throttle.io_serviced_recursive",
+        ])?;
     }
     match d.hugetlb {
         Some((dir, true)) => s.hugetlb = hugetlb_v2(dir)?,
@@ -299,7 +344,10 @@ pub(crate) fn collect_v1(d: &V1Dirs<'_>) -> Result<Stats, CgroupError> {
 
 fn pids(dir: &Path) -> Result<Pids, CgroupError> {
     let limit = num(dir, "pids.max")?;
-    Ok(Pids { current: num(dir, "pids.current")?, limit: if limit == u64::MAX { 0 } else { limit } })
+    Ok(Pids {
+        current: num(dir, "pids.current")?,
+        limit: if limit == u64::MAX { 0 } else { limit },
+    })
 }
 
 fn hugetlb_v2(dir: &Path) -> Result<BTreeMap<String, Hugetlb>, CgroupError> {
@@ -369,8 +417,14 @@ mod tests {
         s.pids.current = 3;
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["cpu"]["usage"]["total"], 5);
-        assert_eq!(v["cpu"]["usage"]["kernel"], 0, "kernel/user are always present");
-        assert!(v["cpu"]["usage"].get("percpu").is_none(), "empty percpu omitted");
+        assert_eq!(
+            v["cpu"]["usage"]["kernel"], 0,
+            "kernel/user are always present"
+        );
+        assert!(
+            v["cpu"]["usage"].get("percpu").is_none(),
+            "empty percpu omitted"
+        );
         assert!(v["cpu"]["throttling"].as_object().unwrap().is_empty());
         assert_eq!(v["memory"]["usage"]["limit"], 10);
         assert_eq!(v["memory"]["usage"]["failcnt"], 0);
@@ -388,7 +442,10 @@ mod tests {
     fn parses_blkio_and_io_stat() {
         let e = parse_blkio_v1("8:0 Read 4096\n8:0 Write 0\nTotal 4096\n");
         assert_eq!(e.len(), 2);
-        assert_eq!((e[0].major, e[0].minor, e[0].op.as_str(), e[0].value), (8, 0, "Read", 4096));
+        assert_eq!(
+            (e[0].major, e[0].minor, e[0].op.as_str(), e[0].value),
+            (8, 0, "Read", 4096)
+        );
         let (b, i) = parse_io_stat("259:0 rbytes=100 wbytes=200 rios=1 wios=2 dbytes=0 dios=0\n");
         assert_eq!(b.iter().map(|e| e.value).collect::<Vec<_>>(), [100, 200]);
         assert_eq!(i[1].op, "Write");

@@ -18,7 +18,10 @@ fn put(path: &Path, text: &str) {
 }
 
 fn get(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_owned()
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
 }
 
 /// A fake cgroup2 tree in a tempdir: mount root plus a pre-made container
@@ -58,11 +61,22 @@ fn fake_v2() -> FakeV2 {
     }
     put(&ctr.join("cgroup.events"), "populated 1\nfrozen 1\n");
     let mountinfo = tmp.path().join("mountinfo");
-    put(&mountinfo, &format!("30 23 0:26 / {} rw - cgroup2 cgroup2 rw\n", mount.display()));
+    put(
+        &mountinfo,
+        &format!("30 23 0:26 / {} rw - cgroup2 cgroup2 rw\n", mount.display()),
+    );
     let proc_cgroup = tmp.path().join("cgroup");
     put(&proc_cgroup, "0::/\n");
-    let host = HostPaths { mountinfo, proc_cgroup, systemd_marker: tmp.path().join("no-systemd") };
-    FakeV2 { _tmp: tmp, host, mount }
+    let host = HostPaths {
+        mountinfo,
+        proc_cgroup,
+        systemd_marker: tmp.path().join("no-systemd"),
+    };
+    FakeV2 {
+        _tmp: tmp,
+        host,
+        mount,
+    }
 }
 
 #[test]
@@ -90,7 +104,10 @@ fn fake_v2_applies_translated_values() {
     assert_eq!(get(&ctr.join("cpuset.cpus")), "0-1");
     assert_eq!(get(&ctr.join("pids.max")), "64");
     // No io.bfq.weight in the tree: the io.weight scale is used.
-    assert_eq!(get(&ctr.join("io.weight")), format!("default {}", translate::blkio_to_io_weight(500)));
+    assert_eq!(
+        get(&ctr.join("io.weight")),
+        format!("default {}", translate::blkio_to_io_weight(500))
+    );
     assert_eq!(get(&ctr.join("io.max")), "8:0 wbps=1000");
     // The parent was asked to enable controllers (the fake file keeps the last write).
     assert!(get(&f.mount.join("cgroup.subtree_control")).starts_with('+'));
@@ -114,10 +131,17 @@ fn fake_v2_missing_controller_and_refused_value_are_errors() {
     put(&ctr.join("cgroup.controllers"), "cpu memory");
     let m = CgroupManager::new_with(&f.host, Some(Path::new("/ctr")), "id", false, false).unwrap();
     let e = m.create(Some(&res(r#"{"pids":{"limit":5}}"#))).unwrap_err();
-    assert!(matches!(&e, CgroupError::ControllerMissing { controller, .. } if controller == "pids"), "{e:?}");
+    assert!(
+        matches!(&e, CgroupError::ControllerMissing { controller, .. } if controller == "pids"),
+        "{e:?}"
+    );
     // A file the "kernel" does not have: the error names file and value.
     put(&ctr.join("cgroup.controllers"), CTRLS);
-    let e = m.update(&res(r#"{"hugepageLimits":[{"pageSize":"2MB","limit":2097152}]}"#)).unwrap_err();
+    let e = m
+        .update(&res(
+            r#"{"hugepageLimits":[{"pageSize":"2MB","limit":2097152}]}"#,
+        ))
+        .unwrap_err();
     match e {
         CgroupError::Write { path, value, .. } => {
             assert_eq!(path, ctr.join("hugetlb.2MB.max"));
@@ -138,8 +162,18 @@ fn fake_v2_missing_controller_and_refused_value_are_errors() {
 #[test]
 fn systemd_without_systemd_is_a_clear_error() {
     let f = fake_v2();
-    let e = CgroupManager::new_with(&f.host, Some(Path::new("system.slice:moat:x")), "x", true, false).unwrap_err();
-    assert_eq!(e.to_string(), "systemd cgroup driver requested but systemd is not running");
+    let e = CgroupManager::new_with(
+        &f.host,
+        Some(Path::new("system.slice:moat:x")),
+        "x",
+        true,
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "systemd cgroup driver requested but systemd is not running"
+    );
 }
 
 #[test]
@@ -159,18 +193,29 @@ fn v1_memory_write_order() {
         alt: None,
         optional: false,
     };
-    let plan = [s("memory.limit_in_bytes", "300"), s("memory.memsw.limit_in_bytes", "600")];
+    let plan = [
+        s("memory.limit_in_bytes", "300"),
+        s("memory.memsw.limit_in_bytes", "600"),
+    ];
     let files = |v: Vec<&translate::Setting>| v.iter().map(|s| s.file.clone()).collect::<Vec<_>>();
     // Raising above the current limit: memsw first.
-    assert_eq!(files(v1::order_memory(&plan, Some(100)))[0], "memory.memsw.limit_in_bytes");
+    assert_eq!(
+        files(v1::order_memory(&plan, Some(100)))[0],
+        "memory.memsw.limit_in_bytes"
+    );
     // Lowering: memory first.
-    assert_eq!(files(v1::order_memory(&plan, Some(1000)))[0], "memory.limit_in_bytes");
+    assert_eq!(
+        files(v1::order_memory(&plan, Some(1000)))[0],
+        "memory.limit_in_bytes"
+    );
 }
 
 #[test]
 fn rootless_without_delegation() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping rootless_without_delegation: needs root to switch to an unprivileged uid");
+        eprintln!(
+            "skipping rootless_without_delegation: needs root to switch to an unprivileged uid"
+        );
         return;
     }
     let f = fake_v2();
@@ -182,7 +227,8 @@ fn rootless_without_delegation() {
         }
         let no_limits = matches!(m.create(None), Err(CgroupError::NoDelegation { .. }));
         let with_limits = m.create(Some(&res(r#"{"pids":{"limit":5}}"#)));
-        let limits_fail_hard = matches!(with_limits, Err(ref e) if !matches!(e, CgroupError::NoDelegation { .. }));
+        let limits_fail_hard =
+            matches!(with_limits, Err(ref e) if !matches!(e, CgroupError::NoDelegation { .. }));
         match (no_limits, limits_fail_hard) {
             (true, true) => 0,
             (false, _) => 11,
@@ -208,7 +254,10 @@ fn skip_unless_root_v1(name: &str) -> bool {
 }
 
 fn sleeper() -> Child {
-    Command::new("sleep").arg("100").spawn().expect("spawn sleep")
+    Command::new("sleep")
+        .arg("100")
+        .spawn()
+        .expect("spawn sleep")
 }
 
 /// Opens `dev` for reading in a child placed in the cgroup first; returns
@@ -235,14 +284,20 @@ fn real_v1_lifecycle() {
     let id = format!("moat-test-{}-v1", std::process::id());
     let m = CgroupManager::new(None, &id, false, false).unwrap();
     assert!(!m.is_v2());
-    let CgroupManager::V1(v1m) = &m else { unreachable!() };
+    let CgroupManager::V1(v1m) = &m else {
+        unreachable!()
+    };
     let dir = |c: &str| v1m.dir(c).unwrap().to_path_buf();
     assert_eq!(dir("memory"), Path::new("/sys/fs/cgroup/memory").join(&id));
 
     let hugetlb = Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists()
         && get(Path::new("/sys/fs/cgroup/unified/cgroup.controllers")).contains("hugetlb")
         && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
-    let huge = if hugetlb { r#","hugepageLimits":[{"pageSize":"2MB","limit":4194304}]"# } else { "" };
+    let huge = if hugetlb {
+        r#","hugepageLimits":[{"pageSize":"2MB","limit":4194304}]"#
+    } else {
+        ""
+    };
     let r = res(&format!(
         r#"{{"memory":{{"limit":67108864,"swap":134217728}},"pids":{{"limit":20}},
             "cpu":{{"shares":512,"quota":20000,"period":100000,"cpus":"0"}},
@@ -250,13 +305,22 @@ fn real_v1_lifecycle() {
     ));
     let result = std::panic::catch_unwind(|| {
         m.create(Some(&r)).unwrap();
-        assert_eq!(get(&dir("memory").join("memory.limit_in_bytes")), "67108864");
-        assert_eq!(get(&dir("memory").join("memory.memsw.limit_in_bytes")), "134217728");
+        assert_eq!(
+            get(&dir("memory").join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(
+            get(&dir("memory").join("memory.memsw.limit_in_bytes")),
+            "134217728"
+        );
         assert_eq!(get(&dir("pids").join("pids.max")), "20");
         assert_eq!(get(&dir("cpu").join("cpu.shares")), "512");
         assert_eq!(get(&dir("cpu").join("cpu.cfs_quota_us")), "20000");
         assert_eq!(get(&dir("cpuset").join("cpuset.cpus")), "0");
-        assert!(!get(&dir("cpuset").join("cpuset.mems")).is_empty(), "mems copied from parent");
+        assert!(
+            !get(&dir("cpuset").join("cpuset.mems")).is_empty(),
+            "mems copied from parent"
+        );
         assert_eq!(get(&dir("devices").join("devices.list")), "c 1:3 rwm");
         if hugetlb {
             let u = Path::new("/sys/fs/cgroup/unified").join(&id);
@@ -271,10 +335,19 @@ fn real_v1_lifecycle() {
 
         // A refused value names file and value.
         let e = m.update(&res(r#"{"cpu":{"cpus":"999"}}"#)).unwrap_err();
-        assert!(e.to_string().contains("cpuset.cpus") && e.to_string().contains("999"), "{e}");
-        m.update(&res(r#"{"pids":{"limit":30},"memory":{"limit":134217728,"swap":268435456}}"#)).unwrap();
+        assert!(
+            e.to_string().contains("cpuset.cpus") && e.to_string().contains("999"),
+            "{e}"
+        );
+        m.update(&res(
+            r#"{"pids":{"limit":30},"memory":{"limit":134217728,"swap":268435456}}"#,
+        ))
+        .unwrap();
         assert_eq!(get(&dir("pids").join("pids.max")), "30");
-        assert_eq!(get(&dir("memory").join("memory.limit_in_bytes")), "134217728");
+        assert_eq!(
+            get(&dir("memory").join("memory.limit_in_bytes")),
+            "134217728"
+        );
 
         let mut a = sleeper();
         let mut b = sleeper();
@@ -284,7 +357,10 @@ fn real_v1_lifecycle() {
         std::fs::create_dir(&sub).unwrap();
         std::fs::write(sub.join("cgroup.procs"), b.id().to_string()).unwrap();
         let pids = m.pids().unwrap();
-        assert!(pids.contains(&(a.id() as i32)) && pids.contains(&(b.id() as i32)), "{pids:?}");
+        assert!(
+            pids.contains(&(a.id() as i32)) && pids.contains(&(b.id() as i32)),
+            "{pids:?}"
+        );
 
         m.freeze().unwrap();
         assert_eq!(get(&dir("freezer").join("freezer.state")), "FROZEN");
@@ -330,8 +406,13 @@ fn real_v1_missing_controller_is_an_error() {
     }
     let id = format!("moat-test-{}-nocls", std::process::id());
     let m = CgroupManager::new(None, &id, false, false).unwrap();
-    let e = m.create(Some(&res(r#"{"network":{"classID":5}}"#))).unwrap_err();
-    assert!(matches!(&e, CgroupError::ControllerMissing { controller, .. } if controller == "net_cls"), "{e:?}");
+    let e = m
+        .create(Some(&res(r#"{"network":{"classID":5}}"#)))
+        .unwrap_err();
+    assert!(
+        matches!(&e, CgroupError::ControllerMissing { controller, .. } if controller == "net_cls"),
+        "{e:?}"
+    );
     // Refused before anything was created.
     assert!(m.mount_sources().iter().all(|(_, p)| !p.exists()));
 }
@@ -346,7 +427,10 @@ fn real_v2_devices_freeze_kill() {
     }
     let unified = Path::new("/sys/fs/cgroup/unified");
     if !unified.join("cgroup.procs").exists() {
-        eprintln!("skipping real_v2_devices_freeze_kill: no cgroup2 mount at {}", unified.display());
+        eprintln!(
+            "skipping real_v2_devices_freeze_kill: no cgroup2 mount at {}",
+            unified.display()
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -355,7 +439,13 @@ fn real_v2_devices_freeze_kill() {
         proc_cgroup: tmp.path().join("cgroup"),
         systemd_marker: tmp.path().join("none"),
     };
-    put(&host.mountinfo, &format!("41 31 0:38 / {} rw - cgroup2 cgroup2 rw\n", unified.display()));
+    put(
+        &host.mountinfo,
+        &format!(
+            "41 31 0:38 / {} rw - cgroup2 cgroup2 rw\n",
+            unified.display()
+        ),
+    );
     put(&host.proc_cgroup, "0::/\n");
     let id = format!("moat-test-{}-v2", std::process::id());
     let m = CgroupManager::new_with(&host, None, &id, false, false).unwrap();
@@ -368,7 +458,10 @@ fn real_v2_devices_freeze_kill() {
         assert_eq!(open_in_cgroup(&m, "/dev/null"), 0);
         assert_eq!(open_in_cgroup(&m, "/dev/zero"), 1);
         // Update replaces the program rather than stacking a second one.
-        m.update(&res(r#"{"devices":[{"allow":true,"type":"c","major":1,"access":"r"}]}"#)).unwrap();
+        m.update(&res(
+            r#"{"devices":[{"allow":true,"type":"c","major":1,"access":"r"}]}"#,
+        ))
+        .unwrap();
         assert_eq!(open_in_cgroup(&m, "/dev/zero"), 0);
         assert_eq!(open_in_cgroup(&m, "/dev/full"), 0);
         assert_eq!(open_in_cgroup(&m, "/dev/tty"), 1);

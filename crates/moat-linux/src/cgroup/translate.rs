@@ -18,11 +18,20 @@ pub(crate) struct Setting {
 }
 
 fn set(controller: &str, file: impl Into<String>, value: impl ToString) -> Setting {
-    Setting { controller: controller.into(), file: file.into(), value: value.to_string(), alt: None, optional: false }
+    Setting {
+        controller: controller.into(),
+        file: file.into(),
+        value: value.to_string(),
+        alt: None,
+        optional: false,
+    }
 }
 
 fn invalid(setting: &str, reason: impl Into<String>) -> CgroupError {
-    CgroupError::InvalidValue { setting: setting.into(), reason: reason.into() }
+    CgroupError::InvalidValue {
+        setting: setting.into(),
+        reason: reason.into(),
+    }
 }
 
 /// cgroup v1 `cpu.shares` (2..=262144) to v2 `cpu.weight` (1..=10000), the
@@ -58,7 +67,10 @@ pub(crate) fn cpu_max(quota: Option<i64>, period: Option<u64>) -> Option<String>
 
 /// `memory.swap.max` from OCI's memory+swap total: swap - limit; -1 => "max";
 /// 0 or unset => leave alone.
-pub(crate) fn swap_v2(limit: Option<i64>, swap: Option<i64>) -> Result<Option<String>, CgroupError> {
+pub(crate) fn swap_v2(
+    limit: Option<i64>,
+    swap: Option<i64>,
+) -> Result<Option<String>, CgroupError> {
     let swap = match swap {
         None | Some(0) => return Ok(None),
         Some(-1) => return Ok(Some("max".into())),
@@ -67,17 +79,24 @@ pub(crate) fn swap_v2(limit: Option<i64>, swap: Option<i64>) -> Result<Option<St
     };
     match limit {
         None | Some(0) => Err(invalid("memory.swap", "a swap limit needs a memory limit")),
-        Some(l) if l < 0 => Err(invalid("memory.swap", "a swap limit needs a finite memory limit")),
-        Some(l) if swap < l => {
-            Err(invalid("memory.swap", format!("memory+swap {swap} is below the memory limit {l}")))
-        }
+        Some(l) if l < 0 => Err(invalid(
+            "memory.swap",
+            "a swap limit needs a finite memory limit",
+        )),
+        Some(l) if swap < l => Err(invalid(
+            "memory.swap",
+            format!("memory+swap {swap} is below the memory limit {l}"),
+        )),
         Some(l) => Ok(Some((swap - l).to_string())),
     }
 }
 
 fn dev(setting: &str, major: i64, minor: i64) -> Result<String, CgroupError> {
     if major < 0 || minor < 0 || major > u32::MAX.into() || minor > u32::MAX.into() {
-        return Err(invalid(setting, format!("device {major}:{minor} is out of range")));
+        return Err(invalid(
+            setting,
+            format!("device {major}:{minor} is out of range"),
+        ));
     }
     Ok(format!("{major}:{minor}"))
 }
@@ -86,8 +105,14 @@ fn dev(setting: &str, major: i64, minor: i64) -> Result<String, CgroupError> {
 fn hugetlb_file(page_size: &str, suffix: &str) -> Result<String, CgroupError> {
     let digits = page_size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit = &page_size[digits.len()..];
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !["KB", "MB", "GB"].contains(&unit) {
-        return Err(invalid("hugepageLimits", format!("page size {page_size:?} is not like \"2MB\"")));
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || !["KB", "MB", "GB"].contains(&unit)
+    {
+        return Err(invalid(
+            "hugepageLimits",
+            format!("page size {page_size:?} is not like \"2MB\""),
+        ));
     }
     Ok(format!("hugetlb.{page_size}.{suffix}"))
 }
@@ -109,7 +134,11 @@ pub fn ignored_settings(res: &LinuxResources, v2: bool) -> Vec<String> {
         }
     }
     if let Some(b) = res.block_io() {
-        let per_dev = b.weight_device().iter().flatten().any(|d| d.leaf_weight().is_some());
+        let per_dev = b
+            .weight_device()
+            .iter()
+            .flatten()
+            .any(|d| d.leaf_weight().is_some());
         if b.leaf_weight().is_some() || per_dev {
             notes.push("blockIO leafWeight is ignored (removed from the kernel)".into());
         }
@@ -145,9 +174,16 @@ pub(crate) fn plan_v1(res: &LinuxResources, hugetlb_v2: bool) -> Result<Vec<Sett
         }
         for p in n.priorities().iter().flatten() {
             if p.name().is_empty() || p.name().contains(char::is_whitespace) {
-                return Err(invalid("network.priorities", format!("interface name {:?}", p.name())));
+                return Err(invalid(
+                    "network.priorities",
+                    format!("interface name {:?}", p.name()),
+                ));
             }
-            out.push(set("net_prio", "net_prio.ifpriomap", format!("{} {}", p.name(), p.priority())));
+            out.push(set(
+                "net_prio",
+                "net_prio.ifpriomap",
+                format!("{} {}", p.name(), p.priority()),
+            ));
         }
     }
     Ok(out)
@@ -163,7 +199,10 @@ fn memory_v1(m: &LinuxMemory, out: &mut Vec<Setting>) -> Result<(), CgroupError>
         (_, Some(s)) => out.push(set("memory", "memory.memsw.limit_in_bytes", s)),
         // An unlimited memory limit lifts memory+swap too, where swap is accounted.
         (Some(-1), None) => {
-            out.push(Setting { optional: true, ..set("memory", "memory.memsw.limit_in_bytes", -1) });
+            out.push(Setting {
+                optional: true,
+                ..set("memory", "memory.memsw.limit_in_bytes", -1)
+            });
         }
         _ => {}
     }
@@ -217,19 +256,49 @@ fn cpuset(c: &LinuxCpu, out: &mut Vec<Setting>) {
 
 fn pids(res: &LinuxResources, out: &mut Vec<Setting>) {
     if let Some(p) = res.pids() {
-        let v = if p.limit() > 0 { p.limit().to_string() } else { "max".into() };
+        let v = if p.limit() > 0 {
+            p.limit().to_string()
+        } else {
+            "max".into()
+        };
         out.push(set("pids", "pids.max", v));
     }
 }
 
-fn throttles<'a>(
-    b: &'a LinuxBlockIo,
-) -> [(&'static str, &'static str, &'static str, &'a Option<Vec<LinuxThrottleDevice>>); 4] {
+type Throttle<'a> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'a Option<Vec<LinuxThrottleDevice>>,
+);
+
+/// (v1 file, io.max key, OCI field name, devices) for each throttle list.
+fn throttles(b: &LinuxBlockIo) -> [Throttle<'_>; 4] {
     [
-        ("blkio.throttle.read_bps_device", "rbps", "throttleReadBpsDevice", b.throttle_read_bps_device()),
-        ("blkio.throttle.write_bps_device", "wbps", "throttleWriteBpsDevice", b.throttle_write_bps_device()),
-        ("blkio.throttle.read_iops_device", "riops", "throttleReadIOPSDevice", b.throttle_read_iops_device()),
-        ("blkio.throttle.write_iops_device", "wiops", "throttleWriteIOPSDevice", b.throttle_write_iops_device()),
+        (
+            "blkio.throttle.read_bps_device",
+            "rbps",
+            "throttleReadBpsDevice",
+            b.throttle_read_bps_device(),
+        ),
+        (
+            "blkio.throttle.write_bps_device",
+            "wbps",
+            "throttleWriteBpsDevice",
+            b.throttle_write_bps_device(),
+        ),
+        (
+            "blkio.throttle.read_iops_device",
+            "riops",
+            "throttleReadIOPSDevice",
+            b.throttle_read_iops_device(),
+        ),
+        (
+            "blkio.throttle.write_iops_device",
+            "wiops",
+            "throttleWriteIOPSDevice",
+            b.throttle_write_iops_device(),
+        ),
     ]
 }
 
@@ -243,17 +312,28 @@ fn blkio_v1(b: &LinuxBlockIo, out: &mut Vec<Setting>) -> Result<(), CgroupError>
     for d in b.weight_device().iter().flatten() {
         let Some(w) = d.weight() else { continue };
         let line = format!("{} {w}", dev("blockIO.weightDevice", d.major(), d.minor())?);
-        out.push(Setting { alt: Some(("blkio.bfq.weight_device".into(), line.clone())), ..set("blkio", "blkio.weight_device", line) });
+        out.push(Setting {
+            alt: Some(("blkio.bfq.weight_device".into(), line.clone())),
+            ..set("blkio", "blkio.weight_device", line)
+        });
     }
     for (file, _, name, list) in throttles(b) {
         for t in list.iter().flatten() {
-            out.push(set("blkio", file, format!("{} {}", dev(name, t.major(), t.minor())?, t.rate())));
+            out.push(set(
+                "blkio",
+                file,
+                format!("{} {}", dev(name, t.major(), t.minor())?, t.rate()),
+            ));
         }
     }
     Ok(())
 }
 
-fn hugetlb(res: &LinuxResources, v2_names: bool, out: &mut Vec<Setting>) -> Result<(), CgroupError> {
+fn hugetlb(
+    res: &LinuxResources,
+    v2_names: bool,
+    out: &mut Vec<Setting>,
+) -> Result<(), CgroupError> {
     for h in res.hugepage_limits().iter().flatten() {
         let (suffix, value) = match (v2_names, h.limit()) {
             (true, l) if l < 0 => ("max", "max".to_owned()),
@@ -282,7 +362,10 @@ pub(crate) fn plan_v2(res: &LinuxResources) -> Result<Vec<Setting>, CgroupError>
     hugetlb(res, true, &mut out)?;
     if let Some(n) = res.network() {
         if n.class_id().is_some() || n.priorities().as_ref().is_some_and(|p| !p.is_empty()) {
-            return Err(CgroupError::Unsupported { setting: "network (net_cls/net_prio)", version: 2 });
+            return Err(CgroupError::Unsupported {
+                setting: "network (net_cls/net_prio)",
+                version: 2,
+            });
         }
     }
     for (key, value) in res.unified().iter().flatten() {
@@ -294,37 +377,65 @@ pub(crate) fn plan_v2(res: &LinuxResources) -> Result<Vec<Setting>, CgroupError>
 /// The controller a `unified` key belongs to, after refusing keys that are
 /// not a plain file name of the form "controller.knob".
 pub(crate) fn unified_controller(key: &str) -> Result<String, CgroupError> {
-    let bad = |reason| CgroupError::BadUnifiedKey { key: key.to_owned(), reason };
+    let bad = |reason| CgroupError::BadUnifiedKey {
+        key: key.to_owned(),
+        reason,
+    };
     if key.contains('/') {
         return Err(bad("contains '/'"));
     }
     if key.contains("..") {
         return Err(bad("contains \"..\""));
     }
-    let Some((ctrl, knob)) = key.split_once('.') else { return Err(bad("is not controller.knob")) };
+    let Some((ctrl, knob)) = key.split_once('.') else {
+        return Err(bad("is not controller.knob"));
+    };
     if ctrl.is_empty() || knob.is_empty() {
         return Err(bad("is not controller.knob"));
     }
-    Ok(if ctrl == "cgroup" { String::new() } else { ctrl.to_owned() })
+    Ok(if ctrl == "cgroup" {
+        String::new()
+    } else {
+        ctrl.to_owned()
+    })
 }
 
 fn memory_v2(m: &LinuxMemory, out: &mut Vec<Setting>) -> Result<(), CgroupError> {
     let limit = m.limit().filter(|&l| l != 0);
     if let Some(l) = limit {
-        out.push(set("memory", "memory.max", if l < 0 { "max".to_owned() } else { l.to_string() }));
+        out.push(set(
+            "memory",
+            "memory.max",
+            if l < 0 {
+                "max".to_owned()
+            } else {
+                l.to_string()
+            },
+        ));
     }
     if let Some(s) = swap_v2(limit, m.swap())? {
         out.push(set("memory", "memory.swap.max", s));
     }
     if let Some(r) = m.reservation().filter(|&r| r != 0) {
-        out.push(set("memory", "memory.low", if r < 0 { "max".to_owned() } else { r.to_string() }));
+        out.push(set(
+            "memory",
+            "memory.low",
+            if r < 0 {
+                "max".to_owned()
+            } else {
+                r.to_string()
+            },
+        ));
     }
     Ok(())
 }
 
 fn cpu_v2(c: &LinuxCpu, out: &mut Vec<Setting>) -> Result<(), CgroupError> {
     if c.realtime_period().is_some_and(|p| p != 0) || c.realtime_runtime().is_some_and(|r| r != 0) {
-        return Err(CgroupError::Unsupported { setting: "cpu.realtimePeriod/realtimeRuntime", version: 2 });
+        return Err(CgroupError::Unsupported {
+            setting: "cpu.realtimePeriod/realtimeRuntime",
+            version: 2,
+        });
     }
     if let Some(s) = c.shares().filter(|&s| s != 0) {
         out.push(set("cpu", "cpu.weight", shares_to_weight(s)));
@@ -345,7 +456,10 @@ fn io_v2(b: &LinuxBlockIo, out: &mut Vec<Setting>) -> Result<(), CgroupError> {
     // BFQ takes blkio-scale weights; io.weight (iocost) its own scale.
     if let Some(w) = b.weight().filter(|&w| w != 0) {
         out.push(Setting {
-            alt: Some(("io.weight".into(), format!("default {}", blkio_to_io_weight(w)))),
+            alt: Some((
+                "io.weight".into(),
+                format!("default {}", blkio_to_io_weight(w)),
+            )),
             ..set("io", "io.bfq.weight", w)
         });
     }
@@ -353,13 +467,20 @@ fn io_v2(b: &LinuxBlockIo, out: &mut Vec<Setting>) -> Result<(), CgroupError> {
         let Some(w) = d.weight() else { continue };
         let dv = dev("blockIO.weightDevice", d.major(), d.minor())?;
         out.push(Setting {
-            alt: Some(("io.weight".into(), format!("{dv} {}", blkio_to_io_weight(w)))),
+            alt: Some((
+                "io.weight".into(),
+                format!("{dv} {}", blkio_to_io_weight(w)),
+            )),
             ..set("io", "io.bfq.weight", format!("{dv} {w}"))
         });
     }
     for (_, key, name, list) in throttles(b) {
         for t in list.iter().flatten() {
-            out.push(set("io", "io.max", format!("{} {key}={}", dev(name, t.major(), t.minor())?, t.rate())));
+            out.push(set(
+                "io",
+                "io.max",
+                format!("{} {key}={}", dev(name, t.major(), t.minor())?, t.rate()),
+            ));
         }
     }
     Ok(())
@@ -374,7 +495,9 @@ mod tests {
     }
 
     fn pairs(s: &[Setting]) -> Vec<(&str, &str)> {
-        s.iter().map(|s| (s.file.as_str(), s.value.as_str())).collect()
+        s.iter()
+            .map(|s| (s.file.as_str(), s.value.as_str()))
+            .collect()
     }
 
     #[test]
@@ -396,17 +519,29 @@ mod tests {
     #[test]
     fn cpu_max_strings() {
         assert_eq!(cpu_max(None, None), None);
-        assert_eq!(cpu_max(Some(50_000), Some(100_000)).as_deref(), Some("50000 100000"));
-        assert_eq!(cpu_max(Some(-1), Some(100_000)).as_deref(), Some("max 100000"));
+        assert_eq!(
+            cpu_max(Some(50_000), Some(100_000)).as_deref(),
+            Some("50000 100000")
+        );
+        assert_eq!(
+            cpu_max(Some(-1), Some(100_000)).as_deref(),
+            Some("max 100000")
+        );
         assert_eq!(cpu_max(Some(20_000), None).as_deref(), Some("20000"));
         assert_eq!(cpu_max(None, Some(250_000)).as_deref(), Some("max 250000"));
     }
 
     #[test]
     fn swap_arithmetic_v2() {
-        assert_eq!(swap_v2(Some(100), Some(300)).unwrap().as_deref(), Some("200"));
+        assert_eq!(
+            swap_v2(Some(100), Some(300)).unwrap().as_deref(),
+            Some("200")
+        );
         assert_eq!(swap_v2(Some(100), Some(100)).unwrap().as_deref(), Some("0"));
-        assert_eq!(swap_v2(Some(100), Some(-1)).unwrap().as_deref(), Some("max"));
+        assert_eq!(
+            swap_v2(Some(100), Some(-1)).unwrap().as_deref(),
+            Some("max")
+        );
         assert_eq!(swap_v2(Some(100), None).unwrap(), None);
         assert!(swap_v2(Some(100), Some(50)).is_err());
         assert!(swap_v2(None, Some(50)).is_err());
@@ -455,9 +590,11 @@ mod tests {
 
     #[test]
     fn blkio_device_lines() {
-        let r = res(r#"{"blockIO":{"weight":300,"weightDevice":[{"major":8,"minor":0,"weight":500}],
+        let r = res(
+            r#"{"blockIO":{"weight":300,"weightDevice":[{"major":8,"minor":0,"weight":500}],
             "throttleReadBpsDevice":[{"major":8,"minor":0,"rate":1048576}],
-            "throttleWriteIOPSDevice":[{"major":8,"minor":16,"rate":100}]}}"#);
+            "throttleWriteIOPSDevice":[{"major":8,"minor":16,"rate":100}]}}"#,
+        );
         let p1 = plan_v1(&r, false).unwrap();
         assert_eq!(
             pairs(&p1),
@@ -472,24 +609,55 @@ mod tests {
         let p2 = plan_v2(&r).unwrap();
         assert_eq!(
             pairs(&p2),
-            [("io.bfq.weight", "300"), ("io.bfq.weight", "8:0 500"), ("io.max", "8:0 rbps=1048576"), ("io.max", "8:16 wiops=100")]
+            [
+                ("io.bfq.weight", "300"),
+                ("io.bfq.weight", "8:0 500"),
+                ("io.max", "8:0 rbps=1048576"),
+                ("io.max", "8:16 wiops=100")
+            ]
         );
-        assert_eq!(p2[1].alt, Some(("io.weight".into(), format!("8:0 {}", blkio_to_io_weight(500)))));
-        assert!(plan_v1(&res(r#"{"blockIO":{"throttleReadBpsDevice":[{"major":-8,"minor":0,"rate":1}]}}"#), false).is_err());
+        assert_eq!(
+            p2[1].alt,
+            Some((
+                "io.weight".into(),
+                format!("8:0 {}", blkio_to_io_weight(500))
+            ))
+        );
+        assert!(plan_v1(
+            &res(r#"{"blockIO":{"throttleReadBpsDevice":[{"major":-8,"minor":0,"rate":1}]}}"#),
+            false
+        )
+        .is_err());
     }
 
     #[test]
     fn hugetlb_names() {
         let r = res(r#"{"hugepageLimits":[{"pageSize":"2MB","limit":4194304}]}"#);
-        assert_eq!(pairs(&plan_v1(&r, false).unwrap()), [("hugetlb.2MB.limit_in_bytes", "4194304")]);
-        assert_eq!(pairs(&plan_v1(&r, true).unwrap()), [("hugetlb.2MB.max", "4194304")]);
-        assert!(plan_v2(&res(r#"{"hugepageLimits":[{"pageSize":"2MB/../x","limit":1}]}"#)).is_err());
+        assert_eq!(
+            pairs(&plan_v1(&r, false).unwrap()),
+            [("hugetlb.2MB.limit_in_bytes", "4194304")]
+        );
+        assert_eq!(
+            pairs(&plan_v1(&r, true).unwrap()),
+            [("hugetlb.2MB.max", "4194304")]
+        );
+        assert!(plan_v2(&res(
+            r#"{"hugepageLimits":[{"pageSize":"2MB/../x","limit":1}]}"#
+        ))
+        .is_err());
     }
 
     #[test]
     fn network_v1_only() {
-        let r = res(r#"{"network":{"classID":1048577,"priorities":[{"name":"eth0","priority":5}]}}"#);
-        assert_eq!(pairs(&plan_v1(&r, false).unwrap()), [("net_cls.classid", "1048577"), ("net_prio.ifpriomap", "eth0 5")]);
+        let r =
+            res(r#"{"network":{"classID":1048577,"priorities":[{"name":"eth0","priority":5}]}}"#);
+        assert_eq!(
+            pairs(&plan_v1(&r, false).unwrap()),
+            [
+                ("net_cls.classid", "1048577"),
+                ("net_prio.ifpriomap", "eth0 5")
+            ]
+        );
         assert!(matches!(plan_v2(&r), Err(CgroupError::Unsupported { .. })));
     }
 
@@ -499,9 +667,18 @@ mod tests {
         assert_eq!(p[0].controller, "memory");
         assert_eq!(unified_controller("cgroup.max.depth").unwrap(), "");
         for bad in ["../memory.max", "a/b.c", "memory..max", "nodot", ".x"] {
-            assert!(matches!(unified_controller(bad), Err(CgroupError::BadUnifiedKey { .. })), "{bad}");
+            assert!(
+                matches!(
+                    unified_controller(bad),
+                    Err(CgroupError::BadUnifiedKey { .. })
+                ),
+                "{bad}"
+            );
         }
-        assert!(matches!(plan_v1(&res(r#"{"unified":{"memory.high":"1"}}"#), false), Err(CgroupError::UnifiedOnV1)));
+        assert!(matches!(
+            plan_v1(&res(r#"{"unified":{"memory.high":"1"}}"#), false),
+            Err(CgroupError::UnifiedOnV1)
+        ));
     }
 
     #[test]

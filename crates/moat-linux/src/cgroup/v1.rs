@@ -45,7 +45,12 @@ impl Manager {
         let mut hierarchies = Vec::new();
         for m in mounts {
             let key = layout::controller_key(m.controllers.iter().map(String::as_str));
-            let path = layout::place(cg, &m.mount_point, &m.root, own.get(&key).map(String::as_str));
+            let path = layout::place(
+                cg,
+                &m.mount_point,
+                &m.root,
+                own.get(&key).map(String::as_str),
+            );
             hierarchies.push(Hierarchy {
                 controllers: m.controllers.clone(),
                 mount: super::utf8(m.mount_point.clone())?,
@@ -55,16 +60,28 @@ impl Manager {
         let unified = match unified {
             Some(u) => Some(Unified {
                 mount: super::utf8(u.mount_point.clone())?,
-                path: super::utf8(layout::place(cg, &u.mount_point, &u.root, own.get("").map(String::as_str)))?,
+                path: super::utf8(layout::place(
+                    cg,
+                    &u.mount_point,
+                    &u.root,
+                    own.get("").map(String::as_str),
+                ))?,
             }),
             None => None,
         };
-        Ok(Self { hierarchies, unified, rootless })
+        Ok(Self {
+            hierarchies,
+            unified,
+            rootless,
+        })
     }
 
     /// The container's directory in the hierarchy holding `controller`.
     pub fn dir(&self, controller: &str) -> Option<&Path> {
-        self.hierarchies.iter().find(|h| h.controllers.iter().any(|c| c == controller)).map(|h| h.path.as_path())
+        self.hierarchies
+            .iter()
+            .find(|h| h.controllers.iter().any(|c| c == controller))
+            .map(|h| h.path.as_path())
     }
 
     /// Whether hugetlb limits go to the hybrid v2 hierarchy.
@@ -72,12 +89,17 @@ impl Manager {
         if self.dir("hugetlb").is_some() {
             return Ok(false);
         }
-        let Some(u) = &self.unified else { return Ok(false) };
+        let Some(u) = &self.unified else {
+            return Ok(false);
+        };
         let ctrls = super::read_opt(&u.mount.join("cgroup.controllers"))?.unwrap_or_default();
         Ok(ctrls.split_whitespace().any(|c| c == "hugetlb"))
     }
 
-    fn plan(&self, resources: Option<&LinuxResources>) -> Result<(Vec<Setting>, bool), CgroupError> {
+    fn plan(
+        &self,
+        resources: Option<&LinuxResources>,
+    ) -> Result<(Vec<Setting>, bool), CgroupError> {
         let hugetlb_v2 = self.hugetlb_in_v2()?;
         let plan = match resources {
             Some(r) => translate::plan_v1(r, hugetlb_v2)?,
@@ -93,7 +115,11 @@ impl Manager {
             return Err(CgroupError::ControllerMissing {
                 controller: controller.into(),
                 file: file.into(),
-                path: self.hierarchies.first().map(|h| h.mount.clone()).unwrap_or_default(),
+                path: self
+                    .hierarchies
+                    .first()
+                    .map(|h| h.mount.clone())
+                    .unwrap_or_default(),
             });
         }
         Ok((plan, hugetlb_v2))
@@ -124,10 +150,18 @@ impl Manager {
         }
         if let Some(u) = &self.unified {
             if !self.rootless || hugetlb_v2 {
-                let needed: BTreeSet<String> = if hugetlb_v2 { ["hugetlb".to_owned()].into() } else { BTreeSet::new() };
+                let needed: BTreeSet<String> = if hugetlb_v2 {
+                    ["hugetlb".to_owned()].into()
+                } else {
+                    BTreeSet::new()
+                };
                 super::v2::make_path(&u.mount, &u.path, &needed, false)?;
                 if hugetlb_v2 {
-                    let v2_plan: Vec<Setting> = plan.iter().filter(|s| s.controller == "hugetlb").cloned().collect();
+                    let v2_plan: Vec<Setting> = plan
+                        .iter()
+                        .filter(|s| s.controller == "hugetlb")
+                        .cloned()
+                        .collect();
                     super::v2::check_controllers(&u.path, &v2_plan)?;
                 }
             }
@@ -145,12 +179,18 @@ impl Manager {
     fn mkdir(&self, h: &Hierarchy) -> Result<(), CgroupError> {
         let is_cpuset = h.controllers.iter().any(|c| c == "cpuset");
         if !is_cpuset {
-            return std::fs::create_dir_all(&h.path).map_err(|source| CgroupError::Mkdir { path: h.path.clone(), source });
+            return std::fs::create_dir_all(&h.path).map_err(|source| CgroupError::Mkdir {
+                path: h.path.clone(),
+                source,
+            });
         }
-        let rel = h.path.strip_prefix(&h.mount).map_err(|_| CgroupError::InvalidPath {
-            path: h.path.clone(),
-            reason: "is outside the cgroup mount",
-        })?;
+        let rel = h
+            .path
+            .strip_prefix(&h.mount)
+            .map_err(|_| CgroupError::InvalidPath {
+                path: h.path.clone(),
+                reason: "is outside the cgroup mount",
+            })?;
         let mut parent = h.mount.clone();
         for comp in rel.components() {
             let dir = parent.join(comp);
@@ -175,11 +215,17 @@ impl Manager {
         self.apply(&plan, hugetlb_v2, Some(resources))
     }
 
-    fn apply(&self, plan: &[Setting], hugetlb_v2: bool, resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+    fn apply(
+        &self,
+        plan: &[Setting],
+        hugetlb_v2: bool,
+        resources: Option<&LinuxResources>,
+    ) -> Result<(), CgroupError> {
         let mem_dir = self.dir("memory");
         let current_limit = match mem_dir {
             Some(d) if plan.iter().any(|s| s.file == "memory.memsw.limit_in_bytes") => {
-                super::read_opt(&d.join("memory.limit_in_bytes"))?.and_then(|s| s.trim().parse::<u64>().ok())
+                super::read_opt(&d.join("memory.limit_in_bytes"))?
+                    .and_then(|s| s.trim().parse::<u64>().ok())
             }
             _ => None,
         };
@@ -212,7 +258,14 @@ impl Manager {
         };
         write(&dir.join("devices.deny"), "a")?;
         for (allow, line) in devices::v1_lines(rules) {
-            write(&dir.join(if allow { "devices.allow" } else { "devices.deny" }), &line)?;
+            write(
+                &dir.join(if allow {
+                    "devices.allow"
+                } else {
+                    "devices.deny"
+                }),
+                &line,
+            )?;
         }
         Ok(())
     }
@@ -240,11 +293,12 @@ impl Manager {
     }
 
     fn freezer(&self) -> Result<&Path, CgroupError> {
-        self.dir("freezer").ok_or_else(|| CgroupError::ControllerMissing {
-            controller: "freezer".into(),
-            file: "freezer.state".into(),
-            path: PathBuf::new(),
-        })
+        self.dir("freezer")
+            .ok_or_else(|| CgroupError::ControllerMissing {
+                controller: "freezer".into(),
+                file: "freezer.state".into(),
+                path: PathBuf::new(),
+            })
     }
 
     pub fn freeze(&self) -> Result<(), CgroupError> {
@@ -296,7 +350,9 @@ impl Manager {
         let dirs = self.all_dirs();
         // Frozen v1 tasks do not die until thawed.
         let thaw = || match self.dir("freezer") {
-            Some(d) if d.join("freezer.state").exists() => write(&d.join("freezer.state"), "THAWED"),
+            Some(d) if d.join("freezer.state").exists() => {
+                write(&d.join("freezer.state"), "THAWED")
+            }
             _ => Ok(()),
         };
         super::kill_all(&dirs, &thaw)?;
@@ -320,9 +376,13 @@ impl Manager {
 pub(crate) fn order_memory(plan: &[Setting], current_limit: Option<u64>) -> Vec<&Setting> {
     let mut out: Vec<&Setting> = plan.iter().collect();
     let pos = |f: &str| out.iter().position(|s| s.file == f);
-    if let (Some(l), Some(sw)) = (pos("memory.limit_in_bytes"), pos("memory.memsw.limit_in_bytes")) {
+    if let (Some(l), Some(sw)) = (
+        pos("memory.limit_in_bytes"),
+        pos("memory.memsw.limit_in_bytes"),
+    ) {
         let swap: i64 = out[sw].value.parse().unwrap_or(-1);
-        let swap_first = swap < 0 || current_limit.is_some_and(|c| i64::try_from(c).map_or(true, |c| c < swap));
+        let swap_first =
+            swap < 0 || current_limit.is_some_and(|c| i64::try_from(c).map_or(true, |c| c < swap));
         if swap_first && sw > l {
             let s = out.remove(sw);
             out.insert(l, s);

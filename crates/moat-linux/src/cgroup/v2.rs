@@ -29,7 +29,11 @@ impl Manager {
         rootless: bool,
     ) -> Result<Self, CgroupError> {
         let path = layout::place(cg, &m.mount_point, &m.root, own.get("").map(String::as_str));
-        Ok(Self { mount: super::utf8(m.mount_point.clone())?, path: super::utf8(path)?, rootless })
+        Ok(Self {
+            mount: super::utf8(m.mount_point.clone())?,
+            path: super::utf8(path)?,
+            rootless,
+        })
     }
 
     /// The container's cgroup directory.
@@ -45,7 +49,9 @@ impl Manager {
         let needed = needed_controllers(&plan);
         if let Err(e) = make_path(&self.mount, &self.path, &needed, true) {
             return Err(match e {
-                CgroupError::Mkdir { path, source } if self.rootless && plan.is_empty() && super::is_permission(&source) => {
+                CgroupError::Mkdir { path, source }
+                    if self.rootless && plan.is_empty() && super::is_permission(&source) =>
+                {
                     CgroupError::NoDelegation { path, source }
                 }
                 e => e,
@@ -58,7 +64,11 @@ impl Manager {
         self.apply(&translate::plan_v2(resources)?, Some(resources))
     }
 
-    fn apply(&self, plan: &[Setting], resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+    fn apply(
+        &self,
+        plan: &[Setting],
+        resources: Option<&LinuxResources>,
+    ) -> Result<(), CgroupError> {
         check_controllers(&self.path, plan)?;
         for s in plan {
             super::apply_setting(&self.path, s)?;
@@ -74,17 +84,31 @@ impl Manager {
     /// Attaches the filter for `rules`, then detaches the programs that were
     /// there before, so the cgroup is never without a filter.
     fn set_devices(&self, rules: &[devices::DevRule]) -> Result<(), CgroupError> {
-        let prog = bpf::prog_load_cgroup_device(&devices::bpf_program(rules)).map_err(CgroupError::BpfLoad)?;
-        let attach_err = |source| CgroupError::BpfAttach { path: self.path.clone(), source };
+        let prog = bpf::prog_load_cgroup_device(&devices::bpf_program(rules))
+            .map_err(CgroupError::BpfLoad)?;
+        let attach_err = |source| CgroupError::BpfAttach {
+            path: self.path.clone(),
+            source,
+        };
         let dir = rustix::fs::open(
             &self.path,
-            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(|e| CgroupError::Open { path: self.path.clone(), source: e.into() })?;
+        .map_err(|e| CgroupError::Open {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
         let old = bpf::prog_query(dir.as_fd(), bpf::BPF_CGROUP_DEVICE).map_err(attach_err)?;
-        bpf::prog_attach(dir.as_fd(), prog.as_fd(), bpf::BPF_CGROUP_DEVICE, bpf::BPF_F_ALLOW_MULTI)
-            .map_err(attach_err)?;
+        bpf::prog_attach(
+            dir.as_fd(),
+            prog.as_fd(),
+            bpf::BPF_CGROUP_DEVICE,
+            bpf::BPF_F_ALLOW_MULTI,
+        )
+        .map_err(attach_err)?;
         for id in old {
             let old_prog = match bpf::prog_get_fd_by_id(id) {
                 Ok(fd) => fd,
@@ -92,7 +116,8 @@ impl Manager {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => return Err(attach_err(e)),
             };
-            bpf::prog_detach(dir.as_fd(), old_prog.as_fd(), bpf::BPF_CGROUP_DEVICE).map_err(attach_err)?;
+            bpf::prog_detach(dir.as_fd(), old_prog.as_fd(), bpf::BPF_CGROUP_DEVICE)
+                .map_err(attach_err)?;
         }
         Ok(())
     }
@@ -110,14 +135,19 @@ impl Manager {
     }
 
     fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
-        write(&self.path.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        write(
+            &self.path.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )?;
         let want = if frozen { 1 } else { 0 };
         let events = self.path.join("cgroup.events");
         let reached = super::wait_until(|| {
             Ok(stats::flat_keyed(&read(&events)?).get("frozen").copied() == Some(want))
         })?;
         if !reached {
-            return Err(CgroupError::FreezeTimeout { path: self.path.clone() });
+            return Err(CgroupError::FreezeTimeout {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -147,7 +177,10 @@ impl Manager {
 }
 
 pub(crate) fn needed_controllers(plan: &[Setting]) -> BTreeSet<String> {
-    plan.iter().filter(|s| !s.controller.is_empty()).map(|s| s.controller.clone()).collect()
+    plan.iter()
+        .filter(|s| !s.controller.is_empty())
+        .map(|s| s.controller.clone())
+        .collect()
 }
 
 fn controllers(dir: &Path) -> Result<BTreeSet<String>, CgroupError> {
@@ -159,7 +192,10 @@ fn controllers(dir: &Path) -> Result<BTreeSet<String>, CgroupError> {
 /// Every planned setting's controller must be enabled in `dir`.
 pub(crate) fn check_controllers(dir: &Path, plan: &[Setting]) -> Result<(), CgroupError> {
     let have = controllers(dir)?;
-    match plan.iter().find(|s| !s.controller.is_empty() && !have.contains(&s.controller)) {
+    match plan
+        .iter()
+        .find(|s| !s.controller.is_empty() && !have.contains(&s.controller))
+    {
         Some(s) => Err(CgroupError::ControllerMissing {
             controller: s.controller.clone(),
             file: s.file.clone(),
@@ -178,10 +214,12 @@ pub(crate) fn make_path(
     needed: &BTreeSet<String>,
     enable_all: bool,
 ) -> Result<(), CgroupError> {
-    let rel = path.strip_prefix(mount).map_err(|_| CgroupError::InvalidPath {
-        path: path.into(),
-        reason: "is outside the cgroup mount",
-    })?;
+    let rel = path
+        .strip_prefix(mount)
+        .map_err(|_| CgroupError::InvalidPath {
+            path: path.into(),
+            reason: "is outside the cgroup mount",
+        })?;
     let mut parent = mount.to_path_buf();
     for comp in rel.components() {
         enable_in(&parent, needed, enable_all)?;
