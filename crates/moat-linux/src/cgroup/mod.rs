@@ -98,7 +98,7 @@ pub enum CgroupError {
     #[error("invalid cgroupsPath {path}: {reason}")]
     InvalidPath { path: PathBuf, reason: &'static str },
     #[error(
-        "cgroup controller {controller:?} is not available for {path}, but {file} was requested"
+        "cgroup controller {controller:?} is not mounted or enabled under {path}, but {file} was requested"
     )]
     ControllerMissing {
         controller: String,

@@ -112,17 +112,23 @@ impl Manager {
             .chain(wants_devices.then_some(("devices", "devices.allow")))
             .find(|(c, _)| !(self.dir(c).is_some() || (*c == "hugetlb" && hugetlb_v2)));
         if let Some((controller, file)) = missing {
-            return Err(CgroupError::ControllerMissing {
-                controller: controller.into(),
-                file: file.into(),
-                path: self
-                    .hierarchies
-                    .first()
-                    .map(|h| h.mount.clone())
-                    .unwrap_or_default(),
-            });
+            return Err(self.missing(controller, file));
         }
         Ok((plan, hugetlb_v2))
+    }
+
+    /// `controller` has no hierarchy; the error names where they are mounted.
+    fn missing(&self, controller: &str, file: &str) -> CgroupError {
+        let base = self
+            .hierarchies
+            .first()
+            .and_then(|h| h.mount.parent())
+            .unwrap_or(Path::new("/sys/fs/cgroup"));
+        CgroupError::ControllerMissing {
+            controller: controller.into(),
+            file: file.into(),
+            path: base.into(),
+        }
     }
 
     fn needed(plan: &[Setting]) -> BTreeSet<&str> {
@@ -232,11 +238,7 @@ impl Manager {
         for s in order_memory(plan, current_limit) {
             let dir = match (s.controller.as_str(), &self.unified) {
                 ("hugetlb", Some(u)) if hugetlb_v2 => u.path.as_path(),
-                (c, _) => self.dir(c).ok_or_else(|| CgroupError::ControllerMissing {
-                    controller: c.into(),
-                    file: s.file.clone(),
-                    path: PathBuf::new(),
-                })?,
+                (c, _) => self.dir(c).ok_or_else(|| self.missing(c, &s.file))?,
             };
             super::apply_setting(dir, s)?;
         }
@@ -250,11 +252,7 @@ impl Manager {
 
     fn set_devices(&self, rules: &[devices::DevRule]) -> Result<(), CgroupError> {
         let Some(dir) = self.dir("devices") else {
-            return Err(CgroupError::ControllerMissing {
-                controller: "devices".into(),
-                file: "devices.allow".into(),
-                path: PathBuf::new(),
-            });
+            return Err(self.missing("devices", "devices.allow"));
         };
         write(&dir.join("devices.deny"), "a")?;
         for (allow, line) in devices::v1_lines(rules) {
@@ -294,11 +292,7 @@ impl Manager {
 
     fn freezer(&self) -> Result<&Path, CgroupError> {
         self.dir("freezer")
-            .ok_or_else(|| CgroupError::ControllerMissing {
-                controller: "freezer".into(),
-                file: "freezer.state".into(),
-                path: PathBuf::new(),
-            })
+            .ok_or_else(|| self.missing("freezer", "freezer.state"))
     }
 
     pub fn freeze(&self) -> Result<(), CgroupError> {
