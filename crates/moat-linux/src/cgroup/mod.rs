@@ -24,3 +24,464 @@
 //!     pub fn is_v2(&self) -> bool;
 //! }
 //! ```
+//!
+//! Notes on behaviour:
+//! - `create` with `rootless` returns [`CgroupError::NoDelegation`] when the
+//!   cgroup cannot be created for lack of permission *and* no limit was
+//!   requested; the caller may turn that into a warning and run without a
+//!   cgroup. With limits requested, the failure is an ordinary error.
+//! - Device rules are not applied for rootless containers (a user namespace
+//!   cannot create device nodes, and loading BPF needs privilege).
+//! - Settings that cannot be honoured and are only advisory (kernel memory,
+//!   rdma, BFQ leaf weights, v2 swappiness) are listed by
+//!   [`ignored_settings`] for the caller to print; every real limit either
+//!   applies or fails.
+//! - With `systemd`, "slice:prefix:name" is turned into the path systemd
+//!   gives the scope and managed through cgroupfs (no D-Bus).
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
+
+mod devices;
+mod layout;
+pub mod stats;
+mod translate;
+pub mod v1;
+pub mod v2;
+
+pub use stats::Stats;
+pub use translate::ignored_settings;
+
+/// Failures of the cgroup manager; each names the file or directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {value:?} to {path}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating cgroup {path}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("removing cgroup {path}")]
+    Rmdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening cgroup {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no cgroup filesystem is mounted")]
+    NoCgroupMounts,
+    #[error("systemd cgroup driver requested but systemd is not running")]
+    SystemdNotRunning,
+    #[error("systemd cgroupsPath {0:?} is not of the form slice:prefix:name")]
+    BadSystemdPath(String),
+    #[error("invalid cgroupsPath {path}: {reason}")]
+    InvalidPath { path: PathBuf, reason: &'static str },
+    #[error(
+        "cgroup controller {controller:?} is not mounted or enabled under {path}, but {file} was requested"
+    )]
+    ControllerMissing {
+        controller: String,
+        file: String,
+        path: PathBuf,
+    },
+    #[error("invalid {setting}: {reason}")]
+    InvalidValue { setting: String, reason: String },
+    #[error("{setting} is not supported on cgroup v{version}")]
+    Unsupported { setting: &'static str, version: u8 },
+    #[error("unified resource key {key:?} {reason}")]
+    BadUnifiedKey { key: String, reason: &'static str },
+    #[error(
+        "linux.resources.unified needs cgroup v2, but this host's controllers are on cgroup v1"
+    )]
+    UnifiedOnV1,
+    #[error("no delegated cgroup at {path} (rootless); running without cgroup limits")]
+    NoDelegation {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the device filter program")]
+    BpfLoad(#[source] moat_sys::bpf::LoadError),
+    #[error("attaching the device filter to {path}")]
+    BpfAttach {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} did not reach the frozen state")]
+    FreezeTimeout { path: PathBuf },
+    #[error("sending SIGKILL to pid {pid}")]
+    Kill {
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{path} still has processes after SIGKILL")]
+    StillPopulated { path: PathBuf },
+    #[error("saved cgroup state is invalid")]
+    Saved(#[source] serde_json::Error),
+}
+
+/// Files the manager reads to learn the host's layout; tests point them at
+/// a fake tree.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    pub mountinfo: PathBuf,
+    pub proc_cgroup: PathBuf,
+    /// Exists when systemd is PID 1 (`/run/systemd/system`).
+    pub systemd_marker: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            mountinfo: "/proc/self/mountinfo".into(),
+            proc_cgroup: "/proc/self/cgroup".into(),
+            systemd_marker: "/run/systemd/system".into(),
+        }
+    }
+}
+
+/// The container's cgroup on a v1/hybrid or a unified host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cgroup_version")]
+pub enum CgroupManager {
+    #[serde(rename = "1")]
+    V1(v1::Manager),
+    #[serde(rename = "2")]
+    V2(v2::Manager),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $m:ident => $e:expr) => {
+        match $self {
+            CgroupManager::V1($m) => $e,
+            CgroupManager::V2($m) => $e,
+        }
+    };
+}
+
+impl CgroupManager {
+    /// Detects the host layout and places the container's cgroup; see the
+    /// module docs for `cgroups_path` forms. Touches nothing on disk.
+    pub fn new(
+        cgroups_path: Option<&Path>,
+        id: &str,
+        systemd: bool,
+        rootless: bool,
+    ) -> Result<Self, CgroupError> {
+        Self::new_with(&HostPaths::default(), cgroups_path, id, systemd, rootless)
+    }
+
+    /// [`CgroupManager::new`] reading the layout from `host`.
+    pub fn new_with(
+        host: &HostPaths,
+        cgroups_path: Option<&Path>,
+        id: &str,
+        systemd: bool,
+        rootless: bool,
+    ) -> Result<Self, CgroupError> {
+        let cg = layout::resolve(cgroups_path, id, systemd, host.systemd_marker.is_dir())?;
+        let mountinfo = read(&host.mountinfo)?;
+        let own = layout::parse_proc_cgroup(&read(&host.proc_cgroup)?);
+        match layout::detect(layout::parse_mountinfo(&mountinfo))? {
+            layout::Layout::Unified(m) => {
+                Ok(Self::V2(v2::Manager::place(&m, &cg, &own, rootless)?))
+            }
+            layout::Layout::Legacy {
+                hierarchies,
+                unified,
+            } => Ok(Self::V1(v1::Manager::place(
+                &hierarchies,
+                unified.as_ref(),
+                &cg,
+                &own,
+                rootless,
+            )?)),
+        }
+    }
+
+    pub fn from_saved(v: &serde_json::Value) -> Result<Self, CgroupError> {
+        serde_json::from_value(v.clone()).map_err(CgroupError::Saved)
+    }
+
+    pub fn to_saved(&self) -> serde_json::Value {
+        // All fields are strings, bools and UTF-8 paths (checked when
+        // placed), so serialisation cannot fail; Null would fail from_saved.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.create(resources))
+    }
+
+    pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.add_pid(pid))
+    }
+
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.update(resources))
+    }
+
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.freeze())
+    }
+
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.thaw())
+    }
+
+    pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        dispatch!(self, m => m.pids())
+    }
+
+    pub fn stats(&self) -> Result<Stats, CgroupError> {
+        dispatch!(self, m => m.stats())
+    }
+
+    pub fn destroy(&self) -> Result<(), CgroupError> {
+        dispatch!(self, m => m.destroy())
+    }
+
+    pub fn mount_sources(&self) -> Vec<(String, PathBuf)> {
+        dispatch!(self, m => m.mount_sources())
+    }
+
+    pub fn is_v2(&self) -> bool {
+        matches!(self, Self::V2(_))
+    }
+
+    /// Settings in `resources` this manager will not apply (for warnings).
+    pub fn ignored_settings(&self, resources: &LinuxResources) -> Vec<String> {
+        let mut notes = ignored_settings(resources, self.is_v2());
+        if self.rootless() && resources.devices().as_ref().is_some_and(|d| !d.is_empty()) {
+            notes.push("device rules are not applied to a rootless container's cgroup".into());
+        }
+        notes
+    }
+
+    fn rootless(&self) -> bool {
+        dispatch!(self, m => m.rootless)
+    }
+}
+
+// ---- file helpers shared by v1 and v2 ----
+
+pub(crate) fn read(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Contents, or None when the file does not exist.
+pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, CgroupError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CgroupError::Read {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Writes `value` to an existing cgroup file in one write(2), as the kernel
+/// parses each write separately.
+pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    use std::io::Write as _;
+    let err = |source| CgroupError::Write {
+        path: path.into(),
+        value: value.into(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(value.as_bytes()).map_err(err)
+}
+
+/// Applies one planned setting in `dir`, honouring `alt` and `optional`.
+pub(crate) fn apply_setting(dir: &Path, s: &translate::Setting) -> Result<(), CgroupError> {
+    let primary = dir.join(&s.file);
+    if !primary.exists() {
+        if let Some((file, value)) = &s.alt {
+            let alt = dir.join(file);
+            if alt.exists() {
+                return write(&alt, value);
+            }
+        }
+        if s.optional {
+            return Ok(());
+        }
+    }
+    write(&primary, &s.value)
+}
+
+/// PIDs in `dir`'s cgroup.procs and in all its descendants.
+pub(crate) fn procs_recursive(dir: &Path) -> Result<Vec<i32>, CgroupError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Some(text) = read_opt(&d.join("cgroup.procs"))? else {
+            continue;
+        };
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        for sub in subdirs(&d)? {
+            stack.push(sub);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CgroupError::Read {
+                path: dir.into(),
+                source,
+            })
+        }
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(|source| CgroupError::Read {
+            path: dir.into(),
+            source,
+        })?;
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+/// SIGKILLs everything in `dirs` (recursively) until they are empty, for up
+/// to ~2 s. `after_signal` runs after each round (v1 thaws the freezer so
+/// frozen tasks can die).
+pub(crate) fn kill_all(
+    dirs: &[&Path],
+    after_signal: &dyn Fn() -> Result<(), CgroupError>,
+) -> Result<(), CgroupError> {
+    use nix::sys::signal::{kill, Signal};
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut pids = Vec::new();
+        for d in dirs {
+            pids.extend(procs_recursive(d)?);
+        }
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for &pid in &pids {
+            match kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(source) => return Err(CgroupError::Kill { pid, source }),
+            }
+        }
+        after_signal()?;
+        if Instant::now() >= deadline {
+            let path = dirs.first().map(|d| d.to_path_buf()).unwrap_or_default();
+            return Err(CgroupError::StillPopulated { path });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// rmdir `dir` and its sub-cgroups, deepest first, retrying EBUSY (a dying
+/// task can hold a cgroup for a moment). Missing directories are fine.
+pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    let mut order = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        stack.extend(subdirs(&d)?);
+        order.push(d);
+    }
+    for d in order.iter().rev() {
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(CgroupError::Rmdir {
+                        path: d.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a mkdir failure means "not delegated to us".
+pub(crate) fn is_permission(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+    )
+}
+
+/// Polls `done` for up to ~2 s.
+pub(crate) fn wait_until(
+    mut done: impl FnMut() -> Result<bool, CgroupError>,
+) -> Result<bool, CgroupError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut delay = Duration::from_millis(1);
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Paths stored in state must round-trip through JSON strings.
+pub(crate) fn utf8(path: PathBuf) -> Result<PathBuf, CgroupError> {
+    if path.to_str().is_none() {
+        return Err(CgroupError::InvalidPath {
+            path,
+            reason: "not UTF-8",
+        });
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests;
