@@ -70,57 +70,116 @@ pub fn open_dir(root: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
     in_root(root, path, OFlags::PATH | OFlags::DIRECTORY)
 }
 
+/// Symlinks followed by their text while creating, at most.
+const MAX_HOPS: usize = 40;
+
 /// Opens directory `path` inside `root`, creating missing directories (mode
 /// 0755 less umask) one component at a time with `mkdirat` relative to the
-/// fd of the already-resolved parent.
+/// fd of the already-resolved parent. A dangling symlink on the way is
+/// followed by its text, inside the root, and its target created (as runc's
+/// securejoin does).
 pub fn mkdir_all(root: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
-    let path = clean(path);
+    let mut path = clean(path);
+    for _ in 0..MAX_HOPS {
+        match mkdir_walk(root, &path)? {
+            Walk::Done(fd) => return Ok(fd),
+            Walk::Redirect(next) => path = next,
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+enum Walk {
+    Done(OwnedFd),
+    /// A dangling symlink was met: the path to create instead.
+    Redirect(PathBuf),
+}
+
+fn mkdir_walk(root: BorrowedFd<'_>, path: &Path) -> io::Result<Walk> {
+    let names: Vec<&OsStr> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
     let mut cur = open_dir(root, Path::new("/"))?;
     let mut prefix = PathBuf::from("/");
-    for name in path.components().filter_map(|c| match c {
-        Component::Normal(n) => Some(n),
-        _ => None,
-    }) {
+    for (i, name) in names.iter().enumerate() {
+        let parent = prefix.clone();
         prefix.push(name);
-        cur = match open_dir(root, &prefix) {
-            Ok(fd) => fd,
+        match open_dir(root, &prefix) {
+            Ok(fd) => {
+                cur = fd;
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        match rustix::fs::mkdirat(&cur, *name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match open_dir(root, &prefix) {
+            Ok(fd) => cur = fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                open_dir(root, &prefix)?
+                let Some(next) = follow_dangling(cur.as_fd(), name, &parent)? else { return Err(e) };
+                let mut next = next;
+                next.extend(&names[i + 1..]);
+                return Ok(Walk::Redirect(clean(&next)));
             }
             Err(e) => return Err(e),
-        };
+        }
     }
-    Ok(cur)
+    Ok(Walk::Done(cur))
+}
+
+/// If `name` in `dir` (whose path in the root is `dir_path`) is a symlink,
+/// the path its text names, else `None`.
+fn follow_dangling(dir: BorrowedFd<'_>, name: &OsStr, dir_path: &Path) -> io::Result<Option<PathBuf>> {
+    let text = match rustix::fs::readlinkat(dir, name, Vec::new()) {
+        Ok(t) => t,
+        Err(rustix::io::Errno::INVAL) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let target = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(text.into_bytes()));
+    Ok(Some(if target.is_absolute() { target } else { dir_path.join(target) }))
 }
 
 /// Opens `path` inside `root` (`O_PATH`), creating it first if missing: a
 /// directory (and parents) for [`Kind::Dir`], an empty file (mode 0644 less
-/// umask) in a created parent for [`Kind::File`]. A dangling symlink at the
-/// last component is refused, not followed to create its target.
+/// umask) in a created parent for [`Kind::File`]. Dangling symlinks are
+/// followed inside the root as in [`mkdir_all`] (except a last one with
+/// `nofollow`, which is refused).
 pub fn open_or_create(root: BorrowedFd<'_>, path: &Path, kind: Kind, nofollow: bool) -> io::Result<OwnedFd> {
-    let path = clean(path);
-    match open(root, &path, nofollow) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        r => return r,
-    }
-    match kind {
-        Kind::Dir => {
+    let mut path = clean(path);
+    for _ in 0..MAX_HOPS {
+        match open(root, &path, nofollow) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => return r,
+        }
+        if kind == Kind::Dir {
             mkdir_all(root, &path)?;
+            return open(root, &path, nofollow);
         }
-        Kind::File => {
-            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            };
-            let parent = mkdir_all(root, parent)?;
-            let flags = OFlags::CREATE | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
-            drop(rustix::fs::openat(parent.as_fd(), name, flags, Mode::from_raw_mode(0o644))?);
+        let (Some(parent_path), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let parent = mkdir_all(root, parent_path)?;
+        let flags = OFlags::CREATE | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
+        match rustix::fs::openat(parent.as_fd(), name, flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => {
+                drop(fd);
+                return open(root, &path, nofollow);
+            }
+            Err(rustix::io::Errno::LOOP) if !nofollow => match follow_dangling(parent.as_fd(), name, parent_path)? {
+                Some(next) => path = clean(&next),
+                None => return Err(io::Error::from_raw_os_error(libc::ELOOP)),
+            },
+            Err(e) => return Err(e.into()),
         }
     }
-    open(root, &path, nofollow)
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 #[cfg(test)]
@@ -155,14 +214,21 @@ mod tests {
         let st = rustix::fs::fstat(&made).unwrap();
         let want = std::fs::metadata(root.join("made/dir")).unwrap();
         assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
-        // "../../../../outside" resolves to "<root>/outside".
-        open_or_create(fd.as_fd(), Path::new("/up/f"), Kind::File, false).unwrap_err();
-        assert!(!outer.path().join("outside").exists());
-        open_or_create(fd.as_fd(), Path::new("/up"), Kind::Dir, false).unwrap_err();
-        std::fs::create_dir(root.join("outside")).unwrap();
+        // "../../../../outside" resolves to "<root>/outside", created there.
         open_or_create(fd.as_fd(), Path::new("/up/f"), Kind::File, false).unwrap();
         assert!(root.join("outside/f").is_file());
         assert!(!outer.path().join("outside").exists());
+        // A dangling symlink as the last component: its target is created inside.
+        symlink("/etc/../../x/file", root.join("filelink")).unwrap();
+        open_or_create(fd.as_fd(), Path::new("/filelink"), Kind::File, false).unwrap();
+        assert!(root.join("x/file").is_file());
+        symlink("/deep/dir", root.join("dirlink")).unwrap();
+        open_or_create(fd.as_fd(), Path::new("/dirlink/sub"), Kind::Dir, false).unwrap();
+        assert!(root.join("deep/dir/sub").is_dir());
+        // Loops end.
+        symlink("loop2", root.join("loop1")).unwrap();
+        symlink("loop1", root.join("loop2")).unwrap();
+        assert!(open_or_create(fd.as_fd(), Path::new("/loop1/a"), Kind::Dir, false).is_err());
     }
 
     #[test]
