@@ -53,16 +53,31 @@ fn setattr_raw(fd: BorrowedFd<'_>, recursive: bool, attr: &libc::mount_attr) -> 
 /// mount whose root `fd` refers to (an `O_PATH` fd of a mount root, or a
 /// detached tree from `open_tree`), and with `recursive` every mount below it.
 pub fn mount_setattr(fd: BorrowedFd<'_>, recursive: bool, attr: &MountAttr) -> io::Result<()> {
-    let raw = libc::mount_attr { attr_set: attr.set, attr_clr: attr.clear, propagation: attr.propagation, userns_fd: 0 };
+    let raw = libc::mount_attr {
+        attr_set: attr.set,
+        attr_clr: attr.clear,
+        propagation: attr.propagation,
+        userns_fd: 0,
+    };
     setattr_raw(fd, recursive, &raw)
 }
 
 /// Makes the detached mount tree `tree` (from `open_tree(OPEN_TREE_CLONE)`)
 /// idmapped with the mappings of the user namespace `userns`
 /// (`MOUNT_ATTR_IDMAP`), on its top mount or, with `recursive`, on all.
-pub fn mount_set_idmap(tree: BorrowedFd<'_>, recursive: bool, userns: BorrowedFd<'_>) -> io::Result<()> {
-    let userns_fd = u64::try_from(userns.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    let raw = libc::mount_attr { attr_set: libc::MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd };
+pub fn mount_set_idmap(
+    tree: BorrowedFd<'_>,
+    recursive: bool,
+    userns: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let userns_fd =
+        u64::try_from(userns.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let raw = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd,
+    };
     setattr_raw(tree, recursive, &raw)
 }
 
@@ -97,7 +112,11 @@ pub fn userns_with_mappings(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd>
                 std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
                 std::fs::write(format!("/proc/{pid}/gid_map"), gid_map)?;
                 let path = format!("/proc/{pid}/ns/user");
-                let fd = rustix::fs::open(path.as_str(), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+                let fd = rustix::fs::open(
+                    path.as_str(),
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )?;
                 Ok::<OwnedFd, io::Error>(fd)
             })();
             // Let the child exit, then reap it whatever happened above.

@@ -35,7 +35,15 @@ pub struct Device {
 }
 
 fn default_device(name: &str, major: u32, minor: u32) -> Device {
-    Device { path: PathBuf::from("/dev").join(name), kind: NodeKind::Char, major, minor, mode: 0o666, uid: 0, gid: 0 }
+    Device {
+        path: PathBuf::from("/dev").join(name),
+        kind: NodeKind::Char,
+        major,
+        minor,
+        mode: 0o666,
+        uid: 0,
+        gid: 0,
+    }
 }
 
 /// The devices every container gets (OCI runtime-spec "Default Devices").
@@ -52,7 +60,10 @@ pub fn defaults() -> Vec<Device> {
 
 fn from_spec(d: &LinuxDevice) -> Result<Device, RootfsError> {
     let path = resolve::clean(d.path());
-    let bad = |reason: &'static str| RootfsError::InvalidDevice { path: d.path().clone(), reason };
+    let bad = |reason: &'static str| RootfsError::InvalidDevice {
+        path: d.path().clone(),
+        reason,
+    };
     let kind = match d.typ() {
         LinuxDeviceType::C | LinuxDeviceType::U => NodeKind::Char,
         LinuxDeviceType::B => NodeKind::Block,
@@ -91,7 +102,11 @@ pub fn merge(spec: &[LinuxDevice]) -> Result<Vec<Device>, RootfsError> {
 }
 
 /// Creates each device inside the root.
-pub fn create_all(root: BorrowedFd<'_>, devices: &[Device], in_user_ns: bool) -> Result<(), RootfsError> {
+pub fn create_all(
+    root: BorrowedFd<'_>,
+    devices: &[Device],
+    in_user_ns: bool,
+) -> Result<(), RootfsError> {
     // Modes are exact, as the spec gives them; umask is restored after.
     let old = rustix::process::umask(Mode::empty());
     let result = devices.iter().try_for_each(|d| create(root, d, in_user_ns));
@@ -100,9 +115,18 @@ pub fn create_all(root: BorrowedFd<'_>, devices: &[Device], in_user_ns: bool) ->
 }
 
 fn create(root: BorrowedFd<'_>, d: &Device, in_user_ns: bool) -> Result<(), RootfsError> {
-    let err = |step: &'static str| move |e: std::io::Error| RootfsError::Device { path: d.path.clone(), step, source: e };
+    let err = |step: &'static str| {
+        move |e: std::io::Error| RootfsError::Device {
+            path: d.path.clone(),
+            step,
+            source: e,
+        }
+    };
     let (Some(parent), Some(name)) = (d.path.parent(), d.path.file_name()) else {
-        return Err(RootfsError::InvalidDevice { path: d.path.clone(), reason: "no file name" });
+        return Err(RootfsError::InvalidDevice {
+            path: d.path.clone(),
+            reason: "no file name",
+        });
     };
     if in_user_ns && d.kind != NodeKind::Fifo {
         return bind_host_node(root, d);
@@ -119,32 +143,63 @@ fn create(root: BorrowedFd<'_>, d: &Device, in_user_ns: bool) -> Result<(), Root
         Err(rustix::io::Errno::EXIST) => return Ok(()),
         r => r.map_err(|e| err("mknod")(e.into()))?,
     }
-    let owner = (Some(rustix::fs::Uid::from_raw(d.uid)), Some(rustix::fs::Gid::from_raw(d.gid)));
-    rustix::fs::chownat(&parent, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| err("chown")(e.into()))
+    let owner = (
+        Some(rustix::fs::Uid::from_raw(d.uid)),
+        Some(rustix::fs::Gid::from_raw(d.gid)),
+    );
+    rustix::fs::chownat(&parent, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| err("chown")(e.into()))
 }
 
 /// Bind-mounts the host's node at the same path over an empty file.
 fn bind_host_node(root: BorrowedFd<'_>, d: &Device) -> Result<(), RootfsError> {
-    let err = |step: &'static str| move |e: std::io::Error| RootfsError::Device { path: d.path.clone(), step, source: e };
+    let err = |step: &'static str| {
+        move |e: std::io::Error| RootfsError::Device {
+            path: d.path.clone(),
+            step,
+            source: e,
+        }
+    };
     let src = rustix::fs::open(&d.path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| err("open host node of")(e.into()))?;
-    let target = resolve::open_or_create(root, &d.path, Kind::File, false).map_err(err("create"))?;
-    mount_fd(Some(src.as_fd()), target.as_fd(), None, MsFlags::MS_BIND, None).map_err(err("bind-mount host node onto"))
+    let target =
+        resolve::open_or_create(root, &d.path, Kind::File, false).map_err(err("create"))?;
+    mount_fd(
+        Some(src.as_fd()),
+        target.as_fd(),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )
+    .map_err(err("bind-mount host node onto"))
 }
 
 /// /dev/fd, /dev/stdin, /dev/stdout, /dev/stderr, and /dev/core when the
 /// kernel has /proc/kcore. An existing entry is left alone.
 pub fn create_symlinks(root: BorrowedFd<'_>, with_kcore: bool) -> Result<(), RootfsError> {
-    let mut links = vec![("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")];
+    let mut links = vec![
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
     if with_kcore {
         links.push(("core", "/proc/kcore"));
     }
-    let dev = resolve::mkdir_all(root, Path::new("/dev"))
-        .map_err(|source| RootfsError::Create { path: PathBuf::from("/dev"), source })?;
+    let dev =
+        resolve::mkdir_all(root, Path::new("/dev")).map_err(|source| RootfsError::Create {
+            path: PathBuf::from("/dev"),
+            source,
+        })?;
     for (name, target) in links {
         match rustix::fs::symlinkat(target, &dev, name) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(RootfsError::Symlink { path: Path::new("/dev").join(name), source: e.into() }),
+            Err(e) => {
+                return Err(RootfsError::Symlink {
+                    path: Path::new("/dev").join(name),
+                    source: e.into(),
+                })
+            }
         }
     }
     Ok(())
@@ -153,12 +208,24 @@ pub fn create_symlinks(root: BorrowedFd<'_>, with_kcore: bool) -> Result<(), Roo
 /// Replaces /dev/ptmx by a symlink to the devpts instance's pts/ptmx.
 pub fn setup_ptmx(root: BorrowedFd<'_>) -> Result<(), RootfsError> {
     let path = PathBuf::from("/dev/ptmx");
-    let dev = resolve::open_dir(root, Path::new("/dev")).map_err(|source| RootfsError::Resolve { path: path.clone(), source })?;
+    let dev =
+        resolve::open_dir(root, Path::new("/dev")).map_err(|source| RootfsError::Resolve {
+            path: path.clone(),
+            source,
+        })?;
     match rustix::fs::unlinkat(&dev, "ptmx", AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-        Err(e) => return Err(RootfsError::Symlink { path, source: e.into() }),
+        Err(e) => {
+            return Err(RootfsError::Symlink {
+                path,
+                source: e.into(),
+            })
+        }
     }
-    rustix::fs::symlinkat("pts/ptmx", &dev, "ptmx").map_err(|e| RootfsError::Symlink { path, source: e.into() })
+    rustix::fs::symlinkat("pts/ptmx", &dev, "ptmx").map_err(|e| RootfsError::Symlink {
+        path,
+        source: e.into(),
+    })
 }
 
 #[cfg(test)]
@@ -167,15 +234,26 @@ mod tests {
     use oci_spec::runtime::LinuxDeviceBuilder;
 
     fn spec_dev(path: &str, typ: LinuxDeviceType, major: i64, minor: i64) -> LinuxDevice {
-        LinuxDeviceBuilder::default().path(path).typ(typ).major(major).minor(minor).build().unwrap()
+        LinuxDeviceBuilder::default()
+            .path(path)
+            .typ(typ)
+            .major(major)
+            .minor(minor)
+            .build()
+            .unwrap()
     }
 
     #[test]
     fn defaults_are_the_spec_set() {
         let paths: Vec<_> = defaults().into_iter().map(|d| d.path).collect();
-        let want: Vec<PathBuf> = ["null", "zero", "full", "random", "urandom", "tty"].iter().map(|n| Path::new("/dev").join(n)).collect();
+        let want: Vec<PathBuf> = ["null", "zero", "full", "random", "urandom", "tty"]
+            .iter()
+            .map(|n| Path::new("/dev").join(n))
+            .collect();
         assert_eq!(paths, want);
-        assert!(defaults().iter().all(|d| d.mode == 0o666 && d.kind == NodeKind::Char));
+        assert!(defaults()
+            .iter()
+            .all(|d| d.mode == 0o666 && d.kind == NodeKind::Char));
     }
 
     #[test]

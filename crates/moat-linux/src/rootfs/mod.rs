@@ -186,34 +186,67 @@ pub enum RootfsError {
 }
 
 /// mount(2) onto the mount target `target` (via its /proc/self/fd link).
-fn mount_at(source: Option<&str>, target: BorrowedFd<'_>, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+fn mount_at(
+    source: Option<&str>,
+    target: BorrowedFd<'_>,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
     let target = resolve::fd_path(target);
     let data = data.filter(|d| !d.is_empty());
     nix::mount::mount(source, target.as_str(), fstype, flags, data).map_err(io::Error::from)
 }
 
 /// mount(2) from one fd onto another (binds, propagation, remounts).
-fn mount_fd(source: Option<BorrowedFd<'_>>, target: BorrowedFd<'_>, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+fn mount_fd(
+    source: Option<BorrowedFd<'_>>,
+    target: BorrowedFd<'_>,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
     let source = source.map(resolve::fd_path);
     mount_at(source.as_deref(), target, fstype, flags, data)
 }
 
 fn rootfs_propagation(spec: &Spec) -> Result<Option<MsFlags>, RootfsError> {
-    let Some(value) = spec.linux().as_ref().and_then(|l| l.rootfs_propagation().as_deref()) else { return Ok(None) };
+    let Some(value) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().as_deref())
+    else {
+        return Ok(None);
+    };
     if value.is_empty() {
         return Ok(None);
     }
-    options::propagation_flags(value).map(Some).ok_or_else(|| RootfsError::InvalidPropagation { value: value.to_owned() })
+    options::propagation_flags(value)
+        .map(Some)
+        .ok_or_else(|| RootfsError::InvalidPropagation {
+            value: value.to_owned(),
+        })
 }
 
 fn set_propagation(path: &str, flags: MsFlags) -> Result<(), RootfsError> {
-    nix::mount::mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
-        .map_err(|e| RootfsError::Propagation { path: PathBuf::from(path), source: e.into() })
+    nix::mount::mount(None::<&str>, path, None::<&str>, flags, None::<&str>).map_err(|e| {
+        RootfsError::Propagation {
+            path: PathBuf::from(path),
+            source: e.into(),
+        }
+    })
 }
 
 fn open_root(path: &Path) -> Result<OwnedFd, RootfsError> {
-    rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| RootfsError::OpenRootfs { path: path.to_owned(), source: e.into() })
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| RootfsError::OpenRootfs {
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// Whether moat sets up /dev itself (not when the spec bind-mounts a /dev).
@@ -225,7 +258,10 @@ fn sets_up_dev(spec: &Spec) -> bool {
 }
 
 fn has_devpts(spec: &Spec) -> bool {
-    spec.mounts().iter().flatten().any(|m| m.typ().as_deref() == Some("devpts") && resolve::clean(m.destination()) == Path::new("/dev/pts"))
+    spec.mounts().iter().flatten().any(|m| {
+        m.typ().as_deref() == Some("devpts")
+            && resolve::clean(m.destination()) == Path::new("/dev/pts")
+    })
 }
 
 /// Propagation, bind rootfs on itself, every spec mount (targets resolved
@@ -236,8 +272,17 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<(), RootfsError> {
     let propagation = rootfs_propagation(cfg.spec)?.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
     set_propagation("/", propagation)?;
     pivot::make_parent_private(cfg.rootfs)?;
-    nix::mount::mount(Some(cfg.rootfs), cfg.rootfs, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| RootfsError::BindRootfs { path: cfg.rootfs.to_owned(), source: e.into() })?;
+    nix::mount::mount(
+        Some(cfg.rootfs),
+        cfg.rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| RootfsError::BindRootfs {
+        path: cfg.rootfs.to_owned(),
+        source: e.into(),
+    })?;
     // Opened after the bind, so paths resolve through the new mount.
     let root = open_root(cfg.rootfs)?;
     let with_kcore = Path::new("/proc/kcore").exists();
@@ -245,7 +290,12 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<(), RootfsError> {
         mount::mount_entry(root.as_fd(), cfg, m)?;
     }
     if sets_up_dev(cfg.spec) {
-        let spec_devices = cfg.spec.linux().as_ref().and_then(|l| l.devices().as_deref()).unwrap_or(&[]);
+        let spec_devices = cfg
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_deref())
+            .unwrap_or(&[]);
         devices::create_all(root.as_fd(), &devices::merge(spec_devices)?, cfg.in_user_ns)?;
         devices::create_symlinks(root.as_fd(), with_kcore)?;
         if has_devpts(cfg.spec) {
@@ -287,11 +337,16 @@ pub fn finish(cfg: &RootfsConfig) -> Result<(), RootfsError> {
     for p in unique_cleaned(linux.and_then(|l| l.readonly_paths().as_ref())) {
         paths::make_readonly(root.as_fd(), &p)?;
     }
-    if cfg.spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
-        // Reopen: the fd taken before may predate nothing, but "/" must be
-        // the mount root now on top.
-        let top = open_root(Path::new("/"))?;
-        paths::readonly_root(top.as_fd())?;
+    if cfg
+        .spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        // Masks and read-only paths mount below "/", never on it, so `root`
+        // is still the root mount's root.
+        paths::readonly_root(root.as_fd())?;
     }
     if let Some(flags) = rootfs_propagation(cfg.spec)? {
         set_propagation("/", flags)?;

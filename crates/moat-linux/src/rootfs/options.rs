@@ -222,7 +222,10 @@ mod tests {
     #[test]
     fn mixed_options() {
         let o = opts("ro,nosuid,rbind,rro,mode=755,size=64k");
-        assert_eq!(o.flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_BIND | MsFlags::MS_REC
+        );
         assert_eq!(o.rec_set, libc::MOUNT_ATTR_RDONLY);
         assert_eq!(o.rec_clear, 0);
         assert_eq!(o.data_string(), "mode=755,size=64k");
@@ -246,7 +249,11 @@ mod tests {
         let o = opts("bind,rshared,private,runbindable");
         assert_eq!(
             o.propagation,
-            vec![MsFlags::MS_SHARED | MsFlags::MS_REC, MsFlags::MS_PRIVATE, MsFlags::MS_UNBINDABLE | MsFlags::MS_REC]
+            vec![
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+                MsFlags::MS_PRIVATE,
+                MsFlags::MS_UNBINDABLE | MsFlags::MS_REC
+            ]
         );
         assert!(o.is_bind() && !o.is_recursive_bind());
         assert!(o.data.is_empty());
@@ -257,9 +264,15 @@ mod tests {
         let o = opts("rnosuid,rnodev,rnoexec,rrw,rnoatime");
         assert_eq!(
             o.rec_set,
-            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC | libc::MOUNT_ATTR_NOATIME
+            libc::MOUNT_ATTR_NOSUID
+                | libc::MOUNT_ATTR_NODEV
+                | libc::MOUNT_ATTR_NOEXEC
+                | libc::MOUNT_ATTR_NOATIME
         );
-        assert_eq!(o.rec_clear, libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR__ATIME);
+        assert_eq!(
+            o.rec_clear,
+            libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR__ATIME
+        );
         let o = opts("rro,rrw");
         assert_eq!(o.rec_set, 0);
         assert_eq!(o.rec_clear, libc::MOUNT_ATTR_RDONLY);
@@ -271,7 +284,10 @@ mod tests {
     #[test]
     fn atime_flags() {
         let o = opts("noatime,nodiratime,strictatime,norelatime");
-        assert_eq!(o.flags, MsFlags::MS_NOATIME | MsFlags::MS_NODIRATIME | MsFlags::MS_STRICTATIME);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_NOATIME | MsFlags::MS_NODIRATIME | MsFlags::MS_STRICTATIME
+        );
         assert_eq!(o.cleared, MsFlags::MS_RELATIME);
     }
 
@@ -280,13 +296,19 @@ mod tests {
         assert_eq!(opts("bind,idmap").idmap, Some(Idmap::Top));
         assert_eq!(opts("rbind,ridmap").idmap, Some(Idmap::Recursive));
         assert!(opts("tmpcopyup").tmpcopyup);
-        assert_eq!(opts("newinstance,ptmxmode=0666,mode=0620,gid=5").data_string(), "newinstance,ptmxmode=0666,mode=0620,gid=5");
+        assert_eq!(
+            opts("newinstance,ptmxmode=0666,mode=0620,gid=5").data_string(),
+            "newinstance,ptmxmode=0666,mode=0620,gid=5"
+        );
         assert_eq!(opts("").data_string(), "");
     }
 
     #[test]
     fn propagation_names() {
-        assert_eq!(propagation_flags("rslave"), Some(MsFlags::MS_SLAVE | MsFlags::MS_REC));
+        assert_eq!(
+            propagation_flags("rslave"),
+            Some(MsFlags::MS_SLAVE | MsFlags::MS_REC)
+        );
         assert_eq!(propagation_flags("slave"), Some(MsFlags::MS_SLAVE));
         assert_eq!(propagation_flags("bogus"), None);
     }

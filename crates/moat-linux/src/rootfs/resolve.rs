@@ -123,7 +123,9 @@ fn mkdir_walk(root: BorrowedFd<'_>, path: &Path) -> io::Result<Walk> {
         match open_dir(root, &prefix) {
             Ok(fd) => cur = fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let Some(next) = follow_dangling(cur.as_fd(), name, &parent)? else { return Err(e) };
+                let Some(next) = follow_dangling(cur.as_fd(), name, &parent)? else {
+                    return Err(e);
+                };
                 let mut next = next;
                 next.extend(&names[i + 1..]);
                 return Ok(Walk::Redirect(clean(&next)));
@@ -136,14 +138,24 @@ fn mkdir_walk(root: BorrowedFd<'_>, path: &Path) -> io::Result<Walk> {
 
 /// If `name` in `dir` (whose path in the root is `dir_path`) is a symlink,
 /// the path its text names, else `None`.
-fn follow_dangling(dir: BorrowedFd<'_>, name: &OsStr, dir_path: &Path) -> io::Result<Option<PathBuf>> {
+fn follow_dangling(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    dir_path: &Path,
+) -> io::Result<Option<PathBuf>> {
     let text = match rustix::fs::readlinkat(dir, name, Vec::new()) {
         Ok(t) => t,
         Err(rustix::io::Errno::INVAL) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let target = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(text.into_bytes()));
-    Ok(Some(if target.is_absolute() { target } else { dir_path.join(target) }))
+    let target = PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(text.into_bytes()),
+    );
+    Ok(Some(if target.is_absolute() {
+        target
+    } else {
+        dir_path.join(target)
+    }))
 }
 
 /// Opens `path` inside `root` (`O_PATH`), creating it first if missing: a
@@ -151,7 +163,12 @@ fn follow_dangling(dir: BorrowedFd<'_>, name: &OsStr, dir_path: &Path) -> io::Re
 /// umask) in a created parent for [`Kind::File`]. Dangling symlinks are
 /// followed inside the root as in [`mkdir_all`] (except a last one with
 /// `nofollow`, which is refused).
-pub fn open_or_create(root: BorrowedFd<'_>, path: &Path, kind: Kind, nofollow: bool) -> io::Result<OwnedFd> {
+pub fn open_or_create(
+    root: BorrowedFd<'_>,
+    path: &Path,
+    kind: Kind,
+    nofollow: bool,
+) -> io::Result<OwnedFd> {
     let mut path = clean(path);
     for _ in 0..MAX_HOPS {
         match open(root, &path, nofollow) {
@@ -166,16 +183,19 @@ pub fn open_or_create(root: BorrowedFd<'_>, path: &Path, kind: Kind, nofollow: b
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         let parent = mkdir_all(root, parent_path)?;
-        let flags = OFlags::CREATE | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let flags =
+            OFlags::CREATE | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
         match rustix::fs::openat(parent.as_fd(), name, flags, Mode::from_raw_mode(0o644)) {
             Ok(fd) => {
                 drop(fd);
                 return open(root, &path, nofollow);
             }
-            Err(rustix::io::Errno::LOOP) if !nofollow => match follow_dangling(parent.as_fd(), name, parent_path)? {
-                Some(next) => path = clean(&next),
-                None => return Err(io::Error::from_raw_os_error(libc::ELOOP)),
-            },
+            Err(rustix::io::Errno::LOOP) if !nofollow => {
+                match follow_dangling(parent.as_fd(), name, parent_path)? {
+                    Some(next) => path = clean(&next),
+                    None => return Err(io::Error::from_raw_os_error(libc::ELOOP)),
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -197,7 +217,12 @@ mod tests {
     }
 
     fn root_fd(dir: &Path) -> OwnedFd {
-        rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
+        rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -209,7 +234,8 @@ mod tests {
         symlink("../../../../outside", root.join("up")).unwrap();
         let fd = root_fd(&root);
         // "/toslash/x" means "<root>/x", never the host's "/x".
-        let made = open_or_create(fd.as_fd(), Path::new("/toslash/made/dir"), Kind::Dir, false).unwrap();
+        let made =
+            open_or_create(fd.as_fd(), Path::new("/toslash/made/dir"), Kind::Dir, false).unwrap();
         assert!(root.join("made/dir").is_dir());
         let st = rustix::fs::fstat(&made).unwrap();
         let want = std::fs::metadata(root.join("made/dir")).unwrap();
@@ -237,7 +263,11 @@ mod tests {
         std::fs::create_dir(root.path().join("real")).unwrap();
         symlink("real", root.path().join("link")).unwrap();
         let fd = root_fd(root.path());
-        let r = in_root(fd.as_fd(), Path::new("/link"), OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY);
+        let r = in_root(
+            fd.as_fd(),
+            Path::new("/link"),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY,
+        );
         assert!(r.is_err());
         assert!(open(fd.as_fd(), Path::new("/link"), false).is_ok());
     }
