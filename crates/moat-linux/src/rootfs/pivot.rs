@@ -1,0 +1,174 @@
+//! Switching the process's root to the rootfs.
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use rustix::fs::{Mode, OFlags};
+
+use super::RootfsError;
+
+fn err<'a>(
+    step: &'static str,
+    rootfs: &'a Path,
+) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Pivot {
+        step,
+        path: rootfs.to_owned(),
+        source,
+    }
+}
+
+fn open_dir(path: &Path, rootfs: &Path) -> Result<std::os::fd::OwnedFd, RootfsError> {
+    rustix::fs::open(
+        path,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err("open", rootfs)(e.into()))
+}
+
+/// pivot_root(".", ".") inside the rootfs: the old root ends up stacked on
+/// the new one; made rslave (so the detach cannot propagate to the host) and
+/// lazily unmounted, it disappears.
+pub fn pivot_root(rootfs: &Path) -> Result<(), RootfsError> {
+    let old = open_dir(Path::new("/"), rootfs)?;
+    let new = open_dir(rootfs, rootfs)?;
+    rustix::process::fchdir(&new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
+    rustix::process::pivot_root(".", ".").map_err(|e| err("pivot_root", rootfs)(e.into()))?;
+    rustix::process::fchdir(&old).map_err(|e| err("enter old root", rootfs)(e.into()))?;
+    nix::mount::mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| err("make old root rslave", rootfs)(e.into()))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| err("detach old root", rootfs)(e.into()))?;
+    rustix::process::chdir("/").map_err(|e| err("chdir to new root", rootfs)(e.into()))
+}
+
+/// Without pivot_root (e.g. on a ramfs root): move the rootfs mount onto "/"
+/// and chroot into it. Weaker: the old root stays reachable to a process
+/// that can escape a chroot.
+pub fn move_root(rootfs: &Path) -> Result<(), RootfsError> {
+    let new = open_dir(rootfs, rootfs)?;
+    rustix::process::fchdir(&new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| err("move rootfs onto /", rootfs)(e.into()))?;
+    rustix::process::chroot(".").map_err(|e| err("chroot", rootfs)(e.into()))?;
+    rustix::process::chdir("/").map_err(|e| err("chdir to new root", rootfs)(e.into()))
+}
+
+/// pivot_root refuses a new root whose parent mount is shared: if the mount
+/// holding `rootfs` is shared, make it private (in our namespace only).
+pub fn make_parent_private(rootfs: &Path) -> Result<(), RootfsError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| RootfsError::MountInfo { source })?;
+    let real = std::fs::canonicalize(rootfs).map_err(|source| RootfsError::OpenRootfs {
+        path: rootfs.to_owned(),
+        source,
+    })?;
+    let Some((mount_point, shared)) = parent_mount(&info, &real) else {
+        return Ok(());
+    };
+    if !shared {
+        return Ok(());
+    }
+    nix::mount::mount(
+        None::<&str>,
+        &mount_point,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| RootfsError::Propagation {
+        path: mount_point,
+        source: e.into(),
+    })
+}
+
+/// The mount point (and whether it is shared) of the last-mounted entry of
+/// `mountinfo` that is the longest prefix of `path`.
+pub fn parent_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
+    let mut best: Option<(PathBuf, bool)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(mp) = fields.get(4).map(|m| PathBuf::from(unescape(m))) else {
+            continue;
+        };
+        if !path.starts_with(&mp) {
+            continue;
+        }
+        let shared = fields
+            .iter()
+            .skip(6)
+            .take_while(|f| **f != "-")
+            .any(|f| f.starts_with("shared:"));
+        let longer = best
+            .as_ref()
+            .is_none_or(|(b, _)| mp.components().count() >= b.components().count());
+        if longer {
+            best = Some((mp, shared));
+        }
+    }
+    best
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:5 / /var rw shared:5 - ext4 /dev/sdb rw
+31 30 0:6 / /var/lib\\040x rw - tmpfs tmpfs rw
+32 22 0:7 / /var/lib2 rw shared:9 - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn finds_the_parent_mount() {
+        assert_eq!(
+            parent_mount(INFO, Path::new("/var/lib x/rootfs")),
+            Some((PathBuf::from("/var/lib x"), false))
+        );
+        assert_eq!(
+            parent_mount(INFO, Path::new("/var/lib/rootfs")),
+            Some((PathBuf::from("/var"), true))
+        );
+        assert_eq!(
+            parent_mount(INFO, Path::new("/srv/rootfs")),
+            Some((PathBuf::from("/"), true))
+        );
+        assert_eq!(
+            parent_mount(INFO, Path::new("/var/lib2")),
+            Some((PathBuf::from("/var/lib2"), true))
+        );
+    }
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+}
