@@ -228,7 +228,7 @@ fn user_groups_and_no_new_privs() {
     groups.sort();
     assert_eq!(groups, vec!["1001", "5", "6"], "{out}");
     assert_eq!(status_field(&out, "NoNewPrivs"), "1", "{out}");
-    // Non-root with ambient caps in the default spec: ambient caps stay effective.
+    // And off when the config says so.
     let mut b = script("grep '^NoNewPrivs:' /proc/self/status");
     b.set("/process/noNewPrivileges", json!(false));
     assert_eq!(status_field(&rt.run_ok(&b), "NoNewPrivs"), "0");
