@@ -397,8 +397,12 @@ impl Drop for Ctr<'_> {
 fn busybox_applets() -> &'static Vec<String> {
     static APPLETS: OnceLock<Vec<String>> = OnceLock::new();
     APPLETS.get_or_init(|| {
-        let out = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|s| !s.is_empty()).collect()
+        // Through run_binary: a plain Command would race the reaper for its exit status.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (o, e) = (tmp.path().join("out"), tmp.path().join("err"));
+        let out = run_binary(Path::new("/bin/busybox"), &["--list".into()], Opts::default(), &o, &e);
+        assert!(out.ok(), "busybox --list: {out:?}");
+        out.stdout.lines().map(str::to_string).filter(|s| !s.is_empty()).collect()
     })
 }
 
