@@ -16,38 +16,63 @@ fn assert_refused(rt: &Rt, o: &Out) {
     assert!(!o.ok() && o.code.is_some(), "should fail: {o:?}");
     assert!(!o.stderr.trim().is_empty(), "no error message: {o:?}");
     if rt.is_moat() {
-        assert_eq!(o.stderr.trim_end().lines().count(), 1, "one-line error expected: {:?}", o.stderr);
+        assert_eq!(
+            o.stderr.trim_end().lines().count(),
+            1,
+            "one-line error expected: {:?}",
+            o.stderr
+        );
     }
 }
 
 /// Asserts nothing of container `id` (bundle `bundle`) survives.
 #[track_caller]
 fn assert_nothing_left(rt: &Rt, id: &str, bundle: &Path) {
-    assert!(root_entries(rt).is_empty(), "state dir not empty: {:?}", root_entries(rt));
+    assert!(
+        root_entries(rt).is_empty(),
+        "state dir not empty: {:?}",
+        root_entries(rt)
+    );
     if !matches!(id, "" | "." | "..") && !id.contains('/') {
         for ctl in ["pids", "memory", "freezer", "devices", "cpu"] {
             let p = Path::new("/sys/fs/cgroup").join(ctl).join(id);
             assert!(!p.exists(), "cgroup {} left behind", p.display());
         }
     }
-    assert!(processes_under(bundle).is_empty(), "processes left in {}", bundle.display());
+    assert!(
+        processes_under(bundle).is_empty(),
+        "processes left in {}",
+        bundle.display()
+    );
 }
 
 /// Runs `create` with a raw config.json text.
-fn create_raw<'a>(rt: &'a Rt, b: &Bundle, text: &str) -> (String, Out) {
+fn create_raw(rt: &Rt, b: &Bundle, text: &str) -> (String, Out) {
     fs::write(b.dir().join("config.json"), text).expect("write config.json");
     let id = rt.new_id("bad");
     let d = b.dir().display().to_string();
     let o = rt.cmd(&["create", "--bundle", &d, &id]);
-    let _guard = Ctr { rt, id: id.clone(), out: None };
+    let _guard = Ctr {
+        rt,
+        id: id.clone(),
+        out: None,
+    };
     (id, o)
 }
 
 #[test]
 fn malformed_config_json() {
-    let Some(rt) = Rt::root_or_skip("malformed_config") else { return };
+    let Some(rt) = Rt::root_or_skip("malformed_config") else {
+        return;
+    };
     let b = Bundle::new(&["true"]);
-    for text in ["{", "", "[]", "{\"ociVersion\": 5}", "{\"process\": {\"args\": \"notalist\"}, \"root\": {\"path\": \"rootfs\"}}"] {
+    for text in [
+        "{",
+        "",
+        "[]",
+        "{\"ociVersion\": 5}",
+        "{\"process\": {\"args\": \"notalist\"}, \"root\": {\"path\": \"rootfs\"}}",
+    ] {
         let (id, o) = create_raw(&rt, &b, text);
         assert_refused(&rt, &o);
         rt.state(&id).expect_fail();
@@ -57,19 +82,27 @@ fn malformed_config_json() {
 
 #[test]
 fn missing_config_json() {
-    let Some(rt) = Rt::root_or_skip("missing_config") else { return };
+    let Some(rt) = Rt::root_or_skip("missing_config") else {
+        return;
+    };
     let b = Bundle::new(&["true"]);
     let id = rt.new_id("nocfg");
     let d = b.dir().display().to_string();
     let o = rt.cmd(&["create", "--bundle", &d, &id]);
-    let _g = Ctr { rt: &rt, id: id.clone(), out: None };
+    let _g = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
     assert_refused(&rt, &o);
     assert_nothing_left(&rt, &id, b.dir());
 }
 
 #[test]
 fn unknown_field() {
-    let Some(rt) = Rt::root_or_skip("unknown_field") else { return };
+    let Some(rt) = Rt::root_or_skip("unknown_field") else {
+        return;
+    };
     let mut b = Bundle::new(&["true"]);
     b.set("/process/bogusField", json!(1));
     b.set("/linux/notAThing", json!({"x": 1}));
@@ -81,7 +114,11 @@ fn unknown_field() {
         assert_refused(&rt, &o);
         assert_nothing_left(&rt, &id, b.dir());
     } else {
-        eprintln!("note: {} accepted unknown fields (exit {:?})", rt.bin.display(), o.code);
+        eprintln!(
+            "note: {} accepted unknown fields (exit {:?})",
+            rt.bin.display(),
+            o.code
+        );
         rt.cmd(&["delete", "--force", &id]);
         assert_nothing_left(&rt, &id, b.dir());
     }
@@ -89,11 +126,17 @@ fn unknown_field() {
 
 #[test]
 fn invalid_ids() {
-    let Some(rt) = Rt::root_or_skip("invalid_ids") else { return };
+    let Some(rt) = Rt::root_or_skip("invalid_ids") else {
+        return;
+    };
     let b = Bundle::new(&["sleep", "100"]);
     b.write_config();
     let d = b.dir().display().to_string();
-    let outside = rt.root().parent().map(|p| p.join("x")).expect("root has a parent");
+    let outside = rt
+        .root()
+        .parent()
+        .map(|p| p.join("x"))
+        .expect("root has a parent");
     let outside_before = outside.exists();
     for id in ["../x", "", "a/b", "..", ".", "/abs"] {
         let o = rt.cmd(&["create", "--bundle", &d, id]);
@@ -103,7 +146,12 @@ fn invalid_ids() {
         assert_refused(&rt, &o);
         assert_nothing_left(&rt, id, b.dir());
     }
-    assert_eq!(outside.exists(), outside_before, "{} created outside --root", outside.display());
+    assert_eq!(
+        outside.exists(),
+        outside_before,
+        "{} created outside --root",
+        outside.display()
+    );
     for ctl in ["pids", "memory"] {
         let p = Path::new("/sys/fs/cgroup").join(ctl).join("x");
         assert!(!p.exists(), "{} created by id ../x", p.display());
@@ -112,7 +160,9 @@ fn invalid_ids() {
 
 #[test]
 fn missing_rootfs() {
-    let Some(rt) = Rt::root_or_skip("missing_rootfs") else { return };
+    let Some(rt) = Rt::root_or_skip("missing_rootfs") else {
+        return;
+    };
     let b = Bundle::new(&["true"]);
     fs::remove_dir_all(b.rootfs()).expect("remove rootfs");
     let text = serde_json::to_string(&b.config).expect("json");
@@ -128,7 +178,9 @@ fn missing_rootfs() {
 
 #[test]
 fn missing_executable() {
-    let Some(rt) = Rt::root_or_skip("missing_executable") else { return };
+    let Some(rt) = Rt::root_or_skip("missing_executable") else {
+        return;
+    };
     let b = Bundle::new(&["/no/such/binary"]);
     let (c, o) = rt.run_fg(&b);
     assert_refused(&rt, &o);
@@ -138,7 +190,9 @@ fn missing_executable() {
 
 #[test]
 fn nonexistent_container() {
-    let Some(rt) = Rt::root_or_skip("nonexistent") else { return };
+    let Some(rt) = Rt::root_or_skip("nonexistent") else {
+        return;
+    };
     let id = rt.new_id("ghost");
     for args in [
         vec!["state", id.as_str()],
@@ -157,7 +211,9 @@ fn nonexistent_container() {
 
 #[test]
 fn duplicate_id_and_double_start() {
-    let Some(rt) = Rt::root_or_skip("duplicate") else { return };
+    let Some(rt) = Rt::root_or_skip("duplicate") else {
+        return;
+    };
     let b = Bundle::new(&["sleep", "1000"]);
     let c = rt.create(&b, &[]).expect("create");
     let pid = c.pid();
@@ -177,7 +233,9 @@ fn duplicate_id_and_double_start() {
 
 #[test]
 fn bad_bundle_path() {
-    let Some(rt) = Rt::root_or_skip("bad_bundle") else { return };
+    let Some(rt) = Rt::root_or_skip("bad_bundle") else {
+        return;
+    };
     let id = rt.new_id("nobundle");
     let o = rt.cmd(&["create", "--bundle", "/nonexistent/bundle/dir", &id]);
     assert_refused(&rt, &o);

@@ -23,7 +23,11 @@ fn host_mountinfo_mentions(p: &Path) -> Vec<String> {
 
 fn dir_listing(p: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(p)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -33,16 +37,28 @@ fn dir_listing(p: &Path) -> Vec<String> {
 /// the runtime must resolve them inside the rootfs (or refuse), never on the host.
 #[test]
 fn symlinked_mount_destination_stays_in_rootfs() {
-    let Some(rt) = Rt::root_or_skip("symlink_mount_dest") else { return };
-    let host = tempfile::Builder::new().prefix("moat-e2e-victim-").tempdir().expect("tempdir");
+    let Some(rt) = Rt::root_or_skip("symlink_mount_dest") else {
+        return;
+    };
+    let host = tempfile::Builder::new()
+        .prefix("moat-e2e-victim-")
+        .tempdir()
+        .expect("tempdir");
     fs::write(host.path().join("marker"), "host data\n").expect("marker");
     let before = dir_listing(host.path());
     let h = host.path().display().to_string();
 
     for (link, target) in [("evil", "/"), ("up", "../../../../../../../../..")] {
-        let mut b = Bundle::new(&["sh", "-c", &format!("grep -c ' {h}/made-by-{link} ' /proc/mounts")]);
+        let mut b = Bundle::new(&[
+            "sh",
+            "-c",
+            &format!("grep -c ' {h}/made-by-{link} ' /proc/mounts"),
+        ]);
         symlink(target, b.rootfs().join(link)).expect("symlink");
-        b.push("/mounts", tmpfs_mount(&format!("/{link}{h}/made-by-{link}"), &["size=1m"]));
+        b.push(
+            "/mounts",
+            tmpfs_mount(&format!("/{link}{h}/made-by-{link}"), &["size=1m"]),
+        );
         let (_c, o) = rt.run_fg(&b);
         if o.ok() {
             // Resolved inside the rootfs: the container sees its tmpfs at the in-rootfs path.
@@ -50,8 +66,15 @@ fn symlinked_mount_destination_stays_in_rootfs() {
         } else {
             eprintln!("note: {link} -> {target} refused: {}", o.stderr.trim());
         }
-        assert_eq!(dir_listing(host.path()), before, "{link} -> {target}: host dir {h} changed");
-        assert!(host_mountinfo_mentions(host.path()).is_empty(), "host mount under {h}");
+        assert_eq!(
+            dir_listing(host.path()),
+            before,
+            "{link} -> {target}: host dir {h} changed"
+        );
+        assert!(
+            host_mountinfo_mentions(host.path()).is_empty(),
+            "host mount under {h}"
+        );
         assert!(!Path::new("/made-by-evil").exists() && !Path::new("/made-by-up").exists());
     }
 }
@@ -60,8 +83,13 @@ fn symlinked_mount_destination_stays_in_rootfs() {
 /// replace that host file.
 #[test]
 fn symlinked_bind_destination_does_not_touch_host_file() {
-    let Some(rt) = Rt::root_or_skip("symlink_bind_dest") else { return };
-    let host = tempfile::Builder::new().prefix("moat-e2e-victim-").tempdir().expect("tempdir");
+    let Some(rt) = Rt::root_or_skip("symlink_bind_dest") else {
+        return;
+    };
+    let host = tempfile::Builder::new()
+        .prefix("moat-e2e-victim-")
+        .tempdir()
+        .expect("tempdir");
     let victim = host.path().join("victim");
     fs::write(&victim, "original\n").expect("victim");
     let src = host.path().join("payload");
@@ -74,7 +102,10 @@ fn symlinked_bind_destination_does_not_touch_host_file() {
     if !o.ok() {
         eprintln!("note: refused: {}", o.stderr.trim());
     }
-    assert_eq!(fs::read_to_string(&victim).unwrap_or_default(), "original\n");
+    assert_eq!(
+        fs::read_to_string(&victim).unwrap_or_default(),
+        "original\n"
+    );
     assert!(host_mountinfo_mentions(&victim).is_empty());
 }
 
@@ -84,7 +115,9 @@ fn symlinked_bind_destination_does_not_touch_host_file() {
 /// makes the runtime run itself inside the container).
 #[test]
 fn runtime_binary_not_writable_from_container() {
-    let Some(rt) = Rt::root_or_skip("proc_self_exe") else { return };
+    let Some(rt) = Rt::root_or_skip("proc_self_exe") else {
+        return;
+    };
     let bin_before = fs::read(&rt.bin).expect("read runtime binary");
     // Opening for write (`: >>`) is the breach; nothing is ever written.
     let scanner = r#"
@@ -119,10 +152,19 @@ echo scan-done
         let _ = c.exec(&["true"]);
     }
     let out = c.wait_output("scan-done");
-    eprintln!("scanner: {}", out.lines().filter(|l| l.starts_with("OPENED")).count());
+    eprintln!(
+        "scanner: {}",
+        out.lines().filter(|l| l.starts_with("OPENED")).count()
+    );
     assert!(!out.contains("SELF-EXE-WRITABLE"), "{out}");
-    assert!(!out.contains("WROTE"), "runtime binary opened for write from the container: {out}");
-    assert!(fs::read(&rt.bin).expect("read runtime binary") == bin_before, "runtime binary changed!");
+    assert!(
+        !out.contains("WROTE"),
+        "runtime binary opened for write from the container: {out}"
+    );
+    assert!(
+        fs::read(&rt.bin).expect("read runtime binary") == bin_before,
+        "runtime binary changed!"
+    );
 }
 
 /// The fd numbers in `ls -l /proc/N/fd` output ("... 0 -> /dev/null").
@@ -137,7 +179,9 @@ fn fd_numbers(ls: &str) -> Vec<String> {
 /// the container, including when cwd is set to /proc/self/fd/N (a leaked fd).
 #[test]
 fn no_host_fds_and_cwd_inside() {
-    let Some(rt) = Rt::root_or_skip("fd_leak") else { return };
+    let Some(rt) = Rt::root_or_skip("fd_leak") else {
+        return;
+    };
     // `ls -l` in a child lists the shell's fds (a glob or $(...) would add the shell's own).
     let probe = "ls -l /proc/$$/fd; echo \"cwd $(readlink /proc/$$/cwd)\"";
     let mut b = Bundle::new(&["sh", "-c", probe]);
@@ -158,15 +202,24 @@ fn no_host_fds_and_cwd_inside() {
 
     // The attack: cwd through a leaked fd, then walk up to the host's /.
     let escape = "cd ../../../../../../.. 2>/dev/null; [ -e etc/os-release ] && echo HOST-ROOT; readlink /proc/$$/cwd";
-    assert!(Path::new("/etc/os-release").exists(), "host marker /etc/os-release");
+    assert!(
+        Path::new("/etc/os-release").exists(),
+        "host marker /etc/os-release"
+    );
     for n in 3..=9 {
         let fdpath = format!("/proc/self/fd/{n}");
         let mut b = Bundle::new(&["sh", "-c", escape]);
         b.set("/process/cwd", json!(fdpath));
         let (_c, o) = rt.run_fg(&b);
-        assert!(!o.stdout.contains("HOST-ROOT"), "cwd {fdpath} escaped: {o:?}");
+        assert!(
+            !o.stdout.contains("HOST-ROOT"),
+            "cwd {fdpath} escaped: {o:?}"
+        );
         let o = c.exec_opts(&["--cwd", &fdpath], &["sh", "-c", escape]);
-        assert!(!o.stdout.contains("HOST-ROOT"), "exec --cwd {fdpath} escaped: {o:?}");
+        assert!(
+            !o.stdout.contains("HOST-ROOT"),
+            "exec --cwd {fdpath} escaped: {o:?}"
+        );
     }
 }
 
@@ -175,9 +228,16 @@ fn no_host_fds_and_cwd_inside() {
 /// from a fresh user namespace).
 #[test]
 fn release_agent_not_writable() {
-    let Some(rt) = Rt::root_or_skip("release_agent") else { return };
+    let Some(rt) = Rt::root_or_skip("release_agent") else {
+        return;
+    };
     let agents: Vec<_> = fs::read_dir("/sys/fs/cgroup")
-        .map(|d| d.flatten().map(|e| e.path().join("release_agent")).filter(|p| p.exists()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().join("release_agent"))
+                .filter(|p| p.exists())
+                .collect()
+        })
         .unwrap_or_default();
     let before: Vec<String> = agents.iter().map(read_trim).collect();
     let script = r#"
@@ -192,7 +252,10 @@ unshare -Urm sh -c 'mount -t cgroup -o none,name=e2e2 cgroup /tmp/cg && echo /ev
 echo done
 "#;
     let mut b = Bundle::new(&["sh", "-c", script]);
-    b.push("/mounts", tmpfs_mount("/tmp", &["nosuid", "nodev", "mode=1777"]));
+    b.push(
+        "/mounts",
+        tmpfs_mount("/tmp", &["nosuid", "nodev", "mode=1777"]),
+    );
     let out = rt.run_ok(&b);
     assert!(out.contains("done"), "{out}");
     for bad in ["MOUNTED", "WROTE"] {

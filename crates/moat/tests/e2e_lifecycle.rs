@@ -16,24 +16,38 @@ fn sleeper() -> Bundle {
 fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes (the reaper collects it shortly).
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
 
 #[test]
 fn lifecycle_create_start_kill_delete() {
-    let Some(rt) = Rt::root_or_skip("lifecycle") else { return };
+    let Some(rt) = Rt::root_or_skip("lifecycle") else {
+        return;
+    };
     let b = sleeper();
     let c = rt.create(&b, &[]).expect("create");
     let st = c.state();
     assert_eq!(st["status"], "created", "{st}");
     assert_eq!(st["id"], c.id.as_str());
     assert!(st["ociVersion"].is_string(), "{st}");
-    assert_eq!(Path::new(st["bundle"].as_str().unwrap_or_default()), b.dir());
+    assert_eq!(
+        Path::new(st["bundle"].as_str().unwrap_or_default()),
+        b.dir()
+    );
     let pid = c.pid();
-    assert!(pid > 0 && alive(pid), "created container has a live init: {st}");
-    assert!(root_entries(&rt).contains(&c.id), "state dir entry for {}", c.id);
+    assert!(
+        pid > 0 && alive(pid),
+        "created container has a live init: {st}"
+    );
+    assert!(
+        root_entries(&rt).contains(&c.id),
+        "state dir entry for {}",
+        c.id
+    );
 
     c.start().expect_ok();
     assert_eq!(c.status(), "running");
@@ -46,7 +60,11 @@ fn lifecycle_create_start_kill_delete() {
     c.wait_status("stopped");
     rt.cmd(&["delete", &c.id]).expect_ok();
     rt.state(&c.id).expect_fail();
-    assert!(!root_entries(&rt).contains(&c.id), "state dir entry left: {:?}", root_entries(&rt));
+    assert!(
+        !root_entries(&rt).contains(&c.id),
+        "state dir entry left: {:?}",
+        root_entries(&rt)
+    );
     let t = std::time::Instant::now();
     while alive(pid) && t.elapsed().as_secs() < 10 {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -56,7 +74,9 @@ fn lifecycle_create_start_kill_delete() {
 
 #[test]
 fn run_exit_status_is_the_containers() {
-    let Some(rt) = Rt::root_or_skip("run_exit_status") else { return };
+    let Some(rt) = Rt::root_or_skip("run_exit_status") else {
+        return;
+    };
     let b = Bundle::new(&["sh", "-c", "echo out-line; exit 3"]);
     let (c, out) = rt.run_fg(&b);
     assert_eq!(out.code, Some(3), "{out:?}");
@@ -71,14 +91,26 @@ fn run_exit_status_is_the_containers() {
 
 #[test]
 fn run_detach() {
-    let Some(rt) = Rt::root_or_skip("run_detach") else { return };
+    let Some(rt) = Rt::root_or_skip("run_detach") else {
+        return;
+    };
     let b = Bundle::new(&["sh", "-c", "echo detached-ok; exec sleep 1000"]);
     b.write_config();
     let id = rt.new_id("detach");
-    let c = Ctr { rt: &rt, id: id.clone(), out: Some(rt.scratch_file("detached-out")) };
+    let c = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(rt.scratch_file("detached-out")),
+    };
     let bd = b.dir().display().to_string();
-    rt.cmd_with(&["run", "--detach", "--bundle", &bd, &id], Opts { stdout: c.out.clone(), stdin: None })
-        .expect_ok();
+    rt.cmd_with(
+        &["run", "--detach", "--bundle", &bd, &id],
+        Opts {
+            stdout: c.out.clone(),
+            stdin: None,
+        },
+    )
+    .expect_ok();
     assert_eq!(c.status(), "running");
     c.wait_output("detached-ok");
     rt.cmd(&["delete", "--force", &id]).expect_ok();
@@ -87,26 +119,52 @@ fn run_detach() {
 
 #[test]
 fn list_text_and_json() {
-    let Some(rt) = Rt::root_or_skip("list") else { return };
+    let Some(rt) = Rt::root_or_skip("list") else {
+        return;
+    };
     let b1 = sleeper();
     let b2 = sleeper();
     let created = rt.create(&b1, &[]).expect("create");
     let running = rt.start_ok(&b2);
 
     let text = rt.cmd(&["list"]).expect_ok().stdout;
-    let line_of = |id: &str| text.lines().find(|l| l.split_whitespace().next() == Some(id)).map(str::to_string);
-    assert!(text.lines().next().unwrap_or_default().contains("ID"), "header: {text}");
-    assert!(line_of(&created.id).is_some_and(|l| l.contains("created")), "{text}");
-    assert!(line_of(&running.id).is_some_and(|l| l.contains("running")), "{text}");
+    let line_of = |id: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .map(str::to_string)
+    };
+    assert!(
+        text.lines().next().unwrap_or_default().contains("ID"),
+        "header: {text}"
+    );
+    assert!(
+        line_of(&created.id).is_some_and(|l| l.contains("created")),
+        "{text}"
+    );
+    assert!(
+        line_of(&running.id).is_some_and(|l| l.contains("running")),
+        "{text}"
+    );
 
     let v = rt.cmd(&["list", "--format", "json"]).expect_ok().json();
     let arr = v.as_array().expect("list --format json is an array");
     assert_eq!(arr.len(), 2, "{v}");
-    let find = |id: &str| arr.iter().find(|e| e["id"] == id).cloned().unwrap_or(Value::Null);
+    let find = |id: &str| {
+        arr.iter()
+            .find(|e| e["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     assert_eq!(find(&created.id)["status"], "created");
     assert_eq!(find(&running.id)["status"], "running");
-    assert_eq!(find(&running.id)["pid"].as_i64(), Some(running.pid() as i64));
-    assert_eq!(find(&running.id)["bundle"].as_str().map(Path::new), Some(b2.dir()));
+    assert_eq!(
+        find(&running.id)["pid"].as_i64(),
+        Some(running.pid() as i64)
+    );
+    assert_eq!(
+        find(&running.id)["bundle"].as_str().map(Path::new),
+        Some(b2.dir())
+    );
 
     let quiet = rt.cmd(&["list", "-q"]).expect_ok().stdout;
     let mut ids: Vec<&str> = quiet.lines().collect();
@@ -118,13 +176,23 @@ fn list_text_and_json() {
 
 #[test]
 fn ps_text_and_json() {
-    let Some(rt) = Rt::root_or_skip("ps") else { return };
+    let Some(rt) = Rt::root_or_skip("ps") else {
+        return;
+    };
     let b = Bundle::new(&["sh", "-c", "sleep 1000 & echo started; wait"]);
     let c = rt.start_ok(&b);
     c.wait_output("started");
     let init = c.pid();
-    let v = rt.cmd(&["ps", "--format", "json", &c.id]).expect_ok().json();
-    let pids: Vec<i64> = v.as_array().expect("ps json is an array").iter().filter_map(Value::as_i64).collect();
+    let v = rt
+        .cmd(&["ps", "--format", "json", &c.id])
+        .expect_ok()
+        .json();
+    let pids: Vec<i64> = v
+        .as_array()
+        .expect("ps json is an array")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
     assert!(pids.contains(&(init as i64)), "init {init} in {pids:?}");
     assert_eq!(pids.len(), 2, "sh and sleep: {pids:?}");
     // The pids are host pids of processes in the container's pid namespace.
@@ -133,13 +201,18 @@ fn ps_text_and_json() {
         assert_eq!(ns(*p), ns(init as i64), "pid {p}");
     }
     let text = rt.cmd(&["ps", &c.id]).expect_ok().stdout;
-    assert!(text.lines().next().unwrap_or_default().contains("PID"), "{text}");
+    assert!(
+        text.lines().next().unwrap_or_default().contains("PID"),
+        "{text}"
+    );
     assert!(text.contains("sleep 1000"), "{text}");
 }
 
 #[test]
 fn pause_and_resume_freeze_the_cgroup() {
-    let Some(rt) = Rt::root_or_skip("pause") else { return };
+    let Some(rt) = Rt::root_or_skip("pause") else {
+        return;
+    };
     let mut b = sleeper();
     let cg = format!("/{}", rt.new_id("cg-pause"));
     b.set("/linux/cgroupsPath", json!(cg));
@@ -156,17 +229,31 @@ fn pause_and_resume_freeze_the_cgroup() {
     rt.cmd(&["pause", &c.id]).expect_ok();
     rt.cmd(&["delete", "--force", &c.id]).expect_ok();
     rt.state(&c.id).expect_fail();
-    assert!(!freezer.parent().is_some_and(Path::exists), "cgroup {cg} left behind");
+    assert!(
+        !freezer.parent().is_some_and(Path::exists),
+        "cgroup {cg} left behind"
+    );
 }
 
 #[test]
 fn kill_all_kills_every_process() {
-    let Some(rt) = Rt::root_or_skip("kill_all") else { return };
+    let Some(rt) = Rt::root_or_skip("kill_all") else {
+        return;
+    };
     let b = Bundle::new(&["sh", "-c", "sleep 1000 & sleep 1000 & echo started; wait"]);
     let c = rt.start_ok(&b);
     c.wait_output("started");
-    let v = rt.cmd(&["ps", "--format", "json", &c.id]).expect_ok().json();
-    let pids: Vec<i32> = v.as_array().into_iter().flatten().filter_map(Value::as_i64).map(|p| p as i32).collect();
+    let v = rt
+        .cmd(&["ps", "--format", "json", &c.id])
+        .expect_ok()
+        .json();
+    let pids: Vec<i32> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_i64)
+        .map(|p| p as i32)
+        .collect();
     assert_eq!(pids.len(), 3, "{pids:?}");
     rt.cmd(&["kill", "--all", &c.id, "KILL"]).expect_ok();
     c.wait_status("stopped");
@@ -179,9 +266,15 @@ fn kill_all_kills_every_process() {
 
 #[test]
 fn kill_with_signal_reaches_the_init() {
-    let Some(rt) = Rt::root_or_skip("kill_signal") else { return };
+    let Some(rt) = Rt::root_or_skip("kill_signal") else {
+        return;
+    };
     // sh as pid 1 ignores signals without a handler; the trap makes TERM visible.
-    let b = Bundle::new(&["sh", "-c", "trap 'echo got-term; exit 0' TERM; echo ready; while :; do sleep 0.1; done"]);
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+    ]);
     let c = rt.start_ok(&b);
     c.wait_output("ready");
     c.kill("TERM").expect_ok();
@@ -191,7 +284,9 @@ fn kill_with_signal_reaches_the_init() {
 
 #[test]
 fn delete_force_on_running_container() {
-    let Some(rt) = Rt::root_or_skip("delete_force") else { return };
+    let Some(rt) = Rt::root_or_skip("delete_force") else {
+        return;
+    };
     let b = sleeper();
     let c = rt.start_ok(&b);
     let pid = c.pid();
@@ -209,14 +304,26 @@ fn delete_force_on_running_container() {
 
 #[test]
 fn exec_args_env_cwd_user_and_status() {
-    let Some(rt) = Rt::root_or_skip("exec") else { return };
+    let Some(rt) = Rt::root_or_skip("exec") else {
+        return;
+    };
     let b = sleeper();
     let c = rt.start_ok(&b);
-    assert_eq!(c.exec(&["echo", "hello", "world"]).expect_ok().stdout, "hello world\n");
-    let o = c.exec_opts(&["-e", "FOO=bar baz"], &["sh", "-c", "echo \"$FOO\""]).expect_ok();
+    assert_eq!(
+        c.exec(&["echo", "hello", "world"]).expect_ok().stdout,
+        "hello world\n"
+    );
+    let o = c
+        .exec_opts(&["-e", "FOO=bar baz"], &["sh", "-c", "echo \"$FOO\""])
+        .expect_ok();
     assert_eq!(o.stdout, "bar baz\n");
-    assert_eq!(c.exec_opts(&["--cwd", "/etc"], &["pwd"]).expect_ok().stdout, "/etc\n");
-    let o = c.exec_opts(&["-u", "1000:1000"], &["sh", "-c", "id -u; id -g"]).expect_ok();
+    assert_eq!(
+        c.exec_opts(&["--cwd", "/etc"], &["pwd"]).expect_ok().stdout,
+        "/etc\n"
+    );
+    let o = c
+        .exec_opts(&["-u", "1000:1000"], &["sh", "-c", "id -u; id -g"])
+        .expect_ok();
     assert_eq!(o.stdout, "1000\n1000\n");
     assert_eq!(c.exec(&["sh", "-c", "exit 7"]).code, Some(7));
     // The exec'd process is in the container's pid namespace: it sees the init as pid 1.
@@ -228,7 +335,9 @@ fn exec_args_env_cwd_user_and_status() {
 
 #[test]
 fn exec_process_file() {
-    let Some(rt) = Rt::root_or_skip("exec_process") else { return };
+    let Some(rt) = Rt::root_or_skip("exec_process") else {
+        return;
+    };
     let b = sleeper();
     let c = rt.start_ok(&b);
     let process = json!({
@@ -248,7 +357,9 @@ fn exec_process_file() {
 
 #[test]
 fn pid_file_for_create_and_exec() {
-    let Some(rt) = Rt::root_or_skip("pid_file") else { return };
+    let Some(rt) = Rt::root_or_skip("pid_file") else {
+        return;
+    };
     let b = sleeper();
     let pf = rt.scratch_file("create.pid");
     let pfs = pf.display().to_string();
@@ -259,8 +370,11 @@ fn pid_file_for_create_and_exec() {
 
     let epf = rt.scratch_file("exec.pid");
     let epfs = epf.display().to_string();
-    c.exec_opts(&["--detach", "--pid-file", &epfs], &["sleep", "999"]).expect_ok();
-    let epid: i32 = read_trim(&epf).parse().expect("exec pid file holds a number");
+    c.exec_opts(&["--detach", "--pid-file", &epfs], &["sleep", "999"])
+        .expect_ok();
+    let epid: i32 = read_trim(&epf)
+        .parse()
+        .expect("exec pid file holds a number");
     assert_ne!(epid, c.pid());
     let cmdline = fs::read_to_string(format!("/proc/{epid}/cmdline")).unwrap_or_default();
     assert_eq!(cmdline, "sleep\u{0}999\u{0}");
@@ -270,9 +384,14 @@ fn pid_file_for_create_and_exec() {
 
 #[test]
 fn events_stats_prints_one_stats_object() {
-    let Some(rt) = Rt::root_or_skip("events_stats") else { return };
+    let Some(rt) = Rt::root_or_skip("events_stats") else {
+        return;
+    };
     let mut b = sleeper();
-    b.set("/linux/cgroupsPath", json!(format!("/{}", rt.new_id("cg-ev"))));
+    b.set(
+        "/linux/cgroupsPath",
+        json!(format!("/{}", rt.new_id("cg-ev"))),
+    );
     let c = rt.start_ok(&b);
     let o = rt.cmd(&["events", "--stats", &c.id]).expect_ok();
     let lines: Vec<&str> = o.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -287,7 +406,9 @@ fn events_stats_prints_one_stats_object() {
 
 #[test]
 fn update_memory_and_pids_limits() {
-    let Some(rt) = Rt::root_or_skip("update") else { return };
+    let Some(rt) = Rt::root_or_skip("update") else {
+        return;
+    };
     let mut b = sleeper();
     let cg = format!("/{}", rt.new_id("cg-upd"));
     b.set("/linux/cgroupsPath", json!(cg));
@@ -298,7 +419,8 @@ fn update_memory_and_pids_limits() {
     let pids = cgroup_v1_file("pids", &cg, "pids.max");
     assert_eq!(read_trim(&mem), (256u64 << 20).to_string());
     assert_eq!(read_trim(&pids), "200");
-    rt.cmd(&["update", "--memory", "64M", "--pids-limit", "50", &c.id]).expect_ok();
+    rt.cmd(&["update", "--memory", "64M", "--pids-limit", "50", &c.id])
+        .expect_ok();
     assert_eq!(read_trim(&mem), (64u64 << 20).to_string());
     assert_eq!(read_trim(&pids), "50");
     // The container still runs after the update.
@@ -313,7 +435,10 @@ fn features_prints_oci_versions() {
         let s = v[k].as_str().unwrap_or_else(|| panic!("{k} missing: {v}"));
         assert!(s.starts_with("1."), "{k} = {s}");
     }
-    assert!(v["mountOptions"].is_array() || v["linux"].is_object(), "{v}");
+    assert!(
+        v["mountOptions"].is_array() || v["linux"].is_object(),
+        "{v}"
+    );
 }
 
 #[test]
@@ -322,12 +447,18 @@ fn spec_writes_config_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().display().to_string();
     rt.cmd(&["spec", "--bundle", &d]).expect_ok();
-    let v: Value = serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).expect("config.json"))
-        .expect("config.json is JSON");
+    let v: Value = serde_json::from_str(
+        &fs::read_to_string(dir.path().join("config.json")).expect("config.json"),
+    )
+    .expect("config.json is JSON");
     assert_eq!(v["root"]["path"], "rootfs");
     assert!(v["process"]["args"].is_array(), "{v}");
-    let ns: Vec<&str> = v["linux"]["namespaces"].as_array().into_iter().flatten()
-        .filter_map(|n| n["type"].as_str()).collect();
+    let ns: Vec<&str> = v["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["type"].as_str())
+        .collect();
     for want in ["pid", "network", "ipc", "uts", "mount"] {
         assert!(ns.contains(&want), "{want} in {ns:?}");
     }
@@ -338,11 +469,27 @@ fn spec_writes_config_json() {
     let rl = tempfile::tempdir().expect("tempdir");
     let r = rl.path().display().to_string();
     rt.cmd(&["spec", "--rootless", "--bundle", &r]).expect_ok();
-    let v: Value = serde_json::from_str(&fs::read_to_string(rl.path().join("config.json")).expect("config.json"))
-        .expect("rootless config.json is JSON");
-    let ns: Vec<&str> = v["linux"]["namespaces"].as_array().into_iter().flatten()
-        .filter_map(|n| n["type"].as_str()).collect();
+    let v: Value = serde_json::from_str(
+        &fs::read_to_string(rl.path().join("config.json")).expect("config.json"),
+    )
+    .expect("rootless config.json is JSON");
+    let ns: Vec<&str> = v["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["type"].as_str())
+        .collect();
     assert!(ns.contains(&"user"), "{ns:?}");
-    assert!(v["linux"]["uidMappings"].as_array().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(v["linux"]["gidMappings"].as_array().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["linux"]["uidMappings"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(
+        v["linux"]["gidMappings"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
 }

@@ -59,14 +59,20 @@ fn reap_orphans() {
 /// (pid, ppid, state) of every process visible in /proc.
 pub fn all_processes() -> Vec<(u32, u32, char)> {
     let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else { return out };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // comm may contain spaces and parentheses: parse after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -93,8 +99,15 @@ impl Out {
     /// Panics with the invocation and its stderr unless it exited 0.
     #[track_caller]
     pub fn expect_ok(self) -> Self {
-        assert!(self.ok(), "runtime failed: {:?}\nexit {:?} signal {:?}\nstdout: {}\nstderr: {}",
-            self.args, self.code, self.signal, self.stdout, self.stderr);
+        assert!(
+            self.ok(),
+            "runtime failed: {:?}\nexit {:?} signal {:?}\nstdout: {}\nstderr: {}",
+            self.args,
+            self.code,
+            self.signal,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
@@ -108,8 +121,12 @@ impl Out {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("{:?}: stdout is not JSON ({e}): {:?}", self.args, self.stdout))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{:?}: stdout is not JSON ({e}): {:?}",
+                self.args, self.stdout
+            )
+        })
     }
 }
 
@@ -159,9 +176,20 @@ impl Rt {
 
     pub fn new() -> Rt {
         init_reaper();
-        let root = tempfile::Builder::new().prefix("moat-e2e-root-").tempdir().expect("root tempdir");
-        let scratch = tempfile::Builder::new().prefix("moat-e2e-io-").tempdir().expect("scratch tempdir");
-        Rt { bin: runtime_bin(), root, scratch, seq: AtomicU32::new(0) }
+        let root = tempfile::Builder::new()
+            .prefix("moat-e2e-root-")
+            .tempdir()
+            .expect("root tempdir");
+        let scratch = tempfile::Builder::new()
+            .prefix("moat-e2e-io-")
+            .tempdir()
+            .expect("scratch tempdir");
+        Rt {
+            bin: runtime_bin(),
+            root,
+            scratch,
+            seq: AtomicU32::new(0),
+        }
     }
 
     /// The `--root` state directory.
@@ -195,7 +223,13 @@ impl Rt {
     pub fn cmd_with(&self, args: &[&str], opts: Opts) -> Out {
         let mut full: Vec<String> = vec!["--root".into(), self.root().display().to_string()];
         full.extend(args.iter().map(|s| s.to_string()));
-        run_binary(&self.bin, &full, opts, &self.scratch_file("stdout"), &self.scratch_file("stderr"))
+        run_binary(
+            &self.bin,
+            &full,
+            opts,
+            &self.scratch_file("stdout"),
+            &self.scratch_file("stderr"),
+        )
     }
 
     pub fn state(&self, id: &str) -> Out {
@@ -208,7 +242,10 @@ impl Rt {
         if !o.ok() {
             return None;
         }
-        o.json().get("status").and_then(Value::as_str).map(str::to_string)
+        o.json()
+            .get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
     }
 
     /// Polls `state` until the container reaches `want` (panics after 20 s).
@@ -220,7 +257,10 @@ impl Rt {
             if s.as_deref() == Some(want) {
                 return;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "{id}: status {s:?}, waited for {want}");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{id}: status {s:?}, waited for {want}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -229,7 +269,11 @@ impl Rt {
     pub fn run_fg(&self, bundle: &Bundle) -> (Ctr<'_>, Out) {
         bundle.write_config();
         let id = self.new_id("run");
-        let ctr = Ctr { rt: self, id: id.clone(), out: None };
+        let ctr = Ctr {
+            rt: self,
+            id: id.clone(),
+            out: None,
+        };
         let b = bundle.dir().display().to_string();
         let out = self.cmd(&["run", "--bundle", &b, &id]);
         (ctr, out)
@@ -251,8 +295,18 @@ impl Rt {
         let mut args = vec!["create", "--bundle", &b];
         args.extend_from_slice(extra);
         args.push(&id);
-        let o = self.cmd_with(&args, Opts { stdout: Some(outfile.clone()), stdin: None });
-        let ctr = Ctr { rt: self, id, out: Some(outfile) };
+        let o = self.cmd_with(
+            &args,
+            Opts {
+                stdout: Some(outfile.clone()),
+                stdin: None,
+            },
+        );
+        let ctr = Ctr {
+            rt: self,
+            id,
+            out: Some(outfile),
+        };
         if o.ok() {
             Ok(ctr)
         } else {
@@ -263,7 +317,9 @@ impl Rt {
     /// create + start, panicking on failure; returns the running container.
     #[track_caller]
     pub fn start_ok(&self, bundle: &Bundle) -> Ctr<'_> {
-        let c = self.create(bundle, &[]).unwrap_or_else(|o| panic!("create failed: {o:?}"));
+        let c = self
+            .create(bundle, &[])
+            .unwrap_or_else(|o| panic!("create failed: {o:?}"));
         c.start().expect_ok();
         c
     }
@@ -278,10 +334,16 @@ pub fn run_binary(bin: &Path, args: &[String], opts: Opts, out: &Path, err: &Pat
     let stderr = fs::File::create(err).expect("stderr file");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdout(stdout).stderr(stderr);
-    cmd.stdin(if opts.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if opts.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = {
         let mut own = OWN_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         own.get_or_insert_with(HashSet::new).insert(child.id());
         child
     };
@@ -314,7 +376,11 @@ pub fn run_binary(bin: &Path, args: &[String], opts: Opts, out: &Path, err: &Pat
 }
 
 fn forget_child(pid: u32) {
-    if let Some(s) = OWN_CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    if let Some(s) = OWN_CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
         s.remove(&pid);
     }
 }
@@ -337,7 +403,10 @@ impl Ctr<'_> {
     }
 
     pub fn status(&self) -> String {
-        self.state()["status"].as_str().unwrap_or_default().to_string()
+        self.state()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     pub fn pid(&self) -> i32 {
@@ -364,7 +433,10 @@ impl Ctr<'_> {
 
     /// What the container wrote to its stdout so far.
     pub fn output(&self) -> String {
-        self.out.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+        self.out
+            .as_ref()
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     #[track_caller]
@@ -381,7 +453,11 @@ impl Ctr<'_> {
             if o.contains(needle) {
                 return o;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "{}: no {needle:?} in output {o:?}", self.id);
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{}: no {needle:?} in output {o:?}",
+                self.id
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -400,9 +476,19 @@ fn busybox_applets() -> &'static Vec<String> {
         // Through run_binary: a plain Command would race the reaper for its exit status.
         let tmp = tempfile::tempdir().expect("tempdir");
         let (o, e) = (tmp.path().join("out"), tmp.path().join("err"));
-        let out = run_binary(Path::new("/bin/busybox"), &["--list".into()], Opts::default(), &o, &e);
+        let out = run_binary(
+            Path::new("/bin/busybox"),
+            &["--list".into()],
+            Opts::default(),
+            &o,
+            &e,
+        );
         assert!(out.ok(), "busybox --list: {out:?}");
-        out.stdout.lines().map(str::to_string).filter(|s| !s.is_empty()).collect()
+        out.stdout
+            .lines()
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+            .collect()
     })
 }
 
@@ -415,22 +501,33 @@ pub struct Bundle {
 impl Bundle {
     /// A bundle whose process runs `args`, with runc's default spec otherwise.
     pub fn new(args: &[&str]) -> Bundle {
-        let dir = tempfile::Builder::new().prefix("moat-e2e-bundle-").tempdir().expect("bundle tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("moat-e2e-bundle-")
+            .tempdir()
+            .expect("bundle tempdir");
         // World-traversable so a user-namespaced container root can reach its rootfs.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod bundle");
         let rootfs = dir.path().join("rootfs");
         for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
             fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
         }
-        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod tmp");
-        fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy /bin/busybox (busybox-static)");
+        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))
+            .expect("chmod tmp");
+        fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .expect("copy /bin/busybox (busybox-static)");
         for applet in busybox_applets() {
             let _ = symlink("busybox", rootfs.join("bin").join(applet));
         }
-        fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n")
-            .expect("passwd");
+        fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n",
+        )
+        .expect("passwd");
         fs::write(rootfs.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
-        Bundle { dir, config: default_spec(args) }
+        Bundle {
+            dir,
+            config: default_spec(args),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -476,12 +573,18 @@ fn set_pointer(root: &mut Value, pointer: &str, v: Value) {
         if !cur.is_object() {
             *cur = json!({});
         }
-        cur = cur.as_object_mut().expect("object").entry(p.to_string()).or_insert(json!({}));
+        cur = cur
+            .as_object_mut()
+            .expect("object")
+            .entry(p.to_string())
+            .or_insert(json!({}));
     }
     if !cur.is_object() {
         *cur = json!({});
     }
-    cur.as_object_mut().expect("object").insert(last.to_string(), v);
+    cur.as_object_mut()
+        .expect("object")
+        .insert(last.to_string(), v);
 }
 
 /// The spec `runc spec` writes, with `terminal: false` and the given args.
@@ -546,12 +649,17 @@ pub fn tmpfs_mount(dest: &str, opts: &[&str]) -> Value {
 
 /// `/sys/fs/cgroup/<controller>/<cgroups_path>/<file>` (cgroup v1).
 pub fn cgroup_v1_file(controller: &str, cgroups_path: &str, file: &str) -> PathBuf {
-    Path::new("/sys/fs/cgroup").join(controller).join(cgroups_path.trim_start_matches('/')).join(file)
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(cgroups_path.trim_start_matches('/'))
+        .join(file)
 }
 
 /// Reads a file, trimmed; empty when unreadable.
 pub fn read_trim(p: impl AsRef<Path>) -> String {
-    fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Pids of processes whose root or cwd lies under `dir` (a bundle): leftovers.
@@ -576,6 +684,10 @@ pub fn processes_under(dir: &Path) -> Vec<u32> {
 /// Entries in the runtime's state directory.
 pub fn root_entries(rt: &Rt) -> Vec<String> {
     fs::read_dir(rt.root())
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
