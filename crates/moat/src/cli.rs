@@ -33,8 +33,8 @@ pub struct Global {
     #[arg(long, global = true)]
     pub isolation: Option<String>,
     /// Accepted for runc compatibility; rootless mode is detected from the effective UID.
-    #[arg(long, global = true, hide = true)]
-    pub rootless: Option<String>,
+    #[arg(long = "rootless", hide = true)]
+    pub global_rootless: Option<String>,
     /// Accepted for runc compatibility (checkpointing is not supported).
     #[arg(long, global = true, hide = true)]
     pub criu: Option<String>,
