@@ -145,7 +145,7 @@ impl Runtime {
         let cg = CgroupManager::new(linux.cgroups_path().as_deref(), &opts.id, self.systemd_cgroup, rootless())?;
         state.cgroup = cg.to_saved();
         self.sd.save(&state)?;
-        cg.create(linux.resources().as_ref())?;
+        cg.create(Some(&with_default_devices(linux)))?;
         cleanup.cgroup = Some(cg);
         let cg = cleanup.cgroup.as_ref().expect("just set");
         save_config_copy(lock.dir(), &bundle)?;
@@ -544,6 +544,34 @@ fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -
         own_pid_ns: true,
         use_systemd_cgroup: false,
     }
+}
+
+/// The spec's resources with the device rules every container needs appended
+/// (null, zero, full, random, urandom, tty, console, ptmx, the pty slaves)
+/// plus one rule per `linux.devices` entry, as runc does: a spec that denies
+/// all devices still gets a working /dev.
+fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
+    use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
+    let mut res = linux.resources().clone().unwrap_or_default();
+    let mut rules = res.devices().clone().unwrap_or_default();
+    let rule = |typ: LinuxDeviceType, major: i64, minor: Option<i64>| {
+        let mut r = LinuxDeviceCgroup::default();
+        r.set_allow(true).set_typ(Some(typ)).set_major(Some(major)).set_minor(minor).set_access(Some("rwm".into()));
+        r
+    };
+    for (major, minor) in [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0)), (5, Some(1)), (5, Some(2)), (136, None)] {
+        rules.push(rule(LinuxDeviceType::C, major, minor));
+    }
+    for d in linux.devices().as_deref().unwrap_or(&[]) {
+        let typ = match d.typ() {
+            LinuxDeviceType::B => LinuxDeviceType::B,
+            LinuxDeviceType::P => continue,
+            _ => LinuxDeviceType::C,
+        };
+        rules.push(rule(typ, d.major(), Some(d.minor())));
+    }
+    res.set_devices(Some(rules));
+    res
 }
 
 fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
