@@ -179,6 +179,7 @@ impl Runtime {
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
         };
+        protect_runtime_process()?;
         let fast = plan.clone_flags();
         let first = match fast {
             Some(flags) => moat_sys::process::fork_with(flags.bits(), || init::container_init(&ctx, &child)),
@@ -510,6 +511,18 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// Makes this process (and the children it forks, until they exec the
+/// workload) non-dumpable: a process in the container cannot open our
+/// /proc/PID/exe (the runtime binary, CVE-2019-5736), mem, or fds, nor
+/// ptrace us. execve of the workload resets the flag.
+pub(crate) fn protect_runtime_process() -> Result<(), ContainerError> {
+    nix::sys::prctl::set_dumpable(false).map_err(sys_err("make the runtime process non-dumpable"))?;
+    match nix::sys::prctl::get_dumpable() {
+        Ok(false) => Ok(()),
+        _ => Err(ContainerError::Invalid("the runtime process is still dumpable".into())),
+    }
+}
+
 fn check_tier(spec: &Spec, chosen: Option<Tier>) -> Result<(), ContainerError> {
     let from_annotation = spec
         .annotations()
@@ -547,9 +560,9 @@ fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -
 }
 
 /// The spec's resources with the device rules every container needs appended
-/// (null, zero, full, random, urandom, tty, console, ptmx, the pty slaves)
-/// plus one rule per `linux.devices` entry, as runc does: a spec that denies
-/// all devices still gets a working /dev.
+/// (null, zero, full, random, urandom, tty, console, ptmx, the pty slaves,
+/// and mknod of any node), as runc does: a spec that denies all devices
+/// still gets a working /dev.
 fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
     let mut res = linux.resources().clone().unwrap_or_default();
@@ -562,13 +575,12 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     for (major, minor) in [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0)), (5, Some(1)), (5, Some(2)), (136, None)] {
         rules.push(rule(LinuxDeviceType::C, major, minor));
     }
-    for d in linux.devices().as_deref().unwrap_or(&[]) {
-        let typ = match d.typ() {
-            LinuxDeviceType::B => LinuxDeviceType::B,
-            LinuxDeviceType::P => continue,
-            _ => LinuxDeviceType::C,
-        };
-        rules.push(rule(typ, d.major(), Some(d.minor())));
+    // mknod of any node (so linux.devices can be created); opening one
+    // still needs an explicit rule in the spec.
+    for typ in [LinuxDeviceType::C, LinuxDeviceType::B] {
+        let mut r = LinuxDeviceCgroup::default();
+        r.set_allow(true).set_typ(Some(typ)).set_access(Some("m".into()));
+        rules.push(r);
     }
     res.set_devices(Some(rules));
     res

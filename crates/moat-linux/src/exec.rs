@@ -101,6 +101,7 @@ pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &Cg
             }
         }
     };
+    crate::container::protect_runtime_process()?;
     let first = moat_sys::process::fork_with(0, intermediate).map_err(io_err("fork"))?;
     drop(child);
     drop(console);
