@@ -18,6 +18,7 @@ pub mod init;
 pub mod container;
 pub mod exec;
 pub mod time;
+pub mod selfexe;
 
 /// An error and its causes as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

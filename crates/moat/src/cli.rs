@@ -143,6 +143,14 @@ pub enum Cmd {
     },
 }
 
+impl Cmd {
+    /// Commands that fork a process into a container: they run from a sealed
+    /// copy of the binary (see `moat_linux::selfexe`).
+    pub fn starts_container_process(&self) -> bool {
+        matches!(self, Cmd::Create(_) | Cmd::Run { .. } | Cmd::Exec(_))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     pub id: String,

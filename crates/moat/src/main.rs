@@ -20,6 +20,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if cli.cmd.starts_container_process() {
+        if let Err(e) = moat_linux::selfexe::ensure_sealed(&args) {
+            eprintln!("moat: {}", moat_linux::error_chain(&e));
+            return ExitCode::from(1);
+        }
+    }
     let logger = log::Logger::new(cli.global.log.as_deref(), cli.global.log_format, cli.global.debug);
     match oci::dispatch(cli, &argv0, &logger) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
