@@ -1,6 +1,7 @@
 //! Process creation with namespace flags, and process-wide syscalls without a
 //! safe wrapper elsewhere.
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// What a fork-like call returned in the calling process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,117 @@ pub fn close_from(first: u32, cloexec: bool) -> io::Result<()> {
     }
 }
 
+/// Duplicates a raw descriptor number handed out by a C library that keeps
+/// ownership of the original (libseccomp's notify fd), as a new close-on-exec
+/// descriptor that the caller owns.
+///
+/// Duplicating a number that is not open fails with `EBADF`; it can never
+/// touch memory or steal the original, which stays owned by whoever had it.
+pub fn dup_raw_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) reads no memory; on a closed number it
+    // fails with EBADF and the original descriptor is left untouched.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just created by fcntl and no other object refers to it,
+    // so the OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// `struct sched_attr` of sched_setattr(2) (version 1, with the util-clamp
+/// fields: 56 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedAttr {
+    /// Filled in by [`sched_setattr`] / [`sched_getattr`].
+    pub size: u32,
+    /// `SCHED_OTHER` (0), `FIFO` (1), `RR` (2), `BATCH` (3), `IDLE` (5), `DEADLINE` (6).
+    pub sched_policy: u32,
+    /// `SCHED_FLAG_*`.
+    pub sched_flags: u64,
+    /// Nice value for `SCHED_OTHER` / `SCHED_BATCH`.
+    pub sched_nice: i32,
+    /// Static priority for `SCHED_FIFO` / `SCHED_RR`.
+    pub sched_priority: u32,
+    /// `SCHED_DEADLINE` runtime, in nanoseconds.
+    pub sched_runtime: u64,
+    /// `SCHED_DEADLINE` deadline, in nanoseconds.
+    pub sched_deadline: u64,
+    /// `SCHED_DEADLINE` period, in nanoseconds.
+    pub sched_period: u64,
+    /// Utilisation clamp minimum (with `SCHED_FLAG_UTIL_CLAMP_MIN`).
+    pub sched_util_min: u32,
+    /// Utilisation clamp maximum (with `SCHED_FLAG_UTIL_CLAMP_MAX`).
+    pub sched_util_max: u32,
+}
+
+const SCHED_ATTR_SIZE: u32 = std::mem::size_of::<SchedAttr>() as u32;
+
+/// sched_setattr(2) on `pid` (0: the calling thread). `attr.size` is set here.
+pub fn sched_setattr(pid: i32, attr: &SchedAttr) -> io::Result<()> {
+    let attr = SchedAttr { size: SCHED_ATTR_SIZE, ..*attr };
+    // SAFETY: `attr` is a live, fully initialised repr(C) sched_attr whose
+    // `size` field equals its real size, so the kernel reads only inside it.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, pid, &attr as *const SchedAttr, 0u32) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// sched_getattr(2) on `pid` (0: the calling thread).
+pub fn sched_getattr(pid: i32) -> io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    // SAFETY: the kernel writes at most `SCHED_ATTR_SIZE` bytes, the size of
+    // the live, writable `attr`.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, pid, &mut attr as *mut SchedAttr, SCHED_ATTR_SIZE, 0u32) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(attr)
+    }
+}
+
+/// `IOPRIO_WHO_PROCESS` for [`ioprio_set`] / [`ioprio_get`].
+pub const IOPRIO_WHO_PROCESS: i32 = 1;
+
+/// ioprio_set(2): `ioprio` is `class << 13 | data`.
+pub fn ioprio_set(which: i32, who: i32, ioprio: i32) -> io::Result<()> {
+    // SAFETY: ioprio_set takes only integers and touches no user memory.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_set, which, who, ioprio) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// ioprio_get(2): returns `class << 13 | data`.
+pub fn ioprio_get(which: i32, who: i32) -> io::Result<i32> {
+    // SAFETY: ioprio_get takes only integers and touches no user memory.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_get, which, who) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+    }
+}
+
+/// personality(2): sets the execution domain and flags, returning the previous
+/// persona. `0xffffffff` only queries. (nix's wrapper drops the domain bits,
+/// such as `PER_LINUX32`, from what it returns.)
+pub fn personality(persona: u32) -> io::Result<u32> {
+    // SAFETY: personality takes one integer and touches no user memory.
+    let r = unsafe { libc::personality(libc::c_ulong::from(persona)) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        u32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +258,21 @@ mod tests {
     #[test]
     fn child_exit_code_comes_back() {
         assert_eq!(run_in_child(0, || 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn sched_attr_is_version_1_size() {
+        assert_eq!(SCHED_ATTR_SIZE, 56);
+    }
+
+    #[test]
+    fn dup_raw_fd_of_closed_number_fails() {
+        assert!(dup_raw_fd(-1).is_err());
+    }
+
+    #[test]
+    fn personality_query_is_linux_by_default() {
+        assert_eq!(personality(0xffff_ffff).unwrap() & 0xff, 0);
     }
 
     #[test]
