@@ -136,9 +136,10 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     }
     run_container_hooks(ctx, chan, "createContainer")?;
     rootfs::pivot(&rcfg)?;
-    rootfs::finish(&rcfg)?;
     set_identity(ctx.spec)?;
+    // Before `finish`, which makes /proc/sys read-only.
     apply_sysctls(ctx.spec)?;
+    rootfs::finish(&rcfg)?;
     nix::unistd::setsid().map_err(sys("create a session"))?;
     if let Some(sock) = &ctx.console_socket {
         console::setup_pty(sock.as_fd())?;
