@@ -1,6 +1,15 @@
 //! The `moat` binary: the OCI runtime CLI (runc-compatible) and moat's own commands.
 #![forbid(unsafe_code)]
 
+/// `println!` that does not panic when stdout is a closed pipe (`moat state
+/// ID | grep -q running`): output errors are the reader's business.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod log;
 mod oci;

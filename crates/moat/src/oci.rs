@@ -57,7 +57,7 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Run { create, detach, keep: _ } => Ok(rt.run(&create_opts(&create, tier), detach)?),
         Cmd::State { id } => {
-            println!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
+            out!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
             Ok(0)
         }
         Cmd::Kill { id, signal, all } => {
@@ -89,7 +89,7 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Events { id, stats, interval } => events(&rt, &id, stats, &interval),
         Cmd::Features => {
-            println!("{}", serde_json::to_string_pretty(&crate::specgen::features())?);
+            out!("{}", serde_json::to_string_pretty(&crate::specgen::features())?);
             Ok(0)
         }
         Cmd::Spec { bundle, rootless } => {
@@ -118,16 +118,16 @@ fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
     let all = rt.list()?;
     if quiet {
         for c in &all {
-            println!("{}", c["id"].as_str().unwrap_or(""));
+            out!("{}", c["id"].as_str().unwrap_or(""));
         }
         return Ok(0);
     }
     match format {
-        "json" => println!("{}", serde_json::to_string(&all)?),
+        "json" => out!("{}", serde_json::to_string(&all)?),
         "table" => {
-            println!("{:<12} {:<10} {:<10} {:<40} {:<30} {}", "ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER");
+            out!("{:<12} {:<10} {:<10} {:<40} {:<30} {}", "ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER");
             for c in &all {
-                println!(
+                out!(
                     "{:<12} {:<10} {:<10} {:<40} {:<30} {}",
                     c["id"].as_str().unwrap_or(""),
                     c["pid"],
@@ -147,7 +147,7 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
     let pids = rt.pids(id)?;
     match format {
         "json" => {
-            println!("{}", serde_json::to_string(&pids)?);
+            out!("{}", serde_json::to_string(&pids)?);
             Ok(0)
         }
         "table" => {
@@ -160,11 +160,11 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
             let mut lines = text.lines();
             let header = lines.next().unwrap_or("");
             let col = header.split_whitespace().position(|h| h == "PID").context("ps output has no PID column")?;
-            println!("{header}");
+            out!("{header}");
             for l in lines {
                 if let Some(p) = l.split_whitespace().nth(col).and_then(|p| p.parse::<i32>().ok()) {
                     if pids.contains(&p) {
-                        println!("{l}");
+                        out!("{l}");
                     }
                 }
             }
@@ -355,7 +355,7 @@ fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<i32> {
     let interval = parse_interval(interval)?;
     loop {
         let data = rt.stats(id)?;
-        println!("{}", serde_json::json!({"type": "stats", "id": id, "data": data}));
+        out!("{}", serde_json::json!({"type": "stats", "id": id, "data": data}));
         if once {
             return Ok(0);
         }
