@@ -15,15 +15,22 @@ fn main() {
     };
     // OUT_DIR = <target-dir>/<triple>/<profile>/build/moat-<hash>/out
     let out = PathBuf::from(out);
-    let Some(triple_profile) = out.ancestors().nth(3) else { return };
-    let Some(target_dir) = triple_profile.ancestors().nth(2) else { return };
+    let Some(triple_profile) = out.ancestors().nth(3) else {
+        return;
+    };
+    let Some(target_dir) = triple_profile.ancestors().nth(2) else {
+        return;
+    };
     if triple_profile.parent().and_then(|p| p.file_name()) != Some(target.as_ref()) {
         return;
     }
     let link_dir = target_dir.join(&profile);
     let _ = std::fs::create_dir_all(&link_dir);
     let link = link_dir.join("moat");
-    let dest = PathBuf::from("..").join(&target).join(&profile).join("moat");
+    let dest = PathBuf::from("..")
+        .join(&target)
+        .join(&profile)
+        .join("moat");
     if std::fs::read_link(&link).ok().as_deref() != Some(dest.as_path()) {
         let _ = std::fs::remove_file(&link);
         let _ = std::os::unix::fs::symlink(&dest, &link);

@@ -34,7 +34,10 @@ pub enum SpecError {
 
 /// Parse `path` as an OCI runtime spec, refusing unknown fields.
 pub fn parse_file(path: &Path) -> Result<Spec, SpecError> {
-    let file = File::open(path).map_err(|source| SpecError::Open { path: path.to_owned(), source })?;
+    let file = File::open(path).map_err(|source| SpecError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     parse_reader(BufReader::new(file), path)
 }
 
@@ -44,16 +47,29 @@ pub fn parse_reader<R: std::io::Read>(reader: R, path: &Path) -> Result<Spec, Sp
     let mut unknown: Option<String> = None;
     let spec: Spec = serde_ignored::deserialize(&mut de, |p| {
         // serde_ignored writes `?` for each Option layer; drop those segments.
-        let p = p.to_string().replace("?.", "").trim_end_matches(".?").to_owned();
+        let p = p
+            .to_string()
+            .replace("?.", "")
+            .trim_end_matches(".?")
+            .to_owned();
         // Annotations are free-form by definition; everything else must be known.
         if unknown.is_none() && !p.starts_with("annotations") {
             unknown = Some(p);
         }
     })
-    .map_err(|e| SpecError::Parse { path: path.to_owned(), message: e.to_string() })?;
-    de.end().map_err(|e| SpecError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    .map_err(|e| SpecError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    de.end().map_err(|e| SpecError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     if let Some(field) = unknown {
-        return Err(SpecError::UnknownField { path: path.to_owned(), field });
+        return Err(SpecError::UnknownField {
+            path: path.to_owned(),
+            field,
+        });
     }
     Ok(spec)
 }
@@ -63,8 +79,15 @@ pub fn parse_reader<R: std::io::Read>(reader: R, path: &Path) -> Result<Spec, Sp
 pub fn load_bundle(bundle: &Path) -> Result<(Spec, PathBuf), SpecError> {
     let spec = parse_file(&bundle.join("config.json"))?;
     validate(&spec)?;
-    let root = spec.root().as_ref().ok_or_else(|| SpecError::Invalid("root is missing".into()))?;
-    let rootfs = if root.path().is_absolute() { root.path().clone() } else { bundle.join(root.path()) };
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| SpecError::Invalid("root is missing".into()))?;
+    let rootfs = if root.path().is_absolute() {
+        root.path().clone()
+    } else {
+        bundle.join(root.path())
+    };
     match std::fs::metadata(&rootfs) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -73,7 +96,12 @@ pub fn load_bundle(bundle: &Path) -> Result<(Spec, PathBuf), SpecError> {
                 source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
             })
         }
-        Err(source) => return Err(SpecError::Rootfs { path: rootfs, source }),
+        Err(source) => {
+            return Err(SpecError::Rootfs {
+                path: rootfs,
+                source,
+            })
+        }
     }
     Ok((spec, rootfs))
 }
@@ -86,26 +114,50 @@ fn invalid(msg: impl Into<String>) -> SpecError {
 pub fn validate(spec: &Spec) -> Result<(), SpecError> {
     let v = spec.version();
     if !v.starts_with("1.") {
-        return Err(invalid(format!("unsupported ociVersion {v:?} (moat supports 1.x)")));
+        return Err(invalid(format!(
+            "unsupported ociVersion {v:?} (moat supports 1.x)"
+        )));
     }
-    let process = spec.process().as_ref().ok_or_else(|| invalid("process is missing"))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| invalid("process is missing"))?;
     match process.args() {
         Some(args) if !args.is_empty() && !args[0].is_empty() => {}
         _ => return Err(invalid("process.args must not be empty")),
     }
     if !process.cwd().is_absolute() {
-        return Err(invalid(format!("process.cwd {:?} must be absolute", process.cwd())));
+        return Err(invalid(format!(
+            "process.cwd {:?} must be absolute",
+            process.cwd()
+        )));
     }
     if let Some(env) = process.env() {
         if let Some(bad) = env.iter().find(|e| !e.contains('=')) {
-            return Err(invalid(format!("process.env entry {bad:?} is not KEY=VALUE")));
+            return Err(invalid(format!(
+                "process.env entry {bad:?} is not KEY=VALUE"
+            )));
         }
     }
-    if process.apparmor_profile().as_deref().is_some_and(|p| !p.is_empty()) && !apparmor_enabled() {
-        return Err(invalid("process.apparmorProfile is set but AppArmor is not enabled on this host"));
+    if process
+        .apparmor_profile()
+        .as_deref()
+        .is_some_and(|p| !p.is_empty())
+        && !apparmor_enabled()
+    {
+        return Err(invalid(
+            "process.apparmorProfile is set but AppArmor is not enabled on this host",
+        ));
     }
-    if process.selinux_label().as_deref().is_some_and(|p| !p.is_empty()) && !selinux_enabled() {
-        return Err(invalid("process.selinuxLabel is set but SELinux is not enabled on this host"));
+    if process
+        .selinux_label()
+        .as_deref()
+        .is_some_and(|p| !p.is_empty())
+        && !selinux_enabled()
+    {
+        return Err(invalid(
+            "process.selinuxLabel is set but SELinux is not enabled on this host",
+        ));
     }
     if let Some(linux) = spec.linux() {
         let namespaces = linux.namespaces().as_deref().unwrap_or(&[]);
@@ -122,15 +174,27 @@ pub fn validate(spec: &Spec) -> Result<(), SpecError> {
         if maps > 0 && !has(LinuxNamespaceType::User) {
             return Err(invalid("uidMappings/gidMappings need a user namespace"));
         }
-        let joins_user = namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::User && n.path().is_some());
+        let joins_user = namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::User && n.path().is_some());
         if has(LinuxNamespaceType::User) && !joins_user {
-            check_mappings("uidMappings", linux.uid_mappings().as_deref().unwrap_or(&[]))?;
-            check_mappings("gidMappings", linux.gid_mappings().as_deref().unwrap_or(&[]))?;
+            check_mappings(
+                "uidMappings",
+                linux.uid_mappings().as_deref().unwrap_or(&[]),
+            )?;
+            check_mappings(
+                "gidMappings",
+                linux.gid_mappings().as_deref().unwrap_or(&[]),
+            )?;
         }
-        if spec.hostname().as_deref().is_some_and(|h| !h.is_empty()) && !has(LinuxNamespaceType::Uts) {
+        if spec.hostname().as_deref().is_some_and(|h| !h.is_empty())
+            && !has(LinuxNamespaceType::Uts)
+        {
             return Err(invalid("hostname needs a new uts namespace"));
         }
-        if spec.domainname().as_deref().is_some_and(|h| !h.is_empty()) && !has(LinuxNamespaceType::Uts) {
+        if spec.domainname().as_deref().is_some_and(|h| !h.is_empty())
+            && !has(LinuxNamespaceType::Uts)
+        {
             return Err(invalid("domainname needs a new uts namespace"));
         }
         if linux.time_offsets().is_some() && !has(LinuxNamespaceType::Time) {
@@ -165,14 +229,23 @@ pub fn check_mappings(what: &str, maps: &[LinuxIdMapping]) -> Result<(), SpecErr
         }
         for (j, o) in maps.iter().enumerate().skip(i + 1) {
             let overlap = |a: u32, b: u32| {
-                let (a, b, n, k) = (u64::from(a), u64::from(b), u64::from(m.size()), u64::from(o.size()));
+                let (a, b, n, k) = (
+                    u64::from(a),
+                    u64::from(b),
+                    u64::from(m.size()),
+                    u64::from(o.size()),
+                );
                 a < b + k && b < a + n
             };
             if overlap(m.container_id(), o.container_id()) {
-                return Err(invalid(format!("{what}[{i}] and [{j}] overlap inside the container")));
+                return Err(invalid(format!(
+                    "{what}[{i}] and [{j}] overlap inside the container"
+                )));
             }
             if overlap(m.host_id(), o.host_id()) {
-                return Err(invalid(format!("{what}[{i}] and [{j}] overlap on the host")));
+                return Err(invalid(format!(
+                    "{what}[{i}] and [{j}] overlap on the host"
+                )));
             }
         }
     }
@@ -184,7 +257,16 @@ fn check_sysctl(key: &str, has: &dyn Fn(LinuxNamespaceType) -> bool) -> Result<(
     if key.is_empty() || key.contains("..") || key.starts_with('/') || key.contains('\0') {
         return Err(invalid(format!("sysctl {key:?} is not a valid name")));
     }
-    let ipc = ["kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"];
+    let ipc = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
     let needs = if ipc.contains(&key) || key.starts_with("fs.mqueue.") {
         LinuxNamespaceType::Ipc
     } else if key.starts_with("net.") {
@@ -192,16 +274,21 @@ fn check_sysctl(key: &str, has: &dyn Fn(LinuxNamespaceType) -> bool) -> Result<(
     } else if key == "kernel.hostname" || key == "kernel.domainname" {
         LinuxNamespaceType::Uts
     } else {
-        return Err(invalid(format!("sysctl {key:?} is not namespaced and would change the host")));
+        return Err(invalid(format!(
+            "sysctl {key:?} is not namespaced and would change the host"
+        )));
     };
     if !has(needs) {
-        return Err(invalid(format!("sysctl {key:?} needs a new {needs:?} namespace")));
+        return Err(invalid(format!(
+            "sysctl {key:?} needs a new {needs:?} namespace"
+        )));
     }
     Ok(())
 }
 
 fn apparmor_enabled() -> bool {
-    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|s| s.trim() == "Y")
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y")
 }
 
 fn selinux_enabled() -> bool {
@@ -245,14 +332,23 @@ mod tests {
     #[test]
     fn refuses_malformed_json() {
         assert!(matches!(parse("{").unwrap_err(), SpecError::Parse { .. }));
-        assert!(matches!(parse(&format!("{} x", spec_json(""))).unwrap_err(), SpecError::Parse { .. }));
+        assert!(matches!(
+            parse(&format!("{} x", spec_json(""))).unwrap_err(),
+            SpecError::Parse { .. }
+        ));
     }
 
     #[test]
     fn refuses_empty_args_and_relative_cwd() {
-        let s = parse(r#"{"ociVersion":"1.0.0","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#).unwrap();
+        let s = parse(
+            r#"{"ociVersion":"1.0.0","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
         assert!(validate(&s).unwrap_err().to_string().contains("args"));
-        let s = parse(r#"{"ociVersion":"1.0.0","process":{"args":["a"],"cwd":"x","user":{"uid":0,"gid":0}}}"#).unwrap();
+        let s = parse(
+            r#"{"ociVersion":"1.0.0","process":{"args":["a"],"cwd":"x","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
         assert!(validate(&s).unwrap_err().to_string().contains("cwd"));
     }
 
@@ -260,21 +356,39 @@ mod tests {
     fn refuses_hostname_without_uts_and_host_sysctl() {
         let s = parse(&spec_json(r#","hostname":"x""#)).unwrap();
         assert!(validate(&s).unwrap_err().to_string().contains("uts"));
-        let s = parse(&spec_json("").replace(r#"{"type":"mount"}]"#, r#"{"type":"mount"}],"sysctl":{"kernel.panic":"1"}"#)).unwrap();
-        assert!(validate(&s).unwrap_err().to_string().contains("not namespaced"));
+        let s = parse(&spec_json("").replace(
+            r#"{"type":"mount"}]"#,
+            r#"{"type":"mount"}],"sysctl":{"kernel.panic":"1"}"#,
+        ))
+        .unwrap();
+        assert!(validate(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("not namespaced"));
     }
 
     #[test]
     fn mapping_arithmetic() {
         let m = |c: u32, h: u32, s: u32| {
-            oci_spec::runtime::LinuxIdMappingBuilder::default().container_id(c).host_id(h).size(s).build().unwrap()
+            oci_spec::runtime::LinuxIdMappingBuilder::default()
+                .container_id(c)
+                .host_id(h)
+                .size(s)
+                .build()
+                .unwrap()
         };
         check_mappings("uid", &[m(0, 100000, 65536)]).unwrap();
         assert!(check_mappings("uid", &[]).is_err());
         assert!(check_mappings("uid", &[m(0, 1, 0)]).is_err());
         assert!(check_mappings("uid", &[m(0, u32::MAX - 1, 10)]).is_err());
-        assert!(check_mappings("uid", &[m(0, 1000, 10), m(5, 5000, 10)]).unwrap_err().to_string().contains("inside"));
-        assert!(check_mappings("uid", &[m(0, 1000, 10), m(10, 1005, 10)]).unwrap_err().to_string().contains("host"));
+        assert!(check_mappings("uid", &[m(0, 1000, 10), m(5, 5000, 10)])
+            .unwrap_err()
+            .to_string()
+            .contains("inside"));
+        assert!(check_mappings("uid", &[m(0, 1000, 10), m(10, 1005, 10)])
+            .unwrap_err()
+            .to_string()
+            .contains("host"));
         check_mappings("uid", &[m(0, 1000, 10), m(10, 1010, 10)]).unwrap();
     }
 }

@@ -114,7 +114,9 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     let ok = !id.is_empty()
         && id.len() <= 1024
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -164,10 +166,14 @@ impl StateDir {
     pub fn create(&self, id: &str) -> Result<ContainerLock, StateError> {
         validate_id(id)?;
         let mk = |p: &Path| {
-            fs::DirBuilder::new().recursive(true).mode(0o711).create(p).map_err(|source| StateError::CreateDir {
-                path: p.to_owned(),
-                source,
-            })
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(p)
+                .map_err(|source| StateError::CreateDir {
+                    path: p.to_owned(),
+                    source,
+                })
         };
         if !self.root.is_dir() {
             mk(&self.root)?;
@@ -175,7 +181,9 @@ impl StateDir {
         let dir = self.container_dir(id);
         match fs::DirBuilder::new().mode(0o711).create(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(StateError::Exists(id.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StateError::Exists(id.to_owned()))
+            }
             Err(source) => return Err(StateError::CreateDir { path: dir, source }),
         }
         self.lock_dir(dir)
@@ -200,12 +208,21 @@ impl StateDir {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
-            .map_err(|source| StateError::Lock { path: path.clone(), source })?;
-        flock(&file, FlockOperation::LockExclusive)
-            .map_err(|e| StateError::Lock { path: path.clone(), source: e.into() })?;
+            .map_err(|source| StateError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        flock(&file, FlockOperation::LockExclusive).map_err(|e| StateError::Lock {
+            path: path.clone(),
+            source: e.into(),
+        })?;
         // The directory may have been deleted while we waited for the lock.
         if !dir.join(LOCK_FILE).exists() {
-            return Err(StateError::NotFound(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+            return Err(StateError::NotFound(
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ));
         }
         Ok(ContainerLock { _file: file, dir })
     }
@@ -215,7 +232,12 @@ impl StateDir {
         let rd = match fs::read_dir(&self.root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(StateError::Read { path: self.root.clone(), source }),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.root.clone(),
+                    source,
+                })
+            }
         };
         let mut ids: Vec<String> = rd
             .filter_map(|e| e.ok())
@@ -232,10 +254,15 @@ impl StateDir {
         let path = self.container_dir(id).join(STATE_FILE);
         let data = match fs::read(&path) {
             Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::NotFound(id.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound(id.to_owned()))
+            }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        serde_json::from_slice(&data).map_err(|e| StateError::Corrupt { path, message: e.to_string() })
+        serde_json::from_slice(&data).map_err(|e| StateError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
     }
 
     /// Atomically replaces the state file (write to a temp file, then rename).
@@ -243,9 +270,17 @@ impl StateDir {
         let dir = self.container_dir(&state.id);
         let path = dir.join(STATE_FILE);
         let tmp = dir.join(".state.json.tmp");
-        let data = serde_json::to_vec(state).map_err(|e| StateError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        let data = serde_json::to_vec(state).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&data)?;
             fs::rename(&tmp, &path)
         };
@@ -273,7 +308,17 @@ mod tests {
         for ok in ["a", "abc-1.2_3+x", &"x".repeat(1024)] {
             validate_id(ok).unwrap();
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "a\0", "../x", &"x".repeat(1025)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "a\0",
+            "../x",
+            &"x".repeat(1025),
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
         }
     }
@@ -283,11 +328,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let sd = StateDir::new(tmp.path().join("root"));
         let lock = sd.create("c1").unwrap();
-        assert!(matches!(sd.create("c1").unwrap_err(), StateError::Exists(_)));
+        assert!(matches!(
+            sd.create("c1").unwrap_err(),
+            StateError::Exists(_)
+        ));
         assert_eq!(sd.list().unwrap(), vec!["c1".to_string()]);
         drop(lock);
         let _l = sd.lock("c1").unwrap();
-        assert!(matches!(sd.lock("nope").unwrap_err(), StateError::NotFound(_)));
+        assert!(matches!(
+            sd.lock("nope").unwrap_err(),
+            StateError::NotFound(_)
+        ));
         sd.remove("c1").unwrap();
         assert!(sd.list().unwrap().is_empty());
     }

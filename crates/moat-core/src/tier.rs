@@ -48,7 +48,9 @@ impl FromStr for Tier {
             "container" => Ok(Tier::Container),
             "sandbox" => Ok(Tier::Sandbox),
             "microvm" => Ok(Tier::Microvm),
-            other => Err(format!("unknown isolation tier {other:?} (expected container, sandbox or microvm)")),
+            other => Err(format!(
+                "unknown isolation tier {other:?} (expected container, sandbox or microvm)"
+            )),
         }
     }
 }
@@ -59,7 +61,10 @@ mod tests {
 
     #[test]
     fn argv0_selects_tier() {
-        assert_eq!(Tier::from_argv0("/usr/local/bin/moat-sandbox"), Some(Tier::Sandbox));
+        assert_eq!(
+            Tier::from_argv0("/usr/local/bin/moat-sandbox"),
+            Some(Tier::Sandbox)
+        );
         assert_eq!(Tier::from_argv0("moat-microvm"), Some(Tier::Microvm));
         assert_eq!(Tier::from_argv0("/usr/bin/moat"), None);
         assert!("vm".parse::<Tier>().is_err());

@@ -34,7 +34,8 @@ fn pty(step: &'static str) -> impl FnOnce(nix::Error) -> ConsoleError {
 /// Allocates a pty, sends its master over `socket`, and makes the slave this
 /// process's stdio and controlling terminal (the caller is a session leader).
 pub fn setup_pty(socket: BorrowedFd) -> Result<(), ConsoleError> {
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).map_err(pty("open /dev/ptmx"))?;
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(pty("open /dev/ptmx"))?;
     grantpt(&master).map_err(pty("grant the pty"))?;
     unlockpt(&master).map_err(pty("unlock the pty"))?;
     let name = ptsname_r(&master).map_err(pty("name the pty"))?;
@@ -43,11 +44,20 @@ pub fn setup_pty(socket: BorrowedFd) -> Result<(), ConsoleError> {
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(&name)
-        .map_err(|source| ConsoleError::Slave { path: name.clone(), source })?;
+        .map_err(|source| ConsoleError::Slave {
+            path: name.clone(),
+            source,
+        })?;
     let fds = [master.as_raw_fd()];
     let iov = [IoSlice::new(name.as_bytes())];
-    sendmsg::<()>(socket.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-        .map_err(ConsoleError::Send)?;
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(ConsoleError::Send)?;
     drop(master);
     nix::unistd::dup2_stdin(&slave).map_err(pty("dup the pty to stdin"))?;
     nix::unistd::dup2_stdout(&slave).map_err(pty("dup the pty to stdout"))?;

@@ -43,7 +43,11 @@ pub enum ContainerError {
     #[error("{0}")]
     Invalid(String),
     #[error("container {id} is {status}, {why}")]
-    WrongStatus { id: String, status: &'static str, why: &'static str },
+    WrongStatus {
+        id: String,
+        status: &'static str,
+        why: &'static str,
+    },
     #[error("cannot {step}")]
     Io {
         step: String,
@@ -103,7 +107,10 @@ fn rootless() -> bool {
 
 impl Runtime {
     pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> Runtime {
-        Runtime { sd: StateDir::new(root), systemd_cgroup }
+        Runtime {
+            sd: StateDir::new(root),
+            systemd_cgroup,
+        }
     }
 
     // ----- create -----
@@ -112,12 +119,23 @@ impl Runtime {
     /// on a socket in the state dir; without, for `Start` on the returned channel.
     pub fn create(&self, opts: &CreateOpts, listen: bool) -> Result<Created, ContainerError> {
         let lock = self.sd.create(&opts.id)?;
-        let mut cleanup = Cleanup { rt: self, id: &opts.id, pid: 0, cgroup: None, armed: true };
+        let mut cleanup = Cleanup {
+            rt: self,
+            id: &opts.id,
+            pid: 0,
+            cgroup: None,
+            armed: true,
+        };
         let r = self.create_steps(opts, listen, &lock, &mut cleanup);
         match r {
             Ok((pid, state, chan)) => {
                 cleanup.armed = false;
-                Ok(Created { pid, state, chan, _lock: lock })
+                Ok(Created {
+                    pid,
+                    state,
+                    chan,
+                    _lock: lock,
+                })
             }
             Err(e) => {
                 drop(cleanup);
@@ -133,16 +151,32 @@ impl Runtime {
         lock: &ContainerLock,
         cleanup: &mut Cleanup,
     ) -> Result<(i32, State, Channel), ContainerError> {
-        let bundle = std::fs::canonicalize(&opts.bundle).map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
+        let bundle = std::fs::canonicalize(&opts.bundle)
+            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
         let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
         check_tier(&spec, opts.tier)?;
-        let linux = spec.linux().as_ref().ok_or_else(|| ContainerError::Invalid("config has no linux section".into()))?;
+        let linux = spec
+            .linux()
+            .as_ref()
+            .ok_or_else(|| ContainerError::Invalid("config has no linux section".into()))?;
         let plan = NsPlan::from_spec(linux.namespaces().as_deref().unwrap_or(&[]));
-        if !plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNS) && !plan.join.iter().any(|(t, _)| *t == LinuxNamespaceType::Mount) {
-            return Err(ContainerError::Invalid("config must request a mount namespace".into()));
+        if !plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNS)
+            && !plan
+                .join
+                .iter()
+                .any(|(t, _)| *t == LinuxNamespaceType::Mount)
+        {
+            return Err(ContainerError::Invalid(
+                "config must request a mount namespace".into(),
+            ));
         }
         let mut state = initial_state(opts, &spec, &bundle, &rootfs);
-        let cg = CgroupManager::new(linux.cgroups_path().as_deref(), &opts.id, self.systemd_cgroup, rootless())?;
+        let cg = CgroupManager::new(
+            linux.cgroups_path().as_deref(),
+            &opts.id,
+            self.systemd_cgroup,
+            rootless(),
+        )?;
         state.cgroup = cg.to_saved();
         self.sd.save(&state)?;
         cg.create(Some(&with_default_devices(linux)))?;
@@ -153,14 +187,18 @@ impl Runtime {
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
         let start = if listen {
-            StartSignal::Listener(sync::listen(&lock.dir().join(START_SOCKET)).map_err(io_err("listen on the start socket"))?)
+            StartSignal::Listener(
+                sync::listen(&lock.dir().join(START_SOCKET))
+                    .map_err(io_err("listen on the start socket"))?,
+            )
         } else {
             StartSignal::Channel
         };
         let console_socket = connect_console(&spec, opts)?;
         let hooks = spec.hooks().as_ref();
         let has_runtime_hooks = hooks.is_some_and(|h| {
-            h.prestart().as_ref().is_some_and(|l| !l.is_empty()) || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
+            h.prestart().as_ref().is_some_and(|l| !l.is_empty())
+                || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
         });
         let cgroup_mounts = cg.mount_sources();
         let ctx = InitContext {
@@ -182,7 +220,9 @@ impl Runtime {
         protect_runtime_process()?;
         let fast = plan.clone_flags();
         let first = match fast {
-            Some(flags) => moat_sys::process::fork_with(flags.bits(), || init::container_init(&ctx, &child)),
+            Some(flags) => {
+                moat_sys::process::fork_with(flags.bits(), || init::container_init(&ctx, &child))
+            }
             None => moat_sys::process::fork_with(0, || init::intermediate(&ctx, &child)),
         }
         .map_err(io_err("fork the container process"))?;
@@ -210,13 +250,23 @@ impl Runtime {
                     let json = oci_state_json(&state, ContainerStatus::Creating);
                     if let Some(h) = hooks {
                         hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)?;
-                        hooks::run("createRuntime", h.create_runtime().as_deref().unwrap_or(&[]), &json)?;
+                        hooks::run(
+                            "createRuntime",
+                            h.create_runtime().as_deref().unwrap_or(&[]),
+                            &json,
+                        )?;
                     }
                     parent.send(&Msg::Go)?;
                 }
                 Msg::Created => break,
                 Msg::Error(e) => return Err(SyncError::Child(e).into()),
-                got => return Err(SyncError::Unexpected { got, expected: "created" }.into()),
+                got => {
+                    return Err(SyncError::Unexpected {
+                        got,
+                        expected: "created",
+                    }
+                    .into())
+                }
             }
         }
         state.status = ContainerStatus::Created;
@@ -228,7 +278,12 @@ impl Runtime {
     }
 
     /// Slow path: the intermediate joins/creates namespaces and forks the init.
-    fn drive_intermediate(&self, first: i32, parent: &Channel, spec: &Spec) -> Result<i32, ContainerError> {
+    fn drive_intermediate(
+        &self,
+        first: i32,
+        parent: &Channel,
+        spec: &Spec,
+    ) -> Result<i32, ContainerError> {
         parent.send(&Msg::Go)?;
         let pid = loop {
             match parent.recv()? {
@@ -238,7 +293,13 @@ impl Runtime {
                 }
                 Msg::Pid(p) => break p,
                 Msg::Error(e) => return Err(SyncError::Child(e).into()),
-                got => return Err(SyncError::Unexpected { got, expected: "pid" }.into()),
+                got => {
+                    return Err(SyncError::Unexpected {
+                        got,
+                        expected: "pid",
+                    }
+                    .into())
+                }
             }
         };
         let _ = waitpid(Pid::from_raw(first), None);
@@ -254,10 +315,15 @@ impl Runtime {
         let mut st = self.sd.load(id)?;
         let status = live_status(&st, lock.dir());
         if status != ContainerStatus::Created {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot start it (only a created container can be started)" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot start it (only a created container can be started)",
+            });
         }
         let sock = lock.dir().join(START_SOCKET);
-        let conn = Channel::connect(&sock).map_err(io_err("connect to the container's start socket"))?;
+        let conn =
+            Channel::connect(&sock).map_err(io_err("connect to the container's start socket"))?;
         conn.send(&Msg::Start)?;
         let r = self.await_exec(&conn, &st);
         let _ = std::fs::remove_file(&sock);
@@ -277,7 +343,13 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
                 Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => self.send_notify_fd(st, &fd)?,
                 Ok((Msg::Error(e), _)) => return Err(SyncError::Child(e).into()),
-                Ok((got, _)) => return Err(SyncError::Unexpected { got, expected: "exec" }.into()),
+                Ok((got, _)) => {
+                    return Err(SyncError::Unexpected {
+                        got,
+                        expected: "exec",
+                    }
+                    .into())
+                }
             }
         }
     }
@@ -286,9 +358,13 @@ impl Runtime {
         let spec = self.saved_config(&st.id)?;
         let sec = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
         let Some(path) = sec.and_then(|s| s.listener_path().as_ref()) else {
-            return Err(ContainerError::Invalid("seccomp filter has notify rules but no listenerPath".into()));
+            return Err(ContainerError::Invalid(
+                "seccomp filter has notify rules but no listenerPath".into(),
+            ));
         };
-        let meta = sec.and_then(|s| s.listener_metadata().clone()).unwrap_or_default();
+        let meta = sec
+            .and_then(|s| s.listener_metadata().clone())
+            .unwrap_or_default();
         let oci = oci_state(st, ContainerStatus::Creating);
         use std::os::fd::AsFd;
         seccomp::send_to_listener(path, &meta, &oci, st.pid, fd.as_fd())?;
@@ -301,7 +377,10 @@ impl Runtime {
         }
         let json = oci_state_json(st, ContainerStatus::Running);
         if let Err(e) = hooks::run("poststart", &st.poststart_hooks, &json) {
-            tracing_warn(&format!("poststart hook failed: {}", crate::error_chain(&e)));
+            tracing_warn(&format!(
+                "poststart hook failed: {}",
+                crate::error_chain(&e)
+            ));
         }
     }
 
@@ -311,8 +390,16 @@ impl Runtime {
     /// return the exit status (128+N for a signal).
     pub fn run(&self, opts: &CreateOpts, detach: bool) -> Result<i32, ContainerError> {
         let created = self.create(opts, false)?;
-        let Created { pid, mut state, chan, _lock } = created;
-        let started = chan.send(&Msg::Start).map_err(ContainerError::from).and_then(|_| self.await_exec(&chan, &state));
+        let Created {
+            pid,
+            mut state,
+            chan,
+            _lock,
+        } = created;
+        let started = chan
+            .send(&Msg::Start)
+            .map_err(ContainerError::from)
+            .and_then(|_| self.await_exec(&chan, &state));
         if let Err(e) = started {
             drop(_lock);
             let _ = self.delete(&opts.id, true);
@@ -366,7 +453,11 @@ impl Runtime {
     pub fn stats(&self, id: &str) -> Result<serde_json::Value, ContainerError> {
         let (st, status) = self.load(id)?;
         if status == ContainerStatus::Stopped {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "no stats" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "no stats",
+            });
         }
         let stats = self.cgroup_of(&st)?.stats()?;
         Ok(serde_json::to_value(stats).unwrap_or_default())
@@ -376,7 +467,11 @@ impl Runtime {
         let _lock = self.sd.lock(id)?;
         let (st, status) = self.load(id)?;
         if status == ContainerStatus::Stopped {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot update it" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot update it",
+            });
         }
         self.cgroup_of(&st)?.update(resources)?;
         Ok(())
@@ -388,7 +483,11 @@ impl Runtime {
         let _lock = self.sd.lock(id)?;
         let (st, status) = self.load(id)?;
         if status == ContainerStatus::Stopped {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot signal it (container not running)" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot signal it (container not running)",
+            });
         }
         if all {
             for p in self.cgroup_of(&st)?.pids()? {
@@ -403,7 +502,11 @@ impl Runtime {
         let _lock = self.sd.lock(id)?;
         let (mut st, status) = self.load(id)?;
         if status != ContainerStatus::Running && status != ContainerStatus::Created {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot pause it" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot pause it",
+            });
         }
         self.cgroup_of(&st)?.freeze()?;
         st.status = ContainerStatus::Paused;
@@ -415,7 +518,11 @@ impl Runtime {
         let _lock = self.sd.lock(id)?;
         let (mut st, status) = self.load(id)?;
         if status != ContainerStatus::Paused {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot resume it (not paused)" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot resume it (not paused)",
+            });
         }
         self.cgroup_of(&st)?.thaw()?;
         st.status = ContainerStatus::Running;
@@ -440,7 +547,11 @@ impl Runtime {
         };
         let status = live_status(&st, lock.dir());
         if matches!(status, ContainerStatus::Running | ContainerStatus::Paused) && !force {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot delete it (stop it first or use --force)" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot delete it (stop it first or use --force)",
+            });
         }
         let cg = CgroupManager::from_saved(&st.cgroup).ok();
         if status == ContainerStatus::Paused {
@@ -467,17 +578,28 @@ impl Runtime {
 
     /// The config.json saved at create time.
     pub fn saved_config(&self, id: &str) -> Result<Spec, ContainerError> {
-        Ok(moat_core::spec::parse_file(&self.sd.container_dir(id).join(CONFIG_COPY))?)
+        Ok(moat_core::spec::parse_file(
+            &self.sd.container_dir(id).join(CONFIG_COPY),
+        )?)
     }
 
     // ----- exec -----
 
     /// `moat exec`: runs `process` in the running container `id`. Returns the
     /// exit status, or 0 at once with `detach`.
-    pub fn exec(&self, id: &str, process: &Process, opts: &ExecOpts) -> Result<i32, ContainerError> {
+    pub fn exec(
+        &self,
+        id: &str,
+        process: &Process,
+        opts: &ExecOpts,
+    ) -> Result<i32, ContainerError> {
         let (st, status) = self.load(id)?;
         if !matches!(status, ContainerStatus::Running | ContainerStatus::Created) {
-            return Err(ContainerError::WrongStatus { id: id.into(), status: status.as_str(), why: "cannot exec in it" });
+            return Err(ContainerError::WrongStatus {
+                id: id.into(),
+                status: status.as_str(),
+                why: "cannot exec in it",
+            });
         }
         let spec = self.saved_config(id)?;
         crate::exec::exec(&st, &spec, process, opts, &self.cgroup_of(&st)?)
@@ -516,10 +638,13 @@ impl Drop for Cleanup<'_> {
 /// /proc/PID/exe (the runtime binary, CVE-2019-5736), mem, or fds, nor
 /// ptrace us. execve of the workload resets the flag.
 pub(crate) fn protect_runtime_process() -> Result<(), ContainerError> {
-    nix::sys::prctl::set_dumpable(false).map_err(sys_err("make the runtime process non-dumpable"))?;
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(sys_err("make the runtime process non-dumpable"))?;
     match nix::sys::prctl::get_dumpable() {
         Ok(false) => Ok(()),
-        _ => Err(ContainerError::Invalid("the runtime process is still dumpable".into())),
+        _ => Err(ContainerError::Invalid(
+            "the runtime process is still dumpable".into(),
+        )),
     }
 }
 
@@ -553,7 +678,9 @@ fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -
         tier: Tier::Container,
         cgroup: serde_json::Value::Null,
         poststop_hooks: hooks.and_then(|h| h.poststop().clone()).unwrap_or_default(),
-        poststart_hooks: hooks.and_then(|h| h.poststart().clone()).unwrap_or_default(),
+        poststart_hooks: hooks
+            .and_then(|h| h.poststart().clone())
+            .unwrap_or_default(),
         own_pid_ns: true,
         use_systemd_cgroup: false,
     }
@@ -569,17 +696,33 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     let mut rules = res.devices().clone().unwrap_or_default();
     let rule = |typ: LinuxDeviceType, major: i64, minor: Option<i64>| {
         let mut r = LinuxDeviceCgroup::default();
-        r.set_allow(true).set_typ(Some(typ)).set_major(Some(major)).set_minor(minor).set_access(Some("rwm".into()));
+        r.set_allow(true)
+            .set_typ(Some(typ))
+            .set_major(Some(major))
+            .set_minor(minor)
+            .set_access(Some("rwm".into()));
         r
     };
-    for (major, minor) in [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0)), (5, Some(1)), (5, Some(2)), (136, None)] {
+    for (major, minor) in [
+        (1, Some(3)),
+        (1, Some(5)),
+        (1, Some(7)),
+        (1, Some(8)),
+        (1, Some(9)),
+        (5, Some(0)),
+        (5, Some(1)),
+        (5, Some(2)),
+        (136, None),
+    ] {
         rules.push(rule(LinuxDeviceType::C, major, minor));
     }
     // mknod of any node (so linux.devices can be created); opening one
     // still needs an explicit rule in the spec.
     for typ in [LinuxDeviceType::C, LinuxDeviceType::B] {
         let mut r = LinuxDeviceCgroup::default();
-        r.set_allow(true).set_typ(Some(typ)).set_access(Some("m".into()));
+        r.set_allow(true)
+            .set_typ(Some(typ))
+            .set_access(Some("m".into()));
         rules.push(r);
     }
     res.set_devices(Some(rules));
@@ -587,27 +730,43 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
 }
 
 fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
-    std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map_err(io_err("save a copy of config.json"))?;
+    std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY))
+        .map_err(io_err("save a copy of config.json"))?;
     Ok(())
 }
 
 fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, ContainerError> {
-    let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     match (&opts.console_socket, terminal) {
         (Some(path), true) => {
-            let s = std::os::unix::net::UnixStream::connect(path).map_err(io_err(format!("connect to console socket {}", path.display())))?;
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(io_err(format!(
+                "connect to console socket {}",
+                path.display()
+            )))?;
             Ok(Some(OwnedFd::from(s)))
         }
-        (None, true) => Err(ContainerError::Invalid("process.terminal is true but no --console-socket was given".into())),
-        (Some(_), false) => Err(ContainerError::Invalid("--console-socket given but process.terminal is false".into())),
+        (None, true) => Err(ContainerError::Invalid(
+            "process.terminal is true but no --console-socket was given".into(),
+        )),
+        (Some(_), false) => Err(ContainerError::Invalid(
+            "--console-socket given but process.terminal is false".into(),
+        )),
         (None, false) => Ok(None),
     }
 }
 
 fn write_maps(pid: i32, spec: &Spec) -> Result<(), ContainerError> {
     let linux = spec.linux().as_ref();
-    let uid = linux.and_then(|l| l.uid_mappings().as_deref()).unwrap_or(&[]);
-    let gid = linux.and_then(|l| l.gid_mappings().as_deref()).unwrap_or(&[]);
+    let uid = linux
+        .and_then(|l| l.uid_mappings().as_deref())
+        .unwrap_or(&[]);
+    let gid = linux
+        .and_then(|l| l.gid_mappings().as_deref())
+        .unwrap_or(&[]);
     idmap::write_maps(pid, uid, gid)?;
     Ok(())
 }
@@ -677,7 +836,11 @@ fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
 
 /// runc's `state`/`list --format json` object.
 pub fn runc_state(st: &State, status: ContainerStatus) -> serde_json::Value {
-    let pid = if status == ContainerStatus::Stopped { 0 } else { st.pid };
+    let pid = if status == ContainerStatus::Stopped {
+        0
+    } else {
+        st.pid
+    };
     let mut v = serde_json::json!({
         "ociVersion": st.oci_version,
         "id": st.id,
@@ -702,7 +865,15 @@ fn tracing_warn(msg: &str) {
 /// signals to it; returns its exit status, 128+N for a signal.
 pub fn wait_forwarding_signals(pid: i32) -> i32 {
     use nix::sys::signal::{SigSet, SigmaskHow};
-    let forward = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
+    let forward = [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ];
     let mut set = SigSet::empty();
     for s in forward {
         set.add(s);
@@ -730,4 +901,3 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     code
 }
-

@@ -25,13 +25,21 @@ pub struct ExecOpts {
 }
 
 fn io_err(step: &str) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
-    move |source| ContainerError::Io { step: step.to_owned(), source }
+    move |source| ContainerError::Io {
+        step: step.to_owned(),
+        source,
+    }
 }
 
 /// Namespaces of `pid` that differ from ours, as setns flags.
 fn namespaces_to_join(pid: i32, spec: &Spec) -> CloneFlags {
     let mut flags = CloneFlags::empty();
-    for n in spec.linux().as_ref().and_then(|l| l.namespaces().as_deref()).unwrap_or(&[]) {
+    for n in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or(&[])
+    {
         let name = ns::name(n.typ());
         let theirs = std::fs::metadata(format!("/proc/{pid}/ns/{name}"));
         let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
@@ -43,27 +51,48 @@ fn namespaces_to_join(pid: i32, spec: &Spec) -> CloneFlags {
     flags
 }
 
-pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &CgroupManager) -> Result<i32, ContainerError> {
+pub fn exec(
+    st: &State,
+    spec: &Spec,
+    process: &Process,
+    opts: &ExecOpts,
+    cg: &CgroupManager,
+) -> Result<i32, ContainerError> {
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(ContainerError::Invalid("exec needs a command".into()));
     }
     if !process.cwd().is_absolute() {
-        return Err(ContainerError::Invalid(format!("cwd {:?} must be absolute", process.cwd())));
+        return Err(ContainerError::Invalid(format!(
+            "cwd {:?} must be absolute",
+            process.cwd()
+        )));
     }
     let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(st.pid).ok_or_else(|| ContainerError::Invalid("container has no process".into()))?,
+        rustix::process::Pid::from_raw(st.pid)
+            .ok_or_else(|| ContainerError::Invalid("container has no process".into()))?,
         rustix::process::PidfdFlags::empty(),
     )
-    .map_err(|e| ContainerError::Io { step: format!("open pidfd of {}", st.pid), source: e.into() })?;
+    .map_err(|e| ContainerError::Io {
+        step: format!("open pidfd of {}", st.pid),
+        source: e.into(),
+    })?;
     if pid_start_time(st.pid) != Some(st.pid_start_time) {
-        return Err(ContainerError::Invalid(format!("container {} is not running", st.id)));
+        return Err(ContainerError::Invalid(format!(
+            "container {} is not running",
+            st.id
+        )));
     }
     let flags = namespaces_to_join(st.pid, spec);
     let console = match (&opts.console_socket, process.terminal().unwrap_or(false)) {
         (Some(p), true) => Some(OwnedFd::from(
-            std::os::unix::net::UnixStream::connect(p).map_err(io_err("connect to the console socket"))?,
+            std::os::unix::net::UnixStream::connect(p)
+                .map_err(io_err("connect to the console socket"))?,
         )),
-        (None, true) => return Err(ContainerError::Invalid("a terminal needs --console-socket".into())),
+        (None, true) => {
+            return Err(ContainerError::Invalid(
+                "a terminal needs --console-socket".into(),
+            ))
+        }
         _ => None,
     };
     let (parent, child) = sync::pair()?;
@@ -73,22 +102,34 @@ pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &Cg
         if let Some(c) = &console {
             let r = nix::unistd::setsid()
                 .map_err(|e| e.to_string())
-                .and_then(|_| crate::console::setup_pty(c.as_fd()).map_err(|e| crate::error_chain(&e)));
+                .and_then(|_| {
+                    crate::console::setup_pty(c.as_fd()).map_err(|e| crate::error_chain(&e))
+                });
             if let Err(e) = r {
                 let _ = child.send(&Msg::Error(e));
                 return 1;
             }
         }
-        let fin = Finalize { process, seccomp, preserve_fds: opts.preserve_fds, notify_channel: Some(&child), in_user_ns };
+        let fin = Finalize {
+            process,
+            seccomp,
+            preserve_fds: opts.preserve_fds,
+            notify_channel: Some(&child),
+            in_user_ns,
+        };
         let err = process::finalize_and_exec(&fin);
         let _ = child.send(&Msg::Error(crate::error_chain(&err)));
         1
     };
     let intermediate = || -> i32 {
         let r = (|| -> Result<i32, String> {
-            child.expect(Msg::Go, "go").map_err(|e| crate::error_chain(&e))?;
-            nix::sched::setns(pidfd.as_fd(), flags).map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
-            moat_sys::process::fork_with(libc::CLONE_PARENT, grandchild).map_err(|e| format!("cannot fork: {e}"))
+            child
+                .expect(Msg::Go, "go")
+                .map_err(|e| crate::error_chain(&e))?;
+            nix::sched::setns(pidfd.as_fd(), flags)
+                .map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
+            moat_sys::process::fork_with(libc::CLONE_PARENT, grandchild)
+                .map_err(|e| format!("cannot fork: {e}"))
         })();
         match r {
             Ok(pid) => {
@@ -120,7 +161,13 @@ pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &Cg
             reap(first);
             return Err(SyncError::Child(e).into());
         }
-        Ok(got) => return Err(SyncError::Unexpected { got, expected: "pid" }.into()),
+        Ok(got) => {
+            return Err(SyncError::Unexpected {
+                got,
+                expected: "pid",
+            }
+            .into())
+        }
         Err(e) => {
             reap(first);
             return Err(e.into());
@@ -133,7 +180,9 @@ pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &Cg
             Err(e) => return Err(e.into()),
             Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => {
                 if let Some(path) = seccomp.and_then(|s| s.listener_path().as_ref()) {
-                    let meta = seccomp.and_then(|s| s.listener_metadata().clone()).unwrap_or_default();
+                    let meta = seccomp
+                        .and_then(|s| s.listener_metadata().clone())
+                        .unwrap_or_default();
                     let oci = crate::container::oci_state(st, moat_core::ContainerStatus::Running);
                     crate::seccomp::send_to_listener(path, &meta, &oci, pid, fd.as_fd())?;
                 }
@@ -142,7 +191,13 @@ pub fn exec(st: &State, spec: &Spec, process: &Process, opts: &ExecOpts, cg: &Cg
                 reap(pid);
                 return Err(SyncError::Child(e).into());
             }
-            Ok((got, _)) => return Err(SyncError::Unexpected { got, expected: "exec" }.into()),
+            Ok((got, _)) => {
+                return Err(SyncError::Unexpected {
+                    got,
+                    expected: "exec",
+                }
+                .into())
+            }
         }
     }
     if let Some(p) = &opts.pid_file {

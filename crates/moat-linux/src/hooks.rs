@@ -17,9 +17,18 @@ pub enum HookError {
         source: std::io::Error,
     },
     #[error("{stage} hook {path} failed: {status}{stderr}")]
-    Failed { stage: &'static str, path: PathBuf, status: String, stderr: String },
+    Failed {
+        stage: &'static str,
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
     #[error("{stage} hook {path} timed out after {secs}s and was killed")]
-    Timeout { stage: &'static str, path: PathBuf, secs: i64 },
+    Timeout {
+        stage: &'static str,
+        path: PathBuf,
+        secs: i64,
+    },
 }
 
 /// Runs `hooks` in order; the first failure stops the list.
@@ -45,18 +54,33 @@ fn run_one(stage: &'static str, hook: &Hook, state_json: &[u8]) -> Result<(), Ho
             cmd.env(k, v);
         }
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| HookError::Spawn { stage, path: path.clone(), source })?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
+        stage,
+        path: path.clone(),
+        source,
+    })?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin is fine (EPIPE).
         let _ = stdin.write_all(state_json);
     }
-    let deadline = hook.timeout().filter(|t| *t > 0).map(|t| (t, Instant::now() + Duration::from_secs(t as u64)));
+    let deadline = hook
+        .timeout()
+        .filter(|t| *t > 0)
+        .map(|t| (t, Instant::now() + Duration::from_secs(t as u64)));
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) => {}
-            Err(source) => return Err(HookError::Spawn { stage, path, source }),
+            Err(source) => {
+                return Err(HookError::Spawn {
+                    stage,
+                    path,
+                    source,
+                })
+            }
         }
         if let Some((secs, at)) = deadline {
             if Instant::now() >= at {
@@ -75,8 +99,17 @@ fn run_one(stage: &'static str, hook: &Hook, state_json: &[u8]) -> Result<(), Ho
         let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
     }
     let stderr = stderr.trim();
-    let stderr = if stderr.is_empty() { String::new() } else { format!(": {}", stderr.lines().last().unwrap_or("")) };
-    Err(HookError::Failed { stage, path, status: status.to_string(), stderr })
+    let stderr = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", stderr.lines().last().unwrap_or(""))
+    };
+    Err(HookError::Failed {
+        stage,
+        path,
+        status: status.to_string(),
+        stderr,
+    })
 }
 
 #[cfg(test)]
@@ -90,7 +123,11 @@ mod tests {
         let out = dir.path().join("out");
         let hook = HookBuilder::default()
             .path("/bin/sh")
-            .args(vec!["sh".into(), "-c".into(), format!("cat > {}", out.display())])
+            .args(vec![
+                "sh".into(),
+                "-c".into(),
+                format!("cat > {}", out.display()),
+            ])
             .build()
             .unwrap();
         run("prestart", &[hook], br#"{"id":"x"}"#).unwrap();
@@ -99,12 +136,34 @@ mod tests {
 
     #[test]
     fn failing_and_slow_hooks_are_errors() {
-        let fail = HookBuilder::default().path("/bin/sh").args(vec!["sh".into(), "-c".into(), "echo nope >&2; exit 3".into()]).build().unwrap();
+        let fail = HookBuilder::default()
+            .path("/bin/sh")
+            .args(vec![
+                "sh".into(),
+                "-c".into(),
+                "echo nope >&2; exit 3".into(),
+            ])
+            .build()
+            .unwrap();
         let e = run("poststart", &[fail], b"{}").unwrap_err().to_string();
         assert!(e.contains("exit status: 3") && e.contains("nope"), "{e}");
-        let slow = HookBuilder::default().path("/bin/sleep").args(vec!["sleep".into(), "5".into()]).timeout(1i64).build().unwrap();
-        assert!(matches!(run("prestart", &[slow], b"{}").unwrap_err(), HookError::Timeout { .. }));
-        let missing = HookBuilder::default().path("/nonexistent/hook").build().unwrap();
-        assert!(matches!(run("prestart", &[missing], b"{}").unwrap_err(), HookError::Spawn { .. }));
+        let slow = HookBuilder::default()
+            .path("/bin/sleep")
+            .args(vec!["sleep".into(), "5".into()])
+            .timeout(1i64)
+            .build()
+            .unwrap();
+        assert!(matches!(
+            run("prestart", &[slow], b"{}").unwrap_err(),
+            HookError::Timeout { .. }
+        ));
+        let missing = HookBuilder::default()
+            .path("/nonexistent/hook")
+            .build()
+            .unwrap();
+        assert!(matches!(
+            run("prestart", &[missing], b"{}").unwrap_err(),
+            HookError::Spawn { .. }
+        ));
     }
 }

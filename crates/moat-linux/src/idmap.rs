@@ -12,7 +12,11 @@ pub enum IdMapError {
         source: std::io::Error,
     },
     #[error("{tool} failed for pid {pid}: {stderr}")]
-    Helper { tool: &'static str, pid: i32, stderr: String },
+    Helper {
+        tool: &'static str,
+        pid: i32,
+        stderr: String,
+    },
     #[error("cannot run {tool}")]
     Spawn {
         tool: &'static str,
@@ -25,7 +29,12 @@ pub enum IdMapError {
 pub fn format_map(maps: &[LinuxIdMapping]) -> String {
     let mut s = String::with_capacity(maps.len() * 24);
     for m in maps {
-        s.push_str(&format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()));
+        s.push_str(&format!(
+            "{} {} {}\n",
+            m.container_id(),
+            m.host_id(),
+            m.size()
+        ));
     }
     s
 }
@@ -44,11 +53,21 @@ fn helper(tool: &'static str, pid: i32, maps: &[LinuxIdMapping]) -> Result<(), I
     let mut cmd = std::process::Command::new(tool);
     cmd.arg(pid.to_string());
     for m in maps {
-        cmd.args([m.container_id().to_string(), m.host_id().to_string(), m.size().to_string()]);
+        cmd.args([
+            m.container_id().to_string(),
+            m.host_id().to_string(),
+            m.size().to_string(),
+        ]);
     }
-    let out = cmd.output().map_err(|source| IdMapError::Spawn { tool, source })?;
+    let out = cmd
+        .output()
+        .map_err(|source| IdMapError::Spawn { tool, source })?;
     if !out.status.success() {
-        return Err(IdMapError::Helper { tool, pid, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(IdMapError::Helper {
+            tool,
+            pid,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -56,7 +75,11 @@ fn helper(tool: &'static str, pid: i32, maps: &[LinuxIdMapping]) -> Result<(), I
 /// Writes the maps of `pid`'s new user namespace. As root: directly. Rootless:
 /// directly for a self-map (denying setgroups first, as the kernel requires),
 /// else through newuidmap/newgidmap (the /etc/subuid ranges).
-pub fn write_maps(pid: i32, uid: &[LinuxIdMapping], gid: &[LinuxIdMapping]) -> Result<(), IdMapError> {
+pub fn write_maps(
+    pid: i32,
+    uid: &[LinuxIdMapping],
+    gid: &[LinuxIdMapping],
+) -> Result<(), IdMapError> {
     let euid = rustix::process::geteuid().as_raw();
     let egid = rustix::process::getegid().as_raw();
     let proc = PathBuf::from(format!("/proc/{pid}"));
@@ -83,12 +106,20 @@ mod tests {
     use oci_spec::runtime::LinuxIdMappingBuilder;
 
     fn m(c: u32, h: u32, s: u32) -> LinuxIdMapping {
-        LinuxIdMappingBuilder::default().container_id(c).host_id(h).size(s).build().unwrap()
+        LinuxIdMappingBuilder::default()
+            .container_id(c)
+            .host_id(h)
+            .size(s)
+            .build()
+            .unwrap()
     }
 
     #[test]
     fn formats_kernel_map_text() {
-        assert_eq!(format_map(&[m(0, 100000, 65536), m(65536, 1000, 1)]), "0 100000 65536\n65536 1000 1\n");
+        assert_eq!(
+            format_map(&[m(0, 100000, 65536), m(65536, 1000, 1)]),
+            "0 100000 65536\n65536 1000 1\n"
+        );
     }
 
     #[test]

@@ -98,7 +98,10 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError
         - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
     ns::unshare_flags(rest)?;
     let pid = moat_sys::process::fork_with(libc::CLONE_PARENT, || container_init(ctx, chan))
-        .map_err(|e| InitError::Sys { step: "fork the container process", source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)) })?;
+        .map_err(|e| InitError::Sys {
+            step: "fork the container process",
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+        })?;
     chan.send(&Msg::Pid(pid))?;
     Ok(())
 }
@@ -149,7 +152,11 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     let reply = reply.as_ref().unwrap_or(chan);
     run_container_hooks(ctx, reply, "startContainer")?;
     let linux = ctx.spec.linux().as_ref();
-    let process = ctx.spec.process().as_ref().expect("validated: process is present");
+    let process = ctx
+        .spec
+        .process()
+        .as_ref()
+        .expect("validated: process is present");
     let fin = Finalize {
         process,
         seccomp: linux.and_then(|l| l.seccomp().as_ref()),
@@ -172,8 +179,10 @@ fn become_root_in_user_ns(ctx: &InitContext) -> Result<(), InitError> {
     if !ctx.plan.has_user() {
         return Ok(());
     }
-    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(sys("become gid 0 in the user namespace (is 0 mapped?)"))?;
-    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(sys("become uid 0 in the user namespace (is 0 mapped?)"))?;
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(sys("become gid 0 in the user namespace (is 0 mapped?)"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(sys("become uid 0 in the user namespace (is 0 mapped?)"))?;
     Ok(())
 }
 
@@ -183,9 +192,18 @@ fn enter_late_namespaces(ctx: &InitContext) -> Result<(), InitError> {
     if ctx.plan.new.contains(CloneFlags::CLONE_NEWCGROUP) {
         ns::unshare_flags(CloneFlags::CLONE_NEWCGROUP)?;
     }
-    if ctx.plan.new.contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)) {
+    if ctx
+        .plan
+        .new
+        .contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
+    {
         let mut offsets = Vec::new();
-        if let Some(t) = ctx.spec.linux().as_ref().and_then(|l| l.time_offsets().as_ref()) {
+        if let Some(t) = ctx
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.time_offsets().as_ref())
+        {
             for (clock, off) in t {
                 let clock = match clock.as_str() {
                     "monotonic" | "boottime" => clock.clone(),
@@ -207,18 +225,36 @@ fn join_session_keyring(ctx: &InitContext) -> Result<(), InitError> {
     // ENOSYS/EPERM there too, since the keyring is a convenience, not a boundary.
     match moat_sys::process::join_session_keyring() {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)) => Ok(()),
-        Err(e) => Err(InitError::Sys { step: "join a new session keyring", source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)) }),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(InitError::Sys {
+            step: "join a new session keyring",
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+        }),
     }
 }
 
-fn run_container_hooks(ctx: &InitContext, _chan: &Channel, stage: &'static str) -> Result<(), InitError> {
-    let Some(h) = ctx.spec.hooks().as_ref() else { return Ok(()) };
+fn run_container_hooks(
+    ctx: &InitContext,
+    _chan: &Channel,
+    stage: &'static str,
+) -> Result<(), InitError> {
+    let Some(h) = ctx.spec.hooks().as_ref() else {
+        return Ok(());
+    };
     let list = match stage {
         "createContainer" => h.create_container(),
         _ => h.start_container(),
     };
-    let Some(list) = list.as_deref().filter(|l| !l.is_empty()) else { return Ok(()) };
+    let Some(list) = list.as_deref().filter(|l| !l.is_empty()) else {
+        return Ok(());
+    };
     let state = serde_json::json!({
         "ociVersion": ctx.spec.version(),
         "id": ctx.id,
@@ -235,7 +271,10 @@ fn set_identity(spec: &Spec) -> Result<(), InitError> {
         nix::unistd::sethostname(h).map_err(sys("set hostname"))?;
     }
     if let Some(d) = spec.domainname().as_deref().filter(|h| !h.is_empty()) {
-        rustix::system::setdomainname(d.as_bytes()).map_err(|e| InitError::Sys { step: "set domainname", source: nix::Error::from_raw(e.raw_os_error()) })?;
+        rustix::system::setdomainname(d.as_bytes()).map_err(|e| InitError::Sys {
+            step: "set domainname",
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })?;
     }
     Ok(())
 }
@@ -266,4 +305,3 @@ fn wait_for_start(ctx: &InitContext, chan: &Channel) -> Result<Option<Channel>, 
         },
     }
 }
-

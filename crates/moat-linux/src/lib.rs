@@ -2,23 +2,23 @@
 //! module per kernel facility; `container` is the checklist that drives them.
 #![forbid(unsafe_code)]
 
+pub mod attrs;
 pub mod caps;
 pub mod cgroup;
+pub mod console;
+pub mod container;
+pub mod exec;
+pub mod hooks;
+pub mod idmap;
+pub mod init;
+pub mod ns;
+pub mod process;
 pub mod rlimit;
 pub mod rootfs;
 pub mod seccomp;
-pub mod attrs;
-pub mod sync;
-pub mod ns;
-pub mod idmap;
-pub mod hooks;
-pub mod process;
-pub mod console;
-pub mod init;
-pub mod container;
-pub mod exec;
-pub mod time;
 pub mod selfexe;
+pub mod sync;
+pub mod time;
 
 /// An error and its causes as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

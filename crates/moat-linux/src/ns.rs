@@ -64,14 +64,18 @@ pub struct NsPlan {
 
 impl NsPlan {
     pub fn from_spec(namespaces: &[LinuxNamespace]) -> NsPlan {
-        let mut plan = NsPlan { new: CloneFlags::empty(), join: Vec::new() };
+        let mut plan = NsPlan {
+            new: CloneFlags::empty(),
+            join: Vec::new(),
+        };
         for ns in namespaces {
             match ns.path() {
                 Some(p) if !p.as_os_str().is_empty() => plan.join.push((ns.typ(), p.clone())),
                 _ => plan.new |= flag(ns.typ()),
             }
         }
-        plan.join.sort_by_key(|(t, _)| *t != LinuxNamespaceType::User);
+        plan.join
+            .sort_by_key(|(t, _)| *t != LinuxNamespaceType::User);
         plan
     }
 
@@ -80,7 +84,11 @@ impl NsPlan {
     }
 
     pub fn has_user(&self) -> bool {
-        self.new_user() || self.join.iter().any(|(t, _)| *t == LinuxNamespaceType::User)
+        self.new_user()
+            || self
+                .join
+                .iter()
+                .any(|(t, _)| *t == LinuxNamespaceType::User)
     }
 
     pub fn new_pid(&self) -> bool {
@@ -98,7 +106,11 @@ impl NsPlan {
         if !self.join.is_empty() {
             return None;
         }
-        Some(self.new - CloneFlags::CLONE_NEWCGROUP - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
+        Some(
+            self.new
+                - CloneFlags::CLONE_NEWCGROUP
+                - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME),
+        )
     }
 }
 
@@ -108,16 +120,29 @@ pub fn open_joins(plan: &NsPlan) -> Result<Vec<(LinuxNamespaceType, File)>, NsEr
     plan.join
         .iter()
         .map(|(t, p)| {
-            File::open(p).map(|f| (*t, f)).map_err(|source| NsError::Open { path: p.clone(), source })
+            File::open(p)
+                .map(|f| (*t, f))
+                .map_err(|source| NsError::Open {
+                    path: p.clone(),
+                    source,
+                })
         })
         .collect()
 }
 
 /// Joins the opened namespaces of the given kind(s).
-pub fn join(files: &[(LinuxNamespaceType, File)], plan: &NsPlan, pick: impl Fn(LinuxNamespaceType) -> bool) -> Result<(), NsError> {
+pub fn join(
+    files: &[(LinuxNamespaceType, File)],
+    plan: &NsPlan,
+    pick: impl Fn(LinuxNamespaceType) -> bool,
+) -> Result<(), NsError> {
     for ((t, f), (_, path)) in files.iter().zip(&plan.join) {
         if pick(*t) {
-            setns(f.as_fd(), flag(*t)).map_err(|source| NsError::Join { kind: name(*t), path: path.clone(), source })?;
+            setns(f.as_fd(), flag(*t)).map_err(|source| NsError::Join {
+                kind: name(*t),
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     Ok(())
@@ -144,10 +169,12 @@ pub fn enter_new_time_ns(offsets: &[(String, i64, u32)]) -> Result<(), NsError> 
         path: "/proc/self/ns/time_for_children".into(),
         source,
     })?;
-    setns(f.as_fd(), CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)).map_err(|source| NsError::Join {
-        kind: "time",
-        path: "/proc/self/ns/time_for_children".into(),
-        source,
+    setns(f.as_fd(), CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)).map_err(|source| {
+        NsError::Join {
+            kind: "time",
+            path: "/proc/self/ns/time_for_children".into(),
+            source,
+        }
     })
 }
 
@@ -159,9 +186,20 @@ mod tests {
     #[test]
     fn plan_splits_new_and_joined_user_first() {
         let nss = vec![
-            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path("/proc/1/ns/net").build().unwrap(),
-            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Pid).build().unwrap(),
-            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).path("/proc/1/ns/user").build().unwrap(),
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path("/proc/1/ns/net")
+                .build()
+                .unwrap(),
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Pid)
+                .build()
+                .unwrap(),
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::User)
+                .path("/proc/1/ns/user")
+                .build()
+                .unwrap(),
         ];
         let plan = NsPlan::from_spec(&nss);
         assert_eq!(plan.new, CloneFlags::CLONE_NEWPID);
@@ -172,11 +210,19 @@ mod tests {
 
     #[test]
     fn clone_flags_leave_cgroup_and_time_for_later() {
-        let nss: Vec<_> = [LinuxNamespaceType::User, LinuxNamespaceType::Cgroup, LinuxNamespaceType::Time, LinuxNamespaceType::Mount]
-            .into_iter()
-            .map(|t| LinuxNamespaceBuilder::default().typ(t).build().unwrap())
-            .collect();
+        let nss: Vec<_> = [
+            LinuxNamespaceType::User,
+            LinuxNamespaceType::Cgroup,
+            LinuxNamespaceType::Time,
+            LinuxNamespaceType::Mount,
+        ]
+        .into_iter()
+        .map(|t| LinuxNamespaceBuilder::default().typ(t).build().unwrap())
+        .collect();
         let plan = NsPlan::from_spec(&nss);
-        assert_eq!(plan.clone_flags().unwrap(), CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
+        assert_eq!(
+            plan.clone_flags().unwrap(),
+            CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS
+        );
     }
 }

@@ -80,11 +80,22 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     // Resolve the program and build argv/env before dropping privileges.
     let args = p.args().as_deref().unwrap_or(&[]);
     let env: Vec<String> = p.env().clone().unwrap_or_default();
-    let prog = args.first().ok_or_else(|| ProcessError::NotFound(String::new()))?;
+    let prog = args
+        .first()
+        .ok_or_else(|| ProcessError::NotFound(String::new()))?;
     let path = find_program(prog, &env, p.cwd())?;
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
-    let c_args = args.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>().map_err(|_| ProcessError::Nul)?;
-    let c_env = env.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>().map_err(|_| ProcessError::Nul)?;
+    let c_path =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
+    let c_args = args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ProcessError::Nul)?;
+    let c_env = env
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ProcessError::Nul)?;
 
     if let Some(r) = p.rlimits() {
         rlimit::apply(r)?;
@@ -117,14 +128,20 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     if let Some(u) = p.user().umask() {
         rustix::process::umask(rustix::fs::Mode::from_bits_truncate(u));
     }
-    nix::unistd::chdir(p.cwd()).map_err(|source| ProcessError::Cwd { path: p.cwd().clone(), source })?;
+    nix::unistd::chdir(p.cwd()).map_err(|source| ProcessError::Cwd {
+        path: p.cwd().clone(),
+        source,
+    })?;
     moat_sys::process::close_from(3 + f.preserve_fds, true).map_err(ProcessError::Fds)?;
     clear_cloexec(f.preserve_fds)?;
     if nnp {
         load_filter(filter.as_ref(), f)?;
     }
     let e = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
-    Err(ProcessError::Exec { path: path.display().to_string(), source: e })
+    Err(ProcessError::Exec {
+        path: path.display().to_string(),
+        source: e,
+    })
 }
 
 fn no_caps() -> oci_spec::runtime::LinuxCapabilities {
@@ -142,14 +159,16 @@ fn load_filter(filter: Option<&seccomp::Filter>, f: &Finalize) -> Result<(), Pro
     let Some(filter) = filter else { return Ok(()) };
     let fd: Option<OwnedFd> = filter.load()?;
     if let (Some(fd), Some(ch)) = (fd, f.notify_channel) {
-        ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd.as_raw_fd())).map_err(ProcessError::NotifyFd)?;
+        ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd.as_raw_fd()))
+            .map_err(ProcessError::NotifyFd)?;
     }
     Ok(())
 }
 
 fn clear_cloexec(n: u32) -> Result<(), ProcessError> {
     for fd in 3..3 + n {
-        let fd = i32::try_from(fd).map_err(|_| ProcessError::Fds(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+        let fd = i32::try_from(fd)
+            .map_err(|_| ProcessError::Fds(std::io::Error::from_raw_os_error(libc::EBADF)))?;
         moat_sys::fd::set_cloexec(fd, false).map_err(ProcessError::Fds)?;
     }
     Ok(())
@@ -160,7 +179,13 @@ fn clear_cloexec(n: u32) -> Result<(), ProcessError> {
 fn switch_user(p: &Process) -> Result<(), ProcessError> {
     let u = p.user();
     nix::sys::prctl::set_keepcaps(true).map_err(sys("set keepcaps"))?;
-    let groups: Vec<Gid> = u.additional_gids().as_deref().unwrap_or(&[]).iter().map(|g| Gid::from_raw(*g)).collect();
+    let groups: Vec<Gid> = u
+        .additional_gids()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     // setgroups is denied in a user namespace whose gid_map an unprivileged
     // runtime wrote; with no extra groups requested, that is fine.
     match nix::unistd::setgroups(&groups) {
@@ -181,7 +206,11 @@ fn switch_user(p: &Process) -> Result<(), ProcessError> {
 pub fn find_program(prog: &str, env: &[String], cwd: &Path) -> Result<PathBuf, ProcessError> {
     if prog.contains('/') {
         let p = Path::new(prog);
-        return Ok(if p.is_absolute() { p.to_owned() } else { cwd.join(p) });
+        return Ok(if p.is_absolute() {
+            p.to_owned()
+        } else {
+            cwd.join(p)
+        });
     }
     let path = env
         .iter()
@@ -204,8 +233,17 @@ mod tests {
     #[test]
     fn finds_programs_in_path() {
         let env = vec!["PATH=/nonexistent:/bin".to_string()];
-        assert_eq!(find_program("sh", &env, Path::new("/")).unwrap(), PathBuf::from("/bin/sh"));
-        assert!(matches!(find_program("no-such-prog-xyz", &env, Path::new("/")), Err(ProcessError::NotFound(_))));
-        assert_eq!(find_program("./x", &env, Path::new("/w")).unwrap(), PathBuf::from("/w/./x"));
+        assert_eq!(
+            find_program("sh", &env, Path::new("/")).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        assert!(matches!(
+            find_program("no-such-prog-xyz", &env, Path::new("/")),
+            Err(ProcessError::NotFound(_))
+        ));
+        assert_eq!(
+            find_program("./x", &env, Path::new("/w")).unwrap(),
+            PathBuf::from("/w/./x")
+        );
     }
 }

@@ -19,7 +19,10 @@ pub enum SelfExeError {
     Exec(#[source] nix::Error),
 }
 
-const SEALS: SealFlags = SealFlags::SEAL.union(SealFlags::SHRINK).union(SealFlags::GROW).union(SealFlags::WRITE);
+const SEALS: SealFlags = SealFlags::SEAL
+    .union(SealFlags::SHRINK)
+    .union(SealFlags::GROW)
+    .union(SealFlags::WRITE);
 
 /// Whether this process already runs from a write-sealed memfd.
 pub fn is_sealed() -> Result<bool, SelfExeError> {
@@ -34,13 +37,16 @@ pub fn ensure_sealed(args: &[std::ffi::OsString]) -> Result<(), SelfExeError> {
         return Ok(());
     }
     let mut src = File::open("/proc/self/exe").map_err(SelfExeError::Open)?;
-    let mem = memfd_create("moat", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(|e| SelfExeError::Copy(e.into()))?;
+    let mem = memfd_create("moat", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .map_err(|e| SelfExeError::Copy(e.into()))?;
     let mut dst = File::from(mem);
     std::io::copy(&mut src, &mut dst).map_err(SelfExeError::Copy)?;
     fcntl_add_seals(dst.as_fd(), SEALS).map_err(|e| SelfExeError::Copy(e.into()))?;
     let argv: Vec<CString> = args
         .iter()
-        .map(|a| CString::new(a.as_encoded_bytes()).map_err(|_| SelfExeError::Exec(nix::Error::EINVAL)))
+        .map(|a| {
+            CString::new(a.as_encoded_bytes()).map_err(|_| SelfExeError::Exec(nix::Error::EINVAL))
+        })
         .collect::<Result<_, _>>()?;
     let envp: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| {

@@ -7,9 +7,13 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use std::path::Path;
 
-use rustix::net::{accept_with, bind, connect, socket_with, AddressFamily as RxAf, SocketAddrUnix, SocketFlags as RxFlags, SocketType as RxType};
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use rustix::net::{
+    accept_with, bind, connect, socket_with, AddressFamily as RxAf, SocketAddrUnix,
+    SocketFlags as RxFlags, SocketType as RxType,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +75,13 @@ pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
 
 /// Creates a connected pair (both ends close-on-exec).
 pub fn pair() -> Result<(Channel, Channel), SyncError> {
-    let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(SyncError::Create)?;
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(SyncError::Create)?;
     Ok((Channel { fd: a }, Channel { fd: b }))
 }
 
@@ -157,7 +166,13 @@ impl Channel {
             None => &[],
         };
         loop {
-            match sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            match sendmsg::<()>(
+                self.fd.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(SyncError::Send(e)),
@@ -171,7 +186,12 @@ impl Channel {
         let mut cmsg = nix::cmsg_space!([RawFd; 1]);
         loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let r = recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC);
+            let r = recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            );
             let r = match r {
                 Ok(r) => r,
                 Err(nix::Error::EINTR) => continue,
@@ -194,7 +214,10 @@ impl Channel {
             if n == 0 {
                 return Err(SyncError::Eof);
             }
-            let msg = Msg::decode(&buf[..n]).ok_or(SyncError::Unexpected { got: Msg::Error("garbage".into()), expected: "a message" })?;
+            let msg = Msg::decode(&buf[..n]).ok_or(SyncError::Unexpected {
+                got: Msg::Error("garbage".into()),
+                expected: "a message",
+            })?;
             return Ok((msg, fd));
         }
     }
@@ -208,7 +231,10 @@ impl Channel {
         match self.recv()? {
             m if m == want => Ok(()),
             Msg::Error(e) => Err(SyncError::Child(e)),
-            got => Err(SyncError::Unexpected { got, expected: name }),
+            got => Err(SyncError::Unexpected {
+                got,
+                expected: name,
+            }),
         }
     }
 }
@@ -224,7 +250,12 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let (a, b) = pair().unwrap();
-        for m in [Msg::Go, Msg::Pid(4242), Msg::Created, Msg::Error("mount proc on /proc: EPERM".into())] {
+        for m in [
+            Msg::Go,
+            Msg::Pid(4242),
+            Msg::Created,
+            Msg::Error("mount proc on /proc: EPERM".into()),
+        ] {
             a.send(&m).unwrap();
             assert_eq!(b.recv().unwrap(), m);
         }
@@ -243,7 +274,8 @@ mod tests {
     fn passes_an_fd() {
         let (a, b) = pair().unwrap();
         let f = std::fs::File::open("/proc/self/status").unwrap();
-        a.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(f.as_raw_fd())).unwrap();
+        a.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(f.as_raw_fd()))
+            .unwrap();
         let (m, fd) = b.recv_with_fd().unwrap();
         assert_eq!(m, Msg::Fd(FdKind::Seccomp));
         assert!(fd.is_some());

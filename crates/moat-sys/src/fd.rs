@@ -22,7 +22,11 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     if flags < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let new = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
     // SAFETY: as above.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, new) } < 0 {
         return Err(std::io::Error::last_os_error());

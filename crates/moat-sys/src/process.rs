@@ -36,7 +36,8 @@ pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
     if ns_flags & !allowed != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let flags = libc::c_ulong::try_from(ns_flags | libc::SIGCHLD).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = libc::c_ulong::try_from(ns_flags | libc::SIGCHLD)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: raw clone with a NULL stack behaves as fork(2): the child gets a
     // copy-on-write copy of the address space and continues on its own copy of
     // the stack. No CLONE_VM, CLONE_SETTLS or tid pointers are passed, so
@@ -45,7 +46,9 @@ pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
     match ret {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
-        pid => i32::try_from(pid).map(Forked::Parent).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW)),
+        pid => i32::try_from(pid)
+            .map(Forked::Parent)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW)),
     }
 }
 
@@ -128,7 +131,11 @@ fn wait_code(pid: i32) -> io::Result<i32> {
 /// Closes every file descriptor from `first` upward (close_range(2)), or marks
 /// them close-on-exec with `cloexec`.
 pub fn close_from(first: u32, cloexec: bool) -> io::Result<()> {
-    let flags = if cloexec { libc::CLOSE_RANGE_CLOEXEC } else { 0 };
+    let flags = if cloexec {
+        libc::CLOSE_RANGE_CLOEXEC
+    } else {
+        0
+    };
     // SAFETY: close_range only affects this process's fd table; callers use it
     // right before exec, when no Rust object still owns those fds (or with
     // CLOEXEC, which leaves ownership intact).
@@ -189,10 +196,20 @@ const SCHED_ATTR_SIZE: u32 = std::mem::size_of::<SchedAttr>() as u32;
 
 /// sched_setattr(2) on `pid` (0: the calling thread). `attr.size` is set here.
 pub fn sched_setattr(pid: i32, attr: &SchedAttr) -> io::Result<()> {
-    let attr = SchedAttr { size: SCHED_ATTR_SIZE, ..*attr };
+    let attr = SchedAttr {
+        size: SCHED_ATTR_SIZE,
+        ..*attr
+    };
     // SAFETY: `attr` is a live, fully initialised repr(C) sched_attr whose
     // `size` field equals its real size, so the kernel reads only inside it.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, pid, &attr as *const SchedAttr, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            pid,
+            &attr as *const SchedAttr,
+            0u32,
+        )
+    };
     if r == -1 {
         Err(io::Error::last_os_error())
     } else {
@@ -205,7 +222,15 @@ pub fn sched_getattr(pid: i32) -> io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     // SAFETY: the kernel writes at most `SCHED_ATTR_SIZE` bytes, the size of
     // the live, writable `attr`.
-    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, pid, &mut attr as *mut SchedAttr, SCHED_ATTR_SIZE, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            pid,
+            &mut attr as *mut SchedAttr,
+            SCHED_ATTR_SIZE,
+            0u32,
+        )
+    };
     if r == -1 {
         Err(io::Error::last_os_error())
     } else {
@@ -251,6 +276,20 @@ pub fn personality(persona: u32) -> io::Result<u32> {
     }
 }
 
+/// keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): gives the process a new,
+/// anonymous session keyring, so a container does not share the runtime's.
+pub fn join_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a NULL name is allowed and asks for an anonymous keyring; the
+    // call only changes this process's keyring.
+    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,19 +319,5 @@ mod tests {
         // SAFETY: the call fails before forking.
         let r = unsafe { clone_fork(libc::CLONE_VM) };
         assert!(r.is_err());
-    }
-}
-
-/// keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): gives the process a new,
-/// anonymous session keyring, so a container does not share the runtime's.
-pub fn join_session_keyring() -> io::Result<()> {
-    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
-    // SAFETY: a NULL name is allowed and asks for an anonymous keyring; the
-    // call only changes this process's keyring.
-    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }

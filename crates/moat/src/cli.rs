@@ -6,7 +6,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::log::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "moat", version, about = "moat: a container runtime that makes strong isolation the default", disable_help_subcommand = true)]
+#[command(
+    name = "moat",
+    version,
+    about = "moat: a container runtime that makes strong isolation the default",
+    disable_help_subcommand = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -18,17 +18,27 @@ pub struct Logger {
 
 impl Logger {
     pub fn new(path: Option<&Path>, format: LogFormat, debug: bool) -> Logger {
-        Logger { path: path.map(Path::to_owned), format, debug }
+        Logger {
+            path: path.map(Path::to_owned),
+            format,
+            debug,
+        }
     }
 
     fn write(&self, level: &str, msg: &str) {
         let Some(path) = &self.path else { return };
         let time = moat_linux::time::rfc3339_now();
         let line = match self.format {
-            LogFormat::Json => serde_json::json!({"level": level, "msg": msg, "time": time}).to_string(),
+            LogFormat::Json => {
+                serde_json::json!({"level": level, "msg": msg, "time": time}).to_string()
+            }
             LogFormat::Text => format!("time=\"{time}\" level={level} msg={msg:?}"),
         };
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(f, "{line}");
         }
     }

@@ -19,7 +19,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let argv0 = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let argv0 = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -35,7 +38,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let logger = log::Logger::new(cli.global.log.as_deref(), cli.global.log_format, cli.global.debug);
+    let logger = log::Logger::new(
+        cli.global.log.as_deref(),
+        cli.global.log_format,
+        cli.global.debug,
+    );
     match oci::dispatch(cli, &argv0, &logger) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {

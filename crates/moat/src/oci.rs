@@ -55,7 +55,11 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
             rt.start(&id)?;
             Ok(0)
         }
-        Cmd::Run { create, detach, keep: _ } => Ok(rt.run(&create_opts(&create, tier), detach)?),
+        Cmd::Run {
+            create,
+            detach,
+            keep: _,
+        } => Ok(rt.run(&create_opts(&create, tier), detach)?),
         Cmd::State { id } => {
             out!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
             Ok(0)
@@ -66,7 +70,9 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Delete { id, force } => {
             match rt.delete(&id, force) {
-                Err(moat_linux::container::ContainerError::State(moat_core::StateError::NotFound(_))) if force => {}
+                Err(moat_linux::container::ContainerError::State(
+                    moat_core::StateError::NotFound(_),
+                )) if force => {}
                 r => r?,
             }
             Ok(0)
@@ -80,16 +86,27 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
             Ok(0)
         }
         Cmd::List { format, quiet } => list(&rt, &format, quiet),
-        Cmd::Ps { id, format, ps_args } => ps(&rt, &id, &format, &ps_args),
+        Cmd::Ps {
+            id,
+            format,
+            ps_args,
+        } => ps(&rt, &id, &format, &ps_args),
         Cmd::Exec(a) => exec(&rt, a),
         Cmd::Update(a) => {
             let res = update_resources(&a)?;
             rt.update(&a.id, &res)?;
             Ok(0)
         }
-        Cmd::Events { id, stats, interval } => events(&rt, &id, stats, &interval),
+        Cmd::Events {
+            id,
+            stats,
+            interval,
+        } => events(&rt, &id, stats, &interval),
         Cmd::Features => {
-            out!("{}", serde_json::to_string_pretty(&crate::specgen::features())?);
+            out!(
+                "{}",
+                serde_json::to_string_pretty(&crate::specgen::features())?
+            );
             Ok(0)
         }
         Cmd::Spec { bundle, rootless } => {
@@ -98,10 +115,13 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
                 bail!("{} already exists; remove it first", path.display());
             }
             let spec = crate::specgen::default_spec(rootless);
-            std::fs::write(&path, serde_json::to_string_pretty(&spec)?).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, serde_json::to_string_pretty(&spec)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(0)
         }
-        Cmd::Checkpoint { .. } | Cmd::Restore { .. } => bail!("checkpoint/restore is not supported by moat"),
+        Cmd::Checkpoint { .. } | Cmd::Restore { .. } => {
+            bail!("checkpoint/restore is not supported by moat")
+        }
     }
 }
 
@@ -110,8 +130,13 @@ pub fn parse_signal(s: &str) -> Result<Signal> {
         return Signal::try_from(n).map_err(|_| anyhow::anyhow!("unknown signal {s:?}"));
     }
     let up = s.to_ascii_uppercase();
-    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
-    name.parse::<Signal>().map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
 }
 
 fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
@@ -125,7 +150,15 @@ fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
     match format {
         "json" => out!("{}", serde_json::to_string(&all)?),
         "table" => {
-            out!("{:<12} {:<10} {:<10} {:<40} {:<30} {}", "ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER");
+            out!(
+                "{:<12} {:<10} {:<10} {:<40} {:<30} {}",
+                "ID",
+                "PID",
+                "STATUS",
+                "BUNDLE",
+                "CREATED",
+                "OWNER"
+            );
             for c in &all {
                 out!(
                     "{:<12} {:<10} {:<10} {:<40} {:<30} {}",
@@ -151,18 +184,36 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
             Ok(0)
         }
         "table" => {
-            let args: Vec<String> = if ps_args.is_empty() { vec!["-ef".into()] } else { ps_args.to_vec() };
-            let out = std::process::Command::new("ps").args(&args).output().context("cannot run ps")?;
+            let args: Vec<String> = if ps_args.is_empty() {
+                vec!["-ef".into()]
+            } else {
+                ps_args.to_vec()
+            };
+            let out = std::process::Command::new("ps")
+                .args(&args)
+                .output()
+                .context("cannot run ps")?;
             if !out.status.success() {
-                bail!("ps {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "ps {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             let text = String::from_utf8_lossy(&out.stdout);
             let mut lines = text.lines();
             let header = lines.next().unwrap_or("");
-            let col = header.split_whitespace().position(|h| h == "PID").context("ps output has no PID column")?;
+            let col = header
+                .split_whitespace()
+                .position(|h| h == "PID")
+                .context("ps output has no PID column")?;
             out!("{header}");
             for l in lines {
-                if let Some(p) = l.split_whitespace().nth(col).and_then(|p| p.parse::<i32>().ok()) {
+                if let Some(p) = l
+                    .split_whitespace()
+                    .nth(col)
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
                     if pids.contains(&p) {
                         out!("{l}");
                     }
@@ -176,7 +227,12 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
 
 fn exec(rt: &Runtime, a: ExecArgs) -> Result<i32> {
     let process = exec_process(rt, &a)?;
-    let opts = ExecOpts { detach: a.detach, pid_file: a.pid_file.clone(), console_socket: a.console_socket.clone(), preserve_fds: a.preserve_fds };
+    let opts = ExecOpts {
+        detach: a.detach,
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        preserve_fds: a.preserve_fds,
+    };
     Ok(rt.exec(&a.id, &process, &opts)?)
 }
 
@@ -187,15 +243,20 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
         bail!("--apparmor/--process-label: AppArmor and SELinux are not enabled on this host");
     }
     if let Some(path) = &a.process {
-        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let p: Process = serde_json::from_slice(&data).with_context(|| format!("invalid process file {}", path.display()))?;
+        let data =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let p: Process = serde_json::from_slice(&data)
+            .with_context(|| format!("invalid process file {}", path.display()))?;
         return Ok(p);
     }
     if a.command.is_empty() {
         bail!("exec needs a command (or --process FILE)");
     }
     let spec = rt.saved_config(&a.id)?;
-    let mut p = spec.process().clone().context("container config has no process")?;
+    let mut p = spec
+        .process()
+        .clone()
+        .context("container config has no process")?;
     p.set_args(Some(a.command.clone()));
     p.set_terminal(Some(a.tty));
     let mut env = p.env().clone().unwrap_or_default();
@@ -213,8 +274,14 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
     }
     if let Some(u) = &a.user {
         let (uid, gid) = match u.split_once(':') {
-            Some((u, g)) => (u.parse::<u32>().context("--user: UID must be numeric")?, Some(g.parse::<u32>().context("--user: GID must be numeric")?)),
-            None => (u.parse::<u32>().context("--user: UID must be numeric")?, None),
+            Some((u, g)) => (
+                u.parse::<u32>().context("--user: UID must be numeric")?,
+                Some(g.parse::<u32>().context("--user: GID must be numeric")?),
+            ),
+            None => (
+                u.parse::<u32>().context("--user: UID must be numeric")?,
+                None,
+            ),
         };
         let mut user = p.user().clone();
         user.set_uid(uid);
@@ -231,8 +298,14 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
     if !a.cap.is_empty() {
         let mut caps = p.capabilities().clone().unwrap_or_default();
         for c in &a.cap {
-            let cap: oci_spec::runtime::Capability = c.parse().map_err(|_| anyhow::anyhow!("unknown capability {c:?}"))?;
-            for set in [caps.bounding().clone(), caps.effective().clone(), caps.permitted().clone()] {
+            let cap: oci_spec::runtime::Capability = c
+                .parse()
+                .map_err(|_| anyhow::anyhow!("unknown capability {c:?}"))?;
+            for set in [
+                caps.bounding().clone(),
+                caps.effective().clone(),
+                caps.permitted().clone(),
+            ] {
                 let _ = set;
             }
             let add = |s: &Option<oci_spec::runtime::Capabilities>| {
@@ -240,7 +313,11 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
                 s.insert(cap);
                 Some(s)
             };
-            let (b, e, pm) = (add(caps.bounding()), add(caps.effective()), add(caps.permitted()));
+            let (b, e, pm) = (
+                add(caps.bounding()),
+                add(caps.effective()),
+                add(caps.permitted()),
+            );
             caps.set_bounding(b).set_effective(e).set_permitted(pm);
         }
         p.set_capabilities(Some(caps));
@@ -264,16 +341,19 @@ fn parse_bytes(s: &str) -> Result<i64> {
         _ => (t, 1),
     };
     let n: i64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
-    n.checked_mul(mul).with_context(|| format!("size {s:?} overflows"))
+    n.checked_mul(mul)
+        .with_context(|| format!("size {s:?} overflows"))
 }
 
 fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
-    use oci_spec::runtime::{LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxPids};
+    use oci_spec::runtime::LinuxPids;
     let mut res: LinuxResources = match &a.r {
         Some(p) => {
             let mut data = Vec::new();
             if p.as_os_str() == "-" {
-                std::io::stdin().read_to_end(&mut data).context("cannot read resources from stdin")?;
+                std::io::stdin()
+                    .read_to_end(&mut data)
+                    .context("cannot read resources from stdin")?;
             } else {
                 data = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
             }
@@ -282,7 +362,7 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         None => LinuxResources::default(),
     };
     if a.memory.is_some() || a.memory_swap.is_some() || a.memory_reservation.is_some() {
-        let mut m = res.memory().clone().unwrap_or_else(|| LinuxMemory::default());
+        let mut m = res.memory().unwrap_or_default();
         if let Some(v) = &a.memory {
             m.set_limit(Some(parse_bytes(v)?));
         }
@@ -294,8 +374,15 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         }
         res.set_memory(Some(m));
     }
-    if a.cpu_period.is_some() || a.cpu_quota.is_some() || a.cpu_share.is_some() || a.cpuset_cpus.is_some() || a.cpuset_mems.is_some() || a.cpu_rt_period.is_some() || a.cpu_rt_runtime.is_some() {
-        let mut c = res.cpu().clone().unwrap_or_else(|| LinuxCpu::default());
+    if a.cpu_period.is_some()
+        || a.cpu_quota.is_some()
+        || a.cpu_share.is_some()
+        || a.cpuset_cpus.is_some()
+        || a.cpuset_mems.is_some()
+        || a.cpu_rt_period.is_some()
+        || a.cpu_rt_runtime.is_some()
+    {
+        let mut c = res.cpu().clone().unwrap_or_default();
         if a.cpu_period.is_some() {
             c.set_period(a.cpu_period);
         }
@@ -325,7 +412,10 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         res.set_pids(Some(pids));
     }
     if let Some(w) = a.blkio_weight {
-        let mut b = res.block_io().clone().unwrap_or_else(|| LinuxBlockIo::default());
+        let mut b = res
+            .block_io()
+            .clone()
+            .unwrap_or_default();
         b.set_weight(Some(w));
         res.set_block_io(Some(b));
     }
@@ -337,8 +427,13 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
 
 fn parse_interval(s: &str) -> Result<Duration> {
     let t = s.trim();
-    let (n, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| t.split_at(i)).unwrap_or((t, "s"));
-    let v: f64 = n.parse().with_context(|| format!("invalid interval {s:?}"))?;
+    let (n, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| t.split_at(i))
+        .unwrap_or((t, "s"));
+    let v: f64 = n
+        .parse()
+        .with_context(|| format!("invalid interval {s:?}"))?;
     let secs = match unit {
         "ms" => v / 1000.0,
         "s" | "" => v,
@@ -355,7 +450,10 @@ fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<i32> {
     let interval = parse_interval(interval)?;
     loop {
         let data = rt.stats(id)?;
-        out!("{}", serde_json::json!({"type": "stats", "id": id, "data": data}));
+        out!(
+            "{}",
+            serde_json::json!({"type": "stats", "id": id, "data": data})
+        );
         if once {
             return Ok(0);
         }

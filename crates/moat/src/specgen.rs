@@ -4,11 +4,26 @@ use serde_json::{json, Value};
 const DEFAULT_CAPS: &[&str] = &["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
 
 pub const MASKED_PATHS: &[&str] = &[
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi", "/sys/devices/virtual/powercap",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+    "/sys/devices/virtual/powercap",
 ];
 
-pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// The default bundle config: busybox-friendly, like `runc spec`.
 pub fn default_spec(rootless: bool) -> Value {
@@ -144,7 +159,9 @@ mod tests {
     fn default_spec_is_a_valid_moat_spec() {
         for rootless in [false, true] {
             let text = default_spec(rootless).to_string();
-            let spec = moat_core::spec::parse_reader(text.as_bytes(), std::path::Path::new("config.json")).unwrap();
+            let spec =
+                moat_core::spec::parse_reader(text.as_bytes(), std::path::Path::new("config.json"))
+                    .unwrap();
             moat_core::spec::validate(&spec).unwrap();
         }
     }
@@ -152,7 +169,14 @@ mod tests {
     #[test]
     fn rootless_spec_maps_caller() {
         let s = default_spec(true);
-        assert_eq!(s["linux"]["uidMappings"][0]["hostID"], rustix::process::geteuid().as_raw());
-        assert!(s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "user"));
+        assert_eq!(
+            s["linux"]["uidMappings"][0]["hostID"],
+            rustix::process::geteuid().as_raw()
+        );
+        assert!(s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "user"));
     }
 }
