@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.cmd.starts_container_process() {
-        if let Err(e) = moat_linux::selfexe::ensure_sealed(&args) {
+        if let Err(e) = moat_linux::selfexe::ensure_protected(&args) {
             eprintln!("moat: {}", moat_linux::error_chain(&e));
             return ExitCode::from(1);
         }

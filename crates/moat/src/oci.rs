@@ -226,6 +226,7 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
 }
 
 fn exec(rt: &Runtime, a: ExecArgs) -> Result<i32> {
+    rt.load(&a.id)?;
     let process = exec_process(rt, &a)?;
     let opts = ExecOpts {
         detach: a.detach,
