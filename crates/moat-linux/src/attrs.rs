@@ -87,20 +87,37 @@ pub fn sched_attr(s: &Scheduler) -> Result<moat_sys::process::SchedAttr, AttrErr
     let policy = *s.policy();
     let nice = s.nice().unwrap_or(0);
     if !(-20..=19).contains(&nice) {
-        return Err(AttrError::SchedInvalid(format!("nice {nice} is outside -20..=19")));
+        return Err(AttrError::SchedInvalid(format!(
+            "nice {nice} is outside -20..=19"
+        )));
     }
     let prio = s.priority().unwrap_or(0);
-    let realtime = matches!(policy, LinuxSchedulerPolicy::SchedFifo | LinuxSchedulerPolicy::SchedRr);
+    let realtime = matches!(
+        policy,
+        LinuxSchedulerPolicy::SchedFifo | LinuxSchedulerPolicy::SchedRr
+    );
     if realtime && !(1..=99).contains(&prio) {
-        return Err(AttrError::SchedInvalid(format!("priority {prio} must be 1..=99 for {policy:?}")));
+        return Err(AttrError::SchedInvalid(format!(
+            "priority {prio} must be 1..=99 for {policy:?}"
+        )));
     }
     if !realtime && prio != 0 {
-        return Err(AttrError::SchedInvalid(format!("priority must be 0 for {policy:?}")));
+        return Err(AttrError::SchedInvalid(format!(
+            "priority must be 0 for {policy:?}"
+        )));
     }
     if policy == LinuxSchedulerPolicy::SchedIso {
-        return Err(AttrError::SchedInvalid("SCHED_ISO is not implemented by Linux".into()));
+        return Err(AttrError::SchedInvalid(
+            "SCHED_ISO is not implemented by Linux".into(),
+        ));
     }
-    let flags = s.flags().as_deref().unwrap_or(&[]).iter().map(flag_bit).fold(0, |a, b| a | b);
+    let flags = s
+        .flags()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .map(flag_bit)
+        .fold(0, |a, b| a | b);
     Ok(moat_sys::process::SchedAttr {
         sched_policy: policy_number(policy),
         sched_flags: flags,
@@ -115,7 +132,10 @@ pub fn sched_attr(s: &Scheduler) -> Result<moat_sys::process::SchedAttr, AttrErr
 
 pub fn set_scheduler(s: &Scheduler) -> Result<(), AttrError> {
     let attr = sched_attr(s)?;
-    moat_sys::process::sched_setattr(0, &attr).map_err(|source| AttrError::Sched { policy: *s.policy(), source })
+    moat_sys::process::sched_setattr(0, &attr).map_err(|source| AttrError::Sched {
+        policy: *s.policy(),
+        source,
+    })
 }
 
 /// The `ioprio` value: class << 13 | level.
@@ -134,7 +154,8 @@ pub fn ioprio_value(p: &LinuxIOPriority) -> Result<i32, AttrError> {
 
 pub fn set_io_priority(p: &LinuxIOPriority) -> Result<(), AttrError> {
     let v = ioprio_value(p)?;
-    moat_sys::process::ioprio_set(moat_sys::process::IOPRIO_WHO_PROCESS, 0, v).map_err(AttrError::IoPrio)
+    moat_sys::process::ioprio_set(moat_sys::process::IOPRIO_WHO_PROCESS, 0, v)
+        .map_err(AttrError::IoPrio)
 }
 
 /// The persona value: PER_LINUX (0) or PER_LINUX32 (8); no flags are defined
@@ -151,7 +172,9 @@ pub fn persona(p: &LinuxPersonality) -> Result<u32, AttrError> {
 
 pub fn set_personality(p: &LinuxPersonality) -> Result<(), AttrError> {
     let v = persona(p)?;
-    moat_sys::process::personality(v).map(|_| ()).map_err(AttrError::Personality)
+    moat_sys::process::personality(v)
+        .map(|_| ())
+        .map_err(AttrError::Personality)
 }
 
 #[cfg(test)]
@@ -165,7 +188,10 @@ mod tests {
 
     #[test]
     fn scheduler_translation_and_checks() {
-        let a = sched_attr(&sched(r#"{"policy":"SCHED_BATCH","nice":5,"flags":["SCHED_RESET_ON_FORK"]}"#)).unwrap();
+        let a = sched_attr(&sched(
+            r#"{"policy":"SCHED_BATCH","nice":5,"flags":["SCHED_RESET_ON_FORK"]}"#,
+        ))
+        .unwrap();
         assert_eq!((a.sched_policy, a.sched_nice, a.sched_flags), (3, 5, 1));
         assert!(sched_attr(&sched(r#"{"policy":"SCHED_FIFO","priority":0}"#)).is_err());
         assert!(sched_attr(&sched(r#"{"policy":"SCHED_OTHER","nice":40}"#)).is_err());
@@ -174,23 +200,35 @@ mod tests {
 
     #[test]
     fn ioprio_and_persona_values() {
-        let p: LinuxIOPriority = serde_json::from_str(r#"{"class":"IOPRIO_CLASS_IDLE","priority":0}"#).unwrap();
+        let p: LinuxIOPriority =
+            serde_json::from_str(r#"{"class":"IOPRIO_CLASS_IDLE","priority":0}"#).unwrap();
         assert_eq!(ioprio_value(&p).unwrap(), 3 << 13);
-        let p: LinuxIOPriority = serde_json::from_str(r#"{"class":"IOPRIO_CLASS_BE","priority":9}"#).unwrap();
+        let p: LinuxIOPriority =
+            serde_json::from_str(r#"{"class":"IOPRIO_CLASS_BE","priority":9}"#).unwrap();
         assert!(ioprio_value(&p).is_err());
         let p: LinuxPersonality = serde_json::from_str(r#"{"domain":"LINUX32"}"#).unwrap();
         assert_eq!(persona(&p).unwrap(), 8);
-        let p: LinuxPersonality = serde_json::from_str(r#"{"domain":"LINUX","flags":["x"]}"#).unwrap();
+        let p: LinuxPersonality =
+            serde_json::from_str(r#"{"domain":"LINUX","flags":["x"]}"#).unwrap();
         assert!(persona(&p).is_err());
     }
 
     #[test]
     fn attributes_take_effect() {
         let code = run_in_child(0, || {
-            if set_no_new_privs().is_err() || !std::fs::read_to_string("/proc/self/status").unwrap().contains("NoNewPrivs:\t1") {
+            if set_no_new_privs().is_err()
+                || !std::fs::read_to_string("/proc/self/status")
+                    .unwrap()
+                    .contains("NoNewPrivs:\t1")
+            {
                 return 1;
             }
-            if set_oom_score_adj(None, 500).is_err() || std::fs::read_to_string("/proc/self/oom_score_adj").unwrap().trim() != "500" {
+            if set_oom_score_adj(None, 500).is_err()
+                || std::fs::read_to_string("/proc/self/oom_score_adj")
+                    .unwrap()
+                    .trim()
+                    != "500"
+            {
                 return 2;
             }
             if set_scheduler(&sched(r#"{"policy":"SCHED_BATCH","nice":7}"#)).is_err() {
@@ -202,12 +240,18 @@ mod tests {
             if fields[16] != "7" || fields[38] != "3" {
                 return 4;
             }
-            let p: LinuxIOPriority = serde_json::from_str(r#"{"class":"IOPRIO_CLASS_IDLE","priority":0}"#).unwrap();
-            if set_io_priority(&p).is_err() || moat_sys::process::ioprio_get(moat_sys::process::IOPRIO_WHO_PROCESS, 0).ok() != Some(3 << 13) {
+            let p: LinuxIOPriority =
+                serde_json::from_str(r#"{"class":"IOPRIO_CLASS_IDLE","priority":0}"#).unwrap();
+            if set_io_priority(&p).is_err()
+                || moat_sys::process::ioprio_get(moat_sys::process::IOPRIO_WHO_PROCESS, 0).ok()
+                    != Some(3 << 13)
+            {
                 return 5;
             }
             let p: LinuxPersonality = serde_json::from_str(r#"{"domain":"LINUX32"}"#).unwrap();
-            if set_personality(&p).is_err() || moat_sys::process::personality(0xffff_ffff).ok() != Some(8) {
+            if set_personality(&p).is_err()
+                || moat_sys::process::personality(0xffff_ffff).ok() != Some(8)
+            {
                 return 6;
             }
             0

@@ -43,7 +43,8 @@ pub const EXE_CACHE: &str = "/run/moat-exe";
 /// from one. Returns only when no re-exec was needed.
 pub fn ensure_protected(args: &[std::ffi::OsString]) -> Result<(), SelfExeError> {
     let exe = File::open("/proc/self/exe").map_err(SelfExeError::Open)?;
-    let on_ro_mount = rustix::fs::fstatvfs(&exe).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+    let on_ro_mount = rustix::fs::fstatvfs(&exe)
+        .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
     if on_ro_mount || fcntl_get_seals(exe.as_fd()).is_ok_and(|s| s.contains(SealFlags::WRITE)) {
         return Ok(());
     }
@@ -59,18 +60,32 @@ pub fn ensure_protected(args: &[std::ffi::OsString]) -> Result<(), SelfExeError>
 
 /// The cache entry for the running binary, created if missing.
 fn install_ro_copy(exe: &File) -> std::io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use rustix::mount::{mount, mount_remount, MountFlags};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = exe.metadata()?;
-    let key = format!("moat-{:x}-{:x}-{}-{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+    let key = format!(
+        "moat-{:x}-{:x}-{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    );
     let dir = std::path::Path::new(EXE_CACHE);
     let target = dir.join(&key);
-    let ro = |p: &std::path::Path| rustix::fs::statvfs(p).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+    let ro = |p: &std::path::Path| {
+        rustix::fs::statvfs(p)
+            .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    };
     if target.is_file() && ro(dir) {
         return Ok(target);
     }
     std::fs::create_dir_all("/run")?;
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/moat-exe.lock")?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/moat-exe.lock")?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
     let base = MountFlags::NOSUID | MountFlags::NODEV;
     if !is_mount_point(dir)? {
@@ -111,7 +126,10 @@ fn exec_path(path: &std::path::Path, args: &[std::ffi::OsString]) -> SelfExeErro
     let c = |b: &[u8]| CString::new(b).map_err(|_| SelfExeError::Exec(nix::Error::EINVAL));
     let run = || -> Result<std::convert::Infallible, SelfExeError> {
         let p = c(path.as_os_str().as_encoded_bytes())?;
-        let argv = args.iter().map(|a| c(a.as_encoded_bytes())).collect::<Result<Vec<_>, _>>()?;
+        let argv = args
+            .iter()
+            .map(|a| c(a.as_encoded_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
         nix::unistd::execv(&p, &argv).map_err(SelfExeError::Exec)
     };
     match run() {

@@ -413,10 +413,7 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         res.set_pids(Some(pids));
     }
     if let Some(w) = a.blkio_weight {
-        let mut b = res
-            .block_io()
-            .clone()
-            .unwrap_or_default();
+        let mut b = res.block_io().clone().unwrap_or_default();
         b.set_weight(Some(w));
         res.set_block_io(Some(b));
     }
