@@ -179,9 +179,24 @@ impl Runtime {
         )?;
         state.cgroup = cg.to_saved();
         self.sd.save(&state)?;
-        cg.create(Some(&with_default_devices(linux)))?;
+        let resources = with_default_devices(linux);
+        let created = cg.create(Some(&resources));
         cleanup.cgroup = Some(cg);
-        let cg = cleanup.cgroup.as_ref().expect("just set");
+        match created {
+            Ok(()) => {}
+            Err(CgroupError::NoDelegation { path, .. }) => {
+                // Only returned for a rootless runtime that asked for no limit.
+                warn(&format!(
+                    "no delegated cgroup ({}): running without cgroup limits",
+                    path.display()
+                ));
+                cleanup.cgroup = None;
+                state.cgroup = serde_json::Value::Null;
+                self.sd.save(&state)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let cg = cleanup.cgroup.as_ref();
         save_config_copy(lock.dir(), &bundle)?;
 
         let join_files = ns::open_joins(&plan)?;
@@ -200,7 +215,7 @@ impl Runtime {
             h.prestart().as_ref().is_some_and(|l| !l.is_empty())
                 || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
         });
-        let cgroup_mounts = cg.mount_sources();
+        let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let ctx = InitContext {
             id: &opts.id,
             spec: &spec,
@@ -217,7 +232,6 @@ impl Runtime {
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
         };
-        protect_runtime_process()?;
         let fast = plan.clone_flags();
         let first = match fast {
             Some(flags) => {
@@ -229,7 +243,9 @@ impl Runtime {
         drop(ctx);
         drop(child);
         cleanup.pid = first;
-        cg.add_pid(first)?;
+        if let Some(cg) = cg {
+            cg.add_pid(first)?;
+        }
         let pid = if fast.is_some() {
             if plan.new_user() {
                 write_maps(first, &spec)?;
@@ -442,6 +458,12 @@ impl Runtime {
     }
 
     fn cgroup_of(&self, st: &State) -> Result<CgroupManager, ContainerError> {
+        if st.cgroup.is_null() {
+            return Err(ContainerError::Invalid(format!(
+                "container {} has no cgroup (rootless, without a delegated cgroup)",
+                st.id
+            )));
+        }
         Ok(CgroupManager::from_saved(&st.cgroup)?)
     }
 
@@ -602,7 +624,12 @@ impl Runtime {
             });
         }
         let spec = self.saved_config(id)?;
-        crate::exec::exec(&st, &spec, process, opts, &self.cgroup_of(&st)?)
+        let cg = if st.cgroup.is_null() {
+            None
+        } else {
+            Some(self.cgroup_of(&st)?)
+        };
+        crate::exec::exec(&st, &spec, process, opts, cg.as_ref())
     }
 }
 
@@ -634,17 +661,17 @@ impl Drop for Cleanup<'_> {
 }
 
 /// Makes this process (and the children it forks, until they exec the
-/// workload) non-dumpable: a process in the container cannot open our
+/// workload) non-dumpable: a process in the container cannot open its
 /// /proc/PID/exe (the runtime binary, CVE-2019-5736), mem, or fds, nor
-/// ptrace us. execve of the workload resets the flag.
-pub(crate) fn protect_runtime_process() -> Result<(), ContainerError> {
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(sys_err("make the runtime process non-dumpable"))?;
+/// ptrace it. execve of the workload resets the flag. Called by container-side
+/// processes once the runtime has written their ID maps (an unprivileged
+/// runtime cannot open a non-dumpable child's /proc files) and before they
+/// share a namespace with anything else.
+pub(crate) fn protect_runtime_process() -> Result<(), nix::Error> {
+    nix::sys::prctl::set_dumpable(false)?;
     match nix::sys::prctl::get_dumpable() {
         Ok(false) => Ok(()),
-        _ => Err(ContainerError::Invalid(
-            "the runtime process is still dumpable".into(),
-        )),
+        _ => Err(nix::Error::EPERM),
     }
 }
 
@@ -855,6 +882,10 @@ pub fn runc_state(st: &State, status: ContainerStatus) -> serde_json::Value {
         v["annotations"] = serde_json::to_value(&st.annotations).unwrap_or_default();
     }
     v
+}
+
+fn warn(msg: &str) {
+    tracing_warn(msg);
 }
 
 fn tracing_warn(msg: &str) {

@@ -56,7 +56,7 @@ pub fn exec(
     spec: &Spec,
     process: &Process,
     opts: &ExecOpts,
-    cg: &CgroupManager,
+    cg: Option<&CgroupManager>,
 ) -> Result<i32, ContainerError> {
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(ContainerError::Invalid("exec needs a command".into()));
@@ -126,6 +126,8 @@ pub fn exec(
             child
                 .expect(Msg::Go, "go")
                 .map_err(|e| crate::error_chain(&e))?;
+            crate::container::protect_runtime_process()
+                .map_err(|e| format!("cannot make the exec process non-dumpable: {e}"))?;
             nix::sched::setns(pidfd.as_fd(), flags)
                 .map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
             moat_sys::process::fork_with(libc::CLONE_PARENT, grandchild)
@@ -142,14 +144,13 @@ pub fn exec(
             }
         }
     };
-    crate::container::protect_runtime_process()?;
     let first = moat_sys::process::fork_with(0, intermediate).map_err(io_err("fork"))?;
     drop(child);
     drop(console);
     let reap = |p: i32| {
         let _ = waitpid(Pid::from_raw(p), None);
     };
-    if let Err(e) = cg.add_pid(first) {
+    if let Err(e) = cg.map_or(Ok(()), |cg| cg.add_pid(first)) {
         let _ = nix::sys::signal::kill(Pid::from_raw(first), nix::sys::signal::Signal::SIGKILL);
         reap(first);
         return Err(e.into());

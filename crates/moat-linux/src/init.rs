@@ -91,6 +91,8 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError
         chan.send(&Msg::MapIds)?;
         chan.expect(Msg::Go, "go")?;
     }
+    crate::container::protect_runtime_process()
+        .map_err(sys("make the container process non-dumpable"))?;
     ns::join(ctx.join_files, ctx.plan, |t| t != LinuxNamespaceType::User)?;
     let rest = ctx.plan.new
         - CloneFlags::CLONE_NEWUSER
@@ -121,6 +123,8 @@ enum Never {}
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
+    crate::container::protect_runtime_process()
+        .map_err(sys("make the container process non-dumpable"))?;
     become_root_in_user_ns(ctx)?;
     enter_late_namespaces(ctx)?;
     join_session_keyring(ctx)?;

@@ -154,8 +154,10 @@ impl Manager {
                 Err(e) => return Err(e),
             }
         }
+        let wants_hugetlb = plan.iter().any(|s| s.controller == "hugetlb");
         if let Some(u) = &self.unified {
-            if !self.rootless || hugetlb_v2 {
+            // Rootless: the hybrid v2 tree is joined only when a hugetlb limit needs it.
+            if !self.rootless || (hugetlb_v2 && wants_hugetlb) {
                 let needed: BTreeSet<String> = if hugetlb_v2 {
                     ["hugetlb".to_owned()].into()
                 } else {
