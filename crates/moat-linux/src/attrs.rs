@@ -40,7 +40,11 @@ pub enum AttrError {
     #[error("scheduler nice {nice} is out of range (-20..=19)")]
     NiceRange { nice: i32 },
     #[error("scheduler {field} is only valid with {valid_for}, not {policy}")]
-    SchedField { field: &'static str, valid_for: &'static str, policy: LinuxSchedulerPolicy },
+    SchedField {
+        field: &'static str,
+        valid_for: &'static str,
+        policy: LinuxSchedulerPolicy,
+    },
     #[error("scheduler priority {priority} is negative")]
     PriorityRange { priority: i32 },
     #[error("setting scheduler policy {policy} (sched_setattr)")]
@@ -66,7 +70,10 @@ pub enum AttrError {
         source: std::io::Error,
     },
     #[error("personality is {got:#x} after setting {domain}")]
-    PersonalityNotSet { domain: LinuxPersonalityDomain, got: u32 },
+    PersonalityNotSet {
+        domain: LinuxPersonalityDomain,
+        got: u32,
+    },
     #[error("umask {mask:#o} has bits outside 0o777")]
     UmaskRange { mask: u32 },
 }
@@ -74,7 +81,8 @@ pub enum AttrError {
 /// Sets no_new_privs on the calling thread, then reads it back: a kernel that ignored it fails
 /// here rather than letting the workload gain privileges through setuid binaries.
 pub fn set_no_new_privs() -> Result<(), AttrError> {
-    rustix::thread::set_no_new_privs(true).map_err(|e| AttrError::NoNewPrivs { source: e.into() })?;
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| AttrError::NoNewPrivs { source: e.into() })?;
     match rustix::thread::no_new_privs() {
         Ok(true) => Ok(()),
         Ok(false) => Err(AttrError::NoNewPrivsNotSet),
@@ -92,8 +100,16 @@ pub fn set_oom_score_adj(pid: Option<i32>, adj: i32) -> Result<(), AttrError> {
         Some(pid) => PathBuf::from(format!("/proc/{pid}/oom_score_adj")),
         None => PathBuf::from("/proc/self/oom_score_adj"),
     };
-    let write = || std::fs::OpenOptions::new().write(true).open(&path)?.write_all(adj.to_string().as_bytes());
-    write().map_err(|source| AttrError::Oom { path: path.clone(), source })
+    let write = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .write_all(adj.to_string().as_bytes())
+    };
+    write().map_err(|source| AttrError::Oom {
+        path: path.clone(),
+        source,
+    })
 }
 
 fn policy_number(policy: LinuxSchedulerPolicy) -> u32 {
@@ -131,7 +147,11 @@ fn sched_attr(s: &Scheduler) -> Result<SchedAttr, AttrError> {
     }
     let priority = s.priority().unwrap_or(0);
     if priority != 0 && !matches!(policy, P::SchedFifo | P::SchedRr) {
-        return Err(AttrError::SchedField { field: "priority", valid_for: "SCHED_FIFO or SCHED_RR", policy });
+        return Err(AttrError::SchedField {
+            field: "priority",
+            valid_for: "SCHED_FIFO or SCHED_RR",
+            policy,
+        });
     }
     let priority = u32::try_from(priority).map_err(|_| AttrError::PriorityRange { priority })?;
     let deadline_fields = [s.runtime(), s.deadline(), s.period()];
@@ -144,7 +164,11 @@ fn sched_attr(s: &Scheduler) -> Result<SchedAttr, AttrError> {
     }
     Ok(SchedAttr {
         sched_policy: policy_number(policy),
-        sched_flags: s.flags().iter().flatten().fold(0, |bits, &f| bits | flag_bit(f)),
+        sched_flags: s
+            .flags()
+            .iter()
+            .flatten()
+            .fold(0, |bits, &f| bits | flag_bit(f)),
         sched_nice: nice,
         sched_priority: priority,
         sched_runtime: s.runtime().unwrap_or(0),
@@ -157,7 +181,10 @@ fn sched_attr(s: &Scheduler) -> Result<SchedAttr, AttrError> {
 /// Sets the calling thread's scheduling policy and parameters with sched_setattr(2).
 pub fn set_scheduler(s: &Scheduler) -> Result<(), AttrError> {
     let attr = sched_attr(s)?;
-    moat_sys::process::sched_setattr(0, &attr).map_err(|source| AttrError::Sched { policy: *s.policy(), source })
+    moat_sys::process::sched_setattr(0, &attr).map_err(|source| AttrError::Sched {
+        policy: *s.policy(),
+        source,
+    })
 }
 
 /// The `ioprio` value (`class << 13 | priority`) for an OCI `process.ioPriority`.
@@ -177,8 +204,12 @@ fn ioprio(p: &LinuxIOPriority) -> Result<i32, AttrError> {
 /// real-time class needs CAP_SYS_ADMIN (or CAP_SYS_NICE on recent kernels).
 pub fn set_io_priority(p: &LinuxIOPriority) -> Result<(), AttrError> {
     let value = ioprio(p)?;
-    moat_sys::process::ioprio_set(IOPRIO_WHO_PROCESS, 0, value)
-        .map_err(|source| AttrError::IoPriority { class: p.class(), source })
+    moat_sys::process::ioprio_set(IOPRIO_WHO_PROCESS, 0, value).map_err(|source| {
+        AttrError::IoPriority {
+            class: p.class(),
+            source,
+        }
+    })
 }
 
 /// Sets the execution domain (`LINUX`, `LINUX32`) with personality(2) and checks it took.
@@ -223,7 +254,13 @@ mod tests {
     /// A field of /proc/self/status, as text.
     fn status(field: &str) -> Option<String> {
         let text = std::fs::read_to_string("/proc/self/status").ok()?;
-        Some(text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.to_owned())
+        Some(
+            text.lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .to_owned(),
+        )
     }
 
     /// Field `n` (1-based, as in proc(5)) of /proc/self/stat.
@@ -238,25 +275,59 @@ mod tests {
         let a = sched_attr(
             &sched(LinuxSchedulerPolicy::SchedBatch)
                 .nice(5)
-                .flags(vec![LinuxSchedulerFlag::SchedResetOnFork, LinuxSchedulerFlag::SchedFlagKeepParams])
+                .flags(vec![
+                    LinuxSchedulerFlag::SchedResetOnFork,
+                    LinuxSchedulerFlag::SchedFlagKeepParams,
+                ])
                 .build()
                 .unwrap(),
         )
         .unwrap();
         assert_eq!((a.sched_policy, a.sched_nice, a.sched_flags), (3, 5, 0x11));
-        let a = sched_attr(&sched(LinuxSchedulerPolicy::SchedFifo).priority(10).build().unwrap()).unwrap();
-        assert_eq!((a.sched_policy, a.sched_priority), (1, 10));
         let a = sched_attr(
-            &sched(LinuxSchedulerPolicy::SchedDeadline).runtime(1u64).deadline(2u64).period(3u64).build().unwrap(),
+            &sched(LinuxSchedulerPolicy::SchedFifo)
+                .priority(10)
+                .build()
+                .unwrap(),
         )
         .unwrap();
-        assert_eq!((a.sched_policy, a.sched_runtime, a.sched_deadline, a.sched_period), (6, 1, 2, 3));
+        assert_eq!((a.sched_policy, a.sched_priority), (1, 10));
+        let a = sched_attr(
+            &sched(LinuxSchedulerPolicy::SchedDeadline)
+                .runtime(1u64)
+                .deadline(2u64)
+                .period(3u64)
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                a.sched_policy,
+                a.sched_runtime,
+                a.sched_deadline,
+                a.sched_period
+            ),
+            (6, 1, 2, 3)
+        );
 
         let bad = [
-            sched(LinuxSchedulerPolicy::SchedOther).nice(20).build().unwrap(),
-            sched(LinuxSchedulerPolicy::SchedOther).priority(5).build().unwrap(),
-            sched(LinuxSchedulerPolicy::SchedFifo).priority(-1).build().unwrap(),
-            sched(LinuxSchedulerPolicy::SchedBatch).runtime(10u64).build().unwrap(),
+            sched(LinuxSchedulerPolicy::SchedOther)
+                .nice(20)
+                .build()
+                .unwrap(),
+            sched(LinuxSchedulerPolicy::SchedOther)
+                .priority(5)
+                .build()
+                .unwrap(),
+            sched(LinuxSchedulerPolicy::SchedFifo)
+                .priority(-1)
+                .build()
+                .unwrap(),
+            sched(LinuxSchedulerPolicy::SchedBatch)
+                .runtime(10u64)
+                .build()
+                .unwrap(),
         ];
         for s in bad {
             assert!(sched_attr(&s).is_err(), "{s:?}");
@@ -265,21 +336,51 @@ mod tests {
 
     #[test]
     fn ioprio_translation_and_validation() {
-        let p = |class, priority: i64| LinuxIOPriorityBuilder::default().class(class).priority(priority).build().unwrap();
-        assert_eq!(ioprio(&p(IOPriorityClass::IoprioClassBe, 7)).unwrap(), 2 << 13 | 7);
-        assert_eq!(ioprio(&p(IOPriorityClass::IoprioClassRt, 0)).unwrap(), 1 << 13);
-        assert_eq!(ioprio(&p(IOPriorityClass::IoprioClassIdle, 0)).unwrap(), 3 << 13);
+        let p = |class, priority: i64| {
+            LinuxIOPriorityBuilder::default()
+                .class(class)
+                .priority(priority)
+                .build()
+                .unwrap()
+        };
+        assert_eq!(
+            ioprio(&p(IOPriorityClass::IoprioClassBe, 7)).unwrap(),
+            2 << 13 | 7
+        );
+        assert_eq!(
+            ioprio(&p(IOPriorityClass::IoprioClassRt, 0)).unwrap(),
+            1 << 13
+        );
+        assert_eq!(
+            ioprio(&p(IOPriorityClass::IoprioClassIdle, 0)).unwrap(),
+            3 << 13
+        );
         assert!(ioprio(&p(IOPriorityClass::IoprioClassBe, 8)).is_err());
         assert!(ioprio(&p(IOPriorityClass::IoprioClassBe, -1)).is_err());
     }
 
     #[test]
     fn range_checks_fail_before_any_syscall() {
-        assert!(matches!(set_oom_score_adj(None, 1001), Err(AttrError::OomRange { .. })));
-        assert!(matches!(set_oom_score_adj(None, -1001), Err(AttrError::OomRange { .. })));
-        assert!(matches!(set_umask(0o1777), Err(AttrError::UmaskRange { .. })));
-        let p = LinuxPersonalityBuilder::default().flags(vec!["ADDR_NO_RANDOMIZE".to_owned()]).build().unwrap();
-        assert!(matches!(set_personality(&p), Err(AttrError::PersonalityFlag { .. })));
+        assert!(matches!(
+            set_oom_score_adj(None, 1001),
+            Err(AttrError::OomRange { .. })
+        ));
+        assert!(matches!(
+            set_oom_score_adj(None, -1001),
+            Err(AttrError::OomRange { .. })
+        ));
+        assert!(matches!(
+            set_umask(0o1777),
+            Err(AttrError::UmaskRange { .. })
+        ));
+        let p = LinuxPersonalityBuilder::default()
+            .flags(vec!["ADDR_NO_RANDOMIZE".to_owned()])
+            .build()
+            .unwrap();
+        assert!(matches!(
+            set_personality(&p),
+            Err(AttrError::PersonalityFlag { .. })
+        ));
     }
 
     #[test]
@@ -301,12 +402,26 @@ mod tests {
     fn oom_score_adj_in_a_child() {
         let code = run_in_child(0, || {
             // Deterministic even where the tests run with CAP_SYS_RESOURCE.
-            if ::caps::drop(None, ::caps::CapSet::Effective, ::caps::Capability::CAP_SYS_RESOURCE).is_err() {
+            if ::caps::drop(
+                None,
+                ::caps::CapSet::Effective,
+                ::caps::Capability::CAP_SYS_RESOURCE,
+            )
+            .is_err()
+            {
                 return 2;
             }
-            let read = || std::fs::read_to_string("/proc/self/oom_score_adj").ok()?.trim().parse::<i32>().ok();
+            let read = || {
+                std::fs::read_to_string("/proc/self/oom_score_adj")
+                    .ok()?
+                    .trim()
+                    .parse::<i32>()
+                    .ok()
+            };
             // Only raise it (from wherever the test runner left it), then try to lower it.
-            let Some(base) = read().map(|b| b.max(0)) else { return 3 };
+            let Some(base) = read().map(|b| b.max(0)) else {
+                return 3;
+            };
             let (first, second) = (base + (1000 - base) / 3, base + 2 * (1000 - base) / 3);
             if set_oom_score_adj(None, first).is_err() || read() != Some(first) {
                 return 4;
@@ -327,7 +442,10 @@ mod tests {
 
     #[test]
     fn scheduler_in_a_child() {
-        let batch = sched(LinuxSchedulerPolicy::SchedBatch).nice(10).build().unwrap();
+        let batch = sched(LinuxSchedulerPolicy::SchedBatch)
+            .nice(10)
+            .build()
+            .unwrap();
         let idle = sched(LinuxSchedulerPolicy::SchedIdle).build().unwrap();
         let code = run_in_child(0, || {
             if set_scheduler(&batch).is_err() {
@@ -352,8 +470,15 @@ mod tests {
 
     #[test]
     fn io_priority_in_a_child() {
-        let be = LinuxIOPriorityBuilder::default().class(IOPriorityClass::IoprioClassBe).priority(7).build().unwrap();
-        let idle = LinuxIOPriorityBuilder::default().class(IOPriorityClass::IoprioClassIdle).build().unwrap();
+        let be = LinuxIOPriorityBuilder::default()
+            .class(IOPriorityClass::IoprioClassBe)
+            .priority(7)
+            .build()
+            .unwrap();
+        let idle = LinuxIOPriorityBuilder::default()
+            .class(IOPriorityClass::IoprioClassIdle)
+            .build()
+            .unwrap();
         let code = run_in_child(0, || {
             let get = || moat_sys::process::ioprio_get(IOPRIO_WHO_PROCESS, 0).ok();
             if set_io_priority(&be).is_err() || get() != Some(2 << 13 | 7) {
@@ -370,8 +495,14 @@ mod tests {
 
     #[test]
     fn personality_in_a_child() {
-        let linux32 = LinuxPersonalityBuilder::default().domain(LinuxPersonalityDomain::PerLinux32).build().unwrap();
-        let linux = LinuxPersonalityBuilder::default().domain(LinuxPersonalityDomain::PerLinux).build().unwrap();
+        let linux32 = LinuxPersonalityBuilder::default()
+            .domain(LinuxPersonalityDomain::PerLinux32)
+            .build()
+            .unwrap();
+        let linux = LinuxPersonalityBuilder::default()
+            .domain(LinuxPersonalityDomain::PerLinux)
+            .build()
+            .unwrap();
         let code = run_in_child(0, || {
             if set_personality(&linux32).is_err() {
                 return 2;
@@ -379,10 +510,14 @@ mod tests {
             if moat_sys::process::personality(0xffff_ffff).ok() != Some(8) {
                 return 3;
             }
-            if cfg!(target_arch = "x86_64") && rustix::system::uname().machine().to_bytes() != b"i686" {
+            if cfg!(target_arch = "x86_64")
+                && rustix::system::uname().machine().to_bytes() != b"i686"
+            {
                 return 4;
             }
-            if set_personality(&linux).is_err() || moat_sys::process::personality(0xffff_ffff).ok() != Some(0) {
+            if set_personality(&linux).is_err()
+                || moat_sys::process::personality(0xffff_ffff).ok() != Some(0)
+            {
                 return 5;
             }
             0

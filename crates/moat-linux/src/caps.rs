@@ -58,7 +58,11 @@ pub enum CapsError {
 
 /// Parses a capability name: `CAP_SYS_ADMIN`, `SYS_ADMIN`, `sys_admin`, `cap_sys_admin`.
 pub fn parse_cap(name: &str) -> Result<::caps::Capability, CapsError> {
-    ::caps::to_canonical(name.trim()).parse().map_err(|_| CapsError::Unknown { name: name.to_owned() })
+    ::caps::to_canonical(name.trim())
+        .parse()
+        .map_err(|_| CapsError::Unknown {
+            name: name.to_owned(),
+        })
 }
 
 /// The kernel's name for capability number `index`.
@@ -80,7 +84,12 @@ fn last_cap() -> Result<u32, CapsError> {
         match rustix::thread::capability_is_in_bounding_set(bit(index)) {
             Ok(_) => {}
             Err(rustix::io::Errno::INVAL) if index > 0 => return Ok(index - 1),
-            Err(e) => return Err(CapsError::ReadBounding { name: cap_name(index), source: e.into() }),
+            Err(e) => {
+                return Err(CapsError::ReadBounding {
+                    name: cap_name(index),
+                    source: e.into(),
+                })
+            }
         }
     }
     Ok(63)
@@ -104,11 +113,19 @@ pub fn drop_bounding(caps: &LinuxCapabilities) -> Result<(), CapsError> {
     let last = last_cap()?;
     let keep = mask(caps.bounding().as_ref(), last)?;
     for index in (0..=last).filter(|i| keep & (1u64 << i) == 0) {
-        let held = rustix::thread::capability_is_in_bounding_set(bit(index))
-            .map_err(|e| CapsError::ReadBounding { name: cap_name(index), source: e.into() })?;
+        let held = rustix::thread::capability_is_in_bounding_set(bit(index)).map_err(|e| {
+            CapsError::ReadBounding {
+                name: cap_name(index),
+                source: e.into(),
+            }
+        })?;
         if held {
-            rustix::thread::remove_capability_from_bounding_set(bit(index))
-                .map_err(|e| CapsError::DropBounding { name: cap_name(index), source: e.into() })?;
+            rustix::thread::remove_capability_from_bounding_set(bit(index)).map_err(|e| {
+                CapsError::DropBounding {
+                    name: cap_name(index),
+                    source: e.into(),
+                }
+            })?;
         }
     }
     Ok(())
@@ -125,11 +142,17 @@ pub fn apply_sets(caps: &LinuxCapabilities) -> Result<(), CapsError> {
         inheritable: CapabilitySet::from_bits_retain(mask(caps.inheritable().as_ref(), last)?),
     };
     let ambient = mask(caps.ambient().as_ref(), last)?;
-    rustix::thread::set_capabilities(None, sets).map_err(|e| CapsError::SetSets { source: e.into() })?;
-    rustix::thread::clear_ambient_capability_set().map_err(|e| CapsError::ClearAmbient { source: e.into() })?;
+    rustix::thread::set_capabilities(None, sets)
+        .map_err(|e| CapsError::SetSets { source: e.into() })?;
+    rustix::thread::clear_ambient_capability_set()
+        .map_err(|e| CapsError::ClearAmbient { source: e.into() })?;
     for index in (0..=last).filter(|i| ambient & (1u64 << i) != 0) {
-        rustix::thread::configure_capability_in_ambient_set(bit(index), true)
-            .map_err(|e| CapsError::RaiseAmbient { name: cap_name(index), source: e.into() })?;
+        rustix::thread::configure_capability_in_ambient_set(bit(index), true).map_err(|e| {
+            CapsError::RaiseAmbient {
+                name: cap_name(index),
+                source: e.into(),
+            }
+        })?;
     }
     Ok(())
 }
@@ -161,7 +184,10 @@ mod tests {
         assert_eq!(parse_cap("CAP_SYS_ADMIN").unwrap(), C::CAP_SYS_ADMIN);
         assert_eq!(parse_cap("sys_admin").unwrap(), C::CAP_SYS_ADMIN);
         assert_eq!(parse_cap("cap_chown").unwrap(), C::CAP_CHOWN);
-        assert_eq!(parse_cap("NET_BIND_SERVICE").unwrap(), C::CAP_NET_BIND_SERVICE);
+        assert_eq!(
+            parse_cap("NET_BIND_SERVICE").unwrap(),
+            C::CAP_NET_BIND_SERVICE
+        );
         let err = parse_cap("CAP_FLY").unwrap_err();
         assert!(err.to_string().contains("CAP_FLY"), "{err}");
         assert!(parse_cap("").is_err());
@@ -178,7 +204,10 @@ mod tests {
     #[test]
     fn mask_leaves_out_unknown_to_kernel() {
         let s = set(&[Oci::Chown, Oci::CheckpointRestore]);
-        assert_eq!(mask(s.as_ref(), 40).unwrap(), bits(&[C::CAP_CHOWN, C::CAP_CHECKPOINT_RESTORE]));
+        assert_eq!(
+            mask(s.as_ref(), 40).unwrap(),
+            bits(&[C::CAP_CHOWN, C::CAP_CHECKPOINT_RESTORE])
+        );
         assert_eq!(mask(s.as_ref(), 39).unwrap(), bits(&[C::CAP_CHOWN]));
         assert_eq!(mask(None, 40).unwrap(), 0);
     }
@@ -186,7 +215,14 @@ mod tests {
     #[test]
     fn bounding_and_base_sets_apply_in_a_child() {
         let mut caps = LinuxCapabilities::default();
-        caps.set_bounding(set(&[Oci::Chown, Oci::Kill, Oci::Setuid, Oci::Setgid, Oci::Setpcap, Oci::NetBindService]));
+        caps.set_bounding(set(&[
+            Oci::Chown,
+            Oci::Kill,
+            Oci::Setuid,
+            Oci::Setgid,
+            Oci::Setpcap,
+            Oci::NetBindService,
+        ]));
         caps.set_effective(set(&[Oci::Chown, Oci::Kill]));
         caps.set_permitted(set(&[Oci::Chown, Oci::Kill, Oci::Setpcap]));
         caps.set_inheritable(set(&[Oci::Kill]));
@@ -195,7 +231,14 @@ mod tests {
             if drop_bounding(&caps).is_err() {
                 return 2;
             }
-            let want = bits(&[C::CAP_CHOWN, C::CAP_KILL, C::CAP_SETUID, C::CAP_SETGID, C::CAP_SETPCAP, C::CAP_NET_BIND_SERVICE]);
+            let want = bits(&[
+                C::CAP_CHOWN,
+                C::CAP_KILL,
+                C::CAP_SETUID,
+                C::CAP_SETGID,
+                C::CAP_SETPCAP,
+                C::CAP_NET_BIND_SERVICE,
+            ]);
             if status("CapBnd:") != Some(want) {
                 return 3;
             }
@@ -248,7 +291,10 @@ mod tests {
                 return 6;
             }
             let want = bits(&[C::CAP_KILL, C::CAP_NET_BIND_SERVICE]);
-            if status("CapAmb:") != Some(want) || status("CapEff:") != Some(want) || status("CapPrm:") != Some(want) {
+            if status("CapAmb:") != Some(want)
+                || status("CapEff:") != Some(want)
+                || status("CapPrm:") != Some(want)
+            {
                 return 7;
             }
             // Without privilege, a capability outside the permitted set cannot come back.

@@ -12,9 +12,17 @@ use rustix::process::{Resource, Rlimit};
 #[derive(Debug, thiserror::Error)]
 pub enum RlimitError {
     #[error("{typ}: soft limit {soft} is above hard limit {hard}")]
-    SoftAboveHard { typ: PosixRlimitType, soft: u64, hard: u64 },
+    SoftAboveHard {
+        typ: PosixRlimitType,
+        soft: u64,
+        hard: u64,
+    },
     #[error("{typ}: raising the hard limit to {hard} needs CAP_SYS_RESOURCE (current hard limit {current})")]
-    RaiseHard { typ: PosixRlimitType, hard: u64, current: String },
+    RaiseHard {
+        typ: PosixRlimitType,
+        hard: u64,
+        current: String,
+    },
     #[error("setting {typ}")]
     Set {
         typ: PosixRlimitType,
@@ -63,14 +71,22 @@ fn set_one(rl: &PosixRlimit) -> Result<(), RlimitError> {
         return Err(RlimitError::SoftAboveHard { typ, soft, hard });
     }
     let res = resource(typ);
-    let new = Rlimit { current: value(soft), maximum: value(hard) };
+    let new = Rlimit {
+        current: value(soft),
+        maximum: value(hard),
+    };
     match rustix::process::setrlimit(res, new) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::PERM) => {
-            let current = rustix::process::getrlimit(res).maximum.map_or("unlimited".to_owned(), |m| m.to_string());
+            let current = rustix::process::getrlimit(res)
+                .maximum
+                .map_or("unlimited".to_owned(), |m| m.to_string());
             Err(RlimitError::RaiseHard { typ, hard, current })
         }
-        Err(e) => Err(RlimitError::Set { typ, source: e.into() }),
+        Err(e) => Err(RlimitError::Set {
+            typ,
+            source: e.into(),
+        }),
     }
 }
 
@@ -81,36 +97,70 @@ mod tests {
     use oci_spec::runtime::PosixRlimitBuilder;
 
     fn nofile(soft: u64, hard: u64) -> PosixRlimit {
-        PosixRlimitBuilder::default().typ(PosixRlimitType::RlimitNofile).soft(soft).hard(hard).build().unwrap()
+        PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .soft(soft)
+            .hard(hard)
+            .build()
+            .unwrap()
     }
 
     #[test]
     fn every_type_parses_from_the_spec_names() {
         let names = [
-            "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
-            "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
-            "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
+            "RLIMIT_AS",
+            "RLIMIT_CORE",
+            "RLIMIT_CPU",
+            "RLIMIT_DATA",
+            "RLIMIT_FSIZE",
+            "RLIMIT_LOCKS",
+            "RLIMIT_MEMLOCK",
+            "RLIMIT_MSGQUEUE",
+            "RLIMIT_NICE",
+            "RLIMIT_NOFILE",
+            "RLIMIT_NPROC",
+            "RLIMIT_RSS",
+            "RLIMIT_RTPRIO",
+            "RLIMIT_RTTIME",
+            "RLIMIT_SIGPENDING",
+            "RLIMIT_STACK",
         ];
         for name in names {
-            let rl: PosixRlimit = serde_json::from_str(&format!(r#"{{"type": "{name}", "soft": 1, "hard": 2}}"#)).unwrap();
+            let rl: PosixRlimit =
+                serde_json::from_str(&format!(r#"{{"type": "{name}", "soft": 1, "hard": 2}}"#))
+                    .unwrap();
             assert_eq!(rl.typ().to_string(), name);
         }
-        assert!(serde_json::from_str::<PosixRlimit>(r#"{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 2}"#).is_err());
+        assert!(serde_json::from_str::<PosixRlimit>(
+            r#"{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 2}"#
+        )
+        .is_err());
     }
 
     #[test]
     fn soft_above_hard_is_refused() {
-        assert!(matches!(apply(&[nofile(10, 5)]), Err(RlimitError::SoftAboveHard { .. })));
+        assert!(matches!(
+            apply(&[nofile(10, 5)]),
+            Err(RlimitError::SoftAboveHard { .. })
+        ));
     }
 
     #[test]
     fn nofile_applies_and_raising_hard_is_explained() {
         let code = run_in_child(0, || {
             // Make the raise below fail even where the tests run with CAP_SYS_RESOURCE.
-            if ::caps::drop(None, ::caps::CapSet::Effective, ::caps::Capability::CAP_SYS_RESOURCE).is_err() {
+            if ::caps::drop(
+                None,
+                ::caps::CapSet::Effective,
+                ::caps::Capability::CAP_SYS_RESOURCE,
+            )
+            .is_err()
+            {
                 return 2;
             }
-            let Some(hard) = rustix::process::getrlimit(Resource::Nofile).maximum else { return 3 };
+            let Some(hard) = rustix::process::getrlimit(Resource::Nofile).maximum else {
+                return 3;
+            };
             if hard < 200 {
                 return 4;
             }
@@ -122,7 +172,11 @@ mod tests {
                 return 6;
             }
             match apply(&[nofile(100, hard)]) {
-                Err(e @ RlimitError::RaiseHard { .. }) if e.to_string().contains("CAP_SYS_RESOURCE") => 0,
+                Err(e @ RlimitError::RaiseHard { .. })
+                    if e.to_string().contains("CAP_SYS_RESOURCE") =>
+                {
+                    0
+                }
                 _ => 7,
             }
         })

@@ -40,7 +40,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+use libseccomp::{
+    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
+};
 use oci_spec::runtime::{
     Arch, ContainerProcessStateBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg,
     LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall, State, SECCOMP_FD_NAME,
@@ -55,7 +57,15 @@ const MAX_ERRNO: u32 = 4095;
 const MAX_ARGS: usize = 6;
 /// Syscalls the runtime itself makes after the filter is loaded (to pass the notify fd on and
 /// report success), on which a notify rule would deadlock the start.
-const RUNTIME_SYSCALLS: &[&str] = &["write", "writev", "sendmsg", "sendto", "close", "exit", "exit_group"];
+const RUNTIME_SYSCALLS: &[&str] = &[
+    "write",
+    "writev",
+    "sendmsg",
+    "sendto",
+    "close",
+    "exit",
+    "exit_group",
+];
 
 /// Why the seccomp filter could not be built, loaded or handed to its listener.
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +79,16 @@ pub enum SeccompError {
     #[error("SCMP_ACT_NOTIFY cannot be the default seccomp action")]
     DefaultNotify,
     #[error("seccomp action {action} takes no errnoRet (got {value})")]
-    ErrnoNotAllowed { action: LinuxSeccompAction, value: u32 },
+    ErrnoNotAllowed {
+        action: LinuxSeccompAction,
+        value: u32,
+    },
     #[error("seccomp errnoRet {value} for {action} is out of range (at most {max})")]
-    ErrnoRange { action: LinuxSeccompAction, value: u32, max: u32 },
+    ErrnoRange {
+        action: LinuxSeccompAction,
+        value: u32,
+        max: u32,
+    },
     #[error("adding architecture {arch} to the seccomp filter")]
     AddArch {
         arch: Arch,
@@ -177,9 +194,17 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter, SeccompError> {
         return Err(SeccompError::DefaultNotify);
     }
     let default = action(seccomp.default_action(), seccomp.default_errno_ret())?;
-    let ctx = ScmpFilterContext::new(default)
-        .map_err(|source| SeccompError::Init { action: seccomp.default_action(), source })?;
-    let mut filter = Filter { ctx, notify: false, rules: 0, arches: vec![ScmpArch::native()], skipped: Vec::new() };
+    let ctx = ScmpFilterContext::new(default).map_err(|source| SeccompError::Init {
+        action: seccomp.default_action(),
+        source,
+    })?;
+    let mut filter = Filter {
+        ctx,
+        notify: false,
+        rules: 0,
+        arches: vec![ScmpArch::native()],
+        skipped: Vec::new(),
+    };
     filter.set_attributes(seccomp.flags().as_deref().unwrap_or_default())?;
     for &arch in seccomp.architectures().as_deref().unwrap_or_default() {
         filter.add_arch(arch)?;
@@ -199,9 +224,17 @@ fn action(act: LinuxSeccompAction, errno_ret: Option<u32>) -> Result<ScmpAction,
     let with_value = |max: u32| -> Result<u16, SeccompError> {
         let value = errno_ret.unwrap_or(libc::EPERM as u32);
         if value > max {
-            return Err(SeccompError::ErrnoRange { action: act, value, max });
+            return Err(SeccompError::ErrnoRange {
+                action: act,
+                value,
+                max,
+            });
         }
-        u16::try_from(value).map_err(|_| SeccompError::ErrnoRange { action: act, value, max })
+        u16::try_from(value).map_err(|_| SeccompError::ErrnoRange {
+            action: act,
+            value,
+            max,
+        })
     };
     let no_value = |scmp: ScmpAction| match errno_ret {
         Some(value) => Err(SeccompError::ErrnoNotAllowed { action: act, value }),
@@ -251,7 +284,10 @@ fn scmp_arch(arch: Arch) -> ScmpArch {
 fn condition(name: &str, arg: &LinuxSeccompArg) -> Result<ScmpArgCompare, SeccompError> {
     let index = arg.index();
     let Some(index32) = u32::try_from(index).ok().filter(|_| index < MAX_ARGS) else {
-        return Err(SeccompError::ArgIndex { name: name.to_owned(), index });
+        return Err(SeccompError::ArgIndex {
+            name: name.to_owned(),
+            index,
+        });
     };
     let cmp = |op| ScmpArgCompare::new(index32, op, arg.value());
     Ok(match arg.op() {
@@ -261,18 +297,28 @@ fn condition(name: &str, arg: &LinuxSeccompArg) -> Result<ScmpArgCompare, Seccom
         LinuxSeccompOperator::ScmpCmpEq => cmp(ScmpCompareOp::Equal),
         LinuxSeccompOperator::ScmpCmpGe => cmp(ScmpCompareOp::GreaterEqual),
         LinuxSeccompOperator::ScmpCmpGt => cmp(ScmpCompareOp::Greater),
-        LinuxSeccompOperator::ScmpCmpMaskedEq => {
-            ScmpArgCompare::new(index32, ScmpCompareOp::MaskedEqual(arg.value()), arg.value_two().unwrap_or(0))
-        }
+        LinuxSeccompOperator::ScmpCmpMaskedEq => ScmpArgCompare::new(
+            index32,
+            ScmpCompareOp::MaskedEqual(arg.value()),
+            arg.value_two().unwrap_or(0),
+        ),
     })
 }
 
 /// The rules (each a list of ANDed conditions) for one syscall entry: one rule with every
 /// condition, or one rule per condition when an argument index repeats.
-fn condition_sets(name: &str, args: &[LinuxSeccompArg]) -> Result<Vec<Vec<ScmpArgCompare>>, SeccompError> {
-    let conds = args.iter().map(|a| condition(name, a)).collect::<Result<Vec<_>, _>>()?;
+fn condition_sets(
+    name: &str,
+    args: &[LinuxSeccompArg],
+) -> Result<Vec<Vec<ScmpArgCompare>>, SeccompError> {
+    let conds = args
+        .iter()
+        .map(|a| condition(name, a))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut seen = [false; MAX_ARGS];
-    let repeats = args.iter().any(|a| std::mem::replace(&mut seen[a.index()], true));
+    let repeats = args
+        .iter()
+        .any(|a| std::mem::replace(&mut seen[a.index()], true));
     if repeats {
         Ok(conds.into_iter().map(|c| vec![c]).collect())
     } else {
@@ -283,14 +329,20 @@ fn condition_sets(name: &str, args: &[LinuxSeccompArg]) -> Result<Vec<Vec<ScmpAr
 impl Filter {
     fn set_attributes(&mut self, flags: &[LinuxSeccompFilterFlag]) -> Result<(), SeccompError> {
         let attr = |attr: &'static str| move |source| SeccompError::Attr { attr, source };
-        self.ctx.set_ctl_nnp(false).map_err(attr("no_new_privs off"))?;
-        self.ctx.set_api_sysrawrc(true).map_err(attr("raw kernel return codes"))?;
+        self.ctx
+            .set_ctl_nnp(false)
+            .map_err(attr("no_new_privs off"))?;
+        self.ctx
+            .set_api_sysrawrc(true)
+            .map_err(attr("raw kernel return codes"))?;
         for &flag in flags {
             let res = match flag {
                 LinuxSeccompFilterFlag::SeccompFilterFlagTsync => self.ctx.set_ctl_tsync(true),
                 LinuxSeccompFilterFlag::SeccompFilterFlagLog => self.ctx.set_ctl_log(true),
                 LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => self.ctx.set_ctl_ssb(true),
-                LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => self.ctx.set_ctl_waitkill(true),
+                LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => {
+                    self.ctx.set_ctl_waitkill(true)
+                }
             };
             res.map_err(|source| SeccompError::Flag { flag, source })?;
         }
@@ -299,18 +351,31 @@ impl Filter {
 
     fn add_arch(&mut self, arch: Arch) -> Result<(), SeccompError> {
         let scmp = scmp_arch(arch);
-        let present = self.ctx.is_arch_present(scmp).map_err(|source| SeccompError::AddArch { arch, source })?;
+        let present = self
+            .ctx
+            .is_arch_present(scmp)
+            .map_err(|source| SeccompError::AddArch { arch, source })?;
         if !present {
-            self.ctx.add_arch(scmp).map_err(|source| SeccompError::AddArch { arch, source })?;
+            self.ctx
+                .add_arch(scmp)
+                .map_err(|source| SeccompError::AddArch { arch, source })?;
             self.arches.push(scmp);
         }
         Ok(())
     }
 
-    fn add_syscall(&mut self, syscall: &LinuxSyscall, default: ScmpAction) -> Result<(), SeccompError> {
+    fn add_syscall(
+        &mut self,
+        syscall: &LinuxSyscall,
+        default: ScmpAction,
+    ) -> Result<(), SeccompError> {
         let act = action(syscall.action(), syscall.errno_ret())?;
         if act == ScmpAction::Notify {
-            if let Some(name) = syscall.names().iter().find(|n| RUNTIME_SYSCALLS.contains(&n.as_str())) {
+            if let Some(name) = syscall
+                .names()
+                .iter()
+                .find(|n| RUNTIME_SYSCALLS.contains(&n.as_str()))
+            {
                 return Err(SeccompError::NotifyOnRuntimeSyscall { name: name.clone() });
             }
         }
@@ -325,7 +390,10 @@ impl Filter {
             for conds in condition_sets(name, syscall.args().as_deref().unwrap_or_default())? {
                 self.ctx
                     .add_rule_conditional(act, nr, &conds)
-                    .map_err(|source| SeccompError::AddRule { name: name.clone(), source })?;
+                    .map_err(|source| SeccompError::AddRule {
+                        name: name.clone(),
+                        source,
+                    })?;
                 self.rules += 1;
                 self.notify |= act == ScmpAction::Notify;
             }
@@ -369,8 +437,12 @@ impl Filter {
         if !self.notify {
             return Ok(None);
         }
-        let raw = self.ctx.get_notify_fd().map_err(|source| SeccompError::NotifyFd { source })?;
-        let fd = moat_sys::process::dup_raw_fd(raw).map_err(|source| SeccompError::DupNotifyFd { source })?;
+        let raw = self
+            .ctx
+            .get_notify_fd()
+            .map_err(|source| SeccompError::NotifyFd { source })?;
+        let fd = moat_sys::process::dup_raw_fd(raw)
+            .map_err(|source| SeccompError::DupNotifyFd { source })?;
         // libseccomp keeps its own copy in global state; resetting that state closes it, so
         // the caller's fd is the only one left.
         libseccomp::reset_global_state().map_err(|source| SeccompError::Reset { source })?;
@@ -388,7 +460,11 @@ pub fn send_to_listener(
     pid: i32,
     fd: BorrowedFd<'_>,
 ) -> Result<(), SeccompError> {
-    let version = if state.version().is_empty() { oci_spec::runtime::VERSION } else { state.version() };
+    let version = if state.version().is_empty() {
+        oci_spec::runtime::VERSION
+    } else {
+        state.version()
+    };
     let mut builder = ContainerProcessStateBuilder::default()
         .version(version)
         .fds(vec![SECCOMP_FD_NAME.to_owned()])
@@ -397,12 +473,20 @@ pub fn send_to_listener(
     if !metadata.is_empty() {
         builder = builder.metadata(metadata);
     }
-    let process_state = builder.build().map_err(|source| SeccompError::ProcessState { source })?;
-    let json = serde_json::to_vec(&process_state).map_err(|source| SeccompError::Serialize { source })?;
+    let process_state = builder
+        .build()
+        .map_err(|source| SeccompError::ProcessState { source })?;
+    let json =
+        serde_json::to_vec(&process_state).map_err(|source| SeccompError::Serialize { source })?;
 
-    let mut stream =
-        UnixStream::connect(path).map_err(|source| SeccompError::Connect { path: path.to_owned(), source })?;
-    let send_err = |source| SeccompError::Send { path: path.to_owned(), source };
+    let mut stream = UnixStream::connect(path).map_err(|source| SeccompError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let send_err = |source| SeccompError::Send {
+        path: path.to_owned(),
+        source,
+    };
     let fds = [fd];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -410,14 +494,21 @@ pub fn send_to_listener(
         return Err(send_err(std::io::Error::from_raw_os_error(libc::ENOBUFS)));
     }
     let sent = loop {
-        match rustix::net::sendmsg(&stream, &[IoSlice::new(&json)], &mut control, SendFlags::NOSIGNAL) {
+        match rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(&json)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
             Ok(n) => break n,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(send_err(e.into())),
         }
     };
     if sent == 0 {
-        return Err(send_err(std::io::Error::from(std::io::ErrorKind::WriteZero)));
+        return Err(send_err(std::io::Error::from(
+            std::io::ErrorKind::WriteZero,
+        )));
     }
     stream.write_all(&json[sent..]).map_err(send_err)?;
     Ok(())
@@ -478,8 +569,14 @@ mod tests {
     #[test]
     fn refuses_bad_values() {
         let cases = [
-            (r#"{"defaultAction": "SCMP_ACT_ALLOW", "defaultErrnoRet": 1}"#, "ErrnoNotAllowed"),
-            (r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 70000}"#, "ErrnoRange"),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "defaultErrnoRet": 1}"#,
+                "ErrnoNotAllowed",
+            ),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 70000}"#,
+                "ErrnoRange",
+            ),
             (r#"{"defaultAction": "SCMP_ACT_NOTIFY"}"#, "DefaultNotify"),
             (
                 r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ERRNO",
@@ -506,7 +603,9 @@ mod tests {
         ];
         for (json, want) in cases {
             match compile(&parse(json)) {
-                Ok(_) if want == "Flag" && libseccomp::check_version((2, 6, 0).into()).unwrap_or(false) => {}
+                Ok(_)
+                    if want == "Flag"
+                        && libseccomp::check_version((2, 6, 0).into()).unwrap_or(false) => {}
                 Ok(f) => panic!("{json} compiled: {f:?}"),
                 Err(e) => assert!(format!("{e:?}").starts_with(want), "{json}: {e:?}"),
             }
@@ -570,11 +669,19 @@ mod tests {
 
     #[test]
     fn load_without_nnp_or_cap_sys_admin_is_explained() {
-        let s = parse(r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#);
+        let s = parse(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        );
         let code = run_in_child(0, || {
             let Ok(filter) = compile(&s) else { return 2 };
             // Drop CAP_SYS_ADMIN from the effective set; no_new_privs stays off.
-            if ::caps::drop(None, ::caps::CapSet::Effective, ::caps::Capability::CAP_SYS_ADMIN).is_err() {
+            if ::caps::drop(
+                None,
+                ::caps::CapSet::Effective,
+                ::caps::Capability::CAP_SYS_ADMIN,
+            )
+            .is_err()
+            {
                 return 3;
             }
             match filter.load() {
@@ -609,8 +716,13 @@ mod tests {
             let mut buf = vec![0u8; 64 * 1024];
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
             let mut control = RecvAncillaryBuffer::new(&mut space);
-            let msg = rustix::net::recvmsg(&conn, &mut [IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)
-                .map_err(|e| e.to_string())?;
+            let msg = rustix::net::recvmsg(
+                &conn,
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(|e| e.to_string())?;
             let mut fds: Vec<OwnedFd> = Vec::new();
             for m in control.drain() {
                 if let RecvAncillaryMessage::ScmRights(rights) = m {
@@ -622,7 +734,8 @@ mod tests {
             let mut rest = Vec::new();
             std::io::Read::read_to_end(&mut &conn, &mut rest).map_err(|e| e.to_string())?;
             json.extend(rest);
-            let state: serde_json::Value = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+            let state: serde_json::Value =
+                serde_json::from_slice(&json).map_err(|e| e.to_string())?;
             let req = ScmpNotifReq::receive(fd.as_fd().as_raw_fd()).map_err(|e| e.to_string())?;
             let name = req.data.syscall.get_name().map_err(|e| e.to_string())?;
             if name != "getppid" {
@@ -641,9 +754,13 @@ mod tests {
             if !filter.needs_notify() || rustix::thread::set_no_new_privs(true).is_err() {
                 return 3;
             }
-            let Ok(Some(fd)) = filter.load() else { return 4 };
+            let Ok(Some(fd)) = filter.load() else {
+                return 4;
+            };
             // libseccomp's own copy was closed: exactly one seccomp notify fd is open.
-            let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return 5 };
+            let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+                return 5;
+            };
             let notify_fds = entries
                 .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
                 .filter(|l| l.to_string_lossy().contains("seccomp notify"))

@@ -149,10 +149,20 @@ const SCHED_ATTR_SIZE: u32 = std::mem::size_of::<SchedAttr>() as u32;
 
 /// sched_setattr(2) on `pid` (0: the calling thread). `attr.size` is set here.
 pub fn sched_setattr(pid: i32, attr: &SchedAttr) -> io::Result<()> {
-    let attr = SchedAttr { size: SCHED_ATTR_SIZE, ..*attr };
+    let attr = SchedAttr {
+        size: SCHED_ATTR_SIZE,
+        ..*attr
+    };
     // SAFETY: `attr` is a live, fully initialised repr(C) sched_attr whose
     // `size` field equals its real size, so the kernel reads only inside it.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, pid, &attr as *const SchedAttr, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            pid,
+            &attr as *const SchedAttr,
+            0u32,
+        )
+    };
     if r == -1 {
         Err(io::Error::last_os_error())
     } else {
@@ -165,7 +175,15 @@ pub fn sched_getattr(pid: i32) -> io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     // SAFETY: the kernel writes at most `SCHED_ATTR_SIZE` bytes, the size of
     // the live, writable `attr`.
-    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, pid, &mut attr as *mut SchedAttr, SCHED_ATTR_SIZE, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            pid,
+            &mut attr as *mut SchedAttr,
+            SCHED_ATTR_SIZE,
+            0u32,
+        )
+    };
     if r == -1 {
         Err(io::Error::last_os_error())
     } else {
