@@ -453,6 +453,10 @@ impl Filter {
 /// Sends `fd` and the `ContainerProcessState` JSON (ociVersion, fds `["seccompFd"]`, pid,
 /// metadata, state) to the seccomp agent listening on `path`, over a `SOCK_STREAM` unix socket
 /// with `SCM_RIGHTS`. The fd travels with the first bytes of the JSON.
+///
+/// Call it from a process outside the filter (runc's way: the container's init hands the fd
+/// to the runtime over the setup socket, and the runtime sends it on), so that a notify rule
+/// on `socket`/`connect` cannot block the hand-over.
 pub fn send_to_listener(
     path: &Path,
     metadata: &str,
