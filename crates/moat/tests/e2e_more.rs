@@ -1,0 +1,257 @@
+//! More of the runtime-spec, end to end: joined namespaces (the runtime's slow
+//! path), time namespace offsets, a terminal through --console-socket, a
+//! rootless run, and `delete --force` after the runtime was killed mid-create.
+mod common;
+
+use std::fs;
+use std::io::{IoSliceMut, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn script(s: &str) -> Bundle {
+    Bundle::new(&["sh", "-c", s])
+}
+
+/// A container that joins another one's network and UTS namespaces by path
+/// sees the same namespaces (inode numbers) and hostname.
+#[test]
+fn joins_namespaces_by_path() {
+    let Some(rt) = Rt::root_or_skip("joins_namespaces_by_path") else {
+        return;
+    };
+    let mut first = Bundle::new(&["sleep", "30"]);
+    first.set("/hostname", json!("first-host"));
+    let c1 = rt.start_ok(&first);
+    let pid = c1.pid();
+    let net = fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let mut second = script("readlink /proc/self/ns/net; hostname");
+    let nss = second
+        .config
+        .pointer_mut("/linux/namespaces")
+        .unwrap()
+        .as_array_mut()
+        .unwrap();
+    nss.retain(|n| n["type"] != "network" && n["type"] != "uts");
+    nss.push(json!({"type": "network", "path": format!("/proc/{pid}/ns/net")}));
+    nss.push(json!({"type": "uts", "path": format!("/proc/{pid}/ns/uts")}));
+    second.config.as_object_mut().unwrap().remove("hostname");
+    let out = rt.run_ok(&second);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(net.to_str().unwrap()), "{out}");
+    assert_eq!(lines.next(), Some("first-host"), "{out}");
+}
+
+/// timeOffsets shift CLOCK_BOOTTIME inside a new time namespace.
+#[test]
+fn time_namespace_offsets() {
+    let Some(rt) = Rt::root_or_skip("time_namespace_offsets") else {
+        return;
+    };
+    let mut b = script("cut -d. -f1 /proc/uptime");
+    b.push("/linux/namespaces", json!({"type": "time"}));
+    b.set(
+        "/linux/timeOffsets",
+        json!({"boottime": {"secs": 864000, "nanosecs": 0}}),
+    );
+    let inside: u64 = rt.run_ok(&b).trim().parse().unwrap();
+    let host: u64 = read_trim("/proc/uptime")
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(inside >= host + 864000 - 5, "inside {inside}, host {host}");
+}
+
+/// process.terminal with --console-socket: the runtime sends a pty master over
+/// the socket, and the container's stdio is that pty.
+#[test]
+fn terminal_through_console_socket() {
+    let Some(rt) = Rt::root_or_skip("terminal_through_console_socket") else {
+        return;
+    };
+    let mut b = script("tty; echo on-the-pty");
+    b.set("/process/terminal", json!(true));
+    let sock = rt.scratch_file("console.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let accept = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let mut fd = None;
+        for c in msg.cmsgs().unwrap() {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                fd = fds.first().copied();
+            }
+        }
+        fd.expect("a pty master fd")
+    });
+    let sock_s = sock.display().to_string();
+    let c = rt
+        .create(&b, &["--console-socket", &sock_s])
+        .unwrap_or_else(|o| panic!("create: {o:?}"));
+    let raw = accept.join().unwrap();
+    let master = moat_fd(raw);
+    c.start().expect_ok();
+    let mut f = fs::File::from(master);
+    let mut out = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while !out.contains("on-the-pty") && std::time::Instant::now() < deadline {
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(out.contains("/dev/pts/0"), "{out:?}");
+    assert!(out.contains("on-the-pty"), "{out:?}");
+}
+
+fn moat_fd(raw: std::os::fd::RawFd) -> OwnedFd {
+    // Reopening /proc/self/fd/N of a pty master would allocate a new pty;
+    // take ownership of the received descriptor itself.
+    moat_sys::fd::own(raw)
+}
+
+/// An unprivileged user runs a `spec --rootless` bundle: root inside maps to
+/// that user outside, and the missing cgroup delegation is a warning.
+#[test]
+fn rootless_run() {
+    let Some(rt) = Rt::root_or_skip("rootless_run") else {
+        return;
+    };
+    if !rt.is_moat() || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP rootless_run: needs moat and setpriv");
+        return;
+    }
+    let uid = 1500 + (std::process::id() % 1000);
+    let b = Bundle::new(&["sh", "-c", "id -u; cat /proc/self/uid_map"]);
+    let dir = b.dir().to_owned();
+    let state = tempfile::tempdir().unwrap();
+    for p in [state.path(), dir.as_path()] {
+        Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}")])
+            .arg(p)
+            .status()
+            .unwrap();
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The user writes its own `spec --rootless` (maps itself to root).
+    fs::remove_file(dir.join("config.json")).unwrap_or(());
+    let gen = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .arg(&rt.bin)
+        .args(["spec", "--rootless", "--bundle"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{gen:?}");
+    let text = fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["process"]["terminal"] = json!(false);
+    cfg["process"]["args"] = json!(["sh", "-c", "id -u; cat /proc/self/uid_map"]);
+    fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .arg(&rt.bin)
+        .arg("--root")
+        .arg(state.path().join("root"))
+        .args(["run", "--bundle"])
+        .arg(&dir)
+        .arg("rootless-test")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("0"), "{stdout}");
+    let map: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(map, ["0", &uid.to_string(), "1"], "{stdout}");
+    assert!(stderr.contains("no delegated cgroup"), "{stderr}");
+    assert!(!state.path().join("root/rootless-test").exists());
+}
+
+/// The runtime is SIGKILLed while a prestart hook runs (mid-create): the
+/// container process, its cgroup and state exist; `delete --force` removes all.
+#[test]
+fn delete_force_after_runtime_killed_mid_create() {
+    let Some(rt) = Rt::root_or_skip("delete_force_after_runtime_killed") else {
+        return;
+    };
+    let mut b = Bundle::new(&["true"]);
+    let marker = rt.scratch_file("hook-started");
+    b.push(
+        "/hooks/prestart",
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!("touch {}; sleep 30", marker.display())]}),
+    );
+    b.set(
+        "/linux/cgroupsPath",
+        json!(format!("/moat-e2e-kill-{}", std::process::id())),
+    );
+    b.write_config();
+    let id = rt.new_id("killed");
+    let mut child = Command::new(&rt.bin)
+        .arg("--root")
+        .arg(rt.root())
+        .args(["create", "--bundle"])
+        .arg(b.dir())
+        .arg(&id)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(marker.exists(), "the prestart hook never ran");
+    let st: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(rt.root().join(&id).join("state.json")).unwrap())
+            .unwrap();
+    let init = st["pid"].as_i64().unwrap();
+    assert!(init > 0);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let cg = format!("/sys/fs/cgroup/pids/moat-e2e-kill-{}", std::process::id());
+    assert!(Path::new(&cg).exists());
+    rt.cmd(&["delete", "--force", &id]).expect_ok();
+    assert!(!rt.root().join(&id).exists());
+    assert!(!Path::new(&cg).exists(), "cgroup {cg} left behind");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{init}")).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive = fs::read_to_string(format!("/proc/{init}/stat"))
+        .map(|s| !s.contains(") Z"))
+        .unwrap_or(false);
+    assert!(!alive, "container process {init} survived");
+    let _ = Command::new("pkill")
+        .args(["-f", &marker.display().to_string()])
+        .status();
+}
