@@ -58,8 +58,8 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         Cmd::Run {
             create,
             detach,
-            keep: _,
-        } => Ok(rt.run(&create_opts(&create, tier), detach)?),
+            keep,
+        } => Ok(rt.run(&create_opts(&create, tier), detach, keep)?),
         Cmd::State { id } => {
             out!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
             Ok(0)
@@ -413,10 +413,7 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         res.set_pids(Some(pids));
     }
     if let Some(w) = a.blkio_weight {
-        let mut b = res
-            .block_io()
-            .clone()
-            .unwrap_or_default();
+        let mut b = res.block_io().clone().unwrap_or_default();
         b.set_weight(Some(w));
         res.set_block_io(Some(b));
     }
