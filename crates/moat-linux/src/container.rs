@@ -202,9 +202,9 @@ impl Runtime {
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
         let start = if listen {
+            let sock = SocketPath::new(lock.dir(), START_SOCKET)?;
             StartSignal::Listener(
-                sync::listen(&lock.dir().join(START_SOCKET))
-                    .map_err(io_err("listen on the start socket"))?,
+                sync::listen(sock.path()).map_err(io_err("listen on the start socket"))?,
             )
         } else {
             StartSignal::Channel
@@ -338,8 +338,8 @@ impl Runtime {
             });
         }
         let sock = lock.dir().join(START_SOCKET);
-        let conn =
-            Channel::connect(&sock).map_err(io_err("connect to the container's start socket"))?;
+        let conn = Channel::connect(SocketPath::new(lock.dir(), START_SOCKET)?.path())
+            .map_err(io_err("connect to the container's start socket"))?;
         conn.send(&Msg::Start)?;
         let r = self.await_exec(&conn, &st);
         let _ = std::fs::remove_file(&sock);
@@ -402,9 +402,10 @@ impl Runtime {
 
     // ----- run -----
 
-    /// `moat run`: create, start, and (unless detached) wait, delete, and
+    /// `moat run`: create, start, and (unless detached) wait, delete (unless
+    /// `keep`: the stopped container stays for `state` and `delete`), and
     /// return the exit status (128+N for a signal).
-    pub fn run(&self, opts: &CreateOpts, detach: bool) -> Result<i32, ContainerError> {
+    pub fn run(&self, opts: &CreateOpts, detach: bool, keep: bool) -> Result<i32, ContainerError> {
         let created = self.create(opts, false)?;
         let Created {
             pid,
@@ -429,7 +430,9 @@ impl Runtime {
         }
         drop(_lock);
         let code = wait_forwarding_signals(pid);
-        self.delete(&opts.id, true)?;
+        if !keep {
+            self.delete(&opts.id, true)?;
+        }
         Ok(code)
     }
 
@@ -786,6 +789,42 @@ fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, Co
     }
 }
 
+/// A path to `name` in `dir` that fits in a unix socket address (107 bytes):
+/// under a long `--root` (dockerd's exec-root and containerd's state dir
+/// with 64-character ids) the plain path does not, so it goes through an
+/// fd of the directory, `/proc/self/fd/N/name`.
+struct SocketPath {
+    _dir: Option<std::fs::File>,
+    path: PathBuf,
+}
+
+const MAX_SOCKET_PATH: usize = 107;
+
+impl SocketPath {
+    fn new(dir: &Path, name: &str) -> Result<SocketPath, ContainerError> {
+        let path = dir.join(name);
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(SocketPath { _dir: None, path });
+        }
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(io_err(format!("open state directory {}", dir.display())))?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}/{name}", d.as_raw_fd()));
+        Ok(SocketPath {
+            _dir: Some(d),
+            path,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 fn write_maps(pid: i32, spec: &Spec) -> Result<(), ContainerError> {
     let linux = spec.linux().as_ref();
     let uid = linux
@@ -931,4 +970,24 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
     };
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_path_fits_under_a_long_state_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let long = tmp.path().join("x".repeat(64)).join("y".repeat(64));
+        std::fs::create_dir_all(&long).unwrap();
+        let short = SocketPath::new(tmp.path(), START_SOCKET).unwrap();
+        assert_eq!(short.path(), tmp.path().join(START_SOCKET));
+        let sp = SocketPath::new(&long, START_SOCKET).unwrap();
+        assert!(sp.path().as_os_str().len() <= MAX_SOCKET_PATH);
+        let listener = sync::listen(sp.path()).unwrap();
+        assert!(long.join(START_SOCKET).exists());
+        let _conn = Channel::connect(SocketPath::new(&long, START_SOCKET).unwrap().path()).unwrap();
+        let _accepted = Channel::accept(&listener).unwrap();
+    }
 }

@@ -201,7 +201,7 @@ pub struct ExecArgs {
 pub struct UpdateArgs {
     pub id: String,
     /// JSON file with an OCI linux.resources object ("-" for stdin)
-    #[arg(short, long)]
+    #[arg(short = 'r', long = "resources")]
     pub r: Option<PathBuf>,
     #[arg(long = "blkio-weight")]
     pub blkio_weight: Option<u16>,
@@ -235,4 +235,20 @@ pub struct UpdateArgs {
     pub l3_cache_schema: Option<String>,
     #[arg(long = "mem-bw-schema")]
     pub mem_bw_schema: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn update_takes_resources_from_stdin_as_runc_does() {
+        let cli = Cli::try_parse_from(["moat", "update", "--resources", "-", "c1"]).unwrap();
+        let Cmd::Update(u) = cli.cmd else {
+            panic!("not update")
+        };
+        assert_eq!(u.r.as_deref(), Some(std::path::Path::new("-")));
+        assert!(Cli::try_parse_from(["moat", "update", "-r", "f.json", "c1"]).is_ok());
+    }
 }

@@ -58,8 +58,8 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         Cmd::Run {
             create,
             detach,
-            keep: _,
-        } => Ok(rt.run(&create_opts(&create, tier), detach)?),
+            keep,
+        } => Ok(rt.run(&create_opts(&create, tier), detach, keep)?),
         Cmd::State { id } => {
             out!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
             Ok(0)

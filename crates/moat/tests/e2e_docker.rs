@@ -1,0 +1,403 @@
+//! Docker drives moat: a private dockerd (its own --data-root, --exec-root,
+//! --pidfile and unix socket, `--iptables=false`) registers moat with
+//! `--add-runtime` or daemon.json `runtimes`, and `docker run --runtime moat`
+//! exercises the options Docker turns into config.json, exec (also with a
+//! terminal), stats, top, pause, update, stop/kill/rm and restart policies.
+mod engines;
+
+use engines::{base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for, Daemon, Out};
+
+struct Docker {
+    d: Daemon,
+    host: String,
+}
+
+impl Docker {
+    /// Starts dockerd with `extra` flags and imports the busybox image as `moatbb`.
+    fn start(extra: &[String]) -> Docker {
+        let base = base_dir("moat-dk");
+        let p = |n: &str| s(&base.path().join(n));
+        let host = format!("unix://{}", p("docker.sock"));
+        let mut args = vec![
+            "--data-root".to_owned(),
+            p("data"),
+            "--exec-root".into(),
+            p("exec"),
+            "--pidfile".into(),
+            p("docker.pid"),
+            "-H".into(),
+            host.clone(),
+            "--iptables=false".into(),
+            "--ip6tables=false".into(),
+            "--ip-masq=false".into(),
+            "--bridge=none".into(),
+            "--storage-driver=vfs".into(),
+        ];
+        args.extend_from_slice(extra);
+        let mut d = Daemon::start(base, "dockerd", &args);
+        let h = host.clone();
+        d.wait_ready(|| sh("docker", &["-H", &h, "version"], &[]).ok());
+        // Containers first, while dockerd still answers.
+        d.cleanup.push(
+            [
+                "sh",
+                "-c",
+                &format!("docker -H {host} rm -f $(docker -H {host} ps -aq)"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        let dk = Docker { d, host };
+        let tar = busybox_tar(dk.d.path());
+        dk.cmd(&["import", &s(&tar), "moatbb:latest"]).expect_ok();
+        dk
+    }
+
+    fn cmd(&self, args: &[&str]) -> Out {
+        let mut a = vec!["-H", self.host.as_str()];
+        a.extend_from_slice(args);
+        sh("docker", &a, &[])
+    }
+
+    /// `docker run --rm --runtime moat OPTS moatbb CMD...`, must succeed; its stdout.
+    #[track_caller]
+    fn run(&self, opts: &[&str], cmd: &[&str]) -> String {
+        let mut a = vec!["run", "--rm", "--runtime", "moat"];
+        a.extend_from_slice(opts);
+        a.push("moatbb");
+        a.extend_from_slice(cmd);
+        self.cmd(&a).expect_ok().stdout
+    }
+
+    fn inspect(&self, id: &str, fmt: &str) -> String {
+        self.cmd(&["inspect", "-f", fmt, id])
+            .expect_ok()
+            .stdout
+            .trim()
+            .to_owned()
+    }
+}
+
+fn cap_eff(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn docker_run_options_reach_the_container() {
+    if !can_run(
+        "docker_run_options_reach_the_container",
+        &["dockerd", "docker"],
+    ) {
+        return;
+    }
+    let dk = Docker::start(&[format!("--add-runtime=moat={}", s(&moat_bin()))]);
+
+    assert_eq!(
+        dk.run(&["-e", "FOO=bar"], &["sh", "-c", "echo $FOO"])
+            .trim(),
+        "bar"
+    );
+
+    let vol = dk.d.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("f"), "from the host").unwrap();
+    let v = format!("{}:/data", s(&vol));
+    assert_eq!(dk.run(&["-v", &v], &["cat", "/data/f"]), "from the host");
+
+    let limits = dk.run(
+        &["--memory", "64m", "--cpus", "0.5", "--pids-limit", "20"],
+        &[
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+            "/sys/fs/cgroup/pids/pids.max",
+        ],
+    );
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        ["67108864", "50000", "20"]
+    );
+
+    assert_eq!(
+        dk.run(&["--user", "65534:65534"], &["id", "-u"]).trim(),
+        "65534"
+    );
+
+    let ro = dk.run(&["--read-only"], &["sh", "-c", "touch /x 2>&1; echo rc=$?"]);
+    assert!(
+        ro.contains("Read-only file system") && ro.contains("rc=1"),
+        "{ro}"
+    );
+
+    let st = dk.run(
+        &["--cap-drop", "ALL", "--cap-add", "NET_RAW"],
+        &["cat", "/proc/self/status"],
+    );
+    assert_eq!(cap_eff(&st), "0000000000002000", "only CAP_NET_RAW: {st}");
+
+    let nnp = dk.run(
+        &["--security-opt", "no-new-privileges"],
+        &["grep", "NoNewPrivs", "/proc/self/status"],
+    );
+    assert!(nnp.contains('1'), "{nnp}");
+
+    let default = dk.run(&[], &["grep", "Seccomp:", "/proc/self/status"]);
+    assert!(
+        default.contains('2'),
+        "Docker's default seccomp profile is loaded: {default}"
+    );
+    let prof = dk.d.path().join("seccomp.json");
+    std::fs::write(
+        &prof,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    let so = format!("seccomp={}", s(&prof));
+    let denied = dk.run(
+        &["--security-opt", &so],
+        &["sh", "-c", "mkdir /tmp/d 2>&1; echo rc=$?"],
+    );
+    assert!(denied.contains("Operation not permitted"), "{denied}");
+    let unconfined = dk.run(
+        &["--security-opt", "seccomp=unconfined"],
+        &["grep", "Seccomp:", "/proc/self/status"],
+    );
+    assert!(unconfined.contains('0'), "{unconfined}");
+
+    let links = dk.run(&["--network", "none"], &["ip", "-o", "link"]);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+
+    // A bridge network dockerd sets up (veth + address; no NAT: --iptables=false).
+    dk.cmd(&["network", "create", "moatnet"]).expect_ok();
+    dk.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--runtime",
+        "moat",
+        "--network",
+        "moatnet",
+        "moatbb",
+        "sleep",
+        "1000",
+    ])
+    .expect_ok();
+    let ip = dk.inspect(
+        "srv",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    );
+    assert!(!ip.is_empty());
+    let ping = dk.run(
+        &["--network", "moatnet"],
+        &["ping", "-c", "1", "-W", "5", &ip],
+    );
+    assert!(ping.contains("1 packets received"), "{ping}");
+    dk.cmd(&["rm", "-f", "srv"]).expect_ok();
+    dk.cmd(&["network", "rm", "moatnet"]).expect_ok();
+}
+
+#[test]
+fn docker_manages_a_running_moat_container() {
+    if !can_run(
+        "docker_manages_a_running_moat_container",
+        &["dockerd", "docker", "script"],
+    ) {
+        return;
+    }
+    let dk = Docker::start(&[format!("--add-runtime=moat={}", s(&moat_bin()))]);
+    dk.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--runtime",
+        "moat",
+        "moatbb",
+        "sleep",
+        "1000",
+    ])
+    .expect_ok();
+
+    // exec: output, exit status, user/env/workdir.
+    assert_eq!(
+        dk.cmd(&["exec", "c1", "echo", "in-exec"])
+            .expect_ok()
+            .stdout,
+        "in-exec\n"
+    );
+    assert_eq!(dk.cmd(&["exec", "c1", "sh", "-c", "exit 7"]).code, Some(7));
+    let e = dk
+        .cmd(&[
+            "exec",
+            "-u",
+            "65534",
+            "-e",
+            "X=1",
+            "-w",
+            "/tmp",
+            "c1",
+            "sh",
+            "-c",
+            "echo $X $(pwd) $(id -u)",
+        ])
+        .expect_ok();
+    assert_eq!(e.stdout.trim(), "1 /tmp 65534");
+    // exec -it: a pty from moat's console socket (script gives docker a terminal).
+    let it = sh(
+        "script",
+        &[
+            "-qec",
+            &format!("docker -H {} exec -it c1 tty", dk.host),
+            "/dev/null",
+        ],
+        &[],
+    )
+    .expect_ok();
+    assert!(it.stdout.contains("/dev/pts/"), "{it:?}");
+
+    // top (runtime `ps`), stats (runtime `events --stats` / cgroup files).
+    let top = dk.cmd(&["top", "c1"]).expect_ok();
+    assert!(top.stdout.contains("sleep 1000"), "{top:?}");
+    let stats = dk
+        .cmd(&[
+            "stats",
+            "--no-stream",
+            "--format",
+            "{{.PIDs}} {{.MemUsage}}",
+            "c1",
+        ])
+        .expect_ok();
+    assert!(stats.stdout.starts_with("1 "), "{stats:?}");
+    assert!(
+        !stats.stdout.contains(" 0B /"),
+        "memory usage is read: {stats:?}"
+    );
+
+    // pause/unpause: the freezer.
+    dk.cmd(&["pause", "c1"]).expect_ok();
+    assert_eq!(dk.inspect("c1", "{{.State.Status}}"), "paused");
+    dk.cmd(&["unpause", "c1"]).expect_ok();
+    assert_eq!(dk.inspect("c1", "{{.State.Status}}"), "running");
+
+    // update: runtime `update --resources -`.
+    dk.cmd(&[
+        "update",
+        "--memory",
+        "128m",
+        "--memory-swap",
+        "256m",
+        "--pids-limit",
+        "30",
+        "--cpus",
+        "0.25",
+        "c1",
+    ])
+    .expect_ok();
+    let after = dk
+        .cmd(&[
+            "exec",
+            "c1",
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/pids/pids.max",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+        ])
+        .expect_ok();
+    assert_eq!(
+        after.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["134217728", "30", "25000"]
+    );
+
+    // stop (SIGTERM is ignored by a PID 1 without a handler, then SIGKILL), rm.
+    dk.cmd(&["stop", "-t", "1", "c1"]).expect_ok();
+    assert_eq!(
+        dk.inspect("c1", "{{.State.Status}} {{.State.ExitCode}}"),
+        "exited 137"
+    );
+    dk.cmd(&["start", "c1"]).expect_ok();
+    assert_eq!(dk.inspect("c1", "{{.State.Status}}"), "running");
+    dk.cmd(&["kill", "c1"]).expect_ok();
+    wait_for("killed", || {
+        dk.inspect("c1", "{{.State.Status}}") == "exited"
+    });
+    dk.cmd(&["rm", "c1"]).expect_ok();
+
+    // Restart policies: the shim runs moat create/start again.
+    dk.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "r1",
+        "--runtime",
+        "moat",
+        "--restart",
+        "on-failure:2",
+        "moatbb",
+        "sh",
+        "-c",
+        "exit 3",
+    ])
+    .expect_ok();
+    wait_for("two restarts", || {
+        dk.inspect("r1", "{{.RestartCount}} {{.State.Status}}") == "2 exited"
+    });
+    assert_eq!(dk.inspect("r1", "{{.State.ExitCode}}"), "3");
+    dk.cmd(&["rm", "-f", "r1"]).expect_ok();
+}
+
+#[test]
+fn docker_daemon_json_runtimes_select_tiers() {
+    if !can_run(
+        "docker_daemon_json_runtimes_select_tiers",
+        &["dockerd", "docker"],
+    ) {
+        return;
+    }
+    let links = base_dir("moat-dk-links");
+    let bin = moat_links(links.path());
+    let conf = links.path().join("daemon.json");
+    let json = serde_json::json!({"runtimes": {
+        "moat": {"path": s(&bin.join("moat"))},
+        "moat-sandbox": {"path": s(&bin.join("moat-sandbox"))},
+        "moat-vm-flag": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}
+    }});
+    std::fs::write(&conf, json.to_string()).unwrap();
+    let dk = Docker::start(&[format!("--config-file={}", s(&conf))]);
+
+    let ok = dk
+        .cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "moat",
+            "moatbb",
+            "echo",
+            "daemon.json",
+        ])
+        .expect_ok();
+    assert_eq!(ok.stdout, "daemon.json\n");
+    // Until the tier exists, Docker shows moat's own error.
+    let sb = dk
+        .cmd(&["run", "--rm", "--runtime", "moat-sandbox", "moatbb", "true"])
+        .expect_fail();
+    assert!(
+        sb.stderr
+            .contains("isolation tier sandbox is not available yet"),
+        "{sb:?}"
+    );
+    let vm = dk
+        .cmd(&["run", "--rm", "--runtime", "moat-vm-flag", "moatbb", "true"])
+        .expect_fail();
+    assert!(
+        vm.stderr
+            .contains("isolation tier microvm is not available yet"),
+        "{vm:?}"
+    );
+    drop(dk);
+}

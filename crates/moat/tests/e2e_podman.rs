@@ -1,0 +1,374 @@
+//! Podman drives moat: `podman --runtime /path/to/moat` with private
+//! --root/--runroot/--tmpdir, `--cgroup-manager cgroupfs --events-backend
+//! file`, and a containers.conf with `default_ulimits = []` (Podman's default
+//! nofile ulimit exceeds this machine's hard limit, which root cannot raise
+//! here without CAP_SYS_RESOURCE).
+mod engines;
+
+use engines::{base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for, Daemon, Out};
+
+struct Podman {
+    d: Daemon,
+    global: Vec<String>,
+    conf: String,
+}
+
+impl Podman {
+    fn new(runtime: &str) -> Podman {
+        let base = base_dir("moat-pm");
+        let p = |n: &str| s(&base.path().join(n));
+        let conf = p("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\ndefault_ulimits = []\n[network]\nnetwork_config_dir = \"{}\"\n",
+                p("net")
+            ),
+        )
+        .unwrap();
+        let global: Vec<String> = [
+            "--root",
+            &p("root"),
+            "--runroot",
+            &p("runroot"),
+            "--tmpdir",
+            &p("tmp"),
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--runtime",
+            runtime,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut d = Daemon::none(base);
+        let mut rm = vec![
+            "env".to_owned(),
+            format!("CONTAINERS_CONF={conf}"),
+            "podman".into(),
+        ];
+        rm.extend(global.iter().cloned());
+        rm.extend(["rm".into(), "-af".into(), "-t".into(), "0".into()]);
+        d.cleanup.push(rm);
+        let pm = Podman { d, global, conf };
+        let tar = busybox_tar(pm.d.path());
+        pm.cmd(&["import", &s(&tar), "moatbb"]).expect_ok();
+        pm
+    }
+
+    fn cmd(&self, args: &[&str]) -> Out {
+        let mut a: Vec<&str> = self.global.iter().map(String::as_str).collect();
+        a.extend_from_slice(args);
+        sh("podman", &a, &[("CONTAINERS_CONF", &self.conf)])
+    }
+
+    /// The podman command line as one shell string (for `script -c`).
+    fn shell_line(&self, args: &[&str]) -> String {
+        let mut line = format!("CONTAINERS_CONF={} podman", self.conf);
+        for a in self
+            .global
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+        {
+            line.push(' ');
+            line.push_str(a);
+        }
+        line
+    }
+
+    /// `podman run --rm --network none OPTS moatbb CMD...`, must succeed; its stdout.
+    #[track_caller]
+    fn run(&self, opts: &[&str], cmd: &[&str]) -> String {
+        let mut a = vec!["run", "--rm", "--network", "none"];
+        a.extend_from_slice(opts);
+        a.push("moatbb");
+        a.extend_from_slice(cmd);
+        self.cmd(&a).expect_ok().stdout
+    }
+
+    fn inspect(&self, id: &str, fmt: &str) -> String {
+        self.cmd(&["inspect", "-f", fmt, id])
+            .expect_ok()
+            .stdout
+            .trim()
+            .to_owned()
+    }
+}
+
+#[test]
+fn podman_run_options_reach_the_container() {
+    if !can_run("podman_run_options_reach_the_container", &["podman"]) {
+        return;
+    }
+    let pm = Podman::new(&s(&moat_bin()));
+
+    assert_eq!(
+        pm.run(&["-e", "FOO=bar"], &["sh", "-c", "echo $FOO"])
+            .trim(),
+        "bar"
+    );
+    let vol = pm.d.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("f"), "from the host").unwrap();
+    let v = format!("{}:/data", s(&vol));
+    assert_eq!(pm.run(&["-v", &v], &["cat", "/data/f"]), "from the host");
+
+    let limits = pm.run(
+        &["--memory", "64m", "--cpus", "0.5", "--pids-limit", "20"],
+        &[
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+            "/sys/fs/cgroup/pids/pids.max",
+        ],
+    );
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        ["67108864", "50000", "20"]
+    );
+    assert_eq!(
+        pm.run(&["--user", "65534:65534"], &["id", "-u"]).trim(),
+        "65534"
+    );
+
+    // --read-only alone adds tmpfs mounts with crun's `tmpcopyup` option,
+    // which moat refuses (see docs/integrations.md).
+    let ro = pm.run(
+        &["--read-only", "--read-only-tmpfs=false"],
+        &["sh", "-c", "touch /x 2>&1; echo rc=$?"],
+    );
+    assert!(
+        ro.contains("Read-only file system") && ro.contains("rc=1"),
+        "{ro}"
+    );
+
+    let st = pm.run(
+        &["--cap-drop", "ALL", "--cap-add", "NET_RAW"],
+        &["grep", "CapEff", "/proc/self/status"],
+    );
+    assert!(st.contains("0000000000002000"), "only CAP_NET_RAW: {st}");
+    let nnp = pm.run(
+        &["--security-opt", "no-new-privileges"],
+        &["grep", "NoNewPrivs", "/proc/self/status"],
+    );
+    assert!(nnp.contains('1'), "{nnp}");
+    let default = pm.run(&[], &["grep", "Seccomp:", "/proc/self/status"]);
+    assert!(default.contains('2'), "{default}");
+    let prof = pm.d.path().join("seccomp.json");
+    std::fs::write(
+        &prof,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    let so = format!("seccomp={}", s(&prof));
+    let denied = pm.run(
+        &["--security-opt", &so],
+        &["sh", "-c", "mkdir /tmp/d 2>&1; echo rc=$?"],
+    );
+    assert!(denied.contains("Operation not permitted"), "{denied}");
+
+    let links = pm.run(&[], &["ip", "-o", "link"]);
+    assert_eq!(links.lines().count(), 1, "--network none: only lo: {links}");
+    // The default network: a CNI/netavark bridge that podman sets up.
+    let addr = pm
+        .cmd(&[
+            "run", "--rm", "moatbb", "ip", "-o", "-4", "addr", "show", "eth0",
+        ])
+        .expect_ok();
+    assert!(addr.stdout.contains("inet "), "{addr:?}");
+}
+
+#[test]
+fn podman_manages_a_running_moat_container() {
+    if !can_run(
+        "podman_manages_a_running_moat_container",
+        &["podman", "script"],
+    ) {
+        return;
+    }
+    let pm = Podman::new(&s(&moat_bin()));
+    pm.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--network",
+        "none",
+        "moatbb",
+        "sleep",
+        "1000",
+    ])
+    .expect_ok();
+
+    assert_eq!(
+        pm.cmd(&["exec", "c1", "echo", "in-exec"])
+            .expect_ok()
+            .stdout,
+        "in-exec\n"
+    );
+    assert_eq!(pm.cmd(&["exec", "c1", "sh", "-c", "exit 7"]).code, Some(7));
+    let e = pm
+        .cmd(&[
+            "exec",
+            "-u",
+            "65534",
+            "-e",
+            "X=1",
+            "-w",
+            "/tmp",
+            "c1",
+            "sh",
+            "-c",
+            "echo $X $(pwd) $(id -u)",
+        ])
+        .expect_ok();
+    assert_eq!(e.stdout.trim(), "1 /tmp 65534");
+    let it = sh(
+        "script",
+        &[
+            "-qec",
+            &pm.shell_line(&["exec", "-it", "c1", "tty"]),
+            "/dev/null",
+        ],
+        &[],
+    )
+    .expect_ok();
+    assert!(it.stdout.contains("/dev/pts/"), "{it:?}");
+
+    let top = pm.cmd(&["top", "c1"]).expect_ok();
+    assert!(top.stdout.contains("sleep 1000"), "{top:?}");
+    let stats = pm
+        .cmd(&["stats", "--no-stream", "--format", "{{.PIDs}}", "c1"])
+        .expect_ok();
+    assert_eq!(stats.stdout.trim(), "1", "{stats:?}");
+
+    pm.cmd(&["pause", "c1"]).expect_ok();
+    assert_eq!(pm.inspect("c1", "{{.State.Status}}"), "paused");
+    pm.cmd(&["unpause", "c1"]).expect_ok();
+    assert_eq!(pm.inspect("c1", "{{.State.Status}}"), "running");
+
+    pm.cmd(&["update", "--memory", "128m", "--cpus", "0.25", "c1"])
+        .expect_ok();
+    let after = pm
+        .cmd(&[
+            "exec",
+            "c1",
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+        ])
+        .expect_ok();
+    assert_eq!(
+        after.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["134217728", "25000"]
+    );
+
+    pm.cmd(&["stop", "-t", "1", "c1"]).expect_ok();
+    assert_eq!(
+        pm.inspect("c1", "{{.State.Status}} {{.State.ExitCode}}"),
+        "exited 137"
+    );
+    pm.cmd(&["start", "c1"]).expect_ok();
+    assert_eq!(pm.inspect("c1", "{{.State.Status}}"), "running");
+    pm.cmd(&["kill", "c1"]).expect_ok();
+    wait_for("killed", || {
+        pm.inspect("c1", "{{.State.Status}}") == "exited"
+    });
+    pm.cmd(&["rm", "c1"]).expect_ok();
+
+    pm.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "r1",
+        "--network",
+        "none",
+        "--restart",
+        "on-failure:2",
+        "moatbb",
+        "sh",
+        "-c",
+        "exit 3",
+    ])
+    .expect_ok();
+    wait_for("two restarts", || {
+        pm.inspect("r1", "{{.RestartCount}} {{.State.Status}}") == "2 exited"
+    });
+    assert_eq!(pm.inspect("r1", "{{.State.ExitCode}}"), "3");
+}
+
+#[test]
+fn podman_selects_tiers_and_shows_moats_error() {
+    if !can_run("podman_selects_tiers_and_shows_moats_error", &["podman"]) {
+        return;
+    }
+    let links = base_dir("moat-pm-links");
+    let bin = moat_links(links.path());
+    let pm = Podman::new(&s(&bin.join("moat")));
+    let fail = |o: Out, tier: &str| {
+        let o = o.expect_fail();
+        let want = format!("isolation tier {tier} is not available yet");
+        assert!(o.stderr.contains(&want), "{o:?}");
+    };
+    // By annotation in config.json.
+    fail(
+        pm.cmd(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--annotation",
+            "dev.moat.isolation=sandbox",
+            "moatbb",
+            "true",
+        ]),
+        "sandbox",
+    );
+    // An explicit `container` annotation runs.
+    let ok = pm
+        .cmd(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--annotation",
+            "dev.moat.isolation=container",
+            "moatbb",
+            "echo",
+            "ok",
+        ])
+        .expect_ok();
+    assert_eq!(ok.stdout, "ok\n");
+    // By the global flag (podman --runtime-flag passes --isolation=microvm).
+    fail(
+        pm.cmd(&[
+            "--runtime-flag",
+            "isolation=microvm",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "moatbb",
+            "true",
+        ]),
+        "microvm",
+    );
+    // By program name.
+    fail(
+        pm.cmd(&[
+            "--runtime",
+            &s(&bin.join("moat-sandbox")),
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "moatbb",
+            "true",
+        ]),
+        "sandbox",
+    );
+}
