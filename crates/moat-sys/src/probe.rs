@@ -292,14 +292,16 @@ pub fn reboot_bad_magic() -> io::Result<()> {
     check(r).map(drop)
 }
 
-/// open_by_handle_at with an empty handle on `mount_fd`: EPERM when the
-/// caller may not decode file handles (CAP_DAC_READ_SEARCH, the "shocker"
-/// escape), EINVAL past that check.
-pub fn open_by_handle_at_empty(mount_fd: BorrowedFd<'_>) -> io::Result<()> {
-    // struct file_handle { u32 handle_bytes; int handle_type; u8 f_handle[]; }
-    let mut handle = [0u32; 4];
-    // SAFETY: `handle` is a writable file_handle with handle_bytes = 0, which
-    // the kernel rejects; `mount_fd` is a live descriptor.
+/// open_by_handle_at with a bogus 8-byte handle on `mount_fd`: EPERM when
+/// the caller may not decode file handles (CAP_DAC_READ_SEARCH, the
+/// "shocker" escape), ESTALE past that check (no inode has that handle). Any
+/// file it did open would be read-only and is closed at once.
+pub fn open_by_handle_at_bogus(mount_fd: BorrowedFd<'_>) -> io::Result<()> {
+    // struct file_handle { u32 handle_bytes; int handle_type; u8 f_handle[8]; }
+    let mut handle = [8u32, 0xff, 0, 0];
+    // SAFETY: `handle` is a writable file_handle whose handle_bytes (8)
+    // matches the bytes that follow it; `mount_fd` is a live descriptor; the
+    // flags ask for a read-only, close-on-exec open.
     let r = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mount_fd.as_raw_fd(), handle.as_mut_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     close_ret(r)
 }

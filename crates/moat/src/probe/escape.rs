@@ -147,9 +147,9 @@ fn syscalls() -> Vec<Check> {
     match root {
         Ok(f) => add(
             "escape.open-by-handle",
-            "open_by_handle_at(empty handle)",
-            sys::open_by_handle_at_empty(f.as_fd()),
-            &[libc::EINVAL],
+            "open_by_handle_at(bogus handle)",
+            sys::open_by_handle_at_bogus(f.as_fd()),
+            &[libc::ESTALE],
             "no CAP_DAC_READ_SEARCH: no host file access by handle (shocker; CDK cap-dac-read-search)",
         ),
         Err(e) => out.push(check("escape.open-by-handle", Outcome::NotApplicable, format!("cannot open /: {e}"), "no CAP_DAC_READ_SEARCH")),

@@ -188,6 +188,7 @@ fn errno_name(e: i32) -> String {
         libc::ENOMEM => "ENOMEM",
         libc::EMFILE => "EMFILE",
         libc::ESRCH => "ESRCH",
+        libc::ESTALE => "ESTALE",
         _ => return format!("errno {e}"),
     };
     name.to_string()
