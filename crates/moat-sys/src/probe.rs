@@ -120,7 +120,9 @@ impl Drop for Sleeper {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let mut status = 0;
         // SAFETY: blocking wait for our own child with a valid out-pointer.
-        while unsafe { libc::waitpid(self.pid, &mut status, 0) } < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {}
+        while unsafe { libc::waitpid(self.pid, &mut status, 0) } < 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
     }
 }
 
@@ -148,8 +150,15 @@ pub fn keyctl_session_keyring_id() -> io::Result<i64> {
     const KEYCTL_GET_KEYRING_ID: libc::c_long = 0;
     const KEY_SPEC_SESSION_KEYRING: libc::c_long = -3;
     // SAFETY: a pure query with integer arguments; create=0 allocates nothing.
-    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0 as libc::c_long) };
-    check(r).map(i64::from)
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_GET_KEYRING_ID,
+            KEY_SPEC_SESSION_KEYRING,
+            0 as libc::c_long,
+        )
+    };
+    check(r)
 }
 
 /// add_key("user", …) into a keyring serial that does not exist: ENOKEY means
@@ -163,7 +172,16 @@ pub fn add_key_to_absent_keyring() -> io::Result<()> {
     // SAFETY: `ty` and `desc` are NUL-terminated and outlive the call;
     // `payload` is a valid 1-byte buffer; the target keyring does not exist,
     // so the kernel fails the lookup before instantiating anything.
-    let r = unsafe { libc::syscall(libc::SYS_add_key, ty.as_ptr(), desc.as_ptr(), payload.as_ptr(), 1usize, ABSENT_KEYRING) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_add_key,
+            ty.as_ptr(),
+            desc.as_ptr(),
+            payload.as_ptr(),
+            1usize,
+            ABSENT_KEYRING,
+        )
+    };
     check(r).map(drop)
 }
 
@@ -176,9 +194,16 @@ pub fn bpf_map_create() -> io::Result<()> {
     attr[1] = 4; // key_size
     attr[2] = 4; // value_size
     attr[3] = 1; // max_entries
-    // SAFETY: `attr` is a zero-filled buffer laid out as the map-create part
-    // of `union bpf_attr`, of exactly the size passed; the kernel only reads it.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+                 // SAFETY: `attr` is a zero-filled buffer laid out as the map-create part
+                 // of `union bpf_attr`, of exactly the size passed; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
     close_ret(r)
 }
 
@@ -197,7 +222,14 @@ pub fn bpf_prog_load_socket_filter() -> io::Result<()> {
     // SAFETY: `attr` is laid out as the prog-load part of `union bpf_attr`
     // (prog_type, insn_cnt, insns, license; the rest zero), and `insns` and
     // `license` outlive the call; no log buffer is passed.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
     close_ret(r)
 }
 
@@ -212,9 +244,18 @@ pub fn perf_event_open_self() -> io::Result<()> {
     attr[0] = u64::from(PERF_TYPE_SOFTWARE) | (64 << 32); // type, size
     attr[1] = PERF_COUNT_SW_TASK_CLOCK; // config
     attr[5] = 1 | (1 << 5) | (1 << 6); // disabled, exclude_kernel, exclude_hv
-    // SAFETY: `attr` is a 64-byte perf_event_attr (size field says 64) that
-    // outlives the call; pid 0 / cpu -1 means this thread only.
-    let r = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_mut_ptr(), 0, -1, -1, PERF_FLAG_FD_CLOEXEC) };
+                                       // SAFETY: `attr` is a 64-byte perf_event_attr (size field says 64) that
+                                       // outlives the call; pid 0 / cpu -1 means this thread only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_mut_ptr(),
+            0,
+            -1,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
     close_ret(r)
 }
 
@@ -251,7 +292,14 @@ pub fn init_module_empty() -> io::Result<()> {
     let params = c"";
     // SAFETY: `image` is a valid buffer; length 0 is shorter than an ELF
     // header, so the kernel refuses it before parsing anything.
-    let r = unsafe { libc::syscall(libc::SYS_init_module, image.as_ptr(), 0usize, params.as_ptr()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_init_module,
+            image.as_ptr(),
+            0usize,
+            params.as_ptr(),
+        )
+    };
     check(r).map(drop)
 }
 
@@ -278,7 +326,15 @@ pub fn delete_module_absent() -> io::Result<()> {
 pub fn kexec_load_invalid() -> io::Result<()> {
     // SAFETY: a NULL segment array with nr_segments above KEXEC_SEGMENT_MAX
     // (16) is rejected before the kernel reads the array.
-    let r = unsafe { libc::syscall(libc::SYS_kexec_load, 0usize, 1000usize, std::ptr::null::<u8>(), 0usize) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_load,
+            0usize,
+            1000usize,
+            std::ptr::null::<u8>(),
+            0usize,
+        )
+    };
     check(r).map(drop)
 }
 
@@ -302,7 +358,14 @@ pub fn open_by_handle_at_bogus(mount_fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `handle` is a writable file_handle whose handle_bytes (8)
     // matches the bytes that follow it; `mount_fd` is a live descriptor; the
     // flags ask for a read-only, close-on-exec open.
-    let r = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mount_fd.as_raw_fd(), handle.as_mut_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            handle.as_mut_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     close_ret(r)
 }
 
@@ -335,7 +398,13 @@ pub fn fanotify_init_notif() -> io::Result<()> {
     const FAN_CLOEXEC: libc::c_uint = 1;
     const FAN_CLASS_NOTIF: libc::c_uint = 0;
     // SAFETY: integer arguments; the returned descriptor is closed.
-    let r = unsafe { libc::syscall(libc::SYS_fanotify_init, FAN_CLASS_NOTIF | FAN_CLOEXEC, libc::O_RDONLY) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fanotify_init,
+            FAN_CLASS_NOTIF | FAN_CLOEXEC,
+            libc::O_RDONLY,
+        )
+    };
     close_ret(r)
 }
 
@@ -355,8 +424,15 @@ pub fn landlock_abi_version() -> io::Result<i64> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
     // SAFETY: with the VERSION flag the kernel requires a NULL attr and size
     // 0 and only returns a number.
-    let r = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION) };
-    check(r).map(i64::from)
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    check(r)
 }
 
 /// syslog(SYSLOG_ACTION_SIZE_BUFFER): the kernel log buffer size, if the
@@ -364,8 +440,15 @@ pub fn landlock_abi_version() -> io::Result<i64> {
 pub fn syslog_size() -> io::Result<i64> {
     const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
     // SAFETY: this action takes no buffer.
-    let r = unsafe { libc::syscall(libc::SYS_syslog, SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut::<u8>(), 0) };
-    check(r).map(i64::from)
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_syslog,
+            SYSLOG_ACTION_SIZE_BUFFER,
+            std::ptr::null_mut::<u8>(),
+            0,
+        )
+    };
+    check(r)
 }
 
 /// syslog(SYSLOG_ACTION_READ_ALL): up to `max` bytes of the kernel log,
@@ -375,7 +458,14 @@ pub fn syslog_read_all(max: usize) -> io::Result<Vec<u8>> {
     let len = libc::c_int::try_from(max).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut buf = vec![0u8; max];
     // SAFETY: `buf` is writable for `len` bytes and outlives the call.
-    let r = unsafe { libc::syscall(libc::SYS_syslog, SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr(), len) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_syslog,
+            SYSLOG_ACTION_READ_ALL,
+            buf.as_mut_ptr(),
+            len,
+        )
+    };
     let n = usize::try_from(check(r)?).unwrap_or(0);
     buf.truncate(n.min(max));
     Ok(buf)
@@ -387,7 +477,10 @@ mod tests {
 
     #[test]
     fn bounded_child_reports_exit_code() {
-        assert_eq!(fork_bounded(Duration::from_secs(5), || 7).unwrap(), ChildExit::Exited(7));
+        assert_eq!(
+            fork_bounded(Duration::from_secs(5), || 7).unwrap(),
+            ChildExit::Exited(7)
+        );
     }
 
     #[test]
@@ -411,13 +504,25 @@ mod tests {
     #[test]
     fn io_uring_zero_entries_never_creates_a_ring() {
         let e = io_uring_setup_zero().unwrap_err();
-        assert!(matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM | libc::ENOSYS)), "{e}");
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EPERM | libc::ENOSYS)
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn delete_absent_module_fails() {
         let e = delete_module_absent().unwrap_err();
         // ENOSYS on kernels built without module support.
-        assert!(matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM | libc::ENOSYS)), "{e}");
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EPERM | libc::ENOSYS)
+            ),
+            "{e}"
+        );
     }
 }

@@ -11,18 +11,32 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audit").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/audit")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn audit(args: &[&str], stdin: Option<Vec<u8>>) -> Out {
     let rt = Rt::new();
     let mut full = vec!["audit".to_string()];
     full.extend(args.iter().map(|s| s.to_string()));
-    run_binary(Path::new(env!("CARGO_BIN_EXE_moat")), &full, Opts { stdout: None, stdin }, &rt.scratch_file("out"), &rt.scratch_file("err"))
+    run_binary(
+        Path::new(env!("CARGO_BIN_EXE_moat")),
+        &full,
+        Opts {
+            stdout: None,
+            stdin,
+        },
+        &rt.scratch_file("out"),
+        &rt.scratch_file("err"),
+    )
 }
 
 fn findings(out: &Out) -> Vec<Value> {
-    let doc: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout));
+    let doc: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout));
     doc["findings"].as_array().expect("findings").clone()
 }
 
@@ -40,8 +54,17 @@ fn runc_default_spec_findings_and_exit_codes() {
     assert!(has(&f, "no-memory-limit", "/linux/resources/memory/limit"));
     assert!(has(&f, "run-as-root", "/process/user/uid"));
     // runc's spec sets noNewPrivileges, a read-only root and masks /proc.
-    for id in ["no-new-privileges", "writable-rootfs", "unmasked-proc", "host-network", "host-pid"] {
-        assert!(!f.iter().any(|x| x["id"] == id), "{id} should not fire: {f:?}");
+    for id in [
+        "no-new-privileges",
+        "writable-rootfs",
+        "unmasked-proc",
+        "host-network",
+        "host-pid",
+    ] {
+        assert!(
+            !f.iter().any(|x| x["id"] == id),
+            "{id} should not fire: {f:?}"
+        );
     }
     for x in &f {
         for k in ["id", "severity", "location", "why", "fix", "subject"] {
@@ -49,8 +72,14 @@ fn runc_default_spec_findings_and_exit_codes() {
         }
     }
     // Nothing at high: --fail-on high passes, --fail-on medium fails.
-    assert_eq!(audit(&["--fail-on", "high", &fixture("runc-spec.json")], None).code, Some(0));
-    assert_eq!(audit(&["--fail-on", "medium", &fixture("runc-spec.json")], None).code, Some(1));
+    assert_eq!(
+        audit(&["--fail-on", "high", &fixture("runc-spec.json")], None).code,
+        Some(0)
+    );
+    assert_eq!(
+        audit(&["--fail-on", "medium", &fixture("runc-spec.json")], None).code,
+        Some(1)
+    );
 }
 
 #[test]
@@ -64,17 +93,57 @@ fn hardened_inputs_are_clean() {
 
 #[test]
 fn risky_pod_yaml_paths() {
-    let o = audit(&["--format", "json", "--fail-on", "high", &fixture("risky-pod.yaml")], None);
+    let o = audit(
+        &[
+            "--format",
+            "json",
+            "--fail-on",
+            "high",
+            &fixture("risky-pod.yaml"),
+        ],
+        None,
+    );
     assert_eq!(o.code, Some(1));
     let f = findings(&o);
-    assert!(has(&f, "privileged", "doc 0: spec.containers[0].securityContext.privileged"), "{f:?}");
+    assert!(
+        has(
+            &f,
+            "privileged",
+            "doc 0: spec.containers[0].securityContext.privileged"
+        ),
+        "{f:?}"
+    );
     assert!(has(&f, "host-network", "doc 0: spec.hostNetwork"));
-    assert!(has(&f, "runtime-socket", "doc 0: spec.volumes[0].hostPath.path"));
-    assert!(has(&f, "sensitive-mount", "doc 0: spec.volumes[1].hostPath.path"));
-    assert!(has(&f, "cap-sys-admin", "doc 1: spec.template.spec.containers[0].securityContext.capabilities.add[0]"));
-    assert!(has(&f, "seccomp-unconfined", "doc 1: spec.template.spec.containers[0].securityContext.seccompProfile.type"));
-    assert!(has(&f, "no-new-privileges", "doc 1: spec.template.spec.containers[0].securityContext.allowPrivilegeEscalation"));
-    assert!(has(&f, "image-latest", "doc 1: spec.template.spec.containers[0].image"));
+    assert!(has(
+        &f,
+        "runtime-socket",
+        "doc 0: spec.volumes[0].hostPath.path"
+    ));
+    assert!(has(
+        &f,
+        "sensitive-mount",
+        "doc 0: spec.volumes[1].hostPath.path"
+    ));
+    assert!(has(
+        &f,
+        "cap-sys-admin",
+        "doc 1: spec.template.spec.containers[0].securityContext.capabilities.add[0]"
+    ));
+    assert!(has(
+        &f,
+        "seccomp-unconfined",
+        "doc 1: spec.template.spec.containers[0].securityContext.seccompProfile.type"
+    ));
+    assert!(has(
+        &f,
+        "no-new-privileges",
+        "doc 1: spec.template.spec.containers[0].securityContext.allowPrivilegeEscalation"
+    ));
+    assert!(has(
+        &f,
+        "image-latest",
+        "doc 1: spec.template.spec.containers[0].image"
+    ));
 }
 
 #[test]
@@ -82,21 +151,63 @@ fn docker_inspect_per_container() {
     let o = audit(&["--format", "json", &fixture("docker-inspect.json")], None);
     assert_eq!(o.code, Some(1));
     let f = findings(&o);
-    let of = |name: &str| f.iter().filter(|x| x["subject"] == name).map(|x| x["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let of = |name: &str| {
+        f.iter()
+            .filter(|x| x["subject"] == name)
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     let risky = of("risky");
-    for id in ["privileged", "host-network", "host-pid", "runtime-socket", "sensitive-mount"] {
-        assert!(risky.contains(&id.to_string()), "risky lacks {id}: {risky:?}");
+    for id in [
+        "privileged",
+        "host-network",
+        "host-pid",
+        "runtime-socket",
+        "sensitive-mount",
+    ] {
+        assert!(
+            risky.contains(&id.to_string()),
+            "risky lacks {id}: {risky:?}"
+        );
     }
     let risky2 = of("risky2");
-    for id in ["cap-sys-admin", "cap-dangerous", "seccomp-unconfined", "apparmor-unconfined", "host-device", "restart-policy", "no-new-privileges"] {
-        assert!(risky2.contains(&id.to_string()), "risky2 lacks {id}: {risky2:?}");
+    for id in [
+        "cap-sys-admin",
+        "cap-dangerous",
+        "seccomp-unconfined",
+        "apparmor-unconfined",
+        "host-device",
+        "restart-policy",
+        "no-new-privileges",
+    ] {
+        assert!(
+            risky2.contains(&id.to_string()),
+            "risky2 lacks {id}: {risky2:?}"
+        );
     }
     let plain = of("plain");
-    for id in ["cap-net-raw", "cap-drop-all", "writable-rootfs", "no-memory-limit", "no-pids-limit", "run-as-root"] {
-        assert!(plain.contains(&id.to_string()), "plain lacks {id}: {plain:?}");
+    for id in [
+        "cap-net-raw",
+        "cap-drop-all",
+        "writable-rootfs",
+        "no-memory-limit",
+        "no-pids-limit",
+        "run-as-root",
+    ] {
+        assert!(
+            plain.contains(&id.to_string()),
+            "plain lacks {id}: {plain:?}"
+        );
     }
     let hardened = of("hardened");
-    for id in ["cap-net-raw", "writable-rootfs", "no-memory-limit", "no-pids-limit", "run-as-root", "no-new-privileges"] {
+    for id in [
+        "cap-net-raw",
+        "writable-rootfs",
+        "no-memory-limit",
+        "no-pids-limit",
+        "run-as-root",
+        "no-new-privileges",
+    ] {
         assert!(!hardened.contains(&id.to_string()), "hardened has {id}");
     }
     assert!(has(&f, "privileged", "/1/HostConfig/Privileged"));
@@ -114,7 +225,10 @@ fn stdin_and_bad_input() {
     let o = audit(&["-"], Some(b"key: [unclosed".to_vec()));
     assert_eq!(o.code, Some(2), "{o:?}");
     assert_eq!(audit(&["/nonexistent/config.json"], None).code, Some(2));
-    assert_eq!(audit(&["--fail-on", "bogus", &fixture("runc-spec.json")], None).code, Some(2));
+    assert_eq!(
+        audit(&["--fail-on", "bogus", &fixture("runc-spec.json")], None).code,
+        Some(2)
+    );
 }
 
 #[test]
@@ -125,14 +239,47 @@ fn running_reads_saved_configs() {
     std::fs::copy(fixture("runc-spec.json"), d.join("config.json")).unwrap();
     std::fs::create_dir(root.path().join("not-a-container")).unwrap();
     let rt = Rt::new();
-    let args: Vec<String> = ["--root", &root.path().display().to_string(), "audit", "--running", "--format", "json"].iter().map(|s| s.to_string()).collect();
-    let o = run_binary(Path::new(env!("CARGO_BIN_EXE_moat")), &args, Opts::default(), &rt.scratch_file("o"), &rt.scratch_file("e"));
+    let args: Vec<String> = [
+        "--root",
+        &root.path().display().to_string(),
+        "audit",
+        "--running",
+        "--format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = run_binary(
+        Path::new(env!("CARGO_BIN_EXE_moat")),
+        &args,
+        Opts::default(),
+        &rt.scratch_file("o"),
+        &rt.scratch_file("e"),
+    );
     assert_eq!(o.code, Some(1), "{o:?}");
     let f = findings(&o);
-    assert!(!f.is_empty() && f.iter().all(|x| x["subject"] == "container ctr1"), "{f:?}");
+    assert!(
+        !f.is_empty() && f.iter().all(|x| x["subject"] == "container ctr1"),
+        "{f:?}"
+    );
     let empty = tempfile::tempdir().unwrap();
-    let args: Vec<String> = ["--root", &empty.path().display().to_string(), "audit", "--running"].iter().map(|s| s.to_string()).collect();
-    let o = run_binary(Path::new(env!("CARGO_BIN_EXE_moat")), &args, Opts::default(), &rt.scratch_file("o"), &rt.scratch_file("e"));
+    let args: Vec<String> = [
+        "--root",
+        &empty.path().display().to_string(),
+        "audit",
+        "--running",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = run_binary(
+        Path::new(env!("CARGO_BIN_EXE_moat")),
+        &args,
+        Opts::default(),
+        &rt.scratch_file("o"),
+        &rt.scratch_file("e"),
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
 }
 
@@ -140,12 +287,23 @@ fn running_reads_saved_configs() {
 /// jsonschema (Draft 4, as the schema declares).
 #[test]
 fn sarif_validates_against_the_schema() {
-    let probe = run_binary(Path::new("/usr/bin/python3"), &["-c".into(), "import jsonschema".into()], Opts::default(), &tmp("p1"), &tmp("p2"));
+    let probe = run_binary(
+        Path::new("python3"),
+        &["-c".into(), "import jsonschema".into()],
+        Opts::default(),
+        &tmp("p1"),
+        &tmp("p2"),
+    );
     if !probe.ok() {
         eprintln!("SKIP sarif_validates_against_the_schema: python3 with jsonschema not available");
         return;
     }
-    for f in ["risky-pod.yaml", "docker-inspect.json", "runc-spec.json", "hardened-spec.json"] {
+    for f in [
+        "risky-pod.yaml",
+        "docker-inspect.json",
+        "runc-spec.json",
+        "hardened-spec.json",
+    ] {
         let o = audit(&["--format", "sarif", &fixture(f)], None);
         let sarif = tmp(&format!("{f}.sarif"));
         std::fs::write(&sarif, &o.stdout).unwrap();
@@ -157,13 +315,23 @@ fn sarif_validates_against_the_schema() {
             [print(e.message, list(e.path)) for e in errs]\n\
             sys.exit(1 if errs else 0)\n";
         let v = run_binary(
-            Path::new("/usr/bin/python3"),
-            &["-c".into(), script.into(), fixture("sarif-schema-2.1.0.json"), sarif.display().to_string()],
+            Path::new("python3"),
+            &[
+                "-c".into(),
+                script.into(),
+                fixture("sarif-schema-2.1.0.json"),
+                sarif.display().to_string(),
+            ],
             Opts::default(),
             &tmp("v1"),
             &tmp("v2"),
         );
-        assert!(v.ok(), "{f}: SARIF does not validate: {} {}", v.stdout, v.stderr);
+        assert!(
+            v.ok(),
+            "{f}: SARIF does not validate: {} {}",
+            v.stdout,
+            v.stderr
+        );
         let doc: Value = serde_json::from_str(&o.stdout).unwrap();
         assert_eq!(doc["version"], "2.1.0");
         let results = doc["runs"][0]["results"].as_array().unwrap();
@@ -171,9 +339,13 @@ fn sarif_validates_against_the_schema() {
     }
     // A document that breaks the schema is caught (the check can fail).
     let bad = tmp("bad.sarif");
-    std::fs::write(&bad, r#"{"version":"2.1.0","runs":[{"tool":{"driver":{}}}]}"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"{"version":"2.1.0","runs":[{"tool":{"driver":{}}}]}"#,
+    )
+    .unwrap();
     let v = run_binary(
-        Path::new("/usr/bin/python3"),
+        Path::new("python3"),
         &["-c".into(), "import json,sys,jsonschema\njsonschema.validate(json.load(open(sys.argv[2])), json.load(open(sys.argv[1])), cls=jsonschema.Draft4Validator)".into(), fixture("sarif-schema-2.1.0.json"), bad.display().to_string()],
         Opts::default(),
         &tmp("b1"),
@@ -184,5 +356,7 @@ fn sarif_validates_against_the_schema() {
 
 fn tmp(name: &str) -> PathBuf {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path().join(name)
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .join(name)
 }

@@ -37,7 +37,11 @@ pub struct Loc {
 
 impl Loc {
     pub fn root(syntax: Syntax, doc: Option<usize>) -> Self {
-        Self { syntax, doc, segs: Vec::new() }
+        Self {
+            syntax,
+            doc,
+            segs: Vec::new(),
+        }
     }
 
     pub fn k(&self, key: &str) -> Self {
@@ -82,7 +86,9 @@ impl Loc {
                 let mut s = String::new();
                 for seg in &self.segs {
                     match seg {
-                        Seg::Key(k) if k.contains(['.', '/', ' ']) => s.push_str(&format!("[\"{k}\"]")),
+                        Seg::Key(k) if k.contains(['.', '/', ' ']) => {
+                            s.push_str(&format!("[\"{k}\"]"))
+                        }
                         Seg::Key(k) => {
                             if !s.is_empty() {
                                 s.push('.');
@@ -243,7 +249,11 @@ pub fn parse(text: &str, name: &str) -> Result<Vec<Workload>, AuditError> {
     }
     let mut docs = Vec::new();
     for d in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = <Value as serde::Deserialize>::deserialize(d).map_err(|source| AuditError::Yaml { path: name.to_string(), source })?;
+        let v =
+            <Value as serde::Deserialize>::deserialize(d).map_err(|source| AuditError::Yaml {
+                path: name.to_string(),
+                source,
+            })?;
         if !v.is_null() {
             docs.push(v);
         }
@@ -281,7 +291,11 @@ fn is_docker(v: &Value) -> bool {
 fn from_json(v: &Value, name: &str) -> Result<Vec<Workload>, AuditError> {
     let root = Loc::root(Syntax::Json, None);
     match v {
-        Value::Array(items) if !items.is_empty() && items.iter().all(is_docker) => Ok(items.iter().enumerate().map(|(i, c)| docker::workload(c, root.i(i))).collect()),
+        Value::Array(items) if !items.is_empty() && items.iter().all(is_docker) => Ok(items
+            .iter()
+            .enumerate()
+            .map(|(i, c)| docker::workload(c, root.i(i)))
+            .collect()),
         v if is_docker(v) => Ok(vec![docker::workload(v, root)]),
         v if is_k8s(v) => Ok(k8s::objects(v, &root)),
         v if is_oci(v) => Ok(vec![oci::workload(v, root, name)]),
@@ -298,13 +312,30 @@ fn b(v: &Value, ptr: &str) -> Option<bool> {
 }
 
 fn arr<'a>(v: &'a Value, ptr: &str) -> &'a [Value] {
-    v.pointer(ptr).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+    v.pointer(ptr)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
 }
 
 /// Mount sources that give the host away (docker-bench's CIS 5.6 list, plus
 /// the runtimes' state directories).
 pub const SENSITIVE: [&str; 16] = [
-    "/", "/boot", "/dev", "/etc", "/lib", "/proc", "/sys", "/usr", "/root", "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/kubelet", "/lib64", "/sbin",
+    "/",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/proc",
+    "/sys",
+    "/usr",
+    "/root",
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/lib64",
+    "/sbin",
 ];
 
 /// Sysctls the Pod Security Standards baseline allows.
@@ -327,8 +358,17 @@ mod oci {
     pub fn workload(v: &Value, base: Loc, name: &str) -> Workload {
         let mut w = Workload::new(Source::Oci, name.to_string(), base.clone());
         // Capabilities: every set, first place each appears.
-        for set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
-            for (i, c) in arr(v, &format!("/process/capabilities/{set}")).iter().enumerate() {
+        for set in [
+            "bounding",
+            "effective",
+            "permitted",
+            "inheritable",
+            "ambient",
+        ] {
+            for (i, c) in arr(v, &format!("/process/capabilities/{set}"))
+                .iter()
+                .enumerate()
+            {
                 if let Some(c) = c.as_str() {
                     let n = cap_name(c);
                     if !w.caps.iter().any(|(x, _)| *x == n) {
@@ -342,8 +382,18 @@ mod oci {
             }
         }
         let ns_loc = base.k("linux").k("namespaces");
-        let types: Vec<&str> = arr(v, "/linux/namespaces").iter().filter_map(|n| n.get("type").and_then(Value::as_str)).collect();
-        for (t, name) in [("network", "network"), ("pid", "pid"), ("ipc", "ipc"), ("uts", "uts"), ("mount", "mount"), ("cgroup", "cgroup")] {
+        let types: Vec<&str> = arr(v, "/linux/namespaces")
+            .iter()
+            .filter_map(|n| n.get("type").and_then(Value::as_str))
+            .collect();
+        for (t, name) in [
+            ("network", "network"),
+            ("pid", "pid"),
+            ("ipc", "ipc"),
+            ("uts", "uts"),
+            ("mount", "mount"),
+            ("cgroup", "cgroup"),
+        ] {
             if !types.contains(&t) {
                 w.host_ns.push((name, ns_loc.clone()));
             }
@@ -351,14 +401,25 @@ mod oci {
         if !types.contains(&"user") {
             w.no_userns = Some(ns_loc.clone());
         }
-        let uid = v.pointer("/process/user/uid").and_then(Value::as_u64).unwrap_or(0);
+        let uid = v
+            .pointer("/process/user/uid")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         if uid == 0 {
-            w.root_user = Some(("process.user.uid is 0".into(), base.k("process").k("user").k("uid")));
+            w.root_user = Some((
+                "process.user.uid is 0".into(),
+                base.k("process").k("user").k("uid"),
+            ));
         }
         match v.pointer("/linux/seccomp") {
             None | Some(Value::Null) => w.seccomp_missing = Some(base.k("linux").k("seccomp")),
             Some(sc) => {
-                let allow_all = sc.get("defaultAction").and_then(Value::as_str) == Some("SCMP_ACT_ALLOW") && sc.get("syscalls").and_then(Value::as_array).is_none_or(Vec::is_empty);
+                let allow_all = sc.get("defaultAction").and_then(Value::as_str)
+                    == Some("SCMP_ACT_ALLOW")
+                    && sc
+                        .get("syscalls")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty);
                 if allow_all {
                     w.seccomp_unconfined = Some(base.k("linux").k("seccomp").k("defaultAction"));
                 }
@@ -367,7 +428,9 @@ mod oci {
         if s(v, "/process/apparmorProfile") == Some("unconfined") {
             w.apparmor_unconfined = Some(base.k("process").k("apparmorProfile"));
         }
-        if let Some(l) = s(v, "/process/selinuxLabel").filter(|l| l.contains("spc_t") || l.contains("unconfined_t")) {
+        if let Some(l) = s(v, "/process/selinuxLabel")
+            .filter(|l| l.contains("spc_t") || l.contains("unconfined_t"))
+        {
             w.selinux_custom = Some((l.to_string(), base.k("process").k("selinuxLabel")));
         }
         if b(v, "/process/noNewPrivileges") != Some(true) {
@@ -377,28 +440,56 @@ mod oci {
             w.readonly_root = Some(base.k("root").k("readonly"));
         }
         let res = base.k("linux").k("resources");
-        if v.pointer("/linux/resources/memory/limit").and_then(Value::as_i64).is_none_or(|l| l <= 0) {
+        if v.pointer("/linux/resources/memory/limit")
+            .and_then(Value::as_i64)
+            .is_none_or(|l| l <= 0)
+        {
             w.memory_limit = Some(res.k("memory").k("limit"));
         }
-        let quota = v.pointer("/linux/resources/cpu/quota").and_then(Value::as_i64).is_some_and(|q| q > 0);
-        let shares = v.pointer("/linux/resources/cpu/shares").and_then(Value::as_u64).is_some_and(|s| s > 0 && s != 1024);
+        let quota = v
+            .pointer("/linux/resources/cpu/quota")
+            .and_then(Value::as_i64)
+            .is_some_and(|q| q > 0);
+        let shares = v
+            .pointer("/linux/resources/cpu/shares")
+            .and_then(Value::as_u64)
+            .is_some_and(|s| s > 0 && s != 1024);
         if !quota && !shares {
             w.cpu_limit = Some(res.k("cpu").k("quota"));
         }
-        if v.pointer("/linux/resources/pids/limit").and_then(Value::as_i64).is_none_or(|l| l <= 0) {
+        if v.pointer("/linux/resources/pids/limit")
+            .and_then(Value::as_i64)
+            .is_none_or(|l| l <= 0)
+        {
             w.pids_limit = Some(res.k("pids").k("limit"));
         }
         for (i, m) in arr(v, "/mounts").iter().enumerate() {
-            let opts: Vec<&str> = m.get("options").and_then(Value::as_array).map(|o| o.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-            let bind = m.get("type").and_then(Value::as_str) == Some("bind") || opts.iter().any(|o| *o == "bind" || *o == "rbind");
+            let opts: Vec<&str> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let bind = m.get("type").and_then(Value::as_str) == Some("bind")
+                || opts.iter().any(|o| *o == "bind" || *o == "rbind");
             if !bind {
                 continue;
             }
             let l = base.k("mounts").i(i);
-            let prop = opts.iter().position(|o| *o == "shared" || *o == "rshared").map(|j| (opts[j].to_string(), l.k("options").i(j)));
+            let prop = opts
+                .iter()
+                .position(|o| *o == "shared" || *o == "rshared")
+                .map(|j| (opts[j].to_string(), l.k("options").i(j)));
             w.mounts.push(HostMount {
-                source: m.get("source").and_then(Value::as_str).unwrap_or("").to_string(),
-                dest: m.get("destination").and_then(Value::as_str).unwrap_or("").to_string(),
+                source: m
+                    .get("source")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                dest: m
+                    .get("destination")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 readonly: opts.contains(&"ro"),
                 propagation: prop,
                 loc: l,
@@ -407,32 +498,58 @@ mod oci {
         if let Some(p) = s(v, "/linux/rootfsPropagation").filter(|p| p.contains("shared")) {
             w.root_propagation = Some((p.to_string(), base.k("linux").k("rootfsPropagation")));
         }
-        const STD_DEV: [&str; 7] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx"];
+        const STD_DEV: [&str; 7] = [
+            "/dev/null",
+            "/dev/zero",
+            "/dev/full",
+            "/dev/random",
+            "/dev/urandom",
+            "/dev/tty",
+            "/dev/ptmx",
+        ];
         for (i, d) in arr(v, "/linux/devices").iter().enumerate() {
             let p = d.get("path").and_then(Value::as_str).unwrap_or("");
             if !STD_DEV.contains(&p) {
-                w.devices.push((p.to_string(), base.k("linux").k("devices").i(i)));
+                w.devices
+                    .push((p.to_string(), base.k("linux").k("devices").i(i)));
             }
         }
         for (i, d) in arr(v, "/linux/resources/devices").iter().enumerate() {
             let allow = d.get("allow").and_then(Value::as_bool) == Some(true);
-            let any_type = d.get("type").and_then(Value::as_str).is_none_or(|t| t == "a");
+            let any_type = d
+                .get("type")
+                .and_then(Value::as_str)
+                .is_none_or(|t| t == "a");
             if allow && any_type && d.get("major").is_none() && d.get("minor").is_none() {
                 w.device_allow_all = Some(res.k("devices").i(i));
             }
         }
-        let masked: Vec<&str> = arr(v, "/linux/maskedPaths").iter().filter_map(Value::as_str).collect();
+        let masked: Vec<&str> = arr(v, "/linux/maskedPaths")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         if !masked.contains(&"/proc/kcore") {
-            w.unmasked.push(("linux.maskedPaths does not mask /proc/kcore (nor, likely, the other kernel paths)".into(), base.k("linux").k("maskedPaths")));
+            w.unmasked.push((
+                "linux.maskedPaths does not mask /proc/kcore (nor, likely, the other kernel paths)"
+                    .into(),
+                base.k("linux").k("maskedPaths"),
+            ));
         }
-        let ro: Vec<&str> = arr(v, "/linux/readonlyPaths").iter().filter_map(Value::as_str).collect();
+        let ro: Vec<&str> = arr(v, "/linux/readonlyPaths")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         if !ro.contains(&"/proc/sys") {
-            w.unmasked.push(("linux.readonlyPaths does not make /proc/sys read-only".into(), base.k("linux").k("readonlyPaths")));
+            w.unmasked.push((
+                "linux.readonlyPaths does not make /proc/sys read-only".into(),
+                base.k("linux").k("readonlyPaths"),
+            ));
         }
         if let Some(m) = v.pointer("/linux/sysctl").and_then(Value::as_object) {
             for k in m.keys() {
                 if !SAFE_SYSCTLS.contains(&k.as_str()) {
-                    w.sysctls.push((k.clone(), base.k("linux").k("sysctl").raw_key(k)));
+                    w.sysctls
+                        .push((k.clone(), base.k("linux").k("sysctl").raw_key(k)));
                 }
             }
         }
@@ -444,14 +561,29 @@ mod docker {
     use super::*;
 
     pub fn workload(v: &Value, base: Loc) -> Workload {
-        let name = s(v, "/Name").unwrap_or("").trim_start_matches('/').to_string();
-        let subject = if name.is_empty() { s(v, "/Id").unwrap_or("container").chars().take(12).collect() } else { name };
+        let name = s(v, "/Name")
+            .unwrap_or("")
+            .trim_start_matches('/')
+            .to_string();
+        let subject = if name.is_empty() {
+            s(v, "/Id")
+                .unwrap_or("container")
+                .chars()
+                .take(12)
+                .collect()
+        } else {
+            name
+        };
         let mut w = Workload::new(Source::Docker, subject, base.clone());
         let hc = base.k("HostConfig");
         if b(v, "/HostConfig/Privileged") == Some(true) {
             w.privileged = Some(hc.k("Privileged"));
         }
-        let drops: Vec<String> = arr(v, "/HostConfig/CapDrop").iter().filter_map(Value::as_str).map(cap_name).collect();
+        let drops: Vec<String> = arr(v, "/HostConfig/CapDrop")
+            .iter()
+            .filter_map(Value::as_str)
+            .map(cap_name)
+            .collect();
         let drop_all = drops.iter().any(|d| d == "ALL");
         if !drop_all {
             w.drop_all = Some(hc.k("CapDrop"));
@@ -472,7 +604,13 @@ mod docker {
                 w.caps.push((n, l));
             }
         }
-        for (field, ns) in [("NetworkMode", "network"), ("PidMode", "pid"), ("IpcMode", "ipc"), ("UTSMode", "uts"), ("CgroupnsMode", "cgroup")] {
+        for (field, ns) in [
+            ("NetworkMode", "network"),
+            ("PidMode", "pid"),
+            ("IpcMode", "ipc"),
+            ("UTSMode", "uts"),
+            ("CgroupnsMode", "cgroup"),
+        ] {
             if s(v, &format!("/HostConfig/{field}")) == Some("host") {
                 w.host_ns.push((ns, hc.k(field)));
             }
@@ -483,10 +621,21 @@ mod docker {
         let user = s(v, "/Config/User").unwrap_or("");
         let uid = user.split(':').next().unwrap_or("");
         if uid.is_empty() || uid == "root" || uid == "0" {
-            w.root_user = Some((format!("Config.User is {user:?}"), base.k("Config").k("User")));
+            w.root_user = Some((
+                format!("Config.User is {user:?}"),
+                base.k("Config").k("User"),
+            ));
         }
-        let opts: Vec<(usize, String)> = arr(v, "/HostConfig/SecurityOpt").iter().enumerate().filter_map(|(i, o)| o.as_str().map(|s| (i, s.replace(':', "=")))).collect();
-        let opt = |p: &str| opts.iter().find(|(_, o)| o.starts_with(p)).map(|(i, _)| hc.k("SecurityOpt").i(*i));
+        let opts: Vec<(usize, String)> = arr(v, "/HostConfig/SecurityOpt")
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| o.as_str().map(|s| (i, s.replace(':', "="))))
+            .collect();
+        let opt = |p: &str| {
+            opts.iter()
+                .find(|(_, o)| o.starts_with(p))
+                .map(|(i, _)| hc.k("SecurityOpt").i(*i))
+        };
         if let Some(l) = opt("seccomp=unconfined") {
             w.seccomp_unconfined = Some(l);
         }
@@ -498,12 +647,17 @@ mod docker {
         if let Some(l) = opt("label=disable") {
             w.selinux_custom = Some(("label=disable".into(), l));
         }
-        let nnp = opts.iter().any(|(_, o)| o == "no-new-privileges" || o == "no-new-privileges=true");
+        let nnp = opts
+            .iter()
+            .any(|(_, o)| o == "no-new-privileges" || o == "no-new-privileges=true");
         if !nnp {
             w.no_new_privs = Some(hc.k("SecurityOpt"));
         }
         if let Some(l) = opt("systempaths=unconfined") {
-            w.unmasked.push(("systempaths=unconfined: /proc and /sys are not masked".into(), l));
+            w.unmasked.push((
+                "systempaths=unconfined: /proc and /sys are not masked".into(),
+                l,
+            ));
         }
         if b(v, "/HostConfig/ReadonlyRootfs") != Some(true) {
             w.readonly_root = Some(hc.k("ReadonlyRootfs"));
@@ -513,7 +667,10 @@ mod docker {
             w.memory_limit = Some(hc.k("Memory"));
         }
         let shares = num("/HostConfig/CpuShares");
-        if num("/HostConfig/NanoCpus") <= 0 && num("/HostConfig/CpuQuota") <= 0 && (shares == 0 || shares == 1024) {
+        if num("/HostConfig/NanoCpus") <= 0
+            && num("/HostConfig/CpuQuota") <= 0
+            && (shares == 0 || shares == 1024)
+        {
             w.cpu_limit = Some(hc.k("NanoCpus"));
         }
         if num("/HostConfig/PidsLimit") <= 0 {
@@ -524,10 +681,22 @@ mod docker {
                 continue;
             }
             let l = base.k("Mounts").i(i);
-            let prop = m.get("Propagation").and_then(Value::as_str).filter(|p| p.contains("shared")).map(|p| (p.to_string(), l.k("Propagation")));
+            let prop = m
+                .get("Propagation")
+                .and_then(Value::as_str)
+                .filter(|p| p.contains("shared"))
+                .map(|p| (p.to_string(), l.k("Propagation")));
             w.mounts.push(HostMount {
-                source: m.get("Source").and_then(Value::as_str).unwrap_or("").to_string(),
-                dest: m.get("Destination").and_then(Value::as_str).unwrap_or("").to_string(),
+                source: m
+                    .get("Source")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                dest: m
+                    .get("Destination")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 readonly: m.get("RW").and_then(Value::as_bool) == Some(false),
                 propagation: prop,
                 loc: l,
@@ -538,17 +707,35 @@ mod docker {
             w.devices.push((p.to_string(), hc.k("Devices").i(i)));
         }
         for (i, r) in arr(v, "/HostConfig/DeviceCgroupRules").iter().enumerate() {
-            if r.as_str().is_some_and(|r| r.starts_with("a ") || r.starts_with("a\t")) {
+            if r.as_str()
+                .is_some_and(|r| r.starts_with("a ") || r.starts_with("a\t"))
+            {
                 w.device_allow_all = Some(hc.k("DeviceCgroupRules").i(i));
             }
         }
-        if let Some(pb) = v.pointer("/HostConfig/PortBindings").and_then(Value::as_object) {
+        if let Some(pb) = v
+            .pointer("/HostConfig/PortBindings")
+            .and_then(Value::as_object)
+        {
             for (port, binds) in pb {
-                for (j, bnd) in binds.as_array().map_or(&[][..], Vec::as_slice).iter().enumerate() {
-                    let hp = bnd.get("HostPort").and_then(Value::as_str).and_then(|p| p.parse().ok()).unwrap_or(0);
+                for (j, bnd) in binds
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .enumerate()
+                {
+                    let hp = bnd
+                        .get("HostPort")
+                        .and_then(Value::as_str)
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
                     w.ports.push(Port {
                         host_port: hp,
-                        host_ip: bnd.get("HostIp").and_then(Value::as_str).unwrap_or("").to_string(),
+                        host_ip: bnd
+                            .get("HostIp")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
                         loc: hc.k("PortBindings").raw_key(port).i(j),
                     });
                 }
@@ -566,8 +753,14 @@ mod docker {
         }
         let policy = s(v, "/HostConfig/RestartPolicy/Name").unwrap_or("");
         let retries = num("/HostConfig/RestartPolicy/MaximumRetryCount");
-        if policy == "always" || policy == "unless-stopped" || (policy == "on-failure" && !(1..=5).contains(&retries)) {
-            w.restart = Some((format!("{policy} (MaximumRetryCount {retries})"), hc.k("RestartPolicy")));
+        if policy == "always"
+            || policy == "unless-stopped"
+            || (policy == "on-failure" && !(1..=5).contains(&retries))
+        {
+            w.restart = Some((
+                format!("{policy} (MaximumRetryCount {retries})"),
+                hc.k("RestartPolicy"),
+            ));
         }
         if v.pointer("/Config/Healthcheck").is_none_or(Value::is_null) {
             w.healthcheck = Some(base.k("Config").k("Healthcheck"));
@@ -584,8 +777,17 @@ pub mod k8s {
         let kind = v.get("kind")?.as_str()?;
         let (ptr, loc) = match kind {
             "Pod" => ("/spec", base.k("spec")),
-            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Job" | "PodTemplate" => ("/spec/template/spec", base.k("spec.template.spec")),
-            "CronJob" => ("/spec/jobTemplate/spec/template/spec", base.k("spec.jobTemplate.spec.template.spec")),
+            "Deployment"
+            | "StatefulSet"
+            | "DaemonSet"
+            | "ReplicaSet"
+            | "ReplicationController"
+            | "Job"
+            | "PodTemplate" => ("/spec/template/spec", base.k("spec.template.spec")),
+            "CronJob" => (
+                "/spec/jobTemplate/spec/template/spec",
+                base.k("spec.jobTemplate.spec.template.spec"),
+            ),
             _ => return None,
         };
         Some((v.pointer(ptr)?, loc))
@@ -594,19 +796,33 @@ pub mod k8s {
     /// Workloads of one Kubernetes object (a List's items included).
     pub fn objects(v: &Value, base: &Loc) -> Vec<Workload> {
         if v.get("kind").and_then(Value::as_str) == Some("List") {
-            return arr(v, "/items").iter().enumerate().flat_map(|(i, it)| objects(it, &base.k("items").i(i))).collect();
+            return arr(v, "/items")
+                .iter()
+                .enumerate()
+                .flat_map(|(i, it)| objects(it, &base.k("items").i(i)))
+                .collect();
         }
-        let Some((spec, sl)) = pod_spec(v, base) else { return Vec::new() };
+        let Some((spec, sl)) = pod_spec(v, base) else {
+            return Vec::new();
+        };
         let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
         let name = s(v, "/metadata/name").unwrap_or("");
-        let annotations = v.pointer(if kind == "Pod" { "/metadata/annotations" } else { "/spec/template/metadata/annotations" });
+        let annotations = v.pointer(if kind == "Pod" {
+            "/metadata/annotations"
+        } else {
+            "/spec/template/metadata/annotations"
+        });
         let mut out = Vec::new();
         let mut first = true;
         for list in ["initContainers", "containers", "ephemeralContainers"] {
             for (i, c) in arr(spec, &format!("/{list}")).iter().enumerate() {
                 let cl = sl.k(list).i(i);
                 let cname = c.get("name").and_then(Value::as_str).unwrap_or("");
-                let mut w = Workload::new(Source::Kubernetes, format!("{kind}/{name} container {cname}"), cl.clone());
+                let mut w = Workload::new(
+                    Source::Kubernetes,
+                    format!("{kind}/{name} container {cname}"),
+                    cl.clone(),
+                );
                 container(&mut w, c, &cl, spec, &sl, annotations, cname);
                 if first {
                     pod_level(&mut w, spec, &sl);
@@ -619,7 +835,11 @@ pub mod k8s {
     }
 
     fn pod_level(w: &mut Workload, spec: &Value, sl: &Loc) {
-        for (field, ns) in [("hostNetwork", "network"), ("hostPID", "pid"), ("hostIPC", "ipc")] {
+        for (field, ns) in [
+            ("hostNetwork", "network"),
+            ("hostPID", "pid"),
+            ("hostIPC", "ipc"),
+        ] {
             if b(spec, &format!("/{field}")) == Some(true) {
                 w.host_ns.push((ns, sl.k(field)));
             }
@@ -633,10 +853,22 @@ pub mod k8s {
         for (i, sc) in arr(spec, "/securityContext/sysctls").iter().enumerate() {
             let n = sc.get("name").and_then(Value::as_str).unwrap_or("");
             if !SAFE_SYSCTLS.contains(&n) {
-                w.sysctls.push((n.to_string(), sl.k("securityContext.sysctls").i(i).k("name")));
+                w.sysctls.push((
+                    n.to_string(),
+                    sl.k("securityContext.sysctls").i(i).k("name"),
+                ));
             }
         }
-        const RESTRICTED_VOLUMES: [&str; 8] = ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
+        const RESTRICTED_VOLUMES: [&str; 8] = [
+            "configMap",
+            "csi",
+            "downwardAPI",
+            "emptyDir",
+            "ephemeral",
+            "persistentVolumeClaim",
+            "projected",
+            "secret",
+        ];
         for (i, vol) in arr(spec, "/volumes").iter().enumerate() {
             let Some(obj) = vol.as_object() else { continue };
             for k in obj.keys().filter(|k| *k != "name") {
@@ -649,20 +881,45 @@ pub mod k8s {
 
     /// Container field, else pod-level securityContext field.
     fn sc<'a>(c: &'a Value, spec: &'a Value, field: &str) -> Option<(&'a Value, bool)> {
-        c.pointer(&format!("/securityContext/{field}")).map(|v| (v, true)).or_else(|| spec.pointer(&format!("/securityContext/{field}")).map(|v| (v, false)))
+        c.pointer(&format!("/securityContext/{field}"))
+            .map(|v| (v, true))
+            .or_else(|| {
+                spec.pointer(&format!("/securityContext/{field}"))
+                    .map(|v| (v, false))
+            })
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn container(w: &mut Workload, c: &Value, cl: &Loc, spec: &Value, sl: &Loc, ann: Option<&Value>, cname: &str) {
+    fn container(
+        w: &mut Workload,
+        c: &Value,
+        cl: &Loc,
+        spec: &Value,
+        sl: &Loc,
+        ann: Option<&Value>,
+        cname: &str,
+    ) {
         let csc = cl.k("securityContext");
-        let at = |own: bool, field: &str| if own { csc.k(field) } else { sl.k("securityContext").k(field) };
+        let at = |own: bool, field: &str| {
+            if own {
+                csc.k(field)
+            } else {
+                sl.k("securityContext").k(field)
+            }
+        };
         if b(c, "/securityContext/privileged") == Some(true) {
             w.privileged = Some(csc.k("privileged"));
         }
-        if b(c, "/securityContext/windowsOptions/hostProcess") == Some(true) || b(spec, "/securityContext/windowsOptions/hostProcess") == Some(true) {
+        if b(c, "/securityContext/windowsOptions/hostProcess") == Some(true)
+            || b(spec, "/securityContext/windowsOptions/hostProcess") == Some(true)
+        {
             w.host_process = Some(csc.k("windowsOptions.hostProcess"));
         }
-        let drops: Vec<String> = arr(c, "/securityContext/capabilities/drop").iter().filter_map(Value::as_str).map(cap_name).collect();
+        let drops: Vec<String> = arr(c, "/securityContext/capabilities/drop")
+            .iter()
+            .filter_map(Value::as_str)
+            .map(cap_name)
+            .collect();
         if !drops.iter().any(|d| d == "ALL") {
             w.drop_all = Some(csc.k("capabilities.drop"));
             for d in DEFAULT_CAPS {
@@ -671,7 +928,10 @@ pub mod k8s {
                 }
             }
         }
-        for (i, a) in arr(c, "/securityContext/capabilities/add").iter().enumerate() {
+        for (i, a) in arr(c, "/securityContext/capabilities/add")
+            .iter()
+            .enumerate()
+        {
             if let Some(a) = a.as_str() {
                 let n = cap_name(a);
                 let l = csc.k("capabilities.add").i(i);
@@ -683,36 +943,59 @@ pub mod k8s {
             }
         }
         match sc(c, spec, "runAsUser") {
-            Some((u, own)) if u.as_u64() == Some(0) => w.root_user = Some(("runAsUser is 0".into(), at(own, "runAsUser"))),
+            Some((u, own)) if u.as_u64() == Some(0) => {
+                w.root_user = Some(("runAsUser is 0".into(), at(own, "runAsUser")))
+            }
             Some((u, own)) => {
                 if let Some(n) = u.as_u64().filter(|n| *n <= 10000) {
                     w.low_uid = Some((n, at(own, "runAsUser")));
                 }
-                if sc(c, spec, "runAsNonRoot").is_none_or(|(v, _)| v.as_bool() != Some(true)) && u.as_u64().is_none() {
+                if sc(c, spec, "runAsNonRoot").is_none_or(|(v, _)| v.as_bool() != Some(true))
+                    && u.as_u64().is_none()
+                {
                     w.root_user = Some(("runAsNonRoot is not true".into(), csc.k("runAsNonRoot")));
                 }
             }
             None => {
                 if sc(c, spec, "runAsNonRoot").is_none_or(|(v, _)| v.as_bool() != Some(true)) {
-                    w.root_user = Some(("neither runAsNonRoot: true nor a non-zero runAsUser".into(), csc.k("runAsNonRoot")));
+                    w.root_user = Some((
+                        "neither runAsNonRoot: true nor a non-zero runAsUser".into(),
+                        csc.k("runAsNonRoot"),
+                    ));
                 }
             }
         }
         match sc(c, spec, "seccompProfile/type") {
-            Some((t, own)) if t.as_str() == Some("Unconfined") => w.seccomp_unconfined = Some(at(own, "seccompProfile.type")),
+            Some((t, own)) if t.as_str() == Some("Unconfined") => {
+                w.seccomp_unconfined = Some(at(own, "seccompProfile.type"))
+            }
             Some(_) => {}
             None => w.seccomp_missing = Some(csc.k("seccompProfile.type")),
         }
         let aa_key = format!("container.apparmor.security.beta.kubernetes.io/{cname}");
         let aa_ann = ann.and_then(|a| a.get(&aa_key)).and_then(Value::as_str);
         match sc(c, spec, "appArmorProfile/type") {
-            Some((t, own)) if t.as_str() == Some("Unconfined") => w.apparmor_unconfined = Some(at(own, "appArmorProfile.type")),
-            _ if aa_ann == Some("unconfined") => w.apparmor_unconfined = Some(Loc::root(Syntax::Yaml, None).k("metadata.annotations").raw_key(&aa_key)),
+            Some((t, own)) if t.as_str() == Some("Unconfined") => {
+                w.apparmor_unconfined = Some(at(own, "appArmorProfile.type"))
+            }
+            _ if aa_ann == Some("unconfined") => {
+                w.apparmor_unconfined = Some(
+                    Loc::root(Syntax::Yaml, None)
+                        .k("metadata.annotations")
+                        .raw_key(&aa_key),
+                )
+            }
             _ => {}
         }
         if let Some((o, own)) = sc(c, spec, "seLinuxOptions") {
             let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
-            let allowed = ["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"];
+            let allowed = [
+                "",
+                "container_t",
+                "container_init_t",
+                "container_kvm_t",
+                "container_engine_t",
+            ];
             if !allowed.contains(&ty) || o.get("user").is_some() || o.get("role").is_some() {
                 w.selinux_custom = Some((format!("seLinuxOptions {o}"), at(own, "seLinuxOptions")));
             }
@@ -724,7 +1007,8 @@ pub mod k8s {
             w.readonly_root = Some(csc.k("readOnlyRootFilesystem"));
         }
         if s(c, "/securityContext/procMount") == Some("Unmasked") {
-            w.unmasked.push(("procMount: Unmasked".into(), csc.k("procMount")));
+            w.unmasked
+                .push(("procMount: Unmasked".into(), csc.k("procMount")));
         }
         if c.pointer("/resources/limits/memory").is_none() {
             w.memory_limit = Some(cl.k("resources.limits.memory"));
@@ -737,7 +1021,11 @@ pub mod k8s {
             if let Some(hp) = p.get("hostPort").and_then(Value::as_u64).filter(|p| *p > 0) {
                 w.ports.push(Port {
                     host_port: u16::try_from(hp).unwrap_or(u16::MAX),
-                    host_ip: p.get("hostIP").and_then(Value::as_str).unwrap_or("").to_string(),
+                    host_ip: p
+                        .get("hostIP")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                     loc: cl.k("ports").i(i).k("hostPort"),
                 });
             }
@@ -746,13 +1034,29 @@ pub mod k8s {
         for (i, m) in arr(c, "/volumeMounts").iter().enumerate() {
             let vname = m.get("name").and_then(Value::as_str).unwrap_or("");
             let vols = arr(spec, "/volumes");
-            let Some((vi, vol)) = vols.iter().enumerate().find(|(_, v)| v.get("name").and_then(Value::as_str) == Some(vname)) else { continue };
-            let Some(path) = vol.pointer("/hostPath/path").and_then(Value::as_str) else { continue };
+            let Some((vi, vol)) = vols
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.get("name").and_then(Value::as_str) == Some(vname))
+            else {
+                continue;
+            };
+            let Some(path) = vol.pointer("/hostPath/path").and_then(Value::as_str) else {
+                continue;
+            };
             let ml = cl.k("volumeMounts").i(i);
-            let prop = m.get("mountPropagation").and_then(Value::as_str).filter(|p| *p == "Bidirectional").map(|p| (p.to_string(), ml.k("mountPropagation")));
+            let prop = m
+                .get("mountPropagation")
+                .and_then(Value::as_str)
+                .filter(|p| *p == "Bidirectional")
+                .map(|p| (p.to_string(), ml.k("mountPropagation")));
             w.mounts.push(HostMount {
                 source: path.to_string(),
-                dest: m.get("mountPath").and_then(Value::as_str).unwrap_or("").to_string(),
+                dest: m
+                    .get("mountPath")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 readonly: m.get("readOnly").and_then(Value::as_bool) == Some(true),
                 propagation: prop,
                 loc: sl.k("volumes").i(vi).k("hostPath.path"),
@@ -770,18 +1074,35 @@ mod tests {
 
     #[test]
     fn locations_render_per_syntax() {
-        let j = Loc::root(Syntax::Json, None).k("process.capabilities").k("bounding").i(2);
+        let j = Loc::root(Syntax::Json, None)
+            .k("process.capabilities")
+            .k("bounding")
+            .i(2);
         assert_eq!(j.render(), "/process/capabilities/bounding/2");
-        let y = Loc::root(Syntax::Yaml, Some(1)).k("spec.containers").i(0).k("securityContext.privileged");
-        assert_eq!(y.render(), "doc 1: spec.containers[0].securityContext.privileged");
-        let a = Loc::root(Syntax::Json, None).k("HostConfig").raw_key("80/tcp");
+        let y = Loc::root(Syntax::Yaml, Some(1))
+            .k("spec.containers")
+            .i(0)
+            .k("securityContext.privileged");
+        assert_eq!(
+            y.render(),
+            "doc 1: spec.containers[0].securityContext.privileged"
+        );
+        let a = Loc::root(Syntax::Json, None)
+            .k("HostConfig")
+            .raw_key("80/tcp");
         assert_eq!(a.render(), "/HostConfig/80~1tcp");
     }
 
     #[test]
     fn detects_inputs() {
-        assert_eq!(parse(r#"{"ociVersion":"1.0.2","process":{},"root":{}}"#, "x").unwrap()[0].source, Source::Oci);
-        assert_eq!(parse(r#"[{"Name":"/a","Config":{},"HostConfig":{}}]"#, "x").unwrap()[0].source, Source::Docker);
+        assert_eq!(
+            parse(r#"{"ociVersion":"1.0.2","process":{},"root":{}}"#, "x").unwrap()[0].source,
+            Source::Oci
+        );
+        assert_eq!(
+            parse(r#"[{"Name":"/a","Config":{},"HostConfig":{}}]"#, "x").unwrap()[0].source,
+            Source::Docker
+        );
         let y = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: a\n    image: x\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n      - name: b\n        image: y\n";
         let w = parse(y, "x").unwrap();
         assert_eq!(w.len(), 2);

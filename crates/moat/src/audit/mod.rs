@@ -13,7 +13,6 @@ mod input;
 mod output;
 mod rules;
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -102,7 +101,10 @@ pub enum AuditError {
 /// Audits one document's text; `name` is used in messages and as the SARIF artifact.
 pub fn audit_text(text: &str, name: &str) -> Result<Vec<Finding>, AuditError> {
     let workloads = input::parse(text, name)?;
-    Ok(workloads.iter().flat_map(|w| rules::check(w, name)).collect())
+    Ok(workloads
+        .iter()
+        .flat_map(|w| rules::check(w, name))
+        .collect())
 }
 
 fn read_input(file: Option<&Path>) -> Result<(String, String), AuditError> {
@@ -120,10 +122,12 @@ fn read_input(file: Option<&Path>) -> Result<(String, String), AuditError> {
 
 fn read_stdin() -> Result<(String, String), AuditError> {
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s).map_err(|source| AuditError::Read {
-        path: "stdin".into(),
-        source,
-    })?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|source| AuditError::Read {
+            path: "stdin".into(),
+            source,
+        })?;
     Ok((s, "stdin".into()))
 }
 
@@ -133,7 +137,11 @@ fn running(root: &Path) -> Result<Vec<Finding>, AuditError> {
         path: root.display().to_string(),
         source,
     })?;
-    let mut dirs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.join("config.json").is_file()).collect();
+    let mut dirs: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
     dirs.sort();
     let mut out = Vec::new();
     for d in dirs {
@@ -142,7 +150,10 @@ fn running(root: &Path) -> Result<Vec<Finding>, AuditError> {
             path: path.display().to_string(),
             source,
         })?;
-        let id = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = d
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut f = audit_text(&text, &path.display().to_string())?;
         for x in &mut f {
             x.subject = format!("container {id}");

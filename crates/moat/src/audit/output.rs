@@ -12,14 +12,23 @@ fn counts(f: &[Finding]) -> Value {
 pub fn text(f: &[Finding]) -> String {
     let mut s = String::new();
     for x in f {
-        s.push_str(&format!("{:<6}  {}  {}  at {}\n", x.severity.as_str().to_uppercase(), x.id, x.subject, x.location));
+        s.push_str(&format!(
+            "{:<6}  {}  {}  at {}\n",
+            x.severity.as_str().to_uppercase(),
+            x.id,
+            x.subject,
+            x.location
+        ));
         s.push_str(&format!("        {}: {}\n", x.title, x.detail));
         s.push_str(&format!("        why: {}\n", x.why));
         s.push_str(&format!("        fix: {}\n", x.fix));
         s.push_str(&format!("        refs: {}\n", x.references));
     }
     let c = counts(f);
-    s.push_str(&format!("{} findings: {} high, {} medium, {} low\n", c["total"], c["high"], c["medium"], c["low"]));
+    s.push_str(&format!(
+        "{} findings: {} high, {} medium, {} low\n",
+        c["total"], c["high"], c["medium"], c["low"]
+    ));
     s
 }
 

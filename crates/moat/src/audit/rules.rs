@@ -212,7 +212,14 @@ const DANGEROUS: [&str; 12] = [
     "MAC_OVERRIDE",
 ];
 
-const SOCKETS: [&str; 6] = ["docker.sock", "containerd.sock", "crio.sock", "podman.sock", "cri-dockerd.sock", "dockershim.sock"];
+const SOCKETS: [&str; 6] = [
+    "docker.sock",
+    "containerd.sock",
+    "crio.sock",
+    "podman.sock",
+    "cri-dockerd.sock",
+    "dockershim.sock",
+];
 
 struct Out<'a> {
     w: &'a Workload,
@@ -249,7 +256,11 @@ impl Out<'_> {
 
 /// Every finding for one workload.
 pub fn check(w: &Workload, artifact: &str) -> Vec<Finding> {
-    let mut o = Out { w, artifact, v: Vec::new() };
+    let mut o = Out {
+        w,
+        artifact,
+        v: Vec::new(),
+    };
     if let Some(l) = &w.privileged {
         o.add("privileged", l, "privileged: true");
     }
@@ -293,10 +304,18 @@ pub fn check(w: &Workload, artifact: &str) -> Vec<Finding> {
     }
     for p in &w.ports {
         if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" || p.host_ip == "::" {
-            o.add("host-port", &p.loc, format!("host port {} on all interfaces", p.host_port));
+            o.add(
+                "host-port",
+                &p.loc,
+                format!("host port {} on all interfaces", p.host_port),
+            );
         }
         if p.host_port > 0 && p.host_port < 1024 {
-            o.add("privileged-port", &p.loc, format!("host port {}", p.host_port));
+            o.add(
+                "privileged-port",
+                &p.loc,
+                format!("host port {}", p.host_port),
+            );
         }
     }
     for (s, l) in &w.sysctls {
@@ -335,11 +354,16 @@ fn capabilities(o: &mut Out<'_>, w: &Workload) {
         } else if c == "NET_RAW" {
             o.add("cap-net-raw", l, "CAP_NET_RAW");
         } else if c == "ALL" {
-            o.add("cap-sys-admin", l, "capabilities add ALL (includes CAP_SYS_ADMIN)");
+            o.add(
+                "cap-sys-admin",
+                l,
+                "capabilities add ALL (includes CAP_SYS_ADMIN)",
+            );
         }
     }
     for (c, l) in &w.caps_added {
-        let covered = c == "SYS_ADMIN" || c == "NET_RAW" || c == "ALL" || DANGEROUS.contains(&c.as_str());
+        let covered =
+            c == "SYS_ADMIN" || c == "NET_RAW" || c == "ALL" || DANGEROUS.contains(&c.as_str());
         if !covered && all.is_none() {
             o.add("cap-added", l, format!("CAP_{c}"));
         }
@@ -347,7 +371,12 @@ fn capabilities(o: &mut Out<'_>, w: &Workload) {
     if let Some(l) = &w.drop_all {
         o.add("cap-drop-all", l, "ALL is not dropped");
     } else if w.source == Source::Oci {
-        let extra: Vec<&str> = w.caps.iter().map(|(c, _)| c.as_str()).filter(|c| *c != "NET_BIND_SERVICE").collect();
+        let extra: Vec<&str> = w
+            .caps
+            .iter()
+            .map(|(c, _)| c.as_str())
+            .filter(|c| *c != "NET_BIND_SERVICE")
+            .collect();
         if !extra.is_empty() {
             let l = w.base.k("process").k("capabilities");
             o.add("cap-drop-all", &l, format!("holds {}", extra.join(", ")));
@@ -394,27 +423,54 @@ fn limits(o: &mut Out<'_>, w: &Workload) {
 /// Whether `src` is one of the sensitive host directories or under one of
 /// them (`/` only when mounted itself).
 pub fn is_sensitive(src: &str) -> bool {
-    let src = if src.len() > 1 { src.trim_end_matches('/') } else { src };
-    SENSITIVE.iter().any(|p| src == *p || (*p != "/" && src.starts_with(&format!("{p}/"))))
+    let src = if src.len() > 1 {
+        src.trim_end_matches('/')
+    } else {
+        src
+    };
+    SENSITIVE
+        .iter()
+        .any(|p| src == *p || (*p != "/" && src.starts_with(&format!("{p}/"))))
 }
 
 fn mounts(o: &mut Out<'_>, w: &Workload) {
     for m in &w.mounts {
         let ro = if m.readonly { " read-only" } else { "" };
         if SOCKETS.iter().any(|s| m.source.ends_with(s)) {
-            o.add("runtime-socket", &m.loc, format!("{} mounted at {}", m.source, m.dest));
+            o.add(
+                "runtime-socket",
+                &m.loc,
+                format!("{} mounted at {}", m.source, m.dest),
+            );
         } else if is_sensitive(&m.source) {
-            o.add("sensitive-mount", &m.loc, format!("{} mounted{ro} at {}", m.source, m.dest));
+            o.add(
+                "sensitive-mount",
+                &m.loc,
+                format!("{} mounted{ro} at {}", m.source, m.dest),
+            );
         } else {
             let sev = m.readonly.then_some(Severity::Low);
-            o.add_sev("host-path", sev, &m.loc, format!("{} mounted{ro} at {}", m.source, m.dest));
+            o.add_sev(
+                "host-path",
+                sev,
+                &m.loc,
+                format!("{} mounted{ro} at {}", m.source, m.dest),
+            );
         }
         if let Some((p, l)) = &m.propagation {
-            o.add("mount-propagation-shared", l, format!("{p} propagation on {}", m.dest));
+            o.add(
+                "mount-propagation-shared",
+                l,
+                format!("{p} propagation on {}", m.dest),
+            );
         }
     }
     if let Some((p, l)) = &w.root_propagation {
-        o.add("mount-propagation-shared", l, format!("rootfs propagation {p}"));
+        o.add(
+            "mount-propagation-shared",
+            l,
+            format!("rootfs propagation {p}"),
+        );
     }
 }
 
@@ -436,7 +492,11 @@ mod tests {
     use super::*;
 
     fn ids(text: &str) -> Vec<&'static str> {
-        let mut v: Vec<&str> = audit_text(text, "t").unwrap().iter().map(|f| f.id).collect();
+        let mut v: Vec<&str> = audit_text(text, "t")
+            .unwrap()
+            .iter()
+            .map(|f| f.id)
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -456,7 +516,11 @@ mod tests {
     fn oci_with(ptr: &str, v: serde_json::Value) -> String {
         let mut c: serde_json::Value = serde_json::from_str(HARD_OCI).unwrap();
         let (parent, key) = ptr.rsplit_once('/').unwrap();
-        c.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_string(), v);
+        c.pointer_mut(parent)
+            .unwrap()
+            .as_object_mut()
+            .unwrap()
+            .insert(key.to_string(), v);
         c.to_string()
     }
 
@@ -477,38 +541,146 @@ mod tests {
     fn oci_rules_fire() {
         use serde_json::json;
         let cases: Vec<(&str, serde_json::Value, &str)> = vec![
-            ("/process/capabilities/bounding", json!(["CAP_SYS_ADMIN"]), "cap-sys-admin"),
-            ("/process/capabilities/bounding", json!(["CAP_SYS_PTRACE"]), "cap-dangerous"),
-            ("/process/capabilities/bounding", json!(["CAP_NET_RAW"]), "cap-net-raw"),
-            ("/process/capabilities/bounding", json!(["CAP_IPC_LOCK"]), "cap-added"),
-            ("/process/capabilities/bounding", json!(["CAP_KILL"]), "cap-drop-all"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"mount"},{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"cgroup"}]), "host-network"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"ipc"},{"type":"uts"},{"type":"cgroup"}]), "host-pid"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"pid"},{"type":"uts"},{"type":"cgroup"}]), "host-ipc"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"cgroup"}]), "host-uts"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"cgroup"}]), "host-mount-ns"),
-            ("/linux/namespaces", json!([{"type":"user"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"mount"}]), "host-cgroup-ns"),
-            ("/linux/namespaces", json!([{"type":"cgroup"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"mount"}]), "no-userns"),
+            (
+                "/process/capabilities/bounding",
+                json!(["CAP_SYS_ADMIN"]),
+                "cap-sys-admin",
+            ),
+            (
+                "/process/capabilities/bounding",
+                json!(["CAP_SYS_PTRACE"]),
+                "cap-dangerous",
+            ),
+            (
+                "/process/capabilities/bounding",
+                json!(["CAP_NET_RAW"]),
+                "cap-net-raw",
+            ),
+            (
+                "/process/capabilities/bounding",
+                json!(["CAP_IPC_LOCK"]),
+                "cap-added",
+            ),
+            (
+                "/process/capabilities/bounding",
+                json!(["CAP_KILL"]),
+                "cap-drop-all",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"mount"},{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"cgroup"}]),
+                "host-network",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"ipc"},{"type":"uts"},{"type":"cgroup"}]),
+                "host-pid",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"pid"},{"type":"uts"},{"type":"cgroup"}]),
+                "host-ipc",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"mount"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"cgroup"}]),
+                "host-uts",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"cgroup"}]),
+                "host-mount-ns",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"user"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"mount"}]),
+                "host-cgroup-ns",
+            ),
+            (
+                "/linux/namespaces",
+                json!([{"type":"cgroup"},{"type":"uts"},{"type":"network"},{"type":"pid"},{"type":"ipc"},{"type":"mount"}]),
+                "no-userns",
+            ),
             ("/process/user", json!({"uid":0,"gid":0}), "run-as-root"),
-            ("/linux/seccomp", json!({"defaultAction":"SCMP_ACT_ALLOW"}), "seccomp-unconfined"),
+            (
+                "/linux/seccomp",
+                json!({"defaultAction":"SCMP_ACT_ALLOW"}),
+                "seccomp-unconfined",
+            ),
             ("/linux/seccomp", json!(null), "seccomp-missing"),
-            ("/process/apparmorProfile", json!("unconfined"), "apparmor-unconfined"),
-            ("/process/selinuxLabel", json!("system_u:system_r:spc_t:s0"), "selinux-custom"),
-            ("/process/noNewPrivileges", json!(false), "no-new-privileges"),
+            (
+                "/process/apparmorProfile",
+                json!("unconfined"),
+                "apparmor-unconfined",
+            ),
+            (
+                "/process/selinuxLabel",
+                json!("system_u:system_r:spc_t:s0"),
+                "selinux-custom",
+            ),
+            (
+                "/process/noNewPrivileges",
+                json!(false),
+                "no-new-privileges",
+            ),
             ("/root/readonly", json!(false), "writable-rootfs"),
-            ("/linux/resources", json!({"cpu":{"quota":1},"pids":{"limit":1}}), "no-memory-limit"),
-            ("/linux/resources", json!({"memory":{"limit":1},"pids":{"limit":1}}), "no-cpu-limit"),
-            ("/linux/resources", json!({"memory":{"limit":1},"cpu":{"quota":1}}), "no-pids-limit"),
-            ("/mounts", json!([{"destination":"/run/docker.sock","source":"/var/run/docker.sock","type":"bind","options":["rbind"]}]), "runtime-socket"),
-            ("/mounts", json!([{"destination":"/host","source":"/etc","type":"bind","options":["rbind","ro"]}]), "sensitive-mount"),
-            ("/mounts", json!([{"destination":"/data","source":"/srv/data","options":["rbind","rw"]}]), "host-path"),
-            ("/mounts", json!([{"destination":"/data","source":"/srv/data","options":["rbind","rshared"]}]), "mount-propagation-shared"),
-            ("/linux/rootfsPropagation", json!("rshared"), "mount-propagation-shared"),
-            ("/linux/devices", json!([{"path":"/dev/sda","type":"b","major":8,"minor":0}]), "host-device"),
-            ("/linux/resources", json!({"memory":{"limit":1},"cpu":{"quota":1},"pids":{"limit":1},"devices":[{"allow":true,"access":"rwm"}]}), "devices-allow-all"),
+            (
+                "/linux/resources",
+                json!({"cpu":{"quota":1},"pids":{"limit":1}}),
+                "no-memory-limit",
+            ),
+            (
+                "/linux/resources",
+                json!({"memory":{"limit":1},"pids":{"limit":1}}),
+                "no-cpu-limit",
+            ),
+            (
+                "/linux/resources",
+                json!({"memory":{"limit":1},"cpu":{"quota":1}}),
+                "no-pids-limit",
+            ),
+            (
+                "/mounts",
+                json!([{"destination":"/run/docker.sock","source":"/var/run/docker.sock","type":"bind","options":["rbind"]}]),
+                "runtime-socket",
+            ),
+            (
+                "/mounts",
+                json!([{"destination":"/host","source":"/etc","type":"bind","options":["rbind","ro"]}]),
+                "sensitive-mount",
+            ),
+            (
+                "/mounts",
+                json!([{"destination":"/data","source":"/srv/data","options":["rbind","rw"]}]),
+                "host-path",
+            ),
+            (
+                "/mounts",
+                json!([{"destination":"/data","source":"/srv/data","options":["rbind","rshared"]}]),
+                "mount-propagation-shared",
+            ),
+            (
+                "/linux/rootfsPropagation",
+                json!("rshared"),
+                "mount-propagation-shared",
+            ),
+            (
+                "/linux/devices",
+                json!([{"path":"/dev/sda","type":"b","major":8,"minor":0}]),
+                "host-device",
+            ),
+            (
+                "/linux/resources",
+                json!({"memory":{"limit":1},"cpu":{"quota":1},"pids":{"limit":1},"devices":[{"allow":true,"access":"rwm"}]}),
+                "devices-allow-all",
+            ),
             ("/linux/maskedPaths", json!([]), "unmasked-proc"),
             ("/linux/readonlyPaths", json!([]), "unmasked-proc"),
-            ("/linux/sysctl", json!({"kernel.core_pattern":"|/x"}), "unsafe-sysctl"),
+            (
+                "/linux/sysctl",
+                json!({"kernel.core_pattern":"|/x"}),
+                "unsafe-sysctl",
+            ),
         ];
         for (ptr, v, want) in cases {
             let got = ids(&oci_with(ptr, v.clone()));
@@ -518,7 +690,11 @@ mod tests {
 
     #[test]
     fn run_as_root_is_low_inside_a_user_namespace() {
-        let f = audit_text(&oci_with("/process/user", serde_json::json!({"uid":0,"gid":0})), "t").unwrap();
+        let f = audit_text(
+            &oci_with("/process/user", serde_json::json!({"uid":0,"gid":0})),
+            "t",
+        )
+        .unwrap();
         let r = f.iter().find(|f| f.id == "run-as-root").unwrap();
         assert_eq!(r.severity, Severity::Low);
         assert_eq!(r.location, "/process/user/uid");
@@ -600,11 +776,22 @@ spec:
             1,
         );
         let f = audit_text(&sock, "t").unwrap();
-        let s = f.iter().find(|f| f.id == "runtime-socket").expect("runtime-socket");
+        let s = f
+            .iter()
+            .find(|f| f.id == "runtime-socket")
+            .expect("runtime-socket");
         assert_eq!(s.location, "spec.volumes[0].hostPath.path");
-        let etc = sock.replace("mountPath: /var/run/docker.sock", "mountPath: /host, mountPropagation: Bidirectional").replace("{path: /var/run/docker.sock}", "{path: /etc}");
+        let etc = sock
+            .replace(
+                "mountPath: /var/run/docker.sock",
+                "mountPath: /host, mountPropagation: Bidirectional",
+            )
+            .replace("{path: /var/run/docker.sock}", "{path: /etc}");
         let got = ids(&etc);
-        assert!(got.contains(&"sensitive-mount") && got.contains(&"mount-propagation-shared"), "{got:?}");
+        assert!(
+            got.contains(&"sensitive-mount") && got.contains(&"mount-propagation-shared"),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -617,7 +804,11 @@ spec:
         assert_eq!(ids(&json!([base.clone()]).to_string()), Vec::<&str>::new());
         let cases: Vec<(&str, serde_json::Value, &str)> = vec![
             ("/HostConfig/Privileged", json!(true), "privileged"),
-            ("/HostConfig/CapAdd", json!(["CAP_SYS_ADMIN"]), "cap-sys-admin"),
+            (
+                "/HostConfig/CapAdd",
+                json!(["CAP_SYS_ADMIN"]),
+                "cap-sys-admin",
+            ),
             ("/HostConfig/CapDrop", json!([]), "cap-net-raw"),
             ("/HostConfig/NetworkMode", json!("host"), "host-network"),
             ("/HostConfig/PidMode", json!("host"), "host-pid"),
@@ -625,32 +816,92 @@ spec:
             ("/HostConfig/UTSMode", json!("host"), "host-uts"),
             ("/HostConfig/CgroupnsMode", json!("host"), "host-cgroup-ns"),
             ("/HostConfig/UsernsMode", json!("host"), "no-userns"),
-            ("/HostConfig/SecurityOpt", json!(["no-new-privileges", "seccomp=unconfined"]), "seccomp-unconfined"),
-            ("/HostConfig/SecurityOpt", json!(["no-new-privileges", "apparmor=unconfined"]), "apparmor-unconfined"),
-            ("/HostConfig/SecurityOpt", json!(["no-new-privileges", "label=disable"]), "selinux-custom"),
-            ("/HostConfig/SecurityOpt", json!(["no-new-privileges", "systempaths=unconfined"]), "unmasked-proc"),
+            (
+                "/HostConfig/SecurityOpt",
+                json!(["no-new-privileges", "seccomp=unconfined"]),
+                "seccomp-unconfined",
+            ),
+            (
+                "/HostConfig/SecurityOpt",
+                json!(["no-new-privileges", "apparmor=unconfined"]),
+                "apparmor-unconfined",
+            ),
+            (
+                "/HostConfig/SecurityOpt",
+                json!(["no-new-privileges", "label=disable"]),
+                "selinux-custom",
+            ),
+            (
+                "/HostConfig/SecurityOpt",
+                json!(["no-new-privileges", "systempaths=unconfined"]),
+                "unmasked-proc",
+            ),
             ("/HostConfig/SecurityOpt", json!([]), "no-new-privileges"),
-            ("/HostConfig/ReadonlyRootfs", json!(false), "writable-rootfs"),
+            (
+                "/HostConfig/ReadonlyRootfs",
+                json!(false),
+                "writable-rootfs",
+            ),
             ("/HostConfig/Memory", json!(0), "no-memory-limit"),
             ("/HostConfig/NanoCpus", json!(0), "no-cpu-limit"),
             ("/HostConfig/PidsLimit", json!(null), "no-pids-limit"),
-            ("/HostConfig/Devices", json!([{"PathOnHost":"/dev/fuse","PathInContainer":"/dev/fuse","CgroupPermissions":"rwm"}]), "host-device"),
-            ("/HostConfig/DeviceCgroupRules", json!(["a *:* rwm"]), "devices-allow-all"),
-            ("/HostConfig/PortBindings", json!({"80/tcp":[{"HostIp":"","HostPort":"80"}]}), "host-port"),
-            ("/HostConfig/PortBindings", json!({"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"80"}]}), "privileged-port"),
-            ("/HostConfig/Sysctls", json!({"kernel.shmmax":"1"}), "unsafe-sysctl"),
-            ("/HostConfig/RestartPolicy", json!({"Name":"always","MaximumRetryCount":0}), "restart-policy"),
+            (
+                "/HostConfig/Devices",
+                json!([{"PathOnHost":"/dev/fuse","PathInContainer":"/dev/fuse","CgroupPermissions":"rwm"}]),
+                "host-device",
+            ),
+            (
+                "/HostConfig/DeviceCgroupRules",
+                json!(["a *:* rwm"]),
+                "devices-allow-all",
+            ),
+            (
+                "/HostConfig/PortBindings",
+                json!({"80/tcp":[{"HostIp":"","HostPort":"80"}]}),
+                "host-port",
+            ),
+            (
+                "/HostConfig/PortBindings",
+                json!({"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"80"}]}),
+                "privileged-port",
+            ),
+            (
+                "/HostConfig/Sysctls",
+                json!({"kernel.shmmax":"1"}),
+                "unsafe-sysctl",
+            ),
+            (
+                "/HostConfig/RestartPolicy",
+                json!({"Name":"always","MaximumRetryCount":0}),
+                "restart-policy",
+            ),
             ("/Config/Healthcheck", json!(null), "no-healthcheck"),
             ("/Config/User", json!(""), "run-as-root"),
             ("/Config/Image", json!("busybox"), "image-latest"),
-            ("/Mounts", json!([{"Type":"bind","Source":"/var/run/docker.sock","Destination":"/s","RW":true,"Propagation":"rprivate"}]), "runtime-socket"),
-            ("/Mounts", json!([{"Type":"bind","Source":"/proc","Destination":"/p","RW":true,"Propagation":"rprivate"}]), "sensitive-mount"),
-            ("/Mounts", json!([{"Type":"bind","Source":"/srv","Destination":"/p","RW":false,"Propagation":"rshared"}]), "mount-propagation-shared"),
+            (
+                "/Mounts",
+                json!([{"Type":"bind","Source":"/var/run/docker.sock","Destination":"/s","RW":true,"Propagation":"rprivate"}]),
+                "runtime-socket",
+            ),
+            (
+                "/Mounts",
+                json!([{"Type":"bind","Source":"/proc","Destination":"/p","RW":true,"Propagation":"rprivate"}]),
+                "sensitive-mount",
+            ),
+            (
+                "/Mounts",
+                json!([{"Type":"bind","Source":"/srv","Destination":"/p","RW":false,"Propagation":"rshared"}]),
+                "mount-propagation-shared",
+            ),
         ];
         for (ptr, v, want) in cases {
             let mut c = base.clone();
             let (parent, key) = ptr.rsplit_once('/').unwrap();
-            c.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_string(), v.clone());
+            c.pointer_mut(parent)
+                .unwrap()
+                .as_object_mut()
+                .unwrap()
+                .insert(key.to_string(), v.clone());
             let got = ids(&json!([c]).to_string());
             assert!(got.contains(&want), "{ptr} = {v}: want {want}, got {got:?}");
         }

@@ -41,7 +41,11 @@ pub fn outside_id(map: &[MapRange], id: u64) -> Option<u64> {
 }
 
 fn ids(st: &Status, key: &str) -> Vec<u64> {
-    st.get(key).unwrap_or("").split_whitespace().filter_map(|v| v.parse().ok()).collect()
+    st.get(key)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
 }
 
 pub fn checks(st: &Status) -> Vec<Check> {
@@ -57,25 +61,70 @@ pub fn checks(st: &Status) -> Vec<Check> {
     let mut out = Vec::new();
 
     out.push(match euid {
-        Some(0) => check("identity.uid", Outcome::Allowed, format!("runs as uid 0 (Uid: {})", st.get("Uid").unwrap_or("")), PRACTICE_USER),
-        Some(u) => check("identity.uid", Outcome::Blocked, format!("runs as uid {u}, gid {}", egid.map_or("?".into(), |g| g.to_string())), PRACTICE_USER),
-        None => check("identity.uid", Outcome::NotApplicable, "no Uid line in /proc/self/status", PRACTICE_USER),
+        Some(0) => check(
+            "identity.uid",
+            Outcome::Allowed,
+            format!("runs as uid 0 (Uid: {})", st.get("Uid").unwrap_or("")),
+            PRACTICE_USER,
+        ),
+        Some(u) => check(
+            "identity.uid",
+            Outcome::Blocked,
+            format!(
+                "runs as uid {u}, gid {}",
+                egid.map_or("?".into(), |g| g.to_string())
+            ),
+            PRACTICE_USER,
+        ),
+        None => check(
+            "identity.uid",
+            Outcome::NotApplicable,
+            "no Uid line in /proc/self/status",
+            PRACTICE_USER,
+        ),
     });
 
     let root_groups = egid == Some(0) || groups.contains(&0);
     out.push(check(
         "identity.groups",
-        if root_groups { Outcome::Allowed } else { Outcome::Blocked },
-        format!("gid {}, supplementary groups [{}]", egid.map_or("?".into(), |g| g.to_string()), st.get("Groups").unwrap_or("")),
+        if root_groups {
+            Outcome::Allowed
+        } else {
+            Outcome::Blocked
+        },
+        format!(
+            "gid {}, supplementary groups [{}]",
+            egid.map_or("?".into(), |g| g.to_string()),
+            st.get("Groups").unwrap_or("")
+        ),
         "no root group (gid 0) primary or supplementary (Trivy KSV-0116)",
     ));
 
     out.push(if uid_map.is_empty() {
-        check("identity.userns", Outcome::NotApplicable, "/proc/self/uid_map unreadable", PRACTICE_USER)
+        check(
+            "identity.userns",
+            Outcome::NotApplicable,
+            "/proc/self/uid_map unreadable",
+            PRACTICE_USER,
+        )
     } else if is_initial_map(&uid_map) {
-        check("identity.userns", Outcome::Allowed, "initial user namespace (uid_map is the identity 0 0 4294967295)", PRACTICE_USER)
+        check(
+            "identity.userns",
+            Outcome::Allowed,
+            "initial user namespace (uid_map is the identity 0 0 4294967295)",
+            PRACTICE_USER,
+        )
     } else {
-        check("identity.userns", Outcome::Blocked, format!("in a user namespace: uid_map [{}] gid_map [{}]", one_line(&uid_map_text), one_line(&gid_map_text)), PRACTICE_USER)
+        check(
+            "identity.userns",
+            Outcome::Blocked,
+            format!(
+                "in a user namespace: uid_map [{}] gid_map [{}]",
+                one_line(&uid_map_text),
+                one_line(&gid_map_text)
+            ),
+            PRACTICE_USER,
+        )
     });
 
     out.push(host_id_check("identity.host-uid", "uid", euid, &uid_map));
@@ -85,17 +134,40 @@ pub fn checks(st: &Status) -> Vec<Check> {
 
 fn host_id_check(id: &'static str, what: &str, inside: Option<u64>, map: &[MapRange]) -> Check {
     let Some(inside) = inside else {
-        return check(id, Outcome::NotApplicable, format!("effective {what} unknown"), PRACTICE_USER);
+        return check(
+            id,
+            Outcome::NotApplicable,
+            format!("effective {what} unknown"),
+            PRACTICE_USER,
+        );
     };
     match outside_id(map, inside) {
-        Some(0) => check(id, Outcome::Allowed, format!("{what} {inside} is {what} 0 in the parent user namespace"), PRACTICE_USER),
-        Some(o) => check(id, Outcome::Blocked, format!("{what} {inside} is {what} {o} in the parent user namespace"), PRACTICE_USER),
-        None => check(id, Outcome::NotApplicable, format!("{what} {inside} is unmapped"), PRACTICE_USER),
+        Some(0) => check(
+            id,
+            Outcome::Allowed,
+            format!("{what} {inside} is {what} 0 in the parent user namespace"),
+            PRACTICE_USER,
+        ),
+        Some(o) => check(
+            id,
+            Outcome::Blocked,
+            format!("{what} {inside} is {what} {o} in the parent user namespace"),
+            PRACTICE_USER,
+        ),
+        None => check(
+            id,
+            Outcome::NotApplicable,
+            format!("{what} {inside} is unmapped"),
+            PRACTICE_USER,
+        ),
     }
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("; ")
+    s.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]

@@ -59,7 +59,12 @@ pub struct Check {
     pub practice: &'static str,
 }
 
-fn check(id: &'static str, result: Outcome, detail: impl Into<String>, practice: &'static str) -> Check {
+fn check(
+    id: &'static str,
+    result: Outcome,
+    detail: impl Into<String>,
+    practice: &'static str,
+) -> Check {
     Check {
         id,
         result,
@@ -153,9 +158,21 @@ fn print_table(checks: &[Check], s: &Summary) {
     let w = checks.iter().map(|c| c.id.len()).max().unwrap_or(2);
     out!("{:<w$}  {:<7}  DETAIL  [PRACTICE]", "ID", "RESULT");
     for c in checks {
-        out!("{:<w$}  {:<7}  {}  [{}]", c.id, c.result.as_str(), c.detail, c.practice);
+        out!(
+            "{:<w$}  {:<7}  {}  [{}]",
+            c.id,
+            c.result.as_str(),
+            c.detail,
+            c.practice
+        );
     }
-    out!("{} checks: {} blocked, {} allowed, {} n/a", s.total, s.blocked, s.allowed, s.not_applicable);
+    out!(
+        "{} checks: {} blocked, {} allowed, {} n/a",
+        s.total,
+        s.blocked,
+        s.allowed,
+        s.not_applicable
+    );
 }
 
 /// The errno of a failed attempt, or 0 for success.
@@ -203,11 +220,23 @@ fn judge(r: &io::Result<()>, past_check: &[i32]) -> (Outcome, String) {
 
 fn judge_errno(e: i32, past_check: &[i32]) -> (Outcome, String) {
     match e {
-        0 => (Outcome::Allowed, "succeeded (anything created was released at once)".into()),
-        e if past_check.contains(&e) => (Outcome::Allowed, format!("permitted: {} past the permission check", errno_name(e))),
+        0 => (
+            Outcome::Allowed,
+            "succeeded (anything created was released at once)".into(),
+        ),
+        e if past_check.contains(&e) => (
+            Outcome::Allowed,
+            format!("permitted: {} past the permission check", errno_name(e)),
+        ),
         libc::EPERM | libc::EACCES => (Outcome::Blocked, format!("refused: {}", errno_name(e))),
-        libc::ENOSYS => (Outcome::Blocked, "refused: ENOSYS (seccomp, or not in this kernel)".into()),
-        e => (Outcome::NotApplicable, format!("undecided: {}", errno_name(e))),
+        libc::ENOSYS => (
+            Outcome::Blocked,
+            "refused: ENOSYS (seccomp, or not in this kernel)".into(),
+        ),
+        e => (
+            Outcome::NotApplicable,
+            format!("undecided: {}", errno_name(e)),
+        ),
     }
 }
 
@@ -217,9 +246,14 @@ fn judge_errno(e: i32, past_check: &[i32]) -> (Outcome, String) {
 fn in_child<F: FnOnce() -> i32>(f: F) -> Result<i32, String> {
     match moat_sys::probe::fork_bounded(Duration::from_secs(2), f) {
         Ok(moat_sys::probe::ChildExit::Exited(code)) => Ok(code),
-        Ok(moat_sys::probe::ChildExit::Signaled(sig)) => Err(format!("child killed by signal {sig}")),
+        Ok(moat_sys::probe::ChildExit::Signaled(sig)) => {
+            Err(format!("child killed by signal {sig}"))
+        }
         Ok(moat_sys::probe::ChildExit::TimedOut) => Err("child timed out".into()),
-        Err(e) => Err(format!("fork failed: {}", errno_name(e.raw_os_error().unwrap_or(libc::EIO)))),
+        Err(e) => Err(format!(
+            "fork failed: {}",
+            errno_name(e.raw_os_error().unwrap_or(libc::EIO))
+        )),
     }
 }
 
@@ -258,7 +292,9 @@ fn open_read_close(path: &str) -> io::Result<()> {
 }
 
 fn read_trim(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 #[cfg(test)]
@@ -276,9 +312,15 @@ mod tests {
     #[test]
     fn judge_maps_errnos() {
         assert_eq!(judge_errno(0, &[]).0, Outcome::Allowed);
-        assert_eq!(judge_errno(libc::EINVAL, &[libc::EINVAL]).0, Outcome::Allowed);
+        assert_eq!(
+            judge_errno(libc::EINVAL, &[libc::EINVAL]).0,
+            Outcome::Allowed
+        );
         assert_eq!(judge_errno(libc::EINVAL, &[]).0, Outcome::NotApplicable);
-        assert_eq!(judge_errno(libc::EPERM, &[libc::EINVAL]).0, Outcome::Blocked);
+        assert_eq!(
+            judge_errno(libc::EPERM, &[libc::EINVAL]).0,
+            Outcome::Blocked
+        );
         assert_eq!(judge_errno(libc::ENOSYS, &[]).0, Outcome::Blocked);
     }
 

@@ -8,7 +8,8 @@ use super::{check, judge_errno, nix_errno, Check, Outcome};
 
 const NET: &str = "no unneeded network: a fresh network namespace with loopback only unless asked (PRODUCT; CIS 5.10)";
 const SOCK: &str = "least privilege: no raw/packet sockets, no AF_ALG/AF_VSOCK (Docker seccomp; CAP_NET_RAW dropped)";
-const RUNTIME_SOCK: &str = "container runtime socket never reachable (CIS 5.32; kubesec DockerSock; Trivy KSV-0006)";
+const RUNTIME_SOCK: &str =
+    "container runtime socket never reachable (CIS 5.32; kubesec DockerSock; Trivy KSV-0006)";
 
 /// Interface names, from /sys/class/net or /proc/net/dev.
 pub fn interfaces() -> Vec<String> {
@@ -26,13 +27,26 @@ pub fn interfaces() -> Vec<String> {
 }
 
 pub fn parse_proc_net_dev(text: &str) -> Vec<String> {
-    text.lines().skip(2).filter_map(|l| l.split_once(':')).map(|(n, _)| n.trim().to_string()).collect()
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, _)| n.trim().to_string())
+        .collect()
 }
 
-fn try_socket(id: &'static str, fam: AddressFamily, ty: SockType, proto: Option<SockProtocol>, what: &str) -> Check {
+fn try_socket(
+    id: &'static str,
+    fam: AddressFamily,
+    ty: SockType,
+    proto: Option<SockProtocol>,
+    what: &str,
+) -> Check {
     let e = nix_errno(socket::socket(fam, ty, SockFlag::SOCK_CLOEXEC, proto));
     let (r, d) = match e {
-        libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::ESOCKTNOSUPPORT => (Outcome::Blocked, format!("not supported here ({})", super::errno_name(e))),
+        libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::ESOCKTNOSUPPORT => (
+            Outcome::Blocked,
+            format!("not supported here ({})", super::errno_name(e)),
+        ),
         e => judge_errno(e, &[]),
     };
     check(id, r, format!("{what}: {d}"), SOCK)
@@ -42,14 +56,48 @@ pub fn checks() -> Vec<Check> {
     let mut out = Vec::new();
     let ifs = interfaces();
     out.push(if ifs.iter().all(|i| i == "lo") {
-        check("net.interfaces", Outcome::Blocked, format!("loopback only ({})", ifs.join(",")), NET)
+        check(
+            "net.interfaces",
+            Outcome::Blocked,
+            format!("loopback only ({})", ifs.join(",")),
+            NET,
+        )
     } else {
-        check("net.interfaces", Outcome::Allowed, format!("interfaces: {}", ifs.join(",")), NET)
+        check(
+            "net.interfaces",
+            Outcome::Allowed,
+            format!("interfaces: {}", ifs.join(",")),
+            NET,
+        )
     });
-    out.push(try_socket("net.raw-socket", AddressFamily::Inet, SockType::Raw, Some(SockProtocol::Icmp), "AF_INET SOCK_RAW"));
-    out.push(try_socket("net.packet-socket", AddressFamily::Packet, SockType::Raw, None, "AF_PACKET"));
-    out.push(try_socket("net.af-alg", AddressFamily::Alg, SockType::SeqPacket, None, "AF_ALG"));
-    out.push(try_socket("net.af-vsock", AddressFamily::Vsock, SockType::Stream, None, "AF_VSOCK"));
+    out.push(try_socket(
+        "net.raw-socket",
+        AddressFamily::Inet,
+        SockType::Raw,
+        Some(SockProtocol::Icmp),
+        "AF_INET SOCK_RAW",
+    ));
+    out.push(try_socket(
+        "net.packet-socket",
+        AddressFamily::Packet,
+        SockType::Raw,
+        None,
+        "AF_PACKET",
+    ));
+    out.push(try_socket(
+        "net.af-alg",
+        AddressFamily::Alg,
+        SockType::SeqPacket,
+        None,
+        "AF_ALG",
+    ));
+    out.push(try_socket(
+        "net.af-vsock",
+        AddressFamily::Vsock,
+        SockType::Stream,
+        None,
+        "AF_VSOCK",
+    ));
     out.push(so_mark());
     out.push(runtime_sockets());
     out.push(abstract_sockets());
@@ -61,12 +109,32 @@ pub fn checks() -> Vec<Check> {
 /// throwaway socket changes nothing else.
 fn so_mark() -> Check {
     const P: &str = "no CAP_NET_ADMIN: the network cannot be reconfigured (Trivy KSV-0022)";
-    let fd = match socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) {
+    let fd = match socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
         Ok(fd) => fd,
-        Err(e) => return check("net.admin", Outcome::NotApplicable, format!("no UDP socket: {e}"), P),
+        Err(e) => {
+            return check(
+                "net.admin",
+                Outcome::NotApplicable,
+                format!("no UDP socket: {e}"),
+                P,
+            )
+        }
     };
-    let (r, d) = judge_errno(nix_errno(socket::setsockopt(&fd, socket::sockopt::Mark, &0)), &[]);
-    check("net.admin", r, format!("SO_MARK on a throwaway socket: {d}"), P)
+    let (r, d) = judge_errno(
+        nix_errno(socket::setsockopt(&fd, socket::sockopt::Mark, &0)),
+        &[],
+    );
+    check(
+        "net.admin",
+        r,
+        format!("SO_MARK on a throwaway socket: {d}"),
+        P,
+    )
 }
 
 const RUNTIME_SOCKETS: [&str; 8] = [
@@ -86,15 +154,30 @@ fn runtime_sockets() -> Check {
     for p in RUNTIME_SOCKETS {
         if std::path::Path::new(p).exists() {
             if UnixStream::connect(p).is_ok() {
-                return check("escape.runtime-socket", Outcome::Allowed, format!("{p} accepts connections"), RUNTIME_SOCK);
+                return check(
+                    "escape.runtime-socket",
+                    Outcome::Allowed,
+                    format!("{p} accepts connections"),
+                    RUNTIME_SOCK,
+                );
             }
             present.push(p);
         }
     }
     if present.is_empty() {
-        check("escape.runtime-socket", Outcome::Blocked, "no container runtime socket present", RUNTIME_SOCK)
+        check(
+            "escape.runtime-socket",
+            Outcome::Blocked,
+            "no container runtime socket present",
+            RUNTIME_SOCK,
+        )
     } else {
-        check("escape.runtime-socket", Outcome::Blocked, format!("present but refusing: {}", present.join(", ")), RUNTIME_SOCK)
+        check(
+            "escape.runtime-socket",
+            Outcome::Blocked,
+            format!("present but refusing: {}", present.join(", ")),
+            RUNTIME_SOCK,
+        )
     }
 }
 
@@ -102,19 +185,40 @@ fn runtime_sockets() -> Check {
 /// belong to processes sharing this namespace (CVE-2020-15257, the
 /// containerd-shim API).
 fn abstract_sockets() -> Check {
-    const P: &str = "host abstract UNIX sockets not reachable (CVE-2020-15257; separate network namespace)";
+    const P: &str =
+        "host abstract UNIX sockets not reachable (CVE-2020-15257; separate network namespace)";
     let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
     let names = parse_abstract(&text);
     if names.is_empty() {
-        check("net.abstract-unix", Outcome::Blocked, "no abstract UNIX sockets visible", P)
+        check(
+            "net.abstract-unix",
+            Outcome::Blocked,
+            "no abstract UNIX sockets visible",
+            P,
+        )
     } else {
         let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
-        check("net.abstract-unix", Outcome::Allowed, format!("{} abstract sockets visible: {}", names.len(), shown.join(" ")), P)
+        check(
+            "net.abstract-unix",
+            Outcome::Allowed,
+            format!(
+                "{} abstract sockets visible: {}",
+                names.len(),
+                shown.join(" ")
+            ),
+            P,
+        )
     }
 }
 
 pub fn parse_abstract(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(7)).filter(|p| p.starts_with('@')).map(str::to_string).collect();
+    let mut v: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|p| p.starts_with('@'))
+        .map(str::to_string)
+        .collect();
     v.sort();
     v.dedup();
     v

@@ -31,12 +31,10 @@ fn ns_inode(pid: &str, kind: &str) -> Option<u64> {
 /// as this process's root).
 fn root_mount_source() -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.get(4) == Some(&"/")).then(|| f.get(3).map(|s| (*s).to_string()))?
-        })
-        .last()
+    text.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&"/")).then(|| f.get(3).map(|s| (*s).to_string()))?
+    })
 }
 
 pub fn checks(st: &Status) -> Vec<Check> {
@@ -53,21 +51,51 @@ pub fn checks(st: &Status) -> Vec<Check> {
         ("time", "ns.time"),
     ] {
         let Some(mine) = ns_inode("self", kind) else {
-            out.push(check(id, Outcome::NotApplicable, format!("/proc/self/ns/{kind} not available"), PRACTICE_NS));
+            out.push(check(
+                id,
+                Outcome::NotApplicable,
+                format!("/proc/self/ns/{kind} not available"),
+                PRACTICE_NS,
+            ));
             continue;
         };
         let r = if let Some(init) = init_inode(kind) {
             if mine == init {
-                check(id, Outcome::Allowed, format!("the initial (host) {kind} namespace [{mine}]"), PRACTICE_NS)
+                check(
+                    id,
+                    Outcome::Allowed,
+                    format!("the initial (host) {kind} namespace [{mine}]"),
+                    PRACTICE_NS,
+                )
             } else {
-                check(id, Outcome::Blocked, format!("own {kind} namespace [{mine}]"), PRACTICE_NS)
+                check(
+                    id,
+                    Outcome::Blocked,
+                    format!("own {kind} namespace [{mine}]"),
+                    PRACTICE_NS,
+                )
             }
         } else if in_init_pidns {
             // PID 1 is the host's init: compare with it.
             match ns_inode("1", kind) {
-                Some(p1) if p1 == mine => check(id, Outcome::Allowed, format!("same {kind} namespace as the host's PID 1 [{mine}]"), PRACTICE_NS),
-                Some(p1) => check(id, Outcome::Blocked, format!("own {kind} namespace [{mine}], host PID 1 has [{p1}]"), PRACTICE_NS),
-                None => check(id, Outcome::NotApplicable, format!("[{mine}]; PID 1's namespaces are not visible"), PRACTICE_NS),
+                Some(p1) if p1 == mine => check(
+                    id,
+                    Outcome::Allowed,
+                    format!("same {kind} namespace as the host's PID 1 [{mine}]"),
+                    PRACTICE_NS,
+                ),
+                Some(p1) => check(
+                    id,
+                    Outcome::Blocked,
+                    format!("own {kind} namespace [{mine}], host PID 1 has [{p1}]"),
+                    PRACTICE_NS,
+                ),
+                None => check(
+                    id,
+                    Outcome::NotApplicable,
+                    format!("[{mine}]; PID 1's namespaces are not visible"),
+                    PRACTICE_NS,
+                ),
             }
         } else {
             heuristic(id, kind, mine)
@@ -75,7 +103,16 @@ pub fn checks(st: &Status) -> Vec<Check> {
         out.push(r);
     }
     let nspid = st.get("NSpid").unwrap_or("");
-    out.push(check("ns.pid-levels", if nspid.split_whitespace().count() > 1 { Outcome::Blocked } else { Outcome::Allowed }, format!("NSpid: {nspid}"), PRACTICE_NS));
+    out.push(check(
+        "ns.pid-levels",
+        if nspid.split_whitespace().count() > 1 {
+            Outcome::Blocked
+        } else {
+            Outcome::Allowed
+        },
+        format!("NSpid: {nspid}"),
+        PRACTICE_NS,
+    ));
     out.push(fingerprint());
     out
 }
@@ -85,15 +122,40 @@ pub fn checks(st: &Status) -> Vec<Check> {
 fn heuristic(id: &'static str, kind: &str, mine: u64) -> Check {
     match kind {
         "mnt" => match root_mount_source() {
-            Some(src) if src != "/" => check(id, Outcome::Blocked, format!("own mount namespace [{mine}]: root is the subtree {src} of its filesystem"), PRACTICE_NS),
-            _ => check(id, Outcome::NotApplicable, format!("[{mine}]; cannot compare (PID 1 is this container's init)"), PRACTICE_NS),
+            Some(src) if src != "/" => check(
+                id,
+                Outcome::Blocked,
+                format!(
+                    "own mount namespace [{mine}]: root is the subtree {src} of its filesystem"
+                ),
+                PRACTICE_NS,
+            ),
+            _ => check(
+                id,
+                Outcome::NotApplicable,
+                format!("[{mine}]; cannot compare (PID 1 is this container's init)"),
+                PRACTICE_NS,
+            ),
         },
         "net" => {
             let ifs = super::net::interfaces();
             if ifs.iter().all(|i| i == "lo") {
-                check(id, Outcome::Blocked, format!("own network namespace [{mine}]: only loopback"), PRACTICE_NS)
+                check(
+                    id,
+                    Outcome::Blocked,
+                    format!("own network namespace [{mine}]: only loopback"),
+                    PRACTICE_NS,
+                )
             } else {
-                check(id, Outcome::NotApplicable, format!("[{mine}]; interfaces {}; cannot compare with the host", ifs.join(",")), PRACTICE_NS)
+                check(
+                    id,
+                    Outcome::NotApplicable,
+                    format!(
+                        "[{mine}]; interfaces {}; cannot compare with the host",
+                        ifs.join(",")
+                    ),
+                    PRACTICE_NS,
+                )
             }
         }
         _ => check(id, Outcome::NotApplicable, format!("[{mine}]"), PRACTICE_NS),
@@ -122,9 +184,22 @@ pub fn runtime_from(cgroup: &str, dockerenv: bool, containerenv: bool) -> &'stat
 
 fn fingerprint() -> Check {
     let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let rt = runtime_from(&cg, std::path::Path::new("/.dockerenv").exists(), std::path::Path::new("/run/.containerenv").exists());
-    let first = cg.lines().find(|l| l.starts_with("0::") || l.contains(":memory:")).unwrap_or("").to_string();
-    check("runtime.fingerprint", Outcome::NotApplicable, format!("runtime: {rt}; cgroup {first}"), "know what runs you (amicontained/deepce fingerprint)")
+    let rt = runtime_from(
+        &cg,
+        std::path::Path::new("/.dockerenv").exists(),
+        std::path::Path::new("/run/.containerenv").exists(),
+    );
+    let first = cg
+        .lines()
+        .find(|l| l.starts_with("0::") || l.contains(":memory:"))
+        .unwrap_or("")
+        .to_string();
+    check(
+        "runtime.fingerprint",
+        Outcome::NotApplicable,
+        format!("runtime: {rt}; cgroup {first}"),
+        "know what runs you (amicontained/deepce fingerprint)",
+    )
 }
 
 #[cfg(test)]
@@ -141,8 +216,14 @@ mod tests {
 
     #[test]
     fn fingerprints() {
-        assert_eq!(runtime_from("0::/kubepods/burstable/pod1/abc", false, false), "kubernetes");
-        assert_eq!(runtime_from("12:memory:/docker/abc", false, false), "docker");
+        assert_eq!(
+            runtime_from("0::/kubepods/burstable/pod1/abc", false, false),
+            "kubernetes"
+        );
+        assert_eq!(
+            runtime_from("12:memory:/docker/abc", false, false),
+            "docker"
+        );
         assert_eq!(runtime_from("0::/", true, false), "docker");
         assert_eq!(runtime_from("0::/", false, false), "unknown");
     }

@@ -50,8 +50,16 @@ pub fn checks() -> Vec<Check> {
     for (id, p) in READONLY_PATHS {
         out.push(readonly(id, p, READONLY));
     }
-    out.push(readonly("fs.root-readonly", "/", "read-only root filesystem (PRODUCT; CIS 5.13; PSS readOnlyRootFilesystem)"));
-    out.push(readonly("fs.sys-readonly", "/sys", "/sys read-only (Docker and runc default mounts)"));
+    out.push(readonly(
+        "fs.root-readonly",
+        "/",
+        "read-only root filesystem (PRODUCT; CIS 5.13; PSS readOnlyRootFilesystem)",
+    ));
+    out.push(readonly(
+        "fs.sys-readonly",
+        "/sys",
+        "/sys read-only (Docker and runc default mounts)",
+    ));
     for (id, p) in WRITE_PATHS {
         out.push(write_attempt(id, p));
     }
@@ -61,41 +69,110 @@ pub fn checks() -> Vec<Check> {
 
 fn masked(id: &'static str, path: &str) -> Check {
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => check(id, Outcome::NotApplicable, format!("{path} absent (nothing to mask)"), MASKED),
-        Err(e) => check(id, Outcome::Blocked, format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))), MASKED),
-        Ok(m) if m.file_type().is_char_device() && m.rdev() == DEV_NULL => check(id, Outcome::Blocked, format!("{path} is /dev/null"), MASKED),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => check(
+            id,
+            Outcome::NotApplicable,
+            format!("{path} absent (nothing to mask)"),
+            MASKED,
+        ),
+        Err(e) => check(
+            id,
+            Outcome::Blocked,
+            format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))),
+            MASKED,
+        ),
+        Ok(m) if m.file_type().is_char_device() && m.rdev() == DEV_NULL => {
+            check(id, Outcome::Blocked, format!("{path} is /dev/null"), MASKED)
+        }
         Ok(m) if m.is_dir() => match std::fs::read_dir(path) {
             Ok(rd) => {
                 let n = rd.count();
                 if n == 0 {
-                    check(id, Outcome::Blocked, format!("{path} is empty (masked)"), MASKED)
+                    check(
+                        id,
+                        Outcome::Blocked,
+                        format!("{path} is empty (masked)"),
+                        MASKED,
+                    )
                 } else {
-                    check(id, Outcome::Allowed, format!("{path} lists {n} entries"), MASKED)
+                    check(
+                        id,
+                        Outcome::Allowed,
+                        format!("{path} lists {n} entries"),
+                        MASKED,
+                    )
                 }
             }
-            Err(e) => check(id, Outcome::Blocked, format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))), MASKED),
+            Err(e) => check(
+                id,
+                Outcome::Blocked,
+                format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))),
+                MASKED,
+            ),
         },
         Ok(_) => match open_read_close(path) {
-            Ok(()) => check(id, Outcome::Allowed, format!("{path} opens for reading"), MASKED),
-            Err(e) => check(id, Outcome::Blocked, format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))), MASKED),
+            Ok(()) => check(
+                id,
+                Outcome::Allowed,
+                format!("{path} opens for reading"),
+                MASKED,
+            ),
+            Err(e) => check(
+                id,
+                Outcome::Blocked,
+                format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))),
+                MASKED,
+            ),
         },
     }
 }
 
 fn readonly(id: &'static str, path: &str, practice: &'static str) -> Check {
     match rustix::fs::statvfs(path) {
-        Ok(s) if s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) => check(id, Outcome::Blocked, format!("{path} is on a read-only mount"), practice),
-        Ok(_) => check(id, Outcome::Allowed, format!("{path} is on a writable mount"), practice),
-        Err(rustix::io::Errno::NOENT) => check(id, Outcome::NotApplicable, format!("{path} absent"), practice),
-        Err(e) => check(id, Outcome::Blocked, format!("{path}: {}", errno_name(e.raw_os_error())), practice),
+        Ok(s) if s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) => check(
+            id,
+            Outcome::Blocked,
+            format!("{path} is on a read-only mount"),
+            practice,
+        ),
+        Ok(_) => check(
+            id,
+            Outcome::Allowed,
+            format!("{path} is on a writable mount"),
+            practice,
+        ),
+        Err(rustix::io::Errno::NOENT) => check(
+            id,
+            Outcome::NotApplicable,
+            format!("{path} absent"),
+            practice,
+        ),
+        Err(e) => check(
+            id,
+            Outcome::Blocked,
+            format!("{path}: {}", errno_name(e.raw_os_error())),
+            practice,
+        ),
     }
 }
 
 fn write_attempt(id: &'static str, path: &str) -> Check {
     match open_write_close(path) {
-        Ok(()) => check(id, Outcome::Allowed, format!("{path} opened for writing (closed without writing)"), WRITE),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => check(id, Outcome::NotApplicable, format!("{path} absent"), WRITE),
-        Err(e) => check(id, Outcome::Blocked, format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))), WRITE),
+        Ok(()) => check(
+            id,
+            Outcome::Allowed,
+            format!("{path} opened for writing (closed without writing)"),
+            WRITE,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            check(id, Outcome::NotApplicable, format!("{path} absent"), WRITE)
+        }
+        Err(e) => check(
+            id,
+            Outcome::Blocked,
+            format!("{path}: {}", errno_name(e.raw_os_error().unwrap_or(0))),
+            WRITE,
+        ),
     }
 }
 
@@ -103,9 +180,24 @@ fn write_attempt(id: &'static str, path: &str) -> Check {
 /// writing? (Opened and closed, never written or truncated.)
 fn self_exe() -> Check {
     const P: &str = "runtime binary protected from the container (CVE-2019-5736)";
-    let target = std::fs::read_link("/proc/self/exe").map(|p| p.display().to_string()).unwrap_or_default();
+    let target = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     match open_write_close("/proc/self/exe") {
-        Ok(()) => check("escape.proc-self-exe", Outcome::Allowed, format!("/proc/self/exe ({target}) opened for writing (closed without writing)"), P),
-        Err(e) => check("escape.proc-self-exe", Outcome::Blocked, format!("/proc/self/exe ({target}): {}", errno_name(e.raw_os_error().unwrap_or(0))), P),
+        Ok(()) => check(
+            "escape.proc-self-exe",
+            Outcome::Allowed,
+            format!("/proc/self/exe ({target}) opened for writing (closed without writing)"),
+            P,
+        ),
+        Err(e) => check(
+            "escape.proc-self-exe",
+            Outcome::Blocked,
+            format!(
+                "/proc/self/exe ({target}): {}",
+                errno_name(e.raw_os_error().unwrap_or(0))
+            ),
+            P,
+        ),
     }
 }
