@@ -6,4 +6,5 @@
 pub mod bpf;
 pub mod fd;
 pub mod mount;
+pub mod probe;
 pub mod process;

@@ -134,6 +134,14 @@ pub enum Cmd {
         #[arg(long)]
         rootless: bool,
     },
+    /// Report the isolation that actually holds here (run it inside any container)
+    Probe {
+        /// One JSON document: every check and a summary
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a config.json, `docker inspect` output or Kubernetes YAML against best practices
+    Audit(crate::audit::AuditArgs),
     /// Not supported
     #[command(hide = true)]
     Checkpoint {

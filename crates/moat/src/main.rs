@@ -10,9 +10,11 @@ macro_rules! out {
     }};
 }
 
+mod audit;
 mod cli;
 mod log;
 mod oci;
+mod probe;
 mod specgen;
 
 use std::process::ExitCode;

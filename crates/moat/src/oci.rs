@@ -119,6 +119,8 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(0)
         }
+        Cmd::Probe { json } => crate::probe::main(json),
+        Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),
         Cmd::Checkpoint { .. } | Cmd::Restore { .. } => {
             bail!("checkpoint/restore is not supported by moat")
         }
