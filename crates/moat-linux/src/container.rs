@@ -216,6 +216,7 @@ impl Runtime {
                 || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
         });
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
+        let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
         let ctx = InitContext {
             id: &opts.id,
             spec: &spec,
@@ -231,6 +232,7 @@ impl Runtime {
             start,
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
+            cgroup_join: cgroup_join.as_ref(),
         };
         let fast = plan.clone_flags();
         let first = match fast {
@@ -243,9 +245,6 @@ impl Runtime {
         drop(ctx);
         drop(child);
         cleanup.pid = first;
-        if let Some(cg) = cg {
-            cg.add_pid(first)?;
-        }
         let pid = if fast.is_some() {
             if plan.new_user() {
                 write_maps(first, &spec)?;

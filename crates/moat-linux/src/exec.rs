@@ -95,6 +95,7 @@ pub fn exec(
         }
         _ => None,
     };
+    let join = cg.map(CgroupManager::join_files).transpose()?;
     let (parent, child) = sync::pair()?;
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
     let in_user_ns = flags.contains(CloneFlags::CLONE_NEWUSER);
@@ -126,6 +127,9 @@ pub fn exec(
             child
                 .expect(Msg::Go, "go")
                 .map_err(|e| crate::error_chain(&e))?;
+            if let Some(j) = &join {
+                j.join_self().map_err(|e| crate::error_chain(&e))?;
+            }
             crate::container::protect_runtime_process()
                 .map_err(|e| format!("cannot make the exec process non-dumpable: {e}"))?;
             nix::sched::setns(pidfd.as_fd(), flags)
@@ -150,11 +154,7 @@ pub fn exec(
     let reap = |p: i32| {
         let _ = waitpid(Pid::from_raw(p), None);
     };
-    if let Err(e) = cg.map_or(Ok(()), |cg| cg.add_pid(first)) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(first), nix::sys::signal::Signal::SIGKILL);
-        reap(first);
-        return Err(e.into());
-    }
+    drop(join);
     parent.send(&Msg::Go)?;
     let pid = match parent.recv() {
         Ok(Msg::Pid(p)) => p,

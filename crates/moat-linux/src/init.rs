@@ -21,6 +21,8 @@ pub enum InitError {
     Ns(#[from] ns::NsError),
     #[error("rootfs")]
     Rootfs(#[from] rootfs::RootfsError),
+    #[error("cgroup")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error(transparent)]
     Hook(#[from] hooks::HookError),
     #[error("terminal")]
@@ -64,6 +66,8 @@ pub struct InitContext<'a> {
     pub preserve_fds: u32,
     pub console_socket: Option<OwnedFd>,
     pub start: StartSignal,
+    /// Files to move ourselves into the container's cgroup with.
+    pub cgroup_join: Option<&'a crate::cgroup::JoinFiles>,
     /// The state-dir lock of the runtime, to close first thing.
     pub lock_fd: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
@@ -85,6 +89,7 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
 fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
+    join_cgroup(ctx)?;
     ns::join(ctx.join_files, ctx.plan, |t| t == LinuxNamespaceType::User)?;
     if ctx.plan.new_user() {
         ns::unshare_flags(CloneFlags::CLONE_NEWUSER)?;
@@ -123,6 +128,7 @@ enum Never {}
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
+    join_cgroup(ctx)?;
     crate::container::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
     become_root_in_user_ns(ctx)?;
@@ -172,6 +178,13 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // Report on the channel the starter listens to.
     let _ = reply.send(&Msg::Error(crate::error_chain(&err)));
     Err(err.into())
+}
+
+fn join_cgroup(ctx: &InitContext) -> Result<(), InitError> {
+    if let Some(j) = ctx.cgroup_join {
+        j.join_self()?;
+    }
+    Ok(())
 }
 
 fn release_runtime_lock(ctx: &InitContext) {

@@ -94,6 +94,11 @@ fn install_ro_copy(exe: &File) -> std::io::Result<std::path::PathBuf> {
     }
     if !target.is_file() {
         mount_remount(dir, base, c"")?;
+        // Keep one binary: entries of older builds go (a process still
+        // running from one keeps its unlinked inode until it exits).
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
         let tmp = dir.join(format!(".{key}.tmp"));
         let r = (|| {
             let mut src = exe.try_clone()?;

@@ -240,6 +240,25 @@ impl CgroupManager {
         dispatch!(self, m => m.add_pid(pid))
     }
 
+    /// Opens the files through which a process moves *itself* into this
+    /// cgroup (see [`JoinFiles`]). Opened by the runtime, written by the
+    /// container process: the kernel checks the opener's credentials.
+    pub fn join_files(&self) -> Result<JoinFiles, CgroupError> {
+        let targets = dispatch!(self, m => m.join_targets());
+        let mut files = Vec::with_capacity(targets.len());
+        for path in targets {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| CgroupError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            files.push((path, f));
+        }
+        Ok(JoinFiles { files })
+    }
+
     pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
         dispatch!(self, m => m.update(resources))
     }
@@ -304,6 +323,31 @@ pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, CgroupError> {
             path: path.into(),
             source,
         }),
+    }
+}
+
+/// Open cgroup files a single-threaded process writes "0" to in order to
+/// join the container's cgroup. On v1 these are `tasks` files: moving only
+/// the calling thread lets the kernel skip the global threadgroup lock,
+/// whose RCU grace period makes the first `cgroup.procs` write of a process
+/// cost ~10 ms; on v2 (and the hybrid v2 tree) they are `cgroup.procs`.
+#[derive(Debug)]
+pub struct JoinFiles {
+    files: Vec<(PathBuf, std::fs::File)>,
+}
+
+impl JoinFiles {
+    /// Moves the calling (single-threaded) process into every hierarchy.
+    pub fn join_self(&self) -> Result<(), CgroupError> {
+        use std::io::Write as _;
+        for (path, f) in &self.files {
+            (&*f).write_all(b"0").map_err(|source| CgroupError::Write {
+                path: path.clone(),
+                value: "0".into(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -156,8 +156,10 @@ impl Manager {
         }
         let wants_hugetlb = plan.iter().any(|s| s.controller == "hugetlb");
         if let Some(u) = &self.unified {
-            // Rootless: the hybrid v2 tree is joined only when a hugetlb limit needs it.
-            if !self.rootless || (hugetlb_v2 && wants_hugetlb) {
+            // The hybrid v2 tree is joined only when a hugetlb limit needs it:
+            // nothing else lives there, and joining a v2 cgroup costs an RCU
+            // grace period (the threadgroup lock).
+            if hugetlb_v2 && wants_hugetlb {
                 let needed: BTreeSet<String> = if hugetlb_v2 {
                     ["hugetlb".to_owned()].into()
                 } else {
@@ -280,11 +282,29 @@ impl Manager {
         v
     }
 
+    /// `tasks` of every hierarchy the container has a cgroup in, and
+    /// `cgroup.procs` of the hybrid v2 tree when one was made there.
+    pub(crate) fn join_targets(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .hierarchies
+            .iter()
+            .filter(|h| !self.rootless || h.path.exists())
+            .map(|h| h.path.join("tasks"))
+            .collect();
+        if let Some(u) = self.unified.as_ref().filter(|u| u.path.exists()) {
+            v.push(u.path.join("cgroup.procs"));
+        }
+        v
+    }
+
     pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in self.all_dirs() {
-            // Rootless skips what create could not make; anything that
-            // exists (and so may carry limits) must take the pid.
-            if self.rootless && !dir.exists() {
+            // Rootless skips what create could not make, and the hybrid v2
+            // tree is only made for hugetlb limits; anything that exists
+            // (and so may carry limits) must take the pid.
+            if (self.rootless || self.unified.as_ref().is_some_and(|u| u.path == dir))
+                && !dir.exists()
+            {
                 continue;
             }
             write(&dir.join("cgroup.procs"), &pid.to_string())?;

@@ -122,6 +122,10 @@ impl Manager {
         Ok(())
     }
 
+    pub(crate) fn join_targets(&self) -> Vec<PathBuf> {
+        vec![self.path.join("cgroup.procs")]
+    }
+
     pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
         write(&self.path.join("cgroup.procs"), &pid.to_string())
     }
