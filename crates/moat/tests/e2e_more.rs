@@ -255,3 +255,118 @@ fn delete_force_after_runtime_killed_mid_create() {
         .args(["-f", &marker.display().to_string()])
         .status();
 }
+
+/// tmpcopyup (Podman's --read-only tmpfs): the tmpfs starts with what it
+/// hides, is writable, and writes never reach the image.
+#[test]
+fn tmpfs_copy_up() {
+    let Some(rt) = Rt::root_or_skip("tmpfs_copy_up") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP tmpfs_copy_up: runc 1.1 handles tmpcopyup differently");
+        return;
+    }
+    let mut b = script("grep -c root /etc/passwd; ls -l /etc/link | grep -o -- '-> passwd'; echo new > /etc/added && cat /etc/added");
+    fs::create_dir_all(b.rootfs().join("etc")).unwrap();
+    std::os::unix::fs::symlink("passwd", b.rootfs().join("etc/link")).unwrap();
+    b.push("/mounts", json!({"destination": "/etc", "type": "tmpfs", "source": "tmpfs", "options": ["tmpcopyup", "mode=755"]}));
+    let out = rt.run_ok(&b);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["1", "-> passwd", "new"],
+        "{out}"
+    );
+    assert!(!b.rootfs().join("etc/added").exists());
+}
+
+/// All six hooks run, in order, each with the state on stdin; createRuntime
+/// runs in the runtime's namespaces, createContainer in the container's mount
+/// namespace before pivot_root, startContainer inside the container.
+#[test]
+fn all_six_hooks_in_order() {
+    let Some(rt) = Rt::root_or_skip("all_six_hooks_in_order") else {
+        return;
+    };
+    let log = rt.scratch_file("hooks.log");
+    fs::write(&log, "").unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut b = Bundle::new(&["sh", "-c", "echo workload >> /out/hooks.log"]);
+    b.push("/mounts", json!({"destination": "/out", "type": "bind", "source": out_dir.path(), "options": ["rbind", "rw"]}));
+    let host_hook = |name: &str| {
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!(
+            "st=$(cat); case \"$st\" in *'\"id\"'*) ;; *) echo nostate;; esac; echo {name} $(readlink /proc/self/ns/mnt) >> {}", log.display())]})
+    };
+    for (stage, name) in [
+        ("prestart", "prestart"),
+        ("createRuntime", "createRuntime"),
+        ("createContainer", "createContainer"),
+        ("poststart", "poststart"),
+        ("poststop", "poststop"),
+    ] {
+        b.push(&format!("/hooks/{stage}"), host_hook(name));
+    }
+    b.push("/hooks/startContainer", json!({"path": "/bin/sh", "args": ["sh", "-c", "cat >/dev/null; echo startContainer >> /out/hooks.log"]}));
+    let c = rt
+        .create(&b, &[])
+        .unwrap_or_else(|o| panic!("create: {o:?}"));
+    c.start().expect_ok();
+    c.wait_status("stopped");
+    rt.cmd(&["delete", &c.id]).expect_ok();
+    let host_mnt = fs::read_link("/proc/self/ns/mnt")
+        .unwrap()
+        .display()
+        .to_string();
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let names: Vec<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "poststart",
+            "poststop"
+        ],
+        "{text}"
+    );
+    assert!(!text.contains("nostate"), "{text}");
+    let ns_of = |i: usize| lines[i].split(' ').nth(1).unwrap_or("").to_string();
+    assert_eq!(ns_of(0), host_mnt, "prestart runs in the runtime namespace");
+    assert_eq!(
+        ns_of(1),
+        host_mnt,
+        "createRuntime runs in the runtime namespace"
+    );
+    assert_ne!(
+        ns_of(2),
+        host_mnt,
+        "createContainer runs in the container's mount namespace"
+    );
+    let inside = fs::read_to_string(out_dir.path().join("hooks.log")).unwrap();
+    assert_eq!(inside, "startContainer\nworkload\n");
+}
+
+/// AppArmor and SELinux requests on a host without them are refused clearly.
+#[test]
+fn lsm_request_without_lsm_is_refused() {
+    let Some(rt) = Rt::root_or_skip("lsm_request_without_lsm") else {
+        return;
+    };
+    if !rt.is_moat() || Path::new("/sys/kernel/security/apparmor").exists() {
+        eprintln!("SKIP lsm_request_without_lsm: host has AppArmor, or runtime is not moat");
+        return;
+    }
+    let mut b = Bundle::new(&["true"]);
+    b.set("/process/apparmorProfile", json!("docker-default"));
+    let (_c, out) = rt.run_fg(&b);
+    assert!(!out.ok());
+    assert!(
+        out.stderr.contains("AppArmor is not enabled"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(root_entries(&rt).is_empty());
+}

@@ -135,8 +135,20 @@ fn podman_run_options_reach_the_container() {
         "65534"
     );
 
-    // --read-only alone adds tmpfs mounts with crun's `tmpcopyup` option,
-    // which moat refuses (see docs/integrations.md).
+    // --read-only alone adds tmpfs mounts on /tmp, /var/tmp and /run with
+    // the `tmpcopyup` option: those stay writable, the root does not.
+    let ro = pm.run(
+        &["--read-only"],
+        &[
+            "sh",
+            "-c",
+            "touch /x 2>&1; echo rc=$?; touch /tmp/y && echo tmp-ok",
+        ],
+    );
+    assert!(
+        ro.contains("Read-only file system") && ro.contains("rc=1") && ro.contains("tmp-ok"),
+        "{ro}"
+    );
     let ro = pm.run(
         &["--read-only", "--read-only-tmpfs=false"],
         &["sh", "-c", "touch /x 2>&1; echo rc=$?"],

@@ -129,6 +129,12 @@ pub enum RootfsError {
         #[source]
         source: io::Error,
     },
+    #[error("copy the contents of {dest} into its tmpfs (tmpcopyup)")]
+    CopyUp {
+        dest: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mount on {dest}: {what} is not supported")]
     Unsupported { dest: PathBuf, what: &'static str },
     #[error("mount on {dest} refused: only procfs on /proc, and only lxcfs-style files inside it")]

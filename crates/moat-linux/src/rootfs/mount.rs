@@ -69,10 +69,10 @@ impl<'a> Entry<'a> {
 /// Mounts one spec entry inside the root.
 pub fn mount_entry(root: BorrowedFd<'_>, cfg: &RootfsConfig, m: &Mount) -> Result<(), RootfsError> {
     let mut e = Entry::new(m);
-    if e.opts.tmpcopyup {
+    if e.opts.tmpcopyup && e.fstype != "tmpfs" {
         return Err(RootfsError::Unsupported {
             dest: e.dest.clone(),
-            what: "the tmpcopyup option",
+            what: "tmpcopyup on a mount that is not tmpfs",
         });
     }
     if e.fstype == "rbind" {
@@ -129,6 +129,20 @@ pub fn filesystem(root: BorrowedFd<'_>, e: &Entry) -> Result<(), RootfsError> {
         .unwrap_or_else(|| e.fstype.to_owned());
     let data = e.opts.data_string();
     let flags = e.opts.flags & !MsFlags::MS_REMOUNT;
+    // tmpcopyup: keep a handle on the directory the tmpfs will hide.
+    let below = if e.opts.tmpcopyup {
+        let dir = std::fs::File::open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&target)
+        ))
+        .map_err(|source| RootfsError::CopyUp {
+            dest: e.dest.clone(),
+            source,
+        })?;
+        Some(dir)
+    } else {
+        None
+    };
     mount_at(
         Some(&source),
         target.as_fd(),
@@ -137,7 +151,59 @@ pub fn filesystem(root: BorrowedFd<'_>, e: &Entry) -> Result<(), RootfsError> {
         Some(&data),
     )
     .map_err(e.err(format!("mount {}", e.fstype)))?;
+    if let Some(below) = below {
+        let top = resolve::open(root, &e.dest, true).map_err(|source| RootfsError::CopyUp {
+            dest: e.dest.clone(),
+            source,
+        })?;
+        copy_up(&below, &top).map_err(|source| RootfsError::CopyUp {
+            dest: e.dest.clone(),
+            source,
+        })?;
+    }
     after_mount(root, e, false)
+}
+
+/// Copies a directory tree (files, directories, symlinks; modes and owners)
+/// from the hidden directory `below` into the fresh tmpfs `top`. Symlinks
+/// are copied as links, never followed; device nodes, fifos and sockets are
+/// skipped.
+fn copy_up(below: &std::fs::File, top: &OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let src = PathBuf::from(format!("/proc/self/fd/{}", below.as_raw_fd()));
+    let dst = PathBuf::from(format!("/proc/self/fd/{}", top.as_raw_fd()));
+    let m = below.metadata()?;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    std::os::unix::fs::chown(&dst, Some(m.uid()), Some(m.gid()))?;
+    copy_tree(&src, &dst)
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        let m = std::fs::symlink_metadata(&from)?;
+        let ft = m.file_type();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+            std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))?;
+            continue;
+        }
+        if ft.is_dir() {
+            std::fs::create_dir(&to)?;
+            copy_tree(&from, &to)?;
+        } else if ft.is_file() {
+            std::fs::copy(&from, &to)?;
+        } else {
+            continue;
+        }
+        std::os::unix::fs::chown(&to, Some(m.uid()), Some(m.gid()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    Ok(())
 }
 
 /// Opens (creating if needed) the mount target. For proc and sysfs the last

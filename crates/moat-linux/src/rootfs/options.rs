@@ -36,7 +36,7 @@ pub struct MountOptions {
     pub rec_clear: u64,
     /// "idmap" or "ridmap".
     pub idmap: Option<Idmap>,
-    /// "tmpcopyup" (runc extension, not supported by moat).
+    /// "tmpcopyup" (runc extension): copy what the tmpfs hides into it.
     pub tmpcopyup: bool,
     /// Options the kernel's filesystem gets as its data string.
     pub data: Vec<String>,
