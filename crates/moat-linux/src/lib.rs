@@ -11,6 +11,7 @@ pub mod exec;
 pub mod hooks;
 pub mod idmap;
 pub mod init;
+pub mod mountinfo;
 pub mod ns;
 pub mod process;
 pub mod rlimit;

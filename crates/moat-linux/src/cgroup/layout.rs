@@ -48,30 +48,7 @@ const V1_CONTROLLERS: &[&str] = &[
     "misc",
 ];
 
-/// Undoes mountinfo's octal escapes (`\040` for space and so on).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(c) = u8::try_from(v) {
-                out.push(c);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::mountinfo::unescape;
 
 /// The cgroup and cgroup2 mounts in a mountinfo text, first mount of each
 /// v1 hierarchy only (bind mounts of the same hierarchy repeat it).

@@ -115,25 +115,7 @@ pub fn parent_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
     best
 }
 
-/// mountinfo escapes space, tab, newline and backslash as \ooo octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::mountinfo::unescape;
 
 #[cfg(test)]
 mod tests {
