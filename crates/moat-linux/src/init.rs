@@ -313,12 +313,84 @@ fn wait_for_start(ctx: &InitContext, chan: &Channel) -> Result<Option<Channel>, 
             chan.expect(Msg::Start, "start")?;
             Ok(None)
         }
-        StartSignal::Listener(l) => loop {
-            let conn = Channel::accept(l).map_err(InitError::Accept)?;
-            match conn.recv() {
-                Ok(Msg::Start) => return Ok(Some(conn)),
-                _ => continue,
+        StartSignal::Listener(l) => {
+            let guard = TerminationSignals::catch()?;
+            loop {
+                guard.wait_readable(l)?;
+                let conn = Channel::accept(l).map_err(InitError::Accept)?;
+                if let Ok(Msg::Start) = conn.recv() {
+                    guard.release()?;
+                    return Ok(Some(conn));
+                }
             }
-        },
+        }
+    }
+}
+
+/// While a created container waits for `start`, its init is PID 1 of its
+/// namespace with no signal handlers, so the kernel would drop SIGTERM and
+/// friends sent from outside and `kill ID TERM` would do nothing (runc's
+/// init, a Go program, dies of them). Blocked signals are queued even for a
+/// namespace init, so block them, watch a signalfd, and exit as if killed.
+struct TerminationSignals {
+    fd: nix::sys::signalfd::SignalFd,
+    old: nix::sys::signal::SigSet,
+}
+
+const TERMINATING: [nix::sys::signal::Signal; 6] = {
+    use nix::sys::signal::Signal::*;
+    [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]
+};
+
+impl TerminationSignals {
+    fn catch() -> Result<TerminationSignals, InitError> {
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+        let mut set = SigSet::empty();
+        for s in TERMINATING {
+            set.add(s);
+        }
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
+            .map_err(sys("block signals"))?;
+        let fd = nix::sys::signalfd::SignalFd::with_flags(
+            &set,
+            nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+        )
+        .map_err(sys("watch signals"))?;
+        Ok(TerminationSignals { fd, old })
+    }
+
+    /// Waits until `l` can accept; exits the process on a terminating signal.
+    fn wait_readable(&self, l: &OwnedFd) -> Result<(), InitError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            let mut fds = [
+                PollFd::new(l.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.fd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(sys("wait for start")(e)),
+                Ok(_) => {}
+            }
+            if fds[1].any().unwrap_or(false) {
+                if let Ok(Some(info)) = self.fd.read_signal() {
+                    moat_sys::process::exit_now(128 + info.ssi_signo as i32);
+                }
+            }
+            if fds[0].any().unwrap_or(false) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Restores the signal mask (execve would otherwise keep it blocked).
+    fn release(self) -> Result<(), InitError> {
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&self.old),
+            None,
+        )
+        .map_err(sys("restore the signal mask"))
     }
 }

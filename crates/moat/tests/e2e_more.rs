@@ -370,3 +370,18 @@ fn lsm_request_without_lsm_is_refused() {
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
     assert!(root_entries(&rt).is_empty());
 }
+
+/// SIGTERM reaches a created (not yet started) container, as with runc.
+#[test]
+fn sigterm_stops_a_created_container() {
+    let Some(rt) = Rt::root_or_skip("sigterm_stops_a_created_container") else {
+        return;
+    };
+    let b = Bundle::new(&["true"]);
+    let c = rt
+        .create(&b, &[])
+        .unwrap_or_else(|o| panic!("create: {o:?}"));
+    assert_eq!(c.status(), "created");
+    c.kill("TERM").expect_ok();
+    c.wait_status("stopped");
+}
