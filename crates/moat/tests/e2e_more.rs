@@ -385,3 +385,69 @@ fn sigterm_stops_a_created_container() {
     c.kill("TERM").expect_ok();
     c.wait_status("stopped");
 }
+
+/// SCMP_ACT_NOTIFY: the runtime hands the notify fd and the container process
+/// state (with listenerMetadata) to listenerPath. The listener here closes the
+/// fd without answering, so the notified syscall fails in the container.
+#[test]
+fn seccomp_notify_fd_reaches_the_listener() {
+    let Some(rt) = Rt::root_or_skip("seccomp_notify_fd_reaches_the_listener") else {
+        return;
+    };
+    let sock = rt.scratch_file("seccomp.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let agent = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().unwrap() {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(f) = c {
+                fds.extend(f.into_iter().map(moat_fd));
+            }
+        }
+        let n = msg.bytes;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let is_notify = fds
+            .first()
+            .and_then(|f| fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok())
+            .map(|l| l.display().to_string())
+            .unwrap_or_default();
+        drop(fds); // closing the listener's fd fails the pending syscall
+        (text, is_notify)
+    });
+    let mut b = script("mkdir /tmp/notified 2>/dev/null; echo rc=$?");
+    b.set("/root/readonly", json!(false));
+    b.set(
+        "/linux/seccomp",
+        json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "listenerPath": sock,
+            "listenerMetadata": "hello-agent",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_NOTIFY"}]
+        }),
+    );
+    let out = rt.run_ok(&b);
+    let (state, fd_kind) = agent.join().unwrap();
+    assert!(out.contains("rc=1"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&state).unwrap_or_else(|e| panic!("{e}: {state}"));
+    assert_eq!(v["metadata"], "hello-agent", "{state}");
+    assert_eq!(v["fds"], json!(["seccompFd"]), "{state}");
+    assert!(v["pid"].as_i64().unwrap_or(0) > 0, "{state}");
+    assert!(
+        v["state"]["id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("e2e-run")),
+        "{state}"
+    );
+    assert!(fd_kind.contains("seccomp"), "{fd_kind}");
+}
