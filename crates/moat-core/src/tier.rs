@@ -5,7 +5,19 @@ use std::str::FromStr;
 /// Annotation that selects the tier from config.json.
 pub const TIER_ANNOTATION: &str = "dev.moat.isolation";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// Ordered from weakest to strongest isolation.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     #[default]

@@ -677,6 +677,14 @@ pub(crate) fn protect_runtime_process() -> Result<(), nix::Error> {
     }
 }
 
+/// The tier a container gets when both the config's annotation (written by
+/// whoever wrote the pod or container spec) and the runtime's flag or program
+/// name (chosen by whoever installed the runtime, e.g. a RuntimeClass) ask for
+/// one: the stronger. A workload may ask for more isolation, never less.
+pub fn effective_tier(annotation: Option<Tier>, chosen: Option<Tier>) -> Tier {
+    annotation.max(chosen).unwrap_or_default()
+}
+
 fn check_tier(spec: &Spec, chosen: Option<Tier>) -> Result<(), ContainerError> {
     let from_annotation = spec
         .annotations()
@@ -684,7 +692,7 @@ fn check_tier(spec: &Spec, chosen: Option<Tier>) -> Result<(), ContainerError> {
         .and_then(|a| a.get(moat_core::tier::TIER_ANNOTATION))
         .map(|v| v.parse::<Tier>().map_err(ContainerError::Invalid))
         .transpose()?;
-    let tier = from_annotation.or(chosen).unwrap_or_default();
+    let tier = effective_tier(from_annotation, chosen);
     if !tier.is_available() {
         return Err(ContainerError::TierUnavailable(tier));
     }
@@ -974,6 +982,15 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stronger_tier_wins() {
+        use Tier::*;
+        assert_eq!(effective_tier(None, None), Container);
+        assert_eq!(effective_tier(Some(Container), Some(Sandbox)), Sandbox);
+        assert_eq!(effective_tier(Some(Microvm), Some(Container)), Microvm);
+        assert_eq!(effective_tier(None, Some(Sandbox)), Sandbox);
+    }
 
     #[test]
     fn socket_path_fits_under_a_long_state_dir() {
