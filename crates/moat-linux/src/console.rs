@@ -67,3 +67,162 @@ pub fn setup_pty(socket: BorrowedFd) -> Result<(), ConsoleError> {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// Receives a pty master sent over a console socket (SCM_RIGHTS).
+pub fn recv_master(socket: BorrowedFd) -> Result<std::os::fd::OwnedFd, ConsoleError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
+    let mut buf = [0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(ConsoleError::Send)?;
+    for c in msg.cmsgs().map_err(ConsoleError::Send)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                return Ok(moat_sys::fd::own(fd));
+            }
+        }
+    }
+    Err(ConsoleError::Send(nix::Error::EBADMSG))
+}
+
+/// `moat run` with a terminal and no console socket: moat itself is the
+/// terminal's other end. Copies stdin to the pty and the pty to stdout (the
+/// caller's terminal in raw mode, with its window size followed), forwards
+/// terminating signals to `pid`, and returns its exit status (128+N for a
+/// signal) once it has exited and its output is drained.
+pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use std::io::{Read, Write};
+    let stdin = std::io::stdin();
+    let tty = rustix::termios::isatty(&stdin);
+    let saved = tty
+        .then(|| rustix::termios::tcgetattr(&stdin).ok())
+        .flatten();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw);
+        resize(&master);
+    }
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGWINCH,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    let mut old = SigSet::empty();
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    let sigfd =
+        nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
+            .ok();
+    let mut master_file = std::fs::File::from(master);
+    let mut stdin_open = true;
+    let mut master_open = true;
+    let mut buf = [0u8; 16384];
+    let target = nix::unistd::Pid::from_raw(pid);
+    let code = 'outer: loop {
+        match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Err(nix::Error::ECHILD) => break 255,
+            _ => {}
+        }
+        let mut fds = Vec::with_capacity(3);
+        if let Some(sfd) = &sigfd {
+            fds.push(PollFd::new(sfd.as_fd(), PollFlags::POLLIN));
+        }
+        if master_open {
+            fds.push(PollFd::new(master_file.as_fd(), PollFlags::POLLIN));
+        }
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => break 'outer 255,
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut i = 0;
+        if let Some(sfd) = &sigfd {
+            if ready[i] {
+                if let Ok(Some(info)) = sfd.read_signal() {
+                    match Signal::try_from(info.ssi_signo as i32) {
+                        Ok(Signal::SIGCHLD) => {}
+                        Ok(Signal::SIGWINCH) => resize(master_file.as_fd()),
+                        Ok(s) => {
+                            let _ = kill(target, s);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            i += 1;
+        }
+        if master_open {
+            if ready[i] {
+                match master_file.read(&mut buf) {
+                    Ok(0) | Err(_) => master_open = false,
+                    Ok(n) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&buf[..n]).and_then(|_| out.flush());
+                    }
+                }
+            }
+            i += 1;
+        }
+        if stdin_open && ready[i] {
+            match std::io::stdin().lock().read(&mut buf) {
+                Ok(0) | Err(_) => stdin_open = false,
+                Ok(n) => {
+                    if master_file.write_all(&buf[..n]).is_err() {
+                        stdin_open = false;
+                    }
+                }
+            }
+        }
+    };
+    // Drain what the process wrote before it exited.
+    if master_open {
+        let _ = rustix::fs::fcntl_setfl(&master_file, rustix::fs::OFlags::NONBLOCK);
+        let mut out = std::io::stdout().lock();
+        while let Ok(n) = master_file.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = out.flush();
+    }
+    if let Some(t) = &saved {
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, t);
+    }
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    code
+}
+
+/// Gives the pty our terminal's window size.
+fn resize(master: impl AsFd) {
+    if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdin()) {
+        let _ = rustix::termios::tcsetwinsize(master, ws);
+    }
+}
+
+use std::os::fd::AsFd;

@@ -1,6 +1,6 @@
 //! The `container` tier's lifecycle: create, start, run, state, kill, delete,
 //! pause, resume, exec. Each public function is a checklist of named steps.
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use moat_core::state::{ContainerLock, ContainerStatus, State, StateDir, StateError};
@@ -98,6 +98,8 @@ pub struct Created {
     pub pid: i32,
     pub state: State,
     chan: Channel,
+    /// Our end of the console socket when moat itself holds the terminal.
+    console: Option<OwnedFd>,
     _lock: ContainerLock,
 }
 
@@ -128,12 +130,13 @@ impl Runtime {
         };
         let r = self.create_steps(opts, listen, &lock, &mut cleanup);
         match r {
-            Ok((pid, state, chan)) => {
+            Ok((pid, state, chan, console)) => {
                 cleanup.armed = false;
                 Ok(Created {
                     pid,
                     state,
                     chan,
+                    console,
                     _lock: lock,
                 })
             }
@@ -150,7 +153,7 @@ impl Runtime {
         listen: bool,
         lock: &ContainerLock,
         cleanup: &mut Cleanup,
-    ) -> Result<(i32, State, Channel), ContainerError> {
+    ) -> Result<(i32, State, Channel, Option<OwnedFd>), ContainerError> {
         let bundle = std::fs::canonicalize(&opts.bundle)
             .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
         let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
@@ -209,7 +212,7 @@ impl Runtime {
         } else {
             StartSignal::Channel
         };
-        let console_socket = connect_console(&spec, opts)?;
+        let (console_socket, console_local) = connect_console(&spec, opts, listen)?;
         let hooks = spec.hooks().as_ref();
         let has_runtime_hooks = hooks.is_some_and(|h| {
             h.prestart().as_ref().is_some_and(|l| !l.is_empty())
@@ -289,7 +292,7 @@ impl Runtime {
         if let Some(p) = &opts.pid_file {
             write_pid_file(p, pid)?;
         }
-        Ok((pid, state, parent))
+        Ok((pid, state, parent, console_local))
     }
 
     /// Slow path: the intermediate joins/creates namespaces and forks the init.
@@ -410,8 +413,27 @@ impl Runtime {
             pid,
             mut state,
             chan,
+            console,
             _lock,
         } = created;
+        // moat holds the terminal: take the pty master the container sent.
+        let master = match console {
+            Some(_) if detach => Err(ContainerError::Invalid(
+                "a detached container with a terminal needs --console-socket".into(),
+            )),
+            Some(sock) => crate::console::recv_master(sock.as_fd())
+                .map(Some)
+                .map_err(|e| ContainerError::Invalid(crate::error_chain(&e))),
+            None => Ok(None),
+        };
+        let master = match master {
+            Ok(m) => m,
+            Err(e) => {
+                drop(_lock);
+                let _ = self.delete(&opts.id, true);
+                return Err(e);
+            }
+        };
         let started = chan
             .send(&Msg::Start)
             .map_err(ContainerError::from)
@@ -428,7 +450,10 @@ impl Runtime {
             return Ok(0);
         }
         drop(_lock);
-        let code = wait_forwarding_signals(pid);
+        let code = match master {
+            Some(m) => crate::console::proxy(m, pid),
+            None => wait_forwarding_signals(pid),
+        };
         if !keep {
             self.delete(&opts.id, true)?;
         }
@@ -772,7 +797,14 @@ fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
     Ok(())
 }
 
-fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, ContainerError> {
+/// The console socket for the container process, and our end of it when
+/// moat itself will hold the terminal (`run` with a terminal and no
+/// `--console-socket`).
+fn connect_console(
+    spec: &Spec,
+    opts: &CreateOpts,
+    listen: bool,
+) -> Result<(Option<OwnedFd>, Option<OwnedFd>), ContainerError> {
     let terminal = spec
         .process()
         .as_ref()
@@ -784,7 +816,12 @@ fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, Co
                 "connect to console socket {}",
                 path.display()
             )))?;
-            Ok(Some(OwnedFd::from(s)))
+            Ok((Some(OwnedFd::from(s)), None))
+        }
+        (None, true) if !listen => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(io_err("create a console socket pair"))?;
+            Ok((Some(OwnedFd::from(theirs)), Some(OwnedFd::from(ours))))
         }
         (None, true) => Err(ContainerError::Invalid(
             "process.terminal is true but no --console-socket was given".into(),
@@ -792,7 +829,7 @@ fn connect_console(spec: &Spec, opts: &CreateOpts) -> Result<Option<OwnedFd>, Co
         (Some(_), false) => Err(ContainerError::Invalid(
             "--console-socket given but process.terminal is false".into(),
         )),
-        (None, false) => Ok(None),
+        (None, false) => Ok((None, None)),
     }
 }
 

@@ -451,3 +451,25 @@ fn seccomp_notify_fd_reaches_the_listener() {
     );
     assert!(fd_kind.contains("seccomp"), "{fd_kind}");
 }
+
+/// `run` with process.terminal and no --console-socket: moat holds the pty
+/// itself and copies it to its stdout; the exit status is the container's.
+#[test]
+fn run_with_terminal_and_no_console_socket() {
+    let Some(rt) = Rt::root_or_skip("run_with_terminal_and_no_console_socket") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP run_with_terminal_and_no_console_socket: moat-only output path");
+        return;
+    }
+    let mut b = script("tty; echo from-the-pty; exit 5");
+    b.set("/process/terminal", json!(true));
+    let (_c, out) = rt.run_fg(&b);
+    assert_eq!(out.code, Some(5), "{out:?}");
+    assert!(
+        out.stdout.contains("/dev/pts/0") && out.stdout.contains("from-the-pty"),
+        "{out:?}"
+    );
+    assert!(root_entries(&rt).is_empty());
+}
