@@ -83,15 +83,23 @@ pub fn exec(
         )));
     }
     let flags = namespaces_to_join(st.pid, spec);
+    let mut local_console = None;
     let console = match (&opts.console_socket, process.terminal().unwrap_or(false)) {
         (Some(p), true) => Some(OwnedFd::from(
             std::os::unix::net::UnixStream::connect(p)
                 .map_err(io_err("connect to the console socket"))?,
         )),
-        (None, true) => {
+        (None, true) if opts.detach => {
             return Err(ContainerError::Invalid(
-                "a terminal needs --console-socket".into(),
+                "a detached process with a terminal needs --console-socket".into(),
             ))
+        }
+        (None, true) => {
+            // moat holds the terminal itself (see console::proxy).
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(io_err("create a console socket pair"))?;
+            local_console = Some(OwnedFd::from(ours));
+            Some(OwnedFd::from(theirs))
         }
         _ => None,
     };
@@ -206,6 +214,11 @@ pub fn exec(
     }
     if opts.detach {
         return Ok(0);
+    }
+    if let Some(sock) = local_console {
+        let master = crate::console::recv_master(sock.as_fd())
+            .map_err(|e| ContainerError::Invalid(crate::error_chain(&e)))?;
+        return Ok(crate::console::proxy(master, pid));
     }
     Ok(wait_forwarding_signals(pid))
 }

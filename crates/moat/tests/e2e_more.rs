@@ -473,3 +473,20 @@ fn run_with_terminal_and_no_console_socket() {
     );
     assert!(root_entries(&rt).is_empty());
 }
+
+/// `exec -t` with no --console-socket: moat proxies the pty.
+#[test]
+fn exec_tty_without_console_socket() {
+    let Some(rt) = Rt::root_or_skip("exec_tty_without_console_socket") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP exec_tty_without_console_socket: moat-only output path");
+        return;
+    }
+    let b = Bundle::new(&["sleep", "30"]);
+    let c = rt.start_ok(&b);
+    let out = c.exec_opts(&["-t"], &["sh", "-c", "tty; exit 7"]);
+    assert_eq!(out.code, Some(7), "{out:?}");
+    assert!(out.stdout.contains("/dev/pts/"), "{out:?}");
+}
