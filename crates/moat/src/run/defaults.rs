@@ -233,7 +233,7 @@ mod tests {
         let spec = parse(&spec(&s, Vec::new()));
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.user().uid(), 65534);
-        assert_eq!(p.no_new_privileges(), &Some(true));
+        assert_eq!(p.no_new_privileges(), Some(true));
         let c = p.capabilities().as_ref().unwrap();
         for set in [
             c.bounding(),
@@ -244,7 +244,7 @@ mod tests {
         ] {
             assert!(set.as_ref().unwrap().is_empty());
         }
-        assert_eq!(spec.root().as_ref().unwrap().readonly(), &Some(true));
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
         let linux = spec.linux().as_ref().unwrap();
         let ns: Vec<String> = linux
             .namespaces()

@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn profile_parses_and_lists_are_disjoint() {
         let p = profile();
-        assert_eq!(p.default_errno_ret(), &Some(ENOSYS));
+        assert_eq!(p.default_errno_ret(), Some(ENOSYS));
         let allowed: HashSet<&str> = ALLOWED.iter().flat_map(|(_, n)| n.iter().copied()).collect();
         for (_, names) in DENIED {
             for n in *names {
