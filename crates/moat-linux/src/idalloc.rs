@@ -389,12 +389,14 @@ mod tests {
         let taken: BTreeSet<u32> = [3, 4].into();
         assert_eq!(pick_slot(&POOL, &reserved, &taken), None);
         // Touching the end of a block is not an overlap.
-        assert_eq!(pick_slot(&POOL, &[900..1000], &none), Some(0));
+        let below: Vec<Range<u64>> = std::iter::once(900..1000).collect();
+        assert_eq!(pick_slot(&POOL, &below, &none), Some(0));
     }
 
     #[test]
     fn parses_host_id_files() {
-        let passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\nbad line\n";
+        let passwd =
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\nbad line\n";
         assert_eq!(parse_id_file(passwd), vec![0..1, 65534..65535]);
         let sub = "moatuser:100000:65536\n# c\nx:1:y\n";
         assert_eq!(parse_sub_file(sub), vec![100000..165536]);

@@ -183,6 +183,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
         .mode(0o711)
         .create(root)
         .with_context(|| format!("cannot create {}", root.display()))?;
+    searchable(root)?;
     let pool = IdPool::from_env()?;
     let alloc = IdAllocator::new(root.join(".idalloc"), pool)
         .allocate(Owner::current(), &idalloc::host_reserved()?)
@@ -218,6 +219,22 @@ pub fn main(cli: RunCli) -> Result<i32> {
     drop(bundle);
     report(&result, &s, o.json.as_deref())?;
     Ok(result.code)
+}
+
+/// Adds search permission (never read or write) for everyone to the state
+/// root when it lacks it, as a root made by `create` has.
+fn searchable(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
+    let mode = md.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(
+            root,
+            std::fs::Permissions::from_mode((mode | 0o011) & 0o7777),
+        )
+        .with_context(|| format!("cannot make {} searchable", root.display()))?;
+    }
+    Ok(())
 }
 
 fn check_tier(isolation: Option<&str>) -> Result<()> {
@@ -348,10 +365,7 @@ impl Drop for TempBundle {
         // Nothing is mounted here on the host side: the runtime's mounts
         // live in the container's mount namespace.
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            eprintln!(
-                "moat: warning: cannot remove {}: {e}",
-                self.path.display()
-            );
+            eprintln!("moat: warning: cannot remove {}: {e}", self.path.display());
         }
     }
 }
@@ -532,10 +546,12 @@ mod tests {
         assert!(human_argv(&argv("moat create -b /b c1"), no).is_none());
         assert!(human_argv(&argv("moat --root run state run"), no).is_none());
         let a = human_argv(&argv("moat --root /r run -m 1g -- sh -c id"), no).unwrap();
-        let want: Vec<String> = ["moat run", "--root", "/r", "-m", "1g", "--", "sh", "-c", "id"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let want: Vec<String> = [
+            "moat run", "--root", "/r", "-m", "1g", "--", "sh", "-c", "id",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(a, want);
         let cli = RunCli::try_parse_from(&a).unwrap();
         assert_eq!(cli.global.root, PathBuf::from("/r"));

@@ -217,10 +217,9 @@ mod tests {
             .map(|m| m["destination"].as_str().unwrap())
             .collect();
         assert_eq!(dsts, vec!["/usr", "/lib64", "/etc/hosts", "/etc/ssl"]);
-        assert!(mounts.iter().all(|m| m["options"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("ro"))));
+        assert!(mounts
+            .iter()
+            .all(|m| m["options"].as_array().unwrap().contains(&json!("ro"))));
         assert_eq!(links, vec![("bin".to_string(), PathBuf::from("usr/bin"))]);
 
         let root = h.join("root");
@@ -228,7 +227,10 @@ mod tests {
         assert!(root.join("usr").is_dir());
         assert!(root.join("etc/hosts").is_file());
         assert!(root.join("etc/ssl").is_dir());
-        assert_eq!(fs::read_link(root.join("bin")).unwrap(), Path::new("usr/bin"));
+        assert_eq!(
+            fs::read_link(root.join("bin")).unwrap(),
+            Path::new("usr/bin")
+        );
         let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
         assert!(passwd.contains("nobody:x:65534:65534"));
         assert!(!passwd.contains("user:x:"));
