@@ -451,6 +451,7 @@ fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
     }
     let target = Pid::from_raw(pid);
     let mut timed_out = false;
+    let mut interrupts = 0;
     let code = loop {
         match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -468,7 +469,18 @@ fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
                 }
             }
             Ok(s) => {
-                let _ = nix::sys::signal::kill(target, s);
+                // PID 1 of the container ignores signals it has no handler
+                // for: a second SIGINT/SIGTERM kills the whole container.
+                if matches!(s, Signal::SIGINT | Signal::SIGTERM) {
+                    interrupts += 1;
+                }
+                if interrupts >= 2 {
+                    if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
+                        eprintln!("moat: cannot kill {id}: {e}");
+                    }
+                } else {
+                    let _ = nix::sys::signal::kill(target, s);
+                }
             }
             Err(_) => {}
         }
