@@ -141,10 +141,7 @@ fn cgroup_limits_are_set() {
     let Some(rt) = rt("cgroup_limits_are_set") else {
         return;
     };
-    // The cgroup namespace hides the path; read the limits from the host side
-    // through the container's own /proc/self/cgroup is not possible, so ask
-    // the runtime: `moat run` keeps no state, so a sleeping container is
-    // inspected with `moat list` + the host cgroup tree.
+    // Inside, the cgroup namespace shows the container's cgroups as "/".
     let out = sh(
         &rt,
         &[
@@ -165,7 +162,8 @@ fn cgroup_limits_are_set() {
         "{}",
         out.stdout
     );
-    // Inspect the limits while it runs.
+    // From the host: the running container's state gives its PID, whose
+    // cgroups hold the limits.
     std::thread::scope(|sc| {
         let child = sc.spawn(|| {
             rt.cmd(&[
