@@ -37,6 +37,8 @@ pub enum InitError {
     Accept(#[source] std::io::Error),
     #[error(transparent)]
     Process(#[from] process::ProcessError),
+    #[error("network")]
+    Net(#[from] crate::net::NetError),
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> InitError {
@@ -150,6 +152,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     run_container_hooks(ctx, chan, "createContainer")?;
     rootfs::pivot(&rcfg)?;
     set_identity(ctx.spec)?;
+    bring_up_loopback(ctx)?;
     // Before `finish`, which makes /proc/sys read-only.
     apply_sysctls(ctx.spec)?;
     rootfs::finish(&rcfg)?;
@@ -292,6 +295,15 @@ fn set_identity(spec: &Spec) -> Result<(), InitError> {
             step: "set domainname",
             source: nix::Error::from_raw(e.raw_os_error()),
         })?;
+    }
+    Ok(())
+}
+
+/// A network namespace of our own starts with `lo` down; bring it up (an
+/// existing namespace joined by path is left as its owner set it).
+fn bring_up_loopback(ctx: &InitContext) -> Result<(), InitError> {
+    if ctx.plan.new.contains(CloneFlags::CLONE_NEWNET) {
+        crate::net::bring_up_loopback()?;
     }
     Ok(())
 }

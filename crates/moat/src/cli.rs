@@ -133,6 +133,10 @@ pub enum Cmd {
         bundle: PathBuf,
         #[arg(long)]
         rootless: bool,
+        /// moat run's defaults: user namespace, no capabilities, allow-list
+        /// seccomp, cgroup limits, read-only root
+        #[arg(long)]
+        hardened: bool,
     },
     /// Report the isolation that actually holds here (run it inside any container)
     Probe {

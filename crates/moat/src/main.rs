@@ -15,6 +15,7 @@ mod cli;
 mod log;
 mod oci;
 mod probe;
+mod run;
 mod specgen;
 
 use std::process::ExitCode;
@@ -25,6 +26,9 @@ fn main() -> ExitCode {
         .first()
         .map(|a| a.to_string_lossy().into_owned())
         .unwrap_or_default();
+    if let Some(human) = human_run(&args) {
+        return human;
+    }
     let cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -54,6 +58,35 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `moat run [OPTIONS] [--] CMD...` (human mode, see docs/run.md); `None`
+/// for every other command line, runc's `run ID` included.
+fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
+    let text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let argv = run::human_argv(&text, || std::path::Path::new("config.json").exists())?;
+    let cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Some(ExitCode::from(code));
+        }
+    };
+    if let Err(e) = moat_linux::selfexe::ensure_protected(args) {
+        eprintln!("moat: {}", moat_linux::error_chain(&e));
+        return Some(ExitCode::from(1));
+    }
+    Some(match run::main(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Err(e) => {
+            eprintln!("moat: {}", error_line(&e));
+            ExitCode::from(125)
+        }
+    })
 }
 
 /// The whole error chain on one line.

@@ -109,12 +109,23 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Spec { bundle, rootless } => {
+        Cmd::Spec {
+            bundle,
+            rootless,
+            hardened,
+        } => {
             let path = bundle.join("config.json");
             if path.exists() {
                 bail!("{} already exists; remove it first", path.display());
             }
-            let spec = crate::specgen::default_spec(rootless);
+            if hardened && rootless {
+                bail!("--hardened and --rootless cannot be combined yet");
+            }
+            let spec = if hardened {
+                crate::run::defaults::hardened_spec()
+            } else {
+                crate::specgen::default_spec(rootless)
+            };
             std::fs::write(&path, serde_json::to_string_pretty(&spec)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(0)
@@ -331,7 +342,7 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
     Ok(p)
 }
 
-fn parse_bytes(s: &str) -> Result<i64> {
+pub(crate) fn parse_bytes(s: &str) -> Result<i64> {
     let t = s.trim();
     if t == "-1" {
         return Ok(-1);

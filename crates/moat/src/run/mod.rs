@@ -1,0 +1,603 @@
+//! `moat run [OPTIONS] [--] CMD [ARGS...]`: the human front door. Runs a
+//! command on the host's own files (the embedded default root) with every
+//! isolation best practice on and no flags: its own user namespace and host
+//! ID range, no capabilities, no_new_privs, an allow-list seccomp profile, a
+//! read-only root, a network namespace with only `lo`, and cgroup limits.
+//!
+//! The same word is runc's `run ID` (used by engines and the benchmarks);
+//! [`human_argv`] tells them apart, as docs/run.md describes.
+pub mod defaults;
+pub mod rootfs;
+pub mod seccomp_profile;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use std::os::unix::fs::DirBuilderExt;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+use moat_core::Tier;
+use moat_linux::cgroup::CgroupManager;
+use moat_linux::container::{CreateOpts, Runtime};
+use moat_linux::idalloc::{self, IdAllocator, IdPool, Owner};
+use nix::sys::signal::Signal;
+
+use crate::cli::Global;
+use defaults::Settings;
+
+/// The command line of human mode.
+#[derive(Debug, Parser)]
+#[command(
+    name = "moat run",
+    about = "Run a command isolated with best practices by default, on the host's own files",
+    override_usage = "moat run [OPTIONS] [--] CMD [ARGS...]\n       moat run [--bundle B] [--detach] [--pid-file F] ... ID   (OCI: runs bundle B or ./config.json)"
+)]
+pub struct RunCli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(flatten)]
+    pub opts: RunArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Memory limit (e.g. 512m, 2g); swap is not added on top
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs (e.g. 0.5, 2)
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Most processes at once
+    #[arg(long = "pids-limit")]
+    pub pids_limit: Option<i64>,
+    /// Network: none (a namespace with only lo) or host
+    #[arg(long, default_value = "none")]
+    pub net: String,
+    /// Bind mount SRC:DST[:ro]
+    #[arg(short = 'v', long = "volume")]
+    pub volumes: Vec<String>,
+    /// KEY=VALUE
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    /// Working directory inside the container (default /home/user)
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// UID[:GID] inside the container (default 65534:65534, nobody)
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Container ID (default run-PID-N)
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Make the root writable (it is read-only by default)
+    #[arg(long = "read-write")]
+    pub read_write: bool,
+    /// Grant a capability (none by default)
+    #[arg(long = "cap-add")]
+    pub cap_add: Vec<String>,
+    /// Kill the container after SECS seconds
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Print a JSON result record to stderr, or to FILE with --json=FILE
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "-")]
+    pub json: Option<String>,
+    /// Allocate a terminal (not implemented yet)
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Keep stdin open (always the case: stdin passes through)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// The command and its arguments
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// Global options that take a value (runc's names).
+const GLOBAL_VALUE_FLAGS: &[&str] = &[
+    "--root",
+    "--log",
+    "--log-format",
+    "--isolation",
+    "--rootless",
+    "--criu",
+];
+/// OCI `run` options that take a value.
+const OCI_RUN_VALUE_FLAGS: &[&str] = &[
+    "-b",
+    "--bundle",
+    "--console-socket",
+    "--pid-file",
+    "--preserve-fds",
+];
+
+/// When `args` (argv[0] included) is a human-mode `moat run`, the argv for
+/// [`RunCli`]: the global options before `run` followed by those after.
+/// OCI mode is `-b/--bundle`, or exactly one positional argument, no `--`,
+/// and a `config.json` in the working directory (`config_exists`).
+pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<Vec<String>> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if GLOBAL_VALUE_FLAGS.contains(&a) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if args.get(i).map(String::as_str) != Some("run") {
+        return None;
+    }
+    let rest = &args[i + 1..];
+    let mut positionals = 0;
+    let mut dashdash = false;
+    let mut j = 0;
+    while j < rest.len() {
+        let a = rest[j].as_str();
+        if a == "--" {
+            dashdash = true;
+            break;
+        }
+        if a == "-b" || a == "--bundle" || a.starts_with("--bundle=") {
+            return None;
+        }
+        if OCI_RUN_VALUE_FLAGS.contains(&a) || GLOBAL_VALUE_FLAGS.contains(&a) {
+            j += 2;
+            continue;
+        }
+        if !a.starts_with('-') {
+            positionals += 1;
+        }
+        j += 1;
+    }
+    if !dashdash && positionals == 1 && config_exists() {
+        return None;
+    }
+    let mut argv = vec!["moat run".to_string()];
+    argv.extend_from_slice(&args[1..i]);
+    argv.extend_from_slice(rest);
+    Some(argv)
+}
+
+/// Runs human mode; returns the exit status (128+N for a signal).
+pub fn main(cli: RunCli) -> Result<i32> {
+    let o = &cli.opts;
+    check_tier(cli.global.isolation.as_deref())?;
+    if o.tty {
+        bail!("--tty is not implemented yet in `moat run` (stdin/stdout/stderr pass through)");
+    }
+    let root = &cli.global.root;
+    let id = match &o.name {
+        Some(n) => n.clone(),
+        None => generated_id(),
+    };
+    moat_core::state::validate_id(&id).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let mut s = settings(o)?;
+    // The container's init (an unmapped user on the host) walks down to its
+    // root: the state root must be searchable (0711, as `create` makes it).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)
+        .with_context(|| format!("cannot create {}", root.display()))?;
+    searchable(root)?;
+    let pool = IdPool::from_env()?;
+    let alloc = IdAllocator::new(root.join(".idalloc"), pool)
+        .allocate(Owner::current(), &idalloc::host_reserved()?)
+        .context("cannot allocate a host ID range")?;
+    s.host_id = alloc.host_start;
+    let bundle = TempBundle::create(root, &id)?;
+    let (mut mounts, links) = rootfs::host_mounts(Path::new("/"));
+    for v in &o.volumes {
+        mounts.push(rootfs::Volume::parse(v)?.mount());
+    }
+    rootfs::build(&bundle.path.join("rootfs"), &mounts, &links, s.uid, s.gid)?;
+    let spec = defaults::spec(&s, mounts);
+    let cfg = bundle.path.join("config.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(&spec)?)
+        .with_context(|| format!("cannot write {}", cfg.display()))?;
+    if s.net_host {
+        eprintln!("moat: warning: --net host: the container shares the host's network namespace");
+    }
+    let rt = Runtime::new(root, cli.global.systemd_cgroup);
+    let opts = CreateOpts {
+        id: id.clone(),
+        bundle: bundle.path.clone(),
+        tier: Some(Tier::Container),
+        ..CreateOpts::default()
+    };
+    let started = Instant::now();
+    rt.run(&opts, true, false)?;
+    let result = supervise(&rt, &id, o.timeout, started);
+    let deleted = rt.delete(&id, true);
+    let result = result?;
+    deleted?;
+    alloc.release()?;
+    drop(bundle);
+    report(&result, &s, o.json.as_deref())?;
+    Ok(result.code)
+}
+
+/// Adds search permission (never read or write) for everyone to the state
+/// root when it lacks it, as a root made by `create` has.
+fn searchable(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
+    let mode = md.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(
+            root,
+            std::fs::Permissions::from_mode((mode | 0o011) & 0o7777),
+        )
+        .with_context(|| format!("cannot make {} searchable", root.display()))?;
+    }
+    Ok(())
+}
+
+fn check_tier(isolation: Option<&str>) -> Result<()> {
+    if let Some(t) = isolation {
+        let t: Tier = t.parse().map_err(anyhow::Error::msg)?;
+        if !t.is_available() {
+            bail!("--isolation {t} is not available yet (only `container` is)");
+        }
+    }
+    Ok(())
+}
+
+fn generated_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "run-{}-{nanos:x}{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The settings from the flags, over the defaults.
+fn settings(o: &RunArgs) -> Result<Settings> {
+    let mut s = Settings {
+        args: o.command.clone(),
+        hard_nofile: defaults::host_hard_limit(rustix::process::Resource::Nofile),
+        hard_nproc: defaults::host_hard_limit(rustix::process::Resource::Nproc),
+        blkio_weight: defaults::blkio_weight_supported(),
+        ..Settings::default()
+    };
+    for e in &o.env {
+        if !e.contains('=') || e.starts_with('=') {
+            bail!("--env {e:?} is not KEY=VALUE");
+        }
+    }
+    s.env = o.env.clone();
+    if let Some(w) = &o.workdir {
+        if !w.starts_with('/') {
+            bail!("--workdir {w:?} must be an absolute path");
+        }
+        s.cwd = w.clone();
+    }
+    if let Some(u) = &o.user {
+        let (uid, gid) = match u.split_once(':') {
+            Some((u, g)) => (u.parse::<u32>().ok(), g.parse::<u32>().ok()),
+            None => (u.parse::<u32>().ok(), u.parse::<u32>().ok()),
+        };
+        match (uid, gid) {
+            (Some(uid), Some(gid)) if uid < defaults::MAP_SIZE && gid < defaults::MAP_SIZE => {
+                s.uid = uid;
+                s.gid = gid;
+            }
+            _ => bail!(
+                "--user {u:?}: expected UID[:GID], numbers below {}",
+                defaults::MAP_SIZE
+            ),
+        }
+    }
+    if let Some(h) = o.hostname.as_ref().or(o.name.as_ref()) {
+        s.hostname = h.clone();
+    }
+    s.read_write = o.read_write;
+    s.net_host = match o.net.as_str() {
+        "none" => false,
+        "host" => true,
+        other => bail!("--net {other:?}: only `none` and `host` are available"),
+    };
+    if let Some(m) = &o.memory {
+        s.memory = crate::oci::parse_bytes(m)?;
+        if s.memory < (4 << 20) {
+            bail!("--memory {m:?}: at least 4m");
+        }
+    }
+    if let Some(c) = o.cpus {
+        if !(c > 0.0 && c <= 1024.0) {
+            bail!("--cpus {c}: must be above 0");
+        }
+        s.cpus = c;
+    }
+    if let Some(p) = o.pids_limit {
+        if p < 1 {
+            bail!("--pids-limit {p}: must be at least 1");
+        }
+        s.pids = p;
+    }
+    for c in &o.cap_add {
+        let name = if c.to_ascii_uppercase().starts_with("CAP_") {
+            c.to_ascii_uppercase()
+        } else {
+            format!("CAP_{}", c.to_ascii_uppercase())
+        };
+        name.parse::<oci_spec::runtime::Capability>()
+            .map_err(|_| anyhow::anyhow!("--cap-add {c:?}: unknown capability"))?;
+    }
+    s.cap_add = o.cap_add.clone();
+    Ok(s)
+}
+
+/// A bundle directory under `<root>/.run/<id>`, removed on drop.
+struct TempBundle {
+    path: PathBuf,
+}
+
+impl TempBundle {
+    fn create(root: &Path, id: &str) -> Result<TempBundle> {
+        let parent = root.join(".run");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let path = parent.join(id);
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempBundle { path })
+    }
+}
+
+impl Drop for TempBundle {
+    fn drop(&mut self) {
+        // Nothing is mounted here on the host side: the runtime's mounts
+        // live in the container's mount namespace.
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("moat: warning: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// How the workload ended, and what it used.
+#[derive(Debug, Default)]
+pub struct RunResult {
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub wall_s: f64,
+    pub cpu_ns: Option<u64>,
+    pub peak_memory: Option<u64>,
+    pub oom_killed: bool,
+    pub timed_out: bool,
+}
+
+/// Waits for the container's init (forwarding signals, killing it at the
+/// timeout), then reads its cgroup's accounting before it is deleted.
+fn supervise(rt: &Runtime, id: &str, timeout: Option<u32>, started: Instant) -> Result<RunResult> {
+    let (st, _) = rt.load(id)?;
+    let (code, timed_out) = wait(rt, id, st.pid, timeout);
+    let mut r = RunResult {
+        code,
+        signal: (code > 128).then_some(code - 128),
+        wall_s: started.elapsed().as_secs_f64(),
+        timed_out,
+        ..RunResult::default()
+    };
+    if let Ok(cg) = CgroupManager::from_saved(&st.cgroup) {
+        if let Ok(stats) = cg.stats() {
+            r.cpu_ns = Some(stats.cpu.usage.total);
+            r.peak_memory = Some(stats.memory.usage.max);
+        }
+        r.oom_killed = oom_kills(&cg) > 0;
+    }
+    Ok(r)
+}
+
+/// OOM kills recorded by the memory controller (v1 memory.oom_control,
+/// v2 memory.events).
+fn oom_kills(cg: &CgroupManager) -> u64 {
+    let (path, key) = match cg {
+        CgroupManager::V1(m) => match m.dir("memory") {
+            Some(d) => (d.join("memory.oom_control"), "oom_kill"),
+            None => return 0,
+        },
+        CgroupManager::V2(m) => (m.path().join("memory.events"), "oom_kill"),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// [`moat_linux::container::wait_forwarding_signals`] plus a deadline: at
+/// SIGALRM the whole container is killed.
+fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+    let forward = [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ];
+    let mut set = SigSet::empty();
+    for s in forward {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set.add(Signal::SIGALRM);
+    let mut old = SigSet::empty();
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    if let Some(t) = timeout {
+        nix::unistd::alarm::set(t.max(1));
+    }
+    let target = Pid::from_raw(pid);
+    let mut timed_out = false;
+    let mut interrupts = 0;
+    let code = loop {
+        match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(_) => {}
+            Err(nix::Error::ECHILD) => break 255,
+            Err(_) => {}
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {}
+            Ok(Signal::SIGALRM) => {
+                timed_out = true;
+                if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
+                    eprintln!("moat: cannot kill {id} at the timeout: {e}");
+                }
+            }
+            Ok(s) => {
+                // PID 1 of the container ignores signals it has no handler
+                // for: a second SIGINT/SIGTERM kills the whole container.
+                if matches!(s, Signal::SIGINT | Signal::SIGTERM) {
+                    interrupts += 1;
+                }
+                if interrupts >= 2 {
+                    if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
+                        eprintln!("moat: cannot kill {id}: {e}");
+                    }
+                } else {
+                    let _ = nix::sys::signal::kill(target, s);
+                }
+            }
+            Err(_) => {}
+        }
+    };
+    nix::unistd::alarm::cancel();
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    (code, timed_out)
+}
+
+fn human_bytes(n: i64) -> String {
+    if n % (1 << 30) == 0 {
+        format!("{} GiB", n >> 30)
+    } else if n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// The OOM/timeout lines, and the `--json` record.
+fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
+    if r.oom_killed {
+        eprintln!(
+            "moat: killed: out of memory (limit {})",
+            human_bytes(s.memory)
+        );
+    }
+    if r.timed_out {
+        eprintln!("moat: killed: timeout");
+    }
+    let Some(dest) = json else { return Ok(()) };
+    let rec = serde_json::json!({
+        "exit_code": if r.signal.is_some() { None } else { Some(r.code) },
+        "signal": r.signal,
+        "status": r.code,
+        "wall_time_s": r.wall_s,
+        "cpu_time_s": r.cpu_ns.map(|n| n as f64 / 1e9),
+        "peak_memory_bytes": r.peak_memory,
+        "oom_killed": r.oom_killed,
+        "timed_out": r.timed_out,
+        "memory_limit_bytes": s.memory,
+        "host_id_start": s.host_id,
+    });
+    if dest == "-" {
+        eprintln!("{rec}");
+    } else {
+        std::fs::write(dest, format!("{rec}\n")).with_context(|| format!("cannot write {dest}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn oci_and_human_modes() {
+        let yes = || true;
+        let no = || false;
+        // runc's form: a bundle, or one ID with ./config.json.
+        assert!(human_argv(&argv("moat run -b /b c1"), no).is_none());
+        assert!(human_argv(&argv("moat --root /r run --bundle=/b -d c1"), no).is_none());
+        assert!(human_argv(&argv("moat run -d --pid-file /p c1"), yes).is_none());
+        assert!(human_argv(&argv("moat --root /r run --console-socket /s c1"), yes).is_none());
+        // Human mode.
+        assert!(human_argv(&argv("moat run c1"), no).is_some());
+        assert!(human_argv(&argv("moat run -- c1"), yes).is_some());
+        assert!(human_argv(&argv("moat run sh -c id"), yes).is_some());
+        assert!(human_argv(&argv("moat run -m 32m sh"), yes).is_some());
+        // Other commands are not touched.
+        assert!(human_argv(&argv("moat create -b /b c1"), no).is_none());
+        assert!(human_argv(&argv("moat --root run state run"), no).is_none());
+        let a = human_argv(&argv("moat --root /r run -m 1g -- sh -c id"), no).unwrap();
+        let want: Vec<String> = [
+            "moat run", "--root", "/r", "-m", "1g", "--", "sh", "-c", "id",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(a, want);
+        let cli = RunCli::try_parse_from(&a).unwrap();
+        assert_eq!(cli.global.root, PathBuf::from("/r"));
+        assert_eq!(cli.opts.memory.as_deref(), Some("1g"));
+        assert_eq!(cli.opts.command, argv("sh -c id"));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = RunCli::try_parse_from(argv(
+            "moat-run --isolation microvm -v /tmp:/d:ro -e A=1 -u 1000:1000 --net host --json=/x --timeout 3 ls -l",
+        ))
+        .unwrap();
+        assert!(check_tier(cli.global.isolation.as_deref()).is_err());
+        assert_eq!(cli.opts.command, argv("ls -l"));
+        assert_eq!(cli.opts.json.as_deref(), Some("/x"));
+        let s = settings(&cli.opts).unwrap();
+        assert!(s.net_host);
+        assert_eq!((s.uid, s.gid), (1000, 1000));
+        let cli = RunCli::try_parse_from(argv("moat-run --json true")).unwrap();
+        assert_eq!(cli.opts.json.as_deref(), Some("-"));
+        for bad in [
+            "moat-run -u 70000 true",
+            "moat-run -u x true",
+            "moat-run --net bridge true",
+            "moat-run -e NOEQ true",
+            "moat-run --cap-add NOPE true",
+            "moat-run -w rel true",
+            "moat-run --pids-limit 0 true",
+        ] {
+            let cli = RunCli::try_parse_from(argv(bad)).unwrap();
+            assert!(settings(&cli.opts).is_err(), "{bad}");
+        }
+        assert!(check_tier(Some("container")).is_ok());
+        assert!(check_tier(Some("nope")).is_err());
+    }
+}

@@ -1,0 +1,483 @@
+//! `moat run [OPTIONS] -- CMD`: the human front door on the embedded default
+//! root. Each default is checked from inside the container.
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{Opts, Out, Rt};
+
+fn rt(test: &str) -> Option<Rt> {
+    let rt = Rt::root_or_skip(test)?;
+    if !rt.is_moat() {
+        eprintln!("SKIP {test}: moat-only front door");
+        return None;
+    }
+    Some(rt)
+}
+
+/// `moat run [flags] -- sh -c SCRIPT`.
+fn sh(rt: &Rt, flags: &[&str], script: &str) -> Out {
+    let mut args = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    rt.cmd(&args)
+}
+
+/// Nothing of the run is left in the state root: no container directory,
+/// no bundle, no ID allocation (the allocator's lock file stays).
+fn assert_clean(rt: &Rt) {
+    let root = rt.root();
+    let mut left: Vec<String> = Vec::new();
+    for e in fs::read_dir(root).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match name.as_str() {
+            ".run" => left.extend(
+                fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|x| format!(".run/{}", x.file_name().to_string_lossy())),
+            ),
+            ".idalloc" => left.extend(
+                fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|x| x.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "lock")
+                    .map(|n| format!(".idalloc/{n}")),
+            ),
+            _ => left.push(name),
+        }
+    }
+    assert!(left.is_empty(), "left in the state root: {left:?}");
+}
+
+fn field<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+#[test]
+fn defaults_hold_inside_the_container() {
+    let Some(rt) = rt("defaults_hold_inside_the_container") else {
+        return;
+    };
+    let out = sh(
+        &rt,
+        &[],
+        "id -u; id -g; cat /proc/self/uid_map; cat /proc/self/gid_map; \
+         grep -E 'Cap|NoNewPrivs|Seccomp:' /proc/self/status; ls /sys/class/net; \
+         cat /sys/class/net/lo/flags; echo cwd=$(pwd) home=$HOME; \
+         touch /usr/moat-x 2>/dev/null && echo usr-writable; \
+         touch /moat-x 2>/dev/null && echo root-writable; \
+         echo t > /tmp/t && echo tmp-ok; echo h > $HOME/h && echo home-ok; \
+         for d in /root /var /run /home/moat /srv; do test -e $d && echo host-$d; done; \
+         grep -E ' /(tmp|home/user|dev/shm) ' /proc/self/mounts; \
+         ulimit -n; ulimit -c; ulimit -s; grep nobody /etc/passwd",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    let mut lines = o.lines();
+    assert_eq!(lines.next(), Some("65534"), "{o}");
+    assert_eq!(lines.next(), Some("65534"), "{o}");
+    // Container 0..65536 maps to a block of the default pool.
+    for _ in 0..2 {
+        let map: Vec<u64> = lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(map[0], 0, "{o}");
+        assert!(map[1] >= 2_000_000_000, "{o}");
+        assert_eq!((map[1] - 2_000_000_000) % 65536, 0, "{o}");
+        assert_eq!(map[2], 65536, "{o}");
+    }
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(o, set), "0000000000000000", "{o}");
+    }
+    assert_eq!(field(o, "NoNewPrivs:"), "1");
+    assert_eq!(field(o, "Seccomp:"), "2");
+    // Only lo, and it is up (IFF_UP|IFF_LOOPBACK|IFF_RUNNING = 0x49; UP bit set).
+    let net: Vec<&str> = o
+        .lines()
+        .skip_while(|l| !l.starts_with("Seccomp"))
+        .skip(1)
+        .take(2)
+        .collect();
+    assert_eq!(net[0], "lo", "{o}");
+    let flags = u32::from_str_radix(net[1].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "lo is down: {o}");
+    assert!(o.contains("cwd=/home/user home=/home/user"), "{o}");
+    assert!(
+        !o.contains("usr-writable") && !o.contains("root-writable"),
+        "{o}"
+    );
+    assert!(o.contains("tmp-ok") && o.contains("home-ok"), "{o}");
+    assert!(!o.contains("host-/"), "host directories visible: {o}");
+    for m in ["/tmp", "/home/user", "/dev/shm"] {
+        let line = o
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(m))
+            .unwrap_or_else(|| panic!("no mount on {m}: {o}"));
+        assert!(
+            line.starts_with("tmpfs") || line.starts_with("shm"),
+            "{line}"
+        );
+        assert!(
+            line.contains("size=65536k") && line.contains("nosuid") && line.contains("nodev"),
+            "{line}"
+        );
+    }
+    assert!(o.contains("\n1024\n0\n8192\n"), "rlimits: {o}");
+    assert!(o.contains("nobody:x:65534:65534:"), "{o}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn cgroup_limits_are_set() {
+    let Some(rt) = rt("cgroup_limits_are_set") else {
+        return;
+    };
+    // Inside, the cgroup namespace shows the container's cgroups as "/".
+    let out = sh(
+        &rt,
+        &[
+            "-m",
+            "64m",
+            "--cpus",
+            "0.5",
+            "--pids-limit",
+            "77",
+            "--name",
+            "lim",
+        ],
+        "cat /proc/self/cgroup | grep -c :/$",
+    )
+    .expect_ok();
+    assert!(
+        out.stdout.trim().parse::<u32>().unwrap() >= 1,
+        "{}",
+        out.stdout
+    );
+    // From the host: the running container's state gives its PID, whose
+    // cgroups hold the limits.
+    std::thread::scope(|sc| {
+        let child = sc.spawn(|| {
+            rt.cmd(&[
+                "run",
+                "-m",
+                "64m",
+                "--cpus",
+                "0.5",
+                "--pids-limit",
+                "77",
+                "--name",
+                "lim2",
+                "--",
+                "sleep",
+                "30",
+            ])
+        });
+        let mut cg = None;
+        for _ in 0..100 {
+            let state = rt.cmd(&["state", "lim2"]);
+            if state.ok() {
+                let pid = state.json()["pid"].as_i64().unwrap_or(0);
+                if pid > 0 {
+                    cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+                    if cg.is_some() {
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let cg = cg.expect("container lim2 never ran");
+        let path = |ctl: &str| {
+            cg.lines()
+                .find_map(|l| {
+                    let mut f = l.splitn(3, ':');
+                    let _ = f.next();
+                    let ctls = f.next()?;
+                    let p = f.next()?;
+                    ctls.split(',').any(|c| c == ctl).then(|| p.to_string())
+                })
+                .unwrap_or_else(|| panic!("no {ctl} in {cg}"))
+        };
+        let read = |ctl: &str, file: &str| {
+            fs::read_to_string(
+                Path::new("/sys/fs/cgroup")
+                    .join(ctl)
+                    .join(path(ctl).trim_start_matches('/'))
+                    .join(file),
+            )
+            .unwrap_or_else(|e| panic!("{ctl}/{file}: {e}"))
+            .trim()
+            .to_string()
+        };
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(
+            read("memory", "memory.memsw.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us"), "100000");
+        assert_eq!(read("pids", "pids.max"), "77");
+        rt.cmd(&["kill", "lim2", "KILL"]).expect_ok();
+        assert_eq!(child.join().unwrap().code, Some(137));
+    });
+    assert_clean(&rt);
+}
+
+#[test]
+fn dangerous_syscalls_are_refused() {
+    let Some(rt) = rt("dangerous_syscalls_are_refused") else {
+        return;
+    };
+    // Namespaces (unshare), mounts, ptrace-class and io_uring-class calls.
+    let out = sh(
+        &rt,
+        &[],
+        "unshare -U true 2>/dev/null; echo unshare=$?; \
+         unshare -n true 2>/dev/null; echo unshare-net=$?; \
+         mount -t tmpfs none /tmp 2>/dev/null; echo mount=$?; \
+         python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); \
+r=l.syscall(425,8,ctypes.byref(ctypes.create_string_buffer(120))); print(\"io_uring\",r,ctypes.get_errno()); \
+r=l.syscall(323,0); print(\"userfaultfd\",r,ctypes.get_errno()); \
+r=l.syscall(321,0,0,0); print(\"bpf\",r,ctypes.get_errno()); \
+r=l.syscall(435,0,0); print(\"clone3\",r,ctypes.get_errno()); \
+r=l.syscall(56,0x10000000|17,0,0,0,0); print(\"clone-newuser\",r,ctypes.get_errno()); \
+r=l.syscall(135,0x0040000); print(\"personality\",r,ctypes.get_errno()); \
+r=l.syscall(101,16,1,0,0); print(\"ptrace\",r,ctypes.get_errno())'",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    assert!(o.contains("unshare=1"), "{o}");
+    assert!(o.contains("unshare-net=1"), "{o}");
+    assert!(!o.contains("mount=0"), "{o}");
+    for (name, errno) in [
+        ("io_uring", 1),
+        ("userfaultfd", 1),
+        ("bpf", 1),
+        ("clone3", 38),
+        ("clone-newuser", 1),
+        // Not in the allow-list's values: the default ENOSYS.
+        ("personality", 38),
+        ("ptrace", 1),
+    ] {
+        assert!(
+            o.contains(&format!("{name} -1 {errno}\n")),
+            "{name} should fail with errno {errno}: {o}"
+        );
+    }
+    // Ordinary threads and processes still work (clone without namespace flags).
+    let out = sh(
+        &rt,
+        &[],
+        "python3 -c 'import threading,subprocess; t=threading.Thread(target=print,args=(\"thread\",)); t.start(); t.join(); subprocess.run([\"echo\",\"child\"])'",
+    )
+    .expect_ok();
+    assert!(
+        out.stdout.contains("thread") && out.stdout.contains("child"),
+        "{}",
+        out.stdout
+    );
+    assert_clean(&rt);
+}
+
+#[test]
+fn oom_kill_is_reported() {
+    let Some(rt) = rt("oom_kill_is_reported") else {
+        return;
+    };
+    let json = rt.scratch_file("result.json");
+    let arg = format!("--json={}", json.display());
+    let out = sh(
+        &rt,
+        &["-m", "32m", &arg],
+        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+    );
+    assert_eq!(out.code, Some(137), "{out:?}");
+    assert!(!out.stdout.contains("survived"));
+    assert!(
+        out.stderr.contains("killed: out of memory (limit 32 MiB)"),
+        "{}",
+        out.stderr
+    );
+    let rec: serde_json::Value = serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rec["oom_killed"], true, "{rec}");
+    assert_eq!(rec["signal"], 9, "{rec}");
+    assert!(
+        rec["peak_memory_bytes"].as_u64().unwrap() > 16 << 20,
+        "{rec}"
+    );
+    assert_clean(&rt);
+}
+
+#[test]
+fn exit_status_env_workdir_user_and_json() {
+    let Some(rt) = rt("exit_status_env_workdir_user_and_json") else {
+        return;
+    };
+    let out = sh(&rt, &[], "exit 42");
+    assert_eq!(out.code, Some(42));
+    let out = sh(
+        &rt,
+        &[
+            "-e",
+            "FOO=bar baz",
+            "-w",
+            "/tmp",
+            "-u",
+            "1000:1001",
+            "--hostname",
+            "box",
+            "--json",
+        ],
+        "echo \"$FOO|$(pwd)|$(id -u):$(id -g)|$(hostname)\"",
+    )
+    .expect_ok();
+    assert_eq!(out.stdout.trim(), "bar baz|/tmp|1000:1001|box");
+    let rec: serde_json::Value =
+        serde_json::from_str(out.stderr.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(rec["exit_code"], 0, "{rec}");
+    assert_eq!(rec["oom_killed"], false);
+    assert!(rec["cpu_time_s"].as_f64().is_some(), "{rec}");
+    // stdin passes through.
+    let out = rt
+        .cmd_with(
+            &["run", "--", "tr", "a-z", "A-Z"],
+            Opts {
+                stdin: Some(b"hello\n".to_vec()),
+                ..Opts::default()
+            },
+        )
+        .expect_ok();
+    assert_eq!(out.stdout, "HELLO\n");
+    // Timeout kills.
+    let out = rt.cmd(&["run", "--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(out.code, Some(137), "{out:?}");
+    assert!(out.stderr.contains("killed: timeout"), "{}", out.stderr);
+    // Other tiers are refused clearly.
+    let out = rt
+        .cmd(&["run", "--isolation", "microvm", "--", "true"])
+        .expect_fail();
+    assert!(out.stderr.contains("not available yet"), "{}", out.stderr);
+    assert_clean(&rt);
+}
+
+#[test]
+fn volumes_read_only_and_read_write() {
+    let Some(rt) = rt("volumes_read_only_and_read_write") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(dir.path().join("in.txt"), "from host\n").unwrap();
+    fs::set_permissions(dir.path().join("in.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    let ro = format!("{}:/data:ro", dir.path().display());
+    let out = sh(
+        &rt,
+        &["-v", &ro],
+        "cat /data/in.txt; touch /data/new 2>/dev/null && echo wrote; true",
+    )
+    .expect_ok();
+    assert_eq!(out.stdout, "from host\n");
+    let rw = format!("{}:/tmp/data", dir.path().display());
+    sh(&rt, &["-v", &rw], "echo back > /tmp/data/out.txt").expect_ok();
+    assert_eq!(
+        fs::read_to_string(dir.path().join("out.txt")).unwrap(),
+        "back\n"
+    );
+    // Written by the container's user: a host ID of its own range.
+    use std::os::unix::fs::MetadataExt;
+    let uid = fs::metadata(dir.path().join("out.txt")).unwrap().uid();
+    assert!(uid >= 2_000_000_000, "owner {uid}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn net_host_shares_the_host_network() {
+    let Some(rt) = rt("net_host_shares_the_host_network") else {
+        return;
+    };
+    let out = sh(&rt, &["--net", "host"], "cat /proc/net/dev | wc -l").expect_ok();
+    let host = fs::read_to_string("/proc/net/dev").unwrap().lines().count();
+    assert_eq!(out.stdout.trim(), host.to_string());
+    assert!(out.stderr.contains("warning: --net host"), "{}", out.stderr);
+    assert_clean(&rt);
+}
+
+#[test]
+fn concurrent_runs_get_distinct_id_ranges() {
+    let Some(rt) = rt("concurrent_runs_get_distinct_id_ranges") else {
+        return;
+    };
+    let outs: Vec<Out> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..20)
+            .map(|_| sc.spawn(|| sh(&rt, &[], "cat /proc/self/uid_map; sleep 1")))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut starts = std::collections::BTreeSet::new();
+    for out in outs {
+        let out = out.expect_ok();
+        let start: u64 = out
+            .stdout
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        starts.insert(start);
+    }
+    assert_eq!(starts.len(), 20, "shared ranges: {starts:?}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn oci_run_still_works_with_a_bundle() {
+    let Some(rt) = rt("oci_run_still_works_with_a_bundle") else {
+        return;
+    };
+    let mut bundle = common::Bundle::new(&["sh", "-c", "echo oci"]);
+    bundle.set("/process/terminal", serde_json::json!(false));
+    bundle.write_config();
+    let id = rt.new_id("oci");
+    let b = bundle.dir().display().to_string();
+    let out = rt.cmd(&["run", "-b", &b, &id]).expect_ok();
+    assert_eq!(out.stdout, "oci\n");
+}
+
+#[test]
+fn spec_hardened_writes_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().display().to_string();
+    let out = common::run_binary(
+        &common::runtime_bin(),
+        &["spec".into(), "--hardened".into(), "-b".into(), b],
+        Opts::default(),
+        &dir.path().join("o"),
+        &dir.path().join("e"),
+    );
+    if !common::runtime_is_moat() {
+        return;
+    }
+    out.expect_ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(v["root"]["path"], "rootfs");
+    assert_eq!(v["process"]["user"]["uid"], 65534);
+    assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    assert_eq!(
+        v["process"]["capabilities"]["bounding"],
+        serde_json::json!([])
+    );
+}
