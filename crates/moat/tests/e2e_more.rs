@@ -490,3 +490,18 @@ fn exec_tty_without_console_socket() {
     assert_eq!(out.code, Some(7), "{out:?}");
     assert!(out.stdout.contains("/dev/pts/"), "{out:?}");
 }
+
+/// `moat run -t` on the embedded default: the workload gets a pty.
+#[test]
+fn human_run_with_tty() {
+    let Some(rt) = Rt::root_or_skip("human_run_with_tty") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP human_run_with_tty: moat only");
+        return;
+    }
+    let out = rt.cmd(&["run", "-t", "--", "sh", "-c", "tty; exit 4"]);
+    assert_eq!(out.code, Some(4), "{out:?}");
+    assert!(out.stdout.contains("/dev/pts/0"), "{out:?}");
+}

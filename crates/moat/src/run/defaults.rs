@@ -43,6 +43,8 @@ pub struct Settings {
     pub hard_nproc: u64,
     /// Whether the blkio controller offers a weight here.
     pub blkio_weight: bool,
+    /// Give the process a terminal (moat proxies it to its own stdio).
+    pub tty: bool,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             hard_nofile: u64::MAX,
             hard_nproc: u64::MAX,
             blkio_weight: false,
+            tty: false,
         }
     }
 }
@@ -178,7 +181,7 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
     json!({
         "ociVersion": "1.2.0",
         "process": {
-            "terminal": false,
+            "terminal": s.tty,
             "user": {"uid": s.uid, "gid": s.gid},
             "args": s.args,
             "env": environment(&s.env),

@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// Print a JSON result record to stderr, or to FILE with --json=FILE
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "-")]
     pub json: Option<String>,
-    /// Allocate a terminal (not implemented yet)
+    /// Allocate a terminal (moat holds it and copies it to its own stdio)
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Keep stdin open (always the case: stdin passes through)
@@ -166,9 +166,6 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
 pub fn main(cli: RunCli) -> Result<i32> {
     let o = &cli.opts;
     check_tier(cli.global.isolation.as_deref())?;
-    if o.tty {
-        bail!("--tty is not implemented yet in `moat run` (stdin/stdout/stderr pass through)");
-    }
     let root = &cli.global.root;
     let id = match &o.name {
         Some(n) => n.clone(),
@@ -203,15 +200,36 @@ pub fn main(cli: RunCli) -> Result<i32> {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
     }
     let rt = Runtime::new(root, cli.global.systemd_cgroup);
+    // With a terminal, the container sends its pty master to a socket of ours.
+    let console = if s.tty {
+        let path = bundle.path.join("console.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        Some((l, path))
+    } else {
+        None
+    };
     let opts = CreateOpts {
         id: id.clone(),
         bundle: bundle.path.clone(),
+        console_socket: console.as_ref().map(|(_, p)| p.clone()),
         tier: Some(Tier::Container),
         ..CreateOpts::default()
     };
     let started = Instant::now();
     rt.run(&opts, true, false)?;
-    let result = supervise(&rt, &id, o.timeout, started);
+    let master = match &console {
+        Some((l, _)) => {
+            let (conn, _) = l
+                .accept()
+                .context("cannot accept the container's terminal")?;
+            let m = moat_linux::console::recv_master(std::os::fd::AsFd::as_fd(&conn))
+                .map_err(|e| anyhow::anyhow!(moat_linux::error_chain(&e)))?;
+            Some(m)
+        }
+        None => None,
+    };
+    let result = supervise(&rt, &id, o.timeout, started, master);
     let deleted = rt.delete(&id, true);
     let result = result?;
     deleted?;
@@ -302,6 +320,7 @@ fn settings(o: &RunArgs) -> Result<Settings> {
         s.hostname = h.clone();
     }
     s.read_write = o.read_write;
+    s.tty = o.tty;
     s.net_host = match o.net.as_str() {
         "none" => false,
         "host" => true,
@@ -384,9 +403,19 @@ pub struct RunResult {
 
 /// Waits for the container's init (forwarding signals, killing it at the
 /// timeout), then reads its cgroup's accounting before it is deleted.
-fn supervise(rt: &Runtime, id: &str, timeout: Option<u32>, started: Instant) -> Result<RunResult> {
+fn supervise(
+    rt: &Runtime,
+    id: &str,
+    timeout: Option<u32>,
+    started: Instant,
+    master: Option<std::os::fd::OwnedFd>,
+) -> Result<RunResult> {
     let (st, _) = rt.load(id)?;
-    let (code, timed_out) = wait(rt, id, st.pid, timeout);
+    let (code, timed_out) = match master {
+        // With a terminal, moat proxies it until the container exits (no --timeout).
+        Some(m) => (moat_linux::console::proxy(m, st.pid), false),
+        None => wait(rt, id, st.pid, timeout),
+    };
     let mut r = RunResult {
         code,
         signal: (code > 128).then_some(code - 128),
