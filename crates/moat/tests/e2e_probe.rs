@@ -287,3 +287,63 @@ fn probe_text_table_lists_every_check() {
         out.stdout
     );
 }
+
+/// `moat run` with no flags (the embedded default root) against runc's
+/// default spec: the probe, bind-mounted into the container, shows what moat's
+/// defaults add — own user namespace, no capabilities, an allow-list seccomp
+/// filter, blocked escape classes, limits — and the difference is asserted.
+#[test]
+fn probe_under_moat_run_defaults_vs_runc() {
+    let Some(rt) = Rt::root_or_skip("probe_under_moat_run_defaults_vs_runc") else {
+        return;
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = fs::canonicalize(moat_bin()).expect("moat binary");
+    let vol = format!("{}:/opt/moat/moat:ro", bin.display());
+    let out = rt
+        .cmd(&["run", "-v", &vol, "--", "/opt/moat/moat", "probe", "--json"])
+        .expect_ok();
+    let doc: Value = serde_json::from_str(&out.stdout).expect("probe JSON");
+    check_summary(&doc);
+    let moat = results(&doc);
+    for (id, want) in [
+        ("identity.userns", "blocked"),
+        ("identity.uid", "blocked"),
+        ("caps.effective-empty", "blocked"),
+        ("security.no-new-privs", "blocked"),
+        ("seccomp.mode", "blocked"),
+        ("ns.net", "blocked"),
+        ("ns.pid", "blocked"),
+        ("escape.unshare-user", "blocked"),
+        ("escape.io-uring", "blocked"),
+        ("escape.userfaultfd", "blocked"),
+        ("escape.keyctl", "blocked"),
+        ("escape.add-key", "blocked"),
+        ("escape.bpf-prog", "blocked"),
+        ("escape.bpf-map", "blocked"),
+        ("escape.perf-event-open", "blocked"),
+        ("escape.ptrace-sibling", "blocked"),
+        ("escape.mount-syscall", "blocked"),
+        ("escape.init-module", "blocked"),
+        ("net.raw-socket", "blocked"),
+        ("cgroup.memory-limit", "blocked"),
+        ("cgroup.pids-limit", "blocked"),
+        ("fs.root-readonly", "blocked"),
+    ] {
+        expect(&moat, id, want);
+    }
+    let allowed = doc["summary"]["allowed"].as_u64().unwrap_or(u64::MAX);
+    if Path::new(RUNC).exists() {
+        let mut runc = Rt::new();
+        runc.bin = PathBuf::from(RUNC);
+        let runc_doc = run_probe_in(&runc, &probe_bundle());
+        let runc_allowed = runc_doc["summary"]["allowed"].as_u64().unwrap_or(0);
+        eprintln!(
+            "probe 'allowed' checks: moat run defaults {allowed}, runc default spec {runc_allowed}"
+        );
+        assert!(
+            allowed + 10 <= runc_allowed,
+            "moat {allowed} vs runc {runc_allowed}"
+        );
+    }
+}

@@ -141,7 +141,8 @@ pub fn resources(s: &Settings) -> Value {
     r
 }
 
-/// Mounts every container gets: /proc, a minimal /dev, /sys read-only, and
+/// Mounts every container gets: /proc, a minimal /dev, /sys and its own
+/// cgroups read-only, and
 /// size-limited tmpfs on /tmp and $HOME.
 pub fn base_mounts(s: &Settings) -> Vec<Value> {
     let sys = if s.net_host {
@@ -157,6 +158,8 @@ pub fn base_mounts(s: &Settings) -> Vec<Value> {
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", TMPFS_SIZE]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         sys,
+        // The container's own cgroups, read-only, so it can see its limits.
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", TMPFS_SIZE]}),
         json!({"destination": HOME, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=700", TMPFS_SIZE, format!("uid={}", s.uid), format!("gid={}", s.gid)]}),
     ]
