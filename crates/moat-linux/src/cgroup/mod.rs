@@ -436,6 +436,8 @@ pub(crate) fn kill_all(
 ) -> Result<(), CgroupError> {
     use nix::sys::signal::{kill, Signal};
     let deadline = Instant::now() + Duration::from_secs(2);
+    // Dying tasks leave within microseconds to a few ms: poll from 0.5 ms up.
+    let mut nap = Duration::from_micros(500);
     loop {
         let mut pids = Vec::new();
         for d in dirs {
@@ -455,7 +457,8 @@ pub(crate) fn kill_all(
             let path = dirs.first().map(|d| d.to_path_buf()).unwrap_or_default();
             return Err(CgroupError::StillPopulated { path });
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -470,13 +473,15 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
     }
     for d in order.iter().rev() {
         let mut tries = 0;
+        let mut nap = Duration::from_micros(500);
         loop {
             match std::fs::remove_dir(d) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
                     tries += 1;
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(20));
                 }
                 Err(source) => {
                     return Err(CgroupError::Rmdir {
