@@ -88,20 +88,44 @@ fn tarballs_and_directories() {
     for img in ["r.tar", "r.tgz", "r.tar.zst"] {
         let p = t.path().join(img);
         let out = rt
-            .cmd(&["run", p.to_str().unwrap(), "--", "/bin/busybox", "cat", "/etc/passwd"])
+            .cmd(&[
+                "run",
+                p.to_str().unwrap(),
+                "--",
+                "/bin/busybox",
+                "cat",
+                "/etc/passwd",
+            ])
             .expect_ok();
         assert!(out.stdout.contains("app:x:1000"), "{img}: {}", out.stdout);
     }
     // A second run reuses the cache: one entry per tarball.
-    rt.cmd(&["run", t.path().join("r.tar").to_str().unwrap(), "--", "/bin/sh", "-c", "true"])
-        .expect_ok();
+    rt.cmd(&[
+        "run",
+        t.path().join("r.tar").to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "true",
+    ])
+    .expect_ok();
     let list = rt.cmd(&["images"]).expect_ok();
     assert_eq!(list.stdout.lines().count(), 4, "{}", list.stdout);
     // A directory, and -w/-e/-u over it.
     let out = rt
         .cmd(&[
-            "run", "-w", "/work", "-e", "GREET=dir", "-u", "1000", r.to_str().unwrap(), "--",
-            "/bin/sh", "-c", PROBE,
+            "run",
+            "-w",
+            "/work",
+            "-e",
+            "GREET=dir",
+            "-u",
+            "1000",
+            r.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            PROBE,
         ])
         .expect_ok();
     assert_eq!(out.stdout.trim(), "cwd=/work greet=dir id=1000");
@@ -126,7 +150,9 @@ fn oci_layout_and_docker_archive() {
     // OCI layout, by hand: a gzip layer, config, manifest, index.json.
     let layout = t.path().join("layout");
     fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    sh(&format!("tar -C {d}/rootfs -cf {d}/layer.tar . && gzip -k {d}/layer.tar"));
+    sh(&format!(
+        "tar -C {d}/rootfs -cf {d}/layer.tar . && gzip -k {d}/layer.tar"
+    ));
     let diff_id = format!("sha256:{}", sha256(&t.path().join("layer.tar")));
     let (layer, lsize) = blob(&layout, &t.path().join("layer.tar.gz"));
     fs::write(t.path().join("config"), config_json(&diff_id)).unwrap();
@@ -142,15 +168,23 @@ fn oci_layout_and_docker_archive() {
         {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": msize,
          "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
     fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let oci = format!("oci:{}:v1", layout.display());
     // The image's Entrypoint, Cmd, Env, WorkingDir and User apply.
     let out = rt.cmd(&["run", &oci, "--"]).expect_ok();
     assert_eq!(out.stdout.trim(), "cwd=/work greet=hello id=1000");
     // CMD replaces Cmd, the Entrypoint (sh -c) stays.
-    let out = rt.cmd(&["run", &oci, "--", "echo replaced $GREET"]).expect_ok();
+    let out = rt
+        .cmd(&["run", &oci, "--", "echo replaced $GREET"])
+        .expect_ok();
     assert_eq!(out.stdout.trim(), "replaced hello");
-    let out = rt.cmd(&["run", &format!("oci:{}:nope", layout.display()), "--"]).expect_fail();
+    let out = rt
+        .cmd(&["run", &format!("oci:{}:nope", layout.display()), "--"])
+        .expect_fail();
     assert!(out.stderr.contains("nope"), "{}", out.stderr);
 
     // docker save layout: manifest.json + config + <id>/layer.tar.
@@ -163,7 +197,9 @@ fn oci_layout_and_docker_archive() {
         r#"[{"Config":"cfg.json","RepoTags":["bb:latest"],"Layers":["abc/layer.tar"]}]"#,
     )
     .unwrap();
-    sh(&format!("tar -C {d}/da -cf {d}/docker.tar manifest.json cfg.json abc"));
+    sh(&format!(
+        "tar -C {d}/da -cf {d}/docker.tar manifest.json cfg.json abc"
+    ));
     for arg in [
         t.path().join("docker.tar").display().to_string(),
         format!("docker-archive:{d}/docker.tar"),
@@ -173,7 +209,11 @@ fn oci_layout_and_docker_archive() {
     }
     // A tampered blob is refused.
     let lp = layout.join("blobs/sha256").join(&layer["sha256:".len()..]);
-    sh(&format!("gzip -dc {} | gzip -9 > {d}/re.gz && cat {d}/re.gz > {}", lp.display(), lp.display()));
+    sh(&format!(
+        "gzip -dc {} | gzip -9 > {d}/re.gz && cat {d}/re.gz > {}",
+        lp.display(),
+        lp.display()
+    ));
     rt.cmd(&["prune"]).expect_ok();
     let out = rt.cmd(&["run", &oci, "--"]).expect_fail();
     assert!(out.stderr.contains("digest mismatch"), "{}", out.stderr);
@@ -213,19 +253,40 @@ fn hostile_archives_are_refused() {
     let o = outside.display().to_string();
     let evil_abs = format!("{o}/abs-evil");
     let cases: Vec<(&str, Vec<u8>, String)> = vec![
-        ("dotdot", entry("../../../../../../../../../../../..", b'5', "", b""), String::new()),
+        (
+            "dotdot",
+            entry("../../../../../../../../../../../..", b'5', "", b""),
+            String::new(),
+        ),
         (
             "dotdot-file",
-            entry(&format!("../../../../../../../../..{o}/dd-evil"), b'0', "", b"x"),
+            entry(
+                &format!("../../../../../../../../..{o}/dd-evil"),
+                b'0',
+                "",
+                b"x",
+            ),
             format!("{o}/dd-evil"),
         ),
-        ("absolute", entry(&evil_abs, b'0', "", b"x"), evil_abs.clone()),
+        (
+            "absolute",
+            entry(&evil_abs, b'0', "", b"x"),
+            evil_abs.clone(),
+        ),
         (
             "symlink-then-write",
-            [entry("link", b'2', &o, b""), entry("link/sl-evil", b'0', "", b"x")].concat(),
+            [
+                entry("link", b'2', &o, b""),
+                entry("link/sl-evil", b'0', "", b"x"),
+            ]
+            .concat(),
             format!("{o}/sl-evil"),
         ),
-        ("hardlink", entry("passwd", b'1', "/etc/passwd", b""), String::new()),
+        (
+            "hardlink",
+            entry("passwd", b'1', "/etc/passwd", b""),
+            String::new(),
+        ),
     ];
     for (what, mut body, outside_path) in cases {
         body.extend_from_slice(&[0u8; 1024]);

@@ -113,15 +113,40 @@ pub struct Manifest {
 /// Docker's names).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
-    #[serde(rename = "Env", default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Env",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub env: Vec<String>,
-    #[serde(rename = "Entrypoint", default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub entrypoint: Vec<String>,
-    #[serde(rename = "Cmd", default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Cmd",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub cmd: Vec<String>,
-    #[serde(rename = "WorkingDir", default, deserialize_with = "null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub working_dir: String,
-    #[serde(rename = "User", default, deserialize_with = "null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "User",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub user: String,
 }
 
@@ -281,7 +306,10 @@ mod tests {
         assert_eq!(c.config.env, vec!["A=1"]);
         assert!(c.config.cmd.is_empty());
         assert_eq!(c.config.working_dir, "/w");
-        assert_eq!(parse_config(br#"{"config":null}"#).unwrap().config, RunConfig::default());
+        assert_eq!(
+            parse_config(br#"{"config":null}"#).unwrap().config,
+            RunConfig::default()
+        );
         let m = parse_docker_manifest(
             br#"[{"Config":"c.json","RepoTags":null,"Layers":["l/layer.tar"]}]"#,
         )

@@ -138,10 +138,7 @@ impl Source {
         match self {
             Source::Dir(p) | Source::Tarball(p) => p.display().to_string(),
             Source::OciLayout { path, tag: None } => format!("oci:{}", path.display()),
-            Source::OciLayout {
-                path,
-                tag: Some(t),
-            } => format!("oci:{}:{t}", path.display()),
+            Source::OciLayout { path, tag: Some(t) } => format!("oci:{}:{t}", path.display()),
             Source::DockerArchive(p) => format!("docker-archive:{}", p.display()),
         }
     }
@@ -301,7 +298,9 @@ impl Store {
                     Ok((RunConfig::default(), size))
                 })
             }
-            Source::OciLayout { path, tag } => self.prepare_oci(path, tag.as_deref(), src, progress),
+            Source::OciLayout { path, tag } => {
+                self.prepare_oci(path, tag.as_deref(), src, progress)
+            }
             Source::DockerArchive(p) => self.prepare_docker(p, src, progress),
         }
     }
@@ -338,8 +337,11 @@ impl Store {
             source: e.into(),
         })?;
         fs::write(&mp, text).map_err(werr(&mp))?;
-        fs::set_permissions(&tmp.path, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-            .map_err(werr(&tmp.path))?;
+        fs::set_permissions(
+            &tmp.path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .map_err(werr(&tmp.path))?;
         match fs::rename(&tmp.path, &dir) {
             Ok(()) => tmp.keep(),
             // Another moat got there first: use its copy.
@@ -386,7 +388,9 @@ impl Store {
         };
         let index_path = layout_dir.join("index.json");
         let index = layout::parse_index(&read_small(&index_path)?).map_err(lerr(&index_path))?;
-        let mut desc = layout::select(&index, tag).map_err(lerr(&index_path))?.clone();
+        let mut desc = layout::select(&index, tag)
+            .map_err(lerr(&index_path))?
+            .clone();
         if layout::is_index(&desc) {
             let (p, b) = read_blob(layout_dir, &desc.digest)?;
             let nested = layout::parse_index(&b).map_err(lerr(&p))?;
@@ -473,10 +477,11 @@ impl Store {
                     inner: decompressed(tracked).map_err(rerr(&lp))?,
                     hash: Sha256::new(),
                 };
-                let stats = unpack::unpack(&mut h, rootfs).map_err(|source| ImageError::Unpack {
-                    path: lp.clone(),
-                    source,
-                })?;
+                let stats =
+                    unpack::unpack(&mut h, rootfs).map_err(|source| ImageError::Unpack {
+                        path: lp.clone(),
+                        source,
+                    })?;
                 let got = Sha256Digest::from_hasher(h.hash);
                 if got != want {
                     return Err(ImageError::DigestMismatch {
@@ -549,7 +554,11 @@ fn prepare_dir(p: &Path) -> Result<Prepared, ImageError> {
         })?;
         let strings = |v: &serde_json::Value| -> Vec<String> {
             v.as_array()
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let proc = &v["process"];
@@ -774,7 +783,10 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Option<(u32, u32)> {
     let passwd = read_in(rootfs, "etc/passwd").ok().map(|(_, b)| b);
     let group = read_in(rootfs, "etc/group").ok().map(|(_, b)| b);
     let (uid, primary) = match u.parse::<u32>() {
-        Ok(n) => (n, lookup(passwd.as_deref(), |f| f[2] == u).and_then(|f| f[3].parse().ok())),
+        Ok(n) => (
+            n,
+            lookup(passwd.as_deref(), |f| f[2] == u).and_then(|f| f[3].parse().ok()),
+        ),
         Err(_) => {
             let f = lookup(passwd.as_deref(), |f| f[0] == u)?;
             (f[2].parse().ok()?, f[3].parse().ok())

@@ -195,7 +195,9 @@ impl Layer {
         let mode = e.header().mode().unwrap_or(0o644);
         use tar::EntryType as T;
         match kind {
-            T::Directory => self.dir(parent.as_fd(), last, mode).map_err(|e| werr(e.into()))?,
+            T::Directory => self
+                .dir(parent.as_fd(), last, mode)
+                .map_err(|e| werr(e.into()))?,
             T::Regular | T::Continuous => {
                 let n = self.file(parent.as_fd(), last, mode, e).map_err(werr)?;
                 self.stats.bytes += n;
@@ -223,10 +225,12 @@ impl Layer {
     /// component opened with O_NOFOLLOW: a symlink on the way is refused.
     fn walk(&mut self, comps: &[OsString], name: &str) -> Result<OwnedFd, UnpackError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut cur = rustix::fs::openat(self.root.as_fd(), ".", flags, Mode::empty())
-            .map_err(|e| UnpackError::Write {
-                name: name.to_string(),
-                source: e.into(),
+        let mut cur =
+            rustix::fs::openat(self.root.as_fd(), ".", flags, Mode::empty()).map_err(|e| {
+                UnpackError::Write {
+                    name: name.to_string(),
+                    source: e.into(),
+                }
             })?;
         for (i, c) in comps.iter().enumerate() {
             let next = match rustix::fs::openat(cur.as_fd(), c.as_os_str(), flags, Mode::empty()) {
@@ -319,8 +323,14 @@ impl Layer {
         };
         replace(parent, name).map_err(werr)?;
         // No AT_SYMLINK_FOLLOW: a symlink target is linked as the symlink.
-        rustix::fs::linkat(tdir.as_fd(), tlast.as_os_str(), parent, name, AtFlags::empty())
-            .map_err(werr)
+        rustix::fs::linkat(
+            tdir.as_fd(),
+            tlast.as_os_str(),
+            parent,
+            name,
+            AtFlags::empty(),
+        )
+        .map_err(werr)
     }
 
     /// Removes every entry of the directory that this layer did not create.
@@ -542,7 +552,10 @@ mod tests {
     fn a_file_replaces_a_lower_directory_and_symlink() {
         let t = tempfile::tempdir().unwrap();
         unpack(
-            &tar_of(&[("d/x", T::Regular, "", b"x"), ("s", T::Symlink, "/etc", b"")])[..],
+            &tar_of(&[
+                ("d/x", T::Regular, "", b"x"),
+                ("s", T::Symlink, "/etc", b""),
+            ])[..],
             t.path(),
         )
         .unwrap();
