@@ -11,6 +11,7 @@ pub mod exec;
 pub mod hooks;
 pub mod idalloc;
 pub mod idmap;
+pub mod image;
 pub mod init;
 pub mod mountinfo;
 pub mod net;

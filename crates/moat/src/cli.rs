@@ -146,6 +146,10 @@ pub enum Cmd {
     },
     /// Check a config.json, `docker inspect` output or Kubernetes YAML against best practices
     Audit(crate::audit::AuditArgs),
+    /// List the images cached by `moat run IMAGE`
+    Images,
+    /// Remove the image cache (refused while any container exists)
+    Prune,
     /// Not supported
     #[command(hide = true)]
     Checkpoint {

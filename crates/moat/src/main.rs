@@ -68,7 +68,7 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let argv = run::human_argv(&text, || std::path::Path::new("config.json").exists())?;
-    let cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
+    let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -76,6 +76,7 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             return Some(ExitCode::from(code));
         }
     };
+    cli.opts.default_root = run::leading_dashdash(&argv);
     if let Err(e) = moat_linux::selfexe::ensure_protected(args) {
         eprintln!("moat: {}", moat_linux::error_chain(&e));
         return Some(ExitCode::from(1));

@@ -7,6 +7,7 @@
 //! The same word is runc's `run ID` (used by engines and the benchmarks);
 //! [`human_argv`] tells them apart, as docs/run.md describes.
 pub mod defaults;
+pub mod images;
 pub mod rootfs;
 pub mod seccomp_profile;
 
@@ -21,6 +22,7 @@ use moat_core::Tier;
 use moat_linux::cgroup::CgroupManager;
 use moat_linux::container::{CreateOpts, Runtime};
 use moat_linux::idalloc::{self, IdAllocator, IdPool, Owner};
+use moat_linux::image::{self, Prepared, Source};
 use nix::sys::signal::Signal;
 
 use crate::cli::Global;
@@ -30,8 +32,8 @@ use defaults::Settings;
 #[derive(Debug, Parser)]
 #[command(
     name = "moat run",
-    about = "Run a command isolated with best practices by default, on the host's own files",
-    override_usage = "moat run [OPTIONS] [--] CMD [ARGS...]\n       moat run [--bundle B] [--detach] [--pid-file F] ... ID   (OCI: runs bundle B or ./config.json)"
+    about = "Run a command isolated with best practices by default, on the host's own files or an image",
+    override_usage = "moat run [OPTIONS] [--] CMD [ARGS...]\n       moat run [OPTIONS] IMAGE [--] [CMD [ARGS...]]   (IMAGE: DIR, TARBALL, oci:PATH[:TAG], docker-archive:PATH)\n       moat run [--bundle B] [--detach] [--pid-file F] ... ID   (OCI: runs bundle B or ./config.json)"
 )]
 pub struct RunCli {
     #[command(flatten)]
@@ -89,9 +91,70 @@ pub struct RunArgs {
     /// Keep stdin open (always the case: stdin passes through)
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// The command and its arguments
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    /// [IMAGE] then the command and its arguments
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
+    /// Set when `--` comes before the first positional argument: then that
+    /// argument is the command (embedded default root), never an image.
+    #[arg(skip)]
+    pub default_root: bool,
+}
+
+/// `moat run` options that take a value (human mode).
+const RUN_VALUE_FLAGS: &[&str] = &[
+    "-m",
+    "--memory",
+    "--cpus",
+    "--pids-limit",
+    "--net",
+    "-v",
+    "--volume",
+    "-e",
+    "--env",
+    "-w",
+    "--workdir",
+    "-u",
+    "--user",
+    "--name",
+    "--hostname",
+    "--cap-add",
+    "--timeout",
+];
+
+/// Whether `--` comes before the first positional argument of a human-mode
+/// argv (as [`human_argv`] returns it).
+pub fn leading_dashdash(argv: &[String]) -> bool {
+    let mut i = 1;
+    while i < argv.len() {
+        let a = argv[i].as_str();
+        if a == "--" {
+            return true;
+        }
+        if RUN_VALUE_FLAGS.contains(&a) || GLOBAL_VALUE_FLAGS.contains(&a) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    false
+}
+
+/// The image the positional arguments start with (see docs/run.md), and
+/// the command that follows it (a `--` between them dropped).
+pub fn split_image(o: &RunArgs) -> (Option<Source>, Vec<String>) {
+    if o.default_root {
+        return (None, o.command.clone());
+    }
+    let Some(src) = o.command.first().and_then(|a| Source::detect(a)) else {
+        return (None, o.command.clone());
+    };
+    let mut rest = &o.command[1..];
+    if rest.first().map(String::as_str) == Some("--") {
+        rest = &rest[1..];
+    }
+    (Some(src), rest.to_vec())
 }
 
 /// Global options that take a value (runc's names).
@@ -172,7 +235,12 @@ pub fn main(cli: RunCli) -> Result<i32> {
         None => generated_id(),
     };
     moat_core::state::validate_id(&id).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let (image, command) = split_image(o);
+    if image.is_none() && command.is_empty() {
+        bail!("no command given: moat run [OPTIONS] [IMAGE] [--] CMD [ARGS...]");
+    }
     let mut s = settings(o)?;
+    s.args = command;
     // The container's init (an unmapped user on the host) walks down to its
     // root: the state root must be searchable (0711, as `create` makes it).
     std::fs::DirBuilder::new()
@@ -186,13 +254,22 @@ pub fn main(cli: RunCli) -> Result<i32> {
         .allocate(Owner::current(), &idalloc::host_reserved()?)
         .context("cannot allocate a host ID range")?;
     s.host_id = alloc.host_start;
+    let prepared = match &image {
+        Some(src) => Some(images::prepare(root, src)?),
+        None => None,
+    };
     let bundle = TempBundle::create(root, &id)?;
-    let (mut mounts, links) = rootfs::host_mounts(Path::new("/"));
-    for v in &o.volumes {
-        mounts.push(rootfs::Volume::parse(v)?.mount());
-    }
-    rootfs::build(&bundle.path.join("rootfs"), &mounts, &links, s.uid, s.gid)?;
-    let spec = defaults::spec(&s, mounts);
+    let spec = match &prepared {
+        Some(img) => image_spec(&mut s, o, img)?,
+        None => {
+            let (mut mounts, links) = rootfs::host_mounts(Path::new("/"));
+            for v in &o.volumes {
+                mounts.push(rootfs::Volume::parse(v)?.mount());
+            }
+            rootfs::build(&bundle.path.join("rootfs"), &mounts, &links, s.uid, s.gid)?;
+            defaults::spec(&s, mounts)
+        }
+    };
     let cfg = bundle.path.join("config.json");
     std::fs::write(&cfg, serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", cfg.display()))?;
@@ -237,6 +314,75 @@ pub fn main(cli: RunCli) -> Result<i32> {
     drop(bundle);
     report(&result, &s, o.json.as_deref())?;
     Ok(result.code)
+}
+
+/// The config.json for an image: its Entrypoint + Cmd (CMD replaces Cmd),
+/// Env, WorkingDir and User under the flags, its rootfs as the root, the
+/// volumes' mount points created in it; no host binds and no $HOME tmpfs.
+fn image_spec(s: &mut Settings, o: &RunArgs, img: &Prepared) -> Result<serde_json::Value> {
+    let c = &img.config;
+    let mut args = c.entrypoint.clone();
+    if s.args.is_empty() {
+        args.extend(c.cmd.iter().cloned());
+    } else {
+        args.extend(s.args.iter().cloned());
+    }
+    if args.is_empty() {
+        bail!("the image has no command (Entrypoint or Cmd): give one after the image");
+    }
+    s.args = args;
+    if o.user.is_none() {
+        let (uid, gid) = image::resolve_user(&img.rootfs, &c.user).ok_or_else(|| {
+            anyhow::anyhow!("the image's user {:?} is not in its /etc/passwd", c.user)
+        })?;
+        if uid >= defaults::MAP_SIZE || gid >= defaults::MAP_SIZE {
+            bail!(
+                "the image's user {:?} is outside the container's IDs (below {})",
+                c.user,
+                defaults::MAP_SIZE
+            );
+        }
+        (s.uid, s.gid) = (uid, gid);
+    }
+    if o.workdir.is_none() {
+        s.cwd = if c.working_dir.starts_with('/') {
+            c.working_dir.clone()
+        } else {
+            "/".into()
+        };
+    }
+    let mut mounts = Vec::new();
+    for v in &o.volumes {
+        let v = rootfs::Volume::parse(v)?;
+        image::make_volume_point(&img.rootfs, &v.destination, !v.source.is_dir())?;
+        mounts.push(v.mount());
+    }
+    let mut spec = defaults::spec(s, mounts);
+    spec["root"]["path"] = serde_json::json!(img.rootfs);
+    spec["process"]["env"] = serde_json::json!(image_env(&c.env, &o.env, s.uid));
+    if let Some(m) = spec["mounts"].as_array_mut() {
+        m.retain(|m| m["destination"] != defaults::HOME);
+    }
+    Ok(spec)
+}
+
+/// The image's Env, PATH and HOME added when it has none, then `-e`
+/// entries (later ones win by key).
+pub fn image_env(image: &[String], extra: &[String], uid: u32) -> Vec<String> {
+    let mut env: Vec<String> = image.to_vec();
+    let has = |env: &[String], k: &str| env.iter().any(|e| e.split('=').next() == Some(k));
+    if !has(&env, "PATH") {
+        env.insert(0, defaults::PATH.to_string());
+    }
+    if !has(&env, "HOME") {
+        env.push(if uid == 0 { "HOME=/root" } else { "HOME=/" }.to_string());
+    }
+    for e in extra {
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    env
 }
 
 /// Adds search permission (never read or write) for everyone to the state

@@ -1,0 +1,868 @@
+//! Images as the root of `moat run`: a rootfs directory or OCI bundle, a
+//! rootfs tarball (.tar, gzip, zstd), an OCI image layout (`oci:PATH[:TAG]`)
+//! or a `docker save` archive. Archives are unpacked safely ([`unpack`])
+//! into a content-addressed cache under the state root,
+//! `<root>/.images/sha256/<hex>/{rootfs,image.json}`, keyed by the image
+//! config's digest (OCI, Docker) or the tarball's sha256, built in
+//! `<root>/.images/tmp/` and renamed into place; later runs reuse it.
+pub mod layout;
+pub mod unpack;
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+
+pub use layout::{LayoutError, RunConfig, Sha256Digest};
+pub use unpack::UnpackError;
+
+/// Mount points every image root gets (created by moat on the host, since
+/// the container's root user cannot write to the root-owned image).
+pub const MOUNT_POINTS: &[&str] = &["proc", "dev", "sys", "tmp"];
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}")]
+    Layout {
+        path: PathBuf,
+        #[source]
+        source: LayoutError,
+    },
+    #[error("{path}: digest mismatch (expected {expected}, got {actual})")]
+    DigestMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
+    #[error("cannot unpack {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("{0}: not a directory, tarball, OCI layout or docker archive")]
+    Unknown(PathBuf),
+    #[error("cannot remove the image cache: container {0} exists")]
+    InUse(String),
+}
+
+fn rerr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn werr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A rootfs directory, or an OCI bundle (config.json + rootfs/).
+    Dir(PathBuf),
+    /// A rootfs tarball (plain, gzip or zstd).
+    Tarball(PathBuf),
+    /// `oci:PATH[:TAG]`.
+    OciLayout { path: PathBuf, tag: Option<String> },
+    /// `docker-archive:PATH`, or a tarball with manifest.json at the top.
+    DockerArchive(PathBuf),
+}
+
+const GZIP: &[u8] = &[0x1f, 0x8b];
+const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+impl Source {
+    /// The image `arg` names, or `None` when it names no image (then it is
+    /// a command): `oci:`/`docker-archive:` prefixes, an existing directory,
+    /// or an existing file that is a tar archive (plain, gzip, zstd).
+    pub fn detect(arg: &str) -> Option<Source> {
+        if let Some(rest) = arg.strip_prefix("oci:") {
+            // PATH:TAG only when PATH exists without the tag.
+            if let Some((p, t)) = rest.rsplit_once(':') {
+                if Path::new(p).is_dir() && !Path::new(rest).exists() {
+                    return Some(Source::OciLayout {
+                        path: p.into(),
+                        tag: Some(t.to_string()),
+                    });
+                }
+            }
+            return Some(Source::OciLayout {
+                path: rest.into(),
+                tag: None,
+            });
+        }
+        if let Some(rest) = arg.strip_prefix("docker-archive:") {
+            return Some(Source::DockerArchive(rest.into()));
+        }
+        let p = Path::new(arg);
+        let md = fs::metadata(p).ok()?;
+        if md.is_dir() {
+            return Some(Source::Dir(p.into()));
+        }
+        if md.is_file() && is_archive(p) {
+            if has_docker_manifest(p) {
+                return Some(Source::DockerArchive(p.into()));
+            }
+            return Some(Source::Tarball(p.into()));
+        }
+        None
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Dir(p) | Source::Tarball(p) => p.display().to_string(),
+            Source::OciLayout { path, tag: None } => format!("oci:{}", path.display()),
+            Source::OciLayout { path, tag: Some(t) } => format!("oci:{}:{t}", path.display()),
+            Source::DockerArchive(p) => format!("docker-archive:{}", p.display()),
+        }
+    }
+}
+
+/// A tar, gzip or zstd file (by its first bytes; `ustar` at offset 257).
+fn is_archive(p: &Path) -> bool {
+    let mut head = [0u8; 512];
+    let Ok(mut f) = fs::File::open(p) else {
+        return false;
+    };
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    let head = &head[..n];
+    head.starts_with(GZIP) || head.starts_with(ZSTD) || (n >= 262 && &head[257..262] == b"ustar")
+}
+
+/// Whether an uncompressed tar has `manifest.json` at its top.
+fn has_docker_manifest(p: &Path) -> bool {
+    let Ok(f) = fs::File::open(p) else {
+        return false;
+    };
+    let mut a = tar::Archive::new(f);
+    let Ok(entries) = a.entries() else {
+        return false;
+    };
+    for e in entries {
+        let Ok(e) = e else { return false };
+        let path = e.path_bytes();
+        if matches!(&path[..], b"manifest.json" | b"./manifest.json") {
+            return true;
+        }
+    }
+    false
+}
+
+/// A reader over `r` decompressed according to its first bytes.
+pub fn decompressed<'a, R: Read + 'a>(r: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut r = BufReader::new(r);
+    let head = r.fill_buf()?;
+    if head.starts_with(GZIP) {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(r)))
+    } else if head.starts_with(ZSTD) {
+        let d = ruzstd::decoding::StreamingDecoder::new(r)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(Box::new(d))
+    } else {
+        Ok(Box::new(r))
+    }
+}
+
+/// Reports bytes read to a progress callback, and hashes them.
+struct Tracked<'p, R> {
+    inner: R,
+    hash: Sha256,
+    progress: &'p mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for Tracked<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Hashes what passes through (the uncompressed layer, for a diff_id).
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What `image.json` in a cache entry records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub source: String,
+    pub config: RunConfig,
+    /// Bytes of regular files unpacked.
+    pub size: u64,
+}
+
+/// An image ready to run.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub rootfs: PathBuf,
+    pub config: RunConfig,
+    /// The cache key, for cached images.
+    pub digest: Option<Sha256Digest>,
+}
+
+/// The image cache under a state root.
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// A cache entry, as `moat images` lists it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub digest: String,
+    pub meta: Meta,
+    pub last_used: Option<SystemTime>,
+}
+
+impl Store {
+    pub fn new(state_root: &Path) -> Store {
+        Store {
+            dir: state_root.join(".images"),
+        }
+    }
+
+    fn entry_dir(&self, d: &Sha256Digest) -> PathBuf {
+        self.dir.join("sha256").join(d.hex())
+    }
+
+    fn mkdir(p: &Path, mode: u32) -> Result<(), ImageError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(p)
+            .map_err(werr(p))
+    }
+
+    /// The image `src`, unpacked into the cache unless it is a directory or
+    /// already there. `progress(done, total)` is called as the archive is
+    /// read (total 0 when unknown).
+    pub fn prepare(
+        &self,
+        src: &Source,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Prepared, ImageError> {
+        match src {
+            Source::Dir(p) => prepare_dir(p),
+            Source::Tarball(p) => {
+                let key = file_digest(p)?;
+                self.cached_or(&key, src, |tmp| {
+                    let total = fs::metadata(p).map_err(rerr(p))?.len();
+                    let mut done = 0;
+                    let mut cb = |n: u64| {
+                        done += n;
+                        progress(done, total)
+                    };
+                    let size = unpack_file(p, tmp, &mut cb, None)?;
+                    Ok((RunConfig::default(), size))
+                })
+            }
+            Source::OciLayout { path, tag } => {
+                self.prepare_oci(path, tag.as_deref(), src, progress)
+            }
+            Source::DockerArchive(p) => self.prepare_docker(p, src, progress),
+        }
+    }
+
+    /// The entry `key` if cached; else `build(rootfs)` in a temporary
+    /// directory, renamed into place.
+    fn cached_or(
+        &self,
+        key: &Sha256Digest,
+        src: &Source,
+        build: impl FnOnce(&Path) -> Result<(RunConfig, u64), ImageError>,
+    ) -> Result<Prepared, ImageError> {
+        let dir = self.entry_dir(key);
+        if let Some(p) = self.load(key)? {
+            return Ok(p);
+        }
+        Self::mkdir(&self.dir, 0o711)?;
+        Self::mkdir(&self.dir.join("sha256"), 0o711)?;
+        let tmp_parent = self.dir.join("tmp");
+        Self::mkdir(&tmp_parent, 0o700)?;
+        let tmp = TempDir::new(&tmp_parent)?;
+        let rootfs = tmp.path.join("rootfs");
+        Self::mkdir(&rootfs, 0o755)?;
+        let (config, size) = build(&rootfs)?;
+        make_mount_points(&rootfs)?;
+        let meta = Meta {
+            source: src.describe(),
+            config,
+            size,
+        };
+        let mp = tmp.path.join("image.json");
+        let text = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Write {
+            path: mp.clone(),
+            source: e.into(),
+        })?;
+        fs::write(&mp, text).map_err(werr(&mp))?;
+        fs::set_permissions(
+            &tmp.path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .map_err(werr(&tmp.path))?;
+        match fs::rename(&tmp.path, &dir) {
+            Ok(()) => tmp.keep(),
+            // Another moat got there first: use its copy.
+            Err(e) if dir.join("image.json").exists() => drop(e),
+            Err(e) => return Err(werr(&dir)(e)),
+        }
+        self.load(key)?.ok_or_else(|| ImageError::Read {
+            path: dir.clone(),
+            source: io::ErrorKind::NotFound.into(),
+        })
+    }
+
+    fn load(&self, key: &Sha256Digest) -> Result<Option<Prepared>, ImageError> {
+        let dir = self.entry_dir(key);
+        let mp = dir.join("image.json");
+        let text = match fs::read(&mp) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(rerr(&mp)(e)),
+        };
+        let meta: Meta = serde_json::from_slice(&text).map_err(|e| ImageError::Read {
+            path: mp.clone(),
+            source: e.into(),
+        })?;
+        let used = dir.join("last-used");
+        fs::write(&used, b"").map_err(werr(&used))?;
+        Ok(Some(Prepared {
+            rootfs: dir.join("rootfs"),
+            config: meta.config,
+            digest: Some(key.clone()),
+        }))
+    }
+
+    fn prepare_oci(
+        &self,
+        layout_dir: &Path,
+        tag: Option<&str>,
+        src: &Source,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Prepared, ImageError> {
+        let lerr = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ImageError::Layout { path, source }
+        };
+        let index_path = layout_dir.join("index.json");
+        let index = layout::parse_index(&read_small(&index_path)?).map_err(lerr(&index_path))?;
+        let mut desc = layout::select(&index, tag)
+            .map_err(lerr(&index_path))?
+            .clone();
+        if layout::is_index(&desc) {
+            let (p, b) = read_blob(layout_dir, &desc.digest)?;
+            let nested = layout::parse_index(&b).map_err(lerr(&p))?;
+            desc = layout::select_platform(&nested).map_err(lerr(&p))?.clone();
+        }
+        let (mpath, mbytes) = read_blob(layout_dir, &desc.digest)?;
+        let manifest = layout::parse_manifest(&mbytes).map_err(lerr(&mpath))?;
+        let (cpath, cbytes) = read_blob(layout_dir, &manifest.config.digest)?;
+        let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
+        let key = Sha256Digest::of(&cbytes);
+        self.cached_or(&key, src, |rootfs| {
+            let mut total = 0;
+            let mut paths = Vec::new();
+            for l in &manifest.layers {
+                let d = Sha256Digest::parse(&l.digest).map_err(lerr(&mpath))?;
+                let p = layout_dir.join("blobs/sha256").join(d.hex());
+                total += fs::metadata(&p).map_err(rerr(&p))?.len();
+                paths.push((p, d));
+            }
+            let mut done = 0;
+            let mut size = 0;
+            for (p, d) in paths {
+                let mut cb = |n: u64| {
+                    done += n;
+                    progress(done, total)
+                };
+                size += unpack_file(&p, rootfs, &mut cb, Some(&d))?;
+            }
+            Ok((config.config.clone(), size))
+        })
+    }
+
+    fn prepare_docker(
+        &self,
+        archive: &Path,
+        src: &Source,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Prepared, ImageError> {
+        // The archive's members are read by name, in the manifest's order:
+        // it is unpacked (safely) into a scratch directory first.
+        let tmp_parent = self.dir.join("tmp");
+        Self::mkdir(&tmp_parent, 0o700)?;
+        let scratch = TempDir::new(&tmp_parent)?;
+        let total = fs::metadata(archive).map_err(rerr(archive))?.len();
+        let mut done = 0;
+        let mut cb = |n: u64| {
+            done += n;
+            progress(done, total * 2)
+        };
+        unpack_file(archive, &scratch.path, &mut cb, None)?;
+        let lerr = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ImageError::Layout { path, source }
+        };
+        let mpath = archive.join("manifest.json");
+        let (_, mbytes) = read_in(&scratch.path, "manifest.json")?;
+        let m = layout::parse_docker_manifest(&mbytes).map_err(lerr(&mpath))?;
+        let (cpath, cbytes) = read_in(&scratch.path, &m.config)?;
+        let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != m.layers.len() {
+            return Err(lerr(&cpath)(LayoutError::DiffIds {
+                diff_ids: diff_ids.len(),
+                layers: m.layers.len(),
+            }));
+        }
+        let key = Sha256Digest::of(&cbytes);
+        self.cached_or(&key, src, |rootfs| {
+            let mut size = 0;
+            for (l, id) in m.layers.iter().zip(diff_ids) {
+                let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
+                let f = open_in(&scratch.path, l)?;
+                let lp = scratch.path.join(l);
+                let mut cb = |n: u64| {
+                    done += n;
+                    progress(done.min(total * 2), total * 2)
+                };
+                let tracked = Tracked {
+                    inner: f,
+                    hash: Sha256::new(),
+                    progress: &mut cb,
+                };
+                let mut h = Hashing {
+                    inner: decompressed(tracked).map_err(rerr(&lp))?,
+                    hash: Sha256::new(),
+                };
+                let stats =
+                    unpack::unpack(&mut h, rootfs).map_err(|source| ImageError::Unpack {
+                        path: lp.clone(),
+                        source,
+                    })?;
+                let got = Sha256Digest::from_hasher(h.hash);
+                if got != want {
+                    return Err(ImageError::DigestMismatch {
+                        path: lp,
+                        expected: want.to_string(),
+                        actual: got.to_string(),
+                    });
+                }
+                size += stats.bytes;
+            }
+            Ok((config.config.clone(), size))
+        })
+    }
+
+    /// The cached images.
+    pub fn list(&self) -> Result<Vec<Entry>, ImageError> {
+        let dir = self.dir.join("sha256");
+        let rd = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(rerr(&dir)(e)),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(rerr(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(text) = fs::read(e.path().join("image.json")) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_slice::<Meta>(&text) else {
+                continue;
+            };
+            let last_used = fs::metadata(e.path().join("last-used"))
+                .and_then(|m| m.modified())
+                .ok();
+            out.push(Entry {
+                digest: format!("sha256:{name}"),
+                meta,
+                last_used,
+            });
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.last_used));
+        Ok(out)
+    }
+
+    /// Removes the whole cache; refused while `containers` (the IDs in the
+    /// state root) is not empty, as one of them may run on a cached image.
+    pub fn prune(&self, containers: &[String]) -> Result<usize, ImageError> {
+        if let Some(c) = containers.first() {
+            return Err(ImageError::InUse(c.clone()));
+        }
+        let n = self.list()?.len();
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(werr(&self.dir)(e)),
+        }
+    }
+}
+
+/// A directory image: `DIR/rootfs` with the process of `DIR/config.json`
+/// for an OCI bundle, else `DIR` itself.
+fn prepare_dir(p: &Path) -> Result<Prepared, ImageError> {
+    let cfg = p.join("config.json");
+    if cfg.is_file() && p.join("rootfs").is_dir() {
+        let text = read_small(&cfg)?;
+        let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| ImageError::Read {
+            path: cfg.clone(),
+            source: e.into(),
+        })?;
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let proc = &v["process"];
+        let user = match (proc["user"]["uid"].as_u64(), proc["user"]["gid"].as_u64()) {
+            (Some(u), Some(g)) => format!("{u}:{g}"),
+            _ => String::new(),
+        };
+        let rootfs = fs::canonicalize(p.join("rootfs")).map_err(rerr(p))?;
+        make_mount_points(&rootfs)?;
+        return Ok(Prepared {
+            rootfs,
+            config: RunConfig {
+                env: strings(&proc["env"]),
+                cmd: strings(&proc["args"]),
+                working_dir: proc["cwd"].as_str().unwrap_or("").to_string(),
+                user,
+                entrypoint: Vec::new(),
+            },
+            digest: None,
+        });
+    }
+    let rootfs = fs::canonicalize(p).map_err(rerr(p))?;
+    make_mount_points(&rootfs)?;
+    Ok(Prepared {
+        rootfs,
+        config: RunConfig::default(),
+        digest: None,
+    })
+}
+
+/// Creates the mount points of [`MOUNT_POINTS`] inside `rootfs`, resolved
+/// inside it (a symlink in the image cannot lead out).
+pub fn make_mount_points(rootfs: &Path) -> Result<(), ImageError> {
+    let fd = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| rerr(rootfs)(e.into()))?;
+    for m in MOUNT_POINTS {
+        crate::rootfs::resolve::mkdir_all(fd.as_fd(), Path::new(m))
+            .map_err(werr(&rootfs.join(m)))?;
+    }
+    Ok(())
+}
+
+/// Creates `dst` (a directory, or an empty file when `file`) inside
+/// `rootfs` for a volume, resolved inside it.
+pub fn make_volume_point(rootfs: &Path, dst: &Path, file: bool) -> Result<(), ImageError> {
+    use crate::rootfs::resolve::{open_or_create, Kind};
+    let fd = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| rerr(rootfs)(e.into()))?;
+    let kind = if file { Kind::File } else { Kind::Dir };
+    open_or_create(fd.as_fd(), dst, kind, false).map_err(werr(dst))?;
+    Ok(())
+}
+
+/// The sha256 of a whole file.
+pub fn file_digest(p: &Path) -> Result<Sha256Digest, ImageError> {
+    let mut f = fs::File::open(p).map_err(rerr(p))?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h).map_err(rerr(p))?;
+    Ok(Sha256Digest::from_hasher(h))
+}
+
+/// Unpacks the (maybe compressed) tar file `p` over `rootfs`; checks its
+/// sha256 against `digest` when given. Returns the bytes of files written.
+fn unpack_file(
+    p: &Path,
+    rootfs: &Path,
+    progress: &mut dyn FnMut(u64),
+    digest: Option<&Sha256Digest>,
+) -> Result<u64, ImageError> {
+    let f = fs::File::open(p).map_err(rerr(p))?;
+    let mut tracked = Tracked {
+        inner: f,
+        hash: Sha256::new(),
+        progress,
+    };
+    let stats = {
+        let r = decompressed(&mut tracked).map_err(rerr(p))?;
+        unpack::unpack(r, rootfs).map_err(|source| ImageError::Unpack {
+            path: p.to_path_buf(),
+            source,
+        })?
+    };
+    // Whatever follows the compressed stream is part of the blob too.
+    io::copy(&mut tracked, &mut io::sink()).map_err(rerr(p))?;
+    if let Some(want) = digest {
+        let got = Sha256Digest::from_hasher(tracked.hash);
+        if &got != want {
+            return Err(ImageError::DigestMismatch {
+                path: p.to_path_buf(),
+                expected: want.to_string(),
+                actual: got.to_string(),
+            });
+        }
+    }
+    Ok(stats.bytes)
+}
+
+fn read_small(p: &Path) -> Result<Vec<u8>, ImageError> {
+    let f = fs::File::open(p).map_err(rerr(p))?;
+    read_bounded(f, p)
+}
+
+fn read_bounded(f: impl Read, p: &Path) -> Result<Vec<u8>, ImageError> {
+    let mut b = Vec::new();
+    f.take(layout::MAX_JSON + 1)
+        .read_to_end(&mut b)
+        .map_err(rerr(p))?;
+    if b.len() as u64 > layout::MAX_JSON {
+        return Err(ImageError::TooLarge {
+            path: p.to_path_buf(),
+            max: layout::MAX_JSON,
+        });
+    }
+    Ok(b)
+}
+
+/// A small blob of an OCI layout, its sha256 checked.
+fn read_blob(layout_dir: &Path, digest: &str) -> Result<(PathBuf, Vec<u8>), ImageError> {
+    let d = Sha256Digest::parse(digest).map_err(|source| ImageError::Layout {
+        path: layout_dir.to_path_buf(),
+        source,
+    })?;
+    let p = layout_dir.join("blobs/sha256").join(d.hex());
+    let b = read_small(&p)?;
+    let got = Sha256Digest::of(&b);
+    if got != d {
+        return Err(ImageError::DigestMismatch {
+            path: p,
+            expected: d.to_string(),
+            actual: got.to_string(),
+        });
+    }
+    Ok((p, b))
+}
+
+/// Opens `name` inside `dir`, symlinks resolved inside it.
+fn open_in(dir: &Path, name: &str) -> Result<fs::File, ImageError> {
+    let p = dir.join(name);
+    let root = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| rerr(dir)(e.into()))?;
+    let fd = rustix::fs::openat2(
+        root.as_fd(),
+        name,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| rerr(&p)(e.into()))?;
+    Ok(fs::File::from(fd))
+}
+
+fn read_in(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), ImageError> {
+    let p = dir.join(name);
+    let b = read_bounded(open_in(dir, name)?, &p)?;
+    Ok((p, b))
+}
+
+/// A scratch directory, removed on drop unless kept.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    fn new(parent: &Path) -> Result<TempDir, ImageError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = parent.join(format!(
+            "{}-{nanos:x}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(werr(&path))?;
+        Ok(TempDir { path, keep: false })
+    }
+
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            // Unpacked content never holds mounts: a plain recursive removal
+            // (remove_dir_all does not follow symlinks).
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// `USER[:GROUP]` of an image config as numeric IDs: numbers, or names
+/// looked up in the image's own /etc/passwd and /etc/group (read inside
+/// the root). Empty is root.
+pub fn resolve_user(rootfs: &Path, spec: &str) -> Option<(u32, u32)> {
+    if spec.is_empty() {
+        return Some((0, 0));
+    }
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = read_in(rootfs, "etc/passwd").ok().map(|(_, b)| b);
+    let group = read_in(rootfs, "etc/group").ok().map(|(_, b)| b);
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => (
+            n,
+            lookup(passwd.as_deref(), |f| f[2] == u).and_then(|f| f[3].parse().ok()),
+        ),
+        Err(_) => {
+            let f = lookup(passwd.as_deref(), |f| f[0] == u)?;
+            (f[2].parse().ok()?, f[3].parse().ok())
+        }
+    };
+    let gid = match g {
+        None => primary.unwrap_or(uid),
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup(group.as_deref(), |f| f[0] == g)?[2].parse().ok()?,
+        },
+    };
+    Some((uid, gid))
+}
+
+fn lookup(file: Option<&[u8]>, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<String>> {
+    let text = String::from_utf8_lossy(file?).into_owned();
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && pred(f))
+        .map(|f| f.iter().map(|s| s.to_string()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detect_sources() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().to_str().unwrap();
+        assert_eq!(Source::detect(dir), Some(Source::Dir(dir.into())));
+        assert_eq!(
+            Source::detect(&format!("oci:{dir}:v1")),
+            Some(Source::OciLayout {
+                path: dir.into(),
+                tag: Some("v1".into())
+            })
+        );
+        assert_eq!(
+            Source::detect(&format!("oci:{dir}")),
+            Some(Source::OciLayout {
+                path: dir.into(),
+                tag: None
+            })
+        );
+        // Programs and missing paths are commands, not images.
+        assert_eq!(Source::detect("/bin/sh"), None);
+        assert_eq!(Source::detect("sh"), None);
+        let tar = t.path().join("r.tar");
+        let mut b = tar::Builder::new(fs::File::create(&tar).unwrap());
+        b.append_data(&mut tar::Header::new_gnu(), "x", &b""[..])
+            .unwrap();
+        b.finish().unwrap();
+        drop(b);
+        assert_eq!(
+            Source::detect(tar.to_str().unwrap()),
+            Some(Source::Tarball(tar.clone()))
+        );
+    }
+
+    #[test]
+    fn users_from_the_image() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("etc")).unwrap();
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\napp:x:1000:1001::/:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(t.path().join("etc/group"), "staff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(t.path(), ""), Some((0, 0)));
+        assert_eq!(resolve_user(t.path(), "app"), Some((1000, 1001)));
+        assert_eq!(resolve_user(t.path(), "1000"), Some((1000, 1001)));
+        assert_eq!(resolve_user(t.path(), "7"), Some((7, 7)));
+        assert_eq!(resolve_user(t.path(), "app:staff"), Some((1000, 50)));
+        assert_eq!(resolve_user(t.path(), "nope"), None);
+    }
+}

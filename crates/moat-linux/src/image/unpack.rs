@@ -1,0 +1,570 @@
+//! Safe unpacking of a tar layer into a directory. The archive is attacker
+//! input: every entry is placed by walking its parent one component at a
+//! time from an fd of the target root with `openat(O_NOFOLLOW|O_DIRECTORY)`
+//! and `mkdirat`, so no entry can land outside the root, `..` and absolute
+//! names are refused, a symlink made by an earlier entry is never followed,
+//! and a hard link must name a file already inside the root. Device nodes
+//! are skipped. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what lower
+//! layers put there.
+//!
+//! Files are owned by the unpacking user (host root) whatever the archive
+//! says, and setuid/setgid bits and write permission for "other" are
+//! dropped: the container sees every host-owned file as `nobody`, runs with
+//! no_new_privs and a read-only root, so none of these could matter inside,
+//! while on the host they would let a host user change or exploit the cache.
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use thiserror::Error;
+
+/// Prefix of an OCI whiteout file.
+pub const WHITEOUT: &str = ".wh.";
+/// The name that marks its directory opaque.
+pub const OPAQUE: &str = ".wh..wh..opq";
+
+#[derive(Debug, Error)]
+pub enum UnpackError {
+    #[error("cannot open {path}")]
+    OpenRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the archive")]
+    Read(#[source] io::Error),
+    #[error("refused archive entry {name:?}: {problem}")]
+    Refused { name: String, problem: PathProblem },
+    #[error("refused archive entry {name:?}: a parent is a symlink or not a directory")]
+    ThroughLink { name: String },
+    #[error("cannot write archive entry {name:?}")]
+    Write {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why an entry's path (or link target) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum PathProblem {
+    #[error("absolute path")]
+    Absolute,
+    #[error("`..` component")]
+    DotDot,
+    #[error("hard link to an absolute path")]
+    AbsoluteLink,
+    #[error("hard link with a `..` component")]
+    DotDotLink,
+    #[error("hard link to the root")]
+    LinkToRoot,
+}
+
+/// The components of an archive path, lexically checked: `.` and empty
+/// components are dropped; `..` and absolute paths are refused. An empty
+/// result is the root itself.
+pub fn components(raw: &[u8]) -> Result<Vec<OsString>, PathProblem> {
+    if raw.first() == Some(&b'/') {
+        return Err(PathProblem::Absolute);
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(PathProblem::DotDot),
+            name => out.push(OsString::from_vec(name.to_vec())),
+        }
+    }
+    Ok(out)
+}
+
+/// What a whiteout name asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Whiteout<'a> {
+    /// Not a whiteout: an ordinary entry.
+    None,
+    /// `.wh..wh..opq`: drop everything lower layers put in the directory.
+    Opaque,
+    /// `.wh.NAME`: remove NAME.
+    Remove(&'a OsStr),
+}
+
+pub fn whiteout(name: &OsStr) -> Whiteout<'_> {
+    let b = name.as_bytes();
+    if b == OPAQUE.as_bytes() {
+        Whiteout::Opaque
+    } else if let Some(rest) = b.strip_prefix(WHITEOUT.as_bytes()) {
+        if rest.is_empty() || rest == b"." || rest == b".." {
+            Whiteout::None
+        } else {
+            Whiteout::Remove(OsStr::from_bytes(rest))
+        }
+    } else {
+        Whiteout::None
+    }
+}
+
+/// What one unpack did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub entries: u64,
+    /// Bytes of regular files written.
+    pub bytes: u64,
+    /// Device nodes, FIFOs and other skipped entries.
+    pub skipped: u64,
+}
+
+/// Unpacks the tar stream `reader` (already decompressed) as one layer over
+/// the directory `root`. Reads the stream to its end (so a digest over it
+/// covers everything).
+pub fn unpack<R: Read>(reader: R, root: &Path) -> Result<Stats, UnpackError> {
+    let fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| UnpackError::OpenRoot {
+        path: root.to_path_buf(),
+        source: e.into(),
+    })?;
+    let mut layer = Layer {
+        root: fd,
+        created: HashSet::new(),
+        stats: Stats::default(),
+    };
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(UnpackError::Read)? {
+        let mut entry = entry.map_err(UnpackError::Read)?;
+        layer.entry(&mut entry)?;
+    }
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(UnpackError::Read)?;
+    Ok(layer.stats)
+}
+
+struct Layer {
+    root: OwnedFd,
+    /// Paths this layer created: whiteouts never remove them.
+    created: HashSet<Vec<OsString>>,
+    stats: Stats,
+}
+
+fn display(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+impl Layer {
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        let raw = e.path_bytes().into_owned();
+        let name = display(&raw);
+        let comps = components(&raw).map_err(|problem| UnpackError::Refused {
+            name: name.clone(),
+            problem,
+        })?;
+        self.stats.entries += 1;
+        let kind = e.header().entry_type();
+        let Some((last, parents)) = comps.split_last() else {
+            // "./": the root itself keeps its mode.
+            return Ok(());
+        };
+        let werr = |source: io::Error| UnpackError::Write {
+            name: name.clone(),
+            source,
+        };
+        let parent = self.walk(parents, &name)?;
+        match whiteout(last) {
+            Whiteout::Opaque => {
+                return self
+                    .opaque(parent.as_fd(), parents)
+                    .map_err(|e| werr(e.into()))
+            }
+            Whiteout::Remove(target) => {
+                let mut p = parents.to_vec();
+                p.push(target.to_os_string());
+                if !self.created.contains(&p) {
+                    remove_all(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
+                }
+                return Ok(());
+            }
+            Whiteout::None => {}
+        }
+        let mode = e.header().mode().unwrap_or(0o644);
+        use tar::EntryType as T;
+        match kind {
+            T::Directory => self
+                .dir(parent.as_fd(), last, mode)
+                .map_err(|e| werr(e.into()))?,
+            T::Regular | T::Continuous => {
+                let n = self.file(parent.as_fd(), last, mode, e).map_err(werr)?;
+                self.stats.bytes += n;
+            }
+            T::Symlink => {
+                let target = e.link_name_bytes().unwrap_or_default().into_owned();
+                replace(parent.as_fd(), last).map_err(|e| werr(e.into()))?;
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), parent.as_fd(), last.as_os_str())
+                    .map_err(|e| werr(e.into()))?;
+            }
+            T::Link => {
+                let target = e.link_name_bytes().unwrap_or_default().into_owned();
+                self.hardlink(parent.as_fd(), last, &target, &name)?;
+            }
+            _ => {
+                self.stats.skipped += 1;
+                return Ok(());
+            }
+        }
+        self.created.insert(comps);
+        Ok(())
+    }
+
+    /// The directory `comps` under the root, created as needed, each
+    /// component opened with O_NOFOLLOW: a symlink on the way is refused.
+    fn walk(&mut self, comps: &[OsString], name: &str) -> Result<OwnedFd, UnpackError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut cur =
+            rustix::fs::openat(self.root.as_fd(), ".", flags, Mode::empty()).map_err(|e| {
+                UnpackError::Write {
+                    name: name.to_string(),
+                    source: e.into(),
+                }
+            })?;
+        for (i, c) in comps.iter().enumerate() {
+            let next = match rustix::fs::openat(cur.as_fd(), c.as_os_str(), flags, Mode::empty()) {
+                Err(rustix::io::Errno::NOENT) => {
+                    rustix::fs::mkdirat(cur.as_fd(), c.as_os_str(), Mode::from_raw_mode(0o755))
+                        .and_then(|()| {
+                            rustix::fs::openat(cur.as_fd(), c.as_os_str(), flags, Mode::empty())
+                        })
+                        .inspect(|_| {
+                            self.created.insert(comps[..=i].to_vec());
+                        })
+                }
+                r => r,
+            };
+            cur = match next {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                    return Err(UnpackError::ThroughLink {
+                        name: name.to_string(),
+                    })
+                }
+                Err(e) => {
+                    return Err(UnpackError::Write {
+                        name: name.to_string(),
+                        source: e.into(),
+                    })
+                }
+            };
+        }
+        Ok(cur)
+    }
+
+    fn dir(&self, parent: BorrowedFd<'_>, name: &OsStr, mode: u32) -> rustix::io::Result<()> {
+        let mode = Mode::from_raw_mode(dir_mode(mode));
+        match rustix::fs::mkdirat(parent, name, mode) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                    remove_all(parent, name)?;
+                    rustix::fs::mkdirat(parent, name, mode)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        rustix::fs::chmodat(parent, name, mode, AtFlags::empty())
+    }
+
+    fn file<R: Read>(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        mode: u32,
+        e: &mut tar::Entry<'_, R>,
+    ) -> io::Result<u64> {
+        replace(parent, name)?;
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(parent, name, flags, Mode::from_raw_mode(0o600))?;
+        let mut f = std::fs::File::from(fd);
+        let n = io::copy(e, &mut f)?;
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(file_mode(mode)))?;
+        Ok(n)
+    }
+
+    fn hardlink(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        target: &[u8],
+        entry: &str,
+    ) -> Result<(), UnpackError> {
+        let refused = |problem| UnpackError::Refused {
+            name: entry.to_string(),
+            problem,
+        };
+        let comps = components(target).map_err(|p| {
+            refused(match p {
+                PathProblem::Absolute => PathProblem::AbsoluteLink,
+                _ => PathProblem::DotDotLink,
+            })
+        })?;
+        let Some((tlast, tparents)) = comps.split_last() else {
+            return Err(refused(PathProblem::LinkToRoot));
+        };
+        let tdir = self.walk(tparents, entry)?;
+        let werr = |source: rustix::io::Errno| UnpackError::Write {
+            name: entry.to_string(),
+            source: source.into(),
+        };
+        replace(parent, name).map_err(werr)?;
+        // No AT_SYMLINK_FOLLOW: a symlink target is linked as the symlink.
+        rustix::fs::linkat(
+            tdir.as_fd(),
+            tlast.as_os_str(),
+            parent,
+            name,
+            AtFlags::empty(),
+        )
+        .map_err(werr)
+    }
+
+    /// Removes every entry of the directory that this layer did not create.
+    fn opaque(&self, dir: BorrowedFd<'_>, comps: &[OsString]) -> rustix::io::Result<()> {
+        for name in list(dir)? {
+            let mut p = comps.to_vec();
+            p.push(name.clone());
+            if !self.created.contains(&p) {
+                remove_all(dir, &name)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mode bits kept on a directory: permissions and sticky, without write
+/// for "other" (and never setuid/setgid).
+pub fn dir_mode(mode: u32) -> u32 {
+    mode & 0o1775
+}
+
+/// Mode bits kept on a file: permissions without setuid, setgid, sticky or
+/// write for "other".
+pub fn file_mode(mode: u32) -> u32 {
+    mode & 0o775
+}
+
+/// Removes `name` in `dir` if it is anything but a directory (a directory
+/// is replaced only by [`Layer::dir`] or a whiteout).
+fn replace(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => remove_all(dir, name),
+        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()),
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn list(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut out = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&fd)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push(OsString::from_vec(n.to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `name` in `dir` and, for a directory, everything under it,
+/// never following a symlink.
+pub fn remove_all(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(sub) => {
+            for n in list(sub.as_fd())? {
+                remove_all(sub.as_fd(), &n)?;
+            }
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o4777
+            });
+            h.set_size(data.len() as u64);
+            // Bypass the builder's own path checks: write names raw.
+            let name = h.as_old_mut().name.as_mut();
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if !link.is_empty() {
+                let l = h.as_old_mut().linkname.as_mut();
+                l[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    use tar::EntryType as T;
+
+    #[test]
+    fn path_components() {
+        assert_eq!(components(b"./a//b/").unwrap(), vec!["a", "b"]);
+        assert!(components(b"./").unwrap().is_empty());
+        assert_eq!(components(b"/etc/x"), Err(PathProblem::Absolute));
+        assert_eq!(components(b"a/../../x"), Err(PathProblem::DotDot));
+        assert_eq!(components(b".."), Err(PathProblem::DotDot));
+        // A name that merely starts with dots is fine.
+        assert_eq!(components(b"..a/...").unwrap(), vec!["..a", "..."]);
+    }
+
+    #[test]
+    fn whiteout_names() {
+        assert_eq!(whiteout(OsStr::new(".wh..wh..opq")), Whiteout::Opaque);
+        assert_eq!(
+            whiteout(OsStr::new(".wh.foo")),
+            Whiteout::Remove(OsStr::new("foo"))
+        );
+        assert_eq!(whiteout(OsStr::new(".wh.")), Whiteout::None);
+        assert_eq!(whiteout(OsStr::new(".wh..")), Whiteout::None);
+        assert_eq!(whiteout(OsStr::new("foo")), Whiteout::None);
+    }
+
+    #[test]
+    fn unpacks_and_drops_dangerous_bits() {
+        let t = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[
+            ("./bin/", T::Directory, "", b""),
+            ("bin/sh", T::Regular, "", b"echo"),
+            ("bin/sh2", T::Link, "bin/sh", b""),
+            ("bin/ln", T::Symlink, "/etc/passwd", b""),
+            ("a/b/c", T::Regular, "", b"deep"),
+            ("dev/null", T::Char, "", b""),
+        ]);
+        let s = unpack(&tar[..], t.path()).unwrap();
+        assert_eq!(s.skipped, 1);
+        assert_eq!(std::fs::read(t.path().join("bin/sh2")).unwrap(), b"echo");
+        assert_eq!(
+            std::fs::read_link(t.path().join("bin/ln")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        assert_eq!(std::fs::read(t.path().join("a/b/c")).unwrap(), b"deep");
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(t.path().join("bin/sh")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o775);
+        assert!(!t.path().join("dev/null").exists());
+    }
+
+    #[test]
+    fn hostile_entries_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let evil = outside.path().join("evil");
+        let link_target = outside.path().to_str().unwrap().to_string();
+        let cases: Vec<Vec<u8>> = vec![
+            tar_of(&[("../evil", T::Regular, "", b"x")]),
+            tar_of(&[("/evil", T::Regular, "", b"x")]),
+            tar_of(&[
+                ("link", T::Symlink, &link_target, b""),
+                ("link/evil", T::Regular, "", b"x"),
+            ]),
+            tar_of(&[("passwd", T::Link, "/etc/passwd", b"")]),
+            tar_of(&[("passwd", T::Link, "../../etc/passwd", b"")]),
+            tar_of(&[
+                ("link", T::Symlink, "/etc", b""),
+                ("passwd", T::Link, "link/passwd", b""),
+            ]),
+        ];
+        for (i, tar) in cases.iter().enumerate() {
+            let root = tempfile::tempdir().unwrap();
+            let err = unpack(&tar[..], root.path()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    UnpackError::Refused { .. } | UnpackError::ThroughLink { .. }
+                ),
+                "case {i}: {err:?}"
+            );
+            assert!(!evil.exists(), "case {i}");
+            assert!(!root.path().join("passwd").exists(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn whiteouts_apply_to_lower_layers_only() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = tar_of(&[
+            ("etc/a", T::Regular, "", b"a"),
+            ("etc/b", T::Regular, "", b"b"),
+            ("opq/old", T::Regular, "", b"o"),
+            ("gone/x", T::Regular, "", b"x"),
+        ]);
+        unpack(&lower[..], t.path()).unwrap();
+        let upper = tar_of(&[
+            ("etc/.wh.a", T::Regular, "", b""),
+            ("opq/new", T::Regular, "", b"n"),
+            ("opq/.wh..wh..opq", T::Regular, "", b""),
+            (".wh.gone", T::Regular, "", b""),
+            ("c", T::Regular, "", b"c"),
+            (".wh.c", T::Regular, "", b""),
+        ]);
+        unpack(&upper[..], t.path()).unwrap();
+        let p = t.path();
+        assert!(!p.join("etc/a").exists());
+        assert!(p.join("etc/b").exists());
+        assert!(!p.join("opq/old").exists());
+        assert!(p.join("opq/new").exists());
+        assert!(!p.join("gone").exists());
+        // A whiteout does not remove what its own layer adds.
+        assert!(p.join("c").exists());
+        assert!(!p.join("etc/.wh.a").exists());
+    }
+
+    #[test]
+    fn a_file_replaces_a_lower_directory_and_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        unpack(
+            &tar_of(&[
+                ("d/x", T::Regular, "", b"x"),
+                ("s", T::Symlink, "/etc", b""),
+            ])[..],
+            t.path(),
+        )
+        .unwrap();
+        unpack(
+            &tar_of(&[("d", T::Regular, "", b"f"), ("s", T::Regular, "", b"g")])[..],
+            t.path(),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(t.path().join("d")).unwrap(), b"f");
+        assert_eq!(std::fs::read(t.path().join("s")).unwrap(), b"g");
+    }
+}
