@@ -185,8 +185,11 @@ fn cgroup_limits_are_set() {
         for _ in 0..100 {
             let state = rt.cmd(&["state", "lim2"]);
             if state.ok() {
-                let pid = state.json()["pid"].as_i64().unwrap_or(0);
-                if pid > 0 {
+                let st = state.json();
+                let pid = st["pid"].as_i64().unwrap_or(0);
+                // Only once running is the process in its cgroups (the pid is
+                // recorded as soon as it is forked).
+                if pid > 0 && st["status"] == "running" {
                     cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
                     if cg.is_some() {
                         break;
