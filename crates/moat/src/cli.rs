@@ -5,6 +5,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::log::LogFormat;
 
+/// The state root for root (see `state_root` in main.rs for other users).
+pub const DEFAULT_ROOT: &str = "/run/moat";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "moat",
@@ -22,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// State directory
-    #[arg(long, global = true, default_value = "/run/moat")]
+    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
     pub root: PathBuf,
     /// Log file for errors (the containerd shim reads it)
     #[arg(long, global = true)]

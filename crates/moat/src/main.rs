@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     if let Some(human) = human_run(&args) {
         return human;
     }
-    let cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
+    let mut cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
             // --help and --version print and exit 0; usage errors print one clear message.
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     if cli.cmd.starts_container_process() {
         if let Err(e) = moat_linux::selfexe::ensure_protected(&args) {
             eprintln!("moat: {}", moat_linux::error_chain(&e));
@@ -77,6 +78,7 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
         }
     };
     cli.opts.default_root = run::leading_dashdash(&argv);
+    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     if let Err(e) = moat_linux::selfexe::ensure_protected(args) {
         eprintln!("moat: {}", moat_linux::error_chain(&e));
         return Some(ExitCode::from(1));
@@ -88,6 +90,20 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             ExitCode::from(125)
         }
     })
+}
+
+/// The default state root, /run/moat, is root's; an unprivileged user's
+/// default is `$XDG_RUNTIME_DIR/moat` (else /tmp/moat-UID), as runc does.
+fn state_root(given: std::path::PathBuf) -> std::path::PathBuf {
+    if given != std::path::Path::new(cli::DEFAULT_ROOT) || rustix::process::geteuid().is_root() {
+        return given;
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => std::path::PathBuf::from(d).join("moat"),
+        None => {
+            std::path::PathBuf::from(format!("/tmp/moat-{}", rustix::process::geteuid().as_raw()))
+        }
+    }
 }
 
 /// The whole error chain on one line.

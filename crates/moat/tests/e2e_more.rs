@@ -505,3 +505,56 @@ fn human_run_with_tty() {
     assert_eq!(out.code, Some(4), "{out:?}");
     assert!(out.stdout.contains("/dev/pts/0"), "{out:?}");
 }
+
+/// An unprivileged user's `moat run` with no subordinate IDs: a single-ID
+/// user namespace (root inside is the user), the default state root under
+/// /tmp, and a warning instead of cgroup limits.
+#[test]
+fn rootless_human_run() {
+    let Some(rt) = Rt::root_or_skip("rootless_human_run") else {
+        return;
+    };
+    if !rt.is_moat() || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP rootless_human_run: needs moat and setpriv");
+        return;
+    }
+    let uid = 30000 + (std::process::id() % 10000);
+    let home = tempfile::tempdir().unwrap();
+    fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .arg(&rt.bin)
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map; grep NoNewPrivs /proc/self/status",
+        ])
+        .env("XDG_RUNTIME_DIR", home.path())
+        .current_dir(home.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "0", "{stdout}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", &uid.to_string(), "1"],
+        "{stdout}"
+    );
+    assert!(lines[2].ends_with('1'), "{stdout}");
+    assert!(stderr.contains("no delegated cgroup"), "{stderr}");
+    let leftovers: Vec<_> = fs::read_dir(home.path().join("moat/.run"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

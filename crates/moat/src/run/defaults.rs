@@ -45,6 +45,10 @@ pub struct Settings {
     pub blkio_weight: bool,
     /// Give the process a terminal (moat proxies it to its own stdio).
     pub tty: bool,
+    /// Rootless: the ID maps to use instead of `host_id`'s block.
+    pub id_maps: Option<(Value, Value)>,
+    /// Rootless without a delegated cgroup: no cgroup limits (rlimits stay).
+    pub no_cgroup_limits: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +71,8 @@ impl Default for Settings {
             hard_nproc: u64::MAX,
             blkio_weight: false,
             tty: false,
+            id_maps: None,
+            no_cgroup_limits: false,
         }
     }
 }
@@ -181,6 +187,12 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
     let mut mounts = base_mounts(s);
     mounts.extend(extra_mounts);
     let map = json!([{"containerID": 0, "hostID": s.host_id, "size": MAP_SIZE}]);
+    let (uid_map, gid_map) = s.id_maps.clone().unwrap_or((map.clone(), map));
+    let resources = if s.no_cgroup_limits {
+        json!({})
+    } else {
+        resources(s)
+    };
     json!({
         "ociVersion": "1.2.0",
         "process": {
@@ -197,10 +209,10 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
         "hostname": s.hostname,
         "mounts": mounts,
         "linux": {
-            "uidMappings": map,
-            "gidMappings": map,
+            "uidMappings": uid_map,
+            "gidMappings": gid_map,
             "namespaces": namespaces,
-            "resources": resources(s),
+            "resources": resources,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
             "seccomp": serde_json::to_value(seccomp_profile::profile()).unwrap_or(Value::Null),

@@ -249,11 +249,17 @@ pub fn main(cli: RunCli) -> Result<i32> {
         .create(root)
         .with_context(|| format!("cannot create {}", root.display()))?;
     searchable(root)?;
-    let pool = IdPool::from_env()?;
-    let alloc = IdAllocator::new(root.join(".idalloc"), pool)
-        .allocate(Owner::current(), &idalloc::host_reserved()?)
-        .context("cannot allocate a host ID range")?;
-    s.host_id = alloc.host_start;
+    let alloc = if rustix::process::geteuid().is_root() {
+        let pool = IdPool::from_env()?;
+        let alloc = IdAllocator::new(root.join(".idalloc"), pool)
+            .allocate(Owner::current(), &idalloc::host_reserved()?)
+            .context("cannot allocate a host ID range")?;
+        s.host_id = alloc.host_start;
+        Some(alloc)
+    } else {
+        rootless_settings(&mut s, o)?;
+        None
+    };
     let prepared = match &image {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
@@ -310,7 +316,9 @@ pub fn main(cli: RunCli) -> Result<i32> {
     let deleted = rt.delete(&id, true);
     let result = result?;
     deleted?;
-    alloc.release()?;
+    if let Some(alloc) = alloc {
+        alloc.release()?;
+    }
     drop(bundle);
     report(&result, &s, o.json.as_deref())?;
     Ok(result.code)
@@ -383,6 +391,65 @@ pub fn image_env(image: &[String], extra: &[String], uid: u32) -> Vec<String> {
         env.push(e.clone());
     }
     env
+}
+
+/// An unprivileged user's `moat run`: its subordinate ID range (/etc/subuid,
+/// /etc/subgid, through newuidmap/newgidmap) when it has one of 65536 IDs,
+/// else a single-ID mapping (root inside = the user; the process then runs
+/// as that one mapped ID). Cgroup limits need a delegated cgroup: without
+/// flags asking for them they are left out with a warning (rlimits stay);
+/// with such flags the runtime refuses rather than drop them.
+fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    let name = user_name(uid);
+    let sub = |file: &str, id: u32| -> Option<u32> {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let who = f.next()?;
+            let start: u32 = f.next()?.parse().ok()?;
+            let count: u32 = f.next()?.parse().ok()?;
+            let mine = who == id.to_string() || name.as_deref() == Some(who);
+            (mine && count >= defaults::MAP_SIZE).then_some(start)
+        })
+    };
+    let helpers = ["/usr/bin/newuidmap", "/usr/bin/newgidmap"]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    match (sub("/etc/subuid", uid), sub("/etc/subgid", gid), helpers) {
+        (Some(su), Some(sg), true) => {
+            let m = |h: u32| serde_json::json!([{"containerID": 0, "hostID": h, "size": defaults::MAP_SIZE}]);
+            s.id_maps = Some((m(su), m(sg)));
+        }
+        _ => {
+            eprintln!("moat: note: rootless without a subordinate ID range: the process runs as the one mapped ID (root inside, you outside)");
+            s.id_maps = Some((
+                serde_json::json!([{"containerID": 0, "hostID": uid, "size": 1}]),
+                serde_json::json!([{"containerID": 0, "hostID": gid, "size": 1}]),
+            ));
+            if o.user.is_some() {
+                bail!("--user: only ID 0 is mapped without a subordinate ID range");
+            }
+            s.uid = 0;
+            s.gid = 0;
+        }
+    }
+    // The runtime then warns that there is no delegated cgroup.
+    if o.memory.is_none() && o.cpus.is_none() && o.pids_limit.is_none() {
+        s.no_cgroup_limits = true;
+    }
+    Ok(())
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _ = f.next();
+        (f.next()? == uid.to_string()).then(|| name.to_owned())
+    })
 }
 
 /// Adds search permission (never read or write) for everyone to the state
