@@ -484,3 +484,50 @@ fn spec_hardened_writes_the_defaults() {
         serde_json::json!([])
     );
 }
+
+/// A fork bomb stays inside: the pids limit refuses forks, moat reports it,
+/// and `--timeout` ends the container; the host's process count is unharmed.
+#[test]
+fn fork_bomb_is_contained_and_reported() {
+    let Some(rt) = rt("fork_bomb_is_contained_and_reported") else {
+        return;
+    };
+    let host_before = fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        })
+        .count();
+    let out = sh(
+        &rt,
+        &["--pids-limit", "32", "--timeout", "3", "--json"],
+        "bomb(){ bomb | bomb & }; bomb; sleep 30",
+    );
+    assert_eq!(out.code, Some(137), "{out:?}");
+    assert!(
+        out.stderr.contains("process limit (32) reached"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("killed: timeout"), "{}", out.stderr);
+    let rec = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("json record");
+    let v: serde_json::Value = serde_json::from_str(rec).unwrap();
+    assert!(v["pids_limit_hits"].as_u64().unwrap_or(0) > 0, "{rec}");
+    let host_after = fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        })
+        .count();
+    assert!(
+        host_after < host_before + 40,
+        "{host_before} -> {host_after}"
+    );
+    assert_clean(&rt);
+}

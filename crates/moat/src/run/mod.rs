@@ -611,6 +611,8 @@ pub struct RunResult {
     pub cpu_ns: Option<u64>,
     pub peak_memory: Option<u64>,
     pub oom_killed: bool,
+    /// Forks refused because the pids limit was reached.
+    pub pids_limit_hits: u64,
     pub timed_out: bool,
 }
 
@@ -642,8 +644,27 @@ fn supervise(
             r.peak_memory = Some(stats.memory.usage.max);
         }
         r.oom_killed = oom_kills(&cg) > 0;
+        r.pids_limit_hits = pids_limit_hits(&cg);
     }
     Ok(r)
+}
+
+/// `max` of pids.events: how often a fork failed at the pids limit.
+fn pids_limit_hits(cg: &CgroupManager) -> u64 {
+    let path = match cg {
+        CgroupManager::V1(m) => match m.dir("pids") {
+            Some(d) => d.join("pids.events"),
+            None => return 0,
+        },
+        CgroupManager::V2(m) => m.path().join("pids.events"),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("max")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// OOM kills recorded by the memory controller (v1 memory.oom_control,
@@ -750,6 +771,12 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
             human_bytes(s.memory)
         );
     }
+    if r.pids_limit_hits > 0 {
+        eprintln!(
+            "moat: process limit ({}) reached: {} fork(s) refused",
+            s.pids, r.pids_limit_hits
+        );
+    }
     if r.timed_out {
         eprintln!("moat: killed: timeout");
     }
@@ -762,6 +789,7 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
         "cpu_time_s": r.cpu_ns.map(|n| n as f64 / 1e9),
         "peak_memory_bytes": r.peak_memory,
         "oom_killed": r.oom_killed,
+        "pids_limit_hits": r.pids_limit_hits,
         "timed_out": r.timed_out,
         "memory_limit_bytes": s.memory,
         "host_id_start": s.host_id,
