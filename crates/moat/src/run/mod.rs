@@ -312,7 +312,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
         }
         None => None,
     };
-    let result = supervise(&rt, &id, o.timeout, started, master);
+    let result = supervise(&rt, &id, o.timeout, started, master, o.json.is_some());
     let deleted = rt.delete(&id, true);
     let result = result?;
     deleted?;
@@ -624,6 +624,7 @@ fn supervise(
     timeout: Option<u32>,
     started: Instant,
     master: Option<std::os::fd::OwnedFd>,
+    want_usage: bool,
 ) -> Result<RunResult> {
     let (st, _) = rt.load(id)?;
     let (code, timed_out) = match master {
@@ -639,9 +640,12 @@ fn supervise(
         ..RunResult::default()
     };
     if let Ok(cg) = CgroupManager::from_saved(&st.cgroup) {
-        if let Ok(stats) = cg.stats() {
-            r.cpu_ns = Some(stats.cpu.usage.total);
-            r.peak_memory = Some(stats.memory.usage.max);
+        // The full statistics (a dozen files) only for the --json record.
+        if want_usage {
+            if let Ok(stats) = cg.stats() {
+                r.cpu_ns = Some(stats.cpu.usage.total);
+                r.peak_memory = Some(stats.memory.usage.max);
+            }
         }
         r.oom_killed = oom_kills(&cg) > 0;
         r.pids_limit_hits = pids_limit_hits(&cg);
