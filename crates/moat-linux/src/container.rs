@@ -452,7 +452,12 @@ impl Runtime {
         drop(_lock);
         let code = match master {
             Some(m) => crate::console::proxy(m, pid),
-            None => wait_forwarding_signals(pid),
+            None => {
+                let kill_all = || {
+                    let _ = self.kill(&opts.id, Signal::SIGKILL, true);
+                };
+                wait_supervised(pid, None, &kill_all).0
+            }
         };
         if !keep {
             self.delete(&opts.id, true)?;
@@ -978,6 +983,15 @@ fn tracing_warn(msg: &str) {
 /// Waits for `pid` (our child) while forwarding the usual terminating
 /// signals to it; returns its exit status, 128+N for a signal.
 pub fn wait_forwarding_signals(pid: i32) -> i32 {
+    wait_supervised(pid, None, &|| {}).0
+}
+
+/// [`wait_forwarding_signals`] plus an optional deadline in seconds, at which
+/// `kill_all` runs (it should SIGKILL the whole container), and the same on a
+/// second SIGINT/SIGTERM: the container's PID 1 ignores signals it has no
+/// handler for, so forwarding alone may never end it. Returns the exit status
+/// and whether the deadline fired.
+pub fn wait_supervised(pid: i32, timeout: Option<u32>, kill_all: &dyn Fn()) -> (i32, bool) {
     use nix::sys::signal::{SigSet, SigmaskHow};
     let forward = [
         Signal::SIGINT,
@@ -993,9 +1007,15 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
         set.add(s);
     }
     set.add(Signal::SIGCHLD);
+    set.add(Signal::SIGALRM);
     let mut old = SigSet::empty();
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    if let Some(t) = timeout {
+        nix::unistd::alarm::set(t.max(1));
+    }
     let target = Pid::from_raw(pid);
+    let mut timed_out = false;
+    let mut interrupts = 0;
     let code = loop {
         match waitpid(target, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -1006,14 +1026,28 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
         }
         match set.wait() {
             Ok(Signal::SIGCHLD) => {}
+            Ok(Signal::SIGALRM) if timeout.is_some() => {
+                timed_out = true;
+                kill_all();
+            }
             Ok(s) => {
-                let _ = kill(target, s);
+                if matches!(s, Signal::SIGINT | Signal::SIGTERM) {
+                    interrupts += 1;
+                }
+                if interrupts >= 2 {
+                    kill_all();
+                } else {
+                    let _ = kill(target, s);
+                }
             }
             Err(_) => {}
         }
     };
+    if timeout.is_some() {
+        nix::unistd::alarm::cancel();
+    }
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    code
+    (code, timed_out)
 }
 
 #[cfg(test)]

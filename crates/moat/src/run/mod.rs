@@ -690,71 +690,15 @@ fn oom_kills(cg: &CgroupManager) -> u64 {
         .unwrap_or(0)
 }
 
-/// [`moat_linux::container::wait_forwarding_signals`] plus a deadline: at
-/// SIGALRM the whole container is killed.
+/// Waits for the workload; at the `--timeout` deadline, or on a second
+/// SIGINT/SIGTERM, every process of the container is killed.
 fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
-    use nix::sys::signal::{SigSet, SigmaskHow};
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    use nix::unistd::Pid;
-    let forward = [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-    ];
-    let mut set = SigSet::empty();
-    for s in forward {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    set.add(Signal::SIGALRM);
-    let mut old = SigSet::empty();
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
-    if let Some(t) = timeout {
-        nix::unistd::alarm::set(t.max(1));
-    }
-    let target = Pid::from_raw(pid);
-    let mut timed_out = false;
-    let mut interrupts = 0;
-    let code = loop {
-        match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, c)) => break c,
-            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(_) => {}
-            Err(nix::Error::ECHILD) => break 255,
-            Err(_) => {}
-        }
-        match set.wait() {
-            Ok(Signal::SIGCHLD) => {}
-            Ok(Signal::SIGALRM) => {
-                timed_out = true;
-                if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
-                    eprintln!("moat: cannot kill {id} at the timeout: {e}");
-                }
-            }
-            Ok(s) => {
-                // PID 1 of the container ignores signals it has no handler
-                // for: a second SIGINT/SIGTERM kills the whole container.
-                if matches!(s, Signal::SIGINT | Signal::SIGTERM) {
-                    interrupts += 1;
-                }
-                if interrupts >= 2 {
-                    if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
-                        eprintln!("moat: cannot kill {id}: {e}");
-                    }
-                } else {
-                    let _ = nix::sys::signal::kill(target, s);
-                }
-            }
-            Err(_) => {}
+    let kill_all = || {
+        if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
+            eprintln!("moat: cannot kill {id}: {e}");
         }
     };
-    nix::unistd::alarm::cancel();
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    (code, timed_out)
+    moat_linux::container::wait_supervised(pid, timeout, &kill_all)
 }
 
 fn human_bytes(n: i64) -> String {
