@@ -101,7 +101,20 @@ fn state_root(given: std::path::PathBuf) -> std::path::PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => std::path::PathBuf::from(d).join("moat"),
         None => {
-            std::path::PathBuf::from(format!("/tmp/moat-{}", rustix::process::geteuid().as_raw()))
+            // /tmp is shared: refuse a path someone else made (or a symlink).
+            let uid = rustix::process::geteuid().as_raw();
+            let p = std::path::PathBuf::from(format!("/tmp/moat-{uid}"));
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                use std::os::unix::fs::MetadataExt;
+                if !m.is_dir() || m.uid() != uid {
+                    eprintln!(
+                        "moat: {} is not a directory of yours; set XDG_RUNTIME_DIR or --root",
+                        p.display()
+                    );
+                    std::process::exit(1);
+                }
+            }
+            p
         }
     }
 }
