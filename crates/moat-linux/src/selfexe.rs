@@ -39,6 +39,9 @@ pub fn is_sealed() -> Result<bool, SelfExeError> {
 /// Where root keeps read-only copies of the moat binary.
 pub const EXE_CACHE: &str = "/run/moat-exe";
 
+/// How many binaries the cache keeps.
+const KEEP_BINARIES: usize = 3;
+
 /// Re-executes this program from an unwritable copy unless it already runs
 /// from one. Returns only when no re-exec was needed.
 pub fn ensure_protected(args: &[std::ffi::OsString]) -> Result<(), SelfExeError> {
@@ -94,10 +97,16 @@ fn install_ro_copy(exe: &File) -> std::io::Result<std::path::PathBuf> {
     }
     if !target.is_file() {
         mount_remount(dir, base, c"")?;
-        // Keep one binary: entries of older builds go (a process still
-        // running from one keeps its unlinked inode until it exits).
-        for e in std::fs::read_dir(dir)?.flatten() {
-            let _ = std::fs::remove_file(e.path());
+        // Keep the newest few binaries (a debug and a release build may be
+        // used in turn); older ones go. A process still running from one
+        // keeps its unlinked inode until it exits.
+        let mut entries: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, old) in entries.iter().skip(KEEP_BINARIES - 1) {
+            let _ = std::fs::remove_file(old);
         }
         let tmp = dir.join(format!(".{key}.tmp"));
         let r = (|| {
