@@ -104,7 +104,7 @@ fn install_ro_copy(exe: &File) -> std::io::Result<std::path::PathBuf> {
             .flatten()
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, old) in entries.iter().skip(KEEP_BINARIES - 1) {
             let _ = std::fs::remove_file(old);
         }
