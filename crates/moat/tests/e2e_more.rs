@@ -122,6 +122,20 @@ fn terminal_through_console_socket() {
     assert!(out.contains("on-the-pty"), "{out:?}");
 }
 
+/// `setpriv` running `bin` as `uid`:`uid` with no supplementary groups.
+fn as_user(uid: u32, bin: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &uid.to_string(),
+        "--clear-groups",
+    ])
+    .arg(bin);
+    c
+}
+
 fn moat_fd(raw: std::os::fd::RawFd) -> OwnedFd {
     // Reopening /proc/self/fd/N of a pty master would allocate a new pty;
     // take ownership of the received descriptor itself.
@@ -153,15 +167,7 @@ fn rootless_run() {
     }
     // The user writes its own `spec --rootless` (maps itself to root).
     fs::remove_file(dir.join("config.json")).unwrap_or(());
-    let gen = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-        ])
-        .arg(&rt.bin)
+    let gen = as_user(uid, &rt.bin)
         .args(["spec", "--rootless", "--bundle"])
         .arg(&dir)
         .output()
@@ -172,15 +178,7 @@ fn rootless_run() {
     cfg["process"]["terminal"] = json!(false);
     cfg["process"]["args"] = json!(["sh", "-c", "id -u; cat /proc/self/uid_map"]);
     fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-        ])
-        .arg(&rt.bin)
+    let out = as_user(uid, &rt.bin)
         .arg("--root")
         .arg(state.path().join("root"))
         .args(["run", "--bundle"])
@@ -521,15 +519,7 @@ fn rootless_human_run() {
     let uid = 30000 + (std::process::id() % 10000);
     let home = tempfile::tempdir().unwrap();
     fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-        ])
-        .arg(&rt.bin)
+    let out = as_user(uid, &rt.bin)
         .args([
             "run",
             "--",
