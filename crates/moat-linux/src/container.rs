@@ -545,7 +545,11 @@ impl Runtime {
         }
         if all {
             for p in self.cgroup_of(&st)?.pids()? {
-                let _ = kill(Pid::from_raw(p), sig);
+                // A process that exited meanwhile is fine; anything else is not.
+                match kill(Pid::from_raw(p), sig) {
+                    Ok(()) | Err(nix::Error::ESRCH) => {}
+                    Err(e) => return Err(sys_err(format!("send {sig} to pid {p}"))(e)),
+                }
             }
             return Ok(());
         }
@@ -614,7 +618,14 @@ impl Runtime {
             }
         }
         if status != ContainerStatus::Stopped && st.pid > 0 {
-            let _ = kill(Pid::from_raw(st.pid), Signal::SIGKILL);
+            // With a cgroup, destroy() below kills every member anyway; without
+            // one (rootless, nothing delegated) this kill is all there is, so
+            // its failure must stop the delete rather than orphan the process.
+            match kill(Pid::from_raw(st.pid), Signal::SIGKILL) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(_) if cg.is_some() => {}
+                Err(e) => return Err(sys_err(format!("kill pid {}", st.pid))(e)),
+            }
         }
         if let Some(cg) = &cg {
             cg.destroy()?;
