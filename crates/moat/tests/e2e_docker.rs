@@ -97,36 +97,7 @@ fn docker_run_options_reach_the_container() {
     }
     let dk = Docker::start(&[format!("--add-runtime=moat={}", s(&moat_bin()))]);
 
-    assert_eq!(
-        dk.run(&["-e", "FOO=bar"], &["sh", "-c", "echo $FOO"])
-            .trim(),
-        "bar"
-    );
-
-    let vol = dk.d.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
-    std::fs::write(vol.join("f"), "from the host").unwrap();
-    let v = format!("{}:/data", s(&vol));
-    assert_eq!(dk.run(&["-v", &v], &["cat", "/data/f"]), "from the host");
-
-    let limits = dk.run(
-        &["--memory", "64m", "--cpus", "0.5", "--pids-limit", "20"],
-        &[
-            "cat",
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
-            "/sys/fs/cgroup/pids/pids.max",
-        ],
-    );
-    assert_eq!(
-        limits.split_whitespace().collect::<Vec<_>>(),
-        ["67108864", "50000", "20"]
-    );
-
-    assert_eq!(
-        dk.run(&["--user", "65534:65534"], &["id", "-u"]).trim(),
-        "65534"
-    );
+    engines::check_common_run_options(dk.d.path(), &|o, c| dk.run(o, c));
 
     let ro = dk.run(&["--read-only"], &["sh", "-c", "touch /x 2>&1; echo rc=$?"]);
     assert!(

@@ -106,34 +106,7 @@ fn podman_run_options_reach_the_container() {
     }
     let pm = Podman::new(&s(&moat_bin()));
 
-    assert_eq!(
-        pm.run(&["-e", "FOO=bar"], &["sh", "-c", "echo $FOO"])
-            .trim(),
-        "bar"
-    );
-    let vol = pm.d.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
-    std::fs::write(vol.join("f"), "from the host").unwrap();
-    let v = format!("{}:/data", s(&vol));
-    assert_eq!(pm.run(&["-v", &v], &["cat", "/data/f"]), "from the host");
-
-    let limits = pm.run(
-        &["--memory", "64m", "--cpus", "0.5", "--pids-limit", "20"],
-        &[
-            "cat",
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
-            "/sys/fs/cgroup/pids/pids.max",
-        ],
-    );
-    assert_eq!(
-        limits.split_whitespace().collect::<Vec<_>>(),
-        ["67108864", "50000", "20"]
-    );
-    assert_eq!(
-        pm.run(&["--user", "65534:65534"], &["id", "-u"]).trim(),
-        "65534"
-    );
+    engines::check_common_run_options(pm.d.path(), &|o, c| pm.run(o, c));
 
     // --read-only alone adds tmpfs mounts on /tmp, /var/tmp and /run with
     // the `tmpcopyup` option: those stay writable, the root does not.

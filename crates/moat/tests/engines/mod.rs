@@ -361,3 +361,35 @@ fn unmount_under(dir: &Path) {
         let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// The run options Docker and Podman share, checked from inside the
+/// container: `-e`, `-v`, `--memory`/`--cpus`/`--pids-limit` (cgroup v1 files)
+/// and `--user`. `run(opts, cmd)` runs one container and returns its stdout.
+pub fn check_common_run_options(dir: &Path, run: &dyn Fn(&[&str], &[&str]) -> String) {
+    assert_eq!(
+        run(&["-e", "FOO=bar"], &["sh", "-c", "echo $FOO"]).trim(),
+        "bar"
+    );
+    let vol = dir.join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("f"), "from the host").unwrap();
+    let v = format!("{}:/data", s(&vol));
+    assert_eq!(run(&["-v", &v], &["cat", "/data/f"]), "from the host");
+    let limits = run(
+        &["--memory", "64m", "--cpus", "0.5", "--pids-limit", "20"],
+        &[
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+            "/sys/fs/cgroup/pids/pids.max",
+        ],
+    );
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        ["67108864", "50000", "20"]
+    );
+    assert_eq!(
+        run(&["--user", "65534:65534"], &["id", "-u"]).trim(),
+        "65534"
+    );
+}
