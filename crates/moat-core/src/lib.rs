@@ -2,6 +2,7 @@
 //! the isolation tiers. No OS calls beyond plain file I/O and `flock`.
 #![forbid(unsafe_code)]
 
+pub mod landlock;
 pub mod spec;
 pub mod state;
 pub mod tier;

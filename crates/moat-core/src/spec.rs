@@ -206,6 +206,7 @@ pub fn validate(spec: &Spec) -> Result<(), SpecError> {
             }
         }
     }
+    crate::landlock::LandlockPolicy::from_spec(spec)?;
     Ok(())
 }
 

@@ -220,6 +220,7 @@ impl Runtime {
         });
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
+        let landlock = moat_core::landlock::LandlockPolicy::from_spec(&spec)?;
         let ctx = InitContext {
             id: &opts.id,
             spec: &spec,
@@ -236,6 +237,7 @@ impl Runtime {
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
             cgroup_join: cgroup_join.as_ref(),
+            landlock: landlock.as_ref(),
         };
         let fast = plan.clone_flags();
         let first = match fast {

@@ -106,6 +106,7 @@ pub fn exec(
     let join = cg.map(CgroupManager::join_files).transpose()?;
     let (parent, child) = sync::pair()?;
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+    let landlock = moat_core::landlock::LandlockPolicy::from_spec(spec)?;
     let in_user_ns = flags.contains(CloneFlags::CLONE_NEWUSER);
     let grandchild = || -> i32 {
         if let Some(c) = &console {
@@ -119,9 +120,17 @@ pub fn exec(
                 return 1;
             }
         }
+        let ruleset = match landlock.as_ref().map(crate::landlock::prepare).transpose() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = child.send(&Msg::Error(crate::error_chain(&e)));
+                return 1;
+            }
+        };
         let fin = Finalize {
             process,
             seccomp,
+            landlock: ruleset.as_ref(),
             preserve_fds: opts.preserve_fds,
             notify_channel: Some(&child),
             in_user_ns,

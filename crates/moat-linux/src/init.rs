@@ -11,7 +11,7 @@ use crate::ns::{self, NsPlan};
 use crate::process::{self, Finalize};
 use crate::rootfs::{self, RootfsConfig};
 use crate::sync::{Channel, Msg, SyncError};
-use crate::{console, hooks};
+use crate::{console, hooks, landlock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -39,6 +39,8 @@ pub enum InitError {
     Process(#[from] process::ProcessError),
     #[error("network")]
     Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Landlock(#[from] landlock::LandlockError),
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> InitError {
@@ -74,6 +76,8 @@ pub struct InitContext<'a> {
     pub lock_fd: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
     pub has_runtime_hooks: bool,
+    /// moat's Landlock policy for the workload, if the spec has one.
+    pub landlock: Option<&'a moat_core::landlock::LandlockPolicy>,
 }
 
 /// Entry point of the slow path's intermediate process: join and create the
@@ -160,6 +164,9 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     if let Some(sock) = &ctx.console_socket {
         console::setup_pty(sock.as_fd())?;
     }
+    // With the root and the standard streams final: a policy path missing
+    // from the container fails `create`.
+    let ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
     chan.send(&Msg::Created)?;
     let reply = wait_for_start(ctx, chan)?;
     let reply = reply.as_ref().unwrap_or(chan);
@@ -173,6 +180,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     let fin = Finalize {
         process,
         seccomp: linux.and_then(|l| l.seccomp().as_ref()),
+        landlock: ruleset.as_ref(),
         preserve_fds: ctx.preserve_fds,
         notify_channel: Some(reply),
         in_user_ns: ctx.plan.has_user(),

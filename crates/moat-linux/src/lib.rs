@@ -13,6 +13,7 @@ pub mod idalloc;
 pub mod idmap;
 pub mod image;
 pub mod init;
+pub mod landlock;
 pub mod mountinfo;
 pub mod net;
 pub mod ns;

@@ -9,7 +9,7 @@ use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 
 use crate::sync::{Channel, FdKind, Msg};
-use crate::{attrs, caps, rlimit, seccomp};
+use crate::{attrs, caps, landlock, rlimit, seccomp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -21,6 +21,8 @@ pub enum ProcessError {
     Caps(#[from] caps::CapsError),
     #[error("seccomp")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("landlock")]
+    Landlock(#[from] landlock::LandlockError),
     #[error("cannot {step}")]
     Sys {
         step: String,
@@ -58,6 +60,8 @@ fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ProcessError {
 pub struct Finalize<'a> {
     pub process: &'a Process,
     pub seccomp: Option<&'a LinuxSeccomp>,
+    /// The ruleset of moat's Landlock policy (`dev.moat.landlock`).
+    pub landlock: Option<&'a landlock::Prepared>,
     /// Keep fds 3..3+preserve_fds open across exec.
     pub preserve_fds: u32,
     /// Where to send the seccomp notify fd, if the filter has notify rules.
@@ -112,6 +116,11 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     let nnp = p.no_new_privileges().unwrap_or(false);
     if nnp {
         attrs::set_no_new_privs()?;
+    }
+    // Before any seccomp filter (which may not allow the Landlock calls) and
+    // while CAP_SYS_ADMIN is held, in case no_new_privs is not asked for.
+    if let Some(ruleset) = f.landlock {
+        ruleset.restrict()?;
     }
     let filter = f.seccomp.map(seccomp::compile).transpose()?;
     // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it

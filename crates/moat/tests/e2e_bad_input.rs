@@ -241,3 +241,32 @@ fn bad_bundle_path() {
     assert_refused(&rt, &o);
     assert!(root_entries(&rt).is_empty(), "{:?}", root_entries(&rt));
 }
+
+#[test]
+fn bad_landlock_annotation() {
+    let Some(rt) = Rt::root_or_skip("bad_landlock_annotation") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP bad_landlock_annotation: dev.moat.landlock is moat's");
+        return;
+    }
+    let b = Bundle::new(&["true"]);
+    for bad in [
+        "yes",
+        r#"{"read":["relative"]}"#,
+        r#"{"write":["/tmp/../etc"]}"#,
+        r#"{"read":["/no/such/dir"]}"#,
+    ] {
+        let mut cfg = b.config.clone();
+        cfg["annotations"] = json!({"dev.moat.landlock": bad});
+        let text = serde_json::to_string(&cfg).expect("json");
+        let (id, o) = create_raw(&rt, &b, &text);
+        assert_refused(&rt, &o);
+        assert!(
+            o.stderr.contains("landlock"),
+            "{bad}: the error names landlock: {o:?}"
+        );
+        assert_nothing_left(&rt, &id, b.dir());
+    }
+}

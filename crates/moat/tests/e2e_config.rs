@@ -533,3 +533,55 @@ fn devices_are_created_and_allowed() {
     );
     assert!(!rt.run_ok(&b).contains("fuse-open"));
 }
+
+#[test]
+fn landlock_annotation_confines_init_and_exec() {
+    let Some(rt) = Rt::root_or_skip("landlock_annotation_confines_init_and_exec") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP landlock_annotation_confines_init_and_exec: dev.moat.landlock is moat's");
+        return;
+    }
+    // Root with runc's default capabilities (DAC override included): only
+    // Landlock stands between it and the writable /data tmpfs.
+    let mut b = script(
+        "echo a > /tmp/a && echo tmp-ok; echo b > /data/b || echo data-denied; \
+         cat /etc/passwd >/tmp/p && echo read-ok; sleep 60",
+    );
+    b.push(
+        "/mounts",
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
+    )
+    .push(
+        "/mounts",
+        json!({"destination": "/data", "type": "tmpfs", "source": "tmpfs"}),
+    )
+    .set(
+        "/annotations/dev.moat.landlock",
+        json!(r#"{"read":["/"],"write":["/tmp"]}"#),
+    );
+    b.write_config();
+    let c = rt.start_ok(&b);
+    let out = c.wait_output("read-ok");
+    assert!(out.contains("tmp-ok"), "{out}");
+    assert!(out.contains("data-denied"), "{out}");
+    // A process added by exec gets the same policy.
+    let e = c.exec(&[
+        "sh",
+        "-c",
+        "echo x > /tmp/x && echo exec-tmp-ok; echo y > /data/y",
+    ]);
+    assert!(e.stdout.contains("exec-tmp-ok"), "{e:?}");
+    assert!(!e.ok() && e.stderr.contains("Permission denied"), "{e:?}");
+    drop(c);
+
+    // Without the annotation the same root writes /data.
+    let mut b = script("echo b > /data/b && echo data-ok");
+    b.push(
+        "/mounts",
+        json!({"destination": "/data", "type": "tmpfs", "source": "tmpfs"}),
+    );
+    b.write_config();
+    assert!(rt.run_ok(&b).contains("data-ok"));
+}

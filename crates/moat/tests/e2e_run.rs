@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{Opts, Out, Rt};
+use common::{runtime_bin, Opts, Out, Rt};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -529,5 +529,69 @@ fn fork_bomb_is_contained_and_reported() {
         host_after < host_before + 40,
         "{host_before} -> {host_after}"
     );
+    assert_clean(&rt);
+}
+
+#[test]
+fn landlock_confines_writes_to_the_writable_mounts() {
+    let Some(rt) = rt("landlock_confines_writes_to_the_writable_mounts") else {
+        return;
+    };
+    // As the container's root: DAC lets it create files in its own /dev
+    // tmpfs, and mknod fails the capability check (EPERM) without a ruleset;
+    // Landlock refuses both first (EACCES). /tmp and $HOME stay writable.
+    let out = sh(
+        &rt,
+        &["-u", "0"],
+        "stat -c 'dev-owner=%u' /dev; touch /dev/new; mknod /tmp/null c 1 3; \
+         mkdir /tmp/d && echo x > /tmp/d/f && cp /bin/true /tmp/d/t && /tmp/d/t && echo tmp-ok; \
+         echo h > $HOME/h && echo home-ok; true",
+    )
+    .expect_ok();
+    assert!(out.stdout.contains("dev-owner=0"), "{out:?}");
+    assert!(out.stdout.contains("tmp-ok"), "{out:?}");
+    assert!(out.stdout.contains("home-ok"), "{out:?}");
+    assert!(
+        out.stderr.contains("touch: /dev/new: Permission denied")
+            || out
+                .stderr
+                .contains("cannot touch '/dev/new': Permission denied"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("Permission denied") && !out.stderr.contains("not permitted"),
+        "mknod must be refused by Landlock (EACCES), not the capability check: {out:?}"
+    );
+    // A read-write volume is writable; the host binds are read-only anyway.
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let rw = format!("{}:/data", dir.path().display());
+    sh(&rt, &["-v", &rw], "echo v > /data/v").expect_ok();
+    assert_eq!(fs::read_to_string(dir.path().join("v")).unwrap(), "v\n");
+    assert_clean(&rt);
+}
+
+#[test]
+fn landlock_lets_the_workload_reopen_its_own_stdout() {
+    let Some(rt) = rt("landlock_lets_the_workload_reopen_its_own_stdout") else {
+        return;
+    };
+    // stdout is a host file outside the container's tree: `> /dev/stdout`
+    // reopens it through /proc/self/fd/1, which the stdio rule allows.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out");
+    let file = fs::File::create(&path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+    let status = std::process::Command::new(runtime_bin())
+        .args(["--root"])
+        .arg(rt.root())
+        .args(["run", "--", "sh", "-c", "echo reopened > /dev/stdout"])
+        .stdout(file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(fs::read_to_string(&path).unwrap(), "reopened\n");
     assert_clean(&rt);
 }

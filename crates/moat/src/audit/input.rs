@@ -152,6 +152,8 @@ pub struct Workload {
     pub low_uid: Option<(u64, Loc)>,
     pub seccomp_unconfined: Gap,
     pub seccomp_missing: Gap,
+    /// No moat Landlock policy (OCI config only).
+    pub landlock_missing: Gap,
     pub apparmor_unconfined: Gap,
     pub selinux_custom: Option<(String, Loc)>,
     pub no_new_privs: Gap,
@@ -191,6 +193,7 @@ impl Workload {
             low_uid: None,
             seccomp_unconfined: None,
             seccomp_missing: None,
+            landlock_missing: None,
             apparmor_unconfined: None,
             selinux_custom: None,
             no_new_privs: None,
@@ -410,6 +413,12 @@ mod oci {
                 "process.user.uid is 0".into(),
                 base.k("process").k("user").k("uid"),
             ));
+        }
+        let landlock = v
+            .get("annotations")
+            .and_then(|a| a.get(moat_core::landlock::LANDLOCK_ANNOTATION));
+        if landlock.is_none() {
+            w.landlock_missing = Some(base.k("annotations"));
         }
         match v.pointer("/linux/seccomp") {
             None | Some(Value::Null) => w.seccomp_missing = Some(base.k("linux").k("seccomp")),

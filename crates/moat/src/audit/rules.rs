@@ -94,6 +94,10 @@ pub static RULES: &[Rule] = &[
         "Without a seccomp filter every syscall reaches the kernel, including io_uring, bpf, keyctl, userfaultfd and the other usual exploit entry points.",
         "CIS 5.22; PSS baseline; kubesec SeccompUnconfined; Trivy KSV-0104",
         "set linux.seccomp to an allow-list profile (defaultAction SCMP_ACT_ERRNO)", "remove --security-opt seccomp=unconfined", "set securityContext.seccompProfile.type: RuntimeDefault"),
+    rule!("landlock-missing", Low, "No Landlock ruleset",
+        "Landlock confines which files the workload may open, write or execute, as a layer under mount flags and DAC: a writable path the mounts forgot stays closed. moat applies the policy of the dev.moat.landlock annotation; without it, none.",
+        "PRODUCT least privilege (Landlock as an extra layer); moat docs/run.md",
+        "add the annotation \"dev.moat.landlock\": \"auto\" (read/exec on the root, write only on writable mounts)", "not settable through Docker 20.10 (no --annotation): run with `moat run`", "not settable from a pod: use `moat run` or a moat bundle"),
     rule!("seccomp-missing", Medium, "No seccomp profile",
         "No seccomp profile is set, so no syscall filter applies (Kubernetes: Unconfined unless the kubelet defaults to RuntimeDefault).",
         "PRODUCT seccomp allow-list; PSS restricted; kubesec SeccompAny; Trivy KSV-0030",
@@ -391,6 +395,9 @@ fn security_profiles(o: &mut Out<'_>, w: &Workload) {
     if let Some(l) = &w.seccomp_unconfined {
         o.add("seccomp-unconfined", l, "seccomp unconfined");
     }
+    if let Some(l) = &w.landlock_missing {
+        o.add("landlock-missing", l, "no dev.moat.landlock annotation");
+    }
     if let Some(l) = &w.seccomp_missing {
         o.add("seccomp-missing", l, "no seccomp profile");
     }
@@ -507,6 +514,7 @@ mod tests {
       "process":{"user":{"uid":100000,"gid":100000},"args":["sh"],"cwd":"/","noNewPrivileges":true,
         "capabilities":{"bounding":[],"effective":[],"permitted":[]}},
       "root":{"path":"rootfs","readonly":true},
+      "annotations":{"dev.moat.landlock":"auto"},
       "linux":{"namespaces":[{"type":"pid"},{"type":"network"},{"type":"ipc"},{"type":"uts"},{"type":"mount"},{"type":"cgroup"},{"type":"user"}],
         "uidMappings":[{"containerID":0,"hostID":100000,"size":65536}],
         "resources":{"memory":{"limit":104857600},"cpu":{"quota":50000,"period":100000},"pids":{"limit":100}},

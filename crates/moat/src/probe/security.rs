@@ -101,7 +101,71 @@ pub fn checks(st: &Status) -> Vec<Check> {
             "defense in depth: Landlock available for self-sandboxing",
         ),
     });
+    out.push(landlock_domain());
     out
+}
+
+/// Whether a Landlock ruleset restricts this process, seen through device
+/// node creation in a directory DAC and the mount let us write: without a
+/// ruleset `mknod(S_IFCHR)` fails the capability check (EPERM), or succeeds
+/// with CAP_MKNOD; a ruleset that does not grant "make char" refuses it
+/// first, with EACCES. The node is removed if it was made.
+fn landlock_domain() -> Check {
+    const PRACTICE: &str =
+        "defense in depth: a Landlock ruleset confines file access (write only where the container may write)";
+    let mut dirs: Vec<std::path::PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
+    dirs.extend(std::env::var_os("HOME").map(Into::into));
+    dirs.extend(std::env::current_dir().ok());
+    let writable = |d: &std::path::Path| {
+        rustix::fs::access(d, rustix::fs::Access::WRITE_OK).is_ok()
+            && rustix::fs::statvfs(d)
+                .is_ok_and(|v| !v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    };
+    let Some(dir) = dirs.into_iter().find(|d| writable(d)) else {
+        return check(
+            "security.landlock-domain",
+            Outcome::NotApplicable,
+            "no writable directory to test in",
+            PRACTICE,
+        );
+    };
+    let node = dir.join(format!(".moat-probe-{}", std::process::id()));
+    let r = rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &node,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(1, 3),
+    );
+    match r {
+        Err(rustix::io::Errno::ACCESS) => check(
+            "security.landlock-domain",
+            Outcome::Blocked,
+            format!(
+                "mknod in {}: EACCES before the capability check: a Landlock (or other LSM) ruleset is in force",
+                dir.display()
+            ),
+            PRACTICE,
+        ),
+        other => {
+            if other.is_ok() {
+                let _ = std::fs::remove_file(&node);
+            }
+            let how = match other {
+                Ok(()) => "succeeded".to_string(),
+                Err(e) => errno_name(e.raw_os_error()).to_string(),
+            };
+            check(
+                "security.landlock-domain",
+                Outcome::Allowed,
+                format!(
+                    "mknod in {}: {how}: no Landlock ruleset restricts this process",
+                    dir.display()
+                ),
+                PRACTICE,
+            )
+        }
+    }
 }
 
 const MAC: &str = "a mandatory access control profile (CIS 5.2 AppArmor, 5.3 SELinux)";

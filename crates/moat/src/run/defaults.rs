@@ -1,5 +1,6 @@
 //! The hardened defaults of `moat run` (and `moat spec --hardened`), as a
 //! config.json document: every setting here holds with no flags.
+use moat_core::landlock::LANDLOCK_ANNOTATION;
 use serde_json::{json, Value};
 
 use super::seccomp_profile;
@@ -206,6 +207,9 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
             "noNewPrivileges": true
         },
         "root": {"path": "rootfs", "readonly": !s.read_write},
+        // Landlock rules derived from the root and mounts: read/exec on `/`,
+        // write only on writable mounts (moat_core::landlock).
+        "annotations": {LANDLOCK_ANNOTATION: "auto"},
         "hostname": s.hostname,
         "mounts": mounts,
         "linux": {
