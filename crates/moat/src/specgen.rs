@@ -132,6 +132,7 @@ pub fn features() -> Value {
         "annotations": {
             "dev.moat.version": env!("CARGO_PKG_VERSION"),
             "dev.moat.tiers": "container",
+            "dev.moat.landlock": "auto | {\"read\":[..],\"write\":[..],\"files\":[..]}",
             "io.github.seccomp.libseccomp.version": "2.5.4"
         }
     })

@@ -131,6 +131,28 @@ fn podman_run_options_reach_the_container() {
         "{ro}"
     );
 
+    // moat's Landlock policy through a Podman annotation: the container's
+    // root (CAP_DAC_OVERRIDE) may write Podman's /tmp tmpfs but create
+    // nothing in its /dev tmpfs; without the annotation, it can. (With a
+    // writable root, `/` itself is a write path and covers /dev.)
+    let ll = pm.run(
+        &["--read-only", "--annotation", "dev.moat.landlock=auto"],
+        &[
+            "sh",
+            "-c",
+            "touch /dev/x 2>&1; echo rc=$?; touch /tmp/y && echo tmp-ok",
+        ],
+    );
+    assert!(
+        ll.contains("Permission denied") && ll.contains("rc=1") && ll.contains("tmp-ok"),
+        "{ll}"
+    );
+    let plain = pm.run(
+        &["--read-only"],
+        &["sh", "-c", "touch /dev/x && echo dev-ok"],
+    );
+    assert!(plain.contains("dev-ok"), "{plain}");
+
     let st = pm.run(
         &["--cap-drop", "ALL", "--cap-add", "NET_RAW"],
         &["grep", "CapEff", "/proc/self/status"],
