@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use nix::fcntl::OFlag;
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use oci_spec::runtime::Box;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -25,6 +26,8 @@ pub enum ConsoleError {
     Send(#[source] nix::Error),
     #[error("cannot make the pty the controlling terminal")]
     Ctty(#[source] std::io::Error),
+    #[error("cannot set the pty's window size")]
+    Size(#[source] std::io::Error),
 }
 
 fn pty(step: &'static str) -> impl FnOnce(nix::Error) -> ConsoleError {
@@ -33,7 +36,7 @@ fn pty(step: &'static str) -> impl FnOnce(nix::Error) -> ConsoleError {
 
 /// Allocates a pty, sends its master over `socket`, and makes the slave this
 /// process's stdio and controlling terminal (the caller is a session leader).
-pub fn setup_pty(socket: BorrowedFd) -> Result<(), ConsoleError> {
+pub fn setup_pty(socket: BorrowedFd, size: Option<Box>) -> Result<(), ConsoleError> {
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(pty("open /dev/ptmx"))?;
     grantpt(&master).map_err(pty("grant the pty"))?;
@@ -48,6 +51,17 @@ pub fn setup_pty(socket: BorrowedFd) -> Result<(), ConsoleError> {
             path: name.clone(),
             source,
         })?;
+    // The size is set before the workload can ask for it (runtime-spec
+    // `process.consoleSize`); a runtime holding the master may change it.
+    if let Some(b) = size {
+        let ws = rustix::termios::Winsize {
+            ws_row: u16::try_from(b.height()).unwrap_or(u16::MAX),
+            ws_col: u16::try_from(b.width()).unwrap_or(u16::MAX),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, ws).map_err(|e| ConsoleError::Size(e.into()))?;
+    }
     let fds = [master.as_raw_fd()];
     let iov = [IoSlice::new(name.as_bytes())];
     sendmsg::<()>(

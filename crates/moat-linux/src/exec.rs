@@ -113,7 +113,8 @@ pub fn exec(
             let r = nix::unistd::setsid()
                 .map_err(|e| e.to_string())
                 .and_then(|_| {
-                    crate::console::setup_pty(c.as_fd()).map_err(|e| crate::error_chain(&e))
+                    crate::console::setup_pty(c.as_fd(), process.console_size())
+                        .map_err(|e| crate::error_chain(&e))
                 });
             if let Err(e) = r {
                 let _ = child.send(&Msg::Error(e));

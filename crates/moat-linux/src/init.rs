@@ -162,7 +162,8 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     rootfs::finish(&rcfg)?;
     nix::unistd::setsid().map_err(sys("create a session"))?;
     if let Some(sock) = &ctx.console_socket {
-        console::setup_pty(sock.as_fd())?;
+        let size = ctx.spec.process().as_ref().and_then(|p| p.console_size());
+        console::setup_pty(sock.as_fd(), size)?;
     }
     // With the root and the standard streams final: a policy path missing
     // from the container fails `create`.

@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{runtime_bin, Opts, Out, Rt};
+use common::{runtime_bin, spawn_own, wait_own, Opts, Out, Rt};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -584,14 +584,122 @@ fn landlock_lets_the_workload_reopen_its_own_stdout() {
     let file = fs::File::create(&path).unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
-    let status = std::process::Command::new(runtime_bin())
-        .args(["--root"])
-        .arg(rt.root())
-        .args(["run", "--", "sh", "-c", "echo reopened > /dev/stdout"])
-        .stdout(file)
-        .status()
-        .unwrap();
+    let mut child = spawn_own(
+        std::process::Command::new(runtime_bin())
+            .args(["--root"])
+            .arg(rt.root())
+            .args(["run", "--", "sh", "-c", "echo reopened > /dev/stdout"])
+            .stdout(file),
+    );
+    let status = wait_own(&mut child);
     assert!(status.success(), "{status:?}");
     assert_eq!(fs::read_to_string(&path).unwrap(), "reopened\n");
     assert_clean(&rt);
+}
+
+/// Starts `moat run -- sh -c SCRIPT` with stdout to a file; returns the
+/// child once SCRIPT has printed "ready".
+fn run_until_ready(rt: &Rt, script: &str, out: &Path) -> std::process::Child {
+    let child = spawn_own(
+        std::process::Command::new(runtime_bin())
+            .args(["--root"])
+            .arg(rt.root())
+            .args(["run", "--", "sh", "-c", script])
+            .stdout(fs::File::create(out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the workload never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
+#[test]
+fn sigint_and_sigterm_reach_the_workload() {
+    let Some(rt) = rt("sigint_and_sigterm_reach_the_workload") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // The workload is PID 1 of its namespace: it sees a signal only through
+    // a handler, so it traps each one and exits with a status of its own.
+    for (sig, code) in [(Signal::SIGTERM, 7), (Signal::SIGINT, 8)] {
+        let name = format!("{sig:?}").trim_start_matches("SIG").to_string();
+        let script = format!(
+            "trap 'echo got-{name}; exit {code}' {name}; echo ready; while :; do sleep 0.05; done"
+        );
+        let mut child = run_until_ready(&rt, &script, &out);
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let status = wait_own(&mut child);
+        assert_eq!(status.code(), Some(code), "{sig:?}: {status:?}");
+        assert!(
+            fs::read_to_string(&out)
+                .unwrap()
+                .contains(&format!("got-{name}")),
+            "{sig:?}"
+        );
+    }
+    // A workload that ignores SIGTERM: the second one kills the container.
+    let mut child = run_until_ready(&rt, "trap '' TERM; echo ready; sleep 600", &out);
+    let pid = Pid::from_raw(child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "one SIGTERM was ignored"
+    );
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = wait_own(&mut child);
+    assert_eq!(status.code(), Some(137), "{status:?} {:?}", status.signal());
+    assert_clean(&rt);
+}
+
+#[test]
+fn tty_gets_the_window_size() {
+    let Some(rt) = rt("tty_gets_the_window_size") else {
+        return;
+    };
+    if !Path::new("/usr/bin/script").exists() {
+        eprintln!("SKIP tty_gets_the_window_size: no script(1)");
+        return;
+    }
+    // script(1) gives moat a terminal; its size is set on that terminal and
+    // must be what the workload's own pty reports.
+    let moat = format!("{} --root {}", runtime_bin().display(), rt.root().display());
+    let inner = format!("stty rows 33 cols 77; {moat} run -t -- stty size");
+    let out = rt_script(&inner);
+    assert!(out.contains("33 77"), "{out}");
+    assert_clean(&rt);
+}
+
+/// Runs `sh -c CMD` under script(1) (a pty); its output.
+fn rt_script(cmd: &str) -> String {
+    let mut child = spawn_own(
+        std::process::Command::new("script")
+            .args(["-qec", cmd, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let mut text = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let status = wait_own(&mut child);
+    assert!(status.success(), "script: {status:?}: {text}");
+    text
 }

@@ -276,6 +276,15 @@ pub fn main(cli: RunCli) -> Result<i32> {
             defaults::spec(&s, mounts)
         }
     };
+    let mut spec = spec;
+    if s.tty {
+        // The pty starts at our terminal's size: the workload may ask
+        // before the proxy could set it.
+        if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdin()) {
+            spec["process"]["consoleSize"] =
+                serde_json::json!({"height": ws.ws_row, "width": ws.ws_col});
+        }
+    }
     let cfg = bundle.path.join("config.json");
     std::fs::write(&cfg, serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", cfg.display()))?;

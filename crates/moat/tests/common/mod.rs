@@ -375,6 +375,36 @@ pub fn run_binary(bin: &Path, args: &[String], opts: Opts, out: &Path, err: &Pat
     }
 }
 
+/// Spawns `cmd` registered as ours, so the reaper leaves its exit status
+/// to [`wait_own`].
+pub fn spawn_own(cmd: &mut Command) -> std::process::Child {
+    init_reaper();
+    let mut own = OWN_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    own.get_or_insert_with(HashSet::new).insert(child.id());
+    child
+}
+
+/// Waits for a child of [`spawn_own`] (killed after the command timeout).
+pub fn wait_own(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if start.elapsed() > CMD_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                forget_child(child.id());
+                panic!("child {} timed out", child.id());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("wait {}: {e}", child.id()),
+        }
+    };
+    forget_child(child.id());
+    status
+}
+
 fn forget_child(pid: u32) {
     if let Some(s) = OWN_CHILDREN
         .lock()
