@@ -1,12 +1,12 @@
 //! `moat run IMAGE`: rootfs tarballs (plain, gzip, zstd), directories, OCI
-//! layouts and docker archives built here from busybox-static, and hostile
-//! archives that must be refused with nothing written outside the cache.
+//! layouts and docker archives built here from busybox-static, images built
+//! by the real tools (podman, skopeo, umoci), and hostile archives that must
+//! be refused with nothing written outside the cache.
 mod common;
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::Rt;
 
@@ -46,14 +46,29 @@ fn busybox_root(dir: &Path) -> PathBuf {
     r
 }
 
+/// Runs `prog args`, which must succeed; its stdout. Through the harness,
+/// whose reaper would otherwise take the child's exit status.
+#[track_caller]
+fn tool(prog: &str, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = common::run_binary(
+        Path::new(prog),
+        &args,
+        common::Opts::default(),
+        &dir.path().join("out"),
+        &dir.path().join("err"),
+    );
+    assert!(out.ok(), "{prog} {args:?}: {out:?}");
+    out.stdout
+}
+
 fn sh(cmd: &str) {
-    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(st.success(), "{cmd}");
+    tool("sh", &["-c", cmd]);
 }
 
 fn sha256(p: &Path) -> String {
-    let out = Command::new("sha256sum").arg(p).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    tool("sha256sum", &[p.to_str().unwrap()])[..64].to_string()
 }
 
 /// Moves `p` into `blobs/sha256/<digest>` of `layout`; returns the digest.
@@ -308,4 +323,249 @@ fn hostile_archives_are_refused() {
     assert_eq!(list.stdout.lines().count(), 1, "{}", list.stdout);
     let tmp = rt.root().join(".images/tmp");
     assert_eq!(fs::read_dir(&tmp).map(|r| r.count()).unwrap_or(0), 0);
+}
+
+/// True when every program in `progs` is on PATH. A missing one fails the
+/// test under CI (`CI` set and not empty), where scripts/deps --test has
+/// installed them; elsewhere the test prints why it skips.
+fn tools(test: &str, progs: &[&str]) -> bool {
+    for p in progs {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+            .unwrap_or(false);
+        if !found {
+            let why = format!("{test}: {p} is not installed (scripts/deps --test installs it)");
+            if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+                panic!("{why}");
+            }
+            eprintln!("SKIP {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// `podman` with storage of its own under `dir` (vfs: no mounts), so
+/// nothing reaches the host's image store.
+fn podman(dir: &Path, args: &[&str]) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let mut a = vec![
+        "--root".to_string(),
+        p("root"),
+        "--runroot".into(),
+        p("runroot"),
+        "--tmpdir".into(),
+        p("tmp"),
+        "--storage-driver".into(),
+        "vfs".into(),
+        "--events-backend".into(),
+        "file".into(),
+        "--cgroup-manager".into(),
+        "cgroupfs".into(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    tool("podman", &a)
+}
+
+#[test]
+fn podman_and_skopeo_images() {
+    let test = "podman_and_skopeo_images";
+    let Some(rt) = rt(test) else { return };
+    if !tools(test, &["podman", "skopeo"]) {
+        return;
+    }
+    let t = fixtures();
+    busybox_root(t.path());
+    let d = t.path().display().to_string();
+    sh(&format!("tar -C {d}/rootfs -cf {d}/bb.tar ."));
+    let store = t.path().join("podman");
+    podman(
+        &store,
+        &[
+            "import",
+            "--change",
+            "ENV=GREET=podman",
+            "--change",
+            "WORKDIR=/work",
+            "--change",
+            "USER=app",
+            "--change",
+            &format!("CMD [\"/bin/sh\", \"-c\", {PROBE:?}]"),
+            &format!("{d}/bb.tar"),
+            "moatbb",
+        ],
+    );
+    podman(
+        &store,
+        &[
+            "save",
+            "--format",
+            "docker-archive",
+            "-o",
+            &format!("{d}/da.tar"),
+            "moatbb",
+        ],
+    );
+    podman(
+        &store,
+        &[
+            "save",
+            "--format",
+            "oci-dir",
+            "-o",
+            &format!("{d}/ocidir"),
+            "moatbb",
+        ],
+    );
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            &format!("docker-archive:{d}/da.tar"),
+            &format!("oci:{d}/sk:v1"),
+        ],
+    );
+    // The image's Cmd, Env, WorkingDir and User (podman import --change)
+    // apply whichever way it was saved.
+    for img in [
+        format!("{d}/da.tar"),
+        format!("docker-archive:{d}/da.tar"),
+        format!("oci:{d}/ocidir:latest"),
+        format!("oci:{d}/sk:v1"),
+    ] {
+        let out = rt.cmd(&["run", &img]).expect_ok();
+        assert_eq!(out.stdout.trim(), "cwd=/work greet=podman id=1000", "{img}");
+        let out = rt
+            .cmd(&["run", &img, "--", "/bin/busybox", "cat", "/etc/passwd"])
+            .expect_ok();
+        assert!(out.stdout.contains("app:x:1000"), "{img}: {}", out.stdout);
+    }
+}
+
+/// The names in the gzip layer blobs of an OCI layout.
+fn layer_names(layout: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let p = e.unwrap().path();
+        let head = fs::read(&p).unwrap();
+        if head.starts_with(&[0x1f, 0x8b]) {
+            names.extend(
+                tool("tar", &["-tzf", p.to_str().unwrap()])
+                    .lines()
+                    .map(String::from),
+            );
+        }
+    }
+    names
+}
+
+/// An OCI layout made by umoci: a base layer, then a layer that deletes a
+/// file and a directory tree (whiteouts), replaces a directory's contents
+/// and overwrites a file. Returns the layout; its tags are `base` and `v2`.
+fn umoci_layout(t: &Path) -> PathBuf {
+    let lay = t.join("lay");
+    let l = lay.display().to_string();
+    let b1 = t.join("b1");
+    let b2 = t.join("b2");
+    tool("umoci", &["init", "--layout", &l]);
+    tool("umoci", &["new", "--image", &format!("{l}:base")]);
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{l}:base"),
+            b1.to_str().unwrap(),
+        ],
+    );
+    let src = busybox_root(&t.join("src"));
+    let r1 = b1.join("rootfs");
+    sh(&format!("cp -a {}/. {}/", src.display(), r1.display()));
+    for dir in ["gone/sub", "opq"] {
+        fs::create_dir_all(r1.join(dir)).unwrap();
+    }
+    for (f, text) in [
+        ("etc/ver", "v1"),
+        ("etc/del", "bye"),
+        ("gone/sub/f", "x"),
+        ("opq/old", "o"),
+        ("work/secret", "s3cret"),
+    ] {
+        fs::write(r1.join(f), text).unwrap();
+    }
+    std::os::unix::fs::chown(r1.join("work/secret"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r1.join("work/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{l}:base"),
+            b1.to_str().unwrap(),
+        ],
+    );
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{l}:base"),
+            b2.to_str().unwrap(),
+        ],
+    );
+    let r2 = b2.join("rootfs");
+    fs::remove_file(r2.join("etc/del")).unwrap();
+    fs::remove_dir_all(r2.join("gone")).unwrap();
+    fs::remove_dir_all(r2.join("opq")).unwrap();
+    fs::create_dir(r2.join("opq")).unwrap();
+    fs::write(r2.join("opq/new"), "n").unwrap();
+    fs::write(r2.join("etc/ver"), "v2").unwrap();
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{l}:v2"),
+            b2.to_str().unwrap(),
+        ],
+    );
+    lay
+}
+
+#[test]
+fn umoci_layers_and_whiteouts() {
+    let test = "umoci_layers_and_whiteouts";
+    let Some(rt) = rt(test) else { return };
+    if !tools(test, &["umoci"]) {
+        return;
+    }
+    let t = fixtures();
+    let lay = umoci_layout(t.path());
+    // The second layer really carries whiteouts (umoci writes one per
+    // removed name; it makes no opaque directories).
+    let names = layer_names(&lay);
+    for w in ["etc/.wh.del", ".wh.gone", "opq/.wh.old"] {
+        assert!(
+            names.iter().any(|n| n.trim_start_matches("./") == w),
+            "{w} in {names:?}"
+        );
+    }
+    let l = lay.display();
+    let look = "cat /etc/ver; echo; for p in /etc/del /gone /opq/old /opq/new; do \
+                test -e $p && echo \"has $p\"; done; true";
+    let out = rt
+        .cmd(&["run", &format!("oci:{l}:v2"), "--", "/bin/sh", "-c", look])
+        .expect_ok();
+    assert_eq!(out.stdout.trim(), "v2\nhas /opq/new", "{}", out.stdout);
+    let out = rt
+        .cmd(&["run", &format!("oci:{l}:base"), "--", "/bin/sh", "-c", look])
+        .expect_ok();
+    assert_eq!(
+        out.stdout.trim(),
+        "v1\nhas /etc/del\nhas /gone\nhas /opq/old",
+        "{}",
+        out.stdout
+    );
 }

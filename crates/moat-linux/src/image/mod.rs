@@ -431,6 +431,9 @@ impl Store {
     ) -> Result<Prepared, ImageError> {
         // The archive's members are read by name, in the manifest's order:
         // it is unpacked (safely) into a scratch directory first.
+        // The cache directory first, with its own mode: a recursive mkdir
+        // of tmp/ alone would make it 0700, unreachable for the container.
+        Self::mkdir(&self.dir, 0o711)?;
         let tmp_parent = self.dir.join("tmp");
         Self::mkdir(&tmp_parent, 0o700)?;
         let scratch = TempDir::new(&tmp_parent)?;
