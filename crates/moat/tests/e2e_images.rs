@@ -568,4 +568,246 @@ fn umoci_layers_and_whiteouts() {
         "{}",
         out.stdout
     );
+    // umoci recorded the owner of /work/secret; the container sees it.
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1000",
+            &format!("oci:{l}:v2"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "stat -c %u:%a /work/secret; cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "1000:600\ns3cret");
+}
+
+/// Mounts whose mount point is under `dir`, from our own mountinfo (moat
+/// runs in the test's mount namespace).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| m == dir || m.starts_with(&format!("{dir}/")))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Everything about the cache's entries that a run could change: each
+/// path's type, mode, owner, size, mtime, ctime, link target and contents
+/// (`last-used` aside: runs touch it on purpose).
+fn cache_snapshot(root: &Path) -> Vec<(String, String, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(base: &Path, p: &Path, out: &mut Vec<(String, String, Vec<u8>)>) {
+        let md = fs::symlink_metadata(p).unwrap();
+        let rel = p.strip_prefix(base).unwrap().display().to_string();
+        if rel.ends_with("last-used") {
+            return;
+        }
+        let meta = format!(
+            "{:o} {}:{} {} {}.{} {}.{}",
+            md.mode(),
+            md.uid(),
+            md.gid(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec()
+        );
+        let body = if md.file_type().is_symlink() {
+            fs::read_link(p)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes()
+        } else if md.is_file() {
+            fs::read(p).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.push((rel, meta, body));
+        if md.is_dir() {
+            let mut names: Vec<PathBuf> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(base, &n, out);
+            }
+        }
+    }
+    let base = root.join(".images/sha256");
+    let mut out = Vec::new();
+    walk(&base, &base, &mut out);
+    out
+}
+
+/// A busybox tarball whose /work/secret belongs to 1000:1000, mode 0600,
+/// and with no command in it.
+fn owned_tarball(t: &Path) -> PathBuf {
+    let r = busybox_root(t);
+    fs::write(r.join("work/secret"), "s3cret").unwrap();
+    std::os::unix::fs::chown(r.join("work/secret"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r.join("work/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let tar = t.join("owned.tar");
+    sh(&format!(
+        "tar --numeric-owner -C {} -cf {} .",
+        r.display(),
+        tar.display()
+    ));
+    tar
+}
+
+#[test]
+fn image_files_keep_their_owners() {
+    let Some(rt) = rt("image_files_keep_their_owners") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    let read = "stat -c %u:%g:%a /work/secret; cat /work/secret 2>&1; echo; echo rc=$?";
+    let out = rt
+        .cmd(&["run", "-u", "1000", img, "--", "/bin/sh", "-c", read])
+        .expect_ok();
+    assert_eq!(out.stdout, "1000:1000:600\ns3cret\nrc=0\n");
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1001",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /work/secret",
+        ])
+        .expect_fail();
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    // The image's root-owned files belong to the container's root.
+    let out = rt
+        .cmd(&[
+            "run",
+            img,
+            "--",
+            "/bin/busybox",
+            "stat",
+            "-c",
+            "%u:%g",
+            "/etc/passwd",
+            "/",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "0:0\n0:0\n");
+    // Only root can reach the cache on the host.
+    let md = fs::metadata(rt.root().join(".images")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o700);
+    assert!(mounts_under(rt.root()).is_empty());
+}
+
+#[test]
+fn read_write_images_never_touch_the_cache() {
+    let Some(rt) = rt("read_write_images_never_touch_the_cache") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    // Read-only by default: the root refuses writes, even root's.
+    let out = rt
+        .cmd(&["run", img, "--", "/bin/sh", "-c", "echo x > /etc/x"])
+        .expect_fail();
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+    let before = cache_snapshot(rt.root());
+    assert!(before
+        .iter()
+        .any(|(p, _, _)| p.ends_with("rootfs/etc/passwd")));
+    // Root in the container has no capabilities: it writes as the owner.
+    let write = "echo new > /etc/new && echo more >> /etc/passwd && rm /work/secret \
+                 && mkdir /etc/d && stat -c %u /etc/new && tail -n1 /etc/passwd && ls /work";
+    let out = rt
+        .cmd(&["run", "--read-write", img, "--", "/bin/sh", "-c", write])
+        .expect_ok();
+    assert_eq!(out.stdout, "0\nmore\n");
+    // A user other than root writes where the image lets it.
+    let out = rt
+        .cmd(&[
+            "run",
+            "--read-write",
+            "-u",
+            "1000",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo mine >> /work/secret && cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "s3cretmine\n");
+    assert_eq!(cache_snapshot(rt.root()), before, "the cache changed");
+    // The writes were thrown away with the run.
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1000",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls /etc; cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "passwd\ns3cret");
+    assert!(mounts_under(rt.root()).is_empty());
+}
+
+#[test]
+fn no_mounts_are_left_behind() {
+    let Some(rt) = rt("no_mounts_are_left_behind") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    for rw in [&[][..], &["--read-write"][..]] {
+        let run = |extra: &[&str]| {
+            let mut a = vec!["run"];
+            a.extend_from_slice(rw);
+            a.extend_from_slice(extra);
+            rt.cmd(&a)
+        };
+        // The workload fails.
+        let out = run(&[img, "--", "/bin/sh", "-c", "exit 3"]);
+        assert_eq!(out.code, Some(3), "{rw:?}: {out:?}");
+        // Its program does not exist.
+        run(&[img, "--", "/nonexistent"]).expect_fail();
+        // moat fails after mounting the image: no command, a bad volume.
+        let out = run(&[img]).expect_fail();
+        assert!(out.stderr.contains("no command"), "{rw:?}: {}", out.stderr);
+        let out = run(&["-v", "/does/not/exist:/d", img, "--", "/bin/sh"]).expect_fail();
+        assert!(
+            out.stderr.contains("does not exist"),
+            "{rw:?}: {}",
+            out.stderr
+        );
+        // moat fails before: bad flags.
+        run(&["-u", "x", img, "--", "/bin/sh"]).expect_fail();
+        let left = mounts_under(rt.root());
+        assert!(left.is_empty(), "{rw:?}: {left:#?}");
+        let run_dir = rt.root().join(".run");
+        assert_eq!(fs::read_dir(&run_dir).unwrap().count(), 0, "{rw:?}");
+    }
 }

@@ -5,8 +5,15 @@
 //! `<root>/.images/sha256/<hex>/{rootfs,image.json}`, keyed by the image
 //! config's digest (OCI, Docker) or the tarball's sha256, built in
 //! `<root>/.images/tmp/` and renamed into place; later runs reuse it.
+//!
+//! Unpacked by root, the cache keeps the archive's owners and is reachable
+//! by root alone (`.images` is 0700): containers see an entry only through
+//! the idmapped [`view`] that `moat run` mounts in its bundle. Unpacked by
+//! another user (rootless), files belong to that user and the container's
+//! init reaches the entry directly (`.images` is 0711).
 pub mod layout;
 pub mod unpack;
+pub mod view;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
@@ -22,6 +29,10 @@ use thiserror::Error;
 
 pub use layout::{LayoutError, RunConfig, Sha256Digest};
 pub use unpack::UnpackError;
+
+/// Image IDs below this keep their owner in the cache and map to the
+/// container's block at run time; others become 65534 (`nobody`).
+pub const ID_RANGE: u32 = 65536;
 
 /// Mount points every image root gets (created by moat on the host, since
 /// the container's root user cannot write to the root-owned image).
@@ -246,6 +257,7 @@ pub struct Prepared {
 /// The image cache under a state root.
 pub struct Store {
     dir: PathBuf,
+    owners: unpack::Owners,
 }
 
 /// A cache entry, as `moat images` lists it.
@@ -258,9 +270,33 @@ pub struct Entry {
 
 impl Store {
     pub fn new(state_root: &Path) -> Store {
+        let owners = if rustix::process::geteuid().is_root() {
+            unpack::Owners::Archive
+        } else {
+            unpack::Owners::Unpacker
+        };
         Store {
             dir: state_root.join(".images"),
+            owners,
         }
+    }
+
+    /// Creates the cache directory, or fixes its mode: 0700 when entries
+    /// keep the archive's owners (only root may reach them), else 0711 (the
+    /// container's host user walks to its rootfs).
+    fn make_dir(&self) -> Result<(), ImageError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = match self.owners {
+            unpack::Owners::Archive => 0o700,
+            unpack::Owners::Unpacker => 0o711,
+        };
+        Self::mkdir(&self.dir, mode)?;
+        let md = fs::metadata(&self.dir).map_err(rerr(&self.dir))?;
+        if md.permissions().mode() & 0o7777 != mode {
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
+                .map_err(werr(&self.dir))?;
+        }
+        Ok(())
     }
 
     fn entry_dir(&self, d: &Sha256Digest) -> PathBuf {
@@ -294,7 +330,7 @@ impl Store {
                         done += n;
                         progress(done, total)
                     };
-                    let size = unpack_file(p, tmp, &mut cb, None)?;
+                    let size = unpack_file(p, tmp, &mut cb, None, self.owners)?;
                     Ok((RunConfig::default(), size))
                 })
             }
@@ -317,7 +353,7 @@ impl Store {
         if let Some(p) = self.load(key)? {
             return Ok(p);
         }
-        Self::mkdir(&self.dir, 0o711)?;
+        self.make_dir()?;
         Self::mkdir(&self.dir.join("sha256"), 0o711)?;
         let tmp_parent = self.dir.join("tmp");
         Self::mkdir(&tmp_parent, 0o700)?;
@@ -417,7 +453,7 @@ impl Store {
                     done += n;
                     progress(done, total)
                 };
-                size += unpack_file(&p, rootfs, &mut cb, Some(&d))?;
+                size += unpack_file(&p, rootfs, &mut cb, Some(&d), self.owners)?;
             }
             Ok((config.config.clone(), size))
         })
@@ -431,9 +467,9 @@ impl Store {
     ) -> Result<Prepared, ImageError> {
         // The archive's members are read by name, in the manifest's order:
         // it is unpacked (safely) into a scratch directory first.
-        // The cache directory first, with its own mode: a recursive mkdir
-        // of tmp/ alone would make it 0700, unreachable for the container.
-        Self::mkdir(&self.dir, 0o711)?;
+        // The cache directory first, with its own mode (a recursive mkdir
+        // of tmp/ alone would make it 0700).
+        self.make_dir()?;
         let tmp_parent = self.dir.join("tmp");
         Self::mkdir(&tmp_parent, 0o700)?;
         let scratch = TempDir::new(&tmp_parent)?;
@@ -443,7 +479,13 @@ impl Store {
             done += n;
             progress(done, total * 2)
         };
-        unpack_file(archive, &scratch.path, &mut cb, None)?;
+        unpack_file(
+            archive,
+            &scratch.path,
+            &mut cb,
+            None,
+            unpack::Owners::Unpacker,
+        )?;
         let lerr = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ImageError::Layout { path, source }
@@ -480,11 +522,12 @@ impl Store {
                     inner: decompressed(tracked).map_err(rerr(&lp))?,
                     hash: Sha256::new(),
                 };
-                let stats =
-                    unpack::unpack(&mut h, rootfs).map_err(|source| ImageError::Unpack {
+                let stats = unpack::unpack_as(&mut h, rootfs, self.owners).map_err(|source| {
+                    ImageError::Unpack {
                         path: lp.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 let got = Sha256Digest::from_hasher(h.hash);
                 if got != want {
                     return Err(ImageError::DigestMismatch {
@@ -638,6 +681,7 @@ fn unpack_file(
     rootfs: &Path,
     progress: &mut dyn FnMut(u64),
     digest: Option<&Sha256Digest>,
+    owners: unpack::Owners,
 ) -> Result<u64, ImageError> {
     let f = fs::File::open(p).map_err(rerr(p))?;
     let mut tracked = Tracked {
@@ -647,7 +691,7 @@ fn unpack_file(
     };
     let stats = {
         let r = decompressed(&mut tracked).map_err(rerr(p))?;
-        unpack::unpack(r, rootfs).map_err(|source| ImageError::Unpack {
+        unpack::unpack_as(r, rootfs, owners).map_err(|source| ImageError::Unpack {
             path: p.to_path_buf(),
             source,
         })?
