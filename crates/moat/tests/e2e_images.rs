@@ -811,3 +811,101 @@ fn no_mounts_are_left_behind() {
         assert_eq!(fs::read_dir(&run_dir).unwrap().count(), 0, "{rw:?}");
     }
 }
+
+/// The digests `moat images` lists (short form, as shown).
+fn listed(rt: &Rt) -> Vec<String> {
+    rt.cmd(&["images"])
+        .expect_ok()
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn prune_single_and_unused_images() {
+    let Some(rt) = rt("prune_single_and_unused_images") else {
+        return;
+    };
+    let t = fixtures();
+    let owned = owned_tarball(t.path());
+    let d = t.path().display();
+    sh(&format!("tar -C {d}/rootfs -cf {d}/plain.tar ./bin ./etc"));
+    let true_in = |img: &Path| {
+        rt.cmd(&["run", img.to_str().unwrap(), "--", "/bin/sh", "-c", "true"])
+            .expect_ok();
+    };
+    true_in(&owned);
+    let owned_digest = listed(&rt)[0].clone();
+    true_in(&t.path().join("plain.tar"));
+    assert_eq!(listed(&rt).len(), 2);
+    // Bad names are refused, nothing is removed.
+    for bad in ["sha256:", "zz", "sha256:ffffffffffff0000"] {
+        let out = rt.cmd(&["prune", bad]).expect_fail();
+        assert!(
+            out.stderr.contains("no cached image"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+    rt.cmd(&["prune", "--unused-for", "1x"]).expect_fail();
+    assert_eq!(listed(&rt).len(), 2);
+
+    // An image a run uses is kept: the run waits for a file from us.
+    let sync = t.path().join("sync");
+    fs::create_dir(&sync).unwrap();
+    fs::set_permissions(&sync, fs::Permissions::from_mode(0o777)).unwrap();
+    let vol = format!("{}:/s", sync.display());
+    std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            rt.cmd(&[
+                "run",
+                "--name",
+                "prune-user",
+                "-v",
+                &vol,
+                owned.to_str().unwrap(),
+                "--",
+                "/bin/sh",
+                "-c",
+                "touch /s/started; while [ ! -e /s/go ]; do sleep 0.05; done",
+            ])
+        });
+        while !sync.join("started").exists() {
+            assert!(!run.is_finished(), "the run ended early");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = rt.cmd(&["prune", &owned_digest]).expect_fail();
+        assert!(out.stderr.contains("prune-user"), "{}", out.stderr);
+        let out = rt.cmd(&["prune", "--unused-for", "0s"]).expect_ok();
+        assert!(out.stderr.contains("keeping"), "{}", out.stderr);
+        assert_eq!(listed(&rt), vec![owned_digest.clone()]);
+        fs::write(sync.join("go"), "").unwrap();
+        run.join().unwrap().expect_ok();
+    });
+
+    // Unused for a day: only the entry last used two days ago goes.
+    true_in(&t.path().join("plain.tar"));
+    let plain_digest = listed(&rt)
+        .into_iter()
+        .find(|x| *x != owned_digest)
+        .unwrap();
+    let hex = &owned_digest["sha256:".len()..];
+    let entry = fs::read_dir(rt.root().join(".images/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(hex))
+        .unwrap();
+    sh(&format!(
+        "touch -d '2 days ago' {}/last-used",
+        entry.display()
+    ));
+    rt.cmd(&["prune", "--unused-for", "1d"]).expect_ok();
+    assert_eq!(listed(&rt), vec![plain_digest.clone()]);
+    // A prefix names one image.
+    let out = rt.cmd(&["prune", &plain_digest[..12]]).expect_ok();
+    assert!(out.stdout.contains("removed 1"), "{}", out.stdout);
+    assert!(listed(&rt).is_empty());
+    assert!(mounts_under(rt.root()).is_empty());
+}

@@ -76,6 +76,10 @@ pub enum ImageError {
     Unknown(PathBuf),
     #[error("cannot remove the image cache: container {0} exists")]
     InUse(String),
+    #[error("no cached image matches {0:?}")]
+    NoSuchImage(String),
+    #[error("{prefix:?} matches {count} cached images: give more of the digest")]
+    Ambiguous { prefix: String, count: usize },
 }
 
 fn rerr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
@@ -571,6 +575,48 @@ impl Store {
         }
         out.sort_by_key(|e| std::cmp::Reverse(e.last_used));
         Ok(out)
+    }
+
+    /// The digest (`sha256:<hex>`) of the one entry that `prefix` names:
+    /// a digest or the start of one, with or without `sha256:`.
+    pub fn resolve(&self, prefix: &str) -> Result<String, ImageError> {
+        let hex = prefix.strip_prefix("sha256:").unwrap_or(prefix);
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ImageError::NoSuchImage(prefix.to_string()));
+        }
+        let hex = hex.to_ascii_lowercase();
+        let found: Vec<String> = self
+            .list()?
+            .into_iter()
+            .map(|e| e.digest)
+            .filter(|d| d["sha256:".len()..].starts_with(&hex))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(ImageError::NoSuchImage(prefix.to_string())),
+            many => Err(ImageError::Ambiguous {
+                prefix: prefix.to_string(),
+                count: many.len(),
+            }),
+        }
+    }
+
+    /// Removes the entry `digest` (as [`Store::list`] gives it): renamed
+    /// out of `sha256/` first, so it disappears at once, then deleted.
+    pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
+        let d = Sha256Digest::parse(digest).map_err(|source| ImageError::Layout {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let dir = self.entry_dir(&d);
+        let tmp_parent = self.dir.join("tmp");
+        Self::mkdir(&tmp_parent, 0o700)?;
+        let doomed = TempDir::new(&tmp_parent)?;
+        let target = doomed.path.join("entry");
+        fs::rename(&dir, &target).map_err(werr(&dir))?;
+        fs::remove_dir_all(&doomed.path).map_err(werr(&doomed.path))?;
+        doomed.keep();
+        Ok(())
     }
 
     /// Removes the whole cache; refused while `containers` (the IDs in the

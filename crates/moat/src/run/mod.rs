@@ -341,9 +341,13 @@ fn image_view(
     s: &Settings,
     writable: bool,
 ) -> Result<Option<image::view::View>> {
-    if img.digest.is_none() {
+    let Some(digest) = &img.digest else {
         return Ok(None);
-    }
+    };
+    // `moat prune` keeps an image that a run uses.
+    let marker = bundle.join(images::IN_USE);
+    std::fs::write(&marker, digest.to_string())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
     if !rustix::process::geteuid().is_root() {
         if writable {
             bail!("--read-write on an image needs root (rootless runs share the cached image read-only)");
