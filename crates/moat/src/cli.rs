@@ -151,8 +151,8 @@ pub enum Cmd {
     Audit(crate::audit::AuditArgs),
     /// List the images cached by `moat run IMAGE`
     Images,
-    /// Remove the image cache (refused while any container exists)
-    Prune,
+    /// Remove cached images: all (refused while any container exists), or those named or unused for a while
+    Prune(crate::run::images::PruneArgs),
     /// Not supported
     #[command(hide = true)]
     Checkpoint {

@@ -132,7 +132,7 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Probe { json } => crate::probe::main(json),
         Cmd::Images => crate::run::images::list(&cli.global.root),
-        Cmd::Prune => crate::run::images::prune(&rt, &cli.global.root),
+        Cmd::Prune(a) => crate::run::images::prune(&rt, &cli.global.root, &a),
         Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),
         Cmd::Checkpoint { .. } | Cmd::Restore { .. } => {
             bail!("checkpoint/restore is not supported by moat")

@@ -1,12 +1,12 @@
 //! `moat run IMAGE`: rootfs tarballs (plain, gzip, zstd), directories, OCI
-//! layouts and docker archives built here from busybox-static, and hostile
-//! archives that must be refused with nothing written outside the cache.
+//! layouts and docker archives built here from busybox-static, images built
+//! by the real tools (podman, skopeo, umoci), and hostile archives that must
+//! be refused with nothing written outside the cache.
 mod common;
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::Rt;
 
@@ -46,14 +46,29 @@ fn busybox_root(dir: &Path) -> PathBuf {
     r
 }
 
+/// Runs `prog args`, which must succeed; its stdout. Through the harness,
+/// whose reaper would otherwise take the child's exit status.
+#[track_caller]
+fn tool(prog: &str, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = common::run_binary(
+        Path::new(prog),
+        &args,
+        common::Opts::default(),
+        &dir.path().join("out"),
+        &dir.path().join("err"),
+    );
+    assert!(out.ok(), "{prog} {args:?}: {out:?}");
+    out.stdout
+}
+
 fn sh(cmd: &str) {
-    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(st.success(), "{cmd}");
+    tool("sh", &["-c", cmd]);
 }
 
 fn sha256(p: &Path) -> String {
-    let out = Command::new("sha256sum").arg(p).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    tool("sha256sum", &[p.to_str().unwrap()])[..64].to_string()
 }
 
 /// Moves `p` into `blobs/sha256/<digest>` of `layout`; returns the digest.
@@ -308,4 +323,589 @@ fn hostile_archives_are_refused() {
     assert_eq!(list.stdout.lines().count(), 1, "{}", list.stdout);
     let tmp = rt.root().join(".images/tmp");
     assert_eq!(fs::read_dir(&tmp).map(|r| r.count()).unwrap_or(0), 0);
+}
+
+/// True when every program in `progs` is on PATH. A missing one fails the
+/// test under CI (`CI` set and not empty), where scripts/deps --test has
+/// installed them; elsewhere the test prints why it skips.
+fn tools(test: &str, progs: &[&str]) -> bool {
+    for p in progs {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+            .unwrap_or(false);
+        if !found {
+            let why = format!("{test}: {p} is not installed (scripts/deps --test installs it)");
+            if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+                panic!("{why}");
+            }
+            eprintln!("SKIP {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// `podman` with storage of its own under `dir` (vfs: no mounts), so
+/// nothing reaches the host's image store.
+fn podman(dir: &Path, args: &[&str]) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let mut a = vec![
+        "--root".to_string(),
+        p("root"),
+        "--runroot".into(),
+        p("runroot"),
+        "--tmpdir".into(),
+        p("tmp"),
+        "--storage-driver".into(),
+        "vfs".into(),
+        "--events-backend".into(),
+        "file".into(),
+        "--cgroup-manager".into(),
+        "cgroupfs".into(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    tool("podman", &a)
+}
+
+#[test]
+fn podman_and_skopeo_images() {
+    let test = "podman_and_skopeo_images";
+    let Some(rt) = rt(test) else { return };
+    if !tools(test, &["podman", "skopeo"]) {
+        return;
+    }
+    let t = fixtures();
+    busybox_root(t.path());
+    let d = t.path().display().to_string();
+    sh(&format!("tar -C {d}/rootfs -cf {d}/bb.tar ."));
+    let store = t.path().join("podman");
+    podman(
+        &store,
+        &[
+            "import",
+            "--change",
+            "ENV=GREET=podman",
+            "--change",
+            "WORKDIR=/work",
+            "--change",
+            "USER=app",
+            "--change",
+            &format!("CMD [\"/bin/sh\", \"-c\", {PROBE:?}]"),
+            &format!("{d}/bb.tar"),
+            "moatbb",
+        ],
+    );
+    podman(
+        &store,
+        &[
+            "save",
+            "--format",
+            "docker-archive",
+            "-o",
+            &format!("{d}/da.tar"),
+            "moatbb",
+        ],
+    );
+    podman(
+        &store,
+        &[
+            "save",
+            "--format",
+            "oci-dir",
+            "-o",
+            &format!("{d}/ocidir"),
+            "moatbb",
+        ],
+    );
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "-q",
+            &format!("docker-archive:{d}/da.tar"),
+            &format!("oci:{d}/sk:v1"),
+        ],
+    );
+    // The image's Cmd, Env, WorkingDir and User (podman import --change)
+    // apply whichever way it was saved.
+    for img in [
+        format!("{d}/da.tar"),
+        format!("docker-archive:{d}/da.tar"),
+        format!("oci:{d}/ocidir:latest"),
+        format!("oci:{d}/sk:v1"),
+    ] {
+        let out = rt.cmd(&["run", &img]).expect_ok();
+        assert_eq!(out.stdout.trim(), "cwd=/work greet=podman id=1000", "{img}");
+        let out = rt
+            .cmd(&["run", &img, "--", "/bin/busybox", "cat", "/etc/passwd"])
+            .expect_ok();
+        assert!(out.stdout.contains("app:x:1000"), "{img}: {}", out.stdout);
+    }
+}
+
+/// The names in the gzip layer blobs of an OCI layout.
+fn layer_names(layout: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let p = e.unwrap().path();
+        let head = fs::read(&p).unwrap();
+        if head.starts_with(&[0x1f, 0x8b]) {
+            names.extend(
+                tool("tar", &["-tzf", p.to_str().unwrap()])
+                    .lines()
+                    .map(String::from),
+            );
+        }
+    }
+    names
+}
+
+/// An OCI layout made by umoci: a base layer, then a layer that deletes a
+/// file and a directory tree (whiteouts), replaces a directory's contents
+/// and overwrites a file. Returns the layout; its tags are `base` and `v2`.
+fn umoci_layout(t: &Path) -> PathBuf {
+    let lay = t.join("lay");
+    let l = lay.display().to_string();
+    let b1 = t.join("b1");
+    let b2 = t.join("b2");
+    tool("umoci", &["init", "--layout", &l]);
+    tool("umoci", &["new", "--image", &format!("{l}:base")]);
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{l}:base"),
+            b1.to_str().unwrap(),
+        ],
+    );
+    let src = busybox_root(&t.join("src"));
+    let r1 = b1.join("rootfs");
+    sh(&format!("cp -a {}/. {}/", src.display(), r1.display()));
+    for dir in ["gone/sub", "opq"] {
+        fs::create_dir_all(r1.join(dir)).unwrap();
+    }
+    for (f, text) in [
+        ("etc/ver", "v1"),
+        ("etc/del", "bye"),
+        ("gone/sub/f", "x"),
+        ("opq/old", "o"),
+        ("work/secret", "s3cret"),
+    ] {
+        fs::write(r1.join(f), text).unwrap();
+    }
+    std::os::unix::fs::chown(r1.join("work/secret"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r1.join("work/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{l}:base"),
+            b1.to_str().unwrap(),
+        ],
+    );
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{l}:base"),
+            b2.to_str().unwrap(),
+        ],
+    );
+    let r2 = b2.join("rootfs");
+    fs::remove_file(r2.join("etc/del")).unwrap();
+    fs::remove_dir_all(r2.join("gone")).unwrap();
+    fs::remove_dir_all(r2.join("opq")).unwrap();
+    fs::create_dir(r2.join("opq")).unwrap();
+    fs::write(r2.join("opq/new"), "n").unwrap();
+    fs::write(r2.join("etc/ver"), "v2").unwrap();
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{l}:v2"),
+            b2.to_str().unwrap(),
+        ],
+    );
+    lay
+}
+
+#[test]
+fn umoci_layers_and_whiteouts() {
+    let test = "umoci_layers_and_whiteouts";
+    let Some(rt) = rt(test) else { return };
+    if !tools(test, &["umoci"]) {
+        return;
+    }
+    let t = fixtures();
+    let lay = umoci_layout(t.path());
+    // The second layer really carries whiteouts (umoci writes one per
+    // removed name; it makes no opaque directories).
+    let names = layer_names(&lay);
+    for w in ["etc/.wh.del", ".wh.gone", "opq/.wh.old"] {
+        assert!(
+            names.iter().any(|n| n.trim_start_matches("./") == w),
+            "{w} in {names:?}"
+        );
+    }
+    let l = lay.display();
+    let look = "cat /etc/ver; echo; for p in /etc/del /gone /opq/old /opq/new; do \
+                test -e $p && echo \"has $p\"; done; true";
+    let out = rt
+        .cmd(&["run", &format!("oci:{l}:v2"), "--", "/bin/sh", "-c", look])
+        .expect_ok();
+    assert_eq!(out.stdout.trim(), "v2\nhas /opq/new", "{}", out.stdout);
+    let out = rt
+        .cmd(&["run", &format!("oci:{l}:base"), "--", "/bin/sh", "-c", look])
+        .expect_ok();
+    assert_eq!(
+        out.stdout.trim(),
+        "v1\nhas /etc/del\nhas /gone\nhas /opq/old",
+        "{}",
+        out.stdout
+    );
+    // umoci recorded the owner of /work/secret; the container sees it.
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1000",
+            &format!("oci:{l}:v2"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "stat -c %u:%a /work/secret; cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "1000:600\ns3cret");
+}
+
+/// Mounts whose mount point is under `dir`, from our own mountinfo (moat
+/// runs in the test's mount namespace).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| m == dir || m.starts_with(&format!("{dir}/")))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Everything about the cache's entries that a run could change: each
+/// path's type, mode, owner, size, mtime, ctime, link target and contents
+/// (`last-used` aside: runs touch it on purpose).
+fn cache_snapshot(root: &Path) -> Vec<(String, String, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(base: &Path, p: &Path, out: &mut Vec<(String, String, Vec<u8>)>) {
+        let md = fs::symlink_metadata(p).unwrap();
+        let rel = p.strip_prefix(base).unwrap().display().to_string();
+        if rel.ends_with("last-used") {
+            return;
+        }
+        let meta = format!(
+            "{:o} {}:{} {} {}.{} {}.{}",
+            md.mode(),
+            md.uid(),
+            md.gid(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec()
+        );
+        let body = if md.file_type().is_symlink() {
+            fs::read_link(p)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes()
+        } else if md.is_file() {
+            fs::read(p).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.push((rel, meta, body));
+        if md.is_dir() {
+            let mut names: Vec<PathBuf> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(base, &n, out);
+            }
+        }
+    }
+    let base = root.join(".images/sha256");
+    let mut out = Vec::new();
+    walk(&base, &base, &mut out);
+    out
+}
+
+/// A busybox tarball whose /work/secret belongs to 1000:1000, mode 0600,
+/// and with no command in it.
+fn owned_tarball(t: &Path) -> PathBuf {
+    let r = busybox_root(t);
+    fs::write(r.join("work/secret"), "s3cret").unwrap();
+    std::os::unix::fs::chown(r.join("work/secret"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r.join("work/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let tar = t.join("owned.tar");
+    sh(&format!(
+        "tar --numeric-owner -C {} -cf {} .",
+        r.display(),
+        tar.display()
+    ));
+    tar
+}
+
+#[test]
+fn image_files_keep_their_owners() {
+    let Some(rt) = rt("image_files_keep_their_owners") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    let read = "stat -c %u:%g:%a /work/secret; cat /work/secret 2>&1; echo; echo rc=$?";
+    let out = rt
+        .cmd(&["run", "-u", "1000", img, "--", "/bin/sh", "-c", read])
+        .expect_ok();
+    assert_eq!(out.stdout, "1000:1000:600\ns3cret\nrc=0\n");
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1001",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /work/secret",
+        ])
+        .expect_fail();
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    // The image's root-owned files belong to the container's root.
+    let out = rt
+        .cmd(&[
+            "run",
+            img,
+            "--",
+            "/bin/busybox",
+            "stat",
+            "-c",
+            "%u:%g",
+            "/etc/passwd",
+            "/",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "0:0\n0:0\n");
+    // Only root can reach the cache on the host.
+    let md = fs::metadata(rt.root().join(".images")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o700);
+    assert!(mounts_under(rt.root()).is_empty());
+}
+
+#[test]
+fn read_write_images_never_touch_the_cache() {
+    let Some(rt) = rt("read_write_images_never_touch_the_cache") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    // Read-only by default: the root refuses writes, even root's.
+    let out = rt
+        .cmd(&["run", img, "--", "/bin/sh", "-c", "echo x > /etc/x"])
+        .expect_fail();
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+    let before = cache_snapshot(rt.root());
+    assert!(before
+        .iter()
+        .any(|(p, _, _)| p.ends_with("rootfs/etc/passwd")));
+    // Root in the container has no capabilities: it writes as the owner.
+    let write = "echo new > /etc/new && echo more >> /etc/passwd && rm /work/secret \
+                 && mkdir /etc/d && stat -c %u /etc/new && tail -n1 /etc/passwd && ls /work";
+    let out = rt
+        .cmd(&["run", "--read-write", img, "--", "/bin/sh", "-c", write])
+        .expect_ok();
+    assert_eq!(out.stdout, "0\nmore\n");
+    // A user other than root writes where the image lets it.
+    let out = rt
+        .cmd(&[
+            "run",
+            "--read-write",
+            "-u",
+            "1000",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo mine >> /work/secret && cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "s3cretmine\n");
+    assert_eq!(cache_snapshot(rt.root()), before, "the cache changed");
+    // The writes were thrown away with the run.
+    let out = rt
+        .cmd(&[
+            "run",
+            "-u",
+            "1000",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls /etc; cat /work/secret",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "passwd\ns3cret");
+    assert!(mounts_under(rt.root()).is_empty());
+}
+
+#[test]
+fn no_mounts_are_left_behind() {
+    let Some(rt) = rt("no_mounts_are_left_behind") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    let img = tar.to_str().unwrap();
+    for rw in [&[][..], &["--read-write"][..]] {
+        let run = |extra: &[&str]| {
+            let mut a = vec!["run"];
+            a.extend_from_slice(rw);
+            a.extend_from_slice(extra);
+            rt.cmd(&a)
+        };
+        // The workload fails.
+        let out = run(&[img, "--", "/bin/sh", "-c", "exit 3"]);
+        assert_eq!(out.code, Some(3), "{rw:?}: {out:?}");
+        // Its program does not exist.
+        run(&[img, "--", "/nonexistent"]).expect_fail();
+        // moat fails after mounting the image: no command, a bad volume.
+        let out = run(&[img]).expect_fail();
+        assert!(out.stderr.contains("no command"), "{rw:?}: {}", out.stderr);
+        let out = run(&["-v", "/does/not/exist:/d", img, "--", "/bin/sh"]).expect_fail();
+        assert!(
+            out.stderr.contains("does not exist"),
+            "{rw:?}: {}",
+            out.stderr
+        );
+        // moat fails before: bad flags.
+        run(&["-u", "x", img, "--", "/bin/sh"]).expect_fail();
+        let left = mounts_under(rt.root());
+        assert!(left.is_empty(), "{rw:?}: {left:#?}");
+        let run_dir = rt.root().join(".run");
+        assert_eq!(fs::read_dir(&run_dir).unwrap().count(), 0, "{rw:?}");
+    }
+}
+
+/// The digests `moat images` lists (short form, as shown).
+fn listed(rt: &Rt) -> Vec<String> {
+    rt.cmd(&["images"])
+        .expect_ok()
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn prune_single_and_unused_images() {
+    let Some(rt) = rt("prune_single_and_unused_images") else {
+        return;
+    };
+    let t = fixtures();
+    let owned = owned_tarball(t.path());
+    let d = t.path().display();
+    sh(&format!("tar -C {d}/rootfs -cf {d}/plain.tar ./bin ./etc"));
+    let true_in = |img: &Path| {
+        rt.cmd(&["run", img.to_str().unwrap(), "--", "/bin/sh", "-c", "true"])
+            .expect_ok();
+    };
+    true_in(&owned);
+    let owned_digest = listed(&rt)[0].clone();
+    true_in(&t.path().join("plain.tar"));
+    assert_eq!(listed(&rt).len(), 2);
+    // Bad names are refused, nothing is removed.
+    for bad in ["sha256:", "zz", "sha256:ffffffffffff0000"] {
+        let out = rt.cmd(&["prune", bad]).expect_fail();
+        assert!(
+            out.stderr.contains("no cached image"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+    rt.cmd(&["prune", "--unused-for", "1x"]).expect_fail();
+    assert_eq!(listed(&rt).len(), 2);
+
+    // An image a run uses is kept: the run waits for a file from us.
+    let sync = t.path().join("sync");
+    fs::create_dir(&sync).unwrap();
+    fs::set_permissions(&sync, fs::Permissions::from_mode(0o777)).unwrap();
+    let vol = format!("{}:/s", sync.display());
+    std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            rt.cmd(&[
+                "run",
+                "--name",
+                "prune-user",
+                "-v",
+                &vol,
+                owned.to_str().unwrap(),
+                "--",
+                "/bin/sh",
+                "-c",
+                "touch /s/started; while [ ! -e /s/go ]; do sleep 0.05; done",
+            ])
+        });
+        while !sync.join("started").exists() {
+            assert!(!run.is_finished(), "the run ended early");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = rt.cmd(&["prune", &owned_digest]).expect_fail();
+        assert!(out.stderr.contains("prune-user"), "{}", out.stderr);
+        let out = rt.cmd(&["prune", "--unused-for", "0s"]).expect_ok();
+        assert!(out.stderr.contains("keeping"), "{}", out.stderr);
+        assert_eq!(listed(&rt), vec![owned_digest.clone()]);
+        fs::write(sync.join("go"), "").unwrap();
+        run.join().unwrap().expect_ok();
+    });
+
+    // Unused for a day: only the entry last used two days ago goes.
+    true_in(&t.path().join("plain.tar"));
+    let plain_digest = listed(&rt)
+        .into_iter()
+        .find(|x| *x != owned_digest)
+        .unwrap();
+    let hex = &owned_digest["sha256:".len()..];
+    let entry = fs::read_dir(rt.root().join(".images/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(hex))
+        .unwrap();
+    sh(&format!(
+        "touch -d '2 days ago' {}/last-used",
+        entry.display()
+    ));
+    rt.cmd(&["prune", "--unused-for", "1d"]).expect_ok();
+    assert_eq!(listed(&rt), vec![plain_digest.clone()]);
+    // A prefix names one image.
+    let out = rt.cmd(&["prune", &plain_digest[..12]]).expect_ok();
+    assert!(out.stdout.contains("removed 1"), "{}", out.stdout);
+    assert!(listed(&rt).is_empty());
+    assert!(mounts_under(rt.root()).is_empty());
 }

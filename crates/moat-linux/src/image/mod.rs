@@ -5,8 +5,15 @@
 //! `<root>/.images/sha256/<hex>/{rootfs,image.json}`, keyed by the image
 //! config's digest (OCI, Docker) or the tarball's sha256, built in
 //! `<root>/.images/tmp/` and renamed into place; later runs reuse it.
+//!
+//! Unpacked by root, the cache keeps the archive's owners and is reachable
+//! by root alone (`.images` is 0700): containers see an entry only through
+//! the idmapped [`view`] that `moat run` mounts in its bundle. Unpacked by
+//! another user (rootless), files belong to that user and the container's
+//! init reaches the entry directly (`.images` is 0711).
 pub mod layout;
 pub mod unpack;
+pub mod view;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
@@ -22,6 +29,10 @@ use thiserror::Error;
 
 pub use layout::{LayoutError, RunConfig, Sha256Digest};
 pub use unpack::UnpackError;
+
+/// Image IDs below this keep their owner in the cache and map to the
+/// container's block at run time; others become 65534 (`nobody`).
+pub const ID_RANGE: u32 = 65536;
 
 /// Mount points every image root gets (created by moat on the host, since
 /// the container's root user cannot write to the root-owned image).
@@ -65,6 +76,10 @@ pub enum ImageError {
     Unknown(PathBuf),
     #[error("cannot remove the image cache: container {0} exists")]
     InUse(String),
+    #[error("no cached image matches {0:?}")]
+    NoSuchImage(String),
+    #[error("{prefix:?} matches {count} cached images: give more of the digest")]
+    Ambiguous { prefix: String, count: usize },
 }
 
 fn rerr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
@@ -246,6 +261,7 @@ pub struct Prepared {
 /// The image cache under a state root.
 pub struct Store {
     dir: PathBuf,
+    owners: unpack::Owners,
 }
 
 /// A cache entry, as `moat images` lists it.
@@ -258,9 +274,33 @@ pub struct Entry {
 
 impl Store {
     pub fn new(state_root: &Path) -> Store {
+        let owners = if rustix::process::geteuid().is_root() {
+            unpack::Owners::Archive
+        } else {
+            unpack::Owners::Unpacker
+        };
         Store {
             dir: state_root.join(".images"),
+            owners,
         }
+    }
+
+    /// Creates the cache directory, or fixes its mode: 0700 when entries
+    /// keep the archive's owners (only root may reach them), else 0711 (the
+    /// container's host user walks to its rootfs).
+    fn make_dir(&self) -> Result<(), ImageError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = match self.owners {
+            unpack::Owners::Archive => 0o700,
+            unpack::Owners::Unpacker => 0o711,
+        };
+        Self::mkdir(&self.dir, mode)?;
+        let md = fs::metadata(&self.dir).map_err(rerr(&self.dir))?;
+        if md.permissions().mode() & 0o7777 != mode {
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
+                .map_err(werr(&self.dir))?;
+        }
+        Ok(())
     }
 
     fn entry_dir(&self, d: &Sha256Digest) -> PathBuf {
@@ -294,7 +334,7 @@ impl Store {
                         done += n;
                         progress(done, total)
                     };
-                    let size = unpack_file(p, tmp, &mut cb, None)?;
+                    let size = unpack_file(p, tmp, &mut cb, None, self.owners)?;
                     Ok((RunConfig::default(), size))
                 })
             }
@@ -317,7 +357,7 @@ impl Store {
         if let Some(p) = self.load(key)? {
             return Ok(p);
         }
-        Self::mkdir(&self.dir, 0o711)?;
+        self.make_dir()?;
         Self::mkdir(&self.dir.join("sha256"), 0o711)?;
         let tmp_parent = self.dir.join("tmp");
         Self::mkdir(&tmp_parent, 0o700)?;
@@ -417,7 +457,7 @@ impl Store {
                     done += n;
                     progress(done, total)
                 };
-                size += unpack_file(&p, rootfs, &mut cb, Some(&d))?;
+                size += unpack_file(&p, rootfs, &mut cb, Some(&d), self.owners)?;
             }
             Ok((config.config.clone(), size))
         })
@@ -431,6 +471,9 @@ impl Store {
     ) -> Result<Prepared, ImageError> {
         // The archive's members are read by name, in the manifest's order:
         // it is unpacked (safely) into a scratch directory first.
+        // The cache directory first, with its own mode (a recursive mkdir
+        // of tmp/ alone would make it 0700).
+        self.make_dir()?;
         let tmp_parent = self.dir.join("tmp");
         Self::mkdir(&tmp_parent, 0o700)?;
         let scratch = TempDir::new(&tmp_parent)?;
@@ -440,7 +483,13 @@ impl Store {
             done += n;
             progress(done, total * 2)
         };
-        unpack_file(archive, &scratch.path, &mut cb, None)?;
+        unpack_file(
+            archive,
+            &scratch.path,
+            &mut cb,
+            None,
+            unpack::Owners::Unpacker,
+        )?;
         let lerr = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ImageError::Layout { path, source }
@@ -477,11 +526,12 @@ impl Store {
                     inner: decompressed(tracked).map_err(rerr(&lp))?,
                     hash: Sha256::new(),
                 };
-                let stats =
-                    unpack::unpack(&mut h, rootfs).map_err(|source| ImageError::Unpack {
+                let stats = unpack::unpack_as(&mut h, rootfs, self.owners).map_err(|source| {
+                    ImageError::Unpack {
                         path: lp.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 let got = Sha256Digest::from_hasher(h.hash);
                 if got != want {
                     return Err(ImageError::DigestMismatch {
@@ -525,6 +575,48 @@ impl Store {
         }
         out.sort_by_key(|e| std::cmp::Reverse(e.last_used));
         Ok(out)
+    }
+
+    /// The digest (`sha256:<hex>`) of the one entry that `prefix` names:
+    /// a digest or the start of one, with or without `sha256:`.
+    pub fn resolve(&self, prefix: &str) -> Result<String, ImageError> {
+        let hex = prefix.strip_prefix("sha256:").unwrap_or(prefix);
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ImageError::NoSuchImage(prefix.to_string()));
+        }
+        let hex = hex.to_ascii_lowercase();
+        let found: Vec<String> = self
+            .list()?
+            .into_iter()
+            .map(|e| e.digest)
+            .filter(|d| d["sha256:".len()..].starts_with(&hex))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(ImageError::NoSuchImage(prefix.to_string())),
+            many => Err(ImageError::Ambiguous {
+                prefix: prefix.to_string(),
+                count: many.len(),
+            }),
+        }
+    }
+
+    /// Removes the entry `digest` (as [`Store::list`] gives it): renamed
+    /// out of `sha256/` first, so it disappears at once, then deleted.
+    pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
+        let d = Sha256Digest::parse(digest).map_err(|source| ImageError::Layout {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let dir = self.entry_dir(&d);
+        let tmp_parent = self.dir.join("tmp");
+        Self::mkdir(&tmp_parent, 0o700)?;
+        let doomed = TempDir::new(&tmp_parent)?;
+        let target = doomed.path.join("entry");
+        fs::rename(&dir, &target).map_err(werr(&dir))?;
+        fs::remove_dir_all(&doomed.path).map_err(werr(&doomed.path))?;
+        doomed.keep();
+        Ok(())
     }
 
     /// Removes the whole cache; refused while `containers` (the IDs in the
@@ -635,6 +727,7 @@ fn unpack_file(
     rootfs: &Path,
     progress: &mut dyn FnMut(u64),
     digest: Option<&Sha256Digest>,
+    owners: unpack::Owners,
 ) -> Result<u64, ImageError> {
     let f = fs::File::open(p).map_err(rerr(p))?;
     let mut tracked = Tracked {
@@ -644,7 +737,7 @@ fn unpack_file(
     };
     let stats = {
         let r = decompressed(&mut tracked).map_err(rerr(p))?;
-        unpack::unpack(r, rootfs).map_err(|source| ImageError::Unpack {
+        unpack::unpack_as(r, rootfs, owners).map_err(|source| ImageError::Unpack {
             path: p.to_path_buf(),
             source,
         })?

@@ -7,11 +7,15 @@
 //! are skipped. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what lower
 //! layers put there.
 //!
-//! Files are owned by the unpacking user (host root) whatever the archive
-//! says, and setuid/setgid bits and write permission for "other" are
-//! dropped: the container sees every host-owned file as `nobody`, runs with
-//! no_new_privs and a read-only root, so none of these could matter inside,
-//! while on the host they would let a host user change or exploit the cache.
+//! Ownership ([`Owners`]): unpacked by host root, every entry keeps its
+//! owner from the archive (IDs at or above [`super::ID_RANGE`] become
+//! 65534) and its mode without setuid/setgid; the cache directory is
+//! reachable by root alone and the container sees it through an idmapped
+//! mount (see `view`). Unpacked by anyone else (rootless), the files belong
+//! to that user and lose write permission for "other" too, as the cache is
+//! then reached by the container's unmapped host user directly.
+//! Setuid/setgid are always dropped: no_new_privs makes them inert inside,
+//! and on the host they could only be exploited.
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
@@ -108,6 +112,24 @@ pub fn whiteout(name: &OsStr) -> Whiteout<'_> {
     }
 }
 
+/// Who owns the unpacked files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owners {
+    /// The archive's owners (IDs below [`super::ID_RANGE`], others
+    /// 65534); needs CAP_CHOWN.
+    Archive,
+    /// The unpacking user; "other" loses write permission.
+    Unpacker,
+}
+
+/// The ID an archive's `id` is stored as.
+pub fn stored_id(id: u64) -> u32 {
+    match u32::try_from(id) {
+        Ok(n) if n < super::ID_RANGE => n,
+        _ => 65534,
+    }
+}
+
 /// What one unpack did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -119,9 +141,15 @@ pub struct Stats {
 }
 
 /// Unpacks the tar stream `reader` (already decompressed) as one layer over
-/// the directory `root`. Reads the stream to its end (so a digest over it
-/// covers everything).
+/// the directory `root`, owned by the unpacker ([`Owners::Unpacker`]).
 pub fn unpack<R: Read>(reader: R, root: &Path) -> Result<Stats, UnpackError> {
+    unpack_as(reader, root, Owners::Unpacker)
+}
+
+/// Unpacks the tar stream `reader` (already decompressed) as one layer over
+/// the directory `root`, files owned as `owners` says. Reads the stream to
+/// its end (so a digest over it covers everything).
+pub fn unpack_as<R: Read>(reader: R, root: &Path, owners: Owners) -> Result<Stats, UnpackError> {
     let fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -133,6 +161,7 @@ pub fn unpack<R: Read>(reader: R, root: &Path) -> Result<Stats, UnpackError> {
     })?;
     let mut layer = Layer {
         root: fd,
+        owners,
         created: HashSet::new(),
         stats: Stats::default(),
     };
@@ -148,6 +177,7 @@ pub fn unpack<R: Read>(reader: R, root: &Path) -> Result<Stats, UnpackError> {
 
 struct Layer {
     root: OwnedFd,
+    owners: Owners,
     /// Paths this layer created: whiteouts never remove them.
     created: HashSet<Vec<OsString>>,
     stats: Stats,
@@ -193,13 +223,16 @@ impl Layer {
             Whiteout::None => {}
         }
         let mode = e.header().mode().unwrap_or(0o644);
+        let owner = self.owner(e.header());
         use tar::EntryType as T;
         match kind {
             T::Directory => self
-                .dir(parent.as_fd(), last, mode)
+                .dir(parent.as_fd(), last, mode, owner)
                 .map_err(|e| werr(e.into()))?,
             T::Regular | T::Continuous => {
-                let n = self.file(parent.as_fd(), last, mode, e).map_err(werr)?;
+                let n = self
+                    .file(parent.as_fd(), last, mode, owner, e)
+                    .map_err(werr)?;
                 self.stats.bytes += n;
             }
             T::Symlink => {
@@ -207,6 +240,16 @@ impl Layer {
                 replace(parent.as_fd(), last).map_err(|e| werr(e.into()))?;
                 rustix::fs::symlinkat(OsStr::from_bytes(&target), parent.as_fd(), last.as_os_str())
                     .map_err(|e| werr(e.into()))?;
+                if let Some((u, g)) = owner {
+                    rustix::fs::chownat(
+                        parent.as_fd(),
+                        last.as_os_str(),
+                        Some(u),
+                        Some(g),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| werr(e.into()))?;
+                }
             }
             T::Link => {
                 let target = e.link_name_bytes().unwrap_or_default().into_owned();
@@ -219,6 +262,31 @@ impl Layer {
         }
         self.created.insert(comps);
         Ok(())
+    }
+
+    /// The owner to give an entry: None to leave the unpacker's.
+    fn owner(&self, h: &tar::Header) -> Option<(rustix::fs::Uid, rustix::fs::Gid)> {
+        match self.owners {
+            Owners::Unpacker => None,
+            Owners::Archive => Some((
+                rustix::fs::Uid::from_raw(stored_id(h.uid().unwrap_or(0))),
+                rustix::fs::Gid::from_raw(stored_id(h.gid().unwrap_or(0))),
+            )),
+        }
+    }
+
+    fn dir_mode(&self, mode: u32) -> u32 {
+        match self.owners {
+            Owners::Archive => mode & 0o1777,
+            Owners::Unpacker => dir_mode(mode),
+        }
+    }
+
+    fn file_mode(&self, mode: u32) -> u32 {
+        match self.owners {
+            Owners::Archive => mode & 0o777,
+            Owners::Unpacker => file_mode(mode),
+        }
     }
 
     /// The directory `comps` under the root, created as needed, each
@@ -263,8 +331,14 @@ impl Layer {
         Ok(cur)
     }
 
-    fn dir(&self, parent: BorrowedFd<'_>, name: &OsStr, mode: u32) -> rustix::io::Result<()> {
-        let mode = Mode::from_raw_mode(dir_mode(mode));
+    fn dir(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        mode: u32,
+        owner: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
+    ) -> rustix::io::Result<()> {
+        let mode = Mode::from_raw_mode(self.dir_mode(mode));
         match rustix::fs::mkdirat(parent, name, mode) {
             Ok(()) => {}
             Err(rustix::io::Errno::EXIST) => {
@@ -276,6 +350,9 @@ impl Layer {
             }
             Err(e) => return Err(e),
         }
+        if let Some((u, g)) = owner {
+            rustix::fs::chownat(parent, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)?;
+        }
         rustix::fs::chmodat(parent, name, mode, AtFlags::empty())
     }
 
@@ -284,6 +361,7 @@ impl Layer {
         parent: BorrowedFd<'_>,
         name: &OsStr,
         mode: u32,
+        owner: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
         e: &mut tar::Entry<'_, R>,
     ) -> io::Result<u64> {
         replace(parent, name)?;
@@ -292,7 +370,10 @@ impl Layer {
         let fd = rustix::fs::openat(parent, name, flags, Mode::from_raw_mode(0o600))?;
         let mut f = std::fs::File::from(fd);
         let n = io::copy(e, &mut f)?;
-        rustix::fs::fchmod(&f, Mode::from_raw_mode(file_mode(mode)))?;
+        if let Some((u, g)) = owner {
+            rustix::fs::fchown(&f, Some(u), Some(g))?;
+        }
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(self.file_mode(mode)))?;
         Ok(n)
     }
 
@@ -566,5 +647,53 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(t.path().join("d")).unwrap(), b"f");
         assert_eq!(std::fs::read(t.path().join("s")).unwrap(), b"g");
+    }
+
+    #[test]
+    fn archive_owners_are_kept_below_the_range() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, uid, mode) in [
+            ("d", T::Directory, 5u64, 0o1777u32),
+            ("d/mine", T::Regular, 1000, 0o4600),
+            ("far", T::Regular, 70000, 0o2755),
+            ("ln", T::Symlink, 7, 0o777),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_uid(uid);
+            h.set_gid(uid + 1);
+            h.set_mode(mode);
+            h.set_size(0);
+            if kind == T::Symlink {
+                h.set_link_name("d/mine").unwrap();
+            }
+            b.append_data(&mut h, path, &b""[..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        unpack_as(&tar[..], t.path(), Owners::Archive).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let md = |p: &str| std::fs::symlink_metadata(t.path().join(p)).unwrap();
+        let d = md("d");
+        assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (5, 6, 0o1777));
+        let f = md("d/mine");
+        assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (1000, 1001, 0o600));
+        let far = md("far");
+        assert_eq!(
+            (far.uid(), far.gid(), far.mode() & 0o7777),
+            (65534, 65534, 0o755)
+        );
+        assert_eq!((md("ln").uid(), md("ln").gid()), (7, 8));
+    }
+
+    #[test]
+    fn stored_ids() {
+        assert_eq!(stored_id(0), 0);
+        assert_eq!(stored_id(65535), 65535);
+        assert_eq!(stored_id(65536), 65534);
+        assert_eq!(stored_id(u64::MAX), 65534);
     }
 }

@@ -3,7 +3,7 @@
 //! `moat_linux::image`.
 use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Result};
 use moat_linux::container::Runtime;
@@ -62,15 +62,103 @@ pub fn list(root: &Path) -> Result<i32> {
     Ok(0)
 }
 
-/// `moat prune`: removes the whole cache when no container exists.
-pub fn prune(rt: &Runtime, root: &Path) -> Result<i32> {
-    let ids = rt.sd.list()?;
-    if let Some(id) = ids.first() {
-        bail!(
-            "cannot remove the image cache while containers exist (first: {id}); delete them first"
-        );
+/// The file in a run's bundle (`<root>/.run/<id>/image`) naming the
+/// cached image it runs on, so `moat prune` can tell it is in use.
+pub const IN_USE: &str = "image";
+
+/// `moat prune [IMAGE...] [--unused-for DURATION]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PruneArgs {
+    /// Images to remove: digests or unique prefixes, as `moat images` shows them (all when none)
+    pub images: Vec<String>,
+    /// Only images not used for this long: a number and s, m, h, d or w (e.g. 90m, 7d)
+    #[arg(long = "unused-for", value_parser = parse_duration)]
+    pub unused_for: Option<Duration>,
+}
+
+/// `5s`, `90m`, `12h`, `7d`, `2w`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected a number and s, m, h, d or w (e.g. 90m, 7d)");
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
+/// Digests of the cached images that runs in progress use, with the run's
+/// ID (from the [`IN_USE`] files of `<root>/.run/*`).
+fn in_use(root: &Path) -> Vec<(String, String)> {
+    let Ok(rd) = std::fs::read_dir(root.join(".run")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let d = std::fs::read_to_string(e.path().join(IN_USE)).ok()?;
+            Some((
+                d.trim().to_string(),
+                e.file_name().to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// `moat prune`: without arguments removes the whole cache when no
+/// container exists; else the images named and/or unused for a while,
+/// never one that a run in progress uses.
+pub fn prune(rt: &Runtime, root: &Path, a: &PruneArgs) -> Result<i32> {
+    let store = Store::new(root);
+    if a.images.is_empty() && a.unused_for.is_none() {
+        let ids = rt.sd.list()?;
+        if let Some(id) = ids.first() {
+            bail!(
+                "cannot remove the image cache while containers exist (first: {id}); delete them first"
+            );
+        }
+        let n = store.prune(&ids)?;
+        out!("removed {n} cached image(s)");
+        return Ok(0);
     }
-    let n = Store::new(root).prune(&ids)?;
+    let used = in_use(root);
+    let user = |d: &str| used.iter().find(|(u, _)| u == d).map(|(_, id)| id.clone());
+    let named: Vec<String> = a
+        .images
+        .iter()
+        .map(|p| store.resolve(p))
+        .collect::<Result<_, _>>()?;
+    for d in &named {
+        if let Some(id) = user(d) {
+            bail!("cannot remove {d}: the run {id} uses it");
+        }
+    }
+    let now = SystemTime::now();
+    let mut n = 0;
+    for e in store.list()? {
+        if !a.images.is_empty() && !named.contains(&e.digest) {
+            continue;
+        }
+        if let Some(d) = a.unused_for {
+            let idle = e
+                .last_used
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or(Duration::MAX);
+            if idle < d {
+                continue;
+            }
+        }
+        if let Some(id) = user(&e.digest) {
+            eprintln!("moat: keeping {}: the run {id} uses it", e.digest);
+            continue;
+        }
+        store.remove(&e.digest)?;
+        n += 1;
+    }
     out!("removed {n} cached image(s)");
     Ok(0)
 }
@@ -95,5 +183,21 @@ fn ago(t: SystemTime) -> String {
         60..3600 => format!("{} minutes ago", s / 60),
         3600..86400 => format!("{} hours ago", s / 3600),
         _ => format!("{} days ago", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604800)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(1209600)));
+        for bad in ["", "d", "7", "7y", "-1d", "1.5h", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }

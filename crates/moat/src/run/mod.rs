@@ -265,8 +265,13 @@ pub fn main(cli: RunCli) -> Result<i32> {
         None => None,
     };
     let bundle = TempBundle::create(root, &id)?;
+    // Declared after the bundle: dropped (unmounted) before it on any error.
+    let view = match &prepared {
+        Some(img) => image_view(img, &bundle.path, &s, o.read_write)?,
+        None => None,
+    };
     let spec = match &prepared {
-        Some(img) => image_spec(&mut s, o, img)?,
+        Some(img) => image_spec(&mut s, o, img, view.as_ref())?,
         None => {
             let (mut mounts, links) = rootfs::host_mounts(Path::new("/"));
             for v in &o.volumes {
@@ -323,8 +328,10 @@ pub fn main(cli: RunCli) -> Result<i32> {
     };
     let result = supervise(&rt, &id, o.timeout, started, master, o.json.is_some());
     let deleted = rt.delete(&id, true);
+    let unmounted = view.map_or(Ok(()), image::view::View::unmount);
     let result = result?;
     deleted?;
+    unmounted.context("cannot unmount the image")?;
     if let Some(alloc) = alloc {
         alloc.release()?;
     }
@@ -333,10 +340,45 @@ pub fn main(cli: RunCli) -> Result<i32> {
     Ok(result.code)
 }
 
+/// For a cached image run by root, its view in the bundle (docs/run.md,
+/// "Ownership"): idmapped and read-only, or under a throwaway overlay with
+/// `--read-write`. Rootless runs use the cache entry itself, so they cannot
+/// make it writable.
+fn image_view(
+    img: &Prepared,
+    bundle: &Path,
+    s: &Settings,
+    writable: bool,
+) -> Result<Option<image::view::View>> {
+    let Some(digest) = &img.digest else {
+        return Ok(None);
+    };
+    // `moat prune` keeps an image that a run uses.
+    let marker = bundle.join(images::IN_USE);
+    std::fs::write(&marker, digest.to_string())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    if !rustix::process::geteuid().is_root() {
+        if writable {
+            bail!("--read-write on an image needs root (rootless runs share the cached image read-only)");
+        }
+        return Ok(None);
+    }
+    let v = image::view::View::mount(&img.rootfs, bundle, s.host_id, writable)
+        .context("cannot mount the image")?;
+    Ok(Some(v))
+}
+
 /// The config.json for an image: its Entrypoint + Cmd (CMD replaces Cmd),
-/// Env, WorkingDir and User under the flags, its rootfs as the root, the
-/// volumes' mount points created in it; no host binds and no $HOME tmpfs.
-fn image_spec(s: &mut Settings, o: &RunArgs, img: &Prepared) -> Result<serde_json::Value> {
+/// Env, WorkingDir and User under the flags, its rootfs (or `view` of it)
+/// as the root, the volumes' mount points created in it (in the writable
+/// view, so never in the cache, with `--read-write`); no host binds and no
+/// $HOME tmpfs.
+fn image_spec(
+    s: &mut Settings,
+    o: &RunArgs,
+    img: &Prepared,
+    view: Option<&image::view::View>,
+) -> Result<serde_json::Value> {
     let c = &img.config;
     let mut args = c.entrypoint.clone();
     if s.args.is_empty() {
@@ -368,14 +410,16 @@ fn image_spec(s: &mut Settings, o: &RunArgs, img: &Prepared) -> Result<serde_jso
             "/".into()
         };
     }
+    let root = view.map_or(img.rootfs.as_path(), |v| v.rootfs());
+    let points = if o.read_write { root } else { &img.rootfs };
     let mut mounts = Vec::new();
     for v in &o.volumes {
         let v = rootfs::Volume::parse(v)?;
-        image::make_volume_point(&img.rootfs, &v.destination, !v.source.is_dir())?;
+        image::make_volume_point(points, &v.destination, !v.source.is_dir())?;
         mounts.push(v.mount());
     }
     let mut spec = defaults::spec(s, mounts);
-    spec["root"]["path"] = serde_json::json!(img.rootfs);
+    spec["root"]["path"] = serde_json::json!(root);
     spec["process"]["env"] = serde_json::json!(image_env(&c.env, &o.env, s.uid));
     if let Some(m) = spec["mounts"].as_array_mut() {
         m.retain(|m| m["destination"] != defaults::HOME);
@@ -603,8 +647,8 @@ impl TempBundle {
 
 impl Drop for TempBundle {
     fn drop(&mut self) {
-        // Nothing is mounted here on the host side: the runtime's mounts
-        // live in the container's mount namespace.
+        // The runtime's mounts live in the container's mount namespace; an
+        // image view mounted here is unmounted before (see `main`).
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             eprintln!("moat: warning: cannot remove {}: {e}", self.path.display());
         }
