@@ -1004,19 +1004,38 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
 /// second SIGINT/SIGTERM: the container's PID 1 ignores signals it has no
 /// handler for, so forwarding alone may never end it. Returns the exit status
 /// and whether the deadline fired.
+/// The signals [`wait_supervised`] forwards to the workload.
+const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Blocks the forwarded signals in the calling thread, so that one arriving
+/// before [`wait_supervised`] stays pending for it instead of killing the
+/// runtime. (Processes this one forks inherit the mask; the container's
+/// process clears it before its exec.)
+pub fn block_forwarded_signals() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    // Cannot fail with a valid `how` and set.
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&set),
+        None,
+    );
+}
+
 pub fn wait_supervised(pid: i32, timeout: Option<u32>, kill_all: &dyn Fn()) -> (i32, bool) {
     use nix::sys::signal::{SigSet, SigmaskHow};
-    let forward = [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-    ];
     let mut set = SigSet::empty();
-    for s in forward {
+    for s in FORWARDED {
         set.add(s);
     }
     set.add(Signal::SIGCHLD);

@@ -146,6 +146,14 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     if nnp {
         load_filter(filter.as_ref(), f)?;
     }
+    // The workload starts with no signal blocked, whatever the runtime that
+    // forked us had blocked (moat run blocks the ones it forwards).
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .map_err(sys("unblock signals"))?;
     let e = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
     Err(ProcessError::Exec {
         path: path.display().to_string(),

@@ -650,6 +650,9 @@ fn sigint_and_sigterm_reach_the_workload() {
             "{sig:?}"
         );
     }
+    // moat blocks what it forwards; the workload starts with nothing blocked.
+    let blk = sh(&rt, &[], "grep SigBlk /proc/self/status").expect_ok();
+    assert!(blk.stdout.contains("0000000000000000"), "{blk:?}");
     // A workload that ignores SIGTERM: the second one kills the container.
     let mut child = run_until_ready(&rt, "trap '' TERM; echo ready; sleep 600", &out);
     let pid = Pid::from_raw(child.id() as i32);

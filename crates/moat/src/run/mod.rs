@@ -241,6 +241,11 @@ pub fn main(cli: RunCli) -> Result<i32> {
     }
     let mut s = settings(o)?;
     s.args = command;
+    // From here on a SIGINT/SIGTERM must not kill moat before it waits for
+    // the workload (it would leave the container behind): blocked signals
+    // stay pending until `wait` forwards them. The container's process
+    // unblocks everything before its exec.
+    moat_linux::container::block_forwarded_signals();
     // The container's init (an unmapped user on the host) walks down to its
     // root: the state root must be searchable (0711, as `create` makes it).
     std::fs::DirBuilder::new()
