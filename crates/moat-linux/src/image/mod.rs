@@ -78,6 +78,12 @@ pub enum ImageError {
     InUse(String),
     #[error("no cached image matches {0:?}")]
     NoSuchImage(String),
+    #[error("{image} has {count} layers (at most {max} are supported)")]
+    TooManyLayers {
+        image: String,
+        count: usize,
+        max: usize,
+    },
     #[error("{prefix:?} matches {count} cached images: give more of the digest")]
     Ambiguous { prefix: String, count: usize },
 }
@@ -240,22 +246,53 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// The most layers an image may have: overlayfs stacks at most 500 lower
+/// layers, and a cached image may add one of its own (mount points).
+pub const MAX_LAYERS: usize = 499;
+
+/// One layer of a cached image: its diff_id (`sha256:<hex>`, the digest of
+/// the uncompressed tar) and the bytes of regular files in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    pub digest: String,
+    pub size: u64,
+}
+
 /// What `image.json` in a cache entry records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
     pub source: String,
     pub config: RunConfig,
-    /// Bytes of regular files unpacked.
+    /// Bytes of regular files unpacked (of all its layers).
     pub size: u64,
+    /// Its layers in `<cache>/layers/sha256/`, bottom first (the order of
+    /// the manifest). Empty for a flattened entry, whose root is the
+    /// entry's own `rootfs/` (rootless caches, and entries written by an
+    /// earlier moat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerRef>,
 }
 
 /// An image ready to run.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    pub rootfs: PathBuf,
+    /// The directories stacked into its root, top first: one for a
+    /// directory image, a flattened entry or a one-layer image, else the
+    /// lower layers of an overlay ([`view`]).
+    pub layers: Vec<PathBuf>,
     pub config: RunConfig,
     /// The cache key, for cached images.
     pub digest: Option<Sha256Digest>,
+}
+
+impl Prepared {
+    /// The root as one directory, when it is one (no overlay needed).
+    pub fn rootfs(&self) -> Option<&Path> {
+        match self.layers.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
 }
 
 /// The image cache under a state root.
@@ -270,6 +307,36 @@ pub struct Entry {
     pub digest: String,
     pub meta: Meta,
     pub last_used: Option<SystemTime>,
+}
+
+/// A layer to unpack: a (maybe compressed) tar file and the digests it
+/// must have.
+struct LayerSrc {
+    path: PathBuf,
+    file: fs::File,
+    len: u64,
+    /// The sha256 of the file (an OCI blob).
+    blob: Option<Sha256Digest>,
+    /// The sha256 of the uncompressed tar (the config's diff_id).
+    diff_id: Option<Sha256Digest>,
+}
+
+impl LayerSrc {
+    fn open(path: &Path, blob: Option<Sha256Digest>, diff_id: Option<Sha256Digest>) -> Result<LayerSrc, ImageError> {
+        let file = fs::File::open(path).map_err(rerr(path))?;
+        LayerSrc::with(path, file, blob, diff_id)
+    }
+
+    fn with(path: &Path, file: fs::File, blob: Option<Sha256Digest>, diff_id: Option<Sha256Digest>) -> Result<LayerSrc, ImageError> {
+        let len = file.metadata().map_err(rerr(path))?.len();
+        Ok(LayerSrc {
+            path: path.to_path_buf(),
+            file,
+            len,
+            blob,
+            diff_id,
+        })
+    }
 }
 
 impl Store {
@@ -300,11 +367,27 @@ impl Store {
             fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
                 .map_err(werr(&self.dir))?;
         }
-        Ok(())
+        Self::mkdir(&self.dir.join("tmp"), 0o700)
     }
 
     fn entry_dir(&self, d: &Sha256Digest) -> PathBuf {
         self.dir.join("sha256").join(d.hex())
+    }
+
+    fn layers_dir(&self) -> PathBuf {
+        self.dir.join("layers").join("sha256")
+    }
+
+    /// The root of the layer `d` (its files, lower layer of an overlay).
+    fn layer_dir(&self, d: &Sha256Digest) -> PathBuf {
+        self.layers_dir().join(d.hex()).join("diff")
+    }
+
+    /// The size of the cached layer `d`, or None when it is not cached
+    /// (a layer directory is complete once it is in `layers/sha256/`).
+    fn layer_size(&self, d: &Sha256Digest) -> Option<u64> {
+        let p = self.layers_dir().join(d.hex()).join("size");
+        fs::read_to_string(p).ok()?.trim().parse().ok()
     }
 
     fn mkdir(p: &Path, mode: u32) -> Result<(), ImageError> {
@@ -327,16 +410,17 @@ impl Store {
             Source::Dir(p) => prepare_dir(p),
             Source::Tarball(p) => {
                 let key = file_digest(p)?;
-                self.cached_or(&key, src, |tmp| {
-                    let total = fs::metadata(p).map_err(rerr(p))?.len();
-                    let mut done = 0;
-                    let mut cb = |n: u64| {
-                        done += n;
-                        progress(done, total)
-                    };
-                    let size = unpack_file(p, tmp, &mut cb, None, self.owners)?;
-                    Ok((RunConfig::default(), size))
-                })
+                if let Some(found) = self.load(&key)? {
+                    return Ok(found);
+                }
+                let layer = LayerSrc::open(p, None, None)?;
+                let total = layer.len;
+                let mut done = 0;
+                let mut cb = |n: u64| {
+                    done += n;
+                    progress(done, total)
+                };
+                self.build(&key, src, RunConfig::default(), vec![layer], &mut cb)
             }
             Source::OciLayout { path, tag } => {
                 self.prepare_oci(path, tag.as_deref(), src, progress)
@@ -345,31 +429,68 @@ impl Store {
         }
     }
 
-    /// The entry `key` if cached; else `build(rootfs)` in a temporary
-    /// directory, renamed into place.
-    fn cached_or(
+    /// Builds the entry `key` from `layers` (bottom first) in a temporary
+    /// directory, renamed into place: as root, each layer unpacked once
+    /// into `layers/sha256/<diff_id>/` (or found there) with overlayfs
+    /// whiteouts, plus the entry's own `top/` with the missing mount
+    /// points; rootless, all layers flattened into the entry's `rootfs/`.
+    fn build(
         &self,
         key: &Sha256Digest,
         src: &Source,
-        build: impl FnOnce(&Path) -> Result<(RunConfig, u64), ImageError>,
+        config: RunConfig,
+        layers: Vec<LayerSrc>,
+        progress: &mut dyn FnMut(u64),
     ) -> Result<Prepared, ImageError> {
-        let dir = self.entry_dir(key);
-        if let Some(p) = self.load(key)? {
-            return Ok(p);
+        if layers.len() > MAX_LAYERS {
+            return Err(ImageError::TooManyLayers {
+                image: src.describe(),
+                count: layers.len(),
+                max: MAX_LAYERS,
+            });
         }
         self.make_dir()?;
         Self::mkdir(&self.dir.join("sha256"), 0o711)?;
-        let tmp_parent = self.dir.join("tmp");
-        Self::mkdir(&tmp_parent, 0o700)?;
-        let tmp = TempDir::new(&tmp_parent)?;
-        let rootfs = tmp.path.join("rootfs");
-        Self::mkdir(&rootfs, 0o755)?;
-        let (config, size) = build(&rootfs)?;
-        make_mount_points(&rootfs)?;
-        let meta = Meta {
-            source: src.describe(),
-            config,
-            size,
+        let tmp = TempDir::new(&self.dir.join("tmp"))?;
+        let meta = match self.owners {
+            unpack::Owners::Archive => {
+                let mut refs = Vec::new();
+                let mut dirs = Vec::new();
+                for l in layers {
+                    let (d, r) = self.add_layer(l, progress)?;
+                    dirs.insert(0, self.layer_dir(&d));
+                    refs.push(r);
+                }
+                make_top(&tmp.path.join("top"), &dirs)?;
+                Meta {
+                    source: src.describe(),
+                    config,
+                    size: refs.iter().map(|r| r.size).sum(),
+                    layers: refs,
+                }
+            }
+            unpack::Owners::Unpacker => {
+                let rootfs = tmp.path.join("rootfs");
+                Self::mkdir(&rootfs, 0o755)?;
+                let mut size = 0;
+                for l in layers {
+                    let (_, n) = unpack_layer(
+                        l,
+                        &rootfs,
+                        progress,
+                        self.owners,
+                        unpack::Whiteouts::Apply,
+                    )?;
+                    size += n;
+                }
+                make_mount_points(&rootfs)?;
+                Meta {
+                    source: src.describe(),
+                    config,
+                    size,
+                    layers: Vec::new(),
+                }
+            }
         };
         let mp = tmp.path.join("image.json");
         let text = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Write {
@@ -377,11 +498,8 @@ impl Store {
             source: e.into(),
         })?;
         fs::write(&mp, text).map_err(werr(&mp))?;
-        fs::set_permissions(
-            &tmp.path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o711),
-        )
-        .map_err(werr(&tmp.path))?;
+        set_mode(&tmp.path, 0o711)?;
+        let dir = self.entry_dir(key);
         match fs::rename(&tmp.path, &dir) {
             Ok(()) => tmp.keep(),
             // Another moat got there first: use its copy.
@@ -394,6 +512,56 @@ impl Store {
         })
     }
 
+    /// The cached layer of `src`, unpacked now unless its diff_id is
+    /// already in the cache. A layer is unpacked in `tmp/` and renamed
+    /// into `layers/sha256/<diff_id>/`; its diff_id is checked (when
+    /// known) while it is read.
+    fn add_layer(
+        &self,
+        src: LayerSrc,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(Sha256Digest, LayerRef), ImageError> {
+        if let Some(d) = &src.diff_id {
+            if let Some(size) = self.layer_size(d) {
+                progress(src.len);
+                let r = LayerRef {
+                    digest: d.to_string(),
+                    size,
+                };
+                return Ok((d.clone(), r));
+            }
+        }
+        Self::mkdir(&self.layers_dir(), 0o711)?;
+        let tmp = TempDir::new(&self.dir.join("tmp"))?;
+        let diff = tmp.path.join("diff");
+        Self::mkdir(&diff, 0o755)?;
+        let (d, size) = unpack_layer(
+            src,
+            &diff,
+            progress,
+            self.owners,
+            unpack::Whiteouts::Overlay,
+        )?;
+        let sp = tmp.path.join("size");
+        fs::write(&sp, size.to_string()).map_err(werr(&sp))?;
+        set_mode(&tmp.path, 0o711)?;
+        let dst = self.layers_dir().join(d.hex());
+        match fs::rename(&tmp.path, &dst) {
+            Ok(()) => tmp.keep(),
+            // Already there (another image, or another moat): the same
+            // content, by its digest.
+            Err(e) if self.layer_size(&d).is_some() => drop(e),
+            Err(e) => return Err(werr(&dst)(e)),
+        }
+        let r = LayerRef {
+            digest: d.to_string(),
+            size,
+        };
+        Ok((d, r))
+    }
+
+    /// The entry `key`, if cached and whole (its last use updated). An
+    /// entry one of whose layers is missing is removed: it is rebuilt.
     fn load(&self, key: &Sha256Digest) -> Result<Option<Prepared>, ImageError> {
         let dir = self.entry_dir(key);
         let mp = dir.join("image.json");
@@ -406,10 +574,36 @@ impl Store {
             path: mp.clone(),
             source: e.into(),
         })?;
+        let layers = if meta.layers.is_empty() {
+            vec![dir.join("rootfs")]
+        } else {
+            let mut v = Vec::new();
+            let top = dir.join("top");
+            if top.is_dir() {
+                v.push(top);
+            }
+            for r in meta.layers.iter().rev() {
+                let d = Sha256Digest::parse(&r.digest).map_err(|source| ImageError::Layout {
+                    path: mp.clone(),
+                    source,
+                })?;
+                let p = self.layer_dir(&d);
+                // A layer listed twice: its upper copy already holds all
+                // that the lower one would show.
+                if !v.contains(&p) {
+                    v.push(p);
+                }
+            }
+            if v.iter().any(|p| !p.is_dir()) {
+                self.discard(&dir)?;
+                return Ok(None);
+            }
+            v
+        };
         let used = dir.join("last-used");
         fs::write(&used, b"").map_err(werr(&used))?;
         Ok(Some(Prepared {
-            rootfs: dir.join("rootfs"),
+            layers,
             config: meta.config,
             digest: Some(key.clone()),
         }))
@@ -441,26 +635,30 @@ impl Store {
         let (cpath, cbytes) = read_blob(layout_dir, &manifest.config.digest)?;
         let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
         let key = Sha256Digest::of(&cbytes);
-        self.cached_or(&key, src, |rootfs| {
-            let mut total = 0;
-            let mut paths = Vec::new();
-            for l in &manifest.layers {
-                let d = Sha256Digest::parse(&l.digest).map_err(lerr(&mpath))?;
-                let p = layout_dir.join("blobs/sha256").join(d.hex());
-                total += fs::metadata(&p).map_err(rerr(&p))?.len();
-                paths.push((p, d));
-            }
-            let mut done = 0;
-            let mut size = 0;
-            for (p, d) in paths {
-                let mut cb = |n: u64| {
-                    done += n;
-                    progress(done, total)
-                };
-                size += unpack_file(&p, rootfs, &mut cb, Some(&d), self.owners)?;
-            }
-            Ok((config.config.clone(), size))
-        })
+        if let Some(found) = self.load(&key)? {
+            return Ok(found);
+        }
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(lerr(&cpath)(LayoutError::DiffIds {
+                diff_ids: diff_ids.len(),
+                layers: manifest.layers.len(),
+            }));
+        }
+        let mut layers = Vec::new();
+        for (l, id) in manifest.layers.iter().zip(diff_ids) {
+            let d = Sha256Digest::parse(&l.digest).map_err(lerr(&mpath))?;
+            let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
+            let p = layout_dir.join("blobs/sha256").join(d.hex());
+            layers.push(LayerSrc::open(&p, Some(d), Some(want))?);
+        }
+        let total = layers.iter().map(|l| l.len).sum();
+        let mut done = 0;
+        let mut cb = |n: u64| {
+            done += n;
+            progress(done, total)
+        };
+        self.build(&key, src, config.config, layers, &mut cb)
     }
 
     fn prepare_docker(
@@ -474,21 +672,19 @@ impl Store {
         // The cache directory first, with its own mode (a recursive mkdir
         // of tmp/ alone would make it 0700).
         self.make_dir()?;
-        let tmp_parent = self.dir.join("tmp");
-        Self::mkdir(&tmp_parent, 0o700)?;
-        let scratch = TempDir::new(&tmp_parent)?;
+        let scratch = TempDir::new(&self.dir.join("tmp"))?;
         let total = fs::metadata(archive).map_err(rerr(archive))?.len();
         let mut done = 0;
         let mut cb = |n: u64| {
             done += n;
-            progress(done, total * 2)
+            progress(done.min(total * 2), total * 2)
         };
-        unpack_file(
-            archive,
+        unpack_layer(
+            LayerSrc::open(archive, None, None)?,
             &scratch.path,
             &mut cb,
-            None,
             unpack::Owners::Unpacker,
+            unpack::Whiteouts::Apply,
         )?;
         let lerr = |path: &Path| {
             let path = path.to_path_buf();
@@ -507,43 +703,16 @@ impl Store {
             }));
         }
         let key = Sha256Digest::of(&cbytes);
-        self.cached_or(&key, src, |rootfs| {
-            let mut size = 0;
-            for (l, id) in m.layers.iter().zip(diff_ids) {
-                let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
-                let f = open_in(&scratch.path, l)?;
-                let lp = scratch.path.join(l);
-                let mut cb = |n: u64| {
-                    done += n;
-                    progress(done.min(total * 2), total * 2)
-                };
-                let tracked = Tracked {
-                    inner: f,
-                    hash: Sha256::new(),
-                    progress: &mut cb,
-                };
-                let mut h = Hashing {
-                    inner: decompressed(tracked).map_err(rerr(&lp))?,
-                    hash: Sha256::new(),
-                };
-                let stats = unpack::unpack_as(&mut h, rootfs, self.owners).map_err(|source| {
-                    ImageError::Unpack {
-                        path: lp.clone(),
-                        source,
-                    }
-                })?;
-                let got = Sha256Digest::from_hasher(h.hash);
-                if got != want {
-                    return Err(ImageError::DigestMismatch {
-                        path: lp,
-                        expected: want.to_string(),
-                        actual: got.to_string(),
-                    });
-                }
-                size += stats.bytes;
-            }
-            Ok((config.config.clone(), size))
-        })
+        if let Some(found) = self.load(&key)? {
+            return Ok(found);
+        }
+        let mut layers = Vec::new();
+        for (l, id) in m.layers.iter().zip(diff_ids) {
+            let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
+            let f = open_in(&scratch.path, l)?;
+            layers.push(LayerSrc::with(&scratch.path.join(l), f, None, Some(want))?);
+        }
+        self.build(&key, src, config.config, layers, &mut cb)
     }
 
     /// The cached images.
@@ -601,22 +770,70 @@ impl Store {
         }
     }
 
-    /// Removes the entry `digest` (as [`Store::list`] gives it): renamed
-    /// out of `sha256/` first, so it disappears at once, then deleted.
+    /// Removes the entry `digest` (as [`Store::list`] gives it), then every
+    /// layer that no remaining entry lists ([`Store::remove_unused_layers`]).
     pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
         let d = Sha256Digest::parse(digest).map_err(|source| ImageError::Layout {
             path: self.dir.clone(),
             source,
         })?;
-        let dir = self.entry_dir(&d);
-        let tmp_parent = self.dir.join("tmp");
-        Self::mkdir(&tmp_parent, 0o700)?;
-        let doomed = TempDir::new(&tmp_parent)?;
+        self.discard(&self.entry_dir(&d))?;
+        self.remove_unused_layers()?;
+        Ok(())
+    }
+
+    /// Removes `dir` (an entry or a layer): renamed into `tmp/` first, so
+    /// it disappears at once, then deleted.
+    fn discard(&self, dir: &Path) -> Result<(), ImageError> {
+        Self::mkdir(&self.dir.join("tmp"), 0o700)?;
+        let doomed = TempDir::new(&self.dir.join("tmp"))?;
         let target = doomed.path.join("entry");
-        fs::rename(&dir, &target).map_err(werr(&dir))?;
+        fs::rename(dir, &target).map_err(werr(dir))?;
         fs::remove_dir_all(&doomed.path).map_err(werr(&doomed.path))?;
         doomed.keep();
         Ok(())
+    }
+
+    /// Removes every cached layer that no entry in `sha256/` lists; returns
+    /// how many. Removes none when an entry's `image.json` cannot be read
+    /// (its layers are unknown).
+    pub fn remove_unused_layers(&self) -> Result<usize, ImageError> {
+        let mut keep = std::collections::HashSet::new();
+        let entries = self.dir.join("sha256");
+        match fs::read_dir(&entries) {
+            Ok(rd) => {
+                for e in rd {
+                    let e = e.map_err(rerr(&entries))?;
+                    let Ok(text) = fs::read(e.path().join("image.json")) else {
+                        return Ok(0);
+                    };
+                    let Ok(meta) = serde_json::from_slice::<Meta>(&text) else {
+                        return Ok(0);
+                    };
+                    for l in meta.layers {
+                        keep.insert(l.digest);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(rerr(&entries)(e)),
+        }
+        let dir = self.layers_dir();
+        let rd = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(rerr(&dir)(e)),
+        };
+        let mut n = 0;
+        for e in rd {
+            let e = e.map_err(rerr(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&format!("sha256:{name}")) {
+                self.discard(&e.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Removes the whole cache; refused while `containers` (the IDs in the
@@ -632,6 +849,44 @@ impl Store {
             Err(e) => Err(werr(&self.dir)(e)),
         }
     }
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<(), ImageError> {
+    fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(werr(p))
+}
+
+/// The image's own top layer at `top`: the mount points of
+/// [`MOUNT_POINTS`] that none of `layers` (top first) has, each an empty
+/// directory (0755, host root's). Not created when nothing is missing.
+fn make_top(top: &Path, layers: &[PathBuf]) -> Result<(), ImageError> {
+    let mut missing = Vec::new();
+    for m in MOUNT_POINTS {
+        if !in_layers(layers, m)? {
+            missing.push(*m);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Store::mkdir(top, 0o755)?;
+    for m in missing {
+        Store::mkdir(&top.join(m), 0o755)?;
+    }
+    Ok(())
+}
+
+/// Whether the top-level `name` shows in the overlay of `layers` (top
+/// first): the first layer that has it decides, and a whiteout hides it.
+fn in_layers(layers: &[PathBuf], name: &str) -> Result<bool, ImageError> {
+    for l in layers {
+        let p = l.join(name);
+        match rustix::fs::statat(rustix::fs::CWD, &p, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => return Ok(!unpack::is_overlay_whiteout(&st)),
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(rerr(&p)(e.into())),
+        }
+    }
+    Ok(false)
 }
 
 /// A directory image: `DIR/rootfs` with the process of `DIR/config.json`
@@ -661,7 +916,7 @@ fn prepare_dir(p: &Path) -> Result<Prepared, ImageError> {
         let rootfs = fs::canonicalize(p.join("rootfs")).map_err(rerr(p))?;
         make_mount_points(&rootfs)?;
         return Ok(Prepared {
-            rootfs,
+            layers: vec![rootfs],
             config: RunConfig {
                 env: strings(&proc["env"]),
                 cmd: strings(&proc["args"]),
@@ -675,7 +930,7 @@ fn prepare_dir(p: &Path) -> Result<Prepared, ImageError> {
     let rootfs = fs::canonicalize(p).map_err(rerr(p))?;
     make_mount_points(&rootfs)?;
     Ok(Prepared {
-        rootfs,
+        layers: vec![rootfs],
         config: RunConfig::default(),
         digest: None,
     })
@@ -720,41 +975,50 @@ pub fn file_digest(p: &Path) -> Result<Sha256Digest, ImageError> {
     Ok(Sha256Digest::from_hasher(h))
 }
 
-/// Unpacks the (maybe compressed) tar file `p` over `rootfs`; checks its
-/// sha256 against `digest` when given. Returns the bytes of files written.
-fn unpack_file(
-    p: &Path,
-    rootfs: &Path,
+/// Unpacks the layer `src` into `dest`, checking its digests (the file's
+/// and the uncompressed tar's, when known). Returns the uncompressed tar's
+/// digest (its diff_id) and the bytes of files written.
+fn unpack_layer(
+    src: LayerSrc,
+    dest: &Path,
     progress: &mut dyn FnMut(u64),
-    digest: Option<&Sha256Digest>,
     owners: unpack::Owners,
-) -> Result<u64, ImageError> {
-    let f = fs::File::open(p).map_err(rerr(p))?;
+    whiteouts: unpack::Whiteouts,
+) -> Result<(Sha256Digest, u64), ImageError> {
+    let p = src.path;
     let mut tracked = Tracked {
-        inner: f,
+        inner: src.file,
         hash: Sha256::new(),
         progress,
     };
-    let stats = {
-        let r = decompressed(&mut tracked).map_err(rerr(p))?;
-        unpack::unpack_as(r, rootfs, owners).map_err(|source| ImageError::Unpack {
-            path: p.to_path_buf(),
-            source,
-        })?
+    let (diff_id, stats) = {
+        let mut h = Hashing {
+            inner: decompressed(&mut tracked).map_err(rerr(&p))?,
+            hash: Sha256::new(),
+        };
+        let stats = unpack::unpack_as(&mut h, dest, owners, whiteouts).map_err(|source| {
+            ImageError::Unpack {
+                path: p.clone(),
+                source,
+            }
+        })?;
+        (Sha256Digest::from_hasher(h.hash), stats)
     };
     // Whatever follows the compressed stream is part of the blob too.
-    io::copy(&mut tracked, &mut io::sink()).map_err(rerr(p))?;
-    if let Some(want) = digest {
-        let got = Sha256Digest::from_hasher(tracked.hash);
-        if &got != want {
-            return Err(ImageError::DigestMismatch {
-                path: p.to_path_buf(),
-                expected: want.to_string(),
-                actual: got.to_string(),
-            });
+    io::copy(&mut tracked, &mut io::sink()).map_err(rerr(&p))?;
+    let blob = Sha256Digest::from_hasher(tracked.hash);
+    for (want, got) in [(src.blob, blob), (src.diff_id, diff_id.clone())] {
+        if let Some(want) = want {
+            if want != got {
+                return Err(ImageError::DigestMismatch {
+                    path: p,
+                    expected: want.to_string(),
+                    actual: got.to_string(),
+                });
+            }
         }
     }
-    Ok(stats.bytes)
+    Ok((diff_id, stats.bytes))
 }
 
 fn read_small(p: &Path) -> Result<Vec<u8>, ImageError> {

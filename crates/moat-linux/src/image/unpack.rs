@@ -4,8 +4,18 @@
 //! and `mkdirat`, so no entry can land outside the root, `..` and absolute
 //! names are refused, a symlink made by an earlier entry is never followed,
 //! and a hard link must name a file already inside the root. Device nodes
-//! are skipped. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what lower
-//! layers put there.
+//! (and FIFOs) from the archive are skipped, and no extended attribute of
+//! the archive is applied.
+//!
+//! OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) are handled as [`Whiteouts`]
+//! says: applied ([`Whiteouts::Apply`]: they remove what lower layers,
+//! unpacked earlier into the same root, put there) or converted to
+//! overlayfs' own form ([`Whiteouts::Overlay`]: each layer in a directory
+//! of its own, later stacked by overlayfs): `.wh.NAME` becomes a character
+//! device NAME with device number 0:0, `.wh..wh..opq` the extended
+//! attribute `trusted.overlay.opaque=y` on its directory (setting a
+//! `trusted.` attribute needs CAP_SYS_ADMIN: host root). Either way a
+//! whiteout never removes or hides what its own layer adds.
 //!
 //! Ownership ([`Owners`]): unpacked by host root, every entry keeps its
 //! owner from the archive (IDs at or above [`super::ID_RANGE`] become
@@ -112,6 +122,21 @@ pub fn whiteout(name: &OsStr) -> Whiteout<'_> {
     }
 }
 
+/// What the whiteouts of a layer do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Remove what is already in the root (layers unpacked one over
+    /// another into one directory).
+    Apply,
+    /// Become overlayfs whiteouts (0:0 character devices) and opaque
+    /// directories (`trusted.overlay.opaque=y`): the layer is unpacked into
+    /// an empty directory of its own, to be a lower layer of an overlay.
+    Overlay,
+}
+
+/// The extended attribute that makes a directory opaque to overlayfs.
+pub const OVERLAY_OPAQUE: &str = "trusted.overlay.opaque";
+
 /// Who owns the unpacked files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owners {
@@ -141,15 +166,22 @@ pub struct Stats {
 }
 
 /// Unpacks the tar stream `reader` (already decompressed) as one layer over
-/// the directory `root`, owned by the unpacker ([`Owners::Unpacker`]).
+/// the directory `root`, owned by the unpacker ([`Owners::Unpacker`]),
+/// whiteouts applied.
 pub fn unpack<R: Read>(reader: R, root: &Path) -> Result<Stats, UnpackError> {
-    unpack_as(reader, root, Owners::Unpacker)
+    unpack_as(reader, root, Owners::Unpacker, Whiteouts::Apply)
 }
 
 /// Unpacks the tar stream `reader` (already decompressed) as one layer over
-/// the directory `root`, files owned as `owners` says. Reads the stream to
-/// its end (so a digest over it covers everything).
-pub fn unpack_as<R: Read>(reader: R, root: &Path, owners: Owners) -> Result<Stats, UnpackError> {
+/// the directory `root`, files owned as `owners` says, whiteouts handled as
+/// `whiteouts` says. Reads the stream to its end (so a digest over it
+/// covers everything).
+pub fn unpack_as<R: Read>(
+    reader: R,
+    root: &Path,
+    owners: Owners,
+    whiteouts: Whiteouts,
+) -> Result<Stats, UnpackError> {
     let fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -162,6 +194,7 @@ pub fn unpack_as<R: Read>(reader: R, root: &Path, owners: Owners) -> Result<Stat
     let mut layer = Layer {
         root: fd,
         owners,
+        whiteouts,
         created: HashSet::new(),
         stats: Stats::default(),
     };
@@ -178,6 +211,7 @@ pub fn unpack_as<R: Read>(reader: R, root: &Path, owners: Owners) -> Result<Stat
 struct Layer {
     root: OwnedFd,
     owners: Owners,
+    whiteouts: Whiteouts,
     /// Paths this layer created: whiteouts never remove them.
     created: HashSet<Vec<OsString>>,
     stats: Stats,
@@ -206,21 +240,34 @@ impl Layer {
             source,
         };
         let parent = self.walk(parents, &name)?;
-        match whiteout(last) {
-            Whiteout::Opaque => {
+        match (whiteout(last), self.whiteouts) {
+            (Whiteout::Opaque, Whiteouts::Apply) => {
                 return self
                     .opaque(parent.as_fd(), parents)
                     .map_err(|e| werr(e.into()))
             }
-            Whiteout::Remove(target) => {
+            (Whiteout::Opaque, Whiteouts::Overlay) => {
+                return rustix::fs::fsetxattr(
+                    &parent,
+                    OVERLAY_OPAQUE,
+                    b"y",
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .map_err(|e| werr(e.into()));
+            }
+            (Whiteout::Remove(target), mode) => {
                 let mut p = parents.to_vec();
                 p.push(target.to_os_string());
-                if !self.created.contains(&p) {
-                    remove_all(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
+                if self.created.contains(&p) {
+                    return Ok(());
+                }
+                remove_all(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
+                if mode == Whiteouts::Overlay {
+                    overlay_whiteout(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
                 }
                 return Ok(());
             }
-            Whiteout::None => {}
+            (Whiteout::None, _) => {}
         }
         let mode = e.header().mode().unwrap_or(0o644);
         let owner = self.owner(e.header());
@@ -425,6 +472,24 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// An overlayfs whiteout: a character device `name` in `dir` with device
+/// number 0:0 (allowed without CAP_MKNOD since Linux 5.8), owned by the
+/// unpacker.
+fn overlay_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    rustix::fs::mknodat(
+        dir,
+        name,
+        rustix::fs::FileType::CharacterDevice,
+        Mode::empty(),
+        0,
+    )
+}
+
+/// Whether `st` is an overlayfs whiteout (a 0:0 character device).
+pub fn is_overlay_whiteout(st: &rustix::fs::Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 
 /// Mode bits kept on a directory: permissions and sticky, without write
@@ -674,7 +739,7 @@ mod tests {
         }
         let tar = b.into_inner().unwrap();
         let t = tempfile::tempdir().unwrap();
-        unpack_as(&tar[..], t.path(), Owners::Archive).unwrap();
+        unpack_as(&tar[..], t.path(), Owners::Archive, Whiteouts::Apply).unwrap();
         use std::os::unix::fs::MetadataExt;
         let md = |p: &str| std::fs::symlink_metadata(t.path().join(p)).unwrap();
         let d = md("d");

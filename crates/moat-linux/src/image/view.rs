@@ -1,21 +1,28 @@
 //! The container's view of a cached image, mounted on the host by `moat run`
 //! (as host root) inside the run's temporary bundle directory:
 //!
-//! 1. an idmapped, read-only, nosuid, nodev clone of the cached rootfs
-//!    whose user namespace maps IDs 0..65536 on disk to the container's host
-//!    ID block, so image uid 0 is the container's root and image uid 1000 its
-//!    uid 1000 (MOUNT_ATTR_IDMAP needs CAP_SYS_ADMIN over the filesystem's
-//!    user namespace: host root);
-//! 2. for a writable root, an overlayfs with that clone as its only lower
-//!    layer and its upper and work directories in the bundle, so writes
-//!    land in the bundle and are discarded with it; the cache never changes.
+//! 1. an idmapped, read-only, nosuid, nodev clone of each of the image's
+//!    layers (directories of the cache) whose user namespace maps IDs
+//!    0..65536 on disk to the container's host ID block, so image uid 0 is
+//!    the container's root and image uid 1000 its uid 1000
+//!    (MOUNT_ATTR_IDMAP needs CAP_SYS_ADMIN over the filesystem's user
+//!    namespace: host root);
+//! 2. an image of one layer, read-only, is that clone itself; otherwise an
+//!    overlayfs stacks the clones (given as fds, never attached anywhere)
+//!    as its lower layers, top first. Without an upper layer the overlay is
+//!    read-only; with one (`--read-write`, or read-only after moat created
+//!    volume mount points in it, [`View::seal`]) its upper and work
+//!    directories are in the bundle, so writes land there and are
+//!    discarded with it; the cache never changes. overlayfs honours the
+//!    whiteouts (0:0 character devices) and opaque directories
+//!    (`trusted.overlay.opaque`) of the layers through the idmapped clones.
 //!
 //! The view is attached at `<bundle>/rootfs`; [`View::unmount`] (or drop)
 //! detaches it. The container's own mount namespace gets a copy of it when
 //! it is created, so the host mount is only needed until then, but it stays
 //! until the run ends so that a failure is easy to reason about.
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +33,9 @@ use rustix::mount::{
 use thiserror::Error;
 
 use super::ID_RANGE;
+
+/// The most lower layers overlayfs stacks (`OVL_MAX_STACK`).
+pub const MAX_LOWER: usize = 500;
 
 #[derive(Debug, Error)]
 pub enum ViewError {
@@ -50,6 +60,10 @@ pub enum ViewError {
         #[source]
         source: io::Error,
     },
+    #[error("an image without layers")]
+    NoLayers,
+    #[error("{count} layers: overlayfs stacks at most {max}")]
+    TooManyLayers { count: usize, max: usize },
     #[error("cannot unmount {path}")]
     Unmount {
         path: PathBuf,
@@ -66,42 +80,90 @@ pub struct View {
     attached: Vec<PathBuf>,
 }
 
+/// Where a view's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Nowhere: the view is read-only.
+    Refused,
+    /// To an upper layer in the bundle, discarded with it.
+    Bundle,
+}
+
 impl View {
-    /// Mounts the image whose unpacked root is `image` at
-    /// `<bundle>/rootfs`, its IDs shifted to start at `host_id`; writable
-    /// (an overlay over it, upper layer in the bundle) or read-only.
+    /// Mounts the image whose layers are `layers` (directories, top first)
+    /// at `<bundle>/rootfs`, IDs shifted to start at `host_id`: one layer
+    /// read-only is its idmapped clone itself; otherwise an overlayfs whose
+    /// lower layers are the idmapped clones, read-only without an upper
+    /// layer or writable with one in the bundle.
     pub fn mount(
-        image: &Path,
+        layers: &[PathBuf],
         bundle: &Path,
         host_id: u32,
-        writable: bool,
+        writes: Writes,
     ) -> Result<View, ViewError> {
+        let Some(top) = layers.first() else {
+            return Err(ViewError::NoLayers);
+        };
+        if layers.len() > MAX_LOWER {
+            return Err(ViewError::TooManyLayers {
+                count: layers.len(),
+                max: MAX_LOWER,
+            });
+        }
         let rootfs = bundle.join("rootfs");
         let mut view = View {
             rootfs: rootfs.clone(),
             attached: Vec::new(),
         };
-        let tree = idmapped_clone(image, host_id)?;
-        if !writable {
+        let map = format!("0 {host_id} {ID_RANGE}\n");
+        let userns = moat_sys::mount::userns_with_mappings(&map, &map).map_err(ViewError::Userns)?;
+        if let ([one], Writes::Refused) = (layers, writes) {
+            let tree = idmapped_clone(one, userns.as_fd())?;
             mkdir(&rootfs, 0o755)?;
-            attach(&tree, &rootfs, image)?;
+            attach(&tree, &rootfs, one)?;
             view.attached.push(rootfs);
             return Ok(view);
         }
-        // The overlay's lower layer must be a path: attach the clone in
-        // the bundle; the overlay keeps a private clone of it, so it is
-        // detached again as soon as the overlay exists.
-        let lower = bundle.join("lower");
-        mkdir(&lower, 0o700)?;
-        attach(&tree, &lower, image)?;
-        view.attached.push(lower.clone());
-        let overlay = overlay(image, &lower, bundle, host_id);
-        view.unmount_all()?;
-        let overlay = overlay?;
+        let mut lowers = Vec::with_capacity(layers.len());
+        for l in layers {
+            lowers.push(idmapped_clone(l, userns.as_fd())?);
+        }
+        let upper = match writes {
+            Writes::Refused => None,
+            Writes::Bundle => Some(upper_dirs(top, bundle, host_id)?),
+        };
+        let overlay = overlay(top, &lowers, upper.as_ref())?;
         mkdir(&rootfs, 0o755)?;
-        attach(&overlay, &rootfs, image)?;
+        attach(&overlay, &rootfs, top)?;
         view.attached.push(rootfs);
         Ok(view)
+    }
+
+    /// Makes the attached view read-only (`MOUNT_ATTR_RDONLY`, set by host
+    /// root, so locked in the container's mount namespace): for a view
+    /// with an upper layer that moat wrote mount points into.
+    pub fn seal(&self) -> Result<(), ViewError> {
+        let fd = rustix::fs::open(
+            &self.rootfs,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ViewError::Open {
+            path: self.rootfs.clone(),
+            source: e.into(),
+        })?;
+        let attr = moat_sys::mount::MountAttr {
+            set: libc::MOUNT_ATTR_RDONLY,
+            clear: 0,
+            propagation: 0,
+        };
+        moat_sys::mount::mount_setattr(fd.as_fd(), false, &attr).map_err(|source| {
+            ViewError::Mount {
+                step: "make read-only",
+                path: self.rootfs.clone(),
+                source,
+            }
+        })
     }
 
     /// Where the view is attached: the container's root.
@@ -164,9 +226,10 @@ fn merr<'a>(
     }
 }
 
-/// A detached clone of `image`, read-only, nosuid, nodev, idmapped so that
-/// on-disk IDs 0..ID_RANGE read as `host_id`...
-fn idmapped_clone(image: &Path, host_id: u32) -> Result<OwnedFd, ViewError> {
+/// A detached clone of `image`, read-only, nosuid, nodev, idmapped with
+/// the mappings of `userns` (on-disk IDs 0..ID_RANGE read as the
+/// container's block).
+fn idmapped_clone(image: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd, ViewError> {
     let src = rustix::fs::open(
         image,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -176,8 +239,6 @@ fn idmapped_clone(image: &Path, host_id: u32) -> Result<OwnedFd, ViewError> {
         path: image.to_path_buf(),
         source: e.into(),
     })?;
-    let map = format!("0 {host_id} {ID_RANGE}\n");
-    let userns = moat_sys::mount::userns_with_mappings(&map, &map).map_err(ViewError::Userns)?;
     let tree = rustix::mount::open_tree(
         src.as_fd(),
         "",
@@ -186,7 +247,7 @@ fn idmapped_clone(image: &Path, host_id: u32) -> Result<OwnedFd, ViewError> {
             | OpenTreeFlags::AT_EMPTY_PATH,
     )
     .map_err(merr("clone", image))?;
-    moat_sys::mount::mount_set_idmap(tree.as_fd(), false, userns.as_fd()).map_err(|source| {
+    moat_sys::mount::mount_set_idmap(tree.as_fd(), false, userns).map_err(|source| {
         ViewError::Mount {
             step: "idmap (MOUNT_ATTR_IDMAP)",
             path: image.to_path_buf(),
@@ -219,15 +280,15 @@ fn attach(tree: &OwnedFd, target: &Path, image: &Path) -> Result<(), ViewError> 
     .map_err(merr("attach", image))
 }
 
-/// A detached overlay: `lower` under an upper layer in `<bundle>/rw`, whose
-/// root belongs to the container's root and has the image root's mode.
-fn overlay(image: &Path, lower: &Path, bundle: &Path, host_id: u32) -> Result<OwnedFd, ViewError> {
+/// `<bundle>/rw/{upper,work}` (rw/ 0700): the upper directory belongs to
+/// the container's root and has the mode of the image's root (`top`).
+fn upper_dirs(top: &Path, bundle: &Path, host_id: u32) -> Result<(PathBuf, PathBuf), ViewError> {
     let rw = bundle.join("rw");
     let upper = rw.join("upper");
     let work = rw.join("work");
     mkdir(&rw, 0o700)?;
-    let st = rustix::fs::stat(image).map_err(|e| ViewError::Open {
-        path: image.to_path_buf(),
+    let st = rustix::fs::stat(top).map_err(|e| ViewError::Open {
+        path: top.to_path_buf(),
         source: e.into(),
     })?;
     mkdir(&upper, st.st_mode & 0o7777)?;
@@ -244,20 +305,35 @@ fn overlay(image: &Path, lower: &Path, bundle: &Path, host_id: u32) -> Result<Ow
             source: e.into(),
         }
     })?;
+    Ok((upper, work))
+}
+
+/// A detached overlay of `lowers` (idmapped clones, top first, given to
+/// overlayfs as fds: `lowerdir+` with FSCONFIG_SET_FD, Linux 6.13 or
+/// later), under `upper` (upper and work directories) when given, else
+/// read-only.
+fn overlay(
+    image: &Path,
+    lowers: &[OwnedFd],
+    upper: Option<&(PathBuf, PathBuf)>,
+) -> Result<OwnedFd, ViewError> {
     let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .map_err(merr("open overlayfs for", image))?;
-    // `lowerdir+` takes one path as is (no `:` or `,` splitting).
-    rustix::mount::fsconfig_set_string(fs.as_fd(), "lowerdir+", lower)
-        .map_err(merr("set the overlay's lower layer for", image))?;
-    rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", &upper)
-        .map_err(merr("set the overlay's upper layer for", image))?;
-    rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", &work)
-        .map_err(merr("set the overlay's work directory for", image))?;
+    for l in lowers {
+        rustix::mount::fsconfig_set_fd(fs.as_fd(), "lowerdir+", l.as_fd())
+            .map_err(merr("add a lower layer (lowerdir+) for", image))?;
+    }
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    match upper {
+        Some((upper, work)) => {
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper)
+                .map_err(merr("set the overlay's upper layer for", image))?;
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work)
+                .map_err(merr("set the overlay's work directory for", image))?;
+        }
+        None => attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY,
+    }
     rustix::mount::fsconfig_create(fs.as_fd()).map_err(merr("create the overlay over", image))?;
-    rustix::mount::fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
-    )
-    .map_err(merr("mount the overlay over", image))
+    rustix::mount::fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        .map_err(merr("mount the overlay over", image))
 }

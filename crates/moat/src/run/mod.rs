@@ -272,7 +272,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     let bundle = TempBundle::create(root, &id)?;
     // Declared after the bundle: dropped (unmounted) before it on any error.
     let view = match &prepared {
-        Some(img) => image_view(img, &bundle.path, &s, o.read_write)?,
+        Some(img) => image_view(img, &bundle.path, &s, o)?,
         None => None,
     };
     let spec = match &prepared {
@@ -346,14 +346,15 @@ pub fn main(cli: RunCli) -> Result<i32> {
 }
 
 /// For a cached image run by root, its view in the bundle (docs/run.md,
-/// "Ownership"): idmapped and read-only, or under a throwaway overlay with
-/// `--read-write`. Rootless runs use the cache entry itself, so they cannot
-/// make it writable.
+/// "Ownership"): idmapped and read-only, or under a throwaway upper layer
+/// with `--read-write` or volumes (whose mount points moat then creates in
+/// it; [`image_spec`] seals it read-only without `--read-write`). Rootless
+/// runs use the cache entry itself, so they cannot make it writable.
 fn image_view(
     img: &Prepared,
     bundle: &Path,
     s: &Settings,
-    writable: bool,
+    o: &RunArgs,
 ) -> Result<Option<image::view::View>> {
     let Some(digest) = &img.digest else {
         return Ok(None);
@@ -363,21 +364,26 @@ fn image_view(
     std::fs::write(&marker, digest.to_string())
         .with_context(|| format!("cannot write {}", marker.display()))?;
     if !rustix::process::geteuid().is_root() {
-        if writable {
+        if o.read_write {
             bail!("--read-write on an image needs root (rootless runs share the cached image read-only)");
         }
         return Ok(None);
     }
-    let v = image::view::View::mount(&img.rootfs, bundle, s.host_id, writable)
+    let writes = if o.read_write || !o.volumes.is_empty() {
+        image::view::Writes::Bundle
+    } else {
+        image::view::Writes::Refused
+    };
+    let v = image::view::View::mount(&img.layers, bundle, s.host_id, writes)
         .context("cannot mount the image")?;
     Ok(Some(v))
 }
 
 /// The config.json for an image: its Entrypoint + Cmd (CMD replaces Cmd),
 /// Env, WorkingDir and User under the flags, its rootfs (or `view` of it)
-/// as the root, the volumes' mount points created in it (in the writable
-/// view, so never in the cache, with `--read-write`); no host binds and no
-/// $HOME tmpfs.
+/// as the root, the volumes' mount points created in it (in the view's
+/// upper layer, so never in the cache, when run by root); no host binds
+/// and no $HOME tmpfs.
 fn image_spec(
     s: &mut Settings,
     o: &RunArgs,
@@ -395,8 +401,14 @@ fn image_spec(
         bail!("the image has no command (Entrypoint or Cmd): give one after the image");
     }
     s.args = args;
+    let root = match view {
+        Some(v) => v.rootfs(),
+        None => img
+            .rootfs()
+            .ok_or_else(|| anyhow::anyhow!("a layered image needs its view"))?,
+    };
     if o.user.is_none() {
-        let (uid, gid) = image::resolve_user(&img.rootfs, &c.user).ok_or_else(|| {
+        let (uid, gid) = image::resolve_user(root, &c.user).ok_or_else(|| {
             anyhow::anyhow!("the image's user {:?} is not in its /etc/passwd", c.user)
         })?;
         if uid >= defaults::MAP_SIZE || gid >= defaults::MAP_SIZE {
@@ -415,13 +427,14 @@ fn image_spec(
             "/".into()
         };
     }
-    let root = view.map_or(img.rootfs.as_path(), |v| v.rootfs());
-    let points = if o.read_write { root } else { &img.rootfs };
     let mut mounts = Vec::new();
     for v in &o.volumes {
         let v = rootfs::Volume::parse(v)?;
-        image::make_volume_point(points, &v.destination, !v.source.is_dir())?;
+        image::make_volume_point(root, &v.destination, !v.source.is_dir())?;
         mounts.push(v.mount());
+    }
+    if let (Some(v), false, false) = (view, o.read_write, o.volumes.is_empty()) {
+        v.seal().context("cannot make the image read-only")?;
     }
     let mut spec = defaults::spec(s, mounts);
     spec["root"]["path"] = serde_json::json!(root);
