@@ -770,16 +770,14 @@ impl Store {
         }
     }
 
-    /// Removes the entry `digest` (as [`Store::list`] gives it), then every
-    /// layer that no remaining entry lists ([`Store::remove_unused_layers`]).
+    /// Removes the entry `digest` (as [`Store::list`] gives it); its layers
+    /// stay until [`Store::remove_unused_layers`].
     pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
         let d = Sha256Digest::parse(digest).map_err(|source| ImageError::Layout {
             path: self.dir.clone(),
             source,
         })?;
-        self.discard(&self.entry_dir(&d))?;
-        self.remove_unused_layers()?;
-        Ok(())
+        self.discard(&self.entry_dir(&d))
     }
 
     /// Removes `dir` (an entry or a layer): renamed into `tmp/` first, so

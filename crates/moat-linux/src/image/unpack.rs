@@ -648,10 +648,25 @@ mod tests {
                 ("link", T::Symlink, "/etc", b""),
                 ("passwd", T::Link, "link/passwd", b""),
             ]),
+            // Whiteouts are placed like any entry: never through a link.
+            tar_of(&[
+                ("link", T::Symlink, &link_target, b""),
+                ("link/.wh.evil", T::Regular, "", b""),
+            ]),
+            tar_of(&[
+                ("link", T::Symlink, &link_target, b""),
+                ("link/.wh..wh..opq", T::Regular, "", b""),
+            ]),
+            tar_of(&[("../.wh.evil", T::Regular, "", b"")]),
         ];
-        for (i, tar) in cases.iter().enumerate() {
+        let modes = [Whiteouts::Apply, Whiteouts::Overlay];
+        for (i, (tar, mode)) in cases
+            .iter()
+            .flat_map(|t| modes.iter().map(move |m| (t, *m)))
+            .enumerate()
+        {
             let root = tempfile::tempdir().unwrap();
-            let err = unpack(&tar[..], root.path()).unwrap_err();
+            let err = unpack_as(&tar[..], root.path(), Owners::Unpacker, mode).unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -692,6 +707,45 @@ mod tests {
         // A whiteout does not remove what its own layer adds.
         assert!(p.join("c").exists());
         assert!(!p.join("etc/.wh.a").exists());
+    }
+
+    #[test]
+    fn overlay_whiteouts_are_devices_and_xattrs() {
+        // mknod of a 0:0 device needs no capability; trusted.* xattrs do.
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let layer = tar_of(&[
+            ("etc/", T::Directory, "", b""),
+            ("etc/.wh.a", T::Regular, "", b""),
+            ("opq/new", T::Regular, "", b"n"),
+            ("opq/.wh..wh..opq", T::Regular, "", b""),
+            (".wh.gone", T::Regular, "", b""),
+            ("c", T::Regular, "", b"c"),
+            (".wh.c", T::Regular, "", b""),
+            ("dev/null", T::Char, "", b""),
+            ("fake", T::Char, "", b""),
+        ]);
+        let s = unpack_as(&layer[..], t.path(), Owners::Archive, Whiteouts::Overlay).unwrap();
+        assert_eq!(s.skipped, 2);
+        let p = t.path();
+        let st = |n: &str| rustix::fs::lstat(p.join(n)).unwrap();
+        assert!(is_overlay_whiteout(&st("etc/a")));
+        assert!(is_overlay_whiteout(&st("gone")));
+        assert_eq!((st("gone").st_uid, st("gone").st_gid), (0, 0));
+        // What the layer adds stays, whiteout or not; no `.wh.` name stays;
+        // device nodes of the archive are not made (not even a 0:0 one).
+        assert_eq!(std::fs::read(p.join("c")).unwrap(), b"c");
+        assert_eq!(std::fs::read(p.join("opq/new")).unwrap(), b"n");
+        assert!(!p.join("fake").exists() && !p.join("dev/null").exists());
+        for n in ["etc/.wh.a", ".wh.gone", ".wh.c", "opq/.wh..wh..opq"] {
+            assert!(!p.join(n).exists(), "{n}");
+        }
+        let mut buf = [0u8; 8];
+        let n = rustix::fs::lgetxattr(p.join("opq"), OVERLAY_OPAQUE, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"y");
+        assert!(rustix::fs::lgetxattr(p.join("etc"), OVERLAY_OPAQUE, &mut buf).is_err());
     }
 
     #[test]

@@ -41,20 +41,35 @@ pub fn prepare(root: &Path, src: &Source) -> Result<Prepared> {
     Ok(r?)
 }
 
-/// `moat images`.
+/// `moat images`: each image with its size (all its layers) and how much
+/// of that it shares with other cached images (layers they list too).
 pub fn list(root: &Path) -> Result<i32> {
     let entries = Store::new(root).list()?;
     out!(
-        "{:<19} {:>10}  {:<20}  SOURCE",
+        "{:<19} {:>10} {:>10}  {:<20}  SOURCE",
         "DIGEST",
         "SIZE",
+        "SHARED",
         "LAST USED"
     );
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         let short: String = e.digest.chars().take(19).collect();
+        let shared: u64 = e
+            .meta
+            .layers
+            .iter()
+            .filter(|l| {
+                entries
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.meta.layers.iter().any(|x| x.digest == l.digest))
+            })
+            .map(|l| l.size)
+            .sum();
         out!(
-            "{short:<19} {:>10}  {:<20}  {}",
+            "{short:<19} {:>10} {:>10}  {:<20}  {}",
             size(e.meta.size),
+            size(shared),
             e.last_used.map(ago).unwrap_or_else(|| "-".into()),
             e.meta.source
         );
@@ -111,7 +126,8 @@ fn in_use(root: &Path) -> Vec<(String, String)> {
 
 /// `moat prune`: without arguments removes the whole cache when no
 /// container exists; else the images named and/or unused for a while,
-/// never one that a run in progress uses.
+/// never one that a run in progress uses, and then every layer that no
+/// remaining image lists.
 pub fn prune(rt: &Runtime, root: &Path, a: &PruneArgs) -> Result<i32> {
     let store = Store::new(root);
     if a.images.is_empty() && a.unused_for.is_none() {
@@ -159,7 +175,8 @@ pub fn prune(rt: &Runtime, root: &Path, a: &PruneArgs) -> Result<i32> {
         store.remove(&e.digest)?;
         n += 1;
     }
-    out!("removed {n} cached image(s)");
+    let layers = store.remove_unused_layers()?;
+    out!("removed {n} cached image(s), {layers} unused layer(s)");
     Ok(0)
 }
 
