@@ -911,3 +911,200 @@ fn prune_single_and_unused_images() {
     assert!(listed(&rt).is_empty());
     assert!(mounts_under(rt.root()).is_empty());
 }
+
+/// Adds to the OCI layout `layout` (created if needed) an image tagged
+/// `tag` whose layers are the tarballs `layers` (bottom first, stored
+/// gzipped) under the config of [`config_json`].
+fn add_oci_image(layout: &Path, tag: &str, layers: &[PathBuf]) {
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let mut diff_ids = Vec::new();
+    let mut descs = Vec::new();
+    for l in layers {
+        diff_ids.push(format!("sha256:{}", sha256(l)));
+        let gz = l.with_extension("tar.gz");
+        sh(&format!("gzip -nc {} > {}", l.display(), gz.display()));
+        let (d, size) = blob(layout, &gz);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size}));
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&config_json("")).unwrap();
+    config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+    let cfg = layout.join(format!("{tag}.config"));
+    fs::write(&cfg, config.to_string()).unwrap();
+    let (config, csize) = blob(layout, &cfg);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": csize},
+        "layers": descs
+    });
+    let mp = layout.join(format!("{tag}.manifest"));
+    fs::write(&mp, manifest.to_string()).unwrap();
+    let (mdigest, msize) = blob(layout, &mp);
+    let ip = layout.join("index.json");
+    let mut index: serde_json::Value = fs::read(&ip)
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap_or_else(|_| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
+            "size": msize, "annotations": {"org.opencontainers.image.ref.name": tag}}));
+    fs::write(&ip, index.to_string()).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+/// The layer directories of the cache: name → inode.
+fn cached_layers(rt: &Rt) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = rt.root().join(".images/layers/sha256");
+    let mut v: Vec<(String, u64)> = fs::read_dir(&dir)
+        .map(|rd| {
+            rd.map(|e| {
+                let e = e.unwrap();
+                let ino = fs::metadata(e.path().join("diff")).unwrap().ino();
+                (e.file_name().to_string_lossy().into_owned(), ino)
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn images_share_layers() {
+    // The images' Entrypoint is `/bin/sh -c`: commands are scripts.
+    let Some(rt) = rt("images_share_layers") else {
+        return;
+    };
+    let t = fixtures();
+    let d = t.path().display().to_string();
+    // The base: busybox, /opq/old, /gone/f, /work/secret (1000, 0600).
+    let r = busybox_root(t.path());
+    fs::create_dir_all(r.join("opq/keep")).unwrap();
+    fs::write(r.join("opq/old"), "o").unwrap();
+    fs::create_dir(r.join("gone")).unwrap();
+    fs::write(r.join("gone/f"), "f").unwrap();
+    fs::write(r.join("work/secret"), "s3cret").unwrap();
+    std::os::unix::fs::chown(r.join("work/secret"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r.join("work/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    sh(&format!(
+        "tar --numeric-owner -C {d}/rootfs -cf {d}/base.tar ."
+    ));
+    // One upper layer makes /opq opaque (only /opq/new shows) and deletes
+    // /gone; the other only adds a file.
+    let u1 = t.path().join("u1");
+    fs::create_dir_all(u1.join("opq")).unwrap();
+    fs::write(u1.join("opq/new"), "n").unwrap();
+    fs::write(u1.join("opq/.wh..wh..opq"), "").unwrap();
+    fs::write(u1.join(".wh.gone"), "").unwrap();
+    let u2 = t.path().join("u2");
+    fs::create_dir_all(u2.join("etc")).unwrap();
+    fs::write(u2.join("etc/two"), "2").unwrap();
+    sh(&format!(
+        "tar --numeric-owner -C {d}/u1 -cf {d}/u1.tar . && tar --numeric-owner -C {d}/u2 -cf {d}/u2.tar ."
+    ));
+    let lay = t.path().join("lay");
+    let base = t.path().join("base.tar");
+    add_oci_image(&lay, "one", &[base.clone(), t.path().join("u1.tar")]);
+    add_oci_image(&lay, "two", &[base, t.path().join("u2.tar")]);
+    let one = format!("oci:{}:one", lay.display());
+    let two = format!("oci:{}:two", lay.display());
+    let look = "ls /opq; ls / | grep -c gone; cat /work/secret; stat -c %u:%a /work/secret";
+    let out = rt.cmd(&["run", "-u", "1000", &one, "--", look]).expect_ok();
+    assert_eq!(out.stdout, "new\n0\ns3cret1000:600\n");
+    let after_one = cached_layers(&rt);
+    assert_eq!(after_one.len(), 2, "{after_one:?}");
+    // The second image unpacks only its own layer: the base stays the
+    // very same directory.
+    let out = rt.cmd(&["run", "-u", "1000", &two, "--", look]).expect_ok();
+    assert_eq!(out.stdout, "keep\nold\n1\ns3cret1000:600\n");
+    let after_two = cached_layers(&rt);
+    assert_eq!(after_two.len(), 3, "{after_two:?}");
+    assert!(after_one.iter().all(|l| after_two.contains(l)));
+    let list = rt.cmd(&["images"]).expect_ok().stdout;
+    assert_eq!(list.lines().count(), 3, "{list}");
+    // Read-only by default, writable with --read-write, the cache
+    // unchanged either way; a failing run leaves no mount either.
+    let before = cache_snapshot(rt.root());
+    let out = rt
+        .cmd(&["run", &one, "--", "echo x > /opq/new"])
+        .expect_fail();
+    assert!(out.stderr.contains("Read-only"), "{}", out.stderr);
+    let write = "echo x > /opq/new && rm /work/secret && rm -r /gone; cat /opq/new";
+    let out = rt
+        .cmd(&["run", "--read-write", "-u", "0", &one, "--", write])
+        .expect_ok();
+    assert_eq!(out.stdout, "x\n");
+    rt.cmd(&["run", &two, "--", "exit 3"]).expect_fail();
+    // A volume's mount point is made in the run's upper layer, not in
+    // the cache, and the root stays read-only.
+    let vol = format!("{d}/u2:/vol/sub");
+    let out = rt
+        .cmd(&[
+            "run",
+            "-v",
+            &vol,
+            &two,
+            "--",
+            "cat /vol/sub/etc/two; touch /x",
+        ])
+        .expect_fail();
+    assert_eq!(out.stdout, "2", "{}", out.stderr);
+    assert!(out.stderr.contains("Read-only"), "{}", out.stderr);
+    assert_eq!(cache_snapshot(rt.root()), before, "the cache changed");
+    assert!(mounts_under(rt.root()).is_empty());
+    // Pruning one image keeps the layer the other uses.
+    let digests = listed(&rt);
+    let first = digests.last().unwrap();
+    let out = rt.cmd(&["prune", first]).expect_ok();
+    assert!(out.stdout.contains("1 unused layer"), "{}", out.stdout);
+    let left = cached_layers(&rt);
+    assert_eq!(left.len(), 2, "{left:?}");
+    let out = rt.cmd(&["run", "-u", "1000", &two, "--", look]).expect_ok();
+    assert_eq!(out.stdout, "keep\nold\n1\ns3cret1000:600\n");
+    let out = rt.cmd(&["prune", "--unused-for", "0s"]).expect_ok();
+    assert!(out.stdout.contains("2 unused layer"), "{}", out.stdout);
+    assert!(cached_layers(&rt).is_empty());
+    assert!(listed(&rt).is_empty());
+}
+
+#[test]
+fn flattened_entries_of_earlier_moats_still_run() {
+    let Some(rt) = rt("flattened_entries_of_earlier_moats_still_run") else {
+        return;
+    };
+    let t = fixtures();
+    let tar = owned_tarball(t.path());
+    // An entry as an earlier moat wrote it for this tarball: one rootfs,
+    // no layers listed; a marker shows it is the one used.
+    let entry = rt.root().join(".images/sha256").join(sha256(&tar));
+    fs::create_dir_all(&entry).unwrap();
+    fs::set_permissions(rt.root().join(".images"), fs::Permissions::from_mode(0o700)).unwrap();
+    sh(&format!(
+        "mkdir {e}/rootfs && tar -C {e}/rootfs -xf {t} && echo legacy > {e}/rootfs/etc/marker \
+         && mkdir {e}/rootfs/proc {e}/rootfs/dev {e}/rootfs/sys {e}/rootfs/tmp",
+        e = entry.display(),
+        t = tar.display()
+    ));
+    let meta = serde_json::json!({"source": tar.display().to_string(), "config": {}, "size": 1});
+    fs::write(entry.join("image.json"), meta.to_string()).unwrap();
+    let img = tar.to_str().unwrap();
+    for rw in [&[][..], &["--read-write"][..]] {
+        let mut a = vec!["run", "-u", "1000"];
+        a.extend_from_slice(rw);
+        a.extend_from_slice(&[img, "--", "/bin/sh", "-c", "cat /etc/marker /work/secret"]);
+        let out = rt.cmd(&a).expect_ok();
+        assert_eq!(out.stdout, "legacy\ns3cret", "{rw:?}");
+    }
+    assert!(!rt.root().join(".images/layers").exists());
+    assert!(mounts_under(rt.root()).is_empty());
+    let out = rt.cmd(&["prune", "--unused-for", "0s"]).expect_ok();
+    assert!(out.stdout.contains("removed 1 "), "{}", out.stdout);
+    assert!(!entry.exists());
+}

@@ -322,12 +322,21 @@ struct LayerSrc {
 }
 
 impl LayerSrc {
-    fn open(path: &Path, blob: Option<Sha256Digest>, diff_id: Option<Sha256Digest>) -> Result<LayerSrc, ImageError> {
+    fn open(
+        path: &Path,
+        blob: Option<Sha256Digest>,
+        diff_id: Option<Sha256Digest>,
+    ) -> Result<LayerSrc, ImageError> {
         let file = fs::File::open(path).map_err(rerr(path))?;
         LayerSrc::with(path, file, blob, diff_id)
     }
 
-    fn with(path: &Path, file: fs::File, blob: Option<Sha256Digest>, diff_id: Option<Sha256Digest>) -> Result<LayerSrc, ImageError> {
+    fn with(
+        path: &Path,
+        file: fs::File,
+        blob: Option<Sha256Digest>,
+        diff_id: Option<Sha256Digest>,
+    ) -> Result<LayerSrc, ImageError> {
         let len = file.metadata().map_err(rerr(path))?.len();
         Ok(LayerSrc {
             path: path.to_path_buf(),
@@ -474,13 +483,8 @@ impl Store {
                 Self::mkdir(&rootfs, 0o755)?;
                 let mut size = 0;
                 for l in layers {
-                    let (_, n) = unpack_layer(
-                        l,
-                        &rootfs,
-                        progress,
-                        self.owners,
-                        unpack::Whiteouts::Apply,
-                    )?;
+                    let (_, n) =
+                        unpack_layer(l, &rootfs, progress, self.owners, unpack::Whiteouts::Apply)?;
                     size += n;
                 }
                 make_mount_points(&rootfs)?;
@@ -1219,5 +1223,62 @@ mod tests {
         assert_eq!(resolve_user(t.path(), "7"), Some((7, 7)));
         assert_eq!(resolve_user(t.path(), "app:staff"), Some((1000, 50)));
         assert_eq!(resolve_user(t.path(), "nope"), None);
+    }
+
+    /// A tar of `files` (name, contents), as a file in `dir`.
+    fn tar_file(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let p = dir.join(name);
+        let mut b = tar::Builder::new(fs::File::create(&p).unwrap());
+        for (n, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, n, *data).unwrap();
+        }
+        b.finish().unwrap();
+        p
+    }
+
+    #[test]
+    fn layers_are_shared_and_removed_when_unused() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(&t.path().join("state"));
+        let a = tar_file(t.path(), "a.tar", &[("etc/x", b"x")]);
+        let b = tar_file(t.path(), "b.tar", &[("etc/y", b"yy")]);
+        // The same layer compressed: another image, the same layer.
+        let gz = t.path().join("a.tar.gz");
+        let mut enc = flate2::write::GzEncoder::new(
+            fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        io::copy(&mut fs::File::open(&a).unwrap(), &mut enc).unwrap();
+        enc.finish().unwrap();
+        let mut none = |_: u64, _: u64| {};
+        let pa = store.prepare(&Source::Tarball(a), &mut none).unwrap();
+        let pg = store.prepare(&Source::Tarball(gz), &mut none).unwrap();
+        let pb = store.prepare(&Source::Tarball(b), &mut none).unwrap();
+        // One layer each, below a top layer with the mount points.
+        assert_eq!(pa.layers.len(), 2);
+        assert!(pa.layers[0].join("proc").is_dir());
+        assert_eq!(pa.layers[1], pg.layers[1]);
+        assert_ne!(pa.layers[1], pb.layers[1]);
+        assert_eq!(fs::read(pa.layers[1].join("etc/x")).unwrap(), b"x");
+        let layers = store.layers_dir();
+        let count = || fs::read_dir(&layers).unwrap().count();
+        assert_eq!(count(), 2);
+        assert_eq!(store.list().unwrap().len(), 3);
+        // Gone from the entry that uses it: the entry is rebuilt.
+        fs::remove_dir_all(pb.layers[1].parent().unwrap()).unwrap();
+        let again = store.prepare(&Source::Tarball(t.path().join("b.tar")), &mut none);
+        assert!(again.unwrap().layers[1].join("etc/y").is_file());
+        store.remove(&pa.digest.unwrap().to_string()).unwrap();
+        assert_eq!(store.remove_unused_layers().unwrap(), 0);
+        store.remove(&pg.digest.unwrap().to_string()).unwrap();
+        assert_eq!(store.remove_unused_layers().unwrap(), 1);
+        assert_eq!(count(), 1);
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 }

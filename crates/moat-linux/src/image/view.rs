@@ -116,7 +116,8 @@ impl View {
             attached: Vec::new(),
         };
         let map = format!("0 {host_id} {ID_RANGE}\n");
-        let userns = moat_sys::mount::userns_with_mappings(&map, &map).map_err(ViewError::Userns)?;
+        let userns =
+            moat_sys::mount::userns_with_mappings(&map, &map).map_err(ViewError::Userns)?;
         if let ([one], Writes::Refused) = (layers, writes) {
             let tree = idmapped_clone(one, userns.as_fd())?;
             mkdir(&rootfs, 0o755)?;
