@@ -1,16 +1,22 @@
 //! Images as the root of `moat run`: a rootfs directory or OCI bundle, a
 //! rootfs tarball (.tar, gzip, zstd), an OCI image layout (`oci:PATH[:TAG]`)
 //! or a `docker save` archive. Archives are unpacked safely ([`unpack`])
-//! into a content-addressed cache under the state root,
-//! `<root>/.images/sha256/<hex>/{rootfs,image.json}`, keyed by the image
-//! config's digest (OCI, Docker) or the tarball's sha256, built in
+//! into a content-addressed cache under the state root, built in
 //! `<root>/.images/tmp/` and renamed into place; later runs reuse it.
 //!
-//! Unpacked by root, the cache keeps the archive's owners and is reachable
-//! by root alone (`.images` is 0700): containers see an entry only through
-//! the idmapped [`view`] that `moat run` mounts in its bundle. Unpacked by
-//! another user (rootless), files belong to that user and the container's
-//! init reaches the entry directly (`.images` is 0711).
+//! Run by root, the cache holds layers shared between images: each layer
+//! once in `<root>/.images/layers/sha256/<diff_id>/{diff,size}`, its
+//! whiteouts in overlayfs' form; an image is
+//! `<root>/.images/sha256/<hex>/{image.json,last-used,top/}` (keyed by the
+//! image config's digest, or the tarball's sha256), listing its layers;
+//! `top/` holds the mount points it lacks. Its files keep the archive's
+//! owners and are reachable by root alone (`.images` is 0700): containers
+//! see an image only through the idmapped overlay [`view`] that `moat run`
+//! mounts in its bundle. Unpacked by another user (rootless), an image is
+//! one flattened `rootfs/` in its entry (whiteouts applied), its files
+//! belong to that user, and the container's init reaches it directly
+//! (`.images` is 0711). Entries of an earlier moat (a flattened `rootfs/`
+//! without layers) are used as they are.
 pub mod layout;
 pub mod unpack;
 pub mod view;
