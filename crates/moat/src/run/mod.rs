@@ -272,8 +272,20 @@ pub fn main(cli: RunCli) -> Result<i32> {
             for v in &o.volumes {
                 mounts.push(rootfs::Volume::parse(v)?.mount());
             }
-            rootfs::build(&bundle.path.join("rootfs"), &mounts, &links, s.uid, s.gid)?;
-            defaults::spec(&s, mounts)
+            let layout = rootfs::layout(&mounts, &links, s.uid, s.gid);
+            // A read-only root without volumes is the same for every run of
+            // this user on this host: share one, built once.
+            let shared = if !s.read_write && o.volumes.is_empty() {
+                Some(rootfs::cached(root, &layout)?)
+            } else {
+                rootfs::build(&bundle.path.join("rootfs"), &layout)?;
+                None
+            };
+            let mut spec = defaults::spec(&s, mounts);
+            if let Some(path) = shared {
+                spec["root"]["path"] = serde_json::json!(path);
+            }
+            spec
         }
     };
     let cfg = bundle.path.join("config.json");
