@@ -38,6 +38,8 @@ pub enum ContainerError {
     IdMap(#[from] idmap::IdMapError),
     #[error("seccomp listener")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("seccomp")]
+    SeccompProgram(#[source] seccomp::SeccompError),
     #[error("isolation tier {0} is not available yet (only `container` is)")]
     TierUnavailable(Tier),
     #[error("{0}")]
@@ -218,6 +220,14 @@ impl Runtime {
             h.prestart().as_ref().is_some_and(|l| !l.is_empty())
                 || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
         });
+        // Compiled here (or taken from the cache) rather than in the
+        // container process: that costs one syscall there.
+        let seccomp_program = match linux.seccomp() {
+            Some(s) => {
+                seccomp::prepare(s, Some(self.sd.root())).map_err(ContainerError::SeccompProgram)?
+            }
+            None => None,
+        };
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
         let ctx = InitContext {
@@ -236,6 +246,7 @@ impl Runtime {
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
             cgroup_join: cgroup_join.as_ref(),
+            seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();
         let first = match fast {

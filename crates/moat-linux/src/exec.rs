@@ -122,6 +122,7 @@ pub fn exec(
         let fin = Finalize {
             process,
             seccomp,
+            seccomp_program: None,
             preserve_fds: opts.preserve_fds,
             notify_channel: Some(&child),
             in_user_ns,

@@ -74,6 +74,8 @@ pub struct InitContext<'a> {
     pub lock_fd: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
     pub has_runtime_hooks: bool,
+    /// The spec's seccomp filter, compiled by the runtime (None: compile here).
+    pub seccomp_program: Option<&'a crate::seccomp::Program>,
 }
 
 /// Entry point of the slow path's intermediate process: join and create the
@@ -173,6 +175,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     let fin = Finalize {
         process,
         seccomp: linux.and_then(|l| l.seccomp().as_ref()),
+        seccomp_program: ctx.seccomp_program,
         preserve_fds: ctx.preserve_fds,
         notify_channel: Some(reply),
         in_user_ns: ctx.plan.has_user(),
