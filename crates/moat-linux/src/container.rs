@@ -79,6 +79,11 @@ fn sys_err(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError
 pub struct CreateOpts {
     pub id: String,
     pub bundle: PathBuf,
+    /// config.json's content, given in memory (`moat run` generates it):
+    /// used instead of the bundle's, checked the same way. The container's
+    /// state directory, which keeps it as its copy, then stands for the
+    /// bundle, and `bundle` is not read.
+    pub config: Option<Vec<u8>>,
     pub pid_file: Option<PathBuf>,
     pub console_socket: Option<PathBuf>,
     pub no_pivot: bool,
@@ -156,9 +161,7 @@ impl Runtime {
         lock: &ContainerLock,
         cleanup: &mut Cleanup,
     ) -> Result<(i32, State, Channel, Option<OwnedFd>), ContainerError> {
-        let bundle = std::fs::canonicalize(&opts.bundle)
-            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
-        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
+        let (spec, rootfs, bundle) = load_config(opts, lock.dir())?;
         check_tier(&spec, opts.tier)?;
         let linux = spec
             .linux()
@@ -202,7 +205,7 @@ impl Runtime {
             Err(e) => return Err(e.into()),
         }
         let cg = cleanup.cgroup.as_ref();
-        save_config_copy(lock.dir(), &bundle)?;
+        save_config_copy(lock.dir(), &bundle, opts.config.as_deref())?;
 
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
@@ -818,10 +821,59 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     res
 }
 
-fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
-    std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY))
-        .map_err(io_err("save a copy of config.json"))?;
-    Ok(())
+/// The spec, its rootfs and the bundle directory: from the bundle's
+/// config.json, or from [`CreateOpts::config`] with the container's state
+/// directory `state_dir` as the bundle.
+fn load_config(
+    opts: &CreateOpts,
+    state_dir: &Path,
+) -> Result<(Spec, PathBuf, PathBuf), ContainerError> {
+    let Some(config) = &opts.config else {
+        let bundle = std::fs::canonicalize(&opts.bundle)
+            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
+        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
+        return Ok((spec, rootfs, bundle));
+    };
+    let spec = moat_core::spec::parse_reader(config.as_slice(), &state_dir.join(CONFIG_COPY))?;
+    moat_core::spec::validate(&spec)?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| ContainerError::Invalid("root is missing".into()))?;
+    if !root.path().is_absolute() {
+        return Err(ContainerError::Invalid(format!(
+            "root.path {} must be absolute in a config given without a bundle",
+            root.path().display()
+        )));
+    }
+    let rootfs = root.path().clone();
+    match std::fs::metadata(&rootfs) {
+        Ok(m) if m.is_dir() => Ok((spec, rootfs, state_dir.to_owned())),
+        Ok(_) => Err(SpecError::Rootfs {
+            path: rootfs,
+            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        }
+        .into()),
+        Err(source) => Err(SpecError::Rootfs {
+            path: rootfs,
+            source,
+        }
+        .into()),
+    }
+}
+
+/// Keeps config.json in the state directory (for `exec`, `state` and the
+/// seccomp listener): `config` when given in memory, else the bundle's.
+fn save_config_copy(
+    dir: &Path,
+    bundle: &Path,
+    config: Option<&[u8]>,
+) -> Result<(), ContainerError> {
+    let saved = match config {
+        Some(bytes) => std::fs::write(dir.join(CONFIG_COPY), bytes),
+        None => std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map(drop),
+    };
+    saved.map_err(io_err("save a copy of config.json"))
 }
 
 /// The console socket for the container process, and our end of it when

@@ -229,7 +229,9 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
 pub fn main(cli: RunCli) -> Result<i32> {
     let o = &cli.opts;
     check_tier(cli.global.isolation.as_deref())?;
-    let root = &cli.global.root;
+    // Absolute: the config names the root (a cache entry under it) by path.
+    let root = &std::path::absolute(&cli.global.root)
+        .with_context(|| format!("cannot resolve {}", cli.global.root.display()))?;
     let id = match &o.name {
         Some(n) => n.clone(),
         None => generated_id(),
@@ -264,7 +266,9 @@ pub fn main(cli: RunCli) -> Result<i32> {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
     };
-    let bundle = TempBundle::create(root, &id)?;
+    // A bundle directory only when the run needs one of its own: a root
+    // made for it, or the terminal's socket. The config stays in memory.
+    let mut bundle = None;
     let spec = match &prepared {
         Some(img) => image_spec(&mut s, o, img)?,
         None => {
@@ -275,29 +279,31 @@ pub fn main(cli: RunCli) -> Result<i32> {
             let layout = rootfs::layout(&mounts, &links, s.uid, s.gid);
             // A read-only root without volumes is the same for every run of
             // this user on this host: share one, built once.
-            let shared = if !s.read_write && o.volumes.is_empty() {
-                Some(rootfs::cached(root, &layout)?)
+            let path = if !s.read_write && o.volumes.is_empty() {
+                rootfs::cached(root, &layout)?
             } else {
-                rootfs::build(&bundle.path.join("rootfs"), &layout)?;
-                None
+                let b = bundle.insert(TempBundle::create(root, &id)?);
+                let path = b.path.join("rootfs");
+                rootfs::build(&path, &layout)?;
+                path
             };
             let mut spec = defaults::spec(&s, mounts);
-            if let Some(path) = shared {
-                spec["root"]["path"] = serde_json::json!(path);
-            }
+            spec["root"]["path"] = serde_json::json!(path);
             spec
         }
     };
-    let cfg = bundle.path.join("config.json");
-    std::fs::write(&cfg, serde_json::to_vec_pretty(&spec)?)
-        .with_context(|| format!("cannot write {}", cfg.display()))?;
+    let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
     }
     let rt = Runtime::new(root, cli.global.systemd_cgroup);
     // With a terminal, the container sends its pty master to a socket of ours.
     let console = if s.tty {
-        let path = bundle.path.join("console.sock");
+        let b = match &mut bundle {
+            Some(b) => b,
+            None => bundle.insert(TempBundle::create(root, &id)?),
+        };
+        let path = b.path.join("console.sock");
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         Some((l, path))
@@ -306,7 +312,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     };
     let opts = CreateOpts {
         id: id.clone(),
-        bundle: bundle.path.clone(),
+        config: Some(config),
         console_socket: console.as_ref().map(|(_, p)| p.clone()),
         tier: Some(Tier::Container),
         ..CreateOpts::default()
