@@ -38,6 +38,8 @@ pub enum ContainerError {
     IdMap(#[from] idmap::IdMapError),
     #[error("seccomp listener")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("seccomp")]
+    SeccompProgram(#[source] seccomp::SeccompError),
     #[error("isolation tier {0} is not available yet (only `container` is)")]
     TierUnavailable(Tier),
     #[error("{0}")]
@@ -77,6 +79,11 @@ fn sys_err(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError
 pub struct CreateOpts {
     pub id: String,
     pub bundle: PathBuf,
+    /// config.json's content, given in memory (`moat run` generates it):
+    /// used instead of the bundle's, checked the same way. The container's
+    /// state directory, which keeps it as its copy, then stands for the
+    /// bundle, and `bundle` is not read.
+    pub config: Option<Vec<u8>>,
     pub pid_file: Option<PathBuf>,
     pub console_socket: Option<PathBuf>,
     pub no_pivot: bool,
@@ -154,9 +161,7 @@ impl Runtime {
         lock: &ContainerLock,
         cleanup: &mut Cleanup,
     ) -> Result<(i32, State, Channel, Option<OwnedFd>), ContainerError> {
-        let bundle = std::fs::canonicalize(&opts.bundle)
-            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
-        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
+        let (spec, rootfs, bundle) = load_config(opts, lock.dir())?;
         check_tier(&spec, opts.tier)?;
         let linux = spec
             .linux()
@@ -200,7 +205,7 @@ impl Runtime {
             Err(e) => return Err(e.into()),
         }
         let cg = cleanup.cgroup.as_ref();
-        save_config_copy(lock.dir(), &bundle)?;
+        save_config_copy(lock.dir(), &bundle, opts.config.as_deref())?;
 
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
@@ -218,6 +223,14 @@ impl Runtime {
             h.prestart().as_ref().is_some_and(|l| !l.is_empty())
                 || h.create_runtime().as_ref().is_some_and(|l| !l.is_empty())
         });
+        // Compiled here (or taken from the cache) rather than in the
+        // container process: that costs one syscall there.
+        let seccomp_program = match linux.seccomp() {
+            Some(s) => {
+                seccomp::prepare(s, Some(self.sd.root())).map_err(ContainerError::SeccompProgram)?
+            }
+            None => None,
+        };
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
         let landlock = moat_core::landlock::LandlockPolicy::from_spec(&spec)?;
@@ -238,6 +251,7 @@ impl Runtime {
             lock_fd: lock.raw_fd(),
             cgroup_join: cgroup_join.as_ref(),
             landlock: landlock.as_ref(),
+            seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();
         let first = match fast {
@@ -809,10 +823,59 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     res
 }
 
-fn save_config_copy(dir: &Path, bundle: &Path) -> Result<(), ContainerError> {
-    std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY))
-        .map_err(io_err("save a copy of config.json"))?;
-    Ok(())
+/// The spec, its rootfs and the bundle directory: from the bundle's
+/// config.json, or from [`CreateOpts::config`] with the container's state
+/// directory `state_dir` as the bundle.
+fn load_config(
+    opts: &CreateOpts,
+    state_dir: &Path,
+) -> Result<(Spec, PathBuf, PathBuf), ContainerError> {
+    let Some(config) = &opts.config else {
+        let bundle = std::fs::canonicalize(&opts.bundle)
+            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
+        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
+        return Ok((spec, rootfs, bundle));
+    };
+    let spec = moat_core::spec::parse_reader(config.as_slice(), &state_dir.join(CONFIG_COPY))?;
+    moat_core::spec::validate(&spec)?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| ContainerError::Invalid("root is missing".into()))?;
+    if !root.path().is_absolute() {
+        return Err(ContainerError::Invalid(format!(
+            "root.path {} must be absolute in a config given without a bundle",
+            root.path().display()
+        )));
+    }
+    let rootfs = root.path().clone();
+    match std::fs::metadata(&rootfs) {
+        Ok(m) if m.is_dir() => Ok((spec, rootfs, state_dir.to_owned())),
+        Ok(_) => Err(SpecError::Rootfs {
+            path: rootfs,
+            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        }
+        .into()),
+        Err(source) => Err(SpecError::Rootfs {
+            path: rootfs,
+            source,
+        }
+        .into()),
+    }
+}
+
+/// Keeps config.json in the state directory (for `exec`, `state` and the
+/// seccomp listener): `config` when given in memory, else the bundle's.
+fn save_config_copy(
+    dir: &Path,
+    bundle: &Path,
+    config: Option<&[u8]>,
+) -> Result<(), ContainerError> {
+    let saved = match config {
+        Some(bytes) => std::fs::write(dir.join(CONFIG_COPY), bytes),
+        None => std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map(drop),
+    };
+    saved.map_err(io_err("save a copy of config.json"))
 }
 
 /// The console socket for the container process, and our end of it when

@@ -132,6 +132,7 @@ pub fn exec(
             process,
             seccomp,
             landlock: ruleset.as_ref(),
+            seccomp_program: None,
             preserve_fds: opts.preserve_fds,
             notify_channel: Some(&child),
             in_user_ns,

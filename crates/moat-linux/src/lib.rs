@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attrs;
+pub mod cache;
 pub mod caps;
 pub mod cgroup;
 pub mod console;

@@ -62,6 +62,9 @@ pub struct Finalize<'a> {
     pub seccomp: Option<&'a LinuxSeccomp>,
     /// The ruleset of moat's Landlock policy (`dev.moat.landlock`).
     pub landlock: Option<&'a landlock::Prepared>,
+    /// `seccomp` already compiled by the runtime ([`seccomp::prepare`]):
+    /// loaded instead of compiling `seccomp` here.
+    pub seccomp_program: Option<&'a seccomp::Program>,
     /// Keep fds 3..3+preserve_fds open across exec.
     pub preserve_fds: u32,
     /// Where to send the seccomp notify fd, if the filter has notify rules.
@@ -122,7 +125,14 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     if let Some(ruleset) = f.landlock {
         ruleset.restrict()?;
     }
-    let filter = f.seccomp.map(seccomp::compile).transpose()?;
+    let filter = match f.seccomp_program {
+        Some(p) => Some(Seccomp::Program(p)),
+        None => f
+            .seccomp
+            .map(seccomp::compile)
+            .transpose()?
+            .map(Seccomp::Filter),
+    };
     // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it
     // while we still have it. With it, load as late as possible.
     if !nnp {
@@ -172,9 +182,21 @@ fn no_caps() -> oci_spec::runtime::LinuxCapabilities {
     c
 }
 
-fn load_filter(filter: Option<&seccomp::Filter>, f: &Finalize) -> Result<(), ProcessError> {
-    let Some(filter) = filter else { return Ok(()) };
-    let fd: Option<OwnedFd> = filter.load()?;
+/// The seccomp filter to load: compiled by the runtime, or here.
+enum Seccomp<'a> {
+    Program(&'a seccomp::Program),
+    Filter(seccomp::Filter),
+}
+
+fn load_filter(filter: Option<&Seccomp>, f: &Finalize) -> Result<(), ProcessError> {
+    let fd: Option<OwnedFd> = match filter {
+        None => return Ok(()),
+        Some(Seccomp::Program(p)) => {
+            p.load()?;
+            None
+        }
+        Some(Seccomp::Filter(filter)) => filter.load()?,
+    };
     if let (Some(fd), Some(ch)) = (fd, f.notify_channel) {
         ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd.as_raw_fd()))
             .map_err(ProcessError::NotifyFd)?;

@@ -49,6 +49,9 @@ use oci_spec::runtime::{
 };
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
+mod program;
+pub use program::{prepare, Program};
+
 type LibError = libseccomp::error::SeccompError;
 
 /// Highest errno the kernel passes through `SECCOMP_RET_ERRNO` (`MAX_ERRNO`).
@@ -129,6 +132,32 @@ pub enum SeccompError {
         #[source]
         source: LibError,
     },
+    #[error("exporting the seccomp program from libseccomp")]
+    ExportBpf {
+        #[source]
+        source: LibError,
+    },
+    #[error("reading back the exported seccomp program")]
+    Export {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the seccomp program is malformed ({len} bytes, flags {flags:#x})")]
+    BadProgram { len: usize, flags: libc::c_ulong },
+    #[error("loading the compiled seccomp program")]
+    LoadProgram {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("seccomp program cache")]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("cannot {step} {path}")]
+    CacheFile {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("getting the seccomp notify fd from libseccomp")]
     NotifyFd {
         #[source]
@@ -175,6 +204,10 @@ pub struct Filter {
     rules: usize,
     arches: Vec<ScmpArch>,
     skipped: Vec<String>,
+    /// The `SECCOMP_FILTER_FLAG_*` bits libseccomp passes when loading.
+    kernel_flags: libc::c_ulong,
+    /// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` was asked for.
+    wait_killable: bool,
 }
 
 impl std::fmt::Debug for Filter {
@@ -204,6 +237,8 @@ pub fn compile(seccomp: &LinuxSeccomp) -> Result<Filter, SeccompError> {
         rules: 0,
         arches: vec![ScmpArch::native()],
         skipped: Vec::new(),
+        kernel_flags: 0,
+        wait_killable: false,
     };
     filter.set_attributes(seccomp.flags().as_deref().unwrap_or_default())?;
     for &arch in seccomp.architectures().as_deref().unwrap_or_default() {
@@ -345,6 +380,17 @@ impl Filter {
                 }
             };
             res.map_err(|source| SeccompError::Flag { flag, source })?;
+            self.kernel_flags |= match flag {
+                LinuxSeccompFilterFlag::SeccompFilterFlagTsync => libc::SECCOMP_FILTER_FLAG_TSYNC,
+                LinuxSeccompFilterFlag::SeccompFilterFlagLog => libc::SECCOMP_FILTER_FLAG_LOG,
+                LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => {
+                    libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+                }
+                LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => {
+                    self.wait_killable = true;
+                    0
+                }
+            };
         }
         Ok(())
     }
@@ -420,6 +466,28 @@ impl Filter {
     /// Syscall names libseccomp does not know for the native architecture, left out.
     pub fn skipped_syscalls(&self) -> &[String] {
         &self.skipped
+    }
+
+    /// The classic BPF program libseccomp generates for this filter (what
+    /// [`load`](Filter::load) installs), with the kernel flags its load
+    /// passes. `None` for a filter with notify rules or
+    /// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`: those are loaded through
+    /// libseccomp, which hands over the notify fd.
+    pub fn program(&self) -> Result<Option<Program>, SeccompError> {
+        if self.notify || self.wait_killable {
+            return Ok(None);
+        }
+        let export = |source| SeccompError::Export { source };
+        let fd = rustix::fs::memfd_create("moat-seccomp", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| export(e.into()))?;
+        self.ctx
+            .export_bpf(&fd)
+            .map_err(|source| SeccompError::ExportBpf { source })?;
+        let mut f = std::fs::File::from(fd);
+        let mut bytes = Vec::new();
+        std::io::Seek::rewind(&mut f).map_err(export)?;
+        std::io::Read::read_to_end(&mut f, &mut bytes).map_err(export)?;
+        Program::from_parts(bytes, self.kernel_flags).map(Some)
     }
 
     /// Loads the filter into the calling thread (all threads with `SECCOMP_FILTER_FLAG_TSYNC`).

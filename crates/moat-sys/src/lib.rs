@@ -8,3 +8,4 @@ pub mod fd;
 pub mod mount;
 pub mod probe;
 pub mod process;
+pub mod seccomp;

@@ -22,6 +22,7 @@ fn create_opts(a: &CreateArgs, tier: Option<Tier>) -> CreateOpts {
         no_new_keyring: a.no_new_keyring,
         preserve_fds: a.preserve_fds,
         tier,
+        config: None,
     }
 }
 

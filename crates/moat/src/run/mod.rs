@@ -229,7 +229,9 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
 pub fn main(cli: RunCli) -> Result<i32> {
     let o = &cli.opts;
     check_tier(cli.global.isolation.as_deref())?;
-    let root = &cli.global.root;
+    // Absolute: the config names the root (a cache entry under it) by path.
+    let root = &std::path::absolute(&cli.global.root)
+        .with_context(|| format!("cannot resolve {}", cli.global.root.display()))?;
     let id = match &o.name {
         Some(n) => n.clone(),
         None => generated_id(),
@@ -269,11 +271,17 @@ pub fn main(cli: RunCli) -> Result<i32> {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
     };
-    let bundle = TempBundle::create(root, &id)?;
-    // Declared after the bundle: dropped (unmounted) before it on any error.
-    let view = match &prepared {
-        Some(img) => image_view(img, &bundle.path, &s, o)?,
+    // A bundle directory only when the run needs one of its own: a root
+    // made for it, an image's view, or the terminal's socket. The config
+    // stays in memory.
+    let mut bundle = match prepared {
+        Some(_) => Some(TempBundle::create(root, &id)?),
         None => None,
+    };
+    // Declared after the bundle: dropped (unmounted) before it on any error.
+    let view = match (&prepared, &bundle) {
+        (Some(img), Some(b)) => image_view(img, &b.path, &s, o)?,
+        _ => None,
     };
     let spec = match &prepared {
         Some(img) => image_spec(&mut s, o, img, view.as_ref())?,
@@ -282,8 +290,20 @@ pub fn main(cli: RunCli) -> Result<i32> {
             for v in &o.volumes {
                 mounts.push(rootfs::Volume::parse(v)?.mount());
             }
-            rootfs::build(&bundle.path.join("rootfs"), &mounts, &links, s.uid, s.gid)?;
-            defaults::spec(&s, mounts)
+            let layout = rootfs::layout(&mounts, &links, s.uid, s.gid);
+            // A read-only root without volumes is the same for every run of
+            // this user on this host: share one, built once.
+            let path = if !s.read_write && o.volumes.is_empty() {
+                rootfs::cached(root, &layout)?
+            } else {
+                let b = bundle.insert(TempBundle::create(root, &id)?);
+                let path = b.path.join("rootfs");
+                rootfs::build(&path, &layout)?;
+                path
+            };
+            let mut spec = defaults::spec(&s, mounts);
+            spec["root"]["path"] = serde_json::json!(path);
+            spec
         }
     };
     let mut spec = spec;
@@ -295,16 +315,18 @@ pub fn main(cli: RunCli) -> Result<i32> {
                 serde_json::json!({"height": ws.ws_row, "width": ws.ws_col});
         }
     }
-    let cfg = bundle.path.join("config.json");
-    std::fs::write(&cfg, serde_json::to_vec_pretty(&spec)?)
-        .with_context(|| format!("cannot write {}", cfg.display()))?;
+    let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
     }
     let rt = Runtime::new(root, cli.global.systemd_cgroup);
     // With a terminal, the container sends its pty master to a socket of ours.
     let console = if s.tty {
-        let path = bundle.path.join("console.sock");
+        let b = match &mut bundle {
+            Some(b) => b,
+            None => bundle.insert(TempBundle::create(root, &id)?),
+        };
+        let path = b.path.join("console.sock");
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         Some((l, path))
@@ -313,7 +335,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     };
     let opts = CreateOpts {
         id: id.clone(),
-        bundle: bundle.path.clone(),
+        config: Some(config),
         console_socket: console.as_ref().map(|(_, p)| p.clone()),
         tier: Some(Tier::Container),
         ..CreateOpts::default()
