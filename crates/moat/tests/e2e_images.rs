@@ -1108,3 +1108,58 @@ fn flattened_entries_of_earlier_moats_still_run() {
     assert!(out.stdout.contains("removed 1 "), "{}", out.stdout);
     assert!(!entry.exists());
 }
+
+#[test]
+fn a_changed_archive_is_unpacked_again() {
+    let Some(rt) = rt("a_changed_archive_is_unpacked_again") else {
+        return;
+    };
+    // The cache remembers an archive by its identity (device, inode, size,
+    // mtime, ctime) so later runs neither hash nor unpack it again; a
+    // rewrite of the same path, even to the same size, must be seen.
+    let t = fixtures();
+    busybox_root(t.path());
+    let d = t.path().display();
+    let tar = t.path().join("r.tar");
+    let cat = |rt: &Rt| {
+        rt.cmd(&[
+            "run",
+            tar.to_str().unwrap(),
+            "--",
+            "/bin/busybox",
+            "cat",
+            "/msg",
+        ])
+        .expect_ok()
+        .stdout
+    };
+    sh(&format!(
+        "echo one > {d}/rootfs/msg && tar -C {d}/rootfs -cf {d}/r.tar.new . && mv {d}/r.tar.new {d}/r.tar"
+    ));
+    // Recorded only once the file is 2 s old (racily clean otherwise).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(cat(&rt), "one\n");
+    assert_eq!(cat(&rt), "one\n", "cached run");
+    let by_file = rt.root().join(".images/by-file");
+    assert_eq!(
+        fs::read_dir(&by_file).unwrap().count(),
+        1,
+        "one record per path"
+    );
+    // Rewritten in place to the same size (same inode): only mtime and
+    // ctime tell.
+    for msg in ["two", "six"] {
+        let size = fs::metadata(&tar).unwrap().len();
+        sh(&format!(
+            "echo {msg} > {d}/rootfs/msg && tar -C {d}/rootfs -cf {d}/r.tmp . && cat {d}/r.tmp > {d}/r.tar"
+        ));
+        assert_eq!(fs::metadata(&tar).unwrap().len(), size);
+        assert_eq!(cat(&rt), format!("{msg}\n"), "rewritten in place");
+        assert_eq!(cat(&rt), format!("{msg}\n"), "cached run");
+    }
+    assert_eq!(
+        fs::read_dir(&by_file).unwrap().count(),
+        1,
+        "one record per path"
+    );
+}

@@ -424,8 +424,12 @@ impl Store {
         match src {
             Source::Dir(p) => prepare_dir(p),
             Source::Tarball(p) => {
+                if let Some(found) = self.known_file(p)? {
+                    return Ok(found);
+                }
                 let key = file_digest(p)?;
                 if let Some(found) = self.load(&key)? {
+                    self.remember_file(p, &key);
                     return Ok(found);
                 }
                 let layer = LayerSrc::open(p, None, None)?;
@@ -435,12 +439,78 @@ impl Store {
                     done += n;
                     progress(done, total)
                 };
-                self.build(&key, src, RunConfig::default(), vec![layer], &mut cb)
+                let built = self.build(&key, src, RunConfig::default(), vec![layer], &mut cb)?;
+                self.remember_file(p, &key);
+                Ok(built)
             }
             Source::OciLayout { path, tag } => {
                 self.prepare_oci(path, tag.as_deref(), src, progress)
             }
-            Source::DockerArchive(p) => self.prepare_docker(p, src, progress),
+            Source::DockerArchive(p) => {
+                if let Some(found) = self.known_file(p)? {
+                    return Ok(found);
+                }
+                self.prepare_docker(p, src, progress)
+            }
+        }
+    }
+
+    /// Where the entry key of an archive file is remembered: by the sha256
+    /// of its absolute path.
+    fn file_record(&self, p: &Path) -> Option<PathBuf> {
+        let abs = std::path::absolute(p).ok()?;
+        let name = Sha256Digest::of(abs.as_os_str().as_encoded_bytes());
+        Some(self.dir.join("by-file").join(name.hex()))
+    }
+
+    /// The cached image of archive `p` when `p` is the very file seen when
+    /// it was unpacked: same device, inode, size, mtime and ctime (a change
+    /// of content changes ctime, which no user can set). Saves hashing (a
+    /// tarball) or unpacking (a docker archive) the whole file on each run.
+    fn known_file(&self, p: &Path) -> Result<Option<Prepared>, ImageError> {
+        let Some(rec) = self.file_record(p) else {
+            return Ok(None);
+        };
+        let Ok(text) = fs::read_to_string(&rec) else {
+            return Ok(None);
+        };
+        let md = fs::metadata(p).map_err(rerr(p))?;
+        let Some((stamp, key)) = text.trim().rsplit_once(' ') else {
+            return Ok(None);
+        };
+        if stamp != file_stamp(&md) {
+            return Ok(None);
+        }
+        match Sha256Digest::parse(key) {
+            Ok(k) => self.load(&k),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Records `key` as the entry of archive `p` (best effort: without the
+    /// record the next run hashes the file again).
+    fn remember_file(&self, p: &Path, key: &Sha256Digest) {
+        let (Some(rec), Ok(md)) = (self.file_record(p), fs::metadata(p)) else {
+            return;
+        };
+        // A file changed within the last seconds could change again within
+        // the timestamp granularity without a new ctime: not recorded (as
+        // git treats racily clean index entries).
+        use std::os::unix::fs::MetadataExt;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if now - md.ctime() < 2 {
+            return;
+        }
+        let dir = self.dir.join("by-file");
+        if Self::mkdir(&dir, 0o700).is_err() {
+            return;
+        }
+        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+        let text = format!("{} sha256:{}\n", file_stamp(&md), key.hex());
+        if fs::write(&tmp, text).is_err() || fs::rename(&tmp, &rec).is_err() {
+            let _ = fs::remove_file(&tmp);
         }
     }
 
@@ -714,6 +784,7 @@ impl Store {
         }
         let key = Sha256Digest::of(&cbytes);
         if let Some(found) = self.load(&key)? {
+            self.remember_file(archive, &key);
             return Ok(found);
         }
         let mut layers = Vec::new();
@@ -722,7 +793,9 @@ impl Store {
             let f = open_in(&scratch.path, l)?;
             layers.push(LayerSrc::with(&scratch.path.join(l), f, None, Some(want))?);
         }
-        self.build(&key, src, config.config, layers, &mut cb)
+        let built = self.build(&key, src, config.config, layers, &mut cb)?;
+        self.remember_file(archive, &key);
+        Ok(built)
     }
 
     /// The cached images.
@@ -973,6 +1046,21 @@ pub fn make_volume_point(rootfs: &Path, dst: &Path, file: bool) -> Result<(), Im
     let kind = if file { Kind::File } else { Kind::Dir };
     open_or_create(fd.as_fd(), dst, kind, false).map_err(werr(dst))?;
     Ok(())
+}
+
+/// A file's identity and version: device, inode, size, mtime and ctime.
+fn file_stamp(md: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    )
 }
 
 /// The sha256 of a whole file.
