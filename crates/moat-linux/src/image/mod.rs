@@ -193,8 +193,9 @@ fn has_docker_manifest(p: &Path) -> bool {
     let Ok(f) = fs::File::open(p) else {
         return false;
     };
+    // Seeks over the members' data: only the headers are read.
     let mut a = tar::Archive::new(f);
-    let Ok(entries) = a.entries() else {
+    let Ok(entries) = a.entries_with_seek() else {
         return false;
     };
     for e in entries {
