@@ -150,8 +150,15 @@ fn tarballs_and_directories() {
     // `--` first: the embedded default, even with a path.
     let out = rt.cmd(&["run", "--", "/bin/echo", "default"]).expect_ok();
     assert_eq!(out.stdout.trim(), "default");
+    // The embedded run filled the runtime's caches (prebuilt root,
+    // compiled seccomp program); a full prune clears them with the images.
+    assert!(rt.root().join(".cache/rootfs").is_dir());
+    assert!(rt.root().join(".cache/seccomp").is_dir());
     rt.cmd(&["prune"]).expect_ok();
     assert_eq!(rt.cmd(&["images"]).expect_ok().stdout.lines().count(), 1);
+    assert!(!rt.root().join(".cache").exists());
+    let out = rt.cmd(&["run", "--", "/bin/echo", "again"]).expect_ok();
+    assert_eq!(out.stdout.trim(), "again");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use moat_linux::container::Runtime;
 use moat_linux::image::{Prepared, Source, Store};
 
@@ -138,7 +138,15 @@ pub fn prune(rt: &Runtime, root: &Path, a: &PruneArgs) -> Result<i32> {
             );
         }
         let n = store.prune(&ids)?;
-        out!("removed {n} cached image(s)");
+        // The runtime's own caches (prebuilt roots, compiled seccomp
+        // programs) are rebuilt on demand: cleared with the images.
+        let cache = root.join(".cache");
+        match std::fs::remove_dir_all(&cache) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", cache.display())),
+        }
+        out!("removed {n} cached image(s) and the runtime caches (.cache/)");
         return Ok(0);
     }
     let used = in_use(root);
