@@ -708,3 +708,123 @@ fn rt_script(cmd: &str) -> String {
     assert!(status.success(), "script: {status:?}: {text}");
     text
 }
+
+/// Starts `moat run FLAGS -- sh -c 'echo ready; sleep 600'` in state root
+/// `root` with stdout to `out`; returns once the workload is up.
+fn start_sleeper(root: &Path, flags: &[&str], out: &Path) -> std::process::Child {
+    let mut args = vec![
+        "--root".to_string(),
+        root.display().to_string(),
+        "run".into(),
+    ];
+    args.extend(flags.iter().map(|s| s.to_string()));
+    args.extend(["--", "sh", "-c", "echo ready; exec sleep 600"].map(String::from));
+    let child = spawn_own(
+        std::process::Command::new(runtime_bin())
+            .args(&args)
+            .stdout(fs::File::create(out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed().as_secs() < 30, "{flags:?}: never ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
+/// Stops a sleeper: the workload (PID 1) ignores one SIGTERM, the second
+/// makes moat kill the container.
+fn stop_sleeper(mut child: std::process::Child) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let _ = kill(pid, Signal::SIGTERM);
+    wait_own(&mut child);
+}
+
+#[test]
+fn audit_sees_what_flags_loosen() {
+    let Some(rt) = rt("audit_sees_what_flags_loosen") else {
+        return;
+    };
+    let audit = || {
+        rt.cmd(&[
+            "audit",
+            "--running",
+            "--format",
+            "json",
+            "--fail-on",
+            "medium",
+        ])
+    };
+    let ids = |o: &Out| -> Vec<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["id"].as_str().unwrap().to_string(),
+                    f["severity"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The defaults: nothing above low (the read-only host system files of
+    // the embedded default are reported as low).
+    let c = start_sleeper(rt.root(), &[], &dir.path().join("o1"));
+    let o = audit();
+    stop_sleeper(c);
+    let found = ids(&o);
+    assert!(
+        found.iter().all(|(_, sev)| sev == "low"),
+        "defaults: {found:?}"
+    );
+    assert_eq!(o.code, Some(0), "{o:?}");
+    // Each loosening flag shows up.
+    let c = start_sleeper(
+        rt.root(),
+        &["--net", "host", "--cap-add", "NET_RAW", "--read-write"],
+        &dir.path().join("o2"),
+    );
+    let o = audit();
+    stop_sleeper(c);
+    let found = ids(&o);
+    for want in ["host-network", "cap-net-raw", "writable-rootfs"] {
+        assert!(found.iter().any(|(id, _)| id == want), "{want}: {found:?}");
+    }
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn cap_add_takes_dockers_names() {
+    let Some(rt) = rt("cap_add_takes_dockers_names") else {
+        return;
+    };
+    // NET_RAW is bit 13, CHOWN bit 0: in every set of the workload.
+    for (flag, mask) in [
+        ("NET_RAW", 1u64 << 13),
+        ("cap_chown", 1),
+        ("CAP_NET_RAW", 1 << 13),
+    ] {
+        let out = sh(&rt, &["--cap-add", flag], "grep CapEff /proc/self/status").expect_ok();
+        let hex = out.stdout.split_whitespace().last().unwrap();
+        assert_eq!(
+            u64::from_str_radix(hex, 16).unwrap(),
+            mask,
+            "{flag}: {out:?}"
+        );
+    }
+    let o = sh(&rt, &["--cap-add", "NOT_A_CAP"], "true");
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("unknown capability"), "{o:?}");
+    assert_clean(&rt);
+}

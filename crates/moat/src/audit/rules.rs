@@ -440,6 +440,21 @@ pub fn is_sensitive(src: &str) -> bool {
         .any(|p| src == *p || (*p != "/" && src.starts_with(&format!("{p}/"))))
 }
 
+/// A host directory of programs and libraries (`/usr`, `/bin`, `/lib*`,
+/// `/sbin`) or one of the public /etc files programs need (the dynamic
+/// linker's cache, name resolution, time zone, CA certificates), as the
+/// embedded default of `moat run` mounts them.
+pub fn is_public_system_file(src: &str) -> bool {
+    let src = src.trim_end_matches('/');
+    let dirs = crate::run::rootfs::HOST_DIRS
+        .iter()
+        .map(|d| format!("/{d}"));
+    let etc = crate::run::rootfs::HOST_ETC
+        .iter()
+        .map(|e| format!("/etc/{e}"));
+    dirs.chain(etc).any(|p| src == p)
+}
+
 fn mounts(o: &mut Out<'_>, w: &Workload) {
     for m in &w.mounts {
         let ro = if m.readonly { " read-only" } else { "" };
@@ -448,6 +463,19 @@ fn mounts(o: &mut Out<'_>, w: &Workload) {
                 "runtime-socket",
                 &m.loc,
                 format!("{} mounted at {}", m.source, m.dest),
+            );
+        } else if m.readonly && is_public_system_file(&m.source) {
+            // moat run's embedded default: the host's programs and the few
+            // public /etc files they need, read-only. They reveal what is
+            // installed, nothing else (no secrets, no kernel interfaces).
+            o.add_sev(
+                "host-path",
+                Some(Severity::Low),
+                &m.loc,
+                format!(
+                    "{} mounted read-only at {} (host system files)",
+                    m.source, m.dest
+                ),
             );
         } else if is_sensitive(&m.source) {
             o.add(
@@ -537,6 +565,42 @@ mod tests {
         for (i, r) in RULES.iter().enumerate() {
             assert!(RULES.iter().skip(i + 1).all(|o| o.id != r.id), "{}", r.id);
             assert_eq!(rule(r.id).id, r.id);
+        }
+    }
+
+    #[test]
+    fn read_only_system_files_are_low_anything_else_sensitive() {
+        use serde_json::json;
+        let with = |src: &str, opts: serde_json::Value| {
+            let text = oci_with(
+                "/mounts",
+                json!([{"destination": "/x", "type": "bind", "source": src, "options": opts}]),
+            );
+            audit_text(&text, "t")
+                .unwrap()
+                .iter()
+                .map(|f| (f.id, f.severity))
+                .collect::<Vec<_>>()
+        };
+        for src in ["/usr", "/lib64", "/etc/ld.so.cache", "/etc/ssl/"] {
+            assert_eq!(
+                with(src, json!(["rbind", "ro"])),
+                vec![("host-path", Severity::Low)],
+                "{src}"
+            );
+        }
+        for (src, opts) in [
+            ("/usr", json!(["rbind", "rw"])),
+            ("/etc", json!(["rbind", "ro"])),
+            ("/etc/shadow", json!(["rbind", "ro"])),
+            ("/usr/../etc", json!(["rbind", "ro"])),
+        ] {
+            assert!(
+                with(src, opts.clone())
+                    .iter()
+                    .any(|(id, _)| *id == "sensitive-mount"),
+                "{src} {opts}"
+            );
         }
     }
 

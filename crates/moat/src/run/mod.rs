@@ -651,11 +651,10 @@ fn settings(o: &RunArgs) -> Result<Settings> {
         s.pids = p;
     }
     for c in &o.cap_add {
-        let name = if c.to_ascii_uppercase().starts_with("CAP_") {
-            c.to_ascii_uppercase()
-        } else {
-            format!("CAP_{}", c.to_ascii_uppercase())
-        };
+        // Docker's forms: NET_RAW, net_raw, CAP_NET_RAW (oci-spec parses
+        // the name without its prefix).
+        let up = c.to_ascii_uppercase();
+        let name = up.strip_prefix("CAP_").unwrap_or(&up);
         name.parse::<oci_spec::runtime::Capability>()
             .map_err(|_| anyhow::anyhow!("--cap-add {c:?}: unknown capability"))?;
     }
