@@ -504,7 +504,9 @@ fn fork_bomb_is_contained_and_reported() {
     let out = sh(
         &rt,
         &["--pids-limit", "32", "--timeout", "3", "--json"],
-        "bomb(){ bomb | bomb & }; bomb; sleep 30",
+        // PID 1 must outlive the bomb without forking again (a refused
+        // fork of `sleep` would end the shell, and the namespace with it).
+        "bomb(){ bomb | bomb & }; bomb; exec sleep 30",
     );
     assert_eq!(out.code, Some(137), "{out:?}");
     assert!(
