@@ -377,6 +377,9 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
                 Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => self.send_notify_fd(st, &fd)?,
                 Ok((Msg::Error(e), _)) => return Err(SyncError::Child(e).into()),
+                Ok((Msg::ExecFailed(status, chain), _)) => {
+                    return Err(SyncError::ExecFailed { status, chain }.into())
+                }
                 Ok((got, _)) => {
                     return Err(SyncError::Unexpected {
                         got,

@@ -138,7 +138,7 @@ pub fn exec(
             in_user_ns,
         };
         let err = process::finalize_and_exec(&fin);
-        let _ = child.send(&Msg::Error(crate::error_chain(&err)));
+        let _ = child.send(&err.report());
         1
     };
     let intermediate = || -> i32 {

@@ -191,7 +191,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     };
     let err = process::finalize_and_exec(&fin);
     // Report on the channel the starter listens to.
-    let _ = reply.send(&Msg::Error(crate::error_chain(&err)));
+    let _ = reply.send(&err.report());
     Err(err.into())
 }
 

@@ -51,6 +51,31 @@ pub enum ProcessError {
     Fds(#[source] std::io::Error),
 }
 
+impl ProcessError {
+    /// The shell's status for a program that could not be run: 127 when it
+    /// does not exist, 126 when it cannot be executed.
+    pub fn exec_status(&self) -> Option<u8> {
+        match self {
+            ProcessError::NotFound(_) => Some(127),
+            ProcessError::Exec { source, .. } => match source {
+                nix::Error::ENOENT => Some(127),
+                nix::Error::EACCES | nix::Error::ENOEXEC | nix::Error::EISDIR => Some(126),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The message that reports this failure to the runtime.
+    pub fn report(&self) -> Msg {
+        let chain = crate::error_chain(self);
+        match self.exec_status() {
+            Some(status) => Msg::ExecFailed(status, chain),
+            None => Msg::Error(chain),
+        }
+    }
+}
+
 fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ProcessError {
     let step = step.into();
     move |source| ProcessError::Sys { step, source }

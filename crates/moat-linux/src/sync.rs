@@ -30,6 +30,10 @@ pub enum SyncError {
     Unexpected { got: Msg, expected: &'static str },
     #[error("{0}")]
     Child(String),
+    /// The workload's program could not be executed; `status` is the
+    /// shell's convention (127 not found, 126 not executable).
+    #[error("{chain}")]
+    ExecFailed { status: u8, chain: String },
 }
 
 /// Messages on the setup channel.
@@ -51,6 +55,8 @@ pub enum Msg {
     Fd(FdKind),
     /// Either way: setup failed, with the full error chain.
     Error(String),
+    /// Child -> parent: the exec of the program failed (shell status, chain).
+    ExecFailed(u8, String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +110,11 @@ impl Msg {
                 v.extend_from_slice(e.as_bytes());
                 v
             }
+            Msg::ExecFailed(status, e) => {
+                let mut v = vec![b'X', *status];
+                v.extend_from_slice(e.as_bytes());
+                v
+            }
         }
     }
 
@@ -118,6 +129,10 @@ impl Msg {
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'E' => Msg::Error(String::from_utf8_lossy(rest).into_owned()),
+            b'X' => {
+                let (&status, text) = rest.split_first()?;
+                Msg::ExecFailed(status, String::from_utf8_lossy(text).into_owned())
+            }
             _ => return None,
         })
     }
@@ -231,6 +246,7 @@ impl Channel {
         match self.recv()? {
             m if m == want => Ok(()),
             Msg::Error(e) => Err(SyncError::Child(e)),
+            Msg::ExecFailed(status, chain) => Err(SyncError::ExecFailed { status, chain }),
             got => Err(SyncError::Unexpected {
                 got,
                 expected: name,

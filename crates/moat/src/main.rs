@@ -87,7 +87,21 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
             eprintln!("moat: {}", error_line(&e));
-            ExitCode::from(125)
+            // A program that cannot run exits as a shell would make it
+            // (127 not found, 126 not executable); moat's own errors 125.
+            use moat_linux::container::ContainerError;
+            use moat_linux::sync::SyncError;
+            let status = e.chain().find_map(|c| {
+                let sync = match c.downcast_ref::<ContainerError>() {
+                    Some(ContainerError::Sync(s)) => Some(s),
+                    _ => c.downcast_ref::<SyncError>(),
+                };
+                match sync {
+                    Some(SyncError::ExecFailed { status, .. }) => Some(*status),
+                    _ => None,
+                }
+            });
+            ExitCode::from(status.unwrap_or(125))
         }
     })
 }

@@ -830,3 +830,25 @@ fn cap_add_takes_dockers_names() {
     assert!(o.stderr.contains("unknown capability"), "{o:?}");
     assert_clean(&rt);
 }
+
+#[test]
+fn unrunnable_programs_exit_like_a_shell() {
+    let Some(rt) = rt("unrunnable_programs_exit_like_a_shell") else {
+        return;
+    };
+    // 127: not found; 126: found but not executable; 125: moat's own error.
+    for (cmd, status, says) in [
+        ("/nonexistent", 127, "ENOENT"),
+        ("no-such-command", 127, "not found in $PATH"),
+        ("/etc/hosts", 126, "ENOEXEC"),
+        ("/tmp", 126, "EACCES"),
+    ] {
+        let o = rt.cmd(&["run", "--", cmd]);
+        assert_eq!(o.code, Some(status), "{cmd}: {o:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{cmd}: one line: {o:?}");
+        assert!(o.stderr.contains(says), "{cmd}: {o:?}");
+    }
+    let o = rt.cmd(&["run", "-v", "/no/such/dir:/x", "--", "true"]);
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert_clean(&rt);
+}
