@@ -271,6 +271,7 @@ mod tests {
             Msg::Pid(4242),
             Msg::Created,
             Msg::Error("mount proc on /proc: EPERM".into()),
+            Msg::ExecFailed(127, "executable \"x\" not found".into()),
         ] {
             a.send(&m).unwrap();
             assert_eq!(b.recv().unwrap(), m);
