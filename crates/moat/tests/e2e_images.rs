@@ -1170,3 +1170,40 @@ fn a_changed_archive_is_unpacked_again() {
         "one record per path"
     );
 }
+
+#[test]
+fn user_names_come_from_the_image() {
+    let Some(rt) = rt("user_names_come_from_the_image") else {
+        return;
+    };
+    let t = fixtures();
+    busybox_root(t.path());
+    let d = t.path().display();
+    sh(&format!(
+        "printf 'root:x:0:\\napp:x:1000:\\nstaff:x:50:\\n' > {d}/rootfs/etc/group && tar -C {d}/rootfs -cf {d}/r.tar ."
+    ));
+    let tar = t.path().join("r.tar");
+    let id = |user: &str| {
+        rt.cmd(&[
+            "run",
+            "-u",
+            user,
+            tar.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $(/bin/busybox id -u):$(/bin/busybox id -g)",
+        ])
+    };
+    for (user, want) in [
+        ("app", "1000:1000"),
+        ("app:staff", "1000:50"),
+        ("root", "0:0"),
+        ("7:staff", "7:50"),
+    ] {
+        assert_eq!(id(user).expect_ok().stdout.trim(), want, "{user}");
+    }
+    let o = id("nosuch");
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("no such user"), "{o:?}");
+}

@@ -852,3 +852,35 @@ fn unrunnable_programs_exit_like_a_shell() {
     assert_eq!(o.code, Some(125), "{o:?}");
     assert_clean(&rt);
 }
+
+#[test]
+fn env_from_moats_environment_and_user_names() {
+    let Some(rt) = rt("env_from_moats_environment_and_user_names") else {
+        return;
+    };
+    // `-e KEY` takes moat's own value (common::Rt passes its environment
+    // through), and is dropped when moat has none.
+    let path = std::env::var("PATH").unwrap();
+    let out = sh(
+        &rt,
+        &["-e", "PATH", "-e", "MOAT_SURELY_UNSET_VAR"],
+        "echo \"P=$PATH\"; echo \"U=${MOAT_SURELY_UNSET_VAR-unset}\"",
+    )
+    .expect_ok();
+    assert!(out.stdout.contains(&format!("P={path}")), "{out:?}");
+    assert!(out.stdout.contains("U=unset"), "{out:?}");
+    // Names of the embedded default's accounts.
+    for (user, want) in [
+        ("nobody", "uid=65534 gid=65534"),
+        ("root", "uid=0 gid=0"),
+        ("root:nogroup", "uid=0 gid=65534"),
+        ("1000:nogroup", "uid=1000 gid=65534"),
+    ] {
+        let out = sh(&rt, &["-u", user], "echo uid=$(id -u) gid=$(id -g)").expect_ok();
+        assert_eq!(out.stdout.trim(), want, "{user}");
+    }
+    let o = sh(&rt, &["-u", "alice"], "true");
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("root and nobody"), "{o:?}");
+    assert_clean(&rt);
+}

@@ -290,6 +290,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
             for v in &o.volumes {
                 mounts.push(rootfs::Volume::parse(v)?.mount());
             }
+            resolve_embedded_user(&mut s, o)?;
             let layout = rootfs::layout(&mounts, &links, s.uid, s.gid);
             // A read-only root without volumes is the same for every run of
             // this user on this host: share one, built once.
@@ -429,6 +430,7 @@ fn image_spec(
             .rootfs()
             .ok_or_else(|| anyhow::anyhow!("a layered image needs its view"))?,
     };
+    resolve_named_user(s, o, root)?;
     if o.user.is_none() {
         let (uid, gid) = image::resolve_user(root, &c.user).ok_or_else(|| {
             anyhow::anyhow!("the image's user {:?} is not in its /etc/passwd", c.user)
@@ -460,7 +462,7 @@ fn image_spec(
     }
     let mut spec = defaults::spec(s, mounts);
     spec["root"]["path"] = serde_json::json!(root);
-    spec["process"]["env"] = serde_json::json!(image_env(&c.env, &o.env, s.uid));
+    spec["process"]["env"] = serde_json::json!(image_env(&c.env, &s.env, s.uid));
     if let Some(m) = spec["mounts"].as_array_mut() {
         m.retain(|m| m["destination"] != defaults::HOME);
     }
@@ -594,12 +596,19 @@ fn settings(o: &RunArgs) -> Result<Settings> {
         blkio_weight: defaults::blkio_weight_supported(),
         ..Settings::default()
     };
+    s.env = Vec::new();
     for e in &o.env {
-        if !e.contains('=') || e.starts_with('=') {
-            bail!("--env {e:?} is not KEY=VALUE");
+        if e.is_empty() || e.starts_with('=') {
+            bail!("--env {e:?}: expected KEY=VALUE or KEY");
+        }
+        if e.contains('=') {
+            s.env.push(e.clone());
+        } else if let Some(v) = std::env::var_os(e) {
+            // Docker's `-e KEY`: the value of moat's own environment, and
+            // nothing when it has none.
+            s.env.push(format!("{e}={}", v.to_string_lossy()));
         }
     }
-    s.env = o.env.clone();
     if let Some(w) = &o.workdir {
         if !w.starts_with('/') {
             bail!("--workdir {w:?} must be an absolute path");
@@ -607,17 +616,16 @@ fn settings(o: &RunArgs) -> Result<Settings> {
         s.cwd = w.clone();
     }
     if let Some(u) = &o.user {
-        let (uid, gid) = match u.split_once(':') {
-            Some((u, g)) => (u.parse::<u32>().ok(), g.parse::<u32>().ok()),
-            None => (u.parse::<u32>().ok(), u.parse::<u32>().ok()),
-        };
-        match (uid, gid) {
-            (Some(uid), Some(gid)) if uid < defaults::MAP_SIZE && gid < defaults::MAP_SIZE => {
+        match numeric_user(u) {
+            Some((uid, gid)) if uid < defaults::MAP_SIZE && gid < defaults::MAP_SIZE => {
                 s.uid = uid;
                 s.gid = gid;
             }
+            // Names are looked up in the root's own /etc/passwd and
+            // /etc/group once the root is known (`resolve_named_user`).
+            None if is_user_name(u) => {}
             _ => bail!(
-                "--user {u:?}: expected UID[:GID], numbers below {}",
+                "--user {u:?}: expected NAME[:GROUP] or UID[:GID], IDs below {}",
                 defaults::MAP_SIZE
             ),
         }
@@ -660,6 +668,77 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     }
     s.cap_add = o.cap_add.clone();
     Ok(s)
+}
+
+/// `UID[:GID]` as numbers (GID defaults to UID).
+fn numeric_user(u: &str) -> Option<(u32, u32)> {
+    match u.split_once(':') {
+        Some((u, g)) => Some((u.parse().ok()?, g.parse().ok()?)),
+        None => u.parse().ok().map(|n| (n, n)),
+    }
+}
+
+/// `NAME[:GROUP]` (either part may be a number) with the characters of
+/// user and group names.
+fn is_user_name(u: &str) -> bool {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    match u.split_once(':') {
+        Some((a, b)) => ok(a) && ok(b),
+        None => ok(u),
+    }
+}
+
+/// A `--user` given by name, resolved in `root`'s /etc/passwd and
+/// /etc/group (the image's, or the embedded default's synthesized ones).
+fn resolve_named_user(s: &mut Settings, o: &RunArgs, root: &Path) -> Result<()> {
+    let Some(u) = o.user.as_deref().filter(|u| numeric_user(u).is_none()) else {
+        return Ok(());
+    };
+    let (uid, gid) = image::resolve_user(root, u)
+        .ok_or_else(|| anyhow::anyhow!("--user {u:?}: no such user or group in the root"))?;
+    if uid >= defaults::MAP_SIZE || gid >= defaults::MAP_SIZE {
+        bail!(
+            "--user {u:?}: IDs {uid}:{gid} are outside the container's (below {})",
+            defaults::MAP_SIZE
+        );
+    }
+    (s.uid, s.gid) = (uid, gid);
+    Ok(())
+}
+
+/// A `--user` given by name on the embedded default, whose synthesized
+/// accounts are `root` (0) and `nobody`/`nogroup` (65534).
+fn resolve_embedded_user(s: &mut Settings, o: &RunArgs) -> Result<()> {
+    let Some(u) = o.user.as_deref().filter(|u| numeric_user(u).is_none()) else {
+        return Ok(());
+    };
+    let id = |name: &str, names: &[(&str, u32)]| -> Option<u32> {
+        name.parse()
+            .ok()
+            .or_else(|| names.iter().find(|(n, _)| *n == name).map(|(_, i)| *i))
+    };
+    let users = [("root", 0), ("nobody", 65534)];
+    let groups = [("root", 0), ("nogroup", 65534), ("nobody", 65534)];
+    let (uid, gid) = match u.split_once(':') {
+        Some((a, b)) => (id(a, &users), id(b, &groups)),
+        None => {
+            let uid = id(u, &users);
+            (uid, uid)
+        }
+    };
+    match (uid, gid) {
+        (Some(uid), Some(gid)) if uid < defaults::MAP_SIZE && gid < defaults::MAP_SIZE => {
+            (s.uid, s.gid) = (uid, gid);
+            Ok(())
+        }
+        _ => bail!(
+            "--user {u:?}: the embedded default's users are root and nobody (groups root, nogroup); give UID[:GID] for others"
+        ),
+    }
 }
 
 /// A bundle directory under `<root>/.run/<id>`, removed on drop.
