@@ -976,9 +976,10 @@ mod tests {
         assert_eq!(cli.opts.json.as_deref(), Some("-"));
         for bad in [
             "moat-run -u 70000 true",
-            "moat-run -u x true",
+            "moat-run -u x:y:z true",
+            "moat-run -u x/y true",
             "moat-run --net bridge true",
-            "moat-run -e NOEQ true",
+            "moat-run -e =x true",
             "moat-run --cap-add NOPE true",
             "moat-run -w rel true",
             "moat-run --pids-limit 0 true",
@@ -986,6 +987,9 @@ mod tests {
             let cli = RunCli::try_parse_from(argv(bad)).unwrap();
             assert!(settings(&cli.opts).is_err(), "{bad}");
         }
+        // Names are resolved once the root is known; `-e KEY` alone is fine.
+        let cli = RunCli::try_parse_from(argv("moat-run -u app:staff -e KEY true")).unwrap();
+        assert!(settings(&cli.opts).is_ok());
         assert!(check_tier(Some("container")).is_ok());
         assert!(check_tier(Some("nope")).is_err());
     }
