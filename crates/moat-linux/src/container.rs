@@ -91,6 +91,9 @@ pub struct CreateOpts {
     pub preserve_fds: u32,
     /// A tier chosen by flag or program name; config.json's annotation may also choose.
     pub tier: Option<Tier>,
+    /// The workload gets SIGKILL when the runtime process that created it
+    /// dies (`moat run` supervises it; killed, it leaves no orphan).
+    pub die_with_runtime: bool,
 }
 
 /// The runtime, bound to a state root.
@@ -251,6 +254,7 @@ impl Runtime {
             lock_fd: lock.raw_fd(),
             cgroup_join: cgroup_join.as_ref(),
             landlock: landlock.as_ref(),
+            die_with_runtime: opts.die_with_runtime,
             seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();

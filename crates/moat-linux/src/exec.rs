@@ -132,6 +132,7 @@ pub fn exec(
             process,
             seccomp,
             landlock: ruleset.as_ref(),
+            die_with_runtime: false,
             seccomp_program: None,
             preserve_fds: opts.preserve_fds,
             notify_channel: Some(&child),

@@ -288,6 +288,7 @@ impl IdAllocator {
             source,
         })?;
         let mut taken = BTreeSet::new();
+        let mut uids = None;
         for e in rd.flatten() {
             let name = e.file_name();
             let Some(n) = name
@@ -302,6 +303,11 @@ impl IdAllocator {
                 .and_then(|s| Owner::parse(&s));
             if owner.as_ref().is_some_and(&alive) {
                 taken.insert(n);
+            } else if self.block_in_use(n, &mut uids) {
+                // The owner is gone but processes of its container still
+                // run with IDs of the block (moat was killed and the
+                // workload outlived it): the block stays theirs.
+                taken.insert(n);
             } else {
                 fs::remove_file(e.path()).map_err(|source| IdAllocError::Write {
                     path: e.path(),
@@ -310,6 +316,15 @@ impl IdAllocator {
             }
         }
         Ok(taken)
+    }
+
+    /// Whether a process runs with a user ID of block `slot`. `uids`
+    /// caches one scan of /proc for the call.
+    fn block_in_use(&self, slot: u32, uids: &mut Option<Vec<u32>>) -> bool {
+        let range = self.pool.range(slot);
+        uids.get_or_insert_with(process_uids)
+            .iter()
+            .any(|u| range.contains(&u64::from(*u)))
     }
 
     fn lock(&self) -> Result<File, IdAllocError> {
@@ -363,6 +378,34 @@ impl IdAllocator {
 
 /// Whether `p` is the allocator's lock file (the only file a released
 /// allocator directory keeps).
+/// The real, effective, saved and filesystem user IDs of every process
+/// (as the host sees them).
+pub fn process_uids() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if !e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Uid:")) {
+            out.extend(
+                line.split_whitespace()
+                    .filter_map(|u| u.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
 pub fn is_lock_file(p: &Path) -> bool {
     p.file_name().is_some_and(|n| n == "lock")
 }
@@ -443,6 +486,52 @@ mod tests {
         // A live owner's slot is kept.
         let w = a.allocate(me, &[]).unwrap();
         assert_eq!(w.slot, 1);
+    }
+
+    #[test]
+    fn a_block_with_live_processes_is_not_reclaimed() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIP a_block_with_live_processes_is_not_reclaimed: needs root");
+            return;
+        }
+        // A pool no host user is in: slot 1's owner is dead, but a process
+        // runs as one of its IDs (a workload that outlived its moat).
+        let pool = IdPool {
+            base: 3_900_000_000,
+            block: 100,
+            count: 3,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let a = IdAllocator::new(tmp.path().join("ids"), pool);
+        fs::create_dir_all(&a.dir).unwrap();
+        fs::write(a.dir.join("slot-0"), "0 0\n").unwrap();
+        fs::write(a.dir.join("slot-1"), "0 0\n").unwrap();
+        let mut child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                "3900000150",
+                "--regid",
+                "3900000150",
+                "--clear-groups",
+            ])
+            .args(["sleep", "30"])
+            .spawn()
+            .unwrap();
+        // Until setpriv has switched, the process is still root's.
+        let start = std::time::Instant::now();
+        while !process_uids().contains(&3_900_000_150) {
+            assert!(start.elapsed().as_secs() < 10, "setpriv never switched");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let me = Owner::current();
+        let x = a.allocate(me, &[]).unwrap();
+        let y = a.allocate(me, &[]).unwrap();
+        assert_eq!((x.slot, y.slot), (0, 2), "slot 1 is still in use");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(y);
+        let z = a.allocate(me, &[]).unwrap();
+        assert_eq!(z.slot, 1, "reclaimed once its processes are gone");
     }
 
     #[test]

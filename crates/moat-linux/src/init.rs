@@ -78,6 +78,8 @@ pub struct InitContext<'a> {
     pub has_runtime_hooks: bool,
     /// moat's Landlock policy for the workload, if the spec has one.
     pub landlock: Option<&'a moat_core::landlock::LandlockPolicy>,
+    /// SIGKILL to the workload when the runtime dies.
+    pub die_with_runtime: bool,
     /// The spec's seccomp filter, compiled by the runtime (None: compile here).
     pub seccomp_program: Option<&'a crate::seccomp::Program>,
 }
@@ -184,6 +186,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
         process,
         seccomp: linux.and_then(|l| l.seccomp().as_ref()),
         landlock: ruleset.as_ref(),
+        die_with_runtime: ctx.die_with_runtime,
         seccomp_program: ctx.seccomp_program,
         preserve_fds: ctx.preserve_fds,
         notify_channel: Some(reply),

@@ -87,6 +87,9 @@ pub struct Finalize<'a> {
     pub seccomp: Option<&'a LinuxSeccomp>,
     /// The ruleset of moat's Landlock policy (`dev.moat.landlock`).
     pub landlock: Option<&'a landlock::Prepared>,
+    /// SIGKILL when the runtime that created us dies (set after the
+    /// identity change, which would clear it).
+    pub die_with_runtime: bool,
     /// `seccomp` already compiled by the runtime ([`seccomp::prepare`]):
     /// loaded instead of compiling `seccomp` here.
     pub seccomp_program: Option<&'a seccomp::Program>,
@@ -180,6 +183,10 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     clear_cloexec(f.preserve_fds)?;
     if nnp {
         load_filter(filter.as_ref(), f)?;
+    }
+    if f.die_with_runtime {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(sys("set the parent-death signal"))?;
     }
     // The workload starts with no signal blocked, whatever the runtime that
     // forked us had blocked (moat run blocks the ones it forwards).

@@ -23,6 +23,7 @@ fn create_opts(a: &CreateArgs, tier: Option<Tier>) -> CreateOpts {
         preserve_fds: a.preserve_fds,
         tier,
         config: None,
+        die_with_runtime: false,
     }
 }
 

@@ -884,3 +884,38 @@ fn env_from_moats_environment_and_user_names() {
     assert!(o.stderr.contains("root and nobody"), "{o:?}");
     assert_clean(&rt);
 }
+
+#[test]
+fn a_killed_moat_run_leaves_no_container() {
+    let Some(rt) = rt("a_killed_moat_run_leaves_no_container") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = start_sleeper(rt.root(), &[], &dir.path().join("o"));
+    let list = rt.cmd(&["list", "--format", "json"]).expect_ok().json();
+    let pid = list[0]["pid"].as_i64().unwrap() as i32;
+    assert!(pid > 0, "{list}");
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_own(&mut child);
+    // The workload dies with its runtime (parent-death signal).
+    let start = std::time::Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "workload {pid} outlived moat"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The next run removes what the killed one left (state, cgroups).
+    let o = sh(&rt, &[], "true").expect_ok();
+    assert!(
+        o.stderr.contains("left by a moat run that was killed"),
+        "{o:?}"
+    );
+    assert_clean(&rt);
+}

@@ -256,6 +256,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
         .create(root)
         .with_context(|| format!("cannot create {}", root.display()))?;
     searchable(root)?;
+    let rt = Runtime::new(root, cli.global.systemd_cgroup);
+    sweep_orphans(&rt);
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
         let alloc = IdAllocator::new(root.join(".idalloc"), pool)
@@ -316,11 +318,15 @@ pub fn main(cli: RunCli) -> Result<i32> {
                 serde_json::json!({"height": ws.ws_row, "width": ws.ws_col});
         }
     }
+    // Whose run this is: a later `moat run` removes the container if this
+    // process is killed before it could (`sweep_orphans`).
+    let owner = Owner::current();
+    spec["annotations"][OWNER_ANNOTATION] =
+        serde_json::json!(format!("{} {}", owner.pid, owner.start_time));
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
     }
-    let rt = Runtime::new(root, cli.global.systemd_cgroup);
     // With a terminal, the container sends its pty master to a socket of ours.
     let console = if s.tty {
         let b = match &mut bundle {
@@ -339,6 +345,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
         config: Some(config),
         console_socket: console.as_ref().map(|(_, p)| p.clone()),
         tier: Some(Tier::Container),
+        // moat supervises the run: if it is killed, so is the container.
+        die_with_runtime: true,
         ..CreateOpts::default()
     };
     let started = Instant::now();
@@ -668,6 +676,42 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     }
     s.cap_add = o.cap_add.clone();
     Ok(s)
+}
+
+/// The annotation naming the `moat run` process (PID and start time) that
+/// owns a container.
+pub const OWNER_ANNOTATION: &str = "dev.moat.run.owner";
+
+/// Removes the containers of `moat run`s that were killed (their owner
+/// process is gone): the workload died with its runtime (parent-death
+/// signal), but its state and cgroups stayed; a workload that cleared that
+/// signal is killed now. Failures are warnings: they never stop this run.
+fn sweep_orphans(rt: &Runtime) {
+    let Ok(ids) = rt.sd.list() else { return };
+    for id in ids {
+        let Ok(st) = rt.sd.load(&id) else { continue };
+        let Some(owner) = st.annotations.get(OWNER_ANNOTATION) else {
+            continue;
+        };
+        let mut f = owner.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(pid)), Some(Ok(start_time))) = (f.next(), f.next()) else {
+            continue;
+        };
+        let owner = Owner {
+            pid: i32::try_from(pid).unwrap_or(0),
+            start_time,
+        };
+        if owner.alive() {
+            continue;
+        }
+        match rt.delete(&id, true) {
+            Ok(()) => eprintln!("moat: removed {id}, left by a moat run that was killed"),
+            Err(e) => eprintln!(
+                "moat: warning: cannot remove {id}, left by a killed moat run: {}",
+                moat_linux::error_chain(&e)
+            ),
+        }
+    }
 }
 
 /// `UID[:GID]` as numbers (GID defaults to UID).
