@@ -36,6 +36,20 @@ pub const DEFAULT_POOL: IdPool = IdPool {
 pub const ENV_BASE: &str = "MOAT_IDPOOL_BASE";
 pub const ENV_COUNT: &str = "MOAT_IDPOOL_SIZE";
 
+/// Where the host's allocations live: one directory for the whole host,
+/// whatever state root a run uses, so that runs under different roots
+/// never get the same block. `MOAT_IDALLOC_DIR` overrides it (every moat
+/// on a host must then use the same one, and the same pool).
+pub const DEFAULT_DIR: &str = "/run/moat-ids";
+pub const ENV_DIR: &str = "MOAT_IDALLOC_DIR";
+
+/// The allocator directory: [`ENV_DIR`] or [`DEFAULT_DIR`].
+pub fn allocator_dir() -> PathBuf {
+    std::env::var_os(ENV_DIR)
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdAllocError {
     #[error("invalid ID pool (base {base}, {count} blocks of {block}): it must fit below 2^32-1")]
@@ -532,6 +546,13 @@ mod tests {
         drop(y);
         let z = a.allocate(me, &[]).unwrap();
         assert_eq!(z.slot, 1, "reclaimed once its processes are gone");
+    }
+
+    #[test]
+    fn one_allocator_for_the_host_by_default() {
+        if std::env::var_os(ENV_DIR).is_none() {
+            assert_eq!(allocator_dir(), PathBuf::from("/run/moat-ids"));
+        }
     }
 
     #[test]

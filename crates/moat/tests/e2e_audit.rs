@@ -26,8 +26,8 @@ fn audit(args: &[&str], stdin: Option<Vec<u8>>) -> Out {
         Path::new(env!("CARGO_BIN_EXE_moat")),
         &full,
         Opts {
-            stdout: None,
             stdin,
+            ..Opts::default()
         },
         &rt.scratch_file("out"),
         &rt.scratch_file("err"),

@@ -107,7 +107,7 @@ fn run_detach() {
         &["run", "--detach", "--bundle", &bd, &id],
         Opts {
             stdout: c.out.clone(),
-            stdin: None,
+            ..Opts::default()
         },
     )
     .expect_ok();

@@ -590,6 +590,7 @@ fn landlock_lets_the_workload_reopen_its_own_stdout() {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
     let mut child = spawn_own(
         std::process::Command::new(runtime_bin())
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
             .args(["--root"])
             .arg(rt.root())
             .args(["run", "--", "sh", "-c", "echo reopened > /dev/stdout"])
@@ -606,6 +607,7 @@ fn landlock_lets_the_workload_reopen_its_own_stdout() {
 fn run_until_ready(rt: &Rt, script: &str, out: &Path) -> std::process::Child {
     let child = spawn_own(
         std::process::Command::new(runtime_bin())
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
             .args(["--root"])
             .arg(rt.root())
             .args(["run", "--", "sh", "-c", script])
@@ -685,15 +687,16 @@ fn tty_gets_the_window_size() {
     // must be what the workload's own pty reports.
     let moat = format!("{} --root {}", runtime_bin().display(), rt.root().display());
     let inner = format!("stty rows 33 cols 77; {moat} run -t -- stty size");
-    let out = rt_script(&inner);
+    let out = rt_script(&rt, &inner);
     assert!(out.contains("33 77"), "{out}");
     assert_clean(&rt);
 }
 
 /// Runs `sh -c CMD` under script(1) (a pty); its output.
-fn rt_script(cmd: &str) -> String {
+fn rt_script(rt: &Rt, cmd: &str) -> String {
     let mut child = spawn_own(
         std::process::Command::new("script")
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
             .args(["-qec", cmd, "/dev/null"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped()),
@@ -713,16 +716,17 @@ fn rt_script(cmd: &str) -> String {
 
 /// Starts `moat run FLAGS -- sh -c 'echo ready; sleep 600'` in state root
 /// `root` with stdout to `out`; returns once the workload is up.
-fn start_sleeper(root: &Path, flags: &[&str], out: &Path) -> std::process::Child {
+fn start_sleeper(rt: &Rt, flags: &[&str], out: &Path) -> std::process::Child {
     let mut args = vec![
         "--root".to_string(),
-        root.display().to_string(),
+        rt.root().display().to_string(),
         "run".into(),
     ];
     args.extend(flags.iter().map(|s| s.to_string()));
     args.extend(["--", "sh", "-c", "echo ready; exec sleep 600"].map(String::from));
     let child = spawn_own(
         std::process::Command::new(runtime_bin())
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
             .args(&args)
             .stdout(fs::File::create(out).unwrap())
             .stderr(std::process::Stdio::null()),
@@ -781,7 +785,7 @@ fn audit_sees_what_flags_loosen() {
     let dir = tempfile::tempdir().unwrap();
     // The defaults: nothing above low (the read-only host system files of
     // the embedded default are reported as low).
-    let c = start_sleeper(rt.root(), &[], &dir.path().join("o1"));
+    let c = start_sleeper(&rt, &[], &dir.path().join("o1"));
     let o = audit();
     stop_sleeper(c);
     let found = ids(&o);
@@ -792,7 +796,7 @@ fn audit_sees_what_flags_loosen() {
     assert_eq!(o.code, Some(0), "{o:?}");
     // Each loosening flag shows up.
     let c = start_sleeper(
-        rt.root(),
+        &rt,
         &["--net", "host", "--cap-add", "NET_RAW", "--read-write"],
         &dir.path().join("o2"),
     );
@@ -892,7 +896,7 @@ fn a_killed_moat_run_leaves_no_container() {
     };
     use nix::sys::signal::{kill, Signal};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = start_sleeper(rt.root(), &[], &dir.path().join("o"));
+    let mut child = start_sleeper(&rt, &[], &dir.path().join("o"));
     let list = rt.cmd(&["list", "--format", "json"]).expect_ok().json();
     let pid = list[0]["pid"].as_i64().unwrap() as i32;
     assert!(pid > 0, "{list}");

@@ -260,7 +260,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     sweep_orphans(&rt);
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
-        let alloc = IdAllocator::new(root.join(".idalloc"), pool)
+        let alloc = IdAllocator::new(idalloc::allocator_dir(), pool)
             .allocate(Owner::current(), &idalloc::host_reserved()?)
             .context("cannot allocate a host ID range")?;
         s.host_id = alloc.host_start;

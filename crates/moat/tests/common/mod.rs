@@ -136,6 +136,8 @@ pub struct Opts {
     /// Where the runtime's (and so a detached container's) stdout goes; a scratch file when None.
     pub stdout: Option<PathBuf>,
     pub stdin: Option<Vec<u8>>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// The runtime under test, with its own state directory (`--root`).
@@ -144,7 +146,11 @@ pub struct Rt {
     root: tempfile::TempDir,
     scratch: tempfile::TempDir,
     seq: AtomicU32,
+    env: Vec<(String, String)>,
 }
+
+/// Rts made by this test binary, for their host ID pools.
+static RT_COUNT: AtomicU32 = AtomicU32::new(0);
 
 /// The runtime binary the suite drives.
 pub fn runtime_bin() -> PathBuf {
@@ -184,12 +190,34 @@ impl Rt {
             .prefix("moat-e2e-io-")
             .tempdir()
             .expect("scratch tempdir");
+        // `moat run`'s host ID allocator and pool, private to this Rt:
+        // tests run in parallel, each sees only its own allocations, and no
+        // two share host IDs (the allocator looks for live processes in a
+        // block before it reclaims it).
+        let k = (std::process::id() + RT_COUNT.fetch_add(1, Ordering::Relaxed)) % 400;
+        let env = vec![
+            (
+                "MOAT_IDALLOC_DIR".to_string(),
+                root.path().join(".idalloc").display().to_string(),
+            ),
+            (
+                "MOAT_IDPOOL_BASE".to_string(),
+                (2_000_000_000u64 + u64::from(k) * 64 * 65536).to_string(),
+            ),
+            ("MOAT_IDPOOL_SIZE".to_string(), "64".to_string()),
+        ];
         Rt {
             bin: runtime_bin(),
             root,
             scratch,
             seq: AtomicU32::new(0),
+            env,
         }
+    }
+
+    /// The environment every runtime invocation of this Rt gets.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
     }
 
     /// The `--root` state directory.
@@ -220,7 +248,8 @@ impl Rt {
 
     /// Runs the runtime with its stdout and stderr going to files (never pipes: a
     /// detached container inherits them and would keep a pipe open forever).
-    pub fn cmd_with(&self, args: &[&str], opts: Opts) -> Out {
+    pub fn cmd_with(&self, args: &[&str], mut opts: Opts) -> Out {
+        opts.env.extend(self.env.iter().cloned());
         let mut full: Vec<String> = vec!["--root".into(), self.root().display().to_string()];
         full.extend(args.iter().map(|s| s.to_string()));
         run_binary(
@@ -299,7 +328,7 @@ impl Rt {
             &args,
             Opts {
                 stdout: Some(outfile.clone()),
-                stdin: None,
+                ..Opts::default()
             },
         );
         let ctr = Ctr {
@@ -334,6 +363,7 @@ pub fn run_binary(bin: &Path, args: &[String], opts: Opts, out: &Path, err: &Pat
     let stderr = fs::File::create(err).expect("stderr file");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdout(stdout).stderr(stderr);
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(if opts.stdin.is_some() {
         Stdio::piped()
     } else {
