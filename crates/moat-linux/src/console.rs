@@ -127,16 +127,8 @@ pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
         resize(&master);
     }
     let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGWINCH,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
+    set.add(Signal::SIGCHLD);
+    for s in crate::container::FORWARDED {
         set.add(s);
     }
     let mut old = SigSet::empty();

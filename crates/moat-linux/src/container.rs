@@ -1074,8 +1074,9 @@ pub fn wait_forwarding_signals(pid: i32) -> i32 {
 /// second SIGINT/SIGTERM: the container's PID 1 ignores signals it has no
 /// handler for, so forwarding alone may never end it. Returns the exit status
 /// and whether the deadline fired.
-/// The signals [`wait_supervised`] forwards to the workload.
-const FORWARDED: [Signal; 7] = [
+/// The signals `moat run` forwards to the workload ([`wait_supervised`],
+/// and the pty proxy).
+pub const FORWARDED: [Signal; 7] = [
     Signal::SIGINT,
     Signal::SIGTERM,
     Signal::SIGHUP,

@@ -589,10 +589,7 @@ fn landlock_lets_the_workload_reopen_its_own_stdout() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
     let mut child = spawn_own(
-        std::process::Command::new(runtime_bin())
-            .envs(rt.env().iter().map(|(k, v)| (k, v)))
-            .args(["--root"])
-            .arg(rt.root())
+        rt.command()
             .args(["run", "--", "sh", "-c", "echo reopened > /dev/stdout"])
             .stdout(file),
     );
@@ -605,27 +602,7 @@ fn landlock_lets_the_workload_reopen_its_own_stdout() {
 /// Starts `moat run -- sh -c SCRIPT` with stdout to a file; returns the
 /// child once SCRIPT has printed "ready".
 fn run_until_ready(rt: &Rt, script: &str, out: &Path) -> std::process::Child {
-    let child = spawn_own(
-        std::process::Command::new(runtime_bin())
-            .envs(rt.env().iter().map(|(k, v)| (k, v)))
-            .args(["--root"])
-            .arg(rt.root())
-            .args(["run", "--", "sh", "-c", script])
-            .stdout(fs::File::create(out).unwrap())
-            .stderr(std::process::Stdio::null()),
-    );
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "the workload never got ready"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child
+    spawn_run(rt, &[], script, out)
 }
 
 #[test]
@@ -717,17 +694,17 @@ fn rt_script(rt: &Rt, cmd: &str) -> String {
 /// Starts `moat run FLAGS -- sh -c 'echo ready; sleep 600'` in state root
 /// `root` with stdout to `out`; returns once the workload is up.
 fn start_sleeper(rt: &Rt, flags: &[&str], out: &Path) -> std::process::Child {
-    let mut args = vec![
-        "--root".to_string(),
-        rt.root().display().to_string(),
-        "run".into(),
-    ];
-    args.extend(flags.iter().map(|s| s.to_string()));
-    args.extend(["--", "sh", "-c", "echo ready; exec sleep 600"].map(String::from));
+    spawn_run(rt, flags, "echo ready; exec sleep 600", out)
+}
+
+/// Starts `moat run FLAGS -- sh -c SCRIPT` with stdout to `out`; returns
+/// once SCRIPT has printed "ready".
+fn spawn_run(rt: &Rt, flags: &[&str], script: &str, out: &Path) -> std::process::Child {
     let child = spawn_own(
-        std::process::Command::new(runtime_bin())
-            .envs(rt.env().iter().map(|(k, v)| (k, v)))
-            .args(&args)
+        rt.command()
+            .arg("run")
+            .args(flags)
+            .args(["--", "sh", "-c", script])
             .stdout(fs::File::create(out).unwrap())
             .stderr(std::process::Stdio::null()),
     );
@@ -736,7 +713,10 @@ fn start_sleeper(rt: &Rt, flags: &[&str], out: &Path) -> std::process::Child {
         .unwrap_or_default()
         .contains("ready")
     {
-        assert!(start.elapsed().as_secs() < 30, "{flags:?}: never ready");
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "{flags:?} {script}: never ready"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     child

@@ -220,6 +220,16 @@ impl Rt {
         &self.env
     }
 
+    /// The runtime with this Rt's environment and `--root`, to spawn
+    /// directly (with [`spawn_own`]).
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--root")
+            .arg(self.root());
+        c
+    }
+
     /// The `--root` state directory.
     pub fn root(&self) -> &Path {
         self.root.path()
@@ -369,32 +379,11 @@ pub fn run_binary(bin: &Path, args: &[String], opts: Opts, out: &Path, err: &Pat
     } else {
         Stdio::null()
     });
-    let mut child = {
-        let mut own = OWN_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        own.get_or_insert_with(HashSet::new).insert(child.id());
-        child
-    };
+    let mut child = spawn_own(&mut cmd);
     if let (Some(data), Some(mut stdin)) = (opts.stdin, child.stdin.take()) {
         let _ = stdin.write_all(&data);
     }
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() > CMD_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                forget_child(child.id());
-                panic!("{} {args:?} timed out", bin.display());
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => panic!("wait {}: {e}", bin.display()),
-        }
-    };
-    forget_child(child.id());
+    let status = wait_own(&mut child);
     use std::os::unix::process::ExitStatusExt;
     Out {
         code: status.code(),
