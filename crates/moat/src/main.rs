@@ -78,6 +78,7 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
         }
     };
     cli.opts.default_root = run::leading_dashdash(&argv);
+    cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     if let Err(e) = moat_linux::selfexe::ensure_protected(args) {
         eprintln!("moat: {}", moat_linux::error_chain(&e));

@@ -54,7 +54,7 @@ pub struct RunArgs {
     #[arg(long = "pids-limit")]
     pub pids_limit: Option<i64>,
     /// Network: none (a namespace with only lo) or host
-    #[arg(long, default_value = "none")]
+    #[arg(long, visible_alias = "network", default_value = "none")]
     pub net: String,
     /// Bind mount SRC:DST[:ro]
     #[arg(short = 'v', long = "volume")]
@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// Keep stdin open (always the case: stdin passes through)
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Remove the container when it exits (always the case; accepted for
+    /// Docker's command lines)
+    #[arg(long)]
+    pub rm: bool,
     /// [IMAGE] then the command and its arguments
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -98,6 +102,10 @@ pub struct RunArgs {
     /// argument is the command (embedded default root), never an image.
     #[arg(skip)]
     pub default_root: bool,
+    /// An option before the first positional argument or `--` that clap
+    /// took as the start of the command ([`unknown_option`]).
+    #[arg(skip)]
+    pub unknown_option: Option<String>,
 }
 
 /// `moat run` options that take a value (human mode).
@@ -139,6 +147,20 @@ pub fn leading_dashdash(argv: &[String]) -> bool {
         }
     }
     false
+}
+
+/// The first of `command` when it is an option written before the `--`
+/// of a human-mode argv (or with no `--`): clap passes options it does not
+/// know into the trailing command.
+pub fn unknown_option(argv: &[String], command: &[String]) -> Option<String> {
+    let first = command
+        .first()
+        .filter(|a| a.starts_with('-') && *a != "-")?;
+    let at = argv.iter().skip(1).position(|a| a == first)?;
+    match argv.iter().skip(1).position(|a| a == "--") {
+        Some(dd) if dd < at => None,
+        _ => Some(first.clone()),
+    }
 }
 
 /// The image the positional arguments start with (see docs/run.md), and
@@ -237,6 +259,11 @@ pub fn main(cli: RunCli) -> Result<i32> {
         None => generated_id(),
     };
     moat_core::state::validate_id(&id).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    // The command is taken with its hyphens; an option moat does not know,
+    // before any image or `--`, is an error, not a program name.
+    if let Some(a) = &o.unknown_option {
+        bail!("unknown option {a:?} (see `moat run --help`; put the command after `--`)");
+    }
     let (image, command) = split_image(o);
     if image.is_none() && command.is_empty() {
         bail!("no command given: moat run [OPTIONS] [IMAGE] [--] CMD [ARGS...]");
@@ -1034,6 +1061,16 @@ mod tests {
         // Names are resolved once the root is known; `-e KEY` alone is fine.
         let cli = RunCli::try_parse_from(argv("moat-run -u app:staff -e KEY true")).unwrap();
         assert!(settings(&cli.opts).is_ok());
+        let unknown = |line: &str| {
+            let a = argv(line);
+            let cli = RunCli::try_parse_from(&a).unwrap();
+            unknown_option(&a, &cli.opts.command)
+        };
+        assert_eq!(unknown("moat-run --bogus -- true"), Some("--bogus".into()));
+        assert_eq!(unknown("moat-run --bogus true"), Some("--bogus".into()));
+        assert_eq!(unknown("moat-run -- --version"), None);
+        assert_eq!(unknown("moat-run img.tar --flag"), None);
+        assert_eq!(unknown("moat-run --rm --network none -- true"), None);
         assert!(check_tier(Some("container")).is_ok());
         assert!(check_tier(Some("nope")).is_err());
     }
