@@ -111,6 +111,18 @@ pub fn recv_master(socket: BorrowedFd) -> Result<std::os::fd::OwnedFd, ConsoleEr
 /// terminating signals to `pid`, and returns its exit status (128+N for a
 /// signal) once it has exited and its output is drained.
 pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
+    proxy_until(master, pid, None, &|| {}).0
+}
+
+/// [`proxy`], and at `deadline` (if any) `on_deadline` is called once (it
+/// kills the container); the proxy goes on until the process has exited.
+/// Returns the status and whether the deadline passed.
+pub fn proxy_until(
+    master: std::os::fd::OwnedFd,
+    pid: i32,
+    deadline: Option<std::time::Instant>,
+    on_deadline: &dyn Fn(),
+) -> (i32, bool) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -141,6 +153,7 @@ pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
     let mut master_open = true;
     let mut buf = [0u8; 16384];
     let target = nix::unistd::Pid::from_raw(pid);
+    let mut timed_out = false;
     let code = 'outer: loop {
         match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -158,9 +171,21 @@ pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
         if stdin_open {
             fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
         }
-        match poll(&mut fds, PollTimeout::NONE) {
+        let wait = match deadline {
+            Some(d) if !timed_out => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+                    .unwrap_or(PollTimeout::NONE)
+            }
+            _ => PollTimeout::NONE,
+        };
+        match poll(&mut fds, wait) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(_) => break 'outer 255,
+        }
+        if deadline.is_some_and(|d| !timed_out && std::time::Instant::now() >= d) {
+            timed_out = true;
+            on_deadline();
         }
         let ready: Vec<bool> = fds
             .iter()
@@ -221,7 +246,7 @@ pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
         let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, t);
     }
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    code
+    (code, timed_out)
 }
 
 /// Gives the pty our terminal's window size.

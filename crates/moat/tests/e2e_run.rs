@@ -666,6 +666,15 @@ fn tty_gets_the_window_size() {
     let inner = format!("stty rows 33 cols 77; {moat} run -t -- stty size");
     let out = rt_script(&rt, &inner);
     assert!(out.contains("33 77"), "{out}");
+    // --timeout holds with a terminal too.
+    let out = rt_script(
+        &rt,
+        &format!("{moat} run -t --timeout 1 -- sleep 30; echo rc=$?"),
+    );
+    assert!(
+        out.contains("killed: timeout") && out.contains("rc=137"),
+        "{out}"
+    );
     assert_clean(&rt);
 }
 

@@ -870,8 +870,17 @@ fn supervise(
 ) -> Result<RunResult> {
     let (st, _) = rt.load(id)?;
     let (code, timed_out) = match master {
-        // With a terminal, moat proxies it until the container exits (no --timeout).
-        Some(m) => (moat_linux::console::proxy(m, st.pid), false),
+        // With a terminal, moat proxies it until the container exits; at
+        // the --timeout deadline every process of the container is killed.
+        Some(m) => {
+            let deadline = timeout.map(|t| started + std::time::Duration::from_secs(t.into()));
+            let kill_all = || {
+                if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
+                    eprintln!("moat: cannot kill {id}: {e}");
+                }
+            };
+            moat_linux::console::proxy_until(m, st.pid, deadline, &kill_all)
+        }
         None => wait(rt, id, st.pid, timeout),
     };
     let mut r = RunResult {
