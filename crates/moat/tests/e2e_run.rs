@@ -259,13 +259,26 @@ r=l.syscall(321,0,0,0); print(\"bpf\",r,ctypes.get_errno()); \
 r=l.syscall(435,0,0); print(\"clone3\",r,ctypes.get_errno()); \
 r=l.syscall(56,0x10000000|17,0,0,0,0); print(\"clone-newuser\",r,ctypes.get_errno()); \
 r=l.syscall(135,0x0040000); print(\"personality\",r,ctypes.get_errno()); \
-r=l.syscall(101,16,1,0,0); print(\"ptrace\",r,ctypes.get_errno())'",
+r=l.syscall(101,16,1,0,0); print(\"ptrace\",r,ctypes.get_errno()); \
+r=l.syscall(41,40,1,0); print(\"socket-vsock\",r,ctypes.get_errno()); \
+r=l.syscall(41,38,5,0); print(\"socket-alg\",r,ctypes.get_errno()); \
+r=l.syscall(41,4096,1,0); print(\"socket-beyond\",r,ctypes.get_errno()); \
+r=l.syscall(41,1,1,0); print(\"socket-unix\",r>=0); \
+r=l.syscall(41,2,2,0); print(\"socket-inet\",r>=0); \
+r=l.syscall(41,16,2,0); print(\"socket-netlink\",r>=0)'",
     )
     .expect_ok();
     let o = &out.stdout;
     assert!(o.contains("unshare=1"), "{o}");
     assert!(o.contains("unshare-net=1"), "{o}");
     assert!(!o.contains("mount=0"), "{o}");
+    for ok in [
+        "socket-unix True",
+        "socket-inet True",
+        "socket-netlink True",
+    ] {
+        assert!(o.contains(ok), "{ok}: {o}");
+    }
     for (name, errno) in [
         ("io_uring", 1),
         ("userfaultfd", 1),
@@ -275,6 +288,10 @@ r=l.syscall(101,16,1,0,0); print(\"ptrace\",r,ctypes.get_errno())'",
         // Not in the allow-list's values: the default ENOSYS.
         ("personality", 38),
         ("ptrace", 1),
+        // Socket families outside unix, inet, inet6, netlink, packet.
+        ("socket-vsock", 97),
+        ("socket-alg", 97),
+        ("socket-beyond", 97),
     ] {
         assert!(
             o.contains(&format!("{name} -1 {errno}\n")),

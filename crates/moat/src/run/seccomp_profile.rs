@@ -19,6 +19,18 @@ pub const CLONE_NS_MASK: u64 =
 /// UNAME26 (0x20000) and the query 0xffffffff.
 pub const PERSONALITIES: &[u64] = &[0, 0x8, 0x20000, 0xffff_ffff];
 
+/// Socket address families `socket(2)` may create: AF_UNIX, AF_INET,
+/// AF_INET6, AF_NETLINK (routing and address queries, e.g. getaddrinfo's)
+/// and AF_PACKET (which the kernel still gates on CAP_NET_RAW).
+pub const SOCKET_FAMILIES: &[u64] = &[1, 2, 10, 16, 17];
+
+/// Families above the last one this profile knows fail too; below it,
+/// every family not in [`SOCKET_FAMILIES`] gets EAFNOSUPPORT (AF_VSOCK,
+/// AF_ALG, AF_KEY, AF_BLUETOOTH, AF_TIPC, AF_RDS, AF_CAN, AF_XDP…: kernel
+/// code a container rarely needs and exploits often reach).
+pub const SOCKET_FAMILY_MAX: u64 = 45;
+pub const EAFNOSUPPORT: u32 = 97;
+
 /// Allowed without conditions, grouped by purpose.
 pub const ALLOWED: &[(&str, &[&str])] = &[
     (
@@ -275,7 +287,6 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     (
         "sockets (the network namespace decides what they reach)",
         &[
-            "socket",
             "socketpair",
             "bind",
             "listen",
@@ -474,6 +485,20 @@ pub fn profile_json() -> Value {
             "args": [{"index": 0, "value": bit, "valueTwo": bit, "op": "SCMP_CMP_MASKED_EQ"}]}),
         );
     }
+    for f in SOCKET_FAMILIES {
+        syscalls.push(json!({"names": ["socket"], "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": f, "op": "SCMP_CMP_EQ"}]}));
+    }
+    for f in (0..=SOCKET_FAMILY_MAX).filter(|f| !SOCKET_FAMILIES.contains(f)) {
+        syscalls.push(
+            json!({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT,
+            "args": [{"index": 0, "value": f, "op": "SCMP_CMP_EQ"}]}),
+        );
+    }
+    syscalls.push(
+        json!({"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT,
+        "args": [{"index": 0, "value": SOCKET_FAMILY_MAX, "op": "SCMP_CMP_GT"}]}),
+    );
     for p in PERSONALITIES {
         syscalls.push(json!({"names": ["personality"], "action": "SCMP_ACT_ALLOW",
             "args": [{"index": 0, "value": p, "op": "SCMP_CMP_EQ"}]}));
@@ -507,6 +532,7 @@ mod tests {
             "clone",
             "clone3",
             "personality",
+            "socket",
             "io_uring_setup",
             "unshare",
             "mount",
@@ -536,7 +562,7 @@ mod tests {
                 );
             }
         }
-        for n in ["clone", "clone3", "personality"] {
+        for n in ["clone", "clone3", "personality", "socket"] {
             assert!(doc.contains(&format!("`{n}`")));
         }
     }
