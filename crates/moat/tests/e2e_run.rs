@@ -929,3 +929,32 @@ fn a_killed_moat_run_leaves_no_container() {
     );
     assert_clean(&rt);
 }
+
+#[test]
+fn kernel_paths_are_masked_or_read_only() {
+    let Some(rt) = rt("kernel_paths_are_masked_or_read_only") else {
+        return;
+    };
+    let out = sh(
+        &rt,
+        &["-u", "0"],
+        "for f in /proc/kcore /proc/keys /proc/timer_list /proc/interrupts; do \
+           echo $f=$(cat $f 2>/dev/null | wc -c); done; \
+         echo firmware=$(ls /sys/firmware 2>/dev/null | wc -l); \
+         echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-writable; \
+         echo 1 > /proc/sysrq-trigger 2>/dev/null && echo sysrq-writable; true",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    for f in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/interrupts",
+    ] {
+        assert!(o.contains(&format!("{f}=0\n")), "{f} is masked: {o}");
+    }
+    assert!(o.contains("firmware=0"), "{o}");
+    assert!(!o.contains("writable"), "{o}");
+    assert_clean(&rt);
+}

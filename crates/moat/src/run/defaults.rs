@@ -217,11 +217,19 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
             "gidMappings": gid_map,
             "namespaces": namespaces,
             "resources": resources,
-            "maskedPaths": MASKED_PATHS,
+            "maskedPaths": masked_paths(),
             "readonlyPaths": READONLY_PATHS,
             "seccomp": serde_json::to_value(seccomp_profile::profile()).unwrap_or(Value::Null),
         }
     })
+}
+
+/// `moat spec`'s masked paths plus /proc/interrupts: per-CPU interrupt
+/// counts of the whole host, a known side channel (keystroke timing).
+pub fn masked_paths() -> Vec<&'static str> {
+    let mut v = MASKED_PATHS.to_vec();
+    v.push("/proc/interrupts");
+    v
 }
 
 /// `moat spec --hardened`: the same defaults for a bundle with its own
