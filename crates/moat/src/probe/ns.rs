@@ -102,17 +102,23 @@ pub fn checks(st: &Status) -> Vec<Check> {
         };
         out.push(r);
     }
+    // NSpid lists the PID from the namespace of the /proc mount down: a
+    // container with a procfs of its own shows one level, like the host.
     let nspid = st.get("NSpid").unwrap_or("");
-    out.push(check(
-        "ns.pid-levels",
-        if nspid.split_whitespace().count() > 1 {
-            Outcome::Blocked
-        } else {
-            Outcome::Allowed
-        },
-        format!("NSpid: {nspid}"),
-        PRACTICE_NS,
-    ));
+    let (outcome, detail) = if nspid.split_whitespace().count() > 1 {
+        (Outcome::Blocked, format!("NSpid: {nspid}"))
+    } else if in_init_pidns {
+        (
+            Outcome::Allowed,
+            format!("NSpid: {nspid}, in the initial PID namespace"),
+        )
+    } else {
+        (
+            Outcome::Blocked,
+            format!("NSpid: {nspid} as this /proc shows it, in a PID namespace of its own"),
+        )
+    };
+    out.push(check("ns.pid-levels", outcome, detail, PRACTICE_NS));
     out.push(fingerprint());
     out
 }
