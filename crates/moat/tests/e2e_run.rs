@@ -502,6 +502,49 @@ fn spec_hardened_writes_the_defaults() {
         v["process"]["capabilities"]["bounding"],
         serde_json::json!([])
     );
+    // And the bundle runs, as root, on a busybox rootfs with the mount
+    // points: every default holds (user namespace, no caps, Landlock).
+    let Some(rt) = rt("spec_hardened_writes_the_defaults") else {
+        return;
+    };
+    let root = dir.path().join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut v = v;
+    v["process"]["args"] = serde_json::json!([
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox id -u; /bin/busybox grep CapEff /proc/self/status; \
+         /bin/busybox touch /dev/x 2>/dev/null || echo dev-refused; \
+         echo t > /tmp/t && echo tmp-ok; echo home=$HOME"
+    ]);
+    // Host IDs outside every test's pool (the spec maps the pool's first
+    // block, which a parallel test's allocator may hand out).
+    for m in ["uidMappings", "gidMappings"] {
+        v["linux"][m][0]["hostID"] = serde_json::json!(3_950_000_000u32);
+    }
+    fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+    let id = rt.new_id("hardened");
+    let out = rt
+        .cmd(&["run", "-b", dir.path().to_str().unwrap(), &id])
+        .expect_ok();
+    let o = &out.stdout;
+    assert!(
+        o.starts_with(
+            "65534
+"
+        ),
+        "{o}"
+    );
+    assert!(o.contains("CapEff:\t0000000000000000"), "{o}");
+    assert!(o.contains("dev-refused") && o.contains("tmp-ok"), "{o}");
+    assert!(o.contains("home=/tmp"), "{o}");
 }
 
 /// A fork bomb stays inside: the pids limit refuses forks, moat reports it,

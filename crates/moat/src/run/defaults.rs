@@ -239,9 +239,24 @@ pub fn hardened_spec() -> Value {
         hard_nofile: host_hard_limit(rustix::process::Resource::Nofile),
         hard_nproc: host_hard_limit(rustix::process::Resource::Nproc),
         blkio_weight: blkio_weight_supported(),
+        cwd: "/".into(),
         ..Settings::default()
     };
-    spec(&s, Vec::new())
+    let mut v = spec(&s, Vec::new());
+    // A bundle's own rootfs belongs to host root, so the container's root
+    // cannot create /home/user in it: no $HOME tmpfs, HOME is /tmp (as for
+    // images). The rootfs needs /proc, /dev, /sys and /tmp (docs/run.md).
+    if let Some(m) = v["mounts"].as_array_mut() {
+        m.retain(|m| m["destination"] != HOME);
+    }
+    if let Some(env) = v["process"]["env"].as_array_mut() {
+        for e in env.iter_mut() {
+            if e.as_str().is_some_and(|e| e.starts_with("HOME=")) {
+                *e = json!("HOME=/tmp");
+            }
+        }
+    }
+    v
 }
 
 #[cfg(test)]
