@@ -113,7 +113,9 @@ fn werr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
 pub enum Source {
     /// A rootfs directory, or an OCI bundle (config.json + rootfs/).
     Dir(PathBuf),
-    /// A rootfs tarball (plain, gzip or zstd).
+    /// A tarball (plain, gzip or zstd): a rootfs, or a `docker save`
+    /// archive, told apart when it is prepared (and only when the cache
+    /// does not already know the file: see [`Store::prepare`]).
     Tarball(PathBuf),
     /// `oci:PATH[:TAG]`.
     OciLayout { path: PathBuf, tag: Option<String> },
@@ -153,9 +155,6 @@ impl Source {
             return Some(Source::Dir(p.into()));
         }
         if md.is_file() && is_archive(p) {
-            if has_docker_manifest(p) {
-                return Some(Source::DockerArchive(p.into()));
-            }
             return Some(Source::Tarball(p.into()));
         }
         None
@@ -427,6 +426,11 @@ impl Store {
             Source::Tarball(p) => {
                 if let Some(found) = self.known_file(p)? {
                     return Ok(found);
+                }
+                // Only now, for a file the cache does not know: finding
+                // manifest.json reads every member header of the tar.
+                if has_docker_manifest(p) {
+                    return self.prepare_docker(p, &Source::DockerArchive(p.clone()), progress);
                 }
                 let key = file_digest(p)?;
                 if let Some(found) = self.load(&key)? {
