@@ -203,7 +203,14 @@ impl Owner {
         }
     }
 
-    fn parse(s: &str) -> Option<Owner> {
+    /// `PID START_TIME`, as allocation files and the run-owner annotation
+    /// record an owner.
+    pub fn record(&self) -> String {
+        format!("{} {}", self.pid, self.start_time)
+    }
+
+    /// The inverse of [`Owner::record`].
+    pub fn parse(s: &str) -> Option<Owner> {
         let mut f = s.split_whitespace();
         Some(Owner {
             pid: f.next()?.parse().ok()?,
@@ -280,7 +287,7 @@ impl IdAllocator {
                 .create_new(true)
                 .mode(0o600)
                 .open(&path)?;
-            writeln!(f, "{} {}", owner.pid, owner.start_time)
+            writeln!(f, "{}", owner.record())
         };
         write().map_err(|source| IdAllocError::Write {
             path: path.clone(),

@@ -285,10 +285,12 @@ pub fn main(cli: RunCli) -> Result<i32> {
     searchable(root)?;
     let rt = Runtime::new(root, cli.global.systemd_cgroup);
     sweep_orphans(&rt);
+    // This run's process: the owner of its ID block and of its container.
+    let owner = Owner::current();
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
         let alloc = IdAllocator::new(idalloc::allocator_dir(), pool)
-            .allocate(Owner::current(), &idalloc::host_reserved()?)
+            .allocate(owner, &idalloc::host_reserved()?)
             .context("cannot allocate a host ID range")?;
         s.host_id = alloc.host_start;
         Some(alloc)
@@ -347,9 +349,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     }
     // Whose run this is: a later `moat run` removes the container if this
     // process is killed before it could (`sweep_orphans`).
-    let owner = Owner::current();
-    spec["annotations"][OWNER_ANNOTATION] =
-        serde_json::json!(format!("{} {}", owner.pid, owner.start_time));
+    spec["annotations"][OWNER_ANNOTATION] = serde_json::json!(owner.record());
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
@@ -717,16 +717,12 @@ fn sweep_orphans(rt: &Runtime) {
     let Ok(ids) = rt.sd.list() else { return };
     for id in ids {
         let Ok(st) = rt.sd.load(&id) else { continue };
-        let Some(owner) = st.annotations.get(OWNER_ANNOTATION) else {
+        let Some(owner) = st
+            .annotations
+            .get(OWNER_ANNOTATION)
+            .and_then(|o| Owner::parse(o))
+        else {
             continue;
-        };
-        let mut f = owner.split_whitespace().map(str::parse::<u64>);
-        let (Some(Ok(pid)), Some(Ok(start_time))) = (f.next(), f.next()) else {
-            continue;
-        };
-        let owner = Owner {
-            pid: i32::try_from(pid).unwrap_or(0),
-            start_time,
         };
         if owner.alive() {
             continue;
