@@ -796,9 +796,14 @@ fn spawn_run(rt: &Rt, flags: &[&str], script: &str, out: &Path) -> std::process:
 fn stop_sleeper(mut child: std::process::Child) {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    kill(pid, Signal::SIGTERM).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let _ = kill(pid, Signal::SIGTERM);
+    // Two SIGTERMs sent back to back may merge into one pending signal:
+    // repeat until moat has ended the run.
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed().as_secs() < 30, "moat run did not stop");
+        let _ = kill(pid, Signal::SIGTERM);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     wait_own(&mut child);
 }
 
