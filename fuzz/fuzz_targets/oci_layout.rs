@@ -2,7 +2,7 @@
 //! bytes: index selection, manifests, image configs, manifest.json.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use moat_linux::image::layout;
+use moat_image::layout;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(i) = layout::parse_index(data) {

@@ -3,7 +3,7 @@
 //! whiteouts: must never panic, and never write outside it.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use moat_linux::image::unpack::{self, Owners, Whiteouts};
+use moat_image::unpack::{self, Owners, Whiteouts};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else {
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::create_dir(&root).is_err() {
         return;
     }
-    if let Ok(r) = moat_linux::image::decompressed(data) {
+    if let Ok(r) = moat_image::decompressed(data) {
         let _ = unpack::unpack_as(r, &root, Owners::Unpacker, whiteouts);
     }
     // Everything written is under `root`: its parent holds nothing else.

@@ -2,7 +2,7 @@
 //! or used as device/process files, carried in the `dev.moat.landlock`
 //! annotation (the runtime spec has no Landlock field). The container tier
 //! turns it into a Landlock ruleset right before the workload's exec
-//! (`moat_linux::landlock`).
+//! (`moat_jail::landlock`).
 //!
 //! The annotation's value is either `auto`, the policy derived from the
 //! spec's own root and mounts ([`LandlockPolicy::derive`]), or a JSON object

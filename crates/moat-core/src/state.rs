@@ -85,7 +85,7 @@ impl ContainerStatus {
 pub struct State {
     pub oci_version: String,
     pub id: String,
-    /// What was last recorded; the live status is derived from the process (see `moat-linux`).
+    /// What was last recorded; the live status is derived from the process (see the tier crates).
     pub status: ContainerStatus,
     /// PID of the container's init process, in the runtime's PID namespace (0 before it exists).
     pub pid: i32,

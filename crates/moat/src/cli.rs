@@ -169,7 +169,7 @@ pub enum Cmd {
 
 impl Cmd {
     /// Commands that fork a process into a container: they run from a sealed
-    /// copy of the binary (see `moat_linux::selfexe`).
+    /// copy of the binary (see `moat_jail::selfexe`).
     pub fn starts_container_process(&self) -> bool {
         matches!(self, Cmd::Create(_) | Cmd::Run { .. } | Cmd::Exec(_))
     }

@@ -27,7 +27,7 @@ impl Logger {
 
     fn write(&self, level: &str, msg: &str) {
         let Some(path) = &self.path else { return };
-        let time = moat_linux::time::rfc3339_now();
+        let time = moat_core::time::rfc3339_now();
         let line = match self.format {
             LogFormat::Json => {
                 serde_json::json!({"level": level, "msg": msg, "time": time}).to_string()

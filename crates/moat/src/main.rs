@@ -40,8 +40,8 @@ fn main() -> ExitCode {
     };
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     if cli.cmd.starts_container_process() {
-        if let Err(e) = moat_linux::selfexe::ensure_protected(&args) {
-            eprintln!("moat: {}", moat_linux::error_chain(&e));
+        if let Err(e) = moat_jail::selfexe::ensure_protected(&args) {
+            eprintln!("moat: {}", moat_core::error_chain(&e));
             return ExitCode::from(1);
         }
     }
@@ -80,8 +80,8 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
     cli.opts.default_root = run::leading_dashdash(&argv);
     cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
-    if let Err(e) = moat_linux::selfexe::ensure_protected(args) {
-        eprintln!("moat: {}", moat_linux::error_chain(&e));
+    if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
+        eprintln!("moat: {}", moat_core::error_chain(&e));
         return Some(ExitCode::from(1));
     }
     Some(match run::main(cli) {
@@ -90,8 +90,8 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             eprintln!("moat: {}", error_line(&e));
             // A program that cannot run exits as a shell would make it
             // (127 not found, 126 not executable); moat's own errors 125.
-            use moat_linux::container::ContainerError;
-            use moat_linux::sync::SyncError;
+            use moat_container::lifecycle::ContainerError;
+            use moat_jail::sync::SyncError;
             let status = e.chain().find_map(|c| {
                 let sync = match c.downcast_ref::<ContainerError>() {
                     Some(ContainerError::Sync(s)) => Some(s),

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use moat_container::lifecycle::{CreateOpts, ExecOpts, Runtime};
 use moat_core::Tier;
-use moat_linux::container::{CreateOpts, ExecOpts, Runtime};
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxResources, Process};
 
@@ -72,7 +72,7 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Delete { id, force } => {
             match rt.delete(&id, force) {
-                Err(moat_linux::container::ContainerError::State(
+                Err(moat_container::lifecycle::ContainerError::State(
                     moat_core::StateError::NotFound(_),
                 )) if force => {}
                 r => r?,

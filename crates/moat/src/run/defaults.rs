@@ -67,7 +67,7 @@ impl Default for Settings {
             cpus: DEFAULT_CPUS,
             pids: DEFAULT_PIDS,
             cap_add: Vec::new(),
-            host_id: moat_linux::idalloc::DEFAULT_POOL.base,
+            host_id: moat_jail::idalloc::DEFAULT_POOL.base,
             hard_nofile: u64::MAX,
             hard_nproc: u64::MAX,
             blkio_weight: false,

@@ -1,13 +1,13 @@
 //! `moat run IMAGE`: the image side (preparing the root, its settings) and
 //! `moat images` / `moat prune`. The image code itself is in
-//! `moat_linux::image`.
+//! `moat_image`.
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use moat_linux::container::Runtime;
-use moat_linux::image::{Prepared, Source, Store};
+use moat_container::lifecycle::Runtime;
+use moat_image::{Prepared, Source, Store};
 
 /// Prepares `src` under the state root `root`, with a progress line on
 /// stderr when it is a terminal.

@@ -18,11 +18,11 @@ use std::os::unix::fs::DirBuilderExt;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
+use moat_container::lifecycle::{CreateOpts, Runtime};
 use moat_core::Tier;
-use moat_linux::cgroup::CgroupManager;
-use moat_linux::container::{CreateOpts, Runtime};
-use moat_linux::idalloc::{self, IdAllocator, IdPool, Owner};
-use moat_linux::image::{self, Prepared, Source};
+use moat_image::{self as image, Prepared, Source};
+use moat_jail::cgroup::CgroupManager;
+use moat_jail::idalloc::{self, IdAllocator, IdPool, Owner};
 use nix::sys::signal::Signal;
 
 use crate::cli::Global;
@@ -274,7 +274,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     // the workload (it would leave the container behind): blocked signals
     // stay pending until `wait` forwards them. The container's process
     // unblocks everything before its exec.
-    moat_linux::container::block_forwarded_signals();
+    moat_jail::supervise::block_forwarded_signals();
     // The container's init (an unmapped user on the host) walks down to its
     // root: the state root must be searchable (0711, as `create` makes it).
     std::fs::DirBuilder::new()
@@ -383,8 +383,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
             let (conn, _) = l
                 .accept()
                 .context("cannot accept the container's terminal")?;
-            let m = moat_linux::console::recv_master(std::os::fd::AsFd::as_fd(&conn))
-                .map_err(|e| anyhow::anyhow!(moat_linux::error_chain(&e)))?;
+            let m = moat_container::console::recv_master(std::os::fd::AsFd::as_fd(&conn))
+                .map_err(|e| anyhow::anyhow!(moat_core::error_chain(&e)))?;
             Some(m)
         }
         None => None,
@@ -731,7 +731,7 @@ fn sweep_orphans(rt: &Runtime) {
             Ok(()) => eprintln!("moat: removed {id}, left by a moat run that was killed"),
             Err(e) => eprintln!(
                 "moat: warning: cannot remove {id}, left by a killed moat run: {}",
-                moat_linux::error_chain(&e)
+                moat_core::error_chain(&e)
             ),
         }
     }
@@ -875,7 +875,7 @@ fn supervise(
                     eprintln!("moat: cannot kill {id}: {e}");
                 }
             };
-            moat_linux::console::proxy_until(m, st.pid, deadline, &kill_all)
+            moat_container::console::proxy_until(m, st.pid, deadline, &kill_all)
         }
         None => wait(rt, id, st.pid, timeout),
     };
@@ -945,7 +945,7 @@ fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
             eprintln!("moat: cannot kill {id}: {e}");
         }
     };
-    moat_linux::container::wait_supervised(pid, timeout, &kill_all)
+    moat_jail::supervise::wait_supervised(pid, timeout, &kill_all)
 }
 
 fn human_bytes(n: i64) -> String {

@@ -10,24 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-/// Top-level host directories shared read-only (those that exist).
-pub const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib64", "lib32"];
-
-/// Host /etc entries programs need: the dynamic linker's cache, name
-/// resolution, TLS roots, Debian's alternatives (targets of /usr/bin links).
-pub const HOST_ETC: &[&str] = &[
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "hosts",
-    "resolv.conf",
-    "nsswitch.conf",
-    "host.conf",
-    "localtime",
-    "ssl",
-    "ca-certificates",
-    "alternatives",
-];
+pub use moat_core::embedded::{HOST_DIRS, HOST_ETC};
 
 /// Directories created empty in the root, to mount on.
 pub const MOUNT_POINTS: &[&str] = &["proc", "dev", "sys", "tmp", "home/user", "etc"];
@@ -241,17 +224,17 @@ const CACHE_KEEP: usize = 8;
 /// ext4). Safe to share because the container mounts it read-only and only
 /// ever sees it from its own user namespace, where its files belong to an
 /// unmapped user; an entry not owned by us, or writable by others, is
-/// refused ([`moat_linux::cache`]).
+/// refused ([`moat_jail::cache`]).
 pub fn cached(state_root: &Path, layout: &[Entry]) -> Result<PathBuf> {
-    let dir = moat_linux::cache::dir(state_root, "rootfs")
-        .map_err(|e| anyhow::anyhow!(moat_linux::error_chain(&e)))?;
+    let dir = moat_jail::cache::dir(state_root, "rootfs")
+        .map_err(|e| anyhow::anyhow!(moat_core::error_chain(&e)))?;
     let lines: Vec<String> = layout.iter().map(Entry::describe).collect();
-    let entry = dir.join(moat_linux::cache::key(&[
+    let entry = dir.join(moat_jail::cache::key(&[
         b"moat-rootfs-v1",
         lines.join("\n").as_bytes(),
     ]));
     match fs::symlink_metadata(&entry) {
-        Ok(md) if md.is_dir() && moat_linux::cache::trusted(&md) => return Ok(entry),
+        Ok(md) if md.is_dir() && moat_jail::cache::trusted(&md) => return Ok(entry),
         Ok(_) => bail!(
             "refusing the cached root {}: not a directory of ours, or writable by others",
             entry.display()
@@ -259,15 +242,15 @@ pub fn cached(state_root: &Path, layout: &[Entry]) -> Result<PathBuf> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", entry.display())),
     }
-    let tmp = moat_linux::cache::temp_name(&dir);
+    let tmp = moat_jail::cache::temp_name(&dir);
     if let Err(e) = build(&tmp, layout) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if moat_linux::cache::publish(&tmp, &entry)
-        .map_err(|e| anyhow::anyhow!(moat_linux::error_chain(&e)))?
+    if moat_jail::cache::publish(&tmp, &entry)
+        .map_err(|e| anyhow::anyhow!(moat_core::error_chain(&e)))?
     {
-        moat_linux::cache::trim(&dir, CACHE_KEEP);
+        moat_jail::cache::trim(&dir, CACHE_KEEP);
     }
     Ok(entry)
 }

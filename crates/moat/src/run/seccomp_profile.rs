@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn profile_compiles_with_libseccomp() {
         let p = profile();
-        let f = moat_linux::seccomp::compile(&p).expect("compiles");
+        let f = moat_jail::seccomp::compile(&p).expect("compiles");
         assert!(f.rule_count() > 300);
     }
 

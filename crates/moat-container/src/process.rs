@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 
-use crate::sync::{Channel, FdKind, Msg};
-use crate::{attrs, caps, landlock, rlimit, seccomp};
+use moat_jail::sync::{Channel, FdKind, Msg};
+use moat_jail::{attrs, caps, landlock, rlimit, seccomp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -46,7 +46,7 @@ pub enum ProcessError {
     #[error("argument or environment contains a NUL byte")]
     Nul,
     #[error("cannot hand the seccomp notify fd to the runtime")]
-    NotifyFd(#[source] crate::sync::SyncError),
+    NotifyFd(#[source] moat_jail::sync::SyncError),
     #[error("cannot set up file descriptors")]
     Fds(#[source] std::io::Error),
 }
@@ -68,7 +68,7 @@ impl ProcessError {
 
     /// The message that reports this failure to the runtime.
     pub fn report(&self) -> Msg {
-        let chain = crate::error_chain(self);
+        let chain = moat_core::error_chain(self);
         match self.exec_status() {
             Some(status) => Msg::ExecFailed(status, chain),
             None => Msg::Error(chain),

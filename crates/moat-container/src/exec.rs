@@ -10,11 +10,13 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use oci_spec::runtime::{Process, Spec};
 
-use crate::cgroup::CgroupManager;
-use crate::container::{pid_start_time, wait_forwarding_signals, write_pid_file, ContainerError};
-use crate::ns;
+use crate::lifecycle::{write_pid_file, ContainerError};
 use crate::process::{self, Finalize};
-use crate::sync::{self, FdKind, Msg, SyncError};
+use moat_jail::cgroup::CgroupManager;
+use moat_jail::ns;
+use moat_jail::procfs::pid_start_time;
+use moat_jail::supervise::wait_forwarding_signals;
+use moat_jail::sync::{self, FdKind, Msg, SyncError};
 
 #[derive(Debug, Default, Clone)]
 pub struct ExecOpts {
@@ -114,17 +116,21 @@ pub fn exec(
                 .map_err(|e| e.to_string())
                 .and_then(|_| {
                     crate::console::setup_pty(c.as_fd(), process.console_size())
-                        .map_err(|e| crate::error_chain(&e))
+                        .map_err(|e| moat_core::error_chain(&e))
                 });
             if let Err(e) = r {
                 let _ = child.send(&Msg::Error(e));
                 return 1;
             }
         }
-        let ruleset = match landlock.as_ref().map(crate::landlock::prepare).transpose() {
+        let ruleset = match landlock
+            .as_ref()
+            .map(moat_jail::landlock::prepare)
+            .transpose()
+        {
             Ok(r) => r,
             Err(e) => {
-                let _ = child.send(&Msg::Error(crate::error_chain(&e)));
+                let _ = child.send(&Msg::Error(moat_core::error_chain(&e)));
                 return 1;
             }
         };
@@ -146,11 +152,11 @@ pub fn exec(
         let r = (|| -> Result<i32, String> {
             child
                 .expect(Msg::Go, "go")
-                .map_err(|e| crate::error_chain(&e))?;
+                .map_err(|e| moat_core::error_chain(&e))?;
             if let Some(j) = &join {
-                j.join_self().map_err(|e| crate::error_chain(&e))?;
+                j.join_self().map_err(|e| moat_core::error_chain(&e))?;
             }
-            crate::container::protect_runtime_process()
+            crate::lifecycle::protect_runtime_process()
                 .map_err(|e| format!("cannot make the exec process non-dumpable: {e}"))?;
             nix::sched::setns(pidfd.as_fd(), flags)
                 .map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
@@ -204,8 +210,8 @@ pub fn exec(
                     let meta = seccomp
                         .and_then(|s| s.listener_metadata().clone())
                         .unwrap_or_default();
-                    let oci = crate::container::oci_state(st, moat_core::ContainerStatus::Running);
-                    crate::seccomp::send_to_listener(path, &meta, &oci, pid, fd.as_fd())?;
+                    let oci = crate::lifecycle::oci_state(st, moat_core::ContainerStatus::Running);
+                    moat_jail::seccomp::send_to_listener(path, &meta, &oci, pid, fd.as_fd())?;
                 }
             }
             Ok((Msg::Error(e), _)) => {
@@ -229,7 +235,7 @@ pub fn exec(
     }
     if let Some(sock) = local_console {
         let master = crate::console::recv_master(sock.as_fd())
-            .map_err(|e| ContainerError::Invalid(crate::error_chain(&e)))?;
+            .map_err(|e| ContainerError::Invalid(moat_core::error_chain(&e)))?;
         return Ok(crate::console::proxy(master, pid));
     }
     Ok(wait_forwarding_signals(pid))

@@ -446,10 +446,10 @@ pub fn is_sensitive(src: &str) -> bool {
 /// embedded default of `moat run` mounts them.
 pub fn is_public_system_file(src: &str) -> bool {
     let src = src.trim_end_matches('/');
-    let dirs = crate::run::rootfs::HOST_DIRS
+    let dirs = moat_core::embedded::HOST_DIRS
         .iter()
         .map(|d| format!("/{d}"));
-    let etc = crate::run::rootfs::HOST_ETC
+    let etc = moat_core::embedded::HOST_ETC
         .iter()
         .map(|e| format!("/etc/{e}"));
     dirs.chain(etc).any(|p| src == p)

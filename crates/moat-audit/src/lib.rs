@@ -4,6 +4,7 @@
 //!
 //! Exit status: 0 no finding at or above `--fail-on`; 1 such findings;
 //! 2 usage or input error.
+#![forbid(unsafe_code)]
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -13,12 +14,24 @@ mod input;
 mod output;
 mod rules;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Low,
     Medium,
     High,
+}
+
+impl std::str::FromStr for Severity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Severity::Low),
+            "medium" => Ok(Severity::Medium),
+            "high" => Ok(Severity::High),
+            other => Err(format!("unknown severity {other:?} (low, medium or high)")),
+        }
+    }
 }
 
 impl Severity {
@@ -31,25 +44,12 @@ impl Severity {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Report formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Text,
     Json,
     Sarif,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct AuditArgs {
-    /// config.json, `docker inspect` output or Kubernetes YAML; "-" or nothing for stdin
-    pub file: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: Format,
-    /// Exit 1 when a finding at or above this severity exists
-    #[arg(long = "fail-on", value_enum, default_value = "low")]
-    pub fail_on: Severity,
-    /// Audit the live moat containers under --root (their saved config.json)
-    #[arg(long, conflicts_with = "file")]
-    pub running: bool,
 }
 
 /// One problem found.
@@ -107,7 +107,7 @@ pub fn audit_text(text: &str, name: &str) -> Result<Vec<Finding>, AuditError> {
         .collect())
 }
 
-fn read_input(file: Option<&Path>) -> Result<(String, String), AuditError> {
+pub fn read_input(file: Option<&Path>) -> Result<(String, String), AuditError> {
     match file {
         None => read_stdin(),
         Some(p) if p == Path::new("-") => read_stdin(),
@@ -132,7 +132,7 @@ fn read_stdin() -> Result<(String, String), AuditError> {
 }
 
 /// The saved config.json of every container under the state root.
-fn running(root: &Path) -> Result<Vec<Finding>, AuditError> {
+pub fn running(root: &Path) -> Result<Vec<Finding>, AuditError> {
     let rd = std::fs::read_dir(root).map_err(|source| AuditError::StateDir {
         path: root.display().to_string(),
         source,
@@ -163,25 +163,16 @@ fn running(root: &Path) -> Result<Vec<Finding>, AuditError> {
     Ok(out)
 }
 
-/// `moat audit`: prints the report; returns the exit status (0, 1 or 2).
-pub fn main(a: &AuditArgs, root: &Path) -> anyhow::Result<i32> {
-    let result = if a.running {
-        running(root)
-    } else {
-        read_input(a.file.as_deref()).and_then(|(text, name)| audit_text(&text, &name))
-    };
-    let findings = match result {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("moat audit: {}", crate::error_line(&anyhow::Error::new(e)));
-            return Ok(2);
-        }
-    };
-    let rendered = match a.format {
-        Format::Text => output::text(&findings),
-        Format::Json => serde_json::to_string_pretty(&output::json(&findings))?,
-        Format::Sarif => serde_json::to_string_pretty(&output::sarif(&findings))?,
-    };
-    out!("{}", rendered.trim_end());
-    Ok(i32::from(findings.iter().any(|f| f.severity >= a.fail_on)))
+/// The findings in `format`, ready to print.
+pub fn render(findings: &[Finding], format: Format) -> String {
+    match format {
+        Format::Text => output::text(findings),
+        Format::Json => pretty(&output::json(findings)),
+        Format::Sarif => pretty(&output::sarif(findings)),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    // A `Value` always serializes.
+    serde_json::to_string_pretty(v).unwrap_or_default()
 }

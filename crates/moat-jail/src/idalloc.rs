@@ -199,7 +199,7 @@ impl Owner {
         let pid = std::process::id() as i32;
         Owner {
             pid,
-            start_time: crate::container::pid_start_time(pid).unwrap_or(0),
+            start_time: crate::procfs::pid_start_time(pid).unwrap_or(0),
         }
     }
 
@@ -220,7 +220,7 @@ impl Owner {
 
     /// Whether this process still runs (same PID, same start time).
     pub fn alive(&self) -> bool {
-        self.pid > 0 && crate::container::pid_start_time(self.pid) == Some(self.start_time)
+        self.pid > 0 && crate::procfs::pid_start_time(self.pid) == Some(self.start_time)
     }
 }
 

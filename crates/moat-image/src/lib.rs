@@ -17,6 +17,7 @@
 //! belong to that user, and the container's init reaches it directly
 //! (`.images` is 0711). Entries of an earlier moat (a flattened `rootfs/`
 //! without layers) are used as they are.
+#![forbid(unsafe_code)]
 pub mod layout;
 pub mod unpack;
 pub mod view;
@@ -1032,7 +1033,7 @@ pub fn make_mount_points(rootfs: &Path) -> Result<(), ImageError> {
     )
     .map_err(|e| rerr(rootfs)(e.into()))?;
     for m in MOUNT_POINTS {
-        crate::rootfs::resolve::mkdir_all(fd.as_fd(), Path::new(m))
+        moat_jail::rootfs::resolve::mkdir_all(fd.as_fd(), Path::new(m))
             .map_err(werr(&rootfs.join(m)))?;
     }
     Ok(())
@@ -1041,7 +1042,7 @@ pub fn make_mount_points(rootfs: &Path) -> Result<(), ImageError> {
 /// Creates `dst` (a directory, or an empty file when `file`) inside
 /// `rootfs` for a volume, resolved inside it.
 pub fn make_volume_point(rootfs: &Path, dst: &Path, file: bool) -> Result<(), ImageError> {
-    use crate::rootfs::resolve::{open_or_create, Kind};
+    use moat_jail::rootfs::resolve::{open_or_create, Kind};
     let fd = rustix::fs::open(
         rootfs,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

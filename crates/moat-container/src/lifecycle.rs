@@ -6,16 +6,18 @@ use std::path::{Path, PathBuf};
 use moat_core::state::{ContainerLock, ContainerStatus, State, StateDir, StateError};
 use moat_core::{SpecError, Tier};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
-use crate::cgroup::{CgroupError, CgroupManager};
 use crate::hooks::{self, HookError};
 use crate::init::{self, InitContext, StartSignal};
-use crate::ns::{self, NsPlan};
-use crate::sync::{self, Channel, FdKind, Msg, SyncError};
-use crate::{idmap, seccomp};
+use moat_jail::cgroup::{CgroupError, CgroupManager};
+use moat_jail::ns::{self, NsPlan};
+use moat_jail::procfs::{pid_start_time, proc_stat};
+use moat_jail::supervise::wait_supervised;
+use moat_jail::sync::{self, Channel, FdKind, Msg, SyncError};
+use moat_jail::{idmap, seccomp};
 
 pub const START_SOCKET: &str = "start.sock";
 pub const CONFIG_COPY: &str = "config.json";
@@ -420,7 +422,7 @@ impl Runtime {
         if let Err(e) = hooks::run("poststart", &st.poststart_hooks, &json) {
             tracing_warn(&format!(
                 "poststart hook failed: {}",
-                crate::error_chain(&e)
+                moat_core::error_chain(&e)
             ));
         }
     }
@@ -446,7 +448,7 @@ impl Runtime {
             )),
             Some(sock) => crate::console::recv_master(sock.as_fd())
                 .map(Some)
-                .map_err(|e| ContainerError::Invalid(crate::error_chain(&e))),
+                .map_err(|e| ContainerError::Invalid(moat_core::error_chain(&e))),
             None => Ok(None),
         };
         let master = match master {
@@ -656,7 +658,10 @@ impl Runtime {
         if !st.poststop_hooks.is_empty() {
             let json = oci_state_json(&st, ContainerStatus::Stopped);
             if let Err(e) = hooks::run("poststop", &st.poststop_hooks, &json) {
-                tracing_warn(&format!("poststop hook failed: {}", crate::error_chain(&e)));
+                tracing_warn(&format!(
+                    "poststop hook failed: {}",
+                    moat_core::error_chain(&e)
+                ));
             }
         }
         self.sd.remove(id)?;
@@ -773,7 +778,7 @@ fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -
         pid_start_time: 0,
         bundle: bundle.to_owned(),
         rootfs: rootfs.to_owned(),
-        created: crate::time::rfc3339_now(),
+        created: moat_core::time::rfc3339_now(),
         owner: String::new(),
         annotations: spec.annotations().clone().unwrap_or_default(),
         tier: Tier::Container,
@@ -976,20 +981,6 @@ pub fn write_pid_file(path: &Path, pid: i32) -> Result<(), ContainerError> {
         .map_err(io_err(format!("write pid file {}", path.display())))
 }
 
-/// Field 22 of /proc/PID/stat, and whether the process is a zombie.
-fn proc_stat(pid: i32) -> Option<(u64, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split(' ');
-    let state = f.next()?.chars().next()?;
-    let start = f.nth(18)?.parse().ok()?;
-    Some((start, state))
-}
-
-pub fn pid_start_time(pid: i32) -> Option<u64> {
-    proc_stat(pid).map(|(s, _)| s)
-}
-
 /// The status as it is now, not as last saved.
 pub fn live_status(st: &State, dir: &Path) -> ContainerStatus {
     if st.status == ContainerStatus::Creating {
@@ -1061,96 +1052,6 @@ fn warn(msg: &str) {
 
 fn tracing_warn(msg: &str) {
     eprintln!("moat: warning: {msg}");
-}
-
-/// Waits for `pid` (our child) while forwarding the usual terminating
-/// signals to it; returns its exit status, 128+N for a signal.
-pub fn wait_forwarding_signals(pid: i32) -> i32 {
-    wait_supervised(pid, None, &|| {}).0
-}
-
-/// [`wait_forwarding_signals`] plus an optional deadline in seconds, at which
-/// `kill_all` runs (it should SIGKILL the whole container), and the same on a
-/// second SIGINT/SIGTERM: the container's PID 1 ignores signals it has no
-/// handler for, so forwarding alone may never end it. Returns the exit status
-/// and whether the deadline fired.
-/// The signals `moat run` forwards to the workload ([`wait_supervised`],
-/// and the pty proxy).
-pub const FORWARDED: [Signal; 7] = [
-    Signal::SIGINT,
-    Signal::SIGTERM,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGWINCH,
-];
-
-/// Blocks the forwarded signals in the calling thread, so that one arriving
-/// before [`wait_supervised`] stays pending for it instead of killing the
-/// runtime. (Processes this one forks inherit the mask; the container's
-/// process clears it before its exec.)
-pub fn block_forwarded_signals() {
-    let mut set = nix::sys::signal::SigSet::empty();
-    for s in FORWARDED {
-        set.add(s);
-    }
-    // Cannot fail with a valid `how` and set.
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_BLOCK,
-        Some(&set),
-        None,
-    );
-}
-
-pub fn wait_supervised(pid: i32, timeout: Option<u32>, kill_all: &dyn Fn()) -> (i32, bool) {
-    use nix::sys::signal::{SigSet, SigmaskHow};
-    let mut set = SigSet::empty();
-    for s in FORWARDED {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    set.add(Signal::SIGALRM);
-    let mut old = SigSet::empty();
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
-    if let Some(t) = timeout {
-        nix::unistd::alarm::set(t.max(1));
-    }
-    let target = Pid::from_raw(pid);
-    let mut timed_out = false;
-    let mut interrupts = 0;
-    let code = loop {
-        match waitpid(target, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, c)) => break c,
-            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(_) => {}
-            Err(nix::Error::ECHILD) => break 255,
-            Err(_) => {}
-        }
-        match set.wait() {
-            Ok(Signal::SIGCHLD) => {}
-            Ok(Signal::SIGALRM) if timeout.is_some() => {
-                timed_out = true;
-                kill_all();
-            }
-            Ok(s) => {
-                if matches!(s, Signal::SIGINT | Signal::SIGTERM) {
-                    interrupts += 1;
-                }
-                if interrupts >= 2 {
-                    kill_all();
-                } else {
-                    let _ = kill(target, s);
-                }
-            }
-            Err(_) => {}
-        }
-    };
-    if timeout.is_some() {
-        nix::unistd::alarm::cancel();
-    }
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    (code, timed_out)
 }
 
 #[cfg(test)]

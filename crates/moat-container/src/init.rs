@@ -7,11 +7,12 @@ use nix::sched::CloneFlags;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use crate::ns::{self, NsPlan};
 use crate::process::{self, Finalize};
-use crate::rootfs::{self, RootfsConfig};
-use crate::sync::{Channel, Msg, SyncError};
-use crate::{console, hooks, landlock};
+use crate::{console, hooks};
+use moat_jail::landlock;
+use moat_jail::ns::{self, NsPlan};
+use moat_jail::rootfs::{self, RootfsConfig};
+use moat_jail::sync::{Channel, Msg, SyncError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -22,7 +23,7 @@ pub enum InitError {
     #[error("rootfs")]
     Rootfs(#[from] rootfs::RootfsError),
     #[error("cgroup")]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] moat_jail::cgroup::CgroupError),
     #[error(transparent)]
     Hook(#[from] hooks::HookError),
     #[error("terminal")]
@@ -38,7 +39,7 @@ pub enum InitError {
     #[error(transparent)]
     Process(#[from] process::ProcessError),
     #[error("network")]
-    Net(#[from] crate::net::NetError),
+    Net(#[from] moat_jail::net::NetError),
     #[error(transparent)]
     Landlock(#[from] landlock::LandlockError),
 }
@@ -71,7 +72,7 @@ pub struct InitContext<'a> {
     pub console_socket: Option<OwnedFd>,
     pub start: StartSignal,
     /// Files to move ourselves into the container's cgroup with.
-    pub cgroup_join: Option<&'a crate::cgroup::JoinFiles>,
+    pub cgroup_join: Option<&'a moat_jail::cgroup::JoinFiles>,
     /// The state-dir lock of the runtime, to close first thing.
     pub lock_fd: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
@@ -81,7 +82,7 @@ pub struct InitContext<'a> {
     /// SIGKILL to the workload when the runtime dies.
     pub die_with_runtime: bool,
     /// The spec's seccomp filter, compiled by the runtime (None: compile here).
-    pub seccomp_program: Option<&'a crate::seccomp::Program>,
+    pub seccomp_program: Option<&'a moat_jail::seccomp::Program>,
 }
 
 /// Entry point of the slow path's intermediate process: join and create the
@@ -90,7 +91,7 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
     match intermediate_steps(ctx, chan) {
         Ok(()) => 0,
         Err(e) => {
-            let _ = chan.send(&Msg::Error(crate::error_chain(&e)));
+            let _ = chan.send(&Msg::Error(moat_core::error_chain(&e)));
             1
         }
     }
@@ -106,7 +107,7 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError
         chan.send(&Msg::MapIds)?;
         chan.expect(Msg::Go, "go")?;
     }
-    crate::container::protect_runtime_process()
+    crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
     ns::join(ctx.join_files, ctx.plan, |t| t != LinuxNamespaceType::User)?;
     let rest = ctx.plan.new
@@ -129,7 +130,7 @@ pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    let _ = chan.send(&Msg::Error(crate::error_chain(&err)));
+    let _ = chan.send(&Msg::Error(moat_core::error_chain(&err)));
     1
 }
 
@@ -139,7 +140,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
     join_cgroup(ctx)?;
-    crate::container::protect_runtime_process()
+    crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
     become_root_in_user_ns(ctx)?;
     enter_late_namespaces(ctx)?;
@@ -318,7 +319,7 @@ fn set_identity(spec: &Spec) -> Result<(), InitError> {
 /// existing namespace joined by path is left as its owner set it).
 fn bring_up_loopback(ctx: &InitContext) -> Result<(), InitError> {
     if ctx.plan.new.contains(CloneFlags::CLONE_NEWNET) {
-        crate::net::bring_up_loopback()?;
+        moat_jail::net::bring_up_loopback()?;
     }
     Ok(())
 }

@@ -117,7 +117,7 @@ mod tests {
                 return 2;
             }
             if let Err(e) = bring_up_loopback() {
-                eprintln!("{}", crate::error_chain(&e));
+                eprintln!("{}", moat_core::error_chain(&e));
                 return 1;
             }
             if send() {

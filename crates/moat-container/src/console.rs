@@ -140,7 +140,7 @@ pub fn proxy_until(
     }
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    for s in crate::container::FORWARDED {
+    for s in moat_jail::supervise::FORWARDED {
         set.add(s);
     }
     let mut old = SigSet::empty();

@@ -11,6 +11,7 @@
 //! Each check answers `blocked` (the isolation holds / the attempt was
 //! refused), `allowed` (the exposure is there / the attempt succeeded) or
 //! `n/a` (not applicable here, informational, or undecidable).
+#![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Blocked => "blocked",
             Outcome::Allowed => "allowed",
@@ -139,40 +140,6 @@ pub fn summarize(checks: &[Check]) -> Summary {
         allowed: n(Outcome::Allowed),
         not_applicable: n(Outcome::NotApplicable),
     }
-}
-
-/// `moat probe [--json]`. Always exits 0: the report is the result.
-pub fn main(json: bool) -> anyhow::Result<i32> {
-    let checks = run_all();
-    let summary = summarize(&checks);
-    if json {
-        let doc = serde_json::json!({ "checks": checks, "summary": summary });
-        out!("{}", serde_json::to_string_pretty(&doc)?);
-    } else {
-        print_table(&checks, &summary);
-    }
-    Ok(0)
-}
-
-fn print_table(checks: &[Check], s: &Summary) {
-    let w = checks.iter().map(|c| c.id.len()).max().unwrap_or(2);
-    out!("{:<w$}  {:<7}  DETAIL  [PRACTICE]", "ID", "RESULT");
-    for c in checks {
-        out!(
-            "{:<w$}  {:<7}  {}  [{}]",
-            c.id,
-            c.result.as_str(),
-            c.detail,
-            c.practice
-        );
-    }
-    out!(
-        "{} checks: {} blocked, {} allowed, {} n/a",
-        s.total,
-        s.blocked,
-        s.allowed,
-        s.not_applicable
-    );
 }
 
 /// The errno of a failed attempt, or 0 for success.
