@@ -2,8 +2,8 @@
 //! with the container's seccomp profile and the process's own identity.
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
+use moat_core::runtime::ExecOptions as ExecOpts;
 use moat_core::state::State;
 use nix::sched::CloneFlags;
 use nix::sys::wait::waitpid;
@@ -16,14 +16,28 @@ use moat_jail::cgroup::CgroupManager;
 use moat_jail::ns;
 use moat_jail::procfs::pid_start_time;
 use moat_jail::supervise::wait_forwarding_signals;
-use moat_jail::sync::{self, FdKind, Msg, SyncError};
+use moat_jail::sync::{self, FdKind, Msg, RemoteError, SyncError};
 
-#[derive(Debug, Default, Clone)]
-pub struct ExecOpts {
-    pub detach: bool,
-    pub pid_file: Option<PathBuf>,
-    pub console_socket: Option<PathBuf>,
-    pub preserve_fds: u32,
+/// What the exec'd process's intermediate and the process itself report
+/// when a step before the final checklist fails.
+#[derive(Debug, thiserror::Error)]
+enum ExecSetupError {
+    #[error("setup channel")]
+    Sync(#[source] SyncError),
+    #[error("cannot join the container's cgroup")]
+    Cgroup(#[source] moat_jail::cgroup::CgroupError),
+    #[error("cannot make the exec process non-dumpable")]
+    Dumpable(#[source] nix::Error),
+    #[error("cannot join the container's namespaces")]
+    Setns(#[source] nix::Error),
+    #[error("cannot fork")]
+    Fork(#[source] std::io::Error),
+    #[error("cannot start a session")]
+    Setsid(#[source] nix::Error),
+    #[error("terminal")]
+    Console(#[source] moat_jail::console::ConsoleError),
+    #[error("landlock")]
+    Landlock(#[source] moat_jail::landlock::LandlockError),
 }
 
 fn io_err(step: &str) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
@@ -113,13 +127,13 @@ pub fn exec(
     let grandchild = || -> i32 {
         if let Some(c) = &console {
             let r = nix::unistd::setsid()
-                .map_err(|e| e.to_string())
+                .map_err(ExecSetupError::Setsid)
                 .and_then(|_| {
-                    crate::console::setup_pty(c.as_fd(), process.console_size())
-                        .map_err(|e| moat_core::error_chain(&e))
+                    moat_jail::console::setup_pty(c.as_fd(), process.console_size())
+                        .map_err(ExecSetupError::Console)
                 });
             if let Err(e) = r {
-                let _ = child.send(&Msg::Error(e));
+                let _ = child.send(&Msg::Error(RemoteError::new(&e)));
                 return 1;
             }
         }
@@ -130,7 +144,7 @@ pub fn exec(
         {
             Ok(r) => r,
             Err(e) => {
-                let _ = child.send(&Msg::Error(moat_core::error_chain(&e)));
+                let _ = child.send(&Msg::Error(RemoteError::new(&ExecSetupError::Landlock(e))));
                 return 1;
             }
         };
@@ -149,19 +163,15 @@ pub fn exec(
         1
     };
     let intermediate = || -> i32 {
-        let r = (|| -> Result<i32, String> {
-            child
-                .expect(Msg::Go, "go")
-                .map_err(|e| moat_core::error_chain(&e))?;
+        let r = (|| -> Result<i32, ExecSetupError> {
+            child.expect(Msg::Go, "go").map_err(ExecSetupError::Sync)?;
             if let Some(j) = &join {
-                j.join_self().map_err(|e| moat_core::error_chain(&e))?;
+                j.join_self().map_err(ExecSetupError::Cgroup)?;
             }
-            crate::lifecycle::protect_runtime_process()
-                .map_err(|e| format!("cannot make the exec process non-dumpable: {e}"))?;
-            nix::sched::setns(pidfd.as_fd(), flags)
-                .map_err(|e| format!("cannot join the container's namespaces: {e}"))?;
-            moat_sys::process::fork_with(libc::CLONE_PARENT, grandchild)
-                .map_err(|e| format!("cannot fork: {e}"))
+            crate::lifecycle::protect_runtime_process().map_err(ExecSetupError::Dumpable)?;
+            nix::sched::setns(pidfd.as_fd(), flags).map_err(ExecSetupError::Setns)?;
+            moat_sys::process::fork_single_threaded(libc::CLONE_PARENT, grandchild)
+                .map_err(ExecSetupError::Fork)
         })();
         match r {
             Ok(pid) => {
@@ -169,12 +179,12 @@ pub fn exec(
                 0
             }
             Err(e) => {
-                let _ = child.send(&Msg::Error(e));
+                let _ = child.send(&Msg::Error(RemoteError::new(&e)));
                 1
             }
         }
     };
-    let first = moat_sys::process::fork_with(0, intermediate).map_err(io_err("fork"))?;
+    let first = moat_sys::process::fork_single_threaded(0, intermediate).map_err(io_err("fork"))?;
     drop(child);
     drop(console);
     let reap = |p: i32| {
@@ -234,9 +244,9 @@ pub fn exec(
         return Ok(0);
     }
     if let Some(sock) = local_console {
-        let master = crate::console::recv_master(sock.as_fd())
+        let master = moat_jail::console::recv_master(sock.as_fd())
             .map_err(|e| ContainerError::Invalid(moat_core::error_chain(&e)))?;
-        return Ok(crate::console::proxy(master, pid));
+        return Ok(moat_jail::console::proxy(master, pid));
     }
     Ok(wait_forwarding_signals(pid))
 }

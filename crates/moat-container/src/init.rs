@@ -7,12 +7,13 @@ use nix::sched::CloneFlags;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use crate::hooks;
 use crate::process::{self, Finalize};
-use crate::{console, hooks};
+use moat_jail::console;
 use moat_jail::landlock;
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::rootfs::{self, RootfsConfig};
-use moat_jail::sync::{Channel, Msg, SyncError};
+use moat_jail::sync::{Channel, Msg, RemoteError, SyncError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -91,7 +92,7 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
     match intermediate_steps(ctx, chan) {
         Ok(()) => 0,
         Err(e) => {
-            let _ = chan.send(&Msg::Error(moat_core::error_chain(&e)));
+            let _ = chan.send(&Msg::Error(RemoteError::new(&e)));
             1
         }
     }
@@ -115,8 +116,9 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError
         - CloneFlags::CLONE_NEWCGROUP
         - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
     ns::unshare_flags(rest)?;
-    let pid = moat_sys::process::fork_with(libc::CLONE_PARENT, || container_init(ctx, chan))
-        .map_err(|e| InitError::Sys {
+    let pid =
+        moat_sys::process::fork_single_threaded(libc::CLONE_PARENT, || container_init(ctx, chan))
+            .map_err(|e| InitError::Sys {
             step: "fork the container process",
             source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
         })?;
@@ -130,7 +132,7 @@ pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    let _ = chan.send(&Msg::Error(moat_core::error_chain(&err)));
+    let _ = chan.send(&Msg::Error(RemoteError::new(&err)));
     1
 }
 

@@ -3,9 +3,11 @@
 //! container process's setup; `process` the last steps shared with `exec`.
 #![forbid(unsafe_code)]
 
-pub mod console;
 pub mod exec;
+pub mod features;
 pub mod hooks;
 pub mod init;
 pub mod lifecycle;
 pub mod process;
+
+pub use lifecycle::ContainerTier;

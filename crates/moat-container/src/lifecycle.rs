@@ -1,9 +1,14 @@
-//! The `container` tier's lifecycle: create, start, run, state, kill, delete,
-//! pause, resume, exec. Each public function is a checklist of named steps.
+//! The `container` tier's lifecycle: create, launch, start, state, kill,
+//! delete, pause, resume, exec, behind the [`Lifecycle`] seam. Each command
+//! is a checklist of named steps.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use moat_core::runtime::{
+    Config, ConfigSource, CreateRequest, Current, ExecOptions, Launched, Lifecycle, RuntimeError,
+};
 use moat_core::state::{ContainerLock, ContainerStatus, State, StateDir, StateError};
+use moat_core::stats::{LimitEvents, Stats};
 use moat_core::{SpecError, Tier};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
@@ -15,7 +20,6 @@ use crate::init::{self, InitContext, StartSignal};
 use moat_jail::cgroup::{CgroupError, CgroupManager};
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::procfs::{pid_start_time, proc_stat};
-use moat_jail::supervise::wait_supervised;
 use moat_jail::sync::{self, Channel, FdKind, Msg, SyncError};
 use moat_jail::{idmap, seccomp};
 
@@ -32,6 +36,8 @@ pub enum ContainerError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error("terminal")]
+    Console(#[from] moat_jail::console::ConsoleError),
     #[error(transparent)]
     Hook(#[from] HookError),
     #[error("namespaces")]
@@ -42,8 +48,6 @@ pub enum ContainerError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("seccomp")]
     SeccompProgram(#[source] seccomp::SeccompError),
-    #[error("isolation tier {0} is not available yet (only `container` is)")]
-    TierUnavailable(Tier),
     #[error("{0}")]
     Invalid(String),
     #[error("container {id} is {status}, {why}")]
@@ -76,31 +80,26 @@ fn sys_err(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError
     move |source| ContainerError::Sys { step, source }
 }
 
-/// Options of `create` (and `run`), as runc names them.
-#[derive(Debug, Default, Clone)]
-pub struct CreateOpts {
-    pub id: String,
-    pub bundle: PathBuf,
-    /// config.json's content, given in memory (`moat run` generates it):
-    /// used instead of the bundle's, checked the same way. The container's
-    /// state directory, which keeps it as its copy, then stands for the
-    /// bundle, and `bundle` is not read.
-    pub config: Option<Vec<u8>>,
-    pub pid_file: Option<PathBuf>,
-    pub console_socket: Option<PathBuf>,
-    pub no_pivot: bool,
-    pub no_new_keyring: bool,
-    pub preserve_fds: u32,
-    /// A tier chosen by flag or program name; config.json's annotation may also choose.
-    pub tier: Option<Tier>,
-    /// The workload gets SIGKILL when the runtime process that created it
-    /// dies (`moat run` supervises it; killed, it leaves no orphan).
-    pub die_with_runtime: bool,
+/// The container tier's part of the state: its cgroup, as the cgroup
+/// manager saved it (null: rootless without a delegated cgroup).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ContainerPart {
+    cgroup: serde_json::Value,
 }
 
-/// The runtime, bound to a state root.
+impl ContainerPart {
+    fn of(st: &State, dir: &Path) -> Result<ContainerPart, StateError> {
+        st.tier_part(&dir.join(moat_core::state::STATE_FILE))
+    }
+
+    fn store(self, st: &mut State) {
+        st.tier_state = serde_json::json!({ "cgroup": self.cgroup });
+    }
+}
+
+/// The container tier, bound to a state root.
 #[derive(Debug, Clone)]
-pub struct Runtime {
+pub struct ContainerTier {
     pub sd: StateDir,
     pub systemd_cgroup: bool,
 }
@@ -119,9 +118,9 @@ fn rootless() -> bool {
     !rustix::process::geteuid().is_root()
 }
 
-impl Runtime {
-    pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> Runtime {
-        Runtime {
+impl ContainerTier {
+    pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> ContainerTier {
+        ContainerTier {
             sd: StateDir::new(root),
             systemd_cgroup,
         }
@@ -131,16 +130,20 @@ impl Runtime {
 
     /// Creates the container. With `listen`, its init waits for `moat start`
     /// on a socket in the state dir; without, for `Start` on the returned channel.
-    pub fn create(&self, opts: &CreateOpts, listen: bool) -> Result<Created, ContainerError> {
-        let lock = self.sd.create(&opts.id)?;
+    fn create_container(
+        &self,
+        req: &CreateRequest,
+        listen: bool,
+    ) -> Result<Created, ContainerError> {
+        let lock = self.sd.create(req.id)?;
         let mut cleanup = Cleanup {
             rt: self,
-            id: &opts.id,
+            id: req.id,
             pid: 0,
             cgroup: None,
             armed: true,
         };
-        let r = self.create_steps(opts, listen, &lock, &mut cleanup);
+        let r = self.create_steps(req, listen, &lock, &mut cleanup);
         match r {
             Ok((pid, state, chan, console)) => {
                 cleanup.armed = false;
@@ -161,13 +164,16 @@ impl Runtime {
 
     fn create_steps(
         &self,
-        opts: &CreateOpts,
+        req: &CreateRequest,
         listen: bool,
         lock: &ContainerLock,
         cleanup: &mut Cleanup,
     ) -> Result<(i32, State, Channel, Option<OwnedFd>), ContainerError> {
-        let (spec, rootfs, bundle) = load_config(opts, lock.dir())?;
-        check_tier(&spec, opts.tier)?;
+        let (spec, rootfs) = (&req.config.spec, &req.config.rootfs);
+        let bundle = match &req.config.source {
+            ConfigSource::Bundle(dir) => dir.clone(),
+            ConfigSource::Memory(_) => lock.dir().to_owned(),
+        };
         let linux = spec
             .linux()
             .as_ref()
@@ -183,14 +189,17 @@ impl Runtime {
                 "config must request a mount namespace".into(),
             ));
         }
-        let mut state = initial_state(opts, &spec, &bundle, &rootfs);
+        let mut state = initial_state(req.id, spec, &bundle, rootfs);
         let cg = CgroupManager::new(
             linux.cgroups_path().as_deref(),
-            &opts.id,
+            req.id,
             self.systemd_cgroup,
             rootless(),
         )?;
-        state.cgroup = cg.to_saved();
+        ContainerPart {
+            cgroup: cg.to_saved(),
+        }
+        .store(&mut state);
         self.sd.save(&state)?;
         let resources = with_default_devices(linux);
         let created = cg.create(Some(&resources));
@@ -204,13 +213,13 @@ impl Runtime {
                     path.display()
                 ));
                 cleanup.cgroup = None;
-                state.cgroup = serde_json::Value::Null;
+                ContainerPart::default().store(&mut state);
                 self.sd.save(&state)?;
             }
             Err(e) => return Err(e.into()),
         }
         let cg = cleanup.cgroup.as_ref();
-        save_config_copy(lock.dir(), &bundle, opts.config.as_deref())?;
+        save_config_copy(lock.dir(), req.config)?;
 
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
@@ -222,7 +231,7 @@ impl Runtime {
         } else {
             StartSignal::Channel
         };
-        let (console_socket, console_local) = connect_console(&spec, opts, listen)?;
+        let (console_socket, console_local) = connect_console(spec, req.console_socket, listen)?;
         let hooks = spec.hooks().as_ref();
         let has_runtime_hooks = hooks.is_some_and(|h| {
             h.prestart().as_ref().is_some_and(|l| !l.is_empty())
@@ -238,33 +247,33 @@ impl Runtime {
         };
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
-        let landlock = moat_core::landlock::LandlockPolicy::from_spec(&spec)?;
+        let landlock = moat_core::landlock::LandlockPolicy::from_spec(spec)?;
         let ctx = InitContext {
-            id: &opts.id,
-            spec: &spec,
-            rootfs: &rootfs,
+            id: req.id,
+            spec,
+            rootfs,
             bundle: &bundle,
             plan: &plan,
             join_files: &join_files,
             cgroup_mounts: &cgroup_mounts,
-            no_pivot: opts.no_pivot,
-            no_new_keyring: opts.no_new_keyring,
-            preserve_fds: opts.preserve_fds,
+            no_pivot: req.no_pivot,
+            no_new_keyring: req.no_new_keyring,
+            preserve_fds: req.preserve_fds,
             console_socket,
             start,
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
             cgroup_join: cgroup_join.as_ref(),
             landlock: landlock.as_ref(),
-            die_with_runtime: opts.die_with_runtime,
+            die_with_runtime: req.die_with_runtime,
             seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();
         let first = match fast {
-            Some(flags) => {
-                moat_sys::process::fork_with(flags.bits(), || init::container_init(&ctx, &child))
-            }
-            None => moat_sys::process::fork_with(0, || init::intermediate(&ctx, &child)),
+            Some(flags) => moat_sys::process::fork_single_threaded(flags.bits(), || {
+                init::container_init(&ctx, &child)
+            }),
+            None => moat_sys::process::fork_single_threaded(0, || init::intermediate(&ctx, &child)),
         }
         .map_err(io_err("fork the container process"))?;
         drop(ctx);
@@ -272,12 +281,12 @@ impl Runtime {
         cleanup.pid = first;
         let pid = if fast.is_some() {
             if plan.new_user() {
-                write_maps(first, &spec)?;
+                write_maps(first, spec)?;
             }
             parent.send(&Msg::Go)?;
             first
         } else {
-            self.drive_intermediate(first, &parent, &spec)?
+            self.drive_intermediate(first, &parent, spec)?
         };
         cleanup.pid = pid;
         state.pid = pid;
@@ -311,7 +320,7 @@ impl Runtime {
         }
         state.status = ContainerStatus::Created;
         self.sd.save(&state)?;
-        if let Some(p) = &opts.pid_file {
+        if let Some(p) = req.pid_file {
             write_pid_file(p, pid)?;
         }
         Ok((pid, state, parent, console_local))
@@ -383,9 +392,6 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
                 Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => self.send_notify_fd(st, &fd)?,
                 Ok((Msg::Error(e), _)) => return Err(SyncError::Child(e).into()),
-                Ok((Msg::ExecFailed(status, chain), _)) => {
-                    return Err(SyncError::ExecFailed { status, chain }.into())
-                }
                 Ok((got, _)) => {
                     return Err(SyncError::Unexpected {
                         got,
@@ -427,67 +433,40 @@ impl Runtime {
         }
     }
 
-    // ----- run -----
+    // ----- launch -----
 
-    /// `moat run`: create, start, and (unless detached) wait, delete (unless
-    /// `keep`: the stopped container stays for `state` and `delete`), and
-    /// return the exit status (128+N for a signal).
-    pub fn run(&self, opts: &CreateOpts, detach: bool, keep: bool) -> Result<i32, ContainerError> {
-        let created = self.create(opts, false)?;
+    /// `create` + `start` over the setup channel (no start socket): the
+    /// container process stays this process's child; with a terminal and
+    /// no console socket, the pty master comes back to the caller.
+    fn launch_container(&self, req: &CreateRequest) -> Result<Launched, ContainerError> {
         let Created {
             pid,
             mut state,
             chan,
             console,
             _lock,
-        } = created;
-        // moat holds the terminal: take the pty master the container sent.
-        let master = match console {
-            Some(_) if detach => Err(ContainerError::Invalid(
-                "a detached container with a terminal needs --console-socket".into(),
-            )),
-            Some(sock) => crate::console::recv_master(sock.as_fd())
-                .map(Some)
-                .map_err(|e| ContainerError::Invalid(moat_core::error_chain(&e))),
-            None => Ok(None),
-        };
-        let master = match master {
+        } = self.create_container(req, false)?;
+        let started = console
+            .map(|sock| moat_jail::console::recv_master(sock.as_fd()))
+            .transpose()
+            .map_err(ContainerError::from)
+            .and_then(|master| {
+                chan.send(&Msg::Start)?;
+                self.await_exec(&chan, &state)?;
+                Ok(master)
+            });
+        let terminal = match started {
             Ok(m) => m,
             Err(e) => {
                 drop(_lock);
-                let _ = self.delete(&opts.id, true);
+                let _ = self.delete(req.id, true);
                 return Err(e);
             }
         };
-        let started = chan
-            .send(&Msg::Start)
-            .map_err(ContainerError::from)
-            .and_then(|_| self.await_exec(&chan, &state));
-        if let Err(e) = started {
-            drop(_lock);
-            let _ = self.delete(&opts.id, true);
-            return Err(e);
-        }
         state.status = ContainerStatus::Running;
         self.sd.save(&state)?;
         self.poststart(&state);
-        if detach {
-            return Ok(0);
-        }
-        drop(_lock);
-        let code = match master {
-            Some(m) => crate::console::proxy(m, pid),
-            None => {
-                let kill_all = || {
-                    let _ = self.kill(&opts.id, Signal::SIGKILL, true);
-                };
-                wait_supervised(pid, None, &kill_all).0
-            }
-        };
-        if !keep {
-            self.delete(&opts.id, true)?;
-        }
-        Ok(code)
+        Ok(Launched { pid, terminal })
     }
 
     // ----- queries -----
@@ -498,30 +477,23 @@ impl Runtime {
         Ok((st, status))
     }
 
-    /// runc's `state` JSON.
-    pub fn state_json(&self, id: &str) -> Result<serde_json::Value, ContainerError> {
-        let (st, status) = self.load(id)?;
-        Ok(runc_state(&st, status))
-    }
-
-    pub fn list(&self) -> Result<Vec<serde_json::Value>, ContainerError> {
-        let mut out = Vec::new();
-        for id in self.sd.list()? {
-            if let Ok((st, status)) = self.load(&id) {
-                out.push(runc_state(&st, status));
-            }
+    /// The container's cgroup; `None` for a rootless container without a
+    /// delegated one.
+    fn cgroup(&self, st: &State) -> Result<Option<CgroupManager>, ContainerError> {
+        let part = ContainerPart::of(st, &self.sd.container_dir(&st.id))?;
+        if part.cgroup.is_null() {
+            return Ok(None);
         }
-        Ok(out)
+        Ok(Some(CgroupManager::from_saved(&part.cgroup)?))
     }
 
     fn cgroup_of(&self, st: &State) -> Result<CgroupManager, ContainerError> {
-        if st.cgroup.is_null() {
-            return Err(ContainerError::Invalid(format!(
+        self.cgroup(st)?.ok_or_else(|| {
+            ContainerError::Invalid(format!(
                 "container {} has no cgroup (rootless, without a delegated cgroup)",
                 st.id
-            )));
-        }
-        Ok(CgroupManager::from_saved(&st.cgroup)?)
+            ))
+        })
     }
 
     pub fn pids(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
@@ -529,17 +501,20 @@ impl Runtime {
         Ok(self.cgroup_of(&st)?.pids()?)
     }
 
-    pub fn stats(&self, id: &str) -> Result<serde_json::Value, ContainerError> {
-        let (st, status) = self.load(id)?;
-        if status == ContainerStatus::Stopped {
-            return Err(ContainerError::WrongStatus {
-                id: id.into(),
-                status: status.as_str(),
-                why: "no stats",
-            });
-        }
-        let stats = self.cgroup_of(&st)?.stats()?;
-        Ok(serde_json::to_value(stats).unwrap_or_default())
+    /// Usage so far; also after the container process exited, until
+    /// `delete` removes the cgroup.
+    pub fn stats(&self, id: &str) -> Result<Stats, ContainerError> {
+        let (st, _) = self.load(id)?;
+        Ok(self.cgroup_of(&st)?.stats()?)
+    }
+
+    /// OOM kills and refused forks so far; nothing without a cgroup.
+    pub fn limit_events(&self, id: &str) -> Result<LimitEvents, ContainerError> {
+        let (st, _) = self.load(id)?;
+        Ok(self
+            .cgroup(&st)?
+            .map(|cg| cg.limit_events())
+            .unwrap_or_default())
     }
 
     pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), ContainerError> {
@@ -636,7 +611,7 @@ impl Runtime {
                 why: "cannot delete it (stop it first or use --force)",
             });
         }
-        let cg = CgroupManager::from_saved(&st.cgroup).ok();
+        let cg = self.cgroup(&st).ok().flatten();
         if status == ContainerStatus::Paused {
             if let Some(cg) = &cg {
                 cg.thaw()?;
@@ -684,7 +659,7 @@ impl Runtime {
         &self,
         id: &str,
         process: &Process,
-        opts: &ExecOpts,
+        opts: &ExecOptions,
     ) -> Result<i32, ContainerError> {
         let (st, status) = self.load(id)?;
         if !matches!(status, ContainerStatus::Running | ContainerStatus::Created) {
@@ -695,20 +670,105 @@ impl Runtime {
             });
         }
         let spec = self.saved_config(id)?;
-        let cg = if st.cgroup.is_null() {
-            None
-        } else {
-            Some(self.cgroup_of(&st)?)
-        };
+        let cg = self.cgroup(&st)?;
         crate::exec::exec(&st, &spec, process, opts, cg.as_ref())
     }
 }
 
-pub use crate::exec::ExecOpts;
+impl From<ContainerError> for RuntimeError {
+    fn from(e: ContainerError) -> RuntimeError {
+        match e {
+            ContainerError::State(e) => RuntimeError::State(e),
+            ContainerError::Spec(e) => RuntimeError::Spec(e),
+            ContainerError::Invalid(m) => RuntimeError::Invalid(m),
+            ContainerError::WrongStatus { id, status, why } => {
+                RuntimeError::WrongStatus { id, status, why }
+            }
+            ContainerError::Sync(SyncError::Child(r)) if r.exec_status.is_some() => {
+                RuntimeError::ExecFailed {
+                    status: r.exec_status.unwrap_or(127),
+                    message: moat_core::error_chain(&r),
+                }
+            }
+            e => RuntimeError::Tier(Box::new(e)),
+        }
+    }
+}
+
+/// The seam: each OCI command, in the container tier.
+impl Lifecycle for ContainerTier {
+    fn tier(&self) -> Tier {
+        Tier::Container
+    }
+
+    fn create(&self, req: &CreateRequest) -> Result<(), RuntimeError> {
+        self.create_container(req, true)?;
+        Ok(())
+    }
+
+    fn launch(&self, req: &CreateRequest) -> Result<Launched, RuntimeError> {
+        Ok(self.launch_container(req)?)
+    }
+
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        Ok(ContainerTier::start(self, id)?)
+    }
+
+    fn state(&self, id: &str) -> Result<Current, RuntimeError> {
+        let (state, status) = self.load(id)?;
+        Ok(Current { state, status })
+    }
+
+    fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        let sig = Signal::try_from(signal)
+            .map_err(|_| RuntimeError::Invalid(format!("unknown signal {signal}")))?;
+        Ok(ContainerTier::kill(self, id, sig, all)?)
+    }
+
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        Ok(ContainerTier::delete(self, id, force)?)
+    }
+
+    fn exec(&self, id: &str, process: &Process, opts: &ExecOptions) -> Result<i32, RuntimeError> {
+        Ok(ContainerTier::exec(self, id, process, opts)?)
+    }
+
+    fn ps(&self, id: &str) -> Result<Vec<i32>, RuntimeError> {
+        Ok(self.pids(id)?)
+    }
+
+    fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        Ok(ContainerTier::pause(self, id)?)
+    }
+
+    fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        Ok(ContainerTier::resume(self, id)?)
+    }
+
+    fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        Ok(ContainerTier::update(self, id, resources)?)
+    }
+
+    fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
+        Ok(ContainerTier::stats(self, id)?)
+    }
+
+    fn events(&self, id: &str) -> Result<LimitEvents, RuntimeError> {
+        Ok(self.limit_events(id)?)
+    }
+
+    fn config(&self, id: &str) -> Result<Spec, RuntimeError> {
+        Ok(self.saved_config(id)?)
+    }
+
+    fn features(&self) -> serde_json::Value {
+        crate::features::document()
+    }
+}
 
 /// Undoes a failed create: kill the process, remove the cgroup and state.
 struct Cleanup<'a> {
-    rt: &'a Runtime,
+    rt: &'a ContainerTier,
     id: &'a str,
     pid: i32,
     cgroup: Option<CgroupManager>,
@@ -746,33 +806,12 @@ pub(crate) fn protect_runtime_process() -> Result<(), nix::Error> {
     }
 }
 
-/// The tier a container gets when both the config's annotation (written by
-/// whoever wrote the pod or container spec) and the runtime's flag or program
-/// name (chosen by whoever installed the runtime, e.g. a RuntimeClass) ask for
-/// one: the stronger. A workload may ask for more isolation, never less.
-pub fn effective_tier(annotation: Option<Tier>, chosen: Option<Tier>) -> Tier {
-    annotation.max(chosen).unwrap_or_default()
-}
-
-fn check_tier(spec: &Spec, chosen: Option<Tier>) -> Result<(), ContainerError> {
-    let from_annotation = spec
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(moat_core::tier::TIER_ANNOTATION))
-        .map(|v| v.parse::<Tier>().map_err(ContainerError::Invalid))
-        .transpose()?;
-    let tier = effective_tier(from_annotation, chosen);
-    if !tier.is_available() {
-        return Err(ContainerError::TierUnavailable(tier));
-    }
-    Ok(())
-}
-
-fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -> State {
+fn initial_state(id: &str, spec: &Spec, bundle: &Path, rootfs: &Path) -> State {
     let hooks = spec.hooks().as_ref();
     State {
+        format: moat_core::state::STATE_FORMAT,
         oci_version: spec.version().clone(),
-        id: opts.id.clone(),
+        id: id.to_owned(),
         status: ContainerStatus::Creating,
         pid: 0,
         pid_start_time: 0,
@@ -782,13 +821,11 @@ fn initial_state(opts: &CreateOpts, spec: &Spec, bundle: &Path, rootfs: &Path) -
         owner: String::new(),
         annotations: spec.annotations().clone().unwrap_or_default(),
         tier: Tier::Container,
-        cgroup: serde_json::Value::Null,
+        tier_state: serde_json::Value::Null,
         poststop_hooks: hooks.and_then(|h| h.poststop().clone()).unwrap_or_default(),
         poststart_hooks: hooks
             .and_then(|h| h.poststart().clone())
             .unwrap_or_default(),
-        own_pid_ns: true,
-        use_systemd_cgroup: false,
     }
 }
 
@@ -835,57 +872,14 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     res
 }
 
-/// The spec, its rootfs and the bundle directory: from the bundle's
-/// config.json, or from [`CreateOpts::config`] with the container's state
-/// directory `state_dir` as the bundle.
-fn load_config(
-    opts: &CreateOpts,
-    state_dir: &Path,
-) -> Result<(Spec, PathBuf, PathBuf), ContainerError> {
-    let Some(config) = &opts.config else {
-        let bundle = std::fs::canonicalize(&opts.bundle)
-            .map_err(io_err(format!("open bundle {}", opts.bundle.display())))?;
-        let (spec, rootfs) = moat_core::spec::load_bundle(&bundle)?;
-        return Ok((spec, rootfs, bundle));
-    };
-    let spec = moat_core::spec::parse_reader(config.as_slice(), &state_dir.join(CONFIG_COPY))?;
-    moat_core::spec::validate(&spec)?;
-    let root = spec
-        .root()
-        .as_ref()
-        .ok_or_else(|| ContainerError::Invalid("root is missing".into()))?;
-    if !root.path().is_absolute() {
-        return Err(ContainerError::Invalid(format!(
-            "root.path {} must be absolute in a config given without a bundle",
-            root.path().display()
-        )));
-    }
-    let rootfs = root.path().clone();
-    match std::fs::metadata(&rootfs) {
-        Ok(m) if m.is_dir() => Ok((spec, rootfs, state_dir.to_owned())),
-        Ok(_) => Err(SpecError::Rootfs {
-            path: rootfs,
-            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
-        }
-        .into()),
-        Err(source) => Err(SpecError::Rootfs {
-            path: rootfs,
-            source,
-        }
-        .into()),
-    }
-}
-
 /// Keeps config.json in the state directory (for `exec`, `state` and the
-/// seccomp listener): `config` when given in memory, else the bundle's.
-fn save_config_copy(
-    dir: &Path,
-    bundle: &Path,
-    config: Option<&[u8]>,
-) -> Result<(), ContainerError> {
-    let saved = match config {
-        Some(bytes) => std::fs::write(dir.join(CONFIG_COPY), bytes),
-        None => std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map(drop),
+/// seccomp listener): the bytes given in memory, else the bundle's file.
+fn save_config_copy(dir: &Path, config: &Config) -> Result<(), ContainerError> {
+    let saved = match &config.source {
+        ConfigSource::Memory(bytes) => std::fs::write(dir.join(CONFIG_COPY), bytes),
+        ConfigSource::Bundle(bundle) => {
+            std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map(drop)
+        }
     };
     saved.map_err(io_err("save a copy of config.json"))
 }
@@ -895,7 +889,7 @@ fn save_config_copy(
 /// `--console-socket`).
 fn connect_console(
     spec: &Spec,
-    opts: &CreateOpts,
+    console_socket: Option<&Path>,
     listen: bool,
 ) -> Result<(Option<OwnedFd>, Option<OwnedFd>), ContainerError> {
     let terminal = spec
@@ -903,7 +897,7 @@ fn connect_console(
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
-    match (&opts.console_socket, terminal) {
+    match (console_socket, terminal) {
         (Some(path), true) => {
             let s = std::os::unix::net::UnixStream::connect(path).map_err(io_err(format!(
                 "connect to console socket {}",
@@ -1023,29 +1017,6 @@ fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
     serde_json::to_vec(&oci_state(st, status)).unwrap_or_default()
 }
 
-/// runc's `state`/`list --format json` object.
-pub fn runc_state(st: &State, status: ContainerStatus) -> serde_json::Value {
-    let pid = if status == ContainerStatus::Stopped {
-        0
-    } else {
-        st.pid
-    };
-    let mut v = serde_json::json!({
-        "ociVersion": st.oci_version,
-        "id": st.id,
-        "pid": pid,
-        "status": status.as_str(),
-        "bundle": st.bundle,
-        "rootfs": st.rootfs,
-        "created": st.created,
-        "owner": st.owner,
-    });
-    if !st.annotations.is_empty() {
-        v["annotations"] = serde_json::to_value(&st.annotations).unwrap_or_default();
-    }
-    v
-}
-
 fn warn(msg: &str) {
     tracing_warn(msg);
 }
@@ -1057,15 +1028,6 @@ fn tracing_warn(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_stronger_tier_wins() {
-        use Tier::*;
-        assert_eq!(effective_tier(None, None), Container);
-        assert_eq!(effective_tier(Some(Container), Some(Sandbox)), Sandbox);
-        assert_eq!(effective_tier(Some(Microvm), Some(Container)), Microvm);
-        assert_eq!(effective_tier(None, Some(Sandbox)), Sandbox);
-    }
 
     #[test]
     fn socket_path_fits_under_a_long_state_dir() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 
-use moat_jail::sync::{Channel, FdKind, Msg};
+use moat_jail::sync::{Channel, FdKind, Msg, RemoteError};
 use moat_jail::{attrs, caps, landlock, rlimit, seccomp};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +68,10 @@ impl ProcessError {
 
     /// The message that reports this failure to the runtime.
     pub fn report(&self) -> Msg {
-        let chain = moat_core::error_chain(self);
-        match self.exec_status() {
-            Some(status) => Msg::ExecFailed(status, chain),
-            None => Msg::Error(chain),
-        }
+        Msg::Error(match self.exec_status() {
+            Some(status) => RemoteError::exec(status, self),
+            None => RemoteError::new(self),
+        })
     }
 }
 

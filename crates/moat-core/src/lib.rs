@@ -4,11 +4,15 @@
 
 pub mod embedded;
 pub mod landlock;
+pub mod runtime;
 pub mod spec;
 pub mod state;
+pub mod stats;
+pub mod testing;
 pub mod tier;
 pub mod time;
 
+pub use runtime::{Lifecycle, RuntimeError};
 pub use spec::{Spec, SpecError};
 pub use state::{ContainerStatus, State, StateDir, StateError};
 pub use tier::Tier;

@@ -24,6 +24,12 @@ pub enum SpecError {
     UnknownField { path: PathBuf, field: String },
     #[error("invalid config: {0}")]
     Invalid(String),
+    #[error("cannot open bundle {path}")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("rootfs {path} is not a directory")]
     Rootfs {
         path: PathBuf,
@@ -74,6 +80,19 @@ pub fn parse_reader<R: std::io::Read>(reader: R, path: &Path) -> Result<Spec, Sp
     Ok(spec)
 }
 
+/// Fails unless `rootfs` is a directory.
+pub fn check_rootfs(rootfs: &Path) -> Result<(), SpecError> {
+    let err = |source| SpecError::Rootfs {
+        path: rootfs.to_owned(),
+        source,
+    };
+    match std::fs::metadata(rootfs) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(err(std::io::Error::from_raw_os_error(libc::ENOTDIR))),
+        Err(source) => Err(err(source)),
+    }
+}
+
 /// Load `<bundle>/config.json`, validate it, and return it with the rootfs
 /// resolved to an absolute path.
 pub fn load_bundle(bundle: &Path) -> Result<(Spec, PathBuf), SpecError> {
@@ -88,21 +107,7 @@ pub fn load_bundle(bundle: &Path) -> Result<(Spec, PathBuf), SpecError> {
     } else {
         bundle.join(root.path())
     };
-    match std::fs::metadata(&rootfs) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(SpecError::Rootfs {
-                path: rootfs,
-                source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
-            })
-        }
-        Err(source) => {
-            return Err(SpecError::Rootfs {
-                path: rootfs,
-                source,
-            })
-        }
-    }
+    check_rootfs(&rootfs)?;
     Ok((spec, rootfs))
 }
 

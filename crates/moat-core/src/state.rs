@@ -80,33 +80,115 @@ impl ContainerStatus {
     }
 }
 
-/// Everything moat remembers about a container between commands.
+/// The on-disk format [`StateDir::save`] writes. Format 1 (no `format`
+/// field, container-shaped) is what moat wrote before tiers had a seam;
+/// [`StateDir::load`] still reads it.
+pub const STATE_FORMAT: u32 = 2;
+
+/// Everything moat remembers about a container between commands: a common
+/// part every tier shares, and a tier-tagged part only that tier reads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
+    pub format: u32,
     pub oci_version: String,
     pub id: String,
-    /// What was last recorded; the live status is derived from the process (see the tier crates).
-    pub status: ContainerStatus,
-    /// PID of the container's init process, in the runtime's PID namespace (0 before it exists).
-    pub pid: i32,
-    /// Start time of `pid` (field 22 of /proc/PID/stat), to detect PID reuse.
-    pub pid_start_time: u64,
     pub bundle: PathBuf,
     pub rootfs: PathBuf,
     /// RFC 3339, UTC.
     pub created: String,
     pub owner: String,
     pub annotations: HashMap<String, String>,
-    pub tier: Tier,
-    /// Opaque cgroup description saved by the cgroup manager.
-    pub cgroup: serde_json::Value,
-    /// Hooks to run at delete time, and other parts of config.json later commands need.
-    pub poststop_hooks: Vec<oci_spec::runtime::Hook>,
+    /// Status inputs. The status itself is derived by the tier from these
+    /// and the live system, never taken from here: `status` is only what
+    /// was last recorded.
+    pub status: ContainerStatus,
+    /// PID of the container process, in the runtime's PID namespace (0
+    /// before it exists): the init for `container`, the VMM for `microvm`.
+    pub pid: i32,
+    /// Start time of `pid` (field 22 of /proc/PID/stat), to detect PID reuse.
+    pub pid_start_time: u64,
+    /// Hooks later commands run (`start`, `delete`).
     pub poststart_hooks: Vec<oci_spec::runtime::Hook>,
-    /// Whether the container has its own PID namespace (else `kill --all`/delete must kill every cgroup member).
-    pub own_pid_ns: bool,
-    /// The container's process spec is needed by `exec` defaults (env, caps, user); kept as given.
-    pub use_systemd_cgroup: bool,
+    pub poststop_hooks: Vec<oci_spec::runtime::Hook>,
+    /// Which tier owns the container: every command on it goes there.
+    pub tier: Tier,
+    /// That tier's own part (for `container`: its cgroup), opaque here.
+    #[serde(default)]
+    pub tier_state: serde_json::Value,
+}
+
+/// Format 1, as the first releases wrote it: the container tier's part
+/// (`cgroup`) among the common fields, no `format`.
+#[derive(Deserialize)]
+struct StateV1 {
+    oci_version: String,
+    id: String,
+    status: ContainerStatus,
+    pid: i32,
+    pid_start_time: u64,
+    bundle: PathBuf,
+    rootfs: PathBuf,
+    created: String,
+    owner: String,
+    annotations: HashMap<String, String>,
+    tier: Tier,
+    cgroup: serde_json::Value,
+    poststop_hooks: Vec<oci_spec::runtime::Hook>,
+    poststart_hooks: Vec<oci_spec::runtime::Hook>,
+}
+
+impl From<StateV1> for State {
+    fn from(v: StateV1) -> State {
+        State {
+            format: STATE_FORMAT,
+            oci_version: v.oci_version,
+            id: v.id,
+            bundle: v.bundle,
+            rootfs: v.rootfs,
+            created: v.created,
+            owner: v.owner,
+            annotations: v.annotations,
+            status: v.status,
+            pid: v.pid,
+            pid_start_time: v.pid_start_time,
+            poststart_hooks: v.poststart_hooks,
+            poststop_hooks: v.poststop_hooks,
+            tier: v.tier,
+            tier_state: serde_json::json!({ "cgroup": v.cgroup }),
+        }
+    }
+}
+
+impl State {
+    /// Parses a state file of any format this release reads.
+    pub fn parse(data: &[u8], path: &Path) -> Result<State, StateError> {
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.to_owned(),
+            message,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(data).map_err(|e| corrupt(e.to_string()))?;
+        match v.get("format").map(serde_json::Value::as_u64) {
+            None => serde_json::from_value::<StateV1>(v)
+                .map(State::from)
+                .map_err(|e| corrupt(format!("format 1: {e}"))),
+            Some(Some(n)) if n == u64::from(STATE_FORMAT) => {
+                serde_json::from_value(v).map_err(|e| corrupt(e.to_string()))
+            }
+            Some(Some(n)) => Err(corrupt(format!(
+                "format {n} is newer than this moat reads ({STATE_FORMAT}); use the moat that created it"
+            ))),
+            Some(None) => Err(corrupt("format is not a number".into())),
+        }
+    }
+
+    /// The tier's own part, as that tier's type.
+    pub fn tier_part<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T, StateError> {
+        serde_json::from_value(self.tier_state.clone()).map_err(|e| StateError::Corrupt {
+            path: path.to_owned(),
+            message: format!("{} part: {e}", self.tier),
+        })
+    }
 }
 
 /// Validates a container ID as runc does: no path separators, no leading dot.
@@ -259,10 +341,7 @@ impl StateDir {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        serde_json::from_slice(&data).map_err(|e| StateError::Corrupt {
-            path,
-            message: e.to_string(),
-        })
+        State::parse(&data, &path)
     }
 
     /// Atomically replaces the state file (write to a temp file, then rename).
@@ -341,5 +420,61 @@ mod tests {
         ));
         sd.remove("c1").unwrap();
         assert!(sd.list().unwrap().is_empty());
+    }
+
+    fn sample_v2() -> State {
+        State {
+            format: STATE_FORMAT,
+            oci_version: "1.2.0".into(),
+            id: "c1".into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            created: "2026-01-01T00:00:00.000000000Z".into(),
+            owner: String::new(),
+            annotations: HashMap::new(),
+            status: ContainerStatus::Running,
+            pid: 42,
+            pid_start_time: 7,
+            poststart_hooks: Vec::new(),
+            poststop_hooks: Vec::new(),
+            tier: Tier::Container,
+            tier_state: serde_json::json!({"cgroup": {"v1": {"x": 1}}}),
+        }
+    }
+
+    #[test]
+    fn formats_1_and_2_are_read_a_newer_one_is_refused() {
+        let p = Path::new("/s/state.json");
+        let v2 = sample_v2();
+        let again = State::parse(&serde_json::to_vec(&v2).unwrap(), p).unwrap();
+        assert_eq!(again.tier_state, v2.tier_state);
+        assert_eq!(again.pid, 42);
+        let v1 = serde_json::json!({
+            "oci_version": "1.0.2", "id": "old", "status": "created", "pid": 9,
+            "pid_start_time": 3, "bundle": "/b", "rootfs": "/b/r", "created": "x",
+            "owner": "", "annotations": {"a": "b"}, "tier": "container",
+            "cgroup": {"v1": {"y": 2}}, "poststop_hooks": [], "poststart_hooks": [],
+            "own_pid_ns": true, "use_systemd_cgroup": false
+        });
+        let old = State::parse(v1.to_string().as_bytes(), p).unwrap();
+        assert_eq!(old.format, STATE_FORMAT);
+        assert_eq!(
+            (old.id.as_str(), old.pid, old.pid_start_time),
+            ("old", 9, 3)
+        );
+        assert_eq!(old.status, ContainerStatus::Created);
+        assert_eq!(
+            old.tier_state,
+            serde_json::json!({"cgroup": {"v1": {"y": 2}}})
+        );
+        let mut future = serde_json::to_value(&v2).unwrap();
+        future["format"] = serde_json::json!(3);
+        let e = State::parse(future.to_string().as_bytes(), p).unwrap_err();
+        assert!(e.to_string().contains("corrupt state file"), "{e}");
+        assert!(
+            matches!(e, StateError::Corrupt { ref message, .. } if message.contains("format 3"))
+        );
+        assert!(State::parse(b"{}", p).is_err());
+        assert!(State::parse(b"", p).is_err());
     }
 }

@@ -1,4 +1,6 @@
-//! The isolation tiers. Only `container` exists so far.
+//! The isolation tiers, and how a container's tier is chosen: resolved
+//! once, from the runtime's flag or program name and the config's
+//! annotation (see [`select`]).
 use std::fmt;
 use std::str::FromStr;
 
@@ -38,9 +40,7 @@ impl Tier {
         }
     }
 
-    pub fn is_available(self) -> bool {
-        matches!(self, Tier::Container)
-    }
+    pub const ALL: [Tier; 3] = [Tier::Container, Tier::Sandbox, Tier::Microvm];
 }
 
 impl fmt::Display for Tier {
@@ -67,6 +67,24 @@ impl FromStr for Tier {
     }
 }
 
+/// What the runtime was told: `--isolation`, else the name it was invoked
+/// by (`moat-sandbox`, …), else nothing.
+pub fn chosen(flag: Option<&str>, argv0: &str) -> Result<Option<Tier>, String> {
+    match flag {
+        Some(f) => f.parse().map(Some),
+        None => Ok(Tier::from_argv0(argv0)),
+    }
+}
+
+/// The tier a container gets when both the config's annotation (written by
+/// whoever wrote the pod or container spec) and the runtime's flag or
+/// program name (chosen by whoever installed the runtime, e.g. a
+/// RuntimeClass) may ask for one: the stronger. A workload may ask for more
+/// isolation, never less.
+pub fn select(chosen: Option<Tier>, annotation: Option<Tier>) -> Tier {
+    annotation.max(chosen).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +98,17 @@ mod tests {
         assert_eq!(Tier::from_argv0("moat-microvm"), Some(Tier::Microvm));
         assert_eq!(Tier::from_argv0("/usr/bin/moat"), None);
         assert!("vm".parse::<Tier>().is_err());
+    }
+
+    #[test]
+    fn the_stronger_tier_wins() {
+        use Tier::*;
+        assert_eq!(select(None, None), Container);
+        assert_eq!(select(Some(Sandbox), Some(Container)), Sandbox);
+        assert_eq!(select(Some(Container), Some(Microvm)), Microvm);
+        assert_eq!(select(Some(Sandbox), None), Sandbox);
+        assert_eq!(chosen(None, "/usr/bin/moat-microvm"), Ok(Some(Microvm)));
+        assert_eq!(chosen(Some("sandbox"), "moat-microvm"), Ok(Some(Sandbox)));
+        assert!(chosen(Some("kvm"), "moat").is_err());
     }
 }

@@ -1341,7 +1341,7 @@ mod tests {
 
     #[test]
     fn layers_are_shared_and_removed_when_unused() {
-        if !rustix::process::geteuid().is_root() {
+        if moat_core::testing::needs_root("layers_are_shared_and_removed_when_unused") {
             return;
         }
         let t = tempfile::tempdir().unwrap();

@@ -511,8 +511,7 @@ mod tests {
 
     #[test]
     fn a_block_with_live_processes_is_not_reclaimed() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("SKIP a_block_with_live_processes_is_not_reclaimed: needs root");
+        if moat_core::testing::needs_root("a_block_with_live_processes_is_not_reclaimed") {
             return;
         }
         // A pool no host user is in: slot 1's owner is dead, but a process

@@ -7,6 +7,7 @@ pub mod attrs;
 pub mod cache;
 pub mod caps;
 pub mod cgroup;
+pub mod console;
 pub mod idalloc;
 pub mod idmap;
 pub mod landlock;

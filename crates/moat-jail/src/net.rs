@@ -102,8 +102,7 @@ mod tests {
 
     #[test]
     fn lo_comes_up_in_a_new_netns() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if moat_core::testing::needs_root("lo_comes_up_in_a_new_netns") {
             return;
         }
         let code = moat_sys::process::run_in_child(libc::CLONE_NEWNET, || {

@@ -1,15 +1,16 @@
-//! The setup channel between the runtime and a container process it forks: a
-//! `SOCK_SEQPACKET` socketpair carrying small tagged messages, errors as text
-//! (so the child's failure reaches the user with its whole cause chain), and
-//! file descriptors (the pty master, the seccomp notify fd).
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+//! The setup channel between the runtime and a process it forks (a
+//! container's init, exec's intermediate, a supervisor, a jailer): a
+//! `SOCK_SEQPACKET` socketpair carrying small tagged messages, typed errors
+//! ([`RemoteError`]: the child's whole cause chain with each errno, so the
+//! user sees what failed and why), and file descriptors (the pty master,
+//! the seccomp notify fd).
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use std::path::Path;
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
 };
 use rustix::net::{
     accept_with, bind, connect, socket_with, AddressFamily as RxAf, SocketAddrUnix,
@@ -26,14 +27,134 @@ pub enum SyncError {
     Recv(#[source] nix::Error),
     #[error("container process exited during setup")]
     Eof,
+    #[error("garbled setup message")]
+    Garbled,
     #[error("unexpected setup message {got:?} (expected {expected})")]
     Unexpected { got: Msg, expected: &'static str },
-    #[error("{0}")]
-    Child(String),
-    /// The workload's program could not be executed; `status` is the
-    /// shell's convention (127 not found, 126 not executable).
-    #[error("{chain}")]
-    ExecFailed { status: u8, chain: String },
+    /// The other side failed and said why.
+    #[error(transparent)]
+    Child(RemoteError),
+}
+
+/// Bounds of a [`RemoteError`] on the wire: it must fit one message of the
+/// channel, whatever the failing child put in it (paths from the config,
+/// a hook's output).
+const MAX_MESSAGE: usize = 512;
+const MAX_DEPTH: usize = 8;
+/// The receive buffer: one message, an encoded [`RemoteError`] included.
+const RECV_BUF: usize = 8192;
+
+/// An error from a forked process, sent over the setup channel: one level
+/// of its cause chain (outermost first), with the errno when that level was
+/// an OS error. Its `source()` is the next level, so the parent prints and
+/// inspects the chain as if it were its own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteError {
+    pub message: String,
+    pub errno: Option<i32>,
+    /// Set when the workload's program could not be executed: what a shell
+    /// would exit with (127 not found, 126 not executable).
+    pub exec_status: Option<u8>,
+    pub cause: Option<Box<RemoteError>>,
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RemoteError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|c| c as _)
+    }
+}
+
+impl RemoteError {
+    /// `e` and its causes, bounded in length and depth.
+    pub fn new(e: &(dyn std::error::Error + 'static)) -> RemoteError {
+        let mut levels = Vec::new();
+        let mut cur = Some(e);
+        while let Some(c) = cur {
+            if levels.len() == MAX_DEPTH {
+                break;
+            }
+            levels.push((bounded(c.to_string()), errno_of(c)));
+            cur = c.source();
+        }
+        let mut out: Option<Box<RemoteError>> = None;
+        for (message, errno) in levels.into_iter().rev() {
+            out = Some(Box::new(RemoteError {
+                message,
+                errno,
+                exec_status: None,
+                cause: out,
+            }));
+        }
+        out.map(|b| *b).unwrap_or_else(|| RemoteError {
+            message: String::new(),
+            errno: None,
+            exec_status: None,
+            cause: None,
+        })
+    }
+
+    /// The exec of the workload's program failed with `e`.
+    pub fn exec(status: u8, e: &(dyn std::error::Error + 'static)) -> RemoteError {
+        RemoteError {
+            exec_status: Some(status),
+            ..RemoteError::new(e)
+        }
+    }
+
+    /// One level: the whole chain's text in printable ASCII, bounded.
+    fn flattened(&self) -> RemoteError {
+        let text: String = moat_core::error_chain(self)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        RemoteError {
+            message: bounded(text),
+            errno: self.errno(),
+            exec_status: self.exec_status,
+            cause: None,
+        }
+    }
+
+    /// The errno of the deepest level that has one.
+    pub fn errno(&self) -> Option<i32> {
+        let deeper = self.cause.as_ref().and_then(|c| c.errno());
+        deeper.or(self.errno)
+    }
+}
+
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        return io.raw_os_error();
+    }
+    if let Some(n) = e.downcast_ref::<nix::Error>() {
+        return Some(*n as i32);
+    }
+    e.downcast_ref::<rustix::io::Errno>()
+        .map(|r| r.raw_os_error())
 }
 
 /// Messages on the setup channel.
@@ -53,10 +174,8 @@ pub enum Msg {
     Start,
     /// Child -> parent: a file descriptor follows (pty master or seccomp notify fd).
     Fd(FdKind),
-    /// Either way: setup failed, with the full error chain.
-    Error(String),
-    /// Child -> parent: the exec of the program failed (shell status, chain).
-    ExecFailed(u8, String),
+    /// Either way: setup failed (or the exec of the program did), typed.
+    Error(RemoteError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +226,14 @@ impl Msg {
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Error(e) => {
                 let mut v = vec![b'E'];
-                v.extend_from_slice(e.as_bytes());
-                v
-            }
-            Msg::ExecFailed(status, e) => {
-                let mut v = vec![b'X', *status];
-                v.extend_from_slice(e.as_bytes());
+                // Plain data: serialization cannot fail. Escapes can still
+                // make it too long for one message: then the outer level
+                // alone, in plain ASCII.
+                let mut json = serde_json::to_vec(e).unwrap_or_default();
+                if json.len() >= RECV_BUF - 1 {
+                    json = serde_json::to_vec(&e.flattened()).unwrap_or_default();
+                }
+                v.extend_from_slice(&json);
                 v
             }
         }
@@ -128,11 +249,7 @@ impl Msg {
             b'C' => Msg::Created,
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
-            b'E' => Msg::Error(String::from_utf8_lossy(rest).into_owned()),
-            b'X' => {
-                let (&status, text) = rest.split_first()?;
-                Msg::ExecFailed(status, String::from_utf8_lossy(text).into_owned())
-            }
+            b'E' => Msg::Error(serde_json::from_slice(rest).ok()?),
             _ => return None,
         })
     }
@@ -197,44 +314,15 @@ impl Channel {
 
     /// Receives one message (and any fd that came with it).
     pub fn recv_with_fd(&self) -> Result<(Msg, Option<OwnedFd>), SyncError> {
-        let mut buf = vec![0u8; 8192];
-        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-        loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let r = recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            );
-            let r = match r {
-                Ok(r) => r,
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(SyncError::Recv(e)),
-            };
-            let n = r.bytes;
-            let mut fd = None;
-            if let Ok(cmsgs) = r.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(fds) = c {
-                        for f in fds {
-                            let owned = own_fd(f);
-                            if fd.is_none() {
-                                fd = Some(owned);
-                            }
-                        }
-                    }
-                }
-            }
-            if n == 0 {
-                return Err(SyncError::Eof);
-            }
-            let msg = Msg::decode(&buf[..n]).ok_or(SyncError::Unexpected {
-                got: Msg::Error("garbage".into()),
-                expected: "a message",
-            })?;
-            return Ok((msg, fd));
+        let mut buf = vec![0u8; RECV_BUF];
+        let (n, fd) = moat_sys::fd::recv_with_fd(self.fd.as_fd(), &mut buf).map_err(|e| {
+            SyncError::Recv(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        })?;
+        if n == 0 {
+            return Err(SyncError::Eof);
         }
+        let msg = Msg::decode(&buf[..n]).ok_or(SyncError::Garbled)?;
+        Ok((msg, fd))
     }
 
     pub fn recv(&self) -> Result<Msg, SyncError> {
@@ -246,17 +334,12 @@ impl Channel {
         match self.recv()? {
             m if m == want => Ok(()),
             Msg::Error(e) => Err(SyncError::Child(e)),
-            Msg::ExecFailed(status, chain) => Err(SyncError::ExecFailed { status, chain }),
             got => Err(SyncError::Unexpected {
                 got,
                 expected: name,
             }),
         }
     }
-}
-
-fn own_fd(fd: RawFd) -> OwnedFd {
-    moat_sys::fd::own(fd)
 }
 
 #[cfg(test)]
@@ -270,8 +353,13 @@ mod tests {
             Msg::Go,
             Msg::Pid(4242),
             Msg::Created,
-            Msg::Error("mount proc on /proc: EPERM".into()),
-            Msg::ExecFailed(127, "executable \"x\" not found".into()),
+            Msg::Error(RemoteError::new(&std::io::Error::from_raw_os_error(
+                libc::EPERM,
+            ))),
+            Msg::Error(RemoteError::exec(
+                127,
+                &std::io::Error::from_raw_os_error(libc::ENOENT),
+            )),
         ] {
             a.send(&m).unwrap();
             assert_eq!(b.recv().unwrap(), m);
@@ -280,11 +368,45 @@ mod tests {
         assert!(matches!(b.recv().unwrap_err(), SyncError::Eof));
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("mount proc on /proc")]
+    struct MountProc(#[source] nix::Error);
+
     #[test]
-    fn child_error_surfaces() {
+    fn child_error_surfaces_typed() {
         let (a, b) = pair().unwrap();
-        a.send(&Msg::Error("boom".into())).unwrap();
-        assert_eq!(b.expect(Msg::Go, "go").unwrap_err().to_string(), "boom");
+        a.send(&Msg::Error(RemoteError::new(&MountProc(nix::Error::EPERM))))
+            .unwrap();
+        let err = b.expect(Msg::Go, "go").unwrap_err();
+        assert_eq!(
+            moat_core::error_chain(&err),
+            format!("mount proc on /proc: {}", nix::Error::EPERM)
+        );
+        let SyncError::Child(remote) = err else {
+            panic!("not a child error: {err:?}")
+        };
+        assert_eq!(remote.errno(), Some(libc::EPERM));
+        assert_eq!(remote.exec_status, None);
+    }
+
+    #[test]
+    fn a_huge_error_still_fits_one_message() {
+        let (a, b) = pair().unwrap();
+        let long = std::io::Error::other("x".repeat(1 << 20));
+        a.send(&Msg::Error(RemoteError::exec(126, &long))).unwrap();
+        let Msg::Error(got) = b.recv().unwrap() else {
+            panic!("not an error")
+        };
+        assert!(got.message.len() <= MAX_MESSAGE + 3);
+        assert_eq!(got.exec_status, Some(126));
+        // Control characters escape to six bytes each in JSON.
+        let nasty = std::io::Error::other("\u{1}".repeat(1 << 16));
+        let deep = RemoteError {
+            cause: Some(Box::new(RemoteError::new(&nasty))),
+            ..RemoteError::new(&nasty)
+        };
+        a.send(&Msg::Error(deep)).unwrap();
+        assert!(matches!(b.recv().unwrap(), Msg::Error(_)));
     }
 
     #[test]

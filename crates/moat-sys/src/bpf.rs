@@ -284,8 +284,7 @@ mod tests {
 
     #[test]
     fn load_rejects_invalid_program_with_log() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipping: BPF_PROG_LOAD needs root");
+        if moat_core::testing::needs_root("load_rejects_invalid_program_with_log") {
             return;
         }
         // A program without exit is refused by the verifier.
@@ -296,8 +295,7 @@ mod tests {
 
     #[test]
     fn load_accepts_trivial_program() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipping: BPF_PROG_LOAD needs root");
+        if moat_core::testing::needs_root("load_accepts_trivial_program") {
             return;
         }
         let insns = [

@@ -138,13 +138,9 @@ pub fn userns_with_mappings(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd>
 mod tests {
     use super::*;
 
-    fn is_root() -> bool {
-        rustix::process::geteuid().is_root()
-    }
-
     #[test]
     fn userns_fd_has_the_mappings() {
-        if !is_root() {
+        if moat_core::testing::needs_root("userns_fd_has_the_mappings") {
             return;
         }
         let fd = userns_with_mappings("0 100000 65536\n", "0 100000 65536\n").unwrap();

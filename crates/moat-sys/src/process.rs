@@ -56,12 +56,17 @@ pub unsafe fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
 /// and `_exit`s with its return value (101 if it panics); returns the child's
 /// PID in the caller. `f` typically ends in `exec`.
 ///
-/// A raw clone skips glibc's atfork handlers, so the caller must be
-/// single-threaded (moat's runtime process is) for `malloc` to be safe in the
-/// child; tests, which are multi-threaded, use [`run_in_child`] instead.
-pub fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
-    // SAFETY: the child runs `f` and `_exit`s without unwinding into or
-    // returning to the caller's frames.
+/// # Safety
+/// The calling process must be single-threaded: a raw clone skips glibc's
+/// atfork handlers, so a lock (malloc's, stdio's) held by another thread at
+/// the fork stays locked for ever in the child, which then deadlocks or
+/// corrupts memory the first time it allocates. [`fork_single_threaded`]
+/// checks this and is what the runtime calls; tests, which are
+/// multi-threaded, use [`run_in_child`].
+pub unsafe fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
+    // SAFETY: the caller guarantees a single thread (fork's contract); the
+    // child runs `f` and `_exit`s without unwinding into or returning to the
+    // caller's frames.
     match unsafe { clone_fork(flags) }? {
         Forked::Child => {
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
@@ -69,6 +74,31 @@ pub fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32
         }
         Forked::Parent(pid) => Ok(pid),
     }
+}
+
+/// [`fork_with`], after checking that this process has one thread (field 20
+/// of /proc/self/stat); with more, it fails with `EDEADLK` instead of
+/// forking a child that could deadlock.
+pub fn fork_single_threaded<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::Deadlock,
+            format!("the runtime process has {threads} threads; it must fork with one"),
+        ));
+    }
+    // SAFETY: checked just above: the only thread is this one, and nothing
+    // between the check and the clone starts another.
+    unsafe { fork_with(flags, f) }
+}
+
+/// Threads of this process, from /proc/self/stat.
+pub fn thread_count() -> io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(17))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))
 }
 
 /// `_exit(2)`: ends the process at once, without atexit handlers or

@@ -17,6 +17,7 @@ mod oci;
 mod probe;
 mod run;
 mod specgen;
+mod tiers;
 
 use std::process::ExitCode;
 
@@ -90,18 +91,12 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             eprintln!("moat: {}", error_line(&e));
             // A program that cannot run exits as a shell would make it
             // (127 not found, 126 not executable); moat's own errors 125.
-            use moat_container::lifecycle::ContainerError;
-            use moat_jail::sync::SyncError;
-            let status = e.chain().find_map(|c| {
-                let sync = match c.downcast_ref::<ContainerError>() {
-                    Some(ContainerError::Sync(s)) => Some(s),
-                    _ => c.downcast_ref::<SyncError>(),
-                };
-                match sync {
-                    Some(SyncError::ExecFailed { status, .. }) => Some(*status),
-                    _ => None,
-                }
-            });
+            let status =
+                e.chain()
+                    .find_map(|c| match c.downcast_ref::<moat_core::RuntimeError>() {
+                        Some(moat_core::RuntimeError::ExecFailed { status, .. }) => Some(*status),
+                        _ => None,
+                    });
             ExitCode::from(status.unwrap_or(125))
         }
     })

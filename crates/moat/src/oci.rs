@@ -1,114 +1,116 @@
-//! The OCI runtime commands, dispatched to the container tier.
+//! The OCI runtime commands: each resolves its tier once (a new container:
+//! flag or program name, and the config's annotation; an existing one: the
+//! tier its state records) and goes through the [`Lifecycle`] seam.
 use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use moat_container::lifecycle::{CreateOpts, ExecOpts, Runtime};
-use moat_core::Tier;
+use moat_core::runtime::{Config, CreateRequest, Current, ExecOptions, Lifecycle};
+use moat_core::state::ContainerStatus;
+use moat_core::{tier, Tier};
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxResources, Process};
 
 use crate::cli::{Cli, Cmd, CreateArgs, ExecArgs, UpdateArgs};
 use crate::log::Logger;
+use crate::tiers::{Engine, Tiers};
 
-fn create_opts(a: &CreateArgs, tier: Option<Tier>) -> CreateOpts {
-    CreateOpts {
-        id: a.id.clone(),
-        bundle: a.bundle.clone(),
-        pid_file: a.pid_file.clone(),
-        console_socket: a.console_socket.clone(),
+/// Parses the bundle, picks the tier (the stronger of `chosen` and the
+/// config's annotation) and its engine.
+fn prepare(tiers: &Tiers, a: &CreateArgs, chosen: Option<Tier>) -> Result<(Engine, Config)> {
+    let config = Config::from_bundle(&a.bundle)?;
+    let tier = tier::select(chosen, config.tier_annotation()?);
+    Ok((tiers.engine(tier)?, config))
+}
+
+fn request<'a>(a: &'a CreateArgs, config: &'a Config) -> CreateRequest<'a> {
+    CreateRequest {
+        id: &a.id,
+        config,
+        pid_file: a.pid_file.as_deref(),
+        console_socket: a.console_socket.as_deref(),
         no_pivot: a.no_pivot,
         no_new_keyring: a.no_new_keyring,
         preserve_fds: a.preserve_fds,
-        tier,
-        config: None,
         die_with_runtime: false,
     }
 }
 
-/// The tier from `--isolation`, else from the program name.
-fn chosen_tier(cli: &Cli, argv0: &str) -> Result<Option<Tier>> {
-    let t = match &cli.global.isolation {
-        Some(s) => Some(s.parse::<Tier>().map_err(anyhow::Error::msg)?),
-        None => Tier::from_argv0(argv0),
-    };
-    if let Some(t) = t {
-        if !t.is_available() {
-            bail!("isolation tier {t} is not available yet (only `container` is)");
-        }
-    }
-    Ok(t)
-}
-
 pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
-    let tier = chosen_tier(&cli, argv0)?;
+    let chosen =
+        tier::chosen(cli.global.isolation.as_deref(), argv0).map_err(anyhow::Error::msg)?;
     if cli.global.systemd_cgroup && !Path::new("/run/systemd/system").is_dir() {
         bail!("--systemd-cgroup: systemd is not running on this host");
     }
-    let rt = Runtime::new(&cli.global.root, cli.global.systemd_cgroup);
+    let tiers = Tiers::new(&cli.global.root, cli.global.systemd_cgroup);
     log.debug(&format!("{:?}", cli.cmd));
     match cli.cmd {
         Cmd::Create(a) => {
-            rt.create(&create_opts(&a, tier), true)?;
+            let (engine, config) = prepare(&tiers, &a, chosen)?;
+            engine.create(&request(&a, &config))?;
             Ok(0)
         }
         Cmd::Start { id } => {
-            rt.start(&id)?;
+            tiers.of(&id)?.start(&id)?;
             Ok(0)
         }
         Cmd::Run {
             create,
             detach,
             keep,
-        } => Ok(rt.run(&create_opts(&create, tier), detach, keep)?),
+        } => run(&tiers, &create, chosen, detach, keep),
         Cmd::State { id } => {
-            out!("{}", serde_json::to_string_pretty(&rt.state_json(&id)?)?);
+            let c = tiers.of(&id)?.state(&id)?;
+            out!("{}", serde_json::to_string_pretty(&runc_state(&c))?);
             Ok(0)
         }
         Cmd::Kill { id, signal, all } => {
-            rt.kill(&id, parse_signal(&signal)?, all)?;
+            tiers
+                .of(&id)?
+                .kill(&id, parse_signal(&signal)? as i32, all)?;
             Ok(0)
         }
         Cmd::Delete { id, force } => {
-            match rt.delete(&id, force) {
-                Err(moat_container::lifecycle::ContainerError::State(
-                    moat_core::StateError::NotFound(_),
-                )) if force => {}
+            match tiers.of(&id)?.delete(&id, force) {
+                Err(e) if force && e.is_not_found() => {}
                 r => r?,
             }
             Ok(0)
         }
         Cmd::Pause { id } => {
-            rt.pause(&id)?;
+            tiers.of(&id)?.pause(&id)?;
             Ok(0)
         }
         Cmd::Resume { id } => {
-            rt.resume(&id)?;
+            tiers.of(&id)?.resume(&id)?;
             Ok(0)
         }
-        Cmd::List { format, quiet } => list(&rt, &format, quiet),
+        Cmd::List { format, quiet } => list(&tiers, &format, quiet),
         Cmd::Ps {
             id,
             format,
             ps_args,
-        } => ps(&rt, &id, &format, &ps_args),
-        Cmd::Exec(a) => exec(&rt, a),
+        } => ps(&tiers.of(&id)?, &id, &format, &ps_args),
+        Cmd::Exec(a) => exec(&tiers.of(&a.id)?, a),
         Cmd::Update(a) => {
             let res = update_resources(&a)?;
-            rt.update(&a.id, &res)?;
+            tiers.of(&a.id)?.update(&a.id, &res)?;
             Ok(0)
         }
         Cmd::Events {
             id,
             stats,
             interval,
-        } => events(&rt, &id, stats, &interval),
+        } => events(&tiers.of(&id)?, &id, stats, &interval),
         Cmd::Features => {
-            out!(
-                "{}",
-                serde_json::to_string_pretty(&crate::specgen::features())?
-            );
+            let mut doc = tiers.engine(chosen.unwrap_or_default())?.features();
+            let names: Vec<String> = crate::tiers::available()
+                .iter()
+                .map(Tier::to_string)
+                .collect();
+            doc["annotations"]["dev.moat.tiers"] = serde_json::json!(names.join(","));
+            out!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(0)
         }
         Cmd::Spec {
@@ -134,12 +136,74 @@ pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
         }
         Cmd::Probe { json } => crate::probe::main(json),
         Cmd::Images => crate::run::images::list(&cli.global.root),
-        Cmd::Prune(a) => crate::run::images::prune(&rt, &cli.global.root, &a),
+        Cmd::Prune(a) => crate::run::images::prune(&tiers, &cli.global.root, &a),
         Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),
         Cmd::Checkpoint { .. } | Cmd::Restore { .. } => {
             bail!("checkpoint/restore is not supported by moat")
         }
     }
+}
+
+/// runc's `run`: create and start with this process as the container
+/// process's parent; unless detached, wait for it (forwarding signals,
+/// relaying the terminal), then delete it unless `keep`. Returns the exit
+/// status (128+N for a signal).
+fn run(
+    tiers: &Tiers,
+    a: &CreateArgs,
+    chosen: Option<Tier>,
+    detach: bool,
+    keep: bool,
+) -> Result<i32> {
+    let (engine, config) = prepare(tiers, a, chosen)?;
+    let terminal = config
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    if detach && terminal && a.console_socket.is_none() {
+        bail!("a detached container with a terminal needs --console-socket");
+    }
+    let launched = engine.launch(&request(a, &config))?;
+    if detach {
+        return Ok(0);
+    }
+    let kill_all = || {
+        let _ = engine.kill(&a.id, Signal::SIGKILL as i32, true);
+    };
+    let code = match launched.terminal {
+        Some(m) => moat_jail::console::proxy(m, launched.pid),
+        None => moat_jail::supervise::wait_supervised(launched.pid, None, &kill_all).0,
+    };
+    if !keep {
+        engine.delete(&a.id, true)?;
+    }
+    Ok(code)
+}
+
+/// runc's `state`/`list --format json` object.
+fn runc_state(c: &Current) -> serde_json::Value {
+    let st = &c.state;
+    let pid = if c.status == ContainerStatus::Stopped {
+        0
+    } else {
+        st.pid
+    };
+    let mut v = serde_json::json!({
+        "ociVersion": st.oci_version,
+        "id": st.id,
+        "pid": pid,
+        "status": c.status.as_str(),
+        "bundle": st.bundle,
+        "rootfs": st.rootfs,
+        "created": st.created,
+        "owner": st.owner,
+    });
+    if !st.annotations.is_empty() {
+        v["annotations"] = serde_json::to_value(&st.annotations).unwrap_or_default();
+    }
+    v
 }
 
 pub fn parse_signal(s: &str) -> Result<Signal> {
@@ -156,8 +220,8 @@ pub fn parse_signal(s: &str) -> Result<Signal> {
         .map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
 }
 
-fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
-    let all = rt.list()?;
+fn list(tiers: &Tiers, format: &str, quiet: bool) -> Result<i32> {
+    let all: Vec<serde_json::Value> = tiers.list()?.iter().map(runc_state).collect();
     if quiet {
         for c in &all {
             out!("{}", c["id"].as_str().unwrap_or(""));
@@ -193,8 +257,8 @@ fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
-    let pids = rt.pids(id)?;
+fn ps(engine: &Engine, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
+    let pids = engine.ps(id)?;
     match format {
         "json" => {
             out!("{}", serde_json::to_string(&pids)?);
@@ -242,21 +306,21 @@ fn ps(rt: &Runtime, id: &str, format: &str, ps_args: &[String]) -> Result<i32> {
     }
 }
 
-fn exec(rt: &Runtime, a: ExecArgs) -> Result<i32> {
-    rt.load(&a.id)?;
-    let process = exec_process(rt, &a)?;
-    let opts = ExecOpts {
+fn exec(engine: &Engine, a: ExecArgs) -> Result<i32> {
+    engine.state(&a.id)?;
+    let process = exec_process(engine, &a)?;
+    let opts = ExecOptions {
         detach: a.detach,
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         preserve_fds: a.preserve_fds,
     };
-    Ok(rt.exec(&a.id, &process, &opts)?)
+    Ok(engine.exec(&a.id, &process, &opts)?)
 }
 
 /// The process to exec: `--process FILE`, or the container's own process
 /// with the command line and flags applied (as runc does).
-fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
+fn exec_process(engine: &Engine, a: &ExecArgs) -> Result<Process> {
     if a.apparmor.is_some() || a.process_label.is_some() {
         bail!("--apparmor/--process-label: AppArmor and SELinux are not enabled on this host");
     }
@@ -270,7 +334,7 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
     if a.command.is_empty() {
         bail!("exec needs a command (or --process FILE)");
     }
-    let spec = rt.saved_config(&a.id)?;
+    let spec = engine.config(&a.id)?;
     let mut p = spec
         .process()
         .clone()
@@ -319,13 +383,6 @@ fn exec_process(rt: &Runtime, a: &ExecArgs) -> Result<Process> {
             let cap: oci_spec::runtime::Capability = c
                 .parse()
                 .map_err(|_| anyhow::anyhow!("unknown capability {c:?}"))?;
-            for set in [
-                caps.bounding().clone(),
-                caps.effective().clone(),
-                caps.permitted().clone(),
-            ] {
-                let _ = set;
-            }
             let add = |s: &Option<oci_spec::runtime::Capabilities>| {
                 let mut s = s.clone().unwrap_or_default();
                 s.insert(cap);
@@ -461,10 +518,14 @@ fn parse_interval(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<i32> {
+fn events(engine: &Engine, id: &str, once: bool, interval: &str) -> Result<i32> {
     let interval = parse_interval(interval)?;
     loop {
-        let data = rt.stats(id)?;
+        let status = engine.state(id)?.status;
+        if status == ContainerStatus::Stopped {
+            bail!("container {id} is stopped, no stats");
+        }
+        let data = engine.stats(id)?;
         out!(
             "{}",
             serde_json::json!({"type": "stats", "id": id, "data": data})

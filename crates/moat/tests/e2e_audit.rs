@@ -295,7 +295,10 @@ fn sarif_validates_against_the_schema() {
         &tmp("p2"),
     );
     if !probe.ok() {
-        eprintln!("SKIP sarif_validates_against_the_schema: python3 with jsonschema not available");
+        moat_core::testing::skip(
+            "sarif_validates_against_the_schema",
+            "python3 with jsonschema not available",
+        );
         return;
     }
     for f in [

@@ -493,3 +493,68 @@ fn spec_writes_config_json() {
         "{v}"
     );
 }
+
+/// A container created by the release before the tier seam (state format 1:
+/// no `format` field, the container tier's cgroup among the common fields)
+/// is still listed, stated, killed and deleted by this binary.
+#[test]
+fn state_written_by_the_previous_release_is_still_handled() {
+    let Some(rt) = Rt::root_or_skip("state_written_by_the_previous_release") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP state_written_by_the_previous_release: moat's state format");
+        return;
+    }
+    let b = sleeper();
+    let c = rt.create(&b, &[]).expect("create");
+    c.start().expect_ok();
+    let pid = c.pid();
+    let path = rt.root().join(&c.id).join("state.json");
+    let now: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(now["format"], 2, "{now}");
+    assert_eq!(now["tier"], "container", "{now}");
+    // Exactly the fields the previous release wrote, in its layout.
+    let old = json!({
+        "oci_version": now["oci_version"],
+        "id": now["id"],
+        "status": "running",
+        "pid": now["pid"],
+        "pid_start_time": now["pid_start_time"],
+        "bundle": now["bundle"],
+        "rootfs": now["rootfs"],
+        "created": now["created"],
+        "owner": "",
+        "annotations": {},
+        "tier": "container",
+        "cgroup": now["tier_state"]["cgroup"],
+        "poststop_hooks": [],
+        "poststart_hooks": [],
+        "own_pid_ns": true,
+        "use_systemd_cgroup": false
+    });
+    fs::write(&path, old.to_string()).unwrap();
+
+    let list = rt.cmd(&["list", "--format", "json"]).expect_ok().json();
+    let listed = list
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["id"] == c.id.as_str()).cloned())
+        .unwrap_or_else(|| panic!("{} not listed: {list}", c.id));
+    assert_eq!(listed["status"], "running", "{listed}");
+    assert_eq!(c.status(), "running");
+    assert_eq!(c.pid(), pid);
+    let cgroup = cgroup_v1_file("pids", &format!("/{}", c.id), "cgroup.procs");
+    assert!(
+        read_trim(&cgroup).lines().any(|p| p == pid.to_string()),
+        "the init is in the cgroup the old state names"
+    );
+    rt.cmd(&["pause", &c.id]).expect_ok();
+    assert_eq!(c.status(), "paused");
+    rt.cmd(&["resume", &c.id]).expect_ok();
+    c.kill("KILL").expect_ok();
+    c.wait_status("stopped");
+    rt.cmd(&["delete", &c.id]).expect_ok();
+    assert!(!rt.root().join(&c.id).exists());
+    assert!(!cgroup.exists(), "delete removed the old state's cgroup");
+    assert!(!alive(pid));
+}

@@ -4,8 +4,8 @@
 mod common;
 
 use std::fs;
-use std::io::{IoSliceMut, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -84,29 +84,14 @@ fn terminal_through_console_socket() {
     let accept = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut buf = [0u8; 256];
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = nix::sys::socket::recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            nix::sys::socket::MsgFlags::empty(),
-        )
-        .unwrap();
-        let mut fd = None;
-        for c in msg.cmsgs().unwrap() {
-            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
-                fd = fds.first().copied();
-            }
-        }
+        let (_, fd) = moat_sys::fd::recv_with_fd(conn.as_fd(), &mut buf).unwrap();
         fd.expect("a pty master fd")
     });
     let sock_s = sock.display().to_string();
     let c = rt
         .create(&b, &["--console-socket", &sock_s])
         .unwrap_or_else(|o| panic!("create: {o:?}"));
-    let raw = accept.join().unwrap();
-    let master = moat_fd(raw);
+    let master = accept.join().unwrap();
     c.start().expect_ok();
     let mut f = fs::File::from(master);
     let mut out = String::new();
@@ -136,12 +121,6 @@ fn as_user(uid: u32, bin: &Path) -> Command {
     c
 }
 
-fn moat_fd(raw: std::os::fd::RawFd) -> OwnedFd {
-    // Reopening /proc/self/fd/N of a pty master would allocate a new pty;
-    // take ownership of the received descriptor itself.
-    moat_sys::fd::own(raw)
-}
-
 /// An unprivileged user runs a `spec --rootless` bundle: root inside maps to
 /// that user outside, and the missing cgroup delegation is a warning.
 #[test]
@@ -149,8 +128,12 @@ fn rootless_run() {
     let Some(rt) = Rt::root_or_skip("rootless_run") else {
         return;
     };
-    if !rt.is_moat() || Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIP rootless_run: needs moat and setpriv");
+    if !rt.is_moat() {
+        eprintln!("SKIP rootless_run: moat only");
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        moat_core::testing::skip("rootless_run", "needs setpriv");
         return;
     }
     let uid = 1500 + (std::process::id() % 1000);
@@ -397,29 +380,14 @@ fn seccomp_notify_fd_reaches_the_listener() {
     let agent = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = nix::sys::socket::recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            nix::sys::socket::MsgFlags::empty(),
-        )
-        .unwrap();
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            if let nix::sys::socket::ControlMessageOwned::ScmRights(f) = c {
-                fds.extend(f.into_iter().map(moat_fd));
-            }
-        }
-        let n = msg.bytes;
+        let (n, fd) = moat_sys::fd::recv_with_fd(conn.as_fd(), &mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let is_notify = fds
-            .first()
+        let is_notify = fd
+            .as_ref()
             .and_then(|f| fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok())
             .map(|l| l.display().to_string())
             .unwrap_or_default();
-        drop(fds); // closing the listener's fd fails the pending syscall
+        drop(fd); // closing the listener's fd fails the pending syscall
         (text, is_notify)
     });
     let mut b = script("mkdir /tmp/notified 2>/dev/null; echo rc=$?");
@@ -512,8 +480,12 @@ fn rootless_human_run() {
     let Some(rt) = Rt::root_or_skip("rootless_human_run") else {
         return;
     };
-    if !rt.is_moat() || Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIP rootless_human_run: needs moat and setpriv");
+    if !rt.is_moat() {
+        eprintln!("SKIP rootless_human_run: moat only");
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        moat_core::testing::skip("rootless_human_run", "needs setpriv");
         return;
     }
     let uid = 30000 + (std::process::id() % 10000);

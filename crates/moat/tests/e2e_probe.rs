@@ -144,7 +144,7 @@ fn probe_under_moat_default_spec() {
 #[test]
 fn probe_under_runc_default_spec() {
     if !Path::new(RUNC).exists() {
-        eprintln!("SKIP probe_under_runc_default_spec: no {RUNC}");
+        moat_core::testing::skip("probe_under_runc_default_spec", &format!("no {RUNC}"));
         return;
     }
     let Some(mut rt) = Rt::root_or_skip("probe_under_runc_default_spec") else {

@@ -717,7 +717,7 @@ fn tty_gets_the_window_size() {
         return;
     };
     if !Path::new("/usr/bin/script").exists() {
-        eprintln!("SKIP tty_gets_the_window_size: no script(1)");
+        moat_core::testing::skip("tty_gets_the_window_size", "no script(1)");
         return;
     }
     // script(1) gives moat a terminal; its size is set on that terminal and

@@ -275,6 +275,36 @@ impl CgroupManager {
         dispatch!(self, m => m.pids())
     }
 
+    /// OOM kills (v1 memory.oom_control, v2 memory.events) and forks
+    /// refused at the pids limit (`max` of pids.events); 0 for what cannot
+    /// be read.
+    pub fn limit_events(&self) -> moat_core::stats::LimitEvents {
+        let (oom, pids) = match self {
+            CgroupManager::V1(m) => (
+                m.dir("memory").map(|d| d.join("memory.oom_control")),
+                m.dir("pids").map(|d| d.join("pids.events")),
+            ),
+            CgroupManager::V2(m) => (
+                Some(m.path().join("memory.events")),
+                Some(m.path().join("pids.events")),
+            ),
+        };
+        let counter = |path: Option<std::path::PathBuf>, key: &str| -> u64 {
+            path.and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        let (k, v) = l.split_once(' ')?;
+                        (k == key).then(|| v.trim().parse().ok()).flatten()
+                    })
+                })
+                .unwrap_or(0)
+        };
+        moat_core::stats::LimitEvents {
+            oom_kills: counter(oom, "oom_kill"),
+            pids_limit_hits: counter(pids, "max"),
+        }
+    }
+
     pub fn stats(&self) -> Result<Stats, CgroupError> {
         dispatch!(self, m => m.stats())
     }

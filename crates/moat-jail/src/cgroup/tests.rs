@@ -212,10 +212,7 @@ fn v1_memory_write_order() {
 
 #[test]
 fn rootless_without_delegation() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!(
-            "skipping rootless_without_delegation: needs root to switch to an unprivileged uid"
-        );
+    if moat_core::testing::needs_root("rootless_without_delegation") {
         return;
     }
     let f = fake_v2();
@@ -242,15 +239,11 @@ fn rootless_without_delegation() {
 // ---- real kernel, as root ----
 
 fn skip_unless_root_v1(name: &str) -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping {name}: needs root");
+    if moat_core::testing::needs_root(name) {
         return true;
     }
-    if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
-        eprintln!("skipping {name}: host has no cgroup v1 memory hierarchy");
-        return true;
-    }
-    false
+    !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        && moat_core::testing::skip(name, "host has no cgroup v1 memory hierarchy")
 }
 
 fn sleeper() -> Child {
@@ -421,16 +414,16 @@ fn real_v1_missing_controller_is_an_error() {
 /// device filter, the v2 freezer and cgroup.kill on a real kernel.
 #[test]
 fn real_v2_devices_freeze_kill() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping real_v2_devices_freeze_kill: needs root");
+    if moat_core::testing::needs_root("real_v2_devices_freeze_kill") {
         return;
     }
     let unified = Path::new("/sys/fs/cgroup/unified");
-    if !unified.join("cgroup.procs").exists() {
-        eprintln!(
-            "skipping real_v2_devices_freeze_kill: no cgroup2 mount at {}",
-            unified.display()
-        );
+    if !unified.join("cgroup.procs").exists()
+        && moat_core::testing::skip(
+            "real_v2_devices_freeze_kill",
+            &format!("no cgroup2 mount at {}", unified.display()),
+        )
+    {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

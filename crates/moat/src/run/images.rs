@@ -5,8 +5,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::tiers::Tiers;
 use anyhow::{bail, Context, Result};
-use moat_container::lifecycle::Runtime;
 use moat_image::{Prepared, Source, Store};
 
 /// Prepares `src` under the state root `root`, with a progress line on
@@ -128,10 +128,10 @@ fn in_use(root: &Path) -> Vec<(String, String)> {
 /// container exists; else the images named and/or unused for a while,
 /// never one that a run in progress uses, and then every layer that no
 /// remaining image lists.
-pub fn prune(rt: &Runtime, root: &Path, a: &PruneArgs) -> Result<i32> {
+pub fn prune(tiers: &Tiers, root: &Path, a: &PruneArgs) -> Result<i32> {
     let store = Store::new(root);
     if a.images.is_empty() && a.unused_for.is_none() {
-        let ids = rt.sd.list()?;
+        let ids = tiers.state_dir().list()?;
         if let Some(id) = ids.first() {
             bail!(
                 "cannot remove the image cache while containers exist (first: {id}); delete them first"

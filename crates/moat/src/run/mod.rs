@@ -18,14 +18,14 @@ use std::os::unix::fs::DirBuilderExt;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
-use moat_container::lifecycle::{CreateOpts, Runtime};
+use moat_core::runtime::{Config, CreateRequest, Launched, Lifecycle};
 use moat_core::Tier;
 use moat_image::{self as image, Prepared, Source};
-use moat_jail::cgroup::CgroupManager;
 use moat_jail::idalloc::{self, IdAllocator, IdPool, Owner};
 use nix::sys::signal::Signal;
 
 use crate::cli::Global;
+use crate::tiers::{Engine, Tiers};
 use defaults::Settings;
 
 /// The command line of human mode.
@@ -250,7 +250,7 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
 /// Runs human mode; returns the exit status (128+N for a signal).
 pub fn main(cli: RunCli) -> Result<i32> {
     let o = &cli.opts;
-    check_tier(cli.global.isolation.as_deref())?;
+    let tier = tier(cli.global.isolation.as_deref())?;
     // Absolute: the config names the root (a cache entry under it) by path.
     let root = &std::path::absolute(&cli.global.root)
         .with_context(|| format!("cannot resolve {}", cli.global.root.display()))?;
@@ -283,8 +283,9 @@ pub fn main(cli: RunCli) -> Result<i32> {
         .create(root)
         .with_context(|| format!("cannot create {}", root.display()))?;
     searchable(root)?;
-    let rt = Runtime::new(root, cli.global.systemd_cgroup);
-    sweep_orphans(&rt);
+    let tiers = Tiers::new(root, cli.global.systemd_cgroup);
+    let engine = tiers.engine(tier)?;
+    sweep_orphans(&tiers);
     // This run's process: the owner of its ID block and of its container.
     let owner = Owner::current();
     let alloc = if rustix::process::geteuid().is_root() {
@@ -354,43 +355,22 @@ pub fn main(cli: RunCli) -> Result<i32> {
     if s.net_host {
         eprintln!("moat: warning: --net host: the container shares the host's network namespace");
     }
-    // With a terminal, the container sends its pty master to a socket of ours.
-    let console = if s.tty {
-        let b = match &mut bundle {
-            Some(b) => b,
-            None => bundle.insert(TempBundle::create(root, &id)?),
-        };
-        let path = b.path.join("console.sock");
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        Some((l, path))
-    } else {
-        None
-    };
-    let opts = CreateOpts {
-        id: id.clone(),
-        config: Some(config),
-        console_socket: console.as_ref().map(|(_, p)| p.clone()),
-        tier: Some(Tier::Container),
+    let config = Config::from_memory(config)?;
+    let req = CreateRequest {
+        id: &id,
+        config: &config,
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+        no_new_keyring: false,
+        preserve_fds: 0,
         // moat supervises the run: if it is killed, so is the container.
         die_with_runtime: true,
-        ..CreateOpts::default()
     };
     let started = Instant::now();
-    rt.run(&opts, true, false)?;
-    let master = match &console {
-        Some((l, _)) => {
-            let (conn, _) = l
-                .accept()
-                .context("cannot accept the container's terminal")?;
-            let m = moat_container::console::recv_master(std::os::fd::AsFd::as_fd(&conn))
-                .map_err(|e| anyhow::anyhow!(moat_core::error_chain(&e)))?;
-            Some(m)
-        }
-        None => None,
-    };
-    let result = supervise(&rt, &id, o.timeout, started, master, o.json.is_some());
-    let deleted = rt.delete(&id, true);
+    let launched = engine.launch(&req)?;
+    let result = supervise(&engine, &id, o.timeout, started, launched, o.json.is_some());
+    let deleted = engine.delete(&id, true);
     let unmounted = view.map_or(Ok(()), image::view::View::unmount);
     let result = result?;
     deleted?;
@@ -598,14 +578,12 @@ fn searchable(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_tier(isolation: Option<&str>) -> Result<()> {
-    if let Some(t) = isolation {
-        let t: Tier = t.parse().map_err(anyhow::Error::msg)?;
-        if !t.is_available() {
-            bail!("--isolation {t} is not available yet (only `container` is)");
-        }
-    }
-    Ok(())
+/// The tier of this run: `--isolation`, else the program name
+/// (`moat-sandbox run …`), else the default.
+fn tier(isolation: Option<&str>) -> Result<Tier> {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let chosen = moat_core::tier::chosen(isolation, &argv0).map_err(anyhow::Error::msg)?;
+    Ok(chosen.unwrap_or_default())
 }
 
 fn generated_id() -> String {
@@ -713,10 +691,11 @@ pub const OWNER_ANNOTATION: &str = "dev.moat.run.owner";
 /// process is gone): the workload died with its runtime (parent-death
 /// signal), but its state and cgroups stayed; a workload that cleared that
 /// signal is killed now. Failures are warnings: they never stop this run.
-fn sweep_orphans(rt: &Runtime) {
-    let Ok(ids) = rt.sd.list() else { return };
+fn sweep_orphans(tiers: &Tiers) {
+    let sd = tiers.state_dir();
+    let Ok(ids) = sd.list() else { return };
     for id in ids {
-        let Ok(st) = rt.sd.load(&id) else { continue };
+        let Ok(st) = sd.load(&id) else { continue };
         let Some(owner) = st
             .annotations
             .get(OWNER_ANNOTATION)
@@ -727,7 +706,7 @@ fn sweep_orphans(rt: &Runtime) {
         if owner.alive() {
             continue;
         }
-        match rt.delete(&id, true) {
+        match tiers.of(&id).and_then(|e| e.delete(&id, true)) {
             Ok(()) => eprintln!("moat: removed {id}, left by a moat run that was killed"),
             Err(e) => eprintln!(
                 "moat: warning: cannot remove {id}, left by a killed moat run: {}",
@@ -855,29 +834,30 @@ pub struct RunResult {
 }
 
 /// Waits for the container's init (forwarding signals, killing it at the
-/// timeout), then reads its cgroup's accounting before it is deleted.
+/// Waits for the container process (forwarding signals; at the
+/// `--timeout` deadline, or on a second SIGINT/SIGTERM, every process of
+/// the container is killed), then reads what the container used and hit
+/// before it is deleted.
 fn supervise(
-    rt: &Runtime,
+    engine: &Engine,
     id: &str,
     timeout: Option<u32>,
     started: Instant,
-    master: Option<std::os::fd::OwnedFd>,
+    launched: Launched,
     want_usage: bool,
 ) -> Result<RunResult> {
-    let (st, _) = rt.load(id)?;
-    let (code, timed_out) = match master {
-        // With a terminal, moat proxies it until the container exits; at
-        // the --timeout deadline every process of the container is killed.
+    let kill_all = || {
+        if let Err(e) = engine.kill(id, Signal::SIGKILL as i32, true) {
+            eprintln!("moat: cannot kill {id}: {e}");
+        }
+    };
+    let (code, timed_out) = match launched.terminal {
+        // With a terminal, moat proxies it until the container exits.
         Some(m) => {
             let deadline = timeout.map(|t| started + std::time::Duration::from_secs(t.into()));
-            let kill_all = || {
-                if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
-                    eprintln!("moat: cannot kill {id}: {e}");
-                }
-            };
-            moat_container::console::proxy_until(m, st.pid, deadline, &kill_all)
+            moat_jail::console::proxy_until(m, launched.pid, deadline, &kill_all)
         }
-        None => wait(rt, id, st.pid, timeout),
+        None => moat_jail::supervise::wait_supervised(launched.pid, timeout, &kill_all),
     };
     let mut r = RunResult {
         code,
@@ -886,66 +866,18 @@ fn supervise(
         timed_out,
         ..RunResult::default()
     };
-    if let Ok(cg) = CgroupManager::from_saved(&st.cgroup) {
-        // The full statistics (a dozen files) only for the --json record.
-        if want_usage {
-            if let Ok(stats) = cg.stats() {
-                r.cpu_ns = Some(stats.cpu.usage.total);
-                r.peak_memory = Some(stats.memory.usage.max);
-            }
+    // The full statistics (a dozen files) only for the --json record.
+    if want_usage {
+        if let Ok(stats) = engine.stats(id) {
+            r.cpu_ns = Some(stats.cpu.usage.total);
+            r.peak_memory = Some(stats.memory.usage.max);
         }
-        r.oom_killed = oom_kills(&cg) > 0;
-        r.pids_limit_hits = pids_limit_hits(&cg);
+    }
+    if let Ok(ev) = engine.events(id) {
+        r.oom_killed = ev.oom_kills > 0;
+        r.pids_limit_hits = ev.pids_limit_hits;
     }
     Ok(r)
-}
-
-/// `max` of pids.events: how often a fork failed at the pids limit.
-fn pids_limit_hits(cg: &CgroupManager) -> u64 {
-    let path = match cg {
-        CgroupManager::V1(m) => match m.dir("pids") {
-            Some(d) => d.join("pids.events"),
-            None => return 0,
-        },
-        CgroupManager::V2(m) => m.path().join("pids.events"),
-    };
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("max")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// OOM kills recorded by the memory controller (v1 memory.oom_control,
-/// v2 memory.events).
-fn oom_kills(cg: &CgroupManager) -> u64 {
-    let (path, key) = match cg {
-        CgroupManager::V1(m) => match m.dir("memory") {
-            Some(d) => (d.join("memory.oom_control"), "oom_kill"),
-            None => return 0,
-        },
-        CgroupManager::V2(m) => (m.path().join("memory.events"), "oom_kill"),
-    };
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Waits for the workload; at the `--timeout` deadline, or on a second
-/// SIGINT/SIGTERM, every process of the container is killed.
-fn wait(rt: &Runtime, id: &str, pid: i32, timeout: Option<u32>) -> (i32, bool) {
-    let kill_all = || {
-        if let Err(e) = rt.kill(id, Signal::SIGKILL, true) {
-            eprintln!("moat: cannot kill {id}: {e}");
-        }
-    };
-    moat_jail::supervise::wait_supervised(pid, timeout, &kill_all)
 }
 
 fn human_bytes(n: i64) -> String {
@@ -1042,7 +974,10 @@ mod tests {
             "moat-run --isolation microvm -v /tmp:/d:ro -e A=1 -u 1000:1000 --net host --json=/x --timeout 3 ls -l",
         ))
         .unwrap();
-        assert!(check_tier(cli.global.isolation.as_deref()).is_err());
+        assert_eq!(
+            tier(cli.global.isolation.as_deref()).unwrap(),
+            Tier::Microvm
+        );
         assert_eq!(cli.opts.command, argv("ls -l"));
         assert_eq!(cli.opts.json.as_deref(), Some("/x"));
         let s = settings(&cli.opts).unwrap();
@@ -1076,7 +1011,7 @@ mod tests {
         assert_eq!(unknown("moat-run -- --version"), None);
         assert_eq!(unknown("moat-run img.tar --flag"), None);
         assert_eq!(unknown("moat-run --rm --network none -- true"), None);
-        assert!(check_tier(Some("container")).is_ok());
-        assert!(check_tier(Some("nope")).is_err());
+        assert_eq!(tier(Some("container")).unwrap(), Tier::Container);
+        assert!(tier(Some("nope")).is_err());
     }
 }

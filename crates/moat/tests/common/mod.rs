@@ -173,8 +173,7 @@ pub fn is_root() -> bool {
 impl Rt {
     /// A runtime handle for a test that needs root; None (after printing why) otherwise.
     pub fn root_or_skip(test: &str) -> Option<Rt> {
-        if !is_root() {
-            eprintln!("SKIP {test}: needs root");
+        if moat_core::testing::needs_root(test) {
             return None;
         }
         Some(Rt::new())

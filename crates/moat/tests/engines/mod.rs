@@ -34,13 +34,15 @@ pub fn have(prog: &str) -> bool {
 
 /// Prints why and returns false unless we are root and every program exists.
 pub fn can_run(test: &str, progs: &[&str]) -> bool {
-    if !rustix::process::geteuid().is_root() {
-        println!("SKIP {test}: needs root");
+    if moat_core::testing::needs_root(test) {
         return false;
     }
     for p in progs {
         if !have(p) {
-            println!("SKIP {test}: {p} is not installed (scripts/test installs it)");
+            moat_core::testing::skip(
+                test,
+                &format!("{p} is not installed (scripts/test installs it)"),
+            );
             return false;
         }
     }

@@ -84,25 +84,14 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// Receives a pty master sent over a console socket (SCM_RIGHTS).
 pub fn recv_master(socket: BorrowedFd) -> Result<std::os::fd::OwnedFd, ConsoleError> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned};
     let mut buf = [0u8; 4096];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(ConsoleError::Send)?;
-    for c in msg.cmsgs().map_err(ConsoleError::Send)? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            if let Some(&fd) = fds.first() {
-                return Ok(moat_sys::fd::own(fd));
-            }
-        }
+    match moat_sys::fd::recv_with_fd(socket, &mut buf) {
+        Ok((_, Some(fd))) => Ok(fd),
+        Ok((_, None)) => Err(ConsoleError::Send(nix::Error::EBADMSG)),
+        Err(e) => Err(ConsoleError::Send(nix::Error::from_raw(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))),
     }
-    Err(ConsoleError::Send(nix::Error::EBADMSG))
 }
 
 /// `moat run` with a terminal and no console socket: moat itself is the
@@ -140,7 +129,7 @@ pub fn proxy_until(
     }
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    for s in moat_jail::supervise::FORWARDED {
+    for s in crate::supervise::FORWARDED {
         set.add(s);
     }
     let mut old = SigSet::empty();

@@ -1,0 +1,192 @@
+//! The one dispatch point between the CLI and the tiers: which tiers this
+//! moat has, whether this host can run each (answered here and nowhere
+//! else), and which tier a command goes to. The OCI commands, `moat run`
+//! and the engines' paths all come through here; nothing else in the CLI
+//! names a tier's crate.
+use std::path::{Path, PathBuf};
+
+use moat_container::ContainerTier;
+use moat_core::runtime::{
+    CreateRequest, Current, ExecOptions, Launched, Lifecycle, RuntimeError, Unavailable,
+};
+use moat_core::state::StateDir;
+use moat_core::stats::{LimitEvents, Stats};
+use moat_core::Tier;
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+
+/// A tier's implementation of the seam.
+pub enum Engine {
+    Container(ContainerTier),
+}
+
+/// Whether this host can run `tier`, and if not, what it lacks.
+pub fn check(tier: Tier) -> Result<(), Unavailable> {
+    match tier {
+        Tier::Container => Ok(()),
+        Tier::Sandbox | Tier::Microvm => Err(not_built(tier)),
+    }
+}
+
+fn not_built(tier: Tier) -> Unavailable {
+    Unavailable {
+        tier,
+        built: false,
+        reason: format!("this moat has no {tier} tier"),
+        fix: Some("use --isolation container".into()),
+    }
+}
+
+/// The tiers this host can run, weakest first.
+pub fn available() -> Vec<Tier> {
+    Tier::ALL
+        .into_iter()
+        .filter(|t| check(*t).is_ok())
+        .collect()
+}
+
+/// The tiers, bound to a state root.
+pub struct Tiers {
+    root: PathBuf,
+    systemd_cgroup: bool,
+}
+
+impl Tiers {
+    pub fn new(root: &Path, systemd_cgroup: bool) -> Tiers {
+        Tiers {
+            root: root.to_owned(),
+            systemd_cgroup,
+        }
+    }
+
+    pub fn state_dir(&self) -> StateDir {
+        StateDir::new(&self.root)
+    }
+
+    /// The engine for a new container of `tier`, if this host can run it.
+    pub fn engine(&self, tier: Tier) -> Result<Engine, RuntimeError> {
+        check(tier)?;
+        Ok(self.build(tier)?)
+    }
+
+    /// The tier's engine, without asking whether the host can run it (a
+    /// container that exists is handled by its tier whatever changed since).
+    fn build(&self, tier: Tier) -> Result<Engine, Unavailable> {
+        match tier {
+            Tier::Container => Ok(Engine::Container(ContainerTier::new(
+                &self.root,
+                self.systemd_cgroup,
+            ))),
+            Tier::Sandbox | Tier::Microvm => Err(not_built(tier)),
+        }
+    }
+
+    /// The engine of an existing container: the tier its state records. A
+    /// state that cannot be read goes to the default tier, whose commands
+    /// report it (and whose `delete --force` removes what is left).
+    pub fn of(&self, id: &str) -> Result<Engine, RuntimeError> {
+        let tier = self
+            .state_dir()
+            .load(id)
+            .map(|st| st.tier)
+            .unwrap_or_default();
+        Ok(self.build(tier)?)
+    }
+
+    /// Every container under the root, as its tier sees it now.
+    pub fn list(&self) -> Result<Vec<Current>, RuntimeError> {
+        let sd = self.state_dir();
+        let mut out = Vec::new();
+        for id in sd.list()? {
+            // A container whose state cannot be read (being created, or
+            // left half-written) is not listed, as before.
+            let Ok(st) = sd.load(&id) else { continue };
+            let Ok(engine) = self.build(st.tier) else {
+                continue;
+            };
+            if let Ok(c) = engine.state(&id) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Calls the same method on whichever tier `$engine` is.
+macro_rules! on_tier {
+    ($engine:expr, $t:ident => $call:expr) => {
+        match $engine {
+            Engine::Container($t) => $call,
+        }
+    };
+}
+
+impl Lifecycle for Engine {
+    fn tier(&self) -> Tier {
+        on_tier!(self, t => t.tier())
+    }
+    fn create(&self, req: &CreateRequest) -> Result<(), RuntimeError> {
+        on_tier!(self, t => t.create(req))
+    }
+    fn launch(&self, req: &CreateRequest) -> Result<Launched, RuntimeError> {
+        on_tier!(self, t => t.launch(req))
+    }
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::start(t, id))
+    }
+    fn state(&self, id: &str) -> Result<Current, RuntimeError> {
+        on_tier!(self, t => t.state(id))
+    }
+    fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::kill(t, id, signal, all))
+    }
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::delete(t, id, force))
+    }
+    fn exec(&self, id: &str, process: &Process, opts: &ExecOptions) -> Result<i32, RuntimeError> {
+        on_tier!(self, t => Lifecycle::exec(t, id, process, opts))
+    }
+    fn ps(&self, id: &str) -> Result<Vec<i32>, RuntimeError> {
+        on_tier!(self, t => t.ps(id))
+    }
+    fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::pause(t, id))
+    }
+    fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::resume(t, id))
+    }
+    fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        on_tier!(self, t => Lifecycle::update(t, id, resources))
+    }
+    fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
+        on_tier!(self, t => Lifecycle::stats(t, id))
+    }
+    fn events(&self, id: &str) -> Result<LimitEvents, RuntimeError> {
+        on_tier!(self, t => t.events(id))
+    }
+    fn config(&self, id: &str) -> Result<Spec, RuntimeError> {
+        on_tier!(self, t => t.config(id))
+    }
+    fn features(&self) -> serde_json::Value {
+        on_tier!(self, t => t.features())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_tiers_say_why_in_one_line() {
+        assert!(check(Tier::Container).is_ok());
+        for t in [Tier::Sandbox, Tier::Microvm] {
+            let e = check(t).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("isolation tier {t} is not available yet: ")),
+                "{msg}"
+            );
+            assert!(!msg.contains('\n'));
+        }
+        assert_eq!(available(), vec![Tier::Container]);
+    }
+}
