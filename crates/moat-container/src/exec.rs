@@ -162,7 +162,7 @@ pub fn exec(
         let _ = child.send(&err.report());
         1
     };
-    let intermediate = || -> i32 {
+    let intermediate = |one: moat_sys::process::OneThread| -> i32 {
         let r = (|| -> Result<i32, ExecSetupError> {
             child.expect(Msg::Go, "go").map_err(ExecSetupError::Sync)?;
             if let Some(j) = &join {
@@ -170,7 +170,7 @@ pub fn exec(
             }
             crate::lifecycle::protect_runtime_process().map_err(ExecSetupError::Dumpable)?;
             nix::sched::setns(pidfd.as_fd(), flags).map_err(ExecSetupError::Setns)?;
-            moat_sys::process::fork_single_threaded(libc::CLONE_PARENT, grandchild)
+            one.fork(libc::CLONE_PARENT, |_| grandchild())
                 .map_err(ExecSetupError::Fork)
         })();
         match r {
@@ -184,7 +184,9 @@ pub fn exec(
             }
         }
     };
-    let first = moat_sys::process::fork_single_threaded(0, intermediate).map_err(io_err("fork"))?;
+    let first = moat_sys::process::OneThread::check()
+        .and_then(|one| one.fork(0, intermediate))
+        .map_err(io_err("fork"))?;
     drop(child);
     drop(console);
     let reap = |p: i32| {

@@ -14,6 +14,7 @@ use moat_jail::landlock;
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::rootfs::{self, RootfsConfig};
 use moat_jail::sync::{Channel, Msg, RemoteError, SyncError};
+use moat_sys::process::OneThread;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -88,8 +89,8 @@ pub struct InitContext<'a> {
 
 /// Entry point of the slow path's intermediate process: join and create the
 /// namespaces, fork the real init as our sibling, report its PID, exit.
-pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
-    match intermediate_steps(ctx, chan) {
+pub fn intermediate(ctx: &InitContext, chan: &Channel, one: OneThread) -> i32 {
+    match intermediate_steps(ctx, chan, &one) {
         Ok(()) => 0,
         Err(e) => {
             let _ = chan.send(&Msg::Error(RemoteError::new(&e)));
@@ -98,7 +99,7 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel) -> i32 {
     }
 }
 
-fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError> {
+fn intermediate_steps(ctx: &InitContext, chan: &Channel, one: &OneThread) -> Result<(), InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
     join_cgroup(ctx)?;
@@ -116,9 +117,9 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel) -> Result<(), InitError
         - CloneFlags::CLONE_NEWCGROUP
         - CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
     ns::unshare_flags(rest)?;
-    let pid =
-        moat_sys::process::fork_single_threaded(libc::CLONE_PARENT, || container_init(ctx, chan))
-            .map_err(|e| InitError::Sys {
+    let pid = one
+        .fork(libc::CLONE_PARENT, |_| container_init(ctx, chan))
+        .map_err(|e| InitError::Sys {
             step: "fork the container process",
             source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
         })?;

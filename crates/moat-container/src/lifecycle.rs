@@ -269,13 +269,12 @@ impl ContainerTier {
             seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();
-        let first = match fast {
-            Some(flags) => moat_sys::process::fork_single_threaded(flags.bits(), || {
-                init::container_init(&ctx, &child)
-            }),
-            None => moat_sys::process::fork_single_threaded(0, || init::intermediate(&ctx, &child)),
-        }
-        .map_err(io_err("fork the container process"))?;
+        let first = moat_sys::process::OneThread::check()
+            .and_then(|one| match fast {
+                Some(flags) => one.fork(flags.bits(), |_| init::container_init(&ctx, &child)),
+                None => one.fork(0, |one| init::intermediate(&ctx, &child, one)),
+            })
+            .map_err(io_err("fork the container process"))?;
         drop(ctx);
         drop(child);
         cleanup.pid = first;

@@ -76,20 +76,45 @@ pub unsafe fn fork_with<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Res
     }
 }
 
-/// [`fork_with`], after checking that this process has one thread (field 20
-/// of /proc/self/stat); with more, it fails with `EDEADLK` instead of
-/// forking a child that could deadlock.
-pub fn fork_single_threaded<F: FnOnce() -> i32>(flags: libc::c_int, f: F) -> io::Result<i32> {
-    let threads = thread_count()?;
-    if threads != 1 {
-        return Err(io::Error::new(
-            io::ErrorKind::Deadlock,
-            format!("the runtime process has {threads} threads; it must fork with one"),
-        ));
+/// Proof that the process holding it has one thread: made by
+/// [`OneThread::check`] (which counts them) or handed to the child of a fork
+/// (a forked child starts with one thread). It cannot leave its thread. Its
+/// holder must not start a thread while it holds it: moat's runtime and
+/// container-side processes never do.
+#[derive(Debug)]
+pub struct OneThread {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl OneThread {
+    /// Counts this process's threads (field 20 of /proc/self/stat); with
+    /// more than one, fails with `EDEADLK` (a fork then could deadlock).
+    pub fn check() -> io::Result<OneThread> {
+        let threads = thread_count()?;
+        if threads != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::Deadlock,
+                format!("the runtime process has {threads} threads; it must fork with one"),
+            ));
+        }
+        Ok(OneThread {
+            _not_send: std::marker::PhantomData,
+        })
     }
-    // SAFETY: checked just above: the only thread is this one, and nothing
-    // between the check and the clone starts another.
-    unsafe { fork_with(flags, f) }
+
+    /// [`fork_with`]; the child gets its own proof, for forks of its own
+    /// (after `setns` into another mount namespace, /proc may not show it).
+    pub fn fork<F: FnOnce(OneThread) -> i32>(&self, flags: libc::c_int, f: F) -> io::Result<i32> {
+        // SAFETY: `self` proves this process has one thread, and its holder
+        // starts none; the child, a fork, has one thread too.
+        unsafe {
+            fork_with(flags, || {
+                f(OneThread {
+                    _not_send: std::marker::PhantomData,
+                })
+            })
+        }
+    }
 }
 
 /// Threads of this process, from /proc/self/stat.
