@@ -208,10 +208,10 @@ impl ContainerTier {
             Ok(()) => {}
             Err(CgroupError::NoDelegation { path, .. }) => {
                 // Only returned for a rootless runtime that asked for no limit.
-                warn(&format!(
+                tracing::warn!(
                     "no delegated cgroup ({}): running without cgroup limits",
                     path.display()
-                ));
+                );
                 cleanup.cgroup = None;
                 ContainerPart::default().store(&mut state);
                 self.sd.save(&state)?;
@@ -425,10 +425,7 @@ impl ContainerTier {
         }
         let json = oci_state_json(st, ContainerStatus::Running);
         if let Err(e) = hooks::run("poststart", &st.poststart_hooks, &json) {
-            tracing_warn(&format!(
-                "poststart hook failed: {}",
-                moat_core::error_chain(&e)
-            ));
+            tracing::warn!("poststart hook failed: {}", moat_core::error_chain(&e));
         }
     }
 
@@ -632,10 +629,7 @@ impl ContainerTier {
         if !st.poststop_hooks.is_empty() {
             let json = oci_state_json(&st, ContainerStatus::Stopped);
             if let Err(e) = hooks::run("poststop", &st.poststop_hooks, &json) {
-                tracing_warn(&format!(
-                    "poststop hook failed: {}",
-                    moat_core::error_chain(&e)
-                ));
+                tracing::warn!("poststop hook failed: {}", moat_core::error_chain(&e));
             }
         }
         self.sd.remove(id)?;
@@ -1014,14 +1008,6 @@ pub fn oci_state(st: &State, status: ContainerStatus) -> oci_spec::runtime::Stat
 
 fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
     serde_json::to_vec(&oci_state(st, status)).unwrap_or_default()
-}
-
-fn warn(msg: &str) {
-    tracing_warn(msg);
-}
-
-fn tracing_warn(msg: &str) {
-    eprintln!("moat: warning: {msg}");
 }
 
 #[cfg(test)]

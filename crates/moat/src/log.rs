@@ -1,7 +1,18 @@
-//! `--log FILE --log-format text|json`: the record the containerd shim reads
-//! when a runtime command fails.
-use std::io::Write;
-use std::path::{Path, PathBuf};
+//! moat's logging. Every crate reports through `tracing`; this subscriber
+//! writes warnings and errors to stderr as one line each (`moat: …`,
+//! `moat: warning: …`, `moat: note: …` for info) and, with `--log FILE`,
+//! every record at those levels (and debug ones with `--debug`) to FILE in
+//! the format runc writes, `--log-format text|json`: the containerd shim and
+//! Docker read the last error from there.
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::prelude::*;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -10,46 +21,80 @@ pub enum LogFormat {
     Json,
 }
 
-pub struct Logger {
-    path: Option<PathBuf>,
+/// Installs the subscriber for this process (first call wins).
+pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) {
+    let file = path.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let layer = MoatLayer {
+        file: file.map(Mutex::new),
+        format,
+        debug,
+    };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+struct MoatLayer {
+    file: Option<Mutex<std::fs::File>>,
     format: LogFormat,
     debug: bool,
 }
 
-impl Logger {
-    pub fn new(path: Option<&Path>, format: LogFormat, debug: bool) -> Logger {
-        Logger {
-            path: path.map(Path::to_owned),
-            format,
-            debug,
+/// The event's message and its other fields, `key=value` after it.
+#[derive(Default)]
+struct Message(String, String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.1, " {}={value:?}", field.name());
         }
     }
 
-    fn write(&self, level: &str, msg: &str) {
-        let Some(path) = &self.path else { return };
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            let _ = write!(self.1, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for MoatLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = *event.metadata().level();
+        let (prefix, name) = match level {
+            Level::ERROR => ("moat: ", "error"),
+            Level::WARN => ("moat: warning: ", "warning"),
+            Level::INFO => ("moat: note: ", "info"),
+            Level::DEBUG => ("", "debug"),
+            Level::TRACE => return,
+        };
+        let mut m = Message::default();
+        event.record(&mut m);
+        let msg = format!("{}{}", m.0, m.1).replace('\n', " ");
+        if level != Level::DEBUG {
+            let _ = writeln!(std::io::stderr().lock(), "{prefix}{msg}");
+        }
+        if level == Level::DEBUG && !self.debug {
+            return;
+        }
+        let Some(file) = &self.file else { return };
         let time = moat_core::time::rfc3339_now();
         let line = match self.format {
             LogFormat::Json => {
-                serde_json::json!({"level": level, "msg": msg, "time": time}).to_string()
+                serde_json::json!({"level": name, "msg": msg, "time": time}).to_string()
             }
-            LogFormat::Text => format!("time=\"{time}\" level={level} msg={msg:?}"),
+            LogFormat::Text => format!("time=\"{time}\" level={name} msg={msg:?}"),
         };
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
+        if let Ok(mut f) = file.lock() {
             let _ = writeln!(f, "{line}");
-        }
-    }
-
-    pub fn error(&self, msg: &str) {
-        self.write("error", msg);
-    }
-
-    pub fn debug(&self, msg: &str) {
-        if self.debug {
-            self.write("debug", msg);
         }
     }
 }

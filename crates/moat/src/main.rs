@@ -40,23 +40,21 @@ fn main() -> ExitCode {
         }
     };
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
-    if cli.cmd.starts_container_process() {
-        if let Err(e) = moat_jail::selfexe::ensure_protected(&args) {
-            eprintln!("moat: {}", moat_core::error_chain(&e));
-            return ExitCode::from(1);
-        }
-    }
-    let logger = log::Logger::new(
+    log::init(
         cli.global.log.as_deref(),
         cli.global.log_format,
         cli.global.debug,
     );
-    match oci::dispatch(cli, &argv0, &logger) {
+    if cli.cmd.starts_container_process() {
+        if let Err(e) = moat_jail::selfexe::ensure_protected(&args) {
+            tracing::error!("{}", moat_core::error_chain(&e));
+            return ExitCode::from(1);
+        }
+    }
+    match oci::dispatch(cli, &argv0) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
-            let msg = error_line(&e);
-            logger.error(&msg);
-            eprintln!("moat: {msg}");
+            tracing::error!("{}", error_line(&e));
             ExitCode::from(1)
         }
     }
@@ -81,14 +79,15 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
     cli.opts.default_root = run::leading_dashdash(&argv);
     cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
+    log::init(None, log::LogFormat::Text, false);
     if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
-        eprintln!("moat: {}", moat_core::error_chain(&e));
+        tracing::error!("{}", moat_core::error_chain(&e));
         return Some(ExitCode::from(1));
     }
     Some(match run::main(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
-            eprintln!("moat: {}", error_line(&e));
+            tracing::error!("{}", error_line(&e));
             // A program that cannot run exits as a shell would make it
             // (127 not found, 126 not executable); moat's own errors 125.
             let status =

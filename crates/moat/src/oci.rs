@@ -13,7 +13,6 @@ use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxResources, Process};
 
 use crate::cli::{Cli, Cmd, CreateArgs, ExecArgs, UpdateArgs};
-use crate::log::Logger;
 use crate::tiers::{Engine, Tiers};
 
 /// Parses the bundle, picks the tier (the stronger of `chosen` and the
@@ -37,14 +36,14 @@ fn request<'a>(a: &'a CreateArgs, config: &'a Config) -> CreateRequest<'a> {
     }
 }
 
-pub fn dispatch(cli: Cli, argv0: &str, log: &Logger) -> Result<i32> {
+pub fn dispatch(cli: Cli, argv0: &str) -> Result<i32> {
     let chosen =
         tier::chosen(cli.global.isolation.as_deref(), argv0).map_err(anyhow::Error::msg)?;
     if cli.global.systemd_cgroup && !Path::new("/run/systemd/system").is_dir() {
         bail!("--systemd-cgroup: systemd is not running on this host");
     }
     let tiers = Tiers::new(&cli.global.root, cli.global.systemd_cgroup);
-    log.debug(&format!("{:?}", cli.cmd));
+    tracing::debug!("{:?}", cli.cmd);
     match cli.cmd {
         Cmd::Create(a) => {
             let (engine, config) = prepare(&tiers, &a, chosen)?;

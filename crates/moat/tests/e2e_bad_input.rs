@@ -270,3 +270,62 @@ fn bad_landlock_annotation() {
         assert_nothing_left(&rt, &id, b.dir());
     }
 }
+
+/// `--log FILE --log-format json|text` gets the same error the user sees on
+/// stderr, as the record runc writes (containerd's shim reads the last
+/// error there); `--debug` adds debug records to the file, not to stderr.
+#[test]
+fn errors_reach_the_log_file_in_runc_format() {
+    let Some(rt) = Rt::root_or_skip("errors_reach_the_log_file") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP errors_reach_the_log_file: moat's records");
+        return;
+    }
+    let missing = rt.scratch_file("no-such-bundle");
+    let missing = missing.to_str().unwrap();
+    let id = rt.new_id("log");
+    for format in ["json", "text"] {
+        let log = rt.scratch_file(&format!("log.{format}"));
+        let log_s = log.to_str().unwrap();
+        let o = rt.cmd(&[
+            "--log",
+            log_s,
+            "--log-format",
+            format,
+            "--debug",
+            "create",
+            "--bundle",
+            missing,
+            &id,
+        ]);
+        assert_refused(&rt, &o);
+        let shown = o
+            .stderr
+            .trim()
+            .strip_prefix("moat: ")
+            .expect("moat: prefix");
+        assert!(shown.contains("no-such-bundle"), "{shown}");
+        let text = fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() >= 2, "a debug record and the error: {text}");
+        let last = lines.last().unwrap();
+        match format {
+            "json" => {
+                let rec: serde_json::Value = serde_json::from_str(last).unwrap();
+                assert_eq!(rec["level"], "error", "{rec}");
+                assert_eq!(rec["msg"], shown, "{rec}");
+                assert!(rec["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+                let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+                assert_eq!(first["level"], "debug", "{first}");
+            }
+            _ => {
+                assert!(last.starts_with("time=\""), "{last}");
+                assert!(last.contains(" level=error msg="), "{last}");
+                assert!(last.contains("no-such-bundle"), "{last}");
+            }
+        }
+        assert_nothing_left(&rt, &id, Path::new(missing));
+    }
+}

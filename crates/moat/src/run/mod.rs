@@ -353,7 +353,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     spec["annotations"][OWNER_ANNOTATION] = serde_json::json!(owner.record());
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {
-        eprintln!("moat: warning: --net host: the container shares the host's network namespace");
+        tracing::warn!("--net host: the container shares the host's network namespace");
     }
     let config = Config::from_memory(config)?;
     let req = CreateRequest {
@@ -533,7 +533,7 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
             s.id_maps = Some((m(su), m(sg)));
         }
         _ => {
-            eprintln!("moat: note: rootless without a subordinate ID range: the process runs as the one mapped ID (root inside, you outside)");
+            tracing::info!("rootless without a subordinate ID range: the process runs as the one mapped ID (root inside, you outside)");
             s.id_maps = Some((
                 serde_json::json!([{"containerID": 0, "hostID": uid, "size": 1}]),
                 serde_json::json!([{"containerID": 0, "hostID": gid, "size": 1}]),
