@@ -29,7 +29,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -1170,14 +1170,8 @@ fn open_in(dir: &Path, name: &str) -> Result<fs::File, ImageError> {
         Mode::empty(),
     )
     .map_err(|e| rerr(dir)(e.into()))?;
-    let fd = rustix::fs::openat2(
-        root.as_fd(),
-        name,
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| rerr(&p)(e.into()))?;
+    let fd = moat_jail::rootfs::resolve::in_root(root.as_fd(), Path::new(name), OFlags::RDONLY)
+        .map_err(rerr(&p))?;
     Ok(fs::File::from(fd))
 }
 

@@ -31,7 +31,8 @@ pub(crate) enum Layout {
     },
 }
 
-const V1_CONTROLLERS: &[&str] = &[
+/// The cgroup v1 controllers the kernel knows (the one list moat keeps).
+pub const V1_CONTROLLERS: &[&str] = &[
     "cpu",
     "cpuacct",
     "cpuset",

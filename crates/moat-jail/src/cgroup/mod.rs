@@ -52,6 +52,7 @@ mod translate;
 pub mod v1;
 pub mod v2;
 
+pub use layout::V1_CONTROLLERS;
 pub use stats::Stats;
 pub use translate::ignored_settings;
 

@@ -18,22 +18,7 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// cgroup v1 controllers the kernel knows; any other hierarchy name is a
 /// named one ("systemd" is mounted with "none,name=systemd").
-const CONTROLLERS: &[&str] = &[
-    "cpu",
-    "cpuacct",
-    "cpuset",
-    "memory",
-    "devices",
-    "freezer",
-    "net_cls",
-    "net_prio",
-    "blkio",
-    "perf_event",
-    "hugetlb",
-    "pids",
-    "rdma",
-    "misc",
-];
+use crate::cgroup::V1_CONTROLLERS as CONTROLLERS;
 
 const SAFE_FLAGS: MsFlags = MsFlags::MS_NOSUID
     .union(MsFlags::MS_NODEV)

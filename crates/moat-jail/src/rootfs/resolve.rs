@@ -42,7 +42,11 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
-fn in_root(root: BorrowedFd<'_>, path: &Path, oflags: OFlags) -> io::Result<OwnedFd> {
+/// The one opener of paths under a root that moat does not trust (a
+/// container's rootfs, an image's files): `openat2` with `RESOLVE_IN_ROOT`
+/// (`..` and absolute symlinks stop at `root`) and no magic links, retried
+/// when a concurrent rename makes the kernel ask for it.
+pub fn in_root(root: BorrowedFd<'_>, path: &Path, oflags: OFlags) -> io::Result<OwnedFd> {
     let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
     let mut tries = 0;
     loop {

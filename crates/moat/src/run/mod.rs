@@ -201,6 +201,16 @@ const OCI_RUN_VALUE_FLAGS: &[&str] = &[
 /// [`RunCli`]: the global options before `run` followed by those after.
 /// OCI mode is `-b/--bundle`, or exactly one positional argument, no `--`,
 /// and a `config.json` in the working directory (`config_exists`).
+///
+/// Why a pre-parser in front of clap, kept on purpose: `run` is two
+/// commands with one name. Engines call runc's `run [-b B] ID` and must keep
+/// working unchanged; people type `moat run [OPTIONS] [IMAGE] -- CMD`. Which
+/// one is meant depends on things clap cannot see when it picks a
+/// subcommand (a `--bundle`, whether the single positional names a bundle
+/// in the working directory), and the two take different, conflicting
+/// options (`-d`, `-t`, `-u`, `-v`…), so they cannot share one clap
+/// definition either. This function only decides which parser gets the
+/// command line; each parser then checks it completely.
 pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<Vec<String>> {
     let mut i = 1;
     while i < args.len() {
