@@ -9,12 +9,13 @@ fuzz_target!(|data: &[u8]| {
         let _ = layout::select(&i, None);
         let _ = layout::select(&i, Some("latest"));
         let _ = layout::select_platform(&i);
-        for d in &i.manifests {
-            let _ = layout::Sha256Digest::parse(&d.digest);
+        for d in i.manifests() {
+            let _ = layout::Sha256Digest::parse(d.digest().as_ref());
+            let _ = layout::is_index(d);
         }
     }
     if let Ok(m) = layout::parse_manifest(data) {
-        let _ = layout::Sha256Digest::parse(&m.config.digest);
+        let _ = layout::Sha256Digest::parse(m.config().digest().as_ref());
     }
     let _ = layout::parse_config(data);
     let _ = layout::parse_docker_manifest(data);

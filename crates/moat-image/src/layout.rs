@@ -1,8 +1,8 @@
 //! The JSON documents of an OCI image layout (index.json, manifests, image
-//! configs) and of a `docker save` archive (manifest.json): pure parsers
-//! over bytes, so they can be fuzzed.
-use std::collections::HashMap;
-
+//! configs: oci-spec's types) and of a `docker save` archive (manifest.json,
+//! which no crate models): pure parsers over bytes, so they can be fuzzed.
+use oci_spec::image::{Arch, ImageConfiguration, MediaType, Os};
+pub use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -10,7 +10,6 @@ use thiserror::Error;
 /// Largest JSON document read from an image (index, manifest, config).
 pub const MAX_JSON: u64 = 8 << 20;
 
-pub const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// The annotation naming a manifest's tag in index.json.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -75,40 +74,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub size: u64,
-    #[serde(default)]
-    pub annotations: HashMap<String, String>,
-    #[serde(default)]
-    pub platform: Option<Platform>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Platform {
-    #[serde(default)]
-    pub architecture: String,
-    #[serde(default)]
-    pub os: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Index {
-    #[serde(default)]
-    pub manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Manifest {
-    pub config: Descriptor,
-    #[serde(default)]
-    pub layers: Vec<Descriptor>,
-}
-
 /// What moat uses of an image config (`config` of the OCI image config,
 /// Docker's names).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,19 +115,12 @@ pub struct RunConfig {
     pub user: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct RootFs {
-    #[serde(default)]
-    pub diff_ids: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
+/// What moat reads of an image config: how to run it, and its layers'
+/// diff IDs.
+#[derive(Debug, Default)]
 pub struct ImageConfig {
-    /// Null in some configs: read as empty.
-    #[serde(default, deserialize_with = "null_default")]
     pub config: RunConfig,
-    #[serde(default)]
-    pub rootfs: RootFs,
+    pub diff_ids: Vec<String>,
 }
 
 /// Docker's `Env: null`, `Cmd: null`: the same as absent.
@@ -192,17 +150,29 @@ fn json<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, La
     })
 }
 
-pub fn parse_index(b: &[u8]) -> Result<Index, LayoutError> {
+pub fn parse_index(b: &[u8]) -> Result<ImageIndex, LayoutError> {
     json("index.json", b)
 }
 
-pub fn parse_manifest(b: &[u8]) -> Result<Manifest, LayoutError> {
+pub fn parse_manifest(b: &[u8]) -> Result<ImageManifest, LayoutError> {
     json("the manifest", b)
 }
 
 pub fn parse_config(b: &[u8]) -> Result<ImageConfig, LayoutError> {
-    let c: ImageConfig = json("the image config", b)?;
-    Ok(c)
+    let c: ImageConfiguration = json("the image config", b)?;
+    let run = c.config().as_ref();
+    let list = |v: Option<&Vec<String>>| v.cloned().unwrap_or_default();
+    let text = |v: Option<&String>| v.cloned().unwrap_or_default();
+    Ok(ImageConfig {
+        config: RunConfig {
+            env: list(run.and_then(|r| r.env().as_ref())),
+            entrypoint: list(run.and_then(|r| r.entrypoint().as_ref())),
+            cmd: list(run.and_then(|r| r.cmd().as_ref())),
+            working_dir: text(run.and_then(|r| r.working_dir().as_ref())),
+            user: text(run.and_then(|r| r.user().as_ref())),
+        },
+        diff_ids: c.rootfs().diff_ids().clone(),
+    })
 }
 
 /// The single image of a docker-save manifest.json.
@@ -216,23 +186,27 @@ pub fn parse_docker_manifest(b: &[u8]) -> Result<DockerImage, LayoutError> {
 
 /// Whether a descriptor points to another index (a multi-platform image).
 pub fn is_index(d: &Descriptor) -> bool {
-    d.media_type == MT_INDEX || d.media_type == MT_DOCKER_LIST
+    match d.media_type() {
+        MediaType::ImageIndex => true,
+        other => other.to_string() == MT_DOCKER_LIST,
+    }
 }
 
 /// The manifest `tag` names in an index, or its only manifest when no tag
 /// is given.
-pub fn select<'a>(index: &'a Index, tag: Option<&str>) -> Result<&'a Descriptor, LayoutError> {
+pub fn select<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor, LayoutError> {
     match tag {
         Some(t) => index
-            .manifests
+            .manifests()
             .iter()
             .find(|d| {
-                d.annotations
-                    .get(REF_NAME)
+                d.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(REF_NAME))
                     .is_some_and(|n| n == t || n.rsplit(':').next() == Some(t))
             })
             .ok_or_else(|| LayoutError::NoTag(t.to_string())),
-        None => match index.manifests.as_slice() {
+        None => match index.manifests().as_slice() {
             [one] => Ok(one),
             [] => Err(LayoutError::Empty),
             many => Err(LayoutError::Ambiguous(many.len())),
@@ -241,14 +215,14 @@ pub fn select<'a>(index: &'a Index, tag: Option<&str>) -> Result<&'a Descriptor,
 }
 
 /// In a nested (multi-platform) index, the linux/amd64 manifest.
-pub fn select_platform(index: &Index) -> Result<&Descriptor, LayoutError> {
+pub fn select_platform(index: &ImageIndex) -> Result<&Descriptor, LayoutError> {
     index
-        .manifests
+        .manifests()
         .iter()
         .find(|d| {
-            d.platform
+            d.platform()
                 .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
         })
         .ok_or(LayoutError::NoPlatform)
 }
@@ -281,7 +255,8 @@ mod tests {
                 r#"{{"schemaVersion":2,"manifests":[
                 {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{D}","size":1,
                   "annotations":{{"{REF_NAME}":"latest"}}}},
-                {{"digest":"{D}","annotations":{{"{REF_NAME}":"docker.io/x:v2"}}}}]}}"#
+                {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{D}","size":1,
+                  "annotations":{{"{REF_NAME}":"docker.io/x:v2"}}}}]}}"#
             )
             .as_bytes(),
         )
@@ -299,7 +274,8 @@ mod tests {
     #[test]
     fn configs_with_nulls() {
         let c = parse_config(
-            br#"{"config":{"Env":["A=1"],"Cmd":null,"Entrypoint":["/bin/sh"],"WorkingDir":"/w"},
+            br#"{"architecture":"amd64","os":"linux",
+                 "config":{"Env":["A=1"],"Cmd":null,"Entrypoint":["/bin/sh"],"WorkingDir":"/w"},
                  "rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap();
@@ -307,9 +283,16 @@ mod tests {
         assert!(c.config.cmd.is_empty());
         assert_eq!(c.config.working_dir, "/w");
         assert_eq!(
-            parse_config(br#"{"config":null}"#).unwrap().config,
+            parse_config(
+                br#"{"architecture":"amd64","os":"linux","config":null,
+                     "rootfs":{"type":"layers","diff_ids":[]}}"#
+            )
+            .unwrap()
+            .config,
             RunConfig::default()
         );
+        // A config without the fields the image spec requires is refused.
+        assert!(parse_config(br#"{"config":null}"#).is_err());
         let m = parse_docker_manifest(
             br#"[{"Config":"c.json","RepoTags":null,"Layers":["l/layer.tar"]}]"#,
         )

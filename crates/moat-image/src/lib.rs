@@ -712,28 +712,28 @@ impl Store {
             .map_err(lerr(&index_path))?
             .clone();
         if layout::is_index(&desc) {
-            let (p, b) = read_blob(layout_dir, &desc.digest)?;
+            let (p, b) = read_blob(layout_dir, desc.digest().as_ref())?;
             let nested = layout::parse_index(&b).map_err(lerr(&p))?;
             desc = layout::select_platform(&nested).map_err(lerr(&p))?.clone();
         }
-        let (mpath, mbytes) = read_blob(layout_dir, &desc.digest)?;
+        let (mpath, mbytes) = read_blob(layout_dir, desc.digest().as_ref())?;
         let manifest = layout::parse_manifest(&mbytes).map_err(lerr(&mpath))?;
-        let (cpath, cbytes) = read_blob(layout_dir, &manifest.config.digest)?;
+        let (cpath, cbytes) = read_blob(layout_dir, manifest.config().digest().as_ref())?;
         let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
         let key = Sha256Digest::of(&cbytes);
         if let Some(found) = self.load(&key)? {
             return Ok(found);
         }
-        let diff_ids = &config.rootfs.diff_ids;
-        if diff_ids.len() != manifest.layers.len() {
+        let diff_ids = &config.diff_ids;
+        if diff_ids.len() != manifest.layers().len() {
             return Err(lerr(&cpath)(LayoutError::DiffIds {
                 diff_ids: diff_ids.len(),
-                layers: manifest.layers.len(),
+                layers: manifest.layers().len(),
             }));
         }
         let mut layers = Vec::new();
-        for (l, id) in manifest.layers.iter().zip(diff_ids) {
-            let d = Sha256Digest::parse(&l.digest).map_err(lerr(&mpath))?;
+        for (l, id) in manifest.layers().iter().zip(diff_ids) {
+            let d = Sha256Digest::parse(l.digest().as_ref()).map_err(lerr(&mpath))?;
             let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
             let p = layout_dir.join("blobs/sha256").join(d.hex());
             layers.push(LayerSrc::open(&p, Some(d), Some(want))?);
@@ -781,7 +781,7 @@ impl Store {
         let m = layout::parse_docker_manifest(&mbytes).map_err(lerr(&mpath))?;
         let (cpath, cbytes) = read_in(&scratch.path, &m.config)?;
         let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
-        let diff_ids = &config.rootfs.diff_ids;
+        let diff_ids = &config.diff_ids;
         if diff_ids.len() != m.layers.len() {
             return Err(lerr(&cpath)(LayoutError::DiffIds {
                 diff_ids: diff_ids.len(),
