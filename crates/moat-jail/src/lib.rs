@@ -8,6 +8,7 @@ pub mod cache;
 pub mod caps;
 pub mod cgroup;
 pub mod console;
+pub mod host;
 pub mod idalloc;
 pub mod idmap;
 pub mod landlock;

@@ -141,6 +141,11 @@ pub enum Cmd {
         #[arg(long)]
         hardened: bool,
     },
+    /// What this host can run: kernel features, and each tier ready or why not
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
     /// Report the isolation that actually holds here (run it inside any container)
     Probe {
         /// One JSON document: every check and a summary

@@ -12,6 +12,7 @@ macro_rules! out {
 
 mod audit;
 mod cli;
+mod info;
 mod log;
 mod oci;
 mod probe;

@@ -134,6 +134,7 @@ pub fn dispatch(cli: Cli, argv0: &str) -> Result<i32> {
             Ok(0)
         }
         Cmd::Probe { json } => crate::probe::main(json),
+        Cmd::Info { json } => crate::info::main(json),
         Cmd::Images => crate::run::images::list(&cli.global.root),
         Cmd::Prune(a) => crate::run::images::prune(&tiers, &cli.global.root, &a),
         Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),

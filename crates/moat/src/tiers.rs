@@ -44,6 +44,11 @@ pub fn available() -> Vec<Tier> {
         .collect()
 }
 
+/// Every tier with whether this host can run it (for `moat info`).
+pub fn readiness() -> Vec<(Tier, Result<(), Unavailable>)> {
+    Tier::ALL.into_iter().map(|t| (t, check(t))).collect()
+}
+
 /// The tiers, bound to a state root.
 pub struct Tiers {
     root: PathBuf,

@@ -126,6 +126,16 @@ pub(crate) fn detect(mounts: Vec<CgroupMount>) -> Result<Layout, CgroupError> {
         .ok_or(CgroupError::NoCgroupMounts)
 }
 
+/// Where the cgroup `own` (a path from /proc/self/cgroup) appears under a
+/// hierarchy mounted at `mount` whose root is `mount_root`.
+pub(crate) fn place_own(mount: &Path, mount_root: &str, own: &str) -> PathBuf {
+    let rel = own
+        .strip_prefix(mount_root)
+        .unwrap_or(own)
+        .trim_start_matches('/');
+    mount.join(rel)
+}
+
 /// /proc/self/cgroup: hierarchy controllers (sorted, comma-joined; "" for
 /// cgroup2) to this process's cgroup path.
 pub(crate) fn parse_proc_cgroup(text: &str) -> BTreeMap<String, String> {

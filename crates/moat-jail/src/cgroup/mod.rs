@@ -164,6 +164,61 @@ impl Default for HostPaths {
     }
 }
 
+/// The host's cgroup layout ("v1", "hybrid" or "v2") and its controllers,
+/// for `moat info`.
+pub fn host_layout() -> Result<(&'static str, Vec<String>), CgroupError> {
+    let host = HostPaths::default();
+    let mounts = layout::parse_mountinfo(&read(&host.mountinfo)?);
+    Ok(match layout::detect(mounts)? {
+        layout::Layout::Unified(m) => {
+            let list = read(&m.mount_point.join("cgroup.controllers")).unwrap_or_default();
+            ("v2", list.split_whitespace().map(str::to_owned).collect())
+        }
+        layout::Layout::Legacy {
+            hierarchies,
+            unified,
+        } => {
+            let mut ctrls: Vec<String> = hierarchies
+                .iter()
+                .flat_map(|h| h.controllers.iter())
+                .filter(|c| !c.starts_with("name="))
+                .cloned()
+                .collect();
+            ctrls.sort();
+            ctrls.dedup();
+            (if unified.is_some() { "hybrid" } else { "v1" }, ctrls)
+        }
+    })
+}
+
+/// Whether this process may create cgroups under its own: always for root;
+/// for another user, whether its cgroup directory (v2, or v1's pids
+/// hierarchy) is writable by it, as systemd's delegation makes it.
+pub fn own_cgroup_writable() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    let host = HostPaths::default();
+    let (Ok(mountinfo), Ok(own)) = (read(&host.mountinfo), read(&host.proc_cgroup)) else {
+        return false;
+    };
+    let own = layout::parse_proc_cgroup(&own);
+    let dir = match layout::detect(layout::parse_mountinfo(&mountinfo)) {
+        Ok(layout::Layout::Unified(m)) => own
+            .get("")
+            .map(|p| layout::place_own(&m.mount_point, &m.root, p)),
+        Ok(layout::Layout::Legacy { hierarchies, .. }) => hierarchies
+            .iter()
+            .find(|h| h.controllers.iter().any(|c| c == "pids"))
+            .and_then(|h| {
+                own.get("pids")
+                    .map(|p| layout::place_own(&h.mount_point, &h.root, p))
+            }),
+        Err(_) => None,
+    };
+    dir.is_some_and(|d| rustix::fs::access(&d, rustix::fs::Access::WRITE_OK).is_ok())
+}
+
 /// The container's cgroup on a v1/hybrid or a unified host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cgroup_version")]
