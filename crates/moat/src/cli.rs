@@ -141,6 +141,8 @@ pub enum Cmd {
         #[arg(long)]
         hardened: bool,
     },
+    /// Measure start-up, syscalls, I/O, memory and isolation of every moat tier and OCI runtime here
+    Bench(crate::bench::BenchArgs),
     /// What this host can run: kernel features, and each tier ready or why not
     Info {
         #[arg(long)]

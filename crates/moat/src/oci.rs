@@ -135,6 +135,7 @@ pub fn dispatch(cli: Cli, argv0: &str) -> Result<i32> {
         }
         Cmd::Probe { json } => crate::probe::main(json),
         Cmd::Info { json } => crate::info::main(json),
+        Cmd::Bench(a) => crate::bench::main(&a),
         Cmd::Images => crate::run::images::list(&cli.global.root),
         Cmd::Prune(a) => crate::run::images::prune(&tiers, &cli.global.root, &a),
         Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),
