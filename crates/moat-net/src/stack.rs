@@ -1068,3 +1068,7 @@ impl Stack {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "stack_tests.rs"]
+mod tests;
