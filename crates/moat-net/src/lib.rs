@@ -10,15 +10,27 @@
 //! - [`config`]: addresses and limits.
 //!
 //! See README.md beside this crate for the design and what is not done.
-#![forbid(unsafe_code)]
+// One module, `tun_sys`, holds the TUNSETIFF ioctl until moat-sys takes it;
+// everything else is safe code.
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod dns;
 mod frame;
+pub mod netlink;
 pub mod policy;
+pub mod publish;
 pub mod ratelimit;
+pub mod shell;
 pub mod stack;
+pub mod tap;
+mod tun_sys;
 
 pub use config::{Limits, NetConfig};
 pub use policy::{Decision, Egress, Policy, Rule, RuleError};
+pub use publish::Publish;
+pub use shell::{
+    control, serve, Ended, Resolver, ServeConfig, ServeError, StopHandle, SystemResolver,
+};
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
+pub use tap::{create_tap, Tap, TapError};
