@@ -60,6 +60,10 @@ pub struct ServeConfig {
     /// Addresses the workload may never reach (the host's own); `None`:
     /// the addresses of the interfaces where `serve` runs.
     pub host_addrs: Option<Vec<IpAddr>>,
+    /// A pidfd of the workload's first process: `serve` returns when it
+    /// exits. (The TAP fd keeps the workload's network namespace alive, so
+    /// the device never goes away by itself while `serve` holds it.)
+    pub exit_with: Option<OwnedFd>,
 }
 
 impl ServeConfig {
@@ -71,6 +75,7 @@ impl ServeConfig {
             publish: Vec::new(),
             connect_timeout: Duration::from_secs(15),
             host_addrs: None,
+            exit_with: None,
         }
     }
 }
@@ -107,6 +112,8 @@ pub enum Ended {
     TapGone,
     /// [`StopHandle::stop`] was called or the handle dropped.
     Stopped,
+    /// The process of [`ServeConfig::exit_with`] exited.
+    WorkloadExited,
 }
 
 /// What the serving thread last reported.
@@ -198,6 +205,7 @@ struct Shell {
     tcp: HashMap<FlowId, HostTcp>,
     udp: HashMap<FlowId, OwnedFd>,
     connect_timeout: Duration,
+    exit_with: Option<OwnedFd>,
     frame: Vec<u8>,
 }
 
@@ -206,6 +214,7 @@ struct Shell {
 enum Slot {
     Tap,
     Stop,
+    Exit,
     Wake,
     Listener(usize),
     Tcp(FlowId),
@@ -259,6 +268,7 @@ pub fn serve(
         tcp: HashMap::new(),
         udp: HashMap::new(),
         connect_timeout: cfg.connect_timeout,
+        exit_with: cfg.exit_with,
         frame: vec![0u8; max_frame],
     };
     let ended = shell.run();
@@ -326,6 +336,10 @@ impl Shell {
         slots.push(Slot::Stop);
         fds.push(PollFd::new(&self.wake_r, PollFlags::IN));
         slots.push(Slot::Wake);
+        if let Some(pidfd) = &self.exit_with {
+            fds.push(PollFd::new(pidfd, PollFlags::IN));
+            slots.push(Slot::Exit);
+        }
         for (i, (l, _)) in self.listeners.iter().enumerate() {
             fds.push(PollFd::new(l, PollFlags::IN));
             slots.push(Slot::Listener(i));
@@ -374,6 +388,7 @@ impl Shell {
         match slot {
             Slot::Tap => return self.read_tap(now),
             Slot::Stop => return Ok(Some(Ended::Stopped)),
+            Slot::Exit => return Ok(Some(Ended::WorkloadExited)),
             Slot::Wake => self.resolved(now),
             Slot::Listener(i) => self.accept(now, i),
             Slot::Tcp(id) => self.tcp_ready(now, id, ev),
