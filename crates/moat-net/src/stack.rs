@@ -218,6 +218,8 @@ struct TcpFlow {
     /// The workload sent FIN and all its bytes were taken.
     fin_in: bool,
     host_eof: bool,
+    /// The shell aborted it (the host connection broke).
+    aborted: bool,
 }
 
 struct UdpFlow {
@@ -526,6 +528,7 @@ impl Stack {
                 },
                 fin_in: false,
                 host_eof: false,
+                aborted: false,
             },
         );
         self.tcp_keys.insert((src, dst), id);
@@ -672,7 +675,12 @@ impl Stack {
     /// The host connection of `flow` broke: reset the workload's.
     pub fn tcp_abort(&mut self, now: Instant, id: FlowId) {
         match self.open_socket(id) {
-            Some(h) => self.sockets.get_mut::<tcp::Socket>(h).abort(),
+            Some(h) => {
+                self.sockets.get_mut::<tcp::Socket>(h).abort();
+                if let Some(f) = self.tcp.get_mut(&id) {
+                    f.aborted = true;
+                }
+            }
             None => self.tcp_connect_failed(now, id),
         }
     }
@@ -712,6 +720,7 @@ impl Stack {
                 state: TcpState::Open { handle },
                 fin_in: false,
                 host_eof: false,
+                aborted: false,
             },
         );
         self.tcp_keys.insert((remote, local), id);
@@ -1008,14 +1017,20 @@ impl Stack {
             let s = self.sockets.get::<tcp::Socket>(handle);
             use tcp::State::*;
             let state = s.state();
-            if !flow.fin_in
-                && !s.may_recv()
-                && matches!(state, CloseWait | LastAck | Closing | TimeWait)
-            {
+            // FIN from the workload: in these states, or Closed after our
+            // own FIN was acknowledged (LastAck -> Closed).
+            let fin = match state {
+                CloseWait | LastAck | Closing | TimeWait => true,
+                Closed => flow.host_eof && !flow.aborted,
+                _ => false,
+            };
+            if !flow.fin_in && fin && !s.may_recv() {
                 flow.fin_in = true;
                 self.requests.push_back(Request::TcpShutdown { flow: *id });
             }
-            if matches!(state, Closed | TimeWait) {
+            // Done once the workload's last bytes were taken by the host
+            // (a reset clears them; a host abort drops them).
+            if matches!(state, Closed | TimeWait) && (s.recv_queue() == 0 || flow.aborted) {
                 done.push((*id, !(flow.fin_in && flow.host_eof)));
             }
         }

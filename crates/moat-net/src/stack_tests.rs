@@ -867,3 +867,34 @@ fn tx_queue_is_bounded() {
     assert_eq!(n, 4);
     assert_eq!(s.stack.stats().dropped_queue_full, 96);
 }
+
+#[test]
+fn bytes_sent_before_the_workload_closes_are_not_lost() {
+    let mut s = sim("192.0.2.1:80");
+    let h = s.connect("192.0.2.1:80", 45000);
+    let (flow, _) = s.connect_request();
+    s.stack.tcp_connected(s.now, flow);
+    s.step();
+    // The host closes first; the workload then sends and closes before
+    // the host took its bytes.
+    s.stack.tcp_host_eof(flow);
+    s.step();
+    s.sock(h).send_slice(b"last words").unwrap();
+    s.sock(h).close();
+    s.step();
+    assert!(s.take_requests().is_empty(), "closed with bytes pending");
+    assert_eq!(s.stack.tcp_flows(), 1);
+    assert_eq!(s.host_recv(flow), b"last words");
+    s.stack.poll(s.now);
+    while let Some(r) = s.stack.next_request() {
+        s.requests.push(r);
+    }
+    assert_eq!(
+        s.take_requests(),
+        vec![
+            Request::TcpShutdown { flow },
+            Request::TcpClose { flow, reset: false }
+        ]
+    );
+    assert_eq!(s.stack.tcp_flows(), 0);
+}
