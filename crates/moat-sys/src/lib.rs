@@ -9,3 +9,4 @@ pub mod mount;
 pub mod probe;
 pub mod process;
 pub mod seccomp;
+pub mod tun;
