@@ -8,6 +8,7 @@ pub mod features;
 pub mod hooks;
 pub mod init;
 pub mod lifecycle;
+pub mod network;
 pub mod process;
 
 pub use lifecycle::ContainerTier;

@@ -17,6 +17,7 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 use crate::hooks::{self, HookError};
 use crate::init::{self, InitContext, StartSignal};
+use crate::network::NetRequest;
 use moat_jail::cgroup::{CgroupError, CgroupManager};
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::procfs::{pid_start_time, proc_stat};
@@ -38,6 +39,8 @@ pub enum ContainerError {
     Sync(#[from] SyncError),
     #[error("terminal")]
     Console(#[from] moat_jail::console::ConsoleError),
+    #[error("network")]
+    Net(#[from] crate::network::NetError),
     #[error(transparent)]
     Hook(#[from] HookError),
     #[error("namespaces")]
@@ -85,6 +88,9 @@ fn sys_err(step: impl Into<String>) -> impl FnOnce(nix::Error) -> ContainerError
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct ContainerPart {
     cgroup: serde_json::Value,
+    /// The user-space network stack's process, when the config asked for it.
+    #[serde(default)]
+    net_stack: Option<crate::network::StackProcess>,
 }
 
 impl ContainerPart {
@@ -93,7 +99,8 @@ impl ContainerPart {
     }
 
     fn store(self, st: &mut State) {
-        st.tier_state = serde_json::json!({ "cgroup": self.cgroup });
+        // Plain data: serialization cannot fail.
+        st.tier_state = serde_json::to_value(self).unwrap_or_default();
     }
 }
 
@@ -141,6 +148,7 @@ impl ContainerTier {
             id: req.id,
             pid: 0,
             cgroup: None,
+            net_stack: None,
             armed: true,
         };
         let r = self.create_steps(req, listen, &lock, &mut cleanup);
@@ -189,6 +197,16 @@ impl ContainerTier {
                 "config must request a mount namespace".into(),
             ));
         }
+        let net = NetRequest::from_spec(spec, plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET))?;
+        // With the stack's network, /etc/resolv.conf names its DNS.
+        let with_resolv;
+        let spec = match &net {
+            Some(_) => {
+                with_resolv = mount_resolv_conf(spec, lock.dir())?;
+                &with_resolv
+            }
+            None => spec,
+        };
         let mut state = initial_state(req.id, spec, &bundle, rootfs);
         let cg = CgroupManager::new(
             linux.cgroups_path().as_deref(),
@@ -198,6 +216,7 @@ impl ContainerTier {
         )?;
         ContainerPart {
             cgroup: cg.to_saved(),
+            net_stack: None,
         }
         .store(&mut state);
         self.sd.save(&state)?;
@@ -316,6 +335,17 @@ impl ContainerTier {
                     .into())
                 }
             }
+        }
+        if let Some(net) = &net {
+            // The runtime's stderr for `moat run`; a file for the engines,
+            // whose pipes must see EOF when the runtime exits.
+            let log = lock.dir().join("net.log");
+            let log = (!req.die_with_runtime).then_some(log.as_path());
+            let stack = crate::network::start(pid, net, spec, log)?;
+            cleanup.net_stack = Some(stack);
+            let mut part = ContainerPart::of(&state, lock.dir())?;
+            part.net_stack = Some(stack);
+            part.store(&mut state);
         }
         state.status = ContainerStatus::Created;
         self.sd.save(&state)?;
@@ -623,6 +653,13 @@ impl ContainerTier {
                 Err(e) => return Err(sys_err(format!("kill pid {}", st.pid))(e)),
             }
         }
+        if let Ok(ContainerPart {
+            net_stack: Some(stack),
+            ..
+        }) = ContainerPart::of(&st, lock.dir())
+        {
+            stack.kill();
+        }
         if let Some(cg) = &cg {
             cg.destroy()?;
         }
@@ -765,6 +802,7 @@ struct Cleanup<'a> {
     id: &'a str,
     pid: i32,
     cgroup: Option<CgroupManager>,
+    net_stack: Option<crate::network::StackProcess>,
     armed: bool,
 }
 
@@ -776,6 +814,9 @@ impl Drop for Cleanup<'_> {
         if self.pid > 0 {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(self.pid), None);
+        }
+        if let Some(stack) = &self.net_stack {
+            stack.kill();
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.destroy();
@@ -863,6 +904,26 @@ fn with_default_devices(linux: &oci_spec::runtime::Linux) -> LinuxResources {
     }
     res.set_devices(Some(rules));
     res
+}
+
+/// `spec` with a read-only bind of a resolv.conf (written in the state
+/// directory `dir`) that names the user-space stack's DNS.
+fn mount_resolv_conf(spec: &Spec, dir: &Path) -> Result<Spec, ContainerError> {
+    let path = dir.join("resolv.conf");
+    std::fs::write(&path, crate::network::resolv_conf())
+        .map_err(io_err("write the container's resolv.conf"))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(io_err("write the container's resolv.conf"))?;
+    let mut m = oci_spec::runtime::Mount::default();
+    m.set_destination(PathBuf::from("/etc/resolv.conf"))
+        .set_typ(Some("bind".into()))
+        .set_source(Some(path))
+        .set_options(Some(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into(), "noexec".into()]));
+    let mut spec = spec.clone();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(m);
+    spec.set_mounts(Some(mounts));
+    Ok(spec)
 }
 
 /// Keeps config.json in the state directory (for `exec`, `state` and the

@@ -4,6 +4,7 @@
 
 pub mod embedded;
 pub mod landlock;
+pub mod net;
 pub mod runtime;
 pub mod spec;
 pub mod state;

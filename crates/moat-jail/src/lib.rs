@@ -7,6 +7,7 @@ pub mod attrs;
 pub mod cache;
 pub mod caps;
 pub mod cgroup;
+pub mod confine;
 pub mod console;
 pub mod host;
 pub mod idalloc;

@@ -33,6 +33,11 @@ pub struct Settings {
     pub hostname: String,
     pub read_write: bool,
     pub net_host: bool,
+    /// `--net egress=RULES`: the user-space stack with these egress rules
+    /// (empty: none allowed).
+    pub egress: Option<String>,
+    /// `-p` specs, published through the user-space stack.
+    pub publish: Vec<String>,
     pub memory: i64,
     pub cpus: f64,
     pub pids: i64,
@@ -63,6 +68,8 @@ impl Default for Settings {
             hostname: "moat".into(),
             read_write: false,
             net_host: false,
+            egress: None,
+            publish: Vec::new(),
             memory: DEFAULT_MEMORY,
             cpus: DEFAULT_CPUS,
             pids: DEFAULT_PIDS,

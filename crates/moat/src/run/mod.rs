@@ -53,9 +53,15 @@ pub struct RunArgs {
     /// Most processes at once
     #[arg(long = "pids-limit")]
     pub pids_limit: Option<i64>,
-    /// Network: none (a namespace with only lo) or host
+    /// Network: none (a namespace with only lo), egress=RULE[,RULE…] (moat's
+    /// user-space stack; RULE is HOST[:PORT], CIDR[:PORT] or *.DOMAIN[:PORT]),
+    /// or host
     #[arg(long, visible_alias = "network", default_value = "none")]
     pub net: String,
+    /// Publish a port through the user-space stack: [HOSTADDR:]HOSTPORT:PORT
+    /// (host address 127.0.0.1 unless given)
+    #[arg(short = 'p', long = "publish")]
+    pub publish: Vec<String>,
     /// Bind mount SRC:DST[:ro]
     #[arg(short = 'v', long = "volume")]
     pub volumes: Vec<String>,
@@ -115,6 +121,9 @@ const RUN_VALUE_FLAGS: &[&str] = &[
     "--cpus",
     "--pids-limit",
     "--net",
+    "--network",
+    "-p",
+    "--publish",
     "-v",
     "--volume",
     "-e",
@@ -361,6 +370,14 @@ pub fn main(cli: RunCli) -> Result<i32> {
     // Whose run this is: a later `moat run` removes the container if this
     // process is killed before it could (`sweep_orphans`).
     spec["annotations"][OWNER_ANNOTATION] = serde_json::json!(owner.record());
+    if s.egress.is_some() || !s.publish.is_empty() {
+        use moat_core::net::{EGRESS_ANNOTATION, PUBLISH_ANNOTATION};
+        spec["annotations"][EGRESS_ANNOTATION] =
+            serde_json::json!(s.egress.clone().unwrap_or_default());
+        if !s.publish.is_empty() {
+            spec["annotations"][PUBLISH_ANNOTATION] = serde_json::json!(s.publish.join(","));
+        }
+    }
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         tracing::warn!("--net host: the container shares the host's network namespace");
@@ -661,8 +678,26 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     s.net_host = match o.net.as_str() {
         "none" => false,
         "host" => true,
-        other => bail!("--net {other:?}: only `none` and `host` are available"),
+        other => match other.strip_prefix("egress=") {
+            Some(rules) => {
+                // Checked here for a one-line error before anything runs.
+                if !rules.trim().is_empty() {
+                    moat_net::Policy::parse(rules).map_err(|e| anyhow::anyhow!("--net: {e}"))?;
+                }
+                s.egress = Some(rules.to_owned());
+                false
+            }
+            None => bail!("--net {other:?}: use none, egress=RULE[,RULE…] or host"),
+        },
     };
+    for p in &o.publish {
+        p.parse::<moat_net::Publish>()
+            .map_err(|e| anyhow::anyhow!("-p {p:?}: {e}"))?;
+    }
+    if !o.publish.is_empty() && s.net_host {
+        bail!("-p: with --net host the container already uses the host's ports");
+    }
+    s.publish = o.publish.clone();
     if let Some(m) = &o.memory {
         s.memory = crate::oci::parse_bytes(m)?;
         if s.memory < (4 << 20) {

@@ -1,0 +1,291 @@
+//! Network through moat's user-space stack, opt-in for the container tier
+//! (and so for every tier built on it). A config that carries
+//! `dev.moat.net.egress` and/or `dev.moat.net.publish` (what `moat run --net
+//! egress=… -p …` writes) gets, in its own network namespace, one TAP device
+//! whose other end is `moat_net::serve` in a **stack process**: a child of
+//! the runtime, outside the container's namespaces, that creates the device
+//! (it needs the runtime's privilege for that), then confines itself
+//! (`moat_jail::confine`: the container's host root ID or nobody, no
+//! capabilities, no_new_privs, Landlock read-only on what name resolution
+//! reads, a seccomp allow-list) before it serves a single frame. It ends
+//! when the container's init does (a pidfd), and `delete` kills it in any
+//! case. Its refusals go to the runtime's stderr for `moat run`, else to
+//! `net.log` in the container's state directory.
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use moat_jail::confine::Confinement;
+use moat_jail::sync::{self, Msg, RemoteError};
+use moat_net::{NetConfig, Policy, Publish, ServeConfig};
+use oci_spec::runtime::Spec;
+
+pub use moat_core::net::{EGRESS_ANNOTATION, PUBLISH_ANNOTATION};
+/// The device's name in the container.
+pub const DEVICE: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{EGRESS_ANNOTATION}")]
+    Rule(#[from] moat_net::RuleError),
+    #[error("{PUBLISH_ANNOTATION}")]
+    Publish(#[from] moat_net::publish::PublishError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the network stack")]
+    Child(#[source] moat_jail::sync::SyncError),
+}
+
+/// What a config asks of the network.
+#[derive(Debug, Clone)]
+pub struct NetRequest {
+    pub policy: Policy,
+    pub publish: Vec<Publish>,
+}
+
+impl NetRequest {
+    /// The request the config's annotations make, if any; it needs a new
+    /// network namespace (the device goes there).
+    pub fn from_spec(spec: &Spec, new_netns: bool) -> Result<Option<NetRequest>, NetError> {
+        let a = spec.annotations().as_ref();
+        let egress = a.and_then(|a| a.get(EGRESS_ANNOTATION));
+        let publish = a.and_then(|a| a.get(PUBLISH_ANNOTATION));
+        if egress.is_none() && publish.is_none() {
+            return Ok(None);
+        }
+        if !new_netns {
+            return Err(NetError::Unsupported(format!(
+                "{EGRESS_ANNOTATION}/{PUBLISH_ANNOTATION} need the container to get a new network namespace"
+            )));
+        }
+        let policy = match egress.map(|e| e.trim()) {
+            None | Some("") => Policy::deny_all(),
+            Some(rules) => Policy::parse(rules)?,
+        };
+        let publish = publish
+            .map(|p| p.split(',').map(str::trim).filter(|s| !s.is_empty()))
+            .into_iter()
+            .flatten()
+            .map(|s| s.parse::<Publish>())
+            .collect::<Result<Vec<_>, _>>()?;
+        for p in &publish {
+            if p.proto != moat_net::publish::Proto::Tcp {
+                return Err(NetError::Unsupported(format!(
+                    "publishing UDP port {} is not supported yet",
+                    p.port
+                )));
+            }
+            if p.host.port() < 1024 {
+                return Err(NetError::Unsupported(format!(
+                    "publishing on host port {} (below 1024) is not supported: the stack has no capability",
+                    p.host.port()
+                )));
+            }
+        }
+        Ok(Some(NetRequest { policy, publish }))
+    }
+}
+
+/// The resolv.conf a container with the stack's network mounts: the
+/// gateway answers for the names the policy allows.
+pub fn resolv_conf() -> String {
+    NetConfig::default().resolv_conf()
+}
+
+/// Syscalls the stack process makes once confined, and why.
+const STACK_SYSCALLS: &[&str] = &[
+    // Frames and flows: the TAP fd, host sockets, the wake-up pipe.
+    "read", "write", "readv", "writev", "close", "socket", "connect", "bind", "listen",
+    "accept", "accept4", "getsockname", "getpeername", "getsockopt", "setsockopt",
+    "shutdown", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
+    "pipe2", "fcntl", "ioctl", "poll", "ppoll",
+    // Name resolution (getaddrinfo): /etc/hosts, resolv.conf, nsswitch.
+    "openat", "newfstatat", "fstat", "statx", "lseek", "uname", "access", "faccessat",
+    "faccessat2", "readlink",
+    // The Rust runtime: memory, threads (the resolver's), signals, time.
+    "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "futex", "clone", "clone3",
+    "set_robust_list", "rseq", "gettid", "getpid", "exit", "exit_group",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "sched_yield",
+    "sched_getaffinity", "clock_gettime", "clock_nanosleep", "nanosleep", "getrandom",
+    "prlimit64", "tgkill",
+];
+
+/// Paths name resolution reads (the rest of the filesystem is refused).
+fn resolver_paths() -> Vec<PathBuf> {
+    ["/etc", "/usr/lib", "/lib", "/lib64"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// The stack process of a running container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StackProcess {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl StackProcess {
+    /// SIGKILLs it if it still runs (and is still the same process).
+    pub fn kill(&self) {
+        if moat_jail::procfs::pid_start_time(self.pid) == Some(self.start_time) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The host user the stack becomes: the container's host root when it has
+/// a user namespace (the stack serves that container and nothing else),
+/// else nobody.
+fn stack_identity(spec: &Spec) -> (u32, u32) {
+    let linux = spec.linux().as_ref();
+    let host_of = |maps: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.and_then(|m| m.iter().find(|m| m.container_id() == 0))
+            .map(|m| m.host_id())
+    };
+    let uid = host_of(linux.and_then(|l| l.uid_mappings().as_ref()));
+    let gid = host_of(linux.and_then(|l| l.gid_mappings().as_ref()));
+    (uid.unwrap_or(65534), gid.unwrap_or(65534))
+}
+
+/// Starts the stack process for the container whose init is `init`; returns
+/// once the device exists in the container and the stack is confined.
+/// `log`: where its messages go (None: the runtime's stderr).
+pub fn start(
+    init: i32,
+    req: &NetRequest,
+    spec: &Spec,
+    log: Option<&Path>,
+) -> Result<StackProcess, NetError> {
+    let io = |what| move |source| NetError::Io { what, source };
+    let netns = std::fs::File::open(format!("/proc/{init}/ns/net"))
+        .map_err(io("open the container's network namespace"))?;
+    let pid = rustix::process::Pid::from_raw(init).ok_or(NetError::Io {
+        what: "name the container's init",
+        source: std::io::Error::from_raw_os_error(libc::ESRCH),
+    })?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| io("open a pidfd of the container's init")(e.into()))?;
+    let log = log
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(OwnedFd::from)
+        })
+        .transpose()
+        .map_err(io("open the network log"))?;
+    let (parent, child) = sync::pair().map_err(NetError::Child)?;
+    let (uid, gid) = stack_identity(spec);
+    let one = moat_sys::process::OneThread::check().map_err(io("fork the network stack"))?;
+    let stack_pid = one
+        .fork(0, |_| stack_main(&netns, pidfd, log, &child, req, uid, gid))
+        .map_err(io("fork the network stack"))?;
+    drop(child);
+    let ready = parent.expect(Msg::Go, "the network stack ready");
+    let start_time = moat_jail::procfs::pid_start_time(stack_pid).unwrap_or(0);
+    let proc = StackProcess {
+        pid: stack_pid,
+        start_time,
+    };
+    if let Err(e) = ready {
+        proc.kill();
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(stack_pid), None);
+        return Err(NetError::Child(e));
+    }
+    Ok(proc)
+}
+
+/// Why the stack process could not start serving.
+#[derive(Debug, thiserror::Error)]
+enum StackError {
+    #[error("cannot start a session")]
+    Setsid(#[source] nix::Error),
+    #[error("cannot create the device")]
+    Tap(#[from] moat_net::TapError),
+    #[error("cannot redirect the standard streams")]
+    Streams(#[source] std::io::Error),
+    #[error("cannot confine the network stack")]
+    Confine(#[from] moat_jail::confine::ConfineError),
+    #[error("cannot set up the stack's control")]
+    Serve(#[from] moat_net::ServeError),
+}
+
+fn stack_main(
+    netns: &std::fs::File,
+    pidfd: OwnedFd,
+    log: Option<OwnedFd>,
+    chan: &sync::Channel,
+    req: &NetRequest,
+    uid: u32,
+    gid: u32,
+) -> i32 {
+    let ready = (|| -> Result<_, StackError> {
+        nix::unistd::setsid().map_err(StackError::Setsid)?;
+        let tap = moat_net::create_tap(netns.as_fd(), DEVICE, &NetConfig::default())?;
+        quiet_streams(log.as_ref()).map_err(StackError::Streams)?;
+        Confinement {
+            uid,
+            gid,
+            keep_fds: &[tap.fd.as_raw_fd(), pidfd.as_raw_fd(), chan.raw()],
+            read: &resolver_paths(),
+            syscalls: STACK_SYSCALLS,
+        }
+        .apply()?;
+        let (control, stop) = moat_net::control()?;
+        Ok((tap, control, stop))
+    })();
+    let (tap, control, stop) = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = chan.send(&Msg::Error(RemoteError::new(&e)));
+            return 1;
+        }
+    };
+    if chan.send(&Msg::Go).is_err() {
+        return 1;
+    }
+    let mut cfg = ServeConfig::new(req.policy.clone());
+    cfg.publish = req.publish.clone();
+    cfg.exit_with = Some(pidfd);
+    let ended = moat_net::serve(
+        tap.fd,
+        cfg,
+        Arc::new(moat_net::SystemResolver),
+        control,
+    );
+    drop(stop);
+    match ended {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::warn!("network stack: {}", moat_core::error_chain(&e));
+            1
+        }
+    }
+}
+
+/// stdin and stdout from /dev/null (a caller's pipe must see EOF when the
+/// runtime exits); stderr to `log` when given.
+fn quiet_streams(log: Option<&OwnedFd>) -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null)?;
+    rustix::stdio::dup2_stdout(&null)?;
+    if let Some(l) = log {
+        rustix::stdio::dup2_stderr(l)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! A moat helper process confining itself before it serves an untrusted
+//! workload (the user-space network stack; the sandbox supervisor): every
+//! descriptor but the ones it needs closed, an unprivileged host user, no
+//! capabilities, no_new_privs, not dumpable, a Landlock ruleset that lets it
+//! read only what it names, and a seccomp allow-list (every other syscall
+//! fails with EPERM). The order is the one the kernel needs: the user switch
+//! drops the capabilities, no_new_privs lets an unprivileged process load
+//! Landlock and seccomp, and seccomp comes last so nothing before it needs
+//! to be on its list.
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("cannot close inherited descriptors")]
+    Fds(#[source] std::io::Error),
+    #[error("cannot switch to host user {uid}:{gid}")]
+    User {
+        uid: u32,
+        gid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("capabilities remain after the switch to an unprivileged user")]
+    CapsRemain,
+    #[error("process attributes")]
+    Attr(#[from] crate::attrs::AttrError),
+    #[error("cannot make the process non-dumpable")]
+    Dumpable(#[source] nix::Error),
+    #[error("landlock")]
+    Landlock(#[from] crate::landlock::LandlockError),
+    #[error("landlock is not enforced by this kernel")]
+    LandlockNotEnforced,
+    #[error("seccomp")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("cannot build the seccomp profile")]
+    Profile(#[source] oci_spec::OciSpecError),
+}
+
+/// What a helper keeps once confined.
+#[derive(Debug, Clone)]
+pub struct Confinement<'a> {
+    /// The host user and group it becomes.
+    pub uid: u32,
+    pub gid: u32,
+    /// Descriptors it keeps open (besides 0, 1 and 2).
+    pub keep_fds: &'a [RawFd],
+    /// Paths it may read (and execute); everything else on the filesystem
+    /// is refused by Landlock.
+    pub read: &'a [PathBuf],
+    /// The syscalls it may make, by name; each with its reason in the
+    /// caller's docs.
+    pub syscalls: &'a [&'a str],
+}
+
+impl Confinement<'_> {
+    /// Confines the calling process, which must be single-threaded (the
+    /// user switch and the filter apply to this thread; threads started
+    /// afterwards inherit them). Fails closed: any step that fails is an
+    /// error, and the caller must not serve then.
+    pub fn apply(&self) -> Result<(), ConfineError> {
+        self.close_other_fds()?;
+        self.switch_user()?;
+        crate::attrs::set_no_new_privs()?;
+        nix::sys::prctl::set_dumpable(false).map_err(ConfineError::Dumpable)?;
+        let policy = moat_core::landlock::LandlockPolicy {
+            read: self.read.to_vec(),
+            write: Vec::new(),
+            files: Vec::new(),
+        };
+        match crate::landlock::prepare(&policy)?.restrict()? {
+            crate::landlock::Enforcement::Full | crate::landlock::Enforcement::Partial => {}
+            _ => return Err(ConfineError::LandlockNotEnforced),
+        }
+        self.load_seccomp()
+    }
+
+    fn close_other_fds(&self) -> Result<(), ConfineError> {
+        let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+            .map_err(ConfineError::Fds)?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        for fd in open {
+            if fd > 2 && !self.keep_fds.contains(&fd) {
+                // The directory's own fd is already closed: EBADF is fine.
+                match nix::unistd::close(fd) {
+                    Ok(()) | Err(nix::Error::EBADF) => {}
+                    Err(e) => return Err(ConfineError::Fds(e.into())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn switch_user(&self) -> Result<(), ConfineError> {
+        use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+        let err = |source| ConfineError::User {
+            uid: self.uid,
+            gid: self.gid,
+            source,
+        };
+        if rustix::process::geteuid().is_root() {
+            setgroups(&[]).map_err(err)?;
+        }
+        let g = Gid::from_raw(self.gid);
+        setresgid(g, g, g).map_err(err)?;
+        let u = Uid::from_raw(self.uid);
+        setresuid(u, u, u).map_err(err)?;
+        // Leaving root clears every capability set; make sure it did.
+        let caps = caps::read(None, caps::CapSet::Permitted).map_err(|_| ConfineError::CapsRemain)?;
+        if self.uid != 0 && !caps.is_empty() {
+            return Err(ConfineError::CapsRemain);
+        }
+        Ok(())
+    }
+
+    fn load_seccomp(&self) -> Result<(), ConfineError> {
+        let names: Vec<String> = self.syscalls.iter().map(|s| (*s).to_owned()).collect();
+        let allow = LinuxSyscallBuilder::default()
+            .names(names)
+            .action(LinuxSeccompAction::ScmpActAllow)
+            .build()
+            .map_err(ConfineError::Profile)?;
+        let profile = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .default_errno_ret(libc::EPERM as u32)
+            .syscalls(vec![allow])
+            .build()
+            .map_err(ConfineError::Profile)?;
+        crate::seccomp::compile(&profile)?.load()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// In a forked child: once confined it is the unprivileged user with no
+    /// capability, reads what it was given, cannot open anything else or
+    /// make a syscall off its list, has lost the descriptors it did not
+    /// keep, and can still use the one it kept.
+    #[test]
+    fn a_confined_child_keeps_only_what_it_was_given() {
+        if moat_core::testing::needs_root("a_confined_child_keeps_only_what_it_was_given") {
+            return;
+        }
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let stray = std::fs::File::open("/proc/self/status").unwrap();
+        let code = moat_sys::process::run_in_child(0, || {
+            let c = Confinement {
+                uid: 65534,
+                gid: 65534,
+                keep_fds: &[w.as_raw_fd()],
+                read: &[PathBuf::from("/etc")],
+                syscalls: &[
+                    "read", "write", "openat", "close", "exit", "exit_group", "getuid",
+                    "fcntl", "sigaltstack", "munmap", "rt_sigprocmask", "capget", "statx",
+                    "newfstatat", "fstat",
+                ],
+            };
+            if let Err(e) = c.apply() {
+                eprintln!("{}", moat_core::error_chain(&e));
+                return 100;
+            }
+            let mut bits = 0;
+            if nix::unistd::getuid().as_raw() == 65534 {
+                bits |= 1;
+            }
+            if std::fs::read("/etc/hostname").is_ok() {
+                bits |= 2;
+            }
+            if std::fs::File::open("/proc/self/status").is_err() {
+                bits |= 4;
+            }
+            if nix::unistd::setsid() == Err(nix::Error::EPERM) {
+                bits |= 8;
+            }
+            if nix::fcntl::fcntl(&stray, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                bits |= 16;
+            }
+            if nix::unistd::write(&w, b"x").is_ok() {
+                bits |= 32;
+            }
+            bits
+        })
+        .unwrap();
+        drop(w);
+        let mut buf = [0u8; 1];
+        let got = rustix::io::read(&r, &mut buf).unwrap_or(0);
+        assert_eq!(code, 63, "confinement checks (bits): {code:#b}");
+        assert_eq!(got, 1);
+    }
+}
