@@ -197,7 +197,10 @@ impl ContainerTier {
                 "config must request a mount namespace".into(),
             ));
         }
-        let net = NetRequest::from_spec(spec, plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET))?;
+        let net = NetRequest::from_spec(
+            spec,
+            plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET),
+        )?;
         // With the stack's network, /etc/resolv.conf names its DNS.
         let with_resolv;
         let spec = match &net {
@@ -918,7 +921,13 @@ fn mount_resolv_conf(spec: &Spec, dir: &Path) -> Result<Spec, ContainerError> {
     m.set_destination(PathBuf::from("/etc/resolv.conf"))
         .set_typ(Some("bind".into()))
         .set_source(Some(path))
-        .set_options(Some(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into(), "noexec".into()]));
+        .set_options(Some(vec![
+            "rbind".into(),
+            "ro".into(),
+            "nosuid".into(),
+            "nodev".into(),
+            "noexec".into(),
+        ]));
     let mut spec = spec.clone();
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     mounts.push(m);

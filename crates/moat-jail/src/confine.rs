@@ -110,7 +110,8 @@ impl Confinement<'_> {
         let u = Uid::from_raw(self.uid);
         setresuid(u, u, u).map_err(err)?;
         // Leaving root clears every capability set; make sure it did.
-        let caps = caps::read(None, caps::CapSet::Permitted).map_err(|_| ConfineError::CapsRemain)?;
+        let caps =
+            caps::read(None, caps::CapSet::Permitted).map_err(|_| ConfineError::CapsRemain)?;
         if self.uid != 0 && !caps.is_empty() {
             return Err(ConfineError::CapsRemain);
         }
@@ -158,9 +159,21 @@ mod tests {
                 keep_fds: &[w.as_raw_fd()],
                 read: &[PathBuf::from("/etc")],
                 syscalls: &[
-                    "read", "write", "openat", "close", "exit", "exit_group", "getuid",
-                    "fcntl", "sigaltstack", "munmap", "rt_sigprocmask", "capget", "statx",
-                    "newfstatat", "fstat",
+                    "read",
+                    "write",
+                    "openat",
+                    "close",
+                    "exit",
+                    "exit_group",
+                    "getuid",
+                    "fcntl",
+                    "sigaltstack",
+                    "munmap",
+                    "rt_sigprocmask",
+                    "capget",
+                    "statx",
+                    "newfstatat",
+                    "fstat",
                 ],
             };
             if let Err(e) = c.apply() {
