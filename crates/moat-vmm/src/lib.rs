@@ -1,0 +1,21 @@
+//! moat's VMM: KVM microVMs with a Firecracker-sized device model, built on
+//! the rust-vmm crates, and a QEMU `microvm` backend driven by the same
+//! [`VmConfig`]. See `README.md` beside this crate for the device model, the
+//! threads, and what the guest can reach.
+#![deny(unsafe_code)]
+
+pub mod bus;
+pub mod config;
+pub mod devices;
+mod error;
+mod kvm_memory;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+pub mod x86_64;
+
+pub use config::{BlockConfig, Kernel, VmConfig};
+pub use error::VmmError;
+pub use vm::{ExitReason, StopHandle, Vm};
