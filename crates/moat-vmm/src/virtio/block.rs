@@ -250,3 +250,100 @@ impl VirtioDevice for Block {
         used
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::chain::tests::Driver;
+    use vm_memory::GuestAddress;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    fn image(sectors: usize) -> (tempfile::TempDir, Block) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![7u8; sectors * 512]).unwrap();
+        let b = Block::open(&p, false, "an-id-much-longer-than-twenty-bytes").unwrap();
+        (dir, b)
+    }
+
+    fn header(d: &Driver, kind: u32, sector: u64) {
+        d.mem.write_obj(kind, GuestAddress(0x10000)).unwrap();
+        d.mem.write_obj(sector, GuestAddress(0x10008)).unwrap();
+    }
+
+    fn status(d: &Driver) -> u8 {
+        d.mem.read_obj(GuestAddress(0x12000)).unwrap()
+    }
+
+    /// Header, one data buffer of `len` (writable for reads), status.
+    fn request(d: &mut Driver, blk: &mut Block, kind: u32, sector: u64, len: u32) -> (u8, u32) {
+        header(d, kind, sector);
+        d.mem.write_obj(0xffu8, GuestAddress(0x12000)).unwrap();
+        let data_flags = if kind == T_OUT {
+            F_NEXT
+        } else {
+            F_NEXT | F_WRITE
+        };
+        d.desc(0, 0x10000, 16, F_NEXT, 1);
+        d.desc(1, 0x20000, len, data_flags, 2);
+        d.desc(2, 0x12000, 1, F_WRITE, 0);
+        d.offer(0);
+        assert!(blk.process(0, &mut d.queue, &d.mem));
+        let idx = d.used_idx().wrapping_sub(1);
+        (status(d), d.used(idx % 16).1)
+    }
+
+    #[test]
+    fn reads_and_range_checks() {
+        let (_dir, mut blk) = image(8);
+        let mut d = Driver::new();
+        assert_eq!(request(&mut d, &mut blk, T_IN, 7, 512), (S_OK, 513));
+        let b: u8 = d.mem.read_obj(GuestAddress(0x20000)).unwrap();
+        assert_eq!(b, 7);
+        assert_eq!(request(&mut d, &mut blk, T_IN, 8, 512).0, S_IOERR);
+        assert_eq!(request(&mut d, &mut blk, T_IN, 7, 1024).0, S_IOERR);
+        assert_eq!(request(&mut d, &mut blk, T_IN, u64::MAX, 512).0, S_IOERR);
+        assert_eq!(request(&mut d, &mut blk, T_IN, 0, 100).0, S_IOERR);
+        assert_eq!(
+            request(&mut d, &mut blk, T_OUT, u64::MAX / 512, 512).0,
+            S_IOERR
+        );
+        assert_eq!(request(&mut d, &mut blk, 99, 0, 512).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn get_id_is_truncated_to_twenty_bytes() {
+        let (_dir, mut blk) = image(1);
+        let mut d = Driver::new();
+        assert_eq!(request(&mut d, &mut blk, T_GET_ID, 0, 512), (S_OK, 21));
+        let mut id = [0u8; 20];
+        d.mem.read_slice(&mut id, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&id, b"an-id-much-longer-th");
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_or_nothing() {
+        let (_dir, mut blk) = image(8);
+        let mut d = Driver::new();
+        // Header too short.
+        d.desc(0, 0x10000, 8, F_NEXT, 1);
+        d.desc(1, 0x12000, 1, F_WRITE, 0);
+        d.offer(0);
+        blk.process(0, &mut d.queue, &d.mem);
+        assert_eq!(status(&d), S_IOERR);
+        // No writable descriptor for the status: used with length 0.
+        d.desc(0, 0x10000, 16, 0, 0);
+        d.offer(0);
+        blk.process(0, &mut d.queue, &d.mem);
+        assert_eq!(d.used(1), (0, 0));
+        // A zero-length status descriptor.
+        d.desc(0, 0x10000, 16, F_NEXT, 1);
+        d.desc(1, 0x12000, 0, F_WRITE, 0);
+        d.offer(0);
+        blk.process(0, &mut d.queue, &d.mem);
+        assert_eq!(d.used(2), (0, 0));
+        assert_eq!(blk.refused, 3);
+    }
+}

@@ -182,3 +182,210 @@ impl Chain {
         Ok(at)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    pub const DESC: u64 = 0x1000;
+    pub const AVAIL: u64 = 0x2000;
+    pub const USED: u64 = 0x3000;
+    pub const SIZE: u16 = 16;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+
+    /// A driver's view of one split queue in 1 MiB of guest memory.
+    pub struct Driver {
+        pub mem: GuestMem,
+        pub queue: Queue,
+        next_avail: u16,
+    }
+
+    impl Driver {
+        pub fn new() -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut queue = Queue::new(SIZE).unwrap();
+            queue.set_desc_table_address(Some(DESC as u32), Some(0));
+            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            queue.set_used_ring_address(Some(USED as u32), Some(0));
+            queue.set_ready(true);
+            Driver {
+                mem,
+                queue,
+                next_avail: 0,
+            }
+        }
+
+        pub fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(DESC + 16 * u64::from(i));
+            self.mem.write_obj(addr, at).unwrap();
+            self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        }
+
+        pub fn offer(&mut self, head: u16) {
+            let slot = AVAIL + 4 + 2 * u64::from(self.next_avail % SIZE);
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+            self.mem
+                .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        pub fn parse_next(&mut self, max_bytes: u64) -> Option<Result<Chain, ChainError>> {
+            let c = self.queue.pop_descriptor_chain(&self.mem)?;
+            Some(parse(c, &self.mem, usize::from(SIZE), max_bytes))
+        }
+
+        pub fn used(&self, i: u16) -> (u32, u32) {
+            let at = USED + 4 + 8 * u64::from(i);
+            (
+                self.mem.read_obj(GuestAddress(at)).unwrap(),
+                self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        }
+
+        pub fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+    }
+
+    use vm_memory::Address;
+
+    #[test]
+    fn a_good_chain_parses() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 16, F_NEXT, 1);
+        d.desc(1, 0x11000, 512, F_NEXT | F_WRITE, 2);
+        d.desc(2, 0x12000, 1, F_WRITE, 0);
+        d.offer(0);
+        let c = d.parse_next(1 << 20).unwrap().unwrap();
+        assert_eq!(c.readable.len(), 1);
+        assert_eq!(c.writable.len(), 2);
+        assert_eq!(c.writable_len(), 513);
+    }
+
+    #[test]
+    fn a_self_loop_is_refused() {
+        let mut d = Driver::new();
+        d.desc(3, 0x10000, 8, F_NEXT, 3);
+        d.offer(3);
+        assert!(matches!(
+            d.parse_next(1 << 20),
+            Some(Err(ChainError::Broken { head: 3 }))
+        ));
+    }
+
+    #[test]
+    fn a_longer_loop_is_refused() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 8, F_NEXT, 1);
+        d.desc(1, 0x10000, 8, F_NEXT, 2);
+        d.desc(2, 0x10000, 8, F_NEXT, 0);
+        d.offer(0);
+        assert!(matches!(d.parse_next(1 << 20), Some(Err(_))));
+    }
+
+    #[test]
+    fn next_outside_the_table_is_refused() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 8, F_NEXT, SIZE + 5);
+        d.offer(0);
+        assert_eq!(
+            d.parse_next(1 << 20),
+            Some(Err(ChainError::Broken { head: 0 }))
+        );
+    }
+
+    #[test]
+    fn buffers_outside_ram_are_refused() {
+        for (addr, len) in [
+            (0xf_ffff, 2u32),           // straddles the end of RAM
+            (1 << 20, 1),               // just past it
+            (u64::MAX - 4, 16),         // wraps around
+            (0x10_0000_0000, u32::MAX), // far away, huge
+        ] {
+            let mut d = Driver::new();
+            d.desc(0, addr, len, F_WRITE, 0);
+            d.offer(0);
+            assert!(
+                matches!(
+                    d.parse_next(u64::MAX),
+                    Some(Err(ChainError::OutOfRange { .. }))
+                ),
+                "{addr:#x}+{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 0x8000, F_NEXT, 1);
+        d.desc(1, 0x18000, 0x8000, 0, 0);
+        d.offer(0);
+        assert_eq!(
+            d.parse_next(0xffff),
+            Some(Err(ChainError::TooLong {
+                head: 0,
+                max: 0xffff
+            }))
+        );
+    }
+
+    #[test]
+    fn readable_after_writable_is_refused() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 8, F_NEXT | F_WRITE, 1);
+        d.desc(1, 0x11000, 8, 0, 0);
+        d.offer(0);
+        assert_eq!(
+            d.parse_next(1 << 20),
+            Some(Err(ChainError::ReadableAfterWritable { head: 0 }))
+        );
+    }
+
+    #[test]
+    fn a_huge_indirect_table_is_bounded() {
+        // An indirect descriptor (never offered) pointing at a table of
+        // 4096 entries that all chain onward: refused, not walked to the end.
+        let mut d = Driver::new();
+        for i in 0..4096u64 {
+            let at = GuestAddress(0x20000 + 16 * i);
+            d.mem.write_obj(0x10000u64, at).unwrap();
+            d.mem.write_obj(8u32, at.unchecked_add(8)).unwrap();
+            d.mem.write_obj(F_NEXT, at.unchecked_add(12)).unwrap();
+            d.mem
+                .write_obj((i + 1) as u16, at.unchecked_add(14))
+                .unwrap();
+        }
+        d.desc(0, 0x20000, 4096 * 16, F_INDIRECT, 0);
+        d.offer(0);
+        assert!(matches!(
+            d.parse_next(u64::MAX),
+            Some(Err(ChainError::TooManyDescriptors { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_yields_nothing() {
+        let mut d = Driver::new();
+        d.desc(0, 0x10000, 8, 0, 0);
+        d.mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(d.parse_next(1 << 20).is_none());
+    }
+
+    #[test]
+    fn an_out_of_range_head_is_refused() {
+        let mut d = Driver::new();
+        d.offer(SIZE + 100);
+        assert_eq!(
+            d.parse_next(1 << 20),
+            Some(Err(ChainError::Broken { head: SIZE + 100 }))
+        );
+    }
+}

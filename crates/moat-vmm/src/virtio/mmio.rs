@@ -264,3 +264,101 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         self.write_register(offset, value);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    #[derive(Default, Clone)]
+    struct Count(Rc<Cell<u32>>);
+    impl Trigger for Count {
+        type E = ();
+        fn trigger(&self) -> Result<(), ()> {
+            self.0.set(self.0.get() + 1);
+            Ok(())
+        }
+    }
+
+    fn transport() -> (MmioTransport<Rng, Count>, Count) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let c = Count::default();
+        (MmioTransport::new(Rng::default(), c.clone(), mem), c)
+    }
+
+    fn w(t: &mut MmioTransport<Rng, Count>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn r(t: &mut MmioTransport<Rng, Count>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(r(&mut t, REG_VERSION), 2);
+        assert_eq!(r(&mut t, REG_DEVICE_ID), 4);
+        let mut odd = [9u8; 2];
+        t.read(REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        t.read(1, &mut [0u8; 4]);
+        t.write(u64::MAX - 3, &[1, 2, 3, 4]);
+        t.read(u64::MAX - 3, &mut [0u8; 4]);
+    }
+
+    #[test]
+    fn features_not_offered_fail_negotiation() {
+        let (mut t, _) = transport();
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, REG_DRIVER_FEATURES, 1 << 28); // indirect descriptors: not offered
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_STATUS, 0xb);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // Nor does DRIVER_OK stick without FEATURES_OK.
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_is_frozen_after_driver_ok_and_bad_sizes_refused() {
+        let (mut t, irq) = transport();
+        w(&mut t, REG_STATUS, 3);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_STATUS, 0xb);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 3); // not a power of two: ignored
+        w(&mut t, REG_QUEUE_NUM, 1 << 20); // too big: ignored
+        assert_eq!(t.queues[0].size(), QUEUE_SIZE);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0xdead_0000);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+        // Notifying a queue that does not exist, or one with nothing in it.
+        w(&mut t, REG_QUEUE_NOTIFY, 7);
+        w(&mut t, REG_QUEUE_NOTIFY, u32::MAX);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(irq.0.get(), 0);
+        // Selecting a queue that does not exist reads as absent.
+        w(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 0);
+        // Reset clears everything.
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        assert!(!t.queues[0].ready());
+    }
+}
