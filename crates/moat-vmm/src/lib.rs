@@ -6,11 +6,13 @@
 
 pub mod bus;
 pub mod config;
+pub mod cpio;
 pub mod devices;
 mod error;
 mod kvm_memory;
 pub mod layout;
 pub mod memory;
+pub mod qemu;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
