@@ -242,7 +242,11 @@ fn load_guest(
 ) -> Result<(u64, String), VmmError> {
     regs::write_boot_tables(mem)?;
     mptable::write(mem, config.vcpus)?;
-    let cmdline = boot::cmdline(&config.cmdline, announce)?;
+    let mut additions = announce.to_vec();
+    if matches!(config.kernel, Kernel::Linux(_)) {
+        additions.extend(boot::linux_additions(&config.cmdline));
+    }
+    let cmdline = boot::cmdline(&config.cmdline, &additions)?;
     let cmdline_len = cmdline
         .as_cstring()
         .map_err(VmmError::Cmdline)?

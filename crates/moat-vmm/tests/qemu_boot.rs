@@ -8,22 +8,13 @@
 //! virtio_ring, virtio, virtio_mmio (the transport), virtio_blk (root
 //! filesystem), virtio_console (agent channel, /dev/hvc0), virtio-rng.
 
-use std::io::{Read, Seek};
-use std::path::{Path, PathBuf};
+mod common;
 
-use moat_vmm::cpio::CpioWriter;
+use std::io::{Read, Seek};
+
+use common::{cloud_kernel, initramfs, which};
 use moat_vmm::qemu::{detect_accel, QemuVm, QEMU_BINARY};
 use moat_vmm::{BlockConfig, ExitReason, Kernel, VmConfig};
-
-/// Guest modules, relative to /lib/modules/<release>/kernel, in load order.
-const MODULES: [&str; 6] = [
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_mmio.ko",
-    "drivers/block/virtio_blk.ko",
-    "drivers/char/virtio_console.ko",
-    "drivers/char/hw_random/virtio-rng.ko",
-];
 
 const INIT: &str = r#"#!/bin/busybox sh
 B=/bin/busybox
@@ -52,59 +43,6 @@ echo "moat-init: done"
 $B reboot -f
 "#;
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-/// Debian's cloud kernel and its release, if installed.
-fn cloud_kernel() -> Option<(PathBuf, String)> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-        })
-        .collect();
-    found.sort();
-    let k = found.pop()?;
-    let release = k
-        .file_name()?
-        .to_str()?
-        .strip_prefix("vmlinuz-")?
-        .to_string();
-    Some((k, release))
-}
-
-fn initramfs(path: &Path, release: &str, busybox: &Path) {
-    let mut w = CpioWriter::new(std::fs::File::create(path).unwrap());
-    for d in ["bin", "dev", "proc", "sys", "lib", "lib/modules"] {
-        w.dir(d, 0o755).unwrap();
-    }
-    w.char_device("dev/console", 0o600, 5, 1).unwrap();
-    w.file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
-        .unwrap();
-    w.file("init", 0o755, INIT.as_bytes()).unwrap();
-    for m in MODULES {
-        let src = Path::new("/lib/modules")
-            .join(release)
-            .join("kernel")
-            .join(m);
-        let name = Path::new(m).file_name().unwrap().to_str().unwrap();
-        w.file(
-            &format!("lib/modules/{name}"),
-            0o644,
-            &std::fs::read(&src).unwrap(),
-        )
-        .unwrap();
-    }
-    w.finish().unwrap();
-}
-
 #[test]
 fn cloud_kernel_boots_to_init_with_virtio_devices() {
     let (Some(qemu), Some(busybox), Some((kernel, release))) =
@@ -117,7 +55,7 @@ fn cloud_kernel_boots_to_init_with_virtio_devices() {
     eprintln!("QEMU backend: {}", accel.reason);
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd.cpio");
-    initramfs(&initrd, &release, &busybox);
+    initramfs(&initrd, INIT, Some(&release), &busybox);
     let disk = dir.path().join("disk.img");
     let mut image = vec![0u8; 1 << 20];
     image[..16].copy_from_slice(b"MOAT-ROOT-MARKER");
@@ -139,14 +77,15 @@ fn cloud_kernel_boots_to_init_with_virtio_devices() {
 
     let vm = QemuVm::spawn(config, accel.accel, &qemu).unwrap();
     // A guard against a hung guest, not a timing assertion: QemuVm kills
-    // QEMU when dropped, and a killed QEMU fails `wait`.
+    // QEMU when dropped, and a QEMU killed by a signal fails `wait`.
     let pid = vm.pid().unwrap();
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        let waited = wait.recv_timeout(std::time::Duration::from_secs(240));
+        let waited = wait.recv_timeout(std::time::Duration::from_secs(120));
         if waited == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // SIGKILL: QEMU exits 0 on SIGTERM, which would pass for a clean end.
             let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
+                .args(["-KILL", &pid.to_string()])
                 .status();
         }
     });

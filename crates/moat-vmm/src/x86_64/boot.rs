@@ -135,6 +135,22 @@ pub fn load_payload(mem: &GuestMem, code: &[u8]) -> Result<Entry, VmmError> {
     Ok(Entry(PAYLOAD_ADDR))
 }
 
+/// What the built-in VMM adds to a Linux command line, unless the user set
+/// the option: reset through the i8042 (the VMM's way out), and an i8042
+/// probe that expects only the reset line (no mouse, no multiplexer).
+pub fn linux_additions(user: &str) -> Vec<String> {
+    let mut add = Vec::new();
+    if !user.split_whitespace().any(|w| w.starts_with("reboot=")) {
+        add.push("reboot=k".to_string());
+    }
+    for opt in ["i8042.noaux", "i8042.nomux", "i8042.dumbkbd"] {
+        if !user.split_whitespace().any(|w| w == opt) {
+            add.push(opt.to_string());
+        }
+    }
+    add
+}
+
 /// Builds the command line the kernel sees (the user's, then the VMM's additions).
 pub fn cmdline(user: &str, additions: &[String]) -> Result<Cmdline, VmmError> {
     let mut c = Cmdline::new(COMMAND_LINE_MAX).map_err(VmmError::Cmdline)?;
@@ -230,6 +246,23 @@ mod tests {
         assert_eq!(
             (m[1].addr, m[1].size),
             (HIGH_RAM_START, (64 << 20) - HIGH_RAM_START)
+        );
+    }
+
+    #[test]
+    fn additions_respect_the_user() {
+        assert_eq!(
+            linux_additions("console=ttyS0"),
+            ["reboot=k", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"]
+        );
+        assert_eq!(
+            linux_additions("reboot=t i8042.noaux i8042.nomux i8042.dumbkbd"),
+            Vec::<String>::new()
+        );
+        let c = cmdline("console=ttyS0", &linux_additions("console=ttyS0")).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 reboot=k i8042.noaux i8042.nomux i8042.dumbkbd"
         );
     }
 
