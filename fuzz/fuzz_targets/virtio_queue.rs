@@ -31,12 +31,12 @@ fn setup<D: VirtioDevice>(t: &mut MmioTransport<D, NoIrq>, queues: u32) {
     w(t, 0x20, 1);
     w(t, 0x70, 0xb);
     for q in 0..queues {
-        let base = 0x1000 + q * 0x4000;
+        let base = 0x1000 + q * 0x400;
         w(t, 0x30, q);
         w(t, 0x38, 16);
         w(t, 0x80, base);
-        w(t, 0x90, base + 0x1000);
-        w(t, 0xa0, base + 0x2000);
+        w(t, 0x90, base + 0x100);
+        w(t, 0xa0, base + 0x200);
         w(t, 0x44, 1);
     }
     w(t, 0x70, 0xf);
@@ -64,10 +64,14 @@ fn drive<D: VirtioDevice>(device: D, queues: u32, mem: GuestMem, ops: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, rest)) = data.split_first() else {
+    // Layout: device selector, op count, ops (7 bytes each), then the guest
+    // memory from 0x1000 on (queue q's rings at 0x1000 + q * 0x400: table,
+    // available ring at +0x100, used ring at +0x200).
+    let [which, n, rest @ ..] = data else {
         return;
     };
-    let (image, ops) = rest.split_at(rest.len().min(0xc000));
+    let (ops, image) = rest.split_at(rest.len().min(7 * usize::from(*n)));
+    let which = *which;
     let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     mem.write_slice(image, GuestAddress(0x1000)).unwrap();
     match which % 3 {
