@@ -1,6 +1,6 @@
 //! Guest RAM: anonymous private mappings made by vm-memory, laid around the
 //! MMIO gap, and registered with KVM (the one `unsafe` call, in
-//! [`crate::kvm_memory`]).
+//! `kvm_memory.rs`).
 
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};

@@ -123,7 +123,7 @@ pub struct Vm {
     console: Option<ConsoleIo>,
     exit: Arc<ExitState>,
     cmdline: String,
-    vm: VmFd,
+    _vm: VmFd,
     _kvm: Kvm,
     mem: GuestMem,
 }
@@ -336,7 +336,7 @@ impl Vm {
             console: virtio.console,
             exit,
             cmdline,
-            vm,
+            _vm: vm,
             _kvm: kvm,
             mem,
         })
@@ -380,7 +380,6 @@ impl Vm {
             }
         }
         stop_console(console);
-        let _ = &self.vm;
         match (first_error, reason) {
             (Some(e), _) => Err(e),
             (None, Some(reason)) => Ok(reason),
