@@ -101,7 +101,10 @@ fn cloud_kernel_boots_to_init_with_virtio_devices() {
     let mut out = String::new();
     serial_reader.rewind().unwrap();
     serial_reader.read_to_string(&mut out).unwrap();
-    assert_eq!(reason.unwrap(), ExitReason::Reset, "serial:\n{out}");
+    match reason {
+        Ok(r) => assert_eq!(r, ExitReason::Reset, "serial:\n{out}"),
+        Err(e) => panic!("{e}; serial:\n{out}"),
+    }
     assert!(out.contains("moat-init: up"), "serial:\n{out}");
     assert!(!out.contains("failed"), "serial:\n{out}");
     assert!(
