@@ -1,0 +1,29 @@
+//! moat's VMM: KVM microVMs with a Firecracker-sized device model, built on
+//! the rust-vmm crates, and a QEMU `microvm` backend driven by the same
+//! [`VmConfig`]. See `README.md` beside this crate for the device model, the
+//! threads, and what the guest can reach.
+//!
+//! The one `unsafe` call outside `moat-sys` lives in `kvm_memory.rs`:
+//! registering guest memory with KVM. Its invariant (the mapping outlives
+//! every VM and vCPU fd that can touch it) is about this crate's own
+//! objects and their drop order, which only this crate can uphold; moving
+//! it into `moat-sys` would state a contract `moat-sys` cannot check.
+#![deny(unsafe_code)]
+
+pub mod bus;
+pub mod config;
+pub mod cpio;
+pub mod devices;
+mod error;
+mod kvm_memory;
+pub mod layout;
+pub mod memory;
+pub mod qemu;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+pub mod x86_64;
+
+pub use config::{BlockConfig, Kernel, VmConfig};
+pub use error::VmmError;
+pub use vm::{ExitReason, StopHandle, Vm};

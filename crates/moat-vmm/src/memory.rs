@@ -1,0 +1,61 @@
+//! Guest RAM: anonymous private mappings made by vm-memory, laid around the
+//! MMIO gap, and registered with KVM (the one `unsafe` call, in
+//! `kvm_memory.rs`).
+
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::VmmError;
+
+/// Guest memory as every part of the VMM sees it.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// The RAM ranges for `mem_mib` MiB: below the MMIO gap, and the rest above 4 GiB.
+pub fn ram_ranges(mem_mib: u64) -> Vec<(GuestAddress, usize)> {
+    let size = mem_mib << 20;
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Allocates guest RAM and hands each region to KVM as a memory slot.
+pub fn create(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| {
+        VmmError::GuestMemory {
+            mib: mem_mib,
+            source,
+        }
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        crate::kvm_memory::register(vm, slot, region)
+            .map_err(|source| VmmError::RegisterMemory { slot, source })?;
+    }
+    Ok(mem)
+}
+
+/// The end (exclusive) of the highest RAM region.
+pub fn ram_end(mem: &GuestMem) -> u64 {
+    mem.iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_skip_the_mmio_gap() {
+        assert_eq!(ram_ranges(64), vec![(GuestAddress(0), 64 << 20)]);
+        let big = ram_ranges(4096);
+        assert_eq!(big[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(big[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(big[0].1 + big[1].1, 4096 << 20);
+    }
+}

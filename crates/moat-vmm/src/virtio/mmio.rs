@@ -1,0 +1,364 @@
+//! The virtio-mmio transport, version 2 (virtio spec 4.2.2): the register
+//! window of one device. Sans-IO: it is driven by the vCPU's MMIO exits and
+//! raises its interrupt through a [`Trigger`].
+
+use virtio_queue::{Queue, QueueT};
+use vm_superio::Trigger;
+
+use super::{VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMem;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4d4f_4154; // "MOAT"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// The driver knows how to drive the device.
+pub const STATUS_DRIVER: u32 = 2;
+/// The driver is ready.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// The driver gave up on the device.
+pub const STATUS_FAILED: u32 = 0x80;
+/// InterruptStatus bit: a used buffer was returned.
+pub const INT_USED_BUFFER: u32 = 1;
+
+/// A device behind its MMIO register window.
+pub struct MmioTransport<D, T> {
+    device: D,
+    irq: T,
+    mem: GuestMem,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+}
+
+impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
+    /// Puts `device` behind a transport raising `irq`.
+    pub fn new(device: D, irq: T, mem: GuestMem) -> Self {
+        let queues = (0..device.queue_count())
+            .filter_map(|_| Queue::new(QUEUE_SIZE).ok())
+            .collect();
+        MmioTransport {
+            device,
+            irq,
+            mem,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+        }
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn active(&self) -> bool {
+        self.status & (STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_DRIVER_OK
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Runs the device on queue `index` if the driver has set it up, and
+    /// raises the interrupt if buffers were used. Device-side events (input
+    /// arriving for the guest) call this too.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.active() {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.is_valid(&self.mem) {
+            return;
+        }
+        if self.device.process(index, queue, &self.mem) {
+            let needs = queue.needs_notification(&self.mem).unwrap_or(true);
+            if needs {
+                self.interrupt_status |= INT_USED_BUFFER;
+                // A lost interrupt stalls only this guest's driver.
+                let _ = self.irq.trigger();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                value &= !STATUS_FEATURES_OK;
+            }
+        }
+        if value & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
+            value &= !STATUS_DRIVER_OK;
+        }
+        // The driver only ever adds bits; it cannot clear one without a reset.
+        self.status |= value;
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let features = self.device.features();
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_id(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => features as u32,
+                1 => (features >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt_status,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn queue_config_allowed(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0
+            && self.status & (STATUS_DRIVER_OK | STATUS_FAILED) == 0
+    }
+
+    fn write_queue_register(&mut self, offset: u64, value: u32) {
+        if !self.queue_config_allowed() {
+            return;
+        }
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        match offset {
+            // virtio-queue refuses sizes that are not a power of two or too big.
+            REG_QUEUE_NUM => q.set_size(u16::try_from(value).unwrap_or(0)),
+            REG_QUEUE_READY => q.set_ready(value == 1),
+            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(value)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NOTIFY => self.process_queue(value as usize),
+            REG_INTERRUPT_ACK => self.interrupt_status &= !value,
+            REG_STATUS => self.set_status(value),
+            _ => self.write_queue_register(offset, value),
+        }
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` into the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        // Registers are 32-bit and aligned; anything else reads as zero.
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    /// A guest write of `data` at `offset` into the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        // Configuration space is read-only for these devices; registers are
+        // 32-bit and aligned; anything else is ignored.
+        if offset >= CONFIG_SPACE || data.len() != 4 || !offset.is_multiple_of(4) {
+            return;
+        }
+        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_register(offset, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    #[derive(Default, Clone)]
+    struct Count(Rc<Cell<u32>>);
+    impl Trigger for Count {
+        type E = ();
+        fn trigger(&self) -> Result<(), ()> {
+            self.0.set(self.0.get() + 1);
+            Ok(())
+        }
+    }
+
+    fn transport() -> (MmioTransport<Rng, Count>, Count) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let c = Count::default();
+        (MmioTransport::new(Rng::default(), c.clone(), mem), c)
+    }
+
+    fn w(t: &mut MmioTransport<Rng, Count>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn r(t: &mut MmioTransport<Rng, Count>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(r(&mut t, REG_VERSION), 2);
+        assert_eq!(r(&mut t, REG_DEVICE_ID), 4);
+        let mut odd = [9u8; 2];
+        t.read(REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        t.read(1, &mut [0u8; 4]);
+        t.write(u64::MAX - 3, &[1, 2, 3, 4]);
+        t.read(u64::MAX - 3, &mut [0u8; 4]);
+    }
+
+    #[test]
+    fn features_not_offered_fail_negotiation() {
+        let (mut t, _) = transport();
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, REG_DRIVER_FEATURES, 1 << 28); // indirect descriptors: not offered
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_STATUS, 0xb);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // Nor does DRIVER_OK stick without FEATURES_OK.
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_is_frozen_after_driver_ok_and_bad_sizes_refused() {
+        let (mut t, irq) = transport();
+        w(&mut t, REG_STATUS, 3);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_STATUS, 0xb);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 3); // not a power of two: ignored
+        w(&mut t, REG_QUEUE_NUM, 1 << 20); // too big: ignored
+        assert_eq!(t.queues[0].size(), QUEUE_SIZE);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0xdead_0000);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+        // Notifying a queue that does not exist, or one with nothing in it.
+        w(&mut t, REG_QUEUE_NOTIFY, 7);
+        w(&mut t, REG_QUEUE_NOTIFY, u32::MAX);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(irq.0.get(), 0);
+        // Selecting a queue that does not exist reads as absent.
+        w(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 0);
+        // Reset clears everything.
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        assert!(!t.queues[0].ready());
+    }
+}

@@ -1,0 +1,474 @@
+//! A microVM on the built-in VMM: [`Vm::new`] builds it step by step,
+//! [`Vm::run`] runs its vCPUs until the guest resets, powers off or faults,
+//! or the host stops it.
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::{Bus, MmioDevice, MmioSlot};
+use crate::config::{Kernel, VmConfig};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::devices::IrqLine;
+use crate::layout::{
+    KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MMIO_DEVICE_SIZE, MMIO_GAP_START, SERIAL_IRQ,
+    VIRTIO_IRQ_BASE,
+};
+use crate::memory::{self, GuestMem};
+use crate::virtio::block::Block;
+use crate::virtio::console::{self, Console, RxBuffer};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::rng::Rng;
+use crate::virtio::VirtioDevice;
+use crate::x86_64::{boot, mptable, regs};
+use crate::{vcpu, VmmError};
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the CPU through the i8042 (Linux `reboot` with
+    /// `reboot=k`): moat's guests end this way.
+    Reset,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The guest powered off (`KVM_EXIT_SYSTEM_EVENT`).
+    PowerOff,
+    /// A vCPU halted with no interrupt controller to wake it.
+    Halted,
+    /// The host asked, through a [`StopHandle`].
+    Stopped,
+}
+
+/// Shared by the vCPUs, the devices and the host: the first reason to stop wins.
+#[derive(Debug, Default)]
+pub struct ExitState {
+    reason: Mutex<Option<ExitReason>>,
+    failed: AtomicBool,
+    stopping: AtomicBool,
+    changed: Condvar,
+}
+
+impl ExitState {
+    /// Records `reason` unless one is already recorded.
+    pub fn set(&self, reason: ExitReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
+        let _r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Whether the VM is stopping.
+    pub fn is_set(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn wait(&self) -> Option<ExitReason> {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        while r.is_none() && !self.failed.load(Ordering::SeqCst) {
+            r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        *r
+    }
+}
+
+/// Stops a running VM from another thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<ExitState>);
+
+impl StopHandle {
+    /// Asks the VM to stop; [`Vm::run`] then returns [`ExitReason::Stopped`]
+    /// unless the guest stopped first.
+    pub fn stop(&self) {
+        self.0.set(ExitReason::Stopped);
+    }
+}
+
+/// The agent channel's I/O side, started by [`Vm::run`].
+struct ConsoleIo {
+    transport: Arc<Mutex<MmioTransport<Console, IrqLine>>>,
+    rx: Arc<RxBuffer>,
+    reader: UnixStream,
+}
+
+/// The running agent channel: its I/O thread, receive buffer, and a socket
+/// clone to shut down at exit.
+struct ConsoleRunning {
+    thread: JoinHandle<()>,
+    rx: Arc<RxBuffer>,
+    socket: UnixStream,
+}
+
+/// A built microVM, ready to run. Field order is drop order: vCPUs and the
+/// VM fd go before guest memory.
+pub struct Vm {
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<Bus>,
+    console: Option<ConsoleIo>,
+    exit: Arc<ExitState>,
+    cmdline: String,
+    _vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMem,
+}
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(VmmError::CreateVm)?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(|e| VmmError::VmSetup("set TSS address", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(|e| VmmError::VmSetup("set identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::VmSetup("create irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmmError::VmSetup("create PIT", e))?;
+    Ok(vm)
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, VmmError> {
+    let err = |source| VmmError::Irq { gsi, source };
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(err)?;
+    vm.register_irqfd(&fd, gsi)
+        .map_err(|e| err(std::io::Error::from_raw_os_error(e.errno())))?;
+    Ok(IrqLine::new(fd))
+}
+
+/// The virtio devices of a VM, their MMIO windows and command-line announcements.
+struct VirtioSet {
+    slots: Vec<MmioSlot>,
+    announce: Vec<String>,
+    console: Option<ConsoleIo>,
+}
+
+impl VirtioSet {
+    fn add<D: VirtioDevice + 'static>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMem,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D, IrqLine>>>, VmmError> {
+        let n = self.slots.len() as u64;
+        let base = MMIO_GAP_START + n * MMIO_DEVICE_SIZE;
+        let gsi = VIRTIO_IRQ_BASE + n as u32;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            irq_line(vm, gsi)?,
+            mem.clone(),
+        )));
+        let dyn_device: Arc<Mutex<dyn MmioDevice>> = transport.clone();
+        self.slots.push(MmioSlot {
+            base,
+            device: dyn_device,
+        });
+        self.announce
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        Ok(transport)
+    }
+}
+
+fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<VirtioSet, VmmError> {
+    let mut set = VirtioSet {
+        slots: Vec::new(),
+        announce: Vec::new(),
+        console: None,
+    };
+    for (i, b) in config.block.iter().enumerate() {
+        let id = format!("moat-vd{}", (b'a' + i as u8) as char);
+        let dev = Block::open(&b.path, b.read_only, &id).map_err(|source| VmmError::Device {
+            name: id.clone(),
+            source,
+        })?;
+        set.add(vm, mem, dev)?;
+    }
+    if config.rng {
+        set.add(vm, mem, Rng::default())?;
+    }
+    if let Some(socket) = config.agent.take() {
+        let (dev, rx, reader) = Console::new(socket).map_err(|source| VmmError::Device {
+            name: "agent console".into(),
+            source,
+        })?;
+        let transport = set.add(vm, mem, dev)?;
+        set.console = Some(ConsoleIo {
+            transport,
+            rx,
+            reader,
+        });
+    }
+    Ok(set)
+}
+
+/// Loads the kernel or payload and writes every boot structure; returns the entry.
+fn load_guest(
+    mem: &GuestMem,
+    config: &VmConfig,
+    announce: &[String],
+) -> Result<(u64, String), VmmError> {
+    regs::write_boot_tables(mem)?;
+    mptable::write(mem, config.vcpus)?;
+    let mut additions = announce.to_vec();
+    if matches!(config.kernel, Kernel::Linux(_)) {
+        additions.extend(boot::linux_additions(&config.cmdline));
+    }
+    let cmdline = boot::cmdline(&config.cmdline, &additions)?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(VmmError::Cmdline)?
+        .as_bytes()
+        .len();
+    let (entry, hdr, initrd) = match &config.kernel {
+        Kernel::Payload(code) => (boot::load_payload(mem, code)?, Default::default(), None),
+        Kernel::Linux(path) => {
+            let (entry, hdr, kernel_end) = boot::load_kernel(mem, path)?;
+            let initrd = match &config.initrd {
+                Some(p) => Some(boot::load_initrd(
+                    mem,
+                    p,
+                    kernel_end,
+                    boot::initrd_addr_max(&hdr),
+                )?),
+                None => None,
+            };
+            (entry, hdr, initrd)
+        }
+    };
+    boot::write_zero_page(
+        mem,
+        &cmdline,
+        boot::ZeroPage {
+            hdr,
+            cmdline_len,
+            initrd,
+        },
+    )?;
+    let text = cmdline
+        .as_cstring()
+        .map_err(VmmError::Cmdline)?
+        .to_string_lossy()
+        .into_owned();
+    Ok((entry.0, text))
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    config: &VmConfig,
+    entry: u64,
+) -> Result<Vec<VcpuFd>, VmmError> {
+    let host_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::VmSetup("get supported CPUID", e))?;
+    let all_start = matches!(config.kernel, Kernel::Payload(_));
+    let mut vcpus = Vec::with_capacity(config.vcpus.into());
+    for index in 0..config.vcpus {
+        let fd = vcpu::create(vm, index, config.vcpus, &host_cpuid)?;
+        if index == 0 || all_start {
+            vcpu::set_entry(&fd, index, entry)?;
+        }
+        vcpus.push(fd);
+    }
+    Ok(vcpus)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that pulls a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+impl Vm {
+    /// Builds a VM from `config`: KVM, memory, devices, guest image, vCPUs.
+    pub fn new(mut config: VmConfig) -> Result<Vm, VmmError> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
+        let mem = memory::create(&vm, config.mem_mib)?;
+        let exit = Arc::new(ExitState::default());
+        let serial_out = match config.serial_out.take() {
+            Some(f) => SerialOut::File(f),
+            None => SerialOut::Sink,
+        };
+        let serial = SerialDevice::new(irq_line(&vm, SERIAL_IRQ)?, serial_out);
+        let virtio = create_virtio(&vm, &mem, &mut config)?;
+        let (entry, cmdline) = load_guest(&mem, &config, &virtio.announce)?;
+        let vcpus = create_vcpus(&kvm, &vm, &config, entry)?;
+        let bus = Arc::new(Bus::new(serial, I8042::new(exit.clone()), virtio.slots));
+        Ok(Vm {
+            vcpus,
+            bus,
+            console: virtio.console,
+            exit,
+            cmdline,
+            _vm: vm,
+            _kvm: kvm,
+            mem,
+        })
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.exit.clone())
+    }
+
+    /// The kernel command line as the guest gets it (with device announcements).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Guest memory (for tests and the snapshot code to come).
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Runs the VM until it stops; returns why.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        register_signal_handler(kick_signal(), kick_handler).map_err(VmmError::KickSignal)?;
+        let console = self.start_console()?;
+        let threads = self.start_vcpus();
+        let threads = match threads {
+            Ok(t) => t,
+            Err(e) => {
+                self.exit.set(ExitReason::Stopped);
+                stop_console(console);
+                return Err(e);
+            }
+        };
+        let reason = self.exit.wait();
+        kick_until_finished(&threads);
+        let mut first_error = None;
+        for (index, t) in threads.into_iter().enumerate() {
+            let r = t.join().unwrap_or(Err(VmmError::VcpuPanicked(index as u8)));
+            if let (Err(e), None) = (r, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        stop_console(console);
+        match (first_error, reason) {
+            (Some(e), _) => Err(e),
+            (None, Some(reason)) => Ok(reason),
+            (None, None) => Ok(ExitReason::Stopped),
+        }
+    }
+
+    fn start_vcpus(&mut self) -> Result<Vec<JoinHandle<Result<(), VmmError>>>, VmmError> {
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (index, fd) in self.vcpus.drain(..).enumerate() {
+            let index = index as u8;
+            let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let name = format!("vcpu{index}");
+            let t = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let r = vcpu::run(index, fd, bus, exit.clone());
+                    if r.is_err() {
+                        exit.fail();
+                    }
+                    r
+                })
+                .map_err(|source| VmmError::Spawn { name, source });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.exit.set(ExitReason::Stopped);
+                    kick_until_finished(&threads);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(threads)
+    }
+
+    fn start_console(&mut self) -> Result<Option<ConsoleRunning>, VmmError> {
+        let Some(io) = self.console.take() else {
+            return Ok(None);
+        };
+        let closer = io.reader.try_clone().map_err(|source| VmmError::Device {
+            name: "agent console".into(),
+            source: crate::virtio::DeviceError::CloneSocket(source),
+        })?;
+        let rx = io.rx.clone();
+        let name = "agent-io".to_string();
+        let t = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let transport = io.transport;
+                console::pump(io.reader, &io.rx, || {
+                    transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .process_queue(0)
+                })
+            })
+            .map_err(|source| VmmError::Spawn { name, source })?;
+        Ok(Some(ConsoleRunning {
+            thread: t,
+            rx,
+            socket: closer,
+        }))
+    }
+}
+
+fn stop_console(console: Option<ConsoleRunning>) {
+    if let Some(c) = console {
+        c.rx.close();
+        // Wakes the I/O thread out of read(); the VM is gone, so is the channel.
+        let _ = c.socket.shutdown(std::net::Shutdown::Both);
+        let _ = c.thread.join();
+    }
+}
+
+/// Signals every vCPU thread until it has left its run loop. A kick can land
+/// just before `KVM_RUN` and be lost, hence the repetition.
+fn kick_until_finished<T>(threads: &[JoinHandle<T>]) {
+    loop {
+        let mut running = false;
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            running = true;
+            let _ = t.kill(kick_signal());
+        }
+        if !running {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
