@@ -279,9 +279,9 @@ impl SandboxTier {
             dir,
         };
         let container_pid = self.record(req.id, record)?;
-        spawned
-            .go(container_pid)
-            .map_err(|e| RuntimeError::Tier(Box::new(e)))?;
+        // A supervisor that already ended (the workload of a launch ran and
+        // exited) has nothing left to be told.
+        let _ = spawned.go(container_pid);
         Ok(out)
     }
 

@@ -132,8 +132,21 @@ pub fn addfd_send(
 /// the target on the supervisor's, the two-context-switch round trip.
 pub fn set_sync_wakeup(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (include/uapi/linux/seccomp.h).
-    let mut flags: u64 = 1;
-    ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, &mut flags).map(drop)
+    const SYNC_WAKE_UP: libc::c_ulong = 1;
+    // SAFETY: SET_FLAGS takes its flags by value (the kernel reads the
+    // ioctl argument itself, not memory it points to), so no memory is
+    // read or written.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+            SYNC_WAKE_UP,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The bytes of a kernel structure the caller zero-initialised and the

@@ -93,6 +93,8 @@ pub struct Broker {
     log: RateLimit,
     /// Learning mode: nothing is refused by the policy, everything recorded.
     pub learned: Option<Learned>,
+    /// The container process and its /proc/PID/mem, for reads before its exec.
+    init_mem: Option<(u32, OwnedFd)>,
 }
 
 type R<T> = Result<T, i32>;
@@ -125,6 +127,7 @@ impl Broker {
         policy: Policy,
         permitted: CapabilitySet,
         learn: bool,
+        init_mem: Option<(u32, OwnedFd)>,
     ) -> Broker {
         Broker {
             root,
@@ -141,6 +144,7 @@ impl Broker {
                 suppressed: 0,
             },
             learned: learn.then(Learned::default),
+            init_mem,
         }
     }
 
@@ -264,9 +268,21 @@ impl Broker {
         self.creds.get(self.proc.as_fd(), n.pid)
     }
 
+    /// Reads the caller's memory; the init before its exec through the
+    /// mem fd kept for it.
+    fn read(&self, n: &Notif, addr: u64, len: usize) -> R<Vec<u8>> {
+        match target::read_mem(n.pid, addr, len) {
+            Err(libc::EPERM) => match &self.init_mem {
+                Some((pid, mem)) if *pid == n.pid => target::read_mem_fd(mem.as_fd(), addr, len),
+                _ => Err(libc::EPERM),
+            },
+            r => r,
+        }
+    }
+
     fn path_arg(&self, n: &Notif, addr: u64) -> R<Vec<u8>> {
         self.need_ptrace()?;
-        target::read_cstr(n.pid, addr)
+        target::read_cstr_with(addr, |at, len| self.read(n, at, len))
     }
 
     /// The absolute container path of `path` relative to `dirfd` of the
@@ -561,7 +577,7 @@ impl Broker {
             return Err(libc::EINVAL);
         }
         self.need_ptrace()?;
-        let how = target::read_mem(n.pid, n.args[2], 24)?;
+        let how = self.read(n, n.args[2], 24)?;
         let word = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&how[i * 8..i * 8 + 8]);
@@ -1141,7 +1157,7 @@ impl Broker {
             None
         } else {
             self.need_ptrace()?;
-            let b = target::read_mem(n.pid, times, 32)?;
+            let b = self.read(n, times, 32)?;
             let w = |i: usize| {
                 let mut x = [0u8; 8];
                 x.copy_from_slice(&b[i * 8..i * 8 + 8]);
@@ -1164,7 +1180,7 @@ impl Broker {
             None
         } else {
             self.need_ptrace()?;
-            let b = target::read_mem(n.pid, times, if kind == 0 { 16 } else { 32 })?;
+            let b = self.read(n, times, if kind == 0 { 16 } else { 32 })?;
             let w = |i: usize| {
                 let mut x = [0u8; 8];
                 x.copy_from_slice(&b[i * 8..i * 8 + 8]);
@@ -1263,7 +1279,7 @@ impl Broker {
                 return Err(libc::E2BIG);
             }
             self.need_ptrace()?;
-            target::read_mem(n.pid, a[2], len)?
+            self.read(n, a[2], len)?
         } else {
             Vec::new()
         };
@@ -1283,7 +1299,8 @@ impl Broker {
                     })
                     .unwrap_or(false);
                 let cname = std::ffi::CString::new(name.clone()).map_err(|_| libc::EINVAL)?;
-                let p = format!("/proc/{}", via);
+                // Relative: the supervisor's cwd is host /proc.
+                let p = via.to_string();
                 let _ = b;
                 match nr {
                     libc::SYS_getxattr | libc::SYS_lgetxattr => {
@@ -1401,7 +1418,7 @@ impl Broker {
             Want::READ,
             valid,
             |_, _, via| {
-                let p = format!("/proc/{via}");
+                let p = via.to_string();
                 rustix::fs::inotify::add_watch(
                     &ino,
                     p.as_str(),

@@ -11,15 +11,15 @@
 //! 4. rlimits: no core dumps, no new processes, bounded descriptors and
 //!    address space;
 //! 5. no_new_privs;
-//! 6. Landlock: the container's root (everything the broker does happens
-//!    there) and host /proc read-only (credentials, descriptors);
+//! 6. chroot into the container's root, its working directory host /proc
+//!    (the only host directory it uses, through relative paths). Not
+//!    Landlock: a process in a Landlock domain may not read the memory of a
+//!    process outside it (Landlock scopes ptrace access to its own domain),
+//!    and the workload's domain is not the supervisor's;
 //! 7. its own seccomp filter, every allowed syscall with its reason
 //!    ([`SUPERVISOR_SYSCALLS`]); anything else kills it.
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
-use landlock::{
-    make_bitflags, Access, AccessFs, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
-};
 use rustix::process::Resource;
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
@@ -33,8 +33,6 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
-    #[error("landlock")]
-    Landlock(#[from] landlock::RulesetError),
     #[error("seccomp")]
     Seccomp(#[from] moat_jail::seccomp::SeccompError),
 }
@@ -64,6 +62,11 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
     ("recvmsg", "receive that fd"),
     ("recvfrom", "read the rest of the listener's message"),
     ("read", "read /proc/TID/status, the listener's message"),
+    (
+        "pread64",
+        "the container process's memory before its exec (/proc/PID/mem)",
+    ),
+    ("setsockopt", "a read timeout on a listener connection"),
     ("write", "log denials to stderr"),
     ("writev", "log denials to stderr"),
     ("close", "close what the broker opened"),
@@ -155,6 +158,9 @@ pub fn confine(
         rustix::thread::set_thread_res_uid(root_uid, root_uid, root_uid)
             .map_err(step("become the container's root user"))?;
     }
+    rustix::process::fchdir(root).map_err(step("enter the container's root"))?;
+    rustix::process::chroot(".").map_err(step("chroot into the container's root"))?;
+    rustix::process::fchdir(proc).map_err(step("work in host /proc"))?;
     let keep = BASE_CAPS | CapabilitySet::from_bits_retain(workload_bounding);
     for c in ::caps::all() {
         if keep.contains(CapabilitySet::from_bits_retain(1u64 << c.index())) {
@@ -198,27 +204,7 @@ pub fn confine(
     limit(Resource::Nofile, 1024).map_err(step("limit descriptors"))?;
     limit(Resource::As, 1 << 30).map_err(step("limit the address space"))?;
     rustix::thread::set_no_new_privs(true).map_err(step("set no_new_privs"))?;
-    landlock(root, proc)?;
     Ok(permitted)
-}
-
-fn landlock(root: BorrowedFd<'_>, proc: BorrowedFd<'_>) -> Result<(), JailError> {
-    let abi = ABI::V5;
-    let all = AccessFs::from_all(abi);
-    let status = Ruleset::default()
-        .handle_access(all)?
-        .create()?
-        .add_rule(PathBeneath::new(
-            root.as_fd(),
-            all & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock),
-        ))?
-        .add_rule(PathBeneath::new(
-            proc.as_fd(),
-            make_bitflags!(AccessFs::{ReadFile | ReadDir}),
-        ))?
-        .restrict_self()?;
-    tracing::debug!("sandbox supervisor landlock: {:?}", status.ruleset);
-    Ok(())
 }
 
 /// Step 7: the supervisor's own filter (default: kill the process).

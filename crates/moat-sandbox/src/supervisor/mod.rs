@@ -108,6 +108,10 @@ fn run(listener: UnixListener, control: &Channel, opts: Options) -> i32 {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+fn ctx<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> BoxError {
+    move |e| format!("cannot {step}: {e}").into()
+}
+
 fn detach(keep_stderr: bool) -> Result<(), BoxError> {
     rustix::process::setsid()?;
     let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
@@ -128,27 +132,50 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
         return Ok(());
     };
     let pid = rustix::process::Pid::from_raw(init).ok_or("bad container PID")?;
-    let init_fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    let init_fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(ctx("open a pidfd of the container process"))?;
     let root = rustix::fs::open(
         format!("/proc/{init}/root").as_str(),
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )
+    .map_err(ctx("open the container's root"))?;
     let proc = rustix::fs::open(
         "/proc",
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )
+    .map_err(ctx("open /proc"))?;
     let userns = other_userns(init)?;
-    notify::set_sync_wakeup(first.as_fd())?;
+    let init_mem = rustix::fs::open(
+        format!("/proc/{init}/mem").as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx("open the container process's memory"))?;
+    notify::set_sync_wakeup(first.as_fd())
+        .map_err(ctx("set SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP"))?;
     let permitted = jail::confine(
         userns.as_ref().map(|f| f.as_fd()),
         root.as_fd(),
         proc.as_fd(),
         opts.workload_bounding,
-    )?;
-    jail::load_filter()?;
-    let mut broker = Broker::new(root, proc, opts.policy, permitted, opts.learn.is_some());
+    )
+    .map_err(|e| {
+        format!(
+            "cannot confine the supervisor: {}",
+            moat_core::error_chain(&e)
+        )
+    })?;
+    jail::load_filter().map_err(ctx("load the supervisor's seccomp filter"))?;
+    let mut broker = Broker::new(
+        root,
+        proc,
+        opts.policy,
+        permitted,
+        opts.learn.is_some(),
+        Some((init as u32, init_mem)),
+    );
     let mut fds = vec![first];
     let mut init_alive = Some(init_fd);
     serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);

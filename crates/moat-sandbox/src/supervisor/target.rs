@@ -167,6 +167,14 @@ pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
 /// unmapped page is still read. `ENAMETOOLONG` past the bound, `EFAULT`
 /// for a NULL or unmapped address.
 pub fn read_cstr(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
+    read_cstr_with(addr, |at, len| read_mem(pid, at, len))
+}
+
+/// [`read_cstr`] through `read` (address, length → bytes).
+pub fn read_cstr_with(
+    addr: u64,
+    read: impl Fn(u64, usize) -> Result<Vec<u8>, i32>,
+) -> Result<Vec<u8>, i32> {
     if addr == 0 {
         return Err(libc::EFAULT);
     }
@@ -175,7 +183,7 @@ pub fn read_cstr(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
     while out.len() < PATH_MAX {
         let to_page_end = PAGE - (at as usize % PAGE);
         let want = to_page_end.min(PATH_MAX - out.len());
-        let chunk = read_mem(pid, at, want)?;
+        let chunk = read(at, want)?;
         if let Some(nul) = chunk.iter().position(|b| *b == 0) {
             out.extend_from_slice(&chunk[..nul]);
             return Ok(out);
@@ -184,6 +192,18 @@ pub fn read_cstr(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
         at = at.checked_add(want as u64).ok_or(libc::EFAULT)?;
     }
     Err(libc::ENAMETOOLONG)
+}
+
+/// Reads through a `/proc/PID/mem` fd opened before the supervisor gave up
+/// its host privileges: the container's init, until its exec, is not
+/// dumpable and its memory belongs to the host's user namespace.
+pub fn read_mem_fd(mem: BorrowedFd<'_>, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; len];
+    let n = rustix::io::pread(mem, &mut buf, addr).map_err(|e| e.raw_os_error())?;
+    if n != len {
+        return Err(libc::EFAULT);
+    }
+    Ok(buf)
 }
 
 /// Writes `data` at `addr` of process `pid`, all or `EFAULT`.
