@@ -807,13 +807,19 @@ impl Broker {
                     want
                 };
                 self.decide(n, &canon, policy_want)?;
-                rustix::fs::accessat(
-                    &fd,
-                    "",
-                    rustix::fs::Access::from_bits_retain(mode as u32),
-                    rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::EACCESS,
-                )
-                .map_err(errno)
+                {
+                    use std::os::fd::AsRawFd;
+                    // Through the descriptor's /proc link: faccessat2 takes
+                    // no AT_EMPTY_PATH for an O_PATH fd here.
+                    let via = format!("self/fd/{}", fd.as_raw_fd());
+                    rustix::fs::accessat(
+                        &self.proc,
+                        via.as_str(),
+                        rustix::fs::Access::from_bits_retain(mode as u32),
+                        rustix::fs::AtFlags::EACCESS,
+                    )
+                    .map_err(errno)
+                }
             });
         self.restore()?;
         r?;

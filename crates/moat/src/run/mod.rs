@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// Kill the container after SECS seconds
     #[arg(long)]
     pub timeout: Option<u32>,
+    /// The sandbox tier's policy (a JSON file, docs/sandbox.md); with
+    /// --isolation sandbox only
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     /// Print a JSON result record to stderr, or to FILE with --json=FILE
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "-")]
     pub json: Option<String>,
@@ -127,6 +131,7 @@ const RUN_VALUE_FLAGS: &[&str] = &[
     "--hostname",
     "--cap-add",
     "--timeout",
+    "--policy",
 ];
 
 /// Whether `--` comes before the first positional argument of a human-mode
@@ -361,6 +366,17 @@ pub fn main(cli: RunCli) -> Result<i32> {
     // Whose run this is: a later `moat run` removes the container if this
     // process is killed before it could (`sweep_orphans`).
     spec["annotations"][OWNER_ANNOTATION] = serde_json::json!(owner.record());
+    if let Some(file) = &o.policy {
+        if tier != Tier::Sandbox {
+            bail!("--policy applies to --isolation sandbox only");
+        }
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the policy {}", file.display()))?;
+        // Checked here for a clear error before anything is created.
+        moat_sandbox::Policy::parse(text.as_bytes())
+            .with_context(|| format!("policy {}", file.display()))?;
+        spec["annotations"][moat_sandbox::POLICY_ANNOTATION] = serde_json::json!(text);
+    }
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {
         tracing::warn!("--net host: the container shares the host's network namespace");
