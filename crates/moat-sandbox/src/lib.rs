@@ -390,10 +390,7 @@ impl Lifecycle for SandboxTier {
     }
 
     fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
-        let st = match self.sd().load(id) {
-            Ok(st) => Some(st),
-            Err(_) => None,
-        };
+        let st = self.sd().load(id).ok();
         let sup = st
             .as_ref()
             .and_then(|st| self.part(st).ok())

@@ -300,7 +300,7 @@ impl Policy {
                 access,
             });
         }
-        rules.sort_by(|a, b| b.components.len().cmp(&a.components.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.components.len()));
         let socket_families = match &doc.socket_families {
             None => vec![
                 libc::AF_UNIX,
@@ -422,7 +422,7 @@ impl Policy {
                 })
             })
             .collect();
-        rules.sort_by(|a, b| b.components.len().cmp(&a.components.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.components.len()));
         Policy {
             rules,
             socket_families: families,

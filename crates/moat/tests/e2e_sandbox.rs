@@ -120,7 +120,7 @@ fn brokered_opens_work_and_hidden_paths_do_not_exist() {
         out.stderr
     );
     assert!(
-        out.stderr.contains("/etc/moat-x: Permission denied"),
+        out.stderr.contains("'/etc/moat-x': Permission denied"),
         "{}",
         out.stderr
     );

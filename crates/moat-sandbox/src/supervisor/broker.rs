@@ -1601,6 +1601,14 @@ fn libseccomp_name(nr: i32) -> Option<String> {
         (libc::SYS_chdir, "chdir"),
         (libc::SYS_truncate, "truncate"),
         (libc::SYS_statfs, "statfs"),
+        (libc::SYS_utimensat, "utimensat"),
+        (libc::SYS_chmod, "chmod"),
+        (libc::SYS_fchmodat, "fchmodat"),
+        (libc::SYS_fchownat, "fchownat"),
+        (libc::SYS_mknodat, "mknodat"),
+        (libc::SYS_getxattr, "getxattr"),
+        (libc::SYS_setxattr, "setxattr"),
+        (libc::SYS_inotify_add_watch, "inotify_add_watch"),
     ];
     names
         .iter()
