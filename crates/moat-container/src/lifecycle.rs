@@ -179,7 +179,7 @@ impl ContainerTier {
     ) -> Result<(i32, State, Channel, Option<OwnedFd>), ContainerError> {
         let (spec, rootfs) = (&req.config.spec, &req.config.rootfs);
         let bundle = match &req.config.source {
-            ConfigSource::Bundle(dir) => dir.clone(),
+            ConfigSource::Bundle(dir) | ConfigSource::Rewritten { bundle: dir, .. } => dir.clone(),
             ConfigSource::Memory(_) => lock.dir().to_owned(),
         };
         let linux = spec
@@ -939,7 +939,9 @@ fn mount_resolv_conf(spec: &Spec, dir: &Path) -> Result<Spec, ContainerError> {
 /// seccomp listener): the bytes given in memory, else the bundle's file.
 fn save_config_copy(dir: &Path, config: &Config) -> Result<(), ContainerError> {
     let saved = match &config.source {
-        ConfigSource::Memory(bytes) => std::fs::write(dir.join(CONFIG_COPY), bytes),
+        ConfigSource::Memory(bytes) | ConfigSource::Rewritten { bytes, .. } => {
+            std::fs::write(dir.join(CONFIG_COPY), bytes)
+        }
         ConfigSource::Bundle(bundle) => {
             std::fs::copy(bundle.join("config.json"), dir.join(CONFIG_COPY)).map(drop)
         }

@@ -35,6 +35,12 @@ pub struct LandlockPolicy {
     pub write: Vec<PathBuf>,
     #[serde(default)]
     pub files: Vec<PathBuf>,
+    /// When present, execute is granted beneath these paths only (not with
+    /// `read` or `write`); a path the container lacks is skipped. The
+    /// sandbox tier derives it from its policy, so that what its
+    /// supervisor decided about an exec holds in the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute: Option<Vec<PathBuf>>,
 }
 
 impl LandlockPolicy {
@@ -94,7 +100,14 @@ impl LandlockPolicy {
     }
 
     fn check(&self) -> Result<(), SpecError> {
-        for path in self.read.iter().chain(&self.write).chain(&self.files) {
+        let execute = self.execute.as_deref().unwrap_or(&[]);
+        for path in self
+            .read
+            .iter()
+            .chain(&self.write)
+            .chain(&self.files)
+            .chain(execute)
+        {
             let ok = path.is_absolute() && !path.components().any(|c| c == Component::ParentDir);
             if !ok {
                 return Err(SpecError::Invalid(format!(
@@ -173,6 +186,18 @@ mod tests {
             serde_json::from_str::<LandlockPolicy>(&p.to_annotation()).unwrap(),
             p
         );
+    }
+
+    #[test]
+    fn execute_list_round_trips() {
+        let json = spec(
+            r#","annotations":{"dev.moat.landlock":"{\"read\":[\"/\"],\"execute\":[\"/usr\"]}"}"#,
+        );
+        let p = LandlockPolicy::from_spec(&json).unwrap().unwrap();
+        assert_eq!(p.execute, Some(paths(&["/usr"])));
+        assert!(!LandlockPolicy::derive(&json)
+            .to_annotation()
+            .contains("execute"));
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum ConfigSource {
     /// as its copy, and the container's state directory stands for the
     /// bundle.
     Memory(Vec<u8>),
+    /// A bundle's config as a stronger tier rewrote it (the sandbox tier
+    /// adds its seccomp listener): the bundle stays the container's bundle,
+    /// and these bytes are kept as its config copy.
+    Rewritten { bundle: PathBuf, bytes: Vec<u8> },
 }
 
 impl Config {
@@ -76,6 +80,26 @@ impl Config {
             spec,
             rootfs,
             source: ConfigSource::Memory(bytes),
+        })
+    }
+
+    /// The same container with `spec` in place of its config: the bytes a
+    /// tier keeps are `spec`'s, the bundle (if any) stays.
+    pub fn rewritten(&self, spec: Spec) -> Result<Config, serde_json::Error> {
+        let bytes = serde_json::to_vec(&spec)?;
+        let source = match &self.source {
+            ConfigSource::Bundle(bundle) | ConfigSource::Rewritten { bundle, .. } => {
+                ConfigSource::Rewritten {
+                    bundle: bundle.clone(),
+                    bytes,
+                }
+            }
+            ConfigSource::Memory(_) => ConfigSource::Memory(bytes),
+        };
+        Ok(Config {
+            spec,
+            rootfs: self.rootfs.clone(),
+            source,
         })
     }
 

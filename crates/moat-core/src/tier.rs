@@ -7,6 +7,10 @@ use std::str::FromStr;
 /// Annotation that selects the tier from config.json.
 pub const TIER_ANNOTATION: &str = "dev.moat.isolation";
 
+/// The sandbox tier's policy (its JSON document; docs/sandbox.md), for
+/// the OCI path; `moat run --policy FILE` writes it.
+pub const SANDBOX_POLICY_ANNOTATION: &str = "dev.moat.sandbox.policy";
+
 /// Ordered from weakest to strongest isolation.
 #[derive(
     Debug,

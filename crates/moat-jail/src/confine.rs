@@ -69,6 +69,8 @@ impl Confinement<'_> {
             read: self.read.to_vec(),
             write: Vec::new(),
             files: Vec::new(),
+            // It never executes anything.
+            execute: Some(Vec::new()),
         };
         match crate::landlock::prepare(&policy)?.restrict()? {
             crate::landlock::Enforcement::Full | crate::landlock::Enforcement::Partial => {}

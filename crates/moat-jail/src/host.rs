@@ -86,12 +86,12 @@ impl HostFacts {
     /// Reads the facts now.
     pub fn read() -> HostFacts {
         HostFacts {
-            kernel: kernel(),
+            kernel: Kernel::read(),
             namespaces: namespaces(),
             user_namespaces: user_namespaces(),
             cgroup: cgroups(),
-            seccomp: seccomp(),
-            landlock_abi: moat_sys::probe::landlock_abi_version().ok(),
+            seccomp: Seccomp::read(),
+            landlock_abi: landlock_abi(),
             kvm: kvm(),
             guest_kernel: guest_kernel(),
             qemu: which("qemu-system-x86_64"),
@@ -104,14 +104,21 @@ fn read_trim(p: impl AsRef<Path>) -> Option<String> {
     std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned())
 }
 
-fn kernel() -> Kernel {
-    let u = rustix::system::uname();
-    let text = |s: &std::ffi::CStr| s.to_string_lossy().into_owned();
-    Kernel {
-        release: text(u.release()),
-        version: text(u.version()),
-        machine: text(u.machine()),
+impl Kernel {
+    pub fn read() -> Kernel {
+        let u = rustix::system::uname();
+        let text = |s: &std::ffi::CStr| s.to_string_lossy().into_owned();
+        Kernel {
+            release: text(u.release()),
+            version: text(u.version()),
+            machine: text(u.machine()),
+        }
     }
+}
+
+/// The Landlock ABI version; `None` when the kernel has no Landlock.
+pub fn landlock_abi() -> Option<i64> {
+    moat_sys::probe::landlock_abi_version().ok()
 }
 
 /// (major, minor) of a release string like "6.18.44-fc-v1147".
@@ -158,17 +165,22 @@ fn cgroups() -> Cgroups {
     }
 }
 
-fn seccomp() -> Seccomp {
-    let actions: Vec<String> = read_trim("/proc/sys/kernel/seccomp/actions_avail")
-        .map(|s| s.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default();
-    let at_least = |want: (u32, u32)| release_version(&kernel().release).is_some_and(|v| v >= want);
-    let user_notification = actions.iter().any(|a| a == "user_notif");
-    Seccomp {
-        user_notification,
-        addfd: user_notification && at_least((5, 9)),
-        sync_wake_up: user_notification && at_least((6, 6)),
-        actions,
+impl Seccomp {
+    /// The seccomp actions this kernel offers, and the notification
+    /// features its version implies.
+    pub fn read() -> Seccomp {
+        let actions: Vec<String> = read_trim("/proc/sys/kernel/seccomp/actions_avail")
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let release = Kernel::read().release;
+        let at_least = |want: (u32, u32)| release_version(&release).is_some_and(|v| v >= want);
+        let user_notification = actions.iter().any(|a| a == "user_notif");
+        Seccomp {
+            user_notification,
+            addfd: user_notification && at_least((5, 9)),
+            sync_wake_up: user_notification && at_least((6, 6)),
+            actions,
+        }
     }
 }
 

@@ -98,10 +98,23 @@ pub fn prepare(policy: &LandlockPolicy) -> Result<Prepared, LandlockError> {
         .handle_access(AccessFs::from_all(ABI_MAX))
         .and_then(Ruleset::create)
         .map_err(LandlockError::Create)?;
+    // With an execute list, execute is granted there and nowhere else.
+    let no_exec = match policy.execute {
+        Some(_) => !BitFlags::from(AccessFs::Execute),
+        None => BitFlags::all(),
+    };
+    let present: Vec<PathBuf> = policy
+        .execute
+        .iter()
+        .flatten()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .cloned()
+        .collect();
     let classes = [
-        (&policy.read, read_access()),
-        (&policy.write, write_access()),
+        (&policy.read, read_access() & no_exec),
+        (&policy.write, write_access() & no_exec),
         (&policy.files, files_access()),
+        (&present, make_bitflags!(AccessFs::{Execute})),
     ];
     for (paths, access) in classes {
         for path in paths {

@@ -255,6 +255,12 @@ impl Msg {
     }
 }
 
+impl std::os::fd::AsFd for Channel {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl Channel {
     pub fn from_fd(fd: OwnedFd) -> Channel {
         Channel { fd }

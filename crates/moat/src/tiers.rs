@@ -12,18 +12,21 @@ use moat_core::runtime::{
 use moat_core::state::StateDir;
 use moat_core::stats::{LimitEvents, Stats};
 use moat_core::Tier;
+use moat_sandbox::SandboxTier;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 /// A tier's implementation of the seam.
 pub enum Engine {
     Container(ContainerTier),
+    Sandbox(SandboxTier),
 }
 
 /// Whether this host can run `tier`, and if not, what it lacks.
 pub fn check(tier: Tier) -> Result<(), Unavailable> {
     match tier {
         Tier::Container => Ok(()),
-        Tier::Sandbox | Tier::Microvm => Err(not_built(tier)),
+        Tier::Sandbox => moat_sandbox::check_host(),
+        Tier::Microvm => Err(not_built(tier)),
     }
 }
 
@@ -81,7 +84,11 @@ impl Tiers {
                 &self.root,
                 self.systemd_cgroup,
             ))),
-            Tier::Sandbox | Tier::Microvm => Err(not_built(tier)),
+            Tier::Sandbox => Ok(Engine::Sandbox(SandboxTier::new(
+                &self.root,
+                self.systemd_cgroup,
+            ))),
+            Tier::Microvm => Err(not_built(tier)),
         }
     }
 
@@ -121,6 +128,7 @@ macro_rules! on_tier {
     ($engine:expr, $t:ident => $call:expr) => {
         match $engine {
             Engine::Container($t) => $call,
+            Engine::Sandbox($t) => $call,
         }
     };
 }
@@ -183,15 +191,15 @@ mod tests {
     #[test]
     fn unavailable_tiers_say_why_in_one_line() {
         assert!(check(Tier::Container).is_ok());
-        for t in [Tier::Sandbox, Tier::Microvm] {
-            let e = check(t).unwrap_err();
-            let msg = e.to_string();
-            assert!(
-                msg.starts_with(&format!("isolation tier {t} is not available yet: ")),
-                "{msg}"
-            );
-            assert!(!msg.contains('\n'));
-        }
-        assert_eq!(available(), vec![Tier::Container]);
+        // This host has seccomp user notification and Landlock.
+        assert!(check(Tier::Sandbox).is_ok(), "{:?}", check(Tier::Sandbox));
+        let t = Tier::Microvm;
+        let msg = check(t).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("isolation tier {t} is not available yet: ")),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+        assert_eq!(available(), vec![Tier::Container, Tier::Sandbox]);
     }
 }

@@ -155,16 +155,26 @@ fn ctr_runs_moat_through_the_runc_shim() {
     c.ctr(&["task", "rm", "t4"]).expect_ok();
     c.ctr(&["container", "rm", "t4"]).expect_ok();
 
-    // The tier by program name; the shim shows moat's error.
+    // The sandbox tier by program name.
     let sb = c
-        .run(&s(&bin.join("moat-sandbox")), &["--rm"], "t5", &["true"])
+        .run(
+            &s(&bin.join("moat-sandbox")),
+            &["--rm"],
+            "t5",
+            &["echo", "in-sandbox"],
+        )
+        .expect_ok();
+    assert_eq!(sb.stdout.trim(), "in-sandbox", "{sb:?}");
+    // A tier this host cannot run: the shim shows moat's error.
+    let vm = c
+        .run(&s(&bin.join("moat-microvm")), &["--rm"], "t6", &["true"])
         .expect_fail();
     assert!(
-        sb.stderr
-            .contains("isolation tier sandbox is not available yet"),
-        "{sb:?}"
+        vm.stderr
+            .contains("isolation tier microvm is not available yet"),
+        "{vm:?}"
     );
-    let _ = c.ctr(&["container", "rm", "t5"]);
+    let _ = c.ctr(&["container", "rm", "t6"]);
 }
 
 #[test]

@@ -321,9 +321,9 @@ fn podman_selects_tiers_and_shows_moats_error() {
         let want = format!("isolation tier {tier} is not available yet");
         assert!(o.stderr.contains(&want), "{o:?}");
     };
-    // By annotation in config.json.
-    fail(
-        pm.cmd(&[
+    // By annotation in config.json: the sandbox tier runs it.
+    let sb = pm
+        .cmd(&[
             "run",
             "--rm",
             "--network",
@@ -331,10 +331,11 @@ fn podman_selects_tiers_and_shows_moats_error() {
             "--annotation",
             "dev.moat.isolation=sandbox",
             "moatbb",
-            "true",
-        ]),
-        "sandbox",
-    );
+            "echo",
+            "in-sandbox",
+        ])
+        .expect_ok();
+    assert_eq!(sb.stdout, "in-sandbox\n");
     // An explicit `container` annotation runs.
     let ok = pm
         .cmd(&[
@@ -365,8 +366,8 @@ fn podman_selects_tiers_and_shows_moats_error() {
         "microvm",
     );
     // By program name.
-    fail(
-        pm.cmd(&[
+    let sb = pm
+        .cmd(&[
             "--runtime",
             &s(&bin.join("moat-sandbox")),
             "run",
@@ -374,8 +375,9 @@ fn podman_selects_tiers_and_shows_moats_error() {
             "--network",
             "none",
             "moatbb",
-            "true",
-        ]),
-        "sandbox",
-    );
+            "echo",
+            "by-name",
+        ])
+        .expect_ok();
+    assert_eq!(sb.stdout, "by-name\n");
 }

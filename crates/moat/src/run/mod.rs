@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// Kill the container after SECS seconds
     #[arg(long)]
     pub timeout: Option<u32>,
+    /// The sandbox tier's policy (a JSON file, docs/sandbox.md); with
+    /// --isolation sandbox only
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     /// Print a JSON result record to stderr, or to FILE with --json=FILE
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "-")]
     pub json: Option<String>,
@@ -136,6 +140,7 @@ const RUN_VALUE_FLAGS: &[&str] = &[
     "--hostname",
     "--cap-add",
     "--timeout",
+    "--policy",
 ];
 
 /// Whether `--` comes before the first positional argument of a human-mode
@@ -377,6 +382,15 @@ pub fn main(cli: RunCli) -> Result<i32> {
         if !s.publish.is_empty() {
             spec["annotations"][PUBLISH_ANNOTATION] = serde_json::json!(s.publish.join(","));
         }
+    }
+    if let Some(file) = &o.policy {
+        if tier != Tier::Sandbox {
+            bail!("--policy applies to --isolation sandbox only");
+        }
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the policy {}", file.display()))?;
+        // The sandbox tier checks it before anything runs.
+        spec["annotations"][moat_core::tier::SANDBOX_POLICY_ANNOTATION] = serde_json::json!(text);
     }
     let config = serde_json::to_vec(&spec)?;
     if s.net_host {

@@ -1,0 +1,1645 @@
+//! Deciding one notification. Path syscalls are carried out here, inside
+//! the container's root, with the calling thread's credentials; the
+//! result goes back as a descriptor (ADDFD) or a value, with any buffer
+//! written into the caller's memory. Value-only syscalls (clone flags,
+//! prctl options, socket families, credential changes) are decided and
+//! then continue in the kernel: their arguments are registers the caller
+//! cannot change after the check.
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use moat_sys::notify::Notif;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::thread::{CapabilitySet, CapabilitySets};
+
+use super::target::{self, Cache, Creds};
+use crate::policy::{clean_components, Access, Policy, Verdict, Want};
+
+/// `AUDIT_ARCH_X86_64`: the only ABI the workload's filter lets through.
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+
+/// What to answer.
+pub enum Reply {
+    Val(i64),
+    Err(i32),
+    Continue,
+    Fd { fd: OwnedFd, cloexec: bool },
+}
+
+/// Capabilities the supervisor keeps for itself (docs/design.md, "sandbox
+/// tier"): SYS_PTRACE to read and write the caller's memory and look at
+/// its /proc files, SETUID and SETGID to take the caller's identity.
+pub const BASE_CAPS: CapabilitySet = CapabilitySet::SYS_PTRACE
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::SETGID);
+
+/// Denials logged per second; the rest are counted and reported once.
+const LOG_PER_SECOND: u32 = 20;
+
+struct RateLimit {
+    window: Instant,
+    shown: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::warn!("sandbox: {} more denials not shown", self.suppressed);
+            }
+            self.window = Instant::now();
+            self.shown = 0;
+            self.suppressed = 0;
+        }
+        if self.shown < LOG_PER_SECOND {
+            self.shown += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// The fs identity currently taken.
+#[derive(PartialEq, Eq, Clone)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+/// What `moat policy learn` collects: every path the workload reached and
+/// how, and the socket families it created.
+#[derive(Default)]
+pub struct Learned {
+    pub paths: BTreeMap<String, Access>,
+    pub families: Vec<i32>,
+}
+
+pub struct Broker {
+    root: OwnedFd,
+    proc: OwnedFd,
+    policy: Policy,
+    creds: Cache,
+    identity: Option<Identity>,
+    /// The effective set in force now.
+    effective: CapabilitySet,
+    permitted: CapabilitySet,
+    umask: u32,
+    log: RateLimit,
+    /// Learning mode: nothing is refused by the policy, everything recorded.
+    pub learned: Option<Learned>,
+    /// The container process and its /proc/PID/mem, for reads before its exec.
+    init_mem: Option<(u32, OwnedFd)>,
+}
+
+type R<T> = Result<T, i32>;
+
+fn errno(e: rustix::io::Errno) -> i32 {
+    e.raw_os_error()
+}
+
+fn access_of(flags: u64) -> Want {
+    let f = OFlags::from_bits_retain(flags as u32);
+    if f.contains(OFlags::PATH) {
+        return Want::LOOKUP;
+    }
+    let mode = f & OFlags::RWMODE;
+    let write = mode == OFlags::WRONLY
+        || mode == OFlags::RDWR
+        || f.intersects(OFlags::TRUNC | OFlags::CREATE)
+        || f.contains(OFlags::TMPFILE);
+    Want {
+        read: mode == OFlags::RDONLY || mode == OFlags::RDWR,
+        write,
+        exec: false,
+    }
+}
+
+impl Broker {
+    pub fn new(
+        root: OwnedFd,
+        proc: OwnedFd,
+        policy: Policy,
+        permitted: CapabilitySet,
+        learn: bool,
+        init_mem: Option<(u32, OwnedFd)>,
+    ) -> Broker {
+        Broker {
+            root,
+            proc,
+            policy,
+            creds: Cache::default(),
+            identity: None,
+            effective: BASE_CAPS,
+            permitted,
+            umask: 0o022,
+            log: RateLimit {
+                window: Instant::now(),
+                shown: 0,
+                suppressed: 0,
+            },
+            learned: learn.then(Learned::default),
+            init_mem,
+        }
+    }
+
+    /// Decides one notification. `valid` says whether it still waits (after
+    /// the caller's memory was read, before acting on what was read).
+    pub fn handle(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> Reply {
+        if n.arch != AUDIT_ARCH_X86_64 {
+            return Reply::Err(libc::ENOSYS);
+        }
+        match self.dispatch(n, valid) {
+            Ok(r) => r,
+            Err(e) => Reply::Err(e),
+        }
+    }
+
+    fn dispatch(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
+        let a = n.args;
+        let cwd = libc::AT_FDCWD as u64;
+        match i64::from(n.nr) {
+            libc::SYS_open => self.open(n, cwd, a[0], a[1], a[2], valid),
+            libc::SYS_creat => self.open(
+                n,
+                cwd,
+                a[0],
+                (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u64,
+                a[1],
+                valid,
+            ),
+            libc::SYS_openat => self.open(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_openat2 => self.openat2(n, valid),
+            libc::SYS_stat => self.stat(n, cwd, a[0], a[1], 0, None, valid),
+            libc::SYS_lstat => self.stat(
+                n,
+                cwd,
+                a[0],
+                a[1],
+                libc::AT_SYMLINK_NOFOLLOW as u64,
+                None,
+                valid,
+            ),
+            libc::SYS_newfstatat => self.stat(n, a[0], a[1], a[2], a[3], None, valid),
+            libc::SYS_statx => self.stat(n, a[0], a[1], a[4], a[2], Some(a[3] as u32), valid),
+            libc::SYS_statfs => self.statfs(n, a[0], a[1], valid),
+            libc::SYS_access => self.access(n, cwd, a[0], a[1], 0, valid),
+            libc::SYS_faccessat => self.access(n, a[0], a[1], a[2], 0, valid),
+            libc::SYS_faccessat2 => self.access(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_readlink => self.readlink(n, cwd, a[0], a[1], a[2], valid),
+            libc::SYS_readlinkat => self.readlink(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_mkdir => self.mkdir(n, cwd, a[0], a[1], valid),
+            libc::SYS_mkdirat => self.mkdir(n, a[0], a[1], a[2], valid),
+            libc::SYS_mknod => self.mknod(n, cwd, a[0], a[1], a[2], valid),
+            libc::SYS_mknodat => self.mknod(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_rmdir => self.unlink(n, cwd, a[0], libc::AT_REMOVEDIR as u64, valid),
+            libc::SYS_unlink => self.unlink(n, cwd, a[0], 0, valid),
+            libc::SYS_unlinkat => self.unlink(n, a[0], a[1], a[2], valid),
+            libc::SYS_rename => self.rename(n, cwd, a[0], cwd, a[1], 0, valid),
+            libc::SYS_renameat => self.rename(n, a[0], a[1], a[2], a[3], 0, valid),
+            libc::SYS_renameat2 => self.rename(n, a[0], a[1], a[2], a[3], a[4], valid),
+            libc::SYS_link => self.link(n, cwd, a[0], cwd, a[1], 0, valid),
+            libc::SYS_linkat => self.link(n, a[0], a[1], a[2], a[3], a[4], valid),
+            libc::SYS_symlink => self.symlink(n, a[0], cwd, a[1], valid),
+            libc::SYS_symlinkat => self.symlink(n, a[0], a[1], a[2], valid),
+            libc::SYS_chmod => self.chmod(n, cwd, a[0], a[1], 0, valid),
+            libc::SYS_fchmodat => self.chmod(n, a[0], a[1], a[2], 0, valid),
+            libc::SYS_fchmodat2 => self.chmod(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_chown => self.chown(n, cwd, a[0], a[1], a[2], 0, valid),
+            libc::SYS_lchown => self.chown(
+                n,
+                cwd,
+                a[0],
+                a[1],
+                a[2],
+                libc::AT_SYMLINK_NOFOLLOW as u64,
+                valid,
+            ),
+            libc::SYS_fchownat => self.chown(n, a[0], a[1], a[2], a[3], a[4], valid),
+            libc::SYS_utimensat => self.utimens(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_utime | libc::SYS_utimes | libc::SYS_futimesat => self.utimes_old(n, valid),
+            libc::SYS_truncate => self.truncate(n, a[0], a[1], valid),
+            libc::SYS_getxattr
+            | libc::SYS_lgetxattr
+            | libc::SYS_setxattr
+            | libc::SYS_lsetxattr
+            | libc::SYS_listxattr
+            | libc::SYS_llistxattr
+            | libc::SYS_removexattr
+            | libc::SYS_lremovexattr => self.xattr(n, valid),
+            libc::SYS_chdir => self.chdir(n, a[0], valid),
+            libc::SYS_execve => self.exec(n, cwd, a[0], 0, valid),
+            libc::SYS_execveat => self.exec(n, a[0], a[1], a[4], valid),
+            libc::SYS_inotify_add_watch => self.inotify_add_watch(n, valid),
+            libc::SYS_clone => self.clone(n.args[0]),
+            libc::SYS_fork | libc::SYS_vfork => {
+                self.creds.invalidate();
+                Ok(Reply::Continue)
+            }
+            libc::SYS_setuid
+            | libc::SYS_setgid
+            | libc::SYS_setreuid
+            | libc::SYS_setregid
+            | libc::SYS_setresuid
+            | libc::SYS_setresgid
+            | libc::SYS_setgroups
+            | libc::SYS_setfsuid
+            | libc::SYS_setfsgid
+            | libc::SYS_capset => {
+                // Decided by the kernel with the caller's capabilities; the
+                // cached credentials must be read again after it.
+                self.creds.invalidate();
+                Ok(Reply::Continue)
+            }
+            libc::SYS_prctl => self.prctl(n),
+            libc::SYS_socket => self.socket(n),
+            _ => Ok(Reply::Err(libc::ENOSYS)),
+        }
+    }
+
+    // ----- the caller -----
+
+    fn caller(&mut self, n: &Notif) -> R<Creds> {
+        self.creds.get(self.proc.as_fd(), n.pid)
+    }
+
+    /// Reads the caller's memory; the init before its exec through the
+    /// mem fd kept for it.
+    fn read(&self, n: &Notif, addr: u64, len: usize) -> R<Vec<u8>> {
+        match target::read_mem(n.pid, addr, len) {
+            Err(libc::EPERM) => match &self.init_mem {
+                Some((pid, mem)) if *pid == n.pid => target::read_mem_fd(mem.as_fd(), addr, len),
+                _ => Err(libc::EPERM),
+            },
+            r => r,
+        }
+    }
+
+    fn path_arg(&self, n: &Notif, addr: u64) -> R<Vec<u8>> {
+        self.need_ptrace()?;
+        target::read_cstr_with(addr, |at, len| self.read(n, at, len))
+    }
+
+    /// The absolute container path of `path` relative to `dirfd` of the
+    /// caller, with `/proc/self`, `/proc/thread-self` and `/dev/fd`
+    /// written as the caller's own PID: the kernel resolves them for the
+    /// supervisor, which has no PID in the container.
+    fn absolute(&self, n: &Notif, c: &Creds, dirfd: u64, path: &[u8]) -> R<Vec<u8>> {
+        if path.is_empty() {
+            return Err(libc::ENOENT);
+        }
+        let mut abs = if path.first() == Some(&b'/') {
+            path.to_vec()
+        } else {
+            let dirfd = dirfd as i32;
+            let link = if dirfd == libc::AT_FDCWD {
+                format!("{}/cwd", n.pid)
+            } else if dirfd >= 0 {
+                format!("{}/fd/{dirfd}", n.pid)
+            } else {
+                return Err(libc::EBADF);
+            };
+            self.need_ptrace()?;
+            let base = target::read_link(self.proc.as_fd(), &link).map_err(|e| {
+                if e == libc::ENOENT {
+                    libc::EBADF
+                } else {
+                    e
+                }
+            })?;
+            if base.first() != Some(&b'/') {
+                return Err(libc::ENOTDIR);
+            }
+            if base.ends_with(b" (deleted)") {
+                return Err(libc::ENOENT);
+            }
+            let mut v = base;
+            v.push(b'/');
+            v.extend_from_slice(path);
+            v
+        };
+        if abs.len() >= target::PATH_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        for (prefix, with) in [
+            (&b"/proc/self"[..], format!("/proc/{}", c.ns_tgid)),
+            (
+                b"/proc/thread-self",
+                format!("/proc/{}/task/{}", c.ns_tgid, c.ns_tid),
+            ),
+            (b"/dev/fd", format!("/proc/{}/fd", c.ns_tgid)),
+            (b"/dev/stdin", format!("/proc/{}/fd/0", c.ns_tgid)),
+            (b"/dev/stdout", format!("/proc/{}/fd/1", c.ns_tgid)),
+            (b"/dev/stderr", format!("/proc/{}/fd/2", c.ns_tgid)),
+        ] {
+            let rest = abs.strip_prefix(prefix);
+            if let Some(rest) = rest.filter(|r| r.is_empty() || r[0] == b'/') {
+                let mut v = with.into_bytes();
+                v.extend_from_slice(rest);
+                abs = v;
+                break;
+            }
+        }
+        Ok(abs)
+    }
+
+    /// If `abs` names a descriptor of the caller (`/proc/PID/fd/N`, its
+    /// own PID), that number.
+    fn own_fd(c: &Creds, abs: &[u8]) -> Option<i32> {
+        let comps = clean_components(abs);
+        match comps.as_slice() {
+            [b"proc", pid, b"fd", n] if *pid == c.ns_tgid.to_string().as_bytes() => {
+                std::str::from_utf8(n).ok()?.parse().ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// The caller's descriptor `fd` (a duplicate of the same open file).
+    fn caller_fd(&self, c: &Creds, fd: i32) -> R<OwnedFd> {
+        self.need_ptrace()?;
+        let pid = rustix::process::Pid::from_raw(c.tgid).ok_or(libc::ESRCH)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .map_err(errno)?;
+        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty()).map_err(
+            |e| {
+                if e == rustix::io::Errno::BADF {
+                    libc::ENOENT
+                } else {
+                    errno(e)
+                }
+            },
+        )
+    }
+
+    // ----- identity -----
+
+    fn set_effective(&mut self, want: CapabilitySet) -> R<()> {
+        let want = want & self.permitted;
+        if self.effective == want {
+            return Ok(());
+        }
+        rustix::thread::set_capabilities(
+            None,
+            CapabilitySets {
+                effective: want,
+                permitted: self.permitted,
+                inheritable: CapabilitySet::empty(),
+            },
+        )
+        .map_err(|_| libc::EPERM)?;
+        self.effective = want;
+        Ok(())
+    }
+
+    fn need_ptrace(&self) -> R<()> {
+        if self.effective.contains(CapabilitySet::SYS_PTRACE) {
+            Ok(())
+        } else {
+            // Every caller restores the base set first (see `act_as`).
+            Err(libc::EPERM)
+        }
+    }
+
+    /// Takes the caller's identity for a filesystem operation: its fs IDs
+    /// (or real IDs, for access(2)), groups, umask and effective set.
+    /// Fails closed: an identity that cannot be taken refuses the call.
+    fn act_as(&mut self, c: &Creds, real: bool) -> R<()> {
+        let id = Identity {
+            uid: if real { c.ruid } else { c.fsuid },
+            gid: if real { c.rgid } else { c.fsgid },
+            groups: c.groups.clone(),
+        };
+        if self.identity.as_ref() != Some(&id) {
+            self.set_effective(BASE_CAPS)?;
+            self.identity = None;
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(id.gid));
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(id.uid));
+            // An invalid ID changes nothing and returns the current one.
+            let uid_now = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX));
+            let gid_now = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(u32::MAX));
+            if uid_now.as_raw() != id.uid || gid_now.as_raw() != id.gid {
+                return Err(libc::EPERM);
+            }
+            let groups: Vec<rustix::process::Gid> = id
+                .groups
+                .iter()
+                .map(|g| rustix::process::Gid::from_raw(*g))
+                .collect();
+            rustix::thread::set_thread_groups(&groups).map_err(|_| libc::EPERM)?;
+            self.identity = Some(id);
+        }
+        let mut caps = CapabilitySet::from_bits_retain(c.cap_eff);
+        if real && c.ruid != 0 {
+            // access(2) checks a non-root caller without capabilities.
+            caps = CapabilitySet::empty();
+        }
+        self.set_effective(caps)?;
+        if self.umask != c.umask {
+            rustix::process::umask(Mode::from_raw_mode(c.umask & 0o777));
+            self.umask = c.umask;
+        }
+        Ok(())
+    }
+
+    /// Back to the supervisor's own set, to read or write the caller's memory.
+    fn restore(&mut self) -> R<()> {
+        self.set_effective(BASE_CAPS)
+    }
+
+    // ----- policy -----
+
+    fn decide(&mut self, n: &Notif, path: &[u8], want: Want) -> R<()> {
+        if let Some(l) = &mut self.learned {
+            let key = learn_key(path, want);
+            let e = l.paths.entry(key).or_default();
+            *e = e.union(Access {
+                read: want.read,
+                write: want.write,
+                exec: want.exec,
+                hidden: false,
+            });
+            return Ok(());
+        }
+        match self.policy.check(path, want) {
+            (Verdict::Allow, _) => Ok(()),
+            (Verdict::Deny { errno }, rule) => {
+                if self.log.allow() {
+                    tracing::warn!(
+                        "sandbox: denied {} {} ({}) for pid {}: {} by rule {}",
+                        syscall_name(n.nr),
+                        String::from_utf8_lossy(path),
+                        want_str(want),
+                        n.pid,
+                        if errno == libc::ENOENT {
+                            "hidden"
+                        } else {
+                            "not allowed"
+                        },
+                        rule.map(|r| format!("{:?} = {}", r.path, r.access))
+                            .unwrap_or_else(|| "(no rule covers it)".into()),
+                    );
+                }
+                Err(errno)
+            }
+        }
+    }
+
+    /// The path of an fd the supervisor opened, in the container's terms
+    /// (the kernel names it from the container's root, which the
+    /// supervisor's own root does not contain).
+    fn path_of(&self, fd: BorrowedFd<'_>) -> R<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        target::read_link(self.proc.as_fd(), &format!("self/fd/{}", fd.as_raw_fd()))
+    }
+
+    /// Resolves `abs` in the root (following a last symlink unless
+    /// `nofollow`) as an `O_PATH` fd and checks its canonical path.
+    fn lookup(&mut self, n: &Notif, abs: &[u8], nofollow: bool, want: Want) -> R<OwnedFd> {
+        self.decide(n, abs, want)?;
+        let mut flags = OFlags::PATH;
+        if nofollow {
+            flags |= OFlags::NOFOLLOW;
+        }
+        let fd = in_root(self.root.as_fd(), abs, flags)?;
+        let canon = self.path_of(fd.as_fd())?;
+        self.decide(n, &canon, want)?;
+        Ok(fd)
+    }
+
+    /// The parent directory of `abs` (an `O_PATH` fd, checked) and the last
+    /// name, for operations that create or remove a name.
+    fn parent(&mut self, n: &Notif, abs: &[u8], want: Want) -> R<(OwnedFd, Vec<u8>)> {
+        let trimmed = {
+            let mut t = abs;
+            while t.len() > 1 && t.ends_with(b"/") {
+                t = &t[..t.len() - 1];
+            }
+            t
+        };
+        let cut = trimmed
+            .iter()
+            .rposition(|b| *b == b'/')
+            .ok_or(libc::ENOENT)?;
+        let (dir, name) = (&trimmed[..cut.max(1)], &trimmed[cut + 1..]);
+        if name.is_empty() || name == b"." || name == b".." {
+            return Err(libc::EINVAL);
+        }
+        let dirfd = in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
+        let mut canon = self.path_of(dirfd.as_fd())?;
+        if canon != b"/" {
+            canon.push(b'/');
+        }
+        canon.extend_from_slice(name);
+        self.decide(n, abs, want)?;
+        self.decide(n, &canon, want)?;
+        Ok((dirfd, name.to_vec()))
+    }
+
+    // ----- open -----
+
+    fn open(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        mode: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        let want = access_of(flags);
+        if let Some(fdnum) = Self::own_fd(&c, &abs) {
+            return self.reopen_own(&c, fdnum, flags, valid);
+        }
+        self.decide(n, &abs, want)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
+        self.act_as(&c, false)?;
+        let r = self.open_checked(n, &abs, flags, mode, want);
+        self.restore()?;
+        Ok(Reply::Fd { fd: r?, cloexec })
+    }
+
+    fn openat2(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
+        // struct open_how { u64 flags; u64 mode; u64 resolve; }
+        let size = n.args[3];
+        if size < 24 {
+            return Err(libc::EINVAL);
+        }
+        self.need_ptrace()?;
+        let how = self.read(n, n.args[2], 24)?;
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&how[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let (flags, mode, resolve) = (word(0), word(1), word(2));
+        if resolve != 0 {
+            // RESOLVE_* scoping is the broker's own; the caller's request
+            // (beneath its dirfd, no symlinks…) is not emulated yet.
+            return Err(libc::EINVAL);
+        }
+        self.open(n, n.args[0], n.args[1], flags, mode, valid)
+    }
+
+    fn open_checked(
+        &mut self,
+        n: &Notif,
+        abs: &[u8],
+        flags: u64,
+        mode: u64,
+        want: Want,
+    ) -> R<OwnedFd> {
+        let f = OFlags::from_bits_retain(flags as u32);
+        // Opened without blocking (a FIFO would stall the supervisor), never
+        // as our terminal, and truncated only once the file is checked.
+        let base = (f & !(OFlags::CREATE | OFlags::TRUNC | OFlags::EXCL | OFlags::CLOEXEC))
+            | OFlags::NOCTTY
+            | OFlags::NONBLOCK;
+        for _ in 0..4 {
+            match in_root(self.root.as_fd(), abs, base) {
+                Ok(fd) => {
+                    if f.contains(OFlags::CREATE | OFlags::EXCL) {
+                        return Err(libc::EEXIST);
+                    }
+                    let canon = self.path_of(fd.as_fd())?;
+                    self.decide(n, &canon, want)?;
+                    if !f.contains(OFlags::NONBLOCK) {
+                        let fl = rustix::fs::fcntl_getfl(&fd).map_err(errno)?;
+                        rustix::fs::fcntl_setfl(&fd, fl & !OFlags::NONBLOCK).map_err(errno)?;
+                    }
+                    let mode_w = f & OFlags::RWMODE;
+                    if f.contains(OFlags::TRUNC)
+                        && (mode_w == OFlags::WRONLY || mode_w == OFlags::RDWR)
+                    {
+                        let st = rustix::fs::fstat(&fd).map_err(errno)?;
+                        if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                            == rustix::fs::FileType::RegularFile
+                        {
+                            rustix::fs::ftruncate(&fd, 0).map_err(errno)?;
+                        }
+                    }
+                    return Ok(fd);
+                }
+                Err(libc::ENOENT) if f.contains(OFlags::CREATE) => {}
+                Err(e) => return Err(e),
+            }
+            let (dir, name) = self.parent(n, abs, Want::WRITE)?;
+            let create =
+                (base & !OFlags::NONBLOCK) | OFlags::CREATE | OFlags::EXCL | (f & OFlags::NONBLOCK);
+            match rustix::fs::openat2(
+                &dir,
+                bytes_path(&name),
+                create | OFlags::CLOEXEC,
+                Mode::from_raw_mode((mode & 0o7777) as u32),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Ok(fd) => return Ok(fd),
+                // Created meanwhile (without O_EXCL that is fine): open it.
+                Err(rustix::io::Errno::EXIST) if !f.contains(OFlags::EXCL) => continue,
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        Err(libc::EAGAIN)
+    }
+
+    /// `/proc/self/fd/N` (and `/dev/stdout`…) of the caller itself: the
+    /// same open file, if the access asked for is one it already has.
+    fn reopen_own(
+        &mut self,
+        c: &Creds,
+        fdnum: i32,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let fd = self.caller_fd(c, fdnum)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        let have = rustix::fs::fcntl_getfl(&fd).map_err(errno)? & OFlags::RWMODE;
+        let want = access_of(flags);
+        let ok = (!want.read || have == OFlags::RDONLY || have == OFlags::RDWR)
+            && (!want.write || have == OFlags::WRONLY || have == OFlags::RDWR);
+        if !ok {
+            return Err(libc::EACCES);
+        }
+        Ok(Reply::Fd {
+            fd,
+            cloexec: flags & libc::O_CLOEXEC as u64 != 0,
+        })
+    }
+
+    // ----- stat family -----
+
+    #[allow(clippy::too_many_arguments)]
+    fn stat(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        buf: u64,
+        flags: u64,
+        statx_mask: Option<u32>,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let c = self.caller(n)?;
+        let flags = flags as i32;
+        let raw = if path == 0 && flags & libc::AT_EMPTY_PATH != 0 {
+            Vec::new()
+        } else {
+            self.path_arg(n, path)?
+        };
+        let fd = if raw.is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+            // fstat through the caller's descriptor (or cwd).
+            let d = dirfd as i32;
+            if d == libc::AT_FDCWD {
+                let abs = self.absolute(n, &c, dirfd, b".")?;
+                self.act_as(&c, false)?;
+                let r = self.lookup(n, &abs, false, Want::LOOKUP);
+                self.restore()?;
+                r?
+            } else {
+                self.caller_fd(&c, d)?
+            }
+        } else {
+            let abs = self.absolute(n, &c, dirfd, &raw)?;
+            if !valid() {
+                return Err(libc::ESRCH);
+            }
+            self.act_as(&c, false)?;
+            let r = self.lookup(
+                n,
+                &abs,
+                flags & libc::AT_SYMLINK_NOFOLLOW != 0,
+                Want::LOOKUP,
+            );
+            self.restore()?;
+            r?
+        };
+        let bytes = match statx_mask {
+            Some(mask) => moat_sys::notify::statx_bytes(fd.as_fd(), flags, mask),
+            None => moat_sys::notify::stat_bytes(fd.as_fd()),
+        }
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        target::write_mem(n.pid, buf, &bytes)?;
+        Ok(Reply::Val(0))
+    }
+
+    fn statfs(&mut self, n: &Notif, path: u64, buf: u64, valid: &dyn Fn() -> bool) -> R<Reply> {
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, libc::AT_FDCWD as u64, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.lookup(n, &abs, false, Want::LOOKUP);
+        self.restore()?;
+        let bytes = moat_sys::notify::statfs_bytes(r?.as_fd())
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        target::write_mem(n.pid, buf, &bytes)?;
+        Ok(Reply::Val(0))
+    }
+
+    fn access(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        let mode = mode as i32;
+        let want = Want {
+            read: mode & libc::R_OK != 0,
+            write: mode & libc::W_OK != 0,
+            exec: mode & libc::X_OK != 0,
+        };
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        let flags = flags as i32;
+        let eaccess = flags & libc::AT_EACCESS != 0;
+        self.act_as(&c, !eaccess)?;
+        let r = self
+            .lookup(
+                n,
+                &abs,
+                flags & libc::AT_SYMLINK_NOFOLLOW != 0,
+                Want::LOOKUP,
+            )
+            .and_then(|fd| {
+                self.decide(n, &abs, want)?;
+                let canon = self.path_of(fd.as_fd())?;
+                // A directory is searched, not executed.
+                let is_dir = rustix::fs::fstat(&fd)
+                    .map(|s| {
+                        rustix::fs::FileType::from_raw_mode(s.st_mode)
+                            == rustix::fs::FileType::Directory
+                    })
+                    .unwrap_or(false);
+                let policy_want = if is_dir {
+                    Want {
+                        exec: false,
+                        ..want
+                    }
+                } else {
+                    want
+                };
+                self.decide(n, &canon, policy_want)?;
+                {
+                    use std::os::fd::AsRawFd;
+                    // Through the descriptor's /proc link: faccessat2 takes
+                    // no AT_EMPTY_PATH for an O_PATH fd here.
+                    let via = format!("self/fd/{}", fd.as_raw_fd());
+                    rustix::fs::accessat(
+                        &self.proc,
+                        via.as_str(),
+                        rustix::fs::Access::from_bits_retain(mode as u32),
+                        rustix::fs::AtFlags::EACCESS,
+                    )
+                    .map_err(errno)
+                }
+            });
+        self.restore()?;
+        r?;
+        Ok(Reply::Val(0))
+    }
+
+    fn readlink(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        buf: u64,
+        size: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        if size as i64 <= 0 {
+            return Err(libc::EINVAL);
+        }
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.lookup(n, &abs, true, Want::LOOKUP).and_then(|fd| {
+            rustix::fs::readlinkat(&fd, "", Vec::with_capacity(256)).map_err(|e| {
+                if e == rustix::io::Errno::NOENT {
+                    libc::EINVAL
+                } else {
+                    errno(e)
+                }
+            })
+        });
+        self.restore()?;
+        let text = r?.into_bytes();
+        let len = text.len().min(usize::try_from(size).unwrap_or(usize::MAX));
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        target::write_mem(n.pid, buf, &text[..len])?;
+        Ok(Reply::Val(len as i64))
+    }
+
+    // ----- names -----
+
+    /// Reads, resolves and checks the parent of a path argument, then runs
+    /// `op` on (parent fd, name) with the caller's identity.
+    fn with_parent<T>(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        valid: &dyn Fn() -> bool,
+        op: impl FnOnce(&mut Self, BorrowedFd<'_>, &Path) -> R<T>,
+    ) -> R<T> {
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self
+            .parent(n, &abs, Want::WRITE)
+            .and_then(|(dir, name)| op(self, dir.as_fd(), bytes_path(&name)));
+        self.restore()?;
+        r
+    }
+
+    fn mkdir(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        self.with_parent(n, dirfd, path, valid, |_, dir, name| {
+            rustix::fs::mkdirat(dir, name, Mode::from_raw_mode((mode & 0o7777) as u32))
+                .map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    fn mknod(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+        dev: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        self.with_parent(n, dirfd, path, valid, |_, dir, name| {
+            let kind = rustix::fs::FileType::from_raw_mode(mode as u32);
+            let kind = if mode as u32 & libc::S_IFMT == 0 {
+                rustix::fs::FileType::RegularFile
+            } else {
+                kind
+            };
+            rustix::fs::mknodat(
+                dir,
+                name,
+                kind,
+                Mode::from_raw_mode((mode & 0o7777) as u32),
+                dev,
+            )
+            .map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    fn unlink(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let flags = rustix::fs::AtFlags::from_bits_retain(flags as u32);
+        self.with_parent(n, dirfd, path, valid, |_, dir, name| {
+            rustix::fs::unlinkat(dir, name, flags).map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &mut self,
+        n: &Notif,
+        olddir: u64,
+        old: u64,
+        newdir: u64,
+        new: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let c = self.caller(n)?;
+        let raw_old = self.path_arg(n, old)?;
+        let raw_new = self.path_arg(n, new)?;
+        let abs_old = self.absolute(n, &c, olddir, &raw_old)?;
+        let abs_new = self.absolute(n, &c, newdir, &raw_new)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.parent(n, &abs_old, Want::WRITE).and_then(|(od, on)| {
+            let (nd, nn) = self.parent(n, &abs_new, Want::WRITE)?;
+            rustix::fs::renameat_with(
+                &od,
+                bytes_path(&on),
+                &nd,
+                bytes_path(&nn),
+                rustix::fs::RenameFlags::from_bits_retain(flags as u32),
+            )
+            .map_err(errno)
+        });
+        self.restore()?;
+        r?;
+        Ok(Reply::Val(0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn link(
+        &mut self,
+        n: &Notif,
+        olddir: u64,
+        old: u64,
+        newdir: u64,
+        new: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let c = self.caller(n)?;
+        let raw_old = self.path_arg(n, old)?;
+        let raw_new = self.path_arg(n, new)?;
+        let abs_old = self.absolute(n, &c, olddir, &raw_old)?;
+        let abs_new = self.absolute(n, &c, newdir, &raw_new)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        let follow = flags as i32 & libc::AT_SYMLINK_FOLLOW != 0;
+        self.act_as(&c, false)?;
+        let r = (|| {
+            // A new name for a file needs read on the file and write where
+            // the name goes.
+            let src = self.lookup(n, &abs_old, !follow, Want::READ)?;
+            let (nd, nn) = self.parent(n, &abs_new, Want::WRITE)?;
+            let (od, on) = self.parent(n, &abs_old, Want::LOOKUP)?;
+            if follow {
+                use std::os::fd::AsRawFd;
+                let via = format!("self/fd/{}", src.as_raw_fd());
+                rustix::fs::linkat(
+                    &self.proc,
+                    via.as_str(),
+                    &nd,
+                    bytes_path(&nn),
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(errno)
+            } else {
+                rustix::fs::linkat(
+                    &od,
+                    bytes_path(&on),
+                    &nd,
+                    bytes_path(&nn),
+                    rustix::fs::AtFlags::empty(),
+                )
+                .map_err(errno)
+            }
+        })();
+        self.restore()?;
+        r?;
+        Ok(Reply::Val(0))
+    }
+
+    fn symlink(
+        &mut self,
+        n: &Notif,
+        target_ptr: u64,
+        dirfd: u64,
+        path: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let text = self.path_arg(n, target_ptr)?;
+        if text.is_empty() {
+            return Err(libc::ENOENT);
+        }
+        self.with_parent(n, dirfd, path, valid, |_, dir, name| {
+            rustix::fs::symlinkat(bytes_path(&text), dir, name).map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    /// Runs `op` on the object `path` names (checked for `want`) through
+    /// `/proc/self/fd/N` of an `O_PATH` fd of it.
+    #[allow(clippy::too_many_arguments)]
+    fn on_object<T>(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        nofollow: bool,
+        want: Want,
+        valid: &dyn Fn() -> bool,
+        op: impl FnOnce(&mut Self, &OwnedFd, &str) -> R<T>,
+    ) -> R<T> {
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.lookup(n, &abs, nofollow, want).and_then(|fd| {
+            use std::os::fd::AsRawFd;
+            let via = format!("self/fd/{}", fd.as_raw_fd());
+            op(self, &fd, &via)
+        });
+        self.restore()?;
+        r
+    }
+
+    fn chmod(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let nofollow = flags as i32 & libc::AT_SYMLINK_NOFOLLOW != 0;
+        self.on_object(
+            n,
+            dirfd,
+            path,
+            nofollow,
+            Want::WRITE,
+            valid,
+            |b, fd, via| {
+                let is_link = rustix::fs::fstat(fd)
+                    .map(|s| {
+                        rustix::fs::FileType::from_raw_mode(s.st_mode)
+                            == rustix::fs::FileType::Symlink
+                    })
+                    .unwrap_or(false);
+                if is_link {
+                    return Err(libc::EOPNOTSUPP);
+                }
+                rustix::fs::chmodat(
+                    &b.proc,
+                    via,
+                    Mode::from_raw_mode((mode & 0o7777) as u32),
+                    rustix::fs::AtFlags::empty(),
+                )
+                .map_err(errno)
+            },
+        )?;
+        Ok(Reply::Val(0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn chown(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        uid: u64,
+        gid: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let nofollow = flags as i32 & libc::AT_SYMLINK_NOFOLLOW != 0;
+        let id = |v: u64| (v as u32 != u32::MAX).then_some(v as u32);
+        self.on_object(n, dirfd, path, nofollow, Want::WRITE, valid, |_, fd, _| {
+            rustix::fs::chownat(
+                fd,
+                "",
+                id(uid).map(rustix::fs::Uid::from_raw),
+                id(gid).map(rustix::fs::Gid::from_raw),
+                rustix::fs::AtFlags::EMPTY_PATH,
+            )
+            .map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    fn utimens(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        times: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        let ts = if times == 0 {
+            None
+        } else {
+            self.need_ptrace()?;
+            let b = self.read(n, times, 32)?;
+            let w = |i: usize| {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+                i64::from_ne_bytes(x)
+            };
+            Some([(w(0), w(1)), (w(2), w(3))])
+        };
+        let nofollow = flags as i32 & libc::AT_SYMLINK_NOFOLLOW != 0;
+        self.set_times(n, dirfd, path, ts, nofollow, valid)
+    }
+
+    /// utime(path, utimbuf*), utimes(path, timeval[2]), futimesat(dirfd, path, timeval[2]).
+    fn utimes_old(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
+        let (dirfd, path, times, kind) = match i64::from(n.nr) {
+            libc::SYS_utime => (libc::AT_FDCWD as u64, n.args[0], n.args[1], 0),
+            libc::SYS_utimes => (libc::AT_FDCWD as u64, n.args[0], n.args[1], 1),
+            _ => (n.args[0], n.args[1], n.args[2], 1),
+        };
+        let ts = if times == 0 {
+            None
+        } else {
+            self.need_ptrace()?;
+            let b = self.read(n, times, if kind == 0 { 16 } else { 32 })?;
+            let w = |i: usize| {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+                i64::from_ne_bytes(x)
+            };
+            Some(if kind == 0 {
+                [(w(0), 0), (w(1), 0)]
+            } else {
+                [
+                    (w(0), w(1).saturating_mul(1000)),
+                    (w(2), w(3).saturating_mul(1000)),
+                ]
+            })
+        };
+        self.set_times(n, dirfd, path, ts, false, valid)
+    }
+
+    fn set_times(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        ts: Option<[(i64, i64); 2]>,
+        nofollow: bool,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        self.on_object(n, dirfd, path, nofollow, Want::WRITE, valid, |b, _, via| {
+            let spec = |(s, ns): (i64, i64)| rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            };
+            let now = rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW as _,
+            };
+            let t = match ts {
+                Some([a, m]) => rustix::fs::Timestamps {
+                    last_access: spec(a),
+                    last_modification: spec(m),
+                },
+                None => rustix::fs::Timestamps {
+                    last_access: now,
+                    last_modification: now,
+                },
+            };
+            rustix::fs::utimensat(&b.proc, via, &t, rustix::fs::AtFlags::empty()).map_err(errno)
+        })?;
+        Ok(Reply::Val(0))
+    }
+
+    fn truncate(&mut self, n: &Notif, path: u64, len: u64, valid: &dyn Fn() -> bool) -> R<Reply> {
+        if (len as i64) < 0 {
+            return Err(libc::EINVAL);
+        }
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, libc::AT_FDCWD as u64, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self
+            .open_checked(n, &abs, (libc::O_WRONLY) as u64, 0, Want::WRITE)
+            .and_then(|fd| rustix::fs::ftruncate(&fd, len).map_err(errno));
+        self.restore()?;
+        r?;
+        Ok(Reply::Val(0))
+    }
+
+    fn xattr(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
+        const XATTR_MAX: usize = 65536;
+        let nr = i64::from(n.nr);
+        let nofollow = matches!(
+            nr,
+            libc::SYS_lgetxattr
+                | libc::SYS_lsetxattr
+                | libc::SYS_llistxattr
+                | libc::SYS_lremovexattr
+        );
+        let write = matches!(
+            nr,
+            libc::SYS_setxattr
+                | libc::SYS_lsetxattr
+                | libc::SYS_removexattr
+                | libc::SYS_lremovexattr
+        );
+        let a = n.args;
+        let name = if matches!(nr, libc::SYS_listxattr | libc::SYS_llistxattr) {
+            Vec::new()
+        } else {
+            self.path_arg(n, a[1])?
+        };
+        let value = if matches!(nr, libc::SYS_setxattr | libc::SYS_lsetxattr) {
+            let len = usize::try_from(a[3]).map_err(|_| libc::E2BIG)?;
+            if len > XATTR_MAX {
+                return Err(libc::E2BIG);
+            }
+            self.need_ptrace()?;
+            self.read(n, a[2], len)?
+        } else {
+            Vec::new()
+        };
+        let want = if write { Want::WRITE } else { Want::READ };
+        let out = self.on_object(
+            n,
+            libc::AT_FDCWD as u64,
+            a[0],
+            nofollow,
+            want,
+            valid,
+            |b, fd, via| {
+                let is_link = rustix::fs::fstat(fd)
+                    .map(|s| {
+                        rustix::fs::FileType::from_raw_mode(s.st_mode)
+                            == rustix::fs::FileType::Symlink
+                    })
+                    .unwrap_or(false);
+                let cname = std::ffi::CString::new(name.clone()).map_err(|_| libc::EINVAL)?;
+                // Relative: the supervisor's cwd is host /proc.
+                let p = via.to_string();
+                let _ = b;
+                match nr {
+                    libc::SYS_getxattr | libc::SYS_lgetxattr => {
+                        if is_link {
+                            return Err(libc::ENODATA);
+                        }
+                        let size = usize::try_from(a[3]).unwrap_or(0).min(XATTR_MAX);
+                        let mut buf = vec![0u8; size];
+                        let len = rustix::fs::getxattr(p.as_str(), cname.as_c_str(), &mut buf)
+                            .map_err(errno)?;
+                        buf.truncate(len);
+                        Ok((len, buf))
+                    }
+                    libc::SYS_listxattr | libc::SYS_llistxattr => {
+                        if is_link {
+                            return Ok((0, Vec::new()));
+                        }
+                        let size = usize::try_from(a[2]).unwrap_or(0).min(XATTR_MAX);
+                        let mut buf = vec![0u8; size];
+                        let len = rustix::fs::listxattr(p.as_str(), &mut buf).map_err(errno)?;
+                        buf.truncate(len);
+                        Ok((len, buf))
+                    }
+                    libc::SYS_setxattr | libc::SYS_lsetxattr => {
+                        if is_link {
+                            return Err(libc::EPERM);
+                        }
+                        let flags = rustix::fs::XattrFlags::from_bits_retain(a[4] as u32);
+                        rustix::fs::setxattr(p.as_str(), cname.as_c_str(), &value, flags)
+                            .map_err(errno)?;
+                        Ok((0, Vec::new()))
+                    }
+                    _ => {
+                        if is_link {
+                            return Err(libc::EPERM);
+                        }
+                        rustix::fs::removexattr(p.as_str(), cname.as_c_str()).map_err(errno)?;
+                        Ok((0, Vec::new()))
+                    }
+                }
+            },
+        )?;
+        let (len, data) = out;
+        let dst = match nr {
+            libc::SYS_getxattr | libc::SYS_lgetxattr => a[2],
+            libc::SYS_listxattr | libc::SYS_llistxattr => a[1],
+            _ => 0,
+        };
+        if dst != 0 && !data.is_empty() {
+            if !valid() {
+                return Err(libc::ESRCH);
+            }
+            target::write_mem(n.pid, dst, &data)?;
+        }
+        Ok(Reply::Val(len as i64))
+    }
+
+    fn chdir(&mut self, n: &Notif, path: u64, valid: &dyn Fn() -> bool) -> R<Reply> {
+        // The kernel changes the caller's directory itself: decided here,
+        // and every later path relative to it is brokered and checked on
+        // its canonical path, so a racing change gains nothing.
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        let abs = self.absolute(n, &c, libc::AT_FDCWD as u64, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.lookup(n, &abs, false, Want::LOOKUP);
+        self.restore()?;
+        r?;
+        Ok(Reply::Continue)
+    }
+
+    fn exec(
+        &mut self,
+        n: &Notif,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        // The kernel opens the program again after this check: the
+        // decision holds because the workload's Landlock ruleset grants
+        // execute only beneath the policy's `x` paths (see
+        // `Policy::exec_paths`). A thread that rewrites the path meanwhile
+        // reaches only what the policy lets it execute anyway.
+        self.creds.invalidate();
+        let c = self.caller(n)?;
+        let raw = self.path_arg(n, path)?;
+        if raw.is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
+            return Ok(Reply::Continue);
+        }
+        let abs = self.absolute(n, &c, dirfd, &raw)?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        self.act_as(&c, false)?;
+        let r = self.lookup(n, &abs, false, Want::EXEC);
+        self.restore()?;
+        r?;
+        Ok(Reply::Continue)
+    }
+
+    fn inotify_add_watch(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
+        let c = self.caller(n)?;
+        let ino = self.caller_fd(&c, n.args[0] as i32)?;
+        let mask = n.args[2] as u32;
+        let nofollow = mask & libc::IN_DONT_FOLLOW != 0;
+        let wd = self.on_object(
+            n,
+            libc::AT_FDCWD as u64,
+            n.args[1],
+            nofollow,
+            Want::READ,
+            valid,
+            |_, _, via| {
+                let p = via.to_string();
+                rustix::fs::inotify::add_watch(
+                    &ino,
+                    p.as_str(),
+                    rustix::fs::inotify::WatchFlags::from_bits_retain(mask & !libc::IN_DONT_FOLLOW),
+                )
+                .map_err(errno)
+            },
+        )?;
+        Ok(Reply::Val(i64::from(wd)))
+    }
+
+    // ----- values -----
+
+    fn clone(&mut self, flags: u64) -> R<Reply> {
+        const NS: u64 = (libc::CLONE_NEWNS
+            | libc::CLONE_NEWCGROUP
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNET) as u64;
+        if flags & NS != 0 {
+            return Err(libc::EPERM);
+        }
+        self.creds.invalidate();
+        Ok(Reply::Continue)
+    }
+
+    fn prctl(&mut self, n: &Notif) -> R<Reply> {
+        let allowed = [
+            libc::PR_SET_PDEATHSIG,
+            libc::PR_GET_PDEATHSIG,
+            libc::PR_GET_DUMPABLE,
+            libc::PR_SET_DUMPABLE,
+            libc::PR_GET_KEEPCAPS,
+            libc::PR_SET_KEEPCAPS,
+            libc::PR_SET_NAME,
+            libc::PR_GET_NAME,
+            libc::PR_GET_SECCOMP,
+            libc::PR_SET_NO_NEW_PRIVS,
+            libc::PR_GET_NO_NEW_PRIVS,
+            libc::PR_CAPBSET_READ,
+            libc::PR_CAPBSET_DROP,
+            libc::PR_CAP_AMBIENT,
+            libc::PR_GET_SECUREBITS,
+            libc::PR_SET_CHILD_SUBREAPER,
+            libc::PR_GET_CHILD_SUBREAPER,
+            libc::PR_SET_TIMERSLACK,
+            libc::PR_GET_TIMERSLACK,
+            libc::PR_GET_TID_ADDRESS,
+            libc::PR_SET_THP_DISABLE,
+            libc::PR_GET_THP_DISABLE,
+            libc::PR_SET_VMA,
+            libc::PR_GET_TSC,
+            libc::PR_MCE_KILL_GET,
+            libc::PR_SET_PTRACER,
+            libc::PR_GET_SPECULATION_CTRL,
+            libc::PR_SET_SPECULATION_CTRL,
+        ];
+        let opt = n.args[0] as i32;
+        if allowed.contains(&opt) {
+            self.creds.invalidate();
+            Ok(Reply::Continue)
+        } else {
+            if self.learned.is_none() && self.log.allow() {
+                tracing::warn!("sandbox: denied prctl option {opt} for pid {}", n.pid);
+            }
+            Err(libc::EINVAL)
+        }
+    }
+
+    fn socket(&mut self, n: &Notif) -> R<Reply> {
+        let family = n.args[0] as i32;
+        if let Some(l) = &mut self.learned {
+            if !l.families.contains(&family) {
+                l.families.push(family);
+            }
+            return Ok(Reply::Continue);
+        }
+        if self.policy.socket_families.contains(&family) {
+            Ok(Reply::Continue)
+        } else {
+            if self.log.allow() {
+                tracing::warn!(
+                    "sandbox: denied socket family {family} (type {}, protocol {}) for pid {}: not in socket_families",
+                    n.args[1], n.args[2], n.pid
+                );
+            }
+            Err(libc::EAFNOSUPPORT)
+        }
+    }
+}
+
+/// The rule a learned access becomes: the directory of a file read or
+/// executed (so a program's neighbours come with it), the path itself when
+/// written or created.
+fn learn_key(path: &[u8], want: Want) -> String {
+    let comps = clean_components(path);
+    let keep = if want.write || comps.len() <= 1 {
+        comps.len()
+    } else {
+        comps.len() - 1
+    };
+    let mut s = String::new();
+    for c in &comps[..keep] {
+        s.push('/');
+        s.push_str(&String::from_utf8_lossy(c));
+    }
+    if s.is_empty() {
+        s.push('/');
+    }
+    s
+}
+
+fn want_str(w: Want) -> String {
+    let mut s = String::new();
+    for (on, c) in [(w.read, 'r'), (w.write, 'w'), (w.exec, 'x')] {
+        if on {
+            s.push(c);
+        }
+    }
+    if s.is_empty() {
+        s.push_str("lookup");
+    }
+    s
+}
+
+fn bytes_path(b: &[u8]) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(b))
+}
+
+/// Opens `abs` in the container's root with the project's one in-root
+/// opener (`openat2(RESOLVE_IN_ROOT)`, no magic links).
+fn in_root(root: BorrowedFd<'_>, abs: &[u8], flags: OFlags) -> R<OwnedFd> {
+    moat_jail::rootfs::resolve::in_root(root, bytes_path(abs), flags)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// The name of syscall `nr`, for logs.
+pub fn syscall_name(nr: i32) -> String {
+    libseccomp_name(nr).unwrap_or_else(|| format!("syscall {nr}"))
+}
+
+fn libseccomp_name(nr: i32) -> Option<String> {
+    let names: &[(i64, &str)] = &[
+        (libc::SYS_open, "open"),
+        (libc::SYS_openat, "openat"),
+        (libc::SYS_openat2, "openat2"),
+        (libc::SYS_creat, "creat"),
+        (libc::SYS_stat, "stat"),
+        (libc::SYS_lstat, "lstat"),
+        (libc::SYS_newfstatat, "newfstatat"),
+        (libc::SYS_statx, "statx"),
+        (libc::SYS_access, "access"),
+        (libc::SYS_faccessat, "faccessat"),
+        (libc::SYS_faccessat2, "faccessat2"),
+        (libc::SYS_readlink, "readlink"),
+        (libc::SYS_readlinkat, "readlinkat"),
+        (libc::SYS_execve, "execve"),
+        (libc::SYS_execveat, "execveat"),
+        (libc::SYS_mkdir, "mkdir"),
+        (libc::SYS_mkdirat, "mkdirat"),
+        (libc::SYS_unlink, "unlink"),
+        (libc::SYS_unlinkat, "unlinkat"),
+        (libc::SYS_rmdir, "rmdir"),
+        (libc::SYS_rename, "rename"),
+        (libc::SYS_renameat, "renameat"),
+        (libc::SYS_renameat2, "renameat2"),
+        (libc::SYS_link, "link"),
+        (libc::SYS_linkat, "linkat"),
+        (libc::SYS_symlink, "symlink"),
+        (libc::SYS_symlinkat, "symlinkat"),
+        (libc::SYS_chdir, "chdir"),
+        (libc::SYS_truncate, "truncate"),
+        (libc::SYS_statfs, "statfs"),
+        (libc::SYS_utimensat, "utimensat"),
+        (libc::SYS_chmod, "chmod"),
+        (libc::SYS_fchmodat, "fchmodat"),
+        (libc::SYS_fchownat, "fchownat"),
+        (libc::SYS_mknodat, "mknodat"),
+        (libc::SYS_getxattr, "getxattr"),
+        (libc::SYS_setxattr, "setxattr"),
+        (libc::SYS_inotify_add_watch, "inotify_add_watch"),
+    ];
+    names
+        .iter()
+        .find(|(n, _)| *n == i64::from(nr))
+        .map(|(_, s)| (*s).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_flags_map_to_access() {
+        assert_eq!(access_of(libc::O_RDONLY as u64), Want::READ);
+        assert_eq!(access_of(libc::O_WRONLY as u64), Want::WRITE);
+        assert_eq!(
+            access_of((libc::O_RDONLY | libc::O_CREAT) as u64),
+            Want {
+                read: true,
+                write: true,
+                exec: false
+            }
+        );
+        assert_eq!(access_of(libc::O_PATH as u64), Want::LOOKUP);
+    }
+
+    #[test]
+    fn learned_rules_are_directories_for_reads() {
+        assert_eq!(learn_key(b"/usr/lib/libc.so.6", Want::READ), "/usr/lib");
+        assert_eq!(learn_key(b"/tmp/out", Want::WRITE), "/tmp/out");
+        assert_eq!(learn_key(b"/etc", Want::READ), "/etc");
+        assert_eq!(learn_key(b"/", Want::LOOKUP), "/");
+    }
+}

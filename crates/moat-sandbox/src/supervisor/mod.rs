@@ -1,0 +1,354 @@
+//! The supervisor: one process per sandbox, started by the runtime before
+//! the container (double fork: it belongs to no runtime command), that
+//! receives the workload's seccomp notify fd on its listener socket and
+//! decides every notification until the container is gone.
+//!
+//! Its life:
+//! 1. wait for the container process's PID from the runtime (EOF: the
+//!    create failed, exit);
+//! 2. wait for the notify fd on the listener, or for the container process
+//!    to end (then exit);
+//! 3. with the first fd: open the container's root and host /proc, confine
+//!    itself ([`jail`]), and serve; later fds (from `moat exec`) join;
+//! 4. exit once every notify fd is closed and the container process has
+//!    ended.
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use moat_jail::sync::{self, Channel, Msg};
+use moat_sys::notify;
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::{Mode, OFlags};
+
+use crate::policy::Policy;
+
+pub mod broker;
+pub mod jail;
+pub mod target;
+
+use broker::{Broker, Reply};
+
+/// What the supervisor is given at its start.
+pub struct Options {
+    pub policy: Policy,
+    /// The workload process's capability bounding set (bits).
+    pub workload_bounding: u64,
+    /// Learning mode: the policy is not enforced; what was used is written
+    /// to this stream when the sandbox ends.
+    pub learn: Option<OwnedFd>,
+    /// Keep stderr (for denial logs) rather than /dev/null.
+    pub keep_stderr: bool,
+}
+
+/// A supervisor started for a sandbox being created.
+pub struct Spawned {
+    pub pid: i32,
+    control: Channel,
+}
+
+impl Spawned {
+    /// Tells the supervisor which process is the container's: it serves
+    /// that container, and ends with it.
+    pub fn go(&self, container_pid: i32) -> Result<(), sync::SyncError> {
+        self.control.send(&Msg::Pid(container_pid))
+    }
+}
+
+/// Forks the supervisor (the caller must be single-threaded), listening on
+/// `listener`. Returns once it runs, with its PID.
+pub fn spawn(listener: UnixListener, opts: Options) -> std::io::Result<Spawned> {
+    let (parent, child) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // The children close their copy of the runtime's end, so that the
+    // supervisor sees EOF when the runtime gives up.
+    let parent_copy = parent.try_clone()?;
+    let (parent, child) = (Channel::from_fd(parent), Channel::from_fd(child));
+    let one = moat_sys::process::OneThread::check()?;
+    let mid = one.fork(0, move |one| {
+        drop(parent_copy);
+        match one.fork(0, |_| run(listener, &child, opts)) {
+            Ok(pid) => match child.send(&Msg::Pid(pid)) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            },
+            Err(_) => 1,
+        }
+    })?;
+    // The middle process exits at once: the supervisor is an orphan,
+    // reparented to the nearest subreaper, like a created container.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(mid), None);
+    match parent.recv() {
+        Ok(Msg::Pid(pid)) => Ok(Spawned {
+            pid,
+            control: parent,
+        }),
+        Ok(_) | Err(_) => Err(std::io::Error::other(
+            "the sandbox supervisor did not start",
+        )),
+    }
+}
+
+/// The supervisor process's body; its exit status.
+fn run(listener: UnixListener, control: &Channel, opts: Options) -> i32 {
+    match serve(listener, control, opts) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("sandbox supervisor: {}", moat_core::error_chain(&*e));
+            1
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn ctx<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> BoxError {
+    move |e| format!("cannot {step}: {e}").into()
+}
+
+fn detach(keep_stderr: bool) -> Result<(), BoxError> {
+    rustix::process::setsid()?;
+    let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::stdio::dup2_stdin(&null)?;
+    rustix::stdio::dup2_stdout(&null)?;
+    if !keep_stderr {
+        rustix::stdio::dup2_stderr(&null)?;
+    }
+    // Its own /proc files stay root's: nothing in the container may read
+    // or trace it (it is outside the container's PID namespace anyway).
+    nix::sys::prctl::set_dumpable(false)?;
+    Ok(())
+}
+
+fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(), BoxError> {
+    detach(opts.keep_stderr)?;
+    let Some((first, init)) = wait_first(&listener, control)? else {
+        return Ok(());
+    };
+    let pid = rustix::process::Pid::from_raw(init).ok_or("bad container PID")?;
+    let init_fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(ctx("open a pidfd of the container process"))?;
+    let root = rustix::fs::open(
+        format!("/proc/{init}/root").as_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx("open the container's root"))?;
+    let proc = rustix::fs::open(
+        "/proc",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx("open /proc"))?;
+    let userns = other_userns(init)?;
+    let init_mem = rustix::fs::open(
+        format!("/proc/{init}/mem").as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx("open the container process's memory"))?;
+    notify::set_sync_wakeup(first.as_fd())
+        .map_err(ctx("set SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP"))?;
+    let permitted = jail::confine(
+        userns.as_ref().map(|f| f.as_fd()),
+        root.as_fd(),
+        proc.as_fd(),
+        opts.workload_bounding,
+    )
+    .map_err(|e| {
+        format!(
+            "cannot confine the supervisor: {}",
+            moat_core::error_chain(&e)
+        )
+    })?;
+    jail::load_filter().map_err(ctx("load the supervisor's seccomp filter"))?;
+    let mut broker = Broker::new(
+        root,
+        proc,
+        opts.policy,
+        permitted,
+        opts.learn.is_some(),
+        Some((init as u32, init_mem)),
+    );
+    let mut fds = vec![first];
+    let mut init_alive = Some(init_fd);
+    serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);
+    if let (Some(out), Some(learned)) = (opts.learn, broker.learned.take()) {
+        let policy = Policy::from_learned(learned.paths, learned.families);
+        let mut f = std::fs::File::from(out);
+        std::io::Write::write_all(&mut f, policy.to_json().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The container's user namespace, if it is not ours.
+fn other_userns(init: i32) -> Result<Option<OwnedFd>, BoxError> {
+    let theirs = rustix::fs::open(
+        format!("/proc/{init}/ns/user").as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let ours = rustix::fs::stat("/proc/self/ns/user")?;
+    let t = rustix::fs::fstat(&theirs)?;
+    Ok(((t.st_ino, t.st_dev) != (ours.st_ino, ours.st_dev)).then_some(theirs))
+}
+
+/// Waits for the first notify fd and the container process's PID that
+/// comes with it. `None` when the runtime gave up first (EOF on the control
+/// channel before it named the container process), or that process ended.
+fn wait_first(
+    listener: &UnixListener,
+    control: &Channel,
+) -> Result<Option<(OwnedFd, i32)>, BoxError> {
+    let mut init: Option<OwnedFd> = None;
+    loop {
+        let mut pfd = vec![PollFd::new(listener, PollFlags::IN)];
+        match &init {
+            None => pfd.push(PollFd::new(control, PollFlags::IN)),
+            Some(f) => pfd.push(PollFd::new(f, PollFlags::IN)),
+        }
+        match rustix::event::poll(&mut pfd, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let (ready, other) = (!pfd[0].revents().is_empty(), !pfd[1].revents().is_empty());
+        drop(pfd);
+        if ready {
+            if let Some(got) = accept_fd(listener) {
+                return Ok(Some(got));
+            }
+        }
+        if other {
+            if init.is_some() {
+                return Ok(None);
+            }
+            match control.recv() {
+                Ok(Msg::Pid(p)) => {
+                    let pid = rustix::process::Pid::from_raw(p).ok_or("bad container PID")?;
+                    init = Some(rustix::process::pidfd_open(
+                        pid,
+                        rustix::process::PidfdFlags::empty(),
+                    )?);
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+}
+
+/// One connection on the listener: the runtime's container process state
+/// (its `pid`) with the notify fd. Anything else is dropped.
+fn accept_fd(listener: &UnixListener) -> Option<(OwnedFd, i32)> {
+    let (conn, _) = listener.accept().ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let (n, fd) = moat_sys::fd::recv_with_fd(conn.as_fd(), &mut buf).ok()?;
+    let fd = fd?;
+    buf.truncate(n);
+    let _ = (&conn).take(64 * 1024).read_to_end(&mut buf);
+    drop(conn);
+    let state: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    let pid = i32::try_from(state.get("pid")?.as_i64()?).ok()?;
+    (is_notify_fd(fd.as_fd()) && pid > 0).then_some((fd, pid))
+}
+
+fn is_notify_fd(fd: BorrowedFd<'_>) -> bool {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::readlink(link.as_str(), Vec::new())
+        .map(|l| l.as_bytes() == b"anon_inode:seccomp notify")
+        .unwrap_or(false)
+}
+
+fn serve_loop(
+    listener: &UnixListener,
+    fds: &mut Vec<OwnedFd>,
+    init: &mut Option<OwnedFd>,
+    broker: &mut Broker,
+) {
+    loop {
+        if fds.is_empty() && init.is_none() {
+            return;
+        }
+        let mut pfd: Vec<PollFd> = Vec::with_capacity(fds.len() + 2);
+        pfd.push(PollFd::new(listener, PollFlags::IN));
+        let init_ix = init.as_ref().map(|f| {
+            pfd.push(PollFd::new(f, PollFlags::IN));
+            pfd.len() - 1
+        });
+        let first_notify = pfd.len();
+        for f in fds.iter() {
+            pfd.push(PollFd::new(f, PollFlags::IN));
+        }
+        match rustix::event::poll(&mut pfd, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!("sandbox supervisor: poll: {e}");
+                return;
+            }
+        }
+        let listener_ready = !pfd[0].revents().is_empty();
+        let init_done = init_ix.is_some_and(|i| !pfd[i].revents().is_empty());
+        let events: Vec<PollFlags> = pfd[first_notify..].iter().map(|p| p.revents()).collect();
+        drop(pfd);
+        let mut dead = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            if ev.contains(PollFlags::IN) {
+                if !handle_one(fds[i].as_fd(), broker) {
+                    dead.push(i);
+                }
+            } else if !ev.is_empty() {
+                // HUP: no process uses this filter any more.
+                dead.push(i);
+            }
+        }
+        for i in dead.into_iter().rev() {
+            fds.remove(i);
+        }
+        if init_done {
+            *init = None;
+        }
+        if listener_ready {
+            if let Some((fd, _)) = accept_fd(listener) {
+                if notify::set_sync_wakeup(fd.as_fd()).is_ok() {
+                    fds.push(fd);
+                }
+            }
+        }
+    }
+}
+
+/// Receives and answers one notification; false when the fd is finished.
+fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
+    let n = match notify::recv(fd) {
+        Ok(n) => n,
+        // The caller was killed before we received it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return true,
+        Err(_) => return false,
+    };
+    let valid = || notify::id_valid(fd, n.id);
+    let sent = match broker.handle(&n, &valid) {
+        Reply::Val(v) => notify::send(fd, n.id, v, 0, 0),
+        Reply::Err(e) => notify::send(fd, n.id, 0, e, 0),
+        Reply::Continue => notify::send(fd, n.id, 0, 0, notify::FLAG_CONTINUE),
+        Reply::Fd { fd: file, cloexec } => {
+            notify::addfd_send(fd, n.id, file.as_fd(), cloexec).map(drop)
+        }
+    };
+    match sent {
+        // ENOENT: the caller is gone (killed, or its syscall interrupted).
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+        Err(e) => {
+            tracing::warn!("sandbox supervisor: cannot answer a notification: {e}");
+            true
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The workload thread behind a notification: its credentials (read from
+//! `/proc/TID/status`, cached until a task is created or a credential
+//! changes) and its memory (`process_vm_readv`/`writev`, bounded).
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::unistd::Pid;
+use rustix::fs::{Mode, OFlags};
+
+/// Longest path read from the workload, its NUL included (`PATH_MAX`).
+pub const PATH_MAX: usize = 4096;
+const PAGE: usize = 4096;
+/// Largest `/proc/TID/status` read.
+const STATUS_MAX: usize = 8192;
+/// Threads whose credentials are kept at once.
+const CACHE_MAX: usize = 4096;
+
+/// What the kernel would check an access of this thread against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    /// Host thread-group ID (for pidfds).
+    pub tgid: i32,
+    /// PID and TID as the container's PID namespace names them.
+    pub ns_tgid: i32,
+    pub ns_tid: i32,
+    pub ruid: u32,
+    pub fsuid: u32,
+    pub rgid: u32,
+    pub fsgid: u32,
+    pub groups: Vec<u32>,
+    pub cap_eff: u64,
+    pub cap_prm: u64,
+    pub umask: u32,
+}
+
+/// Parses `/proc/TID/status` (as the reader's user namespace sees it).
+pub fn parse_status(text: &str) -> Option<Creds> {
+    let mut c = Creds {
+        tgid: 0,
+        ns_tgid: 0,
+        ns_tid: 0,
+        ruid: 0,
+        fsuid: 0,
+        rgid: 0,
+        fsgid: 0,
+        groups: Vec::new(),
+        cap_eff: 0,
+        cap_prm: 0,
+        umask: 0o022,
+    };
+    let mut seen = 0u32;
+    for line in text.lines() {
+        let Some((key, val)) = line.split_once(':') else {
+            continue;
+        };
+        let nums = || val.split_whitespace().map(|v| v.parse::<u64>().ok());
+        let last = || {
+            val.split_whitespace()
+                .last()
+                .and_then(|v| v.parse::<i32>().ok())
+        };
+        match key {
+            "Umask" => c.umask = u32::from_str_radix(val.trim(), 8).ok()?,
+            "Tgid" => c.tgid = val.trim().parse().ok()?,
+            "NStgid" => c.ns_tgid = last()?,
+            "NSpid" => c.ns_tid = last()?,
+            "Uid" => {
+                let v: Vec<Option<u64>> = nums().collect();
+                c.ruid = u32::try_from((*v.first()?)?).ok()?;
+                c.fsuid = u32::try_from((*v.get(3)?)?).ok()?;
+                seen |= 1;
+            }
+            "Gid" => {
+                let v: Vec<Option<u64>> = nums().collect();
+                c.rgid = u32::try_from((*v.first()?)?).ok()?;
+                c.fsgid = u32::try_from((*v.get(3)?)?).ok()?;
+                seen |= 2;
+            }
+            "Groups" => {
+                c.groups = nums()
+                    .map(|g| g.and_then(|g| u32::try_from(g).ok()))
+                    .collect::<Option<Vec<u32>>>()?;
+                seen |= 4;
+            }
+            "CapEff" => {
+                c.cap_eff = u64::from_str_radix(val.trim(), 16).ok()?;
+                seen |= 8;
+            }
+            "CapPrm" => c.cap_prm = u64::from_str_radix(val.trim(), 16).ok()?,
+            _ => {}
+        }
+    }
+    (seen == 15 && c.tgid > 0).then_some(c)
+}
+
+/// Credentials of workload threads, valid until [`Cache::invalidate`]:
+/// called before any task is created and before any credential change
+/// runs, so a thread ID reused by a new task is never answered from an
+/// old entry, and a thread that changed its IDs is read again.
+#[derive(Default)]
+pub struct Cache {
+    map: HashMap<u32, Creds>,
+}
+
+impl Cache {
+    pub fn invalidate(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn get(&mut self, proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
+        if let Some(c) = self.map.get(&tid) {
+            return Ok(c.clone());
+        }
+        let c = read_creds(proc_fd, tid)?;
+        if self.map.len() >= CACHE_MAX {
+            self.map.clear();
+        }
+        self.map.insert(tid, c.clone());
+        Ok(c)
+    }
+}
+
+fn read_creds(proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
+    let path = format!("{tid}/status");
+    let fd = rustix::fs::openat(
+        proc_fd,
+        path.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| e.raw_os_error())?;
+    let mut buf = vec![0u8; STATUS_MAX];
+    let mut len = 0;
+    while len < buf.len() {
+        match rustix::io::read(&fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.raw_os_error()),
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).map_err(|_| libc::EIO)?;
+    parse_status(text).ok_or(libc::EIO)
+}
+
+/// Reads `len` bytes at `addr` of process `pid`.
+pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    let base = usize::try_from(addr).map_err(|_| libc::EFAULT)?;
+    let remote = [RemoteIoVec { base, len }];
+    let pid = Pid::from_raw(i32::try_from(pid).map_err(|_| libc::ESRCH)?);
+    let n =
+        process_vm_readv(pid, &mut [IoSliceMut::new(&mut buf)], &remote).map_err(|e| e as i32)?;
+    if n != len {
+        return Err(libc::EFAULT);
+    }
+    Ok(buf)
+}
+
+/// Reads a NUL-terminated string at `addr` (at most [`PATH_MAX`] bytes with
+/// its NUL), a page at a time so that a string ending just before an
+/// unmapped page is still read. `ENAMETOOLONG` past the bound, `EFAULT`
+/// for a NULL or unmapped address.
+pub fn read_cstr(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
+    read_cstr_with(addr, |at, len| read_mem(pid, at, len))
+}
+
+/// [`read_cstr`] through `read` (address, length → bytes).
+pub fn read_cstr_with(
+    addr: u64,
+    read: impl Fn(u64, usize) -> Result<Vec<u8>, i32>,
+) -> Result<Vec<u8>, i32> {
+    if addr == 0 {
+        return Err(libc::EFAULT);
+    }
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < PATH_MAX {
+        let to_page_end = PAGE - (at as usize % PAGE);
+        let want = to_page_end.min(PATH_MAX - out.len());
+        let chunk = read(at, want)?;
+        if let Some(nul) = chunk.iter().position(|b| *b == 0) {
+            out.extend_from_slice(&chunk[..nul]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk);
+        at = at.checked_add(want as u64).ok_or(libc::EFAULT)?;
+    }
+    Err(libc::ENAMETOOLONG)
+}
+
+/// Reads through a `/proc/PID/mem` fd opened before the supervisor gave up
+/// its host privileges: the container's init, until its exec, is not
+/// dumpable and its memory belongs to the host's user namespace.
+pub fn read_mem_fd(mem: BorrowedFd<'_>, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; len];
+    let n = rustix::io::pread(mem, &mut buf, addr).map_err(|e| e.raw_os_error())?;
+    if n != len {
+        return Err(libc::EFAULT);
+    }
+    Ok(buf)
+}
+
+/// Writes `data` at `addr` of process `pid`, all or `EFAULT`.
+pub fn write_mem(pid: u32, addr: u64, data: &[u8]) -> Result<(), i32> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let base = usize::try_from(addr).map_err(|_| libc::EFAULT)?;
+    let remote = [RemoteIoVec {
+        base,
+        len: data.len(),
+    }];
+    let pid = Pid::from_raw(i32::try_from(pid).map_err(|_| libc::ESRCH)?);
+    let n =
+        process_vm_writev(pid, &[std::io::IoSlice::new(data)], &remote).map_err(|e| e as i32)?;
+    if n != data.len() {
+        return Err(libc::EFAULT);
+    }
+    Ok(())
+}
+
+/// The path `link` (under host /proc) points to, bounded.
+pub fn read_link(proc_fd: BorrowedFd<'_>, link: &str) -> Result<Vec<u8>, i32> {
+    let v = rustix::fs::readlinkat(proc_fd.as_fd(), link, Vec::with_capacity(256))
+        .map_err(|e| e.raw_os_error())?;
+    let bytes = v.into_bytes();
+    if bytes.len() >= PATH_MAX {
+        return Err(libc::ENAMETOOLONG);
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parses() {
+        let text = "Name:\tsh\nUmask:\t0027\nState:\tS\nTgid:\t4242\nNgid:\t0\nPid:\t4243\n\
+                    Uid:\t1000\t1001\t1002\t1003\nGid:\t100\t101\t102\t103\nGroups:\t5 6 \n\
+                    NStgid:\t4242\t7\nNSpid:\t4243\t8\nCapPrm:\t0000000000000400\n\
+                    CapEff:\t0000000000000002\n";
+        let c = parse_status(text).unwrap();
+        assert_eq!((c.tgid, c.ns_tgid, c.ns_tid), (4242, 7, 8));
+        assert_eq!((c.ruid, c.fsuid, c.rgid, c.fsgid), (1000, 1003, 100, 103));
+        assert_eq!(c.groups, vec![5, 6]);
+        assert_eq!((c.cap_eff, c.cap_prm, c.umask), (2, 0x400, 0o027));
+        assert!(parse_status("Uid:\tx\n").is_none());
+        assert!(parse_status("").is_none());
+    }
+
+    #[test]
+    fn own_memory_reads_and_bounds() {
+        let me = std::process::id();
+        let s = b"/usr/bin\0rest".to_vec();
+        assert_eq!(read_cstr(me, s.as_ptr() as u64).unwrap(), b"/usr/bin");
+        let long = vec![b'a'; PATH_MAX + 10];
+        assert_eq!(read_cstr(me, long.as_ptr() as u64), Err(libc::ENAMETOOLONG));
+        assert_eq!(read_cstr(me, 0), Err(libc::EFAULT));
+        let mut dst = vec![0u8; 4];
+        write_mem(me, dst.as_mut_ptr() as u64, b"abcd").unwrap();
+        assert_eq!(&dst, b"abcd");
+    }
+}

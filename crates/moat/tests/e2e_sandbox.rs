@@ -1,0 +1,431 @@
+//! The sandbox tier, end to end: `moat run --isolation sandbox` on the
+//! embedded default root. Each test checks from inside the sandbox what
+//! the supervisor decided: brokered opens, hidden paths, escapes, races
+//! against the check, refused syscalls, and real programs.
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::{run_binary, Opts, Out, Rt};
+
+fn rt(test: &str) -> Option<Rt> {
+    let rt = Rt::root_or_skip(test)?;
+    if !rt.is_moat() {
+        eprintln!("SKIP {test}: moat-only tier");
+        return None;
+    }
+    Some(rt)
+}
+
+/// `moat run --isolation sandbox [flags] -- sh -c SCRIPT`.
+fn sh(rt: &Rt, flags: &[&str], script: &str) -> Out {
+    let mut args = vec!["run", "--isolation", "sandbox"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    rt.cmd(&args)
+}
+
+/// A directory the container's user can read, mounted as /data: `ok`
+/// ("fine"), `secret` ("SECRET"), and the C helpers compiled into it.
+struct Data {
+    dir: tempfile::TempDir,
+}
+
+impl Data {
+    fn new() -> Data {
+        let dir = tempfile::Builder::new()
+            .prefix("moat-e2e-sandbox-")
+            .tempdir()
+            .expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(dir.path().join("ok"), "fine\n").unwrap();
+        fs::write(dir.path().join("secret"), "SECRET\n").unwrap();
+        for f in ["ok", "secret"] {
+            fs::set_permissions(dir.path().join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        Data { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn volume(&self) -> String {
+        format!("{}:/data:ro", self.path().display())
+    }
+
+    /// Compiles `src` (C, with pthreads) to /data/NAME.
+    fn compile(&self, name: &str, src: &str) {
+        let c = self.path().join(format!("{name}.c"));
+        fs::write(&c, src).unwrap();
+        let out = self.path().join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let r = run_binary(
+            Path::new("/usr/bin/gcc"),
+            &[
+                "-O1".into(),
+                "-pthread".into(),
+                "-o".into(),
+                out.display().to_string(),
+                c.display().to_string(),
+            ],
+            Opts::default(),
+            &tmp.path().join("o"),
+            &tmp.path().join("e"),
+        );
+        assert!(r.ok(), "gcc {name}: {r:?}");
+    }
+
+    /// A policy file: the default rules, plus `/data` readable (not
+    /// executable) and `/data/secret` hidden.
+    fn policy(&self) -> PathBuf {
+        let mut v: serde_json::Value =
+            serde_json::from_str(moat_sandbox::policy::DEFAULT_POLICY).unwrap();
+        v["paths"]["/data"] = "r".into();
+        v["paths"]["/data/secret"] = "hidden".into();
+        let p = self.path().join("policy.json");
+        fs::write(&p, v.to_string()).unwrap();
+        p
+    }
+}
+
+#[test]
+fn brokered_opens_work_and_hidden_paths_do_not_exist() {
+    let Some(rt) = rt("brokered_opens_work_and_hidden_paths_do_not_exist") else {
+        return;
+    };
+    let out = sh(
+        &rt,
+        &[],
+        "head -1 /etc/passwd; cat /etc/shadow; echo shadow=$?; \
+         echo data > /tmp/f && cat /tmp/f; touch /etc/moat-x; echo etc=$?; \
+         mkdir /tmp/d && mv /tmp/f /tmp/d/g && ls /tmp/d && rm -r /tmp/d && echo removed; \
+         test -e /etc/shadow || echo no-shadow; echo out > /dev/stdout",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    assert!(o.starts_with("root:"), "{o}");
+    assert!(o.contains("shadow=1\n"), "{o}");
+    assert!(o.contains("data\n"), "{o}");
+    assert!(o.contains("etc=1\n"), "{o}");
+    assert!(o.contains("g\nremoved\n"), "{o}");
+    assert!(o.contains("no-shadow\n"), "{o}");
+    assert!(o.contains("out\n"), "{o}");
+    assert!(
+        out.stderr
+            .contains("/etc/shadow: No such file or directory"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("'/etc/moat-x': Permission denied"),
+        "{}",
+        out.stderr
+    );
+    // Denials are logged with the syscall, the path and the rule.
+    assert!(
+        out.stderr
+            .contains("sandbox: denied openat /etc/shadow (r)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(r#"rule "/etc/shadow" = hidden"#),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn escapes_through_dotdot_symlinks_and_magic_links_fail() {
+    let Some(rt) = rt("escapes_through_dotdot_symlinks_and_magic_links_fail") else {
+        return;
+    };
+    let data = Data::new();
+    let policy = data.policy();
+    let out = sh(
+        &rt,
+        &["-v", &data.volume(), "--policy", policy.to_str().unwrap()],
+        "cat /data/ok; \
+         cat /data/secret && echo LEAK-direct; \
+         cat /tmp/../data/secret && echo LEAK-dotdot; \
+         cd /data && cat ./../data/./secret && echo LEAK-relative; \
+         ln -s /data/secret /tmp/l && cat /tmp/l && echo LEAK-symlink; \
+         ln -s ../../../../data /tmp/up && cat /tmp/up/secret && echo LEAK-symlink-dir; \
+         cat /proc/self/root/data/secret && echo LEAK-magic-root; \
+         cat /proc/self/cwd/secret && echo LEAK-magic-cwd; \
+         exec 3</data/ok; cat /proc/self/fd/3/../secret && echo LEAK-fd; \
+         stat /data/secret >/dev/null 2>&1 && echo LEAK-stat; \
+         ls -l /tmp/l >/dev/null && echo link-itself-ok; \
+         echo done",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    assert!(o.starts_with("fine\n"), "{o}\n{}", out.stderr);
+    assert!(
+        !o.contains("LEAK") && !o.contains("SECRET"),
+        "{o}\n{}",
+        out.stderr
+    );
+    assert!(
+        o.contains("link-itself-ok\n") && o.ends_with("done\n"),
+        "{o}\n{}",
+        out.stderr
+    );
+}
+
+const OPEN_RACE: &str = r#"
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static char path[64] = "/data/ok";
+static volatile int stop;
+static void *flip(void *arg) {
+    (void)arg;
+    while (!stop) {
+        memcpy(path, "/data/secret", 13);
+        memcpy(path, "/data/ok\0\0\0\0\0", 13);
+    }
+    return NULL;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, flip, NULL);
+    int opened = 0, leaked = 0;
+    for (int i = 0; i < 20000; i++) {
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) continue;
+        opened++;
+        char buf[16] = {0};
+        if (read(fd, buf, sizeof buf - 1) > 0 && strstr(buf, "SECRET")) leaked++;
+        close(fd);
+    }
+    stop = 1;
+    pthread_join(t, NULL);
+    printf("opened=%d leaked=%d\n", opened > 0, leaked);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_thread_rewriting_the_path_cannot_open_what_was_refused() {
+    let Some(rt) = rt("a_thread_rewriting_the_path_cannot_open_what_was_refused") else {
+        return;
+    };
+    let data = Data::new();
+    data.compile("openrace", OPEN_RACE);
+    let policy = data.policy();
+    // The helper runs from /tmp: /data is not executable under the policy.
+    let out = sh(
+        &rt,
+        &["-v", &data.volume(), "--policy", policy.to_str().unwrap()],
+        "cp /data/openrace /tmp/r && /tmp/r",
+    )
+    .expect_ok();
+    assert!(
+        out.stdout.contains("opened=1 leaked=0"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+const EXEC_RACE: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static char path[64] = "/usr/bin/true";
+static volatile int stop;
+static void *flip(void *arg) {
+    (void)arg;
+    while (!stop) {
+        memcpy(path, "/data/evil\0\0\0", 14);
+        memcpy(path, "/usr/bin/true", 14);
+    }
+    return NULL;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, flip, NULL);
+    int ran = 0;
+    for (int i = 0; i < 300; i++) {
+        pid_t p = fork();
+        if (p == 0) {
+            char *argv[] = {path, NULL};
+            execv(path, argv);
+            _exit(127);
+        }
+        int st;
+        waitpid(p, &st, 0);
+        if (WIFEXITED(st) && WEXITSTATUS(st) == 0) ran++;
+    }
+    stop = 1;
+    pthread_join(t, NULL);
+    printf("ran=%d\n", ran > 0);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_thread_rewriting_the_path_cannot_exec_what_was_refused() {
+    let Some(rt) = rt("a_thread_rewriting_the_path_cannot_exec_what_was_refused") else {
+        return;
+    };
+    let data = Data::new();
+    data.compile("execrace", EXEC_RACE);
+    fs::write(data.path().join("evil"), "#!/bin/sh\necho PWNED\n").unwrap();
+    fs::set_permissions(data.path().join("evil"), fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = data.policy();
+    let out = sh(
+        &rt,
+        &["-v", &data.volume(), "--policy", policy.to_str().unwrap()],
+        "/data/evil; echo direct=$?; cp /data/execrace /tmp/r && /tmp/r",
+    )
+    .expect_ok();
+    assert!(
+        out.stdout.contains("direct=126\n"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("ran=1\n"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        !out.stdout.contains("PWNED"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+const PTRACE: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    errno = 0;
+    long r = ptrace(PTRACE_TRACEME, 0, 0, 0);
+    printf("ptrace=%ld %s\n", r, strerror(errno));
+    errno = 0;
+    r = syscall(SYS_unshare, 0x10000000);
+    printf("unshare=%ld %s\n", r, strerror(errno));
+    return 0;
+}
+"#;
+
+#[test]
+fn refused_syscalls_fail_with_a_clear_errno() {
+    let Some(rt) = rt("refused_syscalls_fail_with_a_clear_errno") else {
+        return;
+    };
+    let data = Data::new();
+    data.compile("ptrace", PTRACE);
+    let out = sh(
+        &rt,
+        &["-v", &data.volume()],
+        "cp /data/ptrace /tmp/p && /tmp/p",
+    )
+    .expect_ok();
+    assert!(
+        out.stdout.contains("ptrace=-1 Operation not permitted\n"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("unshare=-1 Operation not permitted\n"),
+        "{}",
+        out.stdout
+    );
+}
+
+const THREADS: &str = r#"
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+static void *work(void *arg) {
+    long n = 0;
+    for (int i = 0; i < 200; i++) {
+        int fd = open("/etc/passwd", O_RDONLY);
+        struct stat st;
+        if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size > 0) n++;
+        if (fd >= 0) close(fd);
+    }
+    *(long *)arg = n;
+    return NULL;
+}
+int main(void) {
+    pthread_t t[8];
+    long n[8];
+    for (int i = 0; i < 8; i++) pthread_create(&t[i], NULL, work, &n[i]);
+    long total = 0;
+    for (int i = 0; i < 8; i++) { pthread_join(t[i], NULL); total += n[i]; }
+    printf("total=%ld\n", total);
+    return 0;
+}
+"#;
+
+#[test]
+fn threads_pipelines_a_compiler_and_git_work() {
+    let Some(rt) = rt("threads_pipelines_a_compiler_and_git_work") else {
+        return;
+    };
+    let data = Data::new();
+    data.compile("threads", THREADS);
+    let out = sh(
+        &rt,
+        &["-v", &data.volume()],
+        "cp /data/threads /tmp/t && /tmp/t; \
+         cat /etc/passwd | grep -c root | tr -d ' '; \
+         cd /tmp && printf 'int main(void){return 42;}\\n' > a.c && gcc -o a a.c && ./a; echo cc=$?; \
+         git init -q /tmp/repo && cd /tmp/repo && git config user.email t@e && git config user.name t && \
+         echo hi > f && git add f && git commit -qm first && echo more >> f && git commit -qam second && \
+         git log --oneline | wc -l",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    assert!(o.contains("total=1600\n"), "{o}\n{}", out.stderr);
+    assert!(o.contains("cc=42\n"), "{o}\n{}", out.stderr);
+    assert!(o.ends_with("2\n"), "{o}\n{}", out.stderr);
+}
+
+#[test]
+fn the_sandbox_leaves_nothing_behind() {
+    let Some(rt) = rt("the_sandbox_leaves_nothing_behind") else {
+        return;
+    };
+    sh(&rt, &[], "true").expect_ok();
+    let left: Vec<String> = fs::read_dir(rt.root().join(".sandbox"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    // No supervisor outlives its sandbox: none has the state root open.
+    let root = rt.root().display().to_string();
+    for (pid, _, _) in common::all_processes() {
+        let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        assert!(
+            !(cmd.contains(&root) && cmd.contains("sandbox")),
+            "left running: {pid} {cmd}"
+        );
+    }
+}
