@@ -520,3 +520,112 @@ fn rootless_human_run() {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Replaces `path` by its contents with `change` applied, through a rename
+/// (readers never see half a file).
+fn rewrite(path: &Path, change: impl FnOnce(String) -> String) {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let tmp = path.with_extension("moat-e2e-tmp");
+    fs::write(&tmp, change(old)).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// A subordinate ID range for a user in /etc/subuid and /etc/subgid, for
+/// the guard's life.
+struct SubIds {
+    line: String,
+}
+
+impl SubIds {
+    fn add(user: &str, start: u64) -> SubIds {
+        let line = format!("{user}:{start}:65536\n");
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s + &line);
+        }
+        SubIds { line }
+    }
+}
+
+impl Drop for SubIds {
+    fn drop(&mut self) {
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s.replacen(&self.line, "", 1));
+        }
+    }
+}
+
+/// Issue #14, 7: a rootless `moat run` in its standard setting: a 0700
+/// `$XDG_RUNTIME_DIR` (as pam_systemd makes it) and a subordinate ID range,
+/// so the container's IDs are not the user's and cannot traverse that
+/// directory: moat opens the cached root and a private volume itself.
+#[test]
+fn rootless_run_with_private_runtime_dir_and_subordinate_ids() {
+    let Some(rt) = Rt::root_or_skip("rootless_private_runtime_dir") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP rootless_private_runtime_dir: moat only");
+        return;
+    }
+    for tool in ["setpriv", "newuidmap", "newgidmap"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "{tool} is needed (util-linux, uidmap)"
+        );
+    }
+    // `nobody`: newuidmap needs the user in /etc/passwd.
+    let uid = 65534;
+    let start = 1_400_000_000 + u64::from(std::process::id() % 100) * 65536;
+    let _sub = SubIds::add("nobody", start);
+    let xdg = tempfile::tempdir().unwrap();
+    let data = xdg.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("f"), "user's private file\n").unwrap();
+    fs::set_permissions(data.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}")])
+        .arg(xdg.path())
+        .status()
+        .unwrap();
+    fs::set_permissions(xdg.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let vol = format!("{}:/data:ro", data.display());
+    let out = as_user(uid, &rt.bin)
+        .args([
+            "run",
+            "-v",
+            &vol,
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map; cat /data/f",
+        ])
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .current_dir(xdg.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "65534", "{stdout}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", &start.to_string(), "65536"],
+        "{stdout}"
+    );
+    assert_eq!(lines[2], "user's private file", "{stdout}");
+    // The same with the cached root reused.
+    let again = as_user(uid, &rt.bin)
+        .args(["run", "--", "sh", "-c", "echo again"])
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .current_dir(xdg.path())
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "again\n");
+}
