@@ -733,9 +733,19 @@ fn read_write_images_never_touch_the_cache() {
     let t = fixtures();
     let tar = owned_tarball(t.path());
     let img = tar.to_str().unwrap();
-    // Read-only by default: the root refuses writes, even root's.
+    // Read-only by default: the root refuses writes, even root's (`-u 0`:
+    // an image without User runs as nobody).
     let out = rt
-        .cmd(&["run", img, "--", "/bin/sh", "-c", "echo x > /etc/x"])
+        .cmd(&[
+            "run",
+            "-u",
+            "0",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo x > /etc/x",
+        ])
         .expect_fail();
     assert!(
         out.stderr.contains("Read-only file system"),
@@ -750,7 +760,17 @@ fn read_write_images_never_touch_the_cache() {
     let write = "echo new > /etc/new && echo more >> /etc/passwd && rm /work/secret \
                  && mkdir /etc/d && stat -c %u /etc/new && tail -n1 /etc/passwd && ls /work";
     let out = rt
-        .cmd(&["run", "--read-write", img, "--", "/bin/sh", "-c", write])
+        .cmd(&[
+            "run",
+            "--read-write",
+            "-u",
+            "0",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            write,
+        ])
         .expect_ok();
     assert_eq!(out.stdout, "0\nmore\n");
     // A user other than root writes where the image lets it.
