@@ -175,6 +175,9 @@ pub struct Workload {
     pub healthcheck: Gap,
     pub host_process: Gap,
     pub volume_types: Vec<(String, Loc)>,
+    /// config.json properties moat does not know: (path, where, under a
+    /// security-relevant object).
+    pub unknown: Vec<(String, Loc, bool)>,
 }
 
 impl Workload {
@@ -214,6 +217,7 @@ impl Workload {
             healthcheck: None,
             host_process: None,
             volume_types: Vec::new(),
+            unknown: Vec::new(),
         }
     }
 }
@@ -358,8 +362,31 @@ pub const SAFE_SYSCTLS: [&str; 10] = [
 mod oci {
     use super::*;
 
+    /// Objects where an unknown (misspelt) property drops a protection.
+    const SECURITY_OBJECTS: [&str; 5] = ["process", "linux", "root", "mounts", "hooks"];
+
+    fn unknown(v: &Value, base: &Loc) -> Vec<(String, Loc, bool)> {
+        use moat_core::spec::Step;
+        // Not a valid spec at all: the runtime refuses it; nothing to add.
+        let Ok(paths) = moat_core::spec::unknown_properties(v) else {
+            return Vec::new();
+        };
+        paths
+            .into_iter()
+            .map(|p| {
+                let loc = p.0.iter().fold(base.clone(), |l, s| match s {
+                    Step::Key(k) => l.raw_key(k),
+                    Step::Index(i) => l.i(*i),
+                });
+                let security = p.top().is_some_and(|t| SECURITY_OBJECTS.contains(&t));
+                (p.to_string(), loc, security)
+            })
+            .collect()
+    }
+
     pub fn workload(v: &Value, base: Loc, name: &str) -> Workload {
         let mut w = Workload::new(Source::Oci, name.to_string(), base.clone());
+        w.unknown = unknown(v, &base);
         // Capabilities: every set, first place each appears.
         for set in [
             "bounding",

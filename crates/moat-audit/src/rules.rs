@@ -71,13 +71,17 @@ pub static RULES: &[Rule] = &[
         "CIS 5.21",
         "add {\"type\": \"uts\"} to linux.namespaces", "remove --uts host (HostConfig.UTSMode)", "(not settable in Kubernetes)"),
     rule!("host-mount-ns", High, "Host mount namespace shared",
-        "Without its own mount namespace the container sees and changes the host's mounts.",
-        "runtime-spec; PRODUCT defaults",
+        "Without its own mount namespace the container shares the host's mounts: it sees every one, and with CAP_SYS_ADMIN changes them for the whole host. A runtime then cannot mount /proc, /dev, masks or a read-only root for it without changing the host's mounts: moat sets up none of them and only chroots into the rootfs, which CAP_SYS_CHROOT escapes.",
+        "runtime-spec (an absent namespace is the runtime's); PRODUCT defaults",
         "add {\"type\": \"mount\"} to linux.namespaces", "(always separate in Docker)", "(always separate in Kubernetes)"),
     rule!("host-cgroup-ns", Low, "Host cgroup namespace shared",
         "Without a cgroup namespace the container sees the host's cgroup layout.",
         "CIS 5.25; runc spec adds a cgroup namespace on cgroup v2",
         "add {\"type\": \"cgroup\"} to linux.namespaces", "--cgroupns private (HostConfig.CgroupnsMode)", "(set by the runtime)"),
+    rule!("unknown-property", Medium, "Unknown config.json property",
+        "Runtimes ignore properties they do not know (the runtime-spec requires it), so a misspelt security setting (seccomp, readonly, noNewPrivileges, maskedPaths…) silently does nothing. moat warns when it creates such a container; this catches it before deploy.",
+        "runtime-spec (unknown properties are ignored); moat docs/audit.md",
+        "correct the property's name (as the runtime-spec spells it) or remove it", "(not applicable)", "(not applicable)"),
     rule!("no-userns", Medium, "No user namespace",
         "Without a user namespace, root in the container is root on the host; moat's default maps each container to its own unprivileged host range.",
         "PRODUCT dedicated user per container; CIS 5.31; kubesec HostUsers",
@@ -286,6 +290,12 @@ pub fn check(w: &Workload, artifact: &str) -> Vec<Finding> {
     if let Some(l) = &w.no_userns {
         o.add("no-userns", l, "no user namespace");
     }
+    for (p, l, security) in &w.unknown {
+        // Under process, linux, root, mounts or hooks a typo drops a
+        // protection; elsewhere it is only noise.
+        let sev = (!security).then_some(Severity::Low);
+        o.add_sev("unknown-property", sev, l, format!("unknown property {p}"));
+    }
     if let Some((d, l)) = &w.root_user {
         // Root inside a user namespace is not root on the host.
         let sev = w.no_userns.is_none().then_some(Severity::Low);
@@ -446,13 +456,12 @@ pub fn is_sensitive(src: &str) -> bool {
 /// embedded default of `moat run` mounts them.
 pub fn is_public_system_file(src: &str) -> bool {
     let src = src.trim_end_matches('/');
-    let dirs = moat_core::embedded::HOST_DIRS
+    if let Some(name) = src.strip_prefix("/etc/") {
+        return moat_core::embedded::shown_etc(name);
+    }
+    moat_core::embedded::HOST_DIRS
         .iter()
-        .map(|d| format!("/{d}"));
-    let etc = moat_core::embedded::HOST_ETC
-        .iter()
-        .map(|e| format!("/etc/{e}"));
-    dirs.chain(etc).any(|p| src == p)
+        .any(|d| src.strip_prefix('/') == Some(d))
 }
 
 fn mounts(o: &mut Out<'_>, w: &Workload) {
@@ -582,7 +591,14 @@ mod tests {
                 .map(|f| (f.id, f.severity))
                 .collect::<Vec<_>>()
         };
-        for src in ["/usr", "/lib64", "/etc/ld.so.cache", "/etc/ssl/"] {
+        for src in [
+            "/usr",
+            "/lib64",
+            "/etc/ld.so.cache",
+            "/etc/ssl/certs/",
+            "/etc/services",
+            "/etc/java-17-openjdk",
+        ] {
             assert_eq!(
                 with(src, json!(["rbind", "ro"])),
                 vec![("host-path", Severity::Low)],
@@ -593,6 +609,8 @@ mod tests {
             ("/usr", json!(["rbind", "rw"])),
             ("/etc", json!(["rbind", "ro"])),
             ("/etc/shadow", json!(["rbind", "ro"])),
+            ("/etc/ssl/private", json!(["rbind", "ro"])),
+            ("/etc/ssl", json!(["rbind", "ro"])),
             ("/usr/../etc", json!(["rbind", "ro"])),
         ] {
             assert!(
@@ -758,6 +776,35 @@ mod tests {
             let got = ids(&oci_with(ptr, v.clone()));
             assert!(got.contains(&want), "{ptr} = {v}: want {want}, got {got:?}");
         }
+    }
+
+    #[test]
+    fn unknown_properties_are_found_where_they_matter() {
+        let f = |ptr: &str| {
+            audit_text(
+                &oci_with(ptr, serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO"})),
+                "t",
+            )
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.id == "unknown-property")
+            .map(|f| (f.location, f.severity))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            f("/linux/seccompp"),
+            [("/linux/seccompp".to_string(), Severity::Medium)]
+        );
+        assert_eq!(
+            f("/root/readOnly"),
+            [("/root/readOnly".to_string(), Severity::Medium)]
+        );
+        assert_eq!(
+            f("/process/user/nope"),
+            [("/process/user/nope".to_string(), Severity::Medium)]
+        );
+        assert_eq!(f("/extra"), [("/extra".to_string(), Severity::Low)]);
+        assert!(f("/annotations/anything").is_empty());
     }
 
     #[test]

@@ -38,6 +38,16 @@ enum ExecSetupError {
     Console(#[source] moat_jail::console::ConsoleError),
     #[error("landlock")]
     Landlock(#[source] moat_jail::landlock::LandlockError),
+    #[error("cannot enter the container's root")]
+    Root(#[source] std::io::Error),
+}
+
+/// chroot into `root` (an fd of a directory) and chdir to its top.
+fn enter_root(root: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    rustix::process::fchdir(root)?;
+    rustix::process::chroot(".")?;
+    rustix::process::chdir("/")?;
+    Ok(())
 }
 
 fn io_err(step: &str) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
@@ -99,6 +109,26 @@ pub fn exec(
         )));
     }
     let flags = namespaces_to_join(st.pid, spec);
+    // A container without a mount namespace of its own shares ours: setns
+    // does not change the root then, so enter the container's root (its
+    // init's, a chroot into the rootfs) by hand.
+    let root = if flags.contains(CloneFlags::CLONE_NEWNS) {
+        None
+    } else {
+        Some(
+            rustix::fs::open(
+                format!("/proc/{}/root", st.pid),
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| ContainerError::Io {
+                step: format!("open the root of pid {}", st.pid),
+                source: e.into(),
+            })?,
+        )
+    };
     let mut local_console = None;
     let console = match (&opts.console_socket, process.terminal().unwrap_or(false)) {
         (Some(p), true) => Some(OwnedFd::from(
@@ -170,6 +200,9 @@ pub fn exec(
             }
             crate::lifecycle::protect_runtime_process().map_err(ExecSetupError::Dumpable)?;
             nix::sched::setns(pidfd.as_fd(), flags).map_err(ExecSetupError::Setns)?;
+            if let Some(r) = &root {
+                enter_root(r.as_fd()).map_err(ExecSetupError::Root)?;
+            }
             one.fork(libc::CLONE_PARENT, |_| grandchild())
                 .map_err(ExecSetupError::Fork)
         })();

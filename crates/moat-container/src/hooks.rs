@@ -31,12 +31,29 @@ pub enum HookError {
     },
 }
 
-/// Runs `hooks` in order; the first failure stops the list.
+/// Runs `hooks` in order; the first failure stops the list (prestart,
+/// createRuntime, createContainer, startContainer: the runtime-spec makes
+/// their failure an error of the lifecycle step).
 pub fn run(stage: &'static str, hooks: &[Hook], state_json: &[u8]) -> Result<(), HookError> {
     for hook in hooks {
         run_one(stage, hook, state_json)?;
     }
     Ok(())
+}
+
+/// Runs every hook of `hooks` in order, whatever each one does: a failure is
+/// a warning, and the next hook and the lifecycle go on as if it had
+/// succeeded (what the runtime-spec asks for poststart and poststop).
+/// Returns the failures, for the caller's tests; they are already logged.
+pub fn run_warning(stage: &'static str, hooks: &[Hook], state_json: &[u8]) -> Vec<HookError> {
+    let mut failed = Vec::new();
+    for hook in hooks {
+        if let Err(e) = run_one(stage, hook, state_json) {
+            tracing::warn!("{}", moat_core::error_chain(&e));
+            failed.push(e);
+        }
+    }
+    failed
 }
 
 fn run_one(stage: &'static str, hook: &Hook, state_json: &[u8]) -> Result<(), HookError> {
@@ -165,5 +182,24 @@ mod tests {
             run("prestart", &[missing], b"{}").unwrap_err(),
             HookError::Spawn { .. }
         ));
+    }
+
+    #[test]
+    fn a_failing_poststart_hook_does_not_stop_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("second");
+        let fail = HookBuilder::default().path("/bin/false").build().unwrap();
+        let second = HookBuilder::default()
+            .path("/bin/sh")
+            .args(vec![
+                "sh".into(),
+                "-c".into(),
+                format!("touch {}", out.display()),
+            ])
+            .build()
+            .unwrap();
+        let failed = run_warning("poststart", &[fail, second], b"{}");
+        assert_eq!(failed.len(), 1);
+        assert!(out.exists(), "the second hook did not run");
     }
 }

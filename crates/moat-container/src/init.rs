@@ -145,9 +145,6 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     join_cgroup(ctx)?;
     crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
-    become_root_in_user_ns(ctx)?;
-    enter_late_namespaces(ctx)?;
-    join_session_keyring(ctx)?;
     let rcfg = RootfsConfig {
         spec: ctx.spec,
         rootfs: ctx.rootfs,
@@ -155,18 +152,33 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
         cgroup_mounts: ctx.cgroup_mounts,
         no_pivot: ctx.no_pivot,
         in_user_ns: ctx.plan.has_user(),
+        own_mount_ns: own_mount_ns(ctx.plan),
     };
-    rootfs::prepare(&rcfg)?;
+    // With the runtime's credentials still (the container's host IDs need
+    // not be able to reach the rootfs or a volume).
+    let host = rootfs::HostPaths::open(ctx.spec, ctx.rootfs, ctx.bundle)?;
+    become_root_in_user_ns(ctx)?;
+    enter_late_namespaces(ctx)?;
+    join_session_keyring(ctx)?;
+    let root = rootfs::prepare(&rcfg, &host)?;
+    drop(host);
     if ctx.has_runtime_hooks {
         chan.send(&Msg::RuntimeHooks)?;
         chan.expect(Msg::Go, "go")?;
     }
     run_container_hooks(ctx, chan, "createContainer")?;
-    rootfs::pivot(&rcfg)?;
+    if !rcfg.own_mount_ns {
+        // The container's root will have no /proc (nothing is mounted).
+        apply_sysctls(ctx.spec)?;
+    }
+    rootfs::pivot(&rcfg, &root)?;
+    drop(root);
     set_identity(ctx.spec)?;
     bring_up_loopback(ctx)?;
-    // Before `finish`, which makes /proc/sys read-only.
-    apply_sysctls(ctx.spec)?;
+    if rcfg.own_mount_ns {
+        // Before `finish`, which makes /proc/sys read-only.
+        apply_sysctls(ctx.spec)?;
+    }
     rootfs::finish(&rcfg)?;
     nix::unistd::setsid().map_err(sys("create a session"))?;
     if let Some(sock) = &ctx.console_socket {
@@ -200,6 +212,16 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // Report on the channel the starter listens to.
     let _ = reply.send(&err.report());
     Err(err.into())
+}
+
+/// Whether the container has a mount namespace of its own (new or joined);
+/// without one it shares the runtime's.
+fn own_mount_ns(plan: &NsPlan) -> bool {
+    plan.new.contains(CloneFlags::CLONE_NEWNS)
+        || plan
+            .join
+            .iter()
+            .any(|(t, _)| *t == LinuxNamespaceType::Mount)
 }
 
 fn join_cgroup(ctx: &InitContext) -> Result<(), InitError> {

@@ -13,7 +13,7 @@ use moat_core::{SpecError, Tier};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use crate::hooks::{self, HookError};
 use crate::init::{self, InitContext, StartSignal};
@@ -186,17 +186,9 @@ impl ContainerTier {
             .linux()
             .as_ref()
             .ok_or_else(|| ContainerError::Invalid("config has no linux section".into()))?;
+        // Without a mount namespace the container shares ours (the spec's
+        // "inherited"): the init then mounts nothing (init.rs).
         let plan = NsPlan::from_spec(linux.namespaces().as_deref().unwrap_or(&[]));
-        if !plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNS)
-            && !plan
-                .join
-                .iter()
-                .any(|(t, _)| *t == LinuxNamespaceType::Mount)
-        {
-            return Err(ContainerError::Invalid(
-                "config must request a mount namespace".into(),
-            ));
-        }
         let net = NetRequest::from_spec(
             spec,
             plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET),
@@ -457,9 +449,7 @@ impl ContainerTier {
             return;
         }
         let json = oci_state_json(st, ContainerStatus::Running);
-        if let Err(e) = hooks::run("poststart", &st.poststart_hooks, &json) {
-            tracing::warn!("poststart hook failed: {}", moat_core::error_chain(&e));
-        }
+        hooks::run_warning("poststart", &st.poststart_hooks, &json);
     }
 
     // ----- launch -----
@@ -668,9 +658,7 @@ impl ContainerTier {
         }
         if !st.poststop_hooks.is_empty() {
             let json = oci_state_json(&st, ContainerStatus::Stopped);
-            if let Err(e) = hooks::run("poststop", &st.poststop_hooks, &json) {
-                tracing::warn!("poststop hook failed: {}", moat_core::error_chain(&e));
-            }
+            hooks::run_warning("poststop", &st.poststop_hooks, &json);
         }
         self.sd.remove(id)?;
         drop(lock);

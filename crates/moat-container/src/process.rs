@@ -109,28 +109,16 @@ pub fn finalize_and_exec(f: &Finalize) -> ProcessError {
 
 enum Never {}
 
+/// The steps, in this order so that nothing after the seccomp filter is
+/// loaded depends on the filter allowing it: only `execve` follows it (the
+/// profile must allow that, as for every runtime). Everything else, marking
+/// fds close-on-exec, the identity, the capability sets, the parent-death
+/// signal and the signal mask included, happens before; a filter loaded
+/// without no_new_privs is loaded while CAP_SYS_ADMIN is still held (kept in
+/// the permitted and effective sets only, which `execve` recomputes).
 fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     let p = f.process;
-    // Resolve the program and build argv/env before dropping privileges.
-    let args = p.args().as_deref().unwrap_or(&[]);
-    let env: Vec<String> = p.env().clone().unwrap_or_default();
-    let prog = args
-        .first()
-        .ok_or_else(|| ProcessError::NotFound(String::new()))?;
-    let path = find_program(prog, &env, p.cwd())?;
-    let c_path =
-        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
-    let c_args = args
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| ProcessError::Nul)?;
-    let c_env = env
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| ProcessError::Nul)?;
-
+    let (path, exec) = prepare_exec(p)?;
     if let Some(r) = p.rlimits() {
         rlimit::apply(r)?;
     }
@@ -160,17 +148,14 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
             .transpose()?
             .map(Seccomp::Filter),
     };
-    // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it
-    // while we still have it. With it, load as late as possible.
-    if !nnp {
-        load_filter(filter.as_ref(), f)?;
-    }
     // No `capabilities` object means no capabilities (fail closed).
     let none = no_caps();
     let c = p.capabilities().as_ref().unwrap_or(&none);
     caps::drop_bounding(c)?;
     switch_user(p)?;
-    caps::apply_sets(c)?;
+    // Without no_new_privs, loading the filter needs CAP_SYS_ADMIN.
+    let hold = (filter.is_some() && !nnp).then_some(::caps::Capability::CAP_SYS_ADMIN);
+    caps::apply_sets_holding(c, hold)?;
     if let Some(u) = p.user().umask() {
         rustix::process::umask(rustix::fs::Mode::from_bits_truncate(u));
     }
@@ -180,9 +165,6 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     })?;
     moat_sys::process::close_from(3 + f.preserve_fds, true).map_err(ProcessError::Fds)?;
     clear_cloexec(f.preserve_fds)?;
-    if nnp {
-        load_filter(filter.as_ref(), f)?;
-    }
     if f.die_with_runtime {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
             .map_err(sys("set the parent-death signal"))?;
@@ -195,11 +177,32 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
         None,
     )
     .map_err(sys("unblock signals"))?;
-    let e = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
+    load_filter(filter.as_ref(), f)?;
+    let e = exec.exec();
     Err(ProcessError::Exec {
         path: path.display().to_string(),
-        source: e,
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })
+}
+
+/// Resolves the program and builds argv/env, before anything is dropped.
+fn prepare_exec(p: &Process) -> Result<(PathBuf, moat_sys::process::Exec), ProcessError> {
+    let args = p.args().as_deref().unwrap_or(&[]);
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let prog = args
+        .first()
+        .ok_or_else(|| ProcessError::NotFound(String::new()))?;
+    let path = find_program(prog, &env, p.cwd())?;
+    let c_path =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
+    let cstrings = |v: &[String]| {
+        v.iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ProcessError::Nul)
+    };
+    let exec = moat_sys::process::Exec::new(c_path, cstrings(args)?, cstrings(&env)?);
+    Ok((path, exec))
 }
 
 fn no_caps() -> oci_spec::runtime::LinuxCapabilities {

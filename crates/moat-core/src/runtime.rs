@@ -62,7 +62,7 @@ impl Config {
     /// Parses and validates a config given in memory; its `root.path` must
     /// be absolute (there is no bundle to be relative to).
     pub fn from_memory(bytes: Vec<u8>) -> Result<Config, SpecError> {
-        let spec = crate::spec::parse_reader(bytes.as_slice(), Path::new("config.json"))?;
+        let spec = crate::spec::parse_for_create(bytes.as_slice(), Path::new("config.json"))?;
         crate::spec::validate(&spec)?;
         let root = spec
             .root()

@@ -1,8 +1,11 @@
 //! Loading and validating an OCI runtime-spec `config.json`.
 //!
-//! The file is parsed once, strictly: a field moat does not know is refused
-//! with its JSON path rather than silently ignored, since an ignored field in a
-//! security configuration is a silently dropped protection.
+//! The runtime-spec says a runtime MUST NOT fail on a property it does not
+//! know, and moat does not; but an ignored property in a security
+//! configuration is a silently dropped protection (a misspelt `seccomp` or
+//! `readonly`), so each one is a warning naming its JSON path when a
+//! container is created ([`warn_unknown`]), and `moat audit` reports those
+//! under the security-relevant objects ([`unknown_properties`]).
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -20,8 +23,6 @@ pub enum SpecError {
     },
     #[error("invalid {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid {path}: unknown field `{field}`")]
-    UnknownField { path: PathBuf, field: String },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("cannot open bundle {path}")]
@@ -38,7 +39,118 @@ pub enum SpecError {
     },
 }
 
-/// Parse `path` as an OCI runtime spec, refusing unknown fields.
+/// One step of a JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Where a property is in config.json: `process.capabilities.bounding`,
+/// `mounts[2].readonly`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPath(pub Vec<Step>);
+
+impl std::fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Step::Key(k) if i == 0 => write!(f, "{k}")?,
+                Step::Key(k) => write!(f, ".{k}")?,
+                Step::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl JsonPath {
+    fn of(p: &serde_ignored::Path) -> JsonPath {
+        let mut steps = Vec::new();
+        fn walk(p: &serde_ignored::Path, out: &mut Vec<Step>) {
+            use serde_ignored::Path as P;
+            match p {
+                P::Root => {}
+                P::Seq { parent, index } => {
+                    walk(parent, out);
+                    out.push(Step::Index(*index));
+                }
+                P::Map { parent, key } => {
+                    walk(parent, out);
+                    out.push(Step::Key(key.clone()));
+                }
+                P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                    walk(parent, out)
+                }
+            }
+        }
+        walk(p, &mut steps);
+        JsonPath(steps)
+    }
+
+    /// The top-level property this path is under.
+    pub fn top(&self) -> Option<&str> {
+        match self.0.first() {
+            Some(Step::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed config and the properties in it that moat does not know
+/// (annotations, free-form by definition, excluded).
+#[derive(Debug)]
+pub struct Parsed {
+    pub spec: Spec,
+    pub unknown: Vec<JsonPath>,
+}
+
+fn deserialize<'de, D>(de: D) -> Result<Parsed, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let mut unknown = Vec::new();
+    let spec: Spec = serde_ignored::deserialize(de, |p| {
+        let path = JsonPath::of(&p);
+        if path.top() != Some("annotations") {
+            unknown.push(path);
+        }
+    })?;
+    Ok(Parsed { spec, unknown })
+}
+
+/// Parses a spec from a reader; `path` only names it in errors. Unknown
+/// properties are listed, not refused.
+pub fn parse(reader: impl std::io::Read, path: &Path) -> Result<Parsed, SpecError> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let parse_err = |e: serde_json::Error| SpecError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let parsed = deserialize(&mut de).map_err(parse_err)?;
+    de.end().map_err(parse_err)?;
+    Ok(parsed)
+}
+
+/// The properties of a config.json (as JSON) that moat does not know; an
+/// error when it is not a valid spec at all.
+pub fn unknown_properties(v: &serde_json::Value) -> Result<Vec<JsonPath>, String> {
+    deserialize(v.clone())
+        .map(|p| p.unknown)
+        .map_err(|e| e.to_string())
+}
+
+/// One warning (stderr, and the `--log` file) per unknown property.
+pub fn warn_unknown(path: &Path, unknown: &[JsonPath]) {
+    for p in unknown {
+        tracing::warn!(
+            "{}: unknown property {p} ignored (a misspelt setting has no effect)",
+            path.display()
+        );
+    }
+}
+
+/// Parse `path` as an OCI runtime spec; unknown properties are ignored.
 pub fn parse_file(path: &Path) -> Result<Spec, SpecError> {
     let file = File::open(path).map_err(|source| SpecError::Open {
         path: path.to_owned(),
@@ -47,37 +159,46 @@ pub fn parse_file(path: &Path) -> Result<Spec, SpecError> {
     parse_reader(BufReader::new(file), path)
 }
 
-/// Parse a spec from a reader; `path` only names it in errors.
+/// Parse a spec from a reader; `path` only names it in errors. Unknown
+/// properties are ignored (quietly: for configs moat wrote or already
+/// warned about).
 pub fn parse_reader<R: std::io::Read>(reader: R, path: &Path) -> Result<Spec, SpecError> {
-    let mut de = serde_json::Deserializer::from_reader(reader);
-    let mut unknown: Option<String> = None;
-    let spec: Spec = serde_ignored::deserialize(&mut de, |p| {
-        // serde_ignored writes `?` for each Option layer; drop those segments.
-        let p = p
-            .to_string()
-            .replace("?.", "")
-            .trim_end_matches(".?")
-            .to_owned();
-        // Annotations are free-form by definition; everything else must be known.
-        if unknown.is_none() && !p.starts_with("annotations") {
-            unknown = Some(p);
-        }
-    })
-    .map_err(|e| SpecError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    de.end().map_err(|e| SpecError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    if let Some(field) = unknown {
-        return Err(SpecError::UnknownField {
-            path: path.to_owned(),
-            field,
-        });
+    parse(reader, path).map(|p| p.spec)
+}
+
+/// Parses a config given to create a container: warns for each unknown
+/// property and for what moat does differently ([`warnings`]).
+pub fn parse_for_create(reader: impl std::io::Read, path: &Path) -> Result<Spec, SpecError> {
+    let parsed = parse(reader, path)?;
+    warn_unknown(path, &parsed.unknown);
+    for w in warnings(&parsed.spec) {
+        tracing::warn!("{w}");
     }
-    Ok(spec)
+    Ok(parsed.spec)
+}
+
+/// What a valid config asks for that moat honours in a weaker or different
+/// way than one might expect, as warnings (`moat audit` rates these too).
+pub fn warnings(spec: &Spec) -> Vec<String> {
+    let mut out = Vec::new();
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or(&[]);
+    if spec.linux().is_some()
+        && !namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Mount)
+    {
+        out.push(
+            "linux.namespaces has no mount namespace: the container shares the runtime's (the host's) mounts; \
+             its mounts, devices, masked and read-only paths, read-only root and rootfsPropagation are not set up \
+             (they would change the host's mounts), only its root directory is changed (chroot)"
+                .to_string(),
+        );
+    }
+    out
 }
 
 /// Fails unless `rootfs` is a directory.
@@ -96,7 +217,12 @@ pub fn check_rootfs(rootfs: &Path) -> Result<(), SpecError> {
 /// Load `<bundle>/config.json`, validate it, and return it with the rootfs
 /// resolved to an absolute path.
 pub fn load_bundle(bundle: &Path) -> Result<(Spec, PathBuf), SpecError> {
-    let spec = parse_file(&bundle.join("config.json"))?;
+    let path = bundle.join("config.json");
+    let file = File::open(&path).map_err(|source| SpecError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let spec = parse_for_create(BufReader::new(file), &path)?;
     validate(&spec)?;
     let root = spec
         .root()
@@ -322,17 +448,50 @@ mod tests {
         validate(&spec).unwrap();
     }
 
+    fn unknown(s: &str) -> Vec<String> {
+        super::parse(s.as_bytes(), Path::new("config.json"))
+            .unwrap()
+            .unknown
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     #[test]
-    fn refuses_unknown_field_with_its_path() {
-        let err = parse(&spec_json(r#","bogus":1"#)).unwrap_err();
-        assert!(err.to_string().contains("bogus"), "{err}");
-        let err = parse(r#"{"ociVersion":"1.0.0","process":{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0},"nope":true}}"#).unwrap_err();
-        assert!(err.to_string().contains("process.nope"), "{err}");
+    fn lists_unknown_properties_with_their_paths() {
+        assert_eq!(unknown(&spec_json(r#","bogus":1"#)), ["bogus"]);
+        let s = r#"{"ociVersion":"1.0.0","process":{"args":["a"],"cwd":"/","user":{"uid":0,"gid":0},"nope":true},
+            "root":{"path":"r","readOnly":true},
+            "mounts":[{"destination":"/a","type":"tmpfs"},{"destination":"/b","optoins":["ro"]}],
+            "linux":{"seccompp":{"defaultAction":"SCMP_ACT_ERRNO"}}}"#;
+        assert_eq!(
+            unknown(s),
+            [
+                "process.nope",
+                "root.readOnly",
+                "mounts[1].optoins",
+                "linux.seccompp"
+            ]
+        );
+        // Still a valid spec, parsed as if they were absent.
+        let spec = parse(s).unwrap();
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_none());
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        assert_eq!(unknown_properties(&v).unwrap().len(), 4);
     }
 
     #[test]
     fn annotations_are_free_form() {
-        parse(&spec_json(r#","annotations":{"x":"y"}"#)).unwrap();
+        assert!(unknown(&spec_json(r#","annotations":{"x":"y"}"#)).is_empty());
+    }
+
+    #[test]
+    fn no_mount_namespace_is_a_warning() {
+        let s = parse(&spec_json("").replace(r#",{"type":"mount"}"#, "")).unwrap();
+        validate(&s).unwrap();
+        let w = warnings(&s);
+        assert!(w.len() == 1 && w[0].contains("no mount namespace"), "{w:?}");
+        assert!(warnings(&parse(&spec_json("")).unwrap()).is_empty());
     }
 
     #[test]

@@ -135,13 +135,38 @@ pub fn drop_bounding(caps: &LinuxCapabilities) -> Result<(), CapsError> {
 /// then each listed capability raised). Run it after switching user, with `PR_SET_KEEPCAPS`
 /// set before the switch so that the permitted set survives it.
 pub fn apply_sets(caps: &LinuxCapabilities) -> Result<(), CapsError> {
+    apply_sets_holding(caps, None)
+}
+
+/// [`apply_sets`], but `hold` (when this process still has it permitted)
+/// stays in the permitted and effective sets, never in the inheritable or
+/// ambient ones. For a step that needs it between this call and `execve`
+/// (loading a seccomp filter without no_new_privs needs CAP_SYS_ADMIN):
+/// `execve` computes the new permitted and effective sets from the
+/// inheritable, ambient and bounding sets and the file's capabilities,
+/// never from the old permitted set, so the held capability does not reach
+/// the program unless the spec grants it.
+pub fn apply_sets_holding(
+    caps: &LinuxCapabilities,
+    hold: Option<::caps::Capability>,
+) -> Result<(), CapsError> {
     let last = last_cap()?;
-    let sets = CapabilitySets {
+    let mut sets = CapabilitySets {
         effective: CapabilitySet::from_bits_retain(mask(caps.effective().as_ref(), last)?),
         permitted: CapabilitySet::from_bits_retain(mask(caps.permitted().as_ref(), last)?),
         inheritable: CapabilitySet::from_bits_retain(mask(caps.inheritable().as_ref(), last)?),
     };
     let ambient = mask(caps.ambient().as_ref(), last)?;
+    if let Some(cap) = hold {
+        let held = rustix::thread::capabilities(None)
+            .map_err(|e| CapsError::SetSets { source: e.into() })?
+            .permitted;
+        let b = CapabilitySet::from_bits_retain(cap.bitmask());
+        if held.contains(b) {
+            sets.permitted |= b;
+            sets.effective |= b;
+        }
+    }
     rustix::thread::set_capabilities(None, sets)
         .map_err(|e| CapsError::SetSets { source: e.into() })?;
     rustix::thread::clear_ambient_capability_set()
@@ -150,7 +175,8 @@ pub fn apply_sets(caps: &LinuxCapabilities) -> Result<(), CapsError> {
     // and inheritable. Like runc, skip the others (the default OCI spec lists
     // ambient capabilities without making them inheritable); the process
     // simply does not get them, which errs on the side of less privilege.
-    let raisable = ambient & sets.permitted.bits() & sets.inheritable.bits();
+    let requested = mask(caps.permitted().as_ref(), last)?;
+    let raisable = ambient & requested & sets.inheritable.bits();
     for index in (0..=last).filter(|i| raisable & (1u64 << i) != 0) {
         rustix::thread::configure_capability_in_ambient_set(bit(index), true).map_err(|e| {
             CapsError::RaiseAmbient {
@@ -307,6 +333,45 @@ mod tests {
                 Err(CapsError::SetSets { .. }) => 0,
                 _ => 8,
             }
+        })
+        .unwrap();
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn a_held_capability_stays_permitted_and_effective_only() {
+        if moat_core::testing::needs_root("a_held_capability_stays_permitted_and_effective_only") {
+            return;
+        }
+        let mut caps = LinuxCapabilities::default();
+        caps.set_bounding(set(&[Oci::Kill]));
+        caps.set_effective(set(&[Oci::Kill]));
+        caps.set_permitted(set(&[Oci::Kill]));
+        caps.set_inheritable(set(&[Oci::Kill]));
+        caps.set_ambient(set(&[Oci::Kill]));
+        let code = run_in_child(0, || {
+            if drop_bounding(&caps).is_err() {
+                return 2;
+            }
+            if apply_sets_holding(&caps, Some(C::CAP_SYS_ADMIN)).is_err() {
+                return 3;
+            }
+            let both = bits(&[C::CAP_KILL, C::CAP_SYS_ADMIN]);
+            if status("CapEff:") != Some(both) || status("CapPrm:") != Some(both) {
+                return 4;
+            }
+            let kill = Some(bits(&[C::CAP_KILL]));
+            if status("CapInh:") != kill || status("CapAmb:") != kill {
+                return 5;
+            }
+            // Without it permitted there is nothing to hold.
+            if apply_sets(&caps).is_err()
+                || apply_sets_holding(&caps, Some(C::CAP_SYS_ADMIN)).is_err()
+                || status("CapPrm:") != kill
+            {
+                return 6;
+            }
+            0
         })
         .unwrap();
         assert_eq!(code, 0);

@@ -48,7 +48,7 @@ fn dev_nodes() -> Vec<(PathBuf, bool)> {
     v
 }
 
-pub fn checks() -> Vec<Check> {
+pub fn checks(scratch: Option<&Path>) -> Vec<Check> {
     let nodes = dev_nodes();
     let mut out = Vec::new();
     let extra: Vec<String> = nodes
@@ -103,7 +103,7 @@ pub fn checks() -> Vec<Check> {
     ));
     out.push(open_any("dev.kvm", &["/dev/kvm".into()], "KVM"));
     out.push(open_any("dev.fuse", &["/dev/fuse".into()], "FUSE"));
-    out.extend(mknod());
+    out.extend(mknod(scratch));
     out
 }
 
@@ -134,25 +134,15 @@ fn open_any(id: &'static str, paths: &[String], what: &str) -> Check {
     }
 }
 
-/// A fresh directory in the first writable place, removed by the caller.
-pub fn scratch_dir() -> Option<PathBuf> {
-    for base in ["/tmp", "/dev/shm", "/run", "/var/tmp", "/"] {
-        let d = Path::new(base).join(format!("moat-probe-{}", std::process::id()));
-        if std::fs::create_dir(&d).is_ok() {
-            return Some(d);
-        }
-    }
-    None
-}
-
 /// mknod of /dev/null's and /dev/mem's numbers in a scratch directory; the
 /// /dev/mem node is then opened read-only (never read) to see whether the
-/// device cgroup lets it through. Both nodes and the directory are removed.
-fn mknod() -> Vec<Check> {
+/// device cgroup lets it through. Both nodes are removed (and the scratch
+/// directory with anything left when the probe ends).
+fn mknod(scratch: Option<&Path>) -> Vec<Check> {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     const P: &str =
         "no CAP_MKNOD; device cgroup denies host devices (CIS 5.18; runc/Docker device rules)";
-    let Some(dir) = scratch_dir() else {
+    let Some(dir) = scratch else {
         return vec![
             check(
                 "escape.mknod",
@@ -239,14 +229,6 @@ fn mknod() -> Vec<Check> {
                 ));
             }
         }
-    }
-    if let Err(e) = std::fs::remove_dir(&dir) {
-        out.push(check(
-            "probe.cleanup",
-            Outcome::NotApplicable,
-            format!("could not remove {}: {e}", dir.display()),
-            P,
-        ));
     }
     out
 }

@@ -5,8 +5,10 @@
 //! Every attempt is non-destructive even on a bare host as root: files are
 //! opened for writing and closed without a write; syscalls get arguments that
 //! fail right after the kernel's permission check; namespace, mount and
-//! ptrace attempts run in forked children bounded in time; anything created
-//! (a temporary directory, a device node, a cgroup) is removed at once.
+//! ptrace attempts run in forked children bounded in time (and create
+//! nothing); device nodes are made only in the probe's one scratch directory
+//! ([`scratch`]), removed with its contents when the probe ends (or by the
+//! next probe when this one was killed); a test cgroup is removed at once.
 //!
 //! Each check answers `blocked` (the isolation holds / the attempt was
 //! refused), `allowed` (the exposure is there / the attempt succeeded) or
@@ -27,6 +29,7 @@ mod kernel;
 mod net;
 mod ns;
 mod paths;
+mod scratch;
 mod security;
 
 /// A check's verdict.
@@ -108,14 +111,16 @@ impl Status {
 /// Runs every check, in category order.
 pub fn run_all() -> Vec<Check> {
     let st = Status::read();
+    // Removed, with what the checks made in it, when this returns.
+    let scratch = scratch::Scratch::create();
     let mut out = Vec::new();
     out.extend(identity::checks(&st));
     out.extend(caps::checks(&st));
-    out.extend(security::checks(&st));
+    out.extend(security::checks(&st, scratch.path()));
     out.extend(ns::checks(&st));
     out.extend(cgroup::checks());
     out.extend(paths::checks());
-    out.extend(devices::checks());
+    out.extend(devices::checks(scratch.path()));
     out.extend(net::checks());
     out.extend(kernel::checks());
     out.extend(escape::checks());

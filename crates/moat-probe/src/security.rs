@@ -1,7 +1,7 @@
 //! no_new_privs, seccomp, the LSMs and Landlock.
 use super::{check, errno_name, read_trim, Check, Outcome, Status};
 
-pub fn checks(st: &Status) -> Vec<Check> {
+pub fn checks(st: &Status, scratch: Option<&std::path::Path>) -> Vec<Check> {
     let mut out = Vec::new();
     out.push(match st.get("NoNewPrivs") {
         Some("1") => check(
@@ -101,7 +101,7 @@ pub fn checks(st: &Status) -> Vec<Check> {
             "defense in depth: Landlock available for self-sandboxing",
         ),
     });
-    out.push(landlock_domain());
+    out.push(landlock_domain(scratch));
     out
 }
 
@@ -110,18 +110,11 @@ pub fn checks(st: &Status) -> Vec<Check> {
 /// ruleset `mknod(S_IFCHR)` fails the capability check (EPERM), or succeeds
 /// with CAP_MKNOD; a ruleset that does not grant "make char" refuses it
 /// first, with EACCES. The node is removed if it was made.
-fn landlock_domain() -> Check {
+fn landlock_domain(scratch: Option<&std::path::Path>) -> Check {
     const PRACTICE: &str =
         "defense in depth: a Landlock ruleset confines file access (write only where the container may write)";
-    let mut dirs: Vec<std::path::PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
-    dirs.extend(std::env::var_os("HOME").map(Into::into));
-    dirs.extend(std::env::current_dir().ok());
-    let writable = |d: &std::path::Path| {
-        rustix::fs::access(d, rustix::fs::Access::WRITE_OK).is_ok()
-            && rustix::fs::statvfs(d)
-                .is_ok_and(|v| !v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
-    };
-    let Some(dir) = dirs.into_iter().find(|d| writable(d)) else {
+    // The probe's scratch directory: made where DAC and the mounts let it write.
+    let Some(dir) = scratch else {
         return check(
             "security.landlock-domain",
             Outcome::NotApplicable,
@@ -129,7 +122,7 @@ fn landlock_domain() -> Check {
             PRACTICE,
         );
     };
-    let node = dir.join(format!(".moat-probe-{}", std::process::id()));
+    let node = dir.join("landlock-node");
     let r = rustix::fs::mknodat(
         rustix::fs::CWD,
         &node,

@@ -1,5 +1,6 @@
 //! Process creation with namespace flags, and process-wide syscalls without a
 //! safe wrapper elsewhere.
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -131,6 +132,51 @@ pub fn thread_count() -> io::Result<u64> {
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions and never returns.
     unsafe { libc::_exit(code) }
+}
+
+/// An `execve(2)` prepared in advance: the path, argument and environment
+/// strings and their NULL-terminated pointer arrays are built by [`Exec::new`],
+/// so [`Exec::exec`] allocates nothing and makes one syscall. It is the last
+/// step after a seccomp filter that may allow nothing but `execve`.
+#[derive(Debug)]
+pub struct Exec {
+    path: CString,
+    // Own the strings the pointer arrays point into.
+    _args: Vec<CString>,
+    _env: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl Exec {
+    pub fn new(path: CString, args: Vec<CString>, env: Vec<CString>) -> Exec {
+        let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        let (argv, envp) = (ptrs(&args), ptrs(&env));
+        Exec {
+            path,
+            _args: args,
+            _env: env,
+            argv,
+            envp,
+        }
+    }
+
+    /// Replaces this process's program; returns only on failure, with the
+    /// errno (building the error allocates nothing).
+    pub fn exec(&self) -> io::Error {
+        // SAFETY: `path` is a NUL-terminated string, and `argv`/`envp` are
+        // NULL-terminated arrays of pointers into NUL-terminated strings
+        // owned by `self` (a CString's bytes stay where they are when the
+        // CString moves), all alive for the call. execve reads them and
+        // either replaces the process or returns -1 without keeping them.
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
+    }
 }
 
 /// Runs `f` in a forked child that first `unshare`s `ns_flags`, and returns

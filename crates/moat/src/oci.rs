@@ -437,8 +437,15 @@ fn update_resources(a: &UpdateArgs) -> Result<LinuxResources> {
         }
         None => LinuxResources::default(),
     };
-    if a.memory.is_some() || a.memory_swap.is_some() || a.memory_reservation.is_some() {
+    if a.memory.is_some()
+        || a.memory_swap.is_some()
+        || a.memory_reservation.is_some()
+        || a.kernel_memory_tcp.is_some()
+    {
         let mut m = res.memory().unwrap_or_default();
+        if let Some(v) = &a.kernel_memory_tcp {
+            m.set_kernel_tcp(Some(parse_bytes(v)?));
+        }
         if let Some(v) = &a.memory {
             m.set_limit(Some(parse_bytes(v)?));
         }

@@ -733,9 +733,19 @@ fn read_write_images_never_touch_the_cache() {
     let t = fixtures();
     let tar = owned_tarball(t.path());
     let img = tar.to_str().unwrap();
-    // Read-only by default: the root refuses writes, even root's.
+    // Read-only by default: the root refuses writes, even root's (`-u 0`:
+    // an image without User runs as nobody).
     let out = rt
-        .cmd(&["run", img, "--", "/bin/sh", "-c", "echo x > /etc/x"])
+        .cmd(&[
+            "run",
+            "-u",
+            "0",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo x > /etc/x",
+        ])
         .expect_fail();
     assert!(
         out.stderr.contains("Read-only file system"),
@@ -750,7 +760,17 @@ fn read_write_images_never_touch_the_cache() {
     let write = "echo new > /etc/new && echo more >> /etc/passwd && rm /work/secret \
                  && mkdir /etc/d && stat -c %u /etc/new && tail -n1 /etc/passwd && ls /work";
     let out = rt
-        .cmd(&["run", "--read-write", img, "--", "/bin/sh", "-c", write])
+        .cmd(&[
+            "run",
+            "--read-write",
+            "-u",
+            "0",
+            img,
+            "--",
+            "/bin/sh",
+            "-c",
+            write,
+        ])
         .expect_ok();
     assert_eq!(out.stdout, "0\nmore\n");
     // A user other than root writes where the image lets it.
@@ -1209,4 +1229,56 @@ fn user_names_come_from_the_image() {
     let o = id("nosuch");
     assert_eq!(o.code, Some(125), "{o:?}");
     assert!(o.stderr.contains("no such user"), "{o:?}");
+}
+
+/// Issue #14, 7: `moat run DIR` with DIR inside a private (0700) directory
+/// of root (`/root/rootfs`, a `mktemp -d`): moat opens the root; the
+/// container's unmapped host IDs need not traverse the path to it.
+#[test]
+fn directory_images_in_private_directories() {
+    let Some(rt) = rt("directory_images_in_private_directories") else {
+        return;
+    };
+    let private = tempfile::tempdir().unwrap();
+    fs::set_permissions(private.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let r = busybox_root(private.path());
+    let out = rt
+        .cmd(&[
+            "run",
+            r.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo in-private",
+        ])
+        .expect_ok();
+    assert_eq!(out.stdout, "in-private\n");
+    assert!(mounts_under(rt.root()).is_empty());
+}
+
+/// Issue #14, 9: an image without `User` runs as `nobody` (65534), as the
+/// embedded default does; `-u 0` opts into root, `-u` and an image's own
+/// `User` are honoured.
+#[test]
+fn images_without_a_user_run_as_nobody() {
+    let Some(rt) = rt("images_without_a_user_run_as_nobody") else {
+        return;
+    };
+    let t = fixtures();
+    let r = busybox_root(t.path());
+    let d = t.path().display();
+    sh(&format!("tar -C {d}/rootfs -cf {d}/r.tar ."));
+    let who = "echo $(/bin/busybox id -u):$(/bin/busybox id -g) home=$HOME";
+    for img in [r.clone(), t.path().join("r.tar")] {
+        let img = img.to_str().unwrap();
+        let run = |flags: &[&str]| {
+            let mut a = vec!["run"];
+            a.extend_from_slice(flags);
+            a.extend_from_slice(&[img, "--", "/bin/sh", "-c", who]);
+            rt.cmd(&a).expect_ok().stdout
+        };
+        assert_eq!(run(&[]), "65534:65534 home=/\n", "{img}");
+        assert_eq!(run(&["-u", "0"]), "0:0 home=/root\n", "{img}");
+        assert_eq!(run(&["-u", "app"]), "1000:1000 home=/\n", "{img}");
+    }
 }

@@ -107,6 +107,30 @@ fn terminal_through_console_socket() {
     assert!(out.contains("on-the-pty"), "{out:?}");
 }
 
+/// Runs `cmd` to completion as a child the harness's reaper leaves alone
+/// (a plain `output()`/`status()` can lose its exit status to the reaper),
+/// its stdout and stderr through files.
+fn run_own(cmd: &mut Command) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    cmd.stdout(fs::File::create(&o).unwrap())
+        .stderr(fs::File::create(&e).unwrap())
+        .stdin(std::process::Stdio::null());
+    let mut child = spawn_own(cmd);
+    let status = wait_own(&mut child);
+    std::process::Output {
+        status,
+        stdout: fs::read(&o).unwrap_or_default(),
+        stderr: fs::read(&e).unwrap_or_default(),
+    }
+}
+
+/// Whether `prog` is in `$PATH`.
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+}
+
 /// `setpriv` running `bin` as `uid`:`uid` with no supplementary groups.
 fn as_user(uid: u32, bin: &Path) -> Command {
     let mut c = Command::new("setpriv");
@@ -132,7 +156,7 @@ fn rootless_run() {
         eprintln!("SKIP rootless_run: moat only");
         return;
     }
-    if Command::new("setpriv").arg("--version").output().is_err() {
+    if !on_path("setpriv") {
         moat_core::testing::skip("rootless_run", "needs setpriv");
         return;
     }
@@ -141,34 +165,35 @@ fn rootless_run() {
     let dir = b.dir().to_owned();
     let state = tempfile::tempdir().unwrap();
     for p in [state.path(), dir.as_path()] {
-        Command::new("chown")
-            .args(["-R", &format!("{uid}:{uid}")])
-            .arg(p)
-            .status()
-            .unwrap();
+        let o = run_own(
+            Command::new("chown")
+                .args(["-R", &format!("{uid}:{uid}")])
+                .arg(p),
+        );
+        assert!(o.status.success(), "{o:?}");
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
     }
     // The user writes its own `spec --rootless` (maps itself to root).
     fs::remove_file(dir.join("config.json")).unwrap_or(());
-    let gen = as_user(uid, &rt.bin)
-        .args(["spec", "--rootless", "--bundle"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let gen = run_own(
+        as_user(uid, &rt.bin)
+            .args(["spec", "--rootless", "--bundle"])
+            .arg(&dir),
+    );
     assert!(gen.status.success(), "{gen:?}");
     let text = fs::read_to_string(dir.join("config.json")).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
     cfg["process"]["terminal"] = json!(false);
     cfg["process"]["args"] = json!(["sh", "-c", "id -u; cat /proc/self/uid_map"]);
     fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let out = as_user(uid, &rt.bin)
-        .arg("--root")
-        .arg(state.path().join("root"))
-        .args(["run", "--bundle"])
-        .arg(&dir)
-        .arg("rootless-test")
-        .output()
-        .unwrap();
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .arg("--root")
+            .arg(state.path().join("root"))
+            .args(["run", "--bundle"])
+            .arg(&dir)
+            .arg("rootless-test"),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
@@ -484,25 +509,25 @@ fn rootless_human_run() {
         eprintln!("SKIP rootless_human_run: moat only");
         return;
     }
-    if Command::new("setpriv").arg("--version").output().is_err() {
+    if !on_path("setpriv") {
         moat_core::testing::skip("rootless_human_run", "needs setpriv");
         return;
     }
     let uid = 30000 + (std::process::id() % 10000);
     let home = tempfile::tempdir().unwrap();
     fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let out = as_user(uid, &rt.bin)
-        .args([
-            "run",
-            "--",
-            "sh",
-            "-c",
-            "id -u; cat /proc/self/uid_map; grep NoNewPrivs /proc/self/status",
-        ])
-        .env("XDG_RUNTIME_DIR", home.path())
-        .current_dir(home.path())
-        .output()
-        .unwrap();
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .args([
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "id -u; cat /proc/self/uid_map; grep NoNewPrivs /proc/self/status",
+            ])
+            .env("XDG_RUNTIME_DIR", home.path())
+            .current_dir(home.path()),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
@@ -519,4 +544,108 @@ fn rootless_human_run() {
         .map(|d| d.flatten().collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Replaces `path` by its contents with `change` applied, through a rename
+/// (readers never see half a file).
+fn rewrite(path: &Path, change: impl FnOnce(String) -> String) {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let tmp = path.with_extension("moat-e2e-tmp");
+    fs::write(&tmp, change(old)).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// A subordinate ID range for a user in /etc/subuid and /etc/subgid, for
+/// the guard's life.
+struct SubIds {
+    line: String,
+}
+
+impl SubIds {
+    fn add(user: &str, start: u64) -> SubIds {
+        let line = format!("{user}:{start}:65536\n");
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s + &line);
+        }
+        SubIds { line }
+    }
+}
+
+impl Drop for SubIds {
+    fn drop(&mut self) {
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s.replacen(&self.line, "", 1));
+        }
+    }
+}
+
+/// Issue #14, 7: a rootless `moat run` in its standard setting: a 0700
+/// `$XDG_RUNTIME_DIR` (as pam_systemd makes it) and a subordinate ID range,
+/// so the container's IDs are not the user's and cannot traverse that
+/// directory: moat opens the cached root and a private volume itself.
+#[test]
+fn rootless_run_with_private_runtime_dir_and_subordinate_ids() {
+    let Some(rt) = Rt::root_or_skip("rootless_private_runtime_dir") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP rootless_private_runtime_dir: moat only");
+        return;
+    }
+    for tool in ["setpriv", "newuidmap", "newgidmap"] {
+        assert!(on_path(tool), "{tool} is needed (util-linux, uidmap)");
+    }
+    // `nobody`: newuidmap needs the user in /etc/passwd.
+    let uid = 65534;
+    let start = 1_400_000_000 + u64::from(std::process::id() % 100) * 65536;
+    let _sub = SubIds::add("nobody", start);
+    let xdg = tempfile::tempdir().unwrap();
+    let data = xdg.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("f"), "user's private file\n").unwrap();
+    fs::set_permissions(data.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run_own(
+        Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}")])
+            .arg(xdg.path()),
+    );
+    assert!(o.status.success(), "{o:?}");
+    fs::set_permissions(xdg.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let vol = format!("{}:/data:ro", data.display());
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .args([
+                "run",
+                "-v",
+                &vol,
+                "--",
+                "sh",
+                "-c",
+                "id -u; cat /proc/self/uid_map; cat /data/f",
+            ])
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .current_dir(xdg.path()),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "65534", "{stdout}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", &start.to_string(), "65536"],
+        "{stdout}"
+    );
+    assert_eq!(lines[2], "user's private file", "{stdout}");
+    // The same with the cached root reused.
+    let again = run_own(
+        as_user(uid, &rt.bin)
+            .args(["run", "--", "sh", "-c", "echo again"])
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .current_dir(xdg.path()),
+    );
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "again\n");
 }

@@ -268,6 +268,8 @@ fn probe_on_host_as_root_sees_everything_and_changes_nothing() {
 #[test]
 fn probe_text_table_lists_every_check() {
     let rt = Rt::new();
+    // It runs on the host too: not while the host test compares.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = run_binary(
         &moat_bin(),
         &["probe".into()],
@@ -346,4 +348,45 @@ fn probe_under_moat_run_defaults_vs_runc() {
             "moat {allowed} vs runc {runc_allowed}"
         );
     }
+}
+
+/// Issue #14, 10: whatever the probe creates lives in one directory it
+/// removes whatever happens; one left by a probe that was killed (its
+/// process is gone) is removed by the next probe.
+#[test]
+fn probe_removes_what_a_killed_probe_left() {
+    let Some(rt) = Rt::root_or_skip("probe_removes_what_a_killed_probe_left") else {
+        return;
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A PID above pid_max belongs to no process, ever.
+    let pid_max: u64 = read_trim("/proc/sys/kernel/pid_max")
+        .parse()
+        .expect("pid_max");
+    let stale = PathBuf::from(format!("/tmp/moat-probe-{}", pid_max + 1));
+    fs::create_dir(&stale).expect("stale dir");
+    fs::write(stale.join("null"), "").expect("stale file");
+    // And one of a live process (ours) is left alone.
+    let live = PathBuf::from(format!("/tmp/moat-probe-{}", std::process::id()));
+    fs::create_dir(&live).expect("live dir");
+    let out = run_binary(
+        &moat_bin(),
+        &["probe".into(), "--json".into()],
+        Opts::default(),
+        &rt.scratch_file("out"),
+        &rt.scratch_file("err"),
+    );
+    let live_kept = live.exists();
+    let mine = format!("moat-probe-{}", std::process::id());
+    let left: Vec<String> = fs::read_dir("/tmp")
+        .expect("/tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("moat-probe-") && *n != mine)
+        .collect();
+    let _ = fs::remove_dir(&live);
+    let _ = fs::remove_dir_all(&stale);
+    out.expect_ok();
+    assert!(live_kept, "the probe removed a live process's directory");
+    assert!(left.is_empty(), "left in /tmp: {left:?}");
 }

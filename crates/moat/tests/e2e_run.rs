@@ -1006,3 +1006,78 @@ fn kernel_paths_are_masked_or_read_only() {
     assert!(!o.contains("writable"), "{o}");
     assert_clean(&rt);
 }
+
+/// Issue #14, 7: a volume from a private (0700) directory of root, as `-v
+/// /root/data:/data`: moat (root) opens it; the container's host IDs never
+/// traverse the directory above it.
+#[test]
+fn volumes_from_private_directories() {
+    let Some(rt) = rt("volumes_from_private_directories") else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let private = tempfile::tempdir().unwrap();
+    fs::set_permissions(private.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let data = private.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(data.join("in.txt"), "private volume\n").unwrap();
+    fs::set_permissions(data.join("in.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    let file = private.path().join("one.txt");
+    fs::write(&file, "a single file\n").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let v1 = format!("{}:/data:ro", data.display());
+    let v2 = format!("{}:/etc/one.txt:ro", file.display());
+    let out = sh(
+        &rt,
+        &["-v", &v1, "-v", &v2],
+        "cat /data/in.txt /etc/one.txt",
+    );
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.stdout, "private volume\na single file\n");
+    assert_clean(&rt);
+}
+
+/// Issue #14, 8: the /etc files ordinary programs read are there (services
+/// for getservbyname, protocols, os-release, …) and the secret ones are
+/// not (shadow, gshadow, sudoers, ssh host keys, TLS private keys,
+/// machine-id).
+#[test]
+fn etc_has_what_programs_read_and_no_secrets() {
+    let Some(rt) = rt("etc_has_what_programs_read_and_no_secrets") else {
+        return;
+    };
+    let out = sh(
+        &rt,
+        &[],
+        "getent services http; getent protocols tcp; grep -c . /etc/os-release; \
+         for f in /etc/shadow /etc/gshadow /etc/sudoers /etc/sudoers.d /etc/ssh \
+                  /etc/ssl/private /etc/machine-id /etc/subuid /etc/fstab; do \
+           test -e $f && echo LEAK $f; done; true",
+    )
+    .expect_ok();
+    let o = &out.stdout;
+    assert!(
+        o.lines()
+            .any(|l| l.starts_with("http") && l.contains("80/tcp")),
+        "getservbyname(http): {o}"
+    );
+    assert!(
+        o.lines().any(|l| l.starts_with("tcp") && l.contains('6')),
+        "getprotobyname(tcp): {o}"
+    );
+    assert!(!o.contains("LEAK"), "{o}");
+    // Every file the list names and the host has, the container shows.
+    let names: Vec<&str> = moat_core::embedded::HOST_ETC
+        .iter()
+        .copied()
+        .filter(|n| !n.contains('*') && fs::metadata(Path::new("/etc").join(n)).is_ok())
+        .collect();
+    assert!(names.contains(&"services"), "{names:?}");
+    let check = format!(
+        "for f in {}; do test -e /etc/$f || echo MISSING $f; done; true",
+        names.join(" ")
+    );
+    let got = sh(&rt, &[], &check).expect_ok();
+    assert_eq!(got.stdout, "", "{names:?}");
+}

@@ -288,8 +288,20 @@ impl CgroupManager {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Creates the cgroup and applies `resources`; settings it cannot
+    /// honour are warnings ([`CgroupManager::ignored_settings`]).
     pub fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+        self.warn_ignored(resources);
         dispatch!(self, m => m.create(resources))
+    }
+
+    fn warn_ignored(&self, resources: Option<&LinuxResources>) {
+        for note in resources
+            .map(|r| self.ignored_settings(r))
+            .unwrap_or_default()
+        {
+            tracing::warn!("{note}");
+        }
     }
 
     pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
@@ -316,6 +328,7 @@ impl CgroupManager {
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        self.warn_ignored(Some(resources));
         dispatch!(self, m => m.update(resources))
     }
 
@@ -380,6 +393,15 @@ impl CgroupManager {
     /// Settings in `resources` this manager will not apply (for warnings).
     pub fn ignored_settings(&self, resources: &LinuxResources) -> Vec<String> {
         let mut notes = ignored_settings(resources, self.is_v2());
+        let tcp = resources.memory().as_ref().and_then(|m| m.kernel_tcp());
+        if let (Some(_), CgroupManager::V1(m)) = (tcp, self) {
+            if !m.has_file("memory", translate::KERNEL_TCP_V1) {
+                notes.push(format!(
+                    "memory.kernelTCP is ignored: this kernel has no {}",
+                    translate::KERNEL_TCP_V1
+                ));
+            }
+        }
         if self.rootless() && resources.devices().as_ref().is_some_and(|d| !d.is_empty()) {
             notes.push("device rules are not applied to a rootless container's cgroup".into());
         }

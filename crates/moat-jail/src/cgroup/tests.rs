@@ -160,6 +160,30 @@ fn fake_v2_missing_controller_and_refused_value_are_errors() {
 }
 
 #[test]
+fn fake_v2_kernel_tcp_is_a_warning_not_a_write() {
+    let f = fake_v2();
+    let m = CgroupManager::new_with(&f.host, Some(Path::new("/ctr")), "id", false, false).unwrap();
+    let r = res(r#"{"memory":{"limit":1048576,"kernelTCP":65536}}"#);
+    let notes = m.ignored_settings(&r);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("kernelTCP") && n.contains("cgroup v2 has no equivalent")),
+        "{notes:?}"
+    );
+    m.create(Some(&r)).unwrap();
+    let ctr = f.mount.join("ctr");
+    assert_eq!(get(&ctr.join("memory.max")), "1048576");
+    let written: Vec<String> = std::fs::read_dir(&ctr)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("kmem") || n.contains("tcp"))
+        .collect();
+    assert!(written.is_empty(), "{written:?}");
+}
+
+#[test]
 fn systemd_without_systemd_is_a_clear_error() {
     let f = fake_v2();
     let e = CgroupManager::new_with(

@@ -123,8 +123,17 @@ pub fn ignored_settings(res: &LinuxResources, v2: bool) -> Vec<String> {
     if let Some(m) = res.memory() {
         #[allow(deprecated)]
         let kernel = m.kernel();
-        if kernel.is_some() || m.kernel_tcp().is_some() {
-            notes.push("memory.kernel and memory.kernelTCP are ignored (kernel memory limits are obsolete)".into());
+        if kernel.is_some() {
+            notes.push(
+                "memory.kernel is ignored (kernel memory limits are obsolete: the kernel no longer enforces them)"
+                    .into(),
+            );
+        }
+        if v2 && m.kernel_tcp().is_some() {
+            notes.push(
+                "memory.kernelTCP is ignored: cgroup v2 has no equivalent (TCP buffer memory counts towards memory.max)"
+                    .into(),
+            );
         }
         if v2 && m.swappiness().is_some() {
             notes.push("memory.swappiness is ignored on cgroup v2".into());
@@ -218,8 +227,18 @@ fn memory_v1(m: &LinuxMemory, out: &mut Vec<Setting>) -> Result<(), CgroupError>
     if m.disable_oom_killer() == Some(true) {
         out.push(set("memory", "memory.oom_control", 1));
     }
+    // Skipped where the kernel lacks the file (the manager warns then).
+    if let Some(t) = m.kernel_tcp() {
+        out.push(Setting {
+            optional: true,
+            ..set("memory", KERNEL_TCP_V1, t)
+        });
+    }
     Ok(())
 }
+
+/// The cgroup v1 file of `memory.kernelTCP`.
+pub(crate) const KERNEL_TCP_V1: &str = "memory.kmem.tcp.limit_in_bytes";
 
 fn cpu_v1(c: &LinuxCpu, out: &mut Vec<Setting>) {
     if let Some(s) = c.shares().filter(|&s| s != 0) {
@@ -686,6 +705,19 @@ mod tests {
         let r = res(r#"{"memory":{"kernel":1,"swappiness":5},"rdma":{"mlx":{"hcaHandles":1}}}"#);
         assert_eq!(ignored_settings(&r, false).len(), 2);
         assert_eq!(ignored_settings(&r, true).len(), 3);
+        // kernelTCP: a v1 file; v2 has none, and the note says so.
+        let r = res(r#"{"memory":{"kernelTCP":1048576}}"#);
+        assert!(ignored_settings(&r, false).is_empty());
+        let v2 = ignored_settings(&r, true);
+        assert!(
+            v2.len() == 1 && v2[0].contains("kernelTCP") && v2[0].contains("no equivalent"),
+            "{v2:?}"
+        );
+        assert_eq!(
+            pairs(&plan_v1(&r, false).unwrap()),
+            [(KERNEL_TCP_V1, "1048576")]
+        );
+        assert!(plan_v2(&r).unwrap().is_empty());
         assert!(ignored_settings(&LinuxResources::default(), true).is_empty());
     }
 }

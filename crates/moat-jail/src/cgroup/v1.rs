@@ -84,6 +84,15 @@ impl Manager {
             .map(|h| h.path.as_path())
     }
 
+    /// Whether the hierarchy of `controller` has `file` (every cgroup of a
+    /// hierarchy has the same files as its root).
+    pub(crate) fn has_file(&self, controller: &str, file: &str) -> bool {
+        self.hierarchies
+            .iter()
+            .find(|h| h.controllers.iter().any(|c| c == controller))
+            .is_some_and(|h| h.mount.join(file).exists())
+    }
+
     /// Whether hugetlb limits go to the hybrid v2 hierarchy.
     fn hugetlb_in_v2(&self) -> Result<bool, CgroupError> {
         if self.dir("hugetlb").is_some() {

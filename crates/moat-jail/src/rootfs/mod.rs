@@ -1,22 +1,28 @@
 //! The container's filesystem: mounts, devices, pivot_root, masked and read-only paths.
 //!
-//! CONTRACT (called in the container's init process, already in its new mount and
-//! user namespaces and with full capabilities there):
+//! The container's init calls, in this order:
 //! ```ignore
-//! pub struct RootfsConfig<'a> { pub spec: &'a Spec, pub rootfs: &'a Path /*absolute host path*/,
-//!     pub bundle: &'a Path, pub cgroup_mounts: &'a [(String, PathBuf)], pub no_pivot: bool,
-//!     pub in_user_ns: bool /* devices are bind-mounted from the host, not mknod'ed */ }
+//! /// Before it takes its IDs in its user namespace (it still has the
+//! /// runtime's credentials): opens the rootfs and the bind mounts' sources,
+//! /// so that neither the container's host IDs nor anyone else need to be able
+//! /// to traverse the (possibly private) directories above them.
+//! pub fn HostPaths::open(spec, rootfs, bundle) -> Result<HostPaths, RootfsError>;
 //! /// Propagation, bind rootfs on itself, every spec mount (targets resolved inside the
 //! /// rootfs with openat2 RESOLVE_IN_ROOT, never by joining strings), default devices and
 //! /// spec devices, /dev symlinks, /dev/ptmx, /dev/pts. Runs before createRuntime hooks.
-//! pub fn prepare(cfg: &RootfsConfig) -> Result<(), RootfsError>;
+//! pub fn prepare(cfg: &RootfsConfig, host: &HostPaths) -> Result<Root, RootfsError>;
 //! /// pivot_root (or MS_MOVE + chroot with no_pivot), detach the old root, chdir("/").
-//! pub fn pivot(cfg: &RootfsConfig) -> Result<(), RootfsError>;
+//! pub fn pivot(cfg: &RootfsConfig, root: &Root) -> Result<(), RootfsError>;
 //! /// After pivot: masked paths, read-only paths, read-only root, rootfsPropagation.
 //! pub fn finish(cfg: &RootfsConfig) -> Result<(), RootfsError>;
 //! /// Write `value` to /proc/sys/<key with dots as slashes>, checking the open fd is on procfs.
 //! pub fn write_sysctl(key: &str, value: &str) -> Result<(), RootfsError>;
 //! ```
+//!
+//! Without a mount namespace of its own (`own_mount_ns` false) the container
+//! shares the runtime's mounts: nothing is mounted (it would change the
+//! host's mounts), and the root is only changed with `chroot` into the
+//! rootfs; the runtime warns when it loads such a config.
 
 mod cgroupfs;
 pub mod devices;
@@ -54,6 +60,9 @@ pub struct RootfsConfig<'a> {
     /// In a user namespace: devices are bind-mounted from the host, and
     /// sysfs/mqueue fall back to binds of the host's when the kernel refuses.
     pub in_user_ns: bool,
+    /// The container has a mount namespace of its own (new or joined); without
+    /// one nothing is mounted and the root is changed with `chroot`.
+    pub own_mount_ns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,30 +279,139 @@ fn has_devpts(spec: &Spec) -> bool {
     })
 }
 
+/// Host paths the setup needs, opened by the container's process while it
+/// still has the runtime's credentials (before it takes its IDs in its user
+/// namespace), in its own mount namespace: the rootfs, the mount holding it
+/// (when its propagation may need changing), and the sources of the spec's
+/// bind mounts. The setup then works from these descriptors, so a rootfs,
+/// bundle or volume under a private (0700) directory of root or of the
+/// rootless user works although the container's host IDs cannot traverse
+/// that directory.
+#[derive(Debug)]
+pub struct HostPaths {
+    rootfs: OwnedFd,
+    /// The mount point holding the rootfs (`pivot_root` refuses a shared one).
+    parent: Option<(PathBuf, OwnedFd)>,
+    /// By index into the spec's mounts: the bind source, or why it could not
+    /// be opened (reported when that mount is made).
+    binds: Vec<Option<io::Result<OwnedFd>>>,
+}
+
+impl HostPaths {
+    pub fn open(spec: &Spec, rootfs: &Path, bundle: &Path) -> Result<HostPaths, RootfsError> {
+        let rootfs_fd = open_root(rootfs)?;
+        let parent = if needs_private_parent(spec)? {
+            parent_mount_of(rootfs)?
+        } else {
+            None
+        };
+        let binds = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| {
+                let e = mount::Entry::new(m);
+                let src = e.source.filter(|_| mount::is_bind_entry(&e))?;
+                let src = if src.is_absolute() {
+                    src.to_owned()
+                } else {
+                    bundle.join(src)
+                };
+                Some(
+                    rustix::fs::open(&src, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
+                        .map_err(io::Error::from),
+                )
+            })
+            .collect();
+        Ok(HostPaths {
+            rootfs: rootfs_fd,
+            parent,
+            binds,
+        })
+    }
+
+    /// The opened source of spec mount `index`, when it is a bind.
+    pub(crate) fn bind_source(&self, index: usize) -> Option<&io::Result<OwnedFd>> {
+        self.binds.get(index).and_then(Option::as_ref)
+    }
+}
+
+/// Whether "/" may still be shared after the propagation `prepare` sets
+/// first: only a recursive slave or private one makes every mount unshared.
+fn needs_private_parent(spec: &Spec) -> Result<bool, RootfsError> {
+    let p = initial_propagation(spec)?;
+    Ok(!(p.contains(MsFlags::MS_REC) && p.intersects(MsFlags::MS_SLAVE | MsFlags::MS_PRIVATE)))
+}
+
+/// The mount point holding `rootfs`, opened (the mount's root).
+fn parent_mount_of(rootfs: &Path) -> Result<Option<(PathBuf, OwnedFd)>, RootfsError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| RootfsError::MountInfo { source })?;
+    let real = std::fs::canonicalize(rootfs).map_err(|source| RootfsError::OpenRootfs {
+        path: rootfs.to_owned(),
+        source,
+    })?;
+    let Some((mp, _)) = pivot::parent_mount(&info, &real) else {
+        return Ok(None);
+    };
+    let fd = rustix::fs::open(
+        &mp,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| RootfsError::Propagation {
+        path: mp.clone(),
+        source: e.into(),
+    })?;
+    Ok(Some((mp, fd)))
+}
+
+/// The propagation of "/" while the root is set up: the spec's
+/// rootfsPropagation, except that an unbindable one is applied only at the
+/// end ([`finish`]), since the rootfs cannot be bind-mounted from an
+/// unbindable mount; the default is recursive slave.
+fn initial_propagation(spec: &Spec) -> Result<MsFlags, RootfsError> {
+    let default = MsFlags::MS_SLAVE | MsFlags::MS_REC;
+    Ok(match rootfs_propagation(spec)? {
+        Some(f) if !f.contains(MsFlags::MS_UNBINDABLE) => f,
+        _ => default,
+    })
+}
+
+/// The container's root: the rootfs bind-mounted on itself (a mount of the
+/// container's namespace), or without a mount namespace the rootfs itself.
+#[derive(Debug)]
+pub struct Root(OwnedFd);
+
+impl Root {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 /// Propagation, bind rootfs on itself, every spec mount (targets resolved
 /// inside the rootfs with openat2 RESOLVE_IN_ROOT, never by joining strings),
 /// default devices and spec devices, /dev symlinks, /dev/ptmx, /dev/pts.
-/// Runs before createRuntime hooks.
-pub fn prepare(cfg: &RootfsConfig) -> Result<(), RootfsError> {
-    let propagation = rootfs_propagation(cfg.spec)?.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
-    set_propagation("/", propagation)?;
-    pivot::make_parent_private(cfg.rootfs)?;
-    nix::mount::mount(
-        Some(cfg.rootfs),
-        cfg.rootfs,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| RootfsError::BindRootfs {
-        path: cfg.rootfs.to_owned(),
-        source: e.into(),
-    })?;
-    // Opened after the bind, so paths resolve through the new mount.
-    let root = open_root(cfg.rootfs)?;
+/// Runs before createRuntime hooks. Without a mount namespace of its own,
+/// nothing (the root is only changed by [`pivot`]).
+pub fn prepare(cfg: &RootfsConfig, host: &HostPaths) -> Result<Root, RootfsError> {
+    if !cfg.own_mount_ns {
+        let fd = rustix::io::fcntl_dupfd_cloexec(&host.rootfs, 0).map_err(|e| {
+            RootfsError::OpenRootfs {
+                path: cfg.rootfs.to_owned(),
+                source: e.into(),
+            }
+        })?;
+        return Ok(Root(fd));
+    }
+    set_propagation("/", initial_propagation(cfg.spec)?)?;
+    if let Some((path, fd)) = &host.parent {
+        make_private_if_shared(path, fd.as_fd())?;
+    }
+    let root = bind_rootfs(cfg.rootfs, host.rootfs.as_fd())?;
     let with_kcore = Path::new("/proc/kcore").exists();
-    for m in cfg.spec.mounts().iter().flatten() {
-        mount::mount_entry(root.as_fd(), cfg, m)?;
+    for (i, m) in cfg.spec.mounts().iter().flatten().enumerate() {
+        mount::mount_entry(root.as_fd(), cfg, m, host.bind_source(i))?;
     }
     if sets_up_dev(cfg.spec) {
         let spec_devices = cfg
@@ -308,16 +426,70 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<(), RootfsError> {
             devices::setup_ptmx(root.as_fd())?;
         }
     }
-    Ok(())
+    Ok(Root(root))
+}
+
+/// A recursive clone of the rootfs tree attached onto the rootfs itself
+/// (`open_tree` + `move_mount`, by descriptor): a mount point for
+/// `pivot_root`. Returns the new mount's root.
+fn bind_rootfs(path: &Path, rootfs: BorrowedFd<'_>) -> Result<OwnedFd, RootfsError> {
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+    let err = |e: rustix::io::Errno| RootfsError::BindRootfs {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let tree = rustix::mount::open_tree(
+        rootfs,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(err)?;
+    rustix::mount::move_mount(
+        tree.as_fd(),
+        "",
+        rootfs,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(err)?;
+    Ok(tree)
+}
+
+/// pivot_root refuses a new root whose parent mount is shared: if the mount
+/// holding the rootfs (`fd`, its root) is shared, make it private (in our
+/// namespace only).
+fn make_private_if_shared(path: &Path, fd: BorrowedFd<'_>) -> Result<(), RootfsError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| RootfsError::MountInfo { source })?;
+    let shared = info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4).map(|m| crate::mountinfo::unescape(m)).as_deref() == Some(&*path.to_string_lossy())
+            && f.iter()
+                .skip(6)
+                .take_while(|x| **x != "-")
+                .any(|x| x.starts_with("shared:"))
+    });
+    if !shared {
+        return Ok(());
+    }
+    mount_fd(None, fd, None, MsFlags::MS_PRIVATE, None).map_err(|source| RootfsError::Propagation {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// pivot_root (or MS_MOVE + chroot with no_pivot), detach the old root,
-/// chdir("/").
-pub fn pivot(cfg: &RootfsConfig) -> Result<(), RootfsError> {
-    if cfg.no_pivot {
-        pivot::move_root(cfg.rootfs)
+/// chdir("/"). Without a mount namespace of its own: chroot only.
+pub fn pivot(cfg: &RootfsConfig, root: &Root) -> Result<(), RootfsError> {
+    if !cfg.own_mount_ns {
+        pivot::chroot_only(cfg.rootfs, root.fd())
+    } else if cfg.no_pivot {
+        pivot::move_root(cfg.rootfs, root.fd())
     } else {
-        pivot::pivot_root(cfg.rootfs)
+        pivot::pivot_root(cfg.rootfs, root.fd())
     }
 }
 
@@ -335,6 +507,9 @@ fn unique_cleaned(paths: Option<&Vec<String>>) -> Vec<PathBuf> {
 /// After pivot: masked paths, read-only paths, read-only root,
 /// rootfsPropagation.
 pub fn finish(cfg: &RootfsConfig) -> Result<(), RootfsError> {
+    if !cfg.own_mount_ns {
+        return Ok(());
+    }
     let root = open_root(Path::new("/"))?;
     let linux = cfg.spec.linux().as_ref();
     for p in unique_cleaned(linux.and_then(|l| l.masked_paths().as_ref())) {

@@ -53,7 +53,7 @@ impl<'a> Entry<'a> {
     }
 
     fn is_bind(&self) -> bool {
-        self.fstype == "bind" || self.fstype == "rbind" || self.opts.is_bind()
+        is_bind_entry(self)
     }
 
     fn err(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> RootfsError + '_ {
@@ -66,8 +66,19 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Mounts one spec entry inside the root.
-pub fn mount_entry(root: BorrowedFd<'_>, cfg: &RootfsConfig, m: &Mount) -> Result<(), RootfsError> {
+/// Whether the entry is a bind mount (its source is a host path).
+pub fn is_bind_entry(e: &Entry) -> bool {
+    e.fstype == "bind" || e.fstype == "rbind" || e.opts.is_bind()
+}
+
+/// Mounts one spec entry inside the root; `source`: a bind's source, opened
+/// beforehand ([`super::HostPaths`]).
+pub fn mount_entry(
+    root: BorrowedFd<'_>,
+    cfg: &RootfsConfig,
+    m: &Mount,
+    source: Option<&io::Result<OwnedFd>>,
+) -> Result<(), RootfsError> {
     let mut e = Entry::new(m);
     if e.opts.tmpcopyup && e.fstype != "tmpfs" {
         return Err(RootfsError::Unsupported {
@@ -82,7 +93,7 @@ pub fn mount_entry(root: BorrowedFd<'_>, cfg: &RootfsConfig, m: &Mount) -> Resul
     }
     check_proc_destination(&e)?;
     if e.is_bind() {
-        return bind(root, cfg, &e);
+        return bind(root, cfg, &e, source);
     }
     if e.opts.idmap.is_some() {
         return Err(RootfsError::Unsupported {
@@ -268,7 +279,12 @@ fn fallback_to_bind(
     }
 }
 
-fn bind(root: BorrowedFd<'_>, cfg: &RootfsConfig, e: &Entry) -> Result<(), RootfsError> {
+fn bind(
+    root: BorrowedFd<'_>,
+    cfg: &RootfsConfig,
+    e: &Entry,
+    opened: Option<&io::Result<OwnedFd>>,
+) -> Result<(), RootfsError> {
     let Some(source) = e.source else {
         return Err(RootfsError::NoSource {
             dest: e.dest.clone(),
@@ -279,7 +295,14 @@ fn bind(root: BorrowedFd<'_>, cfg: &RootfsConfig, e: &Entry) -> Result<(), Rootf
     } else {
         cfg.bundle.join(source)
     };
-    bind_from(root, e, &source)
+    match opened {
+        Some(Ok(fd)) => bind_fd(root, e, &source, fd.as_fd()),
+        Some(Err(err)) => Err(RootfsError::OpenSource {
+            path: source,
+            source: io::Error::from_raw_os_error(err.raw_os_error().unwrap_or(libc::EIO)),
+        }),
+        None => bind_from(root, e, &source),
+    }
 }
 
 /// Bind-mounts host path `source` (trusted, from the config) onto the entry's
@@ -292,12 +315,22 @@ pub fn bind_from(root: BorrowedFd<'_>, e: &Entry, source: &Path) -> Result<(), R
                 source: err.into(),
             }
         })?;
-    let st = rustix::fs::fstat(&src).map_err(|err| RootfsError::OpenSource {
+    bind_fd(root, e, source, src.as_fd())
+}
+
+/// [`bind_from`] with the source already open (`src`; `source` names it).
+fn bind_fd(
+    root: BorrowedFd<'_>,
+    e: &Entry,
+    source: &Path,
+    src: BorrowedFd<'_>,
+) -> Result<(), RootfsError> {
+    let st = rustix::fs::fstat(src).map_err(|err| RootfsError::OpenSource {
         path: source.to_owned(),
         source: err.into(),
     })?;
     if e.dest == Path::new("/proc") {
-        let fs = rustix::fs::fstatfs(&src).map_err(|err| RootfsError::OpenSource {
+        let fs = rustix::fs::fstatfs(src).map_err(|err| RootfsError::OpenSource {
             path: source.to_owned(),
             source: err.into(),
         })?;
@@ -315,10 +348,10 @@ pub fn bind_from(root: BorrowedFd<'_>, e: &Entry, source: &Path) -> Result<(), R
     let target = target_for(root, e, kind, false)?;
     let recursive = e.opts.is_recursive_bind();
     match e.opts.idmap {
-        Some(idmap) => idmapped_bind(e, src.as_fd(), target.as_fd(), recursive, idmap)?,
+        Some(idmap) => idmapped_bind(e, src, target.as_fd(), recursive, idmap)?,
         None => {
             let flags = MsFlags::MS_BIND | (e.opts.flags & MsFlags::MS_REC);
-            mount_fd(Some(src.as_fd()), target.as_fd(), None, flags, None)
+            mount_fd(Some(src), target.as_fd(), None, flags, None)
                 .map_err(e.err(format!("bind {}", source.display())))?;
         }
     }

@@ -1,4 +1,5 @@
 //! Switching the process's root to the rootfs.
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -26,13 +27,12 @@ fn open_dir(path: &Path, rootfs: &Path) -> Result<std::os::fd::OwnedFd, RootfsEr
     .map_err(|e| err("open", rootfs)(e.into()))
 }
 
-/// pivot_root(".", ".") inside the rootfs: the old root ends up stacked on
-/// the new one; made rslave (so the detach cannot propagate to the host) and
-/// lazily unmounted, it disappears.
-pub fn pivot_root(rootfs: &Path) -> Result<(), RootfsError> {
+/// pivot_root(".", ".") inside the new root (`new`, the rootfs mount's
+/// root): the old root ends up stacked on the new one; made rslave (so the
+/// detach cannot propagate to the host) and lazily unmounted, it disappears.
+pub fn pivot_root(rootfs: &Path, new: BorrowedFd<'_>) -> Result<(), RootfsError> {
     let old = open_dir(Path::new("/"), rootfs)?;
-    let new = open_dir(rootfs, rootfs)?;
-    rustix::process::fchdir(&new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
+    rustix::process::fchdir(new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
     rustix::process::pivot_root(".", ".").map_err(|e| err("pivot_root", rootfs)(e.into()))?;
     rustix::process::fchdir(&old).map_err(|e| err("enter old root", rootfs)(e.into()))?;
     nix::mount::mount(
@@ -51,41 +51,22 @@ pub fn pivot_root(rootfs: &Path) -> Result<(), RootfsError> {
 /// Without pivot_root (e.g. on a ramfs root): move the rootfs mount onto "/"
 /// and chroot into it. Weaker: the old root stays reachable to a process
 /// that can escape a chroot.
-pub fn move_root(rootfs: &Path) -> Result<(), RootfsError> {
-    let new = open_dir(rootfs, rootfs)?;
-    rustix::process::fchdir(&new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
+pub fn move_root(rootfs: &Path, new: BorrowedFd<'_>) -> Result<(), RootfsError> {
+    rustix::process::fchdir(new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
     nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| err("move rootfs onto /", rootfs)(e.into()))?;
     rustix::process::chroot(".").map_err(|e| err("chroot", rootfs)(e.into()))?;
     rustix::process::chdir("/").map_err(|e| err("chdir to new root", rootfs)(e.into()))
 }
 
-/// pivot_root refuses a new root whose parent mount is shared: if the mount
-/// holding `rootfs` is shared, make it private (in our namespace only).
-pub fn make_parent_private(rootfs: &Path) -> Result<(), RootfsError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| RootfsError::MountInfo { source })?;
-    let real = std::fs::canonicalize(rootfs).map_err(|source| RootfsError::OpenRootfs {
-        path: rootfs.to_owned(),
-        source,
-    })?;
-    let Some((mount_point, shared)) = parent_mount(&info, &real) else {
-        return Ok(());
-    };
-    if !shared {
-        return Ok(());
-    }
-    nix::mount::mount(
-        None::<&str>,
-        &mount_point,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| RootfsError::Propagation {
-        path: mount_point,
-        source: e.into(),
-    })
+/// In the runtime's own mount namespace (the config has none): only
+/// `chroot` into the rootfs, mounting nothing (a mount there would be the
+/// host's). A process that can escape a chroot (CAP_SYS_CHROOT) reaches
+/// the host's root: `moat audit` rates such a config high.
+pub fn chroot_only(rootfs: &Path, new: BorrowedFd<'_>) -> Result<(), RootfsError> {
+    rustix::process::fchdir(new).map_err(|e| err("enter rootfs", rootfs)(e.into()))?;
+    rustix::process::chroot(".").map_err(|e| err("chroot", rootfs)(e.into()))?;
+    rustix::process::chdir("/").map_err(|e| err("chdir to new root", rootfs)(e.into()))
 }
 
 /// The mount point (and whether it is shared) of the last-mounted entry of

@@ -36,6 +36,13 @@ fn in_child(extra: libc::c_int, f: impl FnOnce() -> Result<(), String>) -> i32 {
     .unwrap()
 }
 
+/// Opens the host paths and prepares the root, in the calling process
+/// (already in its own mount namespace), as the container's init does.
+fn prepare_here(cfg: &RootfsConfig) -> Result<Root, String> {
+    let host = HostPaths::open(cfg.spec, cfg.rootfs, cfg.bundle).map_err(|e| chain(&e))?;
+    prepare(cfg, &host).map_err(|e| chain(&e))
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -105,6 +112,7 @@ fn full_setup_from_inside() {
         cgroup_mounts: &[],
         no_pivot: false,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let code = in_child(libc::CLONE_NEWUTS, || {
         // A submount in the bind source: "rro" must reach it, "ro" must not.
@@ -116,8 +124,8 @@ fn full_setup_from_inside() {
             None::<&str>,
         )
         .map_err(|e| format!("submount: {e}"))?;
-        prepare(&cfg).map_err(|e| chain(&e))?;
-        pivot(&cfg).map_err(|e| chain(&e))?;
+        let root = prepare_here(&cfg)?;
+        pivot(&cfg, &root).map_err(|e| chain(&e))?;
         write_sysctl("kernel.hostname", "moat-rootfs").map_err(|e| chain(&e))?;
         finish(&cfg).map_err(|e| chain(&e))?;
         inside_checks()
@@ -256,11 +264,12 @@ fn hostile_symlinks_stay_inside_the_rootfs() {
         cgroup_mounts: &[],
         no_pivot: false,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let root_str = rootfs.to_string_lossy().into_owned();
     let unique2 = unique.clone();
     let code = in_child(0, move || {
-        prepare(&cfg).map_err(|e| chain(&e))?;
+        prepare_here(&cfg)?;
         // Before the pivot: every mount point is under the rootfs.
         let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
         let points: Vec<&str> = info.lines().filter_map(|l| l.split(' ').nth(4)).collect();
@@ -324,10 +333,14 @@ fn proc_on_a_symlink_or_inside_proc_is_refused() {
             cgroup_mounts: &[],
             no_pivot: false,
             in_user_ns: false,
+            own_mount_ns: true,
         };
-        let code = in_child(0, || match prepare(&cfg) {
-            Err(e) if format!("{e:?}").starts_with(want) => Ok(()),
-            other => Err(format!("expected {want}, got {other:?}")),
+        let code = in_child(0, || {
+            match HostPaths::open(cfg.spec, cfg.rootfs, cfg.bundle).and_then(|h| prepare(&cfg, &h))
+            {
+                Err(e) if format!("{e:?}").starts_with(want) => Ok(()),
+                other => Err(format!("expected {want}, got {other:?}")),
+            }
         });
         assert_eq!(code, 0, "{want}");
     }
@@ -353,10 +366,11 @@ fn no_pivot_and_propagation() {
         cgroup_mounts: &[],
         no_pivot: true,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let code = in_child(0, || {
-        prepare(&cfg).map_err(|e| chain(&e))?;
-        pivot(&cfg).map_err(|e| chain(&e))?;
+        let root = prepare_here(&cfg)?;
+        pivot(&cfg, &root).map_err(|e| chain(&e))?;
         finish(&cfg).map_err(|e| chain(&e))?;
         check(Path::new("/bin/busybox").is_file(), "not in the rootfs")?;
         let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
@@ -408,9 +422,10 @@ fn idmapped_bind_mount() {
         cgroup_mounts: &[],
         no_pivot: false,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let code = in_child(0, || {
-        prepare(&cfg).map_err(|e| chain(&e))?;
+        prepare_here(&cfg)?;
         let m = std::fs::metadata(rootfs.join("idm/file")).map_err(|e| e.to_string())?;
         check(
             (m.uid(), m.gid()) == (1000, 2000),
@@ -455,9 +470,10 @@ fn cgroup_v1_binds_without_cgroupns() {
         cgroup_mounts: &mounts,
         no_pivot: false,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let code = in_child(0, || {
-        prepare(&cfg).map_err(|e| chain(&e))?;
+        prepare_here(&cfg)?;
         let cg = rootfs.join("sys/fs/cgroup");
         check(
             cg.join("memory/memory.limit_in_bytes").exists(),
@@ -507,9 +523,10 @@ fn cgroup_v1_with_cgroupns() {
         cgroup_mounts: &mounts,
         no_pivot: false,
         in_user_ns: false,
+        own_mount_ns: true,
     };
     let code = in_child(libc::CLONE_NEWCGROUP, || {
-        prepare(&cfg).map_err(|e| chain(&e))?;
+        prepare_here(&cfg)?;
         let cg = rootfs.join("sys/fs/cgroup");
         check(
             cg.join("memory/memory.limit_in_bytes").exists(),
@@ -557,6 +574,7 @@ fn in_a_user_namespace() {
         cgroup_mounts: &[],
         no_pivot: false,
         in_user_ns: true,
+        own_mount_ns: true,
     };
     let code = moat_sys::process::run_in_child(0, || {
         let r = (|| -> Result<(), String> {
@@ -566,8 +584,8 @@ fn in_a_user_namespace() {
             std::fs::write("/proc/self/uid_map", "0 0 1").map_err(|e| e.to_string())?;
             std::fs::write("/proc/self/gid_map", "0 0 1").map_err(|e| e.to_string())?;
             unshare(CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
-            prepare(&cfg).map_err(|e| chain(&e))?;
-            pivot(&cfg).map_err(|e| chain(&e))?;
+            let root = prepare_here(&cfg)?;
+            pivot(&cfg, &root).map_err(|e| chain(&e))?;
             finish(&cfg).map_err(|e| chain(&e))?;
             // The host's node, bind-mounted; sysfs fell back to a read-only bind.
             let null = std::fs::metadata("/dev/null").map_err(|e| e.to_string())?;

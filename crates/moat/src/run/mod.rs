@@ -488,9 +488,15 @@ fn image_spec(
     };
     resolve_named_user(s, o, root)?;
     if o.user.is_none() {
-        let (uid, gid) = image::resolve_user(root, &c.user).ok_or_else(|| {
-            anyhow::anyhow!("the image's user {:?} is not in its /etc/passwd", c.user)
-        })?;
+        // No `User` in the image: not root, but the embedded default's
+        // user (nobody); `-u 0` asks for root (docs/run.md says why).
+        let (uid, gid) = if c.user.is_empty() {
+            defaults::DEFAULT_USER
+        } else {
+            image::resolve_user(root, &c.user).ok_or_else(|| {
+                anyhow::anyhow!("the image's user {:?} is not in its /etc/passwd", c.user)
+            })?
+        };
         if uid >= defaults::MAP_SIZE || gid >= defaults::MAP_SIZE {
             bail!(
                 "the image's user {:?} is outside the container's IDs (below {})",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-pub use moat_core::embedded::{HOST_DIRS, HOST_ETC};
+pub use moat_core::embedded::HOST_DIRS;
 
 /// Directories created empty in the root, to mount on.
 pub const MOUNT_POINTS: &[&str] = &["proc", "dev", "sys", "tmp", "home/user", "etc"];
@@ -78,8 +78,8 @@ pub fn host_mounts(host: &Path) -> (Vec<Value>, Vec<(String, PathBuf)>) {
             _ => {}
         }
     }
-    for e in HOST_ETC {
-        let p = host.join("etc").join(e);
+    for e in moat_core::embedded::host_etc_entries(&host.join("etc")) {
+        let p = host.join("etc").join(&e);
         // The source must resolve (resolv.conf is often a symlink into /run).
         if fs::metadata(&p).is_ok() {
             mounts.push(ro(p, format!("/etc/{e}")));
@@ -285,7 +285,9 @@ mod tests {
         let h = tmp.path();
         fs::create_dir_all(h.join("usr/bin")).unwrap();
         fs::create_dir_all(h.join("lib64")).unwrap();
-        fs::create_dir_all(h.join("etc/ssl")).unwrap();
+        fs::create_dir_all(h.join("etc/ssl/certs")).unwrap();
+        fs::create_dir_all(h.join("etc/ssl/private")).unwrap();
+        fs::create_dir_all(h.join("etc/java-21-openjdk")).unwrap();
         fs::write(h.join("etc/hosts"), "").unwrap();
         symlink("usr/bin", h.join("bin")).unwrap();
         symlink("/nonexistent", h.join("etc/resolv.conf")).unwrap();
@@ -294,7 +296,16 @@ mod tests {
             .iter()
             .map(|m| m["destination"].as_str().unwrap())
             .collect();
-        assert_eq!(dsts, vec!["/usr", "/lib64", "/etc/hosts", "/etc/ssl"]);
+        assert_eq!(
+            dsts,
+            vec![
+                "/usr",
+                "/lib64",
+                "/etc/hosts",
+                "/etc/ssl/certs",
+                "/etc/java-21-openjdk"
+            ]
+        );
         assert!(mounts
             .iter()
             .all(|m| m["options"].as_array().unwrap().contains(&json!("ro"))));
@@ -304,7 +315,8 @@ mod tests {
         build(&root, &layout(&mounts, &links, 65534, 65534)).unwrap();
         assert!(root.join("usr").is_dir());
         assert!(root.join("etc/hosts").is_file());
-        assert!(root.join("etc/ssl").is_dir());
+        assert!(root.join("etc/ssl/certs").is_dir());
+        assert!(!root.join("etc/ssl/private").exists());
         assert_eq!(
             fs::read_link(root.join("bin")).unwrap(),
             Path::new("usr/bin")
