@@ -106,17 +106,27 @@ fn install_ro_copy(exe: &File) -> std::io::Result<std::path::PathBuf> {
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, old) in entries.iter().skip(KEEP_BINARIES - 1) {
-            let _ = std::fs::remove_file(old);
+            remove_unless_running(old);
         }
         let tmp = dir.join(format!(".{key}.tmp"));
-        let r = (|| {
+        let copy = || {
             let mut src = exe.try_clone()?;
             std::io::Seek::rewind(&mut src)?;
             let mut dst = File::create(&tmp)?;
             std::io::copy(&mut src, &mut dst)?;
             dst.set_permissions(std::fs::Permissions::from_mode(0o555))?;
             std::fs::rename(&tmp, &target)
-        })();
+        };
+        let mut r = copy();
+        if r.is_err() {
+            // Full (debug builds are large): this binary matters more than
+            // the older ones kept beside it.
+            let _ = std::fs::remove_file(&tmp);
+            for (_, old) in &entries {
+                remove_unless_running(old);
+            }
+            r = copy();
+        }
         let _ = std::fs::remove_file(&tmp);
         mount_remount(dir, base | MountFlags::RDONLY, c"")?;
         r?;
@@ -133,6 +143,19 @@ fn is_mount_point(dir: &std::path::Path) -> std::io::Result<bool> {
         (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         (Err(e), _) => Err(e),
         (_, _) => Ok(false),
+    }
+}
+
+/// Removes a cached binary unless a process still runs it: removed, it
+/// would stay in memory as an orphan inode, and a tmpfs holding one cannot
+/// be made read-only again (every later moat would fall back to a memfd
+/// copy). Opening a running executable for writing fails with ETXTBSY.
+fn remove_unless_running(path: &std::path::Path) {
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {}
+        _ => {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -28,13 +28,23 @@ struct World {
     server_proc: Option<std::process::Child>,
 }
 
+/// A command run to completion through the harness (whose reaper must
+/// not take its exit status).
+fn sh(prog: &str, args: &[String]) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    run_binary(
+        Path::new(prog),
+        args,
+        Opts::default(),
+        &dir.path().join("o"),
+        &dir.path().join("e"),
+    )
+}
+
 fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        o.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let o = sh("ip", &args);
+    assert!(o.ok(), "ip {args:?}: {}", o.stderr);
 }
 
 impl World {
@@ -100,8 +110,7 @@ impl World {
         let start = Instant::now();
         while !w
             .curl_from_outer(&format!("http://{}:8080/index.html", w.server))
-            .status
-            .success()
+            .ok()
         {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -112,12 +121,16 @@ impl World {
         w
     }
 
-    fn curl_from_outer(&self, url: &str) -> std::process::Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.outer))
-            .args(["curl", "-sS", "--max-time", "5", url])
-            .output()
-            .expect("curl")
+    fn curl_from_outer(&self, url: &str) -> Out {
+        let args = [
+            format!("--net=/run/netns/{}", self.outer),
+            "curl".into(),
+            "-sS".into(),
+            "--max-time".into(),
+            "5".into(),
+            url.into(),
+        ];
+        sh("nsenter", &args)
     }
 
     /// The runtime, run in the outer namespace.
@@ -138,12 +151,22 @@ impl Drop for World {
             let _ = p.kill();
             let _ = wait_own(&mut p);
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.outer])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.inet])
-            .status();
+        for ns in [&self.outer, &self.inet] {
+            sh("ip", &["netns".into(), "del".into(), ns.clone()]);
+        }
+    }
+}
+
+/// A `moat run` in the background, SIGKILLed if the test ends early (the
+/// workload dies with it, and its stack with the workload).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = wait_own(&mut self.0);
+        }
     }
 }
 
@@ -198,7 +221,9 @@ fn setup(test: &str) -> Option<Rt> {
         return None;
     }
     for prog in ["ip", "curl", "python3", "nsenter"] {
-        if Command::new(prog).arg("--version").output().is_err() {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()));
+        if !found {
             moat_core::testing::skip(test, &format!("{prog} is not installed"));
             return None;
         }
@@ -278,13 +303,14 @@ fn a_published_port_reaches_the_workload() {
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null())
     .stderr(std::fs::File::create(rt.scratch_file("srv.err")).unwrap());
-    let mut run = spawn_own(&mut c);
+    let mut run = Running(spawn_own(&mut c));
+    let run = &mut run.0;
     let url = format!("http://127.0.0.1:{port}/f");
     let start = Instant::now();
     let body = loop {
         let o = w.curl_from_outer(&url);
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.ok() {
+            break o.stdout;
         }
         assert!(run.try_wait().unwrap().is_none(), "moat run ended early");
         assert!(start.elapsed() < Duration::from_secs(60), "never published");
@@ -299,12 +325,9 @@ fn a_published_port_reaches_the_workload() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_own(&mut run);
+    wait_own(run);
     wait_none_left(rt.root());
-    assert!(
-        !w.curl_from_outer(&url).status.success(),
-        "the port is closed"
-    );
+    assert!(!w.curl_from_outer(&url).ok(), "the port is closed");
 }
 
 #[test]
