@@ -44,6 +44,8 @@ pub enum InitError {
     Net(#[from] moat_jail::net::NetError),
     #[error(transparent)]
     Landlock(#[from] landlock::LandlockError),
+    #[error("network device")]
+    NetDevice(#[from] moat_net::TapError),
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> InitError {
@@ -83,6 +85,8 @@ pub struct InitContext<'a> {
     pub landlock: Option<&'a moat_core::landlock::LandlockPolicy>,
     /// SIGKILL to the workload when the runtime dies.
     pub die_with_runtime: bool,
+    /// Make the TAP device of moat's user-space network and hand it over.
+    pub net_device: bool,
     /// The spec's seccomp filter, compiled by the runtime (None: compile here).
     pub seccomp_program: Option<&'a moat_jail::seccomp::Program>,
 }
@@ -142,6 +146,8 @@ enum Never {}
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     release_runtime_lock(ctx);
     chan.expect(Msg::Go, "go")?;
+    // Before the cgroup, whose device rules refuse /dev/net/tun.
+    let tun = ctx.net_device.then(moat_net::open_tun).transpose()?;
     join_cgroup(ctx)?;
     crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
@@ -162,6 +168,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     join_session_keyring(ctx)?;
     let root = rootfs::prepare(&rcfg, &host)?;
     drop(host);
+    make_net_device(tun, chan)?;
     if ctx.has_runtime_hooks {
         chan.send(&Msg::RuntimeHooks)?;
         chan.expect(Msg::Go, "go")?;
@@ -342,6 +349,24 @@ fn set_identity(spec: &Spec) -> Result<(), InitError> {
 
 /// A network namespace of our own starts with `lo` down; bring it up (an
 /// existing namespace joined by path is left as its owner set it).
+/// moat's user-space network: the TAP device, made here (in the container's
+/// network namespace, with CAP_NET_ADMIN over it, while the host's
+/// /dev/net/tun is still in reach) and handed to the runtime, whose stack
+/// process serves its other end. The container keeps no descriptor of it.
+fn make_net_device(tun: Option<OwnedFd>, chan: &Channel) -> Result<(), InitError> {
+    let Some(tun) = tun else {
+        return Ok(());
+    };
+    let tap =
+        moat_net::create_tap_on(tun, crate::network::DEVICE, &moat_net::NetConfig::default())?;
+    use std::os::fd::AsRawFd;
+    chan.send_with_fd(
+        &Msg::Fd(moat_jail::sync::FdKind::Tap),
+        Some(tap.fd.as_raw_fd()),
+    )?;
+    Ok(())
+}
+
 fn bring_up_loopback(ctx: &InitContext) -> Result<(), InitError> {
     if ctx.plan.new.contains(CloneFlags::CLONE_NEWNET) {
         moat_jail::net::bring_up_loopback()?;

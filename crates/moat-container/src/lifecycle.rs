@@ -280,6 +280,7 @@ impl ContainerTier {
             cgroup_join: cgroup_join.as_ref(),
             landlock: landlock.as_ref(),
             die_with_runtime: req.die_with_runtime,
+            net_device: net.is_some(),
             seccomp_program: seccomp_program.as_ref(),
         };
         let fast = plan.clone_flags();
@@ -306,9 +307,13 @@ impl ContainerTier {
         state.pid_start_time = pid_start_time(pid).unwrap_or(0);
         self.sd.save(&state)?;
 
+        let mut tap = None;
         loop {
-            match parent.recv()? {
-                Msg::RuntimeHooks => {
+            match parent.recv_with_fd()? {
+                (Msg::Fd(FdKind::Tap), Some(fd)) if net.is_some() && tap.is_none() => {
+                    tap = Some(fd);
+                }
+                (Msg::RuntimeHooks, _) => {
                     let json = oci_state_json(&state, ContainerStatus::Creating);
                     if let Some(h) = hooks {
                         hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)?;
@@ -320,9 +325,9 @@ impl ContainerTier {
                     }
                     parent.send(&Msg::Go)?;
                 }
-                Msg::Created => break,
-                Msg::Error(e) => return Err(SyncError::Child(e).into()),
-                got => {
+                (Msg::Created, _) => break,
+                (Msg::Error(e), _) => return Err(SyncError::Child(e).into()),
+                (got, _) => {
                     return Err(SyncError::Unexpected {
                         got,
                         expected: "created",
@@ -331,12 +336,12 @@ impl ContainerTier {
                 }
             }
         }
-        if let Some(net) = &net {
+        if let (Some(net), Some(tap)) = (&net, tap) {
             // The runtime's stderr for `moat run`; a file for the engines,
             // whose pipes must see EOF when the runtime exits.
             let log = lock.dir().join("net.log");
             let log = (!req.die_with_runtime).then_some(log.as_path());
-            let stack = crate::network::start(pid, net, spec, log)?;
+            let stack = crate::network::start(tap, pid, net, spec, log)?;
             cleanup.net_stack = Some(stack);
             let mut part = ContainerPart::of(&state, lock.dir())?;
             part.net_stack = Some(stack);

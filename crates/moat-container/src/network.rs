@@ -2,16 +2,18 @@
 //! (and so for every tier built on it). A config that carries
 //! `dev.moat.net.egress` and/or `dev.moat.net.publish` (what `moat run --net
 //! egress=… -p …` writes) gets, in its own network namespace, one TAP device
-//! whose other end is `moat_net::serve` in a **stack process**: a child of
-//! the runtime, outside the container's namespaces, that creates the device
-//! (it needs the runtime's privilege for that), then confines itself
+//! whose other end is `moat_net::serve` in a **stack process**. The
+//! container's init makes the device (in its network namespace, where it has
+//! CAP_NET_ADMIN, before it pivots) and hands it to the runtime over the
+//! setup channel; the runtime forks the stack process, outside the
+//! container's namespaces, with it. The stack confines itself
 //! (`moat_jail::confine`: the container's host root ID or nobody, no
 //! capabilities, no_new_privs, Landlock read-only on what name resolution
 //! reads, a seccomp allow-list) before it serves a single frame. It ends
 //! when the container's init does (a pidfd), and `delete` kills it in any
 //! case. Its refusals go to the runtime's stderr for `moat run`, else to
 //! `net.log` in the container's state directory.
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -199,8 +201,14 @@ impl StackProcess {
 
 /// The host user the stack becomes: the container's host root when it has
 /// a user namespace (the stack serves that container and nothing else),
-/// else nobody.
+/// else nobody; a rootless runtime's own user (the only one it can be).
 fn stack_identity(spec: &Spec) -> (u32, u32) {
+    if !rustix::process::geteuid().is_root() {
+        return (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+    }
     let linux = spec.linux().as_ref();
     let host_of = |maps: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
         maps.and_then(|m| m.iter().find(|m| m.container_id() == 0))
@@ -211,18 +219,17 @@ fn stack_identity(spec: &Spec) -> (u32, u32) {
     (uid.unwrap_or(65534), gid.unwrap_or(65534))
 }
 
-/// Starts the stack process for the container whose init is `init`; returns
-/// once the device exists in the container and the stack is confined.
-/// `log`: where its messages go (None: the runtime's stderr).
+/// Starts the stack process on `tap` (the device the init of `init` made in
+/// the container); returns once the stack is confined and serving. `log`:
+/// where its messages go (None: the runtime's stderr).
 pub fn start(
+    tap: OwnedFd,
     init: i32,
     req: &NetRequest,
     spec: &Spec,
     log: Option<&Path>,
 ) -> Result<StackProcess, NetError> {
     let io = |what| move |source| NetError::Io { what, source };
-    let netns = std::fs::File::open(format!("/proc/{init}/ns/net"))
-        .map_err(io("open the container's network namespace"))?;
     let pid = rustix::process::Pid::from_raw(init).ok_or(NetError::Io {
         what: "name the container's init",
         source: std::io::Error::from_raw_os_error(libc::ESRCH),
@@ -243,7 +250,7 @@ pub fn start(
     let (uid, gid) = stack_identity(spec);
     let one = moat_sys::process::OneThread::check().map_err(io("fork the network stack"))?;
     let stack_pid = one
-        .fork(0, |_| stack_main(&netns, pidfd, log, &child, req, uid, gid))
+        .fork(0, |_| stack_main(tap, pidfd, log, &child, req, uid, gid))
         .map_err(io("fork the network stack"))?;
     drop(child);
     let ready = parent.expect(Msg::Go, "the network stack ready");
@@ -265,8 +272,6 @@ pub fn start(
 enum StackError {
     #[error("cannot start a session")]
     Setsid(#[source] nix::Error),
-    #[error("cannot create the device")]
-    Tap(#[from] moat_net::TapError),
     #[error("cannot redirect the standard streams")]
     Streams(#[source] std::io::Error),
     #[error("cannot confine the network stack")]
@@ -276,7 +281,7 @@ enum StackError {
 }
 
 fn stack_main(
-    netns: &std::fs::File,
+    tap: OwnedFd,
     pidfd: OwnedFd,
     log: Option<OwnedFd>,
     chan: &sync::Channel,
@@ -286,20 +291,18 @@ fn stack_main(
 ) -> i32 {
     let ready = (|| -> Result<_, StackError> {
         nix::unistd::setsid().map_err(StackError::Setsid)?;
-        let tap = moat_net::create_tap(netns.as_fd(), DEVICE, &NetConfig::default())?;
         quiet_streams(log.as_ref()).map_err(StackError::Streams)?;
         Confinement {
             uid,
             gid,
-            keep_fds: &[tap.fd.as_raw_fd(), pidfd.as_raw_fd(), chan.raw()],
+            keep_fds: &[tap.as_raw_fd(), pidfd.as_raw_fd(), chan.raw()],
             read: &resolver_paths(),
             syscalls: STACK_SYSCALLS,
         }
         .apply()?;
-        let (control, stop) = moat_net::control()?;
-        Ok((tap, control, stop))
+        Ok(moat_net::control()?)
     })();
-    let (tap, control, stop) = match ready {
+    let (control, stop) = match ready {
         Ok(r) => r,
         Err(e) => {
             let _ = chan.send(&Msg::Error(RemoteError::new(&e)));
@@ -312,7 +315,7 @@ fn stack_main(
     let mut cfg = ServeConfig::new(req.policy.clone());
     cfg.publish = req.publish.clone();
     cfg.exit_with = Some(pidfd);
-    let ended = moat_net::serve(tap.fd, cfg, Arc::new(moat_net::SystemResolver), control);
+    let ended = moat_net::serve(tap, cfg, Arc::new(moat_net::SystemResolver), control);
     drop(stop);
     match ended {
         Ok(_) => 0,

@@ -181,6 +181,8 @@ pub enum Msg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FdKind {
     Seccomp,
+    /// The TAP device of moat's user-space network, made by the init.
+    Tap,
 }
 
 /// One end of the setup channel.
@@ -224,6 +226,7 @@ impl Msg {
             Msg::Created => vec![b'C'],
             Msg::Start => vec![b'S'],
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
+            Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
             Msg::Error(e) => {
                 let mut v = vec![b'E'];
                 // Plain data: serialization cannot fail. Escapes can still
@@ -249,6 +252,7 @@ impl Msg {
             b'C' => Msg::Created,
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
+            b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
             b'E' => Msg::Error(serde_json::from_slice(rest).ok()?),
             _ => return None,
         })

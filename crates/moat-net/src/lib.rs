@@ -30,4 +30,4 @@ pub use shell::{
     control, serve, Ended, Resolver, ServeConfig, ServeError, StopHandle, SystemResolver,
 };
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
-pub use tap::{create_tap, Tap, TapError};
+pub use tap::{create_tap, create_tap_on, open_tun, Tap, TapError};

@@ -63,14 +63,32 @@ pub fn create_tap(netns: BorrowedFd<'_>, name: &str, cfg: &NetConfig) -> Result<
     })
 }
 
-/// The steps, in the calling thread's network namespace.
-fn create_here(name: &str, cfg: &NetConfig) -> Result<Tap, TapError> {
-    let fd = rustix::fs::open(
+/// Opens /dev/net/tun (non-blocking, close-on-exec), for
+/// [`create_tap_on`]: a container's init opens it before it joins the
+/// container's cgroup, whose device rules would refuse the open.
+pub fn open_tun() -> Result<OwnedFd, TapError> {
+    rustix::fs::open(
         "/dev/net/tun",
         OFlags::RDWR | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
     )
-    .map_err(TapError::OpenTun)?;
+    .map_err(TapError::OpenTun)
+}
+
+/// Makes `tun` (from [`open_tun`]) the device `name` in the calling
+/// thread's own network namespace (a process already inside the
+/// workload's namespaces, with CAP_NET_ADMIN there: a container's init
+/// before it drops it), configured by `cfg`. Starts no thread.
+pub fn create_tap_on(tun: OwnedFd, name: &str, cfg: &NetConfig) -> Result<Tap, TapError> {
+    attach(tun, name, cfg)
+}
+
+/// The steps, in the calling thread's network namespace.
+fn create_here(name: &str, cfg: &NetConfig) -> Result<Tap, TapError> {
+    attach(open_tun()?, name, cfg)
+}
+
+fn attach(fd: OwnedFd, name: &str, cfg: &NetConfig) -> Result<Tap, TapError> {
     let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
     let name =
         moat_sys::tun::tun_set_iff(fd.as_fd(), name, flags).map_err(|source| TapError::Create {

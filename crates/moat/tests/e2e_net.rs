@@ -368,3 +368,67 @@ fn the_annotation_gives_an_oci_bundle_the_same_network() {
     assert!(root_entries(&rt).is_empty(), "{:?}", root_entries(&rt));
     wait_none_left(rt.root());
 }
+
+/// Rootless: an unprivileged user's `moat run --net egress=…` gets the same
+/// network (the init makes the device in its own namespaces, the stack runs
+/// as that user).
+#[test]
+fn rootless_egress_works_too() {
+    let Some(rt) = setup("rootless_egress") else {
+        return;
+    };
+    if !Path::new("/usr/bin/setpriv").exists() {
+        moat_core::testing::skip("rootless_egress", "needs setpriv");
+        return;
+    }
+    let w = World::new(&rt);
+    let uid = 40000 + (std::process::id() % 10000);
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", w.outer))
+        .args([
+            "setpriv",
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+        ])
+        .args(["--clear-groups", "env"])
+        .arg(format!("XDG_RUNTIME_DIR={}", home.path().display()))
+        .arg(runtime_bin())
+        .arg("run")
+        .arg(format!("--net=egress={}:8080", w.server))
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "curl -sS --max-time 10 http://{}:8080/index.html; echo rc=$?",
+            w.server
+        ))
+        .current_dir(home.path());
+    let o = output(&rt, c);
+    assert!(o.stdout.contains("hello-from-the-internet"), "{o:?}");
+    assert!(o.stdout.contains("rc=0"), "{o:?}");
+    // Nothing of that user's runs on: not the workload, not its stack.
+    let owned_by_uid = || {
+        all_processes()
+            .into_iter()
+            .filter(|(p, _, st)| {
+                *st != 'Z'
+                    && std::fs::metadata(format!("/proc/{p}"))
+                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
+            })
+            .count()
+    };
+    let start = Instant::now();
+    while owned_by_uid() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "processes of {uid} left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
