@@ -417,9 +417,15 @@ fn rootless_egress_works_too() {
         all_processes()
             .into_iter()
             .filter(|(p, _, st)| {
+                // Status, not the /proc entry's owner: a non-dumpable
+                // process's entry belongs to root.
                 *st != 'Z'
-                    && std::fs::metadata(format!("/proc/{p}"))
-                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
+                    && std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("Uid:"))
+                            .and_then(|v| v.split_whitespace().next())
+                            == Some(uid.to_string().as_str())
+                    })
             })
             .count()
     };
