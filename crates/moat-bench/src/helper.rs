@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn sizes_round_trip_through_argv() {
         let s = Sizes::new(true);
-        let args = micro_args(Path::new("/bench"), Path::new("/data"), s);
+        let args = micro_args(Path::new("/usr/bin/moat-bench"), Path::new("/var/tmp"), s);
         assert_eq!(args.len(), 12);
         let back = Sizes::from_args(&args[4..]).unwrap();
         assert_eq!(back.getpid, s.getpid);

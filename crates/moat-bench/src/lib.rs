@@ -6,7 +6,7 @@
 //! drift in the machine's load hits all of them alike and the ratios hold.
 //!
 //! The workload is moat's own static binary, copied into one shared rootfs
-//! as `/bench` and run as `bench-true` (a no-op), `bench-helper micro` (the
+//! as `/usr/bin/moat-bench` and run as `bench-true` (a no-op), `bench-helper micro` (the
 //! in-workload micro-benchmarks), `bench-helper sleep` (a container kept
 //! running to measure what the runtime keeps beside it) and `probe --json`.
 //!

@@ -1,5 +1,5 @@
 //! The bench's private world: a work directory holding the shared rootfs
-//! (the static moat binary as `/bench`, the helper every runtime runs), one
+//! (the static moat binary as `/usr/bin/moat-bench`, the helper every runtime runs), one
 //! bundle per workload, a state root per runtime, and output files; every
 //! command with a deadline; orphaned container inits reaped at once (this
 //! process is their subreaper); and a cleanup that removes every container
@@ -39,10 +39,13 @@ pub struct Work {
 /// How long one runtime command may take.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// The file name the helper has in every rootfs.
-pub const HELPER: &str = "/bench";
-/// A writable directory on a real filesystem in every rootfs.
-pub const DATA: &str = "/data";
+/// The file name the helper has in every rootfs: a system directory, where
+/// every tier's default lets a program run (the sandbox's policy executes
+/// only from such directories).
+pub const HELPER: &str = "/usr/bin/moat-bench";
+/// A writable directory on a real filesystem (the rootfs's own disk) in
+/// every rootfs, and writable under every tier's default.
+pub const DATA: &str = "/var/tmp";
 
 impl Work {
     /// Makes the work directory and the shared rootfs, with `moat` (a
@@ -59,10 +62,11 @@ impl Work {
         };
         fs::create_dir_all(&dir).map_err(io("create the work directory"))?;
         let rootfs = dir.join("rootfs");
-        for d in ["proc", "dev", "sys", "tmp", "data", "etc"] {
+        for d in ["proc", "dev", "sys", "tmp", "var/tmp", "etc", "usr/bin"] {
             fs::create_dir_all(rootfs.join(d)).map_err(io("make the rootfs"))?;
         }
-        fs::copy(moat, rootfs.join("bench")).map_err(io("copy moat into the rootfs"))?;
+        fs::copy(moat, rootfs.join(HELPER.trim_start_matches('/')))
+            .map_err(io("copy moat into the rootfs"))?;
         fs::write(rootfs.join("etc/hostname"), "bench\n").map_err(io("make the rootfs"))?;
         Ok(Work {
             dir,
