@@ -198,7 +198,7 @@ fn status(g: &mut Guest, id: &str) -> Result<String, String> {
 
 /// A busybox bundle's config.json (the shape `moat spec` writes, root
 /// read-only over the guest's /bundle/rootfs, no user namespace).
-fn config(args: &[&str], resources: Value, devices: Value, extra_mounts: &[Value]) -> Vec<u8> {
+fn config(args: &[&str], resources: Value, devices: Value, extra_mounts: &[Value]) -> Value {
     let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
@@ -228,7 +228,11 @@ fn config(args: &[&str], resources: Value, devices: Value, extra_mounts: &[Value
             "devices": devices
         }
     });
-    serde_json::to_vec(&c).unwrap_or_default()
+    c
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
 }
 
 // ---- cases ----
@@ -284,7 +288,12 @@ fn limits_written(g: &mut Guest) -> Result<(), String> {
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/c && mv /tmp/c /tmp/cnt; sleep 0.05; done";
     g.write_file(
         "/run/t/lim/config.json",
-        &config(&["sh", "-c", counter], resources, devices, &[hugetlbfs]),
+        &bytes(&config(
+            &["sh", "-c", counter],
+            resources,
+            devices,
+            &[hugetlbfs],
+        )),
     )?;
     ok(g, "moat create --bundle /run/t/lim lim")?;
     expect_files(
@@ -507,11 +516,13 @@ fn delete_paused(g: &mut Guest) -> Result<(), String> {
 }
 
 /// The eBPF device filter: an allowed device opens for what it allows, a
-/// device node without a rule does not open at all.
+/// device node without a rule does not open at all. The container's cgroup
+/// is two levels down (`cgroupsPath`): controllers are enabled on the way.
 fn device_filter(g: &mut Guest) -> Result<(), String> {
     let (maj, min) = vda(g)?;
     let resources = json!({
-        "devices": [{"allow": false, "access": "rwm"}, {"allow": true, "type": "b", "major": maj, "minor": min, "access": "r"}]
+        "devices": [{"allow": false, "access": "rwm"}, {"allow": true, "type": "b", "major": maj, "minor": min, "access": "r"}],
+        "pids": {"limit": 8}
     });
     let devices = json!([
         {"path": "/dev/vda", "type": "b", "major": maj, "minor": min, "fileMode": 0o666},
@@ -519,14 +530,17 @@ fn device_filter(g: &mut Guest) -> Result<(), String> {
     ]);
     let script = "head -c 16 /dev/vda; echo; \
         if cat /dev/kmsg >/dev/null; then echo kmsg-opened; else echo kmsg-refused; fi; \
-        if printf x > /dev/vda; then echo vda-written; else echo vda-write-refused; fi";
-    g.write_file(
-        "/run/t/dev/config.json",
-        &config(&["sh", "-c", script], resources, devices, &[]),
+        if printf x > /dev/vda; then echo vda-written; else echo vda-write-refused; fi; \
+        cat /sys/fs/cgroup/pids.max";
+    let mut c = config(&["sh", "-c", script], resources, devices, &[]);
+    c["linux"]["cgroupsPath"] = json!("/moat.slice/dev");
+    g.write_file("/run/t/dev/config.json", &bytes(&c))?;
+    // moat removes the container's cgroup, not its parent (as runc).
+    let out = g.sh(
+        "moat run --bundle /run/t/dev dev; rc=$?; [ -d /sys/fs/cgroup/moat.slice/dev ] && echo left; rmdir /sys/fs/cgroup/moat.slice || echo no-parent; exit $rc",
     )?;
-    let out = g.sh("moat run --bundle /run/t/dev dev")?;
     let want = format!(
-        "{}\nkmsg-refused\nvda-write-refused\n",
+        "{}\nkmsg-refused\nvda-write-refused\n8\n",
         String::from_utf8_lossy(DISK_MARKER)
     );
     check(out.code == 0 && out.stdout == want, || {
@@ -574,7 +588,7 @@ fn oom(g: &mut Guest) -> Result<(), String> {
 /// Forks refused at the pids limit are counted (pids.events) and reported.
 fn pids_limit(g: &mut Guest) -> Result<(), String> {
     let out = g.sh(
-        "moat run --pids-limit 5 --json -- sh -c 'for i in 1 2 3 4 5 6 7 8; do sleep 1 & done; wait'",
+        "moat run --pids-limit 5 --json -- sh -c 'for i in 1 2 3 4 5 6 7 8; do sleep 10 & done; wait'",
     )?;
     check(
         out.stderr.contains("moat: process limit (5) reached: ")

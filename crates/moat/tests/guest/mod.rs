@@ -15,7 +15,6 @@
 //!
 //! QEMU is killed when the [`Guest`] is dropped, and by a watchdog when the
 //! whole session outlives its deadline (a hung guest, never a timing check).
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
