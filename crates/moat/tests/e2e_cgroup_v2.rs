@@ -485,9 +485,17 @@ fn update(g: &mut Guest) -> Result<(), String> {
     expect_files(
         g,
         "/sys/fs/cgroup/lim",
+        &[("memory.swap.max", (128 << 20).to_string())],
+    )?;
+    // memory+swap alone counts from the current memory limit, as on v1
+    // (where the kernel keeps the total itself).
+    ok(g, "moat update --memory-swap 192m lim")?;
+    expect_files(
+        g,
+        "/sys/fs/cgroup/lim",
         &[
             ("memory.max", (128 << 20).to_string()),
-            ("memory.swap.max", (128 << 20).to_string()),
+            ("memory.swap.max", (64 << 20).to_string()),
             ("memory.high", (120 << 20).to_string()),
             // 1 + (512 - 2) * 9999 / 262142
             ("cpu.weight", "20".into()),

@@ -149,6 +149,15 @@ fn fake_v2_missing_controller_and_refused_value_are_errors() {
         }
         e => panic!("{e:?}"),
     }
+    // memory+swap alone counts from the current memory.max.
+    put(&ctr.join("memory.max"), "1048576\n");
+    m.update(&res(r#"{"memory":{"swap":3145728}}"#)).unwrap();
+    assert_eq!(get(&ctr.join("memory.swap.max")), "2097152");
+    put(&ctr.join("memory.max"), "max\n");
+    assert!(matches!(
+        m.update(&res(r#"{"memory":{"swap":3145728}}"#)),
+        Err(CgroupError::InvalidValue { .. })
+    ));
     assert!(matches!(
         m.update(&res(r#"{"network":{"classID":1}}"#)),
         Err(CgroupError::Unsupported { .. })

@@ -77,7 +77,30 @@ impl Manager {
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
-        self.apply(&translate::plan_v2(resources)?, Some(resources))
+        let resources = self.with_current_memory_limit(resources)?;
+        self.apply(&translate::plan_v2(&resources)?, Some(&resources))
+    }
+
+    /// OCI's `memory.swap` is memory+swap; v2 takes the swap alone. Given
+    /// without a memory limit (`update --memory-swap`), it counts from the
+    /// current `memory.max`, as on v1 where the kernel keeps the total.
+    fn with_current_memory_limit(
+        &self,
+        resources: &LinuxResources,
+    ) -> Result<LinuxResources, CgroupError> {
+        let mut r = resources.clone();
+        let Some(mut m) = *r.memory() else {
+            return Ok(r);
+        };
+        if m.swap().is_some_and(|s| s > 0) && m.limit().is_none_or(|l| l == 0) {
+            let current =
+                read_opt(&self.path.join("memory.max"))?.and_then(|t| t.trim().parse::<i64>().ok());
+            if let Some(limit) = current {
+                m.set_limit(Some(limit));
+                r.set_memory(Some(m));
+            }
+        }
+        Ok(r)
     }
 
     fn apply(
