@@ -87,6 +87,24 @@ while [ ! -e /dev/hvc0 ] || [ ! -e /sys/block/vda/dev ]; do
     sleep 0.1
 done
 mkdir -p /run/agent
+# A request still running after 30-60 s: what every process is doing goes
+# to the serial console, which the test prints when it fails.
+(
+    last=
+    while sleep 30; do
+        now=$(cat /run/agent/busy 2>/dev/null)
+        if [ -n "$now" ] && [ "$now" != idle ] && [ "$now" = "$last" ]; then
+            log "request $now still running:"
+            ps -o pid,ppid,stat,args
+            for p in /proc/[0-9]*; do
+                k=$(head -6 $p/stack 2>/dev/null | tr '\n' ' ')
+                [ -n "$k" ] && echo "${p#/proc/} $(cat $p/comm 2>/dev/null): $k"
+            done
+        fi
+        last=$now
+    done
+) > /dev/console 2>&1 < /dev/null &
+n=0
 # hvc0 resets its modes on last close: keep it open, raw (else "\n"
 # arrives as "\r\n"), without echo.
 exec 3<>/dev/hvc0
@@ -95,9 +113,12 @@ log "serving"
 echo "READY $(cat /sys/block/vda/dev)" >&3
 while IFS= read -r req <&3; do
     [ "$req" = POWEROFF ] && break
+    n=$((n + 1))
+    echo $n > /run/agent/busy
     echo "$req" | base64 -d > /run/agent/req
     timeout -s KILL 120 sh /run/agent/req > /run/agent/out 2> /run/agent/err < /dev/null
     rc=$?
+    echo idle > /run/agent/busy
     o=$(base64 -w0 /run/agent/out)
     e=$(base64 -w0 /run/agent/err)
     echo "DONE $rc ${o:--} ${e:--}" >&3
@@ -194,6 +215,9 @@ pub struct Guest {
     pub vda: String,
     /// Dropped to stop the watchdog.
     watchdog: Option<mpsc::Sender<()>>,
+    /// Why the channel is no longer usable (a command that never
+    /// answered): later commands fail at once with it.
+    broken: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -249,6 +273,7 @@ impl Guest {
             serial,
             vda: String::new(),
             watchdog: Some(stop),
+            broken: None,
             _dir: dir,
         };
         let ready = g
@@ -277,6 +302,17 @@ impl Guest {
 
     /// Runs `script` with `sh` in the guest, as root.
     pub fn sh(&mut self, script: &str) -> Result<Out, String> {
+        if let Some(why) = &self.broken {
+            return Err(format!("not sent: an earlier command failed: {why}"));
+        }
+        let r = self.exchange(script);
+        if let Err(e) = &r {
+            self.broken = Some(e.clone());
+        }
+        r
+    }
+
+    fn exchange(&mut self, script: &str) -> Result<Out, String> {
         let mut req = base64_encode(script.as_bytes());
         req.push('\n');
         self.chan
@@ -321,8 +357,12 @@ impl Guest {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
-    /// Asks the guest to power off and waits for QEMU to end.
+    /// Asks the guest to power off and waits for QEMU to end; a guest
+    /// that stopped answering is killed instead.
     pub fn power_off(mut self) -> Result<(), String> {
+        if let Some(why) = self.broken.take() {
+            return Err(format!("killed: {why}"));
+        }
         self.chan
             .get_mut()
             .write_all(b"POWEROFF\n")
