@@ -169,13 +169,17 @@ pub(crate) enum CgroupPath {
     Relative(PathBuf),
 }
 
-/// Resolves `cgroupsPath` (None => "/<id>", like runc). With `systemd`,
-/// "slice:prefix:name" becomes the path systemd would give the scope.
+/// Resolves `cgroupsPath`. None => "/<id>" like runc, except for a
+/// rootless runtime: "<id>" under its own cgroup, the only place a user
+/// can have been delegated (systemd's `Delegate=`); "/<id>" under the
+/// hierarchy root never is. With `systemd`, "slice:prefix:name" becomes the
+/// path systemd would give the scope.
 pub(crate) fn resolve(
     cgroups_path: Option<&Path>,
     id: &str,
     systemd: bool,
     systemd_running: bool,
+    rootless: bool,
 ) -> Result<CgroupPath, CgroupError> {
     if systemd {
         if !systemd_running {
@@ -193,6 +197,9 @@ pub(crate) fn resolve(
                     path: PathBuf::from(id),
                     reason: "container id is not a name",
                 });
+            }
+            if rootless {
+                return Ok(CgroupPath::Relative(checked(PathBuf::from(id))?));
             }
             Ok(CgroupPath::Absolute(checked(PathBuf::from("/").join(id))?))
         }
@@ -361,20 +368,29 @@ mod tests {
     #[test]
     fn default_path_is_slash_id() {
         assert_eq!(
-            resolve(None, "abc", false, false).unwrap(),
+            resolve(None, "abc", false, false, false).unwrap(),
             CgroupPath::Absolute("/abc".into())
         );
-        assert!(resolve(None, "a/b", false, false).is_err());
+        assert!(resolve(None, "a/b", false, false, false).is_err());
+        // Rootless: under the runtime's own cgroup, where delegation puts it.
+        assert_eq!(
+            resolve(None, "abc", false, false, true).unwrap(),
+            CgroupPath::Relative("abc".into())
+        );
+        assert_eq!(
+            resolve(Some(Path::new("/x")), "abc", false, false, true).unwrap(),
+            CgroupPath::Absolute("/x".into())
+        );
     }
 
     #[test]
     fn absolute_and_relative() {
-        let a = resolve(Some(Path::new("/x/y")), "id", false, false).unwrap();
+        let a = resolve(Some(Path::new("/x/y")), "id", false, false, false).unwrap();
         assert_eq!(
             place(&a, Path::new("/sys/fs/cgroup/memory"), "/", Some("/own")),
             Path::new("/sys/fs/cgroup/memory/x/y")
         );
-        let r = resolve(Some(Path::new("x/y")), "id", false, false).unwrap();
+        let r = resolve(Some(Path::new("x/y")), "id", false, false, false).unwrap();
         assert_eq!(r, CgroupPath::Relative("x/y".into()));
         assert_eq!(
             place(&r, Path::new("/cg/memory"), "/", Some("/own/c")),
@@ -392,7 +408,7 @@ mod tests {
         for p in ["/a/../b", "../x", "a/..", "/", "/."] {
             assert!(
                 matches!(
-                    resolve(Some(Path::new(p)), "id", false, false),
+                    resolve(Some(Path::new(p)), "id", false, false, false),
                     Err(CgroupError::InvalidPath { .. })
                 ),
                 "{p}"
@@ -403,7 +419,7 @@ mod tests {
     #[test]
     fn systemd_paths() {
         assert!(matches!(
-            resolve(None, "id", true, false),
+            resolve(None, "id", true, false, false),
             Err(CgroupError::SystemdNotRunning)
         ));
         assert_eq!(

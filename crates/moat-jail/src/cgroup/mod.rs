@@ -130,6 +130,10 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot enable the {controller} controller in {path}: processes are in it (cgroup v2 enables controllers only in a cgroup without processes)"
+    )]
+    Populated { path: PathBuf, controller: String },
     #[error("{path} did not reach the frozen state")]
     FreezeTimeout { path: PathBuf },
     #[error("sending SIGKILL to pid {pid}")]
@@ -219,6 +223,21 @@ pub fn own_cgroup_writable() -> bool {
     dir.is_some_and(|d| rustix::fs::access(&d, rustix::fs::Access::WRITE_OK).is_ok())
 }
 
+/// On a unified (v2) host, the controllers this process's own cgroup
+/// offers its children (`cgroup.controllers`): those a rootless runtime's
+/// containers can use. None on v1 and hybrid hosts, or when unreadable.
+pub fn own_v2_controllers() -> Option<Vec<String>> {
+    let host = HostPaths::default();
+    let mounts = layout::parse_mountinfo(&read(&host.mountinfo).ok()?);
+    let layout::Layout::Unified(m) = layout::detect(mounts).ok()? else {
+        return None;
+    };
+    let own = layout::parse_proc_cgroup(&read(&host.proc_cgroup).ok()?);
+    let dir = layout::place_own(&m.mount_point, &m.root, own.get("")?);
+    let list = read(&dir.join("cgroup.controllers")).ok()?;
+    Some(list.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The container's cgroup on a v1/hybrid or a unified host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cgroup_version")]
@@ -258,7 +277,13 @@ impl CgroupManager {
         systemd: bool,
         rootless: bool,
     ) -> Result<Self, CgroupError> {
-        let cg = layout::resolve(cgroups_path, id, systemd, host.systemd_marker.is_dir())?;
+        let cg = layout::resolve(
+            cgroups_path,
+            id,
+            systemd,
+            host.systemd_marker.is_dir(),
+            rootless,
+        )?;
         let mountinfo = read(&host.mountinfo)?;
         let own = layout::parse_proc_cgroup(&read(&host.proc_cgroup)?);
         match layout::detect(layout::parse_mountinfo(&mountinfo))? {

@@ -230,13 +230,16 @@ fn pids(dir: &Path) -> Result<Pids, CgroupError> {
     })
 }
 
+/// v2 hugetlb usage and refusals. `max` is the peak usage (v1's
+/// `max_usage_in_bytes`); cgroup v2 keeps no hugetlb peak, so it stays 0 as
+/// in runc (`hugetlb.<size>.max` is the limit, not a usage).
 fn hugetlb_v2(dir: &Path) -> Result<BTreeMap<String, Hugetlb>, CgroupError> {
     let mut out = BTreeMap::new();
     for size in hugetlb_sizes(dir, "max") {
         let events = keyed(dir, &format!("hugetlb.{size}.events"))?;
         let h = Hugetlb {
             usage: num(dir, &format!("hugetlb.{size}.current"))?,
-            max: num(dir, &format!("hugetlb.{size}.max"))?,
+            max: 0,
             failcnt: events.get("max").copied().unwrap_or(0),
         };
         out.insert(size, h);
@@ -329,6 +332,26 @@ mod tests {
         let (b, i) = parse_io_stat("259:0 rbytes=100 wbytes=200 rios=1 wios=2 dbytes=0 dios=0\n");
         assert_eq!(b.iter().map(|e| e.value).collect::<Vec<_>>(), [100, 200]);
         assert_eq!(i[1].op, "Write");
+    }
+
+    #[test]
+    fn hugetlb_v2_max_is_no_limit() {
+        let d = tempfile::tempdir().unwrap();
+        for (f, v) in [
+            ("hugetlb.2MB.max", "4194304\n"),
+            ("hugetlb.2MB.current", "2097152\n"),
+            ("hugetlb.2MB.events", "max 3\n"),
+            ("hugetlb.1GB.max", "max\n"),
+        ] {
+            std::fs::write(d.path().join(f), v).unwrap();
+        }
+        let h = hugetlb_v2(d.path()).unwrap();
+        let two = &h["2MB"];
+        assert_eq!((two.usage, two.max, two.failcnt), (2097152, 0, 3));
+        assert_eq!(
+            h["1GB"].max, 0,
+            "an unlimited size is not a peak of u64::MAX"
+        );
     }
 
     #[test]

@@ -149,6 +149,15 @@ fn fake_v2_missing_controller_and_refused_value_are_errors() {
         }
         e => panic!("{e:?}"),
     }
+    // memory+swap alone counts from the current memory.max.
+    put(&ctr.join("memory.max"), "1048576\n");
+    m.update(&res(r#"{"memory":{"swap":3145728}}"#)).unwrap();
+    assert_eq!(get(&ctr.join("memory.swap.max")), "2097152");
+    put(&ctr.join("memory.max"), "max\n");
+    assert!(matches!(
+        m.update(&res(r#"{"memory":{"swap":3145728}}"#)),
+        Err(CgroupError::InvalidValue { .. })
+    ));
     assert!(matches!(
         m.update(&res(r#"{"network":{"classID":1}}"#)),
         Err(CgroupError::Unsupported { .. })
@@ -206,6 +215,36 @@ fn relative_path_is_under_own_cgroup() {
     put(&f.host.proc_cgroup, "0::/runtime/sub\n");
     let m = CgroupManager::new_with(&f.host, Some(Path::new("ctr")), "id", false, false).unwrap();
     assert_eq!(m.mount_sources()[0].1, f.mount.join("runtime/sub/ctr"));
+}
+
+#[test]
+fn fake_v2_rootless_goes_under_own_cgroup_and_respects_its_processes() {
+    let f = fake_v2();
+    let own = f.mount.join("own");
+    put(&own.join("cgroup.controllers"), CTRLS);
+    put(&own.join("cgroup.subtree_control"), "");
+    // A non-root cgroup (it has cgroup.type) with a process in it.
+    put(&own.join("cgroup.type"), "domain");
+    put(&own.join("cgroup.procs"), "4242\n");
+    put(&own.join(".moat/cgroup.procs"), "");
+    put(&f.host.proc_cgroup, "0::/own\n");
+    // Rootless without cgroupsPath: under the runtime's own cgroup.
+    let m = CgroupManager::new_with(&f.host, None, "c", false, true).unwrap();
+    assert_eq!(m.mount_sources()[0].1, own.join("c"));
+    // No limit: created, and nothing enabled in the populated parent (a
+    // threaded controller would make it a thread root refusing the child).
+    m.create(None).unwrap();
+    assert!(own.join("c").is_dir());
+    assert_eq!(get(&own.join("cgroup.subtree_control")), "");
+    // A limit: the runtime moves itself into its leaf; another process
+    // stays (here the fake 4242), so the controller cannot be enabled.
+    let e = m.create(Some(&res(r#"{"pids":{"limit":5}}"#))).unwrap_err();
+    assert!(
+        matches!(&e, CgroupError::Populated { controller, .. } if controller == "pids"),
+        "{e:?}"
+    );
+    assert_eq!(get(&own.join(".moat/cgroup.procs")), "0");
+    assert_eq!(get(&own.join("cgroup.subtree_control")), "");
 }
 
 #[test]

@@ -174,7 +174,7 @@ impl Manager {
                 } else {
                     BTreeSet::new()
                 };
-                super::v2::make_path(&u.mount, &u.path, &needed, false)?;
+                super::v2::make_path(&u.mount, &u.path, &needed, false, None)?;
                 if hugetlb_v2 {
                     let v2_plan: Vec<Setting> = plan
                         .iter()

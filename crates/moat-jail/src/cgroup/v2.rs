@@ -19,7 +19,16 @@ pub struct Manager {
     /// The container's cgroup directory.
     path: PathBuf,
     pub(crate) rootless: bool,
+    /// The runtime's own cgroup when it was placed (a rootless container's
+    /// parent, see [`make_path`]); absent from states saved before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    own: Option<PathBuf>,
 }
+
+/// The leaf a rootless runtime moves itself into, out of its own cgroup,
+/// so that cgroup can enable controllers for its containers' cgroups.
+/// Container IDs never start with a dot, so it is never a container's.
+pub const RUNTIME_LEAF: &str = ".moat";
 
 impl Manager {
     pub(crate) fn place(
@@ -28,11 +37,15 @@ impl Manager {
         own: &BTreeMap<String, String>,
         rootless: bool,
     ) -> Result<Self, CgroupError> {
-        let path = layout::place(cg, &m.mount_point, &m.root, own.get("").map(String::as_str));
+        let own = own.get("").map(String::as_str);
+        let path = layout::place(cg, &m.mount_point, &m.root, own);
         Ok(Self {
             mount: super::utf8(m.mount_point.clone())?,
             path: super::utf8(path)?,
             rootless,
+            own: own
+                .map(|o| super::utf8(layout::place_own(&m.mount_point, &m.root, o)))
+                .transpose()?,
         })
     }
 
@@ -47,7 +60,10 @@ impl Manager {
             None => Vec::new(),
         };
         let needed = needed_controllers(&plan);
-        if let Err(e) = make_path(&self.mount, &self.path, &needed, true) {
+        // A rootless runtime may leave its own cgroup for a leaf to enable
+        // controllers there (the only place it was delegated).
+        let own = self.own.as_deref().filter(|_| self.rootless);
+        if let Err(e) = make_path(&self.mount, &self.path, &needed, true, own) {
             return Err(match e {
                 CgroupError::Mkdir { path, source }
                     if self.rootless && plan.is_empty() && super::is_permission(&source) =>
@@ -61,7 +77,30 @@ impl Manager {
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
-        self.apply(&translate::plan_v2(resources)?, Some(resources))
+        let resources = self.with_current_memory_limit(resources)?;
+        self.apply(&translate::plan_v2(&resources)?, Some(&resources))
+    }
+
+    /// OCI's `memory.swap` is memory+swap; v2 takes the swap alone. Given
+    /// without a memory limit (`update --memory-swap`), it counts from the
+    /// current `memory.max`, as on v1 where the kernel keeps the total.
+    fn with_current_memory_limit(
+        &self,
+        resources: &LinuxResources,
+    ) -> Result<LinuxResources, CgroupError> {
+        let mut r = resources.clone();
+        let Some(mut m) = *r.memory() else {
+            return Ok(r);
+        };
+        if m.swap().is_some_and(|s| s > 0) && m.limit().is_none_or(|l| l == 0) {
+            let current =
+                read_opt(&self.path.join("memory.max"))?.and_then(|t| t.trim().parse::<i64>().ok());
+            if let Some(limit) = current {
+                m.set_limit(Some(limit));
+                r.set_memory(Some(m));
+            }
+        }
+        Ok(r)
     }
 
     fn apply(
@@ -212,11 +251,23 @@ pub(crate) fn check_controllers(dir: &Path, plan: &[Setting]) -> Result<(), Cgro
 /// Creates `path` below `mount` one level at a time, first enabling
 /// controllers in each parent's `cgroup.subtree_control`: all it offers when
 /// `enable_all` (failures tolerated), and `needed` ones (failures fatal).
+///
+/// cgroup v2 enables domain controllers (memory, io) only in a cgroup
+/// without processes, the root excepted; threaded ones (cpu, pids) it
+/// enables anyway, but that makes the cgroup a thread root whose domain
+/// children refuse every process. So nothing is enabled in a non-root
+/// cgroup that has processes: a needed controller is then an error, others
+/// are done without. The exception is `runtime_cgroup`, this process's own:
+/// when a controller is needed there, the process first moves itself into
+/// its leaf [`RUNTIME_LEAF`] (as nsjail does), since a runtime started
+/// alone in its delegated cgroup (`systemd-run --user --scope -p
+/// Delegate=yes`) is what blocks it.
 pub(crate) fn make_path(
     mount: &Path,
     path: &Path,
     needed: &BTreeSet<String>,
     enable_all: bool,
+    runtime_cgroup: Option<&Path>,
 ) -> Result<(), CgroupError> {
     let rel = path
         .strip_prefix(mount)
@@ -226,7 +277,8 @@ pub(crate) fn make_path(
         })?;
     let mut parent = mount.to_path_buf();
     for comp in rel.components() {
-        enable_in(&parent, needed, enable_all)?;
+        let is_runtime_cgroup = runtime_cgroup == Some(parent.as_path());
+        enable_in(&parent, needed, enable_all, is_runtime_cgroup)?;
         let dir = parent.join(comp);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -238,21 +290,62 @@ pub(crate) fn make_path(
     Ok(())
 }
 
-fn enable_in(dir: &Path, needed: &BTreeSet<String>, enable_all: bool) -> Result<(), CgroupError> {
+/// Whether `dir` is a non-root cgroup with processes of its own (the root
+/// cgroup has no `cgroup.type`; a cgroup namespace's root does).
+fn has_processes(dir: &Path) -> Result<bool, CgroupError> {
+    if !dir.join("cgroup.type").exists() {
+        return Ok(false);
+    }
+    Ok(read_opt(&dir.join("cgroup.procs"))?.is_some_and(|t| !t.trim().is_empty()))
+}
+
+/// Moves this process (all its threads) into `dir`'s [`RUNTIME_LEAF`].
+fn leave_for_leaf(dir: &Path) -> Result<(), CgroupError> {
+    let leaf = dir.join(RUNTIME_LEAF);
+    match std::fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(CgroupError::Mkdir { path: leaf, source }),
+    }
+    tracing::debug!("moving moat into {} to enable controllers", leaf.display());
+    write(&leaf.join("cgroup.procs"), "0")
+}
+
+fn enable_in(
+    dir: &Path,
+    needed: &BTreeSet<String>,
+    enable_all: bool,
+    is_runtime_cgroup: bool,
+) -> Result<(), CgroupError> {
     let available = controllers(dir)?;
     let file = dir.join("cgroup.subtree_control");
     let enabled: BTreeSet<String> = read_opt(&file)?
         .map(|t| t.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default();
-    for c in &available {
-        let want = needed.contains(c);
-        if enabled.contains(c) || !(want || enable_all) {
-            continue;
+    let todo: Vec<&String> = available
+        .iter()
+        .filter(|c| !enabled.contains(*c) && (enable_all || needed.contains(*c)))
+        .collect();
+    if !todo.is_empty() && has_processes(dir)? {
+        let Some(c) = todo.iter().find(|c| needed.contains(**c)) else {
+            // Only optional ones: the container does without them.
+            return Ok(());
+        };
+        if is_runtime_cgroup {
+            leave_for_leaf(dir)?;
         }
+        if has_processes(dir)? {
+            return Err(CgroupError::Populated {
+                path: dir.into(),
+                controller: (*c).clone(),
+            });
+        }
+    }
+    for c in todo {
         // One controller per write, so one refusal does not block the rest.
         match write(&file, &format!("+{c}")) {
             Ok(()) => {}
-            Err(e) if want => return Err(e),
+            Err(e) if needed.contains(c) => return Err(e),
             Err(_) => {} // not requested: the container just lacks it
         }
     }

@@ -90,12 +90,17 @@ pub fn host_hard_limit(res: rustix::process::Resource) -> u64 {
     rustix::process::getrlimit(res).maximum.unwrap_or(u64::MAX)
 }
 
-/// Whether this host's blkio cgroup takes a weight (v1 CFQ/BFQ, or v2 io.weight).
+/// Whether this host's blkio cgroup takes a weight (v1 CFQ/BFQ, or v2
+/// io.weight). On cgroup v2 the root cgroup has no `io.weight` (its
+/// children do, when iocost is built in): the root's iocost file
+/// `io.cost.qos` says so there; a mount that is not the root (a cgroup
+/// namespace) shows `io.weight` itself.
 pub fn blkio_weight_supported() -> bool {
     [
         "/sys/fs/cgroup/blkio/blkio.weight",
         "/sys/fs/cgroup/blkio/blkio.bfq.weight",
         "/sys/fs/cgroup/io.weight",
+        "/sys/fs/cgroup/io.cost.qos",
     ]
     .iter()
     .any(|p| std::path::Path::new(p).exists())

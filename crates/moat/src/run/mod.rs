@@ -592,6 +592,12 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
             s.gid = 0;
         }
     }
+    // The container's cgroup goes under the user's own: the default blkio
+    // weight only where the io controller was delegated there (systemd
+    // delegates cpu, memory and pids to users, not io).
+    if let Some(ctrls) = moat_jail::cgroup::own_v2_controllers() {
+        s.blkio_weight &= ctrls.iter().any(|c| c == "io");
+    }
     // The runtime then warns that there is no delegated cgroup.
     if o.memory.is_none() && o.cpus.is_none() && o.pids_limit.is_none() {
         s.no_cgroup_limits = true;
