@@ -129,6 +129,9 @@ fn in_use(root: &Path) -> Vec<(String, String)> {
 /// never one that a run in progress uses, and then every layer that no
 /// remaining image lists.
 pub fn prune(tiers: &Tiers, root: &Path, a: &PruneArgs) -> Result<i32> {
+    // What killed runs left (their directories keep images "in use", their
+    // half-made containers block removing the whole cache).
+    crate::run::sweep_orphans(tiers, root);
     let store = Store::new(root);
     if a.images.is_empty() && a.unused_for.is_none() {
         let ids = tiers.state_dir().list()?;

@@ -309,9 +309,11 @@ pub fn main(cli: RunCli) -> Result<i32> {
     searchable(root)?;
     let tiers = Tiers::new(root, cli.global.systemd_cgroup);
     let engine = tiers.engine(tier)?;
-    sweep_orphans(&tiers);
-    // This run's process: the owner of its ID block and of its container.
+    sweep_orphans(&tiers, root);
+    // This run's process: the owner of its ID block, its container and
+    // its directory (`.run/<id>`, which says so for a later sweep).
     let owner = Owner::current();
+    let run_dir = RunDir::create(root, &id, &owner)?;
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
         let alloc = IdAllocator::new(idalloc::allocator_dir(), pool)
@@ -327,17 +329,12 @@ pub fn main(cli: RunCli) -> Result<i32> {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
     };
-    // A bundle directory only when the run needs one of its own: a root
-    // made for it, an image's view, or the terminal's socket. The config
-    // stays in memory.
-    let mut bundle = match prepared {
-        Some(_) => Some(TempBundle::create(root, &id)?),
+    // The run's directory is the bundle when the run needs one: a root made
+    // for it, an image's view. The config stays in memory.
+    // Declared after the directory: dropped (unmounted) before it on any error.
+    let view = match &prepared {
+        Some(img) => image_view(img, &run_dir.path, &s, o)?,
         None => None,
-    };
-    // Declared after the bundle: dropped (unmounted) before it on any error.
-    let view = match (&prepared, &bundle) {
-        (Some(img), Some(b)) => image_view(img, &b.path, &s, o)?,
-        _ => None,
     };
     let spec = match &prepared {
         Some(img) => image_spec(&mut s, o, img, view.as_ref())?,
@@ -353,9 +350,13 @@ pub fn main(cli: RunCli) -> Result<i32> {
             let path = if !s.read_write && o.volumes.is_empty() {
                 rootfs::cached(root, &layout)?
             } else {
-                let b = bundle.insert(TempBundle::create(root, &id)?);
-                let path = b.path.join("rootfs");
+                let path = run_dir.path.join("rootfs");
                 rootfs::build(&path, &layout)?;
+                if s.read_write {
+                    // Its own copy: the container's root owns it, so that
+                    // `--read-write -u 0` can write in `/`.
+                    rootfs::give_to(&path, &layout, s.host_id)?;
+                }
                 path
             };
             let mut spec = defaults::spec(&s, mounts);
@@ -419,7 +420,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
     if let Some(alloc) = alloc {
         alloc.release()?;
     }
-    drop(bundle);
+    drop(run_dir);
     report(&result, &s, o.json.as_deref())?;
     Ok(result.code)
 }
@@ -752,32 +753,93 @@ fn settings(o: &RunArgs) -> Result<Settings> {
 /// owns a container.
 pub const OWNER_ANNOTATION: &str = "dev.moat.run.owner";
 
-/// Removes the containers of `moat run`s that were killed (their owner
-/// process is gone): the workload died with its runtime (parent-death
-/// signal), but its state and cgroups stayed; a workload that cleared that
-/// signal is killed now. Failures are warnings: they never stop this run.
-fn sweep_orphans(tiers: &Tiers) {
+/// Cleans up after `moat run`s that were killed (their owner process,
+/// recorded in `<root>/.run/<id>/owner`, is gone): the workload died with
+/// its runtime (parent-death signal), but its container (state, cgroups),
+/// the mounts of its image view and its directory stayed. Also removes the
+/// state directories of `create`s killed before they recorded a container.
+/// Only a container that the dead run recorded as its own is removed (the
+/// owner annotation, checked against `.run/<id>/owner`, which only `moat
+/// run` writes): a config cannot make a sweep delete its container. A
+/// concurrent sweep may remove the same things first: that is silent.
+/// Failures are warnings: they never stop this run.
+pub(crate) fn sweep_orphans(tiers: &Tiers, root: &Path) {
     let sd = tiers.state_dir();
+    sd.remove_unfinished();
+    if let Ok(rd) = std::fs::read_dir(root.join(RUN_DIR)) {
+        for e in rd.flatten() {
+            let Some(id) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if moat_core::state::validate_id(&id).is_err() {
+                continue;
+            }
+            if let Some(owner) = dead_run_owner(&e.path()) {
+                sweep_run(tiers, &id, &e.path(), owner);
+            }
+        }
+    }
     let Ok(ids) = sd.list() else { return };
     for id in ids {
-        let Ok(st) = sd.load(&id) else { continue };
-        let Some(owner) = st
-            .annotations
-            .get(OWNER_ANNOTATION)
-            .and_then(|o| Owner::parse(o))
-        else {
-            continue;
-        };
-        if owner.alive() {
-            continue;
+        if sd.abandoned(&id) {
+            remove_container(tiers, &id, "left by a create that was killed");
         }
-        match tiers.of(&id).and_then(|e| e.delete(&id, true)) {
-            Ok(()) => eprintln!("moat: removed {id}, left by a moat run that was killed"),
-            Err(e) => eprintln!(
-                "moat: warning: cannot remove {id}, left by a killed moat run: {}",
-                moat_core::error_chain(&e)
-            ),
+    }
+}
+
+/// The owner record of a run directory whose owner is dead; None while it
+/// lives (or while a run still writes the record: a directory younger than a
+/// minute without one).
+fn dead_run_owner(dir: &Path) -> Option<String> {
+    match std::fs::read_to_string(dir.join(RUN_OWNER)) {
+        Ok(text) => match Owner::parse(&text) {
+            Some(o) if o.alive() => None,
+            _ => Some(text.trim().to_owned()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let young = std::fs::metadata(dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60));
+            (!young).then(String::new)
         }
+        Err(_) => None,
+    }
+}
+
+/// Removes what the killed run `id` (owner record `owner`) left.
+fn sweep_run(tiers: &Tiers, id: &str, dir: &Path, owner: String) {
+    let sd = tiers.state_dir();
+    let ours = sd
+        .load(id)
+        .is_ok_and(|st| st.annotations.get(OWNER_ANNOTATION) == Some(&owner));
+    if ours || sd.abandoned(id) {
+        remove_container(tiers, id, "left by a moat run that was killed");
+    }
+    if let Err(e) = moat_jail::mountinfo::detach_under(dir) {
+        eprintln!(
+            "moat: warning: cannot unmount what {} holds: {e}",
+            dir.display()
+        );
+        return;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("moat: warning: cannot remove {}: {e}", dir.display()),
+    }
+}
+
+/// `delete --force` of `id`, silent when someone else removed it first.
+fn remove_container(tiers: &Tiers, id: &str, why: &str) {
+    match tiers.of(id).and_then(|e| e.delete(id, true)) {
+        Ok(()) => eprintln!("moat: removed {id}, {why}"),
+        Err(moat_core::RuntimeError::State(moat_core::state::StateError::NotFound(_))) => {}
+        Err(e) => eprintln!(
+            "moat: warning: cannot remove {id}, {why}: {}",
+            moat_core::error_chain(&e)
+        ),
     }
 }
 
@@ -852,29 +914,44 @@ fn resolve_embedded_user(s: &mut Settings, o: &RunArgs) -> Result<()> {
     }
 }
 
-/// A bundle directory under `<root>/.run/<id>`, removed on drop.
-struct TempBundle {
+/// Where runs keep their directories, under the state root.
+const RUN_DIR: &str = ".run";
+/// The file in a run's directory naming its owner (PID and start time).
+const RUN_OWNER: &str = "owner";
+
+/// This run's directory, `<root>/.run/<id>`: the owner record and, when the
+/// run needs a bundle of its own, the bundle. Removed on drop.
+struct RunDir {
     path: PathBuf,
 }
 
-impl TempBundle {
-    fn create(root: &Path, id: &str) -> Result<TempBundle> {
-        let parent = root.join(".run");
+impl RunDir {
+    fn create(root: &Path, id: &str, owner: &Owner) -> Result<RunDir> {
+        let parent = root.join(RUN_DIR);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(&parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
         let path = parent.join(id);
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempBundle { path })
+        match std::fs::DirBuilder::new().mode(0o711).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("container {id} already exists (a moat run of that name is in progress)")
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+        }
+        let dir = RunDir { path };
+        // Whole or absent: a sweep never reads half a record.
+        let tmp = dir.path.join(".owner.tmp");
+        std::fs::write(&tmp, owner.record())
+            .and_then(|()| std::fs::rename(&tmp, dir.path.join(RUN_OWNER)))
+            .with_context(|| format!("cannot write {}", dir.path.display()))?;
+        Ok(dir)
     }
 }
 
-impl Drop for TempBundle {
+impl Drop for RunDir {
     fn drop(&mut self) {
         // The runtime's mounts live in the container's mount namespace; an
         // image view mounted here is unmounted before (see `main`).
