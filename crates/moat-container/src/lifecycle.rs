@@ -600,7 +600,10 @@ impl ContainerTier {
             });
         }
         if all {
-            for p in self.cgroup_of(&st)?.pids()? {
+            let Some(cg) = self.cgroup(&st)? else {
+                return self.kill_all_without_cgroup(&st, sig);
+            };
+            for p in cg.pids()? {
                 // A process that exited meanwhile is fine; anything else is not.
                 match kill(Pid::from_raw(p), sig) {
                     Ok(()) | Err(nix::Error::ESRCH) => {}
@@ -610,6 +613,33 @@ impl ContainerTier {
             return Ok(());
         }
         kill(Pid::from_raw(st.pid), sig).map_err(sys_err(format!("send {sig} to pid {}", st.pid)))
+    }
+
+    /// `kill --all` of a container without a cgroup (rootless, nothing
+    /// delegated): SIGKILL to the init of a PID namespace of its own kills
+    /// every process in it, which is all a cgroup would list. Anything else
+    /// cannot reach every process: refused rather than half done.
+    fn kill_all_without_cgroup(&self, st: &State, sig: Signal) -> Result<(), ContainerError> {
+        let own_pid_ns = self.saved_config(&st.id).is_ok_and(|spec| {
+            spec.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|ns| {
+                    ns.iter().any(|n| {
+                        n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid && n.path().is_none()
+                    })
+                })
+        });
+        if sig != Signal::SIGKILL || !own_pid_ns {
+            return Err(ContainerError::Invalid(format!(
+                "container {} has no cgroup (rootless, without a delegated cgroup): kill --all can only SIGKILL a container with a PID namespace of its own",
+                st.id
+            )));
+        }
+        match kill(Pid::from_raw(st.pid), sig) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(e) => Err(sys_err(format!("send {sig} to pid {}", st.pid))(e)),
+        }
     }
 
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {

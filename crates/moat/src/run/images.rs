@@ -12,7 +12,7 @@ use moat_image::{Prepared, Source, Store};
 /// Prepares `src` under the state root `root`, with a progress line on
 /// stderr when it is a terminal.
 pub fn prepare(root: &Path, src: &Source) -> Result<Prepared> {
-    let store = Store::new(root);
+    let store = Store::from_env(root)?;
     let tty = std::io::stderr().is_terminal();
     let what = src.describe();
     let mut last_pct = u64::MAX;

@@ -11,6 +11,7 @@ pub mod images;
 pub mod rootfs;
 pub mod seccomp_profile;
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -271,8 +272,74 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
     Some(argv)
 }
 
-/// Runs human mode; returns the exit status (128+N for a signal).
+/// Runs human mode; returns the exit status (128+N for a signal). With
+/// `--json`, a record is written however the run ends: its destination is
+/// opened first (an unwritable file fails before anything runs), and a run
+/// that fails (125, or 126/127 for a program that cannot run) writes one with
+/// the error.
 pub fn main(cli: RunCli) -> Result<i32> {
+    let sink = JsonSink::open(cli.opts.json.as_deref())?;
+    let r = run(cli, &sink);
+    if let Err(e) = &r {
+        sink.write(&serde_json::json!({
+            "exit_code": exit_status(e),
+            "signal": null,
+            "status": exit_status(e),
+            "error": crate::error_line(e),
+        }))?;
+    }
+    r
+}
+
+/// The exit status of a `moat run` that failed with `e`: what a shell
+/// gives a program that cannot run (127 not found, 126 not executable),
+/// else 125 (moat's own error, as docker's).
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<moat_core::RuntimeError>() {
+            Some(moat_core::RuntimeError::ExecFailed { status, .. }) => Some(*status),
+            _ => None,
+        })
+        .unwrap_or(125)
+}
+
+/// Where `--json` goes: stderr, or a file opened (created, truncated) before
+/// the run.
+struct JsonSink(Option<Option<std::fs::File>>);
+
+impl JsonSink {
+    fn open(dest: Option<&str>) -> Result<JsonSink> {
+        Ok(JsonSink(match dest {
+            None => None,
+            Some("-") => Some(None),
+            Some(path) => Some(Some(
+                std::fs::File::create(path)
+                    .with_context(|| format!("--json: cannot write {path}"))?,
+            )),
+        }))
+    }
+
+    fn wanted(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn write(&self, rec: &serde_json::Value) -> Result<()> {
+        use std::io::Write as _;
+        match &self.0 {
+            None => Ok(()),
+            Some(None) => {
+                eprintln!("{rec}");
+                Ok(())
+            }
+            Some(Some(f)) => {
+                let mut f: &std::fs::File = f;
+                writeln!(f, "{rec}").context("--json: cannot write the record")
+            }
+        }
+    }
+}
+
+fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     let o = &cli.opts;
     let tier = tier(cli.global.isolation.as_deref())?;
     // Absolute: the config names the root (a cache entry under it) by path.
@@ -298,7 +365,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
     // the workload (it would leave the container behind): blocked signals
     // stay pending until `wait` forwards them. The container's process
     // unblocks everything before its exec.
-    moat_jail::supervise::block_forwarded_signals();
+    moat_jail::supervise::block_forwarded_signals()
+        .context("cannot take over the signals moat forwards")?;
     // The container's init (an unmapped user on the host) walks down to its
     // root: the state root must be searchable (0711, as `create` makes it).
     std::fs::DirBuilder::new()
@@ -411,7 +479,9 @@ pub fn main(cli: RunCli) -> Result<i32> {
     };
     let started = Instant::now();
     let launched = engine.launch(&req)?;
-    let result = supervise(&engine, &id, o.timeout, started, launched, o.json.is_some());
+    // `--timeout 0`: none.
+    let timeout = o.timeout.filter(|t| *t > 0);
+    let result = supervise(&engine, &id, timeout, started, launched, sink.wanted());
     let deleted = engine.delete(&id, true);
     let unmounted = view.map_or(Ok(()), image::view::View::unmount);
     let result = result?;
@@ -421,7 +491,7 @@ pub fn main(cli: RunCli) -> Result<i32> {
         alloc.release()?;
     }
     drop(run_dir);
-    report(&result, &s, o.json.as_deref())?;
+    report(&result, &s, sink)?;
     Ok(result.code)
 }
 
@@ -579,6 +649,7 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
         (Some(su), Some(sg), true) => {
             let m = |h: u32| serde_json::json!([{"containerID": 0, "hostID": h, "size": defaults::MAP_SIZE}]);
             s.id_maps = Some((m(su), m(sg)));
+            s.host_id = su;
         }
         _ => {
             tracing::info!("rootless without a subordinate ID range: the process runs as the one mapped ID (root inside, you outside)");
@@ -591,6 +662,7 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
             }
             s.uid = 0;
             s.gid = 0;
+            s.host_id = uid;
         }
     }
     // The runtime then warns that there is no delegated cgroup.
@@ -696,6 +768,13 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     }
     s.read_write = o.read_write;
     s.tty = o.tty;
+    if o.tty && o.interactive && !std::io::stdin().is_terminal() {
+        bail!("-it: the input is not a terminal (drop -t, or give moat one)");
+    }
+    if o.tty && !s.env.iter().any(|e| e.split('=').next() == Some("TERM")) {
+        // As docker does: programs on a terminal look for its type.
+        s.env.insert(0, "TERM=xterm".into());
+    }
     s.net_host = match o.net.as_str() {
         "none" => false,
         "host" => true,
@@ -831,15 +910,24 @@ fn sweep_run(tiers: &Tiers, id: &str, dir: &Path, owner: String) {
     }
 }
 
-/// `delete --force` of `id`, silent when someone else removed it first.
+/// `delete --force` of `id`, saying so on stderr.
 fn remove_container(tiers: &Tiers, id: &str, why: &str) {
-    match tiers.of(id).and_then(|e| e.delete(id, true)) {
-        Ok(()) => eprintln!("moat: removed {id}, {why}"),
-        Err(moat_core::RuntimeError::State(moat_core::state::StateError::NotFound(_))) => {}
-        Err(e) => eprintln!(
+    if let Some(line) = removal_line(tiers.of(id).and_then(|e| e.delete(id, true)), id, why) {
+        eprintln!("{line}");
+    }
+}
+
+/// What to say of the removal of `id`: nothing when a concurrent sweep (or
+/// the run itself, ending) removed it first.
+fn removal_line(r: Result<(), moat_core::RuntimeError>, id: &str, why: &str) -> Option<String> {
+    use moat_core::state::StateError;
+    match r {
+        Ok(()) => Some(format!("moat: removed {id}, {why}")),
+        Err(moat_core::RuntimeError::State(StateError::NotFound(_))) => None,
+        Err(e) => Some(format!(
             "moat: warning: cannot remove {id}, {why}: {}",
             moat_core::error_chain(&e)
-        ),
+        )),
     }
 }
 
@@ -969,13 +1057,35 @@ pub struct RunResult {
     pub wall_s: f64,
     pub cpu_ns: Option<u64>,
     pub peak_memory: Option<u64>,
+    /// Processes of the container the kernel killed for memory.
+    pub oom_kills: u64,
+    /// The workload itself ended that way (SIGKILL with OOM kills counted).
     pub oom_killed: bool,
     /// Forks refused because the pids limit was reached.
     pub pids_limit_hits: u64,
+    /// The deadline ended the workload (it did not end by itself first).
     pub timed_out: bool,
 }
 
-/// Waits for the container's init (forwarding signals, killing it at the
+impl RunResult {
+    /// The outcome of a workload that ended with `code` (128+N for a
+    /// signal): `deadline` whether the `--timeout` deadline fired (moat then
+    /// killed the container), `oom_kills` the OOM kills the cgroup counted.
+    /// A workload that exited by itself was not killed by either, even when
+    /// the deadline fired as it ended or a child of it was OOM-killed.
+    fn ended(code: i32, deadline: bool, oom_kills: u64) -> RunResult {
+        let killed = code == 128 + Signal::SIGKILL as i32;
+        RunResult {
+            code,
+            signal: (code > 128).then_some(code - 128),
+            oom_kills,
+            oom_killed: killed && oom_kills > 0 && !deadline,
+            timed_out: killed && deadline,
+            ..RunResult::default()
+        }
+    }
+}
+
 /// Waits for the container process (forwarding signals; at the
 /// `--timeout` deadline, or on a second SIGINT/SIGTERM, every process of
 /// the container is killed), then reads what the container used and hit
@@ -990,10 +1100,10 @@ fn supervise(
 ) -> Result<RunResult> {
     let kill_all = || {
         if let Err(e) = engine.kill(id, Signal::SIGKILL as i32, true) {
-            eprintln!("moat: cannot kill {id}: {e}");
+            eprintln!("moat: cannot kill {id}: {}", moat_core::error_chain(&e));
         }
     };
-    let (code, timed_out) = match launched.terminal {
+    let (code, deadline) = match launched.terminal {
         // With a terminal, moat proxies it until the container exits.
         Some(m) => {
             let deadline = timeout.map(|t| started + std::time::Duration::from_secs(t.into()));
@@ -1001,23 +1111,16 @@ fn supervise(
         }
         None => moat_jail::supervise::wait_supervised(launched.pid, timeout, &kill_all),
     };
-    let mut r = RunResult {
-        code,
-        signal: (code > 128).then_some(code - 128),
-        wall_s: started.elapsed().as_secs_f64(),
-        timed_out,
-        ..RunResult::default()
-    };
+    let ev = engine.events(id).unwrap_or_default();
+    let mut r = RunResult::ended(code, deadline, ev.oom_kills);
+    r.wall_s = started.elapsed().as_secs_f64();
+    r.pids_limit_hits = ev.pids_limit_hits;
     // The full statistics (a dozen files) only for the --json record.
     if want_usage {
         if let Ok(stats) = engine.stats(id) {
             r.cpu_ns = Some(stats.cpu.usage.total);
             r.peak_memory = Some(stats.memory.usage.max);
         }
-    }
-    if let Ok(ev) = engine.events(id) {
-        r.oom_killed = ev.oom_kills > 0;
-        r.pids_limit_hits = ev.pids_limit_hits;
     }
     Ok(r)
 }
@@ -1033,11 +1136,17 @@ fn human_bytes(n: i64) -> String {
 }
 
 /// The OOM/timeout lines, and the `--json` record.
-fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
+fn report(r: &RunResult, s: &Settings, sink: &JsonSink) -> Result<()> {
     if r.oom_killed {
         eprintln!(
             "moat: killed: out of memory (limit {})",
             human_bytes(s.memory)
+        );
+    } else if r.oom_kills > 0 {
+        eprintln!(
+            "moat: out of memory (limit {}): {} process(es) of the container killed",
+            human_bytes(s.memory),
+            r.oom_kills
         );
     }
     if r.pids_limit_hits > 0 {
@@ -1049,8 +1158,10 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
     if r.timed_out {
         eprintln!("moat: killed: timeout");
     }
-    let Some(dest) = json else { return Ok(()) };
-    let rec = serde_json::json!({
+    // Limits that did not apply (rootless without a delegated cgroup) are
+    // not reported as if they had.
+    let limit = |v: i64| (!s.no_cgroup_limits).then_some(v);
+    sink.write(&serde_json::json!({
         "exit_code": if r.signal.is_some() { None } else { Some(r.code) },
         "signal": r.signal,
         "status": r.code,
@@ -1058,17 +1169,13 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
         "cpu_time_s": r.cpu_ns.map(|n| n as f64 / 1e9),
         "peak_memory_bytes": r.peak_memory,
         "oom_killed": r.oom_killed,
+        "oom_kills": r.oom_kills,
         "pids_limit_hits": r.pids_limit_hits,
         "timed_out": r.timed_out,
-        "memory_limit_bytes": s.memory,
+        "memory_limit_bytes": limit(s.memory),
+        "pids_limit": limit(s.pids),
         "host_id_start": s.host_id,
-    });
-    if dest == "-" {
-        eprintln!("{rec}");
-    } else {
-        std::fs::write(dest, format!("{rec}\n")).with_context(|| format!("cannot write {dest}"))?;
-    }
-    Ok(())
+    }))
 }
 
 #[cfg(test)]
@@ -1077,6 +1184,36 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    /// Issue 15, defect 10: a workload that ends by itself as the deadline
+    /// fires, or whose child (not itself) was OOM-killed, was reported as
+    /// killed.
+    #[test]
+    fn only_a_killed_workload_is_reported_killed() {
+        let r = RunResult::ended(0, true, 0);
+        assert!(!r.timed_out && !r.oom_killed);
+        let r = RunResult::ended(137, true, 0);
+        assert!(r.timed_out && !r.oom_killed);
+        assert_eq!(r.signal, Some(9));
+        let r = RunResult::ended(0, false, 1);
+        assert!(!r.oom_killed);
+        assert_eq!(r.oom_kills, 1);
+        let r = RunResult::ended(137, false, 1);
+        assert!(r.oom_killed && !r.timed_out);
+        let r = RunResult::ended(1, false, 2);
+        assert!(!r.oom_killed);
+    }
+
+    /// Issue 15, defect 10: concurrent runs sweeping the same orphan warned
+    /// "cannot remove X" when another had removed it first.
+    #[test]
+    fn a_container_removed_by_another_sweep_is_not_a_warning() {
+        let gone = Err(moat_core::RuntimeError::State(
+            moat_core::state::StateError::NotFound("x".into()),
+        ));
+        assert_eq!(removal_line(gone, "x", "why"), None);
+        assert!(removal_line(Ok(()), "x", "why").is_some());
     }
 
     #[test]
