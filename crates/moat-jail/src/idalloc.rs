@@ -435,7 +435,9 @@ impl IdAllocator {
 /// Whether `p` is the allocator's lock file (the only file a released
 /// allocator directory keeps).
 /// The real, effective, saved and filesystem user IDs of every process
-/// (as the host sees them).
+/// (as the host sees them) but zombies: a zombie runs nothing (its parent
+/// may be slow to reap it, as a killed run's workload reparented to a PID 1
+/// that seldom reaps), so it does not keep a block.
 pub fn process_uids() -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -452,6 +454,10 @@ pub fn process_uids() -> Vec<u32> {
         let Ok(status) = fs::read_to_string(e.path().join("status")) else {
             continue;
         };
+        let state = status.lines().find_map(|l| l.strip_prefix("State:"));
+        if state.is_some_and(|s| matches!(s.trim_start().chars().next(), Some('Z' | 'X'))) {
+            continue;
+        }
         if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Uid:")) {
             out.extend(
                 line.split_whitespace()
