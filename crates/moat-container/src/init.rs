@@ -46,6 +46,8 @@ pub enum InitError {
     Landlock(#[from] landlock::LandlockError),
     #[error("network device")]
     NetDevice(#[from] moat_net::TapError),
+    #[error("the runtime exited during setup")]
+    RuntimeGone,
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> InitError {
@@ -79,6 +81,9 @@ pub struct InitContext<'a> {
     pub cgroup_join: Option<&'a moat_jail::cgroup::JoinFiles>,
     /// The state-dir lock of the runtime, to close first thing.
     pub lock_fd: std::os::fd::RawFd,
+    /// The runtime's end of the setup channel, inherited by the fork: closed
+    /// first thing, so that the runtime's death is an end of file here.
+    pub runtime_end: std::os::fd::RawFd,
     /// Whether the runtime must be told to run prestart/createRuntime hooks.
     pub has_runtime_hooks: bool,
     /// moat's Landlock policy for the workload, if the spec has one.
@@ -104,7 +109,8 @@ pub fn intermediate(ctx: &InitContext, chan: &Channel, one: OneThread) -> i32 {
 }
 
 fn intermediate_steps(ctx: &InitContext, chan: &Channel, one: &OneThread) -> Result<(), InitError> {
-    release_runtime_lock(ctx);
+    tie_to_runtime(chan)?;
+    release_runtime_fds(ctx);
     chan.expect(Msg::Go, "go")?;
     join_cgroup(ctx)?;
     ns::join(ctx.join_files, ctx.plan, |t| t == LinuxNamespaceType::User)?;
@@ -144,7 +150,10 @@ pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
 enum Never {}
 
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
-    release_runtime_lock(ctx);
+    // Until the runtime has recorded us (`Ready` below), we die with it.
+    tie_to_runtime(chan)?;
+    release_runtime_fds(ctx);
+    // The runtime records our PID before it says go.
     chan.expect(Msg::Go, "go")?;
     // Before the cgroup, whose device rules refuse /dev/net/tun.
     let tun = ctx.net_device.then(moat_net::open_tun).transpose()?;
@@ -164,6 +173,8 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // not be able to reach the rootfs or a volume).
     let host = rootfs::HostPaths::open(ctx.spec, ctx.rootfs, ctx.bundle)?;
     become_root_in_user_ns(ctx)?;
+    // The ID change cleared the parent-death signal.
+    tie_to_runtime(chan)?;
     enter_late_namespaces(ctx)?;
     join_session_keyring(ctx)?;
     let root = rootfs::prepare(&rcfg, &host)?;
@@ -196,6 +207,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // from the container fails `create`.
     let ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
     chan.send(&Msg::Created)?;
+    detach_from_runtime(ctx, chan)?;
     let reply = wait_for_start(ctx, chan)?;
     let reply = reply.as_ref().unwrap_or(chan);
     run_container_hooks(ctx, reply, "startContainer")?;
@@ -238,9 +250,41 @@ fn join_cgroup(ctx: &InitContext) -> Result<(), InitError> {
     Ok(())
 }
 
-fn release_runtime_lock(ctx: &InitContext) {
-    // EBADF (already closed by the intermediate's exit path) is harmless.
+fn release_runtime_fds(ctx: &InitContext) {
+    // EBADF (already closed by the intermediate, whose fork this is) is
+    // harmless.
     let _ = nix::unistd::close(ctx.lock_fd);
+    let _ = nix::unistd::close(ctx.runtime_end);
+}
+
+/// SIGKILL when the runtime dies (the parent-death signal; after
+/// `CLONE_PARENT` the runtime is the parent of the init too), then a check
+/// that it has not died already: a runtime killed before the signal was set
+/// has closed its end of the channel. A container process whose runtime
+/// died before recording it would otherwise live on in no state, possibly
+/// in no cgroup, blocked for ever.
+fn tie_to_runtime(chan: &Channel) -> Result<(), InitError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(sys("set the parent-death signal"))?;
+    if chan.peer_closed() {
+        return Err(InitError::RuntimeGone);
+    }
+    Ok(())
+}
+
+/// Once the runtime has saved the created container (it says `Go`): a
+/// container that outlives its runtime (`create`, `run --detach`) stops
+/// dying with it; one that does not (`moat run`) keeps the signal. Then
+/// `Ready` lets the runtime exit.
+fn detach_from_runtime(ctx: &InitContext, chan: &Channel) -> Result<(), InitError> {
+    chan.expect(Msg::Go, "go")?;
+    if ctx.die_with_runtime {
+        tie_to_runtime(chan)?;
+    } else {
+        nix::sys::prctl::set_pdeathsig(None).map_err(sys("clear the parent-death signal"))?;
+    }
+    chan.send(&Msg::Ready)?;
+    Ok(())
 }
 
 fn become_root_in_user_ns(ctx: &InitContext) -> Result<(), InitError> {

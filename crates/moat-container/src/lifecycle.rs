@@ -142,7 +142,19 @@ impl ContainerTier {
         req: &CreateRequest,
         listen: bool,
     ) -> Result<Created, ContainerError> {
-        let lock = self.sd.create(req.id)?;
+        let lock = match self.sd.create(req.id) {
+            Err(StateError::Exists(_)) if self.sd.abandoned(req.id) => {
+                // Left by a create that was killed: removed like `delete
+                // --force` would, then the ID is free.
+                tracing::warn!(
+                    "removing container {}, left by a create that was killed",
+                    req.id
+                );
+                self.delete(req.id, true)?;
+                self.sd.create(req.id)?
+            }
+            r => r?,
+        };
         let mut cleanup = Cleanup {
             rt: self,
             id: req.id,
@@ -203,12 +215,7 @@ impl ContainerTier {
             None => spec,
         };
         let mut state = initial_state(req.id, spec, &bundle, rootfs);
-        let cg = CgroupManager::new(
-            linux.cgroups_path().as_deref(),
-            req.id,
-            self.systemd_cgroup,
-            rootless(),
-        )?;
+        let cg = self.cgroup_for(linux.cgroups_path().as_deref(), req.id)?;
         ContainerPart {
             cgroup: cg.to_saved(),
             net_stack: None,
@@ -277,6 +284,7 @@ impl ContainerTier {
             start,
             has_runtime_hooks,
             lock_fd: lock.raw_fd(),
+            runtime_end: parent.raw(),
             cgroup_join: cgroup_join.as_ref(),
             landlock: landlock.as_ref(),
             die_with_runtime: req.die_with_runtime,
@@ -293,19 +301,22 @@ impl ContainerTier {
         drop(ctx);
         drop(child);
         cleanup.pid = first;
+        // The container process is recorded before it may leave its first
+        // wait: `delete --force` finds it whenever this runtime dies (and
+        // until `Ready` it dies with this runtime anyway).
         let pid = if fast.is_some() {
+            self.record_pid(&mut state, first)?;
             if plan.new_user() {
                 write_maps(first, spec)?;
             }
-            parent.send(&Msg::Go)?;
             first
         } else {
-            self.drive_intermediate(first, &parent, spec)?
+            let pid = self.drive_intermediate(first, &parent, spec)?;
+            cleanup.pid = pid;
+            self.record_pid(&mut state, pid)?;
+            pid
         };
-        cleanup.pid = pid;
-        state.pid = pid;
-        state.pid_start_time = pid_start_time(pid).unwrap_or(0);
-        self.sd.save(&state)?;
+        parent.send(&Msg::Go)?;
 
         let mut tap = None;
         loop {
@@ -349,13 +360,40 @@ impl ContainerTier {
         }
         state.status = ContainerStatus::Created;
         self.sd.save(&state)?;
+        // Recorded: the init may now outlive us (unless it must die with us).
+        parent.send(&Msg::Go)?;
+        parent.expect(Msg::Ready, "ready")?;
         if let Some(p) = req.pid_file {
             write_pid_file(p, pid)?;
         }
         Ok((pid, state, parent, console_local))
     }
 
-    /// Slow path: the intermediate joins/creates namespaces and forks the init.
+    /// The cgroup of container `id` whose config names `cgroups_path`.
+    /// Without one, the cgroup is named after the ID and, under any root
+    /// but the default, the root too ([`default_cgroup_name`]).
+    fn cgroup_for(
+        &self,
+        cgroups_path: Option<&Path>,
+        id: &str,
+    ) -> Result<CgroupManager, ContainerError> {
+        let name = default_cgroup_name(self.sd.root(), id);
+        Ok(CgroupManager::new(
+            cgroups_path,
+            &name,
+            self.systemd_cgroup,
+            rootless(),
+        )?)
+    }
+
+    fn record_pid(&self, state: &mut State, pid: i32) -> Result<(), ContainerError> {
+        state.pid = pid;
+        state.pid_start_time = pid_start_time(pid).unwrap_or(0);
+        Ok(self.sd.save(state)?)
+    }
+
+    /// Slow path: the intermediate joins/creates namespaces and forks the
+    /// init; returns the init's PID (the caller records it, then says go).
     fn drive_intermediate(
         &self,
         first: i32,
@@ -381,7 +419,6 @@ impl ContainerTier {
             }
         };
         let _ = waitpid(Pid::from_raw(first), None);
-        parent.send(&Msg::Go)?;
         Ok(pid)
     }
 
@@ -568,7 +605,10 @@ impl ContainerTier {
             });
         }
         if all {
-            for p in self.cgroup_of(&st)?.pids()? {
+            let Some(cg) = self.cgroup(&st)? else {
+                return self.kill_all_without_cgroup(&st, sig);
+            };
+            for p in cg.pids()? {
                 // A process that exited meanwhile is fine; anything else is not.
                 match kill(Pid::from_raw(p), sig) {
                     Ok(()) | Err(nix::Error::ESRCH) => {}
@@ -578,6 +618,33 @@ impl ContainerTier {
             return Ok(());
         }
         kill(Pid::from_raw(st.pid), sig).map_err(sys_err(format!("send {sig} to pid {}", st.pid)))
+    }
+
+    /// `kill --all` of a container without a cgroup (rootless, nothing
+    /// delegated): SIGKILL to the init of a PID namespace of its own kills
+    /// every process in it, which is all a cgroup would list. Anything else
+    /// cannot reach every process: refused rather than half done.
+    fn kill_all_without_cgroup(&self, st: &State, sig: Signal) -> Result<(), ContainerError> {
+        let own_pid_ns = self.saved_config(&st.id).is_ok_and(|spec| {
+            spec.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|ns| {
+                    ns.iter().any(|n| {
+                        n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid && n.path().is_none()
+                    })
+                })
+        });
+        if sig != Signal::SIGKILL || !own_pid_ns {
+            return Err(ContainerError::Invalid(format!(
+                "container {} has no cgroup (rootless, without a delegated cgroup): kill --all can only SIGKILL a container with a PID namespace of its own",
+                st.id
+            )));
+        }
+        match kill(Pid::from_raw(st.pid), sig) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(e) => Err(sys_err(format!("send {sig} to pid {}", st.pid))(e)),
+        }
     }
 
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
@@ -620,10 +687,12 @@ impl ContainerTier {
         let lock = self.sd.lock(id)?;
         let st = match self.sd.load(id) {
             Ok(st) => st,
-            // A runtime killed before it saved any state left only the directory.
-            Err(StateError::NotFound(_)) | Err(StateError::Corrupt { .. }) if force => {
+            // A runtime killed before it saved any state, or a state file
+            // that cannot be read (corrupt, a directory…).
+            Err(e) if force => {
+                let r = self.delete_without_state(id, &e);
                 drop(lock);
-                return Ok(self.sd.remove(id)?);
+                return r;
             }
             Err(e) => return Err(e.into()),
         };
@@ -668,6 +737,30 @@ impl ContainerTier {
         self.sd.remove(id)?;
         drop(lock);
         Ok(())
+    }
+
+    /// `delete --force` of a container whose state cannot be read (`why`):
+    /// its cgroup is found from the saved config's `cgroupsPath`, else from
+    /// the ID and root as `create` names it, and everything in it is killed
+    /// before the cgroup and the state directory are removed.
+    fn delete_without_state(&self, id: &str, why: &StateError) -> Result<(), ContainerError> {
+        if !matches!(why, StateError::NotFound(_)) {
+            tracing::warn!(
+                "{}: removing what the container's ID names",
+                moat_core::error_chain(why)
+            );
+        }
+        let config = self.saved_config(id).ok();
+        let path = config
+            .as_ref()
+            .and_then(|c| c.linux().as_ref())
+            .and_then(|l| l.cgroups_path().clone());
+        // Without a cgroup (rootless, nothing delegated) the container
+        // process died with its runtime or when its state was abandoned.
+        if let Ok(cg) = self.cgroup_for(path.as_deref(), id) {
+            cg.destroy()?;
+        }
+        Ok(self.sd.remove(id)?)
     }
 
     /// The config.json saved at create time.
@@ -834,6 +927,22 @@ pub(crate) fn protect_runtime_process() -> Result<(), nix::Error> {
         Ok(false) => Ok(()),
         _ => Err(nix::Error::EPERM),
     }
+}
+
+/// A container's cgroup name when its config has no `cgroupsPath`: its ID
+/// under the default state root (runc's `/<id>`), else `<id>@<hash>`, the
+/// hash naming the state root, so that one ID under two roots never shares a
+/// cgroup (deleting one would kill the other). `@` is not allowed in an ID,
+/// so no container of the default root has such a name.
+pub fn default_cgroup_name(root: &Path, id: &str) -> String {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
+    if root == Path::new(moat_core::state::DEFAULT_ROOT) {
+        return id.to_owned();
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{id}@{hex}")
 }
 
 fn initial_state(id: &str, spec: &Spec, bundle: &Path, rootfs: &Path) -> State {
@@ -1035,15 +1144,20 @@ pub fn write_pid_file(path: &Path, pid: i32) -> Result<(), ContainerError> {
 
 /// The status as it is now, not as last saved.
 pub fn live_status(st: &State, dir: &Path) -> ContainerStatus {
+    let alive = st.pid > 0
+        && matches!(proc_stat(st.pid),
+            Some((start, state)) if start == st.pid_start_time && state != 'Z' && state != 'X');
     if st.status == ContainerStatus::Creating {
-        return ContainerStatus::Creating;
+        // A container process recorded during create that is gone died
+        // with a runtime killed mid-create.
+        return if st.pid > 0 && !alive {
+            ContainerStatus::Stopped
+        } else {
+            ContainerStatus::Creating
+        };
     }
-    if st.pid <= 0 {
+    if !alive {
         return ContainerStatus::Stopped;
-    }
-    match proc_stat(st.pid) {
-        Some((start, state)) if start == st.pid_start_time && state != 'Z' && state != 'X' => {}
-        _ => return ContainerStatus::Stopped,
     }
     if dir.join(START_SOCKET).exists() {
         return ContainerStatus::Created;
@@ -1078,6 +1192,19 @@ fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_names_differ_per_root() {
+        assert_eq!(
+            default_cgroup_name(Path::new(moat_core::state::DEFAULT_ROOT), "x"),
+            "x"
+        );
+        let a = default_cgroup_name(Path::new("/tmp/moat-a"), "x");
+        let b = default_cgroup_name(Path::new("/tmp/moat-b"), "x");
+        assert_ne!(a, b);
+        assert!(a.starts_with("x@") && a.len() == "x@".len() + 8, "{a}");
+        assert!(moat_core::state::validate_id(&a).is_err());
+    }
 
     #[test]
     fn socket_path_fits_under_a_long_state_dir() {

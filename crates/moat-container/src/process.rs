@@ -49,6 +49,8 @@ pub enum ProcessError {
     NotifyFd(#[source] moat_jail::sync::SyncError),
     #[error("cannot set up file descriptors")]
     Fds(#[source] std::io::Error),
+    #[error("cannot reset signal dispositions")]
+    Signals(#[source] std::io::Error),
 }
 
 impl ProcessError {
@@ -169,8 +171,11 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
             .map_err(sys("set the parent-death signal"))?;
     }
-    // The workload starts with no signal blocked, whatever the runtime that
-    // forked us had blocked (moat run blocks the ones it forwards).
+    // The workload starts with every signal at its default disposition
+    // (execve keeps what the runtime's caller ignored) and none blocked,
+    // whatever the runtime that forked us had blocked (moat run blocks the
+    // ones it forwards).
+    moat_sys::process::default_signal_dispositions().map_err(ProcessError::Signals)?;
     nix::sys::signal::pthread_sigmask(
         nix::sys::signal::SigmaskHow::SIG_SETMASK,
         Some(&nix::sys::signal::SigSet::empty()),

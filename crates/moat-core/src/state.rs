@@ -206,6 +206,45 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     }
 }
 
+/// The default state root (root's; other users default to one of their own).
+pub const DEFAULT_ROOT: &str = "/run/moat";
+
+/// Opens (creating it) and locks the lock file `path`, waiting for it.
+fn lock_file(path: &Path) -> Result<File, StateError> {
+    let err = |source| StateError::Lock {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    flock(&file, FlockOperation::LockExclusive).map_err(|e| err(e.into()))?;
+    Ok(file)
+}
+
+/// Prefix of a container directory being made ([`StateDir::create`]); not
+/// a valid ID (it starts with a dot), so never listed.
+const NEW_DIR_PREFIX: &str = ".new-";
+
+fn new_dir_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{NEW_DIR_PREFIX}{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// The runtime's state root (`--root`, default /run/moat).
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -245,30 +284,111 @@ impl StateDir {
     }
 
     /// Creates `<root>/<id>` (failing if it exists) and returns it locked.
+    /// The directory is made under a private name, locked, and renamed into
+    /// place without replacing anything: `<root>/<id>` never exists
+    /// unlocked while its creator runs, so a directory whose lock is free
+    /// and whose state says it is still being created was left by a killed
+    /// creator ([`StateDir::abandoned`]).
     pub fn create(&self, id: &str) -> Result<ContainerLock, StateError> {
         validate_id(id)?;
-        let mk = |p: &Path| {
+        if !self.root.is_dir() {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o711)
-                .create(p)
+                .create(&self.root)
                 .map_err(|source| StateError::CreateDir {
-                    path: p.to_owned(),
+                    path: self.root.clone(),
                     source,
-                })
-        };
-        if !self.root.is_dir() {
-            mk(&self.root)?;
+                })?;
         }
         let dir = self.container_dir(id);
-        match fs::DirBuilder::new().mode(0o711).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(StateError::Exists(id.to_owned()))
+        let tmp = self.root.join(new_dir_name());
+        fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&tmp)
+            .map_err(|source| StateError::CreateDir {
+                path: tmp.clone(),
+                source,
+            })?;
+        let placed = lock_file(&tmp.join(LOCK_FILE)).and_then(|file| {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tmp,
+                rustix::fs::CWD,
+                &dir,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| match e {
+                rustix::io::Errno::EXIST => StateError::Exists(id.to_owned()),
+                e => StateError::CreateDir {
+                    path: dir.clone(),
+                    source: e.into(),
+                },
+            })?;
+            Ok(file)
+        });
+        match placed {
+            Ok(file) => Ok(ContainerLock { _file: file, dir }),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
             }
-            Err(source) => return Err(StateError::CreateDir { path: dir, source }),
         }
-        self.lock_dir(dir)
+    }
+
+    /// Whether `<root>/<id>` was left by a `create` that was killed: no
+    /// process holds its lock, and its state is missing, unreadable, or
+    /// still `creating` (a creator holds the lock until it has saved the
+    /// created state). Such a directory blocks its ID until removed.
+    pub fn abandoned(&self, id: &str) -> bool {
+        if validate_id(id).is_err() {
+            return false;
+        }
+        let dir = self.container_dir(id);
+        let Ok(file) = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join(LOCK_FILE))
+        else {
+            // No lock file: not a directory this moat made (or being made).
+            return false;
+        };
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return false;
+        }
+        match self.load(id) {
+            Ok(st) => st.status == ContainerStatus::Creating,
+            Err(_) => true,
+        }
+    }
+
+    /// Directories of creates killed before they renamed them into place
+    /// (`.new-*`, their lock free), older than a minute: removed.
+    pub fn remove_unfinished(&self) {
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !name.to_string_lossy().starts_with(NEW_DIR_PREFIX) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60));
+            let free = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(e.path().join(LOCK_FILE))
+                .map(|f| flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok())
+                .unwrap_or(true);
+            if old && free {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Locks an existing container's directory.
@@ -282,22 +402,7 @@ impl StateDir {
     }
 
     fn lock_dir(&self, dir: PathBuf) -> Result<ContainerLock, StateError> {
-        let path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|source| StateError::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        flock(&file, FlockOperation::LockExclusive).map_err(|e| StateError::Lock {
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        let file = lock_file(&dir.join(LOCK_FILE))?;
         // The directory may have been deleted while we waited for the lock.
         if !dir.join(LOCK_FILE).exists() {
             return Err(StateError::NotFound(
@@ -420,6 +525,40 @@ mod tests {
         ));
         sd.remove("c1").unwrap();
         assert!(sd.list().unwrap().is_empty());
+        // Nothing but the container directories is left in the root.
+        assert_eq!(
+            fs::read_dir(sd.root()).unwrap().count(),
+            0,
+            "leftovers of create"
+        );
+    }
+
+    #[test]
+    fn a_directory_left_by_a_killed_create_is_abandoned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(tmp.path().join("root"));
+        // Killed after the rename, before the first save.
+        drop(sd.create("c1").unwrap());
+        assert!(sd.abandoned("c1"));
+        // Its creator still runs: not abandoned.
+        let busy = sd.lock("c1").unwrap();
+        assert!(!sd.abandoned("c1"));
+        drop(busy);
+        // A created container is not abandoned; one still creating is.
+        let mut st = sample_v2();
+        st.status = ContainerStatus::Created;
+        sd.save(&st).unwrap();
+        assert!(!sd.abandoned("c1"));
+        st.status = ContainerStatus::Creating;
+        sd.save(&st).unwrap();
+        assert!(sd.abandoned("c1"));
+        // A state path that is a directory is unreadable: abandoned, and removable.
+        fs::remove_file(sd.container_dir("c1").join(STATE_FILE)).unwrap();
+        fs::create_dir(sd.container_dir("c1").join(STATE_FILE)).unwrap();
+        assert!(sd.abandoned("c1"));
+        sd.remove("c1").unwrap();
+        assert!(!sd.abandoned("c1"));
+        assert!(!sd.abandoned("../x"));
     }
 
     fn sample_v2() -> State {

@@ -93,6 +93,15 @@ pub enum ImageError {
     },
     #[error("{prefix:?} matches {count} cached images: give more of the digest")]
     Ambiguous { prefix: String, count: usize },
+    #[error("invalid {ENV_MAX_BYTES}={0:?} (a number of bytes, with k, m or g)")]
+    BadLimit(String),
+    #[error("cannot read {member:?} in the archive {archive}")]
+    Member {
+        archive: PathBuf,
+        member: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn rerr(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
@@ -306,6 +315,34 @@ impl Prepared {
 pub struct Store {
     dir: PathBuf,
     owners: unpack::Owners,
+    limits: unpack::Limits,
+}
+
+/// The environment variable that sets how many bytes one image may unpack
+/// to (a number, with k, m or g), instead of [`unpack::Limits`]' default.
+pub const ENV_MAX_BYTES: &str = "MOAT_IMAGE_MAX_BYTES";
+/// Space an unpack leaves free on the cache's filesystem.
+pub const FREE_RESERVE: u64 = 1 << 30;
+
+/// The bound on what one image may unpack to: [`ENV_MAX_BYTES`] or the
+/// default.
+fn limits_from_env() -> Result<unpack::Limits, ImageError> {
+    let mut l = unpack::Limits::default();
+    if let Ok(v) = std::env::var(ENV_MAX_BYTES) {
+        let t = v.trim().to_ascii_lowercase();
+        let (num, mult) = match t.chars().last() {
+            Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+            Some('m') => (&t[..t.len() - 1], 1 << 20),
+            Some('g') => (&t[..t.len() - 1], 1 << 30),
+            _ => (&t[..], 1),
+        };
+        l.max_bytes = num
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .ok_or_else(|| ImageError::BadLimit(v.clone()))?;
+    }
+    Ok(l)
 }
 
 /// A cache entry, as `moat images` lists it.
@@ -365,7 +402,27 @@ impl Store {
         Store {
             dir: state_root.join(".images"),
             owners,
+            limits: unpack::Limits::default(),
         }
+    }
+
+    /// [`Store::new`] with the bound [`ENV_MAX_BYTES`] sets.
+    pub fn from_env(state_root: &Path) -> Result<Store, ImageError> {
+        Ok(Store {
+            limits: limits_from_env()?,
+            ..Store::new(state_root)
+        })
+    }
+
+    /// The limits of the next image's unpack: bytes bounded by the setting
+    /// and by the free space of the cache's filesystem (less a reserve).
+    fn image_limits(&self) -> unpack::Limits {
+        let mut l = self.limits;
+        if let Ok(st) = rustix::fs::statvfs(&self.dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            l.max_bytes = l.max_bytes.min(free.saturating_sub(FREE_RESERVE));
+        }
+        l
     }
 
     /// Creates the cache directory, or fixes its mode: 0700 when entries
@@ -543,12 +600,14 @@ impl Store {
         self.make_dir()?;
         Self::mkdir(&self.dir.join("sha256"), 0o711)?;
         let tmp = TempDir::new(&self.dir.join("tmp"))?;
+        // One budget for the whole image, spent layer by layer.
+        let mut limits = self.image_limits();
         let meta = match self.owners {
             unpack::Owners::Archive => {
                 let mut refs = Vec::new();
                 let mut dirs = Vec::new();
                 for l in layers {
-                    let (d, r) = self.add_layer(l, progress)?;
+                    let (d, r) = self.add_layer(l, progress, &mut limits)?;
                     dirs.insert(0, self.layer_dir(&d));
                     refs.push(r);
                 }
@@ -565,8 +624,14 @@ impl Store {
                 Self::mkdir(&rootfs, 0o755)?;
                 let mut size = 0;
                 for l in layers {
-                    let (_, n) =
-                        unpack_layer(l, &rootfs, progress, self.owners, unpack::Whiteouts::Apply)?;
+                    let (_, n) = unpack_layer(
+                        l,
+                        &rootfs,
+                        progress,
+                        self.owners,
+                        unpack::Whiteouts::Apply,
+                        &mut limits,
+                    )?;
                     size += n;
                 }
                 make_mount_points(&rootfs)?;
@@ -606,6 +671,7 @@ impl Store {
         &self,
         src: LayerSrc,
         progress: &mut dyn FnMut(u64),
+        limits: &mut unpack::Limits,
     ) -> Result<(Sha256Digest, LayerRef), ImageError> {
         if let Some(d) = &src.diff_id {
             if let Some(size) = self.layer_size(d) {
@@ -627,6 +693,7 @@ impl Store {
             progress,
             self.owners,
             unpack::Whiteouts::Overlay,
+            limits,
         )?;
         let sp = tmp.path.join("size");
         fs::write(&sp, size.to_string()).map_err(werr(&sp))?;
@@ -771,15 +838,17 @@ impl Store {
             &mut cb,
             unpack::Owners::Unpacker,
             unpack::Whiteouts::Apply,
+            &mut self.image_limits(),
         )?;
         let lerr = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ImageError::Layout { path, source }
         };
-        let mpath = archive.join("manifest.json");
-        let (_, mbytes) = read_in(&scratch.path, "manifest.json")?;
+        let mpath = member_path(archive, "manifest.json");
+        let mbytes = read_member(&scratch.path, archive, "manifest.json")?;
         let m = layout::parse_docker_manifest(&mbytes).map_err(lerr(&mpath))?;
-        let (cpath, cbytes) = read_in(&scratch.path, &m.config)?;
+        let cpath = member_path(archive, &m.config);
+        let cbytes = read_member(&scratch.path, archive, &m.config)?;
         let config = layout::parse_config(&cbytes).map_err(lerr(&cpath))?;
         let diff_ids = &config.diff_ids;
         if diff_ids.len() != m.layers.len() {
@@ -796,8 +865,13 @@ impl Store {
         let mut layers = Vec::new();
         for (l, id) in m.layers.iter().zip(diff_ids) {
             let want = Sha256Digest::parse(id).map_err(lerr(&cpath))?;
-            let f = open_in(&scratch.path, l)?;
-            layers.push(LayerSrc::with(&scratch.path.join(l), f, None, Some(want))?);
+            let f = open_member(&scratch.path, archive, l)?;
+            layers.push(LayerSrc::with(
+                &member_path(archive, l),
+                f,
+                None,
+                Some(want),
+            )?);
         }
         let built = self.build(&key, src, config.config, layers, &mut cb)?;
         self.remember_file(archive, &key);
@@ -1080,12 +1154,14 @@ pub fn file_digest(p: &Path) -> Result<Sha256Digest, ImageError> {
 /// Unpacks the layer `src` into `dest`, checking its digests (the file's
 /// and the uncompressed tar's, when known). Returns the uncompressed tar's
 /// digest (its diff_id) and the bytes of files written.
+/// Unpacks one layer within `limits`, whose byte budget it spends.
 fn unpack_layer(
     src: LayerSrc,
     dest: &Path,
     progress: &mut dyn FnMut(u64),
     owners: unpack::Owners,
     whiteouts: unpack::Whiteouts,
+    limits: &mut unpack::Limits,
 ) -> Result<(Sha256Digest, u64), ImageError> {
     let p = src.path;
     let mut tracked = Tracked {
@@ -1098,12 +1174,14 @@ fn unpack_layer(
             inner: decompressed(&mut tracked).map_err(rerr(&p))?,
             hash: Sha256::new(),
         };
-        let stats = unpack::unpack_as(&mut h, dest, owners, whiteouts).map_err(|source| {
-            ImageError::Unpack {
-                path: p.clone(),
-                source,
-            }
-        })?;
+        let stats =
+            unpack::unpack_limited(&mut h, dest, owners, whiteouts, limits).map_err(|source| {
+                ImageError::Unpack {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+        limits.max_bytes -= stats.bytes.min(limits.max_bytes);
         (Sha256Digest::from_hasher(h.hash), stats)
     };
     // Whatever follows the compressed stream is part of the blob too.
@@ -1173,6 +1251,37 @@ fn open_in(dir: &Path, name: &str) -> Result<fs::File, ImageError> {
     let fd = moat_jail::rootfs::resolve::in_root(root.as_fd(), Path::new(name), OFlags::RDONLY)
         .map_err(rerr(&p))?;
     Ok(fs::File::from(fd))
+}
+
+/// How errors name the member `name` of `archive` (never as a host path:
+/// "/etc/shadow" in an archive is not the host's).
+fn member_path(archive: &Path, name: &str) -> PathBuf {
+    PathBuf::from(format!("{} (archive member {name:?})", archive.display()))
+}
+
+/// The member `name` of `archive`, unpacked in `dir`.
+fn open_member(dir: &Path, archive: &Path, name: &str) -> Result<fs::File, ImageError> {
+    let member_err = |source| ImageError::Member {
+        archive: archive.to_path_buf(),
+        member: name.to_string(),
+        source,
+    };
+    let root = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| rerr(dir)(e.into()))?;
+    let fd = moat_jail::rootfs::resolve::in_root(root.as_fd(), Path::new(name), OFlags::RDONLY)
+        .map_err(member_err)?;
+    Ok(fs::File::from(fd))
+}
+
+fn read_member(dir: &Path, archive: &Path, name: &str) -> Result<Vec<u8>, ImageError> {
+    read_bounded(
+        open_member(dir, archive, name)?,
+        &member_path(archive, name),
+    )
 }
 
 fn read_in(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), ImageError> {

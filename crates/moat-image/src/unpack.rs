@@ -17,6 +17,15 @@
 //! `trusted.` attribute needs CAP_SYS_ADMIN: host root). Either way a
 //! whiteout never removes or hides what its own layer adds.
 //!
+//! Bounds ([`Limits`]): one unpack stops with a clear error past a depth
+//! of directories, a number of entries, a number of bytes written and a
+//! total length of names (what it remembers per entry), so a hostile
+//! archive costs time and memory in proportion to those bounds at most,
+//! never more (the walk to an entry's directory reuses the previous entry's,
+//! so a deep archive costs linear time, not quadratic). GNU sparse files are
+//! unpacked (their holes written as zeros, counted against the bytes); the
+//! PAX forms of sparse files are refused, never silently mangled.
+//!
 //! Ownership ([`Owners`]): unpacked by host root, every entry keeps its
 //! owner from the archive (IDs at or above [`super::ID_RANGE`] become
 //! 65534) and its mode without setuid/setgid; the cache directory is
@@ -61,6 +70,41 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+    #[error("refused archive entry {name:?}: deeper than {max} directories")]
+    TooDeep { name: String, max: usize },
+    #[error("the archive has more than {max} entries")]
+    TooManyEntries { max: u64 },
+    #[error("the archive unpacks to more than {max} bytes (entry {name:?})")]
+    TooLarge { name: String, max: u64 },
+    #[error("the archive's names are longer than {max} bytes in all")]
+    NamesTooLong { max: u64 },
+    #[error(
+        "refused archive entry {name:?}: a PAX sparse file (unpack and repack it without --sparse)"
+    )]
+    PaxSparse { name: String },
+}
+
+/// What one unpack may cost at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Directories above an entry.
+    pub max_depth: usize,
+    pub max_entries: u64,
+    /// Bytes of file contents written (holes of sparse files included).
+    pub max_bytes: u64,
+    /// Bytes of all entry names together (what the unpack remembers).
+    pub max_name_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_depth: 128,
+            max_entries: 1_000_000,
+            max_bytes: 16 << 30,
+            max_name_bytes: 256 << 20,
+        }
+    }
 }
 
 /// Why an entry's path (or link target) is refused.
@@ -182,6 +226,17 @@ pub fn unpack_as<R: Read>(
     owners: Owners,
     whiteouts: Whiteouts,
 ) -> Result<Stats, UnpackError> {
+    unpack_limited(reader, root, owners, whiteouts, &Limits::default())
+}
+
+/// [`unpack_as`] within `limits`.
+pub fn unpack_limited<R: Read>(
+    reader: R,
+    root: &Path,
+    owners: Owners,
+    whiteouts: Whiteouts,
+    limits: &Limits,
+) -> Result<Stats, UnpackError> {
     let fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -195,7 +250,10 @@ pub fn unpack_as<R: Read>(
         root: fd,
         owners,
         whiteouts,
+        limits: *limits,
         created: HashSet::new(),
+        name_bytes: 0,
+        path: Vec::new(),
         stats: Stats::default(),
     };
     let mut archive = tar::Archive::new(reader);
@@ -212,9 +270,30 @@ struct Layer {
     root: OwnedFd,
     owners: Owners,
     whiteouts: Whiteouts,
-    /// Paths this layer created: whiteouts never remove them.
-    created: HashSet<Vec<OsString>>,
+    limits: Limits,
+    /// Paths this layer created (components joined by `/`): whiteouts
+    /// never remove them.
+    created: HashSet<Vec<u8>>,
+    /// Bytes of the paths in `created`.
+    name_bytes: u64,
+    /// The directories walked to last, each opened from the one before:
+    /// the next entry's walk starts from the longest shared prefix. An entry
+    /// that changes `parent/name` cuts the path there ([`Layer::changed`]),
+    /// so an fd here is always the directory now at its path.
+    path: Vec<(OsString, OwnedFd)>,
     stats: Stats,
+}
+
+/// Components joined by `/`, the key of [`Layer::created`].
+fn key(comps: &[OsString]) -> Vec<u8> {
+    let mut k = Vec::new();
+    for (i, c) in comps.iter().enumerate() {
+        if i > 0 {
+            k.push(b'/');
+        }
+        k.extend_from_slice(c.as_bytes());
+    }
+    k
 }
 
 fn display(raw: &[u8]) -> String {
@@ -230,21 +309,39 @@ impl Layer {
             problem,
         })?;
         self.stats.entries += 1;
+        if self.stats.entries > self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                max: self.limits.max_entries,
+            });
+        }
         let kind = e.header().entry_type();
         let Some((last, parents)) = comps.split_last() else {
             // "./": the root itself keeps its mode.
             return Ok(());
         };
+        if parents.len() > self.limits.max_depth {
+            return Err(UnpackError::TooDeep {
+                name,
+                max: self.limits.max_depth,
+            });
+        }
+        if is_pax_sparse(e) {
+            return Err(UnpackError::PaxSparse { name });
+        }
         let werr = |source: io::Error| UnpackError::Write {
             name: name.clone(),
             source,
         };
         let parent = self.walk(parents, &name)?;
+        // Whatever this entry does, it changes `parent/last` (or, as an
+        // opaque whiteout, what `parent` holds).
+        self.changed(parents.len(), Some(last));
         match (whiteout(last), self.whiteouts) {
             (Whiteout::Opaque, Whiteouts::Apply) => {
+                self.changed(parents.len(), None);
                 return self
                     .opaque(parent.as_fd(), parents)
-                    .map_err(|e| werr(e.into()))
+                    .map_err(|e| werr(e.into()));
             }
             (Whiteout::Opaque, Whiteouts::Overlay) => {
                 return rustix::fs::fsetxattr(
@@ -258,9 +355,10 @@ impl Layer {
             (Whiteout::Remove(target), mode) => {
                 let mut p = parents.to_vec();
                 p.push(target.to_os_string());
-                if self.created.contains(&p) {
+                if self.created.contains(&key(&p)) {
                     return Ok(());
                 }
+                self.changed(parents.len(), Some(target));
                 remove_all(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
                 if mode == Whiteouts::Overlay {
                     overlay_whiteout(parent.as_fd(), target).map_err(|e| werr(e.into()))?;
@@ -276,11 +374,19 @@ impl Layer {
             T::Directory => self
                 .dir(parent.as_fd(), last, mode, owner)
                 .map_err(|e| werr(e.into()))?,
-            T::Regular | T::Continuous => {
+            // A GNU sparse file reads as its whole contents, holes as zeros.
+            T::Regular | T::Continuous | T::GNUSparse => {
+                let room = self.limits.max_bytes.saturating_sub(self.stats.bytes);
                 let n = self
-                    .file(parent.as_fd(), last, mode, owner, e)
+                    .file(parent.as_fd(), last, mode, owner, &mut e.take(room))
                     .map_err(werr)?;
                 self.stats.bytes += n;
+                if n == room && e.read(&mut [0u8; 1]).map_err(werr)? > 0 {
+                    return Err(UnpackError::TooLarge {
+                        name,
+                        max: self.limits.max_bytes,
+                    });
+                }
             }
             T::Symlink => {
                 let target = e.link_name_bytes().unwrap_or_default().into_owned();
@@ -307,8 +413,30 @@ impl Layer {
                 return Ok(());
             }
         }
-        self.created.insert(comps);
+        self.remember(key(&comps))
+    }
+
+    /// Records a path this layer created, within the bound on names.
+    fn remember(&mut self, k: Vec<u8>) -> Result<(), UnpackError> {
+        self.name_bytes += k.len() as u64 + 1;
+        if self.name_bytes > self.limits.max_name_bytes {
+            return Err(UnpackError::NamesTooLong {
+                max: self.limits.max_name_bytes,
+            });
+        }
+        self.created.insert(k);
         Ok(())
+    }
+
+    /// `parent/name` (the directory at depth `depth`, or with `name` None
+    /// what it holds) is about to change: the walked path is cut there.
+    fn changed(&mut self, depth: usize, name: Option<&OsStr>) {
+        let keep = match (self.path.get(depth), name) {
+            (Some((n, _)), Some(name)) if n != name => return,
+            (Some(_), _) => depth,
+            (None, _) => return,
+        };
+        self.path.truncate(keep);
     }
 
     /// The owner to give an entry: None to leave the unpacker's.
@@ -338,44 +466,53 @@ impl Layer {
 
     /// The directory `comps` under the root, created as needed, each
     /// component opened with O_NOFOLLOW: a symlink on the way is refused.
+    /// Starts from the longest prefix shared with the previous walk.
     fn walk(&mut self, comps: &[OsString], name: &str) -> Result<OwnedFd, UnpackError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut cur =
-            rustix::fs::openat(self.root.as_fd(), ".", flags, Mode::empty()).map_err(|e| {
-                UnpackError::Write {
-                    name: name.to_string(),
-                    source: e.into(),
-                }
-            })?;
-        for (i, c) in comps.iter().enumerate() {
-            let next = match rustix::fs::openat(cur.as_fd(), c.as_os_str(), flags, Mode::empty()) {
+        let werr = |e: rustix::io::Errno| UnpackError::Write {
+            name: name.to_string(),
+            source: e.into(),
+        };
+        let shared = self
+            .path
+            .iter()
+            .zip(comps)
+            .take_while(|((have, _), want)| have == *want)
+            .count();
+        self.path.truncate(shared);
+        for (i, c) in comps.iter().enumerate().skip(shared) {
+            let cur = match self.path.last() {
+                Some((_, fd)) => fd.as_fd(),
+                None => self.root.as_fd(),
+            };
+            let next = match rustix::fs::openat(cur, c.as_os_str(), flags, Mode::empty()) {
                 Err(rustix::io::Errno::NOENT) => {
-                    rustix::fs::mkdirat(cur.as_fd(), c.as_os_str(), Mode::from_raw_mode(0o755))
+                    let made = rustix::fs::mkdirat(cur, c.as_os_str(), Mode::from_raw_mode(0o755))
                         .and_then(|()| {
-                            rustix::fs::openat(cur.as_fd(), c.as_os_str(), flags, Mode::empty())
-                        })
-                        .inspect(|_| {
-                            self.created.insert(comps[..=i].to_vec());
-                        })
+                            rustix::fs::openat(cur, c.as_os_str(), flags, Mode::empty())
+                        });
+                    if made.is_ok() {
+                        self.remember(key(&comps[..=i]))?;
+                    }
+                    made
                 }
                 r => r,
             };
-            cur = match next {
-                Ok(fd) => fd,
+            match next {
+                Ok(fd) => self.path.push((c.clone(), fd)),
                 Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
                     return Err(UnpackError::ThroughLink {
                         name: name.to_string(),
                     })
                 }
-                Err(e) => {
-                    return Err(UnpackError::Write {
-                        name: name.to_string(),
-                        source: e.into(),
-                    })
-                }
-            };
+                Err(e) => return Err(werr(e)),
+            }
         }
-        Ok(cur)
+        let cur = match self.path.last() {
+            Some((_, fd)) => fd.as_fd(),
+            None => self.root.as_fd(),
+        };
+        rustix::fs::openat(cur, ".", flags, Mode::empty()).map_err(werr)
     }
 
     fn dir(
@@ -403,13 +540,13 @@ impl Layer {
         rustix::fs::chmodat(parent, name, mode, AtFlags::empty())
     }
 
-    fn file<R: Read>(
+    fn file(
         &self,
         parent: BorrowedFd<'_>,
         name: &OsStr,
         mode: u32,
         owner: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
-        e: &mut tar::Entry<'_, R>,
+        e: &mut impl Read,
     ) -> io::Result<u64> {
         replace(parent, name)?;
         let flags =
@@ -466,12 +603,23 @@ impl Layer {
         for name in list(dir)? {
             let mut p = comps.to_vec();
             p.push(name.clone());
-            if !self.created.contains(&p) {
+            if !self.created.contains(&key(&p)) {
                 remove_all(dir, &name)?;
             }
         }
         Ok(())
     }
+}
+
+/// Whether `e` is a sparse file in one of the PAX forms (GNU tar's
+/// `--format=posix --sparse`), which the reader does not expand: unpacked as
+/// a plain file it would be wrong (its map mixed into its contents).
+fn is_pax_sparse<R: Read>(e: &mut tar::Entry<'_, R>) -> bool {
+    let Ok(Some(exts)) = e.pax_extensions() else {
+        return false;
+    };
+    exts.flatten()
+        .any(|x| x.key_bytes().starts_with(b"GNU.sparse."))
 }
 
 /// An overlayfs whiteout: a character device `name` in `dir` with device
@@ -806,6 +954,140 @@ mod tests {
             (65534, 65534, 0o755)
         );
         assert_eq!((md("ln").uid(), md("ln").gid()), (7, 8));
+    }
+
+    /// Issue 15, defect 6: a deeply nested archive cost quadratic time and
+    /// memory; now past the depth bound it is refused with a word.
+    #[test]
+    fn depth_entries_and_bytes_are_bounded() {
+        let limits = Limits {
+            max_depth: 8,
+            max_entries: 20,
+            max_bytes: 1000,
+            max_name_bytes: 1 << 20,
+        };
+        let go = |tar: &[u8]| {
+            let t = tempfile::tempdir().unwrap();
+            unpack_limited(tar, t.path(), Owners::Unpacker, Whiteouts::Apply, &limits)
+        };
+        // At the bound: fine, every level unpacked.
+        let deep: Vec<String> = (1..=9).map(|d| "d/".repeat(d)).collect();
+        let entries: Vec<(&str, T, &str, &[u8])> = deep
+            .iter()
+            .map(|p| (p.as_str(), T::Directory, "", &b""[..]))
+            .collect();
+        go(&tar_of(&entries)).unwrap();
+        let too_deep = format!("{}f", "d/".repeat(9));
+        let e = go(&tar_of(&[(too_deep.as_str(), T::Regular, "", b"x")])).unwrap_err();
+        assert!(matches!(e, UnpackError::TooDeep { max: 8, .. }), "{e:?}");
+        assert!(e.to_string().contains("deeper than 8 directories"), "{e}");
+        let names: Vec<String> = (0..21).map(|i| format!("f{i}")).collect();
+        let many: Vec<(&str, T, &str, &[u8])> = names
+            .iter()
+            .map(|n| (n.as_str(), T::Regular, "", &b""[..]))
+            .collect();
+        let e = go(&tar_of(&many)).unwrap_err();
+        assert!(
+            matches!(e, UnpackError::TooManyEntries { max: 20 }),
+            "{e:?}"
+        );
+        let big = vec![0u8; 600];
+        let e = go(&tar_of(&[
+            ("a", T::Regular, "", &big[..]),
+            ("b", T::Regular, "", &big[..]),
+        ]))
+        .unwrap_err();
+        assert!(
+            matches!(e, UnpackError::TooLarge { max: 1000, .. }),
+            "{e:?}"
+        );
+        // Exactly the bound is fine.
+        go(&tar_of(&[("a", T::Regular, "", &vec![0u8; 1000][..])])).unwrap();
+    }
+
+    /// A long sequential archive (each entry one directory deeper, then
+    /// files at every level) unpacks right: the walk reuses the previous
+    /// entry's directories, and an entry that replaces one is followed.
+    #[test]
+    fn the_walk_reuses_and_forgets_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let mut entries: Vec<(String, T, &str, &[u8])> = Vec::new();
+        for d in 1..=40 {
+            entries.push(("a/".repeat(d), T::Directory, "", b""));
+            entries.push((format!("{}f", "a/".repeat(d)), T::Regular, "", b"x"));
+        }
+        // Replace a/a (a directory the walk holds) by a file, then a
+        // directory again, then write under it.
+        entries.push(("a/a".into(), T::Regular, "", b"file"));
+        entries.push(("a/a/".into(), T::Directory, "", b""));
+        entries.push(("a/a/g".into(), T::Regular, "", b"g"));
+        let refs: Vec<(&str, T, &str, &[u8])> = entries
+            .iter()
+            .map(|(p, k, l, d)| (p.as_str(), *k, *l, *d))
+            .collect();
+        unpack(&tar_of(&refs)[..], t.path()).unwrap();
+        assert_eq!(std::fs::read(t.path().join("a/f")).unwrap(), b"x");
+        assert_eq!(std::fs::read(t.path().join("a/a/g")).unwrap(), b"g");
+        assert!(!t.path().join("a/a/f").exists());
+        // A whiteout of a directory the walk holds, then an entry under it.
+        let t2 = tempfile::tempdir().unwrap();
+        unpack(&tar_of(&[("x/y/z", T::Regular, "", b"1")])[..], t2.path()).unwrap();
+        unpack(
+            &tar_of(&[
+                ("x/y/w", T::Regular, "", b"w"),
+                ("x/.wh.y", T::Regular, "", b""),
+                ("x/y/again", T::Regular, "", b"2"),
+            ])[..],
+            t2.path(),
+        )
+        .unwrap();
+        assert!(!t2.path().join("x/y/z").exists());
+        assert_eq!(std::fs::read(t2.path().join("x/y/again")).unwrap(), b"2");
+    }
+
+    /// A GNU sparse file is unpacked whole (holes as zeros), no longer
+    /// dropped without a word; the PAX form is refused, saying so.
+    #[test]
+    fn sparse_files_are_unpacked_or_refused_with_a_word() {
+        let octal = |field: &mut [u8], n: u64| {
+            let text = format!("{n:0w$o}\0", w = field.len() - 1);
+            field.copy_from_slice(text.as_bytes());
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(T::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(4);
+        h.set_path("sparse").unwrap();
+        {
+            let g = h.as_gnu_mut().unwrap();
+            octal(&mut g.realsize, 10000);
+            octal(&mut g.sparse[0].offset, 8192);
+            octal(&mut g.sparse[0].numbytes, 4);
+            // The hole at the end: a last, empty block at the real size.
+            octal(&mut g.sparse[1].offset, 10000);
+            octal(&mut g.sparse[1].numbytes, 0);
+        }
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b"data"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let s = unpack(&tar[..], t.path()).unwrap();
+        assert_eq!(s.skipped, 0);
+        let got = std::fs::read(t.path().join("sparse")).unwrap();
+        assert_eq!(got.len(), 10000);
+        assert_eq!(&got[8192..8196], b"data");
+        assert!(got[..8192].iter().all(|b| *b == 0));
+        let rec = "22 GNU.sparse.major=1\n";
+        assert_eq!(rec.len(), 22);
+        let pax = tar_of(&[
+            ("PaxHeaders/f", T::XHeader, "", rec.as_bytes()),
+            ("f", T::Regular, "", b"x"),
+        ]);
+        let t = tempfile::tempdir().unwrap();
+        let e = unpack(&pax[..], t.path()).unwrap_err();
+        assert!(matches!(e, UnpackError::PaxSparse { .. }), "{e:?}");
+        assert!(e.to_string().contains("PAX sparse"), "{e}");
     }
 
     #[test]

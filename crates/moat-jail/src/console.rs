@@ -103,14 +103,15 @@ pub fn proxy(master: std::os::fd::OwnedFd, pid: i32) -> i32 {
     proxy_until(master, pid, None, &|| {}).0
 }
 
-/// [`proxy`], and at `deadline` (if any) `on_deadline` is called once (it
-/// kills the container); the proxy goes on until the process has exited.
-/// Returns the status and whether the deadline passed.
+/// [`proxy`], and at `deadline` (if any), or on a second SIGINT/SIGTERM,
+/// `kill_all` is called (it kills the container); the proxy goes on until
+/// the process has exited. Returns the status and whether the deadline
+/// passed.
 pub fn proxy_until(
     master: std::os::fd::OwnedFd,
     pid: i32,
     deadline: Option<std::time::Instant>,
-    on_deadline: &dyn Fn(),
+    kill_all: &dyn Fn(),
 ) -> (i32, bool) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
@@ -143,6 +144,7 @@ pub fn proxy_until(
     let mut buf = [0u8; 16384];
     let target = nix::unistd::Pid::from_raw(pid);
     let mut timed_out = false;
+    let mut interrupts = 0;
     let code = 'outer: loop {
         match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -174,7 +176,7 @@ pub fn proxy_until(
         }
         if deadline.is_some_and(|d| !timed_out && std::time::Instant::now() >= d) {
             timed_out = true;
-            on_deadline();
+            kill_all();
         }
         let ready: Vec<bool> = fds
             .iter()
@@ -188,6 +190,17 @@ pub fn proxy_until(
                     match Signal::try_from(info.ssi_signo as i32) {
                         Ok(Signal::SIGCHLD) => {}
                         Ok(Signal::SIGWINCH) => resize(master_file.as_fd()),
+                        // As without a terminal (`wait_supervised`): the
+                        // container's PID 1 ignores what it has no handler
+                        // for, so the second interrupt kills everything.
+                        Ok(s @ (Signal::SIGINT | Signal::SIGTERM)) => {
+                            interrupts += 1;
+                            if interrupts >= 2 {
+                                kill_all();
+                            } else {
+                                let _ = kill(target, s);
+                            }
+                        }
                         Ok(s) => {
                             let _ = kill(target, s);
                         }

@@ -302,7 +302,11 @@ impl IdAllocator {
     }
 
     /// Slots held by live owners; files of dead owners (or unreadable
-    /// content) are removed. Call with the lock held.
+    /// content) are removed. Call with the lock held. An allocation is
+    /// released without the lock (its owner removes its file), so a file
+    /// listed here may be gone when read or removed: then it is free. An
+    /// entry that is not a regular file was not made by an allocator: its
+    /// block is taken (never used, never removed).
     fn live_slots(&self, alive: impl Fn(&Owner) -> bool) -> Result<BTreeSet<u32>, IdAllocError> {
         let rd = fs::read_dir(&self.dir).map_err(|source| IdAllocError::Read {
             path: self.dir.clone(),
@@ -319,24 +323,55 @@ impl IdAllocator {
             else {
                 continue;
             };
-            let owner = fs::read_to_string(e.path())
-                .ok()
-                .and_then(|s| Owner::parse(&s));
-            if owner.as_ref().is_some_and(&alive) {
+            if self.slot_taken(&e.path(), n, &alive, &mut uids)? {
                 taken.insert(n);
-            } else if self.block_in_use(n, &mut uids) {
-                // The owner is gone but processes of its container still
-                // run with IDs of the block (moat was killed and the
-                // workload outlived it): the block stays theirs.
-                taken.insert(n);
-            } else {
-                fs::remove_file(e.path()).map_err(|source| IdAllocError::Write {
-                    path: e.path(),
-                    source,
-                })?;
             }
         }
         Ok(taken)
+    }
+
+    /// Whether the slot file `path` (of block `n`) holds its block; a dead
+    /// owner's file is removed.
+    fn slot_taken(
+        &self,
+        path: &Path,
+        n: u32,
+        alive: &impl Fn(&Owner) -> bool,
+        uids: &mut Option<Vec<u32>>,
+    ) -> Result<bool, IdAllocError> {
+        match fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() => {}
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(IdAllocError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        let owner = match fs::read_to_string(path) {
+            Ok(text) => Owner::parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(_) => None,
+        };
+        if owner.as_ref().is_some_and(alive) {
+            return Ok(true);
+        }
+        if self.block_in_use(n, uids) {
+            // The owner is gone but processes of its container still
+            // run with IDs of the block (moat was killed and the
+            // workload outlived it): the block stays theirs.
+            return Ok(true);
+        }
+        match fs::remove_file(path) {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(IdAllocError::Write {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Whether a process runs with a user ID of block `slot`. `uids`
@@ -400,7 +435,9 @@ impl IdAllocator {
 /// Whether `p` is the allocator's lock file (the only file a released
 /// allocator directory keeps).
 /// The real, effective, saved and filesystem user IDs of every process
-/// (as the host sees them).
+/// (as the host sees them) but zombies: a zombie runs nothing (its parent
+/// may be slow to reap it, as a killed run's workload reparented to a PID 1
+/// that seldom reaps), so it does not keep a block.
 pub fn process_uids() -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -417,6 +454,10 @@ pub fn process_uids() -> Vec<u32> {
         let Ok(status) = fs::read_to_string(e.path().join("status")) else {
             continue;
         };
+        let state = status.lines().find_map(|l| l.strip_prefix("State:"));
+        if state.is_some_and(|s| matches!(s.trim_start().chars().next(), Some('Z' | 'X'))) {
+            continue;
+        }
         if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Uid:")) {
             out.extend(
                 line.split_whitespace()
@@ -552,6 +593,38 @@ mod tests {
         drop(y);
         let z = a.allocate(me, &[]).unwrap();
         assert_eq!(z.slot, 1, "reclaimed once its processes are gone");
+    }
+
+    /// Issue 15, defect 3: an allocation released (its file removed, without
+    /// the lock) between the listing and the read of its file used to fail
+    /// the allocation ("cannot write …/slot-N: No such file or directory").
+    #[test]
+    fn a_slot_released_during_the_scan_is_free() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = IdAllocator::new(tmp.path().join("ids"), POOL);
+        fs::create_dir_all(&a.dir).unwrap();
+        let gone = a.dir.join("slot-3");
+        let dead = |_: &Owner| false;
+        assert!(!a.slot_taken(&gone, 3, &dead, &mut None).unwrap());
+        // Read, then released before the dead owner's file is removed.
+        fs::write(&gone, "0 0\n").unwrap();
+        assert!(!a.slot_taken(&gone, 3, &dead, &mut None).unwrap());
+        assert!(!a.slot_taken(&gone, 3, &dead, &mut None).unwrap());
+    }
+
+    /// Issue 15, defect 10: a directory named like a slot blocked every
+    /// allocation on the host; now only its block is skipped.
+    #[test]
+    fn a_slot_that_is_not_a_file_only_takes_its_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = IdAllocator::new(tmp.path().join("ids"), POOL);
+        fs::create_dir_all(a.dir.join("slot-0")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", a.dir.join("slot-1")).unwrap();
+        let x = a.allocate(Owner::current(), &[]).unwrap();
+        assert_eq!(x.slot, 2);
+        drop(x);
+        assert!(a.dir.join("slot-0").is_dir());
+        assert!(fs::symlink_metadata(a.dir.join("slot-1")).is_ok());
     }
 
     #[test]

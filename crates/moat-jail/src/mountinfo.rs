@@ -1,5 +1,43 @@
 //! /proc/self/mountinfo helpers shared by the cgroup and rootfs modules.
 
+use std::path::{Path, PathBuf};
+
+/// Mount points of this mount namespace at or below `dir` (which must be
+/// absolute and free of symlinks, as mountinfo shows paths).
+pub fn mounts_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect())
+}
+
+/// Detaches (lazily, not following symlinks) every mount at or below `dir`,
+/// deepest first, going on past failures; returns how many were detached,
+/// or the first failure.
+pub fn detach_under(dir: &Path) -> std::io::Result<usize> {
+    let mut points = mounts_under(dir)?;
+    // Deepest first; a path mounted over several times appears once per
+    // mount and is detached as often.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let mut first = Ok(());
+    let mut n = 0;
+    for p in points {
+        use rustix::mount::{unmount, UnmountFlags};
+        match unmount(&p, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+            Ok(()) => n += 1,
+            Err(e) => {
+                if first.is_ok() {
+                    first = Err(std::io::Error::from(e));
+                }
+            }
+        }
+    }
+    first.map(|()| n)
+}
+
 /// Undoes mountinfo's octal escapes (`\040` for space and so on).
 pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();

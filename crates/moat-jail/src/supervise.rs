@@ -25,19 +25,18 @@ pub const FORWARDED: [Signal; 7] = [
 
 /// Blocks the forwarded signals in the calling thread, so that one arriving
 /// before [`wait_supervised`] stays pending for it instead of killing the
-/// runtime. (Processes this one forks inherit the mask; the container's
-/// process clears it before its exec.)
-pub fn block_forwarded_signals() {
+/// runtime, after setting every disposition to its default: a signal
+/// ignored by moat's caller (a shell's background job ignores SIGINT) would
+/// be discarded, never forwarded. (Processes this one forks inherit the
+/// mask; the container's process clears it before its exec.)
+pub fn block_forwarded_signals() -> std::io::Result<()> {
+    moat_sys::process::default_signal_dispositions()?;
     let mut set = nix::sys::signal::SigSet::empty();
     for s in FORWARDED {
         set.add(s);
     }
-    // Cannot fail with a valid `how` and set.
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_BLOCK,
-        Some(&set),
-        None,
-    );
+    nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(std::io::Error::from)
 }
 
 /// [`wait_forwarding_signals`] plus an optional deadline in seconds, at which

@@ -170,6 +170,11 @@ pub enum Msg {
     RuntimeHooks,
     /// Child -> parent: the container is created and waits for start.
     Created,
+    /// Child -> parent, after the parent recorded the created container
+    /// (and said `Go`): the parent-death signal is as it stays until start
+    /// (kept for a runtime that supervises the container, cleared
+    /// otherwise); the parent may exit.
+    Ready,
     /// Parent -> child: start the user process.
     Start,
     /// Child -> parent: a file descriptor follows (pty master or seccomp notify fd).
@@ -224,6 +229,7 @@ impl Msg {
             Msg::MapIds => vec![b'M'],
             Msg::RuntimeHooks => vec![b'H'],
             Msg::Created => vec![b'C'],
+            Msg::Ready => vec![b'R'],
             Msg::Start => vec![b'S'],
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
@@ -250,6 +256,7 @@ impl Msg {
             b'M' => Msg::MapIds,
             b'H' => Msg::RuntimeHooks,
             b'C' => Msg::Created,
+            b'R' => Msg::Ready,
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
@@ -290,6 +297,27 @@ impl Channel {
 
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Whether every holder of the other end has closed it (the peer
+    /// process died or exited), without waiting: a socketpair end reports
+    /// `POLLHUP` then, queued messages or not.
+    pub fn peer_closed(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::empty())];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Err(nix::Error::EINTR) => continue,
+                // A poll that fails cannot tell: treat the peer as gone
+                // (the caller then stops, failing closed).
+                Err(_) => return true,
+                Ok(_) => {
+                    return fds[0]
+                        .revents()
+                        .is_some_and(|r| r.intersects(PollFlags::POLLHUP))
+                }
+            }
+        }
     }
 
     pub fn send(&self, msg: &Msg) -> Result<(), SyncError> {
@@ -374,7 +402,11 @@ mod tests {
             a.send(&m).unwrap();
             assert_eq!(b.recv().unwrap(), m);
         }
+        assert!(!b.peer_closed());
+        a.send(&Msg::Ready).unwrap();
         drop(a);
+        assert!(b.peer_closed(), "a closed peer with a message queued");
+        assert_eq!(b.recv().unwrap(), Msg::Ready);
         assert!(matches!(b.recv().unwrap_err(), SyncError::Eof));
     }
 

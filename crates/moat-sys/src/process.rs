@@ -127,6 +127,38 @@ pub fn thread_count() -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/self/stat"))
 }
 
+/// Sets the disposition of every catchable signal to its default
+/// (`SIG_DFL`), as a process that was never told to ignore anything has:
+/// `execve` keeps `SIG_IGN` dispositions, so a workload would otherwise
+/// inherit the ones moat's own caller set (a shell's background job ignores
+/// SIGINT and SIGQUIT, and then a workload's `trap … INT` never fires).
+/// Signals that cannot be caught (SIGKILL, SIGSTOP) and numbers the kernel
+/// refuses are skipped.
+pub fn default_signal_dispositions() -> io::Result<()> {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `sigaction` with a zeroed struct whose handler is SIG_DFL
+        // installs no handler (no code of ours runs on delivery, so there
+        // is no async-signal-safety to uphold), and reads only the struct,
+        // which lives for the call; the old action is not requested.
+        let rc = unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &act, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // Signals glibc keeps for itself (32, 33) are refused: skipped.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `_exit(2)`: ends the process at once, without atexit handlers or
 /// destructors (which belong to the process that forked us).
 pub fn exit_now(code: i32) -> ! {

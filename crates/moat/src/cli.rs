@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::log::LogFormat;
 
 /// The state root for root (see `state_root` in main.rs for other users).
-pub const DEFAULT_ROOT: &str = "/run/moat";
+pub const DEFAULT_ROOT: &str = moat_core::state::DEFAULT_ROOT;
 
 #[derive(Debug, Parser)]
 #[command(

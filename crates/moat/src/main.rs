@@ -86,7 +86,9 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
     let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+            // Usage errors are moat's own errors: 125, as for docker run
+            // (2 would read as the workload's status).
+            let code = if e.use_stderr() { 125 } else { 0 };
             let _ = e.print();
             return Some(ExitCode::from(code));
         }
@@ -96,8 +98,8 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     log::init(None, log::LogFormat::Text, false);
     if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
-        tracing::error!("{}", moat_core::error_chain(&e));
-        return Some(ExitCode::from(1));
+        tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
+        return Some(ExitCode::from(125));
     }
     Some(match run::main(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
@@ -105,13 +107,7 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             tracing::error!("{}", error_line(&e));
             // A program that cannot run exits as a shell would make it
             // (127 not found, 126 not executable); moat's own errors 125.
-            let status =
-                e.chain()
-                    .find_map(|c| match c.downcast_ref::<moat_core::RuntimeError>() {
-                        Some(moat_core::RuntimeError::ExecFailed { status, .. }) => Some(*status),
-                        _ => None,
-                    });
-            ExitCode::from(status.unwrap_or(125))
+            ExitCode::from(run::exit_status(&e))
         }
     })
 }
@@ -143,8 +139,25 @@ fn state_root(given: std::path::PathBuf) -> std::path::PathBuf {
     }
 }
 
-/// The whole error chain on one line.
-fn error_line(e: &anyhow::Error) -> String {
+/// The longest error line moat prints: values from the command line or a
+/// config (an ID, a path) are echoed in errors, and may be huge.
+const MAX_ERROR_LINE: usize = 4096;
+
+/// `line` cut to [`MAX_ERROR_LINE`] bytes (at a character boundary), with
+/// how much was left out.
+fn bounded(line: &str) -> String {
+    if line.len() <= MAX_ERROR_LINE {
+        return line.to_owned();
+    }
+    let mut end = MAX_ERROR_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &line[..end], line.len() - end)
+}
+
+/// The whole error chain on one line, bounded.
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
     let mut s = String::new();
     for (i, c) in e.chain().enumerate() {
         let t = c.to_string();
@@ -156,5 +169,25 @@ fn error_line(e: &anyhow::Error) -> String {
         }
         s.push_str(&t);
     }
-    s.replace('\n', " ")
+    bounded(&s.replace('\n', " "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15, defect 10: an error echoing a 1 MB value was a 1 MB line.
+    #[test]
+    fn error_lines_are_bounded() {
+        let e = anyhow::anyhow!("x{}", "é".repeat(1 << 20)).context("bad --name");
+        let line = error_line(&e);
+        assert!(line.len() < MAX_ERROR_LINE + 64, "{}", line.len());
+        assert!(line.starts_with("bad --name: x"));
+        assert!(
+            line.ends_with("more bytes)"),
+            "{}",
+            &line[line.len() - 40..]
+        );
+        assert_eq!(error_line(&anyhow::anyhow!("short")), "short");
+    }
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::Rt;
+use common::{Opts, Rt};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -1281,4 +1281,77 @@ fn images_without_a_user_run_as_nobody() {
         assert_eq!(run(&["-u", "0"]), "0:0 home=/root\n", "{img}");
         assert_eq!(run(&["-u", "app"]), "1000:1000 home=/\n", "{img}");
     }
+}
+
+/// Issue 15, defect 6: what one unpack may cost is bounded, with a clear
+/// error, and nothing is left in the cache: a deeply nested archive (it
+/// cost quadratic time and memory), a compression bomb past the byte bound
+/// (`MOAT_IMAGE_MAX_BYTES`), and a docker archive whose manifest names
+/// "/etc/shadow" (the error names it as a member of the archive, not a host
+/// path).
+#[test]
+fn unpacking_is_bounded_and_says_why() {
+    let Some(rt) = Rt::root_or_skip("unpacking_is_bounded_and_says_why") else {
+        return;
+    };
+    if !rt.is_moat() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // 3,000 directories deep, each level an entry.
+    let deep = dir.path().join("deep.tar");
+    tool(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import tarfile\nt = tarfile.open('{}', 'w', format=tarfile.GNU_FORMAT)\np = ''\nfor _ in range(3000):\n    p += 'd/'\n    i = tarfile.TarInfo(p)\n    i.type = tarfile.DIRTYPE\n    t.addfile(i)\nt.close()",
+                deep.display()
+            ),
+        ],
+    );
+    let o = rt.cmd(&["run", deep.to_str().unwrap(), "--", "true"]);
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("deeper than 128 directories"), "{o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
+    // 64 MiB of zeros, compressed to a few KB, against a 16 MiB bound.
+    let bomb = dir.path().join("bomb.tar.zst");
+    sh(&format!(
+        "mkdir {d}/b && head -c 67108864 /dev/zero > {d}/b/zeros && tar -C {d}/b --zstd -cf {d}/bomb.tar.zst zeros && rm -r {d}/b"
+    ));
+    let o = rt.cmd_with(
+        &["run", bomb.to_str().unwrap(), "--", "true"],
+        Opts {
+            env: vec![("MOAT_IMAGE_MAX_BYTES".into(), "16m".into())],
+            ..Opts::default()
+        },
+    );
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(
+        o.stderr.contains("unpacks to more than 16777216 bytes"),
+        "{o:?}"
+    );
+    // A docker archive whose manifest names a host-looking path.
+    let evil = dir.path().join("evil.tar");
+    sh(&format!(
+        "mkdir {d}/e && printf '%s' '[{{\"Config\":\"/etc/shadow\",\"RepoTags\":[],\"Layers\":[]}}]' > {d}/e/manifest.json && tar -C {d}/e -cf {d}/evil.tar manifest.json"
+    ));
+    let o = rt.cmd(&[
+        "run",
+        &format!("docker-archive:{}", evil.display()),
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("\"/etc/shadow\" in the archive"), "{o:?}");
+    assert!(!o.stderr.contains("cannot read /etc/shadow"), "{o:?}");
+    // Nothing half-unpacked stays in the cache.
+    let tmp = rt.root().join(".images/tmp");
+    let left: Vec<_> = fs::read_dir(&tmp)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let o = rt.cmd(&["images"]).expect_ok();
+    assert_eq!(o.stdout.lines().count(), 1, "{o:?}");
 }

@@ -649,3 +649,61 @@ fn rootless_run_with_private_runtime_dir_and_subordinate_ids() {
     assert!(again.status.success(), "{again:?}");
     assert_eq!(String::from_utf8_lossy(&again.stdout), "again\n");
 }
+
+/// Issue 15, defect 2: rootless without a delegated cgroup, `--timeout`
+/// killed nothing (moat said "killed: timeout", the workload ran to its end
+/// and the status was 0), and `--json` reported a host ID and a memory limit
+/// that did not apply. The container's own PID namespace lets moat kill all
+/// of it without a cgroup.
+#[test]
+fn rootless_timeout_without_a_cgroup_kills() {
+    let Some(rt) = Rt::root_or_skip("rootless_timeout_without_a_cgroup_kills") else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP rootless_timeout_without_a_cgroup_kills: moat only");
+        return;
+    }
+    if !on_path("setpriv") {
+        moat_core::testing::skip("rootless_timeout_without_a_cgroup_kills", "needs setpriv");
+        return;
+    }
+    let uid = 40000 + (std::process::id() % 10000);
+    let home = tempfile::tempdir().unwrap();
+    fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .args([
+                "run",
+                "--timeout",
+                "1",
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "sleep 4; echo finished",
+            ])
+            .env("XDG_RUNTIME_DIR", home.path())
+            .current_dir(home.path()),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stdout {stdout} stderr {stderr}"
+    );
+    assert!(!stdout.contains("finished"), "{stdout}");
+    assert!(stderr.contains("killed: timeout"), "{stderr}");
+    let rec: serde_json::Value = serde_json::from_str(
+        stderr
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a record"),
+    )
+    .unwrap();
+    assert_eq!(rec["timed_out"], true, "{rec}");
+    assert_eq!(rec["status"], 137, "{rec}");
+    assert_eq!(rec["memory_limit_bytes"], serde_json::Value::Null, "{rec}");
+    assert_eq!(rec["host_id_start"], uid, "{rec}");
+}

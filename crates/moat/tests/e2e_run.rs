@@ -1081,3 +1081,199 @@ fn etc_has_what_programs_read_and_no_secrets() {
     let got = sh(&rt, &[], &check).expect_ok();
     assert_eq!(got.stdout, "", "{names:?}");
 }
+
+/// Issue 15, defect 9: `--read-write` on the embedded default made a root
+/// of host root's that even `-u 0` could not write; the run's own root now
+/// belongs to the container's root. Without the flag the root stays
+/// read-only, and the shared cache is never written.
+#[test]
+fn read_write_on_the_embedded_default_is_writable() {
+    let Some(rt) = rt("read_write_on_the_embedded_default_is_writable") else {
+        return;
+    };
+    let o = sh(
+        &rt,
+        &["--read-write", "-u", "0"],
+        "touch /x && mkdir /etc/new && echo wrote",
+    )
+    .expect_ok();
+    assert!(o.stdout.contains("wrote"), "{o:?}");
+    let o = sh(&rt, &["-u", "0"], "touch /x");
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stderr.contains("Read-only file system"), "{o:?}");
+    // Nobody (the default user) still cannot write in root's `/`.
+    let o = sh(&rt, &["--read-write"], "touch /x");
+    assert_eq!(o.code, Some(1), "{o:?}");
+    let cache = rt.root().join(".cache/rootfs");
+    for e in fs::read_dir(&cache).unwrap().flatten() {
+        assert!(!e.path().join("x").exists(), "{}", e.path().display());
+    }
+    assert_clean(&rt);
+}
+
+/// Issue 15, defect 5: with `-t`, SIGINT/SIGTERM were only forwarded, so a
+/// PID 1 without handlers never stopped; the second one now kills the
+/// container, as without a terminal.
+#[test]
+fn a_second_sigterm_stops_a_run_with_a_terminal() {
+    let Some(rt) = rt("a_second_sigterm_stops_a_run_with_a_terminal") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let child = spawn_run(
+        &rt,
+        &["-t"],
+        "trap '' TERM INT; echo ready; sleep 600",
+        &dir.path().join("o"),
+    );
+    // Before the fix this loop never ended (its 30 s bound failed).
+    stop_sleeper(child);
+    assert_clean(&rt);
+}
+
+/// Issue 15, defect 10, the smaller ones of `moat run`: `--timeout 0` means
+/// none; usage errors exit 125 (moat's own errors), not 2; `-t` sets TERM;
+/// `-it` without a terminal is refused; `--json` writes a record when the
+/// program cannot run, and an unwritable `--json=FILE` fails before the
+/// workload runs; error lines are bounded.
+#[test]
+fn small_promises_of_moat_run() {
+    let Some(rt) = rt("small_promises_of_moat_run") else {
+        return;
+    };
+    let o = sh(&rt, &["--timeout", "0"], "sleep 1.5; echo done").expect_ok();
+    assert!(o.stdout.contains("done"), "{o:?}");
+    for bad in [&["run", "-m"][..], &["run", "--timeout", "x", "--", "true"]] {
+        let o = rt.cmd(bad);
+        assert_eq!(o.code, Some(125), "{bad:?}: {o:?}");
+    }
+    let o = sh(&rt, &["-t"], "echo \"term=$TERM\"").expect_ok();
+    assert!(o.stdout.contains("term=xterm"), "{o:?}");
+    let o = sh(&rt, &["-t", "-e", "TERM=vt100"], "echo \"term=$TERM\"").expect_ok();
+    assert!(o.stdout.contains("term=vt100"), "{o:?}");
+    let o = sh(&rt, &["-it"], "true");
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("not a terminal"), "{o:?}");
+    // A record for a program that cannot run.
+    let json = rt.scratch_file("rec.json");
+    let arg = format!("--json={}", json.display());
+    let o = rt.cmd(&["run", &arg, "--", "/nonexistent"]);
+    assert_eq!(o.code, Some(127), "{o:?}");
+    let rec: serde_json::Value = serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rec["status"], 127, "{rec}");
+    assert!(rec["error"].as_str().unwrap().contains("ENOENT"), "{rec}");
+    // An unwritable record file: refused before anything runs.
+    let marker = rt.scratch_file("ran");
+    let o = sh(
+        &rt,
+        &[
+            "--json=/nonexistent-dir/rec.json",
+            "-v",
+            &format!("{}:/m", marker.parent().unwrap().display()),
+        ],
+        &format!("touch /m/{}", marker.file_name().unwrap().to_string_lossy()),
+    );
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert!(o.stderr.contains("--json"), "{o:?}");
+    assert!(!marker.exists(), "the workload ran");
+    // A 100 KB value echoed in an error: one bounded line.
+    let name = "n".repeat(100_000) + "/";
+    let o = rt.cmd(&["run", "--name", &name, "--", "true"]);
+    assert_eq!(o.code, Some(125), "{o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr.len());
+    assert!(o.stderr.len() < 5000, "{} bytes", o.stderr.len());
+    assert_clean(&rt);
+}
+
+/// Issue 15, defect 10: the workload inherited SIG_IGN for SIGINT from
+/// moat's caller (a shell's background job), so its `trap … INT` never
+/// fired (and moat itself discarded the SIGINT it should forward).
+#[test]
+fn signals_ignored_by_moats_caller_reach_the_workload() {
+    let Some(rt) = rt("signals_ignored_by_moats_caller_reach_the_workload") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let moat = format!("{} --root {}", runtime_bin().display(), rt.root().display());
+    let mut child = spawn_own(
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "trap '' INT QUIT; exec {moat} run -- sh -c 'trap \"echo got-int; exit 3\" INT; echo ready; while :; do sleep 0.05; done'"
+                ),
+            ])
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(fs::File::create(&out).unwrap()),
+    );
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed().as_secs() < 30, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    // Repeated: an interrupt lost for good would hang here, not pass.
+    let status = wait_own(&mut child);
+    assert_eq!(status.code(), Some(3), "{status:?}");
+    assert!(fs::read_to_string(&out).unwrap().contains("got-int"));
+    assert_clean(&rt);
+}
+
+/// Issue 15, defects 7 and 10: what a killed run leaves (`.run/<id>`, with
+/// volumes a root of its own) is removed by the next run; a container whose
+/// config merely carries the run-owner annotation is not; a directory named
+/// like an ID slot does not stop runs.
+#[test]
+fn leftovers_of_killed_runs_and_lookalikes() {
+    let Some(rt) = rt("leftovers_of_killed_runs_and_lookalikes") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    // A directory where an ID slot file would be.
+    let ids = rt
+        .env()
+        .iter()
+        .find(|(k, _)| k == "MOAT_IDALLOC_DIR")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .unwrap();
+    fs::create_dir_all(ids.join("slot-0")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = start_sleeper(&rt, &["-v", "/tmp:/d"], &dir.path().join("o"));
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_own(&mut child);
+    assert_eq!(fs::read_dir(rt.root().join(".run")).unwrap().count(), 1);
+    // An OCI container that names a dead "owner" in its annotations.
+    let mut b = common::Bundle::new(&["sleep", "60"]);
+    b.set(
+        "/annotations",
+        serde_json::json!({"dev.moat.run.owner": "1 0"}),
+    );
+    b.write_config();
+    let id = rt.new_id("lookalike");
+    let d = b.dir().display().to_string();
+    rt.cmd(&["create", "--bundle", &d, &id]).expect_ok();
+    let o = sh(&rt, &[], "true").expect_ok();
+    assert!(
+        o.stderr.contains("left by a moat run that was killed"),
+        "{o:?}"
+    );
+    assert!(!o.stderr.contains(&id), "{o:?}");
+    assert_eq!(rt.status(&id).as_deref(), Some("created"));
+    rt.cmd(&["delete", "--force", &id]).expect_ok();
+    fs::remove_dir(ids.join("slot-0")).unwrap();
+    assert_clean(&rt);
+}

@@ -12,7 +12,7 @@ use moat_image::{Prepared, Source, Store};
 /// Prepares `src` under the state root `root`, with a progress line on
 /// stderr when it is a terminal.
 pub fn prepare(root: &Path, src: &Source) -> Result<Prepared> {
-    let store = Store::new(root);
+    let store = Store::from_env(root)?;
     let tty = std::io::stderr().is_terminal();
     let what = src.describe();
     let mut last_pct = u64::MAX;
@@ -129,6 +129,9 @@ fn in_use(root: &Path) -> Vec<(String, String)> {
 /// never one that a run in progress uses, and then every layer that no
 /// remaining image lists.
 pub fn prune(tiers: &Tiers, root: &Path, a: &PruneArgs) -> Result<i32> {
+    // What killed runs left (their directories keep images "in use", their
+    // half-made containers block removing the whole cache).
+    crate::run::sweep_orphans(tiers, root);
     let store = Store::new(root);
     if a.images.is_empty() && a.unused_for.is_none() {
         let ids = tiers.state_dir().list()?;

@@ -11,6 +11,7 @@ pub mod images;
 pub mod rootfs;
 pub mod seccomp_profile;
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -271,8 +272,74 @@ pub fn human_argv(args: &[String], config_exists: impl Fn() -> bool) -> Option<V
     Some(argv)
 }
 
-/// Runs human mode; returns the exit status (128+N for a signal).
+/// Runs human mode; returns the exit status (128+N for a signal). With
+/// `--json`, a record is written however the run ends: its destination is
+/// opened first (an unwritable file fails before anything runs), and a run
+/// that fails (125, or 126/127 for a program that cannot run) writes one with
+/// the error.
 pub fn main(cli: RunCli) -> Result<i32> {
+    let sink = JsonSink::open(cli.opts.json.as_deref())?;
+    let r = run(cli, &sink);
+    if let Err(e) = &r {
+        sink.write(&serde_json::json!({
+            "exit_code": exit_status(e),
+            "signal": null,
+            "status": exit_status(e),
+            "error": crate::error_line(e),
+        }))?;
+    }
+    r
+}
+
+/// The exit status of a `moat run` that failed with `e`: what a shell
+/// gives a program that cannot run (127 not found, 126 not executable),
+/// else 125 (moat's own error, as docker's).
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<moat_core::RuntimeError>() {
+            Some(moat_core::RuntimeError::ExecFailed { status, .. }) => Some(*status),
+            _ => None,
+        })
+        .unwrap_or(125)
+}
+
+/// Where `--json` goes: stderr, or a file opened (created, truncated) before
+/// the run.
+struct JsonSink(Option<Option<std::fs::File>>);
+
+impl JsonSink {
+    fn open(dest: Option<&str>) -> Result<JsonSink> {
+        Ok(JsonSink(match dest {
+            None => None,
+            Some("-") => Some(None),
+            Some(path) => Some(Some(
+                std::fs::File::create(path)
+                    .with_context(|| format!("--json: cannot write {path}"))?,
+            )),
+        }))
+    }
+
+    fn wanted(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn write(&self, rec: &serde_json::Value) -> Result<()> {
+        use std::io::Write as _;
+        match &self.0 {
+            None => Ok(()),
+            Some(None) => {
+                eprintln!("{rec}");
+                Ok(())
+            }
+            Some(Some(f)) => {
+                let mut f: &std::fs::File = f;
+                writeln!(f, "{rec}").context("--json: cannot write the record")
+            }
+        }
+    }
+}
+
+fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     let o = &cli.opts;
     let tier = tier(cli.global.isolation.as_deref())?;
     // Absolute: the config names the root (a cache entry under it) by path.
@@ -298,7 +365,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
     // the workload (it would leave the container behind): blocked signals
     // stay pending until `wait` forwards them. The container's process
     // unblocks everything before its exec.
-    moat_jail::supervise::block_forwarded_signals();
+    moat_jail::supervise::block_forwarded_signals()
+        .context("cannot take over the signals moat forwards")?;
     // The container's init (an unmapped user on the host) walks down to its
     // root: the state root must be searchable (0711, as `create` makes it).
     std::fs::DirBuilder::new()
@@ -309,9 +377,11 @@ pub fn main(cli: RunCli) -> Result<i32> {
     searchable(root)?;
     let tiers = Tiers::new(root, cli.global.systemd_cgroup);
     let engine = tiers.engine(tier)?;
-    sweep_orphans(&tiers);
-    // This run's process: the owner of its ID block and of its container.
+    sweep_orphans(&tiers, root);
+    // This run's process: the owner of its ID block, its container and
+    // its directory (`.run/<id>`, which says so for a later sweep).
     let owner = Owner::current();
+    let run_dir = RunDir::create(root, &id, &owner)?;
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
         let alloc = IdAllocator::new(idalloc::allocator_dir(), pool)
@@ -327,17 +397,12 @@ pub fn main(cli: RunCli) -> Result<i32> {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
     };
-    // A bundle directory only when the run needs one of its own: a root
-    // made for it, an image's view, or the terminal's socket. The config
-    // stays in memory.
-    let mut bundle = match prepared {
-        Some(_) => Some(TempBundle::create(root, &id)?),
+    // The run's directory is the bundle when the run needs one: a root made
+    // for it, an image's view. The config stays in memory.
+    // Declared after the directory: dropped (unmounted) before it on any error.
+    let view = match &prepared {
+        Some(img) => image_view(img, &run_dir.path, &s, o)?,
         None => None,
-    };
-    // Declared after the bundle: dropped (unmounted) before it on any error.
-    let view = match (&prepared, &bundle) {
-        (Some(img), Some(b)) => image_view(img, &b.path, &s, o)?,
-        _ => None,
     };
     let spec = match &prepared {
         Some(img) => image_spec(&mut s, o, img, view.as_ref())?,
@@ -353,9 +418,13 @@ pub fn main(cli: RunCli) -> Result<i32> {
             let path = if !s.read_write && o.volumes.is_empty() {
                 rootfs::cached(root, &layout)?
             } else {
-                let b = bundle.insert(TempBundle::create(root, &id)?);
-                let path = b.path.join("rootfs");
+                let path = run_dir.path.join("rootfs");
                 rootfs::build(&path, &layout)?;
+                if s.read_write {
+                    // Its own copy: the container's root owns it, so that
+                    // `--read-write -u 0` can write in `/`.
+                    rootfs::give_to(&path, &layout, s.host_id)?;
+                }
                 path
             };
             let mut spec = defaults::spec(&s, mounts);
@@ -410,7 +479,9 @@ pub fn main(cli: RunCli) -> Result<i32> {
     };
     let started = Instant::now();
     let launched = engine.launch(&req)?;
-    let result = supervise(&engine, &id, o.timeout, started, launched, o.json.is_some());
+    // `--timeout 0`: none.
+    let timeout = o.timeout.filter(|t| *t > 0);
+    let result = supervise(&engine, &id, timeout, started, launched, sink.wanted());
     let deleted = engine.delete(&id, true);
     let unmounted = view.map_or(Ok(()), image::view::View::unmount);
     let result = result?;
@@ -419,8 +490,8 @@ pub fn main(cli: RunCli) -> Result<i32> {
     if let Some(alloc) = alloc {
         alloc.release()?;
     }
-    drop(bundle);
-    report(&result, &s, o.json.as_deref())?;
+    drop(run_dir);
+    report(&result, &s, sink)?;
     Ok(result.code)
 }
 
@@ -578,6 +649,7 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
         (Some(su), Some(sg), true) => {
             let m = |h: u32| serde_json::json!([{"containerID": 0, "hostID": h, "size": defaults::MAP_SIZE}]);
             s.id_maps = Some((m(su), m(sg)));
+            s.host_id = su;
         }
         _ => {
             tracing::info!("rootless without a subordinate ID range: the process runs as the one mapped ID (root inside, you outside)");
@@ -590,6 +662,7 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
             }
             s.uid = 0;
             s.gid = 0;
+            s.host_id = uid;
         }
     }
     // The container's cgroup goes under the user's own: the default blkio
@@ -701,6 +774,13 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     }
     s.read_write = o.read_write;
     s.tty = o.tty;
+    if o.tty && o.interactive && !std::io::stdin().is_terminal() {
+        bail!("-it: the input is not a terminal (drop -t, or give moat one)");
+    }
+    if o.tty && !s.env.iter().any(|e| e.split('=').next() == Some("TERM")) {
+        // As docker does: programs on a terminal look for its type.
+        s.env.insert(0, "TERM=xterm".into());
+    }
     s.net_host = match o.net.as_str() {
         "none" => false,
         "host" => true,
@@ -758,32 +838,102 @@ fn settings(o: &RunArgs) -> Result<Settings> {
 /// owns a container.
 pub const OWNER_ANNOTATION: &str = "dev.moat.run.owner";
 
-/// Removes the containers of `moat run`s that were killed (their owner
-/// process is gone): the workload died with its runtime (parent-death
-/// signal), but its state and cgroups stayed; a workload that cleared that
-/// signal is killed now. Failures are warnings: they never stop this run.
-fn sweep_orphans(tiers: &Tiers) {
+/// Cleans up after `moat run`s that were killed (their owner process,
+/// recorded in `<root>/.run/<id>/owner`, is gone): the workload died with
+/// its runtime (parent-death signal), but its container (state, cgroups),
+/// the mounts of its image view and its directory stayed. Also removes the
+/// state directories of `create`s killed before they recorded a container.
+/// Only a container that the dead run recorded as its own is removed (the
+/// owner annotation, checked against `.run/<id>/owner`, which only `moat
+/// run` writes): a config cannot make a sweep delete its container. A
+/// concurrent sweep may remove the same things first: that is silent.
+/// Failures are warnings: they never stop this run.
+pub(crate) fn sweep_orphans(tiers: &Tiers, root: &Path) {
     let sd = tiers.state_dir();
+    sd.remove_unfinished();
+    if let Ok(rd) = std::fs::read_dir(root.join(RUN_DIR)) {
+        for e in rd.flatten() {
+            let Some(id) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if moat_core::state::validate_id(&id).is_err() {
+                continue;
+            }
+            if let Some(owner) = dead_run_owner(&e.path()) {
+                sweep_run(tiers, &id, &e.path(), owner);
+            }
+        }
+    }
     let Ok(ids) = sd.list() else { return };
     for id in ids {
-        let Ok(st) = sd.load(&id) else { continue };
-        let Some(owner) = st
-            .annotations
-            .get(OWNER_ANNOTATION)
-            .and_then(|o| Owner::parse(o))
-        else {
-            continue;
-        };
-        if owner.alive() {
-            continue;
+        if sd.abandoned(&id) {
+            remove_container(tiers, &id, "left by a create that was killed");
         }
-        match tiers.of(&id).and_then(|e| e.delete(&id, true)) {
-            Ok(()) => eprintln!("moat: removed {id}, left by a moat run that was killed"),
-            Err(e) => eprintln!(
-                "moat: warning: cannot remove {id}, left by a killed moat run: {}",
-                moat_core::error_chain(&e)
-            ),
+    }
+}
+
+/// The owner record of a run directory whose owner is dead; None while it
+/// lives (or while a run still writes the record: a directory younger than a
+/// minute without one).
+fn dead_run_owner(dir: &Path) -> Option<String> {
+    match std::fs::read_to_string(dir.join(RUN_OWNER)) {
+        Ok(text) => match Owner::parse(&text) {
+            Some(o) if o.alive() => None,
+            _ => Some(text.trim().to_owned()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let young = std::fs::metadata(dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60));
+            (!young).then(String::new)
         }
+        Err(_) => None,
+    }
+}
+
+/// Removes what the killed run `id` (owner record `owner`) left.
+fn sweep_run(tiers: &Tiers, id: &str, dir: &Path, owner: String) {
+    let sd = tiers.state_dir();
+    let ours = sd
+        .load(id)
+        .is_ok_and(|st| st.annotations.get(OWNER_ANNOTATION) == Some(&owner));
+    if ours || sd.abandoned(id) {
+        remove_container(tiers, id, "left by a moat run that was killed");
+    }
+    if let Err(e) = moat_jail::mountinfo::detach_under(dir) {
+        eprintln!(
+            "moat: warning: cannot unmount what {} holds: {e}",
+            dir.display()
+        );
+        return;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("moat: warning: cannot remove {}: {e}", dir.display()),
+    }
+}
+
+/// `delete --force` of `id`, saying so on stderr.
+fn remove_container(tiers: &Tiers, id: &str, why: &str) {
+    if let Some(line) = removal_line(tiers.of(id).and_then(|e| e.delete(id, true)), id, why) {
+        eprintln!("{line}");
+    }
+}
+
+/// What to say of the removal of `id`: nothing when a concurrent sweep (or
+/// the run itself, ending) removed it first.
+fn removal_line(r: Result<(), moat_core::RuntimeError>, id: &str, why: &str) -> Option<String> {
+    use moat_core::state::StateError;
+    match r {
+        Ok(()) => Some(format!("moat: removed {id}, {why}")),
+        Err(moat_core::RuntimeError::State(StateError::NotFound(_))) => None,
+        Err(e) => Some(format!(
+            "moat: warning: cannot remove {id}, {why}: {}",
+            moat_core::error_chain(&e)
+        )),
     }
 }
 
@@ -858,29 +1008,44 @@ fn resolve_embedded_user(s: &mut Settings, o: &RunArgs) -> Result<()> {
     }
 }
 
-/// A bundle directory under `<root>/.run/<id>`, removed on drop.
-struct TempBundle {
+/// Where runs keep their directories, under the state root.
+const RUN_DIR: &str = ".run";
+/// The file in a run's directory naming its owner (PID and start time).
+const RUN_OWNER: &str = "owner";
+
+/// This run's directory, `<root>/.run/<id>`: the owner record and, when the
+/// run needs a bundle of its own, the bundle. Removed on drop.
+struct RunDir {
     path: PathBuf,
 }
 
-impl TempBundle {
-    fn create(root: &Path, id: &str) -> Result<TempBundle> {
-        let parent = root.join(".run");
+impl RunDir {
+    fn create(root: &Path, id: &str, owner: &Owner) -> Result<RunDir> {
+        let parent = root.join(RUN_DIR);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(&parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
         let path = parent.join(id);
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempBundle { path })
+        match std::fs::DirBuilder::new().mode(0o711).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("container {id} already exists (a moat run of that name is in progress)")
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+        }
+        let dir = RunDir { path };
+        // Whole or absent: a sweep never reads half a record.
+        let tmp = dir.path.join(".owner.tmp");
+        std::fs::write(&tmp, owner.record())
+            .and_then(|()| std::fs::rename(&tmp, dir.path.join(RUN_OWNER)))
+            .with_context(|| format!("cannot write {}", dir.path.display()))?;
+        Ok(dir)
     }
 }
 
-impl Drop for TempBundle {
+impl Drop for RunDir {
     fn drop(&mut self) {
         // The runtime's mounts live in the container's mount namespace; an
         // image view mounted here is unmounted before (see `main`).
@@ -898,13 +1063,35 @@ pub struct RunResult {
     pub wall_s: f64,
     pub cpu_ns: Option<u64>,
     pub peak_memory: Option<u64>,
+    /// Processes of the container the kernel killed for memory.
+    pub oom_kills: u64,
+    /// The workload itself ended that way (SIGKILL with OOM kills counted).
     pub oom_killed: bool,
     /// Forks refused because the pids limit was reached.
     pub pids_limit_hits: u64,
+    /// The deadline ended the workload (it did not end by itself first).
     pub timed_out: bool,
 }
 
-/// Waits for the container's init (forwarding signals, killing it at the
+impl RunResult {
+    /// The outcome of a workload that ended with `code` (128+N for a
+    /// signal): `deadline` whether the `--timeout` deadline fired (moat then
+    /// killed the container), `oom_kills` the OOM kills the cgroup counted.
+    /// A workload that exited by itself was not killed by either, even when
+    /// the deadline fired as it ended or a child of it was OOM-killed.
+    fn ended(code: i32, deadline: bool, oom_kills: u64) -> RunResult {
+        let killed = code == 128 + Signal::SIGKILL as i32;
+        RunResult {
+            code,
+            signal: (code > 128).then_some(code - 128),
+            oom_kills,
+            oom_killed: killed && oom_kills > 0 && !deadline,
+            timed_out: killed && deadline,
+            ..RunResult::default()
+        }
+    }
+}
+
 /// Waits for the container process (forwarding signals; at the
 /// `--timeout` deadline, or on a second SIGINT/SIGTERM, every process of
 /// the container is killed), then reads what the container used and hit
@@ -919,10 +1106,10 @@ fn supervise(
 ) -> Result<RunResult> {
     let kill_all = || {
         if let Err(e) = engine.kill(id, Signal::SIGKILL as i32, true) {
-            eprintln!("moat: cannot kill {id}: {e}");
+            eprintln!("moat: cannot kill {id}: {}", moat_core::error_chain(&e));
         }
     };
-    let (code, timed_out) = match launched.terminal {
+    let (code, deadline) = match launched.terminal {
         // With a terminal, moat proxies it until the container exits.
         Some(m) => {
             let deadline = timeout.map(|t| started + std::time::Duration::from_secs(t.into()));
@@ -930,23 +1117,16 @@ fn supervise(
         }
         None => moat_jail::supervise::wait_supervised(launched.pid, timeout, &kill_all),
     };
-    let mut r = RunResult {
-        code,
-        signal: (code > 128).then_some(code - 128),
-        wall_s: started.elapsed().as_secs_f64(),
-        timed_out,
-        ..RunResult::default()
-    };
+    let ev = engine.events(id).unwrap_or_default();
+    let mut r = RunResult::ended(code, deadline, ev.oom_kills);
+    r.wall_s = started.elapsed().as_secs_f64();
+    r.pids_limit_hits = ev.pids_limit_hits;
     // The full statistics (a dozen files) only for the --json record.
     if want_usage {
         if let Ok(stats) = engine.stats(id) {
             r.cpu_ns = Some(stats.cpu.usage.total);
             r.peak_memory = Some(stats.memory.usage.max);
         }
-    }
-    if let Ok(ev) = engine.events(id) {
-        r.oom_killed = ev.oom_kills > 0;
-        r.pids_limit_hits = ev.pids_limit_hits;
     }
     Ok(r)
 }
@@ -962,11 +1142,17 @@ fn human_bytes(n: i64) -> String {
 }
 
 /// The OOM/timeout lines, and the `--json` record.
-fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
+fn report(r: &RunResult, s: &Settings, sink: &JsonSink) -> Result<()> {
     if r.oom_killed {
         eprintln!(
             "moat: killed: out of memory (limit {})",
             human_bytes(s.memory)
+        );
+    } else if r.oom_kills > 0 {
+        eprintln!(
+            "moat: out of memory (limit {}): {} process(es) of the container killed",
+            human_bytes(s.memory),
+            r.oom_kills
         );
     }
     if r.pids_limit_hits > 0 {
@@ -978,8 +1164,10 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
     if r.timed_out {
         eprintln!("moat: killed: timeout");
     }
-    let Some(dest) = json else { return Ok(()) };
-    let rec = serde_json::json!({
+    // Limits that did not apply (rootless without a delegated cgroup) are
+    // not reported as if they had.
+    let limit = |v: i64| (!s.no_cgroup_limits).then_some(v);
+    sink.write(&serde_json::json!({
         "exit_code": if r.signal.is_some() { None } else { Some(r.code) },
         "signal": r.signal,
         "status": r.code,
@@ -987,17 +1175,13 @@ fn report(r: &RunResult, s: &Settings, json: Option<&str>) -> Result<()> {
         "cpu_time_s": r.cpu_ns.map(|n| n as f64 / 1e9),
         "peak_memory_bytes": r.peak_memory,
         "oom_killed": r.oom_killed,
+        "oom_kills": r.oom_kills,
         "pids_limit_hits": r.pids_limit_hits,
         "timed_out": r.timed_out,
-        "memory_limit_bytes": s.memory,
+        "memory_limit_bytes": limit(s.memory),
+        "pids_limit": limit(s.pids),
         "host_id_start": s.host_id,
-    });
-    if dest == "-" {
-        eprintln!("{rec}");
-    } else {
-        std::fs::write(dest, format!("{rec}\n")).with_context(|| format!("cannot write {dest}"))?;
-    }
-    Ok(())
+    }))
 }
 
 #[cfg(test)]
@@ -1006,6 +1190,36 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    /// Issue 15, defect 10: a workload that ends by itself as the deadline
+    /// fires, or whose child (not itself) was OOM-killed, was reported as
+    /// killed.
+    #[test]
+    fn only_a_killed_workload_is_reported_killed() {
+        let r = RunResult::ended(0, true, 0);
+        assert!(!r.timed_out && !r.oom_killed);
+        let r = RunResult::ended(137, true, 0);
+        assert!(r.timed_out && !r.oom_killed);
+        assert_eq!(r.signal, Some(9));
+        let r = RunResult::ended(0, false, 1);
+        assert!(!r.oom_killed);
+        assert_eq!(r.oom_kills, 1);
+        let r = RunResult::ended(137, false, 1);
+        assert!(r.oom_killed && !r.timed_out);
+        let r = RunResult::ended(1, false, 2);
+        assert!(!r.oom_killed);
+    }
+
+    /// Issue 15, defect 10: concurrent runs sweeping the same orphan warned
+    /// "cannot remove X" when another had removed it first.
+    #[test]
+    fn a_container_removed_by_another_sweep_is_not_a_warning() {
+        let gone = Err(moat_core::RuntimeError::State(
+            moat_core::state::StateError::NotFound("x".into()),
+        ));
+        assert_eq!(removal_line(gone, "x", "why"), None);
+        assert!(removal_line(Ok(()), "x", "why").is_some());
     }
 
     #[test]

@@ -214,6 +214,34 @@ pub fn build(root: &Path, layout: &[Entry]) -> Result<()> {
     Ok(())
 }
 
+/// Gives the root `root` built by [`build`] (the directory and everything
+/// in it, symlinks themselves) to host ID `owner`: the container's root
+/// (container ID 0 maps to it) may then write in it, as `--read-write`
+/// promises. Only for a root of this run's own, never the shared cache.
+pub fn give_to(root: &Path, layout: &[Entry], owner: u32) -> Result<()> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::lchown(p, Some(owner), Some(owner))
+            .with_context(|| format!("cannot give {} to the container", p.display()))
+    };
+    chown(root)?;
+    for e in layout {
+        // Each entry, and the directories created on the way to it.
+        let mut p = root.join(e.path());
+        loop {
+            if fs::symlink_metadata(&p).is_ok() {
+                chown(&p)?;
+            }
+            match p.parent() {
+                Some(parent) if parent != root && parent.starts_with(root) => {
+                    p = parent.to_path_buf()
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Entries the root cache keeps; older ones (other `-u` users, an older host
 /// layout) are removed when a new one is made.
 const CACHE_KEEP: usize = 8;
