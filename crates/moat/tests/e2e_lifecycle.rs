@@ -543,7 +543,23 @@ fn state_written_by_the_previous_release_is_still_handled() {
     assert_eq!(listed["status"], "running", "{listed}");
     assert_eq!(c.status(), "running");
     assert_eq!(c.pid(), pid);
-    let cgroup = cgroup_v1_file("pids", &format!("/{}", c.id), "cgroup.procs");
+    // The init's pids cgroup as the kernel sees it: the one the old state
+    // names (a cgroup is named per state root: `<id>@<hash>` off the
+    // default root).
+    let own = read_trim(Path::new(&format!("/proc/{pid}/cgroup")));
+    let in_pids = own
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned()))
+        .unwrap_or_else(|| panic!("no pids cgroup for {pid}: {own}"));
+    assert!(in_pids.contains(c.id.as_str()), "{in_pids}");
+    assert!(
+        old["cgroup"]
+            .to_string()
+            .contains(in_pids.trim_start_matches('/')),
+        "the old state names the init's cgroup {in_pids}: {}",
+        old["cgroup"]
+    );
+    let cgroup = cgroup_v1_file("pids", &in_pids, "cgroup.procs");
     assert!(
         read_trim(&cgroup).lines().any(|p| p == pid.to_string()),
         "the init is in the cgroup the old state names"
