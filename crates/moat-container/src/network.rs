@@ -77,12 +77,6 @@ impl NetRequest {
             .map(|s| s.parse::<Publish>())
             .collect::<Result<Vec<_>, _>>()?;
         for p in &publish {
-            if p.proto != moat_net::publish::Proto::Tcp {
-                return Err(NetError::Unsupported(format!(
-                    "publishing UDP port {} is not supported yet",
-                    p.port
-                )));
-            }
             if p.host.port() < 1024 {
                 return Err(NetError::Unsupported(format!(
                     "publishing on host port {} (below 1024) is not supported: the stack has no capability",
@@ -170,6 +164,29 @@ const STACK_SYSCALLS: &[&str] = &[
     "prlimit64",
     "tgkill",
 ];
+
+/// What the stack process may hold, whatever the workload does: its data
+/// (heap, thread stacks) within the core's bound for the default
+/// [`moat_net::Limits`] plus what the runtime it was forked from already
+/// holds, resolver threads and the C library; descriptors for every flow
+/// the limits allow. Past either, an allocation or a socket fails (the
+/// stack refuses the flow, or ends and the workload loses its network),
+/// never the host.
+fn stack_limits(req: &NetRequest) -> [(rustix::process::Resource, u64); 2] {
+    let limits = moat_net::Limits::default();
+    let data = limits.memory_bound(&NetConfig::default())
+        + limits.max_dns_pending * moat_net::shell::RESOLVER_STACK
+        + STACK_OVERHEAD;
+    let fds = limits.max_fds(req.publish.len());
+    [
+        (rustix::process::Resource::Data, data as u64),
+        (rustix::process::Resource::Nofile, fds as u64),
+    ]
+}
+
+/// Data the stack process holds besides its buffers: the runtime's own
+/// heap at the fork, the C library, smoltcp's per-socket state.
+const STACK_OVERHEAD: usize = 64 * 1024 * 1024;
 
 /// Paths name resolution reads (the rest of the filesystem is refused).
 fn resolver_paths() -> Vec<PathBuf> {
@@ -298,6 +315,7 @@ fn stack_main(
             keep_fds: &[tap.as_raw_fd(), pidfd.as_raw_fd(), chan.raw()],
             read: &resolver_paths(),
             syscalls: STACK_SYSCALLS,
+            limits: &stack_limits(req),
         }
         .apply()?;
         Ok(moat_net::control()?)

@@ -23,6 +23,13 @@ pub enum ConfineError {
         #[source]
         source: nix::Error,
     },
+    #[error("cannot limit {resource} to {value}")]
+    Limit {
+        resource: String,
+        value: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("capabilities remain after the switch to an unprivileged user")]
     CapsRemain,
     #[error("process attributes")]
@@ -53,6 +60,9 @@ pub struct Confinement<'a> {
     /// The syscalls it may make, by name; each with its reason in the
     /// caller's docs.
     pub syscalls: &'a [&'a str],
+    /// Resource limits it takes (soft and hard alike), so that a bug the
+    /// untrusted side triggers cannot grow it without bound.
+    pub limits: &'a [(rustix::process::Resource, u64)],
 }
 
 impl Confinement<'_> {
@@ -62,6 +72,7 @@ impl Confinement<'_> {
     /// error, and the caller must not serve then.
     pub fn apply(&self) -> Result<(), ConfineError> {
         self.close_other_fds()?;
+        self.set_limits()?;
         self.switch_user()?;
         crate::attrs::set_no_new_privs()?;
         nix::sys::prctl::set_dumpable(false).map_err(ConfineError::Dumpable)?;
@@ -93,6 +104,21 @@ impl Confinement<'_> {
                     Err(e) => return Err(ConfineError::Fds(e.into())),
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn set_limits(&self) -> Result<(), ConfineError> {
+        for &(resource, value) in self.limits {
+            let limit = rustix::process::Rlimit {
+                current: Some(value),
+                maximum: Some(value),
+            };
+            rustix::process::setrlimit(resource, limit).map_err(|e| ConfineError::Limit {
+                resource: format!("{resource:?}"),
+                value,
+                source: e.into(),
+            })?;
         }
         Ok(())
     }
@@ -177,6 +203,7 @@ mod tests {
                     "newfstatat",
                     "fstat",
                 ],
+                limits: &[(rustix::process::Resource::Nofile, 16)],
             };
             if let Err(e) = c.apply() {
                 eprintln!("{}", moat_core::error_chain(&e));
@@ -201,13 +228,20 @@ mod tests {
             if nix::unistd::write(&w, b"x").is_ok() {
                 bits |= 32;
             }
+            // The descriptor limit holds: no more than 16 open at once.
+            let held: Vec<_> = (0..32)
+                .map_while(|_| std::fs::File::open("/etc/hostname").ok())
+                .collect();
+            if held.len() < 16 {
+                bits |= 64;
+            }
             bits
         })
         .unwrap();
         drop(w);
         let mut buf = [0u8; 1];
         let got = rustix::io::read(&r, &mut buf).unwrap_or(0);
-        assert_eq!(code, 63, "confinement checks (bits): {code:#b}");
+        assert_eq!(code, 127, "confinement checks (bits): {code:#b}");
         assert_eq!(got, 1);
     }
 }

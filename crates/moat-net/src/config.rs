@@ -71,6 +71,9 @@ pub struct Limits {
     pub max_udp_queued: usize,
     /// Frames waiting to be written to the TAP device.
     pub max_tx_frames: usize,
+    /// Bytes of frames queued each way between the TAP device and smoltcp
+    /// (the queue towards the TAP may pass it by one frame).
+    pub max_link_bytes: usize,
     /// DNS queries waiting for the host's resolver.
     pub max_dns_pending: usize,
     /// A UDP flow with no datagram either way for this long is closed.
@@ -90,10 +93,55 @@ impl Default for Limits {
             max_buffered: 64 * 1024 * 1024,
             max_udp_queued: 1024 * 1024,
             max_tx_frames: 512,
+            max_link_bytes: 8 * 1024 * 1024,
             max_dns_pending: 64,
             udp_idle: Duration::from_secs(60),
             dns_cache: Duration::from_secs(10),
             learned_addrs: 4096,
         }
+    }
+}
+
+/// Frames the core keeps for reuse (see `Stack::recycle`).
+pub(crate) const FREE_FRAMES: usize = 64;
+/// The most bytes of one SYN the core holds while the host connects.
+pub(crate) const MAX_SYN_FRAME: usize = 2048;
+
+impl Limits {
+    /// The most bytes the core's own buffers can hold on `net`'s link
+    /// within these limits: flow buffers, both frame queues (the one
+    /// towards the TAP passing its bound by one frame), recycled frame
+    /// buffers, queued datagrams and held SYNs. The IO shell adds one frame
+    /// buffer; the process that runs it sets its memory limit above this.
+    pub fn memory_bound(&self, net: &NetConfig) -> usize {
+        let frame = net.max_frame();
+        self.max_buffered
+            + 2 * self.max_link_bytes.max(frame)
+            + frame
+            + FREE_FRAMES * frame
+            + self.max_udp_queued
+            + self.max_tcp_flows * MAX_SYN_FRAME
+    }
+
+    /// Descriptors the IO shell may hold at once: one host socket per flow,
+    /// plus listeners of published ports and its own few.
+    pub fn max_fds(&self, published: usize) -> usize {
+        self.max_tcp_flows + self.max_udp_flows + published + 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_bound_adds_up_the_buffers() {
+        let l = Limits::default();
+        let net = NetConfig::default();
+        let bound = l.memory_bound(&net);
+        assert!(bound > l.max_buffered + 2 * l.max_link_bytes);
+        // About 86 MiB with the defaults, as the README says.
+        assert!((85 << 20..87 << 20).contains(&bound), "{bound}");
+        assert_eq!(l.max_fds(0), 544);
     }
 }

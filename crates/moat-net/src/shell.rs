@@ -12,7 +12,7 @@
 //! workload sent, so a side that does not read slows the other down
 //! instead of filling memory.
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -93,8 +93,6 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("publishing UDP ports ({0}) is not supported yet")]
-    UdpPublish(Publish),
     #[error("cannot make the wake-up pipe")]
     Pipe(#[source] Errno),
     #[error("waiting for the TAP device and the sockets")]
@@ -124,6 +122,8 @@ pub struct Snapshot {
     pub udp_flows: usize,
     /// Host sockets open for flows (not counting listeners).
     pub host_sockets: usize,
+    /// Host peers of published UDP ports with a flow open.
+    pub udp_inbound: usize,
 }
 
 /// The other end of a serving stack: stops it, reads its counters.
@@ -188,6 +188,25 @@ struct HostTcp {
     eof: bool,
 }
 
+/// Where the host side of a published port listens.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Udp(u) => u.as_fd(),
+        }
+    }
+}
+
+/// Stack size of a resolver thread (at most `Limits::max_dns_pending` run
+/// at once).
+pub const RESOLVER_STACK: usize = 512 * 1024;
+
 /// Frames read from the TAP per round, before smoltcp runs.
 const TAP_BATCH: usize = 64;
 
@@ -201,9 +220,12 @@ struct Shell {
     results: mpsc::Receiver<(u64, Result<Vec<IpAddr>, ResolveError>)>,
     results_tx: mpsc::Sender<(u64, Result<Vec<IpAddr>, ResolveError>)>,
     resolving: Vec<JoinHandle<()>>,
-    listeners: Vec<(TcpListener, Publish)>,
+    listeners: Vec<(Listener, Publish)>,
     tcp: HashMap<FlowId, HostTcp>,
     udp: HashMap<FlowId, OwnedFd>,
+    /// Flows of published UDP ports: the listener and the host peer.
+    udp_in: HashMap<FlowId, (usize, SocketAddr)>,
+    udp_peers: HashMap<(usize, SocketAddr), FlowId>,
     connect_timeout: Duration,
     exit_with: Option<OwnedFd>,
     frame: Vec<u8>,
@@ -267,6 +289,8 @@ pub fn serve(
         listeners,
         tcp: HashMap::new(),
         udp: HashMap::new(),
+        udp_in: HashMap::new(),
+        udp_peers: HashMap::new(),
         connect_timeout: cfg.connect_timeout,
         exit_with: cfg.exit_with,
         frame: vec![0u8; max_frame],
@@ -276,18 +300,22 @@ pub fn serve(
     ended
 }
 
-fn listen_published(publish: &[Publish]) -> Result<Vec<(TcpListener, Publish)>, ServeError> {
+fn listen_published(publish: &[Publish]) -> Result<Vec<(Listener, Publish)>, ServeError> {
     let mut out = Vec::new();
     for p in publish {
-        if p.proto == Proto::Udp {
-            return Err(ServeError::UdpPublish(*p));
+        let err = |source| ServeError::Listen {
+            addr: p.host,
+            source,
+        };
+        let l = match p.proto {
+            Proto::Tcp => TcpListener::bind(p.host)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map(Listener::Tcp),
+            Proto::Udp => UdpSocket::bind(p.host)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map(Listener::Udp),
         }
-        let l = TcpListener::bind(p.host)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| ServeError::Listen {
-                addr: p.host,
-                source,
-            })?;
+        .map_err(err)?;
         out.push((l, *p));
     }
     Ok(out)
@@ -390,7 +418,7 @@ impl Shell {
             Slot::Stop => return Ok(Some(Ended::Stopped)),
             Slot::Exit => return Ok(Some(Ended::WorkloadExited)),
             Slot::Wake => self.resolved(now),
-            Slot::Listener(i) => self.accept(now, i),
+            Slot::Listener(i) => self.listener_ready(now, i),
             Slot::Tcp(id) => self.tcp_ready(now, id, ev),
             Slot::Udp(id) => self.udp_ready(now, id),
         }
@@ -431,6 +459,7 @@ impl Shell {
                 tcp_flows: self.stack.tcp_flows(),
                 udp_flows: self.stack.udp_flows(),
                 host_sockets: self.tcp.len() + self.udp.len(),
+                udp_inbound: self.udp_in.len(),
             };
         }
     }
@@ -439,6 +468,8 @@ impl Shell {
     fn finish(&mut self) {
         self.tcp.clear();
         self.udp.clear();
+        self.udp_in.clear();
+        self.udp_peers.clear();
         self.listeners.clear();
         self.report();
         for t in self.resolving.drain(..) {

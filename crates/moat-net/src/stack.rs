@@ -28,7 +28,7 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpListenEndpoint};
 
-use crate::config::{Limits, NetConfig};
+use crate::config::{Limits, NetConfig, FREE_FRAMES, MAX_SYN_FRAME};
 use crate::dns::{self, Query, Rcode};
 use crate::frame::{self, Frame, Kind, Unreachable};
 use crate::policy::{canonical, Egress};
@@ -113,24 +113,57 @@ pub enum StackError {
     Mtu(usize),
 }
 
-/// The link, as smoltcp sees it: two bounded queues of frames.
+/// The link, as smoltcp sees it: two queues of frames, each bounded in
+/// frames and in bytes.
 struct Link {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
     free: Vec<Vec<u8>>,
+    /// Bytes of the frames in `rx` and in `tx`.
+    rx_bytes: usize,
+    tx_bytes: usize,
     max_tx: usize,
+    max_bytes: usize,
     max_frame: usize,
     dropped: u64,
 }
 
 impl Link {
     fn push_tx(&mut self, frame: Vec<u8>) -> bool {
-        if self.tx.len() >= self.max_tx {
+        if self.tx.len() >= self.max_tx || self.tx_bytes + frame.len() > self.max_bytes {
             self.dropped += 1;
             return false;
         }
+        self.tx_bytes += frame.len();
         self.tx.push_back(frame);
         true
+    }
+
+    /// Queues a frame for smoltcp; false (and nothing kept) at a bound.
+    fn push_rx(&mut self, frame: &[u8]) -> bool {
+        if self.rx.len() >= MAX_RX_FRAMES || self.rx_bytes + frame.len() > self.max_bytes {
+            return false;
+        }
+        self.rx_bytes += frame.len();
+        self.rx.push_back(frame.to_vec());
+        true
+    }
+
+    /// Room for one more outgoing frame (which may pass the byte bound by
+    /// at most one frame).
+    fn tx_room(&self) -> bool {
+        self.tx.len() < self.max_tx && self.tx_bytes < self.max_bytes
+    }
+
+    fn tx_token(&mut self) -> TxToken<'_> {
+        TxToken {
+            tx: &mut self.tx,
+            free: &mut self.free,
+            dropped: &mut self.dropped,
+            bytes: &mut self.tx_bytes,
+            max_tx: self.max_tx,
+            max_bytes: self.max_bytes,
+        }
     }
 }
 
@@ -146,7 +179,9 @@ struct TxToken<'a> {
     tx: &'a mut VecDeque<Vec<u8>>,
     free: &'a mut Vec<Vec<u8>>,
     dropped: &'a mut u64,
+    bytes: &'a mut usize,
     max_tx: usize,
+    max_bytes: usize,
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -157,11 +192,14 @@ impl phy::TxToken for TxToken<'_> {
         let r = f(&mut buf);
         // A reply made while receiving may find the queue full: drop it
         // (TCP retransmits) rather than grow the queue.
-        if self.tx.len() < self.max_tx {
+        if self.tx.len() < self.max_tx && *self.bytes < self.max_bytes {
+            *self.bytes += buf.len();
             self.tx.push_back(buf);
         } else {
             *self.dropped += 1;
-            self.free.push(buf);
+            if self.free.len() < FREE_FRAMES {
+                self.free.push(buf);
+            }
         }
         r
     }
@@ -173,24 +211,16 @@ impl phy::Device for Link {
 
     fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
         let frame = self.rx.pop_front()?;
-        Some((
-            RxToken(frame),
-            TxToken {
-                tx: &mut self.tx,
-                free: &mut self.free,
-                dropped: &mut self.dropped,
-                max_tx: self.max_tx,
-            },
-        ))
+        self.rx_bytes = self.rx_bytes.saturating_sub(frame.len());
+        Some((RxToken(frame), self.tx_token()))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
-        (self.tx.len() < self.max_tx).then_some(TxToken {
-            tx: &mut self.tx,
-            free: &mut self.free,
-            dropped: &mut self.dropped,
-            max_tx: self.max_tx,
-        })
+        if self.tx_room() {
+            Some(self.tx_token())
+        } else {
+            None
+        }
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -244,10 +274,11 @@ struct DnsState {
     next: u64,
 }
 
-/// The most held SYN frame (a SYN with a few options is under 100 bytes).
-const MAX_SYN_FRAME: usize = 2048;
 /// Frames waiting for smoltcp before the shell calls [`Stack::poll`].
-const MAX_RX_FRAMES: usize = 1024;
+pub(crate) const MAX_RX_FRAMES: usize = 1024;
+/// What a queued datagram costs besides its payload (so empty datagrams
+/// cannot queue without bound).
+const UDP_REQUEST_COST: usize = 64;
 /// Names in the DNS cache before it is swept.
 const DNS_CACHE_NAMES: usize = 1024;
 /// TTL of the stack's DNS answers.
@@ -276,6 +307,9 @@ pub struct Stack {
     reserved: usize,
     next_flow: u64,
     next_port: u16,
+    /// The workload's Ethernet address, from the last frame it sent (for
+    /// datagrams to a published UDP port before it wrote to that flow).
+    workload_mac: Option<EthernetAddress>,
     stats: Stats,
     refusals: RateLimit,
 }
@@ -298,7 +332,10 @@ impl Stack {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
             free: Vec::new(),
+            rx_bytes: 0,
+            tx_bytes: 0,
             max_tx: limits.max_tx_frames.max(1),
+            max_bytes: limits.max_link_bytes.max(cfg.max_frame()),
             max_frame: cfg.max_frame(),
             dropped: 0,
         };
@@ -347,6 +384,7 @@ impl Stack {
             reserved: 0,
             next_flow: 1,
             next_port: 49152,
+            workload_mac: None,
             stats: Stats::default(),
             refusals: RateLimit::new(10, 20),
         })
@@ -414,6 +452,7 @@ impl Stack {
                 return;
             }
         };
+        self.workload_mac = Some(parsed.src_mac);
         let to_gateway = parsed.ip.is_some_and(|ip| self.is_gateway(ip.dst()));
         match parsed.kind {
             Kind::Arp { target } if target == self.cfg.gateway_v4 => self.pass(frame),
@@ -440,11 +479,9 @@ impl Stack {
 
     /// Queues a frame for smoltcp.
     fn pass(&mut self, frame: &[u8]) {
-        if self.link.rx.len() >= MAX_RX_FRAMES {
+        if !self.link.push_rx(frame) {
             self.stats.dropped_queue_full += 1;
-            return;
         }
-        self.link.rx.push_back(frame.to_vec());
     }
 
     fn unreachable(&mut self, f: &Frame<'_>, why: Unreachable) {
@@ -589,7 +626,7 @@ impl Stack {
         };
         let old = std::mem::replace(&mut flow.state, TcpState::Open { handle });
         if let TcpState::Connecting { syn } = old {
-            self.link.rx.push_back(syn);
+            self.pass(&syn);
         }
         self.stats.tcp_opened += 1;
         self.poll_iface(now);
@@ -606,7 +643,7 @@ impl Stack {
         let syn = std::mem::take(syn);
         self.stats.tcp_connect_failed += 1;
         self.drop_tcp(id);
-        self.link.rx.push_back(syn);
+        self.pass(&syn);
         self.poll_iface(now);
     }
 
@@ -733,7 +770,9 @@ impl Stack {
             let port = self.next_port;
             self.next_port = if port == u16::MAX { 49152 } else { port + 1 };
             let local = SocketAddr::new(gw, port);
-            if !self.tcp_keys.contains_key(&(remote, local)) {
+            if !self.tcp_keys.contains_key(&(remote, local))
+                && !self.udp_keys.contains_key(&(remote, local))
+            {
                 return Some(local);
             }
         }
@@ -748,7 +787,8 @@ impl Stack {
         dst: SocketAddr,
         payload: &[u8],
     ) {
-        if self.is_gateway(dst.ip()) {
+        let inbound = self.udp_keys.get(&(src, dst)).copied();
+        if self.is_gateway(dst.ip()) && inbound.is_none() {
             if dst.port() == 53 {
                 self.dns_query(now, f.src_mac, src, dst, payload);
             } else {
@@ -765,8 +805,8 @@ impl Stack {
             self.stats.dropped_unsupported += 1;
             return;
         }
-        let id = match self.udp_keys.get(&(src, dst)) {
-            Some(&id) => id,
+        let id = match inbound {
+            Some(id) => id,
             None => match self.new_udp_flow(now, f, src, dst) {
                 Some(id) => id,
                 None => return,
@@ -775,11 +815,12 @@ impl Stack {
         if let Some(flow) = self.udp.get_mut(&id) {
             flow.last = now;
         }
-        if self.udp_queued + payload.len() > self.limits.max_udp_queued {
+        let cost = payload.len() + UDP_REQUEST_COST;
+        if self.udp_queued + cost > self.limits.max_udp_queued {
             self.stats.dropped_queue_full += 1;
             return;
         }
-        self.udp_queued += payload.len();
+        self.udp_queued += cost;
         self.requests.push_back(Request::UdpSend {
             flow: id,
             dst: SocketAddr::new(canonical(dst.ip()), dst.port()),
@@ -820,6 +861,43 @@ impl Stack {
             },
         );
         self.udp_keys.insert((src, dst), id);
+        Some(id)
+    }
+
+    /// A datagram from outside for the workload's UDP `port` (a published
+    /// port): a new UDP flow from a gateway port of its own to that port,
+    /// whose answers come back as [`Request::UdpSend`] and datagrams go in
+    /// with [`Stack::udp_received`]. `None` at the flow limit, or before
+    /// the workload sent its first frame (its Ethernet address is unknown).
+    pub fn udp_open_inbound(&mut self, now: Instant, port: u16, v6: bool) -> Option<FlowId> {
+        let Some(mac) = self.workload_mac else {
+            self.stats.dropped_unsupported += 1;
+            return None;
+        };
+        if self.udp.len() >= self.limits.max_udp_flows {
+            self.expire_udp(now);
+        }
+        if self.udp.len() >= self.limits.max_udp_flows {
+            self.stats.udp_refused_limit += 1;
+            return None;
+        }
+        let (gw, workload): (IpAddr, IpAddr) = if v6 {
+            (self.cfg.gateway_v6.into(), self.cfg.workload_v6.into())
+        } else {
+            (self.cfg.gateway_v4.into(), self.cfg.workload_v4.into())
+        };
+        let remote = SocketAddr::new(workload, port);
+        let local = self.free_port(remote, gw)?;
+        let id = self.new_flow();
+        self.udp.insert(
+            id,
+            UdpFlow {
+                key: (remote, local),
+                mac,
+                last: now,
+            },
+        );
+        self.udp_keys.insert((remote, local), id);
         Some(id)
     }
 
@@ -1064,7 +1142,9 @@ impl Stack {
     pub fn next_request(&mut self) -> Option<Request> {
         let r = self.requests.pop_front()?;
         if let Request::UdpSend { payload, .. } = &r {
-            self.udp_queued = self.udp_queued.saturating_sub(payload.len());
+            self.udp_queued = self
+                .udp_queued
+                .saturating_sub(payload.len() + UDP_REQUEST_COST);
         }
         Some(r)
     }
@@ -1072,13 +1152,14 @@ impl Stack {
     /// The next frame for the workload.
     pub fn pop_frame(&mut self) -> Option<Vec<u8>> {
         let f = self.link.tx.pop_front()?;
+        self.link.tx_bytes = self.link.tx_bytes.saturating_sub(f.len());
         self.stats.frames_out += 1;
         Some(f)
     }
 
     /// Gives back a frame's buffer from [`Stack::pop_frame`] for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.link.free.len() < 64 {
+        if self.link.free.len() < FREE_FRAMES {
             self.link.free.push(buf);
         }
     }

@@ -27,6 +27,8 @@ struct Sim {
     requests: Vec<Request>,
     /// Frames the stack sent that the simulated workload was shown.
     seen: Vec<Vec<u8>>,
+    /// Frames the simulated workload sent (a corpus for the fuzz tests).
+    sent: Vec<Vec<u8>>,
 }
 
 fn sim_with(policy: &str, limits: Limits) -> Sim {
@@ -42,7 +44,10 @@ fn sim_with(policy: &str, limits: Limits) -> Sim {
         rx: VecDeque::new(),
         tx: VecDeque::new(),
         free: Vec::new(),
+        rx_bytes: 0,
+        tx_bytes: 0,
         max_tx: 4096,
+        max_bytes: usize::MAX / 2,
         max_frame: cfg.max_frame(),
         dropped: 0,
     };
@@ -71,6 +76,7 @@ fn sim_with(policy: &str, limits: Limits) -> Sim {
         now,
         requests: Vec::new(),
         seen: Vec::new(),
+        sent: Vec::new(),
     }
 }
 
@@ -97,6 +103,7 @@ impl Sim {
             let mut moved = false;
             while let Some(f) = self.link.tx.pop_front() {
                 self.stack.receive_frame(self.now, &f);
+                self.sent.push(f);
                 moved = true;
             }
             self.stack.poll(self.now);
@@ -152,6 +159,7 @@ impl Sim {
 
     /// Sends a raw frame from the workload.
     fn inject(&mut self, frame: &[u8]) {
+        self.sent.push(frame.to_vec());
         self.stack.receive_frame(self.now, frame);
         self.stack.poll(self.now);
         while let Some(f) = self.stack.pop_frame() {
@@ -898,3 +906,99 @@ fn bytes_sent_before_the_workload_closes_are_not_lost() {
     );
     assert_eq!(s.stack.tcp_flows(), 0);
 }
+
+#[test]
+fn link_queues_are_bounded_in_bytes() {
+    // The bound never goes below one largest frame (65534 bytes here).
+    let limits = Limits {
+        max_link_bytes: 1,
+        ..Limits::default()
+    };
+    let max = NetConfig::default().max_frame();
+    let mut s = sim_with("192.0.2.1:9", limits);
+    // Frames for smoltcp (echo requests to the gateway, padded to 20000
+    // bytes): three fit before it runs.
+    let mut big = echo_v4(NetConfig::default().gateway_v4);
+    big.resize(20_000, 0);
+    for _ in 0..100 {
+        s.stack.receive_frame(s.now, &big);
+        assert!(s.stack.link.rx_bytes <= max);
+    }
+    assert_eq!(s.stack.stats().dropped_queue_full, 97);
+    s.stack.poll(s.now);
+    assert_eq!(s.stack.link.rx_bytes, 0);
+    while s.stack.pop_frame().is_some() {}
+    // Datagrams from the host for the workload: the queue towards the TAP
+    // stops within one frame of its bound.
+    s.inject(&udp_from_workload("10.0.2.100:7000", "192.0.2.1:9", b"hi"));
+    let flow = match s.take_requests().as_slice() {
+        [Request::UdpSend { flow, .. }] => *flow,
+        other => panic!("{other:?}"),
+    };
+    let before = s.stack.stats().dropped_queue_full;
+    for _ in 0..100 {
+        s.stack.udp_received(s.now, flow, &[7u8; 30_000]);
+        assert!(s.stack.link.tx_bytes <= 2 * max);
+    }
+    let mut out = 0;
+    while let Some(f) = s.stack.pop_frame() {
+        out += f.len();
+    }
+    assert!(out <= 2 * max, "{out} bytes queued");
+    assert_eq!(s.stack.link.tx_bytes, 0);
+    assert!(s.stack.stats().dropped_queue_full >= before + 97);
+}
+
+#[test]
+fn a_published_udp_port_gets_a_flow_per_host_peer() {
+    let mut s = sim("");
+    // Before the workload sent a frame its address is unknown: dropped.
+    assert_eq!(s.stack.udp_open_inbound(s.now, 5353, false), None);
+    s.inject(&echo_v4(NetConfig::default().gateway_v4));
+    let a = s.stack.udp_open_inbound(s.now, 5353, false).unwrap();
+    let b = s.stack.udp_open_inbound(s.now, 5353, false).unwrap();
+    assert_ne!(a, b);
+    s.seen.clear();
+    s.stack.udp_received(s.now, a, b"hello");
+    while let Some(f) = s.stack.pop_frame() {
+        s.seen.push(f);
+    }
+    let got = udp_to_workload(&s.seen);
+    assert_eq!(got.len(), 1);
+    let (from, payload) = &got[0];
+    assert_eq!(from.ip(), IpAddr::V4(NetConfig::default().gateway_v4));
+    assert_eq!(payload, b"hello");
+    // The workload's answer to that gateway port goes to flow a, whatever
+    // the egress policy (here: nothing allowed).
+    let to = format!("{from}");
+    s.inject(&udp_from_workload("10.0.2.100:5353", &to, b"answer"));
+    let reqs = s.take_requests();
+    assert!(
+        matches!(reqs.as_slice(), [Request::UdpSend { flow, payload, .. }] if *flow == a && payload == b"answer"),
+        "{reqs:?}"
+    );
+    // Another gateway port with no flow: port unreachable, as before.
+    s.seen.clear();
+    s.inject(&udp_from_workload("10.0.2.100:5353", "10.0.2.2:9", b"x"));
+    assert!(s.take_requests().is_empty());
+    assert_eq!(
+        icmp_types(&s.seen),
+        vec![(u8::from(Icmpv4Message::DstUnreachable), 3)]
+    );
+    // The flow limit holds for inbound flows too.
+    let limits = Limits {
+        max_udp_flows: 2,
+        ..Limits::default()
+    };
+    let mut s = sim_with("", limits);
+    s.inject(&echo_v4(NetConfig::default().gateway_v4));
+    assert!(s.stack.udp_open_inbound(s.now, 53, true).is_some());
+    assert!(s.stack.udp_open_inbound(s.now, 53, true).is_some());
+    assert_eq!(s.stack.udp_open_inbound(s.now, 53, true), None);
+    // Idle ones expire and make room.
+    s.now += Limits::default().udp_idle;
+    assert!(s.stack.udp_open_inbound(s.now, 53, true).is_some());
+}
+
+#[path = "stack_fuzz.rs"]
+mod fuzz;

@@ -586,3 +586,64 @@ fn live_tcp_sockets() -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn published_udp_port_answers_each_host_peer() {
+    if skip() {
+        return;
+    }
+    let net = Net::new(&["127.0.0.1:18001:8001/udp", "[::1]:18002:8001/udp"]);
+    // One dual-stack socket in the workload answers every datagram.
+    let sock = net
+        .workload
+        .run(|| UdpSocket::bind("[::]:8001").unwrap());
+    let server = std::thread::spawn(move || {
+        sock.set_read_timeout(Some(GUARD)).unwrap();
+        let mut peers = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let mut reply = b"pong:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            sock.send_to(&reply, peer).unwrap();
+            let from = match peer.ip() {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            };
+            if !peers.contains(&from) {
+                peers.push(from);
+            }
+            if buf[..n].starts_with(b"last") {
+                break;
+            }
+        }
+        peers
+    });
+    // Each sender retries until it hears back (the stack learns the
+    // workload's Ethernet address from its first frames).
+    let ask = |bind: &'static str, to: &'static str, msg: &'static [u8]| {
+        net.outer.run(move || {
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            for _ in 0..60 {
+                s.send_to(msg, to).unwrap();
+                if let Ok(n) = s.recv(&mut buf) {
+                    return buf[..n].to_vec();
+                }
+            }
+            panic!("no answer from {to}");
+        })
+    };
+    assert_eq!(ask("127.0.0.1:0", "127.0.0.1:18001", b"one"), b"pong:one");
+    assert_eq!(ask("127.0.0.1:0", "127.0.0.1:18001", b"two"), b"pong:two");
+    assert_eq!(ask("[::1]:0", "[::1]:18002", b"last"), b"pong:last");
+    // The workload saw them come from the gateway, over v4 and over v6.
+    let mut peers = server.join().unwrap();
+    peers.sort();
+    assert_eq!(
+        peers,
+        vec![ip("10.0.2.2"), ip("fd00:6d6f:6174::2")],
+        "the workload sees the gateway"
+    );
+}

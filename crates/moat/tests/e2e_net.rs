@@ -18,15 +18,57 @@ use std::time::{Duration, Instant};
 
 static NETS: AtomicU32 = AtomicU32::new(0);
 
-/// Two network namespaces and a server; removed on drop.
+/// Two network namespaces and servers; removed on drop.
 struct World {
     outer: String,
     inet: String,
     /// The internet side's address: 10.N.0.2.
     server: String,
+    /// Its IPv6 address: fd00:N::2.
+    server6: String,
     www: PathBuf,
+    /// Bytes the push server (port 9001) managed to send, updated as it goes.
+    pushed: PathBuf,
     server_proc: Option<std::process::Child>,
+    helper_proc: Option<std::process::Child>,
 }
+
+/// The test internet's other servers, in Python: 9000 echoes lines on any
+/// number of connections (held open until the client closes), 9001 pushes
+/// bytes to whoever connects, as fast as they are taken, counting them in
+/// the file given as argv[1].
+const HELPER: &str = r#"
+import socket, sys, threading
+def echo(c):
+    with c, c.makefile('rb') as f:
+        for line in f:
+            c.sendall(line)
+def push(c, path):
+    block, sent = b'x' * 65536, 0
+    with c:
+        try:
+            while True:
+                sent += c.send(block)
+                with open(path + '.tmp', 'w') as f:
+                    f.write(str(sent))
+                import os; os.replace(path + '.tmp', path)
+        except OSError:
+            pass
+def listen(port):
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(('::', port))
+    s.listen(1024)
+    return s
+def serve(s, fn, *args):
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=fn, args=(c,) + args, daemon=True).start()
+pusher = listen(9001)
+threading.Thread(target=serve, args=(listen(9000), echo), daemon=True).start()
+serve(pusher, push, sys.argv[1])
+"#;
 
 /// A command run to completion through the harness (whose reaper must
 /// not take its exit status).
@@ -57,8 +99,11 @@ impl World {
             outer: outer.clone(),
             inet: inet.clone(),
             server: format!("10.{net}.0.2"),
+            server6: format!("fd00:{net}::2"),
             www: rt.scratch_file("www"),
+            pushed: rt.scratch_file("pushed"),
             server_proc: None,
+            helper_proc: None,
         };
         ip(&["netns", "add", &outer]);
         ip(&["netns", "add", &inet]);
@@ -84,6 +129,26 @@ impl World {
             "dev",
             &b,
         ]);
+        ip(&[
+            "-n",
+            &outer,
+            "addr",
+            "add",
+            &format!("fd00:{net}::1/64"),
+            "dev",
+            &a,
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            &inet,
+            "addr",
+            "add",
+            &format!("{}/64", w.server6),
+            "dev",
+            &b,
+            "nodad",
+        ]);
         for (ns, dev) in [(&outer, &a), (&inet, &b)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
@@ -99,18 +164,30 @@ impl World {
                 "http.server",
                 "8080",
                 "--bind",
-                &w.server,
+                "::",
                 "-d",
             ])
             .arg(&w.www)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         w.server_proc = Some(spawn_own(&mut server));
+        let script = rt.scratch_file("helper.py");
+        std::fs::write(&script, HELPER).unwrap();
+        let mut helper = Command::new("nsenter");
+        helper
+            .arg(format!("--net=/run/netns/{inet}"))
+            .arg("python3")
+            .arg(&script)
+            .arg(&w.pushed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        w.helper_proc = Some(spawn_own(&mut helper));
         // Up when it answers (from the outer namespace, as moat's stack will).
         let start = Instant::now();
         while !w
             .curl_from_outer(&format!("http://{}:8080/index.html", w.server))
             .ok()
+            || !w.in_outer("python3", &["-c", &connects(&w.server, 9000)]).ok()
         {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -133,6 +210,13 @@ impl World {
         sh("nsenter", &args)
     }
 
+    /// A program run in the outer namespace (where moat's stack runs).
+    fn in_outer(&self, prog: &str, args: &[&str]) -> Out {
+        let mut all = vec![format!("--net=/run/netns/{}", self.outer), prog.into()];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        sh("nsenter", &all)
+    }
+
     /// The runtime, run in the outer namespace.
     fn moat(&self, rt: &Rt) -> Command {
         let mut c = Command::new("nsenter");
@@ -145,11 +229,18 @@ impl World {
     }
 }
 
+/// Python that connects to `host:port` (and fails if it cannot).
+fn connects(host: &str, port: u16) -> String {
+    format!("import socket; socket.create_connection(('{host}', {port}), 2).close()")
+}
+
 impl Drop for World {
     fn drop(&mut self) {
-        if let Some(mut p) = self.server_proc.take() {
-            let _ = p.kill();
-            let _ = wait_own(&mut p);
+        for p in [self.server_proc.take(), self.helper_proc.take()] {
+            if let Some(mut p) = p {
+                let _ = p.kill();
+                let _ = wait_own(&mut p);
+            }
         }
         for ns in [&self.outer, &self.inet] {
             sh("ip", &["netns".into(), "del".into(), ns.clone()]);
@@ -437,4 +528,623 @@ fn rootless_egress_works_too() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A field of /proc/PID/status (first word of its value).
+fn status_field(pid: u32, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// The stack process of the one sandbox running under `root`: the fork of
+/// the runtime that switched to an unprivileged host user.
+fn stack_pid(root: &Path) -> u32 {
+    let start = Instant::now();
+    loop {
+        let stacks: Vec<u32> = ours(root)
+            .into_iter()
+            .filter(|p| status_field(*p, "Uid").is_some_and(|u| u != "0"))
+            .collect();
+        if let [one] = stacks.as_slice() {
+            return *one;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no single stack process: {stacks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The process whose command line contains `marker`.
+fn pid_of(marker: &str) -> u32 {
+    let start = Instant::now();
+    loop {
+        let found = all_processes().into_iter().find(|(p, _, st)| {
+            *st != 'Z'
+                && std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+                && !std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("moat"))
+        });
+        if let Some((p, _, _)) = found {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no process {marker}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `moat run` in the background whose stdin the test writes and whose
+/// stdout it reads line by line; SIGKILLed if the test ends early.
+struct Bg {
+    run: Running,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    err: PathBuf,
+}
+
+impl Bg {
+    fn start(rt: &Rt, mut c: Command) -> Bg {
+        let err = rt.scratch_file("bg.err");
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let mut child = spawn_own(&mut c);
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().unwrap();
+        Bg {
+            run: Running(child),
+            stdin,
+            lines: std::io::BufRead::lines(std::io::BufReader::new(out)),
+            err,
+        }
+    }
+
+    /// The next line the workload printed (the test fails if it ended).
+    fn line(&mut self) -> String {
+        match self.lines.next() {
+            Some(Ok(l)) => l,
+            other => panic!(
+                "the workload ended early ({other:?}): {}",
+                std::fs::read_to_string(&self.err).unwrap_or_default()
+            ),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin, reads what is left and waits: (rest of stdout, status).
+    fn finish(mut self) -> (String, std::process::ExitStatus) {
+        self.stdin.take();
+        let rest: Vec<String> = self.lines.by_ref().map_while(Result::ok).collect();
+        let st = wait_own(&mut self.run.0);
+        (rest.join("\n"), st)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+/// HTTP through the stack with Python's urllib, a 64 MiB download checked
+/// by hash, 200 flows open at once, IPv6 to an allowed destination and a
+/// refused one, all in one sandbox.
+#[test]
+fn python_http_large_transfer_many_flows_and_ipv6() {
+    let Some(rt) = setup("python_http") else {
+        return;
+    };
+    let w = World::new(&rt);
+    // 64 MiB that are not all one byte, and their hash as the host sees it.
+    let mut big = vec![0u8; 64 << 20];
+    let mut x = 0x2545_f491u32;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(w.www.join("big"), &big).unwrap();
+    drop(big);
+    let want = sh(
+        "sha256sum",
+        &[w.www.join("big").to_string_lossy().into_owned()],
+    );
+    let want = want.stdout.split_whitespace().next().unwrap().to_owned();
+    let script = format!(
+        r#"
+import hashlib, socket, urllib.request
+get = lambda u: urllib.request.urlopen(u, timeout=60)
+print('body', get('http://{s}:8080/index.html').read().decode().strip())
+h, n, r = hashlib.sha256(), 0, get('http://{s}:8080/big')
+while True:
+    b = r.read(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print('big', n, h.hexdigest())
+socks = [socket.create_connection(('{s}', 9000), 30) for _ in range(200)]
+for i, c in enumerate(socks): c.sendall(b'flow %d\n' % i)
+ok = sum(c.makefile('rb').readline() == b'flow %d\n' % i for i, c in enumerate(socks))
+for c in socks: c.close()
+print('flows', ok)
+print('v6', get('http://[{s6}]:8080/index.html').read().decode().strip())
+try:
+    socket.create_connection(('{s6}', 8081), 10)
+    print('v6other open')
+except ConnectionRefusedError:
+    print('v6other refused')
+"#,
+        s = w.server,
+        s6 = w.server6
+    );
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        &format!(
+            "--net=egress={s}:8080,{s}:9000,[{s6}]:8080",
+            s = w.server,
+            s6 = w.server6
+        ),
+        "--",
+        "python3",
+        "-c",
+        &script,
+    ]);
+    let o = output(&rt, c);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(
+        o.stdout.contains("body hello-from-the-internet"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains(&format!("big {} {want}", 64 << 20)),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("flows 200"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("v6 hello-from-the-internet"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("v6other refused"), "{}", o.stdout);
+    wait_none_left(rt.root());
+}
+
+/// A workload that opens flows as fast as it can is refused past the
+/// stack's bound (256 TCP flows) while the stack stays up; a second
+/// sandbox's flows work meanwhile, and the first gets flows again once it
+/// closes its own. The stack process runs under its data and descriptor
+/// limits.
+#[test]
+fn a_flow_flood_is_refused_at_the_bound_and_spares_other_sandboxes() {
+    let Some(rt) = setup("flow_flood") else {
+        return;
+    };
+    let w = World::new(&rt);
+    let script = format!(
+        r#"
+import socket, sys, time
+held, refused = [], 0
+for _ in range(400):
+    try:
+        held.append(socket.create_connection(('{s}', 9000), 30))
+    except ConnectionRefusedError:
+        refused += 1
+print('held', len(held), 'refused', refused, flush=True)
+sys.stdin.readline()
+for c in held: c.close()
+# The closed flows take a few round trips to leave the stack.
+for _ in range(300):
+    try:
+        c = socket.create_connection(('{s}', 9000), 30)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+c.sendall(b'again\n')
+print('after', c.makefile('rb').readline().decode().strip(), flush=True)
+"#,
+        s = w.server
+    );
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        &format!("--net=egress={}:9000", w.server),
+        "--",
+        "python3",
+        "-c",
+        &script,
+    ]);
+    let mut flood = Bg::start(&rt, c);
+    let line = flood.line();
+    assert_eq!(line, "held 256 refused 144", "{}", flood.stderr());
+    let stack = stack_pid(rt.root());
+    let limits = std::fs::read_to_string(format!("/proc/{stack}/limits")).unwrap();
+    let limit_of = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l[name.len()..].split_whitespace().next())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_ne!(limit_of("Max data size"), "unlimited", "{limits}");
+    assert_eq!(limit_of("Max open files"), "544", "{limits}");
+    eprintln!(
+        "flood: stack {stack} holds 256 flows: VmRSS {} kB, VmHWM {} kB, VmData {} kB, data limit {}",
+        status_field(stack, "VmRSS").unwrap_or_default(),
+        status_field(stack, "VmHWM").unwrap_or_default(),
+        status_field(stack, "VmData").unwrap_or_default(),
+        limit_of("Max data size"),
+    );
+    // Another sandbox, meanwhile.
+    let rt2 = Rt::new();
+    let mut c = w.moat(&rt2);
+    c.args([
+        "run",
+        &format!("--net=egress={}:8080", w.server),
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        &format!("http://{}:8080/index.html", w.server),
+    ]);
+    let o = output(&rt2, c);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(o.stdout.contains("hello-from-the-internet"), "{o:?}");
+    wait_none_left(rt2.root());
+    // The flooded stack is still up and serves again once flows close.
+    flood.send("go");
+    assert_eq!(flood.line(), "after again");
+    let err = flood.stderr();
+    let (_, st) = flood.finish();
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(err.contains("flow limit reached"), "{err}");
+    wait_none_left(rt.root());
+}
+
+/// Frames no workload's kernel would write, sent from the workload's side
+/// of its device (a packet socket on eth0, as root in its namespace): random
+/// bytes, truncated headers, wrong lengths and checksums, runt and giant
+/// frames. Then ICMP echo from that side: the gateway answers, another
+/// destination is refused with "administratively prohibited" (v4 and v6).
+const GARBAGE: &str = r#"
+import os, random, socket, struct, sys
+gw_mac = bytes.fromhex('026d6f617402')
+server = socket.inet_aton(sys.argv[1])
+rnd = random.Random(7)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+me = s.getsockname()[4]
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    t = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while t >> 16: t = (t & 0xffff) + (t >> 16)
+    return ~t & 0xffff
+def syn(port, seq):
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 40, 1, 0, 64, 6, 0, socket.inet_aton('10.0.2.100'), server)
+    ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+    tcp = struct.pack('!HHIIBBHHH', port, 8080, seq, 0, 0x50, 0x02, 65535, 0, 0)
+    pseudo = ip[12:20] + struct.pack('!BBH', 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack('!H', csum(pseudo + tcp)) + tcp[18:]
+    return gw_mac + me + b'\x08\x00' + ip + tcp
+sent = 0
+def send(f):
+    global sent
+    try:
+        s.send(f); sent += 1
+    except OSError:
+        pass
+for i in range(20000):
+    k = i % 8
+    good = syn(20000 + i % 30000, i)
+    if k == 0: f = bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 1600)))
+    elif k == 1: f = good[:rnd.randrange(0, len(good))]
+    elif k == 2: f = bytearray(good); f[rnd.randrange(14, len(f))] ^= 0xff; f = bytes(f)
+    elif k == 3: f = good[:16] + struct.pack('!H', rnd.choice([0, 1, 19, 21, 0xffff])) + good[18:]
+    elif k == 4: f = good[:14] + bytes([rnd.choice([0x40, 0x46, 0x4f, 0x60, 0x00])]) + good[15:]
+    elif k == 5: f = good + os.urandom(rnd.randrange(1, 60000))
+    elif k == 6: f = gw_mac + me + struct.pack('!H', rnd.choice([0x0806, 0x86dd, 0x8100, 0x88cc, 0])) + os.urandom(rnd.randrange(0, 100))
+    else: f = good[:23] + bytes([rnd.choice([1, 17, 58, 255])]) + good[24:]
+    send(f)
+print('sent', sent)
+def echo(family, dst):
+    proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+    req = 8 if family == socket.AF_INET else 128
+    p = socket.socket(family, socket.SOCK_RAW, proto)
+    p.settimeout(10)
+    msg = struct.pack('!BBHHH', req, 0, 0, 77, 1) + b'moat'
+    if family == socket.AF_INET:
+        msg = msg[:2] + struct.pack('!H', csum(msg)) + msg[4:]
+    p.sendto(msg, (dst, 0))
+    v4 = family == socket.AF_INET
+    while True:
+        data, src = p.recvfrom(2000)
+        if v4: data = data[(data[0] & 15) * 4:]
+        # Only the answer to this request, or an error quoting it (not NDP,
+        # MLD, or an error about an earlier garbage frame).
+        if data[0] in (0, 129):
+            inner = data
+        elif data[0] in (3, 1):
+            inner = data[8:]
+            inner = inner[(inner[0] & 15) * 4:] if v4 else inner[40:]
+        else:
+            continue
+        if inner[4:6] == struct.pack('!H', 77):
+            return '%s %d %d' % (src[0], data[0], data[1])
+print('gw4', echo(socket.AF_INET, '10.0.2.2'))
+print('gw6', echo(socket.AF_INET6, 'fd00:6d6f:6174::2'))
+print('far4', echo(socket.AF_INET, sys.argv[1]))
+print('far6', echo(socket.AF_INET6, sys.argv[2]))
+"#;
+
+#[test]
+fn garbage_frames_leave_the_stack_serving_and_icmp_is_answered_or_refused() {
+    let Some(rt) = setup("garbage_frames") else {
+        return;
+    };
+    let w = World::new(&rt);
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        &format!("--net=egress={}:8080", w.server),
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo ready; read x; curl -sS --max-time 30 --retry 10 --retry-connrefused --retry-delay 1 http://{}:8080/index.html; echo rc=$? # garbage-marker",
+            w.server
+        ),
+    ]);
+    let mut bg = Bg::start(&rt, c);
+    assert_eq!(bg.line(), "ready");
+    let stack = stack_pid(rt.root());
+    let workload = pid_of("garbage-marker");
+    let script = rt.scratch_file("garbage.py");
+    std::fs::write(&script, GARBAGE).unwrap();
+    let o = sh(
+        "nsenter",
+        &[
+            format!("--net=/proc/{workload}/ns/net"),
+            "python3".into(),
+            script.to_string_lossy().into_owned(),
+            w.server.clone(),
+            w.server6.clone(),
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    let sent: u32 = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sent "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(sent > 15_000, "{}", o.stdout);
+    // Echo: answered by the gateway, refused (destination unreachable,
+    // administratively prohibited) elsewhere, never a forged reply.
+    assert!(o.stdout.contains("gw4 10.0.2.2 0 0"), "{}", o.stdout);
+    assert!(o.stdout.contains("gw6 fd00:6d6f:6174::2 129 0"), "{}", o.stdout);
+    assert!(o.stdout.contains("far4 10.0.2.2 3 13"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("far6 fd00:6d6f:6174::2 1 1"),
+        "{}",
+        o.stdout
+    );
+    eprintln!(
+        "garbage: {sent} frames; stack VmRSS {} kB, VmHWM {} kB",
+        status_field(stack, "VmRSS").unwrap_or_default(),
+        status_field(stack, "VmHWM").unwrap_or_default()
+    );
+    // The same stack still serves the workload.
+    assert!(
+        status_field(stack, "State").is_some_and(|s| s != "Z"),
+        "the stack process ended"
+    );
+    bg.send("go");
+    let (rest, st) = bg.finish();
+    assert!(st.success(), "{st:?}");
+    assert!(rest.contains("hello-from-the-internet"), "{rest}");
+    assert!(rest.contains("rc=0"), "{rest}");
+    wait_none_left(rt.root());
+}
+
+/// A server pushes to a workload that never reads: the stack takes from
+/// the host only what the flow's buffer holds, so what the server manages
+/// to send stays bounded (kernel socket buffers plus 128 KiB) and the
+/// stack's memory does not grow with it.
+#[test]
+fn a_workload_that_never_reads_keeps_the_stack_bounded() {
+    let Some(rt) = setup("never_reads") else {
+        return;
+    };
+    let w = World::new(&rt);
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        &format!("--net=egress={}:9001", w.server),
+        "--",
+        "python3",
+        "-c",
+        &format!(
+            "import socket, sys\nc = socket.create_connection(('{}', 9001), 30)\nprint('connected', flush=True)\nsys.stdin.readline()",
+            w.server
+        ),
+    ]);
+    let mut bg = Bg::start(&rt, c);
+    assert_eq!(bg.line(), "connected");
+    let stack = stack_pid(rt.root());
+    let rss = || {
+        status_field(stack, "VmRSS")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rss();
+    // Wait until the pusher stops making progress (3 s without a byte).
+    let pushed = || {
+        std::fs::read_to_string(&w.pushed)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (mut last, mut since) = (pushed(), Instant::now());
+    let start = Instant::now();
+    while since.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = pushed();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        assert!(
+            last < 256 << 20,
+            "the server pushed {last} bytes into a workload that never reads"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "never settled");
+    }
+    let after = rss();
+    let hwm = status_field(stack, "VmHWM").unwrap_or_default();
+    eprintln!(
+        "never reads: server pushed {last} bytes; stack VmRSS {before} kB before, {after} kB after, VmHWM {hwm} kB"
+    );
+    assert!(last > 0, "nothing was pushed at all");
+    assert!(last < 32 << 20, "pushed {last} bytes");
+    assert!(
+        after < before + 16 * 1024,
+        "stack RSS grew from {before} to {after} kB"
+    );
+    bg.send("done");
+    let (_, st) = bg.finish();
+    assert!(st.success(), "{st:?}");
+    wait_none_left(rt.root());
+}
+
+/// The workload is SIGKILLed in the middle of a download: its runtime
+/// returns, and no process, no live socket of the stack and no network
+/// namespace of it remain.
+#[test]
+fn a_workload_killed_mid_transfer_leaves_nothing_behind() {
+    let Some(rt) = setup("killed_mid_transfer") else {
+        return;
+    };
+    let w = World::new(&rt);
+    std::fs::write(w.www.join("big"), vec![7u8; 32 << 20]).unwrap();
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        &format!("--net=egress={}:8080", w.server),
+        "--",
+        "python3",
+        "-c",
+        &format!(
+            "import sys, urllib.request # killed-marker\nr = urllib.request.urlopen('http://{}:8080/big', timeout=30)\nr.read(1 << 20)\nprint('started', flush=True)\nsys.stdin.readline()",
+            w.server
+        ),
+    ]);
+    let mut bg = Bg::start(&rt, c);
+    assert_eq!(bg.line(), "started");
+    let workload = pid_of("killed-marker");
+    let netns = std::fs::read_link(format!("/proc/{workload}/ns/net")).unwrap();
+    let established = || {
+        w.in_outer("ss", &["-Htn", "state", "established"])
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    assert!(
+        established().contains(&format!("{}:8080", w.server)),
+        "{}",
+        established()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(workload as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (_, st) = bg.finish();
+    assert!(!st.success());
+    wait_none_left(rt.root());
+    // No process is left in the workload's network namespace, nothing
+    // mounts it, and the stack's host socket is gone.
+    let in_netns = || {
+        all_processes()
+            .into_iter()
+            .filter(|(p, _, _)| {
+                std::fs::read_link(format!("/proc/{p}/ns/net")).is_ok_and(|l| l == netns)
+            })
+            .count()
+    };
+    let start = Instant::now();
+    while in_netns() > 0 || !established().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "left: {} processes in {netns:?}; sockets {}",
+            in_netns(),
+            established()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&netns.to_string_lossy().to_string()),
+        "{netns:?} is still mounted"
+    );
+}
+
+/// `-p 127.0.0.1:HOSTPORT:PORT/udp`: datagrams to the host port reach the
+/// workload's UDP port and its answers come back to each sender.
+#[test]
+fn a_published_udp_port_reaches_the_workload() {
+    let Some(rt) = setup("published_udp") else {
+        return;
+    };
+    let w = World::new(&rt);
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut c = w.moat(&rt);
+    c.args([
+        "run",
+        "--net=egress=",
+        "-p",
+        &format!("127.0.0.1:{port}:5353/udp"),
+        "--",
+        "python3",
+        "-c",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353))\nprint('ready', flush=True)\nwhile True:\n    d, a = s.recvfrom(2000)\n    s.sendto(b'echo:' + d + b' from ' + a[0].encode(), a)",
+    ]);
+    let mut bg = Bg::start(&rt, c);
+    assert_eq!(bg.line(), "ready");
+    // Two senders, each retrying until it hears its own answer.
+    let client = format!(
+        r#"
+import socket
+for name in (b'one', b'two'):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    for _ in range(120):
+        s.sendto(name, ('127.0.0.1', {port}))
+        try:
+            print(s.recv(2000).decode()); break
+        except socket.timeout:
+            pass
+"#
+    );
+    let o = w.in_outer("python3", &["-c", &client]);
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stdout.contains("echo:one from 10.0.2.2"), "{o:?}");
+    assert!(o.stdout.contains("echo:two from 10.0.2.2"), "{o:?}");
+    drop(bg);
+    wait_none_left(rt.root());
 }

@@ -9,7 +9,7 @@ use rustix::event::PollFlags;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, Shutdown, SocketFlags, SocketType};
 
-use super::{HostTcp, Shell};
+use super::{HostTcp, Listener, Shell, RESOLVER_STACK};
 use crate::stack::{FlowId, Request};
 
 fn family(addr: &SocketAddr) -> AddressFamily {
@@ -58,6 +58,9 @@ impl Shell {
                 Request::UdpSend { flow, dst, payload } => self.udp_send(flow, dst, &payload),
                 Request::UdpClose { flow } => {
                     self.udp.remove(&flow);
+                    if let Some(key) = self.udp_in.remove(&flow) {
+                        self.udp_peers.remove(&key);
+                    }
                 }
                 Request::Resolve { query, name } => self.resolve(query, name),
             }
@@ -181,6 +184,14 @@ impl Shell {
     }
 
     fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, payload: &[u8]) {
+        if let Some(&(i, peer)) = self.udp_in.get(&flow) {
+            // The workload's answer on a published port: from the port the
+            // peer wrote to, back to the peer.
+            if let Some((Listener::Udp(l), _)) = self.listeners.get(i) {
+                let _ = l.send_to(payload, peer);
+            }
+            return;
+        }
         let fd = match self.udp.entry(flow) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => match connect(dst, SocketType::DGRAM) {
@@ -208,9 +219,49 @@ impl Shell {
         }
     }
 
-    pub(super) fn accept(&mut self, now: Instant, i: usize) {
+    /// A published port is readable: a connection to accept (TCP) or
+    /// datagrams to pass on (UDP).
+    pub(super) fn listener_ready(&mut self, now: Instant, i: usize) {
+        match self.listeners.get(i) {
+            Some((Listener::Tcp(_), _)) => self.accept(now, i),
+            Some((Listener::Udp(_), _)) => self.udp_inbound(now, i),
+            None => {}
+        }
+    }
+
+    /// Datagrams from host peers to a published UDP port: each peer gets a
+    /// flow of its own (its answers go back to that peer).
+    fn udp_inbound(&mut self, now: Instant, i: usize) {
         for _ in 0..64 {
-            let Some((l, p)) = self.listeners.get(i) else {
+            let Some((Listener::Udp(l), p)) = self.listeners.get(i) else {
+                return;
+            };
+            let (port, v6) = (p.port, p.host.is_ipv6());
+            let (n, peer) = match l.recv_from(&mut self.frame) {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            let id = match self.udp_peers.get(&(i, peer)) {
+                Some(&id) => id,
+                None => match self.stack.udp_open_inbound(now, port, v6) {
+                    Some(id) => {
+                        self.udp_peers.insert((i, peer), id);
+                        self.udp_in.insert(id, (i, peer));
+                        id
+                    }
+                    // At the flow limit, or the workload not heard from
+                    // yet: the datagram is lost, as UDP allows.
+                    None => continue,
+                },
+            };
+            let payload = self.frame[..n.min(self.frame.len())].to_vec();
+            self.stack.udp_received(now, id, &payload);
+        }
+    }
+
+    fn accept(&mut self, now: Instant, i: usize) {
+        for _ in 0..64 {
+            let Some((Listener::Tcp(l), p)) = self.listeners.get(i) else {
                 return;
             };
             let port = p.port;
@@ -254,6 +305,9 @@ impl Shell {
         let wake = Arc::clone(&self.wake_w);
         let spawned = std::thread::Builder::new()
             .name("moat-net-dns".into())
+            // getaddrinfo needs far less; at most `max_dns_pending` of
+            // these run at once, inside the stack's memory limit.
+            .stack_size(RESOLVER_STACK)
             .spawn(move || {
                 let r = resolver.resolve(&name);
                 let _ = tx.send((query, r));
