@@ -594,9 +594,7 @@ fn published_udp_port_answers_each_host_peer() {
     }
     let net = Net::new(&["127.0.0.1:18001:8001/udp", "[::1]:18002:8001/udp"]);
     // One dual-stack socket in the workload answers every datagram.
-    let sock = net
-        .workload
-        .run(|| UdpSocket::bind("[::]:8001").unwrap());
+    let sock = net.workload.run(|| UdpSocket::bind("[::]:8001").unwrap());
     let server = std::thread::spawn(move || {
         sock.set_read_timeout(Some(GUARD)).unwrap();
         let mut peers = Vec::new();

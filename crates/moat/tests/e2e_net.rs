@@ -158,15 +158,7 @@ impl World {
         let mut server = Command::new("nsenter");
         server
             .arg(format!("--net=/run/netns/{inet}"))
-            .args([
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "::",
-                "-d",
-            ])
+            .args(["python3", "-m", "http.server", "8080", "--bind", "::", "-d"])
             .arg(&w.www)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -187,7 +179,9 @@ impl World {
         while !w
             .curl_from_outer(&format!("http://{}:8080/index.html", w.server))
             .ok()
-            || !w.in_outer("python3", &["-c", &connects(&w.server, 9000)]).ok()
+            || !w
+                .in_outer("python3", &["-c", &connects(&w.server, 9000)])
+                .ok()
         {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -938,7 +932,11 @@ fn garbage_frames_leave_the_stack_serving_and_icmp_is_answered_or_refused() {
     // Echo: answered by the gateway, refused (destination unreachable,
     // administratively prohibited) elsewhere, never a forged reply.
     assert!(o.stdout.contains("gw4 10.0.2.2 0 0"), "{}", o.stdout);
-    assert!(o.stdout.contains("gw6 fd00:6d6f:6174::2 129 0"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("gw6 fd00:6d6f:6174::2 129 0"),
+        "{}",
+        o.stdout
+    );
     assert!(o.stdout.contains("far4 10.0.2.2 3 13"), "{}", o.stdout);
     assert!(
         o.stdout.contains("far6 fd00:6d6f:6174::2 1 1"),
