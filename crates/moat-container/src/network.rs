@@ -143,6 +143,8 @@ const STACK_SYSCALLS: &[&str] = &[
     "madvise",
     "brk",
     "futex",
+    // Threads only: `confine` refuses namespace flags to clone and answers
+    // clone3 with ENOSYS (the C library then uses clone).
     "clone",
     "clone3",
     "set_robust_list",

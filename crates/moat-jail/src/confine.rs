@@ -10,7 +10,10 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use oci_spec::runtime::{LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder};
+use oci_spec::runtime::{
+    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+    LinuxSyscallBuilder,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
@@ -146,23 +149,64 @@ impl Confinement<'_> {
         Ok(())
     }
 
+    /// The allow-list, except that `clone` may not create namespaces (its
+    /// flags are checked) and `clone3`, whose flags the filter cannot read,
+    /// fails with ENOSYS so the C library falls back to `clone` for threads.
     fn load_seccomp(&self) -> Result<(), ConfineError> {
-        let names: Vec<String> = self.syscalls.iter().map(|s| (*s).to_owned()).collect();
-        let allow = LinuxSyscallBuilder::default()
+        let listed = |n: &str| self.syscalls.contains(&n);
+        let names: Vec<String> = self
+            .syscalls
+            .iter()
+            .filter(|s| !matches!(**s, "clone" | "clone3"))
+            .map(|s| (*s).to_owned())
+            .collect();
+        let mut rules = vec![LinuxSyscallBuilder::default()
             .names(names)
             .action(LinuxSeccompAction::ScmpActAllow)
             .build()
-            .map_err(ConfineError::Profile)?;
+            .map_err(ConfineError::Profile)?];
+        if listed("clone") {
+            let no_namespaces = LinuxSeccompArgBuilder::default()
+                .index(0usize)
+                .value(CLONE_NAMESPACES)
+                .value_two(0u64)
+                .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+                .build()
+                .map_err(ConfineError::Profile)?;
+            rules.push(
+                LinuxSyscallBuilder::default()
+                    .names(vec!["clone".to_owned()])
+                    .action(LinuxSeccompAction::ScmpActAllow)
+                    .args(vec![no_namespaces])
+                    .build()
+                    .map_err(ConfineError::Profile)?,
+            );
+        }
+        if listed("clone3") {
+            rules.push(
+                LinuxSyscallBuilder::default()
+                    .names(vec!["clone3".to_owned()])
+                    .action(LinuxSeccompAction::ScmpActErrno)
+                    .errno_ret(libc::ENOSYS as u32)
+                    .build()
+                    .map_err(ConfineError::Profile)?,
+            );
+        }
         let profile = LinuxSeccompBuilder::default()
             .default_action(LinuxSeccompAction::ScmpActErrno)
             .default_errno_ret(libc::EPERM as u32)
-            .syscalls(vec![allow])
+            .syscalls(rules)
             .build()
             .map_err(ConfineError::Profile)?;
         crate::seccomp::compile(&profile)?.load()?;
         Ok(())
     }
 }
+
+/// `clone` flags that make a namespace (CLONE_NEWNS, NEWCGROUP, NEWUTS,
+/// NEWIPC, NEWUSER, NEWPID, NEWNET; 0x80 is CLONE_NEWTIME only for
+/// `clone3` and `unshare`, part of the exit signal for `clone`).
+const CLONE_NAMESPACES: u64 = 0x7e02_0000;
 
 #[cfg(test)]
 mod tests {
@@ -181,6 +225,10 @@ mod tests {
         let (r, w) = rustix::pipe::pipe().unwrap();
         let stray = std::fs::File::open("/proc/self/status").unwrap();
         let code = moat_sys::process::run_in_child(0, || {
+            // The proof of one thread, while /proc can still be read.
+            let Ok(one) = moat_sys::process::OneThread::check() else {
+                return 101;
+            };
             let c = Confinement {
                 uid: 65534,
                 gid: 65534,
@@ -202,6 +250,8 @@ mod tests {
                     "statx",
                     "newfstatat",
                     "fstat",
+                    "clone",
+                    "clone3",
                 ],
                 limits: &[(rustix::process::Resource::Nofile, 16)],
             };
@@ -235,13 +285,26 @@ mod tests {
             if held.len() < 16 {
                 bits |= 64;
             }
+            // clone: a plain fork is allowed, one that makes a namespace
+            // is refused.
+            let sigchld = libc::SIGCHLD;
+            if one.fork(sigchld, |_| 0).is_ok()
+                && one
+                    .fork(sigchld | libc::CLONE_NEWUSER, |_| 0)
+                    .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
+                && one
+                    .fork(sigchld | libc::CLONE_NEWNET, |_| 0)
+                    .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
+            {
+                bits |= 128;
+            }
             bits
         })
         .unwrap();
         drop(w);
         let mut buf = [0u8; 1];
         let got = rustix::io::read(&r, &mut buf).unwrap_or(0);
-        assert_eq!(code, 127, "confinement checks (bits): {code:#b}");
+        assert_eq!(code, 255, "confinement checks (bits): {code:#b}");
         assert_eq!(got, 1);
     }
 }
