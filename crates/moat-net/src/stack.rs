@@ -732,11 +732,7 @@ impl Stack {
             self.stats.tcp_refused_limit += 1;
             return None;
         }
-        let (gw, workload): (IpAddr, IpAddr) = if v6 {
-            (self.cfg.gateway_v6.into(), self.cfg.workload_v6.into())
-        } else {
-            (self.cfg.gateway_v4.into(), self.cfg.workload_v4.into())
-        };
+        let (gw, workload) = self.gateway_and_workload(v6);
         let remote = SocketAddr::new(workload, port);
         let local = self.free_port(remote, gw)?;
         let mut socket = self.tcp_socket();
@@ -763,6 +759,15 @@ impl Stack {
         self.tcp_keys.insert((remote, local), id);
         self.stats.tcp_opened += 1;
         Some(id)
+    }
+
+    /// The gateway's and the workload's addresses in the family asked for.
+    fn gateway_and_workload(&self, v6: bool) -> (IpAddr, IpAddr) {
+        if v6 {
+            (self.cfg.gateway_v6.into(), self.cfg.workload_v6.into())
+        } else {
+            (self.cfg.gateway_v4.into(), self.cfg.workload_v4.into())
+        }
     }
 
     fn free_port(&mut self, remote: SocketAddr, gw: IpAddr) -> Option<SocketAddr> {
@@ -881,11 +886,7 @@ impl Stack {
             self.stats.udp_refused_limit += 1;
             return None;
         }
-        let (gw, workload): (IpAddr, IpAddr) = if v6 {
-            (self.cfg.gateway_v6.into(), self.cfg.workload_v6.into())
-        } else {
-            (self.cfg.gateway_v4.into(), self.cfg.workload_v4.into())
-        };
+        let (gw, workload) = self.gateway_and_workload(v6);
         let remote = SocketAddr::new(workload, port);
         let local = self.free_port(remote, gw)?;
         let id = self.new_flow();
