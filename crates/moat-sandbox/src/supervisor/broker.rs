@@ -193,10 +193,22 @@ impl Broker {
             libc::SYS_faccessat2 => self.access(n, a[0], a[1], a[2], a[3], valid),
             libc::SYS_readlink => self.readlink(n, cwd, a[0], a[1], a[2], valid),
             libc::SYS_readlinkat => self.readlink(n, a[0], a[1], a[2], a[3], valid),
-            libc::SYS_mkdir => self.mkdir(n, cwd, a[0], a[1], valid),
-            libc::SYS_mkdirat => self.mkdir(n, a[0], a[1], a[2], valid),
-            libc::SYS_mknod => self.mknod(n, cwd, a[0], a[1], a[2], valid),
-            libc::SYS_mknodat => self.mknod(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_mkdir => {
+                self.fresh_creds(n)?;
+                self.mkdir(n, cwd, a[0], a[1], valid)
+            }
+            libc::SYS_mkdirat => {
+                self.fresh_creds(n)?;
+                self.mkdir(n, a[0], a[1], a[2], valid)
+            }
+            libc::SYS_mknod => {
+                self.fresh_creds(n)?;
+                self.mknod(n, cwd, a[0], a[1], a[2], valid)
+            }
+            libc::SYS_mknodat => {
+                self.fresh_creds(n)?;
+                self.mknod(n, a[0], a[1], a[2], a[3], valid)
+            }
             libc::SYS_rmdir => self.unlink(n, cwd, a[0], libc::AT_REMOVEDIR as u64, valid),
             libc::SYS_unlink => self.unlink(n, cwd, a[0], 0, valid),
             libc::SYS_unlinkat => self.unlink(n, a[0], a[1], a[2], valid),
@@ -236,11 +248,6 @@ impl Broker {
             libc::SYS_execve => self.exec(n, cwd, a[0], 0, valid),
             libc::SYS_execveat => self.exec(n, a[0], a[1], a[4], valid),
             libc::SYS_inotify_add_watch => self.inotify_add_watch(n, valid),
-            libc::SYS_clone => self.clone(n.args[0]),
-            libc::SYS_fork | libc::SYS_vfork => {
-                self.creds.invalidate();
-                Ok(Reply::Continue)
-            }
             libc::SYS_setuid
             | libc::SYS_setgid
             | libc::SYS_setreuid
@@ -266,6 +273,12 @@ impl Broker {
 
     fn caller(&mut self, n: &Notif) -> R<Creds> {
         self.creds.get(self.proc.as_fd(), n.pid)
+    }
+
+    /// Reads the caller's credentials again before an operation that
+    /// creates a name: its umask changes without a notification.
+    fn fresh_creds(&mut self, n: &Notif) -> R<()> {
+        self.creds.fresh(self.proc.as_fd(), n.pid).map(drop)
     }
 
     /// Reads the caller's memory; the init before its exec through the
@@ -552,6 +565,11 @@ impl Broker {
         mode: u64,
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
+        // O_TMPFILE without the O_DIRECTORY it includes (`__O_TMPFILE`).
+        const TMPFILE: u64 = 0o20_000_000;
+        if flags & (libc::O_CREAT as u64 | TMPFILE) != 0 {
+            self.fresh_creds(n)?;
+        }
         let c = self.caller(n)?;
         let raw = self.path_arg(n, path)?;
         let abs = self.absolute(n, &c, dirfd, &raw)?;
@@ -1437,21 +1455,6 @@ impl Broker {
     }
 
     // ----- values -----
-
-    fn clone(&mut self, flags: u64) -> R<Reply> {
-        const NS: u64 = (libc::CLONE_NEWNS
-            | libc::CLONE_NEWCGROUP
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUSER
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNET) as u64;
-        if flags & NS != 0 {
-            return Err(libc::EPERM);
-        }
-        self.creds.invalidate();
-        Ok(Reply::Continue)
-    }
 
     fn prctl(&mut self, n: &Notif) -> R<Reply> {
         let allowed = [
