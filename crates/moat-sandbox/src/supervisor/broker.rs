@@ -193,10 +193,22 @@ impl Broker {
             libc::SYS_faccessat2 => self.access(n, a[0], a[1], a[2], a[3], valid),
             libc::SYS_readlink => self.readlink(n, cwd, a[0], a[1], a[2], valid),
             libc::SYS_readlinkat => self.readlink(n, a[0], a[1], a[2], a[3], valid),
-            libc::SYS_mkdir => self.mkdir(n, cwd, a[0], a[1], valid),
-            libc::SYS_mkdirat => self.mkdir(n, a[0], a[1], a[2], valid),
-            libc::SYS_mknod => self.mknod(n, cwd, a[0], a[1], a[2], valid),
-            libc::SYS_mknodat => self.mknod(n, a[0], a[1], a[2], a[3], valid),
+            libc::SYS_mkdir => {
+                self.fresh_creds(n)?;
+                self.mkdir(n, cwd, a[0], a[1], valid)
+            }
+            libc::SYS_mkdirat => {
+                self.fresh_creds(n)?;
+                self.mkdir(n, a[0], a[1], a[2], valid)
+            }
+            libc::SYS_mknod => {
+                self.fresh_creds(n)?;
+                self.mknod(n, cwd, a[0], a[1], a[2], valid)
+            }
+            libc::SYS_mknodat => {
+                self.fresh_creds(n)?;
+                self.mknod(n, a[0], a[1], a[2], a[3], valid)
+            }
             libc::SYS_rmdir => self.unlink(n, cwd, a[0], libc::AT_REMOVEDIR as u64, valid),
             libc::SYS_unlink => self.unlink(n, cwd, a[0], 0, valid),
             libc::SYS_unlinkat => self.unlink(n, a[0], a[1], a[2], valid),
@@ -236,11 +248,6 @@ impl Broker {
             libc::SYS_execve => self.exec(n, cwd, a[0], 0, valid),
             libc::SYS_execveat => self.exec(n, a[0], a[1], a[4], valid),
             libc::SYS_inotify_add_watch => self.inotify_add_watch(n, valid),
-            libc::SYS_clone => self.clone(n.args[0]),
-            libc::SYS_fork | libc::SYS_vfork => {
-                self.creds.invalidate();
-                Ok(Reply::Continue)
-            }
             libc::SYS_setuid
             | libc::SYS_setgid
             | libc::SYS_setreuid
@@ -266,6 +273,12 @@ impl Broker {
 
     fn caller(&mut self, n: &Notif) -> R<Creds> {
         self.creds.get(self.proc.as_fd(), n.pid)
+    }
+
+    /// Reads the caller's credentials again before an operation that
+    /// creates a name: its umask changes without a notification.
+    fn fresh_creds(&mut self, n: &Notif) -> R<()> {
+        self.creds.fresh(self.proc.as_fd(), n.pid).map(drop)
     }
 
     /// Reads the caller's memory; the init before its exec through the
@@ -506,9 +519,11 @@ impl Broker {
         if nofollow {
             flags |= OFlags::NOFOLLOW;
         }
-        let fd = in_root(self.root.as_fd(), abs, flags)?;
-        let canon = self.path_of(fd.as_fd())?;
-        self.decide(n, &canon, want)?;
+        let (fd, lexical) = open_in_root(self.root.as_fd(), abs, flags)?;
+        if !lexical {
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, want)?;
+        }
         Ok(fd)
     }
 
@@ -530,14 +545,16 @@ impl Broker {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
-        let dirfd = in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
-        let mut canon = self.path_of(dirfd.as_fd())?;
-        if canon != b"/" {
-            canon.push(b'/');
-        }
-        canon.extend_from_slice(name);
+        let (dirfd, lexical) = open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
         self.decide(n, abs, want)?;
-        self.decide(n, &canon, want)?;
+        if !lexical {
+            let mut canon = self.path_of(dirfd.as_fd())?;
+            if canon != b"/" {
+                canon.push(b'/');
+            }
+            canon.extend_from_slice(name);
+            self.decide(n, &canon, want)?;
+        }
         Ok((dirfd, name.to_vec()))
     }
 
@@ -552,6 +569,11 @@ impl Broker {
         mode: u64,
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
+        // O_TMPFILE without the O_DIRECTORY it includes (`__O_TMPFILE`).
+        const TMPFILE: u64 = 0o20_000_000;
+        if flags & (libc::O_CREAT as u64 | TMPFILE) != 0 {
+            self.fresh_creds(n)?;
+        }
         let c = self.caller(n)?;
         let raw = self.path_arg(n, path)?;
         let abs = self.absolute(n, &c, dirfd, &raw)?;
@@ -607,16 +629,19 @@ impl Broker {
             | OFlags::NOCTTY
             | OFlags::NONBLOCK;
         for _ in 0..4 {
-            match in_root(self.root.as_fd(), abs, base) {
-                Ok(fd) => {
+            match open_in_root(self.root.as_fd(), abs, base) {
+                Ok((fd, lexical)) => {
                     if f.contains(OFlags::CREATE | OFlags::EXCL) {
                         return Err(libc::EEXIST);
                     }
-                    let canon = self.path_of(fd.as_fd())?;
-                    self.decide(n, &canon, want)?;
+                    if !lexical {
+                        let canon = self.path_of(fd.as_fd())?;
+                        self.decide(n, &canon, want)?;
+                    }
                     if !f.contains(OFlags::NONBLOCK) {
-                        let fl = rustix::fs::fcntl_getfl(&fd).map_err(errno)?;
-                        rustix::fs::fcntl_setfl(&fd, fl & !OFlags::NONBLOCK).map_err(errno)?;
+                        // F_SETFL takes only the status flags of `f`: those
+                        // the caller asked for, without O_NONBLOCK.
+                        rustix::fs::fcntl_setfl(&fd, f).map_err(errno)?;
                     }
                     let mode_w = f & OFlags::RWMODE;
                     if f.contains(OFlags::TRUNC)
@@ -1438,21 +1463,6 @@ impl Broker {
 
     // ----- values -----
 
-    fn clone(&mut self, flags: u64) -> R<Reply> {
-        const NS: u64 = (libc::CLONE_NEWNS
-            | libc::CLONE_NEWCGROUP
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUSER
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNET) as u64;
-        if flags & NS != 0 {
-            return Err(libc::EPERM);
-        }
-        self.creds.invalidate();
-        Ok(Reply::Continue)
-    }
-
     fn prctl(&mut self, n: &Notif) -> R<Reply> {
         let allowed = [
             libc::PR_SET_PDEATHSIG,
@@ -1555,6 +1565,32 @@ fn want_str(w: Want) -> String {
 fn bytes_path(b: &[u8]) -> &Path {
     use std::os::unix::ffi::OsStrExt;
     Path::new(std::ffi::OsStr::from_bytes(b))
+}
+
+/// Opens `abs` in the container's root. First with no symlink allowed on
+/// the way: then what was opened is the cleaned lexical path itself (`..`
+/// stops at the root as the cleaning does), already decided by the caller,
+/// and the second check on the canonical path is not needed (`true`).
+/// A path with a symlink (ELOOP) is opened with [`in_root`] instead
+/// (`false`: the caller checks the canonical path).
+fn open_in_root(root: BorrowedFd<'_>, abs: &[u8], flags: OFlags) -> R<(OwnedFd, bool)> {
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
+    for _ in 0..16 {
+        match rustix::fs::openat2(
+            root,
+            bytes_path(abs),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        ) {
+            Ok(fd) => return Ok((fd, true)),
+            // A concurrent rename raced with `..`: again.
+            Err(rustix::io::Errno::AGAIN) => continue,
+            Err(rustix::io::Errno::LOOP) => break,
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    in_root(root, abs, flags).map(|fd| (fd, false))
 }
 
 /// Opens `abs` in the container's root with the project's one in-root

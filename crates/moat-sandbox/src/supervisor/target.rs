@@ -3,7 +3,7 @@
 //! changes) and its memory (`process_vm_readv`/`writev`, bounded).
 use std::collections::HashMap;
 use std::io::IoSliceMut;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
@@ -14,8 +14,8 @@ pub const PATH_MAX: usize = 4096;
 const PAGE: usize = 4096;
 /// Largest `/proc/TID/status` read.
 const STATUS_MAX: usize = 8192;
-/// Threads whose credentials are kept at once.
-const CACHE_MAX: usize = 4096;
+/// Threads whose credentials are kept at once (each holds a descriptor).
+const CACHE_MAX: usize = 256;
 
 /// What the kernel would check an access of this thread against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,14 +95,21 @@ pub fn parse_status(text: &str) -> Option<Creds> {
     (seen == 15 && c.tgid > 0).then_some(c)
 }
 
-/// Credentials of workload threads, valid until [`Cache::invalidate`]:
-/// called before any task is created and before any credential change
-/// runs, so a thread ID reused by a new task is never answered from an
-/// old entry, and a thread that changed its IDs is read again.
+/// Credentials of workload threads. Each entry holds a pidfd of its thread
+/// (`PIDFD_THREAD`): a thread ID is reused only once its thread is gone,
+/// and a gone thread's pidfd polls ready, so an entry whose pidfd is not
+/// ready still describes the thread behind that ID (checked with one
+/// `ppoll` per use, far cheaper than reading `/proc/TID/status`). Entries
+/// are dropped by [`Cache::invalidate`] before any credential change runs
+/// (set*id, capset, prctl, exec are notified for that). The umask is not
+/// trusted from the cache: [`Cache::fresh`] reads it again where it matters.
 #[derive(Default)]
 pub struct Cache {
-    map: HashMap<u32, Creds>,
+    map: HashMap<u32, (Creds, OwnedFd)>,
 }
+
+/// `PIDFD_THREAD` (Linux 6.9; `O_EXCL`): a pidfd of one thread.
+const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
 
 impl Cache {
     pub fn invalidate(&mut self) {
@@ -110,16 +117,46 @@ impl Cache {
     }
 
     pub fn get(&mut self, proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
-        if let Some(c) = self.map.get(&tid) {
-            return Ok(c.clone());
+        if let Some((c, fd)) = self.map.get(&tid) {
+            if still_running(fd.as_fd()) {
+                return Ok(c.clone());
+            }
+            self.map.remove(&tid);
         }
+        self.fresh(proc_fd, tid)
+    }
+
+    /// Reads the thread's credentials again (and caches them).
+    pub fn fresh(&mut self, proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(tid).map_err(|_| libc::ESRCH)?)
+            .ok_or(libc::ESRCH)?;
+        // Opened before the status is read: if the thread is already gone,
+        // the pidfd polls ready and the entry is never used.
+        let pidfd = rustix::process::pidfd_open(
+            pid,
+            rustix::process::PidfdFlags::from_bits_retain(PIDFD_THREAD),
+        )
+        .map_err(|e| e.raw_os_error())?;
         let c = read_creds(proc_fd, tid)?;
         if self.map.len() >= CACHE_MAX {
             self.map.clear();
         }
-        self.map.insert(tid, c.clone());
+        self.map.insert(tid, (c.clone(), pidfd));
         Ok(c)
     }
+}
+
+/// Whether the thread of `pidfd` has not exited (its ID not free for reuse).
+fn still_running(pidfd: BorrowedFd<'_>) -> bool {
+    let mut p = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut p, Some(&zero)), Ok(0))
 }
 
 fn read_creds(proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
