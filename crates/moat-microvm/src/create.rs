@@ -36,6 +36,7 @@ struct Undo<'a> {
     pid: Option<i32>,
     cgroup: Option<moat_jail::cgroup::CgroupManager>,
     socket_dir: Option<PathBuf>,
+    slot: Option<(u32, String)>,
     armed: bool,
 }
 
@@ -56,6 +57,9 @@ impl Drop for Undo<'_> {
         }
         if let Some(d) = &self.socket_dir {
             let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(slot) = &self.slot {
+            crate::ops::release_slot(slot);
         }
         // The jail's mount point, per-container images, the state.
         let _ = self.tier.sd.remove(self.id);
@@ -89,6 +93,7 @@ impl MicrovmTier {
             pid: None,
             cgroup: None,
             socket_dir: None,
+            slot: None,
             armed: true,
         };
         let dir = lock.dir().to_owned();
@@ -117,6 +122,7 @@ impl MicrovmTier {
         )
         .map_err(MicrovmError::from)?;
         let uid = alloc.host_start;
+        let slot = (alloc.slot, moat_jail::idalloc::Owner::current().record());
         let jail_root = dir.join("jail");
         std::fs::create_dir(&jail_root)
             .map_err(MicrovmError::io("create the jail's mount point"))?;
@@ -151,7 +157,11 @@ impl MicrovmTier {
             backend: host.backend.clone(),
             kernel: host.kernel.image.clone(),
             initrd: guest.initrd.clone(),
-            cmdline: vmm::qemu::cmdline(*accel),
+            cmdline: if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
+                vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+            } else {
+                vmm::qemu::cmdline(*accel)
+            },
             vcpus: guest.vcpus,
             mem_mib: guest.mem_mib,
             disks: guest.disk_files,
@@ -212,6 +222,7 @@ impl MicrovmTier {
         // ends, and the allocator reclaims a block only once no process
         // runs with its IDs.
         std::mem::forget(alloc);
+        undo.slot = Some(slot.clone());
         st.pid = pid;
         st.pid_start_time = moat_jail::procfs::pid_start_time(pid).unwrap_or(0);
         st.tier = Tier::Microvm;
@@ -219,6 +230,7 @@ impl MicrovmTier {
             cgroup: cgroup.to_saved(),
             socket_dir,
             vmm_uid: uid,
+            vmm_slot: Some(slot),
             backend: host.why.clone(),
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;

@@ -197,6 +197,9 @@ struct MicrovmPart {
     socket_dir: PathBuf,
     /// The VMM process's host user (its block in the ID allocator).
     vmm_uid: u32,
+    /// That block's slot and the owner its allocation file records.
+    #[serde(default)]
+    vmm_slot: Option<(u32, String)>,
     /// Which VMM, in words.
     backend: String,
 }

@@ -111,6 +111,13 @@ impl MicrovmTier {
             part.socket_dir
         };
         let _ = std::fs::remove_dir_all(&sock_dir);
+        if let Some(parent) = sock_dir.parent() {
+            // The last container's leaves no empty directory behind.
+            let _ = std::fs::remove_dir(parent);
+        }
+        if let Some(slot) = &part.vmm_slot {
+            release_slot(slot);
+        }
         self.sd.remove(id)?;
         drop(lock);
         Ok(())
@@ -218,6 +225,15 @@ impl MicrovmTier {
         };
         drop(raw);
         Ok(code)
+    }
+}
+
+/// Releases the VMM's host ID block once the VMM is gone: its allocation
+/// file, if it still records the owner it was made for.
+pub(crate) fn release_slot((slot, owner): &(u32, String)) {
+    let path = moat_jail::idalloc::allocator_dir().join(format!("slot-{slot}"));
+    if std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == owner.trim()) {
+        let _ = std::fs::remove_file(&path);
     }
 }
 

@@ -89,6 +89,13 @@ impl Agent {
             version: proto::VERSION,
             kernel: moat_jail::host::Kernel::read().release,
         };
+        if std::env::args().any(|a| a == "debug") {
+            let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+            eprintln!(
+                "moat-agent: hello at uptime {}",
+                up.split_whitespace().next().unwrap_or("?")
+            );
+        }
         self.send_json(Kind::Hello, 0, &hello)?;
         let mut buf = vec![0u8; proto::MAX_DATA];
         loop {

@@ -56,7 +56,7 @@ impl QemuArgs {
     pub fn build(&self) -> Vec<OsString> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
-        push(&["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"]);
+        push(&["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&[

@@ -332,6 +332,14 @@ impl Relay {
     }
 
     fn on_frame(&mut self, f: Frame) -> Result<Option<i32>, VmmError> {
+        if self.plan.console && matches!(f.kind, Kind::Hello | Kind::Started | Kind::Exit) {
+            let since = self.booted_by - self.plan.boot_timeout;
+            eprintln!(
+                "moat: microvm: {:?} after {} ms",
+                f.kind,
+                since.elapsed().as_millis()
+            );
+        }
         match (f.kind, f.chan) {
             (Kind::Hello, _) => {
                 let h: proto::Hello = f.json()?;
