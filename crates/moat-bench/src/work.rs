@@ -47,6 +47,11 @@ pub const HELPER: &str = "/usr/bin/moat-bench";
 /// every rootfs, and writable under every tier's default.
 pub const DATA: &str = "/var/tmp";
 
+/// The sandbox tier's policy for the bench's workload: the built-in
+/// default's shape, with the helper executable and its data writable.
+pub const SANDBOX_POLICY: &str = r#"{"version": 1, "paths": {"/": "r", "/bench": "rx",
+  "/data": "rwx", "/tmp": "rwx", "/dev": "rw", "/proc": "rw", "/sys": "r"}}"#;
+
 impl Work {
     /// Makes the work directory and the shared rootfs, with `moat` (a
     /// static binary) copied in as the helper.
@@ -101,6 +106,10 @@ impl Work {
         // The oldest version every runtime here accepts (crun 1.8 refuses 1.2).
         spec["ociVersion"] = Value::from("1.0.2");
         spec["root"] = serde_json::json!({"path": self.rootfs, "readonly": false});
+        // moat's sandbox tier: the helper executable, its data writable
+        // (other runtimes ignore the annotation).
+        spec["annotations"][moat_core::tier::SANDBOX_POLICY_ANNOTATION] =
+            Value::from(SANDBOX_POLICY);
         fs::create_dir_all(&b).map_err(|source| BenchError::Io {
             what: format!("create {}", b.display()),
             source,

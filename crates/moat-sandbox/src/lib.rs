@@ -126,6 +126,10 @@ struct SupervisorRecord {
     start_time: u64,
     /// The directory of its listener socket.
     dir: PathBuf,
+    /// Its guard (the parent that kills the container when the supervisor
+    /// ends), with its start time; absent in states written before it.
+    #[serde(default)]
+    guard: Option<(i32, u64)>,
 }
 
 /// The sandbox tier, bound to a state root.
@@ -285,10 +289,15 @@ impl SandboxTier {
             pid: spawned.pid,
             start_time: moat_jail::procfs::pid_start_time(spawned.pid).unwrap_or(0),
             dir,
+            guard: Some((
+                spawned.guard,
+                moat_jail::procfs::pid_start_time(spawned.guard).unwrap_or(0),
+            )),
         };
         let container_pid = self.record(req.id, record)?;
-        // A supervisor that already ended (the workload of a launch ran and
-        // exited) has nothing left to be told.
+        // A supervisor that already ended cannot be told: the workload of a
+        // launch ran and exited, or the supervisor failed, and then its
+        // guard kills the container process it is told about here.
         let _ = spawned.go(container_pid);
         Ok(out)
     }
@@ -304,10 +313,13 @@ impl SandboxTier {
             let cg = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup)
                 .map_err(|e| RuntimeError::Tier(Box::new(e)))?;
             // A supervisor that already ended (its workload ran and exited
-            // before it could be moved) has nothing left to limit.
-            if let Err(e) = cg.add_pid(sup.pid) {
-                if alive(&sup) {
-                    return Err(RuntimeError::Tier(Box::new(e)));
+            // before it could be moved) has nothing left to limit; nor has
+            // its guard, which ends with it.
+            for (pid, start) in sup.processes() {
+                if let Err(e) = cg.add_pid(pid) {
+                    if alive(pid, start) {
+                        return Err(RuntimeError::Tier(Box::new(e)));
+                    }
                 }
             }
         }
@@ -327,16 +339,37 @@ impl SandboxTier {
         )?)
     }
 
-    fn supervisor_pid(&self, id: &str) -> Option<i32> {
-        let st = self.sd().load(id).ok()?;
-        let sup = self.part(&st).ok()?.supervisor?;
-        alive(&sup).then_some(sup.pid)
+    /// The supervisor's and its guard's PIDs, those still running.
+    fn supervisor_pids(&self, id: &str) -> Vec<i32> {
+        let Some(sup) = self
+            .sd()
+            .load(id)
+            .ok()
+            .and_then(|st| self.part(&st).ok())
+            .and_then(|p| p.supervisor)
+        else {
+            return Vec::new();
+        };
+        sup.processes()
+            .into_iter()
+            .filter(|(pid, start)| alive(*pid, *start))
+            .map(|(pid, _)| pid)
+            .collect()
     }
 }
 
-fn alive(sup: &SupervisorRecord) -> bool {
-    moat_jail::procfs::proc_stat(sup.pid)
-        .is_some_and(|(start, state)| start == sup.start_time && state != 'Z' && state != 'X')
+impl SupervisorRecord {
+    /// (PID, start time) of the supervisor and of its guard.
+    fn processes(&self) -> Vec<(i32, u64)> {
+        let mut v = vec![(self.pid, self.start_time)];
+        v.extend(self.guard);
+        v
+    }
+}
+
+fn alive(pid: i32, start_time: u64) -> bool {
+    moat_jail::procfs::proc_stat(pid)
+        .is_some_and(|(start, state)| start == start_time && state != 'Z' && state != 'X')
 }
 
 /// The bounding set of the workload process, as bits.
@@ -379,9 +412,9 @@ impl Lifecycle for SandboxTier {
         if !all {
             return Lifecycle::kill(&self.inner, id, signal, false);
         }
-        // Every process of the container but the supervisor, which ends
-        // with them.
-        let sup = self.supervisor_pid(id);
+        // Every process of the container but the supervisor and its guard,
+        // which end with them.
+        let sup = self.supervisor_pids(id);
         let current = self.inner.state(id)?;
         if current.status == moat_core::ContainerStatus::Stopped {
             return Lifecycle::kill(&self.inner, id, signal, true);
@@ -389,7 +422,7 @@ impl Lifecycle for SandboxTier {
         let sig = nix::sys::signal::Signal::try_from(signal)
             .map_err(|_| RuntimeError::Invalid(format!("unknown signal {signal}")))?;
         for p in self.ps(id)? {
-            if Some(p) == sup {
+            if sup.contains(&p) {
                 continue;
             }
             match nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig) {
@@ -410,12 +443,14 @@ impl Lifecycle for SandboxTier {
             .and_then(|p| p.supervisor);
         Lifecycle::delete(&self.inner, id, force)?;
         if let Some(sup) = sup {
-            if alive(&sup) {
-                // Not in a cgroup (rootless without delegation): by PID.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(sup.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            for (pid, start) in sup.processes() {
+                if alive(pid, start) {
+                    // Not in a cgroup (rootless without delegation): by PID.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
             }
             let _ = std::fs::remove_dir_all(&sup.dir);
         } else {
@@ -429,12 +464,12 @@ impl Lifecycle for SandboxTier {
     }
 
     fn ps(&self, id: &str) -> Result<Vec<i32>, RuntimeError> {
-        let sup = self.supervisor_pid(id);
+        let sup = self.supervisor_pids(id);
         Ok(self
             .inner
             .ps(id)?
             .into_iter()
-            .filter(|p| Some(*p) != sup)
+            .filter(|p| !sup.contains(p))
             .collect())
     }
 

@@ -52,3 +52,97 @@ pub fn set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<
         ))),
     }
 }
+
+/// The line [`exit_on_trap`] writes before the syscall number.
+static TRAP_PREFIX: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static TRAP_PREFIX_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Exit status of a process that [`exit_on_trap`] ended: 128 + SIGSYS, as
+/// if the signal had killed it.
+pub const TRAP_EXIT: i32 = 128 + libc::SIGSYS;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Only async-signal-safe steps: atomics, a stack buffer, write, _exit.
+    let mut line = [0u8; 160];
+    let mut len = 0;
+    let prefix = TRAP_PREFIX.load(std::sync::atomic::Ordering::Acquire);
+    let plen = TRAP_PREFIX_LEN
+        .load(std::sync::atomic::Ordering::Acquire)
+        .min(line.len() - 16);
+    if !prefix.is_null() {
+        // SAFETY: `prefix` and `plen` come from a `&'static [u8]` stored by
+        // `exit_on_trap` (its length first, then the pointer, both with
+        // release ordering; read here pointer first with acquire), so the
+        // bytes are live for the whole program and `plen` does not exceed
+        // them; `line` has room for `plen` bytes.
+        let p = unsafe { std::slice::from_raw_parts(prefix, plen) };
+        line[..plen].copy_from_slice(p);
+        len = plen;
+    }
+    // struct siginfo for SIGSYS (include/uapi/asm-generic/siginfo.h):
+    // si_signo, si_errno, si_code (3 ints, padded to 16 bytes on 64-bit),
+    // then _call_addr (a pointer) and _syscall (an int) at byte 24.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a live `siginfo_t` (128 bytes) to an
+        // SA_SIGINFO handler; byte 24 is inside it and 4-byte aligned (the
+        // structure is 8-byte aligned), and for SIGSYS it holds the number
+        // of the trapped syscall.
+        unsafe { info.cast::<u8>().add(24).cast::<i32>().read() }
+    };
+    let mut digits = [0u8; 12];
+    let mut n = i64::from(nr).unsigned_abs();
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || d == 1 {
+            break;
+        }
+    }
+    if nr < 0 {
+        d -= 1;
+        digits[d] = b'-';
+    }
+    for b in digits[d..].iter().chain(b"\n") {
+        line[len] = *b;
+        len += 1;
+    }
+    // SAFETY: `line[..len]` is initialised and lives across the call; the
+    // result is deliberately ignored, as nothing can be done about it in a
+    // handler that ends the process next.
+    unsafe { libc::write(2, line.as_ptr().cast(), len) };
+    // SAFETY: _exit has no preconditions and never returns.
+    unsafe { libc::_exit(TRAP_EXIT) }
+}
+
+/// For a process whose own seccomp filter answers what it does not allow
+/// with `SECCOMP_RET_TRAP`: installs a SIGSYS handler that writes `prefix`
+/// and the syscall's number to stderr as one line, and ends the process
+/// with [`TRAP_EXIT`]. The process still dies (fail closed), but says why.
+pub fn exit_on_trap(prefix: &'static [u8]) -> io::Result<()> {
+    TRAP_PREFIX_LEN.store(prefix.len(), std::sync::atomic::Ordering::Release);
+    TRAP_PREFIX.store(
+        prefix.as_ptr().cast_mut(),
+        std::sync::atomic::Ordering::Release,
+    );
+    // SAFETY: an all-zero `sigaction` is a valid value (no handler, empty
+    // mask, no flags) that is filled in below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigsys;
+    sa.sa_sigaction = handler as usize;
+    sa.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `sa.sa_mask` is a live sigset_t owned by `sa`.
+    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    // SAFETY: `sa` is a live, initialised sigaction whose handler has the
+    // SA_SIGINFO signature and only makes async-signal-safe calls; the old
+    // action is not asked for (null).
+    let r = unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ pub fn main(as_json: bool) -> Result<i32> {
         let tiers: Vec<serde_json::Value> = tiers
             .iter()
             .map(|(t, r)| match r {
-                Ok(()) => json!({"tier": t, "ready": true}),
+                Ok(()) => json!({"tier": t, "ready": true, "runs_on": crate::tiers::note(*t)}),
                 Err(u) => json!({
                     "tier": t, "ready": false, "built": u.built,
                     "reason": u.reason, "fix": u.fix, "message": u.to_string(),
@@ -33,7 +33,10 @@ pub fn main(as_json: bool) -> Result<i32> {
     out!("tiers");
     for (t, r) in &tiers {
         match r {
-            Ok(()) => out!("  {:<10} ready", t.to_string()),
+            Ok(()) => match crate::tiers::note(*t) {
+                Some(n) => out!("  {:<10} ready: {n}", t.to_string()),
+                None => out!("  {:<10} ready", t.to_string()),
+            },
             Err(u) => {
                 out!("  {:<10} not available: {}", t.to_string(), u.reason);
                 if let Some(fix) = &u.fix {

@@ -33,6 +33,11 @@ fn main() -> ExitCode {
     // runs first, so a no-op costs only the exec.
     match args.get(1).and_then(|a| a.to_str()) {
         Some("bench-true") => return ExitCode::SUCCESS,
+        // The guest agent of the microvm tier, PID 1 of a moat guest (the
+        // kernel runs `/moat microvm-agent`).
+        Some(moat_microvm::agent::SUBCOMMAND) => {
+            return ExitCode::from(u8::try_from(moat_microvm::agent::main()).unwrap_or(1));
+        }
         Some("bench-helper") => {
             let rest: Vec<String> = args[2..]
                 .iter()

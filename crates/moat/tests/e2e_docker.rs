@@ -366,14 +366,20 @@ fn docker_daemon_json_runtimes_select_tiers() {
         ])
         .expect_ok();
     assert_eq!(sb.stdout, "in-sandbox\n");
-    // A tier this host cannot run: Docker shows moat's own error.
-    let vm = dk
-        .cmd(&["run", "--rm", "--runtime", "moat-vm-flag", "moatbb", "true"])
-        .expect_fail();
-    assert!(
-        vm.stderr
-            .contains("isolation tier microvm is not available yet"),
-        "{vm:?}"
-    );
+    // The microvm tier by runtimeArgs: the workload's output and status.
+    let vm = dk.cmd(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--runtime",
+        "moat-vm-flag",
+        "moatbb",
+        "sh",
+        "-c",
+        "echo in-vm; exit 3",
+    ]);
+    assert_eq!(vm.code, Some(3), "{vm:?}");
+    assert_eq!(vm.stdout, "in-vm\n", "{vm:?}");
     drop(dk);
 }

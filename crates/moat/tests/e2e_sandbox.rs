@@ -429,3 +429,61 @@ fn the_sandbox_leaves_nothing_behind() {
         );
     }
 }
+
+/// The supervisor's PID as the sandbox's state records it (a launch
+/// records it once the workload runs: waited for).
+fn supervisor_pid(rt: &Rt, id: &str) -> i32 {
+    let path = rt.root().join(id).join("state.json");
+    for _ in 0..3000 {
+        let st: serde_json::Value = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if let Some(p) = st["tier_state"]["supervisor"]["pid"].as_i64() {
+            return i32::try_from(p).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no supervisor recorded in {}", path.display());
+}
+
+#[test]
+fn the_workload_dies_with_its_supervisor() {
+    use std::io::{BufRead, Read};
+    let Some(rt) = rt("the_workload_dies_with_its_supervisor") else {
+        return;
+    };
+    let id = rt.new_id("supervisor-death");
+    let mut cmd = rt.command();
+    cmd.args(["run", "--isolation", "sandbox", "--name", &id, "--"])
+        // It never ends by itself: only the guard's kill ends it (without
+        // one, the harness's timeout fails the test).
+        .args(["sh", "-c", "echo started; while :; do sleep 1; done"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = common::spawn_own(&mut cmd);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    // Killed from outside (as an OOM kill would): its guard ends the
+    // container rather than leave the workload running with ENOSYS for
+    // every brokered call.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor_pid(&rt, &id)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = common::wait_own(&mut child);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + 9), "{rest}\n{err}");
+    assert!(!rt.root().join(&id).exists(), "state left behind");
+}

@@ -519,9 +519,11 @@ impl Broker {
         if nofollow {
             flags |= OFlags::NOFOLLOW;
         }
-        let fd = in_root(self.root.as_fd(), abs, flags)?;
-        let canon = self.path_of(fd.as_fd())?;
-        self.decide(n, &canon, want)?;
+        let (fd, lexical) = open_in_root(self.root.as_fd(), abs, flags)?;
+        if !lexical {
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, want)?;
+        }
         Ok(fd)
     }
 
@@ -543,14 +545,17 @@ impl Broker {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
-        let dirfd = in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
-        let mut canon = self.path_of(dirfd.as_fd())?;
-        if canon != b"/" {
-            canon.push(b'/');
-        }
-        canon.extend_from_slice(name);
+        let (dirfd, lexical) =
+            open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
         self.decide(n, abs, want)?;
-        self.decide(n, &canon, want)?;
+        if !lexical {
+            let mut canon = self.path_of(dirfd.as_fd())?;
+            if canon != b"/" {
+                canon.push(b'/');
+            }
+            canon.extend_from_slice(name);
+            self.decide(n, &canon, want)?;
+        }
         Ok((dirfd, name.to_vec()))
     }
 
@@ -625,16 +630,19 @@ impl Broker {
             | OFlags::NOCTTY
             | OFlags::NONBLOCK;
         for _ in 0..4 {
-            match in_root(self.root.as_fd(), abs, base) {
-                Ok(fd) => {
+            match open_in_root(self.root.as_fd(), abs, base) {
+                Ok((fd, lexical)) => {
                     if f.contains(OFlags::CREATE | OFlags::EXCL) {
                         return Err(libc::EEXIST);
                     }
-                    let canon = self.path_of(fd.as_fd())?;
-                    self.decide(n, &canon, want)?;
+                    if !lexical {
+                        let canon = self.path_of(fd.as_fd())?;
+                        self.decide(n, &canon, want)?;
+                    }
                     if !f.contains(OFlags::NONBLOCK) {
-                        let fl = rustix::fs::fcntl_getfl(&fd).map_err(errno)?;
-                        rustix::fs::fcntl_setfl(&fd, fl & !OFlags::NONBLOCK).map_err(errno)?;
+                        // F_SETFL takes only the status flags of `f`: those
+                        // the caller asked for, without O_NONBLOCK.
+                        rustix::fs::fcntl_setfl(&fd, f).map_err(errno)?;
                     }
                     let mode_w = f & OFlags::RWMODE;
                     if f.contains(OFlags::TRUNC)
@@ -1558,6 +1566,32 @@ fn want_str(w: Want) -> String {
 fn bytes_path(b: &[u8]) -> &Path {
     use std::os::unix::ffi::OsStrExt;
     Path::new(std::ffi::OsStr::from_bytes(b))
+}
+
+/// Opens `abs` in the container's root. First with no symlink allowed on
+/// the way: then what was opened is the cleaned lexical path itself (`..`
+/// stops at the root as the cleaning does), already decided by the caller,
+/// and the second check on the canonical path is not needed (`true`).
+/// A path with a symlink (ELOOP) is opened with [`in_root`] instead
+/// (`false`: the caller checks the canonical path).
+fn open_in_root(root: BorrowedFd<'_>, abs: &[u8], flags: OFlags) -> R<(OwnedFd, bool)> {
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
+    for _ in 0..16 {
+        match rustix::fs::openat2(
+            root,
+            bytes_path(abs),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve,
+        ) {
+            Ok(fd) => return Ok((fd, true)),
+            // A concurrent rename raced with `..`: again.
+            Err(rustix::io::Errno::AGAIN) => continue,
+            Err(rustix::io::Errno::LOOP) => break,
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    in_root(root, abs, flags).map(|fd| (fd, false))
 }
 
 /// Opens `abs` in the container's root with the project's one in-root

@@ -207,11 +207,19 @@ pub fn confine(
     Ok(permitted)
 }
 
-/// Step 7: the supervisor's own filter (default: kill the process).
+/// Step 7: the supervisor's own filter. Anything else ends it: the filter
+/// traps, and the handler names the syscall on stderr before it exits.
 pub fn load_filter() -> Result<(), JailError> {
+    moat_sys::seccomp::exit_on_trap(
+        b"moat: sandbox supervisor: ended by its own seccomp filter on syscall ",
+    )
+    .map_err(|source| JailError::Step {
+        step: "catch SIGSYS",
+        source,
+    })?;
     let names: Vec<&str> = SUPERVISOR_SYSCALLS.iter().map(|(n, _)| *n).collect();
     let doc = serde_json::json!({
-        "defaultAction": "SCMP_ACT_KILL_PROCESS",
+        "defaultAction": "SCMP_ACT_TRAP",
         "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}],
     });
     let spec: oci_spec::runtime::LinuxSeccomp =

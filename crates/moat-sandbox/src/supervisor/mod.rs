@@ -26,6 +26,7 @@ use rustix::fs::{Mode, OFlags};
 use crate::policy::Policy;
 
 pub mod broker;
+pub mod guard;
 pub mod jail;
 pub mod target;
 
@@ -43,56 +44,106 @@ pub struct Options {
     pub keep_stderr: bool,
 }
 
-/// A supervisor started for a sandbox being created.
+/// A supervisor started for a sandbox being created, and its guard.
 pub struct Spawned {
     pub pid: i32,
+    /// The guard ([`guard`]): the supervisor's parent, which kills the
+    /// container when the supervisor ends.
+    pub guard: i32,
     control: Channel,
+    guard_control: Channel,
 }
 
 impl Spawned {
-    /// Tells the supervisor which process is the container's: it serves
-    /// that container, and ends with it.
+    /// Tells the supervisor and its guard which process is the
+    /// container's: the supervisor serves that container and ends with
+    /// it; the guard kills it if the supervisor ends first. An error means
+    /// the supervisor is gone.
     pub fn go(&self, container_pid: i32) -> Result<(), sync::SyncError> {
-        self.control.send(&Msg::Pid(container_pid))
+        let to_guard = self.guard_control.send(&Msg::Pid(container_pid));
+        self.control.send(&Msg::Pid(container_pid))?;
+        to_guard
     }
 }
 
-/// Forks the supervisor (the caller must be single-threaded), listening on
-/// `listener`. Returns once it runs, with its PID.
+/// Forks the guard and, from it, the supervisor (the caller must be
+/// single-threaded), listening on `listener`. Returns once both run, with
+/// their PIDs. Triple fork: the middle process exits at once, so the guard
+/// is an orphan (reparented to the nearest subreaper, like a created
+/// container) and the supervisor is the guard's child.
 pub fn spawn(listener: UnixListener, opts: Options) -> std::io::Result<Spawned> {
-    let (parent, child) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )?;
-    // The children close their copy of the runtime's end, so that the
-    // supervisor sees EOF when the runtime gives up.
-    let parent_copy = parent.try_clone()?;
+    let pair = || {
+        rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+    };
+    let (parent, child) = pair()?;
+    let (guard_parent, guard_child) = pair()?;
+    // The children close their copies of the runtime's ends, so that they
+    // see EOF when the runtime gives up.
+    let runtime_ends = (parent.try_clone()?, guard_parent.try_clone()?);
     let (parent, child) = (Channel::from_fd(parent), Channel::from_fd(child));
+    let guard_parent = Channel::from_fd(guard_parent);
     let one = moat_sys::process::OneThread::check()?;
     let mid = one.fork(0, move |one| {
-        drop(parent_copy);
-        match one.fork(0, |_| run(listener, &child, opts)) {
-            Ok(pid) => match child.send(&Msg::Pid(pid)) {
-                Ok(()) => 0,
-                Err(_) => 1,
-            },
+        drop(runtime_ends);
+        match one.fork(0, move |one| {
+            guard_main(one, listener, child, guard_child, opts)
+        }) {
+            Ok(_) => 0,
             Err(_) => 1,
         }
     })?;
-    // The middle process exits at once: the supervisor is an orphan,
-    // reparented to the nearest subreaper, like a created container.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(mid), None);
-    match parent.recv() {
-        Ok(Msg::Pid(pid)) => Ok(Spawned {
-            pid,
-            control: parent,
-        }),
-        Ok(_) | Err(_) => Err(std::io::Error::other(
-            "the sandbox supervisor did not start",
-        )),
+    let started = || std::io::Error::other("the sandbox supervisor did not start");
+    let (guard, pid) = match (guard_parent.recv(), guard_parent.recv()) {
+        (Ok(Msg::Pid(g)), Ok(Msg::Pid(s))) => (g, s),
+        _ => return Err(started()),
+    };
+    Ok(Spawned {
+        pid,
+        guard,
+        control: parent,
+        guard_control: guard_parent,
+    })
+}
+
+/// The guard process: detaches, forks the supervisor, reports both PIDs
+/// to the runtime, then guards.
+fn guard_main(
+    one: moat_sys::process::OneThread,
+    listener: UnixListener,
+    control: Channel,
+    guard_control: OwnedFd,
+    opts: Options,
+) -> i32 {
+    if let Err(e) = detach(opts.keep_stderr) {
+        tracing::error!("sandbox guard: {e}");
+        return 1;
     }
+    let guard_control = Channel::from_fd(guard_control);
+    let guards_own = guard_control.raw();
+    let sup = one.fork(0, move |_| {
+        // The guard's channel is the guard's alone.
+        if nix::unistd::close(guards_own).is_err() {
+            return 1;
+        }
+        run(listener, &control, opts)
+    });
+    let sup = match sup {
+        Ok(pid) => pid,
+        Err(_) => return 1,
+    };
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    // If the runtime gave up meanwhile, the supervisor sees EOF on its own
+    // channel and ends, and so does the guard.
+    let _ = guard_control
+        .send(&Msg::Pid(me))
+        .and_then(|()| guard_control.send(&Msg::Pid(sup)));
+    guard::run(sup, guard_control)
 }
 
 /// The supervisor process's body; its exit status.
@@ -112,6 +163,8 @@ fn ctx<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> BoxError {
     move |e| format!("cannot {step}: {e}").into()
 }
 
+/// A session of its own (the terminal's signals are not for it), stdio on
+/// /dev/null (stderr kept for logs when asked), not dumpable.
 fn detach(keep_stderr: bool) -> Result<(), BoxError> {
     rustix::process::setsid()?;
     let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
@@ -127,6 +180,7 @@ fn detach(keep_stderr: bool) -> Result<(), BoxError> {
 }
 
 fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(), BoxError> {
+    // Not a process group leader (the guard is): a session of its own.
     detach(opts.keep_stderr)?;
     let Some((first, init)) = wait_first(&listener, control)? else {
         return Ok(());

@@ -1,0 +1,247 @@
+//! The agent's first steps as the guest's PID 1: the kernel filesystems,
+//! the virtio modules, the agent channel.
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+use super::AgentError;
+
+/// Modules the guest loads before it says hello, in dependency order: the
+/// virtio transport, then the agent channel and the entropy device.
+pub const EARLY_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_console",
+    "virtio-rng",
+];
+/// Modules loaded when a workload arrives: the disks (probed then, so a VM
+/// restored from a snapshot sees this run's disks, not the ones it was
+/// booted with) and overlayfs for a writable root.
+pub const LATE_MODULES: &[&str] = &["virtio_blk", "overlay"];
+
+/// Where the initramfs keeps the modules.
+pub const MODULE_DIR: &str = "/lib/modules";
+/// The agent channel in the guest.
+pub const CHANNEL: &str = "/dev/hvc0";
+
+fn mount_fs(
+    fstype: &str,
+    target: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(target).map_err(|e| AgentError::Io {
+        step: format!("create {target}"),
+        source: e,
+    })?;
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|e| AgentError::Sys {
+        step: format!("mount {fstype} on {target}"),
+        source: e,
+    })
+}
+
+/// Moves the agent out of the initramfs onto a tmpfs root (what
+/// `switch_root` does): the kernel refuses `pivot_root` while the root is
+/// the initial rootfs, and the container tier in the guest pivots into the
+/// container's root. The agent and its modules are copied over, the
+/// initramfs's copies deleted (their memory freed), the tmpfs moved onto
+/// `/`, and the agent chroots into it.
+pub fn leave_initramfs() -> Result<(), AgentError> {
+    let new = "/newroot";
+    std::fs::create_dir_all(new).map_err(|e| AgentError::Io {
+        step: format!("create {new}"),
+        source: e,
+    })?;
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| AgentError::Sys {
+        step: "mount the agent's root".into(),
+        source: e,
+    })?;
+    let copy = |from: &str, to: String| -> Result<(), AgentError> {
+        std::fs::copy(from, &to)
+            .map(|_| ())
+            .map_err(|e| AgentError::Io {
+                step: format!("copy {from}"),
+                source: e,
+            })
+    };
+    let mods = format!("{new}{MODULE_DIR}");
+    std::fs::create_dir_all(&mods).map_err(|e| AgentError::Io {
+        step: format!("create {mods}"),
+        source: e,
+    })?;
+    copy(super::GUEST_MOAT, format!("{new}{}", super::GUEST_MOAT))?;
+    let _ = std::fs::remove_file(super::GUEST_MOAT);
+    for name in EARLY_MODULES.iter().chain(LATE_MODULES) {
+        let from = format!("{MODULE_DIR}/{name}.ko");
+        copy(&from, format!("{mods}/{name}.ko"))?;
+        let _ = std::fs::remove_file(&from);
+    }
+    for d in ["dev", "proc", "sys", "run", "tmp"] {
+        let _ = std::fs::create_dir(format!("{new}/{d}"));
+    }
+    nix::unistd::chdir(new).map_err(|e| AgentError::Sys {
+        step: format!("enter {new}"),
+        source: e,
+    })?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| {
+        AgentError::Sys {
+            step: "move the agent's root onto /".into(),
+            source: e,
+        }
+    })?;
+    nix::unistd::chroot(".").map_err(|e| AgentError::Sys {
+        step: "chroot into the agent's root".into(),
+        source: e,
+    })?;
+    nix::unistd::chdir("/").map_err(|e| AgentError::Sys {
+        step: "enter /".into(),
+        source: e,
+    })
+}
+
+/// /dev, /proc, /sys, /run and the cgroup2 hierarchy the container tier
+/// uses in the guest.
+pub fn mount_kernel_filesystems() -> Result<(), AgentError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("proc", "/proc", nodev | MsFlags::MS_NODEV, None)?;
+    mount_fs("sysfs", "/sys", nodev | MsFlags::MS_NODEV, None)?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", nodev | MsFlags::MS_NODEV, None)?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        nodev,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    // /dev/ptmx for openpty: the devpts instance's own.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx").map_err(|e| AgentError::Io {
+        step: "link /dev/ptmx".into(),
+        source: e,
+    })?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        nodev | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    Ok(())
+}
+
+/// Loads `names` from [`MODULE_DIR`] in order; one already loaded is fine.
+pub fn load_modules(names: &[&str]) -> Result<(), AgentError> {
+    for name in names {
+        let path = Path::new(MODULE_DIR).join(format!("{name}.ko"));
+        let file = std::fs::File::open(&path).map_err(|e| AgentError::Io {
+            step: format!("open {}", path.display()),
+            source: e,
+        })?;
+        let empty = CString::default();
+        match nix::kmod::finit_module(&file, &empty, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(e) => {
+                return Err(AgentError::Sys {
+                    step: format!("load module {name}"),
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits (bounded) for a device node to appear.
+pub fn wait_for(path: &Path, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    path.exists()
+}
+
+/// Opens the agent channel and makes it raw: /dev/hvc0 is a tty, which
+/// would turn "\n" into "\r\n" and echo input; it resets on last close, so
+/// the agent keeps it open for its whole life.
+pub fn open_channel() -> Result<OwnedFd, AgentError> {
+    if !wait_for(Path::new(CHANNEL), Duration::from_secs(30)) {
+        return Err(AgentError::NoChannel);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(CHANNEL)
+        .map_err(|e| AgentError::Io {
+            step: format!("open {CHANNEL}"),
+            source: e,
+        })?;
+    let mut t = rustix::termios::tcgetattr(&f).map_err(|e| AgentError::Io {
+        step: "read the channel's modes".into(),
+        source: e.into(),
+    })?;
+    t.make_raw();
+    rustix::termios::tcsetattr(&f, rustix::termios::OptionalActions::Now, &t).map_err(|e| {
+        AgentError::Io {
+            step: "make the channel raw".into(),
+            source: e.into(),
+        }
+    })?;
+    Ok(OwnedFd::from(f))
+}
+
+/// The UUID of the ext4 filesystem on `dev` (its superblock at 1024, the
+/// UUID at 0x68), if it has one.
+pub fn ext4_uuid(dev: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(dev).ok()?;
+    f.seek(SeekFrom::Start(1024)).ok()?;
+    let mut sb = [0u8; 0x78];
+    f.read_exact(&mut sb).ok()?;
+    uuid_from_superblock(&sb)
+}
+
+/// The UUID in an ext4 superblock (magic 0xEF53 at 0x38).
+pub fn uuid_from_superblock(sb: &[u8]) -> Option<String> {
+    if sb.len() < 0x78 || sb[0x38] != 0x53 || sb[0x39] != 0xef {
+        return None;
+    }
+    Some(sb[0x68..0x78].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_uuid() {
+        let mut sb = vec![0u8; 0x78];
+        assert_eq!(uuid_from_superblock(&sb), None);
+        sb[0x38] = 0x53;
+        sb[0x39] = 0xef;
+        sb[0x68] = 0xab;
+        sb[0x77] = 0x01;
+        let u = uuid_from_superblock(&sb).unwrap();
+        assert_eq!(u.len(), 32);
+        assert!(u.starts_with("ab") && u.ends_with("01"));
+        assert_eq!(uuid_from_superblock(&sb[..0x70]), None);
+    }
+}

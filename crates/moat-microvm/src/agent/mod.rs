@@ -1,0 +1,78 @@
+//! The guest agent: moat itself, PID 1 of the initramfs moat builds
+//! ([`crate::assets`]). It mounts the kernel filesystems, loads the virtio
+//! modules, opens the agent channel (`/dev/hvc0`), says hello, and serves
+//! the host: the container's process runs under moat's own container tier
+//! in the guest (`moat run --keep -b BUNDLE w0`, so every layer of the
+//! container tier holds inside the guest too), `exec`s run through `moat
+//! exec`, stdio and terminals are relayed as frames ([`crate::proto`]),
+//! signals delivered, and the exit status, OOM kills and refused forks
+//! reported. `Shutdown` (or anything fatal) reboots the guest, which ends
+//! the VM.
+use std::time::Duration;
+
+pub mod boot;
+mod serve;
+
+/// Argument the kernel passes to the agent (`rdinit=/moat -- microvm-agent`).
+pub const SUBCOMMAND: &str = "microvm-agent";
+/// The moat binary in the initramfs.
+pub const GUEST_MOAT: &str = "/moat";
+/// The container tier's state root in the guest.
+pub const GUEST_STATE_ROOT: &str = "/run/moat";
+/// The container's ID in the guest (one container per VM).
+pub const GUEST_ID: &str = "w0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot {step}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {step}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("the agent channel {} did not appear", boot::CHANNEL)]
+    NoChannel,
+    #[error("agent protocol")]
+    Proto(#[from] crate::proto::ProtoError),
+    #[error("{0}")]
+    Request(String),
+}
+
+/// The agent's life, as PID 1: set up, serve, power off. Never returns
+/// normally (PID 1 exiting panics the kernel); a fatal error is printed on
+/// the console, then the guest reboots, which ends the VM.
+pub fn main() -> i32 {
+    if std::process::id() != 1 {
+        eprintln!("moat: microvm-agent runs only as PID 1 of a moat guest");
+        return 2;
+    }
+    if let Err(e) = run() {
+        eprintln!("moat-agent: {}", moat_core::error_chain(&e));
+    }
+    power_off()
+}
+
+fn run() -> Result<(), AgentError> {
+    boot::leave_initramfs()?;
+    boot::mount_kernel_filesystems()?;
+    boot::load_modules(boot::EARLY_MODULES)?;
+    let chan = boot::open_channel()?;
+    serve::Agent::new(chan)?.serve()
+}
+
+/// Syncs and reboots the guest: with `reboot=t` and QEMU's `-no-reboot`
+/// (or the built-in VMM's reset handling) the VM ends.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Not reached; if it were, PID 1 must not exit.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,538 @@
+//! The agent's loop: frames from the host, output from the processes it
+//! runs, and SIGCHLD (as PID 1 it reaps every orphan of the guest).
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::{boot, AgentError, GUEST_ID, GUEST_MOAT, GUEST_STATE_ROOT};
+use crate::proto::{self, Decoder, Frame, Kind};
+
+/// How long a process's output may stay open after it exited (a
+/// background child holding the pipe) before its exit is reported anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+struct Proc {
+    pid: i32,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    /// The pty master, for window sizes.
+    tty: Option<OwnedFd>,
+    status: Option<i32>,
+    exited_at: Option<Instant>,
+    main: bool,
+}
+
+pub struct Agent {
+    chan: File,
+    dec: Decoder,
+    procs: BTreeMap<u32, Proc>,
+    sigfd: SignalFd,
+    prepared: bool,
+    /// The container's own process ended: an exec has nothing to run in.
+    main_done: bool,
+}
+
+fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let step = step.into();
+    move |source| AgentError::Io { step, source }
+}
+
+impl Agent {
+    pub fn new(chan: OwnedFd) -> Result<Agent, AgentError> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        mask.thread_block().map_err(|e| AgentError::Sys {
+            step: "block SIGCHLD".into(),
+            source: e,
+        })?;
+        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| AgentError::Sys {
+                step: "create a signalfd".into(),
+                source: e,
+            })?;
+        Ok(Agent {
+            chan: File::from(chan),
+            dec: Decoder::new(),
+            procs: BTreeMap::new(),
+            sigfd,
+            prepared: false,
+            main_done: false,
+        })
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<(), AgentError> {
+        self.chan.write_all(frame).map_err(io("write to the host"))
+    }
+
+    fn send_json<T: serde::Serialize>(
+        &mut self,
+        kind: Kind,
+        chan: u32,
+        msg: &T,
+    ) -> Result<(), AgentError> {
+        self.send(&proto::encode_json(kind, chan, msg))
+    }
+
+    pub fn serve(mut self) -> Result<(), AgentError> {
+        let hello = proto::Hello {
+            version: proto::VERSION,
+            kernel: moat_jail::host::Kernel::read().release,
+        };
+        if std::env::args().any(|a| a == "debug") {
+            let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+            eprintln!(
+                "moat-agent: hello at uptime {}",
+                up.split_whitespace().next().unwrap_or("?")
+            );
+        }
+        self.send_json(Kind::Hello, 0, &hello)?;
+        let mut buf = vec![0u8; proto::MAX_DATA];
+        loop {
+            // Which fds are polled, in order: the channel, the signalfd, then
+            // each process's stdout and stderr.
+            let mut order: Vec<(u32, u8)> = Vec::new();
+            let mut fds = vec![
+                PollFd::new(self.chan.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+            ];
+            for (id, p) in &self.procs {
+                if let Some(f) = &p.stdout {
+                    fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+                    order.push((*id, 1));
+                }
+                if let Some(f) = &p.stderr {
+                    fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+                    order.push((*id, 2));
+                }
+            }
+            let timeout = if self.procs.values().any(|p| p.status.is_some()) {
+                PollTimeout::from(200u16)
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    return Err(AgentError::Sys {
+                        step: "poll".into(),
+                        source: e,
+                    })
+                }
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            if ready[0] {
+                let n = self.chan.read(&mut buf).map_err(io("read from the host"))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                self.dec.push(&buf[..n]);
+                while let Some(frame) = self.dec.next_frame()? {
+                    if frame.kind == Kind::Shutdown {
+                        return Ok(());
+                    }
+                    self.handle(frame)?;
+                }
+            }
+            if ready[1] {
+                while let Ok(Some(_)) = self.sigfd.read_signal() {}
+                self.reap();
+            }
+            for (i, (id, which)) in order.into_iter().enumerate() {
+                if ready[2 + i] {
+                    self.relay_output(id, which, &mut buf)?;
+                }
+            }
+            self.report_exits()?;
+        }
+    }
+
+    fn handle(&mut self, f: Frame) -> Result<(), AgentError> {
+        match f.kind {
+            Kind::Run => {
+                let req: proto::RunRequest = f.json()?;
+                let r = self.run(f.chan, &req);
+                self.answer(f.chan, r)
+            }
+            Kind::Exec => {
+                let req: proto::ExecRequest = f.json()?;
+                let r = self.exec(f.chan, &req);
+                self.answer(f.chan, r)
+            }
+            Kind::Stdin => {
+                if let Some(p) = self.procs.get_mut(&f.chan) {
+                    if f.payload.is_empty() {
+                        p.stdin = None;
+                    } else if let Some(s) = &mut p.stdin {
+                        if s.write_all(&f.payload).is_err() {
+                            p.stdin = None;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Kind::Signal => {
+                let m: proto::SignalMsg = f.json()?;
+                self.signal(f.chan, m.signal);
+                Ok(())
+            }
+            Kind::Resize => {
+                let m: proto::Resize = f.json()?;
+                if let Some(p) = self.procs.get(&f.chan) {
+                    if let Some(t) = &p.tty {
+                        set_size(t, m.rows, m.cols);
+                        let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), Signal::SIGWINCH);
+                    }
+                }
+                Ok(())
+            }
+            // Kinds only the guest sends: ignored.
+            _ => Ok(()),
+        }
+    }
+
+    fn answer(&mut self, chan: u32, r: Result<(), AgentError>) -> Result<(), AgentError> {
+        match r {
+            Ok(()) => self.send_json(Kind::Started, chan, &proto::Started {}),
+            Err(e) => {
+                let msg = proto::ErrorMsg {
+                    message: moat_core::error_chain(&e),
+                    exec_status: None,
+                };
+                self.send_json(Kind::Error, chan, &msg)
+            }
+        }
+    }
+
+    /// Prepares the container's root and files, then starts its process.
+    fn run(&mut self, chan: u32, req: &proto::RunRequest) -> Result<(), AgentError> {
+        if self.prepared {
+            return Err(AgentError::Request("the container already runs".into()));
+        }
+        self.prepared = true;
+        boot::load_modules(boot::LATE_MODULES)?;
+        mount_disks(&req.disks)?;
+        let root = req.config["root"]["path"]
+            .as_str()
+            .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
+            .to_string();
+        if let Some(lower) = &req.overlay_root {
+            mount_overlay(lower, &root)?;
+        }
+        write_files(&req.files)?;
+        let bundle = Path::new("/run/vm/bundle");
+        std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
+        let cfg = serde_json::to_vec(&req.config).unwrap_or_default();
+        std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))?;
+        let terminal = req.config["process"]["terminal"].as_bool().unwrap_or(false);
+        let args = [
+            "--root",
+            GUEST_STATE_ROOT,
+            "run",
+            "--keep",
+            "-b",
+            "/run/vm/bundle",
+            GUEST_ID,
+        ];
+        self.spawn(chan, &args, terminal, (req.rows, req.cols), true)
+    }
+
+    fn exec(&mut self, chan: u32, req: &proto::ExecRequest) -> Result<(), AgentError> {
+        if !self.prepared || self.main_done {
+            return Err(AgentError::Request("the container is not running".into()));
+        }
+        if chan == 0 || self.procs.contains_key(&chan) {
+            return Err(AgentError::Request(format!("channel {chan} is in use")));
+        }
+        let file = format!("/run/vm/exec-{chan}.json");
+        let body = serde_json::to_vec(&req.process).unwrap_or_default();
+        std::fs::write(&file, body).map_err(io(format!("write {file}")))?;
+        let terminal = req.process["terminal"].as_bool().unwrap_or(false);
+        let args = [
+            "--root",
+            GUEST_STATE_ROOT,
+            "exec",
+            "--process",
+            file.as_str(),
+            GUEST_ID,
+        ];
+        self.spawn(chan, &args, terminal, (req.rows, req.cols), false)
+    }
+
+    /// Runs the guest's moat with `args`, its stdio pipes (or a pty) ours.
+    fn spawn(
+        &mut self,
+        chan: u32,
+        args: &[&str],
+        terminal: bool,
+        size: (u16, u16),
+        main: bool,
+    ) -> Result<(), AgentError> {
+        let mut cmd = Command::new(GUEST_MOAT);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
+        let mut p = Proc {
+            pid: 0,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            tty: None,
+            status: None,
+            exited_at: None,
+            main,
+        };
+        if terminal {
+            let pty = nix::pty::openpty(None, None).map_err(|e| AgentError::Sys {
+                step: "open a pty".into(),
+                source: e,
+            })?;
+            set_size(&pty.master, size.0, size.1);
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicate the pty"));
+            cmd.stdin(Stdio::from(dup(&pty.slave)?))
+                .stdout(Stdio::from(dup(&pty.slave)?))
+                .stderr(Stdio::from(pty.slave));
+            p.stdin = Some(File::from(dup(&pty.master)?));
+            p.stdout = Some(File::from(dup(&pty.master)?));
+            p.tty = Some(pty.master);
+        } else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().map_err(io(format!("start {GUEST_MOAT}")))?;
+        // Our copies of the pty slave went with `cmd`.
+        drop(cmd);
+        p.pid = child.id() as i32;
+        if !terminal {
+            p.stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+            p.stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
+            p.stderr = child.stderr.take().map(|s| File::from(OwnedFd::from(s)));
+        }
+        // Reaped by `reap` (waitpid on every child), not through `child`.
+        drop(child);
+        self.procs.insert(chan, p);
+        Ok(())
+    }
+
+    fn signal(&mut self, chan: u32, sig: i32) {
+        let Ok(s) = Signal::try_from(sig) else { return };
+        let Some(p) = self.procs.get(&chan) else {
+            return;
+        };
+        if p.main {
+            // The container's process itself (the guest's container tier
+            // knows its PID), not the `moat run` that waits for it.
+            let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            let _ = moat_core::runtime::Lifecycle::kill(&tier, GUEST_ID, sig, false);
+        } else {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), s);
+        }
+    }
+
+    /// Reaps every exited child; records the status of our processes.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, c)) => self.exited(pid.as_raw(), c),
+                Ok(WaitStatus::Signaled(pid, s, _)) => self.exited(pid.as_raw(), 128 + s as i32),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: i32, code: i32) {
+        for p in self.procs.values_mut() {
+            if p.pid == pid && p.status.is_none() {
+                p.status = Some(code);
+                p.exited_at = Some(Instant::now());
+                // No one writes to a process that is gone.
+                p.stdin = None;
+            }
+        }
+    }
+
+    fn relay_output(&mut self, id: u32, which: u8, buf: &mut [u8]) -> Result<(), AgentError> {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return Ok(());
+        };
+        let src = if which == 1 {
+            &mut p.stdout
+        } else {
+            &mut p.stderr
+        };
+        let Some(f) = src else { return Ok(()) };
+        // EOF, or EIO from a pty master once the slave is closed: done.
+        let n = f.read(buf).unwrap_or(0);
+        if n == 0 {
+            *src = None;
+            return Ok(());
+        }
+        let kind = if which == 1 {
+            Kind::Stdout
+        } else {
+            Kind::Stderr
+        };
+        let frame = proto::encode(kind, id, &buf[..n]);
+        self.send(&frame)
+    }
+
+    /// Reports processes that exited and whose output is drained (or whose
+    /// grace period is over).
+    fn report_exits(&mut self) -> Result<(), AgentError> {
+        let done: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| {
+                p.status.is_some()
+                    && ((p.stdout.is_none() && p.stderr.is_none())
+                        || p.exited_at.is_some_and(|t| t.elapsed() > DRAIN_GRACE))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let Some(p) = self.procs.remove(&id) else {
+                continue;
+            };
+            let mut exit = proto::Exit {
+                code: p.status.unwrap_or(255),
+                ..proto::Exit::default()
+            };
+            if p.main {
+                self.main_done = true;
+                let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+                if let Ok(ev) = moat_core::runtime::Lifecycle::events(&tier, GUEST_ID) {
+                    exit.oom_kills = ev.oom_kills;
+                    exit.pids_limit_hits = ev.pids_limit_hits;
+                }
+                let _ = moat_core::runtime::Lifecycle::delete(&tier, GUEST_ID, true);
+            }
+            self.send_json(Kind::Exit, id, &exit)?;
+        }
+        Ok(())
+    }
+}
+
+fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let ws = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let _ = rustix::termios::tcsetwinsize(tty, ws);
+}
+
+/// Mounts each disk, found by its filesystem UUID, read-only.
+fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut found: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
+    while found.len() < disks.len() && Instant::now() < end {
+        if let Ok(rd) = std::fs::read_dir("/dev") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vd") && name.len() == 3 {
+                    if let Some(u) = boot::ext4_uuid(&e.path()) {
+                        found.insert(u, e.path());
+                    }
+                }
+            }
+        }
+        if disks.iter().all(|d| found.contains_key(&d.uuid)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for d in disks {
+        let dev = found
+            .get(&d.uuid)
+            .ok_or_else(|| AgentError::Request(format!("no disk with UUID {}", d.uuid)))?;
+        std::fs::create_dir_all(&d.mount).map_err(io(format!("create {}", d.mount)))?;
+        mount(
+            Some(dev.as_path()),
+            d.mount.as_str(),
+            Some("ext4"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+            Some("noload"),
+        )
+        .map_err(|e| AgentError::Sys {
+            step: format!("mount {} on {}", dev.display(), d.mount),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
+/// A writable root: `lower` under an overlay whose upper layer is guest
+/// memory.
+fn mount_overlay(lower: &str, root: &str) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    let rw = "/run/vm/rw";
+    std::fs::create_dir_all(rw).map_err(io(format!("create {rw}")))?;
+    mount(
+        Some("tmpfs"),
+        rw,
+        Some("tmpfs"),
+        MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| AgentError::Sys {
+        step: "mount the root's upper layer".into(),
+        source: e,
+    })?;
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(format!("{rw}/{d}")).map_err(io(format!("create {rw}/{d}")))?;
+    }
+    std::fs::create_dir_all(root).map_err(io(format!("create {root}")))?;
+    let data = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
+    mount(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| AgentError::Sys {
+        step: format!("mount the writable root on {root}"),
+        source: e,
+    })
+}
+
+fn write_files(files: &[proto::GuestFile]) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    for f in files {
+        let p = Path::new(&f.path);
+        if !p.starts_with("/run/vm/files") {
+            return Err(AgentError::Request(format!(
+                "file {} is outside /run/vm/files",
+                f.path
+            )));
+        }
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        }
+        std::fs::write(p, &f.data).map_err(io(format!("write {}", f.path)))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(f.mode & 0o777))
+            .map_err(io(format!("chmod {}", f.path)))?;
+    }
+    Ok(())
+}

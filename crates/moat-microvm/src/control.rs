@@ -1,0 +1,185 @@
+//! The control socket: how `moat start`, `kill`, `exec` (and the runtime
+//! that forked it) talk to a container's VMM process. A `SOCK_SEQPACKET`
+//! unix socket in a root-only directory; one JSON message per packet, and
+//! descriptors (an exec's stdio) one per packet as `SCM_RIGHTS`.
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use nix::sys::socket::{
+    connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use serde::{Deserialize, Serialize};
+
+/// Largest control message.
+pub const MAX_MESSAGE: usize = 256 * 1024;
+
+/// A request to the VMM process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Run the container's process (OCI `start`).
+    Start,
+    /// Signal the container's process (in the guest).
+    Signal { signal: i32 },
+    /// Run a process; three descriptors follow (stdin, stdout, stderr).
+    Exec {
+        request: crate::proto::ExecRequest,
+        detach: bool,
+    },
+}
+
+/// The VMM process's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    /// Done (for exec: the process started).
+    Ok,
+    /// An exec'd process ended with this status.
+    Exit { code: i32 },
+    Error {
+        message: String,
+        exec_status: Option<u8>,
+    },
+}
+
+/// The setup channel's messages from the VMM process to the runtime that
+/// forked it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Setup {
+    /// The guest's agent answered (and, when asked to start at once, the
+    /// container's process runs).
+    Ready,
+    Failed {
+        message: String,
+        exec_status: Option<u8>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("control socket")]
+    Io(#[source] std::io::Error),
+    #[error("bad control message: {0}")]
+    Bad(String),
+    #[error("the VMM process closed its control socket")]
+    Closed,
+}
+
+/// Sends one message.
+pub fn send<T: Serialize>(sock: BorrowedFd, msg: &T) -> Result<(), ControlError> {
+    let body = serde_json::to_vec(msg).map_err(|e| ControlError::Bad(e.to_string()))?;
+    nix::sys::socket::send(sock.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL)
+        .map_err(|e| ControlError::Io(e.into()))?;
+    Ok(())
+}
+
+/// Sends one descriptor (with a one-byte body).
+pub fn send_fd(sock: BorrowedFd, fd: BorrowedFd) -> Result<(), ControlError> {
+    let fds = [fd.as_raw_fd()];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(b"f")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| ControlError::Io(e.into()))?;
+    Ok(())
+}
+
+/// Receives one message (blocking). EOF is [`ControlError::Closed`].
+pub fn recv<T: serde::de::DeserializeOwned>(sock: BorrowedFd) -> Result<T, ControlError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (n, _) = moat_sys::fd::recv_with_fd(sock, &mut buf).map_err(ControlError::Io)?;
+    if n == 0 {
+        return Err(ControlError::Closed);
+    }
+    serde_json::from_slice(&buf[..n]).map_err(|e| ControlError::Bad(e.to_string()))
+}
+
+/// Receives one descriptor.
+pub fn recv_fd(sock: BorrowedFd) -> Result<OwnedFd, ControlError> {
+    let mut buf = [0u8; 8];
+    match moat_sys::fd::recv_with_fd(sock, &mut buf).map_err(ControlError::Io)? {
+        (_, Some(fd)) => Ok(fd),
+        (0, None) => Err(ControlError::Closed),
+        _ => Err(ControlError::Bad("a descriptor was expected".into())),
+    }
+}
+
+/// Connects to a VMM process's control socket.
+pub fn connect_to(path: &Path) -> Result<OwnedFd, ControlError> {
+    let err = |source| ControlError::Connect {
+        path: path.display().to_string(),
+        source,
+    };
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(err)?;
+    connect(s.as_raw_fd(), &addr).map_err(err)?;
+    Ok(s)
+}
+
+/// Sends `req` and waits for the first reply.
+pub fn call(
+    path: &Path,
+    req: &Request,
+    fds: &[BorrowedFd],
+) -> Result<(OwnedFd, Reply), ControlError> {
+    let s = connect_to(path)?;
+    send(s.as_fd(), req)?;
+    for fd in fds {
+        send_fd(s.as_fd(), *fd)?;
+    }
+    let r = recv(s.as_fd())?;
+    Ok((s, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_descriptors_cross_a_seqpacket_pair() {
+        let (a, b) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        send(a.as_fd(), &Request::Signal { signal: 15 }).unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        send_fd(a.as_fd(), f.as_fd()).unwrap();
+        assert_eq!(
+            recv::<Request>(b.as_fd()).unwrap(),
+            Request::Signal { signal: 15 }
+        );
+        let fd = recv_fd(b.as_fd()).unwrap();
+        assert!(fd.as_raw_fd() >= 0);
+        send(b.as_fd(), &Reply::Exit { code: 3 }).unwrap();
+        assert_eq!(recv::<Reply>(a.as_fd()).unwrap(), Reply::Exit { code: 3 });
+        drop(b);
+        assert!(matches!(
+            recv::<Reply>(a.as_fd()),
+            Err(ControlError::Closed)
+        ));
+        // JSON shapes are stable: `moat` talks to VMM processes it started
+        // before an upgrade.
+        let j = serde_json::to_string(&Request::Start).unwrap();
+        assert_eq!(j, r#"{"op":"start"}"#);
+    }
+}

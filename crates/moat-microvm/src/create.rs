@@ -1,0 +1,624 @@
+//! `create` and `launch`, as a checklist: everything the VMM process needs
+//! is prepared and opened here, by the runtime, before the fork; a failure
+//! at any step undoes the steps before it.
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use moat_core::runtime::{ConfigSource, CreateRequest, Launched, RuntimeError};
+use moat_core::state::{ContainerStatus, State};
+use moat_core::Tier;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+use crate::guestspec::{self, Plan};
+use crate::jail::JailPlan;
+use crate::vmm::{self, Backend, VmmPlan};
+use crate::{assets, control, disk, proto, HostChoice, MicrovmError, MicrovmPart, MicrovmTier};
+
+/// QEMU's own memory beyond the guest's (its code, TCG's translation
+/// cache, I/O buffers), added to the VMM's cgroup limit.
+pub const VMM_OVERHEAD_TCG_MIB: u64 = 192;
+pub const VMM_OVERHEAD_KVM_MIB: u64 = 96;
+/// Processes and threads the VMM's cgroup allows (QEMU's threads).
+pub const VMM_PIDS: i64 = 512;
+/// How long a guest may take to boot before `create` gives up: TCG boots
+/// take seconds, and a loaded host more.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long `create` waits for the VMM process to say it is ready.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a failed create must undo.
+struct Undo<'a> {
+    tier: &'a MicrovmTier,
+    id: &'a str,
+    pid: Option<i32>,
+    cgroup: Option<moat_jail::cgroup::CgroupManager>,
+    socket_dir: Option<PathBuf>,
+    slot: Option<(u32, String)>,
+    armed: bool,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(pid) = self.pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.destroy();
+        }
+        if let Some(d) = &self.socket_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(slot) = &self.slot {
+            crate::ops::release_slot(slot);
+        }
+        // The jail's mount point, per-container images, the state.
+        let _ = self.tier.sd.remove(self.id);
+    }
+}
+
+impl MicrovmTier {
+    pub(crate) fn create_vm(
+        &self,
+        req: &CreateRequest,
+        launch: bool,
+    ) -> Result<Launched, RuntimeError> {
+        let host = crate::check_host()?;
+        let spec_json = serde_json::to_value(&req.config.spec)
+            .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
+        refuse_unsupported(&spec_json)?;
+        let own_disk = |p: &Path| own_disk(p);
+        let probe = guestspec::Probe {
+            kind: &guestspec::source_kind,
+            own_disk: &own_disk,
+        };
+        let plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
+            .map_err(RuntimeError::Invalid)?;
+        for w in &plan.warnings {
+            tracing::warn!("microvm: {w}");
+        }
+        let lock = self.sd.create(req.id)?;
+        let mut undo = Undo {
+            tier: self,
+            id: req.id,
+            pid: None,
+            cgroup: None,
+            socket_dir: None,
+            slot: None,
+            armed: true,
+        };
+        let dir = lock.dir().to_owned();
+        let mut st = initial_state(req, &dir);
+        self.sd.save(&st)?;
+        std::fs::write(
+            dir.join(crate::CONFIG),
+            serde_json::to_vec(&spec_json).unwrap_or_default(),
+        )
+        .map_err(MicrovmError::io("save the config"))?;
+        let guest = self.prepare_guest(&host, &plan, &dir)?;
+        let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
+        let (rows, cols) = console_size(&spec_json);
+        let cgroup = self.vmm_cgroup(req, &spec_json, &host, guest.mem_mib)?;
+        undo.cgroup = Some(cgroup.clone());
+        let socket_dir = self.socket_dir(req.id);
+        let listener = listen(&socket_dir)?;
+        undo.socket_dir = Some(socket_dir.clone());
+        let alloc = moat_jail::idalloc::IdAllocator::new(
+            moat_jail::idalloc::allocator_dir(),
+            moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
+        )
+        .allocate(
+            moat_jail::idalloc::Owner::current(),
+            &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
+        )
+        .map_err(MicrovmError::from)?;
+        let uid = alloc.host_start;
+        let slot = (alloc.slot, moat_jail::idalloc::Owner::current().record());
+        let jail_root = dir.join("jail");
+        std::fs::create_dir(&jail_root)
+            .map_err(MicrovmError::io("create the jail's mount point"))?;
+        let events = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(crate::EVENTS))
+            .map_err(MicrovmError::io("create the events record"))?;
+        let Backend::Qemu { binary, accel } = &host.backend;
+        let mut files = vmm::qemu::host_files(binary).map_err(MicrovmError::Invalid)?;
+        files.push(host.kernel.image.clone());
+        files.push(guest.initrd.clone());
+        let mut devices = vec![PathBuf::from("/dev/null"), PathBuf::from("/dev/urandom")];
+        let mut groups = Vec::new();
+        if *accel == moat_vmm::qemu::Accel::Kvm {
+            devices.push(PathBuf::from("/dev/kvm"));
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata("/dev/kvm") {
+                groups.push(m.gid());
+            }
+        }
+        let run = proto::RunRequest {
+            config: plan.config.clone(),
+            disks: guest.guest_disks.clone(),
+            files: guest.files.clone(),
+            overlay_root: Some(guestspec::disk_mount(0)),
+            rows,
+            cols,
+        };
+        let vplan = VmmPlan {
+            backend: host.backend.clone(),
+            kernel: host.kernel.image.clone(),
+            initrd: guest.initrd.clone(),
+            cmdline: if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
+                vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+            } else {
+                vmm::qemu::cmdline(*accel)
+            },
+            vcpus: guest.vcpus,
+            mem_mib: guest.mem_mib,
+            disks: guest.disk_files,
+            spare: guest.spare,
+            disk_slots: 0,
+            run,
+            autostart: launch,
+            terminal,
+            jail: JailPlan {
+                root: jail_root,
+                files,
+                devices,
+                uid,
+                gid: uid,
+                groups,
+                keep_fds: Vec::new(),
+                syscalls: crate::seccomp::names(crate::seccomp::VMM),
+            },
+            events,
+            boot_timeout: BOOT_TIMEOUT,
+            console: std::env::var_os("MOAT_MICROVM_CONSOLE").is_some(),
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(MicrovmError::sys("create the setup channel"))?;
+        let pty = if terminal {
+            Some(nix::pty::openpty(None, None).map_err(MicrovmError::sys("open a pty"))?)
+        } else {
+            None
+        };
+        if let (Some(p), (r, c)) = (&pty, (rows, cols)) {
+            if r > 0 && c > 0 {
+                let _ = rustix::termios::tcsetwinsize(
+                    &p.master,
+                    rustix::termios::Winsize {
+                        ws_row: r,
+                        ws_col: c,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    },
+                );
+            }
+        }
+        let slave = pty
+            .as_ref()
+            .map(|p| p.slave.try_clone())
+            .transpose()
+            .map_err(MicrovmError::io("duplicate the pty"))?;
+        let die = req.die_with_runtime;
+        let pid = spawn_vmm(vplan, theirs, listener, slave, die)?;
+        undo.pid = Some(pid);
+        cgroup.add_pid(pid).map_err(MicrovmError::from)?;
+        // The block stays allocated: the VMM runs as its first ID until it
+        // ends, and the allocator reclaims a block only once no process
+        // runs with its IDs.
+        std::mem::forget(alloc);
+        undo.slot = Some(slot.clone());
+        st.pid = pid;
+        st.pid_start_time = moat_jail::procfs::pid_start_time(pid).unwrap_or(0);
+        st.tier = Tier::Microvm;
+        st.tier_state = serde_json::to_value(MicrovmPart {
+            cgroup: cgroup.to_saved(),
+            socket_dir,
+            vmm_uid: uid,
+            vmm_slot: Some(slot),
+            backend: host.why.clone(),
+        })
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        self.sd.save(&st)?;
+        // Go: the VMM process is in its cgroup.
+        nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
+        wait_ready(&ours)?;
+        st.status = if launch {
+            ContainerStatus::Running
+        } else {
+            ContainerStatus::Created
+        };
+        self.sd.save(&st)?;
+        if let Some(p) = req.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        let mut terminal_master = None;
+        if let Some(p) = pty {
+            match req.console_socket {
+                Some(sock) => send_console(sock, p.master)?,
+                None => terminal_master = Some(p.master),
+            }
+        }
+        undo.armed = false;
+        drop(lock);
+        let _ = st;
+        Ok(Launched {
+            pid,
+            terminal: terminal_master,
+        })
+    }
+
+    /// The guest's boot files and disks.
+    fn prepare_guest(
+        &self,
+        host: &HostChoice,
+        plan: &Plan,
+        dir: &Path,
+    ) -> Result<Guest, RuntimeError> {
+        let cache = self.cache_dir();
+        disk::ensure_dir(&cache)?;
+        let initrd = assets::initramfs(&cache, &host.kernel)?;
+        let mut guest_disks = Vec::new();
+        let mut disk_files = Vec::new();
+        for (i, need) in plan.disks.iter().enumerate() {
+            let img = if self.cacheable(&need.source) {
+                disk::cached(&cache, &need.source)?
+            } else {
+                disk::per_container(&need.source, &dir.join(format!("disk-{i}.ext4")))?
+            };
+            let f = File::open(&img.path)
+                .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
+            disk_files.push(f);
+            guest_disks.push(proto::GuestDisk {
+                uuid: img.uuid,
+                mount: need.mount.clone(),
+            });
+        }
+        if !plan.group.is_empty() {
+            let cached = plan.group.iter().all(|s| self.cacheable(s));
+            let img = disk::group(
+                &plan.group,
+                cached.then_some(cache.as_path()),
+                &dir.join("group.ext4"),
+            )?;
+            let f = File::open(&img.path)
+                .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
+            disk_files.push(f);
+            guest_disks.push(proto::GuestDisk {
+                uuid: img.uuid,
+                mount: guestspec::GROUP_MOUNT.into(),
+            });
+        }
+        let mut files = Vec::new();
+        for f in &plan.files {
+            files.push(read_small(&f.source, &f.guest)?);
+        }
+        let spare = spare_image(&cache)?;
+        let mem_mib = guestspec::guest_memory_mib(&plan.config);
+        let vcpus = guestspec::guest_vcpus(&plan.config);
+        Ok(Guest {
+            initrd,
+            guest_disks,
+            disk_files,
+            files,
+            spare,
+            mem_mib,
+            vcpus,
+        })
+    }
+
+    /// Whether an image of `source` may be shared through the cache: moat's
+    /// own directories (under the state root) and the host's system
+    /// directories the embedded default shows.
+    fn cacheable(&self, source: &Path) -> bool {
+        if source.starts_with(self.sd.root()) {
+            return true;
+        }
+        let host_dirs = moat_core::embedded::HOST_DIRS
+            .iter()
+            .any(|d| source == Path::new("/").join(d));
+        host_dirs || source.starts_with("/etc/ssl")
+    }
+
+    /// The VMM's cgroup: the container's, with the memory limit raised to
+    /// the guest's RAM plus what the VMM needs, and a pids limit for its
+    /// threads (the container's own limits hold in the guest).
+    fn vmm_cgroup(
+        &self,
+        req: &CreateRequest,
+        spec: &serde_json::Value,
+        host: &HostChoice,
+        mem_mib: u64,
+    ) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
+        let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
+        let cg = moat_jail::cgroup::CgroupManager::new(
+            path.as_deref(),
+            req.id,
+            self.systemd_cgroup,
+            false,
+        )
+        .map_err(MicrovmError::from)?;
+        let Backend::Qemu { accel, .. } = &host.backend;
+        let overhead = if *accel == moat_vmm::qemu::Accel::Kvm {
+            VMM_OVERHEAD_KVM_MIB
+        } else {
+            VMM_OVERHEAD_TCG_MIB
+        };
+        let limit = ((mem_mib + overhead) << 20) as i64;
+        let mut res = serde_json::json!({
+            "memory": {"limit": limit, "swap": limit},
+            "pids": {"limit": VMM_PIDS},
+        });
+        if let Some(cpu) = spec["linux"]["resources"].get("cpu") {
+            res["cpu"] = cpu.clone();
+        }
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_value(res).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        cg.create(Some(&resources)).map_err(MicrovmError::from)?;
+        Ok(cg)
+    }
+}
+
+struct Guest {
+    initrd: PathBuf,
+    guest_disks: Vec<proto::GuestDisk>,
+    disk_files: Vec<File>,
+    files: Vec<proto::GuestFile>,
+    spare: File,
+    mem_mib: u64,
+    vcpus: u8,
+}
+
+/// Whether a bind source gets a disk of its own: the host's system
+/// directories (large, cached once, shared by every container).
+fn own_disk(source: &Path) -> bool {
+    moat_core::embedded::HOST_DIRS
+        .iter()
+        .any(|d| source == Path::new("/").join(d))
+}
+
+/// What the tier cannot do yet, refused before anything is made.
+fn refuse_unsupported(spec: &serde_json::Value) -> Result<(), RuntimeError> {
+    let a = &spec["annotations"];
+    if a.get(moat_core::net::EGRESS_ANNOTATION).is_some()
+        || a.get(moat_core::net::PUBLISH_ANNOTATION).is_some()
+    {
+        return Err(RuntimeError::Invalid(
+            "the microvm tier has no network yet: egress and published ports need --isolation container or sandbox".into(),
+        ));
+    }
+    if spec["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|ns| !ns.iter().any(|n| n["type"] == "network"))
+    {
+        tracing::warn!("microvm: the guest has no network devices; the container gets a network namespace with only lo");
+    }
+    Ok(())
+}
+
+fn initial_state(req: &CreateRequest, dir: &Path) -> State {
+    let spec = &req.config.spec;
+    let bundle = match &req.config.source {
+        ConfigSource::Bundle(b) | ConfigSource::Rewritten { bundle: b, .. } => b.clone(),
+        ConfigSource::Memory(_) => dir.to_owned(),
+    };
+    State {
+        format: moat_core::state::STATE_FORMAT,
+        oci_version: spec.version().clone(),
+        id: req.id.to_owned(),
+        status: ContainerStatus::Creating,
+        pid: 0,
+        pid_start_time: 0,
+        bundle,
+        rootfs: req.config.rootfs.clone(),
+        created: moat_core::time::rfc3339_now(),
+        owner: String::new(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        tier: Tier::Microvm,
+        tier_state: serde_json::Value::Null,
+        poststop_hooks: Vec::new(),
+        poststart_hooks: Vec::new(),
+    }
+}
+
+fn console_size(spec: &serde_json::Value) -> (u16, u16) {
+    let b = &spec["process"]["consoleSize"];
+    (
+        b["height"].as_u64().unwrap_or(0).min(u16::MAX.into()) as u16,
+        b["width"].as_u64().unwrap_or(0).min(u16::MAX.into()) as u16,
+    )
+}
+
+/// Binds the control socket in a fresh root-only directory.
+fn listen(dir: &Path) -> Result<OwnedFd, RuntimeError> {
+    use nix::sys::socket::{bind, listen as listen_on, socket, Backlog, UnixAddr};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        // Left by a runtime killed before it recorded the container.
+        std::fs::remove_dir_all(dir)
+            .map_err(MicrovmError::io(format!("remove stale {}", dir.display())))?;
+    }
+    if let Some(parent) = dir.parent() {
+        disk::ensure_dir(parent)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(MicrovmError::io(format!("create {}", dir.display())))?;
+    let path = dir.join(crate::SOCKET);
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(MicrovmError::sys("create the control socket"))?;
+    let addr = UnixAddr::new(&path).map_err(MicrovmError::sys("name the control socket"))?;
+    bind(s.as_raw_fd(), &addr).map_err(MicrovmError::sys(format!("bind {}", path.display())))?;
+    listen_on(&s, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
+        .map_err(MicrovmError::sys("listen on the control socket"))?;
+    Ok(s)
+}
+
+/// Forks the VMM process into its own namespaces.
+fn spawn_vmm(
+    plan: VmmPlan,
+    setup: OwnedFd,
+    listener: OwnedFd,
+    tty: Option<OwnedFd>,
+    die_with_runtime: bool,
+) -> Result<i32, RuntimeError> {
+    let one = moat_sys::process::OneThread::check()
+        .map_err(MicrovmError::io("check the runtime is single-threaded"))?;
+    let flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWNET;
+    let mut plan = Some(plan);
+    let mut setup = Some(setup);
+    let mut listener = Some(listener);
+    let mut tty = tty;
+    let pid = one
+        .fork(flags, move |_| {
+            if die_with_runtime
+                && nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
+            {
+                return 255;
+            }
+            if let Some(t) = tty.take() {
+                if become_terminal(t).is_err() {
+                    return 255;
+                }
+            }
+            match (plan.take(), setup.take(), listener.take()) {
+                (Some(p), Some(s), Some(l)) => vmm::main(p, s, l),
+                _ => 255,
+            }
+        })
+        .map_err(MicrovmError::io("start the VMM process"))?;
+    Ok(pid)
+}
+
+/// Makes `tty` (a pty slave) this process's stdio and controlling
+/// terminal.
+fn become_terminal(tty: OwnedFd) -> Result<(), nix::Error> {
+    nix::unistd::setsid()?;
+    nix::unistd::dup2_stdin(&tty)?;
+    nix::unistd::dup2_stdout(&tty)?;
+    nix::unistd::dup2_stderr(&tty)?;
+    rustix::process::ioctl_tiocsctty(std::io::stdin())
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error()))
+}
+
+/// Waits for the VMM process's verdict on the setup channel.
+fn wait_ready(sock: &OwnedFd) -> Result<(), RuntimeError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    let ms = SETUP_TIMEOUT.as_millis() as i32;
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE),
+    ) {
+        Ok(0) => {
+            return Err(MicrovmError::Vmm(format!(
+                "the VMM process did not answer within {} s",
+                SETUP_TIMEOUT.as_secs()
+            ))
+            .into())
+        }
+        Ok(_) => {}
+        Err(e) => return Err(MicrovmError::sys("wait for the VMM process")(e).into()),
+    }
+    match control::recv::<control::Setup>(sock.as_fd()) {
+        Ok(control::Setup::Ready) => Ok(()),
+        Ok(control::Setup::Failed {
+            message,
+            exec_status: Some(status),
+        }) => Err(RuntimeError::ExecFailed { status, message }),
+        Ok(control::Setup::Failed { message, .. }) => Err(MicrovmError::Vmm(message).into()),
+        Err(control::ControlError::Closed) => {
+            Err(MicrovmError::Vmm("the VMM process ended during set-up".into()).into())
+        }
+        Err(e) => Err(MicrovmError::from(e).into()),
+    }
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<(), RuntimeError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(MicrovmError::io(format!("write {}", path.display())))?;
+    Ok(())
+}
+
+/// Sends the pty master to the engine's console socket.
+pub(crate) fn send_console(path: &Path, master: OwnedFd) -> Result<(), RuntimeError> {
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(path).map_err(MicrovmError::io(format!(
+        "connect to the console socket {}",
+        path.display()
+    )))?;
+    let fds = [master.as_raw_fd()];
+    nix::sys::socket::sendmsg::<()>(
+        s.as_raw_fd(),
+        &[std::io::IoSlice::new(b"/dev/pts/0")],
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(MicrovmError::sys("send the terminal to the console socket"))?;
+    Ok(())
+}
+
+/// A bind-mounted file's contents, for the guest.
+fn read_small(source: &Path, guest: &str) -> Result<proto::GuestFile, RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(source)
+        .map_err(MicrovmError::io(format!("stat {}", source.display())))?;
+    if md.len() > guestspec::MAX_FILE {
+        return Err(RuntimeError::Invalid(format!(
+            "{} is {} bytes: a file shared with a microVM may hold at most {}",
+            source.display(),
+            md.len(),
+            guestspec::MAX_FILE
+        )));
+    }
+    let data =
+        std::fs::read(source).map_err(MicrovmError::io(format!("read {}", source.display())))?;
+    Ok(proto::GuestFile {
+        path: guest.to_owned(),
+        data,
+        mode: md.permissions().mode() & 0o777,
+    })
+}
+
+/// A small empty image for unused disk slots.
+fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
+    let p = cache.join("spare.img");
+    if !p.is_file() {
+        let tmp = cache.join(format!(".spare.{}.tmp", std::process::id()));
+        let f =
+            File::create(&tmp).map_err(MicrovmError::io(format!("create {}", tmp.display())))?;
+        f.set_len(64 << 10)
+            .map_err(MicrovmError::io("size the spare image"))?;
+        std::fs::rename(&tmp, &p).map_err(MicrovmError::io(format!("rename {}", p.display())))?;
+    }
+    Ok(File::open(&p).map_err(MicrovmError::io(format!("open {}", p.display())))?)
+}

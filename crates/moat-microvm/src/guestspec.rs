@@ -1,0 +1,373 @@
+//! The container's config.json as the guest runs it, derived from the one
+//! the host was given (pure: no I/O beyond reading the bind sources'
+//! kinds and the small files the guest gets a copy of).
+//!
+//! - The root becomes `/run/vm/root`: an overlay in the guest whose lower
+//!   layer is the root's image (disk 0) and whose upper layer is guest
+//!   memory, so mount points can be made and the container tier then makes
+//!   the root read-only as `root.readonly` says.
+//! - Each directory bind mount becomes a disk (read-only only: writes could
+//!   not reach the host, so a read-write one is refused), except a
+//!   read-write `/dev/shm` (engines bind a host tmpfs there), which becomes
+//!   a guest tmpfs. Each file bind mount (an engine's /etc/hosts,
+//!   resolv.conf, …) is copied into the guest. Device binds of `/dev/*`
+//!   stay: the guest has its own.
+//! - Hooks, joined namespaces' paths and the cgroup path belong to the
+//!   host; they are dropped (hooks with a warning). Annotations that pick a
+//!   tier or a network stack are removed, so the guest's moat runs the
+//!   container tier.
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+/// Where the guest mounts disk `i`.
+pub fn disk_mount(i: usize) -> String {
+    format!("/run/vm/disk/{i}")
+}
+/// The container's root in the guest.
+pub const GUEST_ROOT: &str = "/run/vm/root";
+/// Largest file copied into the guest for a file bind mount.
+pub const MAX_FILE: u64 = 1 << 20;
+/// Most disks one container may have: QEMU's microvm offers eight
+/// virtio-mmio slots, and the agent channel and the entropy device take two.
+pub const MAX_DISKS: usize = 6;
+
+/// A directory to image, and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskNeed {
+    pub source: PathBuf,
+    pub mount: String,
+}
+
+/// Where the guest mounts the group disk: the small directories, each at
+/// `GROUP_MOUNT/<k>`, share one image (QEMU's microvm has eight virtio
+/// slots, the agent channel and the entropy device take two).
+pub const GROUP_MOUNT: &str = "/run/vm/group";
+
+/// A host file whose contents the guest gets at `guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileNeed {
+    pub source: PathBuf,
+    pub guest: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: Value,
+    /// Disk 0 is the root; then directories with a disk of their own.
+    pub disks: Vec<DiskNeed>,
+    /// Directories that share the group disk, in order (`<k>` is the
+    /// index).
+    pub group: Vec<PathBuf>,
+    pub files: Vec<FileNeed>,
+    pub warnings: Vec<String>,
+}
+
+/// Annotations the guest's moat must not see.
+const HOST_ONLY_ANNOTATIONS: &[&str] = &[
+    moat_core::tier::TIER_ANNOTATION,
+    moat_core::tier::SANDBOX_POLICY_ANNOTATION,
+    moat_core::net::EGRESS_ANNOTATION,
+    moat_core::net::PUBLISH_ANNOTATION,
+    "dev.moat.run.owner",
+    "dev.moat.sandbox.learn",
+];
+
+/// What a bind source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Dir,
+    File,
+    Device,
+    Other,
+}
+
+pub fn source_kind(p: &Path) -> SourceKind {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => SourceKind::Dir,
+        Ok(m) if m.is_file() => SourceKind::File,
+        Ok(m) if m.file_type().is_char_device() => SourceKind::Device,
+        _ => SourceKind::Other,
+    }
+}
+
+fn is_bind(m: &Value) -> bool {
+    m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn read_only(m: &Value) -> bool {
+    m["options"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|x| x == "ro"))
+}
+
+/// What to ask of the host while planning: what a bind source is, and
+/// whether a directory gets a disk of its own (large, shared ones: the
+/// host's /usr) or joins the group disk.
+pub struct Probe<'a> {
+    pub kind: &'a dyn Fn(&Path) -> SourceKind,
+    pub own_disk: &'a dyn Fn(&Path) -> bool,
+}
+
+/// The guest's config for `spec` (a config.json) whose root is `rootfs`.
+pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> {
+    let mut config = spec.clone();
+    let mut plan = Plan {
+        config: Value::Null,
+        disks: vec![DiskNeed {
+            source: rootfs.to_owned(),
+            mount: disk_mount(0),
+        }],
+        group: Vec::new(),
+        files: Vec::new(),
+        warnings: Vec::new(),
+    };
+    config["root"]["path"] = json!(GUEST_ROOT);
+    let mounts = config["mounts"].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::with_capacity(mounts.len());
+    for mut m in mounts {
+        if is_bind(&m) {
+            translate_bind(&mut m, &mut plan, probe)?;
+        }
+        out.push(m);
+    }
+    config["mounts"] = Value::Array(out);
+    let disks = plan.disks.len() + usize::from(!plan.group.is_empty());
+    if disks > MAX_DISKS {
+        return Err(format!(
+            "{disks} disks to share with the guest; the microvm tier takes at most {MAX_DISKS}"
+        ));
+    }
+    if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
+        if hooks.as_object().is_some_and(|o| !o.is_empty()) {
+            plan.warnings.push(
+                "the microvm tier does not run OCI hooks: they would run on the host, not where the container is".into(),
+            );
+        }
+        config.as_object_mut().map(|o| o.remove("hooks"));
+    }
+    if let Some(linux) = config.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("cgroupsPath");
+        if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            for n in ns.iter_mut() {
+                if let Some(o) = n.as_object_mut() {
+                    if o.remove("path").is_some() {
+                        plan.warnings.push(format!(
+                            "the {} namespace to join is the host's: the guest makes its own",
+                            o.get("type").and_then(Value::as_str).unwrap_or("?")
+                        ));
+                    }
+                }
+            }
+        }
+        if linux
+            .get("seccomp")
+            .and_then(|s| s.get("listenerPath"))
+            .is_some_and(|p| !p.is_null())
+        {
+            return Err("a seccomp listener (listenerPath) cannot reach into a microVM".into());
+        }
+    }
+    if let Some(a) = config.get_mut("annotations").and_then(Value::as_object_mut) {
+        for k in HOST_ONLY_ANNOTATIONS {
+            a.remove(*k);
+        }
+    }
+    plan.config = config;
+    Ok(plan)
+}
+
+fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), String> {
+    let dest = m["destination"].as_str().unwrap_or_default().to_string();
+    let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
+    match (probe.kind)(&source) {
+        SourceKind::Dir if dest == "/dev/shm" && !read_only(m) => {
+            // An engine's private shm: the guest's own tmpfs serves.
+            *m = json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
+        }
+        SourceKind::Dir => {
+            if !read_only(m) {
+                return Err(format!(
+                    "the read-write volume {} -> {dest} cannot be shared with a microVM (its writes would not reach the host); mount it read-only",
+                    source.display()
+                ));
+            }
+            let at = if (probe.own_disk)(&source) {
+                match plan.disks.iter().position(|d| d.source == source) {
+                    Some(i) => plan.disks[i].mount.clone(),
+                    None => {
+                        let mount = disk_mount(plan.disks.len());
+                        plan.disks.push(DiskNeed {
+                            source: source.clone(),
+                            mount: mount.clone(),
+                        });
+                        mount
+                    }
+                }
+            } else {
+                let k = match plan.group.iter().position(|d| *d == source) {
+                    Some(k) => k,
+                    None => {
+                        plan.group.push(source.clone());
+                        plan.group.len() - 1
+                    }
+                };
+                format!("{GROUP_MOUNT}/{k}")
+            };
+            m["source"] = json!(at);
+        }
+        SourceKind::File => {
+            let guest = format!("/run/vm/files/{}", plan.files.len());
+            plan.files.push(FileNeed {
+                source: source.clone(),
+                guest: guest.clone(),
+            });
+            m["source"] = json!(guest);
+        }
+        SourceKind::Device if source.starts_with("/dev") => {}
+        _ => {
+            return Err(format!(
+                "bind mount source {} (for {dest}) is neither a directory nor a file the microvm tier can share",
+                source.display()
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Guest RAM in MiB for the config: its memory limit plus what the guest
+/// kernel and agent need, or [`DEFAULT_MEMORY_MIB`] without a limit.
+pub fn guest_memory_mib(spec: &Value) -> u64 {
+    match spec["linux"]["resources"]["memory"]["limit"].as_i64() {
+        Some(l) if l > 0 => ((l as u64) >> 20) + GUEST_OVERHEAD_MIB,
+        _ => DEFAULT_MEMORY_MIB,
+    }
+    .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+}
+
+/// vCPUs for the config: its CPU quota rounded up, 1 without one.
+pub fn guest_vcpus(spec: &Value) -> u8 {
+    let cpu = &spec["linux"]["resources"]["cpu"];
+    match (cpu["quota"].as_i64(), cpu["period"].as_u64()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 16) as u8,
+        _ => 1,
+    }
+}
+
+/// What the guest kernel, the agent and the guest's moat take beyond the
+/// container's own limit.
+pub const GUEST_OVERHEAD_MIB: u64 = 96;
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+pub const MIN_MEMORY_MIB: u64 = 128;
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(p: &Path) -> SourceKind {
+        match p.to_str().unwrap() {
+            s if s.starts_with("/dir") => SourceKind::Dir,
+            s if s.starts_with("/file") => SourceKind::File,
+            "/dev/null" => SourceKind::Device,
+            _ => SourceKind::Other,
+        }
+    }
+
+    fn own(p: &Path) -> bool {
+        p.starts_with("/dir/usr")
+    }
+
+    const PROBE: Probe = Probe {
+        kind: &kinds,
+        own_disk: &own,
+    };
+
+    fn spec(mounts: Value) -> Value {
+        json!({
+            "ociVersion": "1.2.0",
+            "root": {"path": "/host/rootfs", "readonly": true},
+            "process": {"args": ["sh"], "cwd": "/"},
+            "mounts": mounts,
+            "hooks": {"prestart": [{"path": "/bin/true"}]},
+            "annotations": {"dev.moat.isolation": "microvm", "keep": "yes"},
+            "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "pid"}]}
+        })
+    }
+
+    #[test]
+    fn binds_become_disks_and_files() {
+        let s = spec(json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/usr", "type": "bind", "source": "/dir/usr", "options": ["rbind", "ro"]},
+            {"destination": "/opt/usr", "type": "bind", "source": "/dir/usr", "options": ["rbind", "ro"]},
+            {"destination": "/etc/certs", "type": "bind", "source": "/dir/certs", "options": ["rbind", "ro"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/file/hosts", "options": ["rbind", "rw"]},
+            {"destination": "/dev/shm", "type": "bind", "source": "/dir/shm", "options": ["rbind", "rw"]},
+            {"destination": "/dev/null2", "type": "bind", "source": "/dev/null", "options": ["bind"]}
+        ]));
+        let p = plan(&s, Path::new("/host/rootfs"), &PROBE).unwrap();
+        assert_eq!(p.config["root"]["path"], GUEST_ROOT);
+        assert_eq!(p.disks.len(), 2, "the root and /dir/usr once");
+        assert_eq!(p.disks[0].source, PathBuf::from("/host/rootfs"));
+        assert_eq!(p.group, vec![PathBuf::from("/dir/certs")]);
+        let m = p.config["mounts"].as_array().unwrap();
+        assert_eq!(m[1]["source"], disk_mount(1));
+        assert_eq!(m[2]["source"], disk_mount(1));
+        assert_eq!(m[3]["source"], format!("{GROUP_MOUNT}/0"));
+        assert_eq!(m[4]["source"], "/run/vm/files/0");
+        assert_eq!(p.files[0].source, PathBuf::from("/file/hosts"));
+        assert_eq!(m[5]["type"], "tmpfs");
+        assert_eq!(m[6]["source"], "/dev/null");
+        assert!(p.config.get("hooks").is_none());
+        assert!(p.warnings.iter().any(|w| w.contains("hooks")));
+        assert!(p.config["linux"].get("cgroupsPath").is_none());
+        assert!(p.config["linux"]["namespaces"][0].get("path").is_none());
+        assert!(p.config["annotations"].get("dev.moat.isolation").is_none());
+        assert_eq!(p.config["annotations"]["keep"], "yes");
+    }
+
+    #[test]
+    fn what_cannot_be_shared_is_refused() {
+        let rw = spec(
+            json!([{"destination": "/data", "type": "bind", "source": "/dir/data", "options": ["rbind", "rw"]}]),
+        );
+        let e = plan(&rw, Path::new("/r"), &PROBE).unwrap_err();
+        assert!(e.contains("read-write volume") && !e.contains('\n'), "{e}");
+        let sock = spec(
+            json!([{"destination": "/s", "type": "bind", "source": "/sock", "options": ["bind"]}]),
+        );
+        assert!(plan(&sock, Path::new("/r"), &PROBE).is_err());
+        let many: Vec<Value> = (0..MAX_DISKS)
+            .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/usr{i}"), "options": ["ro"]}))
+            .collect();
+        assert!(plan(&spec(json!(many)), Path::new("/r"), &PROBE).is_err());
+        // Small directories share one disk, however many.
+        let small: Vec<Value> = (0..20)
+            .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/s{i}"), "options": ["ro"]}))
+            .collect();
+        let p = plan(&spec(json!(small)), Path::new("/r"), &PROBE).unwrap();
+        assert_eq!((p.disks.len(), p.group.len()), (1, 20));
+        let mut listener = spec(json!([]));
+        listener["linux"]["seccomp"] =
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/s"});
+        assert!(plan(&listener, Path::new("/r"), &PROBE).is_err());
+    }
+
+    #[test]
+    fn sizes_follow_the_limits() {
+        assert_eq!(guest_memory_mib(&json!({})), DEFAULT_MEMORY_MIB);
+        let m = json!({"linux": {"resources": {"memory": {"limit": 256i64 << 20}}}});
+        assert_eq!(guest_memory_mib(&m), 256 + GUEST_OVERHEAD_MIB);
+        let tiny = json!({"linux": {"resources": {"memory": {"limit": 4i64 << 20}}}});
+        assert_eq!(guest_memory_mib(&tiny), MIN_MEMORY_MIB);
+        assert_eq!(guest_vcpus(&json!({})), 1);
+        let c = json!({"linux": {"resources": {"cpu": {"quota": 150000, "period": 100000}}}});
+        assert_eq!(guest_vcpus(&c), 2);
+    }
+}

@@ -1,0 +1,222 @@
+//! The jailer: what the VMM process does to itself, in the namespaces the
+//! runtime cloned it into (mount, PID, IPC, UTS, network), before it starts
+//! the VMM and reads a byte from the guest. In the order the kernel needs:
+//!
+//! 1. close every descriptor but the ones it was handed;
+//! 2. a root of its own: a small tmpfs holding, read-only, exactly the
+//!    host files the VMM reads (the kernel, the initramfs, QEMU and its
+//!    libraries and firmware) and the devices it opens (`/dev/null`,
+//!    `/dev/urandom`, `/dev/kvm` under KVM); `pivot_root` into it, the old
+//!    root detached, the new one read-only;
+//! 3. rlimits (no core dumps, bounded descriptors);
+//! 4. an unprivileged host user of its own (a block from moat's ID
+//!    allocator) with, under KVM, the group that may open /dev/kvm, and no
+//!    capabilities (checked);
+//! 5. no_new_privs, not dumpable;
+//! 6. the seccomp allow-list of [`crate::seccomp`], every other syscall
+//!    failing with EPERM.
+//!
+//! The disks and the agent channel are descriptors the runtime opened;
+//! nothing in the jail can name them by path.
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("cannot {step}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot {step}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("capabilities remain after the switch to host user {0}")]
+    CapsRemain(u32),
+    #[error("cannot build the VMM's seccomp profile: {0}")]
+    Profile(String),
+    #[error("seccomp")]
+    Seccomp(#[from] moat_jail::seccomp::SeccompError),
+    #[error("process attributes")]
+    Attr(#[from] moat_jail::attrs::AttrError),
+}
+
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
+    let step = step.into();
+    move |source| JailError::Sys { step, source }
+}
+
+fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let step = step.into();
+    move |source| JailError::Io { step, source }
+}
+
+/// What the VMM process keeps once jailed.
+#[derive(Debug, Clone)]
+pub struct JailPlan {
+    /// An empty directory the jail's root is mounted on (in the VMM
+    /// process's own mount namespace, so the host never sees it).
+    pub root: PathBuf,
+    /// Host files and directories visible read-only at their own paths.
+    pub files: Vec<PathBuf>,
+    /// Device nodes visible at their own paths.
+    pub devices: Vec<PathBuf>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the group of /dev/kvm under KVM).
+    pub groups: Vec<u32>,
+    /// Descriptors kept open (besides 0, 1, 2).
+    pub keep_fds: Vec<RawFd>,
+    /// The syscalls allowed, by name.
+    pub syscalls: Vec<&'static str>,
+}
+
+impl JailPlan {
+    /// Jails the calling process (single-threaded). Fails closed: the
+    /// caller must not start the VMM after an error.
+    pub fn enter(&self) -> Result<(), JailError> {
+        self.close_other_fds()?;
+        self.build_root()?;
+        self.pivot()?;
+        limits()?;
+        self.switch_user()?;
+        moat_jail::attrs::set_no_new_privs()?;
+        nix::sys::prctl::set_dumpable(false).map_err(sys("make the VMM non-dumpable"))?;
+        crate::seccomp::load(&self.syscalls)?;
+        Ok(())
+    }
+
+    fn close_other_fds(&self) -> Result<(), JailError> {
+        let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+            .map_err(io("list open descriptors"))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        for fd in open {
+            if fd > 2 && !self.keep_fds.contains(&fd) {
+                match nix::unistd::close(fd) {
+                    Ok(()) | Err(nix::Error::EBADF) => {}
+                    Err(e) => return Err(sys("close an inherited descriptor")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn build_root(&self) -> Result<(), JailError> {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(sys("make the mounts private"))?;
+        mount(
+            Some("moat-vmm"),
+            &self.root,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=1m,nr_inodes=4096"),
+        )
+        .map_err(sys(format!(
+            "mount the jail's root on {}",
+            self.root.display()
+        )))?;
+        for f in &self.files {
+            bind_ro(&self.root, f, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+        }
+        for d in &self.devices {
+            bind_ro(&self.root, d, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
+        }
+        Ok(())
+    }
+
+    fn pivot(&self) -> Result<(), JailError> {
+        let old = self.root.join(".old");
+        std::fs::create_dir(&old).map_err(io("create the old root's mount point"))?;
+        nix::unistd::pivot_root(&self.root, &old).map_err(sys("pivot into the jail"))?;
+        nix::unistd::chdir("/").map_err(sys("enter the jail's root"))?;
+        umount2("/.old", MntFlags::MNT_DETACH).map_err(sys("detach the host's root"))?;
+        std::fs::remove_dir("/.old").map_err(io("remove the old root's mount point"))?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(sys("make the jail's root read-only"))
+    }
+
+    fn switch_user(&self) -> Result<(), JailError> {
+        use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+        let groups: Vec<Gid> = self.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        setgroups(&groups).map_err(sys("set the VMM's groups"))?;
+        let g = Gid::from_raw(self.gid);
+        setresgid(g, g, g).map_err(sys(format!("switch to host group {}", self.gid)))?;
+        let u = Uid::from_raw(self.uid);
+        setresuid(u, u, u).map_err(sys(format!("switch to host user {}", self.uid)))?;
+        for set in [
+            caps::CapSet::Permitted,
+            caps::CapSet::Effective,
+            caps::CapSet::Ambient,
+        ] {
+            let held = caps::read(None, set).map_err(|_| JailError::CapsRemain(self.uid))?;
+            if !held.is_empty() {
+                return Err(JailError::CapsRemain(self.uid));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds `host` read-only at the same path under `root` (its parents made).
+fn bind_ro(root: &Path, host: &Path, extra: MsFlags) -> Result<(), JailError> {
+    let rel = host.strip_prefix("/").unwrap_or(host);
+    let target = root.join(rel);
+    let meta = std::fs::metadata(host).map_err(io(format!("stat {}", host.display())))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(&target).map_err(io(format!("create {}", target.display())))?;
+    } else if !target.exists() {
+        std::fs::File::create(&target).map_err(io(format!("create {}", target.display())))?;
+    }
+    mount(
+        Some(host),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(sys(format!("bind {}", host.display())))?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra,
+        None::<&str>,
+    )
+    .map_err(sys(format!("make {} read-only", host.display())))
+}
+
+/// No core dumps (guest memory would land on the host's disk), a bounded
+/// descriptor table.
+fn limits() -> Result<(), JailError> {
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(sys("set RLIMIT_CORE"))?;
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, 1024).map_err(sys("set RLIMIT_NOFILE"))?;
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! The `microvm` tier: each container in its own microVM with its own
+//! guest kernel, the VMM jailed on the host, and the workload run by moat's
+//! own container tier inside the guest (defence in depth). docs/design.md
+//! ("The microvm tier") describes the processes, SECURITY.md what it adds.
+//!
+//! The OCI container process is the **VMM process** ([`vmm`]): a moat
+//! process forked by the runtime into its own namespaces, jailed
+//! ([`jail`]), that runs QEMU as its only child and relays between the
+//! guest's agent ([`agent`], moat itself as the guest's PID 1) and the
+//! host. `state` shows its PID, `kill` reaches the workload through the
+//! agent, `kill --all` and `delete --force` kill the VMM process (and with
+//! it, its PID namespace: QEMU).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use moat_core::runtime::{
+    CreateRequest, Current, ExecOptions, Launched, Lifecycle, RuntimeError, Unavailable,
+};
+use moat_core::state::{ContainerStatus, State, StateDir};
+use moat_core::stats::{LimitEvents, Stats};
+use moat_core::Tier;
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+pub mod agent;
+pub mod assets;
+pub mod control;
+mod create;
+pub mod disk;
+pub mod guestspec;
+pub mod jail;
+mod ops;
+pub mod proto;
+pub mod seccomp;
+pub mod vmm;
+
+pub use vmm::Backend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    #[error("cannot {step}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {step}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("initramfs")]
+    Cpio(#[from] moat_vmm::cpio::CpioError),
+    #[error("cannot image {}: {message}", .source_dir.display())]
+    Mkfs {
+        source_dir: PathBuf,
+        message: String,
+    },
+    #[error("{} has too many files to image", .0.display())]
+    TooLarge(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cgroup")]
+    Cgroup(#[from] moat_jail::cgroup::CgroupError),
+    #[error("host ID allocation")]
+    IdAlloc(#[from] moat_jail::idalloc::IdAllocError),
+    #[error("VMM control")]
+    Control(#[from] control::ControlError),
+    #[error("the microVM failed: {0}")]
+    Vmm(String),
+}
+
+impl MicrovmError {
+    pub(crate) fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> MicrovmError {
+        let step = step.into();
+        move |source| MicrovmError::Io { step, source }
+    }
+    pub(crate) fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> MicrovmError {
+        let step = step.into();
+        move |source| MicrovmError::Sys { step, source }
+    }
+}
+
+impl From<MicrovmError> for RuntimeError {
+    fn from(e: MicrovmError) -> RuntimeError {
+        match e {
+            MicrovmError::Invalid(m) => RuntimeError::Invalid(m),
+            e => RuntimeError::Tier(Box::new(e)),
+        }
+    }
+}
+
+/// Which VMM this host runs, and why (for `moat info` and errors).
+#[derive(Debug, Clone)]
+pub struct HostChoice {
+    pub backend: Backend,
+    pub kernel: assets::GuestKernel,
+    /// e.g. "QEMU/TCG (no vmx/svm: software-assisted KVM (kvm_pvm))".
+    pub why: String,
+}
+
+fn unavailable(reason: String, fix: &str) -> Unavailable {
+    Unavailable {
+        tier: Tier::Microvm,
+        built: true,
+        reason,
+        fix: Some(fix.into()),
+    }
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether this host can run the microvm tier, and with which VMM. QEMU
+/// with KVM where the CPU virtualises in hardware, QEMU with TCG where KVM
+/// is missing or software-assisted (PVM); moat's own VMM boots only
+/// kernels with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` and `CONFIG_X86_MPPARSE`
+/// (it has no ACPI), which Debian's cloud kernel lacks, so it is not chosen
+/// for it.
+pub fn check_host() -> Result<HostChoice, Unavailable> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(unavailable(
+            "it needs root for now (the VMM's jail uses a host user of its own)".into(),
+            "run as root, or use --isolation sandbox",
+        ));
+    }
+    let kernel = assets::GuestKernel::find()
+        .map_err(|r| unavailable(r, "apt-get install linux-image-cloud-amd64"))?;
+    let kvm = moat_jail::host::HostFacts::read().kvm;
+    let kvm_why = if !kvm.present {
+        "/dev/kvm missing".to_string()
+    } else if !kvm.accessible {
+        "/dev/kvm not accessible".to_string()
+    } else if let Some(m) = &kvm.software_module {
+        format!("no vmx/svm: software-assisted KVM ({m})")
+    } else if !kvm.hardware {
+        "no vmx/svm in /proc/cpuinfo".to_string()
+    } else {
+        String::new()
+    };
+    if which("mke2fs").is_none() {
+        return Err(unavailable(
+            "mke2fs (e2fsprogs) is not installed: it builds the guest's disks".into(),
+            "apt-get install e2fsprogs",
+        ));
+    }
+    let Some(qemu) = which(moat_vmm::qemu::QEMU_BINARY) else {
+        let reason = if kvm_why.is_empty() {
+            format!(
+                "{} is not installed, and the guest kernel {} lacks what moat's own VMM needs (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, CONFIG_X86_MPPARSE)",
+                moat_vmm::qemu::QEMU_BINARY,
+                kernel.release
+            )
+        } else {
+            format!(
+                "{kvm_why} and {} not installed",
+                moat_vmm::qemu::QEMU_BINARY
+            )
+        };
+        return Err(unavailable(reason, "apt-get install qemu-system-x86"));
+    };
+    let accel = if kvm_why.is_empty() {
+        moat_vmm::qemu::Accel::Kvm
+    } else {
+        moat_vmm::qemu::Accel::Tcg
+    };
+    let why = match accel {
+        moat_vmm::qemu::Accel::Kvm => {
+            "QEMU/KVM (vmx/svm; the guest kernel needs ACPI, which moat's own VMM lacks)"
+                .to_string()
+        }
+        moat_vmm::qemu::Accel::Tcg => format!("QEMU/TCG ({kvm_why})"),
+    };
+    Ok(HostChoice {
+        backend: Backend::Qemu {
+            binary: qemu,
+            accel,
+        },
+        kernel,
+        why,
+    })
+}
+
+/// The microvm tier's part of the state.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct MicrovmPart {
+    #[serde(default)]
+    cgroup: serde_json::Value,
+    /// The control socket's directory.
+    socket_dir: PathBuf,
+    /// The VMM process's host user (its block in the ID allocator).
+    vmm_uid: u32,
+    /// That block's slot and the owner its allocation file records.
+    #[serde(default)]
+    vmm_slot: Option<(u32, String)>,
+    /// Which VMM, in words.
+    backend: String,
+}
+
+/// The microvm tier, bound to a state root.
+#[derive(Debug, Clone)]
+pub struct MicrovmTier {
+    sd: StateDir,
+    systemd_cgroup: bool,
+}
+
+/// Longest unix socket path.
+const MAX_SOCKET_PATH: usize = 107;
+/// The control socket's name.
+const SOCKET: &str = "vmm.sock";
+/// The workload's end, written by the VMM process.
+const EVENTS: &str = "events.json";
+/// The config copy.
+const CONFIG: &str = "config.json";
+
+impl MicrovmTier {
+    pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> MicrovmTier {
+        MicrovmTier {
+            sd: StateDir::new(root),
+            systemd_cgroup,
+        }
+    }
+
+    /// The cache of initramfs and disk images: `MOAT_MICROVM_CACHE`, else
+    /// `<root>/.cache/microvm`.
+    pub fn cache_dir(&self) -> PathBuf {
+        match std::env::var_os("MOAT_MICROVM_CACHE").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => self.sd.root().join(".cache").join("microvm"),
+        }
+    }
+
+    /// The control socket's directory for container `id`: under the state
+    /// root, or under /run when that path would not fit a socket address.
+    fn socket_dir(&self, id: &str) -> PathBuf {
+        let dir = self.sd.root().join(".microvm").join(id);
+        if dir.join(SOCKET).as_os_str().len() <= MAX_SOCKET_PATH {
+            return dir;
+        }
+        use sha2::Digest;
+        let key = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+        let name: String = key.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        PathBuf::from("/run/moat-microvm").join(name)
+    }
+
+    fn part(&self, st: &State) -> Result<MicrovmPart, RuntimeError> {
+        Ok(st.tier_part(
+            &self
+                .sd
+                .container_dir(&st.id)
+                .join(moat_core::state::STATE_FILE),
+        )?)
+    }
+
+    fn alive(st: &State) -> bool {
+        st.pid > 0
+            && moat_jail::procfs::proc_stat(st.pid)
+                .is_some_and(|(start, s)| start == st.pid_start_time && s != 'Z' && s != 'X')
+    }
+
+    fn current(&self, id: &str) -> Result<Current, RuntimeError> {
+        let st = self.sd.load(id)?;
+        let status = if st.status == ContainerStatus::Creating {
+            ContainerStatus::Creating
+        } else if Self::alive(&st) {
+            st.status
+        } else {
+            ContainerStatus::Stopped
+        };
+        Ok(Current { state: st, status })
+    }
+
+    fn control_path(&self, st: &State) -> Result<PathBuf, RuntimeError> {
+        Ok(self.part(st)?.socket_dir.join(SOCKET))
+    }
+}
+
+fn wrong(id: &str, status: ContainerStatus, why: &'static str) -> RuntimeError {
+    RuntimeError::WrongStatus {
+        id: id.to_owned(),
+        status: status.as_str(),
+        why,
+    }
+}
+
+impl Lifecycle for MicrovmTier {
+    fn tier(&self) -> Tier {
+        Tier::Microvm
+    }
+
+    fn create(&self, req: &CreateRequest) -> Result<(), RuntimeError> {
+        self.create_vm(req, false).map(|_| ())
+    }
+
+    fn launch(&self, req: &CreateRequest) -> Result<Launched, RuntimeError> {
+        self.create_vm(req, true)
+    }
+
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.start_vm(id)
+    }
+
+    fn state(&self, id: &str) -> Result<Current, RuntimeError> {
+        self.current(id)
+    }
+
+    fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        self.kill_vm(id, signal, all)
+    }
+
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        self.delete_vm(id, force)
+    }
+
+    fn exec(&self, id: &str, process: &Process, opts: &ExecOptions) -> Result<i32, RuntimeError> {
+        self.exec_vm(id, process, opts)
+    }
+
+    fn ps(&self, id: &str) -> Result<Vec<i32>, RuntimeError> {
+        let c = self.current(id)?;
+        Ok(if c.status == ContainerStatus::Stopped {
+            Vec::new()
+        } else {
+            vec![c.state.pid]
+        })
+    }
+
+    fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, true)
+    }
+
+    fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, false)
+    }
+
+    fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        let st = self.sd.load(id)?;
+        let cg = self.cgroup(&st)?;
+        if resources.memory().is_some() {
+            tracing::warn!("microvm: a new memory limit applies to the VMM's cgroup; the guest keeps its RAM size");
+        }
+        cg.update(resources).map_err(MicrovmError::from)?;
+        Ok(())
+    }
+
+    fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
+        let st = self.sd.load(id)?;
+        Ok(self.cgroup(&st)?.stats().map_err(MicrovmError::from)?)
+    }
+
+    fn events(&self, id: &str) -> Result<LimitEvents, RuntimeError> {
+        let st = self.sd.load(id)?;
+        let mut ev = LimitEvents::default();
+        let path = self.sd.container_dir(id).join(EVENTS);
+        if let Ok(data) = std::fs::read(&path) {
+            if let Ok(e) = serde_json::from_slice::<proto::Exit>(&data) {
+                ev.oom_kills = e.oom_kills;
+                ev.pids_limit_hits = e.pids_limit_hits;
+            }
+        }
+        drop(st);
+        Ok(ev)
+    }
+
+    fn config(&self, id: &str) -> Result<Spec, RuntimeError> {
+        self.sd.lock(id)?;
+        let path = self.sd.container_dir(id).join(CONFIG);
+        let data =
+            std::fs::read(&path).map_err(MicrovmError::io(format!("read {}", path.display())))?;
+        serde_json::from_slice(&data)
+            .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    fn features(&self) -> serde_json::Value {
+        let mut doc = moat_container::ContainerTier::new(self.sd.root(), false).features();
+        doc["annotations"]["dev.moat.microvm"] = serde_json::json!("qemu-microvm");
+        doc
+    }
+}
+
+impl MicrovmTier {
+    fn cgroup(&self, st: &State) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
+        let part = self.part(st)?;
+        if part.cgroup.is_null() {
+            return Err(RuntimeError::Invalid(format!(
+                "container {} has no cgroup",
+                st.id
+            )));
+        }
+        Ok(moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup)
+            .map_err(MicrovmError::from)?)
+    }
+
+    fn freeze(&self, id: &str, on: bool) -> Result<(), RuntimeError> {
+        let _lock = self.sd.lock(id)?;
+        let c = self.current(id)?;
+        let (want, why) = if on {
+            (ContainerStatus::Running, "it must be running to pause")
+        } else {
+            (ContainerStatus::Paused, "it must be paused to resume")
+        };
+        if c.status != want {
+            return Err(wrong(id, c.status, why));
+        }
+        let cg = self.cgroup(&c.state)?;
+        if on {
+            cg.freeze().map_err(MicrovmError::from)?;
+        } else {
+            cg.thaw().map_err(MicrovmError::from)?;
+        }
+        let mut st = c.state;
+        st.status = if on {
+            ContainerStatus::Paused
+        } else {
+            ContainerStatus::Running
+        };
+        self.sd.save(&st)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,289 @@
+//! `start`, `kill`, `delete` and `exec` on an existing microVM container.
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use moat_core::runtime::{ExecOptions, RuntimeError};
+use moat_core::state::ContainerStatus;
+use oci_spec::runtime::Process;
+
+use crate::control::{self, Reply, Request};
+use crate::{proto, wrong, MicrovmError, MicrovmTier};
+
+fn reply_error(message: String, exec_status: Option<u8>) -> RuntimeError {
+    match exec_status {
+        Some(status) => RuntimeError::ExecFailed { status, message },
+        None => MicrovmError::Vmm(message).into(),
+    }
+}
+
+impl MicrovmTier {
+    pub(crate) fn start_vm(&self, id: &str) -> Result<(), RuntimeError> {
+        let _lock = self.sd.lock(id)?;
+        let c = self.current(id)?;
+        if c.status != ContainerStatus::Created {
+            return Err(wrong(id, c.status, "it must be created to start"));
+        }
+        let path = self.control_path(&c.state)?;
+        let (_sock, reply) =
+            control::call(&path, &Request::Start, &[]).map_err(MicrovmError::from)?;
+        match reply {
+            Reply::Ok => {
+                let mut st = c.state;
+                st.status = ContainerStatus::Running;
+                self.sd.save(&st)?;
+                Ok(())
+            }
+            Reply::Error {
+                message,
+                exec_status,
+            } => Err(reply_error(message, exec_status)),
+            Reply::Exit { .. } => Err(MicrovmError::Vmm("unexpected reply to start".into()).into()),
+        }
+    }
+
+    pub(crate) fn kill_vm(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        let c = self.current(id)?;
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| RuntimeError::Invalid(format!("unknown signal {signal}")))?;
+        if c.status == ContainerStatus::Stopped || c.status == ContainerStatus::Creating {
+            if all {
+                return Ok(());
+            }
+            return Err(wrong(id, c.status, "it must be running to be signalled"));
+        }
+        if all || c.status == ContainerStatus::Paused {
+            // Every process of the container: the VMM process (its PID
+            // namespace, QEMU included, ends with it on SIGKILL; other
+            // signals it forwards to the workload).
+            return signal_pid(c.state.pid, sig);
+        }
+        let path = self.control_path(&c.state)?;
+        match control::call(&path, &Request::Signal { signal }, &[]) {
+            Ok((_, Reply::Ok)) => Ok(()),
+            Ok((_, Reply::Error { message, .. })) => Err(MicrovmError::Vmm(message).into()),
+            Ok(_) => Ok(()),
+            // The VMM process ended between the status check and now.
+            Err(_) if !Self::alive(&c.state) => Err(wrong(
+                id,
+                ContainerStatus::Stopped,
+                "it must be running to be signalled",
+            )),
+            Err(e) => Err(MicrovmError::from(e).into()),
+        }
+    }
+
+    pub(crate) fn delete_vm(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        let lock = self.sd.lock(id)?;
+        let c = self.current(id)?;
+        let alive = Self::alive(&c.state);
+        if alive && !force && c.status != ContainerStatus::Created {
+            return Err(wrong(id, c.status, "stop it or use --force"));
+        }
+        if alive {
+            signal_pid(c.state.pid, nix::sys::signal::Signal::SIGKILL)?;
+            wait_gone(&c.state);
+        }
+        let part = self.part(&c.state).unwrap_or_default();
+        if !part.cgroup.is_null() {
+            if let Ok(cg) = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup) {
+                // Whatever is left in it (nothing, normally) goes too.
+                if let Ok(pids) = cg.pids() {
+                    for p in pids {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                let end = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match cg.destroy() {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() > end => return Err(MicrovmError::from(e).into()),
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        }
+        let sock_dir = if part.socket_dir.as_os_str().is_empty() {
+            self.socket_dir(id)
+        } else {
+            part.socket_dir
+        };
+        let _ = std::fs::remove_dir_all(&sock_dir);
+        if let Some(parent) = sock_dir.parent() {
+            // The last container's leaves no empty directory behind.
+            let _ = std::fs::remove_dir(parent);
+        }
+        if let Some(slot) = &part.vmm_slot {
+            release_slot(slot);
+        }
+        self.sd.remove(id)?;
+        drop(lock);
+        Ok(())
+    }
+
+    pub(crate) fn exec_vm(
+        &self,
+        id: &str,
+        process: &Process,
+        opts: &ExecOptions,
+    ) -> Result<i32, RuntimeError> {
+        let c = self.current(id)?;
+        if c.status != ContainerStatus::Running {
+            return Err(wrong(id, c.status, "it must be running to exec"));
+        }
+        if opts.preserve_fds > 0 {
+            return Err(RuntimeError::Invalid(
+                "exec --preserve-fds: descriptors cannot be passed into a microVM".into(),
+            ));
+        }
+        let terminal = process.terminal().unwrap_or(false);
+        if opts.detach && terminal && opts.console_socket.is_none() {
+            return Err(RuntimeError::Invalid(
+                "a detached process with a terminal needs --console-socket".into(),
+            ));
+        }
+        let (rows, cols) = process
+            .console_size()
+            .as_ref()
+            .map_or((0, 0), |b| (b.height() as u16, b.width() as u16));
+        let request = proto::ExecRequest {
+            process: serde_json::to_value(process)
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?,
+            rows,
+            cols,
+        };
+        // The process's stdio: a pty whose master goes to the console
+        // socket, or our own descriptors.
+        let mut pty_master = None;
+        let stdio: Vec<OwnedFd> = if terminal && opts.console_socket.is_some() {
+            let p = nix::pty::openpty(None, None).map_err(MicrovmError::sys("open a pty"))?;
+            let s = p.slave;
+            let v = vec![
+                s.try_clone()
+                    .map_err(MicrovmError::io("duplicate the pty"))?,
+                s.try_clone()
+                    .map_err(MicrovmError::io("duplicate the pty"))?,
+                s,
+            ];
+            pty_master = Some(p.master);
+            v
+        } else {
+            let dup = |fd: std::os::fd::BorrowedFd| {
+                fd.try_clone_to_owned()
+                    .map_err(MicrovmError::io("duplicate stdio"))
+            };
+            vec![
+                dup(std::io::stdin().as_fd())?,
+                dup(std::io::stdout().as_fd())?,
+                dup(std::io::stderr().as_fd())?,
+            ]
+        };
+        let path = self.control_path(&c.state)?;
+        let fds: Vec<_> = stdio.iter().map(|f| f.as_fd()).collect();
+        let raw = RawMode::enter(terminal && opts.console_socket.is_none());
+        let (sock, reply) = control::call(
+            &path,
+            &Request::Exec {
+                request,
+                detach: opts.detach,
+            },
+            &fds,
+        )
+        .map_err(MicrovmError::from)?;
+        drop(stdio);
+        match reply {
+            Reply::Ok => {}
+            Reply::Error {
+                message,
+                exec_status,
+            } => return Err(reply_error(message, exec_status)),
+            Reply::Exit { code } => return Ok(code),
+        }
+        if let (Some(m), Some(sockp)) = (pty_master, &opts.console_socket) {
+            crate::create::send_console(sockp, m)?;
+        }
+        if let Some(p) = &opts.pid_file {
+            // The process runs in the guest: the PID that stands for it on
+            // the host is the VMM process's.
+            std::fs::write(p, c.state.pid.to_string())
+                .map_err(MicrovmError::io(format!("write {}", p.display())))?;
+        }
+        if opts.detach {
+            return Ok(0);
+        }
+        let code = match control::recv::<Reply>(sock.as_fd()) {
+            Ok(Reply::Exit { code }) => code,
+            Ok(Reply::Error {
+                message,
+                exec_status,
+            }) => return Err(reply_error(message, exec_status)),
+            Ok(Reply::Ok) => 255,
+            Err(control::ControlError::Closed) => 255,
+            Err(e) => return Err(MicrovmError::from(e).into()),
+        };
+        drop(raw);
+        Ok(code)
+    }
+}
+
+/// Releases the VMM's host ID block once the VMM is gone: its allocation
+/// file, if it still records the owner it was made for.
+pub(crate) fn release_slot((slot, owner): &(u32, String)) {
+    let path = moat_jail::idalloc::allocator_dir().join(format!("slot-{slot}"));
+    if std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == owner.trim()) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+fn signal_pid(pid: i32, sig: nix::sys::signal::Signal) -> Result<(), RuntimeError> {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+        Err(e) => Err(MicrovmError::sys("signal the VMM process")(e).into()),
+    }
+}
+
+/// Waits (bounded) for a killed VMM process to be gone; reaps it if it is
+/// our child.
+fn wait_gone(st: &moat_core::state::State) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end && MicrovmTier::alive(st) {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(st.pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Our terminal in raw mode while an exec with a terminal uses it.
+struct RawMode(Option<rustix::termios::Termios>);
+
+impl RawMode {
+    fn enter(want: bool) -> RawMode {
+        let stdin = std::io::stdin();
+        if !want || !rustix::termios::isatty(&stdin) {
+            return RawMode(None);
+        }
+        let saved = rustix::termios::tcgetattr(&stdin).ok();
+        if let Some(t) = &saved {
+            let mut raw = t.clone();
+            raw.make_raw();
+            let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw);
+        }
+        RawMode(saved)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin(),
+                rustix::termios::OptionalActions::Now,
+                t,
+            );
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The agent protocol: what the host (the VMM process) and the guest agent
+//! say to each other over the virtio console (`/dev/hvc0` in the guest, a
+//! unix socket on the host). Sans-IO: [`encode`] makes the bytes of one
+//! frame, [`Decoder`] takes bytes as they arrive and gives back whole frames.
+//!
+//! A frame is a 9-byte header — payload length (u32, little-endian), kind
+//! (u8), channel (u32, little-endian) — then the payload. The channel names
+//! a process: 0 is the container's own process, each `exec` gets the next
+//! number. Data frames (stdin, stdout, stderr) carry raw bytes, at most
+//! [`MAX_DATA`] each (an empty stdin frame is end of file); every other kind
+//! carries one JSON object. The guest is untrusted: a frame longer than
+//! [`MAX_FRAME`], an unknown kind or JSON that does not parse ends the
+//! session, and nothing the guest sends can make the host buffer more than
+//! one frame.
+use serde::{Deserialize, Serialize};
+
+/// Bytes before the payload.
+pub const HEADER: usize = 9;
+/// Largest payload accepted (a `Run` carries the config and small files).
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest data payload a sender writes.
+pub const MAX_DATA: usize = 32 * 1024;
+/// The protocol version both sides must speak.
+pub const VERSION: u32 = 1;
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// guest → host: the agent is up and waits for work ([`Hello`]).
+    Hello = 1,
+    /// host → guest: run the container's process ([`RunRequest`]).
+    Run = 2,
+    /// host → guest: bytes for a process's stdin; empty is end of file.
+    Stdin = 3,
+    /// guest → host: bytes the process wrote to stdout (or its terminal).
+    Stdout = 4,
+    /// guest → host: bytes the process wrote to stderr.
+    Stderr = 5,
+    /// host → guest: deliver a signal ([`SignalMsg`]).
+    Signal = 6,
+    /// host → guest: the terminal's new size ([`Resize`]).
+    Resize = 7,
+    /// guest → host: the process runs ([`Started`]).
+    Started = 8,
+    /// guest → host: the process ended ([`Exit`]).
+    Exit = 9,
+    /// guest → host: the request failed ([`ErrorMsg`]).
+    Error = 10,
+    /// host → guest: run another process in the container ([`ExecRequest`]).
+    Exec = 11,
+    /// host → guest: power off now.
+    Shutdown = 12,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => Run,
+            3 => Stdin,
+            4 => Stdout,
+            5 => Stderr,
+            6 => Signal,
+            7 => Resize,
+            8 => Started,
+            9 => Exit,
+            10 => Error,
+            11 => Exec,
+            12 => Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub chan: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The payload as the JSON message `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ProtoError> {
+        serde_json::from_slice(&self.payload).map_err(|e| ProtoError::Json {
+            kind: self.kind,
+            message: e.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {0} bytes is over the limit")]
+    TooLong(usize),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("bad {kind:?} message: {message}")]
+    Json { kind: Kind, message: String },
+}
+
+/// The bytes of one frame. Data longer than [`MAX_FRAME`] is the caller's
+/// bug (senders chunk data by [`MAX_DATA`]); it is cut there.
+pub fn encode(kind: Kind, chan: u32, payload: &[u8]) -> Vec<u8> {
+    let payload = &payload[..payload.len().min(MAX_FRAME)];
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&chan.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A frame carrying the JSON of `msg`.
+pub fn encode_json<T: Serialize>(kind: Kind, chan: u32, msg: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    encode(kind, chan, &body)
+}
+
+/// Reassembles frames from a byte stream.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived. An error is final: the
+    /// stream is out of step or hostile.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(ProtoError::TooLong(len));
+        }
+        let kind = Kind::from_u8(self.buf[4]).ok_or(ProtoError::UnknownKind(self.buf[4]))?;
+        if self.buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        let chan = u32::from_le_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+        let payload = self.buf[HEADER..HEADER + len].to_vec();
+        self.buf.drain(..HEADER + len);
+        Ok(Some(Frame {
+            kind,
+            chan,
+            payload,
+        }))
+    }
+
+    /// Bytes held for a frame not yet complete.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// guest → host, once the agent is ready.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    /// The guest kernel's release.
+    pub kernel: String,
+}
+
+/// A disk the guest mounts read-only, found by its filesystem UUID.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestDisk {
+    /// The ext4 UUID, as 32 hex digits.
+    pub uuid: String,
+    /// Where the agent mounts it.
+    pub mount: String,
+}
+
+/// A file the agent writes before the container starts (a bind-mounted
+/// host file's contents, e.g. /etc/hosts from an engine).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestFile {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+}
+
+/// host → guest: run the container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRequest {
+    /// The container's config.json as the guest runs it ([`crate::guestspec`]).
+    pub config: serde_json::Value,
+    pub disks: Vec<GuestDisk>,
+    pub files: Vec<GuestFile>,
+    /// Mount an overlay over the root (a writable root whose writes stay
+    /// in guest memory) at `config.root.path`, with this disk's mount as
+    /// the lower layer.
+    pub overlay_root: Option<String>,
+    /// The terminal's size, with `process.terminal`.
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// host → guest: run a process in the container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    /// The OCI process (as `runc exec --process` reads it).
+    pub process: serde_json::Value,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignalMsg {
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {}
+
+/// guest → host: how a process ended. `code` is its exit status, 128+N
+/// for a signal, as a shell reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    /// OOM kills in the container's cgroup (in the guest).
+    pub oom_kills: u64,
+    /// Forks refused by the pids limit.
+    pub pids_limit_hits: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub message: String,
+    /// A shell's status when the program could not be executed (126/127).
+    pub exec_status: Option<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_across_arbitrary_splits() {
+        let mut bytes = encode(Kind::Stdout, 7, b"hello");
+        bytes.extend(encode_json(
+            Kind::Exit,
+            0,
+            &Exit {
+                code: 3,
+                ..Exit::default()
+            },
+        ));
+        bytes.extend(encode(Kind::Stdin, 1, b""));
+        for split in 0..bytes.len() {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for part in [&bytes[..split], &bytes[split..]] {
+                d.push(part);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got.len(), 3, "split at {split}");
+            assert_eq!(got[0].kind, Kind::Stdout);
+            assert_eq!(got[0].chan, 7);
+            assert_eq!(got[0].payload, b"hello");
+            assert_eq!(got[1].json::<Exit>().unwrap().code, 3);
+            assert_eq!(got[2].kind, Kind::Stdin);
+            assert!(got[2].payload.is_empty());
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_refused() {
+        let mut d = Decoder::new();
+        let mut long = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        long.extend([4, 0, 0, 0, 0]);
+        d.push(&long);
+        assert_eq!(d.next_frame(), Err(ProtoError::TooLong(MAX_FRAME + 1)));
+        let mut d = Decoder::new();
+        d.push(&[0, 0, 0, 0, 99, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(ProtoError::UnknownKind(99)));
+        // A JSON kind whose payload is not the message.
+        let f = Frame {
+            kind: Kind::Exit,
+            chan: 0,
+            payload: b"{\"code\":\"x\"}".to_vec(),
+        };
+        assert!(f.json::<Exit>().is_err());
+        // A header alone waits for its payload.
+        let mut d = Decoder::new();
+        d.push(&encode(Kind::Stdout, 0, b"abc")[..HEADER + 1]);
+        assert_eq!(d.next_frame(), Ok(None));
+    }
+}

@@ -1,0 +1,245 @@
+//! The QEMU backend's command line: `qemu-system-x86_64 -M microvm` with
+//! the same devices moat's own VMM offers (virtio-mmio block, rng, console
+//! for the agent; COM1 for the kernel's messages), every host resource
+//! handed over as an inherited descriptor (disks through `-add-fd` fd sets,
+//! the agent channel as a connected socket), so QEMU opens nothing on the
+//! host but its kernel, initramfs and firmware, which its jail holds.
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+pub use moat_vmm::qemu::Accel;
+
+/// What the command line needs.
+#[derive(Debug, Clone)]
+pub struct QemuArgs {
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// The agent channel: a connected stream socket.
+    pub agent_fd: RawFd,
+    /// Disk images, opened read-only.
+    pub disk_fds: Vec<RawFd>,
+    /// Restore from a migration stream on this descriptor.
+    pub incoming_fd: Option<RawFd>,
+    /// A QMP monitor on this connected socket (to save a snapshot).
+    pub qmp_fd: Option<RawFd>,
+    /// Slots for disks: a snapshot's VM must have the devices it was
+    /// saved with, so runs attach at least this many (unused ones are
+    /// backed by `spare_fd`, an empty image).
+    pub disk_slots: usize,
+    pub spare_fd: RawFd,
+}
+
+/// TCG's translation cache, in MiB: bounds QEMU's memory beyond the guest.
+pub const TCG_TB_MIB: u64 = 64;
+
+/// The host's TSC rate in kHz, from /proc/cpuinfo (a TCG guest may hang
+/// calibrating it otherwise).
+pub fn host_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+impl QemuArgs {
+    pub fn build(&self) -> Vec<OsString> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+        push(&["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]);
+        match self.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&[
+                "-accel",
+                &format!("tcg,tb-size={TCG_TB_MIB}"),
+                "-cpu",
+                "max",
+            ]),
+        }
+        push(&["-m", &format!("{}M", self.mem_mib)]);
+        push(&["-smp", &self.vcpus.to_string()]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
+        // COM1 is QEMU's stdout (a pipe the VMM process reads).
+        push(&[
+            "-chardev",
+            "stdio,id=serial0,signal=off",
+            "-serial",
+            "chardev:serial0",
+        ]);
+        push(&["-kernel", &self.kernel.to_string_lossy()]);
+        push(&["-initrd", &self.initrd.to_string_lossy()]);
+        push(&["-append", &self.cmdline]);
+        for i in 0..self.disk_slots.max(self.disk_fds.len()) {
+            let fd = self.disk_fds.get(i).copied().unwrap_or(self.spare_fd);
+            let set = i + 1;
+            push(&["-add-fd", &format!("fd={fd},set={set}")]);
+            push(&[
+                "-drive",
+                &format!("id=vd{i},if=none,format=raw,readonly=on,file=/dev/fdset/{set}"),
+                "-device",
+                &format!("virtio-blk-device,drive=vd{i}"),
+            ]);
+        }
+        push(&[
+            "-object",
+            "rng-builtin,id=rng0",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+            "-chardev",
+            &format!("socket,id=agent,fd={}", self.agent_fd),
+            "-device",
+            "virtio-serial-device,max_ports=1",
+            "-device",
+            "virtconsole,chardev=agent",
+        ]);
+        if let Some(fd) = self.qmp_fd {
+            push(&[
+                "-chardev",
+                &format!("socket,id=qmp,fd={fd}"),
+                "-mon",
+                "chardev=qmp,mode=control",
+            ]);
+        }
+        if let Some(fd) = self.incoming_fd {
+            push(&["-incoming", &format!("fd:{fd}")]);
+        }
+        a.into_iter().map(OsString::from).collect()
+    }
+}
+
+/// The guest kernel's command line: quiet, the agent as init, a triple
+/// fault on reboot (QEMU's microvm has no keyboard controller), the TSC
+/// rate under TCG.
+pub fn cmdline(accel: Accel) -> String {
+    let mut c = String::from(
+        "console=ttyS0 quiet panic=-1 reboot=t nomodeset cryptomgr.notests random.trust_cpu=on \
+         8250.nr_uarts=1 rdinit=/moat",
+    );
+    if accel == Accel::Tcg {
+        if let Some(khz) = host_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    c.push_str(" -- ");
+    c.push_str(crate::agent::SUBCOMMAND);
+    c
+}
+
+/// The host files QEMU reads: its binary, the shared libraries `ldd`
+/// names, the dynamic linker's cache and QEMU's firmware directory. The
+/// jail binds exactly these.
+pub fn host_files(qemu: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = std::process::Command::new("ldd")
+        .arg(qemu)
+        .output()
+        .map_err(|e| format!("cannot run ldd on {}: {e}", qemu.display()))?;
+    if !out.status.success() {
+        return Err(format!("ldd {} failed", qemu.display()));
+    }
+    let mut files = vec![qemu.to_owned()];
+    files.extend(ldd_paths(&String::from_utf8_lossy(&out.stdout)));
+    for extra in [
+        "/etc/ld.so.cache",
+        "/usr/share/qemu",
+        "/usr/share/seabios",
+        // Debian builds TCG as a QEMU module.
+        "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+        "/usr/lib64/qemu/accel-tcg-x86_64.so",
+    ] {
+        if Path::new(extra).exists() {
+            files.push(PathBuf::from(extra));
+        }
+    }
+    Ok(files)
+}
+
+/// The absolute paths in `ldd` output.
+pub fn ldd_paths(text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let path = match l.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => l.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            out.push(PathBuf::from(p));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        let t = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n\tlibgone.so => not found\n";
+        assert_eq!(
+            ldd_paths(t),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libz.so.1"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
+
+    #[test]
+    fn arguments_pass_everything_by_descriptor() {
+        let q = QemuArgs {
+            accel: Accel::Tcg,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: cmdline(Accel::Tcg),
+            vcpus: 2,
+            mem_mib: 300,
+            agent_fd: 5,
+            disk_fds: vec![6, 7],
+            incoming_fd: Some(9),
+            qmp_fd: None,
+            disk_slots: 3,
+            spare_fd: 8,
+        };
+        let a: Vec<String> = q
+            .build()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
+        assert_eq!(after("-accel"), format!("tcg,tb-size={TCG_TB_MIB}"));
+        assert_eq!(after("-m"), "300M");
+        assert!(
+            after("-append").ends_with("rdinit=/moat -- microvm-agent")
+                || after("-append").contains("-- microvm-agent")
+        );
+        assert!(a.contains(&"fd=6,set=1".to_string()));
+        assert!(
+            a.contains(&"fd=8,set=3".to_string()),
+            "the unused slot is the spare: {a:?}"
+        );
+        assert!(a.contains(&"socket,id=agent,fd=5".to_string()));
+        assert_eq!(after("-incoming"), "fd:9");
+        assert!(a.iter().any(|x| x.starts_with("on,obsolete=deny")));
+        assert!(!a
+            .iter()
+            .any(|x| x.contains("file=/") && !x.contains("/dev/fdset/")));
+    }
+}

@@ -1,0 +1,617 @@
+//! The VMM process's loop, single-threaded over `poll`: frames from the
+//! agent, control clients (start, signal, exec), its own stdin (the
+//! container's), the exec sessions' stdin, the guest console, and signals
+//! (SIGCHLD from QEMU; the terminating ones, forwarded to the workload;
+//! SIGWINCH, a new terminal size).
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::process::Child;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::{VmmError, VmmPlan};
+use crate::control::{self, Reply, Request, Setup};
+use crate::proto::{self, Decoder, Frame, Kind};
+
+/// How much of the guest console is kept for error messages.
+const CONSOLE_TAIL: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the agent's hello.
+    Booting,
+    /// The agent answered; waiting for `start`.
+    Created,
+    /// `Run` sent; waiting for `Started`.
+    Starting,
+    Running,
+}
+
+struct ExecSession {
+    client: OwnedFd,
+    stdin: Option<File>,
+    stdout: File,
+    stderr: File,
+    detach: bool,
+    started: bool,
+}
+
+pub struct Relay {
+    plan: VmmPlan,
+    setup: Option<OwnedFd>,
+    listener: OwnedFd,
+    vm: Child,
+    agent: File,
+    dec: Decoder,
+    console: Option<File>,
+    console_tail: VecDeque<u8>,
+    sigfd: Option<SignalFd>,
+    phase: Phase,
+    /// Who asked for `start` (answered on Started/Error).
+    starter: Option<OwnedFd>,
+    stdin_open: bool,
+    execs: BTreeMap<u32, ExecSession>,
+    next_chan: u32,
+    booted_by: Instant,
+}
+
+fn forwarded() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in moat_jail::supervise::FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set.add(Signal::SIGPIPE);
+    set
+}
+
+impl Relay {
+    pub fn new(
+        plan: VmmPlan,
+        setup: OwnedFd,
+        listener: OwnedFd,
+        vm: Child,
+        agent: File,
+        console: File,
+    ) -> Relay {
+        let set = forwarded();
+        let _ = set.thread_block();
+        let sigfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).ok();
+        let booted_by = Instant::now() + plan.boot_timeout;
+        Relay {
+            plan,
+            setup: Some(setup),
+            listener,
+            vm,
+            agent,
+            dec: Decoder::new(),
+            console: Some(console),
+            console_tail: VecDeque::new(),
+            sigfd,
+            phase: Phase::Booting,
+            starter: None,
+            stdin_open: true,
+            execs: BTreeMap::new(),
+            next_chan: 1,
+            booted_by,
+        }
+    }
+
+    fn console_text(&self) -> String {
+        let (a, b) = self.console_tail.as_slices();
+        let mut v = a.to_vec();
+        v.extend_from_slice(b);
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    /// Reports a failure to whoever waits (the runtime, a starter), stops
+    /// the VM, and returns the status to exit with.
+    fn fail(&mut self, e: &VmmError, status: i32) -> i32 {
+        let message = moat_core::error_chain(e);
+        if let Some(s) = self.setup.take() {
+            let _ = control::send(
+                s.as_fd(),
+                &Setup::Failed {
+                    message: message.clone(),
+                    exec_status: None,
+                },
+            );
+        } else if let Some(c) = self.starter.take() {
+            let _ = control::send(
+                c.as_fd(),
+                &Reply::Error {
+                    message: message.clone(),
+                    exec_status: None,
+                },
+            );
+        } else {
+            eprintln!("moat: microvm: {message}");
+        }
+        self.stop_vm();
+        status
+    }
+
+    fn stop_vm(&mut self) {
+        let _ = self.vm.kill();
+        let _ = self.vm.wait();
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), VmmError> {
+        self.agent.write_all(bytes).map_err(|e| VmmError::Io {
+            step: "write to the guest".into(),
+            source: e,
+        })
+    }
+
+    fn send_run(&mut self) -> Result<(), VmmError> {
+        let frame = proto::encode_json(Kind::Run, 0, &self.plan.run);
+        self.phase = Phase::Starting;
+        self.send(&frame)
+    }
+
+    pub fn run(mut self) -> i32 {
+        match self.serve() {
+            Ok(code) => code,
+            Err(e) => self.fail(&e, 255),
+        }
+    }
+
+    fn serve(&mut self) -> Result<i32, VmmError> {
+        let mut buf = vec![0u8; proto::MAX_DATA];
+        loop {
+            let mut slots: Vec<Slot> = Vec::new();
+            let mut fds: Vec<PollFd> = Vec::new();
+            macro_rules! add {
+                ($fd:expr, $s:expr) => {{
+                    fds.push(PollFd::new($fd, PollFlags::POLLIN));
+                    slots.push($s);
+                }};
+            }
+            add!(self.agent.as_fd(), Slot::Agent);
+            add!(self.listener.as_fd(), Slot::Listener);
+            if let Some(s) = &self.sigfd {
+                add!(s.as_fd(), Slot::Signal);
+            }
+            if let Some(c) = &self.console {
+                add!(c.as_fd(), Slot::Console);
+            }
+            let stdin = std::io::stdin();
+            if self.phase == Phase::Running && self.stdin_open {
+                add!(stdin.as_fd(), Slot::Stdin);
+            }
+            for (ch, x) in &self.execs {
+                if let Some(i) = &x.stdin {
+                    add!(i.as_fd(), Slot::ExecStdin(*ch));
+                }
+                if x.started && !x.detach {
+                    add!(x.client.as_fd(), Slot::ExecClient(*ch));
+                }
+            }
+            let timeout = if self.phase == Phase::Booting {
+                let left = self.booted_by.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+                    .unwrap_or(PollTimeout::NONE)
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    return Err(VmmError::Sys {
+                        step: "poll".into(),
+                        source: e,
+                    })
+                }
+            }
+            let ready: Vec<Slot> = fds
+                .iter()
+                .zip(&slots)
+                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, s)| *s)
+                .collect();
+            drop(fds);
+            if self.phase == Phase::Booting && Instant::now() >= self.booted_by {
+                return Err(VmmError::BootTimeout {
+                    secs: self.plan.boot_timeout.as_secs(),
+                    console: self.console_text(),
+                });
+            }
+            for slot in ready {
+                if let Some(code) = self.on_ready(slot, &mut buf)? {
+                    return Ok(code);
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self, slot: Slot, buf: &mut [u8]) -> Result<Option<i32>, VmmError> {
+        match slot {
+            Slot::Agent => {
+                let n = self.agent.read(buf).unwrap_or(0);
+                if n == 0 {
+                    return self.vm_gone();
+                }
+                self.dec.push(&buf[..n]);
+                while let Some(f) = self.dec.next_frame()? {
+                    if let Some(code) = self.on_frame(f)? {
+                        return Ok(Some(code));
+                    }
+                }
+            }
+            Slot::Listener => self.accept()?,
+            Slot::Signal => {
+                let sigs: Vec<i32> = {
+                    let mut v = Vec::new();
+                    if let Some(s) = &self.sigfd {
+                        while let Ok(Some(i)) = s.read_signal() {
+                            v.push(i.ssi_signo as i32);
+                        }
+                    }
+                    v
+                };
+                for s in sigs {
+                    if let Some(code) = self.on_signal(s)? {
+                        return Ok(Some(code));
+                    }
+                }
+            }
+            Slot::Console => {
+                let n = self
+                    .console
+                    .as_mut()
+                    .map_or(0, |c| c.read(buf).unwrap_or(0));
+                if n == 0 {
+                    self.console = None;
+                } else {
+                    if self.plan.console {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    }
+                    self.console_tail.extend(&buf[..n]);
+                    while self.console_tail.len() > CONSOLE_TAIL {
+                        self.console_tail.pop_front();
+                    }
+                }
+            }
+            Slot::Stdin => {
+                let n = nix::unistd::read(std::io::stdin().as_fd(), buf).unwrap_or(0);
+                if n == 0 {
+                    self.stdin_open = false;
+                }
+                let frame = proto::encode(Kind::Stdin, 0, &buf[..n]);
+                self.send(&frame)?;
+            }
+            Slot::ExecStdin(ch) => {
+                let n = match self.execs.get_mut(&ch).and_then(|x| x.stdin.as_mut()) {
+                    Some(f) => f.read(buf).unwrap_or(0),
+                    None => return Ok(None),
+                };
+                if n == 0 {
+                    if let Some(x) = self.execs.get_mut(&ch) {
+                        x.stdin = None;
+                    }
+                }
+                let frame = proto::encode(Kind::Stdin, ch, &buf[..n]);
+                self.send(&frame)?;
+            }
+            Slot::ExecClient(ch) => {
+                // The `moat exec` waiting for this process went away:
+                // the process gets SIGKILL, as a killed runc exec's would.
+                let frame = proto::encode_json(Kind::Signal, ch, &proto::SignalMsg { signal: 9 });
+                if let Some(x) = self.execs.get_mut(&ch) {
+                    x.detach = true;
+                }
+                self.send(&frame)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The agent channel closed: the VM is gone.
+    fn vm_gone(&mut self) -> Result<Option<i32>, VmmError> {
+        let _ = self.vm.wait();
+        if self.phase == Phase::Booting {
+            // Drain what the console still holds.
+            if let Some(c) = self.console.as_mut() {
+                let mut rest = Vec::new();
+                let _ = c.read_to_end(&mut rest);
+                self.console_tail.extend(rest);
+            }
+            return Err(VmmError::VmEnded {
+                console: self.console_text(),
+            });
+        }
+        Err(VmmError::Io {
+            step: "reach the guest".into(),
+            source: std::io::Error::other("the VM ended"),
+        })
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<Option<i32>, VmmError> {
+        if self.plan.console && matches!(f.kind, Kind::Hello | Kind::Started | Kind::Exit) {
+            let since = self.booted_by - self.plan.boot_timeout;
+            eprintln!(
+                "moat: microvm: {:?} after {} ms",
+                f.kind,
+                since.elapsed().as_millis()
+            );
+        }
+        match (f.kind, f.chan) {
+            (Kind::Hello, _) => {
+                let h: proto::Hello = f.json()?;
+                if h.version != proto::VERSION {
+                    return Err(VmmError::Version { theirs: h.version });
+                }
+                if self.phase == Phase::Booting {
+                    if self.plan.autostart {
+                        self.send_run()?;
+                    } else {
+                        self.phase = Phase::Created;
+                        if let Some(s) = self.setup.take() {
+                            let _ = control::send(s.as_fd(), &Setup::Ready);
+                        }
+                    }
+                }
+            }
+            (Kind::Started, 0) => {
+                self.phase = Phase::Running;
+                if let Some(s) = self.setup.take() {
+                    let _ = control::send(s.as_fd(), &Setup::Ready);
+                }
+                if let Some(c) = self.starter.take() {
+                    let _ = control::send(c.as_fd(), &Reply::Ok);
+                }
+                if self.plan.terminal {
+                    self.resize();
+                }
+            }
+            (Kind::Error, 0) => {
+                let e: proto::ErrorMsg = f.json()?;
+                let failed = Setup::Failed {
+                    message: e.message.clone(),
+                    exec_status: e.exec_status,
+                };
+                if let Some(s) = self.setup.take() {
+                    let _ = control::send(s.as_fd(), &failed);
+                } else if let Some(c) = self.starter.take() {
+                    let _ = control::send(
+                        c.as_fd(),
+                        &Reply::Error {
+                            message: e.message,
+                            exec_status: e.exec_status,
+                        },
+                    );
+                }
+                self.shutdown(&proto::Exit {
+                    code: 255,
+                    ..Default::default()
+                });
+                return Ok(Some(255));
+            }
+            (Kind::Stdout, 0) => write_all(std::io::stdout().as_fd(), &f.payload),
+            (Kind::Stderr, 0) => write_all(std::io::stderr().as_fd(), &f.payload),
+            (Kind::Exit, 0) => {
+                let e: proto::Exit = f.json()?;
+                self.shutdown(&e);
+                return Ok(Some(e.code));
+            }
+            (Kind::Stdout, ch) | (Kind::Stderr, ch) => {
+                if let Some(x) = self.execs.get(&ch) {
+                    let to = if f.kind == Kind::Stdout {
+                        &x.stdout
+                    } else {
+                        &x.stderr
+                    };
+                    write_all(to.as_fd(), &f.payload);
+                }
+            }
+            (Kind::Started, ch) => {
+                if let Some(x) = self.execs.get_mut(&ch) {
+                    x.started = true;
+                    let _ = control::send(x.client.as_fd(), &Reply::Ok);
+                }
+            }
+            (Kind::Error, ch) => {
+                let e: proto::ErrorMsg = f.json()?;
+                if let Some(x) = self.execs.remove(&ch) {
+                    let _ = control::send(
+                        x.client.as_fd(),
+                        &Reply::Error {
+                            message: e.message,
+                            exec_status: e.exec_status,
+                        },
+                    );
+                }
+            }
+            (Kind::Exit, ch) => {
+                let e: proto::Exit = f.json()?;
+                if let Some(x) = self.execs.remove(&ch) {
+                    let _ = control::send(x.client.as_fd(), &Reply::Exit { code: e.code });
+                }
+            }
+            // Kinds only the host sends: a confused guest, ignored.
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Records the end, asks the guest to power off, and waits for the VM
+    /// (killing it if it does not end promptly).
+    fn shutdown(&mut self, e: &proto::Exit) {
+        let _ = self
+            .plan
+            .events
+            .write_all(&serde_json::to_vec(e).unwrap_or_default());
+        let _ = self.plan.events.flush();
+        let _ = self.send(&proto::encode(Kind::Shutdown, 0, &[]));
+        let end = Instant::now() + std::time::Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.vm.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.stop_vm();
+    }
+
+    fn on_signal(&mut self, sig: i32) -> Result<Option<i32>, VmmError> {
+        match Signal::try_from(sig) {
+            Ok(Signal::SIGCHLD) => {
+                if let Ok(Some(_)) = self.vm.try_wait() {
+                    // The agent channel reports it too (EOF); that path
+                    // says why.
+                }
+            }
+            Ok(Signal::SIGPIPE) => {}
+            Ok(Signal::SIGWINCH) => self.resize(),
+            Ok(s) => {
+                if self.phase == Phase::Running || self.phase == Phase::Starting {
+                    let frame =
+                        proto::encode_json(Kind::Signal, 0, &proto::SignalMsg { signal: s as i32 });
+                    self.send(&frame)?;
+                } else {
+                    // Nothing runs yet: the signal ends the container.
+                    self.stop_vm();
+                    return Ok(Some(128 + sig));
+                }
+            }
+            Err(_) => {}
+        }
+        Ok(None)
+    }
+
+    fn resize(&mut self) {
+        if !self.plan.terminal {
+            return;
+        }
+        if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdin()) {
+            let frame = proto::encode_json(
+                Kind::Resize,
+                0,
+                &proto::Resize {
+                    rows: ws.ws_row,
+                    cols: ws.ws_col,
+                },
+            );
+            let _ = self.send(&frame);
+        }
+    }
+
+    fn accept(&mut self) -> Result<(), VmmError> {
+        let Ok(raw) = nix::sys::socket::accept4(
+            self.listener.as_raw_fd(),
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        ) else {
+            return Ok(());
+        };
+        let client = moat_sys::process::dup_raw_fd(raw).map_err(|e| VmmError::Io {
+            step: "take a control client".into(),
+            source: e,
+        })?;
+        let _ = nix::unistd::close(raw);
+        let req: Request = match control::recv(client.as_fd()) {
+            Ok(r) => r,
+            Err(_) => return Ok(()),
+        };
+        match req {
+            Request::Start => {
+                if self.phase != Phase::Created {
+                    let _ = control::send(
+                        client.as_fd(),
+                        &Reply::Error {
+                            message: "the container is not in the created state".into(),
+                            exec_status: None,
+                        },
+                    );
+                    return Ok(());
+                }
+                self.starter = Some(client);
+                self.send_run()?;
+            }
+            Request::Signal { signal } => {
+                let frame = proto::encode_json(Kind::Signal, 0, &proto::SignalMsg { signal });
+                let _ = control::send(client.as_fd(), &Reply::Ok);
+                if self.phase == Phase::Running || self.phase == Phase::Starting {
+                    self.send(&frame)?;
+                } else if signal == 9 || signal == 15 {
+                    self.stop_vm();
+                    std::process::exit(128 + signal);
+                }
+            }
+            Request::Exec { request, detach } => self.start_exec(client, request, detach)?,
+        }
+        Ok(())
+    }
+
+    fn start_exec(
+        &mut self,
+        client: OwnedFd,
+        request: proto::ExecRequest,
+        detach: bool,
+    ) -> Result<(), VmmError> {
+        let fds: Result<Vec<OwnedFd>, _> =
+            (0..3).map(|_| control::recv_fd(client.as_fd())).collect();
+        let Ok(mut fds) = fds else {
+            return Ok(());
+        };
+        if self.phase != Phase::Running {
+            let _ = control::send(
+                client.as_fd(),
+                &Reply::Error {
+                    message: "the container is not running".into(),
+                    exec_status: None,
+                },
+            );
+            return Ok(());
+        }
+        let (Some(stderr), Some(stdout), Some(stdin)) = (fds.pop(), fds.pop(), fds.pop()) else {
+            return Ok(());
+        };
+        let (stderr, stdout, stdin) = (
+            File::from(stderr),
+            File::from(stdout),
+            Some(File::from(stdin)),
+        );
+        let ch = self.next_chan;
+        self.next_chan += 1;
+        self.execs.insert(
+            ch,
+            ExecSession {
+                client,
+                stdin,
+                stdout,
+                stderr,
+                detach,
+                started: false,
+            },
+        );
+        let frame = proto::encode_json(Kind::Exec, ch, &request);
+        self.send(&frame)
+    }
+}
+
+fn write_all(fd: BorrowedFd, mut data: &[u8]) {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(0) => return,
+            Ok(n) => data = &data[n..],
+            Err(nix::Error::EINTR) | Err(nix::Error::EAGAIN) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Agent,
+    Listener,
+    Signal,
+    Console,
+    Stdin,
+    ExecStdin(u32),
+    ExecClient(u32),
+}

@@ -1,0 +1,421 @@
+//! End to end: the `microvm` tier through `moat run` and the OCI commands.
+//! Each test boots as few guests as it can (a QEMU/TCG boot takes seconds):
+//! one per test. The initramfs and disk images are cached in one directory
+//! shared by every test ([`CACHE`]), built once by the first test that
+//! needs them (the host's /usr image can take minutes: that first run gets
+//! a long deadline, every later one the harness's usual one).
+//!
+//! Needs root, QEMU and the cloud kernel (scripts/deps --test installs
+//! them); without them each test skips, saying why (a failure under
+//! MOAT_TEST_STRICT=1).
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The image cache every test shares.
+fn cache() -> &'static PathBuf {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| std::env::temp_dir().join("moat-e2e-microvm-cache"))
+}
+
+fn env() -> Vec<(String, String)> {
+    vec![(
+        "MOAT_MICROVM_CACHE".to_string(),
+        cache().display().to_string(),
+    )]
+}
+
+/// A runtime for a microvm test, or None after saying why not.
+fn rt(test: &str) -> Option<Rt> {
+    let rt = Rt::root_or_skip(test)?;
+    if !rt.is_moat() {
+        eprintln!("SKIP {test}: moat's own tier");
+        return None;
+    }
+    let info = rt.cmd(&["info", "--json"]).expect_ok().json();
+    let vm = info["tiers"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == "microvm"))
+        .cloned()
+        .unwrap_or_default();
+    if vm["ready"] != true {
+        moat_core::testing::skip(
+            test,
+            &format!(
+                "the microvm tier cannot run here: {}",
+                vm["reason"].as_str().unwrap_or("?")
+            ),
+        );
+        return None;
+    }
+    eprintln!("{test}: microvm runs on {}", vm["runs_on"]);
+    warm_up(&rt);
+    Some(rt)
+}
+
+/// Builds the cached images once (minutes for the host's /usr), with a
+/// deadline of its own; every test calls it, only the first one waits.
+fn warm_up(rt: &Rt) {
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return;
+    }
+    let mut cmd = rt.command();
+    cmd.envs(env())
+        .args(["run", "--isolation", "microvm", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = spawn_own(&mut cmd);
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(1200) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the first microvm run (building the cached images) took over 20 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "warm-up run failed: {status:?}: {err}");
+    *done = true;
+}
+
+fn cmd(rt: &Rt, args: &[&str]) -> Out {
+    rt.cmd_with(
+        args,
+        Opts {
+            env: env(),
+            ..Opts::default()
+        },
+    )
+}
+
+fn cmd_in(rt: &Rt, args: &[&str], stdin: &[u8]) -> Out {
+    rt.cmd_with(
+        args,
+        Opts {
+            env: env(),
+            stdin: Some(stdin.to_vec()),
+            ..Opts::default()
+        },
+    )
+}
+
+/// Processes whose command line names this state root (VMM processes and
+/// QEMUs of this test's containers are its children and carry no other
+/// mark): a VMM process is a fork of the moat that ran `--root ROOT`.
+fn processes_of(root: &Path) -> Vec<(u32, String)> {
+    let needle = root.display().to_string();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for (pid, _, state) in all_processes() {
+        if pid == me || state == 'Z' {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(&needle) {
+            out.push((pid, text));
+        }
+    }
+    out
+}
+
+/// Nothing of the container is left: no state, no socket, no ID block, no
+/// VMM process.
+fn assert_clean(rt: &Rt) {
+    let mut left: Vec<String> = Vec::new();
+    for e in std::fs::read_dir(rt.root()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match name.as_str() {
+            ".idalloc" => left.extend(
+                std::fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|x| x.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "lock")
+                    .map(|n| format!(".idalloc/{n}")),
+            ),
+            ".cache" | ".run" => {}
+            _ => left.push(name),
+        }
+    }
+    assert!(left.is_empty(), "left in the state root: {left:?}");
+    let procs = processes_of(rt.root());
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+}
+
+#[test]
+fn run_relays_stdio_and_the_exit_status_and_leaves_nothing() {
+    let Some(rt) = rt("run_relays_stdio_and_the_exit_status_and_leaves_nothing") else {
+        return;
+    };
+    let out = cmd_in(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo \"hi $x\"; echo oops >&2; id -u; exit 3",
+        ],
+        b"there\n",
+    );
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert_eq!(out.stdout, "hi there\n65534\n", "{out:?}");
+    assert!(out.stderr.contains("oops"), "{out:?}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
+    let Some(rt) = rt("the_workload_runs_on_its_own_kernel_under_the_container_tier") else {
+        return;
+    };
+    // Inside: the guest's kernel (the cloud kernel, not the host's), a user
+    // namespace that maps root to nobody, no capabilities, seccomp on.
+    let script = "uname -r; cat /proc/self/uid_map; grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status";
+    let out = cmd(
+        &rt,
+        &["run", "--isolation", "microvm", "--", "sh", "-c", script],
+    )
+    .expect_ok();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].ends_with("-cloud-amd64"), "{out:?}");
+    assert_ne!(lines[0], host.trim(), "the guest kernel is not the host's");
+    let map: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(map.first(), Some(&"0"), "a user namespace: {out:?}");
+    assert!(out.stdout.contains("CapEff:\t0000000000000000"), "{out:?}");
+    assert!(out.stdout.contains("Seccomp:\t2"), "{out:?}");
+    assert!(out.stdout.contains("NoNewPrivs:\t1"), "{out:?}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn a_timeout_kills_the_vm_and_leaves_nothing() {
+    let Some(rt) = rt("a_timeout_kills_the_vm_and_leaves_nothing") else {
+        return;
+    };
+    let out = cmd(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "--timeout",
+            "5",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    assert_eq!(out.code, Some(137), "{out:?}");
+    assert!(out.stderr.contains("killed: timeout"), "{out:?}");
+    assert_clean(&rt);
+}
+
+#[test]
+fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
+    let Some(rt) = rt("what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/data", dir.path().display());
+    for (args, want) in [
+        (
+            vec![
+                "run",
+                "--isolation",
+                "microvm",
+                "--net",
+                "egress=1.1.1.1:53",
+                "--",
+                "true",
+            ],
+            "no network",
+        ),
+        (
+            vec![
+                "run",
+                "--isolation",
+                "microvm",
+                "-v",
+                vol.as_str(),
+                "--",
+                "true",
+            ],
+            "read-write volume",
+        ),
+    ] {
+        let out = cmd(&rt, &args).expect_fail();
+        assert!(out.stderr.contains(want), "{args:?}: {out:?}");
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+        assert_clean(&rt);
+    }
+}
+
+/// A busybox bundle asking for the tier by annotation.
+fn vm_bundle(args: &[&str]) -> Bundle {
+    let mut b = Bundle::new(args);
+    b.set(
+        "/annotations",
+        serde_json::json!({"dev.moat.isolation": "microvm"}),
+    );
+    b
+}
+
+#[test]
+fn oci_lifecycle_by_annotation_with_exec_and_kill() {
+    let Some(rt) = rt("oci_lifecycle_by_annotation_with_exec_and_kill") else {
+        return;
+    };
+    let b = vm_bundle(&[
+        "sh",
+        "-c",
+        "echo started; trap 'echo got-term; exit 7' TERM; while :; do sleep 1; done",
+    ]);
+    b.write_config();
+    let id = rt.new_id("vm");
+    let outfile = rt.scratch_file("ctr-stdout");
+    let bundle = b.dir().display().to_string();
+    let o = rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            env: env(),
+            stdout: Some(outfile.clone()),
+            ..Opts::default()
+        },
+    );
+    o.expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(outfile),
+    };
+    let st = ctr.state();
+    assert_eq!(st["status"], "created", "{st}");
+    let pid = st["pid"].as_i64().unwrap() as u32;
+    // The container process is the VMM process: QEMU is its child.
+    let children: Vec<u32> = all_processes()
+        .into_iter()
+        .filter(|(_, ppid, _)| *ppid == pid)
+        .map(|(p, _, _)| p)
+        .collect();
+    let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    assert!(
+        children.iter().any(|c| comm(*c).starts_with("qemu")),
+        "QEMU under the VMM process {pid}: {children:?}"
+    );
+    // Jailed: not root on the host, no capabilities.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap();
+    assert_ne!(uid, 0, "the VMM process runs as a host user of its own");
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert_eq!(ctr.output(), "", "nothing runs before start");
+
+    cmd(&rt, &["start", &id]).expect_ok();
+    ctr.wait_output("started");
+    assert_eq!(ctr.status(), "running");
+    let ex = cmd(&rt, &["exec", &id, "sh", "-c", "echo from-exec; exit 4"]);
+    assert_eq!(ex.code, Some(4), "{ex:?}");
+    assert_eq!(ex.stdout, "from-exec\n");
+    let ps = cmd(&rt, &["ps", "--format", "json", &id]).expect_ok();
+    assert_eq!(ps.json(), serde_json::json!([pid]));
+
+    cmd(&rt, &["kill", &id, "TERM"]).expect_ok();
+    ctr.wait_status("stopped");
+    assert!(ctr.output().contains("got-term"), "{}", ctr.output());
+    cmd(&rt, &["delete", &id]).expect_ok();
+    assert!(!cmd(&rt, &["state", &id]).ok());
+    drop(ctr);
+    assert_clean(&rt);
+}
+
+#[test]
+fn by_program_name_kill_all_and_delete_force_end_the_vm() {
+    let Some(rt) = rt("by_program_name_kill_all_and_delete_force_end_the_vm") else {
+        return;
+    };
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("moat-microvm");
+    std::os::unix::fs::symlink(runtime_bin(), &link).unwrap();
+    let b = Bundle::new(&["sleep", "600"]);
+    b.write_config();
+    let id = rt.new_id("byname");
+    let bundle = b.dir().display().to_string();
+    let root = rt.root().display().to_string();
+    let out = run_binary(
+        &link,
+        &[
+            "--root".into(),
+            root.clone(),
+            "run".into(),
+            "-d".into(),
+            "-b".into(),
+            bundle,
+            id.clone(),
+        ],
+        Opts {
+            env: [env(), rt.env().to_vec()].concat(),
+            ..Opts::default()
+        },
+        &rt.scratch_file("out"),
+        &rt.scratch_file("err"),
+    );
+    out.expect_ok();
+    let st = cmd(&rt, &["state", &id]).expect_ok().json();
+    assert_eq!(st["status"], "running", "{st}");
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    cmd(&rt, &["kill", "--all", &id, "KILL"]).expect_ok();
+    rt.wait_status(&id, "stopped");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            s.contains(") Z")
+        }
+    );
+    cmd(&rt, &["delete", "--force", &id]).expect_ok();
+    assert_clean(&rt);
+    // A fresh one, removed while it runs.
+    let id2 = rt.new_id("force");
+    let out = cmd(
+        &rt,
+        &[
+            "--isolation",
+            "microvm",
+            "run",
+            "-d",
+            "-b",
+            &b.dir().display().to_string(),
+            &id2,
+        ],
+    );
+    out.expect_ok();
+    cmd(&rt, &["delete", "--force", &id2]).expect_ok();
+    assert_clean(&rt);
+}
