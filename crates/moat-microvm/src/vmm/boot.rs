@@ -317,6 +317,11 @@ fn await_hello(b: &mut Booted, timeout: Duration, echo: bool) -> Result<(), VmmE
                     if h.version != proto::VERSION {
                         return Err(VmmError::Version { theirs: h.version });
                     }
+                    if echo {
+                        let took =
+                            timeout.saturating_sub(until.saturating_duration_since(Instant::now()));
+                        eprintln!("moat: microvm: Hello after {} ms", took.as_millis());
+                    }
                     return Ok(());
                 }
             }
