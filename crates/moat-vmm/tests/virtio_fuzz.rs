@@ -174,6 +174,13 @@ fn case_memory(g: &mut Gen, queues: u32) -> GuestMem {
         let image = g.bytes(0x400 * queues as usize);
         mem.write_slice(&image, GuestAddress(0x1000)).unwrap();
     }
+    // The used rings start zeroed, as a driver leaves them: whatever is in
+    // them afterwards, the device wrote.
+    for q in 0..queues {
+        let used = queue_base(q) + 0x200;
+        mem.write_slice(&[0u8; 4 + 8 * QUEUE_SIZE as usize + 2], GuestAddress(used))
+            .unwrap();
+    }
     mem
 }
 
