@@ -49,12 +49,25 @@ pub enum Reply {
 #[serde(rename_all = "lowercase")]
 pub enum Setup {
     /// The guest's agent answered (and, when asked to start at once, the
-    /// container's process runs).
-    Ready,
+    /// container's process runs); how the guest started.
+    Ready { start: StartKind },
     Failed {
         message: String,
         exec_status: Option<u8>,
     },
+}
+
+/// How a guest started, for the runtime to keep its snapshot cache right.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// Restored from the cached snapshot.
+    Restored,
+    /// Booted cold, and the booted guest was saved as the snapshot.
+    Saved,
+    /// Booted cold; why no snapshot was used or saved, and whether a
+    /// snapshot that was offered failed to restore (the runtime removes it).
+    Cold { why: String, restore_failed: bool },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,9 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use crate::guestspec::{self, Plan};
 use crate::jail::JailPlan;
 use crate::vmm::{self, Backend, VmmPlan};
-use crate::{assets, control, disk, proto, HostChoice, MicrovmError, MicrovmPart, MicrovmTier};
+use crate::{
+    assets, control, disk, proto, snapshot, HostChoice, MicrovmError, MicrovmPart, MicrovmTier,
+};
 
 /// QEMU's own memory beyond the guest's (its code, TCG's translation
 /// cache, I/O buffers), added to the VMM's cgroup limit.
@@ -152,21 +154,55 @@ impl MicrovmTier {
             overlay_root: Some(guestspec::disk_mount(0)),
             rows,
             cols,
+            // Filled by the VMM process right before it sends the request.
+            entropy: Vec::new(),
+            clock_ns: 0,
+        };
+        let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
+            vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+        } else {
+            vmm::qemu::cmdline(*accel)
+        };
+        // Every guest gets all the disk slots (unused ones hold the spare
+        // image), so one snapshot fits every container of a configuration.
+        let disk_slots = guestspec::MAX_DISKS;
+        let offer = snapshot::offer(
+            &self.cache_dir(),
+            &snapshot::Identity {
+                qemu: binary,
+                kernel: &host.kernel.image,
+                initrd: &guest.initrd,
+                cmdline: &cmdline,
+                mem_mib: guest.mem_mib,
+                vcpus: guest.vcpus,
+                disk_slots,
+                accel: match accel {
+                    moat_vmm::qemu::Accel::Kvm => "kvm",
+                    moat_vmm::qemu::Accel::Tcg => "tcg",
+                },
+            },
+        );
+        let snapshot_plan = match &offer {
+            snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
+            snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(
+                file.try_clone()
+                    .map_err(MicrovmError::io("duplicate the snapshot"))?,
+            ),
+            snapshot::Offer::Save { file, .. } => vmm::SnapshotPlan::Save(
+                file.try_clone()
+                    .map_err(MicrovmError::io("duplicate the snapshot"))?,
+            ),
         };
         let vplan = VmmPlan {
             backend: host.backend.clone(),
             kernel: host.kernel.image.clone(),
             initrd: guest.initrd.clone(),
-            cmdline: if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
-                vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
-            } else {
-                vmm::qemu::cmdline(*accel)
-            },
+            cmdline,
             vcpus: guest.vcpus,
             mem_mib: guest.mem_mib,
             disks: guest.disk_files,
             spare: guest.spare,
-            disk_slots: 0,
+            disk_slots,
             run,
             autostart: launch,
             terminal,
@@ -183,6 +219,7 @@ impl MicrovmTier {
             events,
             boot_timeout: BOOT_TIMEOUT,
             console: std::env::var_os("MOAT_MICROVM_CONSOLE").is_some(),
+            snapshot: snapshot_plan,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -215,7 +252,13 @@ impl MicrovmTier {
             .transpose()
             .map_err(MicrovmError::io("duplicate the pty"))?;
         let die = req.die_with_runtime;
-        let pid = spawn_vmm(vplan, theirs, listener, slave, die)?;
+        let pid = match spawn_vmm(vplan, theirs, listener, slave, die) {
+            Ok(p) => p,
+            Err(e) => {
+                snapshot::settle(offer, None);
+                return Err(e);
+            }
+        };
         undo.pid = Some(pid);
         cgroup.add_pid(pid).map_err(MicrovmError::from)?;
         // The block stays allocated: the VMM runs as its first ID until it
@@ -237,7 +280,9 @@ impl MicrovmTier {
         self.sd.save(&st)?;
         // Go: the VMM process is in its cgroup.
         nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
-        wait_ready(&ours)?;
+        let ready = wait_ready(&ours);
+        snapshot::settle(offer, ready.as_ref().ok());
+        ready?;
         st.status = if launch {
             ContainerStatus::Running
         } else {
@@ -528,7 +573,7 @@ fn become_terminal(tty: OwnedFd) -> Result<(), nix::Error> {
 }
 
 /// Waits for the VMM process's verdict on the setup channel.
-fn wait_ready(sock: &OwnedFd) -> Result<(), RuntimeError> {
+fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     let ms = SETUP_TIMEOUT.as_millis() as i32;
@@ -547,7 +592,7 @@ fn wait_ready(sock: &OwnedFd) -> Result<(), RuntimeError> {
         Err(e) => return Err(MicrovmError::sys("wait for the VMM process")(e).into()),
     }
     match control::recv::<control::Setup>(sock.as_fd()) {
-        Ok(control::Setup::Ready) => Ok(()),
+        Ok(control::Setup::Ready { start }) => Ok(start),
         Ok(control::Setup::Failed {
             message,
             exec_status: Some(status),

@@ -87,7 +87,31 @@ pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
     }
     ensure_dir(cache)?;
     build(source, &path, &uuid)?;
+    prune_stale(cache, source.as_os_str().as_encoded_bytes(), &path);
     Ok(DiskImage { path, uuid })
+}
+
+/// Records that `image` is the image of `source`, and removes the images
+/// of `source` built before it (its tree changed since: nothing will ask
+/// for them again, and an image of the host's /usr is gigabytes). A
+/// container still running on one keeps it open until it ends.
+fn prune_stale(cache: &Path, source: &[u8], image: &Path) {
+    let mark = |p: &Path| p.with_extension("source");
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p == image || p.extension().is_none_or(|x| x != "ext4") {
+            continue;
+        }
+        let same = std::fs::read(mark(&p)).is_ok_and(|b| b == source);
+        if same {
+            let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_file(mark(&p));
+        }
+    }
+    let _ = std::fs::write(mark(image), source);
 }
 
 /// The image of several directories, each at `<k>/` in it: cached when
@@ -163,7 +187,16 @@ pub fn group(
     });
     let _ = std::fs::remove_dir(&staging);
     match code {
-        Ok(0) => Ok(DiskImage { path, uuid }),
+        Ok(0) => {
+            if let Some(c) = cache {
+                let key: Vec<u8> = sources
+                    .iter()
+                    .flat_map(|s| [s.as_os_str().as_encoded_bytes(), b"\0"].concat())
+                    .collect();
+                prune_stale(c, &key, &path);
+            }
+            Ok(DiskImage { path, uuid })
+        }
         _ => Err(MicrovmError::Mkfs {
             source_dir: sources.first().cloned().unwrap_or_default(),
             message: format!("cannot image {} directories together", sources.len()),
@@ -298,6 +331,30 @@ mod tests {
         });
         assert!(s >= 120 << 20 && s % (1 << 20) == 0, "{s}");
         assert!(image_size(Usage::default()) >= 16 << 20);
+    }
+
+    #[test]
+    fn a_rebuilt_image_replaces_the_stale_one_of_its_source_only() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let (a, b): (&[u8], &[u8]) = (b"/src/a", b"/src/b");
+        let (a1, a2, b1) = (
+            cache.join("a1.ext4"),
+            cache.join("a2.ext4"),
+            cache.join("b1.ext4"),
+        );
+        for p in [&a1, &a2, &b1] {
+            std::fs::write(p, b"image").unwrap();
+        }
+        let unmarked = cache.join("old.ext4");
+        std::fs::write(&unmarked, b"from before marks").unwrap();
+        prune_stale(&cache, a, &a1);
+        prune_stale(&cache, b, &b1);
+        assert!(a1.is_file() && b1.is_file());
+        prune_stale(&cache, a, &a2);
+        assert!(!a1.exists() && !a1.with_extension("source").exists());
+        assert!(a2.is_file() && b1.is_file() && unmarked.is_file());
     }
 
     #[test]

@@ -280,7 +280,9 @@ mod tests {
     }
 
     fn own(p: &Path) -> bool {
-        p.starts_with("/dir/usr")
+        // A string prefix: /dir/usr, /dir/usr0, /dir/usr1, ... (Path's
+        // starts_with compares whole components).
+        p.to_str().is_some_and(|s| s.starts_with("/dir/usr"))
     }
 
     const PROBE: Probe = Probe {

@@ -33,6 +33,7 @@ pub mod jail;
 mod ops;
 pub mod proto;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm;
 
 pub use vmm::Backend;

@@ -51,6 +51,9 @@ pub enum Kind {
     Exec = 11,
     /// host → guest: power off now.
     Shutdown = 12,
+    /// host → guest: say hello again (a guest restored from a snapshot
+    /// said its first hello before the snapshot was taken).
+    Ping = 13,
 }
 
 impl Kind {
@@ -69,6 +72,7 @@ impl Kind {
             10 => Error,
             11 => Exec,
             12 => Shutdown,
+            13 => Ping,
             _ => return None,
         })
     }
@@ -207,6 +211,16 @@ pub struct RunRequest {
     /// The terminal's size, with `process.terminal`.
     pub rows: u16,
     pub cols: u16,
+    /// Fresh bytes from the host's `getrandom`: the agent mixes them into
+    /// the guest kernel's pool and reseeds its generator before anything
+    /// runs, so guests restored from one snapshot never repeat each
+    /// other's random bytes.
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock (nanoseconds since the epoch) when the
+    /// request was sent: a restored guest's clock is the snapshot's.
+    #[serde(default)]
+    pub clock_ns: u64,
 }
 
 /// host → guest: run a process in the container.

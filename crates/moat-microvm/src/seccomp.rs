@@ -87,6 +87,10 @@ pub const VMM: &[(&str, &str)] = &[
     ("pwritev", "disk writes"),
     ("lseek", "disk size"),
     ("fsync", "disk flush"),
+    (
+        "fadvise64",
+        "QEMU drops a disk image's cached pages when it takes the images back after saving or restoring a snapshot",
+    ),
     ("fdatasync", "disk flush"),
     ("close", "descriptors"),
     ("dup", "QEMU's fd sets"),

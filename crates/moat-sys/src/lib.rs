@@ -9,5 +9,6 @@ pub mod mount;
 pub mod notify;
 pub mod probe;
 pub mod process;
+pub mod random;
 pub mod seccomp;
 pub mod tun;

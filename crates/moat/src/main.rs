@@ -101,7 +101,12 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
     cli.opts.default_root = run::leading_dashdash(&argv);
     cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
     cli.global.root = state_root(std::mem::take(&mut cli.global.root));
-    log::init(None, log::LogFormat::Text, false);
+    // `--log FILE --debug` work as for the OCI commands.
+    log::init(
+        cli.global.log.as_deref(),
+        cli.global.log_format,
+        cli.global.debug,
+    );
     if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
         tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
         return Some(ExitCode::from(125));

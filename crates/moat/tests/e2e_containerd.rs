@@ -171,10 +171,17 @@ fn ctr_runs_moat_through_the_runc_shim() {
             &s(&bin.join("moat-microvm")),
             &["--rm"],
             "t6",
-            &["echo", "in-vm"],
+            &["sh", "-c", "echo in-vm; uname -r"],
         )
         .expect_ok();
-    assert_eq!(vm.stdout.trim(), "in-vm", "{vm:?}");
+    // It ran on the guest's own kernel, not the host's.
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let lines: Vec<&str> = vm.stdout.lines().collect();
+    assert_eq!(lines.first().map(|l| l.trim()), Some("in-vm"), "{vm:?}");
+    assert!(
+        lines.get(1).is_some_and(|k| k.trim() != host.trim()),
+        "the guest's own kernel: {vm:?}"
+    );
     let _ = c.ctr(&["container", "rm", "t6"]);
 }
 

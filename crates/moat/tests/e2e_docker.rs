@@ -377,9 +377,16 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "moatbb",
         "sh",
         "-c",
-        "echo in-vm; exit 3",
+        "echo in-vm; uname -r; exit 3",
     ]);
     assert_eq!(vm.code, Some(3), "{vm:?}");
-    assert_eq!(vm.stdout, "in-vm\n", "{vm:?}");
+    // It ran on the guest's own kernel, not the host's.
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let lines: Vec<&str> = vm.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"in-vm"), "{vm:?}");
+    assert!(
+        lines.get(1).is_some_and(|k| *k != host.trim()),
+        "the guest's own kernel: {vm:?}"
+    );
     drop(dk);
 }

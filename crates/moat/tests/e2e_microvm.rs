@@ -419,3 +419,235 @@ fn by_program_name_kill_all_and_delete_force_end_the_vm() {
     cmd(&rt, &["delete", "--force", &id2]).expect_ok();
     assert_clean(&rt);
 }
+
+/// A cache of this test's own (the shared one's images and initramfs,
+/// hard-linked: nothing is rebuilt), so its snapshots are its own.
+fn private_cache(test: &str) -> PathBuf {
+    let dir = cache().join(format!("private-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(cache()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let shared = name.ends_with(".ext4") || name.ends_with(".cpio") || name == "spare.img";
+        if shared && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::hard_link(e.path(), dir.join(&name)).unwrap();
+        }
+    }
+    dir
+}
+
+fn snapshots_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vmstate"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// One `moat run` with the private cache and a debug log; the log's
+/// microvm lines come back with the output.
+fn run_logged(rt: &Rt, cache: &Path, script: &str) -> (Out, String) {
+    let log = cache.with_extension("log");
+    let _ = std::fs::remove_file(&log);
+    let log_s = log.display().to_string();
+    let out = rt.cmd_with(
+        &[
+            "--debug",
+            "--log",
+            &log_s,
+            "run",
+            "--isolation",
+            "microvm",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        Opts {
+            env: vec![(
+                "MOAT_MICROVM_CACHE".to_string(),
+                cache.display().to_string(),
+            )],
+            ..Opts::default()
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("microvm:")).collect();
+    (out, lines.join("\n"))
+}
+
+/// Random bytes, the boot ID and the clock, as the workload sees them.
+const FRESH: &str = "echo start; od -An -N16 -tx1 /dev/urandom | tr -d ' \\n'; echo; \
+                     cat /proc/sys/kernel/random/boot_id; date +%s; exit 7";
+
+fn fresh_lines(out: &Out) -> (String, String, u64) {
+    let l: Vec<&str> = out.stdout.lines().collect();
+    assert!(l.len() == 4 && l[0] == "start", "{out:?}");
+    (l[1].to_string(), l[2].to_string(), l[3].parse().unwrap())
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back() {
+    let test = "snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let cache = private_cache(test);
+    // 1. No snapshot yet: a cold boot, which saves one.
+    let (out, log) = run_logged(&rt, &cache, FRESH);
+    assert_eq!(out.code, Some(7), "{out:?}\n{log}");
+    assert!(log.contains("saved snapshot"), "{log}");
+    let first = fresh_lines(&out);
+    let snaps = snapshots_in(&cache);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    // 2. Two restored runs: the workload's output and status as for a cold
+    // boot, and neither repeats the other's random bytes or boot ID; the
+    // clock is the host's, not the snapshot's.
+    let mut seen = vec![first];
+    for _ in 0..2 {
+        let before = now_s();
+        let (out, log) = run_logged(&rt, &cache, FRESH);
+        assert_eq!(out.code, Some(7), "{out:?}\n{log}");
+        assert!(log.contains("restored from snapshot"), "{log}");
+        let f = fresh_lines(&out);
+        assert!(
+            f.2 >= before,
+            "the guest's clock is the host's: {} < {before}",
+            f.2
+        );
+        for s in &seen {
+            assert_ne!(s.0, f.0, "random bytes repeat between restored guests");
+            assert_ne!(s.1, f.1, "boot IDs repeat between restored guests");
+        }
+        seen.push(f);
+    }
+    // 3. A corrupt snapshot: that run boots cold, right all the same, and
+    // the snapshot is removed.
+    std::fs::write(&snaps[0], b"QEVM but not really a migration stream").unwrap();
+    let (out, log) = run_logged(&rt, &cache, FRESH);
+    assert_eq!(out.code, Some(7), "{out:?}\n{log}");
+    assert_eq!(fresh_lines(&out).0.len(), 32, "{out:?}");
+    assert!(log.contains("the snapshot did not restore"), "{log}");
+    assert!(log.contains("removed snapshot"), "{log}");
+    assert!(snapshots_in(&cache).is_empty());
+    // 4. Saved again; then the initramfs changes (as a new moat binary
+    // would make it): the snapshot is stale, never restored, replaced.
+    let (out, log) = run_logged(&rt, &cache, "true");
+    assert!(out.ok() && log.contains("saved snapshot"), "{out:?}\n{log}");
+    let old = snapshots_in(&cache);
+    assert_eq!(old.len(), 1);
+    let initrd = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cpio"))
+        .unwrap();
+    let f = std::fs::File::options().write(true).open(&initrd).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let (out, log) = run_logged(&rt, &cache, FRESH);
+    assert_eq!(out.code, Some(7), "{out:?}\n{log}");
+    assert!(
+        log.contains("saved snapshot") && !log.contains("restored"),
+        "{log}"
+    );
+    let now = snapshots_in(&cache);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, old, "the stale snapshot was replaced");
+    // 5. Snapshots off: a cold boot that saves nothing.
+    let out = rt.cmd_with(
+        &["run", "--isolation", "microvm", "--", "true"],
+        Opts {
+            env: vec![
+                (
+                    "MOAT_MICROVM_CACHE".to_string(),
+                    cache.display().to_string(),
+                ),
+                ("MOAT_MICROVM_SNAPSHOT".to_string(), "0".to_string()),
+            ],
+            ..Opts::default()
+        },
+    );
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(snapshots_in(&cache), now);
+    assert_clean(&rt);
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_file(cache.with_extension("log"));
+}
+
+/// `moat probe` inside the guest: the kernel that answers is the guest's
+/// (not the host's), and every escape class it tries is blocked by the
+/// container tier inside the guest.
+#[test]
+fn probe_in_the_guest_reaches_no_host_kernel() {
+    let Some(rt) = rt("probe_in_the_guest_reaches_no_host_kernel") else {
+        return;
+    };
+    // The binary travels on a disk of its own (a directory volume).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_moat"), dir.path().join("moat")).unwrap();
+    let vol = format!("{}:/opt/moat:ro", dir.path().display());
+    let out = cmd(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "-v",
+            &vol,
+            "--",
+            "/opt/moat/moat",
+            "probe",
+            "--json",
+        ],
+    )
+    .expect_ok();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe output is not JSON ({e}): {out:?}"));
+    let checks = doc["checks"].as_array().expect("checks");
+    let find = |id: &str| {
+        checks
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no check {id}: {doc}"))
+    };
+    let host_version = std::fs::read_to_string("/proc/version").unwrap();
+    let version = find("kernel.version")["detail"].as_str().unwrap_or("");
+    assert!(version.contains("cloud-amd64"), "{version}");
+    assert_ne!(
+        version.trim(),
+        host_version.trim(),
+        "the host kernel answered"
+    );
+    assert!(
+        find("kernel.hypervisor")["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("has the hypervisor flag"),
+        "{doc}"
+    );
+    assert_ne!(find("kernel.separate")["result"], "allowed", "{doc}");
+    // Every escape attempt the probe makes fails, in the guest's kernel.
+    let escaped: Vec<&serde_json::Value> = checks
+        .iter()
+        .filter(|c| {
+            c["id"].as_str().is_some_and(|i| i.starts_with("escape.")) && c["result"] == "allowed"
+        })
+        .collect();
+    assert!(escaped.is_empty(), "escapes allowed: {escaped:?}");
+    for id in ["identity.userns", "caps.effective-empty", "seccomp.mode"] {
+        assert_eq!(find(id)["result"], "blocked", "{id}: {doc}");
+    }
+    assert_clean(&rt);
+}

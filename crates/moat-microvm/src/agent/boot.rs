@@ -9,19 +9,21 @@ use nix::mount::{mount, MsFlags};
 
 use super::AgentError;
 
-/// Modules the guest loads before it says hello, in dependency order: the
-/// virtio transport, then the agent channel and the entropy device.
+/// Modules the guest loads before it says hello (so a snapshot holds
+/// them loaded), in dependency order: the virtio transport, the agent
+/// channel and the entropy device, and overlayfs for a writable root.
 pub const EARLY_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
     "virtio_console",
     "virtio-rng",
+    "overlay",
 ];
 /// Modules loaded when a workload arrives: the disks (probed then, so a VM
 /// restored from a snapshot sees this run's disks, not the ones it was
-/// booted with) and overlayfs for a writable root.
-pub const LATE_MODULES: &[&str] = &["virtio_blk", "overlay"];
+/// saved with).
+pub const LATE_MODULES: &[&str] = &["virtio_blk"];
 
 /// Where the initramfs keeps the modules.
 pub const MODULE_DIR: &str = "/lib/modules";
@@ -106,6 +108,26 @@ pub fn leave_initramfs() -> Result<(), AgentError> {
     })?;
     nix::unistd::chdir("/").map_err(|e| AgentError::Sys {
         step: "enter /".into(),
+        source: e,
+    })
+}
+
+/// Makes the agent's root (`/moat`, the modules, the mount points)
+/// read-only, once everything is mounted on it: the workload can never
+/// overwrite the guest's moat, and the guest's `moat run` and `moat exec`
+/// see their binary on a read-only mount and skip copying and
+/// re-executing themselves (`moat-jail::selfexe`), one exec fewer under
+/// emulation for every workload.
+pub fn seal_root() -> Result<(), AgentError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| AgentError::Sys {
+        step: "make the agent's root read-only".into(),
         source: e,
     })
 }

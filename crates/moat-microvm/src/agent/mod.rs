@@ -61,6 +61,7 @@ pub fn main() -> i32 {
 fn run() -> Result<(), AgentError> {
     boot::leave_initramfs()?;
     boot::mount_kernel_filesystems()?;
+    boot::seal_root()?;
     boot::load_modules(boot::EARLY_MODULES)?;
     let chan = boot::open_channel()?;
     serve::Agent::new(chan)?.serve()

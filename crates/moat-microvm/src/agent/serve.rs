@@ -85,10 +85,7 @@ impl Agent {
     }
 
     pub fn serve(mut self) -> Result<(), AgentError> {
-        let hello = proto::Hello {
-            version: proto::VERSION,
-            kernel: moat_jail::host::Kernel::read().release,
-        };
+        let hello = hello();
         if std::env::args().any(|a| a == "debug") {
             let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
             eprintln!(
@@ -144,6 +141,10 @@ impl Agent {
                 while let Some(frame) = self.dec.next_frame()? {
                     if frame.kind == Kind::Shutdown {
                         return Ok(());
+                    }
+                    if frame.kind == Kind::Ping {
+                        self.send_json(Kind::Hello, 0, &hello)?;
+                        continue;
                     }
                     self.handle(frame)?;
                 }
@@ -224,6 +225,7 @@ impl Agent {
             return Err(AgentError::Request("the container already runs".into()));
         }
         self.prepared = true;
+        refresh(req)?;
         boot::load_modules(boot::LATE_MODULES)?;
         mount_disks(&req.disks)?;
         let root = req.config["root"]["path"]
@@ -533,6 +535,44 @@ fn write_files(files: &[proto::GuestFile]) -> Result<(), AgentError> {
         std::fs::write(p, &f.data).map_err(io(format!("write {}", f.path)))?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(f.mode & 0o777))
             .map_err(io(format!("chmod {}", f.path)))?;
+    }
+    Ok(())
+}
+
+fn hello() -> proto::Hello {
+    proto::Hello {
+        version: proto::VERSION,
+        kernel: moat_jail::host::Kernel::read().release,
+    }
+}
+
+/// Before anything of the container runs: mixes the host's fresh bytes
+/// into the kernel's pool and forces its generator to reseed from it, and
+/// sets the wall clock to the host's. A guest restored from a snapshot
+/// would otherwise carry on with the snapshot's generator state (two
+/// restored runs would draw the same "random" bytes, boot IDs, stack
+/// canaries and ASLR offsets of new processes) and the snapshot's time.
+fn refresh(req: &proto::RunRequest) -> Result<(), AgentError> {
+    if !req.entropy.is_empty() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .map_err(io("open /dev/urandom"))?;
+        f.write_all(&req.entropy)
+            .map_err(io("mix the host's entropy in"))?;
+        moat_sys::random::reseed_crng(f.as_fd()).map_err(io("reseed the guest's generator"))?;
+    }
+    if req.clock_ns > 0 {
+        let ts = nix::sys::time::TimeSpec::new(
+            (req.clock_ns / 1_000_000_000) as i64,
+            (req.clock_ns % 1_000_000_000) as i64,
+        );
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| {
+            AgentError::Sys {
+                step: "set the clock".into(),
+                source: e,
+            }
+        })?;
     }
     Ok(())
 }

@@ -10,11 +10,13 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod boot;
 pub mod qemu;
 mod relay;
+
+pub use boot::RESTORE_TIMEOUT;
 
 use crate::jail::JailPlan;
 use crate::proto;
@@ -54,6 +56,19 @@ pub struct VmmPlan {
     pub boot_timeout: Duration,
     /// Copy the guest's console to stderr (debugging).
     pub console: bool,
+    /// Restore the cached snapshot, or save this boot as it.
+    pub snapshot: SnapshotPlan,
+}
+
+/// What the VMM process does with snapshots ([`crate::snapshot`]).
+#[derive(Debug)]
+pub enum SnapshotPlan {
+    /// Boot cold (why, for the debug log).
+    Off(String),
+    /// Restore this migration stream (opened read-only).
+    Restore(File),
+    /// Boot cold and save the booted guest into this file.
+    Save(File),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,17 +114,15 @@ fn console_tail(c: &str) -> String {
 /// The VMM process's life; returns its exit status. `setup` is the
 /// channel to the runtime (`Go` in, [`crate::control::Setup`] out),
 /// `listener` the bound control socket.
-pub fn main(plan: VmmPlan, setup: OwnedFd, listener: OwnedFd) -> i32 {
+pub fn main(mut plan: VmmPlan, setup: OwnedFd, listener: OwnedFd) -> i32 {
     // Wait until the runtime has put us in the cgroup (it says so with one
     // byte, or closes the channel when it gave up).
     let mut go = [0u8; 1];
     if !matches!(nix::unistd::read(&setup, &mut go), Ok(1)) {
         return 255;
     }
-    match start(&plan, &setup, &listener) {
-        Ok((vm, agent, serial)) => {
-            relay::Relay::new(plan, setup, listener, vm, agent, serial).run()
-        }
+    match start(&mut plan, &setup, &listener) {
+        Ok((booted, how)) => relay::Relay::new(plan, setup, listener, booted, how).run(),
         Err(e) => {
             let msg = crate::control::Setup::Failed {
                 message: moat_core::error_chain(&e),
@@ -121,79 +134,28 @@ pub fn main(plan: VmmPlan, setup: OwnedFd, listener: OwnedFd) -> i32 {
     }
 }
 
-/// Jails this process and starts the VM: the child, our end of the agent
-/// channel, and the console pipe.
+/// Jails this process and gets the guest to its agent's hello: restored
+/// from the snapshot, or booted cold.
 fn start(
-    plan: &VmmPlan,
+    plan: &mut VmmPlan,
     setup: &OwnedFd,
     listener: &OwnedFd,
-) -> Result<(Child, File, File), VmmError> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| VmmError::Io {
-        step: "create the agent channel".into(),
-        source: e,
-    })?;
+) -> Result<(boot::Booted, crate::control::StartKind), VmmError> {
     let mut jail = plan.jail.clone();
     let mut keep: Vec<RawFd> = vec![
         setup.as_raw_fd(),
         listener.as_raw_fd(),
-        ours.as_raw_fd(),
-        theirs.as_raw_fd(),
         plan.events.as_raw_fd(),
         plan.spare.as_raw_fd(),
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
+    match &plan.snapshot {
+        SnapshotPlan::Restore(f) | SnapshotPlan::Save(f) => keep.push(f.as_raw_fd()),
+        SnapshotPlan::Off(_) => {}
+    }
+    let mut channels = boot::Channels::new(plan)?;
+    keep.extend(channels.fds());
     jail.keep_fds = keep;
     jail.enter()?;
-    let Backend::Qemu { binary, accel } = &plan.backend;
-    let args = qemu::QemuArgs {
-        accel: *accel,
-        kernel: plan.kernel.clone(),
-        initrd: plan.initrd.clone(),
-        cmdline: plan.cmdline.clone(),
-        vcpus: plan.vcpus,
-        mem_mib: plan.mem_mib,
-        agent_fd: theirs.as_raw_fd(),
-        disk_fds: plan.disks.iter().map(|d| d.as_raw_fd()).collect(),
-        incoming_fd: None,
-        qmp_fd: None,
-        disk_slots: plan.disk_slots,
-        spare_fd: plan.spare.as_raw_fd(),
-    };
-    // QEMU inherits exactly these (everything else is close-on-exec).
-    let inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
-        .chain(plan.disks.iter().map(|d| d.as_raw_fd()))
-        .chain(std::iter::once(plan.spare.as_raw_fd()))
-        .collect();
-    for fd in &inherit {
-        moat_sys::fd::set_cloexec(*fd, false).map_err(|e| VmmError::Io {
-            step: "pass a descriptor to QEMU".into(),
-            source: e,
-        })?;
-    }
-    let (serial_r, serial_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| VmmError::Sys {
-            step: "create the console pipe".into(),
-            source: e,
-        })?;
-    let child = Command::new(binary)
-        .args(args.build())
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(serial_w.try_clone().map_err(|e| {
-            VmmError::Io {
-                step: "duplicate the console pipe".into(),
-                source: e,
-            }
-        })?))
-        .stderr(Stdio::from(serial_w))
-        .spawn()
-        .map_err(|e| VmmError::Io {
-            step: format!("start {}", binary.display()),
-            source: e,
-        })?;
-    drop(theirs);
-    for fd in &inherit {
-        let _ = moat_sys::fd::set_cloexec(*fd, true);
-    }
-    Ok((child, File::from(OwnedFd::from(ours)), File::from(serial_r)))
+    boot::boot(plan, &mut channels)
 }

@@ -14,16 +14,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use super::boot::{push_tail, tail_text, Booted};
 use super::{VmmError, VmmPlan};
-use crate::control::{self, Reply, Request, Setup};
+use crate::control::{self, Reply, Request, Setup, StartKind};
 use crate::proto::{self, Decoder, Frame, Kind};
-
-/// How much of the guest console is kept for error messages.
-const CONSOLE_TAIL: usize = 8192;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the agent's hello.
+    /// The agent said hello; not yet acted on.
     Booting,
     /// The agent answered; waiting for `start`.
     Created,
@@ -57,7 +55,10 @@ pub struct Relay {
     stdin_open: bool,
     execs: BTreeMap<u32, ExecSession>,
     next_chan: u32,
-    booted_by: Instant,
+    /// When the relay took over (for the console's debug timings).
+    since: Instant,
+    /// How the guest started (told to the runtime with `Ready`).
+    how: StartKind,
 }
 
 fn forwarded() -> SigSet {
@@ -75,38 +76,34 @@ impl Relay {
         plan: VmmPlan,
         setup: OwnedFd,
         listener: OwnedFd,
-        vm: Child,
-        agent: File,
-        console: File,
+        booted: Booted,
+        how: StartKind,
     ) -> Relay {
         let set = forwarded();
         let _ = set.thread_block();
         let sigfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).ok();
-        let booted_by = Instant::now() + plan.boot_timeout;
         Relay {
             plan,
             setup: Some(setup),
             listener,
-            vm,
-            agent,
+            vm: booted.vm,
+            agent: booted.agent,
             dec: Decoder::new(),
-            console: Some(console),
-            console_tail: VecDeque::new(),
+            console: Some(booted.console),
+            console_tail: booted.console_tail,
             sigfd,
             phase: Phase::Booting,
             starter: None,
             stdin_open: true,
             execs: BTreeMap::new(),
             next_chan: 1,
-            booted_by,
+            since: Instant::now(),
+            how,
         }
     }
 
     fn console_text(&self) -> String {
-        let (a, b) = self.console_tail.as_slices();
-        let mut v = a.to_vec();
-        v.extend_from_slice(b);
-        String::from_utf8_lossy(&v).into_owned()
+        tail_text(&self.console_tail)
     }
 
     /// Reports a failure to whoever waits (the runtime, a starter), stops
@@ -148,14 +145,45 @@ impl Relay {
         })
     }
 
+    /// The agent said hello: run the container's process at once
+    /// (`launch`), or tell the runtime the container is created.
+    fn hello(&mut self) -> Result<(), VmmError> {
+        if self.plan.autostart {
+            return self.send_run();
+        }
+        self.phase = Phase::Created;
+        if let Some(s) = self.setup.take() {
+            let ready = Setup::Ready {
+                start: self.how.clone(),
+            };
+            let _ = control::send(s.as_fd(), &ready);
+        }
+        Ok(())
+    }
+
     fn send_run(&mut self) -> Result<(), VmmError> {
+        // Fresh entropy and the time, now: the guest may be a restored
+        // snapshot's, with the snapshot's generator state and clock.
+        // (The jail holds /dev/urandom.)
+        let mut entropy = vec![0u8; 64];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(|e| VmmError::Io {
+                step: "draw entropy for the guest".into(),
+                source: e,
+            })?;
+        self.plan.run.entropy = entropy;
+        self.plan.run.clock_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let frame = proto::encode_json(Kind::Run, 0, &self.plan.run);
         self.phase = Phase::Starting;
         self.send(&frame)
     }
 
     pub fn run(mut self) -> i32 {
-        match self.serve() {
+        match self.hello().and_then(|()| self.serve()) {
             Ok(code) => code,
             Err(e) => self.fail(&e, 255),
         }
@@ -192,14 +220,7 @@ impl Relay {
                     add!(x.client.as_fd(), Slot::ExecClient(*ch));
                 }
             }
-            let timeout = if self.phase == Phase::Booting {
-                let left = self.booted_by.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-                    .unwrap_or(PollTimeout::NONE)
-            } else {
-                PollTimeout::NONE
-            };
-            match poll(&mut fds, timeout) {
+            match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
                     return Err(VmmError::Sys {
@@ -215,12 +236,6 @@ impl Relay {
                 .map(|(_, s)| *s)
                 .collect();
             drop(fds);
-            if self.phase == Phase::Booting && Instant::now() >= self.booted_by {
-                return Err(VmmError::BootTimeout {
-                    secs: self.plan.boot_timeout.as_secs(),
-                    console: self.console_text(),
-                });
-            }
             for slot in ready {
                 if let Some(code) = self.on_ready(slot, &mut buf)? {
                     return Ok(code);
@@ -271,10 +286,7 @@ impl Relay {
                     if self.plan.console {
                         let _ = std::io::stderr().write_all(&buf[..n]);
                     }
-                    self.console_tail.extend(&buf[..n]);
-                    while self.console_tail.len() > CONSOLE_TAIL {
-                        self.console_tail.pop_front();
-                    }
+                    push_tail(&mut self.console_tail, &buf[..n]);
                 }
             }
             Slot::Stdin => {
@@ -333,34 +345,22 @@ impl Relay {
 
     fn on_frame(&mut self, f: Frame) -> Result<Option<i32>, VmmError> {
         if self.plan.console && matches!(f.kind, Kind::Hello | Kind::Started | Kind::Exit) {
-            let since = self.booted_by - self.plan.boot_timeout;
             eprintln!(
                 "moat: microvm: {:?} after {} ms",
                 f.kind,
-                since.elapsed().as_millis()
+                self.since.elapsed().as_millis()
             );
         }
         match (f.kind, f.chan) {
-            (Kind::Hello, _) => {
-                let h: proto::Hello = f.json()?;
-                if h.version != proto::VERSION {
-                    return Err(VmmError::Version { theirs: h.version });
-                }
-                if self.phase == Phase::Booting {
-                    if self.plan.autostart {
-                        self.send_run()?;
-                    } else {
-                        self.phase = Phase::Created;
-                        if let Some(s) = self.setup.take() {
-                            let _ = control::send(s.as_fd(), &Setup::Ready);
-                        }
-                    }
-                }
-            }
+            // The first hello was taken before the relay started.
+            (Kind::Hello, _) => {}
             (Kind::Started, 0) => {
                 self.phase = Phase::Running;
                 if let Some(s) = self.setup.take() {
-                    let _ = control::send(s.as_fd(), &Setup::Ready);
+                    let ready = Setup::Ready {
+                        start: self.how.clone(),
+                    };
+                    let _ = control::send(s.as_fd(), &ready);
                 }
                 if let Some(c) = self.starter.take() {
                     let _ = control::send(c.as_fd(), &Reply::Ok);

@@ -1,0 +1,323 @@
+//! Snapshots of a booted guest, the fast start: the first cold boot of a
+//! kernel and configuration saves its guest right after the agent's hello
+//! (QEMU's migration stream, `stop` + `migrate` to a file the runtime
+//! made), and every later run restores it (`-incoming fd:`) instead of
+//! booting. The guest in the snapshot has loaded only the modules every
+//! guest needs (not `virtio_blk`), so the restored guest probes this run's
+//! disks when its agent gets `Run`; the agent then reseeds the guest's
+//! random generator with the host's bytes and sets its clock
+//! ([`crate::proto::RunRequest`]).
+//!
+//! A snapshot is valid for exactly what it was saved with, all of which is
+//! in its name: a digest of QEMU (path, size, mtime, inode: the migration
+//! format is QEMU's), the guest kernel, the initramfs (whose name is a
+//! digest of the moat binary, the kernel and its modules), the kernel's
+//! command line, the guest's memory, vCPUs, disk slots and accelerator.
+//! Anything else finds no snapshot and boots cold (and saves one). A
+//! snapshot that fails to restore (corrupt, truncated, or a guest that
+//! does not answer) is removed, and that run boots cold.
+//!
+//! `MOAT_MICROVM_SNAPSHOT=0` turns snapshots off (cold boots, nothing
+//! saved).
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::control::StartKind;
+use crate::MicrovmError;
+
+/// What a snapshot must match.
+#[derive(Debug, Clone)]
+pub struct Identity<'a> {
+    pub qemu: &'a Path,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub cmdline: &'a str,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub disk_slots: usize,
+    pub accel: &'a str,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn file_key(h: &mut Sha256, p: &Path) -> Result<(), MicrovmError> {
+    let m = std::fs::metadata(p).map_err(MicrovmError::io(format!("stat {}", p.display())))?;
+    h.update(p.as_os_str().as_encoded_bytes());
+    h.update([0]);
+    h.update(m.size().to_le_bytes());
+    h.update(m.mtime().to_le_bytes());
+    h.update(m.mtime_nsec().to_le_bytes());
+    h.update(m.ino().to_le_bytes());
+    Ok(())
+}
+
+impl Identity<'_> {
+    /// The configuration part of the name (one snapshot is kept per
+    /// configuration: saving a new one removes the others of it).
+    fn config_key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"moat-snapshot-config-1\0");
+        h.update(self.cmdline.as_bytes());
+        h.update([0]);
+        h.update(self.mem_mib.to_le_bytes());
+        h.update([self.vcpus]);
+        h.update((self.disk_slots as u64).to_le_bytes());
+        h.update(self.accel.as_bytes());
+        hex(&h.finalize()[..8])
+    }
+
+    /// The files part: QEMU, the kernel, the initramfs.
+    fn files_key(&self) -> Result<String, MicrovmError> {
+        let mut h = Sha256::new();
+        h.update(b"moat-snapshot-files-1\0");
+        file_key(&mut h, self.qemu)?;
+        file_key(&mut h, self.kernel)?;
+        file_key(&mut h, self.initrd)?;
+        Ok(hex(&h.finalize()[..12]))
+    }
+
+    /// The snapshot's path in `cache`.
+    pub fn path(&self, cache: &Path) -> Result<PathBuf, MicrovmError> {
+        Ok(cache.join(format!(
+            "snapshot-{}-{}.vmstate",
+            self.config_key(),
+            self.files_key()?
+        )))
+    }
+}
+
+/// What the runtime offers the VMM process.
+#[derive(Debug)]
+pub enum Offer {
+    /// Snapshots are off, or the cache cannot hold one: boot cold.
+    None { why: String },
+    /// Restore this snapshot (opened read-only).
+    Restore { file: File, path: PathBuf },
+    /// Boot cold and save the guest into `file` (a temporary file next to
+    /// `path`, renamed to it once the VMM process says it saved).
+    Save {
+        file: File,
+        tmp: PathBuf,
+        path: PathBuf,
+    },
+}
+
+/// Whether snapshots are on (`MOAT_MICROVM_SNAPSHOT=0` turns them off).
+pub fn enabled() -> bool {
+    !matches!(
+        std::env::var("MOAT_MICROVM_SNAPSHOT").as_deref(),
+        Ok("0" | "off" | "no" | "false")
+    )
+}
+
+/// The snapshot to restore, or a file to save one into.
+pub fn offer(cache: &Path, id: &Identity<'_>) -> Offer {
+    if !enabled() {
+        return Offer::None {
+            why: "snapshots are off (MOAT_MICROVM_SNAPSHOT=0)".into(),
+        };
+    }
+    let path = match id.path(cache) {
+        Ok(p) => p,
+        Err(e) => {
+            return Offer::None {
+                why: moat_core::error_chain(&e),
+            }
+        }
+    };
+    if let Ok(file) = File::open(&path) {
+        return Offer::Restore { file, path };
+    }
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+    {
+        Ok(file) => Offer::Save { file, tmp, path },
+        Err(e) => Offer::None {
+            why: format!("cannot create {}: {e}", tmp.display()),
+        },
+    }
+}
+
+/// Keeps the cache right after the VMM process said how the guest
+/// started: a saved snapshot is put in place (and the configuration's
+/// older ones removed), a snapshot that failed to restore is removed, a
+/// failed save leaves nothing. Logs how the guest started.
+pub fn settle(offer: Offer, start: Option<&StartKind>) {
+    match (offer, start) {
+        (Offer::Restore { path, .. }, Some(StartKind::Restored)) => {
+            tracing::debug!("microvm: restored from snapshot {}", path.display());
+        }
+        (
+            Offer::Restore { path, .. },
+            Some(StartKind::Cold {
+                why,
+                restore_failed,
+            }),
+        ) => {
+            tracing::debug!("microvm: cold boot: {why}");
+            if *restore_failed {
+                let _ = std::fs::remove_file(&path);
+                tracing::debug!("microvm: removed snapshot {}", path.display());
+            }
+        }
+        (Offer::Save { tmp, path, .. }, Some(StartKind::Saved)) => {
+            prune_config(&path);
+            match std::fs::rename(&tmp, &path) {
+                Ok(()) => tracing::debug!(
+                    "microvm: cold boot (no snapshot yet); saved snapshot {}",
+                    path.display()
+                ),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::debug!("microvm: cannot keep snapshot {}: {e}", path.display());
+                }
+            }
+        }
+        (Offer::Save { tmp, .. }, other) => {
+            let _ = std::fs::remove_file(&tmp);
+            if let Some(StartKind::Cold { why, .. }) = other {
+                tracing::debug!("microvm: cold boot (no snapshot yet); not saved: {why}");
+            }
+        }
+        (Offer::None { why }, _) => tracing::debug!("microvm: cold boot: {why}"),
+        (Offer::Restore { .. }, _) => {}
+    }
+}
+
+/// Removes the other snapshots of `path`'s configuration (made with an
+/// older kernel, initramfs or QEMU: they can never be restored again).
+fn prune_config(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    // snapshot-<config>-<files>.vmstate
+    let Some(prefix) = name.rsplit_once('-').map(|(p, _)| format!("{p}-")) else {
+        return;
+    };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let Some(n) = n.to_str() else { continue };
+        if n != name && n.starts_with(&prefix) && n.ends_with(".vmstate") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident<'a>(dir: &'a Path, cmdline: &'a str, mem: u64) -> Identity<'a> {
+        Identity {
+            qemu: dir,
+            kernel: dir,
+            initrd: dir,
+            cmdline,
+            mem_mib: mem,
+            vcpus: 1,
+            disk_slots: 6,
+            accel: "tcg",
+        }
+    }
+
+    #[test]
+    fn the_name_follows_what_the_snapshot_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ident(d.path(), "x", 100).path(d.path()).unwrap();
+        assert_eq!(a, ident(d.path(), "x", 100).path(d.path()).unwrap());
+        assert_ne!(a, ident(d.path(), "y", 100).path(d.path()).unwrap());
+        assert_ne!(a, ident(d.path(), "x", 200).path(d.path()).unwrap());
+        // A changed file (here: the directory standing in for all three)
+        // changes the name.
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        assert_ne!(a, ident(d.path(), "x", 100).path(d.path()).unwrap());
+    }
+
+    #[test]
+    fn saving_replaces_the_configurations_older_snapshot_only() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("c");
+        std::fs::create_dir(&cache).unwrap();
+        let k = d.path().join("k");
+        std::fs::write(&k, b"1").unwrap();
+        let id = ident(&k, "x", 100);
+        let Offer::Save { file, tmp, path } = offer(&cache, &id) else {
+            panic!("no snapshot yet: offer to save one")
+        };
+        drop(file);
+        settle(
+            Offer::Save {
+                file: File::open(&tmp).unwrap(),
+                tmp: tmp.clone(),
+                path: path.clone(),
+            },
+            Some(&StartKind::Saved),
+        );
+        assert!(path.is_file() && !tmp.exists());
+        let other = ident(&k, "x", 200).path(&cache).unwrap();
+        std::fs::write(&other, b"other configuration").unwrap();
+        // The kernel changes: the same configuration gets a new name.
+        std::fs::write(&k, b"22").unwrap();
+        let Offer::Save {
+            tmp, path: path2, ..
+        } = offer(&cache, &id)
+        else {
+            panic!("the old snapshot is stale")
+        };
+        assert_ne!(path, path2);
+        settle(
+            Offer::Save {
+                file: File::open(&tmp).unwrap(),
+                tmp: tmp.clone(),
+                path: path2.clone(),
+            },
+            Some(&StartKind::Saved),
+        );
+        assert!(path2.is_file());
+        assert!(
+            !path.exists(),
+            "the stale snapshot of this configuration is gone"
+        );
+        assert!(other.is_file(), "another configuration's snapshot stays");
+        // A snapshot that fails to restore is removed.
+        let Offer::Restore { file, path } = offer(&cache, &id) else {
+            panic!("restore the saved one")
+        };
+        settle(
+            Offer::Restore {
+                file,
+                path: path.clone(),
+            },
+            Some(&StartKind::Cold {
+                why: "bad".into(),
+                restore_failed: true,
+            }),
+        );
+        assert!(!path.exists());
+        // A failed save leaves nothing.
+        let Offer::Save { file, tmp, path } = offer(&cache, &id) else {
+            panic!()
+        };
+        settle(
+            Offer::Save {
+                file,
+                tmp: tmp.clone(),
+                path: path.clone(),
+            },
+            None,
+        );
+        assert!(!tmp.exists() && !path.exists());
+    }
+}

@@ -1,0 +1,479 @@
+//! Getting a guest to its agent's hello: a cold boot, or a restore from
+//! the cached snapshot ([`crate::snapshot`]), and saving a cold-booted
+//! guest as the snapshot through QEMU's monitor (QMP).
+//!
+//! Restore: QEMU starts with `-incoming fd:N` (the snapshot, opened
+//! read-only by the runtime), the same machine and devices as the saved
+//! guest, and this run's disks in the disk slots; the guest resumes inside
+//! its agent's loop, which answers our `Ping` with a hello. A QEMU that
+//! fails to load the stream, or a guest that does not answer within
+//! [`RESTORE_TIMEOUT`], is killed and the guest booted cold.
+//!
+//! Save: right after a cold-booted guest's hello (before any of the
+//! container reaches it), `migrate` to the runtime's file (handed to QEMU
+//! over the monitor socket with `getfd`), wait for `completed`, `cont`. The monitor is a socketpair QEMU inherits; QEMU opens nothing.
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::{qemu, Backend, VmmError, VmmPlan};
+use crate::proto::{self, Decoder, Kind};
+
+/// How long a restored guest may take to answer before it is booted cold.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long saving a snapshot may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much of the guest console is kept for error messages.
+pub const CONSOLE_TAIL: usize = 8192;
+
+/// A VM whose agent said hello.
+pub struct Booted {
+    pub vm: Child,
+    pub agent: File,
+    pub console: File,
+    pub console_tail: VecDeque<u8>,
+    /// QEMU's monitor, when this boot may be saved.
+    qmp: Option<UnixStream>,
+}
+
+/// The socket pairs QEMU may need, made before the jail (whose filter
+/// has no `socketpair`): an agent channel per attempt (a restore or a
+/// save may fail and a cold boot follow) and the monitor for a save.
+pub struct Channels {
+    agent: Vec<(UnixStream, UnixStream)>,
+    qmp: Option<(UnixStream, UnixStream)>,
+}
+
+impl Channels {
+    pub fn new(plan: &VmmPlan) -> Result<Channels, VmmError> {
+        let io = |source| VmmError::Io {
+            step: "create the agent channel".into(),
+            source,
+        };
+        let tries = match plan.snapshot {
+            super::SnapshotPlan::Off(_) => 1,
+            _ => 2,
+        };
+        let agent = (0..tries)
+            .map(|_| UnixStream::pair().map_err(io))
+            .collect::<Result<Vec<_>, _>>()?;
+        let qmp = match plan.snapshot {
+            super::SnapshotPlan::Save(_) => Some(UnixStream::pair().map_err(io)?),
+            _ => None,
+        };
+        Ok(Channels { agent, qmp })
+    }
+
+    /// Every descriptor, for the jail to keep.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.agent
+            .iter()
+            .chain(self.qmp.iter())
+            .flat_map(|(a, b)| [a.as_raw_fd(), b.as_raw_fd()])
+            .collect()
+    }
+}
+
+/// Starts QEMU: a cold boot, or a restore from `incoming`; with a monitor
+/// when `monitor` is set.
+fn spawn(
+    plan: &VmmPlan,
+    ch: &mut Channels,
+    incoming: Option<&File>,
+    monitor: bool,
+) -> Result<(Child, File, File, Option<UnixStream>), VmmError> {
+    let io = |step: &str| {
+        let step = step.to_string();
+        move |source| VmmError::Io { step, source }
+    };
+    let (ours, theirs) = ch.agent.pop().ok_or_else(|| VmmError::Io {
+        step: "start QEMU".into(),
+        source: std::io::Error::other("no agent channel left"),
+    })?;
+    let qmp = if monitor { ch.qmp.take() } else { None };
+    let Backend::Qemu { binary, accel } = &plan.backend;
+    let args = qemu::QemuArgs {
+        accel: *accel,
+        kernel: plan.kernel.clone(),
+        initrd: plan.initrd.clone(),
+        cmdline: plan.cmdline.clone(),
+        vcpus: plan.vcpus,
+        mem_mib: plan.mem_mib,
+        agent_fd: theirs.as_raw_fd(),
+        disk_fds: plan.disks.iter().map(|d| d.as_raw_fd()).collect(),
+        incoming_fd: incoming.map(|f| f.as_raw_fd()),
+        qmp_fd: qmp.as_ref().map(|(_, q)| q.as_raw_fd()),
+        disk_slots: plan.disk_slots,
+        spare_fd: plan.spare.as_raw_fd(),
+    };
+    // QEMU inherits exactly these (everything else is close-on-exec).
+    let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
+        .chain(plan.disks.iter().map(|d| d.as_raw_fd()))
+        .chain(std::iter::once(plan.spare.as_raw_fd()))
+        .collect();
+    inherit.extend(incoming.map(|f| f.as_raw_fd()));
+    inherit.extend(qmp.as_ref().map(|(_, q)| q.as_raw_fd()));
+    for fd in &inherit {
+        moat_sys::fd::set_cloexec(*fd, false).map_err(io("pass a descriptor to QEMU"))?;
+    }
+    let (serial_r, serial_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| VmmError::Sys {
+            step: "create the console pipe".into(),
+            source: e,
+        })?;
+    let child = Command::new(binary)
+        .args(args.build())
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(
+            serial_w
+                .try_clone()
+                .map_err(io("duplicate the console pipe"))?,
+        ))
+        .stderr(Stdio::from(serial_w))
+        .spawn();
+    for fd in &inherit {
+        let _ = moat_sys::fd::set_cloexec(*fd, true);
+    }
+    let child = child.map_err(io(&format!("start {}", binary.display())))?;
+    drop(theirs);
+    let qmp = qmp.map(|(ours, theirs)| {
+        drop(theirs);
+        ours
+    });
+    Ok((
+        child,
+        File::from(OwnedFd::from(ours)),
+        File::from(serial_r),
+        qmp,
+    ))
+}
+
+/// Boots cold, or restores; returns the booted VM and how it started.
+pub fn boot(
+    plan: &mut VmmPlan,
+    ch: &mut Channels,
+) -> Result<(Booted, crate::control::StartKind), VmmError> {
+    use crate::control::StartKind;
+    let (why, restore_failed) =
+        match std::mem::replace(&mut plan.snapshot, super::SnapshotPlan::Off(String::new())) {
+            super::SnapshotPlan::Restore(snap) => {
+                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), false)?;
+                drop(snap);
+                let mut b = Booted {
+                    vm,
+                    agent,
+                    console,
+                    console_tail: VecDeque::new(),
+                    qmp: None,
+                };
+                let ping = proto::encode(Kind::Ping, 0, &[]);
+                let r = b
+                    .agent
+                    .write_all(&ping)
+                    .map_err(|e| VmmError::Io {
+                        step: "write to the guest".into(),
+                        source: e,
+                    })
+                    .and_then(|()| await_hello(&mut b, RESTORE_TIMEOUT, plan.console));
+                match r {
+                    Ok(()) => return Ok((b, StartKind::Restored)),
+                    Err(e) => {
+                        let _ = b.vm.kill();
+                        let _ = b.vm.wait();
+                        let why = format!(
+                            "the snapshot did not restore ({})",
+                            moat_core::error_chain(&e)
+                        );
+                        (why, true)
+                    }
+                }
+            }
+            super::SnapshotPlan::Save(out) => {
+                let (vm, agent, console, qmp) = spawn(plan, ch, None, true)?;
+                let mut b = Booted {
+                    vm,
+                    agent,
+                    console,
+                    console_tail: VecDeque::new(),
+                    qmp,
+                };
+                await_hello(&mut b, plan.boot_timeout, plan.console)?;
+                let saved = match b.qmp.take() {
+                    Some(mut q) => save(&mut q, &out),
+                    None => Err(qmp_error("no monitor")),
+                };
+                return match saved {
+                    Ok(()) => Ok((b, StartKind::Saved)),
+                    Err(e) => {
+                        // The guest may be stopped half-way: start over cold.
+                        let _ = b.vm.kill();
+                        let _ = b.vm.wait();
+                        let b = cold(plan, ch)?;
+                        Ok((
+                            b,
+                            StartKind::Cold {
+                                why: format!(
+                                    "saving the snapshot failed ({})",
+                                    moat_core::error_chain(&e)
+                                ),
+                                restore_failed: false,
+                            },
+                        ))
+                    }
+                };
+            }
+            super::SnapshotPlan::Off(w) => (w, false),
+        };
+    let b = cold(plan, ch)?;
+    Ok((
+        b,
+        StartKind::Cold {
+            why,
+            restore_failed,
+        },
+    ))
+}
+
+fn cold(plan: &VmmPlan, ch: &mut Channels) -> Result<Booted, VmmError> {
+    let (vm, agent, console, _) = spawn(plan, ch, None, false)?;
+    let mut b = Booted {
+        vm,
+        agent,
+        console,
+        console_tail: VecDeque::new(),
+        qmp: None,
+    };
+    await_hello(&mut b, plan.boot_timeout, plan.console)?;
+    Ok(b)
+}
+
+/// Waits for the agent's hello (keeping the console's tail for errors).
+fn await_hello(b: &mut Booted, timeout: Duration, echo: bool) -> Result<(), VmmError> {
+    let until = Instant::now() + timeout;
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; proto::MAX_DATA];
+    let mut console_open = true;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(VmmError::BootTimeout {
+                secs: timeout.as_secs(),
+                console: tail_text(&b.console_tail),
+            });
+        }
+        let mut fds = vec![PollFd::new(b.agent.as_fd(), PollFlags::POLLIN)];
+        if console_open {
+            fds.push(PollFd::new(b.console.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+            .unwrap_or(PollTimeout::NONE);
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => {
+                return Err(VmmError::Sys {
+                    step: "poll".into(),
+                    source: e,
+                })
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if console_open && ready[1] {
+            let n = b.console.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                console_open = false;
+            } else {
+                if echo {
+                    let _ = std::io::stderr().write_all(&buf[..n]);
+                }
+                push_tail(&mut b.console_tail, &buf[..n]);
+            }
+        }
+        if ready[0] {
+            let n = b.agent.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                let _ = b.vm.wait();
+                let mut rest = Vec::new();
+                let _ = b.console.read_to_end(&mut rest);
+                push_tail(&mut b.console_tail, &rest);
+                return Err(VmmError::VmEnded {
+                    console: tail_text(&b.console_tail),
+                });
+            }
+            dec.push(&buf[..n]);
+            while let Some(f) = dec.next_frame()? {
+                if f.kind == Kind::Hello {
+                    let h: proto::Hello = f.json()?;
+                    if h.version != proto::VERSION {
+                        return Err(VmmError::Version { theirs: h.version });
+                    }
+                    if echo {
+                        let took =
+                            timeout.saturating_sub(until.saturating_duration_since(Instant::now()));
+                        eprintln!("moat: microvm: Hello after {} ms", took.as_millis());
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+pub fn push_tail(tail: &mut VecDeque<u8>, bytes: &[u8]) {
+    tail.extend(bytes);
+    while tail.len() > CONSOLE_TAIL {
+        tail.pop_front();
+    }
+}
+
+pub fn tail_text(tail: &VecDeque<u8>) -> String {
+    let (a, b) = tail.as_slices();
+    let mut v = a.to_vec();
+    v.extend_from_slice(b);
+    String::from_utf8_lossy(&v).into_owned()
+}
+
+fn qmp_error(m: impl Into<String>) -> VmmError {
+    VmmError::Io {
+        step: "save the snapshot".into(),
+        source: std::io::Error::other(m.into()),
+    }
+}
+
+/// One QMP exchange: sends `cmd` (with `fd` as SCM_RIGHTS when given) and
+/// returns the `return` value, skipping events.
+fn qmp_call(
+    w: &UnixStream,
+    r: &mut BufReader<UnixStream>,
+    cmd: &serde_json::Value,
+    fd: Option<RawFd>,
+) -> Result<serde_json::Value, VmmError> {
+    let mut line = serde_json::to_vec(cmd).unwrap_or_default();
+    line.push(b'\n');
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let cmsg: Vec<nix::sys::socket::ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![nix::sys::socket::ControlMessage::ScmRights(&fds)]
+    };
+    nix::sys::socket::sendmsg::<()>(
+        w.as_raw_fd(),
+        &[std::io::IoSlice::new(&line)],
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| VmmError::Sys {
+        step: format!("send {} to QEMU", cmd["execute"]),
+        source: e,
+    })?;
+    loop {
+        let v = qmp_read(r)?;
+        if let Some(ret) = v.get("return") {
+            return Ok(ret.clone());
+        }
+        if let Some(err) = v.get("error") {
+            return Err(qmp_error(format!(
+                "{}: {}",
+                cmd["execute"].as_str().unwrap_or("?"),
+                err["desc"].as_str().unwrap_or("failed")
+            )));
+        }
+    }
+}
+
+fn qmp_read(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, VmmError> {
+    let mut line = String::new();
+    // A line of QEMU's is short; bound what a confused monitor can make us
+    // hold.
+    let n = r
+        .by_ref()
+        .take(64 * 1024)
+        .read_line(&mut line)
+        .map_err(|e| VmmError::Io {
+            step: "read QEMU's monitor".into(),
+            source: e,
+        })?;
+    if n == 0 {
+        return Err(qmp_error("QEMU closed its monitor"));
+    }
+    serde_json::from_str(&line).map_err(|e| qmp_error(format!("monitor: {e}")))
+}
+
+/// Saves the running guest into `out`, then lets it run on.
+fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
+    use serde_json::json;
+    qmp.set_read_timeout(Some(SAVE_TIMEOUT))
+        .map_err(|e| VmmError::Io {
+            step: "bound the monitor's replies".into(),
+            source: e,
+        })?;
+    let w = qmp.try_clone().map_err(|e| VmmError::Io {
+        step: "duplicate the monitor".into(),
+        source: e,
+    })?;
+    let mut r = BufReader::new(qmp.try_clone().map_err(|e| VmmError::Io {
+        step: "duplicate the monitor".into(),
+        source: e,
+    })?);
+    let greeting = qmp_read(&mut r)?;
+    if greeting.get("QMP").is_none() {
+        return Err(qmp_error("no QMP greeting"));
+    }
+    qmp_call(&w, &mut r, &json!({"execute": "qmp_capabilities"}), None)?;
+    // The guest is not stopped first: a restored guest keeps the run
+    // state it was saved in, and one saved running starts at once. It
+    // sits idle in its agent's loop, so one pass over its memory, as fast
+    // as the file takes it (the default bandwidth cap is for live
+    // migration over a network), and the final stop-and-copy end it.
+    qmp_call(
+        &w,
+        &mut r,
+        &json!({"execute": "migrate-set-parameters",
+                "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 2_000_000}}),
+        None,
+    )?;
+    qmp_call(
+        &w,
+        &mut r,
+        &json!({"execute": "getfd", "arguments": {"fdname": "snapshot"}}),
+        Some(out.as_raw_fd()),
+    )?;
+    qmp_call(
+        &w,
+        &mut r,
+        &json!({"execute": "migrate", "arguments": {"uri": "fd:snapshot"}}),
+        None,
+    )?;
+    let until = Instant::now() + SAVE_TIMEOUT;
+    loop {
+        let st = qmp_call(&w, &mut r, &json!({"execute": "query-migrate"}), None)?;
+        match st["status"].as_str().unwrap_or("") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(qmp_error(format!(
+                    "migration {}: {}",
+                    st["status"].as_str().unwrap_or(""),
+                    st["error-desc"].as_str().unwrap_or("no reason given")
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() >= until {
+            return Err(qmp_error("migration did not complete"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    qmp_call(&w, &mut r, &json!({"execute": "cont"}), None)?;
+    Ok(())
+}
