@@ -228,7 +228,9 @@ def oci_layout_files(layers, ref="latest"):
         "annotations": {"org.opencontainers.image.ref.name": ref}}]}).encode()
     return files, cfg, man
 
-files, cfg, man = oci_layout_files([layer, layer2])
+# A second, benign layer for the images: a whiteout and a new file.
+layer3 = tar_bytes([("etc", "dir"), ("etc/.wh.passwd", "file"), ("etc/hostname", "file", b"fuzz\n")])
+files, cfg, man = oci_layout_files([layer, layer3])
 put("oci_layout", "index.json", files["index.json"])
 put("oci_layout", "manifest.json", man)
 put("oci_layout", "config.json", cfg)
@@ -248,14 +250,16 @@ def tar_of(files):
         ents.append((name, "file", files[name]))
     return tar_bytes(ents)
 
-# image_archive: first byte 0 docker save, 1 rootfs tarball, 2 (or 6: tag) OCI layout tar
-docker = {"manifest.json": docker_manifest, "cfg.json": cfg, "l1/layer.tar": layer, "l2/layer.tar": layer2}
+# image_archive: first byte % 3: 0 docker save, 1 rootfs tarball, 2 OCI layout tar (bit 2: with tag)
+docker = {"manifest.json": docker_manifest, "cfg.json": cfg, "l1/layer.tar": layer, "l2/layer.tar": layer3}
 put("image_archive", "docker-save.tar", b"\x00" + tar_of(docker))
+# The hostile layer (a path through a symlink): refused.
+put("image_archive", "docker-save-hostile.tar", b"\x00" + tar_of(dict(docker, **{"l2/layer.tar": layer2})))
 put("image_archive", "rootfs.tar.gz", b"\x01" + gzip.compress(layer, mtime=0))
 put("image_archive", "oci-layout.tar", b"\x02" + tar_of(files))
-put("image_archive", "oci-layout-tag.tar", b"\x06" + tar_of(files))
+put("image_archive", "oci-layout-tag.tar", b"\x05" + tar_of(files))  # 5 % 3 == 2, bit 2: tag "latest"
 
-# --- net frames: an ARP request, a DNS query over UDP, a TCP SYN (0xff separates frames)
+# --- net frames: an ARP request, a DNS query over UDP, a TCP SYN (each after its u16 LE length)
 def csum(b):
     if len(b) % 2:
         b += b"\0"
@@ -264,7 +268,7 @@ def csum(b):
         s = (s & 0xffff) + (s >> 16)
     return (~s) & 0xffff
 
-mac_g, mac_h = bytes.fromhex("02000000000a"), bytes.fromhex("020000000001")
+mac_g, mac_h = bytes.fromhex("02000000000a"), bytes.fromhex("026d6f617402")  # workload, gateway (NetConfig::default)
 src, dst = bytes([10, 0, 2, 100]), bytes([10, 0, 2, 2])
 arp = b"\xff" * 6 + mac_g + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac_g + src + b"\0" * 6 + dst
 def ip(proto, payload):
@@ -276,8 +280,7 @@ udp = struct.pack("!HHHH", 40000, 53, 8 + len(q), 0) + q
 syn = struct.pack("!HHIIBBHHH", 40001, 80, 1, 0, 0x50, 0x02, 65535, 0, 0)
 eth = lambda p: mac_h + mac_g + b"\x08\x00" + p
 frames = [arp, eth(ip(17, udp)), eth(ip(6, syn))]
-# 0xff bytes inside frames split them too; that is part of the input's shape.
-put("net_frames", "arp-dns-syn", b"\xff".join(frames))
+put("net_frames", "arp-dns-syn", b"".join(struct.pack("<H", len(f)) + f for f in frames))
 put("net_frames", "dns-query", q)
 put("net_frames", "egress-rule", b"10.0.0.0/8,::1/128,*.example.com:443,api.test")
 put("net_frames", "publish", b"127.0.0.1:8080:80/tcp")

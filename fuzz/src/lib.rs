@@ -12,6 +12,20 @@
 pub mod targets;
 mod virtio;
 
+/// Inputs that got past a target's first parser (the target calls
+/// [`reached`]): how deep a driver's inputs go, for its report.
+static REACHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one input that a target's parser accepted.
+pub fn reached() {
+    REACHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The count since the last call, and zero again.
+pub fn take_reached() -> u64 {
+    REACHED.swap(0, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A target: its name (also its seed directory) and its function.
 pub struct Target {
     pub name: &'static str,

@@ -28,6 +28,7 @@ pub fn config(data: &[u8]) {
     let Ok(parsed) = moat_core::spec::parse(data, path) else {
         return;
     };
+    crate::reached();
     let _ = moat_core::spec::warnings(&parsed.spec);
     let valid = moat_core::spec::validate(&parsed.spec).is_ok();
     let _ = moat_core::landlock::LandlockPolicy::from_spec(&parsed.spec);
@@ -55,7 +56,11 @@ pub fn setup_channel(data: &[u8]) {
         if rustix::net::send(&a, msg, rustix::net::SendFlags::DONTWAIT).is_err() {
             continue;
         }
-        match b.recv() {
+        let got = b.recv();
+        if got.is_ok() {
+            crate::reached();
+        }
+        match got {
             Ok(Msg::Error(e)) => {
                 // The chain the user sees: every level, rendered.
                 let mut level: Option<&dyn std::error::Error> = Some(&e);
@@ -87,6 +92,7 @@ pub fn agent_proto(data: &[u8]) {
         loop {
             match d.next_frame() {
                 Ok(Some(f)) => {
+                    crate::reached();
                     assert!(f.payload.len() <= proto::MAX_FRAME);
                     match f.kind {
                         Kind::Hello => drop(f.json::<proto::Hello>()),
@@ -118,6 +124,7 @@ pub fn audit(data: &[u8]) {
     };
     for name in ["config.json", "pod.yaml"] {
         if let Ok(findings) = moat_audit::audit_text(text, name) {
+            crate::reached();
             for format in [
                 moat_audit::Format::Text,
                 moat_audit::Format::Json,
@@ -140,6 +147,7 @@ pub fn seccomp(data: &[u8]) {
         return;
     };
     if let Ok(filter) = moat_jail::seccomp::compile(&s) {
+        crate::reached();
         let _ = filter.rule_count();
         if let Ok(Some(p)) = filter.program() {
             assert!(!p.is_empty(), "an exported filter has instructions");
@@ -156,6 +164,7 @@ pub fn sandbox_policy(data: &[u8]) {
         Err(_) => Policy::parse(data),
     };
     let Ok(p) = p else { return };
+    crate::reached();
     for path in [
         &b"/"[..],
         b"/etc/passwd",
@@ -176,6 +185,7 @@ pub fn sandbox_policy(data: &[u8]) {
 pub fn oci_layout(data: &[u8]) {
     use moat_image::layout;
     if let Ok(i) = layout::parse_index(data) {
+        crate::reached();
         let _ = layout::select(&i, None);
         let _ = layout::select(&i, Some("latest"));
         let _ = layout::select_platform(&i);
@@ -185,6 +195,7 @@ pub fn oci_layout(data: &[u8]) {
         }
     }
     if let Ok(m) = layout::parse_manifest(data) {
+        crate::reached();
         let _ = layout::Sha256Digest::parse(m.config().digest().as_ref());
     }
     let _ = layout::parse_config(data);
@@ -243,7 +254,10 @@ pub fn image_archive(data: &[u8]) {
         }
     };
     if let Ok(store) = Store::from_env(&state) {
-        let _ = store.prepare(&src, &mut |_, _| {});
+        match store.prepare(&src, &mut |_, _| {}) {
+            Ok(_) => crate::reached(),
+            Err(e) => debug(&e),
+        }
         let _ = store.list();
     }
     only_child(dir.path(), &["input", "state"]);
@@ -267,15 +281,18 @@ pub fn tar_unpack(data: &[u8]) {
         return;
     }
     if let Ok(r) = moat_image::decompressed(data) {
-        let _ = unpack::unpack_limited(r, &root, Owners::Unpacker, whiteouts, &LIMITS);
+        if unpack::unpack_limited(r, &root, Owners::Unpacker, whiteouts, &LIMITS).is_ok() {
+            crate::reached();
+        }
     }
     only_child(dir.path(), &["rootfs"]);
 }
 
 /// Arbitrary Ethernet frames from a hostile workload into moat-net's core,
-/// with the shell's answers faked: queues stay bounded. The input is split
-/// into frames at 0xff bytes; the same bytes also go through the DNS,
-/// egress-rule and published-port parsers.
+/// with the shell's answers faked: queues stay bounded. The input is a
+/// sequence of frames, each a 16-bit little-endian length and its bytes;
+/// the same bytes also go through the DNS, egress-rule and published-port
+/// parsers.
 pub fn net_frames(data: &[u8]) {
     use moat_net::{Egress, Limits, NetConfig, Policy, Request, Stack};
     let now = Instant::now();
@@ -288,7 +305,11 @@ pub fn net_frames(data: &[u8]) {
     };
     if let Ok(mut stack) = Stack::new(NetConfig::default(), egress, limits, now, 1) {
         let mut t = now;
-        for frame in data.split(|&b| b == 0xff).filter(|f| !f.is_empty()) {
+        let mut rest = data;
+        while let [lo, hi, tail @ ..] = rest {
+            let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+            let (frame, next) = tail.split_at(len);
+            rest = next;
             stack.receive_frame(t, frame);
             stack.poll(t);
             while let Some(r) = stack.next_request() {
@@ -309,8 +330,13 @@ pub fn net_frames(data: &[u8]) {
                     _ => {}
                 }
             }
+            let mut answered = false;
             while let Some(f) = stack.pop_frame() {
+                answered = true;
                 stack.recycle(f);
+            }
+            if answered {
+                crate::reached();
             }
             t += Duration::from_millis(100);
         }
@@ -327,6 +353,20 @@ pub fn net_frames(data: &[u8]) {
 /// register reads, writes and queue notifications.
 pub fn virtio_queue(data: &[u8]) {
     crate::virtio::run(data)
+}
+
+/// With MOAT_FUZZ_DEBUG set, prints why an input was refused (to see
+/// whether seeds get as far as they should).
+fn debug(e: &dyn std::error::Error) {
+    if std::env::var_os("MOAT_FUZZ_DEBUG").is_some() {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(c) = src {
+            s += &format!(": {c}");
+            src = c.source();
+        }
+        eprintln!("refused: {s}");
+    }
 }
 
 /// Splits at every occurrence of `sep` (empty pieces dropped).

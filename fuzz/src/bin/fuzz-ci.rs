@@ -2,6 +2,10 @@
 //! bounded time, by mutating its seed corpus (`seeds/TARGET/`): bit flips,
 //! byte changes, inserts, deletes, copies within an input, splices of two
 //! inputs, and tokens taken from the seeds (JSON strings, keys, numbers).
+//! Seeds that are JSON (after a prefix of at most one byte) are also
+//! mutated as JSON trees, so most inputs still parse and reach the checks
+//! behind the parser: values replaced by others from the seeds or by edge
+//! values, keys added and removed, arrays grown, nodes nested deeper.
 //! Not coverage-guided (that is `cargo fuzz run TARGET`, on nightly); its
 //! pool keeps a sample of what it made, so mutations pile up.
 //!
@@ -22,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_fuzz::{Target, TARGETS};
+use serde_json::Value;
 
 /// Inputs grow to at most this, or twice the largest seed.
 const MAX_INPUT: usize = 64 * 1024;
@@ -74,6 +79,11 @@ const INTERESTING: &[i64] = &[
 
 struct Corpus {
     seeds: Vec<Vec<u8>>,
+    /// The seeds that are JSON after a prefix: (prefix, document).
+    json: Vec<(Vec<u8>, Value)>,
+    /// Every value and key found in them, to graft elsewhere.
+    values: Vec<Value>,
+    keys: Vec<String>,
     pool: Vec<Vec<u8>>,
     tokens: Vec<Vec<u8>>,
     max_len: usize,
@@ -100,12 +110,50 @@ impl Corpus {
             tokens.insert(v.to_string().into_bytes());
         }
         let largest = seeds.iter().map(Vec::len).max().unwrap_or(0);
+        let mut json = Vec::new();
+        for s in &seeds {
+            for k in 0..=1.min(s.len()) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&s[k..]) {
+                    json.push((s[..k].to_vec(), v));
+                    break;
+                }
+            }
+        }
+        let mut values = Vec::new();
+        let mut keys = BTreeSet::new();
+        for (_, v) in &json {
+            collect(v, &mut values, &mut keys);
+        }
+        values.extend(edge_values());
         Corpus {
+            json,
+            values,
+            keys: keys.into_iter().collect(),
             seeds,
             pool: Vec::new(),
             tokens: tokens.into_iter().collect(),
             max_len: MAX_INPUT.max(largest * 2),
         }
+    }
+
+    /// A JSON seed changed as a tree, serialised after its prefix.
+    fn json_input(&self, rng: &mut Rng) -> Option<Vec<u8>> {
+        if self.json.is_empty() {
+            return None;
+        }
+        let (prefix, doc) = &self.json[rng.below(self.json.len())];
+        let mut doc = doc.clone();
+        for _ in 0..1 + rng.below(4) {
+            mutate_json(rng, self, &mut doc, 0);
+        }
+        let mut out = prefix.clone();
+        let body = if rng.below(2) == 0 {
+            serde_json::to_vec(&doc)
+        } else {
+            serde_json::to_vec_pretty(&doc)
+        };
+        out.extend(body.ok()?);
+        Some(out)
     }
 
     fn pick<'a>(&'a self, rng: &mut Rng) -> &'a [u8] {
@@ -128,6 +176,114 @@ impl Corpus {
             let i = rng.below(POOL);
             self.pool[i] = input;
         }
+    }
+}
+
+/// Sub-values (at most 4096) and object keys of `v`.
+fn collect(v: &Value, values: &mut Vec<Value>, keys: &mut BTreeSet<String>) {
+    if values.len() < 4096 {
+        values.push(v.clone());
+    }
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| collect(x, values, keys)),
+        Value::Object(o) => {
+            for (k, x) in o {
+                keys.insert(k.clone());
+                collect(x, values, keys);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn edge_values() -> Vec<Value> {
+    let mut v: Vec<Value> = vec![
+        Value::Null,
+        Value::Bool(true),
+        Value::Bool(false),
+        Value::from(""),
+        Value::from("/"),
+        Value::from("../../../etc/shadow"),
+        Value::from("a\u{0}b"),
+        Value::from("x".repeat(5000)),
+        Value::from("\u{202e}\u{feff}é"),
+        Value::from(1e308),
+        Value::from(-0.5),
+        Value::from(u64::MAX),
+        Value::Array(Vec::new()),
+        Value::Object(Default::default()),
+    ];
+    v.extend(INTERESTING.iter().map(|&i| Value::from(i)));
+    // Deep nesting.
+    let mut deep = Value::Null;
+    for _ in 0..100 {
+        deep = Value::Array(vec![deep]);
+    }
+    v.push(deep);
+    v
+}
+
+/// One structural change somewhere in `v`.
+fn mutate_json(rng: &mut Rng, corpus: &Corpus, v: &mut Value, depth: usize) {
+    // Go down to a child with some probability, else change this node.
+    let children = match v {
+        Value::Array(a) => a.len(),
+        Value::Object(o) => o.len(),
+        _ => 0,
+    };
+    if children > 0 && depth < 64 && rng.below(3) != 0 {
+        let i = rng.below(children);
+        let child = match v {
+            Value::Array(a) => &mut a[i],
+            Value::Object(o) => o.values_mut().nth(i).expect("index below len"),
+            _ => unreachable!("only containers have children"),
+        };
+        return mutate_json(rng, corpus, child, depth + 1);
+    }
+    let graft = |rng: &mut Rng| corpus.values[rng.below(corpus.values.len())].clone();
+    match (rng.below(8), &mut *v) {
+        (0 | 1, _) => *v = graft(rng),
+        (2, Value::Object(o)) if !o.is_empty() => {
+            let k = o.keys().nth(rng.below(o.len())).cloned().expect("a key");
+            o.remove(&k);
+        }
+        (2 | 3, Value::Object(o)) if !corpus.keys.is_empty() => {
+            let k = corpus.keys[rng.below(corpus.keys.len())].clone();
+            o.insert(k, graft(rng));
+        }
+        (2, Value::Array(a)) if !a.is_empty() => {
+            a.remove(rng.below(a.len()));
+        }
+        (3, Value::Array(a)) => {
+            let x = if a.is_empty() || rng.below(2) == 0 {
+                graft(rng)
+            } else {
+                a[rng.below(a.len())].clone()
+            };
+            let most = if rng.below(8) == 0 { 300 } else { 3 };
+            let n = 1 + rng.below(most);
+            for _ in 0..n {
+                a.push(x.clone());
+            }
+        }
+        (4, Value::Number(_)) => {
+            *v = Value::from(INTERESTING[rng.below(INTERESTING.len())]);
+        }
+        (4, Value::String(s)) => {
+            let mut b = s.clone().into_bytes();
+            let i = rng.below(b.len() + 1);
+            let t: &[u8] = [&b"/.."[..], b"\0", b"%", b"*", b":", b",", b" ", b"\n"][rng.below(8)];
+            b.splice(i..i, t.iter().copied());
+            *s = String::from_utf8_lossy(&b).into_owned();
+        }
+        (5, _) => *v = Value::Array(vec![v.take()]),
+        (6, _) if !corpus.keys.is_empty() => {
+            let k = corpus.keys[rng.below(corpus.keys.len())].clone();
+            let mut o = serde_json::Map::new();
+            o.insert(k, v.take());
+            *v = Value::Object(o);
+        }
+        _ => *v = graft(rng),
     }
 }
 
@@ -267,10 +423,13 @@ fn save(target: &str, kind: &str, input: &[u8]) -> PathBuf {
 struct Report {
     seeds: usize,
     iterations: u64,
+    /// Inputs that got past the target's first parser.
+    reached: u64,
     findings: Vec<PathBuf>,
 }
 
 fn run_target(t: &Target, seconds: u64, seed: u64, current: &Current) -> Report {
+    moat_fuzz::take_reached();
     let mut corpus = Corpus::load(&fuzz_dir().join("seeds").join(t.name));
     let mut rng = Rng(seed
         ^ t.name.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
@@ -303,8 +462,26 @@ fn run_target(t: &Target, seconds: u64, seed: u64, current: &Current) -> Report 
     }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < deadline && findings.len() < 8 {
-        let mut input = corpus.pick(&mut rng).to_vec();
-        mutate(&mut rng, &corpus, &mut input);
+        // Half the time a JSON tree change (now and then with a byte-level
+        // change on top), else byte-level changes of any input.
+        let json = if rng.below(2) == 0 {
+            corpus.json_input(&mut rng)
+        } else {
+            None
+        };
+        let input = match json {
+            Some(mut j) => {
+                if rng.below(4) == 0 {
+                    mutate(&mut rng, &corpus, &mut j);
+                }
+                j
+            }
+            None => {
+                let mut i = corpus.pick(&mut rng).to_vec();
+                mutate(&mut rng, &corpus, &mut i);
+                i
+            }
+        };
         one(&input, &mut findings);
         iterations += 1;
         if rng.below(8) == 0 {
@@ -314,6 +491,7 @@ fn run_target(t: &Target, seconds: u64, seed: u64, current: &Current) -> Report 
     Report {
         seeds: corpus.seeds.len(),
         iterations,
+        reached: moat_fuzz::take_reached(),
         findings,
     }
 }
@@ -408,9 +586,10 @@ fn main() {
         let r = run_target(t, seconds, seed, &current);
         total += r.iterations;
         println!(
-            "{:<16} {:>9} inputs ({} seeds)  {}",
+            "{:<16} {:>9} inputs, {:>8} parsed ({} seeds)  {}",
             t.name,
             r.iterations,
+            r.reached,
             r.seeds,
             if r.findings.is_empty() {
                 "ok".to_string()
