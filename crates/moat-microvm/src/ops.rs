@@ -252,7 +252,9 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
             Ok(Reply::Exit { code }) => code,
             _ => 255,
         })
-        .map_err(MicrovmError::io("fork the process that stands for the exec"))?;
+        .map_err(MicrovmError::io(
+            "fork the process that stands for the exec",
+        ))?;
     drop(sock);
     Ok(pid)
 }

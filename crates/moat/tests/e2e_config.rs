@@ -416,14 +416,20 @@ fn negative_oom_score_adj_in_a_user_namespace() {
     let mut b = Bundle::new(&["sleep", "1000"]);
     b.push("/linux/namespaces", json!({ "type": "user" }));
     for m in ["/linux/uidMappings", "/linux/gidMappings"] {
-        b.set(m, json!([{ "containerID": 0, "hostID": 200000, "size": 65536 }]));
+        b.set(
+            m,
+            json!([{ "containerID": 0, "hostID": 200000, "size": 65536 }]),
+        );
     }
     let mounts = b.config["mounts"].as_array().cloned().unwrap_or_default();
     let mounts = mounts.into_iter().filter(|m| m["type"] != "cgroup");
     b.set("/mounts", Value::Array(mounts.collect()));
     b.set("/process/oomScoreAdj", json!(-998));
     if !have_cap_sys_resource() {
-        let out = rt.create(&b, &[]).err().expect("create without CAP_SYS_RESOURCE");
+        let out = rt
+            .create(&b, &[])
+            .err()
+            .expect("create without CAP_SYS_RESOURCE");
         assert!(out.stderr.contains("oom_score_adj"), "{out:?}");
         assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
         let ids = rt.cmd(&["list", "-q"]).expect_ok().stdout;

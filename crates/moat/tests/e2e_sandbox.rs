@@ -512,7 +512,11 @@ fn exec_joins_a_running_sandbox() {
     };
     c.start().expect_ok();
     let o = c.exec(&["sh", "-c", "echo in-exec; ls /bin/sh; exit 3"]);
-    assert_eq!((o.code, o.stdout.as_str()), (Some(3), "in-exec\n/bin/sh\n"), "{o:?}");
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (Some(3), "in-exec\n/bin/sh\n"),
+        "{o:?}"
+    );
     // A second exec, while the first's fd is gone: the supervisor still serves.
     let o = c.exec(&["cat", "/proc/self/status"]).expect_ok();
     assert!(o.stdout.contains("Seccomp:\t2"), "{o:?}");

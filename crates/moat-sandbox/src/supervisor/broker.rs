@@ -550,7 +550,8 @@ impl Broker {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
-        let (dirfd, lexical) = open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
+        let (dirfd, lexical) =
+            open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
         self.decide(n, abs, want)?;
         if !lexical {
             let mut canon = self.path_of(dirfd.as_fd())?;
