@@ -285,7 +285,6 @@ impl Cri {
                     }),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         };
