@@ -40,6 +40,8 @@ enum ExecSetupError {
     Landlock(#[source] moat_jail::landlock::LandlockError),
     #[error("cannot enter the container's root")]
     Root(#[source] std::io::Error),
+    #[error("cannot set the process's OOM score adjustment")]
+    OomScoreAdj(#[source] moat_jail::attrs::AttrError),
 }
 
 /// chroot into `root` (an fd of a directory) and chdir to its top.
@@ -192,11 +194,20 @@ pub fn exec(
         let _ = child.send(&err.report());
         1
     };
+    let oom_score_adj = process.oom_score_adj();
     let intermediate = |one: moat_sys::process::OneThread| -> i32 {
         let r = (|| -> Result<i32, ExecSetupError> {
             child.expect(Msg::Go, "go").map_err(ExecSetupError::Sync)?;
             if let Some(j) = &join {
                 j.join_self().map_err(ExecSetupError::Cgroup)?;
+            }
+            // Still in the runtime's user namespace (lowering it needs
+            // CAP_SYS_RESOURCE there) and still dumpable (so that a rootless
+            // runtime may open its own /proc file). The exec'd process
+            // inherits it.
+            if let Some(adj) = oom_score_adj {
+                moat_jail::attrs::set_oom_score_adj(None, adj)
+                    .map_err(ExecSetupError::OomScoreAdj)?;
             }
             crate::lifecycle::protect_runtime_process().map_err(ExecSetupError::Dumpable)?;
             nix::sched::setns(pidfd.as_fd(), flags).map_err(ExecSetupError::Setns)?;

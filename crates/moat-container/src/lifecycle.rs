@@ -51,6 +51,8 @@ pub enum ContainerError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("seccomp")]
     SeccompProgram(#[source] seccomp::SeccompError),
+    #[error("process attributes")]
+    Attr(#[from] moat_jail::attrs::AttrError),
     #[error("{0}")]
     Invalid(String),
     #[error("container {id} is {status}, {why}")]
@@ -316,6 +318,7 @@ impl ContainerTier {
             self.record_pid(&mut state, pid)?;
             pid
         };
+        set_oom_score_adj_from_outside(spec.process().as_ref(), pid)?;
         parent.send(&Msg::Go)?;
 
         let mut tap = None;
@@ -926,6 +929,24 @@ pub(crate) fn protect_runtime_process() -> Result<(), nix::Error> {
     match nix::sys::prctl::get_dumpable() {
         Ok(false) => Ok(()),
         _ => Err(nix::Error::EPERM),
+    }
+}
+
+/// Sets the process's `oomScoreAdj` on the container process `pid` from
+/// the runtime, before the process goes on. Lowering it needs
+/// CAP_SYS_RESOURCE in the host's user namespace, which a process in a user
+/// namespace of its own never has (the kubelet gives every pod's sandbox
+/// -998 and a Guaranteed pod's containers -997). Written by a root runtime,
+/// the value becomes the process's floor, so its own write of the same
+/// value later (with the other process attributes) succeeds. A rootless
+/// runtime cannot lower it either: that write reports it.
+pub(crate) fn set_oom_score_adj_from_outside(
+    process: Option<&oci_spec::runtime::Process>,
+    pid: i32,
+) -> Result<(), ContainerError> {
+    match process.and_then(|p| p.oom_score_adj()) {
+        Some(adj) if !rootless() => Ok(moat_jail::attrs::set_oom_score_adj(Some(pid), adj)?),
+        _ => Ok(()),
     }
 }
 

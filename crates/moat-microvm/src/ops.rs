@@ -204,14 +204,26 @@ impl MicrovmTier {
         if let (Some(m), Some(sockp)) = (pty_master, &opts.console_socket) {
             crate::create::send_console(sockp, m)?;
         }
+        if opts.detach {
+            // The process runs in the guest. A host process stands for it:
+            // it waits for the process's end on the control connection and
+            // exits with its status, so that whoever waits for the PID in
+            // the pid file sees the exec end (containerd's shim runs every
+            // exec detached and reaps that PID as the exec's). The VMM's
+            // PID would stand for the container instead, and an exec
+            // would never end (a CRI ExecSync hung until its timeout).
+            let pid = stand_in(sock)?;
+            if let Some(p) = &opts.pid_file {
+                std::fs::write(p, pid.to_string())
+                    .map_err(MicrovmError::io(format!("write {}", p.display())))?;
+            }
+            return Ok(0);
+        }
         if let Some(p) = &opts.pid_file {
-            // The process runs in the guest: the PID that stands for it on
-            // the host is the VMM process's.
+            // Attached: this runtime process ends with the exec's status,
+            // but the PID that stands for the guest process is the VMM's.
             std::fs::write(p, c.state.pid.to_string())
                 .map_err(MicrovmError::io(format!("write {}", p.display())))?;
-        }
-        if opts.detach {
-            return Ok(0);
         }
         let code = match control::recv::<Reply>(sock.as_fd()) {
             Ok(Reply::Exit { code }) => code,
@@ -226,6 +238,25 @@ impl MicrovmTier {
         drop(raw);
         Ok(code)
     }
+}
+
+/// Forks the host process that stands for a detached exec (see
+/// [`MicrovmTier::exec_vm`]): it holds the control connection `sock` and
+/// exits with the guest process's exit status (255 if the connection ends
+/// without one). Its parent returns its PID.
+fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
+    let fork = MicrovmError::io("fork the process that stands for the exec");
+    let one = moat_sys::process::OneThread::check().map_err(fork)?;
+    let pid = one
+        .fork(0, |_| match control::recv::<Reply>(sock.as_fd()) {
+            Ok(Reply::Exit { code }) => code,
+            _ => 255,
+        })
+        .map_err(MicrovmError::io(
+            "fork the process that stands for the exec",
+        ))?;
+    drop(sock);
+    Ok(pid)
 }
 
 /// Releases the VMM's host ID block once the VMM is gone: its allocation

@@ -394,6 +394,64 @@ fn oom_score_adj_and_sysctl() {
     );
 }
 
+/// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).
+fn have_cap_sys_resource() -> bool {
+    let status = fs::read_to_string("/proc/self/status").expect("status");
+    let eff = u64::from_str_radix(status_field(&status, "CapEff"), 16).expect("CapEff");
+    eff & (1 << 24) != 0
+}
+
+/// A negative `oomScoreAdj` needs CAP_SYS_RESOURCE in the host's user
+/// namespace, which a container in a user namespace of its own never has:
+/// a root runtime that holds it sets the value from outside (containerd's
+/// CRI plugin gives every pod sandbox -998, a Guaranteed pod's containers
+/// and their execs -997). Where the runtime lacks it too (some VMs' root,
+/// a rootless runtime), create fails with a one-line error naming the file,
+/// and leaves nothing.
+#[test]
+fn negative_oom_score_adj_in_a_user_namespace() {
+    let Some(rt) = Rt::root_or_skip("oom_userns") else {
+        return;
+    };
+    let mut b = Bundle::new(&["sleep", "1000"]);
+    b.push("/linux/namespaces", json!({ "type": "user" }));
+    for m in ["/linux/uidMappings", "/linux/gidMappings"] {
+        b.set(
+            m,
+            json!([{ "containerID": 0, "hostID": 200000, "size": 65536 }]),
+        );
+    }
+    let mounts = b.config["mounts"].as_array().cloned().unwrap_or_default();
+    let mounts = mounts.into_iter().filter(|m| m["type"] != "cgroup");
+    b.set("/mounts", Value::Array(mounts.collect()));
+    b.set("/process/oomScoreAdj", json!(-998));
+    if !have_cap_sys_resource() {
+        let out = rt
+            .create(&b, &[])
+            .err()
+            .expect("create without CAP_SYS_RESOURCE");
+        assert!(out.stderr.contains("oom_score_adj"), "{out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+        let ids = rt.cmd(&["list", "-q"]).expect_ok().stdout;
+        assert_eq!(ids.trim(), "", "nothing left");
+        return;
+    }
+    let c = rt.start_ok(&b);
+    let adj = fs::read_to_string(format!("/proc/{}/oom_score_adj", c.pid())).expect("adj");
+    assert_eq!(adj.trim(), "-998");
+    let process = json!({
+        "user": { "uid": 0, "gid": 0 },
+        "args": ["cat", "/proc/self/oom_score_adj"],
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+        "oomScoreAdj": -997
+    });
+    let pf = rt.scratch_file("process.json");
+    fs::write(&pf, process.to_string()).expect("write process.json");
+    let o = c.exec_opts(&["--process", &pf.display().to_string()], &[]);
+    assert_eq!(o.expect_ok().stdout, "-997\n");
+}
+
 #[test]
 fn cgroup_limits_from_outside() {
     let Some(rt) = Rt::root_or_skip("cgroups") else {

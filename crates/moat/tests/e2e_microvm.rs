@@ -344,6 +344,36 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     let ex = cmd(&rt, &["exec", &id, "sh", "-c", "echo from-exec; exit 4"]);
     assert_eq!(ex.code, Some(4), "{ex:?}");
     assert_eq!(ex.stdout, "from-exec\n");
+    // Detached, as containerd's shim runs every exec: the PID in the pid
+    // file stands for the guest process and ends when it does (it was the
+    // VMM's, which never ends before the container: a CRI ExecSync hung).
+    let pidf = rt.scratch_file("exec.pid");
+    let pidf_s = pidf.display().to_string();
+    let args = [
+        "exec",
+        "--detach",
+        "--pid-file",
+        &pidf_s,
+        &id,
+        "sh",
+        "-c",
+        "exit 6",
+    ];
+    cmd(&rt, &args).expect_ok();
+    let stand_in: u32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(stand_in, pid, "the exec's own PID, not the VMM's");
+    let start = std::time::Instant::now();
+    while Path::new(&format!("/proc/{stand_in}")).exists() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "the detached exec never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let ps = cmd(&rt, &["ps", "--format", "json", &id]).expect_ok();
     assert_eq!(ps.json(), serde_json::json!([pid]));
 

@@ -487,3 +487,38 @@ fn the_workload_dies_with_its_supervisor() {
     assert_eq!(status.code(), Some(128 + 9), "{rest}\n{err}");
     assert!(!rt.root().join(&id).exists(), "state left behind");
 }
+
+/// `moat exec` into a running sandbox (what `kubectl exec`, `docker exec`
+/// and CRI's ExecSync do): the new process's notify fd joins the supervisor,
+/// which decides its calls as it does the workload's. The supervisor used
+/// to drop every fd that came after it was jailed (it checked the fd through
+/// the container's /proc), so each brokered call of an exec, its execve
+/// first, failed with ENOSYS.
+#[test]
+fn exec_joins_a_running_sandbox() {
+    let Some(rt) = rt("exec_joins_a_running_sandbox") else {
+        return;
+    };
+    let b = common::Bundle::new(&["sleep", "1000"]);
+    b.write_config();
+    let id = rt.new_id("sandbox-exec");
+    let dir = b.dir().display().to_string();
+    rt.cmd(&["--isolation", "sandbox", "create", "--bundle", &dir, &id])
+        .expect_ok();
+    let c = common::Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
+    c.start().expect_ok();
+    let o = c.exec(&["sh", "-c", "echo in-exec; ls /bin/sh; exit 3"]);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (Some(3), "in-exec\n/bin/sh\n"),
+        "{o:?}"
+    );
+    // A second exec, while the first's fd is gone: the supervisor still serves.
+    let o = c.exec(&["cat", "/proc/self/status"]).expect_ok();
+    assert!(o.stdout.contains("Seccomp:\t2"), "{o:?}");
+    assert_eq!(c.status(), "running");
+}

@@ -121,6 +121,11 @@ fn access_of(flags: u64) -> Want {
 }
 
 impl Broker {
+    /// The host's /proc (the supervisor's own entries are under `self/`).
+    pub fn proc(&self) -> BorrowedFd<'_> {
+        self.proc.as_fd()
+    }
+
     pub fn new(
         root: OwnedFd,
         proc: OwnedFd,

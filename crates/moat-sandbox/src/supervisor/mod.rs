@@ -275,7 +275,7 @@ fn wait_first(
         let (ready, other) = (!pfd[0].revents().is_empty(), !pfd[1].revents().is_empty());
         drop(pfd);
         if ready {
-            if let Some(got) = accept_fd(listener) {
+            if let Some(got) = accept_fd(listener, None) {
                 return Ok(Some(got));
             }
         }
@@ -298,8 +298,10 @@ fn wait_first(
 }
 
 /// One connection on the listener: the runtime's container process state
-/// (its `pid`) with the notify fd. Anything else is dropped.
-fn accept_fd(listener: &UnixListener) -> Option<(OwnedFd, i32)> {
+/// (its `pid`) with the notify fd. Anything else is dropped. `proc` is the
+/// host's /proc once the supervisor is jailed (its root is then the
+/// container's, whose /proc the workload controls).
+fn accept_fd(listener: &UnixListener, proc: Option<BorrowedFd<'_>>) -> Option<(OwnedFd, i32)> {
     let (conn, _) = listener.accept().ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -310,13 +312,22 @@ fn accept_fd(listener: &UnixListener) -> Option<(OwnedFd, i32)> {
     drop(conn);
     let state: serde_json::Value = serde_json::from_slice(&buf).ok()?;
     let pid = i32::try_from(state.get("pid")?.as_i64()?).ok()?;
-    (is_notify_fd(fd.as_fd()) && pid > 0).then_some((fd, pid))
+    (is_notify_fd(fd.as_fd(), proc) && pid > 0).then_some((fd, pid))
 }
 
-fn is_notify_fd(fd: BorrowedFd<'_>) -> bool {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    rustix::fs::readlink(link.as_str(), Vec::new())
-        .map(|l| l.as_bytes() == b"anon_inode:seccomp notify")
+fn is_notify_fd(fd: BorrowedFd<'_>, proc: Option<BorrowedFd<'_>>) -> bool {
+    let link = match proc {
+        Some(proc) => rustix::fs::readlinkat(
+            proc,
+            format!("self/fd/{}", fd.as_raw_fd()).as_str(),
+            Vec::new(),
+        ),
+        None => rustix::fs::readlink(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+            Vec::new(),
+        ),
+    };
+    link.map(|l| l.as_bytes() == b"anon_inode:seccomp notify")
         .unwrap_or(false)
 }
 
@@ -370,7 +381,7 @@ fn serve_loop(
             *init = None;
         }
         if listener_ready {
-            if let Some((fd, _)) = accept_fd(listener) {
+            if let Some((fd, _)) = accept_fd(listener, Some(broker.proc())) {
                 if notify::set_sync_wakeup(fd.as_fd()).is_ok() {
                     fds.push(fd);
                 }

@@ -169,32 +169,42 @@ fn blob(layout: &Path, data: &[u8]) -> (String, usize) {
 /// An OCI image layout archive holding one image, [`IMAGE`], whose single
 /// layer is the busybox tarball (for `ctr image import`).
 pub fn oci_archive(dir: &Path) -> PathBuf {
+    oci_archive_of(dir, &[(IMAGE, serde_json::json!({"Cmd": ["sh"]}))])
+}
+
+/// An OCI image layout archive holding one image per `(reference, config)`
+/// (the image config's `config` object: Entrypoint, Cmd, ...), all sharing
+/// the busybox tarball as their single layer.
+pub fn oci_archive_of(dir: &Path, images: &[(&str, serde_json::Value)]) -> PathBuf {
     let layer_tar = busybox_tar(dir);
     let layout = dir.join("oci");
     fs::create_dir_all(layout.join("blobs/sha256")).expect("mkdir layout");
     let layer = fs::read(&layer_tar).expect("read layer");
     let (ld, ls) = blob(&layout, &layer);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{ld}")]}
-    });
-    let (cd, cs) = blob(&layout, config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": format!("sha256:{cd}"), "size": cs},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": format!("sha256:{ld}"), "size": ls}]
-    });
-    let (md, ms) = blob(&layout, manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": format!("sha256:{md}"), "size": ms,
-                       "annotations": {"org.opencontainers.image.ref.name": IMAGE}}]
-    });
+    let mut manifests = Vec::new();
+    for (reference, cfg) in images {
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": cfg,
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{ld}")]}
+        });
+        let (cd, cs) = blob(&layout, config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": format!("sha256:{cd}"), "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": format!("sha256:{ld}"), "size": ls}]
+        });
+        let (md, ms) = blob(&layout, manifest.to_string().as_bytes());
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{md}"), "size": ms,
+            "annotations": {"org.opencontainers.image.ref.name": reference}
+        }));
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
     fs::write(layout.join("index.json"), index.to_string()).expect("index.json");
     fs::write(
         layout.join("oci-layout"),
