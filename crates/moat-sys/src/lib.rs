@@ -10,4 +10,5 @@ pub mod notify;
 pub mod probe;
 pub mod process;
 pub mod seccomp;
+pub mod sock;
 pub mod tun;

@@ -17,6 +17,12 @@ use rustix::thread::{CapabilitySet, CapabilitySets};
 use super::target::{self, Cache, Creds};
 use crate::policy::{clean_components, Access, Policy, Verdict, Want};
 
+mod net;
+mod virt;
+
+pub use net::Deferred;
+pub use virt::{CgroupFiles, ViewState};
+
 /// `AUDIT_ARCH_X86_64`: the only ABI the workload's filter lets through.
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 
@@ -25,7 +31,12 @@ pub enum Reply {
     Val(i64),
     Err(i32),
     Continue,
-    Fd { fd: OwnedFd, cloexec: bool },
+    Fd {
+        fd: OwnedFd,
+        cloexec: bool,
+    },
+    /// A socket call that would block: answered later ([`Broker::progress`]).
+    Defer(Box<Deferred>),
 }
 
 /// Capabilities the supervisor keeps for itself (docs/design.md, "sandbox
@@ -95,6 +106,10 @@ pub struct Broker {
     pub learned: Option<Learned>,
     /// The container process and its /proc/PID/mem, for reads before its exec.
     init_mem: Option<(u32, OwnedFd)>,
+    /// What the workload is shown of its machine ([`virt`]).
+    view: ViewState,
+    /// Socket calls waiting for their socket ([`net`]).
+    pending: Vec<Deferred>,
 }
 
 type R<T> = Result<T, i32>;
@@ -145,7 +160,14 @@ impl Broker {
             },
             learned: learn.then(Learned::default),
             init_mem,
+            view: ViewState::default(),
+            pending: Vec::new(),
         }
+    }
+
+    /// Sets what the workload is shown of its machine.
+    pub fn set_view(&mut self, view: ViewState) {
+        self.view = view;
     }
 
     /// Decides one notification. `valid` says whether it still waits (after
@@ -265,6 +287,15 @@ impl Broker {
             }
             libc::SYS_prctl => self.prctl(n),
             libc::SYS_socket => self.socket(n),
+            libc::SYS_connect
+            | libc::SYS_bind
+            | libc::SYS_sendto
+            | libc::SYS_sendmsg
+            | libc::SYS_sendmmsg => self.net(n, valid),
+            libc::SYS_getdents | libc::SYS_getdents64 => self.getdents(n, valid),
+            libc::SYS_uname | libc::SYS_sysinfo | libc::SYS_sched_getaffinity => {
+                self.emulate(n, valid)
+            }
             _ => Ok(Reply::Err(libc::ENOSYS)),
         }
     }
@@ -349,6 +380,10 @@ impl Broker {
             (b"/dev/stdin", format!("/proc/{}/fd/0", c.ns_tgid)),
             (b"/dev/stdout", format!("/proc/{}/fd/1", c.ns_tgid)),
             (b"/dev/stderr", format!("/proc/{}/fd/2", c.ns_tgid)),
+            // Symlinks to `self/…` in procfs, which would name the
+            // supervisor.
+            (b"/proc/mounts", format!("/proc/{}/mounts", c.ns_tgid)),
+            (b"/proc/net", format!("/proc/{}/net", c.ns_tgid)),
         ] {
             let rest = abs.strip_prefix(prefix);
             if let Some(rest) = rest.filter(|r| r.is_empty() || r[0] == b'/') {
@@ -545,7 +580,8 @@ impl Broker {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
-        let (dirfd, lexical) = open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
+        let (dirfd, lexical) =
+            open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
         self.decide(n, abs, want)?;
         if !lexical {
             let mut canon = self.path_of(dirfd.as_fd())?;
@@ -581,6 +617,9 @@ impl Broker {
         if let Some(fdnum) = Self::own_fd(&c, &abs) {
             return self.reopen_own(&c, fdnum, flags, valid);
         }
+        if let Some(r) = self.view_open(n, &abs, flags)? {
+            return Ok(r);
+        }
         self.decide(n, &abs, want)?;
         if !valid() {
             return Err(libc::ESRCH);
@@ -589,7 +628,11 @@ impl Broker {
         self.act_as(&c, false)?;
         let r = self.open_checked(n, &abs, flags, mode, want);
         self.restore()?;
-        Ok(Reply::Fd { fd: r?, cloexec })
+        let fd = r?;
+        if let Some(r) = self.view_after(n, &fd, flags)? {
+            return Ok(r);
+        }
+        Ok(Reply::Fd { fd, cloexec })
     }
 
     fn openat2(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
@@ -1645,6 +1688,11 @@ fn libseccomp_name(nr: i32) -> Option<String> {
         (libc::SYS_getxattr, "getxattr"),
         (libc::SYS_setxattr, "setxattr"),
         (libc::SYS_inotify_add_watch, "inotify_add_watch"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_bind, "bind"),
+        (libc::SYS_sendto, "sendto"),
+        (libc::SYS_sendmsg, "sendmsg"),
+        (libc::SYS_sendmmsg, "sendmmsg"),
     ];
     names
         .iter()
