@@ -156,6 +156,7 @@ const SOCKETS: &str = r#"
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -416,7 +417,9 @@ static void *flip(void *arg) {
     (void)arg;
     while (!stop) {
         memcpy(addr.sun_path, "/data/hidden.sock", 18);
+        __asm__ __volatile__("" ::: "memory");
         memcpy(addr.sun_path, "/data/open.sock\0\0", 18);
+        __asm__ __volatile__("" ::: "memory");
     }
     return NULL;
 }
