@@ -702,3 +702,47 @@ fn probe_finds_no_host_identity_in_the_sandbox() {
     );
     assert!(!all.contains(&bin.path().display().to_string()), "{all}");
 }
+
+#[test]
+fn moat_exec_joins_the_sandbox_and_its_decisions() {
+    use std::io::BufRead;
+    let Some(rt) = rt("moat_exec_joins_the_sandbox_and_its_decisions") else {
+        return;
+    };
+    let id = rt.new_id("sandbox-exec");
+    let mut cmd = rt.command();
+    cmd.args(["run", "--isolation", "sandbox", "--name", &id, "--"])
+        .args(["sh", "-c", "echo started; sleep 30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = common::spawn_own(&mut cmd);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    // The joining process's syscalls go to the same supervisor, from its
+    // exec on (before it, they are the runtime's).
+    let got = rt.cmd(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "uname -r; cat /etc/shadow 2>&1; ls /etc | grep -c shadow; \
+             python3 -c 'import socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
+             s.bind(\"/tmp/d\"); s.sendto(b\"dgram\", \"/tmp/d\"); print(s.recv(8).decode())'",
+    ]);
+    let missing = rt.cmd(&["exec", &id, "/nonexistent"]);
+    rt.cmd(&["kill", &id, "KILL"]);
+    common::wait_own(&mut child);
+    assert!(got.stdout.starts_with("6.1.0-moat\n"), "{got:?}");
+    assert!(
+        got.stdout.contains("No such file or directory\n0\n"),
+        "{got:?}"
+    );
+    assert!(got.stdout.ends_with("dgram\n"), "{got:?}");
+    assert!(!missing.ok(), "{missing:?}");
+    assert!(
+        missing.stderr.contains("cannot exec /nonexistent"),
+        "{missing:?}"
+    );
+}

@@ -110,6 +110,9 @@ pub struct Broker {
     view: ViewState,
     /// Socket calls waiting for their socket ([`net`]).
     pending: Vec<Deferred>,
+    /// Processes `moat exec` started (host PIDs), most recent last: before
+    /// their exec they run the runtime's code, like the init.
+    runtime: Vec<u32>,
 }
 
 type R<T> = Result<T, i32>;
@@ -162,7 +165,30 @@ impl Broker {
             init_mem,
             view: ViewState::default(),
             pending: Vec::new(),
+            runtime: Vec::new(),
         }
+    }
+
+    /// Records a process `moat exec` started (its notify fd just arrived).
+    pub fn runtime_process(&mut self, pid: u32) {
+        if self.runtime.len() >= 64 {
+            self.runtime.remove(0);
+        }
+        self.runtime.push(pid);
+    }
+
+    /// Whether `pid` is a process the runtime started, which has not
+    /// exec'd yet if its memory cannot be read (`err` is EPERM): its
+    /// memory still belongs to the host's user namespace, as the runtime's
+    /// process it was forked from, which a workload process (all come from
+    /// an exec in the container) never does. Its syscalls until then are
+    /// the runtime's: reporting to the runtime, and the exec itself, which
+    /// the workload's Landlock ruleset still confines to the policy's `x`
+    /// paths.
+    fn runtime_before_exec(&self, pid: u32, err: i32) -> bool {
+        err == libc::EPERM
+            && (self.init_mem.as_ref().is_some_and(|(p, _)| *p == pid)
+                || self.runtime.contains(&pid))
     }
 
     /// Sets what the workload is shown of its machine.
@@ -1464,7 +1490,10 @@ impl Broker {
         // reaches only what the policy lets it execute anyway.
         self.creds.invalidate();
         let c = self.caller(n)?;
-        let raw = self.path_arg(n, path)?;
+        let raw = match self.path_arg(n, path) {
+            Err(e) if self.runtime_before_exec(n.pid, e) => return Ok(Reply::Continue),
+            r => r?,
+        };
         if raw.is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
             return Ok(Reply::Continue);
         }

@@ -333,10 +333,13 @@ fn accept_fd(listener: &UnixListener) -> Option<(OwnedFd, i32)> {
 }
 
 fn is_notify_fd(fd: BorrowedFd<'_>) -> bool {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    rustix::fs::readlink(link.as_str(), Vec::new())
-        .map(|l| l.as_bytes() == b"anon_inode:seccomp notify")
-        .unwrap_or(false)
+    // Before the jail, host /proc is /proc; once jailed (chrooted into the
+    // container's root), it is the working directory.
+    let n = fd.as_raw_fd();
+    [format!("/proc/self/fd/{n}"), format!("self/fd/{n}")]
+        .iter()
+        .find_map(|link| rustix::fs::readlink(link.as_str(), Vec::new()).ok())
+        .is_some_and(|l| l.as_bytes() == b"anon_inode:seccomp notify")
 }
 
 fn serve_loop(
@@ -416,9 +419,10 @@ fn serve_loop(
             *init = None;
         }
         if listener_ready {
-            if let Some((fd, _)) = accept_fd(listener) {
+            if let Some((fd, pid)) = accept_fd(listener) {
                 if notify::set_sync_wakeup(fd.as_fd()).is_ok() {
                     fds.push(fd);
+                    broker.runtime_process(pid as u32);
                 }
             }
         }

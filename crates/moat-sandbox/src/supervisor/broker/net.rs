@@ -192,12 +192,9 @@ impl Broker {
         let c = self.caller(n)?;
         let sock = match self.caller_fd(&c, a[0] as i32) {
             Ok(fd) => fd,
-            // The container process before its exec (its memory is the
-            // host user namespace's, which only the runtime's code runs
-            // in): its report on the setup channel goes as it is.
-            Err(libc::EPERM) if self.init_mem.as_ref().is_some_and(|(p, _)| *p == n.pid) => {
-                return Ok(Reply::Continue)
-            }
+            // A process the runtime started, before its exec: its report
+            // on the setup channel goes as it is.
+            Err(e) if self.runtime_before_exec(n.pid, e) => return Ok(Reply::Continue),
             Err(libc::ENOENT) => return Err(libc::EBADF),
             Err(e) => return Err(e),
         };
