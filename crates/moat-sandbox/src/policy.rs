@@ -276,6 +276,7 @@ pub const DEFAULT_POLICY: &str = r#"{
     "/bin": "rx", "/sbin": "rx", "/usr": "rx", "/opt": "rx",
     "/lib": "rx", "/lib32": "rx", "/lib64": "rx", "/libx32": "rx",
     "/tmp": "rwx", "/var/tmp": "rwx", "/home": "rwx", "/root": "rwx", "/run": "rwx",
+    "/var/run": "rwx",
     "/dev": "rw", "/dev/shm": "rwx", "/proc": "rw", "/sys": "r",
     "/etc/shadow": "hidden", "/etc/shadow-": "hidden", "/etc/gshadow": "hidden",
     "/etc/gshadow-": "hidden", "/etc/sudoers": "hidden", "/etc/sudoers.d": "hidden",

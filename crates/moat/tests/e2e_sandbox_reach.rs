@@ -190,6 +190,8 @@ static void unix_checks(void) {
     char buf[16];
     int r = talk("/data/open.sock", buf);
     printf("open=%s %s", err(r), buf);
+    r = talk("/data/none.sock", buf);
+    printf("missing=%s\n", err(r));
     r = talk("/data/hidden.sock", buf);
     printf("hidden=%s%s\n", err(r), buf[0] ? " LEAK" : "");
     symlink("/data/hidden.sock", "/tmp/l");
@@ -373,9 +375,15 @@ fn unix_socket_paths_are_decided_by_the_policy() {
     assert!(o.contains("passfd=sent fine\n"), "{o}\n{e}");
     assert!(!o.contains("LEAK"), "{o}\n{e}");
     assert!(
-        e.contains("sandbox: denied connect /data/hidden.sock (w)"),
+        e.contains("sandbox: denied connect /data/hidden.sock"),
         "{e}"
     );
+    // A socket that is not there is not there, without a denial.
+    assert!(
+        o.contains("missing=No such file or directory\n"),
+        "{o}\n{e}"
+    );
+    assert!(!e.contains("none.sock"), "{e}");
 }
 
 #[test]

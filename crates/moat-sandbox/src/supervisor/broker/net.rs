@@ -391,18 +391,17 @@ impl Broker {
                 if what != Use::Bind
                     && self.view.cfg.network == Network::Loopback
                     && !loopback(family, &raw)
+                    && self.learned.is_none()
                 {
-                    if self.learned.is_none() {
-                        if self.log.allow() {
-                            tracing::warn!(
-                                "sandbox: denied {} to {} for pid {}: the sandbox's network is lo only",
-                                super::syscall_name(n.nr),
-                                describe(family, &raw),
-                                n.pid
-                            );
-                        }
-                        return Err(libc::ENETUNREACH);
+                    if self.log.allow() {
+                        tracing::warn!(
+                            "sandbox: denied {} to {} for pid {}: the sandbox's network is lo only",
+                            super::syscall_name(n.nr),
+                            describe(family, &raw),
+                            n.pid
+                        );
                     }
+                    return Err(libc::ENETUNREACH);
                 }
                 Ok(Addr::plain(raw))
             }
@@ -446,12 +445,18 @@ impl Broker {
         if !valid() {
             return Err(libc::ESRCH);
         }
+        // Found first (a socket that is not there is ENOENT, as from the
+        // kernel, without a denial), then decided for `w` on the path and
+        // on what it resolved to.
         self.act_as(c, false)?;
-        let r = self.lookup(n, &abs, false, Want::WRITE).and_then(|fd| {
+        let r = self.lookup(n, &abs, false, Want::LOOKUP).and_then(|fd| {
             let st = rustix::fs::fstat(&fd).map_err(errno)?;
             if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
                 return Err(libc::ECONNREFUSED);
             }
+            self.decide(n, &abs, Want::WRITE)?;
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, Want::WRITE)?;
             Ok(fd)
         });
         self.restore()?;
@@ -481,7 +486,7 @@ impl Broker {
         if !pathname {
             let addr = self.address(n, c, family, raw, Use::Bind, valid)?;
             let c = c.clone();
-            self.as_caller(&c, |_| {
+            self.as_caller(&c, sock, |_| {
                 sock::bind_raw(sock.as_fd(), &addr.bytes).map_err(io_errno)
             })?;
             return Ok(Reply::Val(0));
@@ -525,7 +530,7 @@ impl Broker {
             .proc
             .try_clone()
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        self.as_caller(&c, |_| {
+        self.as_caller(&c, sock, |_| {
             if let Some(cwd) = &cwd {
                 rustix::process::fchdir(cwd).map_err(errno)?;
             }
@@ -583,7 +588,7 @@ impl Broker {
         if blocking {
             rustix::fs::fcntl_setfl(sock, fl | OFlags::NONBLOCK).map_err(errno)?;
         }
-        let r = self.as_caller(c, |_| {
+        let r = self.as_caller(c, sock, |_| {
             sock::connect_raw(sock.as_fd(), addr).map_err(io_errno)
         });
         if blocking {
@@ -635,7 +640,7 @@ impl Broker {
         let mut sent = 0usize;
         let mut last: Option<R<usize>> = None;
         for (i, m) in msgs.iter().enumerate() {
-            let r = self.as_caller(c, |_| {
+            let r = self.as_caller(c, sock, |_| {
                 sock::sendmsg_raw(
                     sock.as_fd(),
                     &m.name.bytes,
@@ -780,13 +785,32 @@ impl Broker {
         }
     }
 
-    /// Runs `op` with the caller's real, effective and fs IDs, groups,
-    /// umask and capabilities, then becomes the supervisor again (the saved
+    /// Runs `op` on `sock` with the caller's real and effective IDs (for a
+    /// unix socket: its peer sees them), fs IDs, groups, umask and
+    /// capabilities, then becomes the supervisor again (the saved
     /// IDs stay 0 for that). Fails closed: an identity that cannot be
     /// taken refuses the call; one that cannot be left ends the
     /// supervisor's work with EPERM on every later call.
-    fn as_caller<T>(&mut self, c: &Creds, op: impl FnOnce(&mut Self) -> R<T>) -> R<T> {
+    fn as_caller<T>(
+        &mut self,
+        c: &Creds,
+        sock: &OwnedFd,
+        op: impl FnOnce(&mut Self) -> R<T>,
+    ) -> R<T> {
         use rustix::process::{Gid, Uid};
+        let unix = rustix::net::sockopt::socket_domain(sock)
+            .is_ok_and(|f| f == rustix::net::AddressFamily::UNIX);
+        if !unix || (c.ruid == 0 && c.euid == 0 && c.rgid == 0 && c.egid == 0) {
+            // Only a unix peer sees the sender's real and effective IDs;
+            // for other sockets, or a caller with the supervisor's own
+            // (the container's root), the fs identity, groups, umask and
+            // capabilities are what matter, and `act_as` takes them
+            // (cached).
+            self.act_as(c, false)?;
+            let r = op(self);
+            self.restore()?;
+            return r;
+        }
         self.restore()?;
         self.identity = None;
         let groups: Vec<Gid> = c.groups.iter().map(|g| Gid::from_raw(*g)).collect();

@@ -223,9 +223,7 @@ impl Broker {
     /// After a real open: if what was opened is a virtual file (reached
     /// through a symlink, or a mount table), the view instead.
     pub(super) fn view_after(&mut self, n: &Notif, fd: &OwnedFd, flags: u64) -> R<Option<Reply>> {
-        let magic = rustix::fs::fstatfs(fd)
-            .map(|s| s.f_type as i64)
-            .map_err(errno)?;
+        let magic = rustix::fs::fstatfs(fd).map(|s| s.f_type).map_err(errno)?;
         if magic != PROC_SUPER_MAGIC && magic != SYSFS_MAGIC {
             return Ok(None);
         }
