@@ -60,8 +60,9 @@ const IOV_MAX: usize = 1024;
 const CONTROL_MAX: usize = 64 * 1024;
 /// Most messages of one `sendmmsg` (`UIO_MAXIOV`, as the kernel caps it).
 const MMSG_MAX: usize = 1024;
-/// Most calls deferred at once; past it a blocking call fails with EAGAIN.
-const PENDING_MAX: usize = 256;
+/// Most calls deferred at once (each holds up to three descriptors of the
+/// supervisor's 1024); past it a blocking call fails with EAGAIN.
+const PENDING_MAX: usize = 128;
 /// `sizeof(struct msghdr)`, `sizeof(struct mmsghdr)` on x86-64.
 const MSGHDR: usize = 56;
 const MMSGHDR: usize = 64;
