@@ -228,6 +228,13 @@ enum Seccomp<'a> {
 }
 
 fn load_filter(filter: Option<&Seccomp>, f: &Finalize) -> Result<(), ProcessError> {
+    if let (Some(Seccomp::Filter(filter)), Some(ch), true) = (
+        filter,
+        f.notify_channel,
+        f.seccomp.is_some_and(notifies_sendmsg),
+    ) {
+        return load_and_hand_over(filter, ch);
+    }
     let fd: Option<OwnedFd> = match filter {
         None => return Ok(()),
         Some(Seccomp::Program(p)) => {
@@ -241,6 +248,43 @@ fn load_filter(filter: Option<&Seccomp>, f: &Finalize) -> Result<(), ProcessErro
             .map_err(ProcessError::NotifyFd)?;
     }
     Ok(())
+}
+
+/// Whether a filter sends `sendmsg` to its listener (the sandbox's does:
+/// socket addresses are decided there).
+fn notifies_sendmsg(s: &LinuxSeccomp) -> bool {
+    s.syscalls().as_ref().is_some_and(|calls| {
+        calls.iter().any(|c| {
+            c.action() == oci_spec::runtime::LinuxSeccompAction::ScmpActNotify
+                && c.names().iter().any(|n| n == "sendmsg")
+        })
+    })
+}
+
+/// Loads a filter that notifies `sendmsg` and hands its listener fd over
+/// from a thread started before the load: that thread is outside the
+/// filter, so its `sendmsg` cannot wait for the listener it carries (the
+/// filter is per thread; the thread ends before the exec).
+fn load_and_hand_over(filter: &seccomp::Filter, ch: &Channel) -> Result<(), ProcessError> {
+    let (tx, rx) = std::sync::mpsc::channel::<Option<i32>>();
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(move || match rx.recv() {
+            Ok(Some(fd)) => ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd)),
+            _ => Ok(()),
+        });
+        let loaded = filter.load();
+        let number = loaded
+            .as_ref()
+            .ok()
+            .and_then(|fd| fd.as_ref().map(|f| f.as_raw_fd()));
+        let _ = tx.send(number);
+        let sent = sender
+            .join()
+            .map_err(|_| ProcessError::NotifyFd(moat_jail::sync::SyncError::Eof))?;
+        // The listener fd stays open until it was sent.
+        drop(loaded?);
+        sent.map_err(ProcessError::NotifyFd)
+    })
 }
 
 fn clear_cloexec(n: u32) -> Result<(), ProcessError> {

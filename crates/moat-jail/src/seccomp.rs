@@ -60,15 +60,10 @@ const MAX_ERRNO: u32 = 4095;
 const MAX_ARGS: usize = 6;
 /// Syscalls the runtime itself makes after the filter is loaded (to pass the notify fd on and
 /// report success), on which a notify rule would deadlock the start.
-const RUNTIME_SYSCALLS: &[&str] = &[
-    "write",
-    "writev",
-    "sendmsg",
-    "sendto",
-    "close",
-    "exit",
-    "exit_group",
-];
+/// (`sendmsg` is not among them: the container process hands its listener fd
+/// over from a thread the filter does not cover, see
+/// `moat_container::process`.)
+const RUNTIME_SYSCALLS: &[&str] = &["write", "writev", "sendto", "close", "exit", "exit_group"];
 
 /// Why the seccomp filter could not be built, loaded or handed to its listener.
 #[derive(Debug, thiserror::Error)]
@@ -416,7 +411,11 @@ impl Filter {
         default: ScmpAction,
     ) -> Result<(), SeccompError> {
         let act = action(syscall.action(), syscall.errno_ret())?;
-        if act == ScmpAction::Notify {
+        // A conditional notify rule (the sandbox's `sendto` with an address)
+        // leaves the runtime's own calls to the kernel; `sendmsg` from a
+        // filter is handed over by a thread outside it (moat-container).
+        let conditional = syscall.args().as_ref().is_some_and(|a| !a.is_empty());
+        if act == ScmpAction::Notify && !conditional {
             if let Some(name) = syscall
                 .names()
                 .iter()

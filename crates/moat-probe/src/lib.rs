@@ -24,6 +24,7 @@ mod caps;
 mod cgroup;
 mod devices;
 mod escape;
+mod host;
 mod identity;
 mod kernel;
 mod net;
@@ -123,6 +124,7 @@ pub fn run_all() -> Vec<Check> {
     out.extend(devices::checks(scratch.path()));
     out.extend(net::checks());
     out.extend(kernel::checks());
+    out.extend(host::checks());
     out.extend(escape::checks());
     out
 }

@@ -254,11 +254,13 @@ impl SandboxTier {
                     ),
                     None => None,
                 };
+                let view = sandbox_view(&config.spec, &policy);
                 let opts = supervisor::Options {
                     policy,
                     workload_bounding: bounding_bits(&config.spec),
                     learn,
                     keep_stderr: req.die_with_runtime,
+                    view,
                 };
                 let spawned = supervisor::spawn(listener, opts)
                     .map_err(io("start the sandbox supervisor"))?;
@@ -370,6 +372,54 @@ impl SupervisorRecord {
 fn alive(pid: i32, start_time: u64) -> bool {
     moat_jail::procfs::proc_stat(pid)
         .is_some_and(|(start, state)| start == start_time && state != 'Z' && state != 'X')
+}
+
+/// What the workload is shown of its machine: the config's hostname,
+/// network, CPU and memory limits, and the policy's kernel identity.
+fn sandbox_view(spec: &Spec, policy: &Policy) -> supervisor::view::SandboxView {
+    use oci_spec::runtime::LinuxNamespaceType;
+    use supervisor::view::{cpuset_count, Network, SandboxView};
+    let linux = spec.linux().as_ref();
+    let netns = linux
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let network = match netns {
+        // The host's network, or a namespace an engine prepared.
+        None => Network::Given,
+        Some(n) if n.path().is_some() => Network::Given,
+        Some(_) => {
+            if annotations.contains_key(moat_core::net::EGRESS_ANNOTATION)
+                || annotations.contains_key(moat_core::net::PUBLISH_ANNOTATION)
+            {
+                Network::Stack
+            } else {
+                Network::Loopback
+            }
+        }
+    };
+    let res = linux.and_then(|l| l.resources().as_ref());
+    let cpu = res.and_then(|r| r.cpu().as_ref());
+    let cpus = cpu.and_then(|c| match (c.quota(), c.period()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
+        (Some(q), None) if q > 0 => Some(q as f64 / 100_000.0),
+        _ => None,
+    });
+    let cpuset = cpu.and_then(|c| c.cpus().as_deref()).and_then(cpuset_count);
+    let memory = res
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| l as u64);
+    SandboxView {
+        hostname: spec.hostname().clone().unwrap_or_default(),
+        network,
+        cpus,
+        cpuset,
+        memory,
+        release: policy.kernel.release.clone(),
+        version: policy.kernel.version.clone(),
+    }
 }
 
 /// The bounding set of the workload process, as bits.

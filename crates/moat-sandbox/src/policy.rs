@@ -45,6 +45,58 @@ pub enum PolicyError {
     BadAccess(String, String),
     #[error("sandbox policy socket family {0:?} is unknown (unix, inet, inet6, netlink, packet)")]
     BadFamily(String),
+    #[error("sandbox policy kernel {0} must be 1 to {MAX_UNAME} printable ASCII characters")]
+    BadKernel(&'static str),
+}
+
+/// Longest `kernel.release` or `kernel.version` (a `utsname` field).
+pub const MAX_UNAME: usize = 64;
+
+/// The kernel release and version the workload is shown (`uname`,
+/// /proc/version, /proc/sys/kernel/{osrelease,version}): the policy's
+/// `kernel`, else these neutral ones, never the host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    #[serde(default = "default_release")]
+    pub release: String,
+    #[serde(default = "default_version")]
+    pub version: String,
+}
+
+pub const DEFAULT_RELEASE: &str = "6.1.0-moat";
+pub const DEFAULT_VERSION: &str = "#1 SMP PREEMPT_DYNAMIC";
+
+fn default_release() -> String {
+    DEFAULT_RELEASE.into()
+}
+
+fn default_version() -> String {
+    DEFAULT_VERSION.into()
+}
+
+impl Default for Kernel {
+    fn default() -> Kernel {
+        Kernel {
+            release: default_release(),
+            version: default_version(),
+        }
+    }
+}
+
+impl Kernel {
+    fn check(&self) -> Result<(), PolicyError> {
+        let ok = |s: &str| {
+            !s.is_empty() && s.len() <= MAX_UNAME && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        };
+        if !ok(&self.release) {
+            return Err(PolicyError::BadKernel("release"));
+        }
+        if !ok(&self.version) {
+            return Err(PolicyError::BadKernel("version"));
+        }
+        Ok(())
+    }
 }
 
 /// What a path rule grants.
@@ -170,6 +222,8 @@ struct Document {
     paths: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     socket_families: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel: Option<Kernel>,
 }
 
 /// A checked policy, ready to decide.
@@ -179,6 +233,8 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// Address families `socket(2)` may create.
     pub socket_families: Vec<i32>,
+    /// What `uname` and /proc say the kernel is.
+    pub kernel: Kernel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,7 +265,10 @@ fn family_name(f: i32) -> &'static str {
 /// (/tmp, $HOME, /dev/shm) writable and executable (programs build and run
 /// code there), devices and /proc readable and writable (the container
 /// tier's masks and read-only mounts still apply), secrets of the host's
-/// /etc and hardware identity hidden.
+/// /etc hidden, and what /proc and /sys say of the host's hardware, kernel
+/// and devices hidden (the supervisor serves the sandbox's own cpuinfo,
+/// meminfo, stat, uptime, CPU lists…; /sys keeps the sandbox's network
+/// devices and cgroup).
 pub const DEFAULT_POLICY: &str = r#"{
   "version": 1,
   "paths": {
@@ -217,12 +276,34 @@ pub const DEFAULT_POLICY: &str = r#"{
     "/bin": "rx", "/sbin": "rx", "/usr": "rx", "/opt": "rx",
     "/lib": "rx", "/lib32": "rx", "/lib64": "rx", "/libx32": "rx",
     "/tmp": "rwx", "/var/tmp": "rwx", "/home": "rwx", "/root": "rwx", "/run": "rwx",
+    "/var/run": "rwx",
     "/dev": "rw", "/dev/shm": "rwx", "/proc": "rw", "/sys": "r",
     "/etc/shadow": "hidden", "/etc/shadow-": "hidden", "/etc/gshadow": "hidden",
     "/etc/gshadow-": "hidden", "/etc/sudoers": "hidden", "/etc/sudoers.d": "hidden",
     "/etc/ssh": "hidden", "/etc/ssl/private": "hidden",
-    "/sys/firmware": "hidden", "/sys/class/dmi": "hidden", "/sys/devices/virtual/dmi": "hidden",
-    "/proc/kcore": "hidden", "/proc/kallsyms": "hidden", "/proc/sysrq-trigger": "hidden"
+    "/sys/kernel": "hidden", "/sys/firmware": "hidden", "/sys/hypervisor": "hidden",
+    "/sys/power": "hidden", "/sys/module": "hidden", "/sys/bus": "hidden",
+    "/sys/block": "hidden", "/sys/dev": "hidden", "/sys/class": "hidden",
+    "/sys/class/net": "r", "/sys/devices": "hidden", "/sys/devices/virtual/net": "r",
+    "/sys/devices/system/cpu/online": "r", "/sys/devices/system/cpu/possible": "r",
+    "/sys/devices/system/cpu/present": "r", "/sys/fs/ext4": "hidden", "/sys/fs/btrfs": "hidden",
+    "/sys/fs/xfs": "hidden", "/sys/fs/f2fs": "hidden", "/sys/fs/bpf": "hidden",
+    "/sys/fs/pstore": "hidden", "/sys/fs/fuse": "hidden",
+    "/proc/kcore": "hidden", "/proc/kallsyms": "hidden", "/proc/sysrq-trigger": "hidden",
+    "/proc/cmdline": "hidden", "/proc/config.gz": "hidden", "/proc/iomem": "hidden",
+    "/proc/ioports": "hidden", "/proc/interrupts": "hidden", "/proc/softirqs": "hidden",
+    "/proc/irq": "hidden", "/proc/partitions": "hidden", "/proc/diskstats": "hidden",
+    "/proc/devices": "hidden", "/proc/misc": "hidden", "/proc/modules": "hidden",
+    "/proc/zoneinfo": "hidden", "/proc/buddyinfo": "hidden", "/proc/pagetypeinfo": "hidden",
+    "/proc/vmallocinfo": "hidden", "/proc/slabinfo": "hidden", "/proc/vmstat": "hidden",
+    "/proc/swaps": "hidden", "/proc/mtrr": "hidden", "/proc/schedstat": "hidden",
+    "/proc/sched_debug": "hidden", "/proc/timer_list": "hidden", "/proc/crypto": "hidden",
+    "/proc/dma": "hidden", "/proc/fb": "hidden", "/proc/consoles": "hidden",
+    "/proc/driver": "hidden", "/proc/bus": "hidden", "/proc/acpi": "hidden",
+    "/proc/scsi": "hidden", "/proc/keys": "hidden", "/proc/key-users": "hidden",
+    "/proc/kpagecount": "hidden", "/proc/kpageflags": "hidden", "/proc/kpagecgroup": "hidden",
+    "/proc/latency_stats": "hidden", "/proc/lock_stat": "hidden", "/proc/pressure": "hidden",
+    "/proc/sys/dev": "hidden"
   },
   "socket_families": ["unix", "inet", "inet6", "netlink"]
 }"#;
@@ -233,6 +314,7 @@ impl Default for Policy {
         Policy::parse(DEFAULT_POLICY.as_bytes()).unwrap_or_else(|_| Policy {
             rules: Vec::new(),
             socket_families: Vec::new(),
+            kernel: Kernel::default(),
         })
     }
 }
@@ -319,9 +401,12 @@ impl Policy {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let kernel = doc.kernel.unwrap_or_default();
+        kernel.check()?;
         Ok(Policy {
             rules,
             socket_families,
+            kernel,
         })
     }
 
@@ -352,8 +437,16 @@ impl Policy {
             .iter()
             .map(|f| format!("\"{}\"", family_name(*f)))
             .collect();
+        let kernel = if self.kernel == Kernel::default() {
+            String::new()
+        } else {
+            format!(
+                ",\n  \"kernel\": {}",
+                serde_json::to_string(&self.kernel).unwrap_or_default()
+            )
+        };
         format!(
-            "{{\n  \"version\": 1,\n  \"paths\": {{\n{}\n  }},\n  \"socket_families\": [{}]\n}}\n",
+            "{{\n  \"version\": 1,\n  \"paths\": {{\n{}\n  }},\n  \"socket_families\": [{}]{kernel}\n}}\n",
             paths.join(",\n"),
             fams.join(", ")
         )
@@ -426,6 +519,7 @@ impl Policy {
         Policy {
             rules,
             socket_families: families,
+            kernel: Kernel::default(),
         }
     }
 
@@ -495,6 +589,9 @@ mod tests {
             (br#"{"version":1,"paths":{"/a":"q"}}"#, "BadAccess"),
             (br#"{"version":1,"socket_families":["vsock"]}"#, "BadFamily"),
             (br#"{"version":1,"extra":1}"#, "Json"),
+            (br#"{"version":1,"kernel":{"release":""}}"#, "BadKernel"),
+            (br#"{"version":1,"kernel":{"version":"a\nb"}}"#, "BadKernel"),
+            (br#"{"version":1,"kernel":{"machine":"x"}}"#, "Json"),
         ];
         for (text, want) in cases {
             let e = Policy::parse(text).unwrap_err();
@@ -510,5 +607,9 @@ mod tests {
     fn json_round_trips() {
         let p = Policy::default();
         assert_eq!(Policy::parse(p.to_json().as_bytes()).unwrap(), p);
+        let k = Policy::parse(br#"{"version":1,"kernel":{"release":"5.15.0"}}"#).unwrap();
+        assert_eq!(k.kernel.release, "5.15.0");
+        assert_eq!(k.kernel.version, DEFAULT_VERSION);
+        assert_eq!(Policy::parse(k.to_json().as_bytes()).unwrap(), k);
     }
 }

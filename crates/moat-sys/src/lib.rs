@@ -11,4 +11,5 @@ pub mod probe;
 pub mod process;
 pub mod random;
 pub mod seccomp;
+pub mod sock;
 pub mod tun;

@@ -17,6 +17,12 @@ use rustix::thread::{CapabilitySet, CapabilitySets};
 use super::target::{self, Cache, Creds};
 use crate::policy::{clean_components, Access, Policy, Verdict, Want};
 
+mod net;
+mod virt;
+
+pub use net::Deferred;
+pub use virt::{CgroupFiles, ViewState};
+
 /// `AUDIT_ARCH_X86_64`: the only ABI the workload's filter lets through.
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 
@@ -25,7 +31,12 @@ pub enum Reply {
     Val(i64),
     Err(i32),
     Continue,
-    Fd { fd: OwnedFd, cloexec: bool },
+    Fd {
+        fd: OwnedFd,
+        cloexec: bool,
+    },
+    /// A socket call that would block: answered later ([`Broker::progress`]).
+    Defer(Box<Deferred>),
 }
 
 /// Capabilities the supervisor keeps for itself (docs/design.md, "sandbox
@@ -95,6 +106,13 @@ pub struct Broker {
     pub learned: Option<Learned>,
     /// The container process and its /proc/PID/mem, for reads before its exec.
     init_mem: Option<(u32, OwnedFd)>,
+    /// What the workload is shown of its machine ([`virt`]).
+    view: ViewState,
+    /// Socket calls waiting for their socket ([`net`]).
+    pending: Vec<Deferred>,
+    /// Processes `moat exec` started (host PIDs), most recent last: before
+    /// their exec they run the runtime's code, like the init.
+    runtime: Vec<u32>,
 }
 
 type R<T> = Result<T, i32>;
@@ -150,7 +168,37 @@ impl Broker {
             },
             learned: learn.then(Learned::default),
             init_mem,
+            view: ViewState::default(),
+            pending: Vec::new(),
+            runtime: Vec::new(),
         }
+    }
+
+    /// Records a process `moat exec` started (its notify fd just arrived).
+    pub fn runtime_process(&mut self, pid: u32) {
+        if self.runtime.len() >= 64 {
+            self.runtime.remove(0);
+        }
+        self.runtime.push(pid);
+    }
+
+    /// Whether `pid` is a process the runtime started, which has not
+    /// exec'd yet if its memory cannot be read (`err` is EPERM): its
+    /// memory still belongs to the host's user namespace, as the runtime's
+    /// process it was forked from, which a workload process (all come from
+    /// an exec in the container) never does. Its syscalls until then are
+    /// the runtime's: reporting to the runtime, and the exec itself, which
+    /// the workload's Landlock ruleset still confines to the policy's `x`
+    /// paths.
+    fn runtime_before_exec(&self, pid: u32, err: i32) -> bool {
+        err == libc::EPERM
+            && (self.init_mem.as_ref().is_some_and(|(p, _)| *p == pid)
+                || self.runtime.contains(&pid))
+    }
+
+    /// Sets what the workload is shown of its machine.
+    pub fn set_view(&mut self, view: ViewState) {
+        self.view = view;
     }
 
     /// Decides one notification. `valid` says whether it still waits (after
@@ -270,6 +318,15 @@ impl Broker {
             }
             libc::SYS_prctl => self.prctl(n),
             libc::SYS_socket => self.socket(n),
+            libc::SYS_connect
+            | libc::SYS_bind
+            | libc::SYS_sendto
+            | libc::SYS_sendmsg
+            | libc::SYS_sendmmsg => self.net(n, valid),
+            libc::SYS_getdents | libc::SYS_getdents64 => self.getdents(n, valid),
+            libc::SYS_uname | libc::SYS_sysinfo | libc::SYS_sched_getaffinity => {
+                self.emulate(n, valid)
+            }
             _ => Ok(Reply::Err(libc::ENOSYS)),
         }
     }
@@ -354,6 +411,10 @@ impl Broker {
             (b"/dev/stdin", format!("/proc/{}/fd/0", c.ns_tgid)),
             (b"/dev/stdout", format!("/proc/{}/fd/1", c.ns_tgid)),
             (b"/dev/stderr", format!("/proc/{}/fd/2", c.ns_tgid)),
+            // Symlinks to `self/…` in procfs, which would name the
+            // supervisor.
+            (b"/proc/mounts", format!("/proc/{}/mounts", c.ns_tgid)),
+            (b"/proc/net", format!("/proc/{}/net", c.ns_tgid)),
         ] {
             let rest = abs.strip_prefix(prefix);
             if let Some(rest) = rest.filter(|r| r.is_empty() || r[0] == b'/') {
@@ -587,6 +648,9 @@ impl Broker {
         if let Some(fdnum) = Self::own_fd(&c, &abs) {
             return self.reopen_own(&c, fdnum, flags, valid);
         }
+        if let Some(r) = self.view_open(n, &abs, flags)? {
+            return Ok(r);
+        }
         self.decide(n, &abs, want)?;
         if !valid() {
             return Err(libc::ESRCH);
@@ -595,7 +659,11 @@ impl Broker {
         self.act_as(&c, false)?;
         let r = self.open_checked(n, &abs, flags, mode, want);
         self.restore()?;
-        Ok(Reply::Fd { fd: r?, cloexec })
+        let fd = r?;
+        if let Some(r) = self.view_after(n, &fd, flags)? {
+            return Ok(r);
+        }
+        Ok(Reply::Fd { fd, cloexec })
     }
 
     fn openat2(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
@@ -1427,7 +1495,10 @@ impl Broker {
         // reaches only what the policy lets it execute anyway.
         self.creds.invalidate();
         let c = self.caller(n)?;
-        let raw = self.path_arg(n, path)?;
+        let raw = match self.path_arg(n, path) {
+            Err(e) if self.runtime_before_exec(n.pid, e) => return Ok(Reply::Continue),
+            r => r?,
+        };
         if raw.is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
             return Ok(Reply::Continue);
         }
@@ -1651,6 +1722,11 @@ fn libseccomp_name(nr: i32) -> Option<String> {
         (libc::SYS_getxattr, "getxattr"),
         (libc::SYS_setxattr, "setxattr"),
         (libc::SYS_inotify_add_watch, "inotify_add_watch"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_bind, "bind"),
+        (libc::SYS_sendto, "sendto"),
+        (libc::SYS_sendmsg, "sendmsg"),
+        (libc::SYS_sendmmsg, "sendmmsg"),
     ];
     names
         .iter()

@@ -116,8 +116,53 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
     ("capset", "act with the caller's capabilities, and back"),
     ("capget", "read own capabilities"),
     ("umask", "create with the caller's umask"),
-    ("memfd_create", "virtual views"),
+    (
+        "memfd_create",
+        "virtual views: the content of a virtual /proc or /sys file",
+    ),
     ("lseek", "virtual views"),
+    (
+        "connect",
+        "carry out the workload's connect with the address it decided",
+    ),
+    (
+        "bind",
+        "carry out the workload's bind with the address it decided",
+    ),
+    (
+        "sendmsg",
+        "carry out the workload's sendto/sendmsg/sendmmsg with the address, \
+         data and descriptors it copied",
+    ),
+    (
+        "getsockopt",
+        "a socket's family and type (to decide its address), SO_ERROR of a \
+         deferred connect",
+    ),
+    (
+        "setresuid",
+        "act with the caller's real and effective UIDs for a socket call (peer \
+         credentials), keeping the saved UID to come back",
+    ),
+    ("setresgid", "as setresuid, for GIDs"),
+    (
+        "fchdir",
+        "bind a relative unix socket name from the caller's working directory, \
+         then back to host /proc",
+    ),
+    (
+        "getdents64",
+        "read the caller's directory for getdents, leaving hidden names out",
+    ),
+    (
+        "sched_getaffinity",
+        "the caller's CPU mask, cut to its CPU limit",
+    ),
+    (
+        "pidfd_send_signal",
+        "SIGPIPE to a caller whose brokered send found the peer gone, as the \
+         kernel would send it",
+    ),
     ("brk", "memory"),
     ("mmap", "memory"),
     ("munmap", "memory"),

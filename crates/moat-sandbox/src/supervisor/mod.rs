@@ -29,6 +29,7 @@ pub mod broker;
 pub mod guard;
 pub mod jail;
 pub mod target;
+pub mod view;
 
 use broker::{Broker, Reply};
 
@@ -42,6 +43,8 @@ pub struct Options {
     pub learn: Option<OwnedFd>,
     /// Keep stderr (for denial logs) rather than /dev/null.
     pub keep_stderr: bool,
+    /// What the workload is shown of its machine.
+    pub view: view::SandboxView,
 }
 
 /// A supervisor started for a sandbox being created, and its guard.
@@ -201,6 +204,9 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
     )
     .map_err(ctx("open /proc"))?;
     let userns = other_userns(init)?;
+    // Before the chroot: the cgroup filesystem and namespaces are the host's.
+    let cgroup = broker::CgroupFiles::of(init);
+    let host_netns = same_ns(init, "net");
     let init_mem = rustix::fs::open(
         format!("/proc/{init}/mem").as_str(),
         OFlags::RDONLY | OFlags::CLOEXEC,
@@ -230,6 +236,7 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
         opts.learn.is_some(),
         Some((init as u32, init_mem)),
     );
+    broker.set_view(broker::ViewState::new(opts.view, host_netns, cgroup));
     let mut fds = vec![first];
     let mut init_alive = Some(init_fd);
     serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);
@@ -251,6 +258,18 @@ fn other_userns(init: i32) -> Result<Option<OwnedFd>, BoxError> {
     let ours = rustix::fs::stat("/proc/self/ns/user")?;
     let t = rustix::fs::fstat(&theirs)?;
     Ok(((t.st_ino, t.st_dev) != (ours.st_ino, ours.st_dev)).then_some(theirs))
+}
+
+/// Whether the container process's namespace `kind` is the supervisor's
+/// own (that is, moat's: the host's, unless moat runs in a container).
+fn same_ns(init: i32, kind: &str) -> bool {
+    let theirs = rustix::fs::stat(format!("/proc/{init}/ns/{kind}").as_str());
+    let ours = rustix::fs::stat(format!("/proc/self/ns/{kind}").as_str());
+    match (theirs, ours) {
+        (Ok(t), Ok(o)) => (t.st_ino, t.st_dev) == (o.st_ino, o.st_dev),
+        // Unknown: taken as shared, which refuses more.
+        _ => true,
+    }
 }
 
 /// Waits for the first notify fd and the container process's PID that
@@ -351,7 +370,24 @@ fn serve_loop(
         for f in fds.iter() {
             pfd.push(PollFd::new(f, PollFlags::IN));
         }
-        match rustix::event::poll(&mut pfd, None) {
+        // Deferred socket calls: their sockets, and a timer for those no
+        // event wakes and for callers that went away.
+        let first_pending = pfd.len();
+        for d in broker.pending() {
+            let (sock, wait_out) = d.poll_on();
+            let flags = if wait_out {
+                PollFlags::OUT
+            } else {
+                PollFlags::empty()
+            };
+            pfd.push(PollFd::new(sock, flags));
+        }
+        let retry = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000_000,
+        };
+        let timeout = (pfd.len() > first_pending).then_some(&retry);
+        match rustix::event::poll(&mut pfd, timeout) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
@@ -361,8 +397,18 @@ fn serve_loop(
         }
         let listener_ready = !pfd[0].revents().is_empty();
         let init_done = init_ix.is_some_and(|i| !pfd[i].revents().is_empty());
-        let events: Vec<PollFlags> = pfd[first_notify..].iter().map(|p| p.revents()).collect();
+        let events: Vec<PollFlags> = pfd[first_notify..first_pending]
+            .iter()
+            .map(|p| p.revents())
+            .collect();
+        let ready: Vec<bool> = pfd[first_pending..]
+            .iter()
+            .map(|p| !p.revents().is_empty())
+            .collect();
         drop(pfd);
+        if !ready.is_empty() {
+            broker.progress(&ready);
+        }
         let mut dead = Vec::new();
         for (i, ev) in events.iter().enumerate() {
             if ev.contains(PollFlags::IN) {
@@ -381,9 +427,10 @@ fn serve_loop(
             *init = None;
         }
         if listener_ready {
-            if let Some((fd, _)) = accept_fd(listener, Some(broker.proc())) {
+            if let Some((fd, pid)) = accept_fd(listener, Some(broker.proc())) {
                 if notify::set_sync_wakeup(fd.as_fd()).is_ok() {
                     fds.push(fd);
+                    broker.runtime_process(pid as u32);
                 }
             }
         }
@@ -405,6 +452,10 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Reply::Continue => notify::send(fd, n.id, 0, 0, notify::FLAG_CONTINUE),
         Reply::Fd { fd: file, cloexec } => {
             notify::addfd_send(fd, n.id, file.as_fd(), cloexec).map(drop)
+        }
+        Reply::Defer(d) => {
+            broker.defer(fd, *d);
+            Ok(())
         }
     };
     match sent {

@@ -26,8 +26,10 @@ pub struct Creds {
     pub ns_tgid: i32,
     pub ns_tid: i32,
     pub ruid: u32,
+    pub euid: u32,
     pub fsuid: u32,
     pub rgid: u32,
+    pub egid: u32,
     pub fsgid: u32,
     pub groups: Vec<u32>,
     pub cap_eff: u64,
@@ -42,8 +44,10 @@ pub fn parse_status(text: &str) -> Option<Creds> {
         ns_tgid: 0,
         ns_tid: 0,
         ruid: 0,
+        euid: 0,
         fsuid: 0,
         rgid: 0,
+        egid: 0,
         fsgid: 0,
         groups: Vec::new(),
         cap_eff: 0,
@@ -69,12 +73,14 @@ pub fn parse_status(text: &str) -> Option<Creds> {
             "Uid" => {
                 let v: Vec<Option<u64>> = nums().collect();
                 c.ruid = u32::try_from((*v.first()?)?).ok()?;
+                c.euid = u32::try_from((*v.get(1)?)?).ok()?;
                 c.fsuid = u32::try_from((*v.get(3)?)?).ok()?;
                 seen |= 1;
             }
             "Gid" => {
                 let v: Vec<Option<u64>> = nums().collect();
                 c.rgid = u32::try_from((*v.first()?)?).ok()?;
+                c.egid = u32::try_from((*v.get(1)?)?).ok()?;
                 c.fsgid = u32::try_from((*v.get(3)?)?).ok()?;
                 seen |= 2;
             }
@@ -286,6 +292,7 @@ mod tests {
         let c = parse_status(text).unwrap();
         assert_eq!((c.tgid, c.ns_tgid, c.ns_tid), (4242, 7, 8));
         assert_eq!((c.ruid, c.fsuid, c.rgid, c.fsgid), (1000, 1003, 100, 103));
+        assert_eq!((c.euid, c.egid), (1001, 101));
         assert_eq!(c.groups, vec![5, 6]);
         assert_eq!((c.cap_eff, c.cap_prm, c.umask), (2, 0x400, 0o027));
         assert!(parse_status("Uid:\tx\n").is_none());
