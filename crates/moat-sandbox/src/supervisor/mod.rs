@@ -234,7 +234,7 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
     let mut init_alive = Some(init_fd);
     serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);
     if let (Some(out), Some(learned)) = (opts.learn, broker.learned.take()) {
-        let policy = Policy::from_learned(learned.paths, learned.families);
+        let policy = learned.policy();
         let mut f = std::fs::File::from(out);
         std::io::Write::write_all(&mut f, policy.to_json().as_bytes())?;
     }
@@ -393,7 +393,21 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Reply::Err(e) => notify::send(fd, n.id, 0, e, 0),
         Reply::Continue => notify::send(fd, n.id, 0, 0, notify::FLAG_CONTINUE),
         Reply::Fd { fd: file, cloexec } => {
-            notify::addfd_send(fd, n.id, file.as_fd(), cloexec).map(drop)
+            match notify::addfd_send(fd, n.id, file.as_fd(), cloexec) {
+                Ok(_) => Ok(()),
+                // The descriptor could not be installed; the caller still
+                // waits and must get an answer: EBADF is its RLIMIT_NOFILE
+                // (an open would fail with EMFILE).
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                    let errno = match e.raw_os_error() {
+                        Some(libc::EBADF) => libc::EMFILE,
+                        Some(v) => v,
+                        None => libc::EIO,
+                    };
+                    notify::send(fd, n.id, 0, errno, 0)
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match sent {
@@ -402,6 +416,8 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
         Err(e) => {
             tracing::warn!("sandbox supervisor: cannot answer a notification: {e}");
+            // Never leave the caller waiting: an answer without a value.
+            let _ = notify::send(fd, n.id, 0, libc::EIO, 0);
             true
         }
     }
