@@ -706,13 +706,7 @@ impl Broker {
     ) -> R<OwnedFd> {
         let f = legacy_open_flags(flags);
         if f.contains(OFlags::PATH) {
-            // No access to the file, no creation: a reference to the name.
-            let (fd, lexical) = open_in_root(self.root.as_fd(), abs, f)?;
-            if !lexical {
-                let canon = self.path_of(fd.as_fd())?;
-                self.decide(n, &canon, want)?;
-            }
-            return Ok(fd);
+            return self.open_path(n, abs, f);
         }
         let create = f.contains(OFlags::CREATE);
         // `name/` names a directory, which O_CREAT never makes.
@@ -755,6 +749,35 @@ impl Broker {
             }
         }
         Err(libc::EAGAIN)
+    }
+
+    /// `O_PATH`: seccomp's ADDFD cannot hand over an `O_PATH` file (the
+    /// kernel's `fget` skips them), and letting the kernel open the path
+    /// itself (CONTINUE) would let a racing thread swap it after the
+    /// check. So the caller gets the same file opened for reading, without
+    /// blocking: that needs read on it, from the policy and from the file's
+    /// mode; a symlink itself (`O_NOFOLLOW`) cannot be opened so and is
+    /// EOPNOTSUPP, which is what glibc's `fchmodat(AT_SYMLINK_NOFOLLOW)`,
+    /// the common user, answers for a symlink anyway (docs/sandbox.md).
+    fn open_path(&mut self, n: &Notif, abs: &[u8], f: OFlags) -> R<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        self.decide(n, abs, Want::LOOKUP)?;
+        let (fd, lexical) = open_in_root(self.root.as_fd(), abs, f)?;
+        let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(errno)?.st_mode);
+        if kind == rustix::fs::FileType::Symlink {
+            return Err(libc::EOPNOTSUPP);
+        }
+        self.decide(n, abs, Want::READ)?;
+        if !lexical {
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, Want::READ)?;
+        }
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        if kind == rustix::fs::FileType::Directory {
+            flags |= OFlags::DIRECTORY;
+        }
+        let via = format!("self/fd/{}", fd.as_raw_fd());
+        rustix::fs::openat(&self.proc, via.as_str(), flags, Mode::empty()).map_err(errno)
     }
 
     /// The rest of an open of an existing file: its canonical path checked
