@@ -331,19 +331,28 @@ impl Broker {
         if abs.len() >= target::PATH_MAX {
             return Err(libc::ENAMETOOLONG);
         }
-        for (prefix, with) in [
-            (&b"/proc/self"[..], format!("/proc/{}", c.ns_tgid)),
-            (
-                b"/proc/thread-self",
-                format!("/proc/{}/task/{}", c.ns_tgid, c.ns_tid),
-            ),
-            (b"/dev/fd", format!("/proc/{}/fd", c.ns_tgid)),
-            (b"/dev/stdin", format!("/proc/{}/fd/0", c.ns_tgid)),
-            (b"/dev/stdout", format!("/proc/{}/fd/1", c.ns_tgid)),
-            (b"/dev/stderr", format!("/proc/{}/fd/2", c.ns_tgid)),
-        ] {
-            let rest = abs.strip_prefix(prefix);
+        // Only paths under /proc or /dev can need it: most opens skip the
+        // look (and its formatting) entirely.
+        if !(abs.starts_with(b"/proc/") || abs.starts_with(b"/dev/")) {
+            return Ok(abs);
+        }
+        const SELF: &[&[u8]] = &[
+            b"/proc/self",
+            b"/proc/thread-self",
+            b"/dev/fd",
+            b"/dev/stdin",
+            b"/dev/stdout",
+            b"/dev/stderr",
+        ];
+        for (i, prefix) in SELF.iter().enumerate() {
+            let rest = abs.strip_prefix(*prefix);
             if let Some(rest) = rest.filter(|r| r.is_empty() || r[0] == b'/') {
+                let with = match i {
+                    0 => format!("/proc/{}", c.ns_tgid),
+                    1 => format!("/proc/{}/task/{}", c.ns_tgid, c.ns_tid),
+                    2 => format!("/proc/{}/fd", c.ns_tgid),
+                    n => format!("/proc/{}/fd/{}", c.ns_tgid, n - 3),
+                };
                 let mut v = with.into_bytes();
                 v.extend_from_slice(rest);
                 abs = v;
@@ -412,12 +421,54 @@ impl Broker {
     /// (or real IDs, for access(2)), groups, umask and effective set.
     /// Fails closed: an identity that cannot be taken refuses the call.
     fn act_as(&mut self, c: &Creds, real: bool) -> R<()> {
-        let id = Identity {
-            uid: if real { c.ruid } else { c.fsuid },
-            gid: if real { c.rgid } else { c.fsgid },
-            groups: c.groups.clone(),
+        self.take_identity(c, real)?;
+        let mut caps = CapabilitySet::from_bits_retain(c.cap_eff);
+        if real && c.ruid != 0 {
+            // access(2) checks a non-root caller without capabilities.
+            caps = CapabilitySet::empty();
+        }
+        self.set_effective(caps)?;
+        self.take_umask(c);
+        Ok(())
+    }
+
+    /// [`Self::act_as`] for an open, keeping the supervisor's own set
+    /// effective beside the caller's: SETUID and SETGID play no part in an
+    /// open, and SYS_PTRACE only on procfs, which the caller of this checks
+    /// afterwards ([`on_procfs`]) and opens again with [`Self::act_as`].
+    /// For a caller without capabilities that saves two `capset` calls per
+    /// open. The fs capabilities (DAC_OVERRIDE…) are the caller's only.
+    fn act_as_for_open(&mut self, c: &Creds) -> R<()> {
+        self.take_identity(c, false)?;
+        self.set_effective(CapabilitySet::from_bits_retain(c.cap_eff) | BASE_CAPS)?;
+        self.take_umask(c);
+        Ok(())
+    }
+
+    fn take_umask(&mut self, c: &Creds) {
+        if self.umask != c.umask {
+            rustix::process::umask(Mode::from_raw_mode(c.umask & 0o777));
+            self.umask = c.umask;
+        }
+    }
+
+    /// The caller's fs IDs (or real IDs) and groups, unless already taken.
+    fn take_identity(&mut self, c: &Creds, real: bool) -> R<()> {
+        let (uid, gid) = if real {
+            (c.ruid, c.rgid)
+        } else {
+            (c.fsuid, c.fsgid)
         };
-        if self.identity.as_ref() != Some(&id) {
+        let taken = self
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.uid == uid && i.gid == gid && i.groups == c.groups);
+        if !taken {
+            let id = Identity {
+                uid,
+                gid,
+                groups: c.groups.clone(),
+            };
             self.set_effective(BASE_CAPS)?;
             self.identity = None;
             nix::unistd::setfsgid(nix::unistd::Gid::from_raw(id.gid));
@@ -435,16 +486,6 @@ impl Broker {
                 .collect();
             rustix::thread::set_thread_groups(&groups).map_err(|_| libc::EPERM)?;
             self.identity = Some(id);
-        }
-        let mut caps = CapabilitySet::from_bits_retain(c.cap_eff);
-        if real && c.ruid != 0 {
-            // access(2) checks a non-root caller without capabilities.
-            caps = CapabilitySet::empty();
-        }
-        self.set_effective(caps)?;
-        if self.umask != c.umask {
-            rustix::process::umask(Mode::from_raw_mode(c.umask & 0o777));
-            self.umask = c.umask;
         }
         Ok(())
     }
@@ -637,10 +678,17 @@ impl Broker {
             return Err(libc::ESRCH);
         }
         let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
-        self.act_as(&c, false)?;
-        let r = self
+        self.act_as_for_open(&c)?;
+        let mut r = self
             .decide_open(n, &abs, flags, want)
             .and_then(|()| self.open_checked(n, &abs, flags, mode, want));
+        if matches!(&r, Ok(fd) if on_procfs(fd.as_fd())) {
+            // Opened with SYS_PTRACE effective, which procfs honours: again
+            // with the caller's capabilities alone.
+            drop(r);
+            self.act_as(&c, false)?;
+            r = self.open_checked(n, &abs, flags, mode, want);
+        }
         self.restore()?;
         Ok(Reply::Fd { fd: r?, cloexec })
     }
@@ -1678,6 +1726,13 @@ fn want_str(w: Want) -> String {
         s.push_str("lookup");
     }
     s
+}
+
+/// Whether `fd` is on a procfs (where ptrace access checks, and so the
+/// supervisor's SYS_PTRACE, decide). Unknown counts as procfs.
+fn on_procfs(fd: BorrowedFd<'_>) -> bool {
+    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    rustix::fs::fstatfs(fd).map_or(true, |st| st.f_type as i64 == PROC_SUPER_MAGIC)
 }
 
 /// The flags `open`/`openat` act on: unknown bits dropped, and with
