@@ -191,22 +191,27 @@ fn covering<'a>(rules: &'a BTreeMap<String, Access>, path: &str) -> Option<&'a A
     None
 }
 
-/// Drops every rule whose nearest covering rule grants at least as much.
+/// Shallowest first: a rule that its nearest covering rule already grants
+/// goes; any other takes that rule's access too. Rules are allow-only, but
+/// the longest match decides, so a rule narrower than the one above it
+/// would take away what the workload was seen to use beneath that one
+/// (`/tmp` read-write for a file it created, `/tmp/out` write-execute for
+/// the same file made executable: it needs all three).
 fn drop_covered(rules: &mut BTreeMap<String, Access>) {
-    let redundant: Vec<String> = rules
-        .iter()
-        .filter(|(path, access)| {
-            covering(rules, path).is_some_and(|up| {
-                !up.hidden
-                    && (!access.read || up.read)
-                    && (!access.write || up.write)
-                    && (!access.exec || up.exec)
-            })
-        })
-        .map(|(p, _)| p.clone())
-        .collect();
-    for p in redundant {
-        rules.remove(&p);
+    // Lexical order visits a directory before anything beneath it.
+    let paths: Vec<String> = rules.keys().cloned().collect();
+    for path in paths {
+        let Some(up) = covering(rules, &path).copied() else {
+            continue;
+        };
+        let Some(access) = rules.get_mut(&path) else {
+            continue;
+        };
+        if (!access.read || up.read) && (!access.write || up.write) && (!access.exec || up.exec) {
+            rules.remove(&path);
+        } else {
+            *access = access.union(up);
+        }
     }
 }
 
@@ -289,7 +294,9 @@ mod tests {
     }
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -320,7 +327,10 @@ mod tests {
         assert_eq!(p.check(b"/etc/passwd", Want::READ).0, Verdict::Allow);
         assert_ne!(p.check(b"/etc/group", Want::READ).0, Verdict::Allow);
         assert_eq!(p.check(b"/tmp/tmpzz99/g", Want::WRITE).0, Verdict::Allow);
-        assert_eq!(p.exec_paths(), vec![std::path::PathBuf::from("/usr/bin/true")]);
+        assert_eq!(
+            p.exec_paths(),
+            vec![std::path::PathBuf::from("/usr/bin/true")]
+        );
     }
 
     #[test]
@@ -342,6 +352,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_beneath_another_keeps_what_that_one_grants() {
+        let p = learned(&[
+            ("/tmp/w", Want::WRITE, Kind::Missing),
+            ("/tmp/w", Want::READ, Kind::Dir),
+            (
+                "/tmp/w/m",
+                Want {
+                    read: true,
+                    write: true,
+                    exec: false,
+                },
+                Kind::Missing,
+            ),
+            ("/tmp/w/m", Want::EXEC, Kind::Other),
+        ]);
+        assert_eq!(
+            rules(&p),
+            pairs(&[("/tmp", "w"), ("/tmp/w", "rw"), ("/tmp/w/m", "rwx")])
+        );
+    }
+
+    #[test]
     fn default_hidden_paths_stay_hidden() {
         let p = learned(&[
             ("/etc", Want::READ, Kind::Dir),
@@ -349,7 +381,10 @@ mod tests {
         ]);
         let r = rules(&p);
         assert!(r.contains(&("/etc".into(), "r".into())), "{r:?}");
-        assert!(r.contains(&("/etc/shadow".into(), "hidden".into())), "{r:?}");
+        assert!(
+            r.contains(&("/etc/shadow".into(), "hidden".into())),
+            "{r:?}"
+        );
         // Only beneath what was granted.
         assert!(!r.iter().any(|(p, _)| p == "/proc/kcore"), "{r:?}");
         let again = Policy::parse(p.to_json().as_bytes()).unwrap();

@@ -65,7 +65,13 @@ fn run_long(rt: &Rt, tier: &str, flags: &[&str], args: &[&str], limit: Duration)
 
 /// `sh -c SCRIPT` in `tier`.
 fn sh(rt: &Rt, tier: &str, flags: &[&str], script: &str) -> Out {
-    run_long(rt, tier, flags, &["sh", "-c", script], Duration::from_secs(300))
+    run_long(
+        rt,
+        tier,
+        flags,
+        &["sh", "-c", script],
+        Duration::from_secs(300),
+    )
 }
 
 /// The sandbox's denial lines in `stderr`.
@@ -123,7 +129,11 @@ fn python_modules_pass_in_both(test: &str, modules: &[&str]) {
             out.stderr
         );
         for m in modules {
-            assert!(out.stdout.contains(m), "{m} did not run in {tier}: {}", out.stdout);
+            assert!(
+                out.stdout.contains(m),
+                "{m} did not run in {tier}: {}",
+                out.stdout
+            );
         }
     }
 }
@@ -256,7 +266,10 @@ fn a_coreutils_pipeline() {
     );
     let want_sum = {
         let mut h = std::process::Command::new("sh");
-        h.args(["-c", "printf '1\\n1\\n2\\n1\\n2\\n3\\n' | sha256sum | cut -c1-16"]);
+        h.args([
+            "-c",
+            "printf '1\\n1\\n2\\n1\\n2\\n3\\n' | sha256sum | cut -c1-16",
+        ]);
         String::from_utf8(h.output().unwrap().stdout).unwrap()
     };
     assert!(out.starts_with("207:1\n207:2\n207:3\n500500\n"), "{out}");
@@ -340,11 +353,7 @@ fn pip_installs_a_wheel_built_offline_into_a_volume() {
         );
         assert!(denials(&out.stderr).is_empty(), "{tier}: {}", out.stderr);
         // Installed on the host's side of the volume.
-        assert!(vol
-            .dir
-            .path()
-            .join("site/moathello/__init__.py")
-            .exists());
+        assert!(vol.dir.path().join("site/moathello/__init__.py").exists());
     }
 }
 
@@ -366,27 +375,56 @@ fn a_learned_policy_runs_the_program_with_no_denial() {
     let file = dir.path().join("learned.json");
     let file_s = file.to_str().unwrap();
     // Learning: the command runs, its output and status are its own.
-    let learn = rt.cmd(&["policy", "learn", "-o", file_s, "--", "sh", "-c", LEARN_SCRIPT]);
+    let learn = rt.cmd(&[
+        "policy",
+        "learn",
+        "-o",
+        file_s,
+        "--",
+        "sh",
+        "-c",
+        LEARN_SCRIPT,
+    ]);
     assert!(learn.ok(), "{learn:?}");
     assert_eq!(
-        learn.stdout,
-        "root\nstatus=3\n[\"m\", \"m.c\"]\nc\n",
+        learn.stdout, "root\nstatus=3\n[\"m\", \"m.c\"]\nc\n",
         "{learn:?}"
     );
     let text = fs::read_to_string(&file).unwrap();
     let policy = moat_sandbox::Policy::parse(text.as_bytes()).expect("the learned policy parses");
     // Smaller than the default: what it did not touch is not granted.
     use moat_sandbox::policy::{Verdict, Want};
-    assert_eq!(policy.check(b"/tmp/x", Want::WRITE).0, Verdict::Allow, "{text}");
-    assert_ne!(policy.check(b"/var/lib/dpkg/status", Want::READ).0, Verdict::Allow, "{text}");
-    assert_ne!(policy.check(b"/etc/shadow", Want::READ).0, Verdict::Allow, "{text}");
+    assert_eq!(
+        policy.check(b"/tmp/x", Want::WRITE).0,
+        Verdict::Allow,
+        "{text}"
+    );
+    assert_ne!(
+        policy.check(b"/var/lib/dpkg/status", Want::READ).0,
+        Verdict::Allow,
+        "{text}"
+    );
+    assert_ne!(
+        policy.check(b"/etc/shadow", Want::READ).0,
+        Verdict::Allow,
+        "{text}"
+    );
     // Enforced, it runs the command again with no denial.
     let again = sh(&rt, "sandbox", &["--policy", file_s], LEARN_SCRIPT);
     assert!(again.ok(), "{again:?}\n{text}");
     assert_eq!(again.stdout, learn.stdout);
-    assert!(denials(&again.stderr).is_empty(), "{}\n{text}", again.stderr);
+    assert!(
+        denials(&again.stderr).is_empty(),
+        "{}\n{text}",
+        again.stderr
+    );
     // And refuses what it was not seen to need.
-    let other = sh(&rt, "sandbox", &["--policy", file_s], "cat /var/lib/dpkg/status");
+    let other = sh(
+        &rt,
+        "sandbox",
+        &["--policy", file_s],
+        "cat /var/lib/dpkg/status",
+    );
     assert!(!other.ok(), "{other:?}");
     assert!(!denials(&other.stderr).is_empty(), "{other:?}");
     // Printed when no file is named; refused with --policy or another tier.

@@ -638,7 +638,8 @@ impl Broker {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(libc::EINVAL);
         }
-        let (dirfd, lexical) = open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
+        let (dirfd, lexical) =
+            open_in_root(self.root.as_fd(), dir, OFlags::PATH | OFlags::DIRECTORY)?;
         self.decide(n, abs, want)?;
         if !lexical {
             let mut canon = self.path_of(dirfd.as_fd())?;
@@ -700,7 +701,13 @@ impl Broker {
         let f = legacy_open_flags(flags);
         let creates = f.contains(OFlags::CREATE) || f.contains(OFlags::TMPFILE);
         if self.learned.is_none() && !creates {
-            if let (Verdict::Deny { errno: libc::EACCES }, _) = self.policy.check(abs, want) {
+            if let (
+                Verdict::Deny {
+                    errno: libc::EACCES,
+                },
+                _,
+            ) = self.policy.check(abs, want)
+            {
                 if let Err(libc::ENOENT) = open_in_root(self.root.as_fd(), abs, OFlags::PATH) {
                     return Err(libc::ENOENT);
                 }
@@ -811,7 +818,8 @@ impl Broker {
         use std::os::fd::AsRawFd;
         self.decide(n, abs, Want::LOOKUP)?;
         let (fd, lexical) = open_in_root(self.root.as_fd(), abs, f)?;
-        let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(errno)?.st_mode);
+        let kind =
+            rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(errno)?.st_mode);
         if kind == rustix::fs::FileType::Symlink {
             return Err(libc::EOPNOTSUPP);
         }
@@ -831,15 +839,20 @@ impl Broker {
     /// The rest of an open of an existing file: its canonical path checked
     /// (when a symlink led there), O_CREAT refused on a directory, the
     /// status flags the caller asked for, O_TRUNC.
-    fn opened(&mut self, n: &Notif, fd: OwnedFd, lexical: bool, f: OFlags, want: Want) -> R<OwnedFd> {
+    fn opened(
+        &mut self,
+        n: &Notif,
+        fd: OwnedFd,
+        lexical: bool,
+        f: OFlags,
+        want: Want,
+    ) -> R<OwnedFd> {
         if !lexical {
             let canon = self.path_of(fd.as_fd())?;
             self.decide(n, &canon, want)?;
         }
         let is_regular = |fd: &OwnedFd| {
-            rustix::fs::fstat(fd).map(|st| {
-                rustix::fs::FileType::from_raw_mode(st.st_mode)
-            })
+            rustix::fs::fstat(fd).map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode))
         };
         if f.contains(OFlags::CREATE)
             && is_regular(&fd).map_err(errno)? == rustix::fs::FileType::Directory
@@ -871,9 +884,9 @@ impl Broker {
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
         // `/proc/self/fd/N` of a number it does not hold does not exist.
-        let fd = self
-            .caller_fd(c, fdnum)
-            .map_err(|e| if e == libc::EBADF { libc::ENOENT } else { e })?;
+        let fd =
+            self.caller_fd(c, fdnum)
+                .map_err(|e| if e == libc::EBADF { libc::ENOENT } else { e })?;
         if !valid() {
             return Err(libc::ESRCH);
         }

@@ -131,8 +131,7 @@ pub fn argv(args: &[String]) -> Option<Result<(Vec<String>, Option<PathBuf>), Op
             continue;
         }
         run.push(rest[j].clone());
-        if (RUN_VALUE_FLAGS.contains(&a) || GLOBAL_VALUE_FLAGS.contains(&a)) && j + 1 < rest.len()
-        {
+        if (RUN_VALUE_FLAGS.contains(&a) || GLOBAL_VALUE_FLAGS.contains(&a)) && j + 1 < rest.len() {
             j += 1;
             run.push(rest[j].clone());
         }
@@ -152,23 +151,38 @@ mod tests {
 
     #[test]
     fn learn_command_lines_become_run_command_lines() {
-        let (run, out) = argv(&v("moat --root /r policy learn -o p.json -v /a:/b -- ls -o x"))
+        let (run, out) = argv(&v(
+            "moat --root /r policy learn -o p.json -v /a:/b -- ls -o x",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            run,
+            v("moat@run --root /r -v /a:/b -- ls -o x")
+                .into_iter()
+                .map(|a| a.replace('@', " "))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(out, Some(PathBuf::from("p.json")));
+        let (run, out) = argv(&v("moat policy learn --output=q -- true"))
             .unwrap()
             .unwrap();
-        assert_eq!(run, v("moat@run --root /r -v /a:/b -- ls -o x")
-            .into_iter()
-            .map(|a| a.replace('@', " "))
-            .collect::<Vec<_>>());
-        assert_eq!(out, Some(PathBuf::from("p.json")));
-        let (run, out) = argv(&v("moat policy learn --output=q -- true")).unwrap().unwrap();
         assert_eq!(run[1..], v("-- true"));
         assert_eq!(out, Some(PathBuf::from("q")));
         // A value that looks like -o belongs to its option.
-        let (run, out) = argv(&v("moat policy learn -e -o -- true")).unwrap().unwrap();
+        let (run, out) = argv(&v("moat policy learn -e -o -- true"))
+            .unwrap()
+            .unwrap();
         assert_eq!(run[1..], v("-e -o -- true"));
         assert_eq!(out, None);
-        assert!(matches!(argv(&v("moat policy learn --help")), Some(Err(None))));
-        assert!(matches!(argv(&v("moat policy learn -o")), Some(Err(Some(_)))));
+        assert!(matches!(
+            argv(&v("moat policy learn --help")),
+            Some(Err(None))
+        ));
+        assert!(matches!(
+            argv(&v("moat policy learn -o")),
+            Some(Err(Some(_)))
+        ));
         assert!(matches!(
             argv(&v("moat policy learn -o a -o b -- true")),
             Some(Err(Some(_)))
