@@ -46,6 +46,8 @@ pub enum Kind {
 pub struct Learned {
     /// Rule path → access.
     rules: BTreeMap<String, Access>,
+    /// Names the workload created (bounded like the rules).
+    created: std::collections::BTreeSet<String>,
     pub families: Vec<i32>,
 }
 
@@ -80,6 +82,26 @@ impl Learned {
     /// path was then.
     pub fn record(&mut self, path: &[u8], want: Want, kind: Kind) {
         let comps = clean_components(path);
+        if kind == Kind::Missing && want.write && self.created.len() < MAX_PATHS {
+            self.created.insert(join(&comps));
+        }
+        // A program the workload made itself: execute where it made it.
+        // Landlock, which holds execute in the kernel, takes its rules at
+        // the start, when that file (and maybe its directory) is not there
+        // yet: the rule goes on the directory that held the first name
+        // the workload created on the way.
+        if want.exec && kind == Kind::Other {
+            if let Some(k) = (1..=comps.len()).find(|k| self.created.contains(&join(&comps[..*k])))
+            {
+                let key = join(&comps[..k - 1]);
+                let e = self.rules.entry(key).or_default();
+                *e = e.union(Access {
+                    exec: true,
+                    ..Access::default()
+                });
+                return;
+            }
+        }
         let (rule, access) = if is_proc_pid(&comps) {
             (vec![&b"proc"[..]], access_of(want))
         } else {
@@ -371,6 +393,17 @@ mod tests {
             rules(&p),
             pairs(&[("/tmp", "w"), ("/tmp/w", "rw"), ("/tmp/w/m", "rwx")])
         );
+    }
+
+    #[test]
+    fn a_program_made_by_the_workload_is_executed_where_it_was_made() {
+        let p = learned(&[
+            ("/tmp/w", Want::WRITE, Kind::Missing),
+            ("/tmp/w/m", Want::WRITE, Kind::Missing),
+            ("/tmp/w/m", Want::EXEC, Kind::Other),
+        ]);
+        assert_eq!(rules(&p), pairs(&[("/tmp", "wx")]));
+        assert_eq!(p.exec_paths(), vec![std::path::PathBuf::from("/tmp")]);
     }
 
     #[test]

@@ -432,13 +432,14 @@ impl Broker {
         Ok(())
     }
 
-    /// [`Self::act_as`] for an open, keeping the supervisor's own set
-    /// effective beside the caller's: SETUID and SETGID play no part in an
-    /// open, and SYS_PTRACE only on procfs, which the caller of this checks
-    /// afterwards ([`on_procfs`]) and opens again with [`Self::act_as`].
-    /// For a caller without capabilities that saves two `capset` calls per
-    /// open. The fs capabilities (DAC_OVERRIDE…) are the caller's only.
-    fn act_as_for_open(&mut self, c: &Creds) -> R<()> {
+    /// [`Self::act_as`] for an open or a stat, keeping the supervisor's own
+    /// set effective beside the caller's: SETUID and SETGID play no part
+    /// in them, and SYS_PTRACE only on procfs, which the caller of this
+    /// checks afterwards ([`on_procfs`]) and does again with
+    /// [`Self::act_as`]. For a caller without capabilities that saves two
+    /// `capset` calls per call. The fs capabilities (DAC_OVERRIDE…) are
+    /// the caller's only.
+    fn act_as_keeping_base(&mut self, c: &Creds) -> R<()> {
         self.take_identity(c, false)?;
         self.set_effective(CapabilitySet::from_bits_retain(c.cap_eff) | BASE_CAPS)?;
         self.take_umask(c);
@@ -508,10 +509,12 @@ impl Broker {
         match self.policy.check(path, want) {
             (Verdict::Allow, _) => Ok(()),
             (Verdict::Deny { errno }, rule) => {
-                // A hidden name that is not there either is answered as
-                // the kernel would answer it (a shell searching $PATH, a
-                // program probing for optional files): not worth a line.
+                // A name no rule covers that is not there either is
+                // answered as the kernel would answer it (a shell searching
+                // $PATH, a program probing for optional files): not worth
+                // a line. One a `hidden` rule names always is.
                 let absent = errno == libc::ENOENT
+                    && rule.is_none()
                     && matches!(
                         open_in_root(self.root.as_fd(), path, OFlags::PATH | OFlags::NOFOLLOW),
                         Err(libc::ENOENT) | Err(libc::ENOTDIR)
@@ -679,7 +682,7 @@ impl Broker {
             return Err(libc::ESRCH);
         }
         let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
-        self.act_as_for_open(&c)?;
+        self.act_as_keeping_base(&c)?;
         let mut r = self
             .decide_open(n, &abs, flags, want)
             .and_then(|()| self.open_checked(n, &abs, flags, mode, want));
@@ -940,13 +943,14 @@ impl Broker {
             if !valid() {
                 return Err(libc::ESRCH);
             }
-            self.act_as(&c, false)?;
-            let r = self.lookup(
-                n,
-                &abs,
-                flags & libc::AT_SYMLINK_NOFOLLOW != 0,
-                Want::LOOKUP,
-            );
+            let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW != 0;
+            self.act_as_keeping_base(&c)?;
+            let mut r = self.lookup(n, &abs, nofollow, Want::LOOKUP);
+            if matches!(&r, Ok(fd) if on_procfs(fd.as_fd())) {
+                drop(r);
+                self.act_as(&c, false)?;
+                r = self.lookup(n, &abs, nofollow, Want::LOOKUP);
+            }
             self.restore()?;
             r?
         };
