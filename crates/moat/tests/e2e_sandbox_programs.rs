@@ -400,7 +400,9 @@ fn a_learned_policy_runs_the_program_with_no_denial() {
         "{text}"
     );
     assert_ne!(
-        policy.check(b"/var/lib/dpkg/status", Want::READ).0,
+        policy
+            .check(b"/usr/share/common-licenses/GPL-3", Want::READ)
+            .0,
         Verdict::Allow,
         "{text}"
     );
@@ -423,7 +425,7 @@ fn a_learned_policy_runs_the_program_with_no_denial() {
         &rt,
         "sandbox",
         &["--policy", file_s],
-        "cat /var/lib/dpkg/status",
+        "cat /usr/share/common-licenses/GPL-3",
     );
     assert!(!other.ok(), "{other:?}");
     assert!(!denials(&other.stderr).is_empty(), "{other:?}");
@@ -457,4 +459,42 @@ fn many_short_pipelines_all_fork() {
     assert!(out.ok(), "{out:?}");
     assert_eq!(out.stdout, "done\n", "{out:?}");
     assert!(!out.stderr.contains("fork"), "{}", out.stderr);
+}
+
+/// A sandbox whose create fails (here a volume whose mount point cannot
+/// be made in the read-only root) leaves no supervisor or guard behind:
+/// they see the runtime give up.
+#[test]
+fn a_failed_create_leaves_no_supervisor() {
+    let Some(rt) = rt("a_failed_create_leaves_no_supervisor") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    fs::write(&file, "x").unwrap();
+    let vol = format!("{}:/usr/moat-no-such-mount-point:ro", file.display());
+    let out = rt.cmd(&["run", "--isolation", "sandbox", "-v", &vol, "--", "true"]);
+    assert_eq!(out.code, Some(125), "{out:?}");
+    let root = rt.root().display().to_string();
+    let left = || {
+        common::all_processes()
+            .into_iter()
+            .filter(|(pid, _, _)| {
+                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmd).contains(&root)
+            })
+            .count()
+    };
+    // They end as soon as they see EOF; give them a moment on a loaded host.
+    for _ in 0..500 {
+        if left() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        left(),
+        0,
+        "a supervisor or guard outlived the failed create"
+    );
 }

@@ -1749,7 +1749,7 @@ fn want_str(w: Want) -> String {
 /// supervisor's SYS_PTRACE, decide). Unknown counts as procfs.
 fn on_procfs(fd: BorrowedFd<'_>) -> bool {
     const PROC_SUPER_MAGIC: i64 = 0x9fa0;
-    rustix::fs::fstatfs(fd).map_or(true, |st| st.f_type as i64 == PROC_SUPER_MAGIC)
+    rustix::fs::fstatfs(fd).map_or(true, |st| st.f_type == PROC_SUPER_MAGIC)
 }
 
 /// The flags `open`/`openat` act on: unknown bits dropped, and with

@@ -82,14 +82,19 @@ pub fn spawn(listener: UnixListener, opts: Options) -> std::io::Result<Spawned> 
     };
     let (parent, child) = pair()?;
     let (guard_parent, guard_child) = pair()?;
-    // The children close their copies of the runtime's ends, so that they
-    // see EOF when the runtime gives up.
-    let runtime_ends = (parent.try_clone()?, guard_parent.try_clone()?);
+    // The children close their copies of the runtime's ends (a fork
+    // inherits them under the same numbers), so that they see EOF when the
+    // runtime gives up: a create that fails leaves neither behind.
+    let runtime_ends = (parent.as_raw_fd(), guard_parent.as_raw_fd());
     let (parent, child) = (Channel::from_fd(parent), Channel::from_fd(child));
     let guard_parent = Channel::from_fd(guard_parent);
     let one = moat_sys::process::OneThread::check()?;
     let mid = one.fork(0, move |one| {
-        drop(runtime_ends);
+        if nix::unistd::close(runtime_ends.0).is_err()
+            || nix::unistd::close(runtime_ends.1).is_err()
+        {
+            return 1;
+        }
         match one.fork(0, move |one| {
             guard_main(one, listener, child, guard_child, opts)
         }) {

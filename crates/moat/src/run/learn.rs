@@ -77,12 +77,16 @@ impl Destination {
     }
 }
 
+/// A `moat policy learn` command line: the argv for `moat run`'s parser
+/// and `-o`'s value, or the usage (`None`) or a usage error.
+pub type Parsed = Result<(Vec<String>, Option<PathBuf>), Option<String>>;
+
 /// What `args` (argv[0] included) asks for when it is `moat [GLOBAL]
 /// policy learn …`: `None` for any other command line; else the argv for
 /// `moat run`'s parser (the global options, then the run's), and `-o`'s
 /// value. `Err(None)` asks for the usage text, `Err(Some(msg))` is a usage
 /// error.
-pub fn argv(args: &[String]) -> Option<Result<(Vec<String>, Option<PathBuf>), Option<String>>> {
+pub fn argv(args: &[String]) -> Option<Parsed> {
     let mut i = 1;
     while i < args.len() {
         let a = args[i].as_str();
