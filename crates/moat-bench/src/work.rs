@@ -49,8 +49,8 @@ pub const DATA: &str = "/var/tmp";
 
 /// The sandbox tier's policy for the bench's workload: the built-in
 /// default's shape, with the helper executable and its data writable.
-pub const SANDBOX_POLICY: &str = r#"{"version": 1, "paths": {"/": "r", "/bench": "rx",
-  "/data": "rwx", "/tmp": "rwx", "/dev": "rw", "/proc": "rw", "/sys": "r"}}"#;
+pub const SANDBOX_POLICY: &str = r#"{"version": 1, "paths": {"/": "r", "/usr": "rx",
+  "/var/tmp": "rwx", "/tmp": "rwx", "/dev": "rw", "/proc": "rw", "/sys": "r"}}"#;
 
 impl Work {
     /// Makes the work directory and the shared rootfs, with `moat` (a

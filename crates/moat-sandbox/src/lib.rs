@@ -25,15 +25,12 @@ use moat_core::Tier;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 use serde::{Deserialize, Serialize};
 
+pub mod learn;
 pub mod policy;
 pub mod profile;
 pub mod supervisor;
 
 pub use policy::{Policy, PolicyError, POLICY_ANNOTATION};
-
-/// Annotation that runs the sandbox in learning mode (`moat policy
-/// learn`): the value is the file the learned policy is written to.
-pub const LEARN_ANNOTATION: &str = "dev.moat.sandbox.learn";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -136,7 +133,16 @@ struct SupervisorRecord {
 #[derive(Debug, Clone)]
 pub struct SandboxTier {
     inner: ContainerTier,
+    /// Learning mode (`moat policy learn`): nothing is refused by the
+    /// policy, and the policy the workload needed is written to this file.
+    /// Only the CLI sets it: no config or annotation can make the runtime
+    /// write a file of its choosing.
+    learn: Option<PathBuf>,
 }
+
+/// How long `delete` of a learning sandbox waits for its supervisor to
+/// write the learned policy.
+const LEARN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest unix socket path.
 const MAX_SOCKET_PATH: usize = 107;
@@ -145,7 +151,17 @@ impl SandboxTier {
     pub fn new(root: impl Into<PathBuf>, systemd_cgroup: bool) -> SandboxTier {
         SandboxTier {
             inner: ContainerTier::new(root, systemd_cgroup),
+            learn: None,
         }
+    }
+
+    /// This tier in learning mode: containers it creates run with the
+    /// policy not enforced (every path syscall is still brokered, and
+    /// execute is allowed everywhere), and when one is deleted the policy
+    /// its workload needed is written to `out` (docs/sandbox.md).
+    pub fn learning(mut self, out: PathBuf) -> SandboxTier {
+        self.learn = Some(out);
+        self
     }
 
     fn sd(&self) -> &StateDir {
@@ -214,7 +230,7 @@ impl SandboxTier {
                 source: std::io::Error::other(e.to_string()),
             })?
             .unwrap_or_else(|| LandlockPolicy::derive(&spec));
-        landlock.execute = Some(if annotations.contains_key(LEARN_ANNOTATION) {
+        landlock.execute = Some(if self.learn.is_some() {
             vec![PathBuf::from("/")]
         } else {
             policy.exec_paths()
@@ -241,16 +257,11 @@ impl SandboxTier {
         let prepared = self
             .sandboxed(req.config, &sock)
             .and_then(|(config, policy)| {
-                let learn = match config
-                    .spec
-                    .annotations()
-                    .as_ref()
-                    .and_then(|a| a.get(LEARN_ANNOTATION))
-                {
+                let learn = match &self.learn {
                     Some(path) => Some(
                         std::fs::File::create(path)
                             .map(std::os::fd::OwnedFd::from)
-                            .map_err(io(format!("create {path}")))?,
+                            .map_err(io(format!("create {}", path.display())))?,
                     ),
                     None => None,
                 };
@@ -357,6 +368,25 @@ impl SandboxTier {
             .filter(|(pid, start)| alive(*pid, *start))
             .map(|(pid, _)| pid)
             .collect()
+    }
+}
+
+impl SandboxTier {
+    /// Ends what is left of a learning sandbox's workload, then waits
+    /// (bounded) for its supervisor, which writes the learned policy once
+    /// no process of the sandbox is left and exits.
+    fn let_learning_finish(&self, id: &str, sup: &SupervisorRecord) {
+        if let Err(e) = self.kill(id, libc::SIGKILL, true) {
+            tracing::debug!("sandbox: ending the learning workload: {e}");
+        }
+        let deadline = std::time::Instant::now() + LEARN_WRITE_WAIT;
+        while alive(sup.pid, sup.start_time) {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("sandbox: the supervisor did not finish writing the learned policy");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 
@@ -491,6 +521,9 @@ impl Lifecycle for SandboxTier {
             .as_ref()
             .and_then(|st| self.part(st).ok())
             .and_then(|p| p.supervisor);
+        if let (Some(sup), Some(_)) = (&sup, &self.learn) {
+            self.let_learning_finish(id, sup);
+        }
         Lifecycle::delete(&self.inner, id, force)?;
         if let Some(sup) = sup {
             for (pid, start) in sup.processes() {

@@ -156,6 +156,11 @@ pub enum Cmd {
     },
     /// Check a config.json, `docker inspect` output or Kubernetes YAML against best practices
     Audit(crate::audit::AuditArgs),
+    /// Sandbox policies: `moat policy learn [-o FILE] [RUN OPTIONS] [IMAGE] -- CMD` runs CMD in the sandbox and writes the smallest policy it needed
+    Policy {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
     /// List the images cached by `moat run IMAGE`
     Images,
     /// Remove cached images: all (refused while any container exists), or those named or unused for a while

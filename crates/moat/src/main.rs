@@ -50,6 +50,9 @@ fn main() -> ExitCode {
     if let Some(human) = human_run(&args) {
         return human;
     }
+    if let Some(learn) = policy_learn(&args) {
+        return learn;
+    }
     let mut cli = match <cli::Cli as clap::Parser>::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -117,6 +120,52 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             tracing::error!("{}", error_line(&e));
             // A program that cannot run exits as a shell would make it
             // (127 not found, 126 not executable); moat's own errors 125.
+            ExitCode::from(run::exit_status(&e))
+        }
+    })
+}
+
+/// `moat policy learn [-o FILE] [RUN OPTIONS] [IMAGE] -- CMD` (see
+/// `run::learn`): `moat run --isolation sandbox` in learning mode; `None`
+/// for every other command line.
+fn policy_learn(args: &[std::ffi::OsString]) -> Option<ExitCode> {
+    let text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (argv, output) = match run::learn::argv(&text)? {
+        Ok(v) => v,
+        Err(None) => {
+            out!("{}", run::learn::USAGE);
+            return Some(ExitCode::SUCCESS);
+        }
+        Err(Some(msg)) => {
+            eprintln!("moat policy learn: {msg}\n\n{}", run::learn::USAGE);
+            return Some(ExitCode::from(125));
+        }
+    };
+    let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 125 } else { 0 };
+            let _ = e.print();
+            return Some(ExitCode::from(code));
+        }
+    };
+    cli.opts.default_root = run::leading_dashdash(&argv);
+    cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
+    cli.opts.learn = Some(run::learn::Learn { output });
+    cli.global.isolation.get_or_insert_with(|| "sandbox".into());
+    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
+    log::init(None, log::LogFormat::Text, false);
+    if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
+        tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
+        return Some(ExitCode::from(125));
+    }
+    Some(match run::main(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Err(e) => {
+            tracing::error!("{}", error_line(&e));
             ExitCode::from(run::exit_status(&e))
         }
     })

@@ -139,6 +139,10 @@ pub fn dispatch(cli: Cli, argv0: &str) -> Result<i32> {
         Cmd::Images => crate::run::images::list(&cli.global.root),
         Cmd::Prune(a) => crate::run::images::prune(&tiers, &cli.global.root, &a),
         Cmd::Audit(a) => crate::audit::main(&a, &cli.global.root),
+        // `moat policy learn …` is parsed before clap (main.rs).
+        Cmd::Policy { .. } => {
+            bail!("usage: moat policy learn [-o FILE] [RUN OPTIONS] [IMAGE] -- CMD (see moat policy learn --help)")
+        }
         Cmd::Checkpoint { .. } | Cmd::Restore { .. } => {
             bail!("checkpoint/restore is not supported by moat")
         }

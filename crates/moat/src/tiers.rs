@@ -23,6 +23,19 @@ pub enum Engine {
     Microvm(MicrovmTier),
 }
 
+impl Engine {
+    /// This engine in the sandbox tier's learning mode (`moat policy
+    /// learn`): the policy its container needed is written to `out`.
+    pub fn learning(self, out: PathBuf) -> Result<Engine, RuntimeError> {
+        match self {
+            Engine::Sandbox(t) => Ok(Engine::Sandbox(t.learning(out))),
+            _ => Err(RuntimeError::Invalid(
+                "only the sandbox tier learns a policy".into(),
+            )),
+        }
+    }
+}
+
 /// Whether this host can run `tier`, and if not, what it lacks.
 pub fn check(tier: Tier) -> Result<(), Unavailable> {
     match tier {

@@ -5,7 +5,6 @@
 //! prctl options, socket families, credential changes) are decided and
 //! then continue in the kernel: their arguments are registers the caller
 //! cannot change after the check.
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,7 +14,8 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
 use super::target::{self, Cache, Creds};
-use crate::policy::{clean_components, Access, Policy, Verdict, Want};
+use crate::learn::{self, Kind, Learned};
+use crate::policy::{clean_components, Policy, Verdict, Want};
 
 mod net;
 mod virt;
@@ -81,14 +81,6 @@ struct Identity {
     uid: u32,
     gid: u32,
     groups: Vec<u32>,
-}
-
-/// What `moat policy learn` collects: every path the workload reached and
-/// how, and the socket families it created.
-#[derive(Default)]
-pub struct Learned {
-    pub paths: BTreeMap<String, Access>,
-    pub families: Vec<i32>,
 }
 
 pub struct Broker {
@@ -401,23 +393,34 @@ impl Broker {
         if abs.len() >= target::PATH_MAX {
             return Err(libc::ENAMETOOLONG);
         }
-        for (prefix, with) in [
-            (&b"/proc/self"[..], format!("/proc/{}", c.ns_tgid)),
-            (
-                b"/proc/thread-self",
-                format!("/proc/{}/task/{}", c.ns_tgid, c.ns_tid),
-            ),
-            (b"/dev/fd", format!("/proc/{}/fd", c.ns_tgid)),
-            (b"/dev/stdin", format!("/proc/{}/fd/0", c.ns_tgid)),
-            (b"/dev/stdout", format!("/proc/{}/fd/1", c.ns_tgid)),
-            (b"/dev/stderr", format!("/proc/{}/fd/2", c.ns_tgid)),
+        // Only paths under /proc or /dev can need it: most opens skip the
+        // look (and its formatting) entirely.
+        if !(abs.starts_with(b"/proc/") || abs.starts_with(b"/dev/")) {
+            return Ok(abs);
+        }
+        const SELF: &[&[u8]] = &[
+            b"/proc/self",
+            b"/proc/thread-self",
+            b"/dev/fd",
+            b"/dev/stdin",
+            b"/dev/stdout",
+            b"/dev/stderr",
             // Symlinks to `self/…` in procfs, which would name the
             // supervisor.
-            (b"/proc/mounts", format!("/proc/{}/mounts", c.ns_tgid)),
-            (b"/proc/net", format!("/proc/{}/net", c.ns_tgid)),
-        ] {
-            let rest = abs.strip_prefix(prefix);
+            b"/proc/mounts",
+            b"/proc/net",
+        ];
+        for (i, prefix) in SELF.iter().enumerate() {
+            let rest = abs.strip_prefix(*prefix);
             if let Some(rest) = rest.filter(|r| r.is_empty() || r[0] == b'/') {
+                let with = match i {
+                    0 => format!("/proc/{}", c.ns_tgid),
+                    1 => format!("/proc/{}/task/{}", c.ns_tgid, c.ns_tid),
+                    2 => format!("/proc/{}/fd", c.ns_tgid),
+                    3..=5 => format!("/proc/{}/fd/{}", c.ns_tgid, i - 3),
+                    6 => format!("/proc/{}/mounts", c.ns_tgid),
+                    _ => format!("/proc/{}/net", c.ns_tgid),
+                };
                 let mut v = with.into_bytes();
                 v.extend_from_slice(rest);
                 abs = v;
@@ -439,21 +442,18 @@ impl Broker {
         }
     }
 
-    /// The caller's descriptor `fd` (a duplicate of the same open file).
+    /// The caller's descriptor `fd` (a duplicate of the same open file);
+    /// EBADF when it has none by that number.
     fn caller_fd(&self, c: &Creds, fd: i32) -> R<OwnedFd> {
         self.need_ptrace()?;
+        if fd < 0 {
+            return Err(libc::EBADF);
+        }
         let pid = rustix::process::Pid::from_raw(c.tgid).ok_or(libc::ESRCH)?;
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .map_err(errno)?;
-        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty()).map_err(
-            |e| {
-                if e == rustix::io::Errno::BADF {
-                    libc::ENOENT
-                } else {
-                    errno(e)
-                }
-            },
-        )
+        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+            .map_err(errno)
     }
 
     // ----- identity -----
@@ -489,12 +489,55 @@ impl Broker {
     /// (or real IDs, for access(2)), groups, umask and effective set.
     /// Fails closed: an identity that cannot be taken refuses the call.
     fn act_as(&mut self, c: &Creds, real: bool) -> R<()> {
-        let id = Identity {
-            uid: if real { c.ruid } else { c.fsuid },
-            gid: if real { c.rgid } else { c.fsgid },
-            groups: c.groups.clone(),
+        self.take_identity(c, real)?;
+        let mut caps = CapabilitySet::from_bits_retain(c.cap_eff);
+        if real && c.ruid != 0 {
+            // access(2) checks a non-root caller without capabilities.
+            caps = CapabilitySet::empty();
+        }
+        self.set_effective(caps)?;
+        self.take_umask(c);
+        Ok(())
+    }
+
+    /// [`Self::act_as`] for an open or a stat, keeping the supervisor's own
+    /// set effective beside the caller's: SETUID and SETGID play no part
+    /// in them, and SYS_PTRACE only on procfs, which the caller of this
+    /// checks afterwards ([`on_procfs`]) and does again with
+    /// [`Self::act_as`]. For a caller without capabilities that saves two
+    /// `capset` calls per call. The fs capabilities (DAC_OVERRIDE…) are
+    /// the caller's only.
+    fn act_as_keeping_base(&mut self, c: &Creds) -> R<()> {
+        self.take_identity(c, false)?;
+        self.set_effective(CapabilitySet::from_bits_retain(c.cap_eff) | BASE_CAPS)?;
+        self.take_umask(c);
+        Ok(())
+    }
+
+    fn take_umask(&mut self, c: &Creds) {
+        if self.umask != c.umask {
+            rustix::process::umask(Mode::from_raw_mode(c.umask & 0o777));
+            self.umask = c.umask;
+        }
+    }
+
+    /// The caller's fs IDs (or real IDs) and groups, unless already taken.
+    fn take_identity(&mut self, c: &Creds, real: bool) -> R<()> {
+        let (uid, gid) = if real {
+            (c.ruid, c.rgid)
+        } else {
+            (c.fsuid, c.fsgid)
         };
-        if self.identity.as_ref() != Some(&id) {
+        let taken = self
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.uid == uid && i.gid == gid && i.groups == c.groups);
+        if !taken {
+            let id = Identity {
+                uid,
+                gid,
+                groups: c.groups.clone(),
+            };
             self.set_effective(BASE_CAPS)?;
             self.identity = None;
             nix::unistd::setfsgid(nix::unistd::Gid::from_raw(id.gid));
@@ -513,16 +556,6 @@ impl Broker {
             rustix::thread::set_thread_groups(&groups).map_err(|_| libc::EPERM)?;
             self.identity = Some(id);
         }
-        let mut caps = CapabilitySet::from_bits_retain(c.cap_eff);
-        if real && c.ruid != 0 {
-            // access(2) checks a non-root caller without capabilities.
-            caps = CapabilitySet::empty();
-        }
-        self.set_effective(caps)?;
-        if self.umask != c.umask {
-            rustix::process::umask(Mode::from_raw_mode(c.umask & 0o777));
-            self.umask = c.umask;
-        }
         Ok(())
     }
 
@@ -534,21 +567,27 @@ impl Broker {
     // ----- policy -----
 
     fn decide(&mut self, n: &Notif, path: &[u8], want: Want) -> R<()> {
-        if let Some(l) = &mut self.learned {
-            let key = learn_key(path, want);
-            let e = l.paths.entry(key).or_default();
-            *e = e.union(Access {
-                read: want.read,
-                write: want.write,
-                exec: want.exec,
-                hidden: false,
-            });
+        if self.learned.is_some() {
+            let kind = self.kind_of(path);
+            if let Some(l) = &mut self.learned {
+                l.record(path, want, kind);
+            }
             return Ok(());
         }
         match self.policy.check(path, want) {
             (Verdict::Allow, _) => Ok(()),
             (Verdict::Deny { errno }, rule) => {
-                if self.log.allow() {
+                // A name no rule covers that is not there either is
+                // answered as the kernel would answer it (a shell searching
+                // $PATH, a program probing for optional files): not worth
+                // a line. One a `hidden` rule names always is.
+                let absent = errno == libc::ENOENT
+                    && rule.is_none()
+                    && matches!(
+                        open_in_root(self.root.as_fd(), path, OFlags::PATH | OFlags::NOFOLLOW),
+                        Err(libc::ENOENT) | Err(libc::ENOTDIR)
+                    );
+                if !absent && self.log.allow() {
                     tracing::warn!(
                         "sandbox: denied {} {} ({}) for pid {}: {} by rule {}",
                         syscall_name(n.nr),
@@ -569,6 +608,58 @@ impl Broker {
         }
     }
 
+    /// What `path` is now in the container's root (learning mode).
+    fn kind_of(&self, path: &[u8]) -> Kind {
+        let Ok((fd, _)) = open_in_root(self.root.as_fd(), path, OFlags::PATH | OFlags::NOFOLLOW)
+        else {
+            return Kind::Missing;
+        };
+        match rustix::fs::fstat(&fd) {
+            Ok(st)
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::Directory =>
+            {
+                Kind::Dir
+            }
+            _ => Kind::Other,
+        }
+    }
+
+    /// Learning mode: the interpreters the kernel opens to run `prog`
+    /// (an `O_PATH` fd of what is executed) are executed too.
+    fn learn_interpreters(&mut self, n: &Notif, prog: &OwnedFd) {
+        use std::os::fd::AsRawFd;
+        let mut fd = prog.try_clone().ok();
+        for _ in 0..learn::MAX_INTERPRETERS {
+            let Some(cur) = fd.take() else { return };
+            let via = format!("self/fd/{}", cur.as_raw_fd());
+            let Ok(file) = rustix::fs::openat(
+                &self.proc,
+                via.as_str(),
+                OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                return;
+            };
+            let mut head = vec![0u8; 4096];
+            let Ok(len) = rustix::io::pread(&file, &mut head, 0) else {
+                return;
+            };
+            head.truncate(len);
+            let Some(interp) = learn::interpreter(&head) else {
+                return;
+            };
+            // Recorded as named and as resolved, as an exec is.
+            let _ = self.decide(n, &interp, Want::EXEC);
+            if let Ok((next, _)) = open_in_root(self.root.as_fd(), &interp, OFlags::PATH) {
+                if let Ok(canon) = self.path_of(next.as_fd()) {
+                    let _ = self.decide(n, &canon, Want::EXEC);
+                }
+                fd = Some(next);
+            }
+        }
+    }
+
     /// The path of an fd the supervisor opened, in the container's terms
     /// (the kernel names it from the container's root, which the
     /// supervisor's own root does not contain).
@@ -580,12 +671,19 @@ impl Broker {
     /// Resolves `abs` in the root (following a last symlink unless
     /// `nofollow`) as an `O_PATH` fd and checks its canonical path.
     fn lookup(&mut self, n: &Notif, abs: &[u8], nofollow: bool, want: Want) -> R<OwnedFd> {
-        self.decide(n, abs, want)?;
+        // A hidden path is not there; any other is looked up before the
+        // rest of `want` is decided, so a name that does not exist is
+        // ENOENT whatever the policy says of it, as the kernel answers
+        // (a shell searching $PATH tells "not found" from "not allowed").
+        self.decide(n, abs, Want::LOOKUP)?;
         let mut flags = OFlags::PATH;
         if nofollow {
             flags |= OFlags::NOFOLLOW;
         }
         let (fd, lexical) = open_in_root(self.root.as_fd(), abs, flags)?;
+        if want != Want::LOOKUP {
+            self.decide(n, abs, want)?;
+        }
         if !lexical {
             let canon = self.path_of(fd.as_fd())?;
             self.decide(n, &canon, want)?;
@@ -651,19 +749,49 @@ impl Broker {
         if let Some(r) = self.view_open(n, &abs, flags)? {
             return Ok(r);
         }
-        self.decide(n, &abs, want)?;
         if !valid() {
             return Err(libc::ESRCH);
         }
         let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
-        self.act_as(&c, false)?;
-        let r = self.open_checked(n, &abs, flags, mode, want);
+        self.act_as_keeping_base(&c)?;
+        let mut r = self
+            .decide_open(n, &abs, flags, want)
+            .and_then(|()| self.open_checked(n, &abs, flags, mode, want));
+        if matches!(&r, Ok(fd) if on_procfs(fd.as_fd())) {
+            // Opened with SYS_PTRACE effective, which procfs honours: again
+            // with the caller's capabilities alone.
+            drop(r);
+            self.act_as(&c, false)?;
+            r = self.open_checked(n, &abs, flags, mode, want);
+        }
         self.restore()?;
         let fd = r?;
         if let Some(r) = self.view_after(n, &fd, flags)? {
             return Ok(r);
         }
         Ok(Reply::Fd { fd, cloexec })
+    }
+
+    /// The policy's decision on an open. A name that is not there and is
+    /// not to be created is ENOENT, as the kernel would answer, whatever
+    /// the policy says of it (hidden names stay ENOENT too).
+    fn decide_open(&mut self, n: &Notif, abs: &[u8], flags: u64, want: Want) -> R<()> {
+        let f = legacy_open_flags(flags);
+        let creates = f.contains(OFlags::CREATE) || f.contains(OFlags::TMPFILE);
+        if self.learned.is_none() && !creates {
+            if let (
+                Verdict::Deny {
+                    errno: libc::EACCES,
+                },
+                _,
+            ) = self.policy.check(abs, want)
+            {
+                if let Err(libc::ENOENT) = open_in_root(self.root.as_fd(), abs, OFlags::PATH) {
+                    return Err(libc::ENOENT);
+                }
+            }
+        }
+        self.decide(n, abs, want)
     }
 
     fn openat2(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
@@ -685,6 +813,19 @@ impl Broker {
             // (beneath its dirfd, no symlinks…) is not emulated yet.
             return Err(libc::EINVAL);
         }
+        // openat2 refuses what open ignores: unknown flags, flags with
+        // O_PATH that it would drop, a mode without a file to create.
+        let f = OFlags::from_bits_retain(flags as u32);
+        let path_only = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let creates = f.contains(OFlags::CREATE) || f.contains(OFlags::TMPFILE);
+        if flags > u64::from(u32::MAX)
+            || !(f - valid_open_flags()).is_empty()
+            || (f.contains(OFlags::PATH) && !(f - path_only).is_empty())
+            || (mode != 0 && !creates)
+            || mode & !0o7777 != 0
+        {
+            return Err(libc::EINVAL);
+        }
         self.open(n, n.args[0], n.args[1], flags, mode, valid)
     }
 
@@ -696,42 +837,30 @@ impl Broker {
         mode: u64,
         want: Want,
     ) -> R<OwnedFd> {
-        let f = OFlags::from_bits_retain(flags as u32);
+        let f = legacy_open_flags(flags);
+        if f.contains(OFlags::PATH) {
+            return self.open_path(n, abs, f);
+        }
+        let create = f.contains(OFlags::CREATE);
+        // `name/` names a directory, which O_CREAT never makes.
+        if create && abs.len() > 1 && abs.ends_with(b"/") {
+            return Err(libc::EISDIR);
+        }
+        // O_EXCL: whatever has the name (a directory, a symlink) is EEXIST,
+        // decided by the kernel in the parent below.
+        let excl = create && f.contains(OFlags::EXCL);
         // Opened without blocking (a FIFO would stall the supervisor), never
         // as our terminal, and truncated only once the file is checked.
         let base = (f & !(OFlags::CREATE | OFlags::TRUNC | OFlags::EXCL | OFlags::CLOEXEC))
             | OFlags::NOCTTY
             | OFlags::NONBLOCK;
         for _ in 0..4 {
-            match open_in_root(self.root.as_fd(), abs, base) {
-                Ok((fd, lexical)) => {
-                    if f.contains(OFlags::CREATE | OFlags::EXCL) {
-                        return Err(libc::EEXIST);
-                    }
-                    if !lexical {
-                        let canon = self.path_of(fd.as_fd())?;
-                        self.decide(n, &canon, want)?;
-                    }
-                    if !f.contains(OFlags::NONBLOCK) {
-                        // F_SETFL takes only the status flags of `f`: those
-                        // the caller asked for, without O_NONBLOCK.
-                        rustix::fs::fcntl_setfl(&fd, f).map_err(errno)?;
-                    }
-                    let mode_w = f & OFlags::RWMODE;
-                    if f.contains(OFlags::TRUNC)
-                        && (mode_w == OFlags::WRONLY || mode_w == OFlags::RDWR)
-                    {
-                        let st = rustix::fs::fstat(&fd).map_err(errno)?;
-                        if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                            == rustix::fs::FileType::RegularFile
-                        {
-                            rustix::fs::ftruncate(&fd, 0).map_err(errno)?;
-                        }
-                    }
-                    return Ok(fd);
+            if !excl {
+                match open_in_root(self.root.as_fd(), abs, base) {
+                    Ok((fd, lexical)) => return self.opened(n, fd, lexical, f, want),
+                    Err(libc::ENOENT) if create => {}
+                    Err(e) => return Err(e),
                 }
-                Err(libc::ENOENT) if f.contains(OFlags::CREATE) => {}
-                Err(e) => return Err(e),
             }
             let (dir, name) = self.parent(n, abs, Want::WRITE)?;
             let create =
@@ -745,11 +874,82 @@ impl Broker {
             ) {
                 Ok(fd) => return Ok(fd),
                 // Created meanwhile (without O_EXCL that is fine): open it.
-                Err(rustix::io::Errno::EXIST) if !f.contains(OFlags::EXCL) => continue,
+                Err(rustix::io::Errno::EXIST) if !excl => continue,
+                // A symlink in the way: what an O_CREAT open without
+                // O_EXCL follows. The kernel names that ELOOP here.
+                Err(rustix::io::Errno::LOOP) if excl => return Err(libc::EEXIST),
                 Err(e) => return Err(errno(e)),
             }
         }
         Err(libc::EAGAIN)
+    }
+
+    /// `O_PATH`: seccomp's ADDFD cannot hand over an `O_PATH` file (the
+    /// kernel's `fget` skips them), and letting the kernel open the path
+    /// itself (CONTINUE) would let a racing thread swap it after the
+    /// check. So the caller gets the same file opened for reading, without
+    /// blocking: that needs read on it, from the policy and from the file's
+    /// mode; a symlink itself (`O_NOFOLLOW`) cannot be opened so and is
+    /// EOPNOTSUPP, which is what glibc's `fchmodat(AT_SYMLINK_NOFOLLOW)`,
+    /// the common user, answers for a symlink anyway (docs/sandbox.md).
+    fn open_path(&mut self, n: &Notif, abs: &[u8], f: OFlags) -> R<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        self.decide(n, abs, Want::LOOKUP)?;
+        let (fd, lexical) = open_in_root(self.root.as_fd(), abs, f)?;
+        let kind =
+            rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(errno)?.st_mode);
+        if kind == rustix::fs::FileType::Symlink {
+            return Err(libc::EOPNOTSUPP);
+        }
+        self.decide(n, abs, Want::READ)?;
+        if !lexical {
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, Want::READ)?;
+        }
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        if kind == rustix::fs::FileType::Directory {
+            flags |= OFlags::DIRECTORY;
+        }
+        let via = format!("self/fd/{}", fd.as_raw_fd());
+        rustix::fs::openat(&self.proc, via.as_str(), flags, Mode::empty()).map_err(errno)
+    }
+
+    /// The rest of an open of an existing file: its canonical path checked
+    /// (when a symlink led there), O_CREAT refused on a directory, the
+    /// status flags the caller asked for, O_TRUNC.
+    fn opened(
+        &mut self,
+        n: &Notif,
+        fd: OwnedFd,
+        lexical: bool,
+        f: OFlags,
+        want: Want,
+    ) -> R<OwnedFd> {
+        if !lexical {
+            let canon = self.path_of(fd.as_fd())?;
+            self.decide(n, &canon, want)?;
+        }
+        let is_regular = |fd: &OwnedFd| {
+            rustix::fs::fstat(fd).map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode))
+        };
+        if f.contains(OFlags::CREATE)
+            && is_regular(&fd).map_err(errno)? == rustix::fs::FileType::Directory
+        {
+            return Err(libc::EISDIR);
+        }
+        if !f.contains(OFlags::NONBLOCK) {
+            // F_SETFL takes only the status flags of `f`: those the caller
+            // asked for, without O_NONBLOCK.
+            rustix::fs::fcntl_setfl(&fd, f).map_err(errno)?;
+        }
+        let mode_w = f & OFlags::RWMODE;
+        if f.contains(OFlags::TRUNC)
+            && (mode_w == OFlags::WRONLY || mode_w == OFlags::RDWR)
+            && is_regular(&fd).map_err(errno)? == rustix::fs::FileType::RegularFile
+        {
+            rustix::fs::ftruncate(&fd, 0).map_err(errno)?;
+        }
+        Ok(fd)
     }
 
     /// `/proc/self/fd/N` (and `/dev/stdout`…) of the caller itself: the
@@ -761,7 +961,10 @@ impl Broker {
         flags: u64,
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
-        let fd = self.caller_fd(c, fdnum)?;
+        // `/proc/self/fd/N` of a number it does not hold does not exist.
+        let fd =
+            self.caller_fd(c, fdnum)
+                .map_err(|e| if e == libc::EBADF { libc::ENOENT } else { e })?;
         if !valid() {
             return Err(libc::ESRCH);
         }
@@ -815,13 +1018,14 @@ impl Broker {
             if !valid() {
                 return Err(libc::ESRCH);
             }
-            self.act_as(&c, false)?;
-            let r = self.lookup(
-                n,
-                &abs,
-                flags & libc::AT_SYMLINK_NOFOLLOW != 0,
-                Want::LOOKUP,
-            );
+            let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW != 0;
+            self.act_as_keeping_base(&c)?;
+            let mut r = self.lookup(n, &abs, nofollow, Want::LOOKUP);
+            if matches!(&r, Ok(fd) if on_procfs(fd.as_fd())) {
+                drop(r);
+                self.act_as(&c, false)?;
+                r = self.lookup(n, &abs, nofollow, Want::LOOKUP);
+            }
             self.restore()?;
             r?
         };
@@ -888,7 +1092,6 @@ impl Broker {
                 Want::LOOKUP,
             )
             .and_then(|fd| {
-                self.decide(n, &abs, want)?;
                 let canon = self.path_of(fd.as_fd())?;
                 // A directory is searched, not executed.
                 let is_dir = rustix::fs::fstat(&fd)
@@ -905,6 +1108,7 @@ impl Broker {
                 } else {
                     want
                 };
+                self.decide(n, &abs, policy_want)?;
                 self.decide(n, &canon, policy_want)?;
                 {
                     use std::os::fd::AsRawFd;
@@ -1508,6 +1712,9 @@ impl Broker {
         }
         self.act_as(&c, false)?;
         let r = self.lookup(n, &abs, false, Want::EXEC);
+        if let (Ok(prog), true) = (&r, self.learned.is_some()) {
+            self.learn_interpreters(n, prog);
+        }
         self.restore()?;
         r?;
         Ok(Reply::Continue)
@@ -1586,9 +1793,7 @@ impl Broker {
     fn socket(&mut self, n: &Notif) -> R<Reply> {
         let family = n.args[0] as i32;
         if let Some(l) = &mut self.learned {
-            if !l.families.contains(&family) {
-                l.families.push(family);
-            }
+            l.family(family);
             return Ok(Reply::Continue);
         }
         if self.policy.socket_families.contains(&family) {
@@ -1605,27 +1810,6 @@ impl Broker {
     }
 }
 
-/// The rule a learned access becomes: the directory of a file read or
-/// executed (so a program's neighbours come with it), the path itself when
-/// written or created.
-fn learn_key(path: &[u8], want: Want) -> String {
-    let comps = clean_components(path);
-    let keep = if want.write || comps.len() <= 1 {
-        comps.len()
-    } else {
-        comps.len() - 1
-    };
-    let mut s = String::new();
-    for c in &comps[..keep] {
-        s.push('/');
-        s.push_str(&String::from_utf8_lossy(c));
-    }
-    if s.is_empty() {
-        s.push('/');
-    }
-    s
-}
-
 fn want_str(w: Want) -> String {
     let mut s = String::new();
     for (on, c) in [(w.read, 'r'), (w.write, 'w'), (w.exec, 'x')] {
@@ -1637,6 +1821,47 @@ fn want_str(w: Want) -> String {
         s.push_str("lookup");
     }
     s
+}
+
+/// Whether `fd` is on a procfs (where ptrace access checks, and so the
+/// supervisor's SYS_PTRACE, decide). Unknown counts as procfs.
+fn on_procfs(fd: BorrowedFd<'_>) -> bool {
+    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    rustix::fs::fstatfs(fd).map_or(true, |st| st.f_type == PROC_SUPER_MAGIC)
+}
+
+/// The flags `open`/`openat` act on: unknown bits dropped, and with
+/// `O_PATH` only the flags that go with it (as the kernel does for them;
+/// `openat2`, which the broker uses, refuses what they ignore).
+fn legacy_open_flags(flags: u64) -> OFlags {
+    let f = OFlags::from_bits_truncate(flags as u32) & valid_open_flags();
+    if f.contains(OFlags::PATH) {
+        f & (OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW)
+    } else {
+        f
+    }
+}
+
+/// The kernel's `VALID_OPEN_FLAGS`.
+fn valid_open_flags() -> OFlags {
+    OFlags::RWMODE
+        | OFlags::CREATE
+        | OFlags::EXCL
+        | OFlags::NOCTTY
+        | OFlags::TRUNC
+        | OFlags::APPEND
+        | OFlags::NONBLOCK
+        | OFlags::DSYNC
+        | OFlags::from_bits_retain(libc::O_ASYNC as u32)
+        | OFlags::DIRECT
+        | OFlags::LARGEFILE
+        | OFlags::DIRECTORY
+        | OFlags::NOFOLLOW
+        | OFlags::NOATIME
+        | OFlags::CLOEXEC
+        | OFlags::SYNC
+        | OFlags::PATH
+        | OFlags::TMPFILE
 }
 
 fn bytes_path(b: &[u8]) -> &Path {
@@ -1751,13 +1976,5 @@ mod tests {
             }
         );
         assert_eq!(access_of(libc::O_PATH as u64), Want::LOOKUP);
-    }
-
-    #[test]
-    fn learned_rules_are_directories_for_reads() {
-        assert_eq!(learn_key(b"/usr/lib/libc.so.6", Want::READ), "/usr/lib");
-        assert_eq!(learn_key(b"/tmp/out", Want::WRITE), "/tmp/out");
-        assert_eq!(learn_key(b"/etc", Want::READ), "/etc");
-        assert_eq!(learn_key(b"/", Want::LOOKUP), "/");
     }
 }

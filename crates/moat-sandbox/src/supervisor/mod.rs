@@ -85,14 +85,19 @@ pub fn spawn(listener: UnixListener, opts: Options) -> std::io::Result<Spawned> 
     };
     let (parent, child) = pair()?;
     let (guard_parent, guard_child) = pair()?;
-    // The children close their copies of the runtime's ends, so that they
-    // see EOF when the runtime gives up.
-    let runtime_ends = (parent.try_clone()?, guard_parent.try_clone()?);
+    // The children close their copies of the runtime's ends (a fork
+    // inherits them under the same numbers), so that they see EOF when the
+    // runtime gives up: a create that fails leaves neither behind.
+    let runtime_ends = (parent.as_raw_fd(), guard_parent.as_raw_fd());
     let (parent, child) = (Channel::from_fd(parent), Channel::from_fd(child));
     let guard_parent = Channel::from_fd(guard_parent);
     let one = moat_sys::process::OneThread::check()?;
     let mid = one.fork(0, move |one| {
-        drop(runtime_ends);
+        if nix::unistd::close(runtime_ends.0).is_err()
+            || nix::unistd::close(runtime_ends.1).is_err()
+        {
+            return 1;
+        }
         match one.fork(0, move |one| {
             guard_main(one, listener, child, guard_child, opts)
         }) {
@@ -241,7 +246,7 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
     let mut init_alive = Some(init_fd);
     serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);
     if let (Some(out), Some(learned)) = (opts.learn, broker.learned.take()) {
-        let policy = Policy::from_learned(learned.paths, learned.families);
+        let policy = learned.policy();
         let mut f = std::fs::File::from(out);
         std::io::Write::write_all(&mut f, policy.to_json().as_bytes())?;
     }
@@ -451,7 +456,21 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Reply::Err(e) => notify::send(fd, n.id, 0, e, 0),
         Reply::Continue => notify::send(fd, n.id, 0, 0, notify::FLAG_CONTINUE),
         Reply::Fd { fd: file, cloexec } => {
-            notify::addfd_send(fd, n.id, file.as_fd(), cloexec).map(drop)
+            match notify::addfd_send(fd, n.id, file.as_fd(), cloexec) {
+                Ok(_) => Ok(()),
+                // The descriptor could not be installed; the caller still
+                // waits and must get an answer: EBADF is its RLIMIT_NOFILE
+                // (an open would fail with EMFILE).
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                    let errno = match e.raw_os_error() {
+                        Some(libc::EBADF) => libc::EMFILE,
+                        Some(v) => v,
+                        None => libc::EIO,
+                    };
+                    notify::send(fd, n.id, 0, errno, 0)
+                }
+                Err(e) => Err(e),
+            }
         }
         Reply::Defer(d) => {
             broker.defer(fd, *d);
@@ -464,6 +483,8 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
         Err(e) => {
             tracing::warn!("sandbox supervisor: cannot answer a notification: {e}");
+            // Never leave the caller waiting: an answer without a value.
+            let _ = notify::send(fd, n.id, 0, libc::EIO, 0);
             true
         }
     }

@@ -8,6 +8,7 @@
 //! [`human_argv`] tells them apart, as docs/run.md describes.
 pub mod defaults;
 pub mod images;
+pub mod learn;
 pub mod rootfs;
 pub mod seccomp_profile;
 
@@ -109,6 +110,9 @@ pub struct RunArgs {
     /// [IMAGE] then the command and its arguments
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
+    /// `moat policy learn`: the sandbox in learning mode ([`learn`]).
+    #[arg(skip)]
+    pub learn: Option<learn::Learn>,
     /// Set when `--` comes before the first positional argument: then that
     /// argument is the command (embedded default root), never an image.
     #[arg(skip)]
@@ -376,12 +380,28 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         .with_context(|| format!("cannot create {}", root.display()))?;
     searchable(root)?;
     let tiers = Tiers::new(root, cli.global.systemd_cgroup);
+    if o.learn.is_some() {
+        if tier != Tier::Sandbox {
+            bail!("moat policy learn runs the sandbox tier (--isolation sandbox)");
+        }
+        if o.policy.is_some() {
+            bail!("--policy: moat policy learn writes a policy, it takes none");
+        }
+    }
     let engine = tiers.engine(tier)?;
     sweep_orphans(&tiers, root);
     // This run's process: the owner of its ID block, its container and
     // its directory (`.run/<id>`, which says so for a later sweep).
     let owner = Owner::current();
     let run_dir = RunDir::create(root, &id, &owner)?;
+    let learned = match &o.learn {
+        Some(l) => Some(l.destination(&run_dir.path)?),
+        None => None,
+    };
+    let engine = match &learned {
+        Some(dest) => engine.learning(dest.file.clone())?,
+        None => engine,
+    };
     let alloc = if rustix::process::geteuid().is_root() {
         let pool = IdPool::from_env()?;
         let alloc = IdAllocator::new(idalloc::allocator_dir(), pool)
@@ -489,6 +509,9 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     unmounted.context("cannot unmount the image")?;
     if let Some(alloc) = alloc {
         alloc.release()?;
+    }
+    if let Some(dest) = &learned {
+        dest.finish()?;
     }
     drop(run_dir);
     report(&result, &s, sink)?;
