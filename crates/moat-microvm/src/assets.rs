@@ -159,7 +159,31 @@ pub fn initramfs(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, MicrovmE
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r.map(|()| path)
+    r?;
+    remove_other_initramfs(cache, &path);
+    Ok(path)
+}
+
+/// Removes the initramfs images other than `keep` from `cache`: each was
+/// built for another moat binary or kernel (a new build is made only when
+/// the key changed), and nothing will ask for it again unless that binary
+/// runs again (then it is rebuilt, in about a second). A guest still
+/// running on one keeps it open until it ends.
+fn remove_other_initramfs(cache: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if p != keep && name.starts_with("initramfs-") && name.ends_with(".cpio") {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::debug!("microvm: removed the stale initramfs {}", p.display()),
+                Err(e) => tracing::debug!("microvm: cannot remove {}: {e}", p.display()),
+            }
+        }
+    }
 }
 
 /// This moat binary's bytes, without debug information when binutils'
@@ -206,4 +230,32 @@ fn write_initramfs(path: &Path, kernel: &GuestKernel) -> Result<(), MicrovmError
     out.flush()
         .map_err(MicrovmError::io(format!("write {}", path.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_initramfs_replaces_the_others_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("initramfs-new.cpio");
+        for name in [
+            "initramfs-new.cpio",
+            "initramfs-old.cpio",
+            "initramfs-older.cpio",
+            "disk-x.ext4",
+            "spare.img",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_other_initramfs(dir.path(), &keep);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["disk-x.ext4", "initramfs-new.cpio", "spare.img"]);
+    }
 }

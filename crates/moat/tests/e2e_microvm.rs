@@ -11,23 +11,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-/// The image cache every test shares.
-fn cache() -> &'static PathBuf {
-    static CACHE: OnceLock<PathBuf> = OnceLock::new();
-    CACHE.get_or_init(|| std::env::temp_dir().join("moat-e2e-microvm-cache"))
+fn env() -> Vec<(String, String)> {
+    microvm_env()
 }
 
-fn env() -> Vec<(String, String)> {
-    vec![(
-        "MOAT_MICROVM_CACHE".to_string(),
-        cache().display().to_string(),
-    )]
+fn cache() -> &'static PathBuf {
+    microvm_cache()
 }
 
 /// A runtime for a microvm test, or None after saying why not.
@@ -54,44 +47,8 @@ fn rt(test: &str) -> Option<Rt> {
         return None;
     }
     eprintln!("{test}: microvm runs on {}", vm["runs_on"]);
-    warm_up(&rt);
+    microvm_warm_up(&rt);
     Some(rt)
-}
-
-/// Builds the cached images once (minutes for the host's /usr), with a
-/// deadline of its own; every test calls it, only the first one waits.
-fn warm_up(rt: &Rt) {
-    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
-    if *done {
-        return;
-    }
-    let mut cmd = rt.command();
-    cmd.envs(env())
-        .args(["run", "--isolation", "microvm", "--", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = spawn_own(&mut cmd);
-    let start = Instant::now();
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(1200) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the first microvm run (building the cached images) took over 20 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
-    assert!(status.success(), "warm-up run failed: {status:?}: {err}");
-    *done = true;
 }
 
 fn cmd(rt: &Rt, args: &[&str]) -> Out {
@@ -450,15 +407,18 @@ fn by_program_name_kill_all_and_delete_force_end_the_vm() {
     assert_clean(&rt);
 }
 
-/// A cache of this test's own (the shared one's images and initramfs,
-/// hard-linked: nothing is rebuilt), so its snapshots are its own.
+/// A cache of this test's own (the shared one's disk images, hard-linked:
+/// the host's /usr is not imaged again), so its snapshots are its own.
 fn private_cache(test: &str) -> PathBuf {
     let dir = cache().join(format!("private-{test}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(cache()).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let shared = name.ends_with(".ext4") || name.ends_with(".cpio") || name == "spare.img";
+        // Disk images only: the first run builds its own initramfs, so the
+        // directory holds exactly one (the shared one may hold those of
+        // other moat binaries, and the test changes the one in use).
+        let shared = name.ends_with(".ext4") || name == "spare.img";
         if shared && e.file_type().is_ok_and(|t| t.is_file()) {
             std::fs::hard_link(e.path(), dir.join(&name)).unwrap();
         }

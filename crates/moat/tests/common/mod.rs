@@ -739,3 +739,54 @@ pub fn root_entries(rt: &Rt) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+// The microvm tier's image cache, shared by every test binary.
+
+/// The image cache every test shares.
+pub fn microvm_cache() -> &'static PathBuf {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| std::env::temp_dir().join("moat-e2e-microvm-cache"))
+}
+
+pub fn microvm_env() -> Vec<(String, String)> {
+    vec![(
+        "MOAT_MICROVM_CACHE".to_string(),
+        microvm_cache().display().to_string(),
+    )]
+}
+
+/// Builds the cached images once (minutes for the host's /usr), with a
+/// deadline of its own; every test calls it, only the first one waits.
+pub fn microvm_warm_up(rt: &Rt) {
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return;
+    }
+    let mut cmd = rt.command();
+    cmd.envs(microvm_env())
+        .args(["run", "--isolation", "microvm", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = spawn_own(&mut cmd);
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(1200) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the first microvm run (building the cached images) took over 20 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "warm-up run failed: {status:?}: {err}");
+    *done = true;
+}
