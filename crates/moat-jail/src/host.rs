@@ -217,6 +217,11 @@ fn guest_kernel() -> Option<PathBuf> {
         let p = PathBuf::from(p);
         return p.is_file().then_some(p);
     }
+    newest_cloud_kernel()
+}
+
+/// The newest Debian cloud kernel image in /boot (`vmlinuz-*-cloud-amd64`).
+pub fn newest_cloud_kernel() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
         .flatten()

@@ -40,7 +40,7 @@ impl GuestKernel {
     pub fn find() -> Result<GuestKernel, String> {
         let image = match std::env::var_os("MOAT_GUEST_KERNEL") {
             Some(p) => PathBuf::from(p),
-            None => newest_cloud_kernel().ok_or_else(|| {
+            None => moat_jail::host::newest_cloud_kernel().ok_or_else(|| {
                 "no guest kernel (/boot/vmlinuz-*-cloud-amd64; install linux-image-cloud-amd64 or set MOAT_GUEST_KERNEL)".to_string()
             })?,
         };
@@ -92,21 +92,6 @@ impl GuestKernel {
             .map(|t| t.lines().any(|l| l == format!("{option}=y")))
             .unwrap_or(false)
     }
-}
-
-fn newest_cloud_kernel() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
 }
 
 fn stat_key(h: &mut Sha256, p: &Path) -> Result<(), MicrovmError> {

@@ -3,91 +3,33 @@
 //! the supervisor decided: brokered opens, hidden paths, escapes, races
 //! against the check, refused syscalls, and real programs.
 mod common;
+mod sandbox;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{run_binary, Opts, Out, Rt};
+use common::Rt;
+use sandbox::{rt, sh};
 
-fn rt(test: &str) -> Option<Rt> {
-    let rt = Rt::root_or_skip(test)?;
-    if !rt.is_moat() {
-        eprintln!("SKIP {test}: moat-only tier");
-        return None;
+/// /data for these tests (see [`sandbox::Data`]).
+struct Data(sandbox::Data);
+
+impl std::ops::Deref for Data {
+    type Target = sandbox::Data;
+    fn deref(&self) -> &sandbox::Data {
+        &self.0
     }
-    Some(rt)
-}
-
-/// `moat run --isolation sandbox [flags] -- sh -c SCRIPT`.
-fn sh(rt: &Rt, flags: &[&str], script: &str) -> Out {
-    let mut args = vec!["run", "--isolation", "sandbox"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["--", "sh", "-c", script]);
-    rt.cmd(&args)
-}
-
-/// A directory the container's user can read, mounted as /data: `ok`
-/// ("fine"), `secret` ("SECRET"), and the C helpers compiled into it.
-struct Data {
-    dir: tempfile::TempDir,
 }
 
 impl Data {
     fn new() -> Data {
-        let dir = tempfile::Builder::new()
-            .prefix("moat-e2e-sandbox-")
-            .tempdir()
-            .expect("tempdir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(dir.path().join("ok"), "fine\n").unwrap();
-        fs::write(dir.path().join("secret"), "SECRET\n").unwrap();
-        for f in ["ok", "secret"] {
-            fs::set_permissions(dir.path().join(f), fs::Permissions::from_mode(0o644)).unwrap();
-        }
-        Data { dir }
+        Data(sandbox::Data::new("moat-e2e-sandbox-"))
     }
 
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn volume(&self) -> String {
-        format!("{}:/data:ro", self.path().display())
-    }
-
-    /// Compiles `src` (C, with pthreads) to /data/NAME.
-    fn compile(&self, name: &str, src: &str) {
-        let c = self.path().join(format!("{name}.c"));
-        fs::write(&c, src).unwrap();
-        let out = self.path().join(name);
-        let tmp = tempfile::tempdir().unwrap();
-        let r = run_binary(
-            Path::new("/usr/bin/gcc"),
-            &[
-                "-O1".into(),
-                "-pthread".into(),
-                "-o".into(),
-                out.display().to_string(),
-                c.display().to_string(),
-            ],
-            Opts::default(),
-            &tmp.path().join("o"),
-            &tmp.path().join("e"),
-        );
-        assert!(r.ok(), "gcc {name}: {r:?}");
-    }
-
-    /// A policy file: the default rules, plus `/data` readable (not
-    /// executable) and `/data/secret` hidden.
+    /// The default rules, `/data` readable, `/data/secret` hidden.
     fn policy(&self) -> PathBuf {
-        let mut v: serde_json::Value =
-            serde_json::from_str(moat_sandbox::policy::DEFAULT_POLICY).unwrap();
-        v["paths"]["/data"] = "r".into();
-        v["paths"]["/data/secret"] = "hidden".into();
-        let p = self.path().join("policy.json");
-        fs::write(&p, v.to_string()).unwrap();
-        p
+        self.0.policy_with(&[])
     }
 }
 

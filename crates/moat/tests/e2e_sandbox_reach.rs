@@ -5,6 +5,7 @@
 //! uname, sysinfo, CPU affinity; `moat probe` reporting no host identity),
 //! and directory listings without hidden names.
 mod common;
+mod sandbox;
 
 use std::fs;
 use std::io::Write;
@@ -14,88 +15,35 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{run_binary, Opts, Out, Rt};
+use sandbox::{rt, sh};
 
-fn rt(test: &str) -> Option<Rt> {
-    let rt = Rt::root_or_skip(test)?;
-    if !rt.is_moat() {
-        eprintln!("SKIP {test}: moat-only tier");
-        return None;
+/// /data for these tests (see [`sandbox::Data`]), with the sockets of
+/// [`Servers`] in its policy.
+struct Data(sandbox::Data);
+
+impl std::ops::Deref for Data {
+    type Target = sandbox::Data;
+    fn deref(&self) -> &sandbox::Data {
+        &self.0
     }
-    Some(rt)
-}
-
-/// `moat run --isolation sandbox [flags] -- sh -c SCRIPT`.
-fn sh(rt: &Rt, flags: &[&str], script: &str) -> Out {
-    let mut args = vec!["run", "--isolation", "sandbox"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["--", "sh", "-c", script]);
-    rt.cmd(&args)
-}
-
-/// A directory mounted read-only as /data, with helpers compiled into it
-/// and the policy that goes with it.
-struct Data {
-    dir: tempfile::TempDir,
 }
 
 impl Data {
     fn new() -> Data {
-        let dir = tempfile::Builder::new()
-            .prefix("moat-e2e-reach-")
-            .tempdir()
-            .expect("tempdir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(dir.path().join("secret"), "SECRET\n").unwrap();
-        fs::write(dir.path().join("ok"), "fine\n").unwrap();
-        Data { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn volume(&self) -> String {
-        format!("{}:/data:ro", self.path().display())
-    }
-
-    fn compile(&self, name: &str, src: &str) {
-        let c = self.path().join(format!("{name}.c"));
-        fs::write(&c, src).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let r = run_binary(
-            Path::new("/usr/bin/gcc"),
-            &[
-                "-O1".into(),
-                "-pthread".into(),
-                "-o".into(),
-                self.path().join(name).display().to_string(),
-                c.display().to_string(),
-            ],
-            Opts::default(),
-            &tmp.path().join("o"),
-            &tmp.path().join("e"),
-        );
-        assert!(r.ok(), "gcc {name}: {r:?}");
+        Data(sandbox::Data::new("moat-e2e-reach-"))
     }
 
     /// The default policy, `/data` readable, `/data/secret` and the hidden
     /// sockets hidden, `/data/open.sock` writable (connect asks `w`), and
     /// `extra` rules.
     fn policy(&self, extra: &[(&str, &str)]) -> PathBuf {
-        let mut v: serde_json::Value =
-            serde_json::from_str(moat_sandbox::policy::DEFAULT_POLICY).unwrap();
-        v["paths"]["/data"] = "r".into();
-        v["paths"]["/data/secret"] = "hidden".into();
-        v["paths"]["/data/hidden.sock"] = "hidden".into();
-        v["paths"]["/data/hidden.dgram"] = "hidden".into();
-        v["paths"]["/data/open.sock"] = "rw".into();
-        for (k, a) in extra {
-            v["paths"][*k] = (*a).into();
-        }
-        let p = self.path().join("policy.json");
-        fs::write(&p, v.to_string()).unwrap();
-        p
+        let mut rules = vec![
+            ("/data/hidden.sock", "hidden"),
+            ("/data/hidden.dgram", "hidden"),
+            ("/data/open.sock", "rw"),
+        ];
+        rules.extend_from_slice(extra);
+        self.0.policy_with(&rules)
     }
 }
 
