@@ -107,7 +107,7 @@ fn choose_accel(kvm_error: Option<std::io::Error>, hardware_virt: bool, pvm: boo
 }
 
 /// The host TSC rate in kHz from /proc/cpuinfo (TCG guests may hang calibrating it).
-fn host_khz() -> Option<u64> {
+pub fn host_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = cpuinfo
         .lines()

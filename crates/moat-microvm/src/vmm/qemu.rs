@@ -37,21 +37,6 @@ pub struct QemuArgs {
 /// TCG's translation cache, in MiB: bounds QEMU's memory beyond the guest.
 pub const TCG_TB_MIB: u64 = 64;
 
-/// The host's TSC rate in kHz, from /proc/cpuinfo (a TCG guest may hang
-/// calibrating it otherwise).
-pub fn host_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
 impl QemuArgs {
     pub fn build(&self) -> Vec<OsString> {
         let mut a: Vec<String> = Vec::new();
@@ -134,7 +119,7 @@ pub fn cmdline(accel: Accel) -> String {
          8250.nr_uarts=1 rdinit=/moat",
     );
     if accel == Accel::Tcg {
-        if let Some(khz) = host_khz() {
+        if let Some(khz) = moat_vmm::qemu::host_khz() {
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
