@@ -189,6 +189,7 @@ pub fn exec(
             preserve_fds: opts.preserve_fds,
             notify_channel: Some(&child),
             in_user_ns,
+            steps: false,
         };
         let err = process::finalize_and_exec(&fin);
         let _ = child.send(&err.report());

@@ -14,6 +14,7 @@ use moat_jail::landlock;
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::rootfs::{self, RootfsConfig};
 use moat_jail::sync::{Channel, Msg, RemoteError, SyncError};
+use moat_core::steps::Recorder;
 use moat_sys::process::OneThread;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,8 @@ pub struct InitContext<'a> {
     pub net_device: bool,
     /// The spec's seccomp filter, compiled by the runtime (None: compile here).
     pub seccomp_program: Option<&'a moat_jail::seccomp::Program>,
+    /// Record the steps' durations and send them to the runtime (`--debug`).
+    pub steps: bool,
 }
 
 /// Entry point of the slow path's intermediate process: join and create the
@@ -150,14 +153,17 @@ pub fn container_init(ctx: &InitContext, chan: &Channel) -> i32 {
 enum Never {}
 
 fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
+    let mut rec = Recorder::new(ctx.steps);
     // Until the runtime has recorded us (`Ready` below), we die with it.
     tie_to_runtime(chan)?;
     release_runtime_fds(ctx);
     // The runtime records our PID before it says go.
     chan.expect(Msg::Go, "go")?;
+    rec.step("wait-go");
     // Before the cgroup, whose device rules refuse /dev/net/tun.
     let tun = ctx.net_device.then(moat_net::open_tun).transpose()?;
     join_cgroup(ctx)?;
+    rec.step("cgroup-join");
     crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
     let rcfg = RootfsConfig {
@@ -172,13 +178,16 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // With the runtime's credentials still (the container's host IDs need
     // not be able to reach the rootfs or a volume).
     let host = rootfs::HostPaths::open(ctx.spec, ctx.rootfs, ctx.bundle)?;
+    rec.step("open-host-paths");
     become_root_in_user_ns(ctx)?;
     // The ID change cleared the parent-death signal.
     tie_to_runtime(chan)?;
     enter_late_namespaces(ctx)?;
     join_session_keyring(ctx)?;
+    rec.step("identity-keyring");
     let root = rootfs::prepare(&rcfg, &host)?;
     drop(host);
+    rec.step("mounts");
     make_net_device(tun, chan)?;
     if ctx.has_runtime_hooks {
         chan.send(&Msg::RuntimeHooks)?;
@@ -189,15 +198,19 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
         // The container's root will have no /proc (nothing is mounted).
         apply_sysctls(ctx.spec)?;
     }
+    rec.step("net-device-hooks");
     rootfs::pivot(&rcfg, &root)?;
     drop(root);
+    rec.step("pivot-root");
     set_identity(ctx.spec)?;
     bring_up_loopback(ctx)?;
     if rcfg.own_mount_ns {
         // Before `finish`, which makes /proc/sys read-only.
         apply_sysctls(ctx.spec)?;
     }
+    rec.step("hostname-loopback-sysctls");
     rootfs::finish(&rcfg)?;
+    rec.step("masked-readonly-paths");
     nix::unistd::setsid().map_err(sys("create a session"))?;
     if let Some(sock) = &ctx.console_socket {
         let size = ctx.spec.process().as_ref().and_then(|p| p.console_size());
@@ -206,6 +219,10 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // With the root and the standard streams final: a policy path missing
     // from the container fails `create`.
     let ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
+    rec.step("session-console-landlock");
+    if rec.active() {
+        chan.send(&Msg::Steps(rec.take()))?;
+    }
     chan.send(&Msg::Created)?;
     detach_from_runtime(ctx, chan)?;
     let reply = wait_for_start(ctx, chan)?;
@@ -226,6 +243,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
         preserve_fds: ctx.preserve_fds,
         notify_channel: Some(reply),
         in_user_ns: ctx.plan.has_user(),
+        steps: ctx.steps,
     };
     let err = process::finalize_and_exec(&fin);
     // Report on the channel the starter listens to.

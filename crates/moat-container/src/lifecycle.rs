@@ -9,6 +9,7 @@ use moat_core::runtime::{
 };
 use moat_core::state::{ContainerLock, ContainerStatus, State, StateDir, StateError};
 use moat_core::stats::{LimitEvents, Stats};
+use moat_core::steps;
 use moat_core::{SpecError, Tier};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
@@ -157,6 +158,7 @@ impl ContainerTier {
             }
             r => r?,
         };
+        steps::mark("state-dir-lock");
         let mut cleanup = Cleanup {
             rt: self,
             id: req.id,
@@ -224,6 +226,7 @@ impl ContainerTier {
         }
         .store(&mut state);
         self.sd.save(&state)?;
+        steps::mark("state-save-creating");
         let resources = with_default_devices(linux);
         let created = cg.create(Some(&resources));
         cleanup.cgroup = Some(cg);
@@ -242,7 +245,9 @@ impl ContainerTier {
             Err(e) => return Err(e.into()),
         }
         let cg = cleanup.cgroup.as_ref();
+        steps::mark("cgroup-create");
         save_config_copy(lock.dir(), req.config)?;
+        steps::mark("config-copy");
 
         let join_files = ns::open_joins(&plan)?;
         let (parent, child) = sync::pair()?;
@@ -262,12 +267,14 @@ impl ContainerTier {
         });
         // Compiled here (or taken from the cache) rather than in the
         // container process: that costs one syscall there.
+        steps::mark("channel-sockets");
         let seccomp_program = match linux.seccomp() {
             Some(s) => {
                 seccomp::prepare(s, Some(self.sd.root())).map_err(ContainerError::SeccompProgram)?
             }
             None => None,
         };
+        steps::mark("seccomp-prepare");
         let cgroup_mounts = cg.map(CgroupManager::mount_sources).unwrap_or_default();
         let cgroup_join = cg.map(CgroupManager::join_files).transpose()?;
         let landlock = moat_core::landlock::LandlockPolicy::from_spec(spec)?;
@@ -292,7 +299,9 @@ impl ContainerTier {
             die_with_runtime: req.die_with_runtime,
             net_device: net.is_some(),
             seccomp_program: seccomp_program.as_ref(),
+            steps: steps::active(),
         };
+        steps::mark("init-context");
         let fast = plan.clone_flags();
         let first = moat_sys::process::OneThread::check()
             .and_then(|one| match fast {
@@ -302,6 +311,7 @@ impl ContainerTier {
             .map_err(io_err("fork the container process"))?;
         drop(ctx);
         drop(child);
+        steps::mark("clone");
         cleanup.pid = first;
         // The container process is recorded before it may leave its first
         // wait: `delete --force` finds it whenever this runtime dies (and
@@ -320,6 +330,7 @@ impl ContainerTier {
         };
         set_oom_score_adj_from_outside(spec.process().as_ref(), pid)?;
         parent.send(&Msg::Go)?;
+        steps::mark("record-pid-id-maps");
 
         let mut tap = None;
         loop {
@@ -338,6 +349,10 @@ impl ContainerTier {
                         )?;
                     }
                     parent.send(&Msg::Go)?;
+                }
+                (Msg::Steps(s), _) => {
+                    steps::mark("init");
+                    steps::log_remote(&s);
                 }
                 (Msg::Created, _) => break,
                 (Msg::Error(e), _) => return Err(SyncError::Child(e).into()),
@@ -361,11 +376,14 @@ impl ContainerTier {
             part.net_stack = Some(stack);
             part.store(&mut state);
         }
+        steps::mark("init-created");
         state.status = ContainerStatus::Created;
         self.sd.save(&state)?;
+        steps::mark("state-save-created");
         // Recorded: the init may now outlive us (unless it must die with us).
         parent.send(&Msg::Go)?;
         parent.expect(Msg::Ready, "ready")?;
+        steps::mark("init-ready");
         if let Some(p) = req.pid_file {
             write_pid_file(p, pid)?;
         }
@@ -432,6 +450,7 @@ impl ContainerTier {
         let lock = self.sd.lock(id)?;
         let mut st = self.sd.load(id)?;
         let status = live_status(&st, lock.dir());
+        steps::mark("state-lock-load");
         if status != ContainerStatus::Created {
             return Err(ContainerError::WrongStatus {
                 id: id.into(),
@@ -448,6 +467,7 @@ impl ContainerTier {
         r?;
         st.status = ContainerStatus::Running;
         self.sd.save(&st)?;
+        steps::mark("state-save-running");
         self.poststart(&st);
         Ok(())
     }
@@ -457,7 +477,14 @@ impl ContainerTier {
     fn await_exec(&self, conn: &Channel, st: &State) -> Result<(), ContainerError> {
         loop {
             match conn.recv_with_fd() {
-                Err(SyncError::Eof) => return Ok(()),
+                Err(SyncError::Eof) => {
+                    steps::mark("seccomp-load-and-exec");
+                    return Ok(());
+                }
+                Ok((Msg::Steps(s), _)) => {
+                    steps::mark("start");
+                    steps::log_remote(&s);
+                }
                 Err(e) => return Err(e.into()),
                 Ok((Msg::Fd(FdKind::Seccomp), Some(fd))) => self.send_notify_fd(st, &fd)?,
                 Ok((Msg::Error(e), _)) => return Err(SyncError::Child(e).into()),
@@ -529,6 +556,7 @@ impl ContainerTier {
         };
         state.status = ContainerStatus::Running;
         self.sd.save(&state)?;
+        steps::mark("state-save-running");
         self.poststart(&state);
         Ok(Launched { pid, terminal })
     }

@@ -99,6 +99,9 @@ pub struct Finalize<'a> {
     /// Where to send the seccomp notify fd, if the filter has notify rules.
     pub notify_channel: Option<&'a Channel>,
     pub in_user_ns: bool,
+    /// Send the steps' durations on `notify_channel` before the filter
+    /// is loaded (`--debug`; moat_core::steps).
+    pub steps: bool,
 }
 
 /// Applies everything and execs; returns only on failure.
@@ -120,7 +123,9 @@ enum Never {}
 /// the permitted and effective sets only, which `execve` recomputes).
 fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     let p = f.process;
+    let mut rec = moat_core::steps::Recorder::new(f.steps && f.notify_channel.is_some());
     let (path, exec) = prepare_exec(p)?;
+    rec.step("find-program");
     if let Some(r) = p.rlimits() {
         rlimit::apply(r)?;
     }
@@ -142,6 +147,7 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     if let Some(ruleset) = f.landlock {
         ruleset.restrict()?;
     }
+    rec.step("rlimits-attrs-landlock");
     let filter = match f.seccomp_program {
         Some(p) => Some(Seccomp::Program(p)),
         None => f
@@ -150,6 +156,7 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
             .transpose()?
             .map(Seccomp::Filter),
     };
+    rec.step("seccomp-compile");
     // No `capabilities` object means no capabilities (fail closed).
     let none = no_caps();
     let c = p.capabilities().as_ref().unwrap_or(&none);
@@ -158,6 +165,7 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     // Without no_new_privs, loading the filter needs CAP_SYS_ADMIN.
     let hold = (filter.is_some() && !nnp).then_some(::caps::Capability::CAP_SYS_ADMIN);
     caps::apply_sets_holding(c, hold)?;
+    rec.step("capabilities-user");
     if let Some(u) = p.user().umask() {
         rustix::process::umask(rustix::fs::Mode::from_bits_truncate(u));
     }
@@ -182,6 +190,13 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
         None,
     )
     .map_err(sys("unblock signals"))?;
+    rec.step("cwd-fds-signals");
+    if let (true, Some(ch)) = (rec.active(), f.notify_channel) {
+        // Before the filter, which need not allow sendmsg; the runtime
+        // times the load and the exec itself (until the channel's EOF).
+        ch.send(&Msg::Steps(rec.take()))
+            .map_err(ProcessError::NotifyFd)?;
+    }
     load_filter(filter.as_ref(), f)?;
     let e = exec.exec();
     Err(ProcessError::Exec {

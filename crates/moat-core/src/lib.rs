@@ -8,6 +8,7 @@ pub mod net;
 pub mod runtime;
 pub mod spec;
 pub mod state;
+pub mod steps;
 pub mod stats;
 pub mod testing;
 pub mod tier;

@@ -181,6 +181,9 @@ pub enum Msg {
     Fd(FdKind),
     /// Either way: setup failed (or the exec of the program did), typed.
     Error(RemoteError),
+    /// Child -> parent, under `--debug` only: the init's steps so far and
+    /// their durations in µs (`moat_core::steps`).
+    Steps(Vec<(String, u64)>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +236,12 @@ impl Msg {
             Msg::Start => vec![b'S'],
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
+            Msg::Steps(steps) => {
+                let mut v = vec![b'T'];
+                let n = steps.len().min(moat_core::steps::MAX_REMOTE_STEPS);
+                v.extend_from_slice(&serde_json::to_vec(&steps[..n]).unwrap_or_default());
+                v
+            }
             Msg::Error(e) => {
                 let mut v = vec![b'E'];
                 // Plain data: serialization cannot fail. Escapes can still
@@ -261,6 +270,7 @@ impl Msg {
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
             b'E' => Msg::Error(serde_json::from_slice(rest).ok()?),
+            b'T' => Msg::Steps(serde_json::from_slice(rest).ok()?),
             _ => return None,
         })
     }

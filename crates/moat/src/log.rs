@@ -3,7 +3,9 @@
 //! `moat: warning: …`, `moat: note: …` for info) and, with `--log FILE`,
 //! every record at those levels (and debug ones with `--debug`) to FILE in
 //! the format runc writes, `--log-format text|json`: the containerd shim and
-//! Docker read the last error from there.
+//! Docker read the last error from there. `--debug` without `--log` writes
+//! the debug records to stderr (`moat: debug: …`), among them the start-up
+//! step timings (`moat: debug: step NAME: 1.234 ms`, moat_core::steps).
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
@@ -67,6 +69,16 @@ impl Visit for Message {
 }
 
 impl<S: Subscriber> Layer<S> for MoatLayer {
+    /// Debug records are built only under `--debug` (the start-up step
+    /// timings ask first: moat_core::steps::enabled).
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        match *metadata.level() {
+            Level::TRACE => false,
+            Level::DEBUG => self.debug,
+            _ => true,
+        }
+    }
+
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let level = *event.metadata().level();
         let (prefix, name) = match level {
@@ -85,7 +97,13 @@ impl<S: Subscriber> Layer<S> for MoatLayer {
         if level == Level::DEBUG && !self.debug {
             return;
         }
-        let Some(file) = &self.file else { return };
+        let Some(file) = &self.file else {
+            // `--debug` without `--log`: debug records go to stderr, as runc's do.
+            if level == Level::DEBUG {
+                let _ = writeln!(std::io::stderr().lock(), "moat: debug: {msg}");
+            }
+            return;
+        };
         let time = moat_core::time::rfc3339_now();
         let line = match self.format {
             LogFormat::Json => {

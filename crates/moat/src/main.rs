@@ -24,6 +24,7 @@ mod tiers;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let t_main = std::time::Instant::now();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let argv0 = args
         .first()
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    if let Some(human) = human_run(&args) {
+    if let Some(human) = human_run(&args, t_main) {
         return human;
     }
     if let Some(learn) = policy_learn(&args) {
@@ -68,11 +69,13 @@ fn main() -> ExitCode {
         cli.global.log_format,
         cli.global.debug,
     );
+    begin_steps(t_main);
     if cli.cmd.starts_container_process() {
         if let Err(e) = moat_jail::selfexe::ensure_protected(&args) {
             tracing::error!("{}", moat_core::error_chain(&e));
             return ExitCode::from(1);
         }
+        protected();
     }
     match oci::dispatch(cli, &argv0) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
@@ -85,7 +88,7 @@ fn main() -> ExitCode {
 
 /// `moat run [OPTIONS] [--] CMD...` (human mode, see docs/run.md); `None`
 /// for every other command line, runc's `run ID` included.
-fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
+fn human_run(args: &[std::ffi::OsString], t_main: std::time::Instant) -> Option<ExitCode> {
     let text: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -110,10 +113,12 @@ fn human_run(args: &[std::ffi::OsString]) -> Option<ExitCode> {
         cli.global.log_format,
         cli.global.debug,
     );
+    begin_steps(t_main);
     if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
         tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
         return Some(ExitCode::from(125));
     }
+    protected();
     Some(match run::main(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
@@ -248,5 +253,42 @@ mod tests {
             &line[line.len() - 40..]
         );
         assert_eq!(error_line(&anyhow::anyhow!("short")), "short");
+    }
+}
+
+/// Starts the `--debug` step records (moat_core::steps) at `t_main`. The
+/// first process of a run that re-executes itself from a protected copy
+/// (moat_jail::selfexe) leaves the time it parsed its arguments in the
+/// environment: the
+/// second logs the time from then to its own `main` as one step, `reexec`
+/// (the check and the exec of the copy).
+fn begin_steps(t_main: std::time::Instant) {
+    use moat_core::steps;
+    steps::begin_at(t_main);
+    if !steps::active() {
+        return;
+    }
+    match std::env::var(steps::T0_ENV) {
+        Ok(t0) => {
+            std::env::remove_var(steps::T0_ENV);
+            if let Some(us) = steps::micros_since_wall(&t0) {
+                let since_main = u64::try_from(t_main.elapsed().as_micros()).unwrap_or(0);
+                steps::log("reexec", us.saturating_sub(since_main));
+            }
+            steps::mark("parse-arguments");
+        }
+        Err(_) => {
+            steps::mark("parse-arguments");
+            std::env::set_var(steps::T0_ENV, steps::wall_ns().to_string());
+        }
+    }
+}
+
+/// After `ensure_protected` returned (no re-exec, or the second process):
+/// the start time is not needed in the environment any more.
+fn protected() {
+    if moat_core::steps::active() {
+        std::env::remove_var(moat_core::steps::T0_ENV);
+        moat_core::steps::mark("protect-binary");
     }
 }

@@ -20,7 +20,9 @@ use crate::tiers::{Engine, Tiers};
 fn prepare(tiers: &Tiers, a: &CreateArgs, chosen: Option<Tier>) -> Result<(Engine, Config)> {
     let config = Config::from_bundle(&a.bundle)?;
     let tier = tier::select(chosen, config.tier_annotation()?);
-    Ok((tiers.engine(tier)?, config))
+    let engine = tiers.engine(tier)?;
+    moat_core::steps::mark("read-config");
+    Ok((engine, config))
 }
 
 fn request<'a>(a: &'a CreateArgs, config: &'a Config) -> CreateRequest<'a> {
@@ -181,8 +183,10 @@ fn run(
         Some(m) => moat_jail::console::proxy(m, launched.pid),
         None => moat_jail::supervise::wait_supervised(launched.pid, None, &kill_all).0,
     };
+    moat_core::steps::mark("workload");
     if !keep {
         engine.delete(&a.id, true)?;
+        moat_core::steps::mark("delete");
     }
     Ok(code)
 }

@@ -21,6 +21,7 @@ use std::os::unix::fs::DirBuilderExt;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use moat_core::runtime::{Config, CreateRequest, Launched, Lifecycle};
+use moat_core::steps::mark;
 use moat_core::Tier;
 use moat_image::{self as image, Prepared, Source};
 use moat_jail::idalloc::{self, IdAllocator, IdPool, Owner};
@@ -389,11 +390,14 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         }
     }
     let engine = tiers.engine(tier)?;
+    mark("settings-state-root");
     sweep_orphans(&tiers, root);
+    mark("sweep-orphans");
     // This run's process: the owner of its ID block, its container and
     // its directory (`.run/<id>`, which says so for a later sweep).
     let owner = Owner::current();
     let run_dir = RunDir::create(root, &id, &owner)?;
+    mark("run-dir");
     let learned = match &o.learn {
         Some(l) => Some(l.destination(&run_dir.path)?),
         None => None,
@@ -413,6 +417,7 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         rootless_settings(&mut s, o)?;
         None
     };
+    mark("host-id-allocation");
     let prepared = match &image {
         Some(src) => Some(images::prepare(root, src)?),
         None => None,
@@ -486,6 +491,7 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         tracing::warn!("--net host: the container shares the host's network namespace");
     }
     let config = Config::from_memory(config)?;
+    mark("root-and-spec");
     let req = CreateRequest {
         id: &id,
         config: &config,
@@ -502,7 +508,9 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     // `--timeout 0`: none.
     let timeout = o.timeout.filter(|t| *t > 0);
     let result = supervise(&engine, &id, timeout, started, launched, sink.wanted());
+    mark("workload");
     let deleted = engine.delete(&id, true);
+    mark("delete");
     let unmounted = view.map_or(Ok(()), image::view::View::unmount);
     let result = result?;
     deleted?;
@@ -514,6 +522,7 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         dest.finish()?;
     }
     drop(run_dir);
+    mark("release-ids-run-dir");
     report(&result, &s, sink)?;
     Ok(result.code)
 }
