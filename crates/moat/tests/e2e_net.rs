@@ -518,7 +518,8 @@ fn sandbox_egress_reaches_what_the_rules_allow_and_nothing_else() {
     wait_none_left(rt.root());
 }
 
-/// `--net none` (the default) in the sandbox tier: the supervisor refuses
+/// `--net none` (the default) in the sandbox tier, which has no `--net
+/// host`: the supervisor refuses
 /// every address that is not loopback, whichever call carries it
 /// (`connect`, `sendto`, `sendmsg`, IPv4 and IPv6), with ENETUNREACH and
 /// a log line, before the kernel sees it; loopback still works. The world's
@@ -528,6 +529,13 @@ fn sandbox_without_network_refuses_non_loopback_addresses() {
     let Some((rt, w)) = world("sandbox_net_none") else {
         return;
     };
+    // Nor is the host's network on offer to the sandbox tier: refused in
+    // one line, before anything is made.
+    let o = w.run(&rt, &["--isolation", "sandbox", "--net=host", "--", "true"]);
+    assert!(o.code.is_some_and(|c| c != 0), "{o:?}");
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+    assert!(o.stderr.contains("--net host"), "{}", o.stderr);
+    assert!(root_entries(&rt).is_empty(), "{:?}", root_entries(&rt));
     let script = format!(
         r#"
 import errno, socket
