@@ -192,11 +192,20 @@ const STACK_OVERHEAD: usize = 64 * 1024 * 1024;
 
 /// Paths name resolution reads (the rest of the filesystem is refused).
 fn resolver_paths() -> Vec<PathBuf> {
-    ["/etc", "/usr/lib", "/lib", "/lib64"]
+    let mut paths: Vec<PathBuf> = ["/etc", "/usr/lib", "/lib", "/lib64"]
         .iter()
         .map(PathBuf::from)
         .filter(|p| p.exists())
-        .collect()
+        .collect();
+    // resolv.conf is often a symlink out of /etc (systemd-resolved's
+    // /run/systemd/resolve/stub-resolv.conf): the directory it lives in.
+    let real = std::fs::canonicalize("/etc/resolv.conf").ok();
+    if let Some(dir) = real.as_deref().and_then(Path::parent) {
+        if !paths.iter().any(|p| dir.starts_with(p)) {
+            paths.push(dir.to_path_buf());
+        }
+    }
+    paths
 }
 
 /// The stack process of a running container.

@@ -438,7 +438,9 @@ pub const DENIED: &[(&str, &[&str])] = &[
 ];
 
 /// Requests `ioctl` may make in the kernel: terminals, non-blocking and
-/// close-on-exec flags, bytes pending. Anything else fails with ENOSYS.
+/// close-on-exec flags, bytes pending, and the read-only `SIOCGIF*`
+/// queries about a network device (of the sandbox's own network namespace:
+/// `ip link`, `ifconfig`). Anything else fails with ENOSYS.
 pub const IOCTLS: &[(&str, u64)] = &[
     ("TCGETS", 0x5401),
     ("TCSETS", 0x5402),
@@ -468,6 +470,14 @@ pub const IOCTLS: &[(&str, u64)] = &[
     ("SIOCGIFINDEX", 0x8933),
     ("SIOCGIFNAME", 0x8910),
     ("SIOCGIFMTU", 0x8921),
+    ("SIOCGIFADDR", 0x8915),
+    ("SIOCGIFDSTADDR", 0x8917),
+    ("SIOCGIFBRDADDR", 0x8919),
+    ("SIOCGIFNETMASK", 0x891b),
+    ("SIOCGIFMETRIC", 0x891d),
+    ("SIOCGIFHWADDR", 0x8927),
+    ("SIOCGIFTXQLEN", 0x8942),
+    ("SIOCGIFMAP", 0x8970),
     ("FS_IOC_GETFLAGS", 0x80086601),
 ];
 

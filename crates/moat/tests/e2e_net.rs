@@ -4,8 +4,11 @@
 //!
 //! Every test makes its own world and removes it: a network namespace
 //! "outer" where moat (and so its stack) runs, as if it were the host, and
-//! an "internet" namespace with a web server, joined by a veth pair. The
-//! host's own network is never touched.
+//! an "internet" namespace with a web server and a DNS server, joined by a
+//! veth pair. moat runs in a mount namespace of its own whose resolv.conf
+//! names that DNS server, so names resolve as they would on a host. The
+//! host's own network and files are never touched. The container tier and
+//! the sandbox tier (whose only network is the stack) are both tested.
 #![forbid(unsafe_code)]
 
 mod common;
@@ -26,19 +29,56 @@ struct World {
     server: String,
     /// Its IPv6 address: fd00:N::2.
     server6: String,
+    /// The addresses the test DNS server gives [`NAME`]: the same server's
+    /// 10.N.0.3 and fd00:N::3 (reachable only through a rule on the name).
+    named: String,
+    named6: String,
     www: PathBuf,
     /// Bytes the push server (port 9001) managed to send, updated as it goes.
     pushed: PathBuf,
+    /// The resolv.conf moat sees: the test internet's DNS server.
+    resolv: PathBuf,
     server_proc: Option<std::process::Child>,
     helper_proc: Option<std::process::Child>,
 }
 
+/// A name the test internet's DNS server answers (A and AAAA: the
+/// server's [`World::named`] addresses), and another one it answers the
+/// same way.
+const NAME: &str = "www.moat-test.example";
+const OTHER_NAME: &str = "other.moat-test.example";
+
 /// The test internet's other servers, in Python: 9000 echoes lines on any
 /// number of connections (held open until the client closes), 9001 pushes
 /// bytes to whoever connects, as fast as they are taken, counting them in
-/// the file given as argv[1].
+/// the file given as argv[1]; UDP 53 answers A and AAAA queries for
+/// [`NAME`] and [`OTHER_NAME`] with argv[2] and argv[3] (NXDOMAIN for any
+/// other name).
 const HELPER: &str = r#"
-import socket, sys, threading
+import socket, struct, sys, threading
+NAMES = {b'www.moat-test.example', b'other.moat-test.example'}
+def dns(v4, v6):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(('::', 53))
+    while True:
+        q, peer = s.recvfrom(512)
+        i, labels = 12, []
+        while i < len(q) and q[i]:
+            labels.append(q[i + 1:i + 1 + q[i]].lower())
+            i += 1 + q[i]
+        if len(q) < i + 5:
+            continue
+        qtype = struct.unpack('!H', q[i + 1:i + 3])[0]
+        known = b'.'.join(labels) in NAMES
+        ans = b''
+        if known and qtype in (1, 28):
+            fam, addr = (socket.AF_INET, v4) if qtype == 1 else (socket.AF_INET6, v6)
+            data = socket.inet_pton(fam, addr)
+            ans = b'\xc0\x0c' + struct.pack('!HHIH', qtype, 1, 30, len(data)) + data
+        flags = 0x8180 if known else 0x8183
+        head = q[:2] + struct.pack('!5H', flags, 1, 1 if ans else 0, 0, 0)
+        s.sendto(head + q[12:i + 5] + ans, peer)
 def echo(c):
     with c, c.makefile('rb') as f:
         for line in f:
@@ -67,6 +107,7 @@ def serve(s, fn, *args):
         threading.Thread(target=fn, args=(c,) + args, daemon=True).start()
 pusher = listen(9001)
 threading.Thread(target=serve, args=(listen(9000), echo), daemon=True).start()
+threading.Thread(target=dns, args=(sys.argv[2], sys.argv[3]), daemon=True).start()
 serve(pusher, push, sys.argv[1])
 "#;
 
@@ -100,8 +141,11 @@ impl World {
             inet: inet.clone(),
             server: format!("10.{net}.0.2"),
             server6: format!("fd00:{net}::2"),
+            named: format!("10.{net}.0.3"),
+            named6: format!("fd00:{net}::3"),
             www: rt.scratch_file("www"),
             pushed: rt.scratch_file("pushed"),
+            resolv: rt.scratch_file("resolv.conf"),
             server_proc: None,
             helper_proc: None,
         };
@@ -120,15 +164,9 @@ impl World {
             "dev",
             &a,
         ]);
-        ip(&[
-            "-n",
-            &inet,
-            "addr",
-            "add",
-            &format!("{}/24", w.server),
-            "dev",
-            &b,
-        ]);
+        for addr in [&w.server, &w.named] {
+            ip(&["-n", &inet, "addr", "add", &format!("{addr}/24"), "dev", &b]);
+        }
         ip(&[
             "-n",
             &outer,
@@ -139,20 +177,23 @@ impl World {
             &a,
             "nodad",
         ]);
-        ip(&[
-            "-n",
-            &inet,
-            "addr",
-            "add",
-            &format!("{}/64", w.server6),
-            "dev",
-            &b,
-            "nodad",
-        ]);
+        for addr in [&w.server6, &w.named6] {
+            ip(&[
+                "-n",
+                &inet,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                &b,
+                "nodad",
+            ]);
+        }
         for (ns, dev) in [(&outer, &a), (&inet, &b)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        std::fs::write(&w.resolv, format!("nameserver {}\n", w.server)).unwrap();
         std::fs::create_dir_all(&w.www).unwrap();
         std::fs::write(w.www.join("index.html"), "hello-from-the-internet\n").unwrap();
         let mut server = Command::new("nsenter");
@@ -171,6 +212,7 @@ impl World {
             .arg("python3")
             .arg(&script)
             .arg(&w.pushed)
+            .args([&w.named, &w.named6])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         w.helper_proc = Some(spawn_own(&mut helper));
@@ -182,6 +224,7 @@ impl World {
             || !w
                 .in_outer("python3", &["-c", &connects(&w.server, 9000)])
                 .ok()
+            || !w.in_outer("python3", &["-c", &resolves(&w.server)]).ok()
         {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -211,21 +254,59 @@ impl World {
         sh("nsenter", &all)
     }
 
-    /// The runtime, run in the outer namespace.
+    /// The runtime, run in the outer namespace and in a mount namespace of
+    /// its own where /etc/resolv.conf names the test internet's DNS server
+    /// (the workload's own resolv.conf is the stack's).
     fn moat(&self, rt: &Rt) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.outer))
+            .args(["unshare", "--mount", "--propagation", "private"])
+            .args([
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+            ])
+            .arg(&self.resolv)
             .arg(runtime_bin())
             .arg("--root")
             .arg(rt.root())
             .envs(rt.env().iter().map(|(k, v)| (k, v)));
         c
     }
+
+    /// `moat run ARGS…` in the outer namespace, to completion.
+    fn run(&self, rt: &Rt, args: &[&str]) -> Out {
+        let mut c = self.moat(rt);
+        c.arg("run").args(args);
+        output(rt, c)
+    }
+
+    /// `moat run ARGS…` in the outer namespace, in the background: the
+    /// test writes its stdin and reads its stdout line by line.
+    fn run_bg(&self, rt: &Rt, args: &[&str]) -> Bg {
+        let mut c = self.moat(rt);
+        c.arg("run").args(args);
+        Bg::start(rt, c)
+    }
 }
 
 /// Python that connects to `host:port` (and fails if it cannot).
 fn connects(host: &str, port: u16) -> String {
     format!("import socket; socket.create_connection(('{host}', {port}), 2).close()")
+}
+
+/// Python that asks the DNS server at `host` for [`NAME`] (and fails
+/// without an answer).
+fn resolves(host: &str) -> String {
+    let labels: String = NAME
+        .split('.')
+        .map(|l| format!("\\x{:02x}{l}", l.len()))
+        .collect();
+    format!(
+        "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2); \
+         u.sendto(b'\\x00\\x07\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00{labels}\\x00\\x00\\x01\\x00\\x01', ('{host}', 53)); \
+         assert u.recv(512)[3] & 15 == 0"
+    )
 }
 
 impl Drop for World {
@@ -298,6 +379,13 @@ fn wait_none_left(root: &Path) {
     }
 }
 
+/// A runtime and a world of its own, or None when the test must skip.
+fn world(test: &str) -> Option<(Rt, World)> {
+    let rt = setup(test)?;
+    let w = World::new(&rt);
+    Some((rt, w))
+}
+
 fn setup(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
     if !rt.is_moat() {
@@ -315,36 +403,74 @@ fn setup(test: &str) -> Option<Rt> {
     Some(rt)
 }
 
-#[test]
-fn egress_reaches_what_the_rules_allow_and_nothing_else() {
-    let Some(rt) = setup("egress_rules") else {
-        return;
-    };
-    let w = World::new(&rt);
+/// What a workload of `tier` reaches with `--net egress=…`: allowed
+/// addresses (IPv4 and IPv6) and an allowed name (both families) over
+/// HTTP, nothing on another port (refused at once, and logged), not the
+/// allowed name's address before the name was asked for, and no answer for
+/// a name no rule covers. It sees its `eth0` in sysfs and through netlink.
+/// Returns the runtime and the world for more.
+fn egress_rules(test: &str, tier: &str) -> Option<(Rt, World)> {
+    let (rt, w) = world(test)?;
     let ok = format!("http://{}:8080/index.html", w.server);
-    let other_port = format!("http://{}:8081/", w.server);
     let script = format!(
-        "ip -o addr show eth0; cat /etc/resolv.conf; \
+        "ip -o addr show eth0; cat /etc/resolv.conf; echo sysfs $(ls /sys/class/net); \
+         python3 -c 'import socket; print(\"ifs\", *sorted(n for _, n in socket.if_nameindex()))'; \
+         ip -o link show eth0 >/dev/null; echo link=$?; \
+         echo mac $(cat /sys/class/net/eth0/address); python3 -c '{IOCTLS}'; \
+         curl -sS --max-time 10 http://{named}:8080/ 2>/dev/null; echo before-name=$?; \
          curl -sS --max-time 10 {ok}; echo allowed=$?; \
-         curl -sS --max-time 10 {other_port} 2>/dev/null; echo port=$?; \
-         getent hosts example.com; echo dns=$?"
+         curl -sS --max-time 10 http://[{s6}]:8080/index.html; echo v6=$?; \
+         curl -4 -sS --max-time 10 http://{NAME}:8080/index.html; echo name=$?; \
+         curl -6 -sS --max-time 10 http://{NAME}:8080/index.html; echo name6=$?; \
+         curl -sS --max-time 10 http://{s}:8081/ 2>/dev/null; echo port=$?; \
+         getent hosts {OTHER_NAME}; echo dns=$?",
+        named = w.named,
+        s = w.server,
+        IOCTLS = "import fcntl, socket, struct; s = socket.socket(); \
+                  q = lambda r: fcntl.ioctl(s, r, struct.pack(\"256s\", b\"eth0\")); \
+                  print(\"ioctl\", q(0x8927)[18:24].hex(\":\"), socket.inet_ntoa(q(0x8915)[20:24]), \
+                  struct.unpack(\"i\", q(0x8942)[16:20])[0])",
+        s6 = w.server6,
     );
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
-        &format!("--net=egress={}:8080", w.server),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let o = output(&rt, c);
+    let rules = format!(
+        "--net=egress={s}:8080,[{s6}]:8080,{NAME}:8080",
+        s = w.server,
+        s6 = w.server6
+    );
+    let o = w.run(
+        &rt,
+        &["--isolation", tier, &rules, "--", "sh", "-c", &script],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("10.0.2.100/24"), "{}", o.stdout);
     assert!(o.stdout.contains("nameserver 10.0.2.2"), "{}", o.stdout);
-    assert!(o.stdout.contains("hello-from-the-internet"), "{}", o.stdout);
-    assert!(o.stdout.contains("allowed=0"), "{}", o.stdout);
-    // Refused at once (curl 7: connection refused), not a time-out (28).
+    assert!(o.stdout.contains("sysfs eth0 lo\n"), "{}", o.stdout);
+    assert!(o.stdout.contains("ifs eth0 lo\n"), "{}", o.stdout);
+    assert!(o.stdout.contains("link=0"), "{}", o.stdout);
+    // The device's hardware address, address and queue length through
+    // the SIOCGIF* ioctls (what ifconfig and busybox's ip use).
+    let mac = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("mac "))
+        .unwrap_or("none");
+    assert!(
+        o.stdout.contains(&format!("ioctl {mac} 10.0.2.100 1000\n")),
+        "{}",
+        o.stdout
+    );
+    for fetched in ["allowed", "v6", "name", "name6"] {
+        assert!(
+            o.stdout
+                .contains(&format!("hello-from-the-internet\n{fetched}=0")),
+            "{fetched}: {}",
+            o.stdout
+        );
+    }
+    // Refused at once (curl 7: connection refused), not a time-out (28):
+    // another port, and an allowed name's address asked for by address
+    // before the name was resolved.
+    assert!(o.stdout.contains("before-name=7"), "{}", o.stdout);
     assert!(o.stdout.contains("port=7"), "{}", o.stdout);
     assert!(o.stdout.contains("dns=2"), "{}", o.stdout);
     assert!(
@@ -352,43 +478,145 @@ fn egress_reaches_what_the_rules_allow_and_nothing_else() {
         "the refusal is logged with its destination: {}",
         o.stderr
     );
+    assert!(
+        o.stderr.contains(&format!(
+            "no rule allows the name proto=\"dns\" name=\"{OTHER_NAME}\""
+        )),
+        "the DNS refusal is logged with its name: {}",
+        o.stderr
+    );
+    Some((rt, w))
+}
+
+#[test]
+fn egress_reaches_what_the_rules_allow_and_nothing_else() {
+    let Some((rt, w)) = egress_rules("egress_rules", "container") else {
+        return;
+    };
     // Without --net, no device but lo: the server is out of reach.
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
-        "--",
-        "sh",
-        "-c",
-        &format!("curl -sS --max-time 5 {ok}; echo rc=$?"),
-    ]);
-    let o = output(&rt, c);
+    let ok = format!("http://{}:8080/index.html", w.server);
+    let o = w.run(
+        &rt,
+        &[
+            "--",
+            "sh",
+            "-c",
+            &format!("curl -sS --max-time 5 {ok}; echo rc=$?"),
+        ],
+    );
     assert!(o.stdout.contains("rc=7"), "{o:?}");
     wait_none_left(rt.root());
 }
 
+/// The sandbox tier's only network is the stack: the same rules hold, the
+/// supervisor passes the addresses through to it.
 #[test]
-fn a_published_port_reaches_the_workload() {
-    let Some(rt) = setup("published_port") else {
+fn sandbox_egress_reaches_what_the_rules_allow_and_nothing_else() {
+    let Some((rt, _w)) = egress_rules("sandbox_egress_rules", "sandbox") else {
         return;
     };
-    let w = World::new(&rt);
+    wait_none_left(rt.root());
+}
+
+/// `--net none` (the default) in the sandbox tier, which has no `--net
+/// host`: the supervisor refuses
+/// every address that is not loopback, whichever call carries it
+/// (`connect`, `sendto`, `sendmsg`, IPv4 and IPv6), with ENETUNREACH and
+/// a log line, before the kernel sees it; loopback still works. The world's
+/// server is there to be reached had the call gone through.
+#[test]
+fn sandbox_without_network_refuses_non_loopback_addresses() {
+    let Some((rt, w)) = world("sandbox_net_none") else {
+        return;
+    };
+    // Nor is the host's network on offer to the sandbox tier: refused in
+    // one line, before anything is made.
+    let o = w.run(&rt, &["--isolation", "sandbox", "--net=host", "--", "true"]);
+    assert!(o.code.is_some_and(|c| c != 0), "{o:?}");
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+    assert!(o.stderr.contains("--net host"), "{}", o.stderr);
+    assert!(root_entries(&rt).is_empty(), "{:?}", root_entries(&rt));
+    let script = format!(
+        r#"
+import errno, socket
+def attempt(what, call):
+    try:
+        call()
+        print(what, 'ok')
+    except OSError as e:
+        print(what, errno.errorcode.get(e.errno, e.errno))
+t = socket.socket()
+attempt('connect', lambda: t.connect(('{s}', 8080)))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt('sendto', lambda: u.sendto(b'x', ('{s}', 53)))
+attempt('sendmsg', lambda: u.sendmsg([b'x'], [], 0, ('{s}', 53)))
+t6 = socket.socket(socket.AF_INET6)
+attempt('connect6', lambda: t6.connect(('{s6}', 8080)))
+l = socket.socket()
+l.bind(('127.0.0.1', 0))
+l.listen()
+c = socket.create_connection(l.getsockname(), 10)
+a, _ = l.accept()
+c.sendall(b'lo\n')
+print('loopback', a.recv(3).decode().strip())
+"#,
+        s = w.server,
+        s6 = w.server6
+    );
+    let o = w.run(
+        &rt,
+        &["--isolation", "sandbox", "--", "python3", "-c", &script],
+    );
+    assert_eq!(o.code, Some(0), "{o:?}");
+    for call in ["connect", "sendto", "sendmsg", "connect6"] {
+        assert!(
+            o.stdout.contains(&format!("{call} ENETUNREACH\n")),
+            "{call}: {o:?}"
+        );
+    }
+    assert!(o.stdout.contains("loopback lo"), "{o:?}");
+    // Each refusal is the supervisor's, and says why.
+    for (call, dest) in [
+        ("connect", format!("{}:8080", w.server)),
+        ("sendto", format!("{}:53", w.server)),
+        ("sendmsg", format!("{}:53", w.server)),
+        ("connect", format!("{}", w.server6)),
+    ] {
+        assert!(
+            o.stderr
+                .lines()
+                .any(|l| l.contains(&format!("sandbox: denied {call} to "))
+                    && l.contains(&dest)
+                    && l.contains("lo only")),
+            "{call} {dest}: {}",
+            o.stderr
+        );
+    }
+    wait_none_left(rt.root());
+}
+
+/// `-p HOSTPORT:8000` to a web server in a workload of `tier`: reached from
+/// the host (the outer namespace), closed once `moat run` ends.
+fn published_port(test: &str, tier: &str) {
+    let Some((rt, w)) = world(test) else {
+        return;
+    };
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
-        "--net=egress=",
-        "-p",
-        &format!("{port}:8000"),
-        "--",
-        "sh",
-        "-c",
-        "echo inside-$(hostname) > /tmp/f && cd /tmp && exec python3 -m http.server 8000",
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::fs::File::create(rt.scratch_file("srv.err")).unwrap());
-    let mut run = Running(spawn_own(&mut c));
-    let run = &mut run.0;
+    let mut bg = w.run_bg(
+        &rt,
+        &[
+            "--isolation",
+            tier,
+            "--net=egress=",
+            "-p",
+            &format!("{port}:8000"),
+            "--",
+            "sh",
+            "-c",
+            "echo inside-$(hostname) > /tmp/f && cd /tmp && exec python3 -m http.server 8000",
+        ],
+    );
+    let run = &mut bg.run.0;
     let url = format!("http://127.0.0.1:{port}/f");
     let start = Instant::now();
     let body = loop {
@@ -415,41 +643,67 @@ fn a_published_port_reaches_the_workload() {
 }
 
 #[test]
+fn a_published_port_reaches_the_workload() {
+    published_port("published_port", "container");
+}
+
+#[test]
+fn a_published_port_reaches_a_sandboxed_workload() {
+    published_port("sandbox_published_port", "sandbox");
+}
+
+#[test]
 fn the_annotation_gives_an_oci_bundle_the_same_network() {
-    let Some(rt) = setup("net_annotation") else {
+    let Some((rt, w)) = world("net_annotation") else {
         return;
     };
-    let w = World::new(&rt);
     let mut b = Bundle::new(&[
         "sh",
         "-c",
         &format!("wget -qO- http://{}:8080/index.html; echo rc=$?", w.server),
     ]);
-    b.set(
-        "/annotations",
-        serde_json::json!({"dev.moat.net.egress": format!("{}/32:8080", w.server)}),
-    );
-    b.write_config();
-    let id = rt.new_id("net");
-    let mut c = w.moat(&rt);
-    c.args(["run", "--bundle"]).arg(b.dir()).arg(&id);
-    let o = output(&rt, c);
-    assert!(o.stdout.contains("hello-from-the-internet"), "{o:?}");
-    assert!(o.stdout.contains("rc=0"), "{o:?}");
+    let bundle = b.dir().to_string_lossy().into_owned();
+    // In the container tier, then in the sandbox tier (chosen by its
+    // annotation, as an engine would).
+    for tier in ["container", "sandbox"] {
+        b.set(
+            "/annotations",
+            serde_json::json!({
+                "dev.moat.net.egress": format!("{}/32:8080", w.server),
+                "dev.moat.isolation": tier,
+            }),
+        );
+        b.write_config();
+        let o = w.run(&rt, &["--bundle", &bundle, &rt.new_id("net")]);
+        assert!(
+            o.stdout.contains("hello-from-the-internet"),
+            "{tier}: {o:?}"
+        );
+        assert!(o.stdout.contains("rc=0"), "{tier}: {o:?}");
+    }
     // A bad rule is refused before anything runs.
     b.set(
         "/annotations",
         serde_json::json!({"dev.moat.net.egress": "10.0.0.0/33"}),
     );
     b.write_config();
-    let mut c = w.moat(&rt);
-    c.args(["run", "--bundle"])
-        .arg(b.dir())
-        .arg(rt.new_id("bad"));
-    let o = output(&rt, c);
+    let o = w.run(&rt, &["--bundle", &bundle, &rt.new_id("bad")]);
     assert_ne!(o.code, Some(0));
     assert!(o.stderr.contains("prefix length"), "{}", o.stderr);
-    assert!(root_entries(&rt).is_empty(), "{:?}", root_entries(&rt));
+    // Nothing of either container or the refused one is left in the state
+    // root (the sandbox tier's parent directory stays, empty).
+    let left: Vec<String> = root_entries(&rt)
+        .into_iter()
+        .filter(|e| e != ".sandbox")
+        .chain(
+            std::fs::read_dir(rt.root().join(".sandbox"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| format!(".sandbox/{}", e.file_name().to_string_lossy())),
+        )
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     wait_none_left(rt.root());
 }
 
@@ -637,10 +891,9 @@ impl Bg {
 /// refused one, DNS answered for an allowed name only, all in one sandbox.
 #[test]
 fn python_http_large_transfer_many_flows_and_ipv6() {
-    let Some(rt) = setup("python_http") else {
+    let Some((rt, w)) = world("python_http") else {
         return;
     };
-    let w = World::new(&rt);
     // 64 MiB that are not all one byte, and their hash as the host sees it.
     let mut big = vec![0u8; 64 << 20];
     let mut x = 0x2545_f491u32;
@@ -695,20 +948,20 @@ print('dns example', dns('example.com'))
         s = w.server,
         s6 = w.server6
     );
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
-        &format!(
-            "--net=egress={s}:8080,{s}:9000,[{s6}]:8080,localhost",
-            s = w.server,
-            s6 = w.server6
-        ),
-        "--",
-        "python3",
-        "-c",
-        &script,
-    ]);
-    let o = output(&rt, c);
+    let o = w.run(
+        &rt,
+        &[
+            &format!(
+                "--net=egress={s}:8080,{s}:9000,[{s6}]:8080,localhost",
+                s = w.server,
+                s6 = w.server6
+            ),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(
         o.stdout.contains("body hello-from-the-internet"),
@@ -742,10 +995,9 @@ print('dns example', dns('example.com'))
 /// limits.
 #[test]
 fn a_flow_flood_is_refused_at_the_bound_and_spares_other_sandboxes() {
-    let Some(rt) = setup("flow_flood") else {
+    let Some((rt, w)) = world("flow_flood") else {
         return;
     };
-    let w = World::new(&rt);
     let script = format!(
         r#"
 import socket, sys, time
@@ -770,16 +1022,16 @@ print('after', c.makefile('rb').readline().decode().strip(), flush=True)
 "#,
         s = w.server
     );
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
-        &format!("--net=egress={}:9000", w.server),
-        "--",
-        "python3",
-        "-c",
-        &script,
-    ]);
-    let mut flood = Bg::start(&rt, c);
+    let mut flood = w.run_bg(
+        &rt,
+        &[
+            &format!("--net=egress={}:9000", w.server),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ],
+    );
     let line = flood.line();
     assert_eq!(line, "held 256 refused 144", "{}", flood.stderr());
     let stack = stack_pid(rt.root());
@@ -803,18 +1055,18 @@ print('after', c.makefile('rb').readline().decode().strip(), flush=True)
     );
     // Another sandbox, meanwhile.
     let rt2 = Rt::new();
-    let mut c = w.moat(&rt2);
-    c.args([
-        "run",
-        &format!("--net=egress={}:8080", w.server),
-        "--",
-        "curl",
-        "-sS",
-        "--max-time",
-        "30",
-        &format!("http://{}:8080/index.html", w.server),
-    ]);
-    let o = output(&rt2, c);
+    let o = w.run(
+        &rt2,
+        &[
+            &format!("--net=egress={}:8080", w.server),
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            &format!("http://{}:8080/index.html", w.server),
+        ],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("hello-from-the-internet"), "{o:?}");
     wait_none_left(rt2.root());
@@ -905,13 +1157,12 @@ print('far6', echo(socket.AF_INET6, sys.argv[2]))
 
 #[test]
 fn garbage_frames_leave_the_stack_serving_and_icmp_is_answered_or_refused() {
-    let Some(rt) = setup("garbage_frames") else {
+    let Some((rt, w)) = world("garbage_frames") else {
         return;
     };
-    let w = World::new(&rt);
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
+    let mut bg = w.run_bg(
+        &rt,
+        &[
         &format!("--net=egress={}:8080", w.server),
         "--",
         "sh",
@@ -920,8 +1171,8 @@ fn garbage_frames_leave_the_stack_serving_and_icmp_is_answered_or_refused() {
             "echo ready; read x; curl -sS --max-time 30 --retry 10 --retry-connrefused --retry-delay 1 http://{}:8080/index.html; echo rc=$? # garbage-marker",
             w.server
         ),
-    ]);
-    let mut bg = Bg::start(&rt, c);
+        ],
+    );
     assert_eq!(bg.line(), "ready");
     let stack = stack_pid(rt.root());
     let workload = pid_of("garbage-marker");
@@ -983,13 +1234,12 @@ fn garbage_frames_leave_the_stack_serving_and_icmp_is_answered_or_refused() {
 /// stack's memory does not grow with it.
 #[test]
 fn a_workload_that_never_reads_keeps_the_stack_bounded() {
-    let Some(rt) = setup("never_reads") else {
+    let Some((rt, w)) = world("never_reads") else {
         return;
     };
-    let w = World::new(&rt);
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
+    let mut bg = w.run_bg(
+        &rt,
+        &[
         &format!("--net=egress={}:9001", w.server),
         "--",
         "python3",
@@ -998,8 +1248,8 @@ fn a_workload_that_never_reads_keeps_the_stack_bounded() {
             "import socket, sys\nc = socket.create_connection(('{}', 9001), 30)\nprint('connected', flush=True)\nsys.stdin.readline()",
             w.server
         ),
-    ]);
-    let mut bg = Bg::start(&rt, c);
+        ],
+    );
     assert_eq!(bg.line(), "connected");
     let stack = stack_pid(rt.root());
     let rss = || {
@@ -1051,14 +1301,13 @@ fn a_workload_that_never_reads_keeps_the_stack_bounded() {
 /// namespace of it remain.
 #[test]
 fn a_workload_killed_mid_transfer_leaves_nothing_behind() {
-    let Some(rt) = setup("killed_mid_transfer") else {
+    let Some((rt, w)) = world("killed_mid_transfer") else {
         return;
     };
-    let w = World::new(&rt);
     std::fs::write(w.www.join("big"), vec![7u8; 32 << 20]).unwrap();
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
+    let mut bg = w.run_bg(
+        &rt,
+        &[
         &format!("--net=egress={}:8080", w.server),
         "--",
         "python3",
@@ -1067,8 +1316,8 @@ fn a_workload_killed_mid_transfer_leaves_nothing_behind() {
             "import sys, urllib.request # killed-marker\nr = urllib.request.urlopen('http://{}:8080/big', timeout=30)\nr.read(1 << 20)\nprint('started', flush=True)\nsys.stdin.readline()",
             w.server
         ),
-    ]);
-    let mut bg = Bg::start(&rt, c);
+        ],
+    );
     assert_eq!(bg.line(), "started");
     let workload = pid_of("killed-marker");
     let netns = std::fs::read_link(format!("/proc/{workload}/ns/net")).unwrap();
@@ -1122,14 +1371,13 @@ fn a_workload_killed_mid_transfer_leaves_nothing_behind() {
 /// workload's UDP port and its answers come back to each sender.
 #[test]
 fn a_published_udp_port_reaches_the_workload() {
-    let Some(rt) = setup("published_udp") else {
+    let Some((rt, w)) = world("published_udp") else {
         return;
     };
-    let w = World::new(&rt);
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let mut c = w.moat(&rt);
-    c.args([
-        "run",
+    let mut bg = w.run_bg(
+        &rt,
+        &[
         "--net=egress=",
         "-p",
         &format!("127.0.0.1:{port}:5353/udp"),
@@ -1137,8 +1385,8 @@ fn a_published_udp_port_reaches_the_workload() {
         "python3",
         "-c",
         "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353))\nprint('ready', flush=True)\nwhile True:\n    d, a = s.recvfrom(2000)\n    s.sendto(b'echo:' + d + b' from ' + a[0].encode(), a)",
-    ]);
-    let mut bg = Bg::start(&rt, c);
+        ],
+    );
     assert_eq!(bg.line(), "ready");
     // Two senders, each retrying until it hears its own answer.
     let client = format!(

@@ -366,6 +366,10 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     }
     let mut s = settings(o)?;
     s.args = command;
+    if s.net_host && tier == Tier::Sandbox {
+        // The sandbox's network is only ever moat's stack (or none).
+        bail!("--net host: not in the sandbox tier (use --net egress=RULE[,RULE…])");
+    }
     // From here on a SIGINT/SIGTERM must not kill moat before it waits for
     // the workload (it would leave the container behind): blocked signals
     // stay pending until `wait` forwards them. The container's process
