@@ -9,12 +9,12 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::hooks;
 use crate::process::{self, Finalize};
+use moat_core::steps::Recorder;
 use moat_jail::console;
 use moat_jail::landlock;
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::rootfs::{self, RootfsConfig};
 use moat_jail::sync::{Channel, Msg, RemoteError, SyncError};
-use moat_core::steps::Recorder;
 use moat_sys::process::OneThread;
 
 #[derive(Debug, thiserror::Error)]

@@ -170,6 +170,9 @@ mod tests {
         let t0 = wall_ns().to_string();
         assert!(micros_since_wall(&t0).is_some());
         assert_eq!(micros_since_wall("not a number"), None);
-        assert_eq!(micros_since_wall(&(wall_ns() + 10_000_000_000).to_string()), None);
+        assert_eq!(
+            micros_since_wall(&(wall_ns() + 10_000_000_000).to_string()),
+            None
+        );
     }
 }

@@ -1282,3 +1282,72 @@ fn leftovers_of_killed_runs_and_lookalikes() {
     fs::remove_dir(ids.join("slot-0")).unwrap();
     assert_clean(&rt);
 }
+
+/// The `step NAME: MS ms` records of `--debug` output, in order.
+fn step_records(stderr: &str) -> Vec<(String, f64)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("moat: debug: step "))
+        .map(|r| {
+            let (name, ms) = r.rsplit_once(": ").unwrap_or_else(|| panic!("{r}"));
+            let ms = ms.strip_suffix(" ms").unwrap_or_else(|| panic!("{r}"));
+            (
+                name.to_string(),
+                ms.parse().unwrap_or_else(|_| panic!("{r}")),
+            )
+        })
+        .collect()
+}
+
+/// `--debug` says where start-up time goes: one record per step of the
+/// runtime and, sent back over the setup channel, of the container's init
+/// (`init.*`), for `run` and for `create` + `start`; without `--debug`,
+/// none.
+#[test]
+fn debug_breaks_start_up_into_steps() {
+    let Some(rt) = rt("debug_breaks_start_up_into_steps") else {
+        return;
+    };
+    let o = rt.cmd(&["--debug", "run", "--", "true"]).expect_ok();
+    let steps = step_records(&o.stderr);
+    let names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "cgroup-create",
+        "clone",
+        "init.mounts",
+        "init.pivot-root",
+        "start",
+    ] {
+        assert!(names.contains(&want), "no step {want}: {names:?}");
+    }
+    // The init's steps come back in the order the init took them.
+    let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+    assert!(pos("init.mounts") < pos("init.pivot-root"), "{names:?}");
+    assert!(
+        steps.iter().all(|(_, ms)| ms.is_finite() && *ms >= 0.0),
+        "{steps:?}"
+    );
+    assert_clean(&rt);
+
+    let o = rt.cmd(&["run", "--", "true"]).expect_ok();
+    assert!(step_records(&o.stderr).is_empty(), "{}", o.stderr);
+
+    // The OCI path: create times the init's set-up, start its exec.
+    let mut bundle = common::Bundle::new(&["true"]);
+    bundle.set("/process/terminal", serde_json::json!(false));
+    bundle.write_config();
+    let id = rt.new_id("dbg");
+    let b = bundle.dir().display().to_string();
+    let c = rt
+        .cmd(&["--debug", "create", "--bundle", &b, &id])
+        .expect_ok();
+    let created = step_records(&c.stderr);
+    assert!(
+        created.iter().any(|(n, _)| n == "init.mounts"),
+        "{created:?}"
+    );
+    let s = rt.cmd(&["--debug", "start", &id]).expect_ok();
+    assert!(!step_records(&s.stderr).is_empty(), "{}", s.stderr);
+    rt.wait_status(&id, "stopped");
+    rt.cmd(&["delete", &id]).expect_ok();
+}
