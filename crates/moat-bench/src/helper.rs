@@ -159,7 +159,17 @@ fn batches(
                 return;
             }
         }
-        out.push(per_op(t, n, unit_ns));
+        let v = per_op(t, n, unit_ns);
+        if v <= 0.0 {
+            // A clock coarser than the batch (a guest on jiffies): no figure
+            // rather than a false zero.
+            errors.push(format!(
+                "{name}: the clock did not advance over a batch of {n}"
+            ));
+            out.clear();
+            return;
+        }
+        out.push(v);
     }
 }
 

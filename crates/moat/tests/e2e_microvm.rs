@@ -149,7 +149,9 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     };
     // Inside: the guest's kernel (the cloud kernel, not the host's), a user
     // namespace that maps root to nobody, no capabilities, seccomp on.
-    let script = "uname -r; cat /proc/self/uid_map; grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status";
+    // And a clock fine enough to time things (not jiffies: a 4 ms tick).
+    let script = "uname -r; cat /proc/self/uid_map; grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status; \
+                  cat /sys/devices/system/clocksource/clocksource0/current_clocksource";
     let out = cmd(
         &rt,
         &["run", "--isolation", "microvm", "--", "sh", "-c", script],
@@ -164,6 +166,11 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     assert!(out.stdout.contains("CapEff:\t0000000000000000"), "{out:?}");
     assert!(out.stdout.contains("Seccomp:\t2"), "{out:?}");
     assert!(out.stdout.contains("NoNewPrivs:\t1"), "{out:?}");
+    let clock = lines.last().unwrap();
+    assert!(
+        !clock.contains("jiffies"),
+        "the guest's clocksource: {out:?}"
+    );
     assert_clean(&rt);
 }
 

@@ -112,7 +112,7 @@ impl QemuArgs {
 
 /// The guest kernel's command line: quiet, the agent as init, a triple
 /// fault on reboot (QEMU's microvm has no keyboard controller), the TSC
-/// rate under TCG.
+/// rate under TCG and the TSC as a reliable clocksource there.
 pub fn cmdline(accel: Accel) -> String {
     let mut c = String::from(
         "console=ttyS0 quiet panic=-1 reboot=t nomodeset cryptomgr.notests random.trust_cpu=on \
@@ -122,6 +122,11 @@ pub fn cmdline(accel: Accel) -> String {
         if let Some(khz) = moat_vmm::qemu::host_khz() {
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        // TCG's TSC is QEMU's own monotonic counter. Without this the
+        // clocksource watchdog marks it unstable (after a snapshot restore
+        // above all) and the guest falls back to jiffies: a 4 ms clock,
+        // which makes the workload's timings (`moat bench`) read 0.
+        c.push_str(" tsc=reliable");
     }
     c.push_str(" -- ");
     c.push_str(crate::agent::SUBCOMMAND);
