@@ -236,26 +236,6 @@ pub(crate) fn error_line(e: &anyhow::Error) -> String {
     bounded(&s.replace('\n', " "))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 15, defect 10: an error echoing a 1 MB value was a 1 MB line.
-    #[test]
-    fn error_lines_are_bounded() {
-        let e = anyhow::anyhow!("x{}", "é".repeat(1 << 20)).context("bad --name");
-        let line = error_line(&e);
-        assert!(line.len() < MAX_ERROR_LINE + 64, "{}", line.len());
-        assert!(line.starts_with("bad --name: x"));
-        assert!(
-            line.ends_with("more bytes)"),
-            "{}",
-            &line[line.len() - 40..]
-        );
-        assert_eq!(error_line(&anyhow::anyhow!("short")), "short");
-    }
-}
-
 /// Starts the `--debug` step records (moat_core::steps) at `t_main`. The
 /// first process of a run that re-executes itself from a protected copy
 /// (moat_jail::selfexe) leaves the time it parsed its arguments in the
@@ -290,5 +270,25 @@ fn protected() {
     if moat_core::steps::active() {
         std::env::remove_var(moat_core::steps::T0_ENV);
         moat_core::steps::mark("protect-binary");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15, defect 10: an error echoing a 1 MB value was a 1 MB line.
+    #[test]
+    fn error_lines_are_bounded() {
+        let e = anyhow::anyhow!("x{}", "é".repeat(1 << 20)).context("bad --name");
+        let line = error_line(&e);
+        assert!(line.len() < MAX_ERROR_LINE + 64, "{}", line.len());
+        assert!(line.starts_with("bad --name: x"));
+        assert!(
+            line.ends_with("more bytes)"),
+            "{}",
+            &line[line.len() - 40..]
+        );
+        assert_eq!(error_line(&anyhow::anyhow!("short")), "short");
     }
 }
