@@ -172,6 +172,50 @@ put("sandbox_policy", "learned.json", json.dumps({"version": 1, "paths": {
 put("sandbox_policy", "default", "default")
 put("sandbox_policy", "bad.json", json.dumps({"version": 1, "paths": {"/a/../b": "rr", "/c/": "w"}, "socket_families": ["bluetooth"]}))
 
+# --- sandbox supervisor: syscall arguments from the workload's memory ---------
+# First byte: the decoder (0 string, 1 open_how, 2 timestamps, 3 sockaddr,
+# 4 msghdr + iovec, 5 control messages, 6 directory records, 7 interpreter).
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+def sa_in(ip4, port):
+    return struct.pack("=H", AF_INET) + struct.pack("!H", port) + bytes(ip4) + b"\0" * 8
+def sa_in6(ip6, port, scope=None):
+    b = struct.pack("=H", AF_INET6) + struct.pack("!H", port) + struct.pack("=I", 0) + bytes(ip6)
+    return b + (struct.pack("=I", scope) if scope is not None else b"")
+def sa_un(name):
+    return struct.pack("=H", AF_UNIX) + name
+put("sandbox_args", "path", bytes([0]) + struct.pack("<H", 4090) + bytes([ord("a") & 0x3f]) + b"/usr/bin/env\0")
+put("sandbox_args", "path-long", bytes([0]) + struct.pack("<H", 10) + bytes([0x41 | 0x40]) + b"/" + b"x" * 200)
+put("sandbox_args", "open-how", bytes([1]) + struct.pack("=QQQ", 0o100 | 0o1 | 0o2000000, 0o644, 0))
+put("sandbox_args", "open-how-v1", bytes([1]) + struct.pack("=QQQQ", 0o10000000, 0, 0, 0))
+put("sandbox_args", "utimensat", bytes([2, 0]) + struct.pack("=qqqq", 1700000000, 5, 0, (1 << 30) - 1))
+put("sandbox_args", "utime", bytes([2, 1]) + struct.pack("=qq", 1, 2))
+put("sandbox_args", "utimes", bytes([2, 2]) + struct.pack("=qqqq", 1, 999999, 2, 0))
+put("sandbox_args", "inet-connect", bytes([3, 0, 0]) + sa_in([10, 0, 0, 1], 80))
+put("sandbox_args", "inet-unspec-send", bytes([3, 0, 2]) + struct.pack("=H", 0) + sa_in([8, 8, 8, 8], 53)[2:])
+put("sandbox_args", "inet6-mapped", bytes([3, 1, 0]) + sa_in6([0] * 10 + [255, 255, 127, 0, 0, 1], 443, 0))
+put("sandbox_args", "inet6-on-inet", bytes([3, 1, 2]) + sa_in([1, 1, 1, 1], 53))
+put("sandbox_args", "unix-path", bytes([3, 2, 0]) + sa_un(b"/run/app.sock\0"))
+put("sandbox_args", "unix-abstract", bytes([3, 2, 1]) + sa_un(b"\0@bus"))
+put("sandbox_args", "unix-unnamed", bytes([3, 2, 1]) + sa_un(b""))
+hdr = struct.pack("=QI4xQQQQi4x", 0x7000, 16, 0x8000, 2, 0x9000, 32, 0)
+iov = struct.pack("=QqQq", 0x10000, 5, 0x20000, 4096)
+put("sandbox_args", "msghdr-iovec", bytes([4]) + hdr + iov)
+rights = struct.pack("=Qii", 16 + 12, 1, 1) + struct.pack("=iii", 3, 4, 5) + b"\0" * 4
+creds = struct.pack("=Qii", 16 + 12, 1, 2) + struct.pack("=iII", 7, 0, 0) + b"\0" * 4
+put("sandbox_args", "control-rights", bytes([5]) + creds + rights)
+put("sandbox_args", "control-short-last", bytes([5]) + rights[:28])
+def dirent(ino, name, kind):
+    n = (19 + len(name) + 1 + 7) // 8 * 8
+    return (struct.pack("=QqHB", ino, ino * 10, n, kind) + name).ljust(n, b"\0")
+put("sandbox_args", "dents", bytes([6]) + dirent(1, b".", 4) + dirent(2, b"secret", 8) + dirent(3, b"passwd", 8))
+put("sandbox_args", "shebang", bytes([7]) + b"#!/bin/sh -e\necho hi\n")
+elf = bytearray(b"\x7fELF\x02\x01\x01" + b"\0" * 57)
+struct.pack_into("<QHH", elf, 0x20, 64, 0, 0)
+struct.pack_into("<H", elf, 0x36, 56)
+struct.pack_into("<H", elf, 0x38, 1)
+ph = struct.pack("<IIQQQQQQ", 3, 4, 120, 0, 0, 28, 28, 1)
+put("sandbox_args", "elf-interp", bytes([7]) + bytes(elf) + ph + b"/lib64/ld-linux-x86-64.so.2\0")
+
 # --- OCI layouts, image archives, layers ---------------------------------------
 def tar_bytes(entries, fmt=tarfile.USTAR_FORMAT):
     b = io.BytesIO()

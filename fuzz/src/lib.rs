@@ -9,6 +9,7 @@
 //! `seeds/NAME/` for a bounded time and is what CI runs.
 #![forbid(unsafe_code)]
 
+mod sandbox_args;
 pub mod targets;
 mod virtio;
 
@@ -68,6 +69,13 @@ pub const TARGETS: &[Target] = &[
         name: "sandbox_policy",
         covers: "moat-sandbox path policies (policy files and the annotation), decisions, round trip",
         run: targets::sandbox_policy,
+    },
+    Target {
+        name: "sandbox_args",
+        covers: "moat-sandbox supervisor: the workload's syscall arguments as copied from its memory \
+                 (paths, open_how, timestamps, socket addresses of every family, msghdr, iovec, \
+                 control messages and SCM_RIGHTS), directory records, interpreters",
+        run: targets::sandbox_args,
     },
     Target {
         name: "oci_layout",

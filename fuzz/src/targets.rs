@@ -178,6 +178,13 @@ pub fn sandbox_policy(data: &[u8]) {
     assert_eq!(again, p, "a policy's document is the same policy");
 }
 
+/// The sandbox supervisor's decoding of the workload's syscall arguments:
+/// the first byte picks the decoder, the rest is what the workload wrote
+/// in its memory.
+pub fn sandbox_args(data: &[u8]) {
+    crate::sandbox_args::run(data)
+}
+
 /// The JSON readers of OCI layouts and docker archives: index selection,
 /// manifests, image configs, manifest.json.
 pub fn oci_layout(data: &[u8]) {

@@ -255,8 +255,9 @@ fn keep_default_hidden(rules: &mut BTreeMap<String, Access>) {
 pub fn interpreter(head: &[u8]) -> Option<Vec<u8>> {
     if let Some(rest) = head.strip_prefix(b"#!") {
         let line = rest.split(|b| *b == b'\n').next()?;
+        // The kernel reads the name as a C string: a NUL ends it too.
         let prog = line
-            .split(|b| *b == b' ' || *b == b'\t')
+            .split(|b| *b == b' ' || *b == b'\t' || *b == 0)
             .find(|w| !w.is_empty())?;
         return prog.starts_with(b"/").then(|| prog.to_vec());
     }
@@ -269,9 +270,11 @@ fn elf_interp(head: &[u8]) -> Option<Vec<u8>> {
     if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
         return None;
     }
-    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
+    // Offsets come from the file: none may overflow.
+    let bytes_at = |o: usize, n: usize| head.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes_at(o, 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(bytes_at(o, 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes_at(o, 8)?.try_into().ok()?));
     let phoff = usize::try_from(u64_at(0x20)?).ok()?;
     let phentsize = usize::from(u16_at(0x36)?);
     let phnum = usize::from(u16_at(0x38)?);
@@ -283,8 +286,8 @@ fn elf_interp(head: &[u8]) -> Option<Vec<u8>> {
         if u32_at(ph)? != PT_INTERP {
             continue;
         }
-        let off = usize::try_from(u64_at(ph + 8)?).ok()?;
-        let size = usize::try_from(u64_at(ph + 32)?).ok()?;
+        let off = usize::try_from(u64_at(ph.checked_add(8)?)?).ok()?;
+        let size = usize::try_from(u64_at(ph.checked_add(32)?)?).ok()?;
         let bytes = head.get(off..off.checked_add(size)?)?;
         let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
         let path = &bytes[..end];
@@ -425,6 +428,7 @@ mod tests {
             Some(b"/bin/sh".to_vec())
         );
         assert_eq!(interpreter(b"#!relative\n"), None);
+        assert_eq!(interpreter(b"#!/bin/sh\0x\n"), Some(b"/bin/sh".to_vec()));
         assert_eq!(interpreter(b"plain text"), None);
         let me = std::fs::read("/proc/self/exe").unwrap();
         // The test binary is static or dynamic; either way no panic, and a
@@ -437,6 +441,10 @@ mod tests {
         // Truncated or lying headers are refused, not read past.
         let mut bad = sh[..64].to_vec();
         bad[0x38] = 0xff;
+        assert_eq!(interpreter(&bad), None);
+        // Offsets at the end of the address space overflow nothing.
+        bad[0x20..0x28].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        bad[0x38] = 1;
         assert_eq!(interpreter(&bad), None);
     }
 }

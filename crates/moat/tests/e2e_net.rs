@@ -521,7 +521,8 @@ fn sandbox_egress_reaches_what_the_rules_allow_and_nothing_else() {
 /// `--net none` (the default) in the sandbox tier, which has no `--net
 /// host`: the supervisor refuses
 /// every address that is not loopback, whichever call carries it
-/// (`connect`, `sendto`, `sendmsg`, IPv4 and IPv6), with ENETUNREACH and
+/// (`connect`, `sendto`, `sendmsg`, IPv4 and IPv6, an IPv4 address on an IPv6
+/// socket, an `AF_UNSPEC` send), with ENETUNREACH and
 /// a log line, before the kernel sees it; loopback still works. The world's
 /// server is there to be reached had the call gone through.
 #[test]
@@ -552,6 +553,17 @@ attempt('sendto', lambda: u.sendto(b'x', ('{s}', 53)))
 attempt('sendmsg', lambda: u.sendmsg([b'x'], [], 0, ('{s}', 53)))
 t6 = socket.socket(socket.AF_INET6)
 attempt('connect6', lambda: t6.connect(('{s6}', 8080)))
+# Addresses the kernel reads by their own family: an AF_INET one on an
+# IPv6 socket, and the address an AF_UNSPEC one holds (UDP sends there).
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def raw_sendto(sock, addr):
+    if libc.sendto(sock.fileno(), b'x', 1, 0, addr, len(addr)) < 0:
+        raise OSError(ctypes.get_errno(), 'sendto')
+sin = struct.pack('=H', socket.AF_INET) + struct.pack('!H', 53) + socket.inet_aton('{s}') + bytes(8)
+u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+attempt('v4-on-v6', lambda: raw_sendto(u6, sin))
+attempt('unspec', lambda: raw_sendto(u, struct.pack('=H', 0) + sin[2:]))
 l = socket.socket()
 l.bind(('127.0.0.1', 0))
 l.listen()
@@ -568,7 +580,9 @@ print('loopback', a.recv(3).decode().strip())
         &["--isolation", "sandbox", "--", "python3", "-c", &script],
     );
     assert_eq!(o.code, Some(0), "{o:?}");
-    for call in ["connect", "sendto", "sendmsg", "connect6"] {
+    for call in [
+        "connect", "sendto", "sendmsg", "connect6", "v4-on-v6", "unspec",
+    ] {
         assert!(
             o.stdout.contains(&format!("{call} ENETUNREACH\n")),
             "{call}: {o:?}"
@@ -580,7 +594,7 @@ print('loopback', a.recv(3).decode().strip())
         ("connect", format!("{}:8080", w.server)),
         ("sendto", format!("{}:53", w.server)),
         ("sendmsg", format!("{}:53", w.server)),
-        ("connect", format!("{}", w.server6)),
+        ("connect", w.server6.to_string()),
     ] {
         assert!(
             o.stderr
@@ -592,6 +606,16 @@ print('loopback', a.recv(3).decode().strip())
             o.stderr
         );
     }
+    // The two sends whose address the kernel reads by its own family are
+    // the supervisor's refusals too (the kernel would say ENETUNREACH
+    // alike): sendto's line, and one for each of them.
+    let udp53 = format!("sandbox: denied sendto to {}:53 ", w.server);
+    assert_eq!(
+        o.stderr.lines().filter(|l| l.contains(&udp53)).count(),
+        3,
+        "{}",
+        o.stderr
+    );
     wait_none_left(rt.root());
 }
 

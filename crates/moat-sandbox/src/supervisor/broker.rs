@@ -13,6 +13,7 @@ use moat_sys::notify::Notif;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
+use super::decode::{self, Times};
 use super::target::{self, Cache, Creds};
 use crate::learn::{self, Kind, Learned};
 use crate::policy::{clean_components, Policy, Verdict, Want};
@@ -21,7 +22,7 @@ mod net;
 mod virt;
 
 pub use net::Deferred;
-pub use virt::{CgroupFiles, ViewState};
+pub use virt::{filter_dents, CgroupFiles, ViewState};
 
 /// `AUDIT_ARCH_X86_64`: the only ABI the workload's filter lets through.
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
@@ -349,7 +350,7 @@ impl Broker {
 
     fn path_arg(&self, n: &Notif, addr: u64) -> R<Vec<u8>> {
         self.need_ptrace()?;
-        target::read_cstr_with(addr, |at, len| self.read(n, at, len))
+        decode::cstr(addr, |at, len| self.read(n, at, len))
     }
 
     /// The absolute container path of `path` relative to `dirfd` of the
@@ -795,38 +796,10 @@ impl Broker {
     }
 
     fn openat2(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
-        // struct open_how { u64 flags; u64 mode; u64 resolve; }
-        let size = n.args[3];
-        if size < 24 {
-            return Err(libc::EINVAL);
-        }
+        let len = decode::open_how_len(n.args[3])?;
         self.need_ptrace()?;
-        let how = self.read(n, n.args[2], 24)?;
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&how[i * 8..i * 8 + 8]);
-            u64::from_ne_bytes(b)
-        };
-        let (flags, mode, resolve) = (word(0), word(1), word(2));
-        if resolve != 0 {
-            // RESOLVE_* scoping is the broker's own; the caller's request
-            // (beneath its dirfd, no symlinks…) is not emulated yet.
-            return Err(libc::EINVAL);
-        }
-        // openat2 refuses what open ignores: unknown flags, flags with
-        // O_PATH that it would drop, a mode without a file to create.
-        let f = OFlags::from_bits_retain(flags as u32);
-        let path_only = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let creates = f.contains(OFlags::CREATE) || f.contains(OFlags::TMPFILE);
-        if flags > u64::from(u32::MAX)
-            || !(f - valid_open_flags()).is_empty()
-            || (f.contains(OFlags::PATH) && !(f - path_only).is_empty())
-            || (mode != 0 && !creates)
-            || mode & !0o7777 != 0
-        {
-            return Err(libc::EINVAL);
-        }
-        self.open(n, n.args[0], n.args[1], flags, mode, valid)
+        let how = decode::open_how(&self.read(n, n.args[2], len)?)?;
+        self.open(n, n.args[0], n.args[1], how.flags, how.mode, valid)
     }
 
     fn open_checked(
@@ -1466,13 +1439,7 @@ impl Broker {
             None
         } else {
             self.need_ptrace()?;
-            let b = self.read(n, times, 32)?;
-            let w = |i: usize| {
-                let mut x = [0u8; 8];
-                x.copy_from_slice(&b[i * 8..i * 8 + 8]);
-                i64::from_ne_bytes(x)
-            };
-            Some([(w(0), w(1)), (w(2), w(3))])
+            Some(Times::Timespec.decode(&self.read(n, times, Times::Timespec.size())?)?)
         };
         let nofollow = flags as i32 & libc::AT_SYMLINK_NOFOLLOW != 0;
         self.set_times(n, dirfd, path, ts, nofollow, valid)
@@ -1481,28 +1448,15 @@ impl Broker {
     /// utime(path, utimbuf*), utimes(path, timeval[2]), futimesat(dirfd, path, timeval[2]).
     fn utimes_old(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
         let (dirfd, path, times, kind) = match i64::from(n.nr) {
-            libc::SYS_utime => (libc::AT_FDCWD as u64, n.args[0], n.args[1], 0),
-            libc::SYS_utimes => (libc::AT_FDCWD as u64, n.args[0], n.args[1], 1),
-            _ => (n.args[0], n.args[1], n.args[2], 1),
+            libc::SYS_utime => (libc::AT_FDCWD as u64, n.args[0], n.args[1], Times::Utimbuf),
+            libc::SYS_utimes => (libc::AT_FDCWD as u64, n.args[0], n.args[1], Times::Timeval),
+            _ => (n.args[0], n.args[1], n.args[2], Times::Timeval),
         };
         let ts = if times == 0 {
             None
         } else {
             self.need_ptrace()?;
-            let b = self.read(n, times, if kind == 0 { 16 } else { 32 })?;
-            let w = |i: usize| {
-                let mut x = [0u8; 8];
-                x.copy_from_slice(&b[i * 8..i * 8 + 8]);
-                i64::from_ne_bytes(x)
-            };
-            Some(if kind == 0 {
-                [(w(0), 0), (w(1), 0)]
-            } else {
-                [
-                    (w(0), w(1).saturating_mul(1000)),
-                    (w(2), w(3).saturating_mul(1000)),
-                ]
-            })
+            Some(kind.decode(&self.read(n, times, kind.size())?)?)
         };
         self.set_times(n, dirfd, path, ts, false, valid)
     }
@@ -1834,34 +1788,12 @@ fn on_procfs(fd: BorrowedFd<'_>) -> bool {
 /// `O_PATH` only the flags that go with it (as the kernel does for them;
 /// `openat2`, which the broker uses, refuses what they ignore).
 fn legacy_open_flags(flags: u64) -> OFlags {
-    let f = OFlags::from_bits_truncate(flags as u32) & valid_open_flags();
+    let f = OFlags::from_bits_truncate(flags as u32) & decode::valid_open_flags();
     if f.contains(OFlags::PATH) {
         f & (OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW)
     } else {
         f
     }
-}
-
-/// The kernel's `VALID_OPEN_FLAGS`.
-fn valid_open_flags() -> OFlags {
-    OFlags::RWMODE
-        | OFlags::CREATE
-        | OFlags::EXCL
-        | OFlags::NOCTTY
-        | OFlags::TRUNC
-        | OFlags::APPEND
-        | OFlags::NONBLOCK
-        | OFlags::DSYNC
-        | OFlags::from_bits_retain(libc::O_ASYNC as u32)
-        | OFlags::DIRECT
-        | OFlags::LARGEFILE
-        | OFlags::DIRECTORY
-        | OFlags::NOFOLLOW
-        | OFlags::NOATIME
-        | OFlags::CLOEXEC
-        | OFlags::SYNC
-        | OFlags::PATH
-        | OFlags::TMPFILE
 }
 
 fn bytes_path(b: &[u8]) -> &Path {

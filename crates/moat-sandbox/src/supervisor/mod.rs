@@ -26,6 +26,7 @@ use rustix::fs::{Mode, OFlags};
 use crate::policy::Policy;
 
 pub mod broker;
+pub mod decode;
 pub mod guard;
 pub mod jail;
 pub mod target;

@@ -9,9 +9,7 @@ use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use rustix::fs::{Mode, OFlags};
 
-/// Longest path read from the workload, its NUL included (`PATH_MAX`).
-pub const PATH_MAX: usize = 4096;
-const PAGE: usize = 4096;
+pub use super::decode::PATH_MAX;
 /// Largest `/proc/TID/status` read.
 const STATUS_MAX: usize = 8192;
 /// Threads whose credentials are kept at once (each holds a descriptor).
@@ -205,36 +203,10 @@ pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
     Ok(buf)
 }
 
-/// Reads a NUL-terminated string at `addr` (at most [`PATH_MAX`] bytes with
-/// its NUL), a page at a time so that a string ending just before an
-/// unmapped page is still read. `ENAMETOOLONG` past the bound, `EFAULT`
-/// for a NULL or unmapped address.
+/// Reads a NUL-terminated string at `addr` ([`super::decode::cstr`]: at
+/// most [`PATH_MAX`] bytes with its NUL).
 pub fn read_cstr(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
-    read_cstr_with(addr, |at, len| read_mem(pid, at, len))
-}
-
-/// [`read_cstr`] through `read` (address, length → bytes).
-pub fn read_cstr_with(
-    addr: u64,
-    read: impl Fn(u64, usize) -> Result<Vec<u8>, i32>,
-) -> Result<Vec<u8>, i32> {
-    if addr == 0 {
-        return Err(libc::EFAULT);
-    }
-    let mut out = Vec::new();
-    let mut at = addr;
-    while out.len() < PATH_MAX {
-        let to_page_end = PAGE - (at as usize % PAGE);
-        let want = to_page_end.min(PATH_MAX - out.len());
-        let chunk = read(at, want)?;
-        if let Some(nul) = chunk.iter().position(|b| *b == 0) {
-            out.extend_from_slice(&chunk[..nul]);
-            return Ok(out);
-        }
-        out.extend_from_slice(&chunk);
-        at = at.checked_add(want as u64).ok_or(libc::EFAULT)?;
-    }
-    Err(libc::ENAMETOOLONG)
+    super::decode::cstr(addr, |at, len| read_mem(pid, at, len))
 }
 
 /// Reads through a `/proc/PID/mem` fd opened before the supervisor gave up

@@ -46,6 +46,9 @@ use moat_sys::sock;
 use rustix::fs::{Mode, OFlags};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
+use super::super::decode::{
+    self, inet_destination, sockaddr_un, Iovec, MsgHdr, SockAddr, UnixAddr, Use,
+};
 use super::super::target::{self, Creds};
 use super::super::view::Network;
 use super::{errno, Broker, Reply, R};
@@ -54,19 +57,13 @@ use crate::policy::Want;
 /// Most bytes one brokered datagram carries (a stream send sends at most
 /// this much, a short count as the kernel may return).
 const SEND_MAX: usize = 256 * 1024;
-/// Most buffers in one message (`UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
-/// Most bytes of control messages in one message.
-const CONTROL_MAX: usize = 64 * 1024;
 /// Most messages of one `sendmmsg` (`UIO_MAXIOV`, as the kernel caps it).
 const MMSG_MAX: usize = 1024;
 /// Most calls deferred at once (each holds up to three descriptors of the
 /// supervisor's 1024); past it a blocking call fails with EAGAIN.
 const PENDING_MAX: usize = 128;
-/// `sizeof(struct msghdr)`, `sizeof(struct mmsghdr)` on x86-64.
-const MSGHDR: usize = 56;
-const MMSGHDR: usize = 64;
-const SUN_PATH_MAX: usize = 108;
+const MSGHDR: usize = decode::MSGHDR_LEN;
+const MMSGHDR: usize = decode::MMSGHDR_LEN;
 
 /// A socket call that would block the caller: answered once its socket is
 /// ready ([`Broker::progress`]).
@@ -127,65 +124,6 @@ struct Msg {
     flags: i32,
 }
 
-/// What the address is used for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Use {
-    Connect,
-    Bind,
-    Send,
-}
-
-fn word(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_ne_bytes(w)
-}
-
-fn sockaddr_un(path: &[u8]) -> R<Vec<u8>> {
-    if path.len() >= SUN_PATH_MAX {
-        return Err(libc::ENAMETOOLONG);
-    }
-    let mut v = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
-    v.extend_from_slice(path);
-    v.push(0);
-    Ok(v)
-}
-
-/// Whether an inet destination is on the loopback network (or unspecified,
-/// which Linux takes as this host; or AF_UNSPEC, a disconnect).
-pub fn loopback(family: i32, addr: &[u8]) -> bool {
-    if addr.len() >= 2 && u16::from_ne_bytes([addr[0], addr[1]]) == libc::AF_UNSPEC as u16 {
-        return true;
-    }
-    match family {
-        libc::AF_INET if addr.len() >= 8 => addr[4] == 127 || addr[4..8] == [0, 0, 0, 0],
-        libc::AF_INET6 if addr.len() >= 24 => {
-            let a = &addr[8..24];
-            let mapped = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff;
-            a[..15].iter().all(|b| *b == 0) && (a[15] == 1 || a[15] == 0)
-                || mapped && (a[12] == 127 || a[12..16] == [0, 0, 0, 0])
-        }
-        // Too short: the kernel refuses it.
-        _ => true,
-    }
-}
-
-fn describe(family: i32, addr: &[u8]) -> String {
-    let port = |a: &[u8]| u16::from_be_bytes([a[2], a[3]]);
-    match family {
-        libc::AF_INET if addr.len() >= 8 => {
-            let ip = std::net::Ipv4Addr::new(addr[4], addr[5], addr[6], addr[7]);
-            format!("{ip}:{}", port(addr))
-        }
-        libc::AF_INET6 if addr.len() >= 24 => {
-            let mut o = [0u8; 16];
-            o.copy_from_slice(&addr[8..24]);
-            format!("[{}]:{}", std::net::Ipv6Addr::from(o), port(addr))
-        }
-        _ => format!("family {family}"),
-    }
-}
-
 impl Broker {
     /// connect, bind, sendto, sendmsg, sendmmsg.
     pub(super) fn net(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
@@ -219,7 +157,11 @@ impl Broker {
             }
             libc::SYS_sendto => {
                 let flags = a[3] as i32;
-                let data = self.data_arg(n, &[(a[1], a[2])], stream)?;
+                let buf = Iovec {
+                    base: a[1],
+                    len: usize::try_from(a[2]).map_err(|_| libc::EINVAL)?,
+                };
+                let data = self.data_arg(n, &[buf], stream)?;
                 let raw = self.sockaddr_arg(n, a[4], a[5])?;
                 let name = self.address(n, &c, family, raw, Use::Send, valid)?;
                 let msg = Msg {
@@ -263,20 +205,19 @@ impl Broker {
         self.read(n, ptr, len)
     }
 
-    /// The bytes of `bufs` (address, length), joined; at most
-    /// [`SEND_MAX`] (a stream send is cut there, a datagram refused).
-    fn data_arg(&self, n: &Notif, bufs: &[(u64, u64)], stream: bool) -> R<Vec<u8>> {
+    /// The bytes of `bufs`, joined; at most [`SEND_MAX`] (a stream send is
+    /// cut there, a datagram refused).
+    fn data_arg(&self, n: &Notif, bufs: &[Iovec], stream: bool) -> R<Vec<u8>> {
         self.need_ptrace()?;
         let mut out = Vec::new();
-        for (ptr, len) in bufs {
-            let len = usize::try_from(*len).map_err(|_| libc::EINVAL)?;
+        for buf in bufs {
             let room = SEND_MAX - out.len();
-            if len > room && !stream {
+            if buf.len > room && !stream {
                 return Err(libc::EMSGSIZE);
             }
-            let take = len.min(room);
+            let take = buf.len.min(room);
             if take > 0 {
-                out.extend_from_slice(&self.read(n, *ptr, take)?);
+                out.extend_from_slice(&self.read(n, buf.base, take)?);
             }
             if out.len() == SEND_MAX {
                 break;
@@ -285,7 +226,8 @@ impl Broker {
         Ok(out)
     }
 
-    /// A `struct msghdr` at `ptr` and what it points to.
+    /// A `struct msghdr` at `ptr` and what it points to ([`decode`] checks
+    /// its lengths).
     #[allow(clippy::too_many_arguments)]
     fn msg_arg(
         &mut self,
@@ -298,34 +240,20 @@ impl Broker {
         valid: &dyn Fn() -> bool,
     ) -> R<Msg> {
         self.need_ptrace()?;
-        let h = self.read(n, ptr, MSGHDR)?;
-        let (name_ptr, name_len) = (word(&h, 0), u64::from(word(&h, 8) as u32));
-        let (iov_ptr, iov_len) = (word(&h, 16), word(&h, 24));
-        let (ctl_ptr, ctl_len) = (word(&h, 32), word(&h, 40));
-        let iov_len = usize::try_from(iov_len).map_err(|_| libc::EMSGSIZE)?;
-        if iov_len > IOV_MAX {
-            return Err(libc::EMSGSIZE);
-        }
-        let iov = if iov_len == 0 {
+        let h = MsgHdr::decode(&self.read(n, ptr, MSGHDR)?)?;
+        let bufs = if h.iov_len == 0 {
             Vec::new()
         } else {
-            self.read(n, iov_ptr, iov_len * 16)?
+            decode::iovecs(&self.read(n, h.iov, h.iov_len * decode::IOVEC_LEN)?)?
         };
-        let bufs: Vec<(u64, u64)> = (0..iov_len)
-            .map(|i| (word(&iov, i * 16), word(&iov, i * 16 + 8)))
-            .collect();
         let data = self.data_arg(n, &bufs, stream)?;
-        let ctl_len = usize::try_from(ctl_len).map_err(|_| libc::ENOBUFS)?;
-        if ctl_len > CONTROL_MAX {
-            return Err(libc::ENOBUFS);
-        }
-        let mut control = if ctl_ptr == 0 || ctl_len == 0 {
+        let mut control = if h.control == 0 || h.control_len == 0 {
             Vec::new()
         } else {
-            self.read(n, ctl_ptr, ctl_len)?
+            self.read(n, h.control, h.control_len)?
         };
         let fds = self.pass_fds(c, &mut control)?;
-        let raw = self.sockaddr_arg(n, name_ptr, name_len)?;
+        let raw = self.sockaddr_arg(n, h.name, h.name_len as u64)?;
         let name = self.address(n, c, family, raw, Use::Send, valid)?;
         Ok(Msg {
             name,
@@ -339,35 +267,14 @@ impl Broker {
     /// Rewrites the descriptors of `SCM_RIGHTS` messages in `control` (the
     /// caller's numbers) as duplicates the supervisor holds.
     fn pass_fds(&self, c: &Creds, control: &mut [u8]) -> R<Vec<OwnedFd>> {
-        const HDR: usize = 16;
         let mut fds = Vec::new();
-        let mut at = 0usize;
-        while at + HDR <= control.len() {
-            let len = usize::try_from(word(control, at)).map_err(|_| libc::EINVAL)?;
-            if len < HDR || at + len > control.len() {
-                return Err(libc::EINVAL);
-            }
-            let level = i32::from_ne_bytes(control[at + 8..at + 12].try_into().unwrap_or([0; 4]));
-            let kind = i32::from_ne_bytes(control[at + 12..at + 16].try_into().unwrap_or([0; 4]));
-            if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
-                for slot in (at + HDR..at + len)
-                    .step_by(4)
-                    .filter(|s| s + 4 <= at + len)
-                {
-                    let num =
-                        i32::from_ne_bytes(control[slot..slot + 4].try_into().unwrap_or([0; 4]));
-                    let fd = self.caller_fd(c, num).map_err(|e| {
-                        if e == libc::ENOENT {
-                            libc::EBADF
-                        } else {
-                            e
-                        }
-                    })?;
-                    control[slot..slot + 4].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
-                    fds.push(fd);
-                }
-            }
-            at += len.div_ceil(8) * 8;
+        for slot in decode::scm_rights(control)? {
+            let num = decode::fd_at(control, slot);
+            let fd =
+                self.caller_fd(c, num)
+                    .map_err(|e| if e == libc::ENOENT { libc::EBADF } else { e })?;
+            control[slot..slot + 4].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
+            fds.push(fd);
         }
         Ok(fds)
     }
@@ -389,16 +296,16 @@ impl Broker {
         match family {
             libc::AF_UNIX => self.unix_address(n, c, raw, what, valid),
             libc::AF_INET | libc::AF_INET6 => {
+                let dest = inet_destination(family, what, &SockAddr::decode(&raw)?);
                 if what != Use::Bind
                     && self.view.cfg.network == Network::Loopback
-                    && !loopback(family, &raw)
+                    && !dest.is_loopback()
                     && self.learned.is_none()
                 {
                     if self.log.allow() {
                         tracing::warn!(
-                            "sandbox: denied {} to {} for pid {}: the sandbox's network is lo only",
+                            "sandbox: denied {} to {dest} for pid {}: the sandbox's network is lo only",
                             super::syscall_name(n.nr),
-                            describe(family, &raw),
                             n.pid
                         );
                     }
@@ -418,30 +325,13 @@ impl Broker {
         what: Use,
         valid: &dyn Fn() -> bool,
     ) -> R<Addr> {
-        let fam = u16::from_ne_bytes([raw[0], *raw.get(1).unwrap_or(&0)]);
-        // Not AF_UNIX (AF_UNSPEC: a disconnect), or unnamed (autobind): the
-        // kernel resolves nothing.
-        if raw.len() <= 2 || fam != libc::AF_UNIX as u16 {
-            return Ok(Addr::plain(raw));
-        }
-        if raw[2] == 0 {
-            if self.view.host_netns && self.learned.is_none() {
-                if self.log.allow() {
-                    tracing::warn!(
-                        "sandbox: denied {} to an abstract unix socket for pid {}: the sandbox shares the host's network namespace",
-                        super::syscall_name(n.nr),
-                        n.pid
-                    );
-                }
-                return Err(if what == Use::Bind {
-                    libc::EACCES
-                } else {
-                    libc::ECONNREFUSED
-                });
-            }
-            return Ok(Addr::plain(raw));
-        }
-        let path: Vec<u8> = raw[2..].iter().copied().take_while(|b| *b != 0).collect();
+        let path = match SockAddr::decode(&raw)? {
+            SockAddr::Unix(UnixAddr::Path { path, .. }) => path.to_vec(),
+            SockAddr::Unix(UnixAddr::Abstract(_)) => return self.abstract_address(n, raw, what),
+            // Not AF_UNIX (AF_UNSPEC: a disconnect), or unnamed (autobind):
+            // the kernel resolves nothing.
+            _ => return Ok(Addr::plain(raw)),
+        };
         let abs = self.absolute(n, c, libc::AT_FDCWD as u64, &path)?;
         if !valid() {
             return Err(libc::ESRCH);
@@ -469,6 +359,26 @@ impl Broker {
         })
     }
 
+    /// An abstract name: in the socket's network namespace, the host's
+    /// when the sandbox shares it (refused then).
+    fn abstract_address(&mut self, n: &Notif, raw: Vec<u8>, what: Use) -> R<Addr> {
+        if self.view.host_netns && self.learned.is_none() {
+            if self.log.allow() {
+                tracing::warn!(
+                    "sandbox: denied {} to an abstract unix socket for pid {}: the sandbox shares the host's network namespace",
+                    super::syscall_name(n.nr),
+                    n.pid
+                );
+            }
+            return Err(if what == Use::Bind {
+                libc::EACCES
+            } else {
+                libc::ECONNREFUSED
+            });
+        }
+        Ok(Addr::plain(raw))
+    }
+
     fn bind(
         &mut self,
         n: &Notif,
@@ -478,13 +388,11 @@ impl Broker {
         raw: Vec<u8>,
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
-        let fam = raw
-            .get(..2)
-            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-            .unwrap_or(0);
-        let pathname =
-            family == libc::AF_UNIX && fam == libc::AF_UNIX as u16 && raw.len() > 2 && raw[2] != 0;
-        if !pathname {
+        let path = match SockAddr::decode(&raw)? {
+            SockAddr::Unix(UnixAddr::Path { path, .. }) if family == libc::AF_UNIX => path.to_vec(),
+            _ => Vec::new(),
+        };
+        if path.is_empty() {
             let addr = self.address(n, c, family, raw, Use::Bind, valid)?;
             let c = c.clone();
             self.as_caller(&c, sock, |_| {
@@ -496,7 +404,6 @@ impl Broker {
         // workload creates.
         self.fresh_creds(n)?;
         let c = self.caller(n)?;
-        let path: Vec<u8> = raw[2..].iter().copied().take_while(|b| *b != 0).collect();
         let abs = self.absolute(n, &c, libc::AT_FDCWD as u64, &path)?;
         // A relative name is bound from the caller's working directory.
         let cwd = if path.first() != Some(&b'/') {
@@ -891,61 +798,5 @@ fn signal_thread(tid: u32, sig: i32) {
     };
     if let Some(s) = rustix::process::Signal::from_named_raw(sig) {
         let _ = rustix::process::pidfd_send_signal(&fd, s);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn v4(a: [u8; 4]) -> Vec<u8> {
-        let mut v = (libc::AF_INET as u16).to_ne_bytes().to_vec();
-        v.extend_from_slice(&80u16.to_be_bytes());
-        v.extend_from_slice(&a);
-        v.extend_from_slice(&[0; 8]);
-        v
-    }
-
-    fn v6(a: [u8; 16]) -> Vec<u8> {
-        let mut v = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
-        v.extend_from_slice(&80u16.to_be_bytes());
-        v.extend_from_slice(&[0; 4]);
-        v.extend_from_slice(&a);
-        v.extend_from_slice(&[0; 4]);
-        v
-    }
-
-    #[test]
-    fn loopback_addresses() {
-        assert!(loopback(libc::AF_INET, &v4([127, 0, 0, 1])));
-        assert!(loopback(libc::AF_INET, &v4([127, 9, 9, 9])));
-        assert!(loopback(libc::AF_INET, &v4([0, 0, 0, 0])));
-        assert!(!loopback(libc::AF_INET, &v4([10, 0, 0, 1])));
-        assert!(!loopback(libc::AF_INET, &v4([1, 1, 1, 1])));
-        let mut one = [0u8; 16];
-        one[15] = 1;
-        assert!(loopback(libc::AF_INET6, &v6(one)));
-        assert!(loopback(libc::AF_INET6, &v6([0; 16])));
-        let mut mapped = [0u8; 16];
-        mapped[10] = 0xff;
-        mapped[11] = 0xff;
-        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
-        assert!(loopback(libc::AF_INET6, &v6(mapped)));
-        mapped[12..].copy_from_slice(&[8, 8, 8, 8]);
-        assert!(!loopback(libc::AF_INET6, &v6(mapped)));
-        let mut g = [0u8; 16];
-        g[0] = 0x20;
-        g[1] = 0x01;
-        assert!(!loopback(libc::AF_INET6, &v6(g)));
-        // AF_UNSPEC: a disconnect.
-        assert!(loopback(libc::AF_INET, &[0, 0, 0, 0]));
-        assert_eq!(describe(libc::AF_INET, &v4([10, 0, 0, 1])), "10.0.0.1:80");
-    }
-
-    #[test]
-    fn unix_addresses() {
-        let a = sockaddr_un(b"self/fd/7").unwrap();
-        assert_eq!(&a[2..], b"self/fd/7\0");
-        assert!(sockaddr_un(&[b'a'; 108]).is_err());
     }
 }
