@@ -230,12 +230,25 @@ impl MicrovmTier {
     }
 
     /// The cache of initramfs and disk images: `MOAT_MICROVM_CACHE`, else
-    /// `<root>/.cache/microvm`.
+    /// `<root>/.cache/microvm` when the state root is on a disk, else (the
+    /// default `/run/moat` is a tmpfs on most hosts, and the disk images
+    /// take gigabytes that would be memory and gone at the next boot) a
+    /// persistent place: [`persistent_cache`].
     pub fn cache_dir(&self) -> PathBuf {
-        match std::env::var_os("MOAT_MICROVM_CACHE").filter(|v| !v.is_empty()) {
-            Some(d) => PathBuf::from(d),
-            None => self.sd.root().join(".cache").join("microvm"),
+        if let Some(d) = std::env::var_os("MOAT_MICROVM_CACHE").filter(|v| !v.is_empty()) {
+            return PathBuf::from(d);
         }
+        let root = self.sd.root();
+        if on_memory_fs(root) {
+            if let Some(d) = persistent_cache(
+                nix::unistd::geteuid().is_root(),
+                std::env::var_os("XDG_CACHE_HOME"),
+                std::env::var_os("HOME"),
+            ) {
+                return d;
+            }
+        }
+        root.join(".cache").join("microvm")
     }
 
     /// The control socket's directory for container `id`: under the state
@@ -424,5 +437,85 @@ impl MicrovmTier {
         };
         self.sd.save(&st)?;
         Ok(())
+    }
+}
+
+/// Whether `path` (or, when it does not exist yet, its nearest existing
+/// ancestor) is on a filesystem held in memory (tmpfs, ramfs).
+fn on_memory_fs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    let mut p = Some(path);
+    while let Some(dir) = p {
+        if let Ok(st) = rustix::fs::statfs(dir) {
+            // f_type's width differs between architectures.
+            #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+            let t = st.f_type as u64;
+            return t == TMPFS_MAGIC || t == RAMFS_MAGIC;
+        }
+        p = dir.parent();
+    }
+    false
+}
+
+/// The microVM cache's persistent place when the state root is in memory:
+/// `/var/cache/moat/microvm` for root; for anyone else
+/// `$XDG_CACHE_HOME/moat/microvm`, else `~/.cache/moat/microvm` (None
+/// without either: the state root's own cache is used).
+pub fn persistent_cache(
+    root: bool,
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    if root {
+        return Some(PathBuf::from("/var/cache/moat/microvm"));
+    }
+    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    xdg_cache_home
+        .and_then(abs)
+        .map(|d| d.join("moat").join("microvm"))
+        .or_else(|| {
+            home.and_then(abs)
+                .map(|h| h.join(".cache").join("moat").join("microvm"))
+        })
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn a_state_root_in_memory_gets_a_persistent_cache() {
+        // Real filesystems: /dev/shm is a tmpfs on this machine kind (and
+        // CI's), the repository is on a disk.
+        assert!(on_memory_fs(std::path::Path::new("/dev/shm")));
+        assert!(on_memory_fs(std::path::Path::new("/dev/shm/not/yet/made")));
+        assert!(!on_memory_fs(std::path::Path::new(env!(
+            "CARGO_MANIFEST_DIR"
+        ))));
+        assert_eq!(
+            persistent_cache(true, None, None),
+            Some(PathBuf::from("/var/cache/moat/microvm"))
+        );
+        assert_eq!(
+            persistent_cache(false, Some("/x/cache".into()), Some("/home/u".into())),
+            Some(PathBuf::from("/x/cache/moat/microvm"))
+        );
+        assert_eq!(
+            persistent_cache(false, Some("relative".into()), Some("/home/u".into())),
+            Some(PathBuf::from("/home/u/.cache/moat/microvm"))
+        );
+        assert_eq!(persistent_cache(false, None, None), None);
+        let t = MicrovmTier::new("/dev/shm/moat-cache-test-root", false);
+        if std::env::var_os("MOAT_MICROVM_CACHE").is_none() && nix::unistd::geteuid().is_root() {
+            assert_eq!(t.cache_dir(), PathBuf::from("/var/cache/moat/microvm"));
+        }
+        let t = MicrovmTier::new(env!("CARGO_MANIFEST_DIR"), false);
+        if std::env::var_os("MOAT_MICROVM_CACHE").is_none() {
+            assert_eq!(
+                t.cache_dir(),
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/microvm")
+            );
+        }
     }
 }
