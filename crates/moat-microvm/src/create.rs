@@ -39,6 +39,7 @@ struct Undo<'a> {
     cgroup: Option<moat_jail::cgroup::CgroupManager>,
     socket_dir: Option<PathBuf>,
     slot: Option<(u32, String)>,
+    net_stack: Option<moat_container::network::StackProcess>,
     armed: bool,
 }
 
@@ -53,6 +54,10 @@ impl Drop for Undo<'_> {
                 nix::sys::signal::Signal::SIGKILL,
             );
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        }
+        if let Some(stack) = &self.net_stack {
+            stack.kill();
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(stack.pid), None);
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.destroy();
@@ -78,6 +83,7 @@ impl MicrovmTier {
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
+        let net = net_request(&req.config.spec)?;
         let own_disk = |p: &Path| own_disk(p);
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
@@ -96,6 +102,7 @@ impl MicrovmTier {
             cgroup: None,
             socket_dir: None,
             slot: None,
+            net_stack: None,
             armed: true,
         };
         let dir = lock.dir().to_owned();
@@ -157,6 +164,9 @@ impl MicrovmTier {
             // Filled by the VMM process right before it sends the request.
             entropy: Vec::new(),
             clock_ns: 0,
+            net: net
+                .as_ref()
+                .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
         };
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
             vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
@@ -166,7 +176,16 @@ impl MicrovmTier {
         // Every guest gets all the disk slots (unused ones hold the spare
         // image), so one snapshot fits every container of a configuration.
         let disk_slots = guestspec::MAX_DISKS;
-        let offer = snapshot::offer(
+        // A networked guest boots cold: its VM has one device more than
+        // the snapshot's, and a restore that fails over to a cold boot
+        // would hand a second QEMU a frame stream the first may have left
+        // half-written.
+        let offer = if net.is_some() {
+            snapshot::Offer::None {
+                why: "a guest with a network device boots cold".into(),
+            }
+        } else {
+            snapshot::offer(
             &self.cache_dir(),
             &snapshot::Identity {
                 qemu: binary,
@@ -181,7 +200,8 @@ impl MicrovmTier {
                     moat_vmm::qemu::Accel::Tcg => "tcg",
                 },
             },
-        );
+        )
+        };
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
             snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(
@@ -192,6 +212,19 @@ impl MicrovmTier {
                 file.try_clone()
                     .map_err(MicrovmError::io("duplicate the snapshot"))?,
             ),
+        };
+        let (net_stack_end, net_vmm_end) = match &net {
+            Some(_) => {
+                let (a, b) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(MicrovmError::sys("create the network link"))?;
+                (Some(a), Some(b))
+            }
+            None => (None, None),
         };
         let vplan = VmmPlan {
             backend: host.backend.clone(),
@@ -220,6 +253,7 @@ impl MicrovmTier {
             boot_timeout: BOOT_TIMEOUT,
             console: std::env::var_os("MOAT_MICROVM_CONSOLE").is_some(),
             snapshot: snapshot_plan,
+            net: net_vmm_end,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -261,6 +295,14 @@ impl MicrovmTier {
         };
         undo.pid = Some(pid);
         cgroup.add_pid(pid).map_err(MicrovmError::from)?;
+        let net_stack = match (&net, net_stack_end) {
+            (Some(n), Some(end)) => {
+                let stack = start_stack(n, end, pid, req, &dir)?;
+                undo.net_stack = Some(stack);
+                Some(stack)
+            }
+            _ => None,
+        };
         // The block stays allocated: the VMM runs as its first ID until it
         // ends, and the allocator reclaims a block only once no process
         // runs with its IDs.
@@ -275,6 +317,7 @@ impl MicrovmTier {
             vmm_uid: uid,
             vmm_slot: Some(slot),
             backend: host.why.clone(),
+            net_stack,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -437,19 +480,48 @@ fn own_disk(source: &Path) -> bool {
         .any(|d| source == Path::new("/").join(d))
 }
 
+/// What the config asks of the network (`dev.moat.net.egress`,
+/// `dev.moat.net.publish`), parsed as the container tier does. The guest
+/// always gets network namespaces of its own, so no host one is needed.
+fn net_request(
+    spec: &oci_spec::runtime::Spec,
+) -> Result<Option<moat_container::network::NetRequest>, RuntimeError> {
+    moat_container::network::NetRequest::from_spec(spec, true)
+        .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))
+}
+
+/// Starts the user-space stack on `link` (its end of the VMM's network
+/// device), jailed as the container tier's, ending with the VMM process
+/// `vmm`. Its refusals go to the runtime's stderr for `moat run`, else to
+/// `net.log` in the state directory `dir`.
+fn start_stack(
+    net: &moat_container::network::NetRequest,
+    link: OwnedFd,
+    vmm: i32,
+    req: &CreateRequest,
+    dir: &Path,
+) -> Result<moat_container::network::StackProcess, RuntimeError> {
+    let log = dir.join("net.log");
+    let log = (!req.die_with_runtime).then_some(log.as_path());
+    moat_container::network::start_link(
+        moat_net::Link::Stream(link),
+        vmm,
+        net,
+        &req.config.spec,
+        log,
+    )
+    .map_err(|e| MicrovmError::Vmm(moat_core::error_chain(&e)).into())
+}
+
 /// What the tier cannot do yet, refused before anything is made.
 fn refuse_unsupported(spec: &serde_json::Value) -> Result<(), RuntimeError> {
     let a = &spec["annotations"];
-    if a.get(moat_core::net::EGRESS_ANNOTATION).is_some()
-        || a.get(moat_core::net::PUBLISH_ANNOTATION).is_some()
-    {
-        return Err(RuntimeError::Invalid(
-            "the microvm tier has no network yet: egress and published ports need --isolation container or sandbox".into(),
-        ));
-    }
-    if spec["linux"]["namespaces"]
-        .as_array()
-        .is_some_and(|ns| !ns.iter().any(|n| n["type"] == "network"))
+    let networked = a.get(moat_core::net::EGRESS_ANNOTATION).is_some()
+        || a.get(moat_core::net::PUBLISH_ANNOTATION).is_some();
+    if !networked
+        && spec["linux"]["namespaces"]
+            .as_array()
+            .is_some_and(|ns| !ns.iter().any(|n| n["type"] == "network"))
     {
         tracing::warn!("microvm: the guest has no network devices; the container gets a network namespace with only lo");
     }

@@ -203,6 +203,10 @@ struct MicrovmPart {
     vmm_slot: Option<(u32, String)>,
     /// Which VMM, in words.
     backend: String,
+    /// The user-space network stack's process, when the config asked for
+    /// the network.
+    #[serde(default)]
+    net_stack: Option<moat_container::network::StackProcess>,
 }
 
 /// The microvm tier, bound to a state root.

@@ -207,6 +207,15 @@ pub fn add_veth_request(name: &str, peer: &str, peer_netns: i32, seq: u32) -> Ve
     m.finish()
 }
 
+/// RTM_NEWLINK: interface `index` into the network namespace of `netns`
+/// (an fd number valid in the sending process).
+pub fn move_link_request(index: u32, netns: i32, seq: u32) -> Vec<u8> {
+    let mut m = Msg::new(RTM_NEWLINK, 0, seq);
+    m.ifinfo(index as i32, 0, 0);
+    m.attr(IFLA_NET_NS_FD, &netns.to_ne_bytes());
+    m.finish()
+}
+
 fn nul_terminated(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
@@ -317,6 +326,20 @@ impl Netlink {
         let seq = self.next_seq();
         let msg = default_route_request(index, gateway, seq);
         self.request(&msg, || format!("adding a default route via {gateway}"))
+    }
+
+    /// Moves interface `index` into the namespace `netns`.
+    pub fn move_link(
+        &mut self,
+        index: u32,
+        netns: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), NetlinkError> {
+        use std::os::fd::AsRawFd;
+        let seq = self.next_seq();
+        let msg = move_link_request(index, netns.as_raw_fd(), seq);
+        self.request(&msg, || {
+            format!("moving interface {index} to another network namespace")
+        })
     }
 
     /// A veth pair: `name` here, `peer` in the namespace `peer_netns`.
