@@ -186,21 +186,21 @@ impl MicrovmTier {
             }
         } else {
             snapshot::offer(
-            &self.cache_dir(),
-            &snapshot::Identity {
-                qemu: binary,
-                kernel: &host.kernel.image,
-                initrd: &guest.initrd,
-                cmdline: &cmdline,
-                mem_mib: guest.mem_mib,
-                vcpus: guest.vcpus,
-                disk_slots,
-                accel: match accel {
-                    moat_vmm::qemu::Accel::Kvm => "kvm",
-                    moat_vmm::qemu::Accel::Tcg => "tcg",
+                &self.cache_dir(),
+                &snapshot::Identity {
+                    qemu: binary,
+                    kernel: &host.kernel.image,
+                    initrd: &guest.initrd,
+                    cmdline: &cmdline,
+                    mem_mib: guest.mem_mib,
+                    vcpus: guest.vcpus,
+                    disk_slots,
+                    accel: match accel {
+                        moat_vmm::qemu::Accel::Kvm => "kvm",
+                        moat_vmm::qemu::Accel::Tcg => "tcg",
+                    },
                 },
-            },
-        )
+            )
         };
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),

@@ -84,21 +84,7 @@ fn with_namespace(root: BorrowedFd<'_>, cfg: &RootfsConfig, e: &Entry) -> Result
             uid_mappings: None,
             gid_mappings: None,
         };
-        return match filesystem(root, &cg) {
-            // The destination already is a cgroup2 root: a /sys that fell
-            // back to a recursive bind of the runtime's (sysfs refused in a
-            // network namespace the container's user namespace does not
-            // own, as in a microvm guest's networked container) brought
-            // the runtime's cgroup2 mount along. Cover it with a tmpfs and
-            // mount the container's own view on that.
-            Err(RootfsError::Mount { source, .. })
-                if cfg.in_user_ns && source.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                holder_tmpfs(root, e)?;
-                filesystem(root, &cg)
-            }
-            r => r,
-        };
+        return filesystem(root, &cg);
     }
     holder_tmpfs(root, e)?;
     for (name, _) in cfg.cgroup_mounts {

@@ -5,7 +5,10 @@
 //! only `lo`. The steps, in order: load the driver, wait for eth0, make
 //! the namespace (kept by a bind mount at [`NETNS`]), move eth0 into it,
 //! bring up `lo` and eth0 with the stack's addresses and default routes,
-//! write the resolv.conf naming the stack's DNS.
+//! mount a sysfs from inside it (at [`SYSFS`]: sysfs shows the network
+//! devices of the namespace that mounts it, and the container's user
+//! namespace, which does not own this one, may not mount its own), write
+//! the resolv.conf naming the stack's DNS.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
@@ -26,6 +29,9 @@ pub const DEVICE: &str = "eth0";
 pub const NETNS: &str = "/run/vm/netns";
 /// The resolv.conf the container gets.
 pub const RESOLV_CONF: &str = "/run/vm/resolv.conf";
+/// A sysfs mounted in the container's network namespace, bound at the
+/// container's /sys.
+pub const SYSFS: &str = "/run/vm/sys";
 
 fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let step = step.into();
@@ -56,6 +62,13 @@ pub fn setup(net: &GuestNet) -> Result<(), AgentError> {
     nl.move_link(index, ns.as_fd())
         .map_err(netlink("move eth0 to the container's namespace"))?;
     in_netns(&ns, || configure(net))?;
+    std::fs::create_dir_all(SYSFS).map_err(io(format!("create {SYSFS}")))?;
+    in_netns(&ns, || {
+        let flags =
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+        mount(Some("sysfs"), SYSFS, Some("sysfs"), flags, None::<&str>)
+            .map_err(sys(format!("mount sysfs on {SYSFS}")))
+    })?;
     std::fs::write(RESOLV_CONF, &net.resolv_conf).map_err(io(format!("write {RESOLV_CONF}")))
 }
 
@@ -122,9 +135,9 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
 }
 
 /// The container's config with the network set up here: it joins
-/// [`NETNS`] (instead of making a namespace with only `lo`) and gets
+/// [`NETNS`] (instead of making a namespace with only `lo`), gets
 /// [`RESOLV_CONF`] read-only at /etc/resolv.conf (replacing any other
-/// mount there).
+/// mount there), and a bind of [`SYSFS`] for each sysfs mount.
 pub fn apply(config: &mut Value) {
     let linux = &mut config["linux"];
     if !linux.is_object() {
@@ -144,6 +157,14 @@ pub fn apply(config: &mut Value) {
     }
     if let Some(list) = mounts.as_array_mut() {
         list.retain(|m| m["destination"] != "/etc/resolv.conf");
+        for m in list.iter_mut().filter(|m| m["type"] == "sysfs") {
+            let mut opts: Vec<Value> = m["options"].as_array().cloned().unwrap_or_default();
+            opts.retain(|o| o != "rbind");
+            opts.push(json!("bind"));
+            m["type"] = json!("bind");
+            m["source"] = json!(SYSFS);
+            m["options"] = Value::Array(opts);
+        }
         list.push(json!({
             "destination": "/etc/resolv.conf",
             "type": "bind",
@@ -162,14 +183,19 @@ mod tests {
         let mut c = json!({
             "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]},
             "mounts": [{"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/vm/files/0"},
-                       {"destination": "/proc", "type": "proc"}]
+                       {"destination": "/proc", "type": "proc"},
+                       {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid"]}]
         });
         apply(&mut c);
         let ns = c["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.contains(&json!({"type": "network", "path": NETNS})));
         let m = c["mounts"].as_array().unwrap();
-        assert_eq!(m.len(), 2);
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            m[1],
+            json!({"destination": "/sys", "type": "bind", "source": SYSFS, "options": ["ro", "nosuid", "bind"]})
+        );
         assert!(m
             .iter()
             .any(|m| m["destination"] == "/etc/resolv.conf" && m["source"] == RESOLV_CONF));

@@ -252,7 +252,9 @@ mod tests {
             "stream,id=net0,server=off,addr.type=fd,addr.str=10"
         );
         assert!(after("-device").starts_with("virtio-blk-device"));
-        assert!(a.iter().any(|x| x.starts_with("virtio-net-device,netdev=net0,")));
+        assert!(a
+            .iter()
+            .any(|x| x.starts_with("virtio-net-device,netdev=net0,")));
         assert!(a.iter().any(|x| x.starts_with("on,obsolete=deny")));
         assert!(!a
             .iter()
