@@ -176,32 +176,27 @@ impl MicrovmTier {
         // Every guest gets all the disk slots (unused ones hold the spare
         // image), so one snapshot fits every container of a configuration.
         let disk_slots = guestspec::MAX_DISKS;
-        // A networked guest boots cold: its VM has one device more than
-        // the snapshot's, and a restore that fails over to a cold boot
-        // would hand a second QEMU a frame stream the first may have left
-        // half-written.
-        let offer = if net.is_some() {
-            snapshot::Offer::None {
-                why: "a guest with a network device boots cold".into(),
-            }
-        } else {
-            snapshot::offer(
-                &self.cache_dir(),
-                &snapshot::Identity {
-                    qemu: binary,
-                    kernel: &host.kernel.image,
-                    initrd: &guest.initrd,
-                    cmdline: &cmdline,
-                    mem_mib: guest.mem_mib,
-                    vcpus: guest.vcpus,
-                    disk_slots,
-                    accel: match accel {
-                        moat_vmm::qemu::Accel::Kvm => "kvm",
-                        moat_vmm::qemu::Accel::Tcg => "tcg",
-                    },
+        // A networked guest has one device more: its snapshots are keyed
+        // apart. Its frame stream stays clean if a restore fails over to a
+        // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
+        // writes the guest's frames (docs/design.md).
+        let offer = snapshot::offer(
+            &self.cache_dir(),
+            &snapshot::Identity {
+                qemu: binary,
+                kernel: &host.kernel.image,
+                initrd: &guest.initrd,
+                cmdline: &cmdline,
+                mem_mib: guest.mem_mib,
+                vcpus: guest.vcpus,
+                disk_slots,
+                accel: match accel {
+                    moat_vmm::qemu::Accel::Kvm => "kvm",
+                    moat_vmm::qemu::Accel::Tcg => "tcg",
                 },
-            )
-        };
+                net: net.is_some(),
+            },
+        );
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
             snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(
