@@ -849,6 +849,76 @@ fn the_annotation_gives_an_oci_bundle_the_same_network() {
     wait_none_left(rt.root());
 }
 
+/// The engines' path into a microVM: `create` (the runtime exits; the
+/// stack process and the VMM stay), `start`, the workload's network by
+/// the annotation, its refusal in `net.log` of the state directory, and
+/// `delete` leaving no stack, VMM or state.
+#[test]
+fn the_annotation_gives_a_microvm_bundle_the_network_through_create_and_start() {
+    let Some((rt, w)) = tier_world("microvm_net_annotation", "microvm") else {
+        return;
+    };
+    let mut b = Bundle::new(&[
+        "sh",
+        "-c",
+        &format!(
+            "wget -qO- http://{s}:8080/index.html; echo rc=$?; \
+             wget -qO- http://{s}:8081/ 2>/dev/null; echo refused=$?",
+            s = w.server
+        ),
+    ]);
+    b.set(
+        "/annotations",
+        serde_json::json!({
+            "dev.moat.net.egress": format!("{}:8080", w.server),
+            "dev.moat.isolation": "microvm",
+        }),
+    );
+    b.write_config();
+    let bundle = b.dir().to_string_lossy().into_owned();
+    let id = rt.new_id("vmnet");
+    let out = rt.scratch_file("vm-stdout");
+    let mut create = w.moat(&rt);
+    create
+        .args(["create", "--bundle", &bundle, &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null());
+    let st = wait_own(&mut spawn_own(&mut create));
+    assert!(st.success(), "create: {st:?}");
+    let moat = |args: &[&str]| {
+        let mut c = w.moat(&rt);
+        c.args(args);
+        output(&rt, c)
+    };
+    let o = moat(&["start", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let start = Instant::now();
+    loop {
+        let o = moat(&["state", &id]);
+        if o.stdout.contains("\"stopped\"") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{o:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("hello-from-the-internet\nrc=0"), "{text}");
+    assert!(
+        text.contains("refused=") && !text.contains("refused=0"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(rt.root().join(&id).join("net.log")).unwrap_or_default();
+    assert!(
+        log.contains("egress refused") && log.contains(":8081"),
+        "the refusal is in net.log: {log}"
+    );
+    let o = moat(&["delete", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    wait_none_left(rt.root());
+    assert_no_state(rt.root());
+}
+
 /// Rootless: an unprivileged user's `moat run --net egress=…` gets the same
 /// network (the init makes the device in its own namespaces, the stack runs
 /// as that user).
