@@ -208,19 +208,7 @@ impl MicrovmTier {
                     .map_err(MicrovmError::io("duplicate the snapshot"))?,
             ),
         };
-        let (net_stack_end, net_vmm_end) = match &net {
-            Some(_) => {
-                let (a, b) = socketpair(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(MicrovmError::sys("create the network link"))?;
-                (Some(a), Some(b))
-            }
-            None => (None, None),
-        };
+        let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
         let vplan = VmmPlan {
             backend: host.backend.clone(),
             kernel: host.kernel.image.clone(),
@@ -485,6 +473,23 @@ fn net_request(
         .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))
 }
 
+/// The guest's link when it has a network: a stream socketpair, the
+/// stack's end and QEMU's (which carries each frame after its 4-byte
+/// big-endian length).
+fn net_link(networked: bool) -> Result<Option<(OwnedFd, OwnedFd)>, RuntimeError> {
+    if !networked {
+        return Ok(None);
+    }
+    let pair = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(MicrovmError::sys("create the network link"))?;
+    Ok(Some(pair))
+}
+
 /// Starts the user-space stack on `link` (its end of the VMM's network
 /// device), jailed as the container tier's, ending with the VMM process
 /// `vmm`. Its refusals go to the runtime's stderr for `moat run`, else to
@@ -498,14 +503,15 @@ fn start_stack(
 ) -> Result<moat_container::network::StackProcess, RuntimeError> {
     let log = dir.join("net.log");
     let log = (!req.die_with_runtime).then_some(log.as_path());
-    moat_container::network::start_link(
+    let stack = moat_container::network::start_link(
         moat_net::Link::Stream(link),
         vmm,
         net,
         &req.config.spec,
         log,
     )
-    .map_err(|e| MicrovmError::Vmm(moat_core::error_chain(&e)).into())
+    .map_err(MicrovmError::from)?;
+    Ok(stack)
 }
 
 /// What the tier cannot do yet, refused before anything is made.

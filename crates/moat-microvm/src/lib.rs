@@ -69,6 +69,8 @@ pub enum MicrovmError {
     IdAlloc(#[from] moat_jail::idalloc::IdAllocError),
     #[error("VMM control")]
     Control(#[from] control::ControlError),
+    #[error("the guest's network")]
+    Net(#[from] moat_container::network::NetError),
     #[error("the microVM failed: {0}")]
     Vmm(String),
 }
