@@ -399,6 +399,21 @@ mod tests {
     }
 
     #[test]
+    fn move_link_layout() {
+        let m = move_link_request(2, 7, 5);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u16_at(&m, 4), RTM_NEWLINK);
+        assert_eq!(u32_at(&m, 20), 2);
+        // No flags changed; IFLA_NET_NS_FD with the descriptor.
+        assert_eq!(u32_at(&m, 24), 0);
+        assert_eq!(u32_at(&m, 28), 0);
+        assert_eq!(u16_at(&m, 32), 8);
+        assert_eq!(u16_at(&m, 34), IFLA_NET_NS_FD);
+        assert_eq!(u32_at(&m, 36), 7);
+        assert_eq!(m.len(), 40);
+    }
+
+    #[test]
     fn veth_nesting_lengths_add_up() {
         let m = add_veth_request("a0", "b0", 5, 1);
         assert_eq!(u32_at(&m, 0) as usize, m.len());
