@@ -95,7 +95,8 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "net_frames",
-        covers: "moat-net: Ethernet frames from the workload into the user-space stack, DNS queries, \
+        covers: "moat-net: Ethernet frames from the workload into the user-space stack, the same \
+                 bytes as a length-prefixed frame stream, DNS queries, \
                  egress rules, published ports",
         run: targets::net_frames,
     },

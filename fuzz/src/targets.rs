@@ -347,10 +347,36 @@ pub fn net_frames(data: &[u8]) {
         }
     }
     let _ = moat_net::dns::parse_query(data);
+    stream_framing(data);
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = Policy::parse(s);
         let _ = s.parse::<moat_net::Publish>();
     }
+}
+
+/// The same bytes as the stream a VMM writes (4-byte big-endian length,
+/// frame), read in pieces whose sizes the first byte picks: every frame
+/// that comes out fits the bound, together they are no more than the
+/// input, and the decoder's buffer never grows.
+fn stream_framing(data: &[u8]) {
+    use moat_net::stream::Decoder;
+    const MAX: usize = 1514;
+    let chunk = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut d = Decoder::new(MAX);
+    let mut out = 0usize;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = d.space();
+        assert!(!space.is_empty() && space.len() <= MAX + 4);
+        let n = chunk.min(space.len()).min(rest.len());
+        space[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        d.filled(n, |f| {
+            assert!(!f.is_empty() && f.len() <= MAX);
+            out += f.len() + 4;
+        });
+    }
+    assert!(out <= data.len());
 }
 
 /// A hostile virtio driver against moat-vmm's devices: the input is the

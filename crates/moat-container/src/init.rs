@@ -117,6 +117,12 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel, one: &OneThread) -> Res
     chan.expect(Msg::Go, "go")?;
     join_cgroup(ctx)?;
     ns::join(ctx.join_files, ctx.plan, |t| t == LinuxNamespaceType::User)?;
+    // The other namespaces to join before a new user namespace: setns
+    // needs CAP_SYS_ADMIN over the namespace's owner, which a process in a
+    // user namespace it just made never has over an existing one (the
+    // microvm guest's container joins the network namespace that holds
+    // eth0 this way; runc orders its joins the same).
+    ns::join(ctx.join_files, ctx.plan, |t| t != LinuxNamespaceType::User)?;
     if ctx.plan.new_user() {
         ns::unshare_flags(CloneFlags::CLONE_NEWUSER)?;
         chan.send(&Msg::MapIds)?;
@@ -124,7 +130,6 @@ fn intermediate_steps(ctx: &InitContext, chan: &Channel, one: &OneThread) -> Res
     }
     crate::lifecycle::protect_runtime_process()
         .map_err(sys("make the container process non-dumpable"))?;
-    ns::join(ctx.join_files, ctx.plan, |t| t != LinuxNamespaceType::User)?;
     let rest = ctx.plan.new
         - CloneFlags::CLONE_NEWUSER
         - CloneFlags::CLONE_NEWCGROUP

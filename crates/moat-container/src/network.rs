@@ -257,6 +257,19 @@ pub fn start(
     spec: &Spec,
     log: Option<&Path>,
 ) -> Result<StackProcess, NetError> {
+    start_link(moat_net::Link::Tap(tap), init, req, spec, log)
+}
+
+/// [`start`] on either kind of link: the microvm tier gives the stack a
+/// stream socket whose peer is the VMM's network device, and `init` is
+/// the VMM process (the stack ends when it does).
+pub fn start_link(
+    link: moat_net::Link,
+    init: i32,
+    req: &NetRequest,
+    spec: &Spec,
+    log: Option<&Path>,
+) -> Result<StackProcess, NetError> {
     let io = |what| move |source| NetError::Io { what, source };
     let pid = rustix::process::Pid::from_raw(init).ok_or(NetError::Io {
         what: "name the container's init",
@@ -278,7 +291,7 @@ pub fn start(
     let (uid, gid) = stack_identity(spec);
     let one = moat_sys::process::OneThread::check().map_err(io("fork the network stack"))?;
     let stack_pid = one
-        .fork(0, |_| stack_main(tap, pidfd, log, &child, req, uid, gid))
+        .fork(0, |_| stack_main(link, pidfd, log, &child, req, uid, gid))
         .map_err(io("fork the network stack"))?;
     drop(child);
     let ready = parent.expect(Msg::Go, "the network stack ready");
@@ -309,7 +322,7 @@ enum StackError {
 }
 
 fn stack_main(
-    tap: OwnedFd,
+    link: moat_net::Link,
     pidfd: OwnedFd,
     log: Option<OwnedFd>,
     chan: &sync::Channel,
@@ -317,13 +330,16 @@ fn stack_main(
     uid: u32,
     gid: u32,
 ) -> i32 {
+    let link_fd = match &link {
+        moat_net::Link::Tap(fd) | moat_net::Link::Stream(fd) => fd.as_raw_fd(),
+    };
     let ready = (|| -> Result<_, StackError> {
         nix::unistd::setsid().map_err(StackError::Setsid)?;
         quiet_streams(log.as_ref()).map_err(StackError::Streams)?;
         Confinement {
             uid,
             gid,
-            keep_fds: &[tap.as_raw_fd(), pidfd.as_raw_fd(), chan.raw()],
+            keep_fds: &[link_fd, pidfd.as_raw_fd(), chan.raw()],
             read: &resolver_paths(),
             syscalls: STACK_SYSCALLS,
             limits: &stack_limits(req),
@@ -344,7 +360,7 @@ fn stack_main(
     let mut cfg = ServeConfig::new(req.policy.clone());
     cfg.publish = req.publish.clone();
     cfg.exit_with = Some(pidfd);
-    let ended = moat_net::serve(tap, cfg, Arc::new(moat_net::SystemResolver), control);
+    let ended = moat_net::serve_link(link, cfg, Arc::new(moat_net::SystemResolver), control);
     drop(stop);
     match ended {
         Ok(_) => 0,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use moat_vmm::cpio::CpioWriter;
 use sha2::{Digest, Sha256};
 
-use crate::agent::boot::{EARLY_MODULES, LATE_MODULES};
+use crate::agent::boot::initramfs_modules;
 use crate::MicrovmError;
 
 /// Where each module lives under `/lib/modules/<release>/kernel`.
@@ -22,6 +22,9 @@ const MODULE_PATHS: &[(&str, &str)] = &[
     ("virtio-rng", "drivers/char/hw_random/virtio-rng.ko"),
     ("virtio_blk", "drivers/block/virtio_blk.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
+    ("failover", "net/core/failover.ko"),
+    ("net_failover", "drivers/net/net_failover.ko"),
+    ("virtio_net", "drivers/net/virtio_net.ko"),
 ];
 
 /// A guest kernel and its modules.
@@ -122,10 +125,10 @@ fn moat_key(h: &mut Sha256) -> Result<(), MicrovmError> {
 /// binary, the agent), the modules the agent loads, `/dev/console`.
 pub fn initramfs(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, MicrovmError> {
     let mut h = Sha256::new();
-    h.update(b"moat-initramfs-1");
+    h.update(b"moat-initramfs-2");
     moat_key(&mut h)?;
     stat_key(&mut h, &kernel.image)?;
-    for name in EARLY_MODULES.iter().chain(LATE_MODULES) {
+    for name in initramfs_modules() {
         stat_key(&mut h, &kernel.module_path(name))?;
     }
     let key: String = h.finalize()[..12]
@@ -205,7 +208,7 @@ fn write_initramfs(path: &Path, kernel: &GuestKernel) -> Result<(), MicrovmError
     }
     w.char_device("dev/console", 0o600, 5, 1)?;
     w.file("moat", 0o755, &moat)?;
-    for name in EARLY_MODULES.iter().chain(LATE_MODULES) {
+    for name in initramfs_modules() {
         let src = kernel.module_path(name);
         let data =
             std::fs::read(&src).map_err(MicrovmError::io(format!("read {}", src.display())))?;

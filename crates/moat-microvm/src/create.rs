@@ -39,6 +39,7 @@ struct Undo<'a> {
     cgroup: Option<moat_jail::cgroup::CgroupManager>,
     socket_dir: Option<PathBuf>,
     slot: Option<(u32, String)>,
+    net_stack: Option<moat_container::network::StackProcess>,
     armed: bool,
 }
 
@@ -53,6 +54,10 @@ impl Drop for Undo<'_> {
                 nix::sys::signal::Signal::SIGKILL,
             );
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        }
+        if let Some(stack) = &self.net_stack {
+            stack.kill();
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(stack.pid), None);
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.destroy();
@@ -78,6 +83,7 @@ impl MicrovmTier {
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
+        let net = net_request(&req.config.spec)?;
         let own_disk = |p: &Path| own_disk(p);
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
@@ -96,6 +102,7 @@ impl MicrovmTier {
             cgroup: None,
             socket_dir: None,
             slot: None,
+            net_stack: None,
             armed: true,
         };
         let dir = lock.dir().to_owned();
@@ -157,6 +164,9 @@ impl MicrovmTier {
             // Filled by the VMM process right before it sends the request.
             entropy: Vec::new(),
             clock_ns: 0,
+            net: net
+                .as_ref()
+                .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
         };
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
             vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
@@ -166,6 +176,10 @@ impl MicrovmTier {
         // Every guest gets all the disk slots (unused ones hold the spare
         // image), so one snapshot fits every container of a configuration.
         let disk_slots = guestspec::MAX_DISKS;
+        // A networked guest has one device more: its snapshots are keyed
+        // apart. Its frame stream stays clean if a restore fails over to a
+        // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
+        // writes the guest's frames (docs/design.md).
         let offer = snapshot::offer(
             &self.cache_dir(),
             &snapshot::Identity {
@@ -180,6 +194,7 @@ impl MicrovmTier {
                     moat_vmm::qemu::Accel::Kvm => "kvm",
                     moat_vmm::qemu::Accel::Tcg => "tcg",
                 },
+                net: net.is_some(),
             },
         );
         let snapshot_plan = match &offer {
@@ -193,6 +208,7 @@ impl MicrovmTier {
                     .map_err(MicrovmError::io("duplicate the snapshot"))?,
             ),
         };
+        let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
         let vplan = VmmPlan {
             backend: host.backend.clone(),
             kernel: host.kernel.image.clone(),
@@ -220,6 +236,7 @@ impl MicrovmTier {
             boot_timeout: BOOT_TIMEOUT,
             console: std::env::var_os("MOAT_MICROVM_CONSOLE").is_some(),
             snapshot: snapshot_plan,
+            net: net_vmm_end,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -261,6 +278,14 @@ impl MicrovmTier {
         };
         undo.pid = Some(pid);
         cgroup.add_pid(pid).map_err(MicrovmError::from)?;
+        let net_stack = match (&net, net_stack_end) {
+            (Some(n), Some(end)) => {
+                let stack = start_stack(n, end, pid, req, &dir)?;
+                undo.net_stack = Some(stack);
+                Some(stack)
+            }
+            _ => None,
+        };
         // The block stays allocated: the VMM runs as its first ID until it
         // ends, and the allocator reclaims a block only once no process
         // runs with its IDs.
@@ -275,6 +300,7 @@ impl MicrovmTier {
             vmm_uid: uid,
             vmm_slot: Some(slot),
             backend: host.why.clone(),
+            net_stack,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -437,19 +463,66 @@ fn own_disk(source: &Path) -> bool {
         .any(|d| source == Path::new("/").join(d))
 }
 
+/// What the config asks of the network (`dev.moat.net.egress`,
+/// `dev.moat.net.publish`), parsed as the container tier does. The guest
+/// always gets network namespaces of its own, so no host one is needed.
+fn net_request(
+    spec: &oci_spec::runtime::Spec,
+) -> Result<Option<moat_container::network::NetRequest>, RuntimeError> {
+    moat_container::network::NetRequest::from_spec(spec, true)
+        .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))
+}
+
+/// The guest's link when it has a network: a stream socketpair, the
+/// stack's end and QEMU's (which carries each frame after its 4-byte
+/// big-endian length).
+fn net_link(networked: bool) -> Result<Option<(OwnedFd, OwnedFd)>, RuntimeError> {
+    if !networked {
+        return Ok(None);
+    }
+    let pair = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(MicrovmError::sys("create the network link"))?;
+    Ok(Some(pair))
+}
+
+/// Starts the user-space stack on `link` (its end of the VMM's network
+/// device), jailed as the container tier's, ending with the VMM process
+/// `vmm`. Its refusals go to the runtime's stderr for `moat run`, else to
+/// `net.log` in the state directory `dir`.
+fn start_stack(
+    net: &moat_container::network::NetRequest,
+    link: OwnedFd,
+    vmm: i32,
+    req: &CreateRequest,
+    dir: &Path,
+) -> Result<moat_container::network::StackProcess, RuntimeError> {
+    let log = dir.join("net.log");
+    let log = (!req.die_with_runtime).then_some(log.as_path());
+    let stack = moat_container::network::start_link(
+        moat_net::Link::Stream(link),
+        vmm,
+        net,
+        &req.config.spec,
+        log,
+    )
+    .map_err(MicrovmError::from)?;
+    Ok(stack)
+}
+
 /// What the tier cannot do yet, refused before anything is made.
 fn refuse_unsupported(spec: &serde_json::Value) -> Result<(), RuntimeError> {
     let a = &spec["annotations"];
-    if a.get(moat_core::net::EGRESS_ANNOTATION).is_some()
-        || a.get(moat_core::net::PUBLISH_ANNOTATION).is_some()
-    {
-        return Err(RuntimeError::Invalid(
-            "the microvm tier has no network yet: egress and published ports need --isolation container or sandbox".into(),
-        ));
-    }
-    if spec["linux"]["namespaces"]
-        .as_array()
-        .is_some_and(|ns| !ns.iter().any(|n| n["type"] == "network"))
+    let networked = a.get(moat_core::net::EGRESS_ANNOTATION).is_some()
+        || a.get(moat_core::net::PUBLISH_ANNOTATION).is_some();
+    if !networked
+        && spec["linux"]["namespaces"]
+            .as_array()
+            .is_some_and(|ns| !ns.iter().any(|n| n["type"] == "network"))
     {
         tracing::warn!("microvm: the guest has no network devices; the container gets a network namespace with only lo");
     }

@@ -69,6 +69,8 @@ pub enum MicrovmError {
     IdAlloc(#[from] moat_jail::idalloc::IdAllocError),
     #[error("VMM control")]
     Control(#[from] control::ControlError),
+    #[error("the guest's network")]
+    Net(#[from] moat_container::network::NetError),
     #[error("the microVM failed: {0}")]
     Vmm(String),
 }
@@ -203,6 +205,10 @@ struct MicrovmPart {
     vmm_slot: Option<(u32, String)>,
     /// Which VMM, in words.
     backend: String,
+    /// The user-space network stack's process, when the config asked for
+    /// the network.
+    #[serde(default)]
+    net_stack: Option<moat_container::network::StackProcess>,
 }
 
 /// The microvm tier, bound to a state root.

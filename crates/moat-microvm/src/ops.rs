@@ -84,6 +84,10 @@ impl MicrovmTier {
             wait_gone(&c.state);
         }
         let part = self.part(&c.state).unwrap_or_default();
+        if let Some(stack) = &part.net_stack {
+            // It ends with the VMM process; this is for one that did not.
+            stack.kill();
+        }
         if !part.cgroup.is_null() {
             if let Ok(cg) = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup) {
                 // Whatever is left in it (nothing, normally) goes too.

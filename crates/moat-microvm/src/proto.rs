@@ -221,6 +221,41 @@ pub struct RunRequest {
     /// request was sent: a restored guest's clock is the snapshot's.
     #[serde(default)]
     pub clock_ns: u64,
+    /// The guest's network, when the container asked for the user-space
+    /// stack (`--net egress=…`, `-p`): the agent brings up eth0 with it.
+    #[serde(default)]
+    pub net: Option<GuestNet>,
+}
+
+/// eth0 in the guest: its addresses, the gateway (the host's user-space
+/// stack, at the other end of the VMM's network device), the MTU, and
+/// the resolv.conf naming the stack's DNS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestNet {
+    pub address_v4: std::net::Ipv4Addr,
+    pub prefix_v4: u8,
+    pub gateway_v4: std::net::Ipv4Addr,
+    pub address_v6: std::net::Ipv6Addr,
+    pub prefix_v6: u8,
+    pub gateway_v6: std::net::Ipv6Addr,
+    pub mtu: u32,
+    pub resolv_conf: String,
+}
+
+impl GuestNet {
+    /// The workload's side of `net`.
+    pub fn of(net: &moat_net::NetConfig) -> GuestNet {
+        GuestNet {
+            address_v4: net.workload_v4,
+            prefix_v4: net.prefix_v4,
+            gateway_v4: net.gateway_v4,
+            address_v6: net.workload_v6,
+            prefix_v6: net.prefix_v6,
+            gateway_v6: net.gateway_v6,
+            mtu: u32::try_from(net.mtu).unwrap_or(1500),
+            resolv_conf: net.resolv_conf(),
+        }
+    }
 }
 
 /// host → guest: run a process in the container.

@@ -12,7 +12,9 @@
 //! in its name: a digest of QEMU (path, size, mtime, inode: the migration
 //! format is QEMU's), the guest kernel, the initramfs (whose name is a
 //! digest of the moat binary, the kernel and its modules), the kernel's
-//! command line, the guest's memory, vCPUs, disk slots and accelerator.
+//! command line, the guest's memory, vCPUs, disk slots, accelerator, and
+//! whether the VM has a network device (a networked guest's snapshot is a
+//! configuration of its own).
 //! Anything else finds no snapshot and boots cold (and saves one). A
 //! snapshot that fails to restore (corrupt, truncated, or a guest that
 //! does not answer) is removed, and that run boots cold.
@@ -39,6 +41,8 @@ pub struct Identity<'a> {
     pub vcpus: u8,
     pub disk_slots: usize,
     pub accel: &'a str,
+    /// The VM has the virtio-net device (a different device set).
+    pub net: bool,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -68,6 +72,9 @@ impl Identity<'_> {
         h.update([self.vcpus]);
         h.update((self.disk_slots as u64).to_le_bytes());
         h.update(self.accel.as_bytes());
+        if self.net {
+            h.update(b"\0net");
+        }
         hex(&h.finalize()[..8])
     }
 
@@ -229,6 +236,7 @@ mod tests {
             vcpus: 1,
             disk_slots: 6,
             accel: "tcg",
+            net: false,
         }
     }
 
@@ -239,6 +247,16 @@ mod tests {
         assert_eq!(a, ident(d.path(), "x", 100).path(d.path()).unwrap());
         assert_ne!(a, ident(d.path(), "y", 100).path(d.path()).unwrap());
         assert_ne!(a, ident(d.path(), "x", 200).path(d.path()).unwrap());
+        // A VM with the network device is a configuration of its own: its
+        // snapshot neither replaces nor is replaced by the other's.
+        let net = Identity {
+            net: true,
+            ..ident(d.path(), "x", 100)
+        };
+        let n = net.path(d.path()).unwrap();
+        assert_ne!(a, n);
+        let config = |p: &Path| p.file_name().unwrap().to_str().unwrap()[..25].to_owned();
+        assert_ne!(config(&a), config(&n));
         // A changed file (here: the directory standing in for all three)
         // changes the name.
         std::fs::write(d.path().join("f"), b"x").unwrap();

@@ -21,13 +21,15 @@ pub mod publish;
 pub mod ratelimit;
 pub mod shell;
 pub mod stack;
+pub mod stream;
 pub mod tap;
 
 pub use config::{Limits, NetConfig};
 pub use policy::{Decision, Egress, Policy, Rule, RuleError};
 pub use publish::Publish;
 pub use shell::{
-    control, serve, Ended, Resolver, ServeConfig, ServeError, StopHandle, SystemResolver,
+    control, serve, serve_link, Ended, Link, Resolver, ServeConfig, ServeError, StopHandle,
+    SystemResolver,
 };
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
 pub use tap::{create_tap, create_tap_on, open_tun, Tap, TapError};

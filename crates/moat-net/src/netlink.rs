@@ -207,6 +207,15 @@ pub fn add_veth_request(name: &str, peer: &str, peer_netns: i32, seq: u32) -> Ve
     m.finish()
 }
 
+/// RTM_NEWLINK: interface `index` into the network namespace of `netns`
+/// (an fd number valid in the sending process).
+pub fn move_link_request(index: u32, netns: i32, seq: u32) -> Vec<u8> {
+    let mut m = Msg::new(RTM_NEWLINK, 0, seq);
+    m.ifinfo(index as i32, 0, 0);
+    m.attr(IFLA_NET_NS_FD, &netns.to_ne_bytes());
+    m.finish()
+}
+
 fn nul_terminated(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
@@ -319,6 +328,20 @@ impl Netlink {
         self.request(&msg, || format!("adding a default route via {gateway}"))
     }
 
+    /// Moves interface `index` into the namespace `netns`.
+    pub fn move_link(
+        &mut self,
+        index: u32,
+        netns: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), NetlinkError> {
+        use std::os::fd::AsRawFd;
+        let seq = self.next_seq();
+        let msg = move_link_request(index, netns.as_raw_fd(), seq);
+        self.request(&msg, || {
+            format!("moving interface {index} to another network namespace")
+        })
+    }
+
     /// A veth pair: `name` here, `peer` in the namespace `peer_netns`.
     pub fn add_veth(
         &mut self,
@@ -373,6 +396,21 @@ mod tests {
         assert_eq!(u16_at(&r, 28), 8);
         assert_eq!(u16_at(&r, 30), RTA_GATEWAY);
         assert_eq!(&r[32..36], &[10, 0, 2, 2]);
+    }
+
+    #[test]
+    fn move_link_layout() {
+        let m = move_link_request(2, 7, 5);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u16_at(&m, 4), RTM_NEWLINK);
+        assert_eq!(u32_at(&m, 20), 2);
+        // No flags changed; IFLA_NET_NS_FD with the descriptor.
+        assert_eq!(u32_at(&m, 24), 0);
+        assert_eq!(u32_at(&m, 28), 0);
+        assert_eq!(u16_at(&m, 32), 8);
+        assert_eq!(u16_at(&m, 34), IFLA_NET_NS_FD);
+        assert_eq!(u32_at(&m, 36), 7);
+        assert_eq!(m.len(), 40);
     }
 
     #[test]

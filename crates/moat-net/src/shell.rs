@@ -26,6 +26,7 @@ use crate::config::{Limits, NetConfig};
 use crate::policy::{Egress, Policy};
 use crate::publish::{Proto, Publish};
 use crate::stack::{FlowId, ResolveError, Stack, StackError, Stats};
+use crate::stream;
 
 /// Resolves names on the host side. Injected so tests can fake it; called
 /// on a thread of its own, so it may block.
@@ -99,6 +100,10 @@ pub enum ServeError {
     Poll(#[source] Errno),
     #[error("cannot read from the TAP device")]
     ReadTap(#[source] Errno),
+    #[error("cannot read from the frame stream")]
+    ReadStream(#[source] Errno),
+    #[error("cannot write to the frame stream")]
+    WriteStream(#[source] Errno),
     #[error("cannot read random bytes for TCP sequence numbers")]
     Random(#[source] Errno),
 }
@@ -106,7 +111,8 @@ pub enum ServeError {
 /// Why [`serve`] returned without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// The TAP device went away (its namespace or the workload died).
+    /// The TAP device went away (its namespace or the workload died), or
+    /// the peer of a frame stream closed it.
     TapGone,
     /// [`StopHandle::stop`] was called or the handle dropped.
     Stopped,
@@ -210,9 +216,25 @@ pub const RESOLVER_STACK: usize = 512 * 1024;
 /// Frames read from the TAP per round, before smoltcp runs.
 const TAP_BATCH: usize = 64;
 
+/// The workload's end of the link: a TAP device, or a stream socket
+/// carrying length-prefixed frames ([`crate::stream`]; a VMM's network
+/// device, e.g. QEMU's `-netdev stream`).
+pub enum Link {
+    Tap(OwnedFd),
+    Stream(OwnedFd),
+}
+
+/// A stream link's framing state.
+struct StreamIo {
+    decoder: stream::Decoder,
+    encoder: stream::Encoder,
+}
+
 struct Shell {
     stack: Stack,
     tap: OwnedFd,
+    /// Set when the link is a stream, not a TAP device.
+    stream: Option<StreamIo>,
     control: Control,
     wake_r: OwnedFd,
     wake_w: Arc<OwnedFd>,
@@ -252,6 +274,17 @@ pub fn serve(
     resolver: Arc<dyn Resolver>,
     control: Control,
 ) -> Result<Ended, ServeError> {
+    serve_link(Link::Tap(tap), cfg, resolver, control)
+}
+
+/// [`serve`] over either kind of [`Link`]; a stream link ends like a
+/// removed TAP device when its peer closes it.
+pub fn serve_link(
+    link: Link,
+    cfg: ServeConfig,
+    resolver: Arc<dyn Resolver>,
+    control: Control,
+) -> Result<Ended, ServeError> {
     let host_addrs = match cfg.host_addrs {
         Some(a) => a,
         None => host_addresses().map_err(ServeError::HostAddrs)?,
@@ -270,6 +303,16 @@ pub fn serve(
         u64::from_ne_bytes(seed),
     )
     .map_err(ServeError::Stack)?;
+    let (tap, stream) = match link {
+        Link::Tap(fd) => (fd, None),
+        Link::Stream(fd) => (
+            fd,
+            Some(StreamIo {
+                decoder: stream::Decoder::new(max_frame),
+                encoder: stream::Encoder::new(),
+            }),
+        ),
+    };
     rustix::io::ioctl_fionbio(&tap, true).map_err(ServeError::ReadTap)?;
     let (wake_r, wake_w) = rustix::pipe::pipe_with(
         rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
@@ -279,6 +322,7 @@ pub fn serve(
     let mut shell = Shell {
         stack,
         tap,
+        stream,
         control,
         wake_r,
         wake_w: Arc::new(wake_w),
@@ -358,7 +402,11 @@ impl Shell {
     fn poll_set(&self) -> (Vec<PollFd<'_>>, Vec<Slot>) {
         let mut fds = Vec::with_capacity(3 + self.tcp.len() + self.udp.len());
         let mut slots = Vec::with_capacity(fds.capacity());
-        fds.push(PollFd::new(&self.tap, PollFlags::IN));
+        let mut link = PollFlags::IN;
+        if self.stream.as_ref().is_some_and(|s| s.encoder.busy()) {
+            link |= PollFlags::OUT;
+        }
+        fds.push(PollFd::new(&self.tap, link));
         slots.push(Slot::Tap);
         fds.push(PollFd::new(&self.control.stop, PollFlags::IN));
         slots.push(Slot::Stop);
@@ -414,6 +462,13 @@ impl Shell {
         ev: PollFlags,
     ) -> Result<Option<Ended>, ServeError> {
         match slot {
+            Slot::Tap if self.stream.is_some() => {
+                // OUT: the held part of a frame can go; `write_frames`
+                // sends it after this round.
+                if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+                    return self.read_stream(now);
+                }
+            }
             Slot::Tap => return self.read_tap(now),
             Slot::Stop => return Ok(Some(Ended::Stopped)),
             Slot::Exit => return Ok(Some(Ended::WorkloadExited)),
@@ -443,7 +498,65 @@ impl Shell {
         Ok(None)
     }
 
+    /// Reads what the stream holds (up to a batch of reads) and passes
+    /// each complete frame to the stack; `TapGone` at the peer's EOF.
+    fn read_stream(&mut self, now: Instant) -> Result<Option<Ended>, ServeError> {
+        let Some(s) = self.stream.as_mut() else {
+            return Ok(None);
+        };
+        for _ in 0..TAP_BATCH {
+            match rustix::io::read(&self.tap, s.decoder.space()) {
+                Ok(0) => return Ok(Some(Ended::TapGone)),
+                Ok(n) => {
+                    let stack = &mut self.stack;
+                    s.decoder.filled(n, |f| stack.receive_frame(now, f));
+                }
+                Err(Errno::AGAIN) | Err(Errno::INTR) => break,
+                Err(Errno::CONNRESET) | Err(Errno::PIPE) => return Ok(Some(Ended::TapGone)),
+                Err(e) => return Err(ServeError::ReadStream(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Frames to the stream while the socket takes them; a frame it took
+    /// only part of is held and the rest wait in the stack's queue.
+    fn write_stream(&mut self) -> Result<(), ServeError> {
+        let Some(s) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        let tap = &self.tap;
+        let write = |bufs: &[&[u8]]| -> std::io::Result<usize> {
+            let io: Vec<std::io::IoSlice<'_>> =
+                bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+            match rustix::io::writev(tap, &io) {
+                Ok(n) => Ok(n),
+                Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        };
+        let werr = |e: std::io::Error| {
+            ServeError::WriteStream(Errno::from_io_error(&e).unwrap_or(Errno::IO))
+        };
+        if !s.encoder.flush(|rest| write(&[rest])).map_err(werr)? {
+            return Ok(());
+        }
+        while let Some(f) = self.stack.pop_frame() {
+            let sent = s.encoder.send(&f, |h, b| write(&[h, b])).map_err(werr);
+            self.stack.recycle(f);
+            if sent? == stream::Sent::Held {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn write_frames(&mut self) {
+        if self.stream.is_some() {
+            // A peer that closed the stream is seen by the next read.
+            let _ = self.write_stream();
+            return;
+        }
         while let Some(f) = self.stack.pop_frame() {
             // A TAP write does not block; a frame the kernel refuses is lost
             // like any frame on a link (TCP retransmits).

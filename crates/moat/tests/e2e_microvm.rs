@@ -30,23 +30,9 @@ fn rt(test: &str) -> Option<Rt> {
         eprintln!("SKIP {test}: moat's own tier");
         return None;
     }
-    let info = rt.cmd(&["info", "--json"]).expect_ok().json();
-    let vm = info["tiers"]
-        .as_array()
-        .and_then(|t| t.iter().find(|t| t["tier"] == "microvm"))
-        .cloned()
-        .unwrap_or_default();
-    if vm["ready"] != true {
-        moat_core::testing::skip(
-            test,
-            &format!(
-                "the microvm tier cannot run here: {}",
-                vm["reason"].as_str().unwrap_or("?")
-            ),
-        );
+    if !microvm_ready_or_skip(&rt, test) {
         return None;
     }
-    eprintln!("{test}: microvm runs on {}", vm["runs_on"]);
     microvm_warm_up(&rt);
     Some(rt)
 }
@@ -212,10 +198,12 @@ fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
                 "microvm",
                 "--net",
                 "egress=1.1.1.1:53",
+                "-p",
+                "80:8000",
                 "--",
                 "true",
             ],
-            "no network",
+            "below 1024",
         ),
         (
             vec![

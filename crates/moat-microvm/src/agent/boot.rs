@@ -25,6 +25,16 @@ pub const EARLY_MODULES: &[&str] = &[
 /// saved with).
 pub const LATE_MODULES: &[&str] = &["virtio_blk"];
 
+/// Every module the initramfs holds: the early and late ones, and the
+/// network driver a networked run loads ([`super::net::NET_MODULES`]).
+pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
+    EARLY_MODULES
+        .iter()
+        .chain(LATE_MODULES)
+        .chain(super::net::NET_MODULES)
+        .copied()
+}
+
 /// Where the initramfs keeps the modules.
 pub const MODULE_DIR: &str = "/lib/modules";
 /// The agent channel in the guest.
@@ -84,7 +94,7 @@ pub fn leave_initramfs() -> Result<(), AgentError> {
     })?;
     copy(super::GUEST_MOAT, format!("{new}{}", super::GUEST_MOAT))?;
     let _ = std::fs::remove_file(super::GUEST_MOAT);
-    for name in EARLY_MODULES.iter().chain(LATE_MODULES) {
+    for name in initramfs_modules() {
         let from = format!("{MODULE_DIR}/{name}.ko");
         copy(&from, format!("{mods}/{name}.ko"))?;
         let _ = std::fs::remove_file(&from);

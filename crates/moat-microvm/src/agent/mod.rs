@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 pub mod boot;
+pub mod net;
 mod serve;
 
 /// Argument the kernel passes to the agent (`rdinit=/moat -- microvm-agent`).

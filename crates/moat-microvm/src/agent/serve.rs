@@ -227,8 +227,13 @@ impl Agent {
         self.prepared = true;
         refresh(req)?;
         boot::load_modules(boot::LATE_MODULES)?;
+        let mut config = req.config.clone();
+        if let Some(net) = &req.net {
+            super::net::setup(net)?;
+            super::net::apply(&mut config);
+        }
         mount_disks(&req.disks)?;
-        let root = req.config["root"]["path"]
+        let root = config["root"]["path"]
             .as_str()
             .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
             .to_string();
@@ -238,9 +243,9 @@ impl Agent {
         write_files(&req.files)?;
         let bundle = Path::new("/run/vm/bundle");
         std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
-        let cfg = serde_json::to_vec(&req.config).unwrap_or_default();
+        let cfg = serde_json::to_vec(&config).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))?;
-        let terminal = req.config["process"]["terminal"].as_bool().unwrap_or(false);
+        let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
         let args = [
             "--root",
             GUEST_STATE_ROOT,

@@ -111,6 +111,7 @@ fn spawn(
         qmp_fd: qmp.as_ref().map(|(_, q)| q.as_raw_fd()),
         disk_slots: plan.disk_slots,
         spare_fd: plan.spare.as_raw_fd(),
+        net_fd: plan.net.as_ref().map(|n| n.as_raw_fd()),
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
     let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
@@ -118,6 +119,7 @@ fn spawn(
         .chain(std::iter::once(plan.spare.as_raw_fd()))
         .collect();
     inherit.extend(incoming.map(|f| f.as_raw_fd()));
+    inherit.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
     inherit.extend(qmp.as_ref().map(|(_, q)| q.as_raw_fd()));
     for fd in &inherit {
         moat_sys::fd::set_cloexec(*fd, false).map_err(io("pass a descriptor to QEMU"))?;

@@ -58,6 +58,9 @@ pub struct VmmPlan {
     pub console: bool,
     /// Restore the cached snapshot, or save this boot as it.
     pub snapshot: SnapshotPlan,
+    /// The guest's network: QEMU's end of the stream socket whose other
+    /// end is the user-space stack (length-prefixed Ethernet frames).
+    pub net: Option<OwnedFd>,
 }
 
 /// What the VMM process does with snapshots ([`crate::snapshot`]).
@@ -149,6 +152,7 @@ fn start(
         plan.spare.as_raw_fd(),
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
+    keep.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
     match &plan.snapshot {
         SnapshotPlan::Restore(f) | SnapshotPlan::Save(f) => keep.push(f.as_raw_fd()),
         SnapshotPlan::Off(_) => {}

@@ -32,7 +32,13 @@ pub struct QemuArgs {
     /// backed by `spare_fd`, an empty image).
     pub disk_slots: usize,
     pub spare_fd: RawFd,
+    /// A virtio-net device whose frames go over this connected stream
+    /// socket (4-byte big-endian length, frame), to the user-space stack.
+    pub net_fd: Option<RawFd>,
 }
+
+/// The guest's Ethernet address (locally administered, "moat" and 0x64).
+pub const GUEST_MAC: &str = "02:6d:6f:61:74:64";
 
 /// TCG's translation cache, in MiB: bounds QEMU's memory beyond the guest.
 pub const TCG_TB_MIB: u64 = 64;
@@ -95,6 +101,19 @@ impl QemuArgs {
             "-device",
             "virtconsole,chardev=agent",
         ]);
+        if let Some(fd) = self.net_fd {
+            // host_mtu: the guest's device offers the stack's MTU (large
+            // frames, fewer of them through the emulated device).
+            push(&[
+                "-netdev",
+                &format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}"),
+                "-device",
+                &format!(
+                    "virtio-net-device,netdev=net0,mac={GUEST_MAC},host_mtu={}",
+                    moat_net::NetConfig::default().mtu
+                ),
+            ]);
+        }
         if let Some(fd) = self.qmp_fd {
             push(&[
                 "-chardev",
@@ -207,6 +226,7 @@ mod tests {
             qmp_fd: None,
             disk_slots: 3,
             spare_fd: 8,
+            net_fd: Some(10),
         };
         let a: Vec<String> = q
             .build()
@@ -227,6 +247,14 @@ mod tests {
         );
         assert!(a.contains(&"socket,id=agent,fd=5".to_string()));
         assert_eq!(after("-incoming"), "fd:9");
+        assert_eq!(
+            after("-netdev"),
+            "stream,id=net0,server=off,addr.type=fd,addr.str=10"
+        );
+        assert!(after("-device").starts_with("virtio-blk-device"));
+        assert!(a
+            .iter()
+            .any(|x| x.starts_with("virtio-net-device,netdev=net0,")));
         assert!(a.iter().any(|x| x.starts_with("on,obsolete=deny")));
         assert!(!a
             .iter()

@@ -755,6 +755,28 @@ pub fn microvm_env() -> Vec<(String, String)> {
     )]
 }
 
+/// Whether `moat info` says the microvm tier can run here; says why not
+/// (a skip, a failure under MOAT_TEST_STRICT) when it cannot.
+pub fn microvm_ready_or_skip(rt: &Rt, test: &str) -> bool {
+    let info = rt.cmd(&["info", "--json"]).expect_ok().json();
+    let vm = info["tiers"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == "microvm"))
+        .cloned()
+        .unwrap_or_default();
+    if vm["ready"] != true {
+        moat_core::testing::skip(
+            test,
+            &format!(
+                "the microvm tier cannot run here: {}",
+                vm["reason"].as_str().unwrap_or("?")
+            ),
+        );
+        return false;
+    }
+    true
+}
+
 /// Builds the cached images once (minutes for the host's /usr), with a
 /// deadline of its own; every test calls it, only the first one waits.
 pub fn microvm_warm_up(rt: &Rt) {

@@ -1,0 +1,206 @@
+//! The guest's network, when the container asked for the host's
+//! user-space stack: the virtio-net device (eth0) whose other end is that
+//! stack, moved into a network namespace of its own that the container
+//! joins, so the agent's namespace (where the guest's moat runs) keeps
+//! only `lo`. The steps, in order: load the driver, wait for eth0, make
+//! the namespace (kept by a bind mount at [`NETNS`]), move eth0 into it,
+//! bring up `lo` and eth0 with the stack's addresses and default routes,
+//! mount a sysfs from inside it (at [`SYSFS`]: sysfs shows the network
+//! devices of the namespace that mounts it, and the container's user
+//! namespace, which does not own this one, may not mount its own), write
+//! the resolv.conf naming the stack's DNS.
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::CloneFlags;
+use serde_json::{json, Value};
+
+use super::{boot, AgentError};
+use crate::proto::GuestNet;
+
+/// The driver and what it needs, in dependency order (modules.dep of the
+/// cloud kernel: virtio_net needs net_failover, which needs failover).
+pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
+/// The device's name in the guest.
+pub const DEVICE: &str = "eth0";
+/// The container's network namespace (an nsfs bind mount).
+pub const NETNS: &str = "/run/vm/netns";
+/// The resolv.conf the container gets.
+pub const RESOLV_CONF: &str = "/run/vm/resolv.conf";
+/// A sysfs mounted in the container's network namespace, bound at the
+/// container's /sys.
+pub const SYSFS: &str = "/run/vm/sys";
+
+fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let step = step.into();
+    move |source| AgentError::Io { step, source }
+}
+
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> AgentError {
+    let step = step.into();
+    move |source| AgentError::Sys { step, source }
+}
+
+fn netlink(step: &str) -> impl FnOnce(moat_net::netlink::NetlinkError) -> AgentError + '_ {
+    move |e| AgentError::Request(format!("{step}: {}", moat_core::error_chain(&e)))
+}
+
+/// Sets up the container's network namespace with eth0 as `net` says.
+pub fn setup(net: &GuestNet) -> Result<(), AgentError> {
+    boot::load_modules(NET_MODULES)?;
+    let dev = Path::new("/sys/class/net").join(DEVICE);
+    if !boot::wait_for(&dev, Duration::from_secs(10)) {
+        return Err(AgentError::Request(format!(
+            "the network device {DEVICE} did not appear"
+        )));
+    }
+    let ns = new_netns()?;
+    let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
+    let index = nl.index(DEVICE).map_err(netlink("find eth0"))?;
+    nl.move_link(index, ns.as_fd())
+        .map_err(netlink("move eth0 to the container's namespace"))?;
+    in_netns(&ns, || configure(net))?;
+    std::fs::create_dir_all(SYSFS).map_err(io(format!("create {SYSFS}")))?;
+    in_netns(&ns, || {
+        let flags =
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+        mount(Some("sysfs"), SYSFS, Some("sysfs"), flags, None::<&str>)
+            .map_err(sys(format!("mount sysfs on {SYSFS}")))
+    })?;
+    std::fs::write(RESOLV_CONF, &net.resolv_conf).map_err(io(format!("write {RESOLV_CONF}")))
+}
+
+/// A new network namespace, kept alive by a bind mount at [`NETNS`]; made
+/// on a thread so the agent's own namespace never changes.
+fn new_netns() -> Result<OwnedFd, AgentError> {
+    std::fs::create_dir_all("/run/vm").map_err(io("create /run/vm"))?;
+    std::fs::File::create(NETNS).map_err(io(format!("create {NETNS}")))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(sys("make the container's network namespace"))?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                NETNS,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(sys(format!("bind the network namespace at {NETNS}")))
+        })
+        .join()
+        .map_err(|_| AgentError::Request("the namespace thread panicked".into()))?
+    })?;
+    std::fs::File::open(NETNS)
+        .map(OwnedFd::from)
+        .map_err(io(format!("open {NETNS}")))
+}
+
+/// Runs `f` on a thread that entered `ns`.
+fn in_netns(
+    ns: &OwnedFd,
+    f: impl FnOnce() -> Result<(), AgentError> + Send,
+) -> Result<(), AgentError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(sys("enter the container's network namespace"))?;
+            f()
+        })
+        .join()
+        .map_err(|_| AgentError::Request("the namespace thread panicked".into()))?
+    })
+}
+
+/// `lo` up; eth0's addresses, MTU and default routes via the gateway (the
+/// calling thread's namespace).
+fn configure(net: &GuestNet) -> Result<(), AgentError> {
+    use std::net::IpAddr;
+    let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
+    let lo = nl.index("lo").map_err(netlink("find lo"))?;
+    nl.set_up(lo, None).map_err(netlink("bring up lo"))?;
+    let eth = nl.index(DEVICE).map_err(netlink("find eth0"))?;
+    nl.add_addr(eth, IpAddr::V4(net.address_v4), net.prefix_v4)
+        .map_err(netlink("address eth0"))?;
+    nl.add_addr(eth, IpAddr::V6(net.address_v6), net.prefix_v6)
+        .map_err(netlink("address eth0"))?;
+    nl.set_up(eth, Some(net.mtu))
+        .map_err(netlink("bring up eth0"))?;
+    nl.add_default_route(eth, IpAddr::V4(net.gateway_v4))
+        .map_err(netlink("route via the gateway"))?;
+    nl.add_default_route(eth, IpAddr::V6(net.gateway_v6))
+        .map_err(netlink("route via the gateway"))
+}
+
+/// The container's config with the network set up here: it joins
+/// [`NETNS`] (instead of making a namespace with only `lo`), gets
+/// [`RESOLV_CONF`] read-only at /etc/resolv.conf (replacing any other
+/// mount there), and a bind of [`SYSFS`] for each sysfs mount.
+pub fn apply(config: &mut Value) {
+    let linux = &mut config["linux"];
+    if !linux.is_object() {
+        *linux = json!({});
+    }
+    let ns = &mut linux["namespaces"];
+    if !ns.is_array() {
+        *ns = json!([]);
+    }
+    if let Some(list) = ns.as_array_mut() {
+        list.retain(|n| n["type"] != "network");
+        list.push(json!({"type": "network", "path": NETNS}));
+    }
+    let mounts = &mut config["mounts"];
+    if !mounts.is_array() {
+        *mounts = json!([]);
+    }
+    if let Some(list) = mounts.as_array_mut() {
+        list.retain(|m| m["destination"] != "/etc/resolv.conf");
+        for m in list.iter_mut().filter(|m| m["type"] == "sysfs") {
+            let mut opts: Vec<Value> = m["options"].as_array().cloned().unwrap_or_default();
+            opts.retain(|o| o != "rbind");
+            opts.push(json!("bind"));
+            m["type"] = json!("bind");
+            m["source"] = json!(SYSFS);
+            m["options"] = Value::Array(opts);
+        }
+        list.push(json!({
+            "destination": "/etc/resolv.conf",
+            "type": "bind",
+            "source": RESOLV_CONF,
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_joins_the_namespace_and_gets_the_resolv_conf() {
+        let mut c = json!({
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]},
+            "mounts": [{"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/vm/files/0"},
+                       {"destination": "/proc", "type": "proc"},
+                       {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid"]}]
+        });
+        apply(&mut c);
+        let ns = c["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 2);
+        assert!(ns.contains(&json!({"type": "network", "path": NETNS})));
+        let m = c["mounts"].as_array().unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            m[1],
+            json!({"destination": "/sys", "type": "bind", "source": SYSFS, "options": ["ro", "nosuid", "bind"]})
+        );
+        assert!(m
+            .iter()
+            .any(|m| m["destination"] == "/etc/resolv.conf" && m["source"] == RESOLV_CONF));
+        let mut bare = json!({});
+        apply(&mut bare);
+        assert_eq!(bare["linux"]["namespaces"][0]["path"], NETNS);
+    }
+}
