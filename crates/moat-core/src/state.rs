@@ -230,8 +230,15 @@ fn lock_file(path: &Path) -> Result<File, StateError> {
 /// Prefix of a container directory being made ([`StateDir::create`]); not
 /// a valid ID (it starts with a dot), so never listed.
 const NEW_DIR_PREFIX: &str = ".new-";
+/// Prefix of a container directory being removed ([`StateDir::remove`]).
+const GONE_DIR_PREFIX: &str = ".gone-";
 
 fn new_dir_name() -> String {
+    temp_dir_name(NEW_DIR_PREFIX)
+}
+
+/// `PREFIX<pid>-<nanos>-<n>`: unique, and naming the process that made it.
+fn temp_dir_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -239,10 +246,22 @@ fn new_dir_name() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!(
-        "{NEW_DIR_PREFIX}{}-{nanos:x}-{}",
+        "{prefix}{}-{nanos:x}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Whether the process that made the `.new-<pid>-…` directory `name` is
+/// gone (no process of that PID; a PID in use again only delays the
+/// removal to the age limit).
+fn creator_gone(name: &str) -> bool {
+    let pid = name
+        .strip_prefix(NEW_DIR_PREFIX)
+        .and_then(|r| r.split('-').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw);
+    pid.is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH))
 }
 
 /// The runtime's state root (`--root`, default /run/moat).
@@ -363,29 +382,47 @@ impl StateDir {
     }
 
     /// Directories of creates killed before they renamed them into place
-    /// (`.new-*`, their lock free), older than a minute: removed.
+    /// (`.new-*`, their lock free or not made yet; older than a minute, or
+    /// at once when the process named in the name is gone) and
+    /// of removals killed after they renamed them away (`.gone-*`, their
+    /// lock free): removed.
     pub fn remove_unfinished(&self) {
         let Ok(rd) = fs::read_dir(&self.root) else {
             return;
         };
         for e in rd.flatten() {
             let name = e.file_name();
-            if !name.to_string_lossy().starts_with(NEW_DIR_PREFIX) {
+            let name = name.to_string_lossy();
+            let gone = name.starts_with(GONE_DIR_PREFIX);
+            if !gone && !name.starts_with(NEW_DIR_PREFIX) {
                 continue;
             }
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(60));
-            let free = OpenOptions::new()
+            // Some(free) for a lock file, None without one.
+            let lock = match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(e.path().join(LOCK_FILE))
-                .map(|f| flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok())
-                .unwrap_or(true);
-            if old && free {
+            {
+                Ok(f) => Some(flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => Some(false),
+            };
+            let remove = if gone {
+                // Nobody takes a `.gone-*` directory back: only its remover,
+                // while it holds the lock, may still be at work in it.
+                lock != Some(false)
+            } else {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60));
+                // Without a lock file the creator may be between its
+                // mkdir and its lock: only its end (or the age) says so.
+                lock != Some(false) && (old || creator_gone(&name))
+            };
+            if remove {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
@@ -403,8 +440,17 @@ impl StateDir {
 
     fn lock_dir(&self, dir: PathBuf) -> Result<ContainerLock, StateError> {
         let file = lock_file(&dir.join(LOCK_FILE))?;
-        // The directory may have been deleted while we waited for the lock.
-        if !dir.join(LOCK_FILE).exists() {
+        // The directory may have been removed while we waited for the lock
+        // (or removed and made again for another container of that name):
+        // the lock is this container's only if its file is still there.
+        let same = match (file.metadata(), fs::metadata(dir.join(LOCK_FILE))) {
+            (Ok(a), Ok(b)) => {
+                use std::os::unix::fs::MetadataExt;
+                (a.dev(), a.ino()) == (b.dev(), b.ino())
+            }
+            _ => false,
+        };
+        if !same {
             return Err(StateError::NotFound(
                 dir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -471,14 +517,26 @@ impl StateDir {
         write().map_err(|source| StateError::Write { path, source })
     }
 
-    /// Removes a container's directory (the caller holds its lock).
+    /// Removes a container's directory (the caller holds its lock). It is
+    /// first renamed out of the way (`.gone-*`, not an ID): the ID is gone
+    /// at once, and a runtime killed while removing leaves no container
+    /// with half its files (which nothing could load, lock or delete), only
+    /// a `.gone-*` directory that the next sweep removes
+    /// ([`Self::remove_unfinished`]).
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
         validate_id(id)?;
         let dir = self.container_dir(id);
-        match fs::remove_dir_all(&dir) {
+        let gone = self.root.join(temp_dir_name(GONE_DIR_PREFIX));
+        match fs::rename(&dir, &gone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Remove { path: dir, source }),
+        }
+        match fs::remove_dir_all(&gone) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Remove { path: dir, source }),
+            // A sweep may have removed (part of) it first.
+            Err(_) if !gone.exists() => Ok(()),
+            Err(source) => Err(StateError::Remove { path: gone, source }),
         }
     }
 }
@@ -486,6 +544,94 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 15 (stress `kill`): a runtime SIGKILLed while removing a
+    /// container left a directory with half its files, which no sweep or
+    /// `delete` could take; and a killed create's `.new-*` directory
+    /// waited a minute although its creator was gone.
+    #[test]
+    fn interrupted_creates_and_removals_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(tmp.path());
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(tmp.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // A whole removal leaves nothing.
+        drop(sd.create("a").unwrap());
+        let lock = sd.lock("a").unwrap();
+        sd.remove("a").unwrap();
+        drop(lock);
+        assert!(names().is_empty(), "{:?}", names());
+        // A removal killed after the rename: a `.gone-*` directory, swept
+        // once its lock is free, never while it is held.
+        let gone = tmp.path().join(temp_dir_name(GONE_DIR_PREFIX));
+        fs::create_dir(&gone).unwrap();
+        fs::write(gone.join("config.json"), "{}").unwrap();
+        let held = lock_file(&gone.join(LOCK_FILE)).unwrap();
+        sd.remove_unfinished();
+        assert!(gone.exists());
+        drop(held);
+        sd.remove_unfinished();
+        assert!(!gone.exists());
+        // A create killed before the rename: swept at once when the
+        // process in its name is gone (with or without its lock file); a
+        // live creator's young directory stays.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let dead_new = tmp.path().join(format!("{NEW_DIR_PREFIX}{dead}-1-0"));
+        let live_new = tmp.path().join(new_dir_name());
+        let bare_new = tmp.path().join(format!("{NEW_DIR_PREFIX}{dead}-2-0"));
+        for d in [&dead_new, &live_new, &bare_new] {
+            fs::create_dir(d).unwrap();
+        }
+        drop(lock_file(&dead_new.join(LOCK_FILE)).unwrap());
+        drop(lock_file(&live_new.join(LOCK_FILE)).unwrap());
+        sd.remove_unfinished();
+        assert!(!dead_new.exists() && !bare_new.exists());
+        assert!(live_new.exists());
+    }
+
+    /// A lock taken on a directory that was removed and made again for
+    /// another container while the taker waited is refused (it would lock
+    /// the old file and believe it held the new container).
+    #[test]
+    fn a_lock_on_a_removed_container_is_not_the_new_ones() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(tmp.path());
+        drop(sd.create("x").unwrap());
+        let ino = fs::metadata(tmp.path().join("x").join(LOCK_FILE))
+            .unwrap()
+            .ino();
+        let held = sd.lock("x").unwrap();
+        let sd2 = sd.clone();
+        let waiter = std::thread::spawn(move || sd2.lock("x").map(|_| ()));
+        // Until the waiter blocks on the old lock file (/proc/locks lists a
+        // blocked request as "-> FLOCK … :<inode> …").
+        let blocked = |ino: u64| {
+            fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
+                l.contains("->")
+                    && l.split_whitespace()
+                        .any(|f| f.ends_with(&format!(":{ino}")))
+            })
+        };
+        while !blocked(ino) {
+            std::thread::yield_now();
+        }
+        sd.remove("x").unwrap();
+        drop(sd.create("x").unwrap());
+        drop(held);
+        let r = waiter.join().unwrap();
+        assert!(matches!(r, Err(StateError::NotFound(_))), "{r:?}");
+        sd.lock("x").unwrap();
+    }
 
     #[test]
     fn id_validation() {

@@ -892,6 +892,14 @@ pub(crate) fn sweep_orphans(tiers: &Tiers, root: &Path) {
             let Some(id) = e.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
+            if let Some(owner) = id.strip_prefix(RUN_NEW_PREFIX) {
+                // A run killed while making its directory: nothing in it
+                // but the owner record.
+                if Owner::parse(&owner.replacen('-', " ", 1)).is_some_and(|o| !o.alive()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+                continue;
+            }
             if moat_core::state::validate_id(&id).is_err() {
                 continue;
             }
@@ -1048,6 +1056,8 @@ fn resolve_embedded_user(s: &mut Settings, o: &RunArgs) -> Result<()> {
 const RUN_DIR: &str = ".run";
 /// The file in a run's directory naming its owner (PID and start time).
 const RUN_OWNER: &str = "owner";
+/// Prefix of a run's directory while it is made: `.new-<pid>-<start time>`.
+const RUN_NEW_PREFIX: &str = ".new-";
 
 /// This run's directory, `<root>/.run/<id>`: the owner record and, when the
 /// run needs a bundle of its own, the bundle. Removed on drop.
@@ -1064,20 +1074,38 @@ impl RunDir {
             .create(&parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
         let path = parent.join(id);
-        match std::fs::DirBuilder::new().mode(0o711).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                bail!("container {id} already exists (a moat run of that name is in progress)")
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+        // Made whole under a name of this process's, then renamed into
+        // place: a sweep never finds `.run/<id>` without its owner record,
+        // and a run killed before the rename leaves a `.new-*` directory
+        // that names its (dead) owner.
+        let tmp = parent.join(format!(
+            "{RUN_NEW_PREFIX}{}-{}",
+            owner.pid, owner.start_time
+        ));
+        let made = std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&tmp)
+            .and_then(|()| std::fs::write(tmp.join(RUN_OWNER), owner.record()));
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e).with_context(|| format!("cannot create {}", tmp.display()));
         }
-        let dir = RunDir { path };
-        // Whole or absent: a sweep never reads half a record.
-        let tmp = dir.path.join(".owner.tmp");
-        std::fs::write(&tmp, owner.record())
-            .and_then(|()| std::fs::rename(&tmp, dir.path.join(RUN_OWNER)))
-            .with_context(|| format!("cannot write {}", dir.path.display()))?;
-        Ok(dir)
+        let placed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp,
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        if let Err(e) = placed {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if e == rustix::io::Errno::EXIST {
+                bail!("container {id} already exists (a moat run of that name is in progress)");
+            }
+            return Err(std::io::Error::from(e))
+                .with_context(|| format!("cannot create {}", path.display()));
+        }
+        Ok(RunDir { path })
     }
 }
 
