@@ -314,6 +314,29 @@ impl Drop for Net {
     }
 }
 
+/// Returns once a TCP socket of this thread's network namespace listens on
+/// `port` (/proc/thread-self/net: the namespace of the calling thread, not
+/// of the process's first thread).
+fn wait_listening(port: u16) {
+    let deadline = std::time::Instant::now() + GUARD;
+    let local = format!(":{port:04X}");
+    loop {
+        let tcp = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap();
+        let listening = tcp.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+        });
+        if listening {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on port {port}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 fn connect(dst: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&dst, GUARD)?;
     s.set_read_timeout(Some(GUARD))?;
@@ -521,6 +544,9 @@ fn published_port_is_reached_from_the_host() {
         peer
     });
     let reply = net.outer.run(|| {
+        // The stack binds its published ports as it starts, in its own
+        // thread: wait for the listener, not for a time.
+        wait_listening(18000);
         let mut s = connect(sa("127.0.0.1:18000")).unwrap();
         s.write_all(b"hello").unwrap();
         let mut out = Vec::new();
