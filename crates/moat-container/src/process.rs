@@ -243,21 +243,17 @@ enum Seccomp<'a> {
 }
 
 fn load_filter(filter: Option<&Seccomp>, f: &Finalize) -> Result<(), ProcessError> {
-    if let (Some(Seccomp::Filter(filter)), Some(ch), true) = (
-        filter,
-        f.notify_channel,
-        f.seccomp.is_some_and(notifies_sendmsg),
-    ) {
-        return load_and_hand_over(filter, ch);
-    }
-    let fd: Option<OwnedFd> = match filter {
-        None => return Ok(()),
-        Some(Seccomp::Program(p)) => {
-            p.load()?;
-            None
-        }
-        Some(Seccomp::Filter(filter)) => filter.load()?,
+    let Some(filter) = filter else {
+        return Ok(());
     };
+    let load = || match filter {
+        Seccomp::Program(p) => p.load(),
+        Seccomp::Filter(filter) => filter.load(),
+    };
+    if let (Some(ch), true) = (f.notify_channel, f.seccomp.is_some_and(notifies_sendmsg)) {
+        return load_and_hand_over(load, ch);
+    }
+    let fd: Option<OwnedFd> = load()?;
     if let (Some(fd), Some(ch)) = (fd, f.notify_channel) {
         ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd.as_raw_fd()))
             .map_err(ProcessError::NotifyFd)?;
@@ -280,14 +276,17 @@ fn notifies_sendmsg(s: &LinuxSeccomp) -> bool {
 /// from a thread started before the load: that thread is outside the
 /// filter, so its `sendmsg` cannot wait for the listener it carries (the
 /// filter is per thread; the thread ends before the exec).
-fn load_and_hand_over(filter: &seccomp::Filter, ch: &Channel) -> Result<(), ProcessError> {
+fn load_and_hand_over(
+    load: impl FnOnce() -> Result<Option<OwnedFd>, seccomp::SeccompError>,
+    ch: &Channel,
+) -> Result<(), ProcessError> {
     let (tx, rx) = std::sync::mpsc::channel::<Option<i32>>();
     std::thread::scope(|scope| {
         let sender = scope.spawn(move || match rx.recv() {
             Ok(Some(fd)) => ch.send_with_fd(&Msg::Fd(FdKind::Seccomp), Some(fd)),
             _ => Ok(()),
         });
-        let loaded = filter.load();
+        let loaded = load();
         let number = loaded
             .as_ref()
             .ok()

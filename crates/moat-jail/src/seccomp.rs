@@ -469,12 +469,16 @@ impl Filter {
 
     /// The classic BPF program libseccomp generates for this filter (what
     /// [`load`](Filter::load) installs), with the kernel flags its load
-    /// passes. `None` for a filter with notify rules or
-    /// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`: those are loaded through
-    /// libseccomp, which hands over the notify fd.
+    /// passes: with notify rules, `SECCOMP_FILTER_FLAG_NEW_LISTENER` (and
+    /// `WAIT_KILLABLE_RECV` when asked), so that loading it returns the
+    /// listener.
     pub fn program(&self) -> Result<Option<Program>, SeccompError> {
-        if self.notify || self.wait_killable {
-            return Ok(None);
+        let mut flags = self.kernel_flags;
+        if self.notify {
+            flags |= libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+            if self.wait_killable {
+                flags |= libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+            }
         }
         let export = |source| SeccompError::Export { source };
         let fd = rustix::fs::memfd_create("moat-seccomp", rustix::fs::MemfdFlags::CLOEXEC)
@@ -486,7 +490,7 @@ impl Filter {
         let mut bytes = Vec::new();
         std::io::Seek::rewind(&mut f).map_err(export)?;
         std::io::Read::read_to_end(&mut f, &mut bytes).map_err(export)?;
-        Program::from_parts(bytes, self.kernel_flags).map(Some)
+        Program::from_parts(bytes, flags).map(Some)
     }
 
     /// Loads the filter into the calling thread (all threads with `SECCOMP_FILTER_FLAG_TSYNC`).

@@ -53,6 +53,56 @@ pub fn set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<
     }
 }
 
+/// The flags [`set_mode_filter_listener`] passes on besides the
+/// `SECCOMP_FILTER_FLAG_NEW_LISTENER` it adds: [`ALLOWED_FLAGS`],
+/// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (which needs a listener) and
+/// `SECCOMP_FILTER_FLAG_TSYNC_ESRCH` (which the kernel requires with TSYNC
+/// and a listener).
+pub const LISTENER_FLAGS: libc::c_ulong = ALLOWED_FLAGS
+    | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    | libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags | NEW_LISTENER, &prog)`: as
+/// [`set_mode_filter`], for a program with `SECCOMP_RET_USER_NOTIF`
+/// returns; hands back the filter's listener (the kernel makes it
+/// close-on-exec). With TSYNC it adds `TSYNC_ESRCH`, as the kernel asks:
+/// a thread that cannot be synchronised is then `ESRCH`.
+pub fn set_mode_filter_listener(
+    flags: libc::c_ulong,
+    prog: &[SockFilter],
+) -> io::Result<std::os::fd::OwnedFd> {
+    let max = usize::try_from(libc::BPF_MAXINSNS).unwrap_or(0);
+    if flags & !LISTENER_FLAGS != 0 || prog.is_empty() || prog.len() > max {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut flags = flags | libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+    if flags & libc::SECCOMP_FILTER_FLAG_TSYNC != 0 {
+        flags |= libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
+    }
+    let len = u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: as in `set_mode_filter`; with NEW_LISTENER the kernel returns
+    // a new file descriptor on success, which is owned at once below.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: `fd` is the listener the kernel just made for this call;
+    // nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 /// The line [`exit_on_trap`] writes before the syscall number.
 static TRAP_PREFIX: std::sync::atomic::AtomicPtr<u8> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());

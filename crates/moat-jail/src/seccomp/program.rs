@@ -24,7 +24,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag};
+use oci_spec::runtime::LinuxSeccomp;
 use sha2::{Digest, Sha256};
 
 use super::{compile, SeccompError};
@@ -50,6 +50,9 @@ impl std::fmt::Debug for Program {
 }
 
 const INSN: usize = 8;
+/// In a program's flags: the filter notifies a listener, which loading it
+/// returns.
+const NEW_LISTENER: libc::c_ulong = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
 const MAGIC: &[u8; 8] = b"MOATBPF1";
 const KEY_LEN: usize = 64;
 const HEADER: usize = MAGIC.len() + KEY_LEN + 4 + 4;
@@ -67,7 +70,7 @@ impl Program {
         if !insns.len().is_multiple_of(INSN)
             || n == 0
             || n > max
-            || flags & !moat_sys::seccomp::ALLOWED_FLAGS != 0
+            || flags & !(moat_sys::seccomp::LISTENER_FLAGS | NEW_LISTENER) != 0
         {
             return Err(SeccompError::BadProgram {
                 len: insns.len(),
@@ -92,9 +95,9 @@ impl Program {
     }
 
     /// Installs the program on the calling thread, as
-    /// [`Filter::load`](super::Filter::load) would (no notify fd: a filter
-    /// with notify rules has no `Program`).
-    pub fn load(&self) -> Result<(), SeccompError> {
+    /// [`Filter::load`](super::Filter::load) would: the listener fd when the
+    /// filter has notify rules.
+    pub fn load(&self) -> Result<Option<std::os::fd::OwnedFd>, SeccompError> {
         let prog: Vec<moat_sys::seccomp::SockFilter> = self
             .insns
             .chunks_exact(INSN)
@@ -105,8 +108,16 @@ impl Program {
                 k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
             })
             .collect();
-        moat_sys::seccomp::set_mode_filter(self.flags, &prog)
-            .map_err(|source| SeccompError::LoadProgram { source })
+        let err = |source| SeccompError::LoadProgram { source };
+        if self.flags & NEW_LISTENER != 0 {
+            moat_sys::seccomp::set_mode_filter_listener(self.flags & !NEW_LISTENER, &prog)
+                .map(Some)
+                .map_err(err)
+        } else {
+            moat_sys::seccomp::set_mode_filter(self.flags, &prog)
+                .map(|()| None)
+                .map_err(err)
+        }
     }
 
     fn encode(&self, key: &str) -> Vec<u8> {
@@ -146,16 +157,12 @@ impl Program {
 
 /// The program for `seccomp`, compiled here (in the runtime, before the
 /// container process is forked) or taken from the cache under
-/// `state_root`. `None` when the filter must be loaded through libseccomp
-/// (notify rules, `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`): the container
-/// process compiles it then, as before.
+/// `state_root`. Filters with notify rules too: loading their program
+/// returns the listener, as libseccomp's load does.
 pub fn prepare(
     seccomp: &LinuxSeccomp,
     state_root: Option<&Path>,
 ) -> Result<Option<Program>, SeccompError> {
-    if needs_libseccomp(seccomp) {
-        return Ok(None);
-    }
     let Some((dir, key)) = cache_slot(seccomp, state_root)? else {
         return compile(seccomp)?.program();
     };
@@ -173,17 +180,6 @@ pub fn prepare(
     Ok(Some(program))
 }
 
-/// Whether the spec asks for what only libseccomp's own load provides.
-fn needs_libseccomp(seccomp: &LinuxSeccomp) -> bool {
-    let flags = seccomp.flags().as_deref().unwrap_or_default();
-    let syscalls = seccomp.syscalls().as_deref().unwrap_or_default();
-    flags.contains(&LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv)
-        || seccomp.default_action() == LinuxSeccompAction::ScmpActNotify
-        || syscalls
-            .iter()
-            .any(|s| s.action() == LinuxSeccompAction::ScmpActNotify)
-}
-
 /// The cache directory and the key for `seccomp`, or `None` without a
 /// state root or a stable identity of the running binary.
 fn cache_slot(
@@ -196,8 +192,13 @@ fn cache_slot(
     let Some(binary) = binary_identity() else {
         return Ok(None);
     };
+    // The listener's path and metadata do not change the program (the
+    // sandbox tier's name each container): they are not part of the key.
+    let mut filter_only = seccomp.clone();
+    filter_only.set_listener_path(None);
+    filter_only.set_listener_metadata(None);
     let profile =
-        serde_json::to_vec(seccomp).map_err(|source| SeccompError::Serialize { source })?;
+        serde_json::to_vec(&filter_only).map_err(|source| SeccompError::Serialize { source })?;
     let u = rustix::system::uname();
     let v = libseccomp::ScmpVersion::current().ok();
     let lib = v.map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro));
@@ -322,14 +323,71 @@ mod tests {
         }
     }
 
+    /// A filter with notify rules is compiled and cached like any other;
+    /// loading its program returns a listener that receives the notified
+    /// call and answers it (here: getppid answered 4242 by a thread of the
+    /// loading process, which the filter does not cover: it began before).
     #[test]
-    fn notify_filters_stay_with_libseccomp() {
+    fn notify_programs_are_cached_and_hand_back_a_working_listener() {
+        let dir = tempfile::tempdir().unwrap();
         let s = parse(
-            r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/x",
-                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}"#,
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_TSYNC"], "listenerPath": "/x",
+                "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_NOTIFY"}]}"#,
         );
-        assert!(prepare(&s, None).unwrap().is_none());
-        assert!(compile(&s).unwrap().program().unwrap().is_none());
+        let program = prepare(&s, Some(dir.path())).unwrap().unwrap();
+        assert_ne!(program.flags() & NEW_LISTENER, 0);
+        // TSYNC with a listener: the load adds TSYNC_ESRCH, as the kernel asks.
+        assert_ne!(program.flags() & libc::SECCOMP_FILTER_FLAG_TSYNC, 0);
+        // From the cache the second time, the same program; and for another
+        // listener (the sandbox tier names one per container) too: one entry.
+        assert_eq!(prepare(&s, Some(dir.path())).unwrap().unwrap(), program);
+        let other = parse(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_TSYNC"],
+                "listenerPath": "/y", "listenerMetadata": "z",
+                "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_NOTIFY"}]}"#,
+        );
+        assert_eq!(prepare(&other, Some(dir.path())).unwrap().unwrap(), program);
+        let entries = std::fs::read_dir(dir.path().join(".cache/seccomp"))
+            .unwrap()
+            .count();
+        assert_eq!(entries, 1);
+        let code = moat_sys::process::run_in_child(0, || {
+            let (tx, rx) = std::sync::mpsc::channel::<std::os::fd::OwnedFd>();
+            let agent = std::thread::spawn(move || -> i32 {
+                let Ok(fd) = rx.recv() else { return 10 };
+                let Ok(n) = moat_sys::notify::recv(std::os::fd::AsFd::as_fd(&fd)) else {
+                    return 11;
+                };
+                if n.nr != libc::SYS_getppid as i32 {
+                    return 12;
+                }
+                match moat_sys::notify::send(std::os::fd::AsFd::as_fd(&fd), n.id, 4242, 0, 0) {
+                    Ok(()) => 0,
+                    Err(_) => 13,
+                }
+            });
+            if rustix::thread::set_no_new_privs(true).is_err() {
+                return 3;
+            }
+            let Ok(Some(fd)) = program.load() else {
+                return 4;
+            };
+            if tx.send(fd).is_err() {
+                return 5;
+            }
+            let ppid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+            let agent = agent.join().unwrap_or(20);
+            if agent != 0 {
+                return agent;
+            }
+            if ppid == 4242 {
+                0
+            } else {
+                6
+            }
+        })
+        .unwrap();
+        assert_eq!(code, 0);
     }
 
     #[test]
