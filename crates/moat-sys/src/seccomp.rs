@@ -21,8 +21,26 @@ pub const ALLOWED_FLAGS: libc::c_ulong = libc::SECCOMP_FILTER_FLAG_TSYNC
 /// than `BPF_MAXINSNS`; an error naming the thread when TSYNC cannot
 /// synchronise one.
 pub fn set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<()> {
+    if flags & !ALLOWED_FLAGS != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    match raw_set_mode_filter(flags, prog)? {
+        0 => Ok(()),
+        // With TSYNC, a positive result is the ID of a thread that could
+        // not be synchronised: the filter was not installed.
+        tid => Err(io::Error::other(format!(
+            "thread {tid} could not be synchronised to the seccomp filter"
+        ))),
+    }
+}
+
+/// The syscall itself, for flags the caller checked: its non-negative
+/// result (0, a thread ID with TSYNC, or a new listener's fd number with
+/// NEW_LISTENER, which the caller must own at once). `EINVAL` for a program
+/// that is empty or longer than `BPF_MAXINSNS`.
+fn raw_set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<libc::c_long> {
     let max = usize::try_from(libc::BPF_MAXINSNS).unwrap_or(0);
-    if flags & !ALLOWED_FLAGS != 0 || prog.is_empty() || prog.len() > max {
+    if prog.is_empty() || prog.len() > max {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let len = u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -32,8 +50,8 @@ pub fn set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<
     };
     // SAFETY: `fprog` points at `len` initialised instructions borrowed from
     // `prog`, which outlives the call; the kernel copies the program and
-    // does not keep the pointer, nor write through it. No flag that returns
-    // a file descriptor is passed, so nothing is leaked.
+    // does not keep the pointer, nor write through it. A file descriptor it
+    // may return (NEW_LISTENER) is the caller's to own.
     let r = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
@@ -42,14 +60,10 @@ pub fn set_mode_filter(flags: libc::c_ulong, prog: &[SockFilter]) -> io::Result<
             &fprog as *const libc::sock_fprog,
         )
     };
-    match r {
-        0 => Ok(()),
-        r if r < 0 => Err(io::Error::last_os_error()),
-        // With TSYNC, a positive result is the ID of a thread that could
-        // not be synchronised: the filter was not installed.
-        tid => Err(io::Error::other(format!(
-            "thread {tid} could not be synchronised to the seccomp filter"
-        ))),
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
 }
 
@@ -71,35 +85,17 @@ pub fn set_mode_filter_listener(
     flags: libc::c_ulong,
     prog: &[SockFilter],
 ) -> io::Result<std::os::fd::OwnedFd> {
-    let max = usize::try_from(libc::BPF_MAXINSNS).unwrap_or(0);
-    if flags & !LISTENER_FLAGS != 0 || prog.is_empty() || prog.len() > max {
+    if flags & !LISTENER_FLAGS != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let mut flags = flags | libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
     if flags & libc::SECCOMP_FILTER_FLAG_TSYNC != 0 {
         flags |= libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
     }
-    let len = u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let fprog = libc::sock_fprog {
-        len,
-        filter: prog.as_ptr().cast_mut(),
-    };
-    // SAFETY: as in `set_mode_filter`; with NEW_LISTENER the kernel returns
-    // a new file descriptor on success, which is owned at once below.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            flags,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let r = raw_set_mode_filter(flags, prog)?;
     let fd = i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: `fd` is the listener the kernel just made for this call;
-    // nothing else owns it.
+    // SAFETY: with NEW_LISTENER a non-negative result is the listener the
+    // kernel just made for this call; nothing else owns it.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
