@@ -94,19 +94,10 @@ fn human_run(args: &[std::ffi::OsString], t_main: std::time::Instant) -> Option<
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let argv = run::human_argv(&text, || std::path::Path::new("config.json").exists())?;
-    let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
+    let cli = match parse_run_cli(&argv) {
         Ok(c) => c,
-        Err(e) => {
-            // Usage errors are moat's own errors: 125, as for docker run
-            // (2 would read as the workload's status).
-            let code = if e.use_stderr() { 125 } else { 0 };
-            let _ = e.print();
-            return Some(ExitCode::from(code));
-        }
+        Err(code) => return Some(code),
     };
-    cli.opts.default_root = run::leading_dashdash(&argv);
-    cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
-    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     // `--log FILE --debug` work as for the OCI commands.
     log::init(
         cli.global.log.as_deref(),
@@ -114,12 +105,37 @@ fn human_run(args: &[std::ffi::OsString], t_main: std::time::Instant) -> Option<
         cli.global.debug,
     );
     begin_steps(t_main);
+    Some(run_protected(args, cli))
+}
+
+/// `moat run`'s options from `argv`, with what clap cannot say (a leading
+/// `--`, an unknown option before the command, the user's default state
+/// root); a usage error is printed and becomes the exit status: 125, as
+/// for docker run (2 would read as the workload's status).
+fn parse_run_cli(argv: &[String]) -> Result<run::RunCli, ExitCode> {
+    let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 125 } else { 0 };
+            let _ = e.print();
+            return Err(ExitCode::from(code));
+        }
+    };
+    cli.opts.default_root = run::leading_dashdash(argv);
+    cli.opts.unknown_option = run::unknown_option(argv, &cli.opts.command);
+    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
+    Ok(cli)
+}
+
+/// Runs `cli` from the protected copy of the binary (re-executing into it
+/// first when needed): the workload's exit status, or moat's error's.
+fn run_protected(args: &[std::ffi::OsString], cli: run::RunCli) -> ExitCode {
     if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
         tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
-        return Some(ExitCode::from(125));
+        return ExitCode::from(125);
     }
     protected();
-    Some(match run::main(cli) {
+    match run::main(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
             tracing::error!("{}", error_line(&e));
@@ -127,7 +143,7 @@ fn human_run(args: &[std::ffi::OsString], t_main: std::time::Instant) -> Option<
             // (127 not found, 126 not executable); moat's own errors 125.
             ExitCode::from(run::exit_status(&e))
         }
-    })
+    }
 }
 
 /// `moat policy learn [-o FILE] [RUN OPTIONS] [IMAGE] -- CMD` (see
@@ -149,31 +165,14 @@ fn policy_learn(args: &[std::ffi::OsString]) -> Option<ExitCode> {
             return Some(ExitCode::from(125));
         }
     };
-    let mut cli = match <run::RunCli as clap::Parser>::try_parse_from(&argv) {
+    let mut cli = match parse_run_cli(&argv) {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 125 } else { 0 };
-            let _ = e.print();
-            return Some(ExitCode::from(code));
-        }
+        Err(code) => return Some(code),
     };
-    cli.opts.default_root = run::leading_dashdash(&argv);
-    cli.opts.unknown_option = run::unknown_option(&argv, &cli.opts.command);
     cli.opts.learn = Some(run::learn::Learn { output });
     cli.global.isolation.get_or_insert_with(|| "sandbox".into());
-    cli.global.root = state_root(std::mem::take(&mut cli.global.root));
     log::init(None, log::LogFormat::Text, false);
-    if let Err(e) = moat_jail::selfexe::ensure_protected(args) {
-        tracing::error!("{}", bounded(&moat_core::error_chain(&e)));
-        return Some(ExitCode::from(125));
-    }
-    Some(match run::main(cli) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
-        Err(e) => {
-            tracing::error!("{}", error_line(&e));
-            ExitCode::from(run::exit_status(&e))
-        }
-    })
+    Some(run_protected(args, cli))
 }
 
 /// The default state root, /run/moat, is root's; an unprivileged user's
