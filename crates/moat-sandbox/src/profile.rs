@@ -166,7 +166,6 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "prlimit64",
             "getrusage",
             "times",
-            "umask",
             "getcpu",
             "kill",
             "tkill",
@@ -309,6 +308,11 @@ pub const NOTIFIED: &[(&str, &[&str])] = &[
             "chdir",
             "inotify_add_watch",
         ],
+    ),
+    (
+        "umask: the supervisor creates names with the caller's umask, cached \
+         with its credentials until the process changes it",
+        &["umask"],
     ),
     (
         "exec: the path checked by the policy, held in the kernel by Landlock",
@@ -503,9 +507,20 @@ pub fn profile(listener: &std::path::Path) -> LinuxSeccomp {
     syscalls.push(json!({"names": names(NOTIFIED), "action": "SCMP_ACT_NOTIFY"}));
     syscalls.push(json!({"names": names(DENIED), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}));
     // clone: in the kernel unless it asks for a new namespace (EPERM),
-    // decided on its flags by the filter itself: no round trip per fork.
+    // decided on its flags by the filter itself: no round trip per fork or
+    // thread. A process that shares its umask with another (CLONE_FS
+    // without CLONE_THREAD, which no libc's fork, thread or spawn does) is
+    // told to the supervisor, which then stops trusting cached umasks.
+    let fs = libc::CLONE_FS as u64;
+    let thread = libc::CLONE_THREAD as u64;
     syscalls.push(json!({"names": ["clone"], "action": "SCMP_ACT_ALLOW",
-        "args": [{"index": 0, "value": CLONE_NS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}));
+        "args": [{"index": 0, "value": CLONE_NS | fs, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}));
+    syscalls.push(json!({"names": ["clone"], "action": "SCMP_ACT_ALLOW",
+        "args": [{"index": 0, "value": CLONE_NS | fs | thread, "valueTwo": fs | thread,
+                  "op": "SCMP_CMP_MASKED_EQ"}]}));
+    syscalls.push(json!({"names": ["clone"], "action": "SCMP_ACT_NOTIFY",
+        "args": [{"index": 0, "value": CLONE_NS | fs | thread, "valueTwo": fs,
+                  "op": "SCMP_CMP_MASKED_EQ"}]}));
     for bit in (0..64).map(|b| 1u64 << b).filter(|b| CLONE_NS & b != 0) {
         syscalls.push(
             json!({"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,

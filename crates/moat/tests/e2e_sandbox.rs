@@ -346,6 +346,78 @@ fn threads_pipelines_a_compiler_and_git_work() {
     assert!(o.ends_with("2\n"), "{o}\n{}", out.stderr);
 }
 
+/// The supervisor creates names for the workload with its umask, which it
+/// caches with the caller's credentials: a process that changes its umask,
+/// or shares it with another process (CLONE_FS), still gets exactly the
+/// modes the kernel would give it.
+#[test]
+fn files_are_created_with_the_umask_in_force() {
+    let Some(rt) = rt("files_are_created_with_the_umask_in_force") else {
+        return;
+    };
+    let data = Data::new();
+    data.compile("umask", UMASK);
+    let out = sh(
+        &rt,
+        &["-v", &data.volume()],
+        "cp /data/umask /tmp/umask && cd /tmp && umask 022 && ./umask",
+    )
+    .expect_ok();
+    assert_eq!(
+        out.stdout, "a 644\nb 600\nc 700\nd 666\ne 644\nf 640\ng 750\n",
+        "{}",
+        out.stderr
+    );
+}
+
+const UMASK: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void show(const char *p) {
+    struct stat st;
+    if (stat(p, &st) != 0) { perror(p); _exit(1); }
+    printf("%s %o\n", p, st.st_mode & 0777);
+}
+static void make(const char *p) {
+    int fd = open(p, O_CREAT | O_WRONLY | O_EXCL, 0666);
+    if (fd < 0) { perror(p); _exit(1); }
+    close(fd);
+}
+int main(void) {
+    /* A process that changes its own umask between creates. */
+    pid_t c1 = fork();
+    if (c1 < 0) { perror("fork"); return 1; }
+    if (c1 == 0) {
+        make("a");
+        umask(077); make("b");
+        if (mkdir("c", 0777) != 0) { perror("c"); _exit(1); }
+        umask(0); make("d");
+        _exit(0);
+    }
+    int st;
+    if (waitpid(c1, &st, 0) != c1 || st != 0) return 1;
+    /* Its parent keeps its own (022, from the shell). */
+    make("e");
+    /* A child that shares this process's umask (CLONE_FS) changes it. */
+    long pid = syscall(SYS_clone, CLONE_FS | SIGCHLD, 0, 0, 0, 0);
+    if (pid < 0) { perror("clone"); return 1; }
+    if (pid == 0) { umask(027); _exit(0); }
+    if (waitpid(pid, &st, 0) != pid || st != 0) return 1;
+    make("f");
+    if (mkdir("g", 0777) != 0) { perror("g"); return 1; }
+    const char *names[] = {"a", "b", "c", "d", "e", "f", "g"};
+    for (int i = 0; i < 7; i++) show(names[i]);
+    return 0;
+}
+"#;
+
 #[test]
 fn the_sandbox_leaves_nothing_behind() {
     let Some(rt) = rt("the_sandbox_leaves_nothing_behind") else {

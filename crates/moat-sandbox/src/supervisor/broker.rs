@@ -106,7 +106,17 @@ pub struct Broker {
     /// Processes `moat exec` started (host PIDs), most recent last: before
     /// their exec they run the runtime's code, like the init.
     runtime: Vec<u32>,
+    /// Processes (host TGIDs) that changed their umask: their umask is
+    /// read again before each call that creates a name.
+    umask_changed: std::collections::HashSet<i32>,
+    /// A process shares its umask with another (a clone with CLONE_FS but
+    /// not CLONE_THREAD), or too many changed theirs to track: every
+    /// create reads the caller's umask again.
+    umask_untracked: bool,
 }
+
+/// Most processes whose umask change is tracked one by one.
+const UMASK_CHANGED_MAX: usize = 1024;
 
 type R<T> = Result<T, i32>;
 
@@ -164,6 +174,8 @@ impl Broker {
             view: ViewState::default(),
             pending: Vec::new(),
             runtime: Vec::new(),
+            umask_changed: std::collections::HashSet::new(),
+            umask_untracked: false,
         }
     }
 
@@ -309,6 +321,7 @@ impl Broker {
                 self.creds.invalidate();
                 Ok(Reply::Continue)
             }
+            libc::SYS_umask | libc::SYS_clone => Ok(self.umask_changes(n)),
             libc::SYS_prctl => self.prctl(n),
             libc::SYS_socket => self.socket(n),
             libc::SYS_connect
@@ -330,10 +343,37 @@ impl Broker {
         self.creds.get(self.proc.as_fd(), n.pid)
     }
 
-    /// Reads the caller's credentials again before an operation that
-    /// creates a name: its umask changes without a notification.
+    /// Before an operation that creates a name: the caller's umask as it
+    /// is now. The cached one holds unless the caller's process changed its
+    /// umask since (`umask` is notified: [`Self::umask_changes`]) or
+    /// umasks are shared between processes; then the credentials are read
+    /// again (`/proc/TID/status`, which has the umask).
     fn fresh_creds(&mut self, n: &Notif) -> R<()> {
-        self.creds.fresh(self.proc.as_fd(), n.pid).map(drop)
+        let c = self.caller(n)?;
+        if self.umask_untracked || self.umask_changed.contains(&c.tgid) {
+            self.creds.fresh(self.proc.as_fd(), n.pid)?;
+        }
+        Ok(())
+    }
+
+    /// `umask(2)`, run by the kernel: from now on the caller's process has
+    /// its umask read for each create. `clone` comes here only with
+    /// CLONE_FS and without CLONE_THREAD (the filter decides the rest):
+    /// two processes then share one umask, and a change by one is not seen
+    /// as the other's, so no umask is trusted from the cache any more.
+    fn umask_changes(&mut self, n: &Notif) -> Reply {
+        if i64::from(n.nr) == libc::SYS_clone {
+            self.umask_untracked = true;
+            return Reply::Continue;
+        }
+        match self.caller(n) {
+            Ok(c) if self.umask_changed.len() < UMASK_CHANGED_MAX => {
+                self.umask_changed.insert(c.tgid);
+            }
+            // Not known (or too many to track): trust none.
+            _ => self.umask_untracked = true,
+        }
+        Reply::Continue
     }
 
     /// Reads the caller's memory; the init before its exec through the
@@ -445,7 +485,28 @@ impl Broker {
 
     /// The caller's descriptor `fd` (a duplicate of the same open file);
     /// EBADF when it has none by that number.
-    fn caller_fd(&self, c: &Creds, fd: i32) -> R<OwnedFd> {
+    ///
+    /// Through the pidfd of the calling thread kept with its cached
+    /// credentials (one `pidfd_open` and `close` fewer per call; a thread
+    /// pidfd reaches that thread's own descriptor table), else a pidfd of
+    /// its process.
+    fn caller_fd(&self, n: &Notif, c: &Creds, fd: i32) -> R<OwnedFd> {
+        self.need_ptrace()?;
+        if fd < 0 {
+            return Err(libc::EBADF);
+        }
+        let getfd = |pidfd: BorrowedFd<'_>| {
+            rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+                .map_err(errno)
+        };
+        match self.creds.pidfd(n.pid) {
+            Some(pidfd) => getfd(pidfd),
+            None => self.process_fd(c, fd),
+        }
+    }
+
+    /// The descriptor `fd` of the caller's process, through a pidfd of it.
+    fn process_fd(&self, c: &Creds, fd: i32) -> R<OwnedFd> {
         self.need_ptrace()?;
         if fd < 0 {
             return Err(libc::EBADF);
@@ -745,7 +806,7 @@ impl Broker {
         let abs = self.absolute(n, &c, dirfd, &raw)?;
         let want = access_of(flags);
         if let Some(fdnum) = Self::own_fd(&c, &abs) {
-            return self.reopen_own(&c, fdnum, flags, valid);
+            return self.reopen_own(n, &c, fdnum, flags, valid);
         }
         if let Some(r) = self.view_open(n, &abs, flags)? {
             return Ok(r);
@@ -929,6 +990,7 @@ impl Broker {
     /// same open file, if the access asked for is one it already has.
     fn reopen_own(
         &mut self,
+        n: &Notif,
         c: &Creds,
         fdnum: i32,
         flags: u64,
@@ -936,7 +998,7 @@ impl Broker {
     ) -> R<Reply> {
         // `/proc/self/fd/N` of a number it does not hold does not exist.
         let fd =
-            self.caller_fd(c, fdnum)
+            self.caller_fd(n, c, fdnum)
                 .map_err(|e| if e == libc::EBADF { libc::ENOENT } else { e })?;
         if !valid() {
             return Err(libc::ESRCH);
@@ -984,7 +1046,7 @@ impl Broker {
                 self.restore()?;
                 r?
             } else {
-                self.caller_fd(&c, d)?
+                self.caller_fd(n, &c, d)?
             }
         } else {
             let abs = self.absolute(n, &c, dirfd, &raw)?;
@@ -1676,7 +1738,7 @@ impl Broker {
 
     fn inotify_add_watch(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
         let c = self.caller(n)?;
-        let ino = self.caller_fd(&c, n.args[0] as i32)?;
+        let ino = self.caller_fd(n, &c, n.args[0] as i32)?;
         let mask = n.args[2] as u32;
         let nofollow = mask & libc::IN_DONT_FOLLOW != 0;
         let wd = self.on_object(

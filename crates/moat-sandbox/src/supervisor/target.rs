@@ -130,6 +130,12 @@ impl Cache {
         self.fresh(proc_fd, tid)
     }
 
+    /// The pidfd of thread `tid` kept with its cached credentials (checked
+    /// by [`Cache::get`] just before), if any.
+    pub fn pidfd(&self, tid: u32) -> Option<BorrowedFd<'_>> {
+        self.map.get(&tid).map(|(_, fd)| fd.as_fd())
+    }
+
     /// Reads the thread's credentials again (and caches them).
     pub fn fresh(&mut self, proc_fd: BorrowedFd<'_>, tid: u32) -> Result<Creds, i32> {
         let pid = rustix::process::Pid::from_raw(i32::try_from(tid).map_err(|_| libc::ESRCH)?)

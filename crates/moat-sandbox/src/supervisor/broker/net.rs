@@ -129,7 +129,7 @@ impl Broker {
     pub(super) fn net(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
         let a = n.args;
         let c = self.caller(n)?;
-        let sock = match self.caller_fd(&c, a[0] as i32) {
+        let sock = match self.caller_fd(n, &c, a[0] as i32) {
             Ok(fd) => fd,
             // A process the runtime started, before its exec: its report
             // on the setup channel goes as it is.
@@ -271,7 +271,7 @@ impl Broker {
         for slot in decode::scm_rights(control)? {
             let num = decode::fd_at(control, slot);
             let fd =
-                self.caller_fd(c, num)
+                self.process_fd(c, num)
                     .map_err(|e| if e == libc::ENOENT { libc::EBADF } else { e })?;
             control[slot..slot + 4].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
             fds.push(fd);

@@ -474,7 +474,7 @@ impl Broker {
     pub(super) fn getdents(&mut self, n: &Notif, valid: &dyn Fn() -> bool) -> R<Reply> {
         let a = n.args;
         let c = self.caller(n)?;
-        let dir = self.caller_fd(&c, a[0] as i32).map_err(|e| {
+        let dir = self.caller_fd(n, &c, a[0] as i32).map_err(|e| {
             if e == libc::ENOENT {
                 libc::EBADF
             } else {
