@@ -164,18 +164,20 @@ fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
 /// `struct stat` of what `fd` refers to (an `O_PATH` fd included: of a
 /// symlink, the link itself), as the `stat` family returns it.
 pub fn stat_bytes(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    stat_bytes_at(fd, c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// `struct stat` of `path` relative to `dir`, as `fstatat(2)` with `flags`.
+pub fn stat_bytes_at(
+    dir: BorrowedFd<'_>,
+    path: &std::ffi::CStr,
+    flags: i32,
+) -> io::Result<Vec<u8>> {
     // SAFETY: all-zero is a valid `stat` (plain integers).
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the path is a NUL-terminated empty string, and `st` is a live,
+    // SAFETY: the path is a NUL-terminated string, and `st` is a live,
     // writable `stat` the kernel fills.
-    let r = unsafe {
-        libc::fstatat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            &mut st,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), path.as_ptr(), &mut st, flags) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -185,12 +187,23 @@ pub fn stat_bytes(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
 /// `struct statx` of what `fd` refers to, for `mask`, with the
 /// synchronisation bits of `flags` (`AT_STATX_*`).
 pub fn statx_bytes(fd: BorrowedFd<'_>, flags: i32, mask: u32) -> io::Result<Vec<u8>> {
-    // SAFETY: all-zero is a valid `statx` (plain integers).
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
     let flags =
         (flags & libc::AT_STATX_SYNC_TYPE) | libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW;
-    // SAFETY: as for `stat_bytes`: an empty C string and a live `statx`.
-    let r = unsafe { libc::statx(fd.as_raw_fd(), c"".as_ptr(), flags, mask, &mut st) };
+    statx_bytes_at(fd, c"", flags, mask)
+}
+
+/// `struct statx` of `path` relative to `dir`, for `mask`, as `statx(2)`
+/// with `flags`.
+pub fn statx_bytes_at(
+    dir: BorrowedFd<'_>,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mask: u32,
+) -> io::Result<Vec<u8>> {
+    // SAFETY: all-zero is a valid `statx` (plain integers).
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as for `stat_bytes_at`: a C string and a live `statx`.
+    let r = unsafe { libc::statx(dir.as_raw_fd(), path.as_ptr(), flags, mask, &mut st) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }

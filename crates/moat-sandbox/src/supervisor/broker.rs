@@ -1018,6 +1018,49 @@ impl Broker {
 
     // ----- stat family -----
 
+    /// `fstat` of the caller's descriptor `fd` (`newfstatat(fd, "",
+    /// AT_EMPTY_PATH)`, as libc's `fstat` is): the file behind
+    /// `/proc/TID/fd/N` of the calling thread, in one call (no duplicate
+    /// of the descriptor to take and close). Nothing is resolved by path:
+    /// the magic link leads to the open file itself.
+    fn stat_own_fd(
+        &mut self,
+        n: &Notif,
+        fd: i32,
+        buf: u64,
+        flags: i32,
+        statx_mask: Option<u32>,
+        valid: &dyn Fn() -> bool,
+    ) -> R<Reply> {
+        self.need_ptrace()?;
+        if fd < 0 {
+            return Err(libc::EBADF);
+        }
+        let link =
+            std::ffi::CString::new(format!("{}/fd/{fd}", n.pid)).map_err(|_| libc::EINVAL)?;
+        let proc = self.proc.as_fd();
+        let bytes = match statx_mask {
+            Some(mask) => moat_sys::notify::statx_bytes_at(
+                proc,
+                &link,
+                flags & libc::AT_STATX_SYNC_TYPE,
+                mask,
+            ),
+            None => moat_sys::notify::stat_bytes_at(proc, &link, 0),
+        }
+        .map_err(|e| match e.raw_os_error() {
+            // No such descriptor.
+            Some(libc::ENOENT) => libc::EBADF,
+            Some(v) => v,
+            None => libc::EIO,
+        })?;
+        if !valid() {
+            return Err(libc::ESRCH);
+        }
+        target::write_mem(n.pid, buf, &bytes)?;
+        Ok(Reply::Val(0))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn stat(
         &mut self,
@@ -1029,25 +1072,25 @@ impl Broker {
         statx_mask: Option<u32>,
         valid: &dyn Fn() -> bool,
     ) -> R<Reply> {
-        let c = self.caller(n)?;
         let flags = flags as i32;
-        let raw = if path == 0 && flags & libc::AT_EMPTY_PATH != 0 {
+        let empty_path = flags & libc::AT_EMPTY_PATH != 0;
+        let raw = if path == 0 && empty_path {
             Vec::new()
         } else {
             self.path_arg(n, path)?
         };
-        let fd = if raw.is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
-            // fstat through the caller's descriptor (or cwd).
-            let d = dirfd as i32;
-            if d == libc::AT_FDCWD {
-                let abs = self.absolute(n, &c, dirfd, b".")?;
-                self.act_as(&c, false)?;
-                let r = self.lookup(n, &abs, false, Want::LOOKUP);
-                self.restore()?;
-                r?
-            } else {
-                self.caller_fd(n, &c, d)?
-            }
+        let d = dirfd as i32;
+        if raw.is_empty() && empty_path && d != libc::AT_FDCWD {
+            return self.stat_own_fd(n, d, buf, flags, statx_mask, valid);
+        }
+        let c = self.caller(n)?;
+        let fd = if raw.is_empty() && empty_path {
+            // fstat of the caller's cwd.
+            let abs = self.absolute(n, &c, dirfd, b".")?;
+            self.act_as(&c, false)?;
+            let r = self.lookup(n, &abs, false, Want::LOOKUP);
+            self.restore()?;
+            r?
         } else {
             let abs = self.absolute(n, &c, dirfd, &raw)?;
             if !valid() {
