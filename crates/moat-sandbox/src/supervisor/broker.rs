@@ -819,16 +819,22 @@ impl Broker {
         let mut r = self
             .decide_open(n, &abs, flags, want)
             .and_then(|()| self.open_checked(n, &abs, flags, mode, want));
-        if matches!(&r, Ok(fd) if on_procfs(fd.as_fd())) {
+        // The filesystem's magic, asked once: for the procfs check here
+        // and for the virtual views after.
+        let magic = |r: &R<OwnedFd>| r.as_ref().ok().map(|fd| fs_magic(fd.as_fd()));
+        let mut fs = magic(&r);
+        if matches!(fs, Some(Err(_)) | Some(Ok(PROC_SUPER_MAGIC))) {
             // Opened with SYS_PTRACE effective, which procfs honours: again
             // with the caller's capabilities alone.
             drop(r);
             self.act_as(&c, false)?;
             r = self.open_checked(n, &abs, flags, mode, want);
+            fs = magic(&r);
         }
         self.restore()?;
         let fd = r?;
-        if let Some(r) = self.view_after(n, &fd, flags)? {
+        let fs = fs.unwrap_or(Err(libc::EIO))?;
+        if let Some(r) = self.view_after(n, &fd, fs, flags)? {
             return Ok(r);
         }
         Ok(Reply::Fd { fd, cloexec })
@@ -1885,8 +1891,15 @@ fn want_str(w: Want) -> String {
 /// Whether `fd` is on a procfs (where ptrace access checks, and so the
 /// supervisor's SYS_PTRACE, decide). Unknown counts as procfs.
 fn on_procfs(fd: BorrowedFd<'_>) -> bool {
-    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
-    rustix::fs::fstatfs(fd).map_or(true, |st| st.f_type == PROC_SUPER_MAGIC)
+    fs_magic(fd).map_or(true, |m| m == PROC_SUPER_MAGIC)
+}
+
+/// `f_type` of procfs.
+pub(super) const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// The type (`f_type`) of the filesystem `fd` is on.
+fn fs_magic(fd: BorrowedFd<'_>) -> R<i64> {
+    rustix::fs::fstatfs(fd).map(|st| st.f_type).map_err(errno)
 }
 
 /// The flags `open`/`openat` act on: unknown bits dropped, and with

@@ -28,7 +28,7 @@ use crate::policy::clean_components;
 const VIEW_READ_MAX: usize = 1 << 20;
 /// Largest directory read brokered at once.
 const DENTS_MAX: usize = 256 * 1024;
-const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+use super::PROC_SUPER_MAGIC;
 const SYSFS_MAGIC: i64 = 0x6265_6572;
 
 /// The cgroup files the supervisor reads the sandbox's usage from, opened
@@ -221,9 +221,15 @@ impl Broker {
     }
 
     /// After a real open: if what was opened is a virtual file (reached
-    /// through a symlink, or a mount table), the view instead.
-    pub(super) fn view_after(&mut self, n: &Notif, fd: &OwnedFd, flags: u64) -> R<Option<Reply>> {
-        let magic = rustix::fs::fstatfs(fd).map(|s| s.f_type).map_err(errno)?;
+    /// through a symlink, or a mount table), the view instead. `magic` is
+    /// the type of the filesystem `fd` is on (`f_type`).
+    pub(super) fn view_after(
+        &mut self,
+        n: &Notif,
+        fd: &OwnedFd,
+        magic: i64,
+        flags: u64,
+    ) -> R<Option<Reply>> {
         if magic != PROC_SUPER_MAGIC && magic != SYSFS_MAGIC {
             return Ok(None);
         }
