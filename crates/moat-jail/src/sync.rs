@@ -186,9 +186,11 @@ pub enum Msg {
     Steps(Vec<(String, u64)>),
     /// Parent -> child, with one descriptor: a cgroup file the parent
     /// opened (a v1 `tasks` or a `cgroup.procs`); the child writes "0" to
-    /// it, moving itself, and answers `Joined` or `Error`.
-    Join,
-    /// Child -> parent: the `Join` just received is done.
+    /// it, moving itself. One per file, back to back, `last` on the final
+    /// one; the child answers once, after that one: `Joined`, or `Error`
+    /// with the first failure.
+    Join { last: bool },
+    /// Child -> parent: every file of the `Join`s is joined.
     Joined,
 }
 
@@ -242,7 +244,7 @@ impl Msg {
             Msg::Start => vec![b'S'],
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
-            Msg::Join => vec![b'J'],
+            Msg::Join { last } => vec![b'J', u8::from(*last)],
             Msg::Joined => vec![b'j'],
             Msg::Steps(steps) => {
                 let mut v = vec![b'T'];
@@ -277,7 +279,7 @@ impl Msg {
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
-            b'J' if rest.is_empty() => Msg::Join,
+            b'J' if rest == [0] || rest == [1] => Msg::Join { last: rest == [1] },
             b'j' if rest.is_empty() => Msg::Joined,
             b'E' => Msg::Error(serde_json::from_slice(rest).ok()?),
             b'T' => Msg::Steps(serde_json::from_slice(rest).ok()?),
@@ -411,7 +413,8 @@ mod tests {
             Msg::Go,
             Msg::Pid(4242),
             Msg::Created,
-            Msg::Join,
+            Msg::Join { last: false },
+            Msg::Join { last: true },
             Msg::Joined,
             Msg::Error(RemoteError::new(&std::io::Error::from_raw_os_error(
                 libc::EPERM,

@@ -282,6 +282,7 @@ impl SandboxTier {
                 };
                 let spawned = supervisor::spawn(listener, opts)
                     .map_err(io("start the sandbox supervisor"))?;
+                moat_core::steps::mark("sandbox-supervisor");
                 Ok((config, spawned))
             });
         let (config, spawned) = match prepared {
@@ -337,6 +338,7 @@ impl SandboxTier {
         let mut part: SandboxPart = st.tier_part(&lock.dir().join(moat_core::state::STATE_FILE))?;
         if !part.cgroup.is_null() {
             join_cgroup(&part.cgroup, &sup, spawned)?;
+            moat_core::steps::mark("sandbox-cgroup-join");
         }
         part.supervisor = Some(sup);
         st.tier = Tier::Sandbox;

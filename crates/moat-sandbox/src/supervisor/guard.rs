@@ -130,7 +130,7 @@ fn watch(sup: &OwnedFd, runtime: Channel) -> (Option<OwnedFd>, Option<Channel>) 
 
 /// What one message of the runtime brought.
 enum FromRuntime {
-    /// A cgroup file, joined (or not) and answered: more may follow.
+    /// The container's cgroup, joined (or not) and answered.
     Joined,
     /// The container process (the last message), or the end of the channel.
     Init(Option<OwnedFd>),
@@ -138,7 +138,7 @@ enum FromRuntime {
 
 fn from_runtime(ch: &Channel) -> FromRuntime {
     match ch.recv_with_fd() {
-        Ok((Msg::Join, fd)) => match super::answer_join(ch, fd) {
+        Ok((Msg::Join { last }, fd)) => match super::answer_join(ch, fd, last) {
             Ok(()) => FromRuntime::Joined,
             Err(_) => FromRuntime::Init(None),
         },

@@ -74,13 +74,14 @@ impl Spawned {
     }
 
     /// Moves the supervisor and its guard into the container's cgroup:
-    /// sends each of them every file of `files` ([`moat_jail::cgroup::JoinFiles::fds`],
-    /// opened by the runtime, so
+    /// sends each of them every file of `files`
+    /// ([`moat_jail::cgroup::JoinFiles::fds`], opened by the runtime, so
     /// the kernel checks the runtime's credentials), one per message; each
-    /// writes "0" to it, which moves the writing thread (both are
+    /// writes "0" to every file, which moves the writing thread (both are
     /// single-threaded) without the global lock that a write of another
-    /// process's PID takes on cgroup v1. Waits at most `wait` for every
-    /// answer. Returns (the supervisor's result, the guard's).
+    /// process's PID takes on cgroup v1, and answers once. Waits at most
+    /// `wait` for both answers. Returns (the supervisor's result, the
+    /// guard's).
     pub fn join_cgroup(
         &self,
         files: &[BorrowedFd<'_>],
@@ -88,20 +89,23 @@ impl Spawned {
     ) -> [Result<(), JoinError>; 2] {
         let chans = [&self.control, &self.guard_control];
         let mut out = [Ok(()), Ok(())];
-        let mut left = [0usize; 2];
+        // Whose answer is awaited.
+        let mut asked = [!files.is_empty(); 2];
         for (i, ch) in chans.iter().enumerate() {
-            for fd in files {
-                if let Err(e) = ch.send_with_fd(&Msg::Join, Some(fd.as_raw_fd())) {
+            for (n, fd) in files.iter().enumerate() {
+                let msg = Msg::Join {
+                    last: n + 1 == files.len(),
+                };
+                if let Err(e) = ch.send_with_fd(&msg, Some(fd.as_raw_fd())) {
                     out[i] = Err(e.into());
-                    left[i] = 0;
+                    asked[i] = false;
                     break;
                 }
-                left[i] += 1;
             }
         }
         let deadline = Instant::now() + wait;
-        while left.iter().any(|n| *n > 0) {
-            let waiting: Vec<usize> = (0..2).filter(|i| left[*i] > 0).collect();
+        while asked.contains(&true) {
+            let waiting: Vec<usize> = (0..2).filter(|i| asked[*i]).collect();
             let now = Instant::now();
             if now >= deadline {
                 for i in waiting {
@@ -131,22 +135,17 @@ impl Spawned {
             let ready: Vec<bool> = pfd.iter().map(|p| !p.revents().is_empty()).collect();
             drop(pfd);
             for (i, _) in waiting.into_iter().zip(ready).filter(|(_, r)| *r) {
-                match chans[i].recv() {
-                    Ok(Msg::Joined) => {
-                        left[i] -= 1;
-                        continue;
+                asked[i] = false;
+                out[i] = match chans[i].recv() {
+                    Ok(Msg::Joined) => Ok(()),
+                    Ok(Msg::Error(e)) => Err(sync::SyncError::Child(e).into()),
+                    Ok(got) => Err(sync::SyncError::Unexpected {
+                        got,
+                        expected: "Joined",
                     }
-                    Ok(Msg::Error(e)) => out[i] = Err(sync::SyncError::Child(e).into()),
-                    Ok(got) => {
-                        out[i] = Err(sync::SyncError::Unexpected {
-                            got,
-                            expected: "Joined",
-                        }
-                        .into())
-                    }
-                    Err(e) => out[i] = Err(e.into()),
-                }
-                left[i] = 0;
+                    .into()),
+                    Err(e) => Err(e.into()),
+                };
             }
         }
         out
@@ -172,24 +171,44 @@ pub enum JoinError {
 #[error("cannot join the container's cgroup")]
 struct JoinFailed(#[source] std::io::Error);
 
-/// Answers one [`Msg::Join`] (the supervisor's and the guard's): writes
-/// "0" to the cgroup file `fd` that came with it, moving the calling
-/// thread (its process's only one), and says whether that worked. An
-/// error means the runtime is gone.
-fn answer_join(ch: &Channel, fd: Option<OwnedFd>) -> Result<(), sync::SyncError> {
-    let done = match fd {
-        None => Err(std::io::Error::other(
-            "no cgroup file came with the request",
-        )),
-        Some(f) => match rustix::io::write(&f, b"0") {
-            Ok(1) => Ok(()),
-            Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-            Err(e) => Err(e.into()),
-        },
-    };
-    match done {
-        Ok(()) => ch.send(&Msg::Joined),
-        Err(e) => ch.send(&Msg::Error(RemoteError::new(&JoinFailed(e)))),
+/// Answers the runtime's [`Msg::Join`]s (the supervisor's and the
+/// guard's), the first of which brought `fd` and `last`: writes "0" to
+/// each cgroup file, moving the calling thread (its process's only one),
+/// and says once, after the last, whether that worked. The rest come back
+/// to back, so the receives do not wait. An error means the runtime is
+/// gone (or out of step).
+fn answer_join(ch: &Channel, fd: Option<OwnedFd>, last: bool) -> Result<(), sync::SyncError> {
+    let (mut fd, mut last) = (fd, last);
+    let mut failed = None;
+    loop {
+        if failed.is_none() {
+            failed = join_through(fd.take()).err();
+        }
+        if last {
+            break;
+        }
+        match ch.recv_with_fd()? {
+            (Msg::Join { last: l }, f) => (fd, last) = (f, l),
+            (got, _) => {
+                return Err(sync::SyncError::Unexpected {
+                    got,
+                    expected: "Join",
+                })
+            }
+        }
+    }
+    match failed {
+        None => ch.send(&Msg::Joined),
+        Some(e) => ch.send(&Msg::Error(RemoteError::new(&JoinFailed(e)))),
+    }
+}
+
+/// One "0" to a cgroup file.
+fn join_through(fd: Option<OwnedFd>) -> std::io::Result<()> {
+    let fd = fd.ok_or_else(|| std::io::Error::other("no cgroup file came with the request"))?;
+    match rustix::io::write(&fd, b"0")? {
+        1 => Ok(()),
+        _ => Err(std::io::ErrorKind::WriteZero.into()),
     }
 }
 
@@ -439,8 +458,8 @@ fn wait_first(
                         rustix::process::PidfdFlags::empty(),
                     )?);
                 }
-                Ok((Msg::Join, fd)) => {
-                    if answer_join(control, fd).is_err() {
+                Ok((Msg::Join { last }, fd)) => {
+                    if answer_join(control, fd, last).is_err() {
                         return Ok(None);
                     }
                 }
@@ -489,7 +508,7 @@ fn is_notify_fd(fd: BorrowedFd<'_>, proc: Option<BorrowedFd<'_>>) -> bool {
 /// from the first notify fd). False once the runtime is gone.
 fn control_message(control: &Channel) -> bool {
     match control.recv_with_fd() {
-        Ok((Msg::Join, fd)) => answer_join(control, fd).is_ok(),
+        Ok((Msg::Join { last }, fd)) => answer_join(control, fd, last).is_ok(),
         Ok(_) => true,
         Err(_) => false,
     }
@@ -645,9 +664,10 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
 mod tests {
     use super::*;
 
-    /// What a stand-in for the supervisor or the guard does with one join
-    /// request; false: it ends, closing its channel.
-    type Peer = fn(&Channel, Option<OwnedFd>) -> bool;
+    /// What a stand-in for the supervisor or the guard does with a join
+    /// request (the channel, the fd and `last` that came first); false: it
+    /// ends, closing its channel.
+    type Peer = fn(&Channel, Option<OwnedFd>, bool) -> bool;
 
     /// A `Spawned` whose supervisor and guard are threads doing `peer`
     /// with each request on the other ends of its channels.
@@ -656,8 +676,8 @@ mod tests {
         let (guard_control, guard) = sync::pair().unwrap();
         let peers = [sup, guard].map(|ch| {
             std::thread::spawn(move || {
-                while let Ok((Msg::Join, fd)) = ch.recv_with_fd() {
-                    if !peer(&ch, fd) {
+                while let Ok((Msg::Join { last }, fd)) = ch.recv_with_fd() {
+                    if !peer(&ch, fd, last) {
                         return;
                     }
                 }
@@ -692,7 +712,7 @@ mod tests {
 
     #[test]
     fn each_file_is_written_and_answered() {
-        let (s, peers) = spawned(|ch, fd| answer_join(ch, fd).is_ok());
+        let (s, peers) = spawned(|ch, fd, last| answer_join(ch, fd, last).is_ok());
         let fds = files(std::fs::OpenOptions::new().write(true));
         let [a, b] = s.join_cgroup(&borrowed(&fds), JOIN_WAIT);
         assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
@@ -700,10 +720,11 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_comes_back_typed() {
-        let (s, peers) = spawned(|ch, fd| answer_join(ch, fd).is_ok());
-        // Read-only: the write fails with EBADF.
-        let fds = files(std::fs::OpenOptions::new().read(true));
+    fn the_first_failure_comes_back_typed_and_the_channel_stays_in_step() {
+        let (s, peers) = spawned(|ch, fd, last| answer_join(ch, fd, last).is_ok());
+        // The middle one read-only: its write fails with EBADF.
+        let mut fds = files(std::fs::OpenOptions::new().write(true));
+        fds[1] = std::fs::File::open("/dev/null").unwrap().into();
         for r in s.join_cgroup(&borrowed(&fds), JOIN_WAIT) {
             let Err(JoinError::Channel(sync::SyncError::Child(e))) = r else {
                 panic!("{r:?}")
@@ -711,12 +732,16 @@ mod tests {
             assert_eq!(e.message, "cannot join the container's cgroup");
             assert_eq!(e.errno(), Some(libc::EBADF));
         }
+        // Every request of that round was taken: the next is answered alone.
+        let fds = files(std::fs::OpenOptions::new().write(true));
+        let [a, b] = s.join_cgroup(&borrowed(&fds), JOIN_WAIT);
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
         join(s, peers);
     }
 
     #[test]
     fn silence_times_out() {
-        let (s, peers) = spawned(|_, _| true);
+        let (s, peers) = spawned(|_, _, _| true);
         let fds = files(std::fs::OpenOptions::new().write(true));
         let wait = Duration::from_millis(50);
         for r in s.join_cgroup(&borrowed(&fds), wait) {
@@ -730,7 +755,7 @@ mod tests {
 
     #[test]
     fn a_peer_that_ends_without_answering_fails() {
-        let (s, peers) = spawned(|_, _| false);
+        let (s, peers) = spawned(|_, _, _| false);
         let fds = files(std::fs::OpenOptions::new().write(true));
         for r in s.join_cgroup(&borrowed(&fds), JOIN_WAIT) {
             assert!(matches!(r, Err(JoinError::Channel(_))), "{r:?}");
