@@ -58,7 +58,8 @@ pub const GUARD_SYSCALLS: &[(&str, &str)] = &[
 ];
 
 /// The guard's body, after it forked the supervisor `sup`: returns its
-/// exit status. `runtime` brings the container process's PID (or EOF).
+/// exit status. `runtime` brings the container's cgroup files (to
+/// join) and then the container process's PID (or EOF).
 pub fn run(sup: i32, runtime: Channel) -> i32 {
     let sup_fd = Pid::from_raw(sup)
         .ok_or(rustix::io::Errno::SRCH)

@@ -421,7 +421,8 @@ fn same_ns(init: i32, kind: &str) -> bool {
 }
 
 /// Waits for the first notify fd and the container process's PID that
-/// comes with it. `None` when the runtime gave up first (EOF on the control
+/// comes with it; joins the container's cgroup when the runtime asks
+/// meanwhile. `None` when the runtime gave up first (EOF on the control
 /// channel before it named the container process), or that process ended.
 fn wait_first(
     listener: &UnixListener,
