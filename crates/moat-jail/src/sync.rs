@@ -184,6 +184,14 @@ pub enum Msg {
     /// Child -> parent, under `--debug` only: the init's steps so far and
     /// their durations in µs (`moat_core::steps`).
     Steps(Vec<(String, u64)>),
+    /// Parent -> child, with one descriptor: a cgroup file the parent
+    /// opened (a v1 `tasks` or a `cgroup.procs`); the child writes "0" to
+    /// it, moving itself. One per file, back to back, `last` on the final
+    /// one; the child answers once, after that one: `Joined`, or `Error`
+    /// with the first failure.
+    Join { last: bool },
+    /// Child -> parent: every file of the `Join`s is joined.
+    Joined,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +244,8 @@ impl Msg {
             Msg::Start => vec![b'S'],
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
+            Msg::Join { last } => vec![b'J', u8::from(*last)],
+            Msg::Joined => vec![b'j'],
             Msg::Steps(steps) => {
                 let mut v = vec![b'T'];
                 let n = steps.len().min(moat_core::steps::MAX_REMOTE_STEPS);
@@ -269,6 +279,8 @@ impl Msg {
             b'S' => Msg::Start,
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
+            b'J' if rest == [0] || rest == [1] => Msg::Join { last: rest == [1] },
+            b'j' if rest.is_empty() => Msg::Joined,
             b'E' => Msg::Error(serde_json::from_slice(rest).ok()?),
             b'T' => Msg::Steps(serde_json::from_slice(rest).ok()?),
             _ => return None,
@@ -401,6 +413,9 @@ mod tests {
             Msg::Go,
             Msg::Pid(4242),
             Msg::Created,
+            Msg::Join { last: false },
+            Msg::Join { last: true },
+            Msg::Joined,
             Msg::Error(RemoteError::new(&std::io::Error::from_raw_os_error(
                 libc::EPERM,
             ))),

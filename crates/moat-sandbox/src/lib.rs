@@ -46,6 +46,13 @@ pub enum SandboxError {
     NoLinux,
     #[error("cannot serialise the sandboxed config")]
     Json(#[from] serde_json::Error),
+    #[error("the sandbox {who} (PID {pid}) did not join the container's cgroup")]
+    Join {
+        who: &'static str,
+        pid: i32,
+        #[source]
+        source: supervisor::JoinError,
+    },
 }
 
 fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -275,6 +282,7 @@ impl SandboxTier {
                 };
                 let spawned = supervisor::spawn(listener, opts)
                     .map_err(io("start the sandbox supervisor"))?;
+                moat_core::steps::mark("sandbox-supervisor");
                 Ok((config, spawned))
             });
         let (config, spawned) = match prepared {
@@ -307,7 +315,7 @@ impl SandboxTier {
                 moat_jail::procfs::pid_start_time(spawned.guard).unwrap_or(0),
             )),
         };
-        let container_pid = self.record(req.id, record)?;
+        let container_pid = self.record(req.id, record, &spawned)?;
         // A supervisor that already ended cannot be told: the workload of a
         // launch ran and exited, or the supervisor failed, and then its
         // guard kills the container process it is told about here.
@@ -316,25 +324,21 @@ impl SandboxTier {
     }
 
     /// Marks the state as the sandbox's, with its supervisor, and puts the
-    /// supervisor in the container's cgroup (its memory and CPU count
-    /// against the sandbox's limits; `delete` removes it with the cgroup).
-    fn record(&self, id: &str, sup: SupervisorRecord) -> Result<i32, RuntimeError> {
+    /// supervisor and its guard in the container's cgroup (their memory and
+    /// CPU count against the sandbox's limits; `delete` removes them with
+    /// the cgroup).
+    fn record(
+        &self,
+        id: &str,
+        sup: SupervisorRecord,
+        spawned: &supervisor::Spawned,
+    ) -> Result<i32, RuntimeError> {
         let lock = self.sd().lock(id)?;
         let mut st = self.sd().load(id)?;
         let mut part: SandboxPart = st.tier_part(&lock.dir().join(moat_core::state::STATE_FILE))?;
         if !part.cgroup.is_null() {
-            let cg = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup)
-                .map_err(|e| RuntimeError::Tier(Box::new(e)))?;
-            // A supervisor that already ended (its workload ran and exited
-            // before it could be moved) has nothing left to limit; nor has
-            // its guard, which ends with it.
-            for (pid, start) in sup.processes() {
-                if let Err(e) = cg.add_pid(pid) {
-                    if alive(pid, start) {
-                        return Err(RuntimeError::Tier(Box::new(e)));
-                    }
-                }
-            }
+            join_cgroup(&part.cgroup, &sup, spawned)?;
+            moat_core::steps::mark("sandbox-cgroup-join");
         }
         part.supervisor = Some(sup);
         st.tier = Tier::Sandbox;
@@ -397,6 +401,52 @@ impl SupervisorRecord {
         v.extend(self.guard);
         v
     }
+}
+
+/// Moves the supervisor and its guard into the container's cgroup
+/// (`saved`): each moves itself, through files the runtime opens
+/// ([`supervisor::Spawned::join_cgroup`]). A process that already ended
+/// (the workload of a launch ran and exited before this, and the
+/// supervisor with it; its guard ends with the supervisor) has nothing
+/// left to limit; one still running that did not join is an error.
+fn join_cgroup(
+    saved: &serde_json::Value,
+    sup: &SupervisorRecord,
+    spawned: &supervisor::Spawned,
+) -> Result<(), RuntimeError> {
+    let tier = |e: moat_jail::cgroup::CgroupError| RuntimeError::Tier(Box::new(e));
+    let cg = moat_jail::cgroup::CgroupManager::from_saved(saved).map_err(tier)?;
+    let files = cg.join_files().map_err(tier)?;
+    let fds: Vec<_> = files.fds().collect();
+    let [by_sup, by_guard] = spawned.join_cgroup(&fds, supervisor::JOIN_WAIT);
+    let guard = sup.guard.unwrap_or((spawned.guard, 0));
+    for ((pid, start), who, res) in [
+        ((sup.pid, sup.start_time), "supervisor", by_sup),
+        (guard, "guard", by_guard),
+    ] {
+        if let Err(source) = res {
+            if !ends_soon(pid, start) {
+                return Err(SandboxError::Join { who, pid, source }.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long a process whose channel closed may take to end.
+const END_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether process `pid` ends within [`END_WAIT`] (it closed its channel
+/// on its way out, and is not yet gone).
+fn ends_soon(pid: i32, start_time: u64) -> bool {
+    let deadline = std::time::Instant::now() + END_WAIT;
+    while alive(pid, start_time) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    true
 }
 
 fn alive(pid: i32, start_time: u64) -> bool {

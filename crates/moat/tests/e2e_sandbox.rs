@@ -461,6 +461,96 @@ fn supervisor_pid(rt: &Rt, id: &str) -> i32 {
     panic!("no supervisor recorded in {}", path.display());
 }
 
+/// The container process, the supervisor and its guard, as the sandbox's
+/// state records them (waited for, as [`supervisor_pid`]).
+fn sandbox_processes(rt: &Rt, id: &str) -> [i32; 3] {
+    let sup = supervisor_pid(rt, id);
+    let path = rt.root().join(id).join("state.json");
+    let st: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let pid = |v: &serde_json::Value| i32::try_from(v.as_i64().unwrap()).unwrap();
+    [
+        pid(&st["pid"]),
+        sup,
+        pid(&st["tier_state"]["supervisor"]["guard"][0]),
+    ]
+}
+
+/// The lines of /proc/PID/cgroup: one per hierarchy.
+fn cgroups_of(pid: i32) -> Vec<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+/// The supervisor and its guard are in the container's cgroup, in every
+/// hierarchy the container process is in (so the supervisor's memory and
+/// CPU count against the sandbox's limits), and in a cgroup of the
+/// container's own, not the runtime's.
+fn assert_joined(rt: &Rt, id: &str) {
+    let [init, sup, guard] = sandbox_processes(rt, id);
+    let theirs = cgroups_of(init);
+    let ours = cgroups_of(std::process::id() as i32);
+    assert!(
+        theirs.iter().any(|l| !ours.contains(l)),
+        "the container has no cgroup of its own: {theirs:?}"
+    );
+    for (who, pid) in [("supervisor", sup), ("guard", guard)] {
+        let got = cgroups_of(pid);
+        for line in &theirs {
+            assert!(
+                got.contains(line),
+                "the {who} ({pid}) is not in {line}: {got:?}"
+            );
+        }
+    }
+}
+
+/// The supervisor and its guard start before the container's cgroup
+/// exists; once it does, each moves itself into it (writing "0" to cgroup
+/// files the runtime opened and sent it): after `create`, before the
+/// container starts, and in a `moat run`, where the supervisor is already
+/// jailed and serving the workload when it is asked.
+#[test]
+fn the_supervisor_and_its_guard_join_the_containers_cgroup() {
+    use std::io::BufRead;
+    let Some(rt) = rt("the_supervisor_and_its_guard_join_the_containers_cgroup") else {
+        return;
+    };
+    let b = common::Bundle::new(&["sleep", "1000"]);
+    b.write_config();
+    let id = rt.new_id("sandbox-cgroup");
+    let dir = b.dir().display().to_string();
+    rt.cmd(&["--isolation", "sandbox", "create", "--bundle", &dir, &id])
+        .expect_ok();
+    let c = common::Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
+    assert_joined(&rt, &id);
+    c.start().expect_ok();
+    // Still serving: the join did not disturb the supervisor.
+    let o = c.exec(&["cat", "/proc/self/status"]).expect_ok();
+    assert!(o.stdout.contains("Seccomp:\t2"), "{o:?}");
+    assert_joined(&rt, &id);
+    drop(c);
+
+    let id = rt.new_id("sandbox-cgroup-run");
+    let mut cmd = rt.command();
+    cmd.args(["run", "--isolation", "sandbox", "--name", &id, "--"])
+        .args(["sh", "-c", "echo started; exec sleep 1000"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = common::spawn_own(&mut cmd);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    assert_joined(&rt, &id);
+    rt.cmd(&["kill", &id, "KILL"]).expect_ok();
+    let status = common::wait_own(&mut child);
+    assert_eq!(status.code(), Some(128 + 9));
+    assert!(!rt.root().join(&id).exists(), "state left behind");
+}
+
 #[test]
 fn the_workload_dies_with_its_supervisor() {
     use std::io::{BufRead, Read};

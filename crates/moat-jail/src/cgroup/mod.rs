@@ -482,6 +482,13 @@ impl JoinFiles {
         }
         Ok(())
     }
+
+    /// The open files, for a process that joins through them (sent to it
+    /// over a socket): each takes one write of "0".
+    pub fn fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        self.files.iter().map(|(_, f)| f.as_fd())
+    }
 }
 
 /// Writes `value` to an existing cgroup file in one write(2), as the kernel

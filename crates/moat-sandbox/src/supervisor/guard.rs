@@ -10,7 +10,9 @@
 //! confines itself right after it forked the supervisor: CAP_KILL only
 //! (to signal the init, which runs under another ID), no_new_privs, not
 //! dumpable, no new processes, and a seccomp filter that lets it wait,
-//! receive one PID from the runtime and send that one signal.
+//! receive one PID from the runtime, send that one signal, and move itself
+//! into the container's cgroup through the files the runtime sends it
+//! (a write of "0" to each, answered).
 use std::os::fd::{AsFd, OwnedFd};
 
 use moat_jail::sync::{Channel, Msg};
@@ -25,12 +27,22 @@ pub const GUARD_SYSCALLS: &[(&str, &str)] = &[
         "wait for the supervisor's end and the runtime's message",
     ),
     ("poll", "as ppoll"),
-    ("recvmsg", "the container process's PID from the runtime"),
+    (
+        "recvmsg",
+        "the container process's PID and the container's cgroup files from the runtime",
+    ),
+    (
+        "sendmsg",
+        "answer the runtime: whether it joined the container's cgroup",
+    ),
     ("pidfd_open", "a pidfd of the container process"),
     ("pidfd_send_signal", "kill the container process"),
     ("waitid", "reap the supervisor"),
     ("wait4", "reap the supervisor"),
-    ("write", "log to stderr"),
+    (
+        "write",
+        "log to stderr; join the container's cgroup (\"0\" to a cgroup file the runtime opened)",
+    ),
     ("close", "descriptors"),
     ("brk", "memory"),
     ("mmap", "memory"),
@@ -46,7 +58,8 @@ pub const GUARD_SYSCALLS: &[(&str, &str)] = &[
 ];
 
 /// The guard's body, after it forked the supervisor `sup`: returns its
-/// exit status. `runtime` brings the container process's PID (or EOF).
+/// exit status. `runtime` brings the container's cgroup files (to
+/// join) and then the container process's PID (or EOF).
 pub fn run(sup: i32, runtime: Channel) -> i32 {
     let sup_fd = Pid::from_raw(sup)
         .ok_or(rustix::io::Errno::SRCH)
@@ -82,8 +95,9 @@ pub fn run(sup: i32, runtime: Channel) -> i32 {
 }
 
 /// Waits until the supervisor ends; meanwhile takes the container
-/// process's PID from the runtime. Returns that process's pidfd, and the
-/// channel if no message came on it yet.
+/// process's PID from the runtime (and joins the container's cgroup when
+/// asked). Returns that process's pidfd, and the channel if the PID did
+/// not come on it yet.
 fn watch(sup: &OwnedFd, runtime: Channel) -> (Option<OwnedFd>, Option<Channel>) {
     let mut init = None;
     let mut runtime = Some(runtime);
@@ -103,7 +117,10 @@ fn watch(sup: &OwnedFd, runtime: Channel) -> (Option<OwnedFd>, Option<Channel>) 
         drop(pfd);
         if msg {
             if let Some(ch) = runtime.take() {
-                init = init_pidfd(&ch);
+                match from_runtime(&ch) {
+                    FromRuntime::Joined => runtime = Some(ch),
+                    FromRuntime::Init(fd) => init = fd,
+                }
             }
         }
         if sup_done {
@@ -112,14 +129,35 @@ fn watch(sup: &OwnedFd, runtime: Channel) -> (Option<OwnedFd>, Option<Channel>) 
     }
 }
 
-/// The container process named on the runtime's channel, as a pidfd
-/// (the runtime has not reaped it yet, so its PID is not reused).
+/// What one message of the runtime brought.
+enum FromRuntime {
+    /// The container's cgroup, joined (or not) and answered.
+    Joined,
+    /// The container process (the last message), or the end of the channel.
+    Init(Option<OwnedFd>),
+}
+
+fn from_runtime(ch: &Channel) -> FromRuntime {
+    match ch.recv_with_fd() {
+        Ok((Msg::Join { last }, fd)) => match super::answer_join(ch, fd, last) {
+            Ok(()) => FromRuntime::Joined,
+            Err(_) => FromRuntime::Init(None),
+        },
+        // The runtime has not reaped it yet, so its PID is not reused.
+        Ok((Msg::Pid(p), _)) => FromRuntime::Init(
+            Pid::from_raw(p).and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok()),
+        ),
+        _ => FromRuntime::Init(None),
+    }
+}
+
+/// The container process named on the runtime's channel, as a pidfd;
+/// cgroup joins that come first are answered.
 fn init_pidfd(ch: &Channel) -> Option<OwnedFd> {
-    match ch.recv() {
-        Ok(Msg::Pid(p)) => {
-            Pid::from_raw(p).and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
+    loop {
+        if let FromRuntime::Init(fd) = from_runtime(ch) {
+            return fd;
         }
-        _ => None,
     }
 }
 

@@ -59,7 +59,10 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
         "accept4",
         "take the notify fd of a process `moat exec` adds",
     ),
-    ("recvmsg", "receive that fd"),
+    (
+        "recvmsg",
+        "receive that fd; the container's cgroup files from the runtime",
+    ),
     ("recvfrom", "read the rest of the listener's message"),
     ("read", "read /proc/TID/status, the listener's message"),
     (
@@ -67,7 +70,11 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
         "the container process's memory before its exec (/proc/PID/mem)",
     ),
     ("setsockopt", "a read timeout on a listener connection"),
-    ("write", "log denials to stderr"),
+    (
+        "write",
+        "log denials to stderr; join the container's cgroup (\"0\" to a cgroup \
+         file the runtime opened)",
+    ),
     ("writev", "log denials to stderr"),
     ("close", "close what the broker opened"),
     (
@@ -132,7 +139,7 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
     (
         "sendmsg",
         "carry out the workload's sendto/sendmsg/sendmmsg with the address, \
-         data and descriptors it copied",
+         data and descriptors it copied; answer the runtime's cgroup join",
     ),
     (
         "getsockopt",

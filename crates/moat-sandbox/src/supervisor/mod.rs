@@ -12,13 +12,17 @@
 //!    itself ([`jail`]), and serve; later fds (from `moat exec`) join;
 //! 4. exit once every notify fd is closed and the container process has
 //!    ended.
+//!
+//! In any of these steps the runtime may send it, and its guard, the
+//! container's cgroup files ([`Spawned::join_cgroup`]): each moves itself
+//! into the container's cgroup through them.
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use std::os::unix::net::UnixListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use moat_jail::sync::{self, Channel, Msg};
+use moat_jail::sync::{self, Channel, Msg, RemoteError};
 use moat_sys::notify;
 use rustix::event::{PollFd, PollFlags};
 use rustix::fs::{Mode, OFlags};
@@ -67,6 +71,144 @@ impl Spawned {
         let to_guard = self.guard_control.send(&Msg::Pid(container_pid));
         self.control.send(&Msg::Pid(container_pid))?;
         to_guard
+    }
+
+    /// Moves the supervisor and its guard into the container's cgroup:
+    /// sends each of them every file of `files`
+    /// ([`moat_jail::cgroup::JoinFiles::fds`], opened by the runtime, so
+    /// the kernel checks the runtime's credentials), one per message; each
+    /// writes "0" to every file, which moves the writing thread (both are
+    /// single-threaded) without the global lock that a write of another
+    /// process's PID takes on cgroup v1, and answers once. Waits at most
+    /// `wait` for both answers. Returns (the supervisor's result, the
+    /// guard's).
+    pub fn join_cgroup(
+        &self,
+        files: &[BorrowedFd<'_>],
+        wait: Duration,
+    ) -> [Result<(), JoinError>; 2] {
+        let chans = [&self.control, &self.guard_control];
+        let mut out = [Ok(()), Ok(())];
+        // Whose answer is awaited.
+        let mut asked = [!files.is_empty(); 2];
+        for (i, ch) in chans.iter().enumerate() {
+            for (n, fd) in files.iter().enumerate() {
+                let msg = Msg::Join {
+                    last: n + 1 == files.len(),
+                };
+                if let Err(e) = ch.send_with_fd(&msg, Some(fd.as_raw_fd())) {
+                    out[i] = Err(e.into());
+                    asked[i] = false;
+                    break;
+                }
+            }
+        }
+        let deadline = Instant::now() + wait;
+        while asked.contains(&true) {
+            let waiting: Vec<usize> = (0..2).filter(|i| asked[*i]).collect();
+            let now = Instant::now();
+            if now >= deadline {
+                for i in waiting {
+                    out[i] = Err(JoinError::Timeout(wait));
+                }
+                break;
+            }
+            let rest = deadline - now;
+            let timeout = rustix::event::Timespec {
+                tv_sec: rest.as_secs() as i64,
+                tv_nsec: i64::from(rest.subsec_nanos()),
+            };
+            let mut pfd: Vec<PollFd> = waiting
+                .iter()
+                .map(|i| PollFd::new(chans[*i], PollFlags::IN))
+                .collect();
+            match rustix::event::poll(&mut pfd, Some(&timeout)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    for i in waiting {
+                        out[i] = Err(JoinError::Poll(e.into()));
+                    }
+                    break;
+                }
+            }
+            let ready: Vec<bool> = pfd.iter().map(|p| !p.revents().is_empty()).collect();
+            drop(pfd);
+            for (i, _) in waiting.into_iter().zip(ready).filter(|(_, r)| *r) {
+                asked[i] = false;
+                out[i] = match chans[i].recv() {
+                    Ok(Msg::Joined) => Ok(()),
+                    Ok(Msg::Error(e)) => Err(sync::SyncError::Child(e).into()),
+                    Ok(got) => Err(sync::SyncError::Unexpected {
+                        got,
+                        expected: "Joined",
+                    }
+                    .into()),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        }
+        out
+    }
+}
+
+/// How long the runtime waits for the supervisor and the guard to join
+/// the container's cgroup.
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the supervisor or its guard did not join the container's cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Channel(#[from] sync::SyncError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot wait for its answer")]
+    Poll(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot join the container's cgroup")]
+struct JoinFailed(#[source] std::io::Error);
+
+/// Answers the runtime's [`Msg::Join`]s (the supervisor's and the
+/// guard's), the first of which brought `fd` and `last`: writes "0" to
+/// each cgroup file, moving the calling thread (its process's only one),
+/// and says once, after the last, whether that worked. The rest come back
+/// to back, so the receives do not wait. An error means the runtime is
+/// gone (or out of step).
+fn answer_join(ch: &Channel, fd: Option<OwnedFd>, last: bool) -> Result<(), sync::SyncError> {
+    let (mut fd, mut last) = (fd, last);
+    let mut failed = None;
+    loop {
+        if failed.is_none() {
+            failed = join_through(fd.take()).err();
+        }
+        if last {
+            break;
+        }
+        match ch.recv_with_fd()? {
+            (Msg::Join { last: l }, f) => (fd, last) = (f, l),
+            (got, _) => {
+                return Err(sync::SyncError::Unexpected {
+                    got,
+                    expected: "Join",
+                })
+            }
+        }
+    }
+    match failed {
+        None => ch.send(&Msg::Joined),
+        Some(e) => ch.send(&Msg::Error(RemoteError::new(&JoinFailed(e)))),
+    }
+}
+
+/// One "0" to a cgroup file.
+fn join_through(fd: Option<OwnedFd>) -> std::io::Result<()> {
+    let fd = fd.ok_or_else(|| std::io::Error::other("no cgroup file came with the request"))?;
+    match rustix::io::write(&fd, b"0")? {
+        1 => Ok(()),
+        _ => Err(std::io::ErrorKind::WriteZero.into()),
     }
 }
 
@@ -245,7 +387,7 @@ fn serve(listener: UnixListener, control: &Channel, opts: Options) -> Result<(),
     broker.set_view(broker::ViewState::new(opts.view, host_netns, cgroup));
     let mut fds = vec![first];
     let mut init_alive = Some(init_fd);
-    serve_loop(&listener, &mut fds, &mut init_alive, &mut broker);
+    serve_loop(&listener, control, &mut fds, &mut init_alive, &mut broker);
     if let (Some(out), Some(learned)) = (opts.learn, broker.learned.take()) {
         let policy = learned.policy();
         let mut f = std::fs::File::from(out);
@@ -279,7 +421,8 @@ fn same_ns(init: i32, kind: &str) -> bool {
 }
 
 /// Waits for the first notify fd and the container process's PID that
-/// comes with it. `None` when the runtime gave up first (EOF on the control
+/// comes with it; joins the container's cgroup when the runtime asks
+/// meanwhile. `None` when the runtime gave up first (EOF on the control
 /// channel before it named the container process), or that process ended.
 fn wait_first(
     listener: &UnixListener,
@@ -308,13 +451,18 @@ fn wait_first(
             if init.is_some() {
                 return Ok(None);
             }
-            match control.recv() {
-                Ok(Msg::Pid(p)) => {
+            match control.recv_with_fd() {
+                Ok((Msg::Pid(p), _)) => {
                     let pid = rustix::process::Pid::from_raw(p).ok_or("bad container PID")?;
                     init = Some(rustix::process::pidfd_open(
                         pid,
                         rustix::process::PidfdFlags::empty(),
                     )?);
+                }
+                Ok((Msg::Join { last }, fd)) => {
+                    if answer_join(control, fd, last).is_err() {
+                        return Ok(None);
+                    }
                 }
                 _ => return Ok(None),
             }
@@ -356,20 +504,38 @@ fn is_notify_fd(fd: BorrowedFd<'_>, proc: Option<BorrowedFd<'_>>) -> bool {
         .unwrap_or(false)
 }
 
+/// One message from the runtime while serving: a cgroup join (answered),
+/// or the container process's PID from [`Spawned::go`] (known already,
+/// from the first notify fd). False once the runtime is gone.
+fn control_message(control: &Channel) -> bool {
+    match control.recv_with_fd() {
+        Ok((Msg::Join { last }, fd)) => answer_join(control, fd, last).is_ok(),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
 fn serve_loop(
     listener: &UnixListener,
+    control: &Channel,
     fds: &mut Vec<OwnedFd>,
     init: &mut Option<OwnedFd>,
     broker: &mut Broker,
 ) {
+    // Polled until the runtime closes its end (which does not end serving).
+    let mut control = Some(control);
     loop {
         if fds.is_empty() && init.is_none() {
             return;
         }
-        let mut pfd: Vec<PollFd> = Vec::with_capacity(fds.len() + 2);
+        let mut pfd: Vec<PollFd> = Vec::with_capacity(fds.len() + 3);
         pfd.push(PollFd::new(listener, PollFlags::IN));
         let init_ix = init.as_ref().map(|f| {
             pfd.push(PollFd::new(f, PollFlags::IN));
+            pfd.len() - 1
+        });
+        let control_ix = control.map(|c| {
+            pfd.push(PollFd::new(c, PollFlags::IN));
             pfd.len() - 1
         });
         let first_notify = pfd.len();
@@ -403,6 +569,7 @@ fn serve_loop(
         }
         let listener_ready = !pfd[0].revents().is_empty();
         let init_done = init_ix.is_some_and(|i| !pfd[i].revents().is_empty());
+        let from_runtime = control_ix.is_some_and(|i| !pfd[i].revents().is_empty());
         let events: Vec<PollFlags> = pfd[first_notify..first_pending]
             .iter()
             .map(|p| p.revents())
@@ -431,6 +598,9 @@ fn serve_loop(
         }
         if init_done {
             *init = None;
+        }
+        if from_runtime && !control.is_some_and(control_message) {
+            control = None;
         }
         if listener_ready {
             if let Some((fd, pid)) = accept_fd(listener, Some(broker.proc())) {
@@ -488,5 +658,109 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
             let _ = notify::send(fd, n.id, 0, libc::EIO, 0);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a stand-in for the supervisor or the guard does with a join
+    /// request (the channel, the fd and `last` that came first); false: it
+    /// ends, closing its channel.
+    type Peer = fn(&Channel, Option<OwnedFd>, bool) -> bool;
+
+    /// A `Spawned` whose supervisor and guard are threads doing `peer`
+    /// with each request on the other ends of its channels.
+    fn spawned(peer: Peer) -> (Spawned, Vec<std::thread::JoinHandle<()>>) {
+        let (control, sup) = sync::pair().unwrap();
+        let (guard_control, guard) = sync::pair().unwrap();
+        let peers = [sup, guard].map(|ch| {
+            std::thread::spawn(move || {
+                while let Ok((Msg::Join { last }, fd)) = ch.recv_with_fd() {
+                    if !peer(&ch, fd, last) {
+                        return;
+                    }
+                }
+            })
+        });
+        let s = Spawned {
+            pid: 1,
+            guard: 1,
+            control,
+            guard_control,
+        };
+        (s, peers.into())
+    }
+
+    fn join(s: Spawned, peers: Vec<std::thread::JoinHandle<()>>) {
+        drop(s);
+        for p in peers {
+            p.join().unwrap();
+        }
+    }
+
+    /// Three descriptors of /dev/null, opened as `how` says.
+    fn files(how: &std::fs::OpenOptions) -> Vec<OwnedFd> {
+        (0..3)
+            .map(|_| how.open("/dev/null").unwrap().into())
+            .collect()
+    }
+
+    fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+        fds.iter().map(|f| f.as_fd()).collect()
+    }
+
+    #[test]
+    fn each_file_is_written_and_answered() {
+        let (s, peers) = spawned(|ch, fd, last| answer_join(ch, fd, last).is_ok());
+        let fds = files(std::fs::OpenOptions::new().write(true));
+        let [a, b] = s.join_cgroup(&borrowed(&fds), JOIN_WAIT);
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        join(s, peers);
+    }
+
+    #[test]
+    fn the_first_failure_comes_back_typed_and_the_channel_stays_in_step() {
+        let (s, peers) = spawned(|ch, fd, last| answer_join(ch, fd, last).is_ok());
+        // The middle one read-only: its write fails with EBADF.
+        let mut fds = files(std::fs::OpenOptions::new().write(true));
+        fds[1] = std::fs::File::open("/dev/null").unwrap().into();
+        for r in s.join_cgroup(&borrowed(&fds), JOIN_WAIT) {
+            let Err(JoinError::Channel(sync::SyncError::Child(e))) = r else {
+                panic!("{r:?}")
+            };
+            assert_eq!(e.message, "cannot join the container's cgroup");
+            assert_eq!(e.errno(), Some(libc::EBADF));
+        }
+        // Every request of that round was taken: the next is answered alone.
+        let fds = files(std::fs::OpenOptions::new().write(true));
+        let [a, b] = s.join_cgroup(&borrowed(&fds), JOIN_WAIT);
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        join(s, peers);
+    }
+
+    #[test]
+    fn silence_times_out() {
+        let (s, peers) = spawned(|_, _, _| true);
+        let fds = files(std::fs::OpenOptions::new().write(true));
+        let wait = Duration::from_millis(50);
+        for r in s.join_cgroup(&borrowed(&fds), wait) {
+            assert!(
+                matches!(r, Err(JoinError::Timeout(w)) if w == wait),
+                "{r:?}"
+            );
+        }
+        join(s, peers);
+    }
+
+    #[test]
+    fn a_peer_that_ends_without_answering_fails() {
+        let (s, peers) = spawned(|_, _, _| false);
+        let fds = files(std::fs::OpenOptions::new().write(true));
+        for r in s.join_cgroup(&borrowed(&fds), JOIN_WAIT) {
+            assert!(matches!(r, Err(JoinError::Channel(_))), "{r:?}");
+        }
+        join(s, peers);
     }
 }
