@@ -1097,6 +1097,24 @@ impl Bg {
     fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()
     }
+
+    /// Stops a workload that runs until told, as a user would: SIGTERM to
+    /// `moat run` (which passes it on) until it returns, so that it
+    /// removes its container; a SIGKILLed runtime would leave its cgroup
+    /// to the next `moat run` in a root that the test then deletes.
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.run.0.id() as i32);
+        let start = Instant::now();
+        while self.run.0.try_wait().unwrap().is_none() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "moat run did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_own(&mut self.run.0);
+    }
 }
 
 /// HTTP through the stack with Python's urllib, a 64 MiB download checked
@@ -1620,6 +1638,7 @@ for name in (b'one', b'two'):
     assert!(o.ok(), "{o:?}");
     assert!(o.stdout.contains("echo:one from 10.0.2.2"), "{o:?}");
     assert!(o.stdout.contains("echo:two from 10.0.2.2"), "{o:?}");
-    drop(bg);
+    bg.stop();
     wait_none_left(rt.root());
+    assert_no_state(rt.root());
 }
