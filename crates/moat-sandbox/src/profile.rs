@@ -236,7 +236,6 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
         "scheduling (limited by the cgroup)",
         &[
             "sched_yield",
-            "sched_setaffinity",
             "sched_getparam",
             "sched_setparam",
             "sched_getscheduler",
@@ -313,6 +312,11 @@ pub const NOTIFIED: &[(&str, &[&str])] = &[
         "umask: the supervisor creates names with the caller's umask, cached \
          with its credentials until the process changes it",
         &["umask"],
+    ),
+    (
+        "sched_setaffinity: run by the kernel; the supervisor stops narrowing \
+         threads to its CPU while it hands them descriptors",
+        &["sched_setaffinity"],
     ),
     (
         "exec: the path checked by the policy, held in the kernel by Landlock",

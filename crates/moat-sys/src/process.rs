@@ -423,6 +423,14 @@ pub fn join_session_keyring() -> io::Result<()> {
     }
 }
 
+/// The CPU the calling thread runs on (`sched_getcpu(3)`, libc's vDSO
+/// call, set up at start: no lookup that a seccomp filter would have to
+/// allow).
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: no arguments; returns the CPU number or -1.
+    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

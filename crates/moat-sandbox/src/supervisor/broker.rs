@@ -42,10 +42,14 @@ pub enum Reply {
 
 /// Capabilities the supervisor keeps for itself (docs/design.md, "sandbox
 /// tier"): SYS_PTRACE to read and write the caller's memory and look at
-/// its /proc files, SETUID and SETGID to take the caller's identity.
+/// its /proc files, SETUID and SETGID to take the caller's identity,
+/// SYS_NICE to narrow a caller thread's CPU affinity while it hands it a
+/// descriptor ([`super::colocate`]; in the container's user namespace,
+/// over the container's processes only).
 pub const BASE_CAPS: CapabilitySet = CapabilitySet::SYS_PTRACE
     .union(CapabilitySet::SETUID)
-    .union(CapabilitySet::SETGID);
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SYS_NICE);
 
 /// Denials logged per second; the rest are counted and reported once.
 const LOG_PER_SECOND: u32 = 20;
@@ -113,6 +117,10 @@ pub struct Broker {
     /// not CLONE_THREAD), or too many changed theirs to track: every
     /// create reads the caller's umask again.
     umask_untracked: bool,
+    /// The supervisor's own CPU affinity ([`super::colocate`]); `None`
+    /// once the workload set an affinity itself: no thread is narrowed
+    /// for a hand-over any more.
+    own_affinity: Option<rustix::thread::CpuSet>,
 }
 
 /// Most processes whose umask change is tracked one by one.
@@ -176,7 +184,14 @@ impl Broker {
             runtime: Vec::new(),
             umask_changed: std::collections::HashSet::new(),
             umask_untracked: false,
+            own_affinity: super::colocate::own_affinity(),
         }
+    }
+
+    /// Narrows thread `tid` and the supervisor to one CPU for the hand-over
+    /// of a descriptor, unless the workload sets affinities itself.
+    pub fn colocate(&self, tid: u32) -> Option<super::colocate::Pinned> {
+        super::colocate::pin(tid, self.own_affinity.as_ref()?)
     }
 
     /// Records a process `moat exec` started (its notify fd just arrived).
@@ -322,6 +337,12 @@ impl Broker {
                 Ok(Reply::Continue)
             }
             libc::SYS_umask | libc::SYS_clone => Ok(self.umask_changes(n)),
+            libc::SYS_sched_setaffinity => {
+                // Run by the kernel; from now on no thread of this sandbox
+                // is narrowed for a hand-over ([`super::colocate`]).
+                self.own_affinity = None;
+                Ok(Reply::Continue)
+            }
             libc::SYS_prctl => self.prctl(n),
             libc::SYS_socket => self.socket(n),
             libc::SYS_connect

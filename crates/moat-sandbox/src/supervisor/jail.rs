@@ -163,8 +163,15 @@ pub const SUPERVISOR_SYSCALLS: &[(&str, &str)] = &[
     ),
     (
         "sched_getaffinity",
-        "the caller's CPU mask, cut to its CPU limit",
+        "the caller's CPU mask, cut to its CPU limit; the caller's and its own \
+         mask before narrowing them for a hand-over (colocate)",
     ),
+    (
+        "sched_setaffinity",
+        "narrow the caller thread and itself to one CPU while it hands the \
+         caller a descriptor, and restore both (colocate)",
+    ),
+    ("getcpu", "the CPU it runs on, for the hand-over (colocate)"),
     (
         "pidfd_send_signal",
         "SIGPIPE to a caller whose brokered send found the peer gone, as the \

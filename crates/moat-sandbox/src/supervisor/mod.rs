@@ -30,6 +30,7 @@ use rustix::fs::{Mode, OFlags};
 use crate::policy::Policy;
 
 pub mod broker;
+pub mod colocate;
 pub mod decode;
 pub mod guard;
 pub mod jail;
@@ -627,7 +628,12 @@ fn handle_one(fd: BorrowedFd<'_>, broker: &mut Broker) -> bool {
         Reply::Err(e) => notify::send(fd, n.id, 0, e, 0),
         Reply::Continue => notify::send(fd, n.id, 0, 0, notify::FLAG_CONTINUE),
         Reply::Fd { fd: file, cloexec } => {
-            match notify::addfd_send(fd, n.id, file.as_fd(), cloexec) {
+            // The caller thread and the supervisor on one CPU for the
+            // hand-over ([`colocate`]), restored right after it.
+            let pinned = broker.colocate(n.pid);
+            let added = notify::addfd_send(fd, n.id, file.as_fd(), cloexec);
+            drop(pinned);
+            match added {
                 Ok(_) => Ok(()),
                 // The descriptor could not be installed; the caller still
                 // waits and must get an answer: EBADF is its RLIMIT_NOFILE
