@@ -227,10 +227,30 @@ impl Work {
                 let _ = self.run(t.command(&root, &["delete", "--force", id]));
             }
         }
+        // runsc's delete (Debian's 2022 release) leaves the empty cgroup of
+        // a container it ran in some v1 hierarchies, named after its ID.
+        for (_, id) in &created {
+            remove_empty_cgroups(id);
+        }
         kill_processes_in(&self.rootfs);
         reap_orphans();
         detach_mounts_under(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes the cgroup directory `name` at the top of every hierarchy
+/// under /sys/fs/cgroup where it is left empty (rmdir refuses one that is
+/// not).
+fn remove_empty_cgroups(name: &str) {
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut dirs: Vec<PathBuf> = vec![Path::new("/sys/fs/cgroup").join(name)];
+    dirs.extend(hierarchies.flatten().map(|h| h.path().join(name)));
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        // One still in use (not empty) stays: rmdir refuses it.
+        let _ = fs::remove_dir(d);
     }
 }
 

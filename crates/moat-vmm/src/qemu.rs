@@ -174,6 +174,13 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Result<Vec<OsString>, QemuE
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
+    // TCG's TSC is QEMU's own monotonic counter; when the host stalls the
+    // guest, the clocksource watchdog marks it unstable and the guest falls
+    // back to a coarse clock (a TCG test guest then reported timer wake-ups
+    // that never came and RCU stalls).
+    if accel == Accel::Tcg && !cmdline.split_whitespace().any(|w| w.starts_with("tsc=")) {
+        cmdline.push_str(" tsc=reliable");
+    }
     push("-append");
     push(cmdline.trim());
     a.push("-kernel".into());
@@ -322,7 +329,10 @@ mod tests {
         assert_eq!(after("-accel"), "tcg");
         assert_eq!(after("-m"), "128M");
         assert_eq!(after("-smp"), "2");
-        assert_eq!(after("-append"), "console=ttyS0 tsc_early_khz=1 reboot=t");
+        assert_eq!(
+            after("-append"),
+            "console=ttyS0 tsc_early_khz=1 reboot=t tsc=reliable"
+        );
         assert_eq!(
             after("-drive"),
             "id=vda,if=none,format=raw,readonly=on,file=/img,,with,,commas"
