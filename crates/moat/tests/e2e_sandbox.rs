@@ -504,6 +504,18 @@ fn assert_joined(rt: &Rt, id: &str) {
     }
 }
 
+/// A sandbox container created (not started) by the OCI `create` from a
+/// bundle that sleeps, and the bundle (kept until the test ends).
+fn created_sleeper<'a>(rt: &'a Rt, name: &str) -> (common::Bundle, common::Ctr<'a>) {
+    let b = common::Bundle::new(&["sleep", "1000"]);
+    b.write_config();
+    let id = rt.new_id(name);
+    let dir = b.dir().display().to_string();
+    rt.cmd(&["--isolation", "sandbox", "create", "--bundle", &dir, &id])
+        .expect_ok();
+    (b, common::Ctr { rt, id, out: None })
+}
+
 /// The supervisor and its guard start before the container's cgroup
 /// exists; once it does, each moves itself into it (writing "0" to cgroup
 /// files the runtime opened and sent it): after `create`, before the
@@ -515,23 +527,13 @@ fn the_supervisor_and_its_guard_join_the_containers_cgroup() {
     let Some(rt) = rt("the_supervisor_and_its_guard_join_the_containers_cgroup") else {
         return;
     };
-    let b = common::Bundle::new(&["sleep", "1000"]);
-    b.write_config();
-    let id = rt.new_id("sandbox-cgroup");
-    let dir = b.dir().display().to_string();
-    rt.cmd(&["--isolation", "sandbox", "create", "--bundle", &dir, &id])
-        .expect_ok();
-    let c = common::Ctr {
-        rt: &rt,
-        id: id.clone(),
-        out: None,
-    };
-    assert_joined(&rt, &id);
+    let (_b, c) = created_sleeper(&rt, "sandbox-cgroup");
+    assert_joined(&rt, &c.id);
     c.start().expect_ok();
     // Still serving: the join did not disturb the supervisor.
     let o = c.exec(&["cat", "/proc/self/status"]).expect_ok();
     assert!(o.stdout.contains("Seccomp:\t2"), "{o:?}");
-    assert_joined(&rt, &id);
+    assert_joined(&rt, &c.id);
     drop(c);
 
     let id = rt.new_id("sandbox-cgroup-run");
@@ -603,17 +605,7 @@ fn exec_joins_a_running_sandbox() {
     let Some(rt) = rt("exec_joins_a_running_sandbox") else {
         return;
     };
-    let b = common::Bundle::new(&["sleep", "1000"]);
-    b.write_config();
-    let id = rt.new_id("sandbox-exec");
-    let dir = b.dir().display().to_string();
-    rt.cmd(&["--isolation", "sandbox", "create", "--bundle", &dir, &id])
-        .expect_ok();
-    let c = common::Ctr {
-        rt: &rt,
-        id: id.clone(),
-        out: None,
-    };
+    let (_b, c) = created_sleeper(&rt, "sandbox-exec");
     c.start().expect_ok();
     let o = c.exec(&["sh", "-c", "echo in-exec; ls /bin/sh; exit 3"]);
     assert_eq!(
