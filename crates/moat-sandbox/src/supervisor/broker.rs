@@ -336,7 +336,15 @@ impl Broker {
                 self.creds.invalidate();
                 Ok(Reply::Continue)
             }
-            libc::SYS_umask | libc::SYS_clone => Ok(self.umask_changes(n)),
+            libc::SYS_umask => Ok(self.umask_changes(n)),
+            // Notified only with CLONE_FS and without CLONE_THREAD (the
+            // filter decides the rest): two processes then share one
+            // umask, and a change by one is not seen as the other's, so no
+            // umask is trusted from the cache any more.
+            libc::SYS_clone => {
+                self.umask_untracked = true;
+                Ok(Reply::Continue)
+            }
             libc::SYS_sched_setaffinity => {
                 // Run by the kernel; from now on no thread of this sandbox
                 // is narrowed for a hand-over ([`super::colocate`]).
@@ -378,15 +386,8 @@ impl Broker {
     }
 
     /// `umask(2)`, run by the kernel: from now on the caller's process has
-    /// its umask read for each create. `clone` comes here only with
-    /// CLONE_FS and without CLONE_THREAD (the filter decides the rest):
-    /// two processes then share one umask, and a change by one is not seen
-    /// as the other's, so no umask is trusted from the cache any more.
+    /// its umask read for each create.
     fn umask_changes(&mut self, n: &Notif) -> Reply {
-        if i64::from(n.nr) == libc::SYS_clone {
-            self.umask_untracked = true;
-            return Reply::Continue;
-        }
         match self.caller(n) {
             Ok(c) if self.umask_changed.len() < UMASK_CHANGED_MAX => {
                 self.umask_changed.insert(c.tgid);
@@ -512,30 +513,27 @@ impl Broker {
     /// pidfd reaches that thread's own descriptor table), else a pidfd of
     /// its process.
     fn caller_fd(&self, n: &Notif, c: &Creds, fd: i32) -> R<OwnedFd> {
-        self.need_ptrace()?;
-        if fd < 0 {
-            return Err(libc::EBADF);
-        }
-        let getfd = |pidfd: BorrowedFd<'_>| {
-            rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
-                .map_err(errno)
-        };
         match self.creds.pidfd(n.pid) {
-            Some(pidfd) => getfd(pidfd),
+            Some(pidfd) => self.fd_through(pidfd, fd),
             None => self.process_fd(c, fd),
         }
     }
 
     /// The descriptor `fd` of the caller's process, through a pidfd of it.
     fn process_fd(&self, c: &Creds, fd: i32) -> R<OwnedFd> {
+        let pid = rustix::process::Pid::from_raw(c.tgid).ok_or(libc::ESRCH)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .map_err(errno)?;
+        self.fd_through(pidfd.as_fd(), fd)
+    }
+
+    /// A duplicate of descriptor `fd` of the process or thread of `pidfd`.
+    fn fd_through(&self, pidfd: BorrowedFd<'_>, fd: i32) -> R<OwnedFd> {
         self.need_ptrace()?;
         if fd < 0 {
             return Err(libc::EBADF);
         }
-        let pid = rustix::process::Pid::from_raw(c.tgid).ok_or(libc::ESRCH)?;
-        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-            .map_err(errno)?;
-        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+        rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
             .map_err(errno)
     }
 
@@ -1051,7 +1049,7 @@ impl Broker {
     /// of the descriptor to take and close). Nothing is resolved by path:
     /// the magic link leads to the open file itself.
     fn stat_own_fd(
-        &mut self,
+        &self,
         n: &Notif,
         fd: i32,
         buf: u64,

@@ -89,67 +89,58 @@ impl Spawned {
         wait: Duration,
     ) -> [Result<(), JoinError>; 2] {
         let chans = [&self.control, &self.guard_control];
-        let mut out = [Ok(()), Ok(())];
-        // Whose answer is awaited.
-        let mut asked = [!files.is_empty(); 2];
-        for (i, ch) in chans.iter().enumerate() {
-            for (n, fd) in files.iter().enumerate() {
-                let msg = Msg::Join {
-                    last: n + 1 == files.len(),
-                };
-                if let Err(e) = ch.send_with_fd(&msg, Some(fd.as_raw_fd())) {
-                    out[i] = Err(e.into());
-                    asked[i] = false;
-                    break;
-                }
-            }
-        }
+        // Both are asked before either answer is awaited.
+        let sent = chans.map(|ch| send_joins(ch, files));
         let deadline = Instant::now() + wait;
-        while asked.contains(&true) {
-            let waiting: Vec<usize> = (0..2).filter(|i| asked[*i]).collect();
-            let now = Instant::now();
-            if now >= deadline {
-                for i in waiting {
-                    out[i] = Err(JoinError::Timeout(wait));
-                }
-                break;
-            }
-            let rest = deadline - now;
-            let timeout = rustix::event::Timespec {
-                tv_sec: rest.as_secs() as i64,
-                tv_nsec: i64::from(rest.subsec_nanos()),
+        let mut out = [Ok(()), Ok(())];
+        for ((ch, sent), out) in chans.into_iter().zip(sent).zip(&mut out) {
+            *out = match sent {
+                Ok(true) => joined_by(ch, deadline, wait),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e.into()),
             };
-            let mut pfd: Vec<PollFd> = waiting
-                .iter()
-                .map(|i| PollFd::new(chans[*i], PollFlags::IN))
-                .collect();
-            match rustix::event::poll(&mut pfd, Some(&timeout)) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    for i in waiting {
-                        out[i] = Err(JoinError::Poll(e.into()));
-                    }
-                    break;
-                }
-            }
-            let ready: Vec<bool> = pfd.iter().map(|p| !p.revents().is_empty()).collect();
-            drop(pfd);
-            for (i, _) in waiting.into_iter().zip(ready).filter(|(_, r)| *r) {
-                asked[i] = false;
-                out[i] = match chans[i].recv() {
-                    Ok(Msg::Joined) => Ok(()),
-                    Ok(Msg::Error(e)) => Err(sync::SyncError::Child(e).into()),
-                    Ok(got) => Err(sync::SyncError::Unexpected {
-                        got,
-                        expected: "Joined",
-                    }
-                    .into()),
-                    Err(e) => Err(e.into()),
-                };
-            }
         }
         out
+    }
+}
+
+/// Sends every file of `files` on `ch`, one [`Msg::Join`] each; whether
+/// an answer is to come (none for no file).
+fn send_joins(ch: &Channel, files: &[BorrowedFd<'_>]) -> Result<bool, sync::SyncError> {
+    for (n, fd) in files.iter().enumerate() {
+        let last = n + 1 == files.len();
+        ch.send_with_fd(&Msg::Join { last }, Some(fd.as_raw_fd()))?;
+    }
+    Ok(!files.is_empty())
+}
+
+/// The answer to the joins sent on `ch`, awaited until `deadline` (`wait`
+/// after they were sent).
+fn joined_by(ch: &Channel, deadline: Instant, wait: Duration) -> Result<(), JoinError> {
+    loop {
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if rest.is_zero() {
+            return Err(JoinError::Timeout(wait));
+        }
+        let timeout = rustix::event::Timespec {
+            tv_sec: rest.as_secs() as i64,
+            tv_nsec: i64::from(rest.subsec_nanos()),
+        };
+        let mut pfd = [PollFd::new(ch, PollFlags::IN)];
+        match rustix::event::poll(&mut pfd, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Err(JoinError::Poll(e.into())),
+        }
+    }
+    match ch.recv()? {
+        Msg::Joined => Ok(()),
+        Msg::Error(e) => Err(sync::SyncError::Child(e).into()),
+        got => Err(sync::SyncError::Unexpected {
+            got,
+            expected: "Joined",
+        }
+        .into()),
     }
 }
 

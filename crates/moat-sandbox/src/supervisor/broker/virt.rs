@@ -21,14 +21,13 @@ use rustix::fs::{Mode, OFlags};
 
 use super::super::target;
 use super::super::view::{self, Memory, SandboxView, Usage};
-use super::{errno, Broker, Reply, R};
+use super::{errno, Broker, Reply, PROC_SUPER_MAGIC, R};
 use crate::policy::clean_components;
 
 /// Largest real file read to transform (mountinfo of many mounts).
 const VIEW_READ_MAX: usize = 1 << 20;
 /// Largest directory read brokered at once.
 const DENTS_MAX: usize = 256 * 1024;
-use super::PROC_SUPER_MAGIC;
 const SYSFS_MAGIC: i64 = 0x6265_6572;
 
 /// The cgroup files the supervisor reads the sandbox's usage from, opened
