@@ -148,16 +148,66 @@ pub fn initramfs(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, MicrovmE
         let _ = std::fs::remove_file(&tmp);
     }
     r?;
-    remove_other_initramfs(cache, &path);
+    remove_others(cache, &path, "initramfs-", ".cpio");
     Ok(path)
 }
 
-/// Removes the initramfs images other than `keep` from `cache`: each was
-/// built for another moat binary or kernel (a new build is made only when
-/// the key changed), and nothing will ask for it again unless that binary
+/// What QEMU boots for `kernel`: the ELF vmlinux inside its bzImage,
+/// decompressed once into `cache` (`vmlinux-<key>`, keyed by the bzImage's
+/// path, size, mtime and inode), where it has a PVH entry point; else the
+/// bzImage itself, with the reason in the debug log. Booting the vmlinux
+/// skips the bzImage's decompressor, the slow part of a boot under TCG
+/// (`moat_vmm::kernel_image`).
+pub fn boot_image(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, MicrovmError> {
+    let mut h = Sha256::new();
+    h.update(b"moat-vmlinux-1");
+    stat_key(&mut h, &kernel.image)?;
+    let key: String = h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = cache.join(format!("vmlinux-{key}"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let image = std::fs::read(&kernel.image)
+        .map_err(MicrovmError::io(format!("read {}", kernel.image.display())))?;
+    if moat_vmm::kernel_image::is_elf(&image) {
+        return Ok(kernel.image.clone());
+    }
+    let elf = match moat_vmm::kernel_image::pvh_vmlinux(&image) {
+        Ok(elf) => elf,
+        Err(e) => {
+            tracing::debug!(
+                "microvm: booting the bzImage {}: {e}",
+                kernel.image.display()
+            );
+            return Ok(kernel.image.clone());
+        }
+    };
+    crate::disk::ensure_dir(cache)?;
+    let tmp = cache.join(format!(".vmlinux-{key}.{}.tmp", std::process::id()));
+    let r = std::fs::write(&tmp, &elf)
+        .map_err(MicrovmError::io(format!("write {}", tmp.display())))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &path)
+                .map_err(MicrovmError::io(format!("rename {}", path.display())))
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r?;
+    remove_others(cache, &path, "vmlinux-", "");
+    Ok(path)
+}
+
+/// Removes the files named `<prefix>…<suffix>` other than `keep` from
+/// `cache`: initramfs images built for another moat binary or kernel, and
+/// vmlinux files of another kernel (a new one is made only when the key
+/// changed), which nothing asks for again unless that binary or kernel
 /// runs again (then it is rebuilt, in about a second). A guest still
 /// running on one keeps it open until it ends.
-fn remove_other_initramfs(cache: &Path, keep: &Path) {
+fn remove_others(cache: &Path, keep: &Path, prefix: &str, suffix: &str) {
     let Ok(rd) = std::fs::read_dir(cache) else {
         return;
     };
@@ -165,9 +215,9 @@ fn remove_other_initramfs(cache: &Path, keep: &Path) {
         let p = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if p != keep && name.starts_with("initramfs-") && name.ends_with(".cpio") {
+        if p != keep && name.starts_with(prefix) && name.ends_with(suffix) {
             match std::fs::remove_file(&p) {
-                Ok(()) => tracing::debug!("microvm: removed the stale initramfs {}", p.display()),
+                Ok(()) => tracing::debug!("microvm: removed the stale {}", p.display()),
                 Err(e) => tracing::debug!("microvm: cannot remove {}: {e}", p.display()),
             }
         }
@@ -237,7 +287,7 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        remove_other_initramfs(dir.path(), &keep);
+        remove_others(dir.path(), &keep, "initramfs-", ".cpio");
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()

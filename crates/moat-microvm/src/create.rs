@@ -31,6 +31,22 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long `create` waits for the VMM process to say it is ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Whether `source` is one of the host's directories the embedded default
+/// shows: its system directories (/usr, /lib, …) and the /etc entries it
+/// shows (/etc/ssl/certs, /etc/terminfo, …). Their images are the same for
+/// every container, so they are cached rather than built per run.
+fn shown_host_dir(source: &Path) -> bool {
+    let host_dirs = moat_core::embedded::HOST_DIRS
+        .iter()
+        .any(|d| source == Path::new("/").join(d));
+    let etc = source
+        .strip_prefix("/etc")
+        .ok()
+        .and_then(Path::to_str)
+        .is_some_and(|rel| !rel.is_empty() && moat_core::embedded::shown_etc(rel));
+    host_dirs || etc
+}
+
 /// What a failed create must undo.
 struct Undo<'a> {
     tier: &'a MicrovmTier,
@@ -142,8 +158,9 @@ impl MicrovmTier {
             .open(dir.join(crate::EVENTS))
             .map_err(MicrovmError::io("create the events record"))?;
         let Backend::Qemu { binary, accel } = &host.backend;
-        let mut files = vmm::qemu::host_files(binary).map_err(MicrovmError::Invalid)?;
-        files.push(host.kernel.image.clone());
+        let mut files = vmm::qemu::host_files_cached(&self.cache_dir(), binary)
+            .map_err(MicrovmError::Invalid)?;
+        files.push(guest.kernel.clone());
         files.push(guest.initrd.clone());
         let mut devices = vec![PathBuf::from("/dev/null"), PathBuf::from("/dev/urandom")];
         let mut groups = Vec::new();
@@ -168,8 +185,14 @@ impl MicrovmTier {
                 .as_ref()
                 .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
         };
+        // With the console on, the kernel's messages carry times and the
+        // agent runs the guest's moat with `--debug` (its step records go
+        // to the workload's stderr).
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
-            vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+            format!(
+                "{} debug",
+                vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+            )
         } else {
             vmm::qemu::cmdline(*accel)
         };
@@ -184,7 +207,7 @@ impl MicrovmTier {
             &self.cache_dir(),
             &snapshot::Identity {
                 qemu: binary,
-                kernel: &host.kernel.image,
+                kernel: &guest.kernel,
                 initrd: &guest.initrd,
                 cmdline: &cmdline,
                 mem_mib: guest.mem_mib,
@@ -211,7 +234,7 @@ impl MicrovmTier {
         let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
         let vplan = VmmPlan {
             backend: host.backend.clone(),
-            kernel: host.kernel.image.clone(),
+            kernel: guest.kernel.clone(),
             initrd: guest.initrd.clone(),
             cmdline,
             vcpus: guest.vcpus,
@@ -343,6 +366,7 @@ impl MicrovmTier {
     ) -> Result<Guest, RuntimeError> {
         let cache = self.cache_dir();
         disk::ensure_dir(&cache)?;
+        let kernel = assets::boot_image(&cache, &host.kernel)?;
         let initrd = assets::initramfs(&cache, &host.kernel)?;
         let mut guest_disks = Vec::new();
         let mut disk_files = Vec::new();
@@ -383,6 +407,7 @@ impl MicrovmTier {
         let mem_mib = guestspec::guest_memory_mib(&plan.config);
         let vcpus = guestspec::guest_vcpus(&plan.config);
         Ok(Guest {
+            kernel,
             initrd,
             guest_disks,
             disk_files,
@@ -400,10 +425,7 @@ impl MicrovmTier {
         if source.starts_with(self.sd.root()) {
             return true;
         }
-        let host_dirs = moat_core::embedded::HOST_DIRS
-            .iter()
-            .any(|d| source == Path::new("/").join(d));
-        host_dirs || source.starts_with("/etc/ssl")
+        shown_host_dir(source)
     }
 
     /// The VMM's cgroup: the container's, with the memory limit raised to
@@ -446,6 +468,8 @@ impl MicrovmTier {
 }
 
 struct Guest {
+    /// What QEMU boots (assets::boot_image).
+    kernel: PathBuf,
     initrd: PathBuf,
     guest_disks: Vec<proto::GuestDisk>,
     disk_files: Vec<File>,
@@ -739,4 +763,34 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
         std::fs::rename(&tmp, &p).map_err(MicrovmError::io(format!("rename {}", p.display())))?;
     }
     Ok(File::open(&p).map_err(MicrovmError::io(format!("open {}", p.display())))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_directories_the_embedded_default_shows_are_cached() {
+        for shown in [
+            "/usr",
+            "/lib64",
+            "/etc/ssl/certs",
+            "/etc/terminfo",
+            "/etc/alternatives",
+            "/etc/java-17-openjdk",
+        ] {
+            assert!(shown_host_dir(Path::new(shown)), "{shown}");
+        }
+        for other in [
+            "/etc",
+            "/etc/ssl/private",
+            "/etc/ssh",
+            "/etc/../root",
+            "/home/user",
+            "/usr/local",
+            "/tmp/etc/terminfo",
+        ] {
+            assert!(!shown_host_dir(Path::new(other)), "{other}");
+        }
+    }
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod cpio;
 pub mod devices;
 mod error;
+pub mod kernel_image;
 mod kvm_memory;
 pub mod layout;
 pub mod memory;

@@ -290,6 +290,9 @@ impl Agent {
         main: bool,
     ) -> Result<(), AgentError> {
         let mut cmd = Command::new(GUEST_MOAT);
+        if std::env::args().any(|a| a == "debug") {
+            cmd.arg("--debug");
+        }
         cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
