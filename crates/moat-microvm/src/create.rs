@@ -31,11 +31,12 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long `create` waits for the VMM process to say it is ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Whether `source` is one of the host's directories the embedded default
-/// shows: its system directories (/usr, /lib, …) and the /etc entries it
-/// shows (/etc/ssl/certs, /etc/terminfo, …). Their images are the same for
-/// every container, so they are cached rather than built per run.
-fn shown_host_dir(source: &Path) -> bool {
+/// Whether `source` is one of the host's paths the embedded default shows:
+/// its system directories (/usr, /lib, …) and the /etc entries it shows
+/// (/etc/ssl/certs, /etc/terminfo, /etc/ld.so.cache, …). Their images are
+/// the same for every container, so they are cached rather than built (or
+/// copied into the guest) per run.
+fn shown_host_path(source: &Path) -> bool {
     let host_dirs = moat_core::embedded::HOST_DIRS
         .iter()
         .any(|d| source == Path::new("/").join(d));
@@ -101,9 +102,11 @@ impl MicrovmTier {
         refuse_unsupported(&spec_json)?;
         let net = net_request(&req.config.spec)?;
         let own_disk = |p: &Path| own_disk(p);
+        let shared_file = |p: &Path| shown_host_path(p);
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,
+            shared_file: &shared_file,
         };
         let plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
@@ -218,8 +221,12 @@ impl MicrovmTier {
                     moat_vmm::qemu::Accel::Tcg => "tcg",
                 },
                 net: net.is_some(),
+                disks: guest
+                    .shared
+                    .then_some((&guest.guest_disks[..], &guest.images[..])),
             },
         );
+        let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
             snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(
@@ -259,6 +266,7 @@ impl MicrovmTier {
             boot_timeout: BOOT_TIMEOUT,
             console: std::env::var_os("MOAT_MICROVM_CONSOLE").is_some(),
             snapshot: snapshot_plan,
+            prime,
             net: net_vmm_end,
         };
         let (ours, theirs) = socketpair(
@@ -370,7 +378,10 @@ impl MicrovmTier {
         let initrd = assets::initramfs(&cache, &host.kernel)?;
         let mut guest_disks = Vec::new();
         let mut disk_files = Vec::new();
+        let mut images = Vec::new();
+        let mut shared = true;
         for (i, need) in plan.disks.iter().enumerate() {
+            shared &= self.cacheable(&need.source);
             let img = if self.cacheable(&need.source) {
                 disk::cached(&cache, &need.source)?
             } else {
@@ -379,6 +390,7 @@ impl MicrovmTier {
             let f = File::open(&img.path)
                 .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
             disk_files.push(f);
+            images.push(img.path);
             guest_disks.push(proto::GuestDisk {
                 uuid: img.uuid,
                 mount: need.mount.clone(),
@@ -386,6 +398,7 @@ impl MicrovmTier {
         }
         if !plan.group.is_empty() {
             let cached = plan.group.iter().all(|s| self.cacheable(s));
+            shared &= cached;
             let img = disk::group(
                 &plan.group,
                 cached.then_some(cache.as_path()),
@@ -394,6 +407,7 @@ impl MicrovmTier {
             let f = File::open(&img.path)
                 .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
             disk_files.push(f);
+            images.push(img.path);
             guest_disks.push(proto::GuestDisk {
                 uuid: img.uuid,
                 mount: guestspec::GROUP_MOUNT.into(),
@@ -411,6 +425,8 @@ impl MicrovmTier {
             initrd,
             guest_disks,
             disk_files,
+            images,
+            shared,
             files,
             spare,
             mem_mib,
@@ -425,7 +441,7 @@ impl MicrovmTier {
         if source.starts_with(self.sd.root()) {
             return true;
         }
-        shown_host_dir(source)
+        shown_host_path(source)
     }
 
     /// The VMM's cgroup: the container's, with the memory limit raised to
@@ -473,6 +489,11 @@ struct Guest {
     initrd: PathBuf,
     guest_disks: Vec<proto::GuestDisk>,
     disk_files: Vec<File>,
+    /// The disks' image files, in order.
+    images: Vec<PathBuf>,
+    /// Every disk is a shared cached image: a snapshot may hold them
+    /// mounted (snapshot::Identity::disks).
+    shared: bool,
     files: Vec<proto::GuestFile>,
     spare: File,
     mem_mib: u64,
@@ -770,7 +791,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_host_directories_the_embedded_default_shows_are_cached() {
+    fn the_host_paths_the_embedded_default_shows_are_cached() {
         for shown in [
             "/usr",
             "/lib64",
@@ -778,19 +799,23 @@ mod tests {
             "/etc/terminfo",
             "/etc/alternatives",
             "/etc/java-17-openjdk",
+            "/etc/ld.so.cache",
+            "/etc/services",
         ] {
-            assert!(shown_host_dir(Path::new(shown)), "{shown}");
+            assert!(shown_host_path(Path::new(shown)), "{shown}");
         }
         for other in [
             "/etc",
             "/etc/ssl/private",
             "/etc/ssh",
+            "/etc/shadow",
+            "/etc/passwd",
             "/etc/../root",
             "/home/user",
             "/usr/local",
             "/tmp/etc/terminfo",
         ] {
-            assert!(!shown_host_dir(Path::new(other)), "{other}");
+            assert!(!shown_host_path(Path::new(other)), "{other}");
         }
     }
 }

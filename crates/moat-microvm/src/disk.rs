@@ -114,8 +114,8 @@ fn prune_stale(cache: &Path, source: &[u8], image: &Path) {
     let _ = std::fs::write(mark(image), source);
 }
 
-/// The image of several directories, each at `<k>/` in it: cached when
-/// `cache` is given (keyed by all the sources), else at `dest`.
+/// The image of several directories (and files), each at `<k>` in it:
+/// cached when `cache` is given (keyed by all the sources), else at `dest`.
 pub fn group(
     sources: &[PathBuf],
     cache: Option<&Path>,
@@ -164,8 +164,13 @@ pub fn group(
             .map_err(MicrovmError::sys("mount the staging directory"))?;
             for (k, s) in sources.iter().enumerate() {
                 let at = staging.join(k.to_string());
-                std::fs::create_dir(&at)
-                    .map_err(MicrovmError::io(format!("create {}", at.display())))?;
+                // A file is bound onto a file, a directory onto a directory.
+                let made = if s.is_dir() {
+                    std::fs::create_dir(&at)
+                } else {
+                    std::fs::File::create_new(&at).map(drop)
+                };
+                made.map_err(MicrovmError::io(format!("create {}", at.display())))?;
                 mount(
                     Some(s.as_path()),
                     &at,
@@ -370,6 +375,27 @@ mod tests {
         assert_eq!(one, fp());
         std::fs::write(d.path().join("a/new"), b"x").unwrap();
         assert_ne!(one, fp(), "a file added below changes the fingerprint");
+    }
+
+    #[test]
+    fn a_group_image_holds_directories_and_files() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("certs");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), b"ca").unwrap();
+        let file = d.path().join("services");
+        std::fs::write(&file, b"http 80/tcp").unwrap();
+        let img = group(&[dir, file], None, &d.path().join("g.ext4")).unwrap();
+        let cat = |path: &str| {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("cat {path}")])
+                .arg(&img.path)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(cat("/0/ca.pem"), "ca");
+        assert_eq!(cat("/1"), "http 80/tcp");
     }
 
     #[test]

@@ -111,6 +111,11 @@ fn read_only(m: &Value) -> bool {
 pub struct Probe<'a> {
     pub kind: &'a dyn Fn(&Path) -> SourceKind,
     pub own_disk: &'a dyn Fn(&Path) -> bool,
+    /// Whether a read-only file bind's source joins the group disk (a host
+    /// file the embedded default shows: the same for every container, so
+    /// its cached image carries it) rather than being copied into every
+    /// `Run` request.
+    pub shared_file: &'a dyn Fn(&Path) -> bool,
 }
 
 /// The guest's config for `spec` (a config.json) whose root is `rootfs`.
@@ -181,6 +186,18 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     Ok(plan)
 }
 
+/// Where `source` is in the group disk (added to it if new).
+fn group_place(plan: &mut Plan, source: &Path) -> String {
+    let k = match plan.group.iter().position(|d| d == source) {
+        Some(k) => k,
+        None => {
+            plan.group.push(source.to_owned());
+            plan.group.len() - 1
+        }
+    };
+    format!("{GROUP_MOUNT}/{k}")
+}
+
 fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), String> {
     let dest = m["destination"].as_str().unwrap_or_default().to_string();
     let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
@@ -210,16 +227,12 @@ fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), S
                     }
                 }
             } else {
-                let k = match plan.group.iter().position(|d| *d == source) {
-                    Some(k) => k,
-                    None => {
-                        plan.group.push(source.clone());
-                        plan.group.len() - 1
-                    }
-                };
-                format!("{GROUP_MOUNT}/{k}")
+                group_place(plan, &source)
             };
             m["source"] = json!(at);
+        }
+        SourceKind::File if read_only(m) && (probe.shared_file)(&source) => {
+            m["source"] = json!(group_place(plan, &source));
         }
         SourceKind::File => {
             let guest = format!("/run/vm/files/{}", plan.files.len());
@@ -285,9 +298,14 @@ mod tests {
         p.to_str().is_some_and(|s| s.starts_with("/dir/usr"))
     }
 
+    fn shared(p: &Path) -> bool {
+        p.to_str().is_some_and(|s| s.starts_with("/file/shared"))
+    }
+
     const PROBE: Probe = Probe {
         kind: &kinds,
         own_disk: &own,
+        shared_file: &shared,
     };
 
     fn spec(mounts: Value) -> Value {
@@ -311,13 +329,21 @@ mod tests {
             {"destination": "/etc/certs", "type": "bind", "source": "/dir/certs", "options": ["rbind", "ro"]},
             {"destination": "/etc/hosts", "type": "bind", "source": "/file/hosts", "options": ["rbind", "rw"]},
             {"destination": "/dev/shm", "type": "bind", "source": "/dir/shm", "options": ["rbind", "rw"]},
-            {"destination": "/dev/null2", "type": "bind", "source": "/dev/null", "options": ["bind"]}
+            {"destination": "/dev/null2", "type": "bind", "source": "/dev/null", "options": ["bind"]},
+            {"destination": "/etc/services", "type": "bind", "source": "/file/shared/services", "options": ["rbind", "ro"]},
+            {"destination": "/etc/rw", "type": "bind", "source": "/file/shared/rw", "options": ["rbind", "rw"]}
         ]));
         let p = plan(&s, Path::new("/host/rootfs"), &PROBE).unwrap();
         assert_eq!(p.config["root"]["path"], GUEST_ROOT);
         assert_eq!(p.disks.len(), 2, "the root and /dir/usr once");
         assert_eq!(p.disks[0].source, PathBuf::from("/host/rootfs"));
-        assert_eq!(p.group, vec![PathBuf::from("/dir/certs")]);
+        assert_eq!(
+            p.group,
+            vec![
+                PathBuf::from("/dir/certs"),
+                PathBuf::from("/file/shared/services")
+            ]
+        );
         let m = p.config["mounts"].as_array().unwrap();
         assert_eq!(m[1]["source"], disk_mount(1));
         assert_eq!(m[2]["source"], disk_mount(1));
@@ -326,6 +352,10 @@ mod tests {
         assert_eq!(p.files[0].source, PathBuf::from("/file/hosts"));
         assert_eq!(m[5]["type"], "tmpfs");
         assert_eq!(m[6]["source"], "/dev/null");
+        // A shared host file joins the group disk; a writable one is copied.
+        assert_eq!(m[7]["source"], format!("{GROUP_MOUNT}/1"));
+        assert_eq!(m[8]["source"], "/run/vm/files/1");
+        assert_eq!(p.files.len(), 2);
         assert!(p.config.get("hooks").is_none());
         assert!(p.warnings.iter().any(|w| w.contains("hooks")));
         assert!(p.config["linux"].get("cgroupsPath").is_none());

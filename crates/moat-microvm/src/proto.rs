@@ -54,6 +54,9 @@ pub enum Kind {
     /// host → guest: say hello again (a guest restored from a snapshot
     /// said its first hello before the snapshot was taken).
     Ping = 13,
+    /// host → guest: mount the run's disks now, before the snapshot is
+    /// saved ([`PrimeRequest`]); answered with a hello, or an error.
+    Prime = 14,
 }
 
 impl Kind {
@@ -73,6 +76,7 @@ impl Kind {
             11 => Exec,
             12 => Shutdown,
             13 => Ping,
+            14 => Prime,
             _ => return None,
         })
     }
@@ -186,6 +190,15 @@ pub struct GuestDisk {
     pub uuid: String,
     /// Where the agent mounts it.
     pub mount: String,
+}
+
+/// The disks a guest mounts before its snapshot is saved: a snapshot of a
+/// guest with these disks mounted serves only runs with exactly these
+/// disks (the cached images of the embedded default or of an image), and
+/// such a run skips loading `virtio_blk`, probing and mounting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrimeRequest {
+    pub disks: Vec<GuestDisk>,
 }
 
 /// A file the agent writes before the container starts (a bind-mounted

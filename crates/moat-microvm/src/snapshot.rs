@@ -43,7 +43,15 @@ pub struct Identity<'a> {
     pub accel: &'a str,
     /// The VM has the virtio-net device (a different device set).
     pub net: bool,
+    /// A primed snapshot: the guest has these disks mounted, backed by
+    /// these images (every slot, spares included). Only runs with the same
+    /// disks and images restore it.
+    pub disks: Option<(&'a [crate::proto::GuestDisk], &'a [PathBuf])>,
 }
+
+/// How many primed snapshots the cache keeps (one per set of images:
+/// the embedded default's, each image's); the least recently used go.
+pub const PRIMED_KEPT: usize = 4;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -75,7 +83,21 @@ impl Identity<'_> {
         if self.net {
             h.update(b"\0net");
         }
-        hex(&h.finalize()[..8])
+        if let Some((disks, _)) = self.disks {
+            h.update(b"\0primed");
+            for d in disks {
+                h.update(d.uuid.as_bytes());
+                h.update([0]);
+                h.update(d.mount.as_bytes());
+                h.update([0]);
+            }
+        }
+        let key = hex(&h.finalize()[..8]);
+        if self.disks.is_some() {
+            format!("p{key}")
+        } else {
+            key
+        }
     }
 
     /// The files part: QEMU, the kernel, the initramfs.
@@ -85,6 +107,9 @@ impl Identity<'_> {
         file_key(&mut h, self.qemu)?;
         file_key(&mut h, self.kernel)?;
         file_key(&mut h, self.initrd)?;
+        for image in self.disks.map_or(&[][..], |(_, images)| images) {
+            file_key(&mut h, image)?;
+        }
         Ok(hex(&h.finalize()[..12]))
     }
 
@@ -160,7 +185,9 @@ pub fn offer(cache: &Path, id: &Identity<'_>) -> Offer {
 /// failed save leaves nothing. Logs how the guest started.
 pub fn settle(offer: Offer, start: Option<&StartKind>) {
     match (offer, start) {
-        (Offer::Restore { path, .. }, Some(StartKind::Restored)) => {
+        (Offer::Restore { file, path }, Some(StartKind::Restored)) => {
+            // Its time of last use, for pruning the primed ones.
+            let _ = file.set_modified(std::time::SystemTime::now());
             tracing::debug!("microvm: restored from snapshot {}", path.display());
         }
         (
@@ -178,6 +205,7 @@ pub fn settle(offer: Offer, start: Option<&StartKind>) {
         }
         (Offer::Save { tmp, path, .. }, Some(StartKind::Saved)) => {
             prune_config(&path);
+            prune_primed(&path, PRIMED_KEPT - 1);
             match std::fs::rename(&tmp, &path) {
                 Ok(()) => tracing::debug!(
                     "microvm: cold boot (no snapshot yet); saved snapshot {}",
@@ -222,6 +250,30 @@ fn prune_config(path: &Path) {
     }
 }
 
+/// Keeps the `keep` most recently used primed snapshots beside `path`
+/// (`snapshot-p…`), removing the others.
+fn prune_primed(path: &Path, keep: usize) {
+    let Some(dir) = path.parent() else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut primed: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("snapshot-p") && n.ends_with(".vmstate"))
+        })
+        .filter(|e| e.path() != path)
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    primed.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, p) in primed.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(&p);
+        tracing::debug!("microvm: removed the least recently used snapshot {}", p.display());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +289,7 @@ mod tests {
             disk_slots: 6,
             accel: "tcg",
             net: false,
+            disks: None,
         }
     }
 
@@ -261,6 +314,69 @@ mod tests {
         // changes the name.
         std::fs::write(d.path().join("f"), b"x").unwrap();
         assert_ne!(a, ident(d.path(), "x", 100).path(d.path()).unwrap());
+    }
+
+    #[test]
+    fn a_primed_snapshot_is_named_by_its_disks_and_images() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = |uuid: &str| crate::proto::GuestDisk {
+            uuid: uuid.into(),
+            mount: "/run/vm/disk/0".into(),
+        };
+        let (img1, img2) = (d.path().join("1.ext4"), d.path().join("2.ext4"));
+        std::fs::write(&img1, b"1").unwrap();
+        std::fs::write(&img2, b"2").unwrap();
+        let (a, b) = ([disk("aa")], [disk("bb")]);
+        let (i1, i2) = ([img1.clone()], [img2.clone()]);
+        let name = |disks: Option<(&[crate::proto::GuestDisk], &[PathBuf])>| {
+            Identity {
+                disks,
+                ..ident(d.path(), "x", 100)
+            }
+            .path(d.path())
+            .unwrap()
+        };
+        let plain = name(None);
+        let primed = name(Some((&a, &i1)));
+        assert_ne!(plain, primed);
+        assert!(primed
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("snapshot-p"));
+        assert_eq!(primed, name(Some((&a, &i1))));
+        assert_ne!(primed, name(Some((&b, &i1))), "other disks");
+        assert_ne!(primed, name(Some((&a, &i2))), "other images");
+        // A rebuilt image (new contents) is another snapshot.
+        std::fs::write(&img1, b"rebuilt").unwrap();
+        assert_ne!(primed, name(Some((&a, &i1))));
+    }
+
+    #[test]
+    fn the_least_recently_used_primed_snapshots_go() {
+        let d = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        let mut all = Vec::new();
+        for i in 0..6u64 {
+            let p = d.path().join(format!("snapshot-p{i:016x}-f.vmstate"));
+            let f = File::create(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i)).unwrap();
+            all.push(p);
+        }
+        let unprimed = d.path().join("snapshot-0000000000000000-f.vmstate");
+        std::fs::write(&unprimed, b"").unwrap();
+        // The oldest but one was just used.
+        File::open(&all[1])
+            .unwrap()
+            .set_modified(std::time::SystemTime::now())
+            .unwrap();
+        let new = d.path().join("snapshot-pnew-f.vmstate");
+        std::fs::write(&new, b"").unwrap();
+        prune_primed(&new, PRIMED_KEPT - 1);
+        let left: Vec<bool> = all.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [false, true, false, false, true, true]);
+        assert!(new.exists() && unprimed.exists());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct Agent {
     procs: BTreeMap<u32, Proc>,
     sigfd: SignalFd,
     prepared: bool,
+    /// The disks mounted before the snapshot was saved (`Prime`).
+    primed: Option<Vec<proto::GuestDisk>>,
     /// The container's own process ended: an exec has nothing to run in.
     main_done: bool,
 }
@@ -67,6 +69,7 @@ impl Agent {
             procs: BTreeMap::new(),
             sigfd,
             prepared: false,
+            primed: None,
             main_done: false,
         })
     }
@@ -144,6 +147,19 @@ impl Agent {
                     }
                     if frame.kind == Kind::Ping {
                         self.send_json(Kind::Hello, 0, &hello)?;
+                        continue;
+                    }
+                    if frame.kind == Kind::Prime {
+                        match frame.json().map_err(AgentError::from).and_then(|r| self.prime(r)) {
+                            Ok(()) => self.send_json(Kind::Hello, 0, &hello)?,
+                            Err(e) => {
+                                let msg = proto::ErrorMsg {
+                                    message: moat_core::error_chain(&e),
+                                    exec_status: None,
+                                };
+                                self.send_json(Kind::Error, 0, &msg)?
+                            }
+                        }
                         continue;
                     }
                     self.handle(frame)?;
@@ -226,13 +242,25 @@ impl Agent {
         }
         self.prepared = true;
         refresh(req)?;
-        boot::load_modules(boot::LATE_MODULES)?;
         let mut config = req.config.clone();
         if let Some(net) = &req.net {
             super::net::setup(net)?;
             super::net::apply(&mut config);
         }
-        mount_disks(&req.disks)?;
+        match &self.primed {
+            None => {
+                boot::load_modules(boot::LATE_MODULES)?;
+                mount_disks(&req.disks)?;
+            }
+            // The snapshot's identity holds the disks: a mismatch is a bug,
+            // and the container must not see another run's files.
+            Some(primed) if *primed != req.disks => {
+                return Err(AgentError::Request(
+                    "the snapshot's disks are not this run's".into(),
+                ))
+            }
+            Some(_) => {}
+        }
         let root = config["root"]["path"]
             .as_str()
             .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
@@ -256,6 +284,18 @@ impl Agent {
             GUEST_ID,
         ];
         self.spawn(chan, &args, terminal, (req.rows, req.cols), true)
+    }
+
+    /// Mounts a run's disks before the snapshot is saved (see
+    /// [`proto::PrimeRequest`]): once, and before any run.
+    fn prime(&mut self, req: proto::PrimeRequest) -> Result<(), AgentError> {
+        if self.prepared || self.primed.is_some() {
+            return Err(AgentError::Request("the guest is already prepared".into()));
+        }
+        boot::load_modules(boot::LATE_MODULES)?;
+        mount_disks(&req.disks)?;
+        self.primed = Some(req.disks);
+        Ok(())
     }
 
     fn exec(&mut self, chan: u32, req: &proto::ExecRequest) -> Result<(), AgentError> {

@@ -207,9 +207,15 @@ pub fn boot(
                     qmp,
                 };
                 await_hello(&mut b, plan.boot_timeout, plan.console)?;
-                let saved = match b.qmp.take() {
-                    Some(mut q) => save(&mut q, &out),
-                    None => Err(qmp_error("no monitor")),
+                let primed = if plan.prime {
+                    prime(&mut b, plan)
+                } else {
+                    Ok(())
+                };
+                let saved = match (primed, b.qmp.take()) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Some(mut q)) => save(&mut q, &out),
+                    (Ok(()), None) => Err(qmp_error("no monitor")),
                 };
                 return match saved {
                     Ok(()) => Ok((b, StartKind::Saved)),
@@ -314,6 +320,10 @@ fn await_hello(b: &mut Booted, timeout: Duration, echo: bool) -> Result<(), VmmE
             }
             dec.push(&buf[..n]);
             while let Some(f) = dec.next_frame()? {
+                if f.kind == Kind::Error {
+                    let e: proto::ErrorMsg = f.json()?;
+                    return Err(VmmError::Refused(e.message));
+                }
                 if f.kind == Kind::Hello {
                     let h: proto::Hello = f.json()?;
                     if h.version != proto::VERSION {
@@ -343,6 +353,22 @@ pub fn tail_text(tail: &VecDeque<u8>) -> String {
     let mut v = a.to_vec();
     v.extend_from_slice(b);
     String::from_utf8_lossy(&v).into_owned()
+}
+
+/// Has the guest mount this run's disks before it is saved (the snapshot
+/// is then keyed by them: [`crate::snapshot::Identity`]), and waits for
+/// its hello.
+fn prime(b: &mut Booted, plan: &VmmPlan) -> Result<(), VmmError> {
+    let req = proto::PrimeRequest {
+        disks: plan.run.disks.clone(),
+    };
+    b.agent
+        .write_all(&proto::encode_json(Kind::Prime, 0, &req))
+        .map_err(|e| VmmError::Io {
+            step: "write to the guest".into(),
+            source: e,
+        })?;
+    await_hello(b, plan.boot_timeout, plan.console)
 }
 
 fn qmp_error(m: impl Into<String>) -> VmmError {

@@ -58,6 +58,9 @@ pub struct VmmPlan {
     pub console: bool,
     /// Restore the cached snapshot, or save this boot as it.
     pub snapshot: SnapshotPlan,
+    /// A snapshot saved now holds the guest with this run's disks mounted
+    /// (they are all shared cached images: `snapshot::Identity::disks`).
+    pub prime: bool,
     /// The guest's network: QEMU's end of the stream socket whose other
     /// end is the user-space stack (length-prefixed Ethernet frames).
     pub net: Option<OwnedFd>,
@@ -96,6 +99,8 @@ pub enum VmmError {
     VmEnded { console: String },
     #[error("agent protocol")]
     Proto(#[from] proto::ProtoError),
+    #[error("the guest's agent refused: {0}")]
+    Refused(String),
     #[error(
         "the guest's agent speaks protocol {theirs}, this moat {}",
         proto::VERSION
