@@ -269,21 +269,12 @@ impl Agent {
             mount_overlay(lower, &root)?;
         }
         write_files(&req.files)?;
-        let bundle = Path::new("/run/vm/bundle");
+        let bundle = Path::new(BUNDLE);
         std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
         let cfg = serde_json::to_vec(&config).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))?;
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
-        let args = [
-            "--root",
-            GUEST_STATE_ROOT,
-            "run",
-            "--keep",
-            "-b",
-            "/run/vm/bundle",
-            GUEST_ID,
-        ];
-        self.spawn(chan, &args, terminal, (req.rows, req.cols), true)
+        self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true)
     }
 
     /// Mounts a run's disks before the snapshot is saved (see
@@ -317,25 +308,20 @@ impl Agent {
             file.as_str(),
             GUEST_ID,
         ];
-        self.spawn(chan, &args, terminal, (req.rows, req.cols), false)
+        self.spawn(chan, How::Exec(&args), terminal, (req.rows, req.cols), false)
     }
 
-    /// Runs the guest's moat with `args`, its stdio pipes (or a pty) ours.
+    /// Runs the guest's moat with `args` (`How::Exec`), or the container
+    /// itself in a fork of the agent (`How::Run`), its stdio pipes (or a
+    /// pty) ours.
     fn spawn(
         &mut self,
         chan: u32,
-        args: &[&str],
+        how: How<'_>,
         terminal: bool,
         size: (u16, u16),
         main: bool,
     ) -> Result<(), AgentError> {
-        let mut cmd = Command::new(GUEST_MOAT);
-        if std::env::args().any(|a| a == "debug") {
-            cmd.arg("--debug");
-        }
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
         let mut p = Proc {
             pid: 0,
             stdin: None,
@@ -346,35 +332,59 @@ impl Agent {
             exited_at: None,
             main,
         };
-        if terminal {
+        // The child's stdin, stdout and stderr.
+        let child: [OwnedFd; 3] = if terminal {
             let pty = nix::pty::openpty(None, None).map_err(|e| AgentError::Sys {
                 step: "open a pty".into(),
                 source: e,
             })?;
             set_size(&pty.master, size.0, size.1);
             let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicate the pty"));
-            cmd.stdin(Stdio::from(dup(&pty.slave)?))
-                .stdout(Stdio::from(dup(&pty.slave)?))
-                .stderr(Stdio::from(pty.slave));
             p.stdin = Some(File::from(dup(&pty.master)?));
             p.stdout = Some(File::from(dup(&pty.master)?));
             p.tty = Some(pty.master);
+            [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave]
         } else {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-        }
-        let mut child = cmd.spawn().map_err(io(format!("start {GUEST_MOAT}")))?;
-        // Our copies of the pty slave went with `cmd`.
-        drop(cmd);
-        p.pid = child.id() as i32;
-        if !terminal {
-            p.stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
-            p.stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
-            p.stderr = child.stderr.take().map(|s| File::from(OwnedFd::from(s)));
-        }
-        // Reaped by `reap` (waitpid on every child), not through `child`.
-        drop(child);
+            let pipe = || {
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Sys {
+                    step: "create a pipe".into(),
+                    source: e,
+                })
+            };
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            p.stdin = Some(File::from(in_w));
+            p.stdout = Some(File::from(out_r));
+            p.stderr = Some(File::from(err_r));
+            [in_r, out_w, err_w]
+        };
+        p.pid = match how {
+            How::Exec(args) => {
+                let [i, o, e] = child;
+                let child = Command::new(GUEST_MOAT)
+                    .args(args)
+                    .env_clear()
+                    .env("PATH", GUEST_PATH)
+                    .stdin(Stdio::from(i))
+                    .stdout(Stdio::from(o))
+                    .stderr(Stdio::from(e))
+                    .spawn()
+                    .map_err(io(format!("start {GUEST_MOAT}")))?;
+                // Reaped by `reap` (waitpid on every child), not through `child`.
+                child.id() as i32
+            }
+            How::Run => {
+                let one = moat_sys::process::OneThread::check()
+                    .map_err(io("check the agent is single-threaded"))?;
+                let pid = one
+                    .fork(0, |_| run_container(child))
+                    .map_err(io("fork the container's runtime"))?;
+                // The child's ends are the child's (dropped here, in the
+                // agent, by the closure).
+                pid
+            }
+        };
         self.procs.insert(chan, p);
         Ok(())
     }
@@ -476,6 +486,96 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// How a process of the container starts.
+enum How<'a> {
+    /// The guest's moat with these arguments (`moat exec`).
+    Exec(&'a [&'a str]),
+    /// The container itself, in a fork of the agent ([`run_container`]).
+    Run,
+}
+
+/// `PATH` for the guest's moat.
+const GUEST_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+/// The container's bundle in the guest.
+const BUNDLE: &str = "/run/vm/bundle";
+
+/// In a fork of the agent: what `moat run --keep -b BUNDLE w0` does
+/// (create and start the container under the guest's container tier, with
+/// this process as its parent, and wait for it, relaying a terminal), with
+/// `stdio` as this process's stdin, stdout and stderr. Returns the
+/// container's status, or 1 with the error on stderr.
+///
+/// A fork rather than an exec of the guest's moat: under emulation,
+/// executing the 10 MB binary again, its start-up and its argument parsing
+/// cost ~100 ms, and the fork runs the code the agent already ran from the
+/// same pages. The binary the fork runs is the agent's, which the kernel
+/// keeps unwritable while the agent executes it.
+fn run_container(stdio: [OwnedFd; 3]) -> i32 {
+    // Only stdio stays open: the agent's channel, its signalfd and the
+    // other ends of these pipes are not this process's.
+    let [i, o, e] = stdio;
+    let stdio_ok = rustix::stdio::dup2_stdin(&i)
+        .and_then(|()| rustix::stdio::dup2_stdout(&o))
+        .and_then(|()| rustix::stdio::dup2_stderr(&e));
+    drop((i, o, e));
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| *fd > 2) {
+        let _ = nix::unistd::close(fd);
+    }
+    if stdio_ok.is_err() {
+        return 1;
+    }
+    // The agent blocks SIGCHLD for its signalfd; a container's runtime
+    // waits with the default mask.
+    if nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    )
+    .is_err()
+    {
+        return 1;
+    }
+    std::env::set_var("PATH", GUEST_PATH);
+    match launch_and_wait() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat: {}", moat_core::error_chain(&e));
+            1
+        }
+    }
+}
+
+fn launch_and_wait() -> Result<i32, moat_core::runtime::RuntimeError> {
+    use moat_core::runtime::{Config, CreateRequest, Lifecycle};
+    let config = Config::from_bundle(Path::new(BUNDLE))
+        .map_err(|e| moat_core::runtime::RuntimeError::Invalid(moat_core::error_chain(&e)))?;
+    let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+    let launched = tier.launch(&CreateRequest {
+        id: GUEST_ID,
+        config: &config,
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+        no_new_keyring: false,
+        preserve_fds: 0,
+        die_with_runtime: false,
+    })?;
+    let kill_all = || {
+        let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
+    };
+    Ok(match launched.terminal {
+        Some(m) => moat_jail::console::proxy(m, launched.pid),
+        None => moat_jail::supervise::wait_supervised(launched.pid, None, &kill_all).0,
+    })
 }
 
 fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {
