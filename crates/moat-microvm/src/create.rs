@@ -97,6 +97,7 @@ impl MicrovmTier {
         launch: bool,
     ) -> Result<Launched, RuntimeError> {
         let host = crate::check_host()?;
+        moat_core::steps::mark("microvm-host");
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
@@ -113,6 +114,7 @@ impl MicrovmTier {
         for w in &plan.warnings {
             tracing::warn!("microvm: {w}");
         }
+        moat_core::steps::mark("microvm-plan");
         let lock = self.sd.create(req.id)?;
         let mut undo = Undo {
             tier: self,
@@ -133,10 +135,12 @@ impl MicrovmTier {
         )
         .map_err(MicrovmError::io("save the config"))?;
         let guest = self.prepare_guest(&host, &plan, &dir)?;
+        moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
         let (rows, cols) = console_size(&spec_json);
         let cgroup = self.vmm_cgroup(req, &spec_json, &host, guest.mem_mib)?;
         undo.cgroup = Some(cgroup.clone());
+        moat_core::steps::mark("microvm-cgroup");
         let socket_dir = self.socket_dir(req.id);
         let listener = listen(&socket_dir)?;
         undo.socket_dir = Some(socket_dir.clone());
@@ -150,6 +154,7 @@ impl MicrovmTier {
         )
         .map_err(MicrovmError::from)?;
         let uid = alloc.host_start;
+        moat_core::steps::mark("microvm-host-ids");
         let slot = (alloc.slot, moat_jail::idalloc::Owner::current().record());
         let jail_root = dir.join("jail");
         std::fs::create_dir(&jail_root)
@@ -308,6 +313,7 @@ impl MicrovmTier {
             }
         };
         undo.pid = Some(pid);
+        moat_core::steps::mark("microvm-vmm-spawn");
         cgroup.add_pid(pid).map_err(MicrovmError::from)?;
         let net_stack = match (&net, net_stack_end) {
             (Some(n), Some(end)) => {
@@ -338,6 +344,7 @@ impl MicrovmTier {
         // Go: the VMM process is in its cgroup.
         nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
         let ready = wait_ready(&ours);
+        moat_core::steps::mark("microvm-guest-up");
         snapshot::settle(offer, ready.as_ref().ok());
         ready?;
         st.status = if launch {
@@ -376,6 +383,7 @@ impl MicrovmTier {
         disk::ensure_dir(&cache)?;
         let kernel = assets::boot_image(&cache, &host.kernel)?;
         let initrd = assets::initramfs(&cache, &host.kernel)?;
+        moat_core::steps::mark("microvm-boot-files");
         let mut guest_disks = Vec::new();
         let mut disk_files = Vec::new();
         let mut images = Vec::new();
@@ -396,6 +404,7 @@ impl MicrovmTier {
                 mount: need.mount.clone(),
             });
         }
+        moat_core::steps::mark("microvm-disks");
         if !plan.group.is_empty() {
             let cached = plan.group.iter().all(|s| self.cacheable(s));
             shared &= cached;
@@ -413,6 +422,7 @@ impl MicrovmTier {
                 mount: guestspec::GROUP_MOUNT.into(),
             });
         }
+        moat_core::steps::mark("microvm-group");
         let mut files = Vec::new();
         for f in &plan.files {
             files.push(read_small(&f.source, &f.guest)?);

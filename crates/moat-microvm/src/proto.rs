@@ -199,6 +199,50 @@ pub struct GuestDisk {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PrimeRequest {
     pub disks: Vec<GuestDisk>,
+    /// A container the agent creates and deletes before the snapshot, to
+    /// warm the guest's caches (its seccomp program, the cgroup
+    /// controllers, the root's directories): the run's config with its
+    /// process, annotations and per-run files taken out (a snapshot is
+    /// shared by every later run: nothing of this run's may be in it).
+    #[serde(default)]
+    pub warm: Option<WarmUp>,
+}
+
+/// See [`PrimeRequest::warm`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WarmUp {
+    pub config: serde_json::Value,
+    /// The writable root's lower layer, as in [`RunRequest::overlay_root`].
+    pub overlay_root: Option<String>,
+}
+
+impl WarmUp {
+    /// The warm-up for `run`: its config without its process's arguments,
+    /// environment and working directory, its annotations, and the mounts
+    /// of per-run files (which the agent writes only for the run).
+    pub fn of(run: &RunRequest) -> WarmUp {
+        let mut config = run.config.clone();
+        if let Some(p) = config.get_mut("process").and_then(|p| p.as_object_mut()) {
+            p.insert("args".into(), serde_json::json!(["true"]));
+            p.insert("env".into(), serde_json::json!(["PATH=/usr/bin:/bin"]));
+            p.insert("cwd".into(), serde_json::json!("/"));
+            p.insert("terminal".into(), serde_json::json!(false));
+        }
+        if let Some(o) = config.as_object_mut() {
+            o.remove("annotations");
+        }
+        if let Some(m) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+            m.retain(|m| {
+                !m["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("/run/vm/files"))
+            });
+        }
+        WarmUp {
+            config,
+            overlay_root: run.overlay_root.clone(),
+        }
+    }
 }
 
 /// A file the agent writes before the container starts (a bind-mounted

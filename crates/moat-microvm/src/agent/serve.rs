@@ -266,7 +266,7 @@ impl Agent {
             .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
             .to_string();
         if let Some(lower) = &req.overlay_root {
-            mount_overlay(lower, &root)?;
+            mount_overlay(lower, &root, "/run/vm/rw")?;
         }
         write_files(&req.files)?;
         let bundle = Path::new(BUNDLE);
@@ -286,6 +286,12 @@ impl Agent {
         boot::load_modules(boot::LATE_MODULES)?;
         mount_disks(&req.disks)?;
         self.primed = Some(req.disks);
+        if let Some(w) = &req.warm {
+            // Only a cost saved: a warm-up that fails changes nothing else.
+            if let Err(e) = warm_up(w) {
+                eprintln!("moat-agent: warm-up: {}", moat_core::error_chain(&e));
+            }
+        }
         Ok(())
     }
 
@@ -634,9 +640,87 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
 
 /// A writable root: `lower` under an overlay whose upper layer is guest
 /// memory.
-fn mount_overlay(lower: &str, root: &str) -> Result<(), AgentError> {
+/// Where the warm-up container's files are (gone after it).
+const WARM: &str = "/run/vm/warm";
+
+/// Creates and deletes a container of `w`'s config in a fork (as
+/// [`run_container`] would, without starting it), on a writable root of
+/// its own, then removes that root: the guest's caches are warm and
+/// nothing of the container is left.
+fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
+    use nix::mount::{umount2, MntFlags};
+    let root = format!("{WARM}/root");
+    let rw = format!("{WARM}/rw");
+    let bundle = format!("{WARM}/bundle");
+    let mut config = w.config.clone();
+    config["root"]["path"] = serde_json::json!(root);
+    if let Some(lower) = &w.overlay_root {
+        mount_overlay(lower, &root, &rw)?;
+    }
+    std::fs::create_dir_all(&bundle).map_err(io(format!("create {bundle}")))?;
+    std::fs::write(
+        format!("{bundle}/config.json"),
+        serde_json::to_vec(&config).unwrap_or_default(),
+    )
+    .map_err(io("write the warm-up's config.json"))?;
+    let one = moat_sys::process::OneThread::check().map_err(io("check the agent is single-threaded"))?;
+    let pid = one
+        .fork(0, |_| {
+            if nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            )
+            .is_err()
+            {
+                return 1;
+            }
+            use moat_core::runtime::{Config, CreateRequest, Lifecycle};
+            let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            let r = Config::from_bundle(Path::new(&bundle))
+                .map_err(|e| moat_core::error_chain(&e))
+                .and_then(|config| {
+                    tier.create(&CreateRequest {
+                        id: WARM_ID,
+                        config: &config,
+                        pid_file: None,
+                        console_socket: None,
+                        no_pivot: false,
+                        no_new_keyring: false,
+                        preserve_fds: 0,
+                        die_with_runtime: false,
+                    })
+                    .map_err(|e| moat_core::error_chain(&e))
+                });
+            let deleted = tier.delete(WARM_ID, true);
+            match (r, deleted) {
+                (Ok(()), Ok(())) => 0,
+                (Err(e), _) => {
+                    eprintln!("moat-agent: warm-up container: {e}");
+                    1
+                }
+                (Ok(()), Err(e)) => {
+                    eprintln!("moat-agent: warm-up container: {}", moat_core::error_chain(&e));
+                    1
+                }
+            }
+        })
+        .map_err(io("fork the warm-up"))?;
+    let status = waitpid(Pid::from_raw(pid), None);
+    let _ = umount2(root.as_str(), MntFlags::MNT_DETACH);
+    let _ = umount2(rw.as_str(), MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(WARM);
+    match status {
+        Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+        other => Err(AgentError::Request(format!("the warm-up ended with {other:?}"))),
+    }
+}
+
+/// The warm-up container's ID.
+const WARM_ID: &str = "warm-up";
+
+fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
     use nix::mount::{mount, MsFlags};
-    let rw = "/run/vm/rw";
     std::fs::create_dir_all(rw).map_err(io(format!("create {rw}")))?;
     mount(
         Some("tmpfs"),

@@ -361,6 +361,7 @@ pub fn tail_text(tail: &VecDeque<u8>) -> String {
 fn prime(b: &mut Booted, plan: &VmmPlan) -> Result<(), VmmError> {
     let req = proto::PrimeRequest {
         disks: plan.run.disks.clone(),
+        warm: Some(proto::WarmUp::of(&plan.run)),
     };
     b.agent
         .write_all(&proto::encode_json(Kind::Prime, 0, &req))
