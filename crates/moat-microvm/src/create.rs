@@ -445,10 +445,15 @@ impl MicrovmTier {
     }
 
     /// Whether an image of `source` may be shared through the cache: moat's
-    /// own directories (under the state root) and the host's system
-    /// directories the embedded default shows.
+    /// shared trees under the state root and the host's paths the embedded
+    /// default shows.
     fn cacheable(&self, source: &Path) -> bool {
-        if source.starts_with(self.sd.root()) {
+        // moat's shared trees: its prebuilt roots (`.cache/rootfs`) and the
+        // image store (`.images`). Not a run's own directories (`.run/…`,
+        // a `--read-write` root's copy): their images would pile up in the
+        // cache, one per run.
+        let root = self.sd.root();
+        if source.starts_with(root.join(".cache")) || source.starts_with(root.join(".images")) {
             return true;
         }
         shown_host_path(source)
@@ -799,6 +804,17 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_moats_shared_trees_are_cached_not_a_runs_own() {
+        let d = tempfile::tempdir().unwrap();
+        let tier = MicrovmTier::new(d.path(), false);
+        assert!(tier.cacheable(&d.path().join(".cache/rootfs/abc")));
+        assert!(tier.cacheable(&d.path().join(".images/x/rootfs")));
+        assert!(tier.cacheable(Path::new("/usr")));
+        assert!(!tier.cacheable(&d.path().join(".run/run-1-2/rootfs")));
+        assert!(!tier.cacheable(&d.path().join("w0/rootfs")));
+    }
 
     #[test]
     fn the_host_paths_the_embedded_default_shows_are_cached() {

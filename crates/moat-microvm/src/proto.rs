@@ -199,6 +199,9 @@ pub struct GuestDisk {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PrimeRequest {
     pub disks: Vec<GuestDisk>,
+    /// The run's writable root, mounted now too: (lower layer, root).
+    #[serde(default)]
+    pub overlay: Option<(String, String)>,
     /// A container the agent creates and deletes before the snapshot, to
     /// warm the guest's caches (its seccomp program, the cgroup
     /// controllers, the root's directories): the run's config with its

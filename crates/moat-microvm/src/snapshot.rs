@@ -270,7 +270,10 @@ fn prune_primed(path: &Path, keep: usize) {
     primed.sort_by(|a, b| b.0.cmp(&a.0));
     for (_, p) in primed.into_iter().skip(keep) {
         let _ = std::fs::remove_file(&p);
-        tracing::debug!("microvm: removed the least recently used snapshot {}", p.display());
+        tracing::debug!(
+            "microvm: removed the least recently used snapshot {}",
+            p.display()
+        );
     }
 }
 
@@ -361,7 +364,8 @@ mod tests {
         for i in 0..6u64 {
             let p = d.path().join(format!("snapshot-p{i:016x}-f.vmstate"));
             let f = File::create(&p).unwrap();
-            f.set_modified(t0 + std::time::Duration::from_secs(i)).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i))
+                .unwrap();
             all.push(p);
         }
         let unprimed = d.path().join("snapshot-0000000000000000-f.vmstate");

@@ -39,8 +39,9 @@ pub struct Agent {
     procs: BTreeMap<u32, Proc>,
     sigfd: SignalFd,
     prepared: bool,
-    /// The disks mounted before the snapshot was saved (`Prime`).
-    primed: Option<Vec<proto::GuestDisk>>,
+    /// The disks (and the writable root: lower layer, root) mounted
+    /// before the snapshot was saved (`Prime`).
+    primed: Option<(Vec<proto::GuestDisk>, Option<(String, String)>)>,
     /// The container's own process ended: an exec has nothing to run in.
     main_done: bool,
 }
@@ -150,7 +151,11 @@ impl Agent {
                         continue;
                     }
                     if frame.kind == Kind::Prime {
-                        match frame.json().map_err(AgentError::from).and_then(|r| self.prime(r)) {
+                        match frame
+                            .json()
+                            .map_err(AgentError::from)
+                            .and_then(|r| self.prime(r))
+                        {
                             Ok(()) => self.send_json(Kind::Hello, 0, &hello)?,
                             Err(e) => {
                                 let msg = proto::ErrorMsg {
@@ -247,26 +252,27 @@ impl Agent {
             super::net::setup(net)?;
             super::net::apply(&mut config);
         }
+        let root = config["root"]["path"]
+            .as_str()
+            .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
+            .to_string();
+        let overlay = req.overlay_root.clone().map(|lower| (lower, root.clone()));
         match &self.primed {
             None => {
                 boot::load_modules(boot::LATE_MODULES)?;
                 mount_disks(&req.disks)?;
+                if let Some((lower, root)) = &overlay {
+                    mount_overlay(lower, root, RUN_RW)?;
+                }
             }
             // The snapshot's identity holds the disks: a mismatch is a bug,
             // and the container must not see another run's files.
-            Some(primed) if *primed != req.disks => {
+            Some((disks, primed_overlay)) if *disks != req.disks || *primed_overlay != overlay => {
                 return Err(AgentError::Request(
                     "the snapshot's disks are not this run's".into(),
                 ))
             }
             Some(_) => {}
-        }
-        let root = config["root"]["path"]
-            .as_str()
-            .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
-            .to_string();
-        if let Some(lower) = &req.overlay_root {
-            mount_overlay(lower, &root, "/run/vm/rw")?;
         }
         write_files(&req.files)?;
         let bundle = Path::new(BUNDLE);
@@ -285,7 +291,10 @@ impl Agent {
         }
         boot::load_modules(boot::LATE_MODULES)?;
         mount_disks(&req.disks)?;
-        self.primed = Some(req.disks);
+        if let Some((lower, root)) = &req.overlay {
+            mount_overlay(lower, root, RUN_RW)?;
+        }
+        self.primed = Some((req.disks, req.overlay));
         if let Some(w) = &req.warm {
             // Only a cost saved: a warm-up that fails changes nothing else.
             if let Err(e) = warm_up(w) {
@@ -314,7 +323,13 @@ impl Agent {
             file.as_str(),
             GUEST_ID,
         ];
-        self.spawn(chan, How::Exec(&args), terminal, (req.rows, req.cols), false)
+        self.spawn(
+            chan,
+            How::Exec(&args),
+            terminal,
+            (req.rows, req.cols),
+            false,
+        )
     }
 
     /// Runs the guest's moat with `args` (`How::Exec`), or the container
@@ -640,6 +655,8 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
 
 /// A writable root: `lower` under an overlay whose upper layer is guest
 /// memory.
+/// The writable root's upper layer (a tmpfs).
+const RUN_RW: &str = "/run/vm/rw";
 /// Where the warm-up container's files are (gone after it).
 const WARM: &str = "/run/vm/warm";
 
@@ -663,7 +680,8 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
         serde_json::to_vec(&config).unwrap_or_default(),
     )
     .map_err(io("write the warm-up's config.json"))?;
-    let one = moat_sys::process::OneThread::check().map_err(io("check the agent is single-threaded"))?;
+    let one =
+        moat_sys::process::OneThread::check().map_err(io("check the agent is single-threaded"))?;
     let pid = one
         .fork(0, |_| {
             if nix::sys::signal::sigprocmask(
@@ -700,7 +718,10 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
                     1
                 }
                 (Ok(()), Err(e)) => {
-                    eprintln!("moat-agent: warm-up container: {}", moat_core::error_chain(&e));
+                    eprintln!(
+                        "moat-agent: warm-up container: {}",
+                        moat_core::error_chain(&e)
+                    );
                     1
                 }
             }
@@ -712,7 +733,9 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
     let _ = std::fs::remove_dir_all(WARM);
     match status {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
-        other => Err(AgentError::Request(format!("the warm-up ended with {other:?}"))),
+        other => Err(AgentError::Request(format!(
+            "the warm-up ended with {other:?}"
+        ))),
     }
 }
 

@@ -361,6 +361,10 @@ pub fn tail_text(tail: &VecDeque<u8>) -> String {
 fn prime(b: &mut Booted, plan: &VmmPlan) -> Result<(), VmmError> {
     let req = proto::PrimeRequest {
         disks: plan.run.disks.clone(),
+        overlay: plan.run.overlay_root.clone().and_then(|lower| {
+            let root = plan.run.config["root"]["path"].as_str()?;
+            Some((lower, root.to_string()))
+        }),
         warm: Some(proto::WarmUp::of(&plan.run)),
     };
     b.agent
