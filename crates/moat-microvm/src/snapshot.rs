@@ -267,7 +267,7 @@ fn prune_primed(path: &Path, keep: usize) {
         .filter(|e| e.path() != path)
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    primed.sort_by(|a, b| b.0.cmp(&a.0));
+    primed.sort_by_key(|p| std::cmp::Reverse(p.0));
     for (_, p) in primed.into_iter().skip(keep) {
         let _ = std::fs::remove_file(&p);
         tracing::debug!(

@@ -41,7 +41,7 @@ pub struct Agent {
     prepared: bool,
     /// The disks (and the writable root: lower layer, root) mounted
     /// before the snapshot was saved (`Prime`).
-    primed: Option<(Vec<proto::GuestDisk>, Option<(String, String)>)>,
+    primed: Option<Primed>,
     /// The container's own process ended: an exec has nothing to run in.
     main_done: bool,
 }
@@ -655,6 +655,10 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
 
 /// A writable root: `lower` under an overlay whose upper layer is guest
 /// memory.
+/// What a primed guest has mounted: its disks, and its writable root
+/// (lower layer, root).
+type Primed = (Vec<proto::GuestDisk>, Option<(String, String)>);
+
 /// The writable root's upper layer (a tmpfs).
 const RUN_RW: &str = "/run/vm/rw";
 /// Where the warm-up container's files are (gone after it).
