@@ -194,8 +194,8 @@ impl MicrovmTier {
                 .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
         };
         // With the console on, the kernel's messages carry times and the
-        // agent runs the guest's moat with `--debug` (its step records go
-        // to the workload's stderr).
+        // agent runs the guest's `moat exec` with `--debug` (its step
+        // records go to the process's stderr).
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
             format!(
                 "{} debug",
