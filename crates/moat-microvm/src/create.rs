@@ -48,6 +48,12 @@ fn shown_host_path(source: &Path) -> bool {
     host_dirs || etc
 }
 
+/// Host files the embedded default shows that change while the host runs
+/// (a DHCP client, a container engine or a test rewrites them): they are
+/// copied into every run rather than carried in the cached group image,
+/// whose every rebuild would also mean a new primed snapshot.
+const VOLATILE_ETC: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+
 /// What a failed create must undo.
 struct Undo<'a> {
     tier: &'a MicrovmTier,
@@ -103,7 +109,8 @@ impl MicrovmTier {
         refuse_unsupported(&spec_json)?;
         let net = net_request(&req.config.spec)?;
         let own_disk = |p: &Path| own_disk(p);
-        let shared_file = |p: &Path| shown_host_path(p);
+        let shared_file =
+            |p: &Path| shown_host_path(p) && !VOLATILE_ETC.iter().any(|v| p == Path::new(v));
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,

@@ -50,8 +50,12 @@ pub struct Identity<'a> {
 }
 
 /// How many primed snapshots the cache keeps (one per set of images:
-/// the embedded default's, each image's); the least recently used go.
+/// the embedded default's, each image's); the least recently used go,
+/// unless used within [`PRIMED_GRACE`].
 pub const PRIMED_KEPT: usize = 4;
+/// A primed snapshot used (restored or saved) this recently is kept
+/// whatever the count: another run may be about to restore it.
+pub const PRIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -251,8 +255,10 @@ fn prune_config(path: &Path) {
 }
 
 /// Keeps the `keep` most recently used primed snapshots beside `path`
-/// (`snapshot-p…`), removing the others.
+/// (`snapshot-p…`) and those used within [`PRIMED_GRACE`], removing the
+/// others.
 fn prune_primed(path: &Path, keep: usize) {
+    let since = std::time::SystemTime::now() - PRIMED_GRACE;
     let Some(dir) = path.parent() else { return };
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
@@ -268,7 +274,7 @@ fn prune_primed(path: &Path, keep: usize) {
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     primed.sort_by_key(|p| std::cmp::Reverse(p.0));
-    for (_, p) in primed.into_iter().skip(keep) {
+    for (_, p) in primed.into_iter().skip(keep).filter(|(t, _)| *t < since) {
         let _ = std::fs::remove_file(&p);
         tracing::debug!(
             "microvm: removed the least recently used snapshot {}",
@@ -359,7 +365,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_primed_snapshots_go() {
         let d = tempfile::tempdir().unwrap();
-        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
         let mut all = Vec::new();
         for i in 0..6u64 {
             let p = d.path().join(format!("snapshot-p{i:016x}-f.vmstate"));
@@ -381,6 +387,17 @@ mod tests {
         let left: Vec<bool> = all.iter().map(|p| p.exists()).collect();
         assert_eq!(left, [false, true, false, false, true, true]);
         assert!(new.exists() && unprimed.exists());
+        // Beyond the count, one used within the grace period stays.
+        let recent = d.path().join("snapshot-precent-f.vmstate");
+        std::fs::write(&recent, b"").unwrap();
+        File::open(&all[4])
+            .unwrap()
+            .set_modified(std::time::SystemTime::now())
+            .unwrap();
+        prune_primed(&new, 1);
+        let left: Vec<bool> = all.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [false, true, false, false, true, false]);
+        assert!(recent.exists());
     }
 
     #[test]

@@ -395,17 +395,47 @@ impl Agent {
                 // Reaped by `reap` (waitpid on every child), not through `child`.
                 child.id() as i32
             }
-            How::Run => {
-                let one = moat_sys::process::OneThread::check()
-                    .map_err(io("check the agent is single-threaded"))?;
-                let pid = one
+            How::Run => match one_thread() {
+                Some(one) => one
                     .fork(0, |_| run_container(child))
-                    .map_err(io("fork the container's runtime"))?;
-                // The child's ends are the child's (dropped here, in the
-                // agent, by the closure).
-                pid
-            }
+                    // The child's ends are the child's (dropped here, in
+                    // the agent, by the closure).
+                    .map_err(io("fork the container's runtime"))?,
+                // Not single-threaded (cannot happen: the agent's threads
+                // are scoped): the guest's moat does it.
+                None => return self.spawn_exec_run(chan, child, p),
+            },
         };
+        self.procs.insert(chan, p);
+        Ok(())
+    }
+
+    /// `moat run --keep -b BUNDLE w0`, executed, with `child` as its stdio.
+    fn spawn_exec_run(
+        &mut self,
+        chan: u32,
+        child: [OwnedFd; 3],
+        mut p: Proc,
+    ) -> Result<(), AgentError> {
+        let [i, o, e] = child;
+        let c = Command::new(GUEST_MOAT)
+            .args([
+                "--root",
+                GUEST_STATE_ROOT,
+                "run",
+                "--keep",
+                "-b",
+                BUNDLE,
+                GUEST_ID,
+            ])
+            .env_clear()
+            .env("PATH", GUEST_PATH)
+            .stdin(Stdio::from(i))
+            .stdout(Stdio::from(o))
+            .stderr(Stdio::from(e))
+            .spawn()
+            .map_err(io(format!("start {GUEST_MOAT}")))?;
+        p.pid = c.id() as i32;
         self.procs.insert(chan, p);
         Ok(())
     }
@@ -506,6 +536,21 @@ impl Agent {
             self.send_json(Kind::Exit, id, &exit)?;
         }
         Ok(())
+    }
+}
+
+/// Proof that the agent runs on one thread, waiting up to 200 ms for a
+/// thread that was joined to be gone: the network setup runs on scoped
+/// threads, and a joined thread is still counted until the kernel has
+/// released it.
+fn one_thread() -> Option<moat_sys::process::OneThread> {
+    let end = Instant::now() + Duration::from_millis(200);
+    loop {
+        match moat_sys::process::OneThread::check() {
+            Ok(one) => return Some(one),
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => return None,
+        }
     }
 }
 
@@ -684,8 +729,8 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
         serde_json::to_vec(&config).unwrap_or_default(),
     )
     .map_err(io("write the warm-up's config.json"))?;
-    let one =
-        moat_sys::process::OneThread::check().map_err(io("check the agent is single-threaded"))?;
+    let one = one_thread()
+        .ok_or_else(|| AgentError::Request("the agent is not single-threaded".into()))?;
     let pid = one
         .fork(0, |_| {
             if nix::sys::signal::sigprocmask(
