@@ -100,6 +100,7 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Started => drop(f.json::<proto::Started>()),
                         Kind::Exit => drop(f.json::<proto::Exit>()),
                         Kind::Error => drop(f.json::<proto::ErrorMsg>()),
+                        Kind::Prime => drop(f.json::<proto::PrimeRequest>()),
                         Kind::Stdin | Kind::Stdout | Kind::Stderr | Kind::Shutdown | Kind::Ping => {
                         }
                     }

@@ -381,20 +381,7 @@ impl Agent {
             [in_r, out_w, err_w]
         };
         p.pid = match how {
-            How::Exec(args) => {
-                let [i, o, e] = child;
-                let child = Command::new(GUEST_MOAT)
-                    .args(args)
-                    .env_clear()
-                    .env("PATH", GUEST_PATH)
-                    .stdin(Stdio::from(i))
-                    .stdout(Stdio::from(o))
-                    .stderr(Stdio::from(e))
-                    .spawn()
-                    .map_err(io(format!("start {GUEST_MOAT}")))?;
-                // Reaped by `reap` (waitpid on every child), not through `child`.
-                child.id() as i32
-            }
+            How::Exec(args) => exec_moat(args, child)?,
             How::Run => match one_thread() {
                 Some(one) => one
                     .fork(0, |_| run_container(child))
@@ -403,39 +390,20 @@ impl Agent {
                     .map_err(io("fork the container's runtime"))?,
                 // Not single-threaded (cannot happen: the agent's threads
                 // are scoped): the guest's moat does it.
-                None => return self.spawn_exec_run(chan, child, p),
+                None => exec_moat(
+                    &[
+                        "--root",
+                        GUEST_STATE_ROOT,
+                        "run",
+                        "--keep",
+                        "-b",
+                        BUNDLE,
+                        GUEST_ID,
+                    ],
+                    child,
+                )?,
             },
         };
-        self.procs.insert(chan, p);
-        Ok(())
-    }
-
-    /// `moat run --keep -b BUNDLE w0`, executed, with `child` as its stdio.
-    fn spawn_exec_run(
-        &mut self,
-        chan: u32,
-        child: [OwnedFd; 3],
-        mut p: Proc,
-    ) -> Result<(), AgentError> {
-        let [i, o, e] = child;
-        let c = Command::new(GUEST_MOAT)
-            .args([
-                "--root",
-                GUEST_STATE_ROOT,
-                "run",
-                "--keep",
-                "-b",
-                BUNDLE,
-                GUEST_ID,
-            ])
-            .env_clear()
-            .env("PATH", GUEST_PATH)
-            .stdin(Stdio::from(i))
-            .stdout(Stdio::from(o))
-            .stderr(Stdio::from(e))
-            .spawn()
-            .map_err(io(format!("start {GUEST_MOAT}")))?;
-        p.pid = c.id() as i32;
         self.procs.insert(chan, p);
         Ok(())
     }
@@ -539,6 +507,22 @@ impl Agent {
     }
 }
 
+/// Starts the guest's moat with `args` and `stdio`; its PID (it is reaped
+/// by `reap`, waitpid on every child).
+fn exec_moat(args: &[&str], stdio: [OwnedFd; 3]) -> Result<i32, AgentError> {
+    let [i, o, e] = stdio;
+    let child = Command::new(GUEST_MOAT)
+        .args(args)
+        .env_clear()
+        .env("PATH", GUEST_PATH)
+        .stdin(Stdio::from(i))
+        .stdout(Stdio::from(o))
+        .stderr(Stdio::from(e))
+        .spawn()
+        .map_err(io(format!("start {GUEST_MOAT}")))?;
+    Ok(child.id() as i32)
+}
+
 /// Proof that the agent runs on one thread, waiting up to 200 ms for a
 /// thread that was joined to be gone: the network setup runs on scoped
 /// threads, and a joined thread is still counted until the kernel has
@@ -599,15 +583,7 @@ fn run_container(stdio: [OwnedFd; 3]) -> i32 {
     if stdio_ok.is_err() {
         return 1;
     }
-    // The agent blocks SIGCHLD for its signalfd; a container's runtime
-    // waits with the default mask.
-    if nix::sys::signal::sigprocmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&SigSet::empty()),
-        None,
-    )
-    .is_err()
-    {
+    if unblock_signals().is_err() {
         return 1;
     }
     std::env::set_var("PATH", GUEST_PATH);
@@ -620,21 +596,41 @@ fn run_container(stdio: [OwnedFd; 3]) -> i32 {
     }
 }
 
-fn launch_and_wait() -> Result<i32, moat_core::runtime::RuntimeError> {
-    use moat_core::runtime::{Config, CreateRequest, Lifecycle};
-    let config = Config::from_bundle(Path::new(BUNDLE))
-        .map_err(|e| moat_core::runtime::RuntimeError::Invalid(moat_core::error_chain(&e)))?;
-    let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-    let launched = tier.launch(&CreateRequest {
-        id: GUEST_ID,
-        config: &config,
+/// In a fork of the agent: the default signal mask back (the agent blocks
+/// SIGCHLD for its signalfd; the container's runtime waits with none
+/// blocked).
+fn unblock_signals() -> nix::Result<()> {
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    )
+}
+
+/// A create request for container `id` of the guest: no pid file, console
+/// socket or preserved descriptors, as `moat run -b BUNDLE` makes it.
+fn guest_request<'a>(
+    id: &'a str,
+    config: &'a moat_core::runtime::Config,
+) -> moat_core::runtime::CreateRequest<'a> {
+    moat_core::runtime::CreateRequest {
+        id,
+        config,
         pid_file: None,
         console_socket: None,
         no_pivot: false,
         no_new_keyring: false,
         preserve_fds: 0,
         die_with_runtime: false,
-    })?;
+    }
+}
+
+fn launch_and_wait() -> Result<i32, moat_core::runtime::RuntimeError> {
+    use moat_core::runtime::{Config, Lifecycle};
+    let config = Config::from_bundle(Path::new(BUNDLE))
+        .map_err(|e| moat_core::runtime::RuntimeError::Invalid(moat_core::error_chain(&e)))?;
+    let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+    let launched = tier.launch(&guest_request(GUEST_ID, &config))?;
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
@@ -733,31 +729,16 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
         .ok_or_else(|| AgentError::Request("the agent is not single-threaded".into()))?;
     let pid = one
         .fork(0, |_| {
-            if nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&SigSet::empty()),
-                None,
-            )
-            .is_err()
-            {
+            if unblock_signals().is_err() {
                 return 1;
             }
-            use moat_core::runtime::{Config, CreateRequest, Lifecycle};
+            use moat_core::runtime::{Config, Lifecycle};
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
             let r = Config::from_bundle(Path::new(&bundle))
                 .map_err(|e| moat_core::error_chain(&e))
                 .and_then(|config| {
-                    tier.create(&CreateRequest {
-                        id: WARM_ID,
-                        config: &config,
-                        pid_file: None,
-                        console_socket: None,
-                        no_pivot: false,
-                        no_new_keyring: false,
-                        preserve_fds: 0,
-                        die_with_runtime: false,
-                    })
-                    .map_err(|e| moat_core::error_chain(&e))
+                    tier.create(&guest_request(WARM_ID, &config))
+                        .map_err(|e| moat_core::error_chain(&e))
                 });
             let deleted = tier.delete(WARM_ID, true);
             match (r, deleted) {
