@@ -97,9 +97,16 @@ impl GuestKernel {
     }
 }
 
-fn stat_key(h: &mut Sha256, p: &Path) -> Result<(), MicrovmError> {
+/// The name part of a cache entry: the first 12 bytes of `h`, in hex.
+pub(crate) fn short_key(h: Sha256) -> String {
+    crate::disk::hex(&h.finalize()[..12])
+}
+
+/// Hashes what identifies file `p`: its path, size, mtime and inode.
+pub(crate) fn stat_key(h: &mut Sha256, p: &Path) -> Result<(), MicrovmError> {
     let m = std::fs::metadata(p).map_err(MicrovmError::io(format!("stat {}", p.display())))?;
     h.update(p.as_os_str().as_encoded_bytes());
+    h.update([0]);
     h.update(m.size().to_le_bytes());
     h.update(m.mtime().to_le_bytes());
     h.update(m.mtime_nsec().to_le_bytes());
@@ -131,10 +138,7 @@ pub fn initramfs(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, MicrovmE
     for name in initramfs_modules() {
         stat_key(&mut h, &kernel.module_path(name))?;
     }
-    let key: String = h.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = short_key(h);
     let path = cache.join(format!("initramfs-{key}.cpio"));
     if path.is_file() {
         return Ok(path);
@@ -162,10 +166,7 @@ pub fn boot_image(cache: &Path, kernel: &GuestKernel) -> Result<PathBuf, Microvm
     let mut h = Sha256::new();
     h.update(b"moat-vmlinux-1");
     stat_key(&mut h, &kernel.image)?;
-    let key: String = h.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = short_key(h);
     let path = cache.join(format!("vmlinux-{key}"));
     if path.is_file() {
         return Ok(path);

@@ -396,8 +396,9 @@ impl MicrovmTier {
         let mut images = Vec::new();
         let mut shared = true;
         for (i, need) in plan.disks.iter().enumerate() {
-            shared &= self.cacheable(&need.source);
-            let img = if self.cacheable(&need.source) {
+            let cacheable = self.cacheable(&need.source);
+            shared &= cacheable;
+            let img = if cacheable {
                 disk::cached(&cache, &need.source)?
             } else {
                 disk::per_container(&need.source, &dir.join(format!("disk-{i}.ext4")))?

@@ -42,7 +42,7 @@ pub fn ensure_dir(dir: &Path) -> Result<(), MicrovmError> {
         .map_err(MicrovmError::io(format!("create {}", dir.display())))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -49,7 +49,8 @@ pub enum Kind {
     Error = 10,
     /// host → guest: run another process in the container ([`ExecRequest`]).
     Exec = 11,
-    /// host → guest: power off now.
+    /// host → guest: power off now (the host kills the VM after `Exit`
+    /// instead; the agent still honours it).
     Shutdown = 12,
     /// host → guest: say hello again (a guest restored from a snapshot
     /// said its first hello before the snapshot was taken).

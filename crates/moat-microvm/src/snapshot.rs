@@ -22,10 +22,13 @@
 //! `MOAT_MICROVM_SNAPSHOT=0` turns snapshots off (cold boots, nothing
 //! saved).
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::assets::stat_key;
+use crate::disk::hex;
 
 use crate::control::StartKind;
 use crate::MicrovmError;
@@ -56,21 +59,6 @@ pub const PRIMED_KEPT: usize = 4;
 /// A primed snapshot used (restored or saved) this recently is kept
 /// whatever the count: another run may be about to restore it.
 pub const PRIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn file_key(h: &mut Sha256, p: &Path) -> Result<(), MicrovmError> {
-    let m = std::fs::metadata(p).map_err(MicrovmError::io(format!("stat {}", p.display())))?;
-    h.update(p.as_os_str().as_encoded_bytes());
-    h.update([0]);
-    h.update(m.size().to_le_bytes());
-    h.update(m.mtime().to_le_bytes());
-    h.update(m.mtime_nsec().to_le_bytes());
-    h.update(m.ino().to_le_bytes());
-    Ok(())
-}
 
 impl Identity<'_> {
     /// The configuration part of the name (one snapshot is kept per
@@ -108,11 +96,11 @@ impl Identity<'_> {
     fn files_key(&self) -> Result<String, MicrovmError> {
         let mut h = Sha256::new();
         h.update(b"moat-snapshot-files-1\0");
-        file_key(&mut h, self.qemu)?;
-        file_key(&mut h, self.kernel)?;
-        file_key(&mut h, self.initrd)?;
+        stat_key(&mut h, self.qemu)?;
+        stat_key(&mut h, self.kernel)?;
+        stat_key(&mut h, self.initrd)?;
         for image in self.disks.map_or(&[][..], |(_, images)| images) {
-            file_key(&mut h, image)?;
+            stat_key(&mut h, image)?;
         }
         Ok(hex(&h.finalize()[..12]))
     }

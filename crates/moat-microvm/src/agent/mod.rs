@@ -2,12 +2,13 @@
 //! ([`crate::assets`]). It mounts the kernel filesystems, loads the virtio
 //! modules, opens the agent channel (`/dev/hvc0`), says hello, and serves
 //! the host: the container's process runs under moat's own container tier
-//! in the guest (`moat run --keep -b BUNDLE w0`, so every layer of the
-//! container tier holds inside the guest too), `exec`s run through `moat
-//! exec`, stdio and terminals are relayed as frames ([`crate::proto`]),
-//! signals delivered, and the exit status, OOM kills and refused forks
-//! reported. `Shutdown` (or anything fatal) reboots the guest, which ends
-//! the VM.
+//! in the guest (what `moat run --keep -b BUNDLE w0` does, in a fork of the
+//! agent, so every layer of the container tier holds inside the guest too),
+//! `exec`s run through `moat exec`, stdio and terminals are relayed as
+//! frames ([`crate::proto`]), signals delivered, and the exit status, OOM
+//! kills and refused forks reported. The host kills the VM once the exit is
+//! reported; `Shutdown` (or anything fatal) reboots the guest, which ends
+//! the VM too.
 use std::time::Duration;
 
 pub mod boot;

@@ -205,21 +205,13 @@ pub fn host_files(qemu: &Path) -> Result<Vec<PathBuf>, String> {
 /// (~40 ms) on every create.
 pub fn host_files_cached(cache: &Path, qemu: &Path) -> Result<Vec<PathBuf>, String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
     h.update(b"moat-qemu-files-1");
-    for p in [qemu, Path::new("/etc/ld.so.cache")] {
-        h.update(p.as_os_str().as_encoded_bytes());
-        if let Ok(m) = std::fs::metadata(p) {
-            for v in [m.size(), m.mtime() as u64, m.mtime_nsec() as u64, m.ino()] {
-                h.update(v.to_le_bytes());
-            }
-        }
+    let ld_cache = Path::new("/etc/ld.so.cache");
+    for p in std::iter::once(qemu).chain(ld_cache.exists().then_some(ld_cache)) {
+        crate::assets::stat_key(&mut h, p).map_err(|e| moat_core::error_chain(&e))?;
     }
-    let key: String = h.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = crate::assets::short_key(h);
     let path = cache.join(format!("qemu-files-{key}"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         let files: Vec<PathBuf> = text.lines().map(PathBuf::from).collect();
