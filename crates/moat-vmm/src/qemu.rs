@@ -120,6 +120,17 @@ pub fn host_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// The guest's CPU under TCG: every feature TCG emulates (SMEP, SMAP, UMIP
+/// and PKU among them, which the guest kernel's hardening uses) except
+/// ERMS and FSRM. With those, the kernel copies and clears memory, and
+/// glibc copies large buffers, with `rep movsb`/`stosb`, which QEMU 7.2's
+/// TCG runs one byte per translated-block iteration; without them it uses
+/// `rep movsq`/`stosq` or vector loops. Unpacking the initramfs and
+/// zeroing every page the guest touches dominated a cold start: its median
+/// went from 3.4 s to 2.0 s here (docs/performance.md). Performance-only
+/// features: nothing the guest's isolation relies on.
+pub const TCG_CPU: &str = "max,-erms,-fsrm";
+
 /// The QEMU arguments for `config`. The serial console is written to QEMU's
 /// stdout and the agent socket is QEMU's stdin (fd 0), as [`QemuVm::spawn`]
 /// arranges.
@@ -141,7 +152,7 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Result<Vec<OsString>, QemuE
     push("-cpu");
     push(match accel {
         Accel::Kvm => "host",
-        Accel::Tcg => "max",
+        Accel::Tcg => TCG_CPU,
     });
     push("-m");
     push(&format!("{}M", config.mem_mib));

@@ -37,6 +37,12 @@ fn main() -> ExitCode {
         // The guest agent of the microvm tier, PID 1 of a moat guest (the
         // kernel runs `/moat microvm-agent`).
         Some(moat_microvm::agent::SUBCOMMAND) => {
+            // `debug` on the guest's command line (MOAT_MICROVM_CONSOLE):
+            // the container runtime's step records, which the agent's fork
+            // writes to the workload's stderr.
+            if args.iter().any(|a| a == "debug") {
+                log::init(None, log::LogFormat::Text, true);
+            }
             return ExitCode::from(u8::try_from(moat_microvm::agent::main()).unwrap_or(1));
         }
         Some("bench-helper") => {

@@ -587,6 +587,7 @@ fn run_container(stdio: [OwnedFd; 3]) -> i32 {
         return 1;
     }
     std::env::set_var("PATH", GUEST_PATH);
+    moat_core::steps::begin_at(Instant::now());
     match launch_and_wait() {
         Ok(code) => code,
         Err(e) => {
@@ -629,15 +630,18 @@ fn launch_and_wait() -> Result<i32, moat_core::runtime::RuntimeError> {
     use moat_core::runtime::{Config, Lifecycle};
     let config = Config::from_bundle(Path::new(BUNDLE))
         .map_err(|e| moat_core::runtime::RuntimeError::Invalid(moat_core::error_chain(&e)))?;
+    moat_core::steps::mark("guest-config");
     let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
     let launched = tier.launch(&guest_request(GUEST_ID, &config))?;
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
-    Ok(match launched.terminal {
+    let code = match launched.terminal {
         Some(m) => moat_jail::console::proxy(m, launched.pid),
         None => moat_jail::supervise::wait_supervised(launched.pid, None, &kill_all).0,
-    })
+    };
+    moat_core::steps::mark("guest-workload");
+    Ok(code)
 }
 
 fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {

@@ -54,7 +54,7 @@ impl QemuArgs {
                 "-accel",
                 &format!("tcg,tb-size={TCG_TB_MIB}"),
                 "-cpu",
-                "max",
+                moat_vmm::qemu::TCG_CPU,
             ]),
         }
         push(&["-m", &format!("{}M", self.mem_mib)]);
