@@ -196,15 +196,19 @@ pub fn mount_kernel_filesystems() -> Result<(), AgentError> {
 }
 
 /// Loads `names` from [`MODULE_DIR`] in order; one already loaded is fine.
+/// Each gets its parameters from the kernel's command line, as modprobe
+/// gives them (`virtio_mmio.device=…`: the VMM's devices, when the guest
+/// has no ACPI tables that list them).
 pub fn load_modules(names: &[&str]) -> Result<(), AgentError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     for name in names {
         let path = Path::new(MODULE_DIR).join(format!("{name}.ko"));
         let file = std::fs::File::open(&path).map_err(|e| AgentError::Io {
             step: format!("open {}", path.display()),
             source: e,
         })?;
-        let empty = CString::default();
-        match nix::kmod::finit_module(&file, &empty, nix::kmod::ModuleInitFlags::empty()) {
+        let params = CString::new(module_params(&cmdline, name)).unwrap_or_default();
+        match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) | Err(nix::Error::EEXIST) => {}
             Err(e) => {
                 return Err(AgentError::Sys {
@@ -215,6 +219,24 @@ pub fn load_modules(names: &[&str]) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// The parameters the kernel command line `cmdline` gives module `name`
+/// (`name.param=value` words, `-` and `_` alike in the name), joined by
+/// spaces as `finit_module` takes them. Quoted values are not supported
+/// (no VMM of moat's writes them). Words after `--` count too: QEMU
+/// appends its `virtio_mmio.device=` words after the agent's own.
+pub fn module_params(cmdline: &str, name: &str) -> String {
+    let norm = |s: &str| s.replace('-', "_");
+    let want = norm(name);
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| {
+            let (module, param) = w.split_once('.')?;
+            (norm(module) == want && !param.is_empty() && !param.starts_with('=')).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Waits (bounded) for a device node to appear.
@@ -280,6 +302,19 @@ pub fn uuid_from_superblock(sb: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_params_come_from_the_command_line() {
+        let c = "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 virtio-mmio.device=4K@0xd0000000:5 \
+                 virtio_rng.x=1 virtio_mmio.=bad virtio_mmio -- agent virtio_mmio.device=512@0xfeb00c00:11";
+        assert_eq!(
+            module_params(c, "virtio_mmio"),
+            "device=512@0xfeb00e00:12 device=4K@0xd0000000:5 device=512@0xfeb00c00:11"
+        );
+        assert_eq!(module_params(c, "virtio-rng"), "x=1");
+        assert_eq!(module_params(c, "overlay"), "");
+        assert_eq!(module_params("", "virtio_mmio"), "");
+    }
 
     #[test]
     fn superblock_uuid() {
