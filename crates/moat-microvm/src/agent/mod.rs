@@ -63,10 +63,26 @@ pub fn main() -> i32 {
 fn run() -> Result<(), AgentError> {
     boot::leave_initramfs()?;
     boot::mount_kernel_filesystems()?;
+    trace("kernel filesystems");
     boot::seal_root()?;
     boot::load_modules(boot::EARLY_MODULES)?;
+    trace("early modules");
     let chan = boot::open_channel()?;
     serve::Agent::new(chan)?.serve()
+}
+
+/// With `debug` on the kernel command line (MOAT_MICROVM_CONSOLE), prints
+/// on the console when the agent reached `step`, in seconds since the
+/// guest booted.
+pub fn trace(step: &str) {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *DEBUG.get_or_init(|| std::env::args().any(|a| a == "debug")) {
+        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        eprintln!(
+            "moat-agent: {step} at uptime {}",
+            up.split_whitespace().next().unwrap_or("?")
+        );
+    }
 }
 
 /// Syncs and reboots the guest: with `reboot=t` and QEMU's `-no-reboot`

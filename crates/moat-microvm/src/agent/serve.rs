@@ -90,13 +90,7 @@ impl Agent {
 
     pub fn serve(mut self) -> Result<(), AgentError> {
         let hello = hello();
-        if std::env::args().any(|a| a == "debug") {
-            let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-            eprintln!(
-                "moat-agent: hello at uptime {}",
-                up.split_whitespace().next().unwrap_or("?")
-            );
-        }
+        super::trace("hello");
         self.send_json(Kind::Hello, 0, &hello)?;
         let mut buf = vec![0u8; proto::MAX_DATA];
         loop {
@@ -257,13 +251,16 @@ impl Agent {
             .ok_or_else(|| AgentError::Request("config has no root.path".into()))?
             .to_string();
         let overlay = req.overlay_root.clone().map(|lower| (lower, root.clone()));
+        super::trace("run request");
         match &self.primed {
             None => {
                 boot::load_modules(boot::LATE_MODULES)?;
+                super::trace("late modules");
                 mount_disks(&req.disks)?;
                 if let Some((lower, root)) = &overlay {
                     mount_overlay(lower, root, RUN_RW)?;
                 }
+                super::trace("disks mounted");
             }
             // The snapshot's identity holds the disks: a mismatch is a bug,
             // and the container must not see another run's files.
@@ -280,7 +277,9 @@ impl Agent {
         let cfg = serde_json::to_vec(&config).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))?;
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
-        self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true)
+        let r = self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true);
+        super::trace("container runtime forked");
+        r
     }
 
     /// Mounts a run's disks before the snapshot is saved (see
