@@ -14,7 +14,7 @@ use moat_jail::console;
 use moat_jail::landlock;
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::rootfs::{self, RootfsConfig};
-use moat_jail::sync::{Channel, Msg, RemoteError, SyncError};
+use moat_jail::sync::{Channel, Msg, ProcessOverride, RemoteError, SyncError};
 use moat_sys::process::OneThread;
 
 #[derive(Debug, thiserror::Error)]
@@ -230,17 +230,27 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     }
     chan.send(&Msg::Created)?;
     detach_from_runtime(ctx, chan)?;
-    let reply = wait_for_start(ctx, chan)?;
+    let (reply, replaced) = wait_for_start(ctx, chan)?;
     let reply = reply.as_ref().unwrap_or(chan);
     run_container_hooks(ctx, reply, "startContainer")?;
     let linux = ctx.spec.linux().as_ref();
-    let process = ctx
+    let configured = ctx
         .spec
         .process()
         .as_ref()
         .expect("validated: process is present");
+    let process = match replaced {
+        Some(o) => {
+            let mut p = configured.clone();
+            p.set_args(Some(o.args))
+                .set_env(Some(o.env))
+                .set_cwd(o.cwd.into());
+            std::borrow::Cow::Owned(p)
+        }
+        None => std::borrow::Cow::Borrowed(configured),
+    };
     let fin = Finalize {
-        process,
+        process: &process,
         seccomp: linux.and_then(|l| l.seccomp().as_ref()),
         landlock: ruleset.as_ref(),
         die_with_runtime: ctx.die_with_runtime,
@@ -452,12 +462,25 @@ fn apply_sysctls(spec: &Spec) -> Result<(), InitError> {
 
 /// Blocks until the runtime says start. Returns the connection to report on,
 /// when start came from `moat start`.
-fn wait_for_start(ctx: &InitContext, chan: &Channel) -> Result<Option<Channel>, InitError> {
+/// Waits for `start`: the channel it came on when that is not the setup
+/// channel, and the process's replacement arguments, environment and
+/// working directory if the starter sent them (only on the setup channel:
+/// the runtime that created the container, [`Msg::StartWith`]).
+fn wait_for_start(
+    ctx: &InitContext,
+    chan: &Channel,
+) -> Result<(Option<Channel>, Option<ProcessOverride>), InitError> {
     match &ctx.start {
-        StartSignal::Channel => {
-            chan.expect(Msg::Start, "start")?;
-            Ok(None)
-        }
+        StartSignal::Channel => match chan.recv()? {
+            Msg::Start => Ok((None, None)),
+            Msg::StartWith(o) => Ok((None, Some(o))),
+            Msg::Error(e) => Err(SyncError::Child(e).into()),
+            got => Err(SyncError::Unexpected {
+                got,
+                expected: "start",
+            }
+            .into()),
+        },
         StartSignal::Listener(l) => {
             let guard = TerminationSignals::catch()?;
             loop {
@@ -465,7 +488,7 @@ fn wait_for_start(ctx: &InitContext, chan: &Channel) -> Result<Option<Channel>, 
                 let conn = Channel::accept(l).map_err(InitError::Accept)?;
                 if let Ok(Msg::Start) = conn.recv() {
                     guard.release()?;
-                    return Ok(Some(conn));
+                    return Ok((Some(conn), None));
                 }
             }
         }

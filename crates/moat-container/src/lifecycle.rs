@@ -22,7 +22,7 @@ use crate::network::NetRequest;
 use moat_jail::cgroup::{CgroupError, CgroupManager};
 use moat_jail::ns::{self, NsPlan};
 use moat_jail::procfs::{pid_start_time, proc_stat};
-use moat_jail::sync::{self, Channel, FdKind, Msg, SyncError};
+use moat_jail::sync::{self, Channel, FdKind, Msg, ProcessOverride, SyncError};
 use moat_jail::{idmap, seccomp};
 
 pub const START_SOCKET: &str = "start.sock";
@@ -530,6 +530,21 @@ impl ContainerTier {
     /// container process stays this process's child; with a terminal and
     /// no console socket, the pty master comes back to the caller.
     fn launch_container(&self, req: &CreateRequest) -> Result<Launched, ContainerError> {
+        self.launch_held(req, || Ok(None))
+    }
+
+    /// `launch`, with the start held until `hold` returns: the container
+    /// is created (namespaces, cgroup, root, mounts, the seccomp program)
+    /// and its process waits; it then starts with the replacement
+    /// arguments, environment and working directory `hold` may give
+    /// (everything else is the config's). The microvm tier's guest creates
+    /// its container this way before its snapshot is saved. An `Err` from
+    /// `hold` (its message) deletes the container.
+    pub fn launch_held(
+        &self,
+        req: &CreateRequest,
+        hold: impl FnOnce() -> Result<Option<ProcessOverride>, String>,
+    ) -> Result<Launched, ContainerError> {
         let Created {
             pid,
             mut state,
@@ -542,7 +557,17 @@ impl ContainerTier {
             .transpose()
             .map_err(ContainerError::from)
             .and_then(|master| {
-                chan.send(&Msg::Start)?;
+                let start = match hold().map_err(ContainerError::Invalid)? {
+                    Some(o) if !o.fits() => {
+                        return Err(ContainerError::Invalid(
+                            "the process's arguments and environment are too long to hand over"
+                                .into(),
+                        ))
+                    }
+                    Some(o) => Msg::StartWith(o),
+                    None => Msg::Start,
+                };
+                chan.send(&start)?;
                 self.await_exec(&chan, &state)?;
                 Ok(master)
             });

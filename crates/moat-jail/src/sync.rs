@@ -177,6 +177,11 @@ pub enum Msg {
     Ready,
     /// Parent -> child: start the user process.
     Start,
+    /// Parent -> child: start the user process with these arguments,
+    /// environment and working directory instead of the config's (a
+    /// container created ahead of its workload: the microvm tier's
+    /// prepared guest). At most [`MAX_OVERRIDE`] bytes encoded.
+    StartWith(ProcessOverride),
     /// Child -> parent: a file descriptor follows (pty master or seccomp notify fd).
     Fd(FdKind),
     /// Either way: setup failed (or the exec of the program did), typed.
@@ -192,6 +197,25 @@ pub enum Msg {
     Join { last: bool },
     /// Child -> parent: every file of the `Join`s is joined.
     Joined,
+}
+
+/// What [`Msg::StartWith`] replaces in the config's process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessOverride {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+}
+
+/// The largest encoded [`Msg::StartWith`] a channel carries (one message
+/// fits in the receive buffer).
+pub const MAX_OVERRIDE: usize = RECV_BUF - 1;
+
+impl ProcessOverride {
+    /// Whether it fits in one [`Msg::StartWith`].
+    pub fn fits(&self) -> bool {
+        serde_json::to_vec(self).is_ok_and(|v| v.len() < MAX_OVERRIDE)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +266,11 @@ impl Msg {
             Msg::Created => vec![b'C'],
             Msg::Ready => vec![b'R'],
             Msg::Start => vec![b'S'],
+            Msg::StartWith(o) => {
+                let mut v = vec![b'O'];
+                v.extend_from_slice(&serde_json::to_vec(o).unwrap_or_default());
+                v
+            }
             Msg::Fd(FdKind::Seccomp) => vec![b'F', b's'],
             Msg::Fd(FdKind::Tap) => vec![b'F', b't'],
             Msg::Join { last } => vec![b'J', u8::from(*last)],
@@ -277,6 +306,7 @@ impl Msg {
             b'C' => Msg::Created,
             b'R' => Msg::Ready,
             b'S' => Msg::Start,
+            b'O' => Msg::StartWith(serde_json::from_slice(rest).ok()?),
             b'F' if rest == b"s" => Msg::Fd(FdKind::Seccomp),
             b'F' if rest == b"t" => Msg::Fd(FdKind::Tap),
             b'J' if rest == [0] || rest == [1] => Msg::Join { last: rest == [1] },
@@ -416,6 +446,12 @@ mod tests {
             Msg::Join { last: false },
             Msg::Join { last: true },
             Msg::Joined,
+            Msg::Start,
+            Msg::StartWith(ProcessOverride {
+                args: vec!["sh".into(), "-c".into(), "echo ü".into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/work".into(),
+            }),
             Msg::Error(RemoteError::new(&std::io::Error::from_raw_os_error(
                 libc::EPERM,
             ))),
@@ -433,6 +469,18 @@ mod tests {
         assert!(b.peer_closed(), "a closed peer with a message queued");
         assert_eq!(b.recv().unwrap(), Msg::Ready);
         assert!(matches!(b.recv().unwrap_err(), SyncError::Eof));
+    }
+
+    #[test]
+    fn an_override_fits_or_says_it_does_not() {
+        let mut o = ProcessOverride {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+        };
+        assert!(o.fits());
+        o.env.push("X=".to_string() + &"y".repeat(MAX_OVERRIDE));
+        assert!(!o.fits());
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,14 @@ pub enum Reply {
 pub enum Setup {
     /// The guest's agent answered (and, when asked to start at once, the
     /// container's process runs); how the guest started.
-    Ready { start: StartKind },
+    Ready {
+        start: StartKind,
+        /// The container's process started in a container the snapshot
+        /// held created (the guest agent's `Held`); only when asked to
+        /// start at once.
+        #[serde(default)]
+        held: bool,
+    },
     Failed {
         message: String,
         exec_status: Option<u8>,

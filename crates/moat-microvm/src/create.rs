@@ -733,7 +733,14 @@ fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
         Err(e) => return Err(MicrovmError::sys("wait for the VMM process")(e).into()),
     }
     match control::recv::<control::Setup>(sock.as_fd()) {
-        Ok(control::Setup::Ready { start }) => Ok(start),
+        Ok(control::Setup::Ready { start, held }) => {
+            if held {
+                tracing::debug!(
+                    "microvm: the container was created before the snapshot; its process started now"
+                );
+            }
+            Ok(start)
+        }
         Ok(control::Setup::Failed {
             message,
             exec_status: Some(status),

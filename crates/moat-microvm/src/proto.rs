@@ -203,11 +203,15 @@ pub struct PrimeRequest {
     /// The run's writable root, mounted now too: (lower layer, root).
     #[serde(default)]
     pub overlay: Option<(String, String)>,
-    /// A container the agent creates and deletes before the snapshot, to
-    /// warm the guest's caches (its seccomp program, the cgroup
-    /// controllers, the root's directories): the run's config with its
-    /// process, annotations and per-run files taken out (a snapshot is
-    /// shared by every later run: nothing of this run's may be in it).
+    /// The container the agent creates before the snapshot and holds
+    /// until a run starts it with its own process (the agent's `Held`;
+    /// a run whose config differs otherwise cancels it, and if it cannot
+    /// be held it is created and deleted, which still warms the guest's
+    /// caches): the run's config with its process's arguments, environment
+    /// and working directory and its annotations other than moat's own
+    /// taken out, and its per-run files' mounts kept with empty files (a
+    /// snapshot is shared by every later run: nothing of this run's may be
+    /// in it).
     #[serde(default)]
     pub warm: Option<WarmUp>,
 }
@@ -222,8 +226,10 @@ pub struct WarmUp {
 
 impl WarmUp {
     /// The warm-up for `run`: its config without its process's arguments,
-    /// environment and working directory, its annotations, and the mounts
-    /// of per-run files (which the agent writes only for the run).
+    /// environment and working directory (placeholders instead), a
+    /// terminal, or annotations but moat's own. The mounts of per-run
+    /// files stay (the agent binds empty files and writes them for the
+    /// run).
     pub fn of(run: &RunRequest) -> WarmUp {
         let mut config = run.config.clone();
         if let Some(p) = config.get_mut("process").and_then(|p| p.as_object_mut()) {
@@ -232,21 +238,29 @@ impl WarmUp {
             p.insert("cwd".into(), serde_json::json!("/"));
             p.insert("terminal".into(), serde_json::json!(false));
         }
-        if let Some(o) = config.as_object_mut() {
-            o.remove("annotations");
-        }
-        if let Some(m) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
-            m.retain(|m| {
-                !m["source"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("/run/vm/files"))
-            });
-        }
+        moat_annotations_only(&mut config);
         WarmUp {
             config,
             overlay_root: run.overlay_root.clone(),
         }
     }
+}
+
+/// Takes out of `config` every annotation but moat's own (`dev.moat.…`,
+/// which the guest's container tier reads: a Landlock policy), and the
+/// annotations object if none is left. Others (an engine's names and IDs)
+/// are one run's, and nothing in the guest reads them.
+pub fn moat_annotations_only(config: &mut serde_json::Value) {
+    let Some(o) = config.as_object_mut() else {
+        return;
+    };
+    if let Some(a) = o.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+        a.retain(|k, _| k.starts_with("dev.moat."));
+        if !a.is_empty() {
+            return;
+        }
+    }
+    o.remove("annotations");
 }
 
 /// A file the agent writes before the container starts (a bind-mounted
@@ -339,8 +353,13 @@ pub struct Resize {
     pub cols: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Started {}
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {
+    /// The container was created before the snapshot was saved and only
+    /// its process started now (the agent's held container).
+    #[serde(default)]
+    pub held: bool,
+}
 
 /// guest → host: how a process ended. `code` is its exit status, 128+N
 /// for a signal, as a shell reports it.

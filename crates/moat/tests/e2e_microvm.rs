@@ -504,6 +504,9 @@ fn snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back() {
         let (out, log) = run_logged(&rt, &cache, FRESH);
         assert_eq!(out.code, Some(7), "{out:?}\n{log}");
         assert!(log.contains("restored from snapshot"), "{log}");
+        // The snapshot holds the container created, waiting for its
+        // process: only that started now.
+        assert!(log.contains("created before the snapshot"), "{log}");
         let f = fresh_lines(&out);
         assert!(
             f.2 >= before,
@@ -516,6 +519,69 @@ fn snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back() {
         }
         seen.push(f);
     }
+    // A restored run with its own environment, working directory and
+    // stdin (the held container starts with this run's process), then one
+    // with a terminal, which the held container was not made for: it is
+    // deleted and the run's own created as usual, right all the same.
+    let log = cache.with_extension("log");
+    let log_s = log.display().to_string();
+    let cache_env = vec![(
+        "MOAT_MICROVM_CACHE".to_string(),
+        cache.display().to_string(),
+    )];
+    let out = rt.cmd_with(
+        &[
+            "--debug",
+            "--log",
+            &log_s,
+            "run",
+            "--isolation",
+            "microvm",
+            "-i",
+            "-e",
+            "WHO=held",
+            "-w",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            r#"read x; echo "$x $WHO $PWD"; exit 5"#,
+        ],
+        Opts {
+            env: cache_env.clone(),
+            stdin: Some(b"hello\n".to_vec()),
+            ..Opts::default()
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(out.code, Some(5), "{out:?}\n{text}");
+    assert_eq!(out.stdout, "hello held /tmp\n", "{out:?}");
+    assert!(text.contains("created before the snapshot"), "{text}");
+    let _ = std::fs::remove_file(&log);
+    let out = rt.cmd_with(
+        &[
+            "--debug",
+            "--log",
+            &log_s,
+            "run",
+            "--isolation",
+            "microvm",
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "tty >/dev/null && echo on a tty",
+        ],
+        Opts {
+            env: cache_env,
+            ..Opts::default()
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.ok(), "{out:?}\n{text}");
+    assert!(out.stdout.contains("on a tty"), "{out:?}");
+    assert!(text.contains("restored from snapshot"), "{text}");
+    assert!(!text.contains("created before the snapshot"), "{text}");
     // 3. A corrupt snapshot: that run boots cold, right all the same, and
     // the snapshot is removed.
     std::fs::write(&snaps[0], b"QEVM but not really a migration stream").unwrap();

@@ -118,14 +118,8 @@ pub fn leave_initramfs() -> Result<(), AgentError> {
 /// Bind-mounts `from` on `to`, read-only, no setuid or devices.
 fn bind_read_only(from: &str, to: &str) -> Result<(), AgentError> {
     let sys = |step: String| move |e| AgentError::Sys { step, source: e };
-    mount(
-        Some(from),
-        to,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(sys(format!("bind {from} on {to}")))?;
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(sys(format!("bind {from} on {to}")))?;
     mount(
         None::<&str>,
         to,

@@ -44,6 +44,30 @@ pub struct Agent {
     primed: Option<Primed>,
     /// The container's own process ended: an exec has nothing to run in.
     main_done: bool,
+    /// The container created before the snapshot was saved, waiting for
+    /// its run's process ([`Held`]).
+    held: Option<Held>,
+    /// The last start was the held container's (told in `Started`).
+    started_held: bool,
+}
+
+/// A container created ahead of its run (`Prime` with a warm-up): its
+/// runtime, a fork of the agent, waits in
+/// [`ContainerTier::launch_held`](moat_container::ContainerTier::launch_held)
+/// for the run's arguments, environment and working directory; everything
+/// else of the container (namespaces, cgroup, root, mounts, the seccomp
+/// program) is done and in the snapshot. A run whose config differs in
+/// anything else cancels it and creates its container as usual.
+struct Held {
+    /// The runtime's PID.
+    pid: i32,
+    /// Where the run's process goes (JSON, then closed); closed empty, it
+    /// cancels.
+    go: File,
+    /// The container's stdin, stdout and stderr (our ends).
+    stdio: [File; 3],
+    /// The config it was created with.
+    config: serde_json::Value,
 }
 
 fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -72,6 +96,8 @@ impl Agent {
             prepared: false,
             primed: None,
             main_done: false,
+            held: None,
+            started_held: false,
         })
     }
 
@@ -223,7 +249,10 @@ impl Agent {
 
     fn answer(&mut self, chan: u32, r: Result<(), AgentError>) -> Result<(), AgentError> {
         match r {
-            Ok(()) => self.send_json(Kind::Started, chan, &proto::Started {}),
+            Ok(()) => {
+                let held = std::mem::take(&mut self.started_held);
+                self.send_json(Kind::Started, chan, &proto::Started { held })
+            }
             Err(e) => {
                 let msg = proto::ErrorMsg {
                     message: moat_core::error_chain(&e),
@@ -271,6 +300,18 @@ impl Agent {
             }
             Some(_) => {}
         }
+        if let Some(held) = self.held.take() {
+            match held_process(&held.config, &config) {
+                Ok(o) => {
+                    write_files(&req.files)?;
+                    return self.start_held(chan, held, &o);
+                }
+                Err(why) => {
+                    super::trace(&format!("held container not used: {why}"));
+                    cancel_held(held);
+                }
+            }
+        }
         write_files(&req.files)?;
         let bundle = Path::new(BUNDLE);
         std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
@@ -295,11 +336,56 @@ impl Agent {
         }
         self.primed = Some((req.disks, req.overlay));
         if let Some(w) = &req.warm {
-            // Only a cost saved: a warm-up that fails changes nothing else.
-            if let Err(e) = warm_up(w) {
-                eprintln!("moat-agent: warm-up: {}", moat_core::error_chain(&e));
+            placeholders(&w.config)?;
+            // Only a cost saved: a container that cannot be held is warmed
+            // up (created and deleted), and a warm-up that fails changes
+            // nothing else.
+            match hold(w) {
+                Ok(h) => self.held = Some(h),
+                Err(e) => {
+                    eprintln!("moat-agent: held container: {}", moat_core::error_chain(&e));
+                    if let Err(e) = warm_up(w) {
+                        eprintln!("moat-agent: warm-up: {}", moat_core::error_chain(&e));
+                    }
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Starts the held container with the run's process `o`: its runtime
+    /// becomes the run's main process, its stdio ours.
+    fn start_held(
+        &mut self,
+        chan: u32,
+        held: Held,
+        o: &moat_jail::sync::ProcessOverride,
+    ) -> Result<(), AgentError> {
+        let Held {
+            pid,
+            mut go,
+            stdio: [stdin, stdout, stderr],
+            ..
+        } = held;
+        let body = serde_json::to_vec(o).unwrap_or_default();
+        go.write_all(&body)
+            .map_err(io("hand the run's process to the held container"))?;
+        drop(go);
+        self.procs.insert(
+            chan,
+            Proc {
+                pid,
+                stdin: Some(stdin),
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                tty: None,
+                status: None,
+                exited_at: None,
+                main: true,
+            },
+        );
+        self.started_held = true;
+        super::trace("held container started");
         Ok(())
     }
 
@@ -562,8 +648,15 @@ const BUNDLE: &str = "/run/vm/bundle";
 /// same pages. The binary the fork runs is the agent's, which the kernel
 /// keeps unwritable while the agent executes it.
 fn run_container(stdio: [OwnedFd; 3]) -> i32 {
-    // Only stdio stays open: the agent's channel, its signalfd and the
-    // other ends of these pipes are not this process's.
+    child_setup(stdio, &[]).map_or(1, |()| run_and_wait(|| Ok(None)))
+}
+
+/// In a fork of the agent: `stdio` as this process's stdin, stdout and
+/// stderr, every other descriptor but `keep` closed (the agent's channel,
+/// its signalfd and the other ends of these pipes are not this
+/// process's), the default signal mask, the guest's `PATH`, and step
+/// records timed from here.
+fn child_setup(stdio: [OwnedFd; 3], keep: &[i32]) -> Result<(), ()> {
     let [i, o, e] = stdio;
     let stdio_ok = rustix::stdio::dup2_stdin(&i)
         .and_then(|()| rustix::stdio::dup2_stdout(&o))
@@ -576,18 +669,24 @@ fn run_container(stdio: [OwnedFd; 3]) -> i32 {
                 .collect()
         })
         .unwrap_or_default();
-    for fd in open.into_iter().filter(|fd| *fd > 2) {
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
         let _ = nix::unistd::close(fd);
     }
-    if stdio_ok.is_err() {
-        return 1;
-    }
-    if unblock_signals().is_err() {
-        return 1;
+    if stdio_ok.is_err() || unblock_signals().is_err() {
+        return Err(());
     }
     std::env::set_var("PATH", GUEST_PATH);
     moat_core::steps::begin_at(Instant::now());
-    match launch_and_wait() {
+    Ok(())
+}
+
+/// Launches the bundle's container (its start held by `hold`, see
+/// [`moat_container::ContainerTier::launch_held`]) and waits for it;
+/// its status, or 1 with the error on stderr.
+fn run_and_wait(
+    hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
+) -> i32 {
+    match launch_and_wait(hold) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {}", moat_core::error_chain(&e));
@@ -625,13 +724,15 @@ fn guest_request<'a>(
     }
 }
 
-fn launch_and_wait() -> Result<i32, moat_core::runtime::RuntimeError> {
-    use moat_core::runtime::{Config, Lifecycle};
+fn launch_and_wait(
+    hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
+) -> Result<i32, moat_core::runtime::RuntimeError> {
+    use moat_core::runtime::{Config, Lifecycle, RuntimeError};
     let config = Config::from_bundle(Path::new(BUNDLE))
-        .map_err(|e| moat_core::runtime::RuntimeError::Invalid(moat_core::error_chain(&e)))?;
+        .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))?;
     moat_core::steps::mark("guest-config");
     let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-    let launched = tier.launch(&guest_request(GUEST_ID, &config))?;
+    let launched = tier.launch_held(&guest_request(GUEST_ID, &config), hold)?;
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
@@ -774,6 +875,171 @@ fn warm_up(w: &proto::WarmUp) -> Result<(), AgentError> {
 
 /// The warm-up container's ID.
 const WARM_ID: &str = "warm-up";
+
+/// Creates an empty file for each of `config`'s mounts of a per-run file
+/// (`/run/vm/files/N`) that does not exist yet: a held container binds
+/// them before the run writes their contents (in place: the bind shows
+/// the same inode).
+fn placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
+    let Some(mounts) = config["mounts"].as_array() else {
+        return Ok(());
+    };
+    for m in mounts {
+        let Some(src) = m["source"].as_str() else {
+            continue;
+        };
+        let p = Path::new(src);
+        if !p.starts_with("/run/vm/files") || p.exists() {
+            continue;
+        }
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        }
+        File::create(p).map_err(io(format!("create {src}")))?;
+    }
+    Ok(())
+}
+
+/// The run's process for a container held with `held` when the run's
+/// `config` is the same in everything else; else why not.
+fn held_process(
+    held: &serde_json::Value,
+    config: &serde_json::Value,
+) -> Result<moat_jail::sync::ProcessOverride, String> {
+    let strip = |c: &serde_json::Value| {
+        let mut c = c.clone();
+        if let Some(p) = c.get_mut("process").and_then(|p| p.as_object_mut()) {
+            for k in ["args", "env", "cwd"] {
+                p.remove(k);
+            }
+        }
+        proto::moat_annotations_only(&mut c);
+        c
+    };
+    let (h, c) = (strip(held), strip(config));
+    if h != c {
+        // Which part, for the trace.
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let mut differ: Vec<String> = keys(&h);
+        differ.extend(keys(&c));
+        differ.sort();
+        differ.dedup();
+        differ.retain(|k| h.get(k) != c.get(k));
+        return Err(format!("the run's config differs in {}", differ.join(", ")));
+    }
+    let p = &config["process"];
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let o = moat_jail::sync::ProcessOverride {
+        args: strings(&p["args"]),
+        env: strings(&p["env"]),
+        cwd: p["cwd"].as_str().unwrap_or("/").to_string(),
+    };
+    if o.args.is_empty() || !o.fits() {
+        return Err("the run's process cannot be handed over".into());
+    }
+    Ok(o)
+}
+
+/// Creates the container of `w` and holds its start ([`Held`]): returns
+/// once it is created (or failed).
+fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
+    let bundle = Path::new(BUNDLE);
+    std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec(&w.config).unwrap_or_default(),
+    )
+    .map_err(io("write config.json"))?;
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Sys {
+            step: "create a pipe".into(),
+            source: e,
+        })
+    };
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let one = one_thread()
+        .ok_or_else(|| AgentError::Request("the agent is not single-threaded".into()))?;
+    let pid = one
+        .fork(0, |_| held_container([in_r, out_w, err_w], go_r, ready_w))
+        .map_err(io("fork the held container's runtime"))?;
+    // The child's ends are the child's.
+    let mut ready = File::from(ready_r);
+    let mut byte = [0u8; 1];
+    match ready.read(&mut byte) {
+        Ok(1) => Ok(Held {
+            pid,
+            go: File::from(go_w),
+            stdio: [File::from(in_w), File::from(out_r), File::from(err_r)],
+            config: w.config.clone(),
+        }),
+        _ => {
+            let status = waitpid(Pid::from_raw(pid), None);
+            let mut err = String::new();
+            let _ = File::from(err_r).read_to_string(&mut err);
+            Err(AgentError::Request(format!(
+                "its runtime ended with {status:?}: {}",
+                err.trim()
+            )))
+        }
+    }
+}
+
+/// Cancels a held container: its runtime deletes it and exits.
+fn cancel_held(held: Held) {
+    let Held { pid, go, stdio, .. } = held;
+    drop(go);
+    let _ = waitpid(Pid::from_raw(pid), None);
+    drop(stdio);
+}
+
+/// In a fork of the agent: [`run_container`], but the container is
+/// created first and its start waits for the run's process on `go`;
+/// `ready` gets one byte once the container is created.
+fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd) -> i32 {
+    use rustix::fd::AsRawFd;
+    // Above the standard streams and out of the closing's way.
+    let (Ok(go), Ok(ready)) = (
+        rustix::io::fcntl_dupfd_cloexec(&go, 3),
+        rustix::io::fcntl_dupfd_cloexec(&ready, 3),
+    ) else {
+        return 1;
+    };
+    let keep = [go.as_raw_fd(), ready.as_raw_fd()];
+    child_setup(stdio, &keep).map_or(1, |()| {
+        let mut ready = Some(File::from(ready));
+        let mut go = File::from(go);
+        run_and_wait(move || {
+            if let Some(mut r) = ready.take() {
+                let _ = r.write_all(&[1]);
+            }
+            let mut body = Vec::new();
+            go.read_to_end(&mut body)
+                .map_err(|e| format!("read the run's process: {e}"))?;
+            if body.is_empty() {
+                return Err("the held container was not used".into());
+            }
+            serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| format!("the run's process: {e}"))
+        })
+    })
+}
 
 fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
     use nix::mount::{mount, MsFlags};

@@ -155,6 +155,7 @@ impl Relay {
         if let Some(s) = self.setup.take() {
             let ready = Setup::Ready {
                 start: self.how.clone(),
+                held: false,
             };
             let _ = control::send(s.as_fd(), &ready);
         }
@@ -355,10 +356,12 @@ impl Relay {
             // The first hello was taken before the relay started.
             (Kind::Hello, _) => {}
             (Kind::Started, 0) => {
+                let held = f.json::<proto::Started>().is_ok_and(|s| s.held);
                 self.phase = Phase::Running;
                 if let Some(s) = self.setup.take() {
                     let ready = Setup::Ready {
                         start: self.how.clone(),
+                        held,
                     };
                     let _ = control::send(s.as_fd(), &ready);
                 }
