@@ -435,27 +435,25 @@ fn snapshots_in(dir: &Path) -> Vec<PathBuf> {
 /// One `moat run` with the private cache and a debug log; the log's
 /// microvm lines come back with the output.
 fn run_logged(rt: &Rt, cache: &Path, script: &str) -> (Out, String) {
+    run_logged_with(rt, cache, &["--", "sh", "-c", script], None)
+}
+
+/// `moat run --isolation microvm ARGS` with `stdin`, the cache at `cache`;
+/// its output and the log's microvm lines.
+fn run_logged_with(rt: &Rt, cache: &Path, args: &[&str], stdin: Option<&[u8]>) -> (Out, String) {
     let log = cache.with_extension("log");
     let _ = std::fs::remove_file(&log);
     let log_s = log.display().to_string();
+    let mut all = vec!["--debug", "--log", &log_s, "run", "--isolation", "microvm"];
+    all.extend_from_slice(args);
     let out = rt.cmd_with(
-        &[
-            "--debug",
-            "--log",
-            &log_s,
-            "run",
-            "--isolation",
-            "microvm",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
+        &all,
         Opts {
             env: vec![(
                 "MOAT_MICROVM_CACHE".to_string(),
                 cache.display().to_string(),
             )],
+            stdin: stdin.map(<[u8]>::to_vec),
             ..Opts::default()
         },
     );
@@ -523,20 +521,10 @@ fn snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back() {
     // stdin (the held container starts with this run's process), then one
     // with a terminal, which the held container was not made for: it is
     // deleted and the run's own created as usual, right all the same.
-    let log = cache.with_extension("log");
-    let log_s = log.display().to_string();
-    let cache_env = vec![(
-        "MOAT_MICROVM_CACHE".to_string(),
-        cache.display().to_string(),
-    )];
-    let out = rt.cmd_with(
+    let (out, log) = run_logged_with(
+        &rt,
+        &cache,
         &[
-            "--debug",
-            "--log",
-            &log_s,
-            "run",
-            "--isolation",
-            "microvm",
             "-i",
             "-e",
             "WHO=held",
@@ -547,41 +535,21 @@ fn snapshots_restore_fresh_guests_and_stale_or_corrupt_ones_fall_back() {
             "-c",
             r#"read x; echo "$x $WHO $PWD"; exit 5"#,
         ],
-        Opts {
-            env: cache_env.clone(),
-            stdin: Some(b"hello\n".to_vec()),
-            ..Opts::default()
-        },
+        Some(b"hello\n"),
     );
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(out.code, Some(5), "{out:?}\n{text}");
+    assert_eq!(out.code, Some(5), "{out:?}\n{log}");
     assert_eq!(out.stdout, "hello held /tmp\n", "{out:?}");
-    assert!(text.contains("created before the snapshot"), "{text}");
-    let _ = std::fs::remove_file(&log);
-    let out = rt.cmd_with(
-        &[
-            "--debug",
-            "--log",
-            &log_s,
-            "run",
-            "--isolation",
-            "microvm",
-            "-t",
-            "--",
-            "sh",
-            "-c",
-            "tty >/dev/null && echo on a tty",
-        ],
-        Opts {
-            env: cache_env,
-            ..Opts::default()
-        },
+    assert!(log.contains("created before the snapshot"), "{log}");
+    let (out, log) = run_logged_with(
+        &rt,
+        &cache,
+        &["-t", "--", "sh", "-c", "tty >/dev/null && echo on a tty"],
+        None,
     );
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(out.ok(), "{out:?}\n{text}");
+    assert!(out.ok(), "{out:?}\n{log}");
     assert!(out.stdout.contains("on a tty"), "{out:?}");
-    assert!(text.contains("restored from snapshot"), "{text}");
-    assert!(!text.contains("created before the snapshot"), "{text}");
+    assert!(log.contains("restored from snapshot"), "{log}");
+    assert!(!log.contains("created before the snapshot"), "{log}");
     // 3. A corrupt snapshot: that run boots cold, right all the same, and
     // the snapshot is removed.
     std::fs::write(&snaps[0], b"QEVM but not really a migration stream").unwrap();

@@ -313,10 +313,7 @@ impl Agent {
             }
         }
         write_files(&req.files)?;
-        let bundle = Path::new(BUNDLE);
-        std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
-        let cfg = serde_json::to_vec(&config).unwrap_or_default();
-        std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))?;
+        write_bundle(&config)?;
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
         let r = self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true);
         super::trace("container runtime forked");
@@ -451,12 +448,6 @@ impl Agent {
             p.tty = Some(pty.master);
             [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave]
         } else {
-            let pipe = || {
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Sys {
-                    step: "create a pipe".into(),
-                    source: e,
-                })
-            };
             let (in_r, in_w) = pipe()?;
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
@@ -952,22 +943,26 @@ fn held_process(
     Ok(o)
 }
 
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Sys {
+        step: "create a pipe".into(),
+        source: e,
+    })
+}
+
+/// Writes `config` as the guest's bundle's config.json.
+fn write_bundle(config: &serde_json::Value) -> Result<(), AgentError> {
+    let bundle = Path::new(BUNDLE);
+    std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
+    let cfg = serde_json::to_vec(config).unwrap_or_default();
+    std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))
+}
+
 /// Creates the container of `w` and holds its start ([`Held`]): returns
 /// once it is created (or failed).
 fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
-    let bundle = Path::new(BUNDLE);
-    std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
-    std::fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec(&w.config).unwrap_or_default(),
-    )
-    .map_err(io("write config.json"))?;
-    let pipe = || {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Sys {
-            step: "create a pipe".into(),
-            source: e,
-        })
-    };
+    write_bundle(&w.config)?;
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
