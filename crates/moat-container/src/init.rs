@@ -460,9 +460,7 @@ fn apply_sysctls(spec: &Spec) -> Result<(), InitError> {
     Ok(())
 }
 
-/// Blocks until the runtime says start. Returns the connection to report on,
-/// when start came from `moat start`.
-/// Waits for `start`: the channel it came on when that is not the setup
+/// Blocks until the runtime says start: the channel it came on when that is not the setup
 /// channel, and the process's replacement arguments, environment and
 /// working directory if the starter sent them (only on the setup channel:
 /// the runtime that created the container, [`Msg::StartWith`]).

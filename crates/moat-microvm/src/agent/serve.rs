@@ -1008,11 +1008,15 @@ fn cancel_held(held: Held) {
 /// `ready` gets one byte once the container is created.
 fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
-    // Above the standard streams and out of the closing's way.
-    let (Ok(go), Ok(ready)) = (
+    // Above the standard streams and out of the closing's way; the
+    // originals closed now (`child_setup` closes every descriptor it is
+    // not told to keep, and an owned one must not be closed twice).
+    let dups = (
         rustix::io::fcntl_dupfd_cloexec(&go, 3),
         rustix::io::fcntl_dupfd_cloexec(&ready, 3),
-    ) else {
+    );
+    drop((go, ready));
+    let (Ok(go), Ok(ready)) = dups else {
         return 1;
     };
     let keep = [go.as_raw_fd(), ready.as_raw_fd()];
