@@ -203,6 +203,7 @@ pub enum Msg {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessOverride {
     pub args: Vec<String>,
+    #[serde(default)]
     pub env: Vec<String>,
     pub cwd: String,
 }

@@ -200,9 +200,10 @@ impl MicrovmTier {
                 .as_ref()
                 .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
         };
-        // With the console on, the kernel's messages carry times and the
-        // agent runs the guest's `moat exec` with `--debug` (its step
-        // records go to the process's stderr).
+        // With the console on, the kernel's messages carry times, the
+        // agent traces its steps on the console, and the run's container
+        // runtime (a fork of the agent) logs its step records to the
+        // workload's stderr.
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
             format!(
                 "{} debug",

@@ -135,8 +135,8 @@ fn bind_read_only(from: &str, to: &str) -> Result<(), AgentError> {
 }
 
 /// Makes the agent's root (the mount points; `/moat` and the modules are
-/// read-only binds already) read-only, once everything is mounted on it: the workload can never
-/// overwrite the guest's moat, and the guest's `moat run` and `moat exec`
+/// read-only binds already) read-only, once everything is mounted on it:
+/// the workload can never overwrite the guest's moat, and the guest's `moat run` and `moat exec`
 /// see their binary on a read-only mount and skip copying and
 /// re-executing themselves (`moat-jail::selfexe`), one exec fewer under
 /// emulation for every workload.

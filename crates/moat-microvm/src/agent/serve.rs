@@ -47,8 +47,6 @@ pub struct Agent {
     /// The container created before the snapshot was saved, waiting for
     /// its run's process ([`Held`]).
     held: Option<Held>,
-    /// The last start was the held container's (told in `Started`).
-    started_held: bool,
 }
 
 /// A container created ahead of its run (`Prime` with a warm-up): its
@@ -97,7 +95,6 @@ impl Agent {
             primed: None,
             main_done: false,
             held: None,
-            started_held: false,
         })
     }
 
@@ -212,7 +209,7 @@ impl Agent {
             }
             Kind::Exec => {
                 let req: proto::ExecRequest = f.json()?;
-                let r = self.exec(f.chan, &req);
+                let r = self.exec(f.chan, &req).map(|()| false);
                 self.answer(f.chan, r)
             }
             Kind::Stdin => {
@@ -247,12 +244,10 @@ impl Agent {
         }
     }
 
-    fn answer(&mut self, chan: u32, r: Result<(), AgentError>) -> Result<(), AgentError> {
+    /// `Started` (saying whether the held container started) or `Error`.
+    fn answer(&mut self, chan: u32, r: Result<bool, AgentError>) -> Result<(), AgentError> {
         match r {
-            Ok(()) => {
-                let held = std::mem::take(&mut self.started_held);
-                self.send_json(Kind::Started, chan, &proto::Started { held })
-            }
+            Ok(held) => self.send_json(Kind::Started, chan, &proto::Started { held }),
             Err(e) => {
                 let msg = proto::ErrorMsg {
                     message: moat_core::error_chain(&e),
@@ -263,8 +258,9 @@ impl Agent {
         }
     }
 
-    /// Prepares the container's root and files, then starts its process.
-    fn run(&mut self, chan: u32, req: &proto::RunRequest) -> Result<(), AgentError> {
+    /// Prepares the container's root and files, then starts its process;
+    /// whether that was the held container's.
+    fn run(&mut self, chan: u32, req: &proto::RunRequest) -> Result<bool, AgentError> {
         if self.prepared {
             return Err(AgentError::Request("the container already runs".into()));
         }
@@ -304,7 +300,8 @@ impl Agent {
             match held_process(&held.config, &config) {
                 Ok(o) => {
                     write_files(&req.files)?;
-                    return self.start_held(chan, held, &o);
+                    self.start_held(chan, held, &o)?;
+                    return Ok(true);
                 }
                 Err(why) => {
                     super::trace(&format!("held container not used: {why}"));
@@ -315,9 +312,9 @@ impl Agent {
         write_files(&req.files)?;
         write_bundle(&config)?;
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
-        let r = self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true);
+        self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true)?;
         super::trace("container runtime forked");
-        r
+        Ok(false)
     }
 
     /// Mounts a run's disks before the snapshot is saved (see
@@ -381,7 +378,6 @@ impl Agent {
                 main: true,
             },
         );
-        self.started_held = true;
         super::trace("held container started");
         Ok(())
     }
@@ -879,8 +875,10 @@ fn placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
         let Some(src) = m["source"].as_str() else {
             continue;
         };
-        let p = Path::new(src);
-        if !p.starts_with("/run/vm/files") || p.exists() {
+        let Some(p) = per_run_file(src) else {
+            continue;
+        };
+        if p.exists() {
             continue;
         }
         if let Some(parent) = p.parent() {
@@ -922,21 +920,8 @@ fn held_process(
         differ.retain(|k| h.get(k) != c.get(k));
         return Err(format!("the run's config differs in {}", differ.join(", ")));
     }
-    let p = &config["process"];
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let o = moat_jail::sync::ProcessOverride {
-        args: strings(&p["args"]),
-        env: strings(&p["env"]),
-        cwd: p["cwd"].as_str().unwrap_or("/").to_string(),
-    };
+    let o: moat_jail::sync::ProcessOverride = serde_json::from_value(config["process"].clone())
+        .map_err(|e| format!("the run's process: {e}"))?;
     if o.args.is_empty() || !o.fits() {
         return Err("the run's process cannot be handed over".into());
     }
@@ -1008,17 +993,8 @@ fn cancel_held(held: Held) {
 /// `ready` gets one byte once the container is created.
 fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
-    // Above the standard streams and out of the closing's way; the
-    // originals closed now (`child_setup` closes every descriptor it is
-    // not told to keep, and an owned one must not be closed twice).
-    let dups = (
-        rustix::io::fcntl_dupfd_cloexec(&go, 3),
-        rustix::io::fcntl_dupfd_cloexec(&ready, 3),
-    );
-    drop((go, ready));
-    let (Ok(go), Ok(ready)) = dups else {
-        return 1;
-    };
+    // Kept open by `child_setup`, which closes every other descriptor
+    // (the agent's own are above the standard streams, which stay).
     let keep = [go.as_raw_fd(), ready.as_raw_fd()];
     child_setup(stdio, &keep).map_or(1, |()| {
         let mut ready = Some(File::from(ready));
@@ -1072,16 +1048,29 @@ fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
     })
 }
 
+/// Where the per-run files live in the guest.
+const FILES: &str = "/run/vm/files";
+
+/// `path` if it names a per-run file: absolute, under [`FILES`], with no
+/// `..` in it.
+fn per_run_file(path: &str) -> Option<&Path> {
+    use std::path::Component;
+    let p = Path::new(path);
+    let plain = p
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    (plain && p.starts_with(FILES) && p != Path::new(FILES)).then_some(p)
+}
+
 fn write_files(files: &[proto::GuestFile]) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     for f in files {
-        let p = Path::new(&f.path);
-        if !p.starts_with("/run/vm/files") {
+        let Some(p) = per_run_file(&f.path) else {
             return Err(AgentError::Request(format!(
-                "file {} is outside /run/vm/files",
+                "file {} is outside {FILES}",
                 f.path
             )));
-        }
+        };
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
         }
@@ -1128,4 +1117,54 @@ fn refresh(req: &proto::RunRequest) -> Result<(), AgentError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_run_files_stay_under_their_directory() {
+        assert!(per_run_file("/run/vm/files/0").is_some());
+        assert!(per_run_file("/run/vm/files/3/hosts").is_some());
+        for bad in [
+            "/run/vm/files",
+            "/run/vm/files/../../etc/passwd",
+            "/run/vm/files/0/../../x",
+            "run/vm/files/0",
+            "/run/vm/filesx/0",
+            "/etc/hosts",
+        ] {
+            assert!(per_run_file(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_held_container_serves_only_runs_of_its_config() {
+        let held = serde_json::json!({
+            "process": {"args": ["true"], "env": ["PATH=/bin"], "cwd": "/", "terminal": false},
+            "annotations": {"dev.moat.landlock": "auto"},
+            "mounts": [{"destination": "/etc/hosts", "source": "/run/vm/files/0"}]
+        });
+        let mut run = held.clone();
+        run["process"]["args"] = serde_json::json!(["sh", "-c", "echo hi"]);
+        run["process"]["env"] = serde_json::json!(["WHO=me"]);
+        run["process"]["cwd"] = serde_json::json!("/tmp");
+        run["annotations"]["io.engine.name"] = serde_json::json!("c1");
+        let o = held_process(&held, &run).unwrap();
+        assert_eq!(o.args, ["sh", "-c", "echo hi"]);
+        assert_eq!(o.env, ["WHO=me"]);
+        assert_eq!(o.cwd, "/tmp");
+        let mut tty = run.clone();
+        tty["process"]["terminal"] = serde_json::json!(true);
+        assert!(held_process(&held, &tty).unwrap_err().contains("process"));
+        let mut policy = run.clone();
+        policy["annotations"]["dev.moat.landlock"] = serde_json::json!("{}");
+        assert!(held_process(&held, &policy)
+            .unwrap_err()
+            .contains("annotations"));
+        let mut odd = run;
+        odd["process"]["args"] = serde_json::json!(["sh", 1]);
+        assert!(held_process(&held, &odd).is_err());
+    }
 }
