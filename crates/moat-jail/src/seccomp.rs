@@ -50,7 +50,7 @@ use oci_spec::runtime::{
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 mod program;
-pub use program::{prepare, Program};
+pub use program::{prepare, seed, Program};
 
 type LibError = libseccomp::error::SeccompError;
 

@@ -199,6 +199,7 @@ impl MicrovmTier {
             net: net
                 .as_ref()
                 .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
+            seccomp: host_compiled_seccomp(&plan.config, self.sd.root()),
         };
         // With the console on, the kernel's messages carry times, the
         // agent traces its steps on the console, and the run's container
@@ -212,8 +213,9 @@ impl MicrovmTier {
         } else {
             vmm::qemu::cmdline(*accel)
         };
-        // Every guest gets all the disk slots (unused ones hold the spare
-        // image), so one snapshot fits every container of a configuration.
+        // A guest saved or restored gets all the disk slots (unused ones
+        // hold the spare image), so one snapshot fits every container of a
+        // configuration.
         let disk_slots = guestspec::MAX_DISKS;
         // A networked guest has one device more: its snapshots are keyed
         // apart. Its frame stream stays clean if a restore fails over to a
@@ -261,7 +263,13 @@ impl MicrovmTier {
             mem_mib: guest.mem_mib,
             disks: guest.disk_files,
             spare: guest.spare,
-            disk_slots,
+            // Without a snapshot to fit, the guest gets its own disks
+            // only: each spare is a device the guest's kernel probes
+            // (~7 ms under TCG, its partition table read among it).
+            disk_slots: match &offer {
+                snapshot::Offer::None { .. } => 0,
+                _ => disk_slots,
+            },
             run,
             autostart: launch,
             terminal,
@@ -752,6 +760,23 @@ fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
         }
         Err(e) => Err(MicrovmError::from(e).into()),
     }
+}
+
+/// The guest config's seccomp filter compiled here (or taken from this
+/// host's cache), for the agent to hand to the guest's runtime. `None`
+/// without a filter, or when it does not compile here: the guest then
+/// compiles it itself, and reports its own error.
+fn host_compiled_seccomp(
+    config: &serde_json::Value,
+    state_root: &Path,
+) -> Option<proto::SeccompProgram> {
+    let profile = config.get("linux")?.get("seccomp")?;
+    let profile: oci_spec::runtime::LinuxSeccomp = serde_json::from_value(profile.clone()).ok()?;
+    let program = moat_jail::seccomp::prepare(&profile, Some(state_root)).ok()??;
+    Some(proto::SeccompProgram {
+        instructions: program.instructions().to_vec(),
+        flags: program.flags(),
+    })
 }
 
 fn write_pid_file(path: &Path, pid: i32) -> Result<(), RuntimeError> {

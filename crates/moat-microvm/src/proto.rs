@@ -300,6 +300,19 @@ pub struct RunRequest {
     /// stack (`--net egress=…`, `-p`): the agent brings up eth0 with it.
     #[serde(default)]
     pub net: Option<GuestNet>,
+    /// The container's seccomp filter as the host compiled it (natively;
+    /// the guest's compile under emulation took ~35 ms): the agent keeps
+    /// it in the guest runtime's cache for the config's profile.
+    #[serde(default)]
+    pub seccomp: Option<SeccompProgram>,
+}
+
+/// A compiled seccomp filter: `struct sock_filter` instructions (native
+/// byte order) and the `SECCOMP_FILTER_FLAG_*` bits to load it with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompProgram {
+    pub instructions: Vec<u8>,
+    pub flags: u64,
 }
 
 /// eth0 in the guest: its addresses, the gateway (the host's user-space

@@ -134,9 +134,12 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
         return;
     };
     // Inside: the guest's kernel (the cloud kernel, not the host's), a user
-    // namespace that maps root to nobody, no capabilities, seccomp on.
+    // namespace that maps root to nobody, no capabilities, seccomp on, with
+    // moat's profile (which the host compiled: clone3 answers ENOSYS, 38,
+    // where the kernel itself says EINVAL to these arguments).
     // And a clock fine enough to time things (not jiffies: a 4 ms tick).
     let script = "uname -r; cat /proc/self/uid_map; grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status; \
+                  python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True); l.syscall(435, 0, 0); print(\"clone3 errno\", ctypes.get_errno())'; \
                   cat /sys/devices/system/clocksource/clocksource0/current_clocksource";
     let out = cmd(
         &rt,
@@ -152,6 +155,7 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     assert!(out.stdout.contains("CapEff:\t0000000000000000"), "{out:?}");
     assert!(out.stdout.contains("Seccomp:\t2"), "{out:?}");
     assert!(out.stdout.contains("NoNewPrivs:\t1"), "{out:?}");
+    assert!(out.stdout.contains("clone3 errno 38"), "{out:?}");
     let clock = lines.last().unwrap();
     assert!(
         !clock.contains("jiffies"),

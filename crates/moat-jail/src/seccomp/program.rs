@@ -61,10 +61,12 @@ const SUM: usize = 32;
 const KEEP: usize = 16;
 
 impl Program {
-    pub(super) fn from_parts(
-        insns: Vec<u8>,
-        flags: libc::c_ulong,
-    ) -> Result<Program, SeccompError> {
+    /// A program from its instructions (`struct sock_filter` array, native
+    /// byte order) and load flags, as [`instructions`](Program::instructions)
+    /// and [`flags`](Program::flags) give them: its shape is checked (whole
+    /// instructions, 1 to `BPF_MAXINSNS` of them, known flags), its
+    /// content is the giver's word.
+    pub fn from_parts(insns: Vec<u8>, flags: libc::c_ulong) -> Result<Program, SeccompError> {
         let n = insns.len() / INSN;
         let max = usize::try_from(libc::BPF_MAXINSNS).unwrap_or(0);
         if !insns.len().is_multiple_of(INSN)
@@ -92,6 +94,11 @@ impl Program {
     /// The `SECCOMP_FILTER_FLAG_*` bits it is loaded with.
     pub fn flags(&self) -> libc::c_ulong {
         self.flags
+    }
+
+    /// The instructions, native byte order.
+    pub fn instructions(&self) -> &[u8] {
+        &self.insns
     }
 
     /// Installs the program on the calling thread, as
@@ -178,6 +185,24 @@ pub fn prepare(
         cache::trim(&dir, KEEP);
     }
     Ok(Some(program))
+}
+
+/// Keeps `program` in the cache under `state_root` as `seccomp`'s, where
+/// a later [`prepare`] finds it instead of compiling: for a program this
+/// same moat compiled elsewhere from this profile (a microVM's host
+/// compiles its guest's filter natively, which under emulation took the
+/// guest ~35 ms). The caller vouches that it is this profile's program.
+/// Whether it was kept (no cache without a stable binary identity).
+pub fn seed(
+    seccomp: &LinuxSeccomp,
+    program: &Program,
+    state_root: &Path,
+) -> Result<bool, SeccompError> {
+    let Some((dir, key)) = cache_slot(seccomp, Some(state_root))? else {
+        return Ok(false);
+    };
+    let path = dir.join(format!("{key}.bpf"));
+    Ok(store(&dir, &path, &program.encode(&key)))
 }
 
 /// The cache directory and the key for `seccomp`, or `None` without a
@@ -427,6 +452,35 @@ mod tests {
         );
         prepare(&other, Some(tmp.path())).unwrap().unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    }
+
+    /// A program handed over as parts (a microVM's host to its guest) and
+    /// seeded into a cache is what `prepare` serves there, without a
+    /// compile; and a seeded entry is keyed by its profile like any other.
+    #[test]
+    fn a_seeded_program_is_served_by_prepare() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = parse(PROFILE);
+        let fresh = compile(&s).unwrap().program().unwrap().unwrap();
+        let handed = Program::from_parts(fresh.instructions().to_vec(), fresh.flags()).unwrap();
+        assert_eq!(handed, fresh);
+        // Marked so the test can tell a served seed from a fresh compile:
+        // the same shape, one instruction's constant changed.
+        let mut insns = fresh.instructions().to_vec();
+        let last = insns.len() - INSN;
+        insns[last + 4] ^= 1;
+        let marked = Program::from_parts(insns, fresh.flags()).unwrap();
+        assert!(seed(&s, &marked, tmp.path()).unwrap());
+        assert_eq!(prepare(&s, Some(tmp.path())).unwrap().unwrap(), marked);
+        // Another profile does not find it.
+        let other = parse(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["rmdir"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        );
+        assert_ne!(prepare(&other, Some(tmp.path())).unwrap().unwrap(), marked);
+        // Parts of the wrong shape are refused.
+        assert!(Program::from_parts(vec![0; INSN + 1], 0).is_err());
+        assert!(Program::from_parts(Vec::new(), 0).is_err());
+        assert!(Program::from_parts(fresh.instructions().to_vec(), 1 << 20).is_err());
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub fn main() -> i32 {
 }
 
 fn run() -> Result<(), AgentError> {
+    trace("started");
     boot::leave_initramfs()?;
+    trace("out of the initramfs");
     boot::mount_kernel_filesystems()?;
     trace("kernel filesystems");
     boot::seal_root()?;
@@ -75,14 +77,38 @@ fn run() -> Result<(), AgentError> {
 /// on the console when the agent reached `step`, in seconds since the
 /// guest booted.
 pub fn trace(step: &str) {
-    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *DEBUG.get_or_init(|| std::env::args().any(|a| a == "debug")) {
-        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    if debug() {
+        let up = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
         eprintln!(
-            "moat-agent: {step} at uptime {}",
-            up.split_whitespace().next().unwrap_or("?")
+            "moat-agent: {step} at uptime {}.{:06}",
+            up.tv_sec,
+            up.tv_nsec / 1000
         );
     }
+}
+
+/// With `debug` (as [`trace`]): each disk's reads so far, as the kernel
+/// counts them (requests, sectors, milliseconds busy).
+pub fn trace_disks() {
+    if !debug() {
+        return;
+    }
+    for d in ["vda", "vdb", "vdc", "vdd", "vde", "vdf"] {
+        if let Ok(s) = std::fs::read_to_string(format!("/sys/block/{d}/stat")) {
+            let f: Vec<&str> = s.split_whitespace().collect();
+            if f.len() > 3 {
+                eprintln!(
+                    "moat-agent: {d}: {} reads, {} sectors, {} ms",
+                    f[0], f[2], f[3]
+                );
+            }
+        }
+    }
+}
+
+fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::args().any(|a| a == "debug"))
 }
 
 /// Syncs and reboots the guest: with `reboot=t` and QEMU's `-no-reboot`

@@ -311,6 +311,7 @@ impl Agent {
         }
         write_files(&req.files)?;
         write_bundle(&config)?;
+        seed_seccomp(&config, req.seccomp.as_ref());
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
         self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true)?;
         super::trace("container runtime forked");
@@ -564,16 +565,22 @@ impl Agent {
                 code: p.status.unwrap_or(255),
                 ..proto::Exit::default()
             };
+            let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
             if p.main {
+                super::trace("workload exited");
                 self.main_done = true;
-                let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
                 if let Ok(ev) = moat_core::runtime::Lifecycle::events(&tier, GUEST_ID) {
                     exit.oom_kills = ev.oom_kills;
                     exit.pids_limit_hits = ev.pids_limit_hits;
                 }
-                let _ = moat_core::runtime::Lifecycle::delete(&tier, GUEST_ID, true);
             }
             self.send_json(Kind::Exit, id, &exit)?;
+            if p.main {
+                // After the report: the host ends the VM when the main
+                // process has exited, so this is not on its path.
+                super::trace_disks();
+                let _ = moat_core::runtime::Lifecycle::delete(&tier, GUEST_ID, true);
+            }
         }
         Ok(())
     }
@@ -934,6 +941,25 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
         step: "create a pipe".into(),
         source: e,
     })
+}
+
+/// Keeps the host's compile of the config's seccomp filter where the
+/// guest's runtime looks for it first (its cache under the guest's state
+/// root). Only time is at stake: without it, the runtime compiles the
+/// filter itself.
+fn seed_seccomp(config: &serde_json::Value, program: Option<&proto::SeccompProgram>) {
+    let (Some(profile), Some(p)) = (config["linux"].get("seccomp"), program) else {
+        return;
+    };
+    let Ok(profile) = serde_json::from_value::<oci_spec::runtime::LinuxSeccomp>(profile.clone())
+    else {
+        return;
+    };
+    let kept = moat_jail::seccomp::Program::from_parts(p.instructions.clone(), p.flags)
+        .and_then(|p| moat_jail::seccomp::seed(&profile, &p, Path::new(GUEST_STATE_ROOT)));
+    if let Err(e) = kept {
+        super::trace(&format!("host's seccomp program not kept: {e}"));
+    }
 }
 
 /// Writes `config` as the guest's bundle's config.json.

@@ -123,12 +123,6 @@ fn console_tail(c: &str) -> String {
 /// channel to the runtime (`Go` in, [`crate::control::Setup`] out),
 /// `listener` the bound control socket.
 pub fn main(mut plan: VmmPlan, setup: OwnedFd, listener: OwnedFd) -> i32 {
-    // Wait until the runtime has put us in the cgroup (it says so with one
-    // byte, or closes the channel when it gave up).
-    let mut go = [0u8; 1];
-    if !matches!(nix::unistd::read(&setup, &mut go), Ok(1)) {
-        return 255;
-    }
     match start(&mut plan, &setup, &listener) {
         Ok((booted, how)) => relay::Relay::new(plan, setup, listener, booted, how).run(),
         Err(e) => {
@@ -166,5 +160,17 @@ fn start(
     keep.extend(channels.fds());
     jail.keep_fds = keep;
     jail.enter()?;
+    // Wait until the runtime has put us in the cgroup (it says so with one
+    // byte, or closes the channel when it gave up) before anything of the
+    // VM's is allocated. The jail is built meanwhile: on a cgroup v1 host
+    // the move into the cpu controller's group waits for an RCU grace
+    // period (~12 ms here).
+    let mut go = [0u8; 1];
+    if !matches!(nix::unistd::read(setup, &mut go), Ok(1)) {
+        return Err(VmmError::Io {
+            step: "wait for the runtime".into(),
+            source: std::io::Error::other("the runtime gave up"),
+        });
+    }
     boot::boot(plan, &mut channels)
 }
