@@ -87,11 +87,17 @@ pub fn trace(step: &str) {
     }
 }
 
-/// With `debug` (as [`trace`]): each disk's reads so far, as the kernel
-/// counts them (requests, sectors, milliseconds busy).
+/// With `debug` (as [`trace`]): where the guest's CPU time went, and each
+/// disk's reads so far, as the kernel counts them (requests, sectors,
+/// milliseconds busy).
 pub fn trace_disks() {
     if !debug() {
         return;
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/stat") {
+        if let Some(cpu) = stat.lines().next() {
+            eprintln!("moat-agent: {cpu} (user nice system idle iowait irq softirq, 10 ms)");
+        }
     }
     for d in ["vda", "vdb", "vdc", "vdd", "vde", "vdf"] {
         if let Ok(s) = std::fs::read_to_string(format!("/sys/block/{d}/stat")) {
