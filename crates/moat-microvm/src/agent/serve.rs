@@ -20,6 +20,8 @@ use crate::proto::{self, Decoder, Frame, Kind};
 /// How long a process's output may stay open after it exited (a
 /// background child holding the pipe) before its exit is reported anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
+const READ_AHEAD_KIB: u32 = 1024;
 
 struct Proc {
     pid: i32,
@@ -777,6 +779,7 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
             .get(&d.uuid)
             .ok_or_else(|| AgentError::Request(format!("no disk with UUID {}", d.uuid)))?;
         std::fs::create_dir_all(&d.mount).map_err(io(format!("create {}", d.mount)))?;
+        set_read_ahead(dev);
         mount(
             Some(dev.as_path()),
             d.mount.as_str(),
@@ -790,6 +793,21 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
         })?;
     }
     Ok(())
+}
+
+/// Reads ahead [`READ_AHEAD_KIB`] on a disk: each read is a round trip
+/// through the VMM, so fewer, larger ones start a program sooner (a cold
+/// `true`: 89 reads in ~50 ms of disk time with the kernel's 128 KiB, 80 in
+/// ~35 ms with 1 MiB). Only time is at stake: a disk keeps the kernel's
+/// default when this fails.
+fn set_read_ahead(dev: &Path) {
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let knob = format!("/sys/block/{name}/queue/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, READ_AHEAD_KIB.to_string()) {
+        super::trace(&format!("{knob} not set: {e}"));
+    }
 }
 
 /// A writable root: `lower` under an overlay whose upper layer is guest
