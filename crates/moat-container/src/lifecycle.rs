@@ -121,6 +121,8 @@ pub struct Created {
     chan: Channel,
     /// Our end of the console socket when moat itself holds the terminal.
     console: Option<OwnedFd>,
+    /// Its cgroup (none for a rootless container without a delegated one).
+    cgroup: Option<CgroupManager>,
     _lock: ContainerLock,
 }
 
@@ -176,6 +178,7 @@ impl ContainerTier {
                     state,
                     chan,
                     console,
+                    cgroup: cleanup.cgroup.take(),
                     _lock: lock,
                 })
             }
@@ -531,6 +534,7 @@ impl ContainerTier {
     /// no console socket, the pty master comes back to the caller.
     fn launch_container(&self, req: &CreateRequest) -> Result<Launched, ContainerError> {
         self.launch_held(req, || Ok(None))
+            .map(|(launched, _)| launched)
     }
 
     /// `launch`, with the start held until `hold` returns: the container
@@ -539,17 +543,20 @@ impl ContainerTier {
     /// arguments, environment and working directory `hold` may give
     /// (everything else is the config's). The microvm tier's guest creates
     /// its container this way before its snapshot is saved. An `Err` from
-    /// `hold` (its message) deletes the container.
+    /// `hold` (its message) deletes the container. With the process comes
+    /// its cgroup, for the limit events once the process ended (read
+    /// without loading the container's state again).
     pub fn launch_held(
         &self,
         req: &CreateRequest,
         hold: impl FnOnce() -> Result<Option<ProcessOverride>, String>,
-    ) -> Result<Launched, ContainerError> {
+    ) -> Result<(Launched, Option<CgroupManager>), ContainerError> {
         let Created {
             pid,
             mut state,
             chan,
             console,
+            cgroup,
             _lock,
         } = self.create_container(req, false)?;
         let started = console
@@ -583,7 +590,7 @@ impl ContainerTier {
         self.sd.save(&state)?;
         steps::mark("state-save-running");
         self.poststart(&state);
-        Ok(Launched { pid, terminal })
+        Ok((Launched { pid, terminal }, cgroup))
     }
 
     // ----- queries -----

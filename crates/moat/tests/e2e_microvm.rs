@@ -164,6 +164,74 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     assert_clean(&rt);
 }
 
+/// The container's limits hold inside the guest and what they refused
+/// comes back: forks past `--pids-limit` fail, a process past `-m` is
+/// OOM-killed, and moat reports both (its summary and `--json`) from the
+/// guest's cgroup. A small `-m` also gives a small guest, whose kernel
+/// sets a low default process limit (414 with 160 MiB) that moat's
+/// default of 1024 must still fit under.
+#[test]
+fn the_guests_limits_hold_and_what_they_refused_is_reported() {
+    let Some(rt) = rt("the_guests_limits_hold_and_what_they_refused_is_reported") else {
+        return;
+    };
+    // dd fills its 100 MiB buffer inside read(2): the OOM killer acts at
+    // once (a hog running its own code between allocations may instead
+    // thrash on its refaulted code pages for a long time under TCG).
+    let script = r#"import os, subprocess, time
+kids, refused = [], 0
+for i in range(20):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        time.sleep(2)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+print("forks refused:", refused > 0, flush=True)
+r = subprocess.run(["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"], stderr=subprocess.DEVNULL)
+print("dd status", r.returncode, flush=True)
+"#;
+    let json = rt.scratch_file("result.json");
+    let arg = format!("--json={}", json.display());
+    let out = cmd(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "-m",
+            "64m",
+            "--pids-limit",
+            "8",
+            &arg,
+            "--",
+            "python3",
+            "-c",
+            script,
+        ],
+    )
+    .expect_ok();
+    assert!(out.stdout.contains("forks refused: True"), "{out:?}");
+    assert!(out.stdout.contains("dd status -9"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("out of memory (limit 64 MiB): 1 process(es) of the container killed"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("process limit (8) reached"), "{out:?}");
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rec["oom_kills"], 1, "{rec}");
+    assert!(rec["pids_limit_hits"].as_u64().unwrap_or(0) > 0, "{rec}");
+    assert_eq!(rec["exit_code"], 0, "{rec}");
+    assert_clean(&rt);
+}
+
 #[test]
 fn a_timeout_kills_the_vm_and_leaves_nothing() {
     let Some(rt) = rt("a_timeout_kills_the_vm_and_leaves_nothing") else {

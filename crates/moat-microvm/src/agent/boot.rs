@@ -115,6 +115,37 @@ pub fn leave_initramfs() -> Result<(), AgentError> {
     })
 }
 
+/// Raises the agent's hard limits on processes and open files to the
+/// kernel's ceilings, which the container's runtime, a fork of the agent,
+/// inherits. The guest kernel derives init's process limit from the guest's
+/// memory (414 with 160 MiB), and the container's init sets its config's
+/// limits from inside its user namespace, where it cannot raise a hard
+/// limit: `moat run -m 64m` (moat's default of 1024 processes) failed in
+/// the guest. The host's runtime is root too and may raise its limits; the
+/// container's own limits still come from its config, and its pids cgroup
+/// bounds it either way.
+pub fn raise_hard_limits() -> Result<(), AgentError> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    for (resource, ceiling) in [(Resource::Nproc, None), (Resource::Nofile, nr_open)] {
+        let soft = getrlimit(resource).current;
+        setrlimit(
+            resource,
+            Rlimit {
+                current: soft,
+                maximum: ceiling,
+            },
+        )
+        .map_err(|e| AgentError::Sys {
+            step: format!("raise the hard limit {resource:?}"),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })?;
+    }
+    Ok(())
+}
+
 /// Bind-mounts `from` on `to`, read-only, no setuid or devices.
 fn bind_read_only(from: &str, to: &str) -> Result<(), AgentError> {
     let sys = |step: String| move |e| AgentError::Sys { step, source: e };

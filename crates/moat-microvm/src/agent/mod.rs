@@ -66,6 +66,7 @@ fn run() -> Result<(), AgentError> {
     trace("out of the initramfs");
     boot::mount_kernel_filesystems()?;
     trace("kernel filesystems");
+    boot::raise_hard_limits()?;
     boot::seal_root()?;
     boot::load_modules(boot::EARLY_MODULES)?;
     trace("early modules");

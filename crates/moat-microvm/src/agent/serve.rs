@@ -33,6 +33,10 @@ struct Proc {
     status: Option<i32>,
     exited_at: Option<Instant>,
     main: bool,
+    /// The container's runtime writes the limit events it read from the
+    /// container's cgroup here before it exits ([`read_limits`]); none
+    /// for an exec.
+    limits: Option<File>,
 }
 
 pub struct Agent {
@@ -66,6 +70,8 @@ struct Held {
     go: File,
     /// The container's stdin, stdout and stderr (our ends).
     stdio: [File; 3],
+    /// Its limit events, once it ended (as [`Proc::limits`]).
+    limits: File,
     /// The config it was created with.
     config: serde_json::Value,
 }
@@ -362,6 +368,7 @@ impl Agent {
             pid,
             mut go,
             stdio: [stdin, stdout, stderr],
+            limits,
             ..
         } = held;
         let body = serde_json::to_vec(o).unwrap_or_default();
@@ -379,6 +386,7 @@ impl Agent {
                 status: None,
                 exited_at: None,
                 main: true,
+                limits: Some(limits),
             },
         );
         super::trace("held container started");
@@ -433,6 +441,7 @@ impl Agent {
             status: None,
             exited_at: None,
             main,
+            limits: None,
         };
         // The child's stdin, stdout and stderr.
         let child: [OwnedFd; 3] = if terminal {
@@ -458,11 +467,14 @@ impl Agent {
         p.pid = match how {
             How::Exec(args) => exec_moat(args, child)?,
             How::Run => match one_thread() {
-                Some(one) => one
-                    .fork(0, |_| run_container(child))
-                    // The child's ends are the child's (dropped here, in
-                    // the agent, by the closure).
-                    .map_err(io("fork the container's runtime"))?,
+                Some(one) => {
+                    let (limits_r, limits_w) = pipe()?;
+                    p.limits = Some(File::from(limits_r));
+                    one.fork(0, |_| run_container(child, limits_w))
+                        // The child's ends are the child's (dropped here, in
+                        // the agent, by the closure).
+                        .map_err(io("fork the container's runtime"))?
+                }
                 // Not single-threaded (cannot happen: the agent's threads
                 // are scoped): the guest's moat does it.
                 None => exec_moat(
@@ -571,7 +583,14 @@ impl Agent {
             if p.main {
                 super::trace("workload exited");
                 self.main_done = true;
-                if let Ok(ev) = moat_core::runtime::Lifecycle::events(&tier, GUEST_ID) {
+                // From the runtime, which had the cgroup at hand (loading
+                // the container's state for it here took ~12 ms under
+                // TCG); from the state when the runtime did not say.
+                let events = p
+                    .limits
+                    .and_then(read_limits)
+                    .or_else(|| moat_core::runtime::Lifecycle::events(&tier, GUEST_ID).ok());
+                if let Some(ev) = events {
                     exit.oom_kills = ev.oom_kills;
                     exit.pids_limit_hits = ev.pids_limit_hits;
                 }
@@ -643,8 +662,10 @@ const BUNDLE: &str = "/run/vm/bundle";
 /// cost ~100 ms, and the fork runs the code the agent already ran from the
 /// same pages. The binary the fork runs is the agent's, which the kernel
 /// keeps unwritable while the agent executes it.
-fn run_container(stdio: [OwnedFd; 3]) -> i32 {
-    child_setup(stdio, &[]).map_or(1, |()| run_and_wait(|| Ok(None)))
+fn run_container(stdio: [OwnedFd; 3], limits: OwnedFd) -> i32 {
+    use rustix::fd::AsRawFd;
+    child_setup(stdio, &[limits.as_raw_fd()])
+        .map_or(1, |()| run_and_wait(|| Ok(None), File::from(limits)))
 }
 
 /// In a fork of the agent: `stdio` as this process's stdin, stdout and
@@ -681,8 +702,9 @@ fn child_setup(stdio: [OwnedFd; 3], keep: &[i32]) -> Result<(), ()> {
 /// its status, or 1 with the error on stderr.
 fn run_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
+    limits: File,
 ) -> i32 {
-    match launch_and_wait(hold) {
+    match launch_and_wait(hold, limits) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {}", moat_core::error_chain(&e));
@@ -720,15 +742,18 @@ fn guest_request<'a>(
     }
 }
 
+/// Once the container's process ended, writes the limit events of its
+/// cgroup to `limits` (JSON), for the agent's `Exit`.
 fn launch_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
+    mut limits: File,
 ) -> Result<i32, moat_core::runtime::RuntimeError> {
     use moat_core::runtime::{Config, Lifecycle, RuntimeError};
     let config = Config::from_bundle(Path::new(BUNDLE))
         .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))?;
     moat_core::steps::mark("guest-config");
     let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-    let launched = tier.launch_held(&guest_request(GUEST_ID, &config), hold)?;
+    let (launched, cgroup) = tier.launch_held(&guest_request(GUEST_ID, &config), hold)?;
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
@@ -737,7 +762,22 @@ fn launch_and_wait(
         None => moat_jail::supervise::wait_supervised(launched.pid, None, &kill_all).0,
     };
     moat_core::steps::mark("guest-workload");
+    let events = cgroup.map(|c| c.limit_events()).unwrap_or_default();
+    // Unread (the agent gone) is no loss: the agent then reports none.
+    let _ = limits.write_all(&serde_json::to_vec(&events).unwrap_or_default());
     Ok(code)
+}
+
+/// The limit events the container's runtime wrote before it exited (see
+/// [`launch_and_wait`]); `None` when it wrote none (it failed first).
+/// The runtime has been reaped, so this does not wait: whatever it wrote
+/// is in the pipe, and a pipe still held open elsewhere reads as none.
+fn read_limits(f: File) -> Option<moat_core::stats::LimitEvents> {
+    let flags = rustix::fs::fcntl_getfl(&f).ok()?;
+    rustix::fs::fcntl_setfl(&f, flags | rustix::fs::OFlags::NONBLOCK).ok()?;
+    let mut body = Vec::new();
+    let _ = (&f).take(4096).read_to_end(&mut body);
+    serde_json::from_slice(&body).ok()
 }
 
 fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {
@@ -997,10 +1037,13 @@ fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
     let (err_r, err_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
+    let (limits_r, limits_w) = pipe()?;
     let one = one_thread()
         .ok_or_else(|| AgentError::Request("the agent is not single-threaded".into()))?;
     let pid = one
-        .fork(0, |_| held_container([in_r, out_w, err_w], go_r, ready_w))
+        .fork(0, |_| {
+            held_container([in_r, out_w, err_w], go_r, ready_w, limits_w)
+        })
         .map_err(io("fork the held container's runtime"))?;
     // The child's ends are the child's.
     let mut ready = File::from(ready_r);
@@ -1010,6 +1053,7 @@ fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
             pid,
             go: File::from(go_w),
             stdio: [File::from(in_w), File::from(out_r), File::from(err_r)],
+            limits: File::from(limits_r),
             config: w.config.clone(),
         }),
         _ => {
@@ -1035,28 +1079,31 @@ fn cancel_held(held: Held) {
 /// In a fork of the agent: [`run_container`], but the container is
 /// created first and its start waits for the run's process on `go`;
 /// `ready` gets one byte once the container is created.
-fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd) -> i32 {
+fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd, limits: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
     // Kept open by `child_setup`, which closes every other descriptor
     // (the agent's own are above the standard streams, which stay).
-    let keep = [go.as_raw_fd(), ready.as_raw_fd()];
+    let keep = [go.as_raw_fd(), ready.as_raw_fd(), limits.as_raw_fd()];
     child_setup(stdio, &keep).map_or(1, |()| {
         let mut ready = Some(File::from(ready));
         let mut go = File::from(go);
-        run_and_wait(move || {
-            if let Some(mut r) = ready.take() {
-                let _ = r.write_all(&[1]);
-            }
-            let mut body = Vec::new();
-            go.read_to_end(&mut body)
-                .map_err(|e| format!("read the run's process: {e}"))?;
-            if body.is_empty() {
-                return Err("the held container was not used".into());
-            }
-            serde_json::from_slice(&body)
-                .map(Some)
-                .map_err(|e| format!("the run's process: {e}"))
-        })
+        run_and_wait(
+            move || {
+                if let Some(mut r) = ready.take() {
+                    let _ = r.write_all(&[1]);
+                }
+                let mut body = Vec::new();
+                go.read_to_end(&mut body)
+                    .map_err(|e| format!("read the run's process: {e}"))?;
+                if body.is_empty() {
+                    return Err("the held container was not used".into());
+                }
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| format!("the run's process: {e}"))
+            },
+            File::from(limits),
+        )
     })
 }
 
