@@ -1,6 +1,7 @@
 //! The agent protocol: what the host (the VMM process) and the guest agent
-//! say to each other over the virtio console (`/dev/hvc0` in the guest, a
-//! unix socket on the host). Sans-IO: [`encode`] makes the bytes of one
+//! say to each other over a virtio serial port (under QEMU, the port named
+//! [`AGENT_PORT`]; under moat's own VMM, its console port `/dev/hvc0`), a
+//! unix socket on the host. Sans-IO: [`encode`] makes the bytes of one
 //! frame, [`Decoder`] takes bytes as they arrive and gives back whole frames.
 //!
 //! A frame is a 9-byte header — payload length (u32, little-endian), kind
@@ -20,6 +21,11 @@ pub const HEADER: usize = 9;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data payload a sender writes.
 pub const MAX_DATA: usize = 32 * 1024;
+/// The name of the agent's virtio serial port under QEMU. Not a console
+/// port: QEMU drops what a console port's guest writes when the host side
+/// cannot take it at once (a workload writing megabytes lost bytes, and
+/// the stream its framing), where a plain port holds the guest back.
+pub const AGENT_PORT: &str = "moat.agent";
 /// The protocol version both sides must speak.
 pub const VERSION: u32 = 1;
 

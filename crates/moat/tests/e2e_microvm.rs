@@ -128,6 +128,38 @@ fn run_relays_stdio_and_the_exit_status_and_leaves_nothing() {
     assert_clean(&rt);
 }
 
+/// Megabytes each way arrive whole and in order: 8 MiB the workload writes
+/// as fast as the guest runs (QEMU used to drop what the agent's console
+/// port could not pass on at once: a few MB in, the stream lost bytes and
+/// its framing), then 4 MiB of stdin back through `cat`.
+#[test]
+fn megabytes_of_stdout_and_stdin_arrive_whole() {
+    let Some(rt) = rt("megabytes_of_stdout_and_stdin_arrive_whole") else {
+        return;
+    };
+    let input: String = (0..300_000).map(|i| format!("line {i}\n")).collect();
+    assert!(input.len() > 3 << 20);
+    let out = cmd_in(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "--",
+            "sh",
+            "-c",
+            "head -c 8388608 /dev/zero | tr '\\0' x; cat",
+        ],
+        input.as_bytes(),
+    )
+    .expect_ok();
+    assert_eq!(out.stdout.len(), (8 << 20) + input.len(), "{}", out.stderr);
+    let (xs, rest) = out.stdout.split_at(8 << 20);
+    assert!(xs.bytes().all(|b| b == b'x'), "the first 8 MiB are the x's");
+    assert!(rest == input, "stdin came back whole and in order");
+    assert_clean(&rt);
+}
+
 #[test]
 fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     let Some(rt) = rt("the_workload_runs_on_its_own_kernel_under_the_container_tier") else {

@@ -291,21 +291,49 @@ pub fn wait_for(path: &Path, limit: Duration) -> bool {
     path.exists()
 }
 
-/// Opens the agent channel and makes it raw: /dev/hvc0 is a tty, which
-/// would turn "\n" into "\r\n" and echo input; it resets on last close, so
-/// the agent keeps it open for its whole life.
-pub fn open_channel() -> Result<OwnedFd, AgentError> {
-    if !wait_for(Path::new(CHANNEL), Duration::from_secs(30)) {
-        return Err(AgentError::NoChannel);
+/// Where the agent channel is: the virtio serial port QEMU names
+/// [`crate::proto::AGENT_PORT`] (`/dev/vportNpM`, found through sysfs), or
+/// the console port of moat's own VMM ([`CHANNEL`], a tty).
+fn find_channel() -> Option<(std::path::PathBuf, bool)> {
+    if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+        for e in rd.flatten() {
+            let named = std::fs::read_to_string(e.path().join("name"))
+                .is_ok_and(|n| n.trim() == crate::proto::AGENT_PORT);
+            let dev = Path::new("/dev").join(e.file_name());
+            if named && dev.exists() {
+                return Some((dev, false));
+            }
+        }
     }
+    let console = Path::new(CHANNEL);
+    console.exists().then(|| (console.to_path_buf(), true))
+}
+
+/// Opens the agent channel. A console port (/dev/hvc0) is a tty, which
+/// would turn "\n" into "\r\n" and echo input: it is made raw, and as it
+/// resets on last close, the agent keeps it open for its whole life.
+pub fn open_channel() -> Result<OwnedFd, AgentError> {
+    let end = Instant::now() + Duration::from_secs(30);
+    let (path, tty) = loop {
+        if let Some(found) = find_channel() {
+            break found;
+        }
+        if Instant::now() >= end {
+            return Err(AgentError::NoChannel);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(CHANNEL)
+        .open(&path)
         .map_err(|e| AgentError::Io {
-            step: format!("open {CHANNEL}"),
+            step: format!("open {}", path.display()),
             source: e,
         })?;
+    if !tty {
+        return Ok(OwnedFd::from(f));
+    }
     let mut t = rustix::termios::tcgetattr(&f).map_err(|e| AgentError::Io {
         step: "read the channel's modes".into(),
         source: e.into(),

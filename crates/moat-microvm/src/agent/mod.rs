@@ -1,6 +1,6 @@
 //! The guest agent: moat itself, PID 1 of the initramfs moat builds
 //! ([`crate::assets`]). It mounts the kernel filesystems, loads the virtio
-//! modules, opens the agent channel (`/dev/hvc0`), says hello, and serves
+//! modules, opens the agent channel (a virtio serial port), says hello, and serves
 //! the host: the container's process runs under moat's own container tier
 //! in the guest (what `moat run --keep -b BUNDLE w0` does, in a fork of the
 //! agent, so every layer of the container tier holds inside the guest too),
@@ -38,7 +38,11 @@ pub enum AgentError {
         #[source]
         source: nix::Error,
     },
-    #[error("the agent channel {} did not appear", boot::CHANNEL)]
+    #[error(
+        "the agent channel (virtio port {}, or {}) did not appear",
+        crate::proto::AGENT_PORT,
+        boot::CHANNEL
+    )]
     NoChannel,
     #[error("agent protocol")]
     Proto(#[from] crate::proto::ProtoError),

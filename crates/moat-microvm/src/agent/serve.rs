@@ -1,6 +1,6 @@
 //! The agent's loop: frames from the host, output from the processes it
 //! runs, and SIGCHLD (as PID 1 it reaps every orphan of the guest).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,12 +20,23 @@ use crate::proto::{self, Decoder, Frame, Kind};
 /// How long a process's output may stay open after it exited (a
 /// background child holding the pipe) before its exit is reported anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How many bytes of stdin may wait for the processes before the agent
+/// stops reading the channel (the host then stops reading the stdin it
+/// relays, and the writer there waits, as on a full pipe).
+const PENDING_HIGH: usize = 8 << 20;
 /// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
 const READ_AHEAD_KIB: u32 = 1024;
 
 struct Proc {
     pid: i32,
+    /// Written without blocking (the agent must go on relaying the
+    /// process's output while it does not read): what it has not taken
+    /// yet waits in `pending`.
     stdin: Option<File>,
+    pending: VecDeque<u8>,
+    /// The host closed the process's stdin: closed here once `pending`
+    /// is written.
+    stdin_eof: bool,
     stdout: Option<File>,
     stderr: Option<File>,
     /// The pty master, for window sizes.
@@ -37,6 +48,52 @@ struct Proc {
     /// container's cgroup here before it exits ([`read_limits`]); none
     /// for an exec.
     limits: Option<File>,
+}
+
+impl Proc {
+    /// Writes what the process's stdin takes now of `pending`; closes it
+    /// once all is written after the host's end of file, or when the
+    /// process closed its end.
+    fn write_stdin(&mut self) {
+        let Some(f) = &mut self.stdin else {
+            self.pending.clear();
+            return;
+        };
+        while !self.pending.is_empty() {
+            let (head, _) = self.pending.as_slices();
+            match f.write(head) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.stdin = None;
+                    self.pending.clear();
+                    return;
+                }
+            }
+        }
+        if self.stdin_eof {
+            self.stdin = None;
+        }
+    }
+}
+
+/// `f` with O_NONBLOCK set (on its open file: a pty master's other
+/// descriptors share it).
+fn nonblocking(f: File) -> Result<File, AgentError> {
+    let flags = rustix::fs::fcntl_getfl(&f).map_err(|e| AgentError::Io {
+        step: "read a descriptor's flags".into(),
+        source: e.into(),
+    })?;
+    rustix::fs::fcntl_setfl(&f, flags | rustix::fs::OFlags::NONBLOCK).map_err(|e| {
+        AgentError::Io {
+            step: "make a descriptor non-blocking".into(),
+            source: e.into(),
+        }
+    })?;
+    Ok(f)
 }
 
 pub struct Agent {
@@ -128,11 +185,22 @@ impl Agent {
             // Which fds are polled, in order: the channel, the signalfd, then
             // each process's stdout and stderr.
             let mut order: Vec<(u32, u8)> = Vec::new();
+            let pending: usize = self.procs.values().map(|p| p.pending.len()).sum();
+            let take_frames = pending < PENDING_HIGH;
+            let chan_events = if take_frames {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
             let mut fds = vec![
-                PollFd::new(self.chan.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.chan.as_fd(), chan_events),
                 PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
             ];
             for (id, p) in &self.procs {
+                if let (Some(f), false) = (&p.stdin, p.pending.is_empty()) {
+                    fds.push(PollFd::new(f.as_fd(), PollFlags::POLLOUT));
+                    order.push((*id, 0));
+                }
                 if let Some(f) = &p.stdout {
                     fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
                     order.push((*id, 1));
@@ -161,7 +229,7 @@ impl Agent {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
-            if ready[0] {
+            if ready[0] && take_frames {
                 let n = self.chan.read(&mut buf).map_err(io("read from the host"))?;
                 if n == 0 {
                     return Ok(());
@@ -200,7 +268,11 @@ impl Agent {
                 self.reap();
             }
             for (i, (id, which)) in order.into_iter().enumerate() {
-                if ready[2 + i] {
+                if ready[2 + i] && which == 0 {
+                    if let Some(p) = self.procs.get_mut(&id) {
+                        p.write_stdin();
+                    }
+                } else if ready[2 + i] {
                     self.relay_output(id, which, &mut buf)?;
                 }
             }
@@ -223,12 +295,11 @@ impl Agent {
             Kind::Stdin => {
                 if let Some(p) = self.procs.get_mut(&f.chan) {
                     if f.payload.is_empty() {
-                        p.stdin = None;
-                    } else if let Some(s) = &mut p.stdin {
-                        if s.write_all(&f.payload).is_err() {
-                            p.stdin = None;
-                        }
+                        p.stdin_eof = true;
+                    } else if p.stdin.is_some() {
+                        p.pending.extend(&f.payload);
                     }
+                    p.write_stdin();
                 }
                 Ok(())
             }
@@ -379,7 +450,9 @@ impl Agent {
             chan,
             Proc {
                 pid,
-                stdin: Some(stdin),
+                stdin: Some(nonblocking(stdin)?),
+                pending: VecDeque::new(),
+                stdin_eof: false,
                 stdout: Some(stdout),
                 stderr: Some(stderr),
                 tty: None,
@@ -435,6 +508,8 @@ impl Agent {
         let mut p = Proc {
             pid: 0,
             stdin: None,
+            pending: VecDeque::new(),
+            stdin_eof: false,
             stdout: None,
             stderr: None,
             tty: None,
@@ -451,7 +526,7 @@ impl Agent {
             })?;
             set_size(&pty.master, size.0, size.1);
             let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicate the pty"));
-            p.stdin = Some(File::from(dup(&pty.master)?));
+            p.stdin = Some(nonblocking(File::from(dup(&pty.master)?))?);
             p.stdout = Some(File::from(dup(&pty.master)?));
             p.tty = Some(pty.master);
             [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave]
@@ -459,7 +534,7 @@ impl Agent {
             let (in_r, in_w) = pipe()?;
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
-            p.stdin = Some(File::from(in_w));
+            p.stdin = Some(nonblocking(File::from(in_w))?);
             p.stdout = Some(File::from(out_r));
             p.stderr = Some(File::from(err_r));
             [in_r, out_w, err_w]
@@ -529,6 +604,7 @@ impl Agent {
                 p.exited_at = Some(Instant::now());
                 // No one writes to a process that is gone.
                 p.stdin = None;
+                p.pending.clear();
             }
         }
     }
@@ -544,7 +620,11 @@ impl Agent {
         };
         let Some(f) = src else { return Ok(()) };
         // EOF, or EIO from a pty master once the slave is closed: done.
-        let n = f.read(buf).unwrap_or(0);
+        // (A pty master's stdin side is non-blocking, and so its reads.)
+        let n = match f.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            r => r.unwrap_or(0),
+        };
         if n == 0 {
             *src = None;
             return Ok(());

@@ -8,6 +8,8 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
+use crate::proto;
+
 pub use moat_vmm::qemu::Accel;
 
 /// What the command line needs.
@@ -102,9 +104,10 @@ impl QemuArgs {
             "-chardev",
             &format!("socket,id=agent,fd={}", self.agent_fd),
             "-device",
-            "virtio-serial-device,max_ports=1",
+            // Port 0 is kept for a console port: the agent's is port 1.
+            "virtio-serial-device,max_ports=2",
             "-device",
-            "virtconsole,chardev=agent",
+            &format!("virtserialport,chardev=agent,name={}", proto::AGENT_PORT),
         ]);
         if let Some(fd) = self.net_fd {
             // host_mtu: the guest's device offers the stack's MTU (large

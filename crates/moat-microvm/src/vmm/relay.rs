@@ -19,6 +19,11 @@ use super::{VmmError, VmmPlan};
 use crate::control::{self, Reply, Request, Setup, StartKind};
 use crate::proto::{self, Decoder, Frame, Kind};
 
+/// How many bytes may wait for the agent channel before the relay stops
+/// reading the stdin it relays (its sources then wait, as a pipe's writer
+/// does).
+const OUT_HIGH: usize = 4 * proto::MAX_DATA;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The agent said hello; not yet acted on.
@@ -45,6 +50,10 @@ pub struct Relay {
     listener: OwnedFd,
     vm: Child,
     agent: File,
+    /// Bytes for the agent not yet taken by the channel: written as it
+    /// takes them, so the relay never blocks on the guest and always reads
+    /// what the guest sends (the guest's writes wait for that).
+    out: VecDeque<u8>,
     dec: Decoder,
     console: Option<File>,
     console_tail: VecDeque<u8>,
@@ -88,6 +97,7 @@ impl Relay {
             listener,
             vm: booted.vm,
             agent: booted.agent,
+            out: VecDeque::new(),
             dec: Decoder::new(),
             console: Some(booted.console),
             console_tail: booted.console_tail,
@@ -138,11 +148,36 @@ impl Relay {
         let _ = self.vm.wait();
     }
 
+    /// Queues `bytes` for the agent and writes what the channel takes now.
     fn send(&mut self, bytes: &[u8]) -> Result<(), VmmError> {
-        self.agent.write_all(bytes).map_err(|e| VmmError::Io {
-            step: "write to the guest".into(),
-            source: e,
-        })
+        self.out.extend(bytes);
+        self.flush()
+    }
+
+    /// Writes queued bytes until the channel takes no more (never blocks).
+    fn flush(&mut self) -> Result<(), VmmError> {
+        use nix::sys::socket::{send, MsgFlags};
+        while !self.out.is_empty() {
+            let (head, _) = self.out.as_slices();
+            match send(
+                self.agent.as_raw_fd(),
+                head,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(nix::Error::EAGAIN) => break,
+                Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    return Err(VmmError::Io {
+                        step: "write to the guest".into(),
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The agent said hello: run the container's process at once
@@ -202,6 +237,12 @@ impl Relay {
                 }};
             }
             add!(self.agent.as_fd(), Slot::Agent);
+            if !self.out.is_empty() {
+                fds.push(PollFd::new(self.agent.as_fd(), PollFlags::POLLOUT));
+                slots.push(Slot::AgentWritable);
+            }
+            // Input for the guest waits while the channel is behind.
+            let take_input = self.out.len() < OUT_HIGH;
             add!(self.listener.as_fd(), Slot::Listener);
             if let Some(s) = &self.sigfd {
                 add!(s.as_fd(), Slot::Signal);
@@ -210,11 +251,11 @@ impl Relay {
                 add!(c.as_fd(), Slot::Console);
             }
             let stdin = std::io::stdin();
-            if self.phase == Phase::Running && self.stdin_open {
+            if self.phase == Phase::Running && self.stdin_open && take_input {
                 add!(stdin.as_fd(), Slot::Stdin);
             }
             for (ch, x) in &self.execs {
-                if let Some(i) = &x.stdin {
+                if let (Some(i), true) = (&x.stdin, take_input) {
                     add!(i.as_fd(), Slot::ExecStdin(*ch));
                 }
                 if x.started && !x.detach {
@@ -247,6 +288,7 @@ impl Relay {
 
     fn on_ready(&mut self, slot: Slot, buf: &mut [u8]) -> Result<Option<i32>, VmmError> {
         match slot {
+            Slot::AgentWritable => self.flush()?,
             Slot::Agent => {
                 let n = self.agent.read(buf).unwrap_or(0);
                 if n == 0 {
@@ -606,6 +648,8 @@ fn write_all(fd: BorrowedFd, mut data: &[u8]) {
 #[derive(Debug, Clone, Copy)]
 enum Slot {
     Agent,
+    /// The agent channel takes bytes again (polled while some wait).
+    AgentWritable,
     Listener,
     Signal,
     Console,
