@@ -5,10 +5,12 @@
 //!
 //! Why a console port rather than vsock: it needs nothing on the host (no
 //! vhost-vsock module, no AF_VSOCK, which moat's own seccomp profile refuses)
-//! and one guest module (`virtio_console`); QEMU offers the very same guest
-//! device (`virtconsole` on `virtio-serial-device`), so the agent sees
-//! `/dev/hvc0` under both backends. One stream is all the agent needs; it
-//! multiplexes its own messages.
+//! and one guest module (`virtio_console`), which also drives the port
+//! moat-microvm's QEMU backend gives the agent (a named `virtserialport`
+//! rather than QEMU's `virtconsole`, which drops what the guest writes
+//! when its host side is slow; this device holds the guest back instead:
+//! its transmit waits on the socket). One stream is all the agent needs;
+//! it multiplexes its own messages.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
