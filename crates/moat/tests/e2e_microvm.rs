@@ -329,6 +329,41 @@ fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
     }
 }
 
+/// A program the guest cannot run gives the exit status the container
+/// tier's `moat run` gives (a shell's 127 for one not found, 125 for moat's
+/// own error), with its one-line reason, and leaves nothing.
+#[test]
+fn what_cannot_run_in_the_guest_exits_as_under_the_container_tier() {
+    let Some(rt) = rt("what_cannot_run_in_the_guest_exits_as_under_the_container_tier") else {
+        return;
+    };
+    for (args, code, want) in [
+        (
+            vec!["run", "--isolation", "microvm", "--", "no-such-program"],
+            127,
+            "executable \"no-such-program\" not found",
+        ),
+        (
+            vec![
+                "run",
+                "--isolation",
+                "microvm",
+                "-w",
+                "/no/such/dir",
+                "--",
+                "pwd",
+            ],
+            125,
+            "cannot chdir to /no/such/dir",
+        ),
+    ] {
+        let out = cmd(&rt, &args);
+        assert_eq!(out.code, Some(code), "{args:?}: {out:?}");
+        assert!(out.stderr.contains(want), "{args:?}: {out:?}");
+        assert_clean(&rt);
+    }
+}
+
 /// A busybox bundle asking for the tier by annotation.
 fn vm_bundle(args: &[&str]) -> Bundle {
     let mut b = Bundle::new(args);

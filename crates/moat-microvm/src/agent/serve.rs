@@ -735,7 +735,8 @@ const BUNDLE: &str = "/run/vm/bundle";
 /// (create and start the container under the guest's container tier, with
 /// this process as its parent, and wait for it, relaying a terminal), with
 /// `stdio` as this process's stdin, stdout and stderr. Returns the
-/// container's status, or 1 with the error on stderr.
+/// container's status, or, with the error on stderr, 127, 126 or 125 as the
+/// container tier's `moat run` exits.
 ///
 /// A fork rather than an exec of the guest's moat: under emulation,
 /// executing the 10 MB binary again, its start-up and its argument parsing
@@ -779,7 +780,7 @@ fn child_setup(stdio: [OwnedFd; 3], keep: &[i32]) -> Result<(), ()> {
 
 /// Launches the bundle's container (its start held by `hold`, see
 /// [`moat_container::ContainerTier::launch_held`]) and waits for it;
-/// its status, or 1 with the error on stderr.
+/// its status, or (the error on stderr) 127, 126 or 125, as `moat run` exits.
 fn run_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
     limits: File,
@@ -788,7 +789,13 @@ fn run_and_wait(
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {}", moat_core::error_chain(&e));
-            1
+            // As the container tier's `moat run` exits: what a shell gives
+            // a program that cannot run (127 not found, 126 not
+            // executable), else 125.
+            match e {
+                moat_core::runtime::RuntimeError::ExecFailed { status, .. } => i32::from(status),
+                _ => 125,
+            }
         }
     }
 }
