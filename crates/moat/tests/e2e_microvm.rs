@@ -435,6 +435,16 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     let ex = cmd(&rt, &["exec", &id, "sh", "-c", "echo from-exec; exit 4"]);
     assert_eq!(ex.code, Some(4), "{ex:?}");
     assert_eq!(ex.stdout, "from-exec\n");
+    // An exec's stdio carries megabytes whole too (its stdin through the
+    // VMM process's queue and the agent's, back through `cat`).
+    let input: String = (0..200_000).map(|i| format!("exec line {i}\n")).collect();
+    let ex = cmd_in(&rt, &["exec", &id, "cat"], input.as_bytes());
+    assert_eq!(ex.code, Some(0), "{}", ex.stderr);
+    assert_eq!(ex.stdout.len(), input.len());
+    assert!(
+        ex.stdout == input,
+        "the exec's stdin came back whole and in order"
+    );
     // Detached, as containerd's shim runs every exec: the PID in the pid
     // file stands for the guest process and ends when it does (it was the
     // VMM's, which never ends before the container: a CRI ExecSync hung).
