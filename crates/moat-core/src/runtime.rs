@@ -228,7 +228,21 @@ pub enum RuntimeError {
     Tier(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The status `moat run` exits with when the runtime itself failed (as
+/// docker's), rather than the workload.
+pub const RUNTIME_FAILED_STATUS: u8 = 125;
+
 impl RuntimeError {
+    /// The status a failed run exits with: what a shell gives a program
+    /// that cannot run (127 not found, 126 not executable), else
+    /// [`RUNTIME_FAILED_STATUS`].
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            RuntimeError::ExecFailed { status, .. } => *status,
+            _ => RUNTIME_FAILED_STATUS,
+        }
+    }
+
     /// Whether the error says the container does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, RuntimeError::State(StateError::NotFound(_)))

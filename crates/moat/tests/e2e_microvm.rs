@@ -47,6 +47,15 @@ fn cmd(rt: &Rt, args: &[&str]) -> Out {
     )
 }
 
+/// `moat run --isolation microvm -- sh -c SCRIPT` with `stdin`.
+fn sh_in(rt: &Rt, script: &str, stdin: &[u8]) -> Out {
+    cmd_in(
+        rt,
+        &["run", "--isolation", "microvm", "--", "sh", "-c", script],
+        stdin,
+    )
+}
+
 fn cmd_in(rt: &Rt, args: &[&str], stdin: &[u8]) -> Out {
     rt.cmd_with(
         args,
@@ -109,17 +118,9 @@ fn run_relays_stdio_and_the_exit_status_and_leaves_nothing() {
     let Some(rt) = rt("run_relays_stdio_and_the_exit_status_and_leaves_nothing") else {
         return;
     };
-    let out = cmd_in(
+    let out = sh_in(
         &rt,
-        &[
-            "run",
-            "--isolation",
-            "microvm",
-            "--",
-            "sh",
-            "-c",
-            "read x; echo \"hi $x\"; echo oops >&2; id -u; exit 3",
-        ],
+        "read x; echo \"hi $x\"; echo oops >&2; id -u; exit 3",
         b"there\n",
     );
     assert_eq!(out.code, Some(3), "{out:?}");
@@ -131,7 +132,7 @@ fn run_relays_stdio_and_the_exit_status_and_leaves_nothing() {
 /// Megabytes each way arrive whole and in order: 8 MiB the workload writes
 /// as fast as the guest runs (QEMU used to drop what the agent's console
 /// port could not pass on at once: a few MB in, the stream lost bytes and
-/// its framing), then 4 MiB of stdin back through `cat`.
+/// its framing), then 3.4 MiB of stdin back through `cat`.
 #[test]
 fn megabytes_of_stdout_and_stdin_arrive_whole() {
     let Some(rt) = rt("megabytes_of_stdout_and_stdin_arrive_whole") else {
@@ -139,17 +140,9 @@ fn megabytes_of_stdout_and_stdin_arrive_whole() {
     };
     let input: String = (0..300_000).map(|i| format!("line {i}\n")).collect();
     assert!(input.len() > 3 << 20);
-    let out = cmd_in(
+    let out = sh_in(
         &rt,
-        &[
-            "run",
-            "--isolation",
-            "microvm",
-            "--",
-            "sh",
-            "-c",
-            "head -c 8388608 /dev/zero | tr '\\0' x; cat",
-        ],
+        "head -c 8388608 /dev/zero | tr '\\0' x; cat",
         input.as_bytes(),
     )
     .expect_ok();

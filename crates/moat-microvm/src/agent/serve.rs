@@ -51,6 +51,23 @@ struct Proc {
 }
 
 impl Proc {
+    /// A process with no stdio yet, not exited.
+    fn new(pid: i32, main: bool) -> Proc {
+        Proc {
+            pid,
+            stdin: None,
+            pending: VecDeque::new(),
+            stdin_eof: false,
+            stdout: None,
+            stderr: None,
+            tty: None,
+            status: None,
+            exited_at: None,
+            main,
+            limits: None,
+        }
+    }
+
     /// Writes what the process's stdin takes now of `pending`; closes it
     /// once all is written after the host's end of file, or when the
     /// process closed its end.
@@ -446,22 +463,12 @@ impl Agent {
         go.write_all(&body)
             .map_err(io("hand the run's process to the held container"))?;
         drop(go);
-        self.procs.insert(
-            chan,
-            Proc {
-                pid,
-                stdin: Some(nonblocking(stdin)?),
-                pending: VecDeque::new(),
-                stdin_eof: false,
-                stdout: Some(stdout),
-                stderr: Some(stderr),
-                tty: None,
-                status: None,
-                exited_at: None,
-                main: true,
-                limits: Some(limits),
-            },
-        );
+        let mut p = Proc::new(pid, true);
+        p.stdin = Some(nonblocking(stdin)?);
+        p.stdout = Some(stdout);
+        p.stderr = Some(stderr);
+        p.limits = Some(limits);
+        self.procs.insert(chan, p);
         super::trace("held container started");
         Ok(())
     }
@@ -505,19 +512,7 @@ impl Agent {
         size: (u16, u16),
         main: bool,
     ) -> Result<(), AgentError> {
-        let mut p = Proc {
-            pid: 0,
-            stdin: None,
-            pending: VecDeque::new(),
-            stdin_eof: false,
-            stdout: None,
-            stderr: None,
-            tty: None,
-            status: None,
-            exited_at: None,
-            main,
-            limits: None,
-        };
+        let mut p = Proc::new(0, main);
         // The child's stdin, stdout and stderr.
         let child: [OwnedFd; 3] = if terminal {
             let pty = nix::pty::openpty(None, None).map_err(|e| AgentError::Sys {
@@ -789,13 +784,8 @@ fn run_and_wait(
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {}", moat_core::error_chain(&e));
-            // As the container tier's `moat run` exits: what a shell gives
-            // a program that cannot run (127 not found, 126 not
-            // executable), else 125.
-            match e {
-                moat_core::runtime::RuntimeError::ExecFailed { status, .. } => i32::from(status),
-                _ => 125,
-            }
+            // As the container tier's `moat run` exits.
+            i32::from(e.exit_status())
         }
     }
 }
@@ -860,8 +850,7 @@ fn launch_and_wait(
 /// The runtime has been reaped, so this does not wait: whatever it wrote
 /// is in the pipe, and a pipe still held open elsewhere reads as none.
 fn read_limits(f: File) -> Option<moat_core::stats::LimitEvents> {
-    let flags = rustix::fs::fcntl_getfl(&f).ok()?;
-    rustix::fs::fcntl_setfl(&f, flags | rustix::fs::OFlags::NONBLOCK).ok()?;
+    let f = nonblocking(f).ok()?;
     let mut body = Vec::new();
     let _ = (&f).take(4096).read_to_end(&mut body);
     serde_json::from_slice(&body).ok()

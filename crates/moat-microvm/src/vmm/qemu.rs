@@ -151,8 +151,8 @@ impl QemuArgs {
 /// BLAKE2s's boot self-test (7 ms; only the test is skipped, the code stays
 /// in use), the trace_printk file in tracefs (6 ms), TOMOYO's securityfs
 /// interface (5 ms; TOMOYO is not enabled), /dev/snapshot for hibernation
-/// (3 ms) and the "encrypted" key type (2 ms; the container's seccomp
-/// profile denies the key syscalls).
+/// (3 ms) and the "encrypted" key type (2 ms; `moat run`'s seccomp profile
+/// allows no key syscalls).
 pub const SKIPPED_INITCALLS: &[&str] = &[
     "init_kprobe_trace",
     "cubictcp_register",

@@ -301,11 +301,11 @@ pub fn main(cli: RunCli) -> Result<i32> {
 /// else 125 (moat's own error, as docker's).
 pub fn exit_status(e: &anyhow::Error) -> u8 {
     e.chain()
-        .find_map(|c| match c.downcast_ref::<moat_core::RuntimeError>() {
-            Some(moat_core::RuntimeError::ExecFailed { status, .. }) => Some(*status),
-            _ => None,
+        .filter_map(|c| c.downcast_ref::<moat_core::RuntimeError>())
+        .find(|r| matches!(r, moat_core::RuntimeError::ExecFailed { .. }))
+        .map_or(moat_core::runtime::RUNTIME_FAILED_STATUS, |r| {
+            r.exit_status()
         })
-        .unwrap_or(125)
 }
 
 /// Where `--json` goes: stderr, or a file opened (created, truncated) before
