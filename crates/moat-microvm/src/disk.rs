@@ -1,7 +1,9 @@
 //! The guest's disks: each directory the container sees (its root, and
-//! every directory bind mount) becomes an ext4 image, built with `mkfs.ext4
-//! -d` (e2fsprogs) and attached read-only as a virtio block device; the
-//! guest finds each by its filesystem UUID.
+//! every directory bind mount) becomes an ext4 image, formatted by
+//! e2fsprogs' `mke2fs` and filled through the kernel's ext4 on a loop
+//! device (or by `mke2fs -d` for small trees and where no loop device can
+//! be had), and attached read-only as a virtio block device; the guest
+//! finds each by its filesystem UUID.
 //!
 //! Images of directories moat manages or that are the host's own system
 //! directories (the embedded default's /usr, /lib, …; image cache entries;
@@ -86,9 +88,49 @@ pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
         return Ok(DiskImage { path, uuid });
     }
     ensure_dir(cache)?;
+    sweep_dead_builds(cache);
     build(source, &path, &uuid)?;
     prune_stale(cache, source.as_os_str().as_encoded_bytes(), &path);
     Ok(DiskImage { path, uuid })
+}
+
+/// Removes what builds by processes that no longer run left in `dir`
+/// (moat killed while it imaged a tree): their `<name>.<pid>.tmp` files
+/// and `<name>.<pid>.mnt` mount points (empty: the mount lived in the dead
+/// child's namespace). A build by a live process is left alone.
+fn sweep_dead_builds(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name
+            .strip_suffix(".tmp")
+            .or_else(|| name.strip_suffix(".mnt"))
+        else {
+            continue;
+        };
+        let Some(pid) = stem.rsplit('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let p = e.path();
+        let r = if name.ends_with(".mnt") {
+            std::fs::remove_dir(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        match r {
+            Ok(()) => tracing::debug!(
+                "microvm: removed {}, left by a build that died",
+                p.display()
+            ),
+            Err(err) => tracing::debug!("microvm: cannot remove {}: {err}", p.display()),
+        }
+    }
 }
 
 /// Records that `image` is the image of `source`, and removes the images
@@ -138,6 +180,9 @@ pub fn group(
         }
         None => (dest.to_owned(), private_uuid(dest)),
     };
+    if let Some(c) = cache {
+        sweep_dead_builds(c);
+    }
     let staging = path.with_extension("staging");
     std::fs::create_dir_all(&staging)
         .map_err(MicrovmError::io(format!("create {}", staging.display())))?;
@@ -180,7 +225,7 @@ pub fn group(
                 )
                 .map_err(MicrovmError::sys(format!("bind {}", s.display())))?;
             }
-            build(&staging, &path, &uuid)
+            build(&staging, &path, &uuid).map(drop)
         })();
         match r {
             Ok(()) => 0,
@@ -271,54 +316,193 @@ pub fn image_size(u: Usage) -> u64 {
     raw.div_ceil(1 << 20) * (1 << 20)
 }
 
+/// How an image was filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// `mke2fs -d`: e2fsprogs writes every file itself (slow for big
+    /// trees: ~80% of its time is its own CPU, 29 s for 776 MB here).
+    Mke2fs,
+    /// The kernel's ext4 on a loop device, filled by `cp -a` (4.5 s for
+    /// the same tree).
+    Kernel,
+}
+
+/// Trees with at least this many bytes of data, or
+/// [`KERNEL_FILL_MIN_ENTRIES`] entries, are copied through the kernel;
+/// smaller ones through `mke2fs -d`, which is as fast there (10 ms against
+/// 30 for 3 MB; 0.45 s against 0.4 for 116 MB and 4000 entries), and
+/// needs no loop device.
+pub const KERNEL_FILL_MIN_BYTES: u64 = 64 << 20;
+/// See [`KERNEL_FILL_MIN_BYTES`].
+pub const KERNEL_FILL_MIN_ENTRIES: u64 = 10_000;
+
 /// Builds the image of `source` at `dest` (through a temporary file, so a
 /// failed build leaves nothing).
-fn build(source: &Path, dest: &Path, uuid: &str) -> Result<(), MicrovmError> {
+fn build(source: &Path, dest: &Path, uuid: &str) -> Result<Fill, MicrovmError> {
     let u = usage(source)?;
-    let size = image_size(u);
+    let prefer = if u.bytes >= KERNEL_FILL_MIN_BYTES || u.entries >= KERNEL_FILL_MIN_ENTRIES {
+        Fill::Kernel
+    } else {
+        Fill::Mke2fs
+    };
+    build_as(source, dest, uuid, u, prefer)
+}
+
+/// [`build`] with the fill to try first: through the kernel, falling back
+/// to `mke2fs -d` where the host offers no loop devices (moat inside a
+/// container) or the copy fails; `mke2fs -d` alone otherwise.
+fn build_as(
+    source: &Path,
+    dest: &Path,
+    uuid: &str,
+    u: Usage,
+    prefer: Fill,
+) -> Result<Fill, MicrovmError> {
     let tmp = dest.with_extension(format!("{}.tmp", std::process::id()));
     let r = (|| {
-        let f = std::fs::File::create(&tmp)
-            .map_err(MicrovmError::io(format!("create {}", tmp.display())))?;
-        f.set_len(size)
-            .map_err(MicrovmError::io(format!("size {}", tmp.display())))?;
-        drop(f);
-        let dashed = format!(
-            "{}-{}-{}-{}-{}",
-            &uuid[..8],
-            &uuid[8..12],
-            &uuid[12..16],
-            &uuid[16..20],
-            &uuid[20..32]
-        );
-        let out = Command::new(MKFS)
-            .args([
-                "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "moat",
-            ])
-            .args(["-O", "^has_journal,^resize_inode"])
-            .args(["-N", &(u.entries + 1024).to_string()])
-            .args(["-U", &dashed, "-E", "lazy_itable_init=1,root_owner=0:0"])
-            .arg("-d")
-            .arg(source)
-            .arg(&tmp)
-            .output()
-            .map_err(|e| MicrovmError::Mkfs {
-                source_dir: source.to_owned(),
-                message: format!("cannot run {MKFS}: {e} (install e2fsprogs)"),
-            })?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(MicrovmError::Mkfs {
-                source_dir: source.to_owned(),
-                message: err.lines().last().unwrap_or("failed").trim().to_string(),
-            });
+        let mut fill = Fill::Mke2fs;
+        if prefer == Fill::Kernel {
+            mkfs(None, &tmp, u, uuid)?;
+            match fill_through_kernel(source, &tmp) {
+                Ok(()) => fill = Fill::Kernel,
+                Err(why) => tracing::info!(
+                    "microvm: imaging {} through a loop mount failed ({why}); mke2fs -d instead",
+                    source.display()
+                ),
+            }
         }
-        std::fs::rename(&tmp, dest).map_err(MicrovmError::io(format!("rename {}", dest.display())))
+        if fill == Fill::Mke2fs {
+            mkfs(Some(source), &tmp, u, uuid)?;
+        }
+        std::fs::rename(&tmp, dest)
+            .map_err(MicrovmError::io(format!("rename {}", dest.display())))?;
+        Ok(fill)
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     r
+}
+
+/// Makes `img` an empty ext4 file system sized for `u` (a new file each
+/// time), filled with `populate` by mke2fs itself when given.
+fn mkfs(populate: Option<&Path>, img: &Path, u: Usage, uuid: &str) -> Result<(), MicrovmError> {
+    let source_dir = populate.unwrap_or(img).to_owned();
+    let f = std::fs::File::create(img)
+        .map_err(MicrovmError::io(format!("create {}", img.display())))?;
+    f.set_len(image_size(u))
+        .map_err(MicrovmError::io(format!("size {}", img.display())))?;
+    drop(f);
+    let dashed = format!(
+        "{}-{}-{}-{}-{}",
+        &uuid[..8],
+        &uuid[8..12],
+        &uuid[12..16],
+        &uuid[16..20],
+        &uuid[20..32]
+    );
+    let mut cmd = Command::new(MKFS);
+    cmd.args([
+        "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "moat",
+    ])
+    .args(["-O", "^has_journal,^resize_inode"])
+    .args(["-N", &(u.entries + 1024).to_string()])
+    .args(["-U", &dashed, "-E", "lazy_itable_init=1,root_owner=0:0"]);
+    if let Some(src) = populate {
+        cmd.arg("-d").arg(src);
+    }
+    let out = cmd.arg(img).output().map_err(|e| MicrovmError::Mkfs {
+        source_dir: source_dir.clone(),
+        message: format!("cannot run {MKFS}: {e} (install e2fsprogs)"),
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(MicrovmError::Mkfs {
+            source_dir,
+            message: err.lines().last().unwrap_or("failed").trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `source` into the empty ext4 image `img` through the kernel: a
+/// loop device that detaches itself once unmounted, mounted in a mount
+/// namespace of a child's own (the host never sees the mount, and if moat
+/// dies mid-copy the namespace, the mount and the loop device go with it),
+/// `cp -a` (owners, modes, times, hard links, xattrs, special files), and
+/// an unmount that writes everything back to the image before the child
+/// reports success. The error says which step failed.
+fn fill_through_kernel(source: &Path, img: &Path) -> Result<(), String> {
+    let mnt = img.with_extension("mnt");
+    std::fs::create_dir(&mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
+        match loop_mount_and_copy(source, img, &mnt) {
+            Ok(()) => 0,
+            Err(e) => {
+                let _ = std::io::Write::write_all(&mut std::fs::File::from(wr), e.as_bytes());
+                1
+            }
+        }
+    });
+    let _ = std::fs::remove_dir(&mnt);
+    let mut why = String::new();
+    {
+        use std::io::Read;
+        let mut r = std::fs::File::from(rd);
+        let _ = r.read_to_string(&mut why);
+    }
+    match code {
+        Ok(0) => Ok(()),
+        Ok(c) if why.is_empty() => Err(format!("the copy's process exited with {c}")),
+        Ok(_) => Err(why),
+        Err(e) => Err(format!("fork: {e}")),
+    }
+}
+
+/// The child's side of [`fill_through_kernel`].
+fn loop_mount_and_copy(source: &Path, img: &Path, mnt: &Path) -> Result<(), String> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make the mounts private: {e}"))?;
+    let (dev, dev_path) =
+        moat_sys::loopdev::attach_autoclear(img).map_err(|e| format!("loop device: {e}"))?;
+    mount(
+        Some(dev_path.as_path()),
+        mnt,
+        Some("ext4"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_NOATIME,
+        // The inode tables stay as mke2fs left them (sparse, so zero):
+        // no background thread writing them while the copy runs.
+        Some("noinit_itable"),
+    )
+    .map_err(|e| format!("mount {}: {e}", dev_path.display()))?;
+    // The mount holds the device now; once it is gone, the device detaches.
+    drop(dev);
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(source.join("."))
+        .arg(mnt)
+        .output();
+    // Unmounted in every case, and not lazily: a clean unmount is what
+    // writes the last of the copy back into the image.
+    let unmounted = umount2(mnt, MntFlags::empty());
+    let out = copied.map_err(|e| format!("cannot run cp: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "cp: {}",
+            err.lines().next().unwrap_or("failed").trim()
+        ));
+    }
+    unmounted.map_err(|e| format!("unmount {}: {e}", mnt.display()))
 }
 
 /// e2fsprogs' mke2fs, which `-t ext4` makes build ext4.
@@ -360,6 +544,30 @@ mod tests {
         prune_stale(&cache, a, &a2);
         assert!(!a1.exists() && !a1.with_extension("source").exists());
         assert!(a2.is_file() && b1.is_file() && unmarked.is_file());
+    }
+
+    #[test]
+    fn what_a_dead_build_left_is_swept_and_a_live_ones_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        // A process that has exited: its PID is free until reused, and a
+        // reused one only keeps its files a while longer.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let dead_tmp = d.path().join(format!("disk-ab.{dead}.tmp"));
+        let dead_mnt = d.path().join(format!("disk-ab.{dead}.mnt"));
+        let live_tmp = d.path().join(format!("disk-cd.{me}.tmp"));
+        let image = d.path().join("disk-ef.ext4");
+        std::fs::write(&dead_tmp, b"half an image").unwrap();
+        std::fs::create_dir(&dead_mnt).unwrap();
+        std::fs::write(&live_tmp, b"being built").unwrap();
+        std::fs::write(&image, b"image").unwrap();
+        sweep_dead_builds(d.path());
+        if !Path::new(&format!("/proc/{dead}")).exists() {
+            assert!(!dead_tmp.exists() && !dead_mnt.exists());
+        }
+        assert!(live_tmp.is_file() && image.is_file());
     }
 
     #[test]
@@ -438,5 +646,167 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    /// What debugfs says of `path` in `img` that a copy must keep: type,
+    /// mode, owner, size, links, mtime (seconds: mke2fs drops the
+    /// nanoseconds), a symlink's target, the `user.moat` xattr.
+    fn describe(img: &Path, path: &str) -> String {
+        let run = |req: String| {
+            let out = Command::new("debugfs")
+                .args(["-R", &req])
+                .arg(img)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let stat = run(format!("stat {path}"));
+        let mut d: Vec<String> = Vec::new();
+        for l in stat.lines() {
+            let l = l.trim();
+            if let Some(t) = l.strip_prefix("Inode:") {
+                // "14   Type: regular    Mode:  04755   Flags: 0x80000"
+                let t = t.split_once("Type:").map(|x| x.1).unwrap_or(t);
+                d.push(
+                    t.split("Flags:")
+                        .next()
+                        .unwrap_or(t)
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            } else if l.starts_with("User:") || l.starts_with("Fast link dest:") {
+                d.push(l.split_whitespace().collect::<Vec<_>>().join(" "));
+            } else if l.starts_with("Links:") {
+                d.push(l.split("Blockcount").next().unwrap_or(l).trim().to_string());
+            } else if let Some(t) = l.strip_prefix("mtime:") {
+                d.push(format!(
+                    "mtime {}",
+                    t.trim().split(':').next().unwrap_or("")
+                ));
+            }
+        }
+        d.push(run(format!("ea_get {path} user.moat")).trim().to_string());
+        d.join("; ")
+    }
+
+    #[test]
+    fn the_kernel_fill_keeps_what_mke2fs_keeps_and_leaves_nothing() {
+        if moat_core::testing::needs_root(
+            "the_kernel_fill_keeps_what_mke2fs_keeps_and_leaves_nothing",
+        ) {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("d/e")).unwrap();
+        std::fs::write(src.join("f"), b"hi\n").unwrap();
+        std::os::unix::fs::chown(src.join("f"), Some(1234), Some(5678)).unwrap();
+        std::fs::set_permissions(src.join("f"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        rustix::fs::setxattr(
+            src.join("f"),
+            "user.moat",
+            b"yes",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        std::fs::hard_link(src.join("f"), src.join("d/hl")).unwrap();
+        std::os::unix::fs::symlink("../f", src.join("d/link")).unwrap();
+        nix::unistd::mkfifo(
+            &src.join("d/p"),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .unwrap();
+        std::fs::set_permissions(src.join("d/e"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::File::create(src.join("sparse"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let u = usage(&src).unwrap();
+        let (k, m) = (d.path().join("k.ext4"), d.path().join("m.ext4"));
+        let uuid = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            build_as(&src, &k, uuid, u, Fill::Kernel).unwrap(),
+            Fill::Kernel
+        );
+        assert_eq!(
+            build_as(&src, &m, uuid, u, Fill::Mke2fs).unwrap(),
+            Fill::Mke2fs
+        );
+        let paths = ["/f", "/d", "/d/e", "/d/hl", "/d/link", "/d/p", "/sparse"];
+        for p in paths {
+            assert_eq!(describe(&k, p), describe(&m, p), "{p}");
+        }
+        let f = describe(&k, "/f");
+        assert!(
+            f.starts_with("regular Mode: 04755; User: 1234 Group: 5678"),
+            "{f}"
+        );
+        assert!(
+            f.contains("Links: 2") && f.ends_with("user.moat (3) = \"yes\""),
+            "{f}"
+        );
+        assert!(describe(&k, "/d/p").starts_with("FIFO Mode: 0640"));
+        assert!(describe(&k, "/d/e").starts_with("directory Mode: 01777"));
+        assert!(describe(&k, "/d/link").contains("Fast link dest: \"../f\""));
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /d/hl"])
+            .arg(&k)
+            .output()
+            .unwrap();
+        assert_eq!(cat.stdout, b"hi\n");
+        // Nothing is left: no temporary file or mount point beside the
+        // images, no loop device still backed by one, no mount on the host.
+        let mut left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["k.ext4", "m.ext4", "src"]);
+        let dir = d.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing =
+                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            assert!(
+                !backing.starts_with(&dir),
+                "{} still backs {}",
+                backing.trim(),
+                e.path().display()
+            );
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&dir), "{mounts}");
+    }
+
+    #[test]
+    fn a_failed_kernel_fill_falls_back_to_mke2fs() {
+        if moat_core::testing::needs_root("a_failed_kernel_fill_falls_back_to_mke2fs") {
+            return;
+        }
+        // A source gone by the time of the copy fails the kernel fill;
+        // mke2fs then fails too, its error is the one reported, and neither
+        // leaves a file, a mount point or a loop device.
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a"), b"a").unwrap();
+        let u = usage(&src).unwrap();
+        std::fs::remove_dir_all(&src).unwrap();
+        let r = build_as(
+            &src,
+            &d.path().join("x.ext4"),
+            "0123456789abcdef0123456789abcdef",
+            u,
+            Fill::Kernel,
+        );
+        assert!(matches!(r, Err(MicrovmError::Mkfs { .. })), "{r:?}");
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod fd;
+pub mod loopdev;
 pub mod mount;
 pub mod notify;
 pub mod probe;
