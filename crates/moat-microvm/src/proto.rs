@@ -26,8 +26,14 @@ pub const MAX_DATA: usize = 32 * 1024;
 /// cannot take it at once (a workload writing megabytes lost bytes, and
 /// the stream its framing), where a plain port holds the guest back.
 pub const AGENT_PORT: &str = "moat.agent";
-/// The protocol version both sides must speak.
-pub const VERSION: u32 = 1;
+/// The protocol version both sides must speak (2: stdin under credits).
+pub const VERSION: u32 = 2;
+/// How many bytes of stdin the host may send on a channel before the
+/// agent has credited them back ([`Kind::Credit`]): what may wait in the
+/// guest for a process that does not read. Bounded per channel, so the
+/// agent never stops reading the channel, and a signal, an exec or a
+/// resize always gets through, however much stdin a process left unread.
+pub const STDIN_WINDOW: usize = 1 << 20;
 
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +70,10 @@ pub enum Kind {
     /// host → guest: mount the run's disks now, before the snapshot is
     /// saved ([`PrimeRequest`]); answered with a hello, or an error.
     Prime = 14,
+    /// guest → host: the process took (or the agent dropped) this many
+    /// more bytes of the channel's stdin ([`CreditMsg`]): the host may send
+    /// that many more ([`STDIN_WINDOW`]).
+    Credit = 15,
 }
 
 impl Kind {
@@ -84,6 +94,7 @@ impl Kind {
             12 => Shutdown,
             13 => Ping,
             14 => Prime,
+            15 => Credit,
             _ => return None,
         })
     }
@@ -359,6 +370,12 @@ pub struct ExecRequest {
     pub process: serde_json::Value,
     pub rows: u16,
     pub cols: u16,
+}
+
+/// See [`Kind::Credit`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreditMsg {
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -189,6 +189,72 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     assert_clean(&rt);
 }
 
+/// A signal for the workload gets through while the workload leaves its
+/// stdin unread and the host has endless stdin for it: the host sends a
+/// process's stdin only as the agent credits it back (a window of 1 MiB),
+/// so the guest never stops reading the channel, and moat takes only a
+/// bounded amount of what it is fed. (Before the credits, once 8 MiB
+/// waited in the guest the forwarded SIGTERM waited behind them, and the
+/// workload ran to its end.)
+#[test]
+fn a_signal_gets_through_past_stdin_the_workload_leaves_unread() {
+    let Some(rt) = rt("a_signal_gets_through_past_stdin_the_workload_leaves_unread") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = spawn_own(
+        rt.command()
+            .envs(env())
+            .args(["run", "--isolation", "microvm", "--", "sh", "-c"])
+            .arg("trap 'echo got-TERM; exit 3' TERM; echo ready; sleep 600 & wait")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    let fed = Arc::new(AtomicU64::new(0));
+    let feeder = {
+        let fed = fed.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 << 10];
+            while fed.load(Ordering::Relaxed) < 64 << 20 && stdin.write_all(&chunk).is_ok() {
+                fed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
+        assert!(child.try_wait().unwrap().is_none(), "moat run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Give the feed time to fill whatever holds it (the old 8 MiB took
+    // about a second here).
+    let fill = std::time::Instant::now();
+    while fed.load(Ordering::Relaxed) < 12 << 20 && fill.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let taken = fed.load(Ordering::Relaxed);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_own(&mut child);
+    feeder.join().unwrap();
+    assert_eq!(status.code(), Some(3), "the trap ran: {status:?}");
+    assert!(std::fs::read_to_string(&out).unwrap().contains("got-TERM"));
+    // The window, the relay's queue, its read buffer and two pipes: a few
+    // MiB at most, however long the feed ran.
+    assert!(taken <= 4 << 20, "moat took {taken} bytes of unread stdin");
+    assert_clean(&rt);
+}
+
 /// The container's limits hold inside the guest and what they refused
 /// comes back: forks past `--pids-limit` fail, a process past `-m` is
 /// OOM-killed, and moat reports both (its summary and `--json`) from the

@@ -20,10 +20,10 @@ use crate::proto::{self, Decoder, Frame, Kind};
 /// How long a process's output may stay open after it exited (a
 /// background child holding the pipe) before its exit is reported anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// How many bytes of stdin may wait for the processes before the agent
-/// stops reading the channel (the host then stops reading the stdin it
-/// relays, and the writer there waits, as on a full pipe).
-const PENDING_HIGH: usize = 8 << 20;
+/// Stdin a process took is credited back to the host once this much has
+/// gathered, or at once when nothing of it waits any more (an interactive
+/// stream then never waits on a credit).
+const CREDIT_BATCH: u64 = (proto::STDIN_WINDOW / 8) as u64;
 /// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
 const READ_AHEAD_KIB: u32 = 1024;
 
@@ -37,6 +37,11 @@ struct Proc {
     /// The host closed the process's stdin: closed here once `pending`
     /// is written.
     stdin_eof: bool,
+    /// Stdin bytes written to the process (or dropped: its stdin is gone)
+    /// and not yet credited back to the host. The host sends at most
+    /// [`proto::STDIN_WINDOW`] uncredited bytes, so `pending` stays under
+    /// that and the channel is always read.
+    taken: u64,
     stdout: Option<File>,
     stderr: Option<File>,
     /// The pty master, for window sizes.
@@ -58,6 +63,7 @@ impl Proc {
             stdin: None,
             pending: VecDeque::new(),
             stdin_eof: false,
+            taken: 0,
             stdout: None,
             stderr: None,
             tty: None,
@@ -73,7 +79,7 @@ impl Proc {
     /// process closed its end.
     fn write_stdin(&mut self) {
         let Some(f) = &mut self.stdin else {
-            self.pending.clear();
+            self.drop_pending();
             return;
         };
         while !self.pending.is_empty() {
@@ -81,12 +87,13 @@ impl Proc {
             match f.write(head) {
                 Ok(n) => {
                     self.pending.drain(..n);
+                    self.taken += n as u64;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.stdin = None;
-                    self.pending.clear();
+                    self.drop_pending();
                     return;
                 }
             }
@@ -94,6 +101,23 @@ impl Proc {
         if self.stdin_eof {
             self.stdin = None;
         }
+    }
+}
+
+impl Proc {
+    /// Drops the stdin nobody will read, crediting it (the host goes on
+    /// relaying, and the agent dropping, as a closed pipe's reader would
+    /// make a writer stop: here the writer is the host's, which does not
+    /// know).
+    fn drop_pending(&mut self) {
+        self.taken += self.pending.len() as u64;
+        self.pending.clear();
+    }
+
+    /// The credit to send the host now, if any (see [`CREDIT_BATCH`]).
+    fn credit_due(&mut self) -> Option<u64> {
+        let due = self.taken >= CREDIT_BATCH || (self.taken > 0 && self.pending.is_empty());
+        due.then(|| std::mem::take(&mut self.taken))
     }
 }
 
@@ -202,15 +226,8 @@ impl Agent {
             // Which fds are polled, in order: the channel, the signalfd, then
             // each process's stdout and stderr.
             let mut order: Vec<(u32, u8)> = Vec::new();
-            let pending: usize = self.procs.values().map(|p| p.pending.len()).sum();
-            let take_frames = pending < PENDING_HIGH;
-            let chan_events = if take_frames {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::empty()
-            };
             let mut fds = vec![
-                PollFd::new(self.chan.as_fd(), chan_events),
+                PollFd::new(self.chan.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
             ];
             for (id, p) in &self.procs {
@@ -246,7 +263,7 @@ impl Agent {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
-            if ready[0] && take_frames {
+            if ready[0] {
                 let n = self.chan.read(&mut buf).map_err(io("read from the host"))?;
                 if n == 0 {
                     return Ok(());
@@ -289,6 +306,7 @@ impl Agent {
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.write_stdin();
                     }
+                    self.credit(id)?;
                 } else if ready[2 + i] {
                     self.relay_output(id, which, &mut buf)?;
                 }
@@ -313,12 +331,12 @@ impl Agent {
                 if let Some(p) = self.procs.get_mut(&f.chan) {
                     if f.payload.is_empty() {
                         p.stdin_eof = true;
-                    } else if p.stdin.is_some() {
+                    } else {
                         p.pending.extend(&f.payload);
                     }
                     p.write_stdin();
                 }
-                Ok(())
+                self.credit(f.chan)
             }
             Kind::Signal => {
                 let m: proto::SignalMsg = f.json()?;
@@ -337,6 +355,15 @@ impl Agent {
             }
             // Kinds only the guest sends: ignored.
             _ => Ok(()),
+        }
+    }
+
+    /// Tells the host how much more stdin process `id` may be sent, when
+    /// enough was taken.
+    fn credit(&mut self, id: u32) -> Result<(), AgentError> {
+        match self.procs.get_mut(&id).and_then(Proc::credit_due) {
+            Some(bytes) => self.send_json(Kind::Credit, id, &proto::CreditMsg { bytes }),
+            None => Ok(()),
         }
     }
 
@@ -599,7 +626,7 @@ impl Agent {
                 p.exited_at = Some(Instant::now());
                 // No one writes to a process that is gone.
                 p.stdin = None;
-                p.pending.clear();
+                p.drop_pending();
             }
         }
     }
@@ -1289,6 +1316,34 @@ fn refresh(req: &proto::RunRequest) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stdin_is_credited_as_a_real_pipe_takes_it() {
+        // A real pipe, non-blocking as the agent makes it, 64 KiB deep.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut p = Proc::new(1, false);
+        p.stdin = Some(nonblocking(File::from(w)).unwrap());
+        // A small write the pipe takes at once is credited at once.
+        p.pending.extend(b"hello");
+        p.write_stdin();
+        assert_eq!(p.credit_due(), Some(5));
+        assert_eq!(p.credit_due(), None, "nothing twice");
+        // A window's worth: the pipe takes what it holds, the rest waits,
+        // and what it took is credited in batches, not byte by byte.
+        p.pending.extend(vec![b'y'; proto::STDIN_WINDOW]);
+        p.write_stdin();
+        let took = (proto::STDIN_WINDOW - p.pending.len()) as u64;
+        assert!(took > 0 && !p.pending.is_empty(), "{took}");
+        assert_eq!(p.credit_due(), (took >= CREDIT_BATCH).then_some(took));
+        // The reader goes away: what waits is dropped and credited, so the
+        // host goes on.
+        let left = p.pending.len() as u64;
+        let before = p.taken;
+        drop(r);
+        p.write_stdin();
+        assert!(p.stdin.is_none() && p.pending.is_empty());
+        assert_eq!(p.credit_due(), Some(before + left));
+    }
 
     #[test]
     fn per_run_files_stay_under_their_directory() {

@@ -19,6 +19,13 @@ use super::{VmmError, VmmPlan};
 use crate::control::{self, Reply, Request, Setup, StartKind};
 use crate::proto::{self, Decoder, Frame, Kind};
 
+/// `credit` plus what the agent granted, never past the window (a guest
+/// granting more than it was sent gains nothing).
+fn add_credit(credit: usize, granted: u64) -> usize {
+    let granted = usize::try_from(granted).unwrap_or(usize::MAX);
+    credit.saturating_add(granted).min(proto::STDIN_WINDOW)
+}
+
 /// How many bytes may wait for the agent channel before the relay stops
 /// reading the stdin it relays (its sources then wait, as a pipe's writer
 /// does).
@@ -38,6 +45,8 @@ enum Phase {
 struct ExecSession {
     client: OwnedFd,
     stdin: Option<File>,
+    /// Stdin bytes the agent will still take ([`proto::STDIN_WINDOW`]).
+    credit: usize,
     stdout: File,
     stderr: File,
     detach: bool,
@@ -62,6 +71,8 @@ pub struct Relay {
     /// Who asked for `start` (answered on Started/Error).
     starter: Option<OwnedFd>,
     stdin_open: bool,
+    /// The container process's stdin credit (as [`ExecSession::credit`]).
+    stdin_credit: usize,
     execs: BTreeMap<u32, ExecSession>,
     next_chan: u32,
     /// When the relay took over (for the console's debug timings).
@@ -105,6 +116,7 @@ impl Relay {
             phase: Phase::Booting,
             starter: None,
             stdin_open: true,
+            stdin_credit: proto::STDIN_WINDOW,
             execs: BTreeMap::new(),
             next_chan: 1,
             since: Instant::now(),
@@ -241,7 +253,8 @@ impl Relay {
                 fds.push(PollFd::new(self.agent.as_fd(), PollFlags::POLLOUT));
                 slots.push(Slot::AgentWritable);
             }
-            // Input for the guest waits while the channel is behind.
+            // Input for the guest waits while the channel is behind, and
+            // each process's while the agent holds a window of it unread.
             let take_input = self.out.len() < OUT_HIGH;
             add!(self.listener.as_fd(), Slot::Listener);
             if let Some(s) = &self.sigfd {
@@ -251,11 +264,15 @@ impl Relay {
                 add!(c.as_fd(), Slot::Console);
             }
             let stdin = std::io::stdin();
-            if self.phase == Phase::Running && self.stdin_open && take_input {
+            if self.phase == Phase::Running
+                && self.stdin_open
+                && take_input
+                && self.stdin_credit > 0
+            {
                 add!(stdin.as_fd(), Slot::Stdin);
             }
             for (ch, x) in &self.execs {
-                if let (Some(i), true) = (&x.stdin, take_input) {
+                if let (Some(i), true) = (&x.stdin, take_input && x.credit > 0) {
                     add!(i.as_fd(), Slot::ExecStdin(*ch));
                 }
                 if x.started && !x.detach {
@@ -333,22 +350,27 @@ impl Relay {
                 }
             }
             Slot::Stdin => {
-                let n = nix::unistd::read(std::io::stdin().as_fd(), buf).unwrap_or(0);
+                let room = self.stdin_credit.min(buf.len());
+                let n = nix::unistd::read(std::io::stdin().as_fd(), &mut buf[..room]).unwrap_or(0);
                 if n == 0 {
                     self.stdin_open = false;
                 }
+                self.stdin_credit -= n;
                 let frame = proto::encode(Kind::Stdin, 0, &buf[..n]);
                 self.send(&frame)?;
             }
             Slot::ExecStdin(ch) => {
-                let n = match self.execs.get_mut(&ch).and_then(|x| x.stdin.as_mut()) {
-                    Some(f) => f.read(buf).unwrap_or(0),
+                let Some(x) = self.execs.get_mut(&ch) else {
+                    return Ok(None);
+                };
+                let room = x.credit.min(buf.len());
+                let n = match x.stdin.as_mut() {
+                    Some(f) => f.read(&mut buf[..room]).unwrap_or(0),
                     None => return Ok(None),
                 };
+                x.credit -= n;
                 if n == 0 {
-                    if let Some(x) = self.execs.get_mut(&ch) {
-                        x.stdin = None;
-                    }
+                    x.stdin = None;
                 }
                 let frame = proto::encode(Kind::Stdin, ch, &buf[..n]);
                 self.send(&frame)?;
@@ -452,6 +474,18 @@ impl Relay {
                         &x.stderr
                     };
                     write_all(to.as_fd(), &f.payload);
+                }
+            }
+            // The guest grants what it likes: at worst it holds more of its
+            // own process's stdin in its own memory.
+            (Kind::Credit, 0) => {
+                let c: proto::CreditMsg = f.json()?;
+                self.stdin_credit = add_credit(self.stdin_credit, c.bytes);
+            }
+            (Kind::Credit, ch) => {
+                let c: proto::CreditMsg = f.json()?;
+                if let Some(x) = self.execs.get_mut(&ch) {
+                    x.credit = add_credit(x.credit, c.bytes);
                 }
             }
             (Kind::Started, ch) => {
@@ -623,6 +657,7 @@ impl Relay {
             ExecSession {
                 client,
                 stdin,
+                credit: proto::STDIN_WINDOW,
                 stdout,
                 stderr,
                 detach,
@@ -656,4 +691,17 @@ enum Slot {
     Stdin,
     ExecStdin(u32),
     ExecClient(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_never_passes_the_window() {
+        assert_eq!(add_credit(0, 100), 100);
+        assert_eq!(add_credit(proto::STDIN_WINDOW - 1, 1), proto::STDIN_WINDOW);
+        // A guest granting more than it was sent gains nothing.
+        assert_eq!(add_credit(10, u64::MAX), proto::STDIN_WINDOW);
+    }
 }
