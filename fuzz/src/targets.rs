@@ -101,6 +101,7 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Exit => drop(f.json::<proto::Exit>()),
                         Kind::Error => drop(f.json::<proto::ErrorMsg>()),
                         Kind::Prime => drop(f.json::<proto::PrimeRequest>()),
+                        Kind::Credit => drop(f.json::<proto::CreditMsg>()),
                         Kind::Stdin | Kind::Stdout | Kind::Stderr | Kind::Shutdown | Kind::Ping => {
                         }
                     }

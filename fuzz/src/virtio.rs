@@ -6,6 +6,7 @@ use moat_vmm::memory::GuestMem;
 use moat_vmm::virtio::block::Block;
 use moat_vmm::virtio::console::Console;
 use moat_vmm::virtio::mmio::MmioTransport;
+use moat_vmm::virtio::net::Net;
 use moat_vmm::virtio::rng::Rng;
 use moat_vmm::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -79,7 +80,7 @@ pub fn run(data: &[u8]) {
     let which = *which;
     let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     mem.write_slice(image, GuestAddress(0x1000)).unwrap();
-    match which % 3 {
+    match which % 4 {
         0 => drive(Rng::default(), 1, mem, ops),
         1 => {
             let dir = tempfile::tempdir().unwrap();
@@ -88,10 +89,16 @@ pub fn run(data: &[u8]) {
             let blk = Block::open(&path, which & 4 != 0, "fuzz").unwrap();
             drive(blk, 1, mem, ops);
         }
-        _ => {
+        2 => {
             let (console, rx) = Console::detached();
             rx.push(b"host bytes for the guest");
             drive(console, 2, mem, ops);
+        }
+        _ => {
+            let (net, rx) = Net::detached([2, 0, 0, 0, 0, 1], 1500);
+            rx.push(&[0xab; 60]);
+            rx.push(&[0xcd; 1514]);
+            drive(net, 2, mem, ops);
         }
     }
 }

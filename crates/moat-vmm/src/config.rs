@@ -53,6 +53,18 @@ pub struct VmConfig {
     /// The guest agent channel: a virtio console port (`/dev/hvc0` in the
     /// guest) whose bytes travel over this connected host socket.
     pub agent: Option<UnixStream>,
+    /// The guest's network card (virtio-net), its frames over a connected
+    /// host stream socket, length-prefixed as QEMU's `-netdev stream`.
+    pub net: Option<NetConfig>,
+}
+
+/// A virtio-net device: where its frames go, the guest's MAC and MTU.
+#[derive(Debug)]
+pub struct NetConfig {
+    /// Frames, each after its 4-byte big-endian length, both ways.
+    pub socket: UnixStream,
+    pub mac: [u8; 6],
+    pub mtu: u16,
 }
 
 impl VmConfig {
@@ -68,12 +80,16 @@ impl VmConfig {
             block: Vec::new(),
             rng: false,
             agent: None,
+            net: None,
         }
     }
 
     /// How many virtio-mmio devices this configuration asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.block.len() + usize::from(self.rng) + usize::from(self.agent.is_some())
+        self.block.len()
+            + usize::from(self.rng)
+            + usize::from(self.agent.is_some())
+            + usize::from(self.net.is_some())
     }
 
     /// Checks the limits that do not need KVM.

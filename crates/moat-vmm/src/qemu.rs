@@ -223,6 +223,14 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Result<Vec<OsString>, QemuE
             a.push(s.into());
         }
     }
+    if config.net.is_some() {
+        // The tier hands QEMU its frame stream itself (moat-microvm's
+        // `-netdev stream,addr.type=fd`); this driver has no descriptor
+        // slot for it.
+        return Err(QemuError::Unsupported(
+            "a network card (moat-microvm passes QEMU its own -netdev)",
+        ));
+    }
     if config.agent.is_some() {
         for s in [
             "-chardev",

@@ -24,8 +24,9 @@ use crate::layout::{
 };
 use crate::memory::{self, GuestMem};
 use crate::virtio::block::Block;
-use crate::virtio::console::{self, Console, RxBuffer};
+use crate::virtio::console::{self, Console};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::net::{self, Net};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioDevice;
 use crate::x86_64::{boot, mptable, regs};
@@ -100,19 +101,19 @@ impl StopHandle {
     }
 }
 
-/// The agent channel's I/O side, started by [`Vm::run`].
-struct ConsoleIo {
-    transport: Arc<Mutex<MmioTransport<Console, IrqLine>>>,
-    rx: Arc<RxBuffer>,
-    reader: UnixStream,
+/// A device's host side, run on an I/O thread of its own by [`Vm::run`]
+/// (the agent console's, the network card's): what the thread runs, and
+/// how to stop it.
+struct IoSide {
+    name: &'static str,
+    body: Box<dyn FnOnce() + Send>,
+    stop: Box<dyn Fn() + Send>,
 }
 
-/// The running agent channel: its I/O thread, receive buffer, and a socket
-/// clone to shut down at exit.
-struct ConsoleRunning {
+/// A running [`IoSide`].
+struct IoRunning {
     thread: JoinHandle<()>,
-    rx: Arc<RxBuffer>,
-    socket: UnixStream,
+    stop: Box<dyn Fn() + Send>,
 }
 
 /// A built microVM, ready to run. Field order is drop order: vCPUs and the
@@ -120,7 +121,7 @@ struct ConsoleRunning {
 pub struct Vm {
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
-    console: Option<ConsoleIo>,
+    io: Vec<IoSide>,
     exit: Arc<ExitState>,
     cmdline: String,
     _vm: VmFd,
@@ -173,7 +174,7 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, VmmError> {
 struct VirtioSet {
     slots: Vec<MmioSlot>,
     announce: Vec<String>,
-    console: Option<ConsoleIo>,
+    io: Vec<IoSide>,
 }
 
 impl VirtioSet {
@@ -206,7 +207,7 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
     let mut set = VirtioSet {
         slots: Vec::new(),
         announce: Vec::new(),
-        console: None,
+        io: Vec::new(),
     };
     for (i, b) in config.block.iter().enumerate() {
         let id = format!("moat-vd{}", (b'a' + i as u8) as char);
@@ -225,13 +226,57 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             source,
         })?;
         let transport = set.add(vm, mem, dev)?;
-        set.console = Some(ConsoleIo {
-            transport,
-            rx,
-            reader,
+        let (closer, rx_stop) = (clone_socket(&reader, "agent console")?, rx.clone());
+        set.io.push(IoSide {
+            name: "agent-io",
+            body: Box::new(move || {
+                console::pump(reader, &rx, || {
+                    transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .process_queue(0)
+                })
+            }),
+            stop: Box::new(move || {
+                rx_stop.close();
+                // Wakes the I/O thread out of read(); the VM is gone, so
+                // is the channel.
+                let _ = closer.shutdown(std::net::Shutdown::Both);
+            }),
+        });
+    }
+    if let Some(n) = config.net.take() {
+        let (dev, rx, reader) =
+            Net::new(n.socket, n.mac, n.mtu).map_err(|source| VmmError::Device {
+                name: "network".into(),
+                source,
+            })?;
+        let transport = set.add(vm, mem, dev)?;
+        let (closer, rx_stop) = (clone_socket(&reader, "network")?, rx.clone());
+        set.io.push(IoSide {
+            name: "net-io",
+            body: Box::new(move || {
+                net::pump(reader, &rx, || {
+                    transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .process_queue(0)
+                })
+            }),
+            stop: Box::new(move || {
+                rx_stop.close();
+                let _ = closer.shutdown(std::net::Shutdown::Both);
+            }),
         });
     }
     Ok(set)
+}
+
+fn clone_socket(s: &UnixStream, name: &str) -> Result<UnixStream, VmmError> {
+    s.try_clone().map_err(|source| VmmError::Device {
+        name: name.into(),
+        source: crate::virtio::DeviceError::CloneSocket(source),
+    })
 }
 
 /// Loads the kernel or payload and writes every boot structure; returns the entry.
@@ -333,7 +378,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             bus,
-            console: virtio.console,
+            io: virtio.io,
             exit,
             cmdline,
             _vm: vm,
@@ -360,13 +405,19 @@ impl Vm {
     /// Runs the VM until it stops; returns why.
     pub fn run(mut self) -> Result<ExitReason, VmmError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(VmmError::KickSignal)?;
-        let console = self.start_console()?;
+        let io = match self.start_io() {
+            Ok(io) => io,
+            Err((e, started)) => {
+                stop_io(started);
+                return Err(e);
+            }
+        };
         let threads = self.start_vcpus();
         let threads = match threads {
             Ok(t) => t,
             Err(e) => {
                 self.exit.set(ExitReason::Stopped);
-                stop_console(console);
+                stop_io(io);
                 return Err(e);
             }
         };
@@ -379,7 +430,7 @@ impl Vm {
                 first_error = Some(e);
             }
         }
-        stop_console(console);
+        stop_io(io);
         match (first_error, reason) {
             (Some(e), _) => Err(e),
             (None, Some(reason)) => Ok(reason),
@@ -418,42 +469,31 @@ impl Vm {
         Ok(threads)
     }
 
-    fn start_console(&mut self) -> Result<Option<ConsoleRunning>, VmmError> {
-        let Some(io) = self.console.take() else {
-            return Ok(None);
-        };
-        let closer = io.reader.try_clone().map_err(|source| VmmError::Device {
-            name: "agent console".into(),
-            source: crate::virtio::DeviceError::CloneSocket(source),
-        })?;
-        let rx = io.rx.clone();
-        let name = "agent-io".to_string();
-        let t = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let transport = io.transport;
-                console::pump(io.reader, &io.rx, || {
-                    transport
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .process_queue(0)
-                })
-            })
-            .map_err(|source| VmmError::Spawn { name, source })?;
-        Ok(Some(ConsoleRunning {
-            thread: t,
-            rx,
-            socket: closer,
-        }))
+    /// Starts every device's I/O thread; on a failure, the error and the
+    /// threads already started (to stop).
+    fn start_io(&mut self) -> Result<Vec<IoRunning>, (VmmError, Vec<IoRunning>)> {
+        let mut running = Vec::new();
+        for side in self.io.drain(..) {
+            let stop = side.stop;
+            match std::thread::Builder::new()
+                .name(side.name.into())
+                .spawn(side.body)
+            {
+                Ok(thread) => running.push(IoRunning { thread, stop }),
+                Err(source) => {
+                    let name = side.name.into();
+                    return Err((VmmError::Spawn { name, source }, running));
+                }
+            }
+        }
+        Ok(running)
     }
 }
 
-fn stop_console(console: Option<ConsoleRunning>) {
-    if let Some(c) = console {
-        c.rx.close();
-        // Wakes the I/O thread out of read(); the VM is gone, so is the channel.
-        let _ = c.socket.shutdown(std::net::Shutdown::Both);
-        let _ = c.thread.join();
+fn stop_io(io: Vec<IoRunning>) {
+    for r in io {
+        (r.stop)();
+        let _ = r.thread.join();
     }
 }
 

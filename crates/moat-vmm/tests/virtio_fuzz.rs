@@ -12,6 +12,7 @@ use moat_vmm::memory::GuestMem;
 use moat_vmm::virtio::block::Block;
 use moat_vmm::virtio::console::Console;
 use moat_vmm::virtio::mmio::MmioTransport;
+use moat_vmm::virtio::net::Net;
 use moat_vmm::virtio::rng::Rng;
 use moat_vmm::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -226,5 +227,18 @@ fn console_survives_hostile_drivers() {
         let (console, rx) = Console::detached();
         rx.push(b"host bytes for the guest");
         drive(console, 2, mem, &ops, case);
+    }
+}
+
+#[test]
+fn net_survives_hostile_drivers() {
+    let mut g = Gen(0x2f1c_77a0_5eed_4e70);
+    for case in 0..CASES {
+        let mem = case_memory(&mut g, 2);
+        let ops = ops(&mut g);
+        let (net, rx) = Net::detached([2, 0, 0, 0, 0, 1], 1500);
+        rx.push(&[0xab; 60]);
+        rx.push(&[0xcd; 1514]);
+        drive(net, 2, mem, &ops, case);
     }
 }

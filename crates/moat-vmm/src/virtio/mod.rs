@@ -1,11 +1,13 @@
 //! virtio over MMIO: the transport ([`mmio`]), chain validation ([`chain`]),
-//! and the three devices a moat guest needs: entropy ([`rng`]), the root
-//! filesystem ([`block`]) and the agent channel ([`console`]).
+//! and the four devices a moat guest needs: entropy ([`rng`]), the root
+//! filesystem ([`block`]), the agent channel ([`console`]) and, when the
+//! container asks for the network, `eth0` ([`net`]).
 
 pub mod block;
 pub mod chain;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::path::PathBuf;
