@@ -102,8 +102,8 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "virtio_queue",
-        covers: "moat-vmm virtio-mmio transport and the rng, block and console devices against a \
-                 hostile driver",
+        covers: "moat-vmm virtio-mmio transport and the rng, block, console and network devices \
+                 against a hostile driver",
         run: targets::virtio_queue,
     },
 ];
