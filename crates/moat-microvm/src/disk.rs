@@ -713,6 +713,9 @@ mod tests {
         .unwrap();
         std::fs::hard_link(src.join("f"), src.join("d/hl")).unwrap();
         std::os::unix::fs::symlink("../f", src.join("d/link")).unwrap();
+        // A link out of the tree (as a hostile rootfs may hold) is copied
+        // as a link, not followed.
+        std::os::unix::fs::symlink("/etc", src.join("d/out")).unwrap();
         nix::unistd::mkfifo(
             &src.join("d/p"),
             nix::sys::stat::Mode::from_bits_truncate(0o640),
@@ -734,7 +737,9 @@ mod tests {
             build_as(&src, &m, uuid, u, Fill::Mke2fs).unwrap(),
             Fill::Mke2fs
         );
-        let paths = ["/f", "/d", "/d/e", "/d/hl", "/d/link", "/d/p", "/sparse"];
+        let paths = [
+            "/f", "/d", "/d/e", "/d/hl", "/d/link", "/d/out", "/d/p", "/sparse",
+        ];
         for p in paths {
             assert_eq!(describe(&k, p), describe(&m, p), "{p}");
         }
@@ -750,6 +755,7 @@ mod tests {
         assert!(describe(&k, "/d/p").starts_with("FIFO Mode: 0640"));
         assert!(describe(&k, "/d/e").starts_with("directory Mode: 01777"));
         assert!(describe(&k, "/d/link").contains("Fast link dest: \"../f\""));
+        assert!(describe(&k, "/d/out").contains("Fast link dest: \"/etc\""));
         let cat = Command::new("debugfs")
             .args(["-R", "cat /d/hl"])
             .arg(&k)
