@@ -149,6 +149,124 @@ pub const VMM: &[(&str, &str)] = &[
     ("getegid", "identity"),
 ];
 
+/// moat's own VMM, per thread role ([`moat_vmm::ThreadRole`]): what each
+/// thread of a running VM may call once it has entered its role (its
+/// start-up, before that, is the thread runtime's). Taken from `strace -f`
+/// of the payload tests (`moat-vmm/tests/kvm_payloads.rs`), which then run
+/// under these filters. Every role: allocation and a thread's end.
+pub const BUILTIN_COMMON: &[(&str, &str)] = &[
+    ("mmap", "the allocator's large blocks and per-thread arenas"),
+    ("munmap", "freeing them; a thread's signal stack at its end"),
+    ("mremap", "the allocator growing a block"),
+    ("mprotect", "the allocator growing a per-thread arena"),
+    (
+        "madvise",
+        "the allocator returning memory; a thread's stack at its end",
+    ),
+    ("brk", "the allocator"),
+    ("futex", "the locks around devices and the VM's exit state"),
+    ("sigaltstack", "a thread's signal stack, removed at its end"),
+    ("rt_sigprocmask", "a thread's end"),
+    ("exit", "a thread ends"),
+    (
+        "close",
+        "the last reference to a device's file or socket may drop here",
+    ),
+    (
+        "restart_syscall",
+        "a call interrupted by the vCPU kick signal",
+    ),
+];
+
+/// A vCPU thread: `KVM_RUN` and the devices' work on a queue notification.
+pub const BUILTIN_VCPU: &[(&str, &str)] = &[
+    (
+        "ioctl",
+        "KVM_RUN, and no other request (the filter checks it)",
+    ),
+    ("read", "virtio-blk reads from its image"),
+    (
+        "write",
+        "virtio-blk writes; COM1's output file; interrupt eventfds",
+    ),
+    ("lseek", "virtio-blk positions in its image"),
+    ("fdatasync", "virtio-blk's flush"),
+    (
+        "sendto",
+        "the console's and the network card's transmits to their sockets",
+    ),
+    ("getrandom", "virtio-rng"),
+    ("rt_sigreturn", "the kick signal's handler returns"),
+];
+
+/// An I/O thread (the agent console's, the network card's): read its
+/// socket, then interrupt the guest.
+pub const BUILTIN_IO: &[(&str, &str)] = &[
+    ("recvfrom", "reading the agent or network socket"),
+    ("read", "the same through read(2)"),
+    ("write", "the device's interrupt eventfd"),
+];
+
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
+const KVM_RUN: u64 = 0xae80;
+
+/// The filter of `role` for moat's own VMM: its list and the common one,
+/// `ioctl` only for `KVM_RUN`, EPERM for everything else.
+fn builtin_profile(
+    role: moat_vmm::ThreadRole,
+) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
+    use moat_vmm::ThreadRole;
+    use oci_spec::runtime::{LinuxSeccompArgBuilder, LinuxSeccompOperator};
+    let own = match role {
+        ThreadRole::Vcpu => BUILTIN_VCPU,
+        ThreadRole::AgentIo | ThreadRole::NetIo => BUILTIN_IO,
+    };
+    let plain: Vec<String> = own
+        .iter()
+        .chain(BUILTIN_COMMON)
+        .map(|(n, _)| *n)
+        .filter(|n| *n != "ioctl")
+        .map(str::to_owned)
+        .collect();
+    let mut rules = vec![LinuxSyscallBuilder::default()
+        .names(plain)
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .build()?];
+    if own.iter().any(|(n, _)| *n == "ioctl") {
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["ioctl".to_owned()])
+                .action(LinuxSeccompAction::ScmpActAllow)
+                .args(vec![LinuxSeccompArgBuilder::default()
+                    .index(1usize)
+                    .value(KVM_RUN)
+                    .op(LinuxSeccompOperator::ScmpCmpEq)
+                    .build()?])
+                .build()?,
+        );
+    }
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .default_errno_ret(libc::EPERM as u32)
+        .syscalls(rules)
+        .build()
+}
+
+/// The hook that confines each thread of moat's own VMM to its role's
+/// filter ([`moat_vmm::VmConfig::thread_hook`]): a thread whose filter
+/// cannot be loaded stops the VM.
+pub fn builtin_thread_hook() -> moat_vmm::ThreadHook {
+    moat_vmm::ThreadHook(std::sync::Arc::new(|role| {
+        // Per thread, as the filter: loading needs no CAP_SYS_ADMIN then.
+        rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
+        let profile = builtin_profile(role).map_err(|e| e.to_string())?;
+        moat_jail::seccomp::compile(&profile)
+            .and_then(|f| f.load())
+            .map(drop)
+            .map_err(|e| moat_core::error_chain(&e))
+    }))
+}
+
 /// The names of `list`.
 pub fn names(list: &[(&'static str, &str)]) -> Vec<&'static str> {
     list.iter().map(|(n, _)| *n).collect()
@@ -210,6 +328,29 @@ mod tests {
             "process_vm_writev",
         ] {
             assert!(!seen.contains(bad), "{bad} must not be allowed");
+        }
+    }
+
+    #[test]
+    fn the_builtin_vmms_roles_have_reasons_compile_and_stay_small() {
+        use moat_vmm::ThreadRole;
+        for list in [BUILTIN_COMMON, BUILTIN_VCPU, BUILTIN_IO] {
+            for (name, why) in list {
+                assert!(!why.is_empty(), "{name}");
+                for bad in [
+                    "openat", "socket", "clone", "clone3", "execve", "mount", "ptrace",
+                ] {
+                    assert_ne!(*name, bad, "{bad} must not be allowed");
+                }
+            }
+        }
+        for role in [ThreadRole::Vcpu, ThreadRole::AgentIo, ThreadRole::NetIo] {
+            let f = moat_jail::seccomp::compile(&builtin_profile(role).unwrap()).unwrap();
+            assert!(
+                f.skipped_syscalls().is_empty(),
+                "{role:?}: {:?}",
+                f.skipped_syscalls()
+            );
         }
     }
 

@@ -56,6 +56,40 @@ pub struct VmConfig {
     /// The guest's network card (virtio-net), its frames over a connected
     /// host stream socket, length-prefixed as QEMU's `-netdev stream`.
     pub net: Option<NetConfig>,
+    /// See [`ThreadHook`]; `None` runs the threads as they are.
+    pub thread_hook: Option<ThreadHook>,
+}
+
+/// What a thread the VMM starts does: the role its seccomp filter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// `KVM_RUN` and every exit, including the devices' work on a queue
+    /// notification (block I/O, console and network transmits).
+    Vcpu,
+    /// Reads the agent socket into the console's receive buffer.
+    AgentIo,
+    /// Reads the network socket into the card's receive queue.
+    NetIo,
+}
+
+/// Run first thing on every thread the VMM starts (to load that role's
+/// seccomp filter); an error stops the VM before the thread does anything
+/// else (fail closed).
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct ThreadHook(pub std::sync::Arc<dyn Fn(ThreadRole) -> Result<(), String> + Send + Sync>);
+
+impl ThreadHook {
+    /// Runs the hook for `role` on the calling thread.
+    pub fn enter(&self, role: ThreadRole) -> Result<(), crate::VmmError> {
+        (self.0)(role).map_err(|message| crate::VmmError::ThreadSetup { role, message })
+    }
+}
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 /// A virtio-net device: where its frames go, the guest's MAC and MTU.
@@ -81,6 +115,7 @@ impl VmConfig {
             rng: false,
             agent: None,
             net: None,
+            thread_hook: None,
         }
     }
 

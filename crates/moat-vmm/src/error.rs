@@ -10,6 +10,14 @@ pub enum VmmError {
     /// The configuration was refused before anything was created.
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    /// A thread's set-up hook (its seccomp filter) failed: the VM stops.
+    #[error("set up the {role:?} thread: {message}")]
+    ThreadSetup {
+        /// The thread's role.
+        role: crate::config::ThreadRole,
+        /// What failed.
+        message: String,
+    },
     /// `/dev/kvm` could not be opened.
     #[error("open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),

@@ -15,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{Bus, MmioDevice, MmioSlot};
 use crate::config::{Kernel, VmConfig};
+use crate::config::{ThreadHook, ThreadRole};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
@@ -106,13 +107,14 @@ impl StopHandle {
 /// how to stop it.
 struct IoSide {
     name: &'static str,
+    role: ThreadRole,
     body: Box<dyn FnOnce() + Send>,
     stop: Box<dyn Fn() + Send>,
 }
 
 /// A running [`IoSide`].
 struct IoRunning {
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Result<(), VmmError>>,
     stop: Box<dyn Fn() + Send>,
 }
 
@@ -122,6 +124,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
     io: Vec<IoSide>,
+    hook: Option<ThreadHook>,
     exit: Arc<ExitState>,
     cmdline: String,
     _vm: VmFd,
@@ -229,6 +232,7 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
         let (closer, rx_stop) = (clone_socket(&reader, "agent console")?, rx.clone());
         set.io.push(IoSide {
             name: "agent-io",
+            role: ThreadRole::AgentIo,
             body: Box::new(move || {
                 console::pump(reader, &rx, || {
                     transport
@@ -255,6 +259,7 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
         let (closer, rx_stop) = (clone_socket(&reader, "network")?, rx.clone());
         set.io.push(IoSide {
             name: "net-io",
+            role: ThreadRole::NetIo,
             body: Box::new(move || {
                 net::pump(reader, &rx, || {
                     transport
@@ -379,6 +384,7 @@ impl Vm {
             vcpus,
             bus,
             io: virtio.io,
+            hook: config.thread_hook.take(),
             exit,
             cmdline,
             _vm: vm,
@@ -408,7 +414,7 @@ impl Vm {
         let io = match self.start_io() {
             Ok(io) => io,
             Err((e, started)) => {
-                stop_io(started);
+                let _ = stop_io(started);
                 return Err(e);
             }
         };
@@ -417,7 +423,7 @@ impl Vm {
             Ok(t) => t,
             Err(e) => {
                 self.exit.set(ExitReason::Stopped);
-                stop_io(io);
+                let _ = stop_io(io);
                 return Err(e);
             }
         };
@@ -430,7 +436,7 @@ impl Vm {
                 first_error = Some(e);
             }
         }
-        stop_io(io);
+        let first_error = first_error.or(stop_io(io));
         match (first_error, reason) {
             (Some(e), _) => Err(e),
             (None, Some(reason)) => Ok(reason),
@@ -443,11 +449,15 @@ impl Vm {
         for (index, fd) in self.vcpus.drain(..).enumerate() {
             let index = index as u8;
             let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let hook = self.hook.clone();
             let name = format!("vcpu{index}");
             let t = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
-                    let r = vcpu::run(index, fd, bus, exit.clone());
+                    let r = match hook.map(|h| h.enter(ThreadRole::Vcpu)) {
+                        Some(Err(e)) => Err(e),
+                        _ => vcpu::run(index, fd, bus, exit.clone()),
+                    };
                     if r.is_err() {
                         exit.fail();
                     }
@@ -475,9 +485,22 @@ impl Vm {
         let mut running = Vec::new();
         for side in self.io.drain(..) {
             let stop = side.stop;
+            let (hook, exit, role, body) =
+                (self.hook.clone(), self.exit.clone(), side.role, side.body);
+            let run = move || match hook.map(|h| h.enter(role)) {
+                // The thread cannot be confined: the VM stops (fail closed).
+                Some(Err(e)) => {
+                    exit.fail();
+                    Err(e)
+                }
+                _ => {
+                    body();
+                    Ok(())
+                }
+            };
             match std::thread::Builder::new()
                 .name(side.name.into())
-                .spawn(side.body)
+                .spawn(run)
             {
                 Ok(thread) => running.push(IoRunning { thread, stop }),
                 Err(source) => {
@@ -490,11 +513,16 @@ impl Vm {
     }
 }
 
-fn stop_io(io: Vec<IoRunning>) {
+/// Stops and joins the I/O threads; the first error one of them had.
+fn stop_io(io: Vec<IoRunning>) -> Option<VmmError> {
+    let mut first = None;
     for r in io {
         (r.stop)();
-        let _ = r.thread.join();
+        if let Ok(Err(e)) = r.thread.join() {
+            first.get_or_insert(e);
+        }
     }
+    first
 }
 
 /// Signals every vCPU thread until it has left its run loop. A kick can land

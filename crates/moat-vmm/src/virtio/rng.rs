@@ -21,8 +21,19 @@ impl Rng {
     fn serve(&self, chain: &Chain, mem: &GuestMem) -> u32 {
         let n = (chain.writable_len() as usize).min(MAX_PER_REQUEST);
         let mut bytes = vec![0u8; n];
-        if getrandom::fill(&mut bytes).is_err() {
-            return 0;
+        // getrandom(2) itself, never a file: the getrandom crate falls
+        // back to opening /dev/urandom in a static binary (it finds the
+        // libc function by dlsym), which the vCPU thread's filter refuses.
+        let mut filled = 0;
+        while filled < n {
+            match rustix::rand::getrandom(
+                &mut bytes[filled..],
+                rustix::rand::GetRandomFlags::empty(),
+            ) {
+                Ok(k) => filled += k,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return 0,
+            }
         }
         chain.write_all(mem, &bytes).unwrap_or(0) as u32
     }

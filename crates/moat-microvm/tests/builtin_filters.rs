@@ -1,0 +1,146 @@
+//! moat's own VMM under its per-thread seccomp filters
+//! (`seccomp::builtin_thread_hook`): the payload guests of moat-vmm's own
+//! tests (`moat-vmm/tests/payloads`) still run every device with each
+//! thread confined to its role, and a confined thread is refused what its
+//! role does not need. Needs /dev/kvm (skips, saying why, without it).
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use moat_microvm::seccomp::builtin_thread_hook;
+use moat_vmm::{BlockConfig, ExitReason, Kernel, NetConfig, ThreadRole, Vm, VmConfig};
+
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+macro_rules! payload {
+    ($name:literal) => {
+        Kernel::Payload(
+            include_bytes!(concat!("../../moat-vmm/tests/payloads/", $name, ".bin")).to_vec(),
+        )
+    };
+}
+
+fn kvm_available() -> bool {
+    match std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            moat_core::testing::skip_hardware("builtin filters", &format!("/dev/kvm: {e}"));
+            false
+        }
+    }
+}
+
+/// Runs `config` with every VMM thread under its filter; the exit and COM1.
+fn run_confined(mut config: VmConfig) -> (ExitReason, String) {
+    let mut out = tempfile::tempfile().unwrap();
+    config.serial_out = Some(out.try_clone().unwrap());
+    config.thread_hook = Some(builtin_thread_hook());
+    let vm = Vm::new(config).unwrap();
+    let stop = vm.stop_handle();
+    let (done, wait) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(WATCHDOG) == Err(mpsc::RecvTimeoutError::Timeout) {
+            stop.stop();
+        }
+    });
+    let reason = vm.run().unwrap();
+    drop(done);
+    watchdog.join().unwrap();
+    let mut s = String::new();
+    use std::io::Seek;
+    out.rewind().unwrap();
+    out.read_to_string(&mut s).unwrap();
+    (reason, s)
+}
+
+#[test]
+fn every_device_works_with_each_thread_confined_to_its_role() {
+    if !kvm_available() {
+        return;
+    }
+    // Serial and reset, on four vCPUs.
+    let (reason, out) = run_confined(VmConfig::new(payload!("smp"), 4, 16));
+    assert_eq!(reason, ExitReason::Reset);
+    assert_eq!(out.trim_end().len(), 4, "{out:?}");
+    // virtio-rng.
+    let mut c = VmConfig::new(payload!("rng"), 1, 16);
+    c.rng = true;
+    assert_eq!(
+        run_confined(c).1,
+        "rng len=20 nonzero=1 loop=00 outside=00\n"
+    );
+    // virtio-blk: read, write, flush, out of range.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let mut image = vec![0u8; 8 * 512];
+    image[512..528].copy_from_slice(b"MOAT-BLOCK-SECT1");
+    std::fs::write(&path, image).unwrap();
+    let mut c = VmConfig::new(payload!("blk"), 1, 16);
+    c.block.push(BlockConfig {
+        path: path.clone(),
+        read_only: false,
+    });
+    assert_eq!(
+        run_confined(c).1,
+        "blk read=0 MOAT-BLOCK-SECT1 write=0 past=1\n"
+    );
+    assert_eq!(
+        &std::fs::read(&path).unwrap()[1024..1040],
+        b"written by guest"
+    );
+    // The agent console, both ways (its I/O thread confined too).
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    let mut c = VmConfig::new(payload!("console"), 1, 16);
+    c.agent = Some(guest);
+    host.write_all(b"ping").unwrap();
+    assert_eq!(run_confined(c).1, "console done\n");
+    let mut got = String::new();
+    host.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "guest got: ping");
+    // The network card against moat's stack.
+    let (stack_side, guest) = UnixStream::pair().unwrap();
+    let (control, _stop) = moat_net::control().unwrap();
+    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
+    cfg.host_addrs = Some(Vec::new());
+    let stack = std::thread::spawn(move || {
+        moat_net::serve_link(
+            moat_net::Link::Stream(OwnedFd::from(stack_side)),
+            cfg,
+            std::sync::Arc::new(moat_net::SystemResolver),
+            control,
+        )
+    });
+    let mut c = VmConfig::new(payload!("arp"), 1, 16);
+    c.net = Some(NetConfig {
+        socket: guest,
+        mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
+        mtu: 65520,
+    });
+    assert_eq!(run_confined(c).1, "arp reply from the gateway\n");
+    assert!(stack.join().unwrap().is_ok());
+}
+
+#[test]
+fn a_confined_thread_is_refused_what_its_role_does_not_need() {
+    for role in [ThreadRole::Vcpu, ThreadRole::AgentIo, ThreadRole::NetIo] {
+        let r = std::thread::spawn(move || {
+            (builtin_thread_hook().0)(role).unwrap();
+            let open = std::fs::File::open("/etc/hostname").map(drop);
+            let socket = UnixStream::pair().map(drop);
+            let spawn = std::process::Command::new("/bin/true").status().map(drop);
+            (open, socket, spawn)
+        })
+        .join()
+        .unwrap();
+        for (what, res) in [("open", r.0), ("socketpair", r.1), ("spawn", r.2)] {
+            let e = res.expect_err(what);
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{role:?} {what}: {e}");
+        }
+    }
+}
