@@ -229,25 +229,14 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             source,
         })?;
         let transport = set.add(vm, mem, dev)?;
-        let (closer, rx_stop) = (clone_socket(&reader, "agent console")?, rx.clone());
-        set.io.push(IoSide {
-            name: "agent-io",
-            role: ThreadRole::AgentIo,
-            body: Box::new(move || {
-                console::pump(reader, &rx, || {
-                    transport
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .process_queue(0)
-                })
-            }),
-            stop: Box::new(move || {
-                rx_stop.close();
-                // Wakes the I/O thread out of read(); the VM is gone, so
-                // is the channel.
-                let _ = closer.shutdown(std::net::Shutdown::Both);
-            }),
-        });
+        let side = io_side(
+            ("agent-io", ThreadRole::AgentIo),
+            transport,
+            reader,
+            rx,
+            |s, rx, deliver| console::pump(s, rx, deliver),
+        )?;
+        set.io.push(side);
     }
     if let Some(n) = config.net.take() {
         let (dev, rx, reader) =
@@ -256,31 +245,67 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
                 source,
             })?;
         let transport = set.add(vm, mem, dev)?;
-        let (closer, rx_stop) = (clone_socket(&reader, "network")?, rx.clone());
-        set.io.push(IoSide {
-            name: "net-io",
-            role: ThreadRole::NetIo,
-            body: Box::new(move || {
-                net::pump(reader, &rx, || {
-                    transport
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .process_queue(0)
-                })
-            }),
-            stop: Box::new(move || {
-                rx_stop.close();
-                let _ = closer.shutdown(std::net::Shutdown::Both);
-            }),
-        });
+        let side = io_side(
+            ("net-io", ThreadRole::NetIo),
+            transport,
+            reader,
+            rx,
+            |s, rx, deliver| net::pump(s, rx, deliver),
+        )?;
+        set.io.push(side);
     }
     Ok(set)
 }
 
-fn clone_socket(s: &UnixStream, name: &str) -> Result<UnixStream, VmmError> {
-    s.try_clone().map_err(|source| VmmError::Device {
+/// A device's host-to-guest queue, which its I/O thread fills.
+trait HostQueue: Send + Sync + 'static {
+    /// Wakes and stops the thread that fills it.
+    fn close(&self);
+}
+
+impl HostQueue for console::RxBuffer {
+    fn close(&self) {
+        console::RxBuffer::close(self);
+    }
+}
+
+impl HostQueue for net::FrameQueue {
+    fn close(&self) {
+        net::FrameQueue::close(self);
+    }
+}
+
+/// The I/O side of a device whose host end is `reader`: a thread that
+/// runs `pump` (reading the socket into `rx`, then running the device's
+/// receive queue, 0), stopped by closing `rx` and shutting the socket
+/// (which wakes it out of its read; the VM is gone, so is the channel).
+fn io_side<Q: HostQueue, D: VirtioDevice + 'static>(
+    (name, role): (&'static str, ThreadRole),
+    transport: Arc<Mutex<MmioTransport<D, IrqLine>>>,
+    reader: UnixStream,
+    rx: Arc<Q>,
+    pump: fn(UnixStream, &Q, &mut dyn FnMut()),
+) -> Result<IoSide, VmmError> {
+    let closer = reader.try_clone().map_err(|source| VmmError::Device {
         name: name.into(),
         source: crate::virtio::DeviceError::CloneSocket(source),
+    })?;
+    let rx_stop = rx.clone();
+    Ok(IoSide {
+        name,
+        role,
+        body: Box::new(move || {
+            pump(reader, &rx, &mut || {
+                transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .process_queue(0)
+            })
+        }),
+        stop: Box::new(move || {
+            rx_stop.close();
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        }),
     })
 }
 
