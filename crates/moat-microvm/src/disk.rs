@@ -191,14 +191,7 @@ pub fn group(
     let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
         use nix::mount::{mount, MsFlags};
         let r = (|| -> Result<(), MicrovmError> {
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .map_err(MicrovmError::sys("make the mounts private"))?;
+            make_mounts_private().map_err(MicrovmError::sys("make the mounts private"))?;
             mount(
                 Some("moat-staging"),
                 &staging,
@@ -460,9 +453,10 @@ fn fill_through_kernel(source: &Path, img: &Path) -> Result<(), String> {
     }
 }
 
-/// The child's side of [`fill_through_kernel`].
-fn loop_mount_and_copy(source: &Path, img: &Path, mnt: &Path) -> Result<(), String> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+/// Makes every mount of the calling process's (new) mount namespace
+/// private, so that what it mounts next never reaches the host's.
+pub(crate) fn make_mounts_private() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
     mount(
         None::<&str>,
         "/",
@@ -470,7 +464,12 @@ fn loop_mount_and_copy(source: &Path, img: &Path, mnt: &Path) -> Result<(), Stri
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| format!("make the mounts private: {e}"))?;
+}
+
+/// The child's side of [`fill_through_kernel`].
+fn loop_mount_and_copy(source: &Path, img: &Path, mnt: &Path) -> Result<(), String> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    make_mounts_private().map_err(|e| format!("make the mounts private: {e}"))?;
     let (dev, dev_path) =
         moat_sys::loopdev::attach_autoclear(img).map_err(|e| format!("loop device: {e}"))?;
     mount(

@@ -110,14 +110,7 @@ impl JailPlan {
     }
 
     fn build_root(&self) -> Result<(), JailError> {
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(sys("make the mounts private"))?;
+        crate::disk::make_mounts_private().map_err(sys("make the mounts private"))?;
         mount(
             Some("moat-vmm"),
             &self.root,
