@@ -771,16 +771,29 @@ mod tests {
         left.sort();
         assert_eq!(left, ["k.ext4", "m.ext4", "src"]);
         let dir = d.path().to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-            let backing =
-                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-            assert!(
-                !backing.starts_with(&dir),
-                "{} still backs {}",
-                backing.trim(),
-                e.path().display()
-            );
+        let backed = || -> Vec<String> {
+            std::fs::read_dir("/sys/block")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("loop/backing_file"))
+                        .is_ok_and(|b| b.starts_with(&dir))
+                })
+                .map(|e| e.path().display().to_string())
+                .collect()
+        };
+        // The device detaches itself when the unmount drops its last user;
+        // should a kernel do that from a worker, give it a moment (an end
+        // state waited for, not a timing asserted).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !backed().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        assert!(
+            backed().is_empty(),
+            "loop devices still backed by the images: {:?}",
+            backed()
+        );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(&dir), "{mounts}");
     }
