@@ -140,6 +140,29 @@ where
     Ok(out)
 }
 
+/// Takes every chain the driver made available on a transmit queue: each
+/// one that parses (at most `max_bytes`) goes to `send`, and every one
+/// comes back used with length 0. Returns whether any came back (the
+/// driver must be interrupted) and how many were malformed.
+pub fn drain_transmits(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMem,
+    max_bytes: u64,
+    mut send: impl FnMut(&Chain),
+) -> (bool, u64) {
+    use virtio_queue::QueueT;
+    let (mut used, mut malformed) = (false, 0);
+    while let Some(raw) = queue.pop_descriptor_chain(mem) {
+        let head = raw.head_index();
+        match parse(raw, mem, usize::from(super::QUEUE_SIZE), max_bytes) {
+            Ok(c) => send(&c),
+            Err(_) => malformed += 1,
+        }
+        used |= queue.add_used(mem, head, 0).is_ok();
+    }
+    (used, malformed)
+}
+
 impl Chain {
     /// Total length of the writable buffers.
     pub fn writable_len(&self) -> u64 {

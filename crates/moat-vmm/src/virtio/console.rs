@@ -200,15 +200,9 @@ impl VirtioDevice for Console {
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => {
-                let mut used = false;
-                while let Some(raw) = queue.pop_descriptor_chain(mem) {
-                    let head = raw.head_index();
-                    match chain::parse(raw, mem, usize::from(QUEUE_SIZE), MAX_TX_REQUEST) {
-                        Ok(c) => self.transmit(&c, mem),
-                        Err(_) => self.refused += 1,
-                    }
-                    used |= queue.add_used(mem, head, 0).is_ok();
-                }
+                let (used, malformed) =
+                    chain::drain_transmits(queue, mem, MAX_TX_REQUEST, |c| self.transmit(c, mem));
+                self.refused += malformed;
                 used
             }
             _ => false,

@@ -231,16 +231,10 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => {
-                let mut used = false;
-                while let Some(raw) = queue.pop_descriptor_chain(mem) {
-                    let head = raw.head_index();
-                    let max = (NET_HDR + MAX_FRAME) as u64;
-                    match chain::parse(raw, mem, usize::from(QUEUE_SIZE), max) {
-                        Ok(c) => self.transmit(&c, mem),
-                        Err(_) => self.refused += 1,
-                    }
-                    used |= queue.add_used(mem, head, 0).is_ok();
-                }
+                let max = (NET_HDR + MAX_FRAME) as u64;
+                let (used, malformed) =
+                    chain::drain_transmits(queue, mem, max, |c| self.transmit(c, mem));
+                self.refused += malformed;
                 used
             }
             _ => false,
