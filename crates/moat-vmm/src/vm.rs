@@ -14,8 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{Bus, MmioDevice, MmioSlot};
-use crate::config::{Kernel, VmConfig};
-use crate::config::{ThreadHook, ThreadRole};
+use crate::config::{Kernel, ThreadHook, ThreadRole, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
@@ -232,9 +231,9 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
         let side = io_side(
             ("agent-io", ThreadRole::AgentIo),
             transport,
-            reader,
-            rx,
+            (reader, rx),
             |s, rx, deliver| console::pump(s, rx, deliver),
+            console::RxBuffer::close,
         )?;
         set.io.push(side);
     }
@@ -248,43 +247,26 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
         let side = io_side(
             ("net-io", ThreadRole::NetIo),
             transport,
-            reader,
-            rx,
+            (reader, rx),
             |s, rx, deliver| net::pump(s, rx, deliver),
+            net::FrameQueue::close,
         )?;
         set.io.push(side);
     }
     Ok(set)
 }
 
-/// A device's host-to-guest queue, which its I/O thread fills.
-trait HostQueue: Send + Sync + 'static {
-    /// Wakes and stops the thread that fills it.
-    fn close(&self);
-}
-
-impl HostQueue for console::RxBuffer {
-    fn close(&self) {
-        console::RxBuffer::close(self);
-    }
-}
-
-impl HostQueue for net::FrameQueue {
-    fn close(&self) {
-        net::FrameQueue::close(self);
-    }
-}
-
 /// The I/O side of a device whose host end is `reader`: a thread that
 /// runs `pump` (reading the socket into `rx`, then running the device's
-/// receive queue, 0), stopped by closing `rx` and shutting the socket
-/// (which wakes it out of its read; the VM is gone, so is the channel).
-fn io_side<Q: HostQueue, D: VirtioDevice + 'static>(
+/// receive queue, 0), stopped by `close` on `rx` and by shutting the
+/// socket (which wakes it out of its read; the VM is gone, so is the
+/// channel).
+fn io_side<Q: Send + Sync + 'static, D: VirtioDevice + 'static>(
     (name, role): (&'static str, ThreadRole),
     transport: Arc<Mutex<MmioTransport<D, IrqLine>>>,
-    reader: UnixStream,
-    rx: Arc<Q>,
+    (reader, rx): (UnixStream, Arc<Q>),
     pump: fn(UnixStream, &Q, &mut dyn FnMut()),
+    close: fn(&Q),
 ) -> Result<IoSide, VmmError> {
     let closer = reader.try_clone().map_err(|source| VmmError::Device {
         name: name.into(),
@@ -303,7 +285,7 @@ fn io_side<Q: HostQueue, D: VirtioDevice + 'static>(
             })
         }),
         stop: Box::new(move || {
-            rx_stop.close();
+            close(&rx_stop);
             let _ = closer.shutdown(std::net::Shutdown::Both);
         }),
     })
@@ -461,7 +443,10 @@ impl Vm {
                 first_error = Some(e);
             }
         }
-        let first_error = first_error.or(stop_io(io));
+        // Stopped whatever the vCPUs said; an I/O thread's error counts
+        // after theirs.
+        let io_error = stop_io(io);
+        let first_error = first_error.or(io_error);
         match (first_error, reason) {
             (Some(e), _) => Err(e),
             (None, Some(reason)) => Ok(reason),
