@@ -102,9 +102,7 @@ impl Proc {
             self.stdin = None;
         }
     }
-}
 
-impl Proc {
     /// Drops the stdin nobody will read, crediting it (the host goes on
     /// relaying, and the agent dropping, as a closed pipe's reader would
     /// make a writer stop: here the writer is the host's, which does not
