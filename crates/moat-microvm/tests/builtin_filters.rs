@@ -3,16 +3,16 @@
 //! tests (`moat-vmm/tests/payloads`) still run every device with each
 //! thread confined to its role, and a confined thread is refused what its
 //! role does not need. Needs /dev/kvm (skips, saying why, without it).
+#[path = "../../moat-vmm/tests/common/payload_vm.rs"]
+mod payload_vm;
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use moat_microvm::seccomp::builtin_thread_hook;
-use moat_vmm::{BlockConfig, ExitReason, Kernel, NetConfig, ThreadRole, Vm, VmConfig};
-
-const WATCHDOG: Duration = Duration::from_secs(60);
+use moat_vmm::{BlockConfig, ExitReason, Kernel, NetConfig, ThreadRole, VmConfig};
+use payload_vm::kvm_available;
 
 macro_rules! payload {
     ($name:literal) => {
@@ -22,41 +22,10 @@ macro_rules! payload {
     };
 }
 
-fn kvm_available() -> bool {
-    match std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            moat_core::testing::skip_hardware("builtin filters", &format!("/dev/kvm: {e}"));
-            false
-        }
-    }
-}
-
 /// Runs `config` with every VMM thread under its filter; the exit and COM1.
 fn run_confined(mut config: VmConfig) -> (ExitReason, String) {
-    let mut out = tempfile::tempfile().unwrap();
-    config.serial_out = Some(out.try_clone().unwrap());
     config.thread_hook = Some(builtin_thread_hook());
-    let vm = Vm::new(config).unwrap();
-    let stop = vm.stop_handle();
-    let (done, wait) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(WATCHDOG) == Err(mpsc::RecvTimeoutError::Timeout) {
-            stop.stop();
-        }
-    });
-    let reason = vm.run().unwrap();
-    drop(done);
-    watchdog.join().unwrap();
-    let mut s = String::new();
-    use std::io::Seek;
-    out.rewind().unwrap();
-    out.read_to_string(&mut s).unwrap();
-    (reason, s)
+    payload_vm::run(config)
 }
 
 #[test]

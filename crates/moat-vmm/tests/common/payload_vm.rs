@@ -1,0 +1,49 @@
+//! Running a payload guest in a test: shared by moat-vmm's
+//! `kvm_payloads.rs` and moat-microvm's `builtin_filters.rs` (which
+//! includes this file by path).
+use std::io::Read;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use moat_vmm::{ExitReason, Vm, VmConfig};
+
+/// A generous bound against a hung guest; not a timing assertion.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// Whether /dev/kvm opens; says why not (a hardware skip) otherwise.
+pub fn kvm_available() -> bool {
+    match std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            moat_core::testing::skip_hardware("kvm payloads", &format!("/dev/kvm: {e}"));
+            false
+        }
+    }
+}
+
+/// Runs `config` with its serial output captured; returns the exit and the output.
+pub fn run(mut config: VmConfig) -> (ExitReason, String) {
+    let out = tempfile::tempfile().unwrap();
+    let mut reader = out.try_clone().unwrap();
+    config.serial_out = Some(out);
+    let vm = Vm::new(config).unwrap();
+    let stop = vm.stop_handle();
+    let (done, wait) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(WATCHDOG) == Err(mpsc::RecvTimeoutError::Timeout) {
+            stop.stop();
+        }
+    });
+    let reason = vm.run().unwrap();
+    drop(done);
+    watchdog.join().unwrap();
+    let mut s = String::new();
+    use std::io::Seek;
+    reader.rewind().unwrap();
+    reader.read_to_string(&mut s).unwrap();
+    (reason, s)
+}
