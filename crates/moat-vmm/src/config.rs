@@ -42,8 +42,11 @@ pub struct VmConfig {
     pub kernel: Kernel,
     /// Initramfs (Linux kernels only).
     pub initrd: Option<PathBuf>,
-    /// Kernel command line; the VMM appends its device announcements.
+    /// Kernel command line; the VMM appends its additions (and, with
+    /// [`Discovery::Cmdline`], its device announcements).
     pub cmdline: String,
+    /// How the guest learns of its vCPUs and devices.
+    pub discovery: Discovery,
     /// Where the guest's serial console (COM1) output goes; `None` drops it.
     pub serial_out: Option<File>,
     /// Block devices, in order (`/dev/vda`, `/dev/vdb`, ...).
@@ -58,6 +61,22 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     /// See [`ThreadHook`]; `None` runs the threads as they are.
     pub thread_hook: Option<ThreadHook>,
+}
+
+/// How a Linux guest learns of the vCPUs, the I/O APIC and the virtio-mmio
+/// devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discovery {
+    /// ACPI tables (a MADT; a DSDT with each device): for kernels built with
+    /// ACPI, as distributions' are (Debian's cloud kernel has neither of the
+    /// other ways). The MP table is there too.
+    #[default]
+    Acpi,
+    /// No ACPI tables: the MP table, and a `virtio_mmio.device=` word per
+    /// device on the command line, for kernels built without ACPI but with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (a kernel with both would find
+    /// every device twice if it were given both).
+    Cmdline,
 }
 
 /// What a thread the VMM starts does: the role its seccomp filter is for.
@@ -110,6 +129,7 @@ impl VmConfig {
             kernel,
             initrd: None,
             cmdline: String::new(),
+            discovery: Discovery::default(),
             serial_out: None,
             block: Vec::new(),
             rng: false,

@@ -98,6 +98,9 @@ pub enum VmmError {
     /// Boot-time structures (GDT, page tables, zero page, payload) could not be written.
     #[error("write {0} to guest memory")]
     WriteBootData(&'static str, #[source] vm_memory::GuestMemoryError),
+    /// The ACPI tables could not be built (a device outside what they can describe).
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
     /// The zero page could not be written.
     #[error("write zero page")]
     ZeroPage(#[source] linux_loader::configurator::Error),

@@ -6,7 +6,8 @@
 //! 0x0000_9000  PML4, PDPT at 0xa000, four page directories at 0xb000..0xf000
 //!              (identity map of the low 4 GiB with 2 MiB pages)
 //! 0x0002_0000  kernel command line (COMMAND_LINE_MAX bytes)
-//! 0x0009_fc00  top of low RAM (EBDA and ROM area above it are not RAM)
+//! 0x0009_fc00  top of low RAM (EBDA and ROM area above it are not RAM):
+//!              the MP table at 0x9fc00, the ACPI tables from 0xe0000
 //! 0x0010_0000  high RAM: bzImage / payloads load here; vmlinux at its ELF addresses
 //! 0xd000_0000  MMIO gap: virtio-mmio devices, MMIO_DEVICE_SIZE each, up to 4 GiB
 //! 0x1_0000_0000 RAM above the gap when mem > 0xd000_0000
@@ -34,6 +35,14 @@ pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const COMMAND_LINE_MAX: usize = 2048;
 /// End of the RAM below the EBDA.
 pub const LOW_RAM_END: u64 = 0x9_fc00;
+/// The ACPI tables, RSDP first (in the BIOS area Linux scans for it).
+pub const ACPI_ADDR: u64 = 0xe_0000;
+/// End of the ACPI tables' area (reserved in the RAM map).
+pub const ACPI_END: u64 = 0x10_0000;
+/// The local APICs' MMIO window.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// The I/O APIC's MMIO window.
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Start of high RAM (1 MiB).
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Where raw payloads are loaded and entered.

@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{Bus, MmioDevice, MmioSlot};
-use crate::config::{Kernel, ThreadHook, ThreadRole, VmConfig};
+use crate::config::{Discovery, Kernel, ThreadHook, ThreadRole, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
@@ -29,7 +29,7 @@ use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{self, Net};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioDevice;
-use crate::x86_64::{boot, mptable, regs};
+use crate::x86_64::{acpi, boot, mptable, regs};
 use crate::{vcpu, VmmError};
 
 /// Why a VM stopped.
@@ -172,10 +172,10 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, VmmError> {
     Ok(IrqLine::new(fd))
 }
 
-/// The virtio devices of a VM, their MMIO windows and command-line announcements.
+/// The virtio devices of a VM, their MMIO windows and interrupt lines.
 struct VirtioSet {
     slots: Vec<MmioSlot>,
-    announce: Vec<String>,
+    described: Vec<acpi::MmioDevice>,
     io: Vec<IoSide>,
 }
 
@@ -199,8 +199,7 @@ impl VirtioSet {
             base,
             device: dyn_device,
         });
-        self.announce
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.described.push(acpi::MmioDevice { base, gsi });
         Ok(transport)
     }
 }
@@ -208,7 +207,7 @@ impl VirtioSet {
 fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<VirtioSet, VmmError> {
     let mut set = VirtioSet {
         slots: Vec::new(),
-        announce: Vec::new(),
+        described: Vec::new(),
         io: Vec::new(),
     };
     for (i, b) in config.block.iter().enumerate() {
@@ -295,11 +294,22 @@ fn io_side<Q: Send + Sync + 'static, D: VirtioDevice + 'static>(
 fn load_guest(
     mem: &GuestMem,
     config: &VmConfig,
-    announce: &[String],
+    devices: &[acpi::MmioDevice],
 ) -> Result<(u64, String), VmmError> {
     regs::write_boot_tables(mem)?;
     mptable::write(mem, config.vcpus)?;
-    let mut additions = announce.to_vec();
+    let mut additions = Vec::new();
+    let rsdp = match config.discovery {
+        Discovery::Acpi => Some(acpi::write(mem, config.vcpus, devices)?),
+        Discovery::Cmdline => {
+            additions.extend(
+                devices
+                    .iter()
+                    .map(|d| format!("virtio_mmio.device=4K@{:#x}:{}", d.base, d.gsi)),
+            );
+            None
+        }
+    };
     if matches!(config.kernel, Kernel::Linux(_)) {
         additions.extend(boot::linux_additions(&config.cmdline));
     }
@@ -332,6 +342,7 @@ fn load_guest(
             hdr,
             cmdline_len,
             initrd,
+            rsdp,
         },
     )?;
     let text = cmdline
@@ -384,7 +395,7 @@ impl Vm {
         };
         let serial = SerialDevice::new(irq_line(&vm, SERIAL_IRQ)?, serial_out);
         let virtio = create_virtio(&vm, &mem, &mut config)?;
-        let (entry, cmdline) = load_guest(&mem, &config, &virtio.announce)?;
+        let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
         let vcpus = create_vcpus(&kvm, &vm, &config, entry)?;
         let bus = Arc::new(Bus::new(serial, I8042::new(exit.clone()), virtio.slots));
         Ok(Vm {
@@ -405,7 +416,7 @@ impl Vm {
         StopHandle(self.exit.clone())
     }
 
-    /// The kernel command line as the guest gets it (with device announcements).
+    /// The kernel command line as the guest gets it (with the VMM's additions).
     pub fn cmdline(&self) -> &str {
         &self.cmdline
     }

@@ -13,7 +13,8 @@ use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{
-    CMDLINE_ADDR, COMMAND_LINE_MAX, HIGH_RAM_START, LOW_RAM_END, PAYLOAD_ADDR, ZERO_PAGE_ADDR,
+    ACPI_ADDR, ACPI_END, CMDLINE_ADDR, COMMAND_LINE_MAX, HIGH_RAM_START, LOW_RAM_END, PAYLOAD_ADDR,
+    ZERO_PAGE_ADDR,
 };
 use crate::memory::{ram_end, GuestMem};
 use crate::VmmError;
@@ -23,6 +24,7 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x100_0000;
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 /// Boot protocol 2.12 is the first with a 64-bit entry (XLF_KERNEL_64).
 const BOOT_PROTOCOL_64BIT_ENTRY: u16 = 0x020c;
 const XLF_KERNEL_64: u16 = 1;
@@ -163,13 +165,21 @@ pub fn cmdline(user: &str, additions: &[String]) -> Result<Cmdline, VmmError> {
     Ok(c)
 }
 
-/// The RAM map the guest is told about.
+/// The RAM map the guest is told about: low RAM, the ACPI tables' area
+/// (reserved, so that the kernel keeps it), high RAM.
 pub fn e820_map(mem: &GuestMem) -> Vec<boot_e820_entry> {
-    let mut map = vec![boot_e820_entry {
-        addr: 0,
-        size: LOW_RAM_END,
-        r#type: E820_RAM,
-    }];
+    let mut map = vec![
+        boot_e820_entry {
+            addr: 0,
+            size: LOW_RAM_END,
+            r#type: E820_RAM,
+        },
+        boot_e820_entry {
+            addr: ACPI_ADDR,
+            size: ACPI_END - ACPI_ADDR,
+            r#type: E820_RESERVED,
+        },
+    ];
     for region in mem.iter() {
         let start = region.start_addr().0.max(HIGH_RAM_START);
         let end = region.start_addr().0 + region.len();
@@ -192,6 +202,8 @@ pub struct ZeroPage {
     pub cmdline_len: usize,
     /// Initramfs address and size.
     pub initrd: Option<(u64, u64)>,
+    /// Where the ACPI RSDP is, if the VM has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// Writes the command line and the zero page.
@@ -210,6 +222,7 @@ pub fn write_zero_page(mem: &GuestMem, cmdline: &Cmdline, zp: ZeroPage) -> Resul
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    params.acpi_rsdp_addr = zp.rsdp.unwrap_or(0);
     let map = e820_map(mem);
     params.e820_entries = map.len() as u8;
     params.e820_table[..map.len()].copy_from_slice(&map);
@@ -241,10 +254,17 @@ mod tests {
     #[test]
     fn e820_skips_the_bios_hole() {
         let m = e820_map(&mem(64));
-        assert_eq!(m.len(), 2);
-        assert_eq!((m[0].addr, m[0].size), (0, LOW_RAM_END));
+        assert_eq!(m.len(), 3);
         assert_eq!(
-            (m[1].addr, m[1].size),
+            (m[0].addr, m[0].size, m[0].r#type),
+            (0, LOW_RAM_END, E820_RAM)
+        );
+        assert_eq!(
+            (m[1].addr, m[1].size, m[1].r#type),
+            (ACPI_ADDR, ACPI_END - ACPI_ADDR, E820_RESERVED)
+        );
+        assert_eq!(
+            (m[2].addr, m[2].size),
             (HIGH_RAM_START, (64 << 20) - HIGH_RAM_START)
         );
     }

@@ -4,13 +4,12 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 use crate::memory::GuestMem;
 use crate::VmmError;
 
 /// Where the floating pointer goes; the configuration table follows it.
 pub const MPTABLE_ADDR: u64 = 0x9_fc00;
-const LAPIC_ADDR: u32 = 0xfee0_0000;
-const IOAPIC_ADDR: u32 = 0xfec0_0000;
 const IOAPIC_PINS: u8 = 24;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
