@@ -281,7 +281,10 @@ impl MicrovmTier {
                 gid: uid,
                 groups,
                 keep_fds: Vec::new(),
-                syscalls: crate::seccomp::names(crate::seccomp::VMM),
+                seccomp: crate::seccomp::allow_list(&crate::seccomp::names(crate::seccomp::VMM))
+                    .map_err(|e| {
+                        MicrovmError::Invalid(format!("the VMM's seccomp profile: {e}"))
+                    })?,
             },
             events,
             boot_timeout: BOOT_TIMEOUT,

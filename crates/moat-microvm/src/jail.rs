@@ -13,8 +13,8 @@
 //!    allocator) with, under KVM, the group that may open /dev/kvm, and no
 //!    capabilities (checked);
 //! 5. no_new_privs, not dumpable;
-//! 6. the seccomp allow-list of [`crate::seccomp`], every other syscall
-//!    failing with EPERM.
+//! 6. the seccomp filter of [`crate::seccomp`] (QEMU's allow-list, or moat's
+//!    own VMM's process filter), every other syscall failing with EPERM.
 //!
 //! The disks and the agent channel are descriptors the runtime opened;
 //! nothing in the jail can name them by path.
@@ -73,8 +73,8 @@ pub struct JailPlan {
     pub groups: Vec<u32>,
     /// Descriptors kept open (besides 0, 1, 2).
     pub keep_fds: Vec<RawFd>,
-    /// The syscalls allowed, by name.
-    pub syscalls: Vec<&'static str>,
+    /// The seccomp filter loaded last (EPERM for what it does not allow).
+    pub seccomp: oci_spec::runtime::LinuxSeccomp,
 }
 
 impl JailPlan {
@@ -88,7 +88,7 @@ impl JailPlan {
         self.switch_user()?;
         moat_jail::attrs::set_no_new_privs()?;
         nix::sys::prctl::set_dumpable(false).map_err(sys("make the VMM non-dumpable"))?;
-        crate::seccomp::load(&self.syscalls)?;
+        crate::seccomp::load(&self.seccomp)?;
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod agent;
 pub mod assets;
+pub mod builtin;
 pub mod control;
 mod create;
 pub mod disk;

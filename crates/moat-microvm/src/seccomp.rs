@@ -207,8 +207,74 @@ pub const BUILTIN_IO: &[(&str, &str)] = &[
     ("write", "the device's interrupt eventfd"),
 ];
 
+/// The thread that runs the VM, once the others have started: wait for
+/// the end, kick the vCPUs out of `KVM_RUN`, join every thread, stop the
+/// I/O, release the VM, report.
+pub const BUILTIN_MAIN: &[(&str, &str)] = &[
+    ("tgkill", "the kick signal to a vCPU thread"),
+    ("getpid", "addressing that signal (pthread_kill)"),
+    ("clock_nanosleep", "the pause between kicks"),
+    (
+        "shutdown",
+        "ending the agent and network sockets, which wakes their I/O threads",
+    ),
+    (
+        "write",
+        "reporting the VM's end; an interrupt eventfd when a device is released",
+    ),
+    ("exit_group", "the VMM process ends"),
+];
+
+/// The VMM process from its jail on (every thread inherits it; each role's
+/// filter narrows it further): what building the VM and starting its
+/// threads take, besides every role's calls. `ioctl` only for KVM's
+/// requests (type `KVMIO`), `clone` only for threads, `clone3` answers
+/// ENOSYS (glibc then uses `clone`, whose flags a filter can read), `prctl`
+/// only to name a thread or set no_new_privs.
+pub const BUILTIN_SETUP: &[(&str, &str)] = &[
+    (
+        "openat",
+        "/dev/kvm, the kernel, the initramfs and the disks: all the jail's root holds",
+    ),
+    ("read", "loading the kernel and the initramfs"),
+    ("pread64", "the kernel's headers"),
+    ("lseek", "the kernel loader; file sizes"),
+    ("fstat", "file sizes"),
+    ("newfstatat", "file sizes"),
+    ("statx", "file sizes"),
+    (
+        "fcntl",
+        "a socket duplicated for its I/O thread (F_DUPFD_CLOEXEC)",
+    ),
+    ("eventfd2", "the devices' interrupt lines"),
+    ("ioctl", "KVM's requests only (the filter checks the type)"),
+    ("rt_sigaction", "the vCPU kick signal's handler"),
+    (
+        "clone",
+        "the VM's threads, and nothing else (CLONE_THREAD checked)",
+    ),
+    ("set_robust_list", "thread start-up (glibc)"),
+    ("rseq", "thread start-up (glibc)"),
+    (
+        "prctl",
+        "naming a thread; no_new_privs (the options checked)",
+    ),
+    (
+        "seccomp",
+        "each thread loads its role's filter, which can only narrow this one",
+    ),
+    ("getrandom", "the standard library's hash seeds"),
+    ("gettid", "thread identity"),
+];
+
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
+/// The type byte of KVM's ioctl requests (`KVMIO`), in place.
+const KVMIO_TYPE: u64 = 0xae00;
+const IOCTL_TYPE_MASK: u64 = 0xff00;
+const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
+const PR_SET_NAME: u64 = libc::PR_SET_NAME as u64;
+const PR_SET_NO_NEW_PRIVS: u64 = libc::PR_SET_NO_NEW_PRIVS as u64;
 
 /// The filter of `role` for moat's own VMM: its list and the common one,
 /// `ioctl` only for `KVM_RUN`, EPERM for everything else.
@@ -220,6 +286,7 @@ fn builtin_profile(
     let own = match role {
         ThreadRole::Vcpu => BUILTIN_VCPU,
         ThreadRole::AgentIo | ThreadRole::NetIo => BUILTIN_IO,
+        ThreadRole::Main => BUILTIN_MAIN,
     };
     let plain: Vec<String> = own
         .iter()
@@ -272,22 +339,102 @@ pub fn names(list: &[(&'static str, &str)]) -> Vec<&'static str> {
     list.iter().map(|(n, _)| *n).collect()
 }
 
-/// Loads an allow-list filter (EPERM for everything else) on the calling
-/// thread; threads and processes started afterwards inherit it.
-pub fn load(syscalls: &[&str]) -> Result<(), crate::jail::JailError> {
-    let profile = |e: oci_spec::OciSpecError| crate::jail::JailError::Profile(e.to_string());
-    let allow = LinuxSyscallBuilder::default()
-        .names(syscalls.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+fn allow(names: Vec<String>) -> Result<oci_spec::runtime::LinuxSyscall, oci_spec::OciSpecError> {
+    LinuxSyscallBuilder::default()
+        .names(names)
         .action(LinuxSeccompAction::ScmpActAllow)
         .build()
-        .map_err(profile)?;
-    let profile = LinuxSeccompBuilder::default()
+}
+
+/// `name` allowed when argument `index` compares to `value` by `op`
+/// (under `mask` for a masked comparison).
+fn allow_if(
+    name: &str,
+    index: usize,
+    op: oci_spec::runtime::LinuxSeccompOperator,
+    (value, mask): (u64, Option<u64>),
+) -> Result<oci_spec::runtime::LinuxSyscall, oci_spec::OciSpecError> {
+    let mut arg = oci_spec::runtime::LinuxSeccompArgBuilder::default();
+    arg = arg.index(index).op(op);
+    // A masked comparison takes the mask as `value` and the expected bits as `valueTwo`.
+    arg = match mask {
+        Some(mask) => arg.value(mask).value_two(value),
+        None => arg.value(value),
+    };
+    LinuxSyscallBuilder::default()
+        .names(vec![name.to_owned()])
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .args(vec![arg.build()?])
+        .build()
+}
+
+/// An allow-list by name, EPERM for everything else: QEMU's
+/// ([`VMM`], then QEMU adds its own).
+pub fn allow_list(
+    syscalls: &[&str],
+) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
+    LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActErrno)
         .default_errno_ret(libc::EPERM as u32)
-        .syscalls(vec![allow])
+        .syscalls(vec![allow(
+            syscalls.iter().map(|s| (*s).to_owned()).collect(),
+        )?])
         .build()
-        .map_err(profile)?;
-    moat_jail::seccomp::compile(&profile)?.load()?;
+}
+
+/// The filter of moat's own VMM process from its jail on:
+/// [`BUILTIN_SETUP`] and every role's calls, with the argument checks
+/// [`BUILTIN_SETUP`] names.
+pub fn builtin_setup_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
+    use oci_spec::runtime::LinuxSeccompOperator::{ScmpCmpEq, ScmpCmpMaskedEq};
+    let checked = ["ioctl", "clone", "prctl"];
+    let mut plain: Vec<String> = [
+        BUILTIN_SETUP,
+        BUILTIN_COMMON,
+        BUILTIN_VCPU,
+        BUILTIN_IO,
+        BUILTIN_MAIN,
+    ]
+    .iter()
+    .flat_map(|l| l.iter().map(|(n, _)| *n))
+    .filter(|n| !checked.contains(n))
+    .map(str::to_owned)
+    .collect();
+    plain.sort();
+    plain.dedup();
+    let rules = vec![
+        allow(plain)?,
+        allow_if(
+            "ioctl",
+            1,
+            ScmpCmpMaskedEq,
+            (KVMIO_TYPE, Some(IOCTL_TYPE_MASK)),
+        )?,
+        allow_if(
+            "clone",
+            0,
+            ScmpCmpMaskedEq,
+            (CLONE_THREAD, Some(CLONE_THREAD)),
+        )?,
+        allow_if("prctl", 0, ScmpCmpEq, (PR_SET_NAME, None))?,
+        allow_if("prctl", 0, ScmpCmpEq, (PR_SET_NO_NEW_PRIVS, None))?,
+        LinuxSyscallBuilder::default()
+            .names(vec!["clone3".to_owned()])
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(libc::ENOSYS as u32)
+            .build()?,
+    ];
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .default_errno_ret(libc::EPERM as u32)
+        .syscalls(rules)
+        .build()
+}
+
+/// Loads `profile` on the calling thread; threads and processes started
+/// afterwards inherit it.
+pub fn load(profile: &oci_spec::runtime::LinuxSeccomp) -> Result<(), crate::jail::JailError> {
+    moat_jail::seccomp::compile(profile)?.load()?;
     Ok(())
 }
 
@@ -334,7 +481,7 @@ mod tests {
     #[test]
     fn the_builtin_vmms_roles_have_reasons_compile_and_stay_small() {
         use moat_vmm::ThreadRole;
-        for list in [BUILTIN_COMMON, BUILTIN_VCPU, BUILTIN_IO] {
+        for list in [BUILTIN_COMMON, BUILTIN_VCPU, BUILTIN_IO, BUILTIN_MAIN] {
             for (name, why) in list {
                 assert!(!why.is_empty(), "{name}");
                 for bad in [
@@ -344,7 +491,12 @@ mod tests {
                 }
             }
         }
-        for role in [ThreadRole::Vcpu, ThreadRole::AgentIo, ThreadRole::NetIo] {
+        for role in [
+            ThreadRole::Vcpu,
+            ThreadRole::AgentIo,
+            ThreadRole::NetIo,
+            ThreadRole::Main,
+        ] {
             let f = moat_jail::seccomp::compile(&builtin_profile(role).unwrap()).unwrap();
             assert!(
                 f.skipped_syscalls().is_empty(),
@@ -356,17 +508,51 @@ mod tests {
 
     #[test]
     fn the_filter_compiles() {
-        let names = names(VMM);
-        let allow = LinuxSyscallBuilder::default()
-            .names(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-            .action(LinuxSeccompAction::ScmpActAllow)
-            .build()
-            .unwrap();
-        let profile = LinuxSeccompBuilder::default()
-            .default_action(LinuxSeccompAction::ScmpActErrno)
-            .syscalls(vec![allow])
-            .build()
-            .unwrap();
+        let f = moat_jail::seccomp::compile(&allow_list(&names(VMM)).unwrap()).unwrap();
+        assert!(
+            f.skipped_syscalls().is_empty(),
+            "{:?}",
+            f.skipped_syscalls()
+        );
+    }
+
+    #[test]
+    fn the_builtin_vmms_process_filter_has_reasons_checks_and_compiles() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, why) in BUILTIN_SETUP {
+            assert!(!why.is_empty(), "{name}");
+            assert!(seen.insert(*name), "{name} listed twice");
+        }
+        for bad in [
+            "socket",
+            "connect",
+            "execve",
+            "execveat",
+            "mount",
+            "ptrace",
+            "unshare",
+            "setns",
+            "bpf",
+            "io_uring_setup",
+            "userfaultfd",
+            "setresuid",
+            "capset",
+            "kill",
+            "clone3",
+        ] {
+            assert!(!seen.contains(bad), "{bad} must not be allowed");
+        }
+        let profile = builtin_setup_profile().unwrap();
+        let rules = profile.syscalls().as_ref().unwrap();
+        // ioctl, clone and prctl only with their checks; clone3 refused.
+        for name in ["ioctl", "clone", "prctl"] {
+            for r in rules.iter().filter(|r| r.names().iter().any(|n| n == name)) {
+                assert!(
+                    r.args().as_ref().is_some_and(|a| !a.is_empty()),
+                    "{name} unchecked"
+                );
+            }
+        }
         let f = moat_jail::seccomp::compile(&profile).unwrap();
         assert!(
             f.skipped_syscalls().is_empty(),

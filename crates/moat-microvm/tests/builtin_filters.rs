@@ -22,7 +22,8 @@ macro_rules! payload {
     };
 }
 
-/// Runs `config` with every VMM thread under its filter; the exit and COM1.
+/// Runs `config` with every VMM thread under its filter (the thread that
+/// runs the VM included); the exit and COM1.
 fn run_confined(mut config: VmConfig) -> (ExitReason, String) {
     config.thread_hook = Some(builtin_thread_hook());
     payload_vm::run(config)
@@ -54,6 +55,7 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
     c.block.push(BlockConfig {
         path: path.clone(),
         read_only: false,
+        file: None,
     });
     assert_eq!(
         run_confined(c).1,
@@ -97,7 +99,12 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
 
 #[test]
 fn a_confined_thread_is_refused_what_its_role_does_not_need() {
-    for role in [ThreadRole::Vcpu, ThreadRole::AgentIo, ThreadRole::NetIo] {
+    for role in [
+        ThreadRole::Vcpu,
+        ThreadRole::AgentIo,
+        ThreadRole::NetIo,
+        ThreadRole::Main,
+    ] {
         let r = std::thread::spawn(move || {
             (builtin_thread_hook().0)(role).unwrap();
             let open = std::fs::File::open("/etc/hostname").map(drop);

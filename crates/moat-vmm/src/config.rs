@@ -25,10 +25,14 @@ pub enum Kernel {
 /// A virtio block device backed by a raw image file.
 #[derive(Debug, Clone)]
 pub struct BlockConfig {
-    /// The raw image.
+    /// The raw image (with `file`, only its name in messages).
     pub path: PathBuf,
     /// Refuse guest writes (advertised to the guest as `VIRTIO_BLK_F_RO`).
     pub read_only: bool,
+    /// The image, opened by the caller (readable, and writable unless
+    /// `read_only`): the VMM then opens nothing by path, as in a jail
+    /// whose root does not hold the image. The built-in VMM only.
+    pub file: Option<std::sync::Arc<File>>,
 }
 
 /// Configuration of one microVM.
@@ -89,11 +93,16 @@ pub enum ThreadRole {
     AgentIo,
     /// Reads the network socket into the card's receive queue.
     NetIo,
+    /// The thread that called [`crate::Vm::run`], once every other thread
+    /// has started: it waits for the VM's end, kicks the vCPUs out of
+    /// `KVM_RUN`, joins the threads and stops the I/O.
+    Main,
 }
 
 /// Run first thing on every thread the VMM starts (to load that role's
-/// seccomp filter); an error stops the VM before the thread does anything
-/// else (fail closed).
+/// seccomp filter), and on the thread that runs the VM once the others
+/// have started ([`ThreadRole::Main`]); an error stops the VM before the
+/// thread does anything else (fail closed).
 #[derive(Clone)]
 #[allow(clippy::type_complexity)]
 pub struct ThreadHook(pub std::sync::Arc<dyn Fn(ThreadRole) -> Result<(), String> + Send + Sync>);
@@ -205,6 +214,7 @@ mod tests {
             .map(|_| BlockConfig {
                 path: "/dev/null".into(),
                 read_only: true,
+                file: None,
             })
             .collect();
         assert!(c.validate().is_err());

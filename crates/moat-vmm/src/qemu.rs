@@ -223,6 +223,11 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Result<Vec<OsString>, QemuE
             a.push(s.into());
         }
     }
+    if config.block.iter().any(|b| b.file.is_some()) {
+        return Err(QemuError::Unsupported(
+            "a disk opened by the caller (QEMU takes its images by path here)",
+        ));
+    }
     if config.net.is_some() {
         // The tier hands QEMU its frame stream itself (moat-microvm's
         // `-netdev stream,addr.type=fd`); this driver has no descriptor
@@ -337,6 +342,7 @@ mod tests {
         c.block.push(BlockConfig {
             path: "/img,with,commas".into(),
             read_only: true,
+            file: None,
         });
         c.rng = true;
         let a: Vec<String> = arguments(&c, Accel::Tcg)

@@ -212,7 +212,17 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
     };
     for (i, b) in config.block.iter().enumerate() {
         let id = format!("moat-vd{}", (b'a' + i as u8) as char);
-        let dev = Block::open(&b.path, b.read_only, &id).map_err(|source| VmmError::Device {
+        let dev = match &b.file {
+            Some(f) => f
+                .try_clone()
+                .map_err(|source| crate::virtio::DeviceError::OpenImage {
+                    path: b.path.clone(),
+                    source,
+                })
+                .and_then(|f| Block::from_file(f, &b.path, b.read_only, &id)),
+            None => Block::open(&b.path, b.read_only, &id),
+        }
+        .map_err(|source| VmmError::Device {
             name: id.clone(),
             source,
         })?;
@@ -445,6 +455,14 @@ impl Vm {
                 return Err(e);
             }
         };
+        // This thread's own confinement, now that it starts nothing more.
+        let main_error = match self.hook.as_ref().map(|h| h.enter(ThreadRole::Main)) {
+            Some(Err(e)) => {
+                self.exit.fail();
+                Some(e)
+            }
+            _ => None,
+        };
         let reason = self.exit.wait();
         kick_until_finished(&threads);
         let mut first_error = None;
@@ -457,7 +475,7 @@ impl Vm {
         // Stopped whatever the vCPUs said; an I/O thread's error counts
         // after theirs.
         let io_error = stop_io(io);
-        let first_error = first_error.or(io_error);
+        let first_error = main_error.or(first_error).or(io_error);
         match (first_error, reason) {
             (Some(e), _) => Err(e),
             (None, Some(reason)) => Ok(reason),

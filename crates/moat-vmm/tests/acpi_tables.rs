@@ -76,6 +76,7 @@ fn vm(dir: &Path, discovery: Discovery) -> (Vm, Vec<UnixStream>) {
             BlockConfig {
                 path: p,
                 read_only: i == 0,
+                file: None,
             }
         })
         .collect();

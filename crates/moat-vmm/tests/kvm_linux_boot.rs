@@ -63,6 +63,7 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     config.block = vec![BlockConfig {
         path: "/dev/null".into(),
         read_only: true,
+        file: None,
     }];
     let vm = Vm::new(config).unwrap();
     let stop = vm.stop_handle();
@@ -126,6 +127,7 @@ fn the_cloud_kernel_reads_the_acpi_tables() {
     config.block = vec![BlockConfig {
         path: "/dev/null".into(),
         read_only: true,
+        file: None,
     }];
     let vm = Vm::new(config).unwrap();
     assert!(!vm.cmdline().contains("virtio_mmio"), "{}", vm.cmdline());

@@ -98,6 +98,7 @@ fn virtio_block_reads_writes_and_refuses_out_of_range() {
     config.block.push(moat_vmm::BlockConfig {
         path: path.clone(),
         read_only: false,
+        file: None,
     });
     let (reason, out) = run(config);
     assert_eq!(reason, ExitReason::Reset);
@@ -118,6 +119,7 @@ fn read_only_block_device_refuses_writes() {
     config.block.push(moat_vmm::BlockConfig {
         path: path.clone(),
         read_only: true,
+        file: None,
     });
     let (reason, out) = run(config);
     assert_eq!(reason, ExitReason::Reset);

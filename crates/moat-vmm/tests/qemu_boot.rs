@@ -74,6 +74,7 @@ fn cloud_kernel_boots_to_init_with_virtio_devices() {
     config.block.push(BlockConfig {
         path: disk,
         read_only: true,
+        file: None,
     });
     config.rng = true;
     config.agent = Some(guest_side);

@@ -71,6 +71,20 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(err)?;
+        Self::from_file(file, path, read_only, id)
+    }
+
+    /// A device over an image the caller opened; `path` names it in errors.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        id: &str,
+    ) -> Result<Self, DeviceError> {
+        let err = |source| DeviceError::OpenImage {
+            path: path.to_owned(),
+            source,
+        };
         let size = file.metadata().map_err(err)?.len();
         Ok(Block {
             file,

@@ -26,6 +26,8 @@ pub fn kvm_available() -> bool {
 }
 
 /// Runs `config` with its serial output captured; returns the exit and the output.
+/// The VM runs on a thread of its own: with a thread hook, the thread that
+/// runs it ends up under the hook's `ThreadRole::Main` filter.
 pub fn run(mut config: VmConfig) -> (ExitReason, String) {
     let out = tempfile::tempfile().unwrap();
     let mut reader = out.try_clone().unwrap();
@@ -38,7 +40,9 @@ pub fn run(mut config: VmConfig) -> (ExitReason, String) {
             stop.stop();
         }
     });
-    let reason = vm.run().unwrap();
+    let reason = std::thread::spawn(move || vm.run().unwrap())
+        .join()
+        .unwrap();
     drop(done);
     watchdog.join().unwrap();
     let mut s = String::new();

@@ -278,6 +278,7 @@ impl Guest {
         config.block.push(BlockConfig {
             path: disk,
             read_only: false,
+            file: None,
         });
         config.agent = Some(guest_side);
         let vm = QemuVm::spawn(config, accel.accel, &needs.qemu).map_err(|e| e.to_string())?;

@@ -1,0 +1,82 @@
+//! moat's own VMM (`moat-vmm`) under the jailer, in the calling process:
+//! the pieces the tier's VMM process will use when it runs this VMM instead
+//! of QEMU (it does not yet: design.md, "Which VMM").
+//!
+//! [`jail_plan`] derives the jail from the VM's configuration: a root
+//! holding, read-only, only the kernel, the initramfs, the disk images the
+//! VM opens by path (none, when the caller opened them: `BlockConfig::file`)
+//! and `/dev/kvm`; the descriptors it was handed (COM1's output, the agent
+//! and network sockets, the opened disks) kept, every other one closed; the
+//! group that may open `/dev/kvm`; and the process filter
+//! [`seccomp::builtin_setup_profile`] (KVM's ioctls only, threads but no
+//! processes, no sockets of its own). [`run`] then builds the VM and runs
+//! it with each thread under its role's filter, the calling thread's
+//! included once the others have started.
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use moat_vmm::{ExitReason, Kernel, Vm, VmConfig, VmmError};
+
+use crate::jail::JailPlan;
+use crate::{seccomp, MicrovmError};
+
+/// The device the VMM opens.
+pub const KVM: &str = "/dev/kvm";
+
+/// The jail for running `config` as host user `uid`/`gid`, its root
+/// mounted on the empty directory `root`.
+pub fn jail_plan(
+    config: &VmConfig,
+    root: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<JailPlan, MicrovmError> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if let Kernel::Linux(k) = &config.kernel {
+        files.push(k.clone());
+    }
+    files.extend(config.initrd.iter().cloned());
+    // Disks the caller opened are descriptors the VM holds: not in the root.
+    files.extend(
+        config
+            .block
+            .iter()
+            .filter(|b| b.file.is_none())
+            .map(|b| b.path.clone()),
+    );
+    let kvm_gid = std::fs::metadata(KVM)
+        .map_err(MicrovmError::io(format!("stat {KVM}")))?
+        .gid();
+    let mut keep_fds = Vec::new();
+    keep_fds.extend(config.serial_out.as_ref().map(|f| f.as_raw_fd()));
+    keep_fds.extend(config.agent.as_ref().map(|s| s.as_raw_fd()));
+    keep_fds.extend(config.net.as_ref().map(|n| n.socket.as_raw_fd()));
+    keep_fds.extend(
+        config
+            .block
+            .iter()
+            .filter_map(|b| b.file.as_ref().map(|f| f.as_raw_fd())),
+    );
+    let seccomp = seccomp::builtin_setup_profile()
+        .map_err(|e| MicrovmError::Invalid(format!("the built-in VMM's seccomp profile: {e}")))?;
+    Ok(JailPlan {
+        root: root.to_path_buf(),
+        files,
+        devices: vec![PathBuf::from(KVM)],
+        uid,
+        gid,
+        groups: vec![kvm_gid],
+        keep_fds,
+        seccomp,
+    })
+}
+
+/// Builds the VM and runs it to its end, every thread under its role's
+/// filter ([`seccomp::builtin_thread_hook`]). Called in the jail
+/// ([`JailPlan::enter`] with [`jail_plan`]'s plan); the calling thread can
+/// then only report and exit.
+pub fn run(mut config: VmConfig) -> Result<ExitReason, VmmError> {
+    config.thread_hook = Some(seccomp::builtin_thread_hook());
+    Vm::new(config)?.run()
+}

@@ -1,0 +1,256 @@
+//! moat's own VMM under the whole jailer (`builtin::jail_plan`, then
+//! `builtin::run`): payload guests still read, write and flush their disk
+//! (a descriptor opened outside) and talk over the agent console, from a process
+//! that is an unprivileged host user with no capabilities, in a root that
+//! holds only the disk image and /dev/kvm, under the process filter and
+//! each thread's.
+//!
+//! The jail changes the whole process (its root, its user), so the test
+//! runs it in a child: this same test binary, re-run for this one test with
+//! `MOAT_JAILED_VMM` set, in new mount, IPC, UTS and network namespaces
+//! (as the tier clones its VMM process). The child reports on stdout;
+//! the parent checks the report, the disk image and the agent socket.
+//! Needs root and /dev/kvm.
+#[path = "../../moat-vmm/tests/common/payload_vm.rs"]
+#[allow(dead_code)]
+mod payload_vm;
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_microvm::builtin;
+use moat_vmm::{BlockConfig, Kernel, VmConfig};
+
+const CHILD: &str = "MOAT_JAILED_VMM";
+/// The host user the jailed VMM becomes (unused by anything else here).
+const UID: u32 = 3_999_900_000;
+/// The agent socket's end the child gets, at this descriptor.
+const AGENT_FD: i32 = 3;
+
+fn payload(name: &str) -> Kernel {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../moat-vmm/tests/payloads")
+        .join(format!("{name}.bin"));
+    Kernel::Payload(std::fs::read(p).unwrap())
+}
+
+/// What the child does: jail itself, probe the jail, run two guests one
+/// after the other (the disk, then the agent console), report.
+fn child(dir: &Path) -> ! {
+    let disk = dir.join("disk.img");
+    let serial = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("serial.txt"))
+        .unwrap();
+    // The disk is a descriptor opened out here: the jail's root does not
+    // hold it.
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    let mut config = VmConfig::new(payload("blk"), 1, 16);
+    config.block.push(BlockConfig {
+        path: disk.clone(),
+        read_only: false,
+        file: Some(std::sync::Arc::new(image)),
+    });
+    config.serial_out = Some(serial);
+    // SAFETY: the parent put the agent socket at AGENT_FD (pre_exec's
+    // dup2) and nothing else in this process owns that descriptor.
+    let agent = unsafe { UnixStream::from(OwnedFd::from_raw_fd(AGENT_FD)) };
+    let mut console = VmConfig::new(payload("console"), 1, 16);
+    console.agent = Some(agent);
+    console.serial_out = Some(config.serial_out.as_ref().unwrap().try_clone().unwrap());
+    let root = dir.join("jail");
+    let mut plan = builtin::jail_plan(&config, &root, UID, UID).unwrap();
+    plan.keep_fds.extend(
+        builtin::jail_plan(&console, &root, UID, UID)
+            .unwrap()
+            .keep_fds,
+    );
+    // A root-only file in the jail: the jailed process may not read it.
+    plan.files.push(dir.join("secret"));
+    plan.enter().unwrap();
+
+    // Probes, from inside (reported once the VMs ran: afterwards this
+    // thread may only write and exit).
+    let errno = |r: std::io::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{}", e.raw_os_error().unwrap_or(0)),
+    };
+    let secret = std::fs::File::open(dir.join("secret")).map(drop);
+    let image = std::fs::File::open(&disk).map(drop);
+    let groups = std::fs::read_to_string("/proc/self/status").map(drop);
+    let passwd = std::fs::File::open("/etc/passwd").map(drop);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map(drop);
+    let spawn = Command::new("/bin/true").status().map(drop);
+    // SAFETY: the filter should refuse it; should it not, the child only
+    // calls _exit (async-signal-safe) and the probe reports "ok".
+    let fork = match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        // SAFETY: _exit ends the forked child at once.
+        0 => unsafe { libc::_exit(0) },
+        _ => Ok(()),
+    };
+    let probes = format!(
+        "secret={} image={} proc={} passwd={} socket={} spawn={} fork={}",
+        errno(secret),
+        errno(image),
+        errno(groups),
+        errno(passwd),
+        errno(sock),
+        errno(spawn),
+        errno(fork)
+    );
+    let blk =
+        std::thread::spawn(move || builtin::run(config).map_err(|e| moat_core::error_chain(&e)))
+            .join()
+            .unwrap();
+    let con =
+        std::thread::spawn(move || builtin::run(console).map_err(|e| moat_core::error_chain(&e)))
+            .join()
+            .unwrap();
+    println!("JAIL {probes}");
+    println!("VM blk={blk:?} console={con:?}");
+    std::process::exit(0)
+}
+
+fn kvm_and_root() -> bool {
+    if !payload_vm::kvm_available() {
+        return false;
+    }
+    !moat_core::testing::needs_root("the_builtin_vmm_runs_in_its_jail")
+}
+
+#[test]
+fn the_builtin_vmm_runs_in_its_jail() {
+    if let Some(dir) = std::env::var_os(CHILD) {
+        child(Path::new(&dir));
+    }
+    if !kvm_and_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Reachable by the jailed user: the image is its to write, the
+    // directories on the way searchable.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut image = vec![0u8; 8 * 512];
+    image[512..528].copy_from_slice(b"MOAT-BLOCK-SECT1");
+    std::fs::write(&disk, image).unwrap();
+    std::os::unix::fs::chown(&disk, Some(UID), Some(UID)).unwrap();
+    std::fs::write(dir.path().join("serial.txt"), b"").unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"root only").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::create_dir(dir.path().join("jail")).unwrap();
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    host.write_all(b"ping").unwrap();
+    let guest_fd = OwnedFd::from(guest);
+
+    let exe: PathBuf = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "the_builtin_vmm_runs_in_its_jail",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD, dir.path())
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&guest_fd);
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only dup2 and unshare (async-signal-safe system calls).
+    unsafe {
+        cmd.pre_exec(move || {
+            // The agent socket at a known descriptor, and the namespaces
+            // the tier gives its VMM process.
+            if libc::dup2(raw, AGENT_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags =
+                libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(guest_fd);
+    // A bound against a hung child, not a timing assertion.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the jailed VMM did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "child: {status}\n{out}\n{err}");
+
+    let eperm = libc::EPERM;
+    let enoent = libc::ENOENT;
+    // (libtest prints the test's name just before, on the same line.)
+    let line = |tag: &str| {
+        out.lines()
+            .find_map(|l| l.find(tag).map(|i| l[i..].to_string()))
+            .unwrap_or_else(|| panic!("no {tag:?} in\n{out}\n{err}"))
+    };
+    let jail = line("JAIL ");
+    let eacces = libc::EACCES;
+    // An unprivileged host user without capabilities (a root-only file in
+    // its root stays closed to it); the disk image not in its root; no
+    // /proc, no /etc (the root holds only what the VM needs); no sockets,
+    // no programs, no processes.
+    assert_eq!(
+        jail,
+        format!(
+            "JAIL secret={eacces} image={enoent} proc={enoent} passwd={enoent} socket={eperm} spawn={eperm} fork={eperm}"
+        ),
+        "{out}\n{err}"
+    );
+    let vm = line("VM ");
+    assert_eq!(vm, "VM blk=Ok(Reset) console=Ok(Reset)", "{out}\n{err}");
+    let serial = std::fs::read_to_string(dir.path().join("serial.txt")).unwrap();
+    assert_eq!(
+        serial,
+        "blk read=0 MOAT-BLOCK-SECT1 write=0 past=1\nconsole done\n"
+    );
+    assert_eq!(
+        &std::fs::read(&disk).unwrap()[1024..1040],
+        b"written by guest"
+    );
+    let mut got = String::new();
+    host.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "guest got: ping");
+}
