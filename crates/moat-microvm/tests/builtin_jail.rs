@@ -1,6 +1,8 @@
 //! moat's own VMM under the whole jailer (`builtin::jail_plan`, then
 //! `builtin::run`): payload guests still read, write and flush their disk
-//! (a descriptor opened outside) and talk over the agent console, from a process
+//! (a descriptor opened outside), take entropy, talk over the agent console
+//! and get an ARP answer from moat's user-space stack through the network
+//! card, from a process
 //! that is an unprivileged host user with no capabilities, in a root that
 //! holds only the disk image and /dev/kvm, under the process filter and
 //! each thread's.
@@ -31,6 +33,8 @@ const CHILD: &str = "MOAT_JAILED_VMM";
 const UID: u32 = 3_999_900_000;
 /// The agent socket's end the child gets, at this descriptor.
 const AGENT_FD: i32 = 3;
+/// The network card's frame socket, at this one.
+const NET_FD: i32 = 4;
 
 fn payload(name: &str) -> Kernel {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,8 +43,9 @@ fn payload(name: &str) -> Kernel {
     Kernel::Payload(std::fs::read(p).unwrap())
 }
 
-/// What the child does: jail itself, probe the jail, run two guests one
-/// after the other (the disk, then the agent console), report.
+/// What the child does: jail itself, probe the jail, run a guest per
+/// device one after the other (disk, entropy, agent console, network
+/// card), report.
 fn child(dir: &Path) -> ! {
     let disk = dir.join("disk.img");
     let serial = std::fs::OpenOptions::new()
@@ -66,14 +71,25 @@ fn child(dir: &Path) -> ! {
     let agent = unsafe { UnixStream::from(OwnedFd::from_raw_fd(AGENT_FD)) };
     let mut console = VmConfig::new(payload("console"), 1, 16);
     console.agent = Some(agent);
-    console.serial_out = Some(config.serial_out.as_ref().unwrap().try_clone().unwrap());
+    let mut rng = VmConfig::new(payload("rng"), 1, 16);
+    rng.rng = true;
+    // SAFETY: as for AGENT_FD, with NET_FD.
+    let frames = unsafe { UnixStream::from(OwnedFd::from_raw_fd(NET_FD)) };
+    let mut arp = VmConfig::new(payload("arp"), 1, 16);
+    arp.net = Some(moat_vmm::NetConfig {
+        socket: frames,
+        mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
+        mtu: 65520,
+    });
+    for c in [&mut rng, &mut console, &mut arp] {
+        c.serial_out = Some(config.serial_out.as_ref().unwrap().try_clone().unwrap());
+    }
     let root = dir.join("jail");
     let mut plan = builtin::jail_plan(&config, &root, UID, UID).unwrap();
-    plan.keep_fds.extend(
-        builtin::jail_plan(&console, &root, UID, UID)
-            .unwrap()
-            .keep_fds,
-    );
+    for c in [&rng, &console, &arp] {
+        plan.keep_fds
+            .extend(builtin::jail_plan(c, &root, UID, UID).unwrap().keep_fds);
+    }
     // A root-only file in the jail: the jailed process may not read it.
     plan.files.push(dir.join("secret"));
     plan.enter().unwrap();
@@ -108,16 +124,20 @@ fn child(dir: &Path) -> ! {
         errno(spawn),
         errno(fork)
     );
-    let blk =
-        std::thread::spawn(move || builtin::run(config).map_err(|e| moat_core::error_chain(&e)))
+    let mut ran = Vec::new();
+    for (name, c) in [
+        ("blk", config),
+        ("rng", rng),
+        ("console", console),
+        ("arp", arp),
+    ] {
+        let r = std::thread::spawn(move || builtin::run(c).map_err(|e| moat_core::error_chain(&e)))
             .join()
             .unwrap();
-    let con =
-        std::thread::spawn(move || builtin::run(console).map_err(|e| moat_core::error_chain(&e)))
-            .join()
-            .unwrap();
+        ran.push(format!("{name}={r:?}"));
+    }
     println!("JAIL {probes}");
-    println!("VM blk={blk:?} console={con:?}");
+    println!("VM {}", ran.join(" "));
     std::process::exit(0)
 }
 
@@ -157,6 +177,20 @@ fn the_builtin_vmm_runs_in_its_jail() {
     let (mut host, guest) = UnixStream::pair().unwrap();
     host.write_all(b"ping").unwrap();
     let guest_fd = OwnedFd::from(guest);
+    // The network card's other end: moat's user-space stack, here.
+    let (stack_side, frames) = UnixStream::pair().unwrap();
+    let frames_fd = OwnedFd::from(frames);
+    let (control, _stop) = moat_net::control().unwrap();
+    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
+    cfg.host_addrs = Some(Vec::new());
+    let stack = std::thread::spawn(move || {
+        moat_net::serve_link(
+            moat_net::Link::Stream(OwnedFd::from(stack_side)),
+            cfg,
+            std::sync::Arc::new(moat_net::SystemResolver),
+            control,
+        )
+    });
 
     let exe: PathBuf = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
@@ -171,13 +205,14 @@ fn the_builtin_vmm_runs_in_its_jail() {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let raw = std::os::fd::AsRawFd::as_raw_fd(&guest_fd);
+    let raw_frames = std::os::fd::AsRawFd::as_raw_fd(&frames_fd);
     // SAFETY: the closure runs in the forked child before exec and calls
     // only dup2 and unshare (async-signal-safe system calls).
     unsafe {
         cmd.pre_exec(move || {
             // The agent socket at a known descriptor, and the namespaces
             // the tier gives its VMM process.
-            if libc::dup2(raw, AGENT_FD) < 0 {
+            if libc::dup2(raw, AGENT_FD) < 0 || libc::dup2(raw_frames, NET_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let flags =
@@ -190,6 +225,7 @@ fn the_builtin_vmm_runs_in_its_jail() {
     }
     let mut child = cmd.spawn().unwrap();
     drop(guest_fd);
+    drop(frames_fd);
     // A bound against a hung child, not a timing assertion.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -240,12 +276,20 @@ fn the_builtin_vmm_runs_in_its_jail() {
         "{out}\n{err}"
     );
     let vm = line("VM ");
-    assert_eq!(vm, "VM blk=Ok(Reset) console=Ok(Reset)", "{out}\n{err}");
+    assert_eq!(
+        vm, "VM blk=Ok(Reset) rng=Ok(Reset) console=Ok(Reset) arp=Ok(Reset)",
+        "{out}\n{err}"
+    );
     let serial = std::fs::read_to_string(dir.path().join("serial.txt")).unwrap();
     assert_eq!(
         serial,
-        "blk read=0 MOAT-BLOCK-SECT1 write=0 past=1\nconsole done\n"
+        "blk read=0 MOAT-BLOCK-SECT1 write=0 past=1\n\
+         rng len=20 nonzero=1 loop=00 outside=00\n\
+         console done\n\
+         arp reply from the gateway\n"
     );
+    // The stack ends when the card's socket closes (the child exited).
+    assert!(stack.join().unwrap().is_ok());
     assert_eq!(
         &std::fs::read(&disk).unwrap()[1024..1040],
         b"written by guest"
