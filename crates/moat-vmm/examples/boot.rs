@@ -6,6 +6,9 @@
 //! ```
 //!
 //! Stops the VM after SECONDS (default 30) if the guest has not ended it.
+//! `MOAT_BOOT_VCPUS` sets the vCPUs (default 1), `MOAT_BOOT_MEM` the MiB
+//! (default 256), `MOAT_BOOT_DISK` adds a read-only virtio disk over that
+//! image, `MOAT_BOOT_RNG=1` a virtio-rng.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -19,7 +22,22 @@ fn main() {
         eprintln!("usage: boot KERNEL [INITRD] [CMDLINE] [SECONDS]");
         std::process::exit(2);
     };
-    let mut config = VmConfig::new(Kernel::Linux(PathBuf::from(kernel)), 1, 256);
+    let env = |k: &str| std::env::var(k).ok();
+    let vcpus = env("MOAT_BOOT_VCPUS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mem = env("MOAT_BOOT_MEM")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let mut config = VmConfig::new(Kernel::Linux(PathBuf::from(kernel)), vcpus, mem);
+    if let Some(disk) = env("MOAT_BOOT_DISK") {
+        config.block.push(moat_vmm::BlockConfig {
+            path: disk.into(),
+            read_only: true,
+            file: None,
+        });
+    }
+    config.rng = env("MOAT_BOOT_RNG").is_some_and(|v| v == "1");
     config.initrd = args.get(1).filter(|s| !s.is_empty()).map(PathBuf::from);
     config.cmdline = args
         .get(2)

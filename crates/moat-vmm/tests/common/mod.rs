@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use moat_vmm::cpio::CpioWriter;
 
+pub mod nested;
+
 /// Guest modules, relative to /lib/modules/<release>/kernel, in load order.
 pub const MODULES: [&str; 6] = [
     "drivers/virtio/virtio_ring.ko",
