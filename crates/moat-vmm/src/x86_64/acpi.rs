@@ -6,8 +6,11 @@
 //! a microVM needs: RSDP → XSDT → FADT (→ DSDT) and MADT. The DSDT
 //! describes each virtio-mmio window as an `LNRO0005` device (the ACPI id
 //! Linux's `virtio_mmio` driver matches) with its memory window and its
-//! edge-triggered interrupt, plus COM1 and the i8042 as the PC devices they
-//! are. The tables are built with rust-vmm's `acpi_tables` and sit in the
+//! edge-triggered interrupt, plus COM1. The i8042 is left out (and the
+//! FADT says there is none): it answers only its reset command, and Linux's
+//! driver, finding one, waits half a second for a command byte that never
+//! comes; the reset needs no driver (`reboot=k` writes the port itself, and
+//! the FADT's reset register names the same port). The tables are built with rust-vmm's `acpi_tables` and sit in the
 //! BIOS area (`ACPI_ADDR`), where Linux looks for the RSDP; the zero page
 //! points at it as well.
 
@@ -23,8 +26,8 @@ use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
 use crate::layout::{
-    ACPI_ADDR, ACPI_END, I8042_COMMAND_PORT, I8042_DATA_PORT, IOAPIC_ADDR, LAPIC_ADDR,
-    MMIO_DEVICE_SIZE, SERIAL_IRQ, SERIAL_PORT,
+    ACPI_ADDR, ACPI_END, I8042_COMMAND_PORT, IOAPIC_ADDR, LAPIC_ADDR, MMIO_DEVICE_SIZE, SERIAL_IRQ,
+    SERIAL_PORT,
 };
 use crate::memory::GuestMem;
 use crate::VmmError;
@@ -37,16 +40,12 @@ const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_LOCAL_APIC_NMI: u8 = 4;
 /// In a local APIC NMI structure, "every processor".
 const ALL_PROCESSORS: u8 = 0xff;
-/// FADT IA-PC boot architecture flag: an 8042 keyboard controller exists.
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 /// FADT IA-PC boot architecture flag: no VGA.
 const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 /// FADT IA-PC boot architecture flag: the CMOS RTC is absent (the VMM has none).
 const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 /// What the reset register takes: the i8042's "pulse reset line" command.
 const I8042_RESET: u8 = 0xfe;
-/// The i8042's keyboard IRQ.
-const I8042_IRQ: u32 = 1;
 /// Tables start on this alignment.
 const TABLE_ALIGN: usize = 16;
 
@@ -94,7 +93,7 @@ fn device(name: &str, names: &[aml::Name]) -> Vec<u8> {
     aml_bytes(&aml::Device::new(name.into(), children))
 }
 
-/// The DSDT's AML: `\_SB` holding the virtio-mmio devices, COM1 and the i8042.
+/// The DSDT's AML: `\_SB` holding the virtio-mmio devices and COM1.
 fn dsdt_body(devices: &[MmioDevice]) -> Result<Vec<u8>, VmmError> {
     let mut sb = Vec::new();
     for (i, d) in devices.iter().enumerate() {
@@ -131,19 +130,6 @@ fn dsdt_body(devices: &[MmioDevice]) -> Result<Vec<u8>, VmmError> {
             aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
             aml::Name::new("_UID".into(), &aml::ZERO),
             aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
-        ],
-    ));
-    let data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
-    let command = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
-    let irq = aml::Interrupt::new(true, true, false, false, I8042_IRQ);
-    sb.push(device(
-        "PS2_",
-        &[
-            aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
-            aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&data, &command, &irq]),
-            ),
         ],
     ));
     let children: Vec<RawAml> = sb.into_iter().map(RawAml).collect();
@@ -185,8 +171,7 @@ fn fadt(dsdt: u64) -> Vec<u8> {
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
-    f.iapc_boot_arch =
-        (IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
+    f.iapc_boot_arch = (IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
     // Reset (`reboot=a`) is the i8042's reset pulse, as `reboot=k` does.
     f.reset_reg = GAS::new(
         AddressSpace::SystemIo,
@@ -341,12 +326,13 @@ mod tests {
         let dsdt = table(&t, b"DSDT");
         let hits = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
         assert_eq!(hits, 12);
-        for name in ["V000", "V00B", "COM1", "PS2_"] {
+        for name in ["V000", "V00B", "COM1"] {
             assert!(
                 dsdt.windows(4).any(|w| w == name.as_bytes()),
                 "{name} missing"
             );
         }
+        assert!(!dsdt.windows(4).any(|w| w == b"PS2_"), "no i8042 node");
     }
 
     #[test]
