@@ -8,7 +8,8 @@
 //! Stops the VM after SECONDS (default 30) if the guest has not ended it.
 //! `MOAT_BOOT_VCPUS` sets the vCPUs (default 1), `MOAT_BOOT_MEM` the MiB
 //! (default 256), `MOAT_BOOT_DISK` adds a read-only virtio disk over that
-//! image, `MOAT_BOOT_RNG=1` a virtio-rng.
+//! image, `MOAT_BOOT_RNG=1` a virtio-rng, `MOAT_BOOT_AGENT=1` the agent
+//! console, whose bytes from the guest are printed as hex on stderr.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -38,6 +39,18 @@ fn main() {
         });
     }
     config.rng = env("MOAT_BOOT_RNG").is_some_and(|v| v == "1");
+    if env("MOAT_BOOT_AGENT").is_some_and(|v| v == "1") {
+        let (mut host, guest) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        config.agent = Some(guest);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = host.read(&mut buf) {
+                let hex: String = buf[..n.min(64)].iter().map(|b| format!("{b:02x}")).collect();
+                eprintln!("agent channel: {n} bytes: {hex}");
+            }
+        });
+    }
     config.initrd = args.get(1).filter(|s| !s.is_empty()).map(PathBuf::from);
     config.cmdline = args
         .get(2)

@@ -141,6 +141,8 @@ pub fn load_payload(mem: &GuestMem, code: &[u8]) -> Result<Entry, VmmError> {
 /// the option: reset through the i8042 (the VMM's way out), and an i8042
 /// probe that expects only the reset line (no mouse, no multiplexer).
 pub fn linux_additions(user: &str) -> Vec<String> {
+    // Only the kernel's part counts: what follows ` -- ` is the init's.
+    let user = user.split(" -- ").next().unwrap_or(user);
     let mut add = Vec::new();
     if !user.split_whitespace().any(|w| w.starts_with("reboot=")) {
         add.push("reboot=k".to_string());
@@ -153,14 +155,32 @@ pub fn linux_additions(user: &str) -> Vec<String> {
     add
 }
 
-/// Builds the command line the kernel sees (the user's, then the VMM's additions).
+/// Builds the command line the kernel sees: the user's kernel parameters,
+/// the VMM's additions, then what the user put after ` -- ` (the init's
+/// arguments, which the kernel does not read: additions there would be
+/// lost to it and handed to the init).
 pub fn cmdline(user: &str, additions: &[String]) -> Result<Cmdline, VmmError> {
+    let user = user.trim();
+    let (kernel, init) = match user.find(" -- ") {
+        Some(i) => (user[..i].trim(), Some(user[i + 4..].trim())),
+        None if user == "--" => ("", Some("")),
+        None => match user.strip_prefix("-- ") {
+            Some(rest) => ("", Some(rest.trim())),
+            None => (user, None),
+        },
+    };
     let mut c = Cmdline::new(COMMAND_LINE_MAX).map_err(VmmError::Cmdline)?;
-    if !user.trim().is_empty() {
-        c.insert_str(user.trim()).map_err(VmmError::Cmdline)?;
+    if !kernel.is_empty() {
+        c.insert_str(kernel).map_err(VmmError::Cmdline)?;
     }
     for a in additions {
         c.insert_str(a).map_err(VmmError::Cmdline)?;
+    }
+    if let Some(init) = init {
+        c.insert_str("--").map_err(VmmError::Cmdline)?;
+        if !init.is_empty() {
+            c.insert_str(init).map_err(VmmError::Cmdline)?;
+        }
     }
     Ok(c)
 }
@@ -267,6 +287,19 @@ mod tests {
             (m[2].addr, m[2].size),
             (HIGH_RAM_START, (64 << 20) - HIGH_RAM_START)
         );
+    }
+
+    #[test]
+    fn additions_go_before_the_inits_arguments() {
+        let add = vec!["reboot=k".to_string()];
+        let text = |c: Cmdline| c.as_cstring().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            text(cmdline("console=ttyS0 rdinit=/moat -- microvm-agent debug", &add).unwrap()),
+            "console=ttyS0 rdinit=/moat reboot=k -- microvm-agent debug"
+        );
+        assert_eq!(text(cmdline("console=ttyS0", &add).unwrap()), "console=ttyS0 reboot=k");
+        assert_eq!(text(cmdline("-- x", &add).unwrap()), "reboot=k -- x");
+        assert_eq!(text(cmdline("", &add).unwrap()), "reboot=k");
     }
 
     #[test]
