@@ -250,7 +250,17 @@ fn moat_bytes(tmp: &Path) -> Result<Vec<u8>, MicrovmError> {
 }
 
 fn write_initramfs(path: &Path, kernel: &GuestKernel) -> Result<(), MicrovmError> {
-    let moat = moat_bytes(path)?;
+    write_agent_initramfs(path, kernel, &moat_bytes(path)?)
+}
+
+/// Writes at `path` the initramfs whose `/moat` (the agent) is `moat`, a
+/// moat binary's bytes, with `kernel`'s modules the agent loads. The tier
+/// uses its own binary ([`initramfs`]); tests use the binary they test.
+pub fn write_agent_initramfs(
+    path: &Path,
+    kernel: &GuestKernel,
+    moat: &[u8],
+) -> Result<(), MicrovmError> {
     let file = std::fs::File::create(path)
         .map_err(MicrovmError::io(format!("create {}", path.display())))?;
     let mut w = CpioWriter::new(std::io::BufWriter::new(file));
@@ -258,7 +268,7 @@ fn write_initramfs(path: &Path, kernel: &GuestKernel) -> Result<(), MicrovmError
         w.dir(d, 0o755)?;
     }
     w.char_device("dev/console", 0o600, 5, 1)?;
-    w.file("moat", 0o755, &moat)?;
+    w.file("moat", 0o755, moat)?;
     for name in initramfs_modules() {
         let src = kernel.module_path(name);
         let data =

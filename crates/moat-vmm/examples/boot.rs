@@ -46,7 +46,10 @@ fn main() {
             use std::io::Read;
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = host.read(&mut buf) {
-                let hex: String = buf[..n.min(64)].iter().map(|b| format!("{b:02x}")).collect();
+                let hex: String = buf[..n.min(64)]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 eprintln!("agent channel: {n} bytes: {hex}");
             }
         });

@@ -44,7 +44,7 @@ $B reboot -f
 
 #[test]
 fn cloud_kernel_boots_on_the_builtin_vmm() {
-    if nested::delegate("cloud_kernel_boots_on_the_builtin_vmm") {
+    if nested::delegate("cloud_kernel_boots_on_the_builtin_vmm", &[]) {
         return;
     }
     let (Some(busybox), Some((kernel, release))) = (which("busybox"), cloud_kernel()) else {

@@ -297,7 +297,10 @@ mod tests {
             text(cmdline("console=ttyS0 rdinit=/moat -- microvm-agent debug", &add).unwrap()),
             "console=ttyS0 rdinit=/moat reboot=k -- microvm-agent debug"
         );
-        assert_eq!(text(cmdline("console=ttyS0", &add).unwrap()), "console=ttyS0 reboot=k");
+        assert_eq!(
+            text(cmdline("console=ttyS0", &add).unwrap()),
+            "console=ttyS0 reboot=k"
+        );
         assert_eq!(text(cmdline("-- x", &add).unwrap()), "reboot=k -- x");
         assert_eq!(text(cmdline("", &add).unwrap()), "reboot=k");
     }

@@ -87,9 +87,10 @@ fn file_at(
 }
 
 /// Runs test `name` of this binary again inside a TCG guest with an
-/// emulated SVM. `None` (after saying why) where QEMU, busybox or the
-/// cloud kernel is missing.
-pub fn run_self(name: &str, timeout: Duration) -> Option<Outcome> {
+/// emulated SVM, with `extra` host files at the given paths of the guest
+/// (relative to its root). `None` (after saying why) where QEMU, busybox
+/// or the cloud kernel is missing.
+pub fn run_self(name: &str, timeout: Duration, extra: &[(&Path, &str)]) -> Option<Outcome> {
     let (Some(qemu), Some(busybox), Some((kernel, release))) =
         (which(QEMU_BINARY), which("busybox"), cloud_kernel())
     else {
@@ -138,6 +139,15 @@ pub fn run_self(name: &str, timeout: Duration) -> Option<Outcome> {
             &format!("lib/modules/{release}/kernel/{m}"),
             0o644,
             &std::fs::read(modules.join(m)).unwrap(),
+        );
+    }
+    for (host, guest) in extra {
+        file_at(
+            &mut w,
+            &mut made,
+            guest,
+            0o644,
+            &std::fs::read(host).unwrap(),
         );
     }
     let insmods: Vec<String> = KVM_MODULES
@@ -199,12 +209,12 @@ pub fn run_self(name: &str, timeout: Duration) -> Option<Outcome> {
 
 /// Where the host's own KVM cannot run `name`, runs it nested and asserts
 /// it passed there; returns whether it did so (the caller returns then).
-pub fn delegate(name: &str) -> bool {
+pub fn delegate(name: &str, extra: &[(&Path, &str)]) -> bool {
     if is_child() || hardware_virt() {
         return false;
     }
     eprintln!("{name}: no vmx or svm here: running it in a QEMU/TCG guest with an emulated SVM");
-    let Some(out) = run_self(name, Duration::from_secs(600)) else {
+    let Some(out) = run_self(name, Duration::from_secs(600), extra) else {
         return true;
     };
     assert_eq!(
