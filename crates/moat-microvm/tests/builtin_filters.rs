@@ -7,7 +7,6 @@
 mod payload_vm;
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 
 use moat_microvm::seccomp::builtin_thread_hook;
@@ -75,18 +74,7 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
     host.read_to_string(&mut got).unwrap();
     assert_eq!(got, "guest got: ping");
     // The network card against moat's stack.
-    let (stack_side, guest) = UnixStream::pair().unwrap();
-    let (control, _stop) = moat_net::control().unwrap();
-    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
-    cfg.host_addrs = Some(Vec::new());
-    let stack = std::thread::spawn(move || {
-        moat_net::serve_link(
-            moat_net::Link::Stream(OwnedFd::from(stack_side)),
-            cfg,
-            std::sync::Arc::new(moat_net::SystemResolver),
-            control,
-        )
-    });
+    let (guest, stack) = payload_vm::stack_link();
     let mut c = VmConfig::new(payload!("arp"), 1, 16);
     c.net = Some(NetConfig {
         socket: guest,

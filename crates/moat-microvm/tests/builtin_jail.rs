@@ -178,19 +178,8 @@ fn the_builtin_vmm_runs_in_its_jail() {
     host.write_all(b"ping").unwrap();
     let guest_fd = OwnedFd::from(guest);
     // The network card's other end: moat's user-space stack, here.
-    let (stack_side, frames) = UnixStream::pair().unwrap();
+    let (frames, stack) = payload_vm::stack_link();
     let frames_fd = OwnedFd::from(frames);
-    let (control, _stop) = moat_net::control().unwrap();
-    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
-    cfg.host_addrs = Some(Vec::new());
-    let stack = std::thread::spawn(move || {
-        moat_net::serve_link(
-            moat_net::Link::Stream(OwnedFd::from(stack_side)),
-            cfg,
-            std::sync::Arc::new(moat_net::SystemResolver),
-            control,
-        )
-    });
 
     let exe: PathBuf = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);

@@ -196,19 +196,7 @@ fn virtio_net_reaches_moats_user_space_stack() {
     if !kvm_available() {
         return;
     }
-    use std::os::fd::OwnedFd;
-    let (stack_side, guest_side) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (control, _stop) = moat_net::control().unwrap();
-    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
-    cfg.host_addrs = Some(Vec::new());
-    let stack = std::thread::spawn(move || {
-        moat_net::serve_link(
-            moat_net::Link::Stream(OwnedFd::from(stack_side)),
-            cfg,
-            std::sync::Arc::new(moat_net::SystemResolver),
-            control,
-        )
-    });
+    let (guest_side, stack) = payload_vm::stack_link();
     let mut config = VmConfig::new(payload(include_bytes!("payloads/arp.bin")), 1, 16);
     config.net = Some(moat_vmm::NetConfig {
         socket: guest_side,

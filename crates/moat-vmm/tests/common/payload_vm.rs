@@ -51,3 +51,28 @@ pub fn run(mut config: VmConfig) -> (ExitReason, String) {
     reader.read_to_string(&mut s).unwrap();
     (reason, s)
 }
+
+/// moat's user-space stack on a thread of its own, serving one link as the
+/// microvm tier runs it for a guest (deny-all egress, no host addresses):
+/// the VM's end of the frame socket, and the stack's thread, which ends
+/// when that end closes.
+#[allow(clippy::type_complexity)]
+pub fn stack_link() -> (
+    std::os::unix::net::UnixStream,
+    std::thread::JoinHandle<Result<moat_net::Ended, moat_net::ServeError>>,
+) {
+    let (stack_side, vm_side) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (control, stop) = moat_net::control().unwrap();
+    let mut cfg = moat_net::ServeConfig::new(moat_net::Policy::deny_all());
+    cfg.host_addrs = Some(Vec::new());
+    let stack = std::thread::spawn(move || {
+        let _stop = stop;
+        moat_net::serve_link(
+            moat_net::Link::Stream(std::os::fd::OwnedFd::from(stack_side)),
+            cfg,
+            std::sync::Arc::new(moat_net::SystemResolver),
+            control,
+        )
+    });
+    (vm_side, stack)
+}
