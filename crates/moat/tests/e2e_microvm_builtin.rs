@@ -5,7 +5,9 @@
 //! console. The kernel finds the devices through the VMM's ACPI tables, the
 //! agent (PID 1) loads the virtio modules, takes `/dev/hvc0` (there is no
 //! named port here) and says hello in the tier's protocol; a ping gets a
-//! second hello. The tier itself does not run this VMM yet (design.md,
+//! second hello. The VMM runs under its seccomp filters (the process
+//! filter of its jail and each thread's), so these are checked against a
+//! real guest kernel too, not only the payload guests. The tier itself does not run this VMM yet (design.md,
 //! "Which VMM"); this is the guest half of that, checked.
 //!
 //! On the host's KVM where it has vmx or svm; elsewhere (this project's
@@ -41,7 +43,10 @@ fn next_frame(sock: &mut UnixStream, dec: &mut proto::Decoder) -> proto::Frame {
 }
 
 /// Boots `kernel` with the agent's `initrd` on the built-in VMM and talks
-/// to the agent.
+/// to the agent, under the filters the VMM has in its jail: the process
+/// filter (`builtin_setup_profile`) on this thread, which builds the VM and
+/// whose threads inherit it, and each thread's role filter (the run
+/// thread's included). Run it on a thread of its own: the filter stays.
 fn body(kernel: &Path, initrd: &Path) {
     let (mut host, guest) = UnixStream::pair().unwrap();
     // A bound against a guest that never answers, not a timing assertion.
@@ -58,6 +63,9 @@ fn body(kernel: &Path, initrd: &Path) {
     config.serial_out = Some(serial);
     config.agent = Some(guest);
     config.rng = true;
+    config.thread_hook = Some(moat_microvm::seccomp::builtin_thread_hook());
+    // From here on as in the jail: the sockets and files exist already.
+    moat_microvm::seccomp::load(&moat_microvm::seccomp::builtin_setup_profile().unwrap()).unwrap();
     let vm = Vm::new(config).unwrap();
     let stop = vm.stop_handle();
     let running = std::thread::spawn(move || vm.run());
@@ -88,8 +96,7 @@ fn body(kernel: &Path, initrd: &Path) {
 fn the_agent_says_hello_on_the_builtin_vmm() {
     if nested::is_child() {
         let (kernel, _) = common::cloud_kernel().expect("the nested guest has the kernel");
-        body(&kernel, &Path::new("/").join(NESTED_INITRD));
-        return;
+        return confined(kernel, Path::new("/").join(NESTED_INITRD));
     }
     let kernel = match moat_microvm::assets::GuestKernel::find() {
         Ok(k) => k,
@@ -119,5 +126,12 @@ fn the_agent_says_hello_on_the_builtin_vmm() {
     if nested::delegate(NAME, &[(&initrd, NESTED_INITRD)]) {
         return;
     }
-    body(&kernel.image, &initrd);
+    confined(kernel.image.clone(), initrd);
+}
+
+/// [`body`] on a thread of its own (its filters stay with that thread).
+fn confined(kernel: std::path::PathBuf, initrd: std::path::PathBuf) {
+    if let Err(e) = std::thread::spawn(move || body(&kernel, &initrd)).join() {
+        std::panic::resume_unwind(e);
+    }
 }
