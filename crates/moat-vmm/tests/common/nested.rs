@@ -214,7 +214,7 @@ pub fn delegate(name: &str, extra: &[(&Path, &str)]) -> bool {
         return false;
     }
     eprintln!("{name}: no vmx or svm here: running it in a QEMU/TCG guest with an emulated SVM");
-    let Some(out) = run_self(name, Duration::from_secs(600), extra) else {
+    let Some(out) = run_self(name, Duration::from_secs(300), extra) else {
         return true;
     };
     assert_eq!(
