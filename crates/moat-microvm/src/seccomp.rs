@@ -282,7 +282,6 @@ fn builtin_profile(
     role: moat_vmm::ThreadRole,
 ) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
     use moat_vmm::ThreadRole;
-    use oci_spec::runtime::{LinuxSeccompArgBuilder, LinuxSeccompOperator};
     let own = match role {
         ThreadRole::Vcpu => BUILTIN_VCPU,
         ThreadRole::AgentIo | ThreadRole::NetIo => BUILTIN_IO,
@@ -295,28 +294,16 @@ fn builtin_profile(
         .filter(|n| *n != "ioctl")
         .map(str::to_owned)
         .collect();
-    let mut rules = vec![LinuxSyscallBuilder::default()
-        .names(plain)
-        .action(LinuxSeccompAction::ScmpActAllow)
-        .build()?];
+    let mut rules = vec![allow(plain)?];
     if own.iter().any(|(n, _)| *n == "ioctl") {
-        rules.push(
-            LinuxSyscallBuilder::default()
-                .names(vec!["ioctl".to_owned()])
-                .action(LinuxSeccompAction::ScmpActAllow)
-                .args(vec![LinuxSeccompArgBuilder::default()
-                    .index(1usize)
-                    .value(KVM_RUN)
-                    .op(LinuxSeccompOperator::ScmpCmpEq)
-                    .build()?])
-                .build()?,
-        );
+        rules.push(allow_if(
+            "ioctl",
+            1,
+            oci_spec::runtime::LinuxSeccompOperator::ScmpCmpEq,
+            (KVM_RUN, None),
+        )?);
     }
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActErrno)
-        .default_errno_ret(libc::EPERM as u32)
-        .syscalls(rules)
-        .build()
+    eperm_profile(rules)
 }
 
 /// The hook that confines each thread of moat's own VMM to its role's
@@ -327,10 +314,7 @@ pub fn builtin_thread_hook() -> moat_vmm::ThreadHook {
         // Per thread, as the filter: loading needs no CAP_SYS_ADMIN then.
         rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
         let profile = builtin_profile(role).map_err(|e| e.to_string())?;
-        moat_jail::seccomp::compile(&profile)
-            .and_then(|f| f.load())
-            .map(drop)
-            .map_err(|e| moat_core::error_chain(&e))
+        load(&profile).map_err(|e| moat_core::error_chain(&e))
     }))
 }
 
@@ -368,18 +352,25 @@ fn allow_if(
         .build()
 }
 
+/// A profile of `rules`, EPERM for every other call.
+fn eperm_profile(
+    rules: Vec<oci_spec::runtime::LinuxSyscall>,
+) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .default_errno_ret(libc::EPERM as u32)
+        .syscalls(rules)
+        .build()
+}
+
 /// An allow-list by name, EPERM for everything else: QEMU's
 /// ([`VMM`], then QEMU adds its own).
 pub fn allow_list(
     syscalls: &[&str],
 ) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActErrno)
-        .default_errno_ret(libc::EPERM as u32)
-        .syscalls(vec![allow(
-            syscalls.iter().map(|s| (*s).to_owned()).collect(),
-        )?])
-        .build()
+    eperm_profile(vec![allow(
+        syscalls.iter().map(|s| (*s).to_owned()).collect(),
+    )?])
 }
 
 /// The filter of moat's own VMM process from its jail on:
@@ -424,11 +415,7 @@ pub fn builtin_setup_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_sp
             .errno_ret(libc::ENOSYS as u32)
             .build()?,
     ];
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActErrno)
-        .default_errno_ret(libc::EPERM as u32)
-        .syscalls(rules)
-        .build()
+    eperm_profile(rules)
 }
 
 /// Loads `profile` on the calling thread; threads and processes started
@@ -442,40 +429,48 @@ pub fn load(profile: &oci_spec::runtime::LinuxSeccomp) -> Result<(), crate::jail
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_allowed_syscall_has_a_reason_and_dangerous_ones_are_absent() {
+    /// Each call of `list` is there once, with a reason, and none of `bad` is.
+    fn reasoned_without(list: &[(&str, &str)], bad: &[&str]) {
         let mut seen = std::collections::BTreeSet::new();
-        for (name, why) in VMM {
+        for (name, why) in list {
             assert!(!why.is_empty(), "{name}");
             assert!(seen.insert(*name), "{name} listed twice");
         }
-        for bad in [
-            "socket",
-            "connect",
-            "bind",
-            "ptrace",
-            "mount",
-            "umount2",
-            "unshare",
-            "setns",
-            "bpf",
-            "perf_event_open",
-            "keyctl",
-            "userfaultfd",
-            "io_uring_setup",
-            "init_module",
-            "finit_module",
-            "kexec_load",
-            "open_by_handle_at",
-            "setuid",
-            "setresuid",
-            "capset",
-            "chroot",
-            "pivot_root",
-            "process_vm_writev",
-        ] {
-            assert!(!seen.contains(bad), "{bad} must not be allowed");
+        for b in bad {
+            assert!(!seen.contains(b), "{b} must not be allowed");
         }
+    }
+
+    #[test]
+    fn every_allowed_syscall_has_a_reason_and_dangerous_ones_are_absent() {
+        reasoned_without(
+            VMM,
+            &[
+                "socket",
+                "connect",
+                "bind",
+                "ptrace",
+                "mount",
+                "umount2",
+                "unshare",
+                "setns",
+                "bpf",
+                "perf_event_open",
+                "keyctl",
+                "userfaultfd",
+                "io_uring_setup",
+                "init_module",
+                "finit_module",
+                "kexec_load",
+                "open_by_handle_at",
+                "setuid",
+                "setresuid",
+                "capset",
+                "chroot",
+                "pivot_root",
+                "process_vm_writev",
+            ],
+        );
     }
 
     #[test]
@@ -518,30 +513,26 @@ mod tests {
 
     #[test]
     fn the_builtin_vmms_process_filter_has_reasons_checks_and_compiles() {
-        let mut seen = std::collections::BTreeSet::new();
-        for (name, why) in BUILTIN_SETUP {
-            assert!(!why.is_empty(), "{name}");
-            assert!(seen.insert(*name), "{name} listed twice");
-        }
-        for bad in [
-            "socket",
-            "connect",
-            "execve",
-            "execveat",
-            "mount",
-            "ptrace",
-            "unshare",
-            "setns",
-            "bpf",
-            "io_uring_setup",
-            "userfaultfd",
-            "setresuid",
-            "capset",
-            "kill",
-            "clone3",
-        ] {
-            assert!(!seen.contains(bad), "{bad} must not be allowed");
-        }
+        reasoned_without(
+            BUILTIN_SETUP,
+            &[
+                "socket",
+                "connect",
+                "execve",
+                "execveat",
+                "mount",
+                "ptrace",
+                "unshare",
+                "setns",
+                "bpf",
+                "io_uring_setup",
+                "userfaultfd",
+                "setresuid",
+                "capset",
+                "kill",
+                "clone3",
+            ],
+        );
         let profile = builtin_setup_profile().unwrap();
         let rules = profile.syscalls().as_ref().unwrap();
         // ioctl, clone and prctl only with their checks; clone3 refused.
