@@ -14,7 +14,7 @@ use crate::agent::boot::initramfs_modules;
 use crate::MicrovmError;
 
 /// Where each module lives under `/lib/modules/<release>/kernel`.
-const MODULE_PATHS: &[(&str, &str)] = &[
+pub const MODULE_PATHS: &[(&str, &str)] = &[
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
     ("virtio", "drivers/virtio/virtio.ko"),
     ("virtio_mmio", "drivers/virtio/virtio_mmio.ko"),

@@ -172,20 +172,37 @@ impl MicrovmTier {
             .mode(0o600)
             .open(dir.join(crate::EVENTS))
             .map_err(MicrovmError::io("create the events record"))?;
-        let Backend::Qemu { binary, accel } = &host.backend;
-        let mut files = vmm::qemu::host_files_cached(&self.cache_dir(), binary)
-            .map_err(MicrovmError::Invalid)?;
+        // The jail's root: what the VMM reads (QEMU also its binary,
+        // libraries and firmware), /dev/null, /dev/urandom, and /dev/kvm
+        // with its group under KVM; the process filter: QEMU's list, or moat's own VMM's.
+        let mut files = match &host.backend {
+            Backend::Qemu { binary, .. } => vmm::qemu::host_files_cached(&self.cache_dir(), binary)
+                .map_err(MicrovmError::Invalid)?,
+            Backend::Builtin => Vec::new(),
+        };
         files.push(guest.kernel.clone());
         files.push(guest.initrd.clone());
+        // /dev/urandom: the relay's entropy for the guest (and QEMU's).
         let mut devices = vec![PathBuf::from("/dev/null"), PathBuf::from("/dev/urandom")];
         let mut groups = Vec::new();
-        if *accel == moat_vmm::qemu::Accel::Kvm {
-            devices.push(PathBuf::from("/dev/kvm"));
+        let kvm = match &host.backend {
+            Backend::Qemu { accel, .. } => *accel == moat_vmm::qemu::Accel::Kvm,
+            Backend::Builtin => true,
+        };
+        if kvm {
+            devices.push(PathBuf::from(crate::builtin::KVM));
             use std::os::unix::fs::MetadataExt;
-            if let Ok(m) = std::fs::metadata("/dev/kvm") {
-                groups.push(m.gid());
-            }
+            let m = std::fs::metadata(crate::builtin::KVM)
+                .map_err(MicrovmError::io(format!("stat {}", crate::builtin::KVM)))?;
+            groups.push(m.gid());
         }
+        let process_filter = match &host.backend {
+            Backend::Qemu { .. } => {
+                crate::seccomp::allow_list(&crate::seccomp::names(crate::seccomp::VMM))
+            }
+            Backend::Builtin => crate::seccomp::builtin_process_profile(),
+        }
+        .map_err(|e| MicrovmError::Invalid(format!("the VMM's seccomp profile: {e}")))?;
         let run = proto::RunRequest {
             config: plan.config.clone(),
             disks: guest.guest_disks.clone(),
@@ -208,10 +225,10 @@ impl MicrovmTier {
         let cmdline = if std::env::var_os("MOAT_MICROVM_CONSOLE").is_some() {
             format!(
                 "{} debug",
-                vmm::qemu::cmdline(*accel).replace(" quiet", " printk.time=1")
+                host.backend.cmdline().replace(" quiet", " printk.time=1")
             )
         } else {
-            vmm::qemu::cmdline(*accel)
+            host.backend.cmdline()
         };
         // A guest saved or restored gets all the disk slots (unused ones
         // hold the spare image), so one snapshot fits every container of a
@@ -221,26 +238,31 @@ impl MicrovmTier {
         // apart. Its frame stream stays clean if a restore fails over to a
         // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
         // writes the guest's frames (docs/design.md).
-        let offer = snapshot::offer(
-            &self.cache_dir(),
-            &snapshot::Identity {
-                qemu: binary,
-                kernel: &guest.kernel,
-                initrd: &guest.initrd,
-                cmdline: &cmdline,
-                mem_mib: guest.mem_mib,
-                vcpus: guest.vcpus,
-                disk_slots,
-                accel: match accel {
-                    moat_vmm::qemu::Accel::Kvm => "kvm",
-                    moat_vmm::qemu::Accel::Tcg => "tcg",
-                },
-                net: net.is_some(),
-                disks: guest
-                    .shared
-                    .then_some((&guest.guest_disks[..], &guest.images[..])),
+        let offer = match &host.backend {
+            Backend::Builtin => snapshot::Offer::None {
+                why: "moat's own VMM saves no snapshots".into(),
             },
-        );
+            Backend::Qemu { binary, accel } => snapshot::offer(
+                &self.cache_dir(),
+                &snapshot::Identity {
+                    qemu: binary,
+                    kernel: &guest.kernel,
+                    initrd: &guest.initrd,
+                    cmdline: &cmdline,
+                    mem_mib: guest.mem_mib,
+                    vcpus: guest.vcpus,
+                    disk_slots,
+                    accel: match accel {
+                        moat_vmm::qemu::Accel::Kvm => "kvm",
+                        moat_vmm::qemu::Accel::Tcg => "tcg",
+                    },
+                    net: net.is_some(),
+                    disks: guest
+                        .shared
+                        .then_some((&guest.guest_disks[..], &guest.images[..])),
+                },
+            ),
+        };
         let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
@@ -281,10 +303,7 @@ impl MicrovmTier {
                 gid: uid,
                 groups,
                 keep_fds: Vec::new(),
-                seccomp: crate::seccomp::allow_list(&crate::seccomp::names(crate::seccomp::VMM))
-                    .map_err(|e| {
-                        MicrovmError::Invalid(format!("the VMM's seccomp profile: {e}"))
-                    })?,
+                seccomp: process_filter,
             },
             events,
             boot_timeout: BOOT_TIMEOUT,
@@ -497,11 +516,12 @@ impl MicrovmTier {
             false,
         )
         .map_err(MicrovmError::from)?;
-        let Backend::Qemu { accel, .. } = &host.backend;
-        let overhead = if *accel == moat_vmm::qemu::Accel::Kvm {
-            VMM_OVERHEAD_KVM_MIB
-        } else {
-            VMM_OVERHEAD_TCG_MIB
+        let overhead = match &host.backend {
+            Backend::Qemu {
+                accel: moat_vmm::qemu::Accel::Tcg,
+                ..
+            } => VMM_OVERHEAD_TCG_MIB,
+            _ => VMM_OVERHEAD_KVM_MIB,
         };
         let limit = ((mem_mib + overhead) << 20) as i64;
         let mut res = serde_json::json!({
@@ -694,7 +714,7 @@ fn spawn_vmm(
     let mut listener = Some(listener);
     let mut tty = tty;
     let pid = one
-        .fork(flags, move |_| {
+        .fork(flags, move |child_one| {
             if die_with_runtime
                 && nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
             {
@@ -706,7 +726,7 @@ fn spawn_vmm(
                 }
             }
             match (plan.take(), setup.take(), listener.take()) {
-                (Some(p), Some(s), Some(l)) => vmm::main(p, s, l),
+                (Some(p), Some(s), Some(l)) => vmm::main(p, s, l, child_one),
                 _ => 255,
             }
         })

@@ -5,11 +5,12 @@
 //!
 //! The OCI container process is the **VMM process** ([`vmm`]): a moat
 //! process forked by the runtime into its own namespaces, jailed
-//! ([`jail`]), that runs QEMU as its only child and relays between the
+//! ([`jail`]), that runs the VMM as its only child (QEMU, or a fork of
+//! itself running moat's own VMM, [`builtin`]) and relays between the
 //! guest's agent ([`agent`], moat itself as the guest's PID 1) and the
 //! host. `state` shows its PID, `kill` reaches the workload through the
 //! agent, `kill --all` and `delete --force` kill the VMM process (and with
-//! it, its PID namespace: QEMU).
+//! it, its PID namespace: the VMM).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -122,12 +123,14 @@ fn which(prog: &str) -> Option<PathBuf> {
     })
 }
 
-/// Whether this host can run the microvm tier, and with which VMM. QEMU
-/// with KVM where the CPU virtualises in hardware, QEMU with TCG where KVM
-/// is missing or software-assisted (PVM); moat's own VMM boots only
-/// kernels with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` and `CONFIG_X86_MPPARSE`
-/// (it has no ACPI), which Debian's cloud kernel lacks, so it is not chosen
-/// for it.
+/// Chooses the VMM, from `MOAT_MICROVM_BACKEND`.
+pub const BACKEND_ENV: &str = "MOAT_MICROVM_BACKEND";
+
+/// Whether this host can run the microvm tier, and with which VMM: moat's
+/// own where KVM virtualises in hardware (vmx or svm), QEMU with TCG where
+/// KVM is missing or software-assisted (PVM, which cannot boot a stock
+/// kernel). `MOAT_MICROVM_BACKEND=qemu` picks QEMU (with KVM where the
+/// hardware allows), `=builtin` moat's own VMM (refused without vmx/svm).
 pub fn check_host() -> Result<HostChoice, Unavailable> {
     if !rustix::process::geteuid().is_root() {
         return Err(unavailable(
@@ -135,6 +138,18 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
             "run as root, or use --isolation sandbox",
         ));
     }
+    let asked = std::env::var(BACKEND_ENV).unwrap_or_default();
+    let asked = match asked.as_str() {
+        "" | "auto" => None,
+        "builtin" => Some(true),
+        "qemu" => Some(false),
+        other => {
+            return Err(unavailable(
+                format!("{BACKEND_ENV}={other:?} names no VMM"),
+                "set it to builtin, qemu or auto",
+            ))
+        }
+    };
     let kernel = assets::GuestKernel::find()
         .map_err(|r| unavailable(r, "apt-get install linux-image-cloud-amd64"))?;
     let kvm = moat_jail::host::HostFacts::read().kvm;
@@ -155,20 +170,31 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
             "apt-get install e2fsprogs",
         ));
     }
+    if asked != Some(false) && kvm_why.is_empty() {
+        let why = match asked {
+            Some(_) => format!("moat's own VMM on KVM ({BACKEND_ENV}=builtin)"),
+            None => "moat's own VMM on KVM (vmx/svm)".to_string(),
+        };
+        return Ok(HostChoice {
+            backend: Backend::Builtin,
+            kernel,
+            why,
+        });
+    }
+    if asked == Some(true) {
+        return Err(unavailable(
+            format!("{BACKEND_ENV}=builtin, but moat's own VMM boots Linux only on KVM with vmx/svm: {kvm_why}"),
+            "unset it: QEMU with TCG then runs the guest",
+        ));
+    }
     let Some(qemu) = which(moat_vmm::qemu::QEMU_BINARY) else {
-        let reason = if kvm_why.is_empty() {
-            format!(
-                "{} is not installed, and the guest kernel {} lacks what moat's own VMM needs (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, CONFIG_X86_MPPARSE)",
-                moat_vmm::qemu::QEMU_BINARY,
-                kernel.release
-            )
-        } else {
+        return Err(unavailable(
             format!(
                 "{kvm_why} and {} not installed",
                 moat_vmm::qemu::QEMU_BINARY
-            )
-        };
-        return Err(unavailable(reason, "apt-get install qemu-system-x86"));
+            ),
+            "apt-get install qemu-system-x86",
+        ));
     };
     let accel = if kvm_why.is_empty() {
         moat_vmm::qemu::Accel::Kvm
@@ -176,10 +202,7 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
         moat_vmm::qemu::Accel::Tcg
     };
     let why = match accel {
-        moat_vmm::qemu::Accel::Kvm => {
-            "QEMU/KVM (vmx/svm; the guest kernel needs ACPI, which moat's own VMM lacks)"
-                .to_string()
-        }
+        moat_vmm::qemu::Accel::Kvm => format!("QEMU/KVM ({BACKEND_ENV}=qemu)"),
         moat_vmm::qemu::Accel::Tcg => format!("QEMU/TCG ({kvm_why})"),
     };
     Ok(HostChoice {
@@ -401,7 +424,12 @@ impl Lifecycle for MicrovmTier {
 
     fn features(&self) -> serde_json::Value {
         let mut doc = moat_container::ContainerTier::new(self.sd.root(), false).features();
-        doc["annotations"]["dev.moat.microvm"] = serde_json::json!("qemu-microvm");
+        let vmm = match check_host().map(|h| h.backend) {
+            Ok(Backend::Builtin) => "moat-vmm",
+            Ok(Backend::Qemu { .. }) => "qemu-microvm",
+            Err(_) => "unavailable",
+        };
+        doc["annotations"]["dev.moat.microvm"] = serde_json::json!(vmm);
         doc
     }
 }

@@ -149,6 +149,72 @@ pub const VMM: &[(&str, &str)] = &[
     ("getegid", "identity"),
 ];
 
+/// The calls of [`VMM`] that only QEMU makes (its loader, its event
+/// loops, its memory backend, its checks of files and sockets): the VMM
+/// process of moat's own VMM goes without them ([`builtin_process_profile`]).
+pub const QEMU_ONLY: &[&str] = &[
+    "execve",
+    "memfd_create",
+    "get_mempolicy",
+    "set_mempolicy",
+    "membarrier",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "timerfd_create",
+    "timerfd_settime",
+    "statfs",
+    "fstatfs",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "readlink",
+    "readlinkat",
+    "getdents64",
+    "getcwd",
+    "fchdir",
+    "sysinfo",
+    "fadvise64",
+    "preadv",
+    "pwritev",
+    "getsockopt",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "dup",
+    "prlimit64",
+    "getrlimit",
+    "uname",
+];
+
+/// The VMM process's filter under moat's own VMM, from its jail on: the
+/// relay's calls ([`VMM`] without [`QEMU_ONLY`]: it forks the VMM's child
+/// but executes nothing) and every call of the VMM's own lists, which the
+/// child then narrows to [`builtin_setup_profile`] before it builds the VM.
+pub fn builtin_process_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError>
+{
+    let mut names: Vec<&str> = VMM
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| !QEMU_ONLY.contains(n))
+        .chain(
+            [
+                BUILTIN_SETUP,
+                BUILTIN_COMMON,
+                BUILTIN_VCPU,
+                BUILTIN_IO,
+                BUILTIN_MAIN,
+            ]
+            .iter()
+            .flat_map(|l| l.iter().map(|(n, _)| *n)),
+        )
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    allow_list(&names)
+}
+
 /// moat's own VMM, per thread role ([`moat_vmm::ThreadRole`]): what each
 /// thread of a running VM may call once it has entered its role (its
 /// start-up, before that, is the thread runtime's). Taken from `strace -f`
@@ -471,6 +537,36 @@ mod tests {
                 "process_vm_writev",
             ],
         );
+    }
+
+    #[test]
+    fn the_builtin_backends_process_filter_drops_qemus_calls() {
+        let all = names(VMM);
+        for n in QEMU_ONLY {
+            assert!(all.contains(n), "{n} is not in the QEMU list (a typo?)");
+        }
+        let profile = builtin_process_profile().unwrap();
+        let allowed: Vec<String> = profile
+            .syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|r| r.names().clone())
+            .collect();
+        for n in ["execve", "memfd_create", "epoll_wait"] {
+            assert!(!allowed.iter().any(|a| a == n), "{n} allowed");
+        }
+        // The fork of the VM's child, its reaping and killing, the child's
+        // own narrowing and every role's calls.
+        for n in [
+            "clone",
+            "wait4",
+            "kill",
+            "seccomp",
+            "restart_syscall",
+            "accept4",
+        ] {
+            assert!(allowed.iter().any(|a| a == n), "{n} missing");
+        }
     }
 
     #[test]

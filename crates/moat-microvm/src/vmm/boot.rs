@@ -17,13 +17,14 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::{qemu, Backend, VmmError, VmmPlan};
+use super::{qemu, Backend, VmChild, VmmError, VmmPlan};
 use crate::proto::{self, Decoder, Kind};
+use moat_sys::process::OneThread;
 
 /// How long a restored guest may take to answer before it is booted cold.
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,7 +35,7 @@ pub const CONSOLE_TAIL: usize = 8192;
 
 /// A VM whose agent said hello.
 pub struct Booted {
-    pub vm: Child,
+    pub vm: VmChild,
     pub agent: File,
     pub console: File,
     pub console_tail: VecDeque<u8>,
@@ -48,6 +49,10 @@ pub struct Booted {
 pub struct Channels {
     agent: Vec<(UnixStream, UnixStream)>,
     qmp: Option<(UnixStream, UnixStream)>,
+    /// The VMM process's own descriptors (the setup channel, the control
+    /// socket, the events record), which the child running moat's own VMM
+    /// closes first.
+    pub relay_fds: Vec<RawFd>,
 }
 
 impl Channels {
@@ -67,7 +72,11 @@ impl Channels {
             super::SnapshotPlan::Save(_) => Some(UnixStream::pair().map_err(io)?),
             _ => None,
         };
-        Ok(Channels { agent, qmp })
+        Ok(Channels {
+            agent,
+            qmp,
+            relay_fds: Vec::new(),
+        })
     }
 
     /// Every descriptor, for the jail to keep.
@@ -80,14 +89,15 @@ impl Channels {
     }
 }
 
-/// Starts QEMU: a cold boot, or a restore from `incoming`; with a monitor
-/// when `monitor` is set.
+/// Starts the VMM: QEMU (a cold boot, or a restore from `incoming`; with
+/// a monitor when `monitor` is set), or moat's own ([`spawn_builtin`]).
 fn spawn(
     plan: &VmmPlan,
     ch: &mut Channels,
     incoming: Option<&File>,
     monitor: bool,
-) -> Result<(Child, File, File, Option<UnixStream>), VmmError> {
+    one: &OneThread,
+) -> Result<(VmChild, File, File, Option<UnixStream>), VmmError> {
     let io = |step: &str| {
         let step = step.to_string();
         move |source| VmmError::Io { step, source }
@@ -96,8 +106,14 @@ fn spawn(
         step: "start QEMU".into(),
         source: std::io::Error::other("no agent channel left"),
     })?;
+    let (binary, accel) = match &plan.backend {
+        Backend::Qemu { binary, accel } => (binary, accel),
+        Backend::Builtin => {
+            let (vm, console) = spawn_builtin(plan, theirs, ours.as_raw_fd(), &ch.relay_fds, one)?;
+            return Ok((vm, File::from(OwnedFd::from(ours)), console, None));
+        }
+    };
     let qmp = if monitor { ch.qmp.take() } else { None };
-    let Backend::Qemu { binary, accel } = &plan.backend;
     let args = qemu::QemuArgs {
         accel: *accel,
         kernel: plan.kernel.clone(),
@@ -149,24 +165,153 @@ fn spawn(
         drop(theirs);
         ours
     });
+    // Reaped by its PID from here on (std's handle would wait on drop
+    // for nothing: it holds no pipes).
+    let vm = VmChild::new(child.id() as i32);
+    drop(child);
     Ok((
-        child,
+        vm,
         File::from(OwnedFd::from(ours)),
         File::from(serial_r),
         qmp,
     ))
 }
 
+/// Starts moat's own VMM in a child of this process (it executes nothing:
+/// the jail's root holds nothing to run). The child closes the VMM
+/// process's own descriptors and `ours` (the relay's end of the agent
+/// channel), takes the console pipe as its stdout and stderr, narrows its
+/// filter to the VMM's ([`crate::seccomp::builtin_setup_profile`]), builds
+/// the VM and runs it, each thread under its role's filter. Its end closes
+/// the agent channel, as QEMU's does.
+fn spawn_builtin(
+    plan: &VmmPlan,
+    agent: UnixStream,
+    ours: RawFd,
+    relay_fds: &[RawFd],
+    one: &OneThread,
+) -> Result<(VmChild, File), VmmError> {
+    let (serial_r, serial_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| VmmError::Sys {
+            step: "create the console pipe".into(),
+            source: e,
+        })?;
+    let mut agent = Some(agent);
+    let reader = serial_r.as_raw_fd();
+    let pid = one
+        .fork(0, |_| {
+            // This copy of the process never returns or unwinds into the
+            // relay (it `_exit`s), so these descriptors are closed once.
+            for fd in relay_fds.iter().chain([&ours, &reader]) {
+                let _ = nix::unistd::close(*fd);
+            }
+            let Some(agent) = agent.take() else {
+                return 255;
+            };
+            match builtin_child(plan, agent, &serial_w) {
+                Ok(reason) => match reason {
+                    moat_vmm::ExitReason::Reset
+                    | moat_vmm::ExitReason::PowerOff
+                    | moat_vmm::ExitReason::Stopped => 0,
+                    other => {
+                        eprintln!("moat: microvm: the VM stopped: {other:?}");
+                        1
+                    }
+                },
+                Err(e) => {
+                    eprintln!("moat: microvm: moat's own VMM: {e}");
+                    1
+                }
+            }
+        })
+        .map_err(|e| VmmError::Io {
+            step: "start moat's own VMM".into(),
+            source: e,
+        })?;
+    drop(agent);
+    drop(serial_w);
+    Ok((VmChild::new(pid), File::from(serial_r)))
+}
+
+/// The child of [`spawn_builtin`]: the VM's configuration from the plan,
+/// then the VM run to its end.
+fn builtin_child(
+    plan: &VmmPlan,
+    agent: UnixStream,
+    console: &OwnedFd,
+) -> Result<moat_vmm::ExitReason, String> {
+    use std::sync::Arc;
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| format!("duplicate a descriptor: {e}"))
+    };
+    // Stdio: nothing in, the console out (where its errors are read).
+    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("stdin: {e}"))?;
+    nix::unistd::dup2_stdout(console).map_err(|e| format!("stdout: {e}"))?;
+    nix::unistd::dup2_stderr(console).map_err(|e| format!("stderr: {e}"))?;
+    drop(null);
+    let spares = plan.disk_slots.saturating_sub(plan.disks.len());
+    let block = plan
+        .disks
+        .iter()
+        .chain(std::iter::repeat_n(&plan.spare, spares))
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(moat_vmm::BlockConfig {
+                path: format!("disk {i}").into(),
+                read_only: true,
+                file: Some(Arc::new(
+                    f.try_clone()
+                        .map_err(|e| format!("duplicate disk {i}: {e}"))?,
+                )),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let net = match &plan.net {
+        Some(fd) => Some(moat_vmm::NetConfig {
+            socket: UnixStream::from(dup(fd)?),
+            mac: qemu::GUEST_MAC_BYTES,
+            mtu: u16::try_from(moat_net::NetConfig::default().mtu)
+                .map_err(|_| "the stack's MTU does not fit the card".to_string())?,
+        }),
+        None => None,
+    };
+    let serial = File::from(dup(console)?);
+    // From here on, the VMM's own filter (its threads inherit it and
+    // narrow it to their roles').
+    let profile = crate::seccomp::builtin_setup_profile().map_err(|e| e.to_string())?;
+    crate::seccomp::load(&profile).map_err(|e| moat_core::error_chain(&e))?;
+    let mut config = moat_vmm::VmConfig::new(
+        moat_vmm::Kernel::Linux(plan.kernel.clone()),
+        plan.vcpus,
+        plan.mem_mib,
+    );
+    config.initrd = Some(plan.initrd.clone());
+    config.cmdline = plan.cmdline.clone();
+    config.serial_out = Some(serial);
+    config.block = block;
+    config.rng = true;
+    config.agent = Some(agent);
+    config.net = net;
+    crate::builtin::run(config).map_err(|e| moat_core::error_chain(&e))
+}
+
 /// Boots cold, or restores; returns the booted VM and how it started.
 pub fn boot(
     plan: &mut VmmPlan,
     ch: &mut Channels,
+    one: &OneThread,
 ) -> Result<(Booted, crate::control::StartKind), VmmError> {
     use crate::control::StartKind;
+    if plan.backend == Backend::Builtin && !matches!(plan.snapshot, super::SnapshotPlan::Off(_)) {
+        // The runtime offers none (moat's own VMM saves no snapshots).
+        plan.snapshot = super::SnapshotPlan::Off("moat's own VMM saves no snapshots".into());
+    }
     let (why, restore_failed) =
         match std::mem::replace(&mut plan.snapshot, super::SnapshotPlan::Off(String::new())) {
             super::SnapshotPlan::Restore(snap) => {
-                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), false)?;
+                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), false, one)?;
                 drop(snap);
                 let mut b = Booted {
                     vm,
@@ -187,8 +332,8 @@ pub fn boot(
                 match r {
                     Ok(()) => return Ok((b, StartKind::Restored)),
                     Err(e) => {
-                        let _ = b.vm.kill();
-                        let _ = b.vm.wait();
+                        b.vm.kill();
+                        b.vm.wait();
                         let why = format!(
                             "the snapshot did not restore ({})",
                             moat_core::error_chain(&e)
@@ -198,7 +343,7 @@ pub fn boot(
                 }
             }
             super::SnapshotPlan::Save(out) => {
-                let (vm, agent, console, qmp) = spawn(plan, ch, None, true)?;
+                let (vm, agent, console, qmp) = spawn(plan, ch, None, true, one)?;
                 let mut b = Booted {
                     vm,
                     agent,
@@ -221,9 +366,9 @@ pub fn boot(
                     Ok(()) => Ok((b, StartKind::Saved)),
                     Err(e) => {
                         // The guest may be stopped half-way: start over cold.
-                        let _ = b.vm.kill();
-                        let _ = b.vm.wait();
-                        let b = cold(plan, ch)?;
+                        b.vm.kill();
+                        b.vm.wait();
+                        let b = cold(plan, ch, one)?;
                         Ok((
                             b,
                             StartKind::Cold {
@@ -239,7 +384,7 @@ pub fn boot(
             }
             super::SnapshotPlan::Off(w) => (w, false),
         };
-    let b = cold(plan, ch)?;
+    let b = cold(plan, ch, one)?;
     Ok((
         b,
         StartKind::Cold {
@@ -249,8 +394,8 @@ pub fn boot(
     ))
 }
 
-fn cold(plan: &VmmPlan, ch: &mut Channels) -> Result<Booted, VmmError> {
-    let (vm, agent, console, _) = spawn(plan, ch, None, false)?;
+fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, VmmError> {
+    let (vm, agent, console, _) = spawn(plan, ch, None, false, one)?;
     let mut b = Booted {
         vm,
         agent,
@@ -310,7 +455,7 @@ fn await_hello(b: &mut Booted, timeout: Duration, echo: bool) -> Result<(), VmmE
         if ready[0] {
             let n = b.agent.read(&mut buf).unwrap_or(0);
             if n == 0 {
-                let _ = b.vm.wait();
+                b.vm.wait();
                 let mut rest = Vec::new();
                 let _ = b.console.read_to_end(&mut rest);
                 push_tail(&mut b.console_tail, &rest);

@@ -1,8 +1,9 @@
 //! The VMM process: the container's OCI process. Forked by the runtime
 //! into its own mount, PID, IPC, UTS and network namespaces, it waits for
 //! the runtime to put it in the container's cgroup, jails itself
-//! ([`crate::jail`]), starts the VMM (QEMU as its only child, under the
-//! same jail), and relays between the guest's agent and the host: its own
+//! ([`crate::jail`]), starts the VMM as its only child, under the same
+//! jail (QEMU; or a fork of itself running moat's own VMM, [`Backend::Builtin`],
+//! which narrows its filter further first), and relays between the guest's agent and the host: its own
 //! stdio is the container's, its control socket serves `start`, `kill` and
 //! `exec`, and its exit status is the workload's (128+N for a signal), so
 //! `moat run`, conmon and containerd's shim read the workload's status from
@@ -26,6 +27,74 @@ use crate::proto;
 pub enum Backend {
     /// `qemu-system-x86_64 -M microvm` with this accelerator.
     Qemu { binary: PathBuf, accel: qemu::Accel },
+    /// moat's own VMM (`moat-vmm`, [`crate::builtin`]) on KVM, in a child
+    /// the VMM process forks: it executes nothing, and each of its threads
+    /// runs under its role's filter.
+    Builtin,
+}
+
+impl Backend {
+    /// The guest kernel's command line on this backend.
+    pub fn cmdline(&self) -> String {
+        match self {
+            Backend::Qemu { accel, .. } => qemu::cmdline(*accel),
+            // moat's own VMM resets through its i8042 and adds the
+            // `reboot=k` that asks for it (QEMU's microvm has no keyboard
+            // controller: a triple fault there).
+            Backend::Builtin => qemu::cmdline(qemu::Accel::Kvm).replace(" reboot=t", ""),
+        }
+    }
+}
+
+/// The VMM's process (QEMU, or the child running moat's own VMM), reaped
+/// once.
+#[derive(Debug)]
+pub struct VmChild {
+    pid: nix::unistd::Pid,
+    ended: bool,
+}
+
+impl VmChild {
+    fn new(pid: i32) -> VmChild {
+        VmChild {
+            pid: nix::unistd::Pid::from_raw(pid),
+            ended: false,
+        }
+    }
+
+    /// Kills it (SIGKILL) unless it was reaped already.
+    pub fn kill(&mut self) {
+        if !self.ended {
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Waits for its end (once).
+    pub fn wait(&mut self) {
+        while !self.ended {
+            match nix::sys::wait::waitpid(self.pid, None) {
+                Err(nix::Error::EINTR) => {}
+                Ok(
+                    nix::sys::wait::WaitStatus::Exited(..)
+                    | nix::sys::wait::WaitStatus::Signaled(..),
+                )
+                | Err(_) => self.ended = true,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reaps it if it has ended; whether it has.
+    pub fn try_wait(&mut self) -> bool {
+        if !self.ended {
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => self.ended = true,
+                Ok(_) => {}
+            }
+        }
+        self.ended
+    }
 }
 
 /// Everything the VMM process needs, prepared by the runtime before the
@@ -122,8 +191,13 @@ fn console_tail(c: &str) -> String {
 /// The VMM process's life; returns its exit status. `setup` is the
 /// channel to the runtime (`Go` in, [`crate::control::Setup`] out),
 /// `listener` the bound control socket.
-pub fn main(mut plan: VmmPlan, setup: OwnedFd, listener: OwnedFd) -> i32 {
-    match start(&mut plan, &setup, &listener) {
+pub fn main(
+    mut plan: VmmPlan,
+    setup: OwnedFd,
+    listener: OwnedFd,
+    one: moat_sys::process::OneThread,
+) -> i32 {
+    match start(&mut plan, &setup, &listener, &one) {
         Ok((booted, how)) => relay::Relay::new(plan, setup, listener, booted, how).run(),
         Err(e) => {
             let msg = crate::control::Setup::Failed {
@@ -142,6 +216,7 @@ fn start(
     plan: &mut VmmPlan,
     setup: &OwnedFd,
     listener: &OwnedFd,
+    one: &moat_sys::process::OneThread,
 ) -> Result<(boot::Booted, crate::control::StartKind), VmmError> {
     let mut jail = plan.jail.clone();
     let mut keep: Vec<RawFd> = vec![
@@ -157,6 +232,11 @@ fn start(
         SnapshotPlan::Off(_) => {}
     }
     let mut channels = boot::Channels::new(plan)?;
+    channels.relay_fds = vec![
+        setup.as_raw_fd(),
+        listener.as_raw_fd(),
+        plan.events.as_raw_fd(),
+    ];
     keep.extend(channels.fds());
     jail.keep_fds = keep;
     jail.enter()?;
@@ -172,5 +252,5 @@ fn start(
             source: std::io::Error::other("the runtime gave up"),
         });
     }
-    boot::boot(plan, &mut channels)
+    boot::boot(plan, &mut channels, one)
 }

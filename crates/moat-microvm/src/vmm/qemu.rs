@@ -41,6 +41,8 @@ pub struct QemuArgs {
 
 /// The guest's Ethernet address (locally administered, "moat" and 0x64).
 pub const GUEST_MAC: &str = "02:6d:6f:61:74:64";
+/// [`GUEST_MAC`] as bytes (moat's own VMM takes them).
+pub const GUEST_MAC_BYTES: [u8; 6] = [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64];
 
 /// TCG's translation cache, in MiB: bounds QEMU's memory beyond the guest.
 pub const TCG_TB_MIB: u64 = 64;

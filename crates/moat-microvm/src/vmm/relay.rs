@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::process::Child;
 use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -57,7 +56,7 @@ pub struct Relay {
     plan: VmmPlan,
     setup: Option<OwnedFd>,
     listener: OwnedFd,
-    vm: Child,
+    vm: super::VmChild,
     agent: File,
     /// Bytes for the agent not yet taken by the channel: written as it
     /// takes them, so the relay never blocks on the guest and always reads
@@ -156,8 +155,8 @@ impl Relay {
     }
 
     fn stop_vm(&mut self) {
-        let _ = self.vm.kill();
-        let _ = self.vm.wait();
+        self.vm.kill();
+        self.vm.wait();
     }
 
     /// Queues `bytes` for the agent and writes what the channel takes now.
@@ -390,7 +389,7 @@ impl Relay {
 
     /// The agent channel closed: the VM is gone.
     fn vm_gone(&mut self) -> Result<Option<i32>, VmmError> {
-        let _ = self.vm.wait();
+        self.vm.wait();
         if self.phase == Phase::Booting {
             // Drain what the console still holds.
             if let Some(c) = self.console.as_mut() {
@@ -535,10 +534,9 @@ impl Relay {
     fn on_signal(&mut self, sig: i32) -> Result<Option<i32>, VmmError> {
         match Signal::try_from(sig) {
             Ok(Signal::SIGCHLD) => {
-                if let Ok(Some(_)) = self.vm.try_wait() {
-                    // The agent channel reports it too (EOF); that path
-                    // says why.
-                }
+                // The agent channel reports the VM's end too (EOF); that
+                // path says why.
+                self.vm.try_wait();
             }
             Ok(Signal::SIGPIPE) => {}
             Ok(Signal::SIGWINCH) => self.resize(),

@@ -23,7 +23,7 @@ use super::{cloud_kernel, which, MODULES};
 pub const CHILD_ENV: &str = "MOAT_NESTED_CHILD";
 
 /// KVM's modules, in load order (under /lib/modules/<release>/kernel).
-const KVM_MODULES: [&str; 3] = [
+pub const KVM_MODULES: [&str; 3] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",

@@ -238,9 +238,21 @@ impl Guest {
         files: &[(&str, u32, Vec<u8>)],
         deadline: Duration,
     ) -> Result<Guest, String> {
+        Self::boot_sized(needs, moat, files, deadline, 1024)
+    }
+
+    /// [`Guest::boot`] with `mem_mib` of RAM. A file's parent directories
+    /// are made as needed.
+    pub fn boot_sized(
+        needs: &Needs,
+        moat: &Path,
+        files: &[(&str, u32, Vec<u8>)],
+        deadline: Duration,
+        mem_mib: u64,
+    ) -> Result<Guest, String> {
         let mut failed = Vec::new();
         for attempt in 1..=BOOT_TRIES {
-            match Self::boot_once(needs, moat, files, deadline) {
+            match Self::boot_once(needs, moat, files, deadline, mem_mib) {
                 Ok(g) => return Ok(g),
                 Err(e) => {
                     eprintln!("guest: boot {attempt} of {BOOT_TRIES} failed: {e}");
@@ -256,6 +268,7 @@ impl Guest {
         moat: &Path,
         files: &[(&str, u32, Vec<u8>)],
         deadline: Duration,
+        mem_mib: u64,
     ) -> Result<Guest, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let initrd = dir.path().join("initrd.cpio");
@@ -271,7 +284,7 @@ impl Guest {
 
         let accel = detect_accel();
         eprintln!("guest: QEMU backend, {}", accel.reason);
-        let mut config = VmConfig::new(Kernel::Linux(needs.kernel.clone()), 2, 1024);
+        let mut config = VmConfig::new(Kernel::Linux(needs.kernel.clone()), 2, mem_mib);
         config.initrd = Some(initrd);
         config.cmdline = "console=ttyS0 panic=-1 quiet loglevel=4".into();
         config.serial_out = Some(serial_file);
@@ -419,7 +432,7 @@ fn write_initramfs(
     let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut w = CpioWriter::new(std::io::BufWriter::new(file));
     let cpio = |e: moat_vmm::cpio::CpioError| e.to_string();
-    for d in [
+    let fixed = [
         "bin",
         "dev",
         "proc",
@@ -432,9 +445,12 @@ fn write_initramfs(
         "newroot",
         "lib",
         "lib/modules",
-    ] {
+    ];
+    for d in fixed {
         w.dir(d, 0o755).map_err(cpio)?;
     }
+    let mut made: std::collections::BTreeSet<String> =
+        fixed.iter().map(|d| d.to_string()).collect();
     w.char_device("dev/console", 0o600, 5, 1).map_err(cpio)?;
     w.file("init", 0o755, INIT.as_bytes()).map_err(cpio)?;
     w.file("stage2", 0o755, STAGE2.as_bytes()).map_err(cpio)?;
@@ -458,6 +474,16 @@ fn write_initramfs(
         .map_err(cpio)?;
     }
     for (name, mode, data) in files {
+        let mut parent = String::new();
+        for part in Path::new(name).parent().into_iter().flat_map(|p| p.iter()) {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(&part.to_string_lossy());
+            if made.insert(parent.clone()) {
+                w.dir(&parent, 0o755).map_err(cpio)?;
+            }
+        }
         w.file(name, *mode, data).map_err(cpio)?;
     }
     let mut out = w.finish().map_err(cpio)?;
