@@ -158,6 +158,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
         stdin.code == 0 && stdin.stdout.trim() == "piped through",
         || format!("stdin did not reach the workload: {stdin}"),
     )?;
+    oci_lifecycle(r)?;
     // Nothing left: no container state, no VMM process, no cgroup.
     let left = r.sh(
         "ls -A /run/moat | grep -v '^\\.' || true; ps -o args | grep -v grep | grep 'moat.*microvm' || true",
@@ -165,6 +166,130 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     check(left.stdout.trim().is_empty(), || {
         format!("left behind: {left}")
     })
+}
+
+/// A busybox bundle at [`BUNDLE`] whose process waits to be killed.
+const BUNDLE: &str = "/tmp/moat-builtin-bundle";
+
+fn bundle_config() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.2.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh", "-c", "echo started; exec sleep 1000"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "noNewPrivileges": true
+        },
+        "root": {"path": format!("{BUNDLE}/rootfs"), "readonly": true},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+        },
+        "annotations": {"dev.moat.isolation": "microvm"}
+    })
+}
+
+/// Who the VMM process (`@PID@`) and its one child (the VM) are, and how
+/// many seccomp filters each thread of the child has.
+const WHO: &str = r#"P=@PID@
+s() { grep "^$2:" /proc/$1/status | tr -s ' \t' ' ' | cut -d' ' -f2-; }
+echo "vmm_uid=$(s $P Uid)"
+echo "vmm_caps=$(s $P CapEff)"
+echo "vmm_nnp=$(s $P NoNewPrivs)"
+echo "vmm_filters=$(s $P Seccomp_filters)"
+set -- $(cat /proc/$P/task/$P/children)
+C=$1
+echo "children=$*"
+echo "vm_comm=$(cat /proc/$C/comm)"
+echo "vm_filters=$(for t in /proc/$C/task/*; do s ${t#/proc/} Seccomp_filters; done | sort -n | tr '\n' ' ')"
+"#;
+
+/// `key=value` lines.
+fn key_values(s: &str) -> std::collections::BTreeMap<String, String> {
+    s.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The OCI CLI on moat's own VMM: `create` (the container's process is the
+/// jailed VMM process, with the VM in a child of its own under a narrower
+/// filter), `start`, `state`, `exec` through the agent, `kill`, `delete`.
+fn oci_lifecycle(r: &mut Runner) -> Result<(), String> {
+    let config = serde_json::to_string(&bundle_config()).unwrap();
+    let setup = format!(
+        r#"set -e
+rm -rf {BUNDLE}
+mkdir -p {BUNDLE}/rootfs/bin {BUNDLE}/rootfs/proc {BUNDLE}/rootfs/tmp
+cp /bin/busybox {BUNDLE}/rootfs/bin/busybox
+/bin/busybox --install -s {BUNDLE}/rootfs/bin
+cat > {BUNDLE}/config.json <<'EOF'
+{config}
+EOF
+"#
+    );
+    let o = r.sh(&setup)?;
+    check(o.code == 0, || format!("the bundle: {o}"))?;
+    let created = r.sh(&format!(
+        "moat create --bundle {BUNDLE} vm1 </dev/null >/tmp/vm1.out 2>&1 || {{ cat /tmp/vm1.out; exit 1; }}\nmoat state vm1"
+    ))?;
+    let state: serde_json::Value = serde_json::from_str(&created.stdout)
+        .map_err(|e| format!("create/state: {e}: {created}"))?;
+    check(state["status"] == "created", || {
+        format!("after create: {created}")
+    })?;
+    let pid = state["pid"].as_i64().unwrap_or(0);
+    // The VMM process (the container's) and its child running the VM: who
+    // they are, and how many filters each thread has.
+    let who = r.sh(&WHO.replace("@PID@", &pid.to_string()))?;
+    let kv = key_values(&who.stdout);
+    let get = |k: &str| kv.get(k).cloned().unwrap_or_default();
+    let vmm_uid = get("vmm_uid");
+    let ids: Vec<&str> = vmm_uid.split_whitespace().collect();
+    check(ids.len() == 4 && ids.iter().all(|u| *u != "0"), || {
+        format!("the VMM process runs as {vmm_uid:?}: {who}")
+    })?;
+    check(
+        get("vmm_caps") == "0000000000000000" && get("vmm_nnp") == "1",
+        || format!("the VMM process keeps privileges: {who}"),
+    )?;
+    let vmm_filters: u32 = get("vmm_filters").parse().unwrap_or(0);
+    let vm_filters: Vec<u32> = get("vm_filters")
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // One child (the VM, no QEMU: moat's VMM executes nothing), every
+    // thread of it under the VMM process's filter, the child's narrower
+    // one and its role's.
+    check(
+        get("children").split_whitespace().count() == 1
+            && get("vm_comm") != "qemu-system-x86"
+            && vmm_filters >= 1
+            && vm_filters.len() >= 3
+            && vm_filters.iter().all(|n| *n >= vmm_filters + 2),
+        || format!("the VM's child and its filters: {who}"),
+    )?;
+    let o = r.sh("moat start vm1 && moat state vm1")?;
+    check(o.code == 0 && o.stdout.contains("\"running\""), || {
+        format!("start: {o}")
+    })?;
+    let exec = r.sh("moat exec vm1 sh -c 'echo exec ran; exit 3'")?;
+    check(exec.code == 3 && exec.stdout.trim() == "exec ran", || {
+        format!("exec through the agent: {exec}")
+    })?;
+    let killed = r.sh(r#"moat kill vm1 KILL
+i=0
+while [ $i -lt 600 ] && ! moat state vm1 | grep -q '"stopped"'; do i=$((i+1)); sleep 0.1; done
+moat state vm1 | grep -q '"stopped"' && moat delete vm1 && cat /tmp/vm1.out"#)?;
+    check(
+        killed.code == 0 && killed.stdout.contains("started"),
+        || format!("kill, delete, the process's output: {killed}"),
+    )
 }
 
 #[test]
