@@ -103,15 +103,17 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
     files
 }
 
-/// In the guest: KVM's modules, and /dev/kvm for the group `kvm` (36), as
+/// In the guest: KVM's modules, /dev/kvm for the group `kvm` (36), as
 /// udev leaves it on a distribution's host (the VMM's jail then holds that
-/// group only).
+/// group only), and loopback up.
 fn kvm_setup(release: &str) -> String {
     let mut s = String::from("set -e\n");
     for m in common::nested::KVM_MODULES {
         s.push_str(&format!("insmod /lib/modules/{release}/kernel/{m}\n"));
     }
     s.push_str("chown 0:36 /dev/kvm\nchmod 660 /dev/kvm\ngrep -qw svm /proc/cpuinfo\n");
+    // Loopback, for the published port (the guest's init leaves it down).
+    s.push_str("ip link set lo up\n");
     s
 }
 
@@ -158,6 +160,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
         stdin.code == 0 && stdin.stdout.trim() == "piped through",
         || format!("stdin did not reach the workload: {stdin}"),
     )?;
+    published_port(r)?;
     oci_lifecycle(r)?;
     // Nothing left: no container state, no VMM process, no cgroup.
     let left = r.sh(
@@ -166,6 +169,38 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     check(left.stdout.trim().is_empty(), || {
         format!("left behind: {left}")
     })
+}
+
+/// A web server in the workload behind `-p 18080:8000`: the guest's
+/// virtio-net card (moat's VMM's) carries it to moat's user-space stack.
+/// (busybox's `nc`: Debian's static busybox `wget` crashes.)
+const WEB: &str = r#"get() { printf 'GET /f HTTP/1.0\r\n\r\n' | nc 127.0.0.1 18080 2>/dev/null | tail -n 1; }
+moat run --isolation microvm --net=egress= -p 18080:8000 -- sh -c 'echo inside > /tmp/f && cd /tmp && exec httpd -f -p 8000' >/tmp/web.out 2>&1 &
+M=$!
+i=0
+body=
+while [ $i -lt 600 ]; do
+    body=$(get)
+    [ -n "$body" ] && break
+    kill -0 $M 2>/dev/null || break
+    i=$((i+1))
+    sleep 0.1
+done
+echo "body=$body"
+while kill -0 $M 2>/dev/null; do kill -TERM $M; sleep 0.2; done
+wait $M
+if [ -n "$(get)" ]; then echo open=yes; else echo open=no; fi
+cat /tmp/web.out >&2
+"#;
+
+fn published_port(r: &mut Runner) -> Result<(), String> {
+    let o = r.sh(WEB)?;
+    let kv = key_values(&o.stdout);
+    check(
+        kv.get("body").map(String::as_str) == Some("inside")
+            && kv.get("open").map(String::as_str) == Some("no"),
+        || format!("the published port: {o}"),
+    )
 }
 
 /// A busybox bundle at [`BUNDLE`] whose process waits to be killed.

@@ -149,6 +149,14 @@ pub fn layout(mounts: &[Value], links: &[(String, PathBuf)], uid: u32, gid: u32)
             Entry::File(rel)
         });
     }
+    // Where the tiers bind the user-space stack's resolv.conf when the
+    // workload has its network: a host without one of its own must not
+    // leave the root without the mount point (a read-only root, the
+    // microvm tier's disk image above all, cannot grow one later).
+    let resolv = PathBuf::from("etc/resolv.conf");
+    if !out.iter().any(|e| e.covers(&resolv)) {
+        out.push(Entry::File(resolv));
+    }
     let (passwd, group) = passwd_group(uid, gid);
     out.push(Entry::Text("etc/passwd".into(), passwd));
     out.push(Entry::Text("etc/group".into(), group));
@@ -345,6 +353,11 @@ mod tests {
         assert!(root.join("etc/hosts").is_file());
         assert!(root.join("etc/ssl/certs").is_dir());
         assert!(!root.join("etc/ssl/private").exists());
+        // The host's resolv.conf dangles (not bound), but its mount point
+        // is there for the stack's.
+        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
+            .unwrap()
+            .is_file());
         assert_eq!(
             fs::read_link(root.join("bin")).unwrap(),
             Path::new("usr/bin")
