@@ -1,6 +1,8 @@
-//! moat's own VMM (`moat-vmm`) under the jailer, in the calling process:
-//! the pieces the tier's VMM process will use when it runs this VMM instead
-//! of QEMU (it does not yet: design.md, "Which VMM").
+//! moat's own VMM (`moat-vmm`) under the jailer. The tier's VMM process
+//! runs it through [`run`] in a child of its own ([`crate::vmm`],
+//! `Backend::Builtin`: design.md, "Which VMM"), with the jail `create`
+//! builds; [`jail_plan`] is the same jail for a caller that runs a VM of
+//! its own configuration in the calling process (the tests).
 //!
 //! [`jail_plan`] derives the jail from the VM's configuration: a root
 //! holding, read-only, only the kernel, the initramfs, the disk images the

@@ -7,8 +7,8 @@
 //! named port here) and says hello in the tier's protocol; a ping gets a
 //! second hello. The VMM runs under its seccomp filters (the process
 //! filter of its jail and each thread's), so these are checked against a
-//! real guest kernel too, not only the payload guests. The tier itself does not run this VMM yet (design.md,
-//! "Which VMM"); this is the guest half of that, checked.
+//! real guest kernel too, not only the payload guests. The whole tier on
+//! this VMM is `e2e_microvm_builtin_tier.rs`.
 //!
 //! On the host's KVM where it has vmx or svm; elsewhere (this project's
 //! machines) nested, inside a QEMU/TCG guest with an emulated SVM
