@@ -242,6 +242,8 @@ C=$1
 echo "children=$*"
 echo "vm_comm=$(cat /proc/$C/comm)"
 echo "vm_filters=$(for t in /proc/$C/task/*; do s ${t#/proc/} Seccomp_filters; done | sort -n | tr '\n' ' ')"
+echo "vmm_rss_kb=$(s $P VmRSS | cut -d' ' -f1)"
+awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } /^Size:/ { big = ($2 >= 131072) } /^Rss:/ { if (big) g += $2; else o += $2 } END { print "vm_rss_guest_kb=" g; print "vm_rss_rest_kb=" o }' /proc/$C/smaps
 "#;
 
 /// `key=value` lines.
@@ -284,6 +286,14 @@ EOF
     let who = r.sh(&WHO.replace("@PID@", &pid.to_string()))?;
     let kv = key_values(&who.stdout);
     let get = |k: &str| kv.get(k).cloned().unwrap_or_default();
+    // Memory, reported (not asserted): the relay's, and the VM's child
+    // apart from guest RAM (mappings of 128 MiB and more) and within it.
+    eprintln!(
+        "{TEST}: RSS: VMM process {} KiB; VM child {} KiB besides guest RAM, {} KiB of guest RAM touched",
+        get("vmm_rss_kb"),
+        get("vm_rss_rest_kb"),
+        get("vm_rss_guest_kb")
+    );
     let vmm_uid = get("vmm_uid");
     let ids: Vec<&str> = vmm_uid.split_whitespace().collect();
     check(ids.len() == 4 && ids.iter().all(|u| *u != "0"), || {
@@ -350,21 +360,37 @@ fn moat_run_boots_the_workload_on_moats_own_vmm() {
         .into_iter()
         .map(|(p, m, d)| (&*p.leak(), m, d))
         .collect();
-    // 3 GiB: the initramfs unpacked, the guest's disk images (in memory
-    // there), and the microVM's RAM.
-    let g = Guest::boot_sized(&needs, moat, &files, SESSION_LIMIT, 3072)
-        .unwrap_or_else(|e| panic!("{TEST}: the guest did not boot: {e}"));
-    let mut r = Runner::Guest(g);
-    let result = r
-        .sh(&kvm_setup(&needs.release))
-        .and_then(|o| check(o.code == 0, || format!("KVM in the guest: {o}")))
-        .and_then(|()| cases(&mut r));
-    let Runner::Guest(g) = r else { unreachable!() };
-    if let Err(e) = result {
-        panic!(
-            "{TEST}: {e}\n--- guest serial console ---\n{}",
-            g.serial_log()
-        );
-    }
+    // The outer guest's kernel (kvm_amd on QEMU's emulated SVM: the test's
+    // scaffolding, not what it tests) panicked once in about ten sessions
+    // here ("Fatal exception in interrupt" in its entry code). A session
+    // whose outer kernel panicked is run once more, its console printed;
+    // any other failure, and a second panic, fail the test.
+    let mut attempt = 1;
+    let g = loop {
+        // 3 GiB: the initramfs unpacked, the guest's disk images (in
+        // memory there), and the microVM's RAM.
+        let g = Guest::boot_sized(&needs, moat, &files, SESSION_LIMIT, 3072)
+            .unwrap_or_else(|e| panic!("{TEST}: the guest did not boot: {e}"));
+        let mut r = Runner::Guest(g);
+        let result = r
+            .sh(&kvm_setup(&needs.release))
+            .and_then(|o| check(o.code == 0, || format!("KVM in the guest: {o}")))
+            .and_then(|()| cases(&mut r));
+        let Runner::Guest(g) = r else { unreachable!() };
+        match result {
+            Ok(()) => break g,
+            Err(e) if attempt == 1 && g.serial_log().contains("Kernel panic - not syncing") => {
+                eprintln!(
+                    "{TEST}: the outer guest's kernel panicked ({e}); once more\n--- its console ---\n{}",
+                    g.serial_log()
+                );
+                attempt += 1;
+            }
+            Err(e) => panic!(
+                "{TEST}: {e}\n--- guest serial console ---\n{}",
+                g.serial_log()
+            ),
+        }
+    };
     g.power_off().unwrap();
 }
