@@ -243,7 +243,8 @@ echo "children=$*"
 echo "vm_comm=$(cat /proc/$C/comm)"
 echo "vm_filters=$(for t in /proc/$C/task/*; do s ${t#/proc/} Seccomp_filters; done | sort -n | tr '\n' ' ')"
 echo "vmm_rss_kb=$(s $P VmRSS | cut -d' ' -f1)"
-awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } /^Size:/ { big = ($2 >= 131072) } /^Rss:/ { if (big) g += $2; else o += $2 } END { print "vm_rss_guest_kb=" g; print "vm_rss_rest_kb=" o }' /proc/$C/smaps
+echo "vmm_pss_kb=$(grep '^Pss:' /proc/$P/smaps_rollup | tr -s ' ' | cut -d' ' -f2)"
+awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } /^Size:/ { big = ($2 >= 131072) } /^Rss:/ { if (big) g += $2; else o += $2 } /^Pss:/ { if (!big) p += $2 } END { print "vm_rss_guest_kb=" g; print "vm_rss_rest_kb=" o; print "vm_pss_rest_kb=" p }' /proc/$C/smaps
 "#;
 
 /// `key=value` lines.
@@ -287,11 +288,15 @@ EOF
     let kv = key_values(&who.stdout);
     let get = |k: &str| kv.get(k).cloned().unwrap_or_default();
     // Memory, reported (not asserted): the relay's, and the VM's child
-    // apart from guest RAM (mappings of 128 MiB and more) and within it.
+    // apart from guest RAM (mappings of 128 MiB and more) and within it;
+    // RSS counts the pages the two share since the fork in both, PSS
+    // splits them.
     eprintln!(
-        "{TEST}: RSS: VMM process {} KiB; VM child {} KiB besides guest RAM, {} KiB of guest RAM touched",
+        "{TEST}: memory: VMM process RSS {} KiB (PSS {}); VM child besides guest RAM RSS {} KiB (PSS {}); guest RAM touched {} KiB",
         get("vmm_rss_kb"),
+        get("vmm_pss_kb"),
         get("vm_rss_rest_kb"),
+        get("vm_pss_rest_kb"),
         get("vm_rss_guest_kb")
     );
     let vmm_uid = get("vmm_uid");
