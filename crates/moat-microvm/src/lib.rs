@@ -138,18 +138,8 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
             "run as root, or use --isolation sandbox",
         ));
     }
-    let asked = std::env::var(BACKEND_ENV).unwrap_or_default();
-    let asked = match asked.as_str() {
-        "" | "auto" => None,
-        "builtin" => Some(true),
-        "qemu" => Some(false),
-        other => {
-            return Err(unavailable(
-                format!("{BACKEND_ENV}={other:?} names no VMM"),
-                "set it to builtin, qemu or auto",
-            ))
-        }
-    };
+    let asked = asked_backend(&std::env::var(BACKEND_ENV).unwrap_or_default())
+        .map_err(|(reason, fix)| unavailable(reason, fix))?;
     let kernel = assets::GuestKernel::find()
         .map_err(|r| unavailable(r, "apt-get install linux-image-cloud-amd64"))?;
     let kvm = moat_jail::host::HostFacts::read().kvm;
@@ -170,49 +160,133 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
             "apt-get install e2fsprogs",
         ));
     }
+    let (backend, why) = choose_backend(asked, &kvm_why, || which(moat_vmm::qemu::QEMU_BINARY))
+        .map_err(|(reason, fix)| unavailable(reason, fix))?;
+    Ok(HostChoice {
+        backend,
+        kernel,
+        why,
+    })
+}
+
+/// `MOAT_MICROVM_BACKEND`'s value: `Some(true)` for moat's own VMM,
+/// `Some(false)` for QEMU, `None` to choose; else why not, and the fix.
+fn asked_backend(value: &str) -> Result<Option<bool>, (String, &'static str)> {
+    match value {
+        "" | "auto" => Ok(None),
+        "builtin" => Ok(Some(true)),
+        "qemu" => Ok(Some(false)),
+        other => Err((
+            format!("{BACKEND_ENV}={other:?} names no VMM"),
+            "set it to builtin, qemu or auto",
+        )),
+    }
+}
+
+/// The VMM for what was `asked` ([`asked_backend`]) on a host whose KVM
+/// cannot boot a stock kernel for `kvm_why` (empty: it can, vmx/svm), with
+/// QEMU where `qemu` finds it; and the choice in words for `moat info`.
+fn choose_backend(
+    asked: Option<bool>,
+    kvm_why: &str,
+    qemu: impl FnOnce() -> Option<PathBuf>,
+) -> Result<(Backend, String), (String, &'static str)> {
     if asked != Some(false) && kvm_why.is_empty() {
         let why = match asked {
             Some(_) => format!("moat's own VMM on KVM ({BACKEND_ENV}=builtin)"),
             None => "moat's own VMM on KVM (vmx/svm)".to_string(),
         };
-        return Ok(HostChoice {
-            backend: Backend::Builtin,
-            kernel,
-            why,
-        });
+        return Ok((Backend::Builtin, why));
     }
     if asked == Some(true) {
-        return Err(unavailable(
+        return Err((
             format!("{BACKEND_ENV}=builtin, but moat's own VMM boots Linux only on KVM with vmx/svm: {kvm_why}"),
             "unset it: QEMU with TCG then runs the guest",
         ));
     }
-    let Some(qemu) = which(moat_vmm::qemu::QEMU_BINARY) else {
-        return Err(unavailable(
+    let Some(binary) = qemu() else {
+        let reason = if kvm_why.is_empty() {
+            format!(
+                "{BACKEND_ENV}=qemu, and {} is not installed",
+                moat_vmm::qemu::QEMU_BINARY
+            )
+        } else {
             format!(
                 "{kvm_why} and {} not installed",
                 moat_vmm::qemu::QEMU_BINARY
-            ),
-            "apt-get install qemu-system-x86",
-        ));
+            )
+        };
+        return Err((reason, "apt-get install qemu-system-x86"));
     };
-    let accel = if kvm_why.is_empty() {
-        moat_vmm::qemu::Accel::Kvm
+    let (accel, why) = if kvm_why.is_empty() {
+        (
+            moat_vmm::qemu::Accel::Kvm,
+            format!("QEMU/KVM ({BACKEND_ENV}=qemu)"),
+        )
     } else {
-        moat_vmm::qemu::Accel::Tcg
+        (moat_vmm::qemu::Accel::Tcg, format!("QEMU/TCG ({kvm_why})"))
     };
-    let why = match accel {
-        moat_vmm::qemu::Accel::Kvm => format!("QEMU/KVM ({BACKEND_ENV}=qemu)"),
-        moat_vmm::qemu::Accel::Tcg => format!("QEMU/TCG ({kvm_why})"),
-    };
-    Ok(HostChoice {
-        backend: Backend::Qemu {
-            binary: qemu,
-            accel,
-        },
-        kernel,
-        why,
-    })
+    Ok((Backend::Qemu { binary, accel }, why))
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+    use moat_vmm::qemu::Accel;
+
+    fn qemu() -> Option<PathBuf> {
+        Some(PathBuf::from("/usr/bin/qemu-system-x86_64"))
+    }
+
+    #[test]
+    fn the_backend_follows_the_hardware_and_the_variable() {
+        assert_eq!(asked_backend(""), Ok(None));
+        assert_eq!(asked_backend("auto"), Ok(None));
+        assert_eq!(asked_backend("builtin"), Ok(Some(true)));
+        assert_eq!(asked_backend("qemu"), Ok(Some(false)));
+        let (why, _) = asked_backend("firecracker").unwrap_err();
+        assert!(why.contains("\"firecracker\" names no VMM"), "{why}");
+
+        let pvm = "no vmx/svm: software-assisted KVM (kvm_pvm)";
+        // With vmx/svm: moat's own VMM, unless QEMU is asked for.
+        let (b, why) = choose_backend(None, "", qemu).unwrap();
+        assert_eq!(b, Backend::Builtin);
+        assert_eq!(why, "moat's own VMM on KVM (vmx/svm)");
+        let (b, _) = choose_backend(Some(true), "", || None).unwrap();
+        assert_eq!(b, Backend::Builtin, "QEMU is not needed for it");
+        let (b, why) = choose_backend(Some(false), "", qemu).unwrap();
+        assert_eq!(
+            b,
+            Backend::Qemu {
+                binary: qemu().unwrap(),
+                accel: Accel::Kvm
+            }
+        );
+        assert!(why.starts_with("QEMU/KVM"), "{why}");
+        // Without: QEMU with TCG; moat's own VMM refused, in one line.
+        for asked in [None, Some(false)] {
+            let (b, why) = choose_backend(asked, pvm, qemu).unwrap();
+            assert_eq!(
+                b,
+                Backend::Qemu {
+                    binary: qemu().unwrap(),
+                    accel: Accel::Tcg
+                }
+            );
+            assert_eq!(why, format!("QEMU/TCG ({pvm})"));
+        }
+        let (why, fix) = choose_backend(Some(true), pvm, qemu).unwrap_err();
+        assert!(
+            why.contains("only on KVM with vmx/svm: no vmx/svm"),
+            "{why}"
+        );
+        assert!(!why.contains('\n') && !fix.is_empty());
+        // No QEMU where it is needed.
+        let (why, _) = choose_backend(None, pvm, || None).unwrap_err();
+        assert!(why.ends_with("qemu-system-x86_64 not installed"), "{why}");
+        let (why, _) = choose_backend(Some(false), "", || None).unwrap_err();
+        assert!(why.contains("is not installed"), "{why}");
+    }
 }
 
 /// The microvm tier's part of the state.
