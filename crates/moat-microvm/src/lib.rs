@@ -152,7 +152,7 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
     } else if !kvm.hardware {
         "no vmx/svm in /proc/cpuinfo".to_string()
     } else {
-        String::new()
+        kvm_group_why(std::path::Path::new(builtin::KVM))
     };
     if which("mke2fs").is_none() {
         return Err(unavailable(
@@ -167,6 +167,22 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
         kernel,
         why,
     })
+}
+
+/// Why the VMM's host user could not open `kvm` (empty when it could):
+/// the jail drops root and keeps only the device's group, so the group
+/// needs read and write (udev's `kvm` group, mode 0660, on distributions).
+fn kvm_group_why(kvm: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(kvm) {
+        Ok(m) if m.mode() & 0o060 == 0o060 => String::new(),
+        Ok(m) => format!(
+            "{} is mode {:04o}: the VMM's host user, which has only its group, could not open it",
+            kvm.display(),
+            m.mode() & 0o7777
+        ),
+        Err(e) => format!("{}: {e}", kvm.display()),
+    }
 }
 
 /// `MOAT_MICROVM_BACKEND`'s value: `Some(true)` for moat's own VMM,
@@ -236,6 +252,20 @@ mod backend_tests {
 
     fn qemu() -> Option<PathBuf> {
         Some(PathBuf::from("/usr/bin/qemu-system-x86_64"))
+    }
+
+    #[test]
+    fn a_kvm_node_its_group_cannot_open_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("kvm");
+        std::fs::write(&node, b"").unwrap();
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert_eq!(kvm_group_why(&node), "");
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let why = kvm_group_why(&node);
+        assert!(why.ends_with("kvm is mode 0600: the VMM's host user, which has only its group, could not open it"), "{why}");
+        assert!(kvm_group_why(&dir.path().join("none")).contains("No such file"));
     }
 
     #[test]
