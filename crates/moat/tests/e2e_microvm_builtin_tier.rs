@@ -2,7 +2,7 @@
 //! run --isolation microvm` picks it where KVM has vmx or svm, and the
 //! workload runs in a guest that VMM booted (its ACPI tables, not QEMU's,
 //! in the guest kernel's log), with its output and exit status relayed,
-//! stdin passed through, `moat probe` finding no escape, a published port
+//! stdin passed through, a terminal, `moat probe` finding no escape, a published port
 //! through its network card, the OCI lifecycle, and nothing left behind.
 //!
 //! This project's machines have no vmx/svm (their KVM is PVM), so the
@@ -104,15 +104,16 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
     files
 }
 
-/// In the guest: KVM's modules and loopback up.
+/// In the guest: KVM's modules, loopback up, devpts.
 fn kvm_setup(release: &str) -> String {
     let mut s = String::from("set -e\n");
     for m in common::nested::KVM_MODULES {
         s.push_str(&format!("insmod /lib/modules/{release}/kernel/{m}\n"));
     }
     s.push_str("grep -qw svm /proc/cpuinfo\n");
-    // Loopback, for the published port (the guest's init leaves it down).
-    s.push_str("ip link set lo up\n");
+    // Loopback, for the published port, and devpts, for `-t` (the guest's
+    // init leaves the one down and the other unmounted).
+    s.push_str("ip link set lo up\nmkdir -p /dev/pts\nmount -t devpts devpts /dev/pts\n");
     s
 }
 
@@ -175,6 +176,12 @@ fn cases(r: &mut Runner) -> Result<(), String> {
         stdin.code == 0 && stdin.stdout.trim() == "piped through",
         || format!("stdin did not reach the workload: {stdin}"),
     )?;
+    // A terminal: moat holds the pty, the VMM process relays it (the VM's
+    // child has none of it).
+    let tty = r.sh("moat run -t --isolation microvm -- sh -c 'tty >/dev/null && echo on a tty'")?;
+    check(tty.code == 0 && tty.stdout.contains("on a tty"), || {
+        format!("no terminal in the workload: {tty}")
+    })?;
     probe(r)?;
     published_port(r)?;
     oci_lifecycle(r)?;
