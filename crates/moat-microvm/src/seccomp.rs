@@ -198,17 +198,7 @@ pub fn builtin_process_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_
         .iter()
         .map(|(n, _)| *n)
         .filter(|n| !QEMU_ONLY.contains(n))
-        .chain(
-            [
-                BUILTIN_SETUP,
-                BUILTIN_COMMON,
-                BUILTIN_VCPU,
-                BUILTIN_IO,
-                BUILTIN_MAIN,
-            ]
-            .iter()
-            .flat_map(|l| l.iter().map(|(n, _)| *n)),
-        )
+        .chain(BUILTIN_ALL.iter().flat_map(|l| l.iter().map(|(n, _)| *n)))
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -333,6 +323,15 @@ pub const BUILTIN_SETUP: &[(&str, &str)] = &[
     ("gettid", "thread identity"),
 ];
 
+/// Every list of moat's own VMM: its set-up's and each role's.
+const BUILTIN_ALL: [&[(&str, &str)]; 5] = [
+    BUILTIN_SETUP,
+    BUILTIN_COMMON,
+    BUILTIN_VCPU,
+    BUILTIN_IO,
+    BUILTIN_MAIN,
+];
+
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
 /// The type byte of KVM's ioctl requests (`KVMIO`), in place.
@@ -445,18 +444,12 @@ pub fn allow_list(
 pub fn builtin_setup_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
     use oci_spec::runtime::LinuxSeccompOperator::{ScmpCmpEq, ScmpCmpMaskedEq};
     let checked = ["ioctl", "clone", "prctl"];
-    let mut plain: Vec<String> = [
-        BUILTIN_SETUP,
-        BUILTIN_COMMON,
-        BUILTIN_VCPU,
-        BUILTIN_IO,
-        BUILTIN_MAIN,
-    ]
-    .iter()
-    .flat_map(|l| l.iter().map(|(n, _)| *n))
-    .filter(|n| !checked.contains(n))
-    .map(str::to_owned)
-    .collect();
+    let mut plain: Vec<String> = BUILTIN_ALL
+        .iter()
+        .flat_map(|l| l.iter().map(|(n, _)| *n))
+        .filter(|n| !checked.contains(n))
+        .map(str::to_owned)
+        .collect();
     plain.sort();
     plain.dedup();
     let rules = vec![
