@@ -56,10 +56,8 @@ fn body(kernel: &Path, initrd: &Path) {
     let mut console = serial.try_clone().unwrap();
     let mut config = VmConfig::new(Kernel::Linux(kernel.to_path_buf()), 1, 256);
     config.initrd = Some(initrd.to_path_buf());
-    // The tier's command line, but for QEMU's triple-fault reset: this VMM
-    // adds its own (`reboot=k`).
-    config.cmdline =
-        moat_microvm::vmm::qemu::cmdline(moat_vmm::qemu::Accel::Kvm).replace(" reboot=t", "");
+    // The tier's command line on this VMM (which adds its own `reboot=k`).
+    config.cmdline = moat_microvm::Backend::Builtin.cmdline();
     config.serial_out = Some(serial);
     config.agent = Some(guest);
     config.rng = true;

@@ -65,20 +65,13 @@ fn read(p: &Path) -> Vec<u8> {
 }
 
 /// The shared libraries `ldd` names for `binary` (the dynamic loader among
-/// them), as (host path, path in the guest).
+/// them).
 fn libraries(binary: &Path) -> Vec<PathBuf> {
     let out = std::process::Command::new("ldd")
         .arg(binary)
         .output()
         .expect("ldd runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-        })
-        .collect()
+    moat_microvm::vmm::qemu::ldd_paths(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// What the nested guest needs besides moat and busybox: the guest

@@ -39,9 +39,8 @@ impl Backend {
         match self {
             Backend::Qemu { accel, .. } => qemu::cmdline(*accel),
             // moat's own VMM resets through its i8042 and adds the
-            // `reboot=k` that asks for it (QEMU's microvm has no keyboard
-            // controller: a triple fault there).
-            Backend::Builtin => qemu::cmdline(qemu::Accel::Kvm).replace(" reboot=t", ""),
+            // `reboot=k` that asks for it.
+            Backend::Builtin => qemu::guest_cmdline(qemu::Accel::Kvm, None),
         }
     }
 }
@@ -84,8 +83,8 @@ impl VmChild {
         }
     }
 
-    /// Reaps it if it has ended; whether it has.
-    pub fn try_wait(&mut self) -> bool {
+    /// Reaps it if it has ended (on SIGCHLD).
+    pub fn reap_if_ended(&mut self) {
         if !self.ended {
             use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
             match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
@@ -93,7 +92,6 @@ impl VmChild {
                 Ok(_) => {}
             }
         }
-        self.ended
     }
 }
 

@@ -169,16 +169,27 @@ pub const SKIPPED_INITCALLS: &[&str] = &[
     "init_encrypted",
 ];
 
-/// The guest kernel's command line: quiet, the agent as init, a triple
-/// fault on reboot (QEMU's microvm has no keyboard controller), the
+/// The guest kernel's command line under QEMU: [`guest_cmdline`] with a
+/// triple fault on reboot (`reboot=t`: QEMU's microvm has no keyboard
+/// controller).
+pub fn cmdline(accel: Accel) -> String {
+    guest_cmdline(accel, Some("reboot=t"))
+}
+
+/// The guest kernel's command line: quiet, the agent as init, `reboot`'s
+/// method when given (moat's own VMM adds its own, `reboot=k`), the
 /// initializers the guest does without ([`SKIPPED_INITCALLS`]), no test
 /// of the IO-APIC's timer interrupt (`no_timer_check`: it waits for PIT
 /// ticks, ~200 ms of a TCG boot here; QEMU's timer routing is known good),
 /// the TSC rate under TCG and the TSC as a reliable clocksource there.
-pub fn cmdline(accel: Accel) -> String {
-    let mut c = String::from(
-        "console=ttyS0 quiet panic=-1 reboot=t nomodeset cryptomgr.notests random.trust_cpu=on \
-         8250.nr_uarts=1 no_timer_check rdinit=/moat",
+pub fn guest_cmdline(accel: Accel, reboot: Option<&str>) -> String {
+    let mut c = String::from("console=ttyS0 quiet panic=-1");
+    if let Some(r) = reboot {
+        c.push(' ');
+        c.push_str(r);
+    }
+    c.push_str(
+        " nomodeset cryptomgr.notests random.trust_cpu=on 8250.nr_uarts=1 no_timer_check rdinit=/moat",
     );
     c.push_str(" initcall_blacklist=");
     c.push_str(&SKIPPED_INITCALLS.join(","));
@@ -277,6 +288,18 @@ pub fn ldd_paths(text: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_names_qemus_reset_only_for_qemu() {
+        let q = cmdline(Accel::Kvm);
+        assert!(
+            q.starts_with("console=ttyS0 quiet panic=-1 reboot=t nomodeset "),
+            "{q}"
+        );
+        assert!(q.ends_with(" -- microvm-agent"), "{q}");
+        let own = crate::Backend::Builtin.cmdline();
+        assert_eq!(own, q.replace(" reboot=t", ""));
+    }
 
     #[test]
     fn ldd_output_is_parsed() {

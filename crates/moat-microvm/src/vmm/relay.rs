@@ -536,7 +536,7 @@ impl Relay {
             Ok(Signal::SIGCHLD) => {
                 // The agent channel reports the VM's end too (EOF); that
                 // path says why.
-                self.vm.try_wait();
+                self.vm.reap_if_ended();
             }
             Ok(Signal::SIGPIPE) => {}
             Ok(Signal::SIGWINCH) => self.resize(),
