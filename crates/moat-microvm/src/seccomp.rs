@@ -238,7 +238,7 @@ pub const BUILTIN_COMMON: &[(&str, &str)] = &[
 pub const BUILTIN_VCPU: &[(&str, &str)] = &[
     (
         "ioctl",
-        "KVM_RUN, and no other request (the filter checks it)",
+        "KVM_RUN, and reading its own vCPU's state for a snapshot (the filter checks the requests)",
     ),
     ("read", "virtio-blk reads from its image"),
     (
@@ -279,6 +279,27 @@ pub const BUILTIN_MAIN: &[(&str, &str)] = &[
         "reporting the VM's end; an interrupt eventfd when a device is released",
     ),
     ("exit_group", "the VMM process ends"),
+    (
+        "ioctl",
+        "reading the interrupt controllers, the PIT and the clock for a snapshot (the filter checks the requests)",
+    ),
+    ("pwrite64", "writing a snapshot's memory and state"),
+    ("ftruncate", "emptying the snapshot file before writing it"),
+    ("fdatasync", "the snapshot on disk before it is reported saved"),
+];
+
+/// The thread that saves a snapshot when the relay asks
+/// ([`moat_vmm::ThreadRole::Control`]): read the request, hand the main
+/// thread the file, answer.
+pub const BUILTIN_CONTROL: &[(&str, &str)] = &[
+    ("recvfrom", "the relay's request"),
+    ("read", "the same through read(2)"),
+    ("sendto", "the answer"),
+    ("write", "the same through write(2)"),
+    (
+        "fcntl",
+        "the snapshot file duplicated for the main thread (F_DUPFD_CLOEXEC)",
+    ),
 ];
 
 /// The VMM process from its jail on (every thread inherits it; each role's
@@ -324,12 +345,13 @@ pub const BUILTIN_SETUP: &[(&str, &str)] = &[
 ];
 
 /// Every list of moat's own VMM: its set-up's and each role's.
-const BUILTIN_ALL: [&[(&str, &str)]; 5] = [
+const BUILTIN_ALL: [&[(&str, &str)]; 6] = [
     BUILTIN_SETUP,
     BUILTIN_COMMON,
     BUILTIN_VCPU,
     BUILTIN_IO,
     BUILTIN_MAIN,
+    BUILTIN_CONTROL,
 ];
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
@@ -341,8 +363,26 @@ const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
 const PR_SET_NAME: u64 = libc::PR_SET_NAME as u64;
 const PR_SET_NO_NEW_PRIVS: u64 = libc::PR_SET_NO_NEW_PRIVS as u64;
 
+/// The `ioctl` requests of `role`: a vCPU's `KVM_RUN` and the reads of
+/// its state for a snapshot; the main thread's reads of the VM's
+/// in-kernel devices for one.
+fn builtin_ioctls(role: moat_vmm::ThreadRole) -> Vec<u64> {
+    use moat_vmm::snapshot::requests;
+    use moat_vmm::ThreadRole;
+    let named = match role {
+        ThreadRole::Vcpu => requests::vcpu(),
+        ThreadRole::Main => requests::vm(),
+        ThreadRole::AgentIo | ThreadRole::NetIo | ThreadRole::Control => Vec::new(),
+    };
+    let run = (role == ThreadRole::Vcpu).then_some(KVM_RUN);
+    run.into_iter()
+        .chain(named.into_iter().map(|(r, _)| r))
+        .collect()
+}
+
 /// The filter of `role` for moat's own VMM: its list and the common one,
-/// `ioctl` only for `KVM_RUN`, EPERM for everything else.
+/// `ioctl` only for the role's requests ([`builtin_ioctls`]), EPERM for
+/// everything else.
 fn builtin_profile(
     role: moat_vmm::ThreadRole,
 ) -> Result<oci_spec::runtime::LinuxSeccomp, oci_spec::OciSpecError> {
@@ -351,6 +391,7 @@ fn builtin_profile(
         ThreadRole::Vcpu => BUILTIN_VCPU,
         ThreadRole::AgentIo | ThreadRole::NetIo => BUILTIN_IO,
         ThreadRole::Main => BUILTIN_MAIN,
+        ThreadRole::Control => BUILTIN_CONTROL,
     };
     let plain: Vec<String> = own
         .iter()
@@ -361,12 +402,14 @@ fn builtin_profile(
         .collect();
     let mut rules = vec![allow(plain)?];
     if own.iter().any(|(n, _)| *n == "ioctl") {
-        rules.push(allow_if(
-            "ioctl",
-            1,
-            oci_spec::runtime::LinuxSeccompOperator::ScmpCmpEq,
-            (KVM_RUN, None),
-        )?);
+        for request in builtin_ioctls(role) {
+            rules.push(allow_if(
+                "ioctl",
+                1,
+                oci_spec::runtime::LinuxSeccompOperator::ScmpCmpEq,
+                (request, None),
+            )?);
+        }
     }
     eperm_profile(rules)
 }
@@ -565,7 +608,13 @@ mod tests {
     #[test]
     fn the_builtin_vmms_roles_have_reasons_compile_and_stay_small() {
         use moat_vmm::ThreadRole;
-        for list in [BUILTIN_COMMON, BUILTIN_VCPU, BUILTIN_IO, BUILTIN_MAIN] {
+        for list in [
+            BUILTIN_COMMON,
+            BUILTIN_VCPU,
+            BUILTIN_IO,
+            BUILTIN_MAIN,
+            BUILTIN_CONTROL,
+        ] {
             for (name, why) in list {
                 assert!(!why.is_empty(), "{name}");
                 for bad in [
@@ -580,6 +629,7 @@ mod tests {
             ThreadRole::AgentIo,
             ThreadRole::NetIo,
             ThreadRole::Main,
+            ThreadRole::Control,
         ] {
             let f = moat_jail::seccomp::compile(&builtin_profile(role).unwrap()).unwrap();
             assert!(

@@ -15,6 +15,10 @@ pub trait MmioDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// A guest write at `offset` into the window.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// The transport's state, for a snapshot.
+    fn state(&self) -> crate::snapshot::TransportState;
+    /// Takes a saved transport's state (refused if it does not fit).
+    fn set_state(&mut self, s: &crate::snapshot::TransportState) -> Result<(), String>;
 }
 
 impl<D: crate::virtio::VirtioDevice, T: vm_superio::Trigger + Send> MmioDevice
@@ -25,6 +29,12 @@ impl<D: crate::virtio::VirtioDevice, T: vm_superio::Trigger + Send> MmioDevice
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         crate::virtio::mmio::MmioTransport::write(self, offset, data);
+    }
+    fn state(&self) -> crate::snapshot::TransportState {
+        crate::virtio::mmio::MmioTransport::state(self)
+    }
+    fn set_state(&mut self, s: &crate::snapshot::TransportState) -> Result<(), String> {
+        crate::virtio::mmio::MmioTransport::set_state(self, s)
     }
 }
 
@@ -90,6 +100,19 @@ impl Bus {
             }
             _ => {}
         }
+    }
+
+    /// COM1's registers and every transport's state, for a snapshot (the
+    /// vCPUs paused).
+    pub fn state(
+        &self,
+    ) -> (
+        crate::snapshot::SerialRegs,
+        Vec<crate::snapshot::TransportState>,
+    ) {
+        let serial = lock(&self.serial).state();
+        let transports = self.mmio.iter().map(|s| lock(&s.device).state()).collect();
+        (serial, transports)
     }
 
     fn mmio_slot(&self, addr: u64) -> Option<(&MmioSlot, u64)> {

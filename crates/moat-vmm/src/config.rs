@@ -95,8 +95,13 @@ pub enum ThreadRole {
     NetIo,
     /// The thread that called [`crate::Vm::run`], once every other thread
     /// has started: it waits for the VM's end, kicks the vCPUs out of
-    /// `KVM_RUN`, joins the threads and stops the I/O.
+    /// `KVM_RUN`, joins the threads and stops the I/O; and writes the
+    /// snapshots asked for ([`crate::SnapshotHandle`]).
     Main,
+    /// A thread of the caller's that asks for snapshots
+    /// ([`crate::SnapshotHandle::save`]) when its controller says so (the
+    /// VMM itself starts none; the hook is the caller's to run on it).
+    Control,
 }
 
 /// Run first thing on every thread the VMM starts (to load that role's

@@ -174,4 +174,23 @@ pub enum VmmError {
     /// The signal used to kick vCPUs out of `KVM_RUN` could not be installed.
     #[error("install vCPU kick signal handler")]
     KickSignal(#[source] vmm_sys_util::errno::Error),
+    /// Saving or restoring a snapshot failed at `step`.
+    #[error("snapshot: {step}")]
+    Snapshot {
+        /// What was being done.
+        step: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmError {
+    /// A snapshot error at `step` caused by `source`.
+    pub fn snapshot(step: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        VmmError::Snapshot {
+            step: step.into(),
+            source: source.into(),
+        }
+    }
 }

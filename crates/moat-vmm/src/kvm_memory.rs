@@ -19,7 +19,8 @@ pub fn register(
         userspace_addr: region.as_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: `region` is a live anonymous mapping of exactly `region.len()`
+    // SAFETY: `region` is a live private mapping (anonymous, or of a
+    // snapshot file, copy-on-write) of exactly `region.len()`
     // bytes owned by vm-memory (an `Arc<MmapRegion>`), so the host range is
     // valid. The VMM keeps a clone of the `GuestMemoryMmap` holding this
     // region in `Vm` until after the `VmFd` is dropped (field order in

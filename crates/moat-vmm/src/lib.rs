@@ -3,11 +3,12 @@
 //! [`VmConfig`]. See `README.md` beside this crate for the device model, the
 //! threads, and what the guest can reach.
 //!
-//! The one `unsafe` call outside `moat-sys` lives in `kvm_memory.rs`:
-//! registering guest memory with KVM. Its invariant (the mapping outlives
-//! every VM and vCPU fd that can touch it) is about this crate's own
+//! The two `unsafe` calls outside `moat-sys` live here: registering guest
+//! memory with KVM (`kvm_memory.rs`; its invariant, the mapping outlives
+//! every VM and vCPU fd that can touch it, is about this crate's own
 //! objects and their drop order, which only this crate can uphold; moving
-//! it into `moat-sys` would state a contract `moat-sys` cannot check.
+//! it into `moat-sys` would state a contract `moat-sys` cannot check), and
+//! restoring a vCPU's XSAVE area from a snapshot (`kvm_xsave.rs`).
 #![deny(unsafe_code)]
 
 pub mod bus;
@@ -17,9 +18,11 @@ pub mod devices;
 mod error;
 pub mod kernel_image;
 mod kvm_memory;
+mod kvm_xsave;
 pub mod layout;
 pub mod memory;
 pub mod qemu;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -27,4 +30,4 @@ pub mod x86_64;
 
 pub use config::{BlockConfig, Discovery, Kernel, NetConfig, ThreadHook, ThreadRole, VmConfig};
 pub use error::VmmError;
-pub use vm::{ExitReason, StopHandle, Vm};
+pub use vm::{ExitReason, SnapshotHandle, StopHandle, Vm};

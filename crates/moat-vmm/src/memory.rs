@@ -38,6 +38,38 @@ pub fn create(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
     Ok(mem)
 }
 
+/// Guest RAM for `mem_mib` MiB mapped copy-on-write from a snapshot file
+/// ([`crate::snapshot`]: the regions one after the other from offset 0),
+/// each region handed to KVM as a memory slot. The guest's writes stay in
+/// this process; the file is only read, page by page as the guest touches it.
+pub fn restore(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem, VmmError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let err = |e: std::io::Error| VmmError::snapshot("map guest memory from the snapshot", e);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(mem_mib) {
+        let f = file.try_clone().map_err(err)?;
+        let region = MmapRegionBuilder::<()>::new(len)
+            .with_file_offset(FileOffset::new(f, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| err(std::io::Error::other("a region past the address space")))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e)))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        crate::kvm_memory::register(vm, slot, region)
+            .map_err(|source| VmmError::RegisterMemory { slot, source })?;
+    }
+    Ok(mem)
+}
+
 /// The end (exclusive) of the highest RAM region.
 pub fn ram_end(mem: &GuestMem) -> u64 {
     mem.iter()

@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use crate::virtio::net::{self, Net};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioDevice;
 use crate::x86_64::{acpi, boot, mptable, regs};
-use crate::{vcpu, VmmError};
+use crate::{snapshot, vcpu, VmmError};
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,21 @@ pub struct ExitState {
     failed: AtomicBool,
     stopping: AtomicBool,
     changed: Condvar,
+    /// A snapshot asked for ([`SnapshotHandle::save`]), for the main thread.
+    save: Mutex<Option<SaveRequest>>,
+}
+
+/// A snapshot to write, and where its outcome goes.
+#[derive(Debug)]
+struct SaveRequest {
+    out: std::fs::File,
+    reply: mpsc::Sender<Result<(), VmmError>>,
+}
+
+/// What woke the VM's main thread.
+enum Wake {
+    Ended(Option<ExitReason>),
+    Save(SaveRequest),
 }
 
 impl ExitState {
@@ -80,12 +95,51 @@ impl ExitState {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    fn wait(&self) -> Option<ExitReason> {
+    fn wait(&self) -> Wake {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        while r.is_none() && !self.failed.load(Ordering::SeqCst) {
+        loop {
+            if r.is_some() || self.failed.load(Ordering::SeqCst) {
+                return Wake::Ended(*r);
+            }
+            if let Some(req) = self.save.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Wake::Save(req);
+            }
             r = self.changed.wait(r).unwrap_or_else(|e| e.into_inner());
         }
-        *r
+    }
+}
+
+/// Saves a running VM ([`crate::snapshot`]) from another thread.
+#[derive(Debug, Clone)]
+pub struct SnapshotHandle(Arc<ExitState>);
+
+impl SnapshotHandle {
+    /// Pauses the VM, writes its snapshot to `out` (from the start: the
+    /// file is truncated), and lets it run on; returns once written. Fails
+    /// if the VM is not running or stops meanwhile.
+    pub fn save(&self, out: &std::fs::File) -> Result<(), VmmError> {
+        let out = out
+            .try_clone()
+            .map_err(|e| VmmError::snapshot("duplicate the snapshot file", e))?;
+        let (reply, answer) = mpsc::channel();
+        {
+            let _r = self.0.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if self.0.is_set() {
+                return Err(VmmError::snapshot(
+                    "save",
+                    std::io::Error::other("the VM has stopped"),
+                ));
+            }
+            *self.0.save.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(SaveRequest { out, reply });
+            self.0.changed.notify_all();
+        }
+        answer.recv().unwrap_or_else(|_| {
+            Err(VmmError::snapshot(
+                "save",
+                std::io::Error::other("the VM stopped before saving"),
+            ))
+        })
     }
 }
 
@@ -126,7 +180,10 @@ pub struct Vm {
     hook: Option<ThreadHook>,
     exit: Arc<ExitState>,
     cmdline: String,
-    _vm: VmFd,
+    gate: Arc<vcpu::PauseGate>,
+    msrs: Arc<[u32]>,
+    mem_mib: u64,
+    vm: VmFd,
     _kvm: Kvm,
     mem: GuestMem,
 }
@@ -162,6 +219,10 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     vm.create_pit2(pit)
         .map_err(|e| VmmError::VmSetup("create PIT", e))?;
     Ok(vm)
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, VmmError> {
@@ -415,10 +476,77 @@ impl Vm {
             hook: config.thread_hook.take(),
             exit,
             cmdline,
-            _vm: vm,
+            gate: Arc::default(),
+            msrs: snapshot::saveable_msrs(&kvm)?.into(),
+            mem_mib: config.mem_mib,
+            vm,
             _kvm: kvm,
             mem,
         })
+    }
+
+    /// Builds a VM from `config` that carries on from the snapshot in
+    /// `file` ([`crate::snapshot`]) instead of booting: the configuration
+    /// must be the one the snapshot was saved with (vCPUs, memory, devices
+    /// by kind and order; the kernel and initramfs are not loaded, the
+    /// snapshot's memory holds them), with this run's sockets, disks and
+    /// console. The file must stay unchanged while the VM runs (its pages
+    /// are read as the guest touches them).
+    pub fn restore(mut config: VmConfig, file: &std::fs::File) -> Result<Vm, VmmError> {
+        config.validate()?;
+        let state = snapshot::read_state(file, config.mem_mib)?;
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
+        let mem = memory::restore(&vm, config.mem_mib, file)?;
+        let exit = Arc::new(ExitState::default());
+        let serial_out = match config.serial_out.take() {
+            Some(f) => SerialOut::File(f),
+            None => SerialOut::Sink,
+        };
+        let serial = SerialDevice::restore(irq_line(&vm, SERIAL_IRQ)?, serial_out, &state.serial)
+            .map_err(|e| VmmError::snapshot("restore COM1", std::io::Error::other(e)))?;
+        let virtio = create_virtio(&vm, &mem, &mut config)?;
+        let ids: Vec<u32> = virtio
+            .slots
+            .iter()
+            .map(|s| lock(&s.device).state().device_id)
+            .collect();
+        snapshot::check_fits(&state, config.vcpus, &ids)?;
+        for (slot, saved) in virtio.slots.iter().zip(&state.transports) {
+            lock(&slot.device).set_state(saved).map_err(|e| {
+                VmmError::snapshot("restore a virtio device", std::io::Error::other(e))
+            })?;
+        }
+        snapshot::restore_kvm_vm(&vm, &state.kvm)?;
+        let host_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::VmSetup("get supported CPUID", e))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
+            let fd = vcpu::create(&vm, index, config.vcpus, &host_cpuid)?;
+            snapshot::restore_vcpu(&fd, saved)?;
+            vcpus.push(fd);
+        }
+        let bus = Arc::new(Bus::new(serial, I8042::new(exit.clone()), virtio.slots));
+        Ok(Vm {
+            vcpus,
+            bus,
+            io: virtio.io,
+            hook: config.thread_hook.take(),
+            exit,
+            cmdline: state.cmdline,
+            gate: Arc::default(),
+            msrs: snapshot::saveable_msrs(&kvm)?.into(),
+            mem_mib: config.mem_mib,
+            vm,
+            _kvm: kvm,
+            mem,
+        })
+    }
+
+    /// A handle that saves this VM, once running, from another thread.
+    pub fn snapshot_handle(&self) -> SnapshotHandle {
+        SnapshotHandle(self.exit.clone())
     }
 
     /// A handle that stops this VM from another thread.
@@ -431,7 +559,7 @@ impl Vm {
         &self.cmdline
     }
 
-    /// Guest memory (for tests and the snapshot code to come).
+    /// Guest memory (for tests).
     pub fn memory(&self) -> &GuestMem {
         &self.mem
     }
@@ -463,7 +591,15 @@ impl Vm {
             }
             _ => None,
         };
-        let reason = self.exit.wait();
+        let reason = loop {
+            match self.exit.wait() {
+                Wake::Ended(reason) => break reason,
+                Wake::Save(req) => {
+                    let r = self.save(&threads, &req.out);
+                    let _ = req.reply.send(r);
+                }
+            }
+        };
         kick_until_finished(&threads);
         let mut first_error = None;
         for (index, t) in threads.into_iter().enumerate() {
@@ -483,11 +619,65 @@ impl Vm {
         }
     }
 
+    /// Pauses the vCPUs (kicking them out of `KVM_RUN` until each has
+    /// parked with its state), writes the snapshot, lets them run on.
+    fn save(
+        &self,
+        threads: &[JoinHandle<Result<(), VmmError>>],
+        out: &std::fs::File,
+    ) -> Result<(), VmmError> {
+        self.gate.request(threads.len());
+        let saved = loop {
+            if let Some(s) = self.gate.take_if_parked() {
+                break s;
+            }
+            if self.exit.is_set() || threads.iter().any(|t| t.is_finished()) {
+                self.gate.release();
+                return Err(VmmError::snapshot(
+                    "pause the vCPUs",
+                    std::io::Error::other("the VM stopped"),
+                ));
+            }
+            for t in threads {
+                let _ = t.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let r = self.write_snapshot(saved, out);
+        self.gate.release();
+        r
+    }
+
+    fn write_snapshot(
+        &self,
+        saved: Vec<Result<snapshot::VcpuState, VmmError>>,
+        out: &std::fs::File,
+    ) -> Result<(), VmmError> {
+        let vcpus = saved.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let kvm = snapshot::save_kvm_vm(&self.vm)?;
+        let (serial, transports) = self.bus.state();
+        let state = snapshot::VmState {
+            mem_mib: self.mem_mib,
+            cmdline: self.cmdline.clone(),
+            vcpus,
+            kvm,
+            serial,
+            transports,
+        };
+        snapshot::write(out, &self.mem, &state)
+    }
+
     fn start_vcpus(&mut self) -> Result<Vec<JoinHandle<Result<(), VmmError>>>, VmmError> {
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
             let index = index as u8;
-            let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let shared = vcpu::Shared {
+                bus: self.bus.clone(),
+                exit: self.exit.clone(),
+                gate: self.gate.clone(),
+                msrs: self.msrs.clone(),
+            };
+            let exit = self.exit.clone();
             let hook = self.hook.clone();
             let name = format!("vcpu{index}");
             let t = std::thread::Builder::new()
@@ -495,7 +685,7 @@ impl Vm {
                 .spawn(move || {
                     let r = match hook.map(|h| h.enter(ThreadRole::Vcpu)) {
                         Some(Err(e)) => Err(e),
-                        _ => vcpu::run(index, fd, bus, exit.clone()),
+                        _ => vcpu::run(index, fd, shared),
                     };
                     if r.is_err() {
                         exit.fail();

@@ -94,6 +94,78 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         self.status
     }
 
+    /// The transport's registers and queues, for a snapshot.
+    pub fn state(&self) -> crate::snapshot::TransportState {
+        crate::snapshot::TransportState {
+            device_id: self.device.device_id(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    crate::snapshot::QueueRegs {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+        }
+    }
+
+    /// Takes the registers and queues of a saved transport of the same
+    /// device kind (refused otherwise, as are queues virtio-queue finds
+    /// invalid: a snapshot file is input like any other).
+    pub fn set_state(&mut self, s: &crate::snapshot::TransportState) -> Result<(), String> {
+        if s.device_id != self.device.device_id() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device {} with {} queues saved, {} with {} here",
+                s.device_id,
+                s.queues.len(),
+                self.device.device_id(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for q in &s.queues {
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            if q.max_size != QUEUE_SIZE {
+                return Err(format!("a queue of {} entries at most saved", q.max_size));
+            }
+            queues.push(Queue::try_from(state).map_err(|e| format!("a saved queue: {e:?}"))?);
+        }
+        self.queues = queues;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        Ok(())
+    }
+
     fn active(&self) -> bool {
         self.status & (STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_DRIVER_OK
     }

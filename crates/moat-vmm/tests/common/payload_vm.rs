@@ -32,7 +32,17 @@ pub fn run(mut config: VmConfig) -> (ExitReason, String) {
     let out = tempfile::tempfile().unwrap();
     let mut reader = out.try_clone().unwrap();
     config.serial_out = Some(out);
-    let vm = Vm::new(config).unwrap();
+    let reason = run_vm(Vm::new(config).unwrap());
+    let mut s = String::new();
+    use std::io::Seek;
+    reader.rewind().unwrap();
+    reader.read_to_string(&mut s).unwrap();
+    (reason, s)
+}
+
+/// Runs a built VM on a thread of its own, stopped by a watchdog if it
+/// hangs; returns its exit.
+pub fn run_vm(vm: Vm) -> ExitReason {
     let stop = vm.stop_handle();
     let (done, wait) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -45,11 +55,7 @@ pub fn run(mut config: VmConfig) -> (ExitReason, String) {
         .unwrap();
     drop(done);
     watchdog.join().unwrap();
-    let mut s = String::new();
-    use std::io::Seek;
-    reader.rewind().unwrap();
-    reader.read_to_string(&mut s).unwrap();
-    (reason, s)
+    reason
 }
 
 /// moat's user-space stack on a thread of its own, serving one link as the
