@@ -106,6 +106,12 @@ pub const TARGETS: &[Target] = &[
                  against a hostile driver",
         run: targets::virtio_queue,
     },
+    Target {
+        name: "vm_snapshot",
+        covers: "moat-vmm snapshot files: the state's trailer and JSON, the fit check, saved \
+                 virtio transports and queues and COM1's registers taken by real devices",
+        run: targets::vm_snapshot,
+    },
 ];
 
 /// The target called `name`.

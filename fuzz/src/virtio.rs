@@ -102,3 +102,65 @@ pub fn run(data: &[u8]) {
         }
     }
 }
+
+/// A snapshot's state part (its JSON) from a hostile or damaged file:
+/// read as `Vm::restore` reads it (after 16 MiB of guest memory, a hole),
+/// checked against a VM of one vCPU with an entropy device and a console,
+/// and every saved transport and COM1's registers taken by real devices,
+/// which a driver then pokes. Nothing may panic or touch memory outside
+/// the guest's.
+pub fn snapshot_state(data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 16;
+    let Ok(file) = tempfile::tempfile() else {
+        return;
+    };
+    let ram = MIB << 20;
+    let mut tail = data.to_vec();
+    tail.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    tail.extend_from_slice(moat_vmm::snapshot::MAGIC);
+    if file.set_len(ram).is_err() || file.write_all_at(&tail, ram).is_err() {
+        return;
+    }
+    let Ok(state) = moat_vmm::snapshot::read_state(&file, MIB) else {
+        return;
+    };
+    crate::reached();
+    let _ = moat_vmm::snapshot::check_fits(&state, 1, &[4, 3]);
+    let _ = moat_vmm::devices::serial::SerialDevice::restore(
+        NoIrq,
+        moat_vmm::devices::serial::SerialOut::Sink,
+        &state.serial,
+    )
+    .map(|mut s| {
+        for off in 0..8 {
+            let _ = s.read(off);
+        }
+    });
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]) else {
+        return;
+    };
+    for saved in state.transports.iter().take(8) {
+        let mut rng = MmioTransport::new(Rng::default(), NoIrq, mem.clone());
+        if rng.set_state(saved).is_ok() {
+            assert_eq!(
+                &rng.state(),
+                saved,
+                "a transport's state did not round-trip"
+            );
+            rng.process_queue(0);
+            w(&mut rng, 0x50, 0);
+        }
+        let Ok((a, _b)) = std::os::unix::net::UnixStream::pair() else {
+            return;
+        };
+        let Ok((console, _rx, _reader)) = Console::new(a) else {
+            return;
+        };
+        let mut c = MmioTransport::new(console, NoIrq, mem.clone());
+        if c.set_state(saved).is_ok() {
+            c.process_queue(0);
+            c.process_queue(1);
+        }
+    }
+}

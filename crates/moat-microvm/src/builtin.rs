@@ -78,7 +78,73 @@ pub fn jail_plan(
 /// filter ([`seccomp::builtin_thread_hook`]). Called in the jail
 /// ([`JailPlan::enter`] with [`jail_plan`]'s plan); the calling thread can
 /// then only report and exit.
-pub fn run(mut config: VmConfig) -> Result<ExitReason, VmmError> {
-    config.thread_hook = Some(seccomp::builtin_thread_hook());
-    Vm::new(config)?.run()
+pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
+    run_from(config, None, None)
+}
+
+/// [`run`], restoring the VM from the snapshot `incoming` instead of
+/// booting it (`moat_vmm::Vm::restore`), and with `control`, a thread
+/// (confined to [`moat_vmm::ThreadRole::Control`]) that saves a snapshot
+/// into its file each time its socket says [`SAVE`], answering
+/// [`SAVED`] or `error: <why>`, one line each.
+pub fn run_from(
+    mut config: VmConfig,
+    incoming: Option<&std::fs::File>,
+    control: Option<(std::os::unix::net::UnixStream, std::fs::File)>,
+) -> Result<ExitReason, VmmError> {
+    let hook = seccomp::builtin_thread_hook();
+    config.thread_hook = Some(hook.clone());
+    let vm = match incoming {
+        Some(f) => Vm::restore(config, f)?,
+        None => Vm::new(config)?,
+    };
+    if let Some((socket, out)) = control {
+        let handle = vm.snapshot_handle();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if hook.enter(moat_vmm::ThreadRole::Control).is_ok() {
+                    serve_control(socket, &out, &handle);
+                }
+                // Unconfined, it does nothing: the relay sees its
+                // socket close and boots cold.
+            })
+            .map_err(|source| VmmError::Spawn {
+                name: "control".into(),
+                source,
+            })?;
+    }
+    vm.run()
+}
+
+/// The request to save a snapshot, and its answer.
+pub const SAVE: &str = "save";
+/// The answer once the snapshot is written.
+pub const SAVED: &str = "saved";
+
+/// Answers the relay's requests until its socket closes.
+fn serve_control(
+    socket: std::os::unix::net::UnixStream,
+    out: &std::fs::File,
+    handle: &moat_vmm::SnapshotHandle,
+) {
+    use std::io::{BufRead, Write};
+    let Ok(writer) = socket.try_clone() else {
+        return;
+    };
+    let mut writer = writer;
+    let mut lines = std::io::BufReader::new(socket).lines();
+    while let Some(Ok(line)) = lines.next() {
+        let answer = if line == SAVE {
+            match handle.save(out) {
+                Ok(()) => SAVED.to_string(),
+                Err(e) => format!("error: {}", moat_core::error_chain(&e)),
+            }
+        } else {
+            format!("error: unknown request {line:?}")
+        };
+        if writeln!(writer, "{answer}").is_err() {
+            return;
+        }
+    }
 }

@@ -238,31 +238,37 @@ impl MicrovmTier {
         // apart. Its frame stream stays clean if a restore fails over to a
         // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
         // writes the guest's frames (docs/design.md).
-        let offer = match &host.backend {
-            Backend::Builtin => snapshot::Offer::None {
-                why: "moat's own VMM saves no snapshots".into(),
-            },
-            Backend::Qemu { binary, accel } => snapshot::offer(
-                &self.cache_dir(),
-                &snapshot::Identity {
-                    qemu: binary,
-                    kernel: &guest.kernel,
-                    initrd: &guest.initrd,
-                    cmdline: &cmdline,
-                    mem_mib: guest.mem_mib,
-                    vcpus: guest.vcpus,
-                    disk_slots,
-                    accel: match accel {
-                        moat_vmm::qemu::Accel::Kvm => "kvm",
-                        moat_vmm::qemu::Accel::Tcg => "tcg",
-                    },
-                    net: net.is_some(),
-                    disks: guest
-                        .shared
-                        .then_some((&guest.guest_disks[..], &guest.images[..])),
+        // The VMM whose snapshot format it is: QEMU's migration stream, or
+        // moat's own (this binary, whose digest also names the initramfs).
+        let self_exe = std::fs::read_link("/proc/self/exe")
+            .map_err(MicrovmError::io("find moat's own binary"))?;
+        let (vmm_binary, accel) = match &host.backend {
+            Backend::Builtin => (&self_exe, "moat-vmm"),
+            Backend::Qemu { binary, accel } => (
+                binary,
+                match accel {
+                    moat_vmm::qemu::Accel::Kvm => "kvm",
+                    moat_vmm::qemu::Accel::Tcg => "tcg",
                 },
             ),
         };
+        let offer = snapshot::offer(
+            &self.cache_dir(),
+            &snapshot::Identity {
+                vmm: vmm_binary,
+                kernel: &guest.kernel,
+                initrd: &guest.initrd,
+                cmdline: &cmdline,
+                mem_mib: guest.mem_mib,
+                vcpus: guest.vcpus,
+                disk_slots,
+                accel,
+                net: net.is_some(),
+                disks: guest
+                    .shared
+                    .then_some((&guest.guest_disks[..], &guest.images[..])),
+            },
+        );
         let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),

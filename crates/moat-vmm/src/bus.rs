@@ -102,17 +102,18 @@ impl Bus {
         }
     }
 
-    /// COM1's registers and every transport's state, for a snapshot (the
-    /// vCPUs paused).
-    pub fn state(
+    /// Runs `f` with COM1's registers and every transport's state while
+    /// holding every device (the vCPUs paused): an I/O thread that has
+    /// input for the guest waits, so neither guest memory nor a queue
+    /// moves while a snapshot is written.
+    pub fn with_state<R>(
         &self,
-    ) -> (
-        crate::snapshot::SerialRegs,
-        Vec<crate::snapshot::TransportState>,
-    ) {
-        let serial = lock(&self.serial).state();
-        let transports = self.mmio.iter().map(|s| lock(&s.device).state()).collect();
-        (serial, transports)
+        f: impl FnOnce(crate::snapshot::SerialRegs, Vec<crate::snapshot::TransportState>) -> R,
+    ) -> R {
+        let serial = lock(&self.serial);
+        let devices: Vec<_> = self.mmio.iter().map(|s| lock(&s.device)).collect();
+        let transports = devices.iter().map(|d| d.state()).collect();
+        f(serial.state(), transports)
     }
 
     fn mmio_slot(&self, addr: u64) -> Option<(&MmioSlot, u64)> {

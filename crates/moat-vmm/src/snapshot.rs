@@ -288,12 +288,12 @@ pub fn write(out: &File, mem: &GuestMem, state: &VmState) -> Result<(), VmmError
             let mut p = 0;
             while p < n {
                 let q = (p + PAGE).min(n);
-                if page[p..q].iter().all(|&b| b == 0) {
+                if is_zero(&page[p..q]) {
                     p = q;
                     continue;
                 }
                 let mut r = q;
-                while r < n && !page[r..(r + PAGE).min(n)].iter().all(|&b| b == 0) {
+                while r < n && !is_zero(&page[r..(r + PAGE).min(n)]) {
                     r = (r + PAGE).min(n);
                 }
                 out.write_all_at(&page[p..r], offset + (at + p) as u64)
@@ -313,6 +313,14 @@ pub fn write(out: &File, mem: &GuestMem, state: &VmState) -> Result<(), VmmError
         .map_err(io("write the VM state"))?;
     out.sync_data().map_err(io("sync the snapshot"))?;
     Ok(())
+}
+
+/// Whether `b` (a whole number of 16-byte words: pages) is all zeros.
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(16).all(|c| match <[u8; 16]>::try_from(c) {
+        Ok(w) => u128::from_ne_bytes(w) == 0,
+        Err(_) => c.iter().all(|&x| x == 0),
+    })
 }
 
 /// Reads the state part of a snapshot file (its memory is mapped by

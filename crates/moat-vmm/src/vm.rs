@@ -655,16 +655,17 @@ impl Vm {
     ) -> Result<(), VmmError> {
         let vcpus = saved.into_iter().collect::<Result<Vec<_>, _>>()?;
         let kvm = snapshot::save_kvm_vm(&self.vm)?;
-        let (serial, transports) = self.bus.state();
-        let state = snapshot::VmState {
-            mem_mib: self.mem_mib,
-            cmdline: self.cmdline.clone(),
-            vcpus,
-            kvm,
-            serial,
-            transports,
-        };
-        snapshot::write(out, &self.mem, &state)
+        self.bus.with_state(|serial, transports| {
+            let state = snapshot::VmState {
+                mem_mib: self.mem_mib,
+                cmdline: self.cmdline.clone(),
+                vcpus,
+                kvm,
+                serial,
+                transports,
+            };
+            snapshot::write(out, &self.mem, &state)
+        })
     }
 
     fn start_vcpus(&mut self) -> Result<Vec<JoinHandle<Result<(), VmmError>>>, VmmError> {

@@ -175,6 +175,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     check(tty.code == 0 && tty.stdout.contains("on a tty"), || {
         format!("no terminal in the workload: {tty}")
     })?;
+    snapshots(r)?;
     probe(r)?;
     published_port(r)?;
     oci_lifecycle(r)?;
@@ -185,6 +186,64 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     check(left.stdout.trim().is_empty(), || {
         format!("left behind: {left}")
     })
+}
+
+/// With no snapshot cached, a run that saves the configuration's, then
+/// runs restored from it: the workload's output and status as for a cold boot, random bytes
+/// and boot IDs of their own, the host's clock. Prints the runs' times.
+const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
+cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+# The runs before saved theirs: start from none.
+rm -f /var/cache/moat/microvm/snapshot-*
+for i in 1 2 3; do
+    before=$(date +%s)
+    b=$(cs)
+    moat --debug --log /tmp/snap$i.log run --isolation microvm -- sh -c "$F" >/tmp/snap$i.out 2>&1
+    code=$?
+    echo "code$i=$code"
+    echo "ms$i=$(( ($(cs) - b) * 10 ))"
+    echo "before$i=$before"
+    echo "fresh$i=$(sed -n 2,4p /tmp/snap$i.out | tr '\n' ,)"
+    grep -q 'saved snapshot' /tmp/snap$i.log && echo "start$i=saved"
+    grep -q 'restored from snapshot' /tmp/snap$i.log && echo "start$i=restored"
+done
+grep -h 'microvm:' /tmp/snap*.log | grep -i 'snapshot\|cold' >&2
+cat /tmp/snap*.out >&2"#;
+
+fn snapshots(r: &mut Runner) -> Result<(), String> {
+    let o = r.sh(SNAPSHOTS)?;
+    let kv = key_values(&o.stdout);
+    let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("");
+    for i in 1..=3 {
+        check(get(&format!("code{i}")) == "7", || {
+            format!("run {i}'s status: {o}")
+        })?;
+    }
+    check(
+        get("start1") == "saved" && get("start2") == "restored" && get("start3") == "restored",
+        || format!("not saved then restored: {o}"),
+    )?;
+    let fresh: Vec<Vec<&str>> = (1..=3)
+        .map(|i| get(&format!("fresh{i}")).split(',').collect())
+        .collect();
+    for (i, f) in fresh.iter().enumerate() {
+        let before: u64 = get(&format!("before{}", i + 1)).parse().unwrap_or(u64::MAX);
+        check(
+            f.len() >= 3 && f[0].len() == 32 && f[2].parse::<u64>().is_ok_and(|t| t >= before),
+            || format!("run {}: random bytes, boot ID, clock: {o}", i + 1),
+        )?;
+    }
+    check(
+        fresh[1][0] != fresh[2][0] && fresh[1][1] != fresh[2][1],
+        || format!("restored guests repeat random bytes or a boot ID: {o}"),
+    )?;
+    eprintln!(
+        "{TEST}: snapshot: saving run {} ms, restored runs {} and {} ms",
+        get("ms1"),
+        get("ms2"),
+        get("ms3")
+    );
+    Ok(())
 }
 
 /// `moat probe` in a workload on moat's VMM (the binary on a volume, a

@@ -90,14 +90,17 @@ impl Channels {
 }
 
 /// Starts the VMM: QEMU (a cold boot, or a restore from `incoming`; with
-/// a monitor when `monitor` is set), or moat's own ([`spawn_builtin`]).
+/// a monitor when it may save into `save_to`), or moat's own
+/// ([`spawn_builtin`], the same way, its control socket in place of the
+/// monitor).
 fn spawn(
     plan: &VmmPlan,
     ch: &mut Channels,
     incoming: Option<&File>,
-    monitor: bool,
+    save_to: Option<&File>,
     one: &OneThread,
 ) -> Result<(VmChild, File, File, Option<UnixStream>), VmmError> {
+    let monitor = save_to.is_some();
     let io = |step: &str| {
         let step = step.to_string();
         move |source| VmmError::Io { step, source }
@@ -109,8 +112,16 @@ fn spawn(
     let (binary, accel) = match &plan.backend {
         Backend::Qemu { binary, accel } => (binary, accel),
         Backend::Builtin => {
-            let (vm, console) = spawn_builtin(plan, theirs, ours.as_raw_fd(), &ch.relay_fds, one)?;
-            return Ok((vm, File::from(OwnedFd::from(ours)), console, None));
+            let control = if monitor { ch.qmp.take() } else { None };
+            let (control_ours, control_theirs) = control.unzip();
+            let start = BuiltinStart {
+                incoming,
+                control: control_theirs.zip(save_to),
+            };
+            let mut close = vec![ours.as_raw_fd()];
+            close.extend(control_ours.as_ref().map(|c| c.as_raw_fd()));
+            let (vm, console) = spawn_builtin(plan, theirs, start, &close, &ch.relay_fds, one)?;
+            return Ok((vm, File::from(OwnedFd::from(ours)), console, control_ours));
         }
     };
     let qmp = if monitor { ch.qmp.take() } else { None };
@@ -187,7 +198,8 @@ fn spawn(
 fn spawn_builtin(
     plan: &VmmPlan,
     agent: UnixStream,
-    ours: RawFd,
+    start: BuiltinStart<'_>,
+    ours: &[RawFd],
     relay_fds: &[RawFd],
     one: &OneThread,
 ) -> Result<(VmChild, File), VmmError> {
@@ -197,18 +209,19 @@ fn spawn_builtin(
             source: e,
         })?;
     let mut agent = Some(agent);
+    let mut start = Some(start);
     let reader = serial_r.as_raw_fd();
     let pid = one
         .fork(0, |_| {
             // This copy of the process never returns or unwinds into the
             // relay (it `_exit`s), so these descriptors are closed once.
-            for fd in relay_fds.iter().chain([&ours, &reader]) {
+            for fd in relay_fds.iter().chain(ours).chain([&reader]) {
                 let _ = nix::unistd::close(*fd);
             }
-            let Some(agent) = agent.take() else {
+            let (Some(agent), Some(start)) = (agent.take(), start.take()) else {
                 return 255;
             };
-            match builtin_child(plan, agent, &serial_w) {
+            match builtin_child(plan, agent, start, &serial_w) {
                 Ok(reason) => match reason {
                     moat_vmm::ExitReason::Reset
                     | moat_vmm::ExitReason::PowerOff
@@ -229,8 +242,17 @@ fn spawn_builtin(
             source: e,
         })?;
     drop(agent);
+    drop(start);
     drop(serial_w);
     Ok((VmChild::new(pid), File::from(serial_r)))
+}
+
+/// How moat's own VMM starts: from a snapshot or cold, and whether it
+/// serves the relay's requests to save one (its end of the control
+/// socket, and the file).
+struct BuiltinStart<'a> {
+    incoming: Option<&'a File>,
+    control: Option<(UnixStream, &'a File)>,
 }
 
 /// The child of [`spawn_builtin`]: the VM's configuration from the plan,
@@ -238,6 +260,7 @@ fn spawn_builtin(
 fn builtin_child(
     plan: &VmmPlan,
     agent: UnixStream,
+    start: BuiltinStart<'_>,
     console: &OwnedFd,
 ) -> Result<moat_vmm::ExitReason, String> {
     use std::sync::Arc;
@@ -278,6 +301,14 @@ fn builtin_child(
         None => None,
     };
     let serial = File::from(dup(console)?);
+    let control = match start.control {
+        Some((socket, out)) => Some((
+            socket,
+            out.try_clone()
+                .map_err(|e| format!("duplicate the snapshot file: {e}"))?,
+        )),
+        None => None,
+    };
     // From here on, the VMM's own filter (its threads inherit it and
     // narrow it to their roles').
     let profile = crate::seccomp::builtin_setup_profile().map_err(|e| e.to_string())?;
@@ -294,7 +325,8 @@ fn builtin_child(
     config.rng = true;
     config.agent = Some(agent);
     config.net = net;
-    crate::builtin::run(config).map_err(|e| moat_core::error_chain(&e))
+    crate::builtin::run_from(config, start.incoming, control)
+        .map_err(|e| moat_core::error_chain(&e))
 }
 
 /// Boots cold, or restores; returns the booted VM and how it started.
@@ -304,14 +336,10 @@ pub fn boot(
     one: &OneThread,
 ) -> Result<(Booted, crate::control::StartKind), VmmError> {
     use crate::control::StartKind;
-    if plan.backend == Backend::Builtin && !matches!(plan.snapshot, super::SnapshotPlan::Off(_)) {
-        // The runtime offers none (moat's own VMM saves no snapshots).
-        plan.snapshot = super::SnapshotPlan::Off("moat's own VMM saves no snapshots".into());
-    }
     let (why, restore_failed) =
         match std::mem::replace(&mut plan.snapshot, super::SnapshotPlan::Off(String::new())) {
             super::SnapshotPlan::Restore(snap) => {
-                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), false, one)?;
+                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), None, one)?;
                 drop(snap);
                 let mut b = Booted {
                     vm,
@@ -343,7 +371,7 @@ pub fn boot(
                 }
             }
             super::SnapshotPlan::Save(out) => {
-                let (vm, agent, console, qmp) = spawn(plan, ch, None, true, one)?;
+                let (vm, agent, console, qmp) = spawn(plan, ch, None, Some(&out), one)?;
                 let mut b = Booted {
                     vm,
                     agent,
@@ -359,7 +387,10 @@ pub fn boot(
                 };
                 let saved = match (primed, b.qmp.take()) {
                     (Err(e), _) => Err(e),
-                    (Ok(()), Some(mut q)) => save(&mut q, &out),
+                    (Ok(()), Some(mut q)) => match plan.backend {
+                        Backend::Qemu { .. } => save(&mut q, &out),
+                        Backend::Builtin => save_builtin(&mut q),
+                    },
                     (Ok(()), None) => Err(qmp_error("no monitor")),
                 };
                 return match saved {
@@ -395,7 +426,7 @@ pub fn boot(
 }
 
 fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, VmmError> {
-    let (vm, agent, console, _) = spawn(plan, ch, None, false, one)?;
+    let (vm, agent, console, _) = spawn(plan, ch, None, None, one)?;
     let mut b = Booted {
         vm,
         agent,
@@ -586,6 +617,45 @@ fn qmp_read(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, VmmError
         return Err(qmp_error("QEMU closed its monitor"));
     }
     serde_json::from_str(&line).map_err(|e| qmp_error(format!("monitor: {e}")))
+}
+
+/// Has moat's own VMM save the running guest into the file it was given
+/// (`builtin::run_from`), which lets it run on.
+fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
+    writeln!(control, "{}", crate::builtin::SAVE).map_err(|e| VmmError::Io {
+        step: "ask the VMM to save the snapshot".into(),
+        source: e,
+    })?;
+    // Bounded by a poll (the relay's filter has no setsockopt for a
+    // receive timeout); the answer is one short line, written at once.
+    let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN)];
+    let ms = i32::try_from(SAVE_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Err(qmp_error("the VMM did not answer")),
+            Ok(_) => break,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                return Err(VmmError::Sys {
+                    step: "wait for the VMM's answer".into(),
+                    source: e,
+                })
+            }
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(Read::by_ref(control).take(64 * 1024))
+        .read_line(&mut line)
+        .map_err(|e| VmmError::Io {
+            step: "read the VMM's answer".into(),
+            source: e,
+        })?;
+    match line.trim_end() {
+        crate::builtin::SAVED => Ok(()),
+        "" => Err(qmp_error("the VMM closed its control socket")),
+        other => Err(qmp_error(other)),
+    }
 }
 
 /// Saves the running guest into `out`, then lets it run on.
