@@ -189,8 +189,10 @@ fn cases(r: &mut Runner) -> Result<(), String> {
 }
 
 /// With no snapshot cached, a run that saves the configuration's, then
-/// runs restored from it: the workload's output and status as for a cold boot, random bytes
-/// and boot IDs of their own, the host's clock. Prints the runs' times.
+/// runs restored from it: the workload's output and status as for a cold
+/// boot, random bytes and boot IDs of their own, the host's clock; then a
+/// damaged snapshot, which a run removes, booting cold instead. Prints
+/// the runs' times.
 const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 # The runs before saved theirs: start from none.
@@ -207,6 +209,13 @@ for i in 1 2 3; do
     grep -q 'saved snapshot' /tmp/snap$i.log && echo "start$i=saved"
     grep -q 'restored from snapshot' /tmp/snap$i.log && echo "start$i=restored"
 done
+# A damaged snapshot: the run boots cold, and the file is removed.
+for f in /var/cache/moat/microvm/snapshot-*.vmstate; do
+    printf 'X' | dd of="$f" bs=1 seek=$(( $(stat -c %s "$f") - 1 )) conv=notrunc 2>/dev/null
+done
+moat --debug --log /tmp/snap4.log run --isolation microvm -- sh -c "$F" >/tmp/snap4.out 2>&1
+echo "code4=$?"
+grep -q 'removed snapshot' /tmp/snap4.log && echo "start4=removed"
 grep -h 'microvm:' /tmp/snap*.log | grep -i 'snapshot\|cold' >&2
 cat /tmp/snap*.out >&2"#;
 
@@ -223,6 +232,9 @@ fn snapshots(r: &mut Runner) -> Result<(), String> {
         get("start1") == "saved" && get("start2") == "restored" && get("start3") == "restored",
         || format!("not saved then restored: {o}"),
     )?;
+    check(get("code4") == "7" && get("start4") == "removed", || {
+        format!("a damaged snapshot did not fall back to a cold boot: {o}")
+    })?;
     let fresh: Vec<Vec<&str>> = (1..=3)
         .map(|i| get(&format!("fresh{i}")).split(',').collect())
         .collect();
