@@ -9,10 +9,15 @@
 //!    guest's first instruction writes to COM1 (read from a pipe);
 //! 2. VMM RSS with that tiny guest running (VmRSS of the process, guest pages
 //!    it touched included);
-//! 3. QEMU backend, TCG where KVM is not usable: spawn -> the first line
+//! 3. snapshots, with the `snap` test payload in a 1-vCPU, 128 MiB VM:
+//!    saving it once it spins (pause, write, resume), and building a VM
+//!    from the snapshot and running it to the payload's first output
+//!    (`Vm::restore` -> COM1), against building and booting one to its
+//!    first output (`Vm::new` -> COM1), in this process;
+//! 4. QEMU backend, TCG where KVM is not usable: spawn -> the first line
 //!    from the cloud kernel's /init on the serial console.
 //!
-//! Medians of `runs` (default 20) for 1 and 2, of 5 for 3.
+//! Medians of `runs` (default 20) for 1 to 3, of 5 for 4.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -91,6 +96,114 @@ fn builtin(runs: usize) {
         rss[rss.len() / 2],
         rss[0],
         rss[rss.len() - 1]
+    );
+}
+
+const SNAP: &[u8] = include_bytes!("../tests/payloads/snap.bin");
+/// The byte the `snap` payload spins on.
+const GO: u64 = 0x30_0000;
+
+/// Runs `vm` on a thread; returns once its COM1 output (to a pipe) has
+/// given `until`, the time that took from `t`, and the VM's thread.
+fn first_output(build: impl FnOnce(std::fs::File) -> Vm, until: &[u8]) -> (Duration, Vm2) {
+    let (mut rd, wr) = std::io::pipe().unwrap();
+    let t = Instant::now();
+    let vm = build(std::fs::File::from(std::os::fd::OwnedFd::from(wr)));
+    let handles = (vm.stop_handle(), vm.snapshot_handle(), vm.memory().clone());
+    let thread = std::thread::spawn(move || vm.run());
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    while !seen.ends_with(until) {
+        assert_eq!(rd.read(&mut b).unwrap(), 1, "COM1 closed: {seen:?}");
+        seen.push(b[0]);
+    }
+    (
+        t.elapsed(),
+        Vm2 {
+            handles,
+            thread,
+            rd,
+        },
+    )
+}
+
+/// A running VM of [`first_output`]'s.
+struct Vm2 {
+    handles: (
+        moat_vmm::StopHandle,
+        moat_vmm::SnapshotHandle,
+        moat_vmm::memory::GuestMem,
+    ),
+    thread: std::thread::JoinHandle<Result<moat_vmm::ExitReason, moat_vmm::VmmError>>,
+    rd: std::io::PipeReader,
+}
+
+impl Vm2 {
+    fn finish(self) {
+        use vm_memory::Bytes;
+        self.handles
+            .2
+            .write_obj(1u8, vm_memory::GuestAddress(GO))
+            .unwrap();
+        let mut rd = self.rd;
+        let mut rest = Vec::new();
+        let _ = rd.read_to_end(&mut rest);
+        self.thread.join().unwrap().unwrap();
+    }
+}
+
+fn snapshots(runs: usize) {
+    let config = |out| {
+        let mut c = VmConfig::new(Kernel::Payload(SNAP.to_vec()), 1, 128);
+        c.serial_out = Some(out);
+        c
+    };
+    let file = tempfile::tempfile().unwrap();
+    let (mut cold, mut saves, mut restored) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (t, vm) = first_output(|out| Vm::new(config(out)).unwrap(), b"r");
+        cold.push(t);
+        // Saved where it spins (after "ready").
+        let mut rd = vm.rd;
+        let mut seen = Vec::new();
+        let mut b = [0u8; 1];
+        while !seen.ends_with(b"eady\n") {
+            rd.read_exact(&mut b).unwrap();
+            seen.push(b[0]);
+        }
+        let vm = Vm2 { rd, ..vm };
+        let t = Instant::now();
+        vm.handles.1.save(&file).unwrap();
+        saves.push(t.elapsed());
+        vm.finish();
+    }
+    for _ in 0..runs {
+        let (t, vm) = first_output(
+            |out| {
+                let vm = Vm::restore(config(out), &file).unwrap();
+                use vm_memory::Bytes;
+                vm.memory()
+                    .write_obj(1u8, vm_memory::GuestAddress(GO))
+                    .unwrap();
+                vm
+            },
+            b"d",
+        );
+        restored.push(t);
+        vm.finish();
+    }
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().unwrap();
+    let ms = |v: &[Duration]| median(v.to_vec()).as_secs_f64() * 1e3;
+    println!(
+        "built-in VMM: snapshot of a 1-vCPU 128 MiB payload guest: save median {:.2} ms; \
+         Vm::restore -> first output median {:.2} ms against Vm::new -> first output {:.2} ms \
+         (n={runs}); file {} MiB, {} KiB on disk",
+        ms(&saves),
+        ms(&restored),
+        ms(&cold),
+        meta.len() >> 20,
+        meta.blocks() / 2
     );
 }
 
@@ -178,5 +291,6 @@ fn main() {
     }
     let runs = arg.and_then(|a| a.parse().ok()).unwrap_or(20);
     builtin(runs);
+    snapshots(runs);
     qemu(5);
 }
