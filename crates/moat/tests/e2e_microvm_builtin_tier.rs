@@ -195,7 +195,12 @@ fn cases(r: &mut Runner) -> Result<(), String> {
 /// the runs' times.
 const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
-# The runs before saved theirs: start from none.
+# A cold boot for comparison, then from no snapshot (the runs before
+# saved theirs).
+b=$(cs)
+MOAT_MICROVM_SNAPSHOT=0 moat run --isolation microvm -- true
+echo "code0=$?"
+echo "ms0=$(( ($(cs) - b) * 10 ))"
 rm -f /var/cache/moat/microvm/snapshot-*
 for i in 1 2 3; do
     before=$(date +%s)
@@ -223,6 +228,7 @@ fn snapshots(r: &mut Runner) -> Result<(), String> {
     let o = r.sh(SNAPSHOTS)?;
     let kv = key_values(&o.stdout);
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("");
+    check(get("code0") == "0", || format!("the cold run: {o}"))?;
     for i in 1..=3 {
         check(get(&format!("code{i}")) == "7", || {
             format!("run {i}'s status: {o}")
@@ -250,7 +256,8 @@ fn snapshots(r: &mut Runner) -> Result<(), String> {
         || format!("restored guests repeat random bytes or a boot ID: {o}"),
     )?;
     eprintln!(
-        "{TEST}: snapshot: saving run {} ms, restored runs {} and {} ms",
+        "{TEST}: snapshot: cold run (snapshots off) {} ms, saving run {} ms, restored runs {} and {} ms",
+        get("ms0"),
         get("ms1"),
         get("ms2"),
         get("ms3")
