@@ -1,7 +1,8 @@
-//! Snapshots on this host's KVM, with the `snap` payload: a guest saved
+//! Snapshots on this host's KVM, with the `snap` payloads: a guest saved
 //! while it spins is restored into new VMs that carry on in that loop with
-//! its registers (general and SSE), memory and stack, and a snapshot is
-//! refused by a VM it does not fit and when it is damaged.
+//! its registers (general and SSE), memory and stack, on one vCPU and on
+//! several (each vCPU its own), and a snapshot is refused by a VM it does
+//! not fit and when it is damaged.
 
 #[path = "common/payload_vm.rs"]
 #[allow(dead_code)]
@@ -15,20 +16,30 @@ use payload_vm::{kvm_available, run_vm};
 use vm_memory::{Bytes, GuestAddress};
 
 const SNAP: &[u8] = include_bytes!("payloads/snap.bin");
+const SNAP_SMP: &[u8] = include_bytes!("payloads/snap_smp.bin");
 /// The byte the payload spins on.
 const GO: GuestAddress = GuestAddress(0x30_0000);
 const DONE: &str = "done r13=1122334455667788 mem=cafef00d12345678 \
                     xmm=fedcba98765432100123456789abcdef stack=5eed spun=1\n";
 
 fn config(vcpus: u8, mib: u64) -> VmConfig {
-    VmConfig::new(Kernel::Payload(SNAP.to_vec()), vcpus, mib)
+    config_of(SNAP, vcpus, mib)
 }
 
-/// Boots the payload, saves it once it spins, lets it finish; returns the
-/// snapshot.
+fn config_of(payload: &[u8], vcpus: u8, mib: u64) -> VmConfig {
+    VmConfig::new(Kernel::Payload(payload.to_vec()), vcpus, mib)
+}
+
+/// Boots the `snap` payload, saves it once it spins, lets it finish;
+/// returns the snapshot.
 fn saved_snapshot() -> std::fs::File {
+    saved_snapshot_of(config(1, 16), DONE)
+}
+
+/// Boots `c`, saves it once it said "ready", lets it finish (checking its
+/// output ends with `done`); returns the snapshot.
+fn saved_snapshot_of(mut c: VmConfig, done: &str) -> std::fs::File {
     let (mut serial_r, serial_w) = std::io::pipe().unwrap();
-    let mut c = config(1, 16);
     c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
     let vm = Vm::new(c).unwrap();
     let (snap, mem) = (vm.snapshot_handle(), vm.memory().clone());
@@ -45,7 +56,7 @@ fn saved_snapshot() -> std::fs::File {
     mem.write_obj(1u8, GO).unwrap();
     assert_eq!(running.join().unwrap(), ExitReason::Reset);
     serial_r.read_to_end(&mut out).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out), format!("ready\n{DONE}"));
+    assert_eq!(String::from_utf8_lossy(&out), format!("ready\n{done}"));
     file
 }
 
@@ -82,6 +93,22 @@ fn a_restored_guest_carries_on_where_it_was_saved() {
     let meta = snapshot.metadata().unwrap();
     use std::os::unix::fs::MetadataExt;
     assert!(meta.blocks() * 512 < meta.len() / 2, "{meta:?}");
+}
+
+#[test]
+fn every_vcpu_of_a_restored_guest_carries_on() {
+    if !kvm_available() {
+        return;
+    }
+    for vcpus in [2u8, 4] {
+        let done: String = (0..vcpus)
+            .map(|i| format!("cpu{i} r13=11223344556677{i:02x} spun=1\n"))
+            .collect();
+        let snapshot = saved_snapshot_of(config_of(SNAP_SMP, vcpus, 16), &done);
+        let (reason, out) = restore_and_run(config_of(SNAP_SMP, vcpus, 16), &snapshot);
+        assert_eq!(reason, ExitReason::Reset, "{vcpus} vCPUs");
+        assert_eq!(out, done, "{vcpus} vCPUs");
+    }
 }
 
 #[test]
