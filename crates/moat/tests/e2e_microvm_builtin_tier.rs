@@ -381,7 +381,7 @@ echo "vm_comm=$(cat /proc/$C/comm)"
 echo "vm_filters=$(for t in /proc/$C/task/*; do s ${t#/proc/} Seccomp_filters; done | sort -n | tr '\n' ' ')"
 echo "vmm_rss_kb=$(s $P VmRSS | cut -d' ' -f1)"
 echo "vmm_pss_kb=$(grep '^Pss:' /proc/$P/smaps_rollup | tr -s ' ' | cut -d' ' -f2)"
-awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } /^Size:/ { big = ($2 >= 131072) } /^Rss:/ { if (big) g += $2; else o += $2 } /^Pss:/ { if (!big) p += $2 } END { print "vm_rss_guest_kb=" g; print "vm_rss_rest_kb=" o; print "vm_pss_rest_kb=" p }' /proc/$C/smaps
+awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } /^Size:/ { big = ($2 >= 131072) } /^Rss:/ { if (big) g += $2; else o += $2 } /^Pss:/ { if (!big) p += $2 } /^Anonymous:/ { if (!big) a += $2 } END { print "vm_rss_guest_kb=" g; print "vm_rss_rest_kb=" o; print "vm_pss_rest_kb=" p; print "vm_anon_rest_kb=" a }' /proc/$C/smaps
 "#;
 
 /// `key=value` lines.
@@ -429,11 +429,12 @@ EOF
     // RSS counts the pages the two share since the fork in both, PSS
     // splits them.
     eprintln!(
-        "{TEST}: memory: VMM process RSS {} KiB (PSS {}); VM child besides guest RAM RSS {} KiB (PSS {}); guest RAM touched {} KiB",
+        "{TEST}: memory: VMM process RSS {} KiB (PSS {}); VM child besides guest RAM RSS {} KiB (PSS {}; anonymous {}, the rest file pages: code); guest RAM touched {} KiB",
         get("vmm_rss_kb"),
         get("vmm_pss_kb"),
         get("vm_rss_rest_kb"),
         get("vm_pss_rest_kb"),
+        get("vm_anon_rest_kb"),
         get("vm_rss_guest_kb")
     );
     let vmm_uid = get("vmm_uid");
