@@ -195,13 +195,18 @@ fn cases(r: &mut Runner) -> Result<(), String> {
 /// the runs' times.
 const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+# Where the snapshots are (a run names the one it restored or saved).
+moat --debug --log /tmp/snap0.log run --isolation microvm -- true
+dir=$(grep -o '/[^ "]*/snapshot-[^ "/]*\.vmstate' /tmp/snap0.log | head -n 1)
+dir=${dir%/*}
+echo "cache=$dir"
 # A cold boot for comparison, then from no snapshot (the runs before
 # saved theirs).
 b=$(cs)
 MOAT_MICROVM_SNAPSHOT=0 moat run --isolation microvm -- true
 echo "code0=$?"
 echo "ms0=$(( ($(cs) - b) * 10 ))"
-rm -f /var/cache/moat/microvm/snapshot-*
+rm -f "$dir"/snapshot-*
 for i in 1 2 3; do
     before=$(date +%s)
     b=$(cs)
@@ -215,7 +220,7 @@ for i in 1 2 3; do
     grep -q 'restored from snapshot' /tmp/snap$i.log && echo "start$i=restored"
 done
 # A damaged snapshot: the run boots cold, and the file is removed.
-for f in /var/cache/moat/microvm/snapshot-*.vmstate; do
+for f in "$dir"/snapshot-*.vmstate; do
     printf 'X' | dd of="$f" bs=1 seek=$(( $(stat -c %s "$f") - 1 )) conv=notrunc 2>/dev/null
 done
 moat --debug --log /tmp/snap4.log run --isolation microvm -- sh -c "$F" >/tmp/snap4.out 2>&1
@@ -228,6 +233,9 @@ fn snapshots(r: &mut Runner) -> Result<(), String> {
     let o = r.sh(SNAPSHOTS)?;
     let kv = key_values(&o.stdout);
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("");
+    check(get("cache").starts_with('/'), || {
+        format!("no snapshot named in a run's log: {o}")
+    })?;
     check(get("code0") == "0", || format!("the cold run: {o}"))?;
     for i in 1..=3 {
         check(get(&format!("code{i}")) == "7", || {
@@ -411,7 +419,7 @@ EOF
     let o = r.sh(&setup)?;
     check(o.code == 0, || format!("the bundle: {o}"))?;
     let created = r.sh(&format!(
-        "moat create --bundle {BUNDLE} vm1 </dev/null >/tmp/vm1.out 2>&1 || {{ cat /tmp/vm1.out; exit 1; }}\nmoat state vm1"
+        "moat --debug --log /tmp/vm1.log create --bundle {BUNDLE} vm1 </dev/null >/tmp/vm1.out 2>&1 || {{ cat /tmp/vm1.out; exit 1; }}\nmoat state vm1\ngrep -h 'microvm: \\(restored\\|cold\\)' /tmp/vm1.log | sed 's/.*msg=/start: /' >&2"
     ))?;
     let state: serde_json::Value = serde_json::from_str(&created.stdout)
         .map_err(|e| format!("create/state: {e}: {created}"))?;
@@ -437,6 +445,9 @@ EOF
         get("vm_anon_rest_kb"),
         get("vm_rss_guest_kb")
     );
+    for l in created.stderr.lines().filter(|l| l.starts_with("start: ")) {
+        eprintln!("{TEST}: memory: that VM's {l}");
+    }
     let vmm_uid = get("vmm_uid");
     let ids: Vec<&str> = vmm_uid.split_whitespace().collect();
     check(ids.len() == 4 && ids.iter().all(|u| *u != "0"), || {
