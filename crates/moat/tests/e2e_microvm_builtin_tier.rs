@@ -190,9 +190,9 @@ fn cases(r: &mut Runner) -> Result<(), String> {
 
 /// With no snapshot cached, a run that saves the configuration's, then
 /// runs restored from it: the workload's output and status as for a cold
-/// boot, random bytes and boot IDs of their own, the host's clock; then a
-/// damaged snapshot, which a run removes, booting cold instead. Prints
-/// the runs' times.
+/// boot, random bytes and boot IDs of their own, the host's clock; the
+/// same with two vCPUs; then a damaged snapshot, which a run removes,
+/// booting cold instead. Prints the runs' times.
 const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 # Where the snapshots are (a run names the one it restored or saved).
@@ -216,6 +216,14 @@ for i in 1 2 3; do
     echo "ms$i=$(( ($(cs) - b) * 10 ))"
     echo "before$i=$before"
     echo "fresh$i=$(sed -n 2,4p /tmp/snap$i.out | tr '\n' ,)"
+    grep -q 'saved snapshot' /tmp/snap$i.log && echo "start$i=saved"
+    grep -q 'restored from snapshot' /tmp/snap$i.log && echo "start$i=restored"
+done
+# Two vCPUs: saved, then restored (each vCPU's state its own).
+for i in 5 6; do
+    moat --debug --log /tmp/snap$i.log run --cpus 2 --isolation microvm -- sh -c 'grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/clocksource/clocksource0/current_clocksource' >/tmp/snap$i.out 2>&1
+    echo "code$i=$?"
+    echo "out$i=$(tr '\n' , </tmp/snap$i.out)"
     grep -q 'saved snapshot' /tmp/snap$i.log && echo "start$i=saved"
     grep -q 'restored from snapshot' /tmp/snap$i.log && echo "start$i=restored"
 done
@@ -245,6 +253,15 @@ fn snapshots(r: &mut Runner) -> Result<(), String> {
     check(
         get("start1") == "saved" && get("start2") == "restored" && get("start3") == "restored",
         || format!("not saved then restored: {o}"),
+    )?;
+    check(
+        get("code5") == "0"
+            && get("code6") == "0"
+            && get("start5") == "saved"
+            && get("start6") == "restored"
+            && get("out5").starts_with("2,")
+            && get("out6") == get("out5"),
+        || format!("two vCPUs, saved then restored: {o}"),
     )?;
     check(get("code4") == "7" && get("start4") == "removed", || {
         format!("a damaged snapshot did not fall back to a cold boot: {o}")
