@@ -565,7 +565,15 @@ impl Vm {
     }
 
     /// Runs the VM until it stops; returns why.
-    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        let exit = self.exit.clone();
+        let r = self.run_to_end();
+        // A snapshot asked for too late gets an error, not a wait forever.
+        exit.save.lock().unwrap_or_else(|e| e.into_inner()).take();
+        r
+    }
+
+    fn run_to_end(mut self) -> Result<ExitReason, VmmError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(VmmError::KickSignal)?;
         let io = match self.start_io() {
             Ok(io) => io,

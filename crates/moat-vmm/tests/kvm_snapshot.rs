@@ -55,6 +55,9 @@ fn saved_snapshot_of(mut c: VmConfig, done: &str) -> std::fs::File {
     // The saved VM runs on after its snapshot.
     mem.write_obj(1u8, GO).unwrap();
     assert_eq!(running.join().unwrap(), ExitReason::Reset);
+    // A VM that has ended saves nothing (an error, not a wait).
+    let e = snap.save(&tempfile::tempfile().unwrap()).unwrap_err();
+    assert!(moat_core::error_chain(&e).contains("stopped"), "{e}");
     serial_r.read_to_end(&mut out).unwrap();
     assert_eq!(String::from_utf8_lossy(&out), format!("ready\n{done}"));
     file

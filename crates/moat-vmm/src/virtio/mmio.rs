@@ -36,6 +36,8 @@ const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
+/// VIRTIO_RING_F_EVENT_IDX (not offered by moat's devices).
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device status bits.
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
@@ -138,8 +140,18 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
                 self.queues.len()
             ));
         }
+        let offered = self.device.features();
+        if s.driver_features & !offered != 0 {
+            return Err(format!(
+                "features {:#x} saved, not offered by this device",
+                s.driver_features & !offered
+            ));
+        }
         let mut queues = Vec::with_capacity(s.queues.len());
         for q in &s.queues {
+            if q.event_idx_enabled && offered & VIRTIO_RING_F_EVENT_IDX == 0 {
+                return Err("a queue with event indices saved; this device offers none".into());
+            }
             let state = virtio_queue::QueueState {
                 max_size: q.max_size,
                 next_avail: q.next_avail,
@@ -398,6 +410,39 @@ mod tests {
         // Nor does DRIVER_OK stick without FEATURES_OK.
         w(&mut t, REG_STATUS, 0xf);
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_state_that_does_not_fit_is_refused() {
+        let (mut t, _) = transport();
+        w(&mut t, REG_STATUS, 3);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_STATUS, 0xb);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, 0xf);
+        let saved = t.state();
+        let (mut u, _) = transport();
+        u.set_state(&saved).unwrap();
+        assert_eq!(u.state(), saved);
+        assert_eq!(r(&mut u, REG_STATUS), 0xf);
+        assert_eq!(u.queues[0].desc_table(), 0x1000);
+        let refused = |edit: &dyn Fn(&mut crate::snapshot::TransportState)| {
+            let mut s = saved.clone();
+            edit(&mut s);
+            let (mut v, _) = transport();
+            v.set_state(&s).unwrap_err()
+        };
+        assert!(refused(&|s| s.device_id = 2).contains("device 2"));
+        assert!(refused(&|s| s.queues.push(Default::default())).contains("queues"));
+        assert!(refused(&|s| s.driver_features |= 1 << 28).contains("not offered"));
+        assert!(refused(&|s| s.queues[0].event_idx_enabled = true).contains("event indices"));
+        assert!(refused(&|s| s.queues[0].size = 3).contains("saved queue"));
+        assert!(refused(&|s| s.queues[0].max_size = 1024).contains("entries"));
     }
 
     #[test]
