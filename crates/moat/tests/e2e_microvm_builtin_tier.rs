@@ -508,12 +508,15 @@ moat state vm1 | grep -q '"stopped"' && moat delete vm1 && cat /tmp/vm1.out"#)?;
     )
 }
 
-/// Whether a session failed because the outer guest did (see the test):
-/// its kernel panicked, or it answered nothing for a whole command limit
-/// while its own watchdog printed nothing either.
-fn outer_guest_failed(error: &str, serial: &str) -> bool {
+/// Whether a session failed because the nested virtualisation under it
+/// did (see the test): the outer guest's kernel panicked, or it answered
+/// nothing for a whole command limit while its own watchdog printed
+/// nothing either; or a microVM's cold boot never reached its agent (the
+/// inner kernel stopped early in its boot, on the emulated SVM).
+fn nested_virtualisation_failed(error: &str, serial: &str) -> bool {
     serial.contains("Kernel panic - not syncing")
         || (error.starts_with("reading the guest's console") && !serial.contains("still running"))
+        || error.contains("the guest did not answer within")
 }
 
 #[test]
@@ -544,9 +547,14 @@ fn moat_run_boots_the_workload_on_moats_own_vmm() {
     // fifteen sessions here: its kernel panicked in its entry code ("Fatal
     // exception in interrupt"), or it stopped altogether (no answer for the
     // command limit, and not one line from its own 30-s watchdog, which
-    // reports a request still running whenever the guest itself runs). A
-    // session whose outer guest failed so is run once more, its console
-    // printed; any other failure, and a second one, fail the test.
+    // reports a request still running whenever the guest itself runs).
+    // Once in eight sessions on the afternoon of 2026-12-05 (and in none
+    // of the ~20 before) a microVM's cold boot inside it stopped after its
+    // first second of guest time, quiet, one vCPU: the agent never said
+    // hello (cause not found; QEMU's emulated SVM is the suspect here too). A session that failed so is run
+    // once more, its console printed; any other failure, and a second
+    // one, fail the test. (On a host with vmx/svm, above, nothing is
+    // retried.)
     let mut attempt = 1;
     let g = loop {
         // 3 GiB: the initramfs unpacked, the guest's disk images (in
@@ -562,9 +570,9 @@ fn moat_run_boots_the_workload_on_moats_own_vmm() {
         let Runner::Guest(g) = r else { unreachable!() };
         match result {
             Ok(()) => break g,
-            Err(e) if attempt == 1 && outer_guest_failed(&e, &g.serial_log()) => {
+            Err(e) if attempt == 1 && nested_virtualisation_failed(&e, &g.serial_log()) => {
                 eprintln!(
-                    "{TEST}: the outer guest failed ({e}); once more\n--- its console ---\n{}",
+                    "{TEST}: the nested virtualisation failed ({e}); once more\n--- the outer guest's console ---\n{}",
                     g.serial_log()
                 );
                 attempt += 1;
