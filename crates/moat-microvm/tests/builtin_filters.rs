@@ -101,12 +101,7 @@ fn a_snapshot_is_saved_and_restored_with_each_thread_confined() {
     let vm = moat_vmm::Vm::new(c).unwrap();
     let (snap, mem) = (vm.snapshot_handle(), vm.memory().clone());
     let running = std::thread::spawn(move || vm.run().unwrap());
-    let mut out = Vec::new();
-    let mut byte = [0u8; 1];
-    while !out.ends_with(b"ready\n") {
-        assert_eq!(serial_r.read(&mut byte).unwrap(), 1, "serial: {out:?}");
-        out.push(byte[0]);
-    }
+    let mut out = payload_vm::read_until(&mut serial_r, b"ready\n");
     let file = tempfile::tempfile().unwrap();
     // Asked for from a thread confined as the tier's control thread is;
     // written by the VM's confined main thread and vCPU.

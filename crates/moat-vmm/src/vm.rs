@@ -452,37 +452,73 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-impl Vm {
-    /// Builds a VM from `config`: KVM, memory, devices, guest image, vCPUs.
-    pub fn new(mut config: VmConfig) -> Result<Vm, VmmError> {
+/// What both ways of building a VM start from: KVM, the VM with its
+/// in-kernel devices, the exit state, and where COM1's output goes.
+struct Base {
+    kvm: Kvm,
+    vm: VmFd,
+    exit: Arc<ExitState>,
+    serial_out: SerialOut,
+}
+
+impl Base {
+    fn new(config: &mut VmConfig) -> Result<Base, VmmError> {
         config.validate()?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
-        let mem = memory::create(&vm, config.mem_mib)?;
-        let exit = Arc::new(ExitState::default());
         let serial_out = match config.serial_out.take() {
             Some(f) => SerialOut::File(f),
             None => SerialOut::Sink,
         };
-        let serial = SerialDevice::new(irq_line(&vm, SERIAL_IRQ)?, serial_out);
-        let virtio = create_virtio(&vm, &mem, &mut config)?;
-        let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
-        let vcpus = create_vcpus(&kvm, &vm, &config, entry)?;
-        let bus = Arc::new(Bus::new(serial, I8042::new(exit.clone()), virtio.slots));
+        Ok(Base {
+            kvm,
+            vm,
+            exit: Arc::new(ExitState::default()),
+            serial_out,
+        })
+    }
+
+    /// The VM, from its parts.
+    fn assemble(
+        self,
+        config: &mut VmConfig,
+        (mem, serial, virtio): (GuestMem, SerialDevice<IrqLine>, VirtioSet),
+        vcpus: Vec<VcpuFd>,
+        cmdline: String,
+    ) -> Result<Vm, VmmError> {
+        let bus = Arc::new(Bus::new(
+            serial,
+            I8042::new(self.exit.clone()),
+            virtio.slots,
+        ));
         Ok(Vm {
             vcpus,
             bus,
             io: virtio.io,
             hook: config.thread_hook.take(),
-            exit,
+            exit: self.exit,
             cmdline,
             gate: Arc::default(),
-            msrs: snapshot::saveable_msrs(&kvm)?.into(),
+            msrs: snapshot::saveable_msrs(&self.kvm)?.into(),
             mem_mib: config.mem_mib,
-            vm,
-            _kvm: kvm,
+            vm: self.vm,
+            _kvm: self.kvm,
             mem,
         })
+    }
+}
+
+impl Vm {
+    /// Builds a VM from `config`: KVM, memory, devices, guest image, vCPUs.
+    pub fn new(mut config: VmConfig) -> Result<Vm, VmmError> {
+        let mut base = Base::new(&mut config)?;
+        let mem = memory::create(&base.vm, config.mem_mib)?;
+        let out = std::mem::replace(&mut base.serial_out, SerialOut::Sink);
+        let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, out);
+        let virtio = create_virtio(&base.vm, &mem, &mut config)?;
+        let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
+        let vcpus = create_vcpus(&base.kvm, &base.vm, &config, entry)?;
+        base.assemble(&mut config, (mem, serial, virtio), vcpus, cmdline)
     }
 
     /// Builds a VM from `config` that carries on from the snapshot in
@@ -493,19 +529,13 @@ impl Vm {
     /// console. The file must stay unchanged while the VM runs (its pages
     /// are read as the guest touches them).
     pub fn restore(mut config: VmConfig, file: &std::fs::File) -> Result<Vm, VmmError> {
-        config.validate()?;
+        let mut base = Base::new(&mut config)?;
         let state = snapshot::read_state(file, config.mem_mib)?;
-        let kvm = open_kvm()?;
-        let vm = create_vm(&kvm)?;
-        let mem = memory::restore(&vm, config.mem_mib, file)?;
-        let exit = Arc::new(ExitState::default());
-        let serial_out = match config.serial_out.take() {
-            Some(f) => SerialOut::File(f),
-            None => SerialOut::Sink,
-        };
-        let serial = SerialDevice::restore(irq_line(&vm, SERIAL_IRQ)?, serial_out, &state.serial)
+        let mem = memory::restore(&base.vm, config.mem_mib, file)?;
+        let out = std::mem::replace(&mut base.serial_out, SerialOut::Sink);
+        let serial = SerialDevice::restore(irq_line(&base.vm, SERIAL_IRQ)?, out, &state.serial)
             .map_err(|e| VmmError::snapshot("restore COM1", std::io::Error::other(e)))?;
-        let virtio = create_virtio(&vm, &mem, &mut config)?;
+        let virtio = create_virtio(&base.vm, &mem, &mut config)?;
         let ids: Vec<u32> = virtio
             .slots
             .iter()
@@ -517,31 +547,18 @@ impl Vm {
                 VmmError::snapshot("restore a virtio device", std::io::Error::other(e))
             })?;
         }
-        snapshot::restore_kvm_vm(&vm, &state.kvm)?;
-        let host_cpuid = kvm
+        snapshot::restore_kvm_vm(&base.vm, &state.kvm)?;
+        let host_cpuid = base
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::VmSetup("get supported CPUID", e))?;
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
-            let fd = vcpu::create(&vm, index, config.vcpus, &host_cpuid)?;
+            let fd = vcpu::create(&base.vm, index, config.vcpus, &host_cpuid)?;
             snapshot::restore_vcpu(&fd, saved)?;
             vcpus.push(fd);
         }
-        let bus = Arc::new(Bus::new(serial, I8042::new(exit.clone()), virtio.slots));
-        Ok(Vm {
-            vcpus,
-            bus,
-            io: virtio.io,
-            hook: config.thread_hook.take(),
-            exit,
-            cmdline: state.cmdline,
-            gate: Arc::default(),
-            msrs: snapshot::saveable_msrs(&kvm)?.into(),
-            mem_mib: config.mem_mib,
-            vm,
-            _kvm: kvm,
-            mem,
-        })
+        base.assemble(&mut config, (mem, serial, virtio), vcpus, state.cmdline)
     }
 
     /// A handle that saves this VM, once running, from another thread.

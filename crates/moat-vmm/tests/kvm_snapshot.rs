@@ -44,12 +44,7 @@ fn saved_snapshot_of(mut c: VmConfig, done: &str) -> std::fs::File {
     let vm = Vm::new(c).unwrap();
     let (snap, mem) = (vm.snapshot_handle(), vm.memory().clone());
     let running = std::thread::spawn(move || run_vm(vm));
-    let mut out = Vec::new();
-    let mut byte = [0u8; 1];
-    while !out.ends_with(b"ready\n") {
-        assert_eq!(serial_r.read(&mut byte).unwrap(), 1, "serial: {out:?}");
-        out.push(byte[0]);
-    }
+    let mut out = payload_vm::read_until(&mut serial_r, b"ready\n");
     let file = tempfile::tempfile().unwrap();
     snap.save(&file).unwrap();
     // The saved VM runs on after its snapshot.

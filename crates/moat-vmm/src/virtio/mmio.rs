@@ -412,20 +412,30 @@ mod tests {
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_DRIVER_OK, 0);
     }
 
+    /// A driver's set-up: features negotiated, queue 0 of 8 entries at
+    /// 0x1000/0x2000/0x3000, ready, DRIVER_OK.
+    fn driven() -> MmioTransport<Rng, Count> {
+        let (mut t, _) = transport();
+        for (reg, value) in [
+            (REG_STATUS, 3),
+            (REG_DRIVER_FEATURES_SEL, 1),
+            (REG_DRIVER_FEATURES, 1),
+            (REG_STATUS, 0xb),
+            (REG_QUEUE_NUM, 8),
+            (REG_QUEUE_DESC_LOW, 0x1000),
+            (REG_QUEUE_DRIVER_LOW, 0x2000),
+            (REG_QUEUE_DEVICE_LOW, 0x3000),
+            (REG_QUEUE_READY, 1),
+            (REG_STATUS, 0xf),
+        ] {
+            w(&mut t, reg, value);
+        }
+        t
+    }
+
     #[test]
     fn state_round_trips_and_a_state_that_does_not_fit_is_refused() {
-        let (mut t, _) = transport();
-        w(&mut t, REG_STATUS, 3);
-        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
-        w(&mut t, REG_DRIVER_FEATURES, 1);
-        w(&mut t, REG_STATUS, 0xb);
-        w(&mut t, REG_QUEUE_NUM, 8);
-        w(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
-        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
-        w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
-        w(&mut t, REG_QUEUE_READY, 1);
-        w(&mut t, REG_STATUS, 0xf);
-        let saved = t.state();
+        let saved = driven().state();
         let (mut u, _) = transport();
         u.set_state(&saved).unwrap();
         assert_eq!(u.state(), saved);

@@ -58,6 +58,20 @@ pub fn run_vm(vm: Vm) -> ExitReason {
     reason
 }
 
+/// Reads `reader` a byte at a time until what it gave ends with `end`;
+/// returns all of it (panics if it closes first). Not every test that
+/// includes this file reads a stream.
+#[allow(dead_code)]
+pub fn read_until(reader: &mut impl Read, end: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(end) {
+        assert_eq!(reader.read(&mut byte).unwrap(), 1, "closed after {out:?}");
+        out.push(byte[0]);
+    }
+    out
+}
+
 /// moat's user-space stack on a thread of its own, serving one link as the
 /// microvm tier runs it for a guest (deny-all egress, no host addresses):
 /// the VM's end of the frame socket, and the stack's thread, which ends
