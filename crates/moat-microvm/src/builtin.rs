@@ -129,10 +129,9 @@ fn serve_control(
     handle: &moat_vmm::SnapshotHandle,
 ) {
     use std::io::{BufRead, Write};
-    let Ok(writer) = socket.try_clone() else {
+    let Ok(mut writer) = socket.try_clone() else {
         return;
     };
-    let mut writer = writer;
     let mut lines = std::io::BufReader::new(socket).lines();
     while let Some(Ok(line)) = lines.next() {
         let answer = if line == SAVE {

@@ -238,14 +238,13 @@ impl MicrovmTier {
         // apart. Its frame stream stays clean if a restore fails over to a
         // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
         // writes the guest's frames (docs/design.md).
-        // The VMM whose snapshot format it is: QEMU's migration stream, or
-        // moat's own (this binary, whose digest also names the initramfs).
-        let self_exe = std::fs::read_link("/proc/self/exe")
-            .map_err(MicrovmError::io("find moat's own binary"))?;
+        // The VMM whose snapshot format it is: QEMU (its binary keys the
+        // snapshot), or moat's own (this binary, which the initramfs's name
+        // already digests).
         let (vmm_binary, accel) = match &host.backend {
-            Backend::Builtin => (&self_exe, "moat-vmm"),
+            Backend::Builtin => (None, "moat-vmm"),
             Backend::Qemu { binary, accel } => (
-                binary,
+                Some(binary.as_path()),
                 match accel {
                     moat_vmm::qemu::Accel::Kvm => "kvm",
                     moat_vmm::qemu::Accel::Tcg => "tcg",

@@ -369,15 +369,11 @@ const PR_SET_NO_NEW_PRIVS: u64 = libc::PR_SET_NO_NEW_PRIVS as u64;
 fn builtin_ioctls(role: moat_vmm::ThreadRole) -> Vec<u64> {
     use moat_vmm::snapshot::requests;
     use moat_vmm::ThreadRole;
-    let named = match role {
-        ThreadRole::Vcpu => requests::vcpu(),
-        ThreadRole::Main => requests::vm(),
+    match role {
+        ThreadRole::Vcpu => std::iter::once(KVM_RUN).chain(requests::vcpu()).collect(),
+        ThreadRole::Main => requests::vm().to_vec(),
         ThreadRole::AgentIo | ThreadRole::NetIo | ThreadRole::Control => Vec::new(),
-    };
-    let run = (role == ThreadRole::Vcpu).then_some(KVM_RUN);
-    run.into_iter()
-        .chain(named.into_iter().map(|(r, _)| r))
-        .collect()
+    }
 }
 
 /// The filter of `role` for moat's own VMM: its list and the common one,

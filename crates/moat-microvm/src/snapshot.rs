@@ -14,8 +14,9 @@
 //! copy-on-write from the file).
 //!
 //! A snapshot is valid for exactly what it was saved with, all of which is
-//! in its name: a digest of the VMM (QEMU, or moat's own binary; path,
-//! size, mtime, inode: the format is the VMM's), the guest kernel, the initramfs (whose name is a
+//! in its name: a digest of QEMU (path, size, mtime, inode: the migration
+//! format is QEMU's; moat's own VMM's format is the moat binary's, which
+//! the initramfs's name digests), the guest kernel, the initramfs (whose name is a
 //! digest of the moat binary, the kernel and its modules), the kernel's
 //! command line, the guest's memory, vCPUs, disk slots, accelerator, and
 //! whether the VM has a network device (a networked guest's snapshot is a
@@ -41,9 +42,10 @@ use crate::MicrovmError;
 /// What a snapshot must match.
 #[derive(Debug, Clone)]
 pub struct Identity<'a> {
-    /// The VMM binary whose format the snapshot is in: QEMU (its
-    /// migration stream), or moat itself for its own VMM.
-    pub vmm: &'a Path,
+    /// QEMU, whose migration stream the snapshot is; `None` for moat's own
+    /// VMM, whose format is this moat binary's (which `initrd`'s name
+    /// digests).
+    pub vmm: Option<&'a Path>,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
     pub cmdline: &'a str,
@@ -103,7 +105,9 @@ impl Identity<'_> {
     fn files_key(&self) -> Result<String, MicrovmError> {
         let mut h = Sha256::new();
         h.update(b"moat-snapshot-files-1\0");
-        stat_key(&mut h, self.vmm)?;
+        if let Some(qemu) = self.vmm {
+            stat_key(&mut h, qemu)?;
+        }
         stat_key(&mut h, self.kernel)?;
         stat_key(&mut h, self.initrd)?;
         for image in self.disks.map_or(&[][..], |(_, images)| images) {
@@ -284,7 +288,7 @@ mod tests {
 
     fn ident<'a>(dir: &'a Path, cmdline: &'a str, mem: u64) -> Identity<'a> {
         Identity {
-            vmm: dir,
+            vmm: Some(dir),
             kernel: dir,
             initrd: dir,
             cmdline,

@@ -105,49 +105,48 @@ const GO: u64 = 0x30_0000;
 
 /// Runs `vm` on a thread; returns once its COM1 output (to a pipe) has
 /// given `until`, the time that took from `t`, and the VM's thread.
-fn first_output(build: impl FnOnce(std::fs::File) -> Vm, until: &[u8]) -> (Duration, Vm2) {
+fn first_output(build: impl FnOnce(std::fs::File) -> Vm, until: &[u8]) -> (Duration, Running) {
     let (mut rd, wr) = std::io::pipe().unwrap();
     let t = Instant::now();
     let vm = build(std::fs::File::from(std::os::fd::OwnedFd::from(wr)));
-    let handles = (vm.stop_handle(), vm.snapshot_handle(), vm.memory().clone());
+    let (snapshot, memory) = (vm.snapshot_handle(), vm.memory().clone());
     let thread = std::thread::spawn(move || vm.run());
+    read_until(&mut rd, until);
+    let running = Running {
+        snapshot,
+        memory,
+        thread,
+        rd,
+    };
+    (t.elapsed(), running)
+}
+
+/// Reads COM1 until it has given `end`.
+fn read_until(rd: &mut std::io::PipeReader, end: &[u8]) {
     let mut seen = Vec::new();
     let mut b = [0u8; 1];
-    while !seen.ends_with(until) {
+    while !seen.ends_with(end) {
         assert_eq!(rd.read(&mut b).unwrap(), 1, "COM1 closed: {seen:?}");
         seen.push(b[0]);
     }
-    (
-        t.elapsed(),
-        Vm2 {
-            handles,
-            thread,
-            rd,
-        },
-    )
 }
 
 /// A running VM of [`first_output`]'s.
-struct Vm2 {
-    handles: (
-        moat_vmm::StopHandle,
-        moat_vmm::SnapshotHandle,
-        moat_vmm::memory::GuestMem,
-    ),
+struct Running {
+    snapshot: moat_vmm::SnapshotHandle,
+    memory: moat_vmm::memory::GuestMem,
     thread: std::thread::JoinHandle<Result<moat_vmm::ExitReason, moat_vmm::VmmError>>,
     rd: std::io::PipeReader,
 }
 
-impl Vm2 {
-    fn finish(self) {
+impl Running {
+    /// Lets the payload leave its loop, and waits for the VM's end.
+    fn finish(mut self) {
         use vm_memory::Bytes;
-        self.handles
-            .2
+        self.memory
             .write_obj(1u8, vm_memory::GuestAddress(GO))
             .unwrap();
-        let mut rd = self.rd;
-        let mut rest = Vec::new();
-        let _ = rd.read_to_end(&mut rest);
+        let _ = self.rd.read_to_end(&mut Vec::new());
         self.thread.join().unwrap().unwrap();
     }
 }
@@ -164,16 +163,10 @@ fn snapshots(runs: usize) {
         let (t, vm) = first_output(|out| Vm::new(config(out)).unwrap(), b"r");
         cold.push(t);
         // Saved where it spins (after "ready").
-        let mut rd = vm.rd;
-        let mut seen = Vec::new();
-        let mut b = [0u8; 1];
-        while !seen.ends_with(b"eady\n") {
-            rd.read_exact(&mut b).unwrap();
-            seen.push(b[0]);
-        }
-        let vm = Vm2 { rd, ..vm };
+        let mut vm = vm;
+        read_until(&mut vm.rd, b"eady\n");
         let t = Instant::now();
-        vm.handles.1.save(&file).unwrap();
+        vm.snapshot.save(&file).unwrap();
         saves.push(t.elapsed());
         vm.finish();
     }

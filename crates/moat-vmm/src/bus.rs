@@ -53,7 +53,7 @@ pub struct Bus {
     mmio: Vec<MmioSlot>,
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic in one vCPU thread is a VMM bug that ends the VM anyway; the
     // device state is still the best there is.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -108,7 +108,7 @@ impl Bus {
     /// moves while a snapshot is written.
     pub fn with_state<R>(
         &self,
-        f: impl FnOnce(crate::snapshot::SerialRegs, Vec<crate::snapshot::TransportState>) -> R,
+        f: impl FnOnce(vm_superio::serial::SerialState, Vec<crate::snapshot::TransportState>) -> R,
     ) -> R {
         let serial = lock(&self.serial);
         let devices: Vec<_> = self.mmio.iter().map(|s| lock(&s.device)).collect();

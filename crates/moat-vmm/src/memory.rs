@@ -30,12 +30,7 @@ pub fn create(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
             source,
         }
     })?;
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
-        crate::kvm_memory::register(vm, slot, region)
-            .map_err(|source| VmmError::RegisterMemory { slot, source })?;
-    }
-    Ok(mem)
+    register(vm, mem)
 }
 
 /// Guest RAM for `mem_mib` MiB mapped copy-on-write from a snapshot file
@@ -62,6 +57,11 @@ pub fn restore(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem
         offset += len as u64;
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e)))?;
+    register(vm, mem)
+}
+
+/// Hands each region of `mem` to KVM as a memory slot.
+fn register(vm: &VmFd, mem: GuestMem) -> Result<GuestMem, VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         crate::kvm_memory::register(vm, slot, region)

@@ -27,7 +27,6 @@
 //! them), and by the host (CPUID and MSRs are the host's KVM's).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{
@@ -38,6 +37,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_superio::serial::SerialState;
 
 use crate::memory::GuestMem;
 use crate::VmmError;
@@ -77,19 +77,21 @@ pub struct KvmVmState {
     clock: kvm_clock_data,
 }
 
-/// COM1's registers (vm-superio's `SerialState`, which has no serde).
-#[derive(Clone, Default, Serialize, Deserialize)]
-pub struct SerialRegs {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
+/// The serde shape of COM1's registers (vm-superio's `SerialState`, which
+/// has no serde of its own).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialRegs {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// One virtqueue (virtio-queue's `QueueState`, which has no serde).
@@ -129,7 +131,9 @@ pub struct VmState {
     pub cmdline: String,
     pub vcpus: Vec<VcpuState>,
     pub kvm: KvmVmState,
-    pub serial: SerialRegs,
+    /// COM1's registers.
+    #[serde(with = "SerialRegs")]
+    pub serial: SerialState,
     pub transports: Vec<TransportState>,
 }
 
@@ -284,22 +288,7 @@ pub fn write(out: &File, mem: &GuestMem, state: &VmState) -> Result<(), VmmError
                 .subslice(at, n)
                 .map_err(|e| VmmError::snapshot("read guest memory", std::io::Error::other(e)))?;
             chunk.copy_to(&mut page[..n]);
-            // Runs of non-zero pages, each one write.
-            let mut p = 0;
-            while p < n {
-                let q = (p + PAGE).min(n);
-                if is_zero(&page[p..q]) {
-                    p = q;
-                    continue;
-                }
-                let mut r = q;
-                while r < n && !is_zero(&page[r..(r + PAGE).min(n)]) {
-                    r = (r + PAGE).min(n);
-                }
-                out.write_all_at(&page[p..r], offset + (at + p) as u64)
-                    .map_err(io("write guest memory"))?;
-                p = r;
-            }
+            write_nonzero(out, &page[..n], offset + at as u64).map_err(io("write guest memory"))?;
             at += n;
         }
         end = offset + len;
@@ -312,6 +301,27 @@ pub fn write(out: &File, mem: &GuestMem, state: &VmState) -> Result<(), VmmError
     out.write_all_at(&tail, end)
         .map_err(io("write the VM state"))?;
     out.sync_data().map_err(io("sync the snapshot"))?;
+    Ok(())
+}
+
+/// Writes the pages of `buf` that are not all zeros at `at` in `out`, each
+/// run of them in one write (the zero pages stay holes).
+fn write_nonzero(out: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
+    let zero = |p: usize| is_zero(&buf[p..(p + PAGE).min(buf.len())]);
+    let mut p = 0;
+    while p < buf.len() {
+        if zero(p) {
+            p += PAGE;
+            continue;
+        }
+        let mut end = p + PAGE;
+        while end < buf.len() && !zero(end) {
+            end += PAGE;
+        }
+        let end = end.min(buf.len());
+        out.write_all_at(&buf[p..end], at + p as u64)?;
+        p = end;
+    }
     Ok(())
 }
 
@@ -328,10 +338,10 @@ fn is_zero(b: &[u8]) -> bool {
 pub fn read_state(file: &File, mem_mib: u64) -> Result<VmState, VmmError> {
     let bad =
         |why: &str| VmmError::snapshot("read the snapshot", std::io::Error::other(why.to_string()));
-    let mut f = file;
-    let size = f
-        .seek(SeekFrom::End(0))
-        .map_err(|e| VmmError::snapshot("read the snapshot", e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| VmmError::snapshot("read the snapshot", e))?
+        .len();
     let ram: u64 = crate::memory::ram_ranges(mem_mib)
         .iter()
         .map(|(_, len)| *len as u64)
@@ -352,8 +362,7 @@ pub fn read_state(file: &File, mem_mib: u64) -> Result<VmState, VmmError> {
         return Err(bad("its state does not fit this VM's memory size"));
     }
     let mut json = vec![0u8; len as usize];
-    f.seek(SeekFrom::Start(ram))
-        .and_then(|_| f.read_exact(&mut json))
+    file.read_exact_at(&mut json, ram)
         .map_err(|e| VmmError::snapshot("read the snapshot", e))?;
     let state: VmState = serde_json::from_slice(&json)
         .map_err(|e| VmmError::snapshot("decode the VM state", std::io::Error::other(e)))?;
@@ -403,30 +412,22 @@ pub mod requests {
     ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 
     /// A vCPU thread reading its own state.
-    pub fn vcpu() -> Vec<(u64, &'static str)> {
-        vec![
-            (KVM_GET_REGS(), "KVM_GET_REGS"),
-            (KVM_GET_SREGS(), "KVM_GET_SREGS"),
-            (KVM_GET_MSRS(), "KVM_GET_MSRS"),
-            (KVM_GET_LAPIC(), "KVM_GET_LAPIC"),
-            (KVM_GET_MP_STATE(), "KVM_GET_MP_STATE"),
-            (KVM_GET_VCPU_EVENTS(), "KVM_GET_VCPU_EVENTS"),
-            (KVM_GET_DEBUGREGS(), "KVM_GET_DEBUGREGS"),
-            (KVM_GET_XSAVE(), "KVM_GET_XSAVE"),
-            (KVM_GET_XCRS(), "KVM_GET_XCRS"),
+    pub fn vcpu() -> [u64; 9] {
+        [
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
         ]
-        .into_iter()
-        .collect()
     }
 
     /// The main thread reading the VM's in-kernel devices.
-    pub fn vm() -> Vec<(u64, &'static str)> {
-        vec![
-            (KVM_GET_IRQCHIP(), "KVM_GET_IRQCHIP"),
-            (KVM_GET_PIT2(), "KVM_GET_PIT2"),
-            (KVM_GET_CLOCK(), "KVM_GET_CLOCK"),
-        ]
-        .into_iter()
-        .collect()
+    pub fn vm() -> [u64; 3] {
+        [KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()]
     }
 }

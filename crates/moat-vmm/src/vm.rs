@@ -13,7 +13,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::bus::{Bus, MmioDevice, MmioSlot};
+use crate::bus::{lock, Bus, MmioDevice, MmioSlot};
 use crate::config::{Discovery, Kernel, ThreadHook, ThreadRole, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
@@ -219,10 +219,6 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     vm.create_pit2(pit)
         .map_err(|e| VmmError::VmSetup("create PIT", e))?;
     Ok(vm)
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, VmmError> {
@@ -452,29 +448,31 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
+/// Where COM1's output goes (taken from `config`).
+fn serial_out(config: &mut VmConfig) -> SerialOut {
+    match config.serial_out.take() {
+        Some(f) => SerialOut::File(f),
+        None => SerialOut::Sink,
+    }
+}
+
 /// What both ways of building a VM start from: KVM, the VM with its
-/// in-kernel devices, the exit state, and where COM1's output goes.
+/// in-kernel devices, the exit state.
 struct Base {
     kvm: Kvm,
     vm: VmFd,
     exit: Arc<ExitState>,
-    serial_out: SerialOut,
 }
 
 impl Base {
-    fn new(config: &mut VmConfig) -> Result<Base, VmmError> {
+    fn new(config: &VmConfig) -> Result<Base, VmmError> {
         config.validate()?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
-        let serial_out = match config.serial_out.take() {
-            Some(f) => SerialOut::File(f),
-            None => SerialOut::Sink,
-        };
         Ok(Base {
             kvm,
             vm,
             exit: Arc::new(ExitState::default()),
-            serial_out,
         })
     }
 
@@ -511,10 +509,9 @@ impl Base {
 impl Vm {
     /// Builds a VM from `config`: KVM, memory, devices, guest image, vCPUs.
     pub fn new(mut config: VmConfig) -> Result<Vm, VmmError> {
-        let mut base = Base::new(&mut config)?;
+        let base = Base::new(&config)?;
         let mem = memory::create(&base.vm, config.mem_mib)?;
-        let out = std::mem::replace(&mut base.serial_out, SerialOut::Sink);
-        let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, out);
+        let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, serial_out(&mut config));
         let virtio = create_virtio(&base.vm, &mem, &mut config)?;
         let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
         let vcpus = create_vcpus(&base.kvm, &base.vm, &config, entry)?;
@@ -529,10 +526,10 @@ impl Vm {
     /// console. The file must stay unchanged while the VM runs (its pages
     /// are read as the guest touches them).
     pub fn restore(mut config: VmConfig, file: &std::fs::File) -> Result<Vm, VmmError> {
-        let mut base = Base::new(&mut config)?;
+        let base = Base::new(&config)?;
         let state = snapshot::read_state(file, config.mem_mib)?;
         let mem = memory::restore(&base.vm, config.mem_mib, file)?;
-        let out = std::mem::replace(&mut base.serial_out, SerialOut::Sink);
+        let out = serial_out(&mut config);
         let serial = SerialDevice::restore(irq_line(&base.vm, SERIAL_IRQ)?, out, &state.serial)
             .map_err(|e| VmmError::snapshot("restore COM1", std::io::Error::other(e)))?;
         let virtio = create_virtio(&base.vm, &mem, &mut config)?;

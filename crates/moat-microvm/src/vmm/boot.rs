@@ -39,16 +39,18 @@ pub struct Booted {
     pub agent: File,
     pub console: File,
     pub console_tail: VecDeque<u8>,
-    /// QEMU's monitor, when this boot may be saved.
-    qmp: Option<UnixStream>,
+    /// Where to ask for the save, when this boot may be saved: QEMU's
+    /// monitor (QMP), or the control socket of moat's own VMM.
+    saver: Option<UnixStream>,
 }
 
-/// The socket pairs QEMU may need, made before the jail (whose filter
+/// The socket pairs the VMM may need, made before the jail (whose filter
 /// has no `socketpair`): an agent channel per attempt (a restore or a
-/// save may fail and a cold boot follow) and the monitor for a save.
+/// save may fail and a cold boot follow) and, for a save, QEMU's monitor
+/// or moat's own VMM's control socket.
 pub struct Channels {
     agent: Vec<(UnixStream, UnixStream)>,
-    qmp: Option<(UnixStream, UnixStream)>,
+    saver: Option<(UnixStream, UnixStream)>,
     /// The VMM process's own descriptors (the setup channel, the control
     /// socket, the events record), which the child running moat's own VMM
     /// closes first.
@@ -68,13 +70,13 @@ impl Channels {
         let agent = (0..tries)
             .map(|_| UnixStream::pair().map_err(io))
             .collect::<Result<Vec<_>, _>>()?;
-        let qmp = match plan.snapshot {
+        let saver = match plan.snapshot {
             super::SnapshotPlan::Save(_) => Some(UnixStream::pair().map_err(io)?),
             _ => None,
         };
         Ok(Channels {
             agent,
-            qmp,
+            saver,
             relay_fds: Vec::new(),
         })
     }
@@ -83,7 +85,7 @@ impl Channels {
     pub fn fds(&self) -> Vec<RawFd> {
         self.agent
             .iter()
-            .chain(self.qmp.iter())
+            .chain(self.saver.iter())
             .flat_map(|(a, b)| [a.as_raw_fd(), b.as_raw_fd()])
             .collect()
     }
@@ -112,7 +114,7 @@ fn spawn(
     let (binary, accel) = match &plan.backend {
         Backend::Qemu { binary, accel } => (binary, accel),
         Backend::Builtin => {
-            let control = if monitor { ch.qmp.take() } else { None };
+            let control = if monitor { ch.saver.take() } else { None };
             let (control_ours, control_theirs) = control.unzip();
             let start = BuiltinStart {
                 incoming,
@@ -124,7 +126,7 @@ fn spawn(
             return Ok((vm, File::from(OwnedFd::from(ours)), console, control_ours));
         }
     };
-    let qmp = if monitor { ch.qmp.take() } else { None };
+    let qmp = if monitor { ch.saver.take() } else { None };
     let args = qemu::QemuArgs {
         accel: *accel,
         kernel: plan.kernel.clone(),
@@ -346,7 +348,7 @@ pub fn boot(
                     agent,
                     console,
                     console_tail: VecDeque::new(),
-                    qmp: None,
+                    saver: None,
                 };
                 let ping = proto::encode(Kind::Ping, 0, &[]);
                 let r = b
@@ -371,13 +373,13 @@ pub fn boot(
                 }
             }
             super::SnapshotPlan::Save(out) => {
-                let (vm, agent, console, qmp) = spawn(plan, ch, None, Some(&out), one)?;
+                let (vm, agent, console, saver) = spawn(plan, ch, None, Some(&out), one)?;
                 let mut b = Booted {
                     vm,
                     agent,
                     console,
                     console_tail: VecDeque::new(),
-                    qmp,
+                    saver,
                 };
                 await_hello(&mut b, plan.boot_timeout, plan.console)?;
                 let primed = if plan.prime {
@@ -385,13 +387,13 @@ pub fn boot(
                 } else {
                     Ok(())
                 };
-                let saved = match (primed, b.qmp.take()) {
+                let saved = match (primed, b.saver.take()) {
                     (Err(e), _) => Err(e),
                     (Ok(()), Some(mut q)) => match plan.backend {
                         Backend::Qemu { .. } => save(&mut q, &out),
                         Backend::Builtin => save_builtin(&mut q),
                     },
-                    (Ok(()), None) => Err(qmp_error("no monitor")),
+                    (Ok(()), None) => Err(save_error("no monitor")),
                 };
                 return match saved {
                     Ok(()) => Ok((b, StartKind::Saved)),
@@ -432,7 +434,7 @@ fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, Vm
         agent,
         console,
         console_tail: VecDeque::new(),
-        qmp: None,
+        saver: None,
     };
     await_hello(&mut b, plan.boot_timeout, plan.console)?;
     Ok(b)
@@ -552,7 +554,7 @@ fn prime(b: &mut Booted, plan: &VmmPlan) -> Result<(), VmmError> {
     await_hello(b, plan.boot_timeout, plan.console)
 }
 
-fn qmp_error(m: impl Into<String>) -> VmmError {
+fn save_error(m: impl Into<String>) -> VmmError {
     VmmError::Io {
         step: "save the snapshot".into(),
         source: std::io::Error::other(m.into()),
@@ -592,7 +594,7 @@ fn qmp_call(
             return Ok(ret.clone());
         }
         if let Some(err) = v.get("error") {
-            return Err(qmp_error(format!(
+            return Err(save_error(format!(
                 "{}: {}",
                 cmd["execute"].as_str().unwrap_or("?"),
                 err["desc"].as_str().unwrap_or("failed")
@@ -614,9 +616,9 @@ fn qmp_read(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, VmmError
             source: e,
         })?;
     if n == 0 {
-        return Err(qmp_error("QEMU closed its monitor"));
+        return Err(save_error("QEMU closed its monitor"));
     }
-    serde_json::from_str(&line).map_err(|e| qmp_error(format!("monitor: {e}")))
+    serde_json::from_str(&line).map_err(|e| save_error(format!("monitor: {e}")))
 }
 
 /// Has moat's own VMM save the running guest into the file it was given
@@ -633,7 +635,7 @@ fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
     let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
     loop {
         match poll(&mut fds, timeout) {
-            Ok(0) => return Err(qmp_error("the VMM did not answer")),
+            Ok(0) => return Err(save_error("the VMM did not answer")),
             Ok(_) => break,
             Err(nix::Error::EINTR) => continue,
             Err(e) => {
@@ -653,8 +655,8 @@ fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
         })?;
     match line.trim_end() {
         crate::builtin::SAVED => Ok(()),
-        "" => Err(qmp_error("the VMM closed its control socket")),
-        other => Err(qmp_error(other)),
+        "" => Err(save_error("the VMM closed its control socket")),
+        other => Err(save_error(other)),
     }
 }
 
@@ -676,7 +678,7 @@ fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
     })?);
     let greeting = qmp_read(&mut r)?;
     if greeting.get("QMP").is_none() {
-        return Err(qmp_error("no QMP greeting"));
+        return Err(save_error("no QMP greeting"));
     }
     qmp_call(&w, &mut r, &json!({"execute": "qmp_capabilities"}), None)?;
     // The guest is not stopped first: a restored guest keeps the run
@@ -709,7 +711,7 @@ fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
         match st["status"].as_str().unwrap_or("") {
             "completed" => break,
             "failed" | "cancelled" => {
-                return Err(qmp_error(format!(
+                return Err(save_error(format!(
                     "migration {}: {}",
                     st["status"].as_str().unwrap_or(""),
                     st["error-desc"].as_str().unwrap_or("no reason given")
@@ -718,7 +720,7 @@ fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
             _ => {}
         }
         if Instant::now() >= until {
-            return Err(qmp_error("migration did not complete"));
+            return Err(save_error("migration did not complete"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

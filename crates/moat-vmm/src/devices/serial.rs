@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// Where serial output goes.
@@ -45,43 +45,15 @@ impl<T: Trigger> SerialDevice<T> {
     }
 
     /// A UART with the registers of a saved one.
-    pub fn restore(
-        irq: T,
-        out: SerialOut,
-        s: &crate::snapshot::SerialRegs,
-    ) -> Result<Self, String> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&state, irq, NoEvents, out)
+    pub fn restore(irq: T, out: SerialOut, state: &SerialState) -> Result<Self, String> {
+        let uart = Serial::from_state(state, irq, NoEvents, out)
             .map_err(|_| "COM1's saved receive FIFO is over-full".to_string())?;
         Ok(SerialDevice { uart })
     }
 
     /// The registers, for a snapshot.
-    pub fn state(&self) -> crate::snapshot::SerialRegs {
-        let s = self.uart.state();
-        crate::snapshot::SerialRegs {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// A guest `in` from base + `offset`.
