@@ -14,7 +14,7 @@
 //! the image. Any other directory (an engine's bundle rootfs, a volume) is
 //! imaged **per container**, in the container's state directory, and
 //! removed by `delete`.
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -188,46 +188,30 @@ pub fn group(
         .map_err(MicrovmError::io(format!("create {}", staging.display())))?;
     // The sources are bind-mounted into the staging directory in a mount
     // namespace of a child's own, so the host never sees those mounts.
-    let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
-        use nix::mount::{mount, MsFlags};
-        let r = (|| -> Result<(), MicrovmError> {
-            make_mounts_private().map_err(MicrovmError::sys("make the mounts private"))?;
-            mount(
-                Some("moat-staging"),
-                &staging,
-                Some("tmpfs"),
-                MsFlags::empty(),
-                Some("mode=0755"),
-            )
-            .map_err(MicrovmError::sys("mount the staging directory"))?;
-            for (k, s) in sources.iter().enumerate() {
-                let at = staging.join(k.to_string());
-                // A file is bound onto a file, a directory onto a directory.
-                let made = if s.is_dir() {
-                    std::fs::create_dir(&at)
-                } else {
-                    std::fs::File::create_new(&at).map(drop)
-                };
-                made.map_err(MicrovmError::io(format!("create {}", at.display())))?;
-                mount(
-                    Some(s.as_path()),
-                    &at,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(MicrovmError::sys(format!("bind {}", s.display())))?;
+    let code = if rootless() {
+        let first = sources.first().cloned().unwrap_or_default();
+        let built = in_own_userns(&path, &first, |scratch| {
+            stage(&staging, sources)?;
+            cover_unreadable(&staging, scratch)?;
+            build_as(&staging, &path, &uuid, usage(&staging)?, Fill::Mke2fs).map(drop)
+        });
+        Ok(if built.is_ok() { 0 } else { 1 })
+    } else {
+        moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
+            let r = (|| -> Result<(), MicrovmError> {
+                make_mounts_private().map_err(MicrovmError::sys("make the mounts private"))?;
+                stage(&staging, sources)?;
+                build(&staging, &path, &uuid).map(drop)
+            })();
+            match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("moat: {}", moat_core::error_chain(&e));
+                    1
+                }
             }
-            build(&staging, &path, &uuid).map(drop)
-        })();
-        match r {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("moat: {}", moat_core::error_chain(&e));
-                1
-            }
-        }
-    });
+        })
+    };
     let _ = std::fs::remove_dir(&staging);
     match code {
         Ok(0) => {
@@ -245,6 +229,179 @@ pub fn group(
             message: format!("cannot image {} directories together", sources.len()),
         }),
     }
+}
+
+/// Mounts a tmpfs on `staging` and binds each of `sources` at `<k>` in it
+/// (a file onto a file, a directory onto a directory), in the calling
+/// child's own mount namespace.
+fn stage(staging: &Path, sources: &[PathBuf]) -> Result<(), MicrovmError> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some("moat-staging"),
+        staging,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(MicrovmError::sys("mount the staging directory"))?;
+    for (k, s) in sources.iter().enumerate() {
+        let at = staging.join(k.to_string());
+        let made = if s.is_dir() {
+            std::fs::create_dir(&at)
+        } else {
+            std::fs::File::create_new(&at).map(drop)
+        };
+        made.map_err(MicrovmError::io(format!("create {}", at.display())))?;
+        mount(
+            Some(s.as_path()),
+            &at,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(MicrovmError::sys(format!("bind {}", s.display())))?;
+    }
+    Ok(())
+}
+
+/// Whether moat runs as an unprivileged user: it then images trees with
+/// `mke2fs -d` in namespaces of a child's own ([`in_own_userns`]), since
+/// it can neither attach a loop device nor read what its user cannot.
+fn rootless() -> bool {
+    !rustix::process::geteuid().is_root()
+}
+
+/// Rootless: runs `f` in a child with a user namespace of its own, where
+/// the user is root and no one else is mapped, and a mount namespace of
+/// its own, where `f` may cover what the user cannot read
+/// ([`cover_unreadable`]); `f` gets an empty tmpfs private to the child
+/// for the covers, mounted on `<at>.<pid>.mnt` (swept if the child dies).
+/// Host files owned by anyone but the user show there as the overflow ID
+/// (65534), and an image made there records that owner: to the guest's
+/// container, whose user namespace maps neither root nor 65534 of the
+/// guest, both read as unmapped, with the same permission bits. The
+/// child's error goes to stderr; the one returned names `what`.
+fn in_own_userns(
+    at: &Path,
+    what: &Path,
+    f: impl FnOnce(&Path) -> Result<(), MicrovmError>,
+) -> Result<(), MicrovmError> {
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    let scratch = at.with_extension(format!("{}.mnt", std::process::id()));
+    std::fs::create_dir(&scratch)
+        .map_err(MicrovmError::io(format!("create {}", scratch.display())))?;
+    let code = moat_sys::process::run_in_child(libc::CLONE_NEWUSER | libc::CLONE_NEWNS, || {
+        let r = (|| -> Result<(), MicrovmError> {
+            moat_jail::idmap::map_self(uid, gid, 0).map_err(|e| {
+                MicrovmError::Invalid(format!(
+                    "map the image build's user namespace: {}",
+                    moat_core::error_chain(&e)
+                ))
+            })?;
+            make_mounts_private().map_err(MicrovmError::sys("make the mounts private"))?;
+            nix::mount::mount(
+                Some("moat-covers"),
+                &scratch,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some("mode=0700,size=1m"),
+            )
+            .map_err(MicrovmError::sys("mount the covers' directory"))?;
+            f(&scratch)
+        })();
+        match r {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("moat: {}", moat_core::error_chain(&e));
+                1
+            }
+        }
+    });
+    let _ = std::fs::remove_dir(&scratch);
+    match code {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(MicrovmError::Mkfs {
+            source_dir: what.to_owned(),
+            message: "cannot image it as an unprivileged user (the reason is above)".into(),
+        }),
+        Err(e) => Err(MicrovmError::Mkfs {
+            source_dir: what.to_owned(),
+            message: format!("cannot start the image build: {e}"),
+        }),
+    }
+}
+
+/// Rootless, in [`in_own_userns`]'s child: covers every entry under
+/// `root` its user may not read (a directory without read and search
+/// permission, a file without read permission) with an empty one of the
+/// same mode (a tmpfs on the directory, an empty file from `scratch` bound
+/// on the file), so that `mke2fs -d` images what the user can read and
+/// nothing more, rather than failing on the first entry it cannot open.
+/// Returns how many it covered.
+fn cover_unreadable(root: &Path, scratch: &Path) -> Result<usize, MicrovmError> {
+    use nix::mount::{mount, MsFlags};
+    use nix::unistd::{access, AccessFlags};
+    let mut covered = 0usize;
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let rd =
+            std::fs::read_dir(&dir).map_err(MicrovmError::io(format!("read {}", dir.display())))?;
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            let p = e.path();
+            let dir = t.is_dir();
+            let need = if dir {
+                AccessFlags::R_OK | AccessFlags::X_OK
+            } else if t.is_file() {
+                AccessFlags::R_OK
+            } else {
+                continue;
+            };
+            if access(&p, need).is_ok() {
+                if dir {
+                    stack.push(p);
+                }
+                continue;
+            }
+            let mode = std::fs::symlink_metadata(&p)
+                .map_err(MicrovmError::io(format!("stat {}", p.display())))?
+                .mode()
+                & 0o7777;
+            if dir {
+                mount(
+                    Some("moat-cover"),
+                    &p,
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(format!("mode={mode:o},size=4k").as_str()),
+                )
+                .map_err(MicrovmError::sys(format!("cover {}", p.display())))?;
+            } else {
+                let empty = scratch.join(covered.to_string());
+                std::fs::File::create_new(&empty)
+                    .map_err(MicrovmError::io(format!("create {}", empty.display())))?;
+                std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(mode))
+                    .map_err(MicrovmError::io(format!("chmod {}", empty.display())))?;
+                mount(
+                    Some(&empty),
+                    &p,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(MicrovmError::sys(format!("cover {}", p.display())))?;
+            }
+            covered += 1;
+        }
+    }
+    if covered > 0 {
+        tracing::info!(
+            "microvm: {covered} entries under {} that this user cannot read are empty in its image",
+            root.display()
+        );
+    }
+    Ok(covered)
 }
 
 fn private_uuid(dest: &Path) -> String {
@@ -332,6 +489,13 @@ pub const KERNEL_FILL_MIN_ENTRIES: u64 = 10_000;
 /// Builds the image of `source` at `dest` (through a temporary file, so a
 /// failed build leaves nothing).
 fn build(source: &Path, dest: &Path, uuid: &str) -> Result<Fill, MicrovmError> {
+    if rootless() {
+        in_own_userns(dest, source, |scratch| {
+            cover_unreadable(source, scratch)?;
+            build_as(source, dest, uuid, usage(source)?, Fill::Mke2fs).map(drop)
+        })?;
+        return Ok(Fill::Mke2fs);
+    }
     let u = usage(source)?;
     let prefer = if u.bytes >= KERNEL_FILL_MIN_BYTES || u.entries >= KERNEL_FILL_MIN_ENTRIES {
         Fill::Kernel
@@ -582,6 +746,93 @@ mod tests {
         assert_eq!(one, fp());
         std::fs::write(d.path().join("a/new"), b"x").unwrap();
         assert_ne!(one, fp(), "a file added below changes the fingerprint");
+    }
+
+    /// Rootless: a user's image holds what it can read, with the host's
+    /// owners it cannot map as 65534, an unreadable directory and file as
+    /// empty ones of the same mode; a group image the same; and the build
+    /// leaves nothing but the images (no staging, no covers' directory).
+    #[test]
+    fn an_unprivileged_users_image_holds_what_it_can_read() {
+        if moat_core::testing::needs_root("an_unprivileged_users_image_holds_what_it_can_read") {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("open/deeper")).unwrap();
+        std::fs::create_dir_all(src.join("secret")).unwrap();
+        std::fs::write(src.join("open/deeper/f"), b"readable\n").unwrap();
+        std::fs::write(src.join("secret/x"), b"hidden\n").unwrap();
+        std::fs::write(src.join("unread"), b"hidden too\n").unwrap();
+        std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        std::fs::set_permissions(src.join("unread"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::os::unix::fs::chown(&out, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (img, grp) = (out.join("one.ext4"), out.join("group.ext4"));
+        let code = moat_sys::process::run_in_child(0, || {
+            use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+            let (g, u) = (Gid::from_raw(65534), Uid::from_raw(65534));
+            if setgroups(&[]).is_err() || setresgid(g, g, g).is_err() || setresuid(u, u, u).is_err()
+            {
+                return 2;
+            }
+            // As a user's own moat is (the switch made this one non-dumpable,
+            // and its /proc/self files root's).
+            if nix::sys::prctl::set_dumpable(true).is_err() {
+                return 3;
+            }
+            let one = per_container(&src, &img);
+            let two = group(&[src.join("open"), src.join("unread")], None, &grp);
+            match (one, two) {
+                (Ok(_), Ok(_)) => 0,
+                (a, b) => {
+                    eprintln!("{a:?} {b:?}");
+                    1
+                }
+            }
+        })
+        .unwrap();
+        assert_eq!(code, 0);
+        let cat = |img: &Path, path: &str| {
+            let o = Command::new("debugfs")
+                .args(["-R", &format!("cat {path}")])
+                .arg(img)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(cat(&img, "/open/deeper/f"), "readable\n");
+        assert_eq!(cat(&img, "/unread"), "");
+        assert_eq!(cat(&img, "/secret/x"), "");
+        let open = describe(&img, "/open/deeper/f");
+        assert!(open.contains("User: 65534 Group: 65534"), "{open}");
+        assert!(open.starts_with("regular Mode: 0644"), "{open}");
+        let unread = describe(&img, "/unread");
+        assert!(unread.starts_with("regular Mode: 0640"), "{unread}");
+        assert!(unread.contains("Size: 0"), "{unread}");
+        let secret = describe(&img, "/secret");
+        assert!(secret.starts_with("directory Mode: 0700"), "{secret}");
+        let listed = Command::new("debugfs")
+            .args(["-R", "ls -p /secret"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(!listed.contains("/x/"), "{listed}");
+        assert_eq!(cat(&grp, "/0/deeper/f"), "readable\n");
+        assert_eq!(cat(&grp, "/1"), "");
+        let mut left: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["group.ext4", "one.ext4"]);
+        assert_eq!(std::fs::metadata(&img).unwrap().uid(), 65534);
     }
 
     #[test]
