@@ -69,6 +69,7 @@ pub fn jail_plan(
         uid,
         gid,
         groups: vec![kvm_gid],
+        rootless: false,
         keep_fds,
         seccomp,
     })

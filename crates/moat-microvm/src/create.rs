@@ -145,24 +145,42 @@ impl MicrovmTier {
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
         let (rows, cols) = console_size(&spec_json);
-        let cgroup = self.vmm_cgroup(req, &spec_json, &host, guest.mem_mib)?;
-        undo.cgroup = Some(cgroup.clone());
+        let rootless = !rustix::process::geteuid().is_root();
+        let cgroup = self.vmm_cgroup(req, &spec_json, &host, guest.mem_mib, rootless)?;
+        undo.cgroup = cgroup.clone();
         moat_core::steps::mark("microvm-cgroup");
         let socket_dir = self.socket_dir(req.id);
         let listener = listen(&socket_dir)?;
         undo.socket_dir = Some(socket_dir.clone());
-        let alloc = moat_jail::idalloc::IdAllocator::new(
-            moat_jail::idalloc::allocator_dir(),
-            moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
-        )
-        .allocate(
-            moat_jail::idalloc::Owner::current(),
-            &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
-        )
-        .map_err(MicrovmError::from)?;
-        let uid = alloc.host_start;
+        // The VMM's host user: as root, a block of moat's ID allocator, the
+        // VMM's alone; rootless, the user itself (no other host ID is an
+        // unprivileged user's to take), in a user namespace of the VMM's own.
+        let alloc = if rootless {
+            None
+        } else {
+            Some(
+                moat_jail::idalloc::IdAllocator::new(
+                    moat_jail::idalloc::allocator_dir(),
+                    moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
+                )
+                .allocate(
+                    moat_jail::idalloc::Owner::current(),
+                    &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
+                )
+                .map_err(MicrovmError::from)?,
+            )
+        };
+        let (uid, gid) = match &alloc {
+            Some(a) => (a.host_start, a.host_start),
+            None => (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
+        };
         moat_core::steps::mark("microvm-host-ids");
-        let slot = (alloc.slot, moat_jail::idalloc::Owner::current().record());
+        let slot = alloc
+            .as_ref()
+            .map(|a| (a.slot, moat_jail::idalloc::Owner::current().record()));
         let jail_root = dir.join("jail");
         std::fs::create_dir(&jail_root)
             .map_err(MicrovmError::io("create the jail's mount point"))?;
@@ -191,6 +209,10 @@ impl MicrovmTier {
         };
         if kvm {
             devices.push(PathBuf::from(crate::builtin::KVM));
+        }
+        // Rootless, the VMM keeps the user's groups (its own user namespace
+        // cannot change them): among them the one that opens /dev/kvm.
+        if kvm && !rootless {
             use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(crate::builtin::KVM)
                 .map_err(MicrovmError::io(format!("stat {}", crate::builtin::KVM)))?;
@@ -305,8 +327,9 @@ impl MicrovmTier {
                 files,
                 devices,
                 uid,
-                gid: uid,
+                gid,
                 groups,
+                rootless,
                 keep_fds: Vec::new(),
                 seccomp: process_filter,
             },
@@ -357,7 +380,9 @@ impl MicrovmTier {
         };
         undo.pid = Some(pid);
         moat_core::steps::mark("microvm-vmm-spawn");
-        cgroup.add_pid(pid).map_err(MicrovmError::from)?;
+        if let Some(cg) = &cgroup {
+            cg.add_pid(pid).map_err(MicrovmError::from)?;
+        }
         let net_stack = match (&net, net_stack_end) {
             (Some(n), Some(end)) => {
                 let stack = start_stack(n, end, pid, req, &dir)?;
@@ -370,15 +395,17 @@ impl MicrovmTier {
         // ends, and the allocator reclaims a block only once no process
         // runs with its IDs.
         std::mem::forget(alloc);
-        undo.slot = Some(slot.clone());
+        undo.slot = slot.clone();
         st.pid = pid;
         st.pid_start_time = moat_jail::procfs::pid_start_time(pid).unwrap_or(0);
         st.tier = Tier::Microvm;
         st.tier_state = serde_json::to_value(MicrovmPart {
-            cgroup: cgroup.to_saved(),
+            cgroup: cgroup
+                .as_ref()
+                .map_or(serde_json::Value::Null, |c| c.to_saved()),
             socket_dir,
             vmm_uid: uid,
-            vmm_slot: Some(slot),
+            vmm_slot: slot,
             backend: host.why.clone(),
             net_stack,
         })
@@ -505,22 +532,40 @@ impl MicrovmTier {
 
     /// The VMM's cgroup: the container's, with the memory limit raised to
     /// the guest's RAM plus what the VMM needs, and a pids limit for its
-    /// threads (the container's own limits hold in the guest).
+    /// threads (the container's own limits hold in the guest). Rootless
+    /// without a delegated cgroup, none, with a warning, when the config
+    /// asked for no limit (as the container tier does: the guest's RAM is
+    /// still its size); with a limit asked for, that is an error rather
+    /// than a dropped limit.
     fn vmm_cgroup(
         &self,
         req: &CreateRequest,
         spec: &serde_json::Value,
         host: &HostChoice,
         mem_mib: u64,
-    ) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
+        rootless: bool,
+    ) -> Result<Option<moat_jail::cgroup::CgroupManager>, RuntimeError> {
         let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
         let cg = moat_jail::cgroup::CgroupManager::new(
             path.as_deref(),
             req.id,
             self.systemd_cgroup,
-            false,
+            rootless,
         )
         .map_err(MicrovmError::from)?;
+        if rootless && !asks_limits(&spec["linux"]["resources"]) {
+            match cg.create(None) {
+                Ok(()) => {}
+                Err(moat_jail::cgroup::CgroupError::NoDelegation { path, .. }) => {
+                    tracing::warn!(
+                        "no delegated cgroup ({}): the VMM runs without cgroup limits",
+                        path.display()
+                    );
+                    return Ok(None);
+                }
+                Err(e) => return Err(MicrovmError::from(e).into()),
+            }
+        }
         let overhead = match &host.backend {
             Backend::Qemu {
                 accel: moat_vmm::qemu::Accel::Tcg,
@@ -538,8 +583,11 @@ impl MicrovmTier {
         }
         let resources: oci_spec::runtime::LinuxResources =
             serde_json::from_value(res).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        cg.create(Some(&resources)).map_err(MicrovmError::from)?;
-        Ok(cg)
+        if let Err(e) = cg.create(Some(&resources)) {
+            let _ = cg.destroy();
+            return Err(MicrovmError::from(e).into());
+        }
+        Ok(Some(cg))
     }
 }
 
@@ -558,6 +606,16 @@ struct Guest {
     spare: File,
     mem_mib: u64,
     vcpus: u8,
+}
+
+/// Whether a config's `linux.resources` sets a memory, CPU or pids limit.
+fn asks_limits(res: &serde_json::Value) -> bool {
+    let set = |v: &serde_json::Value| !v.is_null();
+    set(&res["memory"]["limit"])
+        || set(&res["cpu"]["quota"])
+        || set(&res["cpu"]["shares"])
+        || set(&res["cpu"]["cpus"])
+        || set(&res["pids"]["limit"])
 }
 
 /// Whether a bind source gets a disk of its own: the host's system
@@ -679,6 +737,17 @@ fn listen(dir: &Path) -> Result<OwnedFd, RuntimeError> {
     }
     if let Some(parent) = dir.parent() {
         disk::ensure_dir(parent)?;
+        // A shared directory's (a rootless run's under /tmp) must be ours.
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(parent)
+            .map_err(MicrovmError::io(format!("stat {}", parent.display())))?;
+        if !m.is_dir() || m.uid() != rustix::process::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+            return Err(MicrovmError::Invalid(format!(
+                "{} is not a directory of this user's that only it may write",
+                parent.display()
+            ))
+            .into());
+        }
     }
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -709,7 +778,13 @@ fn spawn_vmm(
 ) -> Result<i32, RuntimeError> {
     let one = moat_sys::process::OneThread::check()
         .map_err(MicrovmError::io("check the runtime is single-threaded"))?;
-    let flags = libc::CLONE_NEWNS
+    // Rootless, a user namespace of its own first (the others are then
+    // its), where the user is mapped as itself: the jail's mounts need its
+    // capabilities there, and the jail drops them.
+    let (rootless, uid, gid) = (plan.jail.rootless, plan.jail.uid, plan.jail.gid);
+    let userns = if rootless { libc::CLONE_NEWUSER } else { 0 };
+    let flags = userns
+        | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
@@ -720,6 +795,9 @@ fn spawn_vmm(
     let mut tty = tty;
     let pid = one
         .fork(flags, move |child_one| {
+            if rootless && moat_jail::idmap::map_self(uid, gid, uid).is_err() {
+                return 255;
+            }
             if die_with_runtime
                 && nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
             {

@@ -201,6 +201,25 @@ fn group_place(plan: &mut Plan, source: &Path) -> String {
 fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), String> {
     let dest = m["destination"].as_str().unwrap_or_default().to_string();
     let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
+    // The host kernel's own file systems (a rootless spec binds /sys, as it
+    // may not mount one): the guest's kernel has its own, mounted with the
+    // bind's restrictions; a part of the host's cannot be shared.
+    for (root, kind) in [("/sys", "sysfs"), ("/proc", "proc")] {
+        if source == Path::new(root) {
+            let mut options = vec![json!("nosuid"), json!("noexec"), json!("nodev")];
+            if read_only(m) {
+                options.push(json!("ro"));
+            }
+            *m = json!({"destination": dest, "type": kind, "source": kind, "options": options});
+            return Ok(());
+        }
+        if source.starts_with(root) {
+            return Err(format!(
+                "bind mount source {} (for {dest}) is the host kernel's: the guest's kernel has its own {root}",
+                source.display()
+            ));
+        }
+    }
     match (probe.kind)(&source) {
         SourceKind::Dir if dest == "/dev/shm" && !read_only(m) => {
             // An engine's private shm: the guest's own tmpfs serves.
@@ -375,6 +394,35 @@ mod tests {
         assert!(p.config["linux"]["namespaces"][0].get("path").is_none());
         assert!(p.config["annotations"].get("dev.moat.isolation").is_none());
         assert_eq!(p.config["annotations"]["keep"], "yes");
+    }
+
+    /// A rootless spec binds the host's /sys (it may not mount one): the
+    /// guest mounts its own kernel's, as restricted; a part of the host's
+    /// sysfs or procfs is refused, not imaged.
+    #[test]
+    fn the_host_kernels_file_systems_become_the_guests_own() {
+        let s = spec(json!([
+            {"destination": "/sys", "type": "none", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/p", "type": "bind", "source": "/proc", "options": ["rbind"]}
+        ]));
+        let p = plan(&s, Path::new("/r"), &PROBE).unwrap();
+        assert_eq!((p.disks.len(), p.group.len(), p.files.len()), (1, 0, 0));
+        let m = p.config["mounts"].as_array().unwrap();
+        assert_eq!(
+            m[0],
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
+        );
+        assert_eq!(
+            m[1],
+            json!({"destination": "/p", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]})
+        );
+        for part in ["/sys/fs/cgroup", "/proc/sys"] {
+            let s = spec(
+                json!([{"destination": "/x", "type": "bind", "source": part, "options": ["rbind", "ro"]}]),
+            );
+            let e = plan(&s, Path::new("/r"), &PROBE).unwrap_err();
+            assert!(e.contains("host kernel's") && !e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct JailPlan {
     pub gid: u32,
     /// Supplementary groups (the group of /dev/kvm under KVM).
     pub groups: Vec<u32>,
+    /// An unprivileged runtime's VMM: in a user namespace of its own, where
+    /// it is `uid` (the user itself) and holds capabilities only until it
+    /// drops them all; its supplementary groups stay the user's (`groups`
+    /// is not used: that namespace cannot change them).
+    pub rootless: bool,
     /// Descriptors kept open (besides 0, 1, 2).
     pub keep_fds: Vec<RawFd>,
     /// The seccomp filter loaded last (EPERM for what it does not allow).
@@ -154,12 +159,27 @@ impl JailPlan {
 
     fn switch_user(&self) -> Result<(), JailError> {
         use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
-        let groups: Vec<Gid> = self.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        setgroups(&groups).map_err(sys("set the VMM's groups"))?;
+        if !self.rootless {
+            let groups: Vec<Gid> = self.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+            setgroups(&groups).map_err(sys("set the VMM's groups"))?;
+        }
         let g = Gid::from_raw(self.gid);
         setresgid(g, g, g).map_err(sys(format!("switch to host group {}", self.gid)))?;
         let u = Uid::from_raw(self.uid);
         setresuid(u, u, u).map_err(sys(format!("switch to host user {}", self.uid)))?;
+        if self.rootless {
+            // Not root in its namespace, so the switch dropped nothing: the
+            // bounding set first (that needs CAP_SETPCAP), then the rest.
+            for set in [
+                caps::CapSet::Bounding,
+                caps::CapSet::Ambient,
+                caps::CapSet::Inheritable,
+                caps::CapSet::Effective,
+                caps::CapSet::Permitted,
+            ] {
+                caps::clear(None, set).map_err(|_| JailError::CapsRemain(self.uid))?;
+            }
+        }
         for set in [
             caps::CapSet::Permitted,
             caps::CapSet::Effective,
@@ -195,14 +215,35 @@ fn bind_ro(root: &Path, host: &Path, extra: MsFlags) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(sys(format!("bind {}", host.display())))?;
+    // The source mount's own restrictions are kept: in a user namespace
+    // (rootless) the kernel refuses a remount that would drop one.
+    let kept = nix::sys::statvfs::statvfs(&target)
+        .map(|v| source_mount_flags(v.flags()))
+        .map_err(sys(format!("statvfs {}", host.display())))?;
     mount(
         None::<&str>,
         &target,
         None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra | kept,
         None::<&str>,
     )
     .map_err(sys(format!("make {} read-only", host.display())))
+}
+
+/// The mount flags a bind remount must keep of its source's (`statvfs`).
+fn source_mount_flags(f: nix::sys::statvfs::FsFlags) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(s, _)| f.contains(*s))
+    .fold(MsFlags::empty(), |acc, (_, m)| acc | m)
 }
 
 /// No core dumps (guest memory would land on the host's disk), a bounded

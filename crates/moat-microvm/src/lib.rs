@@ -132,12 +132,6 @@ pub const BACKEND_ENV: &str = "MOAT_MICROVM_BACKEND";
 /// kernel). `MOAT_MICROVM_BACKEND=qemu` picks QEMU (with KVM where the
 /// hardware allows), `=builtin` moat's own VMM (refused without vmx/svm).
 pub fn check_host() -> Result<HostChoice, Unavailable> {
-    if !rustix::process::geteuid().is_root() {
-        return Err(unavailable(
-            "it needs root for now (the VMM's jail uses a host user of its own)".into(),
-            "run as root, or use --isolation sandbox",
-        ));
-    }
     let asked = asked_backend(&std::env::var(BACKEND_ENV).unwrap_or_default())
         .map_err(|(reason, fix)| unavailable(reason, fix))?;
     let kernel = assets::GuestKernel::find()
@@ -151,8 +145,12 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
         format!("no vmx/svm: software-assisted KVM ({m})")
     } else if !kvm.hardware {
         "no vmx/svm in /proc/cpuinfo".to_string()
-    } else {
+    } else if rustix::process::geteuid().is_root() {
         kvm_group_why(std::path::Path::new(builtin::KVM))
+    } else {
+        // Rootless, the VMM keeps the user's own groups: it opens /dev/kvm
+        // exactly when the user can (`accessible`, checked above).
+        String::new()
     };
     if which("mke2fs").is_none() {
         return Err(unavailable(
@@ -395,7 +393,14 @@ impl MicrovmTier {
         use sha2::Digest;
         let key = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
         let name: String = key.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        PathBuf::from("/run/moat-microvm").join(name)
+        let euid = rustix::process::geteuid();
+        if euid.is_root() {
+            PathBuf::from("/run/moat-microvm").join(name)
+        } else {
+            std::env::temp_dir()
+                .join(format!("moat-microvm-{}", euid.as_raw()))
+                .join(name)
+        }
     }
 
     fn part(&self, st: &State) -> Result<MicrovmPart, RuntimeError> {

@@ -878,3 +878,276 @@ fn probe_in_the_guest_reaches_no_host_kernel() {
     }
     assert_clean(&rt);
 }
+
+/// `moat` as `uid` (its own group, no other) with `env`, stdout to
+/// `stdout` when given: (exit code, stdout, stderr).
+fn as_user(
+    rt: &Rt,
+    uid: u32,
+    env: &[(&str, &Path)],
+    args: &[&str],
+    stdout: Option<&Path>,
+) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()])
+        .arg("--clear-groups")
+        .arg(&rt.bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(stdout.unwrap_or(&o)).unwrap())
+        .stderr(
+            std::fs::File::create(stdout.map(|p| p.with_extension("err")).unwrap_or(e.clone()))
+                .unwrap(),
+        );
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = spawn_own(&mut c);
+    let status = wait_own(&mut child);
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    (status.code(), read(&o), read(&e))
+}
+
+/// Kills every process of a test's own user when dropped (a failed test
+/// leaves none behind).
+struct KillUser(u32);
+
+impl Drop for KillUser {
+    fn drop(&mut self) {
+        for (p, _, _) in all_processes() {
+            if status_field(p, "Uid").starts_with(&format!("{}\t", self.0)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Rootless (PRODUCT.md: "works as root and, where the kernel allows,
+/// rootless"): a user of its own (no groups, no subordinate IDs, no
+/// delegated cgroup) drives the tier through the OCI commands and `moat
+/// run`. Its VMM process and QEMU run as that user, in a user namespace of
+/// their own that maps only it, with no capability at all (the bounding
+/// set included), no_new_privs and seccomp; the guest runs the workload,
+/// `exec` and `kill` reach it, statuses come back; a memory limit it cannot
+/// have is refused in one line; nothing is left (processes, state, socket
+/// directory, the image builds' scratch).
+#[test]
+fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
+    let test = "an_unprivileged_user_runs_microvms_in_a_jail_of_its_own";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let uid = 2500 + std::process::id() % 1000;
+    let home = tempfile::tempdir().unwrap();
+    let (state, xdg, cache) = (
+        home.path().join("state"),
+        home.path().join("xdg"),
+        home.path().join("cache"),
+    );
+    let _reap = KillUser(uid);
+    let mut b = vm_bundle(&[]);
+    b.write_config();
+    for d in [&state, &xdg, &cache] {
+        std::fs::create_dir(d).unwrap();
+    }
+    for p in [home.path(), b.dir()] {
+        let o = std::process::Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}")])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    }
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let env = [
+        ("MOAT_MICROVM_CACHE", cache.as_path()),
+        ("XDG_RUNTIME_DIR", xdg.as_path()),
+    ];
+    let root = state.display().to_string();
+    let bundle = b.dir().display().to_string();
+    let oci = |args: &[&str], out: Option<&Path>| {
+        let mut a = vec!["--root", root.as_str()];
+        a.extend_from_slice(args);
+        as_user(&rt, uid, &env, &a, out)
+    };
+    // The user's own `spec --rootless` (it maps itself to root, binds the
+    // host's /sys, asks for no limit), for the tier by annotation.
+    std::fs::remove_file(b.dir().join("config.json")).unwrap();
+    let (code, _, err) = oci(&["spec", "--rootless", "--bundle", &bundle], None);
+    assert_eq!(code, Some(0), "{err}");
+    b.config =
+        serde_json::from_slice(&std::fs::read(b.dir().join("config.json")).unwrap()).unwrap();
+    b.set("/process/terminal", serde_json::json!(false));
+    b.set(
+        "/process/args",
+        serde_json::json!([
+            "sh",
+            "-c",
+            "echo started; trap 'echo got-term; exit 7' TERM; while :; do sleep 1; done"
+        ]),
+    );
+    b.set(
+        "/annotations",
+        serde_json::json!({"dev.moat.isolation": "microvm"}),
+    );
+    b.write_config();
+
+    let names = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // OCI: create, the jail, start, exec, kill, delete.
+    let ctr_out = home.path().join("ctr-stdout");
+    let (code, _, err) = oci(&["create", "--bundle", &bundle, "vm"], Some(&ctr_out));
+    assert_eq!(code, Some(0), "{err}");
+    let (_, st, _) = oci(&["state", "vm"], None);
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["status"], "created", "{st}");
+    let pid = st["pid"].as_u64().unwrap() as u32;
+    let qemu: Vec<u32> = all_processes()
+        .into_iter()
+        .filter(|(_, ppid, _)| *ppid == pid)
+        .map(|(p, _, _)| p)
+        .collect();
+    assert!(!qemu.is_empty(), "QEMU under the VMM process {pid}");
+    let own_ns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    for p in std::iter::once(pid).chain(qemu.iter().copied()) {
+        let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
+        assert_eq!(status_field(p, "Uid"), ids, "process {p}");
+        assert_eq!(status_field(p, "Gid"), ids, "process {p}");
+        // The user's own groups (none here), not changed by the jail.
+        assert_eq!(status_field(p, "Groups"), "", "process {p}");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(p, caps), "0000000000000000", "{caps} of {p}");
+        }
+        assert_eq!(status_field(p, "NoNewPrivs"), "1", "process {p}");
+        assert_eq!(status_field(p, "Seccomp"), "2", "process {p}");
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{p}/ns/user")).unwrap(),
+            own_ns
+        );
+        let map = std::fs::read_to_string(format!("/proc/{p}/uid_map")).unwrap();
+        let map: Vec<&str> = map.split_whitespace().collect();
+        assert_eq!(
+            map,
+            [uid.to_string(), uid.to_string(), "1".into()],
+            "process {p}"
+        );
+    }
+    let (code, _, err) = oci(&["start", "vm"], None);
+    assert_eq!(code, Some(0), "{err}");
+    let output = || std::fs::read_to_string(&ctr_out).unwrap_or_default();
+    let waited = std::time::Instant::now();
+    while !output().contains("started") {
+        if waited.elapsed() > Duration::from_secs(120) {
+            let (_, st, _) = oci(&["state", "vm"], None);
+            let err = std::fs::read_to_string(ctr_out.with_extension("err")).unwrap_or_default();
+            panic!("the workload never started: {st} {} {err}", output());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out, err) = oci(&["exec", "vm", "sh", "-c", "echo from-exec; exit 4"], None);
+    assert_eq!((code, out.as_str()), (Some(4), "from-exec\n"), "{err}");
+    let (code, _, err) = oci(&["kill", "vm", "TERM"], None);
+    assert_eq!(code, Some(0), "{err}");
+    let waited = std::time::Instant::now();
+    loop {
+        let (_, st, _) = oci(&["state", "vm"], None);
+        if st.contains("\"stopped\"") {
+            break;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(60), "{st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(output().contains("got-term"), "{}", output());
+    let (code, _, err) = oci(&["delete", "vm"], None);
+    assert_eq!(code, Some(0), "{err}");
+
+    // A memory limit needs a cgroup this user was not delegated: refused
+    // in one line, with nothing made.
+    b.set(
+        "/linux/resources",
+        serde_json::json!({"memory": {"limit": 268435456}}),
+    );
+    b.write_config();
+    let (code, _, err) = oci(&["run", "--bundle", &bundle, "limited"], None);
+    assert_ne!(code, Some(0), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| !l.contains("warning:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("cgroup"), "{err}");
+    assert!(
+        names(&state).iter().all(|n| n.starts_with('.')),
+        "{:?}",
+        names(&state)
+    );
+
+    // `moat run` of a directory image, its state under $XDG_RUNTIME_DIR.
+    let rootfs = b.rootfs().display().to_string();
+    let (code, out, err) = as_user(
+        &rt,
+        uid,
+        &env,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            &rootfs,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (Some(3), "hi\n"), "{err}");
+
+    // Nothing left.
+    let left: Vec<u32> = all_processes()
+        .into_iter()
+        .filter(|(p, _, s)| *s != 'Z' && status_field(*p, "Uid").starts_with(&format!("{uid}\t")))
+        .map(|(p, _, _)| p)
+        .collect();
+    assert!(left.is_empty(), "processes of {uid} left: {left:?}");
+    let in_state: Vec<String> = names(&state)
+        .into_iter()
+        .filter(|n| n != ".microvm")
+        .collect();
+    assert!(in_state.is_empty(), "{in_state:?}");
+    assert!(names(&state.join(".microvm")).is_empty());
+    let scratch: Vec<String> = names(&cache)
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp") || n.ends_with(".mnt") || n.ends_with(".staging"))
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+    let run_state: Vec<String> = names(&xdg.join("moat"))
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(run_state.is_empty(), "{run_state:?}");
+    assert!(names(&std::env::temp_dir().join(format!("moat-microvm-{uid}"))).is_empty());
+}

@@ -594,7 +594,16 @@ fn image_spec(
             .ok_or_else(|| anyhow::anyhow!("a layered image needs its view"))?,
     };
     resolve_named_user(s, o, root)?;
-    if o.user.is_none() {
+    if o.user.is_none() && one_mapped_id(s) {
+        // Rootless without a subordinate ID range: ID 0 is the only one
+        // there is (rootless_settings), whatever user the image names.
+        if !c.user.is_empty() && c.user != "0" && c.user != "root" {
+            tracing::info!(
+                "the image's user {:?} is not mapped without a subordinate ID range: the process runs as ID 0",
+                c.user
+            );
+        }
+    } else if o.user.is_none() {
         // No `User` in the image: not root, but the embedded default's
         // user (nobody); `-u 0` asks for root (docs/run.md says why).
         let (uid, gid) = if c.user.is_empty() {
@@ -712,6 +721,15 @@ fn rootless_settings(s: &mut Settings, o: &RunArgs) -> Result<()> {
         s.no_cgroup_limits = true;
     }
     Ok(())
+}
+
+/// Whether the container maps one ID only (rootless without a subordinate
+/// ID range: `rootless_settings`).
+fn one_mapped_id(s: &Settings) -> bool {
+    s.id_maps.as_ref().is_some_and(|(u, _)| {
+        u.as_array()
+            .is_some_and(|m| m.len() == 1 && m[0]["size"] == 1)
+    })
 }
 
 fn user_name(uid: u32) -> Option<String> {
