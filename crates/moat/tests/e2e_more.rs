@@ -650,6 +650,51 @@ fn rootless_run_with_private_runtime_dir_and_subordinate_ids() {
     assert_eq!(String::from_utf8_lossy(&again.stdout), "again\n");
 }
 
+/// A directory image run by a user without a subordinate ID range: only ID
+/// 0 is mapped, so the process runs as 0, not as the image's default user
+/// (until 2026-12-05: "cannot set gid 65534", status 125).
+#[test]
+fn rootless_image_run_without_subordinate_ids_runs_as_the_one_mapped_id() {
+    let test = "rootless_image_run_without_subordinate_ids";
+    let Some(rt) = Rt::root_or_skip(test) else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP {test}: moat only");
+        return;
+    }
+    assert!(on_path("setpriv"), "setpriv is needed (util-linux)");
+    let uid = 3600 + (std::process::id() % 1000);
+    let b = Bundle::new(&["true"]);
+    let xdg = tempfile::tempdir().unwrap();
+    for p in [xdg.path(), b.dir()] {
+        let o = run_own(
+            Command::new("chown")
+                .args(["-R", &format!("{uid}:{uid}")])
+                .arg(p),
+        );
+        assert!(o.status.success(), "{o:?}");
+    }
+    fs::set_permissions(xdg.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .arg("run")
+            .arg(b.rootfs())
+            .args(["--", "sh", "-c", "id -u; id -g; cat /proc/self/uid_map"])
+            .env("XDG_RUNTIME_DIR", xdg.path()),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout {stdout} stderr {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..2], ["0", "0"], "{stdout}");
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        ["0", &uid.to_string(), "1"],
+        "{stdout}"
+    );
+}
+
 /// Issue 15, defect 2: rootless without a delegated cgroup, `--timeout`
 /// killed nothing (moat said "killed: timeout", the workload ran to its end
 /// and the status was 0), and `--json` reported a host ID and a memory limit
