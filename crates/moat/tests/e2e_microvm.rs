@@ -943,7 +943,7 @@ fn status_field(pid: u32, field: &str) -> String {
 /// Rootless (PRODUCT.md: "works as root and, where the kernel allows,
 /// rootless"): a user of its own (no groups, no subordinate IDs, no
 /// delegated cgroup) drives the tier through the OCI commands and `moat
-/// run`. Its VMM process and QEMU run as that user, in a user namespace of
+/// run` (a published port included). Its VMM process and QEMU run as that user, in a user namespace of
 /// their own that maps only it, with no capability at all (the bounding
 /// set included), no_new_privs and seccomp; the guest runs the workload,
 /// `exec` and `kill` reach it, statuses come back; a memory limit it cannot
@@ -1125,6 +1125,85 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
         None,
     );
     assert_eq!((code, out.as_str()), (Some(3), "hi\n"), "{err}");
+
+    // A published port, through the user-space stack the user runs: a web
+    // server in the guest answers the host until the test closes the
+    // workload's stdin.
+    let www = b.rootfs().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from a rootless guest\n").unwrap();
+    for f in ["etc/resolv.conf", "etc/hosts"] {
+        std::fs::write(b.rootfs().join(f), "").unwrap();
+    }
+    let o = std::process::Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}")])
+        .arg(b.rootfs())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let publish = format!("{port}:8080");
+    let served = home.path().join("served");
+    let mut c = std::process::Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &uid.to_string(),
+        "--clear-groups",
+    ])
+    .arg(&rt.bin)
+    .args([
+        "run",
+        "--isolation",
+        "microvm",
+        "-p",
+        &publish,
+        "--timeout",
+        "100",
+        &rootfs,
+    ])
+    .args([
+        "--",
+        "sh",
+        "-c",
+        "httpd -p 8080 -h /www && { read x; echo served; }",
+    ])
+    .envs(env.iter().map(|(k, v)| (*k, *v)))
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::fs::File::create(&served).unwrap())
+    .stderr(std::fs::File::create(served.with_extension("err")).unwrap());
+    let mut web = spawn_own(&mut c);
+    let waited = std::time::Instant::now();
+    let page = loop {
+        let got = (|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut r = String::new();
+            s.read_to_string(&mut r)?;
+            Ok(r)
+        })();
+        match got {
+            Ok(r) if r.contains("hello from a rootless guest") => break r,
+            _ if waited.elapsed() > Duration::from_secs(90) => {
+                let err = std::fs::read_to_string(served.with_extension("err")).unwrap_or_default();
+                panic!("no page through the published port: {got:?} {err}");
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(page.starts_with("HTTP/1."), "{page}");
+    drop(web.stdin.take());
+    let status = wait_own(&mut web);
+    let err = std::fs::read_to_string(served.with_extension("err")).unwrap_or_default();
+    assert!(status.success(), "{status:?} {err}");
+    assert_eq!(
+        std::fs::read_to_string(&served).unwrap(),
+        "served\n",
+        "{err}"
+    );
 
     // Nothing left.
     let left: Vec<u32> = all_processes()
