@@ -29,6 +29,9 @@ use moat_microvm::builtin;
 use moat_vmm::{BlockConfig, Kernel, VmConfig};
 
 const CHILD: &str = "MOAT_JAILED_VMM";
+/// Set for the rootless variant's child: the jail as an unprivileged
+/// runtime's VMM builds it (`JailPlan::rootless`).
+const ROOTLESS: &str = "MOAT_JAILED_VMM_ROOTLESS";
 /// The host user the jailed VMM becomes (unused by anything else here).
 const UID: u32 = 3_999_900_000;
 /// The agent socket's end the child gets, at this descriptor.
@@ -85,13 +88,17 @@ fn child(dir: &Path) -> ! {
         c.serial_out = Some(config.serial_out.as_ref().unwrap().try_clone().unwrap());
     }
     let root = dir.join("jail");
-    let mut plan = builtin::jail_plan(&config, &root, UID, UID).unwrap();
+    // Rootless, the host user UID is the namespace's root (see the test).
+    let rootless = std::env::var_os(ROOTLESS).is_some();
+    let id = if rootless { 0 } else { UID };
+    let mut plan = builtin::jail_plan(&config, &root, id, id).unwrap();
     for c in [&rng, &console, &arp] {
         plan.keep_fds
-            .extend(builtin::jail_plan(c, &root, UID, UID).unwrap().keep_fds);
+            .extend(builtin::jail_plan(c, &root, id, id).unwrap().keep_fds);
     }
     // A root-only file in the jail: the jailed process may not read it.
     plan.files.push(dir.join("secret"));
+    plan.rootless = rootless;
     plan.enter().unwrap();
 
     // Probes, from inside (reported once the VMs ran: afterwards this
@@ -141,19 +148,38 @@ fn child(dir: &Path) -> ! {
     std::process::exit(0)
 }
 
-fn kvm_and_root() -> bool {
+fn kvm_and_root(test: &str) -> bool {
     if !payload_vm::kvm_available() {
         return false;
     }
-    !moat_core::testing::needs_root("the_builtin_vmm_runs_in_its_jail")
+    !moat_core::testing::needs_root(test)
 }
 
 #[test]
 fn the_builtin_vmm_runs_in_its_jail() {
+    jailed_vmm("the_builtin_vmm_runs_in_its_jail", false);
+}
+
+/// The same, as an unprivileged runtime's VMM: the child is an
+/// unprivileged user of its own (with /dev/kvm's group, as a user who may
+/// use KVM), unshares a user namespace that maps only itself along with
+/// the others (as the tier clones its VMM process rootless), and builds
+/// the jail with the capabilities it holds there, dropping them all: the
+/// bound /dev/kvm opens and every device works as above. (The tier maps
+/// the user as itself and never executes between the clone and the jail;
+/// this child must execute this test binary after the unshare, and an
+/// execve by a non-zero ID would drop those capabilities first, so here
+/// the user is the namespace's root, and the jail's ID 0.)
+#[test]
+fn the_builtin_vmm_runs_in_its_rootless_jail() {
+    jailed_vmm("the_builtin_vmm_runs_in_its_rootless_jail", true);
+}
+
+fn jailed_vmm(test: &str, rootless: bool) {
     if let Some(dir) = std::env::var_os(CHILD) {
         child(Path::new(&dir));
     }
-    if !kvm_and_root() {
+    if !kvm_and_root(test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -174,6 +200,12 @@ fn the_builtin_vmm_runs_in_its_jail() {
     std::fs::write(&secret, b"root only").unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::create_dir(dir.path().join("jail")).unwrap();
+    if rootless {
+        // The user's own, as its runtime's state directory would be.
+        for f in ["serial.txt", "jail"] {
+            std::os::unix::fs::chown(dir.path().join(f), Some(UID), Some(UID)).unwrap();
+        }
+    }
     let (mut host, guest) = UnixStream::pair().unwrap();
     host.write_all(b"ping").unwrap();
     let guest_fd = OwnedFd::from(guest);
@@ -183,31 +215,67 @@ fn the_builtin_vmm_runs_in_its_jail() {
 
     let exe: PathBuf = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "the_builtin_vmm_runs_in_its_jail",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CHILD, dir.path())
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if rootless {
+        cmd.env(ROOTLESS, "1");
+    }
     let raw = std::os::fd::AsRawFd::as_raw_fd(&guest_fd);
     let raw_frames = std::os::fd::AsRawFd::as_raw_fd(&frames_fd);
+    // Rootless: what the child writes to its own maps, made out here (no
+    // allocation after the fork).
+    let kvm_gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata("/dev/kvm").unwrap());
+    let map: &'static [u8] = format!("0 {UID} 1\n").leak().as_bytes();
+    let files = [
+        (c"/proc/self/uid_map", map),
+        (c"/proc/self/setgroups", b"deny".as_slice()),
+        (c"/proc/self/gid_map", map),
+    ];
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only dup2 and unshare (async-signal-safe system calls).
+    // only async-signal-safe system calls (dup2, setgroups, setresgid,
+    // setresuid, prctl, unshare, open, write, close) on data made before
+    // the fork.
     unsafe {
         cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
             // The agent socket at a known descriptor, and the namespaces
             // the tier gives its VMM process.
             if libc::dup2(raw, AGENT_FD) < 0 || libc::dup2(raw_frames, NET_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+                return fail();
             }
-            let flags =
+            let mut flags =
                 libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+            if rootless {
+                // An unprivileged user who may use KVM, as dumpable as a
+                // user's own runtime (the switch made it not).
+                let groups = [kvm_gid];
+                if libc::setgroups(1, groups.as_ptr()) != 0
+                    || libc::setresgid(UID, UID, UID) != 0
+                    || libc::setresuid(UID, UID, UID) != 0
+                    || libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0
+                {
+                    return fail();
+                }
+                flags |= libc::CLONE_NEWUSER;
+            }
             if libc::unshare(flags) != 0 {
-                return Err(std::io::Error::last_os_error());
+                return fail();
+            }
+            if rootless {
+                for (path, text) in files {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return fail();
+                    }
+                    let n = libc::write(fd, text.as_ptr().cast(), text.len());
+                    libc::close(fd);
+                    if n != text.len() as isize {
+                        return fail();
+                    }
+                }
             }
             Ok(())
         });
