@@ -786,7 +786,11 @@ mod tests {
                 return 3;
             }
             let one = per_container(&src, &img);
-            let two = group(&[src.join("open"), src.join("unread")], None, &grp);
+            let two = group(
+                &[src.join("open"), src.join("unread"), src.join("secret")],
+                None,
+                &grp,
+            );
             match (one, two) {
                 (Ok(_), Ok(_)) => 0,
                 (a, b) => {
@@ -825,6 +829,8 @@ mod tests {
         assert!(!listed.contains("/x/"), "{listed}");
         assert_eq!(cat(&grp, "/0/deeper/f"), "readable\n");
         assert_eq!(cat(&grp, "/1"), "");
+        let secret = describe(&grp, "/2");
+        assert!(secret.starts_with("directory Mode: 0700"), "{secret}");
         let mut left: Vec<String> = std::fs::read_dir(&out)
             .unwrap()
             .flatten()
