@@ -215,35 +215,24 @@ fn bind_ro(root: &Path, host: &Path, extra: MsFlags) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(sys(format!("bind {}", host.display())))?;
-    // The source mount's own restrictions are kept: in a user namespace
-    // (rootless) the kernel refuses a remount that would drop one.
-    let kept = nix::sys::statvfs::statvfs(&target)
-        .map(|v| source_mount_flags(v.flags()))
-        .map_err(sys(format!("statvfs {}", host.display())))?;
-    mount(
-        None::<&str>,
+    // The source mount's locked restrictions are kept where the kernel
+    // insists (in a user namespace, rootless, it refuses a remount that
+    // would drop one).
+    let fd = rustix::fs::open(
         &target,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra | kept,
-        None::<&str>,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
     )
-    .map_err(sys(format!("make {} read-only", host.display())))
-}
-
-/// The mount flags a bind remount must keep of its source's (`statvfs`).
-fn source_mount_flags(f: nix::sys::statvfs::FsFlags) -> MsFlags {
-    use nix::sys::statvfs::FsFlags;
-    [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ]
-    .into_iter()
-    .filter(|(s, _)| f.contains(*s))
-    .fold(MsFlags::empty(), |acc, (_, m)| acc | m)
+    .map_err(|e| JailError::Io {
+        step: format!("open {}", target.display()),
+        source: e.into(),
+    })?;
+    moat_jail::rootfs::remount_bind(
+        std::os::fd::AsFd::as_fd(&fd),
+        MsFlags::MS_RDONLY | extra,
+        MsFlags::empty(),
+    )
+    .map_err(io(format!("make {} read-only", host.display())))
 }
 
 /// No core dumps (guest memory would land on the host's disk), a bounded

@@ -881,7 +881,7 @@ fn probe_in_the_guest_reaches_no_host_kernel() {
 
 /// `moat` as `uid` (its own group, no other) with `env`, stdout to
 /// `stdout` when given: (exit code, stdout, stderr).
-fn as_user(
+fn run_as_user(
     rt: &Rt,
     uid: u32,
     env: &[(&str, &Path)],
@@ -890,11 +890,8 @@ fn as_user(
 ) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-    let mut c = std::process::Command::new("setpriv");
-    c.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()])
-        .arg("--clear-groups")
-        .arg(&rt.bin)
-        .args(args)
+    let mut c = as_user(uid, &rt.bin);
+    c.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(stdout.unwrap_or(&o)).unwrap())
         .stderr(
@@ -999,7 +996,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     let oci = |args: &[&str], out: Option<&Path>| {
         let mut a = vec!["--root", root.as_str()];
         a.extend_from_slice(args);
-        as_user(&rt, uid, &env, &a, out)
+        run_as_user(&rt, uid, &env, &a, out)
     };
     // The user's own `spec --rootless` (it maps itself to root, binds the
     // host's /sys, asks for no limit), for the tier by annotation.
@@ -1119,7 +1116,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
 
     // `moat run` of a directory image, its state under $XDG_RUNTIME_DIR.
     let rootfs = b.rootfs().display().to_string();
-    let (code, out, err) = as_user(
+    let (code, out, err) = run_as_user(
         &rt,
         uid,
         &env,
@@ -1155,16 +1152,8 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     let port = 20000 + (std::process::id() % 20000) as u16;
     let publish = format!("{port}:8080");
     let served = home.path().join("served");
-    let mut c = std::process::Command::new("setpriv");
+    let mut c = as_user(uid, &rt.bin);
     c.args([
-        "--reuid",
-        &uid.to_string(),
-        "--regid",
-        &uid.to_string(),
-        "--clear-groups",
-    ])
-    .arg(&rt.bin)
-    .args([
         "run",
         "--isolation",
         "microvm",

@@ -131,20 +131,6 @@ fn on_path(prog: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
 }
 
-/// `setpriv` running `bin` as `uid`:`uid` with no supplementary groups.
-fn as_user(uid: u32, bin: &Path) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid",
-        &uid.to_string(),
-        "--regid",
-        &uid.to_string(),
-        "--clear-groups",
-    ])
-    .arg(bin);
-    c
-}
-
 /// An unprivileged user runs a `spec --rootless` bundle: root inside maps to
 /// that user outside, and the missing cgroup delegation is a warning.
 #[test]

@@ -28,6 +28,7 @@ mod cgroupfs;
 pub mod devices;
 mod mount;
 pub mod options;
+pub use mount::remount_bind;
 mod paths;
 mod pivot;
 pub mod resolve;

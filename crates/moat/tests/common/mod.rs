@@ -812,3 +812,17 @@ pub fn microvm_warm_up(rt: &Rt) {
     assert!(status.success(), "warm-up run failed: {status:?}: {err}");
     *done = true;
 }
+
+/// `setpriv` running `bin` as `uid`:`uid` with no supplementary groups.
+pub fn as_user(uid: u32, bin: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &uid.to_string(),
+        "--clear-groups",
+    ])
+    .arg(bin);
+    c
+}
