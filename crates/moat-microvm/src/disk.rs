@@ -203,13 +203,7 @@ pub fn group(
                 stage(&staging, sources)?;
                 build(&staging, &path, &uuid).map(drop)
             })();
-            match r {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("moat: {}", moat_core::error_chain(&e));
-                    1
-                }
-            }
+            exit_code(r)
         })
     };
     let _ = std::fs::remove_dir(&staging);
@@ -228,6 +222,17 @@ pub fn group(
             source_dir: sources.first().cloned().unwrap_or_default(),
             message: format!("cannot image {} directories together", sources.len()),
         }),
+    }
+}
+
+/// A build child's exit code: 0, or 1 after its error on stderr.
+fn exit_code(r: Result<(), MicrovmError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("moat: {}", moat_core::error_chain(&e));
+            1
+        }
     }
 }
 
@@ -310,13 +315,7 @@ fn in_own_userns(
             .map_err(MicrovmError::sys("mount the covers' directory"))?;
             f(&scratch)
         })();
-        match r {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("moat: {}", moat_core::error_chain(&e));
-                1
-            }
-        }
+        exit_code(r)
     });
     let _ = std::fs::remove_dir(&scratch);
     match code {
