@@ -102,15 +102,16 @@ pub fn write_maps(
 
 /// Maps the calling process's own new user namespace (just unshared or
 /// cloned, not mapped yet) onto the one user and group it had before,
-/// `uid` and `gid` (read before the unshare), as ID `inside` there;
+/// `uid` and `gid` (read before the unshare), as `inside` (user, group)
+/// there;
 /// setgroups is denied first, as the kernel requires of an unprivileged
 /// map, so the supplementary groups stay what they were. The one map an
 /// unprivileged process may write for itself.
-pub fn map_self(uid: u32, gid: u32, inside: u32) -> Result<(), IdMapError> {
+pub fn map_self(uid: u32, gid: u32, inside: (u32, u32)) -> Result<(), IdMapError> {
     let proc = PathBuf::from("/proc/self");
-    write(proc.join("uid_map"), &format!("{inside} {uid} 1\n"))?;
+    write(proc.join("uid_map"), &format!("{} {uid} 1\n", inside.0))?;
     write(proc.join("setgroups"), "deny")?;
-    write(proc.join("gid_map"), &format!("{inside} {gid} 1\n"))
+    write(proc.join("gid_map"), &format!("{} {gid} 1\n", inside.1))
 }
 
 #[cfg(test)]

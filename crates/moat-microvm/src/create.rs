@@ -795,7 +795,7 @@ fn spawn_vmm(
     let mut tty = tty;
     let pid = one
         .fork(flags, move |child_one| {
-            if rootless && moat_jail::idmap::map_self(uid, gid, uid).is_err() {
+            if rootless && moat_jail::idmap::map_self(uid, gid, (uid, gid)).is_err() {
                 return 255;
             }
             if die_with_runtime
@@ -847,7 +847,16 @@ fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
         Ok(_) => {}
         Err(e) => return Err(MicrovmError::sys("wait for the VMM process")(e).into()),
     }
-    match control::recv::<control::Setup>(sock.as_fd()) {
+    // A VMM process that fails before it read the go byte closes with
+    // that byte unread, and the kernel then reports a reset ahead of the
+    // message it had queued: the message is still there to read.
+    let got = match control::recv::<control::Setup>(sock.as_fd()) {
+        Err(control::ControlError::Io(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            control::recv::<control::Setup>(sock.as_fd())
+        }
+        r => r,
+    };
+    match got {
         Ok(control::Setup::Ready { start, held }) => {
             if held {
                 tracing::debug!(

@@ -298,7 +298,7 @@ fn in_own_userns(
         .map_err(MicrovmError::io(format!("create {}", scratch.display())))?;
     let code = moat_sys::process::run_in_child(libc::CLONE_NEWUSER | libc::CLONE_NEWNS, || {
         let r = (|| -> Result<(), MicrovmError> {
-            moat_jail::idmap::map_self(uid, gid, 0).map_err(|e| {
+            moat_jail::idmap::map_self(uid, gid, (0, 0)).map_err(|e| {
                 MicrovmError::Invalid(format!(
                     "map the image build's user namespace: {}",
                     moat_core::error_chain(&e)

@@ -883,14 +883,14 @@ fn probe_in_the_guest_reaches_no_host_kernel() {
 /// `stdout` when given: (exit code, stdout, stderr).
 fn run_as_user(
     rt: &Rt,
-    uid: u32,
+    (uid, gid): (u32, u32),
     env: &[(&str, &Path)],
     args: &[&str],
     stdout: Option<&Path>,
 ) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-    let mut c = as_user(uid, &rt.bin);
+    let mut c = as_user_group(uid, gid, &rt.bin);
     c.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(stdout.unwrap_or(&o)).unwrap())
@@ -964,7 +964,9 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
         return;
     };
     use std::os::unix::fs::PermissionsExt;
+    // A group other than the user's ID: the VMM's user namespace maps each.
     let uid = 2500 + std::process::id() % 1000;
+    let gid = uid + 1000;
     let home = tempfile::tempdir().unwrap();
     let (state, xdg, cache) = (
         home.path().join("state"),
@@ -979,7 +981,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     }
     for p in [home.path(), b.dir()] {
         let o = std::process::Command::new("chown")
-            .args(["-R", &format!("{uid}:{uid}")])
+            .args(["-R", &format!("{uid}:{gid}")])
             .arg(p)
             .output()
             .unwrap();
@@ -996,7 +998,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     let oci = |args: &[&str], out: Option<&Path>| {
         let mut a = vec!["--root", root.as_str()];
         a.extend_from_slice(args);
-        run_as_user(&rt, uid, &env, &a, out)
+        run_as_user(&rt, (uid, gid), &env, &a, out)
     };
     // The user's own `spec --rootless` (it maps itself to root, binds the
     // host's /sys, asks for no limit), for the tier by annotation.
@@ -1045,9 +1047,9 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     assert!(!qemu.is_empty(), "QEMU under the VMM process {pid}");
     let own_ns = std::fs::read_link("/proc/self/ns/user").unwrap();
     for p in std::iter::once(pid).chain(qemu.iter().copied()) {
-        let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
-        assert_eq!(status_field(p, "Uid"), ids, "process {p}");
-        assert_eq!(status_field(p, "Gid"), ids, "process {p}");
+        let ids = |i: u32| format!("{i}\t{i}\t{i}\t{i}");
+        assert_eq!(status_field(p, "Uid"), ids(uid), "process {p}");
+        assert_eq!(status_field(p, "Gid"), ids(gid), "process {p}");
         // The user's own groups (none here), not changed by the jail.
         assert_eq!(status_field(p, "Groups"), "", "process {p}");
         for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
@@ -1059,13 +1061,15 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
             std::fs::read_link(format!("/proc/{p}/ns/user")).unwrap(),
             own_ns
         );
-        let map = std::fs::read_to_string(format!("/proc/{p}/uid_map")).unwrap();
-        let map: Vec<&str> = map.split_whitespace().collect();
-        assert_eq!(
-            map,
-            [uid.to_string(), uid.to_string(), "1".into()],
-            "process {p}"
-        );
+        for (file, id) in [("uid_map", uid), ("gid_map", gid)] {
+            let map = std::fs::read_to_string(format!("/proc/{p}/{file}")).unwrap();
+            let map: Vec<&str> = map.split_whitespace().collect();
+            assert_eq!(
+                map,
+                [id.to_string(), id.to_string(), "1".into()],
+                "{file} of {p}"
+            );
+        }
     }
     let (code, _, err) = oci(&["start", "vm"], None);
     assert_eq!(code, Some(0), "{err}");
@@ -1118,7 +1122,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     let rootfs = b.rootfs().display().to_string();
     let (code, out, err) = run_as_user(
         &rt,
-        uid,
+        (uid, gid),
         &env,
         &[
             "run",
@@ -1144,7 +1148,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
         std::fs::write(b.rootfs().join(f), "").unwrap();
     }
     let o = std::process::Command::new("chown")
-        .args(["-R", &format!("{uid}:{uid}")])
+        .args(["-R", &format!("{uid}:{gid}")])
         .arg(b.rootfs())
         .output()
         .unwrap();
@@ -1152,7 +1156,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
     let port = 20000 + (std::process::id() % 20000) as u16;
     let publish = format!("{port}:8080");
     let served = home.path().join("served");
-    let mut c = as_user(uid, &rt.bin);
+    let mut c = as_user_group(uid, gid, &rt.bin);
     c.args([
         "run",
         "--isolation",
@@ -1234,7 +1238,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
                 }
             }
             let o = std::process::Command::new("chown")
-                .args(["-R", &format!("{uid}:{uid}")])
+                .args(["-R", &format!("{uid}:{gid}")])
                 .arg(d)
                 .output()
                 .unwrap();
@@ -1245,7 +1249,7 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
             .map(|d| d.join("tasks").display().to_string())
             .collect();
         let script = format!(
-            "for t in {}; do echo $$ > $t || exit 99; done; exec setpriv --reuid {uid} --regid {uid} --clear-groups {} run --isolation microvm -m 256m {rootfs} -- cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max",
+            "for t in {}; do echo $$ > $t || exit 99; done; exec setpriv --reuid {uid} --regid {gid} --clear-groups {} run --isolation microvm -m 256m {rootfs} -- cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max",
             tasks.join(" "),
             rt.bin.display()
         );

@@ -87,12 +87,23 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
             read(&modules.join(m)),
         ));
     }
-    let mke2fs = common::which("mke2fs").expect("mke2fs (e2fsprogs) is installed");
-    files.push(("bin/mke2fs".into(), 0o755, read(&mke2fs)));
-    for lib in libraries(&mke2fs) {
-        let at = lib.to_string_lossy().trim_start_matches('/').to_string();
-        // /lib64/ld-linux-x86-64.so.2 is a link into /lib; a copy serves.
-        files.push((at, 0o755, read(&std::fs::canonicalize(&lib).unwrap())));
+    // mke2fs builds the guest's disks; util-linux's setpriv (busybox's has
+    // no --reuid, and its link takes /bin/setpriv) makes the rootless
+    // case's unprivileged user.
+    for (tool, package, at) in [
+        ("mke2fs", "e2fsprogs", "bin/mke2fs"),
+        ("setpriv", "util-linux", "bin/util-setpriv"),
+    ] {
+        let bin = common::which(tool).unwrap_or_else(|| panic!("{tool} ({package}) is installed"));
+        files.push((at.into(), 0o755, read(&bin)));
+        for lib in libraries(&bin) {
+            let at = lib.to_string_lossy().trim_start_matches('/').to_string();
+            if files.iter().any(|(p, _, _)| *p == at) {
+                continue;
+            }
+            // /lib64/ld-linux-x86-64.so.2 is a link into /lib; a copy serves.
+            files.push((at, 0o755, read(&std::fs::canonicalize(&lib).unwrap())));
+        }
     }
     files
 }
@@ -179,6 +190,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     probe(r)?;
     published_port(r)?;
     oci_lifecycle(r)?;
+    rootless(r)?;
     // Nothing left: no container state, no VMM process, no cgroup.
     let left = r.sh(
         "ls -A /run/moat | grep -v '^\\.' || true; ps -o args | grep -v grep | grep 'moat.*microvm' || true",
@@ -370,6 +382,51 @@ fn published_port(r: &mut Runner) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// An unprivileged user (no capability, no group but /dev/kvm's, as its
+/// primary one) runs a directory image on moat's own VMM: `moat info`
+/// picks that VMM for it, the VMM process is the user itself in a user
+/// namespace of its own (the jail's rootless path, /dev/kvm bound into a
+/// mount namespace that namespace owns), the image is built by `mke2fs -d`
+/// there; the workload's output and status come back, and nothing of the
+/// user's is left running.
+const ROOTLESS: &str = r#"set -e
+g=$(stat -c %g /dev/kvm)
+u=2000
+rm -rf /tmp/rl-xdg /tmp/rl-cache /tmp/rl-root
+for d in /tmp/rl-xdg /tmp/rl-cache /tmp/rl-root; do mkdir -p $d; chown $u:$g $d; chmod 700 $d; done
+mkdir -p /tmp/rl-root/bin /tmp/rl-root/proc /tmp/rl-root/dev /tmp/rl-root/sys /tmp/rl-root/tmp
+for bb in /bin/busybox /usr/bin/busybox; do [ -x $bb ] && break; done
+cp $bb /tmp/rl-root/bin/busybox
+for a in sh id echo; do ln -s busybox /tmp/rl-root/bin/$a; done
+chown -R $u:$g /tmp/rl-root
+chmod 755 /tmp/rl-root
+setpriv=$(command -v util-setpriv || command -v setpriv)
+as_user() { "$setpriv" --reuid=$u --regid=$g --clear-groups env XDG_RUNTIME_DIR=/tmp/rl-xdg MOAT_MICROVM_CACHE=/tmp/rl-cache MOAT_MICROVM_SNAPSHOT=0 "$@"; }
+as_user moat info | grep microvm
+set +e
+MOAT_MICROVM_CONSOLE=1 as_user moat --debug --log /tmp/rl.log run --isolation microvm /tmp/rl-root -- sh -c 'echo rootless on moat-vmm; id -u; exit 5' >/tmp/rl.out 2>/tmp/rl.err
+echo "code=$?"
+echo "out=$(tr '
+' , </tmp/rl.out)"
+grep -q MOATDSDT /tmp/rl.err && echo "acpi=moat"
+echo "left=$(ps -o user,args | grep -v grep | grep -c '^ *2000 ')"
+tail -n 60 /tmp/rl.err >&2
+tail -n 40 /tmp/rl.log >&2
+true"#;
+
+fn rootless(r: &mut Runner) -> Result<(), String> {
+    let o = r.sh(ROOTLESS)?;
+    let kv = key_values(&o.stdout);
+    check(
+        o.stdout.contains("ready: moat's own VMM on KVM")
+            && kv.get("code").map(String::as_str) == Some("5")
+            && kv.get("out").map(String::as_str) == Some("rootless on moat-vmm,0,")
+            && kv.get("acpi").map(String::as_str) == Some("moat")
+            && kv.get("left").map(String::as_str) == Some("0"),
+        || format!("a rootless run on moat's own VMM: {o}"),
+    )
 }
 
 /// A busybox bundle at [`BUNDLE`] whose process waits to be killed.

@@ -815,12 +815,17 @@ pub fn microvm_warm_up(rt: &Rt) {
 
 /// `setpriv` running `bin` as `uid`:`uid` with no supplementary groups.
 pub fn as_user(uid: u32, bin: &Path) -> Command {
+    as_user_group(uid, uid, bin)
+}
+
+/// `setpriv` running `bin` as `uid`:`gid` with no supplementary groups.
+pub fn as_user_group(uid: u32, gid: u32, bin: &Path) -> Command {
     let mut c = Command::new("setpriv");
     c.args([
         "--reuid",
         &uid.to_string(),
         "--regid",
-        &uid.to_string(),
+        &gid.to_string(),
         "--clear-groups",
     ])
     .arg(bin);
