@@ -79,6 +79,15 @@ pub fn check_host() -> Result<(), Unavailable> {
         reason,
         fix: Some(fix.into()),
     };
+    if !rustix::process::geteuid().is_root() {
+        // Refused up front: run rootless, its supervisor's guard could not
+        // confine itself (dropping from the bounding set takes
+        // CAP_SETPCAP) nor the supervisor open the container's root.
+        return Err(unavailable(
+            "it needs root for now (its supervisor's jail)".into(),
+            "run as root, or use --isolation container or microvm",
+        ));
+    }
     moat_sys::notify::check_sizes().map_err(|e| {
         unavailable(
             format!("seccomp user notification is missing ({e})"),

@@ -681,6 +681,55 @@ fn rootless_image_run_without_subordinate_ids_runs_as_the_one_mapped_id() {
     );
 }
 
+/// The sandbox tier refuses an unprivileged user in one line, and `moat
+/// info` says so, rather than failing midway (its supervisor's jail needs
+/// root for now).
+#[test]
+fn rootless_sandbox_is_refused_in_one_line() {
+    let test = "rootless_sandbox_is_refused_in_one_line";
+    let Some(rt) = Rt::root_or_skip(test) else {
+        return;
+    };
+    if !rt.is_moat() {
+        eprintln!("SKIP {test}: moat only");
+        return;
+    }
+    assert!(on_path("setpriv"), "setpriv is needed (util-linux)");
+    let uid = 4600 + (std::process::id() % 1000);
+    let xdg = tempfile::tempdir().unwrap();
+    let o = run_own(
+        Command::new("chown")
+            .arg(format!("{uid}:{uid}"))
+            .arg(xdg.path()),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let out = run_own(
+        as_user(uid, &rt.bin)
+            .args(["run", "--isolation", "sandbox", "--", "true"])
+            .env("XDG_RUNTIME_DIR", xdg.path()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+    let info = run_own(as_user(uid, &rt.bin).arg("info"));
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("sandbox") && l.contains("needs root")),
+        "{text}"
+    );
+    let left: Vec<_> = fs::read_dir(xdg.path().join("moat"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| !n.to_string_lossy().starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Issue 15, defect 2: rootless without a delegated cgroup, `--timeout`
 /// killed nothing (moat said "killed: timeout", the workload ran to its end
 /// and the status was 0), and `--json` reported a host ID and a memory limit
