@@ -320,6 +320,11 @@ fn in_own_userns(
     let _ = std::fs::remove_dir(&scratch);
     match code {
         Ok(0) => Ok(()),
+        // run_in_child's status when the unshare itself failed.
+        Ok(126) => Err(MicrovmError::Mkfs {
+            source_dir: what.to_owned(),
+            message: "cannot make the image build's user namespace".into(),
+        }),
         Ok(_) => Err(MicrovmError::Mkfs {
             source_dir: what.to_owned(),
             message: "cannot image it as an unprivileged user (the reason is above)".into(),

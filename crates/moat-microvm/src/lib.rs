@@ -136,7 +136,18 @@ pub fn check_host() -> Result<HostChoice, Unavailable> {
         .map_err(|(reason, fix)| unavailable(reason, fix))?;
     let kernel = assets::GuestKernel::find()
         .map_err(|r| unavailable(r, "apt-get install linux-image-cloud-amd64"))?;
-    let kvm = moat_jail::host::HostFacts::read().kvm;
+    let facts = moat_jail::host::HostFacts::read();
+    if !rustix::process::geteuid().is_root() {
+        // Rootless, the VMM process and the image builds each need a user
+        // namespace of their own.
+        if let Some(why) = userns_why(&facts.user_namespaces) {
+            return Err(unavailable(
+                format!("an unprivileged user needs user namespaces: {why}"),
+                "enable unprivileged user namespaces, or run as root",
+            ));
+        }
+    }
+    let kvm = facts.kvm;
     let kvm_why = if !kvm.present {
         "/dev/kvm missing".to_string()
     } else if !kvm.accessible {
@@ -180,6 +191,20 @@ fn kvm_group_why(kvm: &std::path::Path) -> String {
             m.mode() & 0o7777
         ),
         Err(e) => format!("{}: {e}", kvm.display()),
+    }
+}
+
+/// Why this host gives an unprivileged user no user namespace (None when
+/// it does).
+fn userns_why(u: &moat_jail::host::UserNamespaces) -> Option<String> {
+    if u.max == Some(0) {
+        Some("user.max_user_namespaces is 0".into())
+    } else if u.unprivileged_clone == Some(false) {
+        Some("kernel.unprivileged_userns_clone is 0".into())
+    } else if u.apparmor_restricted == Some(true) {
+        Some("kernel.apparmor_restrict_unprivileged_userns is 1".into())
+    } else {
+        None
     }
 }
 
@@ -264,6 +289,33 @@ mod backend_tests {
         let why = kvm_group_why(&node);
         assert!(why.ends_with("kvm is mode 0600: the VMM's host user, which has only its group, could not open it"), "{why}");
         assert!(kvm_group_why(&dir.path().join("none")).contains("No such file"));
+    }
+
+    /// What keeps an unprivileged user from user namespaces is named
+    /// (the host's own facts are the real check: `check_host`).
+    #[test]
+    fn a_host_without_unprivileged_user_namespaces_is_named() {
+        let u = |max, clone, apparmor| moat_jail::host::UserNamespaces {
+            max,
+            unprivileged_clone: clone,
+            apparmor_restricted: apparmor,
+        };
+        assert_eq!(userns_why(&u(Some(96369), None, None)), None);
+        assert_eq!(userns_why(&u(Some(96369), Some(true), Some(false))), None);
+        assert!(userns_why(&u(Some(0), None, None))
+            .unwrap()
+            .contains("max_user_namespaces"));
+        assert!(userns_why(&u(None, Some(false), None))
+            .unwrap()
+            .contains("unprivileged_userns_clone"));
+        assert!(userns_why(&u(None, None, Some(true)))
+            .unwrap()
+            .contains("apparmor"));
+        // This host gives them (the rootless e2e tests rely on it).
+        assert_eq!(
+            userns_why(&moat_jail::host::HostFacts::read().user_namespaces),
+            None
+        );
     }
 
     #[test]
