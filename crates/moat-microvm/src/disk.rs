@@ -188,41 +188,40 @@ pub fn group(
         .map_err(MicrovmError::io(format!("create {}", staging.display())))?;
     // The sources are bind-mounted into the staging directory in a mount
     // namespace of a child's own, so the host never sees those mounts.
-    let code = if rootless() {
+    let built = if rootless() {
         let first = sources.first().cloned().unwrap_or_default();
-        let built = in_own_userns(&path, &first, |scratch| {
+        in_own_userns(&path, &first, |scratch| {
             stage(&staging, sources)?;
             cover_unreadable(&staging, scratch)?;
             build_as(&staging, &path, &uuid, usage(&staging)?, Fill::Mke2fs).map(drop)
-        });
-        Ok(if built.is_ok() { 0 } else { 1 })
+        })
+        .is_ok()
     } else {
-        moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
+        let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
             let r = (|| -> Result<(), MicrovmError> {
                 make_mounts_private().map_err(MicrovmError::sys("make the mounts private"))?;
                 stage(&staging, sources)?;
                 build(&staging, &path, &uuid).map(drop)
             })();
             exit_code(r)
-        })
+        });
+        matches!(code, Ok(0))
     };
     let _ = std::fs::remove_dir(&staging);
-    match code {
-        Ok(0) => {
-            if let Some(c) = cache {
-                let key: Vec<u8> = sources
-                    .iter()
-                    .flat_map(|s| [s.as_os_str().as_encoded_bytes(), b"\0"].concat())
-                    .collect();
-                prune_stale(c, &key, &path);
-            }
-            Ok(DiskImage { path, uuid })
-        }
-        _ => Err(MicrovmError::Mkfs {
+    if !built {
+        return Err(MicrovmError::Mkfs {
             source_dir: sources.first().cloned().unwrap_or_default(),
             message: format!("cannot image {} directories together", sources.len()),
-        }),
+        });
     }
+    if let Some(c) = cache {
+        let key: Vec<u8> = sources
+            .iter()
+            .flat_map(|s| [s.as_os_str().as_encoded_bytes(), b"\0"].concat())
+            .collect();
+        prune_stale(c, &key, &path);
+    }
+    Ok(DiskImage { path, uuid })
 }
 
 /// A build child's exit code: 0, or 1 after its error on stderr.

@@ -107,24 +107,6 @@ fn terminal_through_console_socket() {
     assert!(out.contains("on-the-pty"), "{out:?}");
 }
 
-/// Runs `cmd` to completion as a child the harness's reaper leaves alone
-/// (a plain `output()`/`status()` can lose its exit status to the reaper),
-/// its stdout and stderr through files.
-fn run_own(cmd: &mut Command) -> std::process::Output {
-    let dir = tempfile::tempdir().unwrap();
-    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-    cmd.stdout(fs::File::create(&o).unwrap())
-        .stderr(fs::File::create(&e).unwrap())
-        .stdin(std::process::Stdio::null());
-    let mut child = spawn_own(cmd);
-    let status = wait_own(&mut child);
-    std::process::Output {
-        status,
-        stdout: fs::read(&o).unwrap_or_default(),
-        stderr: fs::read(&e).unwrap_or_default(),
-    }
-}
-
 /// Whether `prog` is in `$PATH`.
 fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
@@ -151,12 +133,7 @@ fn rootless_run() {
     let dir = b.dir().to_owned();
     let state = tempfile::tempdir().unwrap();
     for p in [state.path(), dir.as_path()] {
-        let o = run_own(
-            Command::new("chown")
-                .args(["-R", &format!("{uid}:{uid}")])
-                .arg(p),
-        );
-        assert!(o.status.success(), "{o:?}");
+        chown_tree(p, uid, uid);
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
     }
     // The user writes its own `spec --rootless` (maps itself to root).
@@ -592,12 +569,7 @@ fn rootless_run_with_private_runtime_dir_and_subordinate_ids() {
     fs::write(data.join("f"), "user's private file\n").unwrap();
     fs::set_permissions(data.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
-    let o = run_own(
-        Command::new("chown")
-            .args(["-R", &format!("{uid}:{uid}")])
-            .arg(xdg.path()),
-    );
-    assert!(o.status.success(), "{o:?}");
+    chown_tree(xdg.path(), uid, uid);
     fs::set_permissions(xdg.path(), fs::Permissions::from_mode(0o700)).unwrap();
     let vol = format!("{}:/data:ro", data.display());
     let out = run_own(
@@ -654,12 +626,7 @@ fn rootless_image_run_without_subordinate_ids_runs_as_the_one_mapped_id() {
     let b = Bundle::new(&["true"]);
     let xdg = tempfile::tempdir().unwrap();
     for p in [xdg.path(), b.dir()] {
-        let o = run_own(
-            Command::new("chown")
-                .args(["-R", &format!("{uid}:{uid}")])
-                .arg(p),
-        );
-        assert!(o.status.success(), "{o:?}");
+        chown_tree(p, uid, uid);
     }
     fs::set_permissions(xdg.path(), fs::Permissions::from_mode(0o700)).unwrap();
     let out = run_own(
@@ -697,12 +664,7 @@ fn rootless_sandbox_is_refused_in_one_line() {
     assert!(on_path("setpriv"), "setpriv is needed (util-linux)");
     let uid = 4600 + (std::process::id() % 1000);
     let xdg = tempfile::tempdir().unwrap();
-    let o = run_own(
-        Command::new("chown")
-            .arg(format!("{uid}:{uid}"))
-            .arg(xdg.path()),
-    );
-    assert!(o.status.success(), "{o:?}");
+    chown_tree(xdg.path(), uid, uid);
     let out = run_own(
         as_user(uid, &rt.bin)
             .args(["run", "--isolation", "sandbox", "--", "true"])

@@ -831,3 +831,31 @@ pub fn as_user_group(uid: u32, gid: u32, bin: &Path) -> Command {
     .arg(bin);
     c
 }
+
+/// Runs `cmd` to completion as a child the harness's reaper leaves alone
+/// (a plain `output()`/`status()` can lose its exit status to the reaper),
+/// its stdout and stderr through files.
+pub fn run_own(cmd: &mut Command) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    cmd.stdout(fs::File::create(&o).unwrap())
+        .stderr(fs::File::create(&e).unwrap())
+        .stdin(Stdio::null());
+    let mut child = spawn_own(cmd);
+    let status = wait_own(&mut child);
+    std::process::Output {
+        status,
+        stdout: fs::read(&o).unwrap_or_default(),
+        stderr: fs::read(&e).unwrap_or_default(),
+    }
+}
+
+/// `chown -R uid:gid path` (through [`run_own`]), asserted to succeed.
+pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    let o = run_own(
+        Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(path),
+    );
+    assert!(o.status.success(), "chown {}: {o:?}", path.display());
+}
