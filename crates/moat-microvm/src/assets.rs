@@ -22,6 +22,8 @@ pub const MODULE_PATHS: &[(&str, &str)] = &[
     ("virtio-rng", "drivers/char/hw_random/virtio-rng.ko"),
     ("virtio_blk", "drivers/block/virtio_blk.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
+    ("fuse", "fs/fuse/fuse.ko"),
+    ("virtiofs", "fs/fuse/virtiofs.ko"),
     ("failover", "net/core/failover.ko"),
     ("net_failover", "drivers/net/net_failover.ko"),
     ("virtio_net", "drivers/net/virtio_net.ko"),

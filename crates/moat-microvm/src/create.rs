@@ -63,6 +63,7 @@ struct Undo<'a> {
     socket_dir: Option<PathBuf>,
     slot: Option<(u32, String)>,
     net_stack: Option<moat_container::network::StackProcess>,
+    volumes: Option<crate::volumes::VolumeServer>,
     armed: bool,
 }
 
@@ -81,6 +82,9 @@ impl Drop for Undo<'_> {
         if let Some(stack) = &self.net_stack {
             stack.kill();
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(stack.pid), None);
+        }
+        if let Some(v) = &self.volumes {
+            v.kill();
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.destroy();
@@ -121,6 +125,20 @@ impl MicrovmTier {
         for w in &plan.warnings {
             tracing::warn!("microvm: {w}");
         }
+        let rootless = !rustix::process::geteuid().is_root();
+        let virtiofsd = if plan.volumes.is_empty() {
+            None
+        } else if matches!(host.backend, Backend::Builtin) {
+            return Err(RuntimeError::Invalid(
+                "read-write volumes need the QEMU backend's virtio-fs (moat's own VMM has no virtio-fs device yet); mount them read-only".into(),
+            ));
+        } else if rootless {
+            return Err(RuntimeError::Invalid(
+                "read-write volumes in the microvm tier need root for now (virtiofsd's user namespace maps the container's host IDs); mount them read-only".into(),
+            ));
+        } else {
+            Some(crate::volumes::virtiofsd().map_err(RuntimeError::Invalid)?)
+        };
         moat_core::steps::mark("microvm-plan");
         let lock = self.sd.create(req.id)?;
         let mut undo = Undo {
@@ -131,6 +149,7 @@ impl MicrovmTier {
             socket_dir: None,
             slot: None,
             net_stack: None,
+            volumes: None,
             armed: true,
         };
         let dir = lock.dir().to_owned();
@@ -145,7 +164,6 @@ impl MicrovmTier {
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
         let (rows, cols) = console_size(&spec_json);
-        let rootless = !rustix::process::geteuid().is_root();
         let cgroup = self.vmm_cgroup(req, &spec_json, &host, guest.mem_mib, rootless)?;
         undo.cgroup = cgroup.clone();
         moat_core::steps::mark("microvm-cgroup");
@@ -177,6 +195,11 @@ impl MicrovmTier {
                 rustix::process::getegid().as_raw(),
             ),
         };
+        let volume_maps = virtiofsd
+            .as_ref()
+            .map(|_| crate::volumes::id_maps(&spec_json, uid))
+            .transpose()
+            .map_err(RuntimeError::Invalid)?;
         moat_core::steps::mark("microvm-host-ids");
         let slot = alloc
             .as_ref()
@@ -239,6 +262,14 @@ impl MicrovmTier {
                 .as_ref()
                 .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
             seccomp: host_compiled_seccomp(&plan.config, self.sd.root()),
+            volumes: plan
+                .volumes
+                .iter()
+                .map(|v| proto::GuestVolume {
+                    tag: v.tag.clone(),
+                    mount: v.mount.clone(),
+                })
+                .collect(),
         };
         // With the console on, the kernel's messages carry times, the
         // agent traces its steps on the console, and the run's container
@@ -273,23 +304,30 @@ impl MicrovmTier {
                 },
             ),
         };
-        let offer = snapshot::offer(
-            &self.cache_dir(),
-            &snapshot::Identity {
-                vmm: vmm_binary,
-                kernel: &guest.kernel,
-                initrd: &guest.initrd,
-                cmdline: &cmdline,
-                mem_mib: guest.mem_mib,
-                vcpus: guest.vcpus,
-                disk_slots,
-                accel,
-                net: net.is_some(),
-                disks: guest
-                    .shared
-                    .then_some((&guest.guest_disks[..], &guest.images[..])),
-            },
-        );
+        let offer = if plan.volumes.is_empty() {
+            snapshot::offer(
+                &self.cache_dir(),
+                &snapshot::Identity {
+                    vmm: vmm_binary,
+                    kernel: &guest.kernel,
+                    initrd: &guest.initrd,
+                    cmdline: &cmdline,
+                    mem_mib: guest.mem_mib,
+                    vcpus: guest.vcpus,
+                    disk_slots,
+                    accel,
+                    net: net.is_some(),
+                    disks: guest
+                        .shared
+                        .then_some((&guest.guest_disks[..], &guest.images[..])),
+                },
+            )
+        } else {
+            // QEMU cannot save a guest with vhost-user devices.
+            snapshot::Offer::None {
+                why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
+            }
+        };
         let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
@@ -303,6 +341,11 @@ impl MicrovmTier {
             ),
         };
         let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
+        let (volume_listeners, volume_vmm_ends): (Vec<_>, Vec<_>) =
+            crate::volumes::links(&socket_dir, plan.volumes.len())?
+                .into_iter()
+                .map(|l| (l.listener, l.vmm_end))
+                .unzip();
         let vplan = VmmPlan {
             backend: host.backend.clone(),
             kernel: guest.kernel.clone(),
@@ -339,6 +382,7 @@ impl MicrovmTier {
             snapshot: snapshot_plan,
             prime,
             net: net_vmm_end,
+            volumes: volume_vmm_ends,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -391,6 +435,22 @@ impl MicrovmTier {
             }
             _ => None,
         };
+        let volume_server = match (&virtiofsd, &volume_maps) {
+            (Some(binary), Some(maps)) => {
+                let server = crate::volumes::start(crate::volumes::Start {
+                    volumes: &plan.volumes,
+                    listeners: volume_listeners,
+                    maps,
+                    vmm: pid,
+                    log: &dir.join("volumes.log"),
+                    virtiofsd: binary,
+                    cgroup: cgroup.as_ref(),
+                })?;
+                undo.volumes = Some(server);
+                Some(server)
+            }
+            _ => None,
+        };
         // The block stays allocated: the VMM runs as its first ID until it
         // ends, and the allocator reclaims a block only once no process
         // runs with its IDs.
@@ -408,6 +468,7 @@ impl MicrovmTier {
             vmm_slot: slot,
             backend: host.why.clone(),
             net_stack,
+            volumes: volume_server,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;

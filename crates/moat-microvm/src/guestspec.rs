@@ -6,8 +6,9 @@
 //!   layer is the root's image (disk 0) and whose upper layer is guest
 //!   memory, so mount points can be made and the container tier then makes
 //!   the root read-only as `root.readonly` says.
-//! - Each directory bind mount becomes a disk (read-only only: writes could
-//!   not reach the host, so a read-write one is refused), except a
+//! - Each read-only directory bind mount becomes a disk; a read-write one
+//!   (a volume whose writes must reach the host) becomes a virtio-fs share
+//!   served by virtiofsd on the host ([`crate::volumes`]), except a
 //!   read-write `/dev/shm` (engines bind a host tmpfs there), which becomes
 //!   a guest tmpfs. Each file bind mount (an engine's /etc/hosts,
 //!   resolv.conf, …) is copied into the guest. Device binds of `/dev/*`
@@ -30,7 +31,26 @@ pub const GUEST_ROOT: &str = "/run/vm/root";
 pub const MAX_FILE: u64 = 1 << 20;
 /// Most disks one container may have: QEMU's microvm offers eight
 /// virtio-mmio slots, and the agent channel and the entropy device take two.
+/// A read-write volume's share takes a slot too.
 pub const MAX_DISKS: usize = 6;
+
+/// Where the guest mounts read-write volume `i` (a virtio-fs share).
+pub fn volume_mount(i: usize) -> String {
+    format!("/run/vm/fs/{i}")
+}
+
+/// The virtio-fs tag of read-write volume `i`.
+pub fn volume_tag(i: usize) -> String {
+    format!("moatfs{i}")
+}
+
+/// A host directory the guest mounts read-write through virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeNeed {
+    pub source: PathBuf,
+    pub mount: String,
+    pub tag: String,
+}
 
 /// A directory to image, and where the guest mounts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +80,8 @@ pub struct Plan {
     /// index).
     pub group: Vec<PathBuf>,
     pub files: Vec<FileNeed>,
+    /// Read-write directories, shared through virtio-fs.
+    pub volumes: Vec<VolumeNeed>,
     pub warnings: Vec<String>,
 }
 
@@ -129,6 +151,7 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         }],
         group: Vec::new(),
         files: Vec::new(),
+        volumes: Vec::new(),
         warnings: Vec::new(),
     };
     config["root"]["path"] = json!(GUEST_ROOT);
@@ -141,10 +164,10 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         out.push(m);
     }
     config["mounts"] = Value::Array(out);
-    let disks = plan.disks.len() + usize::from(!plan.group.is_empty());
+    let disks = plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
     if disks > MAX_DISKS {
         return Err(format!(
-            "{disks} disks to share with the guest; the microvm tier takes at most {MAX_DISKS}"
+            "{disks} disks and read-write volumes to share with the guest; the microvm tier takes at most {MAX_DISKS}"
         ));
     }
     if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
@@ -226,13 +249,22 @@ fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), S
             *m = json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
                         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
         }
+        SourceKind::Dir if !read_only(m) => {
+            let at = match plan.volumes.iter().find(|v| v.source == source) {
+                Some(v) => v.mount.clone(),
+                None => {
+                    let i = plan.volumes.len();
+                    plan.volumes.push(VolumeNeed {
+                        source: source.clone(),
+                        mount: volume_mount(i),
+                        tag: volume_tag(i),
+                    });
+                    volume_mount(i)
+                }
+            };
+            m["source"] = json!(at);
+        }
         SourceKind::Dir => {
-            if !read_only(m) {
-                return Err(format!(
-                    "the read-write volume {} -> {dest} cannot be shared with a microVM (its writes would not reach the host); mount it read-only",
-                    source.display()
-                ));
-            }
             let at = if (probe.own_disk)(&source) {
                 match plan.disks.iter().position(|d| d.source == source) {
                     Some(i) => plan.disks[i].mount.clone(),
@@ -426,12 +458,43 @@ mod tests {
     }
 
     #[test]
-    fn what_cannot_be_shared_is_refused() {
-        let rw = spec(
-            json!([{"destination": "/data", "type": "bind", "source": "/dir/data", "options": ["rbind", "rw"]}]),
+    fn read_write_directories_become_virtio_fs_shares() {
+        let rw = spec(json!([
+            {"destination": "/data", "type": "bind", "source": "/dir/data", "options": ["rbind", "rw"]},
+            {"destination": "/again", "type": "bind", "source": "/dir/data", "options": ["rbind"]},
+            {"destination": "/other", "type": "bind", "source": "/dir/other", "options": ["rbind", "rw"]}
+        ]));
+        let p = plan(&rw, Path::new("/r"), &PROBE).unwrap();
+        assert_eq!(p.disks.len(), 1, "the root only");
+        assert_eq!(
+            p.volumes,
+            vec![
+                VolumeNeed {
+                    source: "/dir/data".into(),
+                    mount: volume_mount(0),
+                    tag: volume_tag(0)
+                },
+                VolumeNeed {
+                    source: "/dir/other".into(),
+                    mount: volume_mount(1),
+                    tag: volume_tag(1)
+                }
+            ]
         );
-        let e = plan(&rw, Path::new("/r"), &PROBE).unwrap_err();
-        assert!(e.contains("read-write volume") && !e.contains('\n'), "{e}");
+        let m = p.config["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], volume_mount(0));
+        assert_eq!(m[1]["source"], volume_mount(0));
+        assert_eq!(m[2]["source"], volume_mount(1));
+        // Shares count against the device slots with the disks.
+        let many: Vec<Value> = (0..MAX_DISKS)
+            .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/v{i}"), "options": ["rw"]}))
+            .collect();
+        let e = plan(&spec(json!(many)), Path::new("/r"), &PROBE).unwrap_err();
+        assert!(e.contains("read-write volumes") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn what_cannot_be_shared_is_refused() {
         let sock = spec(
             json!([{"destination": "/s", "type": "bind", "source": "/sock", "options": ["bind"]}]),
         );

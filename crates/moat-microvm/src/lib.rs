@@ -37,6 +37,7 @@ pub mod proto;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;
+pub mod volumes;
 
 pub use vmm::Backend;
 
@@ -387,6 +388,9 @@ struct MicrovmPart {
     /// the network.
     #[serde(default)]
     net_stack: Option<moat_container::network::StackProcess>,
+    /// The read-write volumes' server ([`volumes`]), when there are any.
+    #[serde(default)]
+    volumes: Option<volumes::VolumeServer>,
 }
 
 /// The microvm tier, bound to a state root.

@@ -88,6 +88,11 @@ impl MicrovmTier {
             // It ends with the VMM process; this is for one that did not.
             stack.kill();
         }
+        if let Some(v) = &part.volumes {
+            // It ends its group once the VMM process has ended; this is
+            // for one that could not, and waits until none is left.
+            v.kill();
+        }
         if !part.cgroup.is_null() {
             if let Ok(cg) = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup) {
                 // Whatever is left in it (nothing, normally) goes too.

@@ -210,6 +210,15 @@ pub struct GuestDisk {
     pub mount: String,
 }
 
+/// A read-write volume the guest mounts through virtio-fs, by its tag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestVolume {
+    /// The virtio-fs device's tag.
+    pub tag: String,
+    /// Where the agent mounts it.
+    pub mount: String,
+}
+
 /// The disks a guest mounts before its snapshot is saved: a snapshot of a
 /// guest with these disks mounted serves only runs with exactly these
 /// disks (the cached images of the embedded default or of an image), and
@@ -322,6 +331,10 @@ pub struct RunRequest {
     /// it in the guest runtime's cache for the config's profile.
     #[serde(default)]
     pub seccomp: Option<SeccompProgram>,
+    /// Read-write volumes, served by virtiofsd on the host
+    /// ([`crate::volumes`]).
+    #[serde(default)]
+    pub volumes: Vec<GuestVolume>,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

@@ -33,6 +33,10 @@ pub const VMM: &[(&str, &str)] = &[
         "QEMU's host memory backend sets NUMA policy",
     ),
     ("memfd_create", "QEMU's anonymous guest RAM backing"),
+    (
+        "ftruncate",
+        "sizing the shared memfd of guest RAM (read-write volumes: virtiofsd maps it)",
+    ),
     ("membarrier", "QEMU's RCU"),
     // Threads and synchronisation.
     (
@@ -107,6 +111,10 @@ pub const VMM: &[(&str, &str)] = &[
         "the agent channel and control clients' descriptors",
     ),
     ("sendmsg", "the agent channel and control replies"),
+    (
+        "socketpair",
+        "vhost-user's back-end request channel (read-write volumes' virtiofsd)",
+    ),
     ("recvfrom", "the agent channel"),
     ("sendto", "the agent channel and control replies"),
     ("accept4", "control clients (start, kill, exec)"),
@@ -155,6 +163,8 @@ pub const VMM: &[(&str, &str)] = &[
 pub const QEMU_ONLY: &[&str] = &[
     "execve",
     "memfd_create",
+    "ftruncate",
+    "socketpair",
     "get_mempolicy",
     "set_mempolicy",
     "membarrier",

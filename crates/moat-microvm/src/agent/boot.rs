@@ -25,12 +25,17 @@ pub const EARLY_MODULES: &[&str] = &[
 /// saved with).
 pub const LATE_MODULES: &[&str] = &["virtio_blk"];
 
+/// What a run with read-write volumes loads: FUSE and its virtio-fs
+/// transport.
+pub const FS_MODULES: &[&str] = &["fuse", "virtiofs"];
+
 /// Every module the initramfs holds: the early and late ones, and the
 /// network driver a networked run loads ([`super::net::NET_MODULES`]).
 pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
     EARLY_MODULES
         .iter()
         .chain(LATE_MODULES)
+        .chain(FS_MODULES)
         .chain(super::net::NET_MODULES)
         .copied()
 }

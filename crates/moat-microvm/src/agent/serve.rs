@@ -407,12 +407,19 @@ impl Agent {
                     mount_overlay(lower, root, RUN_RW)?;
                 }
                 super::trace("disks mounted");
+                mount_volumes(&req.volumes)?;
             }
             // The snapshot's identity holds the disks: a mismatch is a bug,
             // and the container must not see another run's files.
             Some((disks, primed_overlay)) if *disks != req.disks || *primed_overlay != overlay => {
                 return Err(AgentError::Request(
                     "the snapshot's disks are not this run's".into(),
+                ))
+            }
+            // A run with volumes boots cold (virtio-fs is not saved).
+            Some(_) if !req.volumes.is_empty() => {
+                return Err(AgentError::Request(
+                    "read-write volumes in a restored guest".into(),
                 ))
             }
             Some(_) => {}
@@ -892,6 +899,45 @@ fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {
         ws_ypixel: 0,
     };
     let _ = rustix::termios::tcsetwinsize(tty, ws);
+}
+
+/// Mounts each read-write volume's virtio-fs share (its device is probed
+/// when the module loads), without device nodes: the host directory's
+/// would not be the guest's devices.
+fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    boot::load_modules(boot::FS_MODULES)?;
+    for v in volumes {
+        std::fs::create_dir_all(&v.mount).map_err(io(format!("create {}", v.mount)))?;
+        // The device appears as the module probes it: a mount before that
+        // finds no such tag (ENOENT); bounded.
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match mount(
+                Some(v.tag.as_str()),
+                v.mount.as_str(),
+                Some("virtiofs"),
+                MsFlags::MS_NODEV,
+                None::<&str>,
+            ) {
+                Ok(()) => break,
+                Err(nix::Error::ENOENT) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => {
+                    return Err(AgentError::Sys {
+                        step: format!("mount the volume {} on {}", v.tag, v.mount),
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+    super::trace("volumes mounted");
+    Ok(())
 }
 
 /// Mounts each disk, found by its filesystem UUID, read-only.

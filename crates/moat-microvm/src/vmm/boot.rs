@@ -141,6 +141,7 @@ fn spawn(
         disk_slots: plan.disk_slots,
         spare_fd: plan.spare.as_raw_fd(),
         net_fd: plan.net.as_ref().map(|n| n.as_raw_fd()),
+        volume_fds: plan.volumes.iter().map(|v| v.as_raw_fd()).collect(),
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
     let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
@@ -149,6 +150,7 @@ fn spawn(
         .collect();
     inherit.extend(incoming.map(|f| f.as_raw_fd()));
     inherit.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
+    inherit.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     inherit.extend(qmp.as_ref().map(|(_, q)| q.as_raw_fd()));
     for fd in &inherit {
         moat_sys::fd::set_cloexec(*fd, false).map_err(io("pass a descriptor to QEMU"))?;

@@ -131,6 +131,9 @@ pub struct VmmPlan {
     /// The guest's network: QEMU's end of the stream socket whose other
     /// end is the user-space stack (length-prefixed Ethernet frames).
     pub net: Option<OwnedFd>,
+    /// Each read-write volume's vhost-user socket, connected to its
+    /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
+    pub volumes: Vec<OwnedFd>,
 }
 
 /// What the VMM process does with snapshots ([`crate::snapshot`]).
@@ -225,6 +228,7 @@ fn start(
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
+    keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     match &plan.snapshot {
         SnapshotPlan::Restore(f) | SnapshotPlan::Save(f) => keep.push(f.as_raw_fd()),
         SnapshotPlan::Off(_) => {}

@@ -37,6 +37,9 @@ pub struct QemuArgs {
     /// A virtio-net device whose frames go over this connected stream
     /// socket (4-byte big-endian length, frame), to the user-space stack.
     pub net_fd: Option<RawFd>,
+    /// Read-write volumes: each a vhost-user socket connected to its
+    /// virtiofsd, tagged [`crate::guestspec::volume_tag`] in order.
+    pub volume_fds: Vec<RawFd>,
 }
 
 /// The guest's Ethernet address (locally administered, "moat" and 0x64).
@@ -56,7 +59,30 @@ impl QemuArgs {
         // virtio-mmio devices, and Debian's kernels lack
         // VIRTIO_MMIO_CMDLINE_DEVICES (the `virtio_mmio.device=` words
         // QEMU appends without ACPI).
-        push(&["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]);
+        // vhost-user devices (virtio-fs) map the guest's RAM in virtiofsd:
+        // it must be a shared memfd then, and the transports modern (the
+        // legacy virtio-mmio QEMU's microvm defaults to is not something
+        // vhost-user backends serve).
+        let shared = !self.volume_fds.is_empty();
+        push(&[
+            "-M",
+            if shared {
+                "microvm,x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem"
+            } else {
+                "microvm,x-option-roms=off,rtc=on,isa-serial=on"
+            },
+        ]);
+        if shared {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.mem_mib
+                ),
+                "-global",
+                "virtio-mmio.force-legacy=false",
+            ]);
+        }
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&[
@@ -121,6 +147,17 @@ impl QemuArgs {
                 &format!(
                     "virtio-net-device,netdev=net0,mac={GUEST_MAC},host_mtu={}",
                     moat_net::NetConfig::default().mtu
+                ),
+            ]);
+        }
+        for (i, fd) in self.volume_fds.iter().enumerate() {
+            push(&[
+                "-chardev",
+                &format!("socket,id=fs{i},fd={fd}"),
+                "-device",
+                &format!(
+                    "vhost-user-fs-device,chardev=fs{i},tag={}",
+                    crate::guestspec::volume_tag(i)
                 ),
             ]);
         }
@@ -351,6 +388,7 @@ mod tests {
             disk_slots: 3,
             spare_fd: 8,
             net_fd: Some(10),
+            volume_fds: Vec::new(),
         };
         let a: Vec<String> = q
             .build()
@@ -383,5 +421,22 @@ mod tests {
         assert!(!a
             .iter()
             .any(|x| x.contains("file=/") && !x.contains("/dev/fdset/")));
+        assert!(!a.iter().any(|x| x.contains("memory-backend")));
+        // Read-write volumes: vhost-user-fs on the connected sockets, the
+        // guest's RAM a shared memfd of the same size, modern transports.
+        let v = QemuArgs {
+            volume_fds: vec![11, 12],
+            ..q
+        };
+        let a: Vec<String> = v
+            .build()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert!(a.contains(&"socket,id=fs1,fd=12".to_string()));
+        assert!(a.contains(&"vhost-user-fs-device,chardev=fs0,tag=moatfs0".to_string()));
+        assert!(a.contains(&"memory-backend-memfd,id=mem,size=300M,share=on".to_string()));
+        assert!(a.contains(&"virtio-mmio.force-legacy=false".to_string()));
+        assert!(a[a.iter().position(|x| x == "-M").unwrap() + 1].ends_with(",memory-backend=mem"));
     }
 }
