@@ -94,21 +94,7 @@ impl Confinement<'_> {
     }
 
     fn close_other_fds(&self) -> Result<(), ConfineError> {
-        let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-            .map_err(ConfineError::Fds)?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-            .collect();
-        for fd in open {
-            if fd > 2 && !self.keep_fds.contains(&fd) {
-                // The directory's own fd is already closed: EBADF is fine.
-                match nix::unistd::close(fd) {
-                    Ok(()) | Err(nix::Error::EBADF) => {}
-                    Err(e) => return Err(ConfineError::Fds(e.into())),
-                }
-            }
-        }
-        Ok(())
+        moat_sys::fd::close_all_except(self.keep_fds).map_err(ConfineError::Fds)
     }
 
     fn set_limits(&self) -> Result<(), ConfineError> {

@@ -62,6 +62,7 @@ struct Undo<'a> {
     cgroup: Option<moat_jail::cgroup::CgroupManager>,
     socket_dir: Option<PathBuf>,
     slot: Option<(u32, String)>,
+    volume_slot: Option<(u32, String)>,
     net_stack: Option<moat_container::network::StackProcess>,
     volumes: Option<crate::volumes::VolumeServer>,
     armed: bool,
@@ -91,8 +92,16 @@ impl Drop for Undo<'_> {
         }
         if let Some(d) = &self.socket_dir {
             let _ = std::fs::remove_dir_all(d);
+            // As `delete` does: the last container's leaves no empty
+            // directory behind.
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         if let Some(slot) = &self.slot {
+            crate::ops::release_slot(slot);
+        }
+        if let Some(slot) = &self.volume_slot {
             crate::ops::release_slot(slot);
         }
         // The jail's mount point, per-container images, the state.
@@ -148,6 +157,7 @@ impl MicrovmTier {
             cgroup: None,
             socket_dir: None,
             slot: None,
+            volume_slot: None,
             net_stack: None,
             volumes: None,
             armed: true,
@@ -195,13 +205,33 @@ impl MicrovmTier {
                 rustix::process::getegid().as_raw(),
             ),
         };
-        let volume_maps = virtiofsd
+        // The volumes' host IDs: a block of their own (the guest's IDs
+        // become the container's host IDs there, never root), apart from
+        // the VMM's.
+        let volume_alloc = match &virtiofsd {
+            Some(_) => Some(
+                moat_jail::idalloc::IdAllocator::new(
+                    moat_jail::idalloc::allocator_dir(),
+                    moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
+                )
+                .allocate(
+                    moat_jail::idalloc::Owner::current(),
+                    &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
+                )
+                .map_err(MicrovmError::from)?,
+            ),
+            None => None,
+        };
+        let volume_maps = volume_alloc
             .as_ref()
-            .map(|_| crate::volumes::id_maps(&spec_json, uid))
+            .map(|a| crate::volumes::id_maps(&spec_json, a.host_start))
             .transpose()
             .map_err(RuntimeError::Invalid)?;
         moat_core::steps::mark("microvm-host-ids");
         let slot = alloc
+            .as_ref()
+            .map(|a| (a.slot, moat_jail::idalloc::Owner::current().record()));
+        let volume_slot = volume_alloc
             .as_ref()
             .map(|a| (a.slot, moat_jail::idalloc::Owner::current().record()));
         let jail_root = dir.join("jail");
@@ -424,6 +454,13 @@ impl MicrovmTier {
         };
         undo.pid = Some(pid);
         moat_core::steps::mark("microvm-vmm-spawn");
+        // The blocks stay allocated, released by `delete` (or the undo,
+        // after it killed what runs with their IDs): the VMM runs as the
+        // first ID of its own until it ends, virtiofsd with the volumes'.
+        std::mem::forget(alloc);
+        undo.slot = slot.clone();
+        std::mem::forget(volume_alloc);
+        undo.volume_slot = volume_slot.clone();
         if let Some(cg) = &cgroup {
             cg.add_pid(pid).map_err(MicrovmError::from)?;
         }
@@ -451,11 +488,6 @@ impl MicrovmTier {
             }
             _ => None,
         };
-        // The block stays allocated: the VMM runs as its first ID until it
-        // ends, and the allocator reclaims a block only once no process
-        // runs with its IDs.
-        std::mem::forget(alloc);
-        undo.slot = slot.clone();
         st.pid = pid;
         st.pid_start_time = moat_jail::procfs::pid_start_time(pid).unwrap_or(0);
         st.tier = Tier::Microvm;
@@ -466,6 +498,7 @@ impl MicrovmTier {
             socket_dir,
             vmm_uid: uid,
             vmm_slot: slot,
+            volume_slot,
             backend: host.why.clone(),
             net_stack,
             volumes: volume_server,

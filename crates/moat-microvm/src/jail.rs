@@ -98,20 +98,7 @@ impl JailPlan {
     }
 
     fn close_other_fds(&self) -> Result<(), JailError> {
-        let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-            .map_err(io("list open descriptors"))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-            .collect();
-        for fd in open {
-            if fd > 2 && !self.keep_fds.contains(&fd) {
-                match nix::unistd::close(fd) {
-                    Ok(()) | Err(nix::Error::EBADF) => {}
-                    Err(e) => return Err(sys("close an inherited descriptor")(e)),
-                }
-            }
-        }
-        Ok(())
+        moat_sys::fd::close_all_except(&self.keep_fds).map_err(io("close inherited descriptors"))
     }
 
     fn build_root(&self) -> Result<(), JailError> {

@@ -382,6 +382,10 @@ struct MicrovmPart {
     /// That block's slot and the owner its allocation file records.
     #[serde(default)]
     vmm_slot: Option<(u32, String)>,
+    /// The read-write volumes' block (their files' owners), when there are
+    /// any.
+    #[serde(default)]
+    volume_slot: Option<(u32, String)>,
     /// Which VMM, in words.
     backend: String,
     /// The user-space network stack's process, when the config asked for

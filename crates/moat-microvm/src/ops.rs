@@ -127,6 +127,9 @@ impl MicrovmTier {
         if let Some(slot) = &part.vmm_slot {
             release_slot(slot);
         }
+        if let Some(slot) = &part.volume_slot {
+            release_slot(slot);
+        }
         self.sd.remove(id)?;
         drop(lock);
         Ok(())

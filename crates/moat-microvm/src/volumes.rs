@@ -105,8 +105,8 @@ fn format_map(m: &[Range]) -> String {
 }
 
 /// Which host IDs the guest's IDs are on the volumes, for a container
-/// `spec` whose VMM has the host ID block starting at `block` (moat's
-/// allocator's; unused but for the VMM's own first ID).
+/// `spec` whose volumes have the host ID block starting at `block` (moat's
+/// allocator's, the volumes' own: not the VMM's).
 ///
 /// In the guest the container's IDs are its config's `hostID`s (the guest
 /// runs the same config). A range above the first 65536 IDs (a block of
@@ -115,7 +115,7 @@ fn format_map(m: &[Range]) -> String {
 /// first 65536 IDs (root and the host's system users), the guest's IDs
 /// move into `block` (ID `k` becomes `block + k`): a guest's root is never
 /// the host's. virtiofsd's own root is the guest's 0 when mapped, else
-/// `block + 1`.
+/// `block`.
 pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
     let linux = &spec["linux"];
     let userns = linux["namespaces"]
@@ -158,7 +158,7 @@ pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
         if !out.iter().any(|r| r.inside == 0) {
             out.push(Range {
                 inside: 0,
-                outside: block + 1,
+                outside: block,
                 count: 1,
             });
         }
@@ -371,13 +371,20 @@ enum ServerError {
 }
 
 impl Server {
-    fn main(self, chan: &moat_jail::sync::Channel, one: moat_sys::process::OneThread) -> i32 {
+    fn main(mut self, chan: &moat_jail::sync::Channel, one: moat_sys::process::OneThread) -> i32 {
         let report = |e: &ServerError| {
             let _ = chan.send(&moat_jail::sync::Msg::Error(
                 moat_jail::sync::RemoteError::new(e),
             ));
             1
         };
+        // Nothing of the runtime's but what it serves with: the
+        // container's state lock, above all, must not outlive `create`.
+        let mut keep = vec![chan.raw(), self.vmm.as_raw_fd(), self.log.as_raw_fd()];
+        keep.extend(self.listeners.iter().map(|l| l.as_raw_fd()));
+        if moat_sys::fd::close_all_except(&keep).is_err() {
+            return 1;
+        }
         if let Err(e) = chan.expect(moat_jail::sync::Msg::Go, "go") {
             eprintln!("moat volume server: {}", moat_core::error_chain(&e));
             return 1;
@@ -386,6 +393,10 @@ impl Server {
             Ok(c) => c,
             Err(e) => return report(&e),
         };
+        // virtiofsd holds the listeners now: a VMM whose virtiofsd ends
+        // then sees its connection reset instead of waiting on a socket
+        // nobody will serve.
+        self.listeners.clear();
         if let Err(e) = self.drop_privileges() {
             kill_group();
             return report(&e);
@@ -663,10 +674,10 @@ mod tests {
             m.uid,
             vec![
                 r(2_000_000_000, 2_000_000_000, 65536),
-                r(0, 2_000_065_537, 1)
+                r(0, 2_000_065_536, 1)
             ]
         );
-        assert_eq!(m.own(), (2_000_065_537, 2_000_065_537));
+        assert_eq!(m.own(), (2_000_065_536, 2_000_065_536));
         // One mapping into the host's system IDs moves into the block.
         let low = json!({"linux": {
             "namespaces": [{"type": "user"}],
@@ -676,7 +687,7 @@ mod tests {
         let m = id_maps(&low, 2_000_065_536).unwrap();
         assert_eq!(
             m.uid,
-            vec![r(1000, 2_000_066_536, 1), r(0, 2_000_065_537, 1)]
+            vec![r(1000, 2_000_066_536, 1), r(0, 2_000_065_536, 1)]
         );
     }
 

@@ -109,6 +109,32 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor of this process above 2 that is not in `keep`
+/// (a helper process drops what its forking parent held: a container's
+/// state lock among them). Read from /proc/self/fd; a descriptor already
+/// gone (the listing's own) is fine.
+pub fn close_all_except(keep: &[RawFd]) -> std::io::Result<()> {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    for fd in open {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing by number invalidates any owner of `fd` in
+            // this process; callers are helpers that go on with the listed
+            // descriptors only (their other owners are never used again,
+            // and a later close of the same number is an EBADF).
+            if unsafe { libc::close(fd) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EBADF) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -353,6 +353,12 @@ fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
     };
     let dir = tempfile::tempdir().unwrap();
     let vol = format!("{}:/data", dir.path().display());
+    // More read-write volumes and disks than the VM has device slots.
+    let [vol2, vol3, vol4, vol5, vol6] = [2, 3, 4, 5, 6].map(|i| {
+        let sub = dir.path().join(format!("v{i}"));
+        std::fs::create_dir(&sub).unwrap();
+        format!("{}:/data{i}", sub.display())
+    });
     for (args, want) in [
         (
             vec![
@@ -375,10 +381,20 @@ fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
                 "microvm",
                 "-v",
                 vol.as_str(),
+                "-v",
+                vol2.as_str(),
+                "-v",
+                vol3.as_str(),
+                "-v",
+                vol4.as_str(),
+                "-v",
+                vol5.as_str(),
+                "-v",
+                vol6.as_str(),
                 "--",
                 "true",
             ],
-            "read-write volume",
+            "read-write volumes",
         ),
     ] {
         let out = cmd(&rt, &args).expect_fail();
@@ -1305,4 +1321,251 @@ fn an_unprivileged_user_runs_microvms_in_a_jail_of_its_own() {
         .collect();
     assert!(run_state.is_empty(), "{run_state:?}");
     assert!(names(&std::env::temp_dir().join(format!("moat-microvm-{uid}"))).is_empty());
+}
+
+/// The processes of process group `pgid` (the volume server's: it and
+/// every virtiofsd), not counting zombies.
+fn group_members(pgid: u32) -> Vec<u32> {
+    all_processes()
+        .into_iter()
+        .filter(|(_, _, state)| *state != 'Z')
+        .filter(|(pid, _, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(2).map(str::to_owned))
+                })
+                .and_then(|g| g.parse::<u32>().ok())
+                == Some(pgid)
+        })
+        .map(|(pid, _, _)| pid)
+        .collect()
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid())
+}
+
+/// A read-write volume is the host directory itself (virtio-fs, served by
+/// virtiofsd): what the guest writes is there for the host at once, and
+/// the other way round, owned by the same host IDs as when the container
+/// tier runs the same command (never root); virtiofsd runs jailed in a user
+/// namespace, its server with no capabilities; all of it ends with the VM.
+#[test]
+fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier() {
+    let Some(rt) =
+        rt("read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier")
+    else {
+        return;
+    };
+    // `moat run -v`: the same script under both tiers, each on a directory
+    // of its own.
+    let script = "cat /data/from-host; echo from-guest > /data/new; mkdir /data/d; \
+                  ln -s new /data/link; mv /data/new /data/moved; echo more >> /data/moved; \
+                  rm /data/from-host; ls /data";
+    let mut owners = Vec::new();
+    for tier in ["container", "microvm"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("from-host"), "host says hi\n").unwrap();
+        let vol = format!("{}:/data", dir.path().display());
+        let out = cmd(
+            &rt,
+            &[
+                "run",
+                "--isolation",
+                tier,
+                "-v",
+                &vol,
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        );
+        assert_eq!(out.code, Some(0), "{tier}: {out:?}");
+        assert_eq!(
+            out.stdout, "host says hi\nd\nlink\nmoved\n",
+            "{tier}: {out:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("moved")).unwrap(),
+            "from-guest\nmore\n",
+            "{tier}"
+        );
+        assert!(!dir.path().join("from-host").exists(), "{tier}");
+        assert_eq!(
+            std::fs::read_link(dir.path().join("link")).unwrap(),
+            Path::new("new")
+        );
+        let o = [
+            owner(&dir.path().join("moved")),
+            owner(&dir.path().join("d")),
+            owner(&dir.path().join("link")),
+        ];
+        assert!(o.iter().all(|x| *x == o[0]), "{tier}: {o:?}");
+        assert_ne!(o[0].0, 0, "{tier}: not the host's root");
+        owners.push(o[0]);
+        assert_clean(&rt);
+    }
+    assert_eq!(
+        owners[0], owners[1],
+        "the microvm tier's files belong to the container's host IDs, as the container tier's"
+    );
+
+    // Through the OCI commands, while the VM runs: both ways at once.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut b = vm_bundle(&[
+        "sh",
+        "-c",
+        "echo written-in-guest > /data/g; echo started; while :; do sleep 1; done",
+    ]);
+    b.push(
+        "/mounts",
+        serde_json::json!({"destination": "/data", "type": "bind",
+            "source": dir.path().display().to_string(), "options": ["rbind", "rw"]}),
+    );
+    b.write_config();
+    let id = rt.new_id("vol");
+    let outfile = rt.scratch_file("vol-stdout");
+    let bundle = b.dir().display().to_string();
+    rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            env: env(),
+            stdout: Some(outfile.clone()),
+            ..Opts::default()
+        },
+    )
+    .expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(outfile),
+    };
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.root().join(&id).join("state.json")).unwrap())
+            .unwrap();
+    let server = state["tier_state"]["volumes"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the volume server in the state: {state}"))
+        as u32;
+    let members = group_members(server);
+    let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    let fsd: Vec<u32> = members
+        .iter()
+        .copied()
+        .filter(|p| comm(*p).trim() == "virtiofsd")
+        .collect();
+    assert!(
+        !fsd.is_empty(),
+        "virtiofsd in the server's group: {members:?}"
+    );
+    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let vmm_uid: u32 = status_field(state["pid"].as_u64().unwrap() as u32, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for p in &fsd {
+        let uid = status_field(*p, "Uid");
+        assert!(
+            !uid.split_whitespace().any(|u| u == "0"),
+            "virtiofsd {p} as host root: {uid}"
+        );
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{p}/ns/user")).unwrap(),
+            host_userns,
+            "virtiofsd {p} in a user namespace of its own"
+        );
+        assert_eq!(status_field(*p, "NoNewPrivs"), "1", "virtiofsd {p}");
+    }
+    let server_status = (
+        status_field(server, "Uid"),
+        status_field(server, "CapEff"),
+        status_field(server, "CapPrm"),
+        status_field(server, "NoNewPrivs"),
+    );
+    assert!(
+        !server_status.0.split_whitespace().any(|u| u == "0")
+            && server_status.0.split_whitespace().next() != Some(&vmm_uid.to_string())
+            && server_status.1 == "0000000000000000"
+            && server_status.2 == "0000000000000000"
+            && server_status.3 == "1",
+        "the volume server holds nothing (uid, CapEff, CapPrm, NoNewPrivs): {server_status:?}"
+    );
+    cmd(&rt, &["start", &id]).expect_ok();
+    ctr.wait_output("started");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("g")).unwrap(),
+        "written-in-guest\n"
+    );
+    std::fs::write(dir.path().join("h"), "written-on-host\n").unwrap();
+    let ex = cmd(&rt, &["exec", &id, "cat", "/data/h"]);
+    assert_eq!(ex.stdout, "written-on-host\n", "{ex:?}");
+    cmd(&rt, &["kill", &id, "KILL"]).expect_ok();
+    ctr.wait_status("stopped");
+    // The VM is gone: the server ends its group (it and every virtiofsd),
+    // before `delete`.
+    let start = std::time::Instant::now();
+    while !group_members(server).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the volume server's group outlived the VM: {:?}",
+            group_members(server)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cmd(&rt, &["delete", &id]).expect_ok();
+    drop(ctr);
+    assert_clean(&rt);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("g")).unwrap(),
+        "written-in-guest\n",
+        "the volume's files stay"
+    );
+
+    // A virtiofsd that does not serve: the VM fails to start, in one line,
+    // and nothing is left (the server's group included).
+    let vol = format!("{}:/data", dir.path().display());
+    let mut e = env();
+    e.push(("MOAT_VIRTIOFSD".into(), "/bin/false".into()));
+    let out = rt
+        .cmd_with(
+            &["run", "--isolation", "microvm", "-v", &vol, "--", "true"],
+            Opts {
+                env: e.clone(),
+                ..Opts::default()
+            },
+        )
+        .expect_fail();
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+    assert_clean(&rt);
+    e.pop();
+    e.push(("MOAT_VIRTIOFSD".into(), "/nonexistent/virtiofsd".into()));
+    let out = rt
+        .cmd_with(
+            &["run", "--isolation", "microvm", "-v", &vol, "--", "true"],
+            Opts {
+                env: e,
+                ..Opts::default()
+            },
+        )
+        .expect_fail();
+    assert!(out.stderr.contains("MOAT_VIRTIOFSD"), "{out:?}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+    assert_clean(&rt);
 }
