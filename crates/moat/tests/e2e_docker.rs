@@ -388,5 +388,41 @@ fn docker_daemon_json_runtimes_select_tiers() {
         lines.get(1).is_some_and(|k| *k != host.trim()),
         "the guest's own kernel: {vm:?}"
     );
+    // A read-write volume (`-v`) reaches the host directory through
+    // virtio-fs both ways; Docker's root in the guest is not the host's.
+    // Writable by others: the guest's IDs are a host ID block of the
+    // container's own (as with Docker's userns-remap), not root.
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        vol.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::write(vol.path().join("in"), "from the host\n").unwrap();
+    let spec = format!("{}:/data", vol.path().display());
+    let v = dk
+        .cmd(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--runtime",
+            "moat-vm-flag",
+            "-v",
+            &spec,
+            "moatbb",
+            "sh",
+            "-c",
+            "cat /data/in; echo from the guest > /data/out",
+        ])
+        .expect_ok();
+    assert_eq!(v.stdout, "from the host\n", "{v:?}");
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("out")).unwrap(),
+        "from the guest\n"
+    );
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(vol.path().join("out")).unwrap());
+    assert_ne!(owner, 0, "the guest's root is not the host's");
     drop(dk);
 }
