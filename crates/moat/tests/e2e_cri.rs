@@ -9,7 +9,7 @@
 mod engines;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use engines::{base_dir, can_run, moat_links, oci_archive_of, s, sh, Daemon, IMAGE};
@@ -238,7 +238,7 @@ impl Cri {
         cmd: &[&str],
         memory_limit: i64,
     ) -> Result<String, tonic::Status> {
-        self.create_with(pod_id, pod, name, cmd, memory_limit, 0)
+        self.create_with(pod_id, pod, name, cmd, memory_limit, 0, &[])
     }
 
     /// [`Cri::create`] with the OOM score adjustment the kubelet gives a
@@ -252,6 +252,7 @@ impl Cri {
         cmd: &[&str],
         memory_limit: i64,
         oom_score_adj: i64,
+        mounts: &[(&str, &Path)],
     ) -> Result<String, tonic::Status> {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
@@ -268,6 +269,15 @@ impl Cri {
                 value: "from-the-pod-spec".into(),
             }],
             log_path: format!("{name}.log"),
+            // Read-write host directories (a hostPath or emptyDir volume).
+            mounts: mounts
+                .iter()
+                .map(|(at, host)| cri::Mount {
+                    container_path: at.to_string(),
+                    host_path: host.display().to_string(),
+                    ..Default::default()
+                })
+                .collect(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: Some(cri::LinuxContainerResources {
                     memory_limit_in_bytes: memory_limit,
@@ -677,7 +687,7 @@ fn cri_runs_a_pod_with_the_moat_handler() {
     ];
     // A Burstable pod's container: the kubelet's OOM score adjustment.
     let app = c
-        .create_with(&pod_id, &pod_cfg, "app", &cmd, 256 << 20, 900)
+        .create_with(&pod_id, &pod_cfg, "app", &cmd, 256 << 20, 900, &[])
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     assert_eq!(
         c.status(&app).state(),
@@ -814,9 +824,29 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
             "{}'s pause container",
             pod.name
         );
-        let cmd = ["sh", "-c", "echo \"kernel $(uname -r)\"; exec sleep 1000"];
+        let cmd = [
+            "sh",
+            "-c",
+            "echo \"from $(uname -r)\" > /data/app; echo \"kernel $(uname -r)\"; exec sleep 1000",
+        ];
+        // A read-write volume (as a hostPath or emptyDir gives), writable
+        // by the container's host IDs.
+        let vol = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            vol.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
         let app = c
-            .create(&pod_id, &pod_cfg, "app", &cmd, 0)
+            .create_with(
+                &pod_id,
+                &pod_cfg,
+                "app",
+                &cmd,
+                0,
+                0,
+                &[("/data", vol.path())],
+            )
             .unwrap_or_else(|e| panic!("CreateContainer {}: {e}\n{}", pod.name, c.d.log()));
         c.start_container(&app)
             .unwrap_or_else(|e| panic!("StartContainer {}: {e}\n{}", pod.name, c.d.log()));
@@ -842,6 +872,16 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
             );
             std::thread::sleep(Duration::from_millis(100));
         };
+        // (The sandbox tier's default policy lets the workload read, not
+        // write, its volumes.)
+        if tier == "microvm" {
+            assert_eq!(
+                std::fs::read_to_string(vol.path().join("app")).unwrap_or_default(),
+                format!("from {kernel}\n"),
+                "{}: the volume is the host directory",
+                pod.name
+            );
+        }
         match tier {
             "microvm" => assert_ne!(kernel, host_kernel(), "the guest's own kernel"),
             // The supervisor answers uname with the policy's release.
