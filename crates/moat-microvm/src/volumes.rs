@@ -243,13 +243,36 @@ impl VolumeServer {
                 nix::unistd::Pid::from_raw(self.pid),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
-            // ESRCH: no process is left in the group.
-            if nix::sys::signal::kill(group, None) == Err(nix::Error::ESRCH) {
+            if !group_alive(self.pid) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+}
+
+/// Whether a process of group `pgid` still runs (zombies do not count:
+/// once killed, the server's children wait for their reaper, which may be
+/// a slow PID 1, and hold nothing but their PID).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // After the comm's closing parenthesis: state, ppid, pgrp.
+        let mut f = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace();
+        let state = f.next().unwrap_or("Z");
+        f.nth(1).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) && state != "Z"
+    })
 }
 
 /// What [`start`] needs.
