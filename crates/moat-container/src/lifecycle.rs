@@ -1266,7 +1266,8 @@ pub fn oci_state(st: &State, status: ContainerStatus) -> oci_spec::runtime::Stat
     s
 }
 
-fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
+/// [`oci_state`] as the JSON a hook reads on its stdin.
+pub fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
     serde_json::to_vec(&oci_state(st, status)).unwrap_or_default()
 }
 

@@ -505,6 +505,21 @@ impl MicrovmTier {
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
+        // The runtime's hooks, on the host where the runtime-spec runs
+        // them, with the VMM process as the container's: its namespaces
+        // exist, the guest has not booted. A failure fails `create`.
+        if let Some(h) = req.config.spec.hooks() {
+            let json = moat_container::lifecycle::oci_state_json(&st, ContainerStatus::Creating);
+            moat_container::hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)
+                .and_then(|()| {
+                    moat_container::hooks::run(
+                        "createRuntime",
+                        h.create_runtime().as_deref().unwrap_or(&[]),
+                        &json,
+                    )
+                })
+                .map_err(MicrovmError::from)?;
+        }
         // Go: the VMM process is in its cgroup.
         nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
         let ready = wait_ready(&ours);
@@ -529,6 +544,9 @@ impl MicrovmTier {
         }
         undo.armed = false;
         drop(lock);
+        if launch {
+            crate::ops::poststart(&st);
+        }
         let _ = st;
         Ok(Launched {
             pid,
@@ -806,8 +824,18 @@ fn initial_state(req: &CreateRequest, dir: &Path) -> State {
         annotations: spec.annotations().clone().unwrap_or_default(),
         tier: Tier::Microvm,
         tier_state: serde_json::Value::Null,
-        poststop_hooks: Vec::new(),
-        poststart_hooks: Vec::new(),
+        // Run on the host, as the runtime-spec places them: in the
+        // runtime's namespaces (`start`, `delete`).
+        poststop_hooks: spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.poststop().clone())
+            .unwrap_or_default(),
+        poststart_hooks: spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.poststart().clone())
+            .unwrap_or_default(),
     }
 }
 

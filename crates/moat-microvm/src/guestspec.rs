@@ -14,7 +14,10 @@
 //!   resolv.conf, …) is copied into the guest. Device binds of `/dev/*`
 //!   stay: the guest has its own.
 //! - Hooks, joined namespaces' paths and the cgroup path belong to the
-//!   host; they are dropped (hooks with a warning). Annotations that pick a
+//!   host; they are dropped from the guest's config (the runtime runs the
+//!   prestart, createRuntime, poststart and poststop hooks on the host;
+//!   createContainer and startContainer, which would run in the
+//!   container's namespaces, the guest's, are not run: a warning). Annotations that pick a
 //!   tier or a network stack are removed, so the guest's moat runs the
 //!   container tier.
 use std::path::{Path, PathBuf};
@@ -171,10 +174,12 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         ));
     }
     if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
-        if hooks.as_object().is_some_and(|o| !o.is_empty()) {
-            plan.warnings.push(
-                "the microvm tier does not run OCI hooks: they would run on the host, not where the container is".into(),
-            );
+        for stage in ["createContainer", "startContainer"] {
+            if hooks[stage].as_array().is_some_and(|a| !a.is_empty()) {
+                plan.warnings.push(format!(
+                    "the microvm tier does not run {stage} hooks: they would run in the container's namespaces, which are the guest's"
+                ));
+            }
         }
         config.as_object_mut().map(|o| o.remove("hooks"));
     }
@@ -378,7 +383,7 @@ mod tests {
             "root": {"path": "/host/rootfs", "readonly": true},
             "process": {"args": ["sh"], "cwd": "/"},
             "mounts": mounts,
-            "hooks": {"prestart": [{"path": "/bin/true"}]},
+            "hooks": {"prestart": [{"path": "/bin/true"}], "startContainer": [{"path": "/bin/true"}]},
             "annotations": {"dev.moat.isolation": "microvm", "keep": "yes"},
             "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "pid"}]}
         })
@@ -421,7 +426,13 @@ mod tests {
         assert_eq!(m[8]["source"], "/run/vm/files/1");
         assert_eq!(p.files.len(), 2);
         assert!(p.config.get("hooks").is_none());
-        assert!(p.warnings.iter().any(|w| w.contains("hooks")));
+        // The runtime runs prestart on the host; startContainer would be
+        // the guest's.
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p
+            .warnings
+            .iter()
+            .any(|w| w.contains("startContainer hooks")));
         assert!(p.config["linux"].get("cgroupsPath").is_none());
         assert!(p.config["linux"]["namespaces"][0].get("path").is_none());
         assert!(p.config["annotations"].get("dev.moat.isolation").is_none());

@@ -76,6 +76,8 @@ pub enum MicrovmError {
     Net(#[from] moat_container::network::NetError),
     #[error("the microVM failed: {0}")]
     Vmm(String),
+    #[error("OCI hook")]
+    Hook(#[from] moat_container::hooks::HookError),
 }
 
 impl MicrovmError {

@@ -1569,3 +1569,91 @@ fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier()
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
     assert_clean(&rt);
 }
+
+/// The runtime's OCI hooks run on the host, where the runtime-spec runs
+/// them, with the VMM process as the container's: prestart and
+/// createRuntime at `create` (a failure fails it, leaving nothing),
+/// poststart after `start`, poststop at `delete`, each with the state on
+/// its stdin; createContainer and startContainer would run in the guest's
+/// namespaces and are not run (a warning says so).
+#[test]
+fn the_runtimes_hooks_run_on_the_host_in_order() {
+    let Some(rt) = rt("the_runtimes_hooks_run_on_the_host_in_order") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let hook = |stage: &str| {
+        serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c",
+            format!("cat > {d}/{stage}.json; echo {stage} >> {d}/order", d = out.path().display())]}])
+    };
+    let mut b = vm_bundle(&["sh", "-c", "echo started; sleep 1000"]);
+    for stage in [
+        "prestart",
+        "createRuntime",
+        "poststart",
+        "poststop",
+        "startContainer",
+    ] {
+        b.set(&format!("/hooks/{stage}"), hook(stage));
+    }
+    b.write_config();
+    let id = rt.new_id("hooks");
+    let bundle = b.dir().display().to_string();
+    let outfile = rt.scratch_file("hooks-stdout");
+    let created = rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            env: env(),
+            stdout: Some(outfile.clone()),
+            ..Opts::default()
+        },
+    );
+    assert!(created.ok(), "{created:?}");
+    assert!(
+        created.stderr.contains("startContainer hooks"),
+        "{created:?}"
+    );
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(outfile),
+    };
+    let order = || std::fs::read_to_string(out.path().join("order")).unwrap_or_default();
+    let state = |stage: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.path().join(format!("{stage}.json"))).unwrap())
+            .unwrap()
+    };
+    assert_eq!(order(), "prestart\ncreateRuntime\n");
+    let pid = ctr.state()["pid"].clone();
+    for stage in ["prestart", "createRuntime"] {
+        let s = state(stage);
+        assert_eq!(
+            (&s["id"], &s["status"], &s["pid"]),
+            (&serde_json::json!(id), &serde_json::json!("creating"), &pid),
+            "{stage}: {s}"
+        );
+    }
+    cmd(&rt, &["start", &id]).expect_ok();
+    assert_eq!(order(), "prestart\ncreateRuntime\npoststart\n");
+    assert_eq!(state("poststart")["status"], "running");
+    ctr.wait_output("started");
+    cmd(&rt, &["delete", "--force", &id]).expect_ok();
+    assert_eq!(order(), "prestart\ncreateRuntime\npoststart\npoststop\n");
+    assert_eq!(state("poststop")["status"], "stopped");
+    drop(ctr);
+    assert_clean(&rt);
+
+    // A failing createRuntime hook fails `create` in one line, before the
+    // guest boots, and leaves nothing.
+    let mut b = vm_bundle(&["true"]);
+    b.set(
+        "/hooks/createRuntime",
+        serde_json::json!([{"path": "/bin/false"}]),
+    );
+    b.write_config();
+    let bundle = b.dir().display().to_string();
+    let failed = cmd(&rt, &["create", "--bundle", &bundle, &rt.new_id("badhook")]).expect_fail();
+    assert!(failed.stderr.contains("createRuntime hook"), "{failed:?}");
+    assert_eq!(failed.stderr.trim().lines().count(), 1, "{failed:?}");
+    assert_clean(&rt);
+}
