@@ -238,7 +238,7 @@ impl Cri {
         cmd: &[&str],
         memory_limit: i64,
     ) -> Result<String, tonic::Status> {
-        self.create_with(pod_id, pod, name, cmd, memory_limit, 0, &[])
+        self.create_with(pod_id, pod, name, cmd, (memory_limit, 0), &[])
     }
 
     /// [`Cri::create`] with the OOM score adjustment the kubelet gives a
@@ -250,8 +250,7 @@ impl Cri {
         pod: &cri::PodSandboxConfig,
         name: &str,
         cmd: &[&str],
-        memory_limit: i64,
-        oom_score_adj: i64,
+        (memory_limit, oom_score_adj): (i64, i64),
         mounts: &[(&str, &Path)],
     ) -> Result<String, tonic::Status> {
         let config = cri::ContainerConfig {
@@ -687,7 +686,7 @@ fn cri_runs_a_pod_with_the_moat_handler() {
     ];
     // A Burstable pod's container: the kubelet's OOM score adjustment.
     let app = c
-        .create_with(&pod_id, &pod_cfg, "app", &cmd, 256 << 20, 900, &[])
+        .create_with(&pod_id, &pod_cfg, "app", &cmd, (256 << 20, 900), &[])
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     assert_eq!(
         c.status(&app).state(),
@@ -843,8 +842,7 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
                 &pod_cfg,
                 "app",
                 &cmd,
-                0,
-                0,
+                (0, 0),
                 &[("/data", vol.path())],
             )
             .unwrap_or_else(|e| panic!("CreateContainer {}: {e}\n{}", pod.name, c.d.log()));
