@@ -412,10 +412,17 @@ impl Server {
             eprintln!("moat volume server: {}", moat_core::error_chain(&e));
             return 1;
         }
-        let children = match self.prepare().and_then(|()| self.spawn_all(&one)) {
+        // virtiofsd's messages come through a pipe, so that the log stays
+        // bounded whatever the guest makes it say.
+        let (msg_r, msg_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => return report(&ServerError::Sys("pipe", e)),
+        };
+        let children = match self.prepare().and_then(|()| self.spawn_all(&one, &msg_w)) {
             Ok(c) => c,
             Err(e) => return report(&e),
         };
+        drop(msg_w);
         // virtiofsd holds the listeners now: a VMM whose virtiofsd ends
         // then sees its connection reset instead of waiting on a socket
         // nobody will serve.
@@ -428,7 +435,7 @@ impl Server {
             kill_group();
             return 1;
         }
-        self.watch(children)
+        self.watch(children, msg_r)
     }
 
     /// Its session and streams; the mount namespace with the volumes.
@@ -495,10 +502,14 @@ impl Server {
     }
 
     /// Starts one virtiofsd per volume; returns their PIDs.
-    fn spawn_all(&self, one: &moat_sys::process::OneThread) -> Result<Vec<i32>, ServerError> {
+    fn spawn_all(
+        &self,
+        one: &moat_sys::process::OneThread,
+        messages: &OwnedFd,
+    ) -> Result<Vec<i32>, ServerError> {
         let mut pids = Vec::new();
         for (i, listener) in self.listeners.iter().enumerate() {
-            match self.spawn(one, i, listener) {
+            match self.spawn(one, i, listener, messages) {
                 Ok(p) => pids.push(p),
                 Err(e) => {
                     for p in pids {
@@ -519,6 +530,7 @@ impl Server {
         one: &moat_sys::process::OneThread,
         i: usize,
         listener: &OwnedFd,
+        messages: &OwnedFd,
     ) -> Result<i32, ServerError> {
         let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
         let (go_r, go_w) = nix::unistd::pipe2(cloexec).map_err(|e| ServerError::Sys("pipe", e))?;
@@ -533,7 +545,10 @@ impl Server {
             .fork(libc::CLONE_NEWUSER, |_| {
                 drop(go_w.take());
                 drop(err_r.take());
-                let e = child_exec(&go_r, listener.as_fd(), &self.binary, argv);
+                let e = match rustix::stdio::dup2_stderr(messages) {
+                    Ok(()) => child_exec(&go_r, listener.as_fd(), &self.binary, argv),
+                    Err(e) => nix::Error::from_raw(e.raw_os_error()),
+                };
                 let _ = nix::unistd::write(&err_w, &(e as i32).to_ne_bytes());
                 127
             })
@@ -586,14 +601,39 @@ impl Server {
 
     /// Waits for the VMM process to end (reaping any virtiofsd that ends
     /// first), then ends the group.
-    fn watch(self, mut children: Vec<i32>) -> i32 {
+    fn watch(self, mut children: Vec<i32>, messages: OwnedFd) -> i32 {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::io::Write;
+        let mut messages = Some(messages);
+        let mut logged = 0usize;
         loop {
-            let mut fds = [PollFd::new(self.vmm.as_fd(), PollFlags::POLLIN)];
+            let mut fds = vec![PollFd::new(self.vmm.as_fd(), PollFlags::POLLIN)];
+            if let Some(m) = &messages {
+                fds.push(PollFd::new(m.as_fd(), PollFlags::POLLIN));
+            }
             match poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(n) if n > 0 => break,
+                Ok(_) if fds[0].any().unwrap_or(true) => break,
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(_) => break,
+            }
+            let ready = fds.get(1).is_some_and(|f| f.any().unwrap_or(false));
+            drop(fds);
+            if let (true, Some(m)) = (ready, &messages) {
+                let mut buf = [0u8; 4096];
+                match nix::unistd::read(m, &mut buf) {
+                    Ok(0) | Err(_) => messages = None,
+                    Ok(n) => {
+                        let keep = n.min(MAX_LOG.saturating_sub(logged));
+                        let mut err = std::io::stderr();
+                        let _ = err.write_all(&buf[..keep]);
+                        if logged < MAX_LOG && logged + n >= MAX_LOG {
+                            let _ = err.write_all(
+                                b"\nmoat volume server: virtiofsd's further messages are dropped\n",
+                            );
+                        }
+                        logged = logged.saturating_add(n);
+                    }
+                }
             }
             children.retain(|&p| {
                 match nix::sys::wait::waitpid(
@@ -613,6 +653,9 @@ impl Server {
         0
     }
 }
+
+/// The most of virtiofsd's messages the volume log keeps.
+const MAX_LOG: usize = 64 << 10;
 
 /// SIGKILLs the calling process's group (the server, every virtiofsd, and
 /// the processes virtiofsd forked into its own PID namespace).
