@@ -369,6 +369,33 @@ fn podman_selects_every_tier() {
         Some(host.trim()),
         "the guest's own kernel: {vm:?}"
     );
+    // A read-write volume: the guest's write is the host directory's.
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        vol.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let spec = format!("{}:/data", vol.path().display());
+    pm.cmd(&[
+        "--runtime-flag",
+        "isolation=microvm",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &spec,
+        "moatbb",
+        "sh",
+        "-c",
+        "echo from-the-vm > /data/out",
+    ])
+    .expect_ok();
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("out")).unwrap(),
+        "from-the-vm\n"
+    );
     // By program name.
     let sb = pm
         .cmd(&[
