@@ -141,10 +141,6 @@ impl MicrovmTier {
             return Err(RuntimeError::Invalid(
                 "read-write volumes need the QEMU backend's virtio-fs (moat's own VMM has no virtio-fs device yet); mount them read-only".into(),
             ));
-        } else if rootless {
-            return Err(RuntimeError::Invalid(
-                "read-write volumes in the microvm tier need root for now (virtiofsd's user namespace maps the container's host IDs); mount them read-only".into(),
-            ));
         } else {
             Some(crate::volumes::virtiofsd().map_err(RuntimeError::Invalid)?)
         };
@@ -209,7 +205,7 @@ impl MicrovmTier {
         // become the container's host IDs there, never root), apart from
         // the VMM's.
         let volume_alloc = match &virtiofsd {
-            Some(_) => Some(
+            Some(_) if !rootless => Some(
                 moat_jail::idalloc::IdAllocator::new(
                     moat_jail::idalloc::allocator_dir(),
                     moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
@@ -220,13 +216,16 @@ impl MicrovmTier {
                 )
                 .map_err(MicrovmError::from)?,
             ),
-            None => None,
+            _ => None,
         };
-        let volume_maps = volume_alloc
-            .as_ref()
-            .map(|a| crate::volumes::id_maps(&spec_json, a.host_start))
-            .transpose()
-            .map_err(RuntimeError::Invalid)?;
+        let volume_maps = match (&virtiofsd, &volume_alloc) {
+            (Some(_), Some(a)) => Some(crate::volumes::id_maps(&spec_json, a.host_start)),
+            // Rootless: the user's own subordinate IDs, no block.
+            (Some(_), None) => Some(crate::volumes::id_maps_rootless(&spec_json, uid, gid)),
+            _ => None,
+        }
+        .transpose()
+        .map_err(RuntimeError::Invalid)?;
         moat_core::steps::mark("microvm-host-ids");
         let slot = alloc
             .as_ref()
@@ -482,6 +481,7 @@ impl MicrovmTier {
                     log: &dir.join("volumes.log"),
                     virtiofsd: binary,
                     cgroup: cgroup.as_ref(),
+                    rootless,
                 })?;
                 undo.volumes = Some(server);
                 Some(server)

@@ -98,9 +98,16 @@ impl IdMaps {
     }
 }
 
-fn format_map(m: &[Range]) -> String {
+fn oci_map(m: &[Range]) -> Vec<oci_spec::runtime::LinuxIdMapping> {
     m.iter()
-        .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
+        .filter_map(|r| {
+            oci_spec::runtime::LinuxIdMappingBuilder::default()
+                .container_id(r.inside)
+                .host_id(r.outside)
+                .size(r.count)
+                .build()
+                .ok()
+        })
         .collect()
 }
 
@@ -167,6 +174,54 @@ pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
     Ok(IdMaps {
         uid: kind("uidMappings", "user")?,
         gid: kind("gidMappings", "group")?,
+    })
+}
+
+/// [`id_maps`] for a rootless runtime, which has no ID block to give and
+/// maps through newuidmap/newgidmap: the config's ranges (the user's
+/// subordinate IDs, as `moat run` gives them) stay themselves, as in the
+/// container tier, and virtiofsd's own root is the user itself. A config
+/// that maps the user's own ID (no subordinate IDs) is refused: virtiofsd
+/// would need a second ID for its root.
+pub fn id_maps_rootless(spec: &Value, uid: u32, gid: u32) -> Result<IdMaps, String> {
+    let linux = &spec["linux"];
+    let kind = |key: &str, own: u32| -> Result<Vec<Range>, String> {
+        let maps = linux[key]
+            .as_array()
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| {
+                format!("a rootless config without {key} cannot share a read-write volume")
+            })?;
+        let mut out = Vec::with_capacity(maps.len() + 1);
+        for m in maps {
+            let h = m["hostID"].as_u64().and_then(|v| u32::try_from(v).ok());
+            let n = m["size"].as_u64().and_then(|v| u32::try_from(v).ok());
+            let (h, n) = h
+                .zip(n)
+                .ok_or_else(|| format!("the config's {key} has a malformed range"))?;
+            if (u64::from(h)..u64::from(h) + u64::from(n)).contains(&u64::from(own)) {
+                return Err(
+                    "read-write volumes in the microvm tier rootless need subordinate IDs (/etc/subuid, /etc/subgid): the container's IDs must not be the user's own".into(),
+                );
+            }
+            out.push(Range {
+                inside: h,
+                outside: h,
+                count: n,
+            });
+        }
+        if !out.iter().any(|r| r.inside == 0) {
+            out.push(Range {
+                inside: 0,
+                outside: own,
+                count: 1,
+            });
+        }
+        Ok(out)
+    };
+    Ok(IdMaps {
+        uid: kind("uidMappings", uid)?,
+        gid: kind("gidMappings", gid)?,
     })
 }
 
@@ -289,6 +344,9 @@ pub struct Start<'a> {
     /// The VMM's cgroup: the server and virtiofsd join it (the guest's
     /// volumes are the container's I/O).
     pub cgroup: Option<&'a moat_jail::cgroup::CgroupManager>,
+    /// An unprivileged runtime: no mount namespace (virtiofsd opens the
+    /// volumes as the user), maps through newuidmap, no user switch.
+    pub rootless: bool,
 }
 
 /// Starts the volume server; returns once every virtiofsd runs.
@@ -318,7 +376,11 @@ pub fn start(s: Start) -> Result<VolumeServer, MicrovmError> {
                 "virtiofsd".to_string(),
                 format!("--fd={}", l.as_raw_fd()),
                 "-o".into(),
-                format!("source={SHARE_DIR}/{i}"),
+                if s.rootless {
+                    format!("source={}", s.volumes[i].source.display())
+                } else {
+                    format!("source={SHARE_DIR}/{i}")
+                },
                 // virtiofsd would raise its open-file limit to a million,
                 // which a runtime without CAP_SYS_RESOURCE cannot.
                 "--rlimit-nofile=0".into(),
@@ -344,6 +406,7 @@ pub fn start(s: Start) -> Result<VolumeServer, MicrovmError> {
         log,
         binary,
         argv,
+        rootless: s.rootless,
     };
     let pid = one
         .fork(0, |child_one| server.main(&child, child_one))
@@ -379,6 +442,7 @@ struct Server {
     log: OwnedFd,
     binary: CString,
     argv: Vec<Vec<CString>>,
+    rootless: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -387,6 +451,8 @@ enum ServerError {
     Sys(&'static str, #[source] nix::Error),
     #[error("cannot {0}")]
     Io(&'static str, #[source] std::io::Error),
+    #[error("cannot write virtiofsd's ID maps")]
+    Maps(#[source] moat_jail::idmap::IdMapError),
     #[error("cannot open the volume {0}")]
     Open(PathBuf, #[source] std::io::Error),
     #[error("virtiofsd for volume {0} did not start: {1}")]
@@ -453,6 +519,10 @@ impl Server {
             rustix::stdio::dup2_stderr(&self.log)
         };
         streams().map_err(|e| ServerError::Io("redirect the streams", e.into()))?;
+        if self.rootless {
+            // The user opens its own volumes: virtiofsd gets their paths.
+            return Ok(());
+        }
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .map_err(|e| ServerError::Sys("make a mount namespace", e))?;
         mount(
@@ -558,15 +628,16 @@ impl Server {
         let (Some(go_w), Some(err_r)) = (go_w.take(), err_r.take()) else {
             return Err(ServerError::Sys("keep the pipes", nix::Error::EBADF));
         };
-        let proc = PathBuf::from(format!("/proc/{pid}"));
-        let maps = std::fs::write(proc.join("uid_map"), format_map(&self.maps.uid))
-            .and_then(|()| std::fs::write(proc.join("gid_map"), format_map(&self.maps.gid)));
-        if let Err(e) = maps {
+        // As root directly; rootless through newuidmap/newgidmap (the
+        // user's own ID and its subordinate ranges).
+        if let Err(e) =
+            moat_jail::idmap::write_maps(pid, &oci_map(&self.maps.uid), &oci_map(&self.maps.gid))
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            return Err(ServerError::Io("write virtiofsd's ID maps", e));
+            return Err(ServerError::Maps(e));
         }
         nix::unistd::write(&go_w, b"g").map_err(|e| ServerError::Sys("start virtiofsd", e))?;
         drop(go_w);
@@ -588,9 +659,14 @@ impl Server {
         let (uid, gid) = self.maps.own();
         let gid = nix::unistd::Gid::from_raw(gid);
         let uid = nix::unistd::Uid::from_raw(uid);
-        nix::unistd::setgroups(&[]).map_err(|e| ServerError::Sys("clear the groups", e))?;
-        nix::unistd::setresgid(gid, gid, gid).map_err(|e| ServerError::Sys("set the group", e))?;
-        nix::unistd::setresuid(uid, uid, uid).map_err(|e| ServerError::Sys("set the user", e))?;
+        // Rootless, the server is the user already, with nothing to drop.
+        if !self.rootless {
+            nix::unistd::setgroups(&[]).map_err(|e| ServerError::Sys("clear the groups", e))?;
+            nix::unistd::setresgid(gid, gid, gid)
+                .map_err(|e| ServerError::Sys("set the group", e))?;
+            nix::unistd::setresuid(uid, uid, uid)
+                .map_err(|e| ServerError::Sys("set the user", e))?;
+        }
         if caps::read(None, caps::CapSet::Permitted).map_or(true, |c| !c.is_empty()) {
             return Err(ServerError::Sys("drop every capability", nix::Error::EPERM));
         }
@@ -755,6 +831,26 @@ mod tests {
             m.uid,
             vec![r(1000, 2_000_066_536, 1), r(0, 2_000_065_536, 1)]
         );
+    }
+
+    #[test]
+    fn rootless_the_subordinate_ids_stay_and_virtiofsd_is_the_user() {
+        let spec = json!({"linux": {
+            "namespaces": [{"type": "user"}],
+            "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+            "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        }});
+        let m = id_maps_rootless(&spec, 1001, 1002).unwrap();
+        assert_eq!(m.uid, vec![r(100000, 100000, 65536), r(0, 1001, 1)]);
+        assert_eq!(m.gid, vec![r(100000, 100000, 65536), r(0, 1002, 1)]);
+        // Without subordinate IDs the container is the user itself.
+        let one = json!({"linux": {
+            "namespaces": [{"type": "user"}],
+            "uidMappings": [{"containerID": 0, "hostID": 1001, "size": 1}],
+            "gidMappings": [{"containerID": 0, "hostID": 1002, "size": 1}]
+        }});
+        let e = id_maps_rootless(&one, 1001, 1002).unwrap_err();
+        assert!(e.contains("subordinate IDs") && !e.contains('\n'), "{e}");
     }
 
     #[test]

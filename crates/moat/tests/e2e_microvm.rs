@@ -1657,3 +1657,90 @@ fn the_runtimes_hooks_run_on_the_host_in_order() {
     assert_eq!(failed.stderr.trim().lines().count(), 1, "{failed:?}");
     assert_clean(&rt);
 }
+
+/// Rootless, with subordinate IDs (as `moat run` maps a user's containers
+/// by default): a read-write volume works in the microvm tier as in the
+/// container tier, the files owned by the same subordinate IDs; virtiofsd
+/// runs as the user in a user namespace that newuidmap mapped.
+#[test]
+fn rootless_read_write_volumes_get_the_container_tiers_owners() {
+    let Some(rt) = rt("rootless_read_write_volumes_get_the_container_tiers_owners") else {
+        return;
+    };
+    // `nobody`: newuidmap needs the user in /etc/passwd.
+    let uid = 65534u32;
+    let start = 1_500_000_000 + u64::from(std::process::id() % 100) * 65536;
+    let _sub = SubIds::add("nobody", start);
+    let _kill = KillUser(uid);
+    let home = tempfile::tempdir().unwrap();
+    let (xdg, cache, img) = (
+        home.path().join("xdg"),
+        home.path().join("cache"),
+        home.path().join("img"),
+    );
+    for d in [&xdg, &cache, &img.join("bin")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy("/bin/busybox", img.join("bin/busybox")).unwrap();
+    for a in ["sh", "echo", "mkdir", "id"] {
+        std::os::unix::fs::symlink("busybox", img.join("bin").join(a)).unwrap();
+    }
+    chown_tree(home.path(), uid, uid);
+    std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut owners = Vec::new();
+    for tier in ["container", "microvm"] {
+        let vol = tempfile::tempdir().unwrap();
+        chown_tree(vol.path(), uid, uid);
+        std::fs::set_permissions(
+            vol.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let spec = format!("{}:/data", vol.path().display());
+        let img_s = img.display().to_string();
+        let out = run_own(
+            as_user(uid, &rt.bin)
+                .args([
+                    "run",
+                    "--isolation",
+                    tier,
+                    "-v",
+                    &spec,
+                    &img_s,
+                    "--",
+                    "sh",
+                    "-c",
+                ])
+                .arg(format!("echo from-{tier} > /data/f; mkdir /data/d; id -u"))
+                .env("XDG_RUNTIME_DIR", &xdg)
+                .env("MOAT_MICROVM_CACHE", &cache)
+                .current_dir(home.path()),
+        );
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{tier}: {stdout} {stderr}");
+        assert_eq!(stdout, "65534\n", "{tier}: {stderr}");
+        assert_eq!(
+            std::fs::read_to_string(vol.path().join("f")).unwrap(),
+            format!("from-{tier}\n")
+        );
+        let (f, d) = (owner(&vol.path().join("f")), owner(&vol.path().join("d")));
+        assert_eq!(f, d, "{tier}");
+        owners.push(f);
+        // Nothing of the run is left in the user's state root.
+        let left: Vec<_> = std::fs::read_dir(xdg.join("moat"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{tier}: {left:?}");
+    }
+    let nobody = u32::try_from(start).unwrap() + 65534;
+    assert_eq!(owners[0], (nobody, nobody), "the container tier's owner");
+    assert_eq!(owners[1], owners[0], "the microvm tier's, the same");
+}

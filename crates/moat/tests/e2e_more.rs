@@ -509,40 +509,6 @@ fn rootless_human_run() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// Replaces `path` by its contents with `change` applied, through a rename
-/// (readers never see half a file).
-fn rewrite(path: &Path, change: impl FnOnce(String) -> String) {
-    let old = fs::read_to_string(path).unwrap_or_default();
-    let tmp = path.with_extension("moat-e2e-tmp");
-    fs::write(&tmp, change(old)).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
-    fs::rename(&tmp, path).unwrap();
-}
-
-/// A subordinate ID range for a user in /etc/subuid and /etc/subgid, for
-/// the guard's life.
-struct SubIds {
-    line: String,
-}
-
-impl SubIds {
-    fn add(user: &str, start: u64) -> SubIds {
-        let line = format!("{user}:{start}:65536\n");
-        for f in ["/etc/subuid", "/etc/subgid"] {
-            rewrite(Path::new(f), |s| s + &line);
-        }
-        SubIds { line }
-    }
-}
-
-impl Drop for SubIds {
-    fn drop(&mut self) {
-        for f in ["/etc/subuid", "/etc/subgid"] {
-            rewrite(Path::new(f), |s| s.replacen(&self.line, "", 1));
-        }
-    }
-}
-
 /// Issue #14, 7: a rootless `moat run` in its standard setting: a 0700
 /// `$XDG_RUNTIME_DIR` (as pam_systemd makes it) and a subordinate ID range,
 /// so the container's IDs are not the user's and cannot traverse that

@@ -859,3 +859,37 @@ pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
     );
     assert!(o.status.success(), "chown {}: {o:?}", path.display());
 }
+
+/// Replaces `path` by its contents with `change` applied, through a rename
+/// (readers never see half a file).
+pub fn rewrite(path: &Path, change: impl FnOnce(String) -> String) {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let tmp = path.with_extension("moat-e2e-tmp");
+    fs::write(&tmp, change(old)).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// A subordinate ID range for a user in /etc/subuid and /etc/subgid, for
+/// the guard's life.
+pub struct SubIds {
+    line: String,
+}
+
+impl SubIds {
+    pub fn add(user: &str, start: u64) -> SubIds {
+        let line = format!("{user}:{start}:65536\n");
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s + &line);
+        }
+        SubIds { line }
+    }
+}
+
+impl Drop for SubIds {
+    fn drop(&mut self) {
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            rewrite(Path::new(f), |s| s.replacen(&self.line, "", 1));
+        }
+    }
+}
