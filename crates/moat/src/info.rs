@@ -13,6 +13,11 @@ pub fn main(as_json: bool) -> Result<i32> {
         let tiers: Vec<serde_json::Value> = tiers
             .iter()
             .map(|(t, r)| match r {
+                Ok(()) if *t == moat_core::tier::Tier::Microvm => json!({
+                    "tier": t, "ready": true, "runs_on": crate::tiers::note(*t),
+                    "read_write_volumes": moat_microvm::volumes_note()
+                        .unwrap_or_else(|why| format!("refused: {why}")),
+                }),
                 Ok(()) => json!({"tier": t, "ready": true, "runs_on": crate::tiers::note(*t)}),
                 Err(u) => json!({
                     "tier": t, "ready": false, "built": u.built,
@@ -33,10 +38,18 @@ pub fn main(as_json: bool) -> Result<i32> {
     out!("tiers");
     for (t, r) in &tiers {
         match r {
-            Ok(()) => match crate::tiers::note(*t) {
-                Some(n) => out!("  {:<10} ready: {n}", t.to_string()),
-                None => out!("  {:<10} ready", t.to_string()),
-            },
+            Ok(()) => {
+                match crate::tiers::note(*t) {
+                    Some(n) => out!("  {:<10} ready: {n}", t.to_string()),
+                    None => out!("  {:<10} ready", t.to_string()),
+                }
+                if *t == moat_core::tier::Tier::Microvm {
+                    match moat_microvm::volumes_note() {
+                        Ok(n) => out!("  {:<10} read-write volumes: {n}", ""),
+                        Err(why) => out!("  {:<10} read-write volumes: refused: {why}", ""),
+                    }
+                }
+            }
             Err(u) => {
                 out!("  {:<10} not available: {}", t.to_string(), u.reason);
                 if let Some(fix) = &u.fix {

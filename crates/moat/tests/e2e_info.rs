@@ -48,6 +48,13 @@ fn info_matches_the_host_and_what_the_tiers_do() {
     for t in tiers {
         let name = t["tier"].as_str().unwrap();
         if name == "microvm" && t["ready"] == true {
+            // Read-write volumes through virtio-fs: QEMU 7.2's virtiofsd
+            // (scripts/deps installs QEMU) under the QEMU backend.
+            let rw = t["read_write_volumes"].as_str().unwrap_or_default();
+            assert!(
+                rw.starts_with("virtio-fs, served by /") || rw.contains("moat's own VMM"),
+                "{t}"
+            );
             // The first run images the host's /usr into the shared cache
             // (minutes on a fresh machine): with a deadline of its own.
             microvm_warm_up(&rt);
