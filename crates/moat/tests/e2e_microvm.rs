@@ -1492,7 +1492,31 @@ fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier()
             "virtiofsd {p} in a user namespace of its own"
         );
         assert_eq!(status_field(*p, "NoNewPrivs"), "1", "virtiofsd {p}");
+        assert_eq!(
+            status_field(*p, "CapBnd"),
+            "0000000000000000",
+            "virtiofsd {p}: no capability it could regain"
+        );
+        // Its root is the volume (pivot_root), nothing else of the host.
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names(Path::new(&format!("/proc/{p}/root"))),
+            names(dir.path()),
+            "virtiofsd {p} sees the volume as its root"
+        );
     }
+    assert!(
+        fsd.iter().any(|p| status_field(*p, "Seccomp") == "2"),
+        "the serving virtiofsd runs under its seccomp filter"
+    );
     let server_status = (
         status_field(server, "Uid"),
         status_field(server, "CapEff"),
