@@ -182,17 +182,7 @@ impl MicrovmTier {
         let alloc = if rootless {
             None
         } else {
-            Some(
-                moat_jail::idalloc::IdAllocator::new(
-                    moat_jail::idalloc::allocator_dir(),
-                    moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
-                )
-                .allocate(
-                    moat_jail::idalloc::Owner::current(),
-                    &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
-                )
-                .map_err(MicrovmError::from)?,
-            )
+            Some(allocate_block()?)
         };
         let (uid, gid) = match &alloc {
             Some(a) => (a.host_start, a.host_start),
@@ -205,17 +195,7 @@ impl MicrovmTier {
         // become the container's host IDs there, never root), apart from
         // the VMM's.
         let volume_alloc = match &virtiofsd {
-            Some(_) if !rootless => Some(
-                moat_jail::idalloc::IdAllocator::new(
-                    moat_jail::idalloc::allocator_dir(),
-                    moat_jail::idalloc::IdPool::from_env().map_err(MicrovmError::from)?,
-                )
-                .allocate(
-                    moat_jail::idalloc::Owner::current(),
-                    &moat_jail::idalloc::host_reserved().map_err(MicrovmError::from)?,
-                )
-                .map_err(MicrovmError::from)?,
-            ),
+            Some(_) if !rootless => Some(allocate_block()?),
             _ => None,
         };
         let volume_maps = match (&virtiofsd, &volume_alloc) {
@@ -718,6 +698,19 @@ struct Guest {
     spare: File,
     mem_mib: u64,
     vcpus: u8,
+}
+
+/// A host ID block of moat's allocator, owned by this runtime until
+/// `delete` releases it.
+fn allocate_block() -> Result<moat_jail::idalloc::IdAllocation, MicrovmError> {
+    Ok(moat_jail::idalloc::IdAllocator::new(
+        moat_jail::idalloc::allocator_dir(),
+        moat_jail::idalloc::IdPool::from_env()?,
+    )
+    .allocate(
+        moat_jail::idalloc::Owner::current(),
+        &moat_jail::idalloc::host_reserved()?,
+    )?)
 }
 
 /// Whether a config's `linux.resources` sets a memory, CPU or pids limit.

@@ -525,14 +525,8 @@ impl Server {
         }
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .map_err(|e| ServerError::Sys("make a mount namespace", e))?;
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(|e| ServerError::Sys("make the mounts private", e))?;
+        crate::disk::make_mounts_private()
+            .map_err(|e| ServerError::Sys("make the mounts private", e))?;
         // Opened here, in this mount namespace (a bind's source must be in
         // the caller's), and before the tmpfs hides what is under /run.
         let sources = self

@@ -1565,33 +1565,25 @@ fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier()
     // A virtiofsd that does not serve: the VM fails to start, in one line,
     // and nothing is left (the server's group included).
     let vol = format!("{}:/data", dir.path().display());
-    let mut e = env();
-    e.push(("MOAT_VIRTIOFSD".into(), "/bin/false".into()));
-    let out = rt
-        .cmd_with(
-            &["run", "--isolation", "microvm", "-v", &vol, "--", "true"],
-            Opts {
-                env: e.clone(),
-                ..Opts::default()
-            },
-        )
-        .expect_fail();
-    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
-    assert_clean(&rt);
-    e.pop();
-    e.push(("MOAT_VIRTIOFSD".into(), "/nonexistent/virtiofsd".into()));
-    let out = rt
-        .cmd_with(
-            &["run", "--isolation", "microvm", "-v", &vol, "--", "true"],
-            Opts {
-                env: e,
-                ..Opts::default()
-            },
-        )
-        .expect_fail();
-    assert!(out.stderr.contains("MOAT_VIRTIOFSD"), "{out:?}");
-    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
-    assert_clean(&rt);
+    for (virtiofsd, says) in [
+        ("/bin/false", "vhost"),
+        ("/nonexistent/virtiofsd", "MOAT_VIRTIOFSD"),
+    ] {
+        let mut e = env();
+        e.push(("MOAT_VIRTIOFSD".into(), virtiofsd.into()));
+        let out = rt
+            .cmd_with(
+                &["run", "--isolation", "microvm", "-v", &vol, "--", "true"],
+                Opts {
+                    env: e,
+                    ..Opts::default()
+                },
+            )
+            .expect_fail();
+        assert!(out.stderr.contains(says), "{virtiofsd}: {out:?}");
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+        assert_clean(&rt);
+    }
 }
 
 /// The runtime's OCI hooks run on the host, where the runtime-spec runs
