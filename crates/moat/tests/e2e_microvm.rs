@@ -1687,7 +1687,6 @@ fn rootless_read_write_volumes_get_the_container_tiers_owners() {
     let uid = 65534u32;
     let start = 1_500_000_000 + u64::from(std::process::id() % 100) * 65536;
     let _sub = SubIds::add("nobody", start);
-    let _kill = KillUser(uid);
     let home = tempfile::tempdir().unwrap();
     let (xdg, cache, img) = (
         home.path().join("xdg"),
