@@ -342,15 +342,7 @@ impl ContainerTier {
                     tap = Some(fd);
                 }
                 (Msg::RuntimeHooks, _) => {
-                    let json = oci_state_json(&state, ContainerStatus::Creating);
-                    if let Some(h) = hooks {
-                        hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)?;
-                        hooks::run(
-                            "createRuntime",
-                            h.create_runtime().as_deref().unwrap_or(&[]),
-                            &json,
-                        )?;
-                    }
+                    run_creation_hooks(hooks, &state)?;
                     parent.send(&Msg::Go)?;
                 }
                 (Msg::Steps(s), _) => {
@@ -471,7 +463,7 @@ impl ContainerTier {
         st.status = ContainerStatus::Running;
         self.sd.save(&st)?;
         steps::mark("state-save-running");
-        self.poststart(&st);
+        run_poststart(&st);
         Ok(())
     }
 
@@ -517,14 +509,6 @@ impl ContainerTier {
         use std::os::fd::AsFd;
         seccomp::send_to_listener(path, &meta, &oci, st.pid, fd.as_fd())?;
         Ok(())
-    }
-
-    fn poststart(&self, st: &State) {
-        if st.poststart_hooks.is_empty() {
-            return;
-        }
-        let json = oci_state_json(st, ContainerStatus::Running);
-        hooks::run_warning("poststart", &st.poststart_hooks, &json);
     }
 
     // ----- launch -----
@@ -589,7 +573,7 @@ impl ContainerTier {
         state.status = ContainerStatus::Running;
         self.sd.save(&state)?;
         steps::mark("state-save-running");
-        self.poststart(&state);
+        run_poststart(&state);
         Ok((Launched { pid, terminal }, cgroup))
     }
 
@@ -793,10 +777,7 @@ impl ContainerTier {
         if let Some(cg) = &cg {
             cg.destroy()?;
         }
-        if !st.poststop_hooks.is_empty() {
-            let json = oci_state_json(&st, ContainerStatus::Stopped);
-            hooks::run_warning("poststop", &st.poststop_hooks, &json);
-        }
+        run_poststop(&st);
         self.sd.remove(id)?;
         drop(lock);
         Ok(())
@@ -1266,9 +1247,45 @@ pub fn oci_state(st: &State, status: ContainerStatus) -> oci_spec::runtime::Stat
     s
 }
 
-/// [`oci_state`] as the JSON a hook reads on its stdin.
-pub fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
+fn oci_state_json(st: &State, status: ContainerStatus) -> Vec<u8> {
     serde_json::to_vec(&oci_state(st, status)).unwrap_or_default()
+}
+
+/// The runtime's hooks of a container being created (`prestart`, then
+/// `createRuntime`), in the runtime's namespaces, with its state on their
+/// stdin; the first failure is the error. Every tier runs them so.
+pub fn run_creation_hooks(
+    hooks: Option<&oci_spec::runtime::Hooks>,
+    st: &State,
+) -> Result<(), HookError> {
+    let Some(h) = hooks else {
+        return Ok(());
+    };
+    let json = oci_state_json(st, ContainerStatus::Creating);
+    hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)?;
+    hooks::run(
+        "createRuntime",
+        h.create_runtime().as_deref().unwrap_or(&[]),
+        &json,
+    )
+}
+
+/// The poststart hooks of a container just started (a failure is a
+/// warning, as the runtime-spec says).
+pub fn run_poststart(st: &State) {
+    if !st.poststart_hooks.is_empty() {
+        let json = oci_state_json(st, ContainerStatus::Running);
+        hooks::run_warning("poststart", &st.poststart_hooks, &json);
+    }
+}
+
+/// The poststop hooks of a container being deleted (a failure is a
+/// warning).
+pub fn run_poststop(st: &State) {
+    if !st.poststop_hooks.is_empty() {
+        let json = oci_state_json(st, ContainerStatus::Stopped);
+        hooks::run_warning("poststop", &st.poststop_hooks, &json);
+    }
 }
 
 #[cfg(test)]

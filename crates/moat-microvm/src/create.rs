@@ -488,18 +488,8 @@ impl MicrovmTier {
         // The runtime's hooks, on the host where the runtime-spec runs
         // them, with the VMM process as the container's: its namespaces
         // exist, the guest has not booted. A failure fails `create`.
-        if let Some(h) = req.config.spec.hooks() {
-            let json = moat_container::lifecycle::oci_state_json(&st, ContainerStatus::Creating);
-            moat_container::hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &json)
-                .and_then(|()| {
-                    moat_container::hooks::run(
-                        "createRuntime",
-                        h.create_runtime().as_deref().unwrap_or(&[]),
-                        &json,
-                    )
-                })
-                .map_err(MicrovmError::from)?;
-        }
+        moat_container::lifecycle::run_creation_hooks(req.config.spec.hooks().as_ref(), &st)
+            .map_err(MicrovmError::from)?;
         // Go: the VMM process is in its cgroup.
         nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
         let ready = wait_ready(&ours);
@@ -525,7 +515,7 @@ impl MicrovmTier {
         undo.armed = false;
         drop(lock);
         if launch {
-            crate::ops::poststart(&st);
+            moat_container::lifecycle::run_poststart(&st);
         }
         let _ = st;
         Ok(Launched {

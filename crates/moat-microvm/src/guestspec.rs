@@ -17,9 +17,9 @@
 //!   host; they are dropped from the guest's config (the runtime runs the
 //!   prestart, createRuntime, poststart and poststop hooks on the host;
 //!   createContainer and startContainer, which would run in the
-//!   container's namespaces, the guest's, are not run: a warning). Annotations that pick a
-//!   tier or a network stack are removed, so the guest's moat runs the
-//!   container tier.
+//!   container's namespaces, the guest's, are not run: a warning).
+//!   Annotations that pick a tier or a network stack are removed, so the
+//!   guest's moat runs the container tier.
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};

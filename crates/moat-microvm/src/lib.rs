@@ -134,16 +134,6 @@ pub const BACKEND_ENV: &str = "MOAT_MICROVM_BACKEND";
 /// KVM is missing or software-assisted (PVM, which cannot boot a stock
 /// kernel). `MOAT_MICROVM_BACKEND=qemu` picks QEMU (with KVM where the
 /// hardware allows), `=builtin` moat's own VMM (refused without vmx/svm).
-/// How a microVM gets a read-write volume on this host (`moat info`), or
-/// why it cannot.
-pub fn volumes_note() -> Result<String, String> {
-    let host = check_host().map_err(|u| u.reason)?;
-    if matches!(host.backend, Backend::Builtin) {
-        return Err("moat's own VMM has no virtio-fs device yet".into());
-    }
-    volumes::virtiofsd().map(|p| format!("virtio-fs, served by {}", p.display()))
-}
-
 pub fn check_host() -> Result<HostChoice, Unavailable> {
     let asked = asked_backend(&std::env::var(BACKEND_ENV).unwrap_or_default())
         .map_err(|(reason, fix)| unavailable(reason, fix))?;
@@ -205,6 +195,16 @@ fn kvm_group_why(kvm: &std::path::Path) -> String {
         ),
         Err(e) => format!("{}: {e}", kvm.display()),
     }
+}
+
+/// How a microVM gets a read-write volume on this host (`moat info`), or
+/// why it cannot.
+pub fn volumes_note() -> Result<String, String> {
+    let host = check_host().map_err(|u| u.reason)?;
+    if matches!(host.backend, Backend::Builtin) {
+        return Err("moat's own VMM has no virtio-fs device yet".into());
+    }
+    volumes::virtiofsd().map(|p| format!("virtio-fs, served by {}", p.display()))
 }
 
 /// Why this host gives an unprivileged user no user namespace (None when

@@ -31,7 +31,7 @@ impl MicrovmTier {
                 let mut st = c.state;
                 st.status = ContainerStatus::Running;
                 self.sd.save(&st)?;
-                poststart(&st);
+                moat_container::lifecycle::run_poststart(&st);
                 Ok(())
             }
             Reply::Error {
@@ -125,11 +125,7 @@ impl MicrovmTier {
             // The last container's leaves no empty directory behind.
             let _ = std::fs::remove_dir(parent);
         }
-        if !c.state.poststop_hooks.is_empty() {
-            let json =
-                moat_container::lifecycle::oci_state_json(&c.state, ContainerStatus::Stopped);
-            moat_container::hooks::run_warning("poststop", &c.state.poststop_hooks, &json);
-        }
+        moat_container::lifecycle::run_poststop(&c.state);
         if let Some(slot) = &part.vmm_slot {
             release_slot(slot);
         }
@@ -277,17 +273,8 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
     Ok(pid)
 }
 
-/// Releases the VMM's host ID block once the VMM is gone: its allocation
+/// Releases a host ID block (the VMM's, the volumes') once nothing runs with its IDs: its allocation
 /// file, if it still records the owner it was made for.
-/// The poststart hooks of a container just started, on the host (a
-/// failure is a warning, as the runtime-spec says).
-pub(crate) fn poststart(st: &moat_core::state::State) {
-    if !st.poststart_hooks.is_empty() {
-        let json = moat_container::lifecycle::oci_state_json(st, ContainerStatus::Running);
-        moat_container::hooks::run_warning("poststart", &st.poststart_hooks, &json);
-    }
-}
-
 pub(crate) fn release_slot((slot, owner): &(u32, String)) {
     let path = moat_jail::idalloc::allocator_dir().join(format!("slot-{slot}"));
     if std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == owner.trim()) {

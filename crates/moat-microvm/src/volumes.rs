@@ -87,7 +87,8 @@ pub struct IdMaps {
 }
 
 impl IdMaps {
-    /// The host user and group virtiofsd's own root (ID 0 inside) is.
+    /// The host user and group virtiofsd's own root (ID 0 inside) is: both
+    /// maps always hold one ([`with_root`]).
     pub fn own(&self) -> (u32, u32) {
         let out = |m: &[Range]| {
             m.iter()
@@ -98,17 +99,48 @@ impl IdMaps {
     }
 }
 
-fn oci_map(m: &[Range]) -> Vec<oci_spec::runtime::LinuxIdMapping> {
+/// `m` as the maps [`moat_jail::idmap::write_maps`] writes.
+fn oci_map(m: &[Range]) -> Result<Vec<oci_spec::runtime::LinuxIdMapping>, MicrovmError> {
     m.iter()
-        .filter_map(|r| {
+        .map(|r| {
             oci_spec::runtime::LinuxIdMappingBuilder::default()
                 .container_id(r.inside)
                 .host_id(r.outside)
                 .size(r.count)
                 .build()
-                .ok()
+                .map_err(|e| MicrovmError::Invalid(format!("virtiofsd's ID map: {e}")))
         })
         .collect()
+}
+
+/// The config's `key` ranges (`uidMappings`, `gidMappings`) as (first host
+/// ID, count): the guest's IDs of the container; None when it has none.
+fn config_ranges(linux: &Value, key: &str) -> Result<Option<Vec<(u32, u32)>>, String> {
+    let Some(maps) = linux[key].as_array().filter(|m| !m.is_empty()) else {
+        return Ok(None);
+    };
+    maps.iter()
+        .map(|m| {
+            let h = m["hostID"].as_u64().and_then(|v| u32::try_from(v).ok());
+            let n = m["size"].as_u64().and_then(|v| u32::try_from(v).ok());
+            h.zip(n)
+                .ok_or_else(|| format!("the config's {key} has a malformed range"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// `out` with virtiofsd's own root (inside 0) as `outside`, unless the
+/// guest's 0 is mapped already.
+fn with_root(mut out: Vec<Range>, outside: u32) -> Vec<Range> {
+    if !out.iter().any(|r| r.inside == 0) {
+        out.push(Range {
+            inside: 0,
+            outside,
+            count: 1,
+        });
+    }
+    out
 }
 
 /// Which host IDs the guest's IDs are on the volumes, for a container
@@ -129,16 +161,8 @@ pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
         .as_array()
         .is_some_and(|ns| ns.iter().any(|n| n["type"] == "user"));
     let kind = |key: &str, what: &str| -> Result<Vec<Range>, String> {
-        let guest: Vec<(u32, u32)> = match linux[key].as_array() {
-            Some(maps) if userns && !maps.is_empty() => maps
-                .iter()
-                .map(|m| {
-                    let h = m["hostID"].as_u64().and_then(|v| u32::try_from(v).ok());
-                    let n = m["size"].as_u64().and_then(|v| u32::try_from(v).ok());
-                    h.zip(n)
-                        .ok_or_else(|| format!("the config's {key} has a malformed range"))
-                })
-                .collect::<Result<_, _>>()?,
+        let guest = match config_ranges(linux, key)? {
+            Some(r) if userns => r,
             _ => vec![(0, BLOCK)],
         };
         let mut out = Vec::with_capacity(guest.len() + 1);
@@ -162,14 +186,7 @@ pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
                 count: n,
             });
         }
-        if !out.iter().any(|r| r.inside == 0) {
-            out.push(Range {
-                inside: 0,
-                outside: block,
-                count: 1,
-            });
-        }
-        Ok(out)
+        Ok(with_root(out, block))
     };
     Ok(IdMaps {
         uid: kind("uidMappings", "user")?,
@@ -186,19 +203,11 @@ pub fn id_maps(spec: &Value, block: u32) -> Result<IdMaps, String> {
 pub fn id_maps_rootless(spec: &Value, uid: u32, gid: u32) -> Result<IdMaps, String> {
     let linux = &spec["linux"];
     let kind = |key: &str, own: u32| -> Result<Vec<Range>, String> {
-        let maps = linux[key]
-            .as_array()
-            .filter(|m| !m.is_empty())
-            .ok_or_else(|| {
-                format!("a rootless config without {key} cannot share a read-write volume")
-            })?;
-        let mut out = Vec::with_capacity(maps.len() + 1);
-        for m in maps {
-            let h = m["hostID"].as_u64().and_then(|v| u32::try_from(v).ok());
-            let n = m["size"].as_u64().and_then(|v| u32::try_from(v).ok());
-            let (h, n) = h
-                .zip(n)
-                .ok_or_else(|| format!("the config's {key} has a malformed range"))?;
+        let guest = config_ranges(linux, key)?.ok_or_else(|| {
+            format!("a rootless config without {key} cannot share a read-write volume")
+        })?;
+        let mut out = Vec::with_capacity(guest.len() + 1);
+        for (h, n) in guest {
             if (u64::from(h)..u64::from(h) + u64::from(n)).contains(&u64::from(own)) {
                 return Err(
                     "read-write volumes in the microvm tier rootless need subordinate IDs (/etc/subuid, /etc/subgid): the container's IDs must not be the user's own".into(),
@@ -210,14 +219,7 @@ pub fn id_maps_rootless(spec: &Value, uid: u32, gid: u32) -> Result<IdMaps, Stri
                 count: n,
             });
         }
-        if !out.iter().any(|r| r.inside == 0) {
-            out.push(Range {
-                inside: 0,
-                outside: own,
-                count: 1,
-            });
-        }
-        Ok(out)
+        Ok(with_root(out, own))
     };
     Ok(IdMaps {
         uid: kind("uidMappings", uid)?,
@@ -284,7 +286,7 @@ pub struct VolumeServer {
 impl VolumeServer {
     /// SIGKILLs the server's process group (it and every virtiofsd) if the
     /// server is still the same process, and waits (bounded) until no
-    /// process of the group is left: the VMM's ID block must not be
+    /// process of the group is left: the volumes' ID block must not be
     /// released while a process runs with its IDs.
     pub fn kill(&self) {
         if moat_jail::procfs::pid_start_time(self.pid) != Some(self.start_time) {
@@ -401,7 +403,9 @@ pub fn start(s: Start) -> Result<VolumeServer, MicrovmError> {
     let server = Server {
         sources,
         listeners: s.listeners,
-        maps: s.maps.clone(),
+        uid_map: oci_map(&s.maps.uid)?,
+        gid_map: oci_map(&s.maps.gid)?,
+        own: s.maps.own(),
         vmm,
         log,
         binary,
@@ -437,7 +441,10 @@ pub fn start(s: Start) -> Result<VolumeServer, MicrovmError> {
 struct Server {
     sources: Vec<PathBuf>,
     listeners: Vec<OwnedFd>,
-    maps: IdMaps,
+    uid_map: Vec<oci_spec::runtime::LinuxIdMapping>,
+    gid_map: Vec<oci_spec::runtime::LinuxIdMapping>,
+    /// The host user and group of virtiofsd's root ([`IdMaps::own`]).
+    own: (u32, u32),
     vmm: OwnedFd,
     log: OwnedFd,
     binary: CString,
@@ -565,28 +572,19 @@ impl Server {
         Ok(())
     }
 
-    /// Starts one virtiofsd per volume; returns their PIDs.
+    /// Starts one virtiofsd per volume; returns their PIDs. On a failure
+    /// those started already are left to the runtime, which kills the
+    /// server's whole group.
     fn spawn_all(
         &self,
         one: &moat_sys::process::OneThread,
         messages: &OwnedFd,
     ) -> Result<Vec<i32>, ServerError> {
-        let mut pids = Vec::new();
-        for (i, listener) in self.listeners.iter().enumerate() {
-            match self.spawn(one, i, listener, messages) {
-                Ok(p) => pids.push(p),
-                Err(e) => {
-                    for p in pids {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(pids)
+        self.listeners
+            .iter()
+            .enumerate()
+            .map(|(i, listener)| self.spawn(one, i, listener, messages))
+            .collect()
     }
 
     fn spawn(
@@ -624,9 +622,7 @@ impl Server {
         };
         // As root directly; rootless through newuidmap/newgidmap (the
         // user's own ID and its subordinate ranges).
-        if let Err(e) =
-            moat_jail::idmap::write_maps(pid, &oci_map(&self.maps.uid), &oci_map(&self.maps.gid))
-        {
+        if let Err(e) = moat_jail::idmap::write_maps(pid, &self.uid_map, &self.gid_map) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -650,7 +646,7 @@ impl Server {
     /// the volumes' own host user (virtiofsd's, so it can still end them),
     /// with no capabilities, no_new_privs and not dumpable.
     fn drop_privileges(&self) -> Result<(), ServerError> {
-        let (uid, gid) = self.maps.own();
+        let (uid, gid) = self.own;
         let gid = nix::unistd::Gid::from_raw(gid);
         let uid = nix::unistd::Uid::from_raw(uid);
         // Rootless, the server is the user already, with nothing to drop.

@@ -121,9 +121,10 @@ pub fn close_all_except(keep: &[RawFd]) -> std::io::Result<()> {
     for fd in open {
         if fd > 2 && !keep.contains(&fd) {
             // SAFETY: closing by number invalidates any owner of `fd` in
-            // this process; callers are helpers that go on with the listed
-            // descriptors only (their other owners are never used again,
-            // and a later close of the same number is an EBADF).
+            // this process; callers are forked helpers that go on with the
+            // listed descriptors only and end by `_exit` or `exec`, so the
+            // other owners (their parent's frames) are never used or
+            // dropped.
             if unsafe { libc::close(fd) } != 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EBADF) {

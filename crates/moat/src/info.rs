@@ -13,12 +13,16 @@ pub fn main(as_json: bool) -> Result<i32> {
         let tiers: Vec<serde_json::Value> = tiers
             .iter()
             .map(|(t, r)| match r {
-                Ok(()) if *t == moat_core::tier::Tier::Microvm => json!({
-                    "tier": t, "ready": true, "runs_on": crate::tiers::note(*t),
-                    "read_write_volumes": moat_microvm::volumes_note()
-                        .unwrap_or_else(|why| format!("refused: {why}")),
-                }),
-                Ok(()) => json!({"tier": t, "ready": true, "runs_on": crate::tiers::note(*t)}),
+                Ok(()) => {
+                    let mut v =
+                        json!({"tier": t, "ready": true, "runs_on": crate::tiers::note(*t)});
+                    if *t == moat_core::tier::Tier::Microvm {
+                        v["read_write_volumes"] = moat_microvm::volumes_note()
+                            .unwrap_or_else(|why| format!("refused: {why}"))
+                            .into();
+                    }
+                    v
+                }
                 Err(u) => json!({
                     "tier": t, "ready": false, "built": u.built,
                     "reason": u.reason, "fix": u.fix, "message": u.to_string(),
