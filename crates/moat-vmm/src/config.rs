@@ -63,6 +63,10 @@ pub struct VmConfig {
     /// The guest's network card (virtio-net), its frames over a connected
     /// host stream socket, length-prefixed as QEMU's `-netdev stream`.
     pub net: Option<NetConfig>,
+    /// virtio-fs shares, each served by a vhost-user back-end (virtiofsd)
+    /// on a connected socket. With any, guest RAM is a shared memfd the
+    /// back-ends map, and the VM cannot be restored from a snapshot.
+    pub fs: Vec<FsConfig>,
     /// See [`ThreadHook`]; `None` runs the threads as they are.
     pub thread_hook: Option<ThreadHook>,
 }
@@ -125,6 +129,16 @@ impl std::fmt::Debug for ThreadHook {
     }
 }
 
+/// A virtio-fs device: its tag (what the guest mounts) and the socket
+/// connected to its vhost-user back-end.
+#[derive(Debug)]
+pub struct FsConfig {
+    /// The tag, 1 to 36 bytes.
+    pub tag: String,
+    /// Connected to the back-end (virtiofsd), which serves no other.
+    pub socket: UnixStream,
+}
+
 /// A virtio-net device: where its frames go, the guest's MAC and MTU.
 #[derive(Debug)]
 pub struct NetConfig {
@@ -149,6 +163,7 @@ impl VmConfig {
             rng: false,
             agent: None,
             net: None,
+            fs: Vec::new(),
             thread_hook: None,
         }
     }
@@ -159,6 +174,7 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.agent.is_some())
             + usize::from(self.net.is_some())
+            + self.fs.len()
     }
 
     /// Checks the limits that do not need KVM.

@@ -39,6 +39,15 @@ pub enum VmmError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// Guest memory shared with a vhost-user back-end could not be made.
+    #[error("allocate {mib} MiB of shared guest memory")]
+    SharedMemory {
+        /// Size asked for.
+        mib: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A guest memory region could not be registered with KVM.
     #[error("register guest memory slot {slot}")]
     RegisterMemory {

@@ -1,6 +1,8 @@
 //! Guest RAM: anonymous private mappings made by vm-memory, laid around the
 //! MMIO gap, and registered with KVM (the one `unsafe` call, in
-//! `kvm_memory.rs`).
+//! `kvm_memory.rs`); or, for a VM with a vhost-user device (virtio-fs,
+//! [`crate::virtio::fs`]), one memfd mapped shared, which the device's
+//! back-end process maps too.
 
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -33,30 +35,49 @@ pub fn create(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
     register(vm, mem)
 }
 
+/// Guest RAM as [`create`] lays it, backed by one memfd mapped shared
+/// (each region at its offset, one after the other from 0), so that a
+/// vhost-user back-end handed the file can map it: each region then
+/// knows its file and offset (`vhost::VhostUserMemoryRegionInfo::from_guest_region`).
+pub fn create_shared(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
+    let err = |source: std::io::Error| VmmError::SharedMemory { mib: mem_mib, source };
+    let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| err(e.into()))?;
+    let file = std::fs::File::from(fd);
+    file.set_len(mem_mib << 20).map_err(err)?;
+    map_file(&file, mem_mib, libc::MAP_SHARED).map_err(err).and_then(|m| register(vm, m))
+}
+
+/// Maps `file`'s `mem_mib` MiB as guest RAM, the regions of [`ram_ranges`]
+/// one after the other from offset 0, with `flags` (`MAP_SHARED` or
+/// `MAP_PRIVATE`, and more).
+fn map_file(file: &std::fs::File, mem_mib: u64, flags: i32) -> std::io::Result<GuestMem> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(mem_mib) {
+        let region = MmapRegionBuilder::<()>::new(len)
+            .with_file_offset(FileOffset::new(file.try_clone()?, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| std::io::Error::other("a region past the address space"))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)
+}
+
 /// Guest RAM for `mem_mib` MiB mapped copy-on-write from a snapshot file
 /// ([`crate::snapshot`]: the regions one after the other from offset 0),
 /// each region handed to KVM as a memory slot. The guest's writes stay in
 /// this process; the file is only read, page by page as the guest touches it.
 pub fn restore(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem, VmmError> {
-    use vm_memory::mmap::MmapRegionBuilder;
-    use vm_memory::{FileOffset, GuestRegionMmap};
-    let err = |e: std::io::Error| VmmError::snapshot("map guest memory from the snapshot", e);
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (addr, len) in ram_ranges(mem_mib) {
-        let f = file.try_clone().map_err(err)?;
-        let region = MmapRegionBuilder::<()>::new(len)
-            .with_file_offset(FileOffset::new(f, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| err(std::io::Error::other(e)))?;
-        let region = GuestRegionMmap::new(region, addr)
-            .ok_or_else(|| err(std::io::Error::other("a region past the address space")))?;
-        regions.push(region);
-        offset += len as u64;
-    }
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e)))?;
+    let mem = map_file(file, mem_mib, libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .map_err(|e| VmmError::snapshot("map guest memory from the snapshot", e))?;
     register(vm, mem)
 }
 

@@ -9,12 +9,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{lock, Bus, MmioDevice, MmioSlot};
-use crate::config::{Discovery, Kernel, ThreadHook, ThreadRole, VmConfig};
+use crate::config::{Discovery, FsConfig, Kernel, ThreadHook, ThreadRole, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
@@ -25,6 +25,7 @@ use crate::layout::{
 use crate::memory::{self, GuestMem};
 use crate::virtio::block::Block;
 use crate::virtio::console::{self, Console};
+use crate::virtio::fs::Fs;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{self, Net};
 use crate::virtio::rng::Rng;
@@ -237,27 +238,71 @@ struct VirtioSet {
 }
 
 impl VirtioSet {
+    /// The next device's MMIO window and interrupt line.
+    fn next_slot(&self) -> (u64, u32) {
+        let n = self.slots.len() as u64;
+        (MMIO_GAP_START + n * MMIO_DEVICE_SIZE, VIRTIO_IRQ_BASE + n as u32)
+    }
+
     fn add<D: VirtioDevice + 'static>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMem,
         device: D,
     ) -> Result<Arc<Mutex<MmioTransport<D, IrqLine>>>, VmmError> {
-        let n = self.slots.len() as u64;
-        let base = MMIO_GAP_START + n * MMIO_DEVICE_SIZE;
-        let gsi = VIRTIO_IRQ_BASE + n as u32;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            irq_line(vm, gsi)?,
-            mem.clone(),
-        )));
+        let (_, gsi) = self.next_slot();
+        let irq = irq_line(vm, gsi)?;
+        Ok(self.insert(mem, device, irq))
+    }
+
+    /// Adds `device` in the next slot ([`VirtioSet::next_slot`]), raising `irq`.
+    fn insert<D: VirtioDevice + 'static>(
+        &mut self,
+        mem: &GuestMem,
+        device: D,
+        irq: IrqLine,
+    ) -> Arc<Mutex<MmioTransport<D, IrqLine>>> {
+        let (base, gsi) = self.next_slot();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, irq, mem.clone())));
         let dyn_device: Arc<Mutex<dyn MmioDevice>> = transport.clone();
         self.slots.push(MmioSlot {
             base,
             device: dyn_device,
         });
         self.described.push(acpi::MmioDevice { base, gsi });
-        Ok(transport)
+        transport
+    }
+
+    /// Adds a virtio-fs device served by the vhost-user back-end on
+    /// `config.socket`: the back-end signals the device's irqfd itself,
+    /// and the driver's notifications reach it as KVM ioeventfds.
+    fn add_fs(&mut self, vm: &VmFd, mem: &GuestMem, config: FsConfig) -> Result<(), VmmError> {
+        let name = format!("virtio-fs {:?}", config.tag);
+        let device_err = |source| VmmError::Device {
+            name: name.clone(),
+            source,
+        };
+        let (base, gsi) = self.next_slot();
+        let irq = irq_line(vm, gsi)?;
+        let call = irq
+            .eventfd()
+            .try_clone()
+            .map_err(|e| device_err(crate::virtio::DeviceError::Eventfd(e)))?;
+        let device = Fs::new(config.socket, &config.tag, mem, call).map_err(device_err)?;
+        let notify = IoEventAddress::Mmio(base + crate::virtio::mmio::REG_QUEUE_NOTIFY);
+        for index in 0..crate::virtio::fs::QUEUES {
+            let kick = device.kick(index).ok_or_else(|| {
+                device_err(crate::virtio::DeviceError::Fs(format!("no queue {index}")))
+            })?;
+            vm.register_ioevent(kick, &notify, index as u32)
+                .map_err(|e| {
+                    device_err(crate::virtio::DeviceError::Eventfd(
+                        std::io::Error::from_raw_os_error(e.errno()),
+                    ))
+                })?;
+        }
+        self.insert(mem, device, irq);
+        Ok(())
     }
 }
 
@@ -318,6 +363,9 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             net::FrameQueue::close,
         )?;
         set.io.push(side);
+    }
+    for fs in std::mem::take(&mut config.fs) {
+        set.add_fs(vm, mem, fs)?;
     }
     Ok(set)
 }
@@ -510,7 +558,11 @@ impl Vm {
     /// Builds a VM from `config`: KVM, memory, devices, guest image, vCPUs.
     pub fn new(mut config: VmConfig) -> Result<Vm, VmmError> {
         let base = Base::new(&config)?;
-        let mem = memory::create(&base.vm, config.mem_mib)?;
+        let mem = if config.fs.is_empty() {
+            memory::create(&base.vm, config.mem_mib)?
+        } else {
+            memory::create_shared(&base.vm, config.mem_mib)?
+        };
         let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, serial_out(&mut config));
         let virtio = create_virtio(&base.vm, &mem, &mut config)?;
         let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
@@ -526,6 +578,11 @@ impl Vm {
     /// console. The file must stay unchanged while the VM runs (its pages
     /// are read as the guest touches them).
     pub fn restore(mut config: VmConfig, file: &std::fs::File) -> Result<Vm, VmmError> {
+        if !config.fs.is_empty() {
+            return Err(VmmError::Config(
+                "a VM with virtio-fs devices cannot be restored from a snapshot".into(),
+            ));
+        }
         let base = Base::new(&config)?;
         let state = snapshot::read_state(file, config.mem_mib)?;
         let mem = memory::restore(&base.vm, config.mem_mib, file)?;

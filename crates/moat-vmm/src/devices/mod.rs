@@ -17,6 +17,11 @@ impl IrqLine {
     pub fn new(fd: EventFd) -> Self {
         IrqLine(fd)
     }
+
+    /// The eventfd (for a device whose back-end signals it directly).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
 }
 
 impl Trigger for IrqLine {

@@ -24,7 +24,8 @@ const REG_QUEUE_SEL: u64 = 0x030;
 const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// The QueueNotify register (a vhost-user device's ioeventfd).
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
 const REG_STATUS: u64 = 0x070;
@@ -47,6 +48,8 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 /// Feature negotiation is complete.
 pub const STATUS_FEATURES_OK: u32 = 8;
+/// The device hit an error it cannot recover from without a reset.
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
 /// The driver gave up on the device.
 pub const STATUS_FAILED: u32 = 0x80;
 /// InterruptStatus bit: a used buffer was returned.
@@ -239,8 +242,24 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         if value & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
             value &= !STATUS_DRIVER_OK;
         }
-        // The driver only ever adds bits; it cannot clear one without a reset.
+        // The driver only ever adds bits; it cannot clear one without a
+        // reset, nor set the device's own.
+        value &= !STATUS_NEEDS_RESET;
+        let starting = value & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status |= value;
+        if starting {
+            if let Err(e) = self
+                .device
+                .activate(&self.queues, &self.mem, self.driver_features)
+            {
+                // The VMM's stderr is the guest's console log.
+                eprintln!(
+                    "moat-vmm: virtio device {} failed to start: {e}",
+                    self.device.device_id()
+                );
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -263,6 +282,9 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS if self.device.interrupts_itself() && self.active() => {
+                self.interrupt_status | INT_USED_BUFFER
+            }
             REG_INTERRUPT_STATUS => self.interrupt_status,
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => 0,

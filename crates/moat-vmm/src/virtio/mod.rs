@@ -1,11 +1,13 @@
 //! virtio over MMIO: the transport ([`mmio`]), chain validation ([`chain`]),
-//! and the four devices a moat guest needs: entropy ([`rng`]), the root
-//! filesystem ([`block`]), the agent channel ([`console`]) and, when the
-//! container asks for the network, `eth0` ([`net`]).
+//! and the devices a moat guest needs: entropy ([`rng`]), the root
+//! filesystem ([`block`]), the agent channel ([`console`]), when the
+//! container asks for the network, `eth0` ([`net`]), and for each
+//! read-write volume a virtio-fs share its virtiofsd serves ([`fs`]).
 
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -44,6 +46,21 @@ pub enum DeviceError {
     /// The agent socket could not be cloned for the I/O thread.
     #[error("clone agent socket")]
     CloneSocket(#[source] std::io::Error),
+    /// A vhost-user request to the device's back-end failed.
+    #[error("vhost-user: {step}")]
+    VhostUser {
+        /// The request.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// An eventfd could not be made.
+    #[error("create an eventfd")]
+    Eventfd(#[source] std::io::Error),
+    /// A virtio-fs device could not be set up.
+    #[error("virtio-fs: {0}")]
+    Fs(String),
 }
 
 /// A virtio device model, independent of the transport. Devices are sans-IO
@@ -61,6 +78,19 @@ pub trait VirtioDevice: Send {
     /// Consumes available buffers of queue `index`; returns whether any were
     /// put in the used ring (so the driver must be interrupted).
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
+    /// The driver set DRIVER_OK with `features`: a device served
+    /// elsewhere (vhost-user) hands over its queues here. An error marks
+    /// the device as needing a reset.
+    fn activate(&mut self, queues: &[Queue], mem: &GuestMem, features: u64) -> Result<(), String> {
+        let _ = (queues, mem, features);
+        Ok(())
+    }
+    /// Whether the device raises its interrupt itself, outside the
+    /// transport (a vhost-user back-end signalling the irqfd): the
+    /// transport then reports a used buffer whenever asked.
+    fn interrupts_itself(&self) -> bool {
+        false
+    }
     /// Back to the state before the driver found it.
     fn reset(&mut self) {}
 }
