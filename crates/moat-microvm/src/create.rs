@@ -137,10 +137,6 @@ impl MicrovmTier {
         let rootless = !rustix::process::geteuid().is_root();
         let virtiofsd = if plan.volumes.is_empty() {
             None
-        } else if matches!(host.backend, Backend::Builtin) {
-            return Err(RuntimeError::Invalid(
-                "read-write volumes need the QEMU backend's virtio-fs (moat's own VMM has no virtio-fs device yet); mount them read-only".into(),
-            ));
         } else {
             Some(crate::volumes::virtiofsd().map_err(RuntimeError::Invalid)?)
         };

@@ -200,10 +200,7 @@ fn kvm_group_why(kvm: &std::path::Path) -> String {
 /// How a microVM gets a read-write volume on this host (`moat info`), or
 /// why it cannot.
 pub fn volumes_note() -> Result<String, String> {
-    let host = check_host().map_err(|u| u.reason)?;
-    if matches!(host.backend, Backend::Builtin) {
-        return Err("moat's own VMM has no virtio-fs device yet".into());
-    }
+    check_host().map_err(|u| u.reason)?;
     volumes::virtiofsd().map(|p| format!("virtio-fs, served by {}", p.display()))
 }
 

@@ -263,6 +263,11 @@ pub const BUILTIN_VCPU: &[(&str, &str)] = &[
     ),
     ("getrandom", "virtio-rng"),
     ("rt_sigreturn", "the kick signal's handler returns"),
+    (
+        "sendmsg",
+        "vhost-user requests to a read-write volume's virtiofsd when the driver starts or resets its device (the memory table's and eventfds' descriptors ride along)",
+    ),
+    ("recvmsg", "virtiofsd's replies to those requests"),
 ];
 
 /// An I/O thread (the agent console's, the network card's): read its
@@ -333,7 +338,20 @@ pub const BUILTIN_SETUP: &[(&str, &str)] = &[
         "fcntl",
         "a socket duplicated for its I/O thread (F_DUPFD_CLOEXEC)",
     ),
-    ("eventfd2", "the devices' interrupt lines"),
+    (
+        "eventfd2",
+        "the devices' interrupt lines; a virtio-fs device's queue kicks",
+    ),
+    (
+        "memfd_create",
+        "guest RAM as a memfd when read-write volumes' virtiofsd must map it",
+    ),
+    ("ftruncate", "sizing that memfd"),
+    (
+        "sendmsg",
+        "vhost-user requests opening a read-write volume's virtiofsd session",
+    ),
+    ("recvmsg", "virtiofsd's replies to those requests"),
     ("ioctl", "KVM's requests only (the filter checks the type)"),
     ("rt_sigaction", "the vCPU kick signal's handler"),
     (
@@ -594,7 +612,7 @@ mod tests {
             .flatten()
             .flat_map(|r| r.names().clone())
             .collect();
-        for n in ["execve", "memfd_create", "epoll_wait"] {
+        for n in ["execve", "socketpair", "epoll_wait"] {
             assert!(!allowed.iter().any(|a| a == n), "{n} allowed");
         }
         // The fork of the VM's child, its reaping and killing, the child's

@@ -2,15 +2,18 @@
 //! (`seccomp::builtin_thread_hook`): the payload guests of moat-vmm's own
 //! tests (`moat-vmm/tests/payloads`) still run every device with each
 //! thread confined to its role, and a confined thread is refused what its
-//! role does not need. Needs /dev/kvm (skips, saying why, without it).
+//! role does not need. Needs /dev/kvm (skips, saying why, without it), and
+//! root for virtiofsd.
 #[path = "../../moat-vmm/tests/common/payload_vm.rs"]
 mod payload_vm;
+#[path = "../../moat-vmm/tests/common/virtiofsd.rs"]
+mod virtiofsd;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use moat_microvm::seccomp::builtin_thread_hook;
-use moat_vmm::{BlockConfig, ExitReason, Kernel, NetConfig, ThreadRole, VmConfig};
+use moat_vmm::{BlockConfig, ExitReason, FsConfig, Kernel, NetConfig, ThreadRole, VmConfig};
 use payload_vm::kvm_available;
 
 macro_rules! payload {
@@ -83,6 +86,25 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
     });
     assert_eq!(run_confined(c).1, "arp reply from the gateway\n");
     assert!(stack.join().unwrap().is_ok());
+    // virtio-fs: the vCPU that starts the device speaks vhost-user to a
+    // real virtiofsd (root: its sandbox), which serves the queues.
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: virtiofsd sets up its sandbox"
+    );
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let mut c = VmConfig::new(payload!("fs"), 1, 16);
+    c.fs.push(FsConfig {
+        tag: "payload".into(),
+        socket: be.socket.try_clone().unwrap(),
+    });
+    assert_eq!(
+        run_confined(c).1,
+        "fs init=00000000 major=07 mkdir=00000000 len=90\n"
+    );
+    assert!(share.join("payload-dir").is_dir());
 }
 
 #[test]

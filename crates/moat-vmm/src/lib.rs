@@ -28,6 +28,8 @@ pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 
-pub use config::{BlockConfig, Discovery, FsConfig, Kernel, NetConfig, ThreadHook, ThreadRole, VmConfig};
+pub use config::{
+    BlockConfig, Discovery, FsConfig, Kernel, NetConfig, ThreadHook, ThreadRole, VmConfig,
+};
 pub use error::VmmError;
 pub use vm::{ExitReason, SnapshotHandle, StopHandle, Vm};

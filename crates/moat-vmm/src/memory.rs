@@ -40,12 +40,17 @@ pub fn create(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
 /// vhost-user back-end handed the file can map it: each region then
 /// knows its file and offset (`vhost::VhostUserMemoryRegionInfo::from_guest_region`).
 pub fn create_shared(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
-    let err = |source: std::io::Error| VmmError::SharedMemory { mib: mem_mib, source };
+    let err = |source: std::io::Error| VmmError::SharedMemory {
+        mib: mem_mib,
+        source,
+    };
     let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
         .map_err(|e| err(e.into()))?;
     let file = std::fs::File::from(fd);
     file.set_len(mem_mib << 20).map_err(err)?;
-    map_file(&file, mem_mib, libc::MAP_SHARED).map_err(err).and_then(|m| register(vm, m))
+    map_file(&file, mem_mib, libc::MAP_SHARED)
+        .map_err(err)
+        .and_then(|m| register(vm, m))
 }
 
 /// Maps `file`'s `mem_mib` MiB as guest RAM, the regions of [`ram_ranges`]

@@ -241,7 +241,10 @@ impl VirtioSet {
     /// The next device's MMIO window and interrupt line.
     fn next_slot(&self) -> (u64, u32) {
         let n = self.slots.len() as u64;
-        (MMIO_GAP_START + n * MMIO_DEVICE_SIZE, VIRTIO_IRQ_BASE + n as u32)
+        (
+            MMIO_GAP_START + n * MMIO_DEVICE_SIZE,
+            VIRTIO_IRQ_BASE + n as u32,
+        )
     }
 
     fn add<D: VirtioDevice + 'static>(

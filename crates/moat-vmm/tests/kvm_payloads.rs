@@ -4,6 +4,8 @@
 
 #[path = "common/payload_vm.rs"]
 mod payload_vm;
+#[path = "common/virtiofsd.rs"]
+mod virtiofsd;
 
 use std::io::Read;
 
@@ -77,6 +79,36 @@ fn virtio_rng_serves_a_driver_and_survives_hostile_chains() {
     // 32 random bytes; the looping chain and the one outside RAM come back
     // used with length 0 (the VMM neither hangs nor touches host memory).
     assert_eq!(out, "rng len=20 nonzero=1 loop=00 outside=00\n");
+}
+
+/// A FUSE client in the guest on a virtio-fs device whose queues a real
+/// virtiofsd serves from the VM's shared memory: its notifications reach
+/// virtiofsd through KVM (the ioeventfd), and the directory it makes is
+/// on the host. Needs root (virtiofsd's sandbox).
+#[test]
+fn virtio_fs_is_served_by_virtiofsd_from_guest_memory() {
+    if !kvm_available() {
+        return;
+    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: virtiofsd sets up its sandbox"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let mut config = VmConfig::new(payload(include_bytes!("payloads/fs.bin")), 1, 16);
+    config.fs.push(moat_vmm::FsConfig {
+        tag: "payload".into(),
+        socket: be.socket.try_clone().unwrap(),
+    });
+    let (reason, out) = run(config);
+    assert_eq!(reason, ExitReason::Reset);
+    // FUSE_INIT and FUSE_MKDIR succeed (error 0), FUSE 7, and the
+    // MKDIR's answer is a header and a fuse_entry_out (16 + 128 bytes).
+    assert_eq!(out, "fs init=00000000 major=07 mkdir=00000000 len=90\n");
+    assert!(share.join("payload-dir").is_dir());
 }
 
 fn disk(dir: &std::path::Path) -> std::path::PathBuf {

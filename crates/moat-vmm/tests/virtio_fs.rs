@@ -14,9 +14,11 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
+
+#[path = "common/virtiofsd.rs"]
+mod virtiofsd;
 
 use moat_vmm::virtio::fs::{Fs, DEVICE_ID_FS, TAG_LEN};
 use moat_vmm::virtio::mmio::{
@@ -24,6 +26,7 @@ use moat_vmm::virtio::mmio::{
     STATUS_NEEDS_RESET,
 };
 use moat_vmm::virtio::VIRTIO_F_VERSION_1;
+use virtiofsd::backend;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -54,54 +57,6 @@ impl vm_superio::Trigger for NoIrq {
     type E = ();
     fn trigger(&self) -> Result<(), ()> {
         Ok(())
-    }
-}
-
-fn virtiofsd() -> PathBuf {
-    let found = std::env::var_os("MOAT_VIRTIOFSD")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].map(PathBuf::from))
-        .find(|p| p.is_file());
-    found.expect("no virtiofsd (Debian: qemu-system-common or virtiofsd; scripts/deps --test)")
-}
-
-/// virtiofsd serving `dir` on a socket it listens on, connected.
-struct Backend {
-    child: Child,
-    socket: UnixStream,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn backend(dir: &Path, socket_path: &Path) -> Backend {
-    let mut child = Command::new(virtiofsd())
-        .arg(format!("--socket-path={}", socket_path.display()))
-        .arg("-o")
-        .arg(format!("source={}", dir.display()))
-        .arg("-o")
-        .arg("cache=none")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start virtiofsd");
-    // It listens once it has set up its sandbox: a bound on a hung one.
-    let deadline = Instant::now() + ANSWER_LIMIT;
-    loop {
-        match UnixStream::connect(socket_path) {
-            Ok(socket) => return Backend { child, socket },
-            Err(e) => {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("virtiofsd exited ({status}) before it listened: {e}");
-                }
-                assert!(Instant::now() < deadline, "virtiofsd never listened: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
     }
 }
 
@@ -217,7 +172,10 @@ impl Driver {
         assert_eq!(id, u32::from(d0), "the answer is to this chain");
         let mut out = vec![0u8; len as usize];
         self.mem.read_slice(&mut out, GuestAddress(outbuf)).unwrap();
-        assert!(out.len() >= OUT_HEADER, "an answer with its header: {len} bytes");
+        assert!(
+            out.len() >= OUT_HEADER,
+            "an answer with its header: {len} bytes"
+        );
         let olen = u32::from_le_bytes(out[0..4].try_into().unwrap());
         let error = i32::from_le_bytes(out[4..8].try_into().unwrap());
         let unique = u64::from_le_bytes(out[8..16].try_into().unwrap());
@@ -295,7 +253,11 @@ fn virtio_fs_requests_are_served_by_virtiofsd_from_guest_memory() {
     }
     let (error, out) = d.request(FUSE_INIT, 0, &init, 64);
     assert_eq!(error, 0, "FUSE_INIT answered");
-    assert_eq!(u32::from_le_bytes(out[0..4].try_into().unwrap()), 7, "FUSE major 7");
+    assert_eq!(
+        u32::from_le_bytes(out[0..4].try_into().unwrap()),
+        7,
+        "FUSE major 7"
+    );
 
     // A host file, looked up from the "guest": its size is the host's.
     let (error, out) = d.request(FUSE_LOOKUP, 1, b"hello\0", ENTRY_OUT);
@@ -329,8 +291,13 @@ fn a_back_end_gone_before_the_driver_starts_leaves_the_device_needing_a_reset() 
     let mut be = backend(tmp.path(), &tmp.path().join("fs.sock"));
     let mem = shared_memory();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let fs = Fs::new(be.socket.try_clone().unwrap(), "gone", &mem, call.try_clone().unwrap())
-        .expect("the vhost-user session opens");
+    let fs = Fs::new(
+        be.socket.try_clone().unwrap(),
+        "gone",
+        &mem,
+        call.try_clone().unwrap(),
+    )
+    .expect("the vhost-user session opens");
     be.child.kill().unwrap();
     be.child.wait().unwrap();
     let mut d = Driver {
@@ -344,9 +311,19 @@ fn a_back_end_gone_before_the_driver_starts_leaves_the_device_needing_a_reset() 
     d.w(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     d.w(0x024, 1);
     d.w(0x020, (VIRTIO_F_VERSION_1 >> 32) as u32);
-    d.w(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    d.w(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-    assert_ne!(d.r(0x070) & STATUS_NEEDS_RESET, 0, "the device says it failed");
+    d.w(
+        0x070,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    d.w(
+        0x070,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+    assert_ne!(
+        d.r(0x070) & STATUS_NEEDS_RESET,
+        0,
+        "the device says it failed"
+    );
 }
 
 #[test]
@@ -356,7 +333,9 @@ fn a_virtio_fs_device_needs_a_tag_that_fits_and_shared_memory() {
     let call = || EventFd::new(EFD_NONBLOCK).unwrap();
     let long = "t".repeat(TAG_LEN + 1);
     for tag in ["", long.as_str(), "a\0b"] {
-        let e = Fs::new(a.try_clone().unwrap(), tag, &private, call()).err().unwrap();
+        let e = Fs::new(a.try_clone().unwrap(), tag, &private, call())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("tag"), "{tag:?}: {e}");
     }
     let e = Fs::new(a, "ok", &private, call()).err().unwrap();

@@ -3,7 +3,8 @@
 //! workload runs in a guest that VMM booted (its ACPI tables, not QEMU's,
 //! in the guest kernel's log), with its output and exit status relayed,
 //! stdin passed through, a terminal, `moat probe` finding no escape, a published port
-//! through its network card, the OCI lifecycle, and nothing left behind.
+//! through its network card, a read-write volume through its virtio-fs
+//! device, the OCI lifecycle, and nothing left behind.
 //!
 //! This project's machines have no vmx/svm (their KVM is PVM), so the
 //! cases run in a QEMU/TCG guest (`guest/mod.rs`) whose emulated CPU has
@@ -105,6 +106,19 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
             files.push((at, 0o755, read(&std::fs::canonicalize(&lib).unwrap())));
         }
     }
+    // The read-write volumes' server, where moat looks for it.
+    let virtiofsd = ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .expect("virtiofsd (qemu-system-common or virtiofsd) is installed");
+    files.push(("usr/lib/qemu/virtiofsd".into(), 0o755, read(virtiofsd)));
+    for lib in libraries(virtiofsd) {
+        let at = lib.to_string_lossy().trim_start_matches('/').to_string();
+        if !files.iter().any(|(p, _, _)| *p == at) {
+            files.push((at, 0o755, read(&std::fs::canonicalize(&lib).unwrap())));
+        }
+    }
     files
 }
 
@@ -189,6 +203,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     snapshots(r)?;
     probe(r)?;
     published_port(r)?;
+    volumes(r)?;
     oci_lifecycle(r)?;
     rootless(r)?;
     // Nothing left: no container state, no VMM process, no cgroup.
@@ -382,6 +397,49 @@ fn published_port(r: &mut Runner) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// A read-write volume (`-v DIR:/data`) on moat's own VMM: its virtio-fs
+/// device, served by virtiofsd, makes the guest's writes the host
+/// directory's; the same script under the container tier leaves the same
+/// files with the same owners (the container's host IDs, never root).
+/// `moat info` names the server.
+const VOLUMES: &str = r#"S='cat /data/from-host; echo from-guest > /data/new; mkdir /data/d; mv /data/new /data/moved; echo more >> /data/moved; rm /data/from-host; ls /data'
+moat info | grep 'read-write volumes' | sed 's/^/info=/'
+for tier in container microvm; do
+    d=/tmp/vol-$tier
+    rm -rf $d && mkdir $d && chmod 777 $d
+    echo 'host says hi' > $d/from-host
+    MOAT_MICROVM_CONSOLE=1 moat run --isolation $tier -v $d:/data -- sh -c "$S" >/tmp/vol-$tier.out 2>/tmp/vol-$tier.err
+    echo "code_$tier=$?"
+    echo "out_$tier=$(tr '\n' , </tmp/vol-$tier.out)"
+    echo "moved_$tier=$(tr '\n' , <$d/moved)"
+    [ -e $d/from-host ] || echo "removed_$tier=yes"
+    echo "owners_$tier=$(stat -c %u:%g $d/moved $d/d | tr '\n' ,)"
+    grep -i 'virtio\|fuse\|moat:' /tmp/vol-$tier.err | tail -n 40 >&2
+done"#;
+
+fn volumes(r: &mut Runner) -> Result<(), String> {
+    let o = r.sh(VOLUMES)?;
+    let kv = key_values(&o.stdout);
+    let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("");
+    check(get("info").contains("virtio-fs, served by"), || {
+        format!("moat info does not name the volumes' server: {o}")
+    })?;
+    for tier in ["container", "microvm"] {
+        check(
+            get(&format!("code_{tier}")) == "0"
+                && get(&format!("out_{tier}")) == "host says hi,d,moved,"
+                && get(&format!("moved_{tier}")) == "from-guest,more,"
+                && get(&format!("removed_{tier}")) == "yes",
+            || format!("a read-write volume under the {tier} tier: {o}"),
+        )?;
+    }
+    let owners = get("owners_microvm");
+    check(
+        owners == get("owners_container") && !owners.starts_with("0:") && owners.len() > 4,
+        || format!("the volume's files are not the container's host IDs': {o}"),
+    )
 }
 
 /// An unprivileged user (no capability, no group but /dev/kvm's, as its

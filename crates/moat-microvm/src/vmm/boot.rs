@@ -304,6 +304,17 @@ fn builtin_child(
         }),
         None => None,
     };
+    let fs = plan
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Ok(moat_vmm::FsConfig {
+                tag: crate::guestspec::volume_tag(i),
+                socket: UnixStream::from(dup(v)?),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let serial = File::from(dup(console)?);
     let control = match start.control {
         Some((socket, out)) => Some((
@@ -329,6 +340,7 @@ fn builtin_child(
     config.rng = true;
     config.agent = Some(agent);
     config.net = net;
+    config.fs = fs;
     crate::builtin::run_from(config, start.incoming, control)
         .map_err(|e| moat_core::error_chain(&e))
 }

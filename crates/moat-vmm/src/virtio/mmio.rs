@@ -35,6 +35,10 @@ const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
 const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
 const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// Shared memory regions (virtio 1.2): length and base of the selected
+/// one, which reads all ones when there is none (moat's devices have none).
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_BASE_HIGH: u64 = 0x0bc;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 /// VIRTIO_RING_F_EVENT_IDX (not offered by moat's devices).
@@ -288,6 +292,9 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
             REG_INTERRUPT_STATUS => self.interrupt_status,
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => 0,
+            // Linux's virtio-fs driver takes a length that is not all ones
+            // for a DAX window and fails its probe when it cannot claim it.
+            REG_SHM_LEN_LOW..=REG_SHM_BASE_HIGH => u32::MAX,
             _ => 0,
         }
     }
@@ -403,6 +410,17 @@ mod tests {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn no_shared_memory_region_reads_all_ones() {
+        let (mut t, _) = transport();
+        for region in [0, 1] {
+            w(&mut t, 0x0ac, region);
+            for reg in [0x0b0, 0x0b4, 0x0b8, 0x0bc] {
+                assert_eq!(r(&mut t, reg), u32::MAX, "{reg:#x}");
+            }
+        }
     }
 
     #[test]
