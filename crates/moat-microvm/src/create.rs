@@ -328,7 +328,9 @@ impl MicrovmTier {
                 },
             )
         } else {
-            // QEMU cannot save a guest with vhost-user devices.
+            // Neither VMM saves a guest with vhost-user devices (the
+            // back-end's state is virtiofsd's, and each run's share is
+            // another directory).
             snapshot::Offer::None {
                 why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
             }
