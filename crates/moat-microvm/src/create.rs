@@ -490,7 +490,20 @@ impl MicrovmTier {
             .map_err(MicrovmError::from)?;
         // Go: the VMM process is in its cgroup.
         nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
-        let ready = wait_ready(&ours);
+        let volumes_log = dir.join("volumes.log");
+        let mut virtiofsd_said = || {
+            // The VMM process is done; once the volume server has logged
+            // virtiofsd's last words and ended, they are read.
+            let v = undo.volumes.as_ref()?;
+            if let Some(pid) = undo.pid.take() {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+            v.settle();
+            last_word(&volumes_log)
+        };
+        let ready = wait_ready(&ours, &mut virtiofsd_said);
         moat_core::steps::mark("microvm-guest-up");
         snapshot::settle(offer, ready.as_ref().ok());
         ready?;
@@ -931,8 +944,26 @@ fn become_terminal(tty: OwnedFd) -> Result<(), nix::Error> {
         .map_err(|e| nix::Error::from_raw(e.raw_os_error()))
 }
 
-/// Waits for the VMM process's verdict on the setup channel.
-fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
+/// The last line virtiofsd wrote to the volume log at `path` (the
+/// volume server's own notes skipped), at most 200 characters of it,
+/// control characters dropped.
+fn last_word(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("moat volume server:"))?;
+    Some(line.chars().filter(|c| !c.is_control()).take(200).collect())
+}
+
+/// Waits for the VMM process's verdict on the setup channel. A failure
+/// names what `virtiofsd_said` gives (a run with read-write volumes:
+/// virtiofsd's last word, if any; the guest only sees its mount fail).
+fn wait_ready(
+    sock: &OwnedFd,
+    virtiofsd_said: &mut dyn FnMut() -> Option<String>,
+) -> Result<control::StartKind, RuntimeError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     let ms = SETUP_TIMEOUT.as_millis() as i32;
@@ -972,9 +1003,21 @@ fn wait_ready(sock: &OwnedFd) -> Result<control::StartKind, RuntimeError> {
             message,
             exec_status: Some(status),
         }) => Err(RuntimeError::ExecFailed { status, message }),
-        Ok(control::Setup::Failed { message, .. }) => Err(MicrovmError::Vmm(message).into()),
+        Ok(control::Setup::Failed { message, .. }) => {
+            let said = virtiofsd_said();
+            Err(MicrovmError::Vmm(match said {
+                Some(line) => format!("{message} (virtiofsd: {line})"),
+                None => message,
+            })
+            .into())
+        }
         Err(control::ControlError::Closed) => {
-            Err(MicrovmError::Vmm("the VMM process ended during set-up".into()).into())
+            let message = "the VMM process ended during set-up".to_string();
+            Err(MicrovmError::Vmm(match virtiofsd_said() {
+                Some(line) => format!("{message} (virtiofsd: {line})"),
+                None => message,
+            })
+            .into())
         }
         Err(e) => Err(MicrovmError::from(e).into()),
     }

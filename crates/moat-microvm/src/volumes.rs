@@ -289,12 +289,35 @@ impl VolumeServer {
     /// process of the group is left: the volumes' ID block must not be
     /// released while a process runs with its IDs.
     pub fn kill(&self) {
+        self.kill_within(std::time::Duration::from_secs(5));
+    }
+
+    /// Waits (bounded) for the server to end by itself, as it does once
+    /// the VMM process is gone, after writing what virtiofsd still had to
+    /// say to the volume log; then [`VolumeServer::kill`]s what is left.
+    pub fn settle(&self) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(self.pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => break,
+            }
+        }
+        self.kill_within(std::time::Duration::from_secs(5));
+    }
+
+    fn kill_within(&self, limit: std::time::Duration) {
         if moat_jail::procfs::pid_start_time(self.pid) != Some(self.start_time) {
             return;
         }
         let group = nix::unistd::Pid::from_raw(-self.pid);
         let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let end = std::time::Instant::now() + limit;
         while std::time::Instant::now() < end {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(self.pid),
@@ -672,6 +695,26 @@ impl Server {
         use std::io::Write;
         let mut messages = Some(messages);
         let mut logged = 0usize;
+        // Copies what is waiting on the pipe to the log (the first
+        // MAX_LOG bytes of it all); false once the pipe is done.
+        let mut relay = |m: &OwnedFd| {
+            let mut buf = [0u8; 4096];
+            match nix::unistd::read(m, &mut buf) {
+                Ok(0) | Err(_) => false,
+                Ok(n) => {
+                    let keep = n.min(MAX_LOG.saturating_sub(logged));
+                    let mut err = std::io::stderr();
+                    let _ = err.write_all(&buf[..keep]);
+                    if logged < MAX_LOG && logged + n >= MAX_LOG {
+                        let _ = err.write_all(
+                            b"\nmoat volume server: virtiofsd's further messages are dropped\n",
+                        );
+                    }
+                    logged = logged.saturating_add(n);
+                    true
+                }
+            }
+        };
         loop {
             let mut fds = vec![PollFd::new(self.vmm.as_fd(), PollFlags::POLLIN)];
             if let Some(m) = &messages {
@@ -685,20 +728,8 @@ impl Server {
             let ready = fds.get(1).is_some_and(|f| f.any().unwrap_or(false));
             drop(fds);
             if let (true, Some(m)) = (ready, &messages) {
-                let mut buf = [0u8; 4096];
-                match nix::unistd::read(m, &mut buf) {
-                    Ok(0) | Err(_) => messages = None,
-                    Ok(n) => {
-                        let keep = n.min(MAX_LOG.saturating_sub(logged));
-                        let mut err = std::io::stderr();
-                        let _ = err.write_all(&buf[..keep]);
-                        if logged < MAX_LOG && logged + n >= MAX_LOG {
-                            let _ = err.write_all(
-                                b"\nmoat volume server: virtiofsd's further messages are dropped\n",
-                            );
-                        }
-                        logged = logged.saturating_add(n);
-                    }
+                if !relay(m) {
+                    messages = None;
                 }
             }
             children.retain(|&p| {
@@ -714,6 +745,15 @@ impl Server {
                     Err(_) => false,
                 }
             });
+        }
+        // The VMM is gone: what virtiofsd wrote before is logged first
+        // (a failed run names its last word).
+        while let Some(m) = &messages {
+            let mut fds = [PollFd::new(m.as_fd(), PollFlags::POLLIN)];
+            let ready = matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0);
+            if !ready || !relay(m) {
+                messages = None;
+            }
         }
         kill_group();
         0
