@@ -27,6 +27,10 @@ pub enum Request {
         request: crate::proto::ExecRequest,
         detach: bool,
     },
+    /// New limits for the container's cgroup in the guest (an OCI
+    /// `linux.resources` object): applied there while it runs, or merged
+    /// into the run's config before it starts.
+    Update { resources: serde_json::Value },
 }
 
 /// The VMM process's answer.

@@ -406,6 +406,34 @@ struct MicrovmPart {
     volumes: Option<volumes::VolumeServer>,
 }
 
+/// An update's limits for the VMM's cgroup on the host (CPU time, block
+/// I/O) and for the container's in the guest (memory, processes, CPU time
+/// but not CPU or memory node sets, whose numbers are the host's), as an
+/// OCI `linux.resources` object; `None` when nothing is for the guest.
+fn split_resources(r: &LinuxResources) -> (LinuxResources, Option<serde_json::Value>) {
+    let mut host = LinuxResources::default();
+    host.set_cpu(r.cpu().clone());
+    host.set_block_io(r.block_io().clone());
+    let mut guest = LinuxResources::default();
+    guest.set_memory(r.memory().clone());
+    guest.set_pids(r.pids().clone());
+    guest.set_cpu(r.cpu().clone().map(|mut cpu| {
+        cpu.set_cpus(None);
+        cpu.set_mems(None);
+        cpu
+    }));
+    guest.set_unified(r.unified().clone());
+    let value = serde_json::to_value(&guest).unwrap_or_default();
+    let empty = value.as_object().is_none_or(|o| {
+        o.values().all(|v| {
+            v.is_null()
+                || v.as_object()
+                    .is_some_and(|m| m.values().all(|x| x.is_null()))
+        })
+    });
+    (host, (!empty).then_some(value))
+}
+
 /// The microvm tier, bound to a state root.
 #[derive(Debug, Clone)]
 pub struct MicrovmTier {
@@ -562,14 +590,40 @@ impl Lifecycle for MicrovmTier {
         self.freeze(id, false)
     }
 
+    /// New limits, split where they take effect: CPU time and block I/O
+    /// on the VMM's cgroup on the host (its vCPU threads and its disk
+    /// I/O), memory, processes and CPU time on the container's cgroup in
+    /// the guest (through the agent; before `start`, merged into the config
+    /// the guest creates it with). The VMM's own memory limit stays what
+    /// the guest's RAM needs, and the RAM stays the size it booted with.
     fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
-        let st = self.sd.load(id)?;
-        let cg = self.cgroup(&st)?;
-        if resources.memory().is_some() {
-            tracing::warn!("microvm: a new memory limit applies to the VMM's cgroup; the guest keeps its RAM size");
+        let c = self.current(id)?;
+        if c.status == ContainerStatus::Stopped {
+            return Err(wrong(id, c.status, "cannot update it"));
         }
-        cg.update(resources).map_err(MicrovmError::from)?;
-        Ok(())
+        let (host, guest) = split_resources(resources);
+        self.cgroup(&c.state)?
+            .update(&host)
+            .map_err(MicrovmError::from)?;
+        let Some(guest) = guest else {
+            return Ok(());
+        };
+        if resources.memory().is_some() {
+            tracing::warn!(
+                "microvm: the new memory limit applies in the guest; its RAM stays the size it booted with"
+            );
+        }
+        let path = self.control_path(&c.state)?;
+        let (_sock, reply) =
+            control::call(&path, &control::Request::Update { resources: guest }, &[])
+                .map_err(MicrovmError::from)?;
+        match reply {
+            control::Reply::Ok => Ok(()),
+            control::Reply::Error { message, .. } => Err(MicrovmError::Vmm(message).into()),
+            control::Reply::Exit { .. } => {
+                Err(MicrovmError::Vmm("unexpected reply to update".into()).into())
+            }
+        }
     }
 
     fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
@@ -730,5 +784,40 @@ mod cache_tests {
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/microvm")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod update_tests {
+    use super::*;
+
+    #[test]
+    fn an_update_splits_between_the_vmms_cgroup_and_the_guests() {
+        let r: LinuxResources = serde_json::from_value(serde_json::json!({
+            "memory": {"limit": 268435456},
+            "pids": {"limit": 7},
+            "cpu": {"quota": 50000, "period": 100000, "cpus": "0-1"},
+            "blockIO": {"weight": 300}
+        }))
+        .unwrap();
+        let (host, guest) = split_resources(&r);
+        // The host: CPU time (its set too) and block I/O; never the
+        // memory or process limits (the VMM's own).
+        assert!(host.memory().is_none() && host.pids().is_none());
+        assert_eq!(host.cpu().as_ref().unwrap().quota(), Some(50000));
+        assert_eq!(host.cpu().as_ref().unwrap().cpus().as_deref(), Some("0-1"));
+        assert!(host.block_io().is_some());
+        let guest = guest.unwrap();
+        assert_eq!(guest["memory"]["limit"], 268435456);
+        assert_eq!(guest["pids"]["limit"], 7);
+        assert_eq!(guest["cpu"]["quota"], 50000);
+        assert!(guest["cpu"].get("cpus").is_none(), "{guest}");
+        assert!(guest.get("blockIO").is_none(), "{guest}");
+        // CPU sets and block I/O alone: nothing for the guest.
+        let r: LinuxResources = serde_json::from_value(serde_json::json!({
+            "cpu": {"cpus": "0"}, "blockIO": {"weight": 300}
+        }))
+        .unwrap();
+        assert!(split_resources(&r).1.is_none());
     }
 }

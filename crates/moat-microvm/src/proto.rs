@@ -74,6 +74,12 @@ pub enum Kind {
     /// more bytes of the channel's stdin ([`CreditMsg`]): the host may send
     /// that many more ([`STDIN_WINDOW`]).
     Credit = 15,
+    /// host → guest: new resource limits for the container's cgroup in
+    /// the guest ([`UpdateRequest`]), on a channel of their own; answered
+    /// with `Updated` or `Error` there.
+    Update = 16,
+    /// guest → host: the update on this channel is applied.
+    Updated = 17,
 }
 
 impl Kind {
@@ -95,6 +101,8 @@ impl Kind {
             13 => Ping,
             14 => Prime,
             15 => Credit,
+            16 => Update,
+            17 => Updated,
             _ => return None,
         })
     }
@@ -389,6 +397,13 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CreditMsg {
     pub bytes: u64,
+}
+
+/// New limits for the container's cgroup in the guest: an OCI
+/// `linux.resources` object (what the guest enforces of an `update`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpdateRequest {
+    pub resources: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1349,6 +1349,108 @@ fn owner(p: &Path) -> (u32, u32) {
     (m.uid(), m.gid())
 }
 
+/// `update` reaches where each limit takes effect: the container's cgroup
+/// in the guest gets the memory, process and CPU-time limits (merged into
+/// its config when the update comes before `start`, applied through the
+/// agent after), the VMM's cgroup on the host the CPU time (its vCPU
+/// threads) but never the process limit (its own threads'); a stopped
+/// container is refused.
+#[test]
+fn update_applies_in_the_guest_and_cpu_time_on_the_host() {
+    let Some(rt) = rt("update_applies_in_the_guest_and_cpu_time_on_the_host") else {
+        return;
+    };
+    let b = vm_bundle(&["sh", "-c", "echo started; while :; do sleep 1; done"]);
+    b.write_config();
+    let id = rt.new_id("upd");
+    let outfile = rt.scratch_file("ctr-stdout");
+    let bundle = b.dir().display().to_string();
+    rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            env: env(),
+            stdout: Some(outfile.clone()),
+            ..Opts::default()
+        },
+    )
+    .expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(outfile),
+    };
+    cmd(&rt, &["update", "--pids-limit", "9", &id]).expect_ok();
+    cmd(&rt, &["start", &id]).expect_ok();
+    ctr.wait_output("started");
+    let read = |files: &str| {
+        let ex = cmd(&rt, &["exec", &id, "sh", "-c", &format!("cat {files}")]);
+        assert_eq!(ex.code, Some(0), "{ex:?}");
+        ex.stdout
+    };
+    assert_eq!(
+        read("/sys/fs/cgroup/pids.max"),
+        "9\n",
+        "the update before start"
+    );
+    cmd(
+        &rt,
+        &[
+            "update",
+            "--pids-limit",
+            "7",
+            "--memory",
+            "200m",
+            "--cpu-quota",
+            "50000",
+            "--cpu-period",
+            "100000",
+            &id,
+        ],
+    )
+    .expect_ok();
+    assert_eq!(
+        read("/sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max"),
+        "7\n209715200\n50000 100000\n"
+    );
+    // The VMM's cgroup on the host (cgroup v1 here, v2 elsewhere).
+    let pid = ctr.state()["pid"].as_i64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = |controller: &str| {
+        cgroups.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, c, path) = (f.next()?, f.next()?, f.next()?);
+            c.split(',')
+                .any(|x| x == controller)
+                .then(|| format!("/sys/fs/cgroup/{c}{path}"))
+        })
+    };
+    let unified = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| format!("/sys/fs/cgroup{p}"));
+    let host = |v1_dir: Option<String>, v1_file: &str, v2_file: &str| {
+        let path = match v1_dir {
+            Some(d) => format!("{d}/{v1_file}"),
+            None => format!("{}/{v2_file}", unified.clone().unwrap()),
+        };
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    };
+    let quota = host(v1("cpu"), "cpu.cfs_quota_us", "cpu.max");
+    assert!(quota.starts_with("50000"), "the host's CPU quota: {quota}");
+    let pids = host(v1("pids"), "pids.max", "pids.max");
+    assert_ne!(pids, "7", "the VMM's own process limit is untouched");
+    cmd(&rt, &["kill", &id, "KILL"]).expect_ok();
+    ctr.wait_status("stopped");
+    let refused = cmd(&rt, &["update", "--pids-limit", "5", &id]);
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(refused.stderr.contains("cannot update it"), "{refused:?}");
+    cmd(&rt, &["delete", &id]).expect_ok();
+    assert_clean(&rt);
+}
+
 /// A volume server that cannot serve fails the run in one line that
 /// names what it said, and leaves nothing behind. The failing virtiofsd is
 /// a stand-in (a script named by `MOAT_VIRTIOFSD` that says why and

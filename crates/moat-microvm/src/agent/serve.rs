@@ -351,6 +351,13 @@ impl Agent {
                 }
                 Ok(())
             }
+            Kind::Update => {
+                let req: proto::UpdateRequest = f.json()?;
+                match self.update(&req) {
+                    Ok(()) => self.send_json(Kind::Updated, f.chan, &serde_json::json!({})),
+                    Err(e) => self.answer(f.chan, Err(e)),
+                }
+            }
             // Kinds only the guest sends: ignored.
             _ => Ok(()),
         }
@@ -503,6 +510,20 @@ impl Agent {
         self.procs.insert(chan, p);
         super::trace("held container started");
         Ok(())
+    }
+
+    /// Applies new limits to the container's cgroup (the guest's
+    /// container tier's `update`).
+    fn update(&self, req: &proto::UpdateRequest) -> Result<(), AgentError> {
+        if !self.prepared || self.main_done {
+            return Err(AgentError::Request("the container is not running".into()));
+        }
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_value(req.resources.clone())
+                .map_err(|e| AgentError::Request(format!("the new resources: {e}")))?;
+        let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+        moat_core::runtime::Lifecycle::update(&tier, GUEST_ID, &resources)
+            .map_err(|e| AgentError::Request(moat_core::error_chain(&e)))
     }
 
     fn exec(&mut self, chan: u32, req: &proto::ExecRequest) -> Result<(), AgentError> {

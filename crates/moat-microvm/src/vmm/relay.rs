@@ -73,6 +73,8 @@ pub struct Relay {
     /// The container process's stdin credit (as [`ExecSession::credit`]).
     stdin_credit: usize,
     execs: BTreeMap<u32, ExecSession>,
+    /// Updates sent to the guest, by channel: who waits for the answer.
+    updates: BTreeMap<u32, OwnedFd>,
     next_chan: u32,
     /// When the relay took over (for the console's debug timings).
     since: Instant,
@@ -117,6 +119,7 @@ impl Relay {
             stdin_open: true,
             stdin_credit: proto::STDIN_WINDOW,
             execs: BTreeMap::new(),
+            updates: BTreeMap::new(),
             next_chan: 1,
             since: Instant::now(),
             how,
@@ -493,6 +496,23 @@ impl Relay {
                     let _ = control::send(x.client.as_fd(), &Reply::Ok);
                 }
             }
+            (Kind::Updated, ch) => {
+                if let Some(c) = self.updates.remove(&ch) {
+                    let _ = control::send(c.as_fd(), &Reply::Ok);
+                }
+            }
+            (Kind::Error, ch) if self.updates.contains_key(&ch) => {
+                let e: proto::ErrorMsg = f.json()?;
+                if let Some(c) = self.updates.remove(&ch) {
+                    let _ = control::send(
+                        c.as_fd(),
+                        &Reply::Error {
+                            message: e.message,
+                            exec_status: None,
+                        },
+                    );
+                }
+            }
             (Kind::Error, ch) => {
                 let e: proto::ErrorMsg = f.json()?;
                 if let Some(x) = self.execs.remove(&ch) {
@@ -615,8 +635,48 @@ impl Relay {
                 }
             }
             Request::Exec { request, detach } => self.start_exec(client, request, detach)?,
+            Request::Update { resources } => self.update(client, resources)?,
         }
         Ok(())
+    }
+
+    /// New limits for the container in the guest: merged into the run's
+    /// config before it starts (the guest creates the container then),
+    /// sent to the agent while it runs.
+    fn update(&mut self, client: OwnedFd, resources: serde_json::Value) -> Result<(), VmmError> {
+        match self.phase {
+            Phase::Created => {
+                let config = &mut self.plan.run.config;
+                if !config["linux"].is_object() {
+                    config["linux"] = serde_json::json!({});
+                }
+                let target = &mut config["linux"]["resources"];
+                if !target.is_object() {
+                    *target = serde_json::json!({});
+                }
+                merge_json(target, &resources);
+                let _ = control::send(client.as_fd(), &Reply::Ok);
+                Ok(())
+            }
+            Phase::Starting | Phase::Running => {
+                let ch = self.next_chan;
+                self.next_chan += 1;
+                self.updates.insert(ch, client);
+                let frame =
+                    proto::encode_json(Kind::Update, ch, &proto::UpdateRequest { resources });
+                self.send(&frame)
+            }
+            _ => {
+                let _ = control::send(
+                    client.as_fd(),
+                    &Reply::Error {
+                        message: "the container is not running".into(),
+                        exec_status: None,
+                    },
+                );
+                Ok(())
+            }
+        }
     }
 
     fn start_exec(
@@ -667,6 +727,28 @@ impl Relay {
     }
 }
 
+/// Merges `patch` into `target` as an update does: objects key by key,
+/// any other value replacing what was there; nulls change nothing.
+fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    continue;
+                }
+                let slot = t.entry(k.clone()).or_insert(serde_json::Value::Null);
+                if slot.is_object() && v.is_object() {
+                    merge_json(slot, v);
+                } else {
+                    *slot = v.clone();
+                }
+            }
+        }
+        _ if !patch.is_null() => *target = patch.clone(),
+        _ => {}
+    }
+}
+
 fn write_all(fd: BorrowedFd, mut data: &[u8]) {
     while !data.is_empty() {
         match nix::unistd::write(fd, data) {
@@ -694,6 +776,20 @@ enum Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_merges_into_the_configs_resources() {
+        let mut r =
+            serde_json::json!({"memory": {"limit": 100, "swap": 200}, "pids": {"limit": 5}});
+        merge_json(
+            &mut r,
+            &serde_json::json!({"memory": {"limit": 50, "reservation": null}, "cpu": {"shares": 2}}),
+        );
+        assert_eq!(
+            r,
+            serde_json::json!({"memory": {"limit": 50, "swap": 200}, "pids": {"limit": 5}, "cpu": {"shares": 2}})
+        );
+    }
 
     #[test]
     fn credit_never_passes_the_window() {
