@@ -415,8 +415,8 @@ fn split_resources(r: &LinuxResources) -> (LinuxResources, Option<serde_json::Va
     host.set_cpu(r.cpu().clone());
     host.set_block_io(r.block_io().clone());
     let mut guest = LinuxResources::default();
-    guest.set_memory(r.memory().clone());
-    guest.set_pids(r.pids().clone());
+    guest.set_memory(*r.memory());
+    guest.set_pids(*r.pids());
     guest.set_cpu(r.cpu().clone().map(|mut cpu| {
         cpu.set_cpus(None);
         cpu.set_mems(None);
