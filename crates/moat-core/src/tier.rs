@@ -80,6 +80,39 @@ pub fn chosen(flag: Option<&str>, argv0: &str) -> Result<Option<Tier>, String> {
     }
 }
 
+/// containerd's CRI annotations: which kind of container this is
+/// (`sandbox` for a pod's pause container, `container` for the others) and
+/// the pod sandbox's ID.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// See [`CRI_CONTAINER_TYPE`].
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Whether container `id`, with these annotations, is a Kubernetes pod's
+/// sandbox (pause) container as containerd's CRI plugin creates it: typed
+/// `sandbox` and its own sandbox. containerd writes both annotations
+/// itself, over whatever the pod spec asked for.
+pub fn is_pod_sandbox(
+    annotations: Option<&std::collections::HashMap<String, String>>,
+    id: &str,
+) -> bool {
+    let get = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    get(CRI_CONTAINER_TYPE) == Some("sandbox") && get(CRI_SANDBOX_ID) == Some(id)
+}
+
+/// The tier a new container gets ([`select`]), except that a Kubernetes
+/// pod's pause container ([`is_pod_sandbox`]) that would get the microvm
+/// tier gets the container tier: it runs the cluster's pause image and
+/// only holds the pod's namespaces, which a VM could not share with the
+/// pod's containers anyway (each of them gets its own VM, which joins the
+/// pod's network namespace from the host). So a pod of one container
+/// boots one VM, not two.
+pub fn select_for(chosen: Option<Tier>, annotation: Option<Tier>, pod_sandbox: bool) -> Tier {
+    match select(chosen, annotation) {
+        Tier::Microvm if pod_sandbox => Tier::Container,
+        t => t,
+    }
+}
+
 /// The tier a container gets when both the config's annotation (written by
 /// whoever wrote the pod or container spec) and the runtime's flag or
 /// program name (chosen by whoever installed the runtime, e.g. a
@@ -114,5 +147,28 @@ mod tests {
         assert_eq!(chosen(None, "/usr/bin/moat-microvm"), Ok(Some(Microvm)));
         assert_eq!(chosen(Some("sandbox"), "moat-microvm"), Ok(Some(Sandbox)));
         assert!(chosen(Some("kvm"), "moat").is_err());
+    }
+
+    #[test]
+    fn a_pods_pause_container_gets_the_container_tier_not_a_vm() {
+        use Tier::*;
+        let ann = |t: &str, sid: &str| {
+            std::collections::HashMap::from([
+                (CRI_CONTAINER_TYPE.to_string(), t.to_string()),
+                (CRI_SANDBOX_ID.to_string(), sid.to_string()),
+            ])
+        };
+        let pause = ann("sandbox", "p1");
+        assert!(is_pod_sandbox(Some(&pause), "p1"));
+        // Another container of the pod, or a sandbox-typed one that is not
+        // its own sandbox, is not.
+        assert!(!is_pod_sandbox(Some(&ann("container", "p1")), "c1"));
+        assert!(!is_pod_sandbox(Some(&pause), "c1"));
+        assert!(!is_pod_sandbox(None, "p1"));
+        assert_eq!(select_for(Some(Microvm), None, true), Container);
+        assert_eq!(select_for(None, Some(Microvm), true), Container);
+        assert_eq!(select_for(Some(Microvm), None, false), Microvm);
+        // The sandbox tier keeps its pause container.
+        assert_eq!(select_for(Some(Sandbox), None, true), Sandbox);
     }
 }
