@@ -53,6 +53,11 @@ struct Proc {
     /// container's cgroup here before it exits ([`read_limits`]); none
     /// for an exec.
     limits: Option<File>,
+    /// The container's runtime writes a byte here once the container is
+    /// created and its process started (or closes it failing first): the
+    /// run's `Started` waits for it, so an `exec` right after `start`
+    /// finds the container.
+    ready: Option<File>,
 }
 
 impl Proc {
@@ -71,6 +76,7 @@ impl Proc {
             exited_at: None,
             main,
             limits: None,
+            ready: None,
         }
     }
 
@@ -149,6 +155,9 @@ pub struct Agent {
     /// The container created before the snapshot was saved, waiting for
     /// its run's process ([`Held`]).
     held: Option<Held>,
+    /// The run's channel, and whether it took the held container, while
+    /// its `Started` waits for the runtime ([`Proc::ready`]).
+    start_pending: Option<(u32, bool)>,
 }
 
 /// A container created ahead of its run (`Prime` with a warm-up): its
@@ -168,6 +177,8 @@ struct Held {
     stdio: [File; 3],
     /// Its limit events, once it ended (as [`Proc::limits`]).
     limits: File,
+    /// A byte once the run's process started (as [`Proc::ready`]).
+    started: File,
     /// The config it was created with.
     config: serde_json::Value,
 }
@@ -199,6 +210,7 @@ impl Agent {
             primed: None,
             main_done: false,
             held: None,
+            start_pending: None,
         })
     }
 
@@ -240,6 +252,10 @@ impl Agent {
                 if let Some(f) = &p.stderr {
                     fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
                     order.push((*id, 2));
+                }
+                if let Some(f) = &p.ready {
+                    fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+                    order.push((*id, 3));
                 }
             }
             let timeout = if self.procs.values().any(|p| p.status.is_some()) {
@@ -300,7 +316,14 @@ impl Agent {
                 self.reap();
             }
             for (i, (id, which)) in order.into_iter().enumerate() {
-                if ready[2 + i] && which == 0 {
+                if ready[2 + i] && which == 3 {
+                    // A byte (started) or the end (the runtime failed
+                    // first; its exit follows, after this `Started`).
+                    if let Some(p) = self.procs.get_mut(&id) {
+                        p.ready = None;
+                    }
+                    self.started()?;
+                } else if ready[2 + i] && which == 0 {
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.write_stdin();
                     }
@@ -317,8 +340,14 @@ impl Agent {
         match f.kind {
             Kind::Run => {
                 let req: proto::RunRequest = f.json()?;
-                let r = self.run(f.chan, &req);
-                self.answer(f.chan, r)
+                match self.run(f.chan, &req) {
+                    // `Started` once the runtime says so.
+                    Ok(held) => {
+                        self.start_pending = Some((f.chan, held));
+                        Ok(())
+                    }
+                    r => self.answer(f.chan, r),
+                }
             }
             Kind::Exec => {
                 let req: proto::ExecRequest = f.json()?;
@@ -383,6 +412,17 @@ impl Agent {
                 };
                 self.send_json(Kind::Error, chan, &msg)
             }
+        }
+    }
+
+    /// Sends the run's deferred `Started`, once.
+    fn started(&mut self) -> Result<(), AgentError> {
+        match self.start_pending.take() {
+            Some((chan, held)) => {
+                super::trace("container started");
+                self.answer(chan, Ok(held))
+            }
+            None => Ok(()),
         }
     }
 
@@ -496,6 +536,7 @@ impl Agent {
             mut go,
             stdio: [stdin, stdout, stderr],
             limits,
+            started,
             ..
         } = held;
         let body = serde_json::to_vec(o).unwrap_or_default();
@@ -507,6 +548,7 @@ impl Agent {
         p.stdout = Some(stdout);
         p.stderr = Some(stderr);
         p.limits = Some(limits);
+        p.ready = Some(started);
         self.procs.insert(chan, p);
         super::trace("held container started");
         Ok(())
@@ -592,8 +634,10 @@ impl Agent {
             How::Run => match one_thread() {
                 Some(one) => {
                     let (limits_r, limits_w) = pipe()?;
+                    let (ready_r, ready_w) = pipe()?;
                     p.limits = Some(File::from(limits_r));
-                    one.fork(0, |_| run_container(child, limits_w))
+                    p.ready = Some(File::from(ready_r));
+                    one.fork(0, |_| run_container(child, limits_w, ready_w))
                         // The child's ends are the child's (dropped here, in
                         // the agent, by the closure).
                         .map_err(io("fork the container's runtime"))?
@@ -723,6 +767,9 @@ impl Agent {
                     exit.pids_limit_hits = ev.pids_limit_hits;
                 }
             }
+            if p.main {
+                self.started()?;
+            }
             self.send_json(Kind::Exit, id, &exit)?;
             if p.main {
                 // After the report: the host ends the VM when the main
@@ -791,10 +838,11 @@ const BUNDLE: &str = "/run/vm/bundle";
 /// cost ~100 ms, and the fork runs the code the agent already ran from the
 /// same pages. The binary the fork runs is the agent's, which the kernel
 /// keeps unwritable while the agent executes it.
-fn run_container(stdio: [OwnedFd; 3], limits: OwnedFd) -> i32 {
+fn run_container(stdio: [OwnedFd; 3], limits: OwnedFd, ready: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
-    child_setup(stdio, &[limits.as_raw_fd()])
-        .map_or(1, |()| run_and_wait(|| Ok(None), File::from(limits)))
+    child_setup(stdio, &[limits.as_raw_fd(), ready.as_raw_fd()]).map_or(1, |()| {
+        run_and_wait(|| Ok(None), File::from(limits), Some(File::from(ready)))
+    })
 }
 
 /// In a fork of the agent: `stdio` as this process's stdin, stdout and
@@ -832,8 +880,9 @@ fn child_setup(stdio: [OwnedFd; 3], keep: &[i32]) -> Result<(), ()> {
 fn run_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
     limits: File,
+    ready: Option<File>,
 ) -> i32 {
-    match launch_and_wait(hold, limits) {
+    match launch_and_wait(hold, limits, ready) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {}", moat_core::error_chain(&e));
@@ -877,6 +926,7 @@ fn guest_request<'a>(
 fn launch_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
     mut limits: File,
+    ready: Option<File>,
 ) -> Result<i32, moat_core::runtime::RuntimeError> {
     use moat_core::runtime::{Config, Lifecycle, RuntimeError};
     let config = Config::from_bundle(Path::new(BUNDLE))
@@ -884,6 +934,11 @@ fn launch_and_wait(
     moat_core::steps::mark("guest-config");
     let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
     let (launched, cgroup) = tier.launch_held(&guest_request(GUEST_ID, &config), hold)?;
+    // The container runs: the agent may say so (unread, the agent gone,
+    // is no loss).
+    if let Some(mut r) = ready {
+        let _ = r.write_all(b"1");
+    }
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
@@ -1222,6 +1277,8 @@ fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
             go: File::from(go_w),
             stdio: [File::from(in_w), File::from(out_r), File::from(err_r)],
             limits: File::from(limits_r),
+            // The same pipe: its second byte says the process started.
+            started: ready,
             config: w.config.clone(),
         }),
         _ => {
@@ -1246,18 +1303,20 @@ fn cancel_held(held: Held) {
 
 /// In a fork of the agent: [`run_container`], but the container is
 /// created first and its start waits for the run's process on `go`;
-/// `ready` gets one byte once the container is created.
+/// `ready` gets one byte once the container is created, another once its
+/// process started.
 fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd, limits: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
     // Kept open by `child_setup`, which closes every other descriptor
     // (the agent's own are above the standard streams, which stay).
     let keep = [go.as_raw_fd(), ready.as_raw_fd(), limits.as_raw_fd()];
     child_setup(stdio, &keep).map_or(1, |()| {
-        let mut ready = Some(File::from(ready));
+        let ready = File::from(ready);
+        let mut created = ready.try_clone().ok();
         let mut go = File::from(go);
         run_and_wait(
             move || {
-                if let Some(mut r) = ready.take() {
+                if let Some(mut r) = created.take() {
                     let _ = r.write_all(&[1]);
                 }
                 let mut body = Vec::new();
@@ -1271,6 +1330,7 @@ fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd, limits: Owne
                     .map_err(|e| format!("the run's process: {e}"))
             },
             File::from(limits),
+            Some(ready),
         )
     })
 }
