@@ -158,6 +158,17 @@ pub struct Agent {
     /// The run's channel, and whether it took the held container, while
     /// its `Started` waits for the runtime ([`Proc::ready`]).
     start_pending: Option<(u32, bool)>,
+    /// Signals for the container's process and updates that came while it
+    /// was being started: applied, in order, once it has.
+    deferred: Vec<Deferred>,
+}
+
+/// What waits for the container's process to have started.
+enum Deferred {
+    /// A signal for it, on its channel.
+    Signal(u32, i32),
+    /// An update, on the update's channel.
+    Update(u32, proto::UpdateRequest),
 }
 
 /// A container created ahead of its run (`Prime` with a warm-up): its
@@ -211,6 +222,7 @@ impl Agent {
             main_done: false,
             held: None,
             start_pending: None,
+            deferred: Vec::new(),
         })
     }
 
@@ -367,7 +379,11 @@ impl Agent {
             }
             Kind::Signal => {
                 let m: proto::SignalMsg = f.json()?;
-                self.signal(f.chan, m.signal);
+                if self.start_pending.is_some() && self.procs.get(&f.chan).is_some_and(|p| p.main) {
+                    self.deferred.push(Deferred::Signal(f.chan, m.signal));
+                } else {
+                    self.signal(f.chan, m.signal);
+                }
                 Ok(())
             }
             Kind::Resize => {
@@ -382,10 +398,11 @@ impl Agent {
             }
             Kind::Update => {
                 let req: proto::UpdateRequest = f.json()?;
-                match self.update(&req) {
-                    Ok(()) => self.send_json(Kind::Updated, f.chan, &serde_json::json!({})),
-                    Err(e) => self.answer(f.chan, Err(e)),
+                if self.start_pending.is_some() {
+                    self.deferred.push(Deferred::Update(f.chan, req));
+                    return Ok(());
                 }
+                self.apply_update(f.chan, &req)
             }
             // Kinds only the guest sends: ignored.
             _ => Ok(()),
@@ -417,12 +434,25 @@ impl Agent {
 
     /// Sends the run's deferred `Started`, once.
     fn started(&mut self) -> Result<(), AgentError> {
-        match self.start_pending.take() {
-            Some((chan, held)) => {
-                super::trace("container started");
-                self.answer(chan, Ok(held))
+        let Some((chan, held)) = self.start_pending.take() else {
+            return Ok(());
+        };
+        super::trace("container started");
+        self.answer(chan, Ok(held))?;
+        for d in std::mem::take(&mut self.deferred) {
+            match d {
+                Deferred::Signal(chan, sig) => self.signal(chan, sig),
+                Deferred::Update(chan, req) => self.apply_update(chan, &req)?,
             }
-            None => Ok(()),
+        }
+        Ok(())
+    }
+
+    /// Applies an update and answers it on its channel.
+    fn apply_update(&mut self, chan: u32, req: &proto::UpdateRequest) -> Result<(), AgentError> {
+        match self.update(req) {
+            Ok(()) => self.send_json(Kind::Updated, chan, &serde_json::json!({})),
+            Err(e) => self.answer(chan, Err(e)),
         }
     }
 
