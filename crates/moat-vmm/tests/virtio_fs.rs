@@ -85,6 +85,28 @@ struct Driver {
 }
 
 impl Driver {
+    /// A device tagged `tag` in shared guest memory, its vhost-user
+    /// session open on `be`, driven from its reset state.
+    fn open(be: &virtiofsd::Backend, tag: &str) -> Driver {
+        let mem = shared_memory();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fs = Fs::new(
+            be.socket.try_clone().unwrap(),
+            tag,
+            &mem,
+            call.try_clone().unwrap(),
+        )
+        .expect("the vhost-user session opens");
+        Driver {
+            t: MmioTransport::new(fs, NoIrq, mem.clone()),
+            mem,
+            call,
+            unique: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
     fn w(&mut self, reg: u64, v: u32) {
         self.t.write(reg, &v.to_le_bytes());
     }
@@ -220,24 +242,7 @@ fn virtio_fs_requests_are_served_by_virtiofsd_from_guest_memory() {
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello"), b"hello from the host\n").unwrap();
     let be = backend(&share, &tmp.path().join("fs.sock"));
-    let mem = shared_memory();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let fs = Fs::new(
-        be.socket.try_clone().unwrap(),
-        "moatfs0",
-        &mem,
-        call.try_clone().unwrap(),
-    )
-    .expect("the vhost-user session opens");
-    let t = MmioTransport::new(fs, NoIrq, mem.clone());
-    let mut d = Driver {
-        t,
-        mem,
-        call,
-        unique: 0,
-        avail_idx: 0,
-        used_seen: 0,
-    };
+    let mut d = Driver::open(&be, "moatfs0");
     // The configuration space: the tag, NUL-padded, and one request queue.
     let mut config = [0u8; TAG_LEN + 4];
     d.t.read(0x100, &mut config);
@@ -289,25 +294,9 @@ fn a_back_end_gone_before_the_driver_starts_leaves_the_device_needing_a_reset() 
     );
     let tmp = tempfile::tempdir().unwrap();
     let mut be = backend(tmp.path(), &tmp.path().join("fs.sock"));
-    let mem = shared_memory();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let fs = Fs::new(
-        be.socket.try_clone().unwrap(),
-        "gone",
-        &mem,
-        call.try_clone().unwrap(),
-    )
-    .expect("the vhost-user session opens");
+    let mut d = Driver::open(&be, "gone");
     be.child.kill().unwrap();
     be.child.wait().unwrap();
-    let mut d = Driver {
-        t: MmioTransport::new(fs, NoIrq, mem.clone()),
-        mem,
-        call,
-        unique: 0,
-        avail_idx: 0,
-        used_seen: 0,
-    };
     d.w(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     d.w(0x024, 1);
     d.w(0x020, (VIRTIO_F_VERSION_1 >> 32) as u32);

@@ -449,6 +449,28 @@ fn vm_bundle(args: &[&str]) -> Bundle {
     b
 }
 
+/// `moat create` of bundle `b` as a new container named after `name`, its
+/// stdout to a file of its own.
+fn create_ctr<'a>(rt: &'a Rt, b: &Bundle, name: &str) -> Ctr<'a> {
+    let id = rt.new_id(name);
+    let out = rt.scratch_file(&format!("{name}-stdout"));
+    let bundle = b.dir().display().to_string();
+    rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            env: env(),
+            stdout: Some(out.clone()),
+            ..Opts::default()
+        },
+    )
+    .expect_ok();
+    Ctr {
+        rt,
+        id,
+        out: Some(out),
+    }
+}
+
 #[test]
 fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     let Some(rt) = rt("oci_lifecycle_by_annotation_with_exec_and_kill") else {
@@ -1362,23 +1384,8 @@ fn update_applies_in_the_guest_and_cpu_time_on_the_host() {
     };
     let b = vm_bundle(&["sh", "-c", "echo started; while :; do sleep 1; done"]);
     b.write_config();
-    let id = rt.new_id("upd");
-    let outfile = rt.scratch_file("ctr-stdout");
-    let bundle = b.dir().display().to_string();
-    rt.cmd_with(
-        &["create", "--bundle", &bundle, &id],
-        Opts {
-            env: env(),
-            stdout: Some(outfile.clone()),
-            ..Opts::default()
-        },
-    )
-    .expect_ok();
-    let ctr = Ctr {
-        rt: &rt,
-        id: id.clone(),
-        out: Some(outfile),
-    };
+    let ctr = create_ctr(&rt, &b, "upd");
+    let id = ctr.id.clone();
     cmd(&rt, &["update", "--pids-limit", "9", &id]).expect_ok();
     cmd(&rt, &["start", &id]).expect_ok();
     // No wait: once `start` returned, the container exists in the guest
@@ -1589,23 +1596,8 @@ fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier()
             "source": dir.path().display().to_string(), "options": ["rbind", "rw"]}),
     );
     b.write_config();
-    let id = rt.new_id("vol");
-    let outfile = rt.scratch_file("vol-stdout");
-    let bundle = b.dir().display().to_string();
-    rt.cmd_with(
-        &["create", "--bundle", &bundle, &id],
-        Opts {
-            env: env(),
-            stdout: Some(outfile.clone()),
-            ..Opts::default()
-        },
-    )
-    .expect_ok();
-    let ctr = Ctr {
-        rt: &rt,
-        id: id.clone(),
-        out: Some(outfile),
-    };
+    let ctr = create_ctr(&rt, &b, "vol");
+    let id = ctr.id.clone();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(rt.root().join(&id).join("state.json")).unwrap())
             .unwrap();
