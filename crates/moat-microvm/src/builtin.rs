@@ -8,7 +8,8 @@
 //! holding, read-only, only the kernel, the initramfs, the disk images the
 //! VM opens by path (none, when the caller opened them: `BlockConfig::file`)
 //! and `/dev/kvm`; the descriptors it was handed (COM1's output, the agent
-//! and network sockets, the opened disks) kept, every other one closed; the
+//! and network sockets, the virtio-fs back-ends', the opened disks) kept,
+//! every other one closed; the
 //! group that may open `/dev/kvm`; and the process filter
 //! [`seccomp::builtin_setup_profile`] (KVM's ioctls only, threads but no
 //! processes, no sockets of its own). [`run`] then builds the VM and runs
@@ -54,6 +55,7 @@ pub fn jail_plan(
     keep_fds.extend(config.serial_out.as_ref().map(|f| f.as_raw_fd()));
     keep_fds.extend(config.agent.as_ref().map(|s| s.as_raw_fd()));
     keep_fds.extend(config.net.as_ref().map(|n| n.socket.as_raw_fd()));
+    keep_fds.extend(config.fs.iter().map(|f| f.socket.as_raw_fd()));
     keep_fds.extend(
         config
             .block

@@ -1,8 +1,9 @@
 //! moat's own VMM under the whole jailer (`builtin::jail_plan`, then
 //! `builtin::run`): payload guests still read, write and flush their disk
-//! (a descriptor opened outside), take entropy, talk over the agent console
-//! and get an ARP answer from moat's user-space stack through the network
-//! card, from a process
+//! (a descriptor opened outside), take entropy, talk over the agent console,
+//! get an ARP answer from moat's user-space stack through the network
+//! card and have a real virtiofsd serve their virtio-fs device (guest RAM a
+//! memfd it maps: the set-up filter's calls for that), from a process
 //! that is an unprivileged host user with no capabilities, in a root that
 //! holds only the disk image and /dev/kvm, under the process filter and
 //! each thread's.
@@ -16,6 +17,8 @@
 #[path = "../../moat-vmm/tests/common/payload_vm.rs"]
 #[allow(dead_code)]
 mod payload_vm;
+#[path = "../../moat-vmm/tests/common/virtiofsd.rs"]
+mod virtiofsd;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -38,6 +41,8 @@ const UID: u32 = 3_999_900_000;
 const AGENT_FD: i32 = 3;
 /// The network card's frame socket, at this one.
 const NET_FD: i32 = 4;
+/// The virtio-fs device's vhost-user socket (to virtiofsd), at this one.
+const FS_FD: i32 = 5;
 
 fn payload(name: &str) -> Kernel {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -84,7 +89,14 @@ fn child(dir: &Path) -> ! {
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 65520,
     });
-    for c in [&mut rng, &mut console, &mut arp] {
+    // SAFETY: as for AGENT_FD, with FS_FD.
+    let fs_socket = unsafe { UnixStream::from(OwnedFd::from_raw_fd(FS_FD)) };
+    let mut fs = VmConfig::new(payload("fs"), 1, 16);
+    fs.fs.push(moat_vmm::FsConfig {
+        tag: "payload".into(),
+        socket: fs_socket,
+    });
+    for c in [&mut rng, &mut console, &mut arp, &mut fs] {
         c.serial_out = Some(config.serial_out.as_ref().unwrap().try_clone().unwrap());
     }
     let root = dir.join("jail");
@@ -92,7 +104,7 @@ fn child(dir: &Path) -> ! {
     let rootless = std::env::var_os(ROOTLESS).is_some();
     let id = if rootless { 0 } else { UID };
     let mut plan = builtin::jail_plan(&config, &root, id, id).unwrap();
-    for c in [&rng, &console, &arp] {
+    for c in [&rng, &console, &arp, &fs] {
         plan.keep_fds
             .extend(builtin::jail_plan(c, &root, id, id).unwrap().keep_fds);
     }
@@ -137,6 +149,7 @@ fn child(dir: &Path) -> ! {
         ("rng", rng),
         ("console", console),
         ("arp", arp),
+        ("fs", fs),
     ] {
         let r = std::thread::spawn(move || builtin::run(c).map_err(|e| moat_core::error_chain(&e)))
             .join()
@@ -212,6 +225,11 @@ fn jailed_vmm(test: &str, rootless: bool) {
     // The network card's other end: moat's user-space stack, here.
     let (frames, stack) = payload_vm::stack_link();
     let frames_fd = OwnedFd::from(frames);
+    // The virtio-fs device's back-end: a real virtiofsd, out here.
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let fs_fd = OwnedFd::from(be.socket.try_clone().unwrap());
 
     let exe: PathBuf = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
@@ -225,6 +243,7 @@ fn jailed_vmm(test: &str, rootless: bool) {
     }
     let raw = std::os::fd::AsRawFd::as_raw_fd(&guest_fd);
     let raw_frames = std::os::fd::AsRawFd::as_raw_fd(&frames_fd);
+    let raw_fs = std::os::fd::AsRawFd::as_raw_fd(&fs_fd);
     // Rootless: what the child writes to its own maps, made out here (no
     // allocation after the fork).
     let kvm_gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata("/dev/kvm").unwrap());
@@ -243,7 +262,10 @@ fn jailed_vmm(test: &str, rootless: bool) {
             let fail = || Err(std::io::Error::last_os_error());
             // The agent socket at a known descriptor, and the namespaces
             // the tier gives its VMM process.
-            if libc::dup2(raw, AGENT_FD) < 0 || libc::dup2(raw_frames, NET_FD) < 0 {
+            if libc::dup2(raw, AGENT_FD) < 0
+                || libc::dup2(raw_frames, NET_FD) < 0
+                || libc::dup2(raw_fs, FS_FD) < 0
+            {
                 return fail();
             }
             let mut flags =
@@ -283,6 +305,7 @@ fn jailed_vmm(test: &str, rootless: bool) {
     let mut child = cmd.spawn().unwrap();
     drop(guest_fd);
     drop(frames_fd);
+    drop(fs_fd);
     // A bound against a hung child, not a timing assertion.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -334,7 +357,7 @@ fn jailed_vmm(test: &str, rootless: bool) {
     );
     let vm = line("VM ");
     assert_eq!(
-        vm, "VM blk=Ok(Reset) rng=Ok(Reset) console=Ok(Reset) arp=Ok(Reset)",
+        vm, "VM blk=Ok(Reset) rng=Ok(Reset) console=Ok(Reset) arp=Ok(Reset) fs=Ok(Reset)",
         "{out}\n{err}"
     );
     let serial = std::fs::read_to_string(dir.path().join("serial.txt")).unwrap();
@@ -343,8 +366,11 @@ fn jailed_vmm(test: &str, rootless: bool) {
         "blk read=0 MOAT-BLOCK-SECT1 write=0 past=1\n\
          rng len=20 nonzero=1 loop=00 outside=00\n\
          console done\n\
-         arp reply from the gateway\n"
+         arp reply from the gateway\n\
+         fs init=00000000 major=07 mkdir=00000000 len=90\n"
     );
+    assert!(share.join("payload-dir").is_dir());
+    drop(be);
     // The stack ends when the card's socket closes (the child exited).
     assert!(stack.join().unwrap().is_ok());
     assert_eq!(
