@@ -12,6 +12,7 @@
 //! earlier ones created); each case's result is printed, and the test fails
 //! listing every failed case with the guest's serial console.
 
+#[allow(dead_code)]
 mod guest;
 
 use std::collections::BTreeMap;

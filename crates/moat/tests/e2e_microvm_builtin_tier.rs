@@ -633,11 +633,13 @@ moat state vm1 | grep -q '"stopped"' && moat delete vm1 && cat /tmp/vm1.out"#)?;
 /// Whether a session failed because the nested virtualisation under it
 /// did (see the test): the outer guest's kernel panicked, or it answered
 /// nothing for a whole command limit while its own watchdog printed
-/// nothing either; or a microVM's cold boot never reached its agent (the
-/// inner kernel stopped early in its boot, on the emulated SVM).
-fn nested_virtualisation_failed(error: &str, serial: &str) -> bool {
+/// nothing about that command either (`since`: the serial log since it
+/// was sent; an earlier long command's "still running" is no sign of
+/// life); or a microVM's cold boot never reached its agent (the inner
+/// kernel stopped early in its boot, on the emulated SVM).
+fn nested_virtualisation_failed(error: &str, serial: &str, since: &str) -> bool {
     serial.contains("Kernel panic - not syncing")
-        || (error.starts_with("reading the guest's console") && !serial.contains("still running"))
+        || (error.starts_with("reading the guest's console") && !since.contains("still running"))
         || error.contains("the guest did not answer within")
 }
 
@@ -694,7 +696,14 @@ fn moat_run_boots_the_workload_on_moats_own_vmm() {
         let Runner::Guest(g) = r else { unreachable!() };
         match result {
             Ok(()) => break g,
-            Err(e) if attempt < 3 && nested_virtualisation_failed(&e, &g.serial_log()) => {
+            Err(e)
+                if attempt < 3
+                    && nested_virtualisation_failed(
+                        &e,
+                        &g.serial_log(),
+                        &g.serial_since_last_command(),
+                    ) =>
+            {
                 eprintln!(
                     "{TEST}: the nested virtualisation failed ({e}); once more\n--- the outer guest's console ---\n{}",
                     g.serial_log()

@@ -225,6 +225,8 @@ pub struct Guest {
     /// Why the channel is no longer usable (a command that never
     /// answered): later commands fail at once with it.
     broken: Option<String>,
+    /// How long the serial log was when the last command was sent.
+    command_mark: usize,
     _dir: tempfile::TempDir,
 }
 
@@ -314,6 +316,7 @@ impl Guest {
             vda: String::new(),
             watchdog: Some(stop),
             broken: None,
+            command_mark: 0,
             _dir: dir,
         };
         let ready = g
@@ -353,6 +356,7 @@ impl Guest {
     }
 
     fn exchange(&mut self, script: &str) -> Result<Out, String> {
+        self.command_mark = self.serial_log().len();
         let mut req = base64_encode(script.as_bytes());
         req.push('\n');
         self.chan
@@ -395,6 +399,13 @@ impl Guest {
     /// The serial console so far (kernel messages, the init's own lines).
     pub fn serial_log(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// What the serial console printed since the last command was sent
+    /// (the guest's own watchdog reports a command still running there).
+    pub fn serial_since_last_command(&self) -> String {
+        let log = self.serial_log();
+        log.get(self.command_mark..).unwrap_or_default().to_string()
     }
 
     /// Asks the guest to power off and waits for QEMU to end; a guest
