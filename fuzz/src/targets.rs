@@ -102,8 +102,13 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Error => drop(f.json::<proto::ErrorMsg>()),
                         Kind::Prime => drop(f.json::<proto::PrimeRequest>()),
                         Kind::Credit => drop(f.json::<proto::CreditMsg>()),
-                        Kind::Stdin | Kind::Stdout | Kind::Stderr | Kind::Shutdown | Kind::Ping => {
-                        }
+                        Kind::Update => drop(f.json::<proto::UpdateRequest>()),
+                        Kind::Stdin
+                        | Kind::Stdout
+                        | Kind::Stderr
+                        | Kind::Shutdown
+                        | Kind::Ping
+                        | Kind::Updated => {}
                     }
                 }
                 Ok(None) => break,
