@@ -208,10 +208,19 @@ impl ContainerTier {
         // Without a mount namespace the container shares ours (the spec's
         // "inherited"): the init then mounts nothing (init.rs).
         let plan = NsPlan::from_spec(linux.namespaces().as_deref().unwrap_or(&[]));
-        let net = NetRequest::from_spec(
-            spec,
-            plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET),
-        )?;
+        // A Kubernetes pod's pause container holds the pod's network
+        // namespace: the network annotations a pod passes to its containers
+        // are for its microVMs' stacks (which serve from that namespace),
+        // not for it.
+        let pod_sandbox = moat_core::tier::is_pod_sandbox(spec.annotations().as_ref(), req.id);
+        let net = if pod_sandbox {
+            None
+        } else {
+            NetRequest::from_spec(
+                spec,
+                plan.new.contains(nix::sched::CloneFlags::CLONE_NEWNET),
+            )?
+        };
         // With the stack's network, /etc/resolv.conf names its DNS.
         let with_resolv;
         let spec = match &net {

@@ -49,6 +49,10 @@ pub enum NetError {
 pub struct NetRequest {
     pub policy: Policy,
     pub publish: Vec<Publish>,
+    /// The network namespace the stack serves from (its host sockets and
+    /// published ports there), when not the runtime's: a Kubernetes pod's,
+    /// for a microVM whose config joins it (the guest cannot).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl NetRequest {
@@ -84,7 +88,11 @@ impl NetRequest {
                 )));
             }
         }
-        Ok(Some(NetRequest { policy, publish }))
+        Ok(Some(NetRequest {
+            policy,
+            publish,
+            netns: None,
+        }))
     }
 }
 
@@ -287,11 +295,19 @@ pub fn start_link(
         })
         .transpose()
         .map_err(io("open the network log"))?;
+    let netns = req
+        .netns
+        .as_ref()
+        .map(|p| std::fs::File::open(p).map(OwnedFd::from))
+        .transpose()
+        .map_err(io("open the network namespace the stack serves from"))?;
     let (parent, child) = sync::pair().map_err(NetError::Child)?;
     let (uid, gid) = stack_identity(spec);
     let one = moat_sys::process::OneThread::check().map_err(io("fork the network stack"))?;
     let stack_pid = one
-        .fork(0, |_| stack_main(link, pidfd, log, &child, req, uid, gid))
+        .fork(0, |_| {
+            stack_main(link, (pidfd, netns), log, &child, req, (uid, gid))
+        })
         .map_err(io("fork the network stack"))?;
     drop(child);
     let ready = parent.expect(Msg::Go, "the network stack ready");
@@ -317,23 +333,28 @@ enum StackError {
     Streams(#[source] std::io::Error),
     #[error("cannot confine the network stack")]
     Confine(#[from] moat_jail::confine::ConfineError),
+    #[error("cannot join the network namespace it serves from")]
+    Netns(#[source] nix::Error),
     #[error("cannot set up the stack's control")]
     Serve(#[from] moat_net::ServeError),
 }
 
 fn stack_main(
     link: moat_net::Link,
-    pidfd: OwnedFd,
+    (pidfd, netns): (OwnedFd, Option<OwnedFd>),
     log: Option<OwnedFd>,
     chan: &sync::Channel,
     req: &NetRequest,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
 ) -> i32 {
     let link_fd = match &link {
         moat_net::Link::Tap(fd) | moat_net::Link::Stream(fd) => fd.as_raw_fd(),
     };
     let ready = (|| -> Result<_, StackError> {
+        if let Some(ns) = netns {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(StackError::Netns)?;
+        }
         nix::unistd::setsid().map_err(StackError::Setsid)?;
         quiet_streams(log.as_ref()).map_err(StackError::Streams)?;
         Confinement {

@@ -738,8 +738,23 @@ fn own_disk(source: &Path) -> bool {
 fn net_request(
     spec: &oci_spec::runtime::Spec,
 ) -> Result<Option<moat_container::network::NetRequest>, RuntimeError> {
-    moat_container::network::NetRequest::from_spec(spec, true)
-        .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))
+    let mut req = moat_container::network::NetRequest::from_spec(spec, true)
+        .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))?;
+    // A network namespace the config joins (a Kubernetes pod's): the
+    // guest cannot, so the stack serves from it — its connections leave
+    // from the pod's addresses, its published ports listen there.
+    if let Some(r) = &mut req {
+        r.netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+                    .and_then(|n| n.path().clone())
+            });
+    }
+    Ok(req)
 }
 
 /// The guest's link when it has a network: a stream socketpair, the

@@ -901,3 +901,64 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
     }
     c.remove_all_and_check_clean(&ids);
 }
+
+/// A `moat-microvm` pod that asks for moat's network through pod
+/// annotations (`pod_annotations` in deploy/containerd/moat.toml passes
+/// them to every container of the pod): its container's guest gets the
+/// stack, with the port it publishes answering on the node (the pod is on
+/// the node's network here); the pause container, in the container tier,
+/// ignores them (it holds the pod's namespaces; on the node's network it
+/// could not take them at all).
+#[test]
+fn cri_gives_a_microvm_pods_container_the_stacks_network() {
+    if !can_run_cri("cri_gives_a_microvm_pods_container_the_stacks_network") {
+        return;
+    }
+    let mut c = Cri::start("moat-k8s-net");
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut pod = Pod::new("web", "moat-microvm");
+    pod.annotations
+        .insert("dev.moat.net.egress".into(), String::new());
+    pod.annotations.insert(
+        "dev.moat.net.publish".into(),
+        format!("127.0.0.1:{port}:8000"),
+    );
+    let (pod_id, cfg) = c
+        .run_pod(&pod)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.d.log()));
+    assert_eq!(c.tier(&pod_id).as_deref(), Some("container"));
+    let cmd = [
+        "sh",
+        "-c",
+        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+    ];
+    let app = c
+        .create(&pod_id, &cfg, "web", &cmd, 0)
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
+    c.start_container(&app)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
+    assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
+    let start = Instant::now();
+    let body = loop {
+        let o = std::process::Command::new("curl")
+            .args(["-sSf", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{port}/f"))
+            .output()
+            .expect("curl runs");
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the published port never answered\n{}",
+            c.d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        body.starts_with("inside-") && body.trim() != format!("inside-{}", host_kernel()),
+        "served by the guest: {body}"
+    );
+    c.stop_and_remove_pod(&pod_id);
+    c.remove_all_and_check_clean(&[pod_id, app]);
+}

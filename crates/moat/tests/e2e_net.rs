@@ -920,6 +920,113 @@ fn the_annotation_gives_a_microvm_bundle_the_network_through_create_and_start() 
     assert_no_state(rt.root());
 }
 
+/// A microVM whose config joins a network namespace (as a Kubernetes pod's
+/// containers join the pod's): the guest cannot, so the stack serves from
+/// it. The runtime runs in the host's namespace, from which the test
+/// internet cannot be reached; the workload still fetches from its server
+/// (its connections leave from the pod namespace), and a port published on
+/// all of that namespace's addresses reaches the workload from the test
+/// internet, through the pod namespace's own address.
+#[test]
+fn a_microvm_joining_a_network_namespace_is_served_from_it() {
+    let Some((rt, w)) = tier_world("microvm_pod_netns", "microvm") else {
+        return;
+    };
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut b = Bundle::new(&[
+        "sh",
+        "-c",
+        &format!(
+            "wget -qO /tmp/got http://{s}:8080/index.html 2>/tmp/err; echo rc=$? >>/tmp/err; \
+             echo inside > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+            s = w.server
+        ),
+    ]);
+    b.set(
+        "/annotations",
+        serde_json::json!({
+            "dev.moat.net.egress": format!("{}:8080", w.server),
+            "dev.moat.net.publish": format!("0.0.0.0:{port}:8000"),
+            "dev.moat.isolation": "microvm",
+        }),
+    );
+    // The root is read-only (runc's default spec): the files go to a tmpfs.
+    b.push(
+        "/mounts",
+        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev"]}),
+    );
+    for ns in b.config["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{}", w.outer));
+        }
+    }
+    b.write_config();
+    let bundle = b.dir().to_string_lossy().into_owned();
+    let id = rt.new_id("podnet");
+    // The runtime in the host's network namespace.
+    let moat = |args: &[&str]| {
+        let mut c = Command::new(runtime_bin());
+        c.arg("--root")
+            .arg(rt.root())
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
+            .envs(microvm_env())
+            .args(args);
+        output(&rt, c)
+    };
+    let o = moat(&["create", "--bundle", &bundle, &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let o = moat(&["start", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    // From the test internet, to the pod namespace's address.
+    let pod_addr = w.server.replace(".0.2", ".0.1");
+    let get = |path: &str| {
+        sh(
+            "nsenter",
+            &[
+                format!("--net=/run/netns/{}", w.inet),
+                "curl".into(),
+                "-sS".into(),
+                "--max-time".into(),
+                "5".into(),
+                format!("http://{pod_addr}:{port}/{path}"),
+            ],
+        )
+    };
+    let start = Instant::now();
+    let got = loop {
+        let o = get("got");
+        if o.ok() && !o.stdout.is_empty() {
+            break o.stdout;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never published: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(rt.root().join(&id).join("net.log")).unwrap_or_default();
+    assert_eq!(
+        got,
+        "hello-from-the-internet\n",
+        "fetched from the pod namespace: {:?}; net.log: {log}",
+        get("err").stdout
+    );
+    assert_eq!(get("f").stdout, "inside\n");
+    let o = moat(&["kill", &id, "KILL"]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let start = Instant::now();
+    while !moat(&["state", &id]).stdout.contains("\"stopped\"") {
+        assert!(start.elapsed() < Duration::from_secs(60), "never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = moat(&["delete", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    wait_none_left(rt.root());
+    assert_no_state(rt.root());
+    assert!(!get("f").ok(), "the port is closed");
+}
+
 /// Rootless: an unprivileged user's `moat run --net egress=…` gets the same
 /// network (the init makes the device in its own namespaces, the stack runs
 /// as that user).
