@@ -216,13 +216,17 @@ fn containerd_loads_the_cri_runtimes_from_deploy() {
     });
     assert_eq!(cri, Some("ok"), "CRI plugin: {plugins}\n{}", c.d.log());
     let log = c.d.log();
-    for (name, binary) in [
-        ("moat", "moat"),
-        ("moat-sandbox", "moat-sandbox"),
-        ("moat-microvm", "moat-microvm"),
+    for (name, binary, annotations) in [
+        ("moat", "moat", "dev.moat.isolation"),
+        ("moat-sandbox", "moat-sandbox", "dev.moat.isolation"),
+        (
+            "moat-microvm",
+            "moat-microvm",
+            "dev.moat.isolation dev.moat.net.egress dev.moat.net.publish",
+        ),
     ] {
         let want = format!(
-            "{name}:{{Type:io.containerd.runc.v2 Path: Engine: PodAnnotations:[dev.moat.isolation]"
+            "{name}:{{Type:io.containerd.runc.v2 Path: Engine: PodAnnotations:[{annotations}]"
         );
         assert!(
             log.contains(&want),
