@@ -103,9 +103,9 @@ pub fn is_pod_sandbox(
 /// pod's pause container ([`is_pod_sandbox`]) that would get the microvm
 /// tier gets the container tier: it runs the cluster's pause image and
 /// only holds the pod's namespaces, which a VM could not share with the
-/// pod's containers anyway (each of them gets its own VM, which joins the
-/// pod's network namespace from the host). So a pod of one container
-/// boots one VM, not two.
+/// pod's containers anyway (each of them gets its own VM; a guest's network
+/// stack, when it has one, serves from the pod's network namespace). So a
+/// pod of one container boots one VM, not two.
 pub fn select_for(chosen: Option<Tier>, annotation: Option<Tier>, pod_sandbox: bool) -> Tier {
     match select(chosen, annotation) {
         Tier::Microvm if pod_sandbox => Tier::Container,

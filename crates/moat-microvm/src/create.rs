@@ -979,6 +979,13 @@ fn wait_ready(
     sock: &OwnedFd,
     virtiofsd_said: &mut dyn FnMut() -> Option<String>,
 ) -> Result<control::StartKind, RuntimeError> {
+    let mut failed = |message: String| -> RuntimeError {
+        MicrovmError::Vmm(match virtiofsd_said() {
+            Some(line) => format!("{message} (virtiofsd: {line})"),
+            None => message,
+        })
+        .into()
+    };
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     let ms = SETUP_TIMEOUT.as_millis() as i32;
@@ -1018,21 +1025,9 @@ fn wait_ready(
             message,
             exec_status: Some(status),
         }) => Err(RuntimeError::ExecFailed { status, message }),
-        Ok(control::Setup::Failed { message, .. }) => {
-            let said = virtiofsd_said();
-            Err(MicrovmError::Vmm(match said {
-                Some(line) => format!("{message} (virtiofsd: {line})"),
-                None => message,
-            })
-            .into())
-        }
+        Ok(control::Setup::Failed { message, .. }) => Err(failed(message)),
         Err(control::ControlError::Closed) => {
-            let message = "the VMM process ended during set-up".to_string();
-            Err(MicrovmError::Vmm(match virtiofsd_said() {
-                Some(line) => format!("{message} (virtiofsd: {line})"),
-                None => message,
-            })
-            .into())
+            Err(failed("the VMM process ended during set-up".into()))
         }
         Err(e) => Err(MicrovmError::from(e).into()),
     }

@@ -417,21 +417,20 @@ fn split_resources(r: &LinuxResources) -> (LinuxResources, Option<serde_json::Va
     let mut guest = LinuxResources::default();
     guest.set_memory(*r.memory());
     guest.set_pids(*r.pids());
-    guest.set_cpu(r.cpu().clone().map(|mut cpu| {
-        cpu.set_cpus(None);
-        cpu.set_mems(None);
-        cpu
-    }));
+    guest.set_cpu(
+        r.cpu()
+            .clone()
+            .map(|mut cpu| {
+                cpu.set_cpus(None);
+                cpu.set_mems(None);
+                cpu
+            })
+            .filter(|cpu| *cpu != oci_spec::runtime::LinuxCpu::default()),
+    );
     guest.set_unified(r.unified().clone());
-    let value = serde_json::to_value(&guest).unwrap_or_default();
-    let empty = value.as_object().is_none_or(|o| {
-        o.values().all(|v| {
-            v.is_null()
-                || v.as_object()
-                    .is_some_and(|m| m.values().all(|x| x.is_null()))
-        })
-    });
-    (host, (!empty).then_some(value))
+    let guest = (guest != LinuxResources::default())
+        .then(|| serde_json::to_value(&guest).unwrap_or_default());
+    (host, guest)
 }
 
 /// The microvm tier, bound to a state root.

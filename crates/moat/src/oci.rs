@@ -20,8 +20,9 @@ use crate::tiers::{Engine, Tiers};
 fn prepare(tiers: &Tiers, a: &CreateArgs, chosen: Option<Tier>) -> Result<(Engine, Config)> {
     let config = Config::from_bundle(&a.bundle)?;
     let pod_sandbox = tier::is_pod_sandbox(config.spec.annotations().as_ref(), &a.id);
-    let tier = tier::select_for(chosen, config.tier_annotation()?, pod_sandbox);
-    if pod_sandbox && tier::select(chosen, config.tier_annotation()?) != tier {
+    let annotation = config.tier_annotation()?;
+    let tier = tier::select_for(chosen, annotation, pod_sandbox);
+    if tier != tier::select(chosen, annotation) {
         tracing::info!(
             "{}: a pod's pause container: the {tier} tier (each of the pod's containers gets its own VM)",
             a.id

@@ -871,7 +871,7 @@ const BUNDLE: &str = "/run/vm/bundle";
 fn run_container(stdio: [OwnedFd; 3], limits: OwnedFd, ready: OwnedFd) -> i32 {
     use rustix::fd::AsRawFd;
     child_setup(stdio, &[limits.as_raw_fd(), ready.as_raw_fd()]).map_or(1, |()| {
-        run_and_wait(|| Ok(None), File::from(limits), Some(File::from(ready)))
+        run_and_wait(|| Ok(None), File::from(limits), File::from(ready))
     })
 }
 
@@ -910,7 +910,7 @@ fn child_setup(stdio: [OwnedFd; 3], keep: &[i32]) -> Result<(), ()> {
 fn run_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
     limits: File,
-    ready: Option<File>,
+    ready: File,
 ) -> i32 {
     match launch_and_wait(hold, limits, ready) {
         Ok(code) => code,
@@ -956,7 +956,7 @@ fn guest_request<'a>(
 fn launch_and_wait(
     hold: impl FnOnce() -> Result<Option<moat_jail::sync::ProcessOverride>, String>,
     mut limits: File,
-    ready: Option<File>,
+    mut ready: File,
 ) -> Result<i32, moat_core::runtime::RuntimeError> {
     use moat_core::runtime::{Config, Lifecycle, RuntimeError};
     let config = Config::from_bundle(Path::new(BUNDLE))
@@ -966,9 +966,8 @@ fn launch_and_wait(
     let (launched, cgroup) = tier.launch_held(&guest_request(GUEST_ID, &config), hold)?;
     // The container runs: the agent may say so (unread, the agent gone,
     // is no loss).
-    if let Some(mut r) = ready {
-        let _ = r.write_all(b"1");
-    }
+    let _ = ready.write_all(b"1");
+    drop(ready);
     let kill_all = || {
         let _ = Lifecycle::kill(&tier, GUEST_ID, Signal::SIGKILL as i32, true);
     };
@@ -1360,7 +1359,7 @@ fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd, limits: Owne
                     .map_err(|e| format!("the run's process: {e}"))
             },
             File::from(limits),
-            Some(ready),
+            ready,
         )
     })
 }

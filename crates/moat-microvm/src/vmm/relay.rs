@@ -646,15 +646,7 @@ impl Relay {
     fn update(&mut self, client: OwnedFd, resources: serde_json::Value) -> Result<(), VmmError> {
         match self.phase {
             Phase::Created => {
-                let config = &mut self.plan.run.config;
-                if !config["linux"].is_object() {
-                    config["linux"] = serde_json::json!({});
-                }
-                let target = &mut config["linux"]["resources"];
-                if !target.is_object() {
-                    *target = serde_json::json!({});
-                }
-                merge_json(target, &resources);
+                merge_json(&mut self.plan.run.config["linux"]["resources"], &resources);
                 let _ = control::send(client.as_fd(), &Reply::Ok);
                 Ok(())
             }
