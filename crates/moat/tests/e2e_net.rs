@@ -24,6 +24,8 @@ static NETS: AtomicU32 = AtomicU32::new(0);
 /// Two network namespaces and servers; removed on drop.
 struct World {
     outer: String,
+    /// The outer namespace's address: 10.N.0.1.
+    outer_addr: String,
     inet: String,
     /// The internet side's address: 10.N.0.2.
     server: String,
@@ -137,6 +139,7 @@ impl World {
         let (outer, inet) = (format!("{tag}-o"), format!("{tag}-i"));
         let net = 100 + (std::process::id() as usize + n as usize) % 150;
         let mut w = World {
+            outer_addr: format!("10.{net}.0.1"),
             outer: outer.clone(),
             inet: inet.clone(),
             server: format!("10.{net}.0.2"),
@@ -160,7 +163,7 @@ impl World {
             &outer,
             "addr",
             "add",
-            &format!("10.{net}.0.1/24"),
+            &format!("{}/24", w.outer_addr),
             "dev",
             &a,
         ]);
@@ -979,7 +982,6 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
     let o = moat(&["start", &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     // From the test internet, to the pod namespace's address.
-    let pod_addr = w.server.replace(".0.2", ".0.1");
     let get = |path: &str| {
         sh(
             "nsenter",
@@ -989,7 +991,7 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
                 "-sS".into(),
                 "--max-time".into(),
                 "5".into(),
-                format!("http://{pod_addr}:{port}/{path}"),
+                format!("http://{}:{port}/{path}", w.outer_addr),
             ],
         )
     };
