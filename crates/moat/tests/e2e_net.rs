@@ -979,6 +979,13 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
     };
     let o = moat(&["create", "--bundle", &bundle, &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
+    // Deleted (forced) however the test ends: a VM left running would
+    // hold on to what later tests need.
+    let _gone = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
     let o = moat(&["start", &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     // From the test internet, to the pod namespace's address.
