@@ -65,6 +65,7 @@ struct Undo<'a> {
     volume_slot: Option<(u32, String)>,
     net_stack: Option<moat_container::network::StackProcess>,
     volumes: Option<crate::volumes::VolumeServer>,
+    pod_link: Option<crate::podnet::PodLinkRecord>,
     armed: bool,
 }
 
@@ -86,6 +87,9 @@ impl Drop for Undo<'_> {
         }
         if let Some(v) = &self.volumes {
             v.kill();
+        }
+        if let Some(rec) = &self.pod_link {
+            let _ = crate::podnet::release(rec);
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.destroy();
@@ -152,6 +156,7 @@ impl MicrovmTier {
             volume_slot: None,
             net_stack: None,
             volumes: None,
+            pod_link: None,
             armed: true,
         };
         let dir = lock.dir().to_owned();
@@ -162,6 +167,18 @@ impl MicrovmTier {
             serde_json::to_vec(&spec_json).unwrap_or_default(),
         )
         .map_err(MicrovmError::io("save the config"))?;
+        // A namespace the config joins, when the stack is not asked for:
+        // the guest takes over its interface (a pod's address becomes the
+        // guest's). Never the runtime's own namespace (the host's).
+        let pod_link = match (&net, joined_netns(&req.config.spec)) {
+            (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
+                crate::podnet::take(&ns, req.id).map_err(MicrovmError::from)?
+            }
+            _ => None,
+        };
+        undo.pod_link = pod_link.as_ref().map(|p| p.record.clone());
+        moat_core::steps::mark("microvm-pod-link");
+        let networked = net.is_some() || pod_link.is_some();
         let guest = self.prepare_guest(&host, &plan, &dir)?;
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
@@ -263,9 +280,11 @@ impl MicrovmTier {
             // Filled by the VMM process right before it sends the request.
             entropy: Vec::new(),
             clock_ns: 0,
-            net: net
-                .as_ref()
-                .map(|_| proto::GuestNet::of(&moat_net::NetConfig::default())),
+            net: match (&net, &pod_link) {
+                (Some(_), _) => Some(proto::GuestNet::of(&moat_net::NetConfig::default())),
+                (None, Some(p)) => Some(p.guest.clone()),
+                (None, None) => None,
+            },
             seccomp: host_compiled_seccomp(&plan.config, self.sd.root()),
             volumes: plan
                 .volumes
@@ -321,7 +340,7 @@ impl MicrovmTier {
                     vcpus: guest.vcpus,
                     disk_slots,
                     accel,
-                    net: net.is_some(),
+                    net: networked,
                     disks: guest
                         .shared
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
@@ -348,6 +367,11 @@ impl MicrovmTier {
             ),
         };
         let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
+        let net_vmm_end = match (net_vmm_end, pod_link) {
+            (Some(end), _) => Some(vmm::GuestLink::Stream(end)),
+            (None, Some(p)) => Some(vmm::GuestLink::Tap(p.tap)),
+            (None, None) => None,
+        };
         let (volume_listeners, volume_vmm_ends): (Vec<_>, Vec<_>) =
             crate::volumes::links(&socket_dir, plan.volumes.len())?
                 .into_iter()
@@ -480,6 +504,7 @@ impl MicrovmTier {
             backend: host.why.clone(),
             net_stack,
             volumes: volume_server,
+            pod_link: undo.pod_link.clone(),
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -732,6 +757,18 @@ fn own_disk(source: &Path) -> bool {
         .any(|d| source == Path::new("/").join(d))
 }
 
+/// The network namespace the config joins by path.
+fn joined_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+                .and_then(|n| n.path().clone())
+        })
+}
+
 /// What the config asks of the network (`dev.moat.net.egress`,
 /// `dev.moat.net.publish`), parsed as the container tier does. The guest
 /// always gets network namespaces of its own, so no host one is needed.
@@ -744,15 +781,7 @@ fn net_request(
     // guest cannot, so the stack serves from it — its connections leave
     // from the pod's addresses, its published ports listen there.
     if let Some(r) = &mut req {
-        r.netns = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .and_then(|ns| {
-                ns.iter()
-                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-                    .and_then(|n| n.path().clone())
-            });
+        r.netns = joined_netns(spec);
     }
     Ok(req)
 }

@@ -188,10 +188,17 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             for n in ns.iter_mut() {
                 if let Some(o) = n.as_object_mut() {
-                    if o.remove("path").is_some() {
+                    let ty = o
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_owned();
+                    // A network namespace to join is met on the host: its
+                    // interface handed to the guest, or moat's stack
+                    // serving from it (create.rs).
+                    if o.remove("path").is_some() && ty != "network" {
                         plan.warnings.push(format!(
-                            "the {} namespace to join is the host's: the guest makes its own",
-                            o.get("type").and_then(Value::as_str).unwrap_or("?")
+                            "the {ty} namespace to join is on the host: the guest makes its own"
                         ));
                     }
                 }
@@ -385,7 +392,7 @@ mod tests {
             "mounts": mounts,
             "hooks": {"prestart": [{"path": "/bin/true"}], "startContainer": [{"path": "/bin/true"}]},
             "annotations": {"dev.moat.isolation": "microvm", "keep": "yes"},
-            "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "pid"}]}
+            "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "ipc", "path": "/run/ipc/a"}, {"type": "pid"}]}
         })
     }
 
@@ -427,8 +434,10 @@ mod tests {
         assert_eq!(p.files.len(), 2);
         assert!(p.config.get("hooks").is_none());
         // The runtime runs prestart on the host; startContainer would be
-        // the guest's.
+        // the guest's; an IPC namespace to join is not the guest's (a
+        // network one is met on the host: no warning).
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p.warnings.iter().any(|w| w.contains("the ipc namespace")));
         assert!(p
             .warnings
             .iter()

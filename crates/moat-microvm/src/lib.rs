@@ -33,6 +33,7 @@ pub mod disk;
 pub mod guestspec;
 pub mod jail;
 mod ops;
+pub mod podnet;
 pub mod proto;
 pub mod seccomp;
 pub mod snapshot;
@@ -78,6 +79,8 @@ pub enum MicrovmError {
     Vmm(String),
     #[error("OCI hook")]
     Hook(#[from] moat_container::hooks::HookError),
+    #[error("the pod's network")]
+    PodNet(#[from] podnet::PodNetError),
 }
 
 impl MicrovmError {
@@ -404,6 +407,9 @@ struct MicrovmPart {
     /// The read-write volumes' server ([`volumes`]), when there are any.
     #[serde(default)]
     volumes: Option<volumes::VolumeServer>,
+    /// The joined namespace's interface the guest took over ([`podnet`]).
+    #[serde(default)]
+    pod_link: Option<podnet::PodLinkRecord>,
 }
 
 /// An update's limits for the VMM's cgroup on the host (CPU time, block

@@ -85,6 +85,16 @@ impl MicrovmTier {
             wait_gone(&c.state);
         }
         let part = self.part(&c.state).unwrap_or_default();
+        if let Some(rec) = &part.pod_link {
+            // The VMM (the TAP's holder) is gone: the interface goes back
+            // to its namespace. Kept for a retry unless forced.
+            if let Err(e) = crate::podnet::release(rec) {
+                if !force {
+                    return Err(MicrovmError::from(e).into());
+                }
+                tracing::warn!("microvm: {}", moat_core::error_chain(&e));
+            }
+        }
         if let Some(stack) = &part.net_stack {
             // It ends with the VMM process; this is for one that did not.
             stack.kill();

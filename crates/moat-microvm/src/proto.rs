@@ -331,7 +331,8 @@ pub struct RunRequest {
     #[serde(default)]
     pub clock_ns: u64,
     /// The guest's network, when the container asked for the user-space
-    /// stack (`--net egress=…`, `-p`): the agent brings up eth0 with it.
+    /// stack (`--net egress=…`, `-p`) or joins a namespace whose interface
+    /// the guest takes over: the agent brings up eth0 with it.
     #[serde(default)]
     pub net: Option<GuestNet>,
     /// The container's seccomp filter as the host compiled it (natively;
@@ -353,33 +354,71 @@ pub struct SeccompProgram {
     pub flags: u64,
 }
 
-/// eth0 in the guest: its addresses, the gateway (the host's user-space
-/// stack, at the other end of the VMM's network device), the MTU, and
-/// the resolv.conf naming the stack's DNS.
+/// eth0 in the guest: its hardware address (when it must be another
+/// interface's), addresses, MTU, routes, and the resolv.conf to give the
+/// container. Two sources: moat's user-space stack at the other end of
+/// the VMM's network device ([`GuestNet::of`]), or an interface of the
+/// network namespace the container joins (a pod's `eth0`), redirected to
+/// the VMM's TAP device, whose addresses and routes the guest takes over.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GuestNet {
-    pub address_v4: std::net::Ipv4Addr,
-    pub prefix_v4: u8,
-    pub gateway_v4: std::net::Ipv4Addr,
-    pub address_v6: std::net::Ipv6Addr,
-    pub prefix_v6: u8,
-    pub gateway_v6: std::net::Ipv6Addr,
+    /// Set on eth0 before it comes up; `None` keeps the device's.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+    pub addresses: Vec<GuestAddr>,
     pub mtu: u32,
-    pub resolv_conf: String,
+    /// In order: on-link routes before the routes through gateways.
+    pub routes: Vec<GuestRoute>,
+    /// `None`: the container keeps its own /etc/resolv.conf (a pod's,
+    /// which the engine mounts).
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
+}
+
+/// An address of eth0 with its prefix length.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestAddr {
+    pub ip: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// A route through eth0: to `dst` (`None`: the default route), through
+/// `gateway` (`None`: on the link); `onlink` for a gateway outside every
+/// prefix of the link (Calico's 169.254.1.1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestRoute {
+    pub dst: Option<(std::net::IpAddr, u8)>,
+    pub gateway: Option<std::net::IpAddr>,
+    #[serde(default)]
+    pub onlink: bool,
 }
 
 impl GuestNet {
     /// The workload's side of `net`.
     pub fn of(net: &moat_net::NetConfig) -> GuestNet {
+        use std::net::IpAddr;
         GuestNet {
-            address_v4: net.workload_v4,
-            prefix_v4: net.prefix_v4,
-            gateway_v4: net.gateway_v4,
-            address_v6: net.workload_v6,
-            prefix_v6: net.prefix_v6,
-            gateway_v6: net.gateway_v6,
+            mac: None,
+            addresses: vec![
+                GuestAddr {
+                    ip: IpAddr::V4(net.workload_v4),
+                    prefix: net.prefix_v4,
+                },
+                GuestAddr {
+                    ip: IpAddr::V6(net.workload_v6),
+                    prefix: net.prefix_v6,
+                },
+            ],
             mtu: u32::try_from(net.mtu).unwrap_or(1500),
-            resolv_conf: net.resolv_conf(),
+            routes: [IpAddr::V4(net.gateway_v4), IpAddr::V6(net.gateway_v6)]
+                .into_iter()
+                .map(|gw| GuestRoute {
+                    dst: None,
+                    gateway: Some(gw),
+                    onlink: false,
+                })
+                .collect(),
+            resolv_conf: Some(net.resolv_conf()),
         }
     }
 }

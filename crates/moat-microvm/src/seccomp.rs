@@ -274,8 +274,15 @@ pub const BUILTIN_VCPU: &[(&str, &str)] = &[
 /// socket, then interrupt the guest.
 pub const BUILTIN_IO: &[(&str, &str)] = &[
     ("recvfrom", "reading the agent or network socket"),
-    ("read", "the same through read(2)"),
+    (
+        "read",
+        "the same through read(2); the network card's TAP, a frame per read",
+    ),
     ("write", "the device's interrupt eventfd"),
+    (
+        "ppoll",
+        "the network card's TAP reader waits for a frame or its stop eventfd",
+    ),
 ];
 
 /// The thread that runs the VM, once the others have started: wait for

@@ -6,6 +6,8 @@
 //! root for virtiofsd.
 #[path = "../../moat-vmm/tests/common/payload_vm.rs"]
 mod payload_vm;
+#[path = "../../moat-vmm/tests/common/tap.rs"]
+mod tap;
 #[path = "../../moat-vmm/tests/common/virtiofsd.rs"]
 mod virtiofsd;
 
@@ -80,12 +82,22 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
     let (guest, stack) = payload_vm::stack_link();
     let mut c = VmConfig::new(payload!("arp"), 1, 16);
     c.net = Some(NetConfig {
-        socket: guest,
+        backend: moat_vmm::NetBackend::Stream(guest),
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 65520,
     });
     assert_eq!(run_confined(c).1, "arp reply from the gateway\n");
     assert!(stack.join().unwrap().is_ok());
+    // The network card against a TAP (a pod's interface handed to the
+    // guest): the host kernel answers; its reader waits in ppoll.
+    let (tap, _udp) = tap::quiet_tap(std::net::Ipv4Addr::new(10, 0, 2, 2), 1500);
+    let mut c = VmConfig::new(payload!("arp"), 1, 16);
+    c.net = Some(NetConfig {
+        backend: moat_vmm::NetBackend::Tap(tap),
+        mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
+        mtu: 1500,
+    });
+    assert_eq!(run_confined(c).1, "arp reply from the gateway\n");
     // virtio-fs: the vCPU that starts the device speaks vhost-user to a
     // real virtiofsd (root: its sandbox), which serves the queues.
     assert!(

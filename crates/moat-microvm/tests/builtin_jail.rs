@@ -85,7 +85,7 @@ fn child(dir: &Path) -> ! {
     let frames = unsafe { UnixStream::from(OwnedFd::from_raw_fd(NET_FD)) };
     let mut arp = VmConfig::new(payload("arp"), 1, 16);
     arp.net = Some(moat_vmm::NetConfig {
-        socket: frames,
+        backend: moat_vmm::NetBackend::Stream(frames),
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 65520,
     });

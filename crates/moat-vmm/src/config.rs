@@ -61,7 +61,8 @@ pub struct VmConfig {
     /// guest) whose bytes travel over this connected host socket.
     pub agent: Option<UnixStream>,
     /// The guest's network card (virtio-net), its frames over a connected
-    /// host stream socket, length-prefixed as QEMU's `-netdev stream`.
+    /// host stream socket (length-prefixed as QEMU's `-netdev stream`) or
+    /// a TAP device ([`NetBackend`]).
     pub net: Option<NetConfig>,
     /// virtio-fs shares, each served by a vhost-user back-end (virtiofsd)
     /// on a connected socket. With any, guest RAM is a shared memfd the
@@ -142,10 +143,31 @@ pub struct FsConfig {
 /// A virtio-net device: where its frames go, the guest's MAC and MTU.
 #[derive(Debug)]
 pub struct NetConfig {
-    /// Frames, each after its 4-byte big-endian length, both ways.
-    pub socket: UnixStream,
+    /// The host side of the link.
+    pub backend: NetBackend,
     pub mac: [u8; 6],
     pub mtu: u16,
+}
+
+/// Where a virtio-net device's frames go on the host.
+#[derive(Debug)]
+pub enum NetBackend {
+    /// A connected stream socket: each frame after its 4-byte big-endian
+    /// length, both ways (QEMU's `-netdev stream`; moat's user-space
+    /// stack).
+    Stream(UnixStream),
+    /// A TAP device's descriptor (`IFF_TAP | IFF_NO_PI`, no vnet header):
+    /// one frame per `read` and per `write`. The device makes it
+    /// non-blocking (a flag of the open file, so any copy of the
+    /// descriptor sees it too): a frame the TAP cannot take at once is
+    /// dropped, and the I/O thread waits in `ppoll`.
+    Tap(File),
+}
+
+impl From<UnixStream> for NetBackend {
+    fn from(socket: UnixStream) -> Self {
+        NetBackend::Stream(socket)
+    }
 }
 
 impl VmConfig {

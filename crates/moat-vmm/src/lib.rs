@@ -29,7 +29,8 @@ pub mod vm;
 pub mod x86_64;
 
 pub use config::{
-    BlockConfig, Discovery, FsConfig, Kernel, NetConfig, ThreadHook, ThreadRole, VmConfig,
+    BlockConfig, Discovery, FsConfig, Kernel, NetBackend, NetConfig, ThreadHook, ThreadRole,
+    VmConfig,
 };
 pub use error::VmmError;
 pub use vm::{ExitReason, SnapshotHandle, StopHandle, Vm};

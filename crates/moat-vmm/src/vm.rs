@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{lock, Bus, MmioDevice, MmioSlot};
-use crate::config::{Discovery, FsConfig, Kernel, ThreadHook, ThreadRole, VmConfig};
+use crate::config::{Discovery, FsConfig, Kernel, NetBackend, ThreadHook, ThreadRole, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
@@ -342,30 +342,47 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             source,
         })?;
         let transport = set.add(vm, mem, dev)?;
-        let side = io_side(
+        let wake = shut_on_stop("agent-io", &reader)?;
+        set.io.push(io_side(
             ("agent-io", ThreadRole::AgentIo),
             transport,
-            (reader, rx),
+            (reader, rx, wake),
             |s, rx, deliver| console::pump(s, rx, deliver),
             console::RxBuffer::close,
-        )?;
-        set.io.push(side);
+        ));
     }
     if let Some(n) = config.net.take() {
-        let (dev, rx, reader) =
-            Net::new(n.socket, n.mac, n.mtu).map_err(|source| VmmError::Device {
-                name: "network".into(),
-                source,
-            })?;
-        let transport = set.add(vm, mem, dev)?;
-        let side = io_side(
-            ("net-io", ThreadRole::NetIo),
-            transport,
-            (reader, rx),
-            |s, rx, deliver| net::pump(s, rx, deliver),
-            net::FrameQueue::close,
-        )?;
-        set.io.push(side);
+        let device_err = |source| VmmError::Device {
+            name: "network".into(),
+            source,
+        };
+        let role = ("net-io", ThreadRole::NetIo);
+        match n.backend {
+            NetBackend::Stream(socket) => {
+                let (dev, rx, reader) = Net::new(socket, n.mac, n.mtu).map_err(device_err)?;
+                let transport = set.add(vm, mem, dev)?;
+                let wake = shut_on_stop("net-io", &reader)?;
+                set.io.push(io_side(
+                    role,
+                    transport,
+                    (reader, rx, wake),
+                    |s, rx, deliver| net::pump(s, rx, deliver),
+                    net::FrameQueue::close,
+                ));
+            }
+            NetBackend::Tap(tap) => {
+                let (dev, rx, reader) = Net::with_tap(tap, n.mac, n.mtu).map_err(device_err)?;
+                let transport = set.add(vm, mem, dev)?;
+                let stop = reader.stopper();
+                set.io.push(io_side(
+                    role,
+                    transport,
+                    (reader, rx, Box::new(move || stop.stop())),
+                    |t, rx, deliver| net::pump_tap(t, rx, deliver),
+                    net::FrameQueue::close,
+                ));
+            }
+        }
     }
     for fs in std::mem::take(&mut config.fs) {
         set.add_fs(vm, mem, fs)?;
@@ -374,23 +391,18 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
 }
 
 /// The I/O side of a device whose host end is `reader`: a thread that
-/// runs `pump` (reading the socket into `rx`, then running the device's
-/// receive queue, 0), stopped by `close` on `rx` and by shutting the
-/// socket (which wakes it out of its read; the VM is gone, so is the
-/// channel).
-fn io_side<Q: Send + Sync + 'static, D: VirtioDevice + 'static>(
+/// runs `pump` (reading the host end into `rx`, then running the device's
+/// receive queue, 0), stopped by `close` on `rx` and by `wake`, which
+/// wakes it out of its read or wait.
+fn io_side<R: Send + 'static, Q: Send + Sync + 'static, D: VirtioDevice + 'static>(
     (name, role): (&'static str, ThreadRole),
     transport: Arc<Mutex<MmioTransport<D, IrqLine>>>,
-    (reader, rx): (UnixStream, Arc<Q>),
-    pump: fn(UnixStream, &Q, &mut dyn FnMut()),
+    (reader, rx, wake): (R, Arc<Q>, Box<dyn Fn() + Send>),
+    pump: fn(R, &Q, &mut dyn FnMut()),
     close: fn(&Q),
-) -> Result<IoSide, VmmError> {
-    let closer = reader.try_clone().map_err(|source| VmmError::Device {
-        name: name.into(),
-        source: crate::virtio::DeviceError::CloneSocket(source),
-    })?;
+) -> IoSide {
     let rx_stop = rx.clone();
-    Ok(IoSide {
+    IoSide {
         name,
         role,
         body: Box::new(move || {
@@ -403,9 +415,22 @@ fn io_side<Q: Send + Sync + 'static, D: VirtioDevice + 'static>(
         }),
         stop: Box::new(move || {
             close(&rx_stop);
-            let _ = closer.shutdown(std::net::Shutdown::Both);
+            wake();
         }),
-    })
+    }
+}
+
+/// The stop of an I/O side that reads `socket`: shutting the socket
+/// (which wakes the thread out of its read; the VM is gone, so is the
+/// channel).
+fn shut_on_stop(name: &'static str, socket: &UnixStream) -> Result<Box<dyn Fn() + Send>, VmmError> {
+    let closer = socket.try_clone().map_err(|source| VmmError::Device {
+        name: name.into(),
+        source: crate::virtio::DeviceError::CloneSocket(source),
+    })?;
+    Ok(Box::new(move || {
+        let _ = closer.shutdown(std::net::Shutdown::Both);
+    }))
 }
 
 /// Loads the kernel or payload and writes every boot structure; returns the entry.

@@ -17,7 +17,7 @@ use std::process::Command;
 use moat_vmm::layout::{
     ACPI_ADDR, MMIO_DEVICE_SIZE, MMIO_GAP_START, VIRTIO_IRQ_BASE, ZERO_PAGE_ADDR,
 };
-use moat_vmm::{BlockConfig, Discovery, Kernel, NetConfig, Vm, VmConfig};
+use moat_vmm::{BlockConfig, Discovery, Kernel, NetBackend, NetConfig, Vm, VmConfig};
 use payload_vm::kvm_available;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -85,7 +85,7 @@ fn vm(dir: &Path, discovery: Discovery) -> (Vm, Vec<UnixStream>) {
     config.agent = Some(agent);
     let (net, net_peer) = UnixStream::pair().unwrap();
     config.net = Some(NetConfig {
-        socket: net,
+        backend: NetBackend::Stream(net),
         mac: [0x02, 0, 0, 0, 0, 1],
         mtu: 1500,
     });

@@ -4,6 +4,8 @@
 
 #[path = "common/payload_vm.rs"]
 mod payload_vm;
+#[path = "common/tap.rs"]
+mod tap;
 #[path = "common/virtiofsd.rs"]
 mod virtiofsd;
 
@@ -187,7 +189,7 @@ fn virtio_net_carries_frames_both_ways_in_the_stacks_framing() {
     let (mut host, guest_side) = std::os::unix::net::UnixStream::pair().unwrap();
     let mut config = VmConfig::new(payload(include_bytes!("payloads/net.bin")), 1, 16);
     config.net = Some(moat_vmm::NetConfig {
-        socket: guest_side,
+        backend: moat_vmm::NetBackend::Stream(guest_side),
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01],
         mtu: 1500,
     });
@@ -220,6 +222,28 @@ fn virtio_net_carries_frames_both_ways_in_the_stacks_framing() {
     assert_eq!(&body[23..], &frame[..]);
 }
 
+/// The built-in VMM's network card on a TAP device, as a pod's interface is
+/// handed to a guest: the guest's ARP request for 10.0.2.2 is answered by
+/// the host's kernel, which holds that address on the TAP. The VM's end
+/// stops the TAP's I/O thread, which waits on the quiet TAP (else `run`
+/// would not return).
+#[test]
+fn virtio_net_on_a_tap_is_answered_by_the_host_kernel() {
+    if !kvm_available() {
+        return;
+    }
+    let (tap, _udp) = tap::quiet_tap(std::net::Ipv4Addr::new(10, 0, 2, 2), 1500);
+    let mut config = VmConfig::new(payload(include_bytes!("payloads/arp.bin")), 1, 16);
+    config.net = Some(moat_vmm::NetConfig {
+        backend: moat_vmm::NetBackend::Tap(tap),
+        mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
+        mtu: 1500,
+    });
+    let (reason, out) = run(config);
+    assert_eq!(reason, ExitReason::Reset);
+    assert_eq!(out, "arp reply from the gateway\n");
+}
+
 /// The built-in VMM's network card with moat's user-space stack behind it,
 /// as the microvm tier runs the stack for QEMU: a guest's ARP request for
 /// the gateway is answered by the stack, through the device both ways.
@@ -231,7 +255,7 @@ fn virtio_net_reaches_moats_user_space_stack() {
     let (guest_side, stack) = payload_vm::stack_link();
     let mut config = VmConfig::new(payload(include_bytes!("payloads/arp.bin")), 1, 16);
     config.net = Some(moat_vmm::NetConfig {
-        socket: guest_side,
+        backend: moat_vmm::NetBackend::Stream(guest_side),
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 65520,
     });

@@ -44,6 +44,9 @@ struct Pod {
     name: &'static str,
     handler: &'static str,
     annotations: HashMap<String, String>,
+    /// A network namespace of the pod's own, made by the CNI plugin
+    /// ([`CNI_BRIDGE`]), instead of the node's.
+    pod_network: bool,
 }
 
 impl Pod {
@@ -52,6 +55,7 @@ impl Pod {
             name,
             handler,
             annotations: HashMap::new(),
+            pod_network: false,
         }
     }
 }
@@ -95,17 +99,43 @@ impl Cri {
              sandbox_image = \"{PAUSE}\"\n  stream_server_address = \"127.0.0.1\"\n  \
              stream_server_port = \"0\"\n  enable_selinux = false\n  \
              restrict_oom_score_adj = {restrict}\n  \
-             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"{cni}\"\n    \
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"{cni_bin}\"\n    \
              conf_dir = \"{cni}\"\n  \
              [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"native\"\n    \
              default_runtime_name = \"moat\"\n{handlers}",
             root = p("root"),
             state = p("state"),
             cni = p("cni"),
+            cni_bin = CNI_BIN,
             restrict = !have_cap_sys_resource(),
         );
         let conf = p("config.toml");
         std::fs::write(&conf, config).expect("containerd config");
+        // A pod network, for the pods that ask for one (the others are on
+        // the node's): Debian's CNI bridge plugin, its addresses' records
+        // in the test's directory.
+        std::fs::create_dir_all(p("cni")).expect("CNI config directory");
+        std::fs::write(
+            base.path().join("cni").join("10-moat-test.conflist"),
+            serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "moat-test",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": CNI_BRIDGE,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": CNI_SUBNET}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": p("cni-ipam"),
+                    },
+                }],
+            })
+            .to_string(),
+        )
+        .expect("CNI config");
         let cgroup_parent = format!(
             "/{}",
             base.path()
@@ -198,7 +228,7 @@ impl Cri {
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: format!("{}/pod-{}", self.cgroup_parent, pod.name),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(namespaces()),
+                    namespace_options: Some(namespaces(pod.pod_network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -286,7 +316,13 @@ impl Cri {
                 // The restricted Pod Security Standard's choices:
                 // `allowPrivilegeEscalation: false`, seccomp RuntimeDefault.
                 security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces()),
+                    namespace_options: Some(
+                        pod.linux
+                            .as_ref()
+                            .and_then(|l| l.security_context.as_ref())
+                            .and_then(|c| c.namespace_options.clone())
+                            .unwrap_or_else(|| namespaces(false)),
+                    ),
                     no_new_privs: true,
                     seccomp: Some(cri::SecurityProfile {
                         profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
@@ -500,12 +536,22 @@ impl Drop for Cri {
     }
 }
 
-/// The namespaces the kubelet asks for by default: the pod's network (here
-/// the node's: no CNI plugin is configured) and IPC, a PID namespace per
-/// container.
-fn namespaces() -> cri::NamespaceOption {
+/// Debian's CNI plugins.
+const CNI_BIN: &str = "/usr/lib/cni";
+/// The pod network's bridge on the node, and its subnet.
+const CNI_BRIDGE: &str = "moatcni0";
+const CNI_SUBNET: &str = "10.213.0.0/24";
+
+/// The namespaces the kubelet asks for by default: the pod's network (the
+/// node's unless `pod_network`, then one the CNI plugin sets up) and IPC,
+/// a PID namespace per container.
+fn namespaces(pod_network: bool) -> cri::NamespaceOption {
     cri::NamespaceOption {
-        network: cri::NamespaceMode::Node as i32,
+        network: if pod_network {
+            cri::NamespaceMode::Pod as i32
+        } else {
+            cri::NamespaceMode::Node as i32
+        },
         pid: cri::NamespaceMode::Container as i32,
         ipc: cri::NamespaceMode::Pod as i32,
         ..Default::default()
@@ -951,6 +997,81 @@ fn cri_gives_a_microvm_pods_container_the_stacks_network() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "the published port never answered\n{}",
+            c.d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        body.starts_with("inside-") && body.trim() != format!("inside-{}", host_kernel()),
+        "served by the guest: {body}"
+    );
+    c.stop_and_remove_pod(&pod_id);
+    c.remove_all_and_check_clean(&[pod_id, app]);
+}
+
+/// A `moat-microvm` pod on a pod network (the CNI bridge plugin), as a
+/// Kubernetes pod is: its container's guest takes over the pod's
+/// interface, so the pod's address — the one CRI reports — reaches the
+/// guest's kernel from the node, with no annotation. The pause container
+/// holds the pod's namespace in the container tier.
+#[test]
+fn cri_gives_a_microvm_pods_container_the_pods_address() {
+    if !can_run_cri("cri_gives_a_microvm_pods_container_the_pods_address") {
+        return;
+    }
+    let mut c = Cri::start("moat-k8s-podip");
+    let mut pod = Pod::new("podip", "moat-microvm");
+    pod.pod_network = true;
+    let (pod_id, cfg) = c
+        .run_pod(&pod)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.d.log()));
+    // The bridge is the node's until the test ends, however it ends.
+    struct Bridge;
+    impl Drop for Bridge {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", CNI_BRIDGE])
+                .output();
+        }
+    }
+    let _bridge = Bridge;
+    assert_eq!(c.tier(&pod_id).as_deref(), Some("container"));
+    let req = cri::PodSandboxStatusRequest {
+        pod_sandbox_id: pod_id.clone(),
+        verbose: false,
+    };
+    let status =
+        c.rt.block_on(c.rs.pod_sandbox_status(req))
+            .expect("PodSandboxStatus")
+            .into_inner()
+            .status
+            .expect("a pod status");
+    let ip = status.network.expect("the pod's network").ip;
+    assert!(ip.starts_with("10.213.0."), "the pod's address: {ip:?}");
+    let cmd = [
+        "sh",
+        "-c",
+        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+    ];
+    let app = c
+        .create(&pod_id, &cfg, "web", &cmd, 0)
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
+    c.start_container(&app)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
+    assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
+    let start = Instant::now();
+    let body = loop {
+        let o = std::process::Command::new("curl")
+            .args(["-sSf", "--max-time", "5"])
+            .arg(format!("http://{ip}:8000/f"))
+            .output()
+            .expect("curl runs");
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the pod's address never answered\n{}",
             c.d.log()
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -1036,6 +1036,207 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
     assert!(!get("f").ok(), "the port is closed");
 }
 
+/// A microVM container that joins a network namespace and asks nothing of
+/// moat's stack (a Kubernetes pod's container, Podman's) takes over that
+/// namespace's interface: the guest has its hardware address, addresses
+/// and routes, so the namespace's address (here the outer one's, on the
+/// test internet's wire) reaches the guest's kernel, and the guest reaches
+/// a subnet only a route of the namespace leads to. A second microVM in the
+/// same namespace is refused in one line; `delete` gives the interface
+/// back.
+#[test]
+fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
+    let Some((rt, w)) = tier_world("microvm_pod_interface", "microvm") else {
+        return;
+    };
+    // A subnet behind the internet side, reached through a route of the
+    // outer namespace only.
+    let far = w.server.replace(".0.2", ".7.2");
+    let far_net = w.server.replace(".0.2", ".7.0");
+    let veth = sh(
+        "ip",
+        &["-n".into(), w.inet.clone(), "-o".into(), "link".into()],
+    );
+    let inet_dev = veth
+        .stdout
+        .lines()
+        .find_map(|l| l.split(": ").nth(1).filter(|d| *d != "lo"))
+        .map(|d| d.split('@').next().unwrap().to_owned())
+        .expect("the internet side's veth");
+    ip(&[
+        "-n",
+        &w.inet,
+        "addr",
+        "add",
+        &format!("{far}/24"),
+        "dev",
+        &inet_dev,
+    ]);
+    ip(&[
+        "-n",
+        &w.outer,
+        "route",
+        "add",
+        &format!("{far_net}/24"),
+        "via",
+        &w.server,
+    ]);
+    let outer_dev = sh(
+        "ip",
+        &["-n".into(), w.outer.clone(), "-o".into(), "link".into()],
+    )
+    .stdout
+    .lines()
+    .find_map(|l| l.split(": ").nth(1).filter(|d| *d != "lo"))
+    .map(|d| d.split('@').next().unwrap().to_owned())
+    .expect("the outer side's veth");
+    let mac = sh(
+        "ip",
+        &[
+            "-n".into(),
+            w.outer.clone(),
+            "-o".into(),
+            "link".into(),
+            "show".into(),
+            outer_dev.clone(),
+        ],
+    )
+    .stdout
+    .split_whitespace()
+    .skip_while(|w| *w != "link/ether")
+    .nth(1)
+    .expect("the outer interface's hardware address")
+    .to_owned();
+    let mut b = Bundle::new(&[
+        "sh",
+        "-c",
+        &format!(
+            "wget -qO /tmp/got http://{far}:8080/index.html 2>/tmp/err; echo rc=$? >>/tmp/err; \
+             uname -r > /tmp/kernel; cat /sys/class/net/eth0/address > /tmp/mac; \
+             cd /tmp && exec httpd -f -p 8000",
+        ),
+    ]);
+    b.set(
+        "/annotations",
+        serde_json::json!({"dev.moat.isolation": "microvm"}),
+    );
+    b.push(
+        "/mounts",
+        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev"]}),
+    );
+    for ns in b.config["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{}", w.outer));
+        }
+    }
+    b.write_config();
+    let bundle = b.dir().to_string_lossy().into_owned();
+    let id = rt.new_id("podif");
+    let moat = |args: &[&str]| {
+        let mut c = Command::new(runtime_bin());
+        c.arg("--root")
+            .arg(rt.root())
+            .envs(rt.env().iter().map(|(k, v)| (k, v)))
+            .envs(microvm_env())
+            .args(args);
+        output(&rt, c)
+    };
+    let o = moat(&["create", "--bundle", &bundle, &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let _gone = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
+    // The interface is taken: a second microVM of the namespace is refused,
+    // and leaves nothing behind.
+    let second = rt.new_id("podif2");
+    let o = moat(&["create", "--bundle", &bundle, &second]);
+    assert_ne!(o.code, Some(0), "{o:?}");
+    assert!(
+        o.stderr.contains("already another microVM's") && o.stderr.trim().lines().count() == 1,
+        "{o:?}"
+    );
+    assert!(!rt.root().join(&second).exists(), "the refused one's state");
+    let o = moat(&["start", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    // From the test internet, to the namespace's own address.
+    let get = |path: &str| {
+        sh(
+            "nsenter",
+            &[
+                format!("--net=/run/netns/{}", w.inet),
+                "curl".into(),
+                "-sS".into(),
+                "--max-time".into(),
+                "5".into(),
+                format!("http://{}:8000/{path}", w.outer_addr),
+            ],
+        )
+    };
+    let start = Instant::now();
+    let kernel = loop {
+        let o = get("kernel");
+        if o.ok() && !o.stdout.is_empty() {
+            break o.stdout;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the guest never answered on the namespace's address: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(kernel, host_kernel, "answered by the guest's kernel");
+    assert_eq!(
+        get("mac").stdout.trim(),
+        mac.trim(),
+        "the interface's address"
+    );
+    assert_eq!(
+        get("got").stdout,
+        "hello-from-the-internet\n",
+        "fetched through the namespace's route: {:?}",
+        get("err").stdout
+    );
+    let o = moat(&["kill", &id, "KILL"]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let start = Instant::now();
+    while !moat(&["state", &id]).stdout.contains("\"stopped\"") {
+        assert!(start.elapsed() < Duration::from_secs(60), "never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = moat(&["delete", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    wait_none_left(rt.root());
+    assert_no_state(rt.root());
+    // Given back: no redirection, no TAP, and the namespace's own stack
+    // gets its replies again.
+    let tc = sh(
+        "tc",
+        &[
+            "-n".into(),
+            w.outer.clone(),
+            "qdisc".into(),
+            "show".into(),
+            "dev".into(),
+            outer_dev.clone(),
+        ],
+    );
+    assert!(tc.ok() && !tc.stdout.contains("ingress"), "{tc:?}");
+    let links = sh(
+        "ip",
+        &["-n".into(), w.outer.clone(), "-o".into(), "link".into()],
+    );
+    assert!(!links.stdout.contains("mvm"), "{links:?}");
+    let back = w.curl_from_outer(&format!("http://{}:8080/index.html", w.server));
+    assert!(
+        back.ok(),
+        "the namespace's replies reach it again: {back:?}"
+    );
+}
+
 /// Rootless: an unprivileged user's `moat run --net egress=…` gets the same
 /// network (the init makes the device in its own namespaces, the stack runs
 /// as that user).

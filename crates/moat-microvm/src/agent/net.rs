@@ -1,14 +1,16 @@
 //! The guest's network, when the container asked for the host's
-//! user-space stack: the virtio-net device (eth0) whose other end is that
-//! stack, moved into a network namespace of its own that the container
+//! user-space stack or joins a namespace whose interface the guest takes
+//! over (a pod's): the virtio-net device (eth0) whose other end is that
+//! stack or the VMM's TAP device beside the pod's interface, moved into a network namespace of its own that the container
 //! joins, so the agent's namespace (where the guest's moat runs) keeps
 //! only `lo`. The steps, in order: load the driver, wait for eth0, make
 //! the namespace (kept by a bind mount at [`NETNS`]), move eth0 into it,
-//! bring up `lo` and eth0 with the stack's addresses and default routes,
+//! bring up `lo` and eth0 with the addresses and routes the host sent,
 //! mount a sysfs from inside it (at [`SYSFS`]: sysfs shows the network
 //! devices of the namespace that mounts it, and the container's user
 //! namespace, which does not own this one, may not mount its own), write
-//! the resolv.conf naming the stack's DNS.
+//! the resolv.conf naming the stack's DNS (a pod's interface keeps the
+//! container's own).
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
@@ -69,7 +71,10 @@ pub fn setup(net: &GuestNet) -> Result<(), AgentError> {
         mount(Some("sysfs"), SYSFS, Some("sysfs"), flags, None::<&str>)
             .map_err(sys(format!("mount sysfs on {SYSFS}")))
     })?;
-    std::fs::write(RESOLV_CONF, &net.resolv_conf).map_err(io(format!("write {RESOLV_CONF}")))
+    match &net.resolv_conf {
+        Some(conf) => std::fs::write(RESOLV_CONF, conf).map_err(io(format!("write {RESOLV_CONF}"))),
+        None => Ok(()),
+    }
 }
 
 /// A new network namespace, kept alive by a bind mount at [`NETNS`]; made
@@ -114,31 +119,36 @@ fn in_netns(
     })
 }
 
-/// `lo` up; eth0's addresses, MTU and default routes via the gateway (the
+/// `lo` up; eth0's hardware address, addresses, MTU and routes (the
 /// calling thread's namespace).
 fn configure(net: &GuestNet) -> Result<(), AgentError> {
-    use std::net::IpAddr;
     let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
     let lo = nl.index("lo").map_err(netlink("find lo"))?;
     nl.set_up(lo, None).map_err(netlink("bring up lo"))?;
     let eth = nl.index(DEVICE).map_err(netlink("find eth0"))?;
-    nl.add_addr(eth, IpAddr::V4(net.address_v4), net.prefix_v4)
-        .map_err(netlink("address eth0"))?;
-    nl.add_addr(eth, IpAddr::V6(net.address_v6), net.prefix_v6)
-        .map_err(netlink("address eth0"))?;
+    if let Some(mac) = net.mac {
+        nl.set_mac(eth, mac)
+            .map_err(netlink("set eth0's hardware address"))?;
+    }
+    for a in &net.addresses {
+        nl.add_addr(eth, a.ip, a.prefix)
+            .map_err(netlink("address eth0"))?;
+    }
     nl.set_up(eth, Some(net.mtu))
         .map_err(netlink("bring up eth0"))?;
-    nl.add_default_route(eth, IpAddr::V4(net.gateway_v4))
-        .map_err(netlink("route via the gateway"))?;
-    nl.add_default_route(eth, IpAddr::V6(net.gateway_v6))
-        .map_err(netlink("route via the gateway"))
+    for r in &net.routes {
+        nl.add_route(eth, r.dst, r.gateway, r.onlink)
+            .map_err(netlink("add a route"))?;
+    }
+    Ok(())
 }
 
 /// The container's config with the network set up here: it joins
 /// [`NETNS`] (instead of making a namespace with only `lo`), gets
-/// [`RESOLV_CONF`] read-only at /etc/resolv.conf (replacing any other
-/// mount there), and a bind of [`SYSFS`] for each sysfs mount.
-pub fn apply(config: &mut Value) {
+/// [`RESOLV_CONF`] read-only at /etc/resolv.conf when `net` names one
+/// (replacing any other mount there), and a bind of [`SYSFS`] for each
+/// sysfs mount.
+pub fn apply(config: &mut Value, net: &GuestNet) {
     let linux = &mut config["linux"];
     if !linux.is_object() {
         *linux = json!({});
@@ -156,7 +166,10 @@ pub fn apply(config: &mut Value) {
         *mounts = json!([]);
     }
     if let Some(list) = mounts.as_array_mut() {
-        list.retain(|m| m["destination"] != "/etc/resolv.conf");
+        let resolv = net.resolv_conf.is_some();
+        if resolv {
+            list.retain(|m| m["destination"] != "/etc/resolv.conf");
+        }
         for m in list.iter_mut().filter(|m| m["type"] == "sysfs") {
             let mut opts: Vec<Value> = m["options"].as_array().cloned().unwrap_or_default();
             opts.retain(|o| o != "rbind");
@@ -165,12 +178,14 @@ pub fn apply(config: &mut Value) {
             m["source"] = json!(SYSFS);
             m["options"] = Value::Array(opts);
         }
-        list.push(json!({
-            "destination": "/etc/resolv.conf",
-            "type": "bind",
-            "source": RESOLV_CONF,
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-        }));
+        if resolv {
+            list.push(json!({
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": RESOLV_CONF,
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            }));
+        }
     }
 }
 
@@ -186,7 +201,8 @@ mod tests {
                        {"destination": "/proc", "type": "proc"},
                        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid"]}]
         });
-        apply(&mut c);
+        let stack = GuestNet::of(&moat_net::NetConfig::default());
+        apply(&mut c, &stack);
         let ns = c["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.contains(&json!({"type": "network", "path": NETNS})));
@@ -200,7 +216,21 @@ mod tests {
             .iter()
             .any(|m| m["destination"] == "/etc/resolv.conf" && m["source"] == RESOLV_CONF));
         let mut bare = json!({});
-        apply(&mut bare);
+        apply(&mut bare, &stack);
         assert_eq!(bare["linux"]["namespaces"][0]["path"], NETNS);
+    }
+
+    #[test]
+    fn a_pods_interface_keeps_the_containers_resolv_conf() {
+        let pods =
+            json!({"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/vm/files/0"});
+        let mut c = json!({"mounts": [pods.clone()]});
+        let pod = GuestNet {
+            resolv_conf: None,
+            ..GuestNet::of(&moat_net::NetConfig::default())
+        };
+        apply(&mut c, &pod);
+        assert_eq!(c["mounts"], json!([pods]));
+        assert_eq!(c["linux"]["namespaces"][0]["path"], NETNS);
     }
 }

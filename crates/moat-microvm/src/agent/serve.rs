@@ -467,7 +467,7 @@ impl Agent {
         let mut config = req.config.clone();
         if let Some(net) = &req.net {
             super::net::setup(net)?;
-            super::net::apply(&mut config);
+            super::net::apply(&mut config, net);
         }
         let root = config["root"]["path"]
             .as_str()

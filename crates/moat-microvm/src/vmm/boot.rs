@@ -140,7 +140,10 @@ fn spawn(
         qmp_fd: qmp.as_ref().map(|(_, q)| q.as_raw_fd()),
         disk_slots: plan.disk_slots,
         spare_fd: plan.spare.as_raw_fd(),
-        net_fd: plan.net.as_ref().map(|n| n.as_raw_fd()),
+        net: plan.net.as_ref().map(|n| match n {
+            super::GuestLink::Stream(fd) => qemu::NetFd::Stream(fd.as_raw_fd()),
+            super::GuestLink::Tap(fd) => qemu::NetFd::Tap(fd.as_raw_fd()),
+        }),
         volume_fds: plan.volumes.iter().map(|v| v.as_raw_fd()).collect(),
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
@@ -149,7 +152,7 @@ fn spawn(
         .chain(std::iter::once(plan.spare.as_raw_fd()))
         .collect();
     inherit.extend(incoming.map(|f| f.as_raw_fd()));
-    inherit.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
+    inherit.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     inherit.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     inherit.extend(qmp.as_ref().map(|(_, q)| q.as_raw_fd()));
     for fd in &inherit {
@@ -296,8 +299,13 @@ fn builtin_child(
         })
         .collect::<Result<Vec<_>, String>>()?;
     let net = match &plan.net {
-        Some(fd) => Some(moat_vmm::NetConfig {
-            socket: UnixStream::from(dup(fd)?),
+        Some(link) => Some(moat_vmm::NetConfig {
+            backend: match link {
+                super::GuestLink::Stream(fd) => {
+                    moat_vmm::NetBackend::Stream(UnixStream::from(dup(fd)?))
+                }
+                super::GuestLink::Tap(fd) => moat_vmm::NetBackend::Tap(File::from(dup(fd)?)),
+            },
             mac: qemu::GUEST_MAC_BYTES,
             mtu: u16::try_from(moat_net::NetConfig::default().mtu)
                 .map_err(|_| "the stack's MTU does not fit the card".to_string())?,

@@ -95,6 +95,26 @@ impl VmChild {
     }
 }
 
+/// The host side of the guest's network device.
+#[derive(Debug)]
+pub enum GuestLink {
+    /// A stream socket whose other end is the user-space stack (each
+    /// Ethernet frame after its 4-byte big-endian length).
+    Stream(OwnedFd),
+    /// A TAP device beside the interface of a joined namespace, each
+    /// redirected to the other ([`crate::podnet`]): one frame per read
+    /// and write.
+    Tap(OwnedFd),
+}
+
+impl GuestLink {
+    pub fn fd(&self) -> &OwnedFd {
+        match self {
+            GuestLink::Stream(fd) | GuestLink::Tap(fd) => fd,
+        }
+    }
+}
+
 /// Everything the VMM process needs, prepared by the runtime before the
 /// fork (so the VMM process opens nothing by path on the host).
 #[derive(Debug)]
@@ -128,9 +148,8 @@ pub struct VmmPlan {
     /// A snapshot saved now holds the guest with this run's disks mounted
     /// (they are all shared cached images: `snapshot::Identity::disks`).
     pub prime: bool,
-    /// The guest's network: QEMU's end of the stream socket whose other
-    /// end is the user-space stack (length-prefixed Ethernet frames).
-    pub net: Option<OwnedFd>,
+    /// The guest's network device's host side.
+    pub net: Option<GuestLink>,
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
     pub volumes: Vec<OwnedFd>,
@@ -227,7 +246,7 @@ fn start(
         plan.spare.as_raw_fd(),
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
-    keep.extend(plan.net.as_ref().map(|n| n.as_raw_fd()));
+    keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     match &plan.snapshot {
         SnapshotPlan::Restore(f) | SnapshotPlan::Save(f) => keep.push(f.as_raw_fd()),

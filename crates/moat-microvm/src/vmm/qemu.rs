@@ -12,6 +12,15 @@ use crate::proto;
 
 pub use moat_vmm::qemu::Accel;
 
+/// The network device's host side, by descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetFd {
+    /// A stream socket to the user-space stack (length-prefixed frames).
+    Stream(RawFd),
+    /// A TAP device (one frame per read and write).
+    Tap(RawFd),
+}
+
 /// What the command line needs.
 #[derive(Debug, Clone)]
 pub struct QemuArgs {
@@ -36,7 +45,7 @@ pub struct QemuArgs {
     pub spare_fd: RawFd,
     /// A virtio-net device whose frames go over this connected stream
     /// socket (4-byte big-endian length, frame), to the user-space stack.
-    pub net_fd: Option<RawFd>,
+    pub net: Option<NetFd>,
     /// Read-write volumes: each a vhost-user socket connected to its
     /// virtiofsd, tagged [`crate::guestspec::volume_tag`] in order.
     pub volume_fds: Vec<RawFd>,
@@ -137,12 +146,22 @@ impl QemuArgs {
             "-device",
             &format!("virtserialport,chardev=agent,name={}", proto::AGENT_PORT),
         ]);
-        if let Some(fd) = self.net_fd {
+        if let Some(net) = self.net {
+            let netdev = match net {
+                NetFd::Stream(fd) => {
+                    format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}")
+                }
+                // No vhost: the VMM's jail has no /dev/vhost-net, and its
+                // filter no such requests.
+                NetFd::Tap(fd) => format!("tap,id=net0,fd={fd},vhost=off"),
+            };
             // host_mtu: the guest's device offers the stack's MTU (large
-            // frames, fewer of them through the emulated device).
+            // frames, fewer of them through the emulated device); the
+            // agent sets eth0's own (a pod interface's is smaller). The
+            // same device either way, so one snapshot fits both.
             push(&[
                 "-netdev",
-                &format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}"),
+                &netdev,
                 "-device",
                 &format!(
                     "virtio-net-device,netdev=net0,mac={GUEST_MAC},host_mtu={}",
@@ -387,7 +406,7 @@ mod tests {
             qmp_fd: None,
             disk_slots: 3,
             spare_fd: 8,
-            net_fd: Some(10),
+            net: Some(NetFd::Stream(10)),
             volume_fds: Vec::new(),
         };
         let a: Vec<String> = q
@@ -413,6 +432,17 @@ mod tests {
             after("-netdev"),
             "stream,id=net0,server=off,addr.type=fd,addr.str=10"
         );
+        let tap = QemuArgs {
+            net: Some(NetFd::Tap(11)),
+            ..q.clone()
+        };
+        let a: Vec<String> = tap
+            .build()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let netdev = a[a.iter().position(|x| x == "-netdev").unwrap() + 1].clone();
+        assert_eq!(netdev, "tap,id=net0,fd=11,vhost=off");
         assert!(after("-device").starts_with("virtio-blk-device"));
         assert!(a
             .iter()

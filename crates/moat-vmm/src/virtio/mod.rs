@@ -58,6 +58,9 @@ pub enum DeviceError {
     /// An eventfd could not be made.
     #[error("create an eventfd")]
     Eventfd(#[source] std::io::Error),
+    /// A TAP device's descriptor could not be made non-blocking.
+    #[error("make the TAP descriptor non-blocking")]
+    Tap(#[source] std::io::Error),
     /// A virtio-fs device could not be set up.
     #[error("virtio-fs: {0}")]
     Fs(String),

@@ -1,22 +1,30 @@
-//! virtio-net: the guest's `eth0`, its frames carried over a connected host
-//! stream socket, each after a 4-byte big-endian length — what QEMU's
-//! `-netdev stream` speaks and moat's user-space stack (`moat-net`)
-//! serves, so the same stack process sits behind either backend. One queue
-//! pair, no control queue, no offloads: the device offers
-//! `VIRTIO_NET_F_MAC` and `VIRTIO_NET_F_MTU` and nothing else, so every
-//! frame is whole and every header zero.
+//! virtio-net: the guest's `eth0`. Its frames are carried either over a
+//! connected host stream socket, each after a 4-byte big-endian length —
+//! what QEMU's `-netdev stream` speaks and moat's user-space stack
+//! (`moat-net`) serves, so the same stack process sits behind either
+//! backend — or through a TAP device (`IFF_TAP | IFF_NO_PI`, no vnet
+//! header), one frame per `read` and per `write` (a pod's interface
+//! redirected to it). One queue pair, no control queue, no offloads: the
+//! device offers `VIRTIO_NET_F_MAC` and `VIRTIO_NET_F_MTU` and nothing
+//! else, so every frame is whole and every header zero.
 //!
 //! Frames from the host wait in a bounded queue ([`RX_FRAMES`]) until the
 //! guest posts receive buffers; a frame longer than the buffer the guest
 //! posted is dropped (counted), as a NIC drops what it cannot place. What
-//! the guest transmits is written to the socket at once (the guest waits
-//! on a slow host, as with the console).
+//! the guest transmits is written to the host side at once: to a socket
+//! whole (the guest waits on a slow host, as with the console); to a TAP,
+//! which is non-blocking, in one `write` or not at all (dropped, counted,
+//! as a NIC whose queue is full).
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{self, Chain};
@@ -105,10 +113,17 @@ impl FrameQueue {
     }
 }
 
+/// Where the guest's transmits go.
+#[derive(Debug)]
+enum Tx {
+    Stream(UnixStream),
+    Tap(Arc<File>),
+}
+
 /// The network device.
 #[derive(Debug)]
 pub struct Net {
-    tx: Option<UnixStream>,
+    tx: Option<Tx>,
     rx: Arc<FrameQueue>,
     mac: [u8; 6],
     mtu: u16,
@@ -116,6 +131,9 @@ pub struct Net {
     pub refused: u64,
     /// Frames from the host dropped: the guest's buffer was too small.
     pub dropped: u64,
+    /// Frames from the guest a TAP device did not take (its queue full,
+    /// the link down): dropped.
+    pub tx_dropped: u64,
 }
 
 impl Net {
@@ -129,7 +147,35 @@ impl Net {
     ) -> Result<(Self, Arc<FrameQueue>, UnixStream), DeviceError> {
         let reader = socket.try_clone().map_err(DeviceError::CloneSocket)?;
         let (mut net, rx) = Net::detached(mac, mtu);
-        net.tx = Some(socket);
+        net.tx = Some(Tx::Stream(socket));
+        Ok((net, rx, reader))
+    }
+
+    /// A device with address `mac` and MTU `mtu` whose frames go to the
+    /// TAP device `tap`, made non-blocking here (see
+    /// [`crate::NetBackend::Tap`]); returns the device, its receive queue
+    /// and the TAP's reader for the I/O thread that fills it
+    /// ([`pump_tap`]).
+    pub fn with_tap(
+        tap: File,
+        mac: [u8; 6],
+        mtu: u16,
+    ) -> Result<(Self, Arc<FrameQueue>, TapReader), DeviceError> {
+        let flags = rustix::fs::fcntl_getfl(&tap).map_err(|e| DeviceError::Tap(e.into()))?;
+        rustix::fs::fcntl_setfl(&tap, flags | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| DeviceError::Tap(e.into()))?;
+        let stop = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| DeviceError::Eventfd(e.into()))?;
+        let tap = Arc::new(tap);
+        let (mut net, rx) = Net::detached(mac, mtu);
+        net.tx = Some(Tx::Tap(tap.clone()));
+        let reader = TapReader {
+            tap,
+            stop: Arc::new(stop),
+        };
         Ok((net, rx, reader))
     }
 
@@ -144,6 +190,7 @@ impl Net {
                 mtu,
                 refused: 0,
                 dropped: 0,
+                tx_dropped: 0,
             },
             rx,
         )
@@ -158,14 +205,19 @@ impl Net {
             }
         };
         let frame = &data[NET_HDR..];
-        let mut out = Vec::with_capacity(4 + frame.len());
-        out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-        out.extend_from_slice(frame);
-        if let Some(tx) = self.tx.as_mut() {
-            // A host side that went away loses the frames, as a cable pulled.
-            if tx.write_all(&out).is_err() {
-                self.tx = None;
+        match self.tx.as_mut() {
+            Some(Tx::Stream(tx)) => {
+                let mut out = Vec::with_capacity(4 + frame.len());
+                out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                out.extend_from_slice(frame);
+                // A host side that went away loses the frames, as a cable
+                // pulled.
+                if tx.write_all(&out).is_err() {
+                    self.tx = None;
+                }
             }
+            Some(Tx::Tap(tap)) if !write_tap(tap, frame) => self.tx_dropped += 1,
+            Some(Tx::Tap(_)) | None => {}
         }
     }
 
@@ -242,6 +294,100 @@ impl VirtioDevice for Net {
     }
 }
 
+/// Writes `frame` to a TAP in one `write`; false if it was dropped: EAGAIN
+/// (the descriptor is non-blocking: the TAP cannot take it now) or any
+/// other error (the link down, too short a frame, the device gone). The
+/// TAP stays: a later frame may go.
+fn write_tap(tap: &File, frame: &[u8]) -> bool {
+    loop {
+        match rustix::io::write(tap, frame) {
+            Err(Errno::INTR) => continue,
+            r => return r == Ok(frame.len()),
+        }
+    }
+}
+
+/// The I/O thread's end of a TAP device ([`pump_tap`]): the descriptor,
+/// and the eventfd that ends its wait ([`TapReader::stopper`]).
+#[derive(Debug)]
+pub struct TapReader {
+    tap: Arc<File>,
+    stop: Arc<OwnedFd>,
+}
+
+impl TapReader {
+    /// What stops [`pump_tap`] (with [`FrameQueue::close`]).
+    pub fn stopper(&self) -> TapStop {
+        TapStop(self.stop.clone())
+    }
+
+    /// Waits until the TAP may have a frame (true), or for the stop or the
+    /// device's end (false).
+    fn wait(&self) -> bool {
+        loop {
+            let mut fds = [
+                PollFd::new(&*self.tap, PollFlags::IN),
+                PollFd::new(&*self.stop, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Err(Errno::INTR) => continue,
+                Err(_) => return false,
+                // POLLERR: the TAP was detached or its device is going.
+                Ok(_) => {
+                    return fds[1].revents().is_empty()
+                        && !fds[0]
+                            .revents()
+                            .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL)
+                }
+            }
+        }
+    }
+}
+
+/// Ends a [`pump_tap`]'s wait, for good.
+#[derive(Debug, Clone)]
+pub struct TapStop(Arc<OwnedFd>);
+
+impl TapStop {
+    /// Makes the eventfd readable (it is never read: every later wait
+    /// ends at once too).
+    pub fn stop(&self) {
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+}
+
+/// The I/O thread's loop for a TAP device: reads one frame per `read` into
+/// `rx` (a frame over [`MAX_FRAME`] is dropped, never buffered), then calls
+/// `deliver` (which runs the device's receive queue). When no frame waits
+/// it sleeps in `ppoll` on the TAP and the stop ([`TapReader::stopper`]).
+/// Ends at the stop, when `rx` is closed, or when the device is gone.
+pub fn pump_tap(reader: TapReader, rx: &FrameQueue, mut deliver: impl FnMut()) {
+    // One byte more than a frame may be: a read that fills it (or says it
+    // would have) was of a longer one.
+    let mut buf = vec![0u8; MAX_FRAME + 1];
+    loop {
+        if !rx.wait_for_space() {
+            return;
+        }
+        match rustix::io::read(&*reader.tap, &mut buf[..]) {
+            // A TAP never reads empty: an end of file, from something else.
+            Ok(0) => return,
+            Ok(n) if n > MAX_FRAME => {}
+            Ok(n) => {
+                rx.push(&buf[..n]);
+                deliver();
+            }
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) => {
+                if !reader.wait() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// The I/O thread's loop: reads length-prefixed frames from `socket` into
 /// `rx` (a length over [`MAX_FRAME`] is skipped, never buffered: the
 /// stack's own decoder), then calls `deliver` (which runs the device's
@@ -263,13 +409,176 @@ pub fn pump(mut socket: UnixStream, rx: &FrameQueue, mut deliver: impl FnMut()) 
     }
 }
 
+/// A TAP device in a network namespace of its own (shared with the
+/// integration tests).
+#[cfg(test)]
+#[path = "../../tests/common/tap.rs"]
+mod test_tap;
+
 #[cfg(test)]
 mod tests {
+    use super::test_tap as tap;
     use super::*;
-    use crate::virtio::chain::tests::Driver;
+    use crate::virtio::chain::tests::{Driver, SIZE};
+    use std::net::Ipv4Addr;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
     const F_WRITE: u16 = 2;
+    /// A bound against a hang; not a timing assertion.
+    const GUARD: Duration = Duration::from_secs(30);
+    /// Where each receive buffer is (one at a time, room for any frame).
+    const RX_BUF: u64 = 0x10000;
+    const MAC: [u8; 6] = [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x07];
+
+    /// The TAP pump on a thread of its own, its `deliver` a wake-up for
+    /// the test; the receiver of those, the stop, and a receiver that
+    /// hears when the pump has returned.
+    fn start_pump(
+        reader: TapReader,
+        rx: &Arc<FrameQueue>,
+    ) -> (mpsc::Receiver<()>, TapStop, mpsc::Receiver<()>) {
+        let (woke, wait) = mpsc::channel();
+        let (ended, end) = mpsc::channel();
+        let stop = reader.stopper();
+        let rx = rx.clone();
+        std::thread::spawn(move || {
+            pump_tap(reader, &rx, || {
+                let _ = woke.send(());
+            });
+            let _ = ended.send(());
+        });
+        (wait, stop, end)
+    }
+
+    /// Transmits `frame` as the guest does: one readable buffer, the zero
+    /// header and then the frame.
+    fn transmit(net: &mut Net, frame: &[u8]) {
+        let mut d = Driver::new();
+        let mut req = vec![0u8; NET_HDR];
+        req.extend_from_slice(frame);
+        d.mem.write_slice(&req, GuestAddress(0x10000)).unwrap();
+        d.desc(0, 0x10000, req.len() as u32, 0, 0);
+        d.offer(0);
+        assert!(net.process(TX_QUEUE, &mut d.queue, &d.mem));
+    }
+
+    /// The next frame from the host, as the guest finds it: waits for the
+    /// pump to queue one, posts one buffer, runs the receive queue.
+    fn receive(
+        net: &mut Net,
+        d: &mut Driver,
+        rx: &FrameQueue,
+        woke: &mpsc::Receiver<()>,
+    ) -> Vec<u8> {
+        let deadline = Instant::now() + GUARD;
+        while rx.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            woke.recv_timeout(left).expect("no frame from the host");
+        }
+        let slot = d.used_idx() % SIZE;
+        d.desc(slot, RX_BUF, (NET_HDR + MAX_FRAME) as u32, F_WRITE, 0);
+        d.offer(slot);
+        assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        let mut got = vec![0u8; d.used(slot).1 as usize];
+        d.mem.read_slice(&mut got, GuestAddress(RX_BUF)).unwrap();
+        assert_eq!(&got[..NET_HDR], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        got.split_off(NET_HDR)
+    }
+
+    /// ARP "who has `want`, tell `from`" from `mac`, broadcast.
+    fn arp_request(mac: [u8; 6], from: [u8; 4], want: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend(mac);
+        f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend(mac);
+        f.extend(from);
+        f.extend([0; 6]);
+        f.extend(want);
+        f
+    }
+
+    #[test]
+    fn a_real_tap_answers_the_guests_arp_and_carries_the_largest_frame_whole() {
+        // The TAP's IP MTU as large as a TAP allows (65535 less the
+        // Ethernet header): its largest frame is MAX_FRAME bytes.
+        let ip_mtu = MAX_FRAME - 14;
+        let (tap, udp) = tap::quiet_tap(Ipv4Addr::new(10, 99, 0, 1), ip_mtu);
+        let (mut net, rx, reader) = Net::with_tap(tap, MAC, 1500).unwrap();
+        let (woke, stop, ended) = start_pump(reader, &rx);
+        let mut rxq = Driver::new();
+
+        transmit(&mut net, &arp_request(MAC, [10, 99, 0, 2], [10, 99, 0, 1]));
+        assert_eq!((net.refused, net.tx_dropped), (0, 0));
+        let reply = receive(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!(reply.len(), 42, "{reply:02x?}");
+        assert_eq!(&reply[..6], &MAC, "to the card");
+        assert_eq!(&reply[12..14], &[0x08, 0x06], "ARP");
+        assert_eq!(&reply[14..20], &[0, 1, 0x08, 0, 6, 4]);
+        assert_eq!(&reply[20..22], &[0, 2], "a reply");
+        assert_eq!(&reply[22..28], &reply[6..12], "from the TAP's address");
+        assert_eq!(&reply[28..32], &[10, 99, 0, 1], "10.99.0.1 is at");
+        assert_eq!(&reply[32..38], &MAC, "told to the card");
+        assert_eq!(&reply[38..42], &[10, 99, 0, 2]);
+
+        // The kernel knows 10.99.0.2 from the request: the largest
+        // datagram it sends unfragmented comes as one MAX_FRAME-byte frame.
+        let payload: Vec<u8> = (0..ip_mtu - 28).map(|i| (i % 251) as u8).collect();
+        udp.send_to(&payload, (Ipv4Addr::new(10, 99, 0, 2), 9))
+            .unwrap();
+        let frame = receive(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!(frame.len(), MAX_FRAME);
+        assert_eq!(&frame[..6], &MAC);
+        assert_eq!(&frame[12..14], &[0x08, 0x00], "IPv4");
+        assert_eq!(&frame[14 + 12..14 + 20], &[10, 99, 0, 1, 10, 99, 0, 2]);
+        assert!(frame[14 + 28..] == payload[..], "the datagram, whole");
+        assert_eq!(net.dropped, 0);
+
+        // The pump, waiting on the quiet TAP, ends at the stop alone.
+        stop.stop();
+        ended.recv_timeout(GUARD).expect("the pump did not stop");
+    }
+
+    #[test]
+    fn the_tap_pump_drops_a_frame_over_max_frame_and_transmits_are_single_writes() {
+        // A datagram socket reads as a TAP does, one frame per read; and
+        // the device takes it blocking and leaves it non-blocking.
+        let (host, end) = UnixDatagram::pair().unwrap();
+        let probe = end.try_clone().unwrap();
+        assert!(!rustix::fs::fcntl_getfl(&probe)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK));
+        let (mut net, rx, reader) =
+            Net::with_tap(File::from(OwnedFd::from(end)), MAC, 1500).unwrap();
+        assert!(rustix::fs::fcntl_getfl(&probe)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK));
+        host.send(&vec![0xee; MAX_FRAME + 1]).unwrap();
+        host.send(&[0x5a; 60]).unwrap();
+        let (woke, stop, ended) = start_pump(reader, &rx);
+        let mut rxq = Driver::new();
+        assert_eq!(receive(&mut net, &mut rxq, &rx, &woke), vec![0x5a; 60]);
+        assert!(rx.is_empty(), "the long one was dropped, not queued");
+
+        transmit(&mut net, &[0x11; 60]);
+        let mut got = [0u8; 128];
+        assert_eq!(
+            host.recv(&mut got).unwrap(),
+            60,
+            "the frame alone, no header or length"
+        );
+        assert_eq!(got[..60], [0x11; 60]);
+
+        stop.stop();
+        ended.recv_timeout(GUARD).expect("the pump did not stop");
+        // A write refused (no one at the other end) drops that frame only.
+        drop(host);
+        transmit(&mut net, &[0x22; 60]);
+        transmit(&mut net, &[0x33; 60]);
+        assert_eq!((net.tx_dropped, net.refused), (2, 0));
+    }
 
     #[test]
     fn config_space_says_mac_one_pair_and_mtu() {

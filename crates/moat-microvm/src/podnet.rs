@@ -1,0 +1,412 @@
+//! A network namespace's interface handed to the guest: when a container
+//! joins a namespace by path (a Kubernetes pod's, Podman's) and asks
+//! nothing of moat's stack, the guest takes over that namespace's
+//! interface — its hardware address, addresses, MTU and routes — so the
+//! pod's address is the guest's, and Services, port forwards and the
+//! CNI's policies reach the workload as they would a container.
+//!
+//! How (the "tcfilter" model Kata made common): a TAP device is made in
+//! the namespace beside the interface, and each one's ingress is
+//! redirected to the other's egress (tc: an `ingress` qdisc, a `u32`
+//! filter matching every frame, a `mirred` egress redirect). Frames then
+//! pass between the pod's wire and the VMM untouched; the namespace's own
+//! stack no longer sees them. The VMM holds the TAP's only descriptor, so
+//! the TAP goes when the VMM does; `delete` removes the interface's
+//! ingress qdisc (and with it the redirection).
+//!
+//! One microVM per namespace: an interface can be redirected once. A
+//! second container of the pod is refused with what to do instead.
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use moat_net::netlink::{LinkInfo, Netlink, NetlinkError};
+use rustix::thread::LinkNameSpaceType;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{GuestAddr, GuestNet, GuestRoute};
+
+/// The TAP devices' name prefix (a name's owner is a microVM of moat's).
+pub const TAP_PREFIX: &str = "mvm";
+
+/// What `delete` needs to undo a take-over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodLinkRecord {
+    /// The namespace, as the config named it.
+    pub netns: PathBuf,
+    /// The interface the guest took over.
+    pub interface: String,
+    /// The TAP device beside it.
+    pub tap: String,
+}
+
+/// A taken-over interface: the TAP's descriptor (the VMM's to hold), the
+/// record, and eth0's configuration for the guest.
+#[derive(Debug)]
+pub struct PodLink {
+    pub tap: OwnedFd,
+    pub record: PodLinkRecord,
+    pub guest: GuestNet,
+}
+
+/// Why an interface could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetError {
+    #[error("cannot open the network namespace {}", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enter the network namespace {}", .path.display())]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: rustix::io::Errno,
+    },
+    #[error("{step}")]
+    Netlink {
+        step: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("cannot create the TAP device {name}")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "interface {interface} of {} is already another microVM's (one microVM per \
+         network namespace: give this container moat's stack with the \
+         dev.moat.net.egress annotation instead)",
+        .netns.display()
+    )]
+    Taken { interface: String, netns: PathBuf },
+    #[error(
+        "interface {interface} of {} already has an ingress qdisc (tc), which \
+         handing it to the guest would replace",
+        .netns.display()
+    )]
+    Qdisc { interface: String, netns: PathBuf },
+    #[error("the thread that enters the network namespace panicked")]
+    Thread,
+}
+
+fn nl(step: impl Into<String>) -> impl FnOnce(NetlinkError) -> PodNetError {
+    let step = step.into();
+    move |source| PodNetError::Netlink { step, source }
+}
+
+/// Whether `path` names the calling process's own network namespace
+/// (whose interfaces are the host's: never taken over).
+pub fn is_own_netns(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(path),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The TAP device's name for container `id` (at most 15 bytes).
+pub fn tap_name(id: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    format!("{TAP_PREFIX}{:08x}", h.finish() as u32)
+}
+
+/// Runs `f` on a thread that entered the network namespace at `path`.
+fn in_netns<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, PodNetError> + Send,
+) -> Result<T, PodNetError> {
+    let ns = std::fs::File::open(path).map_err(|source| PodNetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(|source| PodNetError::Enter {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            f()
+        })
+        .join()
+        .map_err(|_| PodNetError::Thread)?
+    })
+}
+
+/// The interface to take over among `links`: up, with a hardware address
+/// and an address of global scope, not a TAP (another VMM's); of several,
+/// the one with a default route, else the first. `None`: nothing to take
+/// (only `lo`, or nothing configured yet).
+fn choose<'a>(
+    links: &'a [LinkInfo],
+    addrs: &[moat_net::netlink::AddrInfo],
+    routes: &[moat_net::netlink::RouteInfo],
+) -> Option<&'a LinkInfo> {
+    let usable: Vec<&LinkInfo> = links
+        .iter()
+        .filter(|l| {
+            !l.loopback
+                && l.up
+                && l.mac.is_some()
+                && l.kind.as_deref() != Some("tun")
+                && addrs.iter().any(|a| a.index == l.index && a.universe)
+        })
+        .collect();
+    usable
+        .iter()
+        .find(|l| {
+            routes
+                .iter()
+                .any(|r| r.oif == Some(l.index) && r.dst.is_none())
+        })
+        .or(usable.first())
+        .copied()
+}
+
+/// eth0's configuration in the guest from `link`'s: its hardware address,
+/// global addresses, MTU, and the routes through it that the kernel did
+/// not make itself (those come back with the addresses), on-link ones
+/// first.
+fn guest_net(
+    link: &LinkInfo,
+    addrs: &[moat_net::netlink::AddrInfo],
+    routes: &[moat_net::netlink::RouteInfo],
+) -> GuestNet {
+    const RTPROT_KERNEL: u8 = 2;
+    let mut routes: Vec<GuestRoute> = routes
+        .iter()
+        .filter(|r| r.oif == Some(link.index) && r.protocol != RTPROT_KERNEL)
+        .map(|r| GuestRoute {
+            dst: r.dst,
+            gateway: r.gateway,
+            onlink: r.onlink,
+        })
+        .collect();
+    routes.sort_by_key(|r| r.gateway.is_some());
+    GuestNet {
+        mac: link.mac,
+        addresses: addrs
+            .iter()
+            .filter(|a| a.index == link.index && a.universe)
+            .map(|a| GuestAddr {
+                ip: a.ip,
+                prefix: a.prefix,
+            })
+            .collect(),
+        mtu: link.mtu,
+        routes,
+        resolv_conf: None,
+    }
+}
+
+/// Takes over the interface of the network namespace at `netns` for
+/// container `id`'s guest; `Ok(None)` when it has none to take.
+pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
+    let tap = tap_name(id);
+    in_netns(netns, || {
+        let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
+        let links = n.links().map_err(nl("list the interfaces"))?;
+        let addrs = n.addresses().map_err(nl("list the addresses"))?;
+        let routes = n.routes().map_err(nl("list the routes"))?;
+        let Some(link) = choose(&links, &addrs, &routes) else {
+            return Ok(None);
+        };
+        if links
+            .iter()
+            .any(|l| l.kind.as_deref() == Some("tun") && l.name.starts_with(TAP_PREFIX))
+        {
+            return Err(PodNetError::Taken {
+                interface: link.name.clone(),
+                netns: netns.to_owned(),
+            });
+        }
+        let guest = guest_net(link, &addrs, &routes);
+        // Blocking: moat's own VMM reads it on a thread of its own; QEMU
+        // makes it non-blocking itself.
+        let fd = rustix::fs::open(
+            "/dev/net/tun",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| PodNetError::Tap {
+            name: tap.clone(),
+            source: e.into(),
+        })?;
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        moat_sys::tun::tun_set_iff(fd.as_fd(), &tap, flags).map_err(|source| PodNetError::Tap {
+            name: tap.clone(),
+            source,
+        })?;
+        let tap_index = n.index(&tap).map_err(nl(format!("find {tap}")))?;
+        n.set_up(tap_index, Some(link.mtu))
+            .map_err(nl(format!("bring up {tap}")))?;
+        if let Err(e) = n.add_ingress_qdisc(link.index) {
+            return Err(if e.errno() == Some(rustix::io::Errno::EXIST) {
+                PodNetError::Qdisc {
+                    interface: link.name.clone(),
+                    netns: netns.to_owned(),
+                }
+            } else {
+                nl(format!("add an ingress qdisc to {}", link.name))(e)
+            });
+        }
+        let redirect = (|| {
+            n.add_ingress_qdisc(tap_index)
+                .map_err(nl(format!("add an ingress qdisc to {tap}")))?;
+            n.redirect_ingress(link.index, tap_index)
+                .map_err(nl(format!("redirect {} to {tap}", link.name)))?;
+            n.redirect_ingress(tap_index, link.index)
+                .map_err(nl(format!("redirect {tap} to {}", link.name)))
+        })();
+        if let Err(e) = redirect {
+            // The TAP goes with its descriptor; the interface is given back.
+            let _ = n.del_ingress_qdisc(link.index);
+            return Err(e);
+        }
+        Ok(Some(PodLink {
+            tap: fd,
+            record: PodLinkRecord {
+                netns: netns.to_owned(),
+                interface: link.name.clone(),
+                tap: tap.clone(),
+            },
+            guest,
+        }))
+    })
+}
+
+/// Gives the interface back to its namespace: removes its ingress qdisc
+/// (the redirection with it). Nothing to do when the namespace, the
+/// interface or the qdisc is already gone.
+pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
+    if !rec.netns.exists() {
+        return Ok(());
+    }
+    in_netns(&rec.netns, || {
+        let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
+        let Ok(index) = n.index(&rec.interface) else {
+            return Ok(());
+        };
+        match n.del_ingress_qdisc(index) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.errno(),
+                    Some(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nl(format!("remove {}'s ingress qdisc", rec.interface))(e)),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_net::netlink::{AddrInfo, RouteInfo};
+    use std::net::IpAddr;
+
+    fn link(index: u32, name: &str, kind: Option<&str>) -> LinkInfo {
+        LinkInfo {
+            index,
+            name: name.into(),
+            kind: kind.map(Into::into),
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            mtu: 1450,
+            up: true,
+            loopback: name == "lo",
+        }
+    }
+
+    fn addr(index: u32, ip: &str, prefix: u8, universe: bool) -> AddrInfo {
+        AddrInfo {
+            index,
+            ip: ip.parse().unwrap(),
+            prefix,
+            universe,
+        }
+    }
+
+    fn route(oif: u32, dst: Option<(&str, u8)>, gw: Option<&str>, protocol: u8) -> RouteInfo {
+        RouteInfo {
+            oif: Some(oif),
+            dst: dst.map(|(d, p)| (d.parse::<IpAddr>().unwrap(), p)),
+            gateway: gw.map(|g| g.parse().unwrap()),
+            protocol,
+            link_scope: gw.is_none(),
+            onlink: false,
+        }
+    }
+
+    #[test]
+    fn the_interface_with_the_default_route_is_taken_and_lo_and_taps_never() {
+        let links = [
+            link(1, "lo", None),
+            link(2, "net1", Some("veth")),
+            link(3, "eth0", Some("veth")),
+            link(4, "mvm00000001", Some("tun")),
+        ];
+        let addrs = [
+            addr(1, "127.0.0.1", 8, false),
+            addr(2, "10.1.0.5", 24, true),
+            addr(3, "10.244.1.7", 24, true),
+            addr(3, "fe80::1", 64, false),
+            addr(4, "10.9.9.9", 24, true),
+        ];
+        let routes = [
+            route(3, None, Some("10.244.1.1"), 3),
+            route(3, Some(("10.244.1.0", 24)), None, 2),
+            route(3, Some(("10.96.0.0", 12)), Some("10.244.1.1"), 3),
+            route(3, Some(("10.244.0.0", 16)), None, 3),
+        ];
+        let l = choose(&links, &addrs, &routes).unwrap();
+        assert_eq!(l.name, "eth0");
+        let g = guest_net(l, &addrs, &routes);
+        assert_eq!(g.mac, Some([2, 0, 0, 0, 0, 3]));
+        assert_eq!(g.mtu, 1450);
+        assert_eq!(
+            g.addresses,
+            vec![GuestAddr {
+                ip: "10.244.1.7".parse().unwrap(),
+                prefix: 24
+            }]
+        );
+        // The kernel's prefix route comes back with the address; the
+        // on-link route goes before those through the gateway.
+        assert_eq!(g.routes.len(), 3);
+        assert_eq!(g.routes[0].dst, Some(("10.244.0.0".parse().unwrap(), 16)));
+        assert!(g.routes[0].gateway.is_none());
+        assert!(g.routes[1..].iter().all(|r| r.gateway.is_some()));
+        assert_eq!(g.resolv_conf, None);
+        // Without a default route, the first usable one; with only lo and
+        // an interface without a global address, none.
+        assert_eq!(choose(&links, &addrs, &[]).unwrap().name, "net1");
+        assert!(choose(&links[..1], &addrs, &routes).is_none());
+        assert!(choose(&links, &[addr(3, "fe80::1", 64, false)], &routes).is_none());
+    }
+
+    #[test]
+    fn tap_names_fit_and_differ() {
+        let a = tap_name("pod-a");
+        assert!(a.starts_with(TAP_PREFIX) && a.len() <= 15, "{a}");
+        assert_ne!(a, tap_name("pod-b"));
+        assert_eq!(a, tap_name("pod-a"));
+    }
+
+    #[test]
+    fn the_runtimes_own_namespace_is_recognised() {
+        assert!(is_own_netns(Path::new("/proc/self/ns/net")));
+        assert!(!is_own_netns(Path::new("/proc/self/ns/mnt")));
+        assert!(!is_own_netns(Path::new("/nonexistent")));
+    }
+}

@@ -1,0 +1,52 @@
+//! A TAP device in a network namespace of its own, for the network card's
+//! tests: shared by `kvm_payloads.rs` and the device's unit tests
+//! (`src/virtio/net.rs`, which includes this file by path). Needs root.
+use std::fs::File;
+use std::net::{Ipv4Addr, UdpSocket};
+
+/// A fresh network namespace holding only `tap0` (`IFF_TAP | IFF_NO_PI`,
+/// made as moat's runtime makes one: `moat_net::create_tap_on`) with
+/// `addr`/24, IP MTU `mtu`, up, and then IPv6 off, so that the kernel
+/// sends nothing on it unasked (what it queued before is read off).
+/// Returns the TAP (non-blocking) and a UDP socket bound to `addr` in that
+/// namespace, which lasts as long as either.
+pub fn quiet_tap(addr: Ipv4Addr, mtu: usize) -> (File, UdpSocket) {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a network namespace and a TAP device"
+    );
+    std::thread::spawn(move || {
+        // Only this thread's network namespace changes. (The call is
+        // deprecated for the flag that unshares the descriptor table,
+        // which is not used here.)
+        #[allow(deprecated)]
+        let unshared = rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET);
+        unshared.expect("unshare(CLONE_NEWNET)");
+        let [a, b, c, _] = addr.octets();
+        let cfg = moat_net::NetConfig {
+            workload_v4: addr,
+            prefix_v4: 24,
+            gateway_v4: Ipv4Addr::new(a, b, c, 254),
+            mtu,
+            ..moat_net::NetConfig::default()
+        };
+        let tun = moat_net::open_tun().expect("open /dev/net/tun");
+        let tap = moat_net::create_tap_on(tun, "tap0", &cfg).expect("create tap0");
+        // This thread's namespace's sysctl.
+        std::fs::write("/proc/sys/net/ipv6/conf/tap0/disable_ipv6", "1")
+            .expect("turn IPv6 off on tap0");
+        let tap = File::from(tap.fd);
+        let mut buf = vec![0u8; 1 << 17];
+        loop {
+            match rustix::io::read(&tap, &mut buf[..]) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => panic!("read tap0: {e}"),
+            }
+        }
+        let udp = UdpSocket::bind((addr, 0)).expect("bind a UDP socket in the namespace");
+        (tap, udp)
+    })
+    .join()
+    .expect("the namespace's thread panicked")
+}
