@@ -54,6 +54,14 @@ impl Podman {
         rm.extend(["rm".into(), "-af".into(), "-t".into(), "0".into()]);
         d.cleanup.push(rm);
         let pm = Podman { d, global, conf };
+        // Podman's lock memory (/dev/shm/libpod_lock) is one for every
+        // root: on a fresh machine two first commands at once may both
+        // find none and both create it, and the second fails ("file
+        // exists"). The first test's makes it alone.
+        static LOCKS: std::sync::Once = std::sync::Once::new();
+        LOCKS.call_once(|| {
+            pm.cmd(&["info"]).expect_ok();
+        });
         let tar = busybox_tar(pm.d.path());
         pm.cmd(&["import", &s(&tar), "moatbb"]).expect_ok();
         pm
@@ -396,6 +404,44 @@ fn podman_selects_every_tier() {
         std::fs::read_to_string(vol.path().join("out")).unwrap(),
         "from-the-vm\n"
     );
+    // On Podman's default network (a netavark bridge): the guest takes over
+    // the container's interface, so the address Podman reports reaches the
+    // guest's kernel from the host.
+    pm.cmd(&[
+        "--runtime-flag",
+        "isolation=microvm",
+        "run",
+        "-d",
+        "--name",
+        "vmnet",
+        "moatbb",
+        "sh",
+        "-c",
+        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+    ])
+    .expect_ok();
+    let ip = pm
+        .cmd(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "vmnet"])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_owned();
+    assert!(!ip.is_empty(), "Podman gave the container an address");
+    let mut body = String::new();
+    wait_for("the guest to answer on the container's address", || {
+        let o = sh(
+            "curl",
+            &["-sSf", "--max-time", "5", &format!("http://{ip}:8000/f")],
+            &[],
+        );
+        body = o.stdout;
+        o.code == Some(0)
+    });
+    assert!(
+        body.starts_with("inside-") && body.trim() != format!("inside-{}", host.trim()),
+        "served by the guest: {body}"
+    );
+    pm.cmd(&["rm", "-f", "-t", "0", "vmnet"]).expect_ok();
     // By program name.
     let sb = pm
         .cmd(&[
