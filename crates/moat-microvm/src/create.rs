@@ -178,7 +178,16 @@ impl MicrovmTier {
         };
         undo.pod_link = pod_link.as_ref().map(|p| p.record.clone());
         moat_core::steps::mark("microvm-pod-link");
-        let networked = net.is_some() || pod_link.is_some();
+        // Otherwise, with hooks to run (Docker's libnetwork sets the
+        // container's interface up from a prestart hook, in the namespace
+        // of the container's process: the VMM process's), a TAP in the VMM
+        // process's namespace for whatever interface they put there.
+        let own_tap = (net.is_none()
+            && pod_link.is_none()
+            && !rootless
+            && has_host_hooks(&req.config.spec))
+        .then(|| crate::podnet::tap_name(req.id));
+        let networked = net.is_some() || pod_link.is_some() || own_tap.is_some();
         let guest = self.prepare_guest(&host, &plan, &dir)?;
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
@@ -413,6 +422,7 @@ impl MicrovmTier {
             snapshot: snapshot_plan,
             prime,
             net: net_vmm_end,
+            own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
         };
         let (ours, theirs) = socketpair(
@@ -513,8 +523,20 @@ impl MicrovmTier {
         // exist, the guest has not booted. A failure fails `create`.
         moat_container::lifecycle::run_creation_hooks(req.config.spec.hooks().as_ref(), &st)
             .map_err(MicrovmError::from)?;
-        // Go: the VMM process is in its cgroup.
-        nix::unistd::write(&ours, b"g").map_err(MicrovmError::sys("start the VMM process"))?;
+        // The interface the hooks gave the VMM process's namespace, if any.
+        let hook_net = match &own_tap {
+            Some(tap) => crate::podnet::take_into(Path::new(&format!("/proc/{pid}/ns/net")), tap)
+                .map_err(MicrovmError::from)?,
+            None => None,
+        };
+        // Go: the VMM process is in its cgroup (with the guest's network).
+        let mut go = b"g".to_vec();
+        if let Some(n) = &hook_net {
+            go.extend(
+                serde_json::to_vec(n).map_err(|e| RuntimeError::Invalid(e.to_string()))?,
+            );
+        }
+        nix::unistd::write(&ours, &go).map_err(MicrovmError::sys("start the VMM process"))?;
         let volumes_log = dir.join("volumes.log");
         let mut virtiofsd_said = || {
             // The VMM process is done; once the volume server has logged
@@ -755,6 +777,15 @@ fn own_disk(source: &Path) -> bool {
     moat_core::embedded::HOST_DIRS
         .iter()
         .any(|d| source == Path::new("/").join(d))
+}
+
+/// Whether the config has hooks the runtime runs on the host while the
+/// VMM process stands for the container (`prestart`, `createRuntime`).
+fn has_host_hooks(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.hooks().as_ref().is_some_and(|h| {
+        h.prestart().as_ref().is_some_and(|v| !v.is_empty())
+            || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+    })
 }
 
 /// The network namespace the config joins by path.

@@ -229,48 +229,14 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
             });
         }
         let guest = guest_net(link, &addrs, &routes);
-        // Blocking: moat's own VMM reads it on a thread of its own; QEMU
-        // makes it non-blocking itself.
-        let fd = rustix::fs::open(
-            "/dev/net/tun",
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| PodNetError::Tap {
-            name: tap.clone(),
-            source: e.into(),
-        })?;
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
-        moat_sys::tun::tun_set_iff(fd.as_fd(), &tap, flags).map_err(|source| PodNetError::Tap {
+        let fd = make_tap(&tap).map_err(|source| PodNetError::Tap {
             name: tap.clone(),
             source,
         })?;
         let tap_index = n.index(&tap).map_err(nl(format!("find {tap}")))?;
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
-        if let Err(e) = n.add_ingress_qdisc(link.index) {
-            return Err(if e.errno() == Some(rustix::io::Errno::EXIST) {
-                PodNetError::Qdisc {
-                    interface: link.name.clone(),
-                    netns: netns.to_owned(),
-                }
-            } else {
-                nl(format!("add an ingress qdisc to {}", link.name))(e)
-            });
-        }
-        let redirect = (|| {
-            n.add_ingress_qdisc(tap_index)
-                .map_err(nl(format!("add an ingress qdisc to {tap}")))?;
-            n.redirect_ingress(link.index, tap_index)
-                .map_err(nl(format!("redirect {} to {tap}", link.name)))?;
-            n.redirect_ingress(tap_index, link.index)
-                .map_err(nl(format!("redirect {tap} to {}", link.name)))
-        })();
-        if let Err(e) = redirect {
-            // The TAP goes with its descriptor; the interface is given back.
-            let _ = n.del_ingress_qdisc(link.index);
-            return Err(e);
-        }
+        redirect(&mut n, link, (&tap, tap_index), netns)?;
         Ok(Some(PodLink {
             tap: fd,
             record: PodLinkRecord {
@@ -280,6 +246,80 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
             },
             guest,
         }))
+    })
+}
+
+/// Redirects `link` and the TAP `tap` (name, index) to each other: an
+/// ingress qdisc on each, each one's frames to the other's egress. An
+/// ingress qdisc already on `link` is refused, not replaced; a failure
+/// after `link`'s qdisc removes it.
+fn redirect(
+    n: &mut Netlink,
+    link: &LinkInfo,
+    (tap, tap_index): (&str, u32),
+    netns: &Path,
+) -> Result<(), PodNetError> {
+    if let Err(e) = n.add_ingress_qdisc(link.index) {
+        return Err(if e.errno() == Some(rustix::io::Errno::EXIST) {
+            PodNetError::Qdisc {
+                interface: link.name.clone(),
+                netns: netns.to_owned(),
+            }
+        } else {
+            nl(format!("add an ingress qdisc to {}", link.name))(e)
+        });
+    }
+    let both = (|| {
+        n.add_ingress_qdisc(tap_index)
+            .map_err(nl(format!("add an ingress qdisc to {tap}")))?;
+        n.redirect_ingress(link.index, tap_index)
+            .map_err(nl(format!("redirect {} to {tap}", link.name)))?;
+        n.redirect_ingress(tap_index, link.index)
+            .map_err(nl(format!("redirect {tap} to {}", link.name)))
+    })();
+    if both.is_err() {
+        // The interface is given back; the TAP goes with its descriptor.
+        let _ = n.del_ingress_qdisc(link.index);
+    }
+    both
+}
+
+/// Makes the TAP device `name` in the calling thread's network namespace
+/// (blocking, close-on-exec; moat's own VMM makes it non-blocking, QEMU
+/// too). For the VMM process in a namespace of its own, before its jail:
+/// see [`take_into`].
+pub fn make_tap(name: &str) -> std::io::Result<OwnedFd> {
+    let fd = rustix::fs::open(
+        "/dev/net/tun",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+    moat_sys::tun::tun_set_iff(fd.as_fd(), name, flags)?;
+    Ok(fd)
+}
+
+/// After the engine's hooks configured the namespace the VMM process is in
+/// (Docker's libnetwork moves the container's interface into the
+/// namespace of the container's process, which here is the VMM's, from a
+/// prestart hook): hands that interface to the TAP `tap` the VMM process
+/// made there ([`make_tap`]) and returns eth0's configuration for the
+/// guest; `None` when the hooks left no interface. Nothing to undo later:
+/// the namespace ends with the VMM.
+pub fn take_into(netns: &Path, tap: &str) -> Result<Option<GuestNet>, PodNetError> {
+    in_netns(netns, || {
+        let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
+        let links = n.links().map_err(nl("list the interfaces"))?;
+        let addrs = n.addresses().map_err(nl("list the addresses"))?;
+        let routes = n.routes().map_err(nl("list the routes"))?;
+        let Some(link) = choose(&links, &addrs, &routes) else {
+            return Ok(None);
+        };
+        let tap_index = n.index(tap).map_err(nl(format!("find {tap}")))?;
+        n.set_up(tap_index, Some(link.mtu))
+            .map_err(nl(format!("bring up {tap}")))?;
+        redirect(&mut n, link, (tap, tap_index), netns)?;
+        Ok(Some(guest_net(link, &addrs, &routes)))
     })
 }
 

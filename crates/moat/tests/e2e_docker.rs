@@ -424,5 +424,46 @@ fn docker_daemon_json_runtimes_select_tiers() {
     let owner =
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(vol.path().join("out")).unwrap());
     assert_ne!(owner, 0, "the guest's root is not the host's");
+    // On a bridge network (veth + address; no NAT: --iptables=false):
+    // Docker's prestart hook puts the container's interface in the VMM
+    // process's namespace, and the guest takes it over, so the address
+    // Docker reports answers from the guest's kernel.
+    dk.cmd(&["network", "create", "moatvmnet"]).expect_ok();
+    dk.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "vmnet",
+        "--runtime",
+        "moat-vm-flag",
+        "--network",
+        "moatvmnet",
+        "moatbb",
+        "sh",
+        "-c",
+        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+    ])
+    .expect_ok();
+    let ip = dk.inspect(
+        "vmnet",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    );
+    assert!(!ip.is_empty(), "Docker gave the container an address");
+    let mut body = String::new();
+    wait_for("the guest to answer on the container's address", || {
+        let o = sh(
+            "curl",
+            &["-sSf", "--max-time", "5", &format!("http://{ip}:8000/f")],
+            &[],
+        );
+        body = o.stdout;
+        o.code == Some(0)
+    });
+    assert!(
+        body.starts_with("inside-") && body.trim() != format!("inside-{}", host.trim()),
+        "served by the guest: {body}"
+    );
+    dk.cmd(&["rm", "-f", "vmnet"]).expect_ok();
+    dk.cmd(&["network", "rm", "moatvmnet"]).expect_ok();
     drop(dk);
 }

@@ -150,6 +150,12 @@ pub struct VmmPlan {
     pub prime: bool,
     /// The guest's network device's host side.
     pub net: Option<GuestLink>,
+    /// Make the device's host side a TAP of this name in the VMM process's
+    /// own network namespace, before its jail: the engine's hooks put the
+    /// container's interface there (Docker), and the runtime redirects it
+    /// to the TAP once they ran ([`crate::podnet::take_into`]); the guest's
+    /// configuration comes with `Go`.
+    pub own_tap: Option<String>,
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
     pub volumes: Vec<OwnedFd>,
@@ -238,6 +244,13 @@ fn start(
     listener: &OwnedFd,
     one: &moat_sys::process::OneThread,
 ) -> Result<(boot::Booted, crate::control::StartKind), VmmError> {
+    if let Some(name) = &plan.own_tap {
+        let tap = crate::podnet::make_tap(name).map_err(|source| VmmError::Io {
+            step: format!("create the TAP device {name}"),
+            source,
+        })?;
+        plan.net = Some(GuestLink::Tap(tap));
+    }
     let mut jail = plan.jail.clone();
     let mut keep: Vec<RawFd> = vec![
         setup.as_raw_fd(),
@@ -265,13 +278,24 @@ fn start(
     // byte, or closes the channel when it gave up) before anything of the
     // VM's is allocated. The jail is built meanwhile: on a cgroup v1 host
     // the move into the cpu controller's group waits for an RCU grace
-    // period (~12 ms here).
-    let mut go = [0u8; 1];
-    if !matches!(nix::unistd::read(setup, &mut go), Ok(1)) {
-        return Err(VmmError::Io {
-            step: "wait for the runtime".into(),
-            source: std::io::Error::other("the runtime gave up"),
-        });
+    // period (~12 ms here). After the byte, the guest's network when the
+    // engine's hooks gave this process's namespace one (`own_tap`).
+    let mut go = vec![0u8; 64 * 1024];
+    let n = match nix::unistd::read(setup, &mut go) {
+        Ok(n) if n >= 1 && go[0] == b'g' => n,
+        _ => {
+            return Err(VmmError::Io {
+                step: "wait for the runtime".into(),
+                source: std::io::Error::other("the runtime gave up"),
+            })
+        }
+    };
+    if n > 1 {
+        let net: proto::GuestNet = serde_json::from_slice(&go[1..n]).map_err(|e| VmmError::Io {
+            step: "read the guest's network from the runtime".into(),
+            source: std::io::Error::other(e),
+        })?;
+        plan.run.net = Some(net);
     }
     boot::boot(plan, &mut channels, one)
 }
