@@ -182,11 +182,9 @@ impl MicrovmTier {
         // container's interface up from a prestart hook, in the namespace
         // of the container's process: the VMM process's), a TAP in the VMM
         // process's namespace for whatever interface they put there.
-        let own_tap = (net.is_none()
-            && pod_link.is_none()
-            && !rootless
-            && has_host_hooks(&req.config.spec))
-        .then(|| crate::podnet::tap_name(req.id));
+        let own_tap =
+            (net.is_none() && pod_link.is_none() && !rootless && has_host_hooks(&req.config.spec))
+                .then(|| crate::podnet::tap_name(req.id));
         let networked = net.is_some() || pod_link.is_some() || own_tap.is_some();
         let guest = self.prepare_guest(&host, &plan, &dir)?;
         moat_core::steps::mark("microvm-guest-files");
@@ -532,9 +530,7 @@ impl MicrovmTier {
         // Go: the VMM process is in its cgroup (with the guest's network).
         let mut go = b"g".to_vec();
         if let Some(n) = &hook_net {
-            go.extend(
-                serde_json::to_vec(n).map_err(|e| RuntimeError::Invalid(e.to_string()))?,
-            );
+            go.extend(serde_json::to_vec(n).map_err(|e| RuntimeError::Invalid(e.to_string()))?);
         }
         nix::unistd::write(&ours, &go).map_err(MicrovmError::sys("start the VMM process"))?;
         let volumes_log = dir.join("volumes.log");

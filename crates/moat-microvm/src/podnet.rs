@@ -19,7 +19,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use moat_net::netlink::{LinkInfo, Netlink, NetlinkError};
+use moat_net::netlink::{AddrInfo, LinkInfo, Netlink, NetlinkError, RouteInfo};
 use rustix::thread::LinkNameSpaceType;
 use serde::{Deserialize, Serialize};
 
@@ -141,14 +141,26 @@ fn in_netns<T: Send>(
     })
 }
 
+/// A namespace's interfaces, addresses and routes.
+type Survey = (Vec<LinkInfo>, Vec<AddrInfo>, Vec<RouteInfo>);
+
+/// The calling thread's namespace's interfaces, addresses and routes.
+fn survey(n: &mut Netlink) -> Result<Survey, PodNetError> {
+    Ok((
+        n.links().map_err(nl("list the interfaces"))?,
+        n.addresses().map_err(nl("list the addresses"))?,
+        n.routes().map_err(nl("list the routes"))?,
+    ))
+}
+
 /// The interface to take over among `links`: up, with a hardware address
 /// and an address of global scope, not a TAP (another VMM's); of several,
 /// the one with a default route, else the first. `None`: nothing to take
 /// (only `lo`, or nothing configured yet).
 fn choose<'a>(
     links: &'a [LinkInfo],
-    addrs: &[moat_net::netlink::AddrInfo],
-    routes: &[moat_net::netlink::RouteInfo],
+    addrs: &[AddrInfo],
+    routes: &[RouteInfo],
 ) -> Option<&'a LinkInfo> {
     let usable: Vec<&LinkInfo> = links
         .iter()
@@ -175,11 +187,7 @@ fn choose<'a>(
 /// global addresses, MTU, and the routes through it that the kernel did
 /// not make itself (those come back with the addresses), on-link ones
 /// first.
-fn guest_net(
-    link: &LinkInfo,
-    addrs: &[moat_net::netlink::AddrInfo],
-    routes: &[moat_net::netlink::RouteInfo],
-) -> GuestNet {
+fn guest_net(link: &LinkInfo, addrs: &[AddrInfo], routes: &[RouteInfo]) -> GuestNet {
     const RTPROT_KERNEL: u8 = 2;
     let mut routes: Vec<GuestRoute> = routes
         .iter()
@@ -213,9 +221,7 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
     let tap = tap_name(id);
     in_netns(netns, || {
         let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
-        let links = n.links().map_err(nl("list the interfaces"))?;
-        let addrs = n.addresses().map_err(nl("list the addresses"))?;
-        let routes = n.routes().map_err(nl("list the routes"))?;
+        let (links, addrs, routes) = survey(&mut n)?;
         let Some(link) = choose(&links, &addrs, &routes) else {
             return Ok(None);
         };
@@ -309,9 +315,7 @@ pub fn make_tap(name: &str) -> std::io::Result<OwnedFd> {
 pub fn take_into(netns: &Path, tap: &str) -> Result<Option<GuestNet>, PodNetError> {
     in_netns(netns, || {
         let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
-        let links = n.links().map_err(nl("list the interfaces"))?;
-        let addrs = n.addresses().map_err(nl("list the addresses"))?;
-        let routes = n.routes().map_err(nl("list the routes"))?;
+        let (links, addrs, routes) = survey(&mut n)?;
         let Some(link) = choose(&links, &addrs, &routes) else {
             return Ok(None);
         };
@@ -353,7 +357,6 @@ pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_net::netlink::{AddrInfo, RouteInfo};
     use std::net::IpAddr;
 
     fn link(index: u32, name: &str, kind: Option<&str>) -> LinkInfo {

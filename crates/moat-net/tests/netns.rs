@@ -22,8 +22,10 @@ use moat_net::dns::{self, Rcode};
 use moat_net::netlink::Netlink;
 use moat_net::shell::{control, serve, Ended, Resolver, ServeConfig, StopHandle};
 use moat_net::{create_tap, NetConfig, Policy, ResolveError};
-use nix::sched::{setns, unshare, CloneFlags};
 use sha2::{Digest, Sha256};
+
+mod common;
+use common::Netns;
 
 const GUARD: Duration = Duration::from_secs(60);
 const ECHO: u16 = 7007;
@@ -37,48 +39,6 @@ const BIG_LEN: usize = 64 << 20;
 fn skip() -> bool {
     moat_core::testing::needs_root("moat-net netns tests")
         || !std::path::Path::new("/dev/net/tun").exists()
-}
-
-/// A network namespace, alive as long as this fd.
-struct Netns(OwnedFd);
-
-impl Netns {
-    fn new() -> Netns {
-        std::thread::spawn(|| {
-            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-            Netns(OwnedFd::from(
-                std::fs::File::open("/proc/thread-self/ns/net").expect("open ns/net"),
-            ))
-        })
-        .join()
-        .expect("netns thread")
-    }
-
-    fn enter(&self) {
-        setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-    }
-
-    /// Runs `f` on a thread inside this namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                self.enter();
-                f()
-            })
-            .join()
-            .expect("thread in netns panicked")
-        })
-    }
-
-    /// Starts `f` on a thread inside this namespace.
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-        let fd = self.0.try_clone().expect("dup netns fd");
-        std::thread::spawn(move || {
-            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-            drop(fd);
-            f()
-        })
-    }
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -7,13 +7,15 @@
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use moat_net::netlink::{AddrInfo, Netlink, RouteInfo};
-use nix::sched::{setns, unshare, CloneFlags};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
+
+mod common;
+use common::Netns;
 
 const GUARD: Duration = Duration::from_secs(20);
 /// The microVM's MAC: not eth0's, so a frame to it can only be ours.
@@ -23,34 +25,6 @@ const OUTSIDE: [u8; 4] = [10, 77, 0, 1];
 
 fn skip() -> bool {
     moat_core::testing::needs_root("moat-net pod_link tests")
-}
-
-/// A network namespace, alive as long as this fd.
-struct Netns(OwnedFd);
-
-impl Netns {
-    fn new() -> Netns {
-        std::thread::spawn(|| {
-            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-            Netns(OwnedFd::from(
-                std::fs::File::open("/proc/thread-self/ns/net").expect("open ns/net"),
-            ))
-        })
-        .join()
-        .expect("netns thread")
-    }
-
-    /// Runs `f` on a thread inside this namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread in netns panicked")
-        })
-    }
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use engines::{base_dir, can_run, moat_links, oci_archive_of, s, sh, Daemon, IMAGE};
+use engines::{
+    assert_guest_serves, base_dir, can_run, moat_links, oci_archive_of, s, sh, Daemon,
+    GUEST_SERVER, IMAGE,
+};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -973,38 +976,14 @@ fn cri_gives_a_microvm_pods_container_the_stacks_network() {
         .run_pod(&pod)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&pod_id).as_deref(), Some("container"));
-    let cmd = [
-        "sh",
-        "-c",
-        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
-    ];
+    let cmd = ["sh", "-c", GUEST_SERVER];
     let app = c
         .create(&pod_id, &cfg, "web", &cmd, 0)
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     c.start_container(&app)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
-    let start = Instant::now();
-    let body = loop {
-        let o = std::process::Command::new("curl")
-            .args(["-sSf", "--max-time", "5"])
-            .arg(format!("http://127.0.0.1:{port}/f"))
-            .output()
-            .expect("curl runs");
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).into_owned();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the published port never answered\n{}",
-            c.d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        body.starts_with("inside-") && body.trim() != format!("inside-{}", host_kernel()),
-        "served by the guest: {body}"
-    );
+    assert_guest_serves(&format!("http://127.0.0.1:{port}"));
     c.stop_and_remove_pod(&pod_id);
     c.remove_all_and_check_clean(&[pod_id, app]);
 }
@@ -1048,38 +1027,14 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
             .expect("a pod status");
     let ip = status.network.expect("the pod's network").ip;
     assert!(ip.starts_with("10.213.0."), "the pod's address: {ip:?}");
-    let cmd = [
-        "sh",
-        "-c",
-        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
-    ];
+    let cmd = ["sh", "-c", GUEST_SERVER];
     let app = c
         .create(&pod_id, &cfg, "web", &cmd, 0)
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     c.start_container(&app)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
-    let start = Instant::now();
-    let body = loop {
-        let o = std::process::Command::new("curl")
-            .args(["-sSf", "--max-time", "5"])
-            .arg(format!("http://{ip}:8000/f"))
-            .output()
-            .expect("curl runs");
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).into_owned();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the pod's address never answered\n{}",
-            c.d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        body.starts_with("inside-") && body.trim() != format!("inside-{}", host_kernel()),
-        "served by the guest: {body}"
-    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     c.stop_and_remove_pod(&pod_id);
     c.remove_all_and_check_clean(&[pod_id, app]);
 }

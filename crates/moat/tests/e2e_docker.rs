@@ -5,7 +5,10 @@
 //! terminal), stats, top, pause, update, stop/kill/rm and restart policies.
 mod engines;
 
-use engines::{base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for, Daemon, Out};
+use engines::{
+    assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
+    Daemon, Out, GUEST_SERVER,
+};
 
 struct Docker {
     d: Daemon,
@@ -441,7 +444,7 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "moatbb",
         "sh",
         "-c",
-        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+        GUEST_SERVER,
     ])
     .expect_ok();
     let ip = dk.inspect(
@@ -449,20 +452,7 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
     );
     assert!(!ip.is_empty(), "Docker gave the container an address");
-    let mut body = String::new();
-    wait_for("the guest to answer on the container's address", || {
-        let o = sh(
-            "curl",
-            &["-sSf", "--max-time", "5", &format!("http://{ip}:8000/f")],
-            &[],
-        );
-        body = o.stdout;
-        o.code == Some(0)
-    });
-    assert!(
-        body.starts_with("inside-") && body.trim() != format!("inside-{}", host.trim()),
-        "served by the guest: {body}"
-    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     dk.cmd(&["rm", "-f", "vmnet"]).expect_ok();
     dk.cmd(&["network", "rm", "moatvmnet"]).expect_ok();
     drop(dk);

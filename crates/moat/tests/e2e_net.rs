@@ -250,6 +250,38 @@ impl World {
         sh("nsenter", &args)
     }
 
+    /// `http://OUTER_ADDR:PORT/PATH` fetched from the test internet.
+    fn get_from_inet(&self, port: u16, path: &str) -> Out {
+        sh(
+            "nsenter",
+            &[
+                format!("--net=/run/netns/{}", self.inet),
+                "curl".into(),
+                "-sS".into(),
+                "--max-time".into(),
+                "5".into(),
+                format!("http://{}:{port}/{path}", self.outer_addr),
+            ],
+        )
+    }
+
+    /// [`World::get_from_inet`] once it serves something (up to 120 s: a
+    /// microVM booting cold on a loaded machine).
+    fn wait_served(&self, port: u16, path: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let o = self.get_from_inet(port, path);
+            if o.ok() && !o.stdout.is_empty() {
+                return o.stdout;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "nothing served on the outer address's port {port}: {o:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// A program run in the outer namespace (where moat's stack runs).
     fn in_outer(&self, prog: &str, args: &[&str]) -> Out {
         let mut all = vec![format!("--net=/run/netns/{}", self.outer), prog.into()];
@@ -953,30 +985,11 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
             "dev.moat.isolation": "microvm",
         }),
     );
-    // The root is read-only (runc's default spec): the files go to a tmpfs.
-    b.push(
-        "/mounts",
-        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-            "options": ["nosuid", "nodev"]}),
-    );
-    for ns in b.config["linux"]["namespaces"].as_array_mut().unwrap() {
-        if ns["type"] == "network" {
-            ns["path"] = serde_json::json!(format!("/run/netns/{}", w.outer));
-        }
-    }
-    b.write_config();
+    in_outer_ns(&mut b, &w);
     let bundle = b.dir().to_string_lossy().into_owned();
     let id = rt.new_id("podnet");
     // The runtime in the host's network namespace.
-    let moat = |args: &[&str]| {
-        let mut c = Command::new(runtime_bin());
-        c.arg("--root")
-            .arg(rt.root())
-            .envs(rt.env().iter().map(|(k, v)| (k, v)))
-            .envs(microvm_env())
-            .args(args);
-        output(&rt, c)
-    };
+    let moat = |args: &[&str]| host_moat(&rt, args);
     let o = moat(&["create", "--bundle", &bundle, &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     // Deleted (forced) however the test ends: a VM left running would
@@ -989,31 +1002,8 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
     let o = moat(&["start", &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     // From the test internet, to the pod namespace's address.
-    let get = |path: &str| {
-        sh(
-            "nsenter",
-            &[
-                format!("--net=/run/netns/{}", w.inet),
-                "curl".into(),
-                "-sS".into(),
-                "--max-time".into(),
-                "5".into(),
-                format!("http://{}:{port}/{path}", w.outer_addr),
-            ],
-        )
-    };
-    let start = Instant::now();
-    let got = loop {
-        let o = get("got");
-        if o.ok() && !o.stdout.is_empty() {
-            break o.stdout;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "never published: {o:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let get = |path: &str| w.get_from_inet(port, path);
+    let got = w.wait_served(port, "got");
     let log = std::fs::read_to_string(rt.root().join(&id).join("net.log")).unwrap_or_default();
     assert_eq!(
         got,
@@ -1022,17 +1012,7 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
         get("err").stdout
     );
     assert_eq!(get("f").stdout, "inside\n");
-    let o = moat(&["kill", &id, "KILL"]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    let start = Instant::now();
-    while !moat(&["state", &id]).stdout.contains("\"stopped\"") {
-        assert!(start.elapsed() < Duration::from_secs(60), "never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let o = moat(&["delete", &id]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    wait_none_left(rt.root());
-    assert_no_state(rt.root());
+    kill_and_delete(&rt, &id);
     assert!(!get("f").ok(), "the port is closed");
 }
 
@@ -1120,28 +1100,10 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         "/annotations",
         serde_json::json!({"dev.moat.isolation": "microvm"}),
     );
-    b.push(
-        "/mounts",
-        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-            "options": ["nosuid", "nodev"]}),
-    );
-    for ns in b.config["linux"]["namespaces"].as_array_mut().unwrap() {
-        if ns["type"] == "network" {
-            ns["path"] = serde_json::json!(format!("/run/netns/{}", w.outer));
-        }
-    }
-    b.write_config();
+    in_outer_ns(&mut b, &w);
     let bundle = b.dir().to_string_lossy().into_owned();
     let id = rt.new_id("podif");
-    let moat = |args: &[&str]| {
-        let mut c = Command::new(runtime_bin());
-        c.arg("--root")
-            .arg(rt.root())
-            .envs(rt.env().iter().map(|(k, v)| (k, v)))
-            .envs(microvm_env())
-            .args(args);
-        output(&rt, c)
-    };
+    let moat = |args: &[&str]| host_moat(&rt, args);
     let o = moat(&["create", "--bundle", &bundle, &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     let _gone = Ctr {
@@ -1162,31 +1124,8 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     let o = moat(&["start", &id]);
     assert_eq!(o.code, Some(0), "{o:?}");
     // From the test internet, to the namespace's own address.
-    let get = |path: &str| {
-        sh(
-            "nsenter",
-            &[
-                format!("--net=/run/netns/{}", w.inet),
-                "curl".into(),
-                "-sS".into(),
-                "--max-time".into(),
-                "5".into(),
-                format!("http://{}:8000/{path}", w.outer_addr),
-            ],
-        )
-    };
-    let start = Instant::now();
-    let kernel = loop {
-        let o = get("kernel");
-        if o.ok() && !o.stdout.is_empty() {
-            break o.stdout;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the guest never answered on the namespace's address: {o:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let get = |path: &str| w.get_from_inet(8000, path);
+    let kernel = w.wait_served(8000, "kernel");
     let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_ne!(kernel, host_kernel, "answered by the guest's kernel");
     assert_eq!(
@@ -1200,17 +1139,7 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         "fetched through the namespace's route: {:?}",
         get("err").stdout
     );
-    let o = moat(&["kill", &id, "KILL"]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    let start = Instant::now();
-    while !moat(&["state", &id]).stdout.contains("\"stopped\"") {
-        assert!(start.elapsed() < Duration::from_secs(60), "never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let o = moat(&["delete", &id]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    wait_none_left(rt.root());
-    assert_no_state(rt.root());
+    kill_and_delete(&rt, &id);
     // Given back: no redirection, no TAP, and the namespace's own stack
     // gets its replies again.
     let tc = sh(
@@ -1235,6 +1164,51 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         back.ok(),
         "the namespace's replies reach it again: {back:?}"
     );
+}
+
+/// A bundle that joins the outer namespace (as a pod's containers join
+/// the pod's), its /tmp a tmpfs (the root is read-only: runc's default
+/// spec); its config written.
+fn in_outer_ns(b: &mut Bundle, w: &World) {
+    b.push(
+        "/mounts",
+        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev"]}),
+    );
+    for ns in b.config["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{}", w.outer));
+        }
+    }
+    b.write_config();
+}
+
+/// The runtime in the test's (the host's) network namespace, with the
+/// microVM cache.
+fn host_moat(rt: &Rt, args: &[&str]) -> Out {
+    let mut c = Command::new(runtime_bin());
+    c.arg("--root")
+        .arg(rt.root())
+        .envs(rt.env().iter().map(|(k, v)| (k, v)))
+        .envs(microvm_env())
+        .args(args);
+    output(rt, c)
+}
+
+/// Kills container `id`, waits until it stopped, deletes it, and checks
+/// that nothing of it is left.
+fn kill_and_delete(rt: &Rt, id: &str) {
+    let o = host_moat(rt, &["kill", id, "KILL"]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let start = Instant::now();
+    while !host_moat(rt, &["state", id]).stdout.contains("\"stopped\"") {
+        assert!(start.elapsed() < Duration::from_secs(60), "never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = host_moat(rt, &["delete", id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    wait_none_left(rt.root());
+    assert_no_state(rt.root());
 }
 
 /// Rootless: an unprivileged user's `moat run --net egress=…` gets the same

@@ -5,7 +5,10 @@
 //! here without CAP_SYS_RESOURCE).
 mod engines;
 
-use engines::{base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for, Daemon, Out};
+use engines::{
+    assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
+    Daemon, Out, GUEST_SERVER,
+};
 
 struct Podman {
     d: Daemon,
@@ -417,7 +420,7 @@ fn podman_selects_every_tier() {
         "moatbb",
         "sh",
         "-c",
-        "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000",
+        GUEST_SERVER,
     ])
     .expect_ok();
     let ip = pm
@@ -427,20 +430,7 @@ fn podman_selects_every_tier() {
         .trim()
         .to_owned();
     assert!(!ip.is_empty(), "Podman gave the container an address");
-    let mut body = String::new();
-    wait_for("the guest to answer on the container's address", || {
-        let o = sh(
-            "curl",
-            &["-sSf", "--max-time", "5", &format!("http://{ip}:8000/f")],
-            &[],
-        );
-        body = o.stdout;
-        o.code == Some(0)
-    });
-    assert!(
-        body.starts_with("inside-") && body.trim() != format!("inside-{}", host.trim()),
-        "served by the guest: {body}"
-    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     pm.cmd(&["rm", "-f", "-t", "0", "vmnet"]).expect_ok();
     // By program name.
     let sb = pm

@@ -128,6 +128,38 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// What `BASE/f` serves once it answers (curl from the host, up to 120 s:
+/// a microVM that boots cold on a loaded machine): a microVM container's
+/// `inside-$(uname -r)` ([`GUEST_SERVER`]), checked to come from a kernel
+/// other than the host's.
+#[track_caller]
+pub fn assert_guest_serves(base: &str) {
+    let start = Instant::now();
+    let body = loop {
+        let o = sh(
+            "curl",
+            &["-sSf", "--max-time", "5", &format!("{base}/f")],
+            &[],
+        );
+        if o.code == Some(0) {
+            break o.stdout;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{base} never answered: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    assert!(
+        body.starts_with("inside-") && body.trim() != format!("inside-{}", host.trim()),
+        "served by the guest: {body}"
+    );
+}
+
+/// A microVM container's command for [`assert_guest_serves`] (port 8000).
+pub const GUEST_SERVER: &str = "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000";
+
 /// A busybox-static root filesystem (an applet symlink for each command,
 /// /etc/passwd with root and nobody) packed as `DIR/busybox.tar`.
 pub fn busybox_tar(dir: &Path) -> PathBuf {
