@@ -1019,9 +1019,9 @@ fn a_microvm_joining_a_network_namespace_is_served_from_it() {
 /// A microVM container that joins a network namespace and asks nothing of
 /// moat's stack (a Kubernetes pod's container, Podman's) takes over that
 /// namespace's interface: the guest has its hardware address, addresses
-/// and routes, so the namespace's address (here the outer one's, on the
-/// test internet's wire) reaches the guest's kernel, and the guest reaches
-/// a subnet only a route of the namespace leads to. A second microVM in the
+/// (v4 and v6) and routes, so the namespace's address (here the outer
+/// one's, on the test internet's wire) reaches the guest's kernel, and the
+/// guest reaches a subnet only a route of the namespace leads to. A second microVM in the
 /// same namespace is refused in one line; `delete` gives the interface
 /// back.
 #[test]
@@ -1092,8 +1092,10 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         "-c",
         &format!(
             "wget -qO /tmp/got http://{far}:8080/index.html 2>/tmp/err; echo rc=$? >>/tmp/err; \
+             wget -qO /tmp/got6 http://[{v6}]:8080/index.html 2>>/tmp/err; \
              uname -r > /tmp/kernel; cat /sys/class/net/eth0/address > /tmp/mac; \
              cd /tmp && exec httpd -f -p 8000",
+            v6 = w.server6,
         ),
     ]);
     b.set(
@@ -1137,6 +1139,12 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         get("got").stdout,
         "hello-from-the-internet\n",
         "fetched through the namespace's route: {:?}",
+        get("err").stdout
+    );
+    assert_eq!(
+        get("got6").stdout,
+        "hello-from-the-internet\n",
+        "fetched over the namespace's IPv6 address: {:?}",
         get("err").stdout
     );
     kill_and_delete(&rt, &id);
