@@ -1174,6 +1174,58 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     );
 }
 
+/// `moat run --net ns:PATH` joins a network namespace someone else set up:
+/// the container tier's workload is in it, a microVM's guest takes over
+/// its interface; both reach the test internet through it. Bad paths and
+/// the sandbox tier are refused in one line.
+#[test]
+fn moat_run_joins_a_network_namespace_in_each_tier() {
+    let Some((rt, w)) = tier_world("run_net_ns", "microvm") else {
+        return;
+    };
+    let ns = format!("ns:/run/netns/{}", w.outer);
+    let url = format!("http://{}:8080/index.html", w.server);
+    for tier in ["container", "microvm"] {
+        let o = host_moat(
+            &rt,
+            &[
+                "run",
+                "--isolation",
+                tier,
+                "--net",
+                &ns,
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                &url,
+            ],
+        );
+        assert_eq!(
+            (o.code, o.stdout.as_str()),
+            (Some(0), "hello-from-the-internet\n"),
+            "{tier}: {o:?}"
+        );
+    }
+    for (net, isolation, says) in [
+        ("ns:run/netns/x", "container", "absolute path"),
+        ("ns:/nonexistent/netns", "container", "No such file"),
+        (ns.as_str(), "sandbox", "not in the sandbox tier"),
+    ] {
+        let o = host_moat(
+            &rt,
+            &["run", "--isolation", isolation, "--net", net, "--", "true"],
+        );
+        assert!(
+            o.code == Some(125) && o.stderr.contains(says) && o.stderr.trim().lines().count() == 1,
+            "{net} {isolation}: {o:?}"
+        );
+    }
+    wait_none_left(rt.root());
+    assert_no_state(rt.root());
+}
+
 /// A bundle that joins the outer namespace (as a pod's containers join
 /// the pod's), its /tmp a tmpfs (the root is read-only: runc's default
 /// spec); its config written.

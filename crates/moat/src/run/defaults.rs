@@ -33,6 +33,9 @@ pub struct Settings {
     pub hostname: String,
     pub read_write: bool,
     pub net_host: bool,
+    /// `--net ns:PATH`: join that network namespace (the microvm tier
+    /// hands its interface to the guest).
+    pub net_ns: Option<std::path::PathBuf>,
     /// `--net egress=RULES`: the user-space stack with these egress rules
     /// (empty: none allowed).
     pub egress: Option<String>,
@@ -68,6 +71,7 @@ impl Default for Settings {
             hostname: "moat".into(),
             read_write: false,
             net_host: false,
+            net_ns: None,
             egress: None,
             publish: Vec::new(),
             memory: DEFAULT_MEMORY,
@@ -164,7 +168,7 @@ pub fn resources(s: &Settings) -> Value {
 /// cgroups read-only, and
 /// size-limited tmpfs on /tmp and $HOME.
 pub fn base_mounts(s: &Settings) -> Vec<Value> {
-    let sys = if s.net_host {
+    let sys = if s.net_host || s.net_ns.is_some() {
         // sysfs can only be mounted by the owner of the network namespace.
         json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
     } else {
@@ -194,8 +198,10 @@ pub fn spec(s: &Settings, extra_mounts: Vec<Value>) -> Value {
         json!({"type": "cgroup"}),
         json!({"type": "user"}),
     ];
-    if !s.net_host {
-        namespaces.push(json!({"type": "network"}));
+    match &s.net_ns {
+        Some(path) => namespaces.push(json!({"type": "network", "path": path})),
+        None if !s.net_host => namespaces.push(json!({"type": "network"})),
+        None => {}
     }
     let mut mounts = base_mounts(s);
     mounts.extend(extra_mounts);

@@ -58,7 +58,8 @@ pub struct RunArgs {
     pub pids_limit: Option<i64>,
     /// Network: none (a namespace with only lo), egress=RULE[,RULE…] (moat's
     /// user-space stack; RULE is HOST[:PORT], CIDR[:PORT] or *.DOMAIN[:PORT]),
-    /// or host
+    /// ns:PATH (join that network namespace; a microVM takes over its
+    /// interface), or host
     #[arg(long, visible_alias = "network", default_value = "none")]
     pub net: String,
     /// Publish a port through the user-space stack: [HOSTADDR:]HOSTPORT:PORT
@@ -366,9 +367,12 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     }
     let mut s = settings(o)?;
     s.args = command;
-    if s.net_host && tier == Tier::Sandbox {
+    if (s.net_host || s.net_ns.is_some()) && tier == Tier::Sandbox {
         // The sandbox's network is only ever moat's stack (or none).
-        bail!("--net host: not in the sandbox tier (use --net egress=RULE[,RULE…])");
+        bail!(
+            "--net {}: not in the sandbox tier (use --net egress=RULE[,RULE…])",
+            o.net
+        );
     }
     // From here on a SIGINT/SIGTERM must not kill moat before it waits for
     // the workload (it would leave the container behind): blocked signals
@@ -847,7 +851,22 @@ fn settings(o: &RunArgs) -> Result<Settings> {
                 s.egress = Some(rules.to_owned());
                 false
             }
-            None => bail!("--net {other:?}: use none, egress=RULE[,RULE…] or host"),
+            None => match other.strip_prefix("ns:") {
+                Some(path) => {
+                    let path = std::path::PathBuf::from(path);
+                    if !path.is_absolute() {
+                        bail!(
+                            "--net ns:{}: the namespace's absolute path (e.g. /run/netns/NAME)",
+                            path.display()
+                        );
+                    }
+                    std::fs::metadata(&path)
+                        .with_context(|| format!("--net ns:{}", path.display()))?;
+                    s.net_ns = Some(path);
+                    false
+                }
+                None => bail!("--net {other:?}: use none, egress=RULE[,RULE…], ns:PATH or host"),
+            },
         },
     };
     for p in &o.publish {
@@ -856,6 +875,9 @@ fn settings(o: &RunArgs) -> Result<Settings> {
     }
     if !o.publish.is_empty() && s.net_host {
         bail!("-p: with --net host the container already uses the host's ports");
+    }
+    if !o.publish.is_empty() && s.net_ns.is_some() {
+        bail!("-p: with --net ns:PATH the container serves on that namespace's addresses");
     }
     s.publish = o.publish.clone();
     if let Some(m) = &o.memory {
