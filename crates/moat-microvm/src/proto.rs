@@ -487,6 +487,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_guests_network_from_the_stack_or_a_pods_interface() {
+        let stack = GuestNet::of(&moat_net::NetConfig::default());
+        assert_eq!(stack.mac, None);
+        assert_eq!(stack.addresses.len(), 2);
+        assert!(stack.addresses[0].ip.is_ipv4() && stack.addresses[1].ip.is_ipv6());
+        assert!(stack
+            .routes
+            .iter()
+            .all(|r| r.dst.is_none() && r.gateway.is_some() && !r.onlink));
+        assert!(stack
+            .resolv_conf
+            .as_deref()
+            .is_some_and(|c| c.contains("nameserver")));
+        // A pod's, as the runtime sends it: through JSON and back whole.
+        let pod = GuestNet {
+            mac: Some([0x42, 0, 0, 0, 0, 7]),
+            addresses: vec![GuestAddr {
+                ip: "10.244.1.7".parse().unwrap(),
+                prefix: 32,
+            }],
+            mtu: 1450,
+            routes: vec![
+                GuestRoute {
+                    dst: Some(("169.254.1.1".parse().unwrap(), 32)),
+                    gateway: None,
+                    onlink: false,
+                },
+                GuestRoute {
+                    dst: None,
+                    gateway: Some("169.254.1.1".parse().unwrap()),
+                    onlink: true,
+                },
+            ],
+            resolv_conf: None,
+        };
+        let json = serde_json::to_vec(&pod).unwrap();
+        assert_eq!(serde_json::from_slice::<GuestNet>(&json).unwrap(), pod);
+    }
+
+    #[test]
     fn frames_round_trip_across_arbitrary_splits() {
         let mut bytes = encode(Kind::Stdout, 7, b"hello");
         bytes.extend(encode_json(
