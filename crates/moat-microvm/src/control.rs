@@ -68,6 +68,16 @@ pub enum Setup {
     },
 }
 
+/// The setup channel's one message from the runtime to the VMM process:
+/// it may boot (it is in its cgroup, the hooks ran).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Go {
+    /// The guest's network, when the engine's hooks gave the VMM process's
+    /// namespace an interface (`VmmPlan::own_tap`).
+    #[serde(default)]
+    pub net: Option<crate::proto::GuestNet>,
+}
+
 /// How a guest started, for the runtime to keep its snapshot cache right.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -528,11 +528,8 @@ impl MicrovmTier {
             None => None,
         };
         // Go: the VMM process is in its cgroup (with the guest's network).
-        let mut go = b"g".to_vec();
-        if let Some(n) = &hook_net {
-            go.extend(serde_json::to_vec(n).map_err(|e| RuntimeError::Invalid(e.to_string()))?);
-        }
-        nix::unistd::write(&ours, &go).map_err(MicrovmError::sys("start the VMM process"))?;
+        crate::control::send(ours.as_fd(), &crate::control::Go { net: hook_net })
+            .map_err(MicrovmError::from)?;
         let volumes_log = dir.join("volumes.log");
         let mut virtiofsd_said = || {
             // The VMM process is done; once the volume server has logged

@@ -9,7 +9,7 @@
 //! `moat run`, conmon and containerd's shim read the workload's status from
 //! it as from any container process.
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -154,7 +154,7 @@ pub struct VmmPlan {
     /// own network namespace, before its jail: the engine's hooks put the
     /// container's interface there (Docker), and the runtime redirects it
     /// to the TAP once they ran ([`crate::podnet::take_into`]); the guest's
-    /// configuration comes with `Go`.
+    /// configuration comes with [`crate::control::Go`].
     pub own_tap: Option<String>,
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
@@ -215,7 +215,8 @@ fn console_tail(c: &str) -> String {
 }
 
 /// The VMM process's life; returns its exit status. `setup` is the
-/// channel to the runtime (`Go` in, [`crate::control::Setup`] out),
+/// channel to the runtime ([`crate::control::Go`] in,
+/// [`crate::control::Setup`] out),
 /// `listener` the bound control socket.
 pub fn main(
     mut plan: VmmPlan,
@@ -278,24 +279,17 @@ fn start(
     // byte, or closes the channel when it gave up) before anything of the
     // VM's is allocated. The jail is built meanwhile: on a cgroup v1 host
     // the move into the cpu controller's group waits for an RCU grace
-    // period (~12 ms here). After the byte, the guest's network when the
-    // engine's hooks gave this process's namespace one (`own_tap`).
-    let mut go = vec![0u8; 64 * 1024];
-    let n = match nix::unistd::read(setup, &mut go) {
-        Ok(n) if n >= 1 && go[0] == b'g' => n,
-        _ => {
-            return Err(VmmError::Io {
-                step: "wait for the runtime".into(),
-                source: std::io::Error::other("the runtime gave up"),
-            })
-        }
-    };
-    if n > 1 {
-        let net: proto::GuestNet = serde_json::from_slice(&go[1..n]).map_err(|e| VmmError::Io {
-            step: "read the guest's network from the runtime".into(),
-            source: std::io::Error::other(e),
-        })?;
-        plan.run.net = Some(net);
+    // period (~12 ms here). With it, the guest's network when the engine's
+    // hooks gave this process's namespace one (`own_tap`).
+    let go: crate::control::Go = crate::control::recv(setup.as_fd()).map_err(|e| VmmError::Io {
+        step: "wait for the runtime".into(),
+        source: match e {
+            crate::control::ControlError::Closed => std::io::Error::other("the runtime gave up"),
+            e => std::io::Error::other(moat_core::error_chain(&e)),
+        },
+    })?;
+    if go.net.is_some() {
+        plan.run.net = go.net;
     }
     boot::boot(plan, &mut channels, one)
 }
