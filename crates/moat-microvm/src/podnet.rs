@@ -20,7 +20,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use moat_net::netlink::{AddrInfo, LinkInfo, Netlink, NetlinkError, RouteInfo};
-use rustix::thread::LinkNameSpaceType;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{GuestAddr, GuestNet, GuestRoute};
@@ -88,7 +87,7 @@ pub enum PodNetError {
         .netns.display()
     )]
     Qdisc { interface: String, netns: PathBuf },
-    #[error("the thread that enters the network namespace panicked")]
+    #[error("the thread that enters the network namespace failed")]
     Thread,
 }
 
@@ -127,18 +126,13 @@ fn in_netns<T: Send>(
         path: path.to_owned(),
         source,
     })?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
-                .map_err(|source| PodNetError::Enter {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            f()
-        })
-        .join()
-        .map_err(|_| PodNetError::Thread)?
-    })
+    moat_net::in_netns(ns.as_fd(), f).map_err(|e| match e {
+        moat_net::InNetnsError::Enter(source) => PodNetError::Enter {
+            path: path.to_owned(),
+            source,
+        },
+        _ => PodNetError::Thread,
+    })?
 }
 
 /// A namespace's interfaces, addresses and routes.

@@ -32,4 +32,4 @@ pub use shell::{
     SystemResolver,
 };
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
-pub use tap::{create_tap, create_tap_on, open_tun, Tap, TapError};
+pub use tap::{create_tap, create_tap_on, in_netns, open_tun, InNetnsError, Tap, TapError};

@@ -49,17 +49,41 @@ pub struct Tap {
 /// that enters the namespace, so the caller's namespace never changes.
 /// The device lives as long as the returned fd.
 pub fn create_tap(netns: BorrowedFd<'_>, name: &str, cfg: &NetConfig) -> Result<Tap, TapError> {
+    in_netns(netns, || create_here(name, cfg)).map_err(|e| match e {
+        InNetnsError::Enter(e) => TapError::EnterNetns(e),
+        InNetnsError::Thread(e) => TapError::Thread(e),
+        InNetnsError::Panicked => TapError::ThreadPanicked,
+    })?
+}
+
+/// Why [`in_netns`] could not run its closure.
+#[derive(Debug, thiserror::Error)]
+pub enum InNetnsError {
+    #[error("cannot enter the network namespace")]
+    Enter(#[source] rustix::io::Errno),
+    #[error("cannot start the thread that enters the network namespace")]
+    Thread(#[source] std::io::Error),
+    #[error("the thread that enters the network namespace panicked")]
+    Panicked,
+}
+
+/// Runs `f` on a short-lived thread that entered the network namespace
+/// `netns` (an fd of it), so the caller's namespace never changes.
+pub fn in_netns<T: Send>(
+    netns: BorrowedFd<'_>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, InNetnsError> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
-            .name("moat-net-tap".into())
+            .name("moat-netns".into())
             .spawn_scoped(s, || {
                 rustix::thread::move_into_link_name_space(netns, Some(LinkNameSpaceType::Network))
-                    .map_err(TapError::EnterNetns)?;
-                create_here(name, cfg)
+                    .map_err(InNetnsError::Enter)?;
+                Ok(f())
             })
-            .map_err(TapError::Thread)?
+            .map_err(InNetnsError::Thread)?
             .join()
-            .map_err(|_| TapError::ThreadPanicked)?
+            .map_err(|_| InNetnsError::Panicked)?
     })
 }
 

@@ -108,15 +108,12 @@ fn in_netns(
     ns: &OwnedFd,
     f: impl FnOnce() -> Result<(), AgentError> + Send,
 ) -> Result<(), AgentError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(sys("enter the container's network namespace"))?;
-            f()
-        })
-        .join()
-        .map_err(|_| AgentError::Request("the namespace thread panicked".into()))?
-    })
+    moat_net::in_netns(ns.as_fd(), f).map_err(|e| {
+        AgentError::Request(format!(
+            "the container's network namespace: {}",
+            moat_core::error_chain(&e)
+        ))
+    })?
 }
 
 /// `lo` up; eth0's hardware address, addresses, MTU and routes (the
