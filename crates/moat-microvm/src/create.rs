@@ -172,7 +172,8 @@ impl MicrovmTier {
         // guest's). Never the runtime's own namespace (the host's).
         let pod_link = match (&net, joined_netns(&req.config.spec)) {
             (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
-                crate::podnet::take(&ns, req.id).map_err(MicrovmError::from)?
+                crate::podnet::take(&ns, req.id, host.backend.tap_offloads())
+                    .map_err(MicrovmError::from)?
             }
             _ => None,
         };
@@ -185,7 +186,18 @@ impl MicrovmTier {
         let own_tap =
             (net.is_none() && pod_link.is_none() && !rootless && has_host_hooks(&req.config.spec))
                 .then(|| crate::podnet::tap_name(req.id));
-        let networked = net.is_some() || pod_link.is_some() || own_tap.is_some();
+        // The guest's network device, as its snapshot must match it: on a
+        // TAP (the interface taken or to be taken), with offloads where
+        // the backend takes them.
+        let net_device = if pod_link.is_some() || own_tap.is_some() {
+            Some(if host.backend.tap_offloads() {
+                snapshot::NetDevice::Offloads
+            } else {
+                snapshot::NetDevice::Frames
+            })
+        } else {
+            net.is_some().then_some(snapshot::NetDevice::Frames)
+        };
         let guest = self.prepare_guest(&host, &plan, &dir)?;
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
@@ -319,7 +331,8 @@ impl MicrovmTier {
         // configuration.
         let disk_slots = guestspec::MAX_DISKS;
         // A networked guest has one device more: its snapshots are keyed
-        // apart. Its frame stream stays clean if a restore fails over to a
+        // apart (and apart again when the device has offloads,
+        // `snapshot::NetDevice`). Its frame stream stays clean if a restore fails over to a
         // cold boot: until `Run` loads virtio_net, QEMU neither reads nor
         // writes the guest's frames (docs/design.md).
         // The VMM whose snapshot format it is: QEMU (its binary keys the
@@ -347,7 +360,7 @@ impl MicrovmTier {
                     vcpus: guest.vcpus,
                     disk_slots,
                     accel,
-                    net: networked,
+                    net: net_device,
                     disks: guest
                         .shared
                         .then_some((&guest.guest_disks[..], &guest.images[..])),

@@ -210,8 +210,9 @@ fn guest_net(link: &LinkInfo, addrs: &[AddrInfo], routes: &[RouteInfo]) -> Guest
 }
 
 /// Takes over the interface of the network namespace at `netns` for
-/// container `id`'s guest; `Ok(None)` when it has none to take.
-pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
+/// container `id`'s guest (its TAP with a virtio-net header when
+/// `vnet_hdr`, [`make_tap`]); `Ok(None)` when it has none to take.
+pub fn take(netns: &Path, id: &str, vnet_hdr: bool) -> Result<Option<PodLink>, PodNetError> {
     let tap = tap_name(id);
     in_netns(netns, || {
         let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
@@ -229,7 +230,7 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
             });
         }
         let guest = guest_net(link, &addrs, &routes);
-        let fd = make_tap(&tap).map_err(|source| PodNetError::Tap {
+        let fd = make_tap(&tap, vnet_hdr).map_err(|source| PodNetError::Tap {
             name: tap.clone(),
             source,
         })?;
@@ -286,16 +287,20 @@ fn redirect(
 
 /// Makes the TAP device `name` in the calling thread's network namespace
 /// (blocking, close-on-exec; moat's own VMM makes it non-blocking, QEMU
-/// too). For the VMM process in a namespace of its own, before its jail:
-/// see [`take_into`].
-pub fn make_tap(name: &str) -> std::io::Result<OwnedFd> {
+/// too), each frame after a virtio-net header when `vnet_hdr`
+/// ([`crate::vmm::Backend::tap_offloads`]). For the VMM process in a
+/// namespace of its own, before its jail: see [`take_into`].
+pub fn make_tap(name: &str, vnet_hdr: bool) -> std::io::Result<OwnedFd> {
     let fd = rustix::fs::open(
         "/dev/net/tun",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )?;
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
-    moat_sys::tun::tun_set_iff(fd.as_fd(), name, flags)?;
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    moat_sys::tun::tun_set_iff(fd.as_fd(), name, flags as i16)?;
     Ok(fd)
 }
 

@@ -19,8 +19,9 @@
 //! the initramfs's name digests), the guest kernel, the initramfs (whose name is a
 //! digest of the moat binary, the kernel and its modules), the kernel's
 //! command line, the guest's memory, vCPUs, disk slots, accelerator, and
-//! whether the VM has a network device (a networked guest's snapshot is a
-//! configuration of its own).
+//! whether the VM has a network device and which (a networked guest's
+//! snapshot is a configuration of its own; one whose device's back end
+//! takes offloads is another: its guest negotiated them).
 //! Anything else finds no snapshot and boots cold (and saves one). A
 //! snapshot that fails to restore (corrupt, truncated, or a guest that
 //! does not answer) is removed, and that run boots cold.
@@ -53,12 +54,26 @@ pub struct Identity<'a> {
     pub vcpus: u8,
     pub disk_slots: usize,
     pub accel: &'a str,
-    /// The VM has the virtio-net device (a different device set).
-    pub net: bool,
+    /// The VM's virtio-net device, if any (a different device set).
+    pub net: Option<NetDevice>,
     /// A primed snapshot: the guest has these disks mounted, backed by
     /// these images (every slot, spares included). Only runs with the same
     /// disks and images restore it.
     pub disks: Option<(&'a [crate::proto::GuestDisk], &'a [PathBuf])>,
+}
+
+/// Which virtio-net device a VM has, as far as its snapshot can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetDevice {
+    /// Its back end passes bare frames (moat's stack over a stream; moat's
+    /// own VMM's TAP): the device offers no offloads.
+    Frames,
+    /// Its back end takes a virtio-net header with each frame (QEMU on a
+    /// TAP opened with `IFF_VNET_HDR`): the device offers checksum and
+    /// segmentation offloads, and the guest negotiated them. QEMU refuses
+    /// to restore those features onto a back end without the header, so
+    /// such a guest is saved and restored apart.
+    Offloads,
 }
 
 /// How many primed snapshots the cache keeps (one per set of images:
@@ -81,8 +96,10 @@ impl Identity<'_> {
         h.update([self.vcpus]);
         h.update((self.disk_slots as u64).to_le_bytes());
         h.update(self.accel.as_bytes());
-        if self.net {
-            h.update(b"\0net");
+        match self.net {
+            None => {}
+            Some(NetDevice::Frames) => h.update(b"\0net"),
+            Some(NetDevice::Offloads) => h.update(b"\0net-offloads"),
         }
         if let Some((disks, _)) = self.disks {
             h.update(b"\0primed");
@@ -296,7 +313,7 @@ mod tests {
             vcpus: 1,
             disk_slots: 6,
             accel: "tcg",
-            net: false,
+            net: None,
             disks: None,
         }
     }
@@ -310,14 +327,22 @@ mod tests {
         assert_ne!(a, ident(d.path(), "x", 200).path(d.path()).unwrap());
         // A VM with the network device is a configuration of its own: its
         // snapshot neither replaces nor is replaced by the other's.
-        let net = Identity {
-            net: true,
-            ..ident(d.path(), "x", 100)
+        let net = |dev| {
+            Identity {
+                net: Some(dev),
+                ..ident(d.path(), "x", 100)
+            }
+            .path(d.path())
+            .unwrap()
         };
-        let n = net.path(d.path()).unwrap();
+        let n = net(NetDevice::Frames);
         assert_ne!(a, n);
         let config = |p: &Path| p.file_name().unwrap().to_str().unwrap()[..25].to_owned();
         assert_ne!(config(&a), config(&n));
+        // Nor does one whose guest negotiated offloads.
+        let o = net(NetDevice::Offloads);
+        assert_ne!(config(&o), config(&n));
+        assert_ne!(config(&o), config(&a));
         // A changed file (here: the directory standing in for all three)
         // changes the name.
         std::fs::write(d.path().join("f"), b"x").unwrap();

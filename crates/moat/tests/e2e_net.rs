@@ -126,6 +126,13 @@ fn sh(prog: &str, args: &[String]) -> Out {
     )
 }
 
+/// `sha256sum FILE`'s digest.
+fn sha256_of(file: &str) -> String {
+    let o = sh("sha256sum", &[file.to_owned()]);
+    assert!(o.ok(), "{o:?}");
+    o.stdout[..64].to_owned()
+}
+
 fn ip(args: &[&str]) {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let o = sh("ip", &args);
@@ -1087,12 +1094,29 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     .nth(1)
     .expect("the outer interface's hardware address")
     .to_owned();
+    // Bulk data both ways (QEMU's TAP carries a virtio-net header: the
+    // guest hands over checksums and 64 KiB segments, and gets them):
+    // 4 MiB of random bytes fetched by the guest, 4 MiB the guest makes
+    // fetched from it, each compared by digest.
+    let mut big = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open("/dev/urandom").unwrap(), 4 << 20),
+        &mut big,
+    )
+    .unwrap();
+    std::fs::write(w.www.join("big.bin"), &big).unwrap();
+    let big_sum = sha256_of(&w.www.join("big.bin").to_string_lossy());
     let mut b = Bundle::new(&[
         "sh",
         "-c",
         &format!(
             "wget -qO /tmp/got http://{far}:8080/index.html 2>/tmp/err; echo rc=$? >>/tmp/err; \
              wget -qO /tmp/got6 http://[{v6}]:8080/index.html 2>>/tmp/err; \
+             wget -qO /tmp/big http://{far}:8080/big.bin 2>>/tmp/err; \
+             sha256sum /tmp/big | cut -c1-64 > /tmp/bigsum; rm -f /tmp/big; \
+             head -c 4194304 /dev/urandom > /tmp/up; sha256sum /tmp/up | cut -c1-64 > /tmp/upsum; \
+             for d in /sys/bus/virtio/devices/*; do \
+               [ \"$(cat $d/device)\" = 0x0001 ] && cat $d/features; done > /tmp/features; \
              uname -r > /tmp/kernel; cat /sys/class/net/eth0/address > /tmp/mac; \
              cd /tmp && exec httpd -f -p 8000",
             v6 = w.server6,
@@ -1146,6 +1170,39 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         "hello-from-the-internet\n",
         "fetched over the namespace's IPv6 address: {:?}",
         get("err").stdout
+    );
+    // The device's features as the guest's driver negotiated them (bit k
+    // is the k-th character): checksums both ways (0, 1), TSO for IPv4 and
+    // IPv6 both ways (7, 8, 11, 12).
+    let features = get("features").stdout;
+    for bit in [0, 1, 7, 8, 11, 12] {
+        assert_eq!(
+            features.as_bytes().get(bit),
+            Some(&b'1'),
+            "virtio-net feature {bit} in {features:?}"
+        );
+    }
+    assert_eq!(
+        get("bigsum").stdout.trim(),
+        big_sum,
+        "4 MiB fetched by the guest: {:?}",
+        get("err").stdout
+    );
+    let up = sh(
+        "sh",
+        &[
+            "-c".into(),
+            format!(
+                "nsenter --net=/run/netns/{} curl -sS --max-time 60 http://{}:8000/up | sha256sum",
+                w.inet, w.outer_addr
+            ),
+        ],
+    );
+    assert!(up.ok(), "{up:?}");
+    assert_eq!(
+        up.stdout.get(..64),
+        Some(get("upsum").stdout.trim()),
+        "4 MiB fetched from the guest"
     );
     kill_and_delete(&rt, &id);
     // Given back: no redirection, no TAP, and the namespace's own stack

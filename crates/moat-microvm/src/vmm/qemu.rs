@@ -152,13 +152,17 @@ impl QemuArgs {
                     format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}")
                 }
                 // No vhost: the VMM's jail has no /dev/vhost-net, and its
-                // filter no such requests.
+                // filter no such requests. QEMU finds the TAP's virtio-net
+                // header on the descriptor (`IFF_VNET_HDR`: `vnet_hdr=` is
+                // refused with `fd=`) and then offers the guest checksum
+                // and segmentation offloads.
                 NetFd::Tap(fd) => format!("tap,id=net0,fd={fd},vhost=off"),
             };
             // host_mtu: the guest's device offers the stack's MTU (large
             // frames, fewer of them through the emulated device); the
             // agent sets eth0's own (a pod interface's is smaller). The
-            // same device either way, so one snapshot fits both.
+            // same arguments either way; the offloads a TAP's header
+            // brings key its snapshots apart (`snapshot::NetDevice`).
             push(&[
                 "-netdev",
                 &netdev,
