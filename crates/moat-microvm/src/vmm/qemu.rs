@@ -193,7 +193,18 @@ impl QemuArgs {
             ]);
         }
         if let Some(fd) = self.incoming_fd {
-            push(&["-incoming", &format!("fd:{fd}")]);
+            // No self-announcement after the restore: QEMU would send RARP
+            // frames from the snapshot's MAC (the same in every snapshot,
+            // not the interface's the agent is about to set) onto a pod's
+            // wire, five over ~0.8 s, and have the guest send gratuitous
+            // ARPs. A migrated guest needs them to redirect its peers; a
+            // restored one is new on its wire, as a cold-booted one is.
+            push(&[
+                "-global",
+                "migration.announce-rounds=0",
+                "-incoming",
+                &format!("fd:{fd}"),
+            ]);
         }
         a.into_iter().map(OsString::from).collect()
     }
@@ -432,6 +443,7 @@ mod tests {
         );
         assert!(a.contains(&"socket,id=agent,fd=5".to_string()));
         assert_eq!(after("-incoming"), "fd:9");
+        assert_eq!(after("-global"), "migration.announce-rounds=0");
         assert_eq!(
             after("-netdev"),
             "stream,id=net0,server=off,addr.type=fd,addr.str=10"
