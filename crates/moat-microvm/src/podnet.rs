@@ -98,16 +98,7 @@ fn nl(step: impl Into<String>) -> impl FnOnce(NetlinkError) -> PodNetError {
 
 /// Whether `path` names the calling process's own network namespace
 /// (whose interfaces are the host's: never taken over).
-pub fn is_own_netns(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::metadata(path),
-        std::fs::metadata("/proc/thread-self/ns/net"),
-    ) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
+pub use moat_net::is_own_netns;
 
 /// The TAP device's name for container `id` (at most 15 bytes).
 pub fn tap_name(id: &str) -> String {
@@ -443,12 +434,5 @@ mod tests {
         assert!(a.starts_with(TAP_PREFIX) && a.len() <= 15, "{a}");
         assert_ne!(a, tap_name("pod-b"));
         assert_eq!(a, tap_name("pod-a"));
-    }
-
-    #[test]
-    fn the_runtimes_own_namespace_is_recognised() {
-        assert!(is_own_netns(Path::new("/proc/self/ns/net")));
-        assert!(!is_own_netns(Path::new("/proc/self/ns/mnt")));
-        assert!(!is_own_netns(Path::new("/nonexistent")));
     }
 }

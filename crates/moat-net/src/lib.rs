@@ -32,4 +32,6 @@ pub use shell::{
     SystemResolver,
 };
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
-pub use tap::{create_tap, create_tap_on, in_netns, open_tun, InNetnsError, Tap, TapError};
+pub use tap::{
+    create_tap, create_tap_on, in_netns, is_own_netns, open_tun, InNetnsError, Tap, TapError,
+};

@@ -67,6 +67,19 @@ pub enum InNetnsError {
     Panicked,
 }
 
+/// Whether `path` names the calling thread's own network namespace (for
+/// a runtime: the host's).
+pub fn is_own_netns(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(path),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Runs `f` on a short-lived thread that entered the network namespace
 /// `netns` (an fd of it), so the caller's namespace never changes.
 pub fn in_netns<T: Send>(
@@ -135,4 +148,16 @@ fn configure(name: &str, cfg: &NetConfig) -> Result<(), NetlinkError> {
     nl.add_default_route(index, IpAddr::V4(cfg.gateway_v4))?;
     nl.add_default_route(index, IpAddr::V6(cfg.gateway_v6))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_own_namespace_is_recognised() {
+        assert!(is_own_netns(std::path::Path::new("/proc/self/ns/net")));
+        assert!(!is_own_netns(std::path::Path::new("/proc/self/ns/mnt")));
+        assert!(!is_own_netns(std::path::Path::new("/nonexistent")));
+    }
 }

@@ -1234,7 +1234,8 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
 /// `moat run --net ns:PATH` joins a network namespace someone else set up:
 /// the container tier's workload is in it, a microVM's guest takes over
 /// its interface; both reach the test internet through it. Bad paths and
-/// the sandbox tier are refused in one line.
+/// the sandbox tier, and the host's own namespace for a microVM, are
+/// refused in one line.
 #[test]
 fn moat_run_joins_a_network_namespace_in_each_tier() {
     let Some((rt, w)) = tier_world("run_net_ns", "microvm") else {
@@ -1269,6 +1270,8 @@ fn moat_run_joins_a_network_namespace_in_each_tier() {
         ("ns:run/netns/x", "container", "absolute path"),
         ("ns:/nonexistent/netns", "container", "No such file"),
         (ns.as_str(), "sandbox", "not in the sandbox tier"),
+        // The host's own: a guest never takes over the host's interfaces.
+        ("ns:/proc/self/ns/net", "microvm", "the host's network namespace"),
     ] {
         let o = host_moat(
             &rt,

@@ -374,6 +374,16 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
             o.net
         );
     }
+    if tier == Tier::Microvm && s.net_ns.as_deref().is_some_and(moat_net::is_own_netns) {
+        // A guest takes over a joined namespace's interface; the host's
+        // are never taken (the OCI path leaves such a guest without a
+        // network: here the user asked for one).
+        bail!(
+            "--net {}: that is the host's network namespace, whose interfaces a microVM \
+             never takes over (use --net egress=RULE[,RULE…] for moat's stack)",
+            o.net
+        );
+    }
     // From here on a SIGINT/SIGTERM must not kill moat before it waits for
     // the workload (it would leave the container behind): blocked signals
     // stay pending until `wait` forwards them. The container's process
