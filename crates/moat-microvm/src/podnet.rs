@@ -10,16 +10,29 @@
 //! redirected to the other's egress (tc: an `ingress` qdisc, a `u32`
 //! filter matching every frame, a `mirred` egress redirect). Frames then
 //! pass between the pod's wire and the VMM untouched; the namespace's own
-//! stack no longer sees them. The VMM holds the TAP's only descriptor, so
+//! stack no longer sees them, but for its share (below). The VMM holds the TAP's only descriptor, so
 //! the TAP goes when the VMM does; `delete` removes the interface's
 //! ingress qdisc (and with it the redirection).
 //!
-//! One microVM per namespace: an interface can be redirected once. A
-//! second container of the pod is refused with what to do instead.
+//! The namespace's own stack keeps a share of the interface, for the
+//! other containers of the pod: its ephemeral ports are moved to
+//! [`KEPT_PORTS`](moat_net::netlink::KEPT_PORTS) (61440–65535, which a
+//! Linux guest's default range, 32768–60999, never uses), TCP and UDP
+//! arriving for those ports pass to it instead of the guest, and ARP and IPv6 neighbour solicitations and
+//! advertisements go to both (the guest answers with the interface's own
+//! MAC, as the namespace does). So a second microVM of the pod, given
+//! moat's stack (the `dev.moat.net.egress` annotation), which serves from
+//! the pod's namespace, reaches out from the pod's address too.
+//!
+//! One guest per namespace: an interface can be taken over once. A
+//! second container of the pod asking for it is refused with what to do
+//! instead.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use moat_net::netlink::{AddrInfo, LinkInfo, Netlink, NetlinkError, RouteInfo};
+use moat_net::netlink::{
+    shared_filters, AddrInfo, LinkInfo, Netlink, NetlinkError, RouteInfo, KEPT_PORTS,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{GuestAddr, GuestNet, GuestRoute};
@@ -36,7 +49,15 @@ pub struct PodLinkRecord {
     pub interface: String,
     /// The TAP device beside it.
     pub tap: String,
+    /// The namespace's ephemeral port range before the take-over
+    /// (`ip_local_port_range`), given back with the interface.
+    #[serde(default)]
+    pub port_range: Option<String>,
 }
+
+/// The namespace's ephemeral ports, read and written from a thread in it
+/// (procfs gives the opener's namespace's).
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// A taken-over interface: the TAP's descriptor (the VMM's to hold), the
 /// record, and eth0's configuration for the guest.
@@ -89,6 +110,12 @@ pub enum PodNetError {
     Qdisc { interface: String, netns: PathBuf },
     #[error("the thread that enters the network namespace failed")]
     Thread,
+    #[error("cannot move the ephemeral ports of {} ({PORT_RANGE})", .netns.display())]
+    Ports {
+        netns: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn nl(step: impl Into<String>) -> impl FnOnce(NetlinkError) -> PodNetError {
@@ -228,13 +255,14 @@ pub fn take(netns: &Path, id: &str, vnet_hdr: bool) -> Result<Option<PodLink>, P
         let tap_index = n.index(&tap).map_err(nl(format!("find {tap}")))?;
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
-        redirect(&mut n, link, (&tap, tap_index), netns)?;
+        let port_range = redirect(&mut n, link, (&tap, tap_index), netns)?;
         Ok(Some(PodLink {
             tap: fd,
             record: PodLinkRecord {
                 netns: netns.to_owned(),
                 interface: link.name.clone(),
                 tap: tap.clone(),
+                port_range: Some(port_range),
             },
             guest,
         }))
@@ -242,15 +270,22 @@ pub fn take(netns: &Path, id: &str, vnet_hdr: bool) -> Result<Option<PodLink>, P
 }
 
 /// Redirects `link` and the TAP `tap` (name, index) to each other: an
-/// ingress qdisc on each, each one's frames to the other's egress. An
+/// ingress qdisc on each, each one's frames to the other's egress, but
+/// what the namespace keeps ([`shared_filters`], its ephemeral ports moved
+/// to [`KEPT_PORTS`]). Returns the namespace's port range before. An
 /// ingress qdisc already on `link` is refused, not replaced; a failure
-/// after `link`'s qdisc removes it.
+/// after `link`'s qdisc removes it and puts the range back.
 fn redirect(
     n: &mut Netlink,
     link: &LinkInfo,
     (tap, tap_index): (&str, u32),
     netns: &Path,
-) -> Result<(), PodNetError> {
+) -> Result<String, PodNetError> {
+    let ports = |e| PodNetError::Ports {
+        netns: netns.to_owned(),
+        source: e,
+    };
+    let before = std::fs::read_to_string(PORT_RANGE).map_err(ports)?;
     if let Err(e) = n.add_ingress_qdisc(link.index) {
         return Err(if e.errno() == Some(rustix::io::Errno::EXIST) {
             PodNetError::Qdisc {
@@ -267,13 +302,26 @@ fn redirect(
         n.redirect_ingress(link.index, tap_index)
             .map_err(nl(format!("redirect {} to {tap}", link.name)))?;
         n.redirect_ingress(tap_index, link.index)
-            .map_err(nl(format!("redirect {tap} to {}", link.name)))
+            .map_err(nl(format!("redirect {tap} to {}", link.name)))?;
+        // After the redirection (priority 0: the kernel gives it 49152),
+        // ahead of it (1…).
+        for f in shared_filters(tap_index) {
+            n.add_ingress_filter(link.index, &f).map_err(nl(format!(
+                "keep {}'s share of {} (filter {})",
+                netns.display(),
+                link.name,
+                f.priority
+            )))?;
+        }
+        std::fs::write(PORT_RANGE, format!("{} {}", KEPT_PORTS.0, KEPT_PORTS.1)).map_err(ports)
     })();
-    if both.is_err() {
+    if let Err(e) = both {
         // The interface is given back; the TAP goes with its descriptor.
         let _ = n.del_ingress_qdisc(link.index);
+        let _ = std::fs::write(PORT_RANGE, &before);
+        return Err(e);
     }
-    both
+    Ok(before.trim().to_owned())
 }
 
 /// Makes the TAP device `name` in the calling thread's network namespace
@@ -312,6 +360,7 @@ pub fn take_into(netns: &Path, tap: &str) -> Result<Option<GuestNet>, PodNetErro
         let tap_index = n.index(tap).map_err(nl(format!("find {tap}")))?;
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
+        // The namespace ends with the VMM process: its range stays.
         redirect(&mut n, link, (tap, tap_index), netns)?;
         Ok(Some(guest_net(link, &addrs, &routes)))
     })
@@ -326,6 +375,12 @@ pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
     }
     in_netns(&rec.netns, || {
         let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
+        if let Some(range) = &rec.port_range {
+            std::fs::write(PORT_RANGE, range).map_err(|source| PodNetError::Ports {
+                netns: rec.netns.clone(),
+                source,
+            })?;
+        }
         let Ok(index) = n.index(&rec.interface) else {
             return Ok(());
         };

@@ -68,8 +68,15 @@ const TC_U32_TERMINAL: u8 = 1;
 const TCA_ACT_KIND: u16 = 1;
 const TCA_ACT_OPTIONS: u16 = 2;
 const TCA_MIRRED_PARMS: u16 = 2;
+const TCA_U32_CLASSID: u16 = 1;
+const TC_ACT_PIPE: u32 = 3;
 const TC_ACT_STOLEN: u32 = 4;
 const TCA_EGRESS_REDIR: u32 = 1;
+const TCA_EGRESS_MIRROR: u32 = 2;
+/// EtherTypes a filter can be limited to.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 /// Room for one datagram of a dump reply.
@@ -365,28 +372,190 @@ pub fn del_ingress_qdisc_request(index: u32, seq: u32) -> Vec<u8> {
 /// `tc filter add dev A parent ffff: protocol all u32 match u8 0 0 action
 /// mirred egress redirect dev B`.
 pub fn redirect_ingress_request(from: u32, to: u32, seq: u32) -> Vec<u8> {
+    ingress_filter_request(
+        from,
+        &IngressFilter {
+            priority: 0,
+            protocol: ETH_P_ALL,
+            keys: vec![U32Key::ANY],
+            action: FilterAction::Redirect(to),
+        },
+        seq,
+    )
+}
+
+/// One key of a u32 filter: the 32-bit big-endian word at byte `off` of
+/// the network header (the IP header; for ARP its header), masked with
+/// `mask`, equals `value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct U32Key {
+    pub mask: u32,
+    pub value: u32,
+    pub off: i32,
+}
+
+impl U32Key {
+    /// Every frame (`match u32 0 0 at 0`).
+    pub const ANY: U32Key = U32Key {
+        mask: 0,
+        value: 0,
+        off: 0,
+    };
+}
+
+/// What an ingress filter does with a frame its keys all match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterAction {
+    /// Out of this interface instead (mirred egress redirect, stolen).
+    Redirect(u32),
+    /// A copy out of this interface, the frame itself on to the local
+    /// stack (mirred egress mirror, pipe).
+    Mirror(u32),
+    /// On to the local stack, and no lower-priority filter sees it (a
+    /// terminal match with a class, `flowid ffff:1`, and no action: needs
+    /// no action module).
+    Pass,
+}
+
+/// A u32 filter on an interface's ingress qdisc. Filters are tried in
+/// priority order (lowest first; 0: the kernel's choice, below those
+/// there); the first whose keys all match decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressFilter {
+    pub priority: u16,
+    /// The frames' EtherType ([`ETH_P_IP`], …; ETH_P_ALL for all).
+    pub protocol: u16,
+    pub keys: Vec<U32Key>,
+    pub action: FilterAction,
+}
+
+/// RTM_NEWTFILTER adding `f` to interface `dev`'s ingress qdisc, as `tc
+/// filter add dev DEV parent ffff: prio P protocol PROTO u32 match … at
+/// OFF … (action mirred egress redirect|mirror dev B | flowid ffff:1)`.
+pub fn ingress_filter_request(dev: u32, f: &IngressFilter, seq: u32) -> Vec<u8> {
     let mut m = Msg::new(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, seq);
     // info: priority << 16 | protocol in network byte order.
-    m.tcmsg(from, 0, INGRESS_HANDLE, u32::from(ETH_P_ALL.to_be()));
+    m.tcmsg(
+        dev,
+        0,
+        INGRESS_HANDLE,
+        (u32::from(f.priority) << 16) | u32::from(f.protocol.to_be()),
+    );
     m.attr(TCA_KIND, b"u32\0");
     m.begin(TCA_OPTIONS);
+    if f.action == FilterAction::Pass {
+        m.attr(TCA_U32_CLASSID, &(INGRESS_HANDLE | 1).to_ne_bytes());
+    }
     // struct tc_u32_sel: flags, offshift, nkeys, pad, offmask, off, offoff,
-    // hoff, hmask; then struct tc_u32_key: mask, val, off, offmask, all 0.
-    let mut sel = [0u8; 32];
+    // hoff, hmask (16 bytes); then each struct tc_u32_key: mask and value
+    // (big-endian), off, offmask.
+    let mut sel = vec![0u8; 16];
     sel[0] = TC_U32_TERMINAL;
-    sel[2] = 1;
+    sel[2] = u8::try_from(f.keys.len()).unwrap_or(u8::MAX);
+    for k in &f.keys {
+        sel.extend(k.mask.to_be_bytes());
+        sel.extend((k.value & k.mask).to_be_bytes());
+        sel.extend(k.off.to_ne_bytes());
+        sel.extend(0i32.to_ne_bytes());
+    }
     m.attr(TCA_U32_SEL, &sel);
+    let (eaction, to, verdict) = match f.action {
+        FilterAction::Redirect(to) => (TCA_EGRESS_REDIR, to, TC_ACT_STOLEN),
+        FilterAction::Mirror(to) => (TCA_EGRESS_MIRROR, to, TC_ACT_PIPE),
+        FilterAction::Pass => {
+            m.end();
+            return m.finish();
+        }
+    };
     m.begin(TCA_U32_ACT).begin(1); // the first action
     m.attr(TCA_ACT_KIND, b"mirred\0").begin(TCA_ACT_OPTIONS);
     // struct tc_mirred: tc_gen (index, capab, action, refcnt, bindcnt),
     // eaction, ifindex.
-    let parms: Vec<u8> = [0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, to]
+    let parms: Vec<u8> = [0, 0, verdict, 0, 0, eaction, to]
         .iter()
         .flat_map(|v: &u32| v.to_ne_bytes())
         .collect();
     m.attr(TCA_MIRRED_PARMS, &parms);
     m.end().end().end().end();
     m.finish()
+}
+
+/// The ports a network namespace's own stack keeps on an interface taken
+/// over by a TAP (a microVM's guest): its ephemeral range meanwhile, one
+/// mask (`0xf000`) in a filter's key; a Linux guest's default ephemeral
+/// range (32768–60999) stays below.
+pub const KEPT_PORTS: (u16, u16) = (0xF000, 0xFFFF);
+
+/// The filters ahead of the redirection of an interface taken over by
+/// the TAP `tap_index`, by priority: ARP, and IPv6 neighbour solicitations and advertisements,
+/// copied to the TAP and passed on to the namespace; TCP and UDP over IPv4
+/// (without options) and IPv6 (without extension headers) to a port in
+/// [`KEPT_PORTS`], the namespace's alone. Offsets are into the network
+/// header.
+pub fn shared_filters(tap_index: u32) -> Vec<IngressFilter> {
+    let kept = U32Key {
+        mask: u32::from(KEPT_PORTS.0),
+        value: u32::from(KEPT_PORTS.0),
+        off: 0,
+    };
+    let v4 = |proto: u32| {
+        vec![
+            // version 4, header length 5 words
+            U32Key {
+                mask: 0xff00_0000,
+                value: 0x4500_0000,
+                off: 0,
+            },
+            U32Key {
+                mask: 0x00ff_0000,
+                value: proto << 16,
+                off: 8,
+            },
+            // the destination port, after the 20 bytes
+            U32Key { off: 20, ..kept },
+        ]
+    };
+    let v6 = |next: u32, rest: U32Key| {
+        vec![
+            U32Key {
+                mask: 0x0000_ff00,
+                value: next << 8,
+                off: 4,
+            },
+            rest,
+        ]
+    };
+    let neighbour = |icmp_type: u32| U32Key {
+        mask: 0xff00_0000,
+        value: icmp_type << 24,
+        off: 40,
+    };
+    let filter = |priority, protocol, keys, action| IngressFilter {
+        priority,
+        protocol,
+        keys,
+        action,
+    };
+    let copy = FilterAction::Mirror(tap_index);
+    vec![
+        filter(1, ETH_P_ARP, vec![U32Key::ANY], copy),
+        filter(2, ETH_P_IPV6, v6(58, neighbour(135)), copy),
+        filter(3, ETH_P_IPV6, v6(58, neighbour(136)), copy),
+        filter(4, ETH_P_IP, v4(6), FilterAction::Pass),
+        filter(5, ETH_P_IP, v4(17), FilterAction::Pass),
+        filter(
+            6,
+            ETH_P_IPV6,
+            v6(6, U32Key { off: 40, ..kept }),
+            FilterAction::Pass,
+        ),
+        filter(
+            7,
+            ETH_P_IPV6,
+            v6(17, U32Key { off: 40, ..kept }),
+            FilterAction::Pass,
+        ),
+    ]
 }
 
 /// RTM_GETLINK dump, without statistics.
@@ -904,6 +1073,18 @@ impl Netlink {
             format!("redirecting what arrives on interface {from} to interface {to}")
         })
     }
+
+    /// Adds `f` to the ingress qdisc of `dev` (which needs one).
+    pub fn add_ingress_filter(&mut self, dev: u32, f: &IngressFilter) -> Result<(), NetlinkError> {
+        let seq = self.next_seq();
+        let msg = ingress_filter_request(dev, f, seq);
+        self.request(&msg, || {
+            format!(
+                "adding a filter (priority {}) to what arrives on interface {dev}",
+                f.priority
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1070,6 +1251,64 @@ mod tests {
         let found: Vec<_> = Attrs(buf).filter(|&(t, _)| t == ty).collect();
         assert_eq!(found.len(), 1, "attribute {ty}");
         found[0].1
+    }
+
+    #[test]
+    fn keyed_filter_layout() {
+        // As `tc filter add dev 3 parent ffff: prio 4 protocol ip u32 match
+        // ip protocol 6 0xff match ip dport 0xf000 0xf000 flowid ffff:1`.
+        let f = IngressFilter {
+            priority: 4,
+            protocol: ETH_P_IP,
+            keys: vec![
+                U32Key {
+                    mask: 0x00ff_0000,
+                    value: 0x0006_0000,
+                    off: 8,
+                },
+                U32Key {
+                    mask: 0x0000_f000,
+                    value: 0x0000_f000,
+                    off: 20,
+                },
+            ],
+            action: FilterAction::Pass,
+        };
+        let m = ingress_filter_request(3, &f, 5);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u32_at(&m, 32) >> 16, 4);
+        assert_eq!(u16::from_be(u32_at(&m, 32) as u16), ETH_P_IP);
+        let options = only(&m[36..], TCA_OPTIONS);
+        assert_eq!(
+            only(options, TCA_U32_CLASSID),
+            &0xFFFF_0001u32.to_ne_bytes()
+        );
+        let sel = only(options, TCA_U32_SEL);
+        assert_eq!(sel.len(), 16 + 2 * 16);
+        assert_eq!(&sel[..4], &[1, 0, 2, 0]); // terminal, two keys
+        assert_eq!(&sel[16..24], &[0, 0xff, 0, 0, 0, 6, 0, 0]);
+        assert_eq!(&sel[24..28], &8i32.to_ne_bytes());
+        assert_eq!(&sel[32..40], &[0, 0, 0xf0, 0, 0, 0, 0xf0, 0]);
+        assert_eq!(&sel[40..44], &20i32.to_ne_bytes());
+        assert!(Attrs(options).all(|(t, _)| t != TCA_U32_ACT), "no action");
+
+        // A mirror: the copy out of 9, the frame piped on.
+        let f = IngressFilter {
+            priority: 1,
+            protocol: ETH_P_ARP,
+            keys: vec![U32Key::ANY],
+            action: FilterAction::Mirror(9),
+        };
+        let m = ingress_filter_request(3, &f, 6);
+        let options = only(&m[36..], TCA_OPTIONS);
+        assert!(Attrs(options).all(|(t, _)| t != TCA_U32_CLASSID));
+        let action = only(only(options, TCA_U32_ACT), 1);
+        let parms = only(only(action, TCA_ACT_OPTIONS), TCA_MIRRED_PARMS);
+        let want: Vec<u8> = [0u32, 0, 3, 0, 0, 2, 9]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        assert_eq!(parms, &want[..]); // pipe, egress mirror, to 9
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use moat_net::netlink::{AddrInfo, Netlink, RouteInfo};
+use moat_net::netlink::{self, AddrInfo, Netlink, RouteInfo};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 
@@ -301,6 +301,86 @@ fn pod_interface_and_tap_redirect_both_ways() {
     let (n, from) = sock.recv_from(&mut buf).expect("the VM's datagram");
     assert_eq!(&buf[..n], b"from the vm");
     assert_eq!(from, sa(POD, 5000));
+}
+
+/// With the shared filters ahead of the redirection, the pod's own stack
+/// keeps its share of eth0: datagrams to a port in `KEPT_PORTS` reach its
+/// socket (over IPv4 and IPv6: ARP and neighbour discovery reach it too,
+/// and a copy of each the TAP), any other port the TAP alone.
+#[test]
+fn the_namespace_keeps_its_ports_beside_the_tap() {
+    if skip() {
+        return;
+    }
+    let Pair { pod, outside, eth0 } = pair();
+    let kept = netlink::KEPT_PORTS.0 + 60; // 61500
+    let (tap, own, own6, other) = pod.run(|| {
+        let tun = moat_net::open_tun().unwrap();
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        let name = moat_sys::tun::tun_set_iff(tun.as_fd(), "tap0", flags).unwrap();
+        let mut nl = Netlink::open().unwrap();
+        let tap = nl.index(&name).unwrap();
+        nl.set_up(tap, Some(1400)).unwrap();
+        nl.add_ingress_qdisc(eth0).unwrap();
+        nl.add_ingress_qdisc(tap).unwrap();
+        nl.redirect_ingress(eth0, tap).unwrap();
+        nl.redirect_ingress(tap, eth0).unwrap();
+        for f in netlink::shared_filters(tap) {
+            nl.add_ingress_filter(eth0, &f).unwrap();
+        }
+        let bind = |a: SocketAddr| {
+            let s = UdpSocket::bind(a).unwrap();
+            s.set_read_timeout(Some(GUARD)).unwrap();
+            s
+        };
+        (
+            tun,
+            bind(sa(POD, kept)),
+            bind(SocketAddr::new(ip("fd00:77::2"), kept)),
+            bind(sa(POD, 5000)),
+        )
+    });
+    let mut buf = [0u8; 64];
+    // IPv4: the outside's ARP request reaches both (the TAP gets a copy;
+    // the pod's stack answers), then the datagram reaches the pod's socket.
+    outside.run(|| {
+        let s = UdpSocket::bind(sa(OUTSIDE, 6000)).unwrap();
+        s.send_to(b"kept", sa(POD, kept)).unwrap();
+    });
+    let arp = next_frame(tap.as_fd(), |f| {
+        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == POD
+    });
+    assert_eq!(&arp[28..32], &OUTSIDE);
+    let (n, from) = own.recv_from(&mut buf).expect("the kept port's datagram");
+    assert_eq!((&buf[..n], from), (&b"kept"[..], sa(OUTSIDE, 6000)));
+    // IPv6, through neighbour discovery the same way.
+    outside.run(|| {
+        let s = UdpSocket::bind(SocketAddr::new(ip("fd00:77::1"), 6001)).unwrap();
+        s.send_to(b"kept6", SocketAddr::new(ip("fd00:77::2"), kept))
+            .unwrap();
+    });
+    let (n, from) = own6
+        .recv_from(&mut buf)
+        .expect("the kept port's datagram (IPv6)");
+    assert_eq!(
+        (&buf[..n], from),
+        (&b"kept6"[..], SocketAddr::new(ip("fd00:77::1"), 6001))
+    );
+    // Any other port: the TAP's alone.
+    outside.run(|| {
+        let s = UdpSocket::bind(sa(OUTSIDE, 6002)).unwrap();
+        s.send_to(b"to the vm", sa(POD, 5000)).unwrap();
+    });
+    let udp = next_frame(tap.as_fd(), |f| {
+        f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 17 && f[36..38] == [0x13, 0x88]
+    });
+    assert_eq!(&udp[42..], b"to the vm");
+    other.set_nonblocking(true).unwrap();
+    assert_eq!(
+        other.recv_from(&mut buf).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the pod's own socket on a port the guest has"
+    );
 }
 
 fn sa(a: [u8; 4], port: u16) -> SocketAddr {

@@ -1106,6 +1106,14 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     .unwrap();
     std::fs::write(w.www.join("big.bin"), &big).unwrap();
     let big_sum = sha256_of(&w.www.join("big.bin").to_string_lossy());
+    let port_range = || {
+        w.in_outer("cat", &["/proc/sys/net/ipv4/ip_local_port_range"])
+            .stdout
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let range_before = port_range();
     let mut b = Bundle::new(&[
         "sh",
         "-c",
@@ -1204,7 +1212,41 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         Some(get("upsum").stdout.trim()),
         "4 MiB fetched from the guest"
     );
+    // A second microVM of the namespace, given moat's stack (which serves
+    // from the namespace), reaches out from the namespace's address while
+    // the first holds the interface: the namespace kept its share (its
+    // ephemeral ports moved where the guest's never are).
+    assert_eq!(port_range(), "61440 65535");
+    let mut b2 = Bundle::new(&[
+        "sh",
+        "-c",
+        &format!("wget -qO- http://{far}:8080/index.html; echo rc=$?"),
+    ]);
+    b2.set(
+        "/annotations",
+        serde_json::json!({
+            "dev.moat.isolation": "microvm",
+            "dev.moat.net.egress": format!("{far}:8080"),
+        }),
+    );
+    in_outer_ns(&mut b2, &w);
+    let o = moat(&[
+        "run",
+        "--bundle",
+        &b2.dir().to_string_lossy(),
+        &rt.new_id("podif3"),
+    ]);
+    assert!(
+        o.stdout.contains("hello-from-the-internet\nrc=0"),
+        "the second microVM, through the stack: {o:?}"
+    );
+    assert_eq!(get("kernel").stdout, kernel, "the first still serves");
     kill_and_delete(&rt, &id);
+    assert_eq!(
+        port_range(),
+        range_before,
+        "the namespace's ports given back"
+    );
     // Given back: no redirection, no TAP, and the namespace's own stack
     // gets its replies again.
     let tc = sh(
@@ -1271,7 +1313,11 @@ fn moat_run_joins_a_network_namespace_in_each_tier() {
         ("ns:/nonexistent/netns", "container", "No such file"),
         (ns.as_str(), "sandbox", "not in the sandbox tier"),
         // The host's own: a guest never takes over the host's interfaces.
-        ("ns:/proc/self/ns/net", "microvm", "the host's network namespace"),
+        (
+            "ns:/proc/self/ns/net",
+            "microvm",
+            "the host's network namespace",
+        ),
     ] {
         let o = host_moat(
             &rt,

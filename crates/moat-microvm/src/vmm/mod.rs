@@ -256,9 +256,11 @@ fn start(
     one: &moat_sys::process::OneThread,
 ) -> Result<(boot::Booted, crate::control::StartKind), VmmError> {
     if let Some(name) = &plan.own_tap {
-        let tap = crate::podnet::make_tap(name, plan.backend.tap_offloads()).map_err(|source| VmmError::Io {
-            step: format!("create the TAP device {name}"),
-            source,
+        let tap = crate::podnet::make_tap(name, plan.backend.tap_offloads()).map_err(|source| {
+            VmmError::Io {
+                step: format!("create the TAP device {name}"),
+                source,
+            }
         })?;
         plan.net = Some(GuestLink::Tap(tap));
     }
