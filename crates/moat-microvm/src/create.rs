@@ -124,7 +124,7 @@ impl MicrovmTier {
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
-        let net = net_request(&req.config.spec)?;
+        let mut net = net_request(&req.config.spec)?;
         let own_disk = |p: &Path| own_disk(p);
         let shared_file =
             |p: &Path| shown_host_path(p) && !VOLATILE_ETC.iter().any(|v| p == Path::new(v));
@@ -170,10 +170,19 @@ impl MicrovmTier {
         // A namespace the config joins, when the stack is not asked for:
         // the guest takes over its interface (a pod's address becomes the
         // guest's). Never the runtime's own namespace (the host's).
+        // When another guest holds that interface (a pod's second
+        // container), moat's stack instead, serving from the namespace.
+        let mut shares_namespace = false;
         let pod_link = match (&net, joined_netns(&req.config.spec)) {
             (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
-                crate::podnet::take(&ns, req.id, host.backend.tap_offloads())
-                    .map_err(MicrovmError::from)?
+                match crate::podnet::take(&ns, req.id, host.backend.tap_offloads()) {
+                    Err(crate::podnet::PodNetError::Taken { interface, .. }) => {
+                        net = Some(pod_share(&ns, &interface));
+                        shares_namespace = true;
+                        None
+                    }
+                    taken => taken.map_err(MicrovmError::from)?,
+                }
             }
             _ => None,
         };
@@ -300,6 +309,12 @@ impl MicrovmTier {
             entropy: Vec::new(),
             clock_ns: 0,
             net: match (&net, &pod_link) {
+                // Sharing a pod's namespace: the container's own
+                // resolv.conf (the pod's DNS, reached through the stack).
+                (Some(_), _) if shares_namespace => Some(proto::GuestNet {
+                    resolv_conf: None,
+                    ..proto::GuestNet::of(&moat_net::NetConfig::default())
+                }),
                 (Some(_), _) => Some(proto::GuestNet::of(&moat_net::NetConfig::default())),
                 (None, Some(p)) => Some(p.guest.clone()),
                 (None, None) => None,
@@ -821,6 +836,27 @@ fn net_request(
         r.netns = joined_netns(spec);
     }
     Ok(req)
+}
+
+/// moat's stack for a guest whose config joins the namespace `ns`, whose
+/// interface (`interface`) another guest took over (a pod's second
+/// container, asking nothing of the stack): serving from `ns`, its
+/// connections leave from the pod's addresses and their replies reach it
+/// (the namespace keeps its share: [`crate::podnet`]); any destination,
+/// as the first guest's on the pod's wire (the pod's network policies
+/// apply to both alike); no published port. Nothing on the pod's wire
+/// reaches this guest: the pod's address is the other's.
+fn pod_share(ns: &Path, interface: &str) -> moat_container::network::NetRequest {
+    tracing::warn!(
+        "microvm: interface {interface} of {} is another microVM's; this one reaches \
+         out from it through moat's stack, and nothing on the pod's network reaches it",
+        ns.display()
+    );
+    moat_container::network::NetRequest {
+        policy: moat_net::Policy::allow_all(),
+        publish: Vec::new(),
+        netns: Some(ns.to_owned()),
+    }
 }
 
 /// The guest's link when it has a network: a stream socketpair, the

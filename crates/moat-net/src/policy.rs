@@ -368,6 +368,19 @@ impl Policy {
         Policy { rules }
     }
 
+    /// The policy that allows every destination, any port (`0.0.0.0/0`
+    /// and `::/0`; what is never reachable stays so).
+    pub fn allow_all() -> Policy {
+        let any = |addr: IpAddr| Rule {
+            target: Target::Net(IpNet { addr, prefix: 0 }),
+            port: None,
+        };
+        Policy::new(vec![
+            any(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            any(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+        ])
+    }
+
     /// Parses `RULE[,RULE…]` (the value of `--net egress=`).
     pub fn parse(list: &str) -> Result<Policy, RuleError> {
         let rules = list
@@ -605,6 +618,18 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn allow_all_is_the_two_zero_prefixes() {
+        assert_eq!(
+            Policy::allow_all(),
+            Policy::parse("0.0.0.0/0,::/0").unwrap()
+        );
+        let e = Egress::new(Policy::allow_all(), [], 0);
+        assert!(e.decide(sa("203.0.113.9:443")).allowed());
+        assert!(e.decide(sa("[2001:db8::1]:53")).allowed());
+        assert!(!e.decide(sa("127.0.0.1:80")).allowed());
     }
 
     #[test]

@@ -1035,6 +1035,42 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
     assert_guest_serves(&format!("http://{ip}:8000"));
+    // A second container of the pod (a sidecar) finds the interface taken
+    // and gets moat's stack from the pod's namespace: it reaches the node
+    // from the pod's address while the first guest keeps serving on it.
+    let gateway = CNI_SUBNET.replace(".0/24", ".1");
+    let listener =
+        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let got = listener.accept().map(|(mut s, peer)| {
+            let mut line = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut line);
+            (peer.ip().to_string(), line)
+        });
+        let _ = tx.send(got);
+    });
+    let cmd = [
+        "sh",
+        "-c",
+        &format!("echo from-the-sidecar | nc -w 10 {gateway} {port}; sleep 600"),
+    ];
+    let sidecar = c
+        .create(&pod_id, &cfg, "sidecar", &cmd, 0)
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
+    c.start_container(&sidecar)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
+    assert_eq!(c.tier(&sidecar).as_deref(), Some("microvm"));
+    let (peer, line) = rx
+        .recv_timeout(std::time::Duration::from_secs(180))
+        .expect("the sidecar's connection")
+        .expect("accept");
+    assert_eq!(
+        (peer.as_str(), line.as_str()),
+        (ip.as_str(), "from-the-sidecar\n")
+    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     c.stop_and_remove_pod(&pod_id);
-    c.remove_all_and_check_clean(&[pod_id, app]);
+    c.remove_all_and_check_clean(&[pod_id, app, sidecar]);
 }
