@@ -24,9 +24,9 @@
 //! moat's stack (the `dev.moat.net.egress` annotation), which serves from
 //! the pod's namespace, reaches out from the pod's address too.
 //!
-//! One guest per namespace: an interface can be taken over once. A
-//! second container of the pod asking for it is refused with what to do
-//! instead.
+//! One guest per namespace: an interface can be taken over once. [`take`]
+//! says when another guest holds it ([`PodNetError::Taken`]); the runtime
+//! then gives that container moat's stack from the namespace instead.
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -96,9 +96,8 @@ pub enum PodNetError {
         source: std::io::Error,
     },
     #[error(
-        "interface {interface} of {} is already another microVM's (one microVM per \
-         network namespace: give this container moat's stack with the \
-         dev.moat.net.egress annotation instead)",
+        "interface {interface} of {} is already another microVM's (one guest per \
+         network namespace)",
         .netns.display()
     )]
     Taken { interface: String, netns: PathBuf },
