@@ -661,7 +661,8 @@ impl MicrovmTier {
         }
         let spare = spare_image(&cache)?;
         let mem_mib = guestspec::guest_memory_mib(&plan.config);
-        let vcpus = guestspec::guest_vcpus(&plan.config);
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let vcpus = guestspec::guest_vcpus(&plan.config, host_cpus);
         Ok(Guest {
             kernel,
             initrd,

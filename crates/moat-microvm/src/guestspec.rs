@@ -333,14 +333,23 @@ pub fn guest_memory_mib(spec: &Value) -> u64 {
     .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)
 }
 
-/// vCPUs for the config: its CPU quota rounded up, 1 without one.
-pub fn guest_vcpus(spec: &Value) -> u8 {
+/// vCPUs for the config: its CPU quota rounded up, 1 without one, at most
+/// [`MAX_VCPUS`] and at most `host_cpus` (the CPUs the runtime may run
+/// on): a vCPU more than the host has gains the guest nothing (the VMM's
+/// cgroup quota bounds its time anyway) and costs its boot a vCPU to
+/// bring up and keep in step — under TCG on this 2-CPU machine a guest
+/// given 16 did not answer within 90 s.
+pub fn guest_vcpus(spec: &Value, host_cpus: usize) -> u8 {
     let cpu = &spec["linux"]["resources"]["cpu"];
+    let most = (host_cpus as u64).clamp(1, u64::from(MAX_VCPUS));
     match (cpu["quota"].as_i64(), cpu["period"].as_u64()) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 16) as u8,
+        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, most) as u8,
         _ => 1,
     }
 }
+
+/// The most vCPUs a guest gets.
+pub const MAX_VCPUS: u8 = 16;
 
 /// What the guest kernel, the agent and the guest's moat take beyond the
 /// container's own limit, plus a margin: with 96 MiB more than its limit,
@@ -544,8 +553,14 @@ mod tests {
         assert_eq!(guest_memory_mib(&gib), 1257);
         let tiny = json!({"linux": {"resources": {"memory": {"limit": 4i64 << 20}}}});
         assert_eq!(guest_memory_mib(&tiny), 4 + GUEST_OVERHEAD_MIB);
-        assert_eq!(guest_vcpus(&json!({})), 1);
+        assert_eq!(guest_vcpus(&json!({}), 8), 1);
         let c = json!({"linux": {"resources": {"cpu": {"quota": 150000, "period": 100000}}}});
-        assert_eq!(guest_vcpus(&c), 2);
+        assert_eq!(guest_vcpus(&c, 8), 2);
+        // Never more than the host's CPUs, nor than MAX_VCPUS.
+        let many = json!({"linux": {"resources": {"cpu": {"quota": 6400000, "period": 100000}}}});
+        assert_eq!(guest_vcpus(&many, 2), 2);
+        assert_eq!(guest_vcpus(&many, 128), MAX_VCPUS);
+        assert_eq!(guest_vcpus(&c, 1), 1);
+        assert_eq!(guest_vcpus(&c, 0), 1);
     }
 }
