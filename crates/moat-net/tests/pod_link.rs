@@ -247,19 +247,11 @@ fn pod_interface_and_tap_redirect_both_ways() {
     }
     let Pair { pod, outside, eth0 } = pair();
     let (tap, tap_index) = pod.run(|| {
-        let tun = moat_net::open_tun().unwrap();
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
-        let name = moat_sys::tun::tun_set_iff(tun.as_fd(), "tap0", flags).unwrap();
         let mut nl = Netlink::open().unwrap();
-        let tap = nl.index(&name).unwrap();
-        nl.set_up(tap, Some(1400)).unwrap();
+        let (tun, tap) = tap0_redirected(&mut nl, eth0);
         let links = nl.links().unwrap();
         let t = links.iter().find(|l| l.index == tap).unwrap();
         assert_eq!(t.kind.as_deref(), Some("tun"));
-        nl.add_ingress_qdisc(eth0).unwrap();
-        nl.add_ingress_qdisc(tap).unwrap();
-        nl.redirect_ingress(eth0, tap).unwrap();
-        nl.redirect_ingress(tap, eth0).unwrap();
         (tun, tap)
     });
     assert_ne!(tap_index, eth0);
@@ -315,16 +307,8 @@ fn the_namespace_keeps_its_ports_beside_the_tap() {
     let Pair { pod, outside, eth0 } = pair();
     let kept = netlink::KEPT_PORTS.0 + 60; // 61500
     let (tap, own, own6, other) = pod.run(|| {
-        let tun = moat_net::open_tun().unwrap();
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
-        let name = moat_sys::tun::tun_set_iff(tun.as_fd(), "tap0", flags).unwrap();
         let mut nl = Netlink::open().unwrap();
-        let tap = nl.index(&name).unwrap();
-        nl.set_up(tap, Some(1400)).unwrap();
-        nl.add_ingress_qdisc(eth0).unwrap();
-        nl.add_ingress_qdisc(tap).unwrap();
-        nl.redirect_ingress(eth0, tap).unwrap();
-        nl.redirect_ingress(tap, eth0).unwrap();
+        let (tun, tap) = tap0_redirected(&mut nl, eth0);
         for f in netlink::shared_filters(tap) {
             nl.add_ingress_filter(eth0, &f).unwrap();
         }
@@ -381,6 +365,21 @@ fn the_namespace_keeps_its_ports_beside_the_tap() {
         std::io::ErrorKind::WouldBlock,
         "the pod's own socket on a port the guest has"
     );
+}
+
+/// `tap0` (up, MTU 1400) in the calling thread's namespace, and `eth0`
+/// and it redirected to each other: its descriptor and index.
+fn tap0_redirected(nl: &mut Netlink, eth0: u32) -> (std::os::fd::OwnedFd, u32) {
+    let tun = moat_net::open_tun().unwrap();
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+    let name = moat_sys::tun::tun_set_iff(tun.as_fd(), "tap0", flags).unwrap();
+    let tap = nl.index(&name).unwrap();
+    nl.set_up(tap, Some(1400)).unwrap();
+    nl.add_ingress_qdisc(eth0).unwrap();
+    nl.add_ingress_qdisc(tap).unwrap();
+    nl.redirect_ingress(eth0, tap).unwrap();
+    nl.redirect_ingress(tap, eth0).unwrap();
+    (tun, tap)
 }
 
 fn sa(a: [u8; 4], port: u16) -> SocketAddr {
