@@ -124,7 +124,8 @@ impl MicrovmTier {
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
-        let mut net = net_request(&req.config.spec)?;
+        let joined = joined_netns(&req.config.spec).map(|p| self.network_meant(p));
+        let mut net = net_request(&req.config.spec, joined.clone())?;
         let own_disk = |p: &Path| own_disk(p);
         let shared_file =
             |p: &Path| shown_host_path(p) && !VOLATILE_ETC.iter().any(|v| p == Path::new(v));
@@ -173,7 +174,7 @@ impl MicrovmTier {
         // When another guest holds that interface (a pod's second
         // container), moat's stack instead, serving from the namespace.
         let mut shares_namespace = false;
-        let pod_link = match (&net, joined_netns(&req.config.spec)) {
+        let pod_link = match (&net, joined) {
             (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
                 match crate::podnet::take(&ns, req.id, host.backend.tap_offloads()) {
                     Err(crate::podnet::PodNetError::Taken { interface, .. }) => {
@@ -827,6 +828,7 @@ fn joined_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
 /// always gets network namespaces of its own, so no host one is needed.
 fn net_request(
     spec: &oci_spec::runtime::Spec,
+    joined: Option<PathBuf>,
 ) -> Result<Option<moat_container::network::NetRequest>, RuntimeError> {
     let mut req = moat_container::network::NetRequest::from_spec(spec, true)
         .map_err(|e| RuntimeError::Invalid(moat_core::error_chain(&e)))?;
@@ -834,7 +836,7 @@ fn net_request(
     // guest cannot, so the stack serves from it — its connections leave
     // from the pod's addresses, its published ports listen there.
     if let Some(r) = &mut req {
-        r.netns = joined_netns(spec);
+        r.netns = joined;
     }
     Ok(req)
 }

@@ -514,6 +514,34 @@ impl MicrovmTier {
         )?)
     }
 
+    /// The network a config means when it joins `path`: where `path` is
+    /// the network namespace of a running microVM's VMM process (Podman's
+    /// and Docker's `--network container:NAME`, which name the namespace
+    /// of NAME's process), the namespace whose interface that guest took
+    /// over — the VMM's own is an empty jail's; otherwise `path` itself.
+    fn network_meant(&self, path: PathBuf) -> PathBuf {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return path;
+        };
+        let same = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        };
+        for id in self.sd.list().unwrap_or_default() {
+            let Ok(st) = self.sd.load(&id) else { continue };
+            if st.tier != moat_core::tier::Tier::Microvm
+                || !Self::alive(&st)
+                || !same(&PathBuf::from(format!("/proc/{}/ns/net", st.pid)))
+            {
+                continue;
+            }
+            if let Some(rec) = self.part(&st).ok().and_then(|p| p.pod_link) {
+                return rec.netns;
+            }
+        }
+        path
+    }
+
     fn alive(st: &State) -> bool {
         st.pid > 0
             && moat_jail::procfs::proc_stat(st.pid)

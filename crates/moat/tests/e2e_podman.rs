@@ -431,6 +431,45 @@ fn podman_selects_every_tier() {
         .to_owned();
     assert!(!ip.is_empty(), "Podman gave the container an address");
     assert_guest_serves(&format!("http://{ip}:8000"));
+    // A second microVM on that container's network (`--network
+    // container:vmnet`, which names the namespace of vmnet's process, the
+    // VMM's jail): it gets vmnet's network, through moat's stack since
+    // vmnet's guest holds the interface, and reaches the host from
+    // vmnet's address.
+    let gateway = pm
+        .cmd(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "vmnet"])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_owned();
+    let listener =
+        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("the second microVM's connection");
+        let mut line = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut line);
+        (peer.ip().to_string(), line)
+    });
+    pm.cmd(&[
+        "--runtime-flag",
+        "isolation=microvm",
+        "run",
+        "--rm",
+        "--network",
+        "container:vmnet",
+        "moatbb",
+        "sh",
+        "-c",
+        &format!("echo from-the-second | nc -w 10 {gateway} {port}"),
+    ])
+    .expect_ok();
+    let (peer, line) = accepted.join().unwrap();
+    assert_eq!(
+        (peer.as_str(), line.as_str()),
+        (ip.as_str(), "from-the-second\n")
+    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     pm.cmd(&["rm", "-f", "-t", "0", "vmnet"]).expect_ok();
     // By program name.
     let sb = pm
