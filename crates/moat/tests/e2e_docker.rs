@@ -453,6 +453,42 @@ fn docker_daemon_json_runtimes_select_tiers() {
     );
     assert!(!ip.is_empty(), "Docker gave the container an address");
     assert_guest_serves(&format!("http://{ip}:8000"));
+    // A second microVM on its network (`--network container:vmnet`: the
+    // namespace of vmnet's process, the VMM's, where the interface is):
+    // vmnet's guest holds the interface, so this one reaches out through
+    // moat's stack from vmnet's address.
+    let gateway = dk.inspect(
+        "vmnet",
+        "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
+    );
+    let listener =
+        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("the second microVM's connection");
+        let mut line = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut line);
+        (peer.ip().to_string(), line)
+    });
+    dk.cmd(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "moat-vm-flag",
+        "--network",
+        "container:vmnet",
+        "moatbb",
+        "sh",
+        "-c",
+        &format!("echo from-the-second | nc -w 10 {gateway} {port}"),
+    ])
+    .expect_ok();
+    let (peer, line) = accepted.join().unwrap();
+    assert_eq!(
+        (peer.as_str(), line.as_str()),
+        (ip.as_str(), "from-the-second\n")
+    );
+    assert_guest_serves(&format!("http://{ip}:8000"));
     dk.cmd(&["rm", "-f", "vmnet"]).expect_ok();
     dk.cmd(&["network", "rm", "moatvmnet"]).expect_ok();
     drop(dk);
