@@ -10,19 +10,19 @@
 //! redirected to the other's egress (tc: an `ingress` qdisc, a `u32`
 //! filter matching every frame, a `mirred` egress redirect). Frames then
 //! pass between the pod's wire and the VMM untouched; the namespace's own
-//! stack no longer sees them, but for its share (below). The VMM holds the TAP's only descriptor, so
-//! the TAP goes when the VMM does; `delete` removes the interface's
-//! ingress qdisc (and with it the redirection).
+//! stack no longer sees them, but for its share (below). The VMM holds the
+//! TAP's only descriptor, so the TAP goes when the VMM does; `delete`
+//! removes the interface's ingress qdisc (and with it the redirection).
 //!
 //! The namespace's own stack keeps a share of the interface, for the
 //! other containers of the pod: its ephemeral ports are moved to
 //! [`KEPT_PORTS`](moat_net::netlink::KEPT_PORTS) (61440–65535, which a
 //! Linux guest's default range, 32768–60999, never uses), TCP and UDP
-//! arriving for those ports pass to it instead of the guest, and ARP and IPv6 neighbour solicitations and
-//! advertisements go to both (the guest answers with the interface's own
-//! MAC, as the namespace does). So a second microVM of the pod, given
-//! moat's stack (the `dev.moat.net.egress` annotation), which serves from
-//! the pod's namespace, reaches out from the pod's address too.
+//! arriving for those ports pass to it instead of the guest, and ARP and
+//! IPv6 neighbour solicitations and advertisements go to both (the guest
+//! answers with the interface's own MAC, as the namespace does). So a
+//! second microVM of the pod, given moat's stack, which serves from the
+//! pod's namespace, reaches out from the pod's address too.
 //!
 //! One guest per namespace: an interface can be taken over once. [`take`]
 //! says when another guest holds it ([`PodNetError::Taken`]); the runtime
