@@ -23,7 +23,12 @@ pub fn config(data: &[u8]) {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let _ = moat_core::spec::unknown_properties(&v);
         let _ = moat_microvm::guestspec::guest_memory_mib(&v);
-        let _ = moat_microvm::guestspec::guest_vcpus(&v);
+        // Hosts of one CPU, of this machine's two, and of more than the
+        // guest's most.
+        for host_cpus in [1, 2, 64] {
+            let vcpus = moat_microvm::guestspec::guest_vcpus(&v, host_cpus);
+            assert!(vcpus >= 1 && usize::from(vcpus) <= host_cpus.max(1));
+        }
     }
     let Ok(parsed) = moat_core::spec::parse(data, path) else {
         return;
