@@ -515,31 +515,32 @@ impl MicrovmTier {
     }
 
     /// The network a config means when it joins `path`: where `path` is
-    /// the network namespace of a running microVM's VMM process (Podman's
-    /// and Docker's `--network container:NAME`, which name the namespace
-    /// of NAME's process), the namespace whose interface that guest took
+    /// `/proc/PID/ns/net` of a running microVM's VMM process (Podman's and
+    /// Docker's `--network container:NAME`, which name the namespace of
+    /// NAME's process), the namespace whose interface that guest took
     /// over — the VMM's own is an empty jail's; otherwise `path` itself.
+    /// Other paths (a pod's `/var/run/netns/…`) cost no lookup.
     fn network_meant(&self, path: PathBuf) -> PathBuf {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = std::fs::metadata(&path) else {
+        let pid = path.strip_prefix("/proc").ok().and_then(|rest| {
+            let mut parts = rest.components();
+            let pid = parts.next()?.as_os_str().to_str()?.parse::<i32>().ok()?;
+            (parts.as_path() == std::path::Path::new("ns/net")).then_some(pid)
+        });
+        let Some(pid) = pid else {
             return path;
         };
-        let same = |p: &std::path::Path| {
-            std::fs::metadata(p).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
-        };
-        for id in self.sd.list().unwrap_or_default() {
-            let Ok(st) = self.sd.load(&id) else { continue };
-            if st.tier != moat_core::tier::Tier::Microvm
-                || !Self::alive(&st)
-                || !same(&PathBuf::from(format!("/proc/{}/ns/net", st.pid)))
-            {
-                continue;
-            }
-            if let Some(rec) = self.part(&st).ok().and_then(|p| p.pod_link) {
-                return rec.netns;
-            }
-        }
-        path
+        let vmm = self
+            .sd
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|id| {
+                let st = self.sd.load(&id).ok()?;
+                (st.tier == moat_core::tier::Tier::Microvm && st.pid == pid && Self::alive(&st))
+                    .then_some(st)
+            });
+        vmm.and_then(|st| self.part(&st).ok()?.pod_link)
+            .map_or(path, |rec| rec.netns)
     }
 
     fn alive(st: &State) -> bool {
