@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use engines::{
     assert_guest_serves, base_dir, can_run, moat_links, oci_archive_of, s, sh, Daemon,
-    GUEST_SERVER, IMAGE,
+    OneConnection, GUEST_SERVER, IMAGE,
 };
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -1039,22 +1039,14 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     // and gets moat's stack from the pod's namespace: it reaches the node
     // from the pod's address while the first guest keeps serving on it.
     let gateway = CNI_SUBNET.replace(".0/24", ".1");
-    let listener =
-        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let got = listener.accept().map(|(mut s, peer)| {
-            let mut line = String::new();
-            let _ = std::io::Read::read_to_string(&mut s, &mut line);
-            (peer.ip().to_string(), line)
-        });
-        let _ = tx.send(got);
-    });
+    let node = OneConnection::listen(&gateway);
     let cmd = [
         "sh",
         "-c",
-        &format!("echo from-the-sidecar | nc -w 10 {gateway} {port}; sleep 600"),
+        &format!(
+            "echo from-the-sidecar | nc -w 10 {gateway} {}; sleep 600",
+            node.port
+        ),
     ];
     let sidecar = c
         .create(&pod_id, &cfg, "sidecar", &cmd, 0)
@@ -1062,10 +1054,7 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     c.start_container(&sidecar)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&sidecar).as_deref(), Some("microvm"));
-    let (peer, line) = rx
-        .recv_timeout(std::time::Duration::from_secs(180))
-        .expect("the sidecar's connection")
-        .expect("accept");
+    let (peer, line) = node.wait();
     assert_eq!(
         (peer.as_str(), line.as_str()),
         (ip.as_str(), "from-the-sidecar\n")

@@ -7,7 +7,7 @@ mod engines;
 
 use engines::{
     assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
-    Daemon, Out, GUEST_SERVER,
+    Daemon, OneConnection, Out, GUEST_SERVER,
 };
 
 struct Docker {
@@ -461,15 +461,7 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "vmnet",
         "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
     );
-    let listener =
-        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
-    let port = listener.local_addr().unwrap().port();
-    let accepted = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().expect("the second microVM's connection");
-        let mut line = String::new();
-        let _ = std::io::Read::read_to_string(&mut conn, &mut line);
-        (peer.ip().to_string(), line)
-    });
+    let host = OneConnection::listen(&gateway);
     dk.cmd(&[
         "run",
         "--rm",
@@ -480,10 +472,10 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "moatbb",
         "sh",
         "-c",
-        &format!("echo from-the-second | nc -w 10 {gateway} {port}"),
+        &format!("echo from-the-second | nc -w 10 {gateway} {}", host.port),
     ])
     .expect_ok();
-    let (peer, line) = accepted.join().unwrap();
+    let (peer, line) = host.wait();
     assert_eq!(
         (peer.as_str(), line.as_str()),
         (ip.as_str(), "from-the-second\n")

@@ -7,7 +7,7 @@ mod engines;
 
 use engines::{
     assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
-    Daemon, Out, GUEST_SERVER,
+    Daemon, OneConnection, Out, GUEST_SERVER,
 };
 
 struct Podman {
@@ -423,12 +423,7 @@ fn podman_selects_every_tier() {
         GUEST_SERVER,
     ])
     .expect_ok();
-    let ip = pm
-        .cmd(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "vmnet"])
-        .expect_ok()
-        .stdout
-        .trim()
-        .to_owned();
+    let ip = pm.inspect("vmnet", "{{.NetworkSettings.IPAddress}}");
     assert!(!ip.is_empty(), "Podman gave the container an address");
     assert_guest_serves(&format!("http://{ip}:8000"));
     // A second microVM on that container's network (`--network
@@ -436,21 +431,8 @@ fn podman_selects_every_tier() {
     // VMM's jail): it gets vmnet's network, through moat's stack since
     // vmnet's guest holds the interface, and reaches the host from
     // vmnet's address.
-    let gateway = pm
-        .cmd(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "vmnet"])
-        .expect_ok()
-        .stdout
-        .trim()
-        .to_owned();
-    let listener =
-        std::net::TcpListener::bind((gateway.as_str(), 0)).expect("a port on the bridge");
-    let port = listener.local_addr().unwrap().port();
-    let accepted = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().expect("the second microVM's connection");
-        let mut line = String::new();
-        let _ = std::io::Read::read_to_string(&mut conn, &mut line);
-        (peer.ip().to_string(), line)
-    });
+    let gateway = pm.inspect("vmnet", "{{.NetworkSettings.Gateway}}");
+    let host = OneConnection::listen(&gateway);
     pm.cmd(&[
         "--runtime-flag",
         "isolation=microvm",
@@ -461,10 +443,10 @@ fn podman_selects_every_tier() {
         "moatbb",
         "sh",
         "-c",
-        &format!("echo from-the-second | nc -w 10 {gateway} {port}"),
+        &format!("echo from-the-second | nc -w 10 {gateway} {}", host.port),
     ])
     .expect_ok();
-    let (peer, line) = accepted.join().unwrap();
+    let (peer, line) = host.wait();
     assert_eq!(
         (peer.as_str(), line.as_str()),
         (ip.as_str(), "from-the-second\n")

@@ -158,6 +158,40 @@ pub fn assert_guest_serves(base: &str) {
 }
 
 /// A microVM container's command for [`assert_guest_serves`] (port 8000).
+/// A TCP listener on `addr` (a bridge's address on the host) that takes
+/// one connection and reads it to its end: what a container on that
+/// network sends, and from which address.
+pub struct OneConnection {
+    pub port: u16,
+    got: std::sync::mpsc::Receiver<std::io::Result<(String, String)>>,
+}
+
+impl OneConnection {
+    pub fn listen(addr: &str) -> OneConnection {
+        let listener = std::net::TcpListener::bind((addr, 0)).expect("a port on the bridge");
+        let port = listener.local_addr().unwrap().port();
+        let (tx, got) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let conn = listener.accept().map(|(mut s, peer)| {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut s, &mut text);
+                (peer.ip().to_string(), text)
+            });
+            let _ = tx.send(conn);
+        });
+        OneConnection { port, got }
+    }
+
+    /// The peer's address and what it sent (up to 180 s: a microVM
+    /// booting cold on a loaded machine).
+    pub fn wait(&self) -> (String, String) {
+        self.got
+            .recv_timeout(Duration::from_secs(180))
+            .expect("a connection")
+            .expect("accept")
+    }
+}
+
 pub const GUEST_SERVER: &str = "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000";
 
 /// A busybox-static root filesystem (an applet symlink for each command,
