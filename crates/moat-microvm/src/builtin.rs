@@ -56,7 +56,7 @@ pub fn jail_plan(
     keep_fds.extend(config.agent.as_ref().map(|s| s.as_raw_fd()));
     keep_fds.extend(config.net.as_ref().map(|n| match &n.backend {
         moat_vmm::NetBackend::Stream(s) => s.as_raw_fd(),
-        moat_vmm::NetBackend::Tap(f) => f.as_raw_fd(),
+        moat_vmm::NetBackend::Tap { file, .. } => file.as_raw_fd(),
     }));
     keep_fds.extend(config.fs.iter().map(|f| f.socket.as_raw_fd()));
     keep_fds.extend(

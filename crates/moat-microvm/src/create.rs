@@ -176,7 +176,7 @@ impl MicrovmTier {
         let mut shares_namespace = false;
         let pod_link = match (&net, joined) {
             (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
-                match crate::podnet::take(&ns, req.id, host.backend.tap_offloads()) {
+                match crate::podnet::take(&ns, req.id) {
                     Err(crate::podnet::PodNetError::Taken { interface, .. }) => {
                         net = Some(pod_share(&ns, &interface));
                         shares_namespace = true;
@@ -197,14 +197,9 @@ impl MicrovmTier {
             (net.is_none() && pod_link.is_none() && !rootless && has_host_hooks(&req.config.spec))
                 .then(|| crate::podnet::tap_name(req.id));
         // The guest's network device, as its snapshot must match it: on a
-        // TAP (the interface taken or to be taken), with offloads where
-        // the backend takes them.
+        // TAP (the interface taken or to be taken), with offloads.
         let net_device = if pod_link.is_some() || own_tap.is_some() {
-            Some(if host.backend.tap_offloads() {
-                snapshot::NetDevice::Offloads
-            } else {
-                snapshot::NetDevice::Frames
-            })
+            Some(snapshot::NetDevice::Offloads)
         } else {
             net.is_some().then_some(snapshot::NetDevice::Frames)
         };

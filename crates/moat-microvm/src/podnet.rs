@@ -227,9 +227,9 @@ fn guest_net(link: &LinkInfo, addrs: &[AddrInfo], routes: &[RouteInfo]) -> Guest
 }
 
 /// Takes over the interface of the network namespace at `netns` for
-/// container `id`'s guest (its TAP with a virtio-net header when
-/// `vnet_hdr`, [`make_tap`]); `Ok(None)` when it has none to take.
-pub fn take(netns: &Path, id: &str, vnet_hdr: bool) -> Result<Option<PodLink>, PodNetError> {
+/// container `id`'s guest (its TAP: [`make_tap`]); `Ok(None)` when it has
+/// none to take.
+pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
     let tap = tap_name(id);
     in_netns(netns, || {
         let mut n = Netlink::open().map_err(nl("open rtnetlink"))?;
@@ -247,7 +247,7 @@ pub fn take(netns: &Path, id: &str, vnet_hdr: bool) -> Result<Option<PodLink>, P
             });
         }
         let guest = guest_net(link, &addrs, &routes);
-        let fd = make_tap(&tap, vnet_hdr).map_err(|source| PodNetError::Tap {
+        let fd = make_tap(&tap).map_err(|source| PodNetError::Tap {
             name: tap.clone(),
             source,
         })?;
@@ -325,19 +325,18 @@ fn redirect(
 
 /// Makes the TAP device `name` in the calling thread's network namespace
 /// (blocking, close-on-exec; moat's own VMM makes it non-blocking, QEMU
-/// too), each frame after a virtio-net header when `vnet_hdr`
-/// ([`crate::vmm::Backend::tap_offloads`]). For the VMM process in a
-/// namespace of its own, before its jail: see [`take_into`].
-pub fn make_tap(name: &str, vnet_hdr: bool) -> std::io::Result<OwnedFd> {
+/// too), each frame after a virtio-net header (`IFF_VNET_HDR`): both
+/// backends pass it through to the guest's device, which then offers
+/// checksum and segmentation offloads, and set the TAP's offloads to the
+/// ones the guest accepted. For the VMM process in a namespace of its
+/// own, before its jail: see [`take_into`].
+pub fn make_tap(name: &str) -> std::io::Result<OwnedFd> {
     let fd = rustix::fs::open(
         "/dev/net/tun",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )?;
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
-    if vnet_hdr {
-        flags |= libc::IFF_VNET_HDR;
-    }
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
     moat_sys::tun::tun_set_iff(fd.as_fd(), name, flags as i16)?;
     Ok(fd)
 }

@@ -248,7 +248,7 @@ pub const BUILTIN_COMMON: &[(&str, &str)] = &[
 pub const BUILTIN_VCPU: &[(&str, &str)] = &[
     (
         "ioctl",
-        "KVM_RUN, and reading its own vCPU's state for a snapshot (the filter checks the requests)",
+        "KVM_RUN, reading its own vCPU's state for a snapshot, and TUNSETOFFLOAD when the guest's driver starts or resets its network card on a TAP (the filter checks the requests)",
     ),
     ("read", "virtio-blk reads from its image"),
     (
@@ -359,7 +359,10 @@ pub const BUILTIN_SETUP: &[(&str, &str)] = &[
         "vhost-user requests opening a read-write volume's virtiofsd session",
     ),
     ("recvmsg", "virtiofsd's replies to those requests"),
-    ("ioctl", "KVM's requests only (the filter checks the type)"),
+    (
+        "ioctl",
+        "KVM's requests (the filter checks the type), and a TAP's header length and offloads (the requests checked)",
+    ),
     ("rt_sigaction", "the vCPU kick signal's handler"),
     (
         "clone",
@@ -397,15 +400,26 @@ const IOCTL_TYPE_MASK: u64 = 0xff00;
 const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
 const PR_SET_NAME: u64 = libc::PR_SET_NAME as u64;
 const PR_SET_NO_NEW_PRIVS: u64 = libc::PR_SET_NO_NEW_PRIVS as u64;
+/// A TAP's offloads, set to what the guest's driver accepted (on the vCPU
+/// thread that starts or resets the network card; at set-up, cleared, and
+/// on a restore, the saved driver's).
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+/// A TAP's virtio-net header length, at set-up.
+const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ;
 
-/// The `ioctl` requests of `role`: a vCPU's `KVM_RUN` and the reads of
-/// its state for a snapshot; the main thread's reads of the VM's
-/// in-kernel devices for one.
+/// The `ioctl` requests of `role`: a vCPU's `KVM_RUN`, the reads of its
+/// state for a snapshot, and a TAP's offloads (the network card's driver
+/// starts and resets it through MMIO writes, which the vCPU's thread
+/// handles); the main thread's reads of the VM's in-kernel devices for a
+/// snapshot.
 fn builtin_ioctls(role: moat_vmm::ThreadRole) -> Vec<u64> {
     use moat_vmm::snapshot::requests;
     use moat_vmm::ThreadRole;
     match role {
-        ThreadRole::Vcpu => std::iter::once(KVM_RUN).chain(requests::vcpu()).collect(),
+        ThreadRole::Vcpu => [KVM_RUN, TUNSETOFFLOAD]
+            .into_iter()
+            .chain(requests::vcpu())
+            .collect(),
         ThreadRole::Main => requests::vm().to_vec(),
         ThreadRole::AgentIo | ThreadRole::NetIo | ThreadRole::Control => Vec::new(),
     }
@@ -534,6 +548,8 @@ pub fn builtin_setup_profile() -> Result<oci_spec::runtime::LinuxSeccomp, oci_sp
             ScmpCmpMaskedEq,
             (KVMIO_TYPE, Some(IOCTL_TYPE_MASK)),
         )?,
+        allow_if("ioctl", 1, ScmpCmpEq, (TUNSETVNETHDRSZ, None))?,
+        allow_if("ioctl", 1, ScmpCmpEq, (TUNSETOFFLOAD, None))?,
         allow_if(
             "clone",
             0,

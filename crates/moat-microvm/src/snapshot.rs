@@ -65,14 +65,15 @@ pub struct Identity<'a> {
 /// Which virtio-net device a VM has, as far as its snapshot can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetDevice {
-    /// Its back end passes bare frames (moat's stack over a stream; moat's
-    /// own VMM's TAP): the device offers no offloads.
+    /// Its back end passes bare frames (moat's stack over a stream): the
+    /// device offers no offloads.
     Frames,
-    /// Its back end takes a virtio-net header with each frame (QEMU on a
-    /// TAP opened with `IFF_VNET_HDR`): the device offers checksum and
-    /// segmentation offloads, and the guest negotiated them. QEMU refuses
-    /// to restore those features onto a back end without the header, so
-    /// such a guest is saved and restored apart.
+    /// Its back end takes a virtio-net header with each frame (a TAP
+    /// opened with `IFF_VNET_HDR`, under either backend): the device
+    /// offers checksum and segmentation offloads, and the guest negotiated
+    /// them. Neither backend restores those features onto a back end
+    /// without the header (QEMU refuses; moat's own VMM does not offer
+    /// them there), so such a guest is saved and restored apart.
     Offloads,
 }
 

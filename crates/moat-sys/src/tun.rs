@@ -1,4 +1,5 @@
-//! TUN/TAP devices: `TUNSETIFF`, which neither rustix nor nix wraps.
+//! TUN/TAP devices: `TUNSETIFF`, `TUNSETOFFLOAD` and `TUNSETVNETHDRSZ`,
+//! which neither rustix nor nix wraps.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -37,4 +38,46 @@ pub fn tun_set_iff(fd: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<Str
     }
     let end = req.name.iter().position(|&b| b == 0).unwrap_or(16);
     Ok(String::from_utf8_lossy(&req.name[..end]).into_owned())
+}
+
+/// Sets the offloads (`TUN_F_*` flags) of the TAP `fd` is attached to:
+/// what it may hand its reader (segments, frames whose checksum is left to
+/// do), each described by the virtio-net header before it (`TUNSETOFFLOAD`).
+pub fn set_offload(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    // SAFETY: `fd` is a descriptor borrowed for the whole call.
+    // TUNSETOFFLOAD takes its argument by value (an unsigned int of
+    // flags): it reads no memory of this process and keeps nothing.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the length of the virtio-net header before each frame of the TAP
+/// `fd` is attached to, when it was made with `IFF_VNET_HDR` (10 bytes by
+/// default, the legacy header; 12 with `num_buffers`) (`TUNSETVNETHDRSZ`).
+pub fn set_vnet_hdr_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<()> {
+    let size =
+        libc::c_int::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fd` is a descriptor borrowed for the whole call.
+    // TUNSETVNETHDRSZ reads one int through the pointer, which points at
+    // `size`, alive and unchanged for the call; nothing keeps the pointer.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETVNETHDRSZ,
+            &size as *const libc::c_int,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

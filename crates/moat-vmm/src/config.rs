@@ -156,12 +156,20 @@ pub enum NetBackend {
     /// length, both ways (QEMU's `-netdev stream`; moat's user-space
     /// stack).
     Stream(UnixStream),
-    /// A TAP device's descriptor (`IFF_TAP | IFF_NO_PI`, no vnet header):
-    /// one frame per `read` and per `write`. The device makes it
-    /// non-blocking (a flag of the open file, so any copy of the
-    /// descriptor sees it too): a frame the TAP cannot take at once is
-    /// dropped, and the I/O thread waits in `ppoll`.
-    Tap(File),
+    /// A TAP device's descriptor (`IFF_TAP | IFF_NO_PI`): one frame per
+    /// `read` and per `write`. The device makes it non-blocking (a flag of
+    /// the open file, so any copy of the descriptor sees it too): a frame
+    /// the TAP cannot take at once is dropped, and the I/O thread waits in
+    /// `ppoll`.
+    Tap {
+        /// The descriptor.
+        file: File,
+        /// Whether the TAP was made with `IFF_VNET_HDR`: each frame then
+        /// comes and goes after a virtio-net header, and the guest gets
+        /// checksum and segmentation offloads
+        /// ([`crate::virtio::net::OFFLOADS`]). Without it, bare frames.
+        vnet_hdr: bool,
+    },
 }
 
 impl From<UnixStream> for NetBackend {

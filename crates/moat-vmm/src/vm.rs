@@ -370,8 +370,9 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
                     net::FrameQueue::close,
                 ));
             }
-            NetBackend::Tap(tap) => {
-                let (dev, rx, reader) = Net::with_tap(tap, n.mac, n.mtu).map_err(device_err)?;
+            NetBackend::Tap { file, vnet_hdr } => {
+                let (dev, rx, reader) =
+                    Net::with_tap(file, n.mac, n.mtu, vnet_hdr).map_err(device_err)?;
                 let transport = set.add(vm, mem, dev)?;
                 let stop = reader.stopper();
                 set.io.push(io_side(

@@ -222,20 +222,24 @@ fn virtio_net_carries_frames_both_ways_in_the_stacks_framing() {
     assert_eq!(&body[23..], &frame[..]);
 }
 
-/// The built-in VMM's network card on a TAP device, as a pod's interface is
-/// handed to a guest: the guest's ARP request for 10.0.2.2 is answered by
-/// the host's kernel, which holds that address on the TAP. The VM's end
-/// stops the TAP's I/O thread, which waits on the quiet TAP (else `run`
-/// would not return).
+/// The built-in VMM's network card on a TAP device with a virtio-net
+/// header, as a pod's interface is handed to a guest: the guest's ARP
+/// request for 10.0.2.2 (after its header, which the TAP reads) is
+/// answered by the host's kernel, which holds that address on the TAP
+/// (the reply after the TAP's header). The VM's end stops the TAP's I/O
+/// thread, which waits on the quiet TAP (else `run` would not return).
 #[test]
 fn virtio_net_on_a_tap_is_answered_by_the_host_kernel() {
     if !kvm_available() {
         return;
     }
-    let (tap, _udp) = tap::quiet_tap(std::net::Ipv4Addr::new(10, 0, 2, 2), 1500);
+    let (tap, _udp) = tap::quiet_tap(std::net::Ipv4Addr::new(10, 0, 2, 2), 1500, true);
     let mut config = VmConfig::new(payload(include_bytes!("payloads/arp.bin")), 1, 16);
     config.net = Some(moat_vmm::NetConfig {
-        backend: moat_vmm::NetBackend::Tap(tap),
+        backend: moat_vmm::NetBackend::Tap {
+            file: tap,
+            vnet_hdr: true,
+        },
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 1500,
     });

@@ -304,7 +304,11 @@ fn builtin_child(
                 super::GuestLink::Stream(fd) => {
                     moat_vmm::NetBackend::Stream(UnixStream::from(dup(fd)?))
                 }
-                super::GuestLink::Tap(fd) => moat_vmm::NetBackend::Tap(File::from(dup(fd)?)),
+                // moat's TAPs carry the header (`podnet::make_tap`).
+                super::GuestLink::Tap(fd) => moat_vmm::NetBackend::Tap {
+                    file: File::from(dup(fd)?),
+                    vnet_hdr: true,
+                },
             },
             mac: qemu::GUEST_MAC_BYTES,
             mtu: u16::try_from(moat_net::NetConfig::default().mtu)

@@ -43,15 +43,6 @@ impl Backend {
             Backend::Builtin => qemu::guest_cmdline(qemu::Accel::Kvm, None),
         }
     }
-
-    /// Whether a TAP for this backend is opened with a virtio-net header
-    /// (`IFF_VNET_HDR`), so that the guest gets checksum and segmentation
-    /// offloads: QEMU's TAP back end takes the header (it finds it on the
-    /// descriptor it is given, and sets the TAP's offloads to the ones the
-    /// guest negotiated); moat's own VMM passes bare frames.
-    pub fn tap_offloads(&self) -> bool {
-        matches!(self, Backend::Qemu { .. })
-    }
 }
 
 /// The VMM's process (QEMU, or the child running moat's own VMM), reaped
@@ -112,8 +103,9 @@ pub enum GuestLink {
     Stream(OwnedFd),
     /// A TAP device beside the interface of a joined namespace, each
     /// redirected to the other ([`crate::podnet`]): one frame per read
-    /// and write, after a virtio-net header where the backend takes one
-    /// ([`Backend::tap_offloads`]).
+    /// and write, after a virtio-net header ([`crate::podnet::make_tap`]),
+    /// which either backend passes through to the guest's device with
+    /// checksum and segmentation offloads.
     Tap(OwnedFd),
 }
 
@@ -256,11 +248,9 @@ fn start(
     one: &moat_sys::process::OneThread,
 ) -> Result<(boot::Booted, crate::control::StartKind), VmmError> {
     if let Some(name) = &plan.own_tap {
-        let tap = crate::podnet::make_tap(name, plan.backend.tap_offloads()).map_err(|source| {
-            VmmError::Io {
-                step: format!("create the TAP device {name}"),
-                source,
-            }
+        let tap = crate::podnet::make_tap(name).map_err(|source| VmmError::Io {
+            step: format!("create the TAP device {name}"),
+            source,
         })?;
         plan.net = Some(GuestLink::Tap(tap));
     }

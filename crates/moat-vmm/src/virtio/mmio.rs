@@ -182,6 +182,13 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         self.driver_features = s.driver_features;
         self.status = s.status;
         self.interrupt_status = s.interrupt_status;
+        // A device the saved driver had started starts again here, with
+        // what that driver accepted (a TAP's offloads).
+        if self.active() {
+            self.device
+                .activate(&self.queues, &self.mem, self.driver_features)
+                .map_err(|e| format!("start the restored device: {e}"))?;
+        }
         Ok(())
     }
 
@@ -493,6 +500,67 @@ mod tests {
         assert!(refused(&|s| s.queues[0].event_idx_enabled = true).contains("event indices"));
         assert!(refused(&|s| s.queues[0].size = 3).contains("saved queue"));
         assert!(refused(&|s| s.queues[0].max_size = 1024).contains("entries"));
+    }
+
+    /// A device that records the features it was started with, and whose
+    /// start fails when told to.
+    struct Starts {
+        started: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+        fail: bool,
+    }
+    impl VirtioDevice for Starts {
+        fn device_id(&self) -> u32 {
+            4
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1 << 3
+        }
+        fn queue_count(&self) -> usize {
+            1
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process(&mut self, _: usize, _: &mut Queue, _: &GuestMem) -> bool {
+            false
+        }
+        fn activate(&mut self, _: &[Queue], _: &GuestMem, features: u64) -> Result<(), String> {
+            *self.started.lock().unwrap() = Some(features);
+            if self.fail {
+                return Err("refused".into());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_restored_device_its_driver_had_started_starts_with_its_features() {
+        let mut saved = driven().state();
+        saved.driver_features |= 1 << 3;
+        let restore = |state: &crate::snapshot::TransportState, fail: bool| {
+            let started = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let dev = Starts {
+                started: started.clone(),
+                fail,
+            };
+            let mut t = MmioTransport::new(dev, Count::default(), mem);
+            let r = t.set_state(state);
+            let got = *started.lock().unwrap();
+            (r, got)
+        };
+        let (ok, started) = restore(&saved, false);
+        ok.unwrap();
+        assert_eq!(started, Some(VIRTIO_F_VERSION_1 | 1 << 3));
+        // A start that fails fails the restore.
+        let (err, _) = restore(&saved, true);
+        assert!(err.unwrap_err().contains("refused"));
+        // Saved before the driver started it: not started.
+        let mut before = saved.clone();
+        before.status = 0xb;
+        let (ok, started) = restore(&before, false);
+        ok.unwrap();
+        assert_eq!(started, None);
     }
 
     #[test]

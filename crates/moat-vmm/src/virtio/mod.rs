@@ -81,9 +81,11 @@ pub trait VirtioDevice: Send {
     /// Consumes available buffers of queue `index`; returns whether any were
     /// put in the used ring (so the driver must be interrupted).
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
-    /// The driver set DRIVER_OK with `features`: a device served
-    /// elsewhere (vhost-user) hands over its queues here. An error marks
-    /// the device as needing a reset.
+    /// The driver set DRIVER_OK with `features` (or a snapshot restored
+    /// a device its driver had started): a device served elsewhere
+    /// (vhost-user) hands over its queues here, a TAP takes the offloads
+    /// the driver accepted. An error marks the device as needing a reset
+    /// (fails the restore).
     fn activate(&mut self, queues: &[Queue], mem: &GuestMem, features: u64) -> Result<(), String> {
         let _ = (queues, mem, features);
         Ok(())

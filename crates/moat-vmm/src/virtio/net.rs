@@ -2,11 +2,23 @@
 //! connected host stream socket, each after a 4-byte big-endian length —
 //! what QEMU's `-netdev stream` speaks and moat's user-space stack
 //! (`moat-net`) serves, so the same stack process sits behind either
-//! backend — or through a TAP device (`IFF_TAP | IFF_NO_PI`, no vnet
-//! header), one frame per `read` and per `write` (a pod's interface
-//! redirected to it). One queue pair, no control queue, no offloads: the
-//! device offers `VIRTIO_NET_F_MAC` and `VIRTIO_NET_F_MTU` and nothing
-//! else, so every frame is whole and every header zero.
+//! backend — or through a TAP device (`IFF_TAP | IFF_NO_PI`), one frame
+//! per `read` and per `write` (a pod's interface redirected to it). One
+//! queue pair, no control queue. The device offers `VIRTIO_NET_F_MAC` and
+//! `VIRTIO_NET_F_MTU`; on a stream, or a TAP without a virtio-net header,
+//! nothing else: every frame is whole and every header zero.
+//!
+//! On a TAP opened with a virtio-net header (`IFF_VNET_HDR`, as moat's
+//! runtime opens every TAP it gives a guest) the header passes through
+//! both ways, and the device offers checksum offload and TCP segmentation
+//! both ways ([`OFFLOADS`]): the guest sends and receives segments of up
+//! to 64 KiB with their checksums left to whoever delivers them, and the
+//! host's kernel splits, merges and checks them (as for a TAP under QEMU
+//! or Firecracker). The TAP's own offloads (`TUNSETOFFLOAD`: what it may
+//! hand the device) are set to what the driver accepted when it starts
+//! the device, and cleared when it resets it. Receive buffers are not
+//! merged (`VIRTIO_NET_F_MRG_RXBUF` is not offered): a driver that takes
+//! segmentation posts buffers of 64 KiB (Linux's "big packets").
 //!
 //! Frames from the host wait in a bounded queue ([`RX_FRAMES`]) until the
 //! guest posts receive buffers; a frame longer than the buffer the guest
@@ -14,18 +26,24 @@
 //! the guest transmits is written to the host side at once: to a socket
 //! whole (the guest waits on a slow host, as with the console); to a TAP,
 //! which is non-blocking, in one `write` or not at all (dropped, counted,
-//! as a NIC whose queue is full).
+//! as a NIC whose queue is full; a header the TAP refuses drops its
+//! frame too).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use virtio_queue::{Queue, QueueT};
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+};
 
 use super::chain::{self, Chain};
 use super::{read_config_bytes, DeviceError, VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
@@ -42,6 +60,23 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const NET_HDR: usize = 12;
 /// The largest frame either way (the most a 16-bit MTU allows).
 pub const MAX_FRAME: usize = 65535;
+/// The largest frame either way on a TAP with offloads: a segmentation
+/// offload's largest IP packet (64 KiB) after an Ethernet header with a
+/// VLAN tag.
+pub const MAX_GSO_FRAME: usize = 65536 + 18;
+/// What the device offers on a TAP with a virtio-net header: checksums
+/// left to the other side, both ways (`CSUM`: the guest's; `GUEST_CSUM`:
+/// the host's), and TCP segments of up to 64 KiB over IPv4 and IPv6, with
+/// ECN, both ways (`HOST_*`: the guest sends them; `GUEST_*`: it takes
+/// them).
+pub const OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN);
 /// Frames from the host kept for the guest before the host is made to wait.
 pub const RX_FRAMES: usize = 256;
 const RX_QUEUE: usize = 0;
@@ -120,6 +155,30 @@ enum Tx {
     Tap(Arc<File>),
 }
 
+/// The TAP's offload flags (`TUN_F_*`) for a driver that accepted
+/// `features`: what the guest takes from the device.
+pub fn tap_offloads(features: u64) -> u32 {
+    let has = |f: u32| features & bit(f) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+        if flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 && has(VIRTIO_NET_F_GUEST_ECN) {
+            flags |= libc::TUN_F_TSO_ECN;
+        }
+    }
+    flags
+}
+
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
 /// The network device.
 #[derive(Debug)]
 pub struct Net {
@@ -127,12 +186,15 @@ pub struct Net {
     rx: Arc<FrameQueue>,
     mac: [u8; 6],
     mtu: u16,
+    /// The TAP, when its frames carry a virtio-net header: the header
+    /// passes through and [`OFFLOADS`] are offered.
+    vnet: Option<Arc<File>>,
     /// Requests refused as malformed (for tests and metrics).
     pub refused: u64,
     /// Frames from the host dropped: the guest's buffer was too small.
     pub dropped: u64,
     /// Frames from the guest a TAP device did not take (its queue full,
-    /// the link down): dropped.
+    /// the link down, a header it refused): dropped.
     pub tx_dropped: u64,
 }
 
@@ -153,17 +215,24 @@ impl Net {
 
     /// A device with address `mac` and MTU `mtu` whose frames go to the
     /// TAP device `tap`, made non-blocking here (see
-    /// [`crate::NetBackend::Tap`]); returns the device, its receive queue
-    /// and the TAP's reader for the I/O thread that fills it
+    /// [`crate::NetBackend::Tap`]); with `vnet_hdr` (the TAP was made with
+    /// `IFF_VNET_HDR`) its header is set to [`NET_HDR`] bytes and its
+    /// offloads cleared until a driver takes them. Returns the device, its
+    /// receive queue and the TAP's reader for the I/O thread that fills it
     /// ([`pump_tap`]).
     pub fn with_tap(
         tap: File,
         mac: [u8; 6],
         mtu: u16,
+        vnet_hdr: bool,
     ) -> Result<(Self, Arc<FrameQueue>, TapReader), DeviceError> {
         let flags = rustix::fs::fcntl_getfl(&tap).map_err(|e| DeviceError::Tap(e.into()))?;
         rustix::fs::fcntl_setfl(&tap, flags | rustix::fs::OFlags::NONBLOCK)
             .map_err(|e| DeviceError::Tap(e.into()))?;
+        if vnet_hdr {
+            moat_sys::tun::set_vnet_hdr_size(tap.as_fd(), NET_HDR).map_err(DeviceError::Tap)?;
+            moat_sys::tun::set_offload(tap.as_fd(), 0).map_err(DeviceError::Tap)?;
+        }
         let stop = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -172,9 +241,15 @@ impl Net {
         let tap = Arc::new(tap);
         let (mut net, rx) = Net::detached(mac, mtu);
         net.tx = Some(Tx::Tap(tap.clone()));
+        net.vnet = vnet_hdr.then(|| tap.clone());
         let reader = TapReader {
             tap,
             stop: Arc::new(stop),
+            max: if vnet_hdr {
+                NET_HDR + MAX_GSO_FRAME
+            } else {
+                MAX_FRAME
+            },
         };
         Ok((net, rx, reader))
     }
@@ -188,12 +263,23 @@ impl Net {
                 rx: rx.clone(),
                 mac,
                 mtu,
+                vnet: None,
                 refused: 0,
                 dropped: 0,
                 tx_dropped: 0,
             },
             rx,
         )
+    }
+
+    /// The largest transmit, header included.
+    fn max_transmit(&self) -> usize {
+        NET_HDR
+            + if self.vnet.is_some() {
+                MAX_GSO_FRAME
+            } else {
+                MAX_FRAME
+            }
     }
 
     fn transmit(&mut self, chain: &Chain, mem: &GuestMem) {
@@ -216,7 +302,14 @@ impl Net {
                     self.tx = None;
                 }
             }
-            Some(Tx::Tap(tap)) if !write_tap(tap, frame) => self.tx_dropped += 1,
+            // The header goes with the frame: the TAP reads it (and
+            // refuses one it cannot honour).
+            Some(Tx::Tap(tap)) if self.vnet.is_some() && !write_tap(tap, &data) => {
+                self.tx_dropped += 1
+            }
+            Some(Tx::Tap(tap)) if self.vnet.is_none() && !write_tap(tap, frame) => {
+                self.tx_dropped += 1
+            }
             Some(Tx::Tap(_)) | None => {}
         }
     }
@@ -224,19 +317,30 @@ impl Net {
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
         let mut used = false;
         while let Some(frame) = self.rx.pop() {
+            if self.vnet.is_some() && frame.len() <= NET_HDR {
+                // A header and no frame: nothing to place.
+                self.dropped += 1;
+                continue;
+            }
             let Some(raw) = queue.pop_descriptor_chain(mem) else {
                 self.rx.unpop(frame);
                 break;
             };
             let head = raw.head_index();
-            let need = (NET_HDR + frame.len()) as u64;
+            // On a TAP with a header, the frame came after the TAP's;
+            // otherwise a zero one goes first. Either way num_buffers
+            // (little-endian u16 at 10; the TAP leaves it unwritten) says
+            // the frame is in this one chain.
+            let mut buf = if self.vnet.is_some() {
+                frame
+            } else {
+                let mut b = vec![0u8; NET_HDR];
+                b.extend_from_slice(&frame);
+                b
+            };
             let len = match chain::parse(raw, mem, usize::from(QUEUE_SIZE), u64::from(u32::MAX)) {
-                Ok(c) if c.readable.is_empty() && c.writable_len() >= need => {
-                    let mut buf = vec![0u8; NET_HDR];
-                    // num_buffers (little-endian u16 at 10): the frame is
-                    // in this one chain.
-                    buf[10] = 1;
-                    buf.extend_from_slice(&frame);
+                Ok(c) if c.readable.is_empty() && c.writable_len() >= buf.len() as u64 => {
+                    buf[10..NET_HDR].copy_from_slice(&1u16.to_le_bytes());
                     match c.write_all(mem, &buf) {
                         Ok(n) => n as u32,
                         Err(_) => {
@@ -265,7 +369,12 @@ impl VirtioDevice for Net {
         DEVICE_ID_NET
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+        let base = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU;
+        if self.vnet.is_some() {
+            base | OFFLOADS
+        } else {
+            base
+        }
     }
     fn queue_count(&self) -> usize {
         2
@@ -283,13 +392,39 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => {
-                let max = (NET_HDR + MAX_FRAME) as u64;
+                let max = self.max_transmit() as u64;
                 let (used, malformed) =
                     chain::drain_transmits(queue, mem, max, |c| self.transmit(c, mem));
                 self.refused += malformed;
                 used
             }
             _ => false,
+        }
+    }
+    /// The TAP hands the device what the driver accepted: segments and
+    /// frames with checksums left to do only if it said it takes them.
+    fn activate(
+        &mut self,
+        _queues: &[Queue],
+        _mem: &GuestMem,
+        features: u64,
+    ) -> Result<(), String> {
+        match &self.vnet {
+            Some(tap) => moat_sys::tun::set_offload(tap.as_fd(), tap_offloads(features))
+                .map_err(|e| format!("set the TAP's offloads: {e}")),
+            None => Ok(()),
+        }
+    }
+    /// A driver gone (or starting over) takes nothing: the TAP goes back
+    /// to whole frames with their checksums done.
+    fn reset(&mut self) {
+        if let Some(tap) = &self.vnet {
+            if let Err(e) = moat_sys::tun::set_offload(tap.as_fd(), 0) {
+                // The VMM's stderr is the guest's console log. Frames the
+                // TAP still offloads are ones a new driver may not take;
+                // it accepts them again once it starts the device.
+                eprintln!("moat-vmm: clear the TAP's offloads on reset: {e}");
+            }
         }
     }
 }
@@ -313,6 +448,9 @@ fn write_tap(tap: &File, frame: &[u8]) -> bool {
 pub struct TapReader {
     tap: Arc<File>,
     stop: Arc<OwnedFd>,
+    /// The longest read kept: a frame, after its header where the TAP
+    /// has one.
+    max: usize,
 }
 
 impl TapReader {
@@ -357,14 +495,16 @@ impl TapStop {
 }
 
 /// The I/O thread's loop for a TAP device: reads one frame per `read` into
-/// `rx` (a frame over [`MAX_FRAME`] is dropped, never buffered), then calls
+/// `rx` (a frame over [`MAX_FRAME`], or on a TAP with a header over the
+/// header and [`MAX_GSO_FRAME`], is dropped, never buffered), then calls
 /// `deliver` (which runs the device's receive queue). When no frame waits
 /// it sleeps in `ppoll` on the TAP and the stop ([`TapReader::stopper`]).
 /// Ends at the stop, when `rx` is closed, or when the device is gone.
 pub fn pump_tap(reader: TapReader, rx: &FrameQueue, mut deliver: impl FnMut()) {
     // One byte more than a frame may be: a read that fills it (or says it
     // would have) was of a longer one.
-    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let max = reader.max;
+    let mut buf = vec![0u8; max + 1];
     loop {
         if !rx.wait_for_space() {
             return;
@@ -372,7 +512,7 @@ pub fn pump_tap(reader: TapReader, rx: &FrameQueue, mut deliver: impl FnMut()) {
         match rustix::io::read(&*reader.tap, &mut buf[..]) {
             // A TAP never reads empty: an end of file, from something else.
             Ok(0) => return,
-            Ok(n) if n > MAX_FRAME => {}
+            Ok(n) if n > max => {}
             Ok(n) => {
                 rx.push(&buf[..n]);
                 deliver();
@@ -466,13 +606,26 @@ mod tests {
     }
 
     /// The next frame from the host, as the guest finds it: waits for the
-    /// pump to queue one, posts one buffer, runs the receive queue.
+    /// pump to queue one, posts one buffer, runs the receive queue; the
+    /// header must be zero (one buffer).
     fn receive(
         net: &mut Net,
         d: &mut Driver,
         rx: &FrameQueue,
         woke: &mpsc::Receiver<()>,
     ) -> Vec<u8> {
+        let (header, frame) = receive_with_header(net, d, rx, woke);
+        assert_eq!(header, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        frame
+    }
+
+    /// The next frame from the host and the virtio-net header before it.
+    fn receive_with_header(
+        net: &mut Net,
+        d: &mut Driver,
+        rx: &FrameQueue,
+        woke: &mpsc::Receiver<()>,
+    ) -> ([u8; NET_HDR], Vec<u8>) {
         let deadline = Instant::now() + GUARD;
         while rx.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -484,8 +637,193 @@ mod tests {
         assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
         let mut got = vec![0u8; d.used(slot).1 as usize];
         d.mem.read_slice(&mut got, GuestAddress(RX_BUF)).unwrap();
-        assert_eq!(&got[..NET_HDR], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-        got.split_off(NET_HDR)
+        let frame = got.split_off(NET_HDR);
+        (got.try_into().unwrap(), frame)
+    }
+
+    /// The next IPv4 frame from the host, with its header (the kernel's
+    /// ARP probes of the guest's address, whenever its timers send them,
+    /// are passed over).
+    fn receive_ipv4(
+        net: &mut Net,
+        d: &mut Driver,
+        rx: &FrameQueue,
+        woke: &mpsc::Receiver<()>,
+    ) -> ([u8; NET_HDR], Vec<u8>) {
+        loop {
+            let (header, frame) = receive_with_header(net, d, rx, woke);
+            if frame[12..14] == [0x08, 0x00] {
+                return (header, frame);
+            }
+            assert_eq!(
+                frame[12..14],
+                [0x08, 0x06],
+                "only ARP besides: {frame:02x?}"
+            );
+        }
+    }
+
+    /// Transmits `frame` after `header`, as a guest with offloads does.
+    fn transmit_with_header(net: &mut Net, header: [u8; NET_HDR], frame: &[u8]) {
+        let mut d = Driver::new();
+        let mut req = header.to_vec();
+        req.extend_from_slice(frame);
+        d.mem.write_slice(&req, GuestAddress(0x10000)).unwrap();
+        d.desc(0, 0x10000, req.len() as u32, 0, 0);
+        d.offer(0);
+        assert!(net.process(TX_QUEUE, &mut d.queue, &d.mem));
+    }
+
+    /// The ones' complement sum of `data` as 16-bit big-endian words,
+    /// folded (not inverted), from `start`.
+    fn ones_sum(start: u32, data: &[u8]) -> u16 {
+        let mut sum = start;
+        for w in data.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    /// An Ethernet frame from the guest carrying a UDP datagram
+    /// `from`:5555 → `to`:`port` with `payload`; its checksum field holds
+    /// only the pseudo-header's sum (what a guest leaves for the device
+    /// to finish: VIRTIO_NET_HDR_F_NEEDS_CSUM). Returns the frame and the
+    /// datagram's real checksum.
+    fn udp_frame(
+        to_mac: [u8; 6],
+        from: [u8; 4],
+        to: [u8; 4],
+        port: u16,
+        payload: &[u8],
+    ) -> (Vec<u8>, u16) {
+        let udp_len = (8 + payload.len()) as u16;
+        let mut f = to_mac.to_vec();
+        f.extend(MAC);
+        f.extend([0x08, 0x00]);
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+        ip.extend(from);
+        ip.extend(to);
+        let ip_sum = !ones_sum(0, &ip);
+        ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        f.extend(&ip);
+        let mut pseudo = from.to_vec();
+        pseudo.extend(to);
+        pseudo.extend([0, 17]);
+        pseudo.extend(udp_len.to_be_bytes());
+        let partial = ones_sum(0, &pseudo);
+        let mut udp = 5555u16.to_be_bytes().to_vec();
+        udp.extend(port.to_be_bytes());
+        udp.extend(udp_len.to_be_bytes());
+        udp.extend(partial.to_be_bytes());
+        udp.extend(payload);
+        let mut zeroed = udp.clone();
+        zeroed[6..8].fill(0);
+        let full = !ones_sum(u32::from(partial), &zeroed);
+        f.extend(udp);
+        (f, full)
+    }
+
+    #[test]
+    fn a_tap_with_a_header_offloads_what_the_driver_accepted() {
+        let (tap, udp) = tap::quiet_tap(Ipv4Addr::new(10, 99, 1, 1), 1500, true);
+        let (mut net, rx, reader) = Net::with_tap(tap, MAC, 1500, true).unwrap();
+        assert_eq!(net.features() & OFFLOADS, OFFLOADS);
+        let (woke, stop, ended) = start_pump(reader, &rx);
+        let mut rxq = Driver::new();
+        // The guest's ARP request goes after its (zero) header; the
+        // kernel's reply comes after the TAP's (zero, one buffer).
+        transmit(&mut net, &arp_request(MAC, [10, 99, 1, 2], [10, 99, 1, 1]));
+        let reply = receive(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!(&reply[12..14], &[0x08, 0x06]);
+        let tap_mac: [u8; 6] = reply[6..12].try_into().unwrap();
+        let to_guest = (Ipv4Addr::new(10, 99, 1, 2), 9);
+        let header_flags = |h: &[u8; NET_HDR]| h[0];
+        let udp_sum = |f: &[u8]| u16::from_be_bytes([f[14 + 20 + 6], f[14 + 20 + 7]]);
+
+        // No driver has accepted offloads: the kernel finishes the
+        // checksum, and the header says nothing is left to do.
+        udp.send_to(b"before", to_guest).unwrap();
+        let (h, f) = receive_ipv4(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!((header_flags(&h), &f[14 + 28..]), (0, &b"before"[..]));
+        assert_ne!(udp_sum(&f), 0);
+
+        // A driver that takes checksums left to do (and segments): the
+        // datagram comes with its checksum unfinished, NEEDS_CSUM, and
+        // where to finish it (the UDP header at 34, its checksum 6 in).
+        net.activate(&[], &rxq.mem, VIRTIO_F_VERSION_1 | OFFLOADS)
+            .unwrap();
+        udp.send_to(b"offloaded", to_guest).unwrap();
+        let (h, f) = receive_ipv4(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!(&f[14 + 28..], b"offloaded");
+        assert_eq!(header_flags(&h), 1, "NEEDS_CSUM: {h:?}");
+        assert_eq!(u16::from_le_bytes([h[6], h[7]]), 34, "csum_start");
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]), 6, "csum_offset");
+        assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1, "num_buffers");
+
+        // Reset: the TAP goes back to finished checksums.
+        net.reset();
+        udp.send_to(b"after", to_guest).unwrap();
+        let (h, f) = receive_ipv4(&mut net, &mut rxq, &rx, &woke);
+        assert_eq!((header_flags(&h), &f[14 + 28..]), (0, &b"after"[..]));
+
+        // The guest's own: a datagram whose checksum holds only the
+        // pseudo-header's sum is dropped by the host's stack when its
+        // header leaves nothing to do, and delivered when it says
+        // NEEDS_CSUM (checksum at 34 + 6). The socket's first datagram is
+        // the second sent.
+        let port = udp.local_addr().unwrap().port();
+        let (bare, full) = udp_frame(tap_mac, [10, 99, 1, 2], [10, 99, 1, 1], port, b"unfinished");
+        assert_ne!(
+            udp_sum(&bare),
+            full,
+            "the pseudo-header's sum is no checksum"
+        );
+        transmit(&mut net, &bare);
+        let (frame, _) = udp_frame(tap_mac, [10, 99, 1, 2], [10, 99, 1, 1], port, b"left to do");
+        let mut header = [0u8; NET_HDR];
+        header[0] = 1;
+        header[6..8].copy_from_slice(&34u16.to_le_bytes());
+        header[8..10].copy_from_slice(&6u16.to_le_bytes());
+        transmit_with_header(&mut net, header, &frame);
+        assert_eq!((net.refused, net.tx_dropped), (0, 0));
+        udp.set_read_timeout(Some(GUARD)).unwrap();
+        let mut got = [0u8; 64];
+        let (n, from) = udp.recv_from(&mut got).unwrap();
+        assert_eq!(&got[..n], b"left to do");
+        assert_eq!(from, "10.99.1.2:5555".parse().unwrap());
+
+        stop.stop();
+        ended.recv_timeout(GUARD).expect("the pump did not stop");
+    }
+
+    #[test]
+    fn the_taps_offloads_follow_the_drivers_features() {
+        use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
+        assert_eq!(tap_offloads(VIRTIO_F_VERSION_1), 0);
+        assert_eq!(
+            tap_offloads(VIRTIO_F_VERSION_1 | OFFLOADS),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
+        // Segments need the checksum left to do; ECN needs segments.
+        let tso = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_ECN);
+        assert_eq!(tap_offloads(tso), 0);
+        assert_eq!(
+            tap_offloads(tso | bit(VIRTIO_NET_F_GUEST_CSUM)),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
+        );
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN)),
+            TUN_F_CSUM
+        );
+        // What the guest sends (HOST_*) is no offload of the TAP's.
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4)),
+            0
+        );
     }
 
     /// ARP "who has `want`, tell `from`" from `mac`, broadcast.
@@ -505,8 +843,8 @@ mod tests {
         // The TAP's IP MTU as large as a TAP allows (65535 less the
         // Ethernet header): its largest frame is MAX_FRAME bytes.
         let ip_mtu = MAX_FRAME - 14;
-        let (tap, udp) = tap::quiet_tap(Ipv4Addr::new(10, 99, 0, 1), ip_mtu);
-        let (mut net, rx, reader) = Net::with_tap(tap, MAC, 1500).unwrap();
+        let (tap, udp) = tap::quiet_tap(Ipv4Addr::new(10, 99, 0, 1), ip_mtu, false);
+        let (mut net, rx, reader) = Net::with_tap(tap, MAC, 1500, false).unwrap();
         let (woke, stop, ended) = start_pump(reader, &rx);
         let mut rxq = Driver::new();
 
@@ -551,7 +889,7 @@ mod tests {
             .unwrap()
             .contains(rustix::fs::OFlags::NONBLOCK));
         let (mut net, rx, reader) =
-            Net::with_tap(File::from(OwnedFd::from(end)), MAC, 1500).unwrap();
+            Net::with_tap(File::from(OwnedFd::from(end)), MAC, 1500, false).unwrap();
         assert!(rustix::fs::fcntl_getfl(&probe)
             .unwrap()
             .contains(rustix::fs::OFlags::NONBLOCK));

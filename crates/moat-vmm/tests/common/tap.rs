@@ -5,12 +5,14 @@ use std::fs::File;
 use std::net::{Ipv4Addr, UdpSocket};
 
 /// A fresh network namespace holding only `tap0` (`IFF_TAP | IFF_NO_PI`,
-/// made as moat's runtime makes one: `moat_net::create_tap_on`) with
-/// `addr`/24, IP MTU `mtu`, up, and then IPv6 off, so that the kernel
-/// sends nothing on it unasked (what it queued before is read off).
+/// made as moat's runtime makes one: `moat_net::create_tap_on`; with
+/// `vnet_hdr`, `IFF_VNET_HDR` too, as the microvm tier makes the TAP
+/// beside a pod's interface, and the addresses and routes set the same
+/// way) with `addr`/24, IP MTU `mtu`, up, and then IPv6 off, so that the
+/// kernel sends nothing on it unasked (what it queued before is read off).
 /// Returns the TAP (non-blocking) and a UDP socket bound to `addr` in that
 /// namespace, which lasts as long as either.
-pub fn quiet_tap(addr: Ipv4Addr, mtu: usize) -> (File, UdpSocket) {
+pub fn quiet_tap(addr: Ipv4Addr, mtu: usize, vnet_hdr: bool) -> (File, UdpSocket) {
     assert!(
         rustix::process::geteuid().is_root(),
         "needs root: a network namespace and a TAP device"
@@ -31,11 +33,26 @@ pub fn quiet_tap(addr: Ipv4Addr, mtu: usize) -> (File, UdpSocket) {
             ..moat_net::NetConfig::default()
         };
         let tun = moat_net::open_tun().expect("open /dev/net/tun");
-        let tap = moat_net::create_tap_on(tun, "tap0", &cfg).expect("create tap0");
+        let tap = if vnet_hdr {
+            // moat_net makes its TAPs without the header: made here, then
+            // given the address and brought up as moat_net does it.
+            let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            moat_sys::tun::tun_set_iff(std::os::fd::AsFd::as_fd(&tun), "tap0", flags as i16)
+                .expect("create tap0 with a virtio-net header");
+            let mut nl = moat_net::netlink::Netlink::open().expect("open rtnetlink");
+            let index = nl.index("tap0").expect("find tap0");
+            nl.add_addr(index, std::net::IpAddr::V4(addr), 24)
+                .expect("address tap0");
+            nl.set_up(index, u32::try_from(mtu).ok())
+                .expect("bring tap0 up");
+            File::from(tun)
+        } else {
+            let tap = moat_net::create_tap_on(tun, "tap0", &cfg).expect("create tap0");
+            File::from(tap.fd)
+        };
         // This thread's namespace's sysctl.
         std::fs::write("/proc/sys/net/ipv6/conf/tap0/disable_ipv6", "1")
             .expect("turn IPv6 off on tap0");
-        let tap = File::from(tap.fd);
         let mut buf = vec![0u8; 1 << 17];
         loop {
             match rustix::io::read(&tap, &mut buf[..]) {
