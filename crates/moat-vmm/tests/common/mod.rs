@@ -7,14 +7,19 @@ use moat_vmm::cpio::CpioWriter;
 
 pub mod nested;
 
-/// Guest modules, relative to /lib/modules/<release>/kernel, in load order.
-pub const MODULES: [&str; 6] = [
+/// Guest modules, relative to /lib/modules/<release>/kernel, in load order
+/// (and TUN/TAP, for the nested guest's TAP devices).
+pub const MODULES: [&str; 10] = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/block/virtio_blk.ko",
     "drivers/char/virtio_console.ko",
     "drivers/char/hw_random/virtio-rng.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+    "drivers/net/tun.ko",
 ];
 
 pub fn which(name: &str) -> Option<PathBuf> {

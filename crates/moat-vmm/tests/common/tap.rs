@@ -1,8 +1,10 @@
 //! A TAP device in a network namespace of its own, for the network card's
 //! tests: shared by `kvm_payloads.rs` and the device's unit tests
 //! (`src/virtio/net.rs`, which includes this file by path). Needs root.
+#![allow(dead_code)]
 use std::fs::File;
 use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::OwnedFd;
 
 /// A fresh network namespace holding only `tap0` (`IFF_TAP | IFF_NO_PI`,
 /// made as moat's runtime makes one: `moat_net::create_tap_on`; with
@@ -13,6 +15,13 @@ use std::net::{Ipv4Addr, UdpSocket};
 /// Returns the TAP (non-blocking) and a UDP socket bound to `addr` in that
 /// namespace, which lasts as long as either.
 pub fn quiet_tap(addr: Ipv4Addr, mtu: usize, vnet_hdr: bool) -> (File, UdpSocket) {
+    let (tap, udp, _) = quiet_tap_ns(addr, mtu, vnet_hdr);
+    (tap, udp)
+}
+
+/// [`quiet_tap`], and the namespace too (`/proc/thread-self/ns/net`
+/// opened there), for sockets of the test's own in it.
+pub fn quiet_tap_ns(addr: Ipv4Addr, mtu: usize, vnet_hdr: bool) -> (File, UdpSocket, OwnedFd) {
     assert!(
         rustix::process::geteuid().is_root(),
         "needs root: a network namespace and a TAP device"
@@ -62,7 +71,13 @@ pub fn quiet_tap(addr: Ipv4Addr, mtu: usize, vnet_hdr: bool) -> (File, UdpSocket
             }
         }
         let udp = UdpSocket::bind((addr, 0)).expect("bind a UDP socket in the namespace");
-        (tap, udp)
+        let ns = rustix::fs::open(
+            "/proc/thread-self/ns/net",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open the namespace");
+        (tap, udp, ns)
     })
     .join()
     .expect("the namespace's thread panicked")
