@@ -23,9 +23,18 @@ fn w<D: VirtioDevice>(t: &mut MmioTransport<D, NoIrq>, offset: u64, value: u32) 
     t.write(offset, &value.to_le_bytes());
 }
 
-/// A well-behaved driver's setup, so the fuzzer starts at the queues.
-fn setup<D: VirtioDevice>(t: &mut MmioTransport<D, NoIrq>, queues: u32) {
+/// A well-behaved driver's setup, so the fuzzer starts at the queues: it
+/// takes VERSION_1 and, with `all`, every feature of the low word the
+/// device offers (a network card's mergeable buffers, …).
+fn setup<D: VirtioDevice>(t: &mut MmioTransport<D, NoIrq>, queues: u32, all: bool) {
     w(t, 0x70, 3);
+    if all {
+        w(t, 0x14, 0);
+        let mut offered = [0u8; 4];
+        t.read(0x10, &mut offered);
+        w(t, 0x24, 0);
+        w(t, 0x20, u32::from_le_bytes(offered));
+    }
     w(t, 0x24, 1);
     w(t, 0x20, 1);
     w(t, 0x70, 0xb);
@@ -41,9 +50,9 @@ fn setup<D: VirtioDevice>(t: &mut MmioTransport<D, NoIrq>, queues: u32) {
     w(t, 0x70, 0xf);
 }
 
-fn drive<D: VirtioDevice>(device: D, queues: u32, mem: GuestMem, ops: &[u8]) {
+fn drive<D: VirtioDevice>(device: D, queues: u32, mem: GuestMem, ops: &[u8], all: bool) {
     let mut t = MmioTransport::new(device, NoIrq, mem);
-    setup(&mut t, queues);
+    setup(&mut t, queues, all);
     // Counted: inputs that drive the device beyond the fixed setup.
     if ops.len() >= 7 {
         crate::reached();
@@ -78,27 +87,31 @@ pub fn run(data: &[u8]) {
     // What fits in the guest's 1 MiB above 0x1000.
     let image = &image[..image.len().min((1 << 20) - 0x1000)];
     let which = *which;
+    // Bit 3 of the selector: the driver takes every feature offered.
+    let all = which & 8 != 0;
     let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     mem.write_slice(image, GuestAddress(0x1000)).unwrap();
     match which % 4 {
-        0 => drive(Rng::default(), 1, mem, ops),
+        0 => drive(Rng::default(), 1, mem, ops, all),
         1 => {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("disk");
             std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
             let blk = Block::open(&path, which & 4 != 0, "fuzz").unwrap();
-            drive(blk, 1, mem, ops);
+            drive(blk, 1, mem, ops, all);
         }
         2 => {
             let (console, rx) = Console::detached();
             rx.push(b"host bytes for the guest");
-            drive(console, 2, mem, ops);
+            drive(console, 2, mem, ops, all);
         }
         _ => {
             let (net, rx) = Net::detached([2, 0, 0, 0, 0, 1], 1500);
             rx.push(&[0xab; 60]);
             rx.push(&[0xcd; 1514]);
-            drive(net, 2, mem, ops);
+            // Over one page: with mergeable buffers, spread over several.
+            rx.push(&[0xef; 5000]);
+            drive(net, 2, mem, ops, all);
         }
     }
 }

@@ -79,7 +79,7 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     let stop = vm.stop_handle();
     let (done, wait) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(240)) == Err(mpsc::RecvTimeoutError::Timeout) {
+        if wait.recv_timeout(Duration::from_secs(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
             stop.stop();
         }
     });
@@ -213,7 +213,9 @@ fn cloud_kernel_moves_tcp_both_ways_on_a_tap_with_offloads() {
     ready.recv().unwrap();
     let serial = tempfile::tempfile().unwrap();
     let mut reader = serial.try_clone().unwrap();
-    let mut config = VmConfig::new(Kernel::Linux(kernel), 2, 256);
+    // One vCPU: the card is under test, not SMP (two-vCPU boots are the
+    // ones the nested harness has seen lock up; common/nested.rs).
+    let mut config = VmConfig::new(Kernel::Linux(kernel), 1, 256);
     config.initrd = Some(initrd);
     config.cmdline = "console=ttyS0 panic=-1 quiet".into();
     config.serial_out = Some(serial);
@@ -229,7 +231,7 @@ fn cloud_kernel_moves_tcp_both_ways_on_a_tap_with_offloads() {
     let stop = vm.stop_handle();
     let (done, wait) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(240)) == Err(mpsc::RecvTimeoutError::Timeout) {
+        if wait.recv_timeout(Duration::from_secs(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
             stop.stop();
         }
     });
@@ -244,13 +246,13 @@ fn cloud_kernel_moves_tcp_both_ways_on_a_tap_with_offloads() {
     assert!(!out.contains("failed"), "serial:\n{out}");
     // The features the driver accepted, as virtio's sysfs lists them (one
     // character per bit from bit 0): CSUM, GUEST_CSUM, GUEST_TSO4/6,
-    // HOST_TSO4/6, MAC, MTU.
+    // HOST_TSO4/6, MAC, MTU, MRG_RXBUF.
     let features = out
         .lines()
         .find_map(|l| l.strip_prefix("moat-init: features="))
         .unwrap_or_else(|| panic!("no features line; serial:\n{out}"))
         .as_bytes();
-    for bit in [0, 1, 3, 5, 7, 8, 11, 12] {
+    for bit in [0, 1, 3, 5, 7, 8, 11, 12, 15] {
         assert_eq!(features.get(bit), Some(&b'1'), "bit {bit}; serial:\n{out}");
     }
     assert!(out.contains("moat-init: sent, nc 0"), "serial:\n{out}");

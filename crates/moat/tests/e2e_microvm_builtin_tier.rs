@@ -81,7 +81,10 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
     let mut files = vec![(format!("boot/vmlinuz-{release}"), 0o644, read(kernel))];
     let modules = Path::new("/lib/modules").join(release).join("kernel");
     let tier = moat_microvm::assets::MODULE_PATHS.iter().map(|(_, p)| *p);
-    for m in tier.chain(common::nested::KVM_MODULES) {
+    for m in tier
+        .chain(common::nested::KVM_MODULES)
+        .chain(POD_MODULES.iter().copied())
+    {
         files.push((
             format!("lib/modules/{release}/kernel/{m}"),
             0o644,
@@ -122,10 +125,21 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
     files
 }
 
+/// The outer guest's modules for a pod's interface: a veth pair, a TAP,
+/// and the ingress qdisc, u32 filters and mirred redirection that hand the
+/// one to the other.
+const POD_MODULES: [&str; 5] = [
+    "drivers/net/veth.ko",
+    "drivers/net/tun.ko",
+    "net/sched/sch_ingress.ko",
+    "net/sched/cls_u32.ko",
+    "net/sched/act_mirred.ko",
+];
+
 /// In the guest: KVM's modules, loopback up, devpts.
 fn kvm_setup(release: &str) -> String {
     let mut s = String::from("set -e\n");
-    for m in common::nested::KVM_MODULES {
+    for m in common::nested::KVM_MODULES.iter().chain(&POD_MODULES) {
         s.push_str(&format!("insmod /lib/modules/{release}/kernel/{m}\n"));
     }
     s.push_str("grep -qw svm /proc/cpuinfo\n");
@@ -203,6 +217,7 @@ fn cases(r: &mut Runner) -> Result<(), String> {
     snapshots(r)?;
     probe(r)?;
     published_port(r)?;
+    pod_interface(r)?;
     volumes(r)?;
     oci_lifecycle(r)?;
     rootless(r)?;
@@ -410,6 +425,77 @@ fn published_port(r: &mut Runner) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// A pod's interface on moat's own VMM: a namespace holding one end of a
+/// veth pair with an address and a default route (as a CNI plugin leaves
+/// a pod's), joined with `--net ns:`; the guest takes the interface over
+/// through a TAP with a virtio-net header (checksum and segmentation
+/// offloads, mergeable buffers) and serves ~1 MB on the namespace's
+/// address, which the other end fetches whole. Twice: the second run
+/// restores the snapshot the first saved, its card started again on a new
+/// TAP. Afterwards the namespace has its veth back, alone, and its ports.
+const POD: &str = r#"unshare -n sleep 900 &
+P=$!
+while [ "$(readlink /proc/$P/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do sleep 0.05; done
+# busybox's ip names the peer itself (veth0).
+ip link add hpod type veth
+ip link set veth0 netns $P
+ip addr add 10.77.0.1/24 dev hpod
+ip link set hpod up
+nsenter -t $P -n sh -c 'ip link set lo up && ip addr add 10.77.0.2/24 dev veth0 && ip link set veth0 up && ip route add default via 10.77.0.1'
+want=$(seq 1 150000 | md5sum | cut -d' ' -f1)
+size=$(seq 1 150000 | wc -c)
+for n in 1 2; do
+    moat --debug --log /tmp/pod$n.log run --isolation microvm --net ns:/proc/$P/ns/net -- sh -c 'seq 1 150000 >/tmp/f && cd /tmp && exec httpd -f -p 8000' >/tmp/pod$n.out 2>&1 &
+    M=$!
+    i=0
+    while [ $i -lt 900 ]; do
+        rm -f /tmp/pod.resp
+        printf 'GET /f HTTP/1.0\r\n\r\n' | nc 10.77.0.2 8000 >/tmp/pod.resp 2>/dev/null
+        [ "$(wc -c </tmp/pod.resp)" -gt "$size" ] && break
+        kill -0 $M 2>/dev/null || break
+        i=$((i+1))
+        sleep 0.1
+    done
+    echo "got$n=$(tail -c $size /tmp/pod.resp | md5sum | cut -d' ' -f1)"
+    while kill -0 $M 2>/dev/null; do kill -TERM $M; sleep 0.2; done
+    wait $M
+    grep -q 'saved snapshot' /tmp/pod$n.log && echo "start$n=saved"
+    grep -q 'restored from snapshot' /tmp/pod$n.log && echo "start$n=restored"
+    echo "links$n=$(nsenter -t $P -n ip -o link | cut -d: -f2 | cut -d@ -f1 | tr -d ' ' | tr '\n' ,)"
+    echo "ports$n=$(nsenter -t $P -n cat /proc/sys/net/ipv4/ip_local_port_range | tr -s ' \t' -)"
+    grep 'microvm:' /tmp/pod$n.log | tail -n 20 >&2
+    cat /tmp/pod$n.out >&2
+done
+echo "want=$want"
+kill $P
+ip link del hpod 2>/dev/null
+true"#;
+
+fn pod_interface(r: &mut Runner) -> Result<(), String> {
+    let o = r.sh(POD)?;
+    let kv = key_values(&o.stdout);
+    let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("");
+    check(!get("want").is_empty(), || {
+        format!("the pod case did not run: {o}")
+    })?;
+    for n in ["1", "2"] {
+        check(get(&format!("got{n}")) == get("want"), || {
+            format!("run {n}: the file did not come whole from the pod's address: {o}")
+        })?;
+        // The veth alone again (no TAP), and the namespace's own ports
+        // (the kernel's default range) given back.
+        check(get(&format!("links{n}")) == "lo,veth0,", || {
+            format!("run {n}: the namespace's links afterwards: {o}")
+        })?;
+        check(get(&format!("ports{n}")) == "32768-60999", || {
+            format!("run {n}: the namespace's port range afterwards: {o}")
+        })?;
+    }
+    check(get("start2") == "restored", || {
+        format!("the second run did not restore the first's snapshot: {o}")
+    })
 }
 
 /// A read-write volume (`-v DIR:/data`) on moat's own VMM: its virtio-fs

@@ -16,9 +16,15 @@
 //! host's kernel splits, merges and checks them (as for a TAP under QEMU
 //! or Firecracker). The TAP's own offloads (`TUNSETOFFLOAD`: what it may
 //! hand the device) are set to what the driver accepted when it starts
-//! the device, and cleared when it resets it. Receive buffers are not
-//! merged (`VIRTIO_NET_F_MRG_RXBUF` is not offered): a driver that takes
-//! segmentation posts buffers of 64 KiB (Linux's "big packets").
+//! the device, and cleared when it resets it.
+//!
+//! On every back end the device offers mergeable receive buffers
+//! (`VIRTIO_NET_F_MRG_RXBUF`): a driver that takes them posts page-sized
+//! buffers and a frame fills as many as it needs, the header's
+//! `num_buffers` saying how many, all of them shown in the used ring at
+//! once. Without them a driver that takes segmentation, or a 64 KiB MTU,
+//! posts a 64 KiB chain per frame (Linux's "big packets": 19 descriptors
+//! each, so 13 of them fill a 256-entry ring).
 //!
 //! Frames from the host wait in a bounded queue ([`RX_FRAMES`]) until the
 //! guest posts receive buffers; a frame longer than the buffer the guest
@@ -43,7 +49,9 @@ use virtio_queue::{Queue, QueueT};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MRG_RXBUF,
 };
+use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{self, Chain};
 use super::{read_config_bytes, DeviceError, VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
@@ -55,6 +63,9 @@ pub const DEVICE_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 /// The device has a fixed MAC address (its config space).
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// A frame may span several receive buffers, the header's `num_buffers`
+/// saying how many (offered on every back end).
+pub const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
 /// `struct virtio_net_hdr_v1` before every frame (VERSION_1): flags,
 /// gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 pub const NET_HDR: usize = 12;
@@ -189,6 +200,9 @@ pub struct Net {
     /// The TAP, when its frames carry a virtio-net header: the header
     /// passes through and [`OFFLOADS`] are offered.
     vnet: Option<Arc<File>>,
+    /// The driver took [`MRG_RXBUF`]: a frame fills as many receive
+    /// buffers as it needs.
+    merge: bool,
     /// Requests refused as malformed (for tests and metrics).
     pub refused: u64,
     /// Frames from the host dropped: the guest's buffer was too small.
@@ -264,6 +278,7 @@ impl Net {
                 mac,
                 mtu,
                 vnet: None,
+                merge: false,
                 refused: 0,
                 dropped: 0,
                 tx_dropped: 0,
@@ -314,7 +329,25 @@ impl Net {
         }
     }
 
+    /// `frame` as the guest gets it: after the TAP's header where it has
+    /// one, else after a zero header; `num_buffers` (little-endian u16 at
+    /// 10; the TAP leaves it unwritten) says `buffers`.
+    fn with_header(&self, frame: Vec<u8>, buffers: u16) -> Vec<u8> {
+        let mut buf = if self.vnet.is_some() {
+            frame
+        } else {
+            let mut b = vec![0u8; NET_HDR];
+            b.extend_from_slice(&frame);
+            b
+        };
+        buf[10..NET_HDR].copy_from_slice(&buffers.to_le_bytes());
+        buf
+    }
+
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
+        if self.merge {
+            return self.receive_merged(queue, mem);
+        }
         let mut used = false;
         while let Some(frame) = self.rx.pop() {
             if self.vnet.is_some() && frame.len() <= NET_HDR {
@@ -327,20 +360,10 @@ impl Net {
                 break;
             };
             let head = raw.head_index();
-            // On a TAP with a header, the frame came after the TAP's;
-            // otherwise a zero one goes first. Either way num_buffers
-            // (little-endian u16 at 10; the TAP leaves it unwritten) says
-            // the frame is in this one chain.
-            let mut buf = if self.vnet.is_some() {
-                frame
-            } else {
-                let mut b = vec![0u8; NET_HDR];
-                b.extend_from_slice(&frame);
-                b
-            };
+            // The frame is in this one chain.
+            let buf = self.with_header(frame, 1);
             let len = match chain::parse(raw, mem, usize::from(QUEUE_SIZE), u64::from(u32::MAX)) {
                 Ok(c) if c.readable.is_empty() && c.writable_len() >= buf.len() as u64 => {
-                    buf[10..NET_HDR].copy_from_slice(&1u16.to_le_bytes());
                     match c.write_all(mem, &buf) {
                         Ok(n) => n as u32,
                         Err(_) => {
@@ -362,6 +385,124 @@ impl Net {
         }
         used
     }
+
+    /// [`Net::receive`] with mergeable buffers: each frame fills as many
+    /// chains as it needs, in order, the first's header saying how many,
+    /// and all of them reach the used ring together. When the guest has
+    /// not posted room enough, the chains taken go back to the available
+    /// ring and the frame waits (unless the guest's whole ring holds too
+    /// little for it: dropped, the buffers kept). A malformed chain among them is handed
+    /// back empty (refused); if one was, and the room falls short, the
+    /// frame is dropped and the chains taken handed back empty too (a
+    /// driver that posts malformed buffers loses frames, never the
+    /// device's place in its rings).
+    fn receive_merged(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
+        let mut used = false;
+        while let Some(frame) = self.rx.pop() {
+            if self.vnet.is_some() && frame.len() <= NET_HDR {
+                self.dropped += 1;
+                continue;
+            }
+            let need = (frame.len() + if self.vnet.is_some() { 0 } else { NET_HDR }) as u64;
+            let start = queue.next_avail();
+            let mut chains: Vec<Chain> = Vec::new();
+            let mut room = 0u64;
+            let mut malformed = false;
+            while room < need {
+                let Some(raw) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = raw.head_index();
+                match chain::parse(raw, mem, usize::from(QUEUE_SIZE), u64::from(u32::MAX)) {
+                    Ok(c) if c.readable.is_empty() && c.writable_len() > 0 => {
+                        room += c.writable_len();
+                        chains.push(c);
+                    }
+                    _ => {
+                        self.refused += 1;
+                        malformed = true;
+                        used |= queue.add_used(mem, head, 0).is_ok();
+                    }
+                }
+            }
+            if room < need && !malformed {
+                queue.set_next_avail(start);
+                if chains.len() >= usize::from(queue.size()) {
+                    // The whole ring is too small for it: it never fits.
+                    self.dropped += 1;
+                    continue;
+                }
+                self.rx.unpop(frame);
+                break;
+            }
+            let group: Vec<(u16, u32)> = if room < need {
+                self.dropped += 1;
+                chains.iter().map(|c| (c.head, 0)).collect()
+            } else {
+                // At most QUEUE_SIZE chains: num_buffers fits.
+                let buf = self.with_header(frame, chains.len() as u16);
+                let mut at = 0usize;
+                let mut group = Vec::with_capacity(chains.len());
+                for c in &chains {
+                    let n = (buf.len() - at).min(c.writable_len() as usize);
+                    let written = match c.write_all(mem, &buf[at..at + n]) {
+                        Ok(w) => w as u32,
+                        Err(_) => {
+                            self.refused += 1;
+                            0
+                        }
+                    };
+                    at += n;
+                    group.push((c.head, written));
+                }
+                group
+            };
+            used |= add_used_together(queue, mem, &group);
+        }
+        used
+    }
+}
+
+/// Puts `group` in the used ring as one: every element is written before
+/// the index that shows them (a driver that finds a merged frame's first
+/// buffer without the rest drops it, and would take the rest for frames
+/// of their own). virtio-queue's `add_used` shows each as it adds it.
+fn add_used_together(queue: &mut Queue, mem: &GuestMem, group: &[(u16, u32)]) -> bool {
+    if group.is_empty() {
+        return false;
+    }
+    let ring = queue.used_ring();
+    let size = queue.size();
+    let mut next = queue.next_used();
+    for &(head, len) in group {
+        // The ring: flags and idx (2 bytes each), then 8-byte elements
+        // of id (u32) and len (u32), little-endian.
+        let Some(at) = ring.checked_add(4 + u64::from(next % size) * 8) else {
+            return false;
+        };
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        if mem.write_slice(&elem, GuestAddress(at)).is_err() {
+            return false;
+        }
+        next = next.wrapping_add(1);
+    }
+    let Some(idx) = ring.checked_add(2) else {
+        return false;
+    };
+    if mem
+        .store(
+            next.to_le(),
+            GuestAddress(idx),
+            std::sync::atomic::Ordering::Release,
+        )
+        .is_err()
+    {
+        return false;
+    }
+    queue.set_next_used(next);
+    true
 }
 
 impl VirtioDevice for Net {
@@ -369,7 +510,7 @@ impl VirtioDevice for Net {
         DEVICE_ID_NET
     }
     fn features(&self) -> u64 {
-        let base = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU;
+        let base = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | MRG_RXBUF;
         if self.vnet.is_some() {
             base | OFFLOADS
         } else {
@@ -409,6 +550,7 @@ impl VirtioDevice for Net {
         _mem: &GuestMem,
         features: u64,
     ) -> Result<(), String> {
+        self.merge = features & MRG_RXBUF != 0;
         match &self.vnet {
             Some(tap) => moat_sys::tun::set_offload(tap.as_fd(), tap_offloads(features))
                 .map_err(|e| format!("set the TAP's offloads: {e}")),
@@ -418,6 +560,7 @@ impl VirtioDevice for Net {
     /// A driver gone (or starting over) takes nothing: the TAP goes back
     /// to whole frames with their checksums done.
     fn reset(&mut self) {
+        self.merge = false;
         if let Some(tap) = &self.vnet {
             if let Err(e) = moat_sys::tun::set_offload(tap.as_fd(), 0) {
                 // The VMM's stderr is the guest's console log. Frames the
@@ -928,8 +1071,113 @@ mod tests {
         assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1400);
         assert_eq!(
             net.features(),
-            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | MRG_RXBUF
         );
+    }
+
+    /// A device whose driver took mergeable buffers.
+    fn merging() -> (Net, Arc<FrameQueue>, Driver) {
+        let (mut net, rx) = Net::detached([2, 0, 0, 0, 0, 1], 1500);
+        let d = Driver::new();
+        net.activate(&[], &d.mem, VIRTIO_F_VERSION_1 | MRG_RXBUF)
+            .unwrap();
+        (net, rx, d)
+    }
+
+    #[test]
+    fn a_frame_spans_the_buffers_it_needs_and_they_are_used_together() {
+        let (mut net, rx, mut d) = merging();
+        let frame: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+        rx.push(&frame);
+        rx.push(&[0x77; 100]);
+        // Two buffers of 1200 bytes: not room enough for the 3012 bytes
+        // of header and frame. Nothing is used, the frame waits, and the
+        // buffers are the device's to take again.
+        for i in 0..2u16 {
+            d.desc(i, 0x10000 + 0x1000 * u64::from(i), 1200, F_WRITE, 0);
+            d.offer(i);
+        }
+        assert!(!net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        assert_eq!((d.used_idx(), rx.len(), net.dropped), (0, 2, 0));
+        // A third and a fourth: the frame takes the first three, in
+        // order, all shown at once; the header's num_buffers says three.
+        for i in 2..4u16 {
+            d.desc(i, 0x10000 + 0x1000 * u64::from(i), 1200, F_WRITE, 0);
+            d.offer(i);
+        }
+        assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        assert_eq!(
+            d.used_idx(),
+            4,
+            "the frame's three and the next frame's one"
+        );
+        assert_eq!(
+            [d.used(0), d.used(1), d.used(2)],
+            [(0, 1200), (1, 1200), (2, 612)]
+        );
+        let mut got = Vec::new();
+        for (i, len) in [(0u64, 1200usize), (1, 1200), (2, 612)] {
+            let mut part = vec![0u8; len];
+            d.mem
+                .read_slice(&mut part, GuestAddress(0x10000 + 0x1000 * i))
+                .unwrap();
+            got.extend(part);
+        }
+        assert_eq!(&got[..NET_HDR], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0]);
+        assert!(got[NET_HDR..] == frame[..], "the frame, whole and in order");
+        // The small frame fits the fourth alone: one buffer.
+        assert_eq!(d.used(3), (3, (NET_HDR + 100) as u32));
+        let mut head = [0u8; NET_HDR];
+        d.mem.read_slice(&mut head, GuestAddress(0x13000)).unwrap();
+        assert_eq!(u16::from_le_bytes([head[10], head[11]]), 1);
+        assert!(rx.is_empty());
+        assert_eq!((net.refused, net.dropped), (0, 0));
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_whole_ring_is_dropped_and_the_buffers_kept() {
+        let (mut net, rx, mut d) = merging();
+        rx.push(&[0x11; 20_000]);
+        rx.push(&[0x22; 100]);
+        // Every entry of the ring posted, 1 KiB each: 16 KiB in all.
+        for i in 0..SIZE {
+            d.desc(i, 0x10000 + 0x400 * u64::from(i), 1024, F_WRITE, 0);
+            d.offer(i);
+        }
+        assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        assert_eq!(net.dropped, 1);
+        // The small frame took the first buffer; the rest wait.
+        assert_eq!((d.used_idx(), d.used(0)), (1, (0, (NET_HDR + 100) as u32)));
+        assert!(rx.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_buffer_among_a_frames_is_handed_back_empty() {
+        let (mut net, rx, mut d) = merging();
+        rx.push(&[0x55; 2000]);
+        // One good buffer, one the device may only read (malformed for
+        // receiving), then not room enough: the malformed one comes back
+        // empty at once, and with room short after it the frame is
+        // dropped and the good one handed back empty too.
+        d.desc(0, 0x10000, 1500, F_WRITE, 0);
+        d.offer(0);
+        d.desc(1, 0x11000, 1500, 0, 0);
+        d.offer(1);
+        assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        assert_eq!(d.used_idx(), 2);
+        assert_eq!([d.used(0), d.used(1)], [(1, 0), (0, 0)]);
+        assert_eq!((net.refused, net.dropped), (1, 1));
+        assert!(rx.is_empty());
+        // A driver that starts over without mergeable buffers: one chain
+        // per frame again.
+        net.reset();
+        net.activate(&[], &d.mem, VIRTIO_F_VERSION_1).unwrap();
+        rx.push(&[0x66; 2000]);
+        d.desc(2, 0x12000, 1500, F_WRITE, 0);
+        d.offer(2);
+        assert!(net.process(RX_QUEUE, &mut d.queue, &d.mem));
+        assert_eq!(d.used(2), (2, 0), "too small for the frame alone: dropped");
+        assert_eq!(net.dropped, 2);
     }
 
     #[test]

@@ -207,21 +207,52 @@ pub fn run_self(name: &str, timeout: Duration, extra: &[(&Path, &str)]) -> Optio
     Some(Outcome { console, status })
 }
 
+/// How long one nested session may take: a nested boot and its test take
+/// ~10–20 s here; the tests' own bounds on their inner guests are 100 s,
+/// so that a test whose guest hangs still reports (and fails) in time.
+pub const SESSION_LIMIT: Duration = Duration::from_secs(150);
+
+/// Sessions tried before a test fails because the nested virtualisation
+/// under it did.
+pub const SESSIONS: u32 = 3;
+
 /// Where the host's own KVM cannot run `name`, runs it nested and asserts
 /// it passed there; returns whether it did so (the caller returns then).
+///
+/// The outer guest (the cloud kernel with kvm_amd on QEMU's emulated SVM:
+/// the test's scaffolding, not what it tests) sometimes stops: its boot
+/// hangs before the test starts, or the vCPU threads of the VM under test
+/// lock up inside KVM_RUN ("soft lockup" on its console), where no stop
+/// reaches them (2 of 15 runs of the network test here on 2026-12-06, one
+/// of each; moat's `e2e_microvm_builtin_tier.rs` met the same). A session
+/// that ends with no exit status from the test (killed at
+/// [`SESSION_LIMIT`], or its kernel panicked) is run again, its console
+/// printed, up to [`SESSIONS`] in all; a test that ran and failed fails at
+/// once. The tests bound their own guests well under the limit, so a
+/// guest of theirs that hangs is a failure of theirs, not a retry.
 pub fn delegate(name: &str, extra: &[(&Path, &str)]) -> bool {
     if is_child() || hardware_virt() {
         return false;
     }
     eprintln!("{name}: no vmx or svm here: running it in a QEMU/TCG guest with an emulated SVM");
-    let Some(out) = run_self(name, Duration::from_secs(300), extra) else {
-        return true;
-    };
-    assert_eq!(
-        out.status,
-        Some(0),
-        "nested run of {name}:\n{}",
-        out.console
-    );
+    for session in 1..=SESSIONS {
+        let Some(out) = run_self(name, SESSION_LIMIT, extra) else {
+            return true;
+        };
+        match out.status {
+            Some(0) => return true,
+            Some(code) => panic!("nested run of {name} exited {code}:\n{}", out.console),
+            None if session < SESSIONS => eprintln!(
+                "{name}: nested session {session} of {SESSIONS} ended without the test's exit \
+                 status (the nested virtualisation stopped); running it again. Its console:\n{}",
+                out.console
+            ),
+            None => panic!(
+                "nested run of {name}: {SESSIONS} sessions ended without the test's exit \
+                 status; the last console:\n{}",
+                out.console
+            ),
+        }
+    }
     true
 }
