@@ -44,6 +44,28 @@ echo "moat-init: rng bytes=$($B head -c 64 /dev/hwrng | $B od -An -v -tx1 | $B t
 $B reboot -f
 "#;
 
+/// Runs `vm` to its end (stopped after 100 s: a bound against a hung
+/// guest, not a timing assertion, and under the nested harness's session
+/// limit); returns why it ended and its console, read back from `serial`
+/// and printed.
+fn run_bounded(vm: Vm, mut serial: std::fs::File) -> (ExitReason, String) {
+    let stop = vm.stop_handle();
+    let (done, wait) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(Duration::from_secs(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
+            stop.stop();
+        }
+    });
+    let reason = vm.run().unwrap();
+    drop(done);
+    watchdog.join().unwrap();
+    let mut out = String::new();
+    serial.rewind().unwrap();
+    serial.read_to_string(&mut out).unwrap();
+    print!("{out}");
+    (reason, out)
+}
+
 #[test]
 fn cloud_kernel_boots_on_the_builtin_vmm() {
     if nested::delegate("cloud_kernel_boots_on_the_builtin_vmm", &[]) {
@@ -64,7 +86,7 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     image[..16].copy_from_slice(b"MOAT-ROOT-MARKER");
     std::fs::write(&disk, image).unwrap();
     let serial = tempfile::tempfile().unwrap();
-    let mut reader = serial.try_clone().unwrap();
+    let reader = serial.try_clone().unwrap();
     let mut config = VmConfig::new(Kernel::Linux(kernel), 2, 256);
     config.initrd = Some(initrd);
     config.cmdline = "console=ttyS0 panic=-1 quiet".into();
@@ -75,21 +97,7 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
         read_only: true,
         file: None,
     }];
-    let vm = Vm::new(config).unwrap();
-    let stop = vm.stop_handle();
-    let (done, wait) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
-            stop.stop();
-        }
-    });
-    let reason = vm.run().unwrap();
-    drop(done);
-    watchdog.join().unwrap();
-    let mut out = String::new();
-    reader.rewind().unwrap();
-    reader.read_to_string(&mut out).unwrap();
-    print!("{out}");
+    let (reason, out) = run_bounded(Vm::new(config).unwrap(), reader);
     assert_eq!(reason, ExitReason::Reset, "serial:\n{out}");
     for want in [
         "moat-init: up on 2 cpus",
@@ -212,7 +220,7 @@ fn cloud_kernel_moves_tcp_both_ways_on_a_tap_with_offloads() {
     };
     ready.recv().unwrap();
     let serial = tempfile::tempfile().unwrap();
-    let mut reader = serial.try_clone().unwrap();
+    let reader = serial.try_clone().unwrap();
     // One vCPU: the card is under test, not SMP (two-vCPU boots are the
     // ones the nested harness has seen lock up; common/nested.rs).
     let mut config = VmConfig::new(Kernel::Linux(kernel), 1, 256);
@@ -227,21 +235,7 @@ fn cloud_kernel_moves_tcp_both_ways_on_a_tap_with_offloads() {
         mac: [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x64],
         mtu: 1500,
     });
-    let vm = Vm::new(config).unwrap();
-    let stop = vm.stop_handle();
-    let (done, wait) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
-            stop.stop();
-        }
-    });
-    let reason = vm.run().unwrap();
-    drop(done);
-    watchdog.join().unwrap();
-    let mut out = String::new();
-    reader.rewind().unwrap();
-    reader.read_to_string(&mut out).unwrap();
-    print!("{out}");
+    let (reason, out) = run_bounded(Vm::new(config).unwrap(), reader);
     assert_eq!(reason, ExitReason::Reset, "serial:\n{out}");
     assert!(!out.contains("failed"), "serial:\n{out}");
     // The features the driver accepted, as virtio's sysfs lists them (one
