@@ -400,9 +400,17 @@ fn run_container_hooks(
     let Some(list) = list.as_deref().filter(|l| !l.is_empty()) else {
         return Ok(());
     };
+    // The ID the runtime's caller knows, where moat runs this container
+    // for another runtime (the microvm tier's guest).
+    let id = ctx
+        .spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(moat_core::tier::STATE_ID_ANNOTATION))
+        .map_or(ctx.id, String::as_str);
     let state = serde_json::json!({
         "ociVersion": ctx.spec.version(),
-        "id": ctx.id,
+        "id": id,
         "status": if stage == "createContainer" { "creating" } else { "created" },
         "pid": std::process::id(),
         "bundle": ctx.bundle,

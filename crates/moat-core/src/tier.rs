@@ -87,6 +87,12 @@ pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// See [`CRI_CONTAINER_TYPE`].
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
+/// The container's ID as the runtime's caller knows it, where moat runs
+/// the container on another runtime's behalf (the microvm tier's guest
+/// runs it as its own `w0`): the state the container tier hands its
+/// startContainer hooks carries it.
+pub const STATE_ID_ANNOTATION: &str = "dev.moat.state-id";
+
 /// Whether container `id`, with these annotations, is a Kubernetes pod's
 /// sandbox (pause) container as containerd's CRI plugin creates it: typed
 /// `sandbox` and its own sandbox. containerd writes both annotations

@@ -134,8 +134,16 @@ impl MicrovmTier {
             own_disk: &own_disk,
             shared_file: &shared_file,
         };
-        let plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
+        let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
+        // startContainer hooks run in the guest, whose container is `w0`:
+        // their state carries this container's ID. (Only then: a config
+        // of its own per container would never match the held container
+        // of a primed snapshot.)
+        if plan.config["hooks"]["startContainer"].is_array() {
+            plan.config["annotations"][moat_core::tier::STATE_ID_ANNOTATION] =
+                serde_json::json!(req.id);
+        }
         for w in &plan.warnings {
             tracing::warn!("microvm: {w}");
         }

@@ -15,9 +15,13 @@
 //!   stay: the guest has its own.
 //! - Hooks, joined namespaces' paths and the cgroup path belong to the
 //!   host; they are dropped from the guest's config (the runtime runs the
-//!   prestart, createRuntime, poststart and poststop hooks on the host;
-//!   createContainer and startContainer, which would run in the
-//!   container's namespaces, the guest's, are not run: a warning).
+//!   prestart, createRuntime, poststart and poststop hooks on the host),
+//!   but for startContainer hooks, which the runtime-spec runs in the
+//!   container's namespaces with a path resolved in the container's root:
+//!   the guest's container tier runs them there, before the process.
+//!   createContainer hooks, whose path resolves in the runtime's namespace
+//!   (the host's) but which run in the container's (the guest's), are not
+//!   run: a warning.
 //!   Annotations that pick a tier or a network stack are removed, so the
 //!   guest's moat runs the container tier.
 use std::path::{Path, PathBuf};
@@ -174,14 +178,24 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         ));
     }
     if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
-        for stage in ["createContainer", "startContainer"] {
-            if hooks[stage].as_array().is_some_and(|a| !a.is_empty()) {
-                plan.warnings.push(format!(
-                    "the microvm tier does not run {stage} hooks: they would run in the container's namespaces, which are the guest's"
-                ));
+        if hooks["createContainer"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            plan.warnings.push(
+                "the microvm tier does not run createContainer hooks: their paths are the host's, and they would run in the container's namespaces, which are the guest's".into(),
+            );
+        }
+        let start = hooks["startContainer"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .cloned();
+        match start {
+            Some(start) => config["hooks"] = json!({ "startContainer": start }),
+            None => {
+                config.as_object_mut().map(|o| o.remove("hooks"));
             }
         }
-        config.as_object_mut().map(|o| o.remove("hooks"));
     }
     if let Some(linux) = config.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("cgroupsPath");
@@ -399,7 +413,7 @@ mod tests {
             "root": {"path": "/host/rootfs", "readonly": true},
             "process": {"args": ["sh"], "cwd": "/"},
             "mounts": mounts,
-            "hooks": {"prestart": [{"path": "/bin/true"}], "startContainer": [{"path": "/bin/true"}]},
+            "hooks": {"prestart": [{"path": "/bin/true"}], "createContainer": [{"path": "/bin/true"}], "startContainer": [{"path": "/bin/true"}]},
             "annotations": {"dev.moat.isolation": "microvm", "keep": "yes"},
             "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "ipc", "path": "/run/ipc/a"}, {"type": "pid"}]}
         })
@@ -441,16 +455,20 @@ mod tests {
         assert_eq!(m[7]["source"], format!("{GROUP_MOUNT}/1"));
         assert_eq!(m[8]["source"], "/run/vm/files/1");
         assert_eq!(p.files.len(), 2);
-        assert!(p.config.get("hooks").is_none());
-        // The runtime runs prestart on the host; startContainer would be
-        // the guest's; an IPC namespace to join is not the guest's (a
-        // network one is met on the host: no warning).
+        // The runtime runs prestart on the host; startContainer runs in
+        // the guest's container, alone of the hooks; createContainer is
+        // not run; an IPC namespace to join is not the guest's (a network
+        // one is met on the host: no warning).
+        assert_eq!(
+            p.config["hooks"],
+            json!({"startContainer": [{"path": "/bin/true"}]})
+        );
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
         assert!(p.warnings.iter().any(|w| w.contains("the ipc namespace")));
         assert!(p
             .warnings
             .iter()
-            .any(|w| w.contains("startContainer hooks")));
+            .any(|w| w.contains("createContainer hooks")));
         assert!(p.config["linux"].get("cgroupsPath").is_none());
         assert!(p.config["linux"]["namespaces"][0].get("path").is_none());
         assert!(p.config["annotations"].get("dev.moat.isolation").is_none());

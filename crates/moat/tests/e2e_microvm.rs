@@ -1704,8 +1704,11 @@ fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier()
 /// them, with the VMM process as the container's: prestart and
 /// createRuntime at `create` (a failure fails it, leaving nothing),
 /// poststart after `start`, poststop at `delete`, each with the state on
-/// its stdin; createContainer and startContainer would run in the guest's
-/// namespaces and are not run (a warning says so).
+/// its stdin. startContainer runs where the runtime-spec runs it, in the
+/// container's namespaces with its path resolved in the container's root:
+/// the guest's, before the process, with the state (`created`) on its
+/// stdin. createContainer (a host path run in the guest's namespaces) is
+/// not run (a warning says so).
 #[test]
 fn the_runtimes_hooks_run_on_the_host_in_order() {
     let Some(rt) = rt("the_runtimes_hooks_run_on_the_host_in_order") else {
@@ -1716,16 +1719,27 @@ fn the_runtimes_hooks_run_on_the_host_in_order() {
         serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c",
             format!("cat > {d}/{stage}.json; echo {stage} >> {d}/order", d = out.path().display())]}])
     };
-    let mut b = vm_bundle(&["sh", "-c", "echo started; sleep 1000"]);
+    let mut b = vm_bundle(&[
+        "sh",
+        "-c",
+        "cat /dev/shm/hooked; tr -d '\\n' </dev/shm/state.json; echo; echo started; sleep 1000",
+    ]);
     for stage in [
         "prestart",
         "createRuntime",
         "poststart",
         "poststop",
-        "startContainer",
+        "createContainer",
     ] {
         b.set(&format!("/hooks/{stage}"), hook(stage));
     }
+    // In the guest's container: its /bin/sh (the bundle's busybox), its
+    // /dev/shm (a guest tmpfs), which the process then reads.
+    b.set(
+        "/hooks/startContainer",
+        serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c",
+            "cat > /dev/shm/state.json; echo startContainer ran in the guest > /dev/shm/hooked"]}]),
+    );
     b.write_config();
     let id = rt.new_id("hooks");
     let bundle = b.dir().display().to_string();
@@ -1740,7 +1754,8 @@ fn the_runtimes_hooks_run_on_the_host_in_order() {
     );
     assert!(created.ok(), "{created:?}");
     assert!(
-        created.stderr.contains("startContainer hooks"),
+        created.stderr.contains("createContainer hooks")
+            && !created.stderr.contains("startContainer"),
         "{created:?}"
     );
     let ctr = Ctr {
@@ -1766,7 +1781,18 @@ fn the_runtimes_hooks_run_on_the_host_in_order() {
     cmd(&rt, &["start", &id]).expect_ok();
     assert_eq!(order(), "prestart\ncreateRuntime\npoststart\n");
     assert_eq!(state("poststart")["status"], "running");
-    ctr.wait_output("started");
+    let out = ctr.wait_output("started");
+    assert!(out.contains("startContainer ran in the guest"), "{out}");
+    let guest_state: serde_json::Value = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no state from the startContainer hook: {out}"));
+    assert_eq!(
+        (&guest_state["id"], &guest_state["status"]),
+        (&serde_json::json!(id), &serde_json::json!("created")),
+        "{guest_state}"
+    );
     cmd(&rt, &["delete", "--force", &id]).expect_ok();
     assert_eq!(order(), "prestart\ncreateRuntime\npoststart\npoststop\n");
     assert_eq!(state("poststop")["status"], "stopped");
