@@ -6,8 +6,8 @@
 mod engines;
 
 use engines::{
-    assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
-    Daemon, OneConnection, Out, GUEST_SERVER,
+    assert_guest_serves, assert_reaches_gateway_from, base_dir, busybox_tar, can_run, moat_bin,
+    moat_links, s, sh, wait_for, Daemon, Out, GUEST_SERVER,
 };
 
 struct Docker {
@@ -461,25 +461,21 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "vmnet",
         "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
     );
-    let host = OneConnection::listen(&gateway);
-    dk.cmd(&[
-        "run",
-        "--rm",
-        "--runtime",
-        "moat-vm-flag",
-        "--network",
-        "container:vmnet",
-        "moatbb",
-        "sh",
-        "-c",
-        &format!("echo from-the-second | nc -w 10 {gateway} {}", host.port),
-    ])
-    .expect_ok();
-    let (peer, line) = host.wait();
-    assert_eq!(
-        (peer.as_str(), line.as_str()),
-        (ip.as_str(), "from-the-second\n")
-    );
+    assert_reaches_gateway_from(&gateway, &ip, |script| {
+        dk.cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "moat-vm-flag",
+            "--network",
+            "container:vmnet",
+            "moatbb",
+            "sh",
+            "-c",
+            script,
+        ])
+        .expect_ok();
+    });
     assert_guest_serves(&format!("http://{ip}:8000"));
     dk.cmd(&["rm", "-f", "vmnet"]).expect_ok();
     dk.cmd(&["network", "rm", "moatvmnet"]).expect_ok();

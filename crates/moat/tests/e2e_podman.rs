@@ -6,8 +6,8 @@
 mod engines;
 
 use engines::{
-    assert_guest_serves, base_dir, busybox_tar, can_run, moat_bin, moat_links, s, sh, wait_for,
-    Daemon, OneConnection, Out, GUEST_SERVER,
+    assert_guest_serves, assert_reaches_gateway_from, base_dir, busybox_tar, can_run, moat_bin,
+    moat_links, s, sh, wait_for, Daemon, Out, GUEST_SERVER,
 };
 
 struct Podman {
@@ -432,25 +432,21 @@ fn podman_selects_every_tier() {
     // vmnet's guest holds the interface, and reaches the host from
     // vmnet's address.
     let gateway = pm.inspect("vmnet", "{{.NetworkSettings.Gateway}}");
-    let host = OneConnection::listen(&gateway);
-    pm.cmd(&[
-        "--runtime-flag",
-        "isolation=microvm",
-        "run",
-        "--rm",
-        "--network",
-        "container:vmnet",
-        "moatbb",
-        "sh",
-        "-c",
-        &format!("echo from-the-second | nc -w 10 {gateway} {}", host.port),
-    ])
-    .expect_ok();
-    let (peer, line) = host.wait();
-    assert_eq!(
-        (peer.as_str(), line.as_str()),
-        (ip.as_str(), "from-the-second\n")
-    );
+    assert_reaches_gateway_from(&gateway, &ip, |script| {
+        pm.cmd(&[
+            "--runtime-flag",
+            "isolation=microvm",
+            "run",
+            "--rm",
+            "--network",
+            "container:vmnet",
+            "moatbb",
+            "sh",
+            "-c",
+            script,
+        ])
+        .expect_ok();
+    });
     assert_guest_serves(&format!("http://{ip}:8000"));
     pm.cmd(&["rm", "-f", "-t", "0", "vmnet"]).expect_ok();
     // By program name.

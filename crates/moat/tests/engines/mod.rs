@@ -157,7 +157,6 @@ pub fn assert_guest_serves(base: &str) {
     );
 }
 
-/// A microVM container's command for [`assert_guest_serves`] (port 8000).
 /// A TCP listener on `addr` (a bridge's address on the host) that takes
 /// one connection and reads it to its end: what a container on that
 /// network sends, and from which address.
@@ -192,6 +191,21 @@ impl OneConnection {
     }
 }
 
+/// A second container on a microVM container's network (`--network
+/// container:NAME`) reaches the host's `gateway` from that container's
+/// address `ip`: `run` runs the shell script it is given in that second
+/// container, to its end.
+pub fn assert_reaches_gateway_from(gateway: &str, ip: &str, run: impl FnOnce(&str)) {
+    let host = OneConnection::listen(gateway);
+    run(&format!(
+        "echo from-the-second | nc -w 10 {gateway} {}",
+        host.port
+    ));
+    let (peer, line) = host.wait();
+    assert_eq!((peer.as_str(), line.as_str()), (ip, "from-the-second\n"));
+}
+
+/// A microVM container's command for [`assert_guest_serves`] (port 8000).
 pub const GUEST_SERVER: &str = "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000";
 
 /// A busybox-static root filesystem (an applet symlink for each command,
