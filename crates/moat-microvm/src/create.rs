@@ -462,11 +462,7 @@ impl MicrovmTier {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(MicrovmError::sys("create the setup channel"))?;
-        let pty = if terminal {
-            Some(nix::pty::openpty(None, None).map_err(MicrovmError::sys("open a pty"))?)
-        } else {
-            None
-        };
+        let pty = if terminal { Some(host_pty()?) } else { None };
         if let (Some(p), (r, c)) = (&pty, (rows, cols)) {
             if r > 0 && c > 0 {
                 let _ = rustix::termios::tcsetwinsize(
@@ -1054,6 +1050,23 @@ fn spawn_vmm(
         })
         .map_err(MicrovmError::io("start the VMM process"))?;
     Ok(pid)
+}
+
+/// A pty for a guest process's terminal on the host. Its slave is the
+/// host end of the guest's own pty (the VMM process's stdio, or an exec's),
+/// so it is raw: the guest's line discipline echoes, edits lines, ends
+/// them with `\r\n` and turns ^C into SIGINT for the guest's foreground
+/// process group; a second, cooked one here would echo every line twice,
+/// hold input until a newline, add a `\r` to every line ending and turn
+/// ^C into a signal for the VMM process.
+pub(crate) fn host_pty() -> Result<nix::pty::OpenptyResult, MicrovmError> {
+    let p = nix::pty::openpty(None, None).map_err(MicrovmError::sys("open a pty"))?;
+    let mut t = rustix::termios::tcgetattr(&p.slave)
+        .map_err(|e| MicrovmError::io("read the pty's modes")(e.into()))?;
+    t.make_raw();
+    rustix::termios::tcsetattr(&p.slave, rustix::termios::OptionalActions::Now, &t)
+        .map_err(|e| MicrovmError::io("make the pty raw")(e.into()))?;
+    Ok(p)
 }
 
 /// Makes `tty` (a pty slave) this process's stdio and controlling

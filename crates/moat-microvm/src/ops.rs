@@ -182,7 +182,7 @@ impl MicrovmTier {
         // socket, or our own descriptors.
         let mut pty_master = None;
         let stdio: Vec<OwnedFd> = if terminal && opts.console_socket.is_some() {
-            let p = nix::pty::openpty(None, None).map_err(MicrovmError::sys("open a pty"))?;
+            let p = crate::create::host_pty()?;
             let s = p.slave;
             let v = vec![
                 s.try_clone()

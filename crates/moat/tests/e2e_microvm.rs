@@ -584,6 +584,145 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     assert_clean(&rt);
 }
 
+/// A pty master sent to a console socket at `sock` (one connection).
+fn console_master(sock: &Path) -> std::thread::JoinHandle<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        let (_, fd) = moat_sys::fd::recv_with_fd(conn.as_fd(), &mut buf).unwrap();
+        fd.expect("a pty master")
+    })
+}
+
+/// What a pty master gives, gathered by a thread of its own.
+struct Screen(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Screen {
+    fn of(master: &std::fs::File) -> Screen {
+        use std::io::Read;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut f, into) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok(n @ 1..) = f.read(&mut buf) {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Screen(seen)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    #[track_caller]
+    fn wait_for(&self, needle: &str) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let t = self.text();
+            if t.contains(needle) {
+                return t;
+            }
+            assert!(std::time::Instant::now() < end, "no {needle:?} in {t:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A guest process's terminal is the guest's own pty: the host's end of it
+/// passes bytes untouched both ways, so control characters arrive as
+/// typed (^C, ^D, ^\ as bytes to a raw guest terminal, not signals to the
+/// VMM process or an end of input on the host), a line is echoed once (by
+/// the guest) and ends `\r\n`, not `\r\r\n`. The container's process and
+/// an exec's, both through a console socket as an engine drives them.
+#[test]
+fn a_guest_terminal_has_one_line_discipline() {
+    use std::io::Write;
+    let Some(rt) = rt("a_guest_terminal_has_one_line_discipline") else {
+        return;
+    };
+    let mut b = vm_bundle(&[
+        "sh",
+        "-c",
+        "stty raw -echo; echo ready; head -c 3 | od -An -tx1; stty sane; \
+         read line; echo \"got $line\"; sleep 600",
+    ]);
+    b.set("/process/terminal", serde_json::json!(true));
+    b.write_config();
+    let sock = rt.scratch_file("console.sock");
+    let accepted = console_master(&sock);
+    let id = rt.new_id("tty");
+    let bundle = b.dir().display().to_string();
+    cmd(
+        &rt,
+        &[
+            "create",
+            "--bundle",
+            &bundle,
+            "--console-socket",
+            &sock.display().to_string(),
+            &id,
+        ],
+    )
+    .expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
+    let mut master = std::fs::File::from(accepted.join().unwrap());
+    let screen = Screen::of(&master);
+    cmd(&rt, &["start", &id]).expect_ok();
+    screen.wait_for("ready");
+    master.write_all(b"\x03\x04\x1c").unwrap();
+    screen.wait_for(" 03 04 1c");
+    master.write_all(b"abc\n").unwrap();
+    let t = screen.wait_for("got abc\r\n");
+    assert_eq!(t.matches("abc").count(), 2, "echoed once: {t:?}");
+    assert!(!t.contains("\r\r\n"), "{t:?}");
+    assert_eq!(ctr.status(), "running");
+
+    // An exec's terminal, the same.
+    let sock2 = rt.scratch_file("exec-console.sock");
+    let accepted = console_master(&sock2);
+    let sock2 = sock2.display().to_string();
+    let out = std::thread::scope(|s| {
+        let exec = s.spawn(|| {
+            cmd(
+                &rt,
+                &[
+                    "exec",
+                    "-t",
+                    "--console-socket",
+                    &sock2,
+                    &id,
+                    "sh",
+                    "-c",
+                    "stty raw -echo; echo ready; head -c 2 | od -An -tx1; stty sane; \
+                     read line; echo \"got $line\"; exit 3",
+                ],
+            )
+        });
+        let mut master = std::fs::File::from(accepted.join().unwrap());
+        let screen = Screen::of(&master);
+        screen.wait_for("ready");
+        master.write_all(b"\x03\x1a").unwrap();
+        screen.wait_for(" 03 1a");
+        master.write_all(b"xyz\n").unwrap();
+        let t = screen.wait_for("got xyz\r\n");
+        assert_eq!(t.matches("xyz").count(), 2, "echoed once: {t:?}");
+        assert!(!t.contains("\r\r\n"), "{t:?}");
+        exec.join().unwrap()
+    });
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert_eq!(ctr.status(), "running", "the exec's ^C and ^Z were bytes");
+    cmd(&rt, &["delete", "--force", &id]).expect_ok();
+    drop(ctr);
+    assert_clean(&rt);
+}
+
 #[test]
 fn by_program_name_kill_all_and_delete_force_end_the_vm() {
     let Some(rt) = rt("by_program_name_kill_all_and_delete_force_end_the_vm") else {
