@@ -636,6 +636,17 @@ impl Lifecycle for MicrovmTier {
             return Err(wrong(id, c.status, "cannot update it"));
         }
         let (host, guest) = split_resources(resources);
+        // The guest's part needs the agent, which a frozen VMM cannot
+        // answer: refused before anything changes (runc's update of a
+        // paused container only writes its cgroup, as the host's part
+        // alone still does here).
+        if guest.is_some() && c.status == ContainerStatus::Paused {
+            return Err(wrong(
+                id,
+                c.status,
+                "resume it to update its memory, process and CPU-time limits (the guest sets them)",
+            ));
+        }
         self.cgroup(&c.state)?
             .update(&host)
             .map_err(MicrovmError::from)?;

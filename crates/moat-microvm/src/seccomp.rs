@@ -72,6 +72,10 @@ pub const VMM: &[(&str, &str)] = &[
     ("timerfd_settime", "QEMU timers"),
     ("clock_nanosleep", "sleeping"),
     ("nanosleep", "sleeping"),
+    (
+        "restart_syscall",
+        "a poll, sleep or futex wait the cgroup freezer (`pause`) or a stop interrupted resumes through it",
+    ),
     ("clock_gettime", "time, when the vDSO does not serve it"),
     ("gettimeofday", "time, when the vDSO does not serve it"),
     ("rt_sigaction", "signal handlers"),
@@ -240,7 +244,7 @@ pub const BUILTIN_COMMON: &[(&str, &str)] = &[
     ),
     (
         "restart_syscall",
-        "a call interrupted by the vCPU kick signal",
+        "a call interrupted by the vCPU kick signal, the cgroup freezer (`pause`) or a stop",
     ),
 ];
 

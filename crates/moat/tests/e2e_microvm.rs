@@ -574,6 +574,22 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     }
     let ps = cmd(&rt, &["ps", "--format", "json", &id]).expect_ok();
     assert_eq!(ps.json(), serde_json::json!([pid]));
+    // Paused, the whole guest stops (the VMM's cgroup is frozen): what
+    // needs the guest is refused in one line, nothing hangs, and after
+    // `resume` it goes on — every call the freeze interrupted restarts
+    // (`restart_syscall`, which the VMM's filter once lacked: the VMM
+    // process died of EPERM on resume).
+    cmd(&rt, &["pause", &id]).expect_ok();
+    assert_eq!(ctr.status(), "paused");
+    let ex = cmd(&rt, &["exec", &id, "true"]);
+    assert!(!ex.ok() && ex.stderr.contains("paused"), "{ex:?}");
+    let up = cmd(&rt, &["update", "--memory", "300000000", &id]);
+    assert!(!up.ok() && up.stderr.contains("resume it"), "{up:?}");
+    assert_eq!(up.stderr.trim().lines().count(), 1, "{up:?}");
+    cmd(&rt, &["resume", &id]).expect_ok();
+    assert_eq!(ctr.status(), "running");
+    let ex = cmd(&rt, &["exec", &id, "echo", "after-resume"]);
+    assert_eq!(ex.stdout, "after-resume\n", "{ex:?}");
 
     cmd(&rt, &["kill", &id, "TERM"]).expect_ok();
     ctr.wait_status("stopped");
