@@ -426,6 +426,13 @@ fn podman_selects_every_tier() {
     let ip = pm.inspect("vmnet", "{{.NetworkSettings.IPAddress}}");
     assert!(!ip.is_empty(), "Podman gave the container an address");
     assert_guest_serves(&format!("http://{ip}:8000"));
+    // Paused and unpaused, the guest goes on serving (the VMM once died
+    // of its filter on `resume`).
+    pm.cmd(&["pause", "vmnet"]).expect_ok();
+    assert_eq!(pm.inspect("vmnet", "{{.State.Status}}"), "paused");
+    pm.cmd(&["unpause", "vmnet"]).expect_ok();
+    assert_eq!(pm.inspect("vmnet", "{{.State.Status}}"), "running");
+    assert_guest_serves(&format!("http://{ip}:8000"));
     // A second microVM on that container's network (`--network
     // container:vmnet`, which names the namespace of vmnet's process, the
     // VMM's jail): it gets vmnet's network, through moat's stack since
