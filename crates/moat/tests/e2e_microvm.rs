@@ -189,6 +189,42 @@ fn the_workload_runs_on_its_own_kernel_under_the_container_tier() {
     assert_clean(&rt);
 }
 
+/// `--read-write` gives the container a root of its own as the container
+/// tier does: its top directory is the container's root's, which creates
+/// files in it (the overlay's top was the agent's upper layer, owned by
+/// the guest's root: `/` showed as `nobody`, and even the container's root
+/// was refused). Both tiers, the same script, the same answer.
+#[test]
+fn a_read_write_root_belongs_to_the_containers_root() {
+    let Some(rt) = rt("a_read_write_root_belongs_to_the_containers_root") else {
+        return;
+    };
+    let script = "touch /new && stat -c '%u:%g %a' / /new";
+    let mut seen = Vec::new();
+    for tier in ["container", "microvm"] {
+        let out = cmd(
+            &rt,
+            &[
+                "run",
+                "--isolation",
+                tier,
+                "-u",
+                "0",
+                "--read-write",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        );
+        assert!(out.ok(), "{tier}: {out:?}");
+        seen.push(out.stdout);
+    }
+    assert_eq!(seen[0], "0:0 755\n0:0 644\n");
+    assert_eq!(seen[1], seen[0], "the microvm tier as the container tier");
+    assert_clean(&rt);
+}
+
 /// A signal for the workload gets through while the workload leaves its
 /// stdin unread and the host has endless stdin for it: the host sends a
 /// process's stdin only as the agent credits it back (a window of 1 MiB),

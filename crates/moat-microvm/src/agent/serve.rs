@@ -501,6 +501,9 @@ impl Agent {
             }
             Some(_) => {}
         }
+        if overlay.is_some() {
+            own_root(&root, &config)?;
+        }
         if let Some(held) = self.held.take() {
             match held_process(&held.config, &config) {
                 Ok(o) => {
@@ -1362,6 +1365,35 @@ fn held_container(stdio: [OwnedFd; 3], go: OwnedFd, ready: OwnedFd, limits: Owne
             ready,
         )
     })
+}
+
+/// The guest's IDs of the container's root (its user and group 0) by the
+/// config's mappings; None when it maps no 0 (no user namespace).
+fn container_root(config: &serde_json::Value) -> Option<(u32, u32)> {
+    let id = |key: &str| {
+        config["linux"][key].as_array()?.iter().find_map(|m| {
+            let (c, h, n) = (
+                m["containerID"].as_u64()?,
+                m["hostID"].as_u64()?,
+                m["size"].as_u64()?,
+            );
+            (c == 0 && n > 0).then(|| u32::try_from(h).ok()).flatten()
+        })
+    };
+    Some((id("uidMappings")?, id("gidMappings")?))
+}
+
+/// Gives a writable root's top directory to the container's root, as the
+/// container tier's own copy of a root is: the overlay's top is its upper
+/// layer's, which the agent made as the guest's root, unmapped in the
+/// container's user namespace (`/` showed as `nobody` and even the
+/// container's root could not create a file in it).
+fn own_root(root: &str, config: &serde_json::Value) -> Result<(), AgentError> {
+    let Some((uid, gid)) = container_root(config) else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(root, Some(uid), Some(gid))
+        .map_err(io(format!("give {root} to the container's root")))
 }
 
 fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
