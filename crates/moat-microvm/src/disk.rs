@@ -79,7 +79,7 @@ fn fingerprint(h: &mut Sha256, root: &Path, depth: usize) {
 /// The cached image of `source` (built now if missing).
 pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
     let mut h = Sha256::new();
-    h.update(b"moat-disk-1");
+    h.update(b"moat-disk-2");
     fingerprint(&mut h, source, FINGERPRINT_DEPTH);
     let digest = h.finalize();
     let uuid = hex(&digest[..16]);
@@ -164,7 +164,7 @@ pub fn group(
     dest: &Path,
 ) -> Result<DiskImage, MicrovmError> {
     let mut h = Sha256::new();
-    h.update(b"moat-group-1");
+    h.update(b"moat-group-2");
     for s in sources {
         fingerprint(&mut h, s, FINGERPRINT_DEPTH);
     }
@@ -534,6 +534,7 @@ fn build_as(
         if fill == Fill::Mke2fs {
             mkfs(Some(source), &tmp, u, uuid)?;
         }
+        drop_lost_found(source, &tmp)?;
         std::fs::rename(&tmp, dest)
             .map_err(MicrovmError::io(format!("rename {}", dest.display())))?;
         Ok(fill)
@@ -543,6 +544,36 @@ fn build_as(
     }
     r
 }
+
+/// Removes the `lost+found` that mke2fs makes from `img`, unless the tree
+/// has one of its own: the image is a copy of the tree, built again rather
+/// than repaired, and the directory showed in the guest as the tree's (in
+/// an image's `/` and the host's `/usr`; root's alone, so a walk of the
+/// tree met "Permission denied" where the other tiers have nothing).
+fn drop_lost_found(source: &Path, img: &Path) -> Result<(), MicrovmError> {
+    if source.join("lost+found").symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let failed = |message: String| MicrovmError::Mkfs {
+        source_dir: source.to_owned(),
+        message,
+    };
+    let out = Command::new(DEBUGFS)
+        .args(["-w", "-R", "rmdir /lost+found"])
+        .arg(img)
+        .output()
+        .map_err(|e| failed(format!("cannot run {DEBUGFS}: {e} (install e2fsprogs)")))?;
+    // debugfs exits 0 whatever its request did; its complaint names it.
+    let err = String::from_utf8_lossy(&out.stderr);
+    match err.lines().find(|l| l.starts_with("rmdir")) {
+        Some(l) => Err(failed(format!("{DEBUGFS}: {}", l.trim()))),
+        None if !out.status.success() => Err(failed(format!("{DEBUGFS} failed: {}", out.status))),
+        None => Ok(()),
+    }
+}
+
+/// e2fsprogs' debugfs, which edits an unmounted image.
+const DEBUGFS: &str = "debugfs";
 
 /// Makes `img` an empty ext4 file system sized for `u` (a new file each
 /// time), filled with `populate` by mke2fs itself when given.
@@ -896,6 +927,18 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hello");
+        // Nothing but the tree: no lost+found of mke2fs's.
+        let out = Command::new("debugfs")
+            .args(["-R", "ls /"])
+            .arg(&img.path)
+            .output()
+            .unwrap();
+        let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        assert!(names.contains(&"bin".to_owned()), "{names:?}");
+        assert!(!names.contains(&"lost+found".to_owned()), "{names:?}");
         // A missing source fails and leaves nothing.
         let bad = per_container(&d.path().join("nope"), &d.path().join("y.ext4"));
         assert!(bad.is_err());
@@ -1021,6 +1064,38 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(cat.stdout, b"hi\n");
+        // Neither fill leaves mke2fs's lost+found in a tree without one;
+        // a tree's own stays, with what it holds.
+        let root_names = |img: &Path| {
+            let out = Command::new("debugfs")
+                .args(["-R", "ls /"])
+                .arg(img)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        for img in [&k, &m] {
+            let names = root_names(img);
+            assert!(names.contains(" d ") || names.contains(" d\n"), "{names}");
+            assert!(!names.contains("lost+found"), "{names}");
+        }
+        let own = d.path().join("own");
+        std::fs::create_dir_all(own.join("lost+found")).unwrap();
+        std::fs::write(own.join("lost+found/kept"), b"k").unwrap();
+        let (ok, om) = (d.path().join("ok.ext4"), d.path().join("om.ext4"));
+        let uo = usage(&own).unwrap();
+        build_as(&own, &ok, uuid, uo, Fill::Kernel).unwrap();
+        build_as(&own, &om, uuid, uo, Fill::Mke2fs).unwrap();
+        for img in [&ok, &om] {
+            let cat = Command::new("debugfs")
+                .args(["-R", "cat /lost+found/kept"])
+                .arg(img)
+                .output()
+                .unwrap();
+            assert_eq!(cat.stdout, b"k", "{}", img.display());
+            std::fs::remove_file(img).unwrap();
+        }
+        std::fs::remove_dir_all(&own).unwrap();
         // Nothing is left: no temporary file or mount point beside the
         // images, no loop device still backed by one, no mount on the host.
         let mut left: Vec<_> = std::fs::read_dir(d.path())
