@@ -13,7 +13,8 @@
 //! (given to [`Egress`] by the IO shell), and link-local addresses (the cloud
 //! metadata service lives at 169.254.169.254) unless a rule names a link-local
 //! address or network explicitly. IPv4-mapped IPv6 addresses are judged as
-//! the IPv4 address they carry.
+//! the IPv4 address they carry. A rule naming only addresses of the first
+//! four kinds could allow nothing, and is refused when parsed.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -46,6 +47,10 @@ pub enum RuleError {
         "egress rule {rule:?}: unbalanced '[' (write an IPv6 address with a port as [ADDR]:PORT)"
     )]
     Bracket { rule: String },
+    #[error(
+        "egress rule {rule:?} names {what}, which the stack never reaches, whatever the rules"
+    )]
+    Unreachable { rule: String, what: String },
 }
 
 /// An IP network: an address and a prefix length, host bits clear.
@@ -216,7 +221,50 @@ impl FromStr for Rule {
         let (host, port) = split_port(rule)?;
         let port = port.map(|p| parse_port(rule, p)).transpose()?;
         let target = parse_target(rule, host)?;
+        if let Some(what) = never_reached(&target) {
+            return Err(RuleError::Unreachable {
+                rule: rule.into(),
+                what,
+            });
+        }
         Ok(Rule { target, port })
+    }
+}
+
+/// What a rule names that no destination it could allow is ever reached
+/// ([`reserved`]: loopback, unspecified, multicast, broadcast): such a
+/// rule allowed nothing, silently (`--net egress=127.0.0.1:8080`, meant for
+/// the host's own service, ran and could not connect).
+fn never_reached(target: &Target) -> Option<String> {
+    match target {
+        Target::Addr(a) => reserved(*a).map(|why| why.to_string()),
+        Target::Net(n) => {
+            let v4 = |a, b, c, d, prefix| IpNet {
+                addr: IpAddr::V4(Ipv4Addr::new(a, b, c, d)),
+                prefix,
+            };
+            let v6 = |addr: Ipv6Addr, prefix| IpNet {
+                addr: IpAddr::V6(addr),
+                prefix,
+            };
+            let classes = [
+                (v4(127, 0, 0, 0, 8), "loopback"),
+                (v6(Ipv6Addr::LOCALHOST, 128), "loopback"),
+                (v4(0, 0, 0, 0, 8), "unspecified"),
+                (v6(Ipv6Addr::UNSPECIFIED, 128), "unspecified"),
+                (v4(224, 0, 0, 0, 4), "multicast"),
+                (
+                    v6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+                    "multicast",
+                ),
+                (v4(255, 255, 255, 255, 32), "broadcast"),
+            ];
+            classes
+                .iter()
+                .find(|(net, _)| n.within(net))
+                .map(|(_, kind)| format!("{n}, whose addresses are all {kind}"))
+        }
+        Target::Name(_) | Target::Below(_) => None,
     }
 }
 
@@ -655,7 +703,7 @@ mod tests {
             rule("*.Example.com").target,
             Target::Below("example.com".into())
         );
-        assert_eq!(rule("::ffff:127.0.0.1").to_string(), "127.0.0.1");
+        assert_eq!(rule("::ffff:192.0.2.1").to_string(), "192.0.2.1");
         assert_eq!(rule(" host_1.test ").to_string(), "host_1.test");
     }
 
@@ -765,6 +813,41 @@ mod tests {
         assert!(e.decide(sa("192.0.2.8:80")).allowed());
         assert!(!e.answerable("127.0.0.1".parse().unwrap()));
         assert!(e.answerable("192.0.2.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_rule_that_could_reach_nothing_is_refused() {
+        for (rule, says) in [
+            ("127.0.0.1:8080", "names a loopback address"),
+            ("[::1]:22", "names a loopback address"),
+            ("[::ffff:127.0.0.1]:22", "names a loopback address"),
+            (
+                "127.0.0.0/8",
+                "127.0.0.0/8, whose addresses are all loopback",
+            ),
+            ("127.1.0.0/16:80", "whose addresses are all loopback"),
+            ("0.0.0.0", "names the unspecified address"),
+            ("224.0.0.0/4", "whose addresses are all multicast"),
+            ("ff02::/16", "whose addresses are all multicast"),
+            ("255.255.255.255:67", "names the broadcast address"),
+        ] {
+            let e = rule.parse::<Rule>().unwrap_err();
+            assert!(matches!(e, RuleError::Unreachable { .. }), "{rule}: {e}");
+            let text = e.to_string();
+            assert!(text.contains(says), "{rule}: {text}");
+            assert!(text.contains("never reaches"), "{text}");
+            assert!(!text.contains('\n'));
+        }
+        // Networks that hold reachable addresses too stay rules.
+        for rule in [
+            "0.0.0.0/0",
+            "::/0",
+            "120.0.0.0/5",
+            "169.254.169.254:80",
+            "10.0.0.0/8",
+        ] {
+            assert!(rule.parse::<Rule>().is_ok(), "{rule}");
+        }
     }
 
     #[test]

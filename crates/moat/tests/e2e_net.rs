@@ -1306,6 +1306,14 @@ fn moat_run_joins_a_network_namespace_in_each_tier() {
         ("ns:run/netns/x", "container", "absolute path"),
         ("ns:/nonexistent/netns", "container", "No such file"),
         (ns.as_str(), "sandbox", "not in the sandbox tier"),
+        // A rule that could allow nothing (the stack never reaches the
+        // host's loopback): refused, not a network that silently fails.
+        (
+            "egress=127.0.0.1:8080",
+            "container",
+            "names a loopback address",
+        ),
+        ("egress=example.com,[::1]:80", "microvm", "never reaches"),
         // The host's own: a guest never takes over the host's interfaces.
         (
             "ns:/proc/self/ns/net",
