@@ -698,7 +698,7 @@ fn a_guest_terminal_has_one_line_discipline() {
     let mut b = vm_bundle(&[
         "sh",
         "-c",
-        "stty raw -echo; echo ready; head -c 3 | od -An -tx1; stty sane; \
+        "stty raw -echo; echo ready; head -c 3 | od -An -tx1; stty sane; echo cooked; \
          read line; echo \"got $line\"; sleep 600",
     ]);
     b.set("/process/terminal", serde_json::json!(true));
@@ -730,6 +730,9 @@ fn a_guest_terminal_has_one_line_discipline() {
     screen.wait_for("ready");
     master.write_all(b"\x03\x04\x1c").unwrap();
     screen.wait_for(" 03 04 1c");
+    // Typed once the guest's terminal echoes again (before, the line
+    // would meet the raw one).
+    screen.wait_for("cooked");
     master.write_all(b"abc\n").unwrap();
     let t = screen.wait_for("got abc\r\n");
     assert_eq!(t.matches("abc").count(), 2, "echoed once: {t:?}");
@@ -752,7 +755,7 @@ fn a_guest_terminal_has_one_line_discipline() {
                     &id,
                     "sh",
                     "-c",
-                    "stty raw -echo; echo ready; head -c 2 | od -An -tx1; stty sane; \
+                    "stty raw -echo; echo ready; head -c 2 | od -An -tx1; stty sane; echo cooked; \
                      read line; echo \"got $line\"; exit 3",
                 ],
             )
@@ -762,6 +765,7 @@ fn a_guest_terminal_has_one_line_discipline() {
         screen.wait_for("ready");
         master.write_all(b"\x03\x1a").unwrap();
         screen.wait_for(" 03 1a");
+        screen.wait_for("cooked");
         master.write_all(b"xyz\n").unwrap();
         let t = screen.wait_for("got xyz\r\n");
         assert_eq!(t.matches("xyz").count(), 2, "echoed once: {t:?}");
