@@ -272,15 +272,39 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
     let fork = MicrovmError::io("fork the process that stands for the exec");
     let one = moat_sys::process::OneThread::check().map_err(fork)?;
     let pid = one
-        .fork(0, |_| match control::recv::<Reply>(sock.as_fd()) {
-            Ok(Reply::Exit { code }) => code,
-            _ => 255,
+        .fork(0, |_| {
+            // None of `moat exec`'s stdio: its caller may read our output
+            // to its end (containerd's shim does, before it takes a
+            // terminal's console from the socket), and the stand-in lives
+            // as long as the exec. Kept, they held the shim until the exec
+            // ended, and an exec with a terminal waited for input that the
+            // shim could not yet relay: `docker exec -it` and `kubectl exec
+            // -it` hung, and the shim's other calls behind them.
+            if stdio_to_null().is_err() {
+                return 255;
+            }
+            match control::recv::<Reply>(sock.as_fd()) {
+                Ok(Reply::Exit { code }) => code,
+                _ => 255,
+            }
         })
         .map_err(MicrovmError::io(
             "fork the process that stands for the exec",
         ))?;
     drop(sock);
     Ok(pid)
+}
+
+/// Points this process's stdin, stdout and stderr at /dev/null.
+fn stdio_to_null() -> nix::Result<()> {
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)
 }
 
 /// Releases a host ID block (the VMM's, the volumes') once nothing runs with its IDs: its allocation

@@ -743,6 +743,66 @@ fn a_guest_terminal_has_one_line_discipline() {
     let sock2 = rt.scratch_file("exec-console.sock");
     let accepted = console_master(&sock2);
     let sock2 = sock2.display().to_string();
+    // Detached, as containerd's shim runs every exec: `moat exec` returns,
+    // and its stdout and stderr close, while the process runs (the shim
+    // reads them to their end before it takes the console from the socket;
+    // the stand-in for the exec once kept them, and `docker exec -it` hung
+    // with the shim's every later call).
+    let sock3 = rt.scratch_file("detached-console.sock");
+    let accepted3 = console_master(&sock3);
+    let pidf = rt.scratch_file("detached.pid");
+    let mut child = std::process::Command::new(runtime_bin())
+        .args([
+            "--root",
+            &rt.root().display().to_string(),
+            "exec",
+            "-t",
+            "--detach",
+        ])
+        .args(["--console-socket", &sock3.display().to_string()])
+        .args(["--pid-file", &pidf.display().to_string(), &id])
+        .args(["sh", "-c", "read x; echo \"got $x\"; exit 5"])
+        .envs(env())
+        .envs(rt.env().iter().cloned())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let _ = (so.read_to_end(&mut a), se.read_to_end(&mut b));
+        let _ = tx.send(String::from_utf8_lossy(&b).into_owned());
+    });
+    let err = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("moat exec --detach's output ends while the exec runs");
+    assert!(child.wait().unwrap().success(), "{err}");
+    let mut master = std::fs::File::from(accepted3.join().unwrap());
+    let screen = Screen::of(&master);
+    let stand_in: u32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(Path::new(&format!("/proc/{stand_in}")).exists());
+    master.write_all(b"hi\n").unwrap();
+    screen.wait_for("got hi");
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{stand_in}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{stand_in}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stand-in outlived its exec"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let out = std::thread::scope(|s| {
         let exec = s.spawn(|| {
             cmd(
