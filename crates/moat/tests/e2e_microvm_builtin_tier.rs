@@ -91,11 +91,13 @@ fn guest_files(release: &str, kernel: &Path) -> Vec<(String, u32, Vec<u8>)> {
             read(&modules.join(m)),
         ));
     }
-    // mke2fs builds the guest's disks; util-linux's setpriv (busybox's has
-    // no --reuid, and its link takes /bin/setpriv) makes the rootless
-    // case's unprivileged user.
+    // mke2fs builds the guest's disks and debugfs takes mke2fs's
+    // lost+found out of them; util-linux's setpriv (busybox's has no
+    // --reuid, and its link takes /bin/setpriv) makes the rootless case's
+    // unprivileged user.
     for (tool, package, at) in [
         ("mke2fs", "e2fsprogs", "bin/mke2fs"),
+        ("debugfs", "e2fsprogs", "bin/debugfs"),
         ("setpriv", "util-linux", "bin/util-setpriv"),
     ] {
         let bin = common::which(tool).unwrap_or_else(|| panic!("{tool} ({package}) is installed"));
