@@ -237,8 +237,8 @@ fn cases(r: &mut Runner) -> Result<(), String> {
 /// boot, random bytes and boot IDs of their own, the host's clock; then
 /// ([`SNAPSHOTS_MORE`]) the same with two vCPUs, and a damaged snapshot,
 /// which a run removes, booting cold instead. Prints the runs' times. Two
-/// requests: the guest's agent gives each 120 s, and under TCG inside TCG
-/// a debug build's saves take ~30 s each.
+/// requests: the guest's agent gives each 200 s, and under TCG inside TCG
+/// a debug build's saves take 30–65 s each.
 const SNAPSHOTS: &str = r#"F='echo start; od -An -N16 -tx1 /dev/urandom | tr -d " \n"; echo; cat /proc/sys/kernel/random/boot_id; date +%s; exit 7'
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 # Where the snapshots are (a run names the one it restored or saved).
