@@ -683,6 +683,38 @@ impl Screen {
     }
 }
 
+/// A script for a guest terminal: raw, it says `ready` and shows the
+/// first `bytes` typed with `od`; cooked again, it says `cooked`, reads a
+/// line and answers `got LINE`; then `then`.
+fn tty_script(bytes: usize, then: &str) -> String {
+    format!(
+        "stty raw -echo; echo ready; head -c {bytes} | od -An -tx1; stty sane; echo cooked; \
+         read line; echo \"got $line\"; {then}"
+    )
+}
+
+/// Drives [`tty_script`] on `master`: `control`, typed at the raw
+/// terminal, reaches the script as bytes (`od` shows `shown`); `word`,
+/// typed once the terminal echoes again (before, it would meet the raw
+/// one), is echoed once, and no line ends `\r\r\n`.
+fn one_discipline(
+    master: &mut std::fs::File,
+    screen: &Screen,
+    control: &[u8],
+    shown: &str,
+    word: &str,
+) {
+    use std::io::Write;
+    screen.wait_for("ready");
+    master.write_all(control).unwrap();
+    screen.wait_for(shown);
+    screen.wait_for("cooked");
+    master.write_all(format!("{word}\n").as_bytes()).unwrap();
+    let t = screen.wait_for(&format!("got {word}\r\n"));
+    assert_eq!(t.matches(word).count(), 2, "echoed once: {t:?}");
+    assert!(!t.contains("\r\r\n"), "{t:?}");
+}
+
 /// A guest process's terminal is the guest's own pty: the host's end of it
 /// passes bytes untouched both ways, so control characters arrive as
 /// typed (^C, ^D, ^\ as bytes to a raw guest terminal, not signals to the
@@ -695,12 +727,7 @@ fn a_guest_terminal_has_one_line_discipline() {
     let Some(rt) = rt("a_guest_terminal_has_one_line_discipline") else {
         return;
     };
-    let mut b = vm_bundle(&[
-        "sh",
-        "-c",
-        "stty raw -echo; echo ready; head -c 3 | od -An -tx1; stty sane; echo cooked; \
-         read line; echo \"got $line\"; sleep 600",
-    ]);
+    let mut b = vm_bundle(&["sh", "-c", &tty_script(3, "sleep 600")]);
     b.set("/process/terminal", serde_json::json!(true));
     b.write_config();
     let sock = rt.scratch_file("console.sock");
@@ -727,16 +754,7 @@ fn a_guest_terminal_has_one_line_discipline() {
     let mut master = std::fs::File::from(accepted.join().unwrap());
     let screen = Screen::of(&master);
     cmd(&rt, &["start", &id]).expect_ok();
-    screen.wait_for("ready");
-    master.write_all(b"\x03\x04\x1c").unwrap();
-    screen.wait_for(" 03 04 1c");
-    // Typed once the guest's terminal echoes again (before, the line
-    // would meet the raw one).
-    screen.wait_for("cooked");
-    master.write_all(b"abc\n").unwrap();
-    let t = screen.wait_for("got abc\r\n");
-    assert_eq!(t.matches("abc").count(), 2, "echoed once: {t:?}");
-    assert!(!t.contains("\r\r\n"), "{t:?}");
+    one_discipline(&mut master, &screen, b"\x03\x04\x1c", " 03 04 1c", "abc");
     assert_eq!(ctr.status(), "running");
 
     // An exec's terminal, the same.
@@ -815,21 +833,13 @@ fn a_guest_terminal_has_one_line_discipline() {
                     &id,
                     "sh",
                     "-c",
-                    "stty raw -echo; echo ready; head -c 2 | od -An -tx1; stty sane; echo cooked; \
-                     read line; echo \"got $line\"; exit 3",
+                    &tty_script(2, "exit 3"),
                 ],
             )
         });
         let mut master = std::fs::File::from(accepted.join().unwrap());
         let screen = Screen::of(&master);
-        screen.wait_for("ready");
-        master.write_all(b"\x03\x1a").unwrap();
-        screen.wait_for(" 03 1a");
-        screen.wait_for("cooked");
-        master.write_all(b"xyz\n").unwrap();
-        let t = screen.wait_for("got xyz\r\n");
-        assert_eq!(t.matches("xyz").count(), 2, "echoed once: {t:?}");
-        assert!(!t.contains("\r\r\n"), "{t:?}");
+        one_discipline(&mut master, &screen, b"\x03\x1a", " 03 1a", "xyz");
         exec.join().unwrap()
     });
     assert_eq!(out.code, Some(3), "{out:?}");
