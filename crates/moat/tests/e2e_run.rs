@@ -913,6 +913,22 @@ fn unrunnable_programs_exit_like_a_shell() {
     }
     let o = rt.cmd(&["run", "-v", "/no/such/dir:/x", "--", "true"]);
     assert_eq!(o.code, Some(125), "{o:?}");
+    // A word before `--` is an image (`IMAGE -- CMD`): one that is none is
+    // moat's error, not a program run with `--` (it was "executable
+    // \"nosuchimage\" not found in $PATH", exit 127).
+    for (word, says) in [
+        ("nosuchimage", "does not exist"),
+        ("/etc/hosts", "is not an image archive"),
+        ("/dev/null", "is neither a directory nor an archive"),
+    ] {
+        let o = rt.cmd(&["run", word, "--", "true"]);
+        assert_eq!(o.code, Some(125), "{word}: {o:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{word}: one line: {o:?}");
+        assert!(
+            o.stderr.contains(&format!("image {word:?} {says}")),
+            "{word}: {o:?}"
+        );
+    }
     assert_clean(&rt);
 }
 

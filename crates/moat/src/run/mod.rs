@@ -185,19 +185,36 @@ pub fn unknown_option(argv: &[String], command: &[String]) -> Option<String> {
 }
 
 /// The image the positional arguments start with (see docs/run.md), and
-/// the command that follows it (a `--` between them dropped).
-pub fn split_image(o: &RunArgs) -> (Option<Source>, Vec<String>) {
+/// the command that follows it (a `--` between them dropped). A word
+/// followed by `--` is an image (`IMAGE -- CMD`): one that is none is an
+/// error, not a program to run with `--` as its first argument.
+pub fn split_image(o: &RunArgs) -> Result<(Option<Source>, Vec<String>), String> {
     if o.default_root {
-        return (None, o.command.clone());
+        return Ok((None, o.command.clone()));
     }
-    let Some(src) = o.command.first().and_then(|a| Source::detect(a)) else {
-        return (None, o.command.clone());
+    let first = o.command.first();
+    let Some(src) = first.and_then(|a| Source::detect(a)) else {
+        if let (Some(word), Some("--")) = (first, o.command.get(1).map(String::as_str)) {
+            return Err(not_an_image(word));
+        }
+        return Ok((None, o.command.clone()));
     };
     let mut rest = &o.command[1..];
     if rest.first().map(String::as_str) == Some("--") {
         rest = &rest[1..];
     }
-    (Some(src), rest.to_vec())
+    Ok((Some(src), rest.to_vec()))
+}
+
+/// Why `word`, written as `moat run WORD -- CMD`, is not an image.
+fn not_an_image(word: &str) -> String {
+    const FORMS: &str = "an image is a directory, a tarball, oci:PATH[:TAG] or docker-archive:PATH";
+    let what = match std::fs::metadata(word) {
+        Ok(m) if m.is_file() => "is not an image archive",
+        Ok(_) => "is neither a directory nor an archive",
+        Err(_) => "does not exist",
+    };
+    format!("image {word:?} {what} ({FORMS}; to run a program, put it after the `--`)")
 }
 
 /// Global options that take a value (runc's names).
@@ -361,7 +378,7 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
     if let Some(a) = &o.unknown_option {
         bail!("unknown option {a:?} (see `moat run --help`; put the command after `--`)");
     }
-    let (image, command) = split_image(o);
+    let (image, command) = split_image(o).map_err(|e| anyhow::anyhow!(e))?;
     if image.is_none() && command.is_empty() {
         bail!("no command given: moat run [OPTIONS] [IMAGE] [--] CMD [ARGS...]");
     }
