@@ -301,6 +301,13 @@ impl IdAllocator {
         })
     }
 
+    /// Removes the files of blocks whose owner is dead (and which no
+    /// process uses), as an allocation does first.
+    pub fn reclaim(&self) -> Result<(), IdAllocError> {
+        let _lock = self.lock()?;
+        self.live_slots(|o| o.alive()).map(drop)
+    }
+
     /// Slots held by live owners; files of dead owners (or unreadable
     /// content) are removed. Call with the lock held. An allocation is
     /// released without the lock (its owner removes its file), so a file

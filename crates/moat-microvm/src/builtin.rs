@@ -76,6 +76,8 @@ pub fn jail_plan(
         groups: vec![kvm_gid],
         rootless: false,
         keep_fds,
+        // Its parent is the VMM process, in whose PID namespace it ends.
+        runtime: None,
         seccomp,
     })
 }

@@ -416,7 +416,7 @@ impl MicrovmTier {
                 .into_iter()
                 .map(|l| (l.listener, l.vmm_end))
                 .unzip();
-        let vplan = VmmPlan {
+        let mut vplan = VmmPlan {
             backend: host.backend.clone(),
             kernel: guest.kernel.clone(),
             initrd: guest.initrd.clone(),
@@ -444,6 +444,8 @@ impl MicrovmTier {
                 groups,
                 rootless,
                 keep_fds: Vec::new(),
+                // Set once the setup channel exists (below).
+                runtime: None,
                 seccomp: process_filter,
             },
             events,
@@ -482,6 +484,9 @@ impl MicrovmTier {
             .transpose()
             .map_err(MicrovmError::io("duplicate the pty"))?;
         let die = req.die_with_runtime;
+        if die {
+            vplan.jail.runtime = Some(std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        }
         let pid = match spawn_vmm(vplan, theirs, listener, slave, die) {
             Ok(p) => p,
             Err(e) => {

@@ -37,6 +37,8 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the runtime ended before the VMM process was tied to it")]
+    RuntimeGone,
     #[error("capabilities remain after the switch to host user {0}")]
     CapsRemain(u32),
     #[error("cannot build the VMM's seccomp profile: {0}")]
@@ -78,8 +80,26 @@ pub struct JailPlan {
     pub rootless: bool,
     /// Descriptors kept open (besides 0, 1, 2).
     pub keep_fds: Vec<RawFd>,
+    /// When the VMM process dies with its runtime (`moat run`): the setup
+    /// channel, whose other end is the runtime's ([`tie_to_runtime`]).
+    pub runtime: Option<RawFd>,
     /// The seccomp filter loaded last (EPERM for what it does not allow).
     pub seccomp: oci_spec::runtime::LinuxSeccomp,
+}
+
+/// SIGKILL when the runtime dies, set again after the switch of user: a
+/// change of credentials clears the parent-death signal the fork set, and
+/// the VMM process of a killed `moat run` then lived on, its guest with
+/// it. A runtime that died before the signal was set has hung up `setup`
+/// (it holds its end until the VMM process says it is ready): an error.
+fn tie_to_runtime(setup: RawFd) -> Result<(), JailError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(sys("set the parent-death signal"))?;
+    match moat_sys::fd::hung_up(setup) {
+        Ok(false) => Ok(()),
+        // A poll that cannot tell fails closed.
+        Ok(true) | Err(_) => Err(JailError::RuntimeGone),
+    }
 }
 
 impl JailPlan {
@@ -91,6 +111,9 @@ impl JailPlan {
         self.pivot()?;
         limits()?;
         self.switch_user()?;
+        if let Some(fd) = self.runtime {
+            tie_to_runtime(fd)?;
+        }
         moat_jail::attrs::set_no_new_privs()?;
         nix::sys::prctl::set_dumpable(false).map_err(sys("make the VMM non-dumpable"))?;
         crate::seccomp::load(&self.seccomp)?;

@@ -89,6 +89,33 @@ fn cmsg_space(len: usize) -> usize {
     unsafe { libc::CMSG_SPACE(len as u32) as usize }
 }
 
+/// Whether every holder of the other end of the socket `fd` (an fd number
+/// this process has open) has closed it, without waiting: a socketpair
+/// end reports `POLLHUP` then, queued messages or not.
+pub fn hung_up(fd: RawFd) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd on our stack, no timeout; an invalid fd shows
+        // as POLLNVAL, reported as an error.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n >= 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    if p.revents & libc::POLLNVAL != 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+    }
+    Ok(p.revents & libc::POLLHUP != 0)
+}
+
 /// Sets or clears `FD_CLOEXEC` on an fd number this process has open.
 pub fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD only touch the descriptor flags of `fd`; an

@@ -85,6 +85,7 @@ pub fn dispatch(cli: Cli, argv0: &str) -> Result<i32> {
                 Err(e) if force && e.is_not_found() => {}
                 r => r?,
             }
+            crate::run::forget_killed_run(&tiers, &cli.global.root, &id);
             Ok(0)
         }
         Cmd::Pause { id } => {

@@ -382,6 +382,66 @@ fn a_timeout_kills_the_vm_and_leaves_nothing() {
     assert_clean(&rt);
 }
 
+/// A `moat run` killed outright takes its VM with it: the VMM process
+/// dies with its runtime (the parent-death signal, which the VMM's switch
+/// to its host user cleared: it used to live on, the guest's workload
+/// with it, until someone deleted the container), and `moat delete`
+/// then leaves nothing, the run's own directory and ID block included.
+#[test]
+fn a_killed_moat_run_takes_its_vm_with_it() {
+    let Some(rt) = rt("a_killed_moat_run_takes_its_vm_with_it") else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = spawn_own(
+        rt.command()
+            .envs(env())
+            .args(["run", "--isolation", "microvm", "--name", "killed"])
+            .args(["--", "sh", "-c", "echo ready; exec sleep 600"])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!processes_of(rt.root()).is_empty(), "no VMM process seen");
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_own(&mut child);
+    // Gone: its state says so (a VMM process on its way out, its
+    // namespace's processes being killed, has no command line to match
+    // but is not stopped yet) and none of its processes is left.
+    let start = std::time::Instant::now();
+    loop {
+        let st = cmd(&rt, &["state", "killed"]).expect_ok().json();
+        let left = processes_of(rt.root());
+        if st["status"] == "stopped" && left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the VM outlived its moat run: {st} {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cmd(&rt, &["delete", "--force", "killed"]).expect_ok();
+    let run_dirs: Vec<_> = std::fs::read_dir(rt.root().join(".run"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(run_dirs.is_empty(), "run directories left: {run_dirs:?}");
+    assert_clean(&rt);
+}
+
 #[test]
 fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
     let Some(rt) = rt("what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left") else {

@@ -997,6 +997,22 @@ fn a_killed_moat_run_leaves_no_container() {
         "{o:?}"
     );
     assert_clean(&rt);
+    // So does `moat delete` of it: its run directory and its host ID block
+    // too (they used to wait for the next `moat run`).
+    let mut child = spawn_run(
+        &rt,
+        &["--name", "killed"],
+        "echo ready; exec sleep 600",
+        &dir.path().join("o2"),
+    );
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_own(&mut child);
+    rt.cmd(&["delete", "--force", "killed"]).expect_ok();
+    assert_clean(&rt);
 }
 
 #[test]

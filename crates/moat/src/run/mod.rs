@@ -1027,6 +1027,31 @@ fn sweep_run(tiers: &Tiers, id: &str, dir: &Path, owner: String) {
     }
 }
 
+/// After `moat delete ID`: what a killed `moat run` of `ID` left beside
+/// its container (its directory, the mounts of its image view, its host ID
+/// block), which the next `moat run` sweeps otherwise. Nothing when `ID`
+/// was no such run or its run still lives. Failures are warnings.
+pub(crate) fn forget_killed_run(tiers: &Tiers, root: &Path, id: &str) {
+    let dir = root.join(RUN_DIR).join(id);
+    let Some(owner) = dead_run_owner(&dir) else {
+        return;
+    };
+    sweep_run(tiers, id, &dir, owner);
+    if rustix::process::geteuid().is_root() {
+        // The dead run's block (and any other dead owner's).
+        let reclaimed = IdPool::from_env()
+            .map_err(|e| e.to_string())
+            .and_then(|pool| {
+                IdAllocator::new(idalloc::allocator_dir(), pool)
+                    .reclaim()
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = reclaimed {
+            eprintln!("moat: warning: cannot release the host IDs of {id}: {e}");
+        }
+    }
+}
+
 /// `delete --force` of `id`, saying so on stderr.
 fn remove_container(tiers: &Tiers, id: &str, why: &str) {
     if let Some(line) = removal_line(tiers.of(id).and_then(|e| e.delete(id, true)), id, why) {
