@@ -11,8 +11,16 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Largest control message.
-pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Largest control message sent as one packet; a longer one goes in a
+/// memfd passed with a [`LARGE`] packet (a unix socket's packet must fit
+/// its send buffer, ~208 KiB by default: an exec whose environment was
+/// larger failed with EMSGSIZE).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest control message in all (an exec's process: its environment may
+/// be what `execve` takes, 2 MiB with the default 8 MiB stack).
+pub const MAX_LARGE: usize = crate::proto::MAX_REQUEST;
+/// The body of the packet that carries a large message's memfd.
+const LARGE: &[u8] = b"\0large";
 
 /// A request to the VMM process.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,11 +115,42 @@ pub enum ControlError {
     Closed,
 }
 
-/// Sends one message.
+/// Sends one message: one packet, or one memfd (see [`MAX_MESSAGE`]).
 pub fn send<T: Serialize>(sock: BorrowedFd, msg: &T) -> Result<(), ControlError> {
     let body = serde_json::to_vec(msg).map_err(|e| ControlError::Bad(e.to_string()))?;
+    if body.len() > MAX_MESSAGE {
+        return send_large(sock, &body);
+    }
     nix::sys::socket::send(sock.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL)
         .map_err(|e| ControlError::Io(e.into()))?;
+    Ok(())
+}
+
+/// Sends `body` in a memfd, read from its start by [`recv`].
+fn send_large(sock: BorrowedFd, body: &[u8]) -> Result<(), ControlError> {
+    use std::io::{Seek, Write};
+    if body.len() > MAX_LARGE {
+        return Err(ControlError::Bad(format!(
+            "a request of {} MiB, over the {} MiB a microVM's VMM process takes",
+            body.len() >> 20,
+            MAX_LARGE >> 20
+        )));
+    }
+    let io = |e: std::io::Error| ControlError::Io(e);
+    let fd = rustix::fs::memfd_create("moat-control", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| io(e.into()))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(body).map_err(io)?;
+    f.rewind().map_err(io)?;
+    let fds = [f.as_raw_fd()];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(LARGE)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| io(e.into()))?;
     Ok(())
 }
 
@@ -132,11 +171,27 @@ pub fn send_fd(sock: BorrowedFd, fd: BorrowedFd) -> Result<(), ControlError> {
 /// Receives one message (blocking). EOF is [`ControlError::Closed`].
 pub fn recv<T: serde::de::DeserializeOwned>(sock: BorrowedFd) -> Result<T, ControlError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let (n, _) = moat_sys::fd::recv_with_fd(sock, &mut buf).map_err(ControlError::Io)?;
+    let (n, fd) = moat_sys::fd::recv_with_fd(sock, &mut buf).map_err(ControlError::Io)?;
     if n == 0 {
         return Err(ControlError::Closed);
     }
-    serde_json::from_slice(&buf[..n]).map_err(|e| ControlError::Bad(e.to_string()))
+    let body = match fd {
+        Some(fd) if &buf[..n] == LARGE => {
+            use std::io::Read;
+            let mut body = Vec::new();
+            std::fs::File::from(fd)
+                .take(MAX_LARGE as u64 + 1)
+                .read_to_end(&mut body)
+                .map_err(ControlError::Io)?;
+            if body.len() > MAX_LARGE {
+                return Err(ControlError::Bad("a message over the limit".into()));
+            }
+            body
+        }
+        Some(_) => return Err(ControlError::Bad("an unexpected descriptor".into())),
+        None => buf[..n].to_vec(),
+    };
+    serde_json::from_slice(&body).map_err(|e| ControlError::Bad(e.to_string()))
 }
 
 /// Receives one descriptor.
@@ -211,6 +266,23 @@ mod tests {
             recv::<Reply>(a.as_fd()),
             Err(ControlError::Closed)
         ));
+        // A message over a packet's size travels in a memfd, whole.
+        let (a, b) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let big = Request::Update {
+            resources: serde_json::json!({"pad": "x".repeat(3 << 20)}),
+        };
+        send(a.as_fd(), &big).unwrap();
+        assert_eq!(recv::<Request>(b.as_fd()).unwrap(), big);
+        let huge = Request::Update {
+            resources: serde_json::json!({"pad": "x".repeat(MAX_LARGE)}),
+        };
+        assert!(matches!(send(a.as_fd(), &huge), Err(ControlError::Bad(_))));
         // JSON shapes are stable: `moat` talks to VMM processes it started
         // before an upgrade.
         let j = serde_json::to_string(&Request::Start).unwrap();

@@ -333,6 +333,7 @@ impl MicrovmTier {
                 })
                 .collect(),
         };
+        refuse_oversized("the container's config and the files it binds", &run)?;
         // With the console on, the kernel's messages carry times, the
         // agent traces its steps on the console, and the run's container
         // runtime (a fork of the agent) logs its step records to the
@@ -1055,6 +1056,23 @@ fn spawn_vmm(
         })
         .map_err(MicrovmError::io("start the VMM process"))?;
     Ok(pid)
+}
+
+/// Refuses a request to the guest's agent over [`proto::MAX_REQUEST`]
+/// (`what` it carries), which the agent would not take.
+pub(crate) fn refuse_oversized<T: serde::Serialize>(
+    what: &str,
+    req: &T,
+) -> Result<(), RuntimeError> {
+    let size = serde_json::to_vec(req).map_or(0, |b| b.len());
+    if size > proto::MAX_REQUEST {
+        return Err(RuntimeError::Invalid(format!(
+            "{what} come to {:.1} MiB, over the {} MiB a microVM's guest takes in one request",
+            size as f64 / f64::from(1 << 20),
+            proto::MAX_REQUEST >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// A pty for a guest process's terminal on the host. Its slave is the

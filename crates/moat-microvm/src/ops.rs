@@ -178,6 +178,7 @@ impl MicrovmTier {
             rows,
             cols,
         };
+        crate::create::refuse_oversized("the process's arguments and environment", &request)?;
         // The process's stdio: a pty whose master goes to the console
         // socket, or our own descriptors.
         let mut pty_master = None;

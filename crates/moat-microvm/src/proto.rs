@@ -17,8 +17,13 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes before the payload.
 pub const HEADER: usize = 9;
-/// Largest payload accepted (a `Run` carries the config and small files).
+/// Largest payload the host accepts from the guest (which is untrusted).
 pub const MAX_FRAME: usize = 1 << 20;
+/// Largest payload the agent accepts from the host: a `Run` carries the
+/// config, whose environment may be what `execve` takes (2 MiB with the
+/// default 8 MiB stack), and the copies of the file binds (up to 1 MiB
+/// each); an `Exec` its process. The host checks it before it sends.
+pub const MAX_REQUEST: usize = 16 << 20;
 /// Largest data payload a sender writes.
 pub const MAX_DATA: usize = 32 * 1024;
 /// The name of the agent's virtio serial port under QEMU. Not a console
@@ -136,10 +141,11 @@ pub enum ProtoError {
     Json { kind: Kind, message: String },
 }
 
-/// The bytes of one frame. Data longer than [`MAX_FRAME`] is the caller's
-/// bug (senders chunk data by [`MAX_DATA`]); it is cut there.
+/// The bytes of one frame. A payload longer than [`MAX_REQUEST`] is the
+/// caller's bug (senders chunk data by [`MAX_DATA`], the host checks its
+/// requests' size); it is cut there.
 pub fn encode(kind: Kind, chan: u32, payload: &[u8]) -> Vec<u8> {
-    let payload = &payload[..payload.len().min(MAX_FRAME)];
+    let payload = &payload[..payload.len().min(MAX_REQUEST)];
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.push(kind as u8);
@@ -156,14 +162,34 @@ pub fn encode_json<T: Serialize>(kind: Kind, chan: u32, msg: &T) -> Vec<u8> {
 }
 
 /// Reassembles frames from a byte stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// The longest payload taken.
+    limit: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new()
+    }
 }
 
 impl Decoder {
+    /// The host's: frames from the guest, at most [`MAX_FRAME`].
     pub fn new() -> Decoder {
-        Decoder::default()
+        Decoder {
+            buf: Vec::new(),
+            limit: MAX_FRAME,
+        }
+    }
+
+    /// The agent's: requests from the host, at most [`MAX_REQUEST`].
+    pub fn for_requests() -> Decoder {
+        Decoder {
+            buf: Vec::new(),
+            limit: MAX_REQUEST,
+        }
     }
 
     /// Appends bytes read from the stream.
@@ -178,7 +204,7 @@ impl Decoder {
             return Ok(None);
         }
         let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
+        if len > self.limit {
             return Err(ProtoError::TooLong(len));
         }
         let kind = Kind::from_u8(self.buf[4]).ok_or(ProtoError::UnknownKind(self.buf[4]))?;
@@ -565,6 +591,19 @@ mod tests {
         long.extend([4, 0, 0, 0, 0]);
         d.push(&long);
         assert_eq!(d.next_frame(), Err(ProtoError::TooLong(MAX_FRAME + 1)));
+        // The agent takes the host's larger requests, to their own limit.
+        let big = encode(Kind::Run, 0, &vec![b' '; MAX_FRAME + 1]);
+        let mut d = Decoder::for_requests();
+        d.push(&big);
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().payload.len(),
+            MAX_FRAME + 1
+        );
+        let mut d = Decoder::for_requests();
+        let mut long = ((MAX_REQUEST + 1) as u32).to_le_bytes().to_vec();
+        long.extend([2, 0, 0, 0, 0]);
+        d.push(&long);
+        assert_eq!(d.next_frame(), Err(ProtoError::TooLong(MAX_REQUEST + 1)));
         let mut d = Decoder::new();
         d.push(&[0, 0, 0, 0, 99, 0, 0, 0, 0]);
         assert_eq!(d.next_frame(), Err(ProtoError::UnknownKind(99)));

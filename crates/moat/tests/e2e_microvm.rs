@@ -638,6 +638,42 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
         ex.stdout == input,
         "the exec's stdin came back whole and in order"
     );
+    // An environment as large as `execve` takes reaches the guest (over a
+    // control packet's ~208 KiB and the agent's old 1 MiB frame: such an
+    // exec failed with EMSGSIZE, such a config's run was cut and the VM
+    // ended); one over what the guest takes is refused in one line.
+    let big: Vec<String> = (1..=12)
+        .map(|i| format!("BIG{i}={}", "b".repeat(120_000)))
+        .collect();
+    let mut args = vec!["exec"];
+    for e in &big {
+        args.extend(["--env", e.as_str()]);
+    }
+    args.extend([id.as_str(), "sh", "-c", "echo ${#BIG1} ${#BIG12}"]);
+    let ex = cmd(&rt, &args);
+    assert_eq!(ex.code, Some(0), "{}", ex.stderr);
+    assert_eq!(ex.stdout, "120000 120000\n");
+    let mut huge = serde_json::json!({"cwd": "/", "args": ["true"], "user": {"uid": 0, "gid": 0}});
+    huge["env"] = (0..150)
+        .map(|i| format!("H{i}={}", "h".repeat(120_000)))
+        .collect();
+    let procf = rt.scratch_file("huge-process.json");
+    std::fs::write(&procf, huge.to_string()).unwrap();
+    let ex = cmd(
+        &rt,
+        &["exec", "--process", &procf.display().to_string(), &id],
+    );
+    assert_ne!(ex.code, Some(0), "{ex:?}");
+    assert_eq!(ex.stderr.lines().count(), 1, "{ex:?}");
+    assert!(ex.stderr.contains("over the 16 MiB"), "{ex:?}");
+    let mut hb = vm_bundle(&["true"]);
+    hb.set("/process/env", huge["env"].clone());
+    hb.write_config();
+    let hbundle = hb.dir().display().to_string();
+    let o = cmd(&rt, &["create", "--bundle", &hbundle, &rt.new_id("huge")]);
+    assert_ne!(o.code, Some(0), "{o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
+    assert!(o.stderr.contains("config and the files it binds"), "{o:?}");
     // Detached, as containerd's shim runs every exec: the PID in the pid
     // file stands for the guest process and ends when it does (it was the
     // VMM's, which never ends before the container: a CRI ExecSync hung).

@@ -214,7 +214,7 @@ impl Agent {
             })?;
         Ok(Agent {
             chan: File::from(chan),
-            dec: Decoder::new(),
+            dec: Decoder::for_requests(),
             procs: BTreeMap::new(),
             sigfd,
             prepared: false,
