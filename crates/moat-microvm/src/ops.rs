@@ -250,7 +250,7 @@ impl MicrovmTier {
             std::fs::write(p, c.state.pid.to_string())
                 .map_err(MicrovmError::io(format!("write {}", p.display())))?;
         }
-        let code = match control::recv::<Reply>(sock.as_fd()) {
+        let code = match wait_forwarding(sock.as_fd()) {
             Ok(Reply::Exit { code }) => code,
             Ok(Reply::Error {
                 message,
@@ -284,7 +284,7 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
             if stdio_to_null().is_err() {
                 return 255;
             }
-            match control::recv::<Reply>(sock.as_fd()) {
+            match wait_forwarding(sock.as_fd()) {
                 Ok(Reply::Exit { code }) => code,
                 _ => 255,
             }
@@ -294,6 +294,49 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
         ))?;
     drop(sock);
     Ok(pid)
+}
+
+/// Waits for the guest process's end on its exec connection `sock`,
+/// passing on the signals a runtime forwards as they arrive (a terminal's
+/// size changes aside): an attached `moat exec` and the stand-in of a
+/// detached one stand for the guest process, and a SIGTERM meant for it
+/// used to end them instead, the guest process living on.
+fn wait_forwarding(sock: std::os::fd::BorrowedFd) -> Result<Reply, control::ControlError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut mask = SigSet::empty();
+    for s in moat_jail::supervise::FORWARDED {
+        if s != Signal::SIGWINCH {
+            mask.add(s);
+        }
+    }
+    let sys = |e: nix::Error| control::ControlError::Io(e.into());
+    mask.thread_block().map_err(sys)?;
+    let sfd =
+        SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(sys)?;
+    loop {
+        let mut fds = [
+            PollFd::new(sock, PollFlags::POLLIN),
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(sys(e)),
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        let (from_guest, signalled) = (ready(&fds[0]), ready(&fds[1]));
+        if signalled {
+            while let Ok(Some(info)) = sfd.read_signal() {
+                // A connection already gone is seen below.
+                let signal = info.ssi_signo as i32;
+                let _ = control::send(sock, &Request::Signal { signal });
+            }
+        }
+        if from_guest {
+            return control::recv::<Reply>(sock);
+        }
+    }
 }
 
 /// Points this process's stdin, stdout and stderr at /dev/null.

@@ -382,6 +382,135 @@ fn a_timeout_kills_the_vm_and_leaves_nothing() {
     assert_clean(&rt);
 }
 
+/// Whether `pid` has ended (gone, or a zombie not yet reaped).
+fn ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Waits (bounded) until `exec ps` in container `id` lists nothing with
+/// `needle` in its command line.
+fn wait_no_guest_process(rt: &Rt, id: &str, needle: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let ps = cmd(rt, &["exec", id, "ps"]).expect_ok();
+        if !ps.stdout.contains(needle) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{needle} lives on in the guest: {}",
+            ps.stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An exec's host process stands for its guest process: a signal it gets
+/// reaches the guest process, and its end (SIGKILL) ends it — attached
+/// (`moat exec`) and detached (the stand-in whose PID containerd's shim
+/// signals). Before, `moat exec` died of the SIGTERM meant for the
+/// process, and a SIGKILL killed only the guest's runtime: the guest
+/// process lived on in both cases.
+#[test]
+fn an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process() {
+    let Some(rt) = rt("an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process")
+    else {
+        return;
+    };
+    use nix::sys::signal::{kill, Signal};
+    use std::io::BufRead;
+    let b = vm_bundle(&["sleep", "600"]);
+    b.write_config();
+    let ctr = create_ctr(&rt, &b, "sig");
+    let id = ctr.id.clone();
+    cmd(&rt, &["start", &id]).expect_ok();
+    let pid_of = |c: &std::process::Child| nix::unistd::Pid::from_raw(c.id() as i32);
+    // Attached: SIGTERM and SIGINT reach the process, whose status is the
+    // exec's.
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let script = format!(
+            "trap 'echo got; exit 9' {}; echo ready; while :; do sleep 1; done",
+            &sig.as_str()[3..]
+        );
+        let mut child = spawn_own(
+            rt.command()
+                .envs(env())
+                .args(["exec", &id, "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped()),
+        );
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        kill(pid_of(&child), sig).unwrap();
+        let status = wait_own(&mut child);
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!((status.code(), rest.as_str()), (Some(9), "got\n"), "{sig}");
+    }
+    // Attached, killed: the guest process goes too.
+    let mut child = spawn_own(
+        rt.command()
+            .envs(env())
+            .args(["exec", &id, "sh", "-c", "echo ready; exec sleep 601"])
+            .stdout(std::process::Stdio::piped()),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    kill(pid_of(&child), Signal::SIGKILL).unwrap();
+    wait_own(&mut child);
+    wait_no_guest_process(&rt, &id, "sleep 601");
+    // Detached: the stand-in passes SIGTERM on (the process's trap ends
+    // it, and the stand-in with it); killed, it takes the process along.
+    let pidf = rt.scratch_file("standin.pid");
+    let pidf_s = pidf.display().to_string();
+    let stand_in = |script: &str| -> u32 {
+        let _ = std::fs::remove_file(&pidf);
+        cmd(
+            &rt,
+            &[
+                "exec",
+                "--detach",
+                "--pid-file",
+                &pidf_s,
+                &id,
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+        .expect_ok();
+        std::fs::read_to_string(&pidf)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let s = stand_in("trap 'exit 5' TERM; while :; do sleep 1; done");
+    std::thread::sleep(Duration::from_millis(500));
+    kill(nix::unistd::Pid::from_raw(s as i32), Signal::SIGTERM).unwrap();
+    let start = std::time::Instant::now();
+    while !ended(s) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the TERM never ended the exec"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_no_guest_process(&rt, &id, "exit 5");
+    let s = stand_in("exec sleep 602");
+    kill(nix::unistd::Pid::from_raw(s as i32), Signal::SIGKILL).unwrap();
+    wait_no_guest_process(&rt, &id, "sleep 602");
+    cmd(&rt, &["delete", "--force", &id]).expect_ok();
+    assert_clean(&rt);
+}
+
 /// A `moat run` killed outright takes its VM with it: the VMM process
 /// dies with its runtime (the parent-death signal, which the VMM's switch
 /// to its host user cleared: it used to live on, the guest's workload

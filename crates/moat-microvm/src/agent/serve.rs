@@ -608,16 +608,19 @@ impl Agent {
         if chan == 0 || self.procs.contains_key(&chan) {
             return Err(AgentError::Request(format!("channel {chan} is in use")));
         }
-        let file = format!("/run/vm/exec-{chan}.json");
+        let file = exec_file(chan, "json");
         let body = serde_json::to_vec(&req.process).unwrap_or_default();
         std::fs::write(&file, body).map_err(io(format!("write {file}")))?;
         let terminal = req.process["terminal"].as_bool().unwrap_or(false);
+        let pid_file = exec_file(chan, "pid");
         let args = [
             "--root",
             GUEST_STATE_ROOT,
             "exec",
             "--process",
             file.as_str(),
+            "--pid-file",
+            pid_file.as_str(),
             GUEST_ID,
         ];
         self.spawn(
@@ -706,6 +709,19 @@ impl Agent {
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
             let _ = moat_core::runtime::Lifecycle::kill(&tier, GUEST_ID, sig, false);
         } else {
+            if s == Signal::SIGKILL {
+                // The exec's process itself (its PID, as the guest's
+                // runtime wrote it): SIGKILL ends the runtime's `exec`
+                // without a word to the process, which lived on.
+                let pid = std::fs::read_to_string(exec_file(chan, "pid"))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                    .filter(|pid| *pid > 1);
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                }
+            }
+            // Other signals the guest's `moat exec` passes on.
             let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), s);
         }
     }
@@ -785,6 +801,11 @@ impl Agent {
                 ..proto::Exit::default()
             };
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            if !p.main {
+                for ext in ["json", "pid"] {
+                    let _ = std::fs::remove_file(exec_file(id, ext));
+                }
+            }
             if p.main {
                 super::trace("workload exited");
                 self.main_done = true;
@@ -813,6 +834,12 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The guest file of exec channel `chan` with extension `ext`: its
+/// process (`json`), its PID (`pid`, written by the guest's `moat exec`).
+fn exec_file(chan: u32, ext: &str) -> String {
+    format!("/run/vm/exec-{chan}.{ext}")
 }
 
 /// Starts the guest's moat with `args` and `stdio`; its PID (it is reaped

@@ -48,7 +48,9 @@ struct ExecSession {
     credit: usize,
     stdout: File,
     stderr: File,
-    detach: bool,
+    /// The client (`moat exec`, or the host process standing for a
+    /// detached one) closed its connection: the process was killed.
+    hung_up: bool,
     started: bool,
 }
 
@@ -277,7 +279,7 @@ impl Relay {
                 if let (Some(i), true) = (&x.stdin, take_input && x.credit > 0) {
                     add!(i.as_fd(), Slot::ExecStdin(*ch));
                 }
-                if x.started && !x.detach {
+                if x.started && !x.hung_up {
                     add!(x.client.as_fd(), Slot::ExecClient(*ch));
                 }
             }
@@ -378,12 +380,24 @@ impl Relay {
                 self.send(&frame)?;
             }
             Slot::ExecClient(ch) => {
-                // The `moat exec` waiting for this process went away:
-                // the process gets SIGKILL, as a killed runc exec's would.
-                let frame = proto::encode_json(Kind::Signal, ch, &proto::SignalMsg { signal: 9 });
-                if let Some(x) = self.execs.get_mut(&ch) {
-                    x.detach = true;
-                }
+                let Some(x) = self.execs.get_mut(&ch) else {
+                    return Ok(None);
+                };
+                // A signal the client forwards to the process (`moat exec`
+                // or the stand-in of a detached one got it); or the client
+                // went away: the process gets SIGKILL, as a killed runc
+                // exec's would (containerd's shim kills an exec by its PID,
+                // here the stand-in's).
+                let signal = match control::recv::<Request>(x.client.as_fd()) {
+                    Ok(Request::Signal { signal }) => signal,
+                    // Nothing else is asked on an exec's connection.
+                    Ok(_) => return Ok(None),
+                    Err(_) => {
+                        x.hung_up = true;
+                        9
+                    }
+                };
+                let frame = proto::encode_json(Kind::Signal, ch, &proto::SignalMsg { signal });
                 self.send(&frame)?;
             }
         }
@@ -634,7 +648,9 @@ impl Relay {
                     std::process::exit(128 + signal);
                 }
             }
-            Request::Exec { request, detach } => self.start_exec(client, request, detach)?,
+            // Attached or detached, the client holds the connection until
+            // the process ends (a detached exec's stand-in does).
+            Request::Exec { request, .. } => self.start_exec(client, request)?,
             Request::Update { resources } => self.update(client, resources)?,
         }
         Ok(())
@@ -671,12 +687,7 @@ impl Relay {
         }
     }
 
-    fn start_exec(
-        &mut self,
-        client: OwnedFd,
-        request: proto::ExecRequest,
-        detach: bool,
-    ) -> Result<(), VmmError> {
+    fn start_exec(&mut self, client: OwnedFd, request: proto::ExecRequest) -> Result<(), VmmError> {
         let fds: Result<Vec<OwnedFd>, _> =
             (0..3).map(|_| control::recv_fd(client.as_fd())).collect();
         let Ok(mut fds) = fds else {
@@ -710,7 +721,7 @@ impl Relay {
                 credit: proto::STDIN_WINDOW,
                 stdout,
                 stderr,
-                detach,
+                hung_up: false,
                 started: false,
             },
         );
