@@ -11,7 +11,8 @@
 //!   served by virtiofsd on the host ([`crate::volumes`]), except a
 //!   read-write `/dev/shm` (engines bind a host tmpfs there), which becomes
 //!   a guest tmpfs. Each file bind mount (an engine's /etc/hosts,
-//!   resolv.conf, …) is copied into the guest. Device binds of `/dev/*`
+//!   resolv.conf, …) of at most [`MAX_FILE`] bytes is copied into the
+//!   guest; a larger one joins the group disk, read-only. Device binds of `/dev/*`
 //!   stay: the guest has its own.
 //! - Hooks, joined namespaces' paths and the cgroup path belong to the
 //!   host; they are dropped from the guest's config (the runtime runs the
@@ -106,7 +107,10 @@ const HOST_ONLY_ANNOTATIONS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
     Dir,
+    /// A regular file of at most [`MAX_FILE`] bytes (copied into the guest).
     File,
+    /// A larger regular file (imaged with the group disk).
+    LargeFile,
     Device,
     Other,
 }
@@ -115,6 +119,7 @@ pub fn source_kind(p: &Path) -> SourceKind {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => SourceKind::Dir,
+        Ok(m) if m.is_file() && m.len() > MAX_FILE => SourceKind::LargeFile,
         Ok(m) if m.is_file() => SourceKind::File,
         Ok(m) if m.file_type().is_char_device() => SourceKind::Device,
         _ => SourceKind::Other,
@@ -308,6 +313,23 @@ fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), S
             };
             m["source"] = json!(at);
         }
+        SourceKind::LargeFile => {
+            // Too large to copy with the `Run` request: imaged with the
+            // group disk, so read-only in the guest (a copy's writes would
+            // not reach the host either).
+            if !read_only(m) {
+                plan.warnings.push(format!(
+                    "{} (for {dest}) is over {} MiB: the guest gets it read-only",
+                    source.display(),
+                    MAX_FILE >> 20
+                ));
+                let mut opts: Vec<Value> = m["options"].as_array().cloned().unwrap_or_default();
+                opts.retain(|o| o != "rw");
+                opts.push(json!("ro"));
+                m["options"] = Value::Array(opts);
+            }
+            m["source"] = json!(group_place(plan, &source));
+        }
         SourceKind::File if read_only(m) && (probe.shared_file)(&source) => {
             m["source"] = json!(group_place(plan, &source));
         }
@@ -385,6 +407,7 @@ mod tests {
     fn kinds(p: &Path) -> SourceKind {
         match p.to_str().unwrap() {
             s if s.starts_with("/dir") => SourceKind::Dir,
+            s if s.starts_with("/file/large") => SourceKind::LargeFile,
             s if s.starts_with("/file") => SourceKind::File,
             "/dev/null" => SourceKind::Device,
             _ => SourceKind::Other,
@@ -473,6 +496,44 @@ mod tests {
         assert!(p.config["linux"]["namespaces"][0].get("path").is_none());
         assert!(p.config["annotations"].get("dev.moat.isolation").is_none());
         assert_eq!(p.config["annotations"]["keep"], "yes");
+    }
+
+    /// A file over what a `Run` request carries joins the group disk,
+    /// read-only (a warning when the bind was read-write); the real probe
+    /// tells it by its size.
+    #[test]
+    fn a_large_file_is_imaged_read_only() {
+        let s = spec(json!([
+            {"destination": "/opt/tool", "type": "bind", "source": "/file/large/tool", "options": ["rbind", "ro"]},
+            {"destination": "/data/db", "type": "bind", "source": "/file/large/db", "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/file/hosts", "options": ["rbind", "rw"]}
+        ]));
+        let p = plan(&s, Path::new("/host/rootfs"), &PROBE).unwrap();
+        assert_eq!(
+            p.group,
+            vec![
+                PathBuf::from("/file/large/tool"),
+                PathBuf::from("/file/large/db")
+            ]
+        );
+        let m = p.config["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], format!("{GROUP_MOUNT}/0"));
+        assert_eq!(m[1]["source"], format!("{GROUP_MOUNT}/1"));
+        assert_eq!(m[1]["options"], json!(["rbind", "ro"]));
+        assert_eq!(p.files.len(), 1);
+        let large: Vec<_> = p
+            .warnings
+            .iter()
+            .filter(|w| w.contains("over 1 MiB"))
+            .collect();
+        assert_eq!(large.len(), 1, "{:?}", p.warnings);
+        assert!(large[0].contains("/file/large/db"), "{large:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let (small, big) = (dir.path().join("small"), dir.path().join("big"));
+        std::fs::write(&small, vec![0u8; MAX_FILE as usize]).unwrap();
+        std::fs::write(&big, vec![0u8; MAX_FILE as usize + 1]).unwrap();
+        assert_eq!(source_kind(&small), SourceKind::File);
+        assert_eq!(source_kind(&big), SourceKind::LargeFile);
     }
 
     /// A rootless spec binds the host's /sys (it may not mount one): the

@@ -382,6 +382,59 @@ fn a_timeout_kills_the_vm_and_leaves_nothing() {
     assert_clean(&rt);
 }
 
+/// A bound file too large to copy with the run's request is imaged with
+/// the group disk: whole in the guest, read-only there (a warning says so
+/// when the bind asked to write; a microVM's writes to a bound file never
+/// reach the host). Such binds were refused ("may hold at most 1048576").
+#[test]
+fn a_bound_file_over_a_megabyte_reaches_the_guest_read_only() {
+    let Some(rt) = rt("a_bound_file_over_a_megabyte_reaches_the_guest_read_only") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    let ro = format!("{}:/opt/big.bin:ro", big.display());
+    let rw = format!("{}:/data/big.bin", big.display());
+    let out = cmd(
+        &rt,
+        &[
+            "run",
+            "--isolation",
+            "microvm",
+            "-v",
+            &ro,
+            "-v",
+            &rw,
+            "--",
+            "sh",
+            "-c",
+            "cksum < /opt/big.bin; cksum < /data/big.bin; echo x >> /data/big.bin || echo refused",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let host = std::process::Command::new("sh")
+        .args(["-c", &format!("cksum < {}", big.display())])
+        .output()
+        .unwrap();
+    let sum = String::from_utf8_lossy(&host.stdout).into_owned();
+    assert_eq!(out.stdout, format!("{sum}{sum}refused\n"), "{out:?}");
+    assert!(out.stderr.contains("Read-only file system"), "{out:?}");
+    assert!(
+        out.stderr.contains("the guest gets it read-only"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read(&big).unwrap(),
+        data,
+        "the host file is untouched"
+    );
+    assert_clean(&rt);
+}
+
 /// Whether `pid` has ended (gone, or a zombie not yet reaped).
 fn ended(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
