@@ -241,15 +241,19 @@ pub fn call(
 mod tests {
     use super::*;
 
-    #[test]
-    fn messages_and_descriptors_cross_a_seqpacket_pair() {
-        let (a, b) = nix::sys::socket::socketpair(
+    fn pair() -> (OwnedFd, OwnedFd) {
+        nix::sys::socket::socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn messages_and_descriptors_cross_a_seqpacket_pair() {
+        let (a, b) = pair();
         send(a.as_fd(), &Request::Signal { signal: 15 }).unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
         send_fd(a.as_fd(), f.as_fd()).unwrap();
@@ -267,13 +271,7 @@ mod tests {
             Err(ControlError::Closed)
         ));
         // A message over a packet's size travels in a memfd, whole.
-        let (a, b) = nix::sys::socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, b) = pair();
         let big = Request::Update {
             resources: serde_json::json!({"pad": "x".repeat(3 << 20)}),
         };

@@ -576,23 +576,14 @@ fn a_killed_moat_run_takes_its_vm_with_it() {
     };
     use nix::sys::signal::{kill, Signal};
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut child = spawn_own(
+    let mut child = spawn_ready(
         rt.command()
             .envs(env())
             .args(["run", "--isolation", "microvm", "--name", "killed"])
-            .args(["--", "sh", "-c", "echo ready; exec sleep 600"])
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::process::Stdio::null()),
+            .args(["--", "sh", "-c", "echo ready; exec sleep 600"]),
+        &dir.path().join("out"),
+        Duration::from_secs(120),
     );
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     assert!(!processes_of(rt.root()).is_empty(), "no VMM process seen");
     kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{runtime_bin, spawn_own, wait_own, Opts, Out, Rt};
+use common::{runtime_bin, spawn_own, spawn_ready, wait_own, Opts, Out, Rt};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -774,26 +774,14 @@ fn start_sleeper(rt: &Rt, flags: &[&str], out: &Path) -> std::process::Child {
 /// Starts `moat run FLAGS -- sh -c SCRIPT` with stdout to `out`; returns
 /// once SCRIPT has printed "ready".
 fn spawn_run(rt: &Rt, flags: &[&str], script: &str, out: &Path) -> std::process::Child {
-    let child = spawn_own(
+    spawn_ready(
         rt.command()
             .arg("run")
             .args(flags)
-            .args(["--", "sh", "-c", script])
-            .stdout(fs::File::create(out).unwrap())
-            .stderr(std::process::Stdio::null()),
-    );
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "{flags:?} {script}: never ready"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child
+            .args(["--", "sh", "-c", script]),
+        out,
+        std::time::Duration::from_secs(30),
+    )
 }
 
 /// Stops a sleeper: the workload (PID 1) ignores one SIGTERM, the second

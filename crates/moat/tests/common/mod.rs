@@ -403,6 +403,24 @@ pub fn spawn_own(cmd: &mut Command) -> std::process::Child {
     child
 }
 
+/// Spawns `cmd` as [`spawn_own`] does, its stdout to the file `out`, and
+/// returns once it has written "ready" there (a panic after `limit`).
+pub fn spawn_ready(cmd: &mut Command, out: &Path, limit: Duration) -> std::process::Child {
+    let child = spawn_own(
+        cmd.stdout(fs::File::create(out).expect("create the output file"))
+            .stderr(Stdio::null()),
+    );
+    let start = Instant::now();
+    while !fs::read_to_string(out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed() < limit, "{cmd:?}: never ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// Waits for a child of [`spawn_own`] (killed after the command timeout).
 pub fn wait_own(child: &mut std::process::Child) -> std::process::ExitStatus {
     let start = Instant::now();
