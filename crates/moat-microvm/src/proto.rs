@@ -85,6 +85,11 @@ pub enum Kind {
     Update = 16,
     /// guest → host: the update on this channel is applied.
     Updated = 17,
+    /// host → guest: the host end of this channel's stdout or stderr
+    /// ([`ClosedMsg`]) is gone (a pipe whose reader ended): the agent
+    /// closes the process's, whose next write then fails (`SIGPIPE`) as a
+    /// container's would.
+    Closed = 18,
 }
 
 impl Kind {
@@ -108,6 +113,7 @@ impl Kind {
             15 => Credit,
             16 => Update,
             17 => Updated,
+            18 => Closed,
             _ => return None,
         })
     }
@@ -456,6 +462,12 @@ pub struct ExecRequest {
     pub process: serde_json::Value,
     pub rows: u16,
     pub cols: u16,
+}
+
+/// See [`Kind::Closed`]: which stream, 1 (stdout) or 2 (stderr).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClosedMsg {
+    pub stream: u8,
 }
 
 /// See [`Kind::Credit`].

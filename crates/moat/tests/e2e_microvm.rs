@@ -435,6 +435,48 @@ fn a_bound_file_over_a_megabyte_reaches_the_guest_read_only() {
     assert_clean(&rt);
 }
 
+/// Reads one line of `args`'s stdout, closes the pipe, and returns the
+/// command's status and stderr once it ended.
+fn first_line_then_close(rt: &Rt, args: &[&str]) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = spawn_own(
+        rt.command()
+            .envs(env())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "y\n");
+    drop(out);
+    let mut err = child.stderr.take().unwrap();
+    let status = wait_own(&mut child);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    (status.code(), text)
+}
+
+/// A workload writing to a pipe whose reader has gone fails as a
+/// container's does (`SIGPIPE`): the host's `EPIPE` is passed to the guest,
+/// whose agent closes the process's end. Before, the guest's output was
+/// dropped and `moat run -- yes | head -1` never ended.
+#[test]
+fn a_closed_output_pipe_ends_the_writer_as_on_the_host() {
+    let Some(rt) = rt("a_closed_output_pipe_ends_the_writer_as_on_the_host") else {
+        return;
+    };
+    let script = "yes; echo \"yes ended $?\" >&2";
+    let (code, err) = first_line_then_close(
+        &rt,
+        &["run", "--isolation", "microvm", "--", "sh", "-c", script],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("yes ended 141"), "{err}");
+    assert_clean(&rt);
+}
+
 /// Whether `pid` has ended (gone, or a zombie not yet reaped).
 fn ended(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
@@ -560,6 +602,11 @@ fn an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process() 
     let s = stand_in("exec sleep 602");
     kill(nix::unistd::Pid::from_raw(s as i32), Signal::SIGKILL).unwrap();
     wait_no_guest_process(&rt, &id, "sleep 602");
+    // An exec's output pipe closed on the host ends its writer too.
+    let script = "yes; echo \"yes ended $?\" >&2";
+    let (code, err) = first_line_then_close(&rt, &["exec", &id, "sh", "-c", script]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("yes ended 141"), "{err}");
     cmd(&rt, &["delete", "--force", &id]).expect_ok();
     assert_clean(&rt);
 }

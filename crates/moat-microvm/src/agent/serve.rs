@@ -386,6 +386,22 @@ impl Agent {
                 }
                 Ok(())
             }
+            Kind::Closed => {
+                // Dropping the read end: the process's next write to it
+                // fails (SIGPIPE, EPIPE), as it would on the host's pipe. A
+                // terminal's output is its pty, which stays.
+                let m: proto::ClosedMsg = f.json()?;
+                if let Some(p) = self.procs.get_mut(&f.chan) {
+                    if p.tty.is_none() {
+                        match m.stream {
+                            1 => p.stdout = None,
+                            2 => p.stderr = None,
+                            _ => {}
+                        }
+                    }
+                }
+                Ok(())
+            }
             Kind::Resize => {
                 let m: proto::Resize = f.json()?;
                 if let Some(p) = self.procs.get(&f.chan) {

@@ -51,6 +51,9 @@ struct ExecSession {
     /// The client (`moat exec`, or the host process standing for a
     /// detached one) closed its connection: the process was killed.
     hung_up: bool,
+    /// Bit 1 stdout, bit 2 stderr: the host end took no more (its reader
+    /// is gone); the agent was told ([`Kind::Closed`]).
+    outputs_closed: u8,
     started: bool,
 }
 
@@ -72,6 +75,8 @@ pub struct Relay {
     /// Who asked for `start` (answered on Started/Error).
     starter: Option<OwnedFd>,
     stdin_open: bool,
+    /// The container process's [`ExecSession::outputs_closed`].
+    outputs_closed: u8,
     /// The container process's stdin credit (as [`ExecSession::credit`]).
     stdin_credit: usize,
     execs: BTreeMap<u32, ExecSession>,
@@ -119,6 +124,7 @@ impl Relay {
             phase: Phase::Booting,
             starter: None,
             stdin_open: true,
+            outputs_closed: 0,
             stdin_credit: proto::STDIN_WINDOW,
             execs: BTreeMap::new(),
             updates: BTreeMap::new(),
@@ -404,6 +410,13 @@ impl Relay {
         Ok(None)
     }
 
+    /// Tells the agent that channel `ch`'s `stream` (1, 2) has no reader
+    /// on the host any more.
+    fn close_output(&mut self, ch: u32, stream: u8) -> Result<(), VmmError> {
+        let frame = proto::encode_json(Kind::Closed, ch, &proto::ClosedMsg { stream });
+        self.send(&frame)
+    }
+
     /// The agent channel closed: the VM is gone.
     fn vm_gone(&mut self) -> Result<Option<i32>, VmmError> {
         self.vm.wait();
@@ -475,21 +488,35 @@ impl Relay {
                 });
                 return Ok(Some(255));
             }
-            (Kind::Stdout, 0) => write_all(std::io::stdout().as_fd(), &f.payload),
-            (Kind::Stderr, 0) => write_all(std::io::stderr().as_fd(), &f.payload),
+            (Kind::Stdout, 0) | (Kind::Stderr, 0) => {
+                let stream = if f.kind == Kind::Stdout { 1 } else { 2 };
+                let bit = 1u8 << stream;
+                if self.outputs_closed & bit == 0 {
+                    let written = if stream == 1 {
+                        write_all(std::io::stdout().as_fd(), &f.payload)
+                    } else {
+                        write_all(std::io::stderr().as_fd(), &f.payload)
+                    };
+                    if !written {
+                        self.outputs_closed |= bit;
+                        self.close_output(0, stream)?;
+                    }
+                }
+            }
             (Kind::Exit, 0) => {
                 let e: proto::Exit = f.json()?;
                 self.shutdown(&e);
                 return Ok(Some(e.code));
             }
             (Kind::Stdout, ch) | (Kind::Stderr, ch) => {
-                if let Some(x) = self.execs.get(&ch) {
-                    let to = if f.kind == Kind::Stdout {
-                        &x.stdout
-                    } else {
-                        &x.stderr
-                    };
-                    write_all(to.as_fd(), &f.payload);
+                if let Some(x) = self.execs.get_mut(&ch) {
+                    let stream = if f.kind == Kind::Stdout { 1 } else { 2 };
+                    let bit = 1u8 << stream;
+                    let to = if stream == 1 { &x.stdout } else { &x.stderr };
+                    if x.outputs_closed & bit == 0 && !write_all(to.as_fd(), &f.payload) {
+                        x.outputs_closed |= bit;
+                        self.close_output(ch, stream)?;
+                    }
                 }
             }
             // The guest grants what it likes: at worst it holds more of its
@@ -722,6 +749,7 @@ impl Relay {
                 stdout,
                 stderr,
                 hung_up: false,
+                outputs_closed: 0,
                 started: false,
             },
         );
@@ -752,15 +780,18 @@ fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
     }
 }
 
-fn write_all(fd: BorrowedFd, mut data: &[u8]) {
+/// Writes all of `data`; false when the descriptor takes no more (a pipe
+/// whose reader is gone: `EPIPE`, or any other error).
+fn write_all(fd: BorrowedFd, mut data: &[u8]) -> bool {
     while !data.is_empty() {
         match nix::unistd::write(fd, data) {
-            Ok(0) => return,
+            Ok(0) => return false,
             Ok(n) => data = &data[n..],
             Err(nix::Error::EINTR) | Err(nix::Error::EAGAIN) => {}
-            Err(_) => return,
+            Err(_) => return false,
         }
     }
+    true
 }
 
 #[derive(Debug, Clone, Copy)]
