@@ -108,6 +108,7 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Prime => drop(f.json::<proto::PrimeRequest>()),
                         Kind::Credit => drop(f.json::<proto::CreditMsg>()),
                         Kind::Update => drop(f.json::<proto::UpdateRequest>()),
+                        Kind::Closed => drop(f.json::<proto::ClosedMsg>()),
                         Kind::Stdin
                         | Kind::Stdout
                         | Kind::Stderr
