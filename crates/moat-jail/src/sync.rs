@@ -356,21 +356,9 @@ impl Channel {
     /// process died or exited), without waiting: a socketpair end reports
     /// `POLLHUP` then, queued messages or not.
     pub fn peer_closed(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::empty())];
-        loop {
-            match poll(&mut fds, PollTimeout::ZERO) {
-                Err(nix::Error::EINTR) => continue,
-                // A poll that fails cannot tell: treat the peer as gone
-                // (the caller then stops, failing closed).
-                Err(_) => return true,
-                Ok(_) => {
-                    return fds[0]
-                        .revents()
-                        .is_some_and(|r| r.intersects(PollFlags::POLLHUP))
-                }
-            }
-        }
+        // A poll that fails cannot tell: treat the peer as gone (the
+        // caller then stops, failing closed).
+        moat_sys::fd::hung_up(self.fd.as_raw_fd()).unwrap_or(true)
     }
 
     pub fn send(&self, msg: &Msg) -> Result<(), SyncError> {
