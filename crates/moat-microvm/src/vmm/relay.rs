@@ -51,8 +51,8 @@ struct ExecSession {
     /// The client (`moat exec`, or the host process standing for a
     /// detached one) closed its connection: the process was killed.
     hung_up: bool,
-    /// Bit 1 stdout, bit 2 stderr: the host end took no more (its reader
-    /// is gone); the agent was told ([`Kind::Closed`]).
+    /// The output streams whose host end took no more (its reader is
+    /// gone): see [`write_output`].
     outputs_closed: u8,
     started: bool,
 }
@@ -410,11 +410,13 @@ impl Relay {
         Ok(None)
     }
 
-    /// Tells the agent that channel `ch`'s `stream` (1, 2) has no reader
-    /// on the host any more.
-    fn close_output(&mut self, ch: u32, stream: u8) -> Result<(), VmmError> {
-        let frame = proto::encode_json(Kind::Closed, ch, &proto::ClosedMsg { stream });
-        self.send(&frame)
+    /// Tells the agent that channel `ch`'s `stream` has no reader on the
+    /// host any more.
+    fn close_output(&mut self, ch: u32, stream: Stream) -> Result<(), VmmError> {
+        let msg = proto::ClosedMsg {
+            stream: stream as u8,
+        };
+        self.send(&proto::encode_json(Kind::Closed, ch, &msg))
     }
 
     /// The agent channel closed: the VM is gone.
@@ -489,18 +491,14 @@ impl Relay {
                 return Ok(Some(255));
             }
             (Kind::Stdout, 0) | (Kind::Stderr, 0) => {
-                let stream = if f.kind == Kind::Stdout { 1 } else { 2 };
-                let bit = 1u8 << stream;
-                if self.outputs_closed & bit == 0 {
-                    let written = if stream == 1 {
-                        write_all(std::io::stdout().as_fd(), &f.payload)
-                    } else {
-                        write_all(std::io::stderr().as_fd(), &f.payload)
-                    };
-                    if !written {
-                        self.outputs_closed |= bit;
-                        self.close_output(0, stream)?;
-                    }
+                let stream = Stream::of(f.kind);
+                let (out, err) = (std::io::stdout(), std::io::stderr());
+                let to = match stream {
+                    Stream::Out => out.as_fd(),
+                    Stream::Err => err.as_fd(),
+                };
+                if !write_output(&mut self.outputs_closed, stream, to, &f.payload) {
+                    self.close_output(0, stream)?;
                 }
             }
             (Kind::Exit, 0) => {
@@ -510,11 +508,12 @@ impl Relay {
             }
             (Kind::Stdout, ch) | (Kind::Stderr, ch) => {
                 if let Some(x) = self.execs.get_mut(&ch) {
-                    let stream = if f.kind == Kind::Stdout { 1 } else { 2 };
-                    let bit = 1u8 << stream;
-                    let to = if stream == 1 { &x.stdout } else { &x.stderr };
-                    if x.outputs_closed & bit == 0 && !write_all(to.as_fd(), &f.payload) {
-                        x.outputs_closed |= bit;
+                    let stream = Stream::of(f.kind);
+                    let to = match stream {
+                        Stream::Out => x.stdout.as_fd(),
+                        Stream::Err => x.stderr.as_fd(),
+                    };
+                    if !write_output(&mut x.outputs_closed, stream, to, &f.payload) {
                         self.close_output(ch, stream)?;
                     }
                 }
@@ -778,6 +777,36 @@ fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
         _ if !patch.is_null() => *target = patch.clone(),
         _ => {}
     }
+}
+
+/// A process's output stream, as [`proto::ClosedMsg`] numbers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Out = 1,
+    Err = 2,
+}
+
+impl Stream {
+    /// The stream a `Stdout` or `Stderr` frame carries.
+    fn of(kind: Kind) -> Stream {
+        if kind == Kind::Stdout {
+            Stream::Out
+        } else {
+            Stream::Err
+        }
+    }
+}
+
+/// Writes a process's output to its host end `to`, unless that end took
+/// no more before (`closed`: a bit per [`Stream`]); false when it has just
+/// refused, and the agent is to be told ([`Kind::Closed`]).
+fn write_output(closed: &mut u8, stream: Stream, to: BorrowedFd, data: &[u8]) -> bool {
+    let bit = 1u8 << stream as u8;
+    if *closed & bit != 0 || write_all(to, data) {
+        return true;
+    }
+    *closed |= bit;
+    false
 }
 
 /// Writes all of `data`; false when the descriptor takes no more (a pipe
