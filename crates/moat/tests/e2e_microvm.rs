@@ -523,7 +523,6 @@ fn an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process() 
     let ctr = create_ctr(&rt, &b, "sig");
     let id = ctr.id.clone();
     cmd(&rt, &["start", &id]).expect_ok();
-    let pid_of = |c: &std::process::Child| nix::unistd::Pid::from_raw(c.id() as i32);
     // Attached: SIGTERM and SIGINT reach the process, whose status is the
     // exec's.
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
@@ -541,8 +540,7 @@ fn an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process() 
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line, "ready\n");
-        kill(pid_of(&child), sig).unwrap();
-        let status = wait_own(&mut child);
+        let status = signal_own(&mut child, sig);
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
         assert_eq!((status.code(), rest.as_str()), (Some(9), "got\n"), "{sig}");
@@ -558,8 +556,7 @@ fn an_execs_host_process_passes_signals_on_and_its_end_ends_the_guest_process() 
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    kill(pid_of(&child), Signal::SIGKILL).unwrap();
-    wait_own(&mut child);
+    signal_own(&mut child, Signal::SIGKILL);
     wait_no_guest_process(&rt, &id, "sleep 601");
     // Detached: the stand-in passes SIGTERM on (the process's trap ends
     // it, and the stand-in with it); killed, it takes the process along.
@@ -621,7 +618,7 @@ fn a_killed_moat_run_takes_its_vm_with_it() {
     let Some(rt) = rt("a_killed_moat_run_takes_its_vm_with_it") else {
         return;
     };
-    use nix::sys::signal::{kill, Signal};
+    use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_ready(
         rt.command()
@@ -632,12 +629,7 @@ fn a_killed_moat_run_takes_its_vm_with_it() {
         Duration::from_secs(120),
     );
     assert!(!processes_of(rt.root()).is_empty(), "no VMM process seen");
-    kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_own(&mut child);
+    signal_own(&mut child, Signal::SIGKILL);
     // Gone: its state says so (a VMM process on its way out, its
     // namespace's processes being killed, has no command line to match
     // but is not stopped yet) and none of its processes is left.

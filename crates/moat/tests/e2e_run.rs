@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{runtime_bin, spawn_own, spawn_ready, wait_own, Opts, Out, Rt};
+use common::{runtime_bin, signal_own, spawn_own, spawn_ready, wait_own, Opts, Out, Rt};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -993,12 +993,7 @@ fn a_killed_moat_run_leaves_no_container() {
         "echo ready; exec sleep 600",
         &dir.path().join("o2"),
     );
-    kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_own(&mut child);
+    signal_own(&mut child, Signal::SIGKILL);
     rt.cmd(&["delete", "--force", "killed"]).expect_ok();
     assert_clean(&rt);
 }

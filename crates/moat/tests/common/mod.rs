@@ -421,6 +421,15 @@ pub fn spawn_ready(cmd: &mut Command, out: &Path, limit: Duration) -> std::proce
     child
 }
 
+/// Sends `sig` to a child of [`spawn_own`] and waits for it.
+pub fn signal_own(
+    child: &mut std::process::Child,
+    sig: nix::sys::signal::Signal,
+) -> std::process::ExitStatus {
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal the child");
+    wait_own(child)
+}
+
 /// Waits for a child of [`spawn_own`] (killed after the command timeout).
 pub fn wait_own(child: &mut std::process::Child) -> std::process::ExitStatus {
     let start = Instant::now();
