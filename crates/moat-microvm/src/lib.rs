@@ -34,6 +34,7 @@ pub mod guestspec;
 pub mod jail;
 mod ops;
 pub mod podnet;
+pub mod portfwd;
 pub mod proto;
 pub mod seccomp;
 pub mod snapshot;

@@ -1,6 +1,8 @@
-//! bpf(2) for the cgroup v2 device filter: load a `BPF_PROG_TYPE_CGROUP_DEVICE`
-//! program, attach it to a cgroup directory, and list/detach the programs
-//! already attached there. Only the handful of commands that filter needs.
+//! bpf(2), the handful of commands moat needs: for the cgroup v2 device
+//! filter, load a `BPF_PROG_TYPE_CGROUP_DEVICE` program, attach it to a
+//! cgroup directory, and list/detach the programs already attached there;
+//! for the microVM tier's localhost forwarder, a socket map, a program of
+//! any type and a link attaching it (to a network namespace).
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -12,7 +14,20 @@ pub const BPF_CGROUP_DEVICE: u32 = 6;
 /// `BPF_F_ALLOW_MULTI`: several programs may be attached to one cgroup.
 pub const BPF_F_ALLOW_MULTI: u32 = 2;
 
+/// `BPF_PROG_TYPE_SK_LOOKUP`: picks the listening socket for a new
+/// connection in a network namespace.
+pub const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+/// `BPF_SK_LOOKUP` attach type (to a network namespace, by link).
+pub const BPF_SK_LOOKUP: u32 = 36;
+/// `BPF_MAP_TYPE_SOCKMAP`: an array of sockets.
+pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
+/// `src_reg` of a 64-bit immediate load that names a map by descriptor.
+pub const BPF_PSEUDO_MAP_FD: u8 = 1;
+
+const BPF_MAP_CREATE: libc::c_int = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_PROG_LOAD: libc::c_int = 5;
+const BPF_LINK_CREATE: libc::c_int = 28;
 const BPF_PROG_ATTACH: libc::c_int = 8;
 const BPF_PROG_DETACH: libc::c_int = 9;
 const BPF_PROG_GET_FD_BY_ID: libc::c_int = 13;
@@ -46,6 +61,15 @@ impl BpfInsn {
             off,
             imm,
         }
+    }
+
+    /// The two instructions of `dst = map` (a 64-bit immediate load of the
+    /// map's descriptor, which the kernel replaces with the map).
+    pub fn ld_map_fd(dst: u8, map: BorrowedFd<'_>) -> [BpfInsn; 2] {
+        [
+            BpfInsn::new(0x18, dst, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+            BpfInsn::new(0, 0, 0, 0, 0),
+        ]
     }
 }
 
@@ -93,6 +117,35 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
 }
 
 #[repr(C)]
@@ -153,17 +206,28 @@ fn fd_from_ret(r: libc::c_long) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Loads a `BPF_PROG_TYPE_CGROUP_DEVICE` program. The license string only
-/// matters for GPL-only helpers, which a device filter does not call. On
-/// failure, retries once with the verifier log enabled so the error says why.
+/// Loads a `BPF_PROG_TYPE_CGROUP_DEVICE` program (see [`prog_load`]).
 pub fn prog_load_cgroup_device(insns: &[BpfInsn]) -> Result<OwnedFd, LoadError> {
+    prog_load(BPF_PROG_TYPE_CGROUP_DEVICE, 0, insns)
+}
+
+/// Loads a program of `prog_type`, for `expected_attach_type` (0 where
+/// the type needs none). The license string only matters for GPL-only
+/// helpers, which moat's programs do not call. On failure, retries once
+/// with the verifier log enabled so the error says why.
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[BpfInsn],
+) -> Result<OwnedFd, LoadError> {
     let insn_cnt = u32::try_from(insns.len()).map_err(|_| LoadError {
         error: io::Error::from_raw_os_error(libc::E2BIG),
         log: String::new(),
     })?;
     let license = c"Apache-2.0";
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        prog_type,
+        expected_attach_type,
         insn_cnt,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -192,6 +256,59 @@ pub fn prog_load_cgroup_device(insns: &[BpfInsn]) -> Result<OwnedFd, LoadError> 
             }
         }
     }
+}
+
+/// `BPF_MAP_CREATE` of a map of `map_type` with `max_entries` entries of
+/// the given key and value sizes.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: the attribute block holds only integers.
+    let r = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+    fd_from_ret(r)
+}
+
+/// `BPF_MAP_UPDATE_ELEM`: sets `map[key] = value` (`BPF_ANY`). Their
+/// lengths must be the map's key and value sizes.
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: fd_u32(map)?,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `key` and `value` outlive the call; the kernel reads the
+    // map's key and value sizes from them, which the caller matches.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(|_| ())
+}
+
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a descriptor of what
+/// `attach_type` attaches to: a network namespace for `BPF_SK_LOOKUP`).
+/// The program stays attached while the returned link is open.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: fd_u32(prog)?,
+        target_fd: fd_u32(target)?,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: the attribute block holds only descriptors and integers.
+    let r = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+    fd_from_ret(r)
 }
 
 /// `BPF_PROG_ATTACH` of `prog` to the cgroup directory `cgroup` as
@@ -280,6 +397,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 72);
         assert_eq!(std::mem::size_of::<AttachAttr>(), 20);
         assert_eq!(std::mem::size_of::<QueryAttr>(), 32);
+        assert_eq!(std::mem::size_of::<MapCreateAttr>(), 20);
+        assert_eq!(std::mem::size_of::<MapElemAttr>(), 32);
+        assert_eq!(std::mem::size_of::<LinkCreateAttr>(), 16);
     }
 
     #[test]
