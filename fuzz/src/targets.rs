@@ -109,6 +109,7 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Credit => drop(f.json::<proto::CreditMsg>()),
                         Kind::Update => drop(f.json::<proto::UpdateRequest>()),
                         Kind::Closed => drop(f.json::<proto::ClosedMsg>()),
+                        Kind::Forward => drop(f.json::<proto::ForwardRequest>()),
                         Kind::Stdin
                         | Kind::Stdout
                         | Kind::Stderr

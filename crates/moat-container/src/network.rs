@@ -53,6 +53,10 @@ pub struct NetRequest {
     /// published ports there), when not the runtime's: a Kubernetes pod's,
     /// for a microVM whose config joins it (the guest cannot).
     pub netns: Option<std::path::PathBuf>,
+    /// Addresses of that namespace the workload may reach nonetheless
+    /// (the stack refuses the others, as the host's own): a pod's, which
+    /// another guest of the pod holds, as a pod's containers reach it.
+    pub reachable_own: Vec<std::net::IpAddr>,
 }
 
 impl NetRequest {
@@ -92,6 +96,7 @@ impl NetRequest {
             policy,
             publish,
             netns: None,
+            reachable_own: Vec::new(),
         }))
     }
 }
@@ -381,6 +386,21 @@ fn stack_main(
     let mut cfg = ServeConfig::new(req.policy.clone());
     cfg.publish = req.publish.clone();
     cfg.exit_with = Some(pidfd);
+    if !req.reachable_own.is_empty() {
+        match moat_net::host_addresses() {
+            Ok(own) => {
+                cfg.host_addrs = Some(
+                    own.into_iter()
+                        .filter(|a| !req.reachable_own.contains(a))
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                tracing::warn!("network stack: cannot list the namespace's addresses: {e}");
+                return 1;
+            }
+        }
+    }
     let ended = moat_net::serve_link(link, cfg, Arc::new(moat_net::SystemResolver), control);
     drop(stop);
     match ended {

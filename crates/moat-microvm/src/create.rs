@@ -185,8 +185,12 @@ impl MicrovmTier {
         let pod_link = match (&net, joined) {
             (None, Some(ns)) if !crate::podnet::is_own_netns(&ns) => {
                 match crate::podnet::take(&ns, req.id) {
-                    Err(crate::podnet::PodNetError::Taken { interface, .. }) => {
-                        net = Some(pod_share(&ns, &interface));
+                    Err(crate::podnet::PodNetError::Taken {
+                        interface,
+                        addresses,
+                        ..
+                    }) => {
+                        net = Some(pod_share(&ns, &interface, addresses));
                         shares_namespace = true;
                         None
                     }
@@ -407,10 +411,10 @@ impl MicrovmTier {
             ),
         };
         let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
-        let net_vmm_end = match (net_vmm_end, pod_link) {
-            (Some(end), _) => Some(vmm::GuestLink::Stream(end)),
-            (None, Some(p)) => Some(vmm::GuestLink::Tap(p.tap)),
-            (None, None) => None,
+        let (net_vmm_end, forward) = match (net_vmm_end, pod_link) {
+            (Some(end), _) => (Some(vmm::GuestLink::Stream(end)), None),
+            (None, Some(p)) => (Some(vmm::GuestLink::Tap(p.tap)), p.forward),
+            (None, None) => (None, None),
         };
         let (volume_listeners, volume_vmm_ends): (Vec<_>, Vec<_>) =
             crate::volumes::links(&socket_dir, plan.volumes.len())?
@@ -457,6 +461,7 @@ impl MicrovmTier {
             net: net_vmm_end,
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
+            forward,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -852,9 +857,14 @@ fn net_request(
 /// connections leave from the pod's addresses and their replies reach it
 /// (the namespace keeps its share: [`crate::podnet`]); any destination,
 /// as the first guest's on the pod's wire (the pod's network policies
-/// apply to both alike); no published port. Nothing on the pod's wire
+/// apply to both alike), the pod's own address (`pod`: the other guest's
+/// servers) among them; no published port. Nothing on the pod's wire
 /// reaches this guest: the pod's address is the other's.
-fn pod_share(ns: &Path, interface: &str) -> moat_container::network::NetRequest {
+fn pod_share(
+    ns: &Path,
+    interface: &str,
+    pod: Vec<std::net::IpAddr>,
+) -> moat_container::network::NetRequest {
     tracing::warn!(
         "microvm: interface {interface} of {} is another microVM's; this one reaches \
          out from it through moat's stack, and nothing on the pod's network reaches it",
@@ -864,6 +874,10 @@ fn pod_share(ns: &Path, interface: &str) -> moat_container::network::NetRequest 
         policy: moat_net::Policy::allow_all(),
         publish: Vec::new(),
         netns: Some(ns.to_owned()),
+        // The first guest's servers, on the pod's address (what the
+        // namespace's own connections to it are steered to:
+        // `crate::portfwd`).
+        reachable_own: pod,
     }
 }
 

@@ -66,6 +66,10 @@ pub struct PodLink {
     pub tap: OwnedFd,
     pub record: PodLinkRecord,
     pub guest: GuestNet,
+    /// The namespace's `localhost` (and own addresses), passed to the
+    /// guest ([`crate::portfwd`]); `None` where the kernel could not steer
+    /// them (said once, on stderr).
+    pub forward: Option<crate::portfwd::LocalForward>,
 }
 
 /// Why an interface could not be taken over.
@@ -100,7 +104,12 @@ pub enum PodNetError {
          network namespace)",
         .netns.display()
     )]
-    Taken { interface: String, netns: PathBuf },
+    Taken {
+        interface: String,
+        netns: PathBuf,
+        /// The interface's addresses (the pod's, the other guest's).
+        addresses: Vec<std::net::IpAddr>,
+    },
     #[error(
         "interface {interface} of {} already has an ingress qdisc (tc), which \
          handing it to the guest would replace",
@@ -244,6 +253,11 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
             return Err(PodNetError::Taken {
                 interface: link.name.clone(),
                 netns: netns.to_owned(),
+                addresses: guest_net(link, &addrs, &routes)
+                    .addresses
+                    .iter()
+                    .map(|a| a.ip)
+                    .collect(),
             });
         }
         let guest = guest_net(link, &addrs, &routes);
@@ -255,6 +269,16 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
         let port_range = redirect(&mut n, link, (&tap, tap_index), netns)?;
+        // Not a security measure: a kernel without sk_lookup runs the pod
+        // without port forwards, and says so.
+        let own: Vec<std::net::IpAddr> = guest.addresses.iter().map(|a| a.ip).collect();
+        let forward = crate::portfwd::steer(&own)
+            .inspect_err(|e| {
+                eprintln!(
+                    "moat: microvm: port forwards will not reach the guest (cannot steer the namespace's localhost: {e})"
+                )
+            })
+            .ok();
         Ok(Some(PodLink {
             tap: fd,
             record: PodLinkRecord {
@@ -264,6 +288,7 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
                 port_range: Some(port_range),
             },
             guest,
+            forward,
         }))
     })
 }

@@ -28,9 +28,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use moat_sys::bpf::{self, BpfInsn};
 
-/// The namespace's loopback interface (`LOOPBACK_IFINDEX`: 1 in every
-/// network namespace).
-const LOOPBACK_IFINDEX: i32 = 1;
 const IPPROTO_TCP: i32 = 6;
 const AF_INET: i32 = 2;
 const AF_INET6: i32 = 10;
@@ -44,9 +41,10 @@ const FN_SK_ASSIGN: i32 = 124;
 mod ctx {
     pub const FAMILY: i16 = 8;
     pub const PROTOCOL: i16 = 12;
+    pub const REMOTE_IP4: i16 = 16;
+    pub const REMOTE_IP6: i16 = 20;
     pub const LOCAL_IP4: i16 = 40;
     pub const LOCAL_IP6: i16 = 44;
-    pub const INGRESS_IFINDEX: i16 = 64;
 }
 
 /// Where the steered connections wait, and what steers them; both stay
@@ -69,7 +67,8 @@ pub fn steer(own: &[IpAddr]) -> io::Result<LocalForward> {
     let map = bpf::map_create(bpf::BPF_MAP_TYPE_SOCKMAP, 4, 8, 2)?;
     for (key, sock) in [(0u32, Some(&v4)), (1, v6.as_ref())] {
         if let Some(s) = sock {
-            let fd = u64::try_from(s.as_raw_fd()).map_err(|_| io::Error::other("bad descriptor"))?;
+            let fd =
+                u64::try_from(s.as_raw_fd()).map_err(|_| io::Error::other("bad descriptor"))?;
             bpf::map_update(map.as_fd(), &key.to_ne_bytes(), &fd.to_ne_bytes())?;
         }
     }
@@ -95,9 +94,7 @@ pub fn steer(own: &[IpAddr]) -> io::Result<LocalForward> {
 /// A listening TCP socket on `addr` (IPv6: that family only), close-on-exec
 /// and non-blocking (the VMM's loop accepts when it polls ready).
 fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
-    use rustix::net::{
-        bind, listen, socket_with, sockopt, AddressFamily, SocketFlags, SocketType,
-    };
+    use rustix::net::{bind, listen, socket_with, sockopt, AddressFamily, SocketFlags, SocketType};
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
@@ -121,15 +118,17 @@ struct Asm {
     insns: Vec<BpfInsn>,
     /// (instruction index, label) of each jump to patch.
     jumps: Vec<(usize, Label)>,
-    labels: [Option<usize>; 4],
+    labels: [Option<usize>; 5],
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Label {
     Pass = 0,
     V4 = 1,
     Hit = 2,
     Next = 3,
+    /// The destination is one of the set; the source is checked next.
+    Local = 4,
 }
 
 impl Asm {
@@ -189,18 +188,51 @@ fn wire(bytes: [u8; 4]) -> i32 {
     i32::from_ne_bytes(bytes)
 }
 
-/// The program: for TCP arriving on `lo` for one of `v4` or `v6`, the
-/// socket of the family's key (0, 1) in `map`; for anything else, the
-/// usual lookup.
+/// Jumps to `to` when the `words` registers from r2 on (an address as
+/// the context holds it) hold one of `set`; falls through otherwise.
+fn member(a: &mut Asm, set: &[Vec<i32>], to: Label) {
+    for addr in set {
+        if addr.len() == 1 {
+            a.jump(jeq32(2, addr[0]), to);
+            continue;
+        }
+        for (i, w) in addr.iter().enumerate() {
+            a.jump(jne32(2 + i as u8, *w), Label::Next);
+        }
+        a.jump(ja(), to);
+        a.here(Label::Next);
+        a.resolve(Label::Next);
+    }
+}
+
+/// The program: for TCP made to one of `v4` or `v6` from one of them (a
+/// connection made inside the namespace), the socket of the family's key
+/// (0, 1) in `map`; for anything else, the usual lookup.
+///
+/// The arriving interface cannot tell such connections apart: one made to
+/// the pod's address inside the namespace arrives, as the kernel reports
+/// it, on the interface that holds the address — as the wire's does. Its
+/// source can: the kernel drops what arrives from outside with a source
+/// of the namespace's own (IPv4's martian check) or a loopback one, and a
+/// forged IPv6 one could not finish its handshake (the reply goes to the
+/// namespace itself).
 fn program(map: std::os::fd::BorrowedFd<'_>, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Vec<BpfInsn> {
     let mut a = Asm {
         insns: Vec::new(),
         jumps: Vec::new(),
-        labels: [None; 4],
+        labels: [None; 5],
     };
+    let v4: Vec<Vec<i32>> = v4.iter().map(|x| vec![wire(x.octets())]).collect();
+    let v6: Vec<Vec<i32>> = v6
+        .iter()
+        .map(|x| {
+            x.octets()
+                .chunks(4)
+                .map(|w| wire([w[0], w[1], w[2], w[3]]))
+                .collect()
+        })
+        .collect();
     a.op(mov(6, 1));
-    a.op(load(2, ctx::INGRESS_IFINDEX));
-    a.jump(jne32(2, LOOPBACK_IFINDEX), Label::Pass);
     a.op(load(2, ctx::PROTOCOL));
     a.jump(jne32(2, IPPROTO_TCP), Label::Pass);
     a.op(load(2, ctx::FAMILY));
@@ -208,26 +240,33 @@ fn program(map: std::os::fd::BorrowedFd<'_>, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -
     a.jump(jeq32(2, AF_INET), Label::V4);
     a.jump(jne32(2, AF_INET6), Label::Pass);
     a.op(mov_imm(7, 1));
-    for (i, off) in [0i16, 4, 8, 12].iter().enumerate() {
-        a.op(load(2 + i as u8, ctx::LOCAL_IP6 + off));
-    }
-    for addr in v6 {
-        let o = addr.octets();
-        for (i, w) in o.chunks(4).enumerate() {
-            let w: [u8; 4] = [w[0], w[1], w[2], w[3]];
-            a.jump(jne32(2 + i as u8, wire(w)), Label::Next);
+    for (local, next) in [
+        (ctx::LOCAL_IP6, Label::Local),
+        (ctx::REMOTE_IP6, Label::Hit),
+    ] {
+        for (i, off) in [0i16, 4, 8, 12].iter().enumerate() {
+            a.op(load(2 + i as u8, local + off));
         }
-        a.jump(ja(), Label::Hit);
-        a.here(Label::Next);
-        a.resolve(Label::Next);
+        member(&mut a, &v6, next);
+        a.jump(ja(), Label::Pass);
+        if next == Label::Local {
+            a.here(Label::Local);
+            a.resolve(Label::Local);
+        }
     }
-    a.jump(ja(), Label::Pass);
     a.here(Label::V4);
-    a.op(load(2, ctx::LOCAL_IP4));
-    for addr in v4 {
-        a.jump(jeq32(2, wire(addr.octets())), Label::Hit);
+    for (local, next) in [
+        (ctx::LOCAL_IP4, Label::Local),
+        (ctx::REMOTE_IP4, Label::Hit),
+    ] {
+        a.op(load(2, local));
+        member(&mut a, &v4, next);
+        a.jump(ja(), Label::Pass);
+        if next == Label::Local {
+            a.here(Label::Local);
+            a.resolve(Label::Local);
+        }
     }
-    a.jump(ja(), Label::Pass);
     a.here(Label::Hit);
     // The key (r7) on the stack; r0 = map[key], a socket with a reference.
     a.op(BpfInsn::new(0x63, 10, 7, -4, 0));
@@ -269,23 +308,62 @@ mod tests {
     use std::net::TcpStream;
 
     /// In a network namespace of the test's own (a thread's, with `lo`
-    /// up and 10.77.0.9 on it standing for the pod's address), new
-    /// connections to 127.0.0.1 and to that address reach the listener
-    /// whatever their port, keeping it; others are refused as before.
+    /// up and 10.77.0.9 on a veth standing for the pod's address, its
+    /// peer 10.77.0.10 in a second namespace standing for the pod's wire),
+    /// new connections made inside it to 127.0.0.1, `::1` or that address
+    /// reach the listener whatever their port, keeping it; others, and any
+    /// from the wire, are looked up as before.
     #[test]
-    fn connections_to_the_namespaces_own_addresses_reach_the_listener_with_their_port() {
+    fn connections_made_inside_the_namespace_to_its_own_addresses_reach_the_listener() {
         if moat_core::testing::needs_root(
-            "connections_to_the_namespaces_own_addresses_reach_the_listener_with_their_port",
+            "connections_made_inside_the_namespace_to_its_own_addresses_reach_the_listener",
         ) {
             return;
         }
         let pod: IpAddr = "10.77.0.9".parse().unwrap();
+        // The wire's side: a thread in a namespace of its own, which
+        // configures its end of the veth when told (`None`), then connects
+        // where it is told and says how that went.
+        let (ns_tx, ns_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();
+        let (res_tx, res_rx) = std::sync::mpsc::channel();
+        let wire = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("the wire's namespace");
+            ns_tx
+                .send(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+                .unwrap();
+            for to in go_rx {
+                let r = match to {
+                    None => {
+                        let mut n = moat_net::netlink::Netlink::open().expect("rtnetlink");
+                        let i = n.index("pod1").expect("the veth's end");
+                        n.set_up(i, None).unwrap();
+                        n.add_addr(i, "10.77.0.10".parse().unwrap(), 24).unwrap();
+                        Ok(())
+                    }
+                    Some(to) => TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))
+                        .map(drop)
+                        .map_err(|e| e.kind()),
+                };
+                res_tx.send(r).unwrap();
+            }
+        });
+        let from_wire = move |to: Option<SocketAddr>| {
+            go_tx.send(to).unwrap();
+            res_rx.recv().unwrap()
+        };
+        let wire_ns = ns_rx.recv().unwrap();
         std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .expect("a network namespace of this thread's own");
             let mut n = moat_net::netlink::Netlink::open().expect("rtnetlink");
             n.set_up(1, None).expect("lo up");
-            n.add_addr(1, pod, 32).expect("the pod's address on lo");
+            n.add_veth("pod0", "pod1", wire_ns.as_fd())
+                .expect("a veth pair");
+            let pod0 = n.index("pod0").unwrap();
+            n.set_up(pod0, None).expect("veth up");
+            n.add_addr(pod0, pod, 24).expect("the pod's address");
             let fwd = steer(&[pod]).expect("steer");
             assert!(!fwd.listeners.is_empty());
             let listener = std::net::TcpListener::from(fwd.listeners[0].try_clone().unwrap());
@@ -308,8 +386,24 @@ mod tests {
                 let l6 = std::net::TcpListener::from(fwd.listeners[1].try_clone().unwrap());
                 l6.set_nonblocking(false).unwrap();
                 let (s, _) = l6.accept().unwrap();
-                assert_eq!(destination(s.as_fd()).unwrap(), "[::1]:9090".parse().unwrap());
+                assert_eq!(
+                    destination(s.as_fd()).unwrap(),
+                    "[::1]:9090".parse().unwrap()
+                );
             }
+            // From the wire, to the pod's address: never steered. A real
+            // server there is reached (the wire works); a port nothing
+            // listens on is refused, not handed to the listener.
+            from_wire(None).unwrap();
+            let real = std::net::TcpListener::bind((pod, 7000)).unwrap();
+            assert_eq!(from_wire(Some("10.77.0.9:7000".parse().unwrap())), Ok(()));
+            drop(real);
+            assert_eq!(
+                from_wire(Some("10.77.0.9:8080".parse().unwrap())),
+                Err(io::ErrorKind::ConnectionRefused)
+            );
+            listener.set_nonblocking(true).unwrap();
+            assert!(listener.accept().is_err(), "nothing from the wire waits");
             // The link closed, the namespace's lookups are its own again.
             drop(fwd);
             let e = TcpStream::connect(("127.0.0.1", 8080)).unwrap_err();
@@ -317,5 +411,6 @@ mod tests {
         })
         .join()
         .expect("the test's thread");
+        wire.join().expect("the wire's thread");
     }
 }

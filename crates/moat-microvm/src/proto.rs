@@ -90,6 +90,16 @@ pub enum Kind {
     /// closes the process's, whose next write then fails (`SIGPIPE`) as a
     /// container's would.
     Closed = 18,
+    /// host → guest: connect to this address inside the container's
+    /// network namespace ([`ForwardRequest`]): a connection made to the
+    /// pod's `localhost` on the host ([`crate::portfwd`]). Answered with
+    /// `Started` (connected) or `Error`; then `Stdin` frames carry what the
+    /// host's end sent and `Stdout` frames what the guest's did, each way
+    /// under credit (the host credits `Stdout` bytes as its end takes
+    /// them, with `Credit` frames of its own), an empty one each way its
+    /// end of file; `Closed` (stdout) drops the connection; `Exit` when the
+    /// guest's side is done.
+    Forward = 19,
 }
 
 impl Kind {
@@ -114,6 +124,7 @@ impl Kind {
             16 => Update,
             17 => Updated,
             18 => Closed,
+            19 => Forward,
             _ => return None,
         })
     }
@@ -468,6 +479,12 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClosedMsg {
     pub stream: u8,
+}
+
+/// See [`Kind::Forward`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardRequest {
+    pub addr: std::net::SocketAddr,
 }
 
 /// See [`Kind::Credit`].

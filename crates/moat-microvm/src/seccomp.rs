@@ -121,12 +121,21 @@ pub const VMM: &[(&str, &str)] = &[
     ),
     ("recvfrom", "the agent channel"),
     ("sendto", "the agent channel and control replies"),
-    ("accept4", "control clients (start, kill, exec)"),
+    (
+        "accept4",
+        "control clients (start, kill, exec); connections to a pod's localhost (port forwards)",
+    ),
     ("getsockopt", "QEMU inspects the agent socket"),
     ("setsockopt", "QEMU sets options on the agent socket"),
-    ("getsockname", "QEMU inspects the agent socket"),
+    (
+        "getsockname",
+        "QEMU inspects the agent socket; the relay reads where a port forward's connection was made to",
+    ),
     ("getpeername", "QEMU inspects the agent socket"),
-    ("shutdown", "closing the agent channel"),
+    (
+        "shutdown",
+        "closing the agent channel; a port forward's end of file",
+    ),
     // Files in the jail (kernel, initramfs, firmware, libraries).
     ("openat", "QEMU's kernel, initramfs, firmware and libraries"),
     ("newfstatat", "file sizes"),
@@ -194,7 +203,6 @@ pub const QEMU_ONLY: &[&str] = &[
     "pwritev",
     "getsockopt",
     "setsockopt",
-    "getsockname",
     "getpeername",
     "dup",
     "prlimit64",

@@ -28,8 +28,8 @@ pub use config::{Limits, NetConfig};
 pub use policy::{Decision, Egress, Policy, Rule, RuleError};
 pub use publish::Publish;
 pub use shell::{
-    control, serve, serve_link, Ended, Link, Resolver, ServeConfig, ServeError, StopHandle,
-    SystemResolver,
+    control, host_addresses, serve, serve_link, Ended, Link, Resolver, ServeConfig, ServeError,
+    StopHandle, SystemResolver,
 };
 pub use stack::{FlowId, Request, ResolveError, Stack, StackError, Stats};
 pub use tap::{

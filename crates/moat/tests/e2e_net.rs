@@ -1127,6 +1127,7 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
              for d in /sys/bus/virtio/devices/*; do \
                [ \"$(cat $d/device)\" = 0x0001 ] && cat $d/features; done > /tmp/features; \
              uname -r > /tmp/kernel; cat /sys/class/net/eth0/address > /tmp/mac; \
+             nc -l -p 9000 -e sha256sum & \
              cd /tmp && exec httpd -f -p 8000",
             v6 = w.server6,
         ),
@@ -1203,6 +1204,55 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         Some(get("upsum").stdout.trim()),
         "4 MiB fetched from the guest"
     );
+    // Connections made inside the namespace to its own localhost — what
+    // containerd makes for a port forward — or to its address reach the
+    // guest's servers, at the port they were made to.
+    for url in [
+        "http://127.0.0.1:8000/kernel".to_owned(),
+        "http://[::1]:8000/kernel".to_owned(),
+        format!("http://{}:8000/kernel", w.outer_addr),
+    ] {
+        let o = w.curl_from_outer(&url);
+        assert_eq!(o.stdout, kernel, "{url} from inside the namespace: {o:?}");
+    }
+    let local_up = sh(
+        "sh",
+        &[
+            "-c".into(),
+            format!(
+                "nsenter --net=/run/netns/{} curl -sS --max-time 60 http://127.0.0.1:8000/up | sha256sum",
+                w.outer
+            ),
+        ],
+    );
+    assert_eq!(
+        local_up.stdout.get(..64),
+        Some(get("upsum").stdout.trim()),
+        "4 MiB through the namespace's localhost: {local_up:?}"
+    );
+    // 4 MiB the other way, the sender's end of file passed on (the guest's
+    // `sha256sum` reads to it, then answers on the same connection).
+    let sent = w.in_outer(
+        "python3",
+        &[
+            "-c",
+            "import hashlib, os, socket\n\
+             data = os.urandom(4 << 20)\n\
+             s = socket.create_connection(('127.0.0.1', 9000), timeout=60)\n\
+             s.sendall(data); s.shutdown(socket.SHUT_WR)\n\
+             got = b''\n\
+             while True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+             print(hashlib.sha256(data).hexdigest(), got.decode().split()[0])",
+        ],
+    );
+    let sums: Vec<&str> = sent.stdout.split_whitespace().collect();
+    assert!(
+        sums.len() == 2 && sums[0] == sums[1],
+        "4 MiB sent through the namespace's localhost, its digest as the guest read it: {sent:?}"
+    );
+    // Nothing listens there in the guest: the connection ends at once.
+    let none = w.curl_from_outer("http://127.0.0.1:8001/kernel");
+    assert!(!none.ok() && none.stdout.is_empty(), "{none:?}");
     // A second microVM of the namespace (a pod's second container) finds
     // the interface taken and gets moat's stack instead, which serves from
     // the namespace: it reaches out from the namespace's address while the
@@ -1212,7 +1262,11 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     let mut b2 = Bundle::new(&[
         "sh",
         "-c",
-        &format!("wget -qO- http://{far}:8080/index.html; echo rc=$?"),
+        &format!(
+            "wget -qO- http://{far}:8080/index.html; echo rc=$?; \
+             wget -qO- http://{}:8000/kernel; echo rc2=$?",
+            w.outer_addr
+        ),
     ]);
     b2.set(
         "/annotations",
@@ -1229,6 +1283,12 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         o.stdout.contains("hello-from-the-internet\nrc=0"),
         "the second microVM, through the stack: {o:?}"
     );
+    // And the first guest's server on the pod's address, as a sidecar
+    // reaches its pod's (the stack connects from inside the namespace).
+    assert!(
+        o.stdout.contains(&format!("{kernel}rc2=0")),
+        "the second microVM reaches the first on the namespace's address: {o:?}"
+    );
     assert!(
         o.stderr
             .contains("is another microVM's; this one reaches out from it through moat's stack"),
@@ -1241,6 +1301,9 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
         range_before,
         "the namespace's ports given back"
     );
+    // The namespace's localhost is its own again.
+    let gone = w.curl_from_outer("http://127.0.0.1:8000/kernel");
+    assert_eq!(gone.code, Some(7), "refused: {gone:?}");
     // Given back: no redirection, no TAP, and the namespace's own stack
     // gets its replies again.
     let tc = sh(

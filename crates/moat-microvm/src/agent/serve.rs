@@ -20,6 +20,9 @@ use crate::proto::{self, Decoder, Frame, Kind};
 /// How long a process's output may stay open after it exited (a
 /// background child holding the pipe) before its exit is reported anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a forwarded connection's connect may take in the guest (to
+/// one of the container's own addresses: answered at once, or refused).
+const FORWARD_CONNECT: Duration = Duration::from_secs(5);
 /// Stdin a process took is credited back to the host once this much has
 /// gathered, or at once when nothing of it waits any more (an interactive
 /// stream then never waits on a credit).
@@ -58,6 +61,13 @@ struct Proc {
     /// run's `Started` waits for it, so an `exec` right after `start`
     /// finds the container.
     ready: Option<File>,
+    /// A forwarded connection ([`Kind::Forward`]), not a process: `stdin`
+    /// and `stdout` are its socket's two directions, `pid` is 0.
+    socket: bool,
+    /// A connection's bytes the host will still take (it credits them
+    /// back as its end takes them): its socket is read only while some
+    /// are left.
+    out_credit: usize,
 }
 
 impl Proc {
@@ -77,7 +87,14 @@ impl Proc {
             main,
             limits: None,
             ready: None,
+            socket: false,
+            out_credit: 0,
         }
+    }
+
+    /// Done, for a connection: both directions ended.
+    fn socket_done(&self) -> bool {
+        self.socket && self.stdout.is_none() && self.stdin.is_none()
     }
 
     /// Writes what the process's stdin takes now of `pending`; closes it
@@ -105,6 +122,11 @@ impl Proc {
             }
         }
         if self.stdin_eof {
+            if let (true, Some(f)) = (self.socket, &self.stdin) {
+                // The host's end of file, passed on (the socket stays
+                // open for reading).
+                let _ = rustix::net::shutdown(f, rustix::net::Shutdown::Write);
+            }
             self.stdin = None;
         }
     }
@@ -257,7 +279,7 @@ impl Agent {
                     fds.push(PollFd::new(f.as_fd(), PollFlags::POLLOUT));
                     order.push((*id, 0));
                 }
-                if let Some(f) = &p.stdout {
+                if let (Some(f), true) = (&p.stdout, !p.socket || p.out_credit > 0) {
                     fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
                     order.push((*id, 1));
                 }
@@ -366,6 +388,20 @@ impl Agent {
                 let r = self.exec(f.chan, &req).map(|()| false);
                 self.answer(f.chan, r)
             }
+            Kind::Forward => {
+                let req: proto::ForwardRequest = f.json()?;
+                let r = self.forward(f.chan, req.addr).map(|()| false);
+                self.answer(f.chan, r)
+            }
+            // The host took this many more of a connection's bytes.
+            Kind::Credit => {
+                let m: proto::CreditMsg = f.json()?;
+                if let Some(p) = self.procs.get_mut(&f.chan).filter(|p| p.socket) {
+                    let bytes = usize::try_from(m.bytes).unwrap_or(usize::MAX);
+                    p.out_credit = p.out_credit.saturating_add(bytes).min(proto::STDIN_WINDOW);
+                }
+                Ok(())
+            }
             Kind::Stdin => {
                 if let Some(p) = self.procs.get_mut(&f.chan) {
                     if f.payload.is_empty() {
@@ -392,7 +428,12 @@ impl Agent {
                 // terminal's output is its pty, which stays.
                 let m: proto::ClosedMsg = f.json()?;
                 if let Some(p) = self.procs.get_mut(&f.chan) {
-                    if p.tty.is_none() {
+                    if p.socket {
+                        // The host's connection is gone: drop both ways.
+                        p.stdout = None;
+                        p.stdin = None;
+                        p.drop_pending();
+                    } else if p.tty.is_none() {
                         match m.stream {
                             1 => p.stdout = None,
                             2 => p.stderr = None,
@@ -648,6 +689,41 @@ impl Agent {
         )
     }
 
+    /// Connects to `addr` inside the container's network namespace, for a
+    /// connection made to the pod's `localhost` on the host
+    /// ([`Kind::Forward`]), and relays it on channel `chan`.
+    fn forward(&mut self, chan: u32, addr: std::net::SocketAddr) -> Result<(), AgentError> {
+        if !self.prepared || self.main_done || self.start_pending.is_some() {
+            return Err(AgentError::Request("the container is not running".into()));
+        }
+        if chan == 0 || self.procs.contains_key(&chan) {
+            return Err(AgentError::Request(format!("channel {chan} is in use")));
+        }
+        let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+        let pid = moat_core::runtime::Lifecycle::state(&tier, GUEST_ID)
+            .ok()
+            .map(|c| c.state.pid)
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| AgentError::Request("the container is not running".into()))?;
+        let ns = File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(io("open the container's network namespace"))?;
+        let stream = moat_net::in_netns(ns.as_fd(), || {
+            std::net::TcpStream::connect_timeout(&addr, FORWARD_CONNECT)
+        })
+        .map_err(|e| AgentError::Request(format!("enter the container's network namespace: {e}")))?
+        .map_err(io(format!("connect to {addr} in the container")))?;
+        let sock = OwnedFd::from(stream);
+        let mut p = Proc::new(0, false);
+        p.socket = true;
+        p.out_credit = proto::STDIN_WINDOW;
+        p.stdin = Some(nonblocking(File::from(
+            sock.try_clone().map_err(io("duplicate the connection"))?,
+        ))?);
+        p.stdout = Some(File::from(sock));
+        self.procs.insert(chan, p);
+        Ok(())
+    }
+
     /// Runs the guest's moat with `args` (`How::Exec`), or the container
     /// itself in a fork of the agent (`How::Run`), its stdio pipes (or a
     /// pty) ours.
@@ -716,7 +792,7 @@ impl Agent {
 
     fn signal(&mut self, chan: u32, sig: i32) {
         let Ok(s) = Signal::try_from(sig) else { return };
-        let Some(p) = self.procs.get(&chan) else {
+        let Some(p) = self.procs.get(&chan).filter(|p| !p.socket) else {
             return;
         };
         if p.main {
@@ -776,15 +852,28 @@ impl Agent {
             &mut p.stderr
         };
         let Some(f) = src else { return Ok(()) };
+        // A connection's bytes, as many as the host will take.
+        let room = if p.socket {
+            p.out_credit.min(buf.len())
+        } else {
+            buf.len()
+        };
         // EOF, or EIO from a pty master once the slave is closed: done.
         // (A pty master's stdin side is non-blocking, and so its reads.)
-        let n = match f.read(buf) {
+        let n = match f.read(&mut buf[..room]) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
             r => r.unwrap_or(0),
         };
         if n == 0 {
             *src = None;
+            if p.socket {
+                // The connection's end of file, passed on.
+                return self.send(&proto::encode(Kind::Stdout, id, &[]));
+            }
             return Ok(());
+        }
+        if p.socket {
+            p.out_credit -= n;
         }
         let kind = if which == 1 {
             Kind::Stdout
@@ -802,9 +891,10 @@ impl Agent {
             .procs
             .iter()
             .filter(|(_, p)| {
-                p.status.is_some()
-                    && ((p.stdout.is_none() && p.stderr.is_none())
-                        || p.exited_at.is_some_and(|t| t.elapsed() > DRAIN_GRACE))
+                p.socket_done()
+                    || (p.status.is_some()
+                        && ((p.stdout.is_none() && p.stderr.is_none())
+                            || p.exited_at.is_some_and(|t| t.elapsed() > DRAIN_GRACE)))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -817,7 +907,7 @@ impl Agent {
                 ..proto::Exit::default()
             };
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-            if !p.main {
+            if !p.main && !p.socket {
                 for ext in ["json", "pid"] {
                     let _ = std::fs::remove_file(exec_file(id, ext));
                 }

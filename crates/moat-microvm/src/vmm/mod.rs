@@ -161,6 +161,10 @@ pub struct VmmPlan {
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
     pub volumes: Vec<OwnedFd>,
+    /// Connections made to the pod's `localhost`, passed to the guest
+    /// ([`crate::portfwd`]): their listeners, and the link that steers
+    /// them there (held, so that it lasts as long as this process).
+    pub forward: Option<crate::portfwd::LocalForward>,
 }
 
 /// What the VMM process does with snapshots ([`crate::snapshot`]).
@@ -264,6 +268,10 @@ fn start(
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
+    if let Some(f) = &plan.forward {
+        keep.push(f.link.as_raw_fd());
+        keep.extend(f.listeners.iter().map(|l| l.as_raw_fd()));
+    }
     match &plan.snapshot {
         SnapshotPlan::Restore(f) | SnapshotPlan::Save(f) => keep.push(f.as_raw_fd()),
         SnapshotPlan::Off(_) => {}

@@ -57,6 +57,28 @@ struct ExecSession {
     started: bool,
 }
 
+/// A connection made to the pod's `localhost` on the host, relayed to
+/// the guest on a channel of its own ([`Kind::Forward`]).
+struct Forward {
+    /// Non-blocking.
+    conn: File,
+    /// Bytes the agent will still take (as [`ExecSession::credit`]).
+    credit: usize,
+    /// Still reading the host's end (no end of file or error yet).
+    reading: bool,
+    /// The guest's bytes the connection has not taken yet: at most a
+    /// window, since the agent reads its socket only under the credit
+    /// [`Relay`] sends back as these are written.
+    pending: VecDeque<u8>,
+    /// Written and not yet credited back to the agent.
+    owed: usize,
+    /// The guest's end of file came: passed on once `pending` is written.
+    guest_eof: bool,
+    /// The agent is done with it (`Exit` or `Error`): dropped once
+    /// `pending` is written.
+    ended: bool,
+}
+
 pub struct Relay {
     plan: VmmPlan,
     setup: Option<OwnedFd>,
@@ -82,6 +104,9 @@ pub struct Relay {
     execs: BTreeMap<u32, ExecSession>,
     /// Updates sent to the guest, by channel: who waits for the answer.
     updates: BTreeMap<u32, OwnedFd>,
+    /// Listeners of the pod's `localhost` ([`crate::portfwd`]).
+    forward_listeners: Vec<OwnedFd>,
+    forwards: BTreeMap<u32, Forward>,
     next_chan: u32,
     /// When the relay took over (for the console's debug timings).
     since: Instant,
@@ -101,7 +126,7 @@ fn forwarded() -> SigSet {
 
 impl Relay {
     pub fn new(
-        plan: VmmPlan,
+        mut plan: VmmPlan,
         setup: OwnedFd,
         listener: OwnedFd,
         booted: Booted,
@@ -110,6 +135,11 @@ impl Relay {
         let set = forwarded();
         let _ = set.thread_block();
         let sigfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).ok();
+        let forward_listeners = plan
+            .forward
+            .as_mut()
+            .map(|f| std::mem::take(&mut f.listeners))
+            .unwrap_or_default();
         Relay {
             plan,
             setup: Some(setup),
@@ -128,6 +158,8 @@ impl Relay {
             stdin_credit: proto::STDIN_WINDOW,
             execs: BTreeMap::new(),
             updates: BTreeMap::new(),
+            forward_listeners,
+            forwards: BTreeMap::new(),
             next_chan: 1,
             since: Instant::now(),
             how,
@@ -289,6 +321,18 @@ impl Relay {
                     add!(x.client.as_fd(), Slot::ExecClient(*ch));
                 }
             }
+            for (i, l) in self.forward_listeners.iter().enumerate() {
+                add!(l.as_fd(), Slot::ForwardListener(i));
+            }
+            for (ch, f) in &self.forwards {
+                if f.reading && take_input && f.credit > 0 {
+                    add!(f.conn.as_fd(), Slot::ForwardIn(*ch));
+                }
+                if !f.pending.is_empty() {
+                    fds.push(PollFd::new(f.conn.as_fd(), PollFlags::POLLOUT));
+                    slots.push(Slot::ForwardOut(*ch));
+                }
+            }
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
@@ -385,6 +429,9 @@ impl Relay {
                 let frame = proto::encode(Kind::Stdin, ch, &buf[..n]);
                 self.send(&frame)?;
             }
+            Slot::ForwardListener(i) => self.accept_forward(i)?,
+            Slot::ForwardIn(ch) => self.forward_in(ch, buf)?,
+            Slot::ForwardOut(ch) => self.forward_out(ch)?,
             Slot::ExecClient(ch) => {
                 let Some(x) = self.execs.get_mut(&ch) else {
                     return Ok(None);
@@ -505,6 +552,21 @@ impl Relay {
                 let e: proto::Exit = f.json()?;
                 self.shutdown(&e);
                 return Ok(Some(e.code));
+            }
+            (Kind::Stdout, ch) if self.forwards.contains_key(&ch) => {
+                self.forward_data(ch, &f.payload)?;
+            }
+            (Kind::Credit, ch) if self.forwards.contains_key(&ch) => {
+                let c: proto::CreditMsg = f.json()?;
+                if let Some(x) = self.forwards.get_mut(&ch) {
+                    x.credit = add_credit(x.credit, c.bytes);
+                }
+            }
+            (Kind::Exit, ch) | (Kind::Error, ch) if self.forwards.contains_key(&ch) => {
+                if let Some(x) = self.forwards.get_mut(&ch) {
+                    x.ended = true;
+                }
+                self.forward_out(ch)?;
             }
             (Kind::Stdout, ch) | (Kind::Stderr, ch) => {
                 if let Some(x) = self.execs.get_mut(&ch) {
@@ -682,6 +744,132 @@ impl Relay {
         Ok(())
     }
 
+    /// A connection to the pod's `localhost` (listener `i`): relayed to
+    /// where it was made to, in the guest, once the workload runs
+    /// (before, or after, it is closed at once: nothing there listens).
+    fn accept_forward(&mut self, i: usize) -> Result<(), VmmError> {
+        use nix::sys::socket::{accept4, SockFlag};
+        let Some(l) = self.forward_listeners.get(i) else {
+            return Ok(());
+        };
+        let Ok(raw) = accept4(
+            l.as_raw_fd(),
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        ) else {
+            return Ok(());
+        };
+        let conn = moat_sys::process::dup_raw_fd(raw).map_err(|e| VmmError::Io {
+            step: "take a forwarded connection".into(),
+            source: e,
+        })?;
+        let _ = nix::unistd::close(raw);
+        if self.phase != Phase::Running {
+            return Ok(());
+        }
+        let Ok(addr) = crate::portfwd::destination(conn.as_fd()) else {
+            return Ok(());
+        };
+        let ch = self.next_chan;
+        self.next_chan += 1;
+        self.forwards.insert(
+            ch,
+            Forward {
+                conn: File::from(conn),
+                credit: proto::STDIN_WINDOW,
+                reading: true,
+                pending: VecDeque::new(),
+                owed: 0,
+                guest_eof: false,
+                ended: false,
+            },
+        );
+        let frame = proto::encode_json(Kind::Forward, ch, &proto::ForwardRequest { addr });
+        self.send(&frame)
+    }
+
+    /// What the host's end of connection `ch` sent, to the guest (an
+    /// empty frame: its end of file; an error drops the connection).
+    fn forward_in(&mut self, ch: u32, buf: &mut [u8]) -> Result<(), VmmError> {
+        let Some(x) = self.forwards.get_mut(&ch) else {
+            return Ok(());
+        };
+        let room = x.credit.min(buf.len());
+        let n = match x.conn.read(&mut buf[..room]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+            Err(_) => return self.drop_forward(ch),
+        };
+        x.credit -= n;
+        if n == 0 {
+            x.reading = false;
+        }
+        let frame = proto::encode(Kind::Stdin, ch, &buf[..n]);
+        self.send(&frame)
+    }
+
+    /// The guest's bytes of connection `ch` (empty: its end of file).
+    /// An agent that sends more than it was credited is cut off: nothing
+    /// it sends makes the host hold more than a window per connection.
+    fn forward_data(&mut self, ch: u32, data: &[u8]) -> Result<(), VmmError> {
+        let Some(x) = self.forwards.get_mut(&ch) else {
+            return Ok(());
+        };
+        if data.is_empty() {
+            x.guest_eof = true;
+        } else if x.pending.len() + data.len() > proto::STDIN_WINDOW {
+            return self.drop_forward(ch);
+        } else {
+            x.pending.extend(data);
+        }
+        self.forward_out(ch)
+    }
+
+    /// Writes what connection `ch` takes now of the guest's bytes and
+    /// credits them back; passes the guest's end of file on once all is
+    /// written, and lets the connection go once the agent is done too.
+    fn forward_out(&mut self, ch: u32) -> Result<(), VmmError> {
+        let Some(x) = self.forwards.get_mut(&ch) else {
+            return Ok(());
+        };
+        while !x.pending.is_empty() {
+            let (head, _) = x.pending.as_slices();
+            match x.conn.write(head) {
+                Ok(n) => {
+                    x.pending.drain(..n);
+                    x.owed += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return self.drop_forward(ch),
+            }
+        }
+        let credit = (x.owed >= proto::STDIN_WINDOW / 8 || (x.owed > 0 && x.pending.is_empty()))
+            .then(|| std::mem::take(&mut x.owed));
+        let done = x.pending.is_empty();
+        if done && x.guest_eof {
+            let _ = rustix::net::shutdown(&x.conn, rustix::net::Shutdown::Write);
+        }
+        if done && x.ended {
+            self.forwards.remove(&ch);
+        } else if let Some(bytes) = credit {
+            let msg = proto::CreditMsg {
+                bytes: bytes as u64,
+            };
+            return self.send(&proto::encode_json(Kind::Credit, ch, &msg));
+        }
+        Ok(())
+    }
+
+    /// Drops connection `ch` (its host end failed, or the guest sent more
+    /// than it may); the agent drops its end ([`Kind::Closed`]).
+    fn drop_forward(&mut self, ch: u32) -> Result<(), VmmError> {
+        if self.forwards.remove(&ch).is_some() {
+            self.close_output(ch, Stream::Out)?;
+        }
+        Ok(())
+    }
+
     /// New limits for the container in the guest: merged into the run's
     /// config before it starts (the guest creates the container then),
     /// sent to the agent while it runs.
@@ -834,6 +1022,11 @@ enum Slot {
     Stdin,
     ExecStdin(u32),
     ExecClient(u32),
+    ForwardListener(usize),
+    /// A forwarded connection has bytes for the guest.
+    ForwardIn(u32),
+    /// It takes the guest's bytes again.
+    ForwardOut(u32),
 }
 
 #[cfg(test)]
