@@ -21,6 +21,96 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// The client side of the Kubernetes streaming server's port forward over
+/// WebSocket (`v4.channel.k8s.io`: each message's first byte names its
+/// channel, 0 the port's data and 1 its errors, and each channel begins
+/// with the port, two bytes little-endian), written for the test: the
+/// upgrade, `send` as one masked binary message on channel 0, then every
+/// message until the server closes. Returns each channel's bytes after
+/// the port.
+fn websocket_port_forward(url: &str, port: u16, send: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .expect("an http:// streaming URL");
+    let (host, path) = rest.split_at(rest.find('/').expect("a path"));
+    let mut c = std::net::TcpStream::connect(host).expect("the streaming server");
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        c,
+        "GET {path}?port={port} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: bW9hdC1wb3J0LWZ3ZA==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\
+         Origin: http://{host}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).expect("the upgrade's answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
+    // One binary message, masked (as a client's must be).
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(send);
+    let mask = [0x6d, 0x6f, 0x61, 0x74];
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    c.write_all(&frame).unwrap();
+    let mut channels: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    loop {
+        let mut h = [0u8; 2];
+        if c.read_exact(&mut h).is_err() {
+            break;
+        }
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                c.read_exact(&mut l).unwrap();
+                u64::from(u16::from_be_bytes(l))
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                c.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l)
+            }
+            n => u64::from(n),
+        };
+        let mut body = vec![0u8; len as usize];
+        c.read_exact(&mut body).expect("a whole message");
+        match h[0] & 0x0f {
+            // Close.
+            8 => break,
+            1 | 2 if !body.is_empty() && body[0] < 2 => {
+                channels[body[0] as usize].extend_from_slice(&body[1..])
+            }
+            _ => {}
+        }
+    }
+    let [data, error] = channels;
+    for ch in [&data, &error] {
+        assert!(
+            ch.len() >= 2 && ch[..2] == port.to_le_bytes(),
+            "each channel begins with the port: {ch:?}"
+        );
+    }
+    (data[2..].to_vec(), error[2..].to_vec())
+}
+
 /// The pod sandbox image containerd's CRI plugin runs as each pod's first
 /// container (`sandbox_image`): busybox's `sleep infinity`, built here.
 const PAUSE: &str = "moat.test/pause:1";
@@ -375,6 +465,26 @@ impl Cri {
             assert!(start.elapsed() < limit, "{id} never exited: {st:?}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// PortForward, as `kubectl port-forward` has the kubelet ask it: the
+    /// streaming URL containerd answers, then a WebSocket to it (the
+    /// kubelet's and kubectl's other choice, SPDY, has no client here)
+    /// for `port`, `send` sent on the data channel; what came back on the
+    /// data channel and on the error channel, once containerd closed it.
+    fn port_forward(&mut self, pod_id: &str, port: u16, send: &[u8]) -> (Vec<u8>, String) {
+        let req = cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.into(),
+            port: vec![i32::from(port)],
+        };
+        let url = self
+            .rt
+            .block_on(self.rs.port_forward(req))
+            .unwrap_or_else(|e| panic!("PortForward: {e}\n{}", self.d.log()))
+            .into_inner()
+            .url;
+        let (data, error) = websocket_port_forward(&url, port, send);
+        (data, String::from_utf8_lossy(&error).into_owned())
     }
 
     /// ExecSync: (exit code, stdout, stderr).
@@ -1060,6 +1170,15 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         (ip.as_str(), "from-the-sidecar\n")
     );
     assert_guest_serves(&format!("http://{ip}:8000"));
+    // `kubectl port-forward`: containerd connects to localhost:8000 inside
+    // the pod's namespace, which reaches the guest's server.
+    let (data, error) = c.port_forward(&pod_id, 8000, b"GET /f HTTP/1.0\r\n\r\n");
+    let data = String::from_utf8_lossy(&data);
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        data.starts_with("HTTP/1.") && data.contains("inside-") && !data.contains(host.trim()),
+        "the guest's server through the port forward: {data:?} (errors: {error:?})"
+    );
     c.stop_and_remove_pod(&pod_id);
     c.remove_all_and_check_clean(&[pod_id, app, sidecar]);
 }
