@@ -240,31 +240,25 @@ fn program(map: std::os::fd::BorrowedFd<'_>, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -
     a.jump(jeq32(2, AF_INET), Label::V4);
     a.jump(jne32(2, AF_INET6), Label::Pass);
     a.op(mov_imm(7, 1));
-    for (local, next) in [
-        (ctx::LOCAL_IP6, Label::Local),
-        (ctx::REMOTE_IP6, Label::Hit),
+    // IPv6 (four words), then IPv4 (one): the destination one of the
+    // set, then the source.
+    for (words, local, remote, set) in [
+        (4u8, ctx::LOCAL_IP6, ctx::REMOTE_IP6, &v6),
+        (1, ctx::LOCAL_IP4, ctx::REMOTE_IP4, &v4),
     ] {
-        for (i, off) in [0i16, 4, 8, 12].iter().enumerate() {
-            a.op(load(2 + i as u8, local + off));
+        if words == 1 {
+            a.here(Label::V4);
         }
-        member(&mut a, &v6, next);
-        a.jump(ja(), Label::Pass);
-        if next == Label::Local {
-            a.here(Label::Local);
-            a.resolve(Label::Local);
-        }
-    }
-    a.here(Label::V4);
-    for (local, next) in [
-        (ctx::LOCAL_IP4, Label::Local),
-        (ctx::REMOTE_IP4, Label::Hit),
-    ] {
-        a.op(load(2, local));
-        member(&mut a, &v4, next);
-        a.jump(ja(), Label::Pass);
-        if next == Label::Local {
-            a.here(Label::Local);
-            a.resolve(Label::Local);
+        for (base, next) in [(local, Label::Local), (remote, Label::Hit)] {
+            for i in 0..words {
+                a.op(load(2 + i, base + 4 * i16::from(i)));
+            }
+            member(&mut a, set, next);
+            a.jump(ja(), Label::Pass);
+            if next == Label::Local {
+                a.here(Label::Local);
+                a.resolve(Label::Local);
+            }
         }
     }
     a.here(Label::Hit);

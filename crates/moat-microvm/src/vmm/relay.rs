@@ -696,17 +696,10 @@ impl Relay {
     }
 
     fn accept(&mut self) -> Result<(), VmmError> {
-        let Ok(raw) = nix::sys::socket::accept4(
-            self.listener.as_raw_fd(),
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        ) else {
+        let Some(client) = accept_one(self.listener.as_fd(), false, "take a control client")?
+        else {
             return Ok(());
         };
-        let client = moat_sys::process::dup_raw_fd(raw).map_err(|e| VmmError::Io {
-            step: "take a control client".into(),
-            source: e,
-        })?;
-        let _ = nix::unistd::close(raw);
         let req: Request = match control::recv(client.as_fd()) {
             Ok(r) => r,
             Err(_) => return Ok(()),
@@ -748,21 +741,12 @@ impl Relay {
     /// where it was made to, in the guest, once the workload runs
     /// (before, or after, it is closed at once: nothing there listens).
     fn accept_forward(&mut self, i: usize) -> Result<(), VmmError> {
-        use nix::sys::socket::{accept4, SockFlag};
         let Some(l) = self.forward_listeners.get(i) else {
             return Ok(());
         };
-        let Ok(raw) = accept4(
-            l.as_raw_fd(),
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        ) else {
+        let Some(conn) = accept_one(l.as_fd(), true, "take a forwarded connection")? else {
             return Ok(());
         };
-        let conn = moat_sys::process::dup_raw_fd(raw).map_err(|e| VmmError::Io {
-            step: "take a forwarded connection".into(),
-            source: e,
-        })?;
-        let _ = nix::unistd::close(raw);
         if self.phase != Phase::Running {
             return Ok(());
         }
@@ -943,6 +927,29 @@ impl Relay {
         let frame = proto::encode_json(Kind::Exec, ch, &request);
         self.send(&frame)
     }
+}
+
+/// A connection from `listener` (non-blocking if asked), or `None` when
+/// none waits (or it went before it was taken).
+fn accept_one(
+    listener: BorrowedFd,
+    nonblocking: bool,
+    step: &str,
+) -> Result<Option<OwnedFd>, VmmError> {
+    use nix::sys::socket::{accept4, SockFlag};
+    let mut flags = SockFlag::SOCK_CLOEXEC;
+    if nonblocking {
+        flags |= SockFlag::SOCK_NONBLOCK;
+    }
+    let Ok(raw) = accept4(listener.as_raw_fd(), flags) else {
+        return Ok(None);
+    };
+    let conn = moat_sys::process::dup_raw_fd(raw).map_err(|e| VmmError::Io {
+        step: step.into(),
+        source: e,
+    })?;
+    let _ = nix::unistd::close(raw);
+    Ok(Some(conn))
 }
 
 /// Merges `patch` into `target` as an update does: objects key by key,
