@@ -462,6 +462,9 @@ impl MicrovmTier {
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
             forward,
+            cgroup_memory: cgroup
+                .as_ref()
+                .map(|_| vmm_memory_limit(&host, guest.mem_mib)),
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -739,14 +742,7 @@ impl MicrovmTier {
                 Err(e) => return Err(MicrovmError::from(e).into()),
             }
         }
-        let overhead = match &host.backend {
-            Backend::Qemu {
-                accel: moat_vmm::qemu::Accel::Tcg,
-                ..
-            } => VMM_OVERHEAD_TCG_MIB,
-            _ => VMM_OVERHEAD_KVM_MIB,
-        };
-        let limit = ((mem_mib + overhead) << 20) as i64;
+        let limit = vmm_memory_limit(host, mem_mib) as i64;
         let mut res = serde_json::json!({
             "memory": {"limit": limit, "swap": limit},
             "pids": {"limit": VMM_PIDS},
@@ -762,6 +758,19 @@ impl MicrovmTier {
         }
         Ok(Some(cg))
     }
+}
+
+/// The VMM's cgroup memory limit (bytes): the guest's RAM and the VMM's
+/// own memory ([`VMM_OVERHEAD_TCG_MIB`], [`VMM_OVERHEAD_KVM_MIB`]).
+fn vmm_memory_limit(host: &HostChoice, mem_mib: u64) -> u64 {
+    let overhead = match &host.backend {
+        Backend::Qemu {
+            accel: moat_vmm::qemu::Accel::Tcg,
+            ..
+        } => VMM_OVERHEAD_TCG_MIB,
+        _ => VMM_OVERHEAD_KVM_MIB,
+    };
+    (mem_mib + overhead) << 20
 }
 
 struct Guest {

@@ -165,6 +165,10 @@ pub struct VmmPlan {
     /// ([`crate::portfwd`]): their listeners, and the link that steers
     /// them there (held, so that it lasts as long as this process).
     pub forward: Option<crate::portfwd::LocalForward>,
+    /// The memory limit of the VMM's cgroup (bytes), when it has one: an
+    /// OOM kill in the guest is echoed there once the VM is gone
+    /// ([`relay::echo_oom`]), where engines look for one.
+    pub cgroup_memory: Option<u64>,
 }
 
 /// What the VMM process does with snapshots ([`crate::snapshot`]).
@@ -231,7 +235,7 @@ pub fn main(
     one: moat_sys::process::OneThread,
 ) -> i32 {
     match start(&mut plan, &setup, &listener, &one) {
-        Ok((booted, how)) => relay::Relay::new(plan, setup, listener, booted, how).run(),
+        Ok((booted, how)) => relay::Relay::new(plan, setup, listener, booted, how).run(&one),
         Err(e) => {
             let msg = crate::control::Setup::Failed {
                 message: moat_core::error_chain(&e),

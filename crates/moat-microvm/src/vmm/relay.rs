@@ -112,6 +112,8 @@ pub struct Relay {
     since: Instant,
     /// How the guest started (told to the runtime with `Ready`).
     how: StartKind,
+    /// The guest reported an OOM kill in the container (with its end).
+    oom_killed: bool,
 }
 
 fn forwarded() -> SigSet {
@@ -163,6 +165,7 @@ impl Relay {
             next_chan: 1,
             since: Instant::now(),
             how,
+            oom_killed: false,
         }
     }
 
@@ -272,11 +275,15 @@ impl Relay {
         self.send(&frame)
     }
 
-    pub fn run(mut self) -> i32 {
-        match self.hello().and_then(|()| self.serve()) {
+    pub fn run(mut self, one: &moat_sys::process::OneThread) -> i32 {
+        let code = match self.hello().and_then(|()| self.serve()) {
             Ok(code) => code,
             Err(e) => self.fail(&e, 255),
+        };
+        if let (true, Some(limit)) = (self.oom_killed, self.plan.cgroup_memory) {
+            echo_oom(one, limit);
         }
+        code
     }
 
     fn serve(&mut self) -> Result<i32, VmmError> {
@@ -645,6 +652,7 @@ impl Relay {
     /// drained. So QEMU is killed at once rather than asked to power off
     /// (a guest's shutdown under TCG took 100-200 ms).
     fn shutdown(&mut self, e: &proto::Exit) {
+        self.oom_killed = e.oom_kills > 0;
         let _ = self
             .plan
             .events
@@ -950,6 +958,37 @@ fn accept_one(
     })?;
     let _ = nix::unistd::close(raw);
     Ok(Some(conn))
+}
+
+/// Makes the VMM's cgroup see an OOM kill, as the guest's container did:
+/// engines learn of one from the container's cgroup on the host (Docker's
+/// `OOMKilled`, Kubernetes' `OOMKilled` reason: containerd's shim watches
+/// its `memory.oom_control` or `memory.events`), which the guest's never
+/// reach. Once the VM is gone, a child of this process touches memory up
+/// to a little past the cgroup's `limit`, and the host's kernel OOM-kills
+/// it there (the largest process left; this one holds a few MiB). Where
+/// the cgroup kills as a group (`memory.oom.group`), this process goes
+/// too, with SIGKILL: as a runc container's processes all do. Bounded:
+/// a child that was not killed (no limit after all) stops past it.
+pub fn echo_oom(one: &moat_sys::process::OneThread, limit: u64) {
+    const STEP: usize = 1 << 20;
+    let most = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 * STEP);
+    let child = one.fork(0, |_| {
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let mut total = 0usize;
+        while total < most {
+            // Non-zero, so that every page is written (and charged).
+            held.push(vec![1u8; STEP]);
+            total += STEP;
+        }
+        std::hint::black_box(&held);
+        0
+    });
+    if let Ok(pid) = child {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    }
 }
 
 /// Merges `patch` into `target` as an update does: objects key by key,
