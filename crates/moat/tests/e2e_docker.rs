@@ -391,6 +391,36 @@ fn docker_daemon_json_runtimes_select_tiers() {
         lines.get(1).is_some_and(|k| *k != host.trim()),
         "the guest's own kernel: {vm:?}"
     );
+    // Over its memory limit, the guest's kernel kills it, and Docker says
+    // so as for a runc container (the VMM echoes the kill in the
+    // container's cgroup, where Docker looks; before, `OOMKilled` was
+    // false).
+    let hog = dk.cmd(&[
+        "run",
+        "--name",
+        "vmhog",
+        "--network",
+        "none",
+        "--runtime",
+        "moat-vm-flag",
+        "--memory",
+        "64m",
+        "moatbb",
+        "sh",
+        "-c",
+        "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
+    ]);
+    assert_eq!(hog.code, Some(137), "{hog:?}");
+    let st = dk
+        .cmd(&[
+            "inspect",
+            "vmhog",
+            "--format",
+            "{{.State.OOMKilled}} {{.State.ExitCode}}",
+        ])
+        .expect_ok();
+    assert_eq!(st.stdout.trim(), "true 137");
+    dk.cmd(&["rm", "vmhog"]).expect_ok();
     // A read-write volume (`-v`) reaches the host directory through
     // virtio-fs both ways; Docker's root in the guest is not the host's.
     // Writable by others: the guest's IDs are a host ID block of the
