@@ -35,14 +35,13 @@ pub enum ProcessError {
         #[source]
         source: nix::Error,
     },
-    #[error("executable {0:?} not found in $PATH")]
+    // Worded as Go's exec package words them: Docker and Podman find the
+    // exit status of a program that cannot run (127, 126) in the runtime's
+    // error text by these words, as runc writes them.
+    #[error("{0:?}: executable file not found in $PATH")]
     NotFound(String),
-    #[error("cannot exec {path}")]
-    Exec {
-        path: String,
-        #[source]
-        source: nix::Error,
-    },
+    #[error("cannot exec {path}: {}", errno_text(*.errno))]
+    Exec { path: String, errno: nix::Error },
     #[error("argument or environment contains a NUL byte")]
     Nul,
     #[error("cannot hand the seccomp notify fd to the runtime")]
@@ -53,13 +52,19 @@ pub enum ProcessError {
     Signals(#[source] std::io::Error),
 }
 
+/// `errno`'s text in lower case, as Go's `syscall.Errno` gives it ("no such
+/// file or directory", "permission denied"): the words engines look for.
+fn errno_text(errno: nix::Error) -> String {
+    errno.desc().to_lowercase()
+}
+
 impl ProcessError {
     /// The shell's status for a program that could not be run: 127 when it
     /// does not exist, 126 when it cannot be executed.
     pub fn exec_status(&self) -> Option<u8> {
         match self {
             ProcessError::NotFound(_) => Some(127),
-            ProcessError::Exec { source, .. } => match source {
+            ProcessError::Exec { errno, .. } => match errno {
                 nix::Error::ENOENT => Some(127),
                 nix::Error::EACCES | nix::Error::ENOEXEC | nix::Error::EISDIR => Some(126),
                 _ => None,
@@ -201,7 +206,7 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
     let e = exec.exec();
     Err(ProcessError::Exec {
         path: path.display().to_string(),
-        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
+        errno: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })
 }
 

@@ -391,6 +391,25 @@ fn docker_daemon_json_runtimes_select_tiers() {
         lines.get(1).is_some_and(|k| *k != host.trim()),
         "the guest's own kernel: {vm:?}"
     );
+    // A program that cannot run: Docker's status as with runc (127 not
+    // found, 126 not executable), which Docker reads from the runtime's
+    // words (the container tier's said "executable \"x\" not found in
+    // $PATH" at `start`: Docker made that 125).
+    for rt in ["moat", "moat-vm-flag"] {
+        for (cmd, status) in [("no-such-command", 127), ("/etc", 126)] {
+            let o = dk.cmd(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--runtime",
+                rt,
+                "moatbb",
+                cmd,
+            ]);
+            assert_eq!(o.code, Some(status), "{rt} {cmd}: {o:?}");
+        }
+    }
     // Over its memory limit, the guest's kernel kills it, and Docker says
     // so as for a runc container (the VMM echoes the kill in the
     // container's cgroup, where Docker looks; before, `OOMKilled` was

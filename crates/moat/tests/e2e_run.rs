@@ -888,11 +888,16 @@ fn unrunnable_programs_exit_like_a_shell() {
         return;
     };
     // 127: not found; 126: found but not executable; 125: moat's own error.
+    // Worded as runc words them (Go's), which engines read the status from.
     for (cmd, status, says) in [
-        ("/nonexistent", 127, "ENOENT"),
-        ("no-such-command", 127, "not found in $PATH"),
-        ("/etc/hosts", 126, "ENOEXEC"),
-        ("/tmp", 126, "EACCES"),
+        ("/nonexistent", 127, "no such file or directory"),
+        (
+            "no-such-command",
+            127,
+            "\"no-such-command\": executable file not found in $PATH",
+        ),
+        ("/etc/hosts", 126, "exec format error"),
+        ("/tmp", 126, "permission denied"),
     ] {
         let o = rt.cmd(&["run", "--", cmd]);
         assert_eq!(o.code, Some(status), "{cmd}: {o:?}");
