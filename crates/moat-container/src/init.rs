@@ -224,6 +224,12 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     // With the root and the standard streams final: a policy path missing
     // from the container fails `create`.
     let ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
+    if let (StartSignal::Listener(_), Some(p)) = (&ctx.start, ctx.spec.process()) {
+        // As runc and crun do: a program that is not there fails `create`
+        // (Podman reads the status, 127, from `create`'s error; a failed
+        // `start` it makes 126).
+        process::check_program(p)?;
+    }
     rec.step("session-console-landlock");
     if rec.active() {
         chan.send(&Msg::Steps(rec.take()))?;

@@ -342,6 +342,24 @@ fn switch_user(p: &Process) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// Whether the process's program is there to run, from the container's
+/// root: found in `$PATH`, or, given as a path, existing. Whether it can
+/// be executed is for the exec itself to say.
+pub fn check_program(p: &Process) -> Result<(), ProcessError> {
+    let Some(prog) = p.args().as_deref().and_then(|a| a.first()) else {
+        return Ok(());
+    };
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let path = find_program(prog, &env, p.cwd())?;
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ProcessError::Exec {
+            path: path.display().to_string(),
+            errno: nix::Error::ENOENT,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Finds `prog` like execvp, in the container's `$PATH` (relative to the
 /// current root, which is the container's by now).
 pub fn find_program(prog: &str, env: &[String], cwd: &Path) -> Result<PathBuf, ProcessError> {

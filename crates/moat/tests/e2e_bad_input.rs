@@ -186,6 +186,25 @@ fn missing_executable() {
     assert_refused(&rt, &o);
     drop(c);
     assert_nothing_left(&rt, "", b.dir());
+    // `create` refuses it, as runc and crun do, in the words engines read
+    // the exit status from (Go's), and leaves nothing.
+    for (prog, says) in [
+        ("/no/such/binary", "no such file or directory"),
+        ("no-such-command", "executable file not found in $PATH"),
+    ] {
+        let b = Bundle::new(&[prog]);
+        b.write_config();
+        let id = rt.new_id("noexe");
+        let o = rt.cmd(&["create", "--bundle", &b.dir().display().to_string(), &id]);
+        let _guard = Ctr {
+            rt: &rt,
+            id: id.clone(),
+            out: None,
+        };
+        assert_refused(&rt, &o);
+        assert!(o.stderr.contains(says), "{prog}: {o:?}");
+        assert_nothing_left(&rt, &id, b.dir());
+    }
 }
 
 #[test]

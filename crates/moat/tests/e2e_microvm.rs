@@ -724,7 +724,7 @@ fn what_cannot_run_in_the_guest_exits_as_under_the_container_tier() {
         (
             vec!["run", "--isolation", "microvm", "--", "no-such-program"],
             127,
-            "executable \"no-such-program\" not found",
+            "\"no-such-program\": executable file not found",
         ),
         (
             vec![

@@ -357,6 +357,28 @@ fn podman_selects_every_tier() {
         ])
         .expect_ok();
     assert_eq!(ok.stdout, "ok\n");
+    // A program that cannot run: Podman's status as with runc (127 not
+    // there, 126 not executable), in each tier. (The container tier found
+    // out at `start`, which Podman made 126 whatever the reason.)
+    for tier in ["container", "sandbox", "microvm"] {
+        for (cmd, status) in [
+            ("no-such-command", 127),
+            ("/nonexistent", 127),
+            ("/etc", 126),
+        ] {
+            let o = pm.cmd(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--annotation",
+                &format!("dev.moat.isolation={tier}"),
+                "moatbb",
+                cmd,
+            ]);
+            assert_eq!(o.code, Some(status), "{tier} {cmd}: {o:?}");
+        }
+    }
     // By the global flag (podman --runtime-flag passes --isolation=microvm):
     // the workload runs on the guest's kernel, its exit status comes back.
     let vm = pm.cmd(&[
