@@ -465,6 +465,7 @@ impl MicrovmTier {
             cgroup_memory: cgroup
                 .as_ref()
                 .map(|_| vmm_memory_limit(&host, guest.mem_mib)),
+            meminfo: None,
         };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,

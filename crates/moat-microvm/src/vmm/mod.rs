@@ -169,6 +169,10 @@ pub struct VmmPlan {
     /// OOM kill in the guest is echoed there once the VM is gone
     /// ([`relay::echo_oom`]), where engines look for one.
     pub cgroup_memory: Option<u64>,
+    /// The host's `/proc/meminfo`, opened before the jail (which has no
+    /// `/proc`): how much memory the host has available, read before an
+    /// OOM kill is echoed.
+    pub meminfo: Option<std::fs::File>,
 }
 
 /// What the VMM process does with snapshots ([`crate::snapshot`]).
@@ -262,6 +266,9 @@ fn start(
         })?;
         plan.net = Some(GuestLink::Tap(tap));
     }
+    if plan.cgroup_memory.is_some() {
+        plan.meminfo = std::fs::File::open("/proc/meminfo").ok();
+    }
     let mut jail = plan.jail.clone();
     let mut keep: Vec<RawFd> = vec![
         setup.as_raw_fd(),
@@ -272,6 +279,7 @@ fn start(
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
+    keep.extend(plan.meminfo.as_ref().map(|m| m.as_raw_fd()));
     if let Some(f) = &plan.forward {
         keep.push(f.link.as_raw_fd());
         keep.extend(f.listeners.iter().map(|l| l.as_raw_fd()));

@@ -281,7 +281,7 @@ impl Relay {
             Err(e) => self.fail(&e, 255),
         };
         if let (true, Some(limit)) = (self.oom_killed, self.plan.cgroup_memory) {
-            echo_oom(one, limit);
+            echo_oom(one, limit, self.plan.meminfo.as_ref());
         }
         code
     }
@@ -969,12 +969,20 @@ fn accept_one(
 /// it there (the largest process left; this one holds a few MiB). Where
 /// the cgroup kills as a group (`memory.oom.group`), this process goes
 /// too, with SIGKILL: as a runc container's processes all do. Bounded:
-/// a child that was not killed (no limit after all) stops past it.
-pub fn echo_oom(one: &moat_sys::process::OneThread, limit: u64) {
+/// a child that was not killed (no limit after all) stops past it. Never
+/// at the host's expense: only when the host has that much available
+/// (`meminfo`, the host's `/proc/meminfo`) and a margin (QEMU's memory is
+/// freed by then); else the engines are not told, as before.
+pub fn echo_oom(one: &moat_sys::process::OneThread, limit: u64, meminfo: Option<&File>) {
     const STEP: usize = 1 << 20;
+    const MARGIN: u64 = 512 << 20;
     let most = usize::try_from(limit)
         .unwrap_or(usize::MAX)
         .saturating_add(64 * STEP);
+    let available = meminfo.and_then(mem_available);
+    if !available.is_some_and(|a| a >= (most as u64).saturating_add(MARGIN)) {
+        return;
+    }
     let child = one.fork(0, |_| {
         let mut held: Vec<Vec<u8>> = Vec::new();
         let mut total = 0usize;
@@ -989,6 +997,21 @@ pub fn echo_oom(one: &moat_sys::process::OneThread, limit: u64) {
     if let Ok(pid) = child {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
     }
+}
+
+/// `MemAvailable` of the `/proc/meminfo` open as `f`, in bytes.
+fn mem_available(f: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 8192];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    parse_mem_available(&String::from_utf8_lossy(&buf[..n]))
+}
+
+/// `MemAvailable: N kB`'s N, in bytes.
+fn parse_mem_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 /// Merges `patch` into `target` as an update does: objects key by key,
@@ -1091,6 +1114,16 @@ mod tests {
             r,
             serde_json::json!({"memory": {"limit": 50, "swap": 200}, "pids": {"limit": 5}, "cpu": {"shares": 2}})
         );
+    }
+
+    #[test]
+    fn mem_available_is_read_from_meminfo() {
+        let text = "MemTotal:       24683756 kB\nMemFree:        22568760 kB\nMemAvailable:   23881628 kB\nBuffers:  1 kB\n";
+        assert_eq!(parse_mem_available(text), Some(23881628 * 1024));
+        assert_eq!(parse_mem_available("MemFree: 5 kB\n"), None);
+        // The real one, as the VMM process reads it.
+        let f = File::open("/proc/meminfo").unwrap();
+        assert!(mem_available(&f).is_some_and(|b| b > 0));
     }
 
     #[test]
