@@ -980,7 +980,7 @@ pub fn echo_oom(one: &moat_sys::process::OneThread, limit: u64, meminfo: Option<
         .unwrap_or(usize::MAX)
         .saturating_add(64 * STEP);
     let available = meminfo.and_then(mem_available);
-    if !available.is_some_and(|a| a >= (most as u64).saturating_add(MARGIN)) {
+    if available.is_none_or(|a| a < (most as u64).saturating_add(MARGIN)) {
         return;
     }
     let child = one.fork(0, |_| {
