@@ -1077,24 +1077,27 @@ fn a_guest_terminal_has_one_line_discipline() {
     let sock3 = rt.scratch_file("detached-console.sock");
     let accepted3 = console_master(&sock3);
     let pidf = rt.scratch_file("detached.pid");
-    let mut child = std::process::Command::new(runtime_bin())
-        .args([
-            "--root",
-            &rt.root().display().to_string(),
-            "exec",
-            "-t",
-            "--detach",
-        ])
-        .args(["--console-socket", &sock3.display().to_string()])
-        .args(["--pid-file", &pidf.display().to_string(), &id])
-        .args(["sh", "-c", "read x; echo \"got $x\"; exit 5"])
-        .envs(env())
-        .envs(rt.env().iter().cloned())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Registered as the harness's own: its reaper, which takes the other
+    // children's exits, would otherwise race `wait` for this one's
+    // (it did once: `No child processes`).
+    let mut child = spawn_own(
+        std::process::Command::new(runtime_bin())
+            .args([
+                "--root",
+                &rt.root().display().to_string(),
+                "exec",
+                "-t",
+                "--detach",
+            ])
+            .args(["--console-socket", &sock3.display().to_string()])
+            .args(["--pid-file", &pidf.display().to_string(), &id])
+            .args(["sh", "-c", "read x; echo \"got $x\"; exit 5"])
+            .envs(env())
+            .envs(rt.env().iter().cloned())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     std::thread::spawn(move || {
@@ -1106,7 +1109,7 @@ fn a_guest_terminal_has_one_line_discipline() {
     let err = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("moat exec --detach's output ends while the exec runs");
-    assert!(child.wait().unwrap().success(), "{err}");
+    assert!(wait_own(&mut child).success(), "{err}");
     let mut master = std::fs::File::from(accepted3.join().unwrap());
     let screen = Screen::of(&master);
     let stand_in: u32 = std::fs::read_to_string(&pidf)
