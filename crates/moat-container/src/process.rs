@@ -351,6 +351,10 @@ pub fn check_program(p: &Process) -> Result<(), ProcessError> {
     };
     let env: Vec<String> = p.env().clone().unwrap_or_default();
     let path = find_program(prog, &env, p.cwd())?;
+    // A `$PATH` search found an existing file; a path given is not looked at.
+    if !prog.contains('/') {
+        return Ok(());
+    }
     match std::fs::metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ProcessError::Exec {
             path: path.display().to_string(),

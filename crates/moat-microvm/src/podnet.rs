@@ -274,8 +274,8 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
         let own: Vec<std::net::IpAddr> = guest.addresses.iter().map(|a| a.ip).collect();
         let forward = crate::portfwd::steer(&own)
             .inspect_err(|e| {
-                eprintln!(
-                    "moat: microvm: port forwards will not reach the guest (cannot steer the namespace's localhost: {e})"
+                tracing::warn!(
+                    "microvm: port forwards will not reach the guest (cannot steer the namespace's localhost: {e})"
                 )
             })
             .ok();

@@ -40,6 +40,19 @@ pub const VERSION: u32 = 2;
 /// resize always gets through, however much stdin a process left unread.
 pub const STDIN_WINDOW: usize = 1 << 20;
 
+/// Credited bytes are given back once this much has gathered
+/// ([`credit_due`]).
+pub const CREDIT_BATCH: u64 = (STDIN_WINDOW / 8) as u64;
+
+/// Whether the receiver of a credited stream should credit back the
+/// `taken` bytes now: once [`CREDIT_BATCH`] has gathered, or at once when
+/// nothing of it waits any more (`drained`: an interactive stream then
+/// never waits on a credit). Both sides use it (the agent for stdin, the
+/// host for a forwarded connection's bytes).
+pub fn credit_due(taken: u64, drained: bool) -> bool {
+    taken >= CREDIT_BATCH || (taken > 0 && drained)
+}
+
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

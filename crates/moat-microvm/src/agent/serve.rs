@@ -23,10 +23,6 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a forwarded connection's connect may take in the guest (to
 /// one of the container's own addresses: answered at once, or refused).
 const FORWARD_CONNECT: Duration = Duration::from_secs(5);
-/// Stdin a process took is credited back to the host once this much has
-/// gathered, or at once when nothing of it waits any more (an interactive
-/// stream then never waits on a credit).
-const CREDIT_BATCH: u64 = (proto::STDIN_WINDOW / 8) as u64;
 /// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
 const READ_AHEAD_KIB: u32 = 1024;
 
@@ -140,9 +136,9 @@ impl Proc {
         self.pending.clear();
     }
 
-    /// The credit to send the host now, if any (see [`CREDIT_BATCH`]).
+    /// The credit to send the host now, if any ([`proto::credit_due`]).
     fn credit_due(&mut self) -> Option<u64> {
-        let due = self.taken >= CREDIT_BATCH || (self.taken > 0 && self.pending.is_empty());
+        let due = proto::credit_due(self.taken, self.pending.is_empty());
         due.then(|| std::mem::take(&mut self.taken))
     }
 }
@@ -1653,7 +1649,10 @@ mod tests {
         p.write_stdin();
         let took = (proto::STDIN_WINDOW - p.pending.len()) as u64;
         assert!(took > 0 && !p.pending.is_empty(), "{took}");
-        assert_eq!(p.credit_due(), (took >= CREDIT_BATCH).then_some(took));
+        assert_eq!(
+            p.credit_due(),
+            (took >= proto::CREDIT_BATCH).then_some(took)
+        );
         // The reader goes away: what waits is dropped and credited, so the
         // host goes on.
         let left = p.pending.len() as u64;

@@ -836,7 +836,7 @@ impl Relay {
                 Err(_) => return self.drop_forward(ch),
             }
         }
-        let credit = (x.owed >= proto::STDIN_WINDOW / 8 || (x.owed > 0 && x.pending.is_empty()))
+        let credit = proto::credit_due(x.owed as u64, x.pending.is_empty())
             .then(|| std::mem::take(&mut x.owed));
         let done = x.pending.is_empty();
         if done && x.guest_eof {
