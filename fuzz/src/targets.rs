@@ -110,6 +110,7 @@ pub fn agent_proto(data: &[u8]) {
                         Kind::Update => drop(f.json::<proto::UpdateRequest>()),
                         Kind::Closed => drop(f.json::<proto::ClosedMsg>()),
                         Kind::Forward => drop(f.json::<proto::ForwardRequest>()),
+                        Kind::Join => drop(f.json::<proto::JoinRequest>()),
                         Kind::Stdin
                         | Kind::Stdout
                         | Kind::Stderr

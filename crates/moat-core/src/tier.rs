@@ -105,20 +105,6 @@ pub fn is_pod_sandbox(
     get(CRI_CONTAINER_TYPE) == Some("sandbox") && get(CRI_SANDBOX_ID) == Some(id)
 }
 
-/// The tier a new container gets ([`select`]), except that a Kubernetes
-/// pod's pause container ([`is_pod_sandbox`]) that would get the microvm
-/// tier gets the container tier: it runs the cluster's pause image and
-/// only holds the pod's namespaces, which a VM could not share with the
-/// pod's containers anyway (each of them gets its own VM; a guest's network
-/// stack, when it has one, serves from the pod's network namespace). So a
-/// pod of one container boots one VM, not two.
-pub fn select_for(chosen: Option<Tier>, annotation: Option<Tier>, pod_sandbox: bool) -> Tier {
-    match select(chosen, annotation) {
-        Tier::Microvm if pod_sandbox => Tier::Container,
-        t => t,
-    }
-}
-
 /// The tier a container gets when both the config's annotation (written by
 /// whoever wrote the pod or container spec) and the runtime's flag or
 /// program name (chosen by whoever installed the runtime, e.g. a
@@ -156,8 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pods_pause_container_gets_the_container_tier_not_a_vm() {
-        use Tier::*;
+    fn a_pods_pause_container_is_told_from_the_pods_others() {
         let ann = |t: &str, sid: &str| {
             std::collections::HashMap::from([
                 (CRI_CONTAINER_TYPE.to_string(), t.to_string()),
@@ -171,10 +156,5 @@ mod tests {
         assert!(!is_pod_sandbox(Some(&ann("container", "p1")), "c1"));
         assert!(!is_pod_sandbox(Some(&pause), "c1"));
         assert!(!is_pod_sandbox(None, "p1"));
-        assert_eq!(select_for(Some(Microvm), None, true), Container);
-        assert_eq!(select_for(None, Some(Microvm), true), Container);
-        assert_eq!(select_for(Some(Microvm), None, false), Microvm);
-        // The sandbox tier keeps its pause container.
-        assert_eq!(select_for(Some(Sandbox), None, true), Sandbox);
     }
 }

@@ -27,6 +27,7 @@ pub const MODULE_PATHS: &[(&str, &str)] = &[
     ("failover", "net/core/failover.ko"),
     ("net_failover", "drivers/net/net_failover.ko"),
     ("virtio_net", "drivers/net/virtio_net.ko"),
+    ("loop", "drivers/block/loop.ko"),
 ];
 
 /// A guest kernel and its modules.

@@ -39,6 +39,11 @@ pub enum Request {
     /// `linux.resources` object): applied there while it runs, or merged
     /// into the run's config before it starts.
     Update { resources: serde_json::Value },
+    /// Run a pod's container in this guest (the VMM process's is the
+    /// pod's own): relayed as an exec's process, three descriptors
+    /// following; sent by the host process that stands for it
+    /// (`crate::pod`).
+    Join { request: crate::proto::JoinRequest },
 }
 
 /// The VMM process's answer.
@@ -47,12 +52,21 @@ pub enum Request {
 pub enum Reply {
     /// Done (for exec: the process started).
     Ok,
-    /// An exec'd process ended with this status.
-    Exit { code: i32 },
+    /// An exec'd process (or a joined container) ended with this status,
+    /// after this many OOM kills in its cgroup in the guest.
+    Exit {
+        code: i32,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        oom_kills: u64,
+    },
     Error {
         message: String,
         exec_status: Option<u8>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The setup channel's messages from the VMM process to the runtime that
@@ -263,8 +277,21 @@ mod tests {
         );
         let fd = recv_fd(b.as_fd()).unwrap();
         assert!(fd.as_raw_fd() >= 0);
-        send(b.as_fd(), &Reply::Exit { code: 3 }).unwrap();
-        assert_eq!(recv::<Reply>(a.as_fd()).unwrap(), Reply::Exit { code: 3 });
+        send(
+            b.as_fd(),
+            &Reply::Exit {
+                code: 3,
+                oom_kills: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            recv::<Reply>(a.as_fd()).unwrap(),
+            Reply::Exit {
+                code: 3,
+                oom_kills: 1
+            }
+        );
         drop(b);
         assert!(matches!(
             recv::<Reply>(a.as_fd()),
@@ -285,5 +312,11 @@ mod tests {
         // before an upgrade.
         let j = serde_json::to_string(&Request::Start).unwrap();
         assert_eq!(j, r#"{"op":"start"}"#);
+        let j = serde_json::to_string(&Reply::Exit {
+            code: 0,
+            oom_kills: 0,
+        })
+        .unwrap();
+        assert_eq!(j, r#"{"exit":{"code":0}}"#);
     }
 }

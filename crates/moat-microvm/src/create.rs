@@ -144,6 +144,16 @@ impl MicrovmTier {
             plan.config["annotations"][moat_core::tier::STATE_ID_ANNOTATION] =
                 serde_json::json!(req.id);
         }
+        // A Kubernetes pod's container joins its pod's VM where it can.
+        if let Some(pod) = self.pod_to_join(req, &plan, launch) {
+            // Its namespaces to join are the pod's, which it joins there.
+            plan.warnings
+                .retain(|w| !w.contains("namespace to join is on the host"));
+            for w in &plan.warnings {
+                tracing::warn!("microvm: {w}");
+            }
+            return self.join_pod(req, pod, plan);
+        }
         for w in &plan.warnings {
             tracing::warn!("microvm: {w}");
         }
@@ -215,7 +225,31 @@ impl MicrovmTier {
         } else {
             net.is_some().then_some(snapshot::NetDevice::Frames)
         };
-        let guest = self.prepare_guest(&host, &plan, &dir)?;
+        let mut guest = self.prepare_guest(&host, &plan, &dir)?;
+        // A pod's sandbox: its VM is the pod's, with the disk the pod's
+        // other containers' images are appended to, and the memory they
+        // share (unless it has a limit of its own).
+        let pod_sandbox =
+            moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
+        let pod_disk = if pod_sandbox && guest.disk_files.len() < guestspec::MAX_DISKS {
+            let (path, f) = crate::pod::make_disk(&dir)?;
+            guest.disk_files.push(f);
+            guest.shared = false;
+            if spec_json["linux"]["resources"]["memory"]["limit"]
+                .as_i64()
+                .is_none_or(|l| l <= 0)
+            {
+                guest.mem_mib = guest.mem_mib.max(crate::pod::POD_MEMORY_MIB);
+            }
+            Some(path)
+        } else {
+            if pod_sandbox {
+                tracing::warn!(
+                    "microvm: the pod's sandbox has no disk slot left for its containers: each gets a VM of its own"
+                );
+            }
+            None
+        };
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
         let (rows, cols) = console_size(&spec_json);
@@ -556,6 +590,8 @@ impl MicrovmTier {
             net_stack,
             volumes: volume_server,
             pod_link: undo.pod_link.clone(),
+            pod_disk,
+            joined: None,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -695,7 +731,7 @@ impl MicrovmTier {
     /// Whether an image of `source` may be shared through the cache: moat's
     /// shared trees under the state root and the host's paths the embedded
     /// default shows.
-    fn cacheable(&self, source: &Path) -> bool {
+    pub(crate) fn cacheable(&self, source: &Path) -> bool {
         // moat's shared trees: its prebuilt roots (`.cache/rootfs`) and the
         // image store (`.images`). Not a run's own directories (`.run/…`,
         // a `--read-write` root's copy): their images would pile up in the
@@ -824,7 +860,7 @@ fn own_disk(source: &Path) -> bool {
 
 /// Whether the config has hooks the runtime runs on the host while the
 /// VMM process stands for the container (`prestart`, `createRuntime`).
-fn has_host_hooks(spec: &oci_spec::runtime::Spec) -> bool {
+pub(crate) fn has_host_hooks(spec: &oci_spec::runtime::Spec) -> bool {
     spec.hooks().as_ref().is_some_and(|h| {
         h.prestart().as_ref().is_some_and(|v| !v.is_empty())
             || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
@@ -947,7 +983,7 @@ fn refuse_unsupported(spec: &serde_json::Value) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-fn initial_state(req: &CreateRequest, dir: &Path) -> State {
+pub(crate) fn initial_state(req: &CreateRequest, dir: &Path) -> State {
     let spec = &req.config.spec;
     let bundle = match &req.config.source {
         ConfigSource::Bundle(b) | ConfigSource::Rewritten { bundle: b, .. } => b.clone(),
@@ -991,7 +1027,7 @@ fn console_size(spec: &serde_json::Value) -> (u16, u16) {
 }
 
 /// Binds the control socket in a fresh root-only directory.
-fn listen(dir: &Path) -> Result<OwnedFd, RuntimeError> {
+pub(crate) fn listen(dir: &Path) -> Result<OwnedFd, RuntimeError> {
     use nix::sys::socket::{bind, listen as listen_on, socket, Backlog, UnixAddr};
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::DirBuilderExt;
@@ -1205,7 +1241,7 @@ fn wait_ready(
 /// host's cache), for the agent to hand to the guest's runtime. `None`
 /// without a filter, or when it does not compile here: the guest then
 /// compiles it itself, and reports its own error.
-fn host_compiled_seccomp(
+pub(crate) fn host_compiled_seccomp(
     config: &serde_json::Value,
     state_root: &Path,
 ) -> Option<proto::SeccompProgram> {
@@ -1218,7 +1254,7 @@ fn host_compiled_seccomp(
     })
 }
 
-fn write_pid_file(path: &Path, pid: i32) -> Result<(), RuntimeError> {
+pub(crate) fn write_pid_file(path: &Path, pid: i32) -> Result<(), RuntimeError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, pid.to_string())
         .and_then(|()| std::fs::rename(&tmp, path))
@@ -1246,7 +1282,7 @@ pub(crate) fn send_console(path: &Path, master: OwnedFd) -> Result<(), RuntimeEr
 }
 
 /// A bind-mounted file's contents, for the guest.
-fn read_small(source: &Path, guest: &str) -> Result<proto::GuestFile, RuntimeError> {
+pub(crate) fn read_small(source: &Path, guest: &str) -> Result<proto::GuestFile, RuntimeError> {
     use std::os::unix::fs::PermissionsExt;
     let md = std::fs::metadata(source)
         .map_err(MicrovmError::io(format!("stat {}", source.display())))?;

@@ -240,6 +240,37 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     Ok(plan)
 }
 
+/// Moves every guest path of `plan` (its root, its binds' sources, its
+/// disks' mount points, its files) from under `/run/vm` to under `dir`:
+/// a pod's container joining its pod's guest ([`crate::proto::pod_dir`])
+/// has its own.
+pub fn relocate(plan: &mut Plan, dir: &str) {
+    let moved = |p: &str| {
+        p.strip_prefix("/run/vm/")
+            .map(|rest| format!("{dir}/{rest}"))
+    };
+    if let Some(p) = plan.config["root"]["path"].as_str().and_then(moved) {
+        plan.config["root"]["path"] = json!(p);
+    }
+    if let Some(list) = plan.config["mounts"].as_array_mut() {
+        for m in list.iter_mut().filter(|m| is_bind(m)) {
+            if let Some(p) = m["source"].as_str().and_then(moved) {
+                m["source"] = json!(p);
+            }
+        }
+    }
+    for d in &mut plan.disks {
+        if let Some(p) = moved(&d.mount) {
+            d.mount = p;
+        }
+    }
+    for f in &mut plan.files {
+        if let Some(p) = moved(&f.guest) {
+            f.guest = p;
+        }
+    }
+}
+
 /// Where `source` is in the group disk (added to it if new).
 fn group_place(plan: &mut Plan, source: &Path) -> String {
     let k = match plan.group.iter().position(|d| d == source) {

@@ -33,6 +33,7 @@ pub mod disk;
 pub mod guestspec;
 pub mod jail;
 mod ops;
+mod pod;
 pub mod podnet;
 pub mod portfwd;
 pub mod proto;
@@ -411,6 +412,14 @@ struct MicrovmPart {
     /// The joined namespace's interface the guest took over ([`podnet`]).
     #[serde(default)]
     pod_link: Option<podnet::PodLinkRecord>,
+    /// A pod's sandbox container: the pod disk its VM has, which the
+    /// pod's other containers join ([`pod`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod_disk: Option<PathBuf>,
+    /// A pod's container that joined its pod's VM: the process of the
+    /// state is the host process that stands for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    joined: Option<pod::Joined>,
 }
 
 /// An update's limits for the VMM's cgroup on the host (CPU time, block
@@ -636,6 +645,7 @@ impl Lifecycle for MicrovmTier {
         if c.status == ContainerStatus::Stopped {
             return Err(wrong(id, c.status, "cannot update it"));
         }
+        self.refuse_joined(&c.state, "updated")?;
         let (host, guest) = split_resources(resources);
         // The guest's part needs the agent, which a frozen VMM cannot
         // answer: refused before anything changes (runc's update of a
@@ -713,6 +723,18 @@ impl Lifecycle for MicrovmTier {
 }
 
 impl MicrovmTier {
+    /// Refuses what a container that joined its pod's VM cannot have done
+    /// to it alone (its limits and its freezing are the guest's).
+    fn refuse_joined(&self, st: &State, what: &str) -> Result<(), RuntimeError> {
+        match self.part(st)?.joined {
+            Some(j) => Err(RuntimeError::Invalid(format!(
+                "container {} runs in its pod's microVM (that of {}): it cannot be {what} on its own",
+                st.id, j.pod
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn cgroup(&self, st: &State) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
         let part = self.part(st)?;
         if part.cgroup.is_null() {
@@ -736,6 +758,7 @@ impl MicrovmTier {
         if c.status != want {
             return Err(wrong(id, c.status, why));
         }
+        self.refuse_joined(&c.state, if on { "paused" } else { "resumed" })?;
         let cg = self.cgroup(&c.state)?;
         if on {
             cg.freeze().map_err(MicrovmError::from)?;

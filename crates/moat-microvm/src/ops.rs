@@ -95,6 +95,12 @@ impl MicrovmTier {
                 tracing::warn!("microvm: {}", moat_core::error_chain(&e));
             }
         }
+        if let Some(j) = &part.joined {
+            // Its stand-in is gone, and with it the container in the pod's
+            // guest (the VMM process kills a process whose host end hung
+            // up): the pod disk's space for its images goes back.
+            crate::pod::release(&j.pod_disk, &j.regions);
+        }
         if let Some(stack) = &part.net_stack {
             // It ends with the VMM process; this is for one that did not.
             stack.kill();
@@ -168,6 +174,7 @@ impl MicrovmTier {
                 "a detached process with a terminal needs --console-socket".into(),
             ));
         }
+        let (path, container) = self.exec_target(&c.state)?;
         let (rows, cols) = process
             .console_size()
             .as_ref()
@@ -177,6 +184,7 @@ impl MicrovmTier {
                 .map_err(|e| RuntimeError::Invalid(e.to_string()))?,
             rows,
             cols,
+            container,
         };
         crate::create::refuse_oversized("the process's arguments and environment", &request)?;
         // The process's stdio: a pty whose master goes to the console
@@ -205,7 +213,6 @@ impl MicrovmTier {
                 dup(std::io::stderr().as_fd())?,
             ]
         };
-        let path = self.control_path(&c.state)?;
         let fds: Vec<_> = stdio.iter().map(|f| f.as_fd()).collect();
         let raw = RawMode::enter(terminal && opts.console_socket.is_none());
         let (sock, reply) = control::call(
@@ -224,7 +231,7 @@ impl MicrovmTier {
                 message,
                 exec_status,
             } => return Err(reply_error(message, exec_status)),
-            Reply::Exit { code } => return Ok(code),
+            Reply::Exit { code, .. } => return Ok(code),
         }
         if let (Some(m), Some(sockp)) = (pty_master, &opts.console_socket) {
             crate::create::send_console(sockp, m)?;
@@ -251,7 +258,7 @@ impl MicrovmTier {
                 .map_err(MicrovmError::io(format!("write {}", p.display())))?;
         }
         let code = match wait_forwarding(sock.as_fd()) {
-            Ok(Reply::Exit { code }) => code,
+            Ok(Reply::Exit { code, .. }) => code,
             Ok(Reply::Error {
                 message,
                 exec_status,
@@ -285,7 +292,7 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
                 return 255;
             }
             match wait_forwarding(sock.as_fd()) {
-                Ok(Reply::Exit { code }) => code,
+                Ok(Reply::Exit { code, .. }) => code,
                 _ => 255,
             }
         })

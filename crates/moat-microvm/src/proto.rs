@@ -113,6 +113,12 @@ pub enum Kind {
     /// end of file; `Closed` (stdout) drops the connection; `Exit` when the
     /// guest's side is done.
     Forward = 19,
+    /// host → guest: run another container of the pod in this guest
+    /// ([`JoinRequest`]), on a channel of its own: a Kubernetes pod's
+    /// container joining its pod's microVM (`crate::pod`). Answered with
+    /// `Started` or `Error`, then relayed as an exec's process is, `Exit`
+    /// (with its OOM kills) when it ends.
+    Join = 20,
 }
 
 impl Kind {
@@ -138,6 +144,7 @@ impl Kind {
             17 => Updated,
             18 => Closed,
             19 => Forward,
+            20 => Join,
             _ => return None,
         })
     }
@@ -486,7 +493,52 @@ pub struct ExecRequest {
     pub process: serde_json::Value,
     pub rows: u16,
     pub cols: u16,
+    /// The container of the guest to run it in: a pod's container that
+    /// joined the guest ([`JoinRequest::id`]); `None` is the guest's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
+
+/// A container of a Kubernetes pod that joins its pod's microVM: its
+/// config as the guest runs it, its directories as ext4 images in regions
+/// of the pod's disk (`crate::pod`), its small files; the agent mounts
+/// them under [`pod_dir`] and runs it with the guest's container tier in
+/// the namespaces of the guest's own container (`pod_namespaces`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// The container's ID in the guest (the host's: the runtime checked
+    /// it as an OCI ID; the agent checks it again, as a path part).
+    pub id: String,
+    pub config: serde_json::Value,
+    pub disks: Vec<PodRegion>,
+    pub files: Vec<GuestFile>,
+    /// As [`RunRequest::overlay_root`].
+    pub overlay_root: Option<String>,
+    /// The namespace types (OCI's names) the container shares with the
+    /// pod: the agent points them at the guest's own container's.
+    pub pod_namespaces: Vec<String>,
+    #[serde(default)]
+    pub seccomp: Option<SeccompProgram>,
+}
+
+/// An ext4 image at `offset` of the pod's disk, `size` bytes long, and
+/// where the agent mounts it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodRegion {
+    pub offset: u64,
+    pub size: u64,
+    pub mount: String,
+}
+
+/// Where a joined container's files live in the guest: every guest path
+/// of its config (root, disks, files) is under it.
+pub fn pod_dir(id: &str) -> String {
+    format!("/run/vm/pod/{id}")
+}
+
+/// The first bytes of a pod's disk: how the agent tells it from the
+/// container's own disks.
+pub const POD_DISK_MAGIC: &[u8; 8] = b"MOATPOD1";
 
 /// See [`Kind::Closed`]: which stream, 1 (stdout) or 2 (stderr).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

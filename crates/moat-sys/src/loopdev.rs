@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use linux_raw_sys::loop_device::{
-    loop_config, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LO_FLAGS_AUTOCLEAR,
+    loop_config, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO,
+    LO_FLAGS_READ_ONLY,
 };
 
 fn open_rw(p: &Path) -> io::Result<File> {
@@ -20,8 +21,27 @@ fn open_rw(p: &Path) -> io::Result<File> {
 /// between asking for it and configuring it: then this asks again, a few
 /// times.
 pub fn attach_autoclear(image: &Path) -> io::Result<(File, PathBuf)> {
+    attach(&open_rw(image)?, 0, 0, LO_FLAGS_AUTOCLEAR as u32)
+}
+
+/// Attaches `size` bytes of `backing` from `offset` on, read-only, to a
+/// free loop device that detaches itself once unused, as
+/// [`attach_autoclear`] does, reading the backing file directly
+/// (`LO_FLAGS_DIRECT_IO`, where the backing file allows it): the loop
+/// device then keeps no copy of the backing file's pages in its page
+/// cache, so bytes written there by someone else later (a pod's disk,
+/// to which the host appends images) are read as they are.
+pub fn attach_region(backing: &File, offset: u64, size: u64) -> io::Result<(File, PathBuf)> {
+    attach(
+        backing,
+        offset,
+        size,
+        LO_FLAGS_AUTOCLEAR as u32 | LO_FLAGS_READ_ONLY as u32 | LO_FLAGS_DIRECT_IO as u32,
+    )
+}
+
+fn attach(backing: &File, offset: u64, size: u64, flags: u32) -> io::Result<(File, PathBuf)> {
     let ctl = open_rw(Path::new("/dev/loop-control"))?;
-    let backing = open_rw(image)?;
     for _ in 0..16 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device
         // number or -1.
@@ -35,7 +55,9 @@ pub fn attach_autoclear(image: &Path) -> io::Result<(File, PathBuf)> {
         // all zeroes is its empty value.
         let mut cfg: loop_config = unsafe { std::mem::zeroed() };
         cfg.fd = u32::try_from(backing.as_raw_fd()).map_err(|_| io::ErrorKind::InvalidInput)?;
-        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR as u32;
+        cfg.info.lo_flags = flags;
+        cfg.info.lo_offset = offset;
+        cfg.info.lo_sizelimit = size;
         // SAFETY: LOOP_CONFIGURE reads one loop_config through the pointer,
         // which points at `cfg` for the call; the kernel takes its own
         // reference on the backing file, so `backing` may close after.
@@ -52,4 +74,15 @@ pub fn attach_autoclear(image: &Path) -> io::Result<(File, PathBuf)> {
         io::ErrorKind::ResourceBusy,
         "every free loop device was taken before it could be set up",
     ))
+}
+
+/// Drops the page cache of block device `dev` (`BLKFLSBUF`: dirty pages
+/// are written back first): what is read next comes from the device.
+pub fn flush_buffers(dev: &File) -> io::Result<()> {
+    // SAFETY: BLKFLSBUF (_IO(0x12, 97)) takes no argument.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), linux_raw_sys::ioctl::BLKFLSBUF as _, 0) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

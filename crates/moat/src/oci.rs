@@ -19,15 +19,8 @@ use crate::tiers::{Engine, Tiers};
 /// config's annotation) and its engine.
 fn prepare(tiers: &Tiers, a: &CreateArgs, chosen: Option<Tier>) -> Result<(Engine, Config)> {
     let config = Config::from_bundle(&a.bundle)?;
-    let pod_sandbox = tier::is_pod_sandbox(config.spec.annotations().as_ref(), &a.id);
     let annotation = config.tier_annotation()?;
-    let tier = tier::select_for(chosen, annotation, pod_sandbox);
-    if tier != tier::select(chosen, annotation) {
-        tracing::info!(
-            "{}: a pod's pause container: the {tier} tier (each of the pod's containers gets its own VM)",
-            a.id
-        );
-    }
+    let tier = tier::select(chosen, annotation);
     let engine = tiers.engine(tier)?;
     moat_core::steps::mark("read-config");
     Ok((engine, config))

@@ -29,14 +29,16 @@ pub const LATE_MODULES: &[&str] = &["virtio_blk"];
 /// transport.
 pub const FS_MODULES: &[&str] = &["fuse", "virtiofs"];
 
-/// Every module the initramfs holds: the early and late ones, and the
-/// network driver a networked run loads ([`super::net::NET_MODULES`]).
+/// Every module the initramfs holds: the early and late ones, the
+/// network driver a networked run loads ([`super::net::NET_MODULES`]) and
+/// what a pod's guest loads ([`super::pod::POD_MODULES`]).
 pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
     EARLY_MODULES
         .iter()
         .chain(LATE_MODULES)
         .chain(FS_MODULES)
         .chain(super::net::NET_MODULES)
+        .chain(super::pod::POD_MODULES)
         .copied()
 }
 

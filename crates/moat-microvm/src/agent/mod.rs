@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub mod boot;
 pub mod net;
+mod pod;
 mod serve;
 
 /// Argument the kernel passes to the agent (`rdinit=/moat -- microvm-agent`).
@@ -23,6 +24,12 @@ pub const GUEST_MOAT: &str = "/moat";
 pub const GUEST_STATE_ROOT: &str = "/run/moat";
 /// The container's ID in the guest (one container per VM).
 pub const GUEST_ID: &str = "w0";
+
+/// Whether `id` can name a pod's container that joins the guest (its
+/// directory there among them).
+pub fn pod_id_ok(id: &str) -> bool {
+    pod::valid_id(id)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -14,7 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{boot, AgentError, GUEST_ID, GUEST_MOAT, GUEST_STATE_ROOT};
+use super::{boot, pod, AgentError, GUEST_ID, GUEST_MOAT, GUEST_STATE_ROOT};
 use crate::proto::{self, Decoder, Frame, Kind};
 
 /// How long a process's output may stay open after it exited (a
@@ -64,6 +64,9 @@ struct Proc {
     /// back as its end takes them): its socket is read only while some
     /// are left.
     out_credit: usize,
+    /// A pod's container that joined this guest ([`Kind::Join`]): its ID
+    /// in the guest (its runtime is the guest's `moat run --keep`).
+    joined: Option<String>,
 }
 
 impl Proc {
@@ -85,6 +88,7 @@ impl Proc {
             ready: None,
             socket: false,
             out_credit: 0,
+            joined: None,
         }
     }
 
@@ -179,6 +183,8 @@ pub struct Agent {
     /// Signals for the container's process and updates that came while it
     /// was being started: applied, in order, once it has.
     deferred: Vec<Deferred>,
+    /// The pod's disk, once a container joined ([`pod::find_disk`]).
+    pod_disk: Option<File>,
 }
 
 /// What waits for the container's process to have started.
@@ -241,6 +247,7 @@ impl Agent {
             held: None,
             start_pending: None,
             deferred: Vec::new(),
+            pod_disk: None,
         })
     }
 
@@ -382,6 +389,11 @@ impl Agent {
             Kind::Exec => {
                 let req: proto::ExecRequest = f.json()?;
                 let r = self.exec(f.chan, &req).map(|()| false);
+                self.answer(f.chan, r)
+            }
+            Kind::Join => {
+                let req: proto::JoinRequest = f.json()?;
+                let r = self.join(f.chan, req).map(|()| false);
                 self.answer(f.chan, r)
             }
             Kind::Forward => {
@@ -560,7 +572,7 @@ impl Agent {
         if let Some(held) = self.held.take() {
             match held_process(&held.config, &config) {
                 Ok(o) => {
-                    write_files(&req.files)?;
+                    write_files(&req.files, FILES)?;
                     self.start_held(chan, held, &o)?;
                     return Ok(true);
                 }
@@ -570,8 +582,8 @@ impl Agent {
                 }
             }
         }
-        write_files(&req.files)?;
-        write_bundle(&config)?;
+        write_files(&req.files, FILES)?;
+        write_bundle(BUNDLE, &config)?;
         seed_seccomp(&config, req.seccomp.as_ref());
         let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
         self.spawn(chan, How::Run, terminal, (req.rows, req.cols), true)?;
@@ -661,6 +673,15 @@ impl Agent {
         if chan == 0 || self.procs.contains_key(&chan) {
             return Err(AgentError::Request(format!("channel {chan} is in use")));
         }
+        let id = match &req.container {
+            None => GUEST_ID,
+            Some(c) if self.procs.values().any(|p| p.joined.as_ref() == Some(c)) => c.as_str(),
+            Some(c) => {
+                return Err(AgentError::Request(format!(
+                    "no container {c} runs in this guest"
+                )))
+            }
+        };
         let file = exec_file(chan, "json");
         let body = serde_json::to_vec(&req.process).unwrap_or_default();
         std::fs::write(&file, body).map_err(io(format!("write {file}")))?;
@@ -674,7 +695,7 @@ impl Agent {
             file.as_str(),
             "--pid-file",
             pid_file.as_str(),
-            GUEST_ID,
+            id,
         ];
         self.spawn(
             chan,
@@ -683,6 +704,96 @@ impl Agent {
             (req.rows, req.cols),
             false,
         )
+    }
+
+    /// Runs a pod's container that joins this guest ([`Kind::Join`]): its
+    /// disks (regions of the pod's disk), writable root and files under
+    /// its own directory, in the namespaces the pod shares with the
+    /// guest's own container, through the guest's `moat run --keep` (as an
+    /// exec's `moat exec`: its status is the container's, signals pass on).
+    fn join(&mut self, chan: u32, req: proto::JoinRequest) -> Result<(), AgentError> {
+        if !self.prepared || self.main_done || self.start_pending.is_some() {
+            return Err(AgentError::Request(
+                "the pod's container is not running".into(),
+            ));
+        }
+        if chan == 0 || self.procs.contains_key(&chan) {
+            return Err(AgentError::Request(format!("channel {chan} is in use")));
+        }
+        let id = req.id.clone();
+        if !pod::valid_id(&id) {
+            return Err(AgentError::Request(format!("bad container ID {id:?}")));
+        }
+        let dir = proto::pod_dir(&id);
+        if Path::new(&dir).exists() {
+            return Err(AgentError::Request(format!(
+                "container {id} already runs here"
+            )));
+        }
+        let mut config = req.config;
+        let root = config["root"]["path"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let inside = |p: &str| pod::under(p, &dir);
+        if !inside(&root)
+            || !req.disks.iter().all(|d| inside(&d.mount))
+            || !req.files.iter().all(|f| inside(&f.path))
+            || !req.overlay_root.as_deref().is_none_or(inside)
+        {
+            return Err(AgentError::Request(format!(
+                "container {id}'s paths are not all under {dir}"
+            )));
+        }
+        let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+        let main = moat_core::runtime::Lifecycle::state(&tier, GUEST_ID)
+            .ok()
+            .map(|c| c.state.pid)
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| AgentError::Request("the pod's container is not running".into()))?;
+        if self.pod_disk.is_none() {
+            boot::load_modules(pod::POD_MODULES)?;
+            self.pod_disk = Some(pod::find_disk()?);
+        }
+        let prepared = (|| {
+            if let Some(disk) = &self.pod_disk {
+                pod::mount_regions(disk, &req.disks)?;
+            }
+            if let Some(lower) = &req.overlay_root {
+                mount_overlay(lower, &root, &format!("{dir}/rw"))?;
+                own_root(&root, &config)?;
+            }
+            write_files(&req.files, &dir)?;
+            pod::share_namespaces(&mut config, &req.pod_namespaces, main);
+            write_bundle(&format!("{dir}/bundle"), &config)?;
+            seed_seccomp(&config, req.seccomp.as_ref());
+            Ok::<(), AgentError>(())
+        })();
+        if let Err(e) = prepared {
+            pod::clean_up(&dir);
+            return Err(e);
+        }
+        let pid_file = exec_file(chan, "pid");
+        let bundle = format!("{dir}/bundle");
+        let args = [
+            "--root",
+            GUEST_STATE_ROOT,
+            "run",
+            "--keep",
+            "--pid-file",
+            pid_file.as_str(),
+            "-b",
+            bundle.as_str(),
+            id.as_str(),
+        ];
+        if let Err(e) = self.spawn(chan, How::Exec(&args), false, (0, 0), false) {
+            pod::clean_up(&dir);
+            return Err(e);
+        }
+        if let Some(p) = self.procs.get_mut(&chan) {
+            p.joined = Some(id);
+        }
+        Ok(())
     }
 
     /// Connects to `addr` inside the container's network namespace, for a
@@ -922,6 +1033,14 @@ impl Agent {
                     exit.oom_kills = ev.oom_kills;
                     exit.pids_limit_hits = ev.pids_limit_hits;
                 }
+            }
+            if let Some(c) = &p.joined {
+                if let Ok(ev) = moat_core::runtime::Lifecycle::events(&tier, c) {
+                    exit.oom_kills = ev.oom_kills;
+                    exit.pids_limit_hits = ev.pids_limit_hits;
+                }
+                let _ = moat_core::runtime::Lifecycle::delete(&tier, c, true);
+                pod::clean_up(&proto::pod_dir(c));
             }
             if p.main {
                 self.started()?;
@@ -1405,8 +1524,8 @@ fn seed_seccomp(config: &serde_json::Value, program: Option<&proto::SeccompProgr
 }
 
 /// Writes `config` as the guest's bundle's config.json.
-fn write_bundle(config: &serde_json::Value) -> Result<(), AgentError> {
-    let bundle = Path::new(BUNDLE);
+fn write_bundle(bundle: &str, config: &serde_json::Value) -> Result<(), AgentError> {
+    let bundle = Path::new(bundle);
     std::fs::create_dir_all(bundle).map_err(io("create the bundle"))?;
     let cfg = serde_json::to_vec(config).unwrap_or_default();
     std::fs::write(bundle.join("config.json"), cfg).map_err(io("write config.json"))
@@ -1415,7 +1534,7 @@ fn write_bundle(config: &serde_json::Value) -> Result<(), AgentError> {
 /// Creates the container of `w` and holds its start ([`Held`]): returns
 /// once it is created (or failed).
 fn hold(w: &proto::WarmUp) -> Result<Held, AgentError> {
-    write_bundle(&w.config)?;
+    write_bundle(BUNDLE, &w.config)?;
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -1563,23 +1682,20 @@ const FILES: &str = "/run/vm/files";
 /// `path` if it names a per-run file: absolute, under [`FILES`], with no
 /// `..` in it.
 fn per_run_file(path: &str) -> Option<&Path> {
-    use std::path::Component;
-    let p = Path::new(path);
-    let plain = p
-        .components()
-        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    (plain && p.starts_with(FILES) && p != Path::new(FILES)).then_some(p)
+    pod::under(path, FILES).then_some(Path::new(path))
 }
 
-fn write_files(files: &[proto::GuestFile]) -> Result<(), AgentError> {
+/// Writes the run's files, each of which must be under `base`.
+fn write_files(files: &[proto::GuestFile], base: &str) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     for f in files {
-        let Some(p) = per_run_file(&f.path) else {
+        if !pod::under(&f.path, base) {
             return Err(AgentError::Request(format!(
-                "file {} is outside {FILES}",
+                "file {} is outside {base}",
                 f.path
             )));
-        };
+        }
+        let p = Path::new(&f.path);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
         }

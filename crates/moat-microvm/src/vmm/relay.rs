@@ -637,7 +637,11 @@ impl Relay {
             (Kind::Exit, ch) => {
                 let e: proto::Exit = f.json()?;
                 if let Some(x) = self.execs.remove(&ch) {
-                    let _ = control::send(x.client.as_fd(), &Reply::Exit { code: e.code });
+                    let reply = Reply::Exit {
+                        code: e.code,
+                        oom_kills: e.oom_kills,
+                    };
+                    let _ = control::send(x.client.as_fd(), &reply);
                 }
             }
             // Kinds only the host sends: a confused guest, ignored.
@@ -739,7 +743,15 @@ impl Relay {
             }
             // Attached or detached, the client holds the connection until
             // the process ends (a detached exec's stand-in does).
-            Request::Exec { request, .. } => self.start_exec(client, request)?,
+            Request::Exec { request, .. } => {
+                let frame = |ch| proto::encode_json(Kind::Exec, ch, &request);
+                self.start_exec(client, frame)?
+            }
+            // A pod's container: relayed as an exec's process is.
+            Request::Join { request } => {
+                let frame = |ch| proto::encode_json(Kind::Join, ch, &request);
+                self.start_exec(client, frame)?
+            }
             Request::Update { resources } => self.update(client, resources)?,
         }
         Ok(())
@@ -893,7 +905,13 @@ impl Relay {
         }
     }
 
-    fn start_exec(&mut self, client: OwnedFd, request: proto::ExecRequest) -> Result<(), VmmError> {
+    /// Takes an exec's (or a joined container's) stdio from `client` and
+    /// sends its request, `frame` on the channel it gets.
+    fn start_exec(
+        &mut self,
+        client: OwnedFd,
+        frame: impl FnOnce(u32) -> Vec<u8>,
+    ) -> Result<(), VmmError> {
         let fds: Result<Vec<OwnedFd>, _> =
             (0..3).map(|_| control::recv_fd(client.as_fd())).collect();
         let Ok(mut fds) = fds else {
@@ -932,8 +950,7 @@ impl Relay {
                 started: false,
             },
         );
-        let frame = proto::encode_json(Kind::Exec, ch, &request);
-        self.send(&frame)
+        self.send(&frame(ch))
     }
 }
 

@@ -1,0 +1,647 @@
+//! A Kubernetes pod in one microVM. The pod's sandbox (pause) container
+//! boots the VM, with one disk more than its own: the **pod disk**, a
+//! sparse file the guest reads and the host appends to. Each other
+//! container of the pod (containerd's CRI annotations name its sandbox)
+//! then **joins** that guest instead of booting one: `create` images its
+//! directories as any microVM container's, appends the images to the pod
+//! disk, and forks a host process that stands for it (its PID is the
+//! container's; it serves the container's control socket: `start`,
+//! `kill`); `start` has it send a [`Request::Join`] to the pod's VMM
+//! process, whose agent mounts the images through loop devices over their
+//! regions and runs the container with the guest's container tier in the
+//! namespaces of the pod's guest container: the pod's containers share
+//! one kernel, one `localhost`, the pod's address. A container that cannot
+//! join (a terminal, read-write volumes, hooks) gets a VM of its own, as
+//! before, with a warning.
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use moat_core::runtime::{CreateRequest, Launched, RuntimeError};
+use moat_core::state::{ContainerStatus, State};
+use moat_core::tier::Tier;
+use serde::{Deserialize, Serialize};
+
+use crate::control::{self, Reply, Request};
+use crate::guestspec::{self, Plan};
+use crate::{disk, proto, MicrovmError, MicrovmPart, MicrovmTier};
+
+/// The pod disk's file in the sandbox container's state directory.
+pub const POD_DISK: &str = "pod.disk";
+/// Its size as the guest sees it (sparse on the host: only the appended
+/// images take space).
+pub const POD_DISK_BYTES: u64 = 1 << 40;
+/// Where the first image goes; images start on this alignment, apart by
+/// at least this much (the guest's read-ahead never reaches the next).
+const ALIGN: u64 = 1 << 20;
+/// The guest memory of a pod's VM without a memory limit of its own
+/// (its containers' limits apply in the guest).
+pub const POD_MEMORY_MIB: u64 = 1024;
+
+/// A container that joined its pod's guest, as its state records it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Joined {
+    /// The pod's sandbox container (the VM's).
+    pub pod: String,
+    /// That container's control socket.
+    pub pod_control: PathBuf,
+    /// The pod disk, and this container's regions of it.
+    pub pod_disk: PathBuf,
+    pub regions: Vec<(u64, u64)>,
+}
+
+/// Makes the pod disk in `dir`: sparse, its header the magic and the next
+/// free offset. Returns it opened read-only, for the VMM.
+pub fn make_disk(dir: &Path) -> Result<(PathBuf, File), MicrovmError> {
+    let path = dir.join(POD_DISK);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(MicrovmError::io(format!("create {}", path.display())))?;
+    f.set_len(POD_DISK_BYTES)
+        .map_err(MicrovmError::io("size the pod disk"))?;
+    let mut head = proto::POD_DISK_MAGIC.to_vec();
+    head.extend_from_slice(&ALIGN.to_le_bytes());
+    f.write_all(&head)
+        .map_err(MicrovmError::io("write the pod disk's header"))?;
+    let ro = File::open(&path).map_err(MicrovmError::io(format!("open {}", path.display())))?;
+    Ok((path, ro))
+}
+
+/// Appends `image` to the pod disk at `disk` (under an exclusive lock:
+/// two containers of a pod may be created at once), copying only its
+/// data (an image is sparse). Returns its region: offset and size.
+pub fn append(disk: &Path, image: &Path) -> Result<(u64, u64), MicrovmError> {
+    let mut d = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .map_err(MicrovmError::io(format!("open {}", disk.display())))?;
+    rustix::fs::flock(&d, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| MicrovmError::io("lock the pod disk")(e.into()))?;
+    let mut head = [0u8; 16];
+    d.read_exact(&mut head)
+        .map_err(MicrovmError::io("read the pod disk's header"))?;
+    if &head[..8] != proto::POD_DISK_MAGIC {
+        return Err(MicrovmError::Invalid(format!(
+            "{} is not a pod disk",
+            disk.display()
+        )));
+    }
+    let offset = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+    let src = File::open(image).map_err(MicrovmError::io(format!("open {}", image.display())))?;
+    let size = src
+        .metadata()
+        .map_err(MicrovmError::io(format!("stat {}", image.display())))?
+        .len();
+    let next = (offset + size).div_ceil(ALIGN) * ALIGN + ALIGN;
+    if next > POD_DISK_BYTES {
+        return Err(MicrovmError::Invalid(format!(
+            "the pod's disk is full: {} GiB of images",
+            POD_DISK_BYTES >> 30
+        )));
+    }
+    copy_data(&src, &d, size, offset)?;
+    d.seek(SeekFrom::Start(8))
+        .and_then(|_| d.write_all(&next.to_le_bytes()))
+        .map_err(MicrovmError::io("write the pod disk's header"))?;
+    Ok((offset, size))
+}
+
+/// Copies the data extents of `src` (its first `size` bytes) into `dst`
+/// at `at` (holes stay holes).
+fn copy_data(src: &File, dst: &File, size: u64, at: u64) -> Result<(), MicrovmError> {
+    use rustix::fs::SeekFrom as S;
+    let io = |e: rustix::io::Errno| MicrovmError::io("copy an image into the pod disk")(e.into());
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match rustix::fs::seek(src, S::Data(pos)) {
+            Ok(p) => p,
+            // No data past `pos`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(io(e)),
+        };
+        let end = rustix::fs::seek(src, S::Hole(start)).map_err(io)?.min(size);
+        let mut from = start;
+        while from < end {
+            let mut off_in = from;
+            let mut off_out = at + from;
+            let n = rustix::fs::copy_file_range(
+                src,
+                Some(&mut off_in),
+                dst,
+                Some(&mut off_out),
+                (end - from) as usize,
+            )
+            .map_err(io)?;
+            if n == 0 {
+                return Err(MicrovmError::Invalid("an image ended while copied".into()));
+            }
+            from += n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// Gives the regions' space back (the guest never reads them again:
+/// offsets are not reused).
+pub fn release(disk: &Path, regions: &[(u64, u64)]) {
+    let Ok(d) = std::fs::OpenOptions::new().write(true).open(disk) else {
+        return;
+    };
+    for (offset, size) in regions {
+        let _ = rustix::fs::fallocate(
+            &d,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            *offset,
+            *size,
+        );
+    }
+}
+
+/// The namespace types a pod's container joins by path (the sandbox's):
+/// in the guest, they become the guest container's.
+fn joined_namespaces(spec: &oci_spec::runtime::Spec) -> Vec<String> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| n.path().is_some())
+        .filter_map(|n| match n.typ() {
+            T::Network => Some("network"),
+            T::Ipc => Some("ipc"),
+            T::Uts => Some("uts"),
+            T::Pid => Some("pid"),
+            _ => None,
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+impl MicrovmTier {
+    /// The pod whose guest this container joins: containerd's CRI
+    /// annotations name its sandbox, a microVM of this root that runs
+    /// with a pod disk. `None` (a VM of its own) for any other container,
+    /// and, with a warning, for one that cannot join.
+    pub(crate) fn pod_to_join(
+        &self,
+        req: &CreateRequest,
+        plan: &Plan,
+        launch: bool,
+    ) -> Option<(State, PathBuf, PathBuf)> {
+        use moat_core::tier::{CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
+        let ann = req.config.spec.annotations().as_ref()?;
+        if ann.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("container") {
+            return None;
+        }
+        let sandbox = ann.get(CRI_SANDBOX_ID)?;
+        if sandbox == req.id || launch {
+            return None;
+        }
+        let st = self.sd.load(sandbox).ok()?;
+        if st.tier != Tier::Microvm || !Self::alive(&st) || st.status != ContainerStatus::Running {
+            return None;
+        }
+        let part = self.part(&st).ok()?;
+        let disk = part.pod_disk.clone()?;
+        let why = if plan.config["process"]["terminal"].as_bool() == Some(true) {
+            Some("it has a terminal")
+        } else if !plan.volumes.is_empty() {
+            Some("it has read-write volumes (each a device the running guest cannot gain)")
+        } else if crate::create::has_host_hooks(&req.config.spec) {
+            Some("it has hooks to run on the host")
+        } else if !crate::agent::pod_id_ok(req.id) {
+            Some("its ID cannot name it in the guest")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::warn!(
+                "microvm: container {} does not join its pod's microVM ({why}): it gets a VM of its own, which shares the pod's network but not its localhost",
+                req.id
+            );
+            return None;
+        }
+        Some((st, disk, part.socket_dir.join(crate::SOCKET)))
+    }
+
+    /// `create` for a pod's container that joins its pod's guest (see the
+    /// module's documentation): its images appended to the pod disk, its
+    /// cgroup on the host (the config's limits: the guest applies them
+    /// too), and the host process that stands for it.
+    pub(crate) fn join_pod(
+        &self,
+        req: &CreateRequest,
+        (pod, pod_disk, pod_control): (State, PathBuf, PathBuf),
+        mut plan: Plan,
+    ) -> Result<Launched, RuntimeError> {
+        let dir_in_guest = proto::pod_dir(req.id);
+        guestspec::relocate(&mut plan, &dir_in_guest);
+        let lock = self.sd.create(req.id)?;
+        let dir = lock.dir().to_owned();
+        let mut undo = JoinUndo {
+            tier: self,
+            id: req.id,
+            pid: None,
+            cgroup: None,
+            socket_dir: None,
+            pod_disk: pod_disk.clone(),
+            regions: Vec::new(),
+            armed: true,
+        };
+        let mut st = crate::create::initial_state(req, &dir);
+        self.sd.save(&st)?;
+        let spec_json = serde_json::to_value(&req.config.spec)
+            .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
+        std::fs::write(
+            dir.join(crate::CONFIG),
+            serde_json::to_vec(&spec_json).unwrap_or_default(),
+        )
+        .map_err(MicrovmError::io("save the config"))?;
+        // Its directories, imaged as for a VM of its own, then appended.
+        let cache = self.cache_dir();
+        disk::ensure_dir(&cache)?;
+        let mut images: Vec<(PathBuf, String, bool)> = Vec::new();
+        for (i, need) in plan.disks.iter().enumerate() {
+            let (img, own) = if self.cacheable(&need.source) {
+                (disk::cached(&cache, &need.source)?, false)
+            } else {
+                let p = dir.join(format!("disk-{i}.ext4"));
+                (disk::per_container(&need.source, &p)?, true)
+            };
+            images.push((img.path, need.mount.clone(), own));
+        }
+        if !plan.group.is_empty() {
+            let cached = plan.group.iter().all(|s| self.cacheable(s));
+            let img = disk::group(
+                &plan.group,
+                cached.then_some(cache.as_path()),
+                &dir.join("group.ext4"),
+            )?;
+            images.push((img.path, format!("{dir_in_guest}/group"), !cached));
+        }
+        let mut disks = Vec::new();
+        for (path, mount, own) in &images {
+            let (offset, size) = append(&pod_disk, path)?;
+            undo.regions.push((offset, size));
+            disks.push(proto::PodRegion {
+                offset,
+                size,
+                mount: mount.clone(),
+            });
+            if *own {
+                // Its bytes are in the pod disk now.
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let mut files = Vec::new();
+        for f in &plan.files {
+            files.push(crate::create::read_small(&f.source, &f.guest)?);
+        }
+        let request = proto::JoinRequest {
+            id: req.id.to_string(),
+            config: plan.config.clone(),
+            disks,
+            files,
+            overlay_root: plan.disks.first().map(|d| d.mount.clone()),
+            pod_namespaces: joined_namespaces(&req.config.spec),
+            seccomp: crate::create::host_compiled_seccomp(&plan.config, self.sd.root()),
+        };
+        crate::create::refuse_oversized("the container's config and the files it binds", &request)?;
+        let rootless = !rustix::process::geteuid().is_root();
+        let cgroup = self.join_cgroup(req, &spec_json, rootless)?;
+        undo.cgroup = cgroup.clone();
+        let socket_dir = self.socket_dir(req.id);
+        let listener = crate::create::listen(&socket_dir)?;
+        undo.socket_dir = Some(socket_dir.clone());
+        let limit = spec_json["linux"]["resources"]["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .map(|l| l as u64);
+        let meminfo = File::open("/proc/meminfo").ok();
+        let events = dir.join(crate::EVENTS);
+        let pid = stand_in(StandIn {
+            listener,
+            pod_control: pod_control.clone(),
+            request,
+            oom_limit: cgroup.as_ref().and(limit),
+            meminfo,
+            events,
+        })?;
+        undo.pid = Some(pid);
+        if let Some(cg) = &cgroup {
+            cg.add_pid(pid).map_err(MicrovmError::from)?;
+        }
+        st.pid = pid;
+        st.pid_start_time = moat_jail::procfs::pid_start_time(pid).unwrap_or(0);
+        st.status = ContainerStatus::Created;
+        let pod_part = self.part(&pod).unwrap_or_default();
+        st.tier_state = serde_json::to_value(MicrovmPart {
+            cgroup: cgroup
+                .as_ref()
+                .map_or(serde_json::Value::Null, |c| c.to_saved()),
+            socket_dir,
+            backend: pod_part.backend,
+            joined: Some(Joined {
+                pod: pod.id.clone(),
+                pod_control,
+                pod_disk,
+                regions: undo.regions.clone(),
+            }),
+            ..MicrovmPart::default()
+        })
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        self.sd.save(&st)?;
+        if let Some(p) = req.pid_file {
+            crate::create::write_pid_file(p, pid)?;
+        }
+        undo.armed = false;
+        drop(lock);
+        Ok(Launched {
+            pid,
+            terminal: None,
+        })
+    }
+
+    /// The host cgroup of a joined container: the config's path and
+    /// limits (what the engines read and watch: its memory limit is where
+    /// an OOM kill in the guest is echoed); its one process is the
+    /// stand-in.
+    fn join_cgroup(
+        &self,
+        req: &CreateRequest,
+        spec: &serde_json::Value,
+        rootless: bool,
+    ) -> Result<Option<moat_jail::cgroup::CgroupManager>, RuntimeError> {
+        let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
+        let cg = moat_jail::cgroup::CgroupManager::new(
+            path.as_deref(),
+            req.id,
+            self.systemd_cgroup,
+            rootless,
+        )
+        .map_err(MicrovmError::from)?;
+        let resources = req
+            .config
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().clone());
+        match cg.create(resources.as_ref()) {
+            Ok(()) => Ok(Some(cg)),
+            Err(moat_jail::cgroup::CgroupError::NoDelegation { path, .. }) if rootless => {
+                tracing::warn!(
+                    "no delegated cgroup ({}): the container's stand-in runs without one",
+                    path.display()
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = cg.destroy();
+                Err(MicrovmError::from(e).into())
+            }
+        }
+    }
+
+    /// Where a container's exec goes: its own VMM process, or, for a
+    /// container that joined its pod's guest, the pod's (naming it).
+    pub(crate) fn exec_target(
+        &self,
+        st: &State,
+    ) -> Result<(PathBuf, Option<String>), RuntimeError> {
+        let part = self.part(st)?;
+        Ok(match part.joined {
+            Some(j) => (j.pod_control, Some(st.id.clone())),
+            None => (part.socket_dir.join(crate::SOCKET), None),
+        })
+    }
+}
+
+/// What a failed join must undo.
+struct JoinUndo<'a> {
+    tier: &'a MicrovmTier,
+    id: &'a str,
+    pid: Option<i32>,
+    cgroup: Option<moat_jail::cgroup::CgroupManager>,
+    socket_dir: Option<PathBuf>,
+    pod_disk: PathBuf,
+    regions: Vec<(u64, u64)>,
+    armed: bool,
+}
+
+impl Drop for JoinUndo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(pid) = self.pid {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.destroy();
+        }
+        if let Some(d) = &self.socket_dir {
+            let _ = std::fs::remove_dir_all(d);
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+        release(&self.pod_disk, &self.regions);
+        let _ = self.tier.sd.remove(self.id);
+    }
+}
+
+/// What the stand-in needs.
+struct StandIn {
+    /// The container's control socket (`start`, `kill` connect to it).
+    listener: OwnedFd,
+    pod_control: PathBuf,
+    request: proto::JoinRequest,
+    /// The container's memory limit on the host, to echo an OOM kill in
+    /// the guest to ([`crate::vmm::echo_oom`]).
+    oom_limit: Option<u64>,
+    meminfo: Option<File>,
+    /// Where the container's end is recorded (`events`).
+    events: PathBuf,
+}
+
+/// Forks the host process that stands for a joined container: its PID is
+/// the container's. It keeps `create`'s stdio (the engine's) for the
+/// container's, serves the container's control socket — `start` sends
+/// the join to the pod's VMM process with that stdio; a signal asked for
+/// (or one it gets) goes to the container in the guest — and exits with
+/// the container's status, after echoing an OOM kill to its cgroup.
+fn stand_in(s: StandIn) -> Result<i32, RuntimeError> {
+    let fork = MicrovmError::io("fork the process that stands for the container");
+    let one = moat_sys::process::OneThread::check().map_err(fork)?;
+    let pid = one
+        .fork(0, |one| {
+            let mut keep = vec![s.listener.as_raw_fd()];
+            keep.extend(s.meminfo.as_ref().map(|f| f.as_raw_fd()));
+            // The state lock and whatever else `create` held.
+            if moat_sys::fd::close_all_except(&keep).is_err() {
+                return 255;
+            }
+            let code = serve(&s);
+            let exit = proto::Exit {
+                code: code.0,
+                oom_kills: code.1,
+                pids_limit_hits: 0,
+            };
+            let _ = std::fs::write(&s.events, serde_json::to_vec(&exit).unwrap_or_default());
+            if code.1 > 0 {
+                if let Some(limit) = s.oom_limit {
+                    crate::vmm::echo_oom(&one, limit, s.meminfo.as_ref());
+                }
+            }
+            code.0
+        })
+        .map_err(MicrovmError::io(
+            "fork the process that stands for the container",
+        ))?;
+    Ok(pid)
+}
+
+/// The stand-in's life: (exit status, OOM kills in the guest).
+fn serve(s: &StandIn) -> (i32, u64) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut mask = SigSet::empty();
+    for sig in moat_jail::supervise::FORWARDED {
+        if sig != Signal::SIGWINCH {
+            mask.add(sig);
+        }
+    }
+    if mask.thread_block().is_err() {
+        return (255, 0);
+    }
+    let Ok(sfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    else {
+        return (255, 0);
+    };
+    // The join's connection to the pod's VMM process, once started.
+    let mut joined: Option<OwnedFd> = None;
+    loop {
+        let mut fds = vec![
+            PollFd::new(s.listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Some(j) = &joined {
+            fds.push(PollFd::new(j.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return (255, 0),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[1] {
+            while let Ok(Some(info)) = sfd.read_signal() {
+                let signal = info.ssi_signo as i32;
+                match &joined {
+                    Some(j) => {
+                        let _ = control::send(j.as_fd(), &Request::Signal { signal });
+                    }
+                    // Nothing runs yet: the signal ends the container.
+                    None => return (128 + signal, 0),
+                }
+            }
+        }
+        if ready.get(2) == Some(&true) {
+            if let Some(j) = &joined {
+                return match control::recv::<Reply>(j.as_fd()) {
+                    Ok(Reply::Exit { code, oom_kills }) => (code, oom_kills),
+                    // The pod's VM ended, and the container with it.
+                    _ => (137, 0),
+                };
+            }
+        }
+        if ready[0] {
+            let Ok(raw) = nix::sys::socket::accept4(
+                s.listener.as_raw_fd(),
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            ) else {
+                continue;
+            };
+            let Ok(client) = moat_sys::process::dup_raw_fd(raw) else {
+                let _ = nix::unistd::close(raw);
+                continue;
+            };
+            let _ = nix::unistd::close(raw);
+            let Ok(req) = control::recv::<Request>(client.as_fd()) else {
+                continue;
+            };
+            let reply = match req {
+                Request::Start if joined.is_none() => match start(s) {
+                    Ok(sock) => {
+                        joined = Some(sock);
+                        Reply::Ok
+                    }
+                    Err(r) => {
+                        let _ = control::send(client.as_fd(), &r);
+                        return (255, 0);
+                    }
+                },
+                Request::Start => Reply::Error {
+                    message: "the container is not in the created state".into(),
+                    exec_status: None,
+                },
+                Request::Signal { signal } => match &joined {
+                    Some(j) => {
+                        let _ = control::send(j.as_fd(), &Request::Signal { signal });
+                        Reply::Ok
+                    }
+                    None => {
+                        let _ = control::send(client.as_fd(), &Reply::Ok);
+                        return (128 + signal, 0);
+                    }
+                },
+                Request::Exec { .. } | Request::Update { .. } | Request::Join { .. } => {
+                    Reply::Error {
+                        message: "not for a pod's container's own socket".into(),
+                        exec_status: None,
+                    }
+                }
+            };
+            let _ = control::send(client.as_fd(), &reply);
+        }
+    }
+}
+
+/// Sends the join, with this process's stdio, to the pod's VMM process:
+/// its connection once the container runs, else the error reply.
+fn start(s: &StandIn) -> Result<OwnedFd, Reply> {
+    let failed = |message: String| Reply::Error {
+        message,
+        exec_status: None,
+    };
+    let (i, o, e) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    let stdio = [i.as_fd(), o.as_fd(), e.as_fd()];
+    let (sock, reply) = control::call(
+        &s.pod_control,
+        &Request::Join {
+            request: s.request.clone(),
+        },
+        &stdio,
+    )
+    .map_err(|e| failed(format!("the pod's microVM: {}", moat_core::error_chain(&e))))?;
+    match reply {
+        Reply::Ok => Ok(sock),
+        Reply::Error { .. } => Err(reply),
+        Reply::Exit { .. } => Err(failed("the container ended before it started".into())),
+    }
+}
