@@ -559,6 +559,14 @@ impl Cri {
         )
     }
 
+    /// The pod whose microVM a container joined (moat's state), if it did.
+    fn joined_pod(&self, id: &str) -> Option<String> {
+        let p = self.moat_root.join(K8S_NS).join(id).join("state.json");
+        let text = std::fs::read_to_string(p).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).expect("moat state JSON");
+        v["tier_state"]["joined"]["pod"].as_str().map(str::to_owned)
+    }
+
     /// The host PID moat recorded for a container's process.
     fn pid(&self, id: &str) -> i64 {
         let p = self.moat_root.join(K8S_NS).join(id).join("state.json");
@@ -944,16 +952,26 @@ fn cri_reports_an_oom_killed_container() {
         // A string that doubles until it is far over 32 MiB. (Not one
         // large block: a guest of ~200 MiB refuses a 256 MiB allocation
         // outright, as its kernel's overcommit heuristic says.)
+        // It waits for the test's word (an exec), so that moat's state of
+        // it can be read while it runs (containerd deletes it once it
+        // ends).
         let cmd = [
             "sh",
             "-c",
-            "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
+            "until [ -e /tmp/go ]; do sleep 0.1; done; exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
         ];
         let hog = c
             .create(&pod_id, &pod_cfg, "hog", &cmd, 32 << 20)
             .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
         c.start_container(&hog)
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
+        if handler == "moat-microvm" {
+            // It runs in the pod's VM; the kill there is echoed in its own
+            // cgroup by the host process that stands for it.
+            assert_eq!(c.joined_pod(&hog).as_deref(), Some(pod_id.as_str()));
+        }
+        let (code, out, err) = c.exec(&hog, &["touch", "/tmp/go"]);
+        assert_eq!(code, 0, "{handler}: {out} {err}");
         // A microVM on a loaded machine may boot cold first.
         let st = c.wait_exited(&hog, Duration::from_secs(180));
         assert_eq!(
@@ -961,6 +979,7 @@ fn cri_reports_an_oom_killed_container() {
             ("OOMKilled", 137),
             "{handler}: {st:?}"
         );
+
         // The pod itself lives on.
         assert_eq!(c.pod_state(&pod_id), cri::PodSandboxState::SandboxReady);
         ids.extend([pod_id, hog]);
@@ -991,12 +1010,10 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
         let (pod_id, pod_cfg) = c
             .run_pod(&pod)
             .unwrap_or_else(|e| panic!("RunPodSandbox {}: {e}\n{}", pod.name, c.d.log()));
-        // A microvm pod's pause container is a container-tier one: only
-        // the pod's containers get VMs (one each).
-        let pause_tier = if tier == "microvm" { "container" } else { tier };
+        // A microvm pod's pause container boots the pod's VM.
         assert_eq!(
             c.tier(&pod_id).as_deref(),
-            Some(pause_tier),
+            Some(tier),
             "{}'s pause container",
             pod.name
         );
@@ -1031,6 +1048,9 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
             "{}'s container",
             pod.name
         );
+        // Its read-write volume is a device the running pod VM cannot
+        // gain: it gets a VM of its own.
+        assert_eq!(c.joined_pod(&app), None, "{}", pod.name);
         let start = Instant::now();
         let kernel = loop {
             let lines = c.log_lines(pod.name, "app");
@@ -1080,9 +1100,9 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
 /// annotations (`pod_annotations` in deploy/containerd/moat.toml passes
 /// them to every container of the pod): its container's guest gets the
 /// stack, with the port it publishes answering on the node (the pod is on
-/// the node's network here); the pause container, in the container tier,
-/// ignores them (it holds the pod's namespaces; on the node's network it
-/// could not take them at all).
+/// the node's network here). The stack is the pod VM's, booted by the
+/// pause container; the pod's container joins that VM and serves on its
+/// network.
 #[test]
 fn cri_gives_a_microvm_pods_container_the_stacks_network() {
     if !can_run_cri("cri_gives_a_microvm_pods_container_the_stacks_network") {
@@ -1100,7 +1120,7 @@ fn cri_gives_a_microvm_pods_container_the_stacks_network() {
     let (pod_id, cfg) = c
         .run_pod(&pod)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.d.log()));
-    assert_eq!(c.tier(&pod_id).as_deref(), Some("container"));
+    assert_eq!(c.tier(&pod_id).as_deref(), Some("microvm"));
     let cmd = ["sh", "-c", GUEST_SERVER];
     let app = c
         .create(&pod_id, &cfg, "web", &cmd, 0)
@@ -1108,16 +1128,17 @@ fn cri_gives_a_microvm_pods_container_the_stacks_network() {
     c.start_container(&app)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
+    assert_eq!(c.joined_pod(&app).as_deref(), Some(pod_id.as_str()));
     assert_guest_serves(&format!("http://127.0.0.1:{port}"));
     c.stop_and_remove_pod(&pod_id);
     c.remove_all_and_check_clean(&[pod_id, app]);
 }
 
 /// A `moat-microvm` pod on a pod network (the CNI bridge plugin), as a
-/// Kubernetes pod is: its container's guest takes over the pod's
-/// interface, so the pod's address — the one CRI reports — reaches the
-/// guest's kernel from the node, with no annotation. The pause container
-/// holds the pod's namespace in the container tier.
+/// Kubernetes pod is: the pod's VM (its pause container's) takes over the
+/// pod's interface, so the pod's address — the one CRI reports — reaches
+/// the guest's kernel from the node, with no annotation; the pod's
+/// containers join that VM and share its network: one `localhost`.
 #[test]
 fn cri_gives_a_microvm_pods_container_the_pods_address() {
     if !can_run_cri("cri_gives_a_microvm_pods_container_the_pods_address") {
@@ -1139,7 +1160,7 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         }
     }
     let _bridge = Bridge;
-    assert_eq!(c.tier(&pod_id).as_deref(), Some("container"));
+    assert_eq!(c.tier(&pod_id).as_deref(), Some("microvm"));
     let req = cri::PodSandboxStatusRequest {
         pod_sandbox_id: pod_id.clone(),
         verbose: false,
@@ -1159,17 +1180,18 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     c.start_container(&app)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&app).as_deref(), Some("microvm"));
+    assert_eq!(c.joined_pod(&app).as_deref(), Some(pod_id.as_str()));
     assert_guest_serves(&format!("http://{ip}:8000"));
-    // A second container of the pod (a sidecar) finds the interface taken
-    // and gets moat's stack from the pod's namespace: it reaches the node
-    // from the pod's address while the first guest keeps serving on it.
+    // A second container of the pod (a sidecar) joins the same VM: it
+    // reaches the first's server on `localhost` and the node from the
+    // pod's address, while the first keeps serving on it.
     let gateway = CNI_SUBNET.replace(".0/24", ".1");
     let node = OneConnection::listen(&gateway);
     let cmd = [
         "sh",
         "-c",
         &format!(
-            "echo from-the-sidecar | nc -w 10 {gateway} {}; sleep 600",
+            "(wget -qO- http://127.0.0.1:8000/f; echo from-the-sidecar) | nc -w 10 {gateway} {}; sleep 600",
             node.port
         ),
     ];
@@ -1179,11 +1201,23 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     c.start_container(&sidecar)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
     assert_eq!(c.tier(&sidecar).as_deref(), Some("microvm"));
-    let (peer, line) = node.wait();
-    assert_eq!(
-        (peer.as_str(), line.as_str()),
-        (ip.as_str(), "from-the-sidecar\n")
+    assert_eq!(c.joined_pod(&sidecar).as_deref(), Some(pod_id.as_str()));
+    let (peer, text) = node.wait();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(peer, ip, "the sidecar's address is the pod's");
+    assert!(
+        text.starts_with("inside-")
+            && !text.contains(host.trim())
+            && text.ends_with("\nfrom-the-sidecar\n"),
+        "the app's server, reached by the sidecar on localhost: {text:?}"
     );
+    // They share the pod's hostname (its UTS namespace), not their
+    // process trees.
+    let (_, app_host, _) = c.exec(&app, &["hostname"]);
+    let (_, car_host, _) = c.exec(&sidecar, &["hostname"]);
+    assert_eq!(app_host, car_host);
+    let (_, car_ps, _) = c.exec(&sidecar, &["ps", "-o", "args"]);
+    assert!(!car_ps.contains("httpd"), "the sidecar's processes: {car_ps}");
     assert_guest_serves(&format!("http://{ip}:8000"));
     // `kubectl port-forward`: containerd connects to localhost:8000 inside
     // the pod's namespace, which reaches the guest's server.

@@ -23,6 +23,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a forwarded connection's connect may take in the guest (to
 /// one of the container's own addresses: answered at once, or refused).
 const FORWARD_CONNECT: Duration = Duration::from_secs(5);
+/// How long a joined container's `Started` waits for it to run.
+const JOIN_START: Duration = Duration::from_secs(60);
 /// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
 const READ_AHEAD_KIB: u32 = 1024;
 
@@ -791,9 +793,26 @@ impl Agent {
             return Err(e);
         }
         if let Some(p) = self.procs.get_mut(&chan) {
-            p.joined = Some(id);
+            p.joined = Some(id.clone());
         }
-        Ok(())
+        // `Started` once the container runs (an exec right after `start`
+        // must find it) or its runtime has ended (its `Exit` follows).
+        let end = Instant::now() + JOIN_START;
+        loop {
+            self.reap();
+            let ended = self.procs.get(&chan).is_none_or(|p| p.status.is_some());
+            let runs = moat_core::runtime::Lifecycle::state(&tier, &id).is_ok_and(|c| {
+                !matches!(
+                    c.status,
+                    moat_core::state::ContainerStatus::Creating
+                        | moat_core::state::ContainerStatus::Created
+                )
+            });
+            if ended || runs || Instant::now() >= end {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Connects to `addr` inside the container's network namespace, for a
