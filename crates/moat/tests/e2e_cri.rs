@@ -1217,7 +1217,10 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     let (_, car_host, _) = c.exec(&sidecar, &["hostname"]);
     assert_eq!(app_host, car_host);
     let (_, car_ps, _) = c.exec(&sidecar, &["ps", "-o", "args"]);
-    assert!(!car_ps.contains("httpd"), "the sidecar's processes: {car_ps}");
+    assert!(
+        !car_ps.contains("httpd"),
+        "the sidecar's processes: {car_ps}"
+    );
     assert_guest_serves(&format!("http://{ip}:8000"));
     // `kubectl port-forward`: containerd connects to localhost:8000 inside
     // the pod's namespace, which reaches the guest's server.

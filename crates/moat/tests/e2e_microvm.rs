@@ -2475,3 +2475,190 @@ fn rootless_read_write_volumes_get_the_container_tiers_owners() {
     assert_eq!(owners[0], (nobody, nobody), "the container tier's owner");
     assert_eq!(owners[1], owners[0], "the microvm tier's, the same");
 }
+
+/// `moat create` of bundle `b` as container `id`, its stdout to a file of
+/// its own.
+fn create_as<'a>(rt: &'a Rt, b: &Bundle, id: &str) -> Ctr<'a> {
+    let out = rt.scratch_file(&format!("{id}-stdout"));
+    let bundle = b.dir().display().to_string();
+    rt.cmd_with(
+        &["create", "--bundle", &bundle, id],
+        Opts {
+            env: env(),
+            stdout: Some(out.clone()),
+            ..Opts::default()
+        },
+    )
+    .expect_ok();
+    Ctr {
+        rt,
+        id: id.to_owned(),
+        out: Some(out),
+    }
+}
+
+/// A busybox bundle of a Kubernetes pod as containerd's CRI plugin writes
+/// it: typed `sandbox` (its own sandbox) or `container` of sandbox `pod`,
+/// a container joining the namespaces of process `pod_pid`.
+fn pod_bundle(args: &[&str], pod: &str, pod_pid: Option<u32>) -> Bundle {
+    let mut b = vm_bundle(args);
+    let kind = if pod_pid.is_some() {
+        "container"
+    } else {
+        "sandbox"
+    };
+    b.set(
+        "/annotations",
+        serde_json::json!({
+            "dev.moat.isolation": "microvm",
+            "io.kubernetes.cri.container-type": kind,
+            "io.kubernetes.cri.sandbox-id": pod,
+        }),
+    );
+    if let Some(pid) = pod_pid {
+        b.set(
+            "/linux/namespaces",
+            serde_json::json!([
+                {"type": "pid"},
+                {"type": "mount"},
+                {"type": "network", "path": format!("/proc/{pid}/ns/net")},
+                {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+                {"type": "uts", "path": format!("/proc/{pid}/ns/uts")},
+            ]),
+        );
+    }
+    b.write_config();
+    b
+}
+
+/// Blocks of a file the host has allocated, in bytes.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// A pod's containers share its sandbox's VM (one guest kernel, one
+/// `localhost`, the sandbox's hostname), each in a container of its own
+/// there, through the plain OCI commands with containerd's CRI
+/// annotations: a host process stands for each (no VMM of its own), exec
+/// reaches it, kill and delete end it alone, its ID can be used again,
+/// its images' space on the pod disk is given back, and the pod VM's end
+/// ends it.
+#[test]
+fn a_pods_containers_join_its_sandboxs_vm() {
+    let Some(rt) = rt("a_pods_containers_join_its_sandboxs_vm") else {
+        return;
+    };
+    let pod_id = rt.new_id("pod");
+    let pause = pod_bundle(&["sleep", "100000"], &pod_id, None);
+    let pod = create_as(&rt, &pause, &pod_id);
+    cmd(&rt, &["start", &pod_id]).expect_ok();
+    let vmm = pod.pid() as u32;
+    let disk = rt.root().join(&pod_id).join("pod.disk");
+    assert!(disk.is_file(), "the pod's VM has a pod disk");
+    let empty = allocated(&disk);
+
+    let app = pod_bundle(
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /dev/shm/www && echo from-app > /dev/shm/www/i && echo app-up && exec httpd -f -p 127.0.0.1:8000 -h /dev/shm/www",
+        ],
+        &pod_id,
+        Some(vmm),
+    );
+    let app_id = rt.new_id("app");
+    let a = create_as(&rt, &app, &app_id);
+    assert_eq!(a.status(), "created");
+    let stand_in = a.pid() as u32;
+    assert_ne!(stand_in, vmm);
+    let children: Vec<u32> = all_processes()
+        .into_iter()
+        .filter(|(_, ppid, _)| *ppid == stand_in)
+        .map(|(p, _, _)| p)
+        .collect();
+    assert!(children.is_empty(), "no VMM of its own: {children:?}");
+    assert!(allocated(&disk) > empty, "its images went to the pod disk");
+    assert_eq!(a.output(), "", "nothing runs before start");
+    cmd(&rt, &["start", &app_id]).expect_ok();
+    a.wait_output("app-up");
+    assert_eq!(a.status(), "running");
+    // Its exec runs in its own container in the pod's guest.
+    let ex = cmd(&rt, &["exec", &app_id, "cat", "/dev/shm/www/i"]);
+    assert_eq!(
+        (ex.code, ex.stdout.as_str()),
+        (Some(0), "from-app\n"),
+        "{ex:?}"
+    );
+    // The sandbox's container sees the app's server on its localhost, not
+    // its files (nor its /dev/shm: IPC is shared, a mount is not).
+    let ex = cmd(
+        &rt,
+        &[
+            "exec",
+            &pod_id,
+            "sh",
+            "-c",
+            "wget -qO- http://127.0.0.1:8000/i; ls /dev/shm/www",
+        ],
+    );
+    assert_eq!(ex.stdout, "from-app\n", "{ex:?}");
+    assert!(ex.stderr.contains("No such file"), "{ex:?}");
+
+    // A sidecar, twice under one ID: it reaches the app on localhost, on
+    // the same kernel, under the same hostname.
+    let car_id = rt.new_id("car");
+    let car = pod_bundle(
+        &[
+            "sh",
+            "-c",
+            "wget -qO- http://127.0.0.1:8000/i; uname -r; hostname; exit 3",
+        ],
+        &pod_id,
+        Some(vmm),
+    );
+    let kernel = cmd(&rt, &["exec", &app_id, "uname", "-r"]).stdout;
+    let hostname = cmd(&rt, &["exec", &pod_id, "hostname"]).stdout;
+    for round in 0..2 {
+        let c = create_as(&rt, &car, &car_id);
+        cmd(&rt, &["start", &car_id]).expect_ok();
+        c.wait_status("stopped");
+        assert_eq!(
+            c.output(),
+            format!("from-app\n{kernel}{hostname}"),
+            "round {round}"
+        );
+        let ev = std::fs::read_to_string(rt.root().join(&car_id).join("events.json"))
+            .unwrap_or_default();
+        assert!(ev.contains("\"code\":3"), "its exit status: {ev}");
+        cmd(&rt, &["delete", &car_id]).expect_ok();
+        drop(c);
+    }
+
+    // SIGKILL ends the app alone; the pod lives on, and the space of its
+    // images goes back once it is deleted.
+    cmd(&rt, &["kill", &app_id, "KILL"]).expect_ok();
+    a.wait_status("stopped");
+    assert_eq!(pod.status(), "running");
+    cmd(&rt, &["delete", &app_id]).expect_ok();
+    drop(a);
+    assert_eq!(allocated(&disk), empty, "the pod disk's space came back");
+
+    // The pod VM's end is its containers' end.
+    let last_id = rt.new_id("last");
+    let last = pod_bundle(
+        &["sh", "-c", "echo last-up; exec sleep 100000"],
+        &pod_id,
+        Some(vmm),
+    );
+    let l = create_as(&rt, &last, &last_id);
+    cmd(&rt, &["start", &last_id]).expect_ok();
+    l.wait_output("last-up");
+    cmd(&rt, &["kill", &pod_id, "KILL"]).expect_ok();
+    pod.wait_status("stopped");
+    l.wait_status("stopped");
+    cmd(&rt, &["delete", &last_id]).expect_ok();
+    cmd(&rt, &["delete", &pod_id]).expect_ok();
+    drop((l, pod));
+    assert_clean(&rt);
+}
