@@ -673,4 +673,36 @@ mod tests {
         assert_eq!(guest_vcpus(&c, 1), 1);
         assert_eq!(guest_vcpus(&c, 0), 1);
     }
+
+    #[test]
+    fn a_joined_containers_guest_paths_move_under_its_directory() {
+        let spec = json!({
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/x/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "type": "bind", "source": "/x/data", "options": ["rbind", "ro"]},
+            ]
+        });
+        let probe = Probe {
+            kind: &|p: &Path| {
+                if p.ends_with("hosts") {
+                    SourceKind::File
+                } else {
+                    SourceKind::Dir
+                }
+            },
+            own_disk: &|_| false,
+            shared_file: &|_| false,
+        };
+        let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
+        relocate(&mut plan, "/run/vm/pod/c1");
+        let m = &plan.config["mounts"];
+        assert_eq!(plan.config["root"]["path"], "/run/vm/pod/c1/root");
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], "/run/vm/pod/c1/files/0");
+        assert_eq!(m[2]["source"], "/run/vm/pod/c1/group/0");
+        assert_eq!(plan.disks[0].mount, "/run/vm/pod/c1/disk/0");
+        assert_eq!(plan.files[0].guest, "/run/vm/pod/c1/files/0");
+    }
 }

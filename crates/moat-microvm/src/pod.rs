@@ -645,3 +645,70 @@ fn start(s: &StandIn) -> Result<OwnedFd, Reply> {
         Reply::Exit { .. } => Err(failed("the container ended before it started".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    /// A sparse image: `data` at 0 and at 3 MiB, a hole between.
+    fn sparse_image(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(data, 0).unwrap();
+        f.write_all_at(data, 3 << 20).unwrap();
+        p
+    }
+
+    #[test]
+    fn images_are_appended_apart_with_their_holes_and_given_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, ro) = make_disk(d.path()).unwrap();
+        let mut head = [0u8; 8];
+        ro.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(&head, proto::POD_DISK_MAGIC);
+        assert_eq!(ro.metadata().unwrap().len(), POD_DISK_BYTES);
+        let a = sparse_image(d.path(), "a", b"first image");
+        let b = sparse_image(d.path(), "b", b"second");
+        let (oa, sa) = append(&path, &a).unwrap();
+        let (ob, sb) = append(&path, &b).unwrap();
+        assert_eq!((oa, sa, sb), (ALIGN, 4 << 20, 4 << 20));
+        // Aligned, and a read ahead past the first never reaches the second.
+        assert!(ob % ALIGN == 0 && ob >= oa + sa + ALIGN, "{ob}");
+        let read = |at: u64, n: usize| {
+            let mut buf = vec![0u8; n];
+            ro.read_exact_at(&mut buf, at).unwrap();
+            buf
+        };
+        assert_eq!(read(oa, 11), b"first image");
+        assert_eq!(read(oa + (3 << 20), 11), b"first image");
+        assert_eq!(read(ob, 6), b"second");
+        assert_eq!(read(ob + (3 << 20), 6), b"second");
+        // Only the data was written: the holes stayed holes.
+        let used = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(used < (1 << 20), "{used} bytes allocated");
+        release(&path, &[(oa, sa)]);
+        assert_eq!(read(oa, 11), vec![0u8; 11]);
+        assert_eq!(read(ob, 6), b"second");
+        // Not a pod disk: refused.
+        assert!(append(&a, &b).is_err());
+    }
+
+    #[test]
+    fn a_pod_containers_shared_namespaces_are_the_ones_it_joins() {
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts", "path": "/proc/7/ns/uts"},
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(joined_namespaces(&spec), ["network", "ipc", "uts"]);
+    }
+}
