@@ -44,6 +44,9 @@ pub enum Request {
     /// following; sent by the host process that stands for it
     /// (`crate::pod`).
     Join { request: crate::proto::JoinRequest },
+    /// The terminal's new size, for a joined container's process (its
+    /// stand-in's terminal was resized).
+    Resize { rows: u16, cols: u16 },
 }
 
 /// The VMM process's answer.

@@ -1154,7 +1154,7 @@ pub(crate) fn host_pty() -> Result<nix::pty::OpenptyResult, MicrovmError> {
 
 /// Makes `tty` (a pty slave) this process's stdio and controlling
 /// terminal.
-fn become_terminal(tty: OwnedFd) -> Result<(), nix::Error> {
+pub(crate) fn become_terminal(tty: OwnedFd) -> Result<(), nix::Error> {
     nix::unistd::setsid()?;
     nix::unistd::dup2_stdin(&tty)?;
     nix::unistd::dup2_stdout(&tty)?;

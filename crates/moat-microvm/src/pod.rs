@@ -11,8 +11,8 @@
 //! regions and runs the container with the guest's container tier in the
 //! namespaces of the pod's guest container: the pod's containers share
 //! one kernel, one `localhost`, the pod's address. A container that cannot
-//! join (a terminal, read-write volumes, hooks) gets a VM of its own, as
-//! before, with a warning.
+//! join (read-write volumes, host hooks, a terminal without a console
+//! socket) gets a VM of its own, as before, with a warning.
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -212,8 +212,9 @@ impl MicrovmTier {
         }
         let part = self.part(&st).ok()?;
         let disk = part.pod_disk.clone()?;
-        let why = if plan.config["process"]["terminal"].as_bool() == Some(true) {
-            Some("it has a terminal")
+        let terminal = plan.config["process"]["terminal"].as_bool() == Some(true);
+        let why = if terminal && req.console_socket.is_none() {
+            Some("it has a terminal and no console socket")
         } else if !plan.volumes.is_empty() {
             Some("it has read-write volumes (each a device the running guest cannot gain)")
         } else if crate::create::has_host_hooks(&req.config.spec) {
@@ -328,6 +329,17 @@ impl MicrovmTier {
             .map(|l| l as u64);
         let meminfo = File::open("/proc/meminfo").ok();
         let events = dir.join(crate::EVENTS);
+        // A terminal: a raw host pty whose master goes to the console
+        // socket and whose slave is the stand-in's terminal (its window
+        // size changes reach the guest's pty).
+        let pty = match (
+            req.console_socket,
+            spec_json["process"]["terminal"].as_bool(),
+        ) {
+            (Some(_), Some(true)) => Some(crate::create::host_pty()?),
+            _ => None,
+        };
+        let (master, tty) = pty.map(|p| (p.master, p.slave)).unzip();
         let pid = stand_in(StandIn {
             listener,
             pod_control: pod_control.clone(),
@@ -335,6 +347,7 @@ impl MicrovmTier {
             oom_limit: cgroup.as_ref().and(limit),
             meminfo,
             events,
+            tty,
         })?;
         undo.pid = Some(pid);
         if let Some(cg) = &cgroup {
@@ -362,6 +375,9 @@ impl MicrovmTier {
         self.sd.save(&st)?;
         if let Some(p) = req.pid_file {
             crate::create::write_pid_file(p, pid)?;
+        }
+        if let (Some(m), Some(sock)) = (master, req.console_socket) {
+            crate::create::send_console(sock, m)?;
         }
         undo.armed = false;
         drop(lock);
@@ -473,6 +489,8 @@ struct StandIn {
     meminfo: Option<File>,
     /// Where the container's end is recorded (`events`).
     events: PathBuf,
+    /// The container's terminal (a host pty's slave), if it has one.
+    tty: Option<OwnedFd>,
 }
 
 /// Forks the host process that stands for a joined container: its PID is
@@ -481,16 +499,22 @@ struct StandIn {
 /// the join to the pod's VMM process with that stdio; a signal asked for
 /// (or one it gets) goes to the container in the guest — and exits with
 /// the container's status, after echoing an OOM kill to its cgroup.
-fn stand_in(s: StandIn) -> Result<i32, RuntimeError> {
+fn stand_in(mut s: StandIn) -> Result<i32, RuntimeError> {
     let fork = MicrovmError::io("fork the process that stands for the container");
     let one = moat_sys::process::OneThread::check().map_err(fork)?;
     let pid = one
         .fork(0, |one| {
             let mut keep = vec![s.listener.as_raw_fd()];
             keep.extend(s.meminfo.as_ref().map(|f| f.as_raw_fd()));
+            keep.extend(s.tty.as_ref().map(|f| f.as_raw_fd()));
             // The state lock and whatever else `create` held.
             if moat_sys::fd::close_all_except(&keep).is_err() {
                 return 255;
+            }
+            if let Some(t) = s.tty.take() {
+                if crate::create::become_terminal(t).is_err() {
+                    return 255;
+                }
             }
             let code = serve(&s);
             let exit = proto::Exit {
@@ -519,9 +543,7 @@ fn serve(s: &StandIn) -> (i32, u64) {
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     let mut mask = SigSet::empty();
     for sig in moat_jail::supervise::FORWARDED {
-        if sig != Signal::SIGWINCH {
-            mask.add(sig);
-        }
+        mask.add(sig);
     }
     if mask.thread_block().is_err() {
         return (255, 0);
@@ -552,6 +574,12 @@ fn serve(s: &StandIn) -> (i32, u64) {
         if ready[1] {
             while let Ok(Some(info)) = sfd.read_signal() {
                 let signal = info.ssi_signo as i32;
+                if signal == Signal::SIGWINCH as i32 {
+                    if let Some(j) = &joined {
+                        resize(j.as_fd());
+                    }
+                    continue;
+                }
                 match &joined {
                     Some(j) => {
                         let _ = control::send(j.as_fd(), &Request::Signal { signal });
@@ -588,6 +616,8 @@ fn serve(s: &StandIn) -> (i32, u64) {
             let reply = match req {
                 Request::Start if joined.is_none() => match start(s) {
                     Ok(sock) => {
+                        // The terminal may have been resized meanwhile.
+                        resize(sock.as_fd());
                         joined = Some(sock);
                         Reply::Ok
                     }
@@ -610,14 +640,29 @@ fn serve(s: &StandIn) -> (i32, u64) {
                         return (128 + signal, 0);
                     }
                 },
-                Request::Exec { .. } | Request::Update { .. } | Request::Join { .. } => {
-                    Reply::Error {
-                        message: "not for a pod's container's own socket".into(),
-                        exec_status: None,
-                    }
-                }
+                Request::Exec { .. }
+                | Request::Update { .. }
+                | Request::Join { .. }
+                | Request::Resize { .. } => Reply::Error {
+                    message: "not for a pod's container's own socket".into(),
+                    exec_status: None,
+                },
             };
             let _ = control::send(client.as_fd(), &reply);
+        }
+    }
+}
+
+/// Passes this process's terminal's size on to the container's, when its
+/// stdin is one.
+fn resize(joined: std::os::fd::BorrowedFd) {
+    if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdin()) {
+        if ws.ws_row > 0 && ws.ws_col > 0 {
+            let req = Request::Resize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            };
+            let _ = control::send(joined, &req);
         }
     }
 }

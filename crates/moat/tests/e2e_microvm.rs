@@ -2541,7 +2541,8 @@ fn allocated(path: &Path) -> u64 {
 /// `localhost`, the sandbox's hostname), each in a container of its own
 /// there, through the plain OCI commands with containerd's CRI
 /// annotations: a host process stands for each (no VMM of its own), exec
-/// reaches it, kill and delete end it alone, its ID can be used again,
+/// reaches it, a terminal works as a VM's own (one line discipline,
+/// resizes), kill and delete end it alone, its ID can be used again,
 /// its images' space on the pod disk is given back, and the pod VM's end
 /// ends it.
 #[test]
@@ -2634,6 +2635,74 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         cmd(&rt, &["delete", &car_id]).expect_ok();
         drop(c);
     }
+
+    // With a terminal (an engine's console socket, as for `kubectl debug`
+    // or `kubectl run -it`): the guest's pty is the one line discipline,
+    // and the engine's resizes reach it.
+    let mut tty = pod_bundle(
+        &[
+            "sh",
+            "-c",
+            &tty_script(3, "while read x; do stty size; done"),
+        ],
+        &pod_id,
+        Some(vmm),
+    );
+    tty.set("/process/terminal", serde_json::json!(true));
+    tty.write_config();
+    let sock = rt.scratch_file("pod-console.sock");
+    let accepted = console_master(&sock);
+    let tty_id = rt.new_id("tty");
+    let bundle = tty.dir().display().to_string();
+    let sock_s = sock.display().to_string();
+    cmd(
+        &rt,
+        &[
+            "create",
+            "--bundle",
+            &bundle,
+            "--console-socket",
+            &sock_s,
+            &tty_id,
+        ],
+    )
+    .expect_ok();
+    let t = Ctr {
+        rt: &rt,
+        id: tty_id.clone(),
+        out: None,
+    };
+    let mut master = std::fs::File::from(accepted.join().unwrap());
+    let screen = Screen::of(&master);
+    cmd(&rt, &["start", &tty_id]).expect_ok();
+    let tpid = t.pid() as u32;
+    assert!(
+        !all_processes().iter().any(|(_, ppid, _)| *ppid == tpid),
+        "joined: no VMM of its own"
+    );
+    one_discipline(&mut master, &screen, b"\x03\x04\x1c", " 03 04 1c", "abc");
+    rustix::termios::tcsetwinsize(
+        &master,
+        rustix::termios::Winsize {
+            ws_row: 33,
+            ws_col: 77,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )
+    .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while !screen.text().contains("33 77") {
+        assert!(
+            std::time::Instant::now() < end,
+            "no resize: {}",
+            screen.text()
+        );
+        std::io::Write::write_all(&mut master, b"\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cmd(&rt, &["delete", "--force", &tty_id]).expect_ok();
+    drop(t);
 
     // SIGKILL ends the app alone; the pod lives on, and the space of its
     // images goes back once it is deleted.

@@ -788,7 +788,13 @@ impl Agent {
             bundle.as_str(),
             id.as_str(),
         ];
-        if let Err(e) = self.spawn(chan, How::Exec(&args), false, (0, 0), false) {
+        let terminal = config["process"]["terminal"].as_bool().unwrap_or(false);
+        let size = &config["process"]["consoleSize"];
+        let size = (
+            size["height"].as_u64().unwrap_or(0).min(u16::MAX.into()) as u16,
+            size["width"].as_u64().unwrap_or(0).min(u16::MAX.into()) as u16,
+        );
+        if let Err(e) = self.spawn(chan, How::Exec(&args), terminal, size, false) {
             pod::clean_up(&dir);
             return Err(e);
         }

@@ -450,6 +450,12 @@ impl Relay {
                 // here the stand-in's).
                 let signal = match control::recv::<Request>(x.client.as_fd()) {
                     Ok(Request::Signal { signal }) => signal,
+                    Ok(Request::Resize { rows, cols }) => {
+                        let msg = proto::Resize { rows, cols };
+                        return self
+                            .send(&proto::encode_json(Kind::Resize, ch, &msg))
+                            .map(|()| None);
+                    }
                     // Nothing else is asked on an exec's connection.
                     Ok(_) => return Ok(None),
                     Err(_) => {
@@ -753,6 +759,8 @@ impl Relay {
                 self.start_exec(client, frame)?
             }
             Request::Update { resources } => self.update(client, resources)?,
+            // Only on a joined container's connection.
+            Request::Resize { .. } => {}
         }
         Ok(())
     }
