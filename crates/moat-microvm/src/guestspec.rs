@@ -240,12 +240,55 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     Ok(plan)
 }
 
+/// Where a pod's VM keeps its emptyDir volumes ([`empty_dirs_in_guest`]).
+pub const POD_VOLUMES: &str = "/run/vm/pod-volumes";
+
+/// Whether `source` is a Kubernetes emptyDir volume as the kubelet makes
+/// them: `…/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`.
+pub fn is_empty_dir(source: &Path) -> bool {
+    let parts: Vec<_> = source.components().collect();
+    matches!(
+        parts.as_slice(),
+        [.., a, b, _name] if a.as_os_str() == "volumes" && b.as_os_str() == "kubernetes.io~empty-dir"
+    )
+}
+
+/// Takes a pod's container's emptyDir volumes out of `plan.volumes` and
+/// binds them from directories of the pod's guest instead (as Kata does by
+/// default): shared by every container of the pod that names the same
+/// volume, kept across the container's restarts, gone with the pod's VM;
+/// their writes stay in the guest's memory, as a joined container's root's
+/// do. Returns those directories (the agent makes them).
+pub fn empty_dirs_in_guest(plan: &mut Plan) -> Vec<String> {
+    use sha2::Digest;
+    let mut dirs = Vec::new();
+    let (empty, kept): (Vec<VolumeNeed>, Vec<VolumeNeed>) = std::mem::take(&mut plan.volumes)
+        .into_iter()
+        .partition(|v| is_empty_dir(&v.source));
+    plan.volumes = kept;
+    for v in empty {
+        let key = sha2::Sha256::digest(v.source.as_os_str().as_encoded_bytes());
+        let key: String = key.iter().take(12).map(|b| format!("{b:02x}")).collect();
+        let dir = format!("{POD_VOLUMES}/{key}");
+        if let Some(list) = plan.config["mounts"].as_array_mut() {
+            for m in list.iter_mut().filter(|m| m["source"] == v.mount.as_str()) {
+                m["source"] = json!(dir);
+            }
+        }
+        dirs.push(dir);
+    }
+    dirs
+}
+
 /// Moves every guest path of `plan` (its root, its binds' sources, its
 /// disks' mount points, its files) from under `/run/vm` to under `dir`:
 /// a pod's container joining its pod's guest ([`crate::proto::pod_dir`])
 /// has its own.
 pub fn relocate(plan: &mut Plan, dir: &str) {
     let moved = |p: &str| {
+        if Path::new(p).starts_with(POD_VOLUMES) {
+            return None;
+        }
         p.strip_prefix("/run/vm/")
             .map(|rest| format!("{dir}/{rest}"))
     };
@@ -704,5 +747,47 @@ mod tests {
         assert_eq!(m[2]["source"], "/run/vm/pod/c1/group/0");
         assert_eq!(plan.disks[0].mount, "/run/vm/pod/c1/disk/0");
         assert_eq!(plan.files[0].guest, "/run/vm/pod/c1/files/0");
+    }
+
+    #[test]
+    fn a_pods_empty_dirs_stay_in_its_guest() {
+        let ed = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache";
+        assert!(is_empty_dir(Path::new(ed)));
+        for other in [
+            "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir",
+            "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~host-path/x",
+            "/srv/data",
+        ] {
+            assert!(!is_empty_dir(Path::new(other)), "{other}");
+        }
+        let spec = json!({
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/cache", "type": "bind", "source": ed, "options": ["rbind", "rw"]},
+                {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+            ]
+        });
+        let probe = Probe {
+            kind: &|_: &Path| SourceKind::Dir,
+            own_disk: &|_| false,
+            shared_file: &|_| false,
+        };
+        let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
+        assert_eq!(plan.volumes.len(), 2);
+        let dirs = empty_dirs_in_guest(&mut plan);
+        relocate(&mut plan, "/run/vm/pod/c1");
+        assert_eq!(dirs.len(), 1);
+        assert!(dirs[0].starts_with(&format!("{POD_VOLUMES}/")), "{dirs:?}");
+        let m = &plan.config["mounts"];
+        // The emptyDir from the guest's directory, kept where it is; the
+        // other volume stays one.
+        assert_eq!(m[0]["source"], dirs[0].as_str());
+        assert_eq!(m[1]["source"], "/run/vm/pod/c1/fs/1");
+        assert_eq!(plan.volumes.len(), 1);
+        assert_eq!(plan.volumes[0].source, Path::new("/srv/data"));
+        // The same volume in another container of the pod: the same
+        // directory.
+        let mut again = super::plan(&spec, Path::new("/y/rootfs"), &probe).unwrap();
+        assert_eq!(empty_dirs_in_guest(&mut again), dirs);
     }
 }

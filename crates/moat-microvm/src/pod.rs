@@ -215,8 +215,12 @@ impl MicrovmTier {
         let terminal = plan.config["process"]["terminal"].as_bool() == Some(true);
         let why = if terminal && req.console_socket.is_none() {
             Some("it has a terminal and no console socket")
-        } else if !plan.volumes.is_empty() {
-            Some("it has read-write volumes (each a device the running guest cannot gain)")
+        } else if plan
+            .volumes
+            .iter()
+            .any(|v| !guestspec::is_empty_dir(&v.source))
+        {
+            Some("it has read-write volumes other than emptyDirs (each a device the running guest cannot gain)")
         } else if crate::create::has_host_hooks(&req.config.spec) {
             Some("it has hooks to run on the host")
         } else if !crate::agent::pod_id_ok(req.id) {
@@ -245,6 +249,7 @@ impl MicrovmTier {
         mut plan: Plan,
     ) -> Result<Launched, RuntimeError> {
         let dir_in_guest = proto::pod_dir(req.id);
+        let pod_volumes = guestspec::empty_dirs_in_guest(&mut plan);
         guestspec::relocate(&mut plan, &dir_in_guest);
         let lock = self.sd.create(req.id)?;
         let dir = lock.dir().to_owned();
@@ -315,6 +320,7 @@ impl MicrovmTier {
             overlay_root: plan.disks.first().map(|d| d.mount.clone()),
             pod_namespaces: joined_namespaces(&req.config.spec),
             seccomp: crate::create::host_compiled_seccomp(&plan.config, self.sd.root()),
+            pod_volumes,
         };
         crate::create::refuse_oversized("the container's config and the files it binds", &request)?;
         let rootless = !rustix::process::geteuid().is_root();

@@ -519,6 +519,10 @@ pub struct JoinRequest {
     pub pod_namespaces: Vec<String>,
     #[serde(default)]
     pub seccomp: Option<SeccompProgram>,
+    /// Directories of the pod's guest the container binds (its emptyDir
+    /// volumes, under `guestspec::POD_VOLUMES`): made if new.
+    #[serde(default)]
+    pub pod_volumes: Vec<String>,
 }
 
 /// An ext4 image at `offset` of the pod's disk, `size` bytes long, and

@@ -1173,9 +1173,18 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
             .expect("a pod status");
     let ip = status.network.expect("the pod's network").ip;
     assert!(ip.starts_with("10.213.0."), "the pod's address: {ip:?}");
-    let cmd = ["sh", "-c", GUEST_SERVER];
+    // An emptyDir the two containers share (where the kubelet makes them):
+    // in the pod's guest.
+    let kubelet = tempfile::tempdir().unwrap();
+    let empty_dir = kubelet
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~empty-dir/notes");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let server = format!("echo shared-note > /notes/n; {GUEST_SERVER}");
+    let cmd = ["sh", "-c", server.as_str()];
+    let notes = [("/notes", empty_dir.as_path())];
     let app = c
-        .create(&pod_id, &cfg, "web", &cmd, 0)
+        .create_with(&pod_id, &cfg, "web", &cmd, (0, 0), &notes)
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     c.start_container(&app)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
@@ -1191,12 +1200,12 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         "sh",
         "-c",
         &format!(
-            "(wget -qO- http://127.0.0.1:8000/f; echo from-the-sidecar) | nc -w 10 {gateway} {}; sleep 600",
+            "(wget -qO- http://127.0.0.1:8000/f; cat /notes/n; echo from-the-sidecar) | nc -w 10 {gateway} {}; sleep 600",
             node.port
         ),
     ];
     let sidecar = c
-        .create(&pod_id, &cfg, "sidecar", &cmd, 0)
+        .create_with(&pod_id, &cfg, "sidecar", &cmd, (0, 0), &notes)
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.d.log()));
     c.start_container(&sidecar)
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.d.log()));
@@ -1208,9 +1217,10 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
     assert!(
         text.starts_with("inside-")
             && !text.contains(host.trim())
-            && text.ends_with("\nfrom-the-sidecar\n"),
-        "the app's server, reached by the sidecar on localhost: {text:?}"
+            && text.ends_with("\nshared-note\nfrom-the-sidecar\n"),
+        "the app's server, reached by the sidecar on localhost, and the app's note in their emptyDir: {text:?}"
     );
+    assert_eq!(std::fs::read_dir(&empty_dir).unwrap().count(), 0);
     // They share the pod's hostname (its UTS namespace), not their
     // process trees.
     let (_, app_host, _) = c.exec(&app, &["hostname"]);

@@ -2541,8 +2541,9 @@ fn allocated(path: &Path) -> u64 {
 /// `localhost`, the sandbox's hostname), each in a container of its own
 /// there, through the plain OCI commands with containerd's CRI
 /// annotations: a host process stands for each (no VMM of its own), exec
-/// reaches it, a terminal works as a VM's own (one line discipline,
-/// resizes), kill and delete end it alone, its ID can be used again,
+/// reaches it, an emptyDir volume is shared in the guest, a terminal works
+/// as a VM's own (one line discipline, resizes), kill and delete end it
+/// alone, its ID can be used again,
 /// its images' space on the pod disk is given back, and the pod VM's end
 /// ends it.
 #[test]
@@ -2559,15 +2560,28 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     assert!(disk.is_file(), "the pod's VM has a pod disk");
     let empty = allocated(&disk);
 
-    let app = pod_bundle(
+    // An emptyDir volume, where the kubelet puts them: the pod's
+    // containers share it in the guest, which keeps it.
+    let pod_dir = tempfile::tempdir().unwrap();
+    let empty_dir = pod_dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~empty-dir/shared");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let shared = serde_json::json!({
+        "destination": "/shared", "type": "bind",
+        "source": empty_dir.display().to_string(), "options": ["rbind", "rw"],
+    });
+    let mut app = pod_bundle(
         &[
             "sh",
             "-c",
-            "mkdir -p /dev/shm/www && echo from-app > /dev/shm/www/i && echo app-up && exec httpd -f -p 127.0.0.1:8000 -h /dev/shm/www",
+            "mkdir -p /dev/shm/www && echo from-app > /dev/shm/www/i && echo in-empty-dir > /shared/x && echo app-up && exec httpd -f -p 127.0.0.1:8000 -h /dev/shm/www",
         ],
         &pod_id,
         Some(vmm),
     );
+    app.push("/mounts", shared.clone());
+    app.write_config();
     let app_id = rt.new_id("app");
     let a = create_as(&rt, &app, &app_id);
     assert_eq!(a.status(), "created");
@@ -2609,15 +2623,17 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     // A sidecar, twice under one ID: it reaches the app on localhost, on
     // the same kernel, under the same hostname.
     let car_id = rt.new_id("car");
-    let car = pod_bundle(
+    let mut car = pod_bundle(
         &[
             "sh",
             "-c",
-            "wget -qO- http://127.0.0.1:8000/i; uname -r; hostname; exit 3",
+            "wget -qO- http://127.0.0.1:8000/i; cat /shared/x; uname -r; hostname; exit 3",
         ],
         &pod_id,
         Some(vmm),
     );
+    car.push("/mounts", shared);
+    car.write_config();
     let kernel = cmd(&rt, &["exec", &app_id, "uname", "-r"]).stdout;
     let hostname = cmd(&rt, &["exec", &pod_id, "hostname"]).stdout;
     for round in 0..2 {
@@ -2626,7 +2642,7 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         c.wait_status("stopped");
         assert_eq!(
             c.output(),
-            format!("from-app\n{kernel}{hostname}"),
+            format!("from-app\nin-empty-dir\n{kernel}{hostname}"),
             "round {round}"
         );
         let ev = std::fs::read_to_string(rt.root().join(&car_id).join("events.json"))
@@ -2703,6 +2719,9 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     }
     cmd(&rt, &["delete", "--force", &tty_id]).expect_ok();
     drop(t);
+
+    // The emptyDir's files stayed in the guest.
+    assert_eq!(std::fs::read_dir(&empty_dir).unwrap().count(), 0);
 
     // SIGKILL ends the app alone; the pod lives on, and the space of its
     // images goes back once it is deleted.

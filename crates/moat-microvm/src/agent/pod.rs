@@ -98,6 +98,18 @@ pub fn mount_regions(disk: &File, regions: &[proto::PodRegion]) -> Result<(), Ag
     Ok(())
 }
 
+/// Makes a pod's emptyDir volume in the guest, if new: world-writable, as
+/// the kubelet makes them.
+pub fn make_volume(dir: &str) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    if Path::new(dir).is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("create {dir}")))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .map_err(io(format!("chmod {dir}")))
+}
+
 /// Points the namespaces `types` of `config` at those of the process
 /// `pid` (the guest's own container): the joined container shares the
 /// pod's network (its `localhost`), IPC and UTS namespaces there as it

@@ -742,6 +742,10 @@ impl Agent {
             || !req.disks.iter().all(|d| inside(&d.mount))
             || !req.files.iter().all(|f| inside(&f.path))
             || !req.overlay_root.as_deref().is_none_or(inside)
+            || !req
+                .pod_volumes
+                .iter()
+                .all(|v| pod::under(v, crate::guestspec::POD_VOLUMES))
         {
             return Err(AgentError::Request(format!(
                 "container {id}'s paths are not all under {dir}"
@@ -758,6 +762,9 @@ impl Agent {
             self.pod_disk = Some(pod::find_disk()?);
         }
         let prepared = (|| {
+            for v in &req.pod_volumes {
+                pod::make_volume(v)?;
+            }
             if let Some(disk) = &self.pod_disk {
                 pod::mount_regions(disk, &req.disks)?;
             }
