@@ -1200,7 +1200,7 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         "sh",
         "-c",
         &format!(
-            "(wget -qO- http://127.0.0.1:8000/f; cat /notes/n; echo from-the-sidecar) | nc -w 10 {gateway} {}; sleep 600",
+            "echo sidecar-up; echo sidecar-err >&2; (wget -qO- http://127.0.0.1:8000/f; cat /notes/n; echo from-the-sidecar) | nc -w 10 {gateway} {}; sleep 600",
             node.port
         ),
     ];
@@ -1221,6 +1221,9 @@ fn cri_gives_a_microvm_pods_container_the_pods_address() {
         "the app's server, reached by the sidecar on localhost, and the app's note in their emptyDir: {text:?}"
     );
     assert_eq!(std::fs::read_dir(&empty_dir).unwrap().count(), 0);
+    // Its stdio is the engine's: both streams in its CRI log.
+    wait_for_log(&c, "podip", "sidecar", ("stdout", "sidecar-up"));
+    wait_for_log(&c, "podip", "sidecar", ("stderr", "sidecar-err"));
     // They share the pod's hostname (its UTS namespace), not their
     // process trees.
     let (_, app_host, _) = c.exec(&app, &["hostname"]);
