@@ -55,18 +55,40 @@ fn shown_host_path(source: &Path) -> bool {
 const VOLATILE_ETC: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 
 /// What a failed create must undo.
-struct Undo<'a> {
-    tier: &'a MicrovmTier,
-    id: &'a str,
-    pid: Option<i32>,
-    cgroup: Option<moat_jail::cgroup::CgroupManager>,
-    socket_dir: Option<PathBuf>,
+pub(crate) struct Undo<'a> {
+    pub tier: &'a MicrovmTier,
+    pub id: &'a str,
+    pub pid: Option<i32>,
+    pub cgroup: Option<moat_jail::cgroup::CgroupManager>,
+    pub socket_dir: Option<PathBuf>,
     slot: Option<(u32, String)>,
     volume_slot: Option<(u32, String)>,
     net_stack: Option<moat_container::network::StackProcess>,
     volumes: Option<crate::volumes::VolumeServer>,
     pod_link: Option<crate::podnet::PodLinkRecord>,
-    armed: bool,
+    /// A joined container's regions of its pod's disk (`crate::pod`).
+    pub pod_regions: Option<(PathBuf, Vec<(u64, u64)>)>,
+    pub armed: bool,
+}
+
+impl<'a> Undo<'a> {
+    /// Nothing to undo yet but the state of container `id`.
+    pub fn new(tier: &'a MicrovmTier, id: &'a str) -> Undo<'a> {
+        Undo {
+            tier,
+            id,
+            pid: None,
+            cgroup: None,
+            socket_dir: None,
+            slot: None,
+            volume_slot: None,
+            net_stack: None,
+            volumes: None,
+            pod_link: None,
+            pod_regions: None,
+            armed: true,
+        }
+    }
 }
 
 impl Drop for Undo<'_> {
@@ -107,6 +129,9 @@ impl Drop for Undo<'_> {
         }
         if let Some(slot) = &self.volume_slot {
             crate::ops::release_slot(slot);
+        }
+        if let Some((disk, regions)) = &self.pod_regions {
+            crate::pod::release(disk, regions);
         }
         // The jail's mount point, per-container images, the state.
         let _ = self.tier.sd.remove(self.id);
@@ -165,19 +190,7 @@ impl MicrovmTier {
         };
         moat_core::steps::mark("microvm-plan");
         let lock = self.sd.create(req.id)?;
-        let mut undo = Undo {
-            tier: self,
-            id: req.id,
-            pid: None,
-            cgroup: None,
-            socket_dir: None,
-            slot: None,
-            volume_slot: None,
-            net_stack: None,
-            volumes: None,
-            pod_link: None,
-            armed: true,
-        };
+        let mut undo = Undo::new(self, req.id);
         let dir = lock.dir().to_owned();
         let mut st = initial_state(req, &dir);
         self.sd.save(&st)?;
@@ -758,14 +771,7 @@ impl MicrovmTier {
         mem_mib: u64,
         rootless: bool,
     ) -> Result<Option<moat_jail::cgroup::CgroupManager>, RuntimeError> {
-        let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
-        let cg = moat_jail::cgroup::CgroupManager::new(
-            path.as_deref(),
-            req.id,
-            self.systemd_cgroup,
-            rootless,
-        )
-        .map_err(MicrovmError::from)?;
+        let cg = self.config_cgroup(req, spec, rootless)?;
         if rootless && !asks_limits(&spec["linux"]["resources"]) {
             match cg.create(None) {
                 Ok(()) => {}
@@ -794,6 +800,26 @@ impl MicrovmTier {
             return Err(MicrovmError::from(e).into());
         }
         Ok(Some(cg))
+    }
+}
+
+impl MicrovmTier {
+    /// The cgroup the config names (`cgroupsPath`, or one of the
+    /// container's ID), not yet made.
+    pub(crate) fn config_cgroup(
+        &self,
+        req: &CreateRequest,
+        spec: &serde_json::Value,
+        rootless: bool,
+    ) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
+        let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
+        Ok(moat_jail::cgroup::CgroupManager::new(
+            path.as_deref(),
+            req.id,
+            self.systemd_cgroup,
+            rootless,
+        )
+        .map_err(MicrovmError::from)?)
     }
 }
 

@@ -253,16 +253,9 @@ impl MicrovmTier {
         guestspec::relocate(&mut plan, &dir_in_guest);
         let lock = self.sd.create(req.id)?;
         let dir = lock.dir().to_owned();
-        let mut undo = JoinUndo {
-            tier: self,
-            id: req.id,
-            pid: None,
-            cgroup: None,
-            socket_dir: None,
-            pod_disk: pod_disk.clone(),
-            regions: Vec::new(),
-            armed: true,
-        };
+        let mut undo = crate::create::Undo::new(self, req.id);
+        undo.pod_regions = Some((pod_disk.clone(), Vec::new()));
+        let mut regions = Vec::new();
         let mut st = crate::create::initial_state(req, &dir);
         self.sd.save(&st)?;
         let spec_json = serde_json::to_value(&req.config.spec)
@@ -297,7 +290,8 @@ impl MicrovmTier {
         let mut disks = Vec::new();
         for (path, mount, own) in &images {
             let (offset, size) = append(&pod_disk, path)?;
-            undo.regions.push((offset, size));
+            regions.push((offset, size));
+            undo.pod_regions = Some((pod_disk.clone(), regions.clone()));
             disks.push(proto::PodRegion {
                 offset,
                 size,
@@ -373,7 +367,7 @@ impl MicrovmTier {
                 pod: pod.id.clone(),
                 pod_control,
                 pod_disk,
-                regions: undo.regions.clone(),
+                regions,
             }),
             ..MicrovmPart::default()
         })
@@ -403,14 +397,7 @@ impl MicrovmTier {
         spec: &serde_json::Value,
         rootless: bool,
     ) -> Result<Option<moat_jail::cgroup::CgroupManager>, RuntimeError> {
-        let path = spec["linux"]["cgroupsPath"].as_str().map(PathBuf::from);
-        let cg = moat_jail::cgroup::CgroupManager::new(
-            path.as_deref(),
-            req.id,
-            self.systemd_cgroup,
-            rootless,
-        )
-        .map_err(MicrovmError::from)?;
+        let cg = self.config_cgroup(req, spec, rootless)?;
         let resources = req
             .config
             .spec
@@ -444,42 +431,6 @@ impl MicrovmTier {
             Some(j) => (j.pod_control, Some(st.id.clone())),
             None => (part.socket_dir.join(crate::SOCKET), None),
         })
-    }
-}
-
-/// What a failed join must undo.
-struct JoinUndo<'a> {
-    tier: &'a MicrovmTier,
-    id: &'a str,
-    pid: Option<i32>,
-    cgroup: Option<moat_jail::cgroup::CgroupManager>,
-    socket_dir: Option<PathBuf>,
-    pod_disk: PathBuf,
-    regions: Vec<(u64, u64)>,
-    armed: bool,
-}
-
-impl Drop for JoinUndo<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(pid) = self.pid {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-        }
-        if let Some(cg) = &self.cgroup {
-            let _ = cg.destroy();
-        }
-        if let Some(d) = &self.socket_dir {
-            let _ = std::fs::remove_dir_all(d);
-            if let Some(parent) = d.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
-        release(&self.pod_disk, &self.regions);
-        let _ = self.tier.sd.remove(self.id);
     }
 }
 

@@ -760,23 +760,7 @@ fn vm_bundle(args: &[&str]) -> Bundle {
 /// `moat create` of bundle `b` as a new container named after `name`, its
 /// stdout to a file of its own.
 fn create_ctr<'a>(rt: &'a Rt, b: &Bundle, name: &str) -> Ctr<'a> {
-    let id = rt.new_id(name);
-    let out = rt.scratch_file(&format!("{name}-stdout"));
-    let bundle = b.dir().display().to_string();
-    rt.cmd_with(
-        &["create", "--bundle", &bundle, &id],
-        Opts {
-            env: env(),
-            stdout: Some(out.clone()),
-            ..Opts::default()
-        },
-    )
-    .expect_ok();
-    Ctr {
-        rt,
-        id,
-        out: Some(out),
-    }
+    create_as(rt, b, &rt.new_id(name))
 }
 
 #[test]
@@ -944,6 +928,17 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     assert_clean(&rt);
 }
 
+/// `moat create` of bundle `b` as container `id` with a console socket.
+fn create_with_console(rt: &Rt, b: &Bundle, sock: &Path, id: &str) {
+    let bundle = b.dir().display().to_string();
+    let sock = sock.display().to_string();
+    cmd(
+        rt,
+        &["create", "--bundle", &bundle, "--console-socket", &sock, id],
+    )
+    .expect_ok();
+}
+
 /// A pty master sent to a console socket at `sock` (one connection).
 fn console_master(sock: &Path) -> std::thread::JoinHandle<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
@@ -1041,19 +1036,7 @@ fn a_guest_terminal_has_one_line_discipline() {
     let sock = rt.scratch_file("console.sock");
     let accepted = console_master(&sock);
     let id = rt.new_id("tty");
-    let bundle = b.dir().display().to_string();
-    cmd(
-        &rt,
-        &[
-            "create",
-            "--bundle",
-            &bundle,
-            "--console-socket",
-            &sock.display().to_string(),
-            &id,
-        ],
-    )
-    .expect_ok();
+    create_with_console(&rt, &b, &sock, &id);
     let ctr = Ctr {
         rt: &rt,
         id: id.clone(),
@@ -2669,20 +2652,7 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     let sock = rt.scratch_file("pod-console.sock");
     let accepted = console_master(&sock);
     let tty_id = rt.new_id("tty");
-    let bundle = tty.dir().display().to_string();
-    let sock_s = sock.display().to_string();
-    cmd(
-        &rt,
-        &[
-            "create",
-            "--bundle",
-            &bundle,
-            "--console-socket",
-            &sock_s,
-            &tty_id,
-        ],
-    )
-    .expect_ok();
+    create_with_console(&rt, &tty, &sock, &tty_id);
     let t = Ctr {
         rt: &rt,
         id: tty_id.clone(),
