@@ -38,7 +38,13 @@ pub enum Request {
     /// New limits for the container's cgroup in the guest (an OCI
     /// `linux.resources` object): applied there while it runs, or merged
     /// into the run's config before it starts.
-    Update { resources: serde_json::Value },
+    Update {
+        resources: serde_json::Value,
+        /// A container that joined this pod's guest (sent by its
+        /// stand-in); `None` is the VMM's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
+    },
     /// Run a pod's container in this guest (the VMM process's is the
     /// pod's own): relayed as an exec's process, three descriptors
     /// following; sent by the host process that stands for it
@@ -304,11 +310,13 @@ mod tests {
         let (a, b) = pair();
         let big = Request::Update {
             resources: serde_json::json!({"pad": "x".repeat(3 << 20)}),
+            container: None,
         };
         send(a.as_fd(), &big).unwrap();
         assert_eq!(recv::<Request>(b.as_fd()).unwrap(), big);
         let huge = Request::Update {
             resources: serde_json::json!({"pad": "x".repeat(MAX_LARGE)}),
+            container: None,
         };
         assert!(matches!(send(a.as_fd(), &huge), Err(ControlError::Bad(_))));
         // JSON shapes are stable: `moat` talks to VMM processes it started

@@ -645,7 +645,6 @@ impl Lifecycle for MicrovmTier {
         if c.status == ContainerStatus::Stopped {
             return Err(wrong(id, c.status, "cannot update it"));
         }
-        self.refuse_joined(&c.state, "updated")?;
         let (host, guest) = split_resources(resources);
         // The guest's part needs the agent, which a frozen VMM cannot
         // answer: refused before anything changes (runc's update of a
@@ -670,9 +669,15 @@ impl Lifecycle for MicrovmTier {
             );
         }
         let path = self.control_path(&c.state)?;
-        let (_sock, reply) =
-            control::call(&path, &control::Request::Update { resources: guest }, &[])
-                .map_err(MicrovmError::from)?;
+        let (_sock, reply) = control::call(
+            &path,
+            &control::Request::Update {
+                resources: guest,
+                container: None,
+            },
+            &[],
+        )
+        .map_err(MicrovmError::from)?;
         match reply {
             control::Reply::Ok => Ok(()),
             control::Reply::Error { message, .. } => Err(MicrovmError::Vmm(message).into()),

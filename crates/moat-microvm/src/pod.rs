@@ -473,7 +473,7 @@ fn stand_in(mut s: StandIn) -> Result<i32, RuntimeError> {
                     return 255;
                 }
             }
-            let code = serve(&s);
+            let code = serve(&mut s);
             let exit = proto::Exit {
                 code: code.0,
                 oom_kills: code.1,
@@ -494,7 +494,7 @@ fn stand_in(mut s: StandIn) -> Result<i32, RuntimeError> {
 }
 
 /// The stand-in's life: (exit status, OOM kills in the guest).
-fn serve(s: &StandIn) -> (i32, u64) {
+fn serve(s: &mut StandIn) -> (i32, u64) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -597,16 +597,44 @@ fn serve(s: &StandIn) -> (i32, u64) {
                         return (128 + signal, 0);
                     }
                 },
-                Request::Exec { .. }
-                | Request::Update { .. }
-                | Request::Join { .. }
-                | Request::Resize { .. } => Reply::Error {
-                    message: "not for a pod's container's own socket".into(),
-                    exec_status: None,
+                // New limits: the guest's part (the host's is the
+                // runtime's, on this process's cgroup), into the join
+                // before it is sent, to the container in the guest after.
+                Request::Update { resources, .. } => match &joined {
+                    None => {
+                        crate::vmm::merge_json(
+                            &mut s.request.config["linux"]["resources"],
+                            &resources,
+                        );
+                        Reply::Ok
+                    }
+                    Some(_) => update(s, resources),
                 },
+                Request::Exec { .. } | Request::Join { .. } | Request::Resize { .. } => {
+                    Reply::Error {
+                        message: "not for a pod's container's own socket".into(),
+                        exec_status: None,
+                    }
+                }
             };
             let _ = control::send(client.as_fd(), &reply);
         }
+    }
+}
+
+/// Asks the pod's VMM process to apply `resources` to the joined
+/// container in the guest; its answer.
+fn update(s: &StandIn, resources: serde_json::Value) -> Reply {
+    let req = Request::Update {
+        resources,
+        container: Some(s.request.id.clone()),
+    };
+    match control::call(&s.pod_control, &req, &[]) {
+        Ok((_, reply)) => reply,
+        Err(e) => Reply::Error {
+            message: format!("the pod's microVM: {}", moat_core::error_chain(&e)),
+            exec_status: None,
+        },
     }
 }
 

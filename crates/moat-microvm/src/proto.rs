@@ -567,6 +567,10 @@ pub struct CreditMsg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UpdateRequest {
     pub resources: serde_json::Value,
+    /// A joined container of the guest ([`JoinRequest::id`]); `None` is
+    /// the guest's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

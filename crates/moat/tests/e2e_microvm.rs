@@ -2524,7 +2524,8 @@ fn allocated(path: &Path) -> u64 {
 /// `localhost`, the sandbox's hostname), each in a container of its own
 /// there, through the plain OCI commands with containerd's CRI
 /// annotations: a host process stands for each (no VMM of its own), exec
-/// reaches it, an emptyDir volume is shared in the guest, a terminal works
+/// reaches it, `update` reaches its cgroup in the guest, an emptyDir
+/// volume is shared in the guest, a terminal works
 /// as a VM's own (one line discipline, resizes), kill and delete end it
 /// alone, its ID can be used again,
 /// its images' space on the pod disk is given back, and the pod VM's end
@@ -2578,9 +2579,23 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     assert!(children.is_empty(), "no VMM of its own: {children:?}");
     assert!(allocated(&disk) > empty, "its images went to the pod disk");
     assert_eq!(a.output(), "", "nothing runs before start");
+    // New limits before start go into its config; after, to its cgroup
+    // in the guest.
+    cmd(&rt, &["update", "--pids-limit", "9", &app_id]).expect_ok();
     cmd(&rt, &["start", &app_id]).expect_ok();
     a.wait_output("app-up");
     assert_eq!(a.status(), "running");
+    let limits = || {
+        let files = "/sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max";
+        cmd(&rt, &["exec", &app_id, "sh", "-c", &format!("cat {files}")]).stdout
+    };
+    assert_eq!(limits(), "9\nmax\n");
+    cmd(
+        &rt,
+        &["update", "--pids-limit", "7", "--memory", "200m", &app_id],
+    )
+    .expect_ok();
+    assert_eq!(limits(), "7\n209715200\n");
     // Its exec runs in its own container in the pod's guest.
     let ex = cmd(&rt, &["exec", &app_id, "cat", "/dev/shm/www/i"]);
     assert_eq!(

@@ -663,8 +663,17 @@ impl Agent {
         let resources: oci_spec::runtime::LinuxResources =
             serde_json::from_value(req.resources.clone())
                 .map_err(|e| AgentError::Request(format!("the new resources: {e}")))?;
+        let id = match &req.container {
+            None => GUEST_ID,
+            Some(c) if self.procs.values().any(|p| p.joined.as_ref() == Some(c)) => c.as_str(),
+            Some(c) => {
+                return Err(AgentError::Request(format!(
+                    "no container {c} runs in this guest"
+                )))
+            }
+        };
         let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-        moat_core::runtime::Lifecycle::update(&tier, GUEST_ID, &resources)
+        moat_core::runtime::Lifecycle::update(&tier, id, &resources)
             .map_err(|e| AgentError::Request(moat_core::error_chain(&e)))
     }
 

@@ -758,7 +758,10 @@ impl Relay {
                 let frame = |ch| proto::encode_json(Kind::Join, ch, &request);
                 self.start_exec(client, frame)?
             }
-            Request::Update { resources } => self.update(client, resources)?,
+            Request::Update {
+                resources,
+                container,
+            } => self.update(client, resources, container)?,
             // Only on a joined container's connection.
             Request::Resize { .. } => {}
         }
@@ -885,9 +888,14 @@ impl Relay {
     /// New limits for the container in the guest: merged into the run's
     /// config before it starts (the guest creates the container then),
     /// sent to the agent while it runs.
-    fn update(&mut self, client: OwnedFd, resources: serde_json::Value) -> Result<(), VmmError> {
+    fn update(
+        &mut self,
+        client: OwnedFd,
+        resources: serde_json::Value,
+        container: Option<String>,
+    ) -> Result<(), VmmError> {
         match self.phase {
-            Phase::Created => {
+            Phase::Created if container.is_none() => {
                 merge_json(&mut self.plan.run.config["linux"]["resources"], &resources);
                 let _ = control::send(client.as_fd(), &Reply::Ok);
                 Ok(())
@@ -896,8 +904,14 @@ impl Relay {
                 let ch = self.next_chan;
                 self.next_chan += 1;
                 self.updates.insert(ch, client);
-                let frame =
-                    proto::encode_json(Kind::Update, ch, &proto::UpdateRequest { resources });
+                let frame = proto::encode_json(
+                    Kind::Update,
+                    ch,
+                    &proto::UpdateRequest {
+                        resources,
+                        container,
+                    },
+                );
                 self.send(&frame)
             }
             _ => {
@@ -1041,7 +1055,7 @@ fn parse_mem_available(text: &str) -> Option<u64> {
 
 /// Merges `patch` into `target` as an update does: objects key by key,
 /// any other value replacing what was there; nulls change nothing.
-fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
+pub fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
     match (target.as_object_mut(), patch.as_object()) {
         (Some(t), Some(p)) => {
             for (k, v) in p {
