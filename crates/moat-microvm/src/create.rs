@@ -252,7 +252,11 @@ impl MicrovmTier {
                 .as_i64()
                 .is_none_or(|l| l <= 0)
             {
-                guest.mem_mib = guest.mem_mib.max(crate::pod::POD_MEMORY_MIB);
+                let pod_limit = self
+                    .config_cgroup(req, &spec_json, rootless)
+                    .ok()
+                    .and_then(|c| c.parent_memory_limit());
+                guest.mem_mib = pod_memory_mib(&host, pod_limit);
             }
             Some(path)
         } else {
@@ -823,6 +827,19 @@ impl MicrovmTier {
     }
 }
 
+/// The guest memory of a pod's VM whose pause container has no limit of
+/// its own: what the pod's cgroup (`pod_limit`, bytes: the kubelet's sum
+/// of its containers' limits and the RuntimeClass's overhead) leaves once
+/// the VMM's own memory is counted, so the VMM never outgrows the pod's
+/// cgroup; [`crate::pod::POD_MEMORY_MIB`] for a pod without a limit.
+fn pod_memory_mib(host: &HostChoice, pod_limit: Option<u64>) -> u64 {
+    match pod_limit {
+        Some(l) => ((l >> 20).saturating_sub(vmm_memory_limit(host, 0) >> 20))
+            .clamp(guestspec::MIN_MEMORY_MIB, guestspec::MAX_MEMORY_MIB),
+        None => crate::pod::POD_MEMORY_MIB,
+    }
+}
+
 /// The VMM's cgroup memory limit (bytes): the guest's RAM and the VMM's
 /// own memory ([`VMM_OVERHEAD_TCG_MIB`], [`VMM_OVERHEAD_KVM_MIB`]).
 fn vmm_memory_limit(host: &HostChoice, mem_mib: u64) -> u64 {
@@ -1346,6 +1363,39 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_vm_fits_its_pods_cgroup() {
+        let host = |backend| HostChoice {
+            backend,
+            kernel: crate::assets::GuestKernel {
+                image: PathBuf::new(),
+                release: String::new(),
+                modules: PathBuf::new(),
+            },
+            why: String::new(),
+        };
+        let tcg = host(Backend::Qemu {
+            binary: PathBuf::from("qemu"),
+            accel: moat_vmm::qemu::Accel::Tcg,
+        });
+        let kvm = host(Backend::Builtin);
+        // The VM and its VMM together never outgrow the pod's cgroup.
+        let gib = 1u64 << 30;
+        assert_eq!(pod_memory_mib(&tcg, Some(gib)), 1024 - VMM_OVERHEAD_TCG_MIB);
+        assert_eq!(pod_memory_mib(&kvm, Some(gib)), 1024 - VMM_OVERHEAD_KVM_MIB);
+        for l in [gib, 3 * gib, 300 << 20] {
+            let vm = vmm_memory_limit(&kvm, pod_memory_mib(&kvm, Some(l)));
+            assert!(vm <= l.max(vmm_memory_limit(&kvm, guestspec::MIN_MEMORY_MIB)));
+        }
+        // A tiny pod still gets a bootable guest; an unlimited one the
+        // default.
+        assert_eq!(
+            pod_memory_mib(&tcg, Some(64 << 20)),
+            guestspec::MIN_MEMORY_MIB
+        );
+        assert_eq!(pod_memory_mib(&tcg, None), crate::pod::POD_MEMORY_MIB);
+    }
 
     #[test]
     fn only_moats_shared_trees_are_cached_not_a_runs_own() {

@@ -2514,6 +2514,31 @@ fn pod_bundle(args: &[&str], pod: &str, pod_pid: Option<u32>) -> Bundle {
     b
 }
 
+/// A parent cgroup with a memory limit, as the kubelet makes a pod's
+/// (cgroup v1, as on the test machines), removed on drop in every
+/// hierarchy (moat makes the path in each).
+struct PodCgroup {
+    name: String,
+}
+
+impl PodCgroup {
+    fn new(limit: u64) -> PodCgroup {
+        let name = format!("moat-e2e-pod-{}", std::process::id());
+        let memory = Path::new("/sys/fs/cgroup/memory").join(&name);
+        std::fs::create_dir_all(&memory).unwrap();
+        std::fs::write(memory.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        PodCgroup { name }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let _ = std::fs::remove_dir(h.path().join(&self.name));
+        }
+    }
+}
+
 /// Blocks of a file the host has allocated, in bytes.
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -2524,7 +2549,8 @@ fn allocated(path: &Path) -> u64 {
 /// `localhost`, the sandbox's hostname), each in a container of its own
 /// there, through the plain OCI commands with containerd's CRI
 /// annotations: a host process stands for each (no VMM of its own), exec
-/// reaches it, `update` reaches its cgroup in the guest, an emptyDir
+/// reaches it, the pod's VM fits the pod's cgroup, `update` reaches its
+/// cgroup in the guest, an emptyDir
 /// volume is shared in the guest, a terminal works
 /// as a VM's own (one line discipline, resizes), kill and delete end it
 /// alone, its ID can be used again,
@@ -2536,7 +2562,15 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         return;
     };
     let pod_id = rt.new_id("pod");
-    let pause = pod_bundle(&["sleep", "100000"], &pod_id, None);
+    // The pod's cgroup (the kubelet's, with its containers' limits
+    // summed): the pod's VM and its VMM fit in it.
+    let pod_cg = PodCgroup::new(640 << 20);
+    let mut pause = pod_bundle(&["sleep", "100000"], &pod_id, None);
+    pause.set(
+        "/linux/cgroupsPath",
+        serde_json::json!(format!("/{}/{pod_id}", pod_cg.name)),
+    );
+    pause.write_config();
     let pod = create_as(&rt, &pause, &pod_id);
     cmd(&rt, &["start", &pod_id]).expect_ok();
     let vmm = pod.pid() as u32;
@@ -2603,6 +2637,15 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         (Some(0), "from-app\n"),
         "{ex:?}"
     );
+    // The guest has what the pod's cgroup leaves beside the VMM (640 MiB
+    // less QEMU's 192), less what its kernel keeps.
+    let total = cmd(
+        &rt,
+        &["exec", &app_id, "sh", "-c", "grep MemTotal /proc/meminfo"],
+    )
+    .stdout;
+    let kib: u64 = total.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((350 << 10..=448 << 10).contains(&kib), "{total}");
     // The sandbox's container sees the app's server on its localhost, not
     // its files (nor its /dev/shm: IPC is shared, a mount is not).
     let ex = cmd(
@@ -2732,6 +2775,6 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     l.wait_status("stopped");
     cmd(&rt, &["delete", &last_id]).expect_ok();
     cmd(&rt, &["delete", &pod_id]).expect_ok();
-    drop((l, pod));
+    drop((l, pod, pod_cg));
     assert_clean(&rt);
 }

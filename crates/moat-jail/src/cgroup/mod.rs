@@ -411,6 +411,23 @@ impl CgroupManager {
         dispatch!(self, m => m.mount_sources())
     }
 
+    /// The memory limit of the cgroup's parent, in bytes, if it has one
+    /// (a Kubernetes pod's cgroup, whose limit is the sum of its
+    /// containers' and the pod's overhead). `None` when unlimited or
+    /// unreadable.
+    pub fn parent_memory_limit(&self) -> Option<u64> {
+        let (dir, file) = match self {
+            CgroupManager::V1(m) => (m.dir("memory")?, "memory.limit_in_bytes"),
+            CgroupManager::V2(m) => (m.path(), "memory.max"),
+        };
+        let text = std::fs::read_to_string(dir.parent()?.join(file)).ok()?;
+        // cgroup v1 writes "no limit" as the largest page-aligned i64.
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|l| *l < i64::MAX as u64 / 2)
+    }
+
     pub fn is_v2(&self) -> bool {
         matches!(self, Self::V2(_))
     }

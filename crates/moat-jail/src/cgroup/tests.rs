@@ -125,6 +125,19 @@ fn fake_v2_applies_translated_values() {
 }
 
 #[test]
+fn fake_v2_parent_memory_limit() {
+    // Fake tree: a pod's cgroup with a limit, the container's under it.
+    let f = fake_v2();
+    let m =
+        CgroupManager::new_with(&f.host, Some(Path::new("/pod/ctr")), "id", false, false).unwrap();
+    assert_eq!(m.parent_memory_limit(), None, "no parent file yet");
+    put(&f.mount.join("pod/memory.max"), "max\n");
+    assert_eq!(m.parent_memory_limit(), None, "unlimited");
+    put(&f.mount.join("pod/memory.max"), "268435456\n");
+    assert_eq!(m.parent_memory_limit(), Some(268435456));
+}
+
+#[test]
 fn fake_v2_missing_controller_and_refused_value_are_errors() {
     let f = fake_v2();
     let ctr = f.mount.join("ctr");
@@ -449,6 +462,30 @@ fn real_v1_lifecycle() {
     }
     cleanup.unwrap();
     m.destroy().unwrap(); // idempotent
+}
+
+#[test]
+fn real_v1_parent_memory_limit() {
+    if skip_unless_root_v1("real_v1_parent_memory_limit") {
+        return;
+    }
+    let pod = format!("moat-test-{}-pod", std::process::id());
+    let dir = Path::new("/sys/fs/cgroup/memory").join(&pod);
+    std::fs::create_dir(&dir).unwrap();
+    let result = std::panic::catch_unwind(|| {
+        std::fs::write(dir.join("memory.limit_in_bytes"), "268435456").unwrap();
+        let child = format!("/{pod}/ctr");
+        let m = CgroupManager::new(Some(Path::new(&child)), "ctr", false, false).unwrap();
+        assert_eq!(m.parent_memory_limit(), Some(268435456));
+        // The hierarchy's root has no limit.
+        let top =
+            CgroupManager::new(Some(Path::new(&format!("/{pod}"))), "x", false, false).unwrap();
+        assert_eq!(top.parent_memory_limit(), None);
+    });
+    let _ = std::fs::remove_dir(&dir);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
 }
 
 #[test]
