@@ -69,6 +69,9 @@ struct Proc {
     /// A pod's container that joined this guest ([`Kind::Join`]): its ID
     /// in the guest (its runtime is the guest's `moat run --keep`).
     joined: Option<String>,
+    /// Signals for an exec's (or a joined container's) process that came
+    /// before its runtime wrote its PID: delivered once it has.
+    pending_signals: Vec<Signal>,
 }
 
 impl Proc {
@@ -91,6 +94,7 @@ impl Proc {
             socket: false,
             out_credit: 0,
             joined: None,
+            pending_signals: Vec::new(),
         }
     }
 
@@ -297,7 +301,9 @@ impl Agent {
                     order.push((*id, 3));
                 }
             }
-            let timeout = if self.procs.values().any(|p| p.status.is_some()) {
+            let timeout = if self.procs.values().any(|p| !p.pending_signals.is_empty()) {
+                PollTimeout::from(10u16)
+            } else if self.procs.values().any(|p| p.status.is_some()) {
                 PollTimeout::from(200u16)
             } else {
                 PollTimeout::NONE
@@ -371,6 +377,7 @@ impl Agent {
                     self.relay_output(id, which, &mut buf)?;
                 }
             }
+            self.deliver_pending();
             self.report_exits()?;
         }
     }
@@ -949,20 +956,43 @@ impl Agent {
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
             let _ = moat_core::runtime::Lifecycle::kill(&tier, GUEST_ID, sig, false);
         } else {
+            // The process itself (its PID, as the guest's runtime wrote
+            // it), not the runtime: one just started may not yet pass
+            // signals on (a SIGTERM killed the guest's `moat exec` and the
+            // process lived on), and SIGKILL ends the runtime without a
+            // word to the process. Before the PID is written the process
+            // does not run yet: the signal waits for it.
+            let runtime = p.pid;
+            match exec_pid(chan) {
+                Some(pid) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                }
+                None => {
+                    if let Some(p) = self.procs.get_mut(&chan) {
+                        p.pending_signals.push(s);
+                    }
+                }
+            }
             if s == Signal::SIGKILL {
-                // The exec's process itself (its PID, as the guest's
-                // runtime wrote it): SIGKILL ends the runtime's `exec`
-                // without a word to the process, which lived on.
-                let pid = std::fs::read_to_string(exec_file(chan, "pid"))
-                    .ok()
-                    .and_then(|t| t.trim().parse::<i32>().ok())
-                    .filter(|pid| *pid > 1);
-                if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(Pid::from_raw(runtime), s);
+            }
+        }
+    }
+
+    /// Delivers the signals that waited for their process's PID
+    /// ([`Proc::pending_signals`]), or drops them once the runtime ended.
+    fn deliver_pending(&mut self) {
+        for (chan, p) in self.procs.iter_mut() {
+            if p.pending_signals.is_empty() {
+                continue;
+            }
+            if p.status.is_some() {
+                p.pending_signals.clear();
+            } else if let Some(pid) = exec_pid(*chan) {
+                for s in p.pending_signals.drain(..) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
                 }
             }
-            // Other signals the guest's `moat exec` passes on.
-            let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), s);
         }
     }
 
@@ -1096,6 +1126,14 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The PID of channel `chan`'s process, once its runtime wrote it.
+fn exec_pid(chan: u32) -> Option<i32> {
+    std::fs::read_to_string(exec_file(chan, "pid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 1)
 }
 
 /// The guest file of exec channel `chan` with extension `ext`: its
