@@ -279,6 +279,7 @@ impl MicrovmTier {
 fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
     let fork = MicrovmError::io("fork the process that stands for the exec");
     let one = moat_sys::process::OneThread::check().map_err(fork)?;
+    let blocked = BlockedForFork::new(false)?;
     let pid = one
         .fork(0, |_| {
             // None of `moat exec`'s stdio: its caller may read our output
@@ -299,8 +300,38 @@ fn stand_in(sock: OwnedFd) -> Result<i32, RuntimeError> {
         .map_err(MicrovmError::io(
             "fork the process that stands for the exec",
         ))?;
+    drop(blocked);
     drop(sock);
     Ok(pid)
+}
+
+/// The signals a stand-in passes on, blocked in this thread until
+/// dropped: a stand-in forked meanwhile starts with them blocked, so one
+/// sent at once waits for its signalfd instead of killing it (its end
+/// then killed the guest process, which, before its runtime had written
+/// its PID, lived on).
+pub(crate) struct BlockedForFork(nix::sys::signal::SigSet);
+
+impl BlockedForFork {
+    pub(crate) fn new(with_winch: bool) -> Result<BlockedForFork, RuntimeError> {
+        use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+        let mut mask = SigSet::empty();
+        for s in moat_jail::supervise::FORWARDED {
+            if with_winch || s != Signal::SIGWINCH {
+                mask.add(s);
+            }
+        }
+        let old = mask
+            .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+            .map_err(MicrovmError::sys("block the signals a stand-in passes on"))?;
+        Ok(BlockedForFork(old))
+    }
+}
+
+impl Drop for BlockedForFork {
+    fn drop(&mut self) {
+        let _ = self.0.thread_set_mask();
+    }
 }
 
 /// Waits for the guest process's end on its exec connection `sock`,

@@ -459,6 +459,7 @@ struct StandIn {
 fn stand_in(mut s: StandIn) -> Result<i32, RuntimeError> {
     let fork = MicrovmError::io("fork the process that stands for the container");
     let one = moat_sys::process::OneThread::check().map_err(fork)?;
+    let _blocked = crate::ops::BlockedForFork::new(true)?;
     let pid = one
         .fork(0, |one| {
             let mut keep = vec![s.listener.as_raw_fd()];

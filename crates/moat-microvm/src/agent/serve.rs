@@ -23,6 +23,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a forwarded connection's connect may take in the guest (to
 /// one of the container's own addresses: answered at once, or refused).
 const FORWARD_CONNECT: Duration = Duration::from_secs(5);
+/// How long a SIGKILL for a process whose PID was not written yet spares
+/// its runtime ([`Agent::deliver_pending`]).
+const PENDING_GRACE: Duration = Duration::from_secs(5);
 /// How long a joined container's `Started` waits for it to run.
 const JOIN_START: Duration = Duration::from_secs(60);
 /// How far the guest reads ahead on its disks, in KiB ([`set_read_ahead`]).
@@ -70,8 +73,9 @@ struct Proc {
     /// in the guest (its runtime is the guest's `moat run --keep`).
     joined: Option<String>,
     /// Signals for an exec's (or a joined container's) process that came
-    /// before its runtime wrote its PID: delivered once it has.
+    /// before its runtime wrote its PID: delivered once it has; since when.
     pending_signals: Vec<Signal>,
+    pending_since: Option<Instant>,
 }
 
 impl Proc {
@@ -95,6 +99,7 @@ impl Proc {
             out_credit: 0,
             joined: None,
             pending_signals: Vec::new(),
+            pending_since: None,
         }
     }
 
@@ -962,19 +967,22 @@ impl Agent {
             // process lived on), and SIGKILL ends the runtime without a
             // word to the process. Before the PID is written the process
             // does not run yet: the signal waits for it.
+            // A SIGKILL waits too, for the runtime not to die before it
+            // wrote the PID of a process it made (which then lived on).
             let runtime = p.pid;
             match exec_pid(chan) {
                 Some(pid) => {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                    if s == Signal::SIGKILL {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(runtime), s);
+                    }
                 }
                 None => {
                     if let Some(p) = self.procs.get_mut(&chan) {
                         p.pending_signals.push(s);
+                        p.pending_since.get_or_insert_with(Instant::now);
                     }
                 }
-            }
-            if s == Signal::SIGKILL {
-                let _ = nix::sys::signal::kill(Pid::from_raw(runtime), s);
             }
         }
     }
@@ -986,12 +994,22 @@ impl Agent {
             if p.pending_signals.is_empty() {
                 continue;
             }
-            if p.status.is_some() {
-                p.pending_signals.clear();
-            } else if let Some(pid) = exec_pid(*chan) {
+            let kill_runtime = |p: &Proc| {
+                if p.pending_signals.contains(&Signal::SIGKILL) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+                }
+            };
+            if let Some(pid) = exec_pid(*chan) {
+                kill_runtime(p);
                 for s in p.pending_signals.drain(..) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
                 }
+            } else if p.status.is_some() {
+                // Its runtime ended without a process.
+                p.pending_signals.clear();
+            } else if p.pending_since.is_some_and(|t| t.elapsed() > PENDING_GRACE) {
+                // A runtime that never gets there is killed all the same.
+                kill_runtime(p);
             }
         }
     }
