@@ -315,6 +315,7 @@ impl MicrovmTier {
             pod_namespaces: joined_namespaces(&req.config.spec),
             seccomp: crate::create::host_compiled_seccomp(&plan.config, self.sd.root()),
             pod_volumes,
+            namespace_of: self.namespaces_of_joined(&req.config.spec, &pod.id),
         };
         crate::create::refuse_oversized("the container's config and the files it binds", &request)?;
         let rootless = !rustix::process::geteuid().is_root();
@@ -385,6 +386,54 @@ impl MicrovmTier {
             pid,
             terminal: None,
         })
+    }
+
+    /// The namespaces the config joins by a path of another container of
+    /// pod `pod` that joined its VM (`/proc/PID/ns/TYPE` of its stand-in,
+    /// as containerd writes a `kubectl debug --target` container's PID
+    /// namespace): type → that container's ID.
+    fn namespaces_of_joined(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+        pod: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        use oci_spec::runtime::LinuxNamespaceType as T;
+        let mut out = std::collections::BTreeMap::new();
+        let namespaces = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default();
+        for n in namespaces {
+            let ty = match n.typ() {
+                T::Network => "network",
+                T::Ipc => "ipc",
+                T::Uts => "uts",
+                T::Pid => "pid",
+                _ => continue,
+            };
+            let pid = n.path().as_ref().and_then(|p| {
+                let rest = p.strip_prefix("/proc").ok()?;
+                let mut parts = rest.components();
+                parts.next()?.as_os_str().to_str()?.parse::<i32>().ok()
+            });
+            let Some(pid) = pid else { continue };
+            let owner = self.sd.list().unwrap_or_default().into_iter().find(|id| {
+                self.sd.load(id).ok().is_some_and(|st| {
+                    st.pid == pid
+                        && Self::alive(&st)
+                        && self
+                            .part(&st)
+                            .ok()
+                            .and_then(|p| p.joined)
+                            .is_some_and(|j| j.pod == pod)
+                })
+            });
+            if let Some(id) = owner {
+                out.insert(ty.to_string(), id);
+            }
+        }
+        out
     }
 
     /// The host cgroup of a joined container: the config's path and

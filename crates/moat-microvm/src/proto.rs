@@ -523,6 +523,11 @@ pub struct JoinRequest {
     /// volumes, under `guestspec::POD_VOLUMES`): made if new.
     #[serde(default)]
     pub pod_volumes: Vec<String>,
+    /// Of `pod_namespaces`, those that are another joined container's
+    /// rather than the guest's own container's (namespace type → that
+    /// container's ID): `kubectl debug --target`'s PID namespace.
+    #[serde(default)]
+    pub namespace_of: std::collections::BTreeMap<String, String>,
 }
 
 /// An ext4 image at `offset` of the pod's disk, `size` bytes long, and

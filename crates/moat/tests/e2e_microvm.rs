@@ -2551,7 +2551,8 @@ fn allocated(path: &Path) -> u64 {
 /// `localhost`, the sandbox's hostname), each in a container of its own
 /// there, through the plain OCI commands with containerd's CRI
 /// annotations: a host process stands for each (no VMM of its own), exec
-/// reaches it, the pod's VM fits the pod's cgroup, `update` reaches its
+/// reaches it, a debugging container sees the processes of the container
+/// it targets, the pod's VM fits the pod's cgroup, `update` reaches its
 /// cgroup in the guest, an emptyDir
 /// volume is shared in the guest, a terminal works
 /// as a VM's own (one line discipline, resizes), kill and delete end it
@@ -2639,6 +2640,27 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         (Some(0), "from-app\n"),
         "{ex:?}"
     );
+    // A debugging container targeting the app (`kubectl debug --target`:
+    // containerd names the PID namespace of the app's process, its
+    // stand-in's) sees the app's processes.
+    let mut debug = pod_bundle(&["ps", "-o", "args"], &pod_id, Some(vmm));
+    debug.set(
+        "/linux/namespaces",
+        serde_json::json!([
+            {"type": "pid", "path": format!("/proc/{stand_in}/ns/pid")},
+            {"type": "mount"},
+            {"type": "network", "path": format!("/proc/{vmm}/ns/net")},
+            {"type": "uts", "path": format!("/proc/{vmm}/ns/uts")},
+        ]),
+    );
+    debug.write_config();
+    let debug_id = rt.new_id("debug");
+    let d = create_as(&rt, &debug, &debug_id);
+    cmd(&rt, &["start", &debug_id]).expect_ok();
+    d.wait_status("stopped");
+    assert!(d.output().contains("httpd -f"), "{}", d.output());
+    cmd(&rt, &["delete", &debug_id]).expect_ok();
+    drop(d);
     // The guest has what the pod's cgroup leaves beside the VMM (640 MiB
     // less QEMU's 192), less what its kernel keeps.
     let total = cmd(

@@ -114,7 +114,7 @@ pub fn make_volume(dir: &str) -> Result<(), AgentError> {
 /// `pid` (the guest's own container): the joined container shares the
 /// pod's network (its `localhost`), IPC and UTS namespaces there as it
 /// would on the host.
-pub fn share_namespaces(config: &mut Value, types: &[String], pid: i32) {
+pub fn share_namespaces(config: &mut Value, types: &[String], pid: impl Fn(&str) -> i32) {
     let file = |t: &str| match t {
         "network" => Some("net"),
         "ipc" => Some("ipc"),
@@ -128,7 +128,7 @@ pub fn share_namespaces(config: &mut Value, types: &[String], pid: i32) {
     };
     for t in types {
         let Some(f) = file(t) else { continue };
-        let path = format!("/proc/{pid}/ns/{f}");
+        let path = format!("/proc/{}/ns/{f}", pid(t));
         match list.iter_mut().find(|n| n["type"] == t.as_str()) {
             Some(n) => n["path"] = Value::String(path),
             None => list.push(serde_json::json!({"type": t, "path": path})),
@@ -182,7 +182,7 @@ mod tests {
         share_namespaces(
             &mut c,
             &["network".into(), "ipc".into(), "mount".into()],
-            42,
+            |t| if t == "ipc" { 43 } else { 42 },
         );
         let ns = c["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns[0]["path"], "/proc/42/ns/net");
@@ -191,7 +191,7 @@ mod tests {
         assert!(ns[2].get("path").is_none());
         assert_eq!(
             ns[3],
-            serde_json::json!({"type": "ipc", "path": "/proc/42/ns/ipc"})
+            serde_json::json!({"type": "ipc", "path": "/proc/43/ns/ipc"})
         );
     }
 }

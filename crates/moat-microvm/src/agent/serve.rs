@@ -794,7 +794,23 @@ impl Agent {
                 own_root(&root, &config)?;
             }
             write_files(&req.files, &dir)?;
-            pod::share_namespaces(&mut config, &req.pod_namespaces, main);
+            // A namespace of another joined container (`kubectl debug
+            // --target`), else the guest's own container's.
+            let mut of = std::collections::BTreeMap::new();
+            for (t, c) in &req.namespace_of {
+                if !self.procs.values().any(|p| p.joined.as_ref() == Some(c)) {
+                    return Err(AgentError::Request(format!("no container {c} runs here")));
+                }
+                let pid = moat_core::runtime::Lifecycle::state(&tier, c)
+                    .ok()
+                    .map(|c| c.state.pid)
+                    .filter(|pid| *pid > 0)
+                    .ok_or_else(|| AgentError::Request(format!("container {c} is not running")))?;
+                of.insert(t.clone(), pid);
+            }
+            pod::share_namespaces(&mut config, &req.pod_namespaces, |t| {
+                of.get(t).copied().unwrap_or(main)
+            });
             write_bundle(&format!("{dir}/bundle"), &config)?;
             seed_seccomp(&config, req.seccomp.as_ref());
             Ok::<(), AgentError>(())
