@@ -675,18 +675,22 @@ impl Agent {
         let resources: oci_spec::runtime::LinuxResources =
             serde_json::from_value(req.resources.clone())
                 .map_err(|e| AgentError::Request(format!("the new resources: {e}")))?;
-        let id = match &req.container {
-            None => GUEST_ID,
-            Some(c) if self.procs.values().any(|p| p.joined.as_ref() == Some(c)) => c.as_str(),
-            Some(c) => {
-                return Err(AgentError::Request(format!(
-                    "no container {c} runs in this guest"
-                )))
-            }
-        };
+        let id = self.guest_container(req.container.as_deref())?;
         let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
         moat_core::runtime::Lifecycle::update(&tier, id, &resources)
             .map_err(|e| AgentError::Request(moat_core::error_chain(&e)))
+    }
+
+    /// The guest's ID of `container`, a joined container running here;
+    /// `None` names the guest's own.
+    fn guest_container<'a>(&self, container: Option<&'a str>) -> Result<&'a str, AgentError> {
+        match container {
+            None => Ok(GUEST_ID),
+            Some(c) if self.procs.values().any(|p| p.joined.as_deref() == Some(c)) => Ok(c),
+            Some(c) => Err(AgentError::Request(format!(
+                "no container {c} runs in this guest"
+            ))),
+        }
     }
 
     fn exec(&mut self, chan: u32, req: &proto::ExecRequest) -> Result<(), AgentError> {
@@ -696,15 +700,7 @@ impl Agent {
         if chan == 0 || self.procs.contains_key(&chan) {
             return Err(AgentError::Request(format!("channel {chan} is in use")));
         }
-        let id = match &req.container {
-            None => GUEST_ID,
-            Some(c) if self.procs.values().any(|p| p.joined.as_ref() == Some(c)) => c.as_str(),
-            Some(c) => {
-                return Err(AgentError::Request(format!(
-                    "no container {c} runs in this guest"
-                )))
-            }
-        };
+        let id = self.guest_container(req.container.as_deref())?;
         let file = exec_file(chan, "json");
         let body = serde_json::to_vec(&req.process).unwrap_or_default();
         std::fs::write(&file, body).map_err(io(format!("write {file}")))?;
@@ -798,9 +794,7 @@ impl Agent {
             // --target`), else the guest's own container's.
             let mut of = std::collections::BTreeMap::new();
             for (t, c) in &req.namespace_of {
-                if !self.procs.values().any(|p| p.joined.as_ref() == Some(c)) {
-                    return Err(AgentError::Request(format!("no container {c} runs here")));
-                }
+                self.guest_container(Some(c))?;
                 let pid = moat_core::runtime::Lifecycle::state(&tier, c)
                     .ok()
                     .map(|c| c.state.pid)
