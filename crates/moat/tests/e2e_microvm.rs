@@ -2517,8 +2517,9 @@ fn pod_bundle(args: &[&str], pod: &str, pod_pid: Option<u32>) -> Bundle {
 }
 
 /// A parent cgroup with a memory limit, as the kubelet makes a pod's
-/// (cgroup v1, as on the test machines), removed on drop in every
-/// hierarchy (moat makes the path in each).
+/// (cgroup v1's memory hierarchy, as on the test machines, or cgroup
+/// v2's), removed on drop (in every v1 hierarchy: moat makes the path in
+/// each).
 struct PodCgroup {
     name: String,
 }
@@ -2526,16 +2527,26 @@ struct PodCgroup {
 impl PodCgroup {
     fn new(limit: u64) -> PodCgroup {
         let name = format!("moat-e2e-pod-{}", std::process::id());
-        let memory = Path::new("/sys/fs/cgroup/memory").join(&name);
-        std::fs::create_dir_all(&memory).unwrap();
-        std::fs::write(memory.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+        let (dir, file) = if v1 {
+            (
+                Path::new("/sys/fs/cgroup/memory").join(&name),
+                "memory.limit_in_bytes",
+            )
+        } else {
+            (Path::new("/sys/fs/cgroup").join(&name), "memory.max")
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), limit.to_string()).unwrap();
         PodCgroup { name }
     }
 }
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
-        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let root = Path::new("/sys/fs/cgroup");
+        let _ = std::fs::remove_dir(root.join(&self.name));
+        for h in std::fs::read_dir(root).unwrap().flatten() {
             let _ = std::fs::remove_dir(h.path().join(&self.name));
         }
     }
