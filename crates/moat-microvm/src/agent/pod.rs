@@ -75,7 +75,6 @@ pub fn find_disk() -> Result<File, AgentError> {
 /// after the guest may have read past the previous one's end (the loop
 /// devices read the disk directly, so this is the only cache there is).
 pub fn mount_regions(disk: &File, regions: &[proto::PodRegion]) -> Result<(), AgentError> {
-    use nix::mount::{mount, MsFlags};
     moat_sys::loopdev::flush_buffers(disk).map_err(io("drop the pod disk's cached pages"))?;
     for r in regions {
         let (_dev, path) = moat_sys::loopdev::attach_region(disk, r.offset, r.size).map_err(io(
@@ -83,17 +82,7 @@ pub fn mount_regions(disk: &File, regions: &[proto::PodRegion]) -> Result<(), Ag
         ))?;
         std::fs::create_dir_all(&r.mount).map_err(io(format!("create {}", r.mount)))?;
         // The loop device detaches itself once this mount is gone.
-        mount(
-            Some(path.as_path()),
-            r.mount.as_str(),
-            Some("ext4"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-            Some("noload"),
-        )
-        .map_err(|e| AgentError::Sys {
-            step: format!("mount {} on {}", path.display(), r.mount),
-            source: e,
-        })?;
+        super::serve::mount_image(&path, &r.mount)?;
     }
     Ok(())
 }

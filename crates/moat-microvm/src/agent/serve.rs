@@ -769,10 +769,7 @@ impl Agent {
             )));
         }
         let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-        let main = moat_core::runtime::Lifecycle::state(&tier, GUEST_ID)
-            .ok()
-            .map(|c| c.state.pid)
-            .filter(|pid| *pid > 0)
+        let main = running_pid(&tier, GUEST_ID)
             .ok_or_else(|| AgentError::Request("the pod's container is not running".into()))?;
         if self.pod_disk.is_none() {
             boot::load_modules(pod::POD_MODULES)?;
@@ -795,10 +792,7 @@ impl Agent {
             let mut of = std::collections::BTreeMap::new();
             for (t, c) in &req.namespace_of {
                 self.guest_container(Some(c))?;
-                let pid = moat_core::runtime::Lifecycle::state(&tier, c)
-                    .ok()
-                    .map(|c| c.state.pid)
-                    .filter(|pid| *pid > 0)
+                let pid = running_pid(&tier, c)
                     .ok_or_else(|| AgentError::Request(format!("container {c} is not running")))?;
                 of.insert(t.clone(), pid);
             }
@@ -870,10 +864,7 @@ impl Agent {
             return Err(AgentError::Request(format!("channel {chan} is in use")));
         }
         let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
-        let pid = moat_core::runtime::Lifecycle::state(&tier, GUEST_ID)
-            .ok()
-            .map(|c| c.state.pid)
-            .filter(|pid| *pid > 0)
+        let pid = running_pid(&tier, GUEST_ID)
             .ok_or_else(|| AgentError::Request("the container is not running".into()))?;
         let ns = File::open(format!("/proc/{pid}/ns/net"))
             .map_err(io("open the container's network namespace"))?;
@@ -1156,6 +1147,15 @@ impl Agent {
     }
 }
 
+/// The PID of guest container `id`'s process, as the guest's container
+/// tier recorded it.
+fn running_pid(tier: &moat_container::ContainerTier, id: &str) -> Option<i32> {
+    moat_core::runtime::Lifecycle::state(tier, id)
+        .ok()
+        .map(|c| c.state.pid)
+        .filter(|pid| *pid > 0)
+}
+
 /// The PID of channel `chan`'s process, once its runtime wrote it.
 fn exec_pid(chan: u32) -> Option<i32> {
     std::fs::read_to_string(exec_file(chan, "pid"))
@@ -1405,7 +1405,6 @@ fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
 
 /// Mounts each disk, found by its filesystem UUID, read-only.
 fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
-    use nix::mount::{mount, MsFlags};
     let end = Instant::now() + Duration::from_secs(20);
     let mut found: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
     while found.len() < disks.len() && Instant::now() < end {
@@ -1430,19 +1429,26 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
             .ok_or_else(|| AgentError::Request(format!("no disk with UUID {}", d.uuid)))?;
         std::fs::create_dir_all(&d.mount).map_err(io(format!("create {}", d.mount)))?;
         set_read_ahead(dev);
-        mount(
-            Some(dev.as_path()),
-            d.mount.as_str(),
-            Some("ext4"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-            Some("noload"),
-        )
-        .map_err(|e| AgentError::Sys {
-            step: format!("mount {} on {}", dev.display(), d.mount),
-            source: e,
-        })?;
+        mount_image(dev, &d.mount)?;
     }
     Ok(())
+}
+
+/// Mounts the ext4 image on block device `dev` read-only at `at` (no
+/// journal replay: the image is never written).
+pub(super) fn mount_image(dev: &Path, at: &str) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some(dev),
+        at,
+        Some("ext4"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        Some("noload"),
+    )
+    .map_err(|e| AgentError::Sys {
+        step: format!("mount {} on {at}", dev.display()),
+        source: e,
+    })
 }
 
 /// Reads ahead [`READ_AHEAD_KIB`] on a disk: each read is a round trip
