@@ -68,6 +68,8 @@ pub(crate) struct Undo<'a> {
     pod_link: Option<crate::podnet::PodLinkRecord>,
     /// A joined container's regions of its pod's disk (`crate::pod`).
     pub pod_regions: Option<(PathBuf, Vec<(u64, u64)>)>,
+    /// A pod's share, or a joined container's part of it.
+    pub pod_share: Option<PathBuf>,
     pub armed: bool,
 }
 
@@ -86,6 +88,7 @@ impl<'a> Undo<'a> {
             volumes: None,
             pod_link: None,
             pod_regions: None,
+            pod_share: None,
             armed: true,
         }
     }
@@ -132,6 +135,10 @@ impl Drop for Undo<'_> {
         }
         if let Some((disk, regions)) = &self.pod_regions {
             crate::pod::release(disk, regions);
+        }
+        if let Some(share) = &self.pod_share {
+            // The VMM and the volume server are gone: nothing holds it.
+            crate::pod::remove_share(share);
         }
         // The jail's mount point, per-container images, the state.
         let _ = self.tier.sd.remove(self.id);
@@ -183,6 +190,26 @@ impl MicrovmTier {
             tracing::warn!("microvm: {w}");
         }
         let rootless = !rustix::process::geteuid().is_root();
+        // A pod's sandbox: its VM is the pod's, with the disk the pod's
+        // other containers' images are appended to, the memory they share
+        // (unless it has a limit of its own) and, unless the pod says
+        // otherwise, the share their read-write volumes are bound into
+        // (one more virtio-fs volume of the guest's: `crate::pod`).
+        let pod_sandbox =
+            moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
+        let slots_used = plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
+        let share = (pod_sandbox
+            && !rootless
+            && crate::pod::wants_share(&spec_json)
+            && slots_used + 2 <= guestspec::MAX_DISKS)
+            .then(|| crate::pod::share_dir(self.sd.root(), req.id));
+        if let Some(share) = &share {
+            plan.volumes.push(guestspec::VolumeNeed {
+                source: share.clone(),
+                mount: guestspec::POD_SHARE.into(),
+                tag: guestspec::volume_tag(plan.volumes.len()),
+            });
+        }
         let virtiofsd = if plan.volumes.is_empty() {
             None
         } else {
@@ -194,6 +221,10 @@ impl MicrovmTier {
         let dir = lock.dir().to_owned();
         let mut st = initial_state(req, &dir);
         self.sd.save(&st)?;
+        if let Some(share) = &share {
+            crate::pod::make_share(share)?;
+            undo.pod_share = Some(share.clone());
+        }
         std::fs::write(
             dir.join(crate::CONFIG),
             serde_json::to_vec(&spec_json).unwrap_or_default(),
@@ -239,11 +270,6 @@ impl MicrovmTier {
             net.is_some().then_some(snapshot::NetDevice::Frames)
         };
         let mut guest = self.prepare_guest(&host, &plan, &dir)?;
-        // A pod's sandbox: its VM is the pod's, with the disk the pod's
-        // other containers' images are appended to, and the memory they
-        // share (unless it has a limit of its own).
-        let pod_sandbox =
-            moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
         let pod_disk = if pod_sandbox && guest.disk_files.len() < guestspec::MAX_DISKS {
             let (path, f) = crate::pod::make_disk(&dir)?;
             guest.disk_files.push(f);
@@ -586,6 +612,7 @@ impl MicrovmTier {
                     virtiofsd: binary,
                     cgroup: cgroup.as_ref(),
                     rootless,
+                    receive_mounts: share.is_some(),
                 })?;
                 undo.volumes = Some(server);
                 Some(server)
@@ -608,6 +635,7 @@ impl MicrovmTier {
             volumes: volume_server,
             pod_link: undo.pod_link.clone(),
             pod_disk,
+            pod_share: share,
             joined: None,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;

@@ -243,6 +243,11 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
 /// Where a pod's VM keeps its emptyDir volumes ([`empty_dirs_in_guest`]).
 pub const POD_VOLUMES: &str = "/run/vm/pod-volumes";
 
+/// Where a pod's VM mounts the pod's share: the one virtio-fs device
+/// through which its joined containers' read-write volumes (hostPath,
+/// persistent volumes) reach the host ([`volumes_in_pod_share`]).
+pub const POD_SHARE: &str = "/run/vm/pod-share";
+
 /// Whether `source` is a Kubernetes emptyDir volume as the kubelet makes
 /// them: `…/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`.
 pub fn is_empty_dir(source: &Path) -> bool {
@@ -280,13 +285,34 @@ pub fn empty_dirs_in_guest(plan: &mut Plan) -> Vec<String> {
     dirs
 }
 
+/// Binds a joining container's read-write volumes from the pod's share
+/// instead of virtio-fs devices of their own (the running guest cannot
+/// gain one): volume `i` becomes `POD_SHARE/<name>/<i>`, where the host
+/// bind-mounts its directory into the share (`crate::pod::share_volumes`).
+/// Takes the volumes out of `plan`; returns each one's host directory and
+/// its place under the share (`<name>/<i>`).
+pub fn volumes_in_pod_share(plan: &mut Plan, name: &str) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for (i, v) in std::mem::take(&mut plan.volumes).into_iter().enumerate() {
+        let place = format!("{name}/{i}");
+        let guest = format!("{POD_SHARE}/{place}");
+        if let Some(list) = plan.config["mounts"].as_array_mut() {
+            for m in list.iter_mut().filter(|m| m["source"] == v.mount.as_str()) {
+                m["source"] = json!(guest);
+            }
+        }
+        out.push((v.source, place));
+    }
+    out
+}
+
 /// Moves every guest path of `plan` (its root, its binds' sources, its
 /// disks' mount points, its files) from under `/run/vm` to under `dir`:
 /// a pod's container joining its pod's guest ([`crate::proto::pod_dir`])
 /// has its own.
 pub fn relocate(plan: &mut Plan, dir: &str) {
     let moved = |p: &str| {
-        if Path::new(p).starts_with(POD_VOLUMES) {
+        if Path::new(p).starts_with(POD_VOLUMES) || Path::new(p).starts_with(POD_SHARE) {
             return None;
         }
         p.strip_prefix("/run/vm/")
@@ -789,5 +815,16 @@ mod tests {
         // directory.
         let mut again = super::plan(&spec, Path::new("/y/rootfs"), &probe).unwrap();
         assert_eq!(empty_dirs_in_guest(&mut again), dirs);
+        // In a pod's VM with a share, the other volume comes from it.
+        let mut plan = super::plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
+        empty_dirs_in_guest(&mut plan);
+        let shared = volumes_in_pod_share(&mut plan, "c1.7f");
+        relocate(&mut plan, "/run/vm/pod/c1");
+        assert_eq!(shared, vec![(PathBuf::from("/srv/data"), "c1.7f/0".to_string())]);
+        assert!(plan.volumes.is_empty());
+        assert_eq!(
+            plan.config["mounts"][1]["source"],
+            format!("{POD_SHARE}/c1.7f/0")
+        );
     }
 }

@@ -416,6 +416,9 @@ struct MicrovmPart {
     /// pod's other containers join ([`pod`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pod_disk: Option<PathBuf>,
+    /// That VM's share of the pod's read-write volumes (`pod::make_share`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod_share: Option<PathBuf>,
     /// A pod's container that joined its pod's VM: the process of the
     /// state is the host process that stands for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -100,6 +100,9 @@ impl MicrovmTier {
             // guest (the VMM process kills a process whose host end hung
             // up): the pod disk's space for its images goes back.
             crate::pod::release(&j.pod_disk, &j.regions);
+            if let Some(share) = &j.share {
+                crate::pod::remove_share(share);
+            }
         }
         if let Some(stack) = &part.net_stack {
             // It ends with the VMM process; this is for one that did not.
@@ -109,6 +112,11 @@ impl MicrovmTier {
             // It ends its group once the VMM process has ended; this is
             // for one that could not, and waits until none is left.
             v.kill();
+        }
+        if let Some(share) = &part.pod_share {
+            // Its virtiofsd is gone with the volume server; what joined
+            // containers left bound there (none, normally) goes too.
+            crate::pod::remove_share(share);
         }
         if !part.cgroup.is_null() {
             if let Ok(cg) = moat_jail::cgroup::CgroupManager::from_saved(&part.cgroup) {

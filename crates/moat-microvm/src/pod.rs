@@ -50,6 +50,10 @@ pub struct Joined {
     /// The pod disk, and this container's regions of it.
     pub pod_disk: PathBuf,
     pub regions: Vec<(u64, u64)>,
+    /// Its read-write volumes' directory in the pod's share, if it has
+    /// any ([`share_volumes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<PathBuf>,
 }
 
 /// Makes the pod disk in `dir`: sparse, its header the magic and the next
@@ -165,6 +169,187 @@ pub fn release(disk: &Path, regions: &[(u64, u64)]) {
     }
 }
 
+/// The pod annotation (containerd passes it to the sandbox's config when
+/// its runtime lists it in `pod_annotations`) that, as `none`, boots the
+/// pod's VM without a share: it may then start from a snapshot, and a
+/// container of the pod with a read-write volume gets a VM of its own.
+pub const SHARE_ANNOTATION: &str = "dev.moat.pod.volumes";
+
+/// Whether the pod's sandbox config `spec` gets a share ([`make_share`]).
+pub fn wants_share(spec: &serde_json::Value) -> bool {
+    spec["annotations"][SHARE_ANNOTATION].as_str() != Some("none")
+}
+
+/// The host directory of pod `pod`'s share, beside the state (never in a
+/// container's state directory, which is removed recursively: the share
+/// holds bind mounts of the pod's volumes).
+pub fn share_dir(root: &Path, pod: &str) -> PathBuf {
+    root.join(".pod-share").join(pod)
+}
+
+/// Makes the pod's share at `dir`: a mount of its own, shared, so that
+/// what a joining container binds into it later (its volumes,
+/// [`share_volumes`]) reaches the mount namespaces of the share's
+/// virtiofsd, where the copies are slaves (`crate::volumes`).
+pub fn make_share(dir: &Path) -> Result<(), MicrovmError> {
+    use nix::mount::{mount, MsFlags};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(MicrovmError::io(format!("create {}", parent.display())))?;
+    }
+    std::fs::create_dir(dir).map_err(MicrovmError::io(format!("create {}", dir.display())))?;
+    // virtiofsd (the pod's volume block's root, not the host's) looks up
+    // the volumes through it; its parent keeps the host's users out.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(MicrovmError::io(format!("chmod {}", dir.display())))?;
+    let made = mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .and_then(|()| {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+    });
+    if let Err(e) = made {
+        remove_share(dir);
+        return Err(MicrovmError::Invalid(format!(
+            "cannot make the pod's share {}: {e}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Bind-mounts a joining container's read-write volumes into the pod's
+/// `share`: each `(source, place)` of [`guestspec::volumes_in_pod_share`]
+/// at `share/place`. Returns the container's directory there
+/// (`share/<name>`); on a failure nothing is left.
+pub fn share_volumes(
+    share: &Path,
+    vols: &[(PathBuf, String)],
+) -> Result<Option<PathBuf>, MicrovmError> {
+    use nix::mount::{mount, MsFlags};
+    let Some(name) = vols
+        .first()
+        .and_then(|(_, place)| place.split('/').next())
+        .map(|n| share.join(n))
+    else {
+        return Ok(None);
+    };
+    std::fs::create_dir(&name).map_err(MicrovmError::io(format!("create {}", name.display())))?;
+    for (source, place) in vols {
+        let at = share.join(place);
+        let bound = std::fs::create_dir(&at)
+            .map_err(MicrovmError::io(format!("create {}", at.display())))
+            .and_then(|()| {
+                mount(
+                    Some(source.as_path()),
+                    &at,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| {
+                    MicrovmError::Invalid(format!(
+                        "cannot share the volume {} with the pod's VM: {e}",
+                        source.display()
+                    ))
+                })
+            });
+        if let Err(e) = bound {
+            remove_share(&name);
+            return Err(e);
+        }
+    }
+    Ok(Some(name))
+}
+
+/// The mount points at or under `dir`, deepest first (as mountinfo
+/// names them: octal escapes undone).
+pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.dedup();
+    points
+}
+
+/// A mountinfo field with its `\NNN` octal escapes (space, tab, newline,
+/// backslash) undone.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let code = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts everything at or under `dir` (a pod's share, or a joined
+/// container's part of it) and removes its directories, which are empty
+/// then: only ever `rmdir`, never a recursive removal, so a volume still
+/// mounted there (an unmount that failed) keeps its files; a warning says
+/// what is left.
+pub fn remove_share(dir: &Path) {
+    for p in mounts_under(dir) {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+    fn rmdirs(d: &Path) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdirs(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(d);
+    }
+    if mounts_under(dir).is_empty() {
+        rmdirs(dir);
+    }
+    if dir.exists() {
+        tracing::warn!(
+            "microvm: {} is left: a volume is still mounted there, or a file was made in it",
+            dir.display()
+        );
+    }
+    if let Some(parent) = dir.parent().filter(|p| p.ends_with(".pod-share")) {
+        // The last pod's leaves no empty directory.
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
 /// The namespace types a pod's container joins by path (the sandbox's):
 /// in the guest, they become the guest container's.
 fn joined_namespaces(spec: &oci_spec::runtime::Spec) -> Vec<String> {
@@ -196,7 +381,7 @@ impl MicrovmTier {
         req: &CreateRequest,
         plan: &Plan,
         launch: bool,
-    ) -> Option<(State, PathBuf, PathBuf)> {
+    ) -> Option<Pod> {
         use moat_core::tier::{CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
         let ann = req.config.spec.annotations().as_ref()?;
         if ann.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("container") {
@@ -213,14 +398,16 @@ impl MicrovmTier {
         let part = self.part(&st).ok()?;
         let disk = part.pod_disk.clone()?;
         let terminal = plan.config["process"]["terminal"].as_bool() == Some(true);
-        let why = if terminal && req.console_socket.is_none() {
-            Some("it has a terminal and no console socket")
-        } else if plan
+        let volumes = plan
             .volumes
             .iter()
-            .any(|v| !guestspec::is_empty_dir(&v.source))
-        {
-            Some("it has read-write volumes other than emptyDirs (each a device the running guest cannot gain)")
+            .any(|v| !guestspec::is_empty_dir(&v.source));
+        let why = if terminal && req.console_socket.is_none() {
+            Some("it has a terminal and no console socket")
+        } else if volumes && part.pod_share.is_none() {
+            Some("it has read-write volumes other than emptyDirs, and its pod's VM has no share for them (the pod's annotation dev.moat.pod.volumes is \"none\", or a rootless runtime made it)")
+        } else if volumes && !self.same_owners(req, &st) {
+            Some("it has read-write volumes, and its user namespace's ID maps are not its pod's (the share's files are owned as the pod's)")
         } else if crate::create::has_host_hooks(&req.config.spec) {
             Some("it has hooks to run on the host")
         } else if !crate::agent::pod_id_ok(req.id) {
@@ -235,7 +422,37 @@ impl MicrovmTier {
             );
             return None;
         }
-        Some((st, disk, part.socket_dir.join(crate::SOCKET)))
+        Some(Pod {
+            share: part.pod_share.clone(),
+            state: st,
+            disk,
+            control: part.socket_dir.join(crate::SOCKET),
+        })
+    }
+
+    /// Whether container `req` has the same user namespace and ID maps as
+    /// its pod's sandbox `pod`: the guest IDs its volumes' files are
+    /// written with then become the same host IDs through the pod's share
+    /// (`crate::volumes::id_maps`) as through a virtiofsd of its own.
+    fn same_owners(&self, req: &CreateRequest, pod: &State) -> bool {
+        let ids = |spec: &serde_json::Value| {
+            let l = &spec["linux"];
+            let userns = l["namespaces"]
+                .as_array()
+                .is_some_and(|ns| ns.iter().any(|n| n["type"] == "user"));
+            (
+                userns,
+                l["uidMappings"].as_array().cloned().unwrap_or_default(),
+                l["gidMappings"].as_array().cloned().unwrap_or_default(),
+            )
+        };
+        let Ok(ours) = serde_json::to_value(&req.config.spec) else {
+            return false;
+        };
+        std::fs::read(self.sd.container_dir(&pod.id).join(crate::CONFIG))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|theirs| ids(&theirs) == ids(&ours))
     }
 
     /// `create` for a pod's container that joins its pod's guest (see the
@@ -245,16 +462,36 @@ impl MicrovmTier {
     pub(crate) fn join_pod(
         &self,
         req: &CreateRequest,
-        (pod, pod_disk, pod_control): (State, PathBuf, PathBuf),
+        Pod {
+            state: pod,
+            disk: pod_disk,
+            control: pod_control,
+            share,
+        }: Pod,
         mut plan: Plan,
     ) -> Result<Launched, RuntimeError> {
         let dir_in_guest = proto::pod_dir(req.id);
         let pod_volumes = guestspec::empty_dirs_in_guest(&mut plan);
+        // Its other read-write volumes, through the pod's share, under a
+        // name of this create's own: a container made again with the same
+        // ID never meets what the guest cached of its last one.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let shared = guestspec::volumes_in_pod_share(&mut plan, &format!("{}.{stamp:x}", req.id));
         guestspec::relocate(&mut plan, &dir_in_guest);
         let lock = self.sd.create(req.id)?;
         let dir = lock.dir().to_owned();
         let mut undo = crate::create::Undo::new(self, req.id);
         undo.pod_regions = Some((pod_disk.clone(), Vec::new()));
+        let share = match (&share, shared.is_empty()) {
+            (_, true) => None,
+            (Some(s), false) => share_volumes(s, &shared)?,
+            (None, false) => {
+                return Err(MicrovmError::Invalid("the pod's VM has no share".into()).into())
+            }
+        };
+        undo.pod_share = share.clone();
         let mut regions = Vec::new();
         let mut st = crate::create::initial_state(req, &dir);
         self.sd.save(&st)?;
@@ -369,6 +606,7 @@ impl MicrovmTier {
                 pod_control,
                 pod_disk,
                 regions,
+                share,
             }),
             ..MicrovmPart::default()
         })
@@ -481,6 +719,17 @@ impl MicrovmTier {
             None => (part.socket_dir.join(crate::SOCKET), None),
         })
     }
+}
+
+/// The pod a container joins ([`MicrovmTier::pod_to_join`]).
+pub(crate) struct Pod {
+    /// The sandbox container's state.
+    state: State,
+    disk: PathBuf,
+    /// Its control socket.
+    control: PathBuf,
+    /// Its VM's share, if it has one.
+    share: Option<PathBuf>,
 }
 
 /// What the stand-in needs.

@@ -372,6 +372,10 @@ pub struct Start<'a> {
     /// An unprivileged runtime: no mount namespace (virtiofsd opens the
     /// volumes as the user), maps through newuidmap, no user switch.
     pub rootless: bool,
+    /// A pod's share is among the volumes: the server's mount namespace
+    /// is the host's slave rather than private, so that what is mounted
+    /// into the share later reaches virtiofsd (`crate::pod::make_share`).
+    pub receive_mounts: bool,
 }
 
 /// Starts the volume server; returns once every virtiofsd runs.
@@ -434,6 +438,7 @@ pub fn start(s: Start) -> Result<VolumeServer, MicrovmError> {
         binary,
         argv,
         rootless: s.rootless,
+        receive_mounts: s.receive_mounts,
     };
     let pid = one
         .fork(0, |child_one| server.main(&child, child_one))
@@ -473,6 +478,7 @@ struct Server {
     binary: CString,
     argv: Vec<Vec<CString>>,
     rootless: bool,
+    receive_mounts: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -555,8 +561,21 @@ impl Server {
         }
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .map_err(|e| ServerError::Sys("make a mount namespace", e))?;
-        crate::disk::make_mounts_private()
-            .map_err(|e| ServerError::Sys("make the mounts private", e))?;
+        // Nothing mounted here reaches the host; a slave still receives
+        // what the host mounts (a pod's share's volumes).
+        let propagation = if self.receive_mounts {
+            nix::mount::MsFlags::MS_SLAVE
+        } else {
+            nix::mount::MsFlags::MS_PRIVATE
+        };
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | propagation,
+            None::<&str>,
+        )
+        .map_err(|e| ServerError::Sys("make the mounts private", e))?;
         // Opened here, in this mount namespace (a bind's source must be in
         // the caller's), and before the tmpfs hides what is under /run.
         let sources = self

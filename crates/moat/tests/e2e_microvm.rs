@@ -111,6 +111,14 @@ fn assert_clean(rt: &Rt) {
     assert!(left.is_empty(), "left in the state root: {left:?}");
     let procs = processes_of(rt.root());
     assert!(procs.is_empty(), "processes left: {procs:?}");
+    let root = rt.root().display().to_string();
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&root)))
+        .map(str::to_string)
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
 }
 
 #[test]
@@ -2603,16 +2611,30 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         "destination": "/shared", "type": "bind",
         "source": empty_dir.display().to_string(), "options": ["rbind", "rw"],
     });
+    // A read-write volume of the host's (a hostPath or persistent
+    // volume): bound into the pod VM's share, its writes reach the host.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::write(data.path().join("h"), "from-host\n").unwrap();
+    let data_mount = serde_json::json!({
+        "destination": "/data", "type": "bind",
+        "source": data.path().display().to_string(), "options": ["rbind", "rw"],
+    });
     let mut app = pod_bundle(
         &[
             "sh",
             "-c",
-            "mkdir -p /dev/shm/www && echo from-app > /dev/shm/www/i && echo in-empty-dir > /shared/x && echo app-up && exec httpd -f -p 127.0.0.1:8000 -h /dev/shm/www",
+            "mkdir -p /dev/shm/www && echo from-app > /dev/shm/www/i && echo in-empty-dir > /shared/x && cat /data/h && echo app-data > /data/a && echo app-up && exec httpd -f -p 127.0.0.1:8000 -h /dev/shm/www",
         ],
         &pod_id,
         Some(vmm),
     );
     app.push("/mounts", shared.clone());
+    app.push("/mounts", data_mount.clone());
     app.write_config();
     let app_id = rt.new_id("app");
     let a = create_as(&rt, &app, &app_id);
@@ -2633,6 +2655,13 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     cmd(&rt, &["start", &app_id]).expect_ok();
     a.wait_output("app-up");
     assert_eq!(a.status(), "running");
+    assert_eq!(a.output(), "from-host\napp-up\n");
+    let written = data.path().join("a");
+    assert_eq!(std::fs::read_to_string(&written).unwrap(), "app-data\n");
+    // Owned by the pod's volume block, as a VM's own volume's files are:
+    // the guest's root is not the host's.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&written).unwrap());
+    assert!(owner >= 65536, "owner {owner}");
     let limits = || {
         let files = "/sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max";
         cmd(&rt, &["exec", &app_id, "sh", "-c", &format!("cat {files}")]).stdout
@@ -2703,12 +2732,13 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         &[
             "sh",
             "-c",
-            "wget -qO- http://127.0.0.1:8000/i; cat /shared/x; uname -r; hostname; exit 3",
+            "wget -qO- http://127.0.0.1:8000/i; cat /shared/x /data/a; uname -r; hostname; exit 3",
         ],
         &pod_id,
         Some(vmm),
     );
     car.push("/mounts", shared);
+    car.push("/mounts", data_mount);
     car.write_config();
     let kernel = cmd(&rt, &["exec", &app_id, "uname", "-r"]).stdout;
     let hostname = cmd(&rt, &["exec", &pod_id, "hostname"]).stdout;
@@ -2718,7 +2748,7 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         c.wait_status("stopped");
         assert_eq!(
             c.output(),
-            format!("from-app\nin-empty-dir\n{kernel}{hostname}"),
+            format!("from-app\nin-empty-dir\napp-data\n{kernel}{hostname}"),
             "round {round}"
         );
         let ev = std::fs::read_to_string(rt.root().join(&car_id).join("events.json"))
@@ -2794,6 +2824,11 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     cmd(&rt, &["delete", &app_id]).expect_ok();
     drop(a);
     assert_eq!(allocated(&disk), empty, "the pod disk's space came back");
+    // Its volume left the pod's share (nothing of it mounted there any
+    // more), its files kept.
+    let share = rt.root().join(".pod-share").join(&pod_id);
+    assert_eq!(std::fs::read_dir(&share).unwrap().count(), 0);
+    assert_eq!(std::fs::read_to_string(&written).unwrap(), "app-data\n");
 
     // The pod VM's end is its containers' end.
     let last_id = rt.new_id("last");
