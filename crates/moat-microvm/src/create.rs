@@ -197,7 +197,8 @@ impl MicrovmTier {
         // (one more virtio-fs volume of the guest's: `crate::pod`).
         let pod_sandbox =
             moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
-        let slots_used = plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
+        let slots_used =
+            plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
         let share = (pod_sandbox
             && !rootless
             && crate::pod::wants_share(&spec_json)

@@ -820,7 +820,10 @@ mod tests {
         empty_dirs_in_guest(&mut plan);
         let shared = volumes_in_pod_share(&mut plan, "c1.7f");
         relocate(&mut plan, "/run/vm/pod/c1");
-        assert_eq!(shared, vec![(PathBuf::from("/srv/data"), "c1.7f/0".to_string())]);
+        assert_eq!(
+            shared,
+            vec![(PathBuf::from("/srv/data"), "c1.7f/0".to_string())]
+        );
         assert!(plan.volumes.is_empty());
         assert_eq!(
             plan.config["mounts"][1]["source"],

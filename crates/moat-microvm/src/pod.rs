@@ -206,14 +206,7 @@ pub fn make_share(dir: &Path) -> Result<(), MicrovmError> {
     // the volumes through it; its parent keeps the host's users out.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
         .map_err(MicrovmError::io(format!("chmod {}", dir.display())))?;
-    let made = mount(
-        Some(dir),
-        dir,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .and_then(|()| {
+    let made = mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).and_then(|()| {
         mount(
             None::<&str>,
             dir,

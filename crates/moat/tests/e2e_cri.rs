@@ -989,7 +989,10 @@ fn cri_reports_an_oom_killed_container() {
 
 /// A pod of each runtime handler in deploy/ runs its tier, and the pod
 /// annotation `dev.moat.isolation` (passed through by `pod_annotations`)
-/// raises the tier of a pod whose handler is `moat`.
+/// raises the tier of a pod whose handler is `moat`. A `moat-microvm`
+/// pod's container with a read-write volume joins the pod's VM through
+/// its share, unless the pod's annotation `dev.moat.pod.volumes: none`
+/// left the VM without one: then it gets a VM of its own.
 #[test]
 fn cri_runs_every_handler_and_the_tier_annotation() {
     if !can_run_cri("cri_runs_every_handler_and_the_tier_annotation") {
@@ -1002,10 +1005,15 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
     annotated
         .annotations
         .insert("dev.moat.isolation".into(), "sandbox".into());
+    let mut unshared = Pod::new("vm-unshared", "moat-microvm");
+    unshared
+        .annotations
+        .insert("dev.moat.pod.volumes".into(), "none".into());
     for (pod, tier) in [
         (annotated, "sandbox"),
         (Pod::new("sandboxed", "moat-sandbox"), "sandbox"),
         (Pod::new("vm", "moat-microvm"), "microvm"),
+        (unshared, "microvm"),
     ] {
         let (pod_id, pod_cfg) = c
             .run_pod(&pod)
@@ -1048,9 +1056,21 @@ fn cri_runs_every_handler_and_the_tier_annotation() {
             "{}'s container",
             pod.name
         );
-        // Its read-write volume is a device the running pod VM cannot
-        // gain: it gets a VM of its own.
-        assert_eq!(c.joined_pod(&app), None, "{}", pod.name);
+        // A microVM pod's container with a read-write volume joins the
+        // pod's VM (its volume bound into the VM's share), unless the pod
+        // asked for no share.
+        let joins = tier == "microvm"
+            && pod
+                .annotations
+                .get("dev.moat.pod.volumes")
+                .map(String::as_str)
+                != Some("none");
+        assert_eq!(
+            c.joined_pod(&app),
+            joins.then(|| pod_id.clone()),
+            "{}",
+            pod.name
+        );
         let start = Instant::now();
         let kernel = loop {
             let lines = c.log_lines(pod.name, "app");
