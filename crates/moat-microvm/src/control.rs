@@ -53,6 +53,14 @@ pub enum Request {
     /// The terminal's new size, for a joined container's process (its
     /// stand-in's terminal was resized).
     Resize { rows: u16, cols: u16 },
+    /// Freeze (`on`) or thaw a joined container in the guest: its `pause`
+    /// and `resume`. To the stand-in without `container`, which passes
+    /// it on to the pod's VMM process naming itself.
+    Freeze {
+        on: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
+    },
 }
 
 /// The VMM process's answer.

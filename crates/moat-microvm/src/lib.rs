@@ -731,18 +731,6 @@ impl Lifecycle for MicrovmTier {
 }
 
 impl MicrovmTier {
-    /// Refuses what a container that joined its pod's VM cannot have done
-    /// to it alone (its limits and its freezing are the guest's).
-    fn refuse_joined(&self, st: &State, what: &str) -> Result<(), RuntimeError> {
-        match self.part(st)?.joined {
-            Some(j) => Err(RuntimeError::Invalid(format!(
-                "container {} runs in its pod's microVM (that of {}): it cannot be {what} on its own",
-                st.id, j.pod
-            ))),
-            None => Ok(()),
-        }
-    }
-
     fn cgroup(&self, st: &State) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
         let part = self.part(st)?;
         if part.cgroup.is_null() {
@@ -766,12 +754,30 @@ impl MicrovmTier {
         if c.status != want {
             return Err(wrong(id, c.status, why));
         }
-        self.refuse_joined(&c.state, if on { "paused" } else { "resumed" })?;
-        let cg = self.cgroup(&c.state)?;
-        if on {
-            cg.freeze().map_err(MicrovmError::from)?;
+        if self.part(&c.state)?.joined.is_some() {
+            // A container in its pod's VM: its cgroup in the guest, through
+            // its stand-in (which keeps serving, unfrozen, for `resume`
+            // and `kill`).
+            let path = self.control_path(&c.state)?;
+            let (_sock, reply) = control::call(
+                &path,
+                &control::Request::Freeze {
+                    on,
+                    container: None,
+                },
+                &[],
+            )
+            .map_err(MicrovmError::from)?;
+            if let control::Reply::Error { message, .. } = reply {
+                return Err(MicrovmError::Vmm(message).into());
+            }
         } else {
-            cg.thaw().map_err(MicrovmError::from)?;
+            let cg = self.cgroup(&c.state)?;
+            if on {
+                cg.freeze().map_err(MicrovmError::from)?;
+            } else {
+                cg.thaw().map_err(MicrovmError::from)?;
+            }
         }
         let mut st = c.state;
         st.status = if on {

@@ -900,7 +900,26 @@ fn serve(s: &mut StandIn) -> (i32, u64) {
                         );
                         Reply::Ok
                     }
-                    Some(_) => update(s, resources),
+                    Some(_) => forward(
+                        s,
+                        Request::Update {
+                            resources,
+                            container: Some(s.request.id.clone()),
+                        },
+                    ),
+                },
+                Request::Freeze { on, .. } => match &joined {
+                    Some(_) => forward(
+                        s,
+                        Request::Freeze {
+                            on,
+                            container: Some(s.request.id.clone()),
+                        },
+                    ),
+                    None => Reply::Error {
+                        message: "the container is not running".into(),
+                        exec_status: None,
+                    },
                 },
                 Request::Exec { .. } | Request::Join { .. } | Request::Resize { .. } => {
                     Reply::Error {
@@ -914,13 +933,9 @@ fn serve(s: &mut StandIn) -> (i32, u64) {
     }
 }
 
-/// Asks the pod's VMM process to apply `resources` to the joined
-/// container in the guest; its answer.
-fn update(s: &StandIn, resources: serde_json::Value) -> Reply {
-    let req = Request::Update {
-        resources,
-        container: Some(s.request.id.clone()),
-    };
+/// Passes `req` (new limits, a freeze) for the joined container in the
+/// guest on to the pod's VMM process; its answer.
+fn forward(s: &StandIn, req: Request) -> Reply {
     match control::call(&s.pod_control, &req, &[]) {
         Ok((_, reply)) => reply,
         Err(e) => Reply::Error {

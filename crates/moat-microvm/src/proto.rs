@@ -576,6 +576,10 @@ pub struct UpdateRequest {
     /// the guest's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Instead of new limits: freeze (`true`) or thaw that joined
+    /// container's cgroup in the guest (its `pause`, `resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

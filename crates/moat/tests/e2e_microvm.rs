@@ -2673,6 +2673,23 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     )
     .expect_ok();
     assert_eq!(limits(), "7\n209715200\n");
+    // `pause` freezes it in the guest alone: the pod's own container
+    // then gets no answer from its server (a frozen process never gives
+    // one), and again after `resume`.
+    let ask = "wget -T 3 -qO- http://127.0.0.1:8000/i || echo no-answer";
+    cmd(&rt, &["pause", &app_id]).expect_ok();
+    assert_eq!(a.status(), "paused");
+    assert_eq!(
+        cmd(&rt, &["exec", &pod_id, "sh", "-c", ask]).stdout,
+        "no-answer\n"
+    );
+    cmd(&rt, &["resume", &app_id]).expect_ok();
+    assert_eq!(a.status(), "running");
+    let ex = cmd(
+        &rt,
+        &["exec", &pod_id, "wget", "-qO-", "http://127.0.0.1:8000/i"],
+    );
+    assert_eq!(ex.stdout, "from-app\n", "{ex:?}");
     // Its exec runs in its own container in the pod's guest.
     let ex = cmd(&rt, &["exec", &app_id, "cat", "/dev/shm/www/i"]);
     assert_eq!(

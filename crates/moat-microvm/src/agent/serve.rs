@@ -672,6 +672,23 @@ impl Agent {
         if !self.prepared || self.main_done {
             return Err(AgentError::Request("the container is not running".into()));
         }
+        if let Some(on) = req.freeze {
+            // A joined container's `pause`, `resume`: the guest's own is
+            // frozen whole, on the host.
+            let Some(id) = req.container.as_deref() else {
+                return Err(AgentError::Request(
+                    "the guest's own container is paused on the host".into(),
+                ));
+            };
+            let id = self.guest_container(Some(id))?;
+            let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            let done = if on {
+                moat_core::runtime::Lifecycle::pause(&tier, id)
+            } else {
+                moat_core::runtime::Lifecycle::resume(&tier, id)
+            };
+            return done.map_err(|e| AgentError::Request(moat_core::error_chain(&e)));
+        }
         let resources: oci_spec::runtime::LinuxResources =
             serde_json::from_value(req.resources.clone())
                 .map_err(|e| AgentError::Request(format!("the new resources: {e}")))?;

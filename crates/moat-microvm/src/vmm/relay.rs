@@ -761,7 +761,24 @@ impl Relay {
             Request::Update {
                 resources,
                 container,
-            } => self.update(client, resources, container)?,
+            } => self.update(client, resources, container, None)?,
+            // A joined container's: its cgroup in the guest.
+            Request::Freeze {
+                on,
+                container: Some(c),
+            } => self.update(client, serde_json::Value::Null, Some(c), Some(on))?,
+            Request::Freeze {
+                container: None, ..
+            } => {
+                // The VM's own container freezes on the host (its cgroup).
+                let _ = control::send(
+                    client.as_fd(),
+                    &Reply::Error {
+                        message: "a microVM is paused through its cgroup".into(),
+                        exec_status: None,
+                    },
+                );
+            }
             // Only on a joined container's connection.
             Request::Resize { .. } => {}
         }
@@ -893,6 +910,7 @@ impl Relay {
         client: OwnedFd,
         resources: serde_json::Value,
         container: Option<String>,
+        freeze: Option<bool>,
     ) -> Result<(), VmmError> {
         match self.phase {
             Phase::Created if container.is_none() => {
@@ -910,6 +928,7 @@ impl Relay {
                     &proto::UpdateRequest {
                         resources,
                         container,
+                        freeze,
                     },
                 );
                 self.send(&frame)

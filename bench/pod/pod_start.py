@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""A pod's start under the microvm tier (its pause container booting the
+pod's VM): with the share its containers' read-write volumes join it
+through (the default: a virtio-fs device, so a cold boot) against a pod
+annotated `dev.moat.pod.volumes: none` (no share: a snapshot's restore
+once one is saved), interleaved (docs/performance.md, *A pod in one VM*).
+Root; QEMU and the cloud kernel as for the tier's tests; runc (for `runc
+spec`) and busybox-static.
+
+    python3 bench/pod/pod_start.py [ROUNDS]
+
+Times `create` + `start` of the pause container, and sums the host RSS of
+the processes in the VMM's cgroup (the VMM process, QEMU, and with the
+share the volume server and its virtiofsd). The first round of each kind
+is a warm-up (it may save the snapshot) and is not counted. MOAT (default
+target/release/moat) and WORK (default /tmp/moat-bench-podstart) may be
+set in the environment."""
+import json, os, subprocess, time, shutil, statistics, sys
+M = os.environ.get("MOAT", os.path.join(os.path.dirname(__file__), "../../target/release/moat"))
+WORK = os.environ.get("WORK", "/tmp/moat-bench-podstart")
+ROOT = WORK + "/root"
+
+
+def run(*a, **k):
+    return subprocess.run([M, "--root", ROOT, *a], check=True, **k)
+
+
+def bundle(name, ann):
+    d = f"{WORK}/{name}"
+    if not os.path.exists(d):
+        os.makedirs(d + "/rootfs/bin")
+        shutil.copy("/bin/busybox", d + "/rootfs/bin/busybox")
+        os.symlink("busybox", d + "/rootfs/bin/sleep")
+        subprocess.run(["runc", "spec"], cwd=d, check=True)
+    c = json.load(open(d + "/config.json"))
+    c["process"]["terminal"] = False
+    c["process"]["args"] = ["sleep", "100000"]
+    c["annotations"] = ann
+    json.dump(c, open(d + "/config.json", "w"))
+    return d
+
+
+def cgroup_rss(pid):
+    """KiB of RSS of every process in the memory cgroup of `pid`."""
+    def memcg(p):
+        for line in open(f"/proc/{p}/cgroup"):
+            _, ctrl, path = line.rstrip("\n").split(":", 2)
+            if "memory" in ctrl.split(",") or ctrl == "":
+                return path
+    own = memcg(pid)
+    tot = 0
+    for c in os.listdir("/proc"):
+        if not c.isdigit():
+            continue
+        try:
+            if memcg(c) != own:
+                continue
+            for line in open(f"/proc/{c}/status"):
+                if line.startswith("VmRSS:"):
+                    tot += int(line.split()[1])
+        except OSError:
+            pass
+    return tot
+
+
+kinds = {"share": {}, "none": {"dev.moat.pod.volumes": "none"}}
+res = {k: [] for k in kinds}
+mem = {k: [] for k in kinds}
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+for i in range(rounds + 1):
+    for kind, extra in kinds.items():
+        pod = f"pod-{kind}-{i}"
+        ann = {"dev.moat.isolation": "microvm",
+               "io.kubernetes.cri.container-type": "sandbox",
+               "io.kubernetes.cri.sandbox-id": pod, **extra}
+        b = bundle(kind, ann)
+        t0 = time.monotonic()
+        run("create", "-b", b, pod, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run("start", pod)
+        t = time.monotonic() - t0
+        pid = json.loads(subprocess.check_output([M, "--root", ROOT, "state", pod]))["pid"]
+        if i > 0:
+            res[kind].append(t)
+            mem[kind].append(cgroup_rss(pid))
+        run("delete", "-f", pod)
+for k in res:
+    v = sorted(res[k])
+    print(k, "median %.3f s" % statistics.median(v), "min %.3f max %.3f" % (v[0], v[-1]),
+          "host RSS median %d KiB" % statistics.median(mem[k]), [round(x, 3) for x in res[k]])
+print("ratio share/none %.2f" % (statistics.median(res["share"]) / statistics.median(res["none"])))
