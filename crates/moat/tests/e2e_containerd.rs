@@ -222,7 +222,7 @@ fn containerd_loads_the_cri_runtimes_from_deploy() {
         (
             "moat-microvm",
             "moat-microvm",
-            "dev.moat.isolation dev.moat.net.egress dev.moat.net.publish",
+            "dev.moat.isolation dev.moat.net.egress dev.moat.net.publish dev.moat.pod.volumes",
         ),
     ] {
         let want = format!(
