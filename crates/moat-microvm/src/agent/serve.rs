@@ -196,6 +196,10 @@ pub struct Agent {
     deferred: Vec<Deferred>,
     /// The pod's disk, once a container joined ([`pod::find_disk`]).
     pod_disk: Option<File>,
+    /// Joined containers being started: channel → when their `Started`
+    /// goes regardless ([`Agent::check_joins`]). The loop serves the
+    /// others meanwhile.
+    joins_starting: BTreeMap<u32, Instant>,
 }
 
 /// What waits for the container's process to have started.
@@ -259,6 +263,7 @@ impl Agent {
             start_pending: None,
             deferred: Vec::new(),
             pod_disk: None,
+            joins_starting: BTreeMap::new(),
         })
     }
 
@@ -306,7 +311,9 @@ impl Agent {
                     order.push((*id, 3));
                 }
             }
-            let timeout = if self.procs.values().any(|p| !p.pending_signals.is_empty()) {
+            let timeout = if self.procs.values().any(|p| !p.pending_signals.is_empty())
+                || !self.joins_starting.is_empty()
+            {
                 PollTimeout::from(10u16)
             } else if self.procs.values().any(|p| p.status.is_some()) {
                 PollTimeout::from(200u16)
@@ -383,8 +390,45 @@ impl Agent {
                 }
             }
             self.deliver_pending();
+            self.check_joins()?;
             self.report_exits()?;
         }
+    }
+
+    /// Sends each starting joined container's `Started` once it runs (an
+    /// exec right after `start` must find it), its runtime has ended (its
+    /// `Exit` follows), or [`JOIN_START`] has passed.
+    fn check_joins(&mut self) -> Result<(), AgentError> {
+        if self.joins_starting.is_empty() {
+            return Ok(());
+        }
+        self.reap();
+        let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .joins_starting
+            .iter()
+            .filter(|(chan, end)| {
+                let p = self.procs.get(chan);
+                let ended = p.is_none_or(|p| p.status.is_some());
+                let runs = p.and_then(|p| p.joined.as_deref()).is_some_and(|id| {
+                    moat_core::runtime::Lifecycle::state(&tier, id).is_ok_and(|c| {
+                        !matches!(
+                            c.status,
+                            moat_core::state::ContainerStatus::Creating
+                                | moat_core::state::ContainerStatus::Created
+                        )
+                    })
+                });
+                ended || runs || now >= **end
+            })
+            .map(|(chan, _)| *chan)
+            .collect();
+        for chan in due {
+            self.joins_starting.remove(&chan);
+            self.answer(chan, Ok(false))?;
+        }
+        Ok(())
     }
 
     fn handle(&mut self, f: Frame) -> Result<(), AgentError> {
@@ -405,10 +449,17 @@ impl Agent {
                 let r = self.exec(f.chan, &req).map(|()| false);
                 self.answer(f.chan, r)
             }
+            // `Started` once it runs ([`Agent::check_joins`]).
             Kind::Join => {
                 let req: proto::JoinRequest = f.json()?;
-                let r = self.join(f.chan, req).map(|()| false);
-                self.answer(f.chan, r)
+                match self.join(f.chan, req) {
+                    Ok(()) => {
+                        self.joins_starting
+                            .insert(f.chan, Instant::now() + JOIN_START);
+                        Ok(())
+                    }
+                    Err(e) => self.answer(f.chan, Err(e)),
+                }
             }
             Kind::Forward => {
                 let req: proto::ForwardRequest = f.json()?;
@@ -848,26 +899,9 @@ impl Agent {
             return Err(e);
         }
         if let Some(p) = self.procs.get_mut(&chan) {
-            p.joined = Some(id.clone());
+            p.joined = Some(id);
         }
-        // `Started` once the container runs (an exec right after `start`
-        // must find it) or its runtime has ended (its `Exit` follows).
-        let end = Instant::now() + JOIN_START;
-        loop {
-            self.reap();
-            let ended = self.procs.get(&chan).is_none_or(|p| p.status.is_some());
-            let runs = moat_core::runtime::Lifecycle::state(&tier, &id).is_ok_and(|c| {
-                !matches!(
-                    c.status,
-                    moat_core::state::ContainerStatus::Creating
-                        | moat_core::state::ContainerStatus::Created
-                )
-            });
-            if ended || runs || Instant::now() >= end {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        Ok(())
     }
 
     /// Connects to `addr` inside the container's network namespace, for a
@@ -1104,6 +1138,8 @@ impl Agent {
         let done: Vec<u32> = self
             .procs
             .iter()
+            // A joined container's `Exit` follows its `Started`.
+            .filter(|(id, _)| !self.joins_starting.contains_key(id))
             .filter(|(_, p)| {
                 p.socket_done()
                     || (p.status.is_some()
