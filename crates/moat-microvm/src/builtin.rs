@@ -54,10 +54,16 @@ pub fn jail_plan(
     let mut keep_fds = Vec::new();
     keep_fds.extend(config.serial_out.as_ref().map(|f| f.as_raw_fd()));
     keep_fds.extend(config.agent.as_ref().map(|s| s.as_raw_fd()));
-    keep_fds.extend(config.net.as_ref().map(|n| match &n.backend {
-        moat_vmm::NetBackend::Stream(s) => s.as_raw_fd(),
-        moat_vmm::NetBackend::Tap { file, .. } => file.as_raw_fd(),
-    }));
+    keep_fds.extend(
+        config
+            .net
+            .iter()
+            .chain(&config.more_net)
+            .map(|n| match &n.backend {
+                moat_vmm::NetBackend::Stream(s) => s.as_raw_fd(),
+                moat_vmm::NetBackend::Tap { file, .. } => file.as_raw_fd(),
+            }),
+    );
     keep_fds.extend(config.fs.iter().map(|f| f.socket.as_raw_fd()));
     keep_fds.extend(
         config

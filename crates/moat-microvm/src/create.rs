@@ -399,6 +399,7 @@ impl MicrovmTier {
                 // resolv.conf (the pod's DNS, reached through the stack).
                 (Some(_), _) if shares_namespace => Some(proto::GuestNet {
                     resolv_conf: None,
+                    extra: Vec::new(),
                     ..proto::GuestNet::of(&moat_net::NetConfig::default())
                 }),
                 (Some(_), _) => Some(proto::GuestNet::of(&moat_net::NetConfig::default())),
@@ -450,7 +451,14 @@ impl MicrovmTier {
                 },
             ),
         };
-        let offer = if plan.volumes.is_empty() {
+        let more_interfaces = pod_link.as_ref().is_some_and(|p| !p.more_taps.is_empty());
+        let offer = if more_interfaces {
+            // A snapshot's guest has the one network device.
+            snapshot::Offer::None {
+                why: "a guest with more than one network interface is not saved in snapshots"
+                    .into(),
+            }
+        } else if plan.volumes.is_empty() {
             snapshot::offer(
                 &self.cache_dir(),
                 &snapshot::Identity {
@@ -489,10 +497,10 @@ impl MicrovmTier {
             ),
         };
         let (net_stack_end, net_vmm_end) = net_link(net.is_some())?.unzip();
-        let (net_vmm_end, forward) = match (net_vmm_end, pod_link) {
-            (Some(end), _) => (Some(vmm::GuestLink::Stream(end)), None),
-            (None, Some(p)) => (Some(vmm::GuestLink::Tap(p.tap)), p.forward),
-            (None, None) => (None, None),
+        let (net_vmm_end, forward, more_net) = match (net_vmm_end, pod_link) {
+            (Some(end), _) => (Some(vmm::GuestLink::Stream(end)), None, Vec::new()),
+            (None, Some(p)) => (Some(vmm::GuestLink::Tap(p.tap)), p.forward, p.more_taps),
+            (None, None) => (None, None, Vec::new()),
         };
         let (volume_listeners, volume_vmm_ends): (Vec<_>, Vec<_>) =
             crate::volumes::links(&socket_dir, plan.volumes.len())?
@@ -537,6 +545,7 @@ impl MicrovmTier {
             snapshot: snapshot_plan,
             prime,
             net: net_vmm_end,
+            more_net,
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
             forward,

@@ -35,7 +35,7 @@ use moat_net::netlink::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{GuestAddr, GuestNet, GuestRoute};
+use crate::proto::{GuestAddr, GuestInterface, GuestNet, GuestRoute};
 
 /// The TAP devices' name prefix (a name's owner is a microVM of moat's).
 pub const TAP_PREFIX: &str = "mvm";
@@ -53,6 +53,10 @@ pub struct PodLinkRecord {
     /// (`ip_local_port_range`), given back with the interface.
     #[serde(default)]
     pub port_range: Option<String>,
+    /// The namespace's other interfaces taken over too, each with its
+    /// TAP: (interface, TAP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<(String, String)>,
 }
 
 /// The namespace's ephemeral ports, read and written from a thread in it
@@ -70,6 +74,9 @@ pub struct PodLink {
     /// guest ([`crate::portfwd`]); `None` where the kernel could not steer
     /// them (said once, on stderr).
     pub forward: Option<crate::portfwd::LocalForward>,
+    /// The TAPs beside the namespace's other interfaces
+    /// ([`GuestNet::extra`], in order).
+    pub more_taps: Vec<OwnedFd>,
 }
 
 /// Why an interface could not be taken over.
@@ -203,6 +210,38 @@ fn choose<'a>(
         .copied()
 }
 
+/// The interfaces of `links` to take over beside `first` (a CNI
+/// meta-plugin's `net1`…): usable as [`choose`] has it, in index order, at
+/// most [`proto::MAX_EXTRA_INTERFACES`].
+fn others<'a>(links: &'a [LinkInfo], addrs: &[AddrInfo], first: &LinkInfo) -> Vec<&'a LinkInfo> {
+    links
+        .iter()
+        .filter(|l| {
+            l.index != first.index
+                && !l.loopback
+                && l.up
+                && l.mac.is_some()
+                && l.kind.as_deref() != Some("tun")
+                && addrs.iter().any(|a| a.index == l.index && a.universe)
+        })
+        .take(crate::proto::MAX_EXTRA_INTERFACES)
+        .collect()
+}
+
+/// One more interface's configuration in the guest, from `link`'s (as
+/// [`guest_net`]'s, but for a default route: the first interface's is the
+/// guest's).
+fn guest_interface(link: &LinkInfo, addrs: &[AddrInfo], routes: &[RouteInfo]) -> GuestInterface {
+    let net = guest_net(link, addrs, routes);
+    GuestInterface {
+        name: link.name.clone(),
+        mac: link.mac.unwrap_or_default(),
+        addresses: net.addresses,
+        mtu: net.mtu,
+        routes: net.routes.into_iter().filter(|r| r.dst.is_some()).collect(),
+    }
+}
+
 /// eth0's configuration in the guest from `link`'s: its hardware address,
 /// global addresses, MTU, and the routes through it that the kernel did
 /// not make itself (those come back with the addresses), on-link ones
@@ -232,6 +271,7 @@ fn guest_net(link: &LinkInfo, addrs: &[AddrInfo], routes: &[RouteInfo]) -> Guest
         mtu: link.mtu,
         routes,
         resolv_conf: None,
+        extra: Vec::new(),
     }
 }
 
@@ -269,9 +309,50 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
         let port_range = redirect(&mut n, link, (&tap, tap_index), netns)?;
+        let mut guest = guest;
+        let mut record = PodLinkRecord {
+            netns: netns.to_owned(),
+            interface: link.name.clone(),
+            tap: tap.clone(),
+            port_range: Some(port_range),
+            more: Vec::new(),
+        };
+        // The namespace's other interfaces, each on a TAP of its own; a
+        // failure gives back what was taken.
+        let mut more_taps = Vec::new();
+        for (k, other) in others(&links, &addrs, link).into_iter().enumerate() {
+            let name = tap_name(&format!("{id}/{}", k + 1));
+            let taken = (|| {
+                let fd = make_tap(&name).map_err(|source| PodNetError::Tap {
+                    name: name.clone(),
+                    source,
+                })?;
+                let index = n.index(&name).map_err(nl(format!("find {name}")))?;
+                n.set_up(index, Some(other.mtu))
+                    .map_err(nl(format!("bring up {name}")))?;
+                redirect(&mut n, other, (&name, index), netns)?;
+                Ok(fd)
+            })();
+            match taken {
+                Ok(fd) => {
+                    more_taps.push(fd);
+                    record.more.push((other.name.clone(), name));
+                    guest.extra.push(guest_interface(other, &addrs, &routes));
+                }
+                Err(e) => {
+                    give_back(&mut n, &record);
+                    return Err(e);
+                }
+            }
+        }
         // Not a security measure: a kernel without sk_lookup runs the pod
         // without port forwards, and says so.
-        let own: Vec<std::net::IpAddr> = guest.addresses.iter().map(|a| a.ip).collect();
+        let own: Vec<std::net::IpAddr> = guest
+            .addresses
+            .iter()
+            .chain(guest.extra.iter().flat_map(|x| &x.addresses))
+            .map(|a| a.ip)
+            .collect();
         let forward = crate::portfwd::steer(&own)
             .inspect_err(|e| {
                 tracing::warn!(
@@ -281,14 +362,10 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
             .ok();
         Ok(Some(PodLink {
             tap: fd,
-            record: PodLinkRecord {
-                netns: netns.to_owned(),
-                interface: link.name.clone(),
-                tap: tap.clone(),
-                port_range: Some(port_range),
-            },
+            record,
             guest,
             forward,
+            more_taps,
         }))
     })
 }
@@ -404,22 +481,36 @@ pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
                 source,
             })?;
         }
-        let Ok(index) = n.index(&rec.interface) else {
-            return Ok(());
-        };
-        match n.del_ingress_qdisc(index) {
-            Ok(()) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.errno(),
-                    Some(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL)
-                ) =>
-            {
-                Ok(())
+        for name in std::iter::once(&rec.interface).chain(rec.more.iter().map(|(i, _)| i)) {
+            let Ok(index) = n.index(name) else {
+                continue;
+            };
+            match n.del_ingress_qdisc(index) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.errno(),
+                        Some(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL)
+                    ) => {}
+                Err(e) => return Err(nl(format!("remove {name}'s ingress qdisc"))(e)),
             }
-            Err(e) => Err(nl(format!("remove {}'s ingress qdisc", rec.interface))(e)),
         }
+        Ok(())
     })
+}
+
+/// Undoes a take-over that failed partway, from a thread in its namespace:
+/// each interface's ingress qdisc removed, the port range put back (the
+/// TAPs go with their descriptors).
+fn give_back(n: &mut Netlink, rec: &PodLinkRecord) {
+    for name in std::iter::once(&rec.interface).chain(rec.more.iter().map(|(i, _)| i)) {
+        if let Ok(index) = n.index(name) {
+            let _ = n.del_ingress_qdisc(index);
+        }
+    }
+    if let Some(range) = &rec.port_range {
+        let _ = std::fs::write(PORT_RANGE, range);
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +595,49 @@ mod tests {
         assert_eq!(choose(&links, &addrs, &[]).unwrap().name, "net1");
         assert!(choose(&links[..1], &addrs, &routes).is_none());
         assert!(choose(&links, &[addr(3, "fe80::1", 64, false)], &routes).is_none());
+    }
+
+    #[test]
+    fn the_other_usable_interfaces_are_taken_too_without_a_default_route() {
+        let links = [
+            link(1, "lo", None),
+            link(2, "eth0", Some("veth")),
+            link(3, "net1", Some("macvlan")),
+            link(4, "mvm00000001", Some("tun")),
+            link(5, "net2", Some("veth")),
+        ];
+        let addrs = [
+            addr(2, "10.244.1.7", 24, true),
+            addr(3, "192.168.5.9", 24, true),
+            addr(4, "10.9.9.9", 24, true),
+            // No global address: not taken.
+            addr(5, "fe80::5", 64, false),
+        ];
+        let routes = [
+            route(2, None, Some("10.244.1.1"), 3),
+            route(3, None, Some("192.168.5.1"), 3),
+            route(3, Some(("192.168.5.0", 24)), None, 2),
+            route(3, Some(("172.16.0.0", 12)), Some("192.168.5.1"), 3),
+        ];
+        let first = choose(&links, &addrs, &routes).unwrap();
+        assert_eq!(first.name, "eth0");
+        let more = others(&links, &addrs, first);
+        assert_eq!(
+            more.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["net1"]
+        );
+        let x = guest_interface(more[0], &addrs, &routes);
+        assert_eq!((x.name.as_str(), x.mac), ("net1", [2, 0, 0, 0, 0, 3]));
+        assert_eq!(
+            x.addresses,
+            vec![GuestAddr {
+                ip: "192.168.5.9".parse().unwrap(),
+                prefix: 24
+            }]
+        );
+        // Its own routes, but the default route stays the first's.
+        assert_eq!(x.routes.len(), 1);
+        assert_eq!(x.routes[0].dst, Some(("172.16.0.0".parse().unwrap(), 12)));
     }
 
     #[test]

@@ -436,6 +436,33 @@ pub struct GuestNet {
     /// which the engine mounts).
     #[serde(default)]
     pub resolv_conf: Option<String>,
+    /// The namespace's other interfaces the guest took over too (a pod's
+    /// `net1`… that a CNI meta-plugin such as Multus adds), each a
+    /// network device of the guest's more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<GuestInterface>,
+}
+
+/// One more interface of the guest's ([`GuestNet::extra`]): the device
+/// whose hardware address is [`extra_device_mac`]`(k)` for the `k`-th,
+/// renamed `name` (the pod's interface's), with that interface's address,
+/// addresses, MTU and routes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestInterface {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub addresses: Vec<GuestAddr>,
+    pub mtu: u32,
+    pub routes: Vec<GuestRoute>,
+}
+
+/// Most interfaces of a namespace beside the first a guest takes over.
+pub const MAX_EXTRA_INTERFACES: usize = 4;
+
+/// The hardware address the VMM gives the guest's `k`-th extra network
+/// device (by which the agent finds it, before setting the interface's).
+pub fn extra_device_mac(k: usize) -> [u8; 6] {
+    [0x02, 0x6d, 0x6f, 0x61, 0x75, k.min(0xff) as u8]
 }
 
 /// An address of eth0 with its prefix length.
@@ -482,6 +509,7 @@ impl GuestNet {
                 })
                 .collect(),
             resolv_conf: Some(net.resolv_conf()),
+            extra: Vec::new(),
         }
     }
 }
@@ -658,6 +686,7 @@ mod tests {
                 },
             ],
             resolv_conf: None,
+            extra: Vec::new(),
         };
         let json = serde_json::to_vec(&pod).unwrap();
         assert_eq!(serde_json::from_slice::<GuestNet>(&json).unwrap(), pod);

@@ -349,6 +349,14 @@ pub fn set_mac_request(index: u32, mac: [u8; 6], seq: u32) -> Vec<u8> {
     m.finish()
 }
 
+/// RTM_NEWLINK: interface `index`'s name (it must be down).
+pub fn set_name_request(index: u32, name: &str, seq: u32) -> Vec<u8> {
+    let mut m = Msg::new(RTM_NEWLINK, 0, seq);
+    m.ifinfo(index as i32, 0, 0);
+    m.attr(IFLA_IFNAME, &nul_terminated(name));
+    m.finish()
+}
+
 /// RTM_NEWQDISC: the ingress qdisc (handle ffff:) on interface `index`;
 /// EEXIST if it has one.
 pub fn add_ingress_qdisc_request(index: u32, seq: u32) -> Vec<u8> {
@@ -1043,6 +1051,13 @@ impl Netlink {
         self.request(&msg, || format!("setting the MAC of interface {index}"))
     }
 
+    /// Renames interface `index` (down) to `name`.
+    pub fn set_name(&mut self, index: u32, name: &str) -> Result<(), NetlinkError> {
+        let seq = self.next_seq();
+        let msg = set_name_request(index, name, seq);
+        self.request(&msg, || format!("renaming interface {index} to {name}"))
+    }
+
     /// Adds the ingress qdisc to interface `index`; the kernel's EEXIST if
     /// it has one (see [`NetlinkError::errno`]).
     pub fn add_ingress_qdisc(&mut self, index: u32) -> Result<(), NetlinkError> {
@@ -1218,6 +1233,17 @@ mod tests {
         assert_eq!((u32_at(&m, 24), u32_at(&m, 28)), (0, 0));
         assert_eq!((u16_at(&m, 32), u16_at(&m, 34)), (10, IFLA_ADDRESS));
         assert_eq!(&m[36..42], &[2, 0, 0, 0, 0, 9]);
+        assert_eq!(m.len(), 44);
+    }
+
+    #[test]
+    fn set_name_layout() {
+        let m = set_name_request(5, "net1", 4);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u16_at(&m, 4), RTM_NEWLINK);
+        assert_eq!(u32_at(&m, 20), 5);
+        assert_eq!((u16_at(&m, 32), u16_at(&m, 34)), (9, IFLA_IFNAME));
+        assert_eq!(&m[36..41], b"net1\0");
         assert_eq!(m.len(), 44);
     }
 

@@ -64,6 +64,9 @@ pub struct VmConfig {
     /// host stream socket (length-prefixed as QEMU's `-netdev stream`) or
     /// a TAP device ([`NetBackend`]).
     pub net: Option<NetConfig>,
+    /// More network cards after that one (a pod's other interfaces), each
+    /// on a TAP device of its own.
+    pub more_net: Vec<NetConfig>,
     /// virtio-fs shares, each served by a vhost-user back-end (virtiofsd)
     /// on a connected socket. With any, guest RAM is a shared memfd the
     /// back-ends map, and the VM cannot be restored from a snapshot.
@@ -193,6 +196,7 @@ impl VmConfig {
             rng: false,
             agent: None,
             net: None,
+            more_net: Vec::new(),
             fs: Vec::new(),
             thread_hook: None,
         }
@@ -204,6 +208,7 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.agent.is_some())
             + usize::from(self.net.is_some())
+            + self.more_net.len()
             + self.fs.len()
     }
 

@@ -351,7 +351,13 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             console::RxBuffer::close,
         ));
     }
-    if let Some(n) = config.net.take() {
+    let nets: Vec<crate::config::NetConfig> = config
+        .net
+        .take()
+        .into_iter()
+        .chain(std::mem::take(&mut config.more_net))
+        .collect();
+    for n in nets {
         let device_err = |source| VmmError::Device {
             name: "network".into(),
             source,

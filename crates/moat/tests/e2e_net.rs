@@ -1330,6 +1330,164 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     );
 }
 
+/// A pod namespace with a second interface (`net1`, as a CNI
+/// meta-plugin such as Multus adds): the guest takes over both, each on a
+/// network device of its own, the second renamed as the pod's with its
+/// hardware address, addresses and routes. A peer on `net1`'s link reaches
+/// the guest's server there, and so does one behind a route only `net1`
+/// has (the guest's reply follows that route); `delete` gives both back.
+#[test]
+fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
+    let Some((rt, w)) = tier_world("microvm_pod_interfaces", "microvm") else {
+        return;
+    };
+    // The side: a namespace on `net1`'s link, with an address behind it.
+    struct Side(String);
+    impl Drop for Side {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let side = Side(format!("{}-s", w.outer));
+    ip(&["netns", "add", &side.0]);
+    let base = w.outer_addr.trim_end_matches(".0.1").to_owned();
+    let (near, peer, behind) = (
+        format!("{base}.9.1"),
+        format!("{base}.9.2"),
+        format!("{base}.10.2"),
+    );
+    let peer_dev = format!("{}p", w.outer.replace('-', ""));
+    ip(&[
+        "link", "add", "net1", "netns", &w.outer, "type", "veth", "peer", "name", &peer_dev,
+        "netns", &side.0,
+    ]);
+    ip(&[
+        "-n",
+        &w.outer,
+        "addr",
+        "add",
+        &format!("{near}/24"),
+        "dev",
+        "net1",
+    ]);
+    ip(&["-n", &w.outer, "link", "set", "net1", "up"]);
+    ip(&[
+        "-n",
+        &side.0,
+        "addr",
+        "add",
+        &format!("{peer}/24"),
+        "dev",
+        &peer_dev,
+    ]);
+    ip(&[
+        "-n",
+        &side.0,
+        "addr",
+        "add",
+        &format!("{behind}/32"),
+        "dev",
+        "lo",
+    ]);
+    ip(&["-n", &side.0, "link", "set", &peer_dev, "up"]);
+    ip(&["-n", &side.0, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n",
+        &w.outer,
+        "route",
+        "add",
+        &format!("{base}.10.0/24"),
+        "via",
+        &peer,
+        "dev",
+        "net1",
+    ]);
+    // (sysfs shows the reader's namespace: read from inside.)
+    let mac = w.in_outer("cat", &["/sys/class/net/net1/address"]).stdout;
+    let mut b = Bundle::new(&[
+        "sh",
+        "-c",
+        "cat /sys/class/net/net1/address > /tmp/mac1; ip -o -4 addr show net1 > /tmp/addr1 2>&1; \
+         cd /tmp && exec httpd -f -p 8000",
+    ]);
+    b.set(
+        "/annotations",
+        serde_json::json!({"dev.moat.isolation": "microvm"}),
+    );
+    in_outer_ns(&mut b, &w);
+    let bundle = b.dir().to_string_lossy().into_owned();
+    let id = rt.new_id("podifs");
+    let moat = |args: &[&str]| host_moat(&rt, args);
+    let o = moat(&["create", "--bundle", &bundle, &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let _gone = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: None,
+    };
+    let o = moat(&["start", &id]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    // Through the first interface, from the test internet.
+    assert_eq!(
+        w.wait_served(8000, "mac1"),
+        mac,
+        "net1's hardware address in the guest"
+    );
+    let from_side = |source: &str| {
+        sh(
+            "nsenter",
+            &[
+                format!("--net=/run/netns/{}", side.0),
+                "curl".into(),
+                "-sS".into(),
+                "--max-time".into(),
+                "10".into(),
+                "--interface".into(),
+                source.into(),
+                format!("http://{near}:8000/addr1"),
+            ],
+        )
+    };
+    // On net1's link, and from behind its route.
+    for source in [&peer, &behind] {
+        let o = from_side(source);
+        assert!(
+            o.ok() && o.stdout.contains(&format!("inet {near}/24")),
+            "from {source} over net1: {o:?}"
+        );
+    }
+    kill_and_delete(&rt, &id);
+    let tc = sh(
+        "tc",
+        &[
+            "-n".into(),
+            w.outer.clone(),
+            "qdisc".into(),
+            "show".into(),
+            "dev".into(),
+            "net1".into(),
+        ],
+    );
+    assert!(tc.ok() && !tc.stdout.contains("ingress"), "{tc:?}");
+    let links = sh(
+        "ip",
+        &["-n".into(), w.outer.clone(), "-o".into(), "link".into()],
+    );
+    assert!(!links.stdout.contains("mvm"), "{links:?}");
+    // The namespace's own stack has net1 again.
+    let back = sh(
+        "nsenter",
+        &[
+            format!("--net=/run/netns/{}", w.outer),
+            "ping".into(),
+            "-c1".into(),
+            "-W5".into(),
+            peer.clone(),
+        ],
+    );
+    assert!(back.ok(), "{back:?}");
+}
+
 /// `moat run --net ns:PATH` joins a network namespace someone else set up:
 /// the container tier's workload is in it, a microVM's guest takes over
 /// its interface; both reach the test internet through it. Bad paths and

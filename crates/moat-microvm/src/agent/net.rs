@@ -63,6 +63,14 @@ pub fn setup(net: &GuestNet) -> Result<(), AgentError> {
     let index = nl.index(DEVICE).map_err(netlink("find eth0"))?;
     nl.move_link(index, ns.as_fd())
         .map_err(netlink("move eth0 to the container's namespace"))?;
+    // The more devices (a pod's other interfaces), found by the hardware
+    // address the VMM gave each.
+    for k in 0..net.extra.len() {
+        let index = device_by_mac(&mut nl, crate::proto::extra_device_mac(k))?;
+        nl.move_link(index, ns.as_fd()).map_err(netlink(
+            "move a network device to the container's namespace",
+        ))?;
+    }
     in_netns(&ns, || configure(net))?;
     std::fs::create_dir_all(SYSFS).map_err(io(format!("create {SYSFS}")))?;
     in_netns(&ns, || {
@@ -116,8 +124,27 @@ fn in_netns(
     })?
 }
 
-/// `lo` up; eth0's hardware address, addresses, MTU and routes (the
-/// calling thread's namespace).
+/// The index of the network device whose hardware address is `mac`
+/// (waiting a little: the devices appear as the driver probes them).
+fn device_by_mac(nl: &mut moat_net::netlink::Netlink, mac: [u8; 6]) -> Result<u32, AgentError> {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let links = nl.links().map_err(netlink("list the network devices"))?;
+        if let Some(l) = links.iter().find(|l| l.mac == Some(mac)) {
+            return Ok(l.index);
+        }
+        if std::time::Instant::now() >= end {
+            return Err(AgentError::Request(format!(
+                "no network device with the address {mac:02x?} appeared"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `lo` up; eth0's hardware address, addresses, MTU and routes, then each
+/// more interface's, renamed as the pod's (the calling thread's
+/// namespace).
 fn configure(net: &GuestNet) -> Result<(), AgentError> {
     let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
     let lo = nl.index("lo").map_err(netlink("find lo"))?;
@@ -136,6 +163,31 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
     for r in &net.routes {
         nl.add_route(eth, r.dst, r.gateway, r.onlink)
             .map_err(netlink("add a route"))?;
+    }
+    // Apart first (a pod's name may be one the guest's kernel gave
+    // another device), then each its own.
+    let mut devices = Vec::with_capacity(net.extra.len());
+    for k in 0..net.extra.len() {
+        let index = device_by_mac(&mut nl, crate::proto::extra_device_mac(k))?;
+        nl.set_name(index, &format!("mvx{k}"))
+            .map_err(netlink("rename a network device"))?;
+        devices.push(index);
+    }
+    for (x, index) in net.extra.iter().zip(devices) {
+        nl.set_name(index, &x.name)
+            .map_err(netlink("name a network device as the pod's interface"))?;
+        nl.set_mac(index, x.mac)
+            .map_err(netlink("set an interface's hardware address"))?;
+        for a in &x.addresses {
+            nl.add_addr(index, a.ip, a.prefix)
+                .map_err(netlink("address an interface"))?;
+        }
+        nl.set_up(index, Some(x.mtu))
+            .map_err(netlink("bring up an interface"))?;
+        for r in &x.routes {
+            nl.add_route(index, r.dst, r.gateway, r.onlink)
+                .map_err(netlink("add a route"))?;
+        }
     }
     Ok(())
 }
@@ -224,6 +276,7 @@ mod tests {
         let mut c = json!({"mounts": [pods.clone()]});
         let pod = GuestNet {
             resolv_conf: None,
+            extra: Vec::new(),
             ..GuestNet::of(&moat_net::NetConfig::default())
         };
         apply(&mut c, &pod);

@@ -145,6 +145,7 @@ fn spawn(
             super::GuestLink::Tap(fd) => qemu::NetFd::Tap(fd.as_raw_fd()),
         }),
         volume_fds: plan.volumes.iter().map(|v| v.as_raw_fd()).collect(),
+        more_tap_fds: plan.more_net.iter().map(|t| t.as_raw_fd()).collect(),
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
     let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
@@ -153,6 +154,7 @@ fn spawn(
         .collect();
     inherit.extend(incoming.map(|f| f.as_raw_fd()));
     inherit.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
+    inherit.extend(plan.more_net.iter().map(|t| t.as_raw_fd()));
     inherit.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     inherit.extend(qmp.as_ref().map(|(_, q)| q.as_raw_fd()));
     for fd in &inherit {
@@ -316,6 +318,23 @@ fn builtin_child(
         }),
         None => None,
     };
+    let mtu = u16::try_from(moat_net::NetConfig::default().mtu)
+        .map_err(|_| "the stack's MTU does not fit the card".to_string())?;
+    let more_net = plan
+        .more_net
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            Ok(moat_vmm::NetConfig {
+                backend: moat_vmm::NetBackend::Tap {
+                    file: File::from(dup(t)?),
+                    vnet_hdr: true,
+                },
+                mac: proto::extra_device_mac(k),
+                mtu,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let fs = plan
         .volumes
         .iter()
@@ -352,6 +371,7 @@ fn builtin_child(
     config.rng = true;
     config.agent = Some(agent);
     config.net = net;
+    config.more_net = more_net;
     config.fs = fs;
     crate::builtin::run_from(config, start.incoming, control)
         .map_err(|e| moat_core::error_chain(&e))

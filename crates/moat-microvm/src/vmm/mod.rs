@@ -153,6 +153,9 @@ pub struct VmmPlan {
     pub prime: bool,
     /// The guest's network device's host side.
     pub net: Option<GuestLink>,
+    /// The TAPs of the guest's more network devices, beside the pod's
+    /// other interfaces (`proto::GuestNet::extra`, in order).
+    pub more_net: Vec<OwnedFd>,
     /// Make the device's host side a TAP of this name in the VMM process's
     /// own network namespace, before its jail: the engine's hooks put the
     /// container's interface there (Docker), and the runtime redirects it
@@ -279,6 +282,7 @@ fn start(
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
+    keep.extend(plan.more_net.iter().map(|n| n.as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));
     keep.extend(plan.meminfo.as_ref().map(|m| m.as_raw_fd()));
     if let Some(f) = &plan.forward {

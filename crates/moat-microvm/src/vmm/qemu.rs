@@ -49,6 +49,9 @@ pub struct QemuArgs {
     /// Read-write volumes: each a vhost-user socket connected to its
     /// virtiofsd, tagged [`crate::guestspec::volume_tag`] in order.
     pub volume_fds: Vec<RawFd>,
+    /// More network devices, each on a TAP (a pod's other interfaces),
+    /// the `k`-th with [`crate::proto::extra_device_mac`]`(k)`.
+    pub more_tap_fds: Vec<RawFd>,
 }
 
 /// The guest's Ethernet address (locally administered, "moat" and 0x64).
@@ -169,6 +172,20 @@ impl QemuArgs {
                 "-device",
                 &format!(
                     "virtio-net-device,netdev=net0,mac={GUEST_MAC},host_mtu={}",
+                    moat_net::NetConfig::default().mtu
+                ),
+            ]);
+        }
+        for (k, fd) in self.more_tap_fds.iter().enumerate() {
+            let m = proto::extra_device_mac(k);
+            let mac = m.map(|b| format!("{b:02x}")).join(":");
+            push(&[
+                "-netdev",
+                &format!("tap,id=net{},fd={fd},vhost=off", k + 1),
+                "-device",
+                &format!(
+                    "virtio-net-device,netdev=net{},mac={mac},host_mtu={}",
+                    k + 1,
                     moat_net::NetConfig::default().mtu
                 ),
             ]);
@@ -409,6 +426,7 @@ mod tests {
     #[test]
     fn arguments_pass_everything_by_descriptor() {
         let q = QemuArgs {
+            more_tap_fds: Vec::new(),
             accel: Accel::Tcg,
             kernel: "/k".into(),
             initrd: "/i".into(),
@@ -450,6 +468,7 @@ mod tests {
         );
         let tap = QemuArgs {
             net: Some(NetFd::Tap(11)),
+            more_tap_fds: vec![13],
             ..q.clone()
         };
         let a: Vec<String> = tap
@@ -463,6 +482,12 @@ mod tests {
         assert!(a
             .iter()
             .any(|x| x.starts_with("virtio-net-device,netdev=net0,")));
+        // A pod's second interface: a device of its own, found in the
+        // guest by its address.
+        assert!(a.contains(&"tap,id=net1,fd=13,vhost=off".to_string()));
+        assert!(a
+            .iter()
+            .any(|x| x.starts_with("virtio-net-device,netdev=net1,mac=02:6d:6f:61:75:00,")));
         assert!(a.iter().any(|x| x.starts_with("on,obsolete=deny")));
         assert!(!a
             .iter()
