@@ -2754,7 +2754,7 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         &pod_id,
         Some(vmm),
     );
-    car.push("/mounts", shared.clone());
+    car.push("/mounts", shared);
     car.push("/mounts", data_mount);
     car.write_config();
     let kernel = cmd(&rt, &["exec", &app_id, "uname", "-r"]).stdout;
@@ -2774,43 +2774,6 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         cmd(&rt, &["delete", &car_id]).expect_ok();
         drop(c);
     }
-
-    // A container whose start waits (a startContainer hook, until a file
-    // appears in the pod's emptyDir): the pod's guest serves the others
-    // meanwhile. An exec into the app completes, then a second one makes
-    // the file: `start` can only return after both.
-    let slow_id = rt.new_id("slow");
-    let mut slow = pod_bundle(&["sh", "-c", "echo slow-up"], &pod_id, Some(vmm));
-    slow.push("/mounts", shared);
-    slow.set(
-        "/hooks",
-        serde_json::json!({"startContainer": [{"path": "/bin/sh", "args": [
-            "sh", "-c", "while [ ! -e /shared/go ]; do sleep 0.1; done"
-        ]}]}),
-    );
-    slow.write_config();
-    let sl = create_as(&rt, &slow, &slow_id);
-    let served = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let started = scope.spawn(|| {
-            let out = cmd(&rt, &["start", &slow_id]);
-            (out, served.load(std::sync::atomic::Ordering::SeqCst))
-        });
-        let ex = cmd(&rt, &["exec", &app_id, "cat", "/dev/shm/www/i"]);
-        assert_eq!(ex.stdout, "from-app\n", "{ex:?}");
-        served.store(true, std::sync::atomic::Ordering::SeqCst);
-        cmd(&rt, &["exec", &app_id, "touch", "/shared/go"]).expect_ok();
-        let (out, was_served) = started.join().unwrap();
-        out.expect_ok();
-        assert!(
-            was_served,
-            "the app's exec was served while the other started"
-        );
-    });
-    sl.wait_status("stopped");
-    assert_eq!(sl.output(), "slow-up\n");
-    cmd(&rt, &["delete", &slow_id]).expect_ok();
-    drop(sl);
 
     // With a terminal (an engine's console socket, as for `kubectl debug`
     // or `kubectl run -it`): the guest's pty is the one line discipline,
