@@ -232,3 +232,41 @@ fn command_line_discovery_has_no_acpi_tables() {
     assert_eq!(u64_at(&read(&vm, ZERO_PAGE_ADDR, 0x78), 0x70), 0);
     assert_ne!(&read(&vm, ACPI_ADDR, 8)[..], b"RSD PTR ");
 }
+
+/// More network cards (a pod's other interfaces, `VmConfig::more_net`):
+/// each a virtio-mmio device of its own, announced with the others.
+#[test]
+fn more_network_cards_are_devices_of_their_own() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = VmConfig::new(Kernel::Payload(vec![0xf4]), 1, 64);
+    config.discovery = Discovery::Cmdline;
+    let mut peers = Vec::new();
+    let mut card = |last: u8| {
+        let (net, peer) = UnixStream::pair().unwrap();
+        peers.push(peer);
+        NetConfig {
+            backend: NetBackend::Stream(net),
+            mac: [0x02, 0, 0, 0, 0, last],
+            mtu: 1500,
+        }
+    };
+    config.net = Some(card(1));
+    config.more_net = vec![card(2), card(3)];
+    assert_eq!(config.virtio_device_count(), 3);
+    let three = Vm::new(config).unwrap();
+    let words = |vm: &Vm| -> Vec<String> {
+        vm.cmdline()
+            .split_whitespace()
+            .filter(|w| w.starts_with("virtio_mmio.device="))
+            .map(str::to_owned)
+            .collect()
+    };
+    let w = words(&three);
+    assert_eq!(w.len(), 3, "{}", three.cmdline());
+    let mut distinct = w.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "each at an address of its own: {w:?}");
+}
