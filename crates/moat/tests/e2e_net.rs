@@ -1078,23 +1078,7 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
     .find_map(|l| l.split(": ").nth(1).filter(|d| *d != "lo"))
     .map(|d| d.split('@').next().unwrap().to_owned())
     .expect("the outer side's veth");
-    let mac = sh(
-        "ip",
-        &[
-            "-n".into(),
-            w.outer.clone(),
-            "-o".into(),
-            "link".into(),
-            "show".into(),
-            outer_dev.clone(),
-        ],
-    )
-    .stdout
-    .split_whitespace()
-    .skip_while(|w| *w != "link/ether")
-    .nth(1)
-    .expect("the outer interface's hardware address")
-    .to_owned();
+    let mac = hardware_address(&w.outer, &outer_dev);
     // Bulk data both ways (QEMU's TAP carries a virtio-net header: the
     // guest hands over checksums and 64 KiB segments, and gets them):
     // 4 MiB of random bytes fetched by the guest, 4 MiB the guest makes
@@ -1402,23 +1386,7 @@ fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
         "dev",
         "net1",
     ]);
-    let mac = sh(
-        "ip",
-        &[
-            "-n".into(),
-            w.outer.clone(),
-            "-o".into(),
-            "link".into(),
-            "show".into(),
-            "net1".into(),
-        ],
-    )
-    .stdout
-    .split_whitespace()
-    .skip_while(|w| *w != "link/ether")
-    .nth(1)
-    .map(|m| format!("{m}\n"))
-    .expect("net1's hardware address");
+    let mac = format!("{}\n", hardware_address(&w.outer, "net1"));
     let mut b = Bundle::new(&[
         "sh",
         "-c",
@@ -1493,6 +1461,27 @@ fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
     // connection (curl's 7), where the guest's holding it timed out.
     let back = w.curl_from_outer(&format!("http://{peer}:1/"));
     assert_eq!(back.code, Some(7), "{back:?}");
+}
+
+/// The hardware address of interface `dev` of network namespace `ns`.
+fn hardware_address(ns: &str, dev: &str) -> String {
+    sh(
+        "ip",
+        &[
+            "-n".into(),
+            ns.into(),
+            "-o".into(),
+            "link".into(),
+            "show".into(),
+            dev.into(),
+        ],
+    )
+    .stdout
+    .split_whitespace()
+    .skip_while(|w| *w != "link/ether")
+    .nth(1)
+    .unwrap_or_else(|| panic!("{dev}'s hardware address in {ns}"))
+    .to_owned()
 }
 
 /// `moat run --net ns:PATH` joins a network namespace someone else set up:

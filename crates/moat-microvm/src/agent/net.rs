@@ -150,20 +150,7 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
     let lo = nl.index("lo").map_err(netlink("find lo"))?;
     nl.set_up(lo, None).map_err(netlink("bring up lo"))?;
     let eth = nl.index(DEVICE).map_err(netlink("find eth0"))?;
-    if let Some(mac) = net.mac {
-        nl.set_mac(eth, mac)
-            .map_err(netlink("set eth0's hardware address"))?;
-    }
-    for a in &net.addresses {
-        nl.add_addr(eth, a.ip, a.prefix)
-            .map_err(netlink("address eth0"))?;
-    }
-    nl.set_up(eth, Some(net.mtu))
-        .map_err(netlink("bring up eth0"))?;
-    for r in &net.routes {
-        nl.add_route(eth, r.dst, r.gateway, r.onlink)
-            .map_err(netlink("add a route"))?;
-    }
+    configure_link(&mut nl, eth, net.mac, &net.addresses, net.mtu, &net.routes)?;
     // Apart first (a pod's name may be one the guest's kernel gave
     // another device), then each its own.
     let mut devices = Vec::with_capacity(net.extra.len());
@@ -176,18 +163,34 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
     for (x, index) in net.extra.iter().zip(devices) {
         nl.set_name(index, &x.name)
             .map_err(netlink("name a network device as the pod's interface"))?;
-        nl.set_mac(index, x.mac)
+        configure_link(&mut nl, index, Some(x.mac), &x.addresses, x.mtu, &x.routes)?;
+    }
+    Ok(())
+}
+
+/// Interface `index`'s hardware address (when given), addresses, MTU
+/// (bringing it up) and routes.
+fn configure_link(
+    nl: &mut moat_net::netlink::Netlink,
+    index: u32,
+    mac: Option<[u8; 6]>,
+    addresses: &[crate::proto::GuestAddr],
+    mtu: u32,
+    routes: &[crate::proto::GuestRoute],
+) -> Result<(), AgentError> {
+    if let Some(mac) = mac {
+        nl.set_mac(index, mac)
             .map_err(netlink("set an interface's hardware address"))?;
-        for a in &x.addresses {
-            nl.add_addr(index, a.ip, a.prefix)
-                .map_err(netlink("address an interface"))?;
-        }
-        nl.set_up(index, Some(x.mtu))
-            .map_err(netlink("bring up an interface"))?;
-        for r in &x.routes {
-            nl.add_route(index, r.dst, r.gateway, r.onlink)
-                .map_err(netlink("add a route"))?;
-        }
+    }
+    for a in addresses {
+        nl.add_addr(index, a.ip, a.prefix)
+            .map_err(netlink("address an interface"))?;
+    }
+    nl.set_up(index, Some(mtu))
+        .map_err(netlink("bring up an interface"))?;
+    for r in routes {
+        nl.add_route(index, r.dst, r.gateway, r.onlink)
+            .map_err(netlink("add a route"))?;
     }
     Ok(())
 }
