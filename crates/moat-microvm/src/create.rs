@@ -223,6 +223,8 @@ impl MicrovmTier {
         let mut st = initial_state(req, &dir);
         self.sd.save(&st)?;
         if let Some(share) = &share {
+            // (This pod's state exists already: never swept.)
+            crate::pod::sweep_shares(self.sd.root(), |id| self.sd.container_dir(id).exists());
             crate::pod::make_share(share)?;
             undo.pod_share = Some(share.clone());
         }

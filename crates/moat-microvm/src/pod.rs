@@ -225,6 +225,24 @@ pub fn make_share(dir: &Path) -> Result<(), MicrovmError> {
     Ok(())
 }
 
+/// Removes the shares under `root/.pod-share` whose pod has no state
+/// (`alive` says which do): what a runtime killed in the middle of a
+/// pod's `create` or `delete` left, whose bind mounts would keep the
+/// pod's volumes busy on the node (a persistent volume's device could not
+/// be unmounted). Each through [`remove_share`]: unmounts, then `rmdir`.
+pub fn sweep_shares(root: &Path, alive: impl Fn(&str) -> bool) {
+    let Ok(rd) = std::fs::read_dir(root.join(".pod-share")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !alive(&name) {
+            tracing::warn!("microvm: removing the share of pod {name}, which has no state");
+            remove_share(&e.path());
+        }
+    }
+}
+
 /// Bind-mounts a joining container's read-write volumes into the pod's
 /// `share`: each `(source, place)` of [`guestspec::volumes_in_pod_share`]
 /// at `share/place`. Returns the container's directory there

@@ -2593,7 +2593,25 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         serde_json::json!(format!("/{}/{pod_id}", pod_cg.name)),
     );
     pause.write_config();
+    // What a runtime killed in the middle of a pod's `create` would
+    // leave: a share whose pod has no state, a volume bound in it. The
+    // next pod's `create` unmounts it and removes its directories, the
+    // volume's files kept.
+    let ghost = rt.root().join(".pod-share/ghost");
+    let ghost_volume = tempfile::tempdir().unwrap();
+    std::fs::write(ghost_volume.path().join("kept"), "x").unwrap();
+    std::fs::create_dir_all(ghost.join("c.1/0")).unwrap();
+    nix::mount::mount(
+        Some(ghost_volume.path()),
+        &ghost.join("c.1/0"),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
     let pod = create_as(&rt, &pause, &pod_id);
+    assert!(!ghost.exists(), "the stale share is gone");
+    assert!(ghost_volume.path().join("kept").exists());
     cmd(&rt, &["start", &pod_id]).expect_ok();
     let vmm = pod.pid() as u32;
     let disk = rt.root().join(&pod_id).join("pod.disk");
