@@ -2609,6 +2609,14 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         None::<&str>,
     )
     .unwrap();
+    // (Unmounted however the test ends.)
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(ghost.join("c.1/0"));
     let pod = create_as(&rt, &pause, &pod_id);
     assert!(!ghost.exists(), "the stale share is gone");
     assert!(ghost_volume.path().join("kept").exists());
