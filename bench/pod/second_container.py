@@ -9,14 +9,19 @@ VM*). Root; QEMU and the cloud kernel as for the tier's tests; runc (for
 Times `create` + `start` until the container's first line is out, and
 the host RSS of the container's process tree (the stand-in, or the VMM
 process with QEMU). MOAT (default target/release/moat) and WORK (default
-/tmp/moat-bench-pod) may be set in the environment."""
+/tmp/moat-bench-pod) may be set in the environment; VOLUME=1 gives both
+containers a read-write host directory at /data, which each writes (a
+hostPath or persistent volume: joined through the pod VM's share, or a
+VM of its own with a virtiofsd, as such a container had before)."""
 import json, os, subprocess, time, shutil, statistics, sys
 M = os.environ.get("MOAT", os.path.join(os.path.dirname(__file__), "../../target/release/moat"))
 WORK = os.environ.get("WORK", "/tmp/moat-bench-pod")
 ROOT = WORK + "/root"
 def run(*a, **k):
     return subprocess.run([M,"--root",ROOT,*a], check=True, **k)
-def bundle(name, ann, args, ns=None):
+VOLUME = os.environ.get("VOLUME") == "1"
+VOLDIR = WORK + "/volume"
+def bundle(name, ann, args, ns=None, volume=False):
     d=f"{WORK}/{name}"
     if not os.path.exists(d):
         os.makedirs(d+"/rootfs/bin")
@@ -26,6 +31,9 @@ def bundle(name, ann, args, ns=None):
         subprocess.run(["runc","spec"],cwd=d,check=True)
     c=json.load(open(d+"/config.json"))
     c["process"]["terminal"]=False; c["process"]["args"]=args; c["annotations"]=ann
+    if volume:
+        os.makedirs(VOLDIR, exist_ok=True); os.chmod(VOLDIR, 0o777)
+        c["mounts"].append({"destination":"/data","type":"bind","source":VOLDIR,"options":["rbind","rw"]})
     if ns:
         for n in c["linux"]["namespaces"]:
             if n["type"] in ns: n["path"]=ns[n["type"]]
@@ -36,8 +44,9 @@ run("create","-b",bundle("pause",{"dev.moat.isolation":"microvm","io.kubernetes.
 run("start",pod)
 pid=json.loads(subprocess.check_output([M,"--root",ROOT,"state",pod]))["pid"]
 ns={"network":f"/proc/{pid}/ns/net","ipc":f"/proc/{pid}/ns/ipc","uts":f"/proc/{pid}/ns/uts"}
-jb=bundle("joiner",{"dev.moat.isolation":"microvm","io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":pod},["sh","-c","echo up; exec sleep 100000"],ns)
-ob=bundle("own",{"dev.moat.isolation":"microvm"},["sh","-c","echo up; exec sleep 100000"])
+work = "echo $$ > /data/w; echo up; exec sleep 100000" if VOLUME else "echo up; exec sleep 100000"
+jb=bundle("joiner",{"dev.moat.isolation":"microvm","io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":pod},["sh","-c",work],ns,VOLUME)
+ob=bundle("own",{"dev.moat.isolation":"microvm"},["sh","-c",work],None,VOLUME)
 def rss(p):
     tot=0
     for line in open(f"/proc/{p}/status"):
