@@ -199,11 +199,23 @@ impl MicrovmTier {
             moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
         let slots_used =
             plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
-        let share = (pod_sandbox
+        let wanted = pod_sandbox
             && !rootless
             && crate::pod::wants_share(&spec_json)
-            && slots_used + 2 <= guestspec::MAX_DISKS)
-            .then(|| crate::pod::share_dir(self.sd.root(), req.id));
+            && slots_used + 2 <= guestspec::MAX_DISKS;
+        // Without virtiofsd the pod still runs, its containers with
+        // read-write volumes in VMs of their own (as a pod annotated
+        // `none`).
+        let served = match crate::volumes::virtiofsd() {
+            Err(why) if wanted => {
+                tracing::warn!(
+                    "microvm: the pod's VM gets no share for its containers' read-write volumes ({why}): such a container gets a VM of its own"
+                );
+                false
+            }
+            _ => true,
+        };
+        let share = (wanted && served).then(|| crate::pod::share_dir(self.sd.root(), req.id));
         if let Some(share) = &share {
             plan.volumes.push(guestspec::VolumeNeed {
                 source: share.clone(),

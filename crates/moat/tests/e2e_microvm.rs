@@ -2490,6 +2490,41 @@ fn create_as<'a>(rt: &'a Rt, b: &Bundle, id: &str) -> Ctr<'a> {
     }
 }
 
+/// Without virtiofsd, a pod's VM still starts, without its share (a
+/// container of the pod with a read-write volume then gets a VM of its
+/// own), and says so.
+#[test]
+fn a_pods_vm_without_virtiofsd_starts_without_its_share() {
+    let Some(rt) = rt("a_pods_vm_without_virtiofsd_starts_without_its_share") else {
+        return;
+    };
+    let pod_id = rt.new_id("pod");
+    let pause = pod_bundle(&["sleep", "100000"], &pod_id, None);
+    let bundle = pause.dir().display().to_string();
+    let mut without = env();
+    without.push(("MOAT_VIRTIOFSD".into(), "/nonexistent/virtiofsd".into()));
+    let o = rt.cmd_with(
+        &["create", "--bundle", &bundle, &pod_id],
+        Opts {
+            env: without,
+            ..Opts::default()
+        },
+    );
+    let pod = Ctr {
+        rt: &rt,
+        id: pod_id.clone(),
+        out: None,
+    };
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(o.stderr.contains("gets no share"), "{o:?}");
+    assert!(!rt.root().join(".pod-share").join(&pod_id).exists());
+    cmd(&rt, &["start", &pod_id]).expect_ok();
+    assert_eq!(pod.status(), "running");
+    cmd(&rt, &["delete", "--force", &pod_id]).expect_ok();
+    drop(pod);
+    assert_clean(&rt);
+}
+
 /// A busybox bundle of a Kubernetes pod as containerd's CRI plugin writes
 /// it: typed `sandbox` (its own sandbox) or `container` of sandbox `pod`,
 /// a container joining the namespaces of process `pod_pid`.
