@@ -206,16 +206,16 @@ impl MicrovmTier {
         // Without virtiofsd the pod still runs, its containers with
         // read-write volumes in VMs of their own (as a pod annotated
         // `none`).
-        let served = match crate::volumes::virtiofsd() {
-            Err(why) if wanted => {
+        let share = match wanted.then(crate::volumes::virtiofsd) {
+            Some(Ok(_)) => Some(crate::pod::share_dir(self.sd.root(), req.id)),
+            Some(Err(why)) => {
                 tracing::warn!(
                     "microvm: the pod's VM gets no share for its containers' read-write volumes ({why}): such a container gets a VM of its own"
                 );
-                false
+                None
             }
-            _ => true,
+            None => None,
         };
-        let share = (wanted && served).then(|| crate::pod::share_dir(self.sd.root(), req.id));
         if let Some(share) = &share {
             plan.volumes.push(guestspec::VolumeNeed {
                 source: share.clone(),

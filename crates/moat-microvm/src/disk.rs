@@ -654,12 +654,23 @@ fn fill_through_kernel(source: &Path, img: &Path) -> Result<(), String> {
 /// Makes every mount of the calling process's (new) mount namespace
 /// private, so that what it mounts next never reaches the host's.
 pub(crate) fn make_mounts_private() -> nix::Result<()> {
+    root_propagation(nix::mount::MsFlags::MS_PRIVATE)
+}
+
+/// Makes every mount of the calling process's mount namespace a slave of
+/// its peers: nothing mounted here propagates out, what the host mounts
+/// still comes in.
+pub(crate) fn make_mounts_slaves() -> nix::Result<()> {
+    root_propagation(nix::mount::MsFlags::MS_SLAVE)
+}
+
+fn root_propagation(kind: nix::mount::MsFlags) -> nix::Result<()> {
     use nix::mount::{mount, MsFlags};
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | kind,
         None::<&str>,
     )
 }

@@ -245,20 +245,15 @@ pub fn sweep_shares(root: &Path, alive: impl Fn(&str) -> bool) {
 
 /// Bind-mounts a joining container's read-write volumes into the pod's
 /// `share`: each `(source, place)` of [`guestspec::volumes_in_pod_share`]
-/// at `share/place`. Returns the container's directory there
-/// (`share/<name>`); on a failure nothing is left.
+/// (`place` under `name`) at `share/place`. Returns the container's
+/// directory there (`share/<name>`); on a failure nothing is left.
 pub fn share_volumes(
     share: &Path,
+    name: &str,
     vols: &[(PathBuf, String)],
-) -> Result<Option<PathBuf>, MicrovmError> {
+) -> Result<PathBuf, MicrovmError> {
     use nix::mount::{mount, MsFlags};
-    let Some(name) = vols
-        .first()
-        .and_then(|(_, place)| place.split('/').next())
-        .map(|n| share.join(n))
-    else {
-        return Ok(None);
-    };
+    let name = share.join(name);
     std::fs::create_dir(&name).map_err(MicrovmError::io(format!("create {}", name.display())))?;
     for (source, place) in vols {
         let at = share.join(place);
@@ -284,7 +279,7 @@ pub fn share_volumes(
             return Err(e);
         }
     }
-    Ok(Some(name))
+    Ok(name)
 }
 
 /// The mount points at or under `dir`, deepest first (as mountinfo
@@ -416,7 +411,7 @@ impl MicrovmTier {
         let why = if terminal && req.console_socket.is_none() {
             Some("it has a terminal and no console socket")
         } else if volumes && part.pod_share.is_none() {
-            Some("it has read-write volumes other than emptyDirs, and its pod's VM has no share for them (the pod's annotation dev.moat.pod.volumes is \"none\", or a rootless runtime made it)")
+            Some("it has read-write volumes other than emptyDirs, and its pod's VM has no share for them (the pod's annotation dev.moat.pod.volumes is \"none\", a rootless runtime made it, or the host has no virtiofsd)")
         } else if volumes && !self.same_owners(req, &st) {
             Some("it has read-write volumes, and its user namespace's ID maps are not its pod's (the share's files are owned as the pod's)")
         } else if crate::create::has_host_hooks(&req.config.spec) {
@@ -489,7 +484,8 @@ impl MicrovmTier {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let shared = guestspec::volumes_in_pod_share(&mut plan, &format!("{}.{stamp:x}", req.id));
+        let share_name = format!("{}.{stamp:x}", req.id);
+        let shared = guestspec::volumes_in_pod_share(&mut plan, &share_name);
         guestspec::relocate(&mut plan, &dir_in_guest);
         let lock = self.sd.create(req.id)?;
         let dir = lock.dir().to_owned();
@@ -497,7 +493,7 @@ impl MicrovmTier {
         undo.pod_regions = Some((pod_disk.clone(), Vec::new()));
         let share = match (&share, shared.is_empty()) {
             (_, true) => None,
-            (Some(s), false) => share_volumes(s, &shared)?,
+            (Some(s), false) => Some(share_volumes(s, &share_name, &shared)?),
             (None, false) => {
                 return Err(MicrovmError::Invalid("the pod's VM has no share".into()).into())
             }

@@ -59,6 +59,13 @@ pub struct PodLinkRecord {
     pub more: Vec<(String, String)>,
 }
 
+impl PodLinkRecord {
+    /// Every interface taken over: the first, then the others.
+    fn interfaces(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.interface).chain(self.more.iter().map(|(i, _)| i))
+    }
+}
+
 /// The namespace's ephemeral ports, read and written from a thread in it
 /// (procfs gives the opener's namespace's).
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -189,16 +196,7 @@ fn choose<'a>(
     addrs: &[AddrInfo],
     routes: &[RouteInfo],
 ) -> Option<&'a LinkInfo> {
-    let usable: Vec<&LinkInfo> = links
-        .iter()
-        .filter(|l| {
-            !l.loopback
-                && l.up
-                && l.mac.is_some()
-                && l.kind.as_deref() != Some("tun")
-                && addrs.iter().any(|a| a.index == l.index && a.universe)
-        })
-        .collect();
+    let usable: Vec<&LinkInfo> = links.iter().filter(|l| usable(l, addrs)).collect();
     usable
         .iter()
         .find(|l| {
@@ -210,20 +208,23 @@ fn choose<'a>(
         .copied()
 }
 
+/// Whether `l` can be taken over: up, with a hardware address and an
+/// address of global scope, not a TAP (another VMM's) nor `lo`.
+fn usable(l: &LinkInfo, addrs: &[AddrInfo]) -> bool {
+    !l.loopback
+        && l.up
+        && l.mac.is_some()
+        && l.kind.as_deref() != Some("tun")
+        && addrs.iter().any(|a| a.index == l.index && a.universe)
+}
+
 /// The interfaces of `links` to take over beside `first` (a CNI
-/// meta-plugin's `net1`…): usable as [`choose`] has it, in index order, at
-/// most [`proto::MAX_EXTRA_INTERFACES`].
+/// meta-plugin's `net1`…): [`usable`], in index order, at most
+/// [`proto::MAX_EXTRA_INTERFACES`].
 fn others<'a>(links: &'a [LinkInfo], addrs: &[AddrInfo], first: &LinkInfo) -> Vec<&'a LinkInfo> {
     links
         .iter()
-        .filter(|l| {
-            l.index != first.index
-                && !l.loopback
-                && l.up
-                && l.mac.is_some()
-                && l.kind.as_deref() != Some("tun")
-                && addrs.iter().any(|a| a.index == l.index && a.universe)
-        })
+        .filter(|l| l.index != first.index && usable(l, addrs))
         .take(crate::proto::MAX_EXTRA_INTERFACES)
         .collect()
 }
@@ -300,7 +301,7 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
                     .collect(),
             });
         }
-        let guest = guest_net(link, &addrs, &routes);
+        let mut guest = guest_net(link, &addrs, &routes);
         let fd = make_tap(&tap).map_err(|source| PodNetError::Tap {
             name: tap.clone(),
             source,
@@ -309,7 +310,6 @@ pub fn take(netns: &Path, id: &str) -> Result<Option<PodLink>, PodNetError> {
         n.set_up(tap_index, Some(link.mtu))
             .map_err(nl(format!("bring up {tap}")))?;
         let port_range = redirect(&mut n, link, (&tap, tap_index), netns)?;
-        let mut guest = guest;
         let mut record = PodLinkRecord {
             netns: netns.to_owned(),
             interface: link.name.clone(),
@@ -481,7 +481,7 @@ pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
                 source,
             })?;
         }
-        for name in std::iter::once(&rec.interface).chain(rec.more.iter().map(|(i, _)| i)) {
+        for name in rec.interfaces() {
             let Ok(index) = n.index(name) else {
                 continue;
             };
@@ -503,7 +503,7 @@ pub fn release(rec: &PodLinkRecord) -> Result<(), PodNetError> {
 /// each interface's ingress qdisc removed, the port range put back (the
 /// TAPs go with their descriptors).
 fn give_back(n: &mut Netlink, rec: &PodLinkRecord) {
-    for name in std::iter::once(&rec.interface).chain(rec.more.iter().map(|(i, _)| i)) {
+    for name in rec.interfaces() {
         if let Ok(index) = n.index(name) {
             let _ = n.del_ingress_qdisc(index);
         }

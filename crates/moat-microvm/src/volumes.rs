@@ -563,19 +563,13 @@ impl Server {
             .map_err(|e| ServerError::Sys("make a mount namespace", e))?;
         // Nothing mounted here reaches the host; a slave still receives
         // what the host mounts (a pod's share's volumes).
-        let propagation = if self.receive_mounts {
-            nix::mount::MsFlags::MS_SLAVE
+        if self.receive_mounts {
+            crate::disk::make_mounts_slaves()
+                .map_err(|e| ServerError::Sys("make the mounts slaves", e))?;
         } else {
-            nix::mount::MsFlags::MS_PRIVATE
-        };
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            nix::mount::MsFlags::MS_REC | propagation,
-            None::<&str>,
-        )
-        .map_err(|e| ServerError::Sys("make the mounts private", e))?;
+            crate::disk::make_mounts_private()
+                .map_err(|e| ServerError::Sys("make the mounts private", e))?;
+        }
         // Opened here, in this mount namespace (a bind's source must be in
         // the caller's), and before the tmpfs hides what is under /run.
         let sources = self

@@ -128,15 +128,8 @@ pub fn share_namespaces(config: &mut Value, types: &[String], pid: impl Fn(&str)
 /// Unmounts what a joined container had under `dir` (deepest first) and
 /// removes the directory: its loop devices detach themselves.
 pub fn clean_up(dir: &str) {
-    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|p| Path::new(p).starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    for p in crate::pod::mounts_under(Path::new(dir)) {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
     let _ = std::fs::remove_dir_all(dir);
 }

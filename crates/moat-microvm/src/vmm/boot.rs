@@ -300,6 +300,8 @@ fn builtin_child(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    let mtu = u16::try_from(moat_net::NetConfig::default().mtu)
+        .map_err(|_| "the stack's MTU does not fit the card".to_string())?;
     let net = match &plan.net {
         Some(link) => Some(moat_vmm::NetConfig {
             backend: match link {
@@ -313,13 +315,10 @@ fn builtin_child(
                 },
             },
             mac: qemu::GUEST_MAC_BYTES,
-            mtu: u16::try_from(moat_net::NetConfig::default().mtu)
-                .map_err(|_| "the stack's MTU does not fit the card".to_string())?,
+            mtu,
         }),
         None => None,
     };
-    let mtu = u16::try_from(moat_net::NetConfig::default().mtu)
-        .map_err(|_| "the stack's MTU does not fit the card".to_string())?;
     let more_net = plan
         .more_net
         .iter()
