@@ -22,6 +22,15 @@ pub const MODULE_PATHS: &[(&str, &str)] = &[
     ("virtio-rng", "drivers/char/hw_random/virtio-rng.ko"),
     ("virtio_blk", "drivers/block/virtio_blk.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
+    (
+        "virtio_pci_modern_dev",
+        "drivers/virtio/virtio_pci_modern_dev.ko",
+    ),
+    (
+        "virtio_pci_legacy_dev",
+        "drivers/virtio/virtio_pci_legacy_dev.ko",
+    ),
+    ("virtio_pci", "drivers/virtio/virtio_pci.ko"),
     ("fuse", "fs/fuse/fuse.ko"),
     ("virtiofs", "fs/fuse/virtiofs.ko"),
     ("failover", "net/core/failover.ko"),

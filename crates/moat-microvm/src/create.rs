@@ -443,6 +443,19 @@ impl MicrovmTier {
         } else {
             host.backend.cmdline()
         };
+        // A pod's VM whose only volume is its share, on QEMU: the share is
+        // hot-added on a PCIe port once the guest is up (`VmmPlan::
+        // share_port`), so that the guest is saved and restored as any
+        // pod's is (QEMU saves no guest with a vhost-user device). Its
+        // kernel takes the port's hotplug interrupt only with the word.
+        let share_port = share.is_some()
+            && plan.volumes.len() == 1
+            && matches!(host.backend, Backend::Qemu { .. });
+        let cmdline = if share_port {
+            with_kernel_word(&cmdline, crate::agent::boot::SHARE_PORT_WORD)
+        } else {
+            cmdline
+        };
         // A guest saved or restored gets all the disk slots (unused ones
         // hold the spare image), so one snapshot fits every container of a
         // configuration.
@@ -472,7 +485,7 @@ impl MicrovmTier {
                 why: "a guest with more than one network interface is not saved in snapshots"
                     .into(),
             }
-        } else if plan.volumes.is_empty() {
+        } else if plan.volumes.is_empty() || share_port {
             snapshot::offer(
                 &self.cache_dir(),
                 &snapshot::Identity {
@@ -485,6 +498,7 @@ impl MicrovmTier {
                     disk_slots,
                     accel,
                     net: net_device,
+                    share_port,
                     disks: guest
                         .shared
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
@@ -562,6 +576,7 @@ impl MicrovmTier {
             more_net,
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
+            share_port,
             forward,
             cgroup_memory: cgroup
                 .as_ref()
@@ -1001,6 +1016,15 @@ fn net_request(
 /// apply to both alike), the pod's own address (`pod`: the other guest's
 /// servers) among them; no published port. Nothing on the pod's wire
 /// reaches this guest: the pod's address is the other's.
+/// `cmdline` with `word` among the kernel's own words (before the `--`
+/// that ends them, after which come init's).
+fn with_kernel_word(cmdline: &str, word: &str) -> String {
+    match cmdline.split_once(" -- ") {
+        Some((kernel, init)) => format!("{kernel} {word} -- {init}"),
+        None => format!("{cmdline} {word}"),
+    }
+}
+
 fn pod_share(
     ns: &Path,
     interface: &str,
@@ -1415,6 +1439,25 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_word_goes_before_inits_own() {
+        let c = crate::vmm::qemu::cmdline(moat_vmm::qemu::Accel::Kvm);
+        let w = with_kernel_word(&c, crate::agent::boot::SHARE_PORT_WORD);
+        assert!(crate::agent::boot::has_share_port(&w), "{w}");
+        assert!(!crate::agent::boot::has_share_port(&c), "{c}");
+        // The agent's own words still follow the `--`.
+        assert_eq!(
+            w.rsplit_once(" -- ").unwrap().1,
+            c.rsplit_once(" -- ").unwrap().1
+        );
+        // A word after `--` is init's, not the kernel's.
+        assert!(!crate::agent::boot::has_share_port(&format!(
+            "quiet -- {}",
+            crate::agent::boot::SHARE_PORT_WORD
+        )));
+        assert_eq!(with_kernel_word("quiet", "a=b"), "quiet a=b");
+    }
 
     #[test]
     fn a_pods_vm_fits_its_pods_cgroup() {

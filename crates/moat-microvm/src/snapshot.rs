@@ -56,6 +56,10 @@ pub struct Identity<'a> {
     pub accel: &'a str,
     /// The VM's virtio-net device, if any (a different device set).
     pub net: Option<NetDevice>,
+    /// The VM has a PCIe port its read-write volume is hot-added on after
+    /// the restore (a pod's share on QEMU: `VmmPlan::share_port`), and the
+    /// shared memory such a device needs.
+    pub share_port: bool,
     /// A primed snapshot: the guest has these disks mounted, backed by
     /// these images (every slot, spares included). Only runs with the same
     /// disks and images restore it.
@@ -101,6 +105,9 @@ impl Identity<'_> {
             None => {}
             Some(NetDevice::Frames) => h.update(b"\0net"),
             Some(NetDevice::Offloads) => h.update(b"\0net-offloads"),
+        }
+        if self.share_port {
+            h.update(b"\0share-port");
         }
         if let Some((disks, _)) = self.disks {
             h.update(b"\0primed");
@@ -315,6 +322,7 @@ mod tests {
             disk_slots: 6,
             accel: "tcg",
             net: None,
+            share_port: false,
             disks: None,
         }
     }
@@ -344,6 +352,14 @@ mod tests {
         let o = net(NetDevice::Offloads);
         assert_ne!(config(&o), config(&n));
         assert_ne!(config(&o), config(&a));
+        // And one with a share port (its devices and memory differ).
+        let s = Identity {
+            share_port: true,
+            ..ident(d.path(), "x", 100)
+        }
+        .path(d.path())
+        .unwrap();
+        assert_ne!(config(&s), config(&a));
         // A changed file (here: the directory standing in for all three)
         // changes the name.
         std::fs::write(d.path().join("f"), b"x").unwrap();

@@ -29,6 +29,31 @@ pub const LATE_MODULES: &[&str] = &["virtio_blk"];
 /// transport.
 pub const FS_MODULES: &[&str] = &["fuse", "virtiofs"];
 
+/// The kernel command-line word of a guest whose read-write volume (a
+/// pod's share) is hot-added on a PCIe port after its start (QEMU's
+/// native PCIe hotplug: the port's own interrupt, which Linux takes only
+/// with this word, the firmware granting it nothing). The agent loads
+/// [`SHARE_PORT_MODULES`] before its hello when it sees it.
+pub const SHARE_PORT_WORD: &str = "pcie_ports=native";
+
+/// What a guest with a share port loads before its hello (so its snapshot
+/// holds them loaded): the virtio PCI transport and virtio-fs.
+pub const SHARE_PORT_MODULES: &[&str] = &[
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "fuse",
+    "virtiofs",
+];
+
+/// Whether the kernel command line `cmdline` gives this guest a share port.
+pub fn has_share_port(cmdline: &str) -> bool {
+    cmdline
+        .split(" -- ")
+        .next()
+        .is_some_and(|k| k.split_whitespace().any(|w| w == SHARE_PORT_WORD))
+}
+
 /// Every module the initramfs holds: the early and late ones, the
 /// network driver a networked run loads ([`super::net::NET_MODULES`]) and
 /// what a pod's guest loads ([`super::pod::POD_MODULES`]).
@@ -36,7 +61,7 @@ pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
     EARLY_MODULES
         .iter()
         .chain(LATE_MODULES)
-        .chain(FS_MODULES)
+        .chain(SHARE_PORT_MODULES)
         .chain(super::net::NET_MODULES)
         .chain(super::pod::POD_MODULES)
         .copied()

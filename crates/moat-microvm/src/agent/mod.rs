@@ -81,6 +81,10 @@ fn run() -> Result<(), AgentError> {
     boot::seal_root()?;
     boot::load_modules(boot::EARLY_MODULES)?;
     trace("early modules");
+    if boot::has_share_port(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
+        boot::load_modules(boot::SHARE_PORT_MODULES)?;
+        trace("share port's modules");
+    }
     let chan = boot::open_channel()?;
     serve::Agent::new(chan)?.serve()
 }

@@ -40,17 +40,21 @@ pub struct Booted {
     pub console: File,
     pub console_tail: VecDeque<u8>,
     /// Where to ask for the save, when this boot may be saved: QEMU's
-    /// monitor (QMP), or the control socket of moat's own VMM.
+    /// monitor (QMP), or the control socket of moat's own VMM; QEMU's
+    /// monitor too when volumes are hot-added (`VmmPlan::share_port`).
     saver: Option<UnixStream>,
+    /// QEMU's monitor once a save negotiated it, for the hot-add after.
+    qmp: Option<Qmp>,
 }
 
 /// The socket pairs the VMM may need, made before the jail (whose filter
 /// has no `socketpair`): an agent channel per attempt (a restore or a
 /// save may fail and a cold boot follow) and, for a save, QEMU's monitor
-/// or moat's own VMM's control socket.
+/// or moat's own VMM's control socket (with a share port, QEMU's monitor
+/// for every attempt).
 pub struct Channels {
     agent: Vec<(UnixStream, UnixStream)>,
-    saver: Option<(UnixStream, UnixStream)>,
+    saver: Vec<(UnixStream, UnixStream)>,
     /// The VMM process's own descriptors (the setup channel, the control
     /// socket, the events record), which the child running moat's own VMM
     /// closes first.
@@ -70,10 +74,14 @@ impl Channels {
         let agent = (0..tries)
             .map(|_| UnixStream::pair().map_err(io))
             .collect::<Result<Vec<_>, _>>()?;
-        let saver = match plan.snapshot {
-            super::SnapshotPlan::Save(_) => Some(UnixStream::pair().map_err(io)?),
-            _ => None,
+        let monitors = match plan.snapshot {
+            _ if plan.share_port => tries,
+            super::SnapshotPlan::Save(_) => 1,
+            _ => 0,
         };
+        let saver = (0..monitors)
+            .map(|_| UnixStream::pair().map_err(io))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Channels {
             agent,
             saver,
@@ -102,7 +110,7 @@ fn spawn(
     save_to: Option<&File>,
     one: &OneThread,
 ) -> Result<(VmChild, File, File, Option<UnixStream>), VmmError> {
-    let monitor = save_to.is_some();
+    let monitor = save_to.is_some() || plan.share_port;
     let io = |step: &str| {
         let step = step.to_string();
         move |source| VmmError::Io { step, source }
@@ -114,7 +122,7 @@ fn spawn(
     let (binary, accel) = match &plan.backend {
         Backend::Qemu { binary, accel } => (binary, accel),
         Backend::Builtin => {
-            let control = if monitor { ch.saver.take() } else { None };
+            let control = if monitor { ch.saver.pop() } else { None };
             let (control_ours, control_theirs) = control.unzip();
             let start = BuiltinStart {
                 incoming,
@@ -126,7 +134,7 @@ fn spawn(
             return Ok((vm, File::from(OwnedFd::from(ours)), console, control_ours));
         }
     };
-    let qmp = if monitor { ch.saver.take() } else { None };
+    let qmp = if monitor { ch.saver.pop() } else { None };
     let args = qemu::QemuArgs {
         accel: *accel,
         kernel: plan.kernel.clone(),
@@ -146,6 +154,7 @@ fn spawn(
         }),
         volume_fds: plan.volumes.iter().map(|v| v.as_raw_fd()).collect(),
         more_tap_fds: plan.more_net.iter().map(|t| t.as_raw_fd()).collect(),
+        share_port: plan.share_port,
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
     let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
@@ -377,7 +386,42 @@ fn builtin_child(
 }
 
 /// Boots cold, or restores; returns the booted VM and how it started.
+/// With a share port, its volumes are then hot-added (whichever way it
+/// started); the guest's agent mounts each one as its device appears.
 pub fn boot(
+    plan: &mut VmmPlan,
+    ch: &mut Channels,
+    one: &OneThread,
+) -> Result<(Booted, crate::control::StartKind), VmmError> {
+    let (mut b, kind) = start_guest(plan, ch, one)?;
+    if plan.share_port {
+        if let Err(e) = hot_add_volumes(&mut b, plan.volumes.len()) {
+            b.vm.kill();
+            b.vm.wait();
+            return Err(e);
+        }
+    }
+    Ok((b, kind))
+}
+
+/// Hot-adds `count` volumes on the share port through QEMU's monitor,
+/// then closes the monitor (QEMU runs on without one).
+fn hot_add_volumes(b: &mut Booted, count: usize) -> Result<(), VmmError> {
+    let mut q = match b.qmp.take() {
+        Some(q) => q,
+        None => Qmp::open(
+            b.saver
+                .take()
+                .ok_or_else(|| monitor_error("no monitor to hot-add the volumes"))?,
+        )?,
+    };
+    for i in 0..count {
+        q.call(&qemu::hot_add_volume(i), None)?;
+    }
+    Ok(())
+}
+
+fn start_guest(
     plan: &mut VmmPlan,
     ch: &mut Channels,
     one: &OneThread,
@@ -386,14 +430,15 @@ pub fn boot(
     let (why, restore_failed) =
         match std::mem::replace(&mut plan.snapshot, super::SnapshotPlan::Off(String::new())) {
             super::SnapshotPlan::Restore(snap) => {
-                let (vm, agent, console, _) = spawn(plan, ch, Some(&snap), None, one)?;
+                let (vm, agent, console, saver) = spawn(plan, ch, Some(&snap), None, one)?;
                 drop(snap);
                 let mut b = Booted {
                     vm,
                     agent,
                     console,
                     console_tail: VecDeque::new(),
-                    saver: None,
+                    saver,
+                    qmp: None,
                 };
                 let ping = proto::encode(Kind::Ping, 0, &[]);
                 let r = b
@@ -425,6 +470,7 @@ pub fn boot(
                     console,
                     console_tail: VecDeque::new(),
                     saver,
+                    qmp: None,
                 };
                 await_hello(&mut b, plan.boot_timeout, plan.console)?;
                 let primed = if plan.prime {
@@ -435,7 +481,11 @@ pub fn boot(
                 let saved = match (primed, b.saver.take()) {
                     (Err(e), _) => Err(e),
                     (Ok(()), Some(mut q)) => match plan.backend {
-                        Backend::Qemu { .. } => save(&mut q, &out),
+                        Backend::Qemu { .. } => Qmp::open(q).and_then(|mut m| {
+                            save(&mut m, &out)?;
+                            b.qmp = Some(m);
+                            Ok(())
+                        }),
                         Backend::Builtin => save_builtin(&mut q),
                     },
                     (Ok(()), None) => Err(save_error("no monitor")),
@@ -473,13 +523,14 @@ pub fn boot(
 }
 
 fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, VmmError> {
-    let (vm, agent, console, _) = spawn(plan, ch, None, None, one)?;
+    let (vm, agent, console, saver) = spawn(plan, ch, None, None, one)?;
     let mut b = Booted {
         vm,
         agent,
         console,
         console_tail: VecDeque::new(),
-        saver: None,
+        saver,
+        qmp: None,
     };
     await_hello(&mut b, plan.boot_timeout, plan.console)?;
     Ok(b)
@@ -639,7 +690,7 @@ fn qmp_call(
             return Ok(ret.clone());
         }
         if let Some(err) = v.get("error") {
-            return Err(save_error(format!(
+            return Err(monitor_error(format!(
                 "{}: {}",
                 cmd["execute"].as_str().unwrap_or("?"),
                 err["desc"].as_str().unwrap_or("failed")
@@ -661,9 +712,53 @@ fn qmp_read(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, VmmError
             source: e,
         })?;
     if n == 0 {
-        return Err(save_error("QEMU closed its monitor"));
+        return Err(monitor_error("QEMU closed its monitor"));
     }
-    serde_json::from_str(&line).map_err(|e| save_error(format!("monitor: {e}")))
+    serde_json::from_str(&line).map_err(|e| monitor_error(format!("monitor: {e}")))
+}
+
+fn monitor_error(m: impl Into<String>) -> VmmError {
+    VmmError::Io {
+        step: "talk to QEMU's monitor".into(),
+        source: std::io::Error::other(m.into()),
+    }
+}
+
+/// QEMU's monitor (QMP), its greeting read and its commands enabled.
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn open(s: UnixStream) -> Result<Qmp, VmmError> {
+        // Every command of ours is answered at once but a migration's,
+        // which is polled.
+        s.set_read_timeout(Some(SAVE_TIMEOUT))
+            .map_err(|e| VmmError::Io {
+                step: "bound the monitor's replies".into(),
+                source: e,
+            })?;
+        let r = BufReader::new(s.try_clone().map_err(|e| VmmError::Io {
+            step: "duplicate the monitor".into(),
+            source: e,
+        })?);
+        let mut q = Qmp { w: s, r };
+        let greeting = qmp_read(&mut q.r)?;
+        if greeting.get("QMP").is_none() {
+            return Err(monitor_error("no QMP greeting"));
+        }
+        q.call(&serde_json::json!({"execute": "qmp_capabilities"}), None)?;
+        Ok(q)
+    }
+
+    fn call(
+        &mut self,
+        cmd: &serde_json::Value,
+        fd: Option<RawFd>,
+    ) -> Result<serde_json::Value, VmmError> {
+        qmp_call(&self.w, &mut self.r, cmd, fd)
+    }
 }
 
 /// Has moat's own VMM save the running guest into the file it was given
@@ -706,53 +801,29 @@ fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
 }
 
 /// Saves the running guest into `out`, then lets it run on.
-fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
+fn save(q: &mut Qmp, out: &File) -> Result<(), VmmError> {
     use serde_json::json;
-    qmp.set_read_timeout(Some(SAVE_TIMEOUT))
-        .map_err(|e| VmmError::Io {
-            step: "bound the monitor's replies".into(),
-            source: e,
-        })?;
-    let w = qmp.try_clone().map_err(|e| VmmError::Io {
-        step: "duplicate the monitor".into(),
-        source: e,
-    })?;
-    let mut r = BufReader::new(qmp.try_clone().map_err(|e| VmmError::Io {
-        step: "duplicate the monitor".into(),
-        source: e,
-    })?);
-    let greeting = qmp_read(&mut r)?;
-    if greeting.get("QMP").is_none() {
-        return Err(save_error("no QMP greeting"));
-    }
-    qmp_call(&w, &mut r, &json!({"execute": "qmp_capabilities"}), None)?;
     // The guest is not stopped first: a restored guest keeps the run
     // state it was saved in, and one saved running starts at once. It
     // sits idle in its agent's loop, so one pass over its memory, as fast
     // as the file takes it (the default bandwidth cap is for live
     // migration over a network), and the final stop-and-copy end it.
-    qmp_call(
-        &w,
-        &mut r,
+    q.call(
         &json!({"execute": "migrate-set-parameters",
                 "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 2_000_000}}),
         None,
     )?;
-    qmp_call(
-        &w,
-        &mut r,
+    q.call(
         &json!({"execute": "getfd", "arguments": {"fdname": "snapshot"}}),
         Some(out.as_raw_fd()),
     )?;
-    qmp_call(
-        &w,
-        &mut r,
+    q.call(
         &json!({"execute": "migrate", "arguments": {"uri": "fd:snapshot"}}),
         None,
     )?;
     let until = Instant::now() + SAVE_TIMEOUT;
     loop {
-        let st = qmp_call(&w, &mut r, &json!({"execute": "query-migrate"}), None)?;
+        let st = q.call(&json!({"execute": "query-migrate"}), None)?;
         match st["status"].as_str().unwrap_or("") {
             "completed" => break,
             "failed" | "cancelled" => {
@@ -769,6 +840,6 @@ fn save(qmp: &mut UnixStream, out: &File) -> Result<(), VmmError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    qmp_call(&w, &mut r, &json!({"execute": "cont"}), None)?;
+    q.call(&json!({"execute": "cont"}), None)?;
     Ok(())
 }

@@ -165,6 +165,12 @@ pub struct VmmPlan {
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
     pub volumes: Vec<OwnedFd>,
+    /// QEMU only: the volumes are hot-added on a PCIe port once the guest
+    /// said hello (restored, saved or cold alike) instead of being devices
+    /// from the start, so that the guest before them can be saved and
+    /// restored (QEMU saves no guest with a vhost-user device). A pod's
+    /// share, its VM's only volume.
+    pub share_port: bool,
     /// Connections made to the pod's `localhost`, passed to the guest
     /// ([`crate::portfwd`]): their listeners, and the link that steers
     /// them there (held, so that it lasts as long as this process).

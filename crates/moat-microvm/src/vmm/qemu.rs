@@ -52,6 +52,29 @@ pub struct QemuArgs {
     /// More network devices, each on a TAP (a pod's other interfaces),
     /// the `k`-th with [`crate::proto::extra_device_mac`]`(k)`.
     pub more_tap_fds: Vec<RawFd>,
+    /// The volumes are hot-added later ([`hot_add_volume`]) on a PCIe
+    /// port the VM has from the start: only their sockets are on the
+    /// command line (`VmmPlan::share_port`).
+    pub share_port: bool,
+}
+
+/// The PCIe root port a hot-added volume goes on.
+pub const SHARE_PORT_ID: &str = "moatport0";
+
+/// The QMP command that hot-adds volume `i` (its socket is the chardev
+/// `fs<i>` of the command line) on [`SHARE_PORT_ID`]: a virtio-fs device
+/// on the virtio PCI transport, tagged as a cold-plugged one would be.
+pub fn hot_add_volume(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "execute": "device_add",
+        "arguments": {
+            "driver": "vhost-user-fs-pci",
+            "id": format!("fsdev{i}"),
+            "bus": SHARE_PORT_ID,
+            "chardev": format!("fs{i}"),
+            "tag": crate::guestspec::volume_tag(i),
+        }
+    })
 }
 
 /// The guest's Ethernet address (locally administered, "moat" and 0x64).
@@ -75,15 +98,16 @@ impl QemuArgs {
         // it must be a shared memfd then, and the transports modern (the
         // legacy virtio-mmio QEMU's microvm defaults to is not something
         // vhost-user backends serve).
-        let shared = !self.volume_fds.is_empty();
-        push(&[
-            "-M",
-            if shared {
-                "microvm,x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem"
-            } else {
-                "microvm,x-option-roms=off,rtc=on,isa-serial=on"
-            },
-        ]);
+        // A share port needs the PCIe host bridge (`pcie=on`).
+        let shared = !self.volume_fds.is_empty() || self.share_port;
+        let mut machine = String::from("microvm,x-option-roms=off,rtc=on,isa-serial=on");
+        if shared {
+            machine.push_str(",memory-backend=mem");
+        }
+        if self.share_port {
+            machine.push_str(",pcie=on");
+        }
+        push(&["-M", &machine]);
         if shared {
             push(&[
                 "-object",
@@ -190,16 +214,25 @@ impl QemuArgs {
                 ),
             ]);
         }
-        for (i, fd) in self.volume_fds.iter().enumerate() {
+        if self.share_port {
+            // An empty slot (its hotplug controller's power off): a device
+            // added there later is probed as the slot powers on.
             push(&[
-                "-chardev",
-                &format!("socket,id=fs{i},fd={fd}"),
                 "-device",
-                &format!(
-                    "vhost-user-fs-device,chardev=fs{i},tag={}",
-                    crate::guestspec::volume_tag(i)
-                ),
+                &format!("pcie-root-port,id={SHARE_PORT_ID},bus=pcie.0,chassis=1,slot=1"),
             ]);
+        }
+        for (i, fd) in self.volume_fds.iter().enumerate() {
+            push(&["-chardev", &format!("socket,id=fs{i},fd={fd}")]);
+            if !self.share_port {
+                push(&[
+                    "-device",
+                    &format!(
+                        "vhost-user-fs-device,chardev=fs{i},tag={}",
+                        crate::guestspec::volume_tag(i)
+                    ),
+                ]);
+            }
         }
         if let Some(fd) = self.qmp_fd {
             push(&[
@@ -441,6 +474,7 @@ mod tests {
             spare_fd: 8,
             net: Some(NetFd::Stream(10)),
             volume_fds: Vec::new(),
+            share_port: false,
         };
         let a: Vec<String> = q
             .build()
@@ -509,5 +543,29 @@ mod tests {
         assert!(a.contains(&"memory-backend-memfd,id=mem,size=300M,share=on".to_string()));
         assert!(a.contains(&"virtio-mmio.force-legacy=false".to_string()));
         assert!(a[a.iter().position(|x| x == "-M").unwrap() + 1].ends_with(",memory-backend=mem"));
+        assert!(!a.iter().any(|x| x.contains("pcie")));
+        // A share port: the PCIe bridge and an empty root port, the
+        // volume's socket but no device (it is hot-added).
+        let p = QemuArgs {
+            volume_fds: vec![11],
+            share_port: true,
+            ..v
+        };
+        let a: Vec<String> = p
+            .build()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let machine = &a[a.iter().position(|x| x == "-M").unwrap() + 1];
+        assert!(machine.contains(",memory-backend=mem") && machine.contains(",pcie=on"));
+        assert!(a.contains(&format!(
+            "pcie-root-port,id={SHARE_PORT_ID},bus=pcie.0,chassis=1,slot=1"
+        )));
+        assert!(a.contains(&"socket,id=fs0,fd=11".to_string()));
+        assert!(!a.iter().any(|x| x.starts_with("vhost-user-fs")));
+        let add = hot_add_volume(0);
+        assert_eq!(add["arguments"]["chardev"], "fs0");
+        assert_eq!(add["arguments"]["bus"], SHARE_PORT_ID);
+        assert_eq!(add["arguments"]["tag"], "moatfs0");
     }
 }
