@@ -85,6 +85,7 @@ pub fn jail_plan(
         // Its parent is the VMM process, in whose PID namespace it ends.
         runtime: None,
         seccomp,
+        ram_mib: None,
     })
 }
 

@@ -566,6 +566,8 @@ impl MicrovmTier {
                 // Set once the setup channel exists (below).
                 runtime: None,
                 seccomp: process_filter,
+                // The guest's RAM, a file QEMU's snapshot leaves out.
+                ram_mib: share_port.then_some(guest.mem_mib),
             },
             events,
             boot_timeout: BOOT_TIMEOUT,

@@ -85,7 +85,14 @@ pub struct JailPlan {
     pub runtime: Option<RawFd>,
     /// The seccomp filter loaded last (EPERM for what it does not allow).
     pub seccomp: oci_spec::runtime::LinuxSeccomp,
+    /// A writable tmpfs of this many MiB at [`RAM_DIR`], the VMM's user's
+    /// alone: the guest's RAM as a file there, when QEMU's snapshot leaves
+    /// it out (`VmmPlan::share_port`, `crate::snapshot::append_ram`).
+    pub ram_mib: Option<u64>,
 }
+
+/// Where the jail's RAM tmpfs is mounted (`JailPlan::ram_mib`).
+pub const RAM_DIR: &str = "/ram";
 
 /// SIGKILL when the runtime dies, set again after the switch of user: a
 /// change of credentials clears the parent-death signal the fork set, and
@@ -142,6 +149,27 @@ impl JailPlan {
         }
         for d in &self.devices {
             bind_ro(&self.root, d, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
+        }
+        if let Some(mib) = self.ram_mib {
+            let dir = self.root.join(RAM_DIR.trim_start_matches('/'));
+            std::fs::create_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
+            // Room for the guest's RAM and nothing else (one file).
+            mount(
+                Some("moat-ram"),
+                &dir,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(
+                    format!(
+                        "mode=0700,uid={},gid={},size={}m,nr_inodes=4",
+                        self.uid,
+                        self.gid,
+                        mib + 1
+                    )
+                    .as_str(),
+                ),
+            )
+            .map_err(sys(format!("mount the guest's RAM on {}", dir.display())))?;
         }
         Ok(())
     }

@@ -256,6 +256,115 @@ pub fn settle(offer: Offer, start: Option<&StartKind>) {
     }
 }
 
+/// The end of a snapshot that carries the guest's RAM itself (a guest
+/// with a share port: QEMU saves its devices only, `x-ignore-shared`):
+/// this magic, the RAM image's offset and its length, little-endian.
+const RAM_MAGIC: &[u8; 8] = b"MOATRAM1";
+const RAM_TRAILER: u64 = 24;
+/// The RAM image starts at a multiple of this after QEMU's stream.
+const RAM_ALIGN: u64 = 1 << 20;
+/// Copied this much at a time; a piece of [`RAM_PIECE`] bytes of zeros is
+/// left a hole.
+const RAM_CHUNK: usize = 1 << 20;
+const RAM_PIECE: usize = 64 << 10;
+
+fn ram_error(m: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(m.into())
+}
+
+/// The data ranges of `f` within `[from, to)` (`SEEK_DATA`/`SEEK_HOLE`),
+/// calling `each(start, end)`; leaves `f`'s offset at 0.
+fn data_ranges(
+    f: &File,
+    from: u64,
+    to: u64,
+    mut each: impl FnMut(u64, u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    let off = |v: u64| i64::try_from(v).map_err(|_| ram_error("offset out of range"));
+    let mut pos = from;
+    let r = (|| {
+        while pos < to {
+            let data = match lseek(f, off(pos)?, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::Error::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if data >= to {
+                break;
+            }
+            let hole = (lseek(f, off(data)?, Whence::SeekHole)? as u64).min(to);
+            each(data, hole)?;
+            pos = hole;
+        }
+        Ok(())
+    })();
+    // QEMU reads its stream from the descriptor's offset.
+    lseek(f, 0, Whence::SeekSet)?;
+    r
+}
+
+/// Copies `[from, to)` of `src` to `dst` at `from - shift`, leaving
+/// pieces of zeros out (holes in `dst`).
+fn copy_sparse(src: &File, dst: &File, from: u64, to: u64, shift: i64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; RAM_CHUNK];
+    data_ranges(src, from, to, |start, end| {
+        let mut p = start;
+        while p < end {
+            let n = usize::try_from((end - p).min(RAM_CHUNK as u64)).unwrap_or(RAM_CHUNK);
+            src.read_exact_at(&mut buf[..n], p)?;
+            for (i, piece) in buf[..n].chunks(RAM_PIECE).enumerate() {
+                if piece.iter().any(|b| *b != 0) {
+                    let at = (p + (i * RAM_PIECE) as u64).checked_add_signed(shift);
+                    dst.write_all_at(piece, at.ok_or_else(|| ram_error("offset out of range"))?)?;
+                }
+            }
+            p += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// Appends the guest's RAM (`ram`, `len` bytes) to the snapshot `out`
+/// once QEMU wrote its stream there (the guest stopped), sparse, with
+/// the trailer [`load_ram`] reads.
+pub fn append_ram(out: &File, ram: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let stream = out.metadata()?.len();
+    let at = stream.div_ceil(RAM_ALIGN) * RAM_ALIGN;
+    copy_sparse(ram, out, 0, len, at as i64)?;
+    out.set_len(at + len)?;
+    let mut t = Vec::with_capacity(RAM_TRAILER as usize);
+    t.extend_from_slice(RAM_MAGIC);
+    t.extend_from_slice(&at.to_le_bytes());
+    t.extend_from_slice(&len.to_le_bytes());
+    out.write_all_at(&t, at + len)
+}
+
+/// Fills the guest's RAM (`ram`, `len` bytes, empty) from a snapshot
+/// [`append_ram`] wrote; leaves `snap`'s offset at 0, where QEMU's stream
+/// starts. A snapshot without that trailer, or with another RAM size, is
+/// refused (the run boots cold).
+pub fn load_ram(snap: &File, ram: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let size = snap.metadata()?.len();
+    if size < RAM_TRAILER {
+        return Err(ram_error("the snapshot has no RAM image"));
+    }
+    let mut t = [0u8; RAM_TRAILER as usize];
+    snap.read_exact_at(&mut t, size - RAM_TRAILER)?;
+    let word = |i: usize| u64::from_le_bytes(t[i..i + 8].try_into().unwrap_or([0; 8]));
+    let (at, saved) = (word(8), word(16));
+    if &t[..8] != RAM_MAGIC || saved != len || at.checked_add(len) != Some(size - RAM_TRAILER) {
+        return Err(ram_error(
+            "the snapshot's RAM image does not fit this guest",
+        ));
+    }
+    ram.set_len(len)?;
+    copy_sparse(snap, ram, at, at + len, -(at as i64))
+}
+
 /// Removes the other snapshots of `path`'s configuration (made with an
 /// older kernel, initramfs or QEMU: they can never be restored again).
 fn prune_config(path: &Path) {
@@ -325,6 +434,56 @@ mod tests {
             share_port: false,
             disks: None,
         }
+    }
+
+    #[test]
+    fn a_guests_ram_goes_after_qemus_stream_and_comes_back_sparse() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let open = |n: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(d.path().join(n))
+                .unwrap()
+        };
+        let len = 8u64 << 20;
+        // The guest's RAM: a few pages written, a written page of zeros,
+        // the rest never touched.
+        let ram = open("ram");
+        ram.set_len(len).unwrap();
+        ram.write_all_at(b"first", 0).unwrap();
+        ram.write_all_at(&[0u8; 4096], 1 << 20).unwrap();
+        ram.write_all_at(b"last", len - 4).unwrap();
+        ram.write_all_at(&[7u8; 100_000], 3 << 20).unwrap();
+        // QEMU's stream, then the RAM.
+        let snap = open("snap");
+        snap.write_all_at(b"QEVM stream", 0).unwrap();
+        append_ram(&snap, &ram, len).unwrap();
+        let m = snap.metadata().unwrap();
+        assert_eq!(m.len(), RAM_ALIGN + len + RAM_TRAILER);
+        assert!(m.blocks() * 512 < 2 << 20, "sparse: {} blocks", m.blocks());
+        let back = open("back");
+        // Its offset moved, as a restore's descriptor's may have.
+        nix::unistd::lseek(&snap, 5, nix::unistd::Whence::SeekSet).unwrap();
+        load_ram(&snap, &back, len).unwrap();
+        assert_eq!(
+            nix::unistd::lseek(&snap, 0, nix::unistd::Whence::SeekCur).unwrap(),
+            0,
+            "QEMU reads its stream from the start"
+        );
+        assert_eq!(
+            std::fs::read(d.path().join("back")).unwrap(),
+            std::fs::read(d.path().join("ram")).unwrap()
+        );
+        assert!(back.metadata().unwrap().blocks() * 512 < 2 << 20);
+        // Another guest size, or no RAM image at all: refused.
+        assert!(load_ram(&snap, &open("other"), len * 2).is_err());
+        let plain = open("plain");
+        plain.write_all_at(&[1u8; 4096], 0).unwrap();
+        assert!(load_ram(&plain, &open("other2"), len).is_err());
     }
 
     #[test]

@@ -1428,8 +1428,9 @@ fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
     boot::load_modules(boot::FS_MODULES)?;
     for v in volumes {
         std::fs::create_dir_all(&v.mount).map_err(io(format!("create {}", v.mount)))?;
-        // The device appears as the module probes it: a mount before that
-        // finds no such tag (ENOENT); bounded.
+        // The device appears as the module probes it, or as a hot-added
+        // one (a pod's share on its port) is probed: a mount before that
+        // finds no such tag (EINVAL from virtio-fs; ENOENT); bounded.
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             match mount(
@@ -1440,7 +1441,7 @@ fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
                 None::<&str>,
             ) {
                 Ok(()) => break,
-                Err(nix::Error::ENOENT) if Instant::now() < end => {
+                Err(nix::Error::ENOENT | nix::Error::EINVAL) if Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => {

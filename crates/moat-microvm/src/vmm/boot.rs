@@ -404,6 +404,65 @@ pub fn boot(
     Ok((b, kind))
 }
 
+/// Makes the guest's RAM file empty, of the guest's size (with a share
+/// port: `qemu::RAM_FILE`, in the jail's RAM tmpfs), and fills it from
+/// the snapshot `from` when restoring.
+fn fresh_ram(plan: &VmmPlan, from: Option<&File>) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |step: &str| {
+        let step = step.to_string();
+        move |source| VmmError::Io { step, source }
+    };
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(qemu::RAM_FILE)
+        .map_err(io("create the guest's RAM file"))?;
+    let len = plan.mem_mib << 20;
+    ram.set_len(len).map_err(io("size the guest's RAM file"))?;
+    if let Some(snap) = from {
+        crate::snapshot::load_ram(snap, &ram, len).map_err(io("load the guest's RAM"))?;
+    }
+    Ok(())
+}
+
+/// QEMU's migration leaves the guest's (shared, file-backed) RAM out:
+/// the VMM process saves and loads it itself.
+fn ignore_shared(q: &mut Qmp) -> Result<(), VmmError> {
+    q.call(
+        &serde_json::json!({"execute": "migrate-set-capabilities", "arguments": {
+            "capabilities": [{"capability": "x-ignore-shared", "state": true}]}}),
+        None,
+    )
+    .map(drop)
+}
+
+/// With a share port, a restoring QEMU waits (`-incoming defer`) for the
+/// monitor: `x-ignore-shared`, then the stream on `snap` (the descriptor
+/// QEMU inherited, under the same number). The monitor is kept for the
+/// hot-add.
+fn incoming_by_monitor(b: &mut Booted, plan: &VmmPlan, snap: &File) -> Result<(), VmmError> {
+    if !plan.share_port {
+        return Ok(());
+    }
+    let mut q = Qmp::open(
+        b.saver
+            .take()
+            .ok_or_else(|| monitor_error("no monitor for the restore"))?,
+    )?;
+    ignore_shared(&mut q)?;
+    q.call(
+        &serde_json::json!({"execute": "migrate-incoming",
+            "arguments": {"uri": format!("fd:{}", snap.as_raw_fd())}}),
+        None,
+    )?;
+    b.qmp = Some(q);
+    Ok(())
+}
+
 /// Hot-adds `count` volumes on the share port through QEMU's monitor,
 /// then closes the monitor (QEMU runs on without one).
 fn hot_add_volumes(b: &mut Booted, count: usize) -> Result<(), VmmError> {
@@ -430,39 +489,57 @@ fn start_guest(
     let (why, restore_failed) =
         match std::mem::replace(&mut plan.snapshot, super::SnapshotPlan::Off(String::new())) {
             super::SnapshotPlan::Restore(snap) => {
-                let (vm, agent, console, saver) = spawn(plan, ch, Some(&snap), None, one)?;
-                drop(snap);
-                let mut b = Booted {
-                    vm,
-                    agent,
-                    console,
-                    console_tail: VecDeque::new(),
-                    saver,
-                    qmp: None,
+                let failed = |e: &VmmError| {
+                    let why = format!(
+                        "the snapshot did not restore ({})",
+                        moat_core::error_chain(e)
+                    );
+                    (why, true)
                 };
-                let ping = proto::encode(Kind::Ping, 0, &[]);
-                let r = b
-                    .agent
-                    .write_all(&ping)
-                    .map_err(|e| VmmError::Io {
-                        step: "write to the guest".into(),
-                        source: e,
-                    })
-                    .and_then(|()| await_hello(&mut b, RESTORE_TIMEOUT, plan.console));
-                match r {
-                    Ok(()) => return Ok((b, StartKind::Restored)),
-                    Err(e) => {
-                        b.vm.kill();
-                        b.vm.wait();
-                        let why = format!(
-                            "the snapshot did not restore ({})",
-                            moat_core::error_chain(&e)
-                        );
-                        (why, true)
+                // With a share port the guest's RAM comes from the
+                // snapshot's own image, before QEMU maps it.
+                let ram = if plan.share_port {
+                    fresh_ram(plan, Some(&snap))
+                } else {
+                    Ok(())
+                };
+                match ram {
+                    Err(e) => failed(&e),
+                    Ok(()) => {
+                        let (vm, agent, console, saver) = spawn(plan, ch, Some(&snap), None, one)?;
+                        let mut b = Booted {
+                            vm,
+                            agent,
+                            console,
+                            console_tail: VecDeque::new(),
+                            saver,
+                            qmp: None,
+                        };
+                        let ping = proto::encode(Kind::Ping, 0, &[]);
+                        let r = incoming_by_monitor(&mut b, plan, &snap)
+                            .and_then(|()| {
+                                b.agent.write_all(&ping).map_err(|e| VmmError::Io {
+                                    step: "write to the guest".into(),
+                                    source: e,
+                                })
+                            })
+                            .and_then(|()| await_hello(&mut b, RESTORE_TIMEOUT, plan.console));
+                        drop(snap);
+                        match r {
+                            Ok(()) => return Ok((b, StartKind::Restored)),
+                            Err(e) => {
+                                b.vm.kill();
+                                b.vm.wait();
+                                failed(&e)
+                            }
+                        }
                     }
                 }
             }
             super::SnapshotPlan::Save(out) => {
+                if plan.share_port {
+                    fresh_ram(plan, None)?;
+                }
                 let (vm, agent, console, saver) = spawn(plan, ch, None, Some(&out), one)?;
                 let mut b = Booted {
                     vm,
@@ -482,7 +559,13 @@ fn start_guest(
                     (Err(e), _) => Err(e),
                     (Ok(()), Some(mut q)) => match plan.backend {
                         Backend::Qemu { .. } => Qmp::open(q).and_then(|mut m| {
-                            save(&mut m, &out)?;
+                            let ram = if plan.share_port {
+                                ignore_shared(&mut m)?;
+                                Some(plan.mem_mib << 20)
+                            } else {
+                                None
+                            };
+                            save(&mut m, &out, ram)?;
                             b.qmp = Some(m);
                             Ok(())
                         }),
@@ -523,6 +606,9 @@ fn start_guest(
 }
 
 fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, VmmError> {
+    if plan.share_port {
+        fresh_ram(plan, None)?;
+    }
     let (vm, agent, console, saver) = spawn(plan, ch, None, None, one)?;
     let mut b = Booted {
         vm,
@@ -800,8 +886,10 @@ fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
     }
 }
 
-/// Saves the running guest into `out`, then lets it run on.
-fn save(q: &mut Qmp, out: &File) -> Result<(), VmmError> {
+/// Saves the running guest into `out`, then lets it run on. With `ram`
+/// (its length: a share port's guest, whose RAM QEMU leaves out), the
+/// RAM file follows QEMU's stream, copied while the guest is stopped.
+fn save(q: &mut Qmp, out: &File, ram: Option<u64>) -> Result<(), VmmError> {
     use serde_json::json;
     // The guest is not stopped first: a restored guest keeps the run
     // state it was saved in, and one saved running starts at once. It
@@ -839,6 +927,16 @@ fn save(q: &mut Qmp, out: &File) -> Result<(), VmmError> {
             return Err(save_error("migration did not complete"));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(len) = ram {
+        let io = |step: &'static str| {
+            move |source| VmmError::Io {
+                step: step.into(),
+                source,
+            }
+        };
+        let f = File::open(qemu::RAM_FILE).map_err(io("open the guest's RAM file"))?;
+        crate::snapshot::append_ram(out, &f, len).map_err(io("save the guest's RAM"))?;
     }
     q.call(&json!({"execute": "cont"}), None)?;
     Ok(())

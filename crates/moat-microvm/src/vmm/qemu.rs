@@ -58,6 +58,9 @@ pub struct QemuArgs {
     pub share_port: bool,
 }
 
+/// The guest's RAM as a file in the jail's RAM tmpfs, with a share port.
+pub const RAM_FILE: &str = "/ram/guest";
+
 /// The PCIe root port a hot-added volume goes on.
 pub const SHARE_PORT_ID: &str = "moatport0";
 
@@ -109,12 +112,25 @@ impl QemuArgs {
         }
         push(&["-M", &machine]);
         if shared {
-            push(&[
-                "-object",
-                &format!(
+            // With a share port, a file of the jail's RAM tmpfs that the
+            // VMM process saves and restores itself (QEMU's migration
+            // leaves shared RAM out with `x-ignore-shared`: a restore
+            // into a memfd read every zero page of the stream in, which
+            // allocated the guest's whole RAM).
+            let backend = if self.share_port {
+                format!(
+                    "memory-backend-file,id=mem,size={}M,share=on,mem-path={RAM_FILE}",
+                    self.mem_mib
+                )
+            } else {
+                format!(
                     "memory-backend-memfd,id=mem,size={}M,share=on",
                     self.mem_mib
-                ),
+                )
+            };
+            push(&[
+                "-object",
+                &backend,
                 "-global",
                 "virtio-mmio.force-legacy=false",
             ]);
@@ -249,11 +265,19 @@ impl QemuArgs {
             // wire, five over ~0.8 s, and have the guest send gratuitous
             // ARPs. A migrated guest needs them to redirect its peers; a
             // restored one is new on its wire, as a cold-booted one is.
+            // With a share port the monitor first sets `x-ignore-shared`
+            // (QEMU 7.2 takes it no other way) and then names the stream
+            // (`migrate-incoming`).
+            let incoming = if self.share_port {
+                "defer".to_string()
+            } else {
+                format!("fd:{fd}")
+            };
             push(&[
                 "-global",
                 "migration.announce-rounds=0",
                 "-incoming",
-                &format!("fd:{fd}"),
+                &incoming,
             ]);
         }
         a.into_iter().map(OsString::from).collect()
@@ -563,6 +587,13 @@ mod tests {
         )));
         assert!(a.contains(&"socket,id=fs0,fd=11".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("vhost-user-fs")));
+        assert!(a.contains(&format!(
+            "memory-backend-file,id=mem,size=300M,share=on,mem-path={RAM_FILE}"
+        )));
+        assert_eq!(
+            a[a.iter().position(|x| x == "-incoming").unwrap() + 1],
+            "defer"
+        );
         let add = hot_add_volume(0);
         assert_eq!(add["arguments"]["chardev"], "fs0");
         assert_eq!(add["arguments"]["bus"], SHARE_PORT_ID);
