@@ -2561,7 +2561,7 @@ fn a_pods_vm_with_its_share_is_restored_from_its_snapshot() {
         cmd(&rt, &["start", &pod_id]).expect_ok();
         // The restored guest's RAM holds what the snapshot's did, not the
         // guest's whole size (a restore into a memfd read every zero page
-        // in: ~560 MiB in this cgroup); ~160-190 MiB here.
+        // in: 517 MiB in this cgroup); ~160-190 MiB here.
         if qemu && round == 1 {
             let used = pod_cg.held();
             assert!(
