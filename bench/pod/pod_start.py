@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """A pod's start under the microvm tier (its pause container booting the
 pod's VM): with the share its containers' read-write volumes join it
-through (the default: a virtio-fs device, so a cold boot) against a pod
-annotated `dev.moat.pod.volumes: none` (no share: a snapshot's restore
-once one is saved), interleaved (docs/performance.md, *A pod in one VM*).
+through (the default: a virtio-fs device, hot-added on QEMU after the
+snapshot's restore) against a pod annotated `dev.moat.pod.volumes: none`
+(no share), interleaved (docs/performance.md, *A pod in one VM*).
 Root; QEMU and the cloud kernel as for the tier's tests; runc (for `runc
 spec`) and busybox-static.
 
