@@ -443,14 +443,19 @@ impl MicrovmTier {
         } else {
             host.backend.cmdline()
         };
-        // A pod's VM whose only volume is its share, on QEMU: the share is
-        // hot-added on a PCIe port once the guest is up (`VmmPlan::
-        // share_port`), so that the guest is saved and restored as any
-        // pod's is (QEMU saves no guest with a vhost-user device). Its
-        // kernel takes the port's hotplug interrupt only with the word.
-        let share_port = share.is_some()
-            && plan.volumes.len() == 1
-            && matches!(host.backend, Backend::Qemu { .. });
+        // Read-write volumes on QEMU (a pod's share among them): each is
+        // hot-added on a PCIe port of its own once the guest is up
+        // (`VmmPlan::share_port`), so that the guest before them is saved
+        // and restored (QEMU saves no guest with a vhost-user device). Its
+        // kernel takes the ports' hotplug interrupts only with the word.
+        // Not rootless (the jail's RAM tmpfs), not past the ports, and not
+        // with snapshots off (nothing to restore: the devices from the
+        // start, as before).
+        let share_port = !plan.volumes.is_empty()
+            && plan.volumes.len() <= vmm::qemu::SHARE_PORTS
+            && matches!(host.backend, Backend::Qemu { .. })
+            && !rootless
+            && snapshot::enabled();
         let cmdline = if share_port {
             with_kernel_word(&cmdline, crate::agent::boot::SHARE_PORT_WORD)
         } else {
@@ -499,8 +504,9 @@ impl MicrovmTier {
                     accel,
                     net: net_device,
                     share_port,
-                    disks: guest
-                        .shared
+                    // Volumes are not there to prime a container with:
+                    // the plain snapshot.
+                    disks: (guest.shared && !share_port)
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
                 },
             )
@@ -512,7 +518,7 @@ impl MicrovmTier {
                 why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
             }
         };
-        let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
+        let prime = guest.shared && !share_port && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
             snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(

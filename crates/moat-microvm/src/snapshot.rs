@@ -56,9 +56,9 @@ pub struct Identity<'a> {
     pub accel: &'a str,
     /// The VM's virtio-net device, if any (a different device set).
     pub net: Option<NetDevice>,
-    /// The VM has a PCIe port its read-write volume is hot-added on after
-    /// the restore (a pod's share on QEMU: `VmmPlan::share_port`), and the
-    /// shared memory such a device needs.
+    /// The VM has the PCIe ports its read-write volumes are hot-added on
+    /// after the restore (QEMU: `VmmPlan::share_port`), and its RAM is the
+    /// file such devices share.
     pub share_port: bool,
     /// A primed snapshot: the guest has these disks mounted, backed by
     /// these images (every slot, spares included). Only runs with the same
@@ -107,7 +107,8 @@ impl Identity<'_> {
             Some(NetDevice::Offloads) => h.update(b"\0net-offloads"),
         }
         if self.share_port {
-            h.update(b"\0share-port");
+            h.update(b"\0share-ports");
+            h.update((crate::vmm::qemu::SHARE_PORTS as u64).to_le_bytes());
         }
         if let Some((disks, _)) = self.disks {
             h.update(b"\0primed");

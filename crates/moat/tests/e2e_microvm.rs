@@ -2035,6 +2035,90 @@ fn update_applies_in_the_guest_and_cpu_time_on_the_host() {
 /// tier runs the same command (never root); virtiofsd runs jailed in a user
 /// namespace, its server with no capabilities; all of it ends with the VM.
 #[test]
+fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
+    let test = "runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let qemu = on_qemu(&rt);
+    let cache = private_cache(test);
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(
+                d.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o777),
+            )
+            .unwrap();
+            d
+        })
+        .collect();
+    let vol = |i: usize| format!("{}:/v{i}", dirs[i].path().display());
+    // Each run writes its mark in every volume and lists the first.
+    let run = |n: usize, mark: &str| {
+        let mut args: Vec<String> = Vec::new();
+        for i in 0..n {
+            args.push("-v".into());
+            args.push(vol(i));
+        }
+        let script = format!(
+            "for i in $(seq 0 {}); do echo {mark} > /v$i/{mark}; done; ls /v0",
+            n - 1
+        );
+        args.extend(["--".into(), "sh".into(), "-c".into(), script]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, log) = run_logged_with(&rt, &cache, &args, None);
+        assert_eq!(out.code, Some(0), "{out:?}\n{log}");
+        for i in 0..n {
+            assert_eq!(
+                std::fs::read_to_string(dirs[i].path().join(mark)).unwrap(),
+                format!("{mark}\n")
+            );
+        }
+        (out.stdout, log)
+    };
+    // One volume: no snapshot yet, the guest saved before it (on QEMU).
+    let (listed, log) = run(1, "one");
+    assert_eq!(listed, "one\n");
+    assert!(
+        log.contains(if qemu { "saved snapshot" } else { "cold boot" }),
+        "{log}"
+    );
+    // Two, then three volumes (the most beside the default's three disks):
+    // the same snapshot restored, each volume hot-added on its own port.
+    let (listed, log) = run(2, "two");
+    assert_eq!(listed, "one\ntwo\n");
+    assert!(
+        log.contains(if qemu {
+            "restored from snapshot"
+        } else {
+            "cold boot"
+        }),
+        "{log}"
+    );
+    let (listed, log) = run(3, "three");
+    assert_eq!(listed, "one\nthree\ntwo\n");
+    assert!(
+        log.contains(if qemu {
+            "restored from snapshot"
+        } else {
+            "cold boot"
+        }),
+        "{log}"
+    );
+    assert_clean(&rt);
+}
+
+/// Whether the microvm tier runs on QEMU here (`moat info`).
+fn on_qemu(rt: &Rt) -> bool {
+    rt.cmd(&["info", "--json"]).expect_ok().json()["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["tier"] == "microvm" && t["runs_on"].as_str().unwrap_or("").starts_with("QEMU"))
+}
+
+#[test]
 fn read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier() {
     let Some(rt) =
         rt("read_write_volumes_are_the_host_directory_owned_as_under_the_container_tier")
@@ -2503,11 +2587,7 @@ fn a_pods_vm_with_its_share_is_restored_from_its_snapshot() {
     let Some(rt) = rt(test) else {
         return;
     };
-    let qemu = rt.cmd(&["info", "--json"]).expect_ok().json()["tiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|t| t["tier"] == "microvm" && t["runs_on"].as_str().unwrap_or("").starts_with("QEMU"));
+    let qemu = on_qemu(&rt);
     let cache = private_cache(test);
     let private = vec![(
         "MOAT_MICROVM_CACHE".to_string(),

@@ -168,8 +168,9 @@ pub struct VmmPlan {
     /// QEMU only: the volumes are hot-added on a PCIe port once the guest
     /// said hello (restored, saved or cold alike) instead of being devices
     /// from the start, so that the guest before them can be saved and
-    /// restored (QEMU saves no guest with a vhost-user device). A pod's
-    /// share, its VM's only volume.
+    /// restored (QEMU saves no guest with a vhost-user device): each on a
+    /// PCIe root port of its own ([`qemu::SHARE_PORTS`]), the guest's RAM
+    /// a file the VMM process saves and loads itself.
     pub share_port: bool,
     /// Connections made to the pod's `localhost`, passed to the guest
     /// ([`crate::portfwd`]): their listeners, and the link that steers

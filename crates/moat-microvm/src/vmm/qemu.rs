@@ -61,19 +61,25 @@ pub struct QemuArgs {
 /// The guest's RAM as a file in the jail's RAM tmpfs, with a share port.
 pub const RAM_FILE: &str = "/ram/guest";
 
-/// The PCIe root port a hot-added volume goes on.
-pub const SHARE_PORT_ID: &str = "moatport0";
+/// How many PCIe root ports a guest with hot-added volumes has (one
+/// snapshot serves runs with one to this many volumes).
+pub const SHARE_PORTS: usize = 4;
+
+/// The PCIe root port volume `i` is hot-added on.
+pub fn share_port_id(i: usize) -> String {
+    format!("moatport{i}")
+}
 
 /// The QMP command that hot-adds volume `i` (its socket is the chardev
-/// `fs<i>` of the command line) on [`SHARE_PORT_ID`]: a virtio-fs device
-/// on the virtio PCI transport, tagged as a cold-plugged one would be.
+/// `fs<i>` of the command line) on its port: a virtio-fs device on the
+/// virtio PCI transport, tagged as a cold-plugged one would be.
 pub fn hot_add_volume(i: usize) -> serde_json::Value {
     serde_json::json!({
         "execute": "device_add",
         "arguments": {
             "driver": "vhost-user-fs-pci",
             "id": format!("fsdev{i}"),
-            "bus": SHARE_PORT_ID,
+            "bus": share_port_id(i),
             "chardev": format!("fs{i}"),
             "tag": crate::guestspec::volume_tag(i),
         }
@@ -231,12 +237,18 @@ impl QemuArgs {
             ]);
         }
         if self.share_port {
-            // An empty slot (its hotplug controller's power off): a device
-            // added there later is probed as the slot powers on.
-            push(&[
-                "-device",
-                &format!("pcie-root-port,id={SHARE_PORT_ID},bus=pcie.0,chassis=1,slot=1"),
-            ]);
+            // Empty slots (their hotplug controllers' power off): a device
+            // added there later is probed as its slot powers on.
+            for i in 0..SHARE_PORTS {
+                push(&[
+                    "-device",
+                    &format!(
+                        "pcie-root-port,id={},bus=pcie.0,chassis={},slot=1",
+                        share_port_id(i),
+                        i + 1
+                    ),
+                ]);
+            }
         }
         for (i, fd) in self.volume_fds.iter().enumerate() {
             push(&["-chardev", &format!("socket,id=fs{i},fd={fd}")]);
@@ -582,9 +594,12 @@ mod tests {
             .collect();
         let machine = &a[a.iter().position(|x| x == "-M").unwrap() + 1];
         assert!(machine.contains(",memory-backend=mem") && machine.contains(",pcie=on"));
-        assert!(a.contains(&format!(
-            "pcie-root-port,id={SHARE_PORT_ID},bus=pcie.0,chassis=1,slot=1"
-        )));
+        assert!(a.contains(&"pcie-root-port,id=moatport0,bus=pcie.0,chassis=1,slot=1".to_string()));
+        assert!(a.contains(&"pcie-root-port,id=moatport3,bus=pcie.0,chassis=4,slot=1".to_string()));
+        assert_eq!(
+            a.iter().filter(|x| x.starts_with("pcie-root-port")).count(),
+            SHARE_PORTS
+        );
         assert!(a.contains(&"socket,id=fs0,fd=11".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("vhost-user-fs")));
         assert!(a.contains(&format!(
@@ -596,7 +611,8 @@ mod tests {
         );
         let add = hot_add_volume(0);
         assert_eq!(add["arguments"]["chardev"], "fs0");
-        assert_eq!(add["arguments"]["bus"], SHARE_PORT_ID);
+        assert_eq!(add["arguments"]["bus"], "moatport0");
+        assert_eq!(hot_add_volume(2)["arguments"]["bus"], "moatport2");
         assert_eq!(add["arguments"]["tag"], "moatfs0");
     }
 }
