@@ -2069,9 +2069,9 @@ fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (out, log) = run_logged_with(&rt, &cache, &args, None);
         assert_eq!(out.code, Some(0), "{out:?}\n{log}");
-        for i in 0..n {
+        for d in dirs.iter().take(n) {
             assert_eq!(
-                std::fs::read_to_string(dirs[i].path().join(mark)).unwrap(),
+                std::fs::read_to_string(d.path().join(mark)).unwrap(),
                 format!("{mark}\n")
             );
         }
