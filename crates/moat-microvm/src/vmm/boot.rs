@@ -12,6 +12,12 @@
 //! Save: right after a cold-booted guest's hello (before any of the
 //! container reaches it), `migrate` to the runtime's file (handed to QEMU
 //! over the monitor socket with `getfd`), wait for `completed`, `cont`. The monitor is a socketpair QEMU inherits; QEMU opens nothing.
+//!
+//! Share ports (`VmmPlan::share_port`): the guest's RAM is a file the
+//! migration leaves out (`x-ignore-shared`), appended to the snapshot by
+//! this process and loaded back before a restoring QEMU starts (which
+//! then gets its stream over the monitor), and the read-write volumes are
+//! hot-added once the guest said hello, however it started.
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -463,8 +469,8 @@ fn incoming_by_monitor(b: &mut Booted, plan: &VmmPlan, snap: &File) -> Result<()
     Ok(())
 }
 
-/// Hot-adds `count` volumes on the share port through QEMU's monitor,
-/// then closes the monitor (QEMU runs on without one).
+/// Hot-adds `count` volumes, each on its share port, through QEMU's
+/// monitor, then closes the monitor (QEMU runs on without one).
 fn hot_add_volumes(b: &mut Booted, count: usize) -> Result<(), VmmError> {
     let mut q = match b.qmp.take() {
         Some(q) => q,
