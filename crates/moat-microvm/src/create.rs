@@ -448,13 +448,11 @@ impl MicrovmTier {
         // (`VmmPlan::share_port`), so that the guest before them is saved
         // and restored (QEMU saves no guest with a vhost-user device). Its
         // kernel takes the ports' hotplug interrupts only with the word.
-        // Not rootless (the jail's RAM tmpfs), not past the ports, and not
-        // with snapshots off (nothing to restore: the devices from the
-        // start, as before).
+        // Not past the ports, and not with snapshots off (nothing to
+        // restore: the devices from the start, as before).
         let share_port = !plan.volumes.is_empty()
             && plan.volumes.len() <= vmm::qemu::SHARE_PORTS
             && matches!(host.backend, Backend::Qemu { .. })
-            && !rootless
             && snapshot::enabled();
         let cmdline = if share_port {
             with_kernel_word(&cmdline, crate::agent::boot::SHARE_PORT_WORD)

@@ -2506,24 +2506,32 @@ fn rootless_read_write_volumes_get_the_container_tiers_owners() {
         .unwrap();
         let spec = format!("{}:/data", vol.path().display());
         let img_s = img.display().to_string();
-        let out = run_own(
-            as_user(uid, &rt.bin)
-                .args([
-                    "run",
-                    "--isolation",
-                    tier,
-                    "-v",
-                    &spec,
-                    &img_s,
-                    "--",
-                    "sh",
-                    "-c",
-                ])
-                .arg(format!("echo from-{tier} > /data/f; mkdir /data/d; id -u"))
-                .env("XDG_RUNTIME_DIR", &xdg)
-                .env("MOAT_MICROVM_CACHE", &cache)
-                .current_dir(home.path()),
-        );
+        let log = home.path().join(format!("{tier}.log"));
+        let log_s = log.display().to_string();
+        let run = |script: &str| {
+            run_own(
+                as_user(uid, &rt.bin)
+                    .args([
+                        "--debug",
+                        "--log",
+                        &log_s,
+                        "run",
+                        "--isolation",
+                        tier,
+                        "-v",
+                        &spec,
+                        &img_s,
+                        "--",
+                        "sh",
+                        "-c",
+                        script,
+                    ])
+                    .env("XDG_RUNTIME_DIR", &xdg)
+                    .env("MOAT_MICROVM_CACHE", &cache)
+                    .current_dir(home.path()),
+            )
+        };
+        let out = run(&format!("echo from-{tier} > /data/f; mkdir /data/d; id -u"));
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
@@ -2537,6 +2545,17 @@ fn rootless_read_write_volumes_get_the_container_tiers_owners() {
         let (f, d) = (owner(&vol.path().join("f")), owner(&vol.path().join("d")));
         assert_eq!(f, d, "{tier}");
         owners.push(f);
+        if tier == "microvm" && on_qemu(&rt) {
+            // The user's first run saved its guest before the volume was
+            // hot-added; a second restores it, the volume hot-added again.
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(said.contains("saved snapshot"), "{said}");
+            let again = run("cat /data/f");
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(again.status.success(), "{said}");
+            assert_eq!(String::from_utf8_lossy(&again.stdout), "from-microvm\n");
+            assert!(said.contains("restored from snapshot"), "{said}");
+        }
         // Nothing of the run is left in the user's state root.
         let left: Vec<_> = std::fs::read_dir(xdg.join("moat"))
             .map(|d| {
