@@ -53,6 +53,20 @@ pub struct Booted {
     qmp: Option<Qmp>,
 }
 
+impl Booted {
+    /// A VM just started (its agent yet to say hello).
+    fn new(vm: VmChild, agent: File, console: File, saver: Option<UnixStream>) -> Booted {
+        Booted {
+            vm,
+            agent,
+            console,
+            console_tail: VecDeque::new(),
+            saver,
+            qmp: None,
+        }
+    }
+}
+
 /// The socket pairs the VMM may need, made before the jail (whose filter
 /// has no `socketpair`): an agent channel per attempt (a restore or a
 /// save may fail and a cold boot follow) and, for a save, QEMU's monitor
@@ -115,7 +129,7 @@ fn spawn(
     incoming: Option<&File>,
     save_to: Option<&File>,
     one: &OneThread,
-) -> Result<(VmChild, File, File, Option<UnixStream>), VmmError> {
+) -> Result<Booted, VmmError> {
     let monitor = save_to.is_some() || plan.share_port;
     let io = |step: &str| {
         let step = step.to_string();
@@ -137,7 +151,12 @@ fn spawn(
             let mut close = vec![ours.as_raw_fd()];
             close.extend(control_ours.as_ref().map(|c| c.as_raw_fd()));
             let (vm, console) = spawn_builtin(plan, theirs, start, &close, &ch.relay_fds, one)?;
-            return Ok((vm, File::from(OwnedFd::from(ours)), console, control_ours));
+            return Ok(Booted::new(
+                vm,
+                File::from(OwnedFd::from(ours)),
+                console,
+                control_ours,
+            ));
         }
     };
     let qmp = if monitor { ch.saver.pop() } else { None };
@@ -204,7 +223,7 @@ fn spawn(
     // for nothing: it holds no pipes).
     let vm = VmChild::new(child.id() as i32);
     drop(child);
-    Ok((
+    Ok(Booted::new(
         vm,
         File::from(OwnedFd::from(ours)),
         File::from(serial_r),
@@ -512,15 +531,7 @@ fn start_guest(
                 match ram {
                     Err(e) => failed(&e),
                     Ok(()) => {
-                        let (vm, agent, console, saver) = spawn(plan, ch, Some(&snap), None, one)?;
-                        let mut b = Booted {
-                            vm,
-                            agent,
-                            console,
-                            console_tail: VecDeque::new(),
-                            saver,
-                            qmp: None,
-                        };
+                        let mut b = spawn(plan, ch, Some(&snap), None, one)?;
                         let ping = proto::encode(Kind::Ping, 0, &[]);
                         let r = incoming_by_monitor(&mut b, plan, &snap)
                             .and_then(|()| {
@@ -546,15 +557,7 @@ fn start_guest(
                 if plan.share_port {
                     fresh_ram(plan, None)?;
                 }
-                let (vm, agent, console, saver) = spawn(plan, ch, None, Some(&out), one)?;
-                let mut b = Booted {
-                    vm,
-                    agent,
-                    console,
-                    console_tail: VecDeque::new(),
-                    saver,
-                    qmp: None,
-                };
+                let mut b = spawn(plan, ch, None, Some(&out), one)?;
                 await_hello(&mut b, plan.boot_timeout, plan.console)?;
                 let primed = if plan.prime {
                     prime(&mut b, plan)
@@ -615,15 +618,7 @@ fn cold(plan: &VmmPlan, ch: &mut Channels, one: &OneThread) -> Result<Booted, Vm
     if plan.share_port {
         fresh_ram(plan, None)?;
     }
-    let (vm, agent, console, saver) = spawn(plan, ch, None, None, one)?;
-    let mut b = Booted {
-        vm,
-        agent,
-        console,
-        console_tail: VecDeque::new(),
-        saver,
-        qmp: None,
-    };
+    let mut b = spawn(plan, ch, None, None, one)?;
     await_hello(&mut b, plan.boot_timeout, plan.console)?;
     Ok(b)
 }
