@@ -509,9 +509,10 @@ impl MicrovmTier {
                 },
             )
         } else {
-            // Neither VMM saves a guest with vhost-user devices (the
-            // back-end's state is virtiofsd's, and each run's share is
-            // another directory).
+            // Volumes that are devices from the start (moat's own VMM,
+            // more than the share ports, snapshots off): neither VMM saves
+            // a guest with vhost-user devices (the back-end's state is
+            // virtiofsd's, and each run's volume is another directory).
             snapshot::Offer::None {
                 why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
             }

@@ -623,7 +623,8 @@ impl Agent {
                     "the snapshot's disks are not this run's".into(),
                 ))
             }
-            // A run with volumes boots cold (virtio-fs is not saved).
+            // A run with volumes restores a plain snapshot (its volumes
+            // hot-added), never a primed one.
             Some(_) if !req.volumes.is_empty() => {
                 return Err(AgentError::Request(
                     "read-write volumes in a restored guest".into(),
