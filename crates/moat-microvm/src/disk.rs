@@ -89,6 +89,7 @@ pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
     }
     ensure_dir(cache)?;
     sweep_dead_builds(cache);
+    sweep_orphans(cache);
     build(source, &path, &uuid)?;
     prune_stale(cache, source.as_os_str().as_encoded_bytes(), &path);
     Ok(DiskImage { path, uuid })
@@ -129,6 +130,57 @@ fn sweep_dead_builds(dir: &Path) {
                 p.display()
             ),
             Err(err) => tracing::debug!("microvm: cannot remove {}: {err}", p.display()),
+        }
+    }
+}
+
+/// Removes the cached images whose recorded sources (one path, or a
+/// group's list) are gone, one of them at least: a state root removed
+/// with its prebuilt roots, a host directory deleted. Nothing can ask for
+/// them again (a tree made anew at the same path is another key), and
+/// [`prune_stale`], which removes an image when its source is imaged
+/// anew, never meets them: such images piled up, one per removed root.
+/// A record that is not a list of absolute paths, or a path that cannot
+/// be looked at (not "not found"), keeps its image.
+fn sweep_orphans(cache: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let mark = e.path();
+        if mark.extension().is_none_or(|x| x != "source") {
+            continue;
+        }
+        let Ok(record) = std::fs::read(&mark) else {
+            continue;
+        };
+        let paths: Vec<&[u8]> = record
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .collect();
+        if paths.is_empty() || !paths.iter().all(|p| p.starts_with(b"/")) {
+            continue;
+        }
+        let gone = paths.iter().any(|p| {
+            matches!(
+                std::fs::symlink_metadata(Path::new(std::ffi::OsStr::from_bytes(p))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound
+            )
+        });
+        if gone {
+            let image = mark.with_extension("ext4");
+            match std::fs::remove_file(&image) {
+                Ok(()) => {
+                    tracing::debug!("microvm: removed {}, whose source is gone", image.display())
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::debug!("microvm: cannot remove {}: {err}", image.display());
+                    continue;
+                }
+            }
+            let _ = std::fs::remove_file(&mark);
         }
     }
 }
@@ -182,6 +234,7 @@ pub fn group(
     };
     if let Some(c) = cache {
         sweep_dead_builds(c);
+        sweep_orphans(c);
     }
     let staging = path.with_extension("staging");
     std::fs::create_dir_all(&staging)
@@ -752,6 +805,45 @@ mod tests {
         prune_stale(&cache, a, &a2);
         assert!(!a1.exists() && !a1.with_extension("source").exists());
         assert!(a2.is_file() && b1.is_file() && unmarked.is_file());
+    }
+
+    #[test]
+    fn images_whose_sources_are_gone_are_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let here = d.path().join("here");
+        std::fs::create_dir(&here).unwrap();
+        let gone = d.path().join("gone");
+        let image = |name: &str, record: &[u8]| {
+            let p = cache.join(format!("{name}.ext4"));
+            std::fs::write(&p, b"image").unwrap();
+            std::fs::write(p.with_extension("source"), record).unwrap();
+            p
+        };
+        let path = |p: &Path| p.as_os_str().as_encoded_bytes().to_vec();
+        let kept = image("kept", &path(&here));
+        let orphan = image("orphan", &path(&gone));
+        // A group's record: every source, each followed by a NUL.
+        let group_kept = image("gkept", &[path(&here), b"\0/\0".to_vec()].concat());
+        let group_orphan = image(
+            "gorphan",
+            &[path(&here), b"\0".to_vec(), path(&gone), b"\0".to_vec()].concat(),
+        );
+        let odd = image("odd", b"not a path");
+        let unmarked = cache.join("old.ext4");
+        std::fs::write(&unmarked, b"from before marks").unwrap();
+        sweep_orphans(&cache);
+        for p in [&kept, &group_kept, &odd, &unmarked] {
+            assert!(p.is_file(), "{} kept", p.display());
+        }
+        for p in [&orphan, &group_orphan] {
+            assert!(
+                !p.exists() && !p.with_extension("source").exists(),
+                "{} swept",
+                p.display()
+            );
+        }
     }
 
     #[test]
