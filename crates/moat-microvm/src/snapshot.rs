@@ -85,9 +85,16 @@ pub enum NetDevice {
 /// the embedded default's, each image's); the least recently used go,
 /// unless used within [`PRIMED_GRACE`].
 pub const PRIMED_KEPT: usize = 4;
-/// A primed snapshot used (restored or saved) this recently is kept
-/// whatever the count: another run may be about to restore it.
+/// A snapshot used (restored or saved) this recently is kept whatever
+/// the count: another run may be about to restore it.
 pub const PRIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+/// How many plain snapshots the cache keeps (one per configuration: a
+/// guest's memory, vCPUs, devices); the least recently used go, unless
+/// used within [`PRIMED_GRACE`]. Each configuration's older ones go as
+/// soon as it saves anew, but a configuration no run asks for any more
+/// (another memory size, a moat or kernel since replaced) kept its
+/// snapshot, 100–150 MB on disk, for ever.
+pub const PLAIN_KEPT: usize = 8;
 
 impl Identity<'_> {
     /// The configuration part of the name (one snapshot is kept per
@@ -234,7 +241,8 @@ pub fn settle(offer: Offer, start: Option<&StartKind>) {
         }
         (Offer::Save { tmp, path, .. }, Some(StartKind::Saved)) => {
             prune_config(&path);
-            prune_primed(&path, PRIMED_KEPT - 1);
+            prune_lru(&path, true, PRIMED_KEPT);
+            prune_lru(&path, false, PLAIN_KEPT);
             match std::fs::rename(&tmp, &path) {
                 Ok(()) => tracing::debug!(
                     "microvm: cold boot (no snapshot yet); saved snapshot {}",
@@ -388,27 +396,39 @@ fn prune_config(path: &Path) {
     }
 }
 
-/// Keeps the `keep` most recently used primed snapshots beside `path`
-/// (`snapshot-p…`) and those used within [`PRIMED_GRACE`], removing the
-/// others.
-fn prune_primed(path: &Path, keep: usize) {
+/// Whether the snapshot file `name` is a primed one (`snapshot-p…`; a
+/// plain one's configuration key is hexadecimal).
+fn is_primed(name: &str) -> bool {
+    name.starts_with("snapshot-p")
+}
+
+/// Keeps, of the primed snapshots beside `path` (`primed`) or of the
+/// plain ones, the `kept` most recently used — `path`, just saved, one of
+/// them when it is of that kind — and those used within
+/// [`PRIMED_GRACE`], removing the others.
+fn prune_lru(path: &Path, primed: bool, kept: usize) {
     let since = std::time::SystemTime::now() - PRIMED_GRACE;
     let Some(dir) = path.parent() else { return };
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut primed: Vec<(std::time::SystemTime, PathBuf)> = rd
+    let own = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| is_primed(n) == primed);
+    let keep = kept.saturating_sub(usize::from(own));
+    let mut kind: Vec<(std::time::SystemTime, PathBuf)> = rd
         .flatten()
         .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("snapshot-p") && n.ends_with(".vmstate"))
+            e.file_name().to_str().is_some_and(|n| {
+                n.starts_with("snapshot-") && n.ends_with(".vmstate") && is_primed(n) == primed
+            })
         })
         .filter(|e| e.path() != path)
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    primed.sort_by_key(|p| std::cmp::Reverse(p.0));
-    for (_, p) in primed.into_iter().skip(keep).filter(|(t, _)| *t < since) {
+    kind.sort_by_key(|p| std::cmp::Reverse(p.0));
+    for (_, p) in kind.into_iter().skip(keep).filter(|(t, _)| *t < since) {
         let _ = std::fs::remove_file(&p);
         tracing::debug!(
             "microvm: removed the least recently used snapshot {}",
@@ -564,7 +584,7 @@ mod tests {
     }
 
     #[test]
-    fn the_least_recently_used_primed_snapshots_go() {
+    fn the_least_recently_used_snapshots_go_primed_and_plain_apart() {
         let d = tempfile::tempdir().unwrap();
         let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
         let mut all = Vec::new();
@@ -584,7 +604,7 @@ mod tests {
             .unwrap();
         let new = d.path().join("snapshot-pnew-f.vmstate");
         std::fs::write(&new, b"").unwrap();
-        prune_primed(&new, PRIMED_KEPT - 1);
+        prune_lru(&new, true, PRIMED_KEPT);
         let left: Vec<bool> = all.iter().map(|p| p.exists()).collect();
         assert_eq!(left, [false, true, false, false, true, true]);
         assert!(new.exists() && unprimed.exists());
@@ -595,10 +615,35 @@ mod tests {
             .unwrap()
             .set_modified(std::time::SystemTime::now())
             .unwrap();
-        prune_primed(&new, 1);
+        prune_lru(&new, true, 2);
         let left: Vec<bool> = all.iter().map(|p| p.exists()).collect();
         assert_eq!(left, [false, true, false, false, true, false]);
         assert!(recent.exists());
+        // The plain ones are counted apart: the primed ones never make
+        // one go, and a plain one's saving makes only plain ones go. Ten
+        // old plain ones, `unprimed` (used now) and the one just saved:
+        // eight stay, the saved one, `unprimed` and the six newest.
+        let plain: Vec<PathBuf> = (1..=10u64)
+            .map(|i| {
+                let p = d.path().join(format!("snapshot-{i:016x}-f.vmstate"));
+                let f = File::create(&p).unwrap();
+                f.set_modified(t0 + std::time::Duration::from_secs(i))
+                    .unwrap();
+                p
+            })
+            .collect();
+        let saved = d.path().join("snapshot-00000000000000ff-f.vmstate");
+        std::fs::write(&saved, b"").unwrap();
+        let primed_left = || all.iter().filter(|p| p.exists()).count();
+        let before = primed_left();
+        prune_lru(&saved, false, PLAIN_KEPT);
+        let left: Vec<bool> = plain.iter().map(|p| p.exists()).collect();
+        assert_eq!(
+            left,
+            [false, false, false, false, true, true, true, true, true, true]
+        );
+        assert!(saved.exists() && unprimed.exists());
+        assert_eq!(primed_left(), before);
     }
 
     #[test]
