@@ -1014,15 +1014,6 @@ fn net_request(
     Ok(req)
 }
 
-/// moat's stack for a guest whose config joins the namespace `ns`, whose
-/// interface (`interface`) another guest took over (a pod's second
-/// container, asking nothing of the stack): serving from `ns`, its
-/// connections leave from the pod's addresses and their replies reach it
-/// (the namespace keeps its share: [`crate::podnet`]); any destination,
-/// as the first guest's on the pod's wire (the pod's network policies
-/// apply to both alike), the pod's own address (`pod`: the other guest's
-/// servers) among them; no published port. Nothing on the pod's wire
-/// reaches this guest: the pod's address is the other's.
 /// `cmdline` with `word` among the kernel's own words (before the `--`
 /// that ends them, after which come init's).
 fn with_kernel_word(cmdline: &str, word: &str) -> String {
@@ -1032,6 +1023,15 @@ fn with_kernel_word(cmdline: &str, word: &str) -> String {
     }
 }
 
+/// moat's stack for a guest whose config joins the namespace `ns`, whose
+/// interface (`interface`) another guest took over (a pod's second
+/// container, asking nothing of the stack): serving from `ns`, its
+/// connections leave from the pod's addresses and their replies reach it
+/// (the namespace keeps its share: [`crate::podnet`]); any destination,
+/// as the first guest's on the pod's wire (the pod's network policies
+/// apply to both alike), the pod's own address (`pod`: the other guest's
+/// servers) among them; no published port. Nothing on the pod's wire
+/// reaches this guest: the pod's address is the other's.
 fn pod_share(
     ns: &Path,
     interface: &str,

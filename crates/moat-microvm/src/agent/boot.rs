@@ -33,17 +33,16 @@ pub const FS_MODULES: &[&str] = &["fuse", "virtiofs"];
 /// pod's share) is hot-added on a PCIe port after its start (QEMU's
 /// native PCIe hotplug: the port's own interrupt, which Linux takes only
 /// with this word, the firmware granting it nothing). The agent loads
-/// [`SHARE_PORT_MODULES`] before its hello when it sees it.
+/// [`PCI_MODULES`] and [`FS_MODULES`] before its hello when it sees it.
 pub const SHARE_PORT_WORD: &str = "pcie_ports=native";
 
-/// What a guest with a share port loads before its hello (so its snapshot
-/// holds them loaded): the virtio PCI transport and virtio-fs.
-pub const SHARE_PORT_MODULES: &[&str] = &[
+/// What a guest with a share port loads before its hello, with
+/// [`FS_MODULES`] (so its snapshot holds them loaded): the virtio PCI
+/// transport.
+pub const PCI_MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
-    "fuse",
-    "virtiofs",
 ];
 
 /// Whether the kernel command line `cmdline` gives this guest a share port.
@@ -61,7 +60,8 @@ pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
     EARLY_MODULES
         .iter()
         .chain(LATE_MODULES)
-        .chain(SHARE_PORT_MODULES)
+        .chain(PCI_MODULES)
+        .chain(FS_MODULES)
         .chain(super::net::NET_MODULES)
         .chain(super::pod::POD_MODULES)
         .copied()

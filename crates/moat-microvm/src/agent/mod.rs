@@ -82,7 +82,8 @@ fn run() -> Result<(), AgentError> {
     boot::load_modules(boot::EARLY_MODULES)?;
     trace("early modules");
     if boot::has_share_port(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
-        boot::load_modules(boot::SHARE_PORT_MODULES)?;
+        boot::load_modules(boot::PCI_MODULES)?;
+        boot::load_modules(boot::FS_MODULES)?;
         trace("share port's modules");
     }
     let chan = boot::open_channel()?;
