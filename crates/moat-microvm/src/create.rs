@@ -443,15 +443,19 @@ impl MicrovmTier {
         } else {
             host.backend.cmdline()
         };
-        // Read-write volumes on QEMU (a pod's share among them): each is
-        // hot-added on a PCIe port of its own once the guest is up
+        // Read-write volumes on QEMU (a pod's share among them) and a
+        // pod's more network interfaces (Multus): each is hot-added on a
+        // PCIe port of its own once the guest is up
         // (`VmmPlan::share_port`), so that the guest before them is saved
-        // and restored (QEMU saves no guest with a vhost-user device). Its
-        // kernel takes the ports' hotplug interrupts only with the word.
-        // Not past the ports, and not with snapshots off (nothing to
-        // restore: the devices from the start, as before).
-        let share_port = !plan.volumes.is_empty()
-            && plan.volumes.len() <= vmm::qemu::SHARE_PORTS
+        // and restored (QEMU saves no guest with a vhost-user device; a
+        // snapshot's guest has one network device). Its kernel takes the
+        // ports' hotplug interrupts only with the word. Not past the
+        // ports, and not with snapshots off (nothing to restore: the
+        // devices from the start, as before).
+        let more_interfaces = pod_link.as_ref().map_or(0, |p| p.more_taps.len());
+        let hot_added = plan.volumes.len() + more_interfaces;
+        let share_port = hot_added > 0
+            && hot_added <= vmm::qemu::SHARE_PORTS
             && matches!(host.backend, Backend::Qemu { .. })
             && snapshot::enabled();
         let cmdline = if share_port {
@@ -481,9 +485,9 @@ impl MicrovmTier {
                 },
             ),
         };
-        let more_interfaces = pod_link.as_ref().is_some_and(|p| !p.more_taps.is_empty());
-        let offer = if more_interfaces {
-            // A snapshot's guest has the one network device.
+        let offer = if more_interfaces > 0 && !share_port {
+            // A snapshot's guest has the one network device (moat's own
+            // VMM, past the ports, snapshots off).
             snapshot::Offer::None {
                 why: "a guest with more than one network interface is not saved in snapshots"
                     .into(),

@@ -2120,15 +2120,6 @@ fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
     assert_clean(&rt);
 }
 
-/// Whether the microvm tier runs on QEMU here (`moat info`).
-fn on_qemu(rt: &Rt) -> bool {
-    rt.cmd(&["info", "--json"]).expect_ok().json()["tiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|t| t["tier"] == "microvm" && t["runs_on"].as_str().unwrap_or("").starts_with("QEMU"))
-}
-
 /// A read-write volume is the host directory itself (virtio-fs, served by
 /// virtiofsd): what the guest writes is there for the host at once, and
 /// the other way round, owned by the same host IDs as when the container

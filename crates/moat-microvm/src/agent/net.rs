@@ -3,8 +3,9 @@
 //! over (a pod's): the virtio-net device (eth0) whose other end is that
 //! stack or the VMM's TAP device beside the pod's interface, moved into a network namespace of its own that the container
 //! joins, so the agent's namespace (where the guest's moat runs) keeps
-//! only `lo`. The steps, in order: load the driver, wait for eth0, make
-//! the namespace (kept by a bind mount at [`NETNS`]), move eth0 into it,
+//! only `lo`. The steps, in order: load the driver, wait for eth0 (and
+//! each more device) by its hardware address, make the namespace (kept
+//! by a bind mount at [`NETNS`]), move them into it (eth0 named so),
 //! bring up `lo` and eth0 with the addresses and routes the host sent,
 //! mount a sysfs from inside it (at [`SYSFS`]: sysfs shows the network
 //! devices of the namespace that mounts it, and the container's user
@@ -12,7 +13,6 @@
 //! the resolv.conf naming the stack's DNS (a pod's interface keeps the
 //! container's own).
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
 use std::time::Duration;
 
 use nix::mount::{mount, MsFlags};
@@ -52,21 +52,18 @@ fn netlink(step: &str) -> impl FnOnce(moat_net::netlink::NetlinkError) -> AgentE
 /// Sets up the container's network namespace with eth0 as `net` says.
 pub fn setup(net: &GuestNet) -> Result<(), AgentError> {
     boot::load_modules(NET_MODULES)?;
-    let dev = Path::new("/sys/class/net").join(DEVICE);
-    if !boot::wait_for(&dev, Duration::from_secs(10)) {
-        return Err(AgentError::Request(format!(
-            "the network device {DEVICE} did not appear"
-        )));
+    // Every device first, each found by the hardware address the VMM gave
+    // it (eth0's, and each more one's: a pod's other interfaces): their
+    // names follow the order they appeared in, and a device hot-added
+    // after the snapshot's restore (`VmmPlan::share_port`) that appeared
+    // once eth0 had left for the container's namespace took its name.
+    let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
+    let mut devices = vec![device_by_mac(&mut nl, crate::vmm::qemu::GUEST_MAC_BYTES)?];
+    for k in 0..net.extra.len() {
+        devices.push(device_by_mac(&mut nl, crate::proto::extra_device_mac(k))?);
     }
     let ns = new_netns()?;
-    let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
-    let index = nl.index(DEVICE).map_err(netlink("find eth0"))?;
-    nl.move_link(index, ns.as_fd())
-        .map_err(netlink("move eth0 to the container's namespace"))?;
-    // The more devices (a pod's other interfaces), found by the hardware
-    // address the VMM gave each.
-    for k in 0..net.extra.len() {
-        let index = device_by_mac(&mut nl, crate::proto::extra_device_mac(k))?;
+    for index in devices {
         nl.move_link(index, ns.as_fd()).map_err(netlink(
             "move a network device to the container's namespace",
         ))?;
@@ -149,10 +146,10 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
     let mut nl = moat_net::netlink::Netlink::open().map_err(netlink("open rtnetlink"))?;
     let lo = nl.index("lo").map_err(netlink("find lo"))?;
     nl.set_up(lo, None).map_err(netlink("bring up lo"))?;
-    let eth = nl.index(DEVICE).map_err(netlink("find eth0"))?;
-    configure_link(&mut nl, eth, net.mac, &net.addresses, net.mtu, &net.routes)?;
-    // Apart first (a pod's name may be one the guest's kernel gave
-    // another device), then each its own.
+    let eth = device_by_mac(&mut nl, crate::vmm::qemu::GUEST_MAC_BYTES)?;
+    // The more devices apart first (a pod's name may be one the guest's
+    // kernel gave another device, eth0 among them), then eth0 named so,
+    // then each its own.
     let mut devices = Vec::with_capacity(net.extra.len());
     for k in 0..net.extra.len() {
         let index = device_by_mac(&mut nl, crate::proto::extra_device_mac(k))?;
@@ -160,6 +157,9 @@ fn configure(net: &GuestNet) -> Result<(), AgentError> {
             .map_err(netlink("rename a network device"))?;
         devices.push(index);
     }
+    nl.set_name(eth, DEVICE)
+        .map_err(netlink("name the network device eth0"))?;
+    configure_link(&mut nl, eth, net.mac, &net.addresses, net.mtu, &net.routes)?;
     for (x, index) in net.extra.iter().zip(devices) {
         nl.set_name(index, &x.name)
             .map_err(netlink("name a network device as the pod's interface"))?;

@@ -411,8 +411,10 @@ fn builtin_child(
 }
 
 /// Boots cold, or restores; returns the booted VM and how it started.
-/// With a share port, its volumes are then hot-added (whichever way it
-/// started); the guest's agent mounts each one as its device appears.
+/// With a share port, its volumes and more network devices are then
+/// hot-added (whichever way it started); the guest's agent mounts each
+/// volume as its device appears, and finds each network device by its
+/// address.
 pub fn boot(
     plan: &mut VmmPlan,
     ch: &mut Channels,
@@ -420,7 +422,8 @@ pub fn boot(
 ) -> Result<(Booted, crate::control::StartKind), VmmError> {
     let (mut b, kind) = start_guest(plan, ch, one)?;
     if plan.share_port {
-        if let Err(e) = hot_add_volumes(&mut b, plan.volumes.len()) {
+        let taps: Vec<RawFd> = plan.more_net.iter().map(|t| t.as_raw_fd()).collect();
+        if let Err(e) = hot_add(&mut b, plan.volumes.len(), &taps) {
             b.vm.kill();
             b.vm.wait();
             return Err(e);
@@ -488,19 +491,26 @@ fn incoming_by_monitor(b: &mut Booted, plan: &VmmPlan, snap: &File) -> Result<()
     Ok(())
 }
 
-/// Hot-adds `count` volumes, each on its share port, through QEMU's
-/// monitor, then closes the monitor (QEMU runs on without one).
-fn hot_add_volumes(b: &mut Booted, count: usize) -> Result<(), VmmError> {
+/// Hot-adds `volumes` volumes, each on its share port, then a network
+/// device on each TAP of `taps` (QEMU's descriptors) on the ports after
+/// theirs, through QEMU's monitor; then closes the monitor (QEMU runs on
+/// without one).
+fn hot_add(b: &mut Booted, volumes: usize, taps: &[RawFd]) -> Result<(), VmmError> {
     let mut q = match b.qmp.take() {
         Some(q) => q,
         None => Qmp::open(
             b.saver
                 .take()
-                .ok_or_else(|| monitor_error("no monitor to hot-add the volumes"))?,
+                .ok_or_else(|| monitor_error("no monitor to hot-add the devices"))?,
         )?,
     };
-    for i in 0..count {
+    for i in 0..volumes {
         q.call(&qemu::hot_add_volume(i), None)?;
+    }
+    for (k, fd) in taps.iter().enumerate() {
+        for c in qemu::hot_add_nic(k, volumes + k, *fd) {
+            q.call(&c, None)?;
+        }
     }
     Ok(())
 }

@@ -52,20 +52,24 @@ pub struct QemuArgs {
     /// More network devices, each on a TAP (a pod's other interfaces),
     /// the `k`-th with [`crate::proto::extra_device_mac`]`(k)`.
     pub more_tap_fds: Vec<RawFd>,
-    /// The volumes are hot-added later ([`hot_add_volume`]) on a PCIe
-    /// port the VM has from the start: only their sockets are on the
-    /// command line (`VmmPlan::share_port`).
+    /// The volumes and the more network devices are hot-added later
+    /// ([`hot_add_volume`], [`hot_add_nic`]) on PCIe ports the VM has
+    /// from the start: only the volumes' sockets are on the command line,
+    /// and the TAPs are inherited for the monitor to name
+    /// (`VmmPlan::share_port`).
     pub share_port: bool,
 }
 
 /// The guest's RAM as a file in the jail's RAM tmpfs, with a share port.
 pub const RAM_FILE: &str = "/ram/guest";
 
-/// How many PCIe root ports a guest with hot-added volumes has (one
-/// snapshot serves runs with one to this many volumes).
+/// How many PCIe root ports a guest with hot-added devices has (one
+/// snapshot serves runs with one to this many read-write volumes and more
+/// network interfaces together).
 pub const SHARE_PORTS: usize = 4;
 
-/// The PCIe root port volume `i` is hot-added on.
+/// The PCIe root port `i`: volume `i` is hot-added on it, and the more
+/// network devices on the ports after the volumes'.
 pub fn share_port_id(i: usize) -> String {
     format!("moatport{i}")
 }
@@ -84,6 +88,44 @@ pub fn hot_add_volume(i: usize) -> serde_json::Value {
             "tag": crate::guestspec::volume_tag(i),
         }
     })
+}
+
+/// The QMP commands that hot-add the `k`-th more network device on share
+/// port `port`: its back end, the TAP QEMU inherited as descriptor `fd`
+/// (a netdev named on the command line without a device would have QEMU
+/// warn on the workload's stderr that it has no peer), then a virtio-net
+/// card on the virtio PCI transport with the address the agent finds it
+/// by ([`crate::proto::extra_device_mac`]) and the stack's MTU, as a
+/// cold-plugged one has.
+pub fn hot_add_nic(k: usize, port: usize, fd: RawFd) -> [serde_json::Value; 2] {
+    let mac = proto::extra_device_mac(k)
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    [
+        serde_json::json!({
+            "execute": "netdev_add",
+            "arguments": {
+                "type": "tap",
+                "id": format!("net{}", k + 1),
+                "fd": fd.to_string(),
+                "vhost": false,
+            }
+        }),
+        serde_json::json!({
+            "execute": "device_add",
+            "arguments": {
+                "driver": "virtio-net-pci",
+                "id": format!("nicdev{k}"),
+                "bus": share_port_id(port),
+                "netdev": format!("net{}", k + 1),
+                "mac": mac,
+                "host_mtu": moat_net::NetConfig::default().mtu,
+                // No option ROM (a boot firmware's driver): the jail has
+                // no ROM files, and the guest boots without firmware.
+                "romfile": "",
+            }
+        }),
+    ]
 }
 
 /// The guest's Ethernet address (locally administered, "moat" and 0x64).
@@ -222,7 +264,13 @@ impl QemuArgs {
                 ),
             ]);
         }
-        for (k, fd) in self.more_tap_fds.iter().enumerate() {
+        // With a share port, hot-added instead ([`hot_add_nic`]).
+        let cold_nics = if self.share_port {
+            &[][..]
+        } else {
+            &self.more_tap_fds[..]
+        };
+        for (k, fd) in cold_nics.iter().enumerate() {
             let m = proto::extra_device_mac(k);
             let mac = m.map(|b| format!("{b:02x}")).join(":");
             push(&[
@@ -614,5 +662,33 @@ mod tests {
         assert_eq!(add["arguments"]["bus"], "moatport0");
         assert_eq!(hot_add_volume(2)["arguments"]["bus"], "moatport2");
         assert_eq!(add["arguments"]["tag"], "moatfs0");
+        // A pod's second interface with a share port: its TAP inherited,
+        // neither a netdev nor a device on the command line (hot-added,
+        // its netdev named by the monitor).
+        let m = QemuArgs {
+            more_tap_fds: vec![13],
+            ..p
+        };
+        let a: Vec<String> = m
+            .build()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert!(!a
+            .iter()
+            .any(|x| x.contains("id=net1") || x.contains("netdev=net1")));
+        let [netdev, card] = hot_add_nic(0, 1, 13);
+        assert_eq!(netdev["execute"], "netdev_add");
+        assert_eq!(netdev["arguments"]["type"], "tap");
+        assert_eq!(netdev["arguments"]["id"], "net1");
+        assert_eq!(netdev["arguments"]["fd"], "13");
+        assert_eq!(netdev["arguments"]["vhost"], false);
+        assert_eq!(card["execute"], "device_add");
+        assert_eq!(card["arguments"]["driver"], "virtio-net-pci");
+        assert_eq!(card["arguments"]["netdev"], "net1");
+        assert_eq!(card["arguments"]["bus"], "moatport1");
+        assert_eq!(card["arguments"]["mac"], "02:6d:6f:61:75:00");
+        assert_eq!(card["arguments"]["romfile"], "");
+        assert_eq!(hot_add_nic(2, 3, 20)[0]["arguments"]["id"], "net3");
     }
 }

@@ -782,6 +782,15 @@ pub fn microvm_env() -> Vec<(String, String)> {
     )]
 }
 
+/// Whether the microvm tier runs on QEMU here (`moat info`).
+pub fn on_qemu(rt: &Rt) -> bool {
+    rt.cmd(&["info", "--json"]).expect_ok().json()["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["tier"] == "microvm" && t["runs_on"].as_str().unwrap_or("").starts_with("QEMU"))
+}
+
 /// Whether `moat info` says the microvm tier can run here; says why not
 /// (a skip, a failure under MOAT_TEST_STRICT) when it cannot.
 pub fn microvm_ready_or_skip(rt: &Rt, test: &str) -> bool {
