@@ -1320,9 +1320,10 @@ fn a_microvm_takes_over_the_interface_of_a_joined_namespace() {
 /// hardware address, addresses and routes. A peer on `net1`'s link reaches
 /// the guest's server there, and so does one behind a route only `net1`
 /// has (the guest's reply follows that route); `delete` gives both back.
-/// On QEMU such a guest is saved and restored as one with a single
-/// interface is (the second hot-added once the guest is up): the second
-/// of two runs restores.
+/// On QEMU such a guest (with a read-write volume too) is saved and
+/// restored as one with a single interface is (the volume and the second
+/// interface hot-added once the guest is up): the second of two runs
+/// restores.
 #[test]
 fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
     let Some((rt, w)) = tier_world("microvm_pod_interfaces", "microvm") else {
@@ -1394,11 +1395,24 @@ fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
         "sh",
         "-c",
         "cat /sys/class/net/net1/address > /tmp/mac1; ip -o -4 addr show net1 > /tmp/addr1 2>&1; \
-         cd /tmp && exec httpd -f -p 8000",
+         cp /tmp/mac1 /data/mac1; cd /tmp && exec httpd -f -p 8000",
     ]);
     b.set(
         "/annotations",
         serde_json::json!({"dev.moat.isolation": "microvm"}),
+    );
+    // A read-write volume too: on QEMU it is hot-added on the first port,
+    // net1's device on the next.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    b.push(
+        "/mounts",
+        serde_json::json!({"destination": "/data", "type": "bind",
+            "source": data.path().display().to_string(), "options": ["rbind", "rw"]}),
     );
     in_outer_ns(&mut b, &w);
     let bundle = b.dir().to_string_lossy().into_owned();
@@ -1457,6 +1471,13 @@ fn a_microvm_takes_over_every_interface_of_a_joined_namespace() {
             mac,
             "net1's hardware address in the guest"
         );
+        let copied = data.path().join("mac1");
+        assert_eq!(
+            std::fs::read_to_string(&copied).unwrap_or_default(),
+            mac,
+            "through the volume"
+        );
+        std::fs::remove_file(&copied).unwrap();
         // On net1's link, and from behind its route.
         for source in [&peer, &behind] {
             let o = from_side(source);
