@@ -161,10 +161,14 @@ impl MicrovmTier {
         let own_disk = |p: &Path| own_disk(p);
         let shared_file =
             |p: &Path| shown_host_path(p) && !VOLATILE_ETC.iter().any(|v| p == Path::new(v));
+        // On QEMU read-write volumes are cards on the share ports, not
+        // disk slots (`VmmPlan::share_port`).
+        let on_qemu = matches!(host.backend, Backend::Qemu { .. });
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,
             shared_file: &shared_file,
+            volume_ports: on_qemu.then_some(vmm::qemu::SHARE_PORTS),
         };
         let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
@@ -197,12 +201,15 @@ impl MicrovmTier {
         // (one more virtio-fs volume of the guest's: `crate::pod`).
         let pod_sandbox =
             moat_core::tier::is_pod_sandbox(req.config.spec.annotations().as_ref(), req.id);
-        let slots_used =
-            plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
-        let wanted = pod_sandbox
-            && !rootless
-            && crate::pod::wants_share(&spec_json)
-            && slots_used + 2 <= guestspec::MAX_DISKS;
+        // The pod's disk takes a slot, and its share another (moat's own
+        // VMM) or a port (QEMU).
+        let disks_used = plan.disks.len() + usize::from(!plan.group.is_empty());
+        let room = if on_qemu {
+            disks_used < guestspec::MAX_DISKS && plan.volumes.len() < vmm::qemu::SHARE_PORTS
+        } else {
+            disks_used + plan.volumes.len() + 2 <= guestspec::MAX_DISKS
+        };
+        let wanted = pod_sandbox && !rootless && crate::pod::wants_share(&spec_json) && room;
         // Without virtiofsd the pod still runs, its containers with
         // read-write volumes in VMs of their own (as a pod annotated
         // `none`).
@@ -448,16 +455,15 @@ impl MicrovmTier {
         // PCIe port of its own once the guest is up
         // (`VmmPlan::share_port`), so that the guest before them is saved
         // and restored (QEMU saves no guest with a vhost-user device; a
-        // snapshot's guest has one network device). Its kernel takes the
-        // ports' hotplug interrupts only with the word. Not past the
-        // ports, and not with snapshots off (nothing to restore: the
-        // devices from the start, as before).
+        // snapshot's guest has one network device), and so that volumes
+        // take no disk slot (the plan allowed as many as there are ports).
+        // Its kernel takes the ports' hotplug interrupts only with the
+        // word. The more interfaces only where they fit on the ports after
+        // the volumes' (else devices from the start: not saved).
         let more_interfaces = pod_link.as_ref().map_or(0, |p| p.more_taps.len());
-        let hot_added = plan.volumes.len() + more_interfaces;
-        let share_port = hot_added > 0
-            && hot_added <= vmm::qemu::SHARE_PORTS
-            && matches!(host.backend, Backend::Qemu { .. })
-            && snapshot::enabled();
+        let nics_hot =
+            more_interfaces > 0 && plan.volumes.len() + more_interfaces <= vmm::qemu::SHARE_PORTS;
+        let share_port = on_qemu && (!plan.volumes.is_empty() || nics_hot);
         let cmdline = if share_port {
             with_kernel_word(&cmdline, crate::agent::boot::SHARE_PORT_WORD)
         } else {
@@ -485,9 +491,9 @@ impl MicrovmTier {
                 },
             ),
         };
-        let offer = if more_interfaces > 0 && !share_port {
+        let offer = if more_interfaces > 0 && !(share_port && nics_hot) {
             // A snapshot's guest has the one network device (moat's own
-            // VMM, past the ports, snapshots off).
+            // VMM, past the ports).
             snapshot::Offer::None {
                 why: "a guest with more than one network interface is not saved in snapshots"
                     .into(),
@@ -513,10 +519,10 @@ impl MicrovmTier {
                 },
             )
         } else {
-            // Volumes that are devices from the start (moat's own VMM,
-            // more than the share ports, snapshots off): neither VMM saves
-            // a guest with vhost-user devices (the back-end's state is
-            // virtiofsd's, and each run's volume is another directory).
+            // Volumes that are devices from the start (moat's own VMM):
+            // neither VMM saves a guest with vhost-user devices (the
+            // back-end's state is virtiofsd's, and each run's volume is
+            // another directory).
             snapshot::Offer::None {
                 why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
             }
@@ -588,6 +594,7 @@ impl MicrovmTier {
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
             share_port,
+            hot_net: share_port && nics_hot,
             forward,
             cgroup_memory: cgroup
                 .as_ref()

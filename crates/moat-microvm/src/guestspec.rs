@@ -39,7 +39,9 @@ pub const GUEST_ROOT: &str = "/run/vm/root";
 pub const MAX_FILE: u64 = 1 << 20;
 /// Most disks one container may have: QEMU's microvm offers eight
 /// virtio-mmio slots, and the agent channel and the entropy device take two.
-/// A read-write volume's share takes a slot too.
+/// A read-write volume's share takes a slot too where it is a virtio-mmio
+/// device (moat's own VMM); on QEMU it is hot-added on a PCIe port instead
+/// ([`Probe::volume_ports`]).
 pub const MAX_DISKS: usize = 6;
 
 /// Where the guest mounts read-write volume `i` (a virtio-fs share).
@@ -150,6 +152,10 @@ pub struct Probe<'a> {
     /// its cached image carries it) rather than being copied into every
     /// `Run` request.
     pub shared_file: &'a dyn Fn(&Path) -> bool,
+    /// Read-write volumes are not disk slots but cards on this many PCIe
+    /// ports (QEMU: `VmmPlan::share_port`); `None`: each takes a disk slot
+    /// (moat's own VMM, whose devices are all virtio-mmio).
+    pub volume_ports: Option<usize>,
 }
 
 /// The guest's config for `spec` (a config.json) whose root is `rootfs`.
@@ -176,11 +182,26 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         out.push(m);
     }
     config["mounts"] = Value::Array(out);
-    let disks = plan.disks.len() + usize::from(!plan.group.is_empty()) + plan.volumes.len();
-    if disks > MAX_DISKS {
-        return Err(format!(
-            "{disks} disks and read-write volumes to share with the guest; the microvm tier takes at most {MAX_DISKS}"
-        ));
+    let disks = plan.disks.len() + usize::from(!plan.group.is_empty());
+    match probe.volume_ports {
+        None if disks + plan.volumes.len() > MAX_DISKS => {
+            return Err(format!(
+                "{} disks and read-write volumes to share with the guest; the microvm tier on moat's own VMM takes at most {MAX_DISKS}",
+                disks + plan.volumes.len()
+            ));
+        }
+        Some(_) if disks > MAX_DISKS => {
+            return Err(format!(
+                "{disks} disks to share with the guest; the microvm tier takes at most {MAX_DISKS}"
+            ));
+        }
+        Some(ports) if plan.volumes.len() > ports => {
+            return Err(format!(
+                "{} read-write volumes; the microvm tier on QEMU takes at most {ports}",
+                plan.volumes.len()
+            ));
+        }
+        _ => {}
     }
     if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
         if hooks["createContainer"]
@@ -528,6 +549,7 @@ mod tests {
         kind: &kinds,
         own_disk: &own,
         shared_file: &shared,
+        volume_ports: None,
     };
 
     fn spec(mounts: Value) -> Value {
@@ -693,12 +715,26 @@ mod tests {
         assert_eq!(m[0]["source"], volume_mount(0));
         assert_eq!(m[1]["source"], volume_mount(0));
         assert_eq!(m[2]["source"], volume_mount(1));
-        // Shares count against the device slots with the disks.
-        let many: Vec<Value> = (0..MAX_DISKS)
-            .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/v{i}"), "options": ["rw"]}))
-            .collect();
-        let e = plan(&spec(json!(many)), Path::new("/r"), &PROBE).unwrap_err();
+        // Shares count against the device slots with the disks (moat's
+        // own VMM), or against the ports alone (QEMU).
+        let volumes = |n: usize| -> Value {
+            json!((0..n)
+                .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/v{i}"), "options": ["rw"]}))
+                .collect::<Vec<_>>())
+        };
+        let e = plan(&spec(volumes(MAX_DISKS)), Path::new("/r"), &PROBE).unwrap_err();
         assert!(e.contains("read-write volumes") && !e.contains('\n'), "{e}");
+        let ported = Probe {
+            volume_ports: Some(8),
+            ..PROBE
+        };
+        let p = plan(&spec(volumes(8)), Path::new("/r"), &ported).unwrap();
+        assert_eq!((p.disks.len(), p.volumes.len()), (1, 8));
+        let e = plan(&spec(volumes(9)), Path::new("/r"), &ported).unwrap_err();
+        assert!(
+            e.contains("9 read-write volumes") && e.contains("at most 8") && !e.contains('\n'),
+            "{e}"
+        );
     }
 
     #[test]
@@ -763,6 +799,7 @@ mod tests {
             },
             own_disk: &|_| false,
             shared_file: &|_| false,
+            volume_ports: None,
         };
         let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
         relocate(&mut plan, "/run/vm/pod/c1");
@@ -797,6 +834,7 @@ mod tests {
             kind: &|_: &Path| SourceKind::Dir,
             own_disk: &|_| false,
             shared_file: &|_| false,
+            volume_ports: None,
         };
         let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
         assert_eq!(plan.volumes.len(), 2);

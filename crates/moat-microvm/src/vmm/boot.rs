@@ -178,7 +178,12 @@ fn spawn(
             super::GuestLink::Tap(fd) => qemu::NetFd::Tap(fd.as_raw_fd()),
         }),
         volume_fds: plan.volumes.iter().map(|v| v.as_raw_fd()).collect(),
-        more_tap_fds: plan.more_net.iter().map(|t| t.as_raw_fd()).collect(),
+        // Hot-added ones are inherited for the monitor to name.
+        more_tap_fds: if plan.hot_net {
+            Vec::new()
+        } else {
+            plan.more_net.iter().map(|t| t.as_raw_fd()).collect()
+        },
         share_port: plan.share_port,
     };
     // QEMU inherits exactly these (everything else is close-on-exec).
@@ -422,7 +427,10 @@ pub fn boot(
 ) -> Result<(Booted, crate::control::StartKind), VmmError> {
     let (mut b, kind) = start_guest(plan, ch, one)?;
     if plan.share_port {
-        let taps: Vec<RawFd> = plan.more_net.iter().map(|t| t.as_raw_fd()).collect();
+        let taps: Vec<RawFd> = match plan.hot_net {
+            true => plan.more_net.iter().map(|t| t.as_raw_fd()).collect(),
+            false => Vec::new(),
+        };
         if let Err(e) = hot_add(&mut b, plan.volumes.len(), &taps) {
             b.vm.kill();
             b.vm.wait();

@@ -165,15 +165,20 @@ pub struct VmmPlan {
     /// Each read-write volume's vhost-user socket, connected to its
     /// virtiofsd ([`crate::volumes`]), in the order of `run.volumes`.
     pub volumes: Vec<OwnedFd>,
-    /// QEMU only: the volumes and the more network devices are hot-added
-    /// on a PCIe port once the guest said hello (restored, saved or cold
-    /// alike) instead of being devices from the start, so that the guest
-    /// before them can be saved and restored (QEMU saves no guest with a
-    /// vhost-user device, and a snapshot's guest has the one network
-    /// device): each on a PCIe root port of its own
-    /// ([`qemu::SHARE_PORTS`], the volumes' first), the guest's RAM a file
-    /// the VMM process saves and loads itself.
+    /// QEMU only: the volumes (and the more network devices, with
+    /// `hot_net`) are hot-added on a PCIe port once the guest said hello
+    /// (restored, saved or cold alike) instead of being devices from the
+    /// start, so that the guest before them can be saved and restored
+    /// (QEMU saves no guest with a vhost-user device, and a snapshot's
+    /// guest has the one network device), and volumes take no disk slot:
+    /// each on a PCIe root port of its own ([`qemu::SHARE_PORTS`], the
+    /// volumes' first), the guest's RAM a file the VMM process saves and
+    /// loads itself.
     pub share_port: bool,
+    /// With `share_port`: `more_net`'s devices are hot-added on the ports
+    /// after the volumes' (they fit) rather than being there from the
+    /// start.
+    pub hot_net: bool,
     /// Connections made to the pod's `localhost`, passed to the guest
     /// ([`crate::portfwd`]): their listeners, and the link that steers
     /// them there (held, so that it lasts as long as this process).

@@ -49,14 +49,14 @@ pub struct QemuArgs {
     /// Read-write volumes: each a vhost-user socket connected to its
     /// virtiofsd, tagged [`crate::guestspec::volume_tag`] in order.
     pub volume_fds: Vec<RawFd>,
-    /// More network devices, each on a TAP (a pod's other interfaces),
-    /// the `k`-th with [`crate::proto::extra_device_mac`]`(k)`.
+    /// More network devices from the start, each on a TAP (a pod's other
+    /// interfaces), the `k`-th with [`crate::proto::extra_device_mac`]`(k)`
+    /// (none when they are hot-added: [`hot_add_nic`]).
     pub more_tap_fds: Vec<RawFd>,
-    /// The volumes and the more network devices are hot-added later
-    /// ([`hot_add_volume`], [`hot_add_nic`]) on PCIe ports the VM has
-    /// from the start: only the volumes' sockets are on the command line,
-    /// and the TAPs are inherited for the monitor to name
-    /// (`VmmPlan::share_port`).
+    /// The volumes (and the more network devices, `VmmPlan::hot_net`)
+    /// are hot-added later ([`hot_add_volume`], [`hot_add_nic`]) on PCIe
+    /// ports the VM has from the start: only the volumes' sockets are on
+    /// the command line (`VmmPlan::share_port`).
     pub share_port: bool,
 }
 
@@ -66,7 +66,7 @@ pub const RAM_FILE: &str = "/ram/guest";
 /// How many PCIe root ports a guest with hot-added devices has (one
 /// snapshot serves runs with one to this many read-write volumes and more
 /// network interfaces together).
-pub const SHARE_PORTS: usize = 4;
+pub const SHARE_PORTS: usize = 8;
 
 /// The PCIe root port `i`: volume `i` is hot-added on it, and the more
 /// network devices on the ports after the volumes'.
@@ -146,11 +146,12 @@ impl QemuArgs {
         // VIRTIO_MMIO_CMDLINE_DEVICES (the `virtio_mmio.device=` words
         // QEMU appends without ACPI).
         // vhost-user devices (virtio-fs) map the guest's RAM in virtiofsd:
-        // it must be a shared memfd then, and the transports modern (the
-        // legacy virtio-mmio QEMU's microvm defaults to is not something
-        // vhost-user backends serve).
-        // A share port needs the PCIe host bridge (`pcie=on`).
-        let shared = !self.volume_fds.is_empty() || self.share_port;
+        // it must be shared then, and the transports modern (the legacy
+        // virtio-mmio QEMU's microvm defaults to is not something
+        // vhost-user backends serve). They are hot-added on the share
+        // ports, which need the PCIe host bridge (`pcie=on`): volumes come
+        // with `share_port`.
+        let shared = self.share_port;
         let mut machine = String::from("microvm,x-option-roms=off,rtc=on,isa-serial=on");
         if shared {
             machine.push_str(",memory-backend=mem");
@@ -160,22 +161,15 @@ impl QemuArgs {
         }
         push(&["-M", &machine]);
         if shared {
-            // With a share port, a file of the jail's RAM tmpfs that the
-            // VMM process saves and restores itself (QEMU's migration
-            // leaves shared RAM out with `x-ignore-shared`: a restore
-            // into a memfd read every zero page of the stream in, which
-            // allocated the guest's whole RAM).
-            let backend = if self.share_port {
-                format!(
-                    "memory-backend-file,id=mem,size={}M,share=on,mem-path={RAM_FILE}",
-                    self.mem_mib
-                )
-            } else {
-                format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    self.mem_mib
-                )
-            };
+            // A file of the jail's RAM tmpfs that the VMM process saves
+            // and restores itself (QEMU's migration leaves shared RAM out
+            // with `x-ignore-shared`: a restore into a memfd read every
+            // zero page of the stream in, which allocated the guest's
+            // whole RAM).
+            let backend = format!(
+                "memory-backend-file,id=mem,size={}M,share=on,mem-path={RAM_FILE}",
+                self.mem_mib
+            );
             push(&[
                 "-object",
                 &backend,
@@ -264,13 +258,7 @@ impl QemuArgs {
                 ),
             ]);
         }
-        // With a share port, hot-added instead ([`hot_add_nic`]).
-        let cold_nics = if self.share_port {
-            &[][..]
-        } else {
-            &self.more_tap_fds[..]
-        };
-        for (k, fd) in cold_nics.iter().enumerate() {
+        for (k, fd) in self.more_tap_fds.iter().enumerate() {
             let m = proto::extra_device_mac(k);
             let mac = m.map(|b| format!("{b:02x}")).join(":");
             push(&[
@@ -298,17 +286,9 @@ impl QemuArgs {
                 ]);
             }
         }
+        // Hot-added on the share ports ([`hot_add_volume`]).
         for (i, fd) in self.volume_fds.iter().enumerate() {
             push(&["-chardev", &format!("socket,id=fs{i},fd={fd}")]);
-            if !self.share_port {
-                push(&[
-                    "-device",
-                    &format!(
-                        "vhost-user-fs-device,chardev=fs{i},tag={}",
-                        crate::guestspec::volume_tag(i)
-                    ),
-                ]);
-            }
         }
         if let Some(fd) = self.qmp_fd {
             push(&[
@@ -611,29 +591,15 @@ mod tests {
             .iter()
             .any(|x| x.contains("file=/") && !x.contains("/dev/fdset/")));
         assert!(!a.iter().any(|x| x.contains("memory-backend")));
-        // Read-write volumes: vhost-user-fs on the connected sockets, the
-        // guest's RAM a shared memfd of the same size, modern transports.
-        let v = QemuArgs {
-            volume_fds: vec![11, 12],
-            ..q
-        };
-        let a: Vec<String> = v
-            .build()
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        assert!(a.contains(&"socket,id=fs1,fd=12".to_string()));
-        assert!(a.contains(&"vhost-user-fs-device,chardev=fs0,tag=moatfs0".to_string()));
-        assert!(a.contains(&"memory-backend-memfd,id=mem,size=300M,share=on".to_string()));
-        assert!(a.contains(&"virtio-mmio.force-legacy=false".to_string()));
-        assert!(a[a.iter().position(|x| x == "-M").unwrap() + 1].ends_with(",memory-backend=mem"));
         assert!(!a.iter().any(|x| x.contains("pcie")));
-        // A share port: the PCIe bridge and an empty root port, the
-        // volume's socket but no device (it is hot-added).
+        // Read-write volumes, on share ports: the PCIe bridge and empty
+        // root ports, the volumes' sockets but no device (each is
+        // hot-added), the guest's RAM a shared file of the same size,
+        // modern transports.
         let p = QemuArgs {
-            volume_fds: vec![11],
+            volume_fds: vec![11, 12],
             share_port: true,
-            ..v
+            ..q
         };
         let a: Vec<String> = p
             .build()
@@ -643,13 +609,15 @@ mod tests {
         let machine = &a[a.iter().position(|x| x == "-M").unwrap() + 1];
         assert!(machine.contains(",memory-backend=mem") && machine.contains(",pcie=on"));
         assert!(a.contains(&"pcie-root-port,id=moatport0,bus=pcie.0,chassis=1,slot=1".to_string()));
-        assert!(a.contains(&"pcie-root-port,id=moatport3,bus=pcie.0,chassis=4,slot=1".to_string()));
+        assert!(a.contains(&"pcie-root-port,id=moatport7,bus=pcie.0,chassis=8,slot=1".to_string()));
         assert_eq!(
             a.iter().filter(|x| x.starts_with("pcie-root-port")).count(),
             SHARE_PORTS
         );
         assert!(a.contains(&"socket,id=fs0,fd=11".to_string()));
+        assert!(a.contains(&"socket,id=fs1,fd=12".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("vhost-user-fs")));
+        assert!(a.contains(&"virtio-mmio.force-legacy=false".to_string()));
         assert!(a.contains(&format!(
             "memory-backend-file,id=mem,size=300M,share=on,mem-path={RAM_FILE}"
         )));
@@ -662,21 +630,8 @@ mod tests {
         assert_eq!(add["arguments"]["bus"], "moatport0");
         assert_eq!(hot_add_volume(2)["arguments"]["bus"], "moatport2");
         assert_eq!(add["arguments"]["tag"], "moatfs0");
-        // A pod's second interface with a share port: its TAP inherited,
-        // neither a netdev nor a device on the command line (hot-added,
-        // its netdev named by the monitor).
-        let m = QemuArgs {
-            more_tap_fds: vec![13],
-            ..p
-        };
-        let a: Vec<String> = m
-            .build()
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        assert!(!a
-            .iter()
-            .any(|x| x.contains("id=net1") || x.contains("netdev=net1")));
+        // A pod's second interface hot-added: its netdev named by the
+        // monitor on the TAP QEMU inherited, its card on a port.
         let [netdev, card] = hot_add_nic(0, 1, 13);
         assert_eq!(netdev["execute"], "netdev_add");
         assert_eq!(netdev["arguments"]["type"], "tap");
