@@ -35,7 +35,7 @@ pub const VMM: &[(&str, &str)] = &[
     ("memfd_create", "QEMU's anonymous guest RAM backing"),
     (
         "ftruncate",
-        "sizing the shared memfd of guest RAM (read-write volumes: virtiofsd maps it)",
+        "sizing the shared guest RAM, a file of the jail's RAM tmpfs (read-write volumes: virtiofsd maps it)",
     ),
     ("membarrier", "QEMU's RCU"),
     // Threads and synchronisation.
