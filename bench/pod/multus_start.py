@@ -27,8 +27,10 @@ def sh(*a):
 
 
 def run(*a, env=None):
+    # Not a pipe: the pod's VMM keeps create's stdio, so a pipe would not
+    # close while it runs.
     return subprocess.run([M, "--root", ROOT, *a], check=True, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def netns(name, interfaces):
