@@ -223,7 +223,7 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     }
     // With the root and the standard streams final: a policy path missing
     // from the container fails `create`.
-    let ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
+    let mut ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
     if let (StartSignal::Listener(_), Some(p)) = (&ctx.start, ctx.spec.process()) {
         // As runc and crun do: a program that is not there fails `create`
         // (Podman reads the status, 127, from `create`'s error; a failed
@@ -238,6 +238,14 @@ fn init_steps(ctx: &InitContext, chan: &Channel) -> Result<Never, InitError> {
     detach_from_runtime(ctx, chan)?;
     let (reply, replaced) = wait_for_start(ctx, chan)?;
     let reply = reply.as_ref().unwrap_or(chan);
+    if replaced.is_some() && ruleset.is_some() {
+        // Held before its run (the microvm tier's primed snapshot), the
+        // container bound its read-write volumes' empty placeholders: the
+        // volumes are mounted over them since, and Landlock ignores a
+        // covered mount point's rules. The ruleset is made again on the
+        // mounts the process will see.
+        ruleset = ctx.landlock.map(landlock::prepare).transpose()?;
+    }
     run_container_hooks(ctx, reply, "startContainer")?;
     let linux = ctx.spec.linux().as_ref();
     let configured = ctx

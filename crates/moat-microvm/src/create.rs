@@ -512,9 +512,11 @@ impl MicrovmTier {
                     accel,
                     net: net_device,
                     share_port,
-                    // Volumes are not there to prime a container with:
-                    // the plain snapshot.
-                    disks: (guest.shared && !share_port)
+                    // Primed with the run's container held even with
+                    // volumes: they are mounted where its binds see them
+                    // once hot-added (design.md, *Primed snapshots*).
+                    disks: guest
+                        .shared
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
                 },
             )
@@ -527,7 +529,7 @@ impl MicrovmTier {
                 why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
             }
         };
-        let prime = guest.shared && !share_port && matches!(offer, snapshot::Offer::Save { .. });
+        let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
             snapshot::Offer::None { why } => vmm::SnapshotPlan::Off(why.clone()),
             snapshot::Offer::Restore { file, .. } => vmm::SnapshotPlan::Restore(

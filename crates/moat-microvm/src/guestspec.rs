@@ -44,6 +44,36 @@ pub const MAX_FILE: u64 = 1 << 20;
 /// ([`Probe::volume_ports`]).
 pub const MAX_DISKS: usize = 6;
 
+/// Makes a volume's bind a slave of the guest's mount at its source,
+/// whatever propagation the config asked for (engines ask `rprivate`): a
+/// container held before the snapshot (its volume not there yet) binds
+/// the empty shared mount the agent made at the source, and sees the
+/// volume once the agent mounts it there (design.md, *Primed
+/// snapshots*). Nothing else is ever mounted under a volume's source.
+fn slave_propagation(m: &mut Value) {
+    const PROPAGATION: &[&str] = &[
+        "shared",
+        "rshared",
+        "slave",
+        "rslave",
+        "private",
+        "rprivate",
+        "unbindable",
+        "runbindable",
+    ];
+    let mut options: Vec<Value> = m["options"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter(|x| !x.as_str().is_some_and(|x| PROPAGATION.contains(&x)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    options.push(json!("rslave"));
+    m["options"] = Value::Array(options);
+}
+
 /// Where the guest mounts read-write volume `i` (a virtio-fs share).
 pub fn volume_mount(i: usize) -> String {
     format!("/run/vm/fs/{i}")
@@ -415,6 +445,7 @@ fn translate_bind(m: &mut Value, plan: &mut Plan, probe: &Probe) -> Result<(), S
                 }
             };
             m["source"] = json!(at);
+            slave_propagation(m);
         }
         SourceKind::Dir => {
             let at = if (probe.own_disk)(&source) {
@@ -690,7 +721,7 @@ mod tests {
     #[test]
     fn read_write_directories_become_virtio_fs_shares() {
         let rw = spec(json!([
-            {"destination": "/data", "type": "bind", "source": "/dir/data", "options": ["rbind", "rw"]},
+            {"destination": "/data", "type": "bind", "source": "/dir/data", "options": ["rbind", "rprivate", "rw"]},
             {"destination": "/again", "type": "bind", "source": "/dir/data", "options": ["rbind"]},
             {"destination": "/other", "type": "bind", "source": "/dir/other", "options": ["rbind", "rw"]}
         ]));
@@ -713,6 +744,17 @@ mod tests {
         );
         let m = p.config["mounts"].as_array().unwrap();
         assert_eq!(m[0]["source"], volume_mount(0));
+        // A slave of the guest's mount there, whatever the config asked.
+        for v in &m[..3] {
+            let o: Vec<&str> = v["options"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect();
+            assert_eq!(o.last(), Some(&"rslave"), "{o:?}");
+            assert!(!o.contains(&"rprivate"), "{o:?}");
+        }
         assert_eq!(m[1]["source"], volume_mount(0));
         assert_eq!(m[2]["source"], volume_mount(1));
         // Shares count against the device slots with the disks (moat's

@@ -2018,8 +2018,11 @@ fn update_applies_in_the_guest_and_cpu_time_on_the_host() {
 /// A run's read-write volumes on QEMU are hot-added once its guest is up
 /// (QEMU saves no guest with a vhost-user device), so the guest before
 /// them is saved and restored: in a private cache, one volume's run saves
-/// the snapshot, two and eight volumes' runs restore it, every volume
-/// written each time; a ninth is refused, with one line, leaving nothing.
+/// the snapshot (primed: its container held, bound to the volume's empty
+/// placeholder), a second such run restores it and its container is the
+/// held one, two and eight volumes' runs restore it (their containers made
+/// then), every volume written each time; a ninth is refused, with one
+/// line, leaving nothing.
 /// (moat's own VMM boots such runs cold, and takes three volumes beside
 /// the embedded default's three disks: checked so.)
 #[test]
@@ -2068,13 +2071,23 @@ fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
         }
         (out.stdout, log)
     };
-    // One volume: no snapshot yet, the guest saved before it (on QEMU).
+    // One volume: no snapshot yet, the guest saved before it (on QEMU),
+    // primed with the run's container held, its volume's bind on an empty
+    // placeholder the volume is mounted over once hot-added.
     let (listed, log) = run(1, "one");
     assert_eq!(listed, "one\n");
     assert!(
         log.contains(if qemu { "saved snapshot" } else { "cold boot" }),
         "{log}"
     );
+    // Again with another command: the primed snapshot restored, its held
+    // container the run's (and Landlock lets it write the volume).
+    let (listed, log) = run(1, "again");
+    assert_eq!(listed, "again\none\n");
+    if qemu {
+        assert!(log.contains("restored from snapshot"), "{log}");
+        assert!(log.contains("created before the snapshot"), "{log}");
+    }
     // Two, then the most volumes: the same snapshot restored, each volume
     // hot-added on its own port.
     let restored = |log: &str| {
@@ -2086,10 +2099,10 @@ fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
         assert!(log.contains(want), "{log}");
     };
     let (listed, log) = run(2, "two");
-    assert_eq!(listed, "one\ntwo\n");
+    assert_eq!(listed, "again\none\ntwo\n");
     restored(&log);
     let (listed, log) = run(most, "most");
-    assert_eq!(listed, "most\none\ntwo\n");
+    assert_eq!(listed, "again\nmost\none\ntwo\n");
     restored(&log);
     // One more is refused before anything is made.
     let mut args: Vec<String> = Vec::new();
@@ -2118,7 +2131,7 @@ fn runs_with_read_write_volumes_restore_the_snapshot_and_hot_add_them() {
             .set_len(len - 8)
             .unwrap();
         let (listed, log) = run(1, "cut");
-        assert_eq!(listed, "cut\nmost\none\ntwo\n");
+        assert_eq!(listed, "again\ncut\nmost\none\ntwo\n");
         assert!(log.contains("did not restore"), "{log}");
         assert!(!snaps[0].exists(), "the cut snapshot is removed");
     }

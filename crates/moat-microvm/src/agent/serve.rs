@@ -238,6 +238,11 @@ fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Io { step, source }
 }
 
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> AgentError {
+    let step = step.into();
+    move |source| AgentError::Sys { step, source }
+}
+
 impl Agent {
     pub fn new(chan: OwnedFd) -> Result<Agent, AgentError> {
         let mut mask = SigSet::empty();
@@ -614,7 +619,7 @@ impl Agent {
                     mount_overlay(lower, root, RUN_RW)?;
                 }
                 super::trace("disks mounted");
-                mount_volumes(&req.volumes)?;
+                mount_volumes(&req.volumes, &config)?;
             }
             // The snapshot's identity holds the disks: a mismatch is a bug,
             // and the container must not see another run's files.
@@ -623,14 +628,10 @@ impl Agent {
                     "the snapshot's disks are not this run's".into(),
                 ))
             }
-            // A run with volumes restores a plain snapshot (its volumes
-            // hot-added), never a primed one.
-            Some(_) if !req.volumes.is_empty() => {
-                return Err(AgentError::Request(
-                    "read-write volumes in a restored guest".into(),
-                ))
-            }
-            Some(_) => {}
+            // The volumes (hot-added) mounted over the empty shared
+            // mounts `prime` made at their sources: a held container's
+            // binds are their slaves, and see them.
+            Some(_) => mount_volumes(&req.volumes, &config)?,
         }
         if overlay.is_some() {
             own_root(&root, &config)?;
@@ -674,7 +675,17 @@ impl Agent {
             // Only a cost saved: a container that cannot be held is warmed
             // up (created and deleted), and a warm-up that fails changes
             // nothing else.
-            match hold(w) {
+            // The root's top is the container's root's before it is
+            // created (as for a run's): it makes the mount points the
+            // root's image lacks (a run's volumes').
+            let owned = match self.primed.as_ref().and_then(|p| p.1.as_ref()) {
+                Some((_, root)) => own_root(root, &w.config),
+                None => Ok(()),
+            };
+            match owned
+                .and_then(|()| volume_placeholders(&w.config))
+                .and_then(|()| hold(w))
+            {
                 Ok(h) => self.held = Some(h),
                 Err(e) => {
                     eprintln!("moat-agent: held container: {}", moat_core::error_chain(&e));
@@ -1421,7 +1432,10 @@ fn set_size(tty: &OwnedFd, rows: u16, cols: u16) {
 /// Mounts each read-write volume's virtio-fs share (its device is probed
 /// when the module loads), without device nodes: the host directory's
 /// would not be the guest's devices.
-fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
+fn mount_volumes(
+    volumes: &[proto::GuestVolume],
+    config: &serde_json::Value,
+) -> Result<(), AgentError> {
     use nix::mount::{mount, MsFlags};
     if volumes.is_empty() {
         return Ok(());
@@ -1434,11 +1448,14 @@ fn mount_volumes(volumes: &[proto::GuestVolume]) -> Result<(), AgentError> {
         // finds no such tag (EINVAL from virtio-fs; ENOENT); bounded.
         let end = Instant::now() + Duration::from_secs(10);
         loop {
+            // With what every bind of it asks (a held container's bind
+            // is a slave of this mount: its own remount came before).
+            let flags = MsFlags::MS_NODEV | volume_flags(config, &v.mount).0;
             match mount(
                 Some(v.tag.as_str()),
                 v.mount.as_str(),
                 Some("virtiofs"),
-                MsFlags::MS_NODEV,
+                flags,
                 None::<&str>,
             ) {
                 Ok(()) => break,
@@ -1621,6 +1638,91 @@ fn placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
             std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
         }
         File::create(p).map_err(io(format!("create {src}")))?;
+    }
+    Ok(())
+}
+
+/// The `nosuid` and `noexec` that every bind of the volume mounted at
+/// `source` in `config` asks for, and whether its binds all ask the same.
+fn volume_flags(config: &serde_json::Value, source: &str) -> (nix::mount::MsFlags, bool) {
+    use nix::mount::MsFlags;
+    let asked = config["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["source"].as_str() == Some(source))
+        .map(|m| {
+            let has = |o: &str| {
+                m["options"]
+                    .as_array()
+                    .is_some_and(|x| x.iter().any(|x| x == o))
+            };
+            let mut f = MsFlags::empty();
+            f.set(MsFlags::MS_NOSUID, has("nosuid"));
+            f.set(MsFlags::MS_NOEXEC, has("noexec"));
+            f
+        })
+        .collect::<Vec<_>>();
+    let all = asked
+        .iter()
+        .fold(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, |a, f| a & *f);
+    (all, asked.iter().all(|f| *f == all))
+}
+
+/// Makes an empty shared tmpfs at each read-write volume's
+/// source in `config` (`guestspec::volume_mount`), before a container is
+/// held: the volume, not there before the run (on QEMU it is hot-added
+/// after the restore), is mounted over it then, and the held container's
+/// bind — a slave of it (`rslave`, which the guest's config gives every
+/// volume) — shows it before the run's process starts.
+fn volume_placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    let Some(mounts) = config["mounts"].as_array() else {
+        return Ok(());
+    };
+    let prefix = crate::guestspec::volume_mount(0);
+    let prefix = prefix.trim_end_matches('0');
+    let mut made = std::collections::BTreeSet::new();
+    for m in mounts {
+        let Some(src) = m["source"].as_str() else {
+            continue;
+        };
+        if !src
+            .strip_prefix(prefix)
+            .is_some_and(|i| i.parse::<usize>().is_ok())
+            || !made.insert(src)
+        {
+            continue;
+        }
+        // The held container sees the volume as mounted, with its flags:
+        // binds asking different ones could not all be right.
+        if !volume_flags(config, src).1 {
+            return Err(AgentError::Request(format!(
+                "the binds of the volume at {src} ask for different flags"
+            )));
+        }
+        std::fs::create_dir_all(src).map_err(io(format!("create {src}")))?;
+        // The volume's own flags (a bind's remount could not drop more:
+        // they are locked for the container's user namespace); empty, and
+        // the guest root's (unmapped there, so unwritable to the
+        // container).
+        let flags = MsFlags::MS_NODEV | volume_flags(config, src).0;
+        mount(
+            Some("tmpfs"),
+            src,
+            Some("tmpfs"),
+            flags,
+            Some("size=4k,mode=0755"),
+        )
+        .map_err(sys(format!("mount a placeholder on {src}")))?;
+        mount(
+            None::<&str>,
+            src,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(sys(format!("share the placeholder on {src}")))?;
     }
     Ok(())
 }

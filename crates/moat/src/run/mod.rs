@@ -468,14 +468,26 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
         Some(img) => image_spec(&mut s, o, img, view.as_ref())?,
         None => {
             let (mut mounts, links) = rootfs::host_mounts(Path::new("/"));
+            let host_mounts = mounts.len();
             for v in &o.volumes {
                 mounts.push(rootfs::Volume::parse(v)?.mount());
             }
             resolve_embedded_user(&mut s, o)?;
-            let layout = rootfs::layout(&mounts, &links, s.uid, s.gid);
+            // The microvm tier's guest makes its volumes' mount points
+            // itself (its root is an overlay over the root's image, the
+            // upper layer in guest memory): its root is the one without
+            // volumes, shared, imaged once, and the snapshot primed with
+            // it serves runs with volumes too.
+            let microvm = tier == Tier::Microvm;
+            let layout_mounts = if microvm {
+                &mounts[..host_mounts]
+            } else {
+                &mounts[..]
+            };
+            let layout = rootfs::layout(layout_mounts, &links, s.uid, s.gid);
             // A read-only root without volumes is the same for every run of
             // this user on this host: share one, built once.
-            let path = if !s.read_write && o.volumes.is_empty() {
+            let path = if !s.read_write && (o.volumes.is_empty() || microvm) {
                 rootfs::cached(root, &layout)?
             } else {
                 let path = run_dir.path.join("rootfs");
