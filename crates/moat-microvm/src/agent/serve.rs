@@ -1687,11 +1687,11 @@ fn volume_placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
         let Some(src) = m["source"].as_str() else {
             continue;
         };
-        if !src
+        let is_volume = src
             .strip_prefix(prefix)
-            .is_some_and(|i| i.parse::<usize>().is_ok())
-            || !made.insert(src)
-        {
+            .is_some_and(|i| i.parse::<usize>().is_ok());
+        // Once per volume (it may be bound at several places).
+        if !is_volume || !made.insert(src) {
             continue;
         }
         // The held container sees the volume as mounted, with its flags:
