@@ -16,7 +16,8 @@ namespace's interfaces). The first round of each kind is a warm-up (it
 may save the snapshot) and is not counted. MOAT (default
 target/release/moat) and WORK (default /tmp/moat-bench-multus) may be set
 in the environment."""
-import json, os, subprocess, time, shutil, statistics, sys
+import os, subprocess, time, statistics, sys
+from bundles import pause_bundle
 M = os.environ.get("MOAT", os.path.join(os.path.dirname(__file__), "../../target/release/moat"))
 WORK = os.environ.get("WORK", "/tmp/moat-bench-multus")
 ROOT = WORK + "/root"
@@ -52,24 +53,11 @@ def netns(name, interfaces):
     sh("ip", "-n", name, "link", "set", "lo", "up")
 
 
-def bundle(name, ns):
-    d = f"{WORK}/{name}"
-    if not os.path.exists(d):
-        os.makedirs(d + "/rootfs/bin")
-        shutil.copy("/bin/busybox", d + "/rootfs/bin/busybox")
-        os.symlink("busybox", d + "/rootfs/bin/sleep")
-        subprocess.run(["runc", "spec"], cwd=d, check=True)
-    c = json.load(open(d + "/config.json"))
-    c["process"]["terminal"] = False
-    c["process"]["args"] = ["sleep", "100000"]
-    for n in c["linux"]["namespaces"]:
-        if n["type"] == "network":
-            n["path"] = f"/run/netns/{ns}"
-    c["annotations"] = {"dev.moat.isolation": "microvm",
-                        "io.kubernetes.cri.container-type": "sandbox",
-                        "io.kubernetes.cri.sandbox-id": name}
-    json.dump(c, open(d + "/config.json", "w"))
-    return d
+def bundle(name):
+    return pause_bundle(f"{WORK}/{name}", {
+        "dev.moat.isolation": "microvm",
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": name}, f"/run/netns/{name}")
 
 
 # name: (namespace, interfaces, environment)
@@ -87,7 +75,7 @@ try:
     for i in range(rounds + 1):
         for kind, (ns, _, extra) in kinds.items():
             pod = f"{ns}-{i}"
-            b = bundle(ns, ns)
+            b = bundle(ns)
             env = dict(os.environ, **extra)
             t0 = time.monotonic()
             run("create", "-b", b, pod, env=env)

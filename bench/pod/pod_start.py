@@ -15,7 +15,8 @@ with the share the volume server and its virtiofsd). The first round of each kin
 is a warm-up (it may save the snapshot) and is not counted. MOAT (default
 target/release/moat) and WORK (default /tmp/moat-bench-podstart) may be
 set in the environment."""
-import json, os, subprocess, time, shutil, statistics, sys
+import json, os, subprocess, time, statistics, sys
+from bundles import pause_bundle
 M = os.environ.get("MOAT", os.path.join(os.path.dirname(__file__), "../../target/release/moat"))
 WORK = os.environ.get("WORK", "/tmp/moat-bench-podstart")
 ROOT = WORK + "/root"
@@ -26,18 +27,7 @@ def run(*a, **k):
 
 
 def bundle(name, ann):
-    d = f"{WORK}/{name}"
-    if not os.path.exists(d):
-        os.makedirs(d + "/rootfs/bin")
-        shutil.copy("/bin/busybox", d + "/rootfs/bin/busybox")
-        os.symlink("busybox", d + "/rootfs/bin/sleep")
-        subprocess.run(["runc", "spec"], cwd=d, check=True)
-    c = json.load(open(d + "/config.json"))
-    c["process"]["terminal"] = False
-    c["process"]["args"] = ["sleep", "100000"]
-    c["annotations"] = ann
-    json.dump(c, open(d + "/config.json", "w"))
-    return d
+    return pause_bundle(f"{WORK}/{name}", ann)
 
 
 def cgroup_memory(pid):
