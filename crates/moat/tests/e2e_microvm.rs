@@ -2647,6 +2647,11 @@ fn a_pods_vm_with_its_share_is_restored_from_its_snapshot() {
     )
     .unwrap();
     std::fs::write(data.path().join("h"), "from-host\n").unwrap();
+    // A program on the volume: the share is mounted without noexec (no
+    // bind names it; its containers bind directories in it).
+    let prog = data.path().join("x");
+    std::fs::write(&prog, "#!/bin/sh\necho ran-from-the-volume\n").unwrap();
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     for round in 0..2 {
         let pod_id = rt.new_id("pod");
         let mut pause = pod_bundle(&["sleep", "100000"], &pod_id, None);
@@ -2699,7 +2704,9 @@ fn a_pods_vm_with_its_share_is_restored_from_its_snapshot() {
             &[
                 "sh",
                 "-c",
-                &format!("cat /data/h && echo r{round} > /data/r{round} && echo app-done"),
+                &format!(
+                    "/data/x && cat /data/h && echo r{round} > /data/r{round} && echo app-done"
+                ),
             ],
             &pod_id,
             Some(vmm),
@@ -2726,7 +2733,7 @@ fn a_pods_vm_with_its_share_is_restored_from_its_snapshot() {
         );
         cmd(&rt, &["start", &app_id]).expect_ok();
         a.wait_output("app-done");
-        assert_eq!(a.output(), "from-host\napp-done\n");
+        assert_eq!(a.output(), "ran-from-the-volume\nfrom-host\napp-done\n");
         assert_eq!(
             std::fs::read_to_string(data.path().join(format!("r{round}"))).unwrap(),
             format!("r{round}\n")

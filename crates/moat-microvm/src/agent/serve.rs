@@ -1643,7 +1643,8 @@ fn placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
 }
 
 /// The `nosuid` and `noexec` that every bind of the volume mounted at
-/// `source` in `config` asks for, and whether its binds all ask the same.
+/// `source` in `config` asks for (none when no bind names it), and whether
+/// its binds all ask the same.
 fn volume_flags(config: &serde_json::Value, source: &str) -> (nix::mount::MsFlags, bool) {
     use nix::mount::MsFlags;
     let asked = config["mounts"]
@@ -1663,9 +1664,12 @@ fn volume_flags(config: &serde_json::Value, source: &str) -> (nix::mount::MsFlag
             f
         })
         .collect::<Vec<_>>();
-    let all = asked
-        .iter()
-        .fold(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, |a, f| a & *f);
+    // None bound there (a pod's share, whose containers bind directories
+    // in it): nothing asked.
+    let all = match asked.split_first() {
+        Some((first, rest)) => rest.iter().fold(*first, |a, f| a & *f),
+        None => MsFlags::empty(),
+    };
     (all, asked.iter().all(|f| *f == all))
 }
 
@@ -2017,6 +2021,42 @@ fn refresh(req: &proto::RunRequest) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volumes_flags_are_what_every_bind_of_it_asks() {
+        use nix::mount::MsFlags;
+        let config = |opts: &[&[&str]]| {
+            serde_json::json!({"mounts": opts.iter().map(|o| serde_json::json!({
+                "destination": "/d", "type": "bind", "source": "/run/vm/fs/0", "options": o,
+            })).chain([serde_json::json!({
+                "destination": "/e", "type": "bind", "source": "/run/vm/fs/1", "options": ["noexec"],
+            })]).collect::<Vec<_>>()})
+        };
+        let v0 = "/run/vm/fs/0";
+        assert_eq!(
+            volume_flags(&config(&[&["rbind", "nosuid", "nodev", "rslave"]]), v0),
+            (MsFlags::MS_NOSUID, true)
+        );
+        assert_eq!(
+            volume_flags(&config(&[&["nosuid", "noexec"], &["noexec", "nosuid"]]), v0),
+            (MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, true)
+        );
+        // Two binds asking different flags: what both ask, and no agreement
+        // (no held container).
+        assert_eq!(
+            volume_flags(&config(&[&["nosuid", "noexec"], &["nosuid"]]), v0),
+            (MsFlags::MS_NOSUID, false)
+        );
+        assert_eq!(
+            volume_flags(&config(&[&["rw"]]), "/run/vm/fs/1"),
+            (MsFlags::MS_NOEXEC, true)
+        );
+        // A volume no bind names (a pod's share): no flag.
+        assert_eq!(
+            volume_flags(&config(&[&["noexec"]]), "/run/vm/pod-share"),
+            (MsFlags::empty(), true)
+        );
+    }
 
     #[test]
     fn stdin_is_credited_as_a_real_pipe_takes_it() {
