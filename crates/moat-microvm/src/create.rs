@@ -461,9 +461,10 @@ impl MicrovmTier {
         // word. The more interfaces only where they fit on the ports after
         // the volumes' (else devices from the start: not saved).
         let more_interfaces = pod_link.as_ref().map_or(0, |p| p.more_taps.len());
-        let nics_hot =
-            more_interfaces > 0 && plan.volumes.len() + more_interfaces <= vmm::qemu::SHARE_PORTS;
-        let share_port = on_qemu && (!plan.volumes.is_empty() || nics_hot);
+        let hot_net = on_qemu
+            && more_interfaces > 0
+            && plan.volumes.len() + more_interfaces <= vmm::qemu::SHARE_PORTS;
+        let share_port = (on_qemu && !plan.volumes.is_empty()) || hot_net;
         let cmdline = if share_port {
             with_kernel_word(&cmdline, crate::agent::boot::SHARE_PORT_WORD)
         } else {
@@ -491,7 +492,7 @@ impl MicrovmTier {
                 },
             ),
         };
-        let offer = if more_interfaces > 0 && !(share_port && nics_hot) {
+        let offer = if more_interfaces > 0 && !hot_net {
             // A snapshot's guest has the one network device (moat's own
             // VMM, past the ports).
             snapshot::Offer::None {
@@ -596,7 +597,7 @@ impl MicrovmTier {
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
             share_port,
-            hot_net: share_port && nics_hot,
+            hot_net,
             forward,
             cgroup_memory: cgroup
                 .as_ref()

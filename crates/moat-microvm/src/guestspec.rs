@@ -76,7 +76,17 @@ fn slave_propagation(m: &mut Value) {
 
 /// Where the guest mounts read-write volume `i` (a virtio-fs share).
 pub fn volume_mount(i: usize) -> String {
-    format!("/run/vm/fs/{i}")
+    format!("{VOLUME_DIR}/{i}")
+}
+
+const VOLUME_DIR: &str = "/run/vm/fs";
+
+/// Whether `path` is where the guest mounts a read-write volume
+/// ([`volume_mount`]).
+pub fn is_volume_mount(path: &str) -> bool {
+    path.strip_prefix(VOLUME_DIR)
+        .and_then(|r| r.strip_prefix('/'))
+        .is_some_and(|i| i.parse::<usize>().is_ok())
 }
 
 /// The virtio-fs tag of read-write volume `i`.
@@ -744,6 +754,15 @@ mod tests {
         );
         let m = p.config["mounts"].as_array().unwrap();
         assert_eq!(m[0]["source"], volume_mount(0));
+        assert!(is_volume_mount(&volume_mount(3)));
+        for not in [
+            "/run/vm/fs",
+            "/run/vm/fs/",
+            "/run/vm/fsx/1",
+            "/run/vm/fs/1/a",
+        ] {
+            assert!(!is_volume_mount(not), "{not}");
+        }
         // A slave of the guest's mount there, whatever the config asked.
         for v in &m[..3] {
             let o: Vec<&str> = v["options"]

@@ -465,6 +465,11 @@ pub fn extra_device_mac(k: usize) -> [u8; 6] {
     [0x02, 0x6d, 0x6f, 0x61, 0x75, k.min(0xff) as u8]
 }
 
+/// `mac` as written for QEMU and in messages: `02:6d:…`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// An address of eth0 with its prefix length.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GuestAddr {

@@ -131,9 +131,9 @@ fn device_by_mac(nl: &mut moat_net::netlink::Netlink, mac: [u8; 6]) -> Result<u3
             return Ok(l.index);
         }
         if std::time::Instant::now() >= end {
-            let mac = mac.map(|b| format!("{b:02x}")).join(":");
             return Err(AgentError::Request(format!(
-                "no network device with the address {mac} appeared"
+                "no network device with the address {} appeared",
+                crate::proto::mac_text(mac)
             )));
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -1446,11 +1446,11 @@ fn mount_volumes(
         // The device appears as the module probes it, or as a hot-added
         // one (a pod's share on its port) is probed: a mount before that
         // finds no such tag (EINVAL from virtio-fs; ENOENT); bounded.
+        // With what every bind of it asks (a held container's bind is a
+        // slave of this mount: its own remount came before).
+        let flags = MsFlags::MS_NODEV | volume_flags(config, &v.mount).0;
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            // With what every bind of it asks (a held container's bind
-            // is a slave of this mount: its own remount came before).
-            let flags = MsFlags::MS_NODEV | volume_flags(config, &v.mount).0;
             match mount(
                 Some(v.tag.as_str()),
                 v.mount.as_str(),
@@ -1684,23 +1684,19 @@ fn volume_placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
     let Some(mounts) = config["mounts"].as_array() else {
         return Ok(());
     };
-    let prefix = crate::guestspec::volume_mount(0);
-    let prefix = prefix.trim_end_matches('0');
     let mut made = std::collections::BTreeSet::new();
     for m in mounts {
         let Some(src) = m["source"].as_str() else {
             continue;
         };
-        let is_volume = src
-            .strip_prefix(prefix)
-            .is_some_and(|i| i.parse::<usize>().is_ok());
         // Once per volume (it may be bound at several places).
-        if !is_volume || !made.insert(src) {
+        if !crate::guestspec::is_volume_mount(src) || !made.insert(src) {
             continue;
         }
         // The held container sees the volume as mounted, with its flags:
         // binds asking different ones could not all be right.
-        if !volume_flags(config, src).1 {
+        let (asked, agreed) = volume_flags(config, src);
+        if !agreed {
             return Err(AgentError::Request(format!(
                 "the binds of the volume at {src} ask for different flags"
             )));
@@ -1710,7 +1706,7 @@ fn volume_placeholders(config: &serde_json::Value) -> Result<(), AgentError> {
         // they are locked for the container's user namespace); empty, and
         // the guest root's (unmapped there, so unwritable to the
         // container).
-        let flags = MsFlags::MS_NODEV | volume_flags(config, src).0;
+        let flags = MsFlags::MS_NODEV | asked;
         mount(
             Some("tmpfs"),
             src,

@@ -427,9 +427,10 @@ pub fn boot(
 ) -> Result<(Booted, crate::control::StartKind), VmmError> {
     let (mut b, kind) = start_guest(plan, ch, one)?;
     if plan.share_port {
-        let taps: Vec<RawFd> = match plan.hot_net {
-            true => plan.more_net.iter().map(|t| t.as_raw_fd()).collect(),
-            false => Vec::new(),
+        let taps: Vec<RawFd> = if plan.hot_net {
+            plan.more_net.iter().map(|t| t.as_raw_fd()).collect()
+        } else {
+            Vec::new()
         };
         if let Err(e) = hot_add(&mut b, plan.volumes.len(), &taps) {
             b.vm.kill();

@@ -98,9 +98,7 @@ pub fn hot_add_volume(i: usize) -> serde_json::Value {
 /// by ([`crate::proto::extra_device_mac`]) and the stack's MTU, as a
 /// cold-plugged one has.
 pub fn hot_add_nic(k: usize, port: usize, fd: RawFd) -> [serde_json::Value; 2] {
-    let mac = proto::extra_device_mac(k)
-        .map(|b| format!("{b:02x}"))
-        .join(":");
+    let mac = proto::mac_text(proto::extra_device_mac(k));
     [
         serde_json::json!({
             "execute": "netdev_add",
@@ -151,16 +149,12 @@ impl QemuArgs {
         // vhost-user backends serve). They are hot-added on the share
         // ports, which need the PCIe host bridge (`pcie=on`): volumes come
         // with `share_port`.
-        let shared = self.share_port;
         let mut machine = String::from("microvm,x-option-roms=off,rtc=on,isa-serial=on");
-        if shared {
-            machine.push_str(",memory-backend=mem");
-        }
         if self.share_port {
-            machine.push_str(",pcie=on");
+            machine.push_str(",memory-backend=mem,pcie=on");
         }
         push(&["-M", &machine]);
-        if shared {
+        if self.share_port {
             // A file of the jail's RAM tmpfs that the VMM process saves
             // and restores itself (QEMU's migration leaves shared RAM out
             // with `x-ignore-shared`: a restore into a memfd read every
@@ -259,8 +253,7 @@ impl QemuArgs {
             ]);
         }
         for (k, fd) in self.more_tap_fds.iter().enumerate() {
-            let m = proto::extra_device_mac(k);
-            let mac = m.map(|b| format!("{b:02x}")).join(":");
+            let mac = proto::mac_text(proto::extra_device_mac(k));
             push(&[
                 "-netdev",
                 &format!("tap,id=net{},fd={fd},vhost=off", k + 1),
