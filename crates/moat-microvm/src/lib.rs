@@ -564,12 +564,16 @@ impl MicrovmTier {
 
     fn current(&self, id: &str) -> Result<Current, RuntimeError> {
         let st = self.sd.load(id)?;
-        let status = if st.status == ContainerStatus::Creating {
-            ContainerStatus::Creating
-        } else if Self::alive(&st) {
-            st.status
-        } else {
-            ContainerStatus::Stopped
+        let alive = Self::alive(&st);
+        let status = match st.status {
+            // A VMM process recorded during create that is gone died with
+            // a runtime killed mid-create (a `moat run` killed as soon as
+            // its workload spoke, before it saved the container running),
+            // as the container tier's `live_status` says.
+            ContainerStatus::Creating if st.pid > 0 && !alive => ContainerStatus::Stopped,
+            ContainerStatus::Creating => ContainerStatus::Creating,
+            s if alive => s,
+            _ => ContainerStatus::Stopped,
         };
         Ok(Current { state: st, status })
     }
