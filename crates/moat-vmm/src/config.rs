@@ -68,9 +68,19 @@ pub struct VmConfig {
     /// on a TAP device of its own.
     pub more_net: Vec<NetConfig>,
     /// virtio-fs shares, each served by a vhost-user back-end (virtiofsd)
-    /// on a connected socket. With any, guest RAM is a shared memfd the
-    /// back-ends map, and the VM cannot be restored from a snapshot.
+    /// on a connected socket, in the first of the [`VmConfig::fs_slots`].
+    /// With any, guest RAM is a shared memfd the back-ends map (a restored
+    /// VM's copied into one from the snapshot), and the VM is not saved.
     pub fs: Vec<FsConfig>,
+    /// virtio-mmio slots for virtio-fs devices, the [`VmConfig::fs`]
+    /// first and placeholders after them (device ID 0, which the guest
+    /// skips), so that a VM saved without shares and one restored with
+    /// some have the same devices. 0: exactly one per share.
+    pub fs_slots: usize,
+    /// Whether the shares' devices stay hidden (their slots placeholders)
+    /// until [`crate::FsHandle::show`]: a VM saved after its boot, then
+    /// given its shares.
+    pub fs_later: bool,
     /// See [`ThreadHook`]; `None` runs the threads as they are.
     pub thread_hook: Option<ThreadHook>,
 }
@@ -198,6 +208,8 @@ impl VmConfig {
             net: None,
             more_net: Vec::new(),
             fs: Vec::new(),
+            fs_slots: 0,
+            fs_later: false,
             thread_hook: None,
         }
     }
@@ -209,7 +221,7 @@ impl VmConfig {
             + usize::from(self.agent.is_some())
             + usize::from(self.net.is_some())
             + self.more_net.len()
-            + self.fs.len()
+            + self.fs.len().max(self.fs_slots)
     }
 
     /// Checks the limits that do not need KVM.
@@ -231,6 +243,13 @@ impl VmConfig {
             return Err(VmmError::Config(format!(
                 "at most {irqs} virtio devices, not {}",
                 self.virtio_device_count()
+            )));
+        }
+        if self.fs_slots > 0 && self.fs.len() > self.fs_slots {
+            return Err(VmmError::Config(format!(
+                "{} virtio-fs devices for {} slots",
+                self.fs.len(),
+                self.fs_slots
             )));
         }
         if matches!(self.kernel, Kernel::Payload(_)) && self.initrd.is_some() {

@@ -33,4 +33,4 @@ pub use config::{
     VmConfig,
 };
 pub use error::VmmError;
-pub use vm::{ExitReason, SnapshotHandle, StopHandle, Vm};
+pub use vm::{ExitReason, FsHandle, SnapshotHandle, StopHandle, Vm};

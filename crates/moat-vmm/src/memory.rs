@@ -86,6 +86,62 @@ pub fn restore(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem
     register(vm, mem)
 }
 
+/// Guest RAM as [`create_shared`] makes it (one memfd mapped shared, for
+/// a VM with vhost-user back-ends), filled with a copy of the snapshot
+/// file's memory: the file's data only (its holes are pages that were all
+/// zeros, as the memfd's are), read once now, where [`restore`] maps the
+/// file and lets the guest's touches read it. The back-ends map the memfd,
+/// so the guest's memory cannot be a private mapping of the file.
+pub fn restore_shared(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem, VmmError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+    let err = |e: std::io::Error| VmmError::snapshot("copy guest memory from the snapshot", e);
+    let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| err(e.into()))?;
+    let ram = std::fs::File::from(fd);
+    ram.set_len(mem_mib << 20).map_err(err)?;
+    let mem = map_file(&ram, mem_mib, libc::MAP_SHARED).map_err(err)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut start = 0u64;
+    for (addr, len) in ram_ranges(mem_mib) {
+        let end = start + len as u64;
+        let mut at = start;
+        while at < end {
+            let (data, hole) = match data_extent(file, at) {
+                Ok(Some(extent)) => extent,
+                Ok(None) => break,
+                Err(e) => return Err(err(e)),
+            };
+            at = data.max(at);
+            let stop = hole.min(end);
+            while at < stop {
+                let n = ((stop - at) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], at).map_err(err)?;
+                mem.write_slice(&buf[..n], GuestAddress(addr.0 + (at - start)))
+                    .map_err(|e| err(std::io::Error::other(e)))?;
+                at += n as u64;
+            }
+        }
+        start = end;
+    }
+    register(vm, mem)
+}
+
+/// The extent of data at or after `from` in `file`: its start and its end
+/// (the next hole), or `None` past the last data. A file system that
+/// cannot tell (`EINVAL`) has data everywhere.
+fn data_extent(file: &std::fs::File, from: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use rustix::fs::{seek, SeekFrom};
+    let data = match seek(file, SeekFrom::Data(from)) {
+        Ok(d) => d,
+        Err(rustix::io::Errno::NXIO) => return Ok(None),
+        Err(rustix::io::Errno::INVAL) => return Ok(Some((from, u64::MAX))),
+        Err(e) => return Err(e.into()),
+    };
+    let hole = seek(file, SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
+    Ok(Some((data, hole)))
+}
+
 /// Hands each region of `mem` to KVM as a memory slot.
 fn register(vm: &VmFd, mem: GuestMem) -> Result<GuestMem, VmmError> {
     for (slot, region) in mem.iter().enumerate() {

@@ -25,7 +25,7 @@ use crate::layout::{
 use crate::memory::{self, GuestMem};
 use crate::virtio::block::Block;
 use crate::virtio::console::{self, Console};
-use crate::virtio::fs::Fs;
+use crate::virtio::fs::{Fs, FsSlot, DEVICE_ID_FS};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{self, Net};
 use crate::virtio::rng::Rng;
@@ -184,6 +184,7 @@ pub struct Vm {
     gate: Arc<vcpu::PauseGate>,
     msrs: Arc<[u32]>,
     mem_mib: u64,
+    fs: FsHandle,
     vm: VmFd,
     _kvm: Kvm,
     mem: GuestMem,
@@ -235,6 +236,42 @@ struct VirtioSet {
     slots: Vec<MmioSlot>,
     described: Vec<acpi::MmioDevice>,
     io: Vec<IoSide>,
+    /// The virtio-fs slots, in order.
+    fs: Vec<FsTransport>,
+}
+
+/// A virtio-fs slot behind its transport.
+type FsTransport = Arc<Mutex<MmioTransport<FsSlot, IrqLine>>>;
+
+/// Shows a VM's hidden virtio-fs devices ([`crate::VmConfig::fs_later`])
+/// from another thread, the VM running or not.
+#[derive(Clone)]
+pub struct FsHandle(Arc<[FsTransport]>);
+
+impl FsHandle {
+    /// Shows every hidden device: each slot reads as its virtio-fs device
+    /// from now on (the guest binds it when it probes the slot again).
+    /// Refused for a slot the guest has driven as a placeholder (its
+    /// status register written: nothing a guest that skipped it does).
+    /// Returns how many were shown.
+    pub fn show(&self) -> Result<usize, VmmError> {
+        let mut shown = 0;
+        for (index, t) in self.0.iter().enumerate() {
+            let mut t = lock(t);
+            if !t.device().is_hidden() {
+                continue;
+            }
+            if t.status() != 0 {
+                return Err(VmmError::Config(format!(
+                    "virtio-fs slot {index}: the guest drove the placeholder (status {:#x})",
+                    t.status()
+                )));
+            }
+            t.device_mut().show();
+            shown += 1;
+        }
+        Ok(shown)
+    }
 }
 
 impl VirtioSet {
@@ -276,9 +313,11 @@ impl VirtioSet {
         transport
     }
 
-    /// Adds a virtio-fs device served by the vhost-user back-end on
-    /// `config.socket`: the back-end signals the device's irqfd itself,
-    /// and the driver's notifications reach it as KVM ioeventfds.
+    /// Adds a virtio-fs slot holding the device served by the vhost-user
+    /// back-end on `config.socket`, hidden ([`FsHandle::show`]): the
+    /// back-end signals the device's irqfd itself, and the driver's
+    /// notifications reach it as KVM ioeventfds (registered now: the
+    /// guest writes no placeholder's registers).
     fn add_fs(&mut self, vm: &VmFd, mem: &GuestMem, config: FsConfig) -> Result<(), VmmError> {
         let name = format!("virtio-fs {:?}", config.tag);
         let device_err = |source| VmmError::Device {
@@ -304,7 +343,8 @@ impl VirtioSet {
                     ))
                 })?;
         }
-        self.insert(mem, device, irq);
+        let slot = self.insert(mem, FsSlot::hidden(device), irq);
+        self.fs.push(slot);
         Ok(())
     }
 }
@@ -314,6 +354,7 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
         slots: Vec::new(),
         described: Vec::new(),
         io: Vec::new(),
+        fs: Vec::new(),
     };
     for (i, b) in config.block.iter().enumerate() {
         let id = format!("moat-vd{}", (b'a' + i as u8) as char);
@@ -391,8 +432,13 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
             }
         }
     }
+    let placeholders = config.fs_slots.saturating_sub(config.fs.len());
     for fs in std::mem::take(&mut config.fs) {
         set.add_fs(vm, mem, fs)?;
+    }
+    for _ in 0..placeholders {
+        let slot = set.add(vm, mem, FsSlot::empty())?;
+        set.fs.push(slot);
     }
     Ok(set)
 }
@@ -572,6 +618,7 @@ impl Base {
             I8042::new(self.exit.clone()),
             virtio.slots,
         ));
+        let fs = FsHandle(virtio.fs.into());
         Ok(Vm {
             vcpus,
             bus,
@@ -582,6 +629,7 @@ impl Base {
             gate: Arc::default(),
             msrs: snapshot::saveable_msrs(&self.kvm)?.into(),
             mem_mib: config.mem_mib,
+            fs,
             vm: self.vm,
             _kvm: self.kvm,
             mem,
@@ -599,10 +647,15 @@ impl Vm {
             memory::create_shared(&base.vm, config.mem_mib)?
         };
         let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, serial_out(&mut config));
+        let later = config.fs_later;
         let virtio = create_virtio(&base.vm, &mem, &mut config)?;
         let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
         let vcpus = create_vcpus(&base.kvm, &base.vm, &config, entry)?;
-        base.assemble(&mut config, (mem, serial, virtio), vcpus, cmdline)
+        let vm = base.assemble(&mut config, (mem, serial, virtio), vcpus, cmdline)?;
+        if !later {
+            vm.fs.show()?;
+        }
+        Ok(vm)
     }
 
     /// Builds a VM from `config` that carries on from the snapshot in
@@ -611,16 +664,23 @@ impl Vm {
     /// by kind and order; the kernel and initramfs are not loaded, the
     /// snapshot's memory holds them), with this run's sockets, disks and
     /// console. The file must stay unchanged while the VM runs (its pages
-    /// are read as the guest touches them).
+    /// are read as the guest touches them). virtio-fs devices fill slots
+    /// saved empty (placeholders the guest skipped), shown unless
+    /// [`VmConfig::fs_later`]; their VM's memory is a copy of the
+    /// snapshot's in a shared memfd (the back-ends map it), not a mapping
+    /// of the file.
     pub fn restore(mut config: VmConfig, file: &std::fs::File) -> Result<Vm, VmmError> {
-        if !config.fs.is_empty() {
-            return Err(VmmError::Config(
-                "a VM with virtio-fs devices cannot be restored from a snapshot".into(),
-            ));
-        }
         let base = Base::new(&config)?;
         let state = snapshot::read_state(file, config.mem_mib)?;
-        let mem = memory::restore(&base.vm, config.mem_mib, file)?;
+        let mem = if config.fs.is_empty() {
+            memory::restore(&base.vm, config.mem_mib, file)?
+        } else {
+            memory::restore_shared(&base.vm, config.mem_mib, file)?
+        };
+        let later = config.fs_later;
+        // Placeholders while the saved state is checked and taken: the
+        // slots were saved empty.
+        config.fs_later = true;
         let out = serial_out(&mut config);
         let serial = SerialDevice::restore(irq_line(&base.vm, SERIAL_IRQ)?, out, &state.serial)
             .map_err(|e| VmmError::snapshot("restore COM1", std::io::Error::other(e)))?;
@@ -647,7 +707,16 @@ impl Vm {
             snapshot::restore_vcpu(&fd, saved)?;
             vcpus.push(fd);
         }
-        base.assemble(&mut config, (mem, serial, virtio), vcpus, state.cmdline)
+        let vm = base.assemble(&mut config, (mem, serial, virtio), vcpus, state.cmdline)?;
+        if !later {
+            vm.fs.show()?;
+        }
+        Ok(vm)
+    }
+
+    /// A handle that shows this VM's hidden virtio-fs devices.
+    pub fn fs_handle(&self) -> FsHandle {
+        self.fs.clone()
     }
 
     /// A handle that saves this VM, once running, from another thread.
@@ -770,6 +839,14 @@ impl Vm {
         let vcpus = saved.into_iter().collect::<Result<Vec<_>, _>>()?;
         let kvm = snapshot::save_kvm_vm(&self.vm)?;
         self.bus.with_state(|serial, transports| {
+            // A back-end's state (virtiofsd's: its open files, the
+            // guest's FUSE session) is not the VMM's to save.
+            if transports.iter().any(|t| t.device_id == DEVICE_ID_FS) {
+                return Err(VmmError::snapshot(
+                    "save",
+                    std::io::Error::other("a VM with a virtio-fs device is not saved"),
+                ));
+            }
             let state = snapshot::VmState {
                 mem_mib: self.mem_mib,
                 cmdline: self.cmdline.clone(),

@@ -2,11 +2,15 @@
 //! while it spins is restored into new VMs that carry on in that loop with
 //! its registers (general and SSE), memory and stack, on one vCPU and on
 //! several (each vCPU its own), and a snapshot is refused by a VM it does
-//! not fit and when it is damaged.
+//! not fit and when it is damaged. With the `fs_late` payload: a virtio-fs
+//! slot saved as a placeholder is filled by a restore (or shown in a
+//! running VM), and the guest's FUSE requests reach a real virtiofsd.
 
 #[path = "common/payload_vm.rs"]
 #[allow(dead_code)]
 mod payload_vm;
+#[path = "common/virtiofsd.rs"]
+mod virtiofsd;
 
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::FileExt;
@@ -147,4 +151,149 @@ fn a_snapshot_is_refused_by_a_vm_it_does_not_fit_or_when_damaged() {
     let short = copy(&|f| f.set_len(len - 100).unwrap());
     let e = refused(config(1, 16), &short);
     assert!(e.contains("snapshot"), "{e}");
+}
+
+const FS_LATE: &[u8] = include_bytes!("payloads/fs_late.bin");
+/// The byte `fs_late` spins on.
+const FS_GO: GuestAddress = GuestAddress(0x38_0000);
+/// What `fs_late` prints before it spins: the slot is a placeholder.
+const PLACEHOLDER: &str = "slot=00000000 ready\n";
+/// What it prints once the slot is virtio-fs (26) and virtiofsd served
+/// its FUSE_INIT and FUSE_MKDIR (fs.S).
+const SERVED: &str = "then=0000001a fs init=00000000 major=07 mkdir=00000000 len=90\n";
+
+/// `fs_late` with one virtio-fs slot, filled by `fs` (or a placeholder).
+fn fs_config(fs: Option<&std::os::unix::net::UnixStream>) -> VmConfig {
+    let mut c = config_of(FS_LATE, 1, 16);
+    c.fs_slots = 1;
+    c.fs.extend(fs.map(|s| moat_vmm::FsConfig {
+        tag: "payload".into(),
+        socket: s.try_clone().unwrap(),
+    }));
+    c
+}
+
+fn needs_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: virtiofsd sets up its sandbox"
+    );
+}
+
+/// A guest saved with an empty virtio-fs slot (a placeholder: device ID
+/// 0, which it reads and the saved VM keeps to its end) is restored with
+/// the slot filled: it reads the device there, and virtiofsd serves its
+/// requests from the restored memory (a copy in a shared memfd, since the
+/// back-end maps it). More devices than slots are refused.
+#[test]
+fn a_restore_fills_a_placeholder_slot_with_a_served_virtio_fs_device() {
+    if !kvm_available() {
+        return;
+    }
+    needs_root();
+    let (mut serial_r, serial_w) = std::io::pipe().unwrap();
+    let mut c = fs_config(None);
+    c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
+    let vm = Vm::new(c).unwrap();
+    let (snap, mem) = (vm.snapshot_handle(), vm.memory().clone());
+    let running = std::thread::spawn(move || run_vm(vm));
+    let mut out = payload_vm::read_until(&mut serial_r, PLACEHOLDER.as_bytes());
+    let snapshot = tempfile::tempfile().unwrap();
+    snap.save(&snapshot).unwrap();
+    mem.write_obj(1u8, FS_GO).unwrap();
+    assert_eq!(running.join().unwrap(), ExitReason::Reset);
+    serial_r.read_to_end(&mut out).unwrap();
+    // Still a placeholder: the client's start fails at the device ID.
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("{PLACEHOLDER}then=00000000 fs fail d\n")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let mut two = fs_config(Some(&be.socket));
+    two.fs.push(moat_vmm::FsConfig {
+        tag: "more".into(),
+        socket: be.socket.try_clone().unwrap(),
+    });
+    let e = match Vm::restore(two, &snapshot) {
+        Ok(_) => panic!("two devices restored into one slot"),
+        Err(e) => moat_core::error_chain(&e),
+    };
+    assert!(e.contains("2 virtio-fs devices for 1 slots"), "{e}");
+    let mut c = fs_config(Some(&be.socket));
+    let mut log = tempfile::tempfile().unwrap();
+    c.serial_out = Some(log.try_clone().unwrap());
+    let vm = Vm::restore(c, &snapshot).unwrap();
+    assert_eq!(vm.memory().read_obj::<u8>(FS_GO).unwrap(), 0);
+    // The restored VM is not saved: the back-end's state is not its own.
+    let snap = vm.snapshot_handle();
+    vm.memory().write_obj(1u8, FS_GO).unwrap();
+    let running = std::thread::spawn(move || run_vm(vm));
+    assert_eq!(running.join().unwrap(), ExitReason::Reset);
+    let mut s = String::new();
+    log.rewind().unwrap();
+    log.read_to_string(&mut s).unwrap();
+    assert_eq!(s, SERVED);
+    assert!(share.join("payload-dir").is_dir());
+    drop(snap);
+}
+
+/// A running guest's hidden virtio-fs device ([`VmConfig::fs_later`]) is a
+/// placeholder until shown: the VM saves while it is one (the snapshot a
+/// later restore fills), refuses to save once it is shown, and the guest
+/// then finds the device and is served.
+#[test]
+fn a_hidden_virtio_fs_device_is_shown_in_a_running_vm_after_its_save() {
+    if !kvm_available() {
+        return;
+    }
+    needs_root();
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let (mut serial_r, serial_w) = std::io::pipe().unwrap();
+    let mut c = fs_config(Some(&be.socket));
+    c.fs_later = true;
+    c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
+    let vm = Vm::new(c).unwrap();
+    let (snap, fs, mem) = (vm.snapshot_handle(), vm.fs_handle(), vm.memory().clone());
+    let running = std::thread::spawn(move || run_vm(vm));
+    let mut out = payload_vm::read_until(&mut serial_r, PLACEHOLDER.as_bytes());
+    let snapshot = tempfile::tempfile().unwrap();
+    snap.save(&snapshot).unwrap();
+    assert_eq!(fs.show().unwrap(), 1);
+    assert_eq!(fs.show().unwrap(), 0, "shown twice");
+    let e = snap.save(&tempfile::tempfile().unwrap()).unwrap_err();
+    assert!(
+        moat_core::error_chain(&e).contains("a VM with a virtio-fs device is not saved"),
+        "{e}"
+    );
+    mem.write_obj(1u8, FS_GO).unwrap();
+    assert_eq!(running.join().unwrap(), ExitReason::Reset);
+    serial_r.read_to_end(&mut out).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("{PLACEHOLDER}{SERVED}")
+    );
+    assert!(share.join("payload-dir").is_dir());
+    // What it saved holds the slot as a placeholder: a VM without the
+    // device restores it.
+    let (reason, s) = {
+        let mut c = fs_config(None);
+        let mut log = tempfile::tempfile().unwrap();
+        c.serial_out = Some(log.try_clone().unwrap());
+        let vm = Vm::restore(c, &snapshot).unwrap();
+        vm.memory().write_obj(1u8, FS_GO).unwrap();
+        let reason = run_vm(vm);
+        let mut s = String::new();
+        log.rewind().unwrap();
+        log.read_to_string(&mut s).unwrap();
+        (reason, s)
+    };
+    assert_eq!(reason, ExitReason::Reset);
+    assert_eq!(s, "then=00000000 fs fail d\n");
 }

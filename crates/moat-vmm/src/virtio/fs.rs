@@ -236,3 +236,103 @@ impl VirtioDevice for Fs {
         }
     }
 }
+
+/// A virtio-mmio slot for a virtio-fs device, present in the VM from its
+/// start whether or not it holds one: a snapshot's guest has every slot,
+/// and a run's read-write volumes fill them after the restore (or after a
+/// cold boot's save). Empty or hidden, the slot is a virtio placeholder
+/// (device ID 0, virtio spec 4.2.2: the driver ignores it; Linux's
+/// virtio-mmio probe stops there, so the guest never touches its queues);
+/// once shown ([`FsSlot::show`]), it is its device, which the guest binds
+/// when asked to probe the slot again (the agent writes its platform
+/// device to the bus's `drivers_probe`).
+pub struct FsSlot {
+    fs: Option<Fs>,
+    shown: bool,
+}
+
+impl FsSlot {
+    /// A slot with no device: a placeholder for good.
+    pub fn empty() -> FsSlot {
+        FsSlot {
+            fs: None,
+            shown: false,
+        }
+    }
+
+    /// A slot holding `fs`, its session with the back-end already open,
+    /// hidden until [`FsSlot::show`].
+    pub fn hidden(fs: Fs) -> FsSlot {
+        FsSlot {
+            fs: Some(fs),
+            shown: false,
+        }
+    }
+
+    /// The device, open or hidden.
+    pub fn device(&self) -> Option<&Fs> {
+        self.fs.as_ref()
+    }
+
+    /// Whether the slot holds a device not yet shown.
+    pub fn is_hidden(&self) -> bool {
+        self.fs.is_some() && !self.shown
+    }
+
+    /// Shows the device: the slot reads as virtio-fs from now on.
+    pub fn show(&mut self) {
+        self.shown = self.fs.is_some();
+    }
+
+    fn live(&self) -> Option<&Fs> {
+        self.fs.as_ref().filter(|_| self.shown)
+    }
+
+    fn live_mut(&mut self) -> Option<&mut Fs> {
+        self.fs.as_mut().filter(|_| self.shown)
+    }
+}
+
+impl VirtioDevice for FsSlot {
+    fn device_id(&self) -> u32 {
+        self.live().map_or(0, VirtioDevice::device_id)
+    }
+
+    fn features(&self) -> u64 {
+        self.live()
+            .map_or(VIRTIO_F_VERSION_1, VirtioDevice::features)
+    }
+
+    fn queue_count(&self) -> usize {
+        QUEUES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match self.live() {
+            Some(fs) => fs.read_config(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
+        self.live_mut()
+            .is_some_and(|fs| fs.process(index, queue, mem))
+    }
+
+    fn activate(&mut self, queues: &[Queue], mem: &GuestMem, features: u64) -> Result<(), String> {
+        match self.live_mut() {
+            Some(fs) => fs.activate(queues, mem, features),
+            None => Err("no device in this slot".into()),
+        }
+    }
+
+    fn interrupts_itself(&self) -> bool {
+        self.live().is_some()
+    }
+
+    fn reset(&mut self) {
+        if let Some(fs) = self.live_mut() {
+            fs.reset();
+        }
+    }
+}

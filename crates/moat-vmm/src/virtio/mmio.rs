@@ -98,6 +98,12 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         &self.device
     }
 
+    /// The device model, to change it (a slot's device shown: its ID
+    /// and registers read from the device on every access).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
