@@ -81,6 +81,14 @@ impl Fs {
         let mut config = [0u8; TAG_LEN + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
+        // A region mapped privately (a snapshot's file, copy-on-write)
+        // has a file too: the back-end would map that file shared, see
+        // none of the guest's writes, and write into the file.
+        if mem.iter().any(|r| r.flags() & libc::MAP_SHARED == 0) {
+            return Err(DeviceError::Fs(
+                "guest memory is not shared (mapped privately)".into(),
+            ));
+        }
         let regions = mem
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
