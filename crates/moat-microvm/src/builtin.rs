@@ -101,7 +101,9 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
 /// booting it (`moat_vmm::Vm::restore`), and with `control`, a thread
 /// (confined to [`moat_vmm::ThreadRole::Control`]) that saves a snapshot
 /// into its file each time its socket says [`SAVE`], answering
-/// [`SAVED`] or `error: <why>`, one line each.
+/// [`SAVED`] or `error: <why>`, and shows the hidden virtio-fs devices
+/// (`VmConfig::fs_later`) when it says [`SHOW`], answering [`shown`],
+/// one line each.
 pub fn run_from(
     mut config: VmConfig,
     incoming: Option<&std::fs::File>,
@@ -114,7 +116,7 @@ pub fn run_from(
         None => Vm::new(config)?,
     };
     if let Some((socket, out)) = control {
-        let handle = vm.snapshot_handle();
+        let handle = (vm.snapshot_handle(), vm.fs_handle());
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -136,12 +138,19 @@ pub fn run_from(
 pub const SAVE: &str = "save";
 /// The answer once the snapshot is written.
 pub const SAVED: &str = "saved";
+/// The request to show the hidden virtio-fs devices.
+pub const SHOW: &str = "show";
+
+/// The answer once `n` devices are shown.
+pub fn shown(n: usize) -> String {
+    format!("shown {n}")
+}
 
 /// Answers the relay's requests until its socket closes.
 fn serve_control(
     socket: std::os::unix::net::UnixStream,
     out: &std::fs::File,
-    handle: &moat_vmm::SnapshotHandle,
+    (snapshot, fs): &(moat_vmm::SnapshotHandle, moat_vmm::FsHandle),
 ) {
     use std::io::{BufRead, Write};
     let Ok(mut writer) = socket.try_clone() else {
@@ -150,8 +159,13 @@ fn serve_control(
     let mut lines = std::io::BufReader::new(socket).lines();
     while let Some(Ok(line)) = lines.next() {
         let answer = if line == SAVE {
-            match handle.save(out) {
+            match snapshot.save(out) {
                 Ok(()) => SAVED.to_string(),
+                Err(e) => format!("error: {}", moat_core::error_chain(&e)),
+            }
+        } else if line == SHOW {
+            match fs.show() {
+                Ok(n) => shown(n),
                 Err(e) => format!("error: {}", moat_core::error_chain(&e)),
             }
         } else {

@@ -492,6 +492,9 @@ impl MicrovmTier {
                 },
             ),
         };
+        // On moat's own VMM, volumes fill virtio-fs slots every saved
+        // guest has (`VmmPlan::fs_slots`), as many as there are.
+        let slotted = !on_qemu && plan.volumes.len() <= vmm::FS_SLOTS;
         let offer = if more_interfaces > 0 && !hot_net {
             // A snapshot's guest has the one network device (moat's own
             // VMM, past the ports).
@@ -499,7 +502,7 @@ impl MicrovmTier {
                 why: "a guest with more than one network interface is not saved in snapshots"
                     .into(),
             }
-        } else if plan.volumes.is_empty() || share_port {
+        } else if plan.volumes.is_empty() || share_port || slotted {
             snapshot::offer(
                 &self.cache_dir(),
                 &snapshot::Identity {
@@ -515,19 +518,23 @@ impl MicrovmTier {
                     share_port,
                     // Primed with the run's container held even with
                     // volumes: they are mounted where its binds see them
-                    // once hot-added (design.md, *Primed snapshots*).
+                    // once hot-added or shown (design.md, *Primed
+                    // snapshots*).
                     disks: guest
                         .shared
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
                 },
             )
         } else {
-            // Volumes that are devices from the start (moat's own VMM):
-            // neither VMM saves a guest with vhost-user devices (the
+            // More volumes than slots, devices from the start (moat's own
+            // VMM): neither VMM saves a guest with vhost-user devices (the
             // back-end's state is virtiofsd's, and each run's volume is
             // another directory).
             snapshot::Offer::None {
-                why: "read-write volumes (virtio-fs) are not saved in snapshots".into(),
+                why: format!(
+                    "more than {} read-write volumes (virtio-fs) are not saved in snapshots on moat's own VMM",
+                    vmm::FS_SLOTS
+                ),
             }
         };
         let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
@@ -597,6 +604,11 @@ impl MicrovmTier {
             own_tap: own_tap.clone(),
             volumes: volume_vmm_ends,
             share_port,
+            fs_slots: match &offer {
+                snapshot::Offer::None { .. } => 0,
+                _ if on_qemu => 0,
+                _ => vmm::FS_SLOTS,
+            },
             hot_net,
             forward,
             cgroup_memory: cgroup

@@ -318,6 +318,10 @@ pub const BUILTIN_MAIN: &[(&str, &str)] = &[
         "reading the interrupt controllers, the PIT and the clock for a snapshot (the filter checks the requests)",
     ),
     ("pwrite64", "writing a snapshot's memory and state"),
+    (
+        "lseek",
+        "a shared guest RAM's data extents for a save (SEEK_DATA, SEEK_HOLE): its holes are not read",
+    ),
     ("ftruncate", "emptying the snapshot file before writing it"),
     ("fdatasync", "the snapshot on disk before it is reported saved"),
 ];

@@ -200,3 +200,62 @@ fn a_confined_thread_is_refused_what_its_role_does_not_need() {
         }
     }
 }
+
+/// A run's read-write volume on moat's own VMM with no snapshot yet, as
+/// the tier does it, every thread confined: the device hidden in its slot
+/// while the guest is saved (the main thread reads only the shared RAM's
+/// data, `lseek` to find it), then shown from a thread confined as the
+/// control thread is; the guest finds it and virtiofsd serves it (the
+/// `fs_late` payload). Root for virtiofsd.
+#[test]
+fn a_volume_is_shown_after_the_save_with_each_thread_confined() {
+    if !kvm_available() {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    const GO: GuestAddress = GuestAddress(0x38_0000);
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: virtiofsd sets up its sandbox"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    let (mut serial_r, serial_w) = std::io::pipe().unwrap();
+    let mut c = VmConfig::new(payload!("fs_late"), 1, 64);
+    c.fs.push(FsConfig {
+        tag: "payload".into(),
+        socket: be.socket.try_clone().unwrap(),
+    });
+    c.fs_slots = 2;
+    c.fs_later = true;
+    c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
+    c.thread_hook = Some(builtin_thread_hook());
+    let vm = moat_vmm::Vm::new(c).unwrap();
+    let (snap, fs, mem) = (vm.snapshot_handle(), vm.fs_handle(), vm.memory().clone());
+    let running = std::thread::spawn(move || vm.run().unwrap());
+    let mut out = payload_vm::read_until(&mut serial_r, b"slot=00000000 ready\n");
+    let file = tempfile::tempfile().unwrap();
+    let f = file.try_clone().unwrap();
+    let shown = std::thread::spawn(move || {
+        (builtin_thread_hook().0)(ThreadRole::Control).unwrap();
+        snap.save(&f).map_err(|e| moat_core::error_chain(&e))?;
+        fs.show().map_err(|e| moat_core::error_chain(&e))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(shown, Ok(1));
+    mem.write_obj(1u8, GO).unwrap();
+    assert_eq!(running.join().unwrap(), ExitReason::Reset);
+    serial_r.read_to_end(&mut out).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "slot=00000000 ready\nthen=0000001a fs init=00000000 major=07 mkdir=00000000 len=90\n"
+    );
+    assert!(share.join("payload-dir").is_dir());
+    assert!(
+        file.metadata().unwrap().len() > 64 << 20,
+        "no snapshot written"
+    );
+}

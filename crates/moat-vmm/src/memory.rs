@@ -130,7 +130,7 @@ pub fn restore_shared(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<G
 /// The extent of data at or after `from` in `file`: its start and its end
 /// (the next hole), or `None` past the last data. A file system that
 /// cannot tell (`EINVAL`) has data everywhere.
-fn data_extent(file: &std::fs::File, from: u64) -> std::io::Result<Option<(u64, u64)>> {
+pub(crate) fn data_extent(file: &std::fs::File, from: u64) -> std::io::Result<Option<(u64, u64)>> {
     use rustix::fs::{seek, SeekFrom};
     let data = match seek(file, SeekFrom::Data(from)) {
         Ok(d) => d,
@@ -140,6 +140,35 @@ fn data_extent(file: &std::fs::File, from: u64) -> std::io::Result<Option<(u64, 
     };
     let hole = seek(file, SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
     Ok(Some((data, hole)))
+}
+
+/// The ranges of `region` (offsets into it) that may hold data: all of
+/// it, unless it maps a file shared (a memfd: [`create_shared`]), whose
+/// holes are pages never written. Reading such a hole would fill it (a
+/// page of shmem per page read, charged to the VM's cgroup): a save reads
+/// only the data.
+pub fn data_ranges(region: &vm_memory::GuestRegionMmap) -> std::io::Result<Vec<(u64, u64)>> {
+    let len = region.len();
+    let file = match region.file_offset() {
+        Some(f) if region.flags() & libc::MAP_SHARED != 0 => f,
+        _ => return Ok(vec![(0, len)]),
+    };
+    let (base, end) = (file.start(), file.start() + len);
+    let mut ranges = Vec::new();
+    let mut at = base;
+    while at < end {
+        let Some((data, hole)) = data_extent(file.file(), at)? else {
+            break;
+        };
+        let start = data.max(at);
+        if start >= end {
+            break;
+        }
+        let stop = hole.min(end);
+        ranges.push((start - base, stop - base));
+        at = stop;
+    }
+    Ok(ranges)
 }
 
 /// Hands each region of `mem` to KVM as a memory slot.

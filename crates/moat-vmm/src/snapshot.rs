@@ -276,20 +276,25 @@ pub fn write(out: &File, mem: &GuestMem, state: &VmState) -> Result<(), VmmError
     let io = |step: &'static str| move |e: std::io::Error| VmmError::snapshot(step, e);
     out.set_len(0).map_err(io("truncate the snapshot file"))?;
     let mut end = 0u64;
+    let mut page = vec![0u8; PAGE * 64];
     for (region, (offset, len)) in mem.iter().zip(region_offsets(mem)) {
         let slice = region
             .get_slice(vm_memory::MemoryRegionAddress(0), len as usize)
             .map_err(|e| VmmError::snapshot("map guest memory", std::io::Error::other(e)))?;
-        let mut page = vec![0u8; PAGE * 64];
-        let mut at = 0usize;
-        while at < len as usize {
-            let n = page.len().min(len as usize - at);
-            let chunk = slice
-                .subslice(at, n)
-                .map_err(|e| VmmError::snapshot("read guest memory", std::io::Error::other(e)))?;
-            chunk.copy_to(&mut page[..n]);
-            write_nonzero(out, &page[..n], offset + at as u64).map_err(io("write guest memory"))?;
-            at += n;
+        for (from, to) in
+            crate::memory::data_ranges(region).map_err(io("find guest memory's data"))?
+        {
+            let (mut at, to) = (from as usize, to as usize);
+            while at < to {
+                let n = page.len().min(to - at);
+                let chunk = slice.subslice(at, n).map_err(|e| {
+                    VmmError::snapshot("read guest memory", std::io::Error::other(e))
+                })?;
+                chunk.copy_to(&mut page[..n]);
+                write_nonzero(out, &page[..n], offset + at as u64)
+                    .map_err(io("write guest memory"))?;
+                at += n;
+            }
         }
         end = offset + len;
     }

@@ -256,15 +256,32 @@ fn a_hidden_virtio_fs_device_is_shown_in_a_running_vm_after_its_save() {
     std::fs::create_dir(&share).unwrap();
     let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
     let (mut serial_r, serial_w) = std::io::pipe().unwrap();
+    // 256 MiB of RAM (a memfd, which virtiofsd maps), of which the guest
+    // touches a few pages.
     let mut c = fs_config(Some(&be.socket));
+    c.mem_mib = 256;
     c.fs_later = true;
     c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
     let vm = Vm::new(c).unwrap();
     let (snap, fs, mem) = (vm.snapshot_handle(), vm.fs_handle(), vm.memory().clone());
+    let ram_bytes = || {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::GuestMemoryBackend;
+        let region = mem.iter().next().unwrap();
+        let file = region.file_offset().expect("a memfd").file();
+        file.metadata().unwrap().blocks() * 512
+    };
     let running = std::thread::spawn(move || run_vm(vm));
     let mut out = payload_vm::read_until(&mut serial_r, PLACEHOLDER.as_bytes());
     let snapshot = tempfile::tempfile().unwrap();
     snap.save(&snapshot).unwrap();
+    // The save read the memfd's data, not its holes: reading a hole of
+    // shmem fills it (the whole RAM, charged to the VM's cgroup).
+    assert!(
+        ram_bytes() < 16 << 20,
+        "the save filled the guest's shared RAM: {} bytes",
+        ram_bytes()
+    );
     assert_eq!(fs.show().unwrap(), 1);
     assert_eq!(fs.show().unwrap(), 0, "shown twice");
     let e = snap.save(&tempfile::tempfile().unwrap()).unwrap_err();
@@ -284,6 +301,7 @@ fn a_hidden_virtio_fs_device_is_shown_in_a_running_vm_after_its_save() {
     // device restores it.
     let (reason, s) = {
         let mut c = fs_config(None);
+        c.mem_mib = 256;
         let mut log = tempfile::tempfile().unwrap();
         c.serial_out = Some(log.try_clone().unwrap());
         let vm = Vm::restore(c, &snapshot).unwrap();

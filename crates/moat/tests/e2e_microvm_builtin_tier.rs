@@ -504,7 +504,9 @@ fn pod_interface(r: &mut Runner) -> Result<(), String> {
 /// device, served by virtiofsd, makes the guest's writes the host
 /// directory's; the same script under the container tier leaves the same
 /// files with the same owners (the container's host IDs, never root).
-/// `moat info` names the server.
+/// `moat info` names the server. Then, with no snapshot, a run with a
+/// volume saves one and the next restores it (its container the held
+/// one), each volume filling a slot the saved guest had as a placeholder.
 const VOLUMES: &str = r#"S='cat /data/from-host; echo from-guest > /data/new; mkdir /data/d; mv /data/new /data/moved; echo more >> /data/moved; rm /data/from-host; ls /data'
 moat info | grep 'read-write volumes' | sed 's/^/info=/'
 for tier in container microvm; do
@@ -518,6 +520,27 @@ for tier in container microvm; do
     [ -e $d/from-host ] || echo "removed_$tier=yes"
     echo "owners_$tier=$(stat -c %u:%g $d/moved $d/d | tr '\n' ,)"
     grep -i 'virtio\|fuse\|moat:' /tmp/vol-$tier.err | tail -n 40 >&2
+done
+# With no snapshot, a run with a volume saves one (the volume's slot a
+# placeholder then, the held container bound to where the volume goes),
+# then has the VMM show the device; the next restores it, the device
+# filling the slot at the restore.
+dir=$(grep -o '/[^ "]*/snapshot-[^ "/]*\.vmstate' /tmp/snap0.log | head -n 1)
+dir=${dir%/*}
+rm -f "$dir"/snapshot-*
+for i in 1 2; do
+    d=/tmp/vol-late$i
+    rm -rf $d && mkdir $d && chmod 777 $d
+    echo "from the host $i" > $d/in
+    moat --debug --log /tmp/vol-late$i.log run --isolation microvm -v $d:/data -- sh -c "cat /data/in; echo from the guest $i > /data/out" >/tmp/vol-late$i.out 2>&1
+    echo "late_code$i=$?"
+    echo "late_out$i=$(tr '\n' , </tmp/vol-late$i.out)"
+    echo "late_file$i=$(cat $d/out)"
+    grep -q 'saved snapshot' /tmp/vol-late$i.log && echo "late_start$i=saved"
+    grep -q 'restored from snapshot' /tmp/vol-late$i.log && echo "late_start$i=restored"
+    grep -q 'created before the snapshot' /tmp/vol-late$i.log && echo "late_held$i=yes"
+    grep -h 'microvm:' /tmp/vol-late$i.log | grep -i 'snapshot\|cold' >&2
+    cat /tmp/vol-late$i.out >&2
 done"#;
 
 fn volumes(r: &mut Runner) -> Result<(), String> {
@@ -540,6 +563,20 @@ fn volumes(r: &mut Runner) -> Result<(), String> {
     check(
         owners == get("owners_container") && !owners.starts_with("0:") && owners.len() > 4,
         || format!("the volume's files are not the container's host IDs': {o}"),
+    )?;
+    for i in 1..=2 {
+        check(
+            get(&format!("late_code{i}")) == "0"
+                && get(&format!("late_out{i}")) == format!("from the host {i},")
+                && get(&format!("late_file{i}")) == format!("from the guest {i}"),
+            || format!("run {i} with a volume in a snapshot's slot: {o}"),
+        )?;
+    }
+    check(
+        get("late_start1") == "saved"
+            && get("late_start2") == "restored"
+            && get("late_held2") == "yes",
+        || format!("runs with a volume not saved, then restored with the held container: {o}"),
     )
 }
 

@@ -67,6 +67,34 @@ pub fn initramfs_modules() -> impl Iterator<Item = &'static str> {
         .copied()
 }
 
+/// The ACPI hardware ID of a virtio-mmio device: the guest's platform
+/// devices of moat's own VMM's slots (and QEMU's `-M microvm`
+/// transports) are named after it (`LNRO0005:03`).
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+/// Has the virtio-mmio driver probe again every slot it did not take: a
+/// slot that was a placeholder (device ID 0) when the guest booted, and
+/// that moat's own VMM has since filled with a read-write volume's device
+/// (at a snapshot's restore, or after its save). A slot still empty is
+/// refused again, silently. Returns how many slots were probed.
+pub fn probe_unbound_virtio_slots() -> usize {
+    let Ok(devices) = std::fs::read_dir("/sys/bus/platform/devices") else {
+        return 0;
+    };
+    let mut probed = 0;
+    for d in devices.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(VIRTIO_MMIO_HID) || d.path().join("driver").exists() {
+            continue;
+        }
+        // A failed probe is the driver's answer, not an error of the write.
+        if std::fs::write("/sys/bus/platform/drivers_probe", &name).is_ok() {
+            probed += 1;
+        }
+    }
+    probed
+}
+
 /// Where the initramfs keeps the modules.
 pub const MODULE_DIR: &str = "/lib/modules";
 /// The agent channel in the guest.

@@ -1441,6 +1441,13 @@ fn mount_volumes(
         return Ok(());
     }
     boot::load_modules(boot::FS_MODULES)?;
+    // moat's own VMM fills slots that were placeholders at the boot (QEMU
+    // hot-adds cards on the share ports instead).
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !boot::has_share_port(&cmdline) {
+        let probed = boot::probe_unbound_virtio_slots();
+        super::trace(&format!("{probed} virtio-mmio slots probed again"));
+    }
     for v in volumes {
         std::fs::create_dir_all(&v.mount).map_err(io(format!("create {}", v.mount)))?;
         // The device appears as the module probes it, or as a hot-added

@@ -410,7 +410,11 @@ fn builtin_child(
     config.agent = Some(agent);
     config.net = net;
     config.more_net = more_net;
+    // Saved now: the volumes' slots are placeholders until the save is
+    // written (`show_builtin`); restored: filled at the restore.
+    config.fs_later = control.is_some() && !fs.is_empty();
     config.fs = fs;
+    config.fs_slots = plan.fs_slots;
     crate::builtin::run_from(config, start.incoming, control)
         .map_err(|e| moat_core::error_chain(&e))
 }
@@ -597,7 +601,15 @@ fn start_guest(
                             b.qmp = Some(m);
                             Ok(())
                         }),
-                        Backend::Builtin => save_builtin(&mut q),
+                        Backend::Builtin => save_builtin(&mut q).and_then(|()| {
+                            // The volumes' slots were placeholders for the
+                            // save: the guest finds them from now on.
+                            if plan.volumes.is_empty() {
+                                Ok(())
+                            } else {
+                                show_builtin(&mut q, plan.volumes.len())
+                            }
+                        }),
                     },
                     (Ok(()), None) => Err(save_error("no monitor")),
                 };
@@ -870,8 +882,35 @@ impl Qmp {
 /// Has moat's own VMM save the running guest into the file it was given
 /// (`builtin::run_from`), which lets it run on.
 fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
-    writeln!(control, "{}", crate::builtin::SAVE).map_err(|e| VmmError::Io {
-        step: "ask the VMM to save the snapshot".into(),
+    match builtin_call(control, crate::builtin::SAVE)?.as_str() {
+        crate::builtin::SAVED => Ok(()),
+        "" => Err(save_error("the VMM closed its control socket")),
+        other => Err(save_error(other)),
+    }
+}
+
+/// Has moat's own VMM show the `volumes` virtio-fs devices it kept hidden
+/// for the save (`moat_vmm::FsHandle`).
+fn show_builtin(control: &mut UnixStream, volumes: usize) -> Result<(), VmmError> {
+    let answer = builtin_call(control, crate::builtin::SHOW)?;
+    if answer == crate::builtin::shown(volumes) {
+        Ok(())
+    } else {
+        Err(VmmError::Io {
+            step: "show the read-write volumes' devices".into(),
+            source: std::io::Error::other(format!(
+                "the VMM answered {answer:?}, not {:?}",
+                crate::builtin::shown(volumes)
+            )),
+        })
+    }
+}
+
+/// Sends moat's own VMM one request line over its control socket;
+/// returns its one-line answer, empty if it closed the socket.
+fn builtin_call(control: &mut UnixStream, request: &str) -> Result<String, VmmError> {
+    writeln!(control, "{request}").map_err(|e| VmmError::Io {
+        step: format!("ask the VMM to {request}"),
         source: e,
     })?;
     // Bounded by a poll (the relay's filter has no setsockopt for a
@@ -899,11 +938,7 @@ fn save_builtin(control: &mut UnixStream) -> Result<(), VmmError> {
             step: "read the VMM's answer".into(),
             source: e,
         })?;
-    match line.trim_end() {
-        crate::builtin::SAVED => Ok(()),
-        "" => Err(save_error("the VMM closed its control socket")),
-        other => Err(save_error(other)),
-    }
+    Ok(line.trim_end().to_string())
 }
 
 /// Saves the running guest into `out`, then lets it run on. With `ram`

@@ -118,6 +118,13 @@ impl GuestLink {
     }
 }
 
+/// The virtio-fs slots of a guest moat's own VMM saves or restores: its
+/// read-write volumes (a pod's share among them), that many at most. The
+/// VM's eleven interrupt lines (`moat_vmm::layout`, 5–15) hold a saved
+/// guest's six disk slots, the entropy device, the agent's console, the
+/// network card and these two.
+pub const FS_SLOTS: usize = 2;
+
 /// Everything the VMM process needs, prepared by the runtime before the
 /// fork (so the VMM process opens nothing by path on the host).
 #[derive(Debug)]
@@ -175,6 +182,12 @@ pub struct VmmPlan {
     /// volumes' first), the guest's RAM a file the VMM process saves and
     /// loads itself.
     pub share_port: bool,
+    /// moat's own VMM only: the guest's virtio-fs slots (0: one per
+    /// volume). A saved or restored guest has [`FS_SLOTS`], placeholders
+    /// (device ID 0) until the volumes fill them: at the restore, or after
+    /// the save (the VMM process asks the VMM to show them); the guest's
+    /// agent has its virtio-mmio driver probe them again.
+    pub fs_slots: usize,
     /// With `share_port`: `more_net`'s devices are hot-added on the ports
     /// after the volumes' (they fit) rather than being there from the
     /// start.
