@@ -793,7 +793,7 @@ impl MicrovmTier {
             let img = if cacheable {
                 disk::cached(&cache, &need.source)?
             } else {
-                disk::per_container(&need.source, &dir.join(format!("disk-{i}.ext4")))?
+                own_image(&cache, &need.source, &dir.join(format!("disk-{i}.ext4")))?
             };
             let f = File::open(&img.path)
                 .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
@@ -1467,6 +1467,27 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
         std::fs::rename(&tmp, &p).map_err(MicrovmError::io(format!("rename {}", p.display())))?;
     }
     Ok(File::open(&p).map_err(MicrovmError::io(format!("open {}", p.display())))?)
+}
+
+/// The image of a tree moat does not manage (an engine's rootfs, a
+/// read-only volume): from the content cache (`tree_cache`: the trees of
+/// one engine image's containers share one), or made for this container
+/// alone, rootless (the user may not read every file: such files are
+/// empty in a per-container image) and where the tree cannot be hashed
+/// whole or changed while it was imaged.
+fn own_image(cache: &Path, source: &Path, dest: &Path) -> Result<disk::DiskImage, MicrovmError> {
+    if rustix::process::geteuid().is_root() {
+        match crate::tree_cache::image(cache, source) {
+            Ok(Some(img)) => return Ok(img),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(
+                "microvm: {} not imaged by content ({}): imaged for this container alone",
+                source.display(),
+                moat_core::error_chain(&e)
+            ),
+        }
+    }
+    disk::per_container(source, dest)
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@
 //! and a fingerprint of the tree's directories (inode, mtime, ctime to
 //! depth [`FINGERPRINT_DEPTH`]), so installing or removing files rebuilds
 //! the image. Any other directory (an engine's bundle rootfs, a volume) is
-//! imaged **per container**, in the container's state directory, and
+//! imaged once per content ([`crate::tree_cache`]), or, rootless or where
+//! that fails, **per container**, in the container's state directory, and
 //! removed by `delete`.
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -99,7 +100,7 @@ pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
 /// (moat killed while it imaged a tree): their `<name>.<pid>.tmp` files
 /// and `<name>.<pid>.mnt` mount points (empty: the mount lived in the dead
 /// child's namespace). A build by a live process is left alone.
-fn sweep_dead_builds(dir: &Path) {
+pub(crate) fn sweep_dead_builds(dir: &Path) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -541,6 +542,12 @@ pub enum Fill {
 pub const KERNEL_FILL_MIN_BYTES: u64 = 64 << 20;
 /// See [`KERNEL_FILL_MIN_BYTES`].
 pub const KERNEL_FILL_MIN_ENTRIES: u64 = 10_000;
+
+/// Builds the image of `source` at `dest` with the ext4 UUID `uuid`
+/// (through a temporary file, so a failed build leaves nothing).
+pub(crate) fn build_image(source: &Path, dest: &Path, uuid: &str) -> Result<(), MicrovmError> {
+    build(source, dest, uuid).map(drop)
+}
 
 /// Builds the image of `source` at `dest` (through a temporary file, so a
 /// failed build leaves nothing).

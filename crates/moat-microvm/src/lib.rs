@@ -39,6 +39,7 @@ pub mod portfwd;
 pub mod proto;
 pub mod seccomp;
 pub mod snapshot;
+pub mod tree_cache;
 pub mod vmm;
 pub mod volumes;
 

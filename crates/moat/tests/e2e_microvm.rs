@@ -3204,3 +3204,78 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     drop((l, pod, pod_cg));
     assert_clean(&rt);
 }
+
+/// The content-cached images (`tree_cache`) in `cache`.
+fn tree_images_in(cache: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("tree-") && name.ends_with(".ext4")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Two engine-style bundles whose rootfs directories are copies of one
+/// tree (made at other times) share one image, made by the first and
+/// found by content by the second; a third whose tree differs by a byte
+/// gets an image of its own, and each workload reads its own tree's file.
+#[test]
+fn bundles_with_the_same_rootfs_share_one_image_by_content() {
+    let test = "bundles_with_the_same_rootfs_share_one_image_by_content";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let cache = private_cache(test);
+    // Other tests' bundles have the same busybox tree: their images are
+    // not this test's.
+    for p in tree_images_in(&cache) {
+        std::fs::remove_file(p).unwrap();
+    }
+    let run = |marker: &str| {
+        let b = vm_bundle(&["cat", "/etc/marker"]);
+        std::fs::create_dir_all(b.rootfs().join("etc")).unwrap();
+        std::fs::write(b.rootfs().join("etc/marker"), marker).unwrap();
+        b.write_config();
+        let log = cache.with_extension("log");
+        let _ = std::fs::remove_file(&log);
+        let (log_s, dir) = (log.display().to_string(), b.dir().display().to_string());
+        let id = rt.new_id("tree");
+        let out = rt.cmd_with(
+            &["--debug", "--log", &log_s, "run", "--bundle", &dir, &id],
+            Opts {
+                env: vec![(
+                    "MOAT_MICROVM_CACHE".to_string(),
+                    cache.display().to_string(),
+                )],
+                ..Opts::default()
+            },
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (out, text)
+    };
+    let (out, log) = run("one");
+    assert_eq!(out.code, Some(0), "{out:?}\n{log}");
+    assert_eq!(out.stdout, "one", "{out:?}");
+    assert!(log.contains("into the content cache"), "{log}");
+    let first = tree_images_in(&cache);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // Another copy of the tree, made later (other times).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (out, log) = run("one");
+    assert_eq!(out.code, Some(0), "{out:?}\n{log}");
+    assert_eq!(out.stdout, "one", "{out:?}");
+    assert!(log.contains("from the content cache"), "{log}");
+    assert_eq!(tree_images_in(&cache), first);
+    // One byte differs: an image of its own, the workload's own file.
+    let (out, log) = run("two");
+    assert_eq!(out.code, Some(0), "{out:?}\n{log}");
+    assert_eq!(out.stdout, "two", "{out:?}");
+    assert!(log.contains("into the content cache"), "{log}");
+    assert_eq!(tree_images_in(&cache).len(), 2);
+    assert_clean(&rt);
+}
