@@ -1475,7 +1475,11 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
 /// alone, rootless (the user may not read every file: such files are
 /// empty in a per-container image) and where the tree cannot be hashed
 /// whole or changed while it was imaged.
-fn own_image(cache: &Path, source: &Path, dest: &Path) -> Result<disk::DiskImage, MicrovmError> {
+pub(crate) fn own_image(
+    cache: &Path,
+    source: &Path,
+    dest: &Path,
+) -> Result<disk::DiskImage, MicrovmError> {
     if rustix::process::geteuid().is_root() {
         match crate::tree_cache::image(cache, source) {
             Ok(Some(img)) => return Ok(img),

@@ -517,8 +517,11 @@ impl MicrovmTier {
             let (img, own) = if self.cacheable(&need.source) {
                 (disk::cached(&cache, &need.source)?, false)
             } else {
+                // From the content cache (kept there), or this container's.
                 let p = dir.join(format!("disk-{i}.ext4"));
-                (disk::per_container(&need.source, &p)?, true)
+                let img = crate::create::own_image(&cache, &need.source, &p)?;
+                let own = img.path == p;
+                (img, own)
             };
             images.push((img.path, need.mount.clone(), own));
         }
