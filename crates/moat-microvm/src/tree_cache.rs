@@ -364,7 +364,8 @@ mod tests {
             dg
         };
         use std::os::unix::fs::PermissionsExt;
-        let edits: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        type Edit = Box<dyn Fn(&Path)>;
+        let edits: Vec<(&str, Edit)> = vec![
             (
                 "a byte",
                 Box::new(|c| std::fs::write(c.join("etc/sub/b"), b"betA").unwrap()),
