@@ -214,14 +214,9 @@ fn a_volume_is_shown_after_the_save_with_each_thread_confined() {
     }
     use vm_memory::{Bytes, GuestAddress};
     const GO: GuestAddress = GuestAddress(0x38_0000);
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: virtiofsd sets up its sandbox"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    // Kept whole: its temporary directory goes with it.
+    let served = virtiofsd::served();
+    let (share, be) = (&served.share, &served.backend);
     let (mut serial_r, serial_w) = std::io::pipe().unwrap();
     let mut c = VmConfig::new(payload!("fs_late"), 1, 64);
     c.fs.push(FsConfig {

@@ -92,14 +92,9 @@ fn virtio_fs_is_served_by_virtiofsd_from_guest_memory() {
     if !kvm_available() {
         return;
     }
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: virtiofsd sets up its sandbox"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    // Kept whole: its temporary directory goes with it.
+    let served = virtiofsd::served();
+    let (share, be) = (&served.share, &served.backend);
     let mut config = VmConfig::new(payload(include_bytes!("payloads/fs.bin")), 1, 16);
     config.fs.push(moat_vmm::FsConfig {
         tag: "payload".into(),

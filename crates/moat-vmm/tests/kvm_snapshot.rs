@@ -173,13 +173,6 @@ fn fs_config(fs: Option<&std::os::unix::net::UnixStream>) -> VmConfig {
     c
 }
 
-fn needs_root() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: virtiofsd sets up its sandbox"
-    );
-}
-
 /// A guest saved with an empty virtio-fs slot (a placeholder: device ID
 /// 0, which it reads and the saved VM keeps to its end) is restored with
 /// the slot filled: it reads the device there, and virtiofsd serves its
@@ -190,7 +183,6 @@ fn a_restore_fills_a_placeholder_slot_with_a_served_virtio_fs_device() {
     if !kvm_available() {
         return;
     }
-    needs_root();
     let (mut serial_r, serial_w) = std::io::pipe().unwrap();
     let mut c = fs_config(None);
     c.serial_out = Some(std::fs::File::from(std::os::fd::OwnedFd::from(serial_w)));
@@ -209,10 +201,9 @@ fn a_restore_fills_a_placeholder_slot_with_a_served_virtio_fs_device() {
         format!("{PLACEHOLDER}then=00000000 fs fail d\n")
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    // Kept whole: its temporary directory goes with it.
+    let served = virtiofsd::served();
+    let (share, be) = (&served.share, &served.backend);
     let mut two = fs_config(Some(&be.socket));
     two.fs.push(moat_vmm::FsConfig {
         tag: "more".into(),
@@ -250,11 +241,9 @@ fn a_hidden_virtio_fs_device_is_shown_in_a_running_vm_after_its_save() {
     if !kvm_available() {
         return;
     }
-    needs_root();
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    let be = virtiofsd::backend(&share, &dir.path().join("fs.sock"));
+    // Kept whole: its temporary directory goes with it.
+    let served = virtiofsd::served();
+    let (share, be) = (&served.share, &served.backend);
     let (mut serial_r, serial_w) = std::io::pipe().unwrap();
     // 256 MiB of RAM (a memfd, which virtiofsd maps), of which the guest
     // touches a few pages.

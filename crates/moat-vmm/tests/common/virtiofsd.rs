@@ -57,3 +57,31 @@ pub fn backend(dir: &Path, socket_path: &Path) -> Backend {
         }
     }
 }
+
+/// A fresh directory (`share`, in a temporary directory that goes with
+/// it) and a virtiofsd serving it. Asserts root: virtiofsd sets up its
+/// sandbox. (Not every test that includes this file serves one.)
+#[allow(dead_code)]
+pub struct Served {
+    pub share: PathBuf,
+    pub backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+/// See [`Served`].
+#[allow(dead_code)]
+pub fn served() -> Served {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: virtiofsd sets up its sandbox"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let backend = backend(&share, &dir.path().join("fs.sock"));
+    Served {
+        share,
+        backend,
+        _dir: dir,
+    }
+}
