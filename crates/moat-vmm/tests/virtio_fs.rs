@@ -233,16 +233,11 @@ impl Driver {
 
 #[test]
 fn virtio_fs_requests_are_served_by_virtiofsd_from_guest_memory() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: virtiofsd sets up its sandbox"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let share = tmp.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    // Kept whole: its temporary directory goes with it.
+    let served = virtiofsd::served();
+    let (share, be) = (&served.share, &served.backend);
     std::fs::write(share.join("hello"), b"hello from the host\n").unwrap();
-    let be = backend(&share, &tmp.path().join("fs.sock"));
-    let mut d = Driver::open(&be, "moatfs0");
+    let mut d = Driver::open(be, "moatfs0");
     // The configuration space: the tag, NUL-padded, and one request queue.
     let mut config = [0u8; TAG_LEN + 4];
     d.t.read(0x100, &mut config);
