@@ -161,14 +161,19 @@ impl MicrovmTier {
         let own_disk = |p: &Path| own_disk(p);
         let shared_file =
             |p: &Path| shown_host_path(p) && !VOLATILE_ETC.iter().any(|v| p == Path::new(v));
-        // On QEMU read-write volumes are cards on the share ports, not
-        // disk slots (`VmmPlan::share_port`).
+        // Read-write volumes are not disk slots: cards on the share ports
+        // on QEMU (`VmmPlan::share_port`), virtio-fs slots on moat's own
+        // VMM (`VmmPlan::fs_slots`), as many of either.
         let on_qemu = matches!(host.backend, Backend::Qemu { .. });
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,
             shared_file: &shared_file,
-            volume_ports: on_qemu.then_some(vmm::qemu::SHARE_PORTS),
+            volume_ports: Some(if on_qemu {
+                vmm::qemu::SHARE_PORTS
+            } else {
+                vmm::FS_SLOTS
+            }),
         };
         let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
@@ -204,11 +209,13 @@ impl MicrovmTier {
         // The pod's disk takes a slot, and its share another (moat's own
         // VMM) or a port (QEMU).
         let disks_used = plan.disks.len() + usize::from(!plan.group.is_empty());
-        let room = if on_qemu {
-            disks_used < guestspec::MAX_DISKS && plan.volumes.len() < vmm::qemu::SHARE_PORTS
-        } else {
-            disks_used + plan.volumes.len() + 2 <= guestspec::MAX_DISKS
-        };
+        let room = disks_used < guestspec::MAX_DISKS
+            && plan.volumes.len()
+                < if on_qemu {
+                    vmm::qemu::SHARE_PORTS
+                } else {
+                    vmm::FS_SLOTS
+                };
         let wanted = pod_sandbox && !rootless && crate::pod::wants_share(&spec_json) && room;
         // Without virtiofsd the pod still runs, its containers with
         // read-write volumes in VMs of their own (as a pod annotated

@@ -193,8 +193,8 @@ pub struct Probe<'a> {
     /// `Run` request.
     pub shared_file: &'a dyn Fn(&Path) -> bool,
     /// Read-write volumes are not disk slots but cards on this many PCIe
-    /// ports (QEMU: `VmmPlan::share_port`); `None`: each takes a disk slot
-    /// (moat's own VMM, whose devices are all virtio-mmio).
+    /// ports (QEMU: `VmmPlan::share_port`) or virtio-fs slots (moat's own
+    /// VMM: `VmmPlan::fs_slots`); `None`: each takes a disk slot.
     pub volume_ports: Option<usize>,
 }
 
@@ -237,7 +237,7 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
         }
         Some(ports) if plan.volumes.len() > ports => {
             return Err(format!(
-                "{} read-write volumes; the microvm tier on QEMU takes at most {ports}",
+                "{} read-write volumes; the microvm tier takes at most {ports}",
                 plan.volumes.len()
             ));
         }

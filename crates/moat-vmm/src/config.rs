@@ -284,14 +284,32 @@ mod tests {
         let mut c = VmConfig::new(payload(), 1, 16);
         c.cmdline = "console=ttyS0\0evil".into();
         assert!(c.validate().is_err());
+        // Nineteen interrupt lines (5-23): nineteen devices, not twenty;
+        // empty virtio-fs slots count.
         let mut c = VmConfig::new(payload(), 1, 16);
-        c.block = (0..12)
+        c.block = (0..17)
             .map(|_| BlockConfig {
                 path: "/dev/null".into(),
                 read_only: true,
                 file: None,
             })
             .collect();
-        assert!(c.validate().is_err());
+        c.fs_slots = 2;
+        assert!(c.validate().is_ok());
+        c.fs_slots = 3;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("at most 19 virtio devices, not 20"), "{e}");
+        // More shares than slots.
+        c.block.clear();
+        c.fs_slots = 1;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        for tag in ["one", "two"] {
+            c.fs.push(FsConfig {
+                tag: tag.into(),
+                socket: a.try_clone().unwrap(),
+            });
+        }
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("2 virtio-fs devices for 1 slots"), "{e}");
     }
 }

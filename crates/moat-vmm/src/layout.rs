@@ -68,8 +68,10 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The first IRQ given to virtio-mmio devices; one per device, upwards.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// The last legacy IRQ line a device may use (the 8259 pair has 16).
-pub const VIRTIO_IRQ_LAST: u32 = 15;
+/// The last interrupt line a device may use: the I/O APIC's last pin
+/// (KVM's has 24; lines 16–23 reach it alone, not the 8259 pair, which
+/// the guest's ACPI-driven kernel does not use for them).
+pub const VIRTIO_IRQ_LAST: u32 = 23;
 
 /// Guest memory may not be smaller than this (page tables, zero page, a payload).
 pub const MIN_MEM_MIB: u64 = 2;

@@ -1,6 +1,7 @@
 //! Full Linux boots on the built-in VMM: Debian's cloud kernel (bzImage)
-//! with two vCPUs, a virtio disk and virtio-rng, to a busybox /init that
-//! loads the virtio modules, reads the disk and the rng, and reboots
+//! with two vCPUs, eleven virtio disks, virtio-rng (on interrupt line 16)
+//! and two empty virtio-fs slots, to a busybox /init that loads the virtio
+//! modules, reads the first and last disks and the rng, and reboots
 //! (i8042 reset). Where the CPU shows vmx or svm it runs on the host's KVM;
 //! elsewhere (this project's machines, whose KVM is the software-assisted
 //! PVM that boots a stock kernel only by slow emulation and dies partway)
@@ -38,6 +39,7 @@ done
 echo "moat-init: virtio devices: $($B ls /sys/bus/virtio/devices | $B tr '
 ' ' ')"
 echo "moat-init: vda=$($B head -c 16 /dev/vda)"
+echo "moat-init: vdk=$($B head -c 16 /dev/vdk)"
 echo "moat-init: rng=$($B cat /sys/class/misc/hw_random/rng_current)"
 echo "moat-init: rng bytes=$($B head -c 64 /dev/hwrng | $B od -An -v -tx1 | $B tr -d ' 
 ' | $B wc -c)"
@@ -81,10 +83,24 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd");
     initramfs(&initrd, INIT, Some(&release), &busybox);
-    let disk = dir.path().join("disk.img");
-    let mut image = vec![0u8; 1 << 20];
-    image[..16].copy_from_slice(b"MOAT-ROOT-MARKER");
-    std::fs::write(&disk, image).unwrap();
+    // Eleven disks, so that the entropy device after them takes line 16,
+    // the I/O APIC's first pin past the 8259s' (its reads wait for its
+    // interrupt); two virtio-fs slots left empty after it (placeholders,
+    // device ID 0: in the ACPI tables, skipped by the driver).
+    let disks: Vec<std::path::PathBuf> = (0..11)
+        .map(|i| {
+            let disk = dir.path().join(format!("disk{i}.img"));
+            let mut image = vec![0u8; 1 << 20];
+            let marker = if i == 0 {
+                b"MOAT-ROOT-MARKER"
+            } else {
+                b"MOAT-LAST-MARKER"
+            };
+            image[..16].copy_from_slice(marker);
+            std::fs::write(&disk, image).unwrap();
+            disk
+        })
+        .collect();
     let serial = tempfile::tempfile().unwrap();
     let reader = serial.try_clone().unwrap();
     let mut config = VmConfig::new(Kernel::Linux(kernel), 2, 256);
@@ -92,23 +108,30 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     config.cmdline = "console=ttyS0 panic=-1 quiet".into();
     config.serial_out = Some(serial);
     config.rng = true;
-    config.block = vec![BlockConfig {
-        path: disk,
-        read_only: true,
-        file: None,
-    }];
+    config.block = disks
+        .into_iter()
+        .map(|path| BlockConfig {
+            path,
+            read_only: true,
+            file: None,
+        })
+        .collect();
+    config.fs_slots = 2;
     let (reason, out) = run_bounded(Vm::new(config).unwrap(), reader);
     assert_eq!(reason, ExitReason::Reset, "serial:\n{out}");
     for want in [
         "moat-init: up on 2 cpus",
-        "moat-init: 2 virtio-mmio in ACPI",
-        "moat-init: virtio devices: virtio0 virtio1 ",
+        "moat-init: 14 virtio-mmio in ACPI",
+        "moat-init: virtio devices: virtio0 virtio1 virtio10 virtio11 virtio2 ",
         "moat-init: vda=MOAT-ROOT-MARKER",
+        "moat-init: vdk=MOAT-LAST-MARKER",
         "moat-init: rng=virtio_rng.0",
         "moat-init: rng bytes=128",
     ] {
         assert!(out.contains(want), "{want:?} missing; serial:\n{out}");
     }
+    // The placeholders are no devices.
+    assert!(!out.contains("virtio12"), "serial:\n{out}");
     assert!(!out.contains("failed"), "serial:\n{out}");
     // No i8042 declared, so no driver waiting on one that answers only its
     // reset command (half a second of the boot).

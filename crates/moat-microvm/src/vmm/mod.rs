@@ -119,11 +119,12 @@ impl GuestLink {
 }
 
 /// The virtio-fs slots of a guest moat's own VMM saves or restores: its
-/// read-write volumes (a pod's share among them), that many at most. The
-/// VM's eleven interrupt lines (`moat_vmm::layout`, 5–15) hold a saved
-/// guest's six disk slots, the entropy device, the agent's console, the
-/// network card and these two.
-pub const FS_SLOTS: usize = 2;
+/// read-write volumes (a pod's share among them), that many at most, as
+/// QEMU's share ports ([`qemu::SHARE_PORTS`]). The VM's nineteen
+/// interrupt lines (`moat_vmm::layout`, 5–23) hold a saved guest's six
+/// disk slots, the entropy device, the agent's console, the network card
+/// and these eight.
+pub const FS_SLOTS: usize = 8;
 
 /// Everything the VMM process needs, prepared by the runtime before the
 /// fork (so the VMM process opens nothing by path on the host).
