@@ -169,11 +169,11 @@ impl MicrovmTier {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,
             shared_file: &shared_file,
-            volume_ports: Some(if on_qemu {
+            volume_ports: if on_qemu {
                 vmm::qemu::SHARE_PORTS
             } else {
                 vmm::FS_SLOTS
-            }),
+            },
         };
         let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;

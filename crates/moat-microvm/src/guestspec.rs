@@ -39,8 +39,8 @@ pub const GUEST_ROOT: &str = "/run/vm/root";
 pub const MAX_FILE: u64 = 1 << 20;
 /// Most disks one container may have: QEMU's microvm offers eight
 /// virtio-mmio slots, and the agent channel and the entropy device take two.
-/// A read-write volume's share takes a slot too where it is a virtio-mmio
-/// device (moat's own VMM); on QEMU it is hot-added on a PCIe port instead
+/// A read-write volume's share takes none: it is hot-added on a PCIe port
+/// (QEMU) or fills a virtio-fs slot (moat's own VMM), as many of either
 /// ([`Probe::volume_ports`]).
 pub const MAX_DISKS: usize = 6;
 
@@ -194,8 +194,8 @@ pub struct Probe<'a> {
     pub shared_file: &'a dyn Fn(&Path) -> bool,
     /// Read-write volumes are not disk slots but cards on this many PCIe
     /// ports (QEMU: `VmmPlan::share_port`) or virtio-fs slots (moat's own
-    /// VMM: `VmmPlan::fs_slots`); `None`: each takes a disk slot.
-    pub volume_ports: Option<usize>,
+    /// VMM: `VmmPlan::fs_slots`).
+    pub volume_ports: usize,
 }
 
 /// The guest's config for `spec` (a config.json) whose root is `rootfs`.
@@ -223,25 +223,17 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     }
     config["mounts"] = Value::Array(out);
     let disks = plan.disks.len() + usize::from(!plan.group.is_empty());
-    match probe.volume_ports {
-        None if disks + plan.volumes.len() > MAX_DISKS => {
-            return Err(format!(
-                "{} disks and read-write volumes to share with the guest; the microvm tier on moat's own VMM takes at most {MAX_DISKS}",
-                disks + plan.volumes.len()
-            ));
-        }
-        Some(_) if disks > MAX_DISKS => {
-            return Err(format!(
-                "{disks} disks to share with the guest; the microvm tier takes at most {MAX_DISKS}"
-            ));
-        }
-        Some(ports) if plan.volumes.len() > ports => {
-            return Err(format!(
-                "{} read-write volumes; the microvm tier takes at most {ports}",
-                plan.volumes.len()
-            ));
-        }
-        _ => {}
+    if disks > MAX_DISKS {
+        return Err(format!(
+            "{disks} disks to share with the guest; the microvm tier takes at most {MAX_DISKS}"
+        ));
+    }
+    if plan.volumes.len() > probe.volume_ports {
+        return Err(format!(
+            "{} read-write volumes; the microvm tier takes at most {}",
+            plan.volumes.len(),
+            probe.volume_ports
+        ));
     }
     if let Some(hooks) = config.get("hooks").filter(|h| !h.is_null()) {
         if hooks["createContainer"]
@@ -590,7 +582,7 @@ mod tests {
         kind: &kinds,
         own_disk: &own,
         shared_file: &shared,
-        volume_ports: None,
+        volume_ports: 8,
     };
 
     fn spec(mounts: Value) -> Value {
@@ -776,22 +768,15 @@ mod tests {
         }
         assert_eq!(m[1]["source"], volume_mount(0));
         assert_eq!(m[2]["source"], volume_mount(1));
-        // Shares count against the device slots with the disks (moat's
-        // own VMM), or against the ports alone (QEMU).
+        // Shares count against the ports or slots alone, not the disks'.
         let volumes = |n: usize| -> Value {
             json!((0..n)
                 .map(|i| json!({"destination": format!("/d{i}"), "type": "bind", "source": format!("/dir/v{i}"), "options": ["rw"]}))
                 .collect::<Vec<_>>())
         };
-        let e = plan(&spec(volumes(MAX_DISKS)), Path::new("/r"), &PROBE).unwrap_err();
-        assert!(e.contains("read-write volumes") && !e.contains('\n'), "{e}");
-        let ported = Probe {
-            volume_ports: Some(8),
-            ..PROBE
-        };
-        let p = plan(&spec(volumes(8)), Path::new("/r"), &ported).unwrap();
+        let p = plan(&spec(volumes(8)), Path::new("/r"), &PROBE).unwrap();
         assert_eq!((p.disks.len(), p.volumes.len()), (1, 8));
-        let e = plan(&spec(volumes(9)), Path::new("/r"), &ported).unwrap_err();
+        let e = plan(&spec(volumes(9)), Path::new("/r"), &PROBE).unwrap_err();
         assert!(
             e.contains("9 read-write volumes") && e.contains("at most 8") && !e.contains('\n'),
             "{e}"
@@ -860,7 +845,7 @@ mod tests {
             },
             own_disk: &|_| false,
             shared_file: &|_| false,
-            volume_ports: None,
+            volume_ports: 8,
         };
         let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
         relocate(&mut plan, "/run/vm/pod/c1");
@@ -895,7 +880,7 @@ mod tests {
             kind: &|_: &Path| SourceKind::Dir,
             own_disk: &|_| false,
             shared_file: &|_| false,
-            volume_ports: None,
+            volume_ports: 8,
         };
         let mut plan = plan(&spec, Path::new("/x/rootfs"), &probe).unwrap();
         assert_eq!(plan.volumes.len(), 2);
