@@ -44,13 +44,18 @@ pub fn create_shared(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
         mib: mem_mib,
         source,
     };
-    let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(|e| err(e.into()))?;
-    let file = std::fs::File::from(fd);
-    file.set_len(mem_mib << 20).map_err(err)?;
+    let file = ram_memfd(mem_mib).map_err(err)?;
     map_file(&file, mem_mib, libc::MAP_SHARED)
         .map_err(err)
         .and_then(|m| register(vm, m))
+}
+
+/// An empty memfd of `mem_mib` MiB for guest RAM.
+fn ram_memfd(mem_mib: u64) -> std::io::Result<std::fs::File> {
+    let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let file = std::fs::File::from(fd);
+    file.set_len(mem_mib << 20)?;
+    Ok(file)
 }
 
 /// Maps `file`'s `mem_mib` MiB as guest RAM, the regions of [`ram_ranges`]
@@ -95,23 +100,11 @@ pub fn restore(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem
 pub fn restore_shared(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<GuestMem, VmmError> {
     use std::os::unix::fs::FileExt;
     let err = |e: std::io::Error| VmmError::snapshot("copy guest memory from the snapshot", e);
-    let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(|e| err(e.into()))?;
-    let ram = std::fs::File::from(fd);
-    ram.set_len(mem_mib << 20).map_err(err)?;
+    let ram = ram_memfd(mem_mib).map_err(err)?;
     // Written through the file, not the mapping: a page fault per page
     // costs more than the copy (and a fault zeroes the page first).
     let mut buf = vec![0u8; 1 << 20];
-    let end = mem_mib << 20;
-    let mut at = 0u64;
-    while at < end {
-        let (data, hole) = match data_extent(file, at) {
-            Ok(Some(extent)) => extent,
-            Ok(None) => break,
-            Err(e) => return Err(err(e)),
-        };
-        at = data.max(at);
-        let stop = hole.min(end);
+    for (mut at, stop) in data_extents(file, 0, mem_mib << 20).map_err(err)? {
         while at < stop {
             let n = ((stop - at) as usize).min(buf.len());
             file.read_exact_at(&mut buf[..n], at).map_err(err)?;
@@ -123,19 +116,31 @@ pub fn restore_shared(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<G
     register(vm, mem)
 }
 
-/// The extent of data at or after `from` in `file`: its start and its end
-/// (the next hole), or `None` past the last data. A file system that
-/// cannot tell (`EINVAL`) has data everywhere.
-pub(crate) fn data_extent(file: &std::fs::File, from: u64) -> std::io::Result<Option<(u64, u64)>> {
+/// The extents of `file` between offsets `start` and `end` that may hold
+/// data (`SEEK_DATA`, `SEEK_HOLE`), as offsets into the file: all of it
+/// where the file system cannot tell (`EINVAL`).
+fn data_extents(file: &std::fs::File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use rustix::fs::{seek, SeekFrom};
-    let data = match seek(file, SeekFrom::Data(from)) {
-        Ok(d) => d,
-        Err(rustix::io::Errno::NXIO) => return Ok(None),
-        Err(rustix::io::Errno::INVAL) => return Ok(Some((from, u64::MAX))),
-        Err(e) => return Err(e.into()),
-    };
-    let hole = seek(file, SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
-    Ok(Some((data, hole)))
+    let mut extents = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL) => {
+                extents.push((at, end));
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(data))?.min(end);
+        extents.push((data, hole));
+        at = hole;
+    }
+    Ok(extents)
 }
 
 /// The ranges of `region` (offsets into it) that may hold data: all of
@@ -149,22 +154,11 @@ pub fn data_ranges(region: &vm_memory::GuestRegionMmap) -> std::io::Result<Vec<(
         Some(f) if region.flags() & libc::MAP_SHARED != 0 => f,
         _ => return Ok(vec![(0, len)]),
     };
-    let (base, end) = (file.start(), file.start() + len);
-    let mut ranges = Vec::new();
-    let mut at = base;
-    while at < end {
-        let Some((data, hole)) = data_extent(file.file(), at)? else {
-            break;
-        };
-        let start = data.max(at);
-        if start >= end {
-            break;
-        }
-        let stop = hole.min(end);
-        ranges.push((start - base, stop - base));
-        at = stop;
-    }
-    Ok(ranges)
+    let base = file.start();
+    Ok(data_extents(file.file(), base, base + len)?
+        .into_iter()
+        .map(|(from, to)| (from - base, to - base))
+        .collect())
 }
 
 /// Hands each region of `mem` to KVM as a memory slot.

@@ -605,7 +605,10 @@ impl Base {
         })
     }
 
-    /// The VM, from its parts.
+    /// The VM, from its parts. Its virtio-fs devices, built hidden (a
+    /// restore checks and takes the saved state of slots saved empty with
+    /// them still placeholders), are shown now unless
+    /// [`VmConfig::fs_later`].
     fn assemble(
         self,
         config: &mut VmConfig,
@@ -619,6 +622,9 @@ impl Base {
             virtio.slots,
         ));
         let fs = FsHandle(virtio.fs.into());
+        if !config.fs_later {
+            fs.show()?;
+        }
         Ok(Vm {
             vcpus,
             bus,
@@ -647,15 +653,10 @@ impl Vm {
             memory::create_shared(&base.vm, config.mem_mib)?
         };
         let serial = SerialDevice::new(irq_line(&base.vm, SERIAL_IRQ)?, serial_out(&mut config));
-        let later = config.fs_later;
         let virtio = create_virtio(&base.vm, &mem, &mut config)?;
         let (entry, cmdline) = load_guest(&mem, &config, &virtio.described)?;
         let vcpus = create_vcpus(&base.kvm, &base.vm, &config, entry)?;
-        let vm = base.assemble(&mut config, (mem, serial, virtio), vcpus, cmdline)?;
-        if !later {
-            vm.fs.show()?;
-        }
-        Ok(vm)
+        base.assemble(&mut config, (mem, serial, virtio), vcpus, cmdline)
     }
 
     /// Builds a VM from `config` that carries on from the snapshot in
@@ -677,10 +678,6 @@ impl Vm {
         } else {
             memory::restore_shared(&base.vm, config.mem_mib, file)?
         };
-        let later = config.fs_later;
-        // Placeholders while the saved state is checked and taken: the
-        // slots were saved empty.
-        config.fs_later = true;
         let out = serial_out(&mut config);
         let serial = SerialDevice::restore(irq_line(&base.vm, SERIAL_IRQ)?, out, &state.serial)
             .map_err(|e| VmmError::snapshot("restore COM1", std::io::Error::other(e)))?;
@@ -707,11 +704,7 @@ impl Vm {
             snapshot::restore_vcpu(&fd, saved)?;
             vcpus.push(fd);
         }
-        let vm = base.assemble(&mut config, (mem, serial, virtio), vcpus, state.cmdline)?;
-        if !later {
-            vm.fs.show()?;
-        }
-        Ok(vm)
+        base.assemble(&mut config, (mem, serial, virtio), vcpus, state.cmdline)
     }
 
     /// A handle that shows this VM's hidden virtio-fs devices.

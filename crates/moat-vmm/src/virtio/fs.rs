@@ -277,11 +277,6 @@ impl FsSlot {
         }
     }
 
-    /// The device, open or hidden.
-    pub fn device(&self) -> Option<&Fs> {
-        self.fs.as_ref()
-    }
-
     /// Whether the slot holds a device not yet shown.
     pub fn is_hidden(&self) -> bool {
         self.fs.is_some() && !self.shown
