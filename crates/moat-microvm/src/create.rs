@@ -165,15 +165,16 @@ impl MicrovmTier {
         // on QEMU (`VmmPlan::share_port`), virtio-fs slots on moat's own
         // VMM (`VmmPlan::fs_slots`), as many of either.
         let on_qemu = matches!(host.backend, Backend::Qemu { .. });
+        let volume_room = if on_qemu {
+            vmm::qemu::SHARE_PORTS
+        } else {
+            vmm::FS_SLOTS
+        };
         let probe = guestspec::Probe {
             kind: &guestspec::source_kind,
             own_disk: &own_disk,
             shared_file: &shared_file,
-            volume_ports: if on_qemu {
-                vmm::qemu::SHARE_PORTS
-            } else {
-                vmm::FS_SLOTS
-            },
+            volume_ports: volume_room,
         };
         let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
@@ -209,13 +210,7 @@ impl MicrovmTier {
         // The pod's disk takes a slot, and its share another (moat's own
         // VMM) or a port (QEMU).
         let disks_used = plan.disks.len() + usize::from(!plan.group.is_empty());
-        let room = disks_used < guestspec::MAX_DISKS
-            && plan.volumes.len()
-                < if on_qemu {
-                    vmm::qemu::SHARE_PORTS
-                } else {
-                    vmm::FS_SLOTS
-                };
+        let room = disks_used < guestspec::MAX_DISKS && plan.volumes.len() < volume_room;
         let wanted = pod_sandbox && !rootless && crate::pod::wants_share(&spec_json) && room;
         // Without virtiofsd the pod still runs, its containers with
         // read-write volumes in VMs of their own (as a pod annotated
@@ -499,9 +494,10 @@ impl MicrovmTier {
                 },
             ),
         };
-        // On moat's own VMM, volumes fill virtio-fs slots every saved
-        // guest has (`VmmPlan::fs_slots`), as many as there are.
-        let slotted = !on_qemu && plan.volumes.len() <= vmm::FS_SLOTS;
+        // Volumes never keep a guest from its snapshot: they are hot-added
+        // on QEMU's share ports, or fill the virtio-fs slots every guest of
+        // moat's own VMM saves (`VmmPlan::fs_slots`), after the restore or
+        // the save (the plan allowed no more than either has).
         let offer = if more_interfaces > 0 && !hot_net {
             // A snapshot's guest has the one network device (moat's own
             // VMM, past the ports).
@@ -509,7 +505,7 @@ impl MicrovmTier {
                 why: "a guest with more than one network interface is not saved in snapshots"
                     .into(),
             }
-        } else if plan.volumes.is_empty() || share_port || slotted {
+        } else {
             snapshot::offer(
                 &self.cache_dir(),
                 &snapshot::Identity {
@@ -532,17 +528,6 @@ impl MicrovmTier {
                         .then_some((&guest.guest_disks[..], &guest.images[..])),
                 },
             )
-        } else {
-            // More volumes than slots, devices from the start (moat's own
-            // VMM): neither VMM saves a guest with vhost-user devices (the
-            // back-end's state is virtiofsd's, and each run's volume is
-            // another directory).
-            snapshot::Offer::None {
-                why: format!(
-                    "more than {} read-write volumes (virtio-fs) are not saved in snapshots on moat's own VMM",
-                    vmm::FS_SLOTS
-                ),
-            }
         };
         let prime = guest.shared && matches!(offer, snapshot::Offer::Save { .. });
         let snapshot_plan = match &offer {
