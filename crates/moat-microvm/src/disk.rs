@@ -96,6 +96,12 @@ pub fn cached(cache: &Path, source: &Path) -> Result<DiskImage, MicrovmError> {
     Ok(DiskImage { path, uuid })
 }
 
+/// Whether the process `pid` that named a build's files is this one or
+/// still runs.
+pub(crate) fn builder_lives(pid: u32) -> bool {
+    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Removes what builds by processes that no longer run left in `dir`
 /// (moat killed while it imaged a tree): their `<name>.<pid>.tmp` files
 /// and `<name>.<pid>.mnt` mount points (empty: the mount lived in the dead
@@ -116,7 +122,7 @@ pub(crate) fn sweep_dead_builds(dir: &Path) {
         let Some(pid) = stem.rsplit('.').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if builder_lives(pid) {
             continue;
         }
         let p = e.path();

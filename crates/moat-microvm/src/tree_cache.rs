@@ -117,10 +117,7 @@ fn trim(cache: &Path, keep: &Path) {
             continue;
         }
         if let Some(pid) = name.rsplit_once(".staging.").map(|(_, pid)| pid) {
-            let live = pid.parse::<u32>().is_ok_and(|pid| {
-                pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
-            });
-            if !live {
+            if !pid.parse::<u32>().is_ok_and(disk::builder_lives) {
                 let _ = std::fs::remove_file(&p);
             }
             continue;
