@@ -213,11 +213,17 @@ fn finalize(f: &Finalize) -> Result<Never, ProcessError> {
 /// Resolves the program and builds argv/env, before anything is dropped.
 fn prepare_exec(p: &Process) -> Result<(PathBuf, moat_sys::process::Exec), ProcessError> {
     let args = p.args().as_deref().unwrap_or(&[]);
-    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let mut env: Vec<String> = p.env().clone().unwrap_or_default();
     let prog = args
         .first()
         .ok_or_else(|| ProcessError::NotFound(String::new()))?;
     let path = find_program(prog, &env, p.cwd())?;
+    // As runc and crun do: a process given no HOME gets its user's home
+    // from the container's /etc/passwd, or `/` (engines leave HOME unset
+    // unless the image names one; programs from shells to pip read it).
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home_of(p.user().uid())));
+    }
     let c_path =
         CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ProcessError::Nul)?;
     let cstrings = |v: &[String]| {
@@ -364,6 +370,39 @@ pub fn check_program(p: &Process) -> Result<(), ProcessError> {
     }
 }
 
+/// The home directory of `uid` in the container's `/etc/passwd` (read
+/// from the current root, which is the container's by now), or `/`. Only a
+/// regular file is read (a FIFO there must not hang the start), and only
+/// its first MiB.
+fn home_of(uid: u32) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/etc/passwd")
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+        .and_then(|f| {
+            let mut buf = Vec::new();
+            f.take(1 << 20).read_to_end(&mut buf).ok().map(|_| buf)
+        })
+        .unwrap_or_default();
+    passwd_home(&String::from_utf8_lossy(&text), uid)
+        .unwrap_or("/")
+        .to_owned()
+}
+
+/// The home field of the first `/etc/passwd` entry of `uid`, if it has one.
+fn passwd_home(passwd: &str, uid: u32) -> Option<&str> {
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[2].parse::<u32>().is_ok_and(|u| u == uid))
+        .map(|f| f[5])
+        .filter(|h| !h.is_empty())
+}
+
 /// Finds `prog` like execvp, in the container's `$PATH` (relative to the
 /// current root, which is the container's by now).
 pub fn find_program(prog: &str, env: &[String], cwd: &Path) -> Result<PathBuf, ProcessError> {
@@ -392,6 +431,26 @@ pub fn find_program(prog: &str, env: &[String], cwd: &Path) -> Result<PathBuf, P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_comes_from_the_users_passwd_entry() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      # a comment\n\
+                      short:x:5\n\
+                      app:x:1000:1000::/home/app:/bin/sh\n\
+                      nohome:x:1001:1001:::/bin/sh\n\
+                      dup:x:1000:1000::/home/dup:/bin/sh\n";
+        assert_eq!(passwd_home(passwd, 0), Some("/root"));
+        assert_eq!(
+            passwd_home(passwd, 1000),
+            Some("/home/app"),
+            "the first entry"
+        );
+        assert_eq!(passwd_home(passwd, 1001), None, "an empty home field");
+        assert_eq!(passwd_home(passwd, 5), None, "a short line is no entry");
+        assert_eq!(passwd_home(passwd, 4242), None);
+        assert_eq!(passwd_home("", 0), None);
+    }
 
     #[test]
     fn finds_programs_in_path() {

@@ -348,6 +348,43 @@ fn hostname_env_cwd_rlimits() {
     assert_ne!(uts_host.trim(), "e2e-host", "host hostname untouched");
 }
 
+/// A process given no HOME gets its user's home from the container's
+/// /etc/passwd (the bundle's: root's /root, 1000's /tmp), or `/`, as under
+/// runc and crun; one it is given keeps it. The same for `exec`.
+#[test]
+fn home_defaults_to_the_users_passwd_entry() {
+    let Some(rt) = Rt::root_or_skip("home_defaults_to_the_users_passwd_entry") else {
+        return;
+    };
+    let home = |uid: u32, env: Option<&str>| {
+        let mut b = script("echo \"HOME=$HOME\"");
+        b.set("/process/user", json!({ "uid": uid, "gid": uid }));
+        if let Some(e) = env {
+            b.push("/process/env", json!(e));
+        }
+        rt.run_ok(&b)
+    };
+    assert_eq!(home(0, None), "HOME=/root\n");
+    assert_eq!(home(1000, None), "HOME=/tmp\n");
+    assert_eq!(home(4242, None), "HOME=/\n", "no passwd entry");
+    assert_eq!(home(1000, Some("HOME=/given")), "HOME=/given\n");
+    let b = script("sleep 30");
+    let c = rt.start_ok(&b);
+    let out = c
+        .exec(&["sh", "-c", "echo \"HOME=$HOME\""])
+        .expect_ok()
+        .stdout;
+    assert_eq!(out, "HOME=/root\n");
+    let out = c
+        .exec_opts(
+            &["--user", "1000:1000"],
+            &["sh", "-c", "echo \"HOME=$HOME\""],
+        )
+        .expect_ok()
+        .stdout;
+    assert_eq!(out, "HOME=/tmp\n");
+}
+
 #[test]
 fn user_groups_and_no_new_privs() {
     let Some(rt) = Rt::root_or_skip("user") else {
