@@ -178,6 +178,7 @@ impl MicrovmTier {
         };
         let mut plan = guestspec::plan(&spec_json, &req.config.rootfs, &probe)
             .map_err(RuntimeError::Invalid)?;
+        guestspec::inherit_rlimits(&mut plan.config["process"], &guestspec::host_rlimits());
         // startContainer hooks run in the guest, whose container is `w0`:
         // their state carries this container's ID. (Only then: a config
         // of its own per container would never match the held container

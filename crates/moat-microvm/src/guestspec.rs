@@ -293,6 +293,79 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     Ok(plan)
 }
 
+/// Every POSIX resource limit, by its OCI name.
+const RLIMITS: [(&str, rustix::process::Resource); 16] = {
+    use rustix::process::Resource as R;
+    [
+        ("RLIMIT_AS", R::As),
+        ("RLIMIT_CORE", R::Core),
+        ("RLIMIT_CPU", R::Cpu),
+        ("RLIMIT_DATA", R::Data),
+        ("RLIMIT_FSIZE", R::Fsize),
+        ("RLIMIT_LOCKS", R::Locks),
+        ("RLIMIT_MEMLOCK", R::Memlock),
+        ("RLIMIT_MSGQUEUE", R::Msgqueue),
+        ("RLIMIT_NICE", R::Nice),
+        ("RLIMIT_NOFILE", R::Nofile),
+        ("RLIMIT_NPROC", R::Nproc),
+        ("RLIMIT_RSS", R::Rss),
+        ("RLIMIT_RTPRIO", R::Rtprio),
+        ("RLIMIT_RTTIME", R::Rttime),
+        ("RLIMIT_SIGPENDING", R::Sigpending),
+        ("RLIMIT_STACK", R::Stack),
+    ]
+};
+
+/// The guest kernel's ceiling on open files (`fs.nr_open`, its default),
+/// which a hard limit on them cannot pass.
+const GUEST_NR_OPEN: u64 = 1 << 20;
+
+/// The calling process's resource limits, by OCI name (`u64::MAX` for
+/// unlimited, as OCI spells it), open files at most the guest's ceiling.
+pub fn host_rlimits() -> Vec<(&'static str, u64, u64)> {
+    RLIMITS
+        .iter()
+        .map(|&(name, res)| {
+            let l = rustix::process::getrlimit(res);
+            let (mut soft, mut hard) =
+                (l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX));
+            if res == rustix::process::Resource::Nofile {
+                (soft, hard) = (soft.min(GUEST_NR_OPEN), hard.min(GUEST_NR_OPEN));
+            }
+            (name, soft, hard)
+        })
+        .collect()
+}
+
+/// Gives an OCI `process` every resource limit it does not set, from
+/// `own` (the host runtime's, [`host_rlimits`]). Under runc and the
+/// container tier, a process inherits the limits its config leaves out
+/// from the runtime (the engine's: Docker's containers get containerd's
+/// open-file limit); in a guest they would be the guest kernel's defaults
+/// (1024 open files, a process limit derived from the guest's memory),
+/// which programs that check their limits at start refuse.
+pub fn inherit_rlimits(process: &mut Value, own: &[(&'static str, u64, u64)]) {
+    let Some(p) = process.as_object_mut() else {
+        return;
+    };
+    let list = p.entry("rlimits").or_insert_with(|| json!([]));
+    if !list.is_array() {
+        *list = json!([]);
+    }
+    let Some(list) = list.as_array_mut() else {
+        return;
+    };
+    let named: Vec<String> = list
+        .iter()
+        .filter_map(|r| r["type"].as_str().map(str::to_owned))
+        .collect();
+    for &(name, soft, hard) in own {
+        if !named.iter().any(|n| n == name) {
+            list.push(json!({ "type": name, "soft": soft, "hard": hard }));
+        }
+    }
+}
+
 /// Where a pod's VM keeps its emptyDir volumes ([`empty_dirs_in_guest`]).
 pub const POD_VOLUMES: &str = "/run/vm/pod-volumes";
 
@@ -595,6 +668,42 @@ mod tests {
             "annotations": {"dev.moat.isolation": "microvm", "keep": "yes"},
             "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/a"}, {"type": "ipc", "path": "/run/ipc/a"}, {"type": "pid"}]}
         })
+    }
+
+    #[test]
+    fn limits_the_config_leaves_out_are_the_runtimes() {
+        let own = [
+            ("RLIMIT_NOFILE", 3333, 4444),
+            ("RLIMIT_NPROC", u64::MAX, u64::MAX),
+            ("RLIMIT_CORE", 0, 0),
+        ];
+        let mut p = json!({ "args": ["true"],
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "soft": 10, "hard": 20 }] });
+        inherit_rlimits(&mut p, &own);
+        assert_eq!(
+            p["rlimits"],
+            json!([
+                { "type": "RLIMIT_NOFILE", "soft": 10, "hard": 20 },
+                { "type": "RLIMIT_NPROC", "soft": u64::MAX, "hard": u64::MAX },
+                { "type": "RLIMIT_CORE", "soft": 0, "hard": 0 },
+            ]),
+            "the config's own kept, the others added"
+        );
+        let mut p = json!({ "args": ["true"] });
+        inherit_rlimits(&mut p, &own);
+        assert_eq!(p["rlimits"].as_array().map(Vec::len), Some(3));
+        // Ours are every limit there is, open files within the guest's
+        // ceiling, soft never above hard.
+        let host = host_rlimits();
+        assert_eq!(host.len(), 16);
+        assert!(host.iter().all(|&(_, s, h)| s <= h));
+        let nofile = host.iter().find(|r| r.0 == "RLIMIT_NOFILE").unwrap();
+        assert!(nofile.2 <= GUEST_NR_OPEN);
+        // Each name parses as an OCI limit.
+        let mut p = json!({ "args": ["true"], "cwd": "/", "user": { "uid": 0, "gid": 0 } });
+        inherit_rlimits(&mut p, &host);
+        let parsed: oci_spec::runtime::Process = serde_json::from_value(p).unwrap();
+        assert_eq!(parsed.rlimits().as_ref().map(Vec::len), Some(16));
     }
 
     #[test]

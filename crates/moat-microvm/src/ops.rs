@@ -187,9 +187,12 @@ impl MicrovmTier {
             .console_size()
             .as_ref()
             .map_or((0, 0), |b| (b.height() as u16, b.width() as u16));
+        let mut process_json =
+            serde_json::to_value(process).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        // As `create`: the limits the process leaves out are ours.
+        crate::guestspec::inherit_rlimits(&mut process_json, &crate::guestspec::host_rlimits());
         let request = proto::ExecRequest {
-            process: serde_json::to_value(process)
-                .map_err(|e| RuntimeError::Invalid(e.to_string()))?,
+            process: process_json,
             rows,
             cols,
             container,

@@ -924,6 +924,117 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     assert_clean(&rt);
 }
 
+/// The soft and hard values of the `/proc/PID/limits` line of `name`.
+fn limit_of(limits: &str, name: &str) -> (String, String) {
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name:?} in {limits}"));
+    let mut v = rest.split_whitespace().map(str::to_owned);
+    (v.next().unwrap_or_default(), v.next().unwrap_or_default())
+}
+
+/// `moat ARGS` run by `prlimit LIMITS --`, so with those resource limits.
+fn cmd_limited(rt: &Rt, limits: &[&str], args: &[&str], stdout: Option<PathBuf>) -> Out {
+    let mut full: Vec<String> = limits.iter().map(|l| l.to_string()).collect();
+    full.push("--".into());
+    full.push(rt.bin.display().to_string());
+    full.extend(["--root".to_owned(), rt.root().display().to_string()]);
+    full.extend(args.iter().map(|a| a.to_string()));
+    let mut e = env();
+    e.extend(rt.env().iter().cloned());
+    run_binary(
+        Path::new("/usr/bin/prlimit"),
+        &full,
+        Opts {
+            env: e,
+            stdout,
+            ..Opts::default()
+        },
+        &rt.scratch_file("limited-stdout"),
+        &rt.scratch_file("limited-stderr"),
+    )
+}
+
+/// The resource limits a config leaves out are, in the guest as under
+/// runc, those of the runtime that made the process: `create`'s for the
+/// container, `exec`'s for an exec (Docker's containers get containerd's);
+/// they were the guest kernel's defaults (1024 open files, a process and
+/// pending-signal limit from the guest's memory). The config's own stay.
+#[test]
+fn limits_the_config_leaves_out_are_the_runtimes() {
+    let Some(rt) = rt("limits_the_config_leaves_out_are_the_runtimes") else {
+        return;
+    };
+    let show = "grep -E '^Max (open files|processes|pending signals)' /proc/self/limits";
+    let mut b = vm_bundle(&["sh", "-c", &format!("{show}; echo ready; sleep 60")]);
+    b.set(
+        "/process/rlimits",
+        serde_json::json!([{ "type": "RLIMIT_NOFILE", "soft": 1000, "hard": 2000 }]),
+    );
+    b.write_config();
+    let id = rt.new_id("lim");
+    let out = rt.scratch_file("lim-stdout");
+    let bundle = b.dir().display().to_string();
+    cmd_limited(
+        &rt,
+        &[
+            "--nproc=5555:6666",
+            "--sigpending=777:888",
+            "--nofile=3333:4444",
+        ],
+        &["create", "--bundle", &bundle, &id],
+        Some(out.clone()),
+    )
+    .expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(out),
+    };
+    ctr.start().expect_ok();
+    let first = ctr.wait_output("ready");
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        limit_of(&first, "Max open files"),
+        pair("1000", "2000"),
+        "{first}"
+    );
+    assert_eq!(
+        limit_of(&first, "Max processes"),
+        pair("5555", "6666"),
+        "{first}"
+    );
+    assert_eq!(
+        limit_of(&first, "Max pending signals"),
+        pair("777", "888"),
+        "{first}"
+    );
+    let ex = cmd_limited(
+        &rt,
+        &["--nproc=4321:5432", "--sigpending=999:1111"],
+        &["exec", &id, "sh", "-c", show],
+        None,
+    )
+    .expect_ok()
+    .stdout;
+    // An exec's process is the config's, its limits included (as runc's).
+    assert_eq!(
+        limit_of(&ex, "Max open files"),
+        pair("1000", "2000"),
+        "{ex}"
+    );
+    assert_eq!(limit_of(&ex, "Max processes"), pair("4321", "5432"), "{ex}");
+    assert_eq!(
+        limit_of(&ex, "Max pending signals"),
+        pair("999", "1111"),
+        "{ex}"
+    );
+    cmd(&rt, &["delete", "--force", &id]).expect_ok();
+    drop(ctr);
+    assert_clean(&rt);
+}
+
 /// `moat create` of bundle `b` as container `id` with a console socket.
 fn create_with_console(rt: &Rt, b: &Bundle, sock: &Path, id: &str) {
     let bundle = b.dir().display().to_string();

@@ -175,21 +175,44 @@ pub fn leave_initramfs() -> Result<(), AgentError> {
     })
 }
 
-/// Raises the agent's hard limits on processes and open files to the
-/// kernel's ceilings, which the container's runtime, a fork of the agent,
-/// inherits. The guest kernel derives init's process limit from the guest's
-/// memory (414 with 160 MiB), and the container's init sets its config's
-/// limits from inside its user namespace, where it cannot raise a hard
-/// limit: `moat run -m 64m` (moat's default of 1024 processes) failed in
-/// the guest. The host's runtime is root too and may raise its limits; the
-/// container's own limits still come from its config, and its pids cgroup
-/// bounds it either way.
+/// Raises the agent's hard limits to the kernel's ceilings (unlimited;
+/// open files to `fs.nr_open`), which the container's runtime, a fork of
+/// the agent, inherits. The container's init sets its config's limits from
+/// inside its user namespace, where it cannot raise a hard limit, and the
+/// guest kernel's own are low: init's process limit is derived from the
+/// guest's memory (414 with 160 MiB: `moat run -m 64m`, moat's default of
+/// 1024 processes, failed in the guest), its pending signals likewise. The
+/// host's runtime is root too and may raise its limits; the container's own
+/// limits still come from its config, which the host side completes with
+/// the host runtime's (`guestspec::inherit_rlimits`), and its cgroups bound
+/// it either way.
 pub fn raise_hard_limits() -> Result<(), AgentError> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok());
-    for (resource, ceiling) in [(Resource::Nproc, None), (Resource::Nofile, nr_open)] {
+    for resource in [
+        Resource::As,
+        Resource::Core,
+        Resource::Cpu,
+        Resource::Data,
+        Resource::Fsize,
+        Resource::Locks,
+        Resource::Memlock,
+        Resource::Msgqueue,
+        Resource::Nice,
+        Resource::Nofile,
+        Resource::Nproc,
+        Resource::Rss,
+        Resource::Rtprio,
+        Resource::Rttime,
+        Resource::Sigpending,
+        Resource::Stack,
+    ] {
+        let ceiling = match resource {
+            Resource::Nofile => nr_open,
+            _ => None,
+        };
         let soft = getrlimit(resource).current;
         setrlimit(
             resource,
