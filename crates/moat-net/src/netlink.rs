@@ -45,6 +45,7 @@ const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const IFA_BROADCAST: u16 = 4;
 const IFA_FLAGS: u16 = 8;
 const IFA_F_NODAD: u32 = 0x02;
 const RTA_DST: u16 = 1;
@@ -290,17 +291,34 @@ pub fn link_up_request(index: u32, mtu: Option<u32>, seq: u32) -> Vec<u8> {
 }
 
 /// RTM_NEWADDR: `ip/prefix` on interface `index`, without duplicate
-/// address detection (the link has two ends and we own both).
+/// address detection (the link has two ends and we own both). An IPv4
+/// address of a subnet with one gets the subnet's broadcast address, as
+/// `ip addr add … brd +`, Docker and the CNI plugins give theirs: without
+/// it the kernel makes no broadcast route, so a datagram to the subnet's
+/// broadcast address is neither received nor sent as one.
 pub fn add_addr_request(index: u32, ip: IpAddr, prefix: u8, seq: u32) -> Vec<u8> {
     let mut m = Msg::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, seq);
     // struct ifaddrmsg: family, prefixlen, flags, scope, index.
     m.bytes(&[family(ip), prefix, IFA_F_NODAD as u8, 0])
         .bytes(&index.to_ne_bytes());
     let a = octets(ip);
-    m.attr(IFA_LOCAL, &a)
-        .attr(IFA_ADDRESS, &a)
-        .attr(IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes());
+    m.attr(IFA_LOCAL, &a).attr(IFA_ADDRESS, &a);
+    if let Some(b) = broadcast_of(ip, prefix) {
+        m.attr(IFA_BROADCAST, &b.octets());
+    }
+    m.attr(IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes());
     m.finish()
+}
+
+/// The broadcast address of `ip`'s subnet: IPv4 with at least two host
+/// bits (a /31 or /32 has none).
+fn broadcast_of(ip: IpAddr, prefix: u8) -> Option<std::net::Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) if (1..=30).contains(&prefix) => {
+            Some((u32::from(v4) | (u32::MAX >> prefix)).into())
+        }
+        _ => None,
+    }
 }
 
 /// RTM_NEWROUTE: the default route via `gateway` out of interface `index`.
@@ -1136,6 +1154,16 @@ mod tests {
         assert_eq!(u32_at(&m, 20), 4);
         assert_eq!(u16_at(&m, 24), 20); // IFA_LOCAL with 16 bytes
         assert_eq!(u16_at(&m, 26), IFA_LOCAL);
+        // IPv4: the subnet's broadcast address after the address's two.
+        let m = add_addr_request(4, "172.17.0.2".parse().unwrap(), 16, 1);
+        assert_eq!((u16_at(&m, 40), u16_at(&m, 42)), (8, IFA_BROADCAST));
+        assert_eq!(&m[44..48], &[172, 17, 255, 255]);
+        let bc = |ip: &str, p| broadcast_of(ip.parse().unwrap(), p).map(|b| b.to_string());
+        assert_eq!(bc("10.0.2.15", 24).as_deref(), Some("10.0.2.255"));
+        assert_eq!(bc("10.1.2.1", 30).as_deref(), Some("10.1.2.3"));
+        assert_eq!(bc("10.1.2.4", 31), None);
+        assert_eq!(bc("10.1.2.4", 32), None);
+        assert_eq!(bc("fd00::1", 64), None);
         let r = default_route_request(4, "10.0.2.2".parse().unwrap(), 2);
         assert_eq!(u32_at(&r, 0) as usize, r.len());
         assert_eq!(r[16], AF_INET);

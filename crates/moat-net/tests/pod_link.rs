@@ -367,6 +367,31 @@ fn the_namespace_keeps_its_ports_beside_the_tap() {
     );
 }
 
+/// An IPv4 address moat adds gets its subnet's broadcast address: a
+/// datagram to 10.77.0.255 leaves the outside as a broadcast and the pod
+/// receives it (without the address, the sender asked ARP for it as for a
+/// neighbour, and the pod had no broadcast route to take it by).
+#[test]
+fn a_subnet_broadcast_is_sent_and_received() {
+    if skip() {
+        return;
+    }
+    let Pair { pod, outside, .. } = pair();
+    let rx = pod.run(|| {
+        let s = UdpSocket::bind(sa([0, 0, 0, 0], 5300)).unwrap();
+        s.set_read_timeout(Some(GUARD)).unwrap();
+        s
+    });
+    outside.run(|| {
+        let s = UdpSocket::bind(sa(OUTSIDE, 5301)).unwrap();
+        s.set_broadcast(true).unwrap();
+        s.send_to(b"to all", sa([10, 77, 0, 255], 5300)).unwrap();
+    });
+    let mut buf = [0u8; 16];
+    let (n, from) = rx.recv_from(&mut buf).expect("the subnet's broadcast");
+    assert_eq!((&buf[..n], from), (&b"to all"[..], sa(OUTSIDE, 5301)));
+}
+
 /// `tap0` (up, MTU 1400) in the calling thread's namespace, and `eth0`
 /// and it redirected to each other: its descriptor and index.
 fn tap0_redirected(nl: &mut Netlink, eth0: u32) -> (std::os::fd::OwnedFd, u32) {
