@@ -293,9 +293,10 @@ pub fn link_up_request(index: u32, mtu: Option<u32>, seq: u32) -> Vec<u8> {
 /// RTM_NEWADDR: `ip/prefix` on interface `index`, without duplicate
 /// address detection (the link has two ends and we own both). An IPv4
 /// address of a subnet with one gets the subnet's broadcast address, as
-/// `ip addr add … brd +`, Docker and the CNI plugins give theirs: without
-/// it the kernel makes no broadcast route, so a datagram to the subnet's
-/// broadcast address is neither received nor sent as one.
+/// `ip addr add … brd +`, Docker and the CNI plugins give theirs: the
+/// kernel routes the subnet's broadcast either way, but a program that
+/// asks the interface for its broadcast address (`getifaddrs`,
+/// `SIOCGIFBRDADDR`: service discovery, Samba's nmbd) found none.
 pub fn add_addr_request(index: u32, ip: IpAddr, prefix: u8, seq: u32) -> Vec<u8> {
     let mut m = Msg::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, seq);
     // struct ifaddrmsg: family, prefixlen, flags, scope, index.
