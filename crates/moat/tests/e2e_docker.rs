@@ -391,6 +391,29 @@ fn docker_daemon_json_runtimes_select_tiers() {
         lines.get(1).is_some_and(|k| *k != host.trim()),
         "the guest's own kernel: {vm:?}"
     );
+    // What the process inherits where Docker sets nothing is the same in
+    // a guest as under the container tier (and runc): HOME from the
+    // image's passwd, the resource limits of the runtime Docker ran (they
+    // were the guest kernel's: no HOME, 1024 open files).
+    let inherited = |rt: &str| {
+        dk.cmd(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--runtime",
+            rt,
+            "moatbb",
+            "sh",
+            "-c",
+            "echo HOME=$HOME; ulimit -Sn; ulimit -Hn; ulimit -u; ulimit -Hi",
+        ])
+        .expect_ok()
+        .stdout
+    };
+    let (container, vm) = (inherited("moat"), inherited("moat-vm-flag"));
+    assert!(container.starts_with("HOME=/"), "{container}");
+    assert_eq!(vm, container);
     // A program that cannot run: Docker's status as with runc (127 not
     // found, 126 not executable), which Docker reads from the runtime's
     // words (the container tier's said "executable \"x\" not found in
