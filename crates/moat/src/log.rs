@@ -32,10 +32,14 @@ pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) {
             .open(p)
             .ok()
     });
+    // The guest agent's `moat exec` (moat_microvm::agent::LOG_ONLY_ENV).
+    let stderr = file.is_none()
+        || std::env::var_os(moat_microvm::agent::LOG_ONLY_ENV).is_none_or(|v| v != "1");
     let layer = MoatLayer {
         file: file.map(Mutex::new),
         format,
         debug,
+        stderr,
     };
     let _ = tracing_subscriber::registry().with(layer).try_init();
 }
@@ -44,6 +48,9 @@ struct MoatLayer {
     file: Option<Mutex<std::fs::File>>,
     format: LogFormat,
     debug: bool,
+    /// Warnings and errors to stderr too (always, but for the guest
+    /// agent's `moat exec`, whose stderr is its process's).
+    stderr: bool,
 }
 
 /// The event's message and its other fields, `key=value` after it.
@@ -91,7 +98,7 @@ impl<S: Subscriber> Layer<S> for MoatLayer {
         let mut m = Message::default();
         event.record(&mut m);
         let msg = format!("{}{}", m.0, m.1).replace('\n', " ");
-        if level != Level::DEBUG {
+        if level != Level::DEBUG && self.stderr {
             let _ = writeln!(std::io::stderr().lock(), "{prefix}{msg}");
         }
         if level == Level::DEBUG && !self.debug {

@@ -896,6 +896,39 @@ fn oci_lifecycle_by_annotation_with_exec_and_kill() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // An exec whose program cannot start fails as the container tier's
+    // does: `exec` itself, its one error line on its stderr (not the
+    // program's exit status 1 and moat's line on the program's stderr,
+    // which Docker passed on as the exec's); detached, before any pid
+    // file (Docker says "OCI runtime exec failed" and 126, as for runc).
+    for (opts, prog, says) in [
+        (&[][..], "no-such-program", "executable file not found"),
+        (
+            &["--cwd", "/nowhere"][..],
+            "true",
+            "cannot chdir to /nowhere",
+        ),
+    ] {
+        let mut args = vec!["exec"];
+        args.extend_from_slice(opts);
+        args.extend([id.as_str(), prog]);
+        let ex = cmd(&rt, &args);
+        assert_eq!(ex.code, Some(1), "{ex:?}");
+        assert_eq!(
+            (ex.stdout.as_str(), ex.stderr.lines().count()),
+            ("", 1),
+            "{ex:?}"
+        );
+        assert!(ex.stderr.contains(says), "{ex:?}");
+        let _ = std::fs::remove_file(&pidf);
+        let mut args = vec!["exec", "--detach", "--pid-file", &pidf_s];
+        args.extend_from_slice(opts);
+        args.extend([id.as_str(), prog]);
+        let ex = cmd(&rt, &args);
+        assert_eq!(ex.code, Some(1), "{ex:?}");
+        assert!(ex.stderr.contains(says), "{ex:?}");
+        assert!(!pidf.exists(), "no pid file for an exec that never ran");
+    }
     let ps = cmd(&rt, &["ps", "--format", "json", &id]).expect_ok();
     assert_eq!(ps.json(), serde_json::json!([pid]));
     // Paused, the whole guest stops (the VMM's cgroup is frozen): what

@@ -20,6 +20,10 @@ mod serve;
 pub const SUBCOMMAND: &str = "microvm-agent";
 /// The moat binary in the initramfs.
 pub const GUEST_MOAT: &str = "/moat";
+/// Set to `1` for the guest's moat run by the agent: with `--log FILE`,
+/// its records go to FILE only, not to its stderr (an exec's stderr is
+/// the exec's process's; the agent reports a failed start from the log).
+pub const LOG_ONLY_ENV: &str = "MOAT_LOG_ONLY";
 /// The container tier's state root in the guest.
 pub const GUEST_STATE_ROOT: &str = "/run/moat";
 /// The container's ID in the guest (one container per VM).

@@ -200,6 +200,10 @@ pub struct Agent {
     /// goes regardless ([`Agent::check_joins`]). The loop serves the
     /// others meanwhile.
     joins_starting: BTreeMap<u32, Instant>,
+    /// Execs being started: channel → when their `Started` goes
+    /// regardless ([`Agent::check_execs`]). One whose runtime ends before
+    /// its process ran gets an `Error` instead ([`Agent::report_exits`]).
+    execs_starting: BTreeMap<u32, Instant>,
 }
 
 /// What waits for the container's process to have started.
@@ -269,6 +273,7 @@ impl Agent {
             deferred: Vec::new(),
             pod_disk: None,
             joins_starting: BTreeMap::new(),
+            execs_starting: BTreeMap::new(),
         })
     }
 
@@ -318,6 +323,7 @@ impl Agent {
             }
             let timeout = if self.procs.values().any(|p| !p.pending_signals.is_empty())
                 || !self.joins_starting.is_empty()
+                || !self.execs_starting.is_empty()
             {
                 PollTimeout::from(10u16)
             } else if self.procs.values().any(|p| p.status.is_some()) {
@@ -396,6 +402,7 @@ impl Agent {
             }
             self.deliver_pending();
             self.check_joins()?;
+            self.check_execs()?;
             self.report_exits()?;
         }
     }
@@ -436,6 +443,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Sends each starting exec's `Started` once its process runs: the
+    /// guest's `moat exec` writes the PID file after the program was
+    /// executed (as runc's, before it waits). Or after [`JOIN_START`].
+    fn check_execs(&mut self) -> Result<(), AgentError> {
+        if self.execs_starting.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .execs_starting
+            .iter()
+            .filter(|(chan, end)| exec_pid(**chan).is_some() || now >= **end)
+            .map(|(chan, _)| *chan)
+            .collect();
+        for chan in due {
+            self.execs_starting.remove(&chan);
+            self.answer(chan, Ok(false))?;
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, f: Frame) -> Result<(), AgentError> {
         match f.kind {
             Kind::Run => {
@@ -449,10 +477,17 @@ impl Agent {
                     r => self.answer(f.chan, r),
                 }
             }
+            // `Started` once its process runs ([`Agent::check_execs`]).
             Kind::Exec => {
                 let req: proto::ExecRequest = f.json()?;
-                let r = self.exec(f.chan, &req).map(|()| false);
-                self.answer(f.chan, r)
+                match self.exec(f.chan, &req) {
+                    Ok(()) => {
+                        self.execs_starting
+                            .insert(f.chan, Instant::now() + JOIN_START);
+                        Ok(())
+                    }
+                    Err(e) => self.answer(f.chan, Err(e)),
+                }
             }
             // `Started` once it runs ([`Agent::check_joins`]).
             Kind::Join => {
@@ -786,9 +821,14 @@ impl Agent {
         std::fs::write(&file, body).map_err(io(format!("write {file}")))?;
         let terminal = req.process["terminal"].as_bool().unwrap_or(false);
         let pid_file = exec_file(chan, "pid");
+        let log = exec_file(chan, "log");
         let args = [
             "--root",
             GUEST_STATE_ROOT,
+            "--log",
+            log.as_str(),
+            "--log-format",
+            "json",
             "exec",
             "--process",
             file.as_str(),
@@ -1169,8 +1209,31 @@ impl Agent {
                 ..proto::Exit::default()
             };
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            if self.execs_starting.remove(&id).is_some() {
+                // Its runtime ended; if its process never ran (no PID
+                // file), the exec failed: an error, as the container
+                // tier's `exec` and runc's fail, not an exit status of
+                // the program (Docker's `exec -w /nowhere` said 1, not
+                // "OCI runtime exec failed").
+                if exec_pid(id).is_none() {
+                    let message = last_error(&exec_file(id, "log"))
+                        .unwrap_or_else(|| format!("the exec's runtime exited with {}", exit.code));
+                    for ext in ["json", "pid", "log"] {
+                        let _ = std::fs::remove_file(exec_file(id, ext));
+                    }
+                    // 126, as Docker reports any exec that could not
+                    // start (the guest's `moat exec` exits 1 for all).
+                    let msg = proto::ErrorMsg {
+                        message,
+                        exec_status: Some(126),
+                    };
+                    self.send_json(Kind::Error, id, &msg)?;
+                    continue;
+                }
+                self.answer(id, Ok(false))?;
+            }
             if !p.main && !p.socket {
-                for ext in ["json", "pid"] {
+                for ext in ["json", "pid", "log"] {
                     let _ = std::fs::remove_file(exec_file(id, ext));
                 }
             }
@@ -1229,8 +1292,20 @@ fn exec_pid(chan: u32) -> Option<i32> {
         .filter(|pid| *pid > 1)
 }
 
+/// The message of the last error in a runtime's JSON log (`--log-format
+/// json`), if any.
+fn last_error(log: &str) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["level"] == "error")
+        .and_then(|v| v["msg"].as_str().map(str::to_owned))
+}
+
 /// The guest file of exec channel `chan` with extension `ext`: its
-/// process (`json`), its PID (`pid`, written by the guest's `moat exec`).
+/// process (`json`), its PID (`pid`, written by the guest's `moat exec`
+/// once the program runs), its runtime's log (`log`).
 fn exec_file(chan: u32, ext: &str) -> String {
     format!("/run/vm/exec-{chan}.{ext}")
 }
@@ -1243,6 +1318,9 @@ fn exec_moat(args: &[&str], stdio: [OwnedFd; 3]) -> Result<i32, AgentError> {
         .args(args)
         .env_clear()
         .env("PATH", GUEST_PATH)
+        // Its errors to its `--log` only: its stderr is the process's,
+        // and the agent reports a failed start itself.
+        .env(super::LOG_ONLY_ENV, "1")
         .stdin(Stdio::from(i))
         .stdout(Stdio::from(o))
         .stderr(Stdio::from(e))
