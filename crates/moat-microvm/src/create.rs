@@ -54,6 +54,10 @@ fn shown_host_path(source: &Path) -> bool {
 /// whose every rebuild would also mean a new primed snapshot.
 const VOLATILE_ETC: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 
+/// The container's writable layer in its state directory
+/// ([`disk::scratch`]).
+const SCRATCH: &str = "scratch.ext4";
+
 /// What a failed create must undo.
 pub(crate) struct Undo<'a> {
     pub tier: &'a MicrovmTier,
@@ -318,6 +322,21 @@ impl MicrovmTier {
             }
             None
         };
+        // The container's writable layer on a disk of its own, when its
+        // root is writable and its disks are its own (an engine's bundle,
+        // a `--read-write` root): a primed snapshot, for shared disks,
+        // holds its overlay in guest memory, mounted before the save; a
+        // pod's sandbox (the pause process) writes nothing.
+        let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
+        let scratch = if writable_root
+            && !guest.shared
+            && !pod_sandbox
+            && guest.disk_files.len() < guestspec::MAX_DISKS
+        {
+            Some(disk::scratch(&dir.join(SCRATCH))?)
+        } else {
+            None
+        };
         moat_core::steps::mark("microvm-guest-files");
         let terminal = spec_json["process"]["terminal"].as_bool().unwrap_or(false);
         let (rows, cols) = console_size(&spec_json);
@@ -439,6 +458,7 @@ impl MicrovmTier {
                     mount: v.mount.clone(),
                 })
                 .collect(),
+            scratch: scratch.as_ref().map(|(_, uuid)| uuid.clone()),
         };
         refuse_oversized("the container's config and the files it binds", &run)?;
         // With the console on, the kernel's messages carry times, the
@@ -561,6 +581,7 @@ impl MicrovmTier {
             vcpus: guest.vcpus,
             mem_mib: guest.mem_mib,
             disks: guest.disk_files,
+            scratch: scratch.map(|(f, _)| f),
             spare: guest.spare,
             // Without a snapshot to fit, the guest gets its own disks
             // only: each spare is a device the guest's kernel probes

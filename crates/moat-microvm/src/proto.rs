@@ -407,6 +407,12 @@ pub struct RunRequest {
     /// ([`crate::volumes`]).
     #[serde(default)]
     pub volumes: Vec<GuestVolume>,
+    /// The ext4 UUID of the container's writable layer, a disk of its own
+    /// ([`crate::disk::scratch`]): the overlay's upper layer goes there
+    /// rather than in guest memory. Not with a primed snapshot, whose
+    /// overlay was mounted before the save.
+    #[serde(default)]
+    pub scratch: Option<String>,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

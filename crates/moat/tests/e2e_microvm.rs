@@ -1068,6 +1068,88 @@ fn limits_the_config_leaves_out_are_the_runtimes() {
     assert_clean(&rt);
 }
 
+/// A writable root's writes go to a disk of the container's own, not to
+/// guest memory: 320 MiB written into the root of a guest of 512 MiB
+/// (whose tmpfs layer filled at half its RAM, ~235 MiB: `No space left on
+/// device`), a sparse file in the container's state that grows by what
+/// was written and goes with `delete`. Twice: booted cold (saving the
+/// plain snapshot) and restored from it.
+#[test]
+fn a_writable_roots_layer_is_a_disk_of_its_own() {
+    let Some(rt) = rt("a_writable_roots_layer_is_a_disk_of_its_own") else {
+        return;
+    };
+    let cache = private_cache("writable_layer");
+    for round in ["cold", "restored"] {
+        let mut b = vm_bundle(&[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=320 2>&1 | tail -1; sync; ls -l /big; df -k / | tail -1; echo written; sleep 60",
+        ]);
+        b.set("/root/readonly", serde_json::json!(false));
+        b.write_config();
+        let id = rt.new_id("rw");
+        let out = rt.scratch_file(&format!("{id}-stdout"));
+        let bundle = b.dir().display().to_string();
+        let mut e = env();
+        e.push(("MOAT_MICROVM_CACHE".into(), cache.display().to_string()));
+        let log = rt.scratch_file(&format!("{id}-log"));
+        let log_s = log.display().to_string();
+        rt.cmd_with(
+            &[
+                "--debug", "--log", &log_s, "create", "--bundle", &bundle, &id,
+            ],
+            Opts {
+                env: e.clone(),
+                stdout: Some(out.clone()),
+                ..Opts::default()
+            },
+        )
+        .expect_ok();
+        let ctr = Ctr {
+            rt: &rt,
+            id: id.clone(),
+            out: Some(out),
+        };
+        ctr.start().expect_ok();
+        let said = ctr.wait_output("written");
+        assert!(said.contains("335544320"), "{round}: {said}");
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let how = if round == "cold" {
+            "saved snapshot"
+        } else {
+            "restored from snapshot"
+        };
+        assert!(logged.contains(how), "{round}: {logged}");
+        // df's size: the 32 GiB disk's, not a tmpfs's 235 MiB.
+        let size_kib: u64 = said
+            .lines()
+            .find(|l| l.starts_with("overlay"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("{round}: no df line: {said}"));
+        assert!(size_kib > 30 << 20, "{round}: {said}");
+        let scratch = rt.root().join(&id).join("scratch.ext4");
+        let m = std::fs::metadata(&scratch).unwrap_or_else(|e| panic!("{round}: {e}"));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.len(), 32 << 30, "{round}: sparse, its full size");
+        assert!(
+            m.blocks() * 512 >= 320 << 20 && m.blocks() * 512 < 1 << 30,
+            "{round}: {} bytes taken on the host",
+            m.blocks() * 512
+        );
+        cmd(&rt, &["delete", "--force", &id]).expect_ok();
+        assert!(!scratch.exists(), "{round}: the layer goes with delete");
+        drop(ctr);
+    }
+    assert_eq!(
+        snapshots_in(&cache).len(),
+        1,
+        "the plain snapshot, saved once"
+    );
+    assert_clean(&rt);
+}
+
 /// `moat create` of bundle `b` as container `id` with a console socket.
 fn create_with_console(rt: &Rt, b: &Bundle, sock: &Path, id: &str) {
     let bundle = b.dir().display().to_string();

@@ -651,14 +651,22 @@ impl Agent {
                 super::trace("late modules");
                 mount_disks(&req.disks)?;
                 if let Some((lower, root)) = &overlay {
-                    mount_overlay(lower, root, RUN_RW)?;
+                    // Its upper layer on the container's own disk, or in
+                    // guest memory.
+                    let upper = match &req.scratch {
+                        Some(uuid) => Some(find_disk(uuid)?),
+                        None => None,
+                    };
+                    mount_overlay_over(lower, root, RUN_RW, upper.as_deref())?;
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
             }
             // The snapshot's identity holds the disks: a mismatch is a bug,
             // and the container must not see another run's files.
-            Some((disks, primed_overlay)) if *disks != req.disks || *primed_overlay != overlay => {
+            Some((disks, primed_overlay))
+                if *disks != req.disks || *primed_overlay != overlay || req.scratch.is_some() =>
+            {
                 return Err(AgentError::Request(
                     "the snapshot's disks are not this run's".into(),
                 ))
@@ -1560,11 +1568,12 @@ fn mount_volumes(
     Ok(())
 }
 
-/// Mounts each disk, found by its filesystem UUID, read-only.
-fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
+/// The guest's disks with these filesystem UUIDs, waiting up to 20 s for
+/// them to appear (the driver probes them as it loads): UUID → device.
+fn find_disks(uuids: &[&str]) -> BTreeMap<String, std::path::PathBuf> {
     let end = Instant::now() + Duration::from_secs(20);
     let mut found: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
-    while found.len() < disks.len() && Instant::now() < end {
+    while found.len() < uuids.len() && Instant::now() < end {
         if let Ok(rd) = std::fs::read_dir("/dev") {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -1575,11 +1584,25 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
                 }
             }
         }
-        if disks.iter().all(|d| found.contains_key(&d.uuid)) {
+        if uuids.iter().all(|u| found.contains_key(*u)) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    found
+}
+
+/// The guest's disk with filesystem UUID `uuid`.
+fn find_disk(uuid: &str) -> Result<std::path::PathBuf, AgentError> {
+    find_disks(&[uuid])
+        .remove(uuid)
+        .ok_or_else(|| AgentError::Request(format!("no disk with UUID {uuid}")))
+}
+
+/// Mounts each disk, found by its filesystem UUID, read-only.
+fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
+    let uuids: Vec<&str> = disks.iter().map(|d| d.uuid.as_str()).collect();
+    let found = find_disks(&uuids);
     for d in disks {
         let dev = found
             .get(&d.uuid)
@@ -1999,17 +2022,42 @@ fn own_root(root: &str, config: &serde_json::Value) -> Result<(), AgentError> {
         .map_err(io(format!("give {root} to the container's root")))
 }
 
+/// A writable root at `root`: an overlay of `lower` whose upper layer is
+/// a tmpfs at `rw` (guest memory).
 fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
+    mount_overlay_over(lower, root, rw, None)
+}
+
+/// [`mount_overlay`], the upper layer on the ext4 disk `disk` (the
+/// container's writable layer, `proto::RunRequest::scratch`, mounted
+/// read-write at `rw`) when given. `noinit_itable`: the host made the
+/// image sparse, its inode tables read as zeros, and the kernel's
+/// background zeroing would only write them out (and take the vCPU).
+fn mount_overlay_over(
+    lower: &str,
+    root: &str,
+    rw: &str,
+    disk: Option<&Path>,
+) -> Result<(), AgentError> {
     use nix::mount::{mount, MsFlags};
     std::fs::create_dir_all(rw).map_err(io(format!("create {rw}")))?;
-    mount(
-        Some("tmpfs"),
-        rw,
-        Some("tmpfs"),
-        MsFlags::MS_NODEV,
-        Some("mode=0755"),
-    )
-    .map_err(|e| AgentError::Sys {
+    let upper = match disk {
+        Some(dev) => mount(
+            Some(dev),
+            rw,
+            Some("ext4"),
+            MsFlags::MS_NODEV,
+            Some("noinit_itable"),
+        ),
+        None => mount(
+            Some("tmpfs"),
+            rw,
+            Some("tmpfs"),
+            MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+    };
+    upper.map_err(|e| AgentError::Sys {
         step: "mount the root's upper layer".into(),
         source: e,
     })?;

@@ -169,6 +169,7 @@ fn spawn(
         mem_mib: plan.mem_mib,
         agent_fd: theirs.as_raw_fd(),
         disk_fds: plan.disks.iter().map(|d| d.as_raw_fd()).collect(),
+        scratch_fd: plan.scratch.as_ref().map(|f| f.as_raw_fd()),
         incoming_fd: incoming.map(|f| f.as_raw_fd()),
         qmp_fd: qmp.as_ref().map(|(_, q)| q.as_raw_fd()),
         disk_slots: plan.disk_slots,
@@ -189,6 +190,7 @@ fn spawn(
     // QEMU inherits exactly these (everything else is close-on-exec).
     let mut inherit: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
         .chain(plan.disks.iter().map(|d| d.as_raw_fd()))
+        .chain(plan.scratch.iter().map(|d| d.as_raw_fd()))
         .chain(std::iter::once(plan.spare.as_raw_fd()))
         .collect();
     inherit.extend(incoming.map(|f| f.as_raw_fd()));
@@ -322,16 +324,20 @@ fn builtin_child(
     nix::unistd::dup2_stdout(console).map_err(|e| format!("stdout: {e}"))?;
     nix::unistd::dup2_stderr(console).map_err(|e| format!("stderr: {e}"))?;
     drop(null);
-    let spares = plan.disk_slots.saturating_sub(plan.disks.len());
+    let disks = plan.disks.len() + usize::from(plan.scratch.is_some());
+    let spares = plan.disk_slots.saturating_sub(disks);
+    // The writable layer after the images: the one disk the guest writes.
     let block = plan
         .disks
         .iter()
-        .chain(std::iter::repeat_n(&plan.spare, spares))
+        .map(|f| (f, true))
+        .chain(plan.scratch.iter().map(|f| (f, false)))
+        .chain(std::iter::repeat_n((&plan.spare, true), spares))
         .enumerate()
-        .map(|(i, f)| {
+        .map(|(i, (f, read_only))| {
             Ok(moat_vmm::BlockConfig {
                 path: format!("disk {i}").into(),
-                read_only: true,
+                read_only,
                 file: Some(Arc::new(
                     f.try_clone()
                         .map_err(|e| format!("duplicate disk {i}: {e}"))?,

@@ -138,6 +138,10 @@ pub struct VmmPlan {
     pub mem_mib: u64,
     /// Disk images, opened read-only, in the order the guest is told.
     pub disks: Vec<File>,
+    /// The container's writable layer, opened read-write
+    /// ([`crate::disk::scratch`]): the disk after `disks`, in a slot of
+    /// its own ([`proto::RunRequest::scratch`]).
+    pub scratch: Option<File>,
     /// A tiny empty image for unused disk slots.
     pub spare: File,
     pub disk_slots: usize,
@@ -309,6 +313,7 @@ fn start(
         plan.spare.as_raw_fd(),
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
+    keep.extend(plan.scratch.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     keep.extend(plan.more_net.iter().map(|n| n.as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));

@@ -34,6 +34,10 @@ pub struct QemuArgs {
     pub agent_fd: RawFd,
     /// Disk images, opened read-only.
     pub disk_fds: Vec<RawFd>,
+    /// The container's writable layer (`disk::scratch`), opened
+    /// read-write: the disk after `disk_fds`, the only one the guest may
+    /// write.
+    pub scratch_fd: Option<RawFd>,
     /// Restore from a migration stream on this descriptor.
     pub incoming_fd: Option<RawFd>,
     /// A QMP monitor on this connected socket (to save a snapshot).
@@ -201,13 +205,27 @@ impl QemuArgs {
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         push(&["-initrd", &self.initrd.to_string_lossy()]);
         push(&["-append", &self.cmdline]);
-        for i in 0..self.disk_slots.max(self.disk_fds.len()) {
-            let fd = self.disk_fds.get(i).copied().unwrap_or(self.spare_fd);
+        let disks = self.disk_fds.len() + usize::from(self.scratch_fd.is_some());
+        for i in 0..self.disk_slots.max(disks) {
+            let scratch = self.scratch_fd.filter(|_| i == self.disk_fds.len());
+            let fd = self
+                .disk_fds
+                .get(i)
+                .copied()
+                .or(scratch)
+                .unwrap_or(self.spare_fd);
             let set = i + 1;
+            // Read-write: opened so at once (QEMU would open it read-only
+            // first, which the one read-write descriptor cannot serve).
+            let ro = if scratch.is_some() {
+                "off,auto-read-only=off"
+            } else {
+                "on"
+            };
             push(&["-add-fd", &format!("fd={fd},set={set}")]);
             push(&[
                 "-drive",
-                &format!("id=vd{i},if=none,format=raw,readonly=on,file=/dev/fdset/{set}"),
+                &format!("id=vd{i},if=none,format=raw,readonly={ro},file=/dev/fdset/{set}"),
                 "-device",
                 &format!("virtio-blk-device,drive=vd{i}"),
             ]);
@@ -525,6 +543,7 @@ mod tests {
             mem_mib: 300,
             agent_fd: 5,
             disk_fds: vec![6, 7],
+            scratch_fd: None,
             incoming_fd: Some(9),
             qmp_fd: None,
             disk_slots: 3,
