@@ -649,15 +649,11 @@ impl Agent {
             None => {
                 boot::load_modules(boot::LATE_MODULES)?;
                 super::trace("late modules");
-                mount_disks(&req.disks)?;
+                let scratch = mount_disks(&req.disks, req.scratch.as_deref())?;
                 if let Some((lower, root)) = &overlay {
                     // Its upper layer on the container's own disk, or in
                     // guest memory.
-                    let upper = match &req.scratch {
-                        Some(uuid) => Some(find_disk(uuid)?),
-                        None => None,
-                    };
-                    mount_overlay_over(lower, root, RUN_RW, upper.as_deref())?;
+                    mount_overlay_over(lower, root, RUN_RW, scratch.as_deref())?;
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
@@ -708,7 +704,7 @@ impl Agent {
             return Err(AgentError::Request("the guest is already prepared".into()));
         }
         boot::load_modules(boot::LATE_MODULES)?;
-        mount_disks(&req.disks)?;
+        mount_disks(&req.disks, None)?;
         if let Some((lower, root)) = &req.overlay {
             mount_overlay(lower, root, RUN_RW)?;
         }
@@ -1592,17 +1588,26 @@ fn find_disks(uuids: &[&str]) -> BTreeMap<String, std::path::PathBuf> {
     found
 }
 
-/// The guest's disk with filesystem UUID `uuid`.
-fn find_disk(uuid: &str) -> Result<std::path::PathBuf, AgentError> {
-    find_disks(&[uuid])
-        .remove(uuid)
-        .ok_or_else(|| AgentError::Request(format!("no disk with UUID {uuid}")))
-}
-
-/// Mounts each disk, found by its filesystem UUID, read-only.
-fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
-    let uuids: Vec<&str> = disks.iter().map(|d| d.uuid.as_str()).collect();
-    let found = find_disks(&uuids);
+/// Mounts each disk, found by its filesystem UUID, read-only; finds the
+/// disk of the writable layer (`scratch`, its UUID) in the same pass.
+fn mount_disks(
+    disks: &[proto::GuestDisk],
+    scratch: Option<&str>,
+) -> Result<Option<std::path::PathBuf>, AgentError> {
+    let uuids: Vec<&str> = disks
+        .iter()
+        .map(|d| d.uuid.as_str())
+        .chain(scratch)
+        .collect();
+    let mut found = find_disks(&uuids);
+    let scratch = match scratch {
+        Some(u) => Some(
+            found
+                .remove(u)
+                .ok_or_else(|| AgentError::Request(format!("no disk with UUID {u}")))?,
+        ),
+        None => None,
+    };
     for d in disks {
         let dev = found
             .get(&d.uuid)
@@ -1611,7 +1616,7 @@ fn mount_disks(disks: &[proto::GuestDisk]) -> Result<(), AgentError> {
         set_read_ahead(dev);
         mount_image(dev, &d.mount)?;
     }
-    Ok(())
+    Ok(scratch)
 }
 
 /// Mounts the ext4 image on block device `dev` read-only at `at` (no
