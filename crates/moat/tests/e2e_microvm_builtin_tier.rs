@@ -659,7 +659,7 @@ fn bundle_config() -> serde_json::Value {
             "cwd": "/",
             "noNewPrivileges": true
         },
-        "root": {"path": format!("{BUNDLE}/rootfs"), "readonly": true},
+        "root": {"path": format!("{BUNDLE}/rootfs"), "readonly": false},
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
@@ -778,6 +778,23 @@ EOF
     check(exec.code == 3 && exec.stdout.trim() == "exec ran", || {
         format!("exec through the agent: {exec}")
     })?;
+    // Its root is writable and its own: the writes go to a disk of the
+    // container's (a sparse 32 GiB file in its state), which moat's VMM
+    // writes; not to guest memory.
+    let wrote = r.sh(
+        "moat exec vm1 sh -c 'dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null; sync; df -k / | tail -1' && du -k /run/moat/vm1/scratch.ext4",
+    )?;
+    let field = |line: Option<&str>, i: usize| -> u64 {
+        line.and_then(|l| l.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut lines = wrote.stdout.lines();
+    let (df_kib, du_kib) = (field(lines.next(), 1), field(lines.next(), 0));
+    check(
+        wrote.code == 0 && df_kib > 30 << 20 && du_kib >= 8 << 10,
+        || format!("the writable layer on its disk: {wrote}"),
+    )?;
     let killed = r.sh(r#"moat kill vm1 KILL
 i=0
 while [ $i -lt 600 ] && ! moat state vm1 | grep -q '"stopped"'; do i=$((i+1)); sleep 0.1; done
