@@ -325,12 +325,12 @@ impl MicrovmTier {
         // The container's writable layer on a disk of its own, when its
         // root is writable and its disks are its own (an engine's bundle,
         // a `--read-write` root): a primed snapshot, for shared disks,
-        // holds its overlay in guest memory, mounted before the save; a
-        // pod's sandbox (the pause process) writes nothing.
+        // holds its overlay in guest memory, mounted before the save. A
+        // pod's sandbox gets one for the writable layers of the containers
+        // that join its VM (the pause process writes nothing).
         let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
-        let scratch = if writable_root
+        let scratch = if (writable_root || pod_disk.is_some())
             && !guest.shared
-            && !pod_sandbox
             && guest.disk_files.len() < guestspec::MAX_DISKS
         {
             Some(disk::scratch(&dir.join(SCRATCH))?)

@@ -3200,6 +3200,7 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     );
     app.push("/mounts", shared.clone());
     app.push("/mounts", data_mount.clone());
+    app.set("/root/readonly", serde_json::json!(false));
     app.write_config();
     let app_id = rt.new_id("app");
     let a = create_as(&rt, &app, &app_id);
@@ -3232,6 +3233,27 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         cmd(&rt, &["exec", &app_id, "sh", "-c", &format!("cat {files}")]).stdout
     };
     assert_eq!(limits(), "9\nmax\n");
+    // Its writable root is on the pod VM's disk for writable layers (a
+    // sparse file in the sandbox's state), not in the pod's guest memory,
+    // whose tmpfs would fill at half its RAM.
+    let layer = rt.root().join(&pod_id).join("scratch.ext4");
+    let before = allocated(&layer);
+    let ex = cmd(
+        &rt,
+        &[
+            "exec",
+            &app_id,
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | tail -1; sync; ls -l /big; rm /big",
+        ],
+    );
+    assert!(ex.stdout.contains("314572800"), "{ex:?}");
+    assert!(
+        allocated(&layer) >= before + (300 << 20),
+        "{} bytes on the pod's layer disk",
+        allocated(&layer)
+    );
     cmd(
         &rt,
         &["update", "--pids-limit", "7", "--memory", "200m", &app_id],

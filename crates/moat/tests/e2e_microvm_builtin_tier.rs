@@ -782,7 +782,7 @@ EOF
     // container's (a sparse 32 GiB file in its state), which moat's VMM
     // writes; not to guest memory.
     let wrote = r.sh(
-        "moat exec vm1 sh -c 'dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null; sync; df -k / | tail -1' && du -k /run/moat/vm1/scratch.ext4",
+        "moat exec vm1 sh -c 'yes abcdefg | head -c 8388608 > /big; sync; df -k / | tail -1' && du -k /run/moat/vm1/scratch.ext4",
     )?;
     let field = |line: Option<&str>, i: usize| -> u64 {
         line.and_then(|l| l.split_whitespace().nth(i))

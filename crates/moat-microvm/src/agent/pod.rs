@@ -132,6 +132,19 @@ pub fn clean_up(dir: &str) {
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
     let _ = std::fs::remove_dir_all(dir);
+    // Its writable layer, when on the pod's disk (after its root's
+    // overlay is gone).
+    if let Some(id) = Path::new(dir).file_name().and_then(|n| n.to_str()) {
+        let _ = std::fs::remove_dir_all(joined_rw(id));
+    }
+}
+
+/// Where a joined container's writable layer (upper and work
+/// directories) lives when the pod's VM has a disk for writable layers
+/// (the run's `scratch`, mounted at the pod container's upper layer's
+/// place): beside the pause container's `upper`, never in it.
+pub fn joined_rw(id: &str) -> String {
+    format!("{}/joined/{id}", super::serve::RUN_RW)
 }
 
 #[cfg(test)]

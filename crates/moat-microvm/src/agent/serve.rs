@@ -180,6 +180,9 @@ pub struct Agent {
     procs: BTreeMap<u32, Proc>,
     sigfd: SignalFd,
     prepared: bool,
+    /// The run's writable layer is a disk (`RunRequest::scratch`, at
+    /// [`RUN_RW`]): a pod's joined containers put theirs there too.
+    rw_on_disk: bool,
     /// The disks (and the writable root: lower layer, root) mounted
     /// before the snapshot was saved (`Prime`).
     primed: Option<Primed>,
@@ -266,6 +269,7 @@ impl Agent {
             procs: BTreeMap::new(),
             sigfd,
             prepared: false,
+            rw_on_disk: false,
             primed: None,
             main_done: false,
             held: None,
@@ -653,7 +657,12 @@ impl Agent {
                 if let Some((lower, root)) = &overlay {
                     // Its upper layer on the container's own disk, or in
                     // guest memory.
-                    mount_overlay_over(lower, root, RUN_RW, scratch.as_deref())?;
+                    let upper = match &scratch {
+                        Some(dev) => Upper::Disk(dev),
+                        None => Upper::Memory,
+                    };
+                    mount_overlay_over(lower, root, RUN_RW, upper)?;
+                    self.rw_on_disk = scratch.is_some();
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
@@ -907,7 +916,12 @@ impl Agent {
                 pod::mount_regions(disk, &req.disks)?;
             }
             if let Some(lower) = &req.overlay_root {
-                mount_overlay(lower, &root, &format!("{dir}/rw"))?;
+                // On the pod's disk when its VM has one, else in memory.
+                if self.rw_on_disk {
+                    mount_overlay_over(lower, &root, &pod::joined_rw(&id), Upper::Dir)?;
+                } else {
+                    mount_overlay(lower, &root, &format!("{dir}/rw"))?;
+                }
                 own_root(&root, &config)?;
             }
             write_files(&req.files, &dir)?;
@@ -1658,7 +1672,7 @@ fn set_read_ahead(dev: &Path) {
 type Primed = (Vec<proto::GuestDisk>, Option<(String, String)>);
 
 /// The writable root's upper layer (a tmpfs).
-const RUN_RW: &str = "/run/vm/rw";
+pub(super) const RUN_RW: &str = "/run/vm/rw";
 /// Where the warm-up container's files are (gone after it).
 const WARM: &str = "/run/vm/warm";
 
@@ -2030,39 +2044,46 @@ fn own_root(root: &str, config: &serde_json::Value) -> Result<(), AgentError> {
 /// A writable root at `root`: an overlay of `lower` whose upper layer is
 /// a tmpfs at `rw` (guest memory).
 fn mount_overlay(lower: &str, root: &str, rw: &str) -> Result<(), AgentError> {
-    mount_overlay_over(lower, root, rw, None)
+    mount_overlay_over(lower, root, rw, Upper::Memory)
 }
 
-/// [`mount_overlay`], the upper layer on the ext4 disk `disk` (the
-/// container's writable layer, `proto::RunRequest::scratch`, mounted
-/// read-write at `rw`) when given. `noinit_itable`: the host made the
-/// image sparse, its inode tables read as zeros, and the kernel's
-/// background zeroing would only write them out (and take the vCPU).
-fn mount_overlay_over(
-    lower: &str,
-    root: &str,
-    rw: &str,
-    disk: Option<&Path>,
-) -> Result<(), AgentError> {
+/// Where an overlay's upper layer (and work directory) live, at `rw`.
+enum Upper<'a> {
+    /// A new tmpfs: guest memory.
+    Memory,
+    /// The ext4 disk at this device (the container's writable layer,
+    /// `proto::RunRequest::scratch`), mounted read-write.
+    /// `noinit_itable`: the host made the image sparse, its inode tables
+    /// read as zeros, and the kernel's background zeroing would only
+    /// write them out (and take the vCPU).
+    Disk(&'a Path),
+    /// A directory made on what is mounted there already (a pod's joined
+    /// container's, on the pod's disk).
+    Dir,
+}
+
+/// [`mount_overlay`] with the upper layer where `upper` says.
+fn mount_overlay_over(lower: &str, root: &str, rw: &str, upper: Upper) -> Result<(), AgentError> {
     use nix::mount::{mount, MsFlags};
     std::fs::create_dir_all(rw).map_err(io(format!("create {rw}")))?;
-    let upper = match disk {
-        Some(dev) => mount(
+    let mounted = match upper {
+        Upper::Disk(dev) => mount(
             Some(dev),
             rw,
             Some("ext4"),
             MsFlags::MS_NODEV,
             Some("noinit_itable"),
         ),
-        None => mount(
+        Upper::Memory => mount(
             Some("tmpfs"),
             rw,
             Some("tmpfs"),
             MsFlags::MS_NODEV,
             Some("mode=0755"),
         ),
+        Upper::Dir => Ok(()),
     };
-    upper.map_err(|e| AgentError::Sys {
+    mounted.map_err(|e| AgentError::Sys {
         step: "mount the root's upper layer".into(),
         source: e,
     })?;
