@@ -93,6 +93,10 @@ pub const VMM: &[(&str, &str)] = &[
     ("pwrite64", "disk writes (refused by read-only images)"),
     ("preadv", "disk reads"),
     ("pwritev", "disk writes"),
+    (
+        "fallocate",
+        "the writable layer's discards, holes punched in its file (`discard=unmap`)",
+    ),
     ("lseek", "disk size"),
     ("fsync", "disk flush"),
     (
@@ -201,6 +205,7 @@ pub const QEMU_ONLY: &[&str] = &[
     "fadvise64",
     "preadv",
     "pwritev",
+    "fallocate",
     "getsockopt",
     "setsockopt",
     "getpeername",
@@ -269,6 +274,10 @@ pub const BUILTIN_VCPU: &[(&str, &str)] = &[
     ),
     ("lseek", "virtio-blk positions in its image"),
     ("fdatasync", "virtio-blk's flush"),
+    (
+        "fallocate",
+        "virtio-blk's discard: a hole punched in the writable layer's file",
+    ),
     (
         "sendto",
         "the console's and the network card's transmits to their sockets",

@@ -795,6 +795,13 @@ EOF
         wrote.code == 0 && df_kib > 30 << 20 && du_kib >= 8 << 10,
         || format!("the writable layer on its disk: {wrote}"),
     )?;
+    // What the guest frees, moat's VMM punches out of the file (discard).
+    let freed =
+        r.sh("moat exec vm1 sh -c 'rm /big && sync' && du -k /run/moat/vm1/scratch.ext4")?;
+    let left_kib = field(freed.stdout.lines().next(), 0);
+    check(freed.code == 0 && left_kib + (6 << 10) <= du_kib, || {
+        format!("the writable layer after rm ({du_kib} KiB before): {freed}")
+    })?;
     let killed = r.sh(r#"moat kill vm1 KILL
 i=0
 while [ $i -lt 600 ] && ! moat state vm1 | grep -q '"stopped"'; do i=$((i+1)); sleep 0.1; done

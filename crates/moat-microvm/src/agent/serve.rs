@@ -2055,7 +2055,8 @@ enum Upper<'a> {
     /// `proto::RunRequest::scratch`), mounted read-write.
     /// `noinit_itable`: the host made the image sparse, its inode tables
     /// read as zeros, and the kernel's background zeroing would only
-    /// write them out (and take the vCPU).
+    /// write them out (and take the vCPU). `discard`: blocks the guest
+    /// frees go back to the host (the VMM punches them out of the file).
     Disk(&'a Path),
     /// A directory made on what is mounted there already (a pod's joined
     /// container's, on the pod's disk).
@@ -2072,7 +2073,7 @@ fn mount_overlay_over(lower: &str, root: &str, rw: &str, upper: Upper) -> Result
             rw,
             Some("ext4"),
             MsFlags::MS_NODEV,
-            Some("noinit_itable"),
+            Some("noinit_itable,discard"),
         ),
         Upper::Memory => mount(
             Some("tmpfs"),

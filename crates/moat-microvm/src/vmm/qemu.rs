@@ -217,8 +217,10 @@ impl QemuArgs {
             let set = i + 1;
             // Read-write: opened so at once (QEMU would open it read-only
             // first, which the one read-write descriptor cannot serve).
+            // Its discards punch holes in the file (the guest mounts it
+            // with `discard`).
             let ro = if scratch.is_some() {
-                "off,auto-read-only=off"
+                "off,auto-read-only=off,discard=unmap"
             } else {
                 "on"
             };

@@ -1,7 +1,9 @@
-//! virtio-blk over a raw image file: read, write (unless read-only), flush
-//! and get-id. Requests are served synchronously on the notifying vCPU's
-//! thread. Every sector range is checked against the image size, every
-//! length against [`MAX_REQUEST_BYTES`].
+//! virtio-blk over a raw image file: read, write, discard (the last two
+//! unless read-only), flush and get-id. Requests are served synchronously
+//! on the notifying vCPU's thread. Every sector range is checked against
+//! the image size, every length against [`MAX_REQUEST_BYTES`]; a discard
+//! punches a hole in the file (`FALLOC_FL_PUNCH_HOLE`), so a sparse image
+//! gives the host back what the guest freed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -24,10 +26,21 @@ const HEADER_LEN: u32 = 16;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+/// The most sectors one discard names (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Ranges per discard request.
+const MAX_DISCARD_SEG: u32 = 1;
+/// Discards start and end on 4 KiB (in sectors), the host's page and
+/// ext4's block.
+const DISCARD_ALIGNMENT: u32 = 8;
+/// `struct virtio_blk_discard_write_zeroes`: sector, sector count, flags.
+const DISCARD_SEGMENT_LEN: u64 = 16;
 /// Request status: success.
 pub const S_OK: u8 = 0;
 /// Request status: I/O error (also: out of range, read-only, malformed).
@@ -204,6 +217,7 @@ impl Block {
                 }
             }
             T_GET_ID => self.get_id(data_in, mem),
+            T_DISCARD if !self.read_only && data_in.is_empty() => self.discard(data_out, mem),
             T_IN | T_OUT => {
                 self.refused += 1;
                 Outcome::status(S_IOERR)
@@ -212,11 +226,68 @@ impl Block {
         }
     }
 
-    fn config(&self) -> [u8; 16] {
-        let mut c = [0u8; 16];
+    /// A discard: its one range (`MAX_DISCARD_SEG`) punched out of the
+    /// file. A range past the image, a count over [`MAX_DISCARD_SECTORS`],
+    /// more ranges than offered or a short segment: an I/O error; flags
+    /// (the unmap hint is for write-zeroes alone): unsupported.
+    fn discard(&mut self, bufs: &[Buffer], mem: &GuestMem) -> Outcome {
+        let c = Chain {
+            head: 0,
+            readable: bufs.to_vec(),
+            writable: Vec::new(),
+        };
+        let len = c.readable_len();
+        if len == 0
+            || !len.is_multiple_of(DISCARD_SEGMENT_LEN)
+            || len / DISCARD_SEGMENT_LEN > u64::from(MAX_DISCARD_SEG)
+        {
+            self.refused += 1;
+            return Outcome::status(S_IOERR);
+        }
+        let Ok(raw) = c.read_all(mem) else {
+            return Outcome::status(S_IOERR);
+        };
+        for seg in raw.chunks_exact(DISCARD_SEGMENT_LEN as usize) {
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&seg[..8]);
+            let sector = u64::from_le_bytes(s);
+            let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            if flags != 0 {
+                return Outcome::status(S_UNSUPP);
+            }
+            let bytes = u64::from(count) * SECTOR;
+            if count > MAX_DISCARD_SECTORS || !self.in_range(sector, bytes) {
+                self.refused += 1;
+                return Outcome::status(S_IOERR);
+            }
+            let punched = rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                sector * SECTOR,
+                bytes,
+            );
+            if punched.is_err() {
+                return Outcome::status(S_IOERR);
+            }
+        }
+        Outcome::status(S_OK)
+    }
+
+    /// `struct virtio_blk_config` up to the discard fields: capacity,
+    /// size_max (not offered), seg_max, geometry, blk_size and topology
+    /// (none), writeback, num_queues (not offered), then, offered with
+    /// `VIRTIO_BLK_F_DISCARD`, max_discard_sectors, max_discard_seg and
+    /// discard_sector_alignment.
+    fn config(&self) -> [u8; 48] {
+        let mut c = [0u8; 48];
         c[..8].copy_from_slice(&self.sectors.to_le_bytes());
-        // size_max (unused, not offered) then seg_max.
         c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        if !self.read_only {
+            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes());
+        }
         c
     }
 }
@@ -237,8 +308,12 @@ impl VirtioDevice for Block {
         DEVICE_ID_BLOCK
     }
     fn features(&self) -> u64 {
-        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
-        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+        let writes = if self.read_only {
+            VIRTIO_BLK_F_RO
+        } else {
+            VIRTIO_BLK_F_DISCARD
+        };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | writes
     }
     fn queue_count(&self) -> usize {
         1
@@ -325,6 +400,69 @@ mod tests {
             S_IOERR
         );
         assert_eq!(request(&mut d, &mut blk, 99, 0, 512).0, S_UNSUPP);
+    }
+
+    /// A discard request of one segment's bytes `seg`; its status.
+    fn discard(d: &mut Driver, blk: &mut Block, seg: &[u8]) -> u8 {
+        header(d, T_DISCARD, 0);
+        d.mem.write_slice(seg, GuestAddress(0x20000)).unwrap();
+        d.mem.write_obj(0xffu8, GuestAddress(0x12000)).unwrap();
+        d.desc(0, 0x10000, 16, F_NEXT, 1);
+        d.desc(1, 0x20000, seg.len() as u32, F_NEXT, 2);
+        d.desc(2, 0x12000, 1, F_WRITE, 0);
+        d.offer(0);
+        assert!(blk.process(0, &mut d.queue, &d.mem));
+        status(d)
+    }
+
+    fn segment(sector: u64, count: u32, flags: u32) -> Vec<u8> {
+        let mut v = sector.to_le_bytes().to_vec();
+        v.extend(count.to_le_bytes());
+        v.extend(flags.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn a_discard_punches_its_range_out_of_the_image() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, mut blk) = image(64);
+        let taken = || std::fs::metadata(dir.path().join("img")).unwrap().blocks();
+        let before = taken();
+        assert!(blk.features() & VIRTIO_BLK_F_DISCARD != 0);
+        let mut cfg = [0u8; 12];
+        blk.read_config(36, &mut cfg);
+        assert_eq!(cfg[..4], MAX_DISCARD_SECTORS.to_le_bytes());
+        assert_eq!(cfg[4..8], 1u32.to_le_bytes());
+        assert_eq!(cfg[8..12], 8u32.to_le_bytes());
+        let mut d = Driver::new();
+        assert_eq!(discard(&mut d, &mut blk, &segment(8, 16, 0)), S_OK);
+        assert_eq!(taken(), before - 16, "8 KiB given back to the host");
+        assert_eq!(request(&mut d, &mut blk, T_IN, 8, 512).0, S_OK);
+        let b: u8 = d.mem.read_obj(GuestAddress(0x20000)).unwrap();
+        assert_eq!(b, 0, "a discarded sector reads as zeros");
+        assert_eq!(request(&mut d, &mut blk, T_IN, 7, 512).0, S_OK);
+        let b: u8 = d.mem.read_obj(GuestAddress(0x20000)).unwrap();
+        assert_eq!(b, 7, "the sector before it is kept");
+        // Past the image, over the largest count, two segments, flags.
+        assert_eq!(discard(&mut d, &mut blk, &segment(60, 8, 0)), S_IOERR);
+        let over = segment(0, MAX_DISCARD_SECTORS + 1, 0);
+        assert_eq!(discard(&mut d, &mut blk, &over), S_IOERR);
+        let two = [segment(0, 8, 0), segment(16, 8, 0)].concat();
+        assert_eq!(discard(&mut d, &mut blk, &two), S_IOERR);
+        assert_eq!(discard(&mut d, &mut blk, &segment(0, 8, 0)[..12]), S_IOERR);
+        assert_eq!(discard(&mut d, &mut blk, &segment(0, 8, 1)), S_UNSUPP);
+        assert_eq!(taken(), before - 16, "nothing more punched");
+        // A read-only image offers none and refuses one.
+        let p = dir.path().join("img");
+        let mut ro = Block::open(&p, true, "ro").unwrap();
+        assert_eq!(ro.features() & VIRTIO_BLK_F_DISCARD, 0);
+        let mut cfg = [0xffu8; 12];
+        ro.read_config(36, &mut cfg);
+        assert_eq!(cfg, [0u8; 12]);
+        assert_eq!(discard(&mut d, &mut ro, &segment(0, 8, 0)), S_UNSUPP);
+        assert_eq!(request(&mut d, &mut ro, T_IN, 0, 512).0, S_OK);
+        let b: u8 = d.mem.read_obj(GuestAddress(0x20000)).unwrap();
+        assert_eq!(b, 7);
     }
 
     #[test]
