@@ -225,6 +225,14 @@ impl MicrovmTier {
             ]
         };
         let fds: Vec<_> = stdio.iter().map(|f| f.as_fd()).collect();
+        // Held from before the request: the agent answers once the process
+        // runs, and the process may already have written (its output comes
+        // straight through) when a signal for it arrives; pending, it is
+        // forwarded once we wait (the agent keeps it until the PID is
+        // known). Unblocked, it went to this process's own disposition.
+        forwarded_mask()
+            .thread_block()
+            .map_err(|e| MicrovmError::io("block the forwarded signals")(e.into()))?;
         let raw = RawMode::enter(terminal && opts.console_socket.is_none());
         let (sock, reply) = control::call(
             &path,
@@ -350,16 +358,23 @@ impl Drop for BlockedForFork {
 /// size changes aside): an attached `moat exec` and the stand-in of a
 /// detached one stand for the guest process, and a SIGTERM meant for it
 /// used to end them instead, the guest process living on.
-fn wait_forwarding(sock: std::os::fd::BorrowedFd) -> Result<Reply, control::ControlError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// The signals an exec's host process passes on to the guest process
+/// (not SIGWINCH: a terminal's size goes its own way).
+fn forwarded_mask() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
-    use nix::sys::signalfd::{SfdFlags, SignalFd};
     let mut mask = SigSet::empty();
     for s in moat_jail::supervise::FORWARDED {
         if s != Signal::SIGWINCH {
             mask.add(s);
         }
     }
+    mask
+}
+
+fn wait_forwarding(sock: std::os::fd::BorrowedFd) -> Result<Reply, control::ControlError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mask = forwarded_mask();
     let sys = |e: nix::Error| control::ControlError::Io(e.into());
     mask.thread_block().map_err(sys)?;
     let sfd =

@@ -3251,13 +3251,20 @@ fn a_pods_containers_join_its_sandboxs_vm() {
             &app_id,
             "sh",
             "-c",
-            "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | tail -1; sync; ls -l /big; rm /big",
+            "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | tail -1; sync; ls -l /big",
         ],
     );
     assert!(ex.stdout.contains("314572800"), "{ex:?}");
+    let full = allocated(&layer);
     assert!(
-        allocated(&layer) >= before + (300 << 20),
-        "{} bytes on the pod's layer disk",
+        full >= before + (300 << 20),
+        "{full} bytes on the pod's layer disk"
+    );
+    // Removed, it is given back (discards).
+    cmd(&rt, &["exec", &app_id, "sh", "-c", "rm /big && sync"]).expect_ok();
+    assert!(
+        allocated(&layer) + (256 << 20) < full,
+        "{} bytes on the pod's layer disk after rm",
         allocated(&layer)
     );
     cmd(
