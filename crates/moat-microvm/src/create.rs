@@ -329,12 +329,15 @@ impl MicrovmTier {
         // pod's sandbox gets one for the writable layers of the containers
         // that join its VM (the pause process writes nothing).
         let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
-        let scratch = if (writable_root || pod_disk.is_some())
-            && !guest.shared
-            && guest.disk_files.len() < guestspec::MAX_DISKS
-        {
+        let wants_layer = (writable_root || pod_disk.is_some()) && !guest.shared;
+        let scratch = if wants_layer && guest.disk_files.len() < guestspec::MAX_DISKS {
             Some(disk::scratch(&dir.join(SCRATCH))?)
         } else {
+            if wants_layer {
+                tracing::warn!(
+                    "microvm: no disk slot left for the root's writable layer: its writes stay in the guest's memory (at most half its RAM)"
+                );
+            }
             None
         };
         moat_core::steps::mark("microvm-guest-files");
