@@ -293,8 +293,9 @@ pub fn plan(spec: &Value, rootfs: &Path, probe: &Probe) -> Result<Plan, String> 
     Ok(plan)
 }
 
-/// Every POSIX resource limit, by its OCI name.
-const RLIMITS: [(&str, rustix::process::Resource); 16] = {
+/// Every POSIX resource limit, by its OCI name (the guest's agent raises
+/// each one's hard limit: `agent::boot::raise_hard_limits`).
+pub(crate) const RLIMITS: [(&str, rustix::process::Resource); 16] = {
     use rustix::process::Resource as R;
     [
         ("RLIMIT_AS", R::As),

@@ -353,11 +353,6 @@ impl Drop for BlockedForFork {
     }
 }
 
-/// Waits for the guest process's end on its exec connection `sock`,
-/// passing on the signals a runtime forwards as they arrive (a terminal's
-/// size changes aside): an attached `moat exec` and the stand-in of a
-/// detached one stand for the guest process, and a SIGTERM meant for it
-/// used to end them instead, the guest process living on.
 /// The signals an exec's host process passes on to the guest process
 /// (not SIGWINCH: a terminal's size goes its own way).
 fn forwarded_mask() -> nix::sys::signal::SigSet {
@@ -371,6 +366,11 @@ fn forwarded_mask() -> nix::sys::signal::SigSet {
     mask
 }
 
+/// Waits for the guest process's end on its exec connection `sock`,
+/// passing on the signals a runtime forwards as they arrive (a terminal's
+/// size changes aside): an attached `moat exec` and the stand-in of a
+/// detached one stand for the guest process, and a SIGTERM meant for it
+/// used to end them instead, the guest process living on.
 fn wait_forwarding(sock: std::os::fd::BorrowedFd) -> Result<Reply, control::ControlError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::signalfd::{SfdFlags, SignalFd};

@@ -191,24 +191,7 @@ pub fn raise_hard_limits() -> Result<(), AgentError> {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok());
-    for resource in [
-        Resource::As,
-        Resource::Core,
-        Resource::Cpu,
-        Resource::Data,
-        Resource::Fsize,
-        Resource::Locks,
-        Resource::Memlock,
-        Resource::Msgqueue,
-        Resource::Nice,
-        Resource::Nofile,
-        Resource::Nproc,
-        Resource::Rss,
-        Resource::Rtprio,
-        Resource::Rttime,
-        Resource::Sigpending,
-        Resource::Stack,
-    ] {
+    for &(_, resource) in &crate::guestspec::RLIMITS {
         let ceiling = match resource {
             Resource::Nofile => nr_open,
             _ => None,

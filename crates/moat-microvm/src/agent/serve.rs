@@ -1227,33 +1227,35 @@ impl Agent {
                 ..proto::Exit::default()
             };
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
+            // A starting exec whose runtime ended: if its process never
+            // ran (no PID file), the exec failed — an error, as the
+            // container tier's `exec` and runc's fail, not an exit status
+            // of the program (Docker's `exec -w /nowhere` said 1, not "OCI
+            // runtime exec failed"); else its `Started` before its `Exit`.
+            let mut failed_start = None;
             if self.execs_starting.remove(&id).is_some() {
-                // Its runtime ended; if its process never ran (no PID
-                // file), the exec failed: an error, as the container
-                // tier's `exec` and runc's fail, not an exit status of
-                // the program (Docker's `exec -w /nowhere` said 1, not
-                // "OCI runtime exec failed").
                 if exec_pid(id).is_none() {
-                    let message = last_error(&exec_file(id, "log"))
-                        .unwrap_or_else(|| format!("the exec's runtime exited with {}", exit.code));
-                    for ext in ["json", "pid", "log"] {
-                        let _ = std::fs::remove_file(exec_file(id, ext));
-                    }
-                    // 126, as Docker reports any exec that could not
-                    // start (the guest's `moat exec` exits 1 for all).
-                    let msg = proto::ErrorMsg {
-                        message,
-                        exec_status: Some(126),
-                    };
-                    self.send_json(Kind::Error, id, &msg)?;
-                    continue;
+                    failed_start = Some(last_error(&exec_file(id, "log")).unwrap_or_else(|| {
+                        format!("the exec's runtime exited with {}", exit.code)
+                    }));
+                } else {
+                    self.answer(id, Ok(false))?;
                 }
-                self.answer(id, Ok(false))?;
             }
             if !p.main && !p.socket {
                 for ext in ["json", "pid", "log"] {
                     let _ = std::fs::remove_file(exec_file(id, ext));
                 }
+            }
+            if let Some(message) = failed_start {
+                // 126, as Docker reports any exec that could not start
+                // (the guest's `moat exec` exits 1 for all).
+                let msg = proto::ErrorMsg {
+                    message,
+                    exec_status: Some(126),
+                };
+                self.send_json(Kind::Error, id, &msg)?;
+                continue;
             }
             if p.main {
                 super::trace("workload exited");

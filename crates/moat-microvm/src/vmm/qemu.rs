@@ -219,7 +219,7 @@ impl QemuArgs {
             // first, which the one read-write descriptor cannot serve).
             // Its discards punch holes in the file (the guest mounts it
             // with `discard`).
-            let ro = if scratch.is_some() {
+            let readonly = if scratch.is_some() {
                 "off,auto-read-only=off,discard=unmap"
             } else {
                 "on"
@@ -227,7 +227,7 @@ impl QemuArgs {
             push(&["-add-fd", &format!("fd={fd},set={set}")]);
             push(&[
                 "-drive",
-                &format!("id=vd{i},if=none,format=raw,readonly={ro},file=/dev/fdset/{set}"),
+                &format!("id=vd{i},if=none,format=raw,readonly={readonly},file=/dev/fdset/{set}"),
                 "-device",
                 &format!("virtio-blk-device,drive=vd{i}"),
             ]);
