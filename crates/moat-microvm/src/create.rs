@@ -74,6 +74,8 @@ pub(crate) struct Undo<'a> {
     pub pod_regions: Option<(PathBuf, Vec<(u64, u64)>)>,
     /// A pod's share, or a joined container's part of it.
     pub pod_share: Option<PathBuf>,
+    /// A kept writable layer this `create` made (`crate::layer`).
+    pub kept_layer: Option<PathBuf>,
     pub armed: bool,
 }
 
@@ -93,6 +95,7 @@ impl<'a> Undo<'a> {
             pod_link: None,
             pod_regions: None,
             pod_share: None,
+            kept_layer: None,
             armed: true,
         }
     }
@@ -143,6 +146,10 @@ impl Drop for Undo<'_> {
         if let Some(share) = &self.pod_share {
             // The VMM and the volume server are gone: nothing holds it.
             crate::pod::remove_share(share);
+        }
+        if let Some(img) = &self.kept_layer {
+            // Made for this container, which never ran: nothing in it.
+            crate::layer::remove(img);
         }
         // The jail's mount point, per-container images, the state.
         let _ = self.tier.sd.remove(self.id);
@@ -330,8 +337,29 @@ impl MicrovmTier {
         // that join its VM (the pause process writes nothing).
         let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
         let wants_layer = (writable_root || pod_disk.is_some()) && !guest.shared;
+        // Kept layers whose directory is gone go first, whatever this
+        // container's root.
+        crate::layer::sweep(&self.cache_dir().join(crate::layer::DIR));
+        let mut keep_layer = false;
         let scratch = if wants_layer && guest.disk_files.len() < guestspec::MAX_DISKS {
-            Some(disk::scratch(&dir.join(SCRATCH))?)
+            // Kept from one VM to the next when the root's writes are the
+            // engine's to keep (`crate::layer`): not a pod's, not a root
+            // moat made for one run.
+            let kept = if pod_disk.is_none() && !req.config.rootfs.starts_with(self.sd.root()) {
+                self.kept_layer(&req.config.rootfs)?
+            } else {
+                None
+            };
+            match kept {
+                Some(k) => {
+                    keep_layer = true;
+                    if k.made {
+                        undo.kept_layer = Some(k.path.clone());
+                    }
+                    Some((k.file, k.uuid))
+                }
+                None => Some(disk::scratch(&dir.join(SCRATCH), false)?),
+            }
         } else {
             if wants_layer {
                 tracing::warn!(
@@ -462,6 +490,7 @@ impl MicrovmTier {
                 })
                 .collect(),
             scratch: scratch.as_ref().map(|(_, uuid)| uuid.clone()),
+            keep_layer,
         };
         refuse_oversized("the container's config and the files it binds", &run)?;
         // With the console on, the kernel's messages carry times, the
@@ -789,6 +818,37 @@ impl MicrovmTier {
     }
 
     /// The guest's boot files and disks.
+    /// The kept writable layer of a root at `rootfs` (`crate::layer`).
+    /// None when the root
+    /// has no directory of its own that outlives its mounts, or another VM
+    /// holds the layer (then a warning: this VM's layer is its own).
+    fn kept_layer(&self, rootfs: &Path) -> Result<Option<crate::layer::Kept>, RuntimeError> {
+        let store = self.cache_dir().join(crate::layer::DIR);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(MicrovmError::io("read /proc/self/mountinfo"))?;
+        let Some(dir) = crate::layer::writable_dir(rootfs, &mountinfo) else {
+            return Ok(None);
+        };
+        match crate::layer::open(&store, &dir)? {
+            crate::layer::Opened::Kept(k) => {
+                tracing::debug!(
+                    "microvm: writable layer kept at {} ({} of {})",
+                    k.path.display(),
+                    if k.made { "new" } else { "found" },
+                    dir.display()
+                );
+                Ok(Some(k))
+            }
+            crate::layer::Opened::Busy => {
+                tracing::warn!(
+                    "microvm: another VM holds the writable layer of {}: this container's writes last only this VM",
+                    dir.display()
+                );
+                Ok(None)
+            }
+        }
+    }
+
     fn prepare_guest(
         &self,
         host: &HostChoice,

@@ -649,7 +649,17 @@ fn mkfs(populate: Option<&Path>, img: &Path, u: Usage, uuid: &str) -> Result<(),
     f.set_len(image_size(u))
         .map_err(MicrovmError::io(format!("size {}", img.display())))?;
     drop(f);
-    mke2fs(populate, img, Some(u.entries + 1024), uuid)
+    mke2fs(populate, img, Some(u.entries + 1024), uuid, Features::Plain)
+}
+
+/// What [`mke2fs`] puts in an image beyond the plain read-only one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Features {
+    /// No journal: an image that is never written, or never outlives its VM.
+    Plain,
+    /// A 32 MiB journal, not zeroed (`lazy_journal_init`: only for a new
+    /// sparse file, whose blocks read as zeros).
+    Journal,
 }
 
 /// How large a container's writable layer may grow ([`scratch`]): a
@@ -660,7 +670,11 @@ pub const SCRATCH_BYTES: u64 = 32 << 30;
 /// [`SCRATCH_BYTES`] at `path` (its own, never mounted on the host),
 /// opened read-write, with a random filesystem UUID (how the guest finds
 /// it among its disks). mke2fs writes about 1 MiB of it, in ~10 ms.
-pub fn scratch(path: &Path) -> Result<(std::fs::File, String), MicrovmError> {
+/// `journal`: a layer kept from one VM to the next ([`crate::layer`]) has
+/// one (32 MiB, left sparse: the new file reads as zeros), so that a VM
+/// killed mid-write leaves a consistent file system; one that dies with
+/// its VM needs none.
+pub fn scratch(path: &Path, journal: bool) -> Result<(std::fs::File, String), MicrovmError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let mut raw = [0u8; 16];
@@ -677,18 +691,25 @@ pub fn scratch(path: &Path) -> Result<(std::fs::File, String), MicrovmError> {
         .map_err(MicrovmError::io(format!("create {}", path.display())))?;
     f.set_len(SCRATCH_BYTES)
         .map_err(MicrovmError::io(format!("size {}", path.display())))?;
-    mke2fs(None, path, None, &uuid)?;
+    let features = if journal {
+        Features::Journal
+    } else {
+        Features::Plain
+    };
+    mke2fs(None, path, None, &uuid, features)?;
     Ok((f, uuid))
 }
 
-/// `mke2fs` of the file `img` (sized already): ext4 without a journal,
-/// `inodes` of them (the default ratio without), its root directory
-/// root's, `populate`'s tree copied in (`-d`) if given.
+/// `mke2fs` of the file `img` (sized already): ext4 without a journal
+/// unless `features` asks for one, `inodes` of them (the default ratio
+/// without), its root directory root's, `populate`'s tree copied in
+/// (`-d`) if given.
 fn mke2fs(
     populate: Option<&Path>,
     img: &Path,
     inodes: Option<u64>,
     uuid: &str,
+    features: Features,
 ) -> Result<(), MicrovmError> {
     let source_dir = populate.unwrap_or(img).to_owned();
     let dashed = format!(
@@ -703,8 +724,18 @@ fn mke2fs(
     cmd.args([
         "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "moat",
     ])
-    .args(["-O", "^has_journal,^resize_inode"])
-    .args(["-U", &dashed, "-E", "lazy_itable_init=1,root_owner=0:0"]);
+    .args(["-U", &dashed]);
+    match features {
+        Features::Plain => cmd
+            .args(["-O", "^has_journal,^resize_inode"])
+            .args(["-E", "lazy_itable_init=1,root_owner=0:0"]),
+        Features::Journal => cmd
+            .args(["-O", "has_journal,^resize_inode", "-J", "size=32"])
+            .args([
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+            ]),
+    };
     if let Some(n) = inodes {
         cmd.args(["-N", &n.to_string()]);
     }

@@ -32,6 +32,7 @@ mod create;
 pub mod disk;
 pub mod guestspec;
 pub mod jail;
+pub mod layer;
 mod ops;
 mod pod;
 pub mod podnet;

@@ -299,7 +299,7 @@ pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A mountinfo field with its `\NNN` octal escapes (space, tab, newline,
 /// backslash) undone.
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -413,6 +413,11 @@ pub struct RunRequest {
     /// overlay was mounted before the save.
     #[serde(default)]
     pub scratch: Option<String>,
+    /// The writable layer outlives this VM (`crate::layer`): the agent
+    /// syncs it before it reports the container's exit (the host ends the
+    /// VM on that report).
+    #[serde(default)]
+    pub keep_layer: bool,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

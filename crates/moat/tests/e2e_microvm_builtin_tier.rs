@@ -779,10 +779,11 @@ EOF
         format!("exec through the agent: {exec}")
     })?;
     // Its root is writable and its own: the writes go to a disk of the
-    // container's (a sparse 32 GiB file in its state), which moat's VMM
+    // container's (a sparse 32 GiB file kept beside the cache while the
+    // bundle's rootfs is there; create's log names it), which moat's VMM
     // writes; not to guest memory.
     let wrote = r.sh(
-        "moat exec vm1 sh -c 'yes abcdefg | head -c 8388608 > /big; sync; df -k / | tail -1' && du -k /run/moat/vm1/scratch.ext4",
+        "L=$(grep -o 'writable layer kept at [^ ]*' /tmp/vm1.log | cut -d' ' -f5); echo \"$L\" > /tmp/vm1.layer; moat exec vm1 sh -c 'yes abcdefg | head -c 8388608 > /big; sync; df -k / | tail -1' && du -k \"$L\"",
     )?;
     let field = |line: Option<&str>, i: usize| -> u64 {
         line.and_then(|l| l.split_whitespace().nth(i))
@@ -795,9 +796,16 @@ EOF
         wrote.code == 0 && df_kib > 30 << 20 && du_kib >= 8 << 10,
         || format!("the writable layer on its disk: {wrote}"),
     )?;
-    // What the guest frees, moat's VMM punches out of the file (discard).
-    let freed =
-        r.sh("moat exec vm1 sh -c 'rm /big && sync' && du -k /run/moat/vm1/scratch.ext4")?;
+    // What the guest frees, moat's VMM punches out of the file (discard:
+    // the guest's ext4 issues it after the journal's commit, from a worker
+    // of its own, so after `sync` returns: polled, at most 60 s).
+    let freed = r.sh(&format!(
+        r#"L=$(cat /tmp/vm1.layer); moat exec vm1 sh -c 'rm /big && sync' || exit 1
+i=0
+while [ $i -lt 600 ] && [ $(du -k "$L" | cut -f1) -gt {} ]; do i=$((i+1)); sleep 0.1; done
+du -k "$L""#,
+        du_kib.saturating_sub(6 << 10)
+    ))?;
     let left_kib = field(freed.stdout.lines().next(), 0);
     check(freed.code == 0 && left_kib + (6 << 10) <= du_kib, || {
         format!("the writable layer after rm ({du_kib} KiB before): {freed}")

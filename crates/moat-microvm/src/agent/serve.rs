@@ -183,6 +183,9 @@ pub struct Agent {
     /// The run's writable layer is a disk (`RunRequest::scratch`, at
     /// [`RUN_RW`]): a pod's joined containers put theirs there too.
     rw_on_disk: bool,
+    /// That disk outlives the VM (`RunRequest::keep_layer`): synced before
+    /// the container's exit is reported.
+    keep_layer: bool,
     /// The disks (and the writable root: lower layer, root) mounted
     /// before the snapshot was saved (`Prime`).
     primed: Option<Primed>,
@@ -270,6 +273,7 @@ impl Agent {
             sigfd,
             prepared: false,
             rw_on_disk: false,
+            keep_layer: false,
             primed: None,
             main_done: false,
             held: None,
@@ -663,6 +667,7 @@ impl Agent {
                     };
                     mount_overlay_over(lower, root, RUN_RW, upper)?;
                     self.rw_on_disk = scratch.is_some();
+                    self.keep_layer = req.keep_layer && scratch.is_some();
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
@@ -1260,6 +1265,13 @@ impl Agent {
             if p.main {
                 super::trace("workload exited");
                 self.main_done = true;
+                if self.keep_layer {
+                    // The host ends the VM on the report below: what the
+                    // container wrote reaches the kept layer's file first
+                    // (under runc it is in the host's page cache already).
+                    sync_layer();
+                    super::trace("layer synced");
+                }
                 // From the runtime, which had the cgroup at hand (loading
                 // the container's state for it here took ~12 ms under
                 // TCG); from the state when the runtime did not say.
@@ -2106,6 +2118,19 @@ fn mount_overlay_over(lower: &str, root: &str, rw: &str, upper: Upper) -> Result
         step: format!("mount the writable root on {root}"),
         source: e,
     })
+}
+
+/// Writes back the writable layer's disk at [`RUN_RW`] (`syncfs`: its
+/// data, its journal, and a flush of the disk's cache, which the VMM
+/// passes on to the host file). A failure is said on the console; the
+/// exit is still reported.
+fn sync_layer() {
+    let synced = std::fs::File::open(RUN_RW)
+        .map_err(|e| e.to_string())
+        .and_then(|d| rustix::fs::syncfs(&d).map_err(|e| e.to_string()));
+    if let Err(e) = synced {
+        eprintln!("moat-agent: cannot sync the writable layer: {e}");
+    }
 }
 
 /// Where the per-run files live in the guest.

@@ -1,0 +1,548 @@
+//! A container's writable layer kept from one of its VMs to the next.
+//!
+//! Under runc a container writes into its root directory on the host: an
+//! engine's snapshot (Docker's and Podman's overlay `diff`, containerd's
+//! snapshot, a vfs directory), which outlives the container's process, so
+//! `docker stop` then `docker start` (or a restart policy) finds what the
+//! container wrote. A microVM's root is a read-only image of that directory
+//! under an overlay in the guest whose upper layer is an ext4 disk
+//! ([`crate::disk::scratch`]); made per `create`, it went with `delete`,
+//! and what the container had written with it.
+//!
+//! The layer of a root whose writable directory is not moat's own (not
+//! under its state root) is therefore **kept**: `layers/<key>.ext4` in the
+//! microVM cache, keyed by the host path of that directory, with a record
+//! (`<key>.json`: the path and its inode). The next `create` of a container
+//! on the same directory attaches the same layer; the guest syncs it before
+//! reporting the container's exit (`proto::RunRequest::keep_layer`). A kept
+//! layer goes when its directory has gone (the engine removed the container:
+//! `docker rm`) or was made anew (another inode), found by the [`sweep`]
+//! every `create` runs first. A layer in use is locked (`flock`, held by the
+//! VMM through its descriptor): a second container on the same directory at
+//! the same time gets a layer of its own, for that VM only, with a warning.
+//!
+//! The host never mounts a layer, nor reads more of it than its superblock's
+//! magic number and UUID (the guest finds the disk by its UUID).
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{disk, MicrovmError};
+
+/// The kept layers' directory in the microVM cache.
+pub const DIR: &str = "layers";
+
+/// What a kept layer belongs to.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    /// The host directory that holds the container's writes under runc.
+    dir: PathBuf,
+    /// Its inode when the layer was made: a directory made anew at the same
+    /// path (another container) does not get the old one's layer.
+    ino: u64,
+}
+
+/// A kept layer, locked for this container's VM.
+#[derive(Debug)]
+pub struct Kept {
+    /// Open read-write; its `flock` lasts as long as this descriptor (the
+    /// VMM's copy of it) is open.
+    pub file: File,
+    /// The file system's UUID, 32 hex digits.
+    pub uuid: String,
+    /// `layers/<key>.ext4`.
+    pub path: PathBuf,
+    /// Made by this `create`: removed if the `create` fails.
+    pub made: bool,
+}
+
+/// What [`open`] found.
+#[derive(Debug)]
+pub enum Opened {
+    Kept(Kept),
+    /// Another VM holds the layer of this directory.
+    Busy,
+}
+
+/// The host directory whose contents a container on `rootfs` writes under
+/// runc, by a path that outlives the container's mounts: `rootfs` itself
+/// when it is a plain directory (Docker's and Podman's vfs, a bundle's
+/// rootfs); an overlay's upper directory when `rootfs` is an overlay's
+/// mount point (Docker's and Podman's overlay drivers, containerd's
+/// overlayfs snapshotter: an engine unmounts, and may remove, the mount
+/// point when the container stops, never the upper directory); the same
+/// directory by another mount's path when `rootfs` is a bind mount
+/// (containerd's native snapshotter). None when there is none such (an
+/// overlay without an upper directory, a bind mount of what no other mount
+/// shows): the layer then lasts one VM.
+pub fn writable_dir(rootfs: &Path, mountinfo: &str) -> Option<PathBuf> {
+    let r = rootfs.canonicalize().ok()?;
+    let mounts: Vec<Mount> = mountinfo.lines().filter_map(Mount::parse).collect();
+    // The last mount listed at a point is the one on top.
+    let Some(m) = mounts.iter().rev().find(|m| m.point == r) else {
+        return Some(r);
+    };
+    if m.fstype == "overlay" {
+        let upper = m
+            .options
+            .split(',')
+            .find_map(|o| o.strip_prefix("upperdir="))?;
+        let upper = PathBuf::from(unescape(upper));
+        // Docker's overlay2 and containers/storage name the layers relative
+        // to their driver's home (`<home>/<id>/merged`) when the absolute
+        // paths would not fit the mount's options.
+        let upper = if upper.is_absolute() {
+            upper
+        } else {
+            r.parent()?.parent()?.join(upper)
+        };
+        return upper.is_dir().then_some(upper);
+    }
+    let here = std::fs::metadata(&r).ok()?;
+    mounts
+        .iter()
+        .filter(|o| o.dev == m.dev && !o.point.starts_with(&r))
+        .filter_map(|o| Some(o.point.join(m.root.strip_prefix(&o.root).ok()?)))
+        .find(|p| {
+            std::fs::metadata(p)
+                .is_ok_and(|md| md.is_dir() && md.dev() == here.dev() && md.ino() == here.ino())
+        })
+}
+
+/// One line of `/proc/self/mountinfo`, the fields [`writable_dir`] reads.
+struct Mount {
+    /// `major:minor` of the file system.
+    dev: String,
+    /// The mount's root within its file system.
+    root: PathBuf,
+    point: PathBuf,
+    fstype: String,
+    /// The file system's (super block's) options.
+    options: String,
+}
+
+impl Mount {
+    fn parse(line: &str) -> Option<Mount> {
+        let (head, tail) = line.split_once(" - ")?;
+        let f: Vec<&str> = head.split(' ').collect();
+        let t: Vec<&str> = tail.split(' ').collect();
+        Some(Mount {
+            dev: (*f.get(2)?).to_string(),
+            root: PathBuf::from(unescape(f.get(3)?)),
+            point: PathBuf::from(unescape(f.get(4)?)),
+            fstype: (*t.first()?).to_string(),
+            options: (*t.get(2)?).to_string(),
+        })
+    }
+}
+
+/// A mountinfo field with its `\NNN` octal escapes undone.
+fn unescape(field: &str) -> String {
+    crate::pod::unescape_mountinfo(field)
+}
+
+/// The kept layer of `dir` (from [`writable_dir`]) in `store`, made if there
+/// is none yet, and locked.
+pub fn open(store: &Path, dir: &Path) -> Result<Opened, MicrovmError> {
+    let ino = std::fs::metadata(dir)
+        .map_err(MicrovmError::io(format!("stat {}", dir.display())))?
+        .ino();
+    disk::ensure_dir(store)?;
+    let key = &disk::hex(&Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..32];
+    let img = store.join(format!("{key}.ext4"));
+    let rec_path = store.join(format!("{key}.json"));
+    let want = Record {
+        dir: dir.to_owned(),
+        ino,
+    };
+    // A few rounds: another `create` may make, or the sweep remove, the
+    // same layer at the same time.
+    for _ in 0..4 {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+        {
+            Ok(file) => {
+                if !lock(&file)? {
+                    return Ok(Opened::Busy);
+                }
+                // Still the file at that name (not one a sweep removed
+                // between the open and the lock)?
+                if !same_file(&file, &img) {
+                    continue;
+                }
+                if read_record(&rec_path).as_ref() == Some(&want) {
+                    let uuid = superblock_uuid(&file, &img)?;
+                    return Ok(Opened::Kept(Kept {
+                        file,
+                        uuid,
+                        path: img,
+                        made: false,
+                    }));
+                }
+                // Another directory's at the same path (made anew), or a
+                // `create` died between the image and its record: its
+                // writes are no container's now.
+                remove(&img);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = store.join(format!("{key}.{}.new", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                let (file, uuid) = disk::scratch(&tmp, true).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })?;
+                // A new file: nobody else can hold it.
+                lock(&file)?;
+                if let Err(e) = write_record(&rec_path, &want) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                match rename_new(&tmp, &img) {
+                    Ok(true) => {
+                        return Ok(Opened::Kept(Kept {
+                            file,
+                            uuid,
+                            path: img,
+                            made: true,
+                        }))
+                    }
+                    // Another `create` made it first: take that one.
+                    Ok(false) => {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(MicrovmError::io(format!("open {}", img.display()))(e)),
+        }
+    }
+    Err(MicrovmError::Invalid(format!(
+        "the kept writable layer {} changed under this create four times",
+        img.display()
+    )))
+}
+
+/// Removes the kept layer at `img` (`layers/<key>.ext4`) and its record.
+pub fn remove(img: &Path) {
+    let _ = std::fs::remove_file(img);
+    let _ = std::fs::remove_file(img.with_extension("json"));
+}
+
+/// Removes the kept layers whose directory is gone or was made anew, but
+/// not one a VM holds; and the half-made layers of `create`s that died.
+pub fn sweep(store: &Path) {
+    let Ok(entries) = std::fs::read_dir(store) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if let Some(pid) = name
+            .strip_suffix(".new")
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let alive = read_record(&path).is_some_and(|r| {
+            std::fs::metadata(&r.dir).is_ok_and(|m| m.is_dir() && m.ino() == r.ino)
+        });
+        if alive {
+            continue;
+        }
+        let img = path.with_extension("ext4");
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+        {
+            // Held by a VM (whose directory went while it ran): left for
+            // a later sweep.
+            Ok(f) if !lock(&f).unwrap_or(false) => {}
+            _ => remove(&img),
+        }
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: false when another descriptor holds it.
+fn lock(f: &File) -> Result<bool, MicrovmError> {
+    match rustix::fs::flock(
+        f.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    ) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(MicrovmError::io("lock a kept writable layer")(e.into())),
+    }
+}
+
+fn same_file(f: &File, path: &Path) -> bool {
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn read_record(path: &Path) -> Option<Record> {
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Writes `rec` at `path` whole or not at all (a new file renamed over).
+fn write_record(path: &Path, rec: &Record) -> Result<(), MicrovmError> {
+    let tmp = path.with_extension(format!("json.{}", std::process::id()));
+    let text = serde_json::to_vec(rec).map_err(|e| MicrovmError::Invalid(e.to_string()))?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            MicrovmError::io(format!("write {}", path.display()))(e)
+        })
+}
+
+/// Renames `from` to `to` unless `to` exists: false when it does.
+fn rename_new(from: &Path, to: &Path) -> Result<bool, MicrovmError> {
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(e) => Err(MicrovmError::io(format!("rename {}", from.display()))(
+            e.into(),
+        )),
+    }
+}
+
+/// Where ext4's super block starts, and its fields [`superblock_uuid`] reads.
+const SUPERBLOCK: u64 = 1024;
+const MAGIC_AT: usize = 0x38;
+const UUID_AT: usize = 0x68;
+const EXT4_MAGIC: u16 = 0xEF53;
+
+/// The UUID in the ext4 super block of the layer `f` (at `img`): the guest
+/// wrote this file, so it is checked to be ext4 at all; an error names the
+/// file (removing it starts the container from its image's root again).
+fn superblock_uuid(f: &File, img: &Path) -> Result<String, MicrovmError> {
+    let mut sb = [0u8; 0x78];
+    f.read_exact_at(&mut sb, SUPERBLOCK)
+        .map_err(MicrovmError::io(format!("read {}", img.display())))?;
+    if u16::from_le_bytes([sb[MAGIC_AT], sb[MAGIC_AT + 1]]) != EXT4_MAGIC {
+        return Err(MicrovmError::Invalid(format!(
+            "the container's kept writable layer {} is not an ext4 file system any more (remove it to start from the image's root)",
+            img.display()
+        )));
+    }
+    Ok(disk::hex(&sb[UUID_AT..UUID_AT + 16]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writable_directory_of_a_plain_overlay_and_bound_root() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        for p in [
+            "home/c1/diff",
+            "home/c1/merged",
+            "snap/5",
+            "bundle/rootfs",
+            "plain",
+        ] {
+            std::fs::create_dir_all(base.join(p)).unwrap();
+        }
+        let b = base.display();
+        // Mountinfo lines as the kernel writes them (the mounts themselves
+        // are not made: a bind mount is checked by its inode, which the
+        // test's directories give through the plain paths below).
+        let info = format!(
+            "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+             90 22 0:77 / {b}/home/c1/merged rw,relatime - overlay overlay rw,lowerdir=/l/1:/l/2,upperdir={b}/home/c1/diff,workdir={b}/home/c1/work\n\
+             91 22 0:78 / {b}/home/c2/merged rw,relatime - overlay overlay rw,lowerdir=l/A,upperdir=c1/diff,workdir=c1/work\n\
+             92 22 254:0 {b}/snap/5 {b}/bundle/rootfs rw,relatime - ext4 /dev/vda rw\n"
+        );
+        // A plain directory is its own.
+        assert_eq!(
+            writable_dir(&base.join("plain"), &info),
+            Some(base.join("plain"))
+        );
+        // An overlay's mount point: its upper directory, by an absolute or
+        // a relative (to the driver's home) path.
+        assert_eq!(
+            writable_dir(&base.join("home/c1/merged"), &info),
+            Some(base.join("home/c1/diff"))
+        );
+        std::fs::create_dir_all(base.join("home/c2/merged")).unwrap();
+        assert_eq!(
+            writable_dir(&base.join("home/c2/merged"), &info),
+            Some(base.join("home/c1/diff"))
+        );
+        // A bind mount (here not made: the "mount point" is a directory of
+        // its own, another inode than the source's, so no path of the
+        // root file system shows the same directory).
+        assert_eq!(writable_dir(&base.join("bundle/rootfs"), &info), None);
+        // An overlay without an upper directory: none.
+        let ro = format!(
+            "22 1 254:0 / / rw - ext4 /dev/vda rw\n93 22 0:79 / {b}/plain ro - overlay overlay ro,lowerdir=/a:/b\n"
+        );
+        assert_eq!(writable_dir(&base.join("plain"), &ro), None);
+        // Missing: none.
+        assert_eq!(writable_dir(&base.join("nowhere"), &info), None);
+    }
+
+    /// Real mounts, as an engine makes them (in a mount namespace of a
+    /// child's own): an overlay and a bind mount, read back through the
+    /// kernel's own `/proc/self/mountinfo`.
+    #[test]
+    fn the_writable_directory_of_real_overlay_and_bind_mounts() {
+        use nix::mount::{mount, MsFlags};
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        for p in [
+            "l",
+            "c/diff",
+            "c/work",
+            "c/merged",
+            "snap/5",
+            "bundle/rootfs",
+        ] {
+            std::fs::create_dir_all(base.join(p)).unwrap();
+        }
+        let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
+            let none: Option<&str> = None;
+            if mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).is_err() {
+                return 10;
+            }
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                base.join("l").display(),
+                base.join("c/diff").display(),
+                base.join("c/work").display()
+            );
+            let merged = base.join("c/merged");
+            if mount(
+                Some("overlay"),
+                &merged,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+            .is_err()
+            {
+                return 11;
+            }
+            let rootfs = base.join("bundle/rootfs");
+            if mount(
+                Some(&base.join("snap/5")),
+                &rootfs,
+                none,
+                MsFlags::MS_BIND,
+                none,
+            )
+            .is_err()
+            {
+                return 12;
+            }
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            if writable_dir(&merged, &info) != Some(base.join("c/diff")) {
+                return 1;
+            }
+            if writable_dir(&rootfs, &info) != Some(base.join("snap/5")) {
+                return 2;
+            }
+            0
+        })
+        .unwrap();
+        assert_eq!(
+            code, 0,
+            "1: the overlay's, 2: the bind mount's; 1x: a mount failed"
+        );
+    }
+
+    #[test]
+    fn a_kept_layer_is_found_again_locked_and_swept_with_its_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("layers");
+        let dir = d.path().join("upper");
+        std::fs::create_dir(&dir).unwrap();
+        let Opened::Kept(first) = open(&store, &dir).unwrap() else {
+            panic!("a new layer is not busy");
+        };
+        assert!(first.made);
+        assert_eq!(first.uuid.len(), 32);
+        assert_eq!(first.file.metadata().unwrap().len(), disk::SCRATCH_BYTES);
+        // Held: a second open is told so.
+        assert!(matches!(open(&store, &dir).unwrap(), Opened::Busy));
+        // The sweep leaves a live directory's layer.
+        sweep(&store);
+        assert!(first.path.exists());
+        let (path, uuid) = (first.path.clone(), first.uuid.clone());
+        drop(first);
+        let Opened::Kept(again) = open(&store, &dir).unwrap() else {
+            panic!("released, yet busy");
+        };
+        assert!(!again.made);
+        assert_eq!(
+            (again.path.clone(), again.uuid.clone()),
+            (path.clone(), uuid.clone())
+        );
+        // Its directory removed while a VM holds it: kept for now.
+        std::fs::remove_dir(&dir).unwrap();
+        sweep(&store);
+        assert!(path.exists());
+        drop(again);
+        // Made anew at the same path: another container's, a new layer.
+        std::fs::create_dir(&dir).unwrap();
+        let Opened::Kept(fresh) = open(&store, &dir).unwrap() else {
+            panic!("busy");
+        };
+        assert!(fresh.made);
+        assert_ne!(fresh.uuid, uuid);
+        drop(fresh);
+        // Gone: the sweep removes the layer and its record.
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::write(store.join("abc.4000000000.new"), "").unwrap();
+        sweep(&store);
+        let left: Vec<_> = std::fs::read_dir(&store).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_layer_that_is_not_ext4_is_an_error_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("layers");
+        let dir = d.path().join("upper");
+        std::fs::create_dir(&dir).unwrap();
+        let Opened::Kept(k) = open(&store, &dir).unwrap() else {
+            panic!("busy");
+        };
+        k.file
+            .write_all_at(&[0u8; 2], SUPERBLOCK + MAGIC_AT as u64)
+            .unwrap();
+        let path = k.path.clone();
+        drop(k);
+        let e = open(&store, &dir).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("not an ext4"), "{e}");
+    }
+}
