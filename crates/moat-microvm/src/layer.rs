@@ -25,7 +25,7 @@
 //! magic number and UUID (the guest finds the disk by its UUID).
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -307,7 +307,13 @@ fn read_record(path: &Path) -> Option<Record> {
 fn write_record(path: &Path, rec: &Record) -> Result<(), MicrovmError> {
     let tmp = path.with_extension(format!("json.{}", std::process::id()));
     let text = serde_json::to_vec(rec).map_err(|e| MicrovmError::Invalid(e.to_string()))?;
-    std::fs::write(&tmp, text)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &text))
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
