@@ -463,6 +463,44 @@ fn docker_daemon_json_runtimes_select_tiers() {
         .expect_ok();
     assert_eq!(st.stdout.trim(), "true 137");
     dk.cmd(&["rm", "vmhog"]).expect_ok();
+    // What a container wrote to its root is there again after `docker
+    // start` (a microVM's layer is kept while Docker keeps the container's
+    // directory), deletions too, as under the container tier (and runc);
+    // after `docker rm`, a container of the same name starts from the
+    // image's root.
+    let script = "cat /kept 2>/dev/null; echo again >> /kept; ls /bin/vi 2>/dev/null; rm -f /bin/vi; echo ran";
+    let kept = |rt: &str| {
+        let name = format!("kept-{rt}");
+        let mut seen = String::new();
+        for round in 0..3 {
+            if round == 2 {
+                dk.cmd(&["rm", &name]).expect_ok();
+            }
+            let o = if round == 1 {
+                dk.cmd(&["start", "-a", &name])
+            } else {
+                dk.cmd(&[
+                    "run",
+                    "--name",
+                    &name,
+                    "--network",
+                    "none",
+                    "--runtime",
+                    rt,
+                    "moatbb",
+                    "sh",
+                    "-c",
+                    script,
+                ])
+            };
+            seen += &o.expect_ok().stdout;
+        }
+        dk.cmd(&["rm", &name]).expect_ok();
+        seen
+    };
+    let (container, vm) = (kept("moat"), kept("moat-vm-flag"));
+    assert_eq!(container, "/bin/vi\nran\nagain\nran\n/bin/vi\nran\n");
+    assert_eq!(vm, container);
     // A read-write volume (`-v`) reaches the host directory through
     // virtio-fs both ways; Docker's root in the guest is not the host's.
     // Writable by others: the guest's IDs are a host ID block of the

@@ -1191,6 +1191,20 @@ fn kept_layer_of(cache: &Path, rootfs: &Path) -> Option<PathBuf> {
         .map(|p| p.with_extension("ext4"))
 }
 
+/// Debug logs printed when the test that holds this panics.
+struct LogsOnPanic(std::cell::RefCell<Vec<String>>);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for l in self.0.borrow().iter() {
+                let text = std::fs::read_to_string(l).unwrap_or_default();
+                eprintln!("--- {l}:\n{text}");
+            }
+        }
+    }
+}
+
 /// What a container writes to its root outlives its VM, as under runc:
 /// an engine's `stop` then `start` (`delete`, then `create` on the same
 /// rootfs) finds it, deletions (whiteouts) included. A second container on
@@ -1209,11 +1223,15 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
     std::fs::write(b.rootfs().join("etc/marker"), "m").unwrap();
     b.set("/root/readonly", serde_json::json!(false));
     let bundle = b.dir().display().to_string();
+    // Each run's debug log, shown if the test fails.
+    let logs = LogsOnPanic(std::cell::RefCell::new(Vec::new()));
     let run = |b: &mut Bundle, id: &str, script: &str| {
         b.set("/process/args", serde_json::json!(["sh", "-c", script]));
         b.write_config();
+        let log = rt.scratch_file(&format!("{id}-log")).display().to_string();
+        logs.0.borrow_mut().push(log.clone());
         rt.cmd_with(
-            &["run", "--bundle", &bundle, id],
+            &["--debug", "--log", &log, "run", "--bundle", &bundle, id],
             Opts {
                 env: e.clone(),
                 ..Opts::default()
