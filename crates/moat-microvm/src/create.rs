@@ -829,7 +829,7 @@ impl MicrovmTier {
         let Some(dir) = crate::layer::writable_dir(rootfs, &mountinfo) else {
             return Ok(None);
         };
-        match crate::layer::open(&store, &dir)? {
+        match crate::layer::open(&store, &dir, crate::layer::BUSY_WAIT)? {
             crate::layer::Opened::Kept(k) => {
                 tracing::debug!(
                     "microvm: writable layer kept at {} ({} of {})",

@@ -12,11 +12,11 @@
 //! The layer of a root whose writable directory is not moat's own (not
 //! under its state root) is therefore **kept**: `layers/<key>.ext4` in the
 //! microVM cache, keyed by the host path of that directory, with a record
-//! (`<key>.json`: the path and its inode). The next `create` of a container
+//! (`<key>.json`: the path, its inode and birth time). The next `create` of a container
 //! on the same directory attaches the same layer; the guest syncs it before
 //! reporting the container's exit (`proto::RunRequest::keep_layer`). A kept
 //! layer goes when its directory has gone (the engine removed the container:
-//! `docker rm`) or was made anew (another inode), found by the [`sweep`]
+//! `docker rm`) or was made anew (another inode or birth time), found by the [`sweep`]
 //! every `create` runs first. A layer in use is locked (`flock`, held by the
 //! VMM through its descriptor): a second container on the same directory at
 //! the same time gets a layer of its own, for that VM only, with a warning.
@@ -41,9 +41,27 @@ pub const DIR: &str = "layers";
 struct Record {
     /// The host directory that holds the container's writes under runc.
     dir: PathBuf,
-    /// Its inode when the layer was made: a directory made anew at the same
-    /// path (another container) does not get the old one's layer.
+    /// Its inode and birth time (nanoseconds; 0 where the file system
+    /// keeps none) when the layer was made: a directory made anew at the
+    /// same path (another container), even on the inode the old one freed,
+    /// does not get the old one's layer.
     ino: u64,
+    #[serde(default)]
+    born: u128,
+}
+
+impl Record {
+    fn of(dir: &Path, m: &std::fs::Metadata) -> Record {
+        Record {
+            dir: dir.to_owned(),
+            ino: m.ino(),
+            born: m
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos()),
+        }
+    }
 }
 
 /// A kept layer, locked for this container's VM.
@@ -145,20 +163,23 @@ fn unescape(field: &str) -> String {
     crate::pod::unescape_mountinfo(field)
 }
 
+/// How long [`open`] waits for a held layer to be let go: a stopped
+/// container's processes may still be on their way out (SIGKILLed by
+/// `delete`, their descriptors closed as they exit) when the engine's next
+/// `create` comes.
+pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The kept layer of `dir` (from [`writable_dir`]) in `store`, made if there
-/// is none yet, and locked.
-pub fn open(store: &Path, dir: &Path) -> Result<Opened, MicrovmError> {
-    let ino = std::fs::metadata(dir)
-        .map_err(MicrovmError::io(format!("stat {}", dir.display())))?
-        .ino();
+/// is none yet, and locked; [`Opened::Busy`] if another holds it for
+/// longer than `wait`.
+pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opened, MicrovmError> {
+    let meta =
+        std::fs::metadata(dir).map_err(MicrovmError::io(format!("stat {}", dir.display())))?;
     disk::ensure_dir(store)?;
     let key = &disk::hex(&Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..32];
     let img = store.join(format!("{key}.ext4"));
     let rec_path = store.join(format!("{key}.json"));
-    let want = Record {
-        dir: dir.to_owned(),
-        ino,
-    };
+    let want = Record::of(dir, &meta);
     // A few rounds: another `create` may make, or the sweep remove, the
     // same layer at the same time.
     for _ in 0..4 {
@@ -168,7 +189,7 @@ pub fn open(store: &Path, dir: &Path) -> Result<Opened, MicrovmError> {
             .open(&img)
         {
             Ok(file) => {
-                if !lock(&file)? {
+                if !lock_within(&file, wait)? {
                     return Ok(Opened::Busy);
                 }
                 // Still the file at that name (not one a sweep removed
@@ -260,7 +281,7 @@ pub fn sweep(store: &Path) {
             continue;
         }
         let alive = read_record(&path).is_some_and(|r| {
-            std::fs::metadata(&r.dir).is_ok_and(|m| m.is_dir() && m.ino() == r.ino)
+            std::fs::metadata(&r.dir).is_ok_and(|m| m.is_dir() && Record::of(&r.dir, &m) == r)
         });
         if alive {
             continue;
@@ -276,6 +297,20 @@ pub fn sweep(store: &Path) {
             Ok(f) if !lock(&f).unwrap_or(false) => {}
             _ => remove(&img),
         }
+    }
+}
+
+/// [`lock`], tried again every 20 ms for `wait`.
+fn lock_within(f: &File, wait: std::time::Duration) -> Result<bool, MicrovmError> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        if lock(f)? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -363,6 +398,7 @@ fn superblock_uuid(f: &File, img: &Path) -> Result<String, MicrovmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_writable_directory_of_a_plain_overlay_and_bound_root() {
@@ -491,20 +527,34 @@ mod tests {
         let store = d.path().join("layers");
         let dir = d.path().join("upper");
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(first) = open(&store, &dir).unwrap() else {
+        let Opened::Kept(first) = open(&store, &dir, Duration::ZERO).unwrap() else {
             panic!("a new layer is not busy");
         };
         assert!(first.made);
         assert_eq!(first.uuid.len(), 32);
         assert_eq!(first.file.metadata().unwrap().len(), disk::SCRATCH_BYTES);
-        // Held: a second open is told so.
-        assert!(matches!(open(&store, &dir).unwrap(), Opened::Busy));
+        // Held: a second open is told so, after its wait.
+        assert!(matches!(
+            open(&store, &dir, Duration::ZERO).unwrap(),
+            Opened::Busy
+        ));
+        // Let go during the wait: taken.
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        let Opened::Kept(waited) = open(&store, &dir, Duration::from_secs(10)).unwrap() else {
+            panic!("let go, yet busy");
+        };
+        holder.join().unwrap();
+        assert!(!waited.made);
+        let first = waited;
         // The sweep leaves a live directory's layer.
         sweep(&store);
         assert!(first.path.exists());
         let (path, uuid) = (first.path.clone(), first.uuid.clone());
         drop(first);
-        let Opened::Kept(again) = open(&store, &dir).unwrap() else {
+        let Opened::Kept(again) = open(&store, &dir, Duration::ZERO).unwrap() else {
             panic!("released, yet busy");
         };
         assert!(!again.made);
@@ -519,7 +569,7 @@ mod tests {
         drop(again);
         // Made anew at the same path: another container's, a new layer.
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(fresh) = open(&store, &dir).unwrap() else {
+        let Opened::Kept(fresh) = open(&store, &dir, Duration::ZERO).unwrap() else {
             panic!("busy");
         };
         assert!(fresh.made);
@@ -539,7 +589,7 @@ mod tests {
         let store = d.path().join("layers");
         let dir = d.path().join("upper");
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(k) = open(&store, &dir).unwrap() else {
+        let Opened::Kept(k) = open(&store, &dir, Duration::ZERO).unwrap() else {
             panic!("busy");
         };
         k.file
@@ -547,7 +597,7 @@ mod tests {
             .unwrap();
         let path = k.path.clone();
         drop(k);
-        let e = open(&store, &dir).unwrap_err().to_string();
+        let e = open(&store, &dir, Duration::ZERO).unwrap_err().to_string();
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("not an ext4"), "{e}");
     }

@@ -1209,7 +1209,8 @@ impl Drop for LogsOnPanic {
 /// an engine's `stop` then `start` (`delete`, then `create` on the same
 /// rootfs) finds it, deletions (whiteouts) included. A second container on
 /// the same directory while the first runs gets a layer for its VM only
-/// (with a warning), which goes with its `delete`. The layer goes when its
+/// (with a warning), which goes with its `delete`. A VM killed while it
+/// makes files leaves a layer the next one mounts. The layer goes when its
 /// directory does (the engine's `rm`), at the next `create`.
 #[test]
 fn a_containers_writes_outlive_its_vm_as_under_runc() {
@@ -1253,7 +1254,11 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
     // A second container on the same directory while this one runs.
     b.set(
         "/process/args",
-        serde_json::json!(["sh", "-c", "cat /kept; echo held; sleep 60"]),
+        serde_json::json!([
+            "sh",
+            "-c",
+            "cat /kept; echo held; mkdir /spin; i=0; while :; do i=$((i+1)); echo $i > /spin/$i; done"
+        ]),
     );
     b.write_config();
     let held = rt.new_id("held");
@@ -1291,12 +1296,20 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
         "{}",
         o.stderr
     );
+    // Killed mid-write (SIGKILL to the VMM: files being made when it
+    // died): the layer's journal makes the next mount whole.
     cmd(&rt, &["delete", "--force", &held]).expect_ok();
     drop(ctr);
-    let third = run(&mut b, &id, "cat /kept").expect_ok();
+    let third = run(
+        &mut b,
+        &id,
+        "cat /kept; ls /spin | wc -l > /dev/null && echo listed",
+    )
+    .expect_ok();
     assert_eq!(
-        third.stdout, "again\nagain\n",
-        "the other's writes went with it"
+        third.stdout, "again\nagain\nlisted\n",
+        "the other's writes went with it; {}",
+        third.stderr
     );
 
     // The engine removes the container's directory: the next create (of
