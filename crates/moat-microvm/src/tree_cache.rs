@@ -50,10 +50,19 @@ const PREFIX: &str = "tree-";
 /// missing. `None` when the tree changed while it was imaged (the caller
 /// images it per container). An error when the tree cannot be read whole.
 pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmError> {
-    let key = tree_digest(source)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut known = FileHashes::load(&cache.join(HASHES), &mountinfo);
+    let key = tree_digest_with(source, &mut known)?;
+    tracing::debug!(
+        "microvm: digest of {}: {} files' hashes known, {} read",
+        source.display(),
+        known.hits,
+        known.misses
+    );
     let uuid = disk::hex(&key[..16]);
     let path = cache.join(format!("{PREFIX}{}.ext4", &uuid[..24]));
     if path.is_file() {
+        known.save();
         touch(&path);
         tracing::debug!(
             "microvm: image of {} from the content cache ({})",
@@ -72,7 +81,8 @@ pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmEr
         std::process::id()
     ));
     disk::build_image(source, &staging, &uuid)?;
-    let unchanged = tree_digest(source).is_ok_and(|k| k == key);
+    let unchanged = tree_digest_with(source, &mut known).is_ok_and(|k| k == key);
+    known.save();
     if !unchanged {
         let _ = std::fs::remove_file(&staging);
         tracing::info!(
@@ -159,19 +169,231 @@ fn trim(cache: &Path, keep: &Path) {
 /// starts none (it forks, and checks it has one thread before each fork;
 /// a hashing thread joined moments before still counted there, 1 run in 5).
 pub fn tree_digest(root: &Path) -> Result<[u8; 32], MicrovmError> {
+    tree_digest_with(root, &mut FileHashes::none())
+}
+
+/// [`tree_digest`], a regular file's bytes standing in it as their SHA-256,
+/// taken from `known` when the file is one read before (and unchanged:
+/// [`FileHashes`]), else read, and learnt.
+pub fn tree_digest_with(root: &Path, known: &mut FileHashes) -> Result<[u8; 32], MicrovmError> {
     let mut h = Sha256::new();
-    h.update(b"moat-tree-1\0");
+    h.update(b"moat-tree-2\0");
     let mut w = Walk {
         root,
         links: HashMap::new(),
         entries: 0,
         buf: vec![0u8; 1 << 20],
+        known,
     };
     w.entry(&mut h, root, b"")?;
     Ok(h.finalize().into())
 }
 
+/// The file of [`FileHashes`] in the cache.
+const HASHES: &str = "file-hashes";
+/// One record of it: a file's identity (16 bytes), its bytes' SHA-256.
+const RECORD: usize = 48;
+/// At most this many records are kept: past it, the file is rewritten with
+/// the records of the last walk only (12 MiB).
+const MAX_RECORDS: usize = 1 << 18;
+
+/// The SHA-256 of regular files' bytes already read, by the file's
+/// identity: its file system's device, inode, birth, change and
+/// modification times (nanoseconds) and size. A file whose bytes change
+/// gets a new change time from the kernel (no call sets it), so a known
+/// identity has the bytes it had when read; a new file on a reused inode
+/// has a new birth and change time. An engine's containers of one image
+/// share its layers' files: through each container's overlay mount they
+/// show the overlay's device, so the device of an overlay whose layers all
+/// are on one file system (its inode numbers are then the layers' own) is
+/// that file system's. Kept in the cache (`file-hashes`, the runtime's
+/// alone), so a second container of an image reads none of its files
+/// again (measured: docs/performance.md).
+pub struct FileHashes {
+    path: Option<PathBuf>,
+    known: HashMap<[u8; 16], [u8; 32]>,
+    /// Those this walk found known, and those it learnt (not saved yet).
+    used: Vec<([u8; 16], [u8; 32])>,
+    learnt: Vec<([u8; 16], [u8; 32])>,
+    /// Records in the file when it was loaded.
+    on_file: usize,
+    /// Overlay devices mapped to their layers' file system's.
+    overlays: HashMap<u64, u64>,
+    pub hits: usize,
+    pub misses: usize,
+}
+
+impl FileHashes {
+    /// None known, none kept.
+    pub fn none() -> FileHashes {
+        FileHashes {
+            path: None,
+            known: HashMap::new(),
+            used: Vec::new(),
+            learnt: Vec::new(),
+            on_file: 0,
+            overlays: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Those kept at `path` (none if it cannot be read), with the overlays
+    /// of `mountinfo`.
+    pub fn load(path: &Path, mountinfo: &str) -> FileHashes {
+        let mut f = FileHashes::none();
+        let bytes = std::fs::read(path).unwrap_or_default();
+        for r in bytes.chunks_exact(RECORD) {
+            let mut k = [0u8; 16];
+            let mut v = [0u8; 32];
+            k.copy_from_slice(&r[..16]);
+            v.copy_from_slice(&r[16..]);
+            f.known.insert(k, v);
+        }
+        f.on_file = bytes.len() / RECORD;
+        f.path = Some(path.to_owned());
+        f.overlays = same_fs_overlays(mountinfo);
+        f
+    }
+
+    /// The identity of the file `m` describes.
+    fn identity(&self, m: &std::fs::Metadata) -> [u8; 16] {
+        let dev = self.overlays.get(&m.dev()).copied().unwrap_or(m.dev());
+        let born = m
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let mut h = Sha256::new();
+        h.update(b"moat-file-1\0");
+        h.update(dev.to_le_bytes());
+        h.update(m.ino().to_le_bytes());
+        h.update(born.to_le_bytes());
+        h.update(m.ctime().to_le_bytes());
+        h.update(m.ctime_nsec().to_le_bytes());
+        h.update(m.mtime().to_le_bytes());
+        h.update(m.mtime_nsec().to_le_bytes());
+        h.update(m.len().to_le_bytes());
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&h.finalize()[..16]);
+        k
+    }
+
+    fn get(&mut self, id: &[u8; 16]) -> Option<[u8; 32]> {
+        let v = *self.known.get(id)?;
+        self.hits += 1;
+        self.used.push((*id, v));
+        Some(v)
+    }
+
+    fn learn(&mut self, id: [u8; 16], hash: [u8; 32]) {
+        if self.known.insert(id, hash).is_none() {
+            self.learnt.push((id, hash));
+        }
+    }
+
+    /// Appends what this walk learnt to the file (one write; concurrent
+    /// runtimes' appends do not mix); past [`MAX_RECORDS`], rewrites it
+    /// with this walk's records alone. Failures only cost a later read.
+    pub fn save(&mut self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        if self.learnt.is_empty() {
+            return;
+        }
+        let bytes = |recs: &mut dyn Iterator<Item = &([u8; 16], [u8; 32])>| -> Vec<u8> {
+            recs.flat_map(|(k, v)| k.iter().chain(v.iter()).copied())
+                .collect()
+        };
+        if self.on_file + self.learnt.len() > MAX_RECORDS {
+            let data = bytes(&mut self.used.iter().chain(self.learnt.iter()));
+            let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &data))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            self.on_file = data.len() / RECORD;
+        } else {
+            let data = bytes(&mut self.learnt.iter());
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &data));
+            self.on_file += self.learnt.len();
+        }
+        self.used.append(&mut self.learnt);
+    }
+}
+
+/// The overlays of `mountinfo` whose layers (upper and lower directories)
+/// are all on one file system, by device: their files' inode numbers are
+/// that file system's (overlayfs reports the real inode when the layers
+/// share a file system). Not one with data-only layers or `metacopy` (a
+/// file's bytes may then be another layer's than its inode's).
+fn same_fs_overlays(mountinfo: &str) -> HashMap<u64, u64> {
+    let mut out = HashMap::new();
+    for line in mountinfo.lines() {
+        let Some((head, tail)) = line.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = head.split(' ').collect();
+        let t: Vec<&str> = tail.split(' ').collect();
+        if t.first() != Some(&"overlay") || f.len() < 5 || t.len() < 3 {
+            continue;
+        }
+        let opts = t[2];
+        if opts.contains("metacopy=on") || opts.contains("datadir") {
+            continue;
+        }
+        let Some((maj, min)) = f[2].split_once(':') else {
+            continue;
+        };
+        let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) else {
+            continue;
+        };
+        let point = PathBuf::from(crate::pod::unescape_mountinfo(f[4]));
+        let mut layers = Vec::new();
+        for o in opts.split(',') {
+            if let Some(l) = o.strip_prefix("lowerdir=") {
+                layers.extend(l.split(':').map(|p| p.to_string()));
+            } else if let Some(u) = o.strip_prefix("upperdir=") {
+                layers.push(u.to_string());
+            }
+        }
+        let devs: Option<Vec<u64>> = layers
+            .iter()
+            .map(|l| {
+                let p = PathBuf::from(crate::pod::unescape_mountinfo(l));
+                // Relative to the driver's home, as Docker and
+                // containers/storage name them when long (crate::layer).
+                let p = if p.is_absolute() {
+                    p
+                } else {
+                    point.parent()?.parent()?.join(p)
+                };
+                std::fs::metadata(p).ok().map(|m| m.dev())
+            })
+            .collect();
+        if let Some(devs) = devs.filter(|d| !d.is_empty()) {
+            if devs.iter().all(|d| *d == devs[0]) {
+                out.insert(libc::makedev(maj, min), devs[0]);
+            }
+        }
+    }
+    out
+}
+
 struct Walk<'a> {
+    known: &'a mut FileHashes,
     root: &'a Path,
     /// Files with more than one link, by (device, inode): the first name.
     links: HashMap<(u64, u64), Vec<u8>>,
@@ -237,6 +459,14 @@ impl Walk<'_> {
                 }
             }
             b'f' => {
+                let id = self.known.identity(&m);
+                if let Some(hash) = self.known.get(&id) {
+                    h.update(m.len().to_le_bytes());
+                    h.update(hash);
+                    h.update(m.len().to_le_bytes());
+                    return Ok(());
+                }
+                self.known.misses += 1;
                 let mut f = std::fs::File::options()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -250,16 +480,25 @@ impl Walk<'_> {
                     )));
                 }
                 h.update(opened.len().to_le_bytes());
+                let mut bytes = Sha256::new();
                 let mut total = 0u64;
                 loop {
                     let n = f.read(&mut self.buf).map_err(read("read"))?;
                     if n == 0 {
                         break;
                     }
-                    h.update(&self.buf[..n]);
+                    bytes.update(&self.buf[..n]);
                     total += n as u64;
                 }
+                let hash: [u8; 32] = bytes.finalize().into();
+                h.update(hash);
                 h.update(total.to_le_bytes());
+                // Learnt only when read whole and unchanged meanwhile (the
+                // identity as looked at before the read, and after).
+                let after = f.metadata().map_err(read("look at"))?;
+                if total == m.len() && self.known.identity(&after) == id {
+                    self.known.learn(id, hash);
+                }
             }
             b'l' => {
                 let target = std::fs::read_link(path).map_err(read("read the link"))?;
@@ -439,6 +678,124 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_known_files_hash_stands_for_its_bytes_until_it_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        tree(&a);
+        let store = d.path().join(HASHES);
+        let mut first = FileHashes::load(&store, "");
+        let base = tree_digest_with(&a, &mut first).unwrap();
+        // Two regular files (`hard` is a second name of `etc/a`).
+        assert_eq!((first.hits, first.misses), (0, 2));
+        first.save();
+        assert_eq!(base, tree_digest(&a).unwrap(), "the same digest read whole");
+        let mut again = FileHashes::load(&store, "");
+        assert_eq!(tree_digest_with(&a, &mut again).unwrap(), base);
+        assert_eq!((again.hits, again.misses), (2, 0));
+        // A copy: other inodes, read again, the same digest.
+        let b = d.path().join("b");
+        copy(&a, &b);
+        let mut copied = FileHashes::load(&store, "");
+        assert_eq!(tree_digest_with(&b, &mut copied).unwrap(), base);
+        assert_eq!((copied.hits, copied.misses), (0, 2));
+        // The same size, another byte: a new change time, read again.
+        std::fs::write(a.join("etc/sub/b"), b"betA").unwrap();
+        let mut changed = FileHashes::load(&store, "");
+        let dg = tree_digest_with(&a, &mut changed).unwrap();
+        assert_ne!(dg, base);
+        assert_eq!(dg, tree_digest(&a).unwrap());
+        assert_eq!((changed.hits, changed.misses), (1, 1));
+        // Past the bound the file holds the last walk's records alone.
+        changed.on_file = MAX_RECORDS;
+        changed.save();
+        assert_eq!(std::fs::metadata(&store).unwrap().len(), 2 * RECORD as u64);
+    }
+
+    /// Two containers of one image: two overlay mounts of the same layers
+    /// (made in a mount namespace of a child's own), each with a device of
+    /// its own. The second walk knows every file the first read; an
+    /// overlay whose upper layer is on another file system is not mapped.
+    #[test]
+    fn an_images_files_read_through_one_overlay_are_known_through_another() {
+        use nix::mount::{mount, MsFlags};
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        let lower = base.join("lower");
+        tree(&lower);
+        for p in ["u1", "w1", "m1", "u2", "w2", "m2", "t", "m3"] {
+            std::fs::create_dir_all(base.join(p)).unwrap();
+        }
+        let code = moat_sys::process::run_in_child(libc::CLONE_NEWNS, || {
+            let none: Option<&str> = None;
+            if mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).is_err() {
+                return 10;
+            }
+            let ovl = |upper: &Path, work: &Path, at: &Path| {
+                let o = format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    lower.display(),
+                    upper.display(),
+                    work.display()
+                );
+                mount(
+                    Some("overlay"),
+                    at,
+                    Some("overlay"),
+                    MsFlags::empty(),
+                    Some(o.as_str()),
+                )
+                .is_ok()
+            };
+            if !ovl(&base.join("u1"), &base.join("w1"), &base.join("m1"))
+                || !ovl(&base.join("u2"), &base.join("w2"), &base.join("m2"))
+            {
+                return 11;
+            }
+            // Another file system for the third one's upper layer.
+            if mount(
+                Some("tmpfs"),
+                &base.join("t"),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .is_err()
+                || std::fs::create_dir(base.join("t/u")).is_err()
+                || std::fs::create_dir(base.join("t/w")).is_err()
+                || !ovl(&base.join("t/u"), &base.join("t/w"), &base.join("m3"))
+            {
+                return 12;
+            }
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let store = base.join(HASHES);
+            let mut first = FileHashes::load(&store, &info);
+            let Ok(one) = tree_digest_with(&base.join("m1"), &mut first) else {
+                return 13;
+            };
+            first.save();
+            if first.misses != 2 || first.overlays.len() != 2 {
+                return 1;
+            }
+            let mut second = FileHashes::load(&store, &info);
+            match tree_digest_with(&base.join("m2"), &mut second) {
+                Ok(two) if two == one && second.hits == 2 && second.misses == 0 => {}
+                _ => return 2,
+            }
+            let mut third = FileHashes::load(&store, &info);
+            match tree_digest_with(&base.join("m3"), &mut third) {
+                Ok(three) if three == one && third.misses == 2 => {}
+                _ => return 3,
+            }
+            0
+        })
+        .unwrap();
+        assert_eq!(
+            code, 0,
+            "1: the first walk, 2: the second overlay's, 3: the unmapped one's; 1x: set-up"
+        );
     }
 
     #[test]
