@@ -3657,6 +3657,114 @@ fn tree_images_in(cache: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Unmounts (lazily) the mounts a test made, however it ends.
+struct Mounted(Vec<PathBuf>);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Two containers of one image as overlay engines make them (Docker's
+/// `overlay2`, containerd's overlayfs snapshotter): each bundle's rootfs an
+/// overlay mount of the image's layer with an upper directory of its own.
+/// The first `create` reads the image's files to find its image; the
+/// second, through another overlay mount (another device), reads none of
+/// them (their hashes are kept by the layer's own device and inodes), and
+/// runs from the same image.
+#[test]
+fn a_second_container_of_an_overlay_image_reads_none_of_its_files() {
+    let test = "a_second_container_of_an_overlay_image_reads_none_of_its_files";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let cache = private_cache(test);
+    let image = tempfile::tempdir().unwrap();
+    let layer = image.path().join("layer");
+    let mut mounted = Mounted(Vec::new());
+    let mut run = |n: u32| {
+        let b = vm_bundle(&["cat", "/etc/marker"]);
+        if n == 0 {
+            // The first bundle's tree is the image's layer.
+            std::fs::write(b.rootfs().join("etc/marker"), "layered").unwrap();
+            std::fs::rename(b.rootfs(), &layer).unwrap();
+            std::fs::create_dir(b.rootfs()).unwrap();
+        } else {
+            std::fs::remove_dir_all(b.rootfs()).unwrap();
+            std::fs::create_dir(b.rootfs()).unwrap();
+        }
+        let (upper, work) = (b.dir().join("upper"), b.dir().join("work"));
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            layer.display(),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &b.rootfs(),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .unwrap();
+        mounted.0.push(b.rootfs());
+        b.write_config();
+        let log = rt.scratch_file(&format!("overlay-{n}-log"));
+        let (log_s, dir) = (log.display().to_string(), b.dir().display().to_string());
+        let out = rt.cmd_with(
+            &[
+                "--debug",
+                "--log",
+                &log_s,
+                "run",
+                "--bundle",
+                &dir,
+                &rt.new_id("ovl"),
+            ],
+            Opts {
+                env: vec![("MOAT_MICROVM_CACHE".into(), cache.display().to_string())],
+                ..Opts::default()
+            },
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = nix::mount::umount2(&b.rootfs(), nix::mount::MntFlags::MNT_DETACH);
+        (out, text)
+    };
+    let read = |log: &str| -> (u64, u64) {
+        let l = log
+            .lines()
+            .find(|l| l.contains("files' hashes known"))
+            .unwrap_or_else(|| panic!("no digest line: {log}"));
+        let n = |before: &str| -> u64 {
+            l.split(before)
+                .next()
+                .and_then(|x| x.split_whitespace().last())
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        (n(" files' hashes known"), n(" read"))
+    };
+    let (out, log) = run(0);
+    assert_eq!(out.stdout, "layered", "{out:?}\n{log}");
+    let (known, first_read) = read(&log);
+    assert!(
+        known == 0 && first_read >= 4,
+        "{known} known, {first_read} read: {log}"
+    );
+    let (out, log) = run(1);
+    assert_eq!(out.stdout, "layered", "{out:?}\n{log}");
+    assert!(log.contains("from the content cache"), "{log}");
+    assert_eq!(read(&log), (first_read, 0), "{log}");
+    drop(mounted);
+    assert_clean(&rt);
+}
+
 /// Two engine-style bundles whose rootfs directories are copies of one
 /// tree (made at other times) share one image, made by the first and
 /// found by content by the second; a third whose tree differs by a byte
