@@ -3733,8 +3733,9 @@ fn a_second_container_of_an_overlay_image_reads_none_of_its_files() {
             },
         );
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = nix::mount::umount2(&b.rootfs(), nix::mount::MntFlags::MNT_DETACH);
-        (out, text)
+        // Still mounted (unmounted, the next mount may get its device
+        // number back): the bundle is kept until the mounts are gone.
+        (out, text, b)
     };
     let read = |log: &str| -> (u64, u64) {
         let l = log
@@ -3750,18 +3751,19 @@ fn a_second_container_of_an_overlay_image_reads_none_of_its_files() {
         };
         (n(" files' hashes known"), n(" read"))
     };
-    let (out, log) = run(0);
+    let (out, log, first) = run(0);
     assert_eq!(out.stdout, "layered", "{out:?}\n{log}");
     let (known, first_read) = read(&log);
     assert!(
         known == 0 && first_read >= 4,
         "{known} known, {first_read} read: {log}"
     );
-    let (out, log) = run(1);
+    let (out, log, second) = run(1);
     assert_eq!(out.stdout, "layered", "{out:?}\n{log}");
     assert!(log.contains("from the content cache"), "{log}");
     assert_eq!(read(&log), (first_read, 0), "{log}");
     drop(mounted);
+    drop((first, second));
     assert_clean(&rt);
 }
 
