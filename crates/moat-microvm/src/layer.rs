@@ -105,19 +105,7 @@ pub fn writable_dir(rootfs: &Path, mountinfo: &str) -> Option<PathBuf> {
         return Some(r);
     };
     if m.fstype == "overlay" {
-        let upper = m
-            .options
-            .split(',')
-            .find_map(|o| o.strip_prefix("upperdir="))?;
-        let upper = PathBuf::from(unescape(upper));
-        // Docker's overlay2 and containers/storage name the layers relative
-        // to their driver's home (`<home>/<id>/merged`) when the absolute
-        // paths would not fit the mount's options.
-        let upper = if upper.is_absolute() {
-            upper
-        } else {
-            r.parent()?.parent()?.join(upper)
-        };
+        let upper = m.layers("upperdir").pop()??;
         return upper.is_dir().then_some(upper);
     }
     let here = std::fs::metadata(&r).ok()?;
@@ -131,20 +119,44 @@ pub fn writable_dir(rootfs: &Path, mountinfo: &str) -> Option<PathBuf> {
         })
 }
 
-/// One line of `/proc/self/mountinfo`, the fields [`writable_dir`] reads.
-struct Mount {
+/// One line of `/proc/self/mountinfo`, the fields [`writable_dir`] (and
+/// `tree_cache`'s overlay map) read.
+pub(crate) struct Mount {
     /// `major:minor` of the file system.
-    dev: String,
+    pub dev: String,
     /// The mount's root within its file system.
-    root: PathBuf,
-    point: PathBuf,
-    fstype: String,
+    pub root: PathBuf,
+    pub point: PathBuf,
+    pub fstype: String,
     /// The file system's (super block's) options.
-    options: String,
+    pub options: String,
 }
 
 impl Mount {
-    fn parse(line: &str) -> Option<Mount> {
+    /// An overlay's layer directories named by its option `key`
+    /// (`upperdir`, `lowerdir`: colon-separated), as absolute paths; None
+    /// for one that cannot be resolved. Docker's overlay2 and
+    /// containers/storage name the layers relative to their driver's home
+    /// (`<home>/<id>/merged`) when the absolute paths would not fit the
+    /// mount's options.
+    pub(crate) fn layers(&self, key: &str) -> Vec<Option<PathBuf>> {
+        let prefix = format!("{key}=");
+        self.options
+            .split(',')
+            .filter_map(|o| o.strip_prefix(prefix.as_str()))
+            .flat_map(|v| v.split(':'))
+            .map(|l| {
+                let p = PathBuf::from(unescape(l));
+                if p.is_absolute() {
+                    Some(p)
+                } else {
+                    Some(self.point.parent()?.parent()?.join(p))
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn parse(line: &str) -> Option<Mount> {
         let (head, tail) = line.split_once(" - ")?;
         let f: Vec<&str> = head.split(' ').collect();
         let t: Vec<&str> = tail.split(' ').collect();

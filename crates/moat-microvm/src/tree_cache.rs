@@ -372,47 +372,24 @@ impl std::hash::Hasher for FirstBytes {
 /// file's bytes may then be another layer's than its inode's).
 fn same_fs_overlays(mountinfo: &str) -> HashMap<u64, u64> {
     let mut out = HashMap::new();
-    for line in mountinfo.lines() {
-        let Some((head, tail)) = line.split_once(" - ") else {
-            continue;
-        };
-        let f: Vec<&str> = head.split(' ').collect();
-        let t: Vec<&str> = tail.split(' ').collect();
-        if t.first() != Some(&"overlay") || f.len() < 5 || t.len() < 3 {
+    for m in mountinfo.lines().filter_map(crate::layer::Mount::parse) {
+        if m.fstype != "overlay"
+            || m.options.contains("metacopy=on")
+            || m.options.contains("datadir")
+        {
             continue;
         }
-        let opts = t[2];
-        if opts.contains("metacopy=on") || opts.contains("datadir") {
-            continue;
-        }
-        let Some((maj, min)) = f[2].split_once(':') else {
+        let Some((maj, min)) = m.dev.split_once(':') else {
             continue;
         };
         let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) else {
             continue;
         };
-        let point = PathBuf::from(crate::pod::unescape_mountinfo(f[4]));
-        let mut layers = Vec::new();
-        for o in opts.split(',') {
-            if let Some(l) = o.strip_prefix("lowerdir=") {
-                layers.extend(l.split(':').map(|p| p.to_string()));
-            } else if let Some(u) = o.strip_prefix("upperdir=") {
-                layers.push(u.to_string());
-            }
-        }
-        let devs: Option<Vec<u64>> = layers
-            .iter()
-            .map(|l| {
-                let p = PathBuf::from(crate::pod::unescape_mountinfo(l));
-                // Relative to the driver's home, as Docker and
-                // containers/storage name them when long (crate::layer).
-                let p = if p.is_absolute() {
-                    p
-                } else {
-                    point.parent()?.parent()?.join(p)
-                };
-                std::fs::metadata(p).ok().map(|m| m.dev())
-            })
+        let devs: Option<Vec<u64>> = m
+            .layers("lowerdir")
+            .into_iter()
+            .chain(m.layers("upperdir"))
+            .map(|l| std::fs::metadata(l?).ok().map(|md| md.dev()))
             .collect();
         if let Some(devs) = devs.filter(|d| !d.is_empty()) {
             if devs.iter().all(|d| *d == devs[0]) {
