@@ -339,14 +339,15 @@ impl MicrovmTier {
         let wants_layer = (writable_root || pod_disk.is_some()) && !guest.shared;
         // Kept layers whose directory is gone go first, whatever this
         // container's root.
-        crate::layer::sweep(&self.cache_dir().join(crate::layer::DIR));
+        let layers = self.cache_dir().join(crate::layer::DIR);
+        crate::layer::sweep(&layers);
         let mut keep_layer = false;
         let scratch = if wants_layer && guest.disk_files.len() < guestspec::MAX_DISKS {
             // Kept from one VM to the next when the root's writes are the
             // engine's to keep (`crate::layer`): not a pod's, not a root
             // moat made for one run.
             let kept = if pod_disk.is_none() && !req.config.rootfs.starts_with(self.sd.root()) {
-                self.kept_layer(&req.config.rootfs)?
+                kept_layer(&layers, &req.config.rootfs)?
             } else {
                 None
             };
@@ -818,37 +819,6 @@ impl MicrovmTier {
     }
 
     /// The guest's boot files and disks.
-    /// The kept writable layer of a root at `rootfs` (`crate::layer`).
-    /// None when the root
-    /// has no directory of its own that outlives its mounts, or another VM
-    /// holds the layer (then a warning: this VM's layer is its own).
-    fn kept_layer(&self, rootfs: &Path) -> Result<Option<crate::layer::Kept>, RuntimeError> {
-        let store = self.cache_dir().join(crate::layer::DIR);
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(MicrovmError::io("read /proc/self/mountinfo"))?;
-        let Some(dir) = crate::layer::writable_dir(rootfs, &mountinfo) else {
-            return Ok(None);
-        };
-        match crate::layer::open(&store, &dir, crate::layer::BUSY_WAIT)? {
-            crate::layer::Opened::Kept(k) => {
-                tracing::debug!(
-                    "microvm: writable layer kept at {} ({} of {})",
-                    k.path.display(),
-                    if k.made { "new" } else { "found" },
-                    dir.display()
-                );
-                Ok(Some(k))
-            }
-            crate::layer::Opened::Busy => {
-                tracing::warn!(
-                    "microvm: another VM holds the writable layer of {}: this container's writes last only this VM",
-                    dir.display()
-                );
-                Ok(None)
-            }
-        }
-    }
-
     fn prepare_guest(
         &self,
         host: &HostChoice,
@@ -1544,6 +1514,36 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
         std::fs::rename(&tmp, &p).map_err(MicrovmError::io(format!("rename {}", p.display())))?;
     }
     Ok(File::open(&p).map_err(MicrovmError::io(format!("open {}", p.display())))?)
+}
+
+/// The kept writable layer of a root at `rootfs` (`crate::layer`) in
+/// `store`. None when the root has no directory of its own that outlives
+/// its mounts, or another VM holds the layer (then a warning: this VM's
+/// layer is its own).
+fn kept_layer(store: &Path, rootfs: &Path) -> Result<Option<crate::layer::Kept>, RuntimeError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(MicrovmError::io("read /proc/self/mountinfo"))?;
+    let Some(dir) = crate::layer::writable_dir(rootfs, &mountinfo) else {
+        return Ok(None);
+    };
+    match crate::layer::open(store, &dir, crate::layer::BUSY_WAIT)? {
+        crate::layer::Opened::Kept(k) => {
+            tracing::debug!(
+                "microvm: writable layer kept at {} ({} of {})",
+                k.path.display(),
+                if k.made { "new" } else { "found" },
+                dir.display()
+            );
+            Ok(Some(k))
+        }
+        crate::layer::Opened::Busy => {
+            tracing::warn!(
+                "microvm: another VM holds the writable layer of {}: this container's writes last only this VM",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The image of a tree moat does not manage (an engine's rootfs, a

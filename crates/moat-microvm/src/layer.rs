@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::pod::unescape_mountinfo as unescape;
 use crate::{disk, MicrovmError};
 
 /// The kept layers' directory in the microVM cache.
@@ -170,11 +171,6 @@ impl Mount {
     }
 }
 
-/// A mountinfo field with its `\NNN` octal escapes undone.
-fn unescape(field: &str) -> String {
-    crate::pod::unescape_mountinfo(field)
-}
-
 /// How long [`open`] waits for a held layer to be let go: a stopped
 /// container's processes may still be on their way out (SIGKILLed by
 /// `delete`, their descriptors closed as they exit) when the engine's next
@@ -224,7 +220,7 @@ pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opene
                 remove(&img);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tmp = store.join(format!("{key}.{}.new", std::process::id()));
+                let tmp = store.join(format!("{key}.{}.tmp", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
                 let (file, uuid) = disk::scratch(&tmp, true).inspect_err(|_| {
                     let _ = std::fs::remove_file(&tmp);
@@ -270,25 +266,15 @@ pub fn remove(img: &Path) {
 }
 
 /// Removes the kept layers whose directory is gone or was made anew, but
-/// not one a VM holds; and the half-made layers of `create`s that died.
+/// not one a VM holds; and the half-made layers and records of `create`s
+/// that died (`<name>.<pid>.tmp`, as the cache's builds name theirs).
 pub fn sweep(store: &Path) {
+    disk::sweep_dead_builds(store);
     let Ok(entries) = std::fs::read_dir(store) else {
         return;
     };
     for e in entries.flatten() {
         let path = e.path();
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if let Some(pid) = name
-            .strip_suffix(".new")
-            .and_then(|n| n.rsplit_once('.'))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
-        {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_file(&path);
-            }
-            continue;
-        }
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
@@ -352,7 +338,7 @@ fn read_record(path: &Path) -> Option<Record> {
 
 /// Writes `rec` at `path` whole or not at all (a new file renamed over).
 fn write_record(path: &Path, rec: &Record) -> Result<(), MicrovmError> {
-    let tmp = path.with_extension(format!("json.{}", std::process::id()));
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     let text = serde_json::to_vec(rec).map_err(|e| MicrovmError::Invalid(e.to_string()))?;
     std::fs::OpenOptions::new()
         .write(true)
@@ -589,7 +575,7 @@ mod tests {
         drop(fresh);
         // Gone: the sweep removes the layer and its record.
         std::fs::remove_dir(&dir).unwrap();
-        std::fs::write(store.join("abc.4000000000.new"), "").unwrap();
+        std::fs::write(store.join("abc.4000000000.tmp"), "").unwrap();
         sweep(&store);
         let left: Vec<_> = std::fs::read_dir(&store).unwrap().flatten().collect();
         assert!(left.is_empty(), "{left:?}");
