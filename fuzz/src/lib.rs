@@ -55,6 +55,12 @@ pub const TARGETS: &[Target] = &[
         run: targets::agent_proto,
     },
     Target {
+        name: "mirror_stream",
+        covers: "moat-microvm mirror: a hostile guest's stream of changes applied to a root \
+                 directory (bounds, paths resolved in the root, cuts), nothing written outside",
+        run: targets::mirror_stream,
+    },
+    Target {
         name: "audit",
         covers: "moat audit: OCI config.json, docker inspect and Kubernetes YAML readers, rules, \
                  text/JSON/SARIF output",

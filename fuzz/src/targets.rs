@@ -116,6 +116,7 @@ pub fn agent_proto(data: &[u8]) {
                         | Kind::Stderr
                         | Kind::Shutdown
                         | Kind::Ping
+                        | Kind::Mirror
                         | Kind::Updated => {}
                     }
                 }
@@ -306,6 +307,106 @@ pub fn tar_unpack(data: &[u8]) {
         }
     }
     only_child(dir.path(), &["rootfs"]);
+}
+
+/// A microVM's mirror stream from a hostile guest applied onto a scratch
+/// root (moat-microvm `mirror::apply`): nothing lands outside the root (the
+/// sibling `outside` stays empty) and no temporary is left behind. The
+/// input's length picks the options, so both ways of each are fuzzed.
+pub fn mirror_stream(data: &[u8]) {
+    use moat_microvm::mirror::{self, ApplyOptions};
+    use std::os::fd::AsFd;
+    let Some(base) = mirror_scratch() else { return };
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    if !empty_dir(&root) || !empty_dir(&outside) {
+        return;
+    }
+    let Ok(fd) = std::fs::File::open(&root) else {
+        return;
+    };
+    let opts = ApplyOptions {
+        owners: data.len() & 1 == 0,
+        keep_setid: data.len() & 2 != 0,
+    };
+    match mirror::apply(&mut &data[..], fd.as_fd(), opts) {
+        Ok(a) if a.started_ns == 0 && a.entries == 0 => {} // the header was cut
+        Err(mirror::MirrorError::Magic) => {}
+        _ => crate::reached(),
+    }
+    only_child(&base, &["root", "outside"]);
+    let left: Vec<_> = std::fs::read_dir(&outside)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "written outside the root: {left:?}");
+    assert_eq!(temporaries(&root), Vec::<std::path::PathBuf>::new());
+}
+
+/// This process's scratch directory for [`mirror_stream`], made once under
+/// the temporary directory (those of dead processes removed then).
+fn mirror_scratch() -> Option<std::path::PathBuf> {
+    static SCRATCH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    SCRATCH
+        .get_or_init(|| {
+            let tmp = std::env::temp_dir();
+            for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("moat-fuzz-mirror-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        make_removable(&e.path());
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+            let base = tmp.join(format!("moat-fuzz-mirror-{}", std::process::id()));
+            std::fs::create_dir_all(&base).ok()?;
+            Some(base)
+        })
+        .clone()
+}
+
+/// Makes `dir` an empty directory (false when it cannot).
+fn empty_dir(dir: &Path) -> bool {
+    if std::fs::symlink_metadata(dir).is_ok() {
+        make_removable(dir);
+        if std::fs::remove_dir_all(dir).is_err() {
+            return false;
+        }
+    }
+    std::fs::create_dir(dir).is_ok()
+}
+
+/// Gives every directory under `dir` (symlinks not followed) its owner's
+/// full access, which an input may have taken away.
+fn make_removable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if m.is_dir() {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            make_removable(&e.path());
+        }
+    }
+}
+
+/// Everything under `dir` (symlinks not followed) named like the mirror's
+/// temporaries.
+fn temporaries(dir: &Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name()
+            .as_bytes()
+            .starts_with(moat_microvm::mirror::TEMP_PREFIX)
+        {
+            found.push(e.path());
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(temporaries(&e.path()));
+        }
+    }
+    found
 }
 
 /// Arbitrary Ethernet frames from a hostile workload into moat-net's core,

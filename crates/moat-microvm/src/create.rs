@@ -305,7 +305,29 @@ impl MicrovmTier {
         } else {
             net.is_some().then_some(snapshot::NetDevice::Frames)
         };
-        let mut guest = self.prepare_guest(&host, &plan, &dir)?;
+        // A root whose writes an engine keeps gets a kept layer
+        // (`crate::layer`): what its last VM mirrored is applied to the
+        // root first (if its `delete` could not), and the root's image is
+        // then the one that layer lies over, while the root is what the two
+        // stand for.
+        let layers = self.cache_dir().join(crate::layer::DIR);
+        // Kept layers whose directory is gone go first, whatever this
+        // container's root.
+        crate::layer::sweep(&layers);
+        let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
+        let layer_dir = if writable_root
+            && !pod_sandbox
+            && !req.config.rootfs.starts_with(self.sd.root())
+            && !self.cacheable(&req.config.rootfs)
+        {
+            kept_layer_dir(&req.config.rootfs)?
+        } else {
+            None
+        };
+        let settled = layer_dir.as_ref().map_or_else(Default::default, |d| {
+            crate::layer::settle(&layers, &self.cache_dir(), d, &req.config.rootfs)
+        });
+        let mut guest = self.prepare_guest(&host, &plan, &dir, settled.base.as_ref())?;
         let pod_disk = if pod_sandbox && guest.disk_files.len() < guestspec::MAX_DISKS {
             let (path, f) = crate::pod::make_disk(&dir)?;
             guest.disk_files.push(f);
@@ -335,21 +357,24 @@ impl MicrovmTier {
         // holds its overlay in guest memory, mounted before the save. A
         // pod's sandbox gets one for the writable layers of the containers
         // that join its VM (the pause process writes nothing).
-        let writable_root = !plan.config["root"]["readonly"].as_bool().unwrap_or(false);
         let wants_layer = (writable_root || pod_disk.is_some()) && !guest.shared;
-        // Kept layers whose directory is gone go first, whatever this
-        // container's root.
-        let layers = self.cache_dir().join(crate::layer::DIR);
-        crate::layer::sweep(&layers);
         let mut keep_layer = false;
+        let mut mirror = None;
         let scratch = if wants_layer && guest.disk_files.len() < guestspec::MAX_DISKS {
             // Kept from one VM to the next when the root's writes are the
             // engine's to keep (`crate::layer`): not a pod's, not a root
             // moat made for one run.
-            let kept = if pod_disk.is_none() && !req.config.rootfs.starts_with(self.sd.root()) {
-                kept_layer(&layers, &req.config.rootfs)?
-            } else {
-                None
+            let kept = match (&layer_dir, &guest.root_image) {
+                (Some(d), Some(lower)) if pod_disk.is_none() => {
+                    // Waited for already when `settle` found it held.
+                    let wait = if settled.busy {
+                        std::time::Duration::ZERO
+                    } else {
+                        crate::layer::BUSY_WAIT
+                    };
+                    kept_layer(&layers, d, lower.as_lower(), wait)?
+                }
+                _ => None,
             };
             match kept {
                 Some(k) => {
@@ -357,6 +382,7 @@ impl MicrovmTier {
                     if k.made {
                         undo.kept_layer = Some(k.path.clone());
                     }
+                    mirror = Some((mirror_file(&k.stream)?, k.since_ns, k.path.clone()));
                     Some((k.file, k.uuid))
                 }
                 None => Some(disk::scratch(&dir.join(SCRATCH), false)?),
@@ -492,6 +518,18 @@ impl MicrovmTier {
                 .collect(),
             scratch: scratch.as_ref().map(|(_, uuid)| uuid.clone()),
             keep_layer,
+            mirror_since: mirror.as_ref().map(|(_, since, _)| *since),
+        };
+        // The layer's mirror, which `delete` applies to the root.
+        let (mirror_stream, mirror_part) = match mirror {
+            Some((f, _, layer)) => (
+                Some(f),
+                Some(crate::MirrorPart {
+                    layer,
+                    rootfs: req.config.rootfs.clone(),
+                }),
+            ),
+            None => (None, None),
         };
         refuse_oversized("the container's config and the files it binds", &run)?;
         // With the console on, the kernel's messages carry times, the
@@ -615,6 +653,7 @@ impl MicrovmTier {
             mem_mib: guest.mem_mib,
             disks: guest.disk_files,
             scratch: scratch.map(|(f, _)| f),
+            mirror: mirror_stream,
             spare: guest.spare,
             // Without a snapshot to fit, the guest gets its own disks
             // only: each spare is a device the guest's kernel probes
@@ -756,6 +795,7 @@ impl MicrovmTier {
             pod_disk,
             pod_share: share,
             joined: None,
+            mirror: mirror_part,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -824,6 +864,7 @@ impl MicrovmTier {
         host: &HostChoice,
         plan: &Plan,
         dir: &Path,
+        root_base: Option<&crate::tree_cache::Base>,
     ) -> Result<Guest, RuntimeError> {
         let cache = self.cache_dir();
         disk::ensure_dir(&cache)?;
@@ -834,13 +875,23 @@ impl MicrovmTier {
         let mut disk_files = Vec::new();
         let mut images = Vec::new();
         let mut shared = true;
+        let mut root_image = None;
         for (i, need) in plan.disks.iter().enumerate() {
             let cacheable = self.cacheable(&need.source);
             shared &= cacheable;
             let img = if cacheable {
                 disk::cached(&cache, &need.source)?
             } else {
-                own_image(&cache, &need.source, &dir.join(format!("disk-{i}.ext4")))?
+                let (img, root) = own_image_over(
+                    &cache,
+                    &need.source,
+                    &dir.join(format!("disk-{i}.ext4")),
+                    root_base.filter(|_| i == 0),
+                )?;
+                if i == 0 {
+                    root_image = Some(root);
+                }
+                img
             };
             let f = File::open(&img.path)
                 .map_err(MicrovmError::io(format!("open {}", img.path.display())))?;
@@ -881,6 +932,7 @@ impl MicrovmTier {
         Ok(Guest {
             kernel,
             initrd,
+            root_image,
             guest_disks,
             disk_files,
             images,
@@ -1004,6 +1056,8 @@ struct Guest {
     /// What QEMU boots (assets::boot_image).
     kernel: PathBuf,
     initrd: PathBuf,
+    /// How the root's image was found, when it is not a shared one.
+    root_image: Option<RootImage>,
     guest_disks: Vec<proto::GuestDisk>,
     disk_files: Vec<File>,
     /// The disks' image files, in order.
@@ -1015,6 +1069,26 @@ struct Guest {
     spare: File,
     mem_mib: u64,
     vcpus: u8,
+}
+
+/// How [`own_image_over`] found an image of a root.
+#[derive(Debug)]
+struct RootImage {
+    uuid: String,
+    /// The root's digest, when it was hashed (as root, by content).
+    digest: Option<[u8; 32]>,
+    /// The image is the one the root's kept layer lies over.
+    on_base: bool,
+}
+
+impl RootImage {
+    fn as_lower(&self) -> crate::layer::Lower<'_> {
+        crate::layer::Lower {
+            uuid: &self.uuid,
+            digest: self.digest.as_ref(),
+            on_base: self.on_base,
+        }
+    }
 }
 
 /// A host ID block of moat's allocator, owned by this runtime until
@@ -1516,17 +1590,24 @@ fn spare_image(cache: &Path) -> Result<File, RuntimeError> {
     Ok(File::open(&p).map_err(MicrovmError::io(format!("open {}", p.display())))?)
 }
 
-/// The kept writable layer of a root at `rootfs` (`crate::layer`) in
-/// `store`. None when the root has no directory of its own that outlives
-/// its mounts, or another VM holds the layer (then a warning: this VM's
-/// layer is its own).
-fn kept_layer(store: &Path, rootfs: &Path) -> Result<Option<crate::layer::Kept>, RuntimeError> {
+/// The host directory whose writes a kept layer of the root `rootfs`
+/// stands for (`crate::layer::writable_dir`): None when the root has no
+/// directory of its own that outlives its mounts.
+fn kept_layer_dir(rootfs: &Path) -> Result<Option<PathBuf>, RuntimeError> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(MicrovmError::io("read /proc/self/mountinfo"))?;
-    let Some(dir) = crate::layer::writable_dir(rootfs, &mountinfo) else {
-        return Ok(None);
-    };
-    match crate::layer::open(store, &dir, crate::layer::BUSY_WAIT)? {
+    Ok(crate::layer::writable_dir(rootfs, &mountinfo))
+}
+
+/// The kept layer of the writable directory `dir`, locked for this VM
+/// (over the root's image `lower`); None when another VM holds it.
+fn kept_layer(
+    store: &Path,
+    dir: &Path,
+    lower: crate::layer::Lower<'_>,
+    wait: std::time::Duration,
+) -> Result<Option<crate::layer::Kept>, RuntimeError> {
+    match crate::layer::open(store, dir, wait, lower)? {
         crate::layer::Opened::Kept(k) => {
             tracing::debug!(
                 "microvm: writable layer kept at {} ({} of {})",
@@ -1546,6 +1627,20 @@ fn kept_layer(store: &Path, rootfs: &Path) -> Result<Option<crate::layer::Kept>,
     }
 }
 
+/// A kept layer's mirror stream file, emptied, for the VMM to append the
+/// guest's bytes to (what was in it was applied, or is asked for again:
+/// `crate::layer::settle`).
+fn mirror_file(path: &Path) -> Result<File, MicrovmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(MicrovmError::io(format!("open {}", path.display())))
+}
+
 /// The image of a tree moat does not manage (an engine's rootfs, a
 /// read-only volume): from the content cache (`tree_cache`: the trees of
 /// one engine image's containers share one), or made for this container
@@ -1557,9 +1652,27 @@ pub(crate) fn own_image(
     source: &Path,
     dest: &Path,
 ) -> Result<disk::DiskImage, MicrovmError> {
+    Ok(own_image_over(cache, source, dest, None)?.0)
+}
+
+/// [`own_image`] of a root whose kept layer lies over `base`
+/// (`tree_cache::image_over`), and how it was found.
+fn own_image_over(
+    cache: &Path,
+    source: &Path,
+    dest: &Path,
+    base: Option<&crate::tree_cache::Base>,
+) -> Result<(disk::DiskImage, RootImage), MicrovmError> {
     if rustix::process::geteuid().is_root() {
-        match crate::tree_cache::image(cache, source) {
-            Ok(Some(img)) => return Ok(img),
+        match crate::tree_cache::image_over(cache, source, base) {
+            Ok(Some(i)) => {
+                let root = RootImage {
+                    uuid: i.image.uuid.clone(),
+                    digest: Some(i.digest),
+                    on_base: i.on_base,
+                };
+                return Ok((i.image, root));
+            }
             Ok(None) => {}
             Err(e) => tracing::debug!(
                 "microvm: {} not imaged by content ({}): imaged for this container alone",
@@ -1568,7 +1681,13 @@ pub(crate) fn own_image(
             ),
         }
     }
-    disk::per_container(source, dest)
+    let img = disk::per_container(source, dest)?;
+    let root = RootImage {
+        uuid: img.uuid.clone(),
+        digest: None,
+        on_base: false,
+    };
+    Ok((img, root))
 }
 
 #[cfg(test)]

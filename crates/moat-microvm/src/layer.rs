@@ -37,7 +37,7 @@ use crate::{disk, MicrovmError};
 /// The kept layers' directory in the microVM cache.
 pub const DIR: &str = "layers";
 
-/// What a kept layer belongs to.
+/// What a kept layer belongs to, and where its mirror stands.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     /// The host directory that holds the container's writes under runc.
@@ -49,11 +49,41 @@ struct Record {
     ino: u64,
     #[serde(default)]
     born: u128,
+    #[serde(default)]
+    mirror: Mirror,
+}
+
+/// Where a kept layer's mirror stands: what the host's root directory
+/// holds of the layer's writes (`crate::mirror`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Mirror {
+    /// The UUID of the image the layer lies over (made before this was
+    /// recorded: none; such a layer stays over whatever image its root
+    /// gets, as before).
+    #[serde(default)]
+    base: Option<String>,
+    /// The digest (`tree_cache::tree_digest`, hex) of the root directory
+    /// since the layer's writes were last applied to it (or since the
+    /// layer was made): while the directory still has it, nothing but the
+    /// mirror changed it, and the layer over `base` stands for it.
+    #[serde(default)]
+    tree: Option<String>,
+    /// The guest's time when the last whole mirror began: the next asks
+    /// for what changed since (0: everything in the layer).
+    #[serde(default)]
+    since_ns: i64,
 }
 
 impl Record {
+    /// Whether `self` is the record of the directory `other` names (its
+    /// path, inode and birth time).
+    fn same_dir(&self, other: &Record) -> bool {
+        self.dir == other.dir && self.ino == other.ino && self.born == other.born
+    }
+
     fn of(dir: &Path, m: &std::fs::Metadata) -> Record {
         Record {
+            mirror: Mirror::default(),
             dir: dir.to_owned(),
             ino: m.ino(),
             born: m
@@ -77,6 +107,12 @@ pub struct Kept {
     pub path: PathBuf,
     /// Made by this `create`: removed if the `create` fails.
     pub made: bool,
+    /// What the guest mirrors: what changed since this time
+    /// (`proto::RunRequest::mirror_since`).
+    pub since_ns: i64,
+    /// `layers/<key>.mirror`, where the VMM keeps the guest's mirror
+    /// stream until [`settle`] applies it.
+    pub stream: PathBuf,
 }
 
 /// What [`open`] found.
@@ -177,17 +213,45 @@ impl Mount {
 /// `create` comes.
 pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// The image the root gets under its layer, as `create` found it
+/// (`tree_cache::image_over`).
+#[derive(Debug, Clone, Copy)]
+pub struct Lower<'a> {
+    /// Its UUID.
+    pub uuid: &'a str,
+    /// The root's digest, when it was taken.
+    pub digest: Option<&'a [u8; 32]>,
+    /// It is the layer's base: the root is what the two stand for.
+    pub on_base: bool,
+}
+
 /// The kept layer of `dir` (from [`writable_dir`]) in `store`, made if there
 /// is none yet, and locked; [`Opened::Busy`] if another holds it for
-/// longer than `wait`.
-pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opened, MicrovmError> {
+/// longer than `wait`. A layer found is kept only over its base image
+/// (`lower.on_base`): otherwise the root changed outside its VMs (an
+/// engine's `docker cp`, or a new image of it) and has all the layer's
+/// mirrored writes, and the layer starts anew over `lower`.
+pub fn open(
+    store: &Path,
+    dir: &Path,
+    wait: std::time::Duration,
+    lower: Lower<'_>,
+) -> Result<Opened, MicrovmError> {
     let meta =
         std::fs::metadata(dir).map_err(MicrovmError::io(format!("stat {}", dir.display())))?;
     disk::ensure_dir(store)?;
-    let key = &disk::hex(&Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..32];
+    let key = key(dir);
     let img = store.join(format!("{key}.ext4"));
     let rec_path = store.join(format!("{key}.json"));
-    let want = Record::of(dir, &meta);
+    let stream = img.with_extension(STREAM);
+    let want = Record {
+        mirror: Mirror {
+            base: Some(lower.uuid.to_string()),
+            tree: lower.digest.map(|d| disk::hex(d)),
+            since_ns: 0,
+        },
+        ..Record::of(dir, &meta)
+    };
     // A few rounds: another `create` may make, or the sweep remove, the
     // same layer at the same time.
     for _ in 0..4 {
@@ -205,18 +269,39 @@ pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opene
                 if !same_file(&file, &img) {
                     continue;
                 }
-                if read_record(&rec_path).as_ref() == Some(&want) {
-                    let uuid = superblock_uuid(&file, &img)?;
-                    return Ok(Opened::Kept(Kept {
-                        file,
-                        uuid,
-                        path: img,
-                        made: false,
-                    }));
+                match read_record(&rec_path).filter(|r| r.same_dir(&want)) {
+                    // Over its base; or made before bases were recorded;
+                    // or with a stream still to apply (another VM's, which
+                    // ended after this `create`'s `settle`): kept, since
+                    // the root lacks some of its writes.
+                    Some(mut rec)
+                        if lower.on_base
+                            || rec.mirror.base.is_none()
+                            || std::fs::metadata(&stream).is_ok_and(|m| m.len() > 0) =>
+                    {
+                        let uuid = superblock_uuid(&file, &img)?;
+                        if rec.mirror.base.is_none() {
+                            rec.mirror = want.mirror.clone();
+                            write_record(&rec_path, &rec)?;
+                        }
+                        return Ok(Opened::Kept(Kept {
+                            file,
+                            uuid,
+                            path: img,
+                            made: false,
+                            since_ns: rec.mirror.since_ns,
+                            stream,
+                        }));
+                    }
+                    Some(_) => tracing::debug!(
+                        "microvm: {} is not what its kept layer and that layer's image stand for (changed on the host, or the image left the cache): the layer starts anew",
+                        dir.display()
+                    ),
+                    // Another directory's at the same path (made anew), or
+                    // a `create` died between the image and its record:
+                    // its writes are no container's now.
+                    None => {}
                 }
-                // Another directory's at the same path (made anew), or a
-                // `create` died between the image and its record: its
-                // writes are no container's now.
                 remove(&img);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -233,12 +318,15 @@ pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opene
                 }
                 match rename_new(&tmp, &img) {
                     Ok(true) => {
+                        let _ = std::fs::remove_file(&stream);
                         return Ok(Opened::Kept(Kept {
                             file,
                             uuid,
                             path: img,
                             made: true,
-                        }))
+                            since_ns: 0,
+                            stream,
+                        }));
                     }
                     // Another `create` made it first: take that one.
                     Ok(false) => {
@@ -259,10 +347,20 @@ pub fn open(store: &Path, dir: &Path, wait: std::time::Duration) -> Result<Opene
     )))
 }
 
-/// Removes the kept layer at `img` (`layers/<key>.ext4`) and its record.
+/// Removes the kept layer at `img` (`layers/<key>.ext4`), its record and
+/// its mirror stream.
 pub fn remove(img: &Path) {
     let _ = std::fs::remove_file(img);
     let _ = std::fs::remove_file(img.with_extension("json"));
+    let _ = std::fs::remove_file(img.with_extension(STREAM));
+}
+
+/// The extension of a layer's mirror stream file.
+const STREAM: &str = "mirror";
+
+/// The key of `dir`'s kept layer: its path's SHA-256, 32 hex digits.
+fn key(dir: &Path) -> String {
+    disk::hex(&Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..32].to_string()
 }
 
 /// Removes the kept layers whose directory is gone or was made anew, but
@@ -279,7 +377,8 @@ pub fn sweep(store: &Path) {
             continue;
         }
         let alive = read_record(&path).is_some_and(|r| {
-            std::fs::metadata(&r.dir).is_ok_and(|m| m.is_dir() && Record::of(&r.dir, &m) == r)
+            std::fs::metadata(&r.dir)
+                .is_ok_and(|m| m.is_dir() && Record::of(&r.dir, &m).same_dir(&r))
         });
         if alive {
             continue;
@@ -296,6 +395,155 @@ pub fn sweep(store: &Path) {
             _ => remove(&img),
         }
     }
+}
+
+/// Applies the mirror stream the last VM of `dir`'s kept layer left
+/// (`layers/<key>.mirror`) to `rootfs`, the container's root directory
+/// (whose writable directory `dir` is), once no VM holds the layer (waiting
+/// [`BUSY_WAIT`] at most); then records the root's digest, and where the
+/// next mirror begins if the stream was whole. A stream that cannot be
+/// applied whole is said in a warning: its changes are still in the layer,
+/// and the next mirror sends them again. Gives the layer's base for the
+/// root's image ([`crate::tree_cache::image_over`]): none when there is
+/// no such layer or another VM holds it (then `Settled::busy`).
+pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path) -> Settled {
+    let key = key(dir);
+    let img = store.join(format!("{key}.ext4"));
+    let rec_path = store.join(format!("{key}.json"));
+    let stream = img.with_extension(STREAM);
+    let found = std::fs::metadata(dir).ok().and_then(|meta| {
+        let rec = read_record(&rec_path).filter(|r| r.same_dir(&Record::of(dir, &meta)))?;
+        Some((rec, File::open(&img).ok()?))
+    });
+    let Some((mut rec, layer)) = found else {
+        return Settled::default();
+    };
+    if !lock_within(&layer, BUSY_WAIT).unwrap_or(false) {
+        return Settled {
+            base: None,
+            busy: true,
+        };
+    }
+    if std::fs::metadata(&stream).is_ok_and(|m| m.len() > 0) {
+        apply_stream(&stream, cache, rootfs, &mut rec.mirror);
+        // The stream goes whether or not it was all applied: `since_ns`
+        // still asks the next VM for what it did not bring.
+        let kept = write_record(&rec_path, &rec)
+            .inspect_err(|e| tracing::warn!("microvm: {}", moat_core::error_chain(e)));
+        if kept.is_ok() {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&stream)
+                .and_then(|f| f.set_len(0));
+        }
+    }
+    Settled {
+        base: rec
+            .mirror
+            .tree
+            .zip(rec.mirror.base)
+            .map(|(tree, uuid)| crate::tree_cache::Base { tree, uuid }),
+        busy: false,
+    }
+}
+
+/// What [`settle`] found.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// The layer's base, for the root's image.
+    pub base: Option<crate::tree_cache::Base>,
+    /// Another VM held the layer for all of [`BUSY_WAIT`].
+    pub busy: bool,
+}
+
+/// [`settle`] at the container's `delete`, for the layer at `img`: only if
+/// `rootfs` still shows that layer's directory (an engine may have
+/// unmounted it already; the next `create`, which has it mounted, applies
+/// the stream then).
+pub fn settle_at_delete(store: &Path, cache: &Path, img: &Path, rootfs: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Some(dir) = writable_dir(rootfs, &mountinfo) else {
+        return;
+    };
+    if img.file_stem() != Some(std::ffi::OsStr::new(&key(&dir))) {
+        tracing::debug!(
+            "microvm: {} is not the kept layer's root any more: its mirror waits for the next create",
+            rootfs.display()
+        );
+        return;
+    }
+    settle(store, cache, &dir, rootfs);
+}
+
+/// Applies the stream at `path` to `rootfs` and moves `m` on.
+fn apply_stream(path: &Path, cache: &Path, rootfs: &Path, m: &mut Mirror) {
+    let opts = crate::mirror::ApplyOptions {
+        // Rootless, files are the user's whoever the guest says owns them.
+        owners: rustix::process::geteuid().is_root(),
+        keep_setid: reached_by_root_only(rootfs),
+    };
+    let applied = File::open(path).map_err(|e| e.to_string()).and_then(|f| {
+        let root = File::open(rootfs)
+            .and_then(|d| match d.metadata()?.is_dir() {
+                true => Ok(d),
+                false => Err(std::io::Error::other("not a directory")),
+            })
+            .map_err(|e| format!("open {}: {e}", rootfs.display()))?;
+        crate::mirror::apply(&mut std::io::BufReader::new(f), root.as_fd(), opts)
+            .map_err(|e| e.to_string())
+    });
+    match applied {
+        Ok(a) => {
+            tracing::debug!(
+                "microvm: mirrored {} entries ({} bytes) of the kept layer into {}{}",
+                a.entries,
+                a.bytes,
+                rootfs.display(),
+                if a.complete {
+                    ""
+                } else {
+                    " (the stream was cut)"
+                }
+            );
+            if a.complete {
+                m.since_ns = a.started_ns;
+            }
+        }
+        Err(e) => tracing::warn!(
+            "microvm: the container's writes were not all mirrored into {}: {e}",
+            rootfs.display()
+        ),
+    }
+    // Whatever was applied, the root holds only the layer's writes beyond
+    // its base: the two still stand for it.
+    m.tree = crate::tree_cache::digest(cache, rootfs)
+        .inspect_err(|e| {
+            tracing::debug!(
+                "microvm: no digest of {}: {}",
+                rootfs.display(),
+                moat_core::error_chain(e)
+            )
+        })
+        .ok()
+        .map(|d| disk::hex(&d));
+}
+
+/// Whether only root can reach `path`: a directory on its way (itself
+/// among them) lets no other user through (no search permission for
+/// others, nor for its group unless that is root's). Docker's and Podman's
+/// stores are so; a user's bundle is often not. A set-user-ID file the
+/// guest makes keeps that bit on the host only there.
+fn reached_by_root_only(path: &Path) -> bool {
+    path.ancestors().any(|a| {
+        std::fs::symlink_metadata(a).is_ok_and(|m| {
+            m.is_dir()
+                && m.uid() == 0
+                && m.mode() & 0o001 == 0
+                && (m.mode() & 0o010 == 0 || m.gid() == 0)
+        })
+    })
 }
 
 /// [`lock`], tried again every 20 ms for `wait`.
@@ -519,13 +767,135 @@ mod tests {
         );
     }
 
+    /// The image a test's layer lies over, as `create` would find it when
+    /// nothing but the mirror changed the root.
+    const BASE: Lower<'static> = Lower {
+        uuid: "0123456789abcdef0123456789abcdef",
+        digest: None,
+        on_base: true,
+    };
+
+    #[test]
+    fn a_layer_stays_only_over_its_base_or_with_writes_the_root_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("layers");
+        let dir = d.path().join("upper");
+        std::fs::create_dir(&dir).unwrap();
+        let Opened::Kept(first) = open(&store, &dir, Duration::ZERO, BASE).unwrap() else {
+            panic!("busy");
+        };
+        let (uuid, stream) = (first.uuid.clone(), first.stream.clone());
+        drop(first);
+        // Over another image (the root changed on the host): anew.
+        let other = Lower {
+            on_base: false,
+            uuid: "fedcba9876543210fedcba9876543210",
+            ..BASE
+        };
+        let Opened::Kept(second) = open(&store, &dir, Duration::ZERO, other).unwrap() else {
+            panic!("busy");
+        };
+        assert!(second.made);
+        assert_ne!(second.uuid, uuid);
+        let uuid = second.uuid.clone();
+        drop(second);
+        // With a stream not yet applied (another VM's): kept, whatever
+        // the image, since the root lacks those writes.
+        std::fs::write(&stream, b"moat-mirror-1").unwrap();
+        let not_base = Lower {
+            on_base: false,
+            ..BASE
+        };
+        let Opened::Kept(third) = open(&store, &dir, Duration::ZERO, not_base).unwrap() else {
+            panic!("busy");
+        };
+        assert!(!third.made);
+        assert_eq!(third.uuid, uuid);
+        drop(third);
+        // A record from before bases were recorded: kept, and given one.
+        std::fs::remove_file(&stream).unwrap();
+        let rec = store.join(format!("{}.json", key(&dir)));
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("mirror");
+        std::fs::write(&rec, old.to_string()).unwrap();
+        let Opened::Kept(fourth) = open(&store, &dir, Duration::ZERO, not_base).unwrap() else {
+            panic!("busy");
+        };
+        assert!(!fourth.made);
+        assert_eq!(
+            read_record(&rec).unwrap().mirror.base.as_deref(),
+            Some(BASE.uuid)
+        );
+    }
+
+    #[test]
+    fn settle_applies_the_pending_mirror_and_records_where_the_next_begins() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("layers");
+        let cache = d.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let root = d.path().join("rootfs");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("old"), "old").unwrap();
+        let Opened::Kept(k) = open(&store, &root, Duration::ZERO, BASE).unwrap() else {
+            panic!("busy");
+        };
+        // What a guest would send: a tree of its own, in full.
+        let guest = d.path().join("guest");
+        std::fs::create_dir_all(guest.join("etc")).unwrap();
+        std::fs::write(guest.join("etc/new"), "new").unwrap();
+        let mut bytes = Vec::new();
+        crate::mirror::write_changes(&guest, &guest, 0, &mut bytes).unwrap();
+        std::fs::write(&k.stream, &bytes).unwrap();
+        // Not while its VM holds the layer.
+        let held = settle(&store, &cache, &root, &root);
+        assert!(held.busy && held.base.is_none());
+        assert!(!root.join("etc/new").exists());
+        drop(k);
+        let s = settle(&store, &cache, &root, &root);
+        assert!(!s.busy);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/new")).unwrap(),
+            "new"
+        );
+        assert!(
+            !root.join("old").exists(),
+            "the guest's root listing prunes it"
+        );
+        let base = s.base.expect("a base");
+        assert_eq!(base.uuid, BASE.uuid);
+        let digest = crate::tree_cache::tree_digest(&root).unwrap();
+        assert_eq!(base.tree, disk::hex(&digest));
+        let rec = read_record(&store.join(format!("{}.json", key(&root)))).unwrap();
+        assert!(rec.mirror.since_ns > 0);
+        assert_eq!(
+            std::fs::metadata(store.join(format!("{}.mirror", key(&root))))
+                .unwrap()
+                .len(),
+            0
+        );
+        // A cut stream: applied as far as it goes; the next mirror still
+        // begins where the last whole one did.
+        std::fs::write(
+            store.join(format!("{}.mirror", key(&root))),
+            &bytes[..bytes.len() - 3],
+        )
+        .unwrap();
+        std::fs::remove_file(root.join("etc/new")).unwrap();
+        settle(&store, &cache, &root, &root);
+        assert!(root.join("etc/new").exists());
+        let again = read_record(&store.join(format!("{}.json", key(&root)))).unwrap();
+        assert_eq!(again.mirror.since_ns, rec.mirror.since_ns);
+    }
+
     #[test]
     fn a_kept_layer_is_found_again_locked_and_swept_with_its_directory() {
         let d = tempfile::tempdir().unwrap();
         let store = d.path().join("layers");
         let dir = d.path().join("upper");
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(first) = open(&store, &dir, Duration::ZERO).unwrap() else {
+        let Opened::Kept(first) = open(&store, &dir, Duration::ZERO, BASE).unwrap() else {
             panic!("a new layer is not busy");
         };
         assert!(first.made);
@@ -533,7 +903,7 @@ mod tests {
         assert_eq!(first.file.metadata().unwrap().len(), disk::SCRATCH_BYTES);
         // Held: a second open is told so, after its wait.
         assert!(matches!(
-            open(&store, &dir, Duration::ZERO).unwrap(),
+            open(&store, &dir, Duration::ZERO, BASE).unwrap(),
             Opened::Busy
         ));
         // Let go during the wait: taken.
@@ -541,7 +911,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(200));
             drop(first);
         });
-        let Opened::Kept(waited) = open(&store, &dir, Duration::from_secs(10)).unwrap() else {
+        let Opened::Kept(waited) = open(&store, &dir, Duration::from_secs(10), BASE).unwrap()
+        else {
             panic!("let go, yet busy");
         };
         holder.join().unwrap();
@@ -552,7 +923,7 @@ mod tests {
         assert!(first.path.exists());
         let (path, uuid) = (first.path.clone(), first.uuid.clone());
         drop(first);
-        let Opened::Kept(again) = open(&store, &dir, Duration::ZERO).unwrap() else {
+        let Opened::Kept(again) = open(&store, &dir, Duration::ZERO, BASE).unwrap() else {
             panic!("released, yet busy");
         };
         assert!(!again.made);
@@ -567,7 +938,7 @@ mod tests {
         drop(again);
         // Made anew at the same path: another container's, a new layer.
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(fresh) = open(&store, &dir, Duration::ZERO).unwrap() else {
+        let Opened::Kept(fresh) = open(&store, &dir, Duration::ZERO, BASE).unwrap() else {
             panic!("busy");
         };
         assert!(fresh.made);
@@ -587,7 +958,7 @@ mod tests {
         let store = d.path().join("layers");
         let dir = d.path().join("upper");
         std::fs::create_dir(&dir).unwrap();
-        let Opened::Kept(k) = open(&store, &dir, Duration::ZERO).unwrap() else {
+        let Opened::Kept(k) = open(&store, &dir, Duration::ZERO, BASE).unwrap() else {
             panic!("busy");
         };
         k.file
@@ -595,7 +966,9 @@ mod tests {
             .unwrap();
         let path = k.path.clone();
         drop(k);
-        let e = open(&store, &dir, Duration::ZERO).unwrap_err().to_string();
+        let e = open(&store, &dir, Duration::ZERO, BASE)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("not an ext4"), "{e}");
     }

@@ -33,6 +33,7 @@ pub mod disk;
 pub mod guestspec;
 pub mod jail;
 pub mod layer;
+pub mod mirror;
 mod ops;
 mod pod;
 pub mod podnet;
@@ -425,6 +426,19 @@ struct MicrovmPart {
     /// state is the host process that stands for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     joined: Option<pod::Joined>,
+    /// The container's kept writable layer, whose mirror `delete` applies
+    /// to its root (`layer::settle_at_delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mirror: Option<MirrorPart>,
+}
+
+/// Where a container's kept layer's mirror goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MirrorPart {
+    /// `layers/<key>.ext4` in the cache.
+    layer: PathBuf,
+    /// The container's root on the host.
+    rootfs: PathBuf,
 }
 
 /// An update's limits for the VMM's cgroup on the host (CPU time, block

@@ -149,6 +149,17 @@ impl MicrovmTier {
             // The last container's leaves no empty directory behind.
             let _ = std::fs::remove_dir(parent);
         }
+        if let Some(m) = &part.mirror {
+            // The VMM is gone: what its guest mirrored goes to the root
+            // while the engine still has it mounted.
+            let cache = self.cache_dir();
+            crate::layer::settle_at_delete(
+                &cache.join(crate::layer::DIR),
+                &cache,
+                &m.layer,
+                &m.rootfs,
+            );
+        }
         moat_container::lifecycle::run_poststop(&c.state);
         if let Some(slot) = &part.vmm_slot {
             release_slot(slot);

@@ -119,6 +119,14 @@ pub enum Kind {
     /// `Started` or `Error`, then relayed as an exec's process is, `Exit`
     /// (with its OOM kills) when it ends.
     Join = 20,
+    /// guest → host: the next bytes of the mirror of the container's root
+    /// (`crate::mirror`), raw, on channel 0: what the container changed in
+    /// its kept writable layer (`RunRequest::mirror_since`), sent after its
+    /// process exited and before that `Exit`. The VMM process appends
+    /// them to the layer's stream file; the host applies that file to the
+    /// container's root directory once the guest is gone
+    /// (`crate::layer::settle`).
+    Mirror = 21,
 }
 
 impl Kind {
@@ -145,6 +153,7 @@ impl Kind {
             18 => Closed,
             19 => Forward,
             20 => Join,
+            21 => Mirror,
             _ => return None,
         })
     }
@@ -418,6 +427,12 @@ pub struct RunRequest {
     /// VM on that report).
     #[serde(default)]
     pub keep_layer: bool,
+    /// With `keep_layer`: mirror what changed in the layer since this time
+    /// (the guest's clock, nanoseconds since the epoch; 0: all of it) to
+    /// the host before the container's exit is reported ([`Kind::Mirror`]),
+    /// so that the engine sees the container's writes as under runc.
+    #[serde(default)]
+    pub mirror_since: Option<i64>,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

@@ -50,8 +50,42 @@ const PREFIX: &str = "tree-";
 /// missing. `None` when the tree changed while it was imaged (the caller
 /// images it per container). An error when the tree cannot be read whole.
 pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmError> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut known = FileHashes::load(&cache.join(HASHES), &mountinfo);
+    Ok(image_over(cache, source, None)?.map(|i| i.image))
+}
+
+/// The image a kept writable layer lies over (`crate::layer`), and the
+/// digest of the host tree the two together stand for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    /// [`tree_digest`], hex.
+    pub tree: String,
+    /// The image's UUID (32 hex digits), which names it in the cache.
+    pub uuid: String,
+}
+
+/// What [`image_over`] gave.
+#[derive(Debug)]
+pub struct Imaged {
+    pub image: DiskImage,
+    /// The tree's [`tree_digest`].
+    pub digest: [u8; 32],
+    /// `image` is the `base` asked for: the tree is what that image and
+    /// its kept layer stand for (the layer's writes mirrored into it).
+    pub on_base: bool,
+}
+
+/// [`image`], for a root with a kept writable layer over `base`: when the
+/// tree's digest is still the one `base` records (nothing but the layer's
+/// mirror changed it since) and that image is still cached, that image,
+/// rather than an image of the tree as it is (which would hold the
+/// layer's writes a second time, and cost a build after every run that
+/// wrote).
+pub fn image_over(
+    cache: &Path,
+    source: &Path,
+    base: Option<&Base>,
+) -> Result<Option<Imaged>, MicrovmError> {
+    let mut known = hashes(cache);
     let key = tree_digest_with(source, &mut known)?;
     tracing::debug!(
         "microvm: digest of {}: {} files' hashes known, {} read",
@@ -59,6 +93,30 @@ pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmEr
         known.hits,
         known.misses
     );
+    if let Some(b) = base.filter(|b| b.tree == disk::hex(&key)) {
+        if let Some(path) = image_path(cache, &b.uuid).filter(|p| p.is_file()) {
+            known.save();
+            touch(&path);
+            tracing::debug!(
+                "microvm: image of {} under its kept layer ({})",
+                source.display(),
+                path.display()
+            );
+            return Ok(Some(Imaged {
+                image: DiskImage {
+                    path,
+                    uuid: b.uuid.clone(),
+                },
+                digest: key,
+                on_base: true,
+            }));
+        }
+    }
+    let found = |image| Imaged {
+        image,
+        digest: key,
+        on_base: false,
+    };
     let uuid = disk::hex(&key[..16]);
     let path = cache.join(format!("{PREFIX}{}.ext4", &uuid[..24]));
     if path.is_file() {
@@ -69,7 +127,7 @@ pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmEr
             source.display(),
             path.display()
         );
-        return Ok(Some(DiskImage { path, uuid }));
+        return Ok(Some(found(DiskImage { path, uuid })));
     }
     disk::ensure_dir(cache)?;
     disk::sweep_dead_builds(cache);
@@ -101,7 +159,29 @@ pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmEr
         path.display()
     );
     trim(cache, &path);
-    Ok(Some(DiskImage { path, uuid }))
+    Ok(Some(found(DiskImage { path, uuid })))
+}
+
+/// The cached image whose UUID is `uuid` (32 hex digits), by name; None
+/// for anything else.
+fn image_path(cache: &Path, uuid: &str) -> Option<PathBuf> {
+    (uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| cache.join(format!("{PREFIX}{}.ext4", &uuid[..24])))
+}
+
+/// The cache's [`FileHashes`].
+fn hashes(cache: &Path) -> FileHashes {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    FileHashes::load(&cache.join(HASHES), &mountinfo)
+}
+
+/// [`tree_digest`] of `source`, through the cache's [`FileHashes`] (and
+/// learning into them).
+pub fn digest(cache: &Path, source: &Path) -> Result<[u8; 32], MicrovmError> {
+    let mut known = hashes(cache);
+    let key = tree_digest_with(source, &mut known)?;
+    known.save();
+    Ok(key)
 }
 
 /// Marks `image` used now (its mtime), for [`trim`].

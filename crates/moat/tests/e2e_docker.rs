@@ -494,12 +494,52 @@ fn docker_daemon_json_runtimes_select_tiers() {
                 ])
             };
             seen += &o.expect_ok().stdout;
+            if round == 1 {
+                // The engine sees what the stopped container wrote (the
+                // microVM's mirror of its layer): `docker diff`, `cp` and
+                // `commit` read the container's directory.
+                let mut diff: Vec<String> = dk
+                    .cmd(&["diff", &name])
+                    .expect_ok()
+                    .stdout
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
+                diff.sort();
+                seen += &format!("diff: {}\n", diff.join(", "));
+                let copy = tempfile::tempdir().unwrap();
+                let to = copy.path().join("kept");
+                dk.cmd(&["cp", &format!("{name}:/kept"), &s(&to)])
+                    .expect_ok();
+                seen += &format!("cp: {}", std::fs::read_to_string(&to).unwrap());
+                let image = format!("kept-{rt}-commit");
+                dk.cmd(&["commit", &name, &image]).expect_ok();
+                let c = dk
+                    .cmd(&[
+                        "run",
+                        "--rm",
+                        "--network",
+                        "none",
+                        "--runtime",
+                        "moat",
+                        &image,
+                        "sh",
+                        "-c",
+                        "cat /kept; ls /bin/vi 2>&1 >/dev/null | wc -l",
+                    ])
+                    .expect_ok();
+                seen += &format!("commit: {}", c.stdout);
+                dk.cmd(&["rmi", &image]).expect_ok();
+            }
         }
         dk.cmd(&["rm", &name]).expect_ok();
         seen
     };
     let (container, vm) = (kept("moat"), kept("moat-vm-flag"));
-    assert_eq!(container, "/bin/vi\nran\nagain\nran\n/bin/vi\nran\n");
+    assert_eq!(
+        container,
+        "/bin/vi\nran\nagain\nran\ndiff: A /kept, C /bin, D /bin/vi\ncp: again\nagain\ncommit: again\nagain\n1\n/bin/vi\nran\n"
+    );
     assert_eq!(vm, container);
     // A read-write volume (`-v`) reaches the host directory through
     // virtio-fs both ways; Docker's root in the guest is not the host's.

@@ -186,6 +186,10 @@ pub struct Agent {
     /// That disk outlives the VM (`RunRequest::keep_layer`): synced before
     /// the container's exit is reported.
     keep_layer: bool,
+    /// Mirror the root's changes in that layer since this time (the
+    /// host's `RunRequest::mirror_since`) to the host before the exit is
+    /// reported; and the root's path.
+    mirror: Option<(i64, String)>,
     /// The disks (and the writable root: lower layer, root) mounted
     /// before the snapshot was saved (`Prime`).
     primed: Option<Primed>,
@@ -274,6 +278,7 @@ impl Agent {
             prepared: false,
             rw_on_disk: false,
             keep_layer: false,
+            mirror: None,
             primed: None,
             main_done: false,
             held: None,
@@ -296,6 +301,34 @@ impl Agent {
         msg: &T,
     ) -> Result<(), AgentError> {
         self.send(&proto::encode_json(kind, chan, msg))
+    }
+
+    /// Sends the mirror of what the container changed in its kept layer
+    /// ([`Kind::Mirror`] frames): the host applies it to the container's
+    /// root directory once the VM is gone. A failure is said on the
+    /// console; the stream then lacks its end, and the host applies what
+    /// came and asks for the same changes again next time.
+    fn send_mirror(&mut self) {
+        let Some((since, root)) = self.mirror.take() else {
+            return;
+        };
+        let upper = format!("{RUN_RW}/upper");
+        let mut out = std::io::BufWriter::with_capacity(
+            MIRROR_CHUNK,
+            MirrorFrames {
+                chan: &mut self.chan,
+            },
+        );
+        let sent =
+            crate::mirror::write_changes(Path::new(&upper), Path::new(&root), since, &mut out)
+                .and_then(|w| out.flush().map(|()| w));
+        match sent {
+            Ok(w) => super::trace(&format!(
+                "root mirrored: {} entries, {} bytes, {} skipped",
+                w.entries, w.bytes, w.skipped
+            )),
+            Err(e) => eprintln!("moat-agent: cannot mirror the root's changes to the host: {e}"),
+        }
     }
 
     pub fn serve(mut self) -> Result<(), AgentError> {
@@ -668,6 +701,10 @@ impl Agent {
                     mount_overlay_over(lower, root, RUN_RW, upper)?;
                     self.rw_on_disk = scratch.is_some();
                     self.keep_layer = req.keep_layer && scratch.is_some();
+                    self.mirror = req
+                        .mirror_since
+                        .filter(|_| self.keep_layer)
+                        .map(|since| (since, root.clone()));
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
@@ -1266,6 +1303,9 @@ impl Agent {
                 super::trace("workload exited");
                 self.main_done = true;
                 if self.keep_layer {
+                    // What changed goes to the host's copy of the root
+                    // first (under runc the engine sees the writes there).
+                    self.send_mirror();
                     // The host ends the VM on the report below: what the
                     // container wrote reaches the kept layer's file first
                     // (under runc it is in the host's page cache already).
@@ -2118,6 +2158,28 @@ fn mount_overlay_over(lower: &str, root: &str, rw: &str, upper: Upper) -> Result
         step: format!("mount the writable root on {root}"),
         source: e,
     })
+}
+
+/// The payload of one [`Kind::Mirror`] frame, at most.
+const MIRROR_CHUNK: usize = 256 * 1024;
+
+/// Bytes of the mirror stream, as [`Kind::Mirror`] frames on the agent's
+/// channel (blocking: the host always reads it).
+struct MirrorFrames<'a> {
+    chan: &'a mut File,
+}
+
+impl std::io::Write for MirrorFrames<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(MIRROR_CHUNK);
+        self.chan
+            .write_all(&proto::encode(Kind::Mirror, 0, &buf[..n]))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes back the writable layer's disk at [`RUN_RW`] (`syncfs`: its

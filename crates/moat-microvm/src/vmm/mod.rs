@@ -142,6 +142,10 @@ pub struct VmmPlan {
     /// ([`crate::disk::scratch`]): the disk after `disks`, in a slot of
     /// its own ([`proto::RunRequest::scratch`]).
     pub scratch: Option<File>,
+    /// With a kept layer's mirror (`proto::RunRequest::mirror_since`): the
+    /// layer's stream file, opened for appending, where the relay writes
+    /// the guest's [`proto::Kind::Mirror`] bytes.
+    pub mirror: Option<File>,
     /// A tiny empty image for unused disk slots.
     pub spare: File,
     pub disk_slots: usize,
@@ -314,6 +318,7 @@ fn start(
     ];
     keep.extend(plan.disks.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.scratch.iter().map(|d| d.as_raw_fd()));
+    keep.extend(plan.mirror.iter().map(|d| d.as_raw_fd()));
     keep.extend(plan.net.as_ref().map(|n| n.fd().as_raw_fd()));
     keep.extend(plan.more_net.iter().map(|n| n.as_raw_fd()));
     keep.extend(plan.volumes.iter().map(|v| v.as_raw_fd()));

@@ -114,7 +114,14 @@ pub struct Relay {
     how: StartKind,
     /// The guest reported an OOM kill in the container (with its end).
     oom_killed: bool,
+    /// Mirror bytes the guest sent ([`MIRROR_MAX`]).
+    mirrored: u64,
 }
+
+/// The most mirror bytes a guest may send: what its layer can hold, and
+/// room for the stream's records. Past it the guest is lying, and the
+/// host's disk is not its to fill.
+const MIRROR_MAX: u64 = crate::disk::SCRATCH_BYTES + (1 << 30);
 
 fn forwarded() -> SigSet {
     let mut set = SigSet::empty();
@@ -166,6 +173,7 @@ impl Relay {
             since: Instant::now(),
             how,
             oom_killed: false,
+            mirrored: 0,
         }
     }
 
@@ -561,6 +569,7 @@ impl Relay {
                     self.close_output(0, stream)?;
                 }
             }
+            (Kind::Mirror, 0) => self.mirror_bytes(&f.payload),
             (Kind::Exit, 0) => {
                 let e: proto::Exit = f.json()?;
                 self.shutdown(&e);
@@ -654,6 +663,27 @@ impl Relay {
             _ => {}
         }
         Ok(None)
+    }
+
+    /// Appends the guest's mirror bytes to the layer's stream file. The
+    /// guest writes what it likes there, as it does in its layer: the host
+    /// checks all of it when it applies it (`crate::mirror::apply`). A
+    /// write that fails drops the rest (the stream then lacks its end, and
+    /// the host asks for the same changes again next time).
+    fn mirror_bytes(&mut self, bytes: &[u8]) {
+        let Some(f) = self.plan.mirror.as_mut() else {
+            return;
+        };
+        self.mirrored += bytes.len() as u64;
+        let written = if self.mirrored > MIRROR_MAX {
+            Err(std::io::Error::other("more than the layer can hold"))
+        } else {
+            f.write_all(bytes)
+        };
+        if let Err(e) = written {
+            eprintln!("moat: microvm: cannot keep the root's mirror: {e}");
+            self.plan.mirror = None;
+        }
     }
 
     /// Records the end and stops the VM. Nothing in the guest outlives the
