@@ -325,7 +325,7 @@ impl MicrovmTier {
             None
         };
         let settled = layer_dir.as_ref().map_or_else(Default::default, |d| {
-            crate::layer::settle(&layers, &self.cache_dir(), d, &req.config.rootfs)
+            crate::layer::settle(&layers, &self.cache_dir(), d, &req.config.rootfs, true)
         });
         let mut guest = self.prepare_guest(&host, &plan, &dir, settled.base.as_ref())?;
         let pod_disk = if pod_sandbox && guest.disk_files.len() < guestspec::MAX_DISKS {
@@ -372,7 +372,22 @@ impl MicrovmTier {
                     } else {
                         crate::layer::BUSY_WAIT
                     };
-                    kept_layer(&layers, d, lower.as_lower(), wait)?
+                    // A new layer's record: its directory's digest, which
+                    // is the root's when that is the root itself.
+                    let cache = self.cache_dir();
+                    let plain = req.config.rootfs.canonicalize().is_ok_and(|r| r == *d);
+                    let tree = || match (plain, &lower.digest) {
+                        (true, Some(x)) => Some(disk::hex(x)),
+                        _ => crate::tree_cache::digest(&cache, d)
+                            .ok()
+                            .map(|x| disk::hex(&x)),
+                    };
+                    let lower = crate::layer::Lower {
+                        uuid: &lower.uuid,
+                        tree: &tree,
+                        on_base: lower.on_base,
+                    };
+                    kept_layer(&layers, d, lower, wait)?
                 }
                 _ => None,
             };
@@ -1079,16 +1094,6 @@ struct RootImage {
     digest: Option<[u8; 32]>,
     /// The image is the one the root's kept layer lies over.
     on_base: bool,
-}
-
-impl RootImage {
-    fn as_lower(&self) -> crate::layer::Lower<'_> {
-        crate::layer::Lower {
-            uuid: &self.uuid,
-            digest: self.digest.as_ref(),
-            on_base: self.on_base,
-        }
-    }
 }
 
 /// A host ID block of moat's allocator, owned by this runtime until

@@ -62,10 +62,12 @@ struct Mirror {
     /// gets, as before).
     #[serde(default)]
     base: Option<String>,
-    /// The digest (`tree_cache::tree_digest`, hex) of the root directory
-    /// since the layer's writes were last applied to it (or since the
-    /// layer was made): while the directory still has it, nothing but the
-    /// mirror changed it, and the layer over `base` stands for it.
+    /// The digest (`tree_cache::tree_digest`, hex) of the layer's
+    /// directory (the root itself, or an overlay root's upper directory:
+    /// what an engine changes on the host) since the layer's writes were
+    /// last applied to the root (or since the layer was made): while the
+    /// directory still has it, nothing but the mirror changed the root,
+    /// and the layer over `base` stands for it.
     #[serde(default)]
     tree: Option<String>,
     /// The guest's time when the last whole mirror began: the next asks
@@ -215,12 +217,13 @@ pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The image the root gets under its layer, as `create` found it
 /// (`tree_cache::image_over`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Lower<'a> {
     /// Its UUID.
     pub uuid: &'a str,
-    /// The root's digest, when it was taken.
-    pub digest: Option<&'a [u8; 32]>,
+    /// The digest of the layer's directory now, for a new layer's record
+    /// (asked only when one is made).
+    pub tree: &'a dyn Fn() -> Option<String>,
     /// It is the layer's base: the root is what the two stand for.
     pub on_base: bool,
 }
@@ -247,7 +250,7 @@ pub fn open(
     let want = Record {
         mirror: Mirror {
             base: Some(lower.uuid.to_string()),
-            tree: lower.digest.map(|d| disk::hex(d)),
+            tree: None,
             since_ns: 0,
         },
         ..Record::of(dir, &meta)
@@ -281,7 +284,10 @@ pub fn open(
                     {
                         let uuid = superblock_uuid(&file, &img)?;
                         if rec.mirror.base.is_none() {
-                            rec.mirror = want.mirror.clone();
+                            rec.mirror = Mirror {
+                                tree: (lower.tree)(),
+                                ..want.mirror.clone()
+                            };
                             write_record(&rec_path, &rec)?;
                         }
                         return Ok(Opened::Kept(Kept {
@@ -312,6 +318,13 @@ pub fn open(
                 })?;
                 // A new file: nobody else can hold it.
                 lock(&file)?;
+                let want = Record {
+                    mirror: Mirror {
+                        tree: (lower.tree)(),
+                        ..want.mirror.clone()
+                    },
+                    ..Record::of(dir, &meta)
+                };
                 if let Err(e) = write_record(&rec_path, &want) {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
@@ -405,8 +418,10 @@ pub fn sweep(store: &Path) {
 /// applied whole is said in a warning: its changes are still in the layer,
 /// and the next mirror sends them again. Gives the layer's base for the
 /// root's image ([`crate::tree_cache::image_over`]): none when there is
-/// no such layer or another VM holds it (then `Settled::busy`).
-pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path) -> Settled {
+/// no such layer or another VM holds it (then `Settled::busy`), or, with
+/// `check`, when the layer's directory is not the root itself and has
+/// changed since (the root's image step checks a plain root's digest).
+pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path, check: bool) -> Settled {
     let key = key(dir);
     let img = store.join(format!("{key}.ext4"));
     let rec_path = store.join(format!("{key}.json"));
@@ -424,8 +439,9 @@ pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path) -> Settled 
             busy: true,
         };
     }
-    if std::fs::metadata(&stream).is_ok_and(|m| m.len() > 0) {
-        apply_stream(&stream, cache, rootfs, &mut rec.mirror);
+    let applied = std::fs::metadata(&stream).is_ok_and(|m| m.len() > 0);
+    if applied {
+        apply_stream(&stream, cache, dir, rootfs, &mut rec.mirror);
         // The stream goes whether or not it was all applied: `since_ns`
         // still asks the next VM for what it did not bring.
         let kept = write_record(&rec_path, &rec)
@@ -437,10 +453,20 @@ pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path) -> Settled 
                 .and_then(|f| f.set_len(0));
         }
     }
+    // A plain root's digest is the image step's to compare; an overlay's
+    // upper directory (small: the container's own writes) is checked here.
+    let plain = rootfs.canonicalize().is_ok_and(|r| r == dir);
+    let tree = match rec.mirror.tree {
+        Some(t) if plain => Some(Some(t)),
+        Some(_) if applied || !check => Some(None),
+        Some(t) => crate::tree_cache::digest(cache, dir)
+            .ok()
+            .filter(|d| disk::hex(d) == t)
+            .map(|_| None),
+        None => None,
+    };
     Settled {
-        base: rec
-            .mirror
-            .tree
+        base: tree
             .zip(rec.mirror.base)
             .map(|(tree, uuid)| crate::tree_cache::Base { tree, uuid }),
         busy: false,
@@ -474,11 +500,12 @@ pub fn settle_at_delete(store: &Path, cache: &Path, img: &Path, rootfs: &Path) {
         );
         return;
     }
-    settle(store, cache, &dir, rootfs);
+    settle(store, cache, &dir, rootfs, false);
 }
 
-/// Applies the stream at `path` to `rootfs` and moves `m` on.
-fn apply_stream(path: &Path, cache: &Path, rootfs: &Path, m: &mut Mirror) {
+/// Applies the stream at `path` to `rootfs` (whose writable directory is
+/// `dir`) and moves `m` on.
+fn apply_stream(path: &Path, cache: &Path, dir: &Path, rootfs: &Path, m: &mut Mirror) {
     let opts = crate::mirror::ApplyOptions {
         // Rootless, files are the user's whoever the guest says owns them.
         owners: rustix::process::geteuid().is_root(),
@@ -518,11 +545,11 @@ fn apply_stream(path: &Path, cache: &Path, rootfs: &Path, m: &mut Mirror) {
     }
     // Whatever was applied, the root holds only the layer's writes beyond
     // its base: the two still stand for it.
-    m.tree = crate::tree_cache::digest(cache, rootfs)
+    m.tree = crate::tree_cache::digest(cache, dir)
         .inspect_err(|e| {
             tracing::debug!(
                 "microvm: no digest of {}: {}",
-                rootfs.display(),
+                dir.display(),
                 moat_core::error_chain(e)
             )
         })
@@ -771,9 +798,13 @@ mod tests {
     /// nothing but the mirror changed the root.
     const BASE: Lower<'static> = Lower {
         uuid: "0123456789abcdef0123456789abcdef",
-        digest: None,
+        tree: &no_tree,
         on_base: true,
     };
+
+    fn no_tree() -> Option<String> {
+        None
+    }
 
     #[test]
     fn a_layer_stays_only_over_its_base_or_with_writes_the_root_lacks() {
@@ -849,11 +880,11 @@ mod tests {
         crate::mirror::write_changes(&guest, &guest, 0, &mut bytes).unwrap();
         std::fs::write(&k.stream, &bytes).unwrap();
         // Not while its VM holds the layer.
-        let held = settle(&store, &cache, &root, &root);
+        let held = settle(&store, &cache, &root, &root, true);
         assert!(held.busy && held.base.is_none());
         assert!(!root.join("etc/new").exists());
         drop(k);
-        let s = settle(&store, &cache, &root, &root);
+        let s = settle(&store, &cache, &root, &root, true);
         assert!(!s.busy);
         assert_eq!(
             std::fs::read_to_string(root.join("etc/new")).unwrap(),
@@ -866,7 +897,7 @@ mod tests {
         let base = s.base.expect("a base");
         assert_eq!(base.uuid, BASE.uuid);
         let digest = crate::tree_cache::tree_digest(&root).unwrap();
-        assert_eq!(base.tree, disk::hex(&digest));
+        assert_eq!(base.tree, Some(disk::hex(&digest)));
         let rec = read_record(&store.join(format!("{}.json", key(&root)))).unwrap();
         assert!(rec.mirror.since_ns > 0);
         assert_eq!(
@@ -883,10 +914,50 @@ mod tests {
         )
         .unwrap();
         std::fs::remove_file(root.join("etc/new")).unwrap();
-        settle(&store, &cache, &root, &root);
+        settle(&store, &cache, &root, &root, true);
         assert!(root.join("etc/new").exists());
         let again = read_record(&store.join(format!("{}.json", key(&root)))).unwrap();
         assert_eq!(again.mirror.since_ns, rec.mirror.since_ns);
+    }
+
+    #[test]
+    fn an_overlay_roots_layer_keeps_its_base_while_its_upper_directory_is_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("layers");
+        let cache = d.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        // The root is another directory (an overlay's mount point, as far
+        // as `settle` is concerned); the layer's is its upper directory.
+        let (root, upper) = (d.path().join("merged"), d.path().join("diff"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::write(upper.join("kept"), "1").unwrap();
+        let cache2 = cache.clone();
+        let upper2 = upper.clone();
+        let tree = move || {
+            crate::tree_cache::digest(&cache2, &upper2)
+                .ok()
+                .map(|x| disk::hex(&x))
+        };
+        let lower = Lower {
+            tree: &tree,
+            ..BASE
+        };
+        let Opened::Kept(k) = open(&store, &upper, Duration::ZERO, lower).unwrap() else {
+            panic!("busy");
+        };
+        drop(k);
+        // Unchanged: the base, already checked (no digest for the image
+        // step to compare).
+        let s = settle(&store, &cache, &upper, &root, true);
+        let base = s.base.expect("its base");
+        assert_eq!((base.uuid.as_str(), base.tree), (BASE.uuid, None));
+        // At `delete`, nothing is checked.
+        assert!(settle(&store, &cache, &upper, &root, false).base.is_some());
+        // Changed on the host (`docker cp` into the stopped container):
+        // no base, and the layer starts anew.
+        std::fs::write(upper.join("kept"), "2").unwrap();
+        assert!(settle(&store, &cache, &upper, &root, true).base.is_none());
     }
 
     #[test]

@@ -57,8 +57,9 @@ pub fn image(cache: &Path, source: &Path) -> Result<Option<DiskImage>, MicrovmEr
 /// digest of the host tree the two together stand for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {
-    /// [`tree_digest`], hex.
-    pub tree: String,
+    /// The tree's [`tree_digest`] (hex) it stands for; None when the
+    /// caller checked already (an overlay root's upper directory).
+    pub tree: Option<String>,
     /// The image's UUID (32 hex digits), which names it in the cache.
     pub uuid: String,
 }
@@ -93,7 +94,7 @@ pub fn image_over(
         known.hits,
         known.misses
     );
-    if let Some(b) = base.filter(|b| b.tree == disk::hex(&key)) {
+    if let Some(b) = base.filter(|b| b.tree.as_ref().is_none_or(|t| *t == disk::hex(&key))) {
         if let Some(path) = image_path(cache, &b.uuid).filter(|p| p.is_file()) {
             known.save();
             touch(&path);

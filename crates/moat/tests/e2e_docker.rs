@@ -530,6 +530,15 @@ fn docker_daemon_json_runtimes_select_tiers() {
                     .expect_ok();
                 seen += &format!("commit: {}", c.stdout);
                 dk.cmd(&["rmi", &image]).expect_ok();
+                // Changed by the engine while it is stopped (`docker cp`
+                // into it): the next start sees the host's file.
+                std::fs::write(&to, "host\n").unwrap();
+                dk.cmd(&["cp", &s(&to), &format!("{name}:/kept")])
+                    .expect_ok();
+                seen += &format!(
+                    "after cp: {}",
+                    dk.cmd(&["start", "-a", &name]).expect_ok().stdout
+                );
             }
         }
         dk.cmd(&["rm", &name]).expect_ok();
@@ -538,7 +547,7 @@ fn docker_daemon_json_runtimes_select_tiers() {
     let (container, vm) = (kept("moat"), kept("moat-vm-flag"));
     assert_eq!(
         container,
-        "/bin/vi\nran\nagain\nran\ndiff: A /kept, C /bin, D /bin/vi\ncp: again\nagain\ncommit: again\nagain\n1\n/bin/vi\nran\n"
+        "/bin/vi\nran\nagain\nran\ndiff: A /kept, C /bin, D /bin/vi\ncp: again\nagain\ncommit: again\nagain\n1\nafter cp: host\nran\n/bin/vi\nran\n"
     );
     assert_eq!(vm, container);
     // A read-write volume (`-v`) reaches the host directory through
