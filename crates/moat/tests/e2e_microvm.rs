@@ -3686,6 +3686,96 @@ impl Drop for Mounted {
     }
 }
 
+/// A writable container whose rootfs is an overlay mount, as Docker's
+/// `overlay2`, Podman's and containerd's snapshotter make it: what its VM
+/// wrote reaches the overlay's upper directory when it ends (a deletion a
+/// whiteout there, as under runc), the next VM of the container runs over
+/// the image it had, and a change an engine makes on the host while it is
+/// stopped (`docker cp` into it) is what the next VM sees.
+#[test]
+fn an_overlay_roots_writes_reach_its_upper_directory_as_under_runc() {
+    let test = "an_overlay_roots_writes_reach_its_upper_directory_as_under_runc";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let cache = private_cache(test);
+    let mut b = vm_bundle(&[]);
+    std::fs::write(b.rootfs().join("etc/marker"), "m").unwrap();
+    b.set("/root/readonly", serde_json::json!(false));
+    let lower = b.dir().join("lower");
+    std::fs::rename(b.rootfs(), &lower).unwrap();
+    std::fs::create_dir(b.rootfs()).unwrap();
+    let (upper, work) = (b.dir().join("upper"), b.dir().join("work"));
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &b.rootfs(),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    let _mounted = Mounted(vec![b.rootfs()]);
+    let bundle = b.dir().display().to_string();
+    let id = rt.new_id("ovlw");
+    let logs = LogsOnPanic(std::cell::RefCell::new(Vec::new()));
+    let mut n = 0;
+    let mut run = |b: &mut Bundle, script: &str| {
+        b.set("/process/args", serde_json::json!(["sh", "-c", script]));
+        b.write_config();
+        n += 1;
+        let log = rt
+            .scratch_file(&format!("{id}-{n}-log"))
+            .display()
+            .to_string();
+        logs.0.borrow_mut().push(log.clone());
+        let out = rt
+            .cmd_with(
+                &["--debug", "--log", &log, "run", "--bundle", &bundle, &id],
+                Opts {
+                    env: vec![("MOAT_MICROVM_CACHE".into(), cache.display().to_string())],
+                    ..Opts::default()
+                },
+            )
+            .expect_ok();
+        (
+            out.stdout,
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+    };
+    let (out, _) = run(&mut b, "echo one >> /kept; rm /etc/marker; echo ran");
+    assert_eq!(out, "ran\n");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("kept")).unwrap(),
+        "one\n"
+    );
+    let whiteout = std::fs::symlink_metadata(upper.join("etc/marker")).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_char_device(&whiteout.file_type()),
+        "the deletion is the overlay's whiteout in the upper directory"
+    );
+    let (out, log) = run(&mut b, "cat /kept; echo two >> /kept");
+    assert_eq!(out, "one\n");
+    assert!(log.contains("under its kept layer"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("kept")).unwrap(),
+        "one\ntwo\n"
+    );
+    // An engine's change while it is stopped, through its mount.
+    std::fs::write(b.rootfs().join("kept"), "host\n").unwrap();
+    let (out, log) = run(&mut b, "cat /kept; test -e /etc/marker || echo gone");
+    assert_eq!(out, "host\ngone\n", "{log}");
+    assert!(!log.contains("under its kept layer"), "{log}");
+    assert_clean(&rt);
+}
+
 /// Two containers of one image as overlay engines make them (Docker's
 /// `overlay2`, containerd's overlayfs snapshotter): each bundle's rootfs an
 /// overlay mount of the image's layer with an upper directory of its own.
