@@ -376,9 +376,11 @@ impl MicrovmTier {
                     // is the root's when that is the root itself.
                     let cache = self.cache_dir();
                     let plain = req.config.rootfs.canonicalize().is_ok_and(|r| r == *d);
+                    // (None for a plain root not hashed: imaged per
+                    // container, its layer never has a base to keep.)
                     let tree = || match (plain, &lower.digest) {
-                        (true, Some(x)) => Some(disk::hex(x)),
-                        _ => crate::tree_cache::digest(&cache, d)
+                        (true, x) => x.as_ref().map(|x| disk::hex(x)),
+                        (false, _) => crate::tree_cache::digest(&cache, d)
                             .ok()
                             .map(|x| disk::hex(&x)),
                     };

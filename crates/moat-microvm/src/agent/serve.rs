@@ -1303,14 +1303,16 @@ impl Agent {
                 super::trace("workload exited");
                 self.main_done = true;
                 if self.keep_layer {
-                    // What changed goes to the host's copy of the root
-                    // first (under runc the engine sees the writes there).
-                    self.send_mirror();
                     // The host ends the VM on the report below: what the
                     // container wrote reaches the kept layer's file first
-                    // (under runc it is in the host's page cache already).
+                    // (under runc it is in the host's page cache already),
+                    // before the mirror, which an engine's stop timeout
+                    // may cut short.
                     sync_layer();
                     super::trace("layer synced");
+                    // Then what changed goes to the host's copy of the
+                    // root (under runc the engine sees the writes there).
+                    self.send_mirror();
                 }
                 // From the runtime, which had the cgroup at hand (loading
                 // the container's state for it here took ~12 ms under
