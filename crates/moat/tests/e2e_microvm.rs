@@ -1265,7 +1265,7 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
         serde_json::json!([
             "sh",
             "-c",
-            "cat /kept; echo held; mkdir /spin; i=0; while :; do i=$((i+1)); echo $i > /spin/$i; done"
+            "cat /kept; mkdir /spin; echo s > /spin/synced; sync; echo held; i=0; while :; do i=$((i+1)); echo $i > /spin/$i; done"
         ]),
     );
     b.write_config();
@@ -1320,8 +1320,12 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
         third.stderr
     );
     // The killed VM mirrored nothing; the next one that ended mirrored
-    // what it had left too.
-    assert!(b.rootfs().join("spin/1").is_file());
+    // what it had left in the layer too (what it synced: the rest, ext4
+    // had not committed when it was killed, or had).
+    assert_eq!(
+        std::fs::read_to_string(b.rootfs().join("spin/synced")).unwrap(),
+        "s\n"
+    );
     // Changed on the host while no VM ran (as `docker cp` into a stopped
     // container does): the next VM sees the host's root, not its layer's
     // older copy; and its own writes reach the host again.
