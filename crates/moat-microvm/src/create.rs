@@ -813,6 +813,7 @@ impl MicrovmTier {
             pod_share: share,
             joined: None,
             mirror: mirror_part,
+            guest_frozen: false,
         })
         .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.sd.save(&st)?;
@@ -1636,16 +1637,19 @@ fn kept_layer(
 
 /// A kept layer's mirror stream file, emptied, for the VMM to append the
 /// guest's bytes to (what was in it was applied, or is asked for again:
-/// `crate::layer::settle`).
+/// `crate::layer::settle`). Appending: a `pause` empties it while the VMM
+/// holds it (`crate::layer::settle_held`).
 fn mirror_file(path: &Path) -> Result<File, MicrovmError> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
+    let f = std::fs::OpenOptions::new()
+        .append(true)
         .create(true)
-        .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(MicrovmError::io(format!("open {}", path.display())))
+        .map_err(MicrovmError::io(format!("open {}", path.display())))?;
+    f.set_len(0)
+        .map_err(MicrovmError::io(format!("empty {}", path.display())))?;
+    Ok(f)
 }
 
 /// The image of a tree moat does not manage (an engine's rootfs, a

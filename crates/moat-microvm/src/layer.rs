@@ -422,6 +422,19 @@ pub fn sweep(store: &Path) {
 /// `check`, when the layer's directory is not the root itself and has
 /// changed since (the root's image step checks a plain root's digest).
 pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path, check: bool) -> Settled {
+    settle_as(store, cache, dir, rootfs, check, true)
+}
+
+/// [`settle`]; `lock`: take the layer's lock first (not when its VM, which
+/// holds it, is known to write no more: paused, its mirror sent).
+fn settle_as(
+    store: &Path,
+    cache: &Path,
+    dir: &Path,
+    rootfs: &Path,
+    check: bool,
+    lock: bool,
+) -> Settled {
     let key = key(dir);
     let img = store.join(format!("{key}.ext4"));
     let rec_path = store.join(format!("{key}.json"));
@@ -433,7 +446,7 @@ pub fn settle(store: &Path, cache: &Path, dir: &Path, rootfs: &Path, check: bool
     let Some((mut rec, layer)) = found else {
         return Settled::default();
     };
-    if !lock_within(&layer, BUSY_WAIT).unwrap_or(false) {
+    if lock && !lock_within(&layer, BUSY_WAIT).unwrap_or(false) {
         return Settled {
             base: None,
             busy: true,
@@ -487,6 +500,17 @@ pub struct Settled {
 /// unmounted it already; the next `create`, which has it mounted, applies
 /// the stream then).
 pub fn settle_at_delete(store: &Path, cache: &Path, img: &Path, rootfs: &Path) {
+    settle_layer(store, cache, img, rootfs, true);
+}
+
+/// [`settle_at_delete`] at the container's `pause`, once its VM (which
+/// holds the layer) froze it and sent its mirror: the stream is applied
+/// without the layer's lock, and the VM appends to an emptied file.
+pub fn settle_held(store: &Path, cache: &Path, img: &Path, rootfs: &Path) {
+    settle_layer(store, cache, img, rootfs, false);
+}
+
+fn settle_layer(store: &Path, cache: &Path, img: &Path, rootfs: &Path, lock: bool) {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -500,7 +524,7 @@ pub fn settle_at_delete(store: &Path, cache: &Path, img: &Path, rootfs: &Path) {
         );
         return;
     }
-    settle(store, cache, &dir, rootfs, false);
+    settle_as(store, cache, &dir, rootfs, false, lock);
 }
 
 /// Applies the stream at `path` to `rootfs` (whose writable directory is

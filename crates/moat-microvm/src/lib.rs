@@ -430,6 +430,10 @@ struct MicrovmPart {
     /// to its root (`layer::settle_at_delete`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mirror: Option<MirrorPart>,
+    /// Paused, its container frozen in the guest too (to mirror its
+    /// writes): `resume` thaws it there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    guest_frozen: bool,
 }
 
 /// Where a container's kept layer's mirror goes.
@@ -763,6 +767,46 @@ impl MicrovmTier {
             .map_err(MicrovmError::from)?)
     }
 
+    /// Freezes the container in its guest and mirrors its writes into its
+    /// root on the host (`crate::mirror`), at `pause`: whether the guest
+    /// froze it (a failure is a warning: the VM is still frozen whole on
+    /// the host).
+    fn mirror_at_pause(&self, st: &State, m: &MirrorPart) -> bool {
+        let asked = self
+            .control_path(st)
+            .map_err(|e| e.to_string())
+            .and_then(|path| {
+                control::call(
+                    &path,
+                    &control::Request::Freeze {
+                        on: true,
+                        container: None,
+                    },
+                    &[],
+                )
+                .map_err(|e| e.to_string())
+            });
+        match asked {
+            Ok((_sock, control::Reply::Ok)) => {
+                let cache = self.cache_dir();
+                layer::settle_held(&cache.join(layer::DIR), &cache, &m.layer, &m.rootfs);
+                true
+            }
+            Ok((_sock, control::Reply::Error { message, .. })) => {
+                tracing::warn!(
+                    "microvm: the paused container's writes were not mirrored: {message}"
+                );
+                false
+            }
+            Ok(_) | Err(_) => {
+                tracing::warn!(
+                    "microvm: the paused container's writes were not mirrored: {asked:?}"
+                );
+                false
+            }
+        }
+    }
+
     fn freeze(&self, id: &str, on: bool) -> Result<(), RuntimeError> {
         let _lock = self.sd.lock(id)?;
         let c = self.current(id)?;
@@ -793,11 +837,45 @@ impl MicrovmTier {
             }
         } else {
             let cg = self.cgroup(&c.state)?;
+            let mut part = self.part(&c.state)?;
             if on {
+                // A kept layer's container is frozen in the guest first,
+                // and what it wrote so far mirrored into its root on the
+                // host, for the engine (`docker commit` pauses what it
+                // commits).
+                part.guest_frozen = match &part.mirror {
+                    Some(m) => self.mirror_at_pause(&c.state, m),
+                    None => false,
+                };
                 cg.freeze().map_err(MicrovmError::from)?;
             } else {
                 cg.thaw().map_err(MicrovmError::from)?;
+                if part.guest_frozen {
+                    let (_sock, reply) = control::call(
+                        &self.control_path(&c.state)?,
+                        &control::Request::Freeze {
+                            on: false,
+                            container: None,
+                        },
+                        &[],
+                    )
+                    .map_err(MicrovmError::from)?;
+                    if let control::Reply::Error { message, .. } = reply {
+                        return Err(MicrovmError::Vmm(message).into());
+                    }
+                    part.guest_frozen = false;
+                }
             }
+            let mut st = c.state;
+            st.tier_state =
+                serde_json::to_value(&part).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            st.status = if on {
+                ContainerStatus::Paused
+            } else {
+                ContainerStatus::Running
+            };
+            self.sd.save(&st)?;
+            return Ok(());
         }
         let mut st = c.state;
         st.status = if on {

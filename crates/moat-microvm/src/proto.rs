@@ -635,10 +635,18 @@ pub struct UpdateRequest {
     /// the guest's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
-    /// Instead of new limits: freeze (`true`) or thaw that joined
-    /// container's cgroup in the guest (its `pause`, `resume`).
+    /// Instead of new limits: freeze (`true`) or thaw that container's
+    /// cgroup in the guest (its `pause`, `resume`: a joined container's;
+    /// the guest's own when it has a mirror, below).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<bool>,
+    /// With `freeze: Some(true)` of the guest's own container: then sync
+    /// its kept layer and mirror what changed ([`Kind::Mirror`]) before
+    /// answering, so that the host's `pause` hands the engine the running
+    /// container's writes (`docker commit` pauses the container it
+    /// commits).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

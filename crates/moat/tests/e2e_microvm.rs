@@ -3690,6 +3690,65 @@ impl Drop for Mounted {
     }
 }
 
+/// `pause` of a running container with a kept layer mirrors what it has
+/// written so far into its root on the host, as an engine's commit of a
+/// running container needs (`docker commit` pauses it first, then reads
+/// its directory); `resume` lets it go on, and its exit mirrors the rest.
+#[test]
+fn a_paused_containers_writes_reach_its_root_on_the_host() {
+    let test = "a_paused_containers_writes_reach_its_root_on_the_host";
+    let Some(rt) = rt(test) else {
+        return;
+    };
+    let cache = private_cache(test);
+    let mut b = vm_bundle(&[
+        "sh",
+        "-c",
+        "echo live > /live; echo ready; while [ ! -e /go ]; do sleep 0.1; done; echo after > /after",
+    ]);
+    b.set("/root/readonly", serde_json::json!(false));
+    b.write_config();
+    let bundle = b.dir().display().to_string();
+    let id = rt.new_id("paused");
+    let out = rt.scratch_file(&format!("{id}-stdout"));
+    let opts = || Opts {
+        env: vec![("MOAT_MICROVM_CACHE".into(), cache.display().to_string())],
+        ..Opts::default()
+    };
+    rt.cmd_with(
+        &["create", "--bundle", &bundle, &id],
+        Opts {
+            stdout: Some(out.clone()),
+            ..opts()
+        },
+    )
+    .expect_ok();
+    let ctr = Ctr {
+        rt: &rt,
+        id: id.clone(),
+        out: Some(out),
+    };
+    ctr.start().expect_ok();
+    ctr.wait_output("ready");
+    let live = b.rootfs().join("live");
+    assert!(!live.exists(), "not before the pause");
+    rt.cmd_with(&["pause", &id], opts()).expect_ok();
+    assert_eq!(ctr.status(), "paused");
+    assert_eq!(std::fs::read_to_string(&live).unwrap(), "live\n");
+    rt.cmd_with(&["resume", &id], opts()).expect_ok();
+    assert_eq!(ctr.status(), "running");
+    // Thawed in the guest too: it sees the file and ends.
+    ctr.exec(&["touch", "/go"]).expect_ok();
+    ctr.wait_status("stopped");
+    rt.cmd_with(&["delete", &id], opts()).expect_ok();
+    assert_eq!(
+        std::fs::read_to_string(b.rootfs().join("after")).unwrap(),
+        "after\n"
+    );
+    drop(ctr);
+    assert_clean(&rt);
+}
+
 /// A writable container whose rootfs is an overlay mount, as Docker's
 /// `overlay2`, Podman's and containerd's snapshotter make it: what its VM
 /// wrote reaches the overlay's upper directory when it ends (a deletion a

@@ -309,7 +309,10 @@ impl Agent {
     /// console; the stream then lacks its end, and the host applies what
     /// came and asks for the same changes again next time.
     fn send_mirror(&mut self) {
-        let Some((since, root)) = self.mirror.take() else {
+        // Kept: a `pause` mirrors too, and the exit then sends again
+        // what changed since the run began (the host's record moves on
+        // only with what it applied).
+        let Some((since, root)) = self.mirror.clone() else {
             return;
         };
         let upper = format!("{RUN_RW}/upper");
@@ -661,7 +664,13 @@ impl Agent {
 
     /// Applies an update and answers it on its channel.
     fn apply_update(&mut self, chan: u32, req: &proto::UpdateRequest) -> Result<(), AgentError> {
-        match self.update(req) {
+        let done = self.update(req);
+        if done.is_ok() && req.mirror && req.freeze == Some(true) && req.container.is_none() {
+            // Frozen: what it wrote so far, on the layer and to the host.
+            sync_layer();
+            self.send_mirror();
+        }
+        match done {
             Ok(()) => self.send_json(Kind::Updated, chan, &serde_json::json!({})),
             Err(e) => self.answer(chan, Err(e)),
         }
@@ -826,14 +835,14 @@ impl Agent {
             return Err(AgentError::Request("the container is not running".into()));
         }
         if let Some(on) = req.freeze {
-            // A joined container's `pause`, `resume`: the guest's own is
-            // frozen whole, on the host.
-            let Some(id) = req.container.as_deref() else {
+            // A joined container's `pause`, `resume`; the guest's own only
+            // to mirror its writes (it is frozen whole, on the host, too).
+            if req.container.is_none() && self.mirror.is_none() {
                 return Err(AgentError::Request(
                     "the guest's own container is paused on the host".into(),
                 ));
-            };
-            let id = self.guest_container(Some(id))?;
+            }
+            let id = self.guest_container(req.container.as_deref())?;
             let tier = moat_container::ContainerTier::new(GUEST_STATE_ROOT, false);
             let done = if on {
                 moat_core::runtime::Lifecycle::pause(&tier, id)

@@ -792,22 +792,11 @@ impl Relay {
                 resources,
                 container,
             } => self.update(client, resources, container, None)?,
-            // A joined container's: its cgroup in the guest.
-            Request::Freeze {
-                on,
-                container: Some(c),
-            } => self.update(client, serde_json::Value::Null, Some(c), Some(on))?,
-            Request::Freeze {
-                container: None, ..
-            } => {
-                // The VM's own container freezes on the host (its cgroup).
-                let _ = control::send(
-                    client.as_fd(),
-                    &Reply::Error {
-                        message: "a microVM is paused through its cgroup".into(),
-                        exec_status: None,
-                    },
-                );
+            // A joined container's: its cgroup in the guest. The VM's own
+            // freezes on the host (its cgroup); in the guest too only when
+            // its writes are mirrored (the agent mirrors them once frozen).
+            Request::Freeze { on, container } => {
+                self.update(client, serde_json::Value::Null, container, Some(on))?
             }
             // Only on a joined container's connection.
             Request::Resize { .. } => {}
@@ -952,6 +941,7 @@ impl Relay {
                 let ch = self.next_chan;
                 self.next_chan += 1;
                 self.updates.insert(ch, client);
+                let mirror = container.is_none() && freeze == Some(true);
                 let frame = proto::encode_json(
                     Kind::Update,
                     ch,
@@ -959,6 +949,7 @@ impl Relay {
                         resources,
                         container,
                         freeze,
+                        mirror,
                     },
                 );
                 self.send(&frame)
