@@ -550,6 +550,61 @@ fn docker_daemon_json_runtimes_select_tiers() {
         "/bin/vi\nran\nagain\nran\ndiff: A /kept, C /bin, D /bin/vi\ncp: again\nagain\ncommit: again\nagain\n1\nafter cp: host\nran\n/bin/vi\nran\n"
     );
     assert_eq!(vm, container);
+    // `docker commit` of a running container (Docker pauses it first):
+    // what it wrote so far is in the image, under the microVM runtime as
+    // under the container tier (the pause mirrors its writes).
+    let live = |rt: &str| {
+        let name = format!("live-{rt}");
+        dk.cmd(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "--runtime",
+            rt,
+            "moatbb",
+            "sh",
+            "-c",
+            "echo live > /live; echo ready; exec sleep 1000",
+        ])
+        .expect_ok();
+        wait_for("the live container's ready", || {
+            dk.cmd(&["logs", &name]).stdout.contains("ready")
+        });
+        let image = format!("live-{rt}-commit");
+        dk.cmd(&["commit", &name, &image]).expect_ok();
+        let seen = dk
+            .cmd(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--runtime",
+                "moat",
+                &image,
+                "cat",
+                "/live",
+            ])
+            .expect_ok()
+            .stdout;
+        // Resumed: it still runs.
+        let running = dk
+            .cmd(&[
+                "inspect",
+                &name,
+                "--format",
+                "{{.State.Running}} {{.State.Paused}}",
+            ])
+            .expect_ok()
+            .stdout;
+        dk.cmd(&["rm", "-f", &name]).expect_ok();
+        dk.cmd(&["rmi", &image]).expect_ok();
+        seen + &running
+    };
+    assert_eq!(live("moat"), "live\ntrue false\n");
+    assert_eq!(live("moat-vm-flag"), "live\ntrue false\n");
     // A read-write volume (`-v`) reaches the host directory through
     // virtio-fs both ways; Docker's root in the guest is not the host's.
     // Writable by others: the guest's IDs are a host ID block of the
