@@ -3417,7 +3417,10 @@ fn a_pods_containers_join_its_sandboxs_vm() {
         .map(|(p, _, _)| p)
         .collect();
     assert!(children.is_empty(), "no VMM of its own: {children:?}");
-    assert!(allocated(&disk) > empty, "its images went to the pod disk");
+    assert!(
+        allocated(&disk) > empty + 64 * 1024,
+        "its images went to the pod disk"
+    );
     assert_eq!(a.output(), "", "nothing runs before start");
     // New limits before start go into its config; after, to its cgroup
     // in the guest.
@@ -3638,7 +3641,15 @@ fn a_pods_containers_join_its_sandboxs_vm() {
     assert_eq!(pod.status(), "running");
     cmd(&rt, &["delete", &app_id]).expect_ok();
     drop(a);
-    assert_eq!(allocated(&disk), empty, "the pod disk's space came back");
+    // (Give or take the file system's own blocks for the file's extent
+    // tree: an image copied in more than four extents, as on a busy disk,
+    // gets an index block that may stay — the full run of 2026-12-07 19:10
+    // UTC saw 8 KiB against 4 KiB. The images are megabytes.)
+    let left = allocated(&disk);
+    assert!(
+        left <= empty + 64 * 1024,
+        "the pod disk's space came back: {left} bytes allocated, {empty} when empty"
+    );
     // Its volume left the pod's share (nothing of it mounted there any
     // more), its files kept.
     let share = rt.root().join(".pod-share").join(&pod_id);
@@ -3681,6 +3692,27 @@ fn tree_images_in(cache: &Path) -> Vec<PathBuf> {
 
 /// Unmounts (lazily) the mounts a test made, however it ends.
 struct Mounted(Vec<PathBuf>);
+
+/// Mounts an overlay of `lower` at `point` as an engine makes a container's
+/// root, its `upper` and `work` directories made here.
+fn mount_overlay(point: &Path, lower: &Path, upper: &Path, work: &Path) {
+    std::fs::create_dir(upper).unwrap();
+    std::fs::create_dir(work).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        point,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+}
 
 impl Drop for Mounted {
     fn drop(&mut self) {
@@ -3768,23 +3800,8 @@ fn an_overlay_roots_writes_reach_its_upper_directory_as_under_runc() {
     let lower = b.dir().join("lower");
     std::fs::rename(b.rootfs(), &lower).unwrap();
     std::fs::create_dir(b.rootfs()).unwrap();
-    let (upper, work) = (b.dir().join("upper"), b.dir().join("work"));
-    std::fs::create_dir(&upper).unwrap();
-    std::fs::create_dir(&work).unwrap();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        &b.rootfs(),
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .unwrap();
+    let upper = b.dir().join("upper");
+    mount_overlay(&b.rootfs(), &lower, &upper, &b.dir().join("work"));
     let _mounted = Mounted(vec![b.rootfs()]);
     let bundle = b.dir().display().to_string();
     let id = rt.new_id("ovlw");
@@ -3867,23 +3884,12 @@ fn a_second_container_of_an_overlay_image_reads_none_of_its_files() {
             std::fs::remove_dir_all(b.rootfs()).unwrap();
             std::fs::create_dir(b.rootfs()).unwrap();
         }
-        let (upper, work) = (b.dir().join("upper"), b.dir().join("work"));
-        std::fs::create_dir(&upper).unwrap();
-        std::fs::create_dir(&work).unwrap();
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            layer.display(),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
+        mount_overlay(
             &b.rootfs(),
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .unwrap();
+            &layer,
+            &b.dir().join("upper"),
+            &b.dir().join("work"),
+        );
         mounted.0.push(b.rootfs());
         b.write_config();
         let log = rt.scratch_file(&format!("overlay-{n}-log"));
