@@ -38,7 +38,7 @@ use crate::{disk, MicrovmError};
 pub const DIR: &str = "layers";
 
 /// What a kept layer belongs to, and where its mirror stands.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     /// The host directory that holds the container's writes under runc.
     dir: PathBuf,
@@ -284,10 +284,8 @@ pub fn open(
                     {
                         let uuid = superblock_uuid(&file, &img)?;
                         if rec.mirror.base.is_none() {
-                            rec.mirror = Mirror {
-                                tree: (lower.tree)(),
-                                ..want.mirror.clone()
-                            };
+                            rec.mirror = want.mirror.clone();
+                            rec.mirror.tree = (lower.tree)();
                             write_record(&rec_path, &rec)?;
                         }
                         return Ok(Opened::Kept(Kept {
@@ -318,14 +316,9 @@ pub fn open(
                 })?;
                 // A new file: nobody else can hold it.
                 lock(&file)?;
-                let want = Record {
-                    mirror: Mirror {
-                        tree: (lower.tree)(),
-                        ..want.mirror.clone()
-                    },
-                    ..Record::of(dir, &meta)
-                };
-                if let Err(e) = write_record(&rec_path, &want) {
+                let mut rec = want.clone();
+                rec.mirror.tree = (lower.tree)();
+                if let Err(e) = write_record(&rec_path, &rec) {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
                 }

@@ -772,35 +772,16 @@ impl MicrovmTier {
     /// froze it (a failure is a warning: the VM is still frozen whole on
     /// the host).
     fn mirror_at_pause(&self, st: &State, m: &MirrorPart) -> bool {
-        let asked = self
-            .control_path(st)
-            .map_err(|e| e.to_string())
-            .and_then(|path| {
-                control::call(
-                    &path,
-                    &control::Request::Freeze {
-                        on: true,
-                        container: None,
-                    },
-                    &[],
-                )
-                .map_err(|e| e.to_string())
-            });
-        match asked {
-            Ok((_sock, control::Reply::Ok)) => {
+        match self.freeze_in_guest(st, true) {
+            Ok(()) => {
                 let cache = self.cache_dir();
                 layer::settle_held(&cache.join(layer::DIR), &cache, &m.layer, &m.rootfs);
                 true
             }
-            Ok((_sock, control::Reply::Error { message, .. })) => {
+            Err(e) => {
                 tracing::warn!(
-                    "microvm: the paused container's writes were not mirrored: {message}"
-                );
-                false
-            }
-            Ok(_) | Err(_) => {
-                tracing::warn!(
-                    "microvm: the paused container's writes were not mirrored: {asked:?}"
+                    "microvm: the paused container's writes were not mirrored: {}",
+                    moat_core::error_chain(&e)
                 );
                 false
             }
@@ -818,26 +799,14 @@ impl MicrovmTier {
         if c.status != want {
             return Err(wrong(id, c.status, why));
         }
-        if self.part(&c.state)?.joined.is_some() {
+        let mut part = self.part(&c.state)?;
+        if part.joined.is_some() {
             // A container in its pod's VM: its cgroup in the guest, through
             // its stand-in (which keeps serving, unfrozen, for `resume`
             // and `kill`).
-            let path = self.control_path(&c.state)?;
-            let (_sock, reply) = control::call(
-                &path,
-                &control::Request::Freeze {
-                    on,
-                    container: None,
-                },
-                &[],
-            )
-            .map_err(MicrovmError::from)?;
-            if let control::Reply::Error { message, .. } = reply {
-                return Err(MicrovmError::Vmm(message).into());
-            }
+            self.freeze_in_guest(&c.state, on)?;
         } else {
             let cg = self.cgroup(&c.state)?;
-            let mut part = self.part(&c.state)?;
             if on {
                 // A kept layer's container is frozen in the guest first,
                 // and what it wrote so far mirrored into its root on the
@@ -851,39 +820,38 @@ impl MicrovmTier {
             } else {
                 cg.thaw().map_err(MicrovmError::from)?;
                 if part.guest_frozen {
-                    let (_sock, reply) = control::call(
-                        &self.control_path(&c.state)?,
-                        &control::Request::Freeze {
-                            on: false,
-                            container: None,
-                        },
-                        &[],
-                    )
-                    .map_err(MicrovmError::from)?;
-                    if let control::Reply::Error { message, .. } = reply {
-                        return Err(MicrovmError::Vmm(message).into());
-                    }
+                    self.freeze_in_guest(&c.state, false)?;
                     part.guest_frozen = false;
                 }
             }
-            let mut st = c.state;
-            st.tier_state =
-                serde_json::to_value(&part).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-            st.status = if on {
-                ContainerStatus::Paused
-            } else {
-                ContainerStatus::Running
-            };
-            self.sd.save(&st)?;
-            return Ok(());
         }
         let mut st = c.state;
+        st.tier_state =
+            serde_json::to_value(&part).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         st.status = if on {
             ContainerStatus::Paused
         } else {
             ContainerStatus::Running
         };
         self.sd.save(&st)?;
+        Ok(())
+    }
+
+    /// Freezes (`on`) or thaws the container in its guest, through the
+    /// control socket of its VMM process (a joined container's stand-in).
+    fn freeze_in_guest(&self, st: &State, on: bool) -> Result<(), RuntimeError> {
+        let (_sock, reply) = control::call(
+            &self.control_path(st)?,
+            &control::Request::Freeze {
+                on,
+                container: None,
+            },
+            &[],
+        )
+        .map_err(MicrovmError::from)?;
+        if let control::Reply::Error { message, .. } = reply {
+            return Err(MicrovmError::Vmm(message).into());
+        }
         Ok(())
     }
 }
