@@ -6,8 +6,9 @@
 //! through its network card, a read-write volume through its virtio-fs
 //! device, the OCI lifecycle, and nothing left behind.
 //!
-//! This project's machines have no vmx/svm (their KVM is PVM), so the
-//! cases run in a QEMU/TCG guest (`guest/mod.rs`) whose emulated CPU has
+//! This project's machines have no vmx/svm (their KVM is PVM), so there
+//! the test skips for missing hardware unless `MOAT_TEST_NESTED=1`: then
+//! the cases run in a QEMU/TCG guest (`guest/mod.rs`) whose emulated CPU has
 //! SVM: the guest loads `kvm_amd`, gets a /dev/kvm that boots stock kernels,
 //! and this package's `moat` runs there with the guest kernel, its modules
 //! and e2fsprogs' `mke2fs` (which builds the guest's disks) copied in; its
@@ -24,6 +25,9 @@ use std::time::Duration;
 use guest::{Guest, Needs, Out};
 
 const TEST: &str = "moat_run_boots_the_workload_on_moats_own_vmm";
+
+/// Set to `1`, runs the cases nested where the host has no vmx/svm.
+const NESTED_ENV: &str = "MOAT_TEST_NESTED";
 
 /// Bounds the whole guest session (watchdog), far above what it takes.
 const SESSION_LIMIT: Duration = Duration::from_secs(900);
@@ -853,6 +857,21 @@ fn moat_run_boots_the_workload_on_moats_own_vmm() {
         if let Err(e) = cases(&mut Runner::Host(dir)) {
             panic!("{TEST}: {e}");
         }
+        return;
+    }
+    // Without vmx/svm the cases can run only nested, on QEMU's emulated
+    // SVM: 10 min a session at best, and that scaffolding fails in one
+    // session in three on a loaded machine (see below), which no retry
+    // fits into CI's 45 minutes (2026-12-07: a session's inner guest
+    // locked up, and so did the next). So there the test is missing
+    // hardware, as the issue asks, unless asked for by name.
+    if std::env::var_os(NESTED_ENV).is_none_or(|v| v != "1") {
+        moat_core::testing::skip_hardware(
+            TEST,
+            &format!(
+                "no vmx or svm in /proc/cpuinfo ({NESTED_ENV}=1 runs it nested in a QEMU/TCG guest with an emulated SVM, 10-30 min: docs/testing.md)"
+            ),
+        );
         return;
     }
     let needs = match Needs::find() {
