@@ -27,8 +27,16 @@
 //! - 4 Symlink: path bytes, target bytes, uid u32, gid u32, mtime i64
 //! - 5 Fifo: path bytes, meta
 //! - 6 End: entries u64 (records 1-5), bytes u64 (content)
+//! - 7 Xattrs: path bytes, a u32 count and as many pairs of name bytes and
+//!   value bytes: the extended attributes of the File or changed Dir of
+//!   that path, which comes next (a changed Dir without them has none)
 //!
 //! Paths are relative ("etc/passwd"); the root directory is "".
+//!
+//! Extended attributes carried ([`carried`]): `user.*` (not overlayfs's
+//! own), POSIX ACLs and file capabilities (`security.capability`). The host
+//! sets ACLs only where it sets owners, and file capabilities only where it
+//! also keeps set-ID bits: they grant privilege as a setuid bit does.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -72,6 +80,12 @@ const LINK: u8 = 3;
 const SYMLINK: u8 = 4;
 const FIFO: u8 = 5;
 const END: u8 = 6;
+const XATTRS: u8 = 7;
+/// Extended attributes of one entry the stream may carry.
+pub const MAX_XATTRS: u32 = 64;
+/// An extended attribute's name, and its value (Linux's own bounds).
+const MAX_XATTR_NAME: usize = 255;
+const MAX_XATTR_VALUE: usize = 64 << 10;
 
 /// What [`write_changes`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -216,6 +230,15 @@ pub enum MirrorError {
         #[source]
         source: Errno,
     },
+    #[error("refused the extended attributes of {path:?}: {why}")]
+    Xattr { path: String, why: &'static str },
+    #[error("cannot set extended attribute {name:?} of {path:?}")]
+    SetXattr {
+        path: String,
+        name: String,
+        #[source]
+        source: Errno,
+    },
     #[error("the stream's end counts {said_entries} entries and {said_bytes} bytes, not the {entries} and {bytes} it carried")]
     Counts {
         said_entries: u64,
@@ -275,6 +298,18 @@ enum Record {
         entries: u64,
         bytes: u64,
     },
+    Xattrs {
+        path: Vec<u8>,
+        attrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+/// Whether the mirror carries the extended attribute `name`.
+pub fn carried(name: &[u8]) -> bool {
+    (name.starts_with(b"user.") && name.len() > 5 && !name.starts_with(b"user.overlay."))
+        || name == b"security.capability"
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
 }
 
 // ---------------------------------------------------------------- encoding
@@ -352,6 +387,17 @@ impl Record {
                 out.write_all(&[END])?;
                 out.write_all(&entries.to_le_bytes())?;
                 out.write_all(&bytes.to_le_bytes())
+            }
+            Record::Xattrs { path, attrs } => {
+                out.write_all(&[XATTRS])?;
+                put_bytes(out, path)?;
+                let count = u32::try_from(attrs.len())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many xattrs"))?;
+                out.write_all(&count.to_le_bytes())?;
+                attrs.iter().try_for_each(|(name, value)| {
+                    put_bytes(out, name)?;
+                    put_bytes(out, value)
+                })
             }
         }
     }
@@ -559,6 +605,31 @@ impl<R: Read> Decoder<R> {
         .into())
     }
 
+    fn xattrs(&mut self, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Stop> {
+        let count = self.u32()?;
+        if count > MAX_XATTRS {
+            return Err(MirrorError::Field {
+                path: show(path),
+                field: "extended attribute count",
+            }
+            .into());
+        }
+        let mut attrs = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let name = self.bytes(MAX_XATTR_NAME, "extended attribute name")?;
+            if !carried(&name) || name.contains(&0) {
+                return Err(MirrorError::Xattr {
+                    path: show(path),
+                    why: "a name the mirror does not carry",
+                }
+                .into());
+            }
+            let value = self.bytes(MAX_XATTR_VALUE, "extended attribute value")?;
+            attrs.push((name, value));
+        }
+        Ok(attrs)
+    }
+
     /// The next record; a File's content is then read from `self.r`.
     fn record(&mut self) -> Result<Record, Stop> {
         let [tag] = self.array()?;
@@ -602,6 +673,11 @@ impl<R: Read> Decoder<R> {
                 entries: self.u64()?,
                 bytes: self.u64()?,
             },
+            XATTRS => {
+                let path = self.path(true)?;
+                let attrs = self.xattrs(&path)?;
+                Record::Xattrs { path, attrs }
+            }
             tag => return Err(MirrorError::Tag(tag).into()),
         })
     }
@@ -825,6 +901,9 @@ impl<W: Write> Walker<W> {
         } else {
             None
         };
+        if names.is_some() {
+            self.send_xattrs(pair.merged.as_fd(), path)?;
+        }
         let rec = Record::Dir {
             path: path.to_vec(),
             meta: meta_of(st),
@@ -913,6 +992,38 @@ impl<W: Write> Walker<W> {
         })
     }
 
+    /// Sends the carried extended attributes of the entry `path`, open
+    /// as `fd` (in the merged mount: overlayfs's own are not listed
+    /// there), if it has any, before the entry's own record.
+    fn send_xattrs(&mut self, fd: BorrowedFd<'_>, path: &[u8]) -> io::Result<()> {
+        // Linux's bounds: a list of 64 KiB, a value of 64 KiB.
+        let mut list = vec![0u8; 64 << 10];
+        let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(e) => return Err(at(path)(e)),
+        };
+        let mut attrs = Vec::new();
+        let mut value = vec![0u8; MAX_XATTR_VALUE];
+        for name in list[..n].split(|&b| b == 0).filter(|n| carried(n)) {
+            if attrs.len() == MAX_XATTRS as usize {
+                self.walked.skipped += 1;
+                break;
+            }
+            match rustix::fs::fgetxattr(fd, os(name), &mut value[..]) {
+                Ok(len) => attrs.push((name.to_vec(), value[..len].to_vec())),
+                Err(Errno::NODATA) => {} // removed since it was listed
+                Err(e) => return Err(at(path)(e)),
+            }
+        }
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        attrs.sort();
+        let path = path.to_vec();
+        Record::Xattrs { path, attrs }.encode(&mut self.out)
+    }
+
     fn send(&mut self, rec: &Record) -> io::Result<()> {
         rec.encode(&mut self.out)?;
         self.walked.entries += 1;
@@ -941,6 +1052,7 @@ impl<W: Write> Walker<W> {
             return Err(io::Error::new(io::ErrorKind::InvalidData, why));
         }
         let len = u64::try_from(mst.st_size).unwrap_or(0);
+        self.send_xattrs(f.as_fd(), &path)?;
         let rec = Record::File {
             path: path.clone(),
             meta: meta_of(st),
@@ -1111,8 +1223,13 @@ struct Applier<'a> {
     dir_times: HashMap<Vec<u8>, i64>,
     /// What `dir_times` holds, roughly ([`MAX_DIR_TIMES_BYTES`]).
     dir_times_bytes: usize,
+    /// An Xattrs record's, for the File or Dir that comes next.
+    xattrs: Option<(Vec<u8>, Attrs)>,
     done: Applied,
 }
+
+/// Extended attributes: names and values.
+type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Applies the stream read from `stream` to the directory `root` (an fd
 /// opened O_DIRECTORY on the container's root). A stream cut short is
@@ -1134,6 +1251,7 @@ pub fn apply(
         opts,
         dir_times: HashMap::new(),
         dir_times_bytes: 0,
+        xattrs: None,
         done: Applied {
             started_ns,
             ..Applied::default()
@@ -1156,7 +1274,24 @@ impl Applier<'_> {
                 Err(Stop::Cut) => return Ok(false),
                 Err(Stop::Bad(e)) => return Err(e),
             };
+            if let Record::Xattrs { path, attrs } = rec {
+                if self.xattrs.is_some() {
+                    return Err(MirrorError::Xattr {
+                        path: show(&path),
+                        why: "a second record of them",
+                    });
+                }
+                self.xattrs = Some((path, attrs));
+                continue; // not an entry
+            }
+            let attrs = match &rec {
+                Record::File { path, .. } | Record::Dir { path, .. } => {
+                    self.xattrs_of(Some(path))?
+                }
+                _ => self.xattrs_of(None)?,
+            };
             match rec {
+                Record::Xattrs { .. } => {} // kept above
                 Record::End { entries, bytes } => {
                     if (entries, bytes) != (self.done.entries, self.done.bytes) {
                         return Err(MirrorError::Counts {
@@ -1168,9 +1303,9 @@ impl Applier<'_> {
                     }
                     return Ok(true);
                 }
-                Record::Dir { path, meta, names } => self.dir(&path, meta, names)?,
+                Record::Dir { path, meta, names } => self.dir(&path, meta, names, &attrs)?,
                 Record::File { path, meta, len } => {
-                    if !self.file(&path, meta, len, &mut dec.r)? {
+                    if !self.file(&path, meta, len, &attrs, &mut dec.r)? {
                         return Ok(false);
                     }
                 }
@@ -1186,6 +1321,78 @@ impl Applier<'_> {
             }
             self.done.entries += 1;
         }
+    }
+
+    /// The extended attributes sent for `path` (none if none were), which
+    /// must be the entry that follows them.
+    fn xattrs_of(&mut self, path: Option<&[u8]>) -> Result<Attrs, MirrorError> {
+        match self.xattrs.take() {
+            None => Ok(Vec::new()),
+            Some((p, attrs)) if Some(p.as_slice()) == path => Ok(attrs),
+            Some((p, _)) => Err(MirrorError::Xattr {
+                path: show(&p),
+                why: "not followed by that file or directory",
+            }),
+        }
+    }
+
+    /// Whether this apply sets the extended attribute `name` (one the
+    /// stream may carry): ACLs name owners, file capabilities grant
+    /// privilege as set-ID bits do.
+    fn sets_xattr(&self, name: &[u8]) -> bool {
+        if name.starts_with(b"system.posix_acl_") {
+            self.opts.owners
+        } else if name == b"security.capability" {
+            self.opts.owners && self.opts.keep_setid
+        } else {
+            true
+        }
+    }
+
+    /// Sets `attrs` on the entry open as `fd` (after its owner: a chown
+    /// clears file capabilities); with `exact`, removes the carried ones it
+    /// has beyond them. A file system without extended attributes gets none.
+    fn set_xattrs(
+        &self,
+        fd: BorrowedFd<'_>,
+        path: &[u8],
+        attrs: &Attrs,
+        exact: bool,
+    ) -> Result<(), MirrorError> {
+        let err = |name: &[u8]| {
+            let name = show(name);
+            move |source| MirrorError::SetXattr {
+                path: show(path),
+                name,
+                source,
+            }
+        };
+        for (name, value) in attrs.iter().filter(|(n, _)| self.sets_xattr(n)) {
+            match rustix::fs::fsetxattr(fd, os(name), value, rustix::fs::XattrFlags::empty()) {
+                Ok(()) | Err(Errno::NOTSUP) => {}
+                Err(e) => return Err(err(name)(e)),
+            }
+        }
+        if !exact {
+            return Ok(());
+        }
+        let mut list = vec![0u8; 64 << 10];
+        let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(e) => return Err(err(b"")(e)),
+        };
+        let have = list[..n].split(|&b| b == 0).filter(|n| !n.is_empty());
+        for name in have.filter(|n| carried(n) && self.sets_xattr(n)) {
+            if attrs.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            match rustix::fs::fremovexattr(fd, os(name)) {
+                Ok(()) | Err(Errno::NODATA) => {}
+                Err(e) => return Err(err(name)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// The directory holding `path`'s last component, and that component.
@@ -1244,6 +1451,7 @@ impl Applier<'_> {
         path: &[u8],
         meta: Meta,
         names: Option<Vec<Vec<u8>>>,
+        attrs: &Attrs,
     ) -> Result<(), MirrorError> {
         let open_err = |source| MirrorError::OpenDir {
             path: show(path),
@@ -1263,6 +1471,8 @@ impl Applier<'_> {
                 source,
             }
         })?;
+        // A changed directory's set is whole; an unchanged one sends none.
+        self.set_xattrs(fd.as_fd(), path, attrs, names.is_some())?;
         if let Some(names) = names {
             let keep: HashSet<&[u8]> = names.iter().map(Vec::as_slice).collect();
             let have = list(fd.as_fd()).map_err(|source| MirrorError::List {
@@ -1296,6 +1506,7 @@ impl Applier<'_> {
         path: &[u8],
         meta: Meta,
         len: u64,
+        attrs: &Attrs,
         r: &mut impl Read,
     ) -> Result<bool, MirrorError> {
         let (parent, name) = self.parent(path)?;
@@ -1313,6 +1524,7 @@ impl Applier<'_> {
             return Ok(false);
         }
         self.finish(f.as_fd(), path, meta)?;
+        self.set_xattrs(f.as_fd(), path, attrs, false)?;
         temp.commit(name, path)?;
         self.done.bytes += len;
         Ok(true)
@@ -1547,6 +1759,45 @@ mod tests {
         (rec, Vec::new())
     }
 
+    fn xattrs(path: &str, attrs: &[(&str, &[u8])]) -> (Record, Vec<u8>) {
+        let attrs = attrs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+            .collect();
+        (
+            Record::Xattrs {
+                path: path.into(),
+                attrs,
+            },
+            Vec::new(),
+        )
+    }
+
+    /// A file capability: CAP_NET_RAW permitted and effective (revision 2).
+    const NET_RAW: [u8; 20] = [
+        0x01, 0, 0, 0x02, // VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE
+        0, 0x20, 0, 0, 0, 0, 0, 0, // permitted: bit 13; inheritable
+        0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+
+    /// The carried extended attributes of `p` (not following a symlink).
+    fn carried_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut list = vec![0u8; 64 << 10];
+        let n = rustix::fs::llistxattr(p, &mut list[..]).unwrap();
+        let mut out: Vec<(String, Vec<u8>)> = list[..n]
+            .split(|&b| b == 0)
+            .filter(|n| carried(n))
+            .map(|n| {
+                let mut v = vec![0u8; 64 << 10];
+                let len = rustix::fs::lgetxattr(p, os(n), &mut v[..]).unwrap();
+                v.truncate(len);
+                (String::from_utf8_lossy(n).into_owned(), v)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// A stream of `recs` (each with a File's content) and its End.
     fn build(recs: &[(Record, Vec<u8>)]) -> Vec<u8> {
         let mut s = Vec::new();
@@ -1556,8 +1807,12 @@ mod tests {
             s.extend_from_slice(content);
         }
         let bytes = recs.iter().map(|(_, c)| c.len() as u64).sum();
+        let entries = recs
+            .iter()
+            .filter(|(r, _)| !matches!(r, Record::Xattrs { .. }))
+            .count();
         let end = Record::End {
-            entries: recs.len() as u64,
+            entries: entries as u64,
             bytes,
         };
         end.encode(&mut s).unwrap();
@@ -1569,6 +1824,7 @@ mod tests {
         build(&[
             dir("", 0o755, Some(&["d", "top"])),
             dir("d", 0o750, Some(&["f", "g", "s", "p"])),
+            xattrs("d/f", &[("user.a", b"1")]),
             file("d/f", 0o644, b"0123456789"),
             link("d/g", "d/f"),
             sym("d/s", "../top"),
@@ -1655,6 +1911,7 @@ mod tests {
             dir("", 0o1777, None),
             dir("a", 0o2755, Some(&["x", "y", long.as_str()])),
             dir("a/b", 0o700, Some(&[])),
+            xattrs("a/x", &[("user.a", b""), ("security.capability", &NET_RAW)]),
             file("a/x", 0o4755, b"content"),
             file("a/empty", 0o644, b""),
             link("a/y", "a/x"),
@@ -1698,6 +1955,8 @@ mod tests {
         assert_eq!((a.started_ns, a.entries, a.bytes), (42, 7, 14));
         assert_eq!(names(&root), ["d", "top"]);
         assert_eq!(fs::read(root.join("d/f")).unwrap(), b"0123456789");
+        let want = vec![("user.a".to_string(), b"1".to_vec())];
+        assert_eq!(carried_of(&root.join("d/f")), want);
         let (f, g) = (root.join("d/f"), root.join("d/g"));
         assert_eq!(
             fs::metadata(&f).unwrap().ino(),
@@ -1717,6 +1976,115 @@ mod tests {
         let s = fs::symlink_metadata(root.join("d/s")).unwrap();
         assert_eq!((s.mtime(), s.mtime_nsec()), (1_600_000_000, 123_456_789));
         assert!(temps(&root).is_empty());
+        untouched(&outside);
+    }
+
+    #[test]
+    fn extended_attributes_are_set_as_far_as_the_host_allows() {
+        let (_d, root, outside) = host();
+        let s = build(&[
+            xattrs("", &[("user.new", b"n")]),
+            dir("", 0o755, Some(&["d", "f"])),
+            dir("d", 0o755, None),
+            xattrs(
+                "f",
+                &[
+                    ("security.capability", &NET_RAW),
+                    ("user.a", b"1"),
+                    ("user.b", b""),
+                ],
+            ),
+            file("f", 0o755, b"#!/bin/sh\n"),
+        ]);
+        let user = |n: &str, v: &[u8]| (n.to_string(), v.to_vec());
+        for keep_setid in [false, true] {
+            for p in [&root, &root.join("d")] {
+                fs::create_dir_all(p).unwrap();
+                for (n, v) in [("user.old", &b"o"[..]), ("user.new", b"before")] {
+                    rustix::fs::setxattr(p, n, v, rustix::fs::XattrFlags::empty()).unwrap();
+                }
+            }
+            let opts = ApplyOptions {
+                owners: true,
+                keep_setid,
+            };
+            let a = apply_to(&root, &s, opts).unwrap();
+            assert!(a.complete && a.entries == 3, "{a:?}");
+            let mut want = vec![user("user.a", b"1"), user("user.b", b"")];
+            // A file capability only where set-ID bits are kept.
+            if keep_setid {
+                want.insert(0, user("security.capability", &NET_RAW));
+            }
+            assert_eq!(carried_of(&root.join("f")), want, "keep_setid {keep_setid}");
+            // A changed directory's set is whole: what it lacks goes.
+            assert_eq!(carried_of(&root), [user("user.new", b"n")]);
+            // An unchanged one is left as it was.
+            let d = carried_of(&root.join("d"));
+            assert_eq!(d, [user("user.new", b"before"), user("user.old", b"o")]);
+        }
+        untouched(&outside);
+    }
+
+    #[test]
+    fn extended_attributes_are_refused_unless_carried_and_before_their_entry() {
+        let (_d, root, outside) = host();
+        let many: Vec<String> = (0..=MAX_XATTRS).map(|i| format!("user.{i}")).collect();
+        let many: Vec<(&str, &[u8])> = many.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        for (recs, why) in [
+            (
+                vec![
+                    xattrs("f", &[("trusted.overlay.opaque", b"y")]),
+                    file("f", 0o644, b""),
+                ],
+                "not carry",
+            ),
+            (
+                vec![
+                    xattrs("f", &[("user.overlay.redirect", b"/x")]),
+                    file("f", 0o644, b""),
+                ],
+                "not carry",
+            ),
+            (
+                vec![
+                    xattrs("f", &[("security.selinux", b"l")]),
+                    file("f", 0o644, b""),
+                ],
+                "not carry",
+            ),
+            (
+                vec![xattrs("f", &[("user.", b"l")]), file("f", 0o644, b"")],
+                "not carry",
+            ),
+            (
+                vec![xattrs("f", &many), file("f", 0o644, b"")],
+                "out of range",
+            ),
+            (
+                vec![xattrs("f", &[("user.a", b"1")]), file("g", 0o644, b"")],
+                "not followed",
+            ),
+            (
+                vec![xattrs("s", &[("user.a", b"1")]), sym("s", "t")],
+                "not followed",
+            ),
+            (vec![xattrs("f", &[("user.a", b"1")])], "not followed"),
+            (
+                vec![
+                    xattrs("f", &[("user.a", b"1")]),
+                    xattrs("f", &[("user.b", b"1")]),
+                    file("f", 0o644, b""),
+                ],
+                "a second",
+            ),
+        ] {
+            let e = apply_to(&root, &build(&recs), OPTS)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{recs:?}: {e}");
+            assert!(!root.join("g").exists() && !root.join("s").exists());
+            assert!(carried_of(&root).is_empty());
+        }
         untouched(&outside);
     }
 
@@ -2021,7 +2389,8 @@ mod tests {
 
     // ------------------------------------------------------------ overlay
 
-    /// Copies `from` to `to` keeping types, modes, owners and times.
+    /// Copies `from` to `to` keeping types, modes, owners, times and carried
+    /// extended attributes.
     fn copy_tree(from: &Path, to: &Path) {
         let m = fs::symlink_metadata(from).unwrap();
         let ft = m.file_type();
@@ -2038,6 +2407,9 @@ mod tests {
         lchown(to, Some(m.uid()), Some(m.gid())).unwrap();
         if !ft.is_symlink() {
             fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777)).unwrap();
+            for (n, v) in carried_of(from) {
+                rustix::fs::setxattr(to, n.as_str(), &v, rustix::fs::XattrFlags::empty()).unwrap();
+            }
         }
         let t = Timespec {
             tv_sec: m.mtime(),
@@ -2051,7 +2423,8 @@ mod tests {
     }
 
     /// The first difference between the trees `a` and `b`: names, types,
-    /// modes, owners, times, link counts, contents, symlink targets.
+    /// modes, owners, times, link counts, contents, symlink targets, carried
+    /// extended attributes.
     fn compare(a: &Path, b: &Path, rel: &str) -> Result<(), String> {
         let (ma, mb) = (fs::symlink_metadata(a), fs::symlink_metadata(b));
         let (ma, mb) = (
@@ -2076,6 +2449,10 @@ mod tests {
         }
         if ma.is_file() && fs::read(a).unwrap() != fs::read(b).unwrap() {
             return Err(format!("/{rel}: contents differ"));
+        }
+        let (xa, xb) = (carried_of(a), carried_of(b));
+        if xa != xb {
+            return Err(format!("/{rel}: extended attributes {xa:?} != {xb:?}"));
         }
         if ma.is_symlink() && fs::read_link(a).unwrap() != fs::read_link(b).unwrap() {
             return Err(format!("/{rel}: targets differ"));
@@ -2186,6 +2563,16 @@ mod tests {
         }
         fs::set_permissions(l.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(l.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+        // Extended attributes in the image: one kept, one changed, one
+        // removed, a directory's removed.
+        for (p, n) in [
+            ("bin", "user.dir"),
+            ("etc/hosts", "user.origin"),
+            ("data.txt", "user.origin"),
+            ("owned", "user.origin"),
+        ] {
+            rustix::fs::setxattr(l.join(p), n, b"image", rustix::fs::XattrFlags::empty()).unwrap();
+        }
         lchown(l.join("owned"), Some(1234), Some(5678)).unwrap();
         lchown(l.join("owned2"), Some(1234), Some(5678)).unwrap();
         symlink("etc/hosts", l.join("lsym")).unwrap();
@@ -2234,6 +2621,31 @@ mod tests {
         fs::remove_dir_all(m.join("becomes-file"))?;
         fs::write(m.join("becomes-file"), "now a file")?;
         fs::write(m.join("tmp/t"), "t")?;
+        // Extended attributes: set on new and copied-up entries, changed,
+        // removed (a directory's too), a file capability and an ACL.
+        let set = |p: &str, n: &str, v: &[u8]| {
+            rustix::fs::setxattr(m.join(p), n, v, rustix::fs::XattrFlags::empty())
+        };
+        set("top.txt", "user.note", b"new")?;
+        set("newdir", "user.d", b"dd")?;
+        set("data.txt", "user.origin", b"changed")?;
+        set("bin/tool", "security.capability", &NET_RAW)?;
+        // ACL: owner rw, user 1234 r, group r, mask r, other nothing.
+        let mut acl = 2u32.to_le_bytes().to_vec(); // version 2
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX), // USER_OBJ
+            (0x02, 4, 1234),           // USER 1234
+            (0x04, 4, u32::MAX),       // GROUP_OBJ
+            (0x10, 4, u32::MAX),       // MASK
+            (0x20, 0, u32::MAX),       // OTHER
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        set("newdir/a", "system.posix_acl_access", &acl)?;
+        rustix::fs::removexattr(m.join("owned"), "user.origin")?;
+        rustix::fs::removexattr(m.join("bin"), "user.dir")?;
         // A lower directory renamed: with redirect_dir, its upper directory
         // only points at the lower one.
         fs::rename(m.join("mvdir"), m.join("mvdir-new"))?;
@@ -2246,7 +2658,12 @@ mod tests {
         let mut s = Vec::new();
         let w = write_changes(&base.join("upper"), &base.join("merged"), since, &mut s)
             .map_err(|e| format!("walk: {e}"))?;
-        let a = apply_to(&base.join("host"), &s, OPTS).map_err(|e| format!("apply: {e}"))?;
+        // As an engine's store: file capabilities kept.
+        let opts = ApplyOptions {
+            owners: true,
+            keep_setid: true,
+        };
+        let a = apply_to(&base.join("host"), &s, opts).map_err(|e| format!("apply: {e}"))?;
         if !a.complete || (a.entries, a.bytes) != (w.entries, w.bytes) || w.skipped != 0 {
             return Err(format!("walked {w:?}, applied {a:?}"));
         }
@@ -2300,7 +2717,7 @@ mod tests {
                         names: Some(_),
                         ..
                     } => listed.push(path),
-                    Record::Dir { .. } | Record::End { .. } => {}
+                    Record::Dir { .. } | Record::End { .. } | Record::Xattrs { .. } => {}
                     Record::File { path, .. } | Record::Link { path, .. } => sent.push(path),
                     Record::Symlink { path, .. } | Record::Fifo { path, .. } => sent.push(path),
                 }
