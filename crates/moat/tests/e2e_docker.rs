@@ -605,6 +605,68 @@ fn docker_daemon_json_runtimes_select_tiers() {
     };
     assert_eq!(live("moat"), "live\ntrue false\n");
     assert_eq!(live("moat-vm-flag"), "live\ntrue false\n");
+    // A `setcap` step committed (a classic builder's `RUN setcap ...`):
+    // the image's file has the capability under the microVM runtime as
+    // under the container tier (the mirror carries file capabilities into
+    // Docker's store, which only root can reach). busybox has no setcap:
+    // the host's, with its libraries, copied into an image first.
+    let tools = tempfile::tempdir().unwrap();
+    for from in [
+        "/usr/sbin/setcap",
+        "/usr/sbin/getcap",
+        "/lib/x86_64-linux-gnu/libcap.so.2",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ] {
+        let to = tools.path().join(from.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+    dk.cmd(&["create", "--name", "capbase", "moatbb", "true"])
+        .expect_ok();
+    let src = format!("{}/.", tools.path().display());
+    dk.cmd(&["cp", &src, "capbase:/"]).expect_ok();
+    dk.cmd(&["commit", "capbase", "moatcap"]).expect_ok();
+    dk.cmd(&["rm", "capbase"]).expect_ok();
+    let cap = |rt: &str| {
+        let name = format!("cap-{rt}");
+        let set = "cp /bin/busybox /pingx && setcap cap_net_raw+ep /pingx && echo set";
+        let o = dk.cmd(&[
+            "run",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "--runtime",
+            rt,
+            "moatcap",
+            "sh",
+            "-c",
+            set,
+        ]);
+        let mut seen = o.expect_ok().stdout;
+        let image = format!("cap-{rt}-commit");
+        dk.cmd(&["commit", &name, &image]).expect_ok();
+        let o = dk.cmd(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--runtime",
+            "moat",
+            &image,
+            "getcap",
+            "/pingx",
+        ]);
+        seen += &o.expect_ok().stdout;
+        dk.cmd(&["rm", &name]).expect_ok();
+        dk.cmd(&["rmi", &image]).expect_ok();
+        seen
+    };
+    let container = cap("moat");
+    assert_eq!(container, "set\n/pingx cap_net_raw=ep\n");
+    assert_eq!(cap("moat-vm-flag"), container);
+    dk.cmd(&["rmi", "moatcap"]).expect_ok();
     // A read-write volume (`-v`) reaches the host directory through
     // virtio-fs both ways; Docker's root in the guest is not the host's.
     // Writable by others: the guest's IDs are a host ID block of the

@@ -1354,6 +1354,97 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
     assert_clean(&rt);
 }
 
+/// Copies the host's `setcap` and `getcap`, with what they load, into the
+/// root `rootfs` (busybox has neither).
+fn add_libcap_tools(rootfs: &Path) {
+    for from in [
+        "/usr/sbin/setcap",
+        "/usr/sbin/getcap",
+        "/lib/x86_64-linux-gnu/libcap.so.2",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ] {
+        let to = rootfs.join(from.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+}
+
+/// A file capability the workload sets in its microVM reaches the
+/// container's root on the host, as under runc (where `setcap` writes the
+/// host's file directly): an engine's `docker commit` or `podman commit`
+/// of a `setcap` step keeps it, where only root can reach the root (as
+/// set-ID bits). Its removal reaches the host too.
+#[test]
+fn a_file_capability_set_in_the_vm_reaches_the_host_as_under_runc() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(rt) = rt("a_file_capability_set_in_the_vm_reaches_the_host_as_under_runc") else {
+        return;
+    };
+    let mut b = vm_bundle(&[]);
+    add_libcap_tools(&b.rootfs());
+    b.set("/root/readonly", serde_json::json!(false));
+    // setcap needs CAP_SETFCAP (in Docker's default set, not in runc's
+    // spec's).
+    let caps = serde_json::json!([
+        "CAP_AUDIT_WRITE",
+        "CAP_KILL",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SETFCAP"
+    ]);
+    for set in ["bounding", "effective", "permitted"] {
+        b.set(&format!("/process/capabilities/{set}"), caps.clone());
+    }
+    let bundle = b.dir().display().to_string();
+    let (dir, pingx) = (b.dir().to_path_buf(), b.rootfs().join("pingx"));
+    let logs = LogsOnPanic(std::cell::RefCell::new(Vec::new()));
+    let id = rt.new_id("fcap");
+    let mut run = |script: &str| {
+        b.set("/process/args", serde_json::json!(["sh", "-c", script]));
+        b.write_config();
+        let log = rt.scratch_file(&format!("{id}-log")).display().to_string();
+        logs.0.borrow_mut().push(log.clone());
+        rt.cmd_with(
+            &["--debug", "--log", &log, "run", "--bundle", &bundle, &id],
+            Opts {
+                env: env(),
+                ..Opts::default()
+            },
+        )
+        .expect_ok()
+        .stdout
+    };
+    let getcap = |p: &Path| {
+        let o = std::process::Command::new("getcap")
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let set = "cp /bin/busybox /pingx && setcap cap_net_raw+ep /pingx && getcap /pingx";
+    assert_eq!(run(set), "/pingx cap_net_raw=ep\n");
+    // Any user can reach this bundle (0755 under /tmp): stripped, as a
+    // setuid bit would be (there runc's container could leave it).
+    assert_eq!(getcap(&pingx), "");
+    assert!(pingx.exists());
+    // Only root can reach it, as an engine's store: kept, as under runc.
+    std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o700)).unwrap();
+    assert_eq!(run(set), "/pingx cap_net_raw=ep\n");
+    assert_eq!(
+        getcap(&pingx),
+        format!("{} cap_net_raw=ep", pingx.display())
+    );
+    assert_eq!(
+        run("setcap -r /pingx && getcap /pingx; echo removed"),
+        "removed\n"
+    );
+    assert_eq!(getcap(&pingx), "");
+    assert!(pingx.exists());
+    drop(logs);
+    assert_clean(&rt);
+}
+
 /// `moat create` of bundle `b` as container `id` with a console socket.
 fn create_with_console(rt: &Rt, b: &Bundle, sock: &Path, id: &str) {
     let bundle = b.dir().display().to_string();
