@@ -300,9 +300,12 @@ enum Record {
     },
     Xattrs {
         path: Vec<u8>,
-        attrs: Vec<(Vec<u8>, Vec<u8>)>,
+        attrs: Attrs,
     },
 }
+
+/// Extended attributes: names and values.
+type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Whether the mirror carries the extended attribute `name`.
 pub fn carried(name: &[u8]) -> bool {
@@ -605,7 +608,7 @@ impl<R: Read> Decoder<R> {
         .into())
     }
 
-    fn xattrs(&mut self, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Stop> {
+    fn xattrs(&mut self, path: &[u8]) -> Result<Attrs, Stop> {
         let count = self.u32()?;
         if count > MAX_XATTRS {
             return Err(MirrorError::Field {
@@ -1227,9 +1230,6 @@ struct Applier<'a> {
     xattrs: Option<(Vec<u8>, Attrs)>,
     done: Applied,
 }
-
-/// Extended attributes: names and values.
-type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Applies the stream read from `stream` to the directory `root` (an fd
 /// opened O_DIRECTORY on the container's root). A stream cut short is
