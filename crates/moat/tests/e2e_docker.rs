@@ -6,8 +6,9 @@
 mod engines;
 
 use engines::{
-    assert_guest_serves, assert_reaches_gateway_from, base_dir, busybox_tar, can_run, moat_bin,
-    moat_links, s, sh, wait_for, Daemon, Out, GUEST_SERVER,
+    assert_guest_serves, assert_reaches_gateway_from, base_dir, build_context, busybox_tar,
+    can_run, copy_libcap_tools, moat_bin, moat_links, s, sh, wait_for, Daemon, Out, BUILT,
+    GUEST_SERVER,
 };
 
 struct Docker {
@@ -325,6 +326,54 @@ fn docker_manages_a_running_moat_container() {
     dk.cmd(&["rm", "-f", "r1"]).expect_ok();
 }
 
+/// A classic `docker build` (`DOCKER_BUILDKIT=0`: each `RUN` step a
+/// container of the daemon's default runtime, committed after it) with the
+/// microVM runtime as the default: every step ran in a microVM (on the
+/// guest's kernel), and what each wrote, deleted and `setcap`ed is in the
+/// image, as under runc.
+#[test]
+fn docker_build_runs_its_steps_in_microvms() {
+    if !can_run(
+        "docker_build_runs_its_steps_in_microvms",
+        &["dockerd", "docker"],
+    ) {
+        return;
+    }
+    let links = base_dir("moat-dk-links");
+    let bin = moat_links(links.path());
+    let conf = links.path().join("daemon.json");
+    let json = serde_json::json!({
+        "runtimes": {"moat-vm": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}},
+        "default-runtime": "moat-vm"
+    });
+    std::fs::write(&conf, json.to_string()).unwrap();
+    let dk = Docker::start(&[format!("--config-file={}", s(&conf))]);
+    let ctx = s(&build_context(links.path()));
+    let build = [
+        "-H",
+        &dk.host,
+        "build",
+        "--network",
+        "none",
+        "-t",
+        "built",
+        &ctx,
+    ];
+    sh("docker", &build, &[("DOCKER_BUILDKIT", "0")]).expect_ok();
+    let run = |cmd: &[&str]| {
+        let mut a = vec!["run", "--rm", "--network", "none", "built"];
+        a.extend_from_slice(cmd);
+        dk.cmd(&a).expect_ok().stdout
+    };
+    assert_eq!(run(&[]), BUILT);
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let kernel = run(&["cat", "/kernel"]);
+    assert!(
+        !kernel.trim().is_empty() && kernel != host,
+        "the step ran on the guest's kernel: {kernel:?}"
+    );
+}
+
 #[test]
 fn docker_daemon_json_runtimes_select_tiers() {
     if !can_run(
@@ -611,17 +660,7 @@ fn docker_daemon_json_runtimes_select_tiers() {
     // Docker's store, which only root can reach). busybox has no setcap:
     // the host's, with its libraries, copied into an image first.
     let tools = tempfile::tempdir().unwrap();
-    for from in [
-        "/usr/sbin/setcap",
-        "/usr/sbin/getcap",
-        "/lib/x86_64-linux-gnu/libcap.so.2",
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib64/ld-linux-x86-64.so.2",
-    ] {
-        let to = tools.path().join(from.trim_start_matches('/'));
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
-    }
+    copy_libcap_tools(tools.path());
     dk.cmd(&["create", "--name", "capbase", "moatbb", "true"])
         .expect_ok();
     let src = format!("{}/.", tools.path().display());

@@ -9,6 +9,8 @@
 //! them); without them each test skips, saying why (a failure under
 //! MOAT_TEST_STRICT=1).
 mod common;
+#[path = "common/libcap.rs"]
+mod libcap;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -1354,22 +1356,6 @@ fn a_containers_writes_outlive_its_vm_as_under_runc() {
     assert_clean(&rt);
 }
 
-/// Copies the host's `setcap` and `getcap`, with what they load, into the
-/// root `rootfs` (busybox has neither).
-fn add_libcap_tools(rootfs: &Path) {
-    for from in [
-        "/usr/sbin/setcap",
-        "/usr/sbin/getcap",
-        "/lib/x86_64-linux-gnu/libcap.so.2",
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib64/ld-linux-x86-64.so.2",
-    ] {
-        let to = rootfs.join(from.trim_start_matches('/'));
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
-    }
-}
-
 /// A file capability the workload sets in its microVM reaches the
 /// container's root on the host, as under runc (where `setcap` writes the
 /// host's file directly): an engine's `docker commit` or `podman commit`
@@ -1382,7 +1368,7 @@ fn a_file_capability_set_in_the_vm_reaches_the_host_as_under_runc() {
         return;
     };
     let mut b = vm_bundle(&[]);
-    add_libcap_tools(&b.rootfs());
+    libcap::copy_libcap_tools(&b.rootfs());
     b.set("/root/readonly", serde_json::json!(false));
     // setcap needs CAP_SETFCAP (in Docker's default set, not in runc's
     // spec's).

@@ -6,8 +6,8 @@
 mod engines;
 
 use engines::{
-    assert_guest_serves, assert_reaches_gateway_from, base_dir, busybox_tar, can_run, moat_bin,
-    moat_links, s, sh, wait_for, Daemon, Out, GUEST_SERVER,
+    assert_guest_serves, assert_reaches_gateway_from, base_dir, build_context, busybox_tar,
+    can_run, moat_bin, moat_links, s, sh, wait_for, Daemon, Out, BUILT, GUEST_SERVER,
 };
 
 struct Podman {
@@ -317,6 +317,39 @@ fn podman_manages_a_running_moat_container() {
         pm.inspect("r1", "{{.RestartCount}} {{.State.Status}}") == "2 exited"
     });
     assert_eq!(pm.inspect("r1", "{{.State.ExitCode}}"), "3");
+}
+
+/// `podman build` (Buildah) with moat as its runtime and `--runtime-flag
+/// isolation=microvm`: every `RUN` step ran in a microVM (on the guest's
+/// kernel), and what each wrote, deleted and `setcap`ed is in the image
+/// Buildah committed from the step's root, as under runc.
+#[test]
+fn podman_build_runs_its_steps_in_microvms() {
+    if !can_run("podman_build_runs_its_steps_in_microvms", &["podman"]) {
+        return;
+    }
+    let links = base_dir("moat-pm-links");
+    let bin = moat_links(links.path());
+    let pm = Podman::new(&s(&bin.join("moat")));
+    let ctx = s(&build_context(links.path()));
+    let vm = ["--runtime-flag", "isolation=microvm"];
+    let mut build = vec!["build", "--network", "none", "-t", "built"];
+    build.extend_from_slice(&vm);
+    build.push(&ctx);
+    pm.cmd(&build).expect_ok();
+    let run = |cmd: &[&str]| {
+        let mut a = vm.to_vec();
+        a.extend_from_slice(&["run", "--rm", "--network", "none", "built"]);
+        a.extend_from_slice(cmd);
+        pm.cmd(&a).expect_ok().stdout
+    };
+    assert_eq!(run(&[]), BUILT);
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let kernel = run(&["cat", "/kernel"]);
+    assert!(
+        !kernel.trim().is_empty() && kernel != host,
+        "the step ran on the guest's kernel: {kernel:?}"
+    );
 }
 
 #[test]

@@ -8,6 +8,11 @@
 //! an OCI image layout archive (`ctr image import`).
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
 
+#[path = "../common/libcap.rs"]
+mod libcap;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use libcap::copy_libcap_tools;
+
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -207,6 +212,28 @@ pub fn assert_reaches_gateway_from(gateway: &str, ip: &str, run: impl FnOnce(&st
 
 /// A microVM container's command for [`assert_guest_serves`] (port 8000).
 pub const GUEST_SERVER: &str = "echo inside-$(uname -r) > /tmp/f; cd /tmp && exec httpd -f -p 8000";
+
+/// A build context in `dir` over the `moatbb` image: its steps write a
+/// file, delete one, record the kernel they ran on (`/kernel`) and set a
+/// file capability (the host's libcap tools copied in). Its image's
+/// command prints [`BUILT`].
+pub fn build_context(dir: &Path) -> PathBuf {
+    let ctx = dir.join("context");
+    libcap::copy_libcap_tools(&ctx.join("tools"));
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM moatbb\n\
+         RUN cat /proc/sys/kernel/osrelease > /kernel && echo built > /built && rm /bin/vi\n\
+         COPY tools/ /\n\
+         RUN cp /bin/busybox /pingx && setcap cap_net_raw+ep /pingx\n\
+         CMD [\"sh\", \"-c\", \"cat /built; ls /bin/vi 2>&1; getcap /pingx\"]\n",
+    )
+    .expect("Dockerfile");
+    ctx
+}
+
+/// What the image [`build_context`] builds prints, as under runc.
+pub const BUILT: &str = "built\nls: /bin/vi: No such file or directory\n/pingx cap_net_raw=ep\n";
 
 /// A busybox-static root filesystem (an applet symlink for each command,
 /// /etc/passwd with root and nobody) packed as `DIR/busybox.tar`.
