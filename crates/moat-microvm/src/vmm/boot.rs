@@ -989,6 +989,19 @@ fn save(q: &mut Qmp, out: &File, ram: Option<u64>) -> Result<(), VmmError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // QEMU reports the migration completed before its migration thread
+    // leaves the `finish-migrate` run state, and refuses `cont` until then
+    // ("Migration is not finalized yet": a CI run met it once).
+    loop {
+        let st = q.call(&json!({"execute": "query-status"}), None)?;
+        if st["status"].as_str() != Some("finish-migrate") {
+            break;
+        }
+        if Instant::now() >= until {
+            return Err(save_error("the migration did not finish"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     if let Some(len) = ram {
         let io = |step: &'static str| {
             move |source| VmmError::Io {
