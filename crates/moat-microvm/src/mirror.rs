@@ -798,7 +798,31 @@ struct Frame {
     full: bool,
 }
 
-struct Walker<W: Write> {
+/// Where [`write_changes`] sends the stream: its bytes, and files'
+/// contents, which a sink on a descriptor may move without copying them
+/// through user memory (the guest agent's: `splice`).
+pub trait Sink: Write {
+    /// Sends the next `len` bytes of `file` (read from its offset) as the
+    /// stream's next bytes; returns how many it sent, fewer only where the
+    /// file ended first.
+    fn send_file(&mut self, file: &std::fs::File, len: u64) -> io::Result<u64> {
+        io::copy(&mut Read::take(file, len), self)
+    }
+}
+
+impl Sink for Vec<u8> {}
+
+impl<S: Sink + ?Sized> Sink for &mut S {
+    fn send_file(&mut self, file: &std::fs::File, len: u64) -> io::Result<u64> {
+        (**self).send_file(file, len)
+    }
+}
+
+/// Files at least this long go to [`Sink::send_file`]; smaller ones are
+/// copied with the records around them.
+const SEND_FILE_MIN: u64 = 64 << 10;
+
+struct Walker<W: Sink> {
     out: BufWriter<W>,
     threshold: i64,
     /// The upper layer's device, and the merged mount's (its directories').
@@ -817,7 +841,7 @@ pub fn write_changes(
     upper: &Path,
     merged: &Path,
     since_ns: i64,
-    out: &mut impl Write,
+    out: &mut impl Sink,
 ) -> io::Result<Walked> {
     let started_ns = now_ns();
     let threshold = if since_ns == 0 {
@@ -848,7 +872,7 @@ pub fn write_changes(
     Ok(w.walked)
 }
 
-impl<W: Write> Walker<W> {
+impl<W: Sink> Walker<W> {
     /// Pre-order, holding open only the directory being read (a deep tree
     /// costs no descriptors): a parent is opened again when the walk comes
     /// back to it.
@@ -1062,7 +1086,13 @@ impl<W: Write> Walker<W> {
             len,
         };
         rec.encode(&mut self.out)?;
-        let copied = io::copy(&mut Read::take(std::fs::File::from(f), len), &mut self.out)?;
+        let f = std::fs::File::from(f);
+        let copied = if len >= SEND_FILE_MIN {
+            self.out.flush()?;
+            self.out.get_mut().send_file(&f, len)?
+        } else {
+            io::copy(&mut Read::take(&f, len), &mut self.out)?
+        };
         if copied != len {
             let why = format!("{:?}: shrank while it was read", show(&path));
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));

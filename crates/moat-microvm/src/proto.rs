@@ -193,11 +193,19 @@ pub enum ProtoError {
 pub fn encode(kind: Kind, chan: u32, payload: &[u8]) -> Vec<u8> {
     let payload = &payload[..payload.len().min(MAX_REQUEST)];
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&chan.to_le_bytes());
+    out.extend_from_slice(&header(kind, chan, payload.len()));
     out.extend_from_slice(payload);
     out
+}
+
+/// The header of a frame whose payload, `len` bytes (at most
+/// [`MAX_REQUEST`]), is sent after it.
+pub fn header(kind: Kind, chan: u32, len: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(len.min(MAX_REQUEST) as u32).to_le_bytes());
+    h[4] = kind as u8;
+    h[5..].copy_from_slice(&chan.to_le_bytes());
+    h
 }
 
 /// A frame carrying the JSON of `msg`.
