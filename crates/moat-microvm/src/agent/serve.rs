@@ -2389,6 +2389,45 @@ mod tests {
         assert_eq!(deframe(&mut chan).0, content);
     }
 
+    /// Through a raw terminal, as moat's own VMM's console port is the
+    /// agent's channel (`/dev/hvc0`): the bytes arrive as sent.
+    #[test]
+    fn a_large_files_content_is_spliced_whole_onto_a_raw_terminal() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let mut t = rustix::termios::tcgetattr(&pty.slave).unwrap();
+        t.make_raw();
+        rustix::termios::tcsetattr(&pty.slave, rustix::termios::OptionalActions::Now, &t).unwrap();
+        let mut master = File::from(pty.master);
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // EIO once the other end is closed.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let src = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(src.path(), &content).unwrap();
+        let mut chan = File::from(pty.slave);
+        let mut out = MirrorFrames::new(&mut chan);
+        let f = File::open(src.path()).unwrap();
+        let sent = crate::mirror::Sink::send_file(&mut out, &f, content.len() as u64).unwrap();
+        assert_eq!(sent, content.len() as u64);
+        assert!(out.splice, "spliced, not copied");
+        drop(chan);
+        let bytes = reader.join().unwrap();
+        let mut d = proto::Decoder::new();
+        d.push(&bytes);
+        let mut got = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            got.extend_from_slice(&f.payload);
+        }
+        assert_eq!(got.len(), content.len());
+        assert!(got == content, "the bytes changed on the way");
+    }
+
     #[test]
     fn a_mirror_through_the_frames_is_the_stream_as_written() {
         let dir = tempfile::tempdir().unwrap();

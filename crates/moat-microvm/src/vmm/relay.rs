@@ -30,6 +30,9 @@ fn add_credit(credit: usize, granted: u64) -> usize {
 /// does).
 const OUT_HIGH: usize = 4 * proto::MAX_DATA;
 
+/// The most one read of the agent channel takes.
+const AGENT_READ: usize = 256 << 10;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The agent said hello; not yet acted on.
@@ -90,6 +93,9 @@ pub struct Relay {
     /// what the guest sends (the guest's writes wait for that).
     out: VecDeque<u8>,
     dec: Decoder,
+    /// What one read of the agent channel takes: a bulk transfer (the
+    /// mirror's 256 KiB frames) in few reads.
+    agent_buf: Vec<u8>,
     console: Option<File>,
     console_tail: VecDeque<u8>,
     sigfd: Option<SignalFd>,
@@ -157,6 +163,7 @@ impl Relay {
             agent: booted.agent,
             out: VecDeque::new(),
             dec: Decoder::new(),
+            agent_buf: vec![0u8; AGENT_READ],
             console: Some(booted.console),
             console_tail: booted.console_tail,
             sigfd,
@@ -376,11 +383,11 @@ impl Relay {
         match slot {
             Slot::AgentWritable => self.flush()?,
             Slot::Agent => {
-                let n = self.agent.read(buf).unwrap_or(0);
+                let n = self.agent.read(&mut self.agent_buf).unwrap_or(0);
                 if n == 0 {
                     return self.vm_gone();
                 }
-                self.dec.push(&buf[..n]);
+                self.dec.push(&self.agent_buf[..n]);
                 while let Some(f) = self.dec.next_frame()? {
                     if let Some(code) = self.on_frame(f)? {
                         return Ok(Some(code));
