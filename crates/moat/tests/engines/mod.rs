@@ -226,14 +226,15 @@ pub fn build_context(dir: &Path) -> PathBuf {
          RUN cat /proc/sys/kernel/osrelease > /kernel && echo built > /built && rm /bin/vi\n\
          COPY tools/ /\n\
          RUN cp /bin/busybox /pingx && setcap cap_net_raw+ep /pingx\n\
-         CMD [\"sh\", \"-c\", \"cat /built; ls /bin/vi 2>&1; getcap /pingx\"]\n",
+         CMD [\"sh\", \"-c\", \"cat /built; ls /bin/vi 2>&1; getcap /pingx; cmp /pingx /bin/busybox && echo same\"]\n",
     )
     .expect("Dockerfile");
     ctx
 }
 
 /// What the image [`build_context`] builds prints, as under runc.
-pub const BUILT: &str = "built\nls: /bin/vi: No such file or directory\n/pingx cap_net_raw=ep\n";
+pub const BUILT: &str =
+    "built\nls: /bin/vi: No such file or directory\n/pingx cap_net_raw=ep\nsame\n";
 
 /// A busybox-static root filesystem (an applet symlink for each command,
 /// /etc/passwd with root and nobody) packed as `DIR/busybox.tar`.
