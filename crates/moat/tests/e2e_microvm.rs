@@ -426,10 +426,9 @@ fn a_bound_file_over_a_megabyte_reaches_the_guest_read_only() {
         ],
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    let host = std::process::Command::new("sh")
-        .args(["-c", &format!("cksum < {}", big.display())])
-        .output()
-        .unwrap();
+    let host = run_own(
+        std::process::Command::new("sh").args(["-c", &format!("cksum < {}", big.display())]),
+    );
     let sum = String::from_utf8_lossy(&host.stdout).into_owned();
     assert_eq!(out.stdout, format!("{sum}{sum}refused\n"), "{out:?}");
     assert!(out.stderr.contains("Read-only file system"), "{out:?}");
@@ -1402,10 +1401,9 @@ fn a_file_capability_set_in_the_vm_reaches_the_host_as_under_runc() {
         .stdout
     };
     let getcap = |p: &Path| {
-        let o = std::process::Command::new("getcap")
-            .arg(p)
-            .output()
-            .unwrap();
+        // (Through `run_own`: the harness's reaper could take a plain
+        // `output()`'s child.)
+        let o = run_own(std::process::Command::new("getcap").arg(p));
         assert!(o.status.success(), "{o:?}");
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
