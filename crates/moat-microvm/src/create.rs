@@ -536,6 +536,7 @@ impl MicrovmTier {
             scratch: scratch.as_ref().map(|(_, uuid)| uuid.clone()),
             keep_layer,
             mirror_since: mirror.as_ref().map(|(_, since, _)| *since),
+            mirror_at_pause_only: removed_at_exit(req.config.spec.annotations().as_ref()),
         };
         // The layer's mirror, which `delete` applies to the root.
         let (mirror_stream, mirror_part) = match mirror {
@@ -1635,6 +1636,18 @@ fn kept_layer(
     }
 }
 
+/// Podman's annotation of a `--rm` container: its root is removed once it
+/// ends.
+const PODMAN_AUTOREMOVE: &str = "io.podman.annotations.autoremove";
+
+/// Whether the engine removes the container's root when the container
+/// ends (Podman says so; Docker tells the runtime nothing of `--rm`).
+fn removed_at_exit(annotations: Option<&std::collections::HashMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(PODMAN_AUTOREMOVE))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 /// A kept layer's mirror stream file, emptied, for the VMM to append the
 /// guest's bytes to (what was in it was applied, or is asked for again:
 /// `crate::layer::settle`). Appending: a `pause` empties it while the VMM
@@ -1704,6 +1717,18 @@ fn own_image_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_podman_rm_containers_root_goes_at_its_exit() {
+        let a = |v: &str| {
+            std::collections::HashMap::from([(PODMAN_AUTOREMOVE.to_string(), v.to_string())])
+        };
+        assert!(removed_at_exit(Some(&a("TRUE"))));
+        assert!(removed_at_exit(Some(&a("true"))));
+        assert!(!removed_at_exit(Some(&a("FALSE"))));
+        assert!(!removed_at_exit(Some(&std::collections::HashMap::new())));
+        assert!(!removed_at_exit(None));
+    }
 
     #[test]
     fn a_kernel_word_goes_before_inits_own() {

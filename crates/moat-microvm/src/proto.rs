@@ -441,6 +441,12 @@ pub struct RunRequest {
     /// so that the engine sees the container's writes as under runc.
     #[serde(default)]
     pub mirror_since: Option<i64>,
+    /// With `mirror_since`: mirror only when the container is paused
+    /// (`UpdateRequest::mirror`), not at its exit: its engine removes its
+    /// root once it ends (Podman's `--rm`), so the exit's mirror would
+    /// only delay the exit report and write into a directory about to go.
+    #[serde(default)]
+    pub mirror_at_pause_only: bool,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

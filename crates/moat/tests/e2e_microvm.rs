@@ -1432,6 +1432,39 @@ fn a_file_capability_set_in_the_vm_reaches_the_host_as_under_runc() {
     assert_clean(&rt);
 }
 
+/// A container Podman removes at its exit (`--rm`: Podman's
+/// `io.podman.annotations.autoremove`) is not mirrored then: its root goes
+/// next, and the mirror would only delay its exit. Its layer still holds
+/// the writes, which a later run on the same root mirrors.
+#[test]
+fn a_podman_rm_containers_writes_are_not_mirrored_at_its_exit() {
+    let Some(rt) = rt("a_podman_rm_containers_writes_are_not_mirrored_at_its_exit") else {
+        return;
+    };
+    let mut b = vm_bundle(&["sh", "-c", "echo x >> /w; cat /w"]);
+    b.set("/root/readonly", serde_json::json!(false));
+    let (bundle, w) = (b.dir().display().to_string(), b.rootfs().join("w"));
+    let mut run = |rm: &str| {
+        let key = "/annotations/io.podman.annotations.autoremove";
+        b.set(key, serde_json::json!(rm));
+        b.write_config();
+        let id = rt.new_id("podman-rm");
+        let o = rt.cmd_with(
+            &["run", "--bundle", &bundle, &id],
+            Opts {
+                env: env(),
+                ..Opts::default()
+            },
+        );
+        o.expect_ok().stdout
+    };
+    assert_eq!(run("TRUE"), "x\n");
+    assert!(!w.exists(), "mirrored at a --rm container's exit");
+    assert_eq!(run("FALSE"), "x\nx\n");
+    assert_eq!(std::fs::read_to_string(&w).unwrap(), "x\nx\n");
+    assert_clean(&rt);
+}
+
 /// `moat create` of bundle `b` as container `id` with a console socket.
 fn create_with_console(rt: &Rt, b: &Bundle, sock: &Path, id: &str) {
     let bundle = b.dir().display().to_string();

@@ -190,6 +190,8 @@ pub struct Agent {
     /// host's `RunRequest::mirror_since`) to the host before the exit is
     /// reported; and the root's path.
     mirror: Option<(i64, String)>,
+    /// Not at the exit (`RunRequest::mirror_at_pause_only`).
+    mirror_at_exit: bool,
     /// The disks (and the writable root: lower layer, root) mounted
     /// before the snapshot was saved (`Prime`).
     primed: Option<Primed>,
@@ -279,6 +281,7 @@ impl Agent {
             rw_on_disk: false,
             keep_layer: false,
             mirror: None,
+            mirror_at_exit: true,
             primed: None,
             main_done: false,
             held: None,
@@ -710,6 +713,7 @@ impl Agent {
                         .mirror_since
                         .filter(|_| self.keep_layer)
                         .map(|since| (since, root.clone()));
+                    self.mirror_at_exit = !req.mirror_at_pause_only;
                 }
                 super::trace("disks mounted");
                 mount_volumes(&req.volumes, &config)?;
@@ -1316,8 +1320,11 @@ impl Agent {
                     sync_layer();
                     super::trace("layer synced");
                     // Then what changed goes to the host's copy of the
-                    // root (under runc the engine sees the writes there).
-                    self.send_mirror();
+                    // root (under runc the engine sees the writes there),
+                    // unless the engine removes that copy next.
+                    if self.mirror_at_exit {
+                        self.send_mirror();
+                    }
                 }
                 // From the runtime, which had the cgroup at hand (loading
                 // the container's state for it here took ~12 ms under
