@@ -6,8 +6,8 @@
 mod engines;
 
 use engines::{
-    assert_guest_serves, assert_reaches_gateway_from, base_dir, build_context, busybox_tar,
-    can_run, copy_libcap_tools, moat_bin, moat_links, s, sh, wait_for, Daemon, Out, BUILT,
+    assert_built, assert_guest_serves, assert_reaches_gateway_from, base_dir, build_context,
+    busybox_tar, can_run, copy_libcap_tools, moat_bin, moat_links, s, sh, wait_for, Daemon, Out,
     GUEST_SERVER,
 };
 
@@ -339,15 +339,12 @@ fn docker_build_runs_its_steps_in_microvms() {
     ) {
         return;
     }
-    let links = base_dir("moat-dk-links");
-    let bin = moat_links(links.path());
-    let conf = links.path().join("daemon.json");
-    let json = serde_json::json!({
-        "runtimes": {"moat-vm": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}},
-        "default-runtime": "moat-vm"
+    let (dk, links) = with_daemon_json(|bin| {
+        serde_json::json!({
+            "runtimes": {"moat-vm": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}},
+            "default-runtime": "moat-vm"
+        })
     });
-    std::fs::write(&conf, json.to_string()).unwrap();
-    let dk = Docker::start(&[format!("--config-file={}", s(&conf))]);
     let ctx = s(&build_context(links.path()));
     let build = [
         "-H",
@@ -360,18 +357,25 @@ fn docker_build_runs_its_steps_in_microvms() {
         &ctx,
     ];
     sh("docker", &build, &[("DOCKER_BUILDKIT", "0")]).expect_ok();
-    let run = |cmd: &[&str]| {
+    assert_built(|cmd| {
         let mut a = vec!["run", "--rm", "--network", "none", "built"];
         a.extend_from_slice(cmd);
         dk.cmd(&a).expect_ok().stdout
-    };
-    assert_eq!(run(&[]), BUILT);
-    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let kernel = run(&["cat", "/kernel"]);
-    assert!(
-        !kernel.trim().is_empty() && kernel != host,
-        "the step ran on the guest's kernel: {kernel:?}"
-    );
+    });
+}
+
+/// A dockerd configured by the daemon.json `json` makes of the directory
+/// of moat's links (`moat`, `moat-sandbox`, `moat-microvm`); and the
+/// directory those are in, which the daemon's files are beside.
+fn with_daemon_json(
+    json: impl FnOnce(&std::path::Path) -> serde_json::Value,
+) -> (Docker, tempfile::TempDir) {
+    let links = base_dir("moat-dk-links");
+    let bin = moat_links(links.path());
+    let conf = links.path().join("daemon.json");
+    std::fs::write(&conf, json(&bin).to_string()).unwrap();
+    let dk = Docker::start(&[format!("--config-file={}", s(&conf))]);
+    (dk, links)
 }
 
 #[test]
@@ -382,16 +386,13 @@ fn docker_daemon_json_runtimes_select_tiers() {
     ) {
         return;
     }
-    let links = base_dir("moat-dk-links");
-    let bin = moat_links(links.path());
-    let conf = links.path().join("daemon.json");
-    let json = serde_json::json!({"runtimes": {
-        "moat": {"path": s(&bin.join("moat"))},
-        "moat-sandbox": {"path": s(&bin.join("moat-sandbox"))},
-        "moat-vm-flag": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}
-    }});
-    std::fs::write(&conf, json.to_string()).unwrap();
-    let dk = Docker::start(&[format!("--config-file={}", s(&conf))]);
+    let (dk, _links) = with_daemon_json(|bin| {
+        serde_json::json!({"runtimes": {
+            "moat": {"path": s(&bin.join("moat"))},
+            "moat-sandbox": {"path": s(&bin.join("moat-sandbox"))},
+            "moat-vm-flag": {"path": s(&bin.join("moat")), "runtimeArgs": ["--isolation", "microvm"]}
+        }})
+    });
 
     let ok = dk
         .cmd(&[

@@ -232,6 +232,19 @@ pub fn build_context(dir: &Path) -> PathBuf {
     ctx
 }
 
+/// Checks the image [`build_context`] built, run by `run` (a `run --rm`
+/// of it with the command given, empty for its own): it prints [`BUILT`],
+/// and its steps ran on the guest's kernel, not the host's.
+pub fn assert_built(run: impl Fn(&[&str]) -> String) {
+    assert_eq!(run(&[]), BUILT);
+    let host = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let kernel = run(&["cat", "/kernel"]);
+    assert!(
+        !kernel.trim().is_empty() && kernel != host,
+        "the step ran on the guest's kernel: {kernel:?}"
+    );
+}
+
 /// What the image [`build_context`] builds prints, as under runc.
 pub const BUILT: &str =
     "built\nls: /bin/vi: No such file or directory\n/pingx cap_net_raw=ep\nsame\n";
