@@ -818,6 +818,53 @@ impl<S: Sink + ?Sized> Sink for &mut S {
     }
 }
 
+/// The names of `fd`'s extended attributes (none where its file system
+/// has none), the list's size asked for first: most files have none, and
+/// a list may take 64 KiB.
+fn xattr_names(fd: BorrowedFd<'_>) -> Result<Vec<Vec<u8>>, Errno> {
+    // Tried again while the list grows between the query and the read.
+    for _ in 0..4 {
+        let size = match rustix::fs::flistxattr_query(fd) {
+            Ok(0) | Err(Errno::NOTSUP) => return Ok(Vec::new()),
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        let mut list = vec![0u8; size];
+        match rustix::fs::flistxattr(fd, &mut list[..]) {
+            Ok(n) => {
+                let names = list[..n].split(|&b| b == 0).filter(|n| !n.is_empty());
+                return Ok(names.map(<[u8]>::to_vec).collect());
+            }
+            Err(Errno::RANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno::RANGE)
+}
+
+/// The value of `fd`'s extended attribute `name`, its size asked for
+/// first; None once it is gone.
+fn xattr_value(fd: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, Errno> {
+    for _ in 0..4 {
+        let size = match rustix::fs::fgetxattr_query(fd, os(name)) {
+            Ok(n) => n,
+            Err(Errno::NODATA) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut value = vec![0u8; size];
+        match rustix::fs::fgetxattr(fd, os(name), &mut value[..]) {
+            Ok(n) => {
+                value.truncate(n);
+                return Ok(Some(value));
+            }
+            Err(Errno::NODATA) => return Ok(None),
+            Err(Errno::RANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno::RANGE)
+}
+
 /// Files at least this long go to [`Sink::send_file`]; smaller ones are
 /// copied with the records around them.
 const SEND_FILE_MIN: u64 = 64 << 10;
@@ -1023,24 +1070,16 @@ impl<W: Sink> Walker<W> {
     /// as `fd` (in the merged mount: overlayfs's own are not listed
     /// there), if it has any, before the entry's own record.
     fn send_xattrs(&mut self, fd: BorrowedFd<'_>, path: &[u8]) -> io::Result<()> {
-        // Linux's bounds: a list of 64 KiB, a value of 64 KiB.
-        let mut list = vec![0u8; 64 << 10];
-        let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
-            Ok(n) => n,
-            Err(Errno::NOTSUP) => return Ok(()),
-            Err(e) => return Err(at(path)(e)),
-        };
         let mut attrs = Vec::new();
-        let mut value = vec![0u8; MAX_XATTR_VALUE];
-        for name in list[..n].split(|&b| b == 0).filter(|n| carried(n)) {
+        let names = xattr_names(fd).map_err(at(path))?;
+        for name in names.into_iter().filter(|n| carried(n)) {
             if attrs.len() == MAX_XATTRS as usize {
                 self.walked.skipped += 1;
                 break;
             }
-            match rustix::fs::fgetxattr(fd, os(name), &mut value[..]) {
-                Ok(len) => attrs.push((name.to_vec(), value[..len].to_vec())),
-                Err(Errno::NODATA) => {} // removed since it was listed
-                Err(e) => return Err(at(path)(e)),
+            // None: removed since it was listed.
+            if let Some(value) = xattr_value(fd, &name).map_err(at(path))? {
+                attrs.push((name, value));
             }
         }
         if attrs.is_empty() {
@@ -1406,14 +1445,8 @@ impl Applier<'_> {
         if !exact {
             return Ok(());
         }
-        let mut list = vec![0u8; 64 << 10];
-        let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
-            Ok(n) => n,
-            Err(Errno::NOTSUP) => return Ok(()),
-            Err(e) => return Err(err(b"")(e)),
-        };
-        let have = list[..n].split(|&b| b == 0).filter(|n| !n.is_empty());
-        for name in have.filter(|n| carried(n) && self.sets_xattr(n)) {
+        let have = xattr_names(fd).map_err(err(b""))?;
+        for name in have.iter().filter(|n| carried(n) && self.sets_xattr(n)) {
             if attrs.iter().any(|(n, _)| n == name) {
                 continue;
             }

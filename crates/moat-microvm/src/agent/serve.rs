@@ -2181,9 +2181,10 @@ const MIRROR_CHUNK: usize = 256 * 1024;
 /// channel (blocking: the host always reads it).
 struct MirrorFrames<'a> {
     chan: &'a mut File,
-    /// A pipe a file's pages are spliced through (made at the first large
-    /// file); None once splicing failed, for the rest of this mirror.
+    /// The pipe a file's pages are spliced through (read end, write end),
+    /// made at the first large file.
     pipe: Option<(OwnedFd, OwnedFd)>,
+    /// False once a splice was refused: the rest of this mirror is copied.
     splice: bool,
 }
 
