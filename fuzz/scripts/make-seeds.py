@@ -336,4 +336,10 @@ avail = struct.pack("<HHH", 0, 1, 0)
 image = desc.ljust(0x100, b"\0") + avail.ljust(0x100, b"\0")
 for which in (0, 1, 2):
     put("virtio_queue", "queue-%d" % which, bytes([which, 1]) + ops + image)
+# The balloon (selector bit 4): a free page report of two pages on its
+# reporting queue, 2 (rings at 0x1000 + 2 * 0x400).
+ops = bytes([0]) + struct.pack("<H", 0x50) + struct.pack("<I", 2)
+desc = struct.pack("<QIHH", 0x8000, 0x2000, 2, 0)
+image = b"\0" * 0x800 + desc.ljust(0x100, b"\0") + avail.ljust(0x100, b"\0")
+put("virtio_queue", "balloon-report", bytes([0x10, 1]) + ops + image)
 print("seeds written under", S)

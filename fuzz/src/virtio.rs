@@ -3,6 +3,7 @@
 //! reads, writes and queue notifications. Nothing may panic, hang, or touch
 //! memory outside the guest's.
 use moat_vmm::memory::GuestMem;
+use moat_vmm::virtio::balloon::Balloon;
 use moat_vmm::virtio::block::Block;
 use moat_vmm::virtio::console::Console;
 use moat_vmm::virtio::mmio::MmioTransport;
@@ -77,7 +78,8 @@ fn drive<D: VirtioDevice>(device: D, queues: u32, mem: GuestMem, ops: &[u8], all
 
 /// See [`crate::targets::virtio_queue`].
 pub fn run(data: &[u8]) {
-    // Layout: device selector, op count, ops (7 bytes each), then the guest
+    // Layout: device selector (bits 0-1 the device, bit 4 the balloon
+    // instead), op count, ops (7 bytes each), then the guest
     // memory from 0x1000 on (queue q's rings at 0x1000 + q * 0x400: table,
     // available ring at +0x100, used ring at +0x200).
     let [which, n, rest @ ..] = data else {
@@ -91,6 +93,10 @@ pub fn run(data: &[u8]) {
     let all = which & 8 != 0;
     let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     mem.write_slice(image, GuestAddress(0x1000)).unwrap();
+    // Bit 4: the balloon (its reports give guest pages back to the host).
+    if which & 0x10 != 0 {
+        return drive(Balloon::default(), 3, mem, ops, all);
+    }
     match which % 4 {
         0 => drive(Rng::default(), 1, mem, ops, all),
         1 => {

@@ -20,6 +20,7 @@ pub const MODULE_PATHS: &[(&str, &str)] = &[
     ("virtio_mmio", "drivers/virtio/virtio_mmio.ko"),
     ("virtio_console", "drivers/char/virtio_console.ko"),
     ("virtio-rng", "drivers/char/hw_random/virtio-rng.ko"),
+    ("virtio_balloon", "drivers/virtio/virtio_balloon.ko"),
     ("virtio_blk", "drivers/block/virtio_blk.ko"),
     ("overlay", "fs/overlayfs/overlay.ko"),
     (

@@ -21,7 +21,10 @@ pub const VMM: &[(&str, &str)] = &[
         "mprotect",
         "TCG makes translated code executable; guard pages",
     ),
-    ("madvise", "QEMU marks guest RAM (DONTDUMP, hugepages)"),
+    (
+        "madvise",
+        "QEMU marks guest RAM (DONTDUMP, hugepages) and gives back the pages the guest's balloon reports free",
+    ),
     ("mremap", "allocator growth"),
     ("brk", "allocator"),
     (
@@ -95,7 +98,7 @@ pub const VMM: &[(&str, &str)] = &[
     ("pwritev", "disk writes"),
     (
         "fallocate",
-        "the writable layer's discards, holes punched in its file (`discard=unmap`)",
+        "the writable layer's discards, holes punched in its file (`discard=unmap`); pages the guest's balloon reports free, punched out of a shared RAM file",
     ),
     ("lseek", "disk size"),
     ("fsync", "disk flush"),
@@ -244,7 +247,7 @@ pub const BUILTIN_COMMON: &[(&str, &str)] = &[
     ("mprotect", "the allocator growing a per-thread arena"),
     (
         "madvise",
-        "the allocator returning memory; a thread's stack at its end",
+        "the allocator returning memory; a thread's stack at its end; on a vCPU, the pages the guest's balloon reports free, given back",
     ),
     ("brk", "the allocator"),
     ("futex", "the locks around devices and the VM's exit state"),

@@ -49,6 +49,14 @@ fn every_device_works_with_each_thread_confined_to_its_role() {
         run_confined(c).1,
         "rng len=20 nonzero=1 loop=00 outside=00\n"
     );
+    // virtio-balloon: a free page report's pages given back (the vCPU's
+    // madvise).
+    let mut c = VmConfig::new(payload!("balloon"), 1, 16);
+    c.balloon = true;
+    assert_eq!(
+        run_confined(c).1,
+        "balloon used=00 zero=1 kept=1 outside=00\n"
+    );
     // virtio-blk: read, write, flush, out of range.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");

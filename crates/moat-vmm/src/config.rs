@@ -57,6 +57,9 @@ pub struct VmConfig {
     pub block: Vec<BlockConfig>,
     /// Offer a virtio entropy device.
     pub rng: bool,
+    /// Offer a virtio balloon that takes the guest's free page reports
+    /// and gives those pages back to the host (nothing else of a balloon).
+    pub balloon: bool,
     /// The guest agent channel: a virtio console port (`/dev/hvc0` in the
     /// guest) whose bytes travel over this connected host socket.
     pub agent: Option<UnixStream>,
@@ -204,6 +207,7 @@ impl VmConfig {
             serial_out: None,
             block: Vec::new(),
             rng: false,
+            balloon: false,
             agent: None,
             net: None,
             more_net: Vec::new(),
@@ -218,6 +222,7 @@ impl VmConfig {
     pub fn virtio_device_count(&self) -> usize {
         self.block.len()
             + usize::from(self.rng)
+            + usize::from(self.balloon)
             + usize::from(self.agent.is_some())
             + usize::from(self.net.is_some())
             + self.more_net.len()

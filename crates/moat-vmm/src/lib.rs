@@ -3,12 +3,15 @@
 //! [`VmConfig`]. See `README.md` beside this crate for the device model, the
 //! threads, and what the guest can reach.
 //!
-//! The two `unsafe` calls outside `moat-sys` live here: registering guest
+//! The three `unsafe` calls outside `moat-sys` live here: registering guest
 //! memory with KVM (`kvm_memory.rs`; its invariant, the mapping outlives
 //! every VM and vCPU fd that can touch it, is about this crate's own
 //! objects and their drop order, which only this crate can uphold; moving
 //! it into `moat-sys` would state a contract `moat-sys` cannot check), and
-//! restoring a vCPU's XSAVE area from a snapshot (`kvm_xsave.rs`).
+//! restoring a vCPU's XSAVE area from a snapshot (`kvm_xsave.rs`), and
+//! giving pages of guest RAM the guest reported free back to the host
+//! (`ram_discard.rs`: a `madvise` on the same mappings, whose invariant is
+//! theirs).
 #![deny(unsafe_code)]
 
 pub mod bus;
@@ -22,6 +25,7 @@ mod kvm_xsave;
 pub mod layout;
 pub mod memory;
 pub mod qemu;
+mod ram_discard;
 pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;

@@ -50,6 +50,15 @@ pub fn create_shared(vm: &VmFd, mem_mib: u64) -> Result<GuestMem, VmmError> {
         .and_then(|m| register(vm, m))
 }
 
+/// Guest RAM of `mem_mib` MiB on one memfd mapped shared, as
+/// [`create_shared`] lays it, without a VM; and the memfd.
+#[cfg(test)]
+pub(crate) fn shared_for_tests(mem_mib: u64) -> (GuestMem, std::fs::File) {
+    let file = ram_memfd(mem_mib).unwrap();
+    let mem = map_file(&file, mem_mib, libc::MAP_SHARED).unwrap();
+    (mem, file)
+}
+
 /// An empty memfd of `mem_mib` MiB for guest RAM.
 fn ram_memfd(mem_mib: u64) -> std::io::Result<std::fs::File> {
     let fd = rustix::fs::memfd_create("moat-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)?;
@@ -119,7 +128,11 @@ pub fn restore_shared(vm: &VmFd, mem_mib: u64, file: &std::fs::File) -> Result<G
 /// The extents of `file` between offsets `start` and `end` that may hold
 /// data (`SEEK_DATA`, `SEEK_HOLE`), as offsets into the file: all of it
 /// where the file system cannot tell (`EINVAL`).
-fn data_extents(file: &std::fs::File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
     use rustix::fs::{seek, SeekFrom};
     let mut extents = Vec::new();
     let mut at = start;

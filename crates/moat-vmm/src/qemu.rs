@@ -223,6 +223,10 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Result<Vec<OsString>, QemuE
             a.push(s.into());
         }
     }
+    if config.balloon {
+        a.push("-device".into());
+        a.push("virtio-balloon-device,free-page-reporting=on".into());
+    }
     if config.block.iter().any(|b| b.file.is_some()) {
         return Err(QemuError::Unsupported(
             "a disk opened by the caller (QEMU takes its images by path here)",
@@ -345,6 +349,7 @@ mod tests {
             file: None,
         });
         c.rng = true;
+        c.balloon = true;
         let a: Vec<String> = arguments(&c, Accel::Tcg)
             .unwrap()
             .into_iter()
@@ -363,6 +368,7 @@ mod tests {
             "id=vda,if=none,format=raw,readonly=on,file=/img,,with,,commas"
         );
         assert!(a.contains(&"virtio-rng-device,rng=rng0".to_string()));
+        assert!(a.contains(&"virtio-balloon-device,free-page-reporting=on".to_string()));
         assert!(!a.iter().any(|x| x.contains("virtconsole")));
         let p = VmConfig::new(Kernel::Payload(vec![0xf4]), 1, 16);
         assert!(matches!(

@@ -23,6 +23,7 @@ use crate::layout::{
     VIRTIO_IRQ_BASE,
 };
 use crate::memory::{self, GuestMem};
+use crate::virtio::balloon::Balloon;
 use crate::virtio::block::Block;
 use crate::virtio::console::{self, Console};
 use crate::virtio::fs::{Fs, FsSlot, DEVICE_ID_FS};
@@ -376,6 +377,9 @@ fn create_virtio(vm: &VmFd, mem: &GuestMem, config: &mut VmConfig) -> Result<Vir
     }
     if config.rng {
         set.add(vm, mem, Rng::default())?;
+    }
+    if config.balloon {
+        set.add(vm, mem, Balloon::default())?;
     }
     if let Some(socket) = config.agent.take() {
         let (dev, rx, reader) = Console::new(socket).map_err(|source| VmmError::Device {

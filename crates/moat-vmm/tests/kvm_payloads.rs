@@ -83,6 +83,22 @@ fn virtio_rng_serves_a_driver_and_survives_hostile_chains() {
     assert_eq!(out, "rng len=20 nonzero=1 loop=00 outside=00\n");
 }
 
+#[test]
+fn virtio_balloon_gives_reported_pages_back_and_ignores_reports_outside_ram() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = VmConfig::new(payload(include_bytes!("payloads/balloon.bin")), 1, 16);
+    config.balloon = true;
+    let (reason, out) = run(config);
+    assert_eq!(reason, ExitReason::Reset);
+    // The reported 2 MiB block the guest had filled reads zeros (its pages
+    // went back to the host: nothing else writes there), the page after it
+    // kept its bytes, and the report outside RAM came back used, touching
+    // nothing.
+    assert_eq!(out, "balloon used=00 zero=1 kept=1 outside=00\n");
+}
+
 /// A FUSE client in the guest on a virtio-fs device whose queues a real
 /// virtiofsd serves from the VM's shared memory: its notifications reach
 /// virtiofsd through KVM (the ioeventfd), and the directory it makes is

@@ -9,6 +9,7 @@
 //! never claims (in the used ring) to have written more bytes than the
 //! guest's descriptor table offered as writable.
 use moat_vmm::memory::GuestMem;
+use moat_vmm::virtio::balloon::Balloon;
 use moat_vmm::virtio::block::Block;
 use moat_vmm::virtio::console::Console;
 use moat_vmm::virtio::mmio::MmioTransport;
@@ -197,6 +198,16 @@ fn rng_survives_hostile_drivers() {
         let mem = case_memory(&mut g, 1);
         let ops = ops(&mut g);
         drive(Rng::default(), 1, mem, &ops, case);
+    }
+}
+
+#[test]
+fn balloon_survives_hostile_drivers() {
+    let mut g = Gen(0x5851_f42d_4c95_7f2d);
+    for case in 0..CASES {
+        let mem = case_memory(&mut g, 3);
+        let ops = ops(&mut g);
+        drive(Balloon::default(), 3, mem, &ops, case);
     }
 }
 

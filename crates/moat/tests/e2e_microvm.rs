@@ -760,6 +760,73 @@ fn create_ctr<'a>(rt: &'a Rt, b: &Bundle, name: &str) -> Ctr<'a> {
     create_as(rt, b, &rt.new_id(name))
 }
 
+/// The resident memory of the QEMU under one of `root`'s VMM processes, in KiB.
+fn qemu_rss_kib(root: &Path) -> Option<u64> {
+    let vmms: Vec<u32> = processes_of(root).into_iter().map(|(p, _)| p).collect();
+    let qemu = all_processes().into_iter().find(|(p, ppid, _)| {
+        vmms.contains(ppid)
+            && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu"))
+    })?;
+    std::fs::read_to_string(format!("/proc/{}/status", qemu.0))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn memory_the_guest_frees_goes_back_to_the_host() {
+    let Some(rt) = rt("memory_the_guest_frees_goes_back_to_the_host") else {
+        return;
+    };
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // awk holds strings of 1 B to 256 MiB (each doubling kept, so nothing
+    // is freed before its exit: 512 MiB) until the test has read QEMU's
+    // resident memory, then exits; the guest's kernel reports the freed
+    // blocks through its balloon and QEMU gives their pages back.
+    let script = "awk 'BEGIN { s = \"x\"; for (i = 0; i < 28; i++) { s = s s; a[i] = s }; \
+                  print \"ready\"; fflush(); system(\"read x\") }'; \
+                  echo freed; read y; echo done";
+    let mut child = spawn_ready(
+        rt.command()
+            .envs(env())
+            .args(["run", "--isolation", "microvm", "--", "sh", "-c", script])
+            .stdin(std::process::Stdio::piped()),
+        &out,
+        Duration::from_secs(180),
+    );
+    let held = qemu_rss_kib(rt.root()).expect("QEMU's resident memory");
+    assert!(held > 512 * 1024, "QEMU holds the strings: {held} KiB");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let start = std::time::Instant::now();
+    let mut now = held;
+    // Linux reports free blocks about two seconds after they are freed;
+    // without the balloon QEMU keeps every page the guest touched.
+    while now + 384 * 1024 > held {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "QEMU still holds {now} KiB of its {held} KiB: {}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        now = qemu_rss_kib(rt.root()).expect("QEMU's resident memory");
+    }
+    assert!(std::fs::read_to_string(&out).unwrap().contains("freed"));
+    stdin.write_all(b"end\n").unwrap();
+    drop(stdin);
+    let status = wait_own(&mut child);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "ready\nfreed\ndone\n"
+    );
+    assert_clean(&rt);
+}
+
 #[test]
 fn oci_lifecycle_by_annotation_with_exec_and_kill() {
     let Some(rt) = rt("oci_lifecycle_by_annotation_with_exec_and_kill") else {

@@ -11,13 +11,16 @@ use super::AgentError;
 
 /// Modules the guest loads before it says hello (so a snapshot holds
 /// them loaded), in dependency order: the virtio transport, the agent
-/// channel and the entropy device, and overlayfs for a writable root.
+/// channel, the entropy device, the balloon that reports the guest's free
+/// memory to the host (`virtio_balloon`: its free page reporting), and
+/// overlayfs for a writable root.
 pub const EARLY_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
     "virtio_console",
     "virtio-rng",
+    "virtio_balloon",
     "overlay",
 ];
 /// Modules loaded when a workload arrives: the disks (probed then, so a VM

@@ -413,6 +413,7 @@ fn builtin_child(
     config.serial_out = Some(serial);
     config.block = block;
     config.rng = true;
+    config.balloon = true;
     config.agent = Some(agent);
     config.net = net;
     config.more_net = more_net;

@@ -237,6 +237,12 @@ impl QemuArgs {
             "rng-builtin,id=rng0",
             "-device",
             "virtio-rng-device,rng=rng0",
+            // The guest reports the memory it frees, 2 MiB blocks at a
+            // time, and QEMU hands it back to the host (the cgroup the
+            // guest's memory is charged to): nothing else of the balloon
+            // (no target size, no statistics).
+            "-device",
+            "virtio-balloon-device,free-page-reporting=on",
             "-chardev",
             &format!("socket,id=agent,fd={}", self.agent_fd),
             "-device",

@@ -229,7 +229,11 @@ pub(crate) mod tests {
 
     impl Driver {
         pub fn new() -> Self {
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            Self::with_memory(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
+        }
+
+        /// The queue's rings in the first pages of `mem`.
+        pub fn with_memory(mem: GuestMem) -> Self {
             let mut queue = Queue::new(SIZE).unwrap();
             queue.set_desc_table_address(Some(DESC as u32), Some(0));
             queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));

@@ -1,9 +1,11 @@
 //! virtio over MMIO: the transport ([`mmio`]), chain validation ([`chain`]),
-//! and the devices a moat guest needs: entropy ([`rng`]), the root
+//! and the devices a moat guest needs: entropy ([`rng`]), the free page
+//! reporting balloon that gives the memory it frees back ([`balloon`]), the root
 //! filesystem ([`block`]), the agent channel ([`console`]), when the
 //! container asks for the network, `eth0` ([`net`]), and for each
 //! read-write volume a virtio-fs share its virtiofsd serves ([`fs`]).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod console;
@@ -30,6 +32,8 @@ pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_CONSOLE: u32 = 3;
 /// Entropy source.
 pub const DEVICE_ID_RNG: u32 = 4;
+/// Memory balloon.
+pub const DEVICE_ID_BALLOON: u32 = 5;
 
 /// Why a device could not be set up.
 #[derive(Debug, Error)]
