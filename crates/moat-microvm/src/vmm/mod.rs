@@ -122,8 +122,8 @@ impl GuestLink {
 /// read-write volumes (a pod's share among them), that many at most, as
 /// QEMU's share ports ([`qemu::SHARE_PORTS`]). The VM's nineteen
 /// interrupt lines (`moat_vmm::layout`, 5–23) hold a saved guest's six
-/// disk slots, the entropy device, the agent's console, the network card
-/// and these eight.
+/// disk slots, the entropy device, the balloon, the agent's console, the
+/// network card and these eight.
 pub const FS_SLOTS: usize = 8;
 
 /// Everything the VMM process needs, prepared by the runtime before the
