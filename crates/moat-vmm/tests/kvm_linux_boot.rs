@@ -1,7 +1,8 @@
 //! Full Linux boots on the built-in VMM: Debian's cloud kernel (bzImage)
-//! with two vCPUs, eleven virtio disks, virtio-rng (on interrupt line 16)
-//! and two empty virtio-fs slots, to a busybox /init that loads the virtio
-//! modules, reads the first and last disks and the rng, and reboots
+//! with two vCPUs, eleven virtio disks, virtio-rng (on interrupt line 16),
+//! the balloon and two empty virtio-fs slots, to a busybox /init that loads
+//! the virtio modules, reads the first and last disks and the rng, sees
+//! the balloon's driver take free page reporting, and reboots
 //! (i8042 reset). Where the CPU shows vmx or svm it runs on the host's KVM;
 //! elsewhere (this project's machines, whose KVM is the software-assisted
 //! PVM that boots a stock kernel only by slow emulation and dies partway)
@@ -33,11 +34,16 @@ $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 echo "moat-init: up on $($B nproc) cpus"
 echo "moat-init: $($B ls /sys/bus/acpi/devices | $B grep -c LNRO0005) virtio-mmio in ACPI"
-for m in virtio_ring virtio virtio_mmio virtio_blk virtio-rng; do
+for m in virtio_ring virtio virtio_mmio virtio_blk virtio-rng virtio_balloon; do
     $B insmod /lib/modules/$m.ko || echo "moat-init: insmod $m failed"
 done
 echo "moat-init: virtio devices: $($B ls /sys/bus/virtio/devices | $B tr '
 ' ' ')"
+for d in /sys/bus/virtio/devices/*; do
+    if [ "$($B cat $d/device)" = 0x0005 ]; then
+        echo "moat-init: balloon driver=$($B basename $($B readlink $d/driver)) reporting=$($B cut -c6 $d/features)"
+    fi
+done
 echo "moat-init: vda=$($B head -c 16 /dev/vda)"
 echo "moat-init: vdk=$($B head -c 16 /dev/vdk)"
 echo "moat-init: rng=$($B cat /sys/class/misc/hw_random/rng_current)"
@@ -108,6 +114,7 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     config.cmdline = "console=ttyS0 panic=-1 quiet".into();
     config.serial_out = Some(serial);
     config.rng = true;
+    config.balloon = true;
     config.block = disks
         .into_iter()
         .map(|path| BlockConfig {
@@ -121,17 +128,20 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
     assert_eq!(reason, ExitReason::Reset, "serial:\n{out}");
     for want in [
         "moat-init: up on 2 cpus",
-        "moat-init: 14 virtio-mmio in ACPI",
-        "moat-init: virtio devices: virtio0 virtio1 virtio10 virtio11 virtio2 ",
+        "moat-init: 15 virtio-mmio in ACPI",
+        "moat-init: virtio devices: virtio0 virtio1 virtio10 virtio11 virtio12 virtio2 ",
         "moat-init: vda=MOAT-ROOT-MARKER",
         "moat-init: vdk=MOAT-LAST-MARKER",
         "moat-init: rng=virtio_rng.0",
         "moat-init: rng bytes=128",
+        // The driver found its queues where this device has them (the
+        // reporting queue third, no statistics queue) and took reporting.
+        "moat-init: balloon driver=virtio_balloon reporting=1",
     ] {
         assert!(out.contains(want), "{want:?} missing; serial:\n{out}");
     }
     // The placeholders are no devices.
-    assert!(!out.contains("virtio12"), "serial:\n{out}");
+    assert!(!out.contains("virtio13"), "serial:\n{out}");
     assert!(!out.contains("failed"), "serial:\n{out}");
     // No i8042 declared, so no driver waiting on one that answers only its
     // reset command (half a second of the boot).

@@ -9,13 +9,14 @@ pub mod nested;
 
 /// Guest modules, relative to /lib/modules/<release>/kernel, in load order
 /// (and TUN/TAP, for the nested guest's TAP devices).
-pub const MODULES: [&str; 10] = [
+pub const MODULES: [&str; 11] = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/block/virtio_blk.ko",
     "drivers/char/virtio_console.ko",
     "drivers/char/hw_random/virtio-rng.ko",
+    "drivers/virtio/virtio_balloon.ko",
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko",
