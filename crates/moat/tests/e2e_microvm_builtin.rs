@@ -62,6 +62,7 @@ fn body(kernel: &Path, initrd: &Path) {
     config.serial_out = Some(serial);
     config.agent = Some(guest);
     config.rng = true;
+    config.balloon = true;
     config.thread_hook = Some(moat_microvm::seccomp::builtin_thread_hook());
     // From here on as in the jail: the sockets and files exist already.
     moat_microvm::seccomp::load(&moat_microvm::seccomp::builtin_setup_profile().unwrap()).unwrap();
