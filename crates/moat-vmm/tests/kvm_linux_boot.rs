@@ -2,7 +2,9 @@
 //! with two vCPUs, eleven virtio disks, virtio-rng (on interrupt line 16),
 //! the balloon and two empty virtio-fs slots, to a busybox /init that loads
 //! the virtio modules, reads the first and last disks and the rng, sees
-//! the balloon's driver take free page reporting, and reboots
+//! the balloon's driver take free page reporting, fills 96 MiB of tmpfs
+//! and removes it (the VMM's resident memory falls back: the balloon),
+//! and reboots
 //! (i8042 reset). Where the CPU shows vmx or svm it runs on the host's KVM;
 //! elsewhere (this project's machines, whose KVM is the software-assisted
 //! PVM that boots a stock kernel only by slow emulation and dies partway)
@@ -44,6 +46,13 @@ for d in /sys/bus/virtio/devices/*; do
         echo "moat-init: balloon driver=$($B basename $($B readlink $d/driver)) reporting=$($B cut -c6 $d/features)"
     fi
 done
+$B mkdir /t && $B mount -t tmpfs t /t
+$B dd if=/dev/zero of=/t/fill bs=1M count=96 2>/dev/null
+echo "moat-init: filled"
+$B rm /t/fill
+$B sleep 5
+echo "moat-init: settled"
+$B sleep 1
 echo "moat-init: vda=$($B head -c 16 /dev/vda)"
 echo "moat-init: vdk=$($B head -c 16 /dev/vdk)"
 echo "moat-init: rng=$($B cat /sys/class/misc/hw_random/rng_current)"
@@ -51,6 +60,48 @@ echo "moat-init: rng bytes=$($B head -c 64 /dev/hwrng | $B od -An -v -tx1 | $B t
 ' | $B wc -c)"
 $B reboot -f
 "#;
+
+/// This process's resident memory in KiB (the VM's RAM is its mapping).
+fn resident_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+/// Runs `vm` to its end as [`run_bounded`] does, reading this process's
+/// resident memory every 20 ms meanwhile; returns also the most it read
+/// and what it read once `marker` was on the console (the VM still
+/// running: its RAM is unmapped when it ends).
+fn run_sampled(
+    vm: Vm,
+    serial: std::fs::File,
+    marker: &'static str,
+) -> (ExitReason, String, u64, Option<u64>) {
+    use std::os::unix::fs::FileExt;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let console = serial.try_clone().unwrap();
+    let sampler = std::thread::spawn(move || {
+        let (mut most, mut at_marker) = (0, None);
+        let mut buf = vec![0u8; 1 << 16];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let now = resident_kib();
+            most = most.max(now);
+            if at_marker.is_none() {
+                let n = console.read_at(&mut buf, 0).unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).contains(marker) {
+                    at_marker = Some(resident_kib());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (most, at_marker)
+    });
+    let (reason, out) = run_bounded(vm, serial);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, at_marker) = sampler.join().unwrap();
+    (reason, out, most, at_marker)
+}
 
 /// Runs `vm` to its end (stopped after 100 s: a bound against a hung
 /// guest, not a timing assertion, and under the nested harness's session
@@ -124,9 +175,20 @@ fn cloud_kernel_boots_on_the_builtin_vmm() {
         })
         .collect();
     config.fs_slots = 2;
-    let (reason, out) = run_bounded(Vm::new(config).unwrap(), reader);
+    let vm = Vm::new(config).unwrap();
+    let (reason, out, most, settled) = run_sampled(vm, reader, "moat-init: settled");
     assert_eq!(reason, ExitReason::Reset, "serial:\n{out}");
+    // The 96 MiB the guest filled and freed went back to the host: its
+    // kernel reported the free blocks two seconds after the removal,
+    // while it slept five (without the balloon, every page it touched
+    // stays this process's until the VM ends).
+    let settled = settled.expect("the guest settled");
+    assert!(
+        most > settled + 64 * 1024,
+        "resident at most {most} KiB, once settled {settled} KiB; serial:\n{out}"
+    );
     for want in [
+        "moat-init: filled",
         "moat-init: up on 2 cpus",
         "moat-init: 15 virtio-mmio in ACPI",
         "moat-init: virtio devices: virtio0 virtio1 virtio10 virtio11 virtio12 virtio2 ",
