@@ -666,7 +666,9 @@ impl Lifecycle for MicrovmTier {
     /// I/O), memory, processes and CPU time on the container's cgroup in
     /// the guest (through the agent; before `start`, merged into the config
     /// the guest creates it with). The VMM's own memory limit stays what
-    /// the guest's RAM needs, and the RAM stays the size it booted with.
+    /// the guest's RAM needs, and the RAM stays the size it booted with
+    /// (what the guest reclaims under a lower limit goes back to the host
+    /// through its balloon's free page reports).
     fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
         let c = self.current(id)?;
         if c.status == ContainerStatus::Stopped {
@@ -692,7 +694,7 @@ impl Lifecycle for MicrovmTier {
         };
         if resources.memory().is_some() {
             tracing::warn!(
-                "microvm: the new memory limit applies in the guest; its RAM stays the size it booted with"
+                "microvm: the new memory limit applies in the guest; its RAM stays the size it booted with (what the guest frees goes back to the host)"
             );
         }
         let path = self.control_path(&c.state)?;
