@@ -645,7 +645,8 @@ impl ContainerTier {
             });
         }
         self.cgroup_of(&st)?.update(resources)?;
-        Ok(())
+        moat_core::spec::record_update(&self.sd.container_dir(id).join(CONFIG_COPY), resources)
+            .map_err(io_err("record the new limits in the saved config.json"))
     }
 
     // ----- signals, pause -----

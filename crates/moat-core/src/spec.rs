@@ -427,9 +427,88 @@ fn selinux_enabled() -> bool {
     Path::new("/sys/fs/selinux/enforce").exists()
 }
 
+/// Merges `patch` into `target` as an update does: objects key by key,
+/// any other value replacing what was there; nulls change nothing.
+pub fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    continue;
+                }
+                let slot = t.entry(k.clone()).or_insert(serde_json::Value::Null);
+                if slot.is_object() && v.is_object() {
+                    merge_json(slot, v);
+                } else {
+                    *slot = v.clone();
+                }
+            }
+        }
+        _ if !patch.is_null() => *target = patch.clone(),
+        _ => {}
+    }
+}
+
+/// Records an `update`'s `resources` in the saved `config.json` at `path`
+/// (its `linux.resources`, merged as [`merge_json`] does), as runc keeps
+/// the limits in effect in its state: what reads the saved config later
+/// (`moat run`'s report of a limit hit) sees the new limits. The file is
+/// rewritten whole through a rename, its other properties kept as they
+/// were, known to moat or not.
+pub fn record_update(
+    path: &Path,
+    resources: &oci_spec::runtime::LinuxResources,
+) -> std::io::Result<()> {
+    let data = std::fs::read(path)?;
+    let mode = std::fs::metadata(path)?.permissions();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&data).map_err(std::io::Error::other)?;
+    let patch = serde_json::json!({
+        "linux": {
+            "resources": serde_json::to_value(resources).map_err(std::io::Error::other)?,
+        }
+    });
+    merge_json(&mut config, &patch);
+    let tmp = path.with_extension("json.update");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&config).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::set_permissions(&tmp, mode)?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_is_recorded_over_the_saved_limits_and_nothing_else() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"ociVersion":"1.2.0","x-unknown":{"kept":1},
+                "linux":{"resources":{"memory":{"limit":268435456,"reservation":1048576},
+                                      "cpu":{"shares":512}}}}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let update: oci_spec::runtime::LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":33554432},"pids":{"limit":64}}"#).unwrap();
+        record_update(&path, &update).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let r = &v["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 33554432);
+        assert_eq!(r["memory"]["reservation"], 1048576, "{v}");
+        assert_eq!(r["cpu"]["shares"], 512, "{v}");
+        assert_eq!(r["pids"]["limit"], 64, "{v}");
+        assert_eq!(v["x-unknown"]["kept"], 1, "{v}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     fn spec_json(extra: &str) -> String {
         format!(

@@ -690,7 +690,7 @@ impl Lifecycle for MicrovmTier {
             .update(&host)
             .map_err(MicrovmError::from)?;
         let Some(guest) = guest else {
-            return Ok(());
+            return self.record_update(id, resources);
         };
         if resources.memory().is_some() {
             tracing::warn!(
@@ -708,7 +708,7 @@ impl Lifecycle for MicrovmTier {
         )
         .map_err(MicrovmError::from)?;
         match reply {
-            control::Reply::Ok => Ok(()),
+            control::Reply::Ok => self.record_update(id, resources),
             control::Reply::Error { message, .. } => Err(MicrovmError::Vmm(message).into()),
             control::Reply::Exit { .. } => {
                 Err(MicrovmError::Vmm("unexpected reply to update".into()).into())
@@ -757,6 +757,17 @@ impl Lifecycle for MicrovmTier {
 }
 
 impl MicrovmTier {
+    /// Keeps an applied update's limits in the saved config
+    /// ([`moat_core::spec::record_update`]).
+    fn record_update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        let path = self.sd.container_dir(id).join(CONFIG);
+        moat_core::spec::record_update(&path, resources)
+            .map_err(MicrovmError::io(
+                "record the new limits in the saved config.json",
+            ))
+            .map_err(Into::into)
+    }
+
     fn cgroup(&self, st: &State) -> Result<moat_jail::cgroup::CgroupManager, RuntimeError> {
         let part = self.part(st)?;
         if part.cgroup.is_null() {

@@ -343,6 +343,46 @@ fn oom_kill_is_reported() {
 }
 
 #[test]
+fn an_oom_after_an_update_names_the_limit_in_effect() {
+    let Some(rt) = rt("an_oom_after_an_update_names_the_limit_in_effect") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    // Started with 256 MiB: the 100 MB string fits; it is made only once
+    // the limit is 32 MiB.
+    let mut child = spawn_own(
+        rt.command()
+            .args(["run", "-m", "256m", "--name", "upd", "--", "sh", "-c"])
+            .arg(
+                "echo ready; while [ ! -e /tmp/go ]; do sleep 0.1; done; \
+                 x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+            )
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap()),
+    );
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(start.elapsed().as_secs() < 30, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    rt.cmd(&["update", "--memory", "32m", "upd"]).expect_ok();
+    rt.cmd(&["exec", "upd", "touch", "/tmp/go"]).expect_ok();
+    let status = wait_own(&mut child);
+    assert_eq!(status.code(), Some(137), "{status:?}");
+    let err = fs::read_to_string(&err).unwrap();
+    assert!(
+        err.contains("killed: out of memory (limit 32 MiB)"),
+        "{err}"
+    );
+    assert!(!fs::read_to_string(&out).unwrap().contains("survived"));
+    assert_clean(&rt);
+}
+
+#[test]
 fn exit_status_env_workdir_user_and_json() {
     let Some(rt) = rt("exit_status_env_workdir_user_and_json") else {
         return;

@@ -1100,27 +1100,7 @@ fn parse_mem_available(text: &str) -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-/// Merges `patch` into `target` as an update does: objects key by key,
-/// any other value replacing what was there; nulls change nothing.
-pub fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target.as_object_mut(), patch.as_object()) {
-        (Some(t), Some(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    continue;
-                }
-                let slot = t.entry(k.clone()).or_insert(serde_json::Value::Null);
-                if slot.is_object() && v.is_object() {
-                    merge_json(slot, v);
-                } else {
-                    *slot = v.clone();
-                }
-            }
-        }
-        _ if !patch.is_null() => *target = patch.clone(),
-        _ => {}
-    }
-}
+pub use moat_core::spec::merge_json;
 
 /// A process's output stream, as [`proto::ClosedMsg`] numbers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1239,6 +1239,9 @@ pub struct RunResult {
     pub pids_limit_hits: u64,
     /// The deadline ended the workload (it did not end by itself first).
     pub timed_out: bool,
+    /// The memory and process limits in effect at the end (an `update`
+    /// may have changed those the run started with), from the saved config.
+    pub limits: (Option<i64>, Option<i64>),
 }
 
 impl RunResult {
@@ -1289,6 +1292,16 @@ fn supervise(
     let mut r = RunResult::ended(code, deadline, ev.oom_kills);
     r.wall_s = started.elapsed().as_secs_f64();
     r.pids_limit_hits = ev.pids_limit_hits;
+    r.limits = engine
+        .config(id)
+        .ok()
+        .and_then(|spec| spec.linux().clone()?.resources().clone())
+        .map_or((None, None), |res| {
+            (
+                res.memory().as_ref().and_then(|m| m.limit()),
+                res.pids().as_ref().map(|p| p.limit()),
+            )
+        });
     // The full statistics (a dozen files) only for the --json record.
     if want_usage {
         if let Ok(stats) = engine.stats(id) {
@@ -1311,22 +1324,20 @@ fn human_bytes(n: i64) -> String {
 
 /// The OOM/timeout lines, and the `--json` record.
 fn report(r: &RunResult, s: &Settings, sink: &JsonSink) -> Result<()> {
+    let memory = human_bytes(r.limits.0.unwrap_or(s.memory));
     if r.oom_killed {
-        eprintln!(
-            "moat: killed: out of memory (limit {})",
-            human_bytes(s.memory)
-        );
+        eprintln!("moat: killed: out of memory (limit {memory})");
     } else if r.oom_kills > 0 {
         eprintln!(
-            "moat: out of memory (limit {}): {} process(es) of the container killed",
-            human_bytes(s.memory),
+            "moat: out of memory (limit {memory}): {} process(es) of the container killed",
             r.oom_kills
         );
     }
     if r.pids_limit_hits > 0 {
         eprintln!(
             "moat: process limit ({}) reached: {} fork(s) refused",
-            s.pids, r.pids_limit_hits
+            r.limits.1.unwrap_or(s.pids),
+            r.pids_limit_hits
         );
     }
     if r.timed_out {
