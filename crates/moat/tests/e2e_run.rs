@@ -349,11 +349,14 @@ fn an_oom_after_an_update_names_the_limit_in_effect() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let json = dir.path().join("result.json");
     // Started with 256 MiB: the 100 MB string fits; it is made only once
     // the limit is 32 MiB.
     let mut child = spawn_own(
         rt.command()
-            .args(["run", "-m", "256m", "--name", "upd", "--", "sh", "-c"])
+            .args(["run", "-m", "256m", "--name", "upd"])
+            .arg(format!("--json={}", json.display()))
+            .args(["--", "sh", "-c"])
             .arg(
                 "echo ready; while [ ! -e /tmp/go ]; do sleep 0.1; done; \
                  x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
@@ -379,6 +382,9 @@ fn an_oom_after_an_update_names_the_limit_in_effect() {
         "{err}"
     );
     assert!(!fs::read_to_string(&out).unwrap().contains("survived"));
+    let rec: serde_json::Value = serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rec["memory_limit_bytes"], 32 << 20, "{rec}");
+    assert_eq!(rec["oom_killed"], true, "{rec}");
     assert_clean(&rt);
 }
 

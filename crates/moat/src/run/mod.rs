@@ -1357,8 +1357,8 @@ fn report(r: &RunResult, s: &Settings, sink: &JsonSink) -> Result<()> {
         "oom_kills": r.oom_kills,
         "pids_limit_hits": r.pids_limit_hits,
         "timed_out": r.timed_out,
-        "memory_limit_bytes": limit(s.memory),
-        "pids_limit": limit(s.pids),
+        "memory_limit_bytes": limit(r.limits.0.unwrap_or(s.memory)),
+        "pids_limit": limit(r.limits.1.unwrap_or(s.pids)),
         "host_id_start": s.host_id,
     }))
 }
