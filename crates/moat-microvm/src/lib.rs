@@ -758,8 +758,10 @@ impl Lifecycle for MicrovmTier {
 
 impl MicrovmTier {
     /// Keeps an applied update's limits in the saved config
-    /// ([`moat_core::spec::record_update`]).
+    /// ([`moat_core::spec::record_update`]), under the container's lock
+    /// (two updates at once would each rewrite the file from what it read).
     fn record_update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        let _lock = self.sd.lock(id)?;
         let path = self.sd.container_dir(id).join(CONFIG);
         moat_core::spec::record_update(&path, resources)
             .map_err(MicrovmError::io(

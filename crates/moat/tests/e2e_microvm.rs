@@ -768,11 +768,11 @@ fn qemu_rss_kib(root: &Path) -> Option<u64> {
             && std::fs::read_to_string(format!("/proc/{p}/comm"))
                 .is_ok_and(|c| c.starts_with("qemu"))
     })?;
-    std::fs::read_to_string(format!("/proc/{}/status", qemu.0))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status_field(qemu.0, "VmRSS")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]

@@ -5,7 +5,9 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{runtime_bin, signal_own, spawn_own, spawn_ready, wait_own, Opts, Out, Rt};
+use common::{
+    runtime_bin, signal_own, spawn_own, spawn_ready, wait_own, wait_ready, Opts, Out, Rt,
+};
 
 fn rt(test: &str) -> Option<Rt> {
     let rt = Rt::root_or_skip(test)?;
@@ -364,14 +366,7 @@ fn an_oom_after_an_update_names_the_limit_in_effect() {
             .stdout(fs::File::create(&out).unwrap())
             .stderr(fs::File::create(&err).unwrap()),
     );
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(start.elapsed().as_secs() < 30, "never ready");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_ready(&out, std::time::Duration::from_secs(30));
     rt.cmd(&["update", "--memory", "32m", "upd"]).expect_ok();
     rt.cmd(&["exec", "upd", "touch", "/tmp/go"]).expect_ok();
     let status = wait_own(&mut child);
@@ -1286,14 +1281,7 @@ fn signals_ignored_by_moats_caller_reach_the_workload() {
             .stdin(std::process::Stdio::null())
             .stdout(fs::File::create(&out).unwrap()),
     );
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(start.elapsed().as_secs() < 30, "never ready");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_ready(&out, std::time::Duration::from_secs(30));
     kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGINT,

@@ -1292,16 +1292,19 @@ fn supervise(
     let mut r = RunResult::ended(code, deadline, ev.oom_kills);
     r.wall_s = started.elapsed().as_secs_f64();
     r.pids_limit_hits = ev.pids_limit_hits;
-    r.limits = engine
-        .config(id)
-        .ok()
-        .and_then(|spec| spec.linux().clone()?.resources().clone())
-        .map_or((None, None), |res| {
-            (
-                res.memory().as_ref().and_then(|m| m.limit()),
-                res.pids().as_ref().map(|p| p.limit()),
-            )
-        });
+    // Read only where a line or the record names them.
+    if want_usage || ev.oom_kills > 0 || ev.pids_limit_hits > 0 {
+        r.limits = engine
+            .config(id)
+            .ok()
+            .and_then(|spec| spec.linux().clone()?.resources().clone())
+            .map_or((None, None), |res| {
+                (
+                    res.memory().as_ref().and_then(|m| m.limit()),
+                    res.pids().as_ref().map(|p| p.limit()),
+                )
+            });
+    }
     // The full statistics (a dozen files) only for the --json record.
     if want_usage {
         if let Ok(stats) = engine.stats(id) {

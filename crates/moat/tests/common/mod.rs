@@ -410,15 +410,20 @@ pub fn spawn_ready(cmd: &mut Command, out: &Path, limit: Duration) -> std::proce
         cmd.stdout(fs::File::create(out).expect("create the output file"))
             .stderr(Stdio::null()),
     );
+    wait_ready(out, limit);
+    child
+}
+
+/// Returns once the file `out` holds "ready" (a panic after `limit`).
+pub fn wait_ready(out: &Path, limit: Duration) {
     let start = Instant::now();
     while !fs::read_to_string(out)
         .unwrap_or_default()
         .contains("ready")
     {
-        assert!(start.elapsed() < limit, "{cmd:?}: never ready");
+        assert!(start.elapsed() < limit, "{}: never ready", out.display());
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
 }
 
 /// Sends `sig` to a child of [`spawn_own`] and waits for it.
