@@ -167,6 +167,7 @@ impl MicrovmTier {
         let spec_json = serde_json::to_value(&req.config.spec)
             .map_err(|e| RuntimeError::Invalid(format!("config: {e}")))?;
         refuse_unsupported(&spec_json)?;
+        let reclaim_interval_ms = reclaim_interval_ms(req.config.spec.annotations().as_ref())?;
         let joined = joined_netns(&req.config.spec).map(|p| self.network_meant(p));
         let mut net = net_request(&req.config.spec, joined.clone())?;
         let own_disk = |p: &Path| own_disk(p);
@@ -537,6 +538,7 @@ impl MicrovmTier {
             keep_layer,
             mirror_since: mirror.as_ref().map(|(_, since, _)| *since),
             mirror_at_pause_only: removed_at_exit(req.config.spec.annotations().as_ref()),
+            reclaim_interval_ms,
         };
         // The layer's mirror, which `delete` applies to the root.
         let (mirror_stream, mirror_part) = match mirror {
@@ -1633,6 +1635,27 @@ fn kept_layer(
             );
             Ok(None)
         }
+    }
+}
+
+/// How often the agent evicts the guest's old page cache (seconds; `0`:
+/// never): its pages then go back to the host.
+pub const RECLAIM_INTERVAL_ANNOTATION: &str = "dev.moat.microvm.reclaim-interval";
+/// Without the annotation: a minute.
+pub const RECLAIM_INTERVAL_DEFAULT_S: u64 = 60;
+
+/// The container's [`RECLAIM_INTERVAL_ANNOTATION`] in milliseconds.
+fn reclaim_interval_ms(
+    annotations: Option<&std::collections::HashMap<String, String>>,
+) -> Result<u64, RuntimeError> {
+    let Some(v) = annotations.and_then(|a| a.get(RECLAIM_INTERVAL_ANNOTATION)) else {
+        return Ok(RECLAIM_INTERVAL_DEFAULT_S * 1000);
+    };
+    match v.trim().parse::<u64>() {
+        Ok(s) if s <= 86_400 => Ok(s * 1000),
+        _ => Err(RuntimeError::Invalid(format!(
+            "annotation {RECLAIM_INTERVAL_ANNOTATION}={v:?}: want whole seconds from 0 (never) to 86400"
+        ))),
     }
 }
 

@@ -447,6 +447,11 @@ pub struct RunRequest {
     /// only delay the exit report and write into a directory about to go.
     #[serde(default)]
     pub mirror_at_pause_only: bool,
+    /// Evict the guest's old page cache every this many milliseconds (0:
+    /// never), so the balloon gives its pages back to the host
+    /// ([`crate::agent`]'s `reclaim`).
+    #[serde(default)]
+    pub reclaim_interval_ms: u64,
 }
 
 /// A compiled seccomp filter: `struct sock_filter` instructions (native

@@ -701,6 +701,18 @@ fn what_the_tier_cannot_do_is_refused_in_one_line_with_nothing_left() {
             "below 1024",
         ),
         (many, "read-write volumes"),
+        (
+            vec![
+                "run",
+                "--isolation",
+                "microvm",
+                "--annotation",
+                "dev.moat.microvm.reclaim-interval=soon",
+                "--",
+                "true",
+            ],
+            "reclaim-interval",
+        ),
     ] {
         let out = cmd(&rt, &args).expect_fail();
         assert!(out.stderr.contains(want), "{args:?}: {out:?}");
@@ -824,6 +836,71 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
         std::fs::read_to_string(&out).unwrap(),
         "ready\nfreed\ndone\n"
     );
+    assert_clean(&rt);
+}
+
+#[test]
+fn page_cache_the_workload_left_goes_back_to_the_host() {
+    let Some(rt) = rt("page_cache_the_workload_left_goes_back_to_the_host") else {
+        return;
+    };
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // 384 MiB written into the root's layer and synced: clean page cache
+    // in the guest, which the guest keeps (no memory pressure in a guest
+    // of over a GiB) and QEMU with it. The agent evicts it at its next
+    // pass (every 4 s here; a minute by default), and the balloon gives
+    // the freed pages back.
+    let script = "dd if=/dev/zero of=/big bs=1M count=384 2>/dev/null && sync && echo ready; \
+                  read x; echo done";
+    let mut child = spawn_own(
+        rt.command()
+            .envs(env())
+            .args([
+                "run",
+                "--isolation",
+                "microvm",
+                "--read-write",
+                "-u",
+                "0",
+                "-m",
+                "1g",
+                "--annotation",
+                "dev.moat.microvm.reclaim-interval=4",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    // Sampled from the start, the pass may come as soon as the file is
+    // written: QEMU's resident memory grows with the writes, and falls
+    // only once the balloon reported the evicted pages (about two seconds
+    // later).
+    let start = std::time::Instant::now();
+    let (mut peak, mut now) = (0, 0);
+    // Without the passes the page cache stays until the VM ends.
+    while now + 256 * 1024 > peak || !std::fs::read_to_string(&out).unwrap().contains("ready") {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "QEMU still holds {now} KiB (at most {peak} KiB): {}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        now = qemu_rss_kib(rt.root()).unwrap_or(0);
+        peak = peak.max(now);
+    }
+    assert!(peak > 384 * 1024, "QEMU held the page cache: {peak} KiB");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let status = wait_own(&mut child);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "ready\ndone\n");
     assert_clean(&rt);
 }
 

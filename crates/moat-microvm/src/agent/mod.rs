@@ -14,6 +14,7 @@ use std::time::Duration;
 pub mod boot;
 pub mod net;
 mod pod;
+pub mod reclaim;
 mod serve;
 
 /// Argument the kernel passes to the agent (`rdinit=/moat -- microvm-agent`).
@@ -81,6 +82,7 @@ fn run() -> Result<(), AgentError> {
     trace("out of the initramfs");
     boot::mount_kernel_filesystems()?;
     trace("kernel filesystems");
+    reclaim::enable_lru_gen();
     boot::raise_hard_limits()?;
     boot::seal_root()?;
     boot::load_modules(boot::EARLY_MODULES)?;

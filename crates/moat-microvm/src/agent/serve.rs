@@ -216,6 +216,9 @@ pub struct Agent {
     /// regardless ([`Agent::check_execs`]). One whose runtime ends before
     /// its process ran gets an `Error` instead ([`Agent::report_exits`]).
     execs_starting: BTreeMap<u32, Instant>,
+    /// Evicts page cache nothing touched for a while, once the container
+    /// runs (`RunRequest::reclaim_interval_ms`).
+    reclaim: Option<super::reclaim::Reclaimer>,
 }
 
 /// What waits for the container's process to have started.
@@ -290,6 +293,7 @@ impl Agent {
             pod_disk: None,
             joins_starting: BTreeMap::new(),
             execs_starting: BTreeMap::new(),
+            reclaim: None,
         })
     }
 
@@ -368,12 +372,21 @@ impl Agent {
                 || !self.joins_starting.is_empty()
                 || !self.execs_starting.is_empty()
             {
-                PollTimeout::from(10u16)
+                Some(10u16)
             } else if self.procs.values().any(|p| p.status.is_some()) {
-                PollTimeout::from(200u16)
+                Some(200)
             } else {
-                PollTimeout::NONE
+                None
             };
+            // Woken for the reclaimer's next tick too.
+            let due = self
+                .reclaim
+                .as_ref()
+                .map(|r| u16::try_from(r.due_in().as_millis()).unwrap_or(u16::MAX));
+            let timeout = PollTimeout::from(match (timeout, due) {
+                (Some(t), Some(d)) => Some(t.min(d)),
+                (t, d) => t.or(d),
+            });
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
@@ -447,6 +460,9 @@ impl Agent {
             self.check_joins()?;
             self.check_execs()?;
             self.report_exits()?;
+            if let Some(r) = &mut self.reclaim {
+                r.tick_if_due();
+            }
         }
     }
 
@@ -735,6 +751,7 @@ impl Agent {
         if overlay.is_some() {
             own_root(&root, &config)?;
         }
+        self.reclaim = super::reclaim::Reclaimer::open(req.reclaim_interval_ms);
         if let Some(held) = self.held.take() {
             match held_process(&held.config, &config) {
                 Ok(o) => {

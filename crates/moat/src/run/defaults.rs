@@ -58,6 +58,8 @@ pub struct Settings {
     pub id_maps: Option<(Value, Value)>,
     /// Rootless without a delegated cgroup: no cgroup limits (rlimits stay).
     pub no_cgroup_limits: bool,
+    /// `--annotation`s, added to the config's.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl Default for Settings {
@@ -85,6 +87,7 @@ impl Default for Settings {
             tty: false,
             id_maps: None,
             no_cgroup_limits: false,
+            annotations: Vec::new(),
         }
     }
 }

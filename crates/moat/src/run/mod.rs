@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// Kill the container after SECS seconds
     #[arg(long)]
     pub timeout: Option<u32>,
+    /// Add an annotation to the container's config: KEY=VALUE (e.g.
+    /// dev.moat.microvm.reclaim-interval=30); keys moat run sets from its own
+    /// flags (--isolation, --net, -p, --policy) are refused
+    #[arg(long = "annotation")]
+    pub annotations: Vec<String>,
     /// The sandbox tier's policy (a JSON file, docs/sandbox.md); with
     /// --isolation sandbox only
     #[arg(long)]
@@ -148,6 +153,7 @@ const RUN_VALUE_FLAGS: &[&str] = &[
     "--cap-add",
     "--timeout",
     "--policy",
+    "--annotation",
 ];
 
 /// Whether `--` comes before the first positional argument of a human-mode
@@ -513,6 +519,9 @@ fn run(cli: RunCli, sink: &JsonSink) -> Result<i32> {
                 serde_json::json!({"height": ws.ws_row, "width": ws.ws_col});
         }
     }
+    for (k, v) in &s.annotations {
+        spec["annotations"][k] = serde_json::json!(v);
+    }
     // Whose run this is: a later `moat run` removes the container if this
     // process is killed before it could (`sweep_orphans`).
     spec["annotations"][OWNER_ANNOTATION] = serde_json::json!(owner.record());
@@ -823,6 +832,35 @@ fn generated_id() -> String {
     )
 }
 
+/// `--annotation KEY=VALUE`s, checked: a key, and none of those moat run
+/// sets itself from its flags (or for its own bookkeeping).
+fn annotations(args: &[String]) -> Result<Vec<(String, String)>> {
+    use moat_core::net::{EGRESS_ANNOTATION, PUBLISH_ANNOTATION};
+    use moat_core::tier::{SANDBOX_POLICY_ANNOTATION, STATE_ID_ANNOTATION, TIER_ANNOTATION};
+    let own = [
+        (TIER_ANNOTATION, "--isolation"),
+        (EGRESS_ANNOTATION, "--net"),
+        (PUBLISH_ANNOTATION, "-p"),
+        (SANDBOX_POLICY_ANNOTATION, "--policy"),
+        (OWNER_ANNOTATION, ""),
+        (STATE_ID_ANNOTATION, ""),
+    ];
+    let mut out = Vec::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            bail!("--annotation {a:?}: expected KEY=VALUE");
+        };
+        if let Some((_, flag)) = own.iter().find(|(key, _)| *key == k) {
+            if flag.is_empty() {
+                bail!("--annotation {k}: moat run sets it itself");
+            }
+            bail!("--annotation {k}: moat run sets it from {flag}");
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
 /// The settings from the flags, over the defaults.
 fn settings(o: &RunArgs) -> Result<Settings> {
     let mut s = Settings {
@@ -845,6 +883,7 @@ fn settings(o: &RunArgs) -> Result<Settings> {
             s.env.push(format!("{e}={}", v.to_string_lossy()));
         }
     }
+    s.annotations = annotations(&o.annotations)?;
     if let Some(w) = &o.workdir {
         if !w.starts_with('/') {
             bail!("--workdir {w:?} must be an absolute path");

@@ -1,0 +1,434 @@
+//! The guest's page cache goes back to the host
+//! (`RunRequest::reclaim_interval_ms`).
+//!
+//! Free page reporting (the balloon) gives the host the pages the guest
+//! frees; page cache is not free, and a guest keeps what it once read or
+//! wrote (its root's files, a file it wrote) until its memory runs short,
+//! which in a guest sized for its workload may be never. The host holds
+//! the same bytes in its own page cache (the image files, shared by every
+//! VM), so the guest's copy of a file it no longer reads is memory held
+//! twice.
+//!
+//! The agent therefore evicts file pages periodically, with the guest
+//! kernel's multi-gen LRU (`lru_gen`, which the agent turns on at boot) and
+//! its debugfs interface: every half interval it ages each memory
+//! cgroup's LRU (a new youngest generation; mapped pages found accessed
+//! since the last aging move into it), and every interval it evicts the
+//! file pages of the generations at least three quarters of an interval
+//! old. What that takes: a file mapping (a program's text, a library) the
+//! workload has not touched for about an interval, and the page cache it
+//! read or wrote through descriptors and has not read since — the kernel
+//! files new page cache in the oldest generation, whatever its age. So a
+//! pass may take a file the workload still reads: when the guest reads
+//! from its disks more than one page in eight of what a pass evicted
+//! before the next tick, passes come half as often (down to one in 32
+//! intervals), and twice as often again after a pass followed by fewer
+//! reads (a workload that keeps reading new files backs passes off too).
+//! A page read back comes from the disk: the host's page cache of the
+//! image or layer, under the VMM.
+//!
+//! Only file pages (swappiness 0): without swap, anonymous memory and
+//! tmpfs cannot leave, and dirty pages are written back first. The pages
+//! evicted are free pages, which the balloon reports to the host.
+//!
+//! Nothing here is a security boundary: the interface is the agent's
+//! alone (debugfs is mounted, the file opened and the mount detached at
+//! once, so no path of the guest shows it), and a failure costs only the
+//! memory it would have given back (traced with `debug`).
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::time::{Duration, Instant};
+
+/// The multi-gen LRU's switch.
+const LRU_GEN_ENABLED: &str = "/sys/kernel/mm/lru_gen/enabled";
+/// Where debugfs is mounted for the moment it takes to open `lru_gen`.
+const DEBUGFS_AT: &str = "/run/vm-debugfs";
+
+/// Turns the guest kernel's multi-gen LRU on (Debian's cloud kernel has it
+/// built, off by default): at boot, before the agent's hello, so a
+/// snapshot's guest has it on. A kernel without it keeps its classic LRU,
+/// and [`Reclaimer::open`] then finds no interface.
+pub fn enable_lru_gen() {
+    if let Err(e) = std::fs::write(LRU_GEN_ENABLED, "y") {
+        super::trace(&format!("no multi-gen LRU: {e}"));
+    }
+}
+
+/// One generation of one LRU, as `lru_gen` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gen {
+    pub seq: u64,
+    pub age_ms: u64,
+    pub file_pages: u64,
+}
+
+/// One memory cgroup's LRU on one NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lruvec {
+    pub memcg: u64,
+    pub node: u64,
+    /// Oldest first.
+    pub gens: Vec<Gen>,
+}
+
+/// Parses `/sys/kernel/debug/lru_gen`:
+///
+/// ```text
+/// memcg  ID  PATH
+///  node  NID
+///   SEQ  AGE_MS  ANON_PAGES  FILE_PAGES
+/// ```
+///
+/// A count is `-0` where the generation is older than that type's oldest.
+/// Lines that do not parse are skipped (a later kernel's extra columns are
+/// ignored).
+pub fn parse(listing: &str) -> Vec<Lruvec> {
+    let mut out: Vec<Lruvec> = Vec::new();
+    let mut memcg: Option<u64> = None;
+    for line in listing.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["memcg", id, ..] => memcg = id.parse().ok(),
+            ["node", nid, ..] => {
+                if let (Some(m), Ok(n)) = (memcg, nid.parse()) {
+                    out.push(Lruvec {
+                        memcg: m,
+                        node: n,
+                        gens: Vec::new(),
+                    });
+                }
+            }
+            [seq, age, _anon, file, ..] => {
+                let (Some(v), Ok(seq), Ok(age_ms)) = (out.last_mut(), seq.parse(), age.parse())
+                else {
+                    continue;
+                };
+                // "-0": none of this type left in the generation.
+                let file_pages = file.parse().unwrap_or(0);
+                v.gens.push(Gen {
+                    seq,
+                    age_ms,
+                    file_pages,
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The command that ages `v`: a new youngest generation, into which the
+/// pages found accessed since the last aging move.
+pub fn aging(v: &Lruvec) -> Option<String> {
+    let max = v.gens.iter().map(|g| g.seq).max()?;
+    Some(format!("+ {} {} {}", v.memcg, v.node, max))
+}
+
+/// The command, after [`aging`], that evicts the file pages of every
+/// generation of `v` at least `min_age_ms` old (up to and including the
+/// youngest such generation; the kernel keeps the two youngest, counted
+/// after the aging), if any of them holds file pages.
+pub fn eviction(v: &Lruvec, min_age_ms: u64) -> Option<String> {
+    let max = v.gens.iter().map(|g| g.seq).max()?;
+    let old: Vec<&Gen> = v
+        .gens
+        .iter()
+        .filter(|g| g.age_ms >= min_age_ms && g.seq + 2 <= max + 1)
+        .collect();
+    let upto = old.iter().map(|g| g.seq).max()?;
+    // Swappiness 0: file pages only.
+    old.iter()
+        .any(|g| g.file_pages > 0)
+        .then(|| format!("- {} {} {} 0", v.memcg, v.node, upto))
+}
+
+/// The most an eviction pass backs off: one pass in 2^5 intervals.
+pub const MAX_BACKOFF: u32 = 5;
+
+/// The backoff after a pass that evicted `evicted` file pages, of which
+/// the guest read `refaulted` pages from its disks before the next tick: a
+/// pass followed by reads of more than one page in eight of it most
+/// likely took pages still in use, and the next waits twice as long; a
+/// pass followed by fewer halves the wait.
+pub fn next_backoff(backoff: u32, evicted: u64, refaulted: u64) -> u32 {
+    if evicted == 0 {
+        backoff
+    } else if refaulted.saturating_mul(8) > evicted {
+        (backoff + 1).min(MAX_BACKOFF)
+    } else {
+        backoff.saturating_sub(1)
+    }
+}
+
+/// The agent's end of `lru_gen`: ages every half interval, evicts old
+/// generations' file pages every interval (less often after passes whose
+/// pages came back: [`next_backoff`]).
+pub struct Reclaimer {
+    file: File,
+    interval_ms: u64,
+    period: Duration,
+    next: Instant,
+    /// Ticks until the next eviction pass.
+    wait: u32,
+    backoff: u32,
+    /// The last pass: file pages evicted, and the pages read from the
+    /// guest's disks right after it (judged at the next tick).
+    last_pass: Option<(u64, u64)>,
+}
+
+impl Reclaimer {
+    /// Opens `lru_gen` through a debugfs mount that is detached at once.
+    /// `None` (and a trace) where the kernel has no such interface, or
+    /// where `interval_ms` is 0 (reclaim off).
+    pub fn open(interval_ms: u64) -> Option<Reclaimer> {
+        if interval_ms == 0 {
+            return None;
+        }
+        match open_lru_gen() {
+            Ok(file) => {
+                let period = Duration::from_millis((interval_ms / 2).max(500));
+                Some(Reclaimer {
+                    file,
+                    interval_ms,
+                    period,
+                    next: Instant::now() + period,
+                    // The first pass one interval after the start.
+                    wait: 1,
+                    backoff: 0,
+                    last_pass: None,
+                })
+            }
+            Err(e) => {
+                super::trace(&format!("no page cache reclaim: {e}"));
+                None
+            }
+        }
+    }
+
+    /// How long until the next tick (zero when it is due).
+    pub fn due_in(&self) -> Duration {
+        self.next.saturating_duration_since(Instant::now())
+    }
+
+    /// Runs a tick if one is due: ages every LRU; on a pass's tick, evicts
+    /// the file pages of generations at least three quarters of an
+    /// interval old — in steady state those born two agings ago.
+    pub fn tick_if_due(&mut self) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next = Instant::now() + self.period;
+        if let Some((evicted, read)) = self.last_pass.take() {
+            let back = read_pages().saturating_sub(read);
+            self.backoff = next_backoff(self.backoff, evicted, back);
+            // The next pass 2^backoff intervals after this one.
+            self.wait = (1u32 << (self.backoff + 1)) - 1;
+            super::trace(&format!(
+                "reclaim: {back} of {evicted} pages came back, backoff {}",
+                self.backoff
+            ));
+        }
+        let Some(lruvecs) = self.listing() else {
+            return;
+        };
+        for v in &lruvecs {
+            if let Some(cmd) = aging(v) {
+                self.command(&cmd);
+            }
+        }
+        if self.wait > 0 {
+            self.wait -= 1;
+            return;
+        }
+        self.wait = (1u32 << (self.backoff + 1)) - 1;
+        let before = file_pages(&lruvecs);
+        for v in &lruvecs {
+            if let Some(cmd) = eviction(v, self.interval_ms.saturating_mul(3) / 4) {
+                self.command(&cmd);
+            }
+        }
+        let after = self.listing().map_or(before, |l| file_pages(&l));
+        let evicted = before.saturating_sub(after);
+        super::trace(&format!("reclaim: evicted {evicted} file pages"));
+        self.last_pass = Some((evicted, read_pages()));
+    }
+
+    /// One command per write: the kernel parses a write whole. A refused
+    /// command (the memory cgroup went away, its generations moved on) is
+    /// for the next tick to redo.
+    fn command(&mut self, cmd: &str) {
+        if let Err(e) = self.file.write_all(cmd.as_bytes()) {
+            super::trace(&format!("lru_gen {cmd:?}: {e}"));
+        }
+    }
+
+    fn listing(&mut self) -> Option<Vec<Lruvec>> {
+        let mut s = String::new();
+        match self
+            .file
+            .rewind()
+            .and_then(|()| self.file.read_to_string(&mut s))
+        {
+            Ok(_) => Some(parse(&s)),
+            Err(e) => {
+                super::trace(&format!("lru_gen: {e}"));
+                None
+            }
+        }
+    }
+}
+
+fn file_pages(lruvecs: &[Lruvec]) -> u64 {
+    lruvecs
+        .iter()
+        .flat_map(|v| &v.gens)
+        .map(|g| g.file_pages)
+        .sum()
+}
+
+/// Pages the guest has read from its virtio disks so far (the kernel's
+/// sectors read, in 4 KiB pages). What a pass evicted and the workload
+/// reads again shows here; the kernel's own refault count
+/// (`workingset_refault_file`) does not: it counts a refault only while
+/// the generation the page left is still the oldest, and a pass evicts
+/// whole generations.
+fn read_pages() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vd"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| sectors_read(&s))
+        .sum::<u64>()
+        / 8
+}
+
+/// The sectors read (third field) of a block device's `stat`.
+fn sectors_read(stat: &str) -> Option<u64> {
+    stat.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn open_lru_gen() -> std::io::Result<File> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    std::fs::create_dir_all(DEBUGFS_AT)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("debugfs"),
+        DEBUGFS_AT,
+        Some("debugfs"),
+        flags,
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)?;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("{DEBUGFS_AT}/lru_gen"));
+    // Detached whatever the open did: the descriptor keeps the file.
+    let detached = umount2(DEBUGFS_AT, MntFlags::MNT_DETACH).map_err(std::io::Error::from);
+    let _ = std::fs::remove_dir(DEBUGFS_AT);
+    let file = opened?;
+    detached?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The listing of Debian's 6.1 cloud kernel in a moat guest (two memory
+    // cgroups: the root and the container's).
+    const LISTING: &str = "memcg     1 /
+ node     0
+          4      30811          0         55 
+          5      20117        120          0 
+          6      10034         -0        310 
+          7         12         88       4100 
+memcg     5 /w0
+ node     0
+          2      12000         -0      61000 
+          3       5000          3          7 
+          4          9          0          1 
+";
+
+    #[test]
+    fn the_listing_parses() {
+        let v = parse(LISTING);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].memcg, v[0].node), (1, 0));
+        assert_eq!(v[0].gens.len(), 4);
+        assert_eq!(
+            v[0].gens[2],
+            Gen {
+                seq: 6,
+                age_ms: 10034,
+                file_pages: 310
+            }
+        );
+        assert_eq!(v[1].memcg, 5);
+        assert_eq!(v[1].gens[0].file_pages, 61000);
+        assert!(parse("garbage\n 1 2\n").is_empty());
+    }
+
+    #[test]
+    fn a_tick_ages_and_evicts_only_old_generations() {
+        let v = parse(LISTING);
+        assert_eq!(aging(&v[0]).as_deref(), Some("+ 1 0 7"));
+        assert_eq!(aging(&v[1]).as_deref(), Some("+ 5 0 4"));
+        // 15 s or more: generations 4 and 5.
+        assert_eq!(eviction(&v[0], 15_000).as_deref(), Some("- 1 0 5 0"));
+        // 7.5 s or more: 6 too, the oldest the kernel lets go once the
+        // aging made 8 (it keeps two).
+        assert_eq!(eviction(&v[0], 7_500).as_deref(), Some("- 1 0 6 0"));
+        assert_eq!(eviction(&v[0], 0).as_deref(), Some("- 1 0 6 0"));
+        assert_eq!(eviction(&v[0], 45_000), None);
+        assert_eq!(eviction(&v[1], 12_000).as_deref(), Some("- 5 0 2 0"));
+        // Old generations without file pages: nothing to evict.
+        let gen = |seq, age_ms, file_pages| Gen {
+            seq,
+            age_ms,
+            file_pages,
+        };
+        let anon_only = Lruvec {
+            memcg: 9,
+            node: 0,
+            gens: vec![gen(1, 90_000, 0), gen(2, 10, 5), gen(3, 1, 5)],
+        };
+        assert_eq!(eviction(&anon_only, 1_000), None);
+        let empty = Lruvec {
+            memcg: 1,
+            node: 0,
+            gens: Vec::new(),
+        };
+        assert_eq!(aging(&empty), None);
+        assert_eq!(eviction(&empty, 0), None);
+    }
+
+    #[test]
+    fn passes_whose_pages_come_back_back_off() {
+        // More than one in eight back: twice as long, up to the cap.
+        assert_eq!(next_backoff(0, 800, 101), 1);
+        assert_eq!(next_backoff(MAX_BACKOFF, 800, 800), MAX_BACKOFF);
+        // Few back: half as long again.
+        assert_eq!(next_backoff(3, 800, 100), 2);
+        assert_eq!(next_backoff(0, 800, 0), 0);
+        // Nothing evicted: nothing learnt.
+        assert_eq!(next_backoff(2, 0, 50), 2);
+    }
+
+    #[test]
+    fn sectors_read_come_from_a_block_devices_stat() {
+        let stat = "    1180        0    94712      436        0        0        0        0        0      612      436        0        0        0        0        0        0\n";
+        assert_eq!(sectors_read(stat), Some(94712));
+        assert_eq!(sectors_read("12 0"), None);
+        // This machine's own disks have the same file.
+        let own = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .next()
+            .expect("a block device");
+        assert!(sectors_read(&own).is_some(), "{own}");
+    }
+}
