@@ -384,6 +384,47 @@ fn an_oom_after_an_update_names_the_limit_in_effect() {
 }
 
 #[test]
+fn annotations_reach_the_config_and_moat_runs_own_are_refused() {
+    let Some(rt) = rt("annotations_reach_the_config_and_moat_runs_own_are_refused") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = spawn_ready(
+        rt.command()
+            .args(["run", "--name", "ann"])
+            .args(["--annotation", "org.example.team=storage"])
+            .args(["--annotation", "org.example.empty="])
+            .args(["--", "sh", "-c", "echo ready; read x; exit 0"])
+            .stdin(std::process::Stdio::piped()),
+        &out,
+        std::time::Duration::from_secs(30),
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&rt.cmd(&["state", "ann"]).expect_ok().stdout).unwrap();
+    assert_eq!(st["annotations"]["org.example.team"], "storage", "{st}");
+    assert_eq!(st["annotations"]["org.example.empty"], "", "{st}");
+    // moat run's own keys stay its own.
+    assert!(st["annotations"]["dev.moat.run.owner"].is_string(), "{st}");
+    drop(child.stdin.take());
+    assert!(wait_own(&mut child).success());
+    for (a, want) in [
+        ("dev.moat.isolation=sandbox", "from --isolation"),
+        ("dev.moat.net.egress=*", "from --net"),
+        ("dev.moat.run.owner=1", "sets it itself"),
+        ("novalue", "expected KEY=VALUE"),
+        ("=v", "expected KEY=VALUE"),
+    ] {
+        let o = rt
+            .cmd(&["run", "--annotation", a, "--", "true"])
+            .expect_fail();
+        assert!(o.stderr.contains(want), "{a}: {o:?}");
+        assert_eq!(o.stderr.trim().lines().count(), 1, "{a}: {o:?}");
+    }
+    assert_clean(&rt);
+}
+
+#[test]
 fn exit_status_env_workdir_user_and_json() {
     let Some(rt) = rt("exit_status_env_workdir_user_and_json") else {
         return;
