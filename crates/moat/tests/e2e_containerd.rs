@@ -222,7 +222,8 @@ fn containerd_loads_the_cri_runtimes_from_deploy() {
         (
             "moat-microvm",
             "moat-microvm",
-            "dev.moat.isolation dev.moat.net.egress dev.moat.net.publish dev.moat.pod.volumes",
+            "dev.moat.isolation dev.moat.net.egress dev.moat.net.publish dev.moat.pod.volumes \
+             dev.moat.microvm.reclaim-interval",
         ),
     ] {
         let want = format!(
