@@ -21,9 +21,12 @@
 //! files new page cache in the oldest generation, whatever its age. So a
 //! pass may take a file the workload still reads: when the guest reads
 //! from its disks more than one page in eight of what a pass evicted
-//! before the next tick, passes come half as often (down to one in 32
+//! before the next tick, passes come half as often (down to one in 8
 //! intervals), and twice as often again after a pass followed by fewer
-//! reads (a workload that keeps reading new files backs passes off too).
+//! reads. A workload that keeps reading new files backs passes off too
+//! (the reads cannot be told from those of evicted pages), hence the low
+//! cap: what it read is back at most 8 intervals after it stopped, and a
+//! file read all the time costs one read from the disk per 8 intervals.
 //! A page read back comes from the disk: the host's page cache of the
 //! image or layer, under the VMM.
 //!
@@ -142,8 +145,8 @@ pub fn eviction(v: &Lruvec, min_age_ms: u64) -> Option<String> {
         .then(|| format!("- {} {} {} 0", v.memcg, v.node, upto))
 }
 
-/// The most an eviction pass backs off: one pass in 2^5 intervals.
-pub const MAX_BACKOFF: u32 = 5;
+/// The most an eviction pass backs off: one pass in 2^3 intervals.
+pub const MAX_BACKOFF: u32 = 3;
 
 /// The backoff after a pass that evicted `evicted` file pages, of which
 /// the guest read `refaulted` pages from its disks before the next tick: a
