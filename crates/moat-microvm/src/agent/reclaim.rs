@@ -127,11 +127,46 @@ pub fn aging(v: &Lruvec) -> Option<String> {
     Some(format!("+ {} {} {}", v.memcg, v.node, max))
 }
 
-/// The command, after [`aging`], that evicts the file pages of every
-/// generation of `v` at least `min_age_ms` old (up to and including the
-/// youngest such generation; the kernel keeps the two youngest, counted
-/// after the aging), if any of them holds file pages.
-pub fn eviction(v: &Lruvec, min_age_ms: u64) -> Option<String> {
+/// File pages evicted by one command: 32 MiB, ~35 ms of a TCG guest (a
+/// pass of 650 MiB in one command held the agent's loop for 700 ms).
+pub const CHUNK_PAGES: u64 = 8192;
+
+/// What a pass evicts from one LRU: the file pages of its generations up
+/// to `upto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evict {
+    pub memcg: u64,
+    pub node: u64,
+    pub upto: u64,
+}
+
+impl Evict {
+    /// The command that evicts the next chunk (swappiness 0: file pages
+    /// only).
+    pub fn command(&self) -> String {
+        format!(
+            "- {} {} {} 0 {CHUNK_PAGES}",
+            self.memcg, self.node, self.upto
+        )
+    }
+
+    /// The file pages left in its generations, as `lruvecs` lists them.
+    pub fn left(&self, lruvecs: &[Lruvec]) -> u64 {
+        lruvecs
+            .iter()
+            .filter(|v| v.memcg == self.memcg && v.node == self.node)
+            .flat_map(|v| &v.gens)
+            .filter(|g| g.seq <= self.upto)
+            .map(|g| g.file_pages)
+            .sum()
+    }
+}
+
+/// What a pass evicts from `v`, after [`aging`]: the file pages of every
+/// generation at least `min_age_ms` old (up to and including the youngest
+/// such generation; the kernel keeps the two youngest, counted after the
+/// aging), if any of them holds file pages.
+pub fn eviction(v: &Lruvec, min_age_ms: u64) -> Option<Evict> {
     let max = v.gens.iter().map(|g| g.seq).max()?;
     let old: Vec<&Gen> = v
         .gens
@@ -139,10 +174,25 @@ pub fn eviction(v: &Lruvec, min_age_ms: u64) -> Option<String> {
         .filter(|g| g.age_ms >= min_age_ms && g.seq + 2 <= max + 1)
         .collect();
     let upto = old.iter().map(|g| g.seq).max()?;
-    // Swappiness 0: file pages only.
-    old.iter()
-        .any(|g| g.file_pages > 0)
-        .then(|| format!("- {} {} {} 0", v.memcg, v.node, upto))
+    old.iter().any(|g| g.file_pages > 0).then_some(Evict {
+        memcg: v.memcg,
+        node: v.node,
+        upto,
+    })
+}
+
+/// A pass under way: one chunk per turn of the agent's loop, so that the
+/// loop relays stdio and signals between chunks.
+struct Pass {
+    /// Each LRU's eviction, the file pages it may still take (what its
+    /// generations held at the pass's start, less a chunk per command: new
+    /// page cache lands in the oldest generation, and a workload reading
+    /// all the while must not keep a pass going), and the file pages left
+    /// in them at the last listing.
+    queue: std::collections::VecDeque<(Evict, u64, u64)>,
+    /// File pages in all LRUs at the start.
+    before: u64,
+    started: Instant,
 }
 
 /// The most an eviction pass backs off: one pass in 2^3 intervals.
@@ -177,6 +227,7 @@ pub struct Reclaimer {
     /// The last pass: file pages evicted, and the pages read from the
     /// guest's disks right after it (judged at the next tick).
     last_pass: Option<(u64, u64)>,
+    pass: Option<Pass>,
 }
 
 impl Reclaimer {
@@ -199,6 +250,7 @@ impl Reclaimer {
                     wait: 1,
                     backoff: 0,
                     last_pass: None,
+                    pass: None,
                 })
             }
             Err(e) => {
@@ -208,15 +260,23 @@ impl Reclaimer {
         }
     }
 
-    /// How long until the next tick (zero when it is due).
+    /// How long until the next tick or chunk (zero when it is due).
     pub fn due_in(&self) -> Duration {
+        if self.pass.is_some() {
+            return Duration::ZERO;
+        }
         self.next.saturating_duration_since(Instant::now())
     }
 
-    /// Runs a tick if one is due: ages every LRU; on a pass's tick, evicts
-    /// the file pages of generations at least three quarters of an
-    /// interval old — in steady state those born two agings ago.
+    /// Runs a tick if one is due: ages every LRU; on a pass's tick, starts
+    /// evicting the file pages of generations at least three quarters of
+    /// an interval old — in steady state those born two agings ago. While
+    /// a pass is under way, evicts its next chunk instead.
     pub fn tick_if_due(&mut self) {
+        if self.pass.is_some() {
+            self.evict_chunk();
+            return;
+        }
         if Instant::now() < self.next {
             return;
         }
@@ -244,24 +304,62 @@ impl Reclaimer {
             return;
         }
         self.wait = (1u32 << (self.backoff + 1)) - 1;
-        let before = file_pages(&lruvecs);
-        for v in &lruvecs {
-            if let Some(cmd) = eviction(v, self.interval_ms.saturating_mul(3) / 4) {
-                self.command(&cmd);
+        let min_age = self.interval_ms.saturating_mul(3) / 4;
+        self.pass = Some(Pass {
+            queue: lruvecs
+                .iter()
+                .filter_map(|v| eviction(v, min_age))
+                .map(|e| (e, e.left(&lruvecs), e.left(&lruvecs)))
+                .collect(),
+            before: file_pages(&lruvecs),
+            started: Instant::now(),
+        });
+        self.evict_chunk();
+    }
+
+    /// Evicts the next chunk of the pass under way; once its LRUs are
+    /// done (nothing left in their old generations, a chunk that took
+    /// nothing, their budget spent, a refused command), ends the pass.
+    fn evict_chunk(&mut self) {
+        let Some(mut pass) = self.pass.take() else {
+            return;
+        };
+        let mut lruvecs = None;
+        if let Some((e, budget, was)) = pass.queue.pop_front() {
+            let taken = self.command(&e.command());
+            let listed = self.listing();
+            let now = listed.as_deref().map_or(0, |l| e.left(l));
+            let budget = budget.saturating_sub(CHUNK_PAGES);
+            if taken && now > 0 && now < was && budget > 0 {
+                pass.queue.push_front((e, budget, now));
             }
+            lruvecs = listed;
         }
-        let after = self.listing().map_or(before, |l| file_pages(&l));
-        let evicted = before.saturating_sub(after);
-        super::trace(&format!("reclaim: evicted {evicted} file pages"));
+        if !pass.queue.is_empty() {
+            self.pass = Some(pass);
+            return;
+        }
+        let after = lruvecs
+            .or_else(|| self.listing())
+            .map_or(pass.before, |l| file_pages(&l));
+        let evicted = pass.before.saturating_sub(after);
+        super::trace(&format!(
+            "reclaim: evicted {evicted} file pages in {} ms",
+            pass.started.elapsed().as_millis()
+        ));
         self.last_pass = Some((evicted, read_pages()));
     }
 
     /// One command per write: the kernel parses a write whole. A refused
     /// command (the memory cgroup went away, its generations moved on) is
-    /// for the next tick to redo.
-    fn command(&mut self, cmd: &str) {
-        if let Err(e) = self.file.write_all(cmd.as_bytes()) {
-            super::trace(&format!("lru_gen {cmd:?}: {e}"));
+    /// for the next tick to redo. Whether it was taken.
+    fn command(&mut self, cmd: &str) -> bool {
+        match self.file.write_all(cmd.as_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                super::trace(&format!("lru_gen {cmd:?}: {e}"));
+                false
+            }
         }
     }
 
@@ -379,14 +477,21 @@ memcg     5 /w0
         let v = parse(LISTING);
         assert_eq!(aging(&v[0]).as_deref(), Some("+ 1 0 7"));
         assert_eq!(aging(&v[1]).as_deref(), Some("+ 5 0 4"));
-        // 15 s or more: generations 4 and 5.
-        assert_eq!(eviction(&v[0], 15_000).as_deref(), Some("- 1 0 5 0"));
+        let cmd = |v: &Lruvec, age| eviction(v, age).map(|e| e.command());
+        // 15 s or more: generations 4 and 5, a chunk at a time.
+        assert_eq!(cmd(&v[0], 15_000).as_deref(), Some("- 1 0 5 0 8192"));
         // 7.5 s or more: 6 too, the oldest the kernel lets go once the
         // aging made 8 (it keeps two).
-        assert_eq!(eviction(&v[0], 7_500).as_deref(), Some("- 1 0 6 0"));
-        assert_eq!(eviction(&v[0], 0).as_deref(), Some("- 1 0 6 0"));
+        assert_eq!(cmd(&v[0], 7_500).as_deref(), Some("- 1 0 6 0 8192"));
+        assert_eq!(cmd(&v[0], 0).as_deref(), Some("- 1 0 6 0 8192"));
         assert_eq!(eviction(&v[0], 45_000), None);
-        assert_eq!(eviction(&v[1], 12_000).as_deref(), Some("- 5 0 2 0"));
+        assert_eq!(cmd(&v[1], 12_000).as_deref(), Some("- 5 0 2 0 8192"));
+        // What is left to evict: the file pages up to the generation, of
+        // that LRU only.
+        let e = eviction(&v[0], 15_000).unwrap();
+        assert_eq!(e.left(&v), 55);
+        assert_eq!(eviction(&v[0], 0).unwrap().left(&v), 55 + 310);
+        assert_eq!(eviction(&v[1], 12_000).unwrap().left(&v), 61_000);
         // Old generations without file pages: nothing to evict.
         let gen = |seq, age_ms, file_pages| Gen {
             seq,
