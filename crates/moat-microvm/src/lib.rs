@@ -207,6 +207,26 @@ fn kvm_group_why(kvm: &std::path::Path) -> String {
 
 /// How a microVM gets a read-write volume on this host (`moat info`), or
 /// why it cannot.
+/// What `moat info` says of a microVM's memory: what of it goes back to
+/// the host, and how often the page cache passes run by default (none
+/// where the guest kernel's config does not show the multi-gen LRU:
+/// `/boot/config-<release>` beside the kernel).
+pub fn memory_note() -> String {
+    let passes = match assets::GuestKernel::find() {
+        Ok(k) if k.has_config("CONFIG_LRU_GEN") => format!(
+            "its old page cache every {} s (annotation {})",
+            create::RECLAIM_INTERVAL_DEFAULT_S,
+            create::RECLAIM_INTERVAL_ANNOTATION
+        ),
+        Ok(k) => format!(
+            "not its page cache (the guest kernel {}: no CONFIG_LRU_GEN=y in its config)",
+            k.release
+        ),
+        Err(why) => format!("not its page cache ({why})"),
+    };
+    format!("freed pages go back to the host (free page reporting), {passes}")
+}
+
 pub fn volumes_note() -> Result<String, String> {
     check_host().map_err(|u| u.reason)?;
     volumes::virtiofsd().map(|p| format!("virtio-fs, served by {}", p.display()))

@@ -20,6 +20,7 @@ pub fn main(as_json: bool) -> Result<i32> {
                         v["read_write_volumes"] = moat_microvm::volumes_note()
                             .unwrap_or_else(|why| format!("refused: {why}"))
                             .into();
+                        v["memory"] = moat_microvm::memory_note().into();
                     }
                     v
                 }
@@ -52,6 +53,7 @@ pub fn main(as_json: bool) -> Result<i32> {
                         Ok(n) => out!("  {:<10} read-write volumes: {n}", ""),
                         Err(why) => out!("  {:<10} read-write volumes: refused: {why}", ""),
                     }
+                    out!("  {:<10} memory: {}", "", moat_microvm::memory_note());
                 }
             }
             Err(u) => {

@@ -55,6 +55,15 @@ fn info_matches_the_host_and_what_the_tiers_do() {
                 rw.starts_with("virtio-fs, served by /") || rw.contains("moat's own VMM"),
                 "{t}"
             );
+            // Debian's cloud kernel (scripts/deps) builds the multi-gen
+            // LRU the page cache passes need.
+            let mem = t["memory"].as_str().unwrap_or_default();
+            assert!(
+                mem.contains("free page reporting")
+                    && mem.contains("page cache every 60 s")
+                    && mem.contains("dev.moat.microvm.reclaim-interval"),
+                "{t}"
+            );
             // The first run images the host's /usr into the shared cache
             // (minutes on a fresh machine): with a deadline of its own.
             microvm_warm_up(&rt);
