@@ -205,8 +205,6 @@ fn kvm_group_why(kvm: &std::path::Path) -> String {
     }
 }
 
-/// How a microVM gets a read-write volume on this host (`moat info`), or
-/// why it cannot.
 /// What `moat info` says of a microVM's memory: what of it goes back to
 /// the host, and how often the page cache passes run by default (none
 /// where the guest kernel's config does not show the multi-gen LRU:
@@ -227,6 +225,8 @@ pub fn memory_note() -> String {
     format!("freed pages go back to the host (free page reporting), {passes}")
 }
 
+/// How a microVM gets a read-write volume on this host (`moat info`), or
+/// why it cannot.
 pub fn volumes_note() -> Result<String, String> {
     check_host().map_err(|u| u.reason)?;
     volumes::virtiofsd().map(|p| format!("virtio-fs, served by {}", p.display()))

@@ -911,7 +911,7 @@ fn serve(s: &mut StandIn) -> (i32, u64) {
                 // before it is sent, to the container in the guest after.
                 Request::Update { resources, .. } => match &joined {
                     None => {
-                        crate::vmm::merge_json(
+                        moat_core::spec::merge_json(
                             &mut s.request.config["linux"]["resources"],
                             &resources,
                         );

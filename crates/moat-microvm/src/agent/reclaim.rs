@@ -217,7 +217,8 @@ pub fn next_backoff(backoff: u32, evicted: u64, refaulted: u64) -> u32 {
 /// generations' file pages every interval (less often after passes whose
 /// pages came back: [`next_backoff`]).
 pub struct Reclaimer {
-    file: File,
+    /// `lru_gen`, opened at the first tick (not on the container's start).
+    file: Option<File>,
     interval_ms: u64,
     period: Duration,
     next: Instant,
@@ -231,33 +232,24 @@ pub struct Reclaimer {
 }
 
 impl Reclaimer {
-    /// Opens `lru_gen` through a debugfs mount that is detached at once.
-    /// `None` (and a trace) where the kernel has no such interface, or
+    /// A reclaimer whose first tick is half an interval from now; `None`
     /// where `interval_ms` is 0 (reclaim off).
-    pub fn open(interval_ms: u64) -> Option<Reclaimer> {
+    pub fn new(interval_ms: u64) -> Option<Reclaimer> {
         if interval_ms == 0 {
             return None;
         }
-        match open_lru_gen() {
-            Ok(file) => {
-                let period = Duration::from_millis((interval_ms / 2).max(500));
-                Some(Reclaimer {
-                    file,
-                    interval_ms,
-                    period,
-                    next: Instant::now() + period,
-                    // The first pass one interval after the start.
-                    wait: 1,
-                    backoff: 0,
-                    last_pass: None,
-                    pass: None,
-                })
-            }
-            Err(e) => {
-                super::trace(&format!("no page cache reclaim: {e}"));
-                None
-            }
-        }
+        let period = Duration::from_millis((interval_ms / 2).max(500));
+        Some(Reclaimer {
+            file: None,
+            interval_ms,
+            period,
+            next: Instant::now() + period,
+            // The first pass one interval after the start.
+            wait: 1,
+            backoff: 0,
+            last_pass: None,
+            pass: None,
+        })
     }
 
     /// How long until the next tick or chunk (zero when it is due).
@@ -271,16 +263,28 @@ impl Reclaimer {
     /// Runs a tick if one is due: ages every LRU; on a pass's tick, starts
     /// evicting the file pages of generations at least three quarters of
     /// an interval old — in steady state those born two agings ago. While
-    /// a pass is under way, evicts its next chunk instead.
-    pub fn tick_if_due(&mut self) {
+    /// a pass is under way, evicts its next chunk instead. The first tick
+    /// opens `lru_gen` through a debugfs mount that is detached at once;
+    /// false (and a trace) where the kernel has no such interface: the
+    /// reclaimer is done.
+    pub fn tick_if_due(&mut self) -> bool {
         if self.pass.is_some() {
             self.evict_chunk();
-            return;
+            return true;
         }
         if Instant::now() < self.next {
-            return;
+            return true;
         }
         self.next = Instant::now() + self.period;
+        if self.file.is_none() {
+            match open_lru_gen() {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    super::trace(&format!("no page cache reclaim: {e}"));
+                    return false;
+                }
+            }
+        }
         if let Some((evicted, read)) = self.last_pass.take() {
             let back = read_pages().saturating_sub(read);
             self.backoff = next_backoff(self.backoff, evicted, back);
@@ -292,7 +296,7 @@ impl Reclaimer {
             ));
         }
         let Some(lruvecs) = self.listing() else {
-            return;
+            return true;
         };
         for v in &lruvecs {
             if let Some(cmd) = aging(v) {
@@ -301,9 +305,9 @@ impl Reclaimer {
         }
         if self.wait > 0 {
             self.wait -= 1;
-            return;
+            return true;
         }
-        self.wait = (1u32 << (self.backoff + 1)) - 1;
+        // The next tick judges this pass and sets the wait after it.
         let min_age = self.interval_ms.saturating_mul(3) / 4;
         self.pass = Some(Pass {
             queue: lruvecs
@@ -315,6 +319,7 @@ impl Reclaimer {
             started: Instant::now(),
         });
         self.evict_chunk();
+        true
     }
 
     /// Evicts the next chunk of the pass under way; once its LRUs are
@@ -354,7 +359,10 @@ impl Reclaimer {
     /// command (the memory cgroup went away, its generations moved on) is
     /// for the next tick to redo. Whether it was taken.
     fn command(&mut self, cmd: &str) -> bool {
-        match self.file.write_all(cmd.as_bytes()) {
+        let Some(file) = self.file.as_mut() else {
+            return false;
+        };
+        match file.write_all(cmd.as_bytes()) {
             Ok(()) => true,
             Err(e) => {
                 super::trace(&format!("lru_gen {cmd:?}: {e}"));
@@ -364,12 +372,9 @@ impl Reclaimer {
     }
 
     fn listing(&mut self) -> Option<Vec<Lruvec>> {
+        let file = self.file.as_mut()?;
         let mut s = String::new();
-        match self
-            .file
-            .rewind()
-            .and_then(|()| self.file.read_to_string(&mut s))
-        {
+        match file.rewind().and_then(|()| file.read_to_string(&mut s)) {
             Ok(_) => Some(parse(&s)),
             Err(e) => {
                 super::trace(&format!("lru_gen: {e}"));

@@ -461,7 +461,9 @@ impl Agent {
             self.check_execs()?;
             self.report_exits()?;
             if let Some(r) = &mut self.reclaim {
-                r.tick_if_due();
+                if !r.tick_if_due() {
+                    self.reclaim = None;
+                }
             }
         }
     }
@@ -751,7 +753,7 @@ impl Agent {
         if overlay.is_some() {
             own_root(&root, &config)?;
         }
-        self.reclaim = super::reclaim::Reclaimer::open(req.reclaim_interval_ms);
+        self.reclaim = super::reclaim::Reclaimer::new(req.reclaim_interval_ms);
         if let Some(held) = self.held.take() {
             match held_process(&held.config, &config) {
                 Ok(o) => {

@@ -16,7 +16,7 @@ use std::time::Duration;
 mod boot;
 pub mod qemu;
 mod relay;
-pub use relay::{echo_oom, merge_json};
+pub use relay::echo_oom;
 
 pub use boot::RESTORE_TIMEOUT;
 

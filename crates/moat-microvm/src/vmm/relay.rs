@@ -1100,7 +1100,7 @@ fn parse_mem_available(text: &str) -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-pub use moat_core::spec::merge_json;
+use moat_core::spec::merge_json;
 
 /// A process's output stream, as [`proto::ClosedMsg`] numbers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
